@@ -1,0 +1,230 @@
+"""Replica groups: the interface the algorithm talks to, and LocalGroup (M replicas, one process).
+
+A ReplicaGroup offers one collective, an asynchronous mean all-reduce of a flat fp32 buffer under
+a codec. It returns a :class:`Work` handle at once; ``wait()`` gives the mean (bitwise identical on
+every replica), and the handle carries what was put on the wire and how long each part took.
+
+LocalGroup simulates ``M`` replicas inside one process with exactly the arithmetic of
+:mod:`lowcomm.comm.reduce`. Its replicas share nothing but the pending collectives: every
+replica calls ``all_reduce_mean`` on its own handle, and the reduction runs when the last one has
+contributed. In a single thread, call the collective on every replica before waiting on any of
+them (``lowcomm.optim.step_replicas`` does this for a list of DiLoCo wrappers); waiting on a
+collective some replica has not joined raises instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .codecs import Codec
+from .reduce import check_method, encode_shards, reduce_shard, shard_bounds
+
+__all__ = ["ReduceStats", "Work", "ReplicaGroup", "LocalGroup", "CollectiveError"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not complete (missing or mismatched participants, a dead peer)."""
+
+
+@dataclass
+class ReduceStats:
+    """What one replica spent on one mean all-reduce."""
+
+    bytes_sent: int = 0
+    encode_s: float = 0.0
+    comm_s: float = 0.0
+    decode_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class Work:
+    """Handle of an asynchronous mean all-reduce.
+
+    Attributes:
+        stats: bytes and timings, final once the work completed.
+        sent: after completion, the decoded form of this replica's own contribution (what the
+            others received from it); used for error feedback. None before.
+    """
+
+    def __init__(self) -> None:
+        self.stats = ReduceStats()
+        self.sent: torch.Tensor | None = None
+        self._result: torch.Tensor | None = None
+        self._error: BaseException | None = None
+
+    def is_completed(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def _complete(self, result: torch.Tensor, sent: torch.Tensor) -> None:
+        self._result, self.sent = result, sent
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+
+    def _pending_error(self) -> CollectiveError:
+        return CollectiveError("collective has not completed")
+
+    def wait(self) -> torch.Tensor:
+        """Block until the mean is available and return it (fp32, read-only by convention)."""
+        t0 = time.perf_counter()
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise self._pending_error()
+        self.stats.wait_s += time.perf_counter() - t0
+        return self._result
+
+
+class ReplicaGroup(ABC):
+    """The replicas of one membership epoch, as seen by one replica."""
+
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
+        """Start a mean all-reduce of a 1-D fp32 ``buffer`` under ``codec``; returns at once.
+
+        The buffer must not be modified until the work completes.
+        """
+
+
+class _LocalCollective:
+    def __init__(self, size: int):
+        self.contribs: dict[int, tuple[torch.Tensor, Codec, str, list[torch.Tensor]]] = {}
+        self.works: dict[int, Work] = {}
+        self.size = size
+
+
+class _LocalWorld:
+    def __init__(self, size: int):
+        self.size = size
+        self.pending: dict[int, _LocalCollective] = {}
+
+
+class _LocalWork(Work):
+    def __init__(self, world: _LocalWorld, seq: int):
+        super().__init__()
+        self._world, self._seq = world, seq
+
+    def _pending_error(self) -> CollectiveError:
+        coll = self._world.pending.get(self._seq)
+        missing = sorted(set(range(self._world.size)) - set(coll.contribs)) if coll else []
+        return CollectiveError(
+            f"LocalGroup collective #{self._seq} still waits for replica(s) {missing}: in one process "
+            "every replica must start the collective before any waits on it "
+            "(use lowcomm.optim.step_replicas for a list of DiLoCo wrappers)"
+        )
+
+
+class LocalGroup(ReplicaGroup):
+    """One replica's handle on ``M`` replicas simulated in this process.
+
+    Build all handles at once with :meth:`create`.
+    """
+
+    def __init__(self, world: _LocalWorld, rank: int):
+        self._world, self._rank, self._seq = world, rank, 0
+
+    @classmethod
+    def create(cls, num_replicas: int) -> list[LocalGroup]:
+        """Return ``num_replicas`` handles, one per replica, on a fresh shared world."""
+        if not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+        world = _LocalWorld(num_replicas)
+        return [cls(world, r) for r in range(num_replicas)]
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._world.size
+
+    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
+        check_method(method)
+        if buffer.dim() != 1 or buffer.dtype != torch.float32:
+            raise ValueError(f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}")
+        world, seq = self._world, self._seq
+        self._seq += 1
+        work = _LocalWork(world, seq)
+        coll = world.pending.setdefault(seq, _LocalCollective(world.size))
+        t0 = time.perf_counter()
+        if world.size == 1:
+            payloads: list[torch.Tensor] = []
+        elif method == "two_phase":
+            payloads = encode_shards(buffer, codec, shard_bounds(buffer.numel(), world.size, codec.block))
+        else:
+            payloads = [codec.encode(buffer)]
+        work.stats.encode_s = time.perf_counter() - t0
+        coll.contribs[self._rank] = (buffer, codec, method, payloads)
+        coll.works[self._rank] = work
+        if len(coll.contribs) == world.size:
+            del world.pending[seq]
+            self._run(coll, seq)
+        return work
+
+    @staticmethod
+    def _run(coll: _LocalCollective, seq: int) -> None:
+        size = coll.size
+        buf0, codec0, method0, _ = coll.contribs[0]
+        for r, (buf, codec, method, _) in sorted(coll.contribs.items()):
+            if (buf.numel(), codec.name, codec.block, method) != (buf0.numel(), codec0.name, codec0.block, method0):
+                err = CollectiveError(
+                    f"collective #{seq}: replica {r} sent {buf.numel()} elements with codec {codec.name} "
+                    f"(block {codec.block}, {method}) but replica 0 sent {buf0.numel()} with {codec0.name} "
+                    f"(block {codec0.block}, {method0})"
+                )
+                for w in coll.works.values():
+                    w._fail(err)
+                return
+        n, codec = buf0.numel(), codec0
+        if size == 1:
+            coll.works[0]._complete(buf0.clone(), buf0)
+            return
+        if method0 == "all_gather":
+            t0 = time.perf_counter()
+            decoded = [codec.decode(coll.contribs[r][3][0], n) for r in range(size)]
+            acc = torch.zeros(n, dtype=torch.float32, device=buf0.device)
+            for d in decoded:
+                acc += d
+            acc /= size
+            dt = time.perf_counter() - t0
+            nbytes = coll.contribs[0][3][0].numel()
+            for r in range(size):
+                w = coll.works[r]
+                w.stats.bytes_sent = (size - 1) * nbytes
+                w.stats.decode_s = dt
+                w._complete(acc, decoded[r])
+            return
+        bounds = shard_bounds(n, size, codec.block)
+        mean_payloads, sent_parts = [], [[None] * size for _ in range(size)]
+        reduce_s = [0.0] * size
+        for j, (a, b) in enumerate(bounds):
+            t0 = time.perf_counter()
+            mp, decoded = reduce_shard([coll.contribs[r][3][j] for r in range(size)], codec, b - a)
+            reduce_s[j] = time.perf_counter() - t0
+            mean_payloads.append(mp)
+            for r in range(size):
+                sent_parts[r][j] = decoded[r]
+        t0 = time.perf_counter()
+        result = torch.cat([codec.decode(mp, b - a) for mp, (a, b) in zip(mean_payloads, bounds)])
+        gather_s = time.perf_counter() - t0
+        for r in range(size):
+            own = coll.contribs[r][3]
+            w = coll.works[r]
+            w.stats.bytes_sent = sum(p.numel() for j, p in enumerate(own) if j != r) + (size - 1) * mean_payloads[
+                r
+            ].numel()
+            w.stats.decode_s = reduce_s[r] + gather_s
+            w._complete(result, torch.cat(sent_parts[r]))

@@ -1,0 +1,90 @@
+"""The quantized mean all-reduce, as pure functions shared by every ReplicaGroup.
+
+Two methods:
+
+``two_phase`` (default): each replica encodes its buffer in ``M`` block-aligned shards; shard ``j``
+    goes to replica ``j`` (all_to_all), which decodes the ``M`` contributions, sums them in fp32 in
+    rank order, divides by ``M``, and re-encodes the mean; the encoded means are exchanged
+    (all_gather) and every replica, the owner included, decodes the same bytes. The result is
+    therefore bitwise identical everywhere. A replica sends ``(M-1)`` of its shards and ``M-1``
+    copies of its mean shard: about ``2 (M-1)/M · n · bits/8`` bytes plus scales.
+``all_gather``: one quantization; each replica sends its whole encoded buffer to the ``M-1``
+    others, everyone decodes all ``M`` and sums in rank order: ``(M-1) · n · bits/8`` bytes.
+
+The group implementations only move payloads; the arithmetic lives here so that LocalGroup and
+DistributedGroup produce the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .codecs import Codec
+
+__all__ = ["REDUCE_METHODS", "shard_bounds", "encode_shards", "reduce_shard", "wire_bytes", "check_method"]
+
+REDUCE_METHODS = ("two_phase", "all_gather")
+
+
+def check_method(method: str) -> None:
+    if method not in REDUCE_METHODS:
+        raise ValueError(f"unknown reduce method {method!r}; allowed: {list(REDUCE_METHODS)}")
+
+
+def shard_bounds(numel: int, world: int, block: int) -> list[tuple[int, int]]:
+    """Split ``[0, numel)`` into ``world`` contiguous shards whose edges fall on block edges.
+
+    Blocks are dealt as evenly as possible (the first shards get one more); shards may be empty
+    when there are fewer blocks than replicas. Every element belongs to exactly one shard.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    block = max(block, 1)
+    nblocks = math.ceil(numel / block)
+    q, r = divmod(nblocks, world)
+    bounds, start = [], 0
+    for j in range(world):
+        nb = q + (1 if j < r else 0)
+        end = min(start + nb * block, numel)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def encode_shards(x: torch.Tensor, codec: Codec, bounds: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Encode each shard of ``x`` separately (one payload per destination replica)."""
+    return [codec.encode(x[a:b]) for a, b in bounds]
+
+
+def reduce_shard(
+    payloads: Sequence[torch.Tensor], codec: Codec, numel: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Owner side of ``two_phase``: decode ``M`` contributions, sum in fp32 in rank order, average.
+
+    Returns:
+        ``(mean_payload, decoded)``: the re-encoded mean shard that is sent to everyone, and the
+        decoded contributions (each sender's view of what it sent, used for error feedback).
+    """
+    decoded = [codec.decode(p, numel) for p in payloads]
+    acc = torch.zeros(numel, dtype=torch.float32, device=decoded[0].device if decoded else None)
+    for d in decoded:
+        acc += d
+    acc /= len(payloads)
+    return codec.encode(acc), decoded
+
+
+def wire_bytes(codec: Codec, numel: int, world: int, method: str = "two_phase") -> list[int]:
+    """Bytes each replica hands to its collectives for one mean all-reduce (the formula)."""
+    check_method(method)
+    if world == 1:
+        return [0]
+    if method == "all_gather":
+        return [(world - 1) * codec.encoded_nbytes(numel)] * world
+    bounds = shard_bounds(numel, world, codec.block)
+    sizes = [codec.encoded_nbytes(b - a) for a, b in bounds]
+    total = sum(sizes)
+    # replica i sends every shard but its own, then its mean shard to the world-1 others
+    return [(total - sizes[i]) + (world - 1) * sizes[i] for i in range(world)]

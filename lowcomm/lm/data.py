@@ -1,0 +1,190 @@
+"""Byte-level corpora and deterministic batch samplers.
+
+The default corpus is the Python standard library's own source (``*.py`` outside test folders),
+which every machine that runs lowcomm already has: read at first use in sorted path order, capped
+in size, and cached as bytes. It is deterministic for a given Python version. The train/validation
+split is fixed per file (a file goes to validation when the CRC32 of its relative path is 0 mod 20).
+
+Other corpora: any directory of text files (same split rule; files holding NUL bytes are skipped),
+or a pre-tokenized ``.bin`` file of little-endian uint16 tokens (the last 5% is validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Corpus", "BatchSampler", "load_corpus", "eval_batches", "cache_dir"]
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
+DEFAULT_MAX_BYTES = 8 << 20
+
+
+def cache_dir() -> Path:
+    """``$LOWCOMM_CACHE`` or ``~/.cache/lowcomm``."""
+    return Path(os.environ.get("LOWCOMM_CACHE", Path.home() / ".cache" / "lowcomm"))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token streams of one corpus.
+
+    Attributes:
+        name: where it came from.
+        train, val: 1-D numpy arrays of token ids (uint8 for bytes, uint16 for .bin files).
+        vocab_size: number of token ids the model needs.
+        sha256: digest of train + val, recorded in run configs.
+    """
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    sha256: str
+
+
+def _is_val(rel: str) -> bool:
+    return zlib.crc32(rel.encode()) % 20 == 0
+
+
+def _split_files(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    train = b"".join(b for rel, b in files if not _is_val(rel))
+    val = b"".join(b for rel, b in files if _is_val(rel))
+    return np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8)
+
+
+def _read_text_tree(root: Path, pattern: str, skip: set[str], max_bytes: int | None) -> list[tuple[str, bytes]]:
+    out, total = [], 0
+    paths = sorted(p for p in root.rglob(pattern) if p.is_file() and not (skip & set(p.relative_to(root).parts)))
+    for p in paths:
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        if b"\0" in b or not b:
+            continue
+        out.append((p.relative_to(root).as_posix(), b))
+        total += len(b)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return out
+
+
+def _stdlib_corpus(max_bytes: int) -> Corpus:
+    import sys
+
+    tag = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}-{max_bytes}"
+    cdir = cache_dir()
+    train_p, val_p = cdir / f"{tag}.train.bin", cdir / f"{tag}.val.bin"
+    if train_p.exists() and val_p.exists():
+        train = np.fromfile(train_p, dtype=np.uint8)
+        val = np.fromfile(val_p, dtype=np.uint8)
+    else:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = _read_text_tree(root, "*.py", _SKIP_DIRS, max_bytes)
+        if not files:
+            raise FileNotFoundError(f"no Python sources found under the standard library at {root}")
+        train, val = _split_files(files)
+        cdir.mkdir(parents=True, exist_ok=True)
+        for path, arr in ((train_p, train), (val_p, val)):
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            arr.tofile(tmp)
+            os.replace(tmp, path)
+    return Corpus(f"stdlib:{tag}", train, val, 256, _digest(train, val))
+
+
+def _digest(train: np.ndarray, val: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(train.tobytes())
+    h.update(val.tobytes())
+    return h.hexdigest()
+
+
+def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
+    """Load a corpus.
+
+    Args:
+        spec: None or "stdlib" for the default; a directory of text files; or a ``.bin`` uint16 file.
+        max_bytes: cap on bytes read from a text corpus.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the corpus is too small, empty or malformed.
+    """
+    if spec is None or str(spec) == "stdlib":
+        corpus = _stdlib_corpus(max_bytes)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"corpus path {str(spec)!r} does not exist; pass 'stdlib', a directory of text files or a "
+                ".bin file of uint16 tokens"
+            )
+        if path.is_dir():
+            files = _read_text_tree(path, "*", {"__pycache__", ".git"}, max_bytes)
+            if not files:
+                raise ValueError(f"corpus directory {str(path)!r} holds no readable text files")
+            train, val = _split_files(files)
+            if val.size == 0:  # too few files for the per-file rule: hold out the tail instead
+                cut = int(train.size * 0.95)
+                train, val = train[:cut], train[cut:]
+            corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
+        else:
+            if path.stat().st_size % 2:
+                raise ValueError(f"token file {str(path)!r} has an odd size; expected little-endian uint16 tokens")
+            toks = np.fromfile(path, dtype="<u2")
+            if toks.size == 0:
+                raise ValueError(f"token file {str(path)!r} is empty")
+            cut = int(toks.size * 0.95)
+            vocab = int(toks.max()) + 1
+            vocab = max(256, -(-vocab // 64) * 64)
+            corpus = Corpus(f"bin:{path}", toks[:cut], toks[cut:], vocab, _digest(toks[:cut], toks[cut:]))
+    return corpus
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    w = torch.from_numpy(tokens[idx].astype(np.int64))  # (B, T+1)
+    return w[:, :-1], w[:, 1:]
+
+
+class BatchSampler:
+    """Random windows of one token stream for one replica, deterministic for (seed, rank).
+
+    Its position is its generator state, saved and restored with ``state_dict``.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0):
+        if tokens.size < seq_len + 2:
+            raise ValueError(f"token stream of {tokens.size} tokens is shorter than seq_len + 2 = {seq_len + 2}")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rank))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (inputs, targets) pair, int64 of shape (batch_size, seq_len)."""
+        hi = self.tokens.size - self.seq_len - 1
+        starts = torch.randint(0, hi, (self.batch_size,), generator=self.gen).numpy()
+        return _windows(self.tokens, starts, self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+
+def eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed set of evenly spaced validation windows (the same for every run on the corpus)."""
+    n = num_batches * batch_size
+    hi = tokens.size - seq_len - 1
+    if hi < 1:
+        raise ValueError(f"validation stream of {tokens.size} tokens is shorter than seq_len + 2")
+    starts = np.linspace(0, hi - 1, n).astype(np.int64)
+    return [_windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(num_batches)]

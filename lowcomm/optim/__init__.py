@@ -1,0 +1,24 @@
+"""The algorithm: outer optimizers, the fragment schedule and the DiLoCo wrapper (no sockets)."""
+
+from .diloco import DiLoCo, RoundStats, build_fragments, find_blocks, finish_replicas, step_replicas
+from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
+from .schedule import PATTERNS, fragment_offsets, is_send_step, partition_blocks, sends_at, validate_schedule
+
+__all__ = [
+    "PATTERNS",
+    "DiLoCo",
+    "NesterovState",
+    "RoundStats",
+    "apply_update",
+    "build_fragments",
+    "find_blocks",
+    "finish_replicas",
+    "fragment_offsets",
+    "is_send_step",
+    "nesterov_init",
+    "nesterov_update",
+    "partition_blocks",
+    "sends_at",
+    "step_replicas",
+    "validate_schedule",
+]

@@ -1,0 +1,99 @@
+"""Run records: one directory per run, written so that a crash never leaves a torn file.
+
+    run_dir/
+      config.json     the full configuration (+ corpus digest, versions)
+      events.jsonl    one JSON object per line: {"kind": "step" | "round" | "eval" | ..., "t": ...}
+      eval.jsonl      evaluations of the global parameters: {"step", "tokens", "loss", ...}
+      summary.json    written at the end (see SUMMARY_KEYS)
+
+JSON files are written to a temporary file and renamed into place; JSONL lines are appended with
+one ``write`` each and flushed, so a reader sees whole lines only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunRecorder", "atomic_write_json", "read_jsonl", "SUMMARY_KEYS"]
+
+SUMMARY_KEYS = (
+    "mode", "replicas", "sync_every", "fragments", "codec", "params", "params_non_embedding", "tokens",
+    "steps", "final_eval_loss", "bytes_sent_per_replica", "wall_seconds", "seed", "lowcomm_version",
+)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All complete lines of a JSONL file (a torn last line, if any, is ignored)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                out.append(json.loads(line))
+    return out
+
+
+class RunRecorder:
+    """Writes one run's records. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        atomic_write_json(self.dir / "config.json", config)
+        for name in ("events.jsonl", "eval.jsonl", "summary.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        self._events = open(self.dir / "events.jsonl", "a", buffering=1)
+        self._evals = open(self.dir / "eval.jsonl", "a", buffering=1)
+
+    def _line(self, f, obj: dict) -> None:
+        f.write(json.dumps(obj, default=_default) + "\n")
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append one event with its kind and seconds since the run started."""
+        self._line(self._events, {"kind": kind, "t": round(time.time() - self.t0, 6), **fields})
+
+    def eval(self, **fields: Any) -> None:
+        """Append one evaluation (also recorded as an event)."""
+        self._line(self._evals, fields)
+        self.event("eval", **fields)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"summary lacks required keys {missing}")
+        atomic_write_json(self.dir / "summary.json", summary)
+
+    def close(self) -> None:
+        for f in (self._events, self._evals):
+            if not f.closed:
+                f.close()
+
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
