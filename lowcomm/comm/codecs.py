@@ -61,6 +61,14 @@ def _as_u8(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(-1)
 
 
+def _bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret uint8 bytes as ``dtype`` (copying when a slice is not aligned for it)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if t.storage_offset() % itemsize:
+        t = t.clone()
+    return t.contiguous().view(dtype)
+
+
 class Codec(ABC):
     """Encode a flat fp32 buffer to a uint8 payload and back.
 
@@ -136,7 +144,7 @@ class Fp32Codec(Codec):
         return _as_u8(x).clone()
 
     def _decode(self, payload, numel):
-        return payload.view(torch.float32).clone()
+        return _bytes_as(payload, torch.float32).clone()
 
 
 class Bf16Codec(Codec):
@@ -147,7 +155,7 @@ class Bf16Codec(Codec):
         return _as_u8(x.to(torch.bfloat16))
 
     def _decode(self, payload, numel):
-        return payload.view(torch.bfloat16).to(torch.float32)
+        return _bytes_as(payload, torch.bfloat16).to(torch.float32)
 
 
 class Fp8Codec(Codec):
@@ -197,7 +205,7 @@ class IntCodec(Codec):
             q = unpack_nibbles(data, numel).to(torch.int8) - 8
         pad = (-numel) % self.block
         q = torch.cat([q, q.new_zeros(pad)]) if pad else q
-        return dequantize_int_absmax(q, s.view(torch.float32), self.block)[:numel]
+        return dequantize_int_absmax(q, _bytes_as(s, torch.float32), self.block)[:numel]
 
 
 class E3M0Codec(Codec):

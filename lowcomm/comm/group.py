@@ -154,7 +154,9 @@ class LocalGroup(ReplicaGroup):
     def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
         check_method(method)
         if buffer.dim() != 1 or buffer.dtype != torch.float32:
-            raise ValueError(f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}")
+            raise ValueError(
+                f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}"
+            )
         world, seq = self._world, self._seq
         self._seq += 1
         work = _LocalWork(world, seq)
@@ -179,7 +181,12 @@ class LocalGroup(ReplicaGroup):
         size = coll.size
         buf0, codec0, method0, _ = coll.contribs[0]
         for r, (buf, codec, method, _) in sorted(coll.contribs.items()):
-            if (buf.numel(), codec.name, codec.block, method) != (buf0.numel(), codec0.name, codec0.block, method0):
+            if (buf.numel(), codec.name, codec.block, method) != (
+                buf0.numel(),
+                codec0.name,
+                codec0.block,
+                method0,
+            ):
                 err = CollectiveError(
                     f"collective #{seq}: replica {r} sent {buf.numel()} elements with codec {codec.name} "
                     f"(block {codec.block}, {method}) but replica 0 sent {buf0.numel()} with {codec0.name} "
@@ -223,8 +230,8 @@ class LocalGroup(ReplicaGroup):
         for r in range(size):
             own = coll.contribs[r][3]
             w = coll.works[r]
-            w.stats.bytes_sent = sum(p.numel() for j, p in enumerate(own) if j != r) + (size - 1) * mean_payloads[
-                r
-            ].numel()
+            w.stats.bytes_sent = (
+                sum(p.numel() for j, p in enumerate(own) if j != r) + (size - 1) * mean_payloads[r].numel()
+            )
             w.stats.decode_s = reduce_s[r] + gather_s
             w._complete(result, torch.cat(sent_parts[r]))

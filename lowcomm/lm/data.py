@@ -60,9 +60,13 @@ def _split_files(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, np.ndarray
     return np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8)
 
 
-def _read_text_tree(root: Path, pattern: str, skip: set[str], max_bytes: int | None) -> list[tuple[str, bytes]]:
+def _read_text_tree(
+    root: Path, pattern: str, skip: set[str], max_bytes: int | None
+) -> list[tuple[str, bytes]]:
     out, total = [], 0
-    paths = sorted(p for p in root.rglob(pattern) if p.is_file() and not (skip & set(p.relative_to(root).parts)))
+    paths = sorted(
+        p for p in root.rglob(pattern) if p.is_file() and not (skip & set(p.relative_to(root).parts))
+    )
     for p in paths:
         try:
             b = p.read_bytes()
@@ -138,7 +142,9 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
             corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
         else:
             if path.stat().st_size % 2:
-                raise ValueError(f"token file {str(path)!r} has an odd size; expected little-endian uint16 tokens")
+                raise ValueError(
+                    f"token file {str(path)!r} has an odd size; expected little-endian uint16 tokens"
+                )
             toks = np.fromfile(path, dtype="<u2")
             if toks.size == 0:
                 raise ValueError(f"token file {str(path)!r} is empty")
@@ -163,7 +169,9 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0):
         if tokens.size < seq_len + 2:
-            raise ValueError(f"token stream of {tokens.size} tokens is shorter than seq_len + 2 = {seq_len + 2}")
+            raise ValueError(
+                f"token stream of {tokens.size} tokens is shorter than seq_len + 2 = {seq_len + 2}"
+            )
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
         self.gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rank))
 
@@ -180,11 +188,15 @@ class BatchSampler:
         self.gen.set_state(state["generator"])
 
 
-def eval_batches(tokens: np.ndarray, num_batches: int, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, num_batches: int, batch_size: int, seq_len: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of evenly spaced validation windows (the same for every run on the corpus)."""
     n = num_batches * batch_size
     hi = tokens.size - seq_len - 1
     if hi < 1:
         raise ValueError(f"validation stream of {tokens.size} tokens is shorter than seq_len + 2")
     starts = np.linspace(0, hi - 1, n).astype(np.int64)
-    return [_windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(num_batches)]
+    return [
+        _windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len) for i in range(num_batches)
+    ]

@@ -139,6 +139,9 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6·N_non_emb + 6·n_layer·T·C (Kaplan et al. 2020, table 1, x3 for backward)."""
+        """Training FLOPs per token: 6·N_non_emb + 6·n_layer·T·C.
+
+        Kaplan et al. 2020, table 1 (forward 2N + 2·n_layer·T·C), times 3 for the backward pass.
+        """
         cfg = self.cfg
         return 6 * self.num_params(non_embedding=True) + 6 * cfg.n_layer * cfg.seq_len * cfg.n_embd

@@ -134,9 +134,7 @@ def build_fragments(
                 "none: pass fragments=1 or explicit fragments as lists of parameter names or modules"
             )
         prefix, blocks = found
-        block_names = [
-            [n for n, _ in named if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))
-        ]
+        block_names = [[n for n, _ in named if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
         in_blocks = {n for names in block_names for n in names}
         rest = [n for n in all_names if n not in in_blocks]
         groups = fragments - 1 if rest else fragments
@@ -147,7 +145,9 @@ def build_fragments(
                 + (" plus one fragment for the parameters outside them" if rest else "")
                 + f", so fragments must be in [1, {allowed}]"
             )
-        out = [[n for b in grp for n in block_names[b]] for grp in partition_blocks(len(blocks), groups, pattern)]
+        out = [
+            [n for b in grp for n in block_names[b]] for grp in partition_blocks(len(blocks), groups, pattern)
+        ]
         return out + ([rest] if rest else [])
     # explicit fragments
     by_id = {id(p): n for n, p in named}
@@ -162,7 +162,9 @@ def build_fragments(
                     raise ValueError(f"fragment {i}: {item!r} is not a trainable parameter of the model")
                 names.append(item)
             else:
-                raise ValueError(f"fragment {i}: entries must be parameter names or modules, got {type(item).__name__}")
+                raise ValueError(
+                    f"fragment {i}: entries must be parameter names or modules, got {type(item).__name__}"
+                )
         names = list(dict.fromkeys(names))
         for n in names:
             if n in seen:
@@ -352,8 +354,14 @@ class DiLoCo:
                 for f in self._frags
             ],
             "inflight": [
-                {"fragment": p, "send_step": i.send_step, "due_step": i.due_step, "delta": i.delta.clone(),
-                 "norm": i.norm, "final": i.final}
+                {
+                    "fragment": p,
+                    "send_step": i.send_step,
+                    "due_step": i.due_step,
+                    "delta": i.delta.clone(),
+                    "norm": i.norm,
+                    "final": i.final,
+                }
                 for p, i in sorted(self._inflight.items(), key=lambda kv: kv[1].send_step)
             ],
         }
@@ -365,12 +373,19 @@ class DiLoCo:
             ValueError: a state from another version, configuration or model.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"DiLoCo state version must be {STATE_VERSION}, got {state.get('version') if isinstance(state, dict) else type(state).__name__}")
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"DiLoCo state version must be {STATE_VERSION}, got {got!r}")
         if state["config"] != self._config_key():
-            diff = {k: (v, self._config_key().get(k)) for k, v in state["config"].items() if self._config_key().get(k) != v}
+            diff = {
+                k: (v, self._config_key().get(k))
+                for k, v in state["config"].items()
+                if self._config_key().get(k) != v
+            }
             raise ValueError(f"DiLoCo state was saved with another configuration (saved, current): {diff}")
         if len(state["fragments"]) != len(self._frags):
-            raise ValueError(f"state has {len(state['fragments'])} fragments, this wrapper {len(self._frags)}")
+            raise ValueError(
+                f"state has {len(state['fragments'])} fragments, this wrapper {len(self._frags)}"
+            )
         for i, (fs, f) in enumerate(zip(state["fragments"], self._frags)):
             if fs["names"] != f.names or fs["global"].numel() != f.global_.numel():
                 raise ValueError(f"fragment {i} of the state holds other parameters than this model's")
@@ -417,7 +432,9 @@ class DiLoCo:
         norm = float(delta.norm())
         work = self.group.all_reduce_mean(delta, self.codec, self.reduce)
         f.last_send = self.step_count
-        self._inflight[p] = _InFlight(work, self.step_count, due, delta, norm, final, time.perf_counter() - t0)
+        self._inflight[p] = _InFlight(
+            work, self.step_count, due, delta, norm, final, time.perf_counter() - t0
+        )
 
     def _apply(self, p: int) -> None:
         f, inf = self._frags[p], self._inflight.pop(p)

@@ -24,7 +24,7 @@ PATTERNS = ("strided", "sequential")
 
 
 def validate_schedule(sync_every: int, num_fragments: int, overlap: int) -> None:
-    """Raise ValueError naming the bad value unless ``H >= 1``, ``1 <= P <= H`` and ``0 <= τ``, ``τ·P < H``."""
+    """Raise ValueError naming the bad value unless ``H >= 1``, ``1 <= P <= H``, ``0 <= τ``, ``τ·P < H``."""
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if not isinstance(num_fragments, int) or not 1 <= num_fragments <= sync_every:

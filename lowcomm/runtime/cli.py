@@ -37,7 +37,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowcomm", description="Low-communication distributed training for PyTorch.")
+    p = argparse.ArgumentParser(
+        prog="lowcomm", description="Low-communication distributed training for PyTorch."
+    )
     p.add_argument("--version", action="version", version=f"lowcomm {__version__}")
     p.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,13 +68,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") -> dict[str, TrainConfig]:
     """The three runs of ``lowcomm demo``: equal tokens, a model small enough for 2 CPU cores."""
-    base = TrainConfig(replicas=replicas, steps=steps, model_dim=64, layers=4, heads=4, seq_len=64, batch_size=8,
-                       lr=2e-3, warmup=min(40, steps // 4), sync_every=50, eval_every=0, eval_batches=16, threads=2)
+    base = TrainConfig(
+        replicas=replicas,
+        steps=steps,
+        model_dim=64,
+        layers=4,
+        heads=4,
+        seq_len=64,
+        batch_size=8,
+        lr=2e-3,
+        warmup=min(40, steps // 4),
+        sync_every=50,
+        eval_every=0,
+        eval_batches=16,
+        threads=2,
+    )
     return {
         "dp": base.replace(mode="dp", run_dir=f"{out}/dp"),
         "diloco": base.replace(mode="diloco", fragments=1, overlap=0, codec="fp32", run_dir=f"{out}/diloco"),
-        "streaming": base.replace(mode="diloco", fragments=4, overlap=1, codec="e3m0", alpha=0.5,
-                                  run_dir=f"{out}/streaming"),
+        "streaming": base.replace(
+            mode="diloco", fragments=4, overlap=1, codec="e3m0", alpha=0.5, run_dir=f"{out}/streaming"
+        ),
     }
 
 
@@ -89,12 +105,28 @@ def format_comparison(summaries: dict[str, dict]) -> str:
     dp = summaries.get("dp")
     rows = [("run", "setting", "eval loss", "vs DP", "sent/replica", "less than DP", "wall")]
     for name, s in summaries.items():
-        setting = "fp32 grads every step" if s["mode"] == "dp" else (
-            f"H={s['sync_every']} P={s['fragments']} tau={s['overlap']} {s['codec']}")
+        setting = (
+            "fp32 grads every step"
+            if s["mode"] == "dp"
+            else (f"H={s['sync_every']} P={s['fragments']} tau={s['overlap']} {s['codec']}")
+        )
         vs = f"{100 * (s['final_eval_loss'] / dp['final_eval_loss'] - 1):+.2f}%" if dp else "-"
-        red = f"{dp['bytes_sent_per_replica'] / s['bytes_sent_per_replica']:.0f}x" if dp and s["bytes_sent_per_replica"] else "-"
-        rows.append((name, setting, f"{s['final_eval_loss']:.4f}", vs, _fmt_bytes(s["bytes_sent_per_replica"]), red,
-                     f"{s['wall_seconds']:.1f}s"))
+        red = (
+            f"{dp['bytes_sent_per_replica'] / s['bytes_sent_per_replica']:.0f}x"
+            if dp and s["bytes_sent_per_replica"]
+            else "-"
+        )
+        rows.append(
+            (
+                name,
+                setting,
+                f"{s['final_eval_loss']:.4f}",
+                vs,
+                _fmt_bytes(s["bytes_sent_per_replica"]),
+                red,
+                f"{s['wall_seconds']:.1f}s",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -103,8 +135,10 @@ def format_comparison(summaries: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from .trainer import train
 
     try:
@@ -119,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, cfg in cfgs.items():
                 print(f"[{name}] {cfg.run_dir}", file=sys.stderr, flush=True)
                 summaries[name] = train(cfg, progress=not args.quiet)
-            print(f"\nlowcomm demo: M={args.replicas} replicas, {args.steps} steps each, equal tokens, "
-                  f"{summaries['dp']['params']:,} parameters\n")
+            print(
+                f"\nlowcomm demo: M={args.replicas} replicas, {args.steps} steps each, equal tokens, "
+                f"{summaries['dp']['params']:,} parameters\n"
+            )
             print(format_comparison(summaries))
             print(f"\nrecords in {Path(args.out).resolve()}/{{dp,diloco,streaming}}")
     except (ValueError, FileNotFoundError) as e:

@@ -107,21 +107,37 @@ class TrainConfig:
         need(self.pattern in PATTERNS, "pattern", f"one of {list(PATTERNS)}")
         need(self.reduce in REDUCE_METHODS, "reduce", f"one of {list(REDUCE_METHODS)}")
         need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
-        for name in ("replicas", "sync_every", "fragments", "model_dim", "layers", "heads", "seq_len",
-                     "batch_size", "steps", "eval_batches", "codec_block"):
+        for name in (
+            "replicas",
+            "sync_every",
+            "fragments",
+            "model_dim",
+            "layers",
+            "heads",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_batches",
+            "codec_block",
+        ):
             need(is_int(name, 1), name, "an int >= 1")
         for name in ("overlap", "warmup", "eval_every", "seed", "threads"):
             need(is_int(name, 0), name, "an int >= 0")
         need(is_num("alpha") and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]")
         need(is_num("outer_lr") and self.outer_lr > 0, "outer_lr", "a number > 0")
-        need(is_num("outer_momentum") and 0 <= self.outer_momentum < 1, "outer_momentum", "a number in [0, 1)")
+        need(
+            is_num("outer_momentum") and 0 <= self.outer_momentum < 1, "outer_momentum", "a number in [0, 1)"
+        )
         need(is_num("lr") and self.lr > 0, "lr", "a number > 0")
         need(is_num("min_lr_ratio") and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
         need(is_num("weight_decay") and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(is_num("grad_clip") and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
         need(self.model_dim % self.heads == 0, "heads", f"a divisor of model_dim={self.model_dim}")
-        need(self.fragments <= self.layers + 1, "fragments",
-             f"at most layers + 1 = {self.layers + 1} (the blocks plus one fragment for embeddings, head and norm)")
+        need(
+            self.fragments <= self.layers + 1,
+            "fragments",
+            f"at most layers + 1 = {self.layers + 1} (blocks plus one fragment for embeddings, head, norm)",
+        )
         if self.mode == "diloco":
             validate_schedule(self.sync_every, self.fragments, self.overlap)
 

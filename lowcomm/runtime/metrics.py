@@ -21,8 +21,20 @@ from typing import Any
 __all__ = ["RunRecorder", "atomic_write_json", "read_jsonl", "SUMMARY_KEYS"]
 
 SUMMARY_KEYS = (
-    "mode", "replicas", "sync_every", "fragments", "codec", "params", "params_non_embedding", "tokens",
-    "steps", "final_eval_loss", "bytes_sent_per_replica", "wall_seconds", "seed", "lowcomm_version",
+    "mode",
+    "replicas",
+    "sync_every",
+    "fragments",
+    "codec",
+    "params",
+    "params_non_embedding",
+    "tokens",
+    "steps",
+    "final_eval_loss",
+    "bytes_sent_per_replica",
+    "wall_seconds",
+    "seed",
+    "lowcomm_version",
 )
 
 

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     """The reference GPT for ``cfg``, initialized from ``cfg.seed`` (identical for every replica)."""
-    gcfg = GPTConfig(vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.layers, n_head=cfg.heads,
-                     n_embd=cfg.model_dim)
+    gcfg = GPTConfig(
+        vocab_size=vocab_size, seq_len=cfg.seq_len, n_layer=cfg.layers, n_head=cfg.heads, n_embd=cfg.model_dim
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return GPT(gcfg)
@@ -62,7 +63,9 @@ def lr_lambda(cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
     """Mean cross-entropy (nats per token) over fixed validation batches."""
     was_training = model.training
     model.eval()
@@ -74,9 +77,12 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in model.parameters()
-    ])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in model.parameters()
+        ]
+    )
 
 
 def _set_grads(model: nn.Module, flat: torch.Tensor) -> None:
@@ -104,8 +110,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     corpus = load_corpus(cfg.corpus)
     base = build_model(cfg, corpus.vocab_size).to(device)
     M = cfg.replicas
@@ -117,10 +124,23 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     dilocos: list[DiLoCo] = []
     if cfg.mode == "diloco":
         dilocos = [
-            DiLoCo(m, o, g, sync_every=cfg.sync_every, fragments=cfg.fragments, pattern=cfg.pattern,
-                   overlap=cfg.overlap, alpha=cfg.alpha, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
-                   codec=cfg.codec, codec_block=cfg.codec_block, error_feedback=cfg.error_feedback,
-                   reduce=cfg.reduce, outer_device=cfg.outer_device)
+            DiLoCo(
+                m,
+                o,
+                g,
+                sync_every=cfg.sync_every,
+                fragments=cfg.fragments,
+                pattern=cfg.pattern,
+                overlap=cfg.overlap,
+                alpha=cfg.alpha,
+                outer_lr=cfg.outer_lr,
+                outer_momentum=cfg.outer_momentum,
+                codec=cfg.codec,
+                codec_block=cfg.codec_block,
+                error_feedback=cfg.error_feedback,
+                reduce=cfg.reduce,
+                outer_device=cfg.outer_device,
+            )
             for m, o, g in zip(models, opts, groups)
         ]
     val = eval_batches(corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
@@ -129,10 +149,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     params_ne = base.num_params(non_embedding=True)
     tokens_per_step = M * cfg.batch_size * cfg.seq_len
 
-    config_record = {**cfg.to_dict(), "corpus_name": corpus.name, "corpus_sha256": corpus.sha256,
-                     "vocab_size": corpus.vocab_size, "params": params, "params_non_embedding": params_ne,
-                     "lowcomm_version": __version__, "torch_version": torch.__version__,
-                     "fragment_numels": dilocos[0].fragment_numels() if dilocos else [params]}
+    config_record = {
+        **cfg.to_dict(),
+        "corpus_name": corpus.name,
+        "corpus_sha256": corpus.sha256,
+        "vocab_size": corpus.vocab_size,
+        "params": params,
+        "params_non_embedding": params_ne,
+        "lowcomm_version": __version__,
+        "torch_version": torch.__version__,
+        "fragment_numels": dilocos[0].fragment_numels() if dilocos else [params],
+    }
     rec = RunRecorder(cfg.run_dir, config_record)
     bytes_sent = [0] * M
     timing = {"inner_s": 0.0, "send_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "outer_s": 0.0, "comm_s": 0.0}
@@ -172,7 +199,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 x, y = samplers[r].next()
                 loss = models[r](x.to(device), y.to(device))
                 loss.backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if cfg.mode == "diloco":
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(models[r].parameters(), cfg.grad_clip)
@@ -196,15 +223,23 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 step_replicas(dilocos)
                 record_rounds(step)
             mean_loss = sum(losses) / M
-            rec.event("step", step=step, loss=mean_loss, lr=scheds[0].get_last_lr()[0],
-                      tokens=step * tokens_per_step, bytes_sent=bytes_sent[0])
+            rec.event(
+                "step",
+                step=step,
+                loss=mean_loss,
+                lr=scheds[0].get_last_lr()[0],
+                tokens=step * tokens_per_step,
+                bytes_sent=bytes_sent[0],
+            )
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 last_eval = eval_global(step)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=_human_bytes(bytes_sent[0]))
+                bar.set_postfix(
+                    loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=_human_bytes(bytes_sent[0])
+                )
         if dilocos and cfg.final_sync:
             finish_replicas(dilocos)
             record_rounds(cfg.steps)
@@ -248,6 +283,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "lowcomm_version": __version__,
     }
     rec.summary(summary)
-    log.info("run %s done: eval loss %.4f, %s sent per replica, %.1fs", cfg.run_dir, final,
-             _human_bytes(summary["bytes_sent_per_replica"]), wall)
+    log.info(
+        "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
+        cfg.run_dir,
+        final,
+        _human_bytes(summary["bytes_sent_per_replica"]),
+        wall,
+    )
     return summary

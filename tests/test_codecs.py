@@ -1,0 +1,151 @@
+"""One suite over every codec: shapes, zeros, error bounds, exact byte counts, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from lowcomm.comm import CODECS, NonFiniteError, get_codec
+
+SIZES = [1, 7, 128, 129, 1000, 4096 + 3]
+
+
+def _bound(name: str, x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-element worst-case absolute error of one round trip."""
+    n = x.numel()
+    pad = (-n) % block
+    xb = torch.cat([x, x.new_zeros(pad)]).reshape(-1, block)
+    amax = xb.abs().amax(dim=1, keepdim=True).expand_as(xb).reshape(-1)[:n]
+    a = x.abs()
+    if name == "fp32":
+        return torch.zeros_like(x)
+    if name == "bf16":
+        return a * 2.0**-8
+    if name == "fp8_e4m3":  # 3 mantissa bits: half-ulp 2^-4 relative; subnormals: 2^-10 of the scale
+        return a * 2.0**-4 + amax * 2.0**-16
+    if name == "fp8_e5m2":
+        return a * 2.0**-3 + amax * 2.0**-24
+    if name == "int8":
+        return amax / 127 / 2 * 1.0001
+    if name == "int4":
+        return amax / 7 / 2 * 1.0001
+    if name == "e3m0":  # nearest power of two: |err| <= |x|/3; below 2^-6 of the scale (< 2·amax)
+        return torch.maximum(a / 3, amax * 2.0 * 2.0**-7) * 1.0001
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("n", SIZES)
+def test_roundtrip_error_is_within_the_codec_bound(name, n):
+    torch.manual_seed(n)
+    codec = get_codec(name, block=128)
+    x = torch.randn(n) * torch.logspace(-3, 3, n)[torch.randperm(n)]
+    y = codec.roundtrip(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    err = (y - x).abs()
+    assert bool((err <= _bound(name, x, 128)).all()), float((err - _bound(name, x, 128)).max())
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("n", SIZES)
+def test_payload_size_is_exactly_the_stated_byte_count(name, n):
+    codec = get_codec(name, block=32)
+    payload = codec.encode(torch.randn(n))
+    assert payload.dtype == torch.uint8 and payload.dim() == 1
+    nblocks = math.ceil(n / 32)
+    expected = {
+        "fp32": 4 * n,
+        "bf16": 2 * n,
+        "fp8_e4m3": n + nblocks,
+        "fp8_e5m2": n + nblocks,
+        "int8": n + 4 * nblocks,
+        "int4": math.ceil(n / 2) + 4 * nblocks,
+        "e3m0": math.ceil(n / 2) + nblocks,
+    }[name]
+    assert payload.numel() == expected == codec.encoded_nbytes(n)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_bits_per_element_includes_scales(name):
+    codec = get_codec(name, block=128)
+    n = 128 * 64
+    assert codec.encoded_nbytes(n) * 8 / n == pytest.approx(codec.bits_per_element)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_zeros_roundtrip_exactly(name):
+    codec = get_codec(name)
+    x = torch.zeros(300)
+    assert torch.equal(codec.roundtrip(x), x)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_encoding_is_deterministic_and_blockwise(name):
+    """Encoding a block-aligned slice gives the same values as the slice of the whole encoding."""
+    codec = get_codec(name, block=64)
+    x = torch.randn(64 * 5 + 17)
+    assert torch.equal(codec.encode(x), codec.encode(x.clone()))
+    whole = codec.roundtrip(x)
+    assert torch.equal(codec.roundtrip(x[128:]), whole[128:])
+    assert torch.equal(codec.roundtrip(x[:192]), whole[:192])
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_rejected(name, bad):
+    x = torch.randn(100)
+    x[37] = bad
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        get_codec(name).encode(x)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_extreme_magnitudes_stay_finite_and_keep_sign(name):
+    codec = get_codec(name, block=4)
+    big = 1.0e38
+    x = torch.tensor([big, -big, 1e-30, -1e-30, 1e-38, 5.0, -5.0, 0.0])
+    y = codec.roundtrip(x)
+    assert bool(torch.isfinite(y).all())
+    assert bool((torch.sign(y[:2]) == torch.sign(x[:2])).all())
+    # the largest value of each block keeps its magnitude to the codec's precision
+    assert float(y[0]) == pytest.approx(big, rel=0.34)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_malformed_payload_is_rejected_with_sizes(name):
+    codec = get_codec(name)
+    p = codec.encode(torch.randn(100))
+    with pytest.raises(ValueError, match="payload"):
+        codec.decode(p[:-1], 100)
+    with pytest.raises(ValueError, match="payload"):
+        codec.decode(p.float(), 100)
+
+
+def test_e3m0_saturates_above_two_to_the_127():
+    """E8M0 scales stop at 2^127, so e3m0 clamps larger magnitudes to 2^127 (documented)."""
+    y = get_codec("e3m0", block=2).roundtrip(torch.tensor([3.0e38, -3.0e38]))
+    assert y.tolist() == [2.0**127, -(2.0**127)]
+
+
+def test_unknown_codec_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed.*e3m0"):
+        get_codec("fp4")
+    with pytest.raises(ValueError, match="block"):
+        get_codec("int8", block=0)
+
+
+def test_e3m0_hits_powers_of_two_exactly():
+    codec = get_codec("e3m0", block=8)
+    x = torch.tensor([1.0, 0.5, 0.25, -0.125, 2.0**-6, 0.0, -1.0, 0.75])
+    y = codec.roundtrip(x)
+    # block amax 1 -> scale 1; 0.75 is the midpoint of 0.5 and 1 and rounds up
+    assert y.tolist() == [1.0, 0.5, 0.25, -0.125, 2.0**-6, 0.0, -1.0, 1.0]
+    # below half of the smallest step everything goes to zero
+    z = codec.roundtrip(torch.tensor([1.0, 2.0**-7 * 0.99, 2.0**-7, 0, 0, 0, 0, 0]))
+    assert z.tolist()[:3] == [1.0, 0.0, 2.0**-6]
+
+
+def test_int4_uses_two_values_per_byte_and_the_full_range():
+    codec = get_codec("int4", block=16)
+    x = torch.arange(-7, 9, dtype=torch.float32).clamp(max=7)
+    assert torch.equal(codec.roundtrip(x), x)

@@ -1,0 +1,263 @@
+"""The DiLoCo wrapper: identities from the papers, bitwise consistency, resume, bad configs."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from lowcomm import DiLoCo, LocalGroup, finish_replicas, step_replicas
+from lowcomm.lm import GPT, GPTConfig
+
+TINY = GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16)
+
+
+def _batch(step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randint(0, 32, (2, 8), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def _replicas(M: int, lr: float = 1e-2, seed: int = 0):
+    torch.manual_seed(seed)
+    base = GPT(TINY)
+    models = [copy.deepcopy(base) for _ in range(M)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr, foreach=False) for m in models]
+    return models, opts
+
+
+def _inner_step(models, opts, step):
+    for r, (m, o) in enumerate(zip(models, opts)):
+        m(*_batch(step, r)).backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+
+def _wrap(models, opts, **kw):
+    groups = LocalGroup.create(len(models))
+    return [DiLoCo(m, o, g, **kw) for m, o, g in zip(models, opts, groups)]
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_vanilla_equals_reference_diloco_bit_for_bit():
+    """P = 1, τ = 0 is Algorithm 1 of DiLoCo with torch's Nesterov SGD as the outer optimizer."""
+    H, steps, M = 3, 9, 3
+    models, opts = _replicas(M)
+    ref_models, ref_opts = _replicas(M)
+    dil = _wrap(models, opts, sync_every=H, fragments=1, overlap=0, outer_lr=0.7, outer_momentum=0.9)
+    glob = [p.detach().clone().requires_grad_(True) for p in ref_models[0].parameters()]
+    outer = torch.optim.SGD(glob, lr=0.7, momentum=0.9, nesterov=True, foreach=False)
+    for step in range(1, steps + 1):
+        _inner_step(models, opts, step)
+        step_replicas(dil)
+        _inner_step(ref_models, ref_opts, step)
+        if step % H == 0:
+            for i, g in enumerate(glob):
+                acc = torch.zeros_like(g)
+                for m in ref_models:
+                    acc += g.detach() - list(m.parameters())[i].detach()
+                g.grad = acc / M
+            outer.step()
+            with torch.no_grad():
+                for m in ref_models:
+                    for p, g in zip(m.parameters(), glob):
+                        p.copy_(g)
+        for m, rm in zip(models, ref_models):
+            assert torch.equal(_flat(m), _flat(rm)), f"diverged at step {step}"
+
+
+def test_unit_lr_zero_momentum_is_parameter_averaging():
+    models, opts = _replicas(3)
+    dil = _wrap(models, opts, sync_every=2, outer_lr=1.0, outer_momentum=0.0)
+    _inner_step(models, opts, 1)
+    step_replicas(dil)
+    _inner_step(models, opts, 2)
+    avg = sum(_flat(m) for m in models) / 3
+    step_replicas(dil)
+    torch.testing.assert_close(dil[0].global_vector(), avg, rtol=0, atol=1e-6)
+    for m in models:  # alpha = 0: every replica now holds the average
+        assert torch.equal(_flat(m), dil[0].global_vector())
+
+
+def test_alpha_one_leaves_local_parameters_untouched():
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, sync_every=1, alpha=1.0)
+    before_global = dil[0].global_vector().clone()
+    _inner_step(models, opts, 1)
+    local = [_flat(m).clone() for m in models]
+    step_replicas(dil)
+    for m, loc in zip(models, local):
+        assert torch.equal(_flat(m), loc)
+    assert not torch.equal(dil[0].global_vector(), before_global)  # the global copy did move
+
+
+@pytest.mark.parametrize("codec", ["fp32", "e3m0", "int4", "fp8_e4m3"])
+@pytest.mark.parametrize("fragments,overlap,alpha", [(1, 0, 0.0), (4, 1, 0.5), (2, 1, 0.0)])
+def test_replicas_hold_bitwise_identical_globals_after_every_round(codec, fragments, overlap, alpha):
+    models, opts = _replicas(3)
+    H, steps = 8, 24
+    dil = _wrap(
+        models,
+        opts,
+        sync_every=H,
+        fragments=fragments,
+        overlap=overlap,
+        alpha=alpha,
+        codec=codec,
+        codec_block=32,
+        error_feedback=codec != "fp32",
+    )
+    rounds = 0
+    for step in range(1, steps + 1):
+        _inner_step(models, opts, step)
+        step_replicas(dil)
+        stats = [d.drain_round_stats() for d in dil]
+        rounds += len(stats[0])
+        for d in dil[1:]:
+            assert torch.equal(d.global_vector(), dil[0].global_vector())
+    offsets = [p * H // fragments for p in range(fragments)]
+    assert rounds == sum(len(range(t + H, steps + 1 - overlap, H)) for t in offsets)
+
+
+def test_rounds_apply_overlap_steps_after_sending():
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, sync_every=6, fragments=3, overlap=1)
+    seen = []
+    for step in range(1, 19):
+        _inner_step(models, opts, step)
+        step_replicas(dil)
+        seen += [(r.fragment, r.send_step, r.apply_step) for r in dil[0].drain_round_stats()]
+    # fragment 0 sends again at 18, due at 19: not applied yet
+    assert seen == [(0, 6, 7), (1, 8, 9), (2, 10, 11), (0, 12, 13), (1, 14, 15), (2, 16, 17)]
+
+
+def test_strided_fragments_split_blocks_and_keep_the_rest_apart():
+    models, opts = _replicas(1)
+    d = _wrap(models, opts, sync_every=8, fragments=3)[0]
+    names = d.fragment_names
+    assert all(n.startswith(("blocks.0.", "blocks.2.")) for n in names[0])
+    assert all(n.startswith("blocks.1.") for n in names[1])
+    assert set(names[2]) == {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+
+
+def test_custom_fragments_from_names_and_modules():
+    models, opts = _replicas(2)
+    m = models[0]
+    frags = [[m.blocks[0], m.blocks[1]], [m.blocks[2], "wte.weight", "wpe.weight", m.ln_f]]
+    groups = LocalGroup.create(2)
+    d = DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=frags)
+    assert d.num_fragments == 2 and "wte.weight" in d.fragment_names[1]
+    with pytest.raises(ValueError, match="in no fragment"):
+        DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[[m.blocks[0]]])
+    with pytest.raises(ValueError, match="is in fragment 0 and fragment 1"):
+        DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[[m], [m.ln_f]])
+    with pytest.raises(ValueError, match="not a trainable parameter"):
+        DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[["nope.weight"]])
+
+
+def _run(dil, models, opts, steps):
+    for step in steps:
+        _inner_step(models, opts, step)
+        step_replicas(dil)
+
+
+def test_resume_from_state_dict_continues_bit_for_bit():
+    kw = dict(
+        sync_every=4, fragments=2, overlap=1, alpha=0.5, codec="e3m0", codec_block=32, error_feedback=True
+    )
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, **kw)
+    _run(dil, models, opts, range(1, 5))  # at step 4 fragment 0 is in flight (due at 5)
+    assert dil[0].state_dict()["inflight"], "the test must cover an in-flight round"
+    saved = []
+    for m, o, d in zip(models, opts, dil):
+        buf = io.BytesIO()
+        torch.save({"model": m.state_dict(), "opt": o.state_dict(), "diloco": d.state_dict()}, buf)
+        saved.append(buf.getvalue())
+    _run(dil, models, opts, range(5, 14))
+
+    models2, opts2 = _replicas(2, seed=123)  # different init: everything must come from the state
+    states = [torch.load(io.BytesIO(b), weights_only=True) for b in saved]
+    for m, o, s in zip(models2, opts2, states):
+        m.load_state_dict(s["model"])
+        o.load_state_dict(s["opt"])
+    dil2 = _wrap(models2, opts2, **kw)
+    for d, s in zip(dil2, states):
+        d.load_state_dict(s["diloco"])
+    _run(dil2, models2, opts2, range(5, 14))
+    for a, b, da, db in zip(models, models2, dil, dil2):
+        assert torch.equal(_flat(a), _flat(b))
+        assert torch.equal(da.global_vector(), db.global_vector())
+        assert da.step_count == db.step_count == 13
+
+
+def test_state_from_another_configuration_is_refused():
+    models, opts = _replicas(1)
+    d = _wrap(models, opts, sync_every=4, codec="int8")[0]
+    state = d.state_dict()
+    other = _wrap(models, opts, sync_every=4, codec="e3m0")[0]
+    with pytest.raises(ValueError, match="codec"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        d.load_state_dict({"version": 99})
+
+
+def test_global_parameters_context_swaps_and_restores():
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, sync_every=2, alpha=1.0)
+    _run(dil, models, opts, range(1, 4))
+    local = _flat(models[0]).clone()
+    with dil[0].global_parameters() as m:
+        assert torch.equal(_flat(m), dil[0].global_vector())
+    assert torch.equal(_flat(models[0]), local)
+
+
+def test_finish_syncs_all_unsynced_progress_once():
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, sync_every=4, fragments=2, overlap=1, outer_lr=1.0, outer_momentum=0.0)
+    _run(dil, models, opts, range(1, 8))  # fragment 1 sent at step 6; fragment 0 last at 4
+    finish_replicas(dil)
+    stats = dil[0].drain_round_stats()
+    finals = [(s.fragment, s.final) for s in stats if s.send_step == 7]
+    assert finals == [(0, True), (1, True)]
+    avg = sum(_flat(m) for m in models) / 2
+    for m in models:
+        assert torch.equal(_flat(m), _flat(models[0]))
+    torch.testing.assert_close(_flat(models[0]), avg, rtol=0, atol=1e-5)
+
+
+def test_round_stats_count_bytes_and_norms():
+    models, opts = _replicas(4)
+    dil = _wrap(models, opts, sync_every=2, codec="e3m0")
+    _run(dil, models, opts, range(1, 3))
+    (s,) = dil[0].drain_round_stats()
+    from lowcomm.comm import get_codec, wire_bytes
+
+    assert s.bytes_sent == wire_bytes(get_codec("e3m0"), s.numel, 4)[0]
+    assert s.pseudo_grad_norm > 0 and s.mean_pseudo_grad_norm > 0 and s.momentum_norm > 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(fragments=6), r"fragments must be in \[1, 4\]"),
+        (dict(sync_every=8, fragments=4, overlap=2), "overlap"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(codec="fp4"), "unknown codec"),
+        (dict(sync_every=0), "sync_every"),
+        (dict(outer_lr=0), "outer_lr"),
+        (dict(outer_momentum=1.0), "outer_momentum"),
+        (dict(reduce="ring"), "reduce method"),
+        (dict(pattern="zigzag"), "pattern"),
+    ],
+)
+def test_bad_configuration_is_refused_with_the_value_named(kw, match):
+    models, opts = _replicas(1)
+    args = dict(sync_every=8)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], **args)
