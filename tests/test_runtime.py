@@ -1,0 +1,159 @@
+"""Trainer, run records, configuration and the CLI, end to end on tiny jobs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowcomm.runtime import SUMMARY_KEYS, RunRecorder, TrainConfig, read_jsonl, train
+from lowcomm.runtime.cli import build_parser, config_from_args, demo_configs, format_comparison
+
+TINY = dict(model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2, threads=1, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(3000))
+    for i in range(4):
+        (d / f"part{i}.py").write_text(text[i * 20000 : (i + 1) * 20000])
+    return str(d)
+
+
+def _cfg(tmp_path, corpus_dir, **kw):
+    return TrainConfig(corpus=corpus_dir, run_dir=str(tmp_path / "run"), **{**TINY, **kw})
+
+
+def test_diloco_run_writes_complete_records(tmp_path, corpus_dir):
+    cfg = _cfg(
+        tmp_path,
+        corpus_dir,
+        replicas=2,
+        steps=12,
+        sync_every=4,
+        fragments=2,
+        overlap=1,
+        codec="e3m0",
+        eval_every=6,
+        lr=1e-2,
+    )
+    s = train(cfg, progress=False)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary) and summary == json.loads(json.dumps(s))
+    assert summary["tokens"] == 12 * 2 * 2 * 16 and summary["codec"] == "e3m0"
+    assert summary["final_eval_loss"] < 0.9 * 5.545  # ln(256) at init: it learned something
+    config = json.loads((run / "config.json").read_text())
+    assert config["fragments"] == 2 and len(config["corpus_sha256"]) == 64
+    events = read_jsonl(run / "events.jsonl")
+    rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0]
+    # fragment 0 sends at 4, 8, 12 (the last applied early at the end); fragment 1 at 6, 10, and once
+    # more in the final sync
+    regular = [(r["fragment"], r["send_step"]) for r in rounds if not r["final"]]
+    assert regular == [(0, 4), (1, 6), (0, 8), (1, 10), (0, 12)]
+    assert [(r["fragment"], r["send_step"]) for r in rounds if r["final"]] == [(1, 12)]
+    assert all(r["bytes_sent"] > 0 and r["encode_s"] >= 0 for r in rounds)
+    assert sum(r["bytes_sent"] for e in [rounds] for r in e) == summary["bytes_sent_per_replica"]
+    assert len([e for e in events if e["kind"] == "step"]) == 12
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [6, 12]
+
+
+def test_dp_and_diloco_compare_on_equal_tokens(tmp_path, corpus_dir):
+    dp = train(_cfg(tmp_path / "dp", corpus_dir, mode="dp", replicas=2, steps=8), progress=False)
+    dl = train(_cfg(tmp_path / "dl", corpus_dir, replicas=2, steps=8, sync_every=4), progress=False)
+    assert dp["tokens"] == dl["tokens"]
+    # DP: 2·(M−1)/M·n·4 bytes each step; DiLoCo fp32: the same per round, 2 rounds
+    per_round = 2 * (2 - 1) / 2 * dp["params"] * 4
+    assert dp["bytes_sent_per_replica"] == pytest.approx(8 * per_round, rel=1e-3)
+    assert dl["bytes_sent_per_replica"] == pytest.approx(2 * per_round, rel=1e-3)
+    assert "vs DP" in format_comparison({"dp": dp, "diloco": dl})
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(fragments=4, layers=2), "fragments=4"),
+        (dict(sync_every=8, fragments=2, overlap=4), "overlap"),
+        (dict(alpha=2.0), "alpha"),
+        (dict(codec="fp2"), "codec='fp2'"),
+        (dict(sync_every=0), "sync_every=0"),
+        (dict(mode="ddp"), "mode"),
+        (dict(heads=3), "heads"),
+    ],
+)
+def test_bad_config_values_are_named_before_training(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**TINY, **kw})
+
+
+def test_missing_corpus_fails_before_any_record_is_written(tmp_path):
+    cfg = TrainConfig(corpus=str(tmp_path / "nope"), run_dir=str(tmp_path / "run"), **TINY)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ValueError, match="unknown config key 'sync_evry'"):
+        TrainConfig.from_dict({"sync_evry": 3})
+
+
+def test_config_file_and_flags_merge(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('replicas = 3\ncodec = "int8"\nsync-every = 20\n')
+    args = build_parser().parse_args(["train", "--config", str(f), "--codec", "e3m0", "--no-final-sync"])
+    cfg = config_from_args(args)
+    assert (cfg.replicas, cfg.codec, cfg.sync_every, cfg.final_sync) == (3, "e3m0", 20, False)
+
+
+def test_recorder_writes_atomically_and_requires_summary_keys(tmp_path):
+    with RunRecorder(tmp_path / "r", {"a": 1}) as rec:
+        rec.event("x", v=1)
+        with pytest.raises(ValueError, match="lacks required keys"):
+            rec.summary({"mode": "dp"})
+    assert not [p for p in os.listdir(tmp_path / "r") if ".tmp" in p]
+    assert read_jsonl(tmp_path / "r" / "events.jsonl")[0]["v"] == 1
+
+
+def test_demo_compares_three_runs_on_equal_tokens():
+    cfgs = demo_configs(steps=100, replicas=4, out="x")
+    assert list(cfgs) == ["dp", "diloco", "streaming"]
+    assert len({(c.steps, c.replicas, c.batch_size, c.seq_len) for c in cfgs.values()}) == 1
+    assert cfgs["streaming"].codec == "e3m0" and cfgs["streaming"].fragments == 4
+
+
+def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "lowcomm", "train", "--corpus", corpus_dir, "--quiet"]
+    tiny = [
+        "--model-dim",
+        "16",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "2",
+        "--threads",
+        "1",
+    ]
+    ok = subprocess.run(
+        base
+        + tiny
+        + ["--replicas", "2", "--steps", "6", "--sync-every", "3", "--run-dir", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli" / "summary.json").exists() and "eval loss" in ok.stdout
+    bad = subprocess.run(base + ["--alpha", "1.5"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "alpha=1.5 is not allowed" in bad.stderr
