@@ -52,7 +52,7 @@ def main() -> None:
         lowcomm.step_replicas(dilocos)
         if step % 100 == 0:
             sent = sum(r.bytes_sent for r in dilocos[0].drain_round_stats())
-            print(f"step {step}: replica-0 loss {loss.item():.4f}, {sent} bytes sent by replica 0 since last report")
+            print(f"step {step}: loss {loss.item():.4f}, replica 0 sent {sent} bytes since the last report")
     lowcomm.finish_replicas(dilocos)
     assert all(torch.equal(d.global_vector(), dilocos[0].global_vector()) for d in dilocos)
     x = torch.randn(256, 8)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .codecs import Codec
-from .reduce import check_method, encode_shards, reduce_shard, shard_bounds
+from .reduce import check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
 
 __all__ = ["ReduceStats", "Work", "ReplicaGroup", "LocalGroup", "CollectiveError"]
 
@@ -50,17 +51,24 @@ class Work:
             others received from it); used for error feedback. None before.
     """
 
-    def __init__(self) -> None:
-        self.stats = ReduceStats()
-        self.sent: torch.Tensor | None = None
+    def __init__(self, stats: ReduceStats | None = None) -> None:
+        self.stats = stats if stats is not None else ReduceStats()
+        self._sent: torch.Tensor | Callable[[], torch.Tensor] | None = None
         self._result: torch.Tensor | None = None
         self._error: BaseException | None = None
+
+    @property
+    def sent(self) -> torch.Tensor | None:
+        """Decoded own contribution (computed on first access where it costs extra decoding)."""
+        if callable(self._sent):
+            self._sent = self._sent()
+        return self._sent
 
     def is_completed(self) -> bool:
         return self._result is not None or self._error is not None
 
-    def _complete(self, result: torch.Tensor, sent: torch.Tensor) -> None:
-        self._result, self.sent = result, sent
+    def _complete(self, result: torch.Tensor, sent: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        self._result, self._sent = result, sent
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
@@ -152,11 +160,7 @@ class LocalGroup(ReplicaGroup):
         return self._world.size
 
     def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
-        check_method(method)
-        if buffer.dim() != 1 or buffer.dtype != torch.float32:
-            raise ValueError(
-                f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}"
-            )
+        check_args(buffer, method)
         world, seq = self._world, self._seq
         self._seq += 1
         work = _LocalWork(world, seq)
@@ -201,11 +205,7 @@ class LocalGroup(ReplicaGroup):
             return
         if method0 == "all_gather":
             t0 = time.perf_counter()
-            decoded = [codec.decode(coll.contribs[r][3][0], n) for r in range(size)]
-            acc = torch.zeros(n, dtype=torch.float32, device=buf0.device)
-            for d in decoded:
-                acc += d
-            acc /= size
+            acc, decoded = decode_mean([coll.contribs[r][3][0] for r in range(size)], codec, n)
             dt = time.perf_counter() - t0
             nbytes = coll.contribs[0][3][0].numel()
             for r in range(size):

@@ -24,7 +24,16 @@ import torch
 
 from .codecs import Codec
 
-__all__ = ["REDUCE_METHODS", "shard_bounds", "encode_shards", "reduce_shard", "wire_bytes", "check_method"]
+__all__ = [
+    "REDUCE_METHODS",
+    "check_args",
+    "check_method",
+    "decode_mean",
+    "encode_shards",
+    "reduce_shard",
+    "shard_bounds",
+    "wire_bytes",
+]
 
 REDUCE_METHODS = ("two_phase", "all_gather")
 
@@ -32,6 +41,15 @@ REDUCE_METHODS = ("two_phase", "all_gather")
 def check_method(method: str) -> None:
     if method not in REDUCE_METHODS:
         raise ValueError(f"unknown reduce method {method!r}; allowed: {list(REDUCE_METHODS)}")
+
+
+def check_args(buffer: torch.Tensor, method: str) -> None:
+    """The argument checks every group's ``all_reduce_mean`` makes before anything is sent."""
+    check_method(method)
+    if buffer.dim() != 1 or buffer.dtype != torch.float32:
+        raise ValueError(
+            f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}"
+        )
 
 
 def shard_bounds(numel: int, world: int, block: int) -> list[tuple[int, int]]:
@@ -59,21 +77,33 @@ def encode_shards(x: torch.Tensor, codec: Codec, bounds: Sequence[tuple[int, int
     return [codec.encode(x[a:b]) for a, b in bounds]
 
 
-def reduce_shard(
+def decode_mean(
     payloads: Sequence[torch.Tensor], codec: Codec, numel: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Owner side of ``two_phase``: decode ``M`` contributions, sum in fp32 in rank order, average.
+    """Decode ``M`` payloads, sum them in fp32 in rank order and divide by ``M``.
 
     Returns:
-        ``(mean_payload, decoded)``: the re-encoded mean shard that is sent to everyone, and the
-        decoded contributions (each sender's view of what it sent, used for error feedback).
+        ``(mean, decoded)``: the fp32 mean and the decoded contributions (each sender's view of
+        what it sent, used for error feedback).
     """
     decoded = [codec.decode(p, numel) for p in payloads]
     acc = torch.zeros(numel, dtype=torch.float32, device=decoded[0].device if decoded else None)
     for d in decoded:
         acc += d
     acc /= len(payloads)
-    return codec.encode(acc), decoded
+    return acc, decoded
+
+
+def reduce_shard(
+    payloads: Sequence[torch.Tensor], codec: Codec, numel: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Owner side of ``two_phase``: :func:`decode_mean` of the shard, re-encoded for everyone.
+
+    Returns:
+        ``(mean_payload, decoded)``.
+    """
+    mean, decoded = decode_mean(payloads, codec, numel)
+    return codec.encode(mean), decoded
 
 
 def wire_bytes(codec: Codec, numel: int, world: int, method: str = "two_phase") -> list[int]:

@@ -267,6 +267,9 @@ class DiLoCo:
             )
         self._inflight: dict[int, _InFlight] = {}
         self._rounds: list[RoundStats] = []
+        verify = getattr(group, "verify_same", None)  # groups spanning processes check at start-up
+        if verify is not None:
+            verify("DiLoCo configuration", self._fingerprint())
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -405,6 +408,22 @@ class DiLoCo:
             )
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict:
+        """What every replica must agree on: the schedule, the codec, the outer step, the model shape."""
+        return {
+            **self._config_key(),
+            "pattern": self.pattern,
+            "alpha": self.alpha,
+            "outer_lr": self.outer_lr,
+            "outer_momentum": self.outer_momentum,
+            # one key per parameter, so that a mismatch names the parameter: [fragment, *shape]
+            **{
+                f"param {n}": [i, *p.shape]
+                for i, f in enumerate(self._frags)
+                for n, p in zip(f.names, f.params)
+            },
+        }
 
     def _config_key(self) -> dict:
         return {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -48,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML or JSON file with the same keys as the flags")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(t)
+
+    la = sub.add_parser(
+        "launch",
+        help="start a multi-process job on this machine (loopback), like torchrun --standalone",
+        description="Runs REPLICAS x PROCS_PER_REPLICA copies of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, "
+        "MASTER_ADDR=127.0.0.1, MASTER_PORT and LOWCOMM_PROCS_PER_REPLICA set. Example: "
+        "lowcomm launch --replicas 4 -- lowcomm train --steps 200",
+    )
+    la.add_argument("--replicas", type=int, required=True)
+    la.add_argument("--procs-per-replica", type=int, default=1)
+    la.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
+    la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
@@ -145,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cfg = config_from_args(args)
             s = train(cfg, progress=not args.quiet)
-            print(format_comparison({cfg.mode: s}))
-            print(f"records in {Path(cfg.run_dir).resolve()}")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(format_comparison({cfg.mode: s}))
+                print(f"records in {Path(cfg.run_dir).resolve()}")
+        elif args.command == "launch":
+            from .launch import launch
+
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
         elif args.command == "demo":
             cfgs = demo_configs(args.steps, args.replicas, args.out)
             summaries = {}

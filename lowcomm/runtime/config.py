@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..comm import CODECS
+from ..comm.distributed import parse_bandwidth, parse_duration
 from ..comm.reduce import REDUCE_METHODS
 from ..optim.schedule import PATTERNS, validate_schedule
 
@@ -53,6 +54,12 @@ class TrainConfig:
         threads: torch intra-op threads (0 = torch's default).
         outer_device: device of DiLoCo's outer state ("cpu" keeps it off the accelerator).
         device: where the replicas train ("cpu", "cuda", or "auto").
+        procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
+            launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.
+        link_bandwidth: emulate this bandwidth per replica on the outer collectives, e.g. "100Mbit"
+            (multi-process jobs only).
+        link_latency: emulate this latency per outer collective, e.g. "20ms".
+        timeout: seconds a peer may stay silent in a collective before the round fails.
     """
 
     mode: str = "diloco"
@@ -88,6 +95,10 @@ class TrainConfig:
     threads: int = 0
     outer_device: str | None = None
     device: str = "cpu"
+    procs_per_replica: int = 1
+    link_bandwidth: str | None = None
+    link_latency: str | None = None
+    timeout: float = 300.0
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, allowed: str) -> None:
@@ -109,6 +120,7 @@ class TrainConfig:
         need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
         for name in (
             "replicas",
+            "procs_per_replica",
             "sync_every",
             "fragments",
             "model_dim",
@@ -132,6 +144,10 @@ class TrainConfig:
         need(is_num("min_lr_ratio") and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
         need(is_num("weight_decay") and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(is_num("grad_clip") and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
+        need(is_num("timeout") and self.timeout > 0, "timeout", "a number of seconds > 0")
+        for name, parse in (("link_bandwidth", parse_bandwidth), ("link_latency", parse_duration)):
+            if getattr(self, name) is not None:
+                parse(getattr(self, name))  # raises, naming the value and the accepted forms
         need(self.model_dim % self.heads == 0, "heads", f"a divisor of model_dim={self.model_dim}")
         need(
             self.fragments <= self.layers + 1,

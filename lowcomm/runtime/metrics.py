@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRecorder", "atomic_write_json", "read_jsonl", "SUMMARY_KEYS"]
+__all__ = ["NullRecorder", "RunRecorder", "SUMMARY_KEYS", "atomic_write_json", "read_jsonl", "write_summary"]
 
 SUMMARY_KEYS = (
     "mode",
@@ -68,6 +68,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
+    """Check the required keys and write ``summary.json`` atomically."""
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ValueError(f"summary lacks required keys {missing}")
+    atomic_write_json(Path(run_dir) / "summary.json", summary)
+
+
+class NullRecorder:
+    """The recorder of processes that do not write records (every rank but 0 of a job)."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        pass
+
+    def eval(self, **fields: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunRecorder:
     """Writes one run's records. Use as a context manager or call :meth:`close`."""
 
@@ -94,10 +115,7 @@ class RunRecorder:
         self.event("eval", **fields)
 
     def summary(self, summary: dict[str, Any]) -> None:
-        missing = [k for k in SUMMARY_KEYS if k not in summary]
-        if missing:
-            raise ValueError(f"summary lacks required keys {missing}")
-        atomic_write_json(self.dir / "summary.json", summary)
+        write_summary(self.dir, summary)
 
     def close(self) -> None:
         for f in (self._events, self._evals):

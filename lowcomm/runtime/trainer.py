@@ -11,6 +11,7 @@ group, then clipped and applied: the data-parallel baseline at equal tokens.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -21,10 +22,12 @@ from torch import nn
 
 from .._version import __version__
 from ..comm import LocalGroup, get_codec
+from ..comm.distributed import LinkEmulator
 from ..lm import GPT, BatchSampler, GPTConfig, eval_batches, load_corpus
 from ..optim import DiLoCo, finish_replicas, step_replicas
 from .config import TrainConfig
-from .metrics import RunRecorder
+from .launch import Topology, init_from_torchrun, is_distributed_env
+from .metrics import NullRecorder, RunRecorder, write_summary
 
 __all__ = ["train", "build_model", "build_inner_optimizer", "evaluate", "lr_lambda"]
 
@@ -101,8 +104,47 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f}TB"
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+def _build_diloco(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, group) -> DiLoCo:
+    return DiLoCo(
+        model,
+        opt,
+        group,
+        sync_every=cfg.sync_every,
+        fragments=cfg.fragments,
+        pattern=cfg.pattern,
+        overlap=cfg.overlap,
+        alpha=cfg.alpha,
+        outer_lr=cfg.outer_lr,
+        outer_momentum=cfg.outer_momentum,
+        codec=cfg.codec,
+        codec_block=cfg.codec_block,
+        error_feedback=cfg.error_feedback,
+        reduce=cfg.reduce,
+        outer_device=cfg.outer_device,
+    )
+
+
+def _topology(cfg: TrainConfig, topology: Topology | None) -> Topology | None:
+    link = LinkEmulator.parse(cfg.link_bandwidth, cfg.link_latency)
+    if topology is None and is_distributed_env():
+        topology = init_from_torchrun(cfg.procs_per_replica, link=link, timeout_s=cfg.timeout)
+    if topology is None and link is not None:
+        raise ValueError(
+            f"link_bandwidth={cfg.link_bandwidth!r} / link_latency={cfg.link_latency!r} emulate a network "
+            "between processes: run the job under 'lowcomm launch' or torchrun"
+        )
+    if topology is not None and cfg.replicas != topology.num_replicas:
+        log.info("replicas=%d ignored: the job has %d replicas", cfg.replicas, topology.num_replicas)
+    return topology
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None = None) -> dict[str, Any]:
     """Run one training job and write its run directory; returns the summary.
+
+    In one process (the default) all ``cfg.replicas`` replicas run here over a LocalGroup. Under
+    torchrun or ``lowcomm launch`` (WORLD_SIZE > 1) each process runs its share of one replica
+    over a DistributedGroup; rank 0 writes the records. Both give the same bits for the same
+    configuration.
 
     Raises:
         ValueError / FileNotFoundError: bad configuration or corpus, before any training step.
@@ -114,43 +156,44 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
     corpus = load_corpus(cfg.corpus)
+    topo = _topology(cfg, topology)
     base = build_model(cfg, corpus.vocab_size).to(device)
-    M = cfg.replicas
-    models = [copy.deepcopy(base) for _ in range(M)]
+    if topo is None:
+        M, mine, groups, leader = (
+            cfg.replicas,
+            list(range(cfg.replicas)),
+            LocalGroup.create(cfg.replicas),
+            True,
+        )
+        stream = mine
+    else:
+        M, mine, groups, leader = topo.num_replicas, [topo.replica], [topo.outer], topo.is_leader
+        k = topo.procs_per_replica
+        stream = [topo.replica if k == 1 else topo.replica * k + topo.local_rank]
+    models = [copy.deepcopy(base) for _ in mine]
     opts = [build_inner_optimizer(m, cfg) for m in models]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in opts]
-    samplers = [BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, r) for r in range(M)]
-    groups = LocalGroup.create(M)
-    dilocos: list[DiLoCo] = []
-    if cfg.mode == "diloco":
-        dilocos = [
-            DiLoCo(
-                m,
-                o,
-                g,
-                sync_every=cfg.sync_every,
-                fragments=cfg.fragments,
-                pattern=cfg.pattern,
-                overlap=cfg.overlap,
-                alpha=cfg.alpha,
-                outer_lr=cfg.outer_lr,
-                outer_momentum=cfg.outer_momentum,
-                codec=cfg.codec,
-                codec_block=cfg.codec_block,
-                error_feedback=cfg.error_feedback,
-                reduce=cfg.reduce,
-                outer_device=cfg.outer_device,
-            )
-            for m, o, g in zip(models, opts, groups)
-        ]
+    samplers = [BatchSampler(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, r) for r in stream]
+    runners: list[nn.Module] = models
+    if topo is not None and topo.inner is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runners = [DDP(m, process_group=topo.inner) for m in models]
+    dilocos = (
+        [_build_diloco(cfg, m, o, g) for m, o, g in zip(models, opts, groups)] if cfg.mode == "diloco" else []
+    )
     val = eval_batches(corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     fp32 = get_codec("fp32")
     params = base.num_params()
     params_ne = base.num_params(non_embedding=True)
-    tokens_per_step = M * cfg.batch_size * cfg.seq_len
+    per_replica_batch = cfg.batch_size * (topo.procs_per_replica if topo else 1)
+    tokens_per_step = M * per_replica_batch * cfg.seq_len
 
     config_record = {
         **cfg.to_dict(),
+        "replicas": M,
+        "procs_per_replica": topo.procs_per_replica if topo else 1,
+        "world_size": topo.world_size if topo else 1,
         "corpus_name": corpus.name,
         "corpus_sha256": corpus.sha256,
         "vocab_size": corpus.vocab_size,
@@ -160,13 +203,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "fragment_numels": dilocos[0].fragment_numels() if dilocos else [params],
     }
-    rec = RunRecorder(cfg.run_dir, config_record)
-    bytes_sent = [0] * M
-    timing = {"inner_s": 0.0, "send_s": 0.0, "encode_s": 0.0, "decode_s": 0.0, "outer_s": 0.0, "comm_s": 0.0}
+    rec = RunRecorder(cfg.run_dir, config_record) if leader else NullRecorder()
+    bytes_sent = [0] * len(mine)
+    timing = dict.fromkeys(TIMING_KEYS, 0.0)
     rounds = 0
     last_eval = float("nan")
 
     def eval_global(step: int) -> float:
+        if not leader:
+            return float("nan")
         if dilocos:
             with dilocos[0].global_parameters():
                 loss = evaluate(models[0], val, device)
@@ -177,52 +222,49 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     def record_rounds(step: int) -> None:
         nonlocal rounds
-        for r, d in enumerate(dilocos):
+        for i, d in enumerate(dilocos):
             for rs in d.drain_round_stats():
-                bytes_sent[r] += rs.bytes_sent
-                if r == 0:
+                bytes_sent[i] += rs.bytes_sent
+                if i == 0:
                     rounds += 1
-                    for k in ("send_s", "encode_s", "decode_s", "outer_s", "comm_s"):
-                        timing[k] += getattr(rs, k)
-                rec.event("round", replica=r, step=step, **rs.to_dict())
+                    for key in ("send_s", "encode_s", "decode_s", "outer_s", "comm_s", "wait_s"):
+                        timing[key] += getattr(rs, key)
+                rec.event("round", replica=mine[i], step=step, **rs.to_dict())
 
     bar = None
-    if progress:
+    if progress and leader:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc=f"{cfg.mode} M={M}", unit="step", dynamic_ncols=True, leave=False)
     try:
+        t_loop = time.perf_counter()
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
             losses = []
-            for r in range(M):
-                x, y = samplers[r].next()
-                loss = models[r](x.to(device), y.to(device))
+            for i, runner in enumerate(runners):
+                x, y = samplers[i].next()
+                loss = runner(x.to(device), y.to(device))
                 loss.backward()
                 losses.append(float(loss.detach()))
                 if cfg.mode == "diloco":
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(models[r].parameters(), cfg.grad_clip)
-                    opts[r].step()
-                    scheds[r].step()
-                    opts[r].zero_grad(set_to_none=True)
+                    _inner_update(cfg, models[i], opts[i], scheds[i])
             if cfg.mode == "dp":
+                t_dp = time.perf_counter()
                 works = [g.all_reduce_mean(_flat_grads(m), fp32) for g, m in zip(groups, models)]
-                for r, (m, w) in enumerate(zip(models, works)):
+                for i, (m, w) in enumerate(zip(models, works)):
                     _set_grads(m, w.wait())
-                    bytes_sent[r] += w.stats.bytes_sent
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
-                    opts[r].step()
-                    scheds[r].step()
-                    opts[r].zero_grad(set_to_none=True)
-                timing["encode_s"] += works[0].stats.encode_s
-                timing["decode_s"] += works[0].stats.decode_s
+                    bytes_sent[i] += w.stats.bytes_sent
+                    _inner_update(cfg, m, opts[i], scheds[i])
+                timing["comm_wall_s"] += time.perf_counter() - t_dp
+                for key in ("encode_s", "decode_s", "comm_s"):
+                    timing[key] += getattr(works[0].stats, key)
             timing["inner_s"] += time.perf_counter() - t0
             if dilocos:
+                t_sync = time.perf_counter()
                 step_replicas(dilocos)
+                timing["comm_wall_s"] += time.perf_counter() - t_sync
                 record_rounds(step)
-            mean_loss = sum(losses) / M
+            mean_loss = sum(losses) / len(losses)
             rec.event(
                 "step",
                 step=step,
@@ -240,23 +282,30 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 bar.set_postfix(
                     loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=_human_bytes(bytes_sent[0])
                 )
+        timing["loop_s"] = time.perf_counter() - t_loop
         if dilocos and cfg.final_sync:
             finish_replicas(dilocos)
             record_rounds(cfg.steps)
         final = eval_global(cfg.steps)
+        bytes_all, digests = _gather_replica_facts(topo, bytes_sent, dilocos)
     finally:
         if bar is not None:
             bar.close()
         rec.close()
-    if dilocos:
-        gv = dilocos[0].global_vector()
-        if not all(torch.equal(gv, d.global_vector()) for d in dilocos[1:]):
-            raise RuntimeError("replicas ended with different global parameters; this is a bug in lowcomm")
+        if topo is not None:
+            topo.outer.close()
+    if dilocos and len(set(digests)) != 1:
+        raise RuntimeError(
+            f"replicas ended with different global parameters ({digests}); this is a bug in lowcomm"
+        )
     wall = time.time() - t_start
     tokens = cfg.steps * tokens_per_step
+    # the share of the training loop's wall time spent computing (the rest waited for the network)
+    compute = timing["inner_s"] - (timing["comm_wall_s"] if cfg.mode == "dp" else 0.0)
     summary = {
         "mode": cfg.mode,
         "replicas": M,
+        "procs_per_replica": topo.procs_per_replica if topo else 1,
         "sync_every": cfg.sync_every if cfg.mode == "diloco" else 1,
         "fragments": cfg.fragments if cfg.mode == "diloco" else 1,
         "overlap": cfg.overlap if cfg.mode == "diloco" else 0,
@@ -273,21 +322,57 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "seq_len": cfg.seq_len,
         "lr": cfg.lr,
         "final_eval_loss": final,
-        "bytes_sent_per_replica": sum(bytes_sent) / M,
+        "bytes_sent_per_replica": sum(bytes_all) / len(bytes_all),
+        "global_params_sha256": digests[0] if digests else None,
         "rounds": rounds,
         "flops": 6 * params_ne * tokens,
         "wall_seconds": wall,
+        "step_seconds": timing["loop_s"] / cfg.steps,
+        "compute_utilization": compute / timing["loop_s"] if timing["loop_s"] else None,
         "timing": timing,
         "seed": cfg.seed,
         "corpus": corpus.name,
+        "link_bandwidth": cfg.link_bandwidth,
+        "link_latency": cfg.link_latency,
         "lowcomm_version": __version__,
     }
-    rec.summary(summary)
-    log.info(
-        "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
-        cfg.run_dir,
-        final,
-        _human_bytes(summary["bytes_sent_per_replica"]),
-        wall,
-    )
+    if leader:
+        write_summary(cfg.run_dir, summary)
+        log.info(
+            "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
+            cfg.run_dir,
+            final,
+            _human_bytes(summary["bytes_sent_per_replica"]),
+            wall,
+        )
     return summary
+
+
+TIMING_KEYS = (
+    "inner_s",
+    "send_s",
+    "encode_s",
+    "decode_s",
+    "outer_s",
+    "comm_s",
+    "wait_s",
+    "comm_wall_s",
+    "loop_s",
+)
+
+
+def _inner_update(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, sched) -> None:
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _gather_replica_facts(topo: Topology | None, bytes_sent: list[int], dilocos: list[DiLoCo]):
+    """Bytes sent by every replica and a digest of every replica's global parameters."""
+    digests = [hashlib.sha256(d.global_vector().cpu().numpy().tobytes()).hexdigest() for d in dilocos]
+    if topo is None:
+        return bytes_sent, digests
+    facts = topo.outer.all_gather_json({"bytes": bytes_sent[0], "digest": digests[0] if digests else None})
+    return [f["bytes"] for f in facts], [f["digest"] for f in facts if f["digest"] is not None]

@@ -1,0 +1,281 @@
+"""DistributedGroup: the ReplicaGroup over torch.distributed (gloo on CPU, NCCL on GPU).
+
+The arithmetic is :mod:`lowcomm.comm.reduce`, the same as LocalGroup's, so both give the same
+bits. Payload sizes follow from the element count and the codec alone, so every replica knows
+every split of the ``all_to_all`` calls without exchanging sizes:
+
+``two_phase``: all_to_all of the ``M`` encoded shards (shard ``j`` to replica ``j``); decode and
+    sum in fp32 in rank order; re-encode the mean shard; all_to_all of that payload to everyone;
+    decode. ``all_gather``: all_to_all of the whole payload to everyone; decode and sum.
+
+Every collective of a group runs on one communication thread in call order, so ``all_reduce_mean``
+returns at once and the inner loop keeps computing until it waits on the result (real overlap).
+Use a process group of its own for the outer sync, separate from any inner DDP / FSDP group.
+
+Bytes are counted from the tensors handed to the collectives, less the part a replica sends to
+itself. A link emulator can stretch each collective to the time a slower network would take.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .codecs import Codec
+from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
+from .reduce import check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
+
+__all__ = ["DistributedGroup", "LinkEmulator", "parse_bandwidth", "parse_duration"]
+
+log = logging.getLogger(__name__)
+
+_UNITS_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}
+_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_bandwidth(text: str) -> float:
+    """'100Mbit' -> 1e8 bits/s. Units: bit, kbit, Mbit, Gbit (bits) or B, KB, MB, GB (bytes), per second."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)(?:/s|ps)?\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS_BITS or float(m.group(1)) <= 0:
+        raise ValueError(f"link bandwidth {text!r} is not understood; write e.g. '100Mbit' or '50MB'")
+    return float(m.group(1)) * _UNITS_BITS[m.group(2).lower()]
+
+
+def parse_duration(text: str) -> float:
+    """'20ms' -> 0.02 seconds. Units: us, ms, s."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(us|ms|s)\s*", str(text))
+    if not m:
+        raise ValueError(f"duration {text!r} is not understood; write e.g. '20ms', '1.5s' or '500us'")
+    return float(m.group(1)) * _UNITS_S[m.group(2)]
+
+
+@dataclass(frozen=True)
+class LinkEmulator:
+    """A slower network on one machine: each collective takes at least
+    ``latency + bytes_sent · 8 / bandwidth`` seconds (the replica's own bytes on its own link).
+
+    Attributes:
+        bandwidth: bits per second of each replica's link.
+        latency: seconds added to each collective call.
+    """
+
+    bandwidth: float
+    latency: float = 0.0
+
+    @classmethod
+    def parse(cls, bandwidth: str | None, latency: str | None) -> LinkEmulator | None:
+        if bandwidth is None and latency is None:
+            return None
+        return cls(parse_bandwidth(bandwidth) if bandwidth else float("inf"), parse_duration(latency or "0s"))
+
+    def delay(self, nbytes: int) -> float:
+        return self.latency + (nbytes * 8 / self.bandwidth if self.bandwidth != float("inf") else 0.0)
+
+
+class _DistWork(Work):
+    def __init__(self, future: Future, timeout: float | None, stats: ReduceStats, describe):
+        super().__init__(stats)
+        self._future, self._timeout, self._describe = future, timeout, describe
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            t0 = time.perf_counter()
+            try:
+                result, sent = self._future.result(timeout=self._timeout)
+            except FutureTimeout:
+                raise CollectiveError(self._describe(f"no result within {self._timeout}s")) from None
+            self._complete(result, sent)
+            self.stats.wait_s += time.perf_counter() - t0
+        return self._result
+
+
+class DistributedGroup(ReplicaGroup):
+    """The replicas of one epoch, one per process (or one outer group per local rank).
+
+    Args:
+        process_group: the outer process group (default: the world). Give it a group of its own
+            when the processes also run inner DDP / FSDP collectives.
+        store: optional key-value store (the one the job was started with); when given, each
+            collective records which replicas entered it, so a timeout names the missing ones.
+        link: optional link emulator.
+        timeout: seconds a ``wait()`` may block before it raises (default: no limit beyond the
+            process group's own timeout).
+        name: key prefix in the store, distinct per group and epoch.
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        store: dist.Store | None = None,
+        link: LinkEmulator | None = None,
+        timeout: float | None = None,
+        name: str = "outer",
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("DistributedGroup needs torch.distributed initialized (init_process_group)")
+        self.pg = process_group if process_group is not None else dist.group.WORLD
+        self._rank = dist.get_rank(self.pg)
+        self._size = dist.get_world_size(self.pg)
+        self.store, self.link, self.timeout, self.name = store, link, timeout, name
+        self.backend = dist.get_backend(self.pg)
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lowcomm-{name}")
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        """Finish queued collectives and stop the communication thread."""
+        self._pool.shutdown(wait=True)
+
+    # ---- start-up checks ------------------------------------------------------------------------
+
+    def all_gather_json(self, obj) -> list:
+        """Every replica's ``obj`` (JSON-serializable), in rank order; sent as UTF-8 JSON, never pickled.
+
+        Runs on the caller's thread: call it only while no round is in flight (start-up, the end).
+        """
+        return [json.loads(raw) for raw in self._gather_bytes(json.dumps(obj, sort_keys=True).encode())]
+
+    def verify_same(self, what: str, info: dict) -> None:
+        """Check that every replica passes the same ``info``; raise ValueError naming the difference."""
+        infos = self.all_gather_json(info)
+        ref = infos[0]
+        for r, other in enumerate(infos):
+            if other != ref:
+                diff = {
+                    k: {"replica 0": ref.get(k), f"replica {r}": other.get(k)}
+                    for k in sorted(set(ref) | set(other))
+                    if ref.get(k) != other.get(k)
+                }
+                raise ValueError(f"replicas disagree on the {what}: {diff}")
+
+    def _gather_bytes(self, data: bytes) -> list[bytes]:
+        dev = self._device()
+        n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+        sizes = [torch.zeros_like(n) for _ in range(self._size)]
+        dist.all_gather(sizes, n, group=self.pg)
+        width = int(max(int(s) for s in sizes))
+        buf = torch.zeros(width, dtype=torch.uint8, device=dev)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data else buf[:0]
+        out = [torch.empty_like(buf) for _ in range(self._size)]
+        dist.all_gather(out, buf, group=self.pg)
+        return [bytes(o[: int(s)].cpu().tolist()) for o, s in zip(out, sizes)]
+
+    def _device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # ---- the collective ---------------------------------------------------------------------------
+
+    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
+        check_args(buffer, method)
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+        stats = ReduceStats()
+        future = self._pool.submit(self._run, buffer, codec, method, seq, stats)
+        return _DistWork(future, self.timeout, stats, lambda why: self._describe_failure(seq, why))
+
+    def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        out = torch.empty(sum(out_splits), dtype=torch.uint8, device=inp.device)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pg)
+        return out
+
+    def _emulate(self, t0: float, nbytes: int) -> None:
+        if self.link is not None:
+            remaining = self.link.delay(nbytes) - (time.perf_counter() - t0)
+            if remaining > 0:
+                time.sleep(remaining)
+
+    def _run(self, buffer: torch.Tensor, codec: Codec, method: str, seq: int, stats: ReduceStats):
+        try:
+            return self._reduce(buffer, codec, method, seq, stats)
+        except Exception as e:  # name the replicas that never entered this collective, if we can tell
+            raise CollectiveError(self._describe_failure(seq, e)) from e
+
+    def _describe_failure(self, seq: int, e: BaseException | str) -> str:
+        msg = f"outer collective #{seq} of group {self.name!r} failed on replica {self._rank}: {e}"
+        if self.store is not None:
+            missing = []
+            for r in range(self._size):
+                try:
+                    self.store.wait([f"lowcomm/{self.name}/{seq}/{r}"], timedelta(milliseconds=50))
+                except Exception:
+                    missing.append(r)
+            if missing:
+                msg += f"; replica(s) {missing} never entered it (dead, hung or partitioned)"
+        return msg
+
+    def _reduce(self, buffer, codec, method, seq, stats):
+        M, me, n = self._size, self._rank, buffer.numel()
+        if self.store is not None:
+            self.store.set(f"lowcomm/{self.name}/{seq}/{me}", "1")
+        if M == 1:
+            return buffer.clone(), buffer
+        t0 = time.perf_counter()
+        if method == "all_gather":
+            payload = codec.encode(buffer)
+            stats.encode_s = time.perf_counter() - t0
+            size = payload.numel()
+            t1 = time.perf_counter()
+            out = self._a2a(payload.repeat(M), [size] * M, [size] * M)
+            stats.bytes_sent = (M - 1) * size
+            self._emulate(t1, stats.bytes_sent)
+            stats.comm_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            acc, decoded = decode_mean(list(out.split(size)), codec, n)
+            stats.decode_s = time.perf_counter() - t2
+            return acc, decoded[me]
+        bounds = shard_bounds(n, M, codec.block)
+        sizes = [codec.encoded_nbytes(b - a) for a, b in bounds]
+        shards = encode_shards(buffer, codec, bounds)
+        stats.encode_s = time.perf_counter() - t0
+        # phase 1: shard j to replica j
+        t1 = time.perf_counter()
+        received = self._a2a(torch.cat(shards), sizes, [sizes[me]] * M)
+        sent1 = sum(sizes) - sizes[me]
+        self._emulate(t1, sent1)
+        comm = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        a, b = bounds[me]
+        mean_payload, _ = reduce_shard(list(received.split(sizes[me])), codec, b - a)
+        dec = time.perf_counter() - t2
+        # phase 2: the encoded mean shard to everyone
+        t3 = time.perf_counter()
+        gathered = self._a2a(mean_payload.repeat(M), [sizes[me]] * M, sizes)
+        sent2 = (M - 1) * sizes[me]
+        self._emulate(t3, sent2)
+        comm += time.perf_counter() - t3
+        t4 = time.perf_counter()
+        parts = gathered.split(sizes)
+        result = torch.cat([codec.decode(p, hi - lo) for p, (lo, hi) in zip(parts, bounds)])
+
+        def sent():  # only error feedback needs it
+            return torch.cat([codec.decode(s, hi - lo) for s, (lo, hi) in zip(shards, bounds)])
+
+        stats.decode_s = dec + time.perf_counter() - t4
+        stats.comm_s = comm
+        stats.bytes_sent = sent1 + sent2
+        return result, sent

@@ -1,0 +1,202 @@
+"""Static multi-process jobs: process groups from torchrun's environment, and a local launcher.
+
+Layout: ``W`` processes, ``k`` per replica (``M = W / k`` replicas). Replica ``r`` is the ranks
+``r·k .. r·k + k − 1`` (one node per replica is the usual multi-node layout); they form its inner
+group (DDP). The outer group of local rank ``l`` joins rank ``l`` of every replica; each process
+synchronizes its pseudo-gradients with its outer group only.
+
+``lowcomm launch --replicas M --procs-per-replica k -- CMD ...`` starts ``M·k`` processes of
+``CMD`` on this machine with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR=127.0.0.1, MASTER_PORT) plus LOWCOMM_PROCS_PER_REPLICA; when one fails the others
+are stopped and its exit code is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..comm.distributed import DistributedGroup, LinkEmulator
+
+__all__ = ["Topology", "init_from_torchrun", "launch", "is_distributed_env", "free_port"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Topology:
+    """Where this process sits in a static job.
+
+    Attributes:
+        rank, world_size: global rank and process count.
+        replica, num_replicas: this process's replica and the replica count M.
+        local_rank, procs_per_replica: position inside the replica and its size k.
+        outer: the replica group this process synchronizes with (same local rank across replicas).
+        inner: the process group of this replica (None when k = 1).
+    """
+
+    rank: int
+    world_size: int
+    replica: int
+    num_replicas: int
+    local_rank: int
+    procs_per_replica: int
+    outer: DistributedGroup
+    inner: dist.ProcessGroup | None
+
+    @property
+    def is_leader(self) -> bool:
+        """Rank 0 of the job: the process that writes the run records."""
+        return self.rank == 0
+
+
+def is_distributed_env() -> bool:
+    """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except KeyError:
+        raise RuntimeError(
+            f"environment variable {name} is not set: start the job with torchrun or lowcomm launch"
+        ) from None
+    except ValueError:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def init_from_torchrun(
+    procs_per_replica: int | None = None,
+    *,
+    backend: str | None = None,
+    outer_backend: str | None = None,
+    link: LinkEmulator | None = None,
+    timeout_s: float = 300.0,
+    collective_timeout_s: float | None = None,
+) -> Topology:
+    """Initialize torch.distributed from the environment and build the inner and outer groups.
+
+    Args:
+        procs_per_replica: k; default LOWCOMM_PROCS_PER_REPLICA or 1. Must divide WORLD_SIZE.
+        backend: backend of the world and inner groups ("nccl" when CUDA is available, else "gloo").
+        outer_backend: backend of the outer groups (default: ``backend``; use "gloo" to keep
+            outer state on the CPU of a GPU job).
+        link: emulate a slower link on the outer collectives.
+        timeout_s: process-group timeout (a peer that does not answer fails the collective).
+        collective_timeout_s: how long a round's ``wait()`` may block (default: ``timeout_s``).
+
+    Raises:
+        ValueError: k does not divide the world size.
+    """
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    k = procs_per_replica or int(os.environ.get("LOWCOMM_PROCS_PER_REPLICA", "1"))
+    if k < 1 or world % k:
+        raise ValueError(f"procs_per_replica={k} must be >= 1 and divide WORLD_SIZE={world}")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    outer_backend = outer_backend or backend
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    M = world // k
+    replica, local = divmod(rank, k)
+    inner = None
+    for r in range(M):  # every process creates every group, in the same order
+        g = dist.new_group(list(range(r * k, (r + 1) * k)), timeout=timeout) if k > 1 else None
+        if r == replica:
+            inner = g
+    outer_pg = None
+    for l in range(k):
+        g = dist.new_group([l + r * k for r in range(M)], timeout=timeout, backend=outer_backend)
+        if l == local:
+            outer_pg = g
+    try:  # the job's own store, to name the peers that never entered a failed collective
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # private API: without it errors just name fewer details
+        store = None
+    outer = DistributedGroup(
+        outer_pg, store=store, link=link, name=f"outer{local}", timeout=collective_timeout_s or timeout_s
+    )
+    return Topology(rank, world, replica, M, local, k, outer, inner)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    command: list[str],
+    replicas: int,
+    procs_per_replica: int = 1,
+    *,
+    port: int | None = None,
+    grace_s: float = 5.0,
+) -> int:
+    """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine; returns an exit code.
+
+    Raises:
+        ValueError: counts below 1 or an empty command.
+    """
+    if not command:
+        raise ValueError("launch needs a command after '--'")
+    if replicas < 1 or procs_per_replica < 1:
+        raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
+    world = replicas * procs_per_replica
+    port = port or free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
+        }
+        procs.append(subprocess.Popen(command, env=env))
+    running = dict(enumerate(procs))
+    code = 0
+    try:
+        while running:
+            for rank, p in list(running.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del running[rank]
+                if rc != 0 and code == 0:
+                    code = rc
+                    log.error("rank %d exited with code %d; stopping the other ranks", rank, rc)
+                    _stop(list(running.values()), grace_s)
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        _stop(list(running.values()), grace_s)
+        return 130
+    return code
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.time(), 0.01))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

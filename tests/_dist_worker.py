@@ -1,0 +1,84 @@
+"""A worker of the multi-process tests: started by ``lowcomm launch`` (real processes, loopback).
+
+    python tests/_dist_worker.py OUT_DIR SCENARIOS_JSON
+
+Each scenario trains the tiny GPT with DiLoCo over the job's DistributedGroup and saves, per rank,
+the final global and local parameters and per-round bytes to OUT_DIR/<name>.rank<r>.pt.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from lowcomm import DiLoCo
+from lowcomm.comm import DistributedGroup
+from lowcomm.lm import GPT, GPTConfig
+from lowcomm.runtime.launch import init_from_torchrun
+
+TINY = GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16)
+
+
+def batch(step: int, stream: int):
+    g = torch.Generator().manual_seed(1000 * step + stream)
+    x = torch.randint(0, 32, (2, 8), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def main() -> None:
+    out, scenarios = sys.argv[1], json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    topo = init_from_torchrun(timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
+    for sc in scenarios:
+        torch.manual_seed(0)
+        model = GPT(TINY)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        runner = model
+        if topo.inner is not None:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            runner = DDP(model, process_group=topo.inner)
+        group = DistributedGroup(
+            topo.outer.pg,
+            store=topo.outer.store,
+            name=sc["name"],
+            timeout=float(os.environ.get("TEST_TIMEOUT", "60")),
+        )
+        kw = dict(sc["diloco"])
+        if sc.get("mismatch_rank") == topo.rank:
+            kw.update(sc["mismatch"])
+        try:
+            dil = DiLoCo(model, opt, group, **kw)
+        except ValueError as e:
+            open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(str(e))
+            sys.exit(3)
+        stream = topo.replica * topo.procs_per_replica + topo.local_rank
+        rounds = []
+        for step in range(1, sc["steps"] + 1):
+            if sc.get("hang_rank") == topo.rank and step == sc["hang_step"]:
+                time.sleep(600)
+            runner(*batch(step, stream)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            try:
+                dil.step()
+            except Exception as e:
+                open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(f"{type(e).__name__}: {e}")
+                os._exit(4)
+            rounds += [r.to_dict() for r in dil.drain_round_stats()]
+        torch.save(
+            {
+                "global": dil.global_vector(),
+                "local": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                "rounds": rounds,
+                "fragment_numels": dil.fragment_numels(),
+            },
+            f"{out}/{sc['name']}.rank{topo.rank}.pt",
+        )
+        group.close()
+
+
+if __name__ == "__main__":
+    main()

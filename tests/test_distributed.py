@@ -1,0 +1,233 @@
+"""DistributedGroup with real processes over gloo on 127.0.0.1, started by ``lowcomm launch``."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowcomm import DiLoCo, LocalGroup, step_replicas
+from lowcomm.comm import get_codec, wire_bytes
+from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_duration
+
+WORKER = str(Path(__file__).with_name("_dist_worker.py"))
+sys.path.insert(0, str(Path(__file__).parent))
+from _dist_worker import TINY, batch  # noqa: E402
+
+VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
+STREAMING = {
+    "name": "streaming",
+    "steps": 13,
+    "diloco": {
+        "sync_every": 8,
+        "fragments": 4,
+        "overlap": 1,
+        "alpha": 0.5,
+        "codec": "e3m0",
+        "codec_block": 32,
+        "error_feedback": True,
+    },
+}
+
+
+def _launch(tmp_path, scenarios, replicas, procs_per_replica=1, timeout=180, env=None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowcomm",
+        "launch",
+        "--replicas",
+        str(replicas),
+        "--procs-per-replica",
+        str(procs_per_replica),
+        "--",
+        sys.executable,
+        WORKER,
+        str(tmp_path),
+        json.dumps(scenarios),
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def _local_reference(sc, M):
+    torch.manual_seed(0)
+    from lowcomm.lm import GPT
+
+    base = GPT(TINY)
+    models = [copy.deepcopy(base) for _ in range(M)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in models]
+    dil = [DiLoCo(m, o, g, **sc["diloco"]) for m, o, g in zip(models, opts, LocalGroup.create(M))]
+    for step in range(1, sc["steps"] + 1):
+        for r, (m, o) in enumerate(zip(models, opts)):
+            m(*batch(step, r)).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        step_replicas(dil)
+    return dil, models
+
+
+@pytest.fixture(scope="module")
+def four_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist4")
+    res = _launch(out, [VANILLA, STREAMING], replicas=4)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sc", [VANILLA, STREAMING], ids=["vanilla", "streaming_e3m0"])
+def test_four_processes_match_local_group_bit_for_bit(four_process_run, sc):
+    dil, models = _local_reference(sc, 4)
+    for r in range(4):
+        got = torch.load(four_process_run / f"{sc['name']}.rank{r}.pt", weights_only=True)
+        assert torch.equal(got["global"], dil[r].global_vector())
+        assert torch.equal(got["local"], torch.cat([p.detach().reshape(-1) for p in models[r].parameters()]))
+
+
+def test_bytes_handed_to_collectives_equal_the_formula(four_process_run):
+    got = torch.load(four_process_run / "streaming.rank1.pt", weights_only=True)
+    codec = get_codec("e3m0", block=32)
+    assert got["rounds"], "the run must complete rounds"
+    for r in got["rounds"]:
+        assert r["bytes_sent"] == wire_bytes(codec, r["numel"], 4)[1]
+
+
+def test_two_replicas_of_two_ddp_processes_stay_consistent(tmp_path):
+    sc = {
+        "name": "ddp",
+        "steps": 8,
+        "diloco": {"sync_every": 4, "fragments": 2, "overlap": 1, "codec": "int8"},
+    }
+    res = _launch(tmp_path, [sc], replicas=2, procs_per_replica=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=True) for r in range(4)]
+    for g in got[1:]:
+        assert torch.equal(g["global"], got[0]["global"])
+    # inside a replica DDP keeps the local parameters identical too
+    assert torch.equal(got[0]["local"], got[1]["local"]) and torch.equal(got[2]["local"], got[3]["local"])
+    assert not torch.equal(got[0]["local"], got[2]["local"])  # replicas did train on different data
+
+
+def test_mismatched_configuration_is_refused_naming_the_difference(tmp_path):
+    sc = {
+        "name": "mis",
+        "steps": 2,
+        "diloco": {"sync_every": 2, "codec": "int8"},
+        "mismatch_rank": 1,
+        "mismatch": {"codec": "e3m0"},
+    }
+    res = _launch(tmp_path, [sc], replicas=2)
+    assert res.returncode == 3
+    err = (tmp_path / "mis.rank0.err").read_text()
+    assert "codec" in err and "int8" in err and "e3m0" in err and "replica 1" in err
+
+
+def test_a_silent_peer_fails_the_round_naming_it(tmp_path):
+    sc = {"name": "hang", "steps": 4, "diloco": {"sync_every": 2}, "hang_rank": 1, "hang_step": 2}
+    res = _launch(tmp_path, [sc], replicas=2, env={"TEST_TIMEOUT": "4"}, timeout=120)
+    assert res.returncode == 4
+    err = (tmp_path / "hang.rank0.err").read_text()
+    assert "CollectiveError" in err and "#0" in err and "replica(s) [1] never entered it" in err
+
+
+def test_link_parsing_and_delay():
+    assert parse_bandwidth("100Mbit") == 1e8 and parse_bandwidth("2MB") == 16e6
+    assert parse_duration("20ms") == pytest.approx(0.02)
+    link = LinkEmulator.parse("100Mbit", "20ms")
+    assert link.delay(1_250_000) == pytest.approx(0.02 + 0.1)
+    with pytest.raises(ValueError, match="bandwidth '100 apples'"):
+        parse_bandwidth("100 apples")
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration("fast")
+
+
+def test_trainer_under_launch_matches_the_local_trainer(tmp_path):
+    """`lowcomm train` runs unchanged under `lowcomm launch` and gives the same global parameters."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(2000)))
+    args = [
+        "--corpus",
+        str(corpus),
+        "--model-dim",
+        "16",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "2",
+        "--threads",
+        "1",
+        "--steps",
+        "6",
+        "--sync-every",
+        "3",
+        "--codec",
+        "e3m0",
+        "--fragments",
+        "2",
+        "--overlap",
+        "1",
+        "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist_run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowcomm",
+            "launch",
+            "--replicas",
+            "2",
+            "--",
+            sys.executable,
+            "-m",
+            "lowcomm",
+            "train",
+            *args,
+            "--run-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert dist_run.returncode == 0, dist_run.stderr[-3000:]
+    local = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowcomm",
+            "train",
+            *args,
+            "--replicas",
+            "2",
+            "--run-dir",
+            str(tmp_path / "l"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    d = json.loads((tmp_path / "d" / "summary.json").read_text())
+    lo = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert d["global_params_sha256"] == lo["global_params_sha256"]
+    assert d["final_eval_loss"] == lo["final_eval_loss"]
+    assert d["bytes_sent_per_replica"] == lo["bytes_sent_per_replica"]
