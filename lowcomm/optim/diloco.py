@@ -52,6 +52,7 @@ class RoundStats:
     bytes_sent: int
     pseudo_grad_norm: float
     mean_pseudo_grad_norm: float
+    cosine_to_mean: float
     momentum_norm: float
     encode_s: float
     comm_s: float
@@ -459,6 +460,9 @@ class DiLoCo:
         f, inf = self._frags[p], self._inflight.pop(p)
         mean = inf.work.wait()
         t0 = time.perf_counter()
+        mean_norm = float(mean.norm())
+        # agreement of this replica with the group: cos(Δ_m, mean Δ) (1 = all replicas moved alike)
+        cosine = float(torch.dot(inf.delta, mean)) / (inf.norm * mean_norm) if inf.norm and mean_norm else 0.0
         if f.residual is not None:
             torch.sub(inf.delta, inf.work.sent, out=f.residual)
         direction, _ = nesterov_update(mean, f.momentum, self.outer_momentum)
@@ -480,7 +484,8 @@ class DiLoCo:
                 numel=f.global_.numel(),
                 bytes_sent=s.bytes_sent,
                 pseudo_grad_norm=inf.norm,
-                mean_pseudo_grad_norm=float(mean.norm()),
+                mean_pseudo_grad_norm=mean_norm,
+                cosine_to_mean=cosine,
                 momentum_norm=float(f.momentum.momentum.norm()),
                 encode_s=s.encode_s,
                 comm_s=s.comm_s,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -61,6 +62,40 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--procs-per-replica", type=int, default=1)
     la.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    sc = sub.add_parser("scaling", help="scaling-law sweeps, fits and reports")
+    ssub = sc.add_subparsers(dest="scaling_command", required=True)
+    sw = ssub.add_parser("sweep", help="run a grid of reference-model runs with a DP baseline (resumable)")
+    sw.add_argument(
+        "--sizes", required=True, help="comma list of presets (d32l2, d64l4, ...) or counts (100k)"
+    )
+    sw.add_argument("--replicas", default="1,2,4,8", help="comma list of M (default 1,2,4,8)")
+    sw.add_argument("--baseline", default="dp", choices=["dp", "none"])
+    sw.add_argument("--sync-every", default="30", help="comma list of H (default 30)")
+    sw.add_argument("--outer-lr", default="0.7", help="comma list of outer learning rates")
+    sw.add_argument("--lr", default="0.002", help="comma list of inner learning rates")
+    sw.add_argument("--tokens-per-param", type=float, default=20.0)
+    sw.add_argument("--global-batch", type=int, default=32)
+    sw.add_argument(
+        "--keep-per-replica-batch",
+        action="store_true",
+        help="every replica gets the global batch (tokens then grow with M)",
+    )
+    sw.add_argument("--seq-len", type=int, default=64)
+    sw.add_argument("--corpus", default="stdlib")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--threads", type=int, default=0)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--quiet", action="store_true")
+    for name, helptext in (
+        ("fit", "fit scaling laws to run records; writes fits.json"),
+        ("report", "write report.md, fits.json and plots"),
+    ):
+        f = ssub.add_parser(name, help=helptext)
+        f.add_argument("runs", nargs="+", help="run directories, sweep folders or summary.json files")
+        f.add_argument("--out", default=None, help="output folder (default: the first RUNS folder)")
+        f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+        f.add_argument("--title", default="Scaling report")
 
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
@@ -146,6 +181,93 @@ def format_comparison(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _csv(text: str, kind=float) -> tuple:
+    try:
+        return tuple(kind(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from ..scaling import SweepSpec, fit_records, load_records, run_sweep, write_report
+
+    if args.scaling_command == "sweep":
+        spec = SweepSpec(
+            sizes=_csv(args.sizes, str),
+            replicas=_csv(args.replicas, int),
+            baseline=None if args.baseline == "none" else "dp",
+            sync_every=_csv(args.sync_every, int),
+            outer_lrs=_csv(args.outer_lr),
+            lrs=_csv(args.lr),
+            tokens_per_param=args.tokens_per_param,
+            global_batch=args.global_batch,
+            keep_per_replica_batch=args.keep_per_replica_batch,
+            seq_len=args.seq_len,
+            corpus=args.corpus,
+            seed=args.seed,
+            threads=args.threads,
+            out=args.out,
+        )
+        res = run_sweep(spec, progress=not args.quiet)
+        print(
+            f"sweep {args.out}: {res['runs']} runs, {res['done']} run now, {res['skipped']} already done, "
+            f"{len(res['failed'])} failed, {res['wall_seconds']:.0f}s"
+        )
+        for name, err in res["failed"]:
+            print(f"  failed: {name}: {err}")
+        return 1 if res["failed"] else 0
+    records, rejected = load_records(args.runs)
+    for path, why in rejected:
+        print(f"left out {path}: {why}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"no usable summary.json records under {args.runs}")
+    out = Path(args.out or (args.runs[0] if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent))
+    if args.scaling_command == "fit":
+        analysis = fit_records(records, n_boot=args.bootstrap)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
+        print(_format_fits(analysis))
+        print(f"fits in {(out / 'fits.json').resolve()}")
+    else:
+        path = write_report(records, out, rejected=rejected, title=args.title, n_boot=args.bootstrap)
+        print(f"report in {path.resolve()}")
+    return 0
+
+
+def _format_fits(analysis) -> str:
+    rows = [("law", "curve", "parameters", "points", "held-out |log err|")]
+    for k, f in analysis.per_curve.items():
+        rows.append(
+            (
+                "A·N^α",
+                k,
+                f"A={f.params['A']:.4g} α={f.params['alpha']:.4f}",
+                str(f.n_points),
+                "" if f.heldout_residual is None else f"{f.heldout_residual:.4f}",
+            )
+        )
+    for form, f in analysis.joint.items():
+        rows.append(
+            (
+                form,
+                f.label,
+                " ".join(f"{p}={v:.4g}" for p, v in f.params.items()),
+                str(f.n_points),
+                "" if f.heldout_residual is None else f"{f.heldout_residual:.4f}",
+            )
+        )
+    for h, d in analysis.hparams.items():
+        for k, f in d.items():
+            rows.append(
+                (f"best {h}", k, f"A={f.params['A']:.4g} α={f.params['alpha']:.4f}", str(f.n_points), "")
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    for what, why in analysis.skipped:
+        lines.append(f"not fitted: {what}: {why}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -166,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
+        elif args.command == "scaling":
+            return _scaling(args)
         elif args.command == "demo":
             cfgs = demo_configs(args.steps, args.replicas, args.out)
             summaries = {}

@@ -1,0 +1,136 @@
+"""From records to tables and fits: best run per (algorithm, N, M), every law the data allows.
+
+``fit_records`` never raises for a law the data cannot support; it lists it under ``skipped`` with
+the reason, so one report can say what was fitted and what was not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .fit import FitResult, best_per_point, fit
+from .records import Record
+
+__all__ = ["Analysis", "best_records", "loss_table", "fit_records", "best_hparam_points"]
+
+log = logging.getLogger(__name__)
+
+
+def best_records(records: list[Record]) -> list[Record]:
+    """The lowest-loss record per (algorithm, N, M): the study fits tuned runs only."""
+    return best_per_point(records, key=lambda r: (r.key, r.N), value=lambda r: r.loss)
+
+
+def loss_table(records: list[Record]) -> tuple[list[int], list[str], dict[tuple[str, int], Record]]:
+    """Sizes (ascending), curve keys ("dp" first, then DiLoCo by M) and the best record per cell."""
+    best = {(r.key, r.N): r for r in best_records(records)}
+    sizes = sorted({r.N for r in records})
+    keys = sorted(
+        {r.key for r in records}, key=lambda k: (k != "dp", int(k.split("=")[1]) if "=" in k else 0)
+    )
+    return sizes, keys, best
+
+
+def best_hparam_points(records: list[Record], name: str) -> dict[str, list[tuple[int, float]]]:
+    """For each curve, (N, value of hyperparameter ``name`` in the best run at that N)."""
+    groups: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    for r in records:
+        if getattr(r, name) is not None:
+            groups[(r.key, r.N)].append(r)
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for (key, n), rs in sorted(groups.items()):
+        if len({getattr(r, name) for r in rs}) > 1:  # only where the hyperparameter was actually varied
+            out[key].append((n, float(getattr(min(rs, key=lambda r: r.loss), name))))
+    return dict(out)
+
+
+@dataclass
+class Analysis:
+    """Every fit made from a set of records, and what could not be fitted and why."""
+
+    per_curve: dict[str, FitResult] = field(default_factory=dict)
+    joint: dict[str, FitResult] = field(default_factory=dict)
+    hparams: dict[str, dict[str, FitResult]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "per_curve": {k: v.to_dict() for k, v in self.per_curve.items()},
+            "joint": {k: v.to_dict() for k, v in self.joint.items()},
+            "hparams": {h: {k: v.to_dict() for k, v in d.items()} for h, d in self.hparams.items()},
+            "skipped": [list(s) for s in self.skipped],
+        }
+
+
+def fit_records(records: list[Record], *, n_boot: int = 200, seed: int = 0, starts: int = 32) -> Analysis:
+    """Fit the per-curve power laws, the joint laws over DiLoCo runs, and the hyperparameter laws."""
+    a = Analysis()
+    best = best_records(records)
+    by_key: dict[str, list[Record]] = defaultdict(list)
+    for r in best:
+        by_key[r.key].append(r)
+    for key, rs in sorted(by_key.items()):
+        try:
+            a.per_curve[key] = fit(
+                "power_law", [r.N for r in rs], [r.loss for r in rs], label=key, n_boot=n_boot, seed=seed
+            )
+        except ValueError as e:
+            a.skipped.append((f"power_law {key}", str(e)))
+    dil = [r for r in best if r.algorithm == "diloco"]
+    for form in ("joint", "joint_irreducible", "exp_irreducible"):
+        try:
+            a.joint[form] = fit(
+                form,
+                [r.N for r in dil],
+                [r.loss for r in dil],
+                [r.M for r in dil],
+                label="all DiLoCo",
+                n_boot=n_boot if form == "joint" else max(n_boot // 4, 10),
+                seed=seed,
+                starts=starts,
+            )
+        except ValueError as e:
+            a.skipped.append((f"{form}", str(e)))
+    for h in ("lr", "batch_size", "outer_lr"):
+        pts = best_hparam_points(records, h)
+        for key, nv in pts.items():
+            try:
+                res = fit(
+                    "power_law", [n for n, _ in nv], [v for _, v in nv], label=key, n_boot=n_boot, seed=seed
+                )
+                a.hparams.setdefault(h, {})[key] = res
+            except ValueError as e:
+                a.skipped.append((f"best {h} {key}", str(e)))
+    for what, why in a.skipped:
+        log.warning("not fitted: %s (%s)", what, why)
+    return a
+
+
+def percent_vs_dp(records: list[Record]) -> dict[tuple[str, int], float]:
+    """(curve, N) -> 100·(L / L_dp − 1) where a DP baseline exists at that N."""
+    sizes, keys, best = loss_table(records)
+    out = {}
+    for n in sizes:
+        dp = best.get(("dp", n))
+        for k in keys:
+            r = best.get((k, n))
+            if dp is not None and r is not None:
+                out[(k, n)] = 100.0 * (r.loss / dp.loss - 1.0)
+    return out
+
+
+def gap_trend(records: list[Record]) -> dict[str, float]:
+    """Per DiLoCo curve, the slope of (% gap to DP) against log N (negative: the gap shrinks with N)."""
+    pct = percent_vs_dp(records)
+    out = {}
+    for key in {k for k, _ in pct if k != "dp"}:
+        pts = sorted((n, v) for (k, n), v in pct.items() if k == key)
+        if len(pts) >= 2:
+            slope, _ = np.polyfit([math.log(n) for n, _ in pts], [v for _, v in pts], 1)
+            out[key] = float(slope)
+    return out

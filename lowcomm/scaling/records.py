@@ -1,0 +1,114 @@
+"""Run records as the scaling tools see them: one :class:`Record` per ``summary.json``.
+
+Records come from lowcomm's own runs (sweeps, ``lowcomm train``, multi-node jobs); anything that
+wrote a ``summary.json`` with the required keys works. Unusable records (missing fields, a
+non-finite loss, unreadable JSON) are reported by path and reason and left out, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Record", "load_records", "REQUIRED"]
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("mode", "replicas", "params_non_embedding", "final_eval_loss", "tokens")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One finished run.
+
+    Attributes:
+        path: folder of the run.
+        algorithm: "dp" or "diloco".
+        N: non-embedding parameters (the model size the fits use).
+        M: replicas (1 for a DP baseline of one replica).
+        loss: final evaluation loss of the global parameters.
+        tokens: training tokens over all replicas.
+        sync_every, fragments, codec: DiLoCo settings (1, 1, "fp32" for DP).
+        lr, outer_lr, batch_size: hyperparameters (batch per replica).
+        bytes_per_replica: wire bytes per replica.
+        flops: 6·N·D.
+    """
+
+    path: str
+    algorithm: str
+    N: int
+    M: int
+    loss: float
+    tokens: int
+    sync_every: int = 1
+    fragments: int = 1
+    codec: str = "fp32"
+    lr: float | None = None
+    outer_lr: float | None = None
+    batch_size: int | None = None
+    bytes_per_replica: float | None = None
+    flops: float | None = None
+
+    @property
+    def key(self) -> str:
+        """The curve this record belongs to: "dp" or "diloco M=4"."""
+        return "dp" if self.algorithm == "dp" else f"diloco M={self.M}"
+
+
+def _find_summaries(paths: list[str | Path]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "summary.json":
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(p.rglob("summary.json")))
+        else:
+            log.warning("skipping %s: not a run directory or summary.json", p)
+    return out
+
+
+def load_records(paths: list[str | Path]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Read every ``summary.json`` under ``paths``.
+
+    Returns:
+        ``(records, rejected)``: usable records, and (path, reason) for each left out.
+    """
+    records, rejected = [], []
+    for f in _find_summaries(paths):
+        try:
+            s = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            rejected.append((str(f), f"unreadable JSON: {e}"))
+            continue
+        missing = [k for k in REQUIRED if k not in s]
+        if missing:
+            rejected.append((str(f), f"missing fields {missing}"))
+            continue
+        loss = s["final_eval_loss"]
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss <= 0:
+            rejected.append((str(f), f"final_eval_loss is {loss!r}, not a finite positive number"))
+            continue
+        records.append(
+            Record(
+                path=str(f.parent),
+                algorithm=str(s["mode"]),
+                N=int(s["params_non_embedding"]),
+                M=int(s["replicas"]),
+                loss=float(loss),
+                tokens=int(s["tokens"]),
+                sync_every=int(s.get("sync_every", 1)),
+                fragments=int(s.get("fragments", 1)),
+                codec=str(s.get("codec", "fp32")),
+                lr=s.get("lr"),
+                outer_lr=s.get("outer_lr"),
+                batch_size=s.get("batch_size"),
+                bytes_per_replica=s.get("bytes_sent_per_replica"),
+                flops=s.get("flops"),
+            )
+        )
+    for path, why in rejected:
+        log.warning("left out %s: %s", path, why)
+    return records, rejected

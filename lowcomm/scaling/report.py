@@ -1,0 +1,263 @@
+"""Reports: report.md, fits.json and PNG plots from records and their :class:`Analysis`.
+
+Plots only read results: loss vs N per curve with the fitted power laws (log-log), loss vs M per N
+(the loss-vs-replicas curves, DP as a dashed line), and the joint fit's log residuals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .analyze import Analysis, fit_records, gap_trend, loss_table, percent_vs_dp
+from .records import Record
+
+__all__ = ["write_report", "plot_loss_vs_n", "plot_loss_vs_m", "plot_residuals", "qualitative_findings"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color(key: str, keys: list[str]):
+    plt = _plt()
+    return "black" if key == "dp" else plt.cm.viridis(keys.index(key) / max(len(keys) - 1, 1))
+
+
+def plot_loss_vs_n(records: list[Record], analysis: Analysis, path: Path) -> None:
+    plt = _plt()
+    sizes, keys, best = loss_table(records)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    grid = np.geomspace(min(sizes), max(sizes), 50)
+    for k in keys:
+        pts = sorted((n, best[(k, n)].loss) for n in sizes if (k, n) in best)
+        c = _color(k, keys)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=c, label=k)
+        f = analysis.per_curve.get(k)
+        if f is not None:
+            ax.plot(
+                grid,
+                f.predict(grid),
+                "--" if k == "dp" else "-",
+                color=c,
+                lw=1,
+                label=f"  fit: {f.params['A']:.3g}·N^{f.params['alpha']:.3f}",
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final eval loss (nats/token)")
+    ax.set_title("Loss vs model size, per replica count")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_vs_m(records: list[Record], analysis: Analysis, path: Path) -> None:
+    plt = _plt()
+    sizes, keys, best = loss_table(records)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, n in enumerate(sizes):
+        c = plt.cm.plasma(i / max(len(sizes) - 1, 1))
+        pts = sorted((best[(k, n)].M, best[(k, n)].loss) for k in keys if k != "dp" and (k, n) in best)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=f"N={n:,}")
+        if ("dp", n) in best:
+            ax.axhline(best[("dp", n)].loss, color=c, ls="--", lw=0.8)
+        joint = analysis.joint.get("joint")
+        if joint is not None and pts:
+            ms = np.array([p[0] for p in pts], float)
+            ax.plot(ms, joint.predict(np.full_like(ms, n), ms), ":", color=c, lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("replicas M")
+    ax.set_ylabel("final eval loss (nats/token)")
+    ax.set_title("Loss vs replicas (dashed: DP at the same N; dotted: joint fit)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_residuals(records: list[Record], analysis: Analysis, path: Path) -> None:
+    plt = _plt()
+    sizes, keys, best = loss_table(records)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for form, marker in (("joint", "o"), ("joint_irreducible", "s"), ("exp_irreducible", "^")):
+        f = analysis.joint.get(form)
+        if f is None:
+            continue
+        rs = [r for r in best.values() if r.algorithm == "diloco"]
+        res = [np.log(r.loss) - np.log(float(f.predict([r.N], [r.M])[0])) for r in rs]
+        ax.plot([r.N for r in rs], res, marker, ls="none", alpha=0.7, label=form)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("log L − log L̂")
+    ax.set_title("Residuals of the joint fits (DiLoCo runs)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def qualitative_findings(records: list[Record]) -> list[tuple[str, bool | None, str]]:
+    """The scaling-law study's qualitative findings, checked on these records: (claim, holds?, evidence)."""
+    sizes, keys, best = loss_table(records)
+    out = []
+    pairs = [
+        (n, best[("diloco M=1", n)].loss, best[("dp", n)].loss)
+        for n in sizes
+        if ("diloco M=1", n) in best and ("dp", n) in best
+    ]
+    if pairs:
+        ok = all(a <= b for _, a, b in pairs)
+        out.append(
+            (
+                "DiLoCo M=1 at or below DP at every N",
+                ok,
+                "; ".join(f"N={n:,}: {a:.4f} vs {b:.4f}" for n, a, b in pairs),
+            )
+        )
+    else:
+        out.append(("DiLoCo M=1 at or below DP at every N", None, "needs M=1 and DP runs at the same N"))
+    rising = []
+    for n in sizes:
+        pts = sorted((best[(k, n)].M, best[(k, n)].loss) for k in keys if k != "dp" and (k, n) in best)
+        if len(pts) >= 2:
+            rising.append((n, all(b[1] >= a[1] for a, b in zip(pts, pts[1:])), pts))
+    if rising:
+        out.append(
+            (
+                "loss rises with M at fixed N",
+                all(r for _, r, _ in rising),
+                "; ".join(f"N={n:,}: " + ", ".join(f"M={m}:{l:.4f}" for m, l in pts) for n, _, pts in rising),
+            )
+        )
+    trend = gap_trend(records)
+    gt = {k: v for k, v in trend.items() if k != "diloco M=1"}
+    if gt:
+        out.append(
+            (
+                "the gap to DP shrinks as N grows (M > 1)",
+                all(v < 0 for v in gt.values()),
+                "; ".join(f"{k}: {v:+.2f} %-points per e-fold of N" for k, v in sorted(gt.items())),
+            )
+        )
+    else:
+        out.append(
+            ("the gap to DP shrinks as N grows (M > 1)", None, "needs DP and M > 1 at two sizes or more")
+        )
+    return out
+
+
+def _fmt_interval(res, name: str) -> str:
+    iv = res.intervals.get(name)
+    return f"{res.params[name]:.4g} [{iv[0]:.4g}, {iv[1]:.4g}]" if iv else f"{res.params[name]:.4g}"
+
+
+def write_report(
+    records: list[Record],
+    out_dir: str | Path,
+    *,
+    analysis: Analysis | None = None,
+    rejected: list[tuple[str, str]] = (),
+    title: str = "Scaling report",
+    notes: str = "",
+    n_boot: int = 200,
+) -> Path:
+    """Write report.md, fits.json and the plots into ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not records:
+        raise ValueError("no usable records to report on")
+    analysis = analysis or fit_records(records, n_boot=n_boot)
+    (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
+    plot_loss_vs_n(records, analysis, out / "loss_vs_N.png")
+    plot_loss_vs_m(records, analysis, out / "loss_vs_M.png")
+    plot_residuals(records, analysis, out / "residuals.png")
+    sizes, keys, best = loss_table(records)
+    pct = percent_vs_dp(records)
+    lines = [f"# {title}", ""]
+    if notes:
+        lines += [notes, ""]
+    lines += [f"{len(records)} runs, {len(sizes)} model sizes, curves: {', '.join(keys)}.", ""]
+    if rejected:
+        lines += ["Left out:", ""] + [f"- `{p}`: {why}" for p, why in rejected] + [""]
+    lines += [
+        "## Final eval loss (best run per cell; % vs DP in parentheses)",
+        "",
+        "| N (non-embedding) | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for n in sizes:
+        cells = []
+        for k in keys:
+            r = best.get((k, n))
+            cells.append(
+                ""
+                if r is None
+                else f"{r.loss:.4f}" + (f" ({pct[(k, n)]:+.2f}%)" if (k, n) in pct and k != "dp" else "")
+            )
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "![loss vs N](loss_vs_N.png)",
+        "",
+        "![loss vs M](loss_vs_M.png)",
+        "",
+        "## Fitted laws",
+        "",
+        "95% bootstrap intervals in brackets; held-out = mean |log y − log ŷ| at the largest N when fitted "
+        "without it.",
+        "",
+        "| law | curve | parameters | points | RMSE(log) | held-out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, f in analysis.per_curve.items():
+        lines.append(
+            f"| L = A·N^α | {k} | A={_fmt_interval(f, 'A')}, α={_fmt_interval(f, 'alpha')} | {f.n_points} | "
+            f"{f.rmse_log:.4f} | {'' if f.heldout_residual is None else f'{f.heldout_residual:.4f}'} |"
+        )
+    names = {
+        "joint": "L = A·N^α·M^β",
+        "joint_irreducible": "L = A·N^α·M^β + C",
+        "exp_irreducible": "L = A·N^(α+β·M) + C",
+    }
+    for form, f in analysis.joint.items():
+        params = ", ".join(f"{p}={_fmt_interval(f, p)}" for p in f.params)
+        lines.append(
+            f"| {names[form]} | {f.label} | {params} | {f.n_points} | {f.rmse_log:.4f} | "
+            f"{'' if f.heldout_residual is None else f'{f.heldout_residual:.4f}'} |"
+        )
+    for h, d in analysis.hparams.items():
+        for k, f in d.items():
+            lines.append(
+                f"| best {h} = A·N^α | {k} | A={_fmt_interval(f, 'A')}, α={_fmt_interval(f, 'alpha')} | "
+                f"{f.n_points} | {f.rmse_log:.4f} | |"
+            )
+    if analysis.skipped:
+        lines += ["", "Not fitted:", ""] + [f"- {w}: {why}" for w, why in analysis.skipped]
+    lines += [
+        "",
+        "![residuals](residuals.png)",
+        "",
+        "## The scaling-law study's qualitative findings at this scale",
+        "",
+    ]
+    for claim, holds, evidence in qualitative_findings(records):
+        verdict = {True: "holds", False: "does not hold", None: "not testable"}[holds]
+        lines.append(f"- **{claim}**: {verdict}. {evidence}")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,236 @@
+"""Sweeps: a grid of reference-model runs over sizes N, replicas M and DiLoCo settings, with a DP
+baseline, following the protocol of the DiLoCo scaling-law study (tokens D = 20·N, a global batch
+split B/M across replicas).
+
+A sweep only produces configurations and runs them; the fits read the records afterwards. It is
+resumable (a run with a ``summary.json`` is skipped) and a failed run is recorded in
+``failed.json`` in its folder and does not stop the others.
+
+References:
+    Charles et al., "Scaling Laws for DiLoCo" (2025), section 3 (protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime.config import TrainConfig
+
+__all__ = ["SIZE_PRESETS", "SweepSpec", "grid", "run_sweep", "resolve_size", "non_embedding_params"]
+
+log = logging.getLogger(__name__)
+
+# name -> (model_dim, layers, heads)
+SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
+    "d16l2": (16, 2, 2),
+    "d32l2": (32, 2, 2),
+    "d48l2": (48, 2, 4),
+    "d64l2": (64, 2, 4),
+    "d64l4": (64, 4, 4),
+    "d96l4": (96, 4, 4),
+    "d128l4": (128, 4, 4),
+    "d192l6": (192, 6, 6),
+    "d256l8": (256, 8, 8),
+}
+
+
+def non_embedding_params(dim: int, layers: int) -> int:
+    """Non-embedding parameters of the reference GPT (blocks and final norm; MLP ratio 4)."""
+    per_block = (
+        4 * dim
+        + (3 * dim * dim + 3 * dim)
+        + (dim * dim + dim)
+        + (4 * dim * dim + 4 * dim)
+        + (4 * dim * dim + dim)
+    )
+    return layers * per_block + 2 * dim
+
+
+def resolve_size(size: str) -> tuple[str, int, int, int]:
+    """A preset name, or a parameter count ("100k", "2.5M", "30000") mapped to the nearest preset.
+
+    Returns:
+        ``(preset, dim, layers, heads)``.
+    """
+    if size in SIZE_PRESETS:
+        return (size, *SIZE_PRESETS[size])
+    text = size.strip().lower()
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9}.get(text[-1:], 1.0)
+    try:
+        target = float(text[:-1] if mult != 1.0 else text) * mult
+    except ValueError:
+        raise ValueError(
+            f"model size {size!r} is neither a preset {sorted(SIZE_PRESETS)} nor a count like '100k'"
+        ) from None
+    best = min(SIZE_PRESETS, key=lambda k: abs(math.log(non_embedding_params(*SIZE_PRESETS[k][:2]) / target)))
+    return (best, *SIZE_PRESETS[best])
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSpec:
+    """What to sweep.
+
+    Attributes:
+        sizes: model sizes (presets or parameter counts).
+        replicas: DiLoCo replica counts M.
+        baseline: "dp" to add a data-parallel run per size (one replica, the whole global batch), or None.
+        sync_every: H values.
+        outer_lrs: outer learning rates.
+        lrs: inner learning rates (the same for DP).
+        tokens_per_param: D / N.
+        global_batch: sequences per step over all replicas (B; each replica gets B / M).
+        keep_per_replica_batch: give every replica ``global_batch`` sequences instead (D then grows with M).
+        seq_len: context length.
+        seed: run seed.
+        corpus: corpus spec.
+        out: folder of the sweep; one sub-folder per run.
+        threads: torch threads per run (0 = torch's default).
+    """
+
+    sizes: tuple[str, ...]
+    replicas: tuple[int, ...] = (1, 2, 4, 8)
+    baseline: str | None = "dp"
+    sync_every: tuple[int, ...] = (30,)
+    outer_lrs: tuple[float, ...] = (0.7,)
+    lrs: tuple[float, ...] = (2e-3,)
+    tokens_per_param: float = 20.0
+    global_batch: int = 32
+    keep_per_replica_batch: bool = False
+    seq_len: int = 64
+    seed: int = 0
+    corpus: str = "stdlib"
+    out: str = "runs/sweep"
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ValueError("sizes must name at least one model size")
+        for size in self.sizes:
+            resolve_size(size)
+        for m in self.replicas:
+            if not isinstance(m, int) or m < 1:
+                raise ValueError(f"replicas must be ints >= 1, got {m!r}")
+            if not self.keep_per_replica_batch and self.global_batch % m:
+                raise ValueError(f"global_batch={self.global_batch} is not divisible by replicas={m}")
+        if self.baseline not in (None, "dp"):
+            raise ValueError(f"baseline must be 'dp' or None, got {self.baseline!r}")
+        if self.tokens_per_param <= 0:
+            raise ValueError(f"tokens_per_param must be > 0, got {self.tokens_per_param}")
+
+
+def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
+    """Every run of the sweep as (name, config), DP baselines first within each size."""
+    runs = []
+    for size in spec.sizes:
+        preset, dim, layers, heads = resolve_size(size)
+        n = non_embedding_params(dim, layers)
+        tokens = spec.tokens_per_param * n
+        for lr in spec.lrs:
+            common = dict(
+                model_dim=dim,
+                layers=layers,
+                heads=heads,
+                seq_len=spec.seq_len,
+                lr=lr,
+                seed=spec.seed,
+                corpus=spec.corpus,
+                eval_every=0,
+                eval_batches=16,
+                threads=spec.threads,
+                **spec.extra,
+            )
+            if spec.baseline == "dp":
+                steps = max(1, round(tokens / (spec.global_batch * spec.seq_len)))
+                name = f"{preset}/dp_lr{lr:g}"
+                runs.append(
+                    (
+                        name,
+                        TrainConfig(
+                            mode="dp",
+                            replicas=1,
+                            batch_size=spec.global_batch,
+                            steps=steps,
+                            warmup=max(1, steps // 10),
+                            run_dir=f"{spec.out}/{name}",
+                            **common,
+                        ),
+                    )
+                )
+            for m in spec.replicas:
+                per_replica = spec.global_batch if spec.keep_per_replica_batch else spec.global_batch // m
+                steps = max(1, round(tokens / (per_replica * m * spec.seq_len)))
+                for h in spec.sync_every:
+                    for olr in spec.outer_lrs:
+                        name = f"{preset}/diloco_M{m}_H{h}_olr{olr:g}_lr{lr:g}"
+                        runs.append(
+                            (
+                                name,
+                                TrainConfig(
+                                    mode="diloco",
+                                    replicas=m,
+                                    batch_size=per_replica,
+                                    steps=steps,
+                                    sync_every=min(h, steps),
+                                    outer_lr=olr,
+                                    warmup=max(1, steps // 10),
+                                    run_dir=f"{spec.out}/{name}",
+                                    **common,
+                                ),
+                            )
+                        )
+    return runs
+
+
+def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
+    """Run every unfinished run of the grid; returns counts and the failures (name, error)."""
+    from ..runtime.trainer import train
+
+    runs = grid(spec)
+    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    (Path(spec.out) / "sweep.json").write_text(
+        json.dumps({"spec": spec.__dict__, "runs": [n for n, _ in runs]}, indent=2, default=list)
+    )
+    done = skipped = 0
+    failed: list[tuple[str, str]] = []
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs), desc="sweep", unit="run", dynamic_ncols=True)
+    for name, cfg in runs:
+        run_dir = Path(cfg.run_dir)
+        if (run_dir / "summary.json").exists():
+            skipped += 1
+        else:
+            if bar is not None:
+                bar.set_postfix_str(name)
+            try:
+                train(cfg, progress=False)
+                (run_dir / "failed.json").unlink(missing_ok=True)
+                done += 1
+            except Exception as e:  # one bad run must not stop the sweep
+                failed.append((name, f"{type(e).__name__}: {e}"))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "failed.json").write_text(
+                    json.dumps({"error": str(e), "traceback": traceback.format_exc()})
+                )
+                log.error("run %s failed: %s", name, e)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {
+        "runs": len(runs),
+        "done": done,
+        "skipped": skipped,
+        "failed": failed,
+        "wall_seconds": time.time() - t0,
+    }

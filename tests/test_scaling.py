@@ -1,0 +1,226 @@
+"""Scaling-law fits recover synthetic laws; reports render; a tiny sweep runs end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lowcomm.scaling import (
+    SweepSpec,
+    fit,
+    fit_records,
+    grid,
+    load_records,
+    non_embedding_params,
+    qualitative_findings,
+    resolve_size,
+    run_sweep,
+    write_report,
+)
+
+N_GRID = np.repeat([1e4, 3e4, 1e5, 3e5, 1e6], 4)
+M_GRID = np.tile([1, 2, 4, 8], 5)
+
+
+def _noise(rng, n, sigma):
+    return np.exp(rng.normal(0, sigma, n))
+
+
+def test_power_law_recovers_its_parameters():
+    rng = np.random.default_rng(0)
+    N = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    L = 20.0 * N**-0.1 * _noise(rng, 5, 0.002)
+    r = fit("power_law", N, L, n_boot=50)
+    assert r.params["alpha"] == pytest.approx(-0.1, abs=0.005)
+    assert r.params["A"] == pytest.approx(20.0, rel=0.05)
+    assert r.heldout_residual < 0.01
+
+
+def test_joint_law_recovers_the_study_coefficients():
+    rng = np.random.default_rng(1)
+    L = 19.226 * N_GRID**-0.0985 * M_GRID**0.0116 * _noise(rng, len(N_GRID), 0.002)
+    r = fit("joint", N_GRID, L, M_GRID, n_boot=50)
+    assert r.params["alpha"] == pytest.approx(-0.0985, abs=0.002)
+    assert r.params["beta"] == pytest.approx(0.0116, abs=0.002)
+    lo, hi = r.intervals["beta"]
+    assert lo < r.params["beta"] < hi
+
+
+@pytest.mark.parametrize(
+    "form,truth",
+    [
+        ("joint_irreducible", {"A": 5.0, "alpha": -0.3, "beta": 0.05, "C": 1.5}),
+        ("exp_irreducible", {"A": 5.0, "alpha": -0.3, "beta": 0.01, "C": 1.5}),
+    ],
+)
+def test_irreducible_forms_are_recovered_by_huber_lbfgs(form, truth):
+    from lowcomm.scaling import predict
+
+    rng = np.random.default_rng(2)
+    L = predict(form, truth, N_GRID, M_GRID) * _noise(rng, len(N_GRID), 0.001)
+    r = fit(form, N_GRID, L, M_GRID, n_boot=0, starts=16)
+    assert r.params["C"] == pytest.approx(truth["C"], rel=0.03)
+    assert r.params["alpha"] == pytest.approx(truth["alpha"], abs=0.03)
+    assert r.params["beta"] == pytest.approx(truth["beta"], abs=0.01)
+    assert r.rmse_log < 0.003
+
+
+def test_bootstrap_intervals_cover_the_truth_near_the_nominal_rate():
+    rng = np.random.default_rng(3)
+    N = np.repeat([1e4, 3e4, 1e5, 3e5, 1e6, 3e6], 2)
+    covered = 0
+    draws = 40
+    for i in range(draws):
+        L = 10.0 * N**-0.08 * _noise(rng, len(N), 0.01)
+        lo, hi = fit("power_law", N, L, n_boot=200, seed=i).intervals["alpha"]
+        covered += lo <= -0.08 <= hi
+    # nominal 95%; the percentile bootstrap under-covers a little with 12 points
+    assert covered / draws >= 0.8
+
+
+def test_too_few_points_or_one_size_is_refused_with_a_message():
+    with pytest.raises(ValueError, match="at least 2 points"):
+        fit("power_law", [1e4], [3.0])
+    with pytest.raises(ValueError, match="at least 2 model sizes"):
+        fit("power_law", [1e4, 1e4], [3.0, 3.1])
+    with pytest.raises(ValueError, match="at least 5 points"):
+        fit("joint_irreducible", [1e4, 2e4, 3e4], [3.0, 2.9, 2.8], [1, 2, 4])
+    with pytest.raises(ValueError, match="unknown form"):
+        fit("cubic", [1, 2, 3], [1, 2, 3])
+
+
+def _write_summary(d, **kw):
+    d.mkdir(parents=True, exist_ok=True)
+    s = {
+        "mode": "diloco",
+        "replicas": 1,
+        "params_non_embedding": 1000,
+        "final_eval_loss": 3.0,
+        "tokens": 1000,
+        "sync_every": 30,
+        "fragments": 1,
+        "codec": "fp32",
+        "lr": 0.002,
+        "outer_lr": 0.7,
+        "batch_size": 8,
+    }
+    s.update(kw)
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+@pytest.fixture
+def fixture_runs(tmp_path):
+    rng = np.random.default_rng(4)
+    for n in (2e4, 6e4, 2e5, 6e5):
+        dp = 12.0 * n**-0.1
+        _write_summary(
+            tmp_path / f"n{int(n)}" / "dp", mode="dp", params_non_embedding=int(n), final_eval_loss=dp
+        )
+        for m in (1, 2, 4, 8):
+            loss = dp * (0.99 + 0.01 * m * (2e4 / n) ** 0.3) * float(_noise(rng, 1, 0.001)[0])
+            for lr, bump in ((0.002, 1.0), (0.004, 1.01)):
+                _write_summary(
+                    tmp_path / f"n{int(n)}" / f"m{m}_lr{lr}",
+                    replicas=m,
+                    params_non_embedding=int(n),
+                    final_eval_loss=loss * bump,
+                    lr=lr,
+                )
+    _write_summary(tmp_path / "bad" / "nan", final_eval_loss=float("nan"))
+    (tmp_path / "bad" / "missing").mkdir(parents=True)
+    (tmp_path / "bad" / "missing" / "summary.json").write_text(json.dumps({"mode": "dp"}))
+    return tmp_path
+
+
+def test_bad_records_are_named_and_left_out(fixture_runs):
+    records, rejected = load_records([fixture_runs])
+    assert len(records) == 4 * (1 + 4 * 2)
+    reasons = dict(rejected)
+    assert any(
+        "not a finite positive number" in why for p, why in reasons.items() if p.endswith("nan/summary.json")
+    )
+    assert any("missing fields" in why for p, why in reasons.items() if p.endswith("missing/summary.json"))
+
+
+def test_report_renders_tables_fits_plots_and_findings(fixture_runs, tmp_path):
+    records, rejected = load_records([fixture_runs])
+    path = write_report(records, tmp_path / "report", rejected=rejected, n_boot=20)
+    text = path.read_text()
+    assert "| N (non-embedding) | dp | diloco M=1 | diloco M=2 | diloco M=4 | diloco M=8 |" in text
+    assert "L = A·N^α·M^β" in text and "held-out" in text and "Left out" in text
+    for png in ("loss_vs_N.png", "loss_vs_M.png", "residuals.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    fits = json.loads((tmp_path / "report" / "fits.json").read_text())
+    assert set(fits["per_curve"]) == {"dp", "diloco M=1", "diloco M=2", "diloco M=4", "diloco M=8"}
+    assert fits["hparams"]["lr"]["diloco M=4"]["params"]["A"] == pytest.approx(0.002, rel=1e-6)
+    findings = {c: h for c, h, _ in qualitative_findings(records)}
+    assert findings["DiLoCo M=1 at or below DP at every N"] is True
+    assert findings["loss rises with M at fixed N"] is True
+    assert findings["the gap to DP shrinks as N grows (M > 1)"] is True
+
+
+def test_a_single_model_size_is_reported_not_fitted(tmp_path):
+    for m in (1, 2, 4):
+        _write_summary(tmp_path / f"m{m}", replicas=m, final_eval_loss=3.0 + 0.01 * m)
+    records, _ = load_records([tmp_path])
+    a = fit_records(records, n_boot=10)
+    assert not a.per_curve and any("at least 2" in why for _, why in a.skipped)
+
+
+def test_sizes_resolve_to_presets_and_parameter_counts():
+    assert resolve_size("d64l4") == ("d64l4", 64, 4, 4)
+    assert resolve_size("100k")[0] == "d64l2" and non_embedding_params(64, 2) == 100096
+    with pytest.raises(ValueError, match="neither a preset"):
+        resolve_size("huge")
+
+
+def test_grid_follows_the_protocol():
+    spec = SweepSpec(sizes=("d32l2",), replicas=(1, 4), tokens_per_param=20, global_batch=16, seq_len=32)
+    runs = dict(grid(spec))
+    n = non_embedding_params(32, 2)
+    dp = runs["d32l2/dp_lr0.002"]
+    m4 = runs["d32l2/diloco_M4_H30_olr0.7_lr0.002"]
+    assert dp.batch_size == 16 and m4.batch_size == 4 and m4.replicas == 4
+    for cfg in (dp, m4):  # equal tokens D = 20·N
+        assert cfg.steps * cfg.batch_size * cfg.replicas * 32 == pytest.approx(20 * n, rel=0.01)
+    with pytest.raises(ValueError, match="not divisible"):
+        SweepSpec(sizes=("d32l2",), replicas=(3,), global_batch=16)
+
+
+def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("".join(f"def f{i}(x):\n    return x * {i % 13}\n" for i in range(3000)))
+    spec = SweepSpec(
+        sizes=("d16l2", "d32l2"),
+        replicas=(1, 2),
+        tokens_per_param=2,
+        global_batch=4,
+        seq_len=16,
+        sync_every=(5,),
+        corpus=str(corpus),
+        out=str(tmp_path / "sweep"),
+        threads=1,
+    )
+    import lowcomm.runtime.trainer as trainer
+
+    real = trainer.train
+
+    def flaky(cfg, **kw):
+        if "d16l2/diloco_M2" in cfg.run_dir:
+            raise RuntimeError("injected failure")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(trainer, "train", flaky)
+    res = run_sweep(spec, progress=False)
+    assert res["runs"] == 6 and res["done"] == 5 and len(res["failed"]) == 1
+    assert (tmp_path / "sweep" / "d16l2" / "diloco_M2_H5_olr0.7_lr0.002" / "failed.json").exists()
+    monkeypatch.setattr(trainer, "train", real)
+    again = run_sweep(spec, progress=False)
+    assert again["skipped"] == 5 and again["done"] == 1 and not again["failed"]
+    records, rejected = load_records([tmp_path / "sweep"])
+    assert len(records) == 6 and not rejected
+    assert all(math.isfinite(r.loss) for r in records)
+    assert write_report(records, tmp_path / "sweep", n_boot=10).exists()
