@@ -46,6 +46,8 @@ def main() -> None:
             name=sc["name"],
             timeout=float(os.environ.get("TEST_TIMEOUT", "60")),
         )
+        if "bucket_elems" in sc:
+            group.bucket_elems = sc["bucket_elems"]
         kw = dict(sc["diloco"])
         if sc.get("mismatch_rank") == topo.rank:
             kw.update(sc["mismatch"])

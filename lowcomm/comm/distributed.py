@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
-from .reduce import check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
+from .reduce import decode_mean, encode_shards, reduce_shard, shard_bounds
 
 __all__ = ["DistributedGroup", "LinkEmulator", "parse_bandwidth", "parse_duration"]
 
@@ -189,8 +189,7 @@ class DistributedGroup(ReplicaGroup):
 
     # ---- the collective ---------------------------------------------------------------------------
 
-    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
-        check_args(buffer, method)
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
         with self._lock:
             seq = self._seq
             self._seq += 1

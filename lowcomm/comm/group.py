@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .codecs import Codec
-from .reduce import check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
+from .reduce import bucket_bounds, check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
 
 __all__ = ["ReduceStats", "Work", "ReplicaGroup", "LocalGroup", "CollectiveError"]
 
@@ -87,8 +87,36 @@ class Work:
         return self._result
 
 
+class _BucketedWork(Work):
+    """One handle over the per-bucket collectives of a buffer larger than a bucket."""
+
+    def __init__(self, works: list[Work]):
+        super().__init__()
+        self._works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            parts = [w.wait() for w in self._works]
+            self._complete(torch.cat(parts), lambda: torch.cat([w.sent for w in self._works]))
+            for field in ("bytes_sent", "encode_s", "comm_s", "decode_s", "wait_s"):
+                setattr(self.stats, field, sum(getattr(w.stats, field) for w in self._works))
+        return self._result
+
+
 class ReplicaGroup(ABC):
-    """The replicas of one membership epoch, as seen by one replica."""
+    """The replicas of one membership epoch, as seen by one replica.
+
+    Buffers longer than ``bucket_elems`` are reduced in consecutive buckets of at most that many
+    elements (a multiple of the codec's block), which bounds the memory of the encode and
+    communication buffers. Bucket edges fall on block edges, so every element is quantized in
+    the same block as without buckets and is reduced exactly once, whatever tensor it belongs to.
+    """
+
+    #: default bucket size: 2**24 elements (64 MiB of fp32)
+    bucket_elems: int = 1 << 24
 
     @property
     @abstractmethod
@@ -98,12 +126,21 @@ class ReplicaGroup(ABC):
     @abstractmethod
     def size(self) -> int: ...
 
-    @abstractmethod
     def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
         """Start a mean all-reduce of a 1-D fp32 ``buffer`` under ``codec``; returns at once.
 
-        The buffer must not be modified until the work completes.
+        The buffer must not be modified until the work completes. Every replica gets the same
+        bits. ``method`` is "two_phase" (re-quantize the mean) or "all_gather".
         """
+        check_args(buffer, method)
+        bounds = bucket_bounds(buffer.numel(), self.bucket_elems, codec.block)
+        if len(bounds) == 1:
+            return self._all_reduce_mean(buffer, codec, method)
+        return _BucketedWork([self._all_reduce_mean(buffer[a:b], codec, method) for a, b in bounds])
+
+    @abstractmethod
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
+        """One bucket's collective (arguments already checked)."""
 
 
 class _LocalCollective:
@@ -159,8 +196,7 @@ class LocalGroup(ReplicaGroup):
     def size(self) -> int:
         return self._world.size
 
-    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
-        check_args(buffer, method)
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
         world, seq = self._world, self._seq
         self._seq += 1
         work = _LocalWork(world, seq)

@@ -26,6 +26,7 @@ from .codecs import Codec
 
 __all__ = [
     "REDUCE_METHODS",
+    "bucket_bounds",
     "check_args",
     "check_method",
     "decode_mean",
@@ -50,6 +51,14 @@ def check_args(buffer: torch.Tensor, method: str) -> None:
         raise ValueError(
             f"all_reduce_mean takes a 1-D float32 buffer, got {tuple(buffer.shape)} {buffer.dtype}"
         )
+
+
+def bucket_bounds(numel: int, bucket_elems: int | None, block: int) -> list[tuple[int, int]]:
+    """Consecutive buckets of at most ``bucket_elems`` elements (rounded down to whole blocks)."""
+    if not bucket_elems or numel <= bucket_elems:
+        return [(0, numel)]
+    step = max(bucket_elems - bucket_elems % max(block, 1), max(block, 1))
+    return [(a, min(a + step, numel)) for a in range(0, numel, step)]
 
 
 def shard_bounds(numel: int, world: int, block: int) -> list[tuple[int, int]]:
@@ -106,11 +115,17 @@ def reduce_shard(
     return codec.encode(mean), decoded
 
 
-def wire_bytes(codec: Codec, numel: int, world: int, method: str = "two_phase") -> list[int]:
+def wire_bytes(
+    codec: Codec, numel: int, world: int, method: str = "two_phase", bucket_elems: int | None = None
+) -> list[int]:
     """Bytes each replica hands to its collectives for one mean all-reduce (the formula)."""
     check_method(method)
     if world == 1:
         return [0]
+    buckets = bucket_bounds(numel, bucket_elems, codec.block)
+    if len(buckets) > 1:
+        per = [wire_bytes(codec, b - a, world, method) for a, b in buckets]
+        return [sum(p[r] for p in per) for r in range(world)]
     if method == "all_gather":
         return [(world - 1) * codec.encoded_nbytes(numel)] * world
     bounds = shard_bounds(numel, world, codec.block)
