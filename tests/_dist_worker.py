@@ -52,7 +52,7 @@ def main() -> None:
         if sc.get("mismatch_rank") == topo.rank:
             kw.update(sc["mismatch"])
         try:
-            dil = DiLoCo(model, opt, group, **kw)
+            dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
         except ValueError as e:
             open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(str(e))
             sys.exit(3)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowcomm import DiLoCo, LocalGroup, step_replicas
-from lowcomm.comm import get_codec, wire_bytes
+from lowcomm.comm import get_codec, shard_bounds, wire_bytes
 from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_duration
 
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
@@ -106,7 +106,8 @@ def test_two_replicas_of_two_ddp_processes_stay_consistent(tmp_path):
     sc = {
         "name": "ddp",
         "steps": 8,
-        "diloco": {"sync_every": 4, "fragments": 2, "overlap": 1, "codec": "int8"},
+        "shard": True,  # each process of a replica syncs its half of every fragment
+        "diloco": {"sync_every": 4, "fragments": 2, "overlap": 1, "codec": "int8", "codec_block": 32},
     }
     res = _launch(tmp_path, [sc], replicas=2, procs_per_replica=2)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -116,6 +117,12 @@ def test_two_replicas_of_two_ddp_processes_stay_consistent(tmp_path):
     # inside a replica DDP keeps the local parameters identical too
     assert torch.equal(got[0]["local"], got[1]["local"]) and torch.equal(got[2]["local"], got[3]["local"])
     assert not torch.equal(got[0]["local"], got[2]["local"])  # replicas did train on different data
+    codec = get_codec("int8", block=32)
+    for rank, g in enumerate(got):
+        assert g["rounds"]
+        for r in g["rounds"]:  # the process sent only its shard of the fragment
+            lo, hi = shard_bounds(r["numel"], 2, 32)[rank % 2]
+            assert r["bytes_sent"] == wire_bytes(codec, hi - lo, 2)[rank // 2]
 
 
 def test_mismatched_configuration_is_refused_naming_the_difference(tmp_path):

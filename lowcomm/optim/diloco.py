@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..comm import CODECS, Codec, ReplicaGroup, Work, get_codec
-from ..comm.reduce import REDUCE_METHODS
+from ..comm.reduce import REDUCE_METHODS, shard_bounds
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
 from .schedule import PATTERNS, partition_blocks, sends_at, validate_schedule
 
@@ -74,6 +74,8 @@ class _Fragment:
     global_: torch.Tensor
     momentum: NesterovState
     residual: torch.Tensor | None
+    lo: int = 0  # this process's shard of the fragment (the whole fragment without a shard group)
+    hi: int = 0
     last_send: int = 0
 
 
@@ -201,6 +203,10 @@ class DiLoCo:
         reduce: "two_phase" (re-quantize the mean) or "all_gather" (single quantization).
         outer_device: device of g, v and the error-feedback buffers (e.g. "cpu" to keep outer state
             off the accelerator; pinned when the model is on CUDA). Default: the parameters' device.
+        shard_group: the torch.distributed group of the processes that hold this same replica
+            (inner DDP). Each of its ``k`` processes syncs only its 1/k shard of every fragment
+            over ``group`` (its outer group) and keeps momentum for that shard; after a round the
+            shards of the global copy are all-gathered inside the replica.
 
     Raises:
         ValueError: any value out of range, naming it and what is allowed.
@@ -224,6 +230,7 @@ class DiLoCo:
         error_feedback: bool = False,
         reduce: str = "two_phase",
         outer_device: str | torch.device | None = None,
+        shard_group=None,
     ) -> None:
         if not isinstance(codec, Codec) and codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; allowed: {list(CODECS)}")
@@ -250,20 +257,29 @@ class DiLoCo:
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
 
         self.step_count = 0
+        self.shard_group = shard_group
+        self.num_shards, self.shard = 1, 0
+        if shard_group is not None:
+            import torch.distributed as dist
+
+            self.num_shards, self.shard = dist.get_world_size(shard_group), dist.get_rank(shard_group)
         self._frags: list[_Fragment] = []
         for names in frag_names:
             ps = [params[n] for n in names]
             g = self._flatten(ps)
             if pin:
                 g = g.pin_memory()
+            lo, hi = shard_bounds(g.numel(), self.num_shards, self.codec.block)[self.shard]
             self._frags.append(
                 _Fragment(
                     names=names,
                     params=ps,
                     numels=[p.numel() for p in ps],
                     global_=g,
-                    momentum=nesterov_init(g),
-                    residual=torch.zeros_like(g) if error_feedback else None,
+                    momentum=nesterov_init(g[lo:hi]),
+                    residual=torch.zeros_like(g[lo:hi]) if error_feedback else None,
+                    lo=lo,
+                    hi=hi,
                 )
             )
         self._inflight: dict[int, _InFlight] = {}
@@ -435,6 +451,7 @@ class DiLoCo:
             "codec_block": self.codec.block,
             "error_feedback": self.error_feedback,
             "reduce": self.reduce,
+            "num_shards": self.num_shards,
         }
 
     def _flatten(self, params: list[nn.Parameter]) -> torch.Tensor:
@@ -446,7 +463,7 @@ class DiLoCo:
     def _send(self, p: int, due: int, final: bool = False) -> None:
         t0 = time.perf_counter()
         f = self._frags[p]
-        delta = f.global_ - self._flatten(f.params)  # Δ = θ_global − θ_local, fp32
+        delta = f.global_[f.lo : f.hi] - self._flatten(f.params)[f.lo : f.hi]  # Δ = θ_global − θ_local, fp32
         if f.residual is not None:
             delta += f.residual
         norm = float(delta.norm())
@@ -466,7 +483,9 @@ class DiLoCo:
         if f.residual is not None:
             torch.sub(inf.delta, inf.work.sent, out=f.residual)
         direction, _ = nesterov_update(mean, f.momentum, self.outer_momentum)
-        apply_update(f.global_, direction, self.outer_lr)
+        apply_update(f.global_[f.lo : f.hi], direction, self.outer_lr)
+        if self.shard_group is not None:
+            self._gather_shards(f)
         with torch.no_grad():
             for param, g in zip(f.params, self._views(f)):
                 g = g.to(param.device, param.dtype, non_blocking=True)
@@ -496,6 +515,19 @@ class DiLoCo:
                 final=inf.final,
             )
         )
+
+    def _gather_shards(self, f: _Fragment) -> None:
+        """Rebuild the whole global fragment from the shards of the processes of this replica."""
+        import torch.distributed as dist
+
+        bounds = shard_bounds(f.global_.numel(), self.num_shards, self.codec.block)
+        width = max(b - a for a, b in bounds)
+        mine = torch.zeros(width, dtype=torch.float32, device=f.global_.device)
+        mine[: f.hi - f.lo] = f.global_[f.lo : f.hi]
+        parts = [torch.empty_like(mine) for _ in bounds]
+        dist.all_gather(parts, mine, group=self.shard_group)
+        for (a, b), part in zip(bounds, parts):
+            f.global_[a:b] = part[: b - a]
 
 
 def step_replicas(dilocos: Sequence[DiLoCo]) -> None:

@@ -104,7 +104,9 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f}TB"
 
 
-def _build_diloco(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, group) -> DiLoCo:
+def _build_diloco(
+    cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, group, shard_group=None
+) -> DiLoCo:
     return DiLoCo(
         model,
         opt,
@@ -121,6 +123,7 @@ def _build_diloco(cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer
         error_feedback=cfg.error_feedback,
         reduce=cfg.reduce,
         outer_device=cfg.outer_device,
+        shard_group=shard_group,
     )
 
 
@@ -179,8 +182,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None 
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         runners = [DDP(m, process_group=topo.inner) for m in models]
+    inner = topo.inner if topo is not None else None  # with inner DDP each process syncs its shard
     dilocos = (
-        [_build_diloco(cfg, m, o, g) for m, o, g in zip(models, opts, groups)] if cfg.mode == "diloco" else []
+        [_build_diloco(cfg, m, o, g, inner) for m, o, g in zip(models, opts, groups)]
+        if cfg.mode == "diloco"
+        else []
     )
     val = eval_batches(corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
     fp32 = get_codec("fp32")
