@@ -18,8 +18,22 @@ from .formats import (
     quantize_mx,
     unpack_nibbles,
 )
+from .gemm import BACKENDS, RECIPES, choose_backend, fake_quantize, qmatmul, quantize_fp8, to_cublas_blocked
+from .linear import PRECISIONS, Float8Linear, LowPrecisionLinear, MXFP8Linear, convert_to_low_precision
 
 __all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "RECIPES",
+    "Float8Linear",
+    "LowPrecisionLinear",
+    "MXFP8Linear",
+    "choose_backend",
+    "convert_to_low_precision",
+    "fake_quantize",
+    "qmatmul",
+    "quantize_fp8",
+    "to_cublas_blocked",
     "E8M0_BIAS",
     "E8M0_NAN",
     "ELEM_FORMATS",

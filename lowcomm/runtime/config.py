@@ -12,6 +12,7 @@ from typing import Any
 from ..comm import CODECS
 from ..comm.distributed import parse_bandwidth, parse_duration
 from ..comm.reduce import REDUCE_METHODS
+from ..kernels.linear import PRECISIONS
 from ..optim.schedule import PATTERNS, validate_schedule
 
 __all__ = ["TrainConfig", "MODES", "load_config_file"]
@@ -60,6 +61,8 @@ class TrainConfig:
             (multi-process jobs only).
         link_latency: emulate this latency per outer collective, e.g. "20ms".
         timeout: seconds a peer may stay silent in a collective before the round fails.
+        precision: matmul precision of the Linear layers: "fp32", "mxfp8", "fp8_rowwise" or
+            "fp8_tensorwise" (emulated on CPU; the output head stays in full precision).
     """
 
     mode: str = "diloco"
@@ -99,6 +102,7 @@ class TrainConfig:
     link_bandwidth: str | None = None
     link_latency: str | None = None
     timeout: float = 300.0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, allowed: str) -> None:
@@ -118,6 +122,7 @@ class TrainConfig:
         need(self.pattern in PATTERNS, "pattern", f"one of {list(PATTERNS)}")
         need(self.reduce in REDUCE_METHODS, "reduce", f"one of {list(REDUCE_METHODS)}")
         need(self.device in ("cpu", "cuda", "auto"), "device", "'cpu', 'cuda' or 'auto'")
+        need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
         for name in (
             "replicas",
             "procs_per_replica",

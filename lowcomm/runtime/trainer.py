@@ -23,6 +23,7 @@ from torch import nn
 from .._version import __version__
 from ..comm import LocalGroup, get_codec
 from ..comm.distributed import LinkEmulator
+from ..kernels import convert_to_low_precision
 from ..lm import GPT, BatchSampler, GPTConfig, eval_batches, load_corpus
 from ..optim import DiLoCo, finish_replicas, step_replicas
 from .config import TrainConfig
@@ -41,7 +42,9 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return GPT(gcfg)
+        model = GPT(gcfg)
+    convert_to_low_precision(model, cfg.precision)  # no-op for fp32; the head stays full precision
+    return model
 
 
 def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -318,6 +321,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None 
         "alpha": cfg.alpha,
         "outer_lr": cfg.outer_lr,
         "codec": cfg.codec if cfg.mode == "diloco" else "fp32",
+        "precision": cfg.precision,
         "params": params,
         "params_non_embedding": params_ne,
         "model_dim": cfg.model_dim,

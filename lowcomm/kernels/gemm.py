@@ -1,0 +1,194 @@
+"""Low-precision GEMMs behind one dispatch function.
+
+``qmatmul(a, b, recipe)`` computes ``a @ b`` (a: (M, K), b: (K, N)) with both operands quantized
+along the contraction dimension K, accumulating in fp32, and returns fp32.
+
+Recipes:
+    ``fp8_tensorwise``: one fp32 scale per operand (amax / elem max), E4M3 (or E5M2).
+    ``fp8_rowwise``: one scale per row of ``a`` and per column of ``b``.
+    ``mxfp8``: MX, one E8M0 scale per 32 consecutive elements along K (rceil rule by default).
+
+Backends:
+    ``emulated``: quantize with the torch reference, dequantize, fp32 matmul. Runs anywhere and is
+        exact up to the fp32 accumulation order: the numerics every faster path is checked against.
+    ``scaled_mm``: ``torch._scaled_mm`` on CUDA: tensorwise / rowwise on sm_89 and newer, MX (E8M0
+        scales, 1x32 blocks) on sm_100 and newer.
+    ``auto``: ``scaled_mm`` where the device can serve the recipe, else ``emulated``.
+
+A request the chosen backend cannot serve raises a ValueError naming the reason; nothing falls
+back silently unless ``backend="auto"`` was asked for.
+
+References:
+    OCP Microscaling Formats (MX) v1.0; NVIDIA, "Recipes for Pre-training LLMs with MXFP8" (2025).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import dequantize_mx, get_elem_format, quantize_mx
+
+__all__ = [
+    "RECIPES",
+    "BACKENDS",
+    "qmatmul",
+    "quantize_fp8",
+    "fake_quantize",
+    "choose_backend",
+    "to_cublas_blocked",
+]
+
+RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8")
+BACKENDS = ("auto", "emulated", "scaled_mm")
+MX_BLOCK = 32
+
+
+def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise", axis: int = -1):
+    """Dynamic fp8 scaling: ``x ≈ data.float() * scale``.
+
+    Args:
+        x: floating tensor.
+        elem: "e4m3" or "e5m2".
+        scaling: "tensorwise" (one scale) or "rowwise" (one scale per slice along ``axis``, i.e.
+            per row when ``axis=-1``).
+        axis: the reduction axis for rowwise scaling.
+
+    Returns:
+        ``(data, scale)``: fp8 data and fp32 scales (shape () or keepdim along ``axis``).
+    """
+    fmt = get_elem_format(elem)
+    if fmt.dtype is None:
+        raise ValueError(f"quantize_fp8 takes elem 'e4m3' or 'e5m2', got {elem!r}")
+    xf = x.float()
+    if scaling == "tensorwise":
+        amax = xf.abs().amax()
+    elif scaling == "rowwise":
+        amax = xf.abs().amax(dim=axis, keepdim=True)
+    else:
+        raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
+    scale = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+    data = (xf / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    return data, scale
+
+
+def fake_quantize(x: torch.Tensor, recipe: str, axis: int, elem: str = "e4m3", scale_rule: str = "rceil"):
+    """What ``x`` becomes after quantization for ``recipe`` along ``axis`` (fp32, same shape)."""
+    if recipe == "mxfp8":
+        data, scales = quantize_mx(x, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
+        return dequantize_mx(data, scales, block=MX_BLOCK, axis=axis)
+    if recipe in ("fp8_tensorwise", "fp8_rowwise"):
+        data, scale = quantize_fp8(x, elem, "tensorwise" if recipe == "fp8_tensorwise" else "rowwise", axis)
+        return data.float() * scale
+    raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
+
+
+def to_cublas_blocked(scales: torch.Tensor) -> torch.Tensor:
+    """Rearrange a (rows, K/32) matrix of E8M0 scales into cuBLAS's block-scaling layout.
+
+    cuBLAS (sm_100 block-scaled GEMMs) reads scales in tiles of 128 rows x 4 scale columns, the
+    tiles in row-major order over (rows/128, cols/4), and inside a tile the scale of (r, c) at
+    offset ``(r % 32) * 16 + (r // 32) * 4 + c``. Rows pad to 128 and columns to 4 with zeros.
+
+    Returns:
+        a flat uint8 tensor of ``ceil(rows/128)·128 · ceil(cols/4)·4`` bytes.
+    """
+    rows, cols = scales.shape
+    R, C = -(-rows // 128), -(-cols // 4)
+    padded = torch.zeros(R * 128, C * 4, dtype=torch.uint8, device=scales.device)
+    padded[:rows, :cols] = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
+    tiles = padded.view(R, 128, C, 4).permute(0, 2, 1, 3)  # (R, C, 128, 4)
+    # inside a tile: row r = 32·q + p goes to offset p·16 + q·4 + c
+    tiles = tiles.reshape(R, C, 4, 32, 4).permute(0, 1, 3, 2, 4)  # (R, C, p, q, c)
+    return tiles.reshape(-1)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> str:
+    """The backend that serves ``recipe`` on ``device``; raises ValueError if an explicit one cannot."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+    cap = _capability(device)
+    need = (10, 0) if recipe == "mxfp8" else (8, 9)
+    can_scaled_mm = cap is not None and cap >= need and hasattr(torch, "_scaled_mm")
+    if backend == "scaled_mm" and not can_scaled_mm:
+        raise ValueError(
+            f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
+            f"{need[0]}{need[1]} or newer. Use backend='emulated' or 'auto'"
+        )
+    if backend == "auto":
+        return "scaled_mm" if can_scaled_mm else "emulated"
+    return backend
+
+
+def qmatmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    recipe: str = "mxfp8",
+    *,
+    elem_a: str = "e4m3",
+    elem_b: str = "e4m3",
+    backend: str = "auto",
+    scale_rule: str = "rceil",
+) -> torch.Tensor:
+    """``a @ b`` with both operands quantized along K; fp32 result.
+
+    Args:
+        a: (M, K). b: (K, N). For ``mxfp8`` K is zero-padded to a multiple of 32.
+        recipe: one of :data:`RECIPES`.
+        elem_a, elem_b: element formats ("e4m3" or "e5m2"; gradients may use "e5m2").
+        backend: one of :data:`BACKENDS`.
+        scale_rule: MX scale rule ("rceil" or "floor").
+
+    Raises:
+        ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe or
+            backend, or a backend the device cannot serve.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"qmatmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    pad = (-a.shape[1]) % MX_BLOCK if recipe == "mxfp8" else 0
+    if pad:  # zero blocks change no product; MX needs whole blocks along K
+        a = torch.nn.functional.pad(a, (0, pad))
+        b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    which = choose_backend(recipe, a.device, backend)
+    if which == "scaled_mm":
+        return _scaled_mm(a, b, recipe, elem_a, elem_b)
+    qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
+    qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule)
+    return qa @ qb
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, recipe: str, elem_a: str, elem_b: str) -> torch.Tensor:
+    """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
+    if recipe == "mxfp8":
+        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, axis=1)
+        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, axis=0)
+        e8m0 = getattr(torch, "float8_e8m0fnu", None)
+        if e8m0 is None:
+            raise ValueError("this torch has no float8_e8m0fnu dtype; MX _scaled_mm needs torch >= 2.7")
+        # scales of a: (M, K/32); of b: (K/32, N) -> per output column (N, K/32); both swizzled
+        return torch._scaled_mm(
+            da,
+            db.t().contiguous().t(),
+            to_cublas_blocked(sa).view(e8m0),
+            to_cublas_blocked(sb.t()).view(e8m0),
+            out_dtype=torch.float32,
+        )
+    scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
+    da, sa = quantize_fp8(a, elem_a, scaling, axis=1)
+    db, sb = quantize_fp8(b, elem_b, scaling, axis=0)
+    out_dtype = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise needs bf16 output
+    y = torch._scaled_mm(
+        da,
+        db.t().contiguous().t(),
+        scale_a=sa.reshape(-1, 1) if scaling == "rowwise" else sa,
+        scale_b=sb.reshape(1, -1) if scaling == "rowwise" else sb,
+        out_dtype=out_dtype,
+    )
+    return y.float()

@@ -1,0 +1,186 @@
+"""Low-precision training Linear layers and the module swap that installs them.
+
+One autograd Function holds the whole recipe. With ``y = x Wᵀ + b`` (x: (T, K), W: (N, K)):
+
+    fprop  y  = x  · Wᵀ   contraction over K (in-features)  -> x and W blocked along K
+    dgrad  dx = dy · W    contraction over N (out-features) -> dy and W blocked along N
+    wgrad  dW = dyᵀ· x    contraction over T (tokens)       -> dy and x blocked along T
+
+so every operand is quantized along the axis its GEMM reduces over (REFERENCE: "each operand is
+needed blocked along two different axes"). Master weights stay as they are (fp32 or bf16
+Parameters, shared with the original module), so optimizers and DiLoCo see ordinary parameters.
+
+References:
+    NVIDIA, "Recipes for Pre-training LLMs with MXFP8" (2025): E4M3 everywhere, rceil scales.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .gemm import RECIPES, qmatmul
+
+__all__ = ["LowPrecisionLinear", "Float8Linear", "MXFP8Linear", "convert_to_low_precision", "PRECISIONS"]
+
+PRECISIONS = ("fp32", *RECIPES)
+
+
+class _QLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, grad_elem, backend):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = qmatmul(x2, weight.t(), recipe, backend=backend)
+        ctx.save_for_backward(x2, weight)
+        ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight = ctx.saved_tensors
+        recipe, grad_elem, backend, x_shape, has_bias = ctx.cfg
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend).to(gy.dtype).reshape(x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
+        if has_bias and ctx.needs_input_grad[2]:
+            db = gy2.sum(0)
+        return dx, dw, db, None, None, None
+
+
+class LowPrecisionLinear(nn.Linear):
+    """``nn.Linear`` whose three GEMMs run in a low-precision recipe.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        recipe: "mxfp8", "fp8_rowwise" or "fp8_tensorwise".
+        grad_elem: element format of gradients, "e4m3" (the MXFP8 recipe) or "e5m2".
+        backend: "auto", "emulated" or "scaled_mm" (see :func:`lowcomm.kernels.gemm.qmatmul`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        recipe: str = "mxfp8",
+        grad_elem: str = "e4m3",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
+        if grad_elem not in ("e4m3", "e5m2"):
+            raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
+        self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QLinear.apply(x, self.weight, self.bias, self.recipe, self.grad_elem, self.backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> LowPrecisionLinear:
+        """A low-precision layer sharing ``linear``'s Parameter objects (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        recipe = kw.pop("recipe", getattr(cls, "default_recipe", "mxfp8"))
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
+        new.recipe = recipe
+        new.grad_elem = kw.pop("grad_elem", "e4m3")
+        new.backend = kw.pop("backend", "auto")
+        if kw:
+            raise TypeError(f"unexpected arguments {sorted(kw)}")
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe}, grad_elem={self.grad_elem}"
+
+
+class Float8Linear(LowPrecisionLinear):
+    """FP8 with dynamic tensorwise (default) or rowwise scaling."""
+
+    default_recipe = "fp8_tensorwise"
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, scaling: str = "tensorwise", **kw
+    ):
+        if scaling not in ("tensorwise", "rowwise"):
+            raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
+        super().__init__(in_features, out_features, bias, recipe=f"fp8_{scaling}", **kw)
+
+
+class MXFP8Linear(LowPrecisionLinear):
+    """MXFP8: E4M3 elements, one E8M0 scale per 32 along each GEMM's reduction dimension."""
+
+    default_recipe = "mxfp8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw):
+        super().__init__(in_features, out_features, bias, recipe="mxfp8", **kw)
+
+
+def _default_skip(name: str, module: nn.Linear) -> bool:
+    return name.split(".")[-1] in ("head", "lm_head", "output")
+
+
+def convert_to_low_precision(
+    model: nn.Module,
+    recipe: str = "mxfp8",
+    *,
+    skip: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
+    grad_elem: str = "e4m3",
+    backend: str = "auto",
+) -> list[str]:
+    """Swap the model's ``nn.Linear`` layers for low-precision ones, in place.
+
+    Args:
+        model: any module.
+        recipe: "mxfp8", "fp8_rowwise" or "fp8_tensorwise" ("fp32" converts nothing).
+        skip: names of layers to leave, or ``fn(name, module) -> bool``; default: the output head
+            (a layer named head, lm_head or output).
+        grad_elem: element format of gradients.
+        backend: GEMM backend.
+
+    Returns:
+        The names of the converted layers. Layers whose shapes the recipe cannot take (features
+        not multiples of 32 for MX, of 16 for fp8) are left as they are.
+
+    Raises:
+        ValueError: an unknown recipe.
+    """
+    if recipe not in PRECISIONS:
+        raise ValueError(f"unknown precision {recipe!r}; allowed: {list(PRECISIONS)}")
+    if recipe == "fp32":
+        return []
+    if skip is None:
+        skip_fn = _default_skip
+    elif callable(skip):
+        skip_fn = skip
+    else:
+        names = set(skip)
+        skip_fn = lambda name, m: name in names  # noqa: E731
+    multiple = 32 if recipe == "mxfp8" else 16
+    converted = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or skip_fn(name, module):
+            continue
+        if module.in_features % multiple or module.out_features % multiple:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(
+            parent,
+            child,
+            LowPrecisionLinear.from_linear(module, recipe=recipe, grad_elem=grad_elem, backend=backend),
+        )
+        converted.append(name)
+    return converted

@@ -1,0 +1,181 @@
+"""Low-precision formats, GEMMs and Linear layers on CPU (the emulated path every kernel is held to)."""
+
+import math
+
+import pytest
+import torch
+
+from lowcomm.kernels import (
+    E8M0_NAN,
+    Float8Linear,
+    MXFP8Linear,
+    choose_backend,
+    convert_to_low_precision,
+    dequantize_mx,
+    qmatmul,
+    quantize_fp8,
+    quantize_mx,
+    to_cublas_blocked,
+)
+
+
+def test_rceil_scale_never_saturates_and_floor_follows_ocp():
+    # amax 448·1.5 = 672: rceil picks 2^1 (672/2 = 336 <= 448); OCP floor: floor(log2 672) - 8 = 1
+    x = torch.zeros(1, 32)
+    x[0, 0] = 672.0
+    _, s = quantize_mx(x, scale_rule="rceil")
+    assert int(s) - 127 == 1
+    _, s = quantize_mx(x, scale_rule="floor")
+    assert int(s) - 127 == 1
+    # amax 500: rceil -> 2^1 (500/448 > 1); floor -> 2^0 and 500 saturates to 448
+    x[0, 0] = 500.0
+    d, s = quantize_mx(x, scale_rule="rceil")
+    assert int(s) - 127 == 1 and float(dequantize_mx(d, s)[0, 0]) == 512.0  # 250 rounds to 256 in E4M3
+    d, s = quantize_mx(x, scale_rule="floor")
+    assert int(s) - 127 == 0 and float(dequantize_mx(d, s)[0, 0]) == 448.0
+
+
+def test_mx_blocks_follow_the_axis_and_zero_blocks_are_exact():
+    x = torch.randn(64, 96)
+    d, s = quantize_mx(x, block=32, axis=0)
+    assert d.shape == x.shape and s.shape == (2, 96) and s.dtype == torch.uint8
+    y = dequantize_mx(d, s, block=32, axis=0)
+    assert float(((y - x).abs() / x.abs().clamp_min(1e-3)).max()) < 2**-3
+    z = torch.zeros(4, 32)
+    assert torch.equal(dequantize_mx(*quantize_mx(z)), z)
+
+
+def test_mx_subnormals_and_nan():
+    x = torch.zeros(2, 32)
+    x[0, 0], x[0, 1] = 1.0, 2.0**-9 * 1.0  # 2^-9 / 2^-8 scale-adjusted lands in e4m3 subnormals
+    x[1, 3] = float("nan")
+    d, s = quantize_mx(x)
+    y = dequantize_mx(d, s)
+    assert float(y[0, 1]) == 2.0**-9
+    assert int(s[1, 0]) == E8M0_NAN and bool(torch.isnan(y[1]).all())
+
+
+def test_e5m2_reaches_its_range():
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1] = 57344.0, 1.0
+    d, s = quantize_mx(x, elem="e5m2")
+    assert float(dequantize_mx(d, s)[0, 0]) == 57344.0
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_fp8_dynamic_scaling_maps_amax_to_the_format_max(scaling):
+    x = torch.randn(8, 64) * torch.arange(1, 9).reshape(8, 1)
+    d, s = quantize_fp8(x, scaling=scaling)
+    assert d.dtype == torch.float8_e4m3fn
+    assert float(d.float().abs().max()) == 448.0
+    assert float(((d.float() * s - x).abs() / x.abs().clamp_min(1e-2)).max()) < 2**-3
+
+
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "mxfp8"])
+def test_emulated_gemm_is_close_to_fp64(recipe):
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 200), torch.randn(200, 48)  # K = 200 is padded to 224 for MX
+    y = qmatmul(a, b, recipe, backend="emulated")
+    ref = a.double() @ b.double()
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < 0.06  # E4M3 keeps 3 mantissa bits: SQNR about 28 dB
+    sqnr = 20 * math.log10(1 / rel)
+    assert sqnr > 24
+
+
+def test_backend_choice_refuses_what_the_device_cannot_serve():
+    assert choose_backend("mxfp8", torch.device("cpu")) == "emulated"
+    with pytest.raises(ValueError, match="scaled_mm.*sm_100"):
+        choose_backend("mxfp8", torch.device("cpu"), "scaled_mm")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        choose_backend("fp4", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\(M, K\) @ \(K, N\)"):
+        qmatmul(torch.zeros(2, 3), torch.zeros(4, 5))
+
+
+def test_cublas_blocked_layout_places_each_scale_by_the_documented_formula():
+    rows, cols = 130, 6
+    s = torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols) % 251
+    flat = to_cublas_blocked(s.to(torch.uint8))
+    assert flat.numel() == 256 * 8  # padded to 2 x 128 rows and 2 x 4 columns
+    C = 2
+    for r, c in [(0, 0), (1, 0), (31, 3), (32, 0), (127, 2), (128, 5), (129, 4)]:
+        tile = (r // 128) * C + c // 4
+        rr, cc = r % 128, c % 4
+        off = tile * 512 + (rr % 32) * 16 + (rr // 32) * 4 + cc
+        assert int(flat[off]) == int(s[r, c])
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (MXFP8Linear, {}),
+        (Float8Linear, {"scaling": "rowwise"}),
+        (Float8Linear, {"scaling": "tensorwise"}),
+        (MXFP8Linear, {"grad_elem": "e5m2"}),
+    ],
+)
+def test_low_precision_linear_gradients_track_fp32(cls, kw):
+    torch.manual_seed(1)
+    ref = torch.nn.Linear(64, 96)
+    layer = cls(64, 96, **kw)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 10, 64, requires_grad=True)  # 40 tokens: padded to 64 for the MX wgrad
+    x2 = x.detach().clone().requires_grad_(True)
+    g = torch.randn(4, 10, 96)
+    (layer(x) * g).sum().backward()
+    (ref(x2) * g).sum().backward()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    tol = 0.12 if kw.get("grad_elem") == "e5m2" else 0.07
+    assert rel(layer(x).detach(), ref(x2).detach()) < 0.06
+    assert rel(x.grad, x2.grad) < tol
+    assert rel(layer.weight.grad, ref.weight.grad) < tol
+    assert torch.allclose(layer.bias.grad, ref.bias.grad, atol=1e-5)
+
+
+def test_convert_swaps_linears_shares_parameters_and_skips_the_head():
+    from lowcomm.lm import GPT, GPTConfig
+
+    m = GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, n_embd=32))
+    before = {n: p for n, p in m.named_parameters()}
+    names = convert_to_low_precision(m, "mxfp8")
+    assert "head" not in names and "blocks.0.attn.qkv" in names and len(names) == 8
+    assert all(p is before[n] for n, p in m.named_parameters())  # the same Parameter objects
+    assert type(m.head) is torch.nn.Linear
+    assert convert_to_low_precision(GPT(GPTConfig(n_embd=32, n_head=2, n_layer=1)), "fp32") == []
+    with pytest.raises(ValueError, match="unknown precision"):
+        convert_to_low_precision(m, "int3")
+
+
+def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
+    from lowcomm.runtime import TrainConfig, train
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.py").write_text(
+        "".join(f"def f{i}(x):\n    return x * {i % 17} + {i % 5}\n" for i in range(4000))
+    )
+    base = TrainConfig(
+        corpus=str(corpus),
+        model_dim=32,
+        layers=2,
+        heads=2,
+        seq_len=32,
+        batch_size=8,
+        steps=60,
+        replicas=1,
+        sync_every=20,
+        lr=3e-3,
+        warmup=5,
+        eval_batches=4,
+        threads=1,
+        eval_every=0,
+    )
+    fp32 = train(base.replace(run_dir=str(tmp_path / "fp32")), progress=False)
+    mx = train(base.replace(run_dir=str(tmp_path / "mx"), precision="mxfp8"), progress=False)
+    assert mx["precision"] == "mxfp8"
+    assert fp32["final_eval_loss"] < 0.8 * math.log(256)  # it learned
+    assert abs(mx["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02
