@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Triton kernels run in the interpreter on CPU-only machines (CI): set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tiny models gain nothing from intra-op threads, and on a 2-core CI machine threads that spin while
 # another process computes make tests slower by an order of magnitude.
 torch.set_num_threads(1)

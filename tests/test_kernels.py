@@ -179,3 +179,38 @@ def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
     assert mx["precision"] == "mxfp8"
     assert fp32["final_eval_loss"] < 0.8 * math.log(256)  # it learned
     assert abs(mx["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("rule", ["rceil", "floor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem, rule, dtype):
+    """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx."""
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_quantize import mx_quantize_dual
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * torch.logspace(-6, 6, 96)).to(dtype)
+    x[3, 5] = float("nan")
+    x[40, 70] = float("inf")
+    x[10, :32] = 0.0
+    x[11, 0] = 1e-40 if dtype == torch.float32 else 1e-30  # a subnormal input
+    x[12, 40] = -0.0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rq, rs, cq, cs = (t.cpu() for t in mx_quantize_dual(x.to(dev), elem, rule))
+    d_r, s_r = quantize_mx(x, elem=elem, scale_rule=rule, axis=-1)
+    d_c, s_c = quantize_mx(x, elem=elem, scale_rule=rule, axis=0)
+    assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8))
+    assert torch.equal(cq.view(torch.uint8), d_c.view(torch.uint8))
+    assert torch.equal(rs, s_r) and torch.equal(cs, s_c)
+
+
+def test_fused_quantize_refuses_shapes_it_cannot_take():
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_quantize import mx_quantize_dual
+
+    with pytest.raises(ValueError, match="multiples of 32"):
+        mx_quantize_dual(torch.zeros(30, 64))
+    with pytest.raises(ValueError, match="elem"):
+        mx_quantize_dual(torch.zeros(32, 32), elem="e2m1")
