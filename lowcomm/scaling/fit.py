@@ -150,8 +150,11 @@ def fit_irreducible(
             return 1e9, np.zeros(4)
         psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # derivative of the Huber loss
         w = -psi / pred  # d loss / d pred
-        dbeta = A * g * (logM if form == "joint_irreducible" else M * logN)
-        grad = np.array([np.sum(w * A * g), np.sum(w * A * g * logN), np.sum(w * dbeta), np.sum(w * C)])
+        with np.errstate(over="ignore", invalid="ignore"):
+            dbeta = A * g * (logM if form == "joint_irreducible" else M * logN)
+            grad = np.array([np.sum(w * A * g), np.sum(w * A * g * logN), np.sum(w * dbeta), np.sum(w * C)])
+        if not np.all(np.isfinite(grad)):
+            return 1e9, np.zeros(4)
         return float(_huber(r, HUBER_DELTA).sum()), grad
 
     rng = np.random.default_rng(seed)

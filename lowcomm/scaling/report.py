@@ -52,6 +52,10 @@ def plot_loss_vs_n(records: list[Record], analysis: Analysis, path: Path) -> Non
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("final eval loss (nats/token)")
     ax.set_title("Loss vs model size, per replica count")
