@@ -210,9 +210,10 @@ def quantize_e3m0(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     xb = x.reshape(-1, block)
     k = block_exponent(xb.abs().amax(dim=1, keepdim=True), _E3M0, "rceil")
     y = (xb * exp2(-k)).abs()
-    m, e = torch.frexp(y)  # y = m * 2**e, m in [0.5, 1)
-    # Between 2**(e-1) and 2**e the midpoint is 0.75 * 2**e.
-    code = e.to(torch.int32) - 1 + (m >= 0.75).to(torch.int32) + 7
+    # y = 1.f · 2**e: e from the exponent bits; between 2**e and 2**(e+1) the midpoint is 1.5 · 2**e,
+    # i.e. a mantissa of at least 0x400000 rounds up. Code = e + 7 (+1 when rounding up).
+    bits = y.view(torch.int32)
+    code = (bits >> 23) - 127 + 7 + ((bits & 0x7FFFFF) >= 0x400000).to(torch.int32)
     # Below 2**-6 the neighbours are 0 and 2**-6; the midpoint is 2**-7.
     code = torch.where(y >= 2.0**-7, code.clamp(1, 7), torch.zeros_like(code))
     sign = (xb < 0).to(torch.int32) << 3
