@@ -223,10 +223,9 @@ def quantize_e3m0(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
 def dequantize_e3m0(codes: torch.Tensor, exponents: torch.Tensor, block: int) -> torch.Tensor:
     """Inverse of :func:`quantize_e3m0`; returns fp32 of length ``codes.numel()``."""
-    c = codes.reshape(-1, block).to(torch.int32)
-    mag_code = c & 7
-    mag = torch.where(mag_code > 0, exp2(mag_code - 7), torch.zeros_like(mag_code, dtype=torch.float32))
-    val = torch.where((c & 8) != 0, -mag, mag)
+    mags = [0.0] + [2.0 ** (c - 7) for c in range(1, 8)]
+    lut = torch.tensor(mags + [-m for m in mags], dtype=torch.float32, device=codes.device)  # code -> value
+    val = lut[codes.reshape(-1, block).long()]
     return (val * exp2(exponents.reshape(-1, 1))).reshape(-1)
 
 
