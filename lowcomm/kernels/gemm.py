@@ -13,7 +13,10 @@ Backends:
         exact up to the fp32 accumulation order: the numerics every faster path is checked against.
     ``scaled_mm``: ``torch._scaled_mm`` on CUDA: tensorwise / rowwise on sm_89 and newer, MX (E8M0
         scales, 1x32 blocks) on sm_100 and newer.
-    ``auto``: ``scaled_mm`` where the device can serve the recipe, else ``emulated``.
+    ``triton``: MXFP8 only: the exact-MX Triton kernel that applies both operands' E8M0 scales in
+        its K loop (for Hopper, which has no MX in cuBLAS; also CPU under ``TRITON_INTERPRET=1``).
+    ``auto``: ``scaled_mm`` where the device can serve the recipe, ``triton`` for MXFP8 on sm_90,
+        else ``emulated``.
 
 A request the chosen backend cannot serve raises a ValueError naming the reason; nothing falls
 back silently unless ``backend="auto"`` was asked for.
@@ -39,7 +42,7 @@ __all__ = [
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8")
-BACKENDS = ("auto", "emulated", "scaled_mm")
+BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 MX_BLOCK = 32
 
 
@@ -122,8 +125,25 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
             f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
             f"{need[0]}{need[1]} or newer. Use backend='emulated' or 'auto'"
         )
+    if backend == "triton":
+        import os
+
+        from .triton_quantize import HAVE_TRITON
+
+        if recipe != "mxfp8":
+            raise ValueError(f"backend 'triton' serves mxfp8 only, not {recipe}")
+        if not HAVE_TRITON or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError(
+                f"backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}"
+            )
     if backend == "auto":
-        return "scaled_mm" if can_scaled_mm else "emulated"
+        if can_scaled_mm:
+            return "scaled_mm"
+        if recipe == "mxfp8" and cap is not None and cap[0] == 9:
+            from .triton_quantize import HAVE_TRITON
+
+            return "triton" if HAVE_TRITON else "emulated"
+        return "emulated"
     return backend
 
 
@@ -159,6 +179,14 @@ def qmatmul(
     which = choose_backend(recipe, a.device, backend)
     if which == "scaled_mm":
         return _scaled_mm(a, b, recipe, elem_a, elem_b)
+    if which == "triton":
+        if elem_a != "e4m3" or elem_b != "e4m3":
+            raise ValueError("backend 'triton' takes e4m3 operands only; use 'emulated' for e5m2 gradients")
+        from .triton_mx_gemm import mx_matmul
+
+        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
+        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        return mx_matmul(da, sa, db, sb)
     qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
     qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule)
     return qa @ qb
