@@ -71,7 +71,7 @@ def test_fp8_dynamic_scaling_maps_amax_to_the_format_max(scaling):
     assert float(((d.float() * s - x).abs() / x.abs().clamp_min(1e-2)).max()) < 2**-3
 
 
-@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "mxfp8"])
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"])
 def test_emulated_gemm_is_close_to_fp64(recipe):
     torch.manual_seed(0)
     a, b = torch.randn(64, 200), torch.randn(200, 48)  # K = 200 is padded to 224 for MX
@@ -238,3 +238,22 @@ def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
         mx_matmul(d, s, torch.zeros(48, 8, dtype=torch.float8_e4m3fn), s)
     with pytest.raises(ValueError, match="mxfp8 only"):
         qmatmul(torch.zeros(4, 32), torch.zeros(32, 4), "fp8_rowwise", backend="triton")
+
+
+def test_fast_mx_path_regroups_to_the_group_max_and_only_loses_small_blocks():
+    from lowcomm.kernels.gemm import regroup_mx_1x128
+
+    x = torch.randn(4, 256)
+    x[:, 32:64] *= 2.0**-12  # one block of each group far below its neighbours
+    d, s = quantize_mx(x)
+    q, g = regroup_mx_1x128(d, s)
+    assert g.shape == (4, 2) and torch.equal(torch.log2(g).int() + 127, s.view(4, 2, 4).int().amax(-1))
+    y = (q.float().view(4, 2, 128) * g.unsqueeze(-1)).view(4, 256)
+    exact = dequantize_mx(d, s)
+    big = torch.ones(256, dtype=torch.bool)
+    big[32:64] = False
+    torch.testing.assert_close(y[:, big], exact[:, big], rtol=0, atol=0)  # blocks at the group max: unchanged
+    small_err = float(((y[:, ~big] - exact[:, ~big]).abs() / exact[:, ~big].abs().clamp_min(1e-30)).mean())
+    assert small_err > 0.05  # the small block lost precision (double rounding, near-underflow)
+    with pytest.raises(ValueError, match="emulated"):
+        qmatmul(torch.zeros(4, 128), torch.zeros(128, 4), "mxfp8_fast", backend="scaled_mm")

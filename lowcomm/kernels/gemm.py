@@ -7,6 +7,10 @@ Recipes:
     ``fp8_tensorwise``: one fp32 scale per operand (amax / elem max), E4M3 (or E5M2).
     ``fp8_rowwise``: one scale per row of ``a`` and per column of ``b``.
     ``mxfp8``: MX, one E8M0 scale per 32 consecutive elements along K (rceil rule by default).
+    ``mxfp8_fast``: MX data regrouped for a 1x128-blocked GEMM: each group of four 32-blocks takes
+        the group's largest scale and the elements of the other blocks are re-rounded to E4M3 at
+        that scale (double rounding; small values of a block much smaller than its neighbours can
+        underflow). Not bit-exact MX; its error against the exact path is measured in BENCHMARKS.md.
 
 Backends:
     ``emulated``: quantize with the torch reference, dequantize, fp32 matmul. Runs anywhere and is
@@ -32,6 +36,7 @@ import torch
 from .formats import dequantize_mx, get_elem_format, quantize_mx
 
 __all__ = [
+    "regroup_mx_1x128",
     "RECIPES",
     "BACKENDS",
     "qmatmul",
@@ -41,7 +46,7 @@ __all__ = [
     "to_cublas_blocked",
 ]
 
-RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8")
+RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
 BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 MX_BLOCK = 32
 
@@ -74,8 +79,48 @@ def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise
     return data, scale
 
 
+def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):
+    """MX (1x32 E8M0) operands -> 1x128 blocks: the group's largest scale, elements re-rounded.
+
+    Args:
+        data: fp8 (E4M3) blocked by 32 along ``axis`` (length a multiple of 128).
+        scales: E8M0 bytes, ``shape[axis] // 32`` along ``axis``.
+
+    Returns:
+        ``(data128, scale128)``: E4M3 data and fp32 power-of-two scales, one per 128 along ``axis``.
+    """
+    axis = axis % data.dim()
+    n = data.shape[axis]
+    if n % 128:
+        raise ValueError(
+            f"regrouping to 1x128 needs a length that is a multiple of 128 along axis {axis}, got {n}"
+        )
+    x = dequantize_mx(data, scales, block=MX_BLOCK, axis=axis).movedim(axis, -1)
+    s = scales.movedim(axis, -1).to(torch.int32)
+    g = s.reshape(*s.shape[:-1], n // 128, 4).amax(dim=-1)  # the group's largest exponent
+    scale = torch.ldexp(torch.ones_like(g, dtype=torch.float32), g - 127)
+    xs = x.reshape(*x.shape[:-1], n // 128, 128) / scale.unsqueeze(-1)  # exact: powers of two
+    q = xs.clamp(-448, 448).to(torch.float8_e4m3fn)  # the second rounding
+    return q.reshape(x.shape).movedim(-1, axis), scale.movedim(-1, axis)
+
+
 def fake_quantize(x: torch.Tensor, recipe: str, axis: int, elem: str = "e4m3", scale_rule: str = "rceil"):
     """What ``x`` becomes after quantization for ``recipe`` along ``axis`` (fp32, same shape)."""
+    if recipe == "mxfp8_fast":
+        axis = axis % x.dim()
+        pad = (-x.shape[axis]) % 128
+        xp = torch.nn.functional.pad(x.movedim(axis, -1), (0, pad)).movedim(-1, axis) if pad else x
+        data, scales = quantize_mx(xp, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
+        q, s = regroup_mx_1x128(data, scales, axis)
+        out = (
+            (
+                q.float().movedim(axis, -1).reshape(*q.movedim(axis, -1).shape[:-1], -1, 128)
+                * s.movedim(axis, -1).unsqueeze(-1)
+            )
+            .reshape(q.movedim(axis, -1).shape)
+            .movedim(-1, axis)
+        )
+        return out.narrow(axis, 0, x.shape[axis])
     if recipe == "mxfp8":
         data, scales = quantize_mx(x, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
         return dequantize_mx(data, scales, block=MX_BLOCK, axis=axis)
@@ -118,8 +163,15 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
     cap = _capability(device)
+    if recipe == "mxfp8_fast" and backend in ("scaled_mm", "triton"):
+        raise ValueError(
+            f"mxfp8_fast runs on backend 'emulated' only so far (the sm_90 1x128 blockwise _scaled_mm is not "
+            f"wired yet), not {backend!r}"
+        )
     need = (10, 0) if recipe == "mxfp8" else (8, 9)
-    can_scaled_mm = cap is not None and cap >= need and hasattr(torch, "_scaled_mm")
+    can_scaled_mm = (
+        cap is not None and cap >= need and hasattr(torch, "_scaled_mm") and recipe != "mxfp8_fast"
+    )
     if backend == "scaled_mm" and not can_scaled_mm:
         raise ValueError(
             f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
