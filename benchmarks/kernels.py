@@ -82,7 +82,9 @@ def speed() -> dict:
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
         try:
-            t = triton.testing.do_bench(lambda: mx_matmul(da, sa, db, sb, block_m=128, block_n=128))
+            t = triton.testing.do_bench(
+                lambda da=da, sa=sa, db=db, sb=sb: mx_matmul(da, sa, db, sb, block_m=128, block_n=128)
+            )
             row["mx_exact_triton_tflops"] = flops / t / 1e9
         except Exception as e:
             row["mx_exact_triton_error"] = str(e)[:200]
