@@ -97,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
         f.add_argument("--title", default="Scaling report")
 
+    co = sub.add_parser("coordinator", help="serve a job's membership (ZeroMQ, HMAC-signed msgpack)")
+    co.add_argument("--bind", default="tcp://0.0.0.0:29400")
+    co.add_argument("--job", default="lowcomm")
+    co.add_argument(
+        "--key", default=None, help="job key (hex or @file); default $LOWCOMM_KEY / $LOWCOMM_KEY_FILE"
+    )
+    co.add_argument(
+        "--deadline-floor", type=float, default=2.0, help="min seconds of silence before a worker is dead"
+    )
+    co.add_argument("--deadline-ceiling", type=float, default=30.0, help="max seconds of silence")
+    st = sub.add_parser("status", help="members, epoch and round of a job")
+    st.add_argument("endpoint", help="tcp://host:port of the coordinator")
+    st.add_argument(
+        "--key", default=None, help="job key (hex or @file); default $LOWCOMM_KEY / $LOWCOMM_KEY_FILE"
+    )
+    st.add_argument("--timeout", type=float, default=5.0)
+    sub.add_parser("keys", help="print a new job key (hex): export LOWCOMM_KEY=...")
+
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
     d.add_argument("--replicas", type=int, default=4, help="replicas (default: 4)")
@@ -179,6 +197,53 @@ def format_comparison(summaries: dict[str, dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _control_plane(args: argparse.Namespace) -> int:
+    from .protocol import load_key, new_key
+
+    if args.command == "keys":
+        print(new_key())
+        return 0
+    key = load_key(args.key)
+    if args.command == "coordinator":
+        from .coordinator import Coordinator
+        from .membership import Deadline
+
+        coord = Coordinator(args.bind, args.job, key, Deadline(args.deadline_floor, args.deadline_ceiling))
+        print(f"coordinator of job {args.job!r} on {coord.endpoint}", flush=True)
+        try:
+            coord.serve()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    from .coordinator import CoordinatorClient, CoordinatorError
+
+    client = CoordinatorClient(args.endpoint, key, sender=f"status-{os.getpid()}", timeout_s=args.timeout)
+    try:
+        r = client.request("status", {}).body
+    except CoordinatorError as e:
+        print(f"lowcomm: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(r['members'])} member(s)")
+    rows = [("rank", "worker", "address", "step", "round", "last heartbeat")]
+    rows += [
+        (
+            str(m["rank"]),
+            m["worker_id"],
+            m["addr"],
+            str(m["step"]),
+            str(m["round"]),
+            f"{m['last_seen_s']:.1f}s ago",
+        )
+        for m in r["members"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    return 0
 
 
 def _csv(text: str, kind=float) -> tuple:
@@ -288,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
+        elif args.command in ("coordinator", "status", "keys"):
+            return _control_plane(args)
         elif args.command == "scaling":
             return _scaling(args)
         elif args.command == "demo":

@@ -1,0 +1,106 @@
+"""Job membership as pure functions of members, heartbeats and a monotonic clock.
+
+The coordinator's sockets only feed these functions; every change of the member set starts a new
+epoch (a new torch.distributed group for the survivors). A member is dead when it has been silent
+longer than its deadline, which adapts to how often it actually heartbeats:
+
+    deadline = clamp(factor x observed heartbeat interval, floor, ceiling)
+
+with floor 2 s, ceiling 30 s and factor 5 by default (a worker heartbeating every 0.5 s is declared
+dead after 2.5 s of silence), so nobody has to tune it; the three numbers are the only settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["Deadline", "Member", "Membership", "register", "heartbeat", "leave", "expire", "ranks"]
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """How long a member may stay silent: clamp(factor x interval, floor, ceiling) seconds."""
+
+    floor: float = 2.0
+    ceiling: float = 30.0
+    factor: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor <= self.ceiling:
+            raise ValueError(
+                f"deadline floor={self.floor} and ceiling={self.ceiling} need 0 < floor <= ceiling"
+            )
+        if self.factor < 1:
+            raise ValueError(f"deadline factor={self.factor} must be >= 1")
+
+    def seconds(self, interval: float | None) -> float:
+        if interval is None:
+            return self.ceiling
+        return min(max(self.factor * interval, self.floor), self.ceiling)
+
+
+@dataclass(frozen=True)
+class Member:
+    worker_id: str
+    addr: str
+    joined: float
+    last_seen: float
+    step: int = 0
+    round: int = -1
+    interval: float | None = None  # smoothed heartbeat interval
+
+
+@dataclass(frozen=True)
+class Membership:
+    epoch: int = 0
+    members: tuple[Member, ...] = ()
+
+    def get(self, worker_id: str) -> Member | None:
+        return next((m for m in self.members if m.worker_id == worker_id), None)
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.worker_id for m in self.members]
+
+
+def register(ms: Membership, worker_id: str, addr: str, step: int, now: float) -> Membership:
+    """Add a worker (a new epoch), or refresh one that is already a member (same epoch)."""
+    old = ms.get(worker_id)
+    if old is not None:
+        new = replace(old, addr=addr, step=step, last_seen=now)
+        return replace(ms, members=tuple(new if m.worker_id == worker_id else m for m in ms.members))
+    member = Member(worker_id, addr, joined=now, last_seen=now, step=step)
+    return Membership(
+        ms.epoch + 1, tuple(sorted((*ms.members, member), key=lambda m: (m.joined, m.worker_id)))
+    )
+
+
+def heartbeat(ms: Membership, worker_id: str, step: int, round: int, now: float) -> Membership:
+    """Record a heartbeat; raises KeyError for a worker that is not a member."""
+    old = ms.get(worker_id)
+    if old is None:
+        raise KeyError(worker_id)
+    gap = now - old.last_seen
+    interval = gap if old.interval is None else 0.8 * old.interval + 0.2 * gap
+    new = replace(old, last_seen=now, step=step, round=round, interval=interval)
+    return replace(ms, members=tuple(new if m.worker_id == worker_id else m for m in ms.members))
+
+
+def leave(ms: Membership, worker_id: str) -> Membership:
+    """Remove a worker that said goodbye (a new epoch if it was a member)."""
+    if ms.get(worker_id) is None:
+        return ms
+    return Membership(ms.epoch + 1, tuple(m for m in ms.members if m.worker_id != worker_id))
+
+
+def expire(ms: Membership, now: float, deadline: Deadline) -> tuple[Membership, list[str]]:
+    """Drop members silent past their deadline; returns the new membership and the dead ids."""
+    dead = [m.worker_id for m in ms.members if now - m.last_seen > deadline.seconds(m.interval)]
+    if not dead:
+        return ms, []
+    return Membership(ms.epoch + 1, tuple(m for m in ms.members if m.worker_id not in dead)), dead
+
+
+def ranks(ms: Membership) -> dict[str, int]:
+    """Rank of each member in this epoch: by join time, then id (stable across epochs for survivors)."""
+    return {m.worker_id: r for r, m in enumerate(ms.members)}

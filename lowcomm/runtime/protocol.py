@@ -1,0 +1,284 @@
+"""The coordinator's wire protocol: msgpack frames, an HMAC over every message, one schema per type.
+
+A message is four ZeroMQ frames (a ROUTER socket adds the peer identity in front):
+
+    [b"LC1", signature, header, body]
+
+``header`` and ``body`` are msgpack maps. ``signature`` is HMAC-SHA256(key, header || body), 32
+raw bytes. The header carries ``v`` (protocol version), ``type``, ``id`` (message id), ``sender``,
+``seq`` (per-sender, strictly increasing), ``epoch`` and ``ts`` (sender's wall clock).
+
+Authentication: a shared secret per job (``lowcomm keys`` makes one), not ZMQ CURVE: the control
+plane carries no tensors and no secrets, so it needs integrity and authenticity, not secrecy; one
+secret in the environment is easier to deploy across providers than a CURVE key pair per node and
+a libzmq built with libsodium; and the signed header gives replay protection, which CURVE alone
+does not.
+
+Incoming frames are checked in a fixed order before anything is interpreted: frame count, total
+size, magic, signature length, constant-time signature check, header unpack with size limits,
+header schema, version, replay window (seq and ts), body unpack, body schema. Nothing is
+unpickled; msgpack is unpacked with strict limits and no extension types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "MAX_MESSAGE_BYTES",
+    "SCHEMAS",
+    "ProtocolError",
+    "Message",
+    "Signer",
+    "ReplayGuard",
+    "serialize",
+    "deserialize",
+    "new_key",
+    "load_key",
+]
+
+MAGIC = b"LC1"
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+REPLAY_WINDOW_S = 300.0
+_STR = 256  # longest string field
+
+
+class ProtocolError(ValueError):
+    """A message that failed a check; ``authenticated`` tells whether its signature was valid."""
+
+    def __init__(self, reason: str, authenticated: bool = False):
+        super().__init__(reason)
+        self.authenticated = authenticated
+
+
+# field -> (python types, required, bound); bound: max length for str/list, (lo, hi) for numbers
+_Field = tuple[tuple[type, ...], bool, Any]
+HEADER: dict[str, _Field] = {
+    "v": ((int,), True, (0, 1 << 16)),
+    "type": ((str,), True, 32),
+    "id": ((str,), True, 64),
+    "sender": ((str,), True, 128),
+    "seq": ((int,), True, (0, 1 << 62)),
+    "epoch": ((int,), True, (-1, 1 << 62)),
+    "ts": ((float, int), True, (0.0, 1e11)),
+}
+_WID = ((str,), True, 128)
+SCHEMAS: dict[str, dict[str, _Field]] = {
+    "register": {
+        "worker_id": _WID,
+        "advertise_addr": ((str,), True, _STR),
+        "step": ((int,), True, (0, 1 << 62)),
+    },
+    "heartbeat": {
+        "worker_id": _WID,
+        "step": ((int,), True, (0, 1 << 62)),
+        "round": ((int,), True, (-1, 1 << 62)),
+    },
+    "quorum": {"worker_id": _WID, "round": ((int,), True, (0, 1 << 62))},
+    "leave": {"worker_id": _WID},
+    "status": {},
+    # replies
+    "ok": {"epoch": ((int,), True, (-1, 1 << 62)), "members": ((list,), False, 4096)},
+    "quorum_reply": {
+        "epoch": ((int,), True, (0, 1 << 62)),
+        "rank": ((int,), True, (0, 1 << 20)),
+        "world": ((int,), True, (1, 1 << 20)),
+        "members": ((list,), True, 4096),
+        "store": ((str,), True, _STR),
+        "donors": ((list,), True, 4096),
+    },
+    "status_reply": {
+        "job": ((str,), True, _STR),
+        "epoch": ((int,), True, (-1, 1 << 62)),
+        "round": ((int,), True, (-1, 1 << 62)),
+        "members": ((list,), True, 4096),
+    },
+    "error": {"reason": ((str,), True, 1024)},
+}
+
+
+def _check(obj: Any, schema: dict[str, _Field], what: str) -> None:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a map, got {type(obj).__name__}", True)
+    unknown = set(obj) - set(schema)
+    if unknown:
+        raise ProtocolError(f"{what} has unknown fields {sorted(map(str, unknown))[:5]}", True)
+    for name, (types, required, bound) in schema.items():
+        if name not in obj:
+            if required:
+                raise ProtocolError(f"{what} lacks field {name!r}", True)
+            continue
+        v = obj[name]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise ProtocolError(
+                f"{what}.{name} must be {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}", True
+            )
+        if isinstance(v, (str, list)) and len(v) > bound:
+            raise ProtocolError(f"{what}.{name} is longer than {bound}", True)
+        if isinstance(v, (int, float)) and not bound[0] <= v <= bound[1]:
+            raise ProtocolError(f"{what}.{name}={v} is outside [{bound[0]}, {bound[1]}]", True)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded, verified message."""
+
+    type: str
+    sender: str
+    seq: int
+    epoch: int
+    body: dict
+    id: str = ""
+    ts: float = 0.0
+
+
+class Signer:
+    """HMAC-SHA256 with the job's secret."""
+
+    def __init__(self, key: bytes):
+        if not isinstance(key, bytes) or len(key) < 16:
+            raise ValueError("the job key must be at least 16 bytes (use `lowcomm keys` to make one)")
+        self._key = key
+
+    def sign(self, header: bytes, body: bytes) -> bytes:
+        return hmac.new(self._key, header + body, hashlib.sha256).digest()
+
+    def verify(self, signature: bytes, header: bytes, body: bytes) -> bool:
+        return hmac.compare_digest(signature, self.sign(header, body))
+
+
+class ReplayGuard:
+    """Per-sender strictly increasing ``seq`` and a wall-clock window on ``ts``."""
+
+    def __init__(self, window_s: float = REPLAY_WINDOW_S, max_senders: int = 100_000):
+        self.window_s, self.max_senders = window_s, max_senders
+        self._last: dict[str, int] = {}
+
+    def check(self, sender: str, seq: int, ts: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if abs(now - ts) > self.window_s:
+            raise ProtocolError(f"message from {sender!r} is {now - ts:+.0f}s off the clock window", True)
+        last = self._last.get(sender)
+        if last is not None and seq <= last:
+            raise ProtocolError(f"replayed or reordered message from {sender!r}: seq {seq} <= {last}", True)
+        if last is None and len(self._last) >= self.max_senders:
+            raise ProtocolError("too many distinct senders", True)
+        self._last[sender] = seq
+
+    def forget(self, sender: str) -> None:
+        self._last.pop(sender, None)
+
+
+def serialize(
+    signer: Signer, type: str, body: dict, *, sender: str, seq: int, epoch: int = -1
+) -> list[bytes]:
+    """Build the four frames of a message (the body is checked against its schema first)."""
+    if type not in SCHEMAS:
+        raise ValueError(f"unknown message type {type!r}; allowed: {sorted(SCHEMAS)}")
+    _check(body, SCHEMAS[type], f"{type} body")
+    header = {
+        "v": VERSION,
+        "type": type,
+        "id": uuid.uuid4().hex,
+        "sender": sender,
+        "seq": seq,
+        "epoch": epoch,
+        "ts": time.time(),
+    }
+    h = msgpack.packb(header, use_bin_type=True)
+    b = msgpack.packb(body, use_bin_type=True)
+    return [MAGIC, signer.sign(h, b), h, b]
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=MAX_MESSAGE_BYTES,
+        max_bin_len=MAX_MESSAGE_BYTES,
+        max_array_len=4096,
+        max_map_len=256,
+        max_ext_len=0,
+    )
+
+
+def deserialize(frames: list[bytes], signer: Signer, guard: ReplayGuard | None = None) -> Message:
+    """Check ``frames`` in the documented order and return the message, or raise ProtocolError."""
+    if len(frames) != 4:
+        raise ProtocolError(f"expected 4 frames, got {len(frames)}")
+    if sum(len(f) for f in frames) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
+    magic, sig, h, b = frames
+    if magic != MAGIC:
+        raise ProtocolError("bad magic (not a lowcomm message or another protocol version)")
+    if len(sig) != 32:
+        raise ProtocolError("signature missing or malformed")
+    if not signer.verify(sig, h, b):
+        raise ProtocolError("bad signature (wrong key or tampered message)")
+    try:
+        header = _unpack(h)
+    except Exception as e:
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}", True) from None
+    _check(header, HEADER, "header")
+    if header["v"] != VERSION:
+        raise ProtocolError(f"protocol version {header['v']} is not {VERSION}", True)
+    if header["type"] not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {header['type']!r}", True)
+    if guard is not None:
+        guard.check(header["sender"], header["seq"], float(header["ts"]))
+    try:
+        body = _unpack(b)
+    except Exception as e:
+        raise ProtocolError(f"body is not valid msgpack: {type(e).__name__}", True) from None
+    _check(body, SCHEMAS[header["type"]], f"{header['type']} body")
+    return Message(
+        header["type"],
+        header["sender"],
+        header["seq"],
+        header["epoch"],
+        body,
+        header["id"],
+        float(header["ts"]),
+    )
+
+
+def new_key() -> str:
+    """A fresh job secret, hex (32 random bytes)."""
+    return secrets.token_hex(32)
+
+
+def load_key(spec: str | None = None) -> bytes:
+    """The job key from ``spec`` (hex string or @file), else $LOWCOMM_KEY / $LOWCOMM_KEY_FILE.
+
+    Raises:
+        ValueError: no key given, or not valid hex.
+    """
+    spec = (
+        spec
+        or os.environ.get("LOWCOMM_KEY")
+        or ("@" + os.environ["LOWCOMM_KEY_FILE"] if os.environ.get("LOWCOMM_KEY_FILE") else None)
+    )
+    if not spec:
+        raise ValueError(
+            "no job key: pass --key, or set LOWCOMM_KEY or LOWCOMM_KEY_FILE (make one with `lowcomm keys`)"
+        )
+    if spec.startswith("@"):
+        with open(spec[1:]) as f:
+            spec = f.read().strip()
+    try:
+        return bytes.fromhex(spec)
+    except ValueError:
+        raise ValueError("the job key must be hex (as `lowcomm keys` prints it)") from None

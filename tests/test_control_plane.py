@@ -1,0 +1,256 @@
+"""The coordinator's protocol, membership rules and server (a real process on 127.0.0.1)."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from lowcomm.runtime.coordinator import CoordinatorClient, CoordinatorError
+from lowcomm.runtime.membership import Deadline, Membership, expire, heartbeat, leave, ranks, register
+from lowcomm.runtime.protocol import (
+    MAX_MESSAGE_BYTES,
+    ProtocolError,
+    ReplayGuard,
+    Signer,
+    deserialize,
+    load_key,
+    new_key,
+    serialize,
+)
+
+KEY = bytes.fromhex(new_key())
+SIGNER = Signer(KEY)
+
+
+def _hb(seq, **kw):
+    body = {"worker_id": "w1", "step": 3, "round": 1, **kw}
+    return serialize(SIGNER, "heartbeat", body, sender="w1", seq=seq)
+
+
+def test_a_signed_message_round_trips():
+    msg = deserialize(_hb(1), SIGNER, ReplayGuard())
+    assert (msg.type, msg.sender, msg.seq, msg.body["step"]) == ("heartbeat", "w1", 1, 3)
+
+
+def test_wrong_key_and_tampering_are_rejected_as_unauthenticated():
+    frames = _hb(1)
+    with pytest.raises(ProtocolError, match="bad signature") as e:
+        deserialize(frames, Signer(bytes.fromhex(new_key())))
+    assert not e.value.authenticated
+    body = msgpack.unpackb(frames[3])
+    body["step"] = 999
+    with pytest.raises(ProtocolError, match="bad signature"):
+        deserialize([*frames[:3], msgpack.packb(body)], SIGNER)
+
+
+def test_replayed_message_is_rejected():
+    guard = ReplayGuard()
+    frames = _hb(5)
+    deserialize(frames, SIGNER, guard)
+    with pytest.raises(ProtocolError, match="replayed") as e:
+        deserialize(frames, SIGNER, guard)
+    assert e.value.authenticated
+    with pytest.raises(ProtocolError, match="replayed"):
+        deserialize(_hb(4), SIGNER, guard)
+
+
+def test_frames_are_checked_in_order_before_unpacking():
+    with pytest.raises(ProtocolError, match="4 frames"):
+        deserialize([b"LC1", b"x"], SIGNER)
+    with pytest.raises(ProtocolError, match="larger than"):
+        deserialize([b"LC1", b"x" * 32, b"h" * MAX_MESSAGE_BYTES, b"b"], SIGNER)
+    with pytest.raises(ProtocolError, match="magic"):
+        deserialize([b"XX9", *_hb(1)[1:]], SIGNER)
+    with pytest.raises(ProtocolError, match="signature missing"):
+        deserialize([b"LC1", b"short", *_hb(1)[2:]], SIGNER)
+
+
+def test_authenticated_but_invalid_bodies_name_the_field():
+    def signed(header: dict, body: dict):
+        h, b = msgpack.packb(header), msgpack.packb(body)
+        return [b"LC1", SIGNER.sign(h, b), h, b]
+
+    header = {"v": 1, "type": "heartbeat", "id": "x", "sender": "w", "seq": 1, "epoch": 0, "ts": time.time()}
+    with pytest.raises(ProtocolError, match="lacks field 'round'") as e:
+        deserialize(signed(header, {"worker_id": "w", "step": 1}), SIGNER)
+    assert e.value.authenticated
+    with pytest.raises(ProtocolError, match=r"step must be int"):
+        deserialize(signed(header, {"worker_id": "w", "step": "1", "round": 0}), SIGNER)
+    with pytest.raises(ProtocolError, match="unknown fields"):
+        deserialize(signed(header, {"worker_id": "w", "step": 1, "round": 0, "evil": 1}), SIGNER)
+    with pytest.raises(ProtocolError, match="version 2"):
+        deserialize(signed({**header, "v": 2}, {}), SIGNER)
+    with pytest.raises(ProtocolError, match="clock window"):
+        deserialize(
+            signed({**header, "ts": 1.0}, {"worker_id": "w", "step": 1, "round": 0}), SIGNER, ReplayGuard()
+        )
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        deserialize(signed({**header, "type": "shutdown"}, {}), SIGNER)
+
+
+def test_keys_load_from_env_and_files(tmp_path, monkeypatch):
+    k = new_key()
+    (tmp_path / "k").write_text(k + "\n")
+    assert load_key("@" + str(tmp_path / "k")) == bytes.fromhex(k)
+    monkeypatch.setenv("LOWCOMM_KEY", k)
+    assert load_key() == bytes.fromhex(k)
+    monkeypatch.delenv("LOWCOMM_KEY")
+    with pytest.raises(ValueError, match="no job key"):
+        load_key()
+    with pytest.raises(ValueError, match="hex"):
+        load_key("not-hex")
+    with pytest.raises(ValueError, match="16 bytes"):
+        Signer(b"short")
+
+
+def test_membership_epochs_ranks_and_adaptive_deadlines():
+    d = Deadline(floor=2.0, ceiling=30.0, factor=5.0)
+    ms = register(Membership(), "a", "10.0.0.1", 0, now=0.0)
+    ms = register(ms, "b", "10.0.0.2", 0, now=1.0)
+    assert ms.epoch == 2 and ranks(ms) == {"a": 0, "b": 1}
+    assert register(ms, "a", "10.0.0.9", 5, now=1.5).epoch == 2  # a re-register is no new epoch
+    for t in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):  # a heartbeats every 0.5 s -> deadline 2.5 s
+        ms = heartbeat(ms, "a", 1, 0, now=t)
+    for t in (2.0, 3.0):  # b every 1 s -> 5 s
+        ms = heartbeat(ms, "b", 1, 0, now=t)
+    assert d.seconds(ms.get("a").interval) == pytest.approx(2.5, rel=0.05)
+    same, dead = expire(ms, now=4.0, deadline=d)
+    assert dead == [] and same is ms
+    later, dead = expire(ms, now=5.6, deadline=d)
+    assert dead == ["a"] and later.epoch == 3 and ranks(later) == {"b": 0}
+    assert leave(later, "b").epoch == 4 and leave(later, "zzz") is later
+    with pytest.raises(KeyError):
+        heartbeat(later, "a", 1, 0, now=6.0)
+    with pytest.raises(ValueError, match="floor"):
+        Deadline(floor=0)
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    env = {**os.environ, "LOWCOMM_KEY": KEY.hex()}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lowcomm",
+            "--log-level",
+            "INFO",
+            "coordinator",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--job",
+            "t",
+            "--deadline-floor",
+            "1",
+            "--deadline-ceiling",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline()
+    assert "coordinator of job" in line, line
+    yield line.split()[-1]
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_workers_register_heartbeat_and_the_silent_one_expires(coordinator):
+    a = CoordinatorClient(coordinator, KEY, "a")
+    b = CoordinatorClient(coordinator, KEY, "b")
+    assert (
+        a.request("register", {"worker_id": "a", "advertise_addr": "127.0.0.1", "step": 0}).body["epoch"] == 1
+    )
+    assert (
+        b.request("register", {"worker_id": "b", "advertise_addr": "127.0.0.1", "step": 0}).body["epoch"] == 2
+    )
+    deadline = time.time() + 8
+    while time.time() < deadline:  # a heartbeats, b goes silent
+        a.request("heartbeat", {"worker_id": "a", "step": 1, "round": 0})
+        st = a.request("status", {}).body
+        if [m["worker_id"] for m in st["members"]] == ["a"]:
+            break
+        time.sleep(0.2)
+    assert [m["worker_id"] for m in st["members"]] == ["a"] and st["epoch"] == 3
+    with pytest.raises(CoordinatorError, match="not registered"):
+        b.request("heartbeat", {"worker_id": "b", "step": 1, "round": 0})
+
+
+def test_coordinator_survives_fuzzed_and_hostile_messages_and_keeps_serving(coordinator):
+    rng = random.Random(1234)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(coordinator)
+    good = _hb(10**18)
+    for i in range(300):
+        kind = i % 6
+        if kind == 0:  # random garbage frames
+            frames = [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 6))]
+        elif kind == 1:  # truncated real message
+            frames = good[: rng.randint(1, 3)]
+        elif kind == 2:  # bit flips in a real message
+            frames = [bytearray(f) for f in good]
+            j = rng.randrange(4)
+            if frames[j]:
+                frames[j][rng.randrange(len(frames[j]))] ^= 1 << rng.randrange(8)
+            frames = [bytes(f) for f in frames]
+        elif kind == 3:  # oversized
+            frames = [b"LC1", b"x" * 32, rng.randbytes(MAX_MESSAGE_BYTES + 10), b""]
+        elif kind == 4:  # valid signature, hostile msgpack body
+            h = msgpack.packb(
+                {
+                    "v": 1,
+                    "type": "register",
+                    "id": "x",
+                    "sender": f"f{i}",
+                    "seq": 1,
+                    "epoch": 0,
+                    "ts": time.time(),
+                }
+            )
+            b = msgpack.packb({"worker_id": ["x"] * 10, "advertise_addr": 3, "step": -1})
+            frames = [b"LC1", SIGNER.sign(h, b), h, b]
+        else:  # replay of one message
+            frames = good
+        raw.send_multipart(frames)
+    raw.close(0)
+    client = CoordinatorClient(coordinator, KEY, "after-fuzz")
+    st = client.request("status", {}).body
+    assert st["job"] == "t" and st["members"] == []
+    wrong = CoordinatorClient(coordinator, bytes.fromhex(new_key()), "intruder", timeout_s=1.0)
+    with pytest.raises(CoordinatorError, match="no reply"):  # unauthenticated: dropped, no answer
+        wrong.request("status", {})
+
+
+def test_status_command_prints_members(coordinator):
+    import threading
+
+    c = CoordinatorClient(coordinator, KEY, "w9")
+    c.request("register", {"worker_id": "w9", "advertise_addr": "127.0.0.9", "step": 42})
+    done = threading.Event()
+
+    def beat():  # stay alive while the status command starts up
+        while not done.wait(0.3):
+            c.request("heartbeat", {"worker_id": "w9", "step": 42, "round": 0})
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    out = subprocess.run(
+        [sys.executable, "-m", "lowcomm", "status", coordinator],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOWCOMM_KEY": KEY.hex()},
+    )
+    done.set()
+    t.join(timeout=5)
+    assert out.returncode == 0, out.stderr
+    assert "job t: epoch 1" in out.stdout and "w9" in out.stdout and "127.0.0.9" in out.stdout
