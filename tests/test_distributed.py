@@ -17,6 +17,7 @@ from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_durati
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
+from helpers import TINY_FLAGS, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -160,26 +161,11 @@ def test_link_parsing_and_delay():
 
 def test_trainer_under_launch_matches_the_local_trainer(tmp_path):
     """`lowcomm train` runs unchanged under `lowcomm launch` and gives the same global parameters."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(2000)))
+    corpus = write_corpus(tmp_path / "corpus")
     args = [
         "--corpus",
-        str(corpus),
-        "--model-dim",
-        "16",
-        "--layers",
-        "2",
-        "--heads",
-        "2",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "2",
-        "--threads",
-        "1",
+        corpus,
+        *TINY_FLAGS,
         "--steps",
         "6",
         "--sync-every",

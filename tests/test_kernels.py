@@ -151,15 +151,12 @@ def test_convert_swaps_linears_shares_parameters_and_skips_the_head():
 
 
 def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
+    from helpers import write_corpus
+
     from lowcomm.runtime import TrainConfig, train
 
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    (corpus / "a.py").write_text(
-        "".join(f"def f{i}(x):\n    return x * {i % 17} + {i % 5}\n" for i in range(4000))
-    )
     base = TrainConfig(
-        corpus=str(corpus),
+        corpus=write_corpus(tmp_path / "c", lines=4000),
         model_dim=32,
         layers=2,
         heads=2,

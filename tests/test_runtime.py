@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY_FLAGS, write_corpus
 
 from lowcomm.runtime import SUMMARY_KEYS, RunRecorder, TrainConfig, read_jsonl, train
 from lowcomm.runtime.cli import build_parser, config_from_args, demo_configs, format_comparison
@@ -15,11 +16,7 @@ TINY = dict(model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batc
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(3000))
-    for i in range(4):
-        (d / f"part{i}.py").write_text(text[i * 20000 : (i + 1) * 20000])
-    return str(d)
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _cfg(tmp_path, corpus_dir, **kw):
@@ -128,22 +125,7 @@ def test_demo_compares_three_runs_on_equal_tokens():
 def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "lowcomm", "train", "--corpus", corpus_dir, "--quiet"]
-    tiny = [
-        "--model-dim",
-        "16",
-        "--layers",
-        "2",
-        "--heads",
-        "2",
-        "--seq-len",
-        "16",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "2",
-        "--threads",
-        "1",
-    ]
+    tiny = TINY_FLAGS
     ok = subprocess.run(
         base
         + tiny

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import write_corpus
 
 from lowcomm.scaling import (
     SweepSpec,
@@ -190,9 +191,7 @@ def test_grid_follows_the_protocol():
 
 
 def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "a.py").write_text("".join(f"def f{i}(x):\n    return x * {i % 13}\n" for i in range(3000)))
+    corpus = write_corpus(tmp_path / "corpus")
     spec = SweepSpec(
         sizes=("d16l2", "d32l2"),
         replicas=(1, 2),

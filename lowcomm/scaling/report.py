@@ -26,6 +26,19 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path: Path, xlabel: str, title: str, legend: dict) -> None:
+    """Labels, grid, legend and a PNG: the part every plot shares."""
+    plt = _plt()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ax.get_ylabel() or "final eval loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _color(key: str, keys: list[str]):
     plt = _plt()
     return "black" if key == "dp" else plt.cm.viridis(keys.index(key) / max(len(keys) - 1, 1))
@@ -56,14 +69,14 @@ def plot_loss_vs_n(records: list[Record], analysis: Analysis, path: Path) -> Non
 
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("final eval loss (nats/token)")
-    ax.set_title("Loss vs model size, per replica count")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "non-embedding parameters N",
+        "Loss vs model size, per replica count",
+        {"fontsize": 7, "ncol": 2},
+    )
 
 
 def plot_loss_vs_m(records: list[Record], analysis: Analysis, path: Path) -> None:
@@ -82,14 +95,14 @@ def plot_loss_vs_m(records: list[Record], analysis: Analysis, path: Path) -> Non
             ms = np.array([p[0] for p in pts], float)
             ax.plot(ms, joint.predict(np.full_like(ms, n), ms), ":", color=c, lw=1)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("replicas M")
-    ax.set_ylabel("final eval loss (nats/token)")
-    ax.set_title("Loss vs replicas (dashed: DP at the same N; dotted: joint fit)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "replicas M",
+        "Loss vs replicas (dashed: DP at the same N; dotted: joint fit)",
+        {"fontsize": 7},
+    )
 
 
 def plot_residuals(records: list[Record], analysis: Analysis, path: Path) -> None:
@@ -105,14 +118,15 @@ def plot_residuals(records: list[Record], analysis: Analysis, path: Path) -> Non
         ax.plot([r.N for r in rs], res, marker, ls="none", alpha=0.7, label=form)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("log L − log L̂")
-    ax.set_title("Residuals of the joint fits (DiLoCo runs)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "non-embedding parameters N",
+        "Residuals of the joint fits (DiLoCo runs)",
+        {"fontsize": 8},
+    )
 
 
 def qualitative_findings(records: list[Record]) -> list[tuple[str, bool | None, str]]:
