@@ -1,16 +1,20 @@
 """lowcomm: distributed low-communication training (DiLoCo, Streaming DiLoCo) for PyTorch."""
 
 from ._version import __version__
-from .comm import CODECS, LocalGroup, ReplicaGroup, get_codec
+from .comm import CODECS, DistributedGroup, LocalGroup, ReplicaGroup, get_codec
 from .optim import DiLoCo, finish_replicas, step_replicas
+from .runtime.launch import Topology, init_from_torchrun
 
 __all__ = [
     "CODECS",
     "DiLoCo",
+    "DistributedGroup",
     "LocalGroup",
     "ReplicaGroup",
+    "Topology",
     "__version__",
     "finish_replicas",
     "get_codec",
+    "init_from_torchrun",
     "step_replicas",
 ]
