@@ -254,3 +254,54 @@ def test_status_command_prints_members(coordinator):
     t.join(timeout=5)
     assert out.returncode == 0, out.stderr
     assert "job t: epoch 1" in out.stdout and "w9" in out.stdout and "127.0.0.9" in out.stdout
+
+
+def test_quorum_forms_without_a_dead_member_and_hands_out_a_fresh_store_prefix(coordinator):
+    import threading
+
+    import torch.distributed as dist
+
+    workers = ["a", "b", "c"]
+    for w in workers:
+        CoordinatorClient(coordinator, KEY, f"{w}-reg").request(
+            "register", {"worker_id": w, "advertise_addr": "127.0.0.1", "step": 7}
+        )
+    stop = threading.Event()
+
+    def beat(w):  # a and b stay alive from a thread of their own; c is dead (never heard of again)
+        hb = CoordinatorClient(coordinator, KEY, f"{w}-hb")
+        while not stop.wait(0.2):
+            hb.request("heartbeat", {"worker_id": w, "step": 7, "round": 0})
+
+    beats = [threading.Thread(target=beat, args=(w,), daemon=True) for w in ("a", "b")]
+    for t in beats:
+        t.start()
+    replies = {}
+
+    def ask(w):
+        replies[w] = (
+            CoordinatorClient(coordinator, KEY, f"{w}-q")
+            .request("quorum", {"worker_id": w, "round": 3}, timeout_s=20)
+            .body
+        )
+
+    askers = [threading.Thread(target=ask, args=(w,)) for w in ("a", "b")]
+    t0 = time.time()
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(timeout=30)
+    stop.set()
+    waited = time.time() - t0
+    assert set(replies) == {"a", "b"}
+    ra, rb = replies["a"], replies["b"]
+    assert (ra["world"], rb["world"]) == (2, 2) and {ra["rank"], rb["rank"]} == {0, 1}
+    assert ra["members"] == ["a", "b"] and ra["epoch"] == rb["epoch"] == 4  # 3 joins + c's expiry
+    assert ra["generation"] == rb["generation"] >= 1 and ra["store"] == rb["store"]
+    assert waited < 10  # c's deadline (3 s ceiling without a heartbeat history), not a long timeout
+    host, port = ra["store"].rsplit(":", 1)
+    store = dist.PrefixStore(f"g{ra['generation']}/", dist.TCPStore(host, int(port), is_master=False))
+    store.set("hello", "world")
+    assert store.get("hello") == b"world"
+    with pytest.raises(CoordinatorError, match="not registered"):
+        CoordinatorClient(coordinator, KEY, "c-q").request("quorum", {"worker_id": "c", "round": 3})

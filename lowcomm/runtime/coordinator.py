@@ -8,8 +8,14 @@ see :mod:`lowcomm.runtime.membership`) and answers status queries. Bad input nev
 unauthenticated or malformed frames are dropped and logged (no reply, so it cannot be used to
 amplify traffic), authenticated messages that fail their schema get an ``error`` reply.
 
-Not yet here (the elastic-membership issue continues): quorums per round, the per-epoch
-TCPStore, state transfer to joiners and the worker agent that rebuilds groups.
+Quorums: a worker asks for a quorum for a round; when every live member has asked, all get the
+same answer: the epoch, their rank and the world size, and the address of a TCPStore the
+coordinator hosts plus a fresh generation number, so that the group is built from
+``PrefixStore(f"g{generation}/", store)`` and a re-formed group never meets the keys of a failed
+one. A member that dies while the others wait is expired and the quorum forms without it.
+
+Not yet here (the elastic-membership issue continues): state transfer to joiners and the worker
+agent that rebuilds groups and redoes failed rounds.
 """
 
 from __future__ import annotations
@@ -42,8 +48,14 @@ class Coordinator:
         deadline: when a silent member is declared dead.
     """
 
-    def __init__(self, bind: str, job: str, key: bytes, deadline: Deadline | None = None):
+    def __init__(
+        self, bind: str, job: str, key: bytes, deadline: Deadline | None = None, store_host: str | None = None
+    ):
         self.job, self.signer, self.deadline = job, Signer(key), deadline or Deadline()
+        self._pending: dict[str, tuple[bytes, int]] = {}  # worker -> (identity, round) waiting for a quorum
+        self.generation = 0
+        self._store = None
+        self._store_host = store_host
         self.guard = ReplayGuard()
         self.membership = Membership()
         self.round = -1
@@ -88,7 +100,44 @@ class Coordinator:
             )
             for d in dead:
                 self.guard.forget(d)
+                self._pending.pop(d, None)
             self.membership = ms
+            self._try_quorum()
+
+    def store_address(self) -> str:
+        """host:port of the TCPStore the coordinator hosts (started on first use)."""
+        if self._store is None:
+            import torch.distributed as dist
+
+            host = self._store_host or self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
+            host = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            self._store_addr = f"{host}:{self._store.port}"
+        return self._store_addr
+
+    def _try_quorum(self) -> None:
+        live = set(self.membership.ids)
+        if not live or not live <= set(self._pending):
+            return
+        self.generation += 1
+        rk, store = ranks(self.membership), self.store_address()
+        top = max(m.step for m in self.membership.members)
+        donors = [m.worker_id for m in self.membership.members if m.step == top]
+        log.info(
+            "quorum: epoch %d, generation %d, %d members", self.membership.epoch, self.generation, len(live)
+        )
+        for wid in sorted(live, key=rk.get):
+            ident, _ = self._pending.pop(wid)
+            body = {
+                "epoch": self.membership.epoch,
+                "rank": rk[wid],
+                "world": len(live),
+                "members": self.membership.ids,
+                "store": store,
+                "generation": self.generation,
+                "donors": donors,
+            }
+            self._reply(ident, "quorum_reply", body)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -109,10 +158,11 @@ class Coordinator:
             log.error("unexpected error on a message: %r", e)
             return
         try:
-            kind, body = self._handle(msg)
+            reply = self._handle(msg, ident)
         except (KeyError, ValueError) as e:
-            kind, body = "error", {"reason": f"{msg.type} refused: {e}"[:1000]}
-        self._reply(ident, kind, body)
+            reply = "error", {"reason": f"{msg.type} refused: {e}"[:1000]}
+        if reply is not None:  # a quorum request is answered when the quorum forms
+            self._reply(ident, *reply)
 
     def _members(self) -> list[dict]:
         now, rk = time.monotonic(), ranks(self.membership)
@@ -128,7 +178,7 @@ class Coordinator:
             for m in self.membership.members
         ]
 
-    def _handle(self, msg) -> tuple[str, dict]:
+    def _handle(self, msg, ident: bytes) -> tuple[str, dict] | None:
         now, b = time.monotonic(), msg.body
         if msg.type == "register":
             self.membership = register(self.membership, b["worker_id"], b["advertise_addr"], b["step"], now)
@@ -146,6 +196,12 @@ class Coordinator:
         if msg.type == "leave":
             self.membership = leave(self.membership, b["worker_id"])
             return "ok", {"epoch": self.membership.epoch}
+        if msg.type == "quorum":
+            if self.membership.get(b["worker_id"]) is None:
+                raise KeyError(f"worker {b['worker_id']!r} is not registered (register again)")
+            self._pending[b["worker_id"]] = (ident, b["round"])
+            self._try_quorum()
+            return None
         if msg.type == "status":
             return "status_reply", {
                 "job": self.job,
@@ -179,16 +235,15 @@ class CoordinatorClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
 
-    def request(self, kind: str, body: dict, epoch: int = -1):
+    def request(self, kind: str, body: dict, epoch: int = -1, timeout_s: float | None = None):
         """Send one message and return the verified reply; raises CoordinatorError on error or timeout."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         self._seq = max(self._seq + 1, time.time_ns())
         self._sock.send_multipart(
             serialize(self.signer, kind, body, sender=self.sender, seq=self._seq, epoch=epoch)
         )
-        if not self._sock.poll(int(self.timeout_s * 1000)):
-            raise CoordinatorError(
-                f"no reply from the coordinator at {self.endpoint} within {self.timeout_s}s"
-            )
+        if not self._sock.poll(int(timeout_s * 1000)):
+            raise CoordinatorError(f"no reply from the coordinator at {self.endpoint} within {timeout_s}s")
         reply = deserialize(self._sock.recv_multipart(), self.signer, self.guard)
         if reply.type == "error":
             raise CoordinatorError(reply.body["reason"])

@@ -97,6 +97,7 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "world": ((int,), True, (1, 1 << 20)),
         "members": ((list,), True, 4096),
         "store": ((str,), True, _STR),
+        "generation": ((int,), True, (0, 1 << 62)),
         "donors": ((list,), True, 4096),
     },
     "status_reply": {
