@@ -176,8 +176,7 @@ class Fp8Codec(Codec):
     def _decode(self, payload, numel):
         data, scales = self._split(payload, numel)
         dtype = torch.float8_e4m3fn if self.elem == "e4m3" else torch.float8_e5m2
-        pad = (-numel) % self.block
-        data = torch.cat([data, data.new_zeros(pad)]) if pad else data
+        data = self._padded(data)
         return dequantize_mx(data.view(dtype), scales, block=self.block)[:numel]
 
 
@@ -203,8 +202,7 @@ class IntCodec(Codec):
             q = data.view(torch.int8)
         else:
             q = unpack_nibbles(data, numel).to(torch.int8) - 8
-        pad = (-numel) % self.block
-        q = torch.cat([q, q.new_zeros(pad)]) if pad else q
+        q = self._padded(q)
         return dequantize_int_absmax(q, _bytes_as(s, torch.float32), self.block)[:numel]
 
 
@@ -225,8 +223,7 @@ class E3M0Codec(Codec):
     def _decode(self, payload, numel):
         data, scales = self._split(payload, numel)
         codes = unpack_nibbles(data, numel)
-        pad = (-numel) % self.block
-        codes = torch.cat([codes, codes.new_zeros(pad)]) if pad else codes
+        codes = self._padded(codes)
         return dequantize_e3m0(codes, scales.to(torch.int32) - E8M0_BIAS, self.block)[:numel]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .._version import __version__
 from .config import TrainConfig, load_config_file
+from .metrics import human_bytes
 
 __all__ = ["main", "build_parser", "config_from_args", "demo_configs", "format_comparison"]
 
@@ -158,12 +159,13 @@ def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") ->
     }
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
+def _table(rows: list[tuple[str, ...]], rule: bool = False) -> list[str]:
+    """Left-aligned columns two spaces apart; ``rule`` underlines the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def format_comparison(summaries: dict[str, dict]) -> str:
@@ -188,15 +190,12 @@ def format_comparison(summaries: dict[str, dict]) -> str:
                 setting,
                 f"{s['final_eval_loss']:.4f}",
                 vs,
-                _fmt_bytes(s["bytes_sent_per_replica"]),
+                human_bytes(s["bytes_sent_per_replica"]),
                 red,
                 f"{s['wall_seconds']:.1f}s",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_table(rows, rule=True))
 
 
 def _control_plane(args: argparse.Namespace) -> int:
@@ -240,9 +239,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         )
         for m in r["members"]
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print("\n".join(_table(rows)))
     return 0
 
 
@@ -326,8 +323,7 @@ def _format_fits(analysis) -> str:
             rows.append(
                 (f"best {h}", k, f"A={f.params['A']:.4g} α={f.params['alpha']:.4f}", str(f.n_points), "")
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = _table(rows)
     for what, why in analysis.skipped:
         lines.append(f"not fitted: {what}: {why}")
     return "\n".join(lines)

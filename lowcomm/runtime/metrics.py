@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NullRecorder", "RunRecorder", "SUMMARY_KEYS", "atomic_write_json", "read_jsonl", "write_summary"]
+__all__ = [
+    "NullRecorder",
+    "RunRecorder",
+    "SUMMARY_KEYS",
+    "atomic_write_json",
+    "human_bytes",
+    "read_jsonl",
+    "write_summary",
+]
 
 SUMMARY_KEYS = (
     "mode",
@@ -56,6 +64,15 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -10,6 +10,7 @@ group, then clipped and applied: the data-parallel baseline at equal tokens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -28,7 +29,7 @@ from ..lm import GPT, BatchSampler, GPTConfig, eval_batches, load_corpus
 from ..optim import DiLoCo, finish_replicas, step_replicas
 from .config import TrainConfig
 from .launch import Topology, init_from_torchrun, is_distributed_env
-from .metrics import NullRecorder, RunRecorder, write_summary
+from .metrics import NullRecorder, RunRecorder, human_bytes, write_summary
 
 __all__ = ["train", "build_model", "build_inner_optimizer", "evaluate", "lr_lambda"]
 
@@ -97,14 +98,6 @@ def _set_grads(model: nn.Module, flat: torch.Tensor) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
         offset += n
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024:
-            return f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}TB"
 
 
 def _build_diloco(
@@ -221,10 +214,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None 
     def eval_global(step: int) -> float:
         if not leader:
             return float("nan")
-        if dilocos:
-            with dilocos[0].global_parameters():
-                loss = evaluate(models[0], val, device)
-        else:
+        with dilocos[0].global_parameters() if dilocos else contextlib.nullcontext():
             loss = evaluate(models[0], val, device)
         rec.eval(step=step, tokens=step * tokens_per_step, loss=loss)
         return loss
@@ -289,7 +279,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=_human_bytes(bytes_sent[0])
+                    loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=human_bytes(bytes_sent[0])
                 )
         timing["loop_s"] = time.perf_counter() - t_loop
         if dilocos and cfg.final_sync:
@@ -352,7 +342,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, topology: Topology | None 
             "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
             cfg.run_dir,
             final,
-            _human_bytes(summary["bytes_sent_per_replica"]),
+            human_bytes(summary["bytes_sent_per_replica"]),
             wall,
         )
     return summary
