@@ -33,9 +33,9 @@ import torch.distributed as dist
 
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
-from .reduce import decode_mean, encode_shards, reduce_shard, shard_bounds
+from .reduce import decode_mean, encode_shards, reduce_shard, screen_norms, seal, shard_bounds, unseal
 
-__all__ = ["DistributedGroup", "LinkEmulator", "parse_bandwidth", "parse_duration"]
+__all__ = ["DistributedGroup", "LinkEmulator", "ContributionDropped", "parse_bandwidth", "parse_duration"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ValueError(f"duration {text!r} is not understood; write e.g. '20ms', '1.5s' or '500us'")
     return float(m.group(1)) * _UNITS_S[m.group(2)]
+
+
+class ContributionDropped(CollectiveError):
+    """A fault hook made this replica's contribution to a round never arrive."""
 
 
 @dataclass(frozen=True)
@@ -124,17 +128,37 @@ class DistributedGroup(ReplicaGroup):
         link: LinkEmulator | None = None,
         timeout: float | None = None,
         name: str = "outer",
+        rank: int | None = None,
+        size: int | None = None,
     ) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("DistributedGroup needs torch.distributed initialized (init_process_group)")
-        self.pg = process_group if process_group is not None else dist.group.WORLD
-        self._rank = dist.get_rank(self.pg)
-        self._size = dist.get_world_size(self.pg)
+        # a process group built directly (ProcessGroupGloo(store, rank, size, ...), as the elastic
+        # runtime does for every generation) is not registered with torch.distributed: it is used
+        # through its own methods and needs ``rank`` and ``size``
+        self._raw = rank is not None
+        if self._raw:
+            if process_group is None or size is None:
+                raise ValueError("a directly built process group needs process_group, rank and size")
+            self.pg, self._rank, self._size = process_group, rank, size
+            self.backend = "nccl" if "nccl" in type(process_group).__name__.lower() else "gloo"
+        else:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    "DistributedGroup needs torch.distributed initialized (init_process_group)"
+                )
+            self.pg = process_group if process_group is not None else dist.group.WORLD
+            self._rank = dist.get_rank(self.pg)
+            self._size = dist.get_world_size(self.pg)
+            self.backend = dist.get_backend(self.pg)
         self.store, self.link, self.timeout, self.name = store, link, timeout, name
-        self.backend = dist.get_backend(self.pg)
         self._seq = 0
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lowcomm-{name}")
+        self._pool_: ThreadPoolExecutor | None = None
+
+    @property
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._pool_ is None:
+            self._pool_ = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lowcomm-{self.name}")
+        return self._pool_
 
     @property
     def rank(self) -> int:
@@ -146,7 +170,8 @@ class DistributedGroup(ReplicaGroup):
 
     def close(self) -> None:
         """Finish queued collectives and stop the communication thread."""
-        self._pool.shutdown(wait=True)
+        if self._pool_ is not None:
+            self._pool_.shutdown(wait=True)
 
     # ---- start-up checks ------------------------------------------------------------------------
 
@@ -174,13 +199,19 @@ class DistributedGroup(ReplicaGroup):
         dev = self._device()
         n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
         sizes = [torch.zeros_like(n) for _ in range(self._size)]
-        dist.all_gather(sizes, n, group=self.pg)
+        self._all_gather(sizes, n)
         width = int(max(int(s) for s in sizes))
         buf = torch.zeros(width, dtype=torch.uint8, device=dev)
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data else buf[:0]
         out = [torch.empty_like(buf) for _ in range(self._size)]
-        dist.all_gather(out, buf, group=self.pg)
+        self._all_gather(out, buf)
         return [bytes(o[: int(s)].cpu().tolist()) for o, s in zip(out, sizes)]
+
+    def _all_gather(self, out: list[torch.Tensor], inp: torch.Tensor) -> None:
+        if self._raw:
+            self.pg.allgather([out], [inp]).wait()
+        else:
+            dist.all_gather(out, inp, group=self.pg)
 
     def _device(self) -> torch.device:
         if self.backend == "nccl":
@@ -199,7 +230,10 @@ class DistributedGroup(ReplicaGroup):
 
     def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         out = torch.empty(sum(out_splits), dtype=torch.uint8, device=inp.device)
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pg)
+        if self._raw:
+            self.pg.alltoall_base(out, inp, out_splits, in_splits, dist.AllToAllOptions()).wait()
+        else:
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pg)
         return out
 
     def _emulate(self, t0: float, nbytes: int) -> None:
@@ -214,17 +248,23 @@ class DistributedGroup(ReplicaGroup):
         except Exception as e:  # name the replicas that never entered this collective, if we can tell
             raise CollectiveError(self._describe_failure(seq, e)) from e
 
+    def missing(self, seq: int) -> list[int]:
+        """Ranks that never entered collective ``seq`` (needs a store; [] without one)."""
+        if self.store is None:
+            return []
+        out = []
+        for r in range(self._size):
+            try:
+                self.store.wait([f"lowcomm/{self.name}/{seq}/{r}"], timedelta(milliseconds=50))
+            except Exception:
+                out.append(r)
+        return out
+
     def _describe_failure(self, seq: int, e: BaseException | str) -> str:
         msg = f"outer collective #{seq} of group {self.name!r} failed on replica {self._rank}: {e}"
-        if self.store is not None:
-            missing = []
-            for r in range(self._size):
-                try:
-                    self.store.wait([f"lowcomm/{self.name}/{seq}/{r}"], timedelta(milliseconds=50))
-                except Exception:
-                    missing.append(r)
-            if missing:
-                msg += f"; replica(s) {missing} never entered it (dead, hung or partitioned)"
+        missing = self.missing(seq)
+        if missing:
+            msg += f"; replica(s) {missing} never entered it (dead, hung or partitioned)"
         return msg
 
     def _reduce(self, buffer, codec, method, seq, stats):
@@ -277,4 +317,85 @@ class DistributedGroup(ReplicaGroup):
         stats.decode_s = dec + time.perf_counter() - t4
         stats.comm_s = comm
         stats.bytes_sent = sent1 + sent2
+        return result, sent
+
+    def reduce_guarded(self, buffer: torch.Tensor, codec: Codec, seq: int, stats: ReduceStats, hooks=None):
+        """``two_phase`` with guards, run synchronously on the caller's thread (the elastic runtime).
+
+        Phase 0 all-gathers every contribution's norm and excludes, by the same rule everywhere
+        (:func:`~lowcomm.comm.reduce.screen_norms`), non-finite and wildly outlying ones (the
+        excluded replica sends zeros). Every payload carries a CRC-32; a shard owner that receives
+        a damaged one names its sender, the owners' findings are all-gathered and every owner
+        leaves those senders out too, so the mean is over the same contributions in every shard.
+        A damaged mean shard in phase 2 fails the round (it is redone). ``stats.excluded`` maps
+        the excluded ranks to the reason. ``hooks`` (a FaultInjector) may drop, damage or kill.
+
+        Returns ``(mean, sent)`` like the unguarded reduce.
+        """
+        M, me, n = self._size, self._rank, buffer.numel()
+        action = hooks.during_collective(seq, "start") if hooks is not None else None
+        if action == "drop":
+            raise ContributionDropped(
+                f"replica {me}'s contribution to round {seq} was dropped (fault injection)"
+            )
+        if self.store is not None:
+            self.store.set(f"lowcomm/{self.name}/{seq}/{me}", "1")
+        t0 = time.perf_counter()
+        norm = torch.tensor([float(buffer.norm())], dtype=torch.float64)
+        norms = [torch.zeros_like(norm) for _ in range(M)]
+        self._all_gather(norms, norm)
+        excluded = screen_norms([float(x) for x in norms])
+        contrib = torch.zeros_like(buffer) if me in excluded else buffer
+        bounds = shard_bounds(n, M, codec.block)
+        sizes = [codec.encoded_nbytes(b - a) + 4 for a, b in bounds]
+        shards = encode_shards(contrib, codec, bounds)
+        outgoing = torch.cat([seal(s) for s in shards])
+        if action == "corrupt":
+            hooks.corrupt(outgoing)
+        stats.encode_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        received = self._a2a(outgoing, sizes, [sizes[me]] * M)
+        sent1 = sum(sizes) - sizes[me] + 8 * (M - 1)
+        self._emulate(t1, sent1)
+        comm = time.perf_counter() - t1
+        if hooks is not None:
+            hooks.during_collective(seq, "middle")
+        t2 = time.perf_counter()
+        parts = [unseal(p) for p in received.split(sizes[me])]
+        mask = torch.tensor([p is None for p in parts], dtype=torch.uint8)
+        masks = [torch.zeros_like(mask) for _ in range(M)]
+        self._all_gather(masks, mask)
+        for owner, m in enumerate(masks):
+            for r in m.nonzero().flatten().tolist():
+                excluded.setdefault(r, f"corrupt payload (checksum mismatch at replica {owner})")
+        keep = [r for r in range(M) if r not in excluded]
+        a, b = bounds[me]
+        if keep:
+            mean_payload, _ = reduce_shard([parts[r] for r in keep], codec, b - a)
+        else:
+            mean_payload = codec.encode(torch.zeros(b - a, dtype=torch.float32, device=buffer.device))
+        dec = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        gathered = self._a2a(seal(mean_payload).repeat(M), [sizes[me]] * M, sizes)
+        sent2 = (M - 1) * sizes[me] + M * (M - 1)
+        self._emulate(t3, sent2)
+        comm += time.perf_counter() - t3
+        t4 = time.perf_counter()
+        pieces = []
+        for j, (p, (lo, hi)) in enumerate(zip(gathered.split(sizes), bounds)):
+            body = unseal(p)
+            if body is None:
+                raise CollectiveError(f"round {seq}: the mean shard from replica {j} arrived damaged")
+            pieces.append(codec.decode(body, hi - lo))
+        result = torch.cat(pieces)
+
+        def sent():
+            if me in excluded:
+                return torch.zeros_like(buffer)
+            return torch.cat([codec.decode(s, hi - lo) for s, (lo, hi) in zip(shards, bounds)])
+
+        stats.decode_s = dec + time.perf_counter() - t4
+        stats.comm_s = comm
+        stats.bytes_sent = sent1 + sent2
+        stats.excluded = excluded
         return result, sent

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,8 @@ class ReduceStats:
     comm_s: float = 0.0
     decode_s: float = 0.0
     wait_s: float = 0.0
+    #: contributions left out of the mean by the guards: rank -> reason (guarded reduce only)
+    excluded: dict = field(default_factory=dict)
 
 
 class Work:

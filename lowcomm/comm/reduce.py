@@ -34,7 +34,14 @@ __all__ = [
     "reduce_shard",
     "shard_bounds",
     "wire_bytes",
+    "screen_norms",
+    "seal",
+    "unseal",
+    "OUTLIER_FACTOR",
 ]
+
+#: a contribution whose norm exceeds this many times the median of the others is excluded
+OUTLIER_FACTOR = 10.0
 
 REDUCE_METHODS = ("two_phase", "all_gather")
 
@@ -133,3 +140,40 @@ def wire_bytes(
     total = sum(sizes)
     # replica i sends every shard but its own, then its mean shard to the world-1 others
     return [(total - sizes[i]) + (world - 1) * sizes[i] for i in range(world)]
+
+
+def screen_norms(norms: Sequence[float], outlier_factor: float = OUTLIER_FACTOR) -> dict[int, str]:
+    """Contributions to exclude from a round, by rank, with the reason; the same on every replica
+    (every replica sees the same norms). Non-finite norms are excluded; with three or more finite
+    ones, so is a norm above ``outlier_factor`` times the median of the finite norms."""
+    out = {r: f"non-finite pseudo-gradient (norm {n})" for r, n in enumerate(norms) if not math.isfinite(n)}
+    finite = sorted(n for n in norms if math.isfinite(n))
+    if len(finite) >= 3:
+        med = (
+            finite[len(finite) // 2]
+            if len(finite) % 2
+            else 0.5 * (finite[len(finite) // 2 - 1] + finite[len(finite) // 2])
+        )
+        if med > 0:
+            for r, n in enumerate(norms):
+                if math.isfinite(n) and n > outlier_factor * med:
+                    out[r] = f"outlier: norm {n:.4g} > {outlier_factor:g} x median {med:.4g}"
+    return out
+
+
+def seal(payload: torch.Tensor) -> torch.Tensor:
+    """``payload`` (uint8) followed by its CRC-32, 4 bytes little-endian."""
+    import zlib
+
+    crc = zlib.crc32(payload.cpu().numpy().tobytes())
+    return torch.cat(
+        [payload, torch.tensor(list(crc.to_bytes(4, "little")), dtype=torch.uint8, device=payload.device)]
+    )
+
+
+def unseal(sealed: torch.Tensor) -> torch.Tensor | None:
+    """The payload of :func:`seal` output, or None if its checksum does not match."""
+    import zlib
+
+    body, tail = sealed[:-4], sealed[-4:].cpu().numpy().tobytes()
+    return body if zlib.crc32(body.cpu().numpy().tobytes()).to_bytes(4, "little") == tail else None

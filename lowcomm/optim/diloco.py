@@ -355,6 +355,19 @@ class DiLoCo:
                 for p, s in zip((p for f in self._frags for p in f.params), saved):
                     p.copy_(s)
 
+    def sync_local_parameters(self) -> None:
+        """Set the local parameters to the global ones (a joiner starts from the job's state, so
+        its first pseudo-gradient holds only its own progress)."""
+        with torch.no_grad():
+            for f in self._frags:
+                for p, g in zip(f.params, self._views(f)):
+                    p.copy_(g)
+
+    @property
+    def in_flight(self) -> int:
+        """Rounds sent and not yet applied."""
+        return len(self._inflight)
+
     # ---- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -482,6 +495,7 @@ class DiLoCo:
         cosine = float(torch.dot(inf.delta, mean)) / (inf.norm * mean_norm) if inf.norm and mean_norm else 0.0
         if f.residual is not None:
             torch.sub(inf.delta, inf.work.sent, out=f.residual)
+            torch.nan_to_num_(f.residual, nan=0.0, posinf=0.0, neginf=0.0)  # never carry a NaN forward
         direction, _ = nesterov_update(mean, f.momentum, self.outer_momentum)
         apply_update(f.global_[f.lo : f.hi], direction, self.outer_lr)
         if self.shard_group is not None:

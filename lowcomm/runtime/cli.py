@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--deadline-floor", type=float, default=2.0, help="min seconds of silence before a worker is dead"
     )
     co.add_argument("--deadline-ceiling", type=float, default=30.0, help="max seconds of silence")
+    co.add_argument("--min-workers", type=int, default=1, help="the first round waits for this many workers")
+    co.add_argument(
+        "--grace",
+        type=float,
+        default=0.0,
+        help="seconds after start with no quorum while workers re-register (~3 for a restarted coordinator)",
+    )
+    co.add_argument(
+        "--round-deadline-floor", type=float, default=10.0, help="min seconds a round waits for stragglers"
+    )
+    co.add_argument("--round-deadline-ceiling", type=float, default=120.0, help="max seconds a round waits")
+    co.add_argument(
+        "--store-host", default=None, help="address workers use for the TCPStore (default: bind host)"
+    )
     st = sub.add_parser("status", help="members, epoch and round of a job")
     st.add_argument("endpoint", help="tcp://host:port of the coordinator")
     st.add_argument(
@@ -206,10 +220,19 @@ def _control_plane(args: argparse.Namespace) -> int:
         return 0
     key = load_key(args.key)
     if args.command == "coordinator":
-        from .coordinator import Coordinator
+        from .coordinator import Coordinator, RoundDeadline
         from .membership import Deadline
 
-        coord = Coordinator(args.bind, args.job, key, Deadline(args.deadline_floor, args.deadline_ceiling))
+        coord = Coordinator(
+            args.bind,
+            args.job,
+            key,
+            Deadline(args.deadline_floor, args.deadline_ceiling),
+            store_host=args.store_host,
+            min_workers=args.min_workers,
+            grace=args.grace,
+            round_deadline=RoundDeadline(args.round_deadline_floor, args.round_deadline_ceiling),
+        )
         print(f"coordinator of job {args.job!r} on {coord.endpoint}", flush=True)
         try:
             coord.serve()
@@ -227,7 +250,7 @@ def _control_plane(args: argparse.Namespace) -> int:
     finally:
         client.close()
     print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(r['members'])} member(s)")
-    rows = [("rank", "worker", "address", "step", "round", "last heartbeat")]
+    rows = [("rank", "worker", "address", "step", "round", "synced", "last heartbeat")]
     rows += [
         (
             str(m["rank"]),
@@ -235,6 +258,7 @@ def _control_plane(args: argparse.Namespace) -> int:
             m["addr"],
             str(m["step"]),
             str(m["round"]),
+            "yes" if m.get("synced", True) else "no",
             f"{m['last_seen_s']:.1f}s ago",
         )
         for m in r["members"]
@@ -340,8 +364,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
-            s = train(cfg, progress=not args.quiet)
-            if int(os.environ.get("RANK", "0")) == 0:
+            if cfg.coordinator:
+                from .worker import train_elastic
+
+                s = train_elastic(cfg, progress=not args.quiet)
+                print(
+                    f"worker {s['worker_id']}: eval loss {s['final_eval_loss']:.4f}, {s['rounds']} rounds "
+                    f"({s['rounds_redone']} redone), global params {s['global_params_sha256'][:16]}"
+                )
+                print(f"records in {Path(cfg.run_dir).resolve()}", flush=True)
+                sys.stderr.flush()
+                # a collective given up on a dead peer leaves a gloo thread behind that would abort
+                # the interpreter's shutdown; the records are closed, so leave at once
+                os._exit(0)
+            else:
+                s = train(cfg, progress=not args.quiet)
+            if not cfg.coordinator and int(os.environ.get("RANK", "0")) == 0:
                 print(format_comparison({cfg.mode: s}))
                 print(f"records in {Path(cfg.run_dir).resolve()}")
         elif args.command == "launch":

@@ -63,6 +63,17 @@ class TrainConfig:
         timeout: seconds a peer may stay silent in a collective before the round fails.
         precision: matmul precision of the Linear layers: "fp32", "mxfp8", "fp8_rowwise" or
             "fp8_tensorwise" (emulated on CPU; the output head stays in full precision).
+        coordinator: "tcp://host:port" of an elastic job's coordinator: this process is one
+            worker (one replica) that may join at any time; the key comes from $LOWCOMM_KEY.
+        worker_id: this worker's name in the elastic job (default: hostname-pid); it also picks
+            the worker's data stream.
+        advertise_addr: the address peers should use for this worker (collectives and state
+            transfers); default: this host's address on the route to the coordinator.
+        transfer_inner_state: joiners also receive the donor's inner optimizer state.
+        heartbeat: seconds between an elastic worker's heartbeats.
+        checkpoint_every: an elastic worker writes its whole state to run_dir/checkpoint.lcs
+            every this many steps (0 = never); atomically, with a checksum.
+        resume: a checkpoint to continue from ("auto" = run_dir/checkpoint.lcs if it exists).
     """
 
     mode: str = "diloco"
@@ -103,6 +114,13 @@ class TrainConfig:
     link_latency: str | None = None
     timeout: float = 300.0
     precision: str = "fp32"
+    coordinator: str | None = None
+    worker_id: str | None = None
+    advertise_addr: str | None = None
+    transfer_inner_state: bool = False
+    heartbeat: float = 0.5
+    checkpoint_every: int = 0
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, allowed: str) -> None:
@@ -138,7 +156,7 @@ class TrainConfig:
             "codec_block",
         ):
             need(is_int(name, 1), name, "an int >= 1")
-        for name in ("overlap", "warmup", "eval_every", "seed", "threads"):
+        for name in ("overlap", "warmup", "eval_every", "seed", "threads", "checkpoint_every"):
             need(is_int(name, 0), name, "an int >= 0")
         need(is_num("alpha") and 0 <= self.alpha <= 1, "alpha", "a number in [0, 1]")
         need(is_num("outer_lr") and self.outer_lr > 0, "outer_lr", "a number > 0")
@@ -150,6 +168,19 @@ class TrainConfig:
         need(is_num("weight_decay") and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(is_num("grad_clip") and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
         need(is_num("timeout") and self.timeout > 0, "timeout", "a number of seconds > 0")
+        need(is_num("heartbeat") and 0 < self.heartbeat <= 10, "heartbeat", "a number of seconds in (0, 10]")
+        if self.coordinator is not None:
+            need(
+                isinstance(self.coordinator, str) and self.coordinator.startswith("tcp://"),
+                "coordinator",
+                "an endpoint like 'tcp://host:29400'",
+            )
+            need(self.mode == "diloco", "mode", "'diloco' in an elastic job (--coordinator)")
+            need(
+                self.procs_per_replica == 1,
+                "procs_per_replica",
+                "1 in an elastic job (one process per worker)",
+            )
         for name, parse in (("link_bandwidth", parse_bandwidth), ("link_latency", parse_duration)):
             if getattr(self, name) is not None:
                 parse(getattr(self, name))  # raises, naming the value and the accepted forms

@@ -14,7 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Deadline", "Member", "Membership", "register", "heartbeat", "leave", "expire", "ranks"]
+__all__ = [
+    "Deadline",
+    "Member",
+    "Membership",
+    "register",
+    "heartbeat",
+    "leave",
+    "expire",
+    "ranks",
+    "set_synced",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class Member:
     step: int = 0
     round: int = -1
     interval: float | None = None  # smoothed heartbeat interval
+    incarnation: str = ""  # changes when the worker process restarts under the same id
+    synced: bool = True  # holds the job's current global state (a joiner is not synced until transfer)
 
 
 @dataclass(frozen=True)
@@ -63,13 +75,38 @@ class Membership:
         return [m.worker_id for m in self.members]
 
 
-def register(ms: Membership, worker_id: str, addr: str, step: int, now: float) -> Membership:
-    """Add a worker (a new epoch), or refresh one that is already a member (same epoch)."""
+def register(
+    ms: Membership,
+    worker_id: str,
+    addr: str,
+    step: int,
+    now: float,
+    *,
+    incarnation: str = "",
+    synced: bool = True,
+    round: int = -1,
+) -> Membership:
+    """Add a worker (a new epoch), or refresh one that is already a member (same epoch).
+
+    A member that registers again with another ``incarnation`` is a restarted process: the old
+    one is gone, so it is replaced and the epoch changes.
+    """
     old = ms.get(worker_id)
+    if old is not None and old.incarnation == incarnation:
+        new = replace(old, addr=addr, step=step, last_seen=now, synced=synced, round=round)
+        return _put(ms, new)
     if old is not None:
-        new = replace(old, addr=addr, step=step, last_seen=now)
-        return replace(ms, members=tuple(new if m.worker_id == worker_id else m for m in ms.members))
-    member = Member(worker_id, addr, joined=now, last_seen=now, step=step)
+        ms = leave(ms, worker_id)
+    member = Member(
+        worker_id,
+        addr,
+        joined=now,
+        last_seen=now,
+        step=step,
+        incarnation=incarnation,
+        synced=synced,
+        round=round,
+    )
     return Membership(
         ms.epoch + 1, tuple(sorted((*ms.members, member), key=lambda m: (m.joined, m.worker_id)))
     )
@@ -83,7 +120,19 @@ def heartbeat(ms: Membership, worker_id: str, step: int, round: int, now: float)
     gap = now - old.last_seen
     interval = gap if old.interval is None else 0.8 * old.interval + 0.2 * gap
     new = replace(old, last_seen=now, step=step, round=round, interval=interval)
-    return replace(ms, members=tuple(new if m.worker_id == worker_id else m for m in ms.members))
+    return _put(ms, new)
+
+
+def set_synced(ms: Membership, worker_id: str, synced: bool, round: int | None = None) -> Membership:
+    """Mark a member as holding (or no longer holding) the job's state; same epoch."""
+    old = ms.get(worker_id)
+    if old is None:
+        raise KeyError(worker_id)
+    return _put(ms, replace(old, synced=synced, round=old.round if round is None else round))
+
+
+def _put(ms: Membership, new: Member) -> Membership:
+    return replace(ms, members=tuple(new if m.worker_id == new.worker_id else m for m in ms.members))
 
 
 def leave(ms: Membership, worker_id: str) -> Membership:

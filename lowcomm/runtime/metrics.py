@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,14 @@ class NullRecorder:
 class RunRecorder:
     """Writes one run's records. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any]):
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], append: bool = False):
+        """``append`` keeps the records of an earlier process of the same run (a restarted worker)."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        self._lock = threading.Lock()
         atomic_write_json(self.dir / "config.json", config)
-        for name in ("events.jsonl", "eval.jsonl", "summary.json"):
+        for name in ("events.jsonl", "eval.jsonl", "summary.json") if not append else ("summary.json",):
             (self.dir / name).unlink(missing_ok=True)
         self._events = open(self.dir / "events.jsonl", "a", buffering=1)
         self._evals = open(self.dir / "eval.jsonl", "a", buffering=1)
@@ -123,21 +126,27 @@ class RunRecorder:
         f.write(json.dumps(obj, default=_default) + "\n")
 
     def event(self, kind: str, **fields: Any) -> None:
-        """Append one event with its kind and seconds since the run started."""
-        self._line(self._events, {"kind": kind, "t": round(time.time() - self.t0, 6), **fields})
+        """Append one event with its kind, seconds since this recorder started and wall-clock time
+        (safe from any thread)."""
+        now = time.time()
+        with self._lock:
+            if not self._events.closed:
+                self._line(self._events, {"kind": kind, "t": round(now - self.t0, 6), "wall": now, **fields})
 
     def eval(self, **fields: Any) -> None:
         """Append one evaluation (also recorded as an event)."""
-        self._line(self._evals, fields)
+        with self._lock:
+            self._line(self._evals, fields)
         self.event("eval", **fields)
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_summary(self.dir, summary)
 
     def close(self) -> None:
-        for f in (self._events, self._evals):
-            if not f.closed:
-                f.close()
+        with self._lock:
+            for f in (self._events, self._evals):
+                if not f.closed:
+                    f.close()
 
     def __enter__(self) -> RunRecorder:
         return self

@@ -73,32 +73,79 @@ HEADER: dict[str, _Field] = {
     "seq": ((int,), True, (0, 1 << 62)),
     "epoch": ((int,), True, (-1, 1 << 62)),
     "ts": ((float, int), True, (0.0, 1e11)),
+    "re": ((str,), False, 64),  # a reply: the id of the request it answers
 }
 _WID = ((str,), True, 128)
+_ROUND = ((int,), True, (-1, 1 << 62))
+_GEN = ((int,), True, (0, 1 << 62))
+_BOOL = ((bool,), True, None)
 SCHEMAS: dict[str, dict[str, _Field]] = {
     "register": {
         "worker_id": _WID,
         "advertise_addr": ((str,), True, _STR),
         "step": ((int,), True, (0, 1 << 62)),
+        # the elastic worker agent's fields; a bare client (tests, tools) may leave them out
+        "incarnation": ((str,), False, 64),
+        "fingerprint": ((str,), False, 64),
+        "synced": ((bool,), False, None),
+        "round": ((int,), False, (0, 1 << 62)),
     },
     "heartbeat": {
         "worker_id": _WID,
         "step": ((int,), True, (0, 1 << 62)),
-        "round": ((int,), True, (-1, 1 << 62)),
+        "round": _ROUND,
     },
     "quorum": {"worker_id": _WID, "round": ((int,), True, (0, 1 << 62))},
-    "leave": {"worker_id": _WID},
+    "commit": {
+        "worker_id": _WID,
+        "round": ((int,), True, (0, 1 << 62)),
+        "generation": _GEN,
+        "ok": _BOOL,
+        "members": ((list,), True, 4096),
+        "suspects": ((list,), False, 4096),  # members that never entered the failed round
+    },
+    "join": {"worker_id": _WID, "failed": ((list,), True, 64)},
+    "transfer_done": {
+        "worker_id": _WID,
+        "joiner": _WID,
+        "transfer_id": _GEN,
+        "ok": _BOOL,
+        "round": ((int,), True, (0, 1 << 62)),
+        "step": ((int,), True, (0, 1 << 62)),
+    },
+    "leave": {"worker_id": _WID, "finished": ((bool,), False, None)},
     "status": {},
     # replies
     "ok": {"epoch": ((int,), True, (-1, 1 << 62)), "members": ((list,), False, 4096)},
-    "quorum_reply": {
+    "register_reply": {
         "epoch": ((int,), True, (0, 1 << 62)),
-        "rank": ((int,), True, (0, 1 << 20)),
-        "world": ((int,), True, (1, 1 << 20)),
+        "synced": _BOOL,
+        "members": ((list,), True, 4096),
+    },
+    "heartbeat_reply": {
+        "epoch": ((int,), True, (0, 1 << 62)),
+        "synced": _BOOL,
+        "aborted": ((list,), True, 64),
+        "lost": ((list,), True, 64),
+        "serve": ((list,), True, 16),
+    },
+    "quorum_reply": {
+        "round": ((int,), True, (0, 1 << 62)),
+        "action": ((str,), True, 16),
+        "epoch": ((int,), True, (0, 1 << 62)),
+        "rank": ((int,), True, (-1, 1 << 20)),
+        "world": ((int,), True, (0, 1 << 20)),
         "members": ((list,), True, 4096),
         "store": ((str,), True, _STR),
-        "generation": ((int,), True, (0, 1 << 62)),
+        "generation": _GEN,
         "donors": ((list,), True, 4096),
+    },
+    "decision": {"round": ((int,), True, (0, 1 << 62)), "generation": _GEN, "commit": _BOOL},
+    "join_reply": {
+        "donor": _WID,
+        "donor_addr": ((str,), True, _STR),
+        "transfer_id": _GEN,
+        "store": ((str,), True, _STR),
     },
     "status_reply": {
         "job": ((str,), True, _STR),
@@ -122,10 +169,12 @@ def _check(obj: Any, schema: dict[str, _Field], what: str) -> None:
                 raise ProtocolError(f"{what} lacks field {name!r}", True)
             continue
         v = obj[name]
-        if isinstance(v, bool) or not isinstance(v, types):
+        if isinstance(v, bool) != (bool in types) or not isinstance(v, types):
             raise ProtocolError(
                 f"{what}.{name} must be {'/'.join(t.__name__ for t in types)}, got {type(v).__name__}", True
             )
+        if bound is None:
+            continue
         if isinstance(v, (str, list)) and len(v) > bound:
             raise ProtocolError(f"{what}.{name} is longer than {bound}", True)
         if isinstance(v, (int, float)) and not bound[0] <= v <= bound[1]:
@@ -143,6 +192,7 @@ class Message:
     body: dict
     id: str = ""
     ts: float = 0.0
+    re: str = ""
 
 
 class Signer:
@@ -183,7 +233,7 @@ class ReplayGuard:
 
 
 def serialize(
-    signer: Signer, type: str, body: dict, *, sender: str, seq: int, epoch: int = -1
+    signer: Signer, type: str, body: dict, *, sender: str, seq: int, epoch: int = -1, re: str | None = None
 ) -> list[bytes]:
     """Build the four frames of a message (the body is checked against its schema first)."""
     if type not in SCHEMAS:
@@ -198,6 +248,8 @@ def serialize(
         "epoch": epoch,
         "ts": time.time(),
     }
+    if re:
+        header["re"] = re
     h = msgpack.packb(header, use_bin_type=True)
     b = msgpack.packb(body, use_bin_type=True)
     return [MAGIC, signer.sign(h, b), h, b]
@@ -253,6 +305,7 @@ def deserialize(frames: list[bytes], signer: Signer, guard: ReplayGuard | None =
         body,
         header["id"],
         float(header["ts"]),
+        header.get("re", ""),
     )
 
 

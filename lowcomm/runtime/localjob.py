@@ -1,0 +1,145 @@
+"""An elastic job on this machine (127.0.0.1): a coordinator process and worker processes.
+
+Used by the chaos runner, the elastic benchmarks and the tests. Each worker is
+``python -m lowcomm train --coordinator ... --worker-id ID --run-dir DIR/runs/ID``; its output goes
+to ``DIR/ID-*.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .coordinator import CoordinatorClient
+from .launch import free_port
+from .protocol import new_key
+
+__all__ = ["LocalJob", "pace"]
+
+
+def pace(workers, delay=0.04, extra=()):
+    """A fault plan that slows every worker's steps a little (so a test can act mid-run), plus ``extra``."""
+    faults = [
+        {"kind": "delay", "target": f"worker:{w}", "at_step": 1, "delay": delay, "duration": 3600}
+        for w in workers
+    ]
+    return {"seed": 0, "faults": faults + list(extra)}
+
+
+class LocalJob:
+    """Args: tmp: the job's folder; flags: ``lowcomm train`` flags of every worker (model, data,
+    schedule); coord_flags: flags of ``lowcomm coordinator``."""
+
+    def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = ()):
+        self.tmp, self.flags = Path(tmp), list(flags)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.key = new_key()
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.coord_flags = list(coord_flags)
+        self.coord: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "LOWCOMM_KEY": self.key, "PYTHONUNBUFFERED": "1"}
+
+    def start_coordinator(self, extra: list[str] = ()) -> None:
+        log = open(self.tmp / f"coordinator-{time.time_ns()}.log", "w")
+        self.coord = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lowcomm",
+                "--log-level",
+                "INFO",
+                "coordinator",
+                "--bind",
+                self.endpoint,
+                *self.coord_flags,
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+
+    def start_worker(
+        self, wid: str, plan: dict | None = None, extra: list[str] = (), env: dict | None = None
+    ):
+        e = dict(self.env, **(env or {}))
+        if plan is not None:
+            e["LOWCOMM_FAULTS"] = json.dumps(plan)
+        log = open(self.tmp / f"{wid}-{time.time_ns()}.log", "w")
+        self.workers[wid] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lowcomm",
+                "--log-level",
+                "WARNING",
+                "train",
+                "--coordinator",
+                self.endpoint,
+                "--worker-id",
+                wid,
+                "--run-dir",
+                str(self.tmp / "runs" / wid),
+                "--quiet",
+                *self.flags,
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=e,
+        )
+        return self.workers[wid]
+
+    def status(self) -> dict | None:
+        c = CoordinatorClient(self.endpoint, bytes.fromhex(self.key), f"test-{time.time_ns()}", timeout_s=1.0)
+        try:
+            return c.request("status", {}).body
+        except Exception:
+            return None
+        finally:
+            c.close()
+
+    def wait_until(self, pred, timeout: float, what: str):
+        end = time.time() + timeout
+        while time.time() < end:
+            st = self.status()
+            if st is not None and pred(st):
+                return st
+            time.sleep(0.2)
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}; last status {self.status()}\n" + self.logs()
+        )
+
+    def wait_workers(self, names, timeout: float) -> dict[str, int]:
+        end = time.time() + timeout
+        codes = {}
+        for n in names:
+            try:
+                codes[n] = self.workers[n].wait(timeout=max(end - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"worker {n} did not finish in {timeout}s\n" + self.logs()) from None
+        return codes
+
+    def summary(self, wid: str) -> dict:
+        return json.loads((self.tmp / "runs" / wid / "summary.json").read_text())
+
+    def events(self, wid: str, kind: str | None = None) -> list[dict]:
+        path = self.tmp / "runs" / wid / "events.jsonl"
+        out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [e for e in out if kind is None or e["kind"] == kind]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> None:
+        for p in [*self.workers.values(), self.coord]:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(10)

@@ -1,0 +1,103 @@
+"""Elastic membership end to end: real processes on 127.0.0.1, a coordinator, bounded time."""
+
+import math
+
+import pytest
+from helpers import TINY_FLAGS, write_corpus
+
+from lowcomm.runtime.localjob import LocalJob, pace
+
+FLAGS = ["--steps", "240", "--sync-every", "10", "--eval-every", "0"]
+W4 = ["w0", "w1", "w2", "w3"]
+
+
+@pytest.fixture
+def job(tmp_path):
+    jobs = []
+
+    def make(flags=FLAGS, coord_flags=("--min-workers", "4")):
+        j = LocalJob(
+            tmp_path / f"job{len(jobs)}", [*TINY_FLAGS, "--corpus", corpus, *flags], list(coord_flags)
+        )
+        jobs.append(j)
+        return j
+
+    corpus = write_corpus(tmp_path / "corpus")
+    yield make
+    for j in jobs:
+        j.close()
+
+
+def _digests(j, names):
+    return {n: j.summary(n)["global_params_sha256"] for n in names}
+
+
+def test_a_worker_killed_mid_round_is_survived_and_a_joiner_catches_up(job):
+    ref = job()  # the fault-free run
+    ref.start_coordinator()
+    for w in W4:
+        ref.start_worker(w, pace(W4))
+    assert ref.wait_workers(W4, 150) == dict.fromkeys(W4, 0), ref.logs()
+    ref_loss = ref.summary("w0")["final_eval_loss"]
+    assert len(set(_digests(ref, W4).values())) == 1
+
+    j = job()
+    j.start_coordinator()
+    kill = {"kind": "kill", "target": "worker:w3", "at_round": 6}  # inside round 6, between its two phases
+    for w in W4:
+        j.start_worker(w, pace(W4, extra=[kill]))
+    # the survivors go on without w3 (its death aborts round 6, which they redo), then w4 joins
+    j.wait_until(lambda s: len(s["members"]) == 3 and s["round"] >= 8, 90, "w3's death to be survived")
+    j.start_worker("w4", pace(["w4"]))
+    survivors = ["w0", "w1", "w2", "w4"]
+    codes = j.wait_workers(survivors, 150)
+    assert codes == dict.fromkeys(survivors, 0), j.logs()
+    assert j.workers["w3"].wait(5) == -9
+    digests = _digests(j, survivors)
+    assert len(set(digests.values())) == 1, digests  # bitwise identical, the joiner included
+    for w in ("w0", "w1", "w2"):
+        redone = j.events(w, "round_redone")
+        assert redone and redone[0]["round"] == 6 and "w3" in redone[0]["members"]
+    joined = j.summary("w4")
+    assert len(joined["transfers_in"]) == 1 and joined["steps_run"] < 240  # it started from a donor's step
+    received = [e for e in j.events("w4", "transfer") if e["what"] == "received"]
+    assert received and received[0]["donor"] in ("w0", "w1", "w2")
+    loss = j.summary("w0")["final_eval_loss"]
+    assert math.isfinite(loss) and abs(loss - ref_loss) < 0.15 * ref_loss, (loss, ref_loss)
+
+
+def test_the_job_survives_a_coordinator_restart(job):
+    j = job(coord_flags=("--min-workers", "3"))
+    j.start_coordinator()
+    names = W4[:3]
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.05))
+    j.wait_until(lambda s: s["round"] >= 4, 90, "a few rounds")
+    j.coord.kill()
+    j.coord.wait(10)
+    j.start_coordinator(["--grace", "3"])  # same address; the workers re-register with their state
+    j.wait_until(lambda s: len(s["members"]) == 3, 30, "the workers to re-register")
+    assert j.wait_workers(names, 150) == dict.fromkeys(names, 0), j.logs()
+    assert len(set(_digests(j, names).values())) == 1
+    assert all(j.summary(w)["resyncs"] == 0 for w in names)  # nobody lost its state
+    assert any(e["what"] == "re-registered" for e in j.events("w0", "membership"))
+
+
+def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):
+    j = job(coord_flags=("--min-workers", "3"))
+    j.start_coordinator()
+    names = W4[:3]
+    die = {"kind": "kill", "target": "worker:w0", "at_time": 0, "where": "during_transfer", "restart": False}
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.05, extra=[die]))
+    j.wait_until(lambda s: s["round"] >= 3, 90, "a few rounds")
+    j.start_worker("w3", pace(["w3"], delay=0.05))
+    rest = ["w1", "w2", "w3"]
+    assert j.wait_workers(rest, 150) == dict.fromkeys(rest, 0), j.logs()
+    assert j.workers["w0"].wait(5) == -9
+    transfers = j.events("w3", "transfer")
+    failed = [e for e in transfers if e["what"] == "failed"]
+    received = [e for e in transfers if e["what"] == "received"]
+    assert failed and failed[0]["donor"] == "w0"
+    assert received and received[0]["donor"] in ("w1", "w2") and received[0]["attempts"] == 2
+    assert len(set(_digests(j, rest).values())) == 1

@@ -1,0 +1,183 @@
+"""Fault plans, guards and checkpoints: unit checks, then real elastic jobs on 127.0.0.1."""
+
+import math
+
+import pytest
+import torch
+from helpers import TINY_FLAGS, write_corpus
+
+from lowcomm.comm.reduce import screen_norms, seal, unseal
+from lowcomm.runtime.faults import KINDS, FaultInjector, FaultPlan
+from lowcomm.runtime.localjob import LocalJob, pace
+from lowcomm.runtime.transfer import CorruptStateError, load_state, pack, save_state, unpack
+
+WORKERS = ["w0", "w1", "w2", "w3"]
+
+
+def test_the_example_plan_loads_and_random_targets_are_drawn_from_the_seed(tmp_path):
+    p = tmp_path / "plan.toml"
+    p.write_text(
+        'seed = 7\n[[faults]]\nkind = "kill"\ntarget = "worker:1"\nat_step = 60\n'
+        '[[faults]]\nkind = "corrupt"\ntarget = "random"\nat_round = 3\n'
+    )
+    plan = FaultPlan.load(p)
+    a = plan.check(WORKERS, steps=100)
+    b = FaultPlan.load(p).check(WORKERS, steps=100)
+    assert a.faults[0].target == "worker:w1" and a.faults[0].hook == "before_step"
+    assert a.faults[1].target == b.faults[1].target and a.faults[1].target.startswith("worker:w")
+    assert a.faults[1].hook == "during_collective"
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ({"kind": "explode", "target": "worker:1", "at_step": 3}, "kind='explode' is not allowed"),
+        ({"kind": "kill", "target": "worker:9", "at_step": 3}, "names no worker"),
+        ({"kind": "kill", "target": "replica:4", "at_step": 3}, r"out of range: replica in \[0, 3\]"),
+        ({"kind": "kill", "target": "worker:1", "at_step": 500}, "past the job's last step 100"),
+        ({"kind": "kill", "target": "worker:1", "at_step": 0}, "at_step=0 must be an int >= 1"),
+        ({"kind": "kill", "target": "worker:1", "probability": 1.5}, r"probability=1.5 must be in \(0, 1\]"),
+        ({"kind": "kill", "target": "worker:1"}, "exactly one trigger"),
+        ({"kind": "corrupt", "target": "worker:1", "at_step": 4}, "use at_round"),
+        ({"kind": "kill", "target": "coordinator", "at_step": 4}, "coordinator-kill"),
+        ({"kind": "slow-link", "target": "worker:1", "at_step": 4}, "needs bandwidth"),
+        ({"kind": "kill", "target": "worker:1", "at_step": 4, "colour": "red"}, "unknown key"),
+    ],
+)
+def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
+    with pytest.raises(ValueError, match=message):
+        FaultPlan.from_dict({"seed": 1, "faults": [fault]}).check(WORKERS, steps=100)
+
+
+def test_every_kind_parses_and_flags_work():
+    plan = FaultPlan.from_flags(["kind=delay,target=worker:0,at_step=2,delay=0.1,duration=1"])
+    assert plan.faults[0].delay == 0.1 and plan.faults[0].kind == "delay"
+    assert set(KINDS) >= {"kill", "hang", "delay", "slow-link", "drop-round", "corrupt", "nan", "partition"}
+
+
+def test_probability_triggers_replay_the_same_for_a_seed():
+    plan = FaultPlan.from_dict(
+        {"seed": 3, "faults": [{"kind": "delay", "target": "worker:w0", "probability": 0.05, "delay": 0}]}
+    ).check(["w0"])
+
+    def first_firing():
+        inj = FaultInjector(plan, "w0")
+        for step in range(1, 1000):
+            inj.before_step(step)
+            if inj.fired:
+                return step
+
+    assert first_firing() == first_firing() is not None
+
+
+def test_screening_excludes_non_finite_and_outlying_contributions_by_one_rule():
+    assert screen_norms([1.0, 1.1, 0.9, 1.0]) == {}
+    out = screen_norms([1.0, float("nan"), 0.9, 50.0])
+    assert set(out) == {1, 3} and "non-finite" in out[1] and "outlier" in out[3]
+    assert screen_norms([1.0, 100.0]) == {}  # two replicas: no majority to call an outlier
+
+
+def test_sealed_payloads_detect_a_flipped_byte():
+    p = torch.arange(40, dtype=torch.uint8)
+    s = seal(p)
+    assert torch.equal(unseal(s), p)
+    s[5] ^= 0xFF
+    assert unseal(s) is None
+
+
+def test_state_round_trips_and_any_corruption_is_refused(tmp_path):
+    state = {
+        "a": torch.randn(5, 3),
+        3: [torch.arange(4), {"x": 1.5, "b": torch.ones(2, dtype=torch.bfloat16)}],
+    }
+    header, flat = pack(state)
+    back = unpack(header, flat)
+    assert torch.equal(back["a"], state["a"]) and torch.equal(back[3][1]["b"], state[3][1]["b"])
+    bad = flat.clone()
+    bad[7] ^= 1
+    with pytest.raises(CorruptStateError, match="SHA-256"):
+        unpack(header, bad)
+    with pytest.raises(CorruptStateError, match="bytes"):
+        unpack(header, flat[:-1])
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
+    path = tmp_path / "checkpoint.lcs"
+    save_state(path, {"step": 40, "w": torch.full((100,), 4.0)})
+    with pytest.raises(OSError, match="injected checkpoint write failure"):
+        save_state(path, {"step": 80, "w": torch.full((100,), 8.0)}, _fail_after=100)
+    back = load_state(path)
+    assert back["step"] == 40 and torch.equal(back["w"], torch.full((100,), 4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.lcs"]  # no temporary left behind
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptStateError, match="checkpoint.lcs"):
+        load_state(path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+def _flags(corpus, *extra):
+    return [*TINY_FLAGS, "--corpus", corpus, "--sync-every", "10", "--eval-every", "0", *extra]
+
+
+def test_corrupt_and_nan_contributions_are_excluded_and_named_on_every_worker(tmp_path, corpus):
+    job = LocalJob(tmp_path / "job", _flags(corpus, "--steps", "100"), ["--min-workers", "4"])
+    try:
+        job.start_coordinator()
+        faults = [
+            {"kind": "corrupt", "target": "worker:w1", "at_round": 3, "nbytes": 4},
+            {"kind": "nan", "target": "worker:w2", "at_round": 5},
+        ]
+        for w in WORKERS:
+            job.start_worker(w, pace(WORKERS, delay=0.01, extra=faults))
+        assert job.wait_workers(WORKERS, 150) == dict.fromkeys(WORKERS, 0), job.logs()
+        digests = {job.summary(w)["global_params_sha256"] for w in WORKERS}
+        assert len(digests) == 1
+        for w in WORKERS:
+            ex = {e["round"]: e["contributions"] for e in job.events(w, "excluded")}
+            assert set(ex) == {3, 5}, ex
+            assert list(ex[3]) == ["w1"] and "corrupt payload" in ex[3]["w1"]
+            assert list(ex[5]) == ["w2"] and "non-finite" in ex[5]["w2"]
+        assert math.isfinite(job.summary("w0")["final_eval_loss"])
+    finally:
+        job.close()
+
+
+def test_a_job_that_loses_every_worker_resumes_from_its_checkpoints_exactly(tmp_path, corpus):
+    names = WORKERS[:3]
+    flags = _flags(corpus, "--steps", "120", "--checkpoint-every", "40")
+    ref = LocalJob(tmp_path / "ref", flags, ["--min-workers", "3"])
+    try:
+        ref.start_coordinator()
+        for w in names:
+            ref.start_worker(w)
+        assert ref.wait_workers(names, 120) == dict.fromkeys(names, 0), ref.logs()
+    finally:
+        ref.close()
+    want = ref.summary("w0")["global_params_sha256"]
+
+    job = LocalJob(tmp_path / "job", flags, ["--min-workers", "3"])
+    try:
+        job.start_coordinator()
+        kill_all = [
+            {"kind": "kill", "target": f"worker:{w}", "at_step": 100, "restart": False} for w in names
+        ]
+        for w in names:
+            job.start_worker(w, {"seed": 0, "faults": kill_all})
+        assert job.wait_workers(names, 120) == dict.fromkeys(names, -9)
+        assert all(load_state(job.tmp / "runs" / w / "checkpoint.lcs")["diloco"]["step"] == 80 for w in names)
+        job.coord.kill()
+        job.coord.wait(10)
+        job.start_coordinator()  # a new coordinator, a new start: every worker resumes from its checkpoint
+        for w in names:
+            job.start_worker(w, extra=["--resume", "auto"])
+        assert job.wait_workers(names, 120) == dict.fromkeys(names, 0), job.logs()
+        got = {job.summary(w)["global_params_sha256"] for w in names}
+        assert got == {want}
+    finally:
+        job.close()
