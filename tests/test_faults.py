@@ -181,3 +181,44 @@ def test_a_job_that_loses_every_worker_resumes_from_its_checkpoints_exactly(tmp_
         assert got == {want}
     finally:
         job.close()
+
+
+def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corpus):
+    import json
+    import subprocess
+    import sys
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'seed = 7\n[[faults]]\nkind = "kill"\ntarget = "worker:1"\nat_step = 60\n'
+        '[[faults]]\nkind = "corrupt"\ntarget = "worker:2"\nat_round = 3\n'
+        + "".join(  # pace the job so that the restarted w1 rejoins before the end
+            f'[[faults]]\nkind = "delay"\ntarget = "worker:{w}"\nat_step = 1\ndelay = 0.04\nduration = 3600\n'
+            for w in range(3)
+        )
+    )
+    out = tmp_path / "chaos"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowcomm",
+        "chaos",
+        "--plan",
+        str(plan),
+        "--replicas",
+        "3",
+        "--out",
+        str(out),
+        "--",
+        *_flags(corpus, "--steps", "200", "--eval-every", "50"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["data_lost"] == 0 and report["faults_injected"] == 5
+    assert math.isfinite(report["final_loss_delta"])
+    by_kind = {f["kind"]: f for f in report["faults"]}
+    assert by_kind["corrupt"]["contributions_excluded"][0]["round"] == 3
+    assert by_kind["kill"]["recovered_after_s"] is not None  # w1 restarted and the job went on
+    assert sorted(report["workers_finished"]) == ["w0", "w1", "w2"]
+    assert (out / "loss.png").stat().st_size > 0 and "data lost: 0" in (out / "report.md").read_text()

@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=5.0)
     sub.add_parser("keys", help="print a new job key (hex): export LOWCOMM_KEY=...")
 
+    ch = sub.add_parser(
+        "chaos",
+        help="run a local elastic job under a fault plan beside a fault-free one; write a survival report",
+        description="Example: lowcomm chaos --plan plan.toml --replicas 4 --out runs/chaos -- --steps 400",
+    )
+    ch.add_argument("--plan", default=None, help="fault plan (.toml or .json)")
+    ch.add_argument("--fault", action="append", default=[], help="a fault as key=value,... (repeatable)")
+    ch.add_argument("--seed", type=int, default=0, help="seed of --fault faults")
+    ch.add_argument("--replicas", type=int, default=4)
+    ch.add_argument("--out", default="runs/chaos")
+    ch.add_argument("--timeout", type=float, default=1800.0, help="seconds each of the two runs may take")
+    ch.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- lowcomm train flags of every worker")
+
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
     d.add_argument("--replicas", type=int, default=4, help="replicas (default: 4)")
@@ -365,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cfg = config_from_args(args)
             if cfg.coordinator:
+                from .coordinator import CoordinatorError
                 from .worker import train_elastic
 
-                s = train_elastic(cfg, progress=not args.quiet)
+                try:
+                    s = train_elastic(cfg, progress=not args.quiet)
+                except CoordinatorError as e:
+                    print(f"lowcomm: {e}", file=sys.stderr, flush=True)
+                    os._exit(3 if "job has finished" in str(e) else 1)
                 print(
                     f"worker {s['worker_id']}: eval loss {s['final_eval_loss']:.4f}, {s['rounds']} rounds "
                     f"({s['rounds_redone']} redone), global params {s['global_params_sha256'][:16]}"
@@ -389,6 +407,25 @@ def main(argv: list[str] | None = None) -> int:
             return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
         elif args.command in ("coordinator", "status", "keys"):
             return _control_plane(args)
+        elif args.command == "chaos":
+            from .chaos import run_chaos
+            from .faults import FaultPlan
+
+            plan = FaultPlan.load(args.plan) if args.plan else FaultPlan(args.seed, [])
+            if args.fault:  # flags add to the plan's faults (ids are renumbered)
+                faults = [*plan.faults, *FaultPlan.from_flags(args.fault, args.seed).faults]
+                entries = [{k: v for k, v in f.to_dict().items() if k != "id"} for f in faults]
+                plan = FaultPlan.from_dict({"seed": plan.seed, "faults": entries})
+            flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+            from .protocol import new_key
+
+            os.environ.setdefault("LOWCOMM_KEY", new_key())
+            r = run_chaos(plan, args.replicas, args.out, flags, args.timeout)
+            print(
+                f"{r['faults_injected']} faults injected, data lost {r['data_lost']}, final loss delta "
+                f"{r['final_loss_delta']}; report in {Path(args.out).resolve()}/report.md"
+            )
+            return 0 if r["data_lost"] == 0 else 1
         elif args.command == "scaling":
             return _scaling(args)
         elif args.command == "demo":

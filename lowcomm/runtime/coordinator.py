@@ -162,6 +162,7 @@ class Coordinator:
         """Handle messages until :meth:`stop` (checks expiry and deadlines every 50 ms)."""
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        last_check = 0.0
         try:
             while not self._stop.is_set():
                 if dict(poller.poll(50)).get(self._sock):
@@ -171,9 +172,12 @@ class Coordinator:
                         except zmq.Again:
                             break
                         self._on_frames(frames)
-                self._expire()
-                self._try_quorum()
-                self._try_joins()
+                now = time.monotonic()
+                if now - last_check >= 0.05:  # deadlines: O(members), so not on every message
+                    last_check = now
+                    self._expire()
+                    self._try_quorum()
+                    self._try_joins()
         finally:
             self._sock.close(0)
             if self._store is not None:
