@@ -38,7 +38,7 @@ def _run(
     spec = plan.to_dict() if plan is not None else None
     for w in names:
         job.start_worker(w, spec)
-    t0 = time.time()
+    t0 = time.time()  # a coordinator fault's at_time counts from here
     coord_faults = sorted(
         (f for f in (plan.faults if plan else []) if f.kind == "coordinator-kill"),
         key=lambda f: f.at_time or 0,
@@ -131,6 +131,8 @@ def run_chaos(
             e["round"]: {"round": e["round"], "worker": w, "reason": why}
             for e in others
             if e["kind"] == "excluded"
+            and inj["fault"] in ("corrupt", "nan")
+            and e["round"] == inj.get("round")
             for w, why in e["contributions"].items()
             if w == inj["worker"]
         }
