@@ -101,3 +101,20 @@ def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):
     assert failed and failed[0]["donor"] == "w0"
     assert received and received[0]["donor"] in ("w1", "w2") and received[0]["attempts"] == 2
     assert len(set(_digests(j, rest).values())) == 1
+
+
+def test_a_straggler_past_the_round_deadline_is_left_out_and_resynchronizes(job):
+    j = job(
+        coord_flags=("--min-workers", "3", "--round-deadline-floor", "1", "--round-deadline-ceiling", "2")
+    )
+    j.start_coordinator()
+    names = W4[:3]
+    stall = {"kind": "delay", "target": "worker:w2", "at_step": 50, "delay": 4.0, "duration": 1.0}
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.03, extra=[stall]))
+    assert j.wait_workers(names, 150) == dict.fromkeys(names, 0), j.logs()
+    assert len(set(_digests(j, names).values())) == 1
+    late = j.summary("w2")
+    assert late["resyncs"] >= 1 and len(late["transfers_in"]) >= 1  # left out, then back by a transfer
+    assert any(e["what"] == "resync" for e in j.events("w2", "membership"))
+    assert all(j.summary(w)["resyncs"] == 0 for w in ("w0", "w1"))
