@@ -118,3 +118,22 @@ def test_a_straggler_past_the_round_deadline_is_left_out_and_resynchronizes(job)
     assert late["resyncs"] >= 1 and len(late["transfers_in"]) >= 1  # left out, then back by a transfer
     assert any(e["what"] == "resync" for e in j.events("w2", "membership"))
     assert all(j.summary(w)["resyncs"] == 0 for w in ("w0", "w1"))
+
+
+def test_a_dropped_contribution_and_a_hung_worker_cost_a_redo_and_a_resync_not_data(job):
+    j = job(coord_flags=("--min-workers", "3"))
+    j.start_coordinator()
+    names = W4[:3]
+    faults = [
+        {"kind": "drop-round", "target": "worker:w2", "at_round": 4},
+        {"kind": "hang", "target": "worker:w1", "at_step": 150, "duration": 4.0},  # past its 2-2.5 s deadline
+    ]
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.03, extra=faults))
+    assert j.wait_workers(names, 150) == dict.fromkeys(names, 0), j.logs()
+    assert len(set(_digests(j, names).values())) == 1
+    redone = {e["round"]: e for e in j.events("w0", "round_redone")}
+    assert 4 in redone and redone[4]["suspects"] == ["w2"]  # named as never having entered round 4
+    assert j.summary("w2")["resyncs"] >= 1  # left out of the redo by the others' majority, back by a transfer
+    assert j.summary("w1")["resyncs"] >= 1  # expired while stopped, back by a transfer
+    assert j.summary("w0")["resyncs"] == 0

@@ -341,6 +341,7 @@ class WorkerAgent:
                         "generation": generation,
                         "ok": ok,
                         "members": members,
+                        "suspects": list(suspects),
                     },
                     match=lambda r: r.type == "decision" and r.body["generation"] == generation,
                 )

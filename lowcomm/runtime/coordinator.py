@@ -320,6 +320,7 @@ class Coordinator:
         """A member that a majority of the others found missing from a failed round is left out of
         the next and resynchronizes (it hangs, drops its contributions or is cut off from them)."""
         need = (len(gen.members) - 1) // 2 + 1
+        log.info("round %d: %s failed it and found %s missing", gen.round, reporter, suspects or "nobody")
         for s in suspects:
             if s == reporter or s not in gen.members:
                 continue
