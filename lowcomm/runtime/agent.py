@@ -373,18 +373,8 @@ class WorkerAgent:
             t0 = time.perf_counter()
             self.record("transfer", what="start", donor=donor, transfer_id=tid, attempt=attempts)
 
-            def receive(store=b["store"], tid=tid):
-                if self.hooks is not None:
-                    self.hooks.during_transfer("joiner")
-                pg, _ = make_gloo_group(store, f"x{tid}/", 1, 2, self.advertise_addr, self.pg_timeout_s)
-                return recv_state(pg, 0)
-
             try:
-                state = run_guarded(
-                    receive,
-                    lambda donor=donor: f"donor {donor} was lost" if self.lost(donor) else None,
-                    self.transfer_timeout_s,
-                )
+                state = self._over_transfer_group(b["store"], tid, 1, donor, lambda pg: recv_state(pg, 0))
             except Exception as e:
                 log.warning(
                     "%s: state transfer from %s failed (%s); asking for another donor",
@@ -403,6 +393,25 @@ class WorkerAgent:
             self.record("transfer", what="received", **info)
             return info
 
+    def _over_transfer_group(self, store: str, tid: int, rank: int, peer: str, work: Callable[[Any], Any]):
+        """Run ``work(pg)`` on the two-process group of transfer ``tid`` (donor rank 0, joiner rank
+        1), given up as soon as ``peer`` is lost or after ``transfer_timeout_s``."""
+
+        def body():
+            # fault hooks: a joiner's before it connects, a donor's once connected (a death mid-transfer)
+            if self.hooks is not None and rank == 1:
+                self.hooks.during_transfer("joiner")
+            pg, _ = make_gloo_group(store, f"x{tid}/", rank, 2, self.advertise_addr, self.pg_timeout_s)
+            if self.hooks is not None and rank == 0:
+                self.hooks.during_transfer("donor")
+            return work(pg)
+
+        return run_guarded(
+            body,
+            lambda: f"{'donor' if rank else 'joiner'} {peer} was lost" if self.lost(peer) else None,
+            self.transfer_timeout_s,
+        )
+
     def serve_pending(self, snapshot: Callable[[], Any]) -> int:
         """Send the state to every joiner this worker owes one; call at a step with no round in flight.
 
@@ -420,17 +429,13 @@ class WorkerAgent:
             header, flat = pack(snapshot())
             t0 = time.perf_counter()
 
-            def send(store=str(t["store"]), tid=tid, header=header, flat=flat):
-                pg, _ = make_gloo_group(store, f"x{tid}/", 0, 2, self.advertise_addr, self.pg_timeout_s)
-                if self.hooks is not None:
-                    self.hooks.during_transfer("donor")
-                return send_state(pg, header, flat, 1)
-
             try:
-                ok = run_guarded(
-                    send,
-                    lambda j=joiner: f"joiner {j} was lost" if self.lost(j) else None,
-                    self.transfer_timeout_s,
+                ok = self._over_transfer_group(
+                    str(t["store"]),
+                    tid,
+                    0,
+                    joiner,
+                    functools.partial(send_state, header=header, flat=flat, dst=1),
                 )
             except Exception as e:
                 log.warning("%s: transfer %d to %s failed: %s", self.worker_id, tid, joiner, e)
@@ -536,7 +541,7 @@ class ElasticGroup(ReplicaGroup):
 
     def verify_same(self, what: str, info: dict) -> None:
         """Record the configuration's fingerprint; the coordinator refuses workers that differ."""
-        self.agent.fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:64]
+        self.agent.fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
 
     def reset(self, next_round: int) -> None:
         """Drop every queued round (after a resync) and continue at ``next_round``."""

@@ -115,7 +115,7 @@ def run_chaos(
     injected = [e for w in events for e in events[w] if e["kind"] == "fault"] + [
         e for e in chaos.runner_events if e["kind"] == "fault"
     ]
-    faults = []
+    faults, t0 = [], chaos_t0(chaos, events)
     for inj in sorted(injected, key=lambda e: e["wall"]):
         t = inj["wall"]
         others = [e for w, evs in events.items() if w != inj["worker"] for e in evs if e["wall"] >= t]
@@ -137,7 +137,7 @@ def run_chaos(
             if w == inj["worker"]
         }
         excluded = list(excluded.values())
-        first_other = min(events, key=lambda w: w == inj["worker"]) if events else None
+        first_other = next((w for w in events if w != inj["worker"]), None)
         redone = [
             e
             for e in events.get(first_other, [])
@@ -148,7 +148,7 @@ def run_chaos(
                 "id": inj["id"],
                 "kind": inj["fault"],
                 "worker": inj["worker"],
-                "injected_at_s": t - chaos_t0(chaos, events),
+                "injected_at_s": t - t0,
                 "detected_after_s": (min(detect) - t) if detect else None,
                 "recovered_after_s": (recovered - t) if recovered else None,
                 "rounds_redone": len(redone),
@@ -185,7 +185,7 @@ def run_chaos(
         "chaos_wall_s": max((s["wall_seconds"] for s in finished.values()), default=None),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(out, ref, chaos, names, report, chaos_t0(chaos, events))
+    _plot(out, ref, chaos, names, report, t0)
     _markdown(out, report)
     return report
 

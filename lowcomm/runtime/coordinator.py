@@ -251,7 +251,8 @@ class Coordinator:
             self.round_deadline.observe(now - first)
         self.generation += 1
         g = self.generation
-        order = sorted(m.worker_id for m in synced if m.worker_id in askers)  # rank order = id order
+        rk = ranks(self.membership)
+        order = sorted((m.worker_id for m in synced if m.worker_id in askers), key=rk.get)
         self._gens[g] = _Gen(rnd, tuple(order))
         if len(self._gens) > 256:
             for old in sorted(self._gens)[:-256]:

@@ -327,6 +327,9 @@ class FaultInjector:
         self.until: dict[str, float] = {}  # kind -> monotonic end of a lasting fault
         self.agent = None  # set by the runtime: partition and slow-link act on it
         self.group = None
+        self._delay = 0.0  # seconds per step of the active delay fault
+        self._nbytes = 16  # bytes the pending corrupt fault flips
+        self._restore_link = None  # the link emulation a slow-link fault replaced
 
     @classmethod
     def from_env(cls, worker_id: str, record=None, done: set[int] | None = None) -> FaultInjector | None:
@@ -398,7 +401,7 @@ class FaultInjector:
                 self.until["slow-link"] = time.monotonic() + f.duration
                 self._restore_link = old
         if "slow-link" in self.until and not self.active("slow-link") and self.group is not None:
-            self.group.link = getattr(self, "_restore_link", None)
+            self.group.link = self._restore_link
             del self.until["slow-link"]
 
     def before_collective(self, rnd: int, buffer: torch.Tensor) -> None:
@@ -434,7 +437,7 @@ class FaultInjector:
 
     def corrupt(self, payload: torch.Tensor) -> None:
         """Flip bytes of a uint8 payload in place (positions drawn from the plan's seed)."""
-        n = min(getattr(self, "_nbytes", 16), payload.numel())
+        n = min(self._nbytes, payload.numel())
         for i in self._rng.sample(range(payload.numel()), n):
             payload[i] ^= 0xFF
 

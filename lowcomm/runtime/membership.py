@@ -155,5 +155,6 @@ def expire(ms: Membership, now: float, deadline: Deadline) -> tuple[Membership, 
 
 
 def ranks(ms: Membership) -> dict[str, int]:
-    """Rank of each member in this epoch: by join time, then id (stable across epochs for survivors)."""
-    return {m.worker_id: r for r, m in enumerate(ms.members)}
+    """Rank of each member in this epoch: by worker id, so that a round's reduction order (and
+    therefore its bits) does not depend on the order in which workers joined."""
+    return {wid: r for r, wid in enumerate(sorted(ms.index))}

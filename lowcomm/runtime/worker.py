@@ -97,6 +97,7 @@ def train_elastic(
     tokens_per_step = cfg.batch_size * cfg.seq_len
 
     def snapshot() -> dict:
+        """What a joiner receives (taken with no round in flight)."""
         return {
             "diloco": diloco.state_dict(),
             "round": group.next_round,
@@ -104,47 +105,41 @@ def train_elastic(
         }
 
     def checkpoint() -> dict:
-        """Everything this worker needs to continue bit for bit (taken with no round in flight)."""
+        """Everything this worker needs to continue bit for bit: a joiner's state and its own."""
         return {
+            **snapshot(),
             "format": "lowcomm-worker/1",
             "worker_id": worker_id,
-            "diloco": diloco.state_dict(),
-            "round": group.next_round,
             "model": dict(model.state_dict()),
             "inner": opt.state_dict(),
             "sampler": sampler.state_dict(),
         }
 
+    def restore(state: dict) -> None:
+        """The job-wide part of a state: round counter, DiLoCo state, inner state, schedule position."""
+        group.reset(int(state["round"]))
+        diloco.load_state_dict(state["diloco"])
+        if state.get("inner") is not None:
+            opt.load_state_dict(state["inner"])
+        step = agent.step = sched.last_epoch = diloco.step_count
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * lr_at(step)
+
     def resume(state: dict) -> None:
         if state.get("format") != "lowcomm-worker/1":
             raise ValueError(f"{cfg.resume}: not a lowcomm worker checkpoint")
-        group.reset(int(state["round"]))
-        diloco.load_state_dict(state["diloco"])
+        restore(state)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["inner"])
         sampler.load_state_dict(state["sampler"])
-        sched.last_epoch = diloco.step_count
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * lr_at(diloco.step_count)
-        agent.step = diloco.step_count
         rec.event("checkpoint", what="resumed", step=diloco.step_count, round=group.next_round)
 
     def load(state: dict) -> None:
-        for fs in state["diloco"][
-            "fragments"
-        ]:  # error feedback is this replica's own: a copy would count twice
+        # error feedback is this replica's own: a copy of the donor's would count its residual twice
+        for fs in state["diloco"]["fragments"]:
             if fs.get("residual") is not None:
                 fs["residual"].zero_()
-        group.reset(int(state["round"]))
-        diloco.load_state_dict(state["diloco"])
+        restore(state)
         diloco.sync_local_parameters()
-        if state.get("inner") is not None:
-            opt.load_state_dict(state["inner"])
-        step = diloco.step_count
-        sched.last_epoch = step
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * lr_at(step)
-        agent.step = step
 
     bytes_sent, rounds, transfers_in, resyncs = 0, 0, [], 0
     last_eval = float("nan")
