@@ -131,7 +131,8 @@ def test_membership_epochs_ranks_and_adaptive_deadlines():
 
 
 @pytest.fixture
-def coordinator(tmp_path):
+def coordinator(tmp_path, request):
+    """A coordinator process on 127.0.0.1; extra flags by indirect parametrization."""
     env = {**os.environ, "LOWCOMM_KEY": KEY.hex()}
     proc = subprocess.Popen(
         [
@@ -149,6 +150,7 @@ def coordinator(tmp_path):
             "1",
             "--deadline-ceiling",
             "3",
+            *getattr(request, "param", []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -305,3 +307,35 @@ def test_quorum_forms_without_a_dead_member_and_hands_out_a_fresh_store_prefix(c
     assert store.get("hello") == b"world"
     with pytest.raises(CoordinatorError, match="not registered"):
         CoordinatorClient(coordinator, KEY, "c-q").request("quorum", {"worker_id": "c", "round": 3})
+
+
+@pytest.mark.parametrize("coordinator", [["--min-workers", "2"]], indirect=True)
+def test_before_the_first_quorum_the_newest_state_wins(coordinator):
+    """Workers resumed from checkpoints of different rounds (one's last write failed, say): the one
+    furthest on is in sync; the one behind resynchronizes, even though it registered first and
+    already waits for a quorum of its round."""
+    import threading
+
+    def reg(w, rnd):
+        body = {"worker_id": w, "advertise_addr": "127.0.0.1", "step": 10 * rnd, "synced": True, "round": rnd}
+        return CoordinatorClient(coordinator, KEY, f"{w}-reg").request("register", body).body["synced"]
+
+    assert reg("old", 4)  # alone, it is the newest so far
+    replies = {}
+
+    def ask():
+        client = CoordinatorClient(coordinator, KEY, "old-q")
+        replies["old"] = client.request("quorum", {"worker_id": "old", "round": 4}, timeout_s=10).body
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.5)  # its ask waits: --min-workers 2
+    assert "old" not in replies
+    assert reg("new", 8)
+    asker.join(timeout=15)
+    assert replies["old"]["action"] == "resync"
+    st = CoordinatorClient(coordinator, KEY, "st").request("status", {}).body
+    assert {m["worker_id"]: m["synced"] for m in st["members"]} == {"old": False, "new": True}
+    done = {"worker_id": "old", "joiner": "old", "transfer_id": 1, "ok": True, "round": 8, "step": 80}
+    with pytest.raises(CoordinatorError, match="cannot report its own transfer"):
+        CoordinatorClient(coordinator, KEY, "old-t").request("transfer_done", done)

@@ -137,3 +137,67 @@ def test_a_dropped_contribution_and_a_hung_worker_cost_a_redo_and_a_resync_not_d
     assert j.summary("w2")["resyncs"] >= 1  # left out of the redo by the others' majority, back by a transfer
     assert j.summary("w1")["resyncs"] >= 1  # expired while stopped, back by a transfer
     assert j.summary("w0")["resyncs"] == 0
+
+
+def test_a_slow_link_costs_time_and_partitions_cost_a_resync_never_data(job):
+    """One job, three faults at different times: w0's link slows down and recovers (its rounds take
+    longer while it lasts, nobody is left out); w1 cannot reach the coordinator (it is expired, then
+    registers again and resynchronizes); w2 cannot reach its peers (its round is redone without it,
+    its state transfers fail until the partition ends, then it rejoins)."""
+    j = job(["--steps", "360", "--sync-every", "10", "--eval-every", "0"], ("--min-workers", "3"))
+    j.start_coordinator()
+    names = W4[:3]
+    faults = [
+        {"kind": "slow-link", "target": "worker:w0", "at_step": 30, "duration": 2.0, "latency": "150ms"},
+        {
+            "kind": "partition",
+            "target": "worker:w1",
+            "at_step": 100,
+            "duration": 4.0,
+            "direction": "coordinator",
+        },
+        {"kind": "partition", "target": "worker:w2", "at_step": 180, "duration": 10.0, "direction": "peers"},
+    ]
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.03, extra=faults))
+    assert j.wait_workers(names, 200) == dict.fromkeys(names, 0), j.logs()
+    assert len(set(_digests(j, names).values())) == 1  # nothing lost: bitwise-identical globals
+
+    def fault(w, kind):
+        return next(e for e in j.events(w, "fault") if e["fault"] == kind)
+
+    # slow link: w0's rounds while it lasted waited out the emulated latency (two exchanges of
+    # 150 ms each); after it ended the link was restored and rounds were fast again; nobody resynced
+    slow = fault("w0", "slow-link")
+    assert [e["id"] for e in j.events("w0", "fault_ended")] == [slow["id"]]
+    ended = j.events("w0", "fault_ended")[0]["wall"]
+    rounds = j.events("w0", "round")
+    during = [r["comm_s"] for r in rounds if slow["wall"] < r["wall"] < slow["ends_at"]]
+    after = sorted(r["comm_s"] for r in rounds if r["wall"] > ended + 1.0 and r["apply_step"] < 180)
+    assert during and min(during) >= 0.3, during
+    assert after and after[len(after) // 2] < 0.15, after
+    assert j.summary("w0")["resyncs"] == 0
+
+    # partition from the coordinator: w1 was expired, registered again once it could, and came back
+    # in sync through a state transfer; the others went on without it
+    cut = fault("w1", "partition")
+    back = [e for e in j.events("w1", "membership") if e["what"] == "re-registered"]
+    assert back and back[0]["wall"] >= cut["ends_at"] - 0.5
+    assert j.summary("w1")["resyncs"] >= 1
+    received = [e for e in j.events("w1", "transfer") if e["what"] == "received"]
+    assert received and received[0]["wall"] > cut["wall"]
+    assert any(r["size"] == 2 and cut["wall"] < r["wall"] < cut["ends_at"] for r in j.events("w0", "round"))
+
+    # partition from the peers: its round was redone without it (named by the others), its state
+    # transfers failed while the partition lasted, and the first one after it succeeded
+    cut = fault("w2", "partition")
+    redone = [e for e in j.events("w0", "round_redone") if e["wall"] > cut["wall"]]
+    assert redone and redone[0]["suspects"] == ["w2"]
+    transfers = [e for e in j.events("w2", "transfer") if e["wall"] > cut["wall"]]
+    failed = [e for e in transfers if e["what"] == "failed"]
+    received = [e for e in transfers if e["what"] == "received"]
+    assert failed and all("partitioned" in e["reason"] for e in failed)
+    assert all(e["wall"] < cut["ends_at"] + 0.5 for e in failed)
+    assert received and received[0]["wall"] >= cut["ends_at"] - 0.5
+    assert received[0]["attempts"] == len(failed) + 1
+    assert j.summary("w2")["resyncs"] >= 1 and j.summary("w0")["resyncs"] == 0

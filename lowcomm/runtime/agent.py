@@ -266,11 +266,14 @@ class WorkerAgent:
                     log.warning("%s: heartbeat failed: %s", self.worker_id, e)
                 self.view.reachable = False
             return
+        lost = {str(w) for w in reply["lost"]}
+        for w in sorted(lost - self.view.lost - {self.worker_id}):  # died, hung, cut off or left
+            self.record("membership", what="lost", worker=w)
         with self._lock:
             self.view.reachable = True
             self.view.last_reply = time.monotonic()
             self.view.aborted.update(int(g) for g in reply["aborted"])
-            self.view.lost = {str(w) for w in reply["lost"]}
+            self.view.lost = lost
             self.view.serve = [
                 t
                 for t in reply["serve"]
@@ -383,7 +386,10 @@ class WorkerAgent:
                     e,
                 )
                 self.record("transfer", what="failed", donor=donor, transfer_id=tid, reason=str(e)[:300])
+                self._report_transfer(tid, self.worker_id, ok=False)  # the donor stops waiting for us
                 failed.append(donor)
+                # back off: when every donor failed (this worker is cut off, say) they are tried again
+                time.sleep(min(0.25 * 2 ** (len(failed) - 1), 2.0))
                 continue
             seconds = time.perf_counter() - t0
             load(state)
@@ -395,7 +401,8 @@ class WorkerAgent:
 
     def _over_transfer_group(self, store: str, tid: int, rank: int, peer: str, work: Callable[[Any], Any]):
         """Run ``work(pg)`` on the two-process group of transfer ``tid`` (donor rank 0, joiner rank
-        1), given up as soon as ``peer`` is lost or after ``transfer_timeout_s``."""
+        1), given up as soon as ``peer`` is lost, the coordinator aborts the transfer (the other side
+        gave up on it), or after ``transfer_timeout_s``."""
 
         def body():
             # fault hooks: a joiner's before it connects, a donor's once connected (a death mid-transfer)
@@ -406,11 +413,14 @@ class WorkerAgent:
                 self.hooks.during_transfer("donor")
             return work(pg)
 
-        return run_guarded(
-            body,
-            lambda: f"{'donor' if rank else 'joiner'} {peer} was lost" if self.lost(peer) else None,
-            self.transfer_timeout_s,
-        )
+        def abandon() -> str | None:
+            if self.lost(peer):
+                return f"{'donor' if rank else 'joiner'} {peer} was lost"
+            if self.is_aborted(tid):
+                return f"transfer {tid} was given up by {'the donor' if rank else 'the joiner'} {peer}"
+            return None
+
+        return run_guarded(body, abandon, self.transfer_timeout_s)
 
     def serve_pending(self, snapshot: Callable[[], Any]) -> int:
         """Send the state to every joiner this worker owes one; call at a step with no round in flight.
@@ -423,7 +433,7 @@ class WorkerAgent:
         served = 0
         for t in todo:
             tid, joiner = int(t["transfer_id"]), str(t["joiner"])
-            if tid in self._done_transfers:
+            if tid in self._done_transfers or self.is_aborted(tid):  # the joiner gave up on it
                 continue
             self._done_transfers.add(tid)
             header, flat = pack(snapshot())
@@ -451,22 +461,27 @@ class WorkerAgent:
                 bytes=nbytes,
                 seconds=seconds,
             )
-            try:
-                self._main.request(
-                    "transfer_done",
-                    {
-                        "worker_id": self.worker_id,
-                        "joiner": joiner,
-                        "transfer_id": tid,
-                        "ok": bool(ok),
-                        "round": self.next_round,
-                        "step": self.step,
-                    },
-                )
-            except CoordinatorError as e:
-                log.warning("transfer_done not acknowledged: %s", e)
+            self._report_transfer(tid, joiner, bool(ok))
             served += int(bool(ok))
         return served
+
+    def _report_transfer(self, tid: int, joiner: str, ok: bool) -> None:
+        """Tell the coordinator how transfer ``tid`` ended: a donor's success makes the joiner
+        synced; a failure on either side aborts the transfer, so the other side stops waiting."""
+        try:
+            self._main.request(
+                "transfer_done",
+                {
+                    "worker_id": self.worker_id,
+                    "joiner": joiner,
+                    "transfer_id": tid,
+                    "ok": ok,
+                    "round": self.next_round,
+                    "step": self.step,
+                },
+            )
+        except CoordinatorError as e:
+            log.warning("transfer_done not acknowledged: %s", e)
 
 
 class _ElasticWork(Work):
@@ -635,7 +650,9 @@ class ElasticGroup(ReplicaGroup):
     def _group_for(self, q: dict) -> DistributedGroup:
         key = (tuple(q["members"]), q["store"])
         if self._group is not None and self._group[0] == key:
-            return self._group[1]
+            group = self._group[1]
+            group.link = self.link  # a slow-link fault may have changed it since the group was built
+            return group
         gen, agent = q["generation"], self.agent
         pg, store = run_guarded(
             lambda: make_gloo_group(

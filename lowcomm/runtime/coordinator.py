@@ -98,9 +98,11 @@ class Coordinator:
         key: the job's shared secret.
         deadline: when a silent member is declared dead.
         store_host: address workers use to reach the TCPStore (default: the bind host).
-        min_workers: the first round waits until this many members are synced.
+        min_workers: the first round of a fresh job (or of one resumed from checkpoints) waits
+            until this many members are synced.
         grace: seconds after start during which no quorum forms (a restarted coordinator lets the
-            workers re-register first); 0 for a fresh job.
+            workers re-register first; after it, ``min_workers`` no longer applies once a worker
+            claims a past round); 0 for a fresh job.
         round_deadline: how long a round waits for stragglers.
     """
 
@@ -204,8 +206,7 @@ class Coordinator:
         self._pending.pop(wid, None)
         self._joins.pop(wid, None)
         self._serve.pop(wid, None)
-        for transfers in self._serve.values():
-            transfers[:] = [t for t in transfers if t["joiner"] != wid]
+        self._cancel_transfers(wid)
         self._lost.append((time.monotonic(), wid))
         for g, gen in list(self._gens.items()):
             if gen.decided is None and wid in gen.members and wid not in gen.done:
@@ -226,13 +227,20 @@ class Coordinator:
     def _in_grace(self) -> bool:
         return time.monotonic() - self._started < self.grace
 
+    def _restarted(self) -> bool:
+        """A restarted coordinator (``grace`` > 0) of a job that has run rounds: once its grace is
+        over it goes on with the members that re-registered in sync, however few; waiting for
+        ``min_workers`` could wait for a worker that died meanwhile and now needs one of them as
+        its donor."""
+        return self.grace > 0 and self.committed >= 0
+
     # ---- rounds ----------------------------------------------------------------------------------
 
     def _try_quorum(self) -> None:
         if not self._pending or self._in_grace():
             return
         synced = [m for m in self.membership.members if m.synced]
-        if not self.formed_any and len(synced) < self.min_workers:
+        if not self.formed_any and len(synced) < self.min_workers and not self._restarted():
             return
         asks = {w: p for w, p in self._pending.items() if any(m.worker_id == w for m in synced)}
         if not asks:
@@ -336,6 +344,22 @@ class Coordinator:
                 )
                 self._unsync(s)
 
+    def _unsync_behind(self) -> None:
+        """Members whose state is older than the committed round resynchronize: those whose next
+        round is below it, and those asking for a quorum of a round already done (a member whose
+        next round is the committed one may only await that round's decision: it stays)."""
+        for m in self.membership.members:
+            pending = self._pending.get(m.worker_id)
+            asks_done_round = pending is not None and pending[1] <= self.committed
+            if m.synced and (m.round < self.committed or asks_done_round):
+                log.warning(
+                    "%s holds the state of round %d, the job is past round %d: it must resynchronize",
+                    m.worker_id,
+                    m.round,
+                    self.committed,
+                )
+                self._unsync(m.worker_id)
+
     def _unsync(self, wid: str) -> None:
         """Mark ``wid`` out of sync; a quorum ask it has pending is answered at once."""
         self.membership = set_synced(self.membership, wid, False)
@@ -345,12 +369,22 @@ class Coordinator:
 
     # ---- joiners ---------------------------------------------------------------------------------
 
+    def _cancel_transfers(self, joiner: str) -> None:
+        """Forget the transfers owed to ``joiner`` (it gave up on them, or is gone) and abort them:
+        a donor waiting for the joiner to connect gives up at its next heartbeat reply (transfer ids
+        come from the generation counter, so the aborted list serves both)."""
+        for transfers in self._serve.values():
+            for t in transfers:
+                if t["joiner"] == joiner:
+                    self._aborted.append(t["transfer_id"])
+            transfers[:] = [t for t in transfers if t["joiner"] != joiner]
+
     def _try_joins(self) -> None:
         for joiner, (ident, failed) in list(self._joins.items()):
-            donors = sorted(
-                (m for m in self.membership.members if m.synced and m.worker_id not in failed),
-                key=lambda m: m.worker_id,
-            )
+            synced = sorted((m for m in self.membership.members if m.synced), key=lambda m: m.worker_id)
+            # every donor failed this joiner: the failures may have been passing (a partition, a
+            # restart), so all are tried again; the joiner backs off between attempts
+            donors = [m for m in synced if m.worker_id not in failed] or synced
             if not donors:
                 continue
             donor = donors[0]
@@ -443,9 +477,13 @@ class Coordinator:
             self._gone(wid)
         claims, nxt = b.get("synced", True), b.get("round", 0)
         if not self.formed_any:  # a fresh job, a restarted coordinator, or a job resumed from checkpoints
-            synced = claims and (self.committed == -1 or nxt == self.committed + 1 or self._in_grace())
-            if synced:
-                self.committed = max(self.committed, nxt - 1)
+            # before the first quorum the newest state wins: workers resumed from older checkpoints
+            # (one whose last write failed, say) resynchronize from the one that is furthest on
+            # (a member whose next round is the committed one may only await that round's decision)
+            synced = claims and nxt >= self.committed  # committed is -1 until a claim of a later round
+            if synced and nxt - 1 > self.committed:
+                self.committed = nxt - 1
+                self._unsync_behind()
         else:
             synced = claims and nxt == self.committed + 1
         self._lost = collections.deque(((t, w) for t, w in self._lost if w != wid), maxlen=64)
@@ -515,14 +553,19 @@ class Coordinator:
                 raise ValueError(f"{m.worker_id!r} is synced; only a joiner asks for state")
             if self.finished and not any(x.synced for x in self.membership.members):
                 raise ValueError("the job has finished: its workers reached the last step and left")
+            self._cancel_transfers(m.worker_id)  # an earlier transfer it gave up on
             self._joins[m.worker_id] = (ident, {str(d) for d in b["failed"]})
             self._try_joins()
             return None
         if msg.type == "transfer_done":
-            donor = b["worker_id"]
-            self._serve[donor] = [
-                t for t in self._serve.get(donor, []) if t["transfer_id"] != b["transfer_id"]
-            ]
+            # from the donor (sent, or failed), or from the joiner (it could not receive)
+            donor, tid = b["worker_id"], b["transfer_id"]
+            if b["ok"] and donor == b["joiner"]:
+                raise ValueError("a joiner cannot report its own transfer done: its donor does")
+            for transfers in self._serve.values():
+                transfers[:] = [t for t in transfers if t["transfer_id"] != tid]
+            if not b["ok"]:  # the other side, perhaps still waiting to connect, gives up at once
+                self._aborted.append(tid)
             joiner = self.membership.get(b["joiner"])
             if b["ok"] and joiner is not None:
                 self.membership = set_synced(self.membership, b["joiner"], True, b["round"])

@@ -94,6 +94,7 @@ DEFAULT_HOOK = {
     "checkpoint-fail": "checkpoint_write",
 }
 ROUND_KINDS = ("drop-round", "corrupt", "nan")  # need a round to act on
+LASTING_KINDS = ("hang", "delay", "slow-link", "partition")  # last ``duration`` seconds
 _KEYS = {
     "kind",
     "target",
@@ -324,7 +325,8 @@ class FaultInjector:
         self.t0 = time.monotonic()
         self._rng = random.Random(f"{plan.seed}/{worker_id}")
         self.fired: set[int] = set()
-        self.until: dict[str, float] = {}  # kind -> monotonic end of a lasting fault
+        # lasting faults in force: "kind" or "partition:direction" -> (monotonic end, the fault)
+        self.until: dict[str, tuple[float, Fault]] = {}
         self.agent = None  # set by the runtime: partition and slow-link act on it
         self.group = None
         self._delay = 0.0  # seconds per step of the active delay fault
@@ -345,7 +347,8 @@ class FaultInjector:
 
     def active(self, kind: str, direction: str | None = None) -> bool:
         key = kind if direction is None else f"{kind}:{direction}"
-        return time.monotonic() < self.until.get(key, 0.0)
+        entry = self.until.get(key)
+        return entry is not None and time.monotonic() < entry[0]
 
     def partitioned_from(self, what: str) -> bool:
         """True while a partition cuts this worker off from ``what`` ("peers" or "coordinator")."""
@@ -368,8 +371,24 @@ class FaultInjector:
     def _fire(self, f: Fault, hook: str, **where: Any) -> None:
         self.fired.add(f.id)
         info = {"id": f.id, "fault": f.kind, "hook": hook, "worker": self.worker_id, **where}
+        if f.kind in LASTING_KINDS:
+            info["ends_at"] = time.time() + f.duration  # wall clock, like the event's own "wall"
         log.warning("injecting fault %s", info)
         self.record("fault", **info, spec=f.to_dict())
+
+    def _last(self, key: str, f: Fault) -> None:
+        self.until[key] = (time.monotonic() + f.duration, f)
+
+    def _expire(self) -> None:
+        """End the lasting faults whose time is up (a slow link gets its old emulation back)."""
+        now = time.monotonic()
+        for key, (end, f) in list(self.until.items()):
+            if now < end:
+                continue
+            del self.until[key]
+            if f.kind == "slow-link" and self.group is not None:
+                self.group.link = self._restore_link
+            self.record("fault_ended", id=f.id, fault=f.kind, worker=self.worker_id)
 
     def before_step(self, step: int) -> None:
         self._lasting("before_step", step=step)
@@ -380,6 +399,7 @@ class FaultInjector:
         self._lasting("after_step", step=step)
 
     def _lasting(self, hook: str, step: int | None = None, rnd: int | None = None) -> None:
+        self._expire()
         for f in self.faults:
             if f.kind in ROUND_KINDS or f.kind == "checkpoint-fail" or not self._due(f, hook, step, rnd):
                 continue
@@ -390,19 +410,16 @@ class FaultInjector:
                 _hang_self(f.duration)
             elif f.kind == "delay":
                 self._delay = f.delay
-                self.until["delay"] = time.monotonic() + f.duration
+                self._last("delay", f)
             elif f.kind == "partition":
-                self.until[f"partition:{f.direction}"] = time.monotonic() + f.duration
+                self._last(f"partition:{f.direction}", f)
             elif f.kind == "slow-link" and self.group is not None:
                 from ..comm.distributed import LinkEmulator
 
-                old = self.group.link
+                if "slow-link" not in self.until:  # a second slow link replaces the first, not the original
+                    self._restore_link = self.group.link
                 self.group.link = LinkEmulator.parse(f.bandwidth, f.latency)
-                self.until["slow-link"] = time.monotonic() + f.duration
-                self._restore_link = old
-        if "slow-link" in self.until and not self.active("slow-link") and self.group is not None:
-            self.group.link = self._restore_link
-            del self.until["slow-link"]
+                self._last("slow-link", f)
 
     def before_collective(self, rnd: int, buffer: torch.Tensor) -> None:
         self._lasting("before_collective", rnd=rnd)
