@@ -148,7 +148,7 @@ def test_corrupt_and_nan_contributions_are_excluded_and_named_on_every_worker(tm
         job.close()
 
 
-def test_a_job_that_loses_every_worker_resumes_from_its_checkpoints_exactly(tmp_path, corpus):
+def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkpoint(tmp_path, corpus):
     names = WORKERS[:3]
     flags = _flags(corpus, "--steps", "120", "--checkpoint-every", "40")
     ref = LocalJob(tmp_path / "ref", flags, ["--min-workers", "3"])
@@ -164,13 +164,19 @@ def test_a_job_that_loses_every_worker_resumes_from_its_checkpoints_exactly(tmp_
     job = LocalJob(tmp_path / "job", flags, ["--min-workers", "3"])
     try:
         job.start_coordinator()
-        kill_all = [
-            {"kind": "kill", "target": f"worker:{w}", "at_step": 100, "restart": False} for w in names
+        # every worker's write at step 80 fails part way, then every worker is killed at step 100
+        faults = [
+            *({"kind": "checkpoint-fail", "target": f"worker:{w}", "at_step": 80} for w in names),
+            *({"kind": "kill", "target": f"worker:{w}", "at_step": 100, "restart": False} for w in names),
         ]
         for w in names:
-            job.start_worker(w, {"seed": 0, "faults": kill_all})
+            job.start_worker(w, {"seed": 0, "faults": faults})
         assert job.wait_workers(names, 120) == dict.fromkeys(names, -9)
-        assert all(load_state(job.tmp / "runs" / w / "checkpoint.lcs")["diloco"]["step"] == 80 for w in names)
+        for w in names:  # the failed write left the previous checkpoint (step 40) intact and loadable
+            ckpt = [(e["what"], e["step"]) for e in job.events(w, "checkpoint")]
+            assert ckpt == [("written", 40), ("failed", 80)], ckpt
+            assert load_state(job.tmp / "runs" / w / "checkpoint.lcs")["diloco"]["step"] == 40
+            assert [p.name for p in (job.tmp / "runs" / w).glob("checkpoint*")] == ["checkpoint.lcs"]
         job.coord.kill()
         job.coord.wait(10)
         job.start_coordinator()  # a new coordinator, a new start: every worker resumes from its checkpoint
@@ -192,6 +198,7 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     plan.write_text(
         'seed = 7\n[[faults]]\nkind = "kill"\ntarget = "worker:1"\nat_step = 60\n'
         '[[faults]]\nkind = "corrupt"\ntarget = "worker:2"\nat_round = 3\n'
+        '[[faults]]\nkind = "coordinator-kill"\ntarget = "coordinator"\nat_time = 3\n'
         + "".join(  # pace the job so that the restarted w1 rejoins before the end
             f'[[faults]]\nkind = "delay"\ntarget = "worker:{w}"\nat_step = 1\ndelay = 0.04\nduration = 3600\n'
             for w in range(3)
@@ -215,10 +222,54 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["data_lost"] == 0 and report["faults_injected"] == 5
+    assert report["data_lost"] == 0 and report["faults_injected"] == 6
     assert math.isfinite(report["final_loss_delta"])
     by_kind = {f["kind"]: f for f in report["faults"]}
     assert by_kind["corrupt"]["contributions_excluded"][0]["round"] == 3
     assert by_kind["kill"]["recovered_after_s"] is not None  # w1 restarted and the job went on
+    coord = by_kind["coordinator-kill"]  # killed and restarted by the runner; the workers re-registered
+    assert coord["worker"] == "coordinator" and coord["detected_after_s"] is not None
+    assert coord["recovered_after_s"] is not None
+    assert by_kind["delay"]["lasted_s"] == pytest.approx(3600, abs=1)
+    assert by_kind["delay"]["recovered_after_s"] is None  # the pacing delays outlast the job
     assert sorted(report["workers_finished"]) == ["w0", "w1", "w2"]
     assert (out / "loss.png").stat().st_size > 0 and "data lost: 0" in (out / "report.md").read_text()
+
+
+def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_it():
+    from lowcomm.runtime.chaos import _fault_entry
+
+    def ev(wall, kind, **f):
+        return {"wall": float(wall), "kind": kind, **f}
+
+    pace = ev(0, "fault", id=0, fault="delay", worker="w1", ends_at=3600.0)
+    kill = ev(10, "fault", id=1, fault="kill", worker="w1")
+    cut = ev(20, "fault", id=2, fault="partition", worker="w2", ends_at=28.0)
+    slow = ev(40, "fault", id=3, fault="slow-link", worker="w0", ends_at=42.0)
+    events = {
+        "w0": [
+            ev(5, "round"),
+            ev(11, "round_redone", members=["w0", "w1", "w2"], suspects=[]),
+            ev(12, "membership", what="lost", worker="w1"),
+            ev(13, "round"),
+            ev(25, "round_redone", members=["w0", "w2"], suspects=["w2"]),
+            ev(26, "round"),
+            ev(41, "round"),
+            ev(43, "round"),
+        ],
+        "w1": [ev(14, "membership", what="resync"), ev(15, "round")],
+        "w2": [ev(25.5, "membership", what="resync"), ev(29, "round"), ev(30, "round")],
+    }
+    entry = {
+        f["id"]: _fault_entry(f, events, 0.0, u) for f, u in ((pace, 10.0), (kill, 99), (cut, 99), (slow, 99))
+    }
+    # w1's resync at 14 follows its kill at 10, not its pacing delay (whose watch the kill ended)
+    assert entry[0]["detected_after_s"] is None and entry[0]["recovered_after_s"] is None
+    assert (
+        entry[1]["detected_after_s"] == 1.0 and entry[1]["recovered_after_s"] == 3.0
+    )  # redo with w1; round at 13
+    assert entry[2]["detected_after_s"] == 5.0  # named missing by w0
+    assert (
+        entry[2]["recovered_after_s"] == 9.0 and entry[2]["lasted_s"] == 8.0
+    )  # w2's own round after it ended
+    assert entry[3]["detected_after_s"] is None and entry[3]["recovered_after_s"] == 3.0

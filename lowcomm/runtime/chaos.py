@@ -10,15 +10,17 @@ killed by a ``kill`` fault with ``restart`` true (it rejoins as a joiner). It wr
 ``reference/`` and ``chaos/``.
 
 Per fault: when it was injected, when a survivor detected it (a round given up, a contribution
-excluded, a member lost) and when the job recovered (the next completed round after it), rounds
-redone and contributions excluded. ``data_lost`` counts finished workers whose global parameters
-differ from the others' plus workers that never finished: it must be 0.
+excluded, a member lost) and when the job recovered (the next completed round after it; for a
+lasting fault such as a partition or a slow link, the faulted worker's first round after it
+ended), rounds redone and contributions excluded. ``data_lost`` counts finished workers whose
+global parameters differ from the others' plus workers that never finished: it must be 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def _run(
     spec = plan.to_dict() if plan is not None else None
     for w in names:
         job.start_worker(w, spec)
-    t0 = time.time()  # a coordinator fault's at_time counts from here
+    t0 = None  # a coordinator fault's at_time counts from when every worker registered, like a worker's
     coord_faults = sorted(
         (f for f in (plan.faults if plan else []) if f.kind == "coordinator-kill"),
         key=lambda f: f.at_time or 0,
@@ -46,8 +48,12 @@ def _run(
     restartable = {f.id: f for f in (plan.faults if plan else []) if f.kind == "kill" and f.restart}
     job.runner_events = []
     done: dict[str, int] = {}
-    while len(done) < len(names) and time.time() - t0 < timeout:
-        for f in list(coord_faults):
+    end = time.time() + timeout
+    while len(done) < len(names) and time.time() < end:
+        if t0 is None and coord_faults:
+            st = job.status()
+            t0 = time.time() if st is not None and len(st["members"]) >= len(names) else None
+        for f in list(coord_faults) if t0 is not None else ():
             if time.time() - t0 >= (f.at_time or 0):
                 coord_faults.remove(f)
                 job.runner_events.append(
@@ -115,46 +121,13 @@ def run_chaos(
     injected = [e for w in events for e in events[w] if e["kind"] == "fault"] + [
         e for e in chaos.runner_events if e["kind"] == "fault"
     ]
-    faults, t0 = [], chaos_t0(chaos, events)
-    for inj in sorted(injected, key=lambda e: e["wall"]):
-        t = inj["wall"]
-        others = [e for w, evs in events.items() if w != inj["worker"] for e in evs if e["wall"] >= t]
-        detect = [e["wall"] for e in others if e["kind"] in ("round_redone", "excluded")] + [
-            e["wall"] for e in others if e["kind"] == "membership" and e.get("what") in ("re-registered",)
-        ]
-        own = [e for e in events.get(inj["worker"], []) if e["wall"] >= t]
-        detect += [e["wall"] for e in own if e["kind"] == "checkpoint" and e.get("what") == "failed"]
-        since = min(detect) if detect else t  # recovered: the first round completed after detection
-        rounds_after = sorted(e["wall"] for e in others + own if e["kind"] == "round" and e["wall"] >= since)
-        recovered = rounds_after[0] if rounds_after else None
-        excluded = {  # one entry per round, however many survivors logged it
-            e["round"]: {"round": e["round"], "worker": w, "reason": why}
-            for e in others
-            if e["kind"] == "excluded"
-            and inj["fault"] in ("corrupt", "nan")
-            and e["round"] == inj.get("round")
-            for w, why in e["contributions"].items()
-            if w == inj["worker"]
-        }
-        excluded = list(excluded.values())
-        first_other = next((w for w in events if w != inj["worker"]), None)
-        redone = [
-            e
-            for e in events.get(first_other, [])
-            if e["kind"] == "round_redone" and t <= e["wall"] <= (recovered or t)
-        ]
-        faults.append(
-            {
-                "id": inj["id"],
-                "kind": inj["fault"],
-                "worker": inj["worker"],
-                "injected_at_s": t - t0,
-                "detected_after_s": (min(detect) - t) if detect else None,
-                "recovered_after_s": (recovered - t) if recovered else None,
-                "rounds_redone": len(redone),
-                "contributions_excluded": excluded,
-            }
-        )
+    t0 = chaos_t0(chaos, events)
+    injected.sort(key=lambda e: e["wall"])
+    faults = []
+    for i, inj in enumerate(injected):
+        # what the job noticed is the latest fault's of that worker: a kill ends a delay's watch
+        until = min((e["wall"] for e in injected[i + 1 :] if e["worker"] == inj["worker"]), default=math.inf)
+        faults.append(_fault_entry(inj, events, t0, until))
     finished = {w: chaos.summary(w) for w, c in chaos.codes.items() if c == 0}
     digests = [s["global_params_sha256"] for s in finished.values()]
     majority = max(set(digests), key=digests.count) if digests else None
@@ -188,6 +161,83 @@ def run_chaos(
     _plot(out, ref, chaos, names, report, t0)
     _markdown(out, report)
     return report
+
+
+# which survivors' events show that a fault of each kind was noticed (see _detected)
+_LOST_KINDS = ("kill", "hang", "partition")  # the coordinator declares the worker lost, a round is redone
+_RESYNC_KINDS = ("hang", "delay", "partition", "drop-round")  # the worker is left out and resyncs
+
+
+def _detected(inj: dict, others: list[dict], own: list[dict]) -> float | None:
+    """Wall time at which the job first showed it noticed fault ``inj``, judged by its kind: a
+    survivor learning the worker was lost or redoing a round it was part of (kill, hang,
+    partition), naming it missing from a round (drop-round, partition), excluding its contribution
+    (corrupt, nan), the worker itself being sent to resynchronize (a straggler's delay, ...) or
+    seeing its checkpoint write fail, the workers re-registering (coordinator-kill). A slow link
+    costs time only: nothing detects it."""
+    w, kind = inj["worker"], inj["fault"]
+    hits = []
+    for e in others:
+        k, what = e["kind"], e.get("what")
+        if kind == "coordinator-kill":
+            hit = k == "membership" and what == "re-registered"
+        elif k == "membership" and what == "lost":
+            hit = kind in _LOST_KINDS and e.get("worker") == w
+        elif k == "round_redone":
+            hit = w in e.get("suspects", ()) or (kind in _LOST_KINDS and w in e.get("members", ()))
+        elif k == "excluded":
+            hit = kind in ("corrupt", "nan") and w in e["contributions"]
+        else:
+            hit = False
+        if hit:
+            hits.append(e["wall"])
+    for e in own:
+        if (kind in _RESYNC_KINDS and e["kind"] == "membership" and e.get("what") == "resync") or (
+            kind == "checkpoint-fail" and e["kind"] == "checkpoint" and e.get("what") == "failed"
+        ):
+            hits.append(e["wall"])
+    return min(hits, default=None)
+
+
+def _fault_entry(inj: dict, events: dict[str, list[dict]], t0: float, until: float) -> dict:
+    """One fault of the report: when it was injected, detected (before ``until``, when the same
+    worker's next fault was injected) and recovered from, and its cost."""
+    t, w = inj["wall"], inj["worker"]
+    others = [e for v, evs in events.items() if v != w for e in evs if e["wall"] >= t]
+    own = [e for e in events.get(w, []) if e["wall"] >= t]
+    detected = _detected(inj, [e for e in others if e["wall"] < until], [e for e in own if e["wall"] < until])
+    since = t if detected is None else detected  # recovered: the first round completed after detection
+    ends = inj.get("ends_at")
+    if ends is None:
+        pool = others + own
+    else:  # a lasting fault (partition, slow link, ...): once its own worker completes a round after it
+        pool, since = own, max(since, ends)
+    recovered = min((e["wall"] for e in pool if e["kind"] == "round" and e["wall"] >= since), default=None)
+    excluded = {  # one entry per round, however many survivors logged it
+        e["round"]: {"round": e["round"], "worker": w, "reason": e["contributions"][w]}
+        for e in others
+        if e["kind"] == "excluded"
+        and inj["fault"] in ("corrupt", "nan")
+        and e["round"] == inj.get("round")
+        and w in e["contributions"]
+    }
+    first_other = next((v for v in events if v != w), None)
+    redone = [
+        e
+        for e in events.get(first_other, [])
+        if e["kind"] == "round_redone" and t <= e["wall"] <= (recovered or t)
+    ]
+    return {
+        "id": inj["id"],
+        "kind": inj["fault"],
+        "worker": w,
+        "injected_at_s": t - t0,
+        "lasted_s": ends - t if ends is not None else None,
+        "detected_after_s": detected - t if detected is not None else None,
+        "recovered_after_s": recovered - t if recovered is not None else None,
+        "rounds_redone": len(redone),
+        "contributions_excluded": list(excluded.values()),
+    }
 
 
 def chaos_t0(job: LocalJob, events: dict) -> float:
@@ -242,12 +292,14 @@ def _markdown(out: Path, r: dict) -> None:
         f"{s(r['reference_final_loss'])} fault-free (delta {s(r['final_loss_delta'])}); "
         f"wall {s(r['chaos_wall_s'])} s vs {s(r['reference_wall_s'])} s.",
         "",
-        "| # | kind | worker | injected (s) | detected after (s) | recovered after (s) | redone | excluded |",
-        "|---|------|--------|--------------|--------------------|---------------------|--------|----------|",
+        "| # | kind | worker | injected (s) | lasted (s) | detected after (s) | recovered after (s) "
+        "| redone | excluded |",
+        "|---|------|--------|--------------|------------|--------------------|---------------------"
+        "|--------|----------|",
     ]
     for f in r["faults"]:
         lines.append(
-            f"| {f['id']} | {f['kind']} | {f['worker']} | {s(f['injected_at_s'])} "
+            f"| {f['id']} | {f['kind']} | {f['worker']} | {s(f['injected_at_s'])} | {s(f.get('lasted_s'))} "
             f"| {s(f['detected_after_s'])} | "
             f"{s(f['recovered_after_s'])} | {f['rounds_redone']} | {len(f['contributions_excluded'])} |"
         )
