@@ -183,6 +183,9 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
         for w in names:
             job.start_worker(w, extra=["--resume", "auto"])
         assert job.wait_workers(names, 120) == dict.fromkeys(names, 0), job.logs()
+        for w in names:  # each continued from its checkpoint: 80 steps run, not 120
+            assert [e["step"] for e in job.events(w, "checkpoint") if e["what"] == "resumed"] == [40]
+            assert job.summary(w)["steps_run"] == 80 and job.summary(w)["transfers_in"] == []
         got = {job.summary(w)["global_params_sha256"] for w in names}
         assert got == {want}
     finally:

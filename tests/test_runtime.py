@@ -79,6 +79,8 @@ def test_dp_and_diloco_compare_on_equal_tokens(tmp_path, corpus_dir):
         (dict(sync_every=0), "sync_every=0"),
         (dict(mode="ddp"), "mode"),
         (dict(heads=3), "heads"),
+        (dict(checkpoint_every=10), "checkpoint_every=10.*without --coordinator"),
+        (dict(resume="auto"), "resume='auto'.*without --coordinator"),
     ],
 )
 def test_bad_config_values_are_named_before_training(kw, match):

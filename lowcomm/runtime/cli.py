@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                 # the interpreter's shutdown; the records are closed, so leave at once
                 os._exit(0)
             else:
+                if os.environ.get("LOWCOMM_FAULTS"):
+                    logging.getLogger("lowcomm").warning(
+                        "LOWCOMM_FAULTS is set but fault plans act on elastic jobs (--coordinator); "
+                        "this static run ignores it"
+                    )
                 s = train(cfg, progress=not args.quiet)
             if not cfg.coordinator and int(os.environ.get("RANK", "0")) == 0:
                 print(format_comparison({cfg.mode: s}))

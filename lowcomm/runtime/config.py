@@ -181,6 +181,13 @@ class TrainConfig:
                 "procs_per_replica",
                 "1 in an elastic job (one process per worker)",
             )
+        else:  # a static job: every replica runs to the end or the job fails (torchrun restarts it)
+            need(
+                self.checkpoint_every == 0,
+                "checkpoint_every",
+                "0 without --coordinator (elastic workers write them)",
+            )
+            need(self.resume is None, "resume", "unset without --coordinator (elastic workers resume)")
         for name, parse in (("link_bandwidth", parse_bandwidth), ("link_latency", parse_duration)):
             if getattr(self, name) is not None:
                 parse(getattr(self, name))  # raises, naming the value and the accepted forms

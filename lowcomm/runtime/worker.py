@@ -149,8 +149,7 @@ def train_elastic(
     if cfg.resume:
         resume_from = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
         if cfg.resume == "auto" and not resume_from.exists():
-            finished = False
-    resume_from = None
+            resume_from = None  # nothing written yet: a fresh start
     if resume_from is not None:
         resume(load_state(resume_from))  # raises CorruptStateError naming the file if it is damaged
     try:
