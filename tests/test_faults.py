@@ -1,6 +1,7 @@
 """Fault plans, guards and checkpoints: unit checks, then real elastic jobs on 127.0.0.1."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,6 +238,20 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     assert by_kind["delay"]["recovered_after_s"] is None  # the pacing delays outlast the job
     assert sorted(report["workers_finished"]) == ["w0", "w1", "w2"]
     assert (out / "loss.png").stat().st_size > 0 and "data lost: 0" in (out / "report.md").read_text()
+    # nothing outlives the runner: no worker of the run, no coordinator on its endpoints
+    endpoints = {p.read_text().splitlines()[0].split()[-1] for p in out.glob("*/coordinator-*.log")}
+    assert len(endpoints) == 2 and _processes_mentioning(str(out), *endpoints) == []
+
+
+def _processes_mentioning(*needles: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode() if d.name.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        found += [cmd] if any(n in cmd for n in needles) else []
+    return found
 
 
 def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_it():

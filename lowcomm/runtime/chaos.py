@@ -36,6 +36,15 @@ def _run(
     folder: Path, names: list[str], flags: list[str], plan: FaultPlan | None, timeout: float
 ) -> LocalJob:
     job = LocalJob(folder, flags, ["--min-workers", str(len(names))])
+    try:
+        return _drive(job, names, plan, timeout)
+    except BaseException:
+        job.close()
+        raise
+
+
+def _drive(job: LocalJob, names: list[str], plan: FaultPlan | None, timeout: float) -> LocalJob:
+    """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
     job.start_coordinator()
     spec = plan.to_dict() if plan is not None else None
     for w in names:
@@ -115,8 +124,14 @@ def run_chaos(
     names = [f"w{i}" for i in range(replicas)]
     steps = next((int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--steps"), 600)
     plan = plan.check(names, steps=steps)  # refuses a bad plan before anything starts
-    ref = _run(out / "reference", names, flags, None, timeout)
-    chaos = _run(out / "chaos", names, flags, plan, timeout)
+    ref = chaos = None
+    try:
+        ref = _run(out / "reference", names, flags, None, timeout)
+        chaos = _run(out / "chaos", names, flags, plan, timeout)
+    finally:  # the coordinators (and any worker past the timeout) do not outlive the runner
+        for job in (ref, chaos):
+            if job is not None:
+                job.close()
     events = {w: chaos.events(w) for w in names if (chaos.tmp / "runs" / w / "events.jsonl").exists()}
     injected = [e for w in events for e in events[w] if e["kind"] == "fault"] + [
         e for e in chaos.runner_events if e["kind"] == "fault"

@@ -22,6 +22,15 @@ from .protocol import new_key
 __all__ = ["LocalJob", "pace"]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the process that started it dies, so a
+    runner or test that is itself killed leaves no coordinator or worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
 def pace(workers, delay=0.04, extra=()):
     """A fault plan that slows every worker's steps a little (so a test can act mid-run), plus ``extra``."""
     faults = [
@@ -64,6 +73,7 @@ class LocalJob:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            preexec_fn=_die_with_parent,
         )
 
     def start_worker(
@@ -94,6 +104,7 @@ class LocalJob:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=e,
+            preexec_fn=_die_with_parent,
         )
         return self.workers[wid]
 
