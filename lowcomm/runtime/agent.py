@@ -56,7 +56,15 @@ from ..comm.group import CollectiveError, ReduceStats, ReplicaGroup, Work
 from .coordinator import CoordinatorClient, CoordinatorError
 from .transfer import pack, recv_state, send_state
 
-__all__ = ["WorkerAgent", "ElasticGroup", "ResyncRequired", "Abandoned", "default_advertise_addr"]
+__all__ = [
+    "WorkerAgent",
+    "ElasticGroup",
+    "ResyncRequired",
+    "Abandoned",
+    "default_advertise_addr",
+    "job_state",
+    "load_job_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -666,3 +674,29 @@ class ElasticGroup(ReplicaGroup):
         )
         self._group = (key, group)
         return group
+
+
+def job_state(diloco, group: ElasticGroup) -> dict:
+    """What a joiner receives from its donor: the DiLoCo state (global fragments, outer momentum,
+    step, error-feedback buffers, nothing in flight) and the next round. Take it at a step with no
+    round in flight (``diloco.in_flight == 0``); add what else the joiner should get."""
+    return {"diloco": diloco.state_dict(), "round": group.next_round}
+
+
+def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = True) -> None:
+    """Continue from ``state`` (a donor's :func:`job_state`, or this worker's own checkpoint).
+
+    As a joiner (the default) the error-feedback residuals are zeroed, since a copy of the donor's
+    would count its quantization error twice, and the local parameters are set to the global
+    ones, so the first pseudo-gradient holds only this worker's own progress. Queued rounds are
+    dropped and the agent's step set to the state's.
+    """
+    if joiner:
+        for fs in state["diloco"]["fragments"]:
+            if fs.get("residual") is not None:
+                fs["residual"].zero_()
+    group.reset(int(state["round"]))
+    diloco.load_state_dict(state["diloco"])
+    group.agent.step = diloco.step_count
+    if joiner:
+        diloco.sync_local_parameters()

@@ -34,9 +34,19 @@ replays the same faults.
 
 Hooks: the runtime calls :class:`FaultInjector` at ``before_step``, ``after_step``,
 ``before_collective``, ``during_collective`` (between the two phases of the reduce),
-``during_transfer`` and ``checkpoint_write``; a user's training script can call the same methods
-(``lowcomm.runtime.faults.FaultInjector.from_env(worker_id)`` reads ``$LOWCOMM_FAULTS``, a path or
-inline JSON). Every injection is recorded as a ``fault`` event before it acts.
+``during_transfer`` and ``checkpoint_write``. A user's own elastic training loop gets the same
+faults (see ``examples/embed_elastic.py``)::
+
+    hooks = FaultInjector.from_env(worker_id, record=log_event)   # $LOWCOMM_FAULTS; None if unset
+    if hooks is not None:
+        hooks.attach(agent, group)       # collectives, transfers, partitions, slow links
+    ...
+        hooks.before_step(step)          # kill, hang, delay, partition, slow-link start here
+        ...train one step...
+        hooks.after_step(step)
+
+Every injection is recorded as a ``fault`` event before it acts (lasting ones with ``ends_at``,
+wall clock), and the end of a lasting fault as a ``fault_ended`` event.
 """
 
 from __future__ import annotations
@@ -332,6 +342,14 @@ class FaultInjector:
         self._delay = 0.0  # seconds per step of the active delay fault
         self._nbytes = 16  # bytes the pending corrupt fault flips
         self._restore_link = None  # the link emulation a slow-link fault replaced
+
+    def attach(self, agent, group) -> FaultInjector:
+        """Wire this injector into an elastic worker: its WorkerAgent (partitions from the
+        coordinator, state-transfer hooks) and its ElasticGroup (collective hooks, slow links).
+        The step and checkpoint hooks are the training loop's to call. Returns ``self``."""
+        self.agent, self.group = agent, group
+        agent.hooks = group.hooks = self
+        return self
 
     @classmethod
     def from_env(cls, worker_id: str, record=None, done: set[int] | None = None) -> FaultInjector | None:

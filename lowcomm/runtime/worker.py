@@ -26,7 +26,7 @@ import torch
 from .._version import __version__
 from ..comm.distributed import LinkEmulator
 from ..lm import BatchSampler, eval_batches, load_corpus
-from .agent import ElasticGroup, ResyncRequired, WorkerAgent
+from .agent import ElasticGroup, ResyncRequired, WorkerAgent, job_state, load_job_state
 from .config import TrainConfig
 from .faults import FaultInjector
 from .metrics import RunRecorder, human_bytes, write_summary
@@ -87,10 +87,9 @@ def train_elastic(
     )
     if hooks is None:
         hooks = FaultInjector.from_env(worker_id, record=rec.event)
-    group = ElasticGroup(agent, LinkEmulator.parse(cfg.link_bandwidth, cfg.link_latency), hooks=hooks)
-    agent.hooks = hooks
+    group = ElasticGroup(agent, LinkEmulator.parse(cfg.link_bandwidth, cfg.link_latency))
     if hooks is not None:
-        hooks.agent, hooks.group = agent, group
+        hooks.attach(agent, group)
     diloco = _build_diloco(cfg, model, opt, group)
     ckpt_path = Path(cfg.run_dir) / "checkpoint.lcs"
     lr_at = lr_lambda(cfg)
@@ -98,11 +97,7 @@ def train_elastic(
 
     def snapshot() -> dict:
         """What a joiner receives (taken with no round in flight)."""
-        return {
-            "diloco": diloco.state_dict(),
-            "round": group.next_round,
-            "inner": opt.state_dict() if cfg.transfer_inner_state else None,
-        }
+        return {**job_state(diloco, group), "inner": opt.state_dict() if cfg.transfer_inner_state else None}
 
     def checkpoint() -> dict:
         """Everything this worker needs to continue bit for bit: a joiner's state and its own."""
@@ -115,31 +110,25 @@ def train_elastic(
             "sampler": sampler.state_dict(),
         }
 
-    def restore(state: dict) -> None:
+    def restore(state: dict, joiner: bool) -> None:
         """The job-wide part of a state: round counter, DiLoCo state, inner state, schedule position."""
-        group.reset(int(state["round"]))
-        diloco.load_state_dict(state["diloco"])
+        load_job_state(diloco, group, state, joiner=joiner)
         if state.get("inner") is not None:
             opt.load_state_dict(state["inner"])
-        step = agent.step = sched.last_epoch = diloco.step_count
+        step = sched.last_epoch = diloco.step_count
         for g, base in zip(opt.param_groups, sched.base_lrs):
             g["lr"] = base * lr_at(step)
 
     def resume(state: dict) -> None:
         if state.get("format") != "lowcomm-worker/1":
             raise ValueError(f"{cfg.resume}: not a lowcomm worker checkpoint")
-        restore(state)
+        restore(state, joiner=False)
         model.load_state_dict(state["model"])
         sampler.load_state_dict(state["sampler"])
         rec.event("checkpoint", what="resumed", step=diloco.step_count, round=group.next_round)
 
     def load(state: dict) -> None:
-        # error feedback is this replica's own: a copy of the donor's would count its residual twice
-        for fs in state["diloco"]["fragments"]:
-            if fs.get("residual") is not None:
-                fs["residual"].zero_()
-        restore(state)
-        diloco.sync_local_parameters()
+        restore(state, joiner=True)
 
     bytes_sent, rounds, transfers_in, resyncs = 0, 0, [], 0
     last_eval = float("nan")

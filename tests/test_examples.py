@@ -1,0 +1,28 @@
+"""The example scripts a user copies from run as documented (real processes on 127.0.0.1)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script: str, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=240
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_embed_local_keeps_replicas_identical():
+    out = _run("embed_local.py")
+    assert "global model loss" in out
+
+
+def test_a_users_own_elastic_loop_gets_the_fault_plan_and_the_guards():
+    out = _run("embed_elastic.py", "--steps", "60")
+    # the demo plan corrupts w1's payload in round 2: every worker excluded it, by name
+    assert "{'2': {'w1': 'corrupt payload" in out
+    assert "w1: loss" in out and "faults ['corrupt']" in out and "faults ['slow-link']" in out
+    assert "all workers hold identical global parameters" in out
