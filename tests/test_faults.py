@@ -267,10 +267,10 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
     events = {
         "w0": [
             ev(5, "round"),
-            ev(11, "round_redone", members=["w0", "w1", "w2"], suspects=[]),
+            ev(11, "round_redone", round=3, members=["w0", "w1", "w2"], suspects=[]),
             ev(12, "membership", what="lost", worker="w1"),
             ev(13, "round"),
-            ev(25, "round_redone", members=["w0", "w2"], suspects=["w2"]),
+            ev(25, "round_redone", round=7, members=["w0", "w2"], suspects=["w2"]),
             ev(26, "round"),
             ev(41, "round"),
             ev(43, "round"),
@@ -283,10 +283,11 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
     }
     # w1's resync at 14 follows its kill at 10, not its pacing delay (whose watch the kill ended)
     assert entry[0]["detected_after_s"] is None and entry[0]["recovered_after_s"] is None
+    assert entry[0]["rounds_redone"] == 0 and entry[1]["rounds_redone"] == 1
     assert (
         entry[1]["detected_after_s"] == 1.0 and entry[1]["recovered_after_s"] == 3.0
     )  # redo with w1; round at 13
-    assert entry[2]["detected_after_s"] == 5.0  # named missing by w0
+    assert entry[2]["detected_after_s"] == 5.0 and entry[2]["rounds_redone"] == 1  # named missing by w0
     assert (
         entry[2]["recovered_after_s"] == 9.0 and entry[2]["lasted_s"] == 8.0
     )  # w2's own round after it ended

@@ -178,20 +178,20 @@ def run_chaos(
     return report
 
 
-# which survivors' events show that a fault of each kind was noticed (see _detected)
+# which events show that a fault of each kind was noticed (see _evidence)
 _LOST_KINDS = ("kill", "hang", "partition")  # the coordinator declares the worker lost, a round is redone
 _RESYNC_KINDS = ("hang", "delay", "partition", "drop-round")  # the worker is left out and resyncs
 
 
-def _detected(inj: dict, others: list[dict], own: list[dict]) -> float | None:
-    """Wall time at which the job first showed it noticed fault ``inj``, judged by its kind: a
-    survivor learning the worker was lost or redoing a round it was part of (kill, hang,
-    partition), naming it missing from a round (drop-round, partition), excluding its contribution
-    (corrupt, nan), the worker itself being sent to resynchronize (a straggler's delay, ...) or
-    seeing its checkpoint write fail, the workers re-registering (coordinator-kill). A slow link
-    costs time only: nothing detects it."""
+def _evidence(inj: dict, others: list[dict], own: list[dict]) -> list[dict]:
+    """The events that show the job noticed fault ``inj``, judged by its kind: a survivor learning
+    the worker was lost or redoing a round it was part of (kill, hang, partition), naming it
+    missing from a round (drop-round, partition), excluding its contribution (corrupt, nan), the
+    worker itself being sent to resynchronize (a straggler's delay, ...) or seeing its checkpoint
+    write fail, the workers re-registering (coordinator-kill). A slow link costs time only:
+    nothing shows it."""
     w, kind = inj["worker"], inj["fault"]
-    hits = []
+    found = []
     for e in others:
         k, what = e["kind"], e.get("what")
         if kind == "coordinator-kill":
@@ -205,22 +205,23 @@ def _detected(inj: dict, others: list[dict], own: list[dict]) -> float | None:
         else:
             hit = False
         if hit:
-            hits.append(e["wall"])
+            found.append(e)
     for e in own:
         if (kind in _RESYNC_KINDS and e["kind"] == "membership" and e.get("what") == "resync") or (
             kind == "checkpoint-fail" and e["kind"] == "checkpoint" and e.get("what") == "failed"
         ):
-            hits.append(e["wall"])
-    return min(hits, default=None)
+            found.append(e)
+    return found
 
 
 def _fault_entry(inj: dict, events: dict[str, list[dict]], t0: float, until: float) -> dict:
-    """One fault of the report: when it was injected, detected (before ``until``, when the same
-    worker's next fault was injected) and recovered from, and its cost."""
+    """One fault of the report: when it was injected, detected (by evidence seen before ``until``,
+    when the same worker's next fault was injected) and recovered from, and its cost."""
     t, w = inj["wall"], inj["worker"]
     others = [e for v, evs in events.items() if v != w for e in evs if e["wall"] >= t]
     own = [e for e in events.get(w, []) if e["wall"] >= t]
-    detected = _detected(inj, [e for e in others if e["wall"] < until], [e for e in own if e["wall"] < until])
+    evidence = _evidence(inj, [e for e in others if e["wall"] < until], [e for e in own if e["wall"] < until])
+    detected = min((e["wall"] for e in evidence), default=None)
     since = t if detected is None else detected  # recovered: the first round completed after detection
     ends = inj.get("ends_at")
     if ends is None:
@@ -228,20 +229,12 @@ def _fault_entry(inj: dict, events: dict[str, list[dict]], t0: float, until: flo
     else:  # a lasting fault (partition, slow link, ...): once its own worker completes a round after it
         pool, since = own, max(since, ends)
     recovered = min((e["wall"] for e in pool if e["kind"] == "round" and e["wall"] >= since), default=None)
+    redone = {e["round"] for e in evidence if e["kind"] == "round_redone" and e["wall"] <= (recovered or t)}
     excluded = {  # one entry per round, however many survivors logged it
         e["round"]: {"round": e["round"], "worker": w, "reason": e["contributions"][w]}
-        for e in others
-        if e["kind"] == "excluded"
-        and inj["fault"] in ("corrupt", "nan")
-        and e["round"] == inj.get("round")
-        and w in e["contributions"]
+        for e in evidence
+        if e["kind"] == "excluded" and e["round"] == inj.get("round")
     }
-    first_other = next((v for v in events if v != w), None)
-    redone = [
-        e
-        for e in events.get(first_other, [])
-        if e["kind"] == "round_redone" and t <= e["wall"] <= (recovered or t)
-    ]
     return {
         "id": inj["id"],
         "kind": inj["fault"],
