@@ -6,8 +6,9 @@ Numerics (any device): relative error of each recipe's GEMM against fp64 and of 
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
 group of four. Speed (CUDA only; reported as not measured otherwise): medians of
 triton.testing.do_bench for cuBLAS bf16, fp8 tensorwise / rowwise through torch._scaled_mm, the
-exact-MX Triton GEMM, and the fused dual-axis quantize (bytes read + written per second), at
-8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3.
+exact-MX Triton GEMM, the 1x128 block-scaled Triton GEMM (mxfp8_fast), and the fused dual-axis
+quantize (bytes read + written per second), at 8192^3, 16384x4096x14336, 16384x14336x4096 and
+4096^3.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def speed() -> dict:
     import triton.testing
 
     from lowcomm.kernels import quantize_mx
-    from lowcomm.kernels.triton_mx_gemm import mx_matmul
+    from lowcomm.kernels.gemm import regroup_mx_1x128
+    from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
 
     rows = []
@@ -88,6 +90,15 @@ def speed() -> dict:
             row["mx_exact_triton_tflops"] = flops / t / 1e9
         except Exception as e:
             row["mx_exact_triton_error"] = str(e)[:200]
+        qa, ga = regroup_mx_1x128(da, sa, axis=1)
+        qb, gb = regroup_mx_1x128(db, sb, axis=0)
+        try:
+            t = triton.testing.do_bench(
+                lambda qa=qa, ga=ga, qb=qb, gb=gb: blockwise_matmul(qa, ga, qb, gb, block_m=128, block_n=128)
+            )
+            row["mx_fast_triton_tflops"] = flops / t / 1e9
+        except Exception as e:
+            row["mx_fast_triton_error"] = str(e)[:200]
         t = triton.testing.do_bench(lambda a=a: mx_quantize_dual(a))
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         row["dual_quantize_TBps"] = moved / t / 1e9

@@ -233,8 +233,37 @@ def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
     s = torch.full((32, 2), 127, dtype=torch.uint8)
     with pytest.raises(ValueError, match="multiple of 32"):
         mx_matmul(d, s, torch.zeros(48, 8, dtype=torch.float8_e4m3fn), s)
-    with pytest.raises(ValueError, match="mxfp8 only"):
+    with pytest.raises(ValueError, match="mxfp8 and mxfp8_fast only"):
         qmatmul(torch.zeros(4, 32), torch.zeros(32, 4), "fp8_rowwise", backend="triton")
+
+
+def test_fast_mx_triton_gemm_matches_the_emulated_fast_path():
+    """The 1x128 block-scaled kernel (interpreted on CPU in CI) equals the emulated mxfp8_fast
+    recipe up to fp32 order, K padded to whole groups of 128 (200 -> 256)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(3)
+    a = torch.randn(40, 200) * torch.logspace(-4, 4, 200)  # block scales differ inside a group
+    b = torch.randn(200, 24)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = qmatmul(a.to(dev), b.to(dev), "mxfp8_fast", backend="triton").cpu()
+    ref = qmatmul(a, b, "mxfp8_fast", backend="emulated")
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+    exact = qmatmul(a, b, "mxfp8", backend="emulated")
+    assert not torch.equal(ref, exact)  # it is the fast recipe's numerics, not exact MX
+
+
+def test_blockwise_triton_gemm_refuses_what_it_cannot_serve():
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_mx_gemm import blockwise_matmul
+
+    d = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    e = torch.zeros(128, 8, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="float32 scales"):
+        blockwise_matmul(d, torch.ones(4, 1, dtype=torch.uint8), e, torch.ones(1, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(M, K/128\)"):
+        blockwise_matmul(d, torch.ones(4, 4), e, torch.ones(1, 8))
+    with pytest.raises(ValueError, match="power of two"):
+        blockwise_matmul(d, torch.ones(4, 1), e, torch.ones(1, 8), block=96)
 
 
 def test_fast_mx_path_regroups_to_the_group_max_and_only_loses_small_blocks():

@@ -17,10 +17,11 @@ Backends:
         exact up to the fp32 accumulation order: the numerics every faster path is checked against.
     ``scaled_mm``: ``torch._scaled_mm`` on CUDA: tensorwise / rowwise on sm_89 and newer, MX (E8M0
         scales, 1x32 blocks) on sm_100 and newer.
-    ``triton``: MXFP8 only: the exact-MX Triton kernel that applies both operands' E8M0 scales in
-        its K loop (for Hopper, which has no MX in cuBLAS; also CPU under ``TRITON_INTERPRET=1``).
-    ``auto``: ``scaled_mm`` where the device can serve the recipe, ``triton`` for MXFP8 on sm_90,
-        else ``emulated``.
+    ``triton``: MXFP8: the exact-MX Triton kernel that applies both operands' E8M0 scales in its K
+        loop; MXFP8 fast: the same kernel with fp32 scales per 128 of K (for Hopper, which has no MX
+        in cuBLAS; also CPU under ``TRITON_INTERPRET=1``).
+    ``auto``: ``scaled_mm`` where the device can serve the recipe, ``triton`` for the MX recipes on
+        sm_90, else ``emulated``.
 
 A request the chosen backend cannot serve raises a ValueError naming the reason; nothing falls
 back silently unless ``backend="auto"`` was asked for.
@@ -163,10 +164,10 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
     cap = _capability(device)
-    if recipe == "mxfp8_fast" and backend in ("scaled_mm", "triton"):
+    if recipe == "mxfp8_fast" and backend == "scaled_mm":
         raise ValueError(
-            f"mxfp8_fast runs on backend 'emulated' only so far (the sm_90 1x128 blockwise _scaled_mm is not "
-            f"wired yet), not {backend!r}"
+            "mxfp8_fast runs on backends 'triton' (the 1x128 block-scaled kernel) and 'emulated'; the "
+            "sm_90 blockwise _scaled_mm is not wired, so not 'scaled_mm'"
         )
     need = (10, 0) if recipe == "mxfp8" else (8, 9)
     can_scaled_mm = (
@@ -182,8 +183,8 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
 
         from .triton_quantize import HAVE_TRITON
 
-        if recipe != "mxfp8":
-            raise ValueError(f"backend 'triton' serves mxfp8 only, not {recipe}")
+        if recipe not in ("mxfp8", "mxfp8_fast"):
+            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
         if not HAVE_TRITON or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
             raise ValueError(
                 f"backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}"
@@ -191,7 +192,7 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
     if backend == "auto":
         if can_scaled_mm:
             return "scaled_mm"
-        if recipe == "mxfp8" and cap is not None and cap[0] == 9:
+        if recipe in ("mxfp8", "mxfp8_fast") and cap is not None and cap[0] == 9:
             from .triton_quantize import HAVE_TRITON
 
             return "triton" if HAVE_TRITON else "emulated"
@@ -224,8 +225,9 @@ def qmatmul(
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"qmatmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
-    pad = (-a.shape[1]) % MX_BLOCK if recipe == "mxfp8" else 0
-    if pad:  # zero blocks change no product; MX needs whole blocks along K
+    block = {"mxfp8": MX_BLOCK, "mxfp8_fast": 128}.get(recipe)
+    pad = (-a.shape[1]) % block if block else 0
+    if pad:  # zero blocks change no product; MX needs whole blocks along K (groups of 4 for the fast path)
         a = torch.nn.functional.pad(a, (0, pad))
         b = torch.nn.functional.pad(b, (0, 0, 0, pad))
     which = choose_backend(recipe, a.device, backend)
@@ -234,10 +236,12 @@ def qmatmul(
     if which == "triton":
         if elem_a != "e4m3" or elem_b != "e4m3":
             raise ValueError("backend 'triton' takes e4m3 operands only; use 'emulated' for e5m2 gradients")
-        from .triton_mx_gemm import mx_matmul
+        from .triton_mx_gemm import blockwise_matmul, mx_matmul
 
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
         db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        if recipe == "mxfp8_fast":
+            return blockwise_matmul(*regroup_mx_1x128(da, sa, axis=1), *regroup_mx_1x128(db, sb, axis=0))
         return mx_matmul(da, sa, db, sb)
     qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
     qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule)
