@@ -18,6 +18,7 @@ import json
 import platform
 import subprocess
 import time
+from functools import partial
 
 import torch
 
@@ -59,6 +60,16 @@ def numerics(device: str) -> dict:
     return out
 
 
+def _time_tflops(row: dict, name: str, flops: int, fn) -> None:
+    """``row[name + "_tflops"]`` from the median time of ``fn``, or ``row[name + "_error"]``."""
+    import triton.testing
+
+    try:
+        row[f"{name}_tflops"] = flops / triton.testing.do_bench(fn) / 1e9
+    except Exception as e:  # one path failing (an old torch, a missing backend) spoils no other
+        row[f"{name}_error"] = str(e)[:200]
+
+
 def speed() -> dict:
     import triton.testing
 
@@ -73,32 +84,16 @@ def speed() -> dict:
         b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
         flops = 2 * M * N * K
         row = {"shape": [M, K, N]}
-        t = triton.testing.do_bench(lambda a=a, b=b: a @ b)
-        row["bf16_tflops"] = flops / t / 1e9
-        for r in ("fp8_tensorwise", "fp8_rowwise"):
-            try:
-                t = triton.testing.do_bench(lambda a=a, b=b, r=r: qmatmul(a, b, r, backend="scaled_mm"))
-                row[f"{r}_tflops_incl_quantize"] = flops / t / 1e9
-            except Exception as e:
-                row[f"{r}_error"] = str(e)[:200]
+        _time_tflops(row, "bf16", flops, lambda a=a, b=b: a @ b)
+        for r in ("fp8_tensorwise", "fp8_rowwise"):  # quantize included
+            _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend="scaled_mm"))
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
-        try:
-            t = triton.testing.do_bench(
-                lambda da=da, sa=sa, db=db, sb=sb: mx_matmul(da, sa, db, sb, block_m=128, block_n=128)
-            )
-            row["mx_exact_triton_tflops"] = flops / t / 1e9
-        except Exception as e:
-            row["mx_exact_triton_error"] = str(e)[:200]
+        tiles = {"block_m": 128, "block_n": 128}
+        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb, **tiles))
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
-        try:
-            t = triton.testing.do_bench(
-                lambda qa=qa, ga=ga, qb=qb, gb=gb: blockwise_matmul(qa, ga, qb, gb, block_m=128, block_n=128)
-            )
-            row["mx_fast_triton_tflops"] = flops / t / 1e9
-        except Exception as e:
-            row["mx_fast_triton_error"] = str(e)[:200]
+        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb, **tiles))
         t = triton.testing.do_bench(lambda a=a: mx_quantize_dual(a))
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         row["dual_quantize_TBps"] = moved / t / 1e9
