@@ -46,7 +46,7 @@ faults (see ``examples/embed_elastic.py``)::
         hooks.after_step(step)
 
 Every injection is recorded as a ``fault`` event before it acts (lasting ones with ``ends_at``,
-wall clock), and the end of a lasting fault as a ``fault_ended`` event.
+wall clock), and the end of a delay, slow link or partition as a ``fault_ended`` event.
 """
 
 from __future__ import annotations
