@@ -1,6 +1,7 @@
 """FP8 / MXFP8 kernels: numerics everywhere, speed on a GPU (issue: FP8 and MXFP8).
 
     python benchmarks/kernels.py --json benchmarks/results/kernels.json
+    python benchmarks/kernels.py --static --json benchmarks/results/kernels_static.json
 
 Numerics (any device): relative error of each recipe's GEMM against fp64 and of the fast MX path
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
@@ -9,6 +10,10 @@ triton.testing.do_bench for cuBLAS bf16, fp8 tensorwise / rowwise through torch.
 exact-MX Triton GEMM, the 1x128 block-scaled Triton GEMM (mxfp8_fast), and the fused dual-axis
 quantize (bytes read + written per second), at 8192^3, 16384x4096x14336, 16384x14336x4096 and
 4096^3.
+
+``--static`` instead compiles every Triton kernel at its CUDA launch configuration for sm_90a and
+sm_100a on this machine (no GPU needed; lowcomm.kernels.triton_static) and records registers,
+spills, shared memory and the MMA instruction issued: what the compiler made, not how fast it runs.
 """
 
 from __future__ import annotations
@@ -89,11 +94,10 @@ def speed() -> dict:
             _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend="scaled_mm"))
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
-        tiles = {"block_m": 128, "block_n": 128}
-        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb, **tiles))
+        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb))
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
-        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb, **tiles))
+        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb))
         t = triton.testing.do_bench(lambda a=a: mx_quantize_dual(a))
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         row["dual_quantize_TBps"] = moved / t / 1e9
@@ -104,8 +108,27 @@ def speed() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--static", action="store_true", help="compile for sm_90a / sm_100a, run nothing")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if args.static:
+        import triton
+
+        from lowcomm.kernels.triton_static import report
+
+        out = {
+            "benchmark": "kernels_static",
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} CPU (compiled ahead of time; nothing run)",
+            "triton": triton.__version__,
+            "commit": _commit(),
+            "kernels": report(),
+        }
+        print(json.dumps(out, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     out = {
         "benchmark": "kernels",
         "date": time.strftime("%Y-%m-%d"),

@@ -1,6 +1,10 @@
 """Low-precision formats, GEMMs and Linear layers on CPU (the emulated path every kernel is held to)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,20 +186,23 @@ def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
 @pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("rule", ["rceil", "floor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem, rule, dtype):
-    """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx."""
+@pytest.mark.parametrize("tiles", ["default", "cuda", "64x128"])
+def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem, rule, dtype, tiles):
+    """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx,
+    also at the CUDA launch tiles and at 64 x 128 (the (96, 96) input ends inside a tile)."""
     pytest.importorskip("triton")
-    from lowcomm.kernels.triton_quantize import mx_quantize_dual
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIG, mx_quantize_dual
 
+    config = {"cuda": QUANTIZE_CUDA_CONFIG, "64x128": {"BLOCK_R": 64, "BLOCK_C": 128}}.get(tiles)
     torch.manual_seed(0)
-    x = (torch.randn(64, 96) * torch.logspace(-6, 6, 96)).to(dtype)
+    x = (torch.randn(96, 96) * torch.logspace(-6, 6, 96)).to(dtype)
     x[3, 5] = float("nan")
     x[40, 70] = float("inf")
     x[10, :32] = 0.0
     x[11, 0] = 1e-40 if dtype == torch.float32 else 1e-30  # a subnormal input
     x[12, 40] = -0.0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rq, rs, cq, cs = (t.cpu() for t in mx_quantize_dual(x.to(dev), elem, rule))
+    rq, rs, cq, cs = (t.cpu() for t in mx_quantize_dual(x.to(dev), elem, rule, config=config))
     d_r, s_r = quantize_mx(x, elem=elem, scale_rule=rule, axis=-1)
     d_c, s_c = quantize_mx(x, elem=elem, scale_rule=rule, axis=0)
     assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8))
@@ -283,3 +290,38 @@ def test_fast_mx_path_regroups_to_the_group_max_and_only_loses_small_blocks():
     assert small_err > 0.05  # the small block lost precision (double rounding, near-underflow)
     with pytest.raises(ValueError, match="emulated"):
         qmatmul(torch.zeros(4, 128), torch.zeros(128, 4), "mxfp8_fast", backend="scaled_mm")
+
+
+def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
+    """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
+    the training layers use and the dual quantize, for sm_90a, the exact-MX GEMM also for sm_100a.
+    Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
+    GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
+    without TRITON_INTERPRET (this process interprets kernels)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; this is its default
+
+    def rows(arch, *only):
+        out = subprocess.run(
+            [sys.executable, "-m", "lowcomm.kernels.triton_static", "--arch", str(arch)]
+            + [a for o in only for a in ("--only", o)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    hopper = rows(90, "matmul", "bf16 -> e4m3", "fp32 -> e5m2")
+    gemm, quant = hopper[:6], hopper[6:]
+    blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
+    assert len(gemm) == 6 and len(quant) == 2 and len(blackwell) == 1
+    for row in gemm + quant + blackwell:
+        assert "error" not in row, row
+        assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
+    for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
+        assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
+    assert blackwell[0]["mma"].startswith("tcgen05.mma") and "f8f6f4" in blackwell[0]["mma"]
+    assert all(row["mma"] is None for row in quant)

@@ -84,11 +84,12 @@ def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):
     """MX (1x32 E8M0) operands -> 1x128 blocks: the group's largest scale, elements re-rounded.
 
     Args:
-        data: fp8 (E4M3) blocked by 32 along ``axis`` (length a multiple of 128).
+        data: fp8 (E4M3 or E5M2) blocked by 32 along ``axis`` (length a multiple of 128).
         scales: E8M0 bytes, ``shape[axis] // 32`` along ``axis``.
 
     Returns:
-        ``(data128, scale128)``: E4M3 data and fp32 power-of-two scales, one per 128 along ``axis``.
+        ``(data128, scale128)``: data in the same fp8 format and fp32 power-of-two scales, one per
+        128 along ``axis``.
     """
     axis = axis % data.dim()
     n = data.shape[axis]
@@ -101,7 +102,8 @@ def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):
     g = s.reshape(*s.shape[:-1], n // 128, 4).amax(dim=-1)  # the group's largest exponent
     scale = torch.ldexp(torch.ones_like(g, dtype=torch.float32), g - 127)
     xs = x.reshape(*x.shape[:-1], n // 128, 128) / scale.unsqueeze(-1)  # exact: powers of two
-    q = xs.clamp(-448, 448).to(torch.float8_e4m3fn)  # the second rounding
+    fmax = torch.finfo(data.dtype).max  # the element format stays (E4M3, or E5M2 for gradients)
+    q = xs.clamp(-fmax, fmax).to(data.dtype)  # the second rounding
     return q.reshape(x.shape).movedim(-1, axis), scale.movedim(-1, axis)
 
 
@@ -234,8 +236,6 @@ def qmatmul(
     if which == "scaled_mm":
         return _scaled_mm(a, b, recipe, elem_a, elem_b)
     if which == "triton":
-        if elem_a != "e4m3" or elem_b != "e4m3":
-            raise ValueError("backend 'triton' takes e4m3 operands only; use 'emulated' for e5m2 gradients")
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
 
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)

@@ -41,37 +41,62 @@ if HAVE_TRITON:
         M,
         N,
         K,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bn,
+        stride_sam,
+        stride_sak,
+        stride_sbk,
+        stride_sbn,
+        stride_cm,
+        stride_cn,
         SB: tl.constexpr,
         E8M0: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        GROUP_M: tl.constexpr,
     ):
         # C = sum over K-blocks kb of (A[:, kb] @ B[kb, :]) * sa[:, kb] ⊗ sb[kb, :]; SB elements of K
-        # share a scale (32 for MX, 128 for the 1x128 path), E8M0 says how scales are stored
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # share a scale (32 for MX, 128 for the 1x128 path), E8M0 says how scales are stored.
+        # Tiles in groups of GROUP_M rows of tiles, so that neighbouring programs share B in L2.
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % rows_in_group
+        pid_n = (pid % width) // rows_in_group
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, SB)
-        mask_m = rm < M
-        mask_n = rn < N
+        # rows/columns past the edge read row/column 0 (no masks in the K loop; never stored);
+        # 64-bit offsets: M·K and K·N may pass 2^31
+        am = (rm % M).to(tl.int64)
+        bn = (rn % N).to(tl.int64)
+        a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + bn[None, :] * stride_bn
+        sa_ptrs = sa_ptr + am * stride_sam
+        sb_ptrs = sb_ptr + bn * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        KB = K // SB
-        for kb in range(0, KB):
-            k = kb * SB + rk
-            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=mask_m[:, None], other=0.0)  # (BM, SB) fp8
-            b = tl.load(b_ptr + k[:, None] * N + rn[None, :], mask=mask_n[None, :], other=0.0)  # (SB, BN) fp8
+        for kb in range(0, K // SB):
+            a = tl.load(a_ptrs)  # (BM, SB) fp8
+            b = tl.load(b_ptrs)  # (SB, BN) fp8
             part = tl.dot(a, b, out_dtype=tl.float32)
             if E8M0:  # 2^(s − 127), built from bits (exact); 0xFF (NaN) blocks -> NaN
-                sa = tl.load(sa_ptr + rm * KB + kb, mask=mask_m, other=127).to(tl.int32)
-                sb = tl.load(sb_ptr + kb * N + rn, mask=mask_n, other=127).to(tl.int32)
+                sa = tl.load(sa_ptrs + kb * stride_sak).to(tl.int32)
+                sb = tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32)
                 fa = tl.where(sa == 255, float("nan"), _e8m0_to_f32(sa))
                 fb = tl.where(sb == 255, float("nan"), _e8m0_to_f32(sb))
             else:  # fp32 dequantization multipliers
-                fa = tl.load(sa_ptr + rm * KB + kb, mask=mask_m, other=1.0)
-                fb = tl.load(sb_ptr + kb * N + rn, mask=mask_n, other=1.0)
+                fa = tl.load(sa_ptrs + kb * stride_sak)
+                fb = tl.load(sb_ptrs + kb * stride_sbk)
             acc += part * fa[:, None] * fb[None, :]
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+            a_ptrs += SB * stride_ak
+            b_ptrs += SB * stride_bk
+        c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+        tl.store(c_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
     @triton.jit
     def _e8m0_to_f32(s):
@@ -80,27 +105,90 @@ if HAVE_TRITON:
         return tl.where(s == 0, normal * 0.5, normal)
 
 
+# Launch configurations by scale block (SB). CUDA ones were chosen by compiling for sm_90a on a
+# machine without a GPU (``python benchmarks/kernels.py --static``, tests/test_kernels.py): no
+# register spills, shared memory well inside an H100 SM's 227 KB, fp8 wgmma issued. Their speed is
+# not measured yet. The interpreter gets small tiles (it runs numpy per program).
+CUDA_CONFIGS = {
+    32: {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    128: {"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+}
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+
+
+def gemm_config(sb: int, device: torch.device) -> dict:
+    """The tiles, warps and stages the block-scaled GEMM launches with for ``sb`` elements per scale."""
+    return dict(CUDA_CONFIGS[sb] if torch.device(device).type == "cuda" else INTERPRET_CONFIG)
+
+
+def static_specs() -> list:
+    """The GEMM at its CUDA configurations and the operand layouts the training layers use, for
+    :mod:`lowcomm.kernels.triton_static` (compiled for a GPU that is not here)."""
+    from .triton_static import KernelSpec
+
+    params = _block_scaled_gemm_kernel.params
+    ints = [p.name for p in params[5:] if not p.is_constexpr]  # sizes and strides
+    # which strides are 1: A K-contiguous or M-contiguous (a transposed column-blocked copy),
+    # B K-contiguous (Wᵀ in fprop) or N-contiguous (dgrad, wgrad); C row-major
+    layouts = {
+        "A k-major, B k-major": ("stride_ak", "stride_bk"),
+        "A k-major, B n-major": ("stride_ak", "stride_bn"),
+        "A m-major, B n-major": ("stride_am", "stride_bn"),
+    }
+    specs = []
+    for sb, scale in ((32, "*u8"), (128, "*fp32")):
+        cfg = CUDA_CONFIGS[sb]
+        for layout, unit in layouts.items():
+            # a scale tensor is contiguous along its operand's contiguous axis
+            sa_unit = "stride_sak" if "A k-major" in layout else "stride_sam"
+            sb_unit = "stride_sbk" if "B k-major" in layout else "stride_sbn"
+            unit = (*unit, sa_unit, sb_unit, "stride_cn")
+            sig = {"a_ptr": "*fp8e4nv", "sa_ptr": scale, "b_ptr": "*fp8e4nv", "sb_ptr": scale}
+            sig["c_ptr"] = "*fp32"
+            sig.update({n: "constexpr" if n in unit else "i32" for n in ints})
+            consts = {n: 1 for n in unit}
+            consts.update(SB=sb, E8M0=sb == 32, **{k: v for k, v in cfg.items() if k.isupper()})
+            sig.update({p.name: "constexpr" for p in params if p.is_constexpr})
+            specs.append(
+                KernelSpec(
+                    name=f"{'mx_matmul' if sb == 32 else 'blockwise_matmul'} ({layout})",
+                    fn=_block_scaled_gemm_kernel,
+                    signature=sig,
+                    constexprs=consts,
+                    num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"],
+                    dot=True,
+                    aligned=tuple(n for n in ints if n not in unit),
+                )
+            )
+    return specs
+
+
 def mx_matmul(
     a_data: torch.Tensor,
     a_scales: torch.Tensor,
     b_data: torch.Tensor,
     b_scales: torch.Tensor,
     *,
-    block_m: int = 32,
-    block_n: int = 32,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """fp32 ``dequant(A) @ dequant(B)`` from MX operands (exact MX).
 
+    Operands may be strided views (a transposed copy of the other axis's quantization is read in
+    place): only the shapes below matter.
+
     Args:
-        a_data: (M, K) float8_e4m3fn, blocked along K (``quantize_mx(a, axis=1)``).
+        a_data: (M, K) float8_e4m3fn (or e5m2: gradients), blocked along K
+            (``quantize_mx(a, axis=1)``).
         a_scales: (M, K/32) uint8 E8M0.
-        b_data: (K, N) float8_e4m3fn, blocked along K (``quantize_mx(b, axis=0)``).
+        b_data: (K, N) float8_e4m3fn or e5m2, blocked along K (``quantize_mx(b, axis=0)``).
         b_scales: (K/32, N) uint8 E8M0.
+        config: launch configuration overrides (keys of :data:`CUDA_CONFIGS`' entries).
 
     Raises:
         RuntimeError: triton missing. ValueError: shapes or dtypes that do not fit.
     """
-    return _launch(a_data, a_scales, b_data, b_scales, 32, torch.uint8, block_m, block_n, "mx_matmul")
+    return _launch(a_data, a_scales, b_data, b_scales, 32, torch.uint8, config, "mx_matmul")
 
 
 def blockwise_matmul(
@@ -110,8 +198,7 @@ def blockwise_matmul(
     b_scales: torch.Tensor,
     *,
     block: int = 128,
-    block_m: int = 32,
-    block_n: int = 32,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """fp32 ``(A · sa) @ (B · sb)`` with fp32 scales per ``block`` elements along K (the 1x128 path).
 
@@ -123,20 +210,21 @@ def blockwise_matmul(
         a_data: (M, K) float8_e4m3fn. a_scales: (M, K/block) float32.
         b_data: (K, N) float8_e4m3fn. b_scales: (K/block, N) float32 (one per column and K-block).
         block: elements of K per scale (a power of two >= 16).
+        config: launch configuration overrides.
 
     Raises:
         RuntimeError: triton missing. ValueError: shapes or dtypes that do not fit.
     """
     if block < 16 or block & (block - 1):
         raise ValueError(f"blockwise_matmul: block={block} must be a power of two >= 16")
-    return _launch(
-        a_data, a_scales, b_data, b_scales, block, torch.float32, block_m, block_n, "blockwise_matmul"
-    )
+    return _launch(a_data, a_scales, b_data, b_scales, block, torch.float32, config, "blockwise_matmul")
 
 
-def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, block_m, block_n, name) -> torch.Tensor:
+def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, name) -> torch.Tensor:
     if not HAVE_TRITON:
         raise RuntimeError(f"{name} needs triton (pip install triton); use lowcomm.kernels.qmatmul")
+    if a_data.dim() != 2 or b_data.dim() != 2:
+        raise ValueError(f"{name} takes 2-D operands, got {tuple(a_data.shape)} and {tuple(b_data.shape)}")
     M, K = a_data.shape
     K2, N = b_data.shape
     if K != K2 or K % sb:
@@ -144,8 +232,11 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, block_m, b
             f"{name} needs A (M, K) and B (K, N) with K a multiple of {sb}, got {tuple(a_data.shape)} "
             f"and {tuple(b_data.shape)}"
         )
-    if a_data.dtype != torch.float8_e4m3fn or b_data.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"{name} takes float8_e4m3fn operands, got {a_data.dtype} and {b_data.dtype}")
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if a_data.dtype not in fp8 or b_data.dtype not in fp8:
+        raise ValueError(
+            f"{name} takes float8_e4m3fn or float8_e5m2 operands, got {a_data.dtype} and {b_data.dtype}"
+        )
     if a_scales.shape != (M, K // sb) or b_scales.shape != (K // sb, N):
         raise ValueError(
             f"scales must be (M, K/{sb}) and (K/{sb}, N), got {tuple(a_scales.shape)} and "
@@ -153,20 +244,31 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, block_m, b
         )
     if a_scales.dtype != scale_dtype or b_scales.dtype != scale_dtype:
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
+    cfg = gemm_config(sb, a_data.device)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
+    cfg.update(config or {})
     c = torch.empty(M, N, dtype=torch.float32, device=a_data.device)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    if M == 0 or N == 0:
+        return c
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _block_scaled_gemm_kernel[grid](
-        a_data.contiguous(),
-        a_scales.contiguous(),
-        b_data.contiguous(),
-        b_scales.contiguous(),
+        a_data,
+        a_scales,
+        b_data,
+        b_scales,
         c,
         M,
         N,
         K,
+        *a_data.stride(),
+        *b_data.stride(),
+        *a_scales.stride(),
+        *b_scales.stride(),
+        *c.stride(),
         SB=sb,
         E8M0=scale_dtype == torch.uint8,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        **cfg,
     )
     return c

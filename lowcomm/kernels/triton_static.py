@@ -1,0 +1,160 @@
+"""Compile lowcomm's Triton kernels for a GPU that is not here, and read what the compiler made.
+
+Triton compiles ahead of time for any target: ``triton.compile`` lowers a kernel to PTX and the
+``ptxas`` shipped in the triton wheel assembles it to a cubin, with no GPU and no driver. That
+answers, on a CPU machine, questions that otherwise wait for a GPU session: does the kernel
+compile for sm_90a / sm_100a at the configuration it launches with, how many registers does a
+thread take, does anything spill to local memory, how much shared memory does the pipeline need,
+and which MMA instructions were issued (``wgmma`` on Hopper; ``mma.sync`` would mean the tensor
+cores of the previous generation). It says nothing about speed.
+
+    python -m lowcomm.kernels.triton_static --arch 90 --arch 100      # JSON lines
+    python benchmarks/kernels.py --static                              # the same into a JSON file
+
+Each kernel module lists what it launches in ``static_specs()``; :func:`compile_report` compiles
+one of them. Not under ``TRITON_INTERPRET=1``: the interpreter's kernels are Python, not IR.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["KernelSpec", "compile_report", "all_specs", "SM_SHARED_BYTES"]
+
+# shared memory one block may use (opt-in maximum): H100/H200 227 KB, B200 227 KB
+SM_SHARED_BYTES = {90: 227 * 1024, 100: 227 * 1024}
+
+
+@dataclass
+class KernelSpec:
+    """One kernel at one launch configuration, as the library launches it on CUDA.
+
+    ``signature`` maps every non-constexpr argument to a Triton type ("*fp8e4nv", "i32", ...);
+    ``constexprs`` holds the constexpr arguments and any integer argument the launch specializes
+    (Triton specializes an int equal to 1, e.g. a unit stride). Pointers and the ints named in
+    ``aligned`` are taken as multiples of 16, as Triton's launcher marks them when they are.
+    """
+
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    dot: bool = False  # whether the kernel is expected to issue tensor-core MMAs
+    aligned: tuple = field(default_factory=tuple)
+
+
+def _bin(tool: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, local (spill) bytes and static shared bytes from ``cuobjdump``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", out))
+    return {"registers": int(got.get("REG", -1)), "local_bytes": int(got.get("LOCAL", -1))}
+
+
+def _mma_kind(ptx: str) -> str | None:
+    """The first tensor-core instruction with its shape and types, e.g.
+    ``wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3``."""
+    m = re.search(r"\b(tcgen05\.mma[\w.:]*|wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)
+    return m.group(1) if m else None
+
+
+def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
+    """Compile ``spec`` for CUDA ``sm_<arch>`` (90: Hopper, 100: Blackwell) and describe the result.
+
+    Returns:
+        ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes"
+        (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
+        "mma" (the tensor-core instruction issued, or None), "compile_s"}``, or the same keys with
+        ``"error"`` when it does not compile.
+
+    Raises:
+        RuntimeError: triton is not installed.
+    """
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # pragma: no cover - triton is in the dev extra
+        raise RuntimeError("compile_report needs triton (pip install triton)") from e
+    row = {
+        "kernel": spec.name,
+        "arch": f"sm_{arch}",
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "constexprs": {p.name: spec.constexprs[p.name] for p in spec.fn.params if p.is_constexpr},
+    }
+    t0 = time.perf_counter()
+    try:
+        names = spec.fn.arg_names
+        attrs = {
+            (names.index(k),): [["tt.divisibility", 16]]
+            for k, t in spec.signature.items()
+            if t.startswith("*") or k in spec.aligned
+        }
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+    except Exception as e:  # a kernel that does not compile is the finding, not a crash
+        lines = str(e).strip().splitlines() or [""]
+        row["error"] = f"{type(e).__name__}: {lines[-1][:300]}"
+        return row
+    row.update(_resources(compiled.asm["cubin"]))
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
+    row["mma"] = _mma_kind(compiled.asm["ptx"])
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def all_specs() -> list[KernelSpec]:
+    """Every Triton kernel of lowcomm at every configuration it launches with on CUDA.
+
+    Raises:
+        RuntimeError: ``TRITON_INTERPRET=1`` is set (kernels are then interpreted, not compiled).
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compiling kernels needs TRITON_INTERPRET unset (it is 1 in this process)")
+    from . import triton_mx_gemm, triton_quantize
+
+    return [*triton_mx_gemm.static_specs(), *triton_quantize.static_specs()]
+
+
+def report(archs=(90, 100), only=("",)) -> list[dict]:
+    """:func:`compile_report` for every spec whose name contains one of ``only``, for each arch."""
+    return [compile_report(s, a) for a in archs for s in all_specs() if any(o in s.name for o in only)]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, action="append", help="CUDA arch: 90 (Hopper), 100 (Blackwell)")
+    ap.add_argument("--only", action="append", help="kernels whose name contains this (repeatable)")
+    args = ap.parse_args(argv)
+    for row in report(tuple(args.arch or (90, 100)), tuple(args.only or ("",))):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
