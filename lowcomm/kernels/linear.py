@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .gemm import RECIPES, qmatmul
+from .gemm import RECIPES, choose_backend, qmatmul
 
 __all__ = ["LowPrecisionLinear", "Float8Linear", "MXFP8Linear", "convert_to_low_precision", "PRECISIONS"]
 
@@ -32,25 +32,93 @@ class _QLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recipe, grad_elem, backend):
         x2 = x.reshape(-1, x.shape[-1])
-        y = qmatmul(x2, weight.t(), recipe, backend=backend)
-        ctx.save_for_backward(x2, weight)
+        if _fused_mx(recipe, backend, x2, weight):
+            y = _FusedMX.forward(ctx, x2, weight)
+        else:
+            y = qmatmul(x2, weight.t(), recipe, backend=backend)
+            ctx.save_for_backward(x2, weight)
+            ctx.fused = False
         ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None)
         y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight = ctx.saved_tensors
         recipe, grad_elem, backend, x_shape, has_bias = ctx.cfg
         gy2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend).to(gy.dtype).reshape(x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
+        if ctx.fused:
+            dx, dw = _FusedMX.backward(ctx, gy2, grad_elem)
+            dx = dx.to(gy.dtype).reshape(x_shape) if dx is not None else None
+            dw = dw.to(ctx.weight_dtype) if dw is not None else None
+        else:
+            x2, weight = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend)
+                dx = dx.to(gy.dtype).reshape(x_shape)
+            if ctx.needs_input_grad[1]:
+                dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0)
         return dx, dw, db, None, None, None
+
+
+def _fused_mx(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this layer call runs the fused MX path: exact MX on the Triton backend, both weight
+    sides multiples of 32 (else qmatmul pads K per GEMM)."""
+    return (
+        recipe == "mxfp8"
+        and weight.shape[0] % 32 == 0
+        and weight.shape[1] % 32 == 0
+        and choose_backend(recipe, x2.device, backend) == "triton"
+    )
+
+
+class _FusedMX:
+    """MXFP8 fprop, dgrad and wgrad from one fused quantize per tensor (Triton backend).
+
+    ``mx_quantize_dual`` writes each of x, W and dy blocked along both of its axes in one pass, and
+    the three GEMMs read those copies in place (a transposed view is a stride, not a copy):
+
+        fprop  y  = xr · Wrᵀ        x blocked along K, W along K
+        dgrad dx = dyr · Wc         dy blocked along N, W along N
+        wgrad dW = dycᵀ · xc        dy blocked along T, x along T
+
+    Only the fp8 copies that backward needs are saved (xc, Wc: a byte per element plus scales),
+    not x and W. Tokens are zero-padded to a multiple of 32 (zero rows change no product). The
+    numerics are those of the emulated MX path: the same quantization bit for bit (tested), exact
+    products, fp32 accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from .triton_mx_gemm import mx_matmul
+        from .triton_quantize import mx_quantize_dual
+
+        T = x2.shape[0]
+        xp = _pad_rows(x2)
+        xr, xrs, xc, xcs = mx_quantize_dual(xp)
+        wr, wrs, wc, wcs = mx_quantize_dual(weight.detach())
+        y = mx_matmul(xr, xrs, wr.t(), wrs.t())[:T]
+        ctx.save_for_backward(xc, xcs, wc, wcs)
+        ctx.fused, ctx.tokens, ctx.weight_dtype = True, T, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy2: torch.Tensor, grad_elem: str):
+        from .triton_mx_gemm import mx_matmul
+        from .triton_quantize import mx_quantize_dual
+
+        xc, xcs, wc, wcs = ctx.saved_tensors
+        gr, grs, gc, gcs = mx_quantize_dual(_pad_rows(gy2), elem=grad_elem)
+        dx = mx_matmul(gr, grs, wc, wcs)[: ctx.tokens] if ctx.needs_input_grad[0] else None
+        dw = mx_matmul(gc.t(), gcs.t(), xc, xcs) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    pad = (-t.shape[0]) % 32
+    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
 
 
 class LowPrecisionLinear(nn.Linear):
