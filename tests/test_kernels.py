@@ -357,3 +357,80 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     assert blackwell[0]["mma"].startswith("tcgen05.mma") and "f8f6f4" in blackwell[0]["mma"]
     assert all(row["mma"] is None for row in quant)
+
+
+def _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
+    """torch._scaled_mm's blockwise 1x128 x 1x128 contract on CPU: the shape and stride checks of
+    ATen's is_blockwise_1x128_scaling (a, and b.t() with scale_b.t()), then the product it
+    defines, written as bf16 as the blockwise path does."""
+
+    def size_stride(t, dim, size, stride):  # ATen's check_size_stride: a size-1 dim may have stride 1
+        return t.size(dim) == size and (t.stride(dim) == stride or (size == 1 and t.stride(dim) == 1))
+
+    M, K = a.shape
+    N = b.shape[1]
+    assert a.stride(1) == 1 and b.stride(0) == 1, "a row-major, b column-major"
+    assert scale_a.dtype == scale_b.dtype == torch.float32
+    assert size_stride(scale_a, 0, M, 1) and size_stride(scale_a, 1, K // 128, M), scale_a.stride()
+    st = scale_b.t()
+    assert size_stride(st, 0, N, 1) and size_stride(st, 1, K // 128, N), st.stride()
+    assert out_dtype == torch.bfloat16
+    deq_a = a.float() * scale_a.repeat_interleave(128, dim=1)
+    deq_b = b.float() * scale_b.repeat_interleave(128, dim=0)
+    return (deq_a @ deq_b).to(out_dtype)
+
+
+def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layout(monkeypatch):
+    """The sm_90 route of mxfp8_fast (cannot run here: CPU torch has no blockwise _scaled_mm): on a
+    pretend sm_90 device with _scaled_mm replaced by its documented contract, the operands pass
+    ATen's layout checks and the result is the emulated fast recipe (to bf16 output rounding)."""
+    import lowcomm.kernels.gemm as gemm
+
+    torch.manual_seed(5)
+    a = torch.randn(48, 200) * torch.logspace(-3, 3, 200)  # K padded 200 -> 256
+    b = torch.randn(200, 32)
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        assert choose_backend("mxfp8_fast", torch.device("cpu"), "auto") == "scaled_mm"  # the probe ran
+        got = qmatmul(a, b, "mxfp8_fast", backend="scaled_mm")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    ref = qmatmul(a, b, "mxfp8_fast", backend="emulated")
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2**-8  # bf16 output
+    with pytest.raises(ValueError, match="e4m3 operands"):
+        qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="scaled_mm")
+    with pytest.raises(ValueError, match="N must be a multiple of 16"):
+        qmatmul(a, b[:, :24], "mxfp8_fast", backend="scaled_mm")
+    monkeypatch.setattr(gemm, "_capability", lambda device: (10, 0))
+    with pytest.raises(ValueError, match="sm_90 exactly"):
+        qmatmul(a, b, "mxfp8_fast", backend="scaled_mm")
+
+
+def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(monkeypatch, caplog):
+    """An older torch/cuBLAS on sm_90 (the one-time probe fails) or an e5m2 gradient: auto takes the
+    Triton 1x128 kernel (interpreted here), with a warning for the probe; the result is the fast
+    recipe either way."""
+    pytest.importorskip("triton")
+    import lowcomm.kernels.gemm as gemm
+
+    def old_torch(*a, **k):
+        raise RuntimeError("Invalid scaling configuration")
+
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", old_torch)
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
+            assert choose_backend("mxfp8_fast", torch.device("cpu"), "auto") == "triton"
+        assert "blockwise torch._scaled_mm unavailable" in caplog.text
+        monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
+        gemm._blockwise_scaled_mm_works.cache_clear()
+        torch.manual_seed(6)
+        a, b = torch.randn(32, 128), torch.randn(128, 32)
+        got = qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="auto")  # not for the blockwise GEMM
+        ref = qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="emulated")
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6  # fp32 output: it was Triton
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()

@@ -16,12 +16,15 @@ Backends:
     ``emulated``: quantize with the torch reference, dequantize, fp32 matmul. Runs anywhere and is
         exact up to the fp32 accumulation order: the numerics every faster path is checked against.
     ``scaled_mm``: ``torch._scaled_mm`` on CUDA: tensorwise / rowwise on sm_89 and newer, MX (E8M0
-        scales, 1x32 blocks) on sm_100 and newer.
+        scales, 1x32 blocks) on sm_100 and newer, ``mxfp8_fast`` through the blockwise GEMM (1x128
+        fp32 scales on both operands, bf16 output) on sm_90, where REFERENCE.md measured it at about
+        1.3x cuBLAS bf16 at 8192^3 (cuBLASLt >= 12.9; not measured by this project yet).
     ``triton``: MXFP8: the exact-MX Triton kernel that applies both operands' E8M0 scales in its K
         loop; MXFP8 fast: the same kernel with fp32 scales per 128 of K (for Hopper, which has no MX
         in cuBLAS; also CPU under ``TRITON_INTERPRET=1``).
-    ``auto``: ``scaled_mm`` where the device can serve the recipe, ``triton`` for the MX recipes on
-        sm_90, else ``emulated``.
+    ``auto``: ``scaled_mm`` where the device can serve the recipe (for ``mxfp8_fast`` on sm_90: if a
+        one-time probe finds the blockwise GEMM in this torch/cuBLAS, and for e4m3 operands with N a
+        multiple of 16), ``triton`` for the MX recipes on sm_90 otherwise, else ``emulated``.
 
 A request the chosen backend cannot serve raises a ValueError naming the reason; nothing falls
 back silently unless ``backend="auto"`` was asked for.
@@ -31,6 +34,9 @@ References:
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
@@ -45,11 +51,13 @@ __all__ = [
     "fake_quantize",
     "choose_backend",
     "to_cublas_blocked",
+    "blockwise_scaled_mm_operands",
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
 BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 MX_BLOCK = 32
+logger = logging.getLogger(__name__)
 
 
 def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise", axis: int = -1):
@@ -166,19 +174,19 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
     cap = _capability(device)
-    if recipe == "mxfp8_fast" and backend == "scaled_mm":
-        raise ValueError(
-            "mxfp8_fast runs on backends 'triton' (the 1x128 block-scaled kernel) and 'emulated'; the "
-            "sm_90 blockwise _scaled_mm is not wired, so not 'scaled_mm'"
-        )
-    need = (10, 0) if recipe == "mxfp8" else (8, 9)
-    can_scaled_mm = (
-        cap is not None and cap >= need and hasattr(torch, "_scaled_mm") and recipe != "mxfp8_fast"
-    )
+    if recipe == "mxfp8_fast":  # the blockwise (1x128 fp32 scales) cuBLAS GEMM: sm_90 only
+        need = (9, 0)
+        can_scaled_mm = cap is not None and cap[0] == 9 and hasattr(torch, "_scaled_mm")
+        if backend == "auto" and can_scaled_mm:
+            can_scaled_mm = _blockwise_scaled_mm_works(device)
+    else:
+        need = (10, 0) if recipe == "mxfp8" else (8, 9)
+        can_scaled_mm = cap is not None and cap >= need and hasattr(torch, "_scaled_mm")
     if backend == "scaled_mm" and not can_scaled_mm:
         raise ValueError(
             f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
-            f"{need[0]}{need[1]} or newer. Use backend='emulated' or 'auto'"
+            f"{need[0]}{need[1]}{' exactly' if recipe == 'mxfp8_fast' else ' or newer'}. "
+            "Use backend='emulated' or 'auto'"
         )
     if backend == "triton":
         import os
@@ -233,8 +241,16 @@ def qmatmul(
         a = torch.nn.functional.pad(a, (0, pad))
         b = torch.nn.functional.pad(b, (0, 0, 0, pad))
     which = choose_backend(recipe, a.device, backend)
+    if which == "scaled_mm" and recipe == "mxfp8_fast":
+        why = _blockwise_refusal(a, b, elem_a, elem_b)
+        if why and backend == "auto":
+            from .triton_quantize import HAVE_TRITON
+
+            which = "triton" if HAVE_TRITON else "emulated"
+        elif why:
+            raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
-        return _scaled_mm(a, b, recipe, elem_a, elem_b)
+        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule)
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
 
@@ -248,11 +264,58 @@ def qmatmul(
     return qa @ qb
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, recipe: str, elem_a: str, elem_b: str) -> torch.Tensor:
+def blockwise_scaled_mm_operands(qa, ga, qb, gb):
+    """1x128-blocked operands laid out as ``torch._scaled_mm``'s blockwise GEMM checks them.
+
+    ``qa`` (M, K) and ``qb`` (K, N) fp8 with ``ga`` (M, K/128) and ``gb`` (K/128, N) fp32
+    dequantization scales (what :func:`regroup_mx_1x128` returns along K). cuBLAS wants A
+    row-major, B column-major, and both scale matrices "outer-dim-major": ``scale_a`` (M, K/128)
+    with strides (1, M), and ``scale_b`` (K/128, N) whose transpose (N, K/128) has strides (1, N),
+    i.e. ``scale_b`` row-major.
+
+    Returns:
+        ``(a, b, scale_a, scale_b)`` for ``torch._scaled_mm(a, b, scale_a, scale_b, ...)``.
+    """
+    return qa.contiguous(), qb.t().contiguous().t(), ga.t().contiguous().t(), gb.contiguous()
+
+
+def _blockwise_refusal(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str) -> str:
+    """Why the blockwise _scaled_mm cannot take this GEMM ("" when it can)."""
+    if elem_a != "e4m3" or elem_b != "e4m3":
+        return f"it takes e4m3 operands (got {elem_a}, {elem_b}); the triton backend takes e5m2"
+    if b.shape[1] % 16 or a.shape[1] % 128:
+        return f"N must be a multiple of 16 and K of 128, got N={b.shape[1]}, K={a.shape[1]}"
+    return ""
+
+
+@functools.cache
+def _blockwise_scaled_mm_works(device: torch.device) -> bool:
+    """Whether this torch/cuBLAS runs the blockwise GEMM on ``device`` (cuBLASLt >= 12.9 and a torch
+    that routes 1x128 fp32 scales): tried once on a 128x128x128 GEMM; ``auto`` uses Triton if not."""
+    try:
+        q = torch.zeros(128, 128, device=device, dtype=torch.float8_e4m3fn)
+        g = torch.ones(128, 1, device=device)
+        torch._scaled_mm(*blockwise_scaled_mm_operands(q, g, q, g.t()), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        logger.warning("blockwise torch._scaled_mm unavailable on %s (%s); mxfp8_fast uses Triton", device, e)
+        return False
+
+
+def _scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, recipe: str, elem_a: str, elem_b: str, scale_rule: str = "rceil"
+) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
+    if recipe == "mxfp8_fast":  # 1x128 x 1x128 fp32 block scales; the blockwise path writes bf16
+        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
+        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        operands = blockwise_scaled_mm_operands(
+            *regroup_mx_1x128(da, sa, axis=1), *regroup_mx_1x128(db, sb, axis=0)
+        )
+        return torch._scaled_mm(*operands, out_dtype=torch.bfloat16).float()
     if recipe == "mxfp8":
-        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, axis=1)
-        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, axis=0)
+        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
+        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
         e8m0 = getattr(torch, "float8_e8m0fnu", None)
         if e8m0 is None:
             raise ValueError("this torch has no float8_e8m0fnu dtype; MX _scaled_mm needs torch >= 2.7")
