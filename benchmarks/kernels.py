@@ -5,11 +5,14 @@
 
 Numerics (any device): relative error of each recipe's GEMM against fp64 and of the fast MX path
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
-group of four. Speed (CUDA only; reported as not measured otherwise): medians of
-triton.testing.do_bench for cuBLAS bf16, fp8 tensorwise / rowwise through torch._scaled_mm, the
-exact-MX Triton GEMM, the 1x128 block-scaled Triton GEMM (mxfp8_fast), and the fused dual-axis
-quantize (bytes read + written per second), at 8192^3, 16384x4096x14336, 16384x14336x4096 and
-4096^3.
+group of four. On CUDA (reported as not measured otherwise), medians of triton.testing.do_bench:
+
+- GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
+  rowwise and mxfp8_fast through torch._scaled_mm (quantize included), the exact-MX Triton GEMM
+  (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, and the fused
+  dual-axis quantize (bytes read + written per second);
+- one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
+- the reference model trained ``--train-steps`` steps in fp32 and in each recipe: loss ratios.
 
 ``--static`` instead compiles every Triton kernel at its CUDA launch configuration for sm_90a and
 sm_100a on this machine (no GPU needed; lowcomm.kernels.triton_static) and records registers,
@@ -65,50 +68,114 @@ def numerics(device: str) -> dict:
     return out
 
 
-def _time_tflops(row: dict, name: str, flops: int, fn) -> None:
+def cuda_bench(fn) -> float:
+    """Median milliseconds of ``fn`` by triton.testing.do_bench (warm-up, L2 flushed between runs)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn)
+
+
+def _time_tflops(row: dict, name: str, flops: int, fn, bench=cuda_bench) -> None:
     """``row[name + "_tflops"]`` from the median time of ``fn``, or ``row[name + "_error"]``."""
-    import triton.testing
-
     try:
-        row[f"{name}_tflops"] = flops / triton.testing.do_bench(fn) / 1e9
+        row[f"{name}_tflops"] = flops / bench(fn) / 1e9
     except Exception as e:  # one path failing (an old torch, a missing backend) spoils no other
-        row[f"{name}_error"] = str(e)[:200]
+        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
-def speed() -> dict:
-    import triton.testing
-
+def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
+    """GEMM TFLOP/s per path against cuBLAS bf16, and the dual quantize's bytes per second."""
     from lowcomm.kernels import quantize_mx
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
 
+    scaled = "scaled_mm" if device == "cuda" else "emulated"  # CPU: the smoke test of this script
     rows = []
-    for M, K, N in SHAPES:
-        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    for M, K, N in shapes:
+        a = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        b = torch.randn(K, N, device=device, dtype=torch.bfloat16)
         flops = 2 * M * N * K
         row = {"shape": [M, K, N]}
-        _time_tflops(row, "bf16", flops, lambda a=a, b=b: a @ b)
-        for r in ("fp8_tensorwise", "fp8_rowwise"):  # quantize included
-            _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend="scaled_mm"))
+        _time_tflops(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
+        for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):  # quantize included
+            _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
-        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb))
+        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb), bench)
+        # the layout fprop uses: B = Wᵀ, K-contiguous (a transposed view of a row-blocked W)
+        wt, wts = quantize_mx(b.t().contiguous(), axis=1)
+        _time_tflops(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
-        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb))
-        t = triton.testing.do_bench(lambda a=a: mx_quantize_dual(a))
+        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
-        row["dual_quantize_TBps"] = moved / t / 1e9
+        _time_tflops(row, "dual_quantize", moved / 2, lambda a=a: mx_quantize_dual(a), bench)
+        if "dual_quantize_tflops" in row:  # bytes, not flops: TB/s = bytes / ms / 1e9
+            row["dual_quantize_TBps"] = row.pop("dual_quantize_tflops") * 2
         rows.append(row)
     return {"rows": rows}
+
+
+LINEAR_SHAPE = (16384, 4096, 14336)  # tokens, in-features, out-features
+
+
+def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> dict:
+    """Forward + backward of one Linear (no bias, bf16 activations and weights), eager mode: nn.Linear
+    against each low-precision recipe with the backend ``auto`` picks on this device. TFLOP/s count
+    the three GEMMs (6·T·K·N); quantization is inside the timing."""
+    from torch import nn
+
+    from lowcomm.kernels import LowPrecisionLinear
+
+    T, K, N = shape
+    base = nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
+    x = torch.randn(T, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(T, N, device=device, dtype=torch.bfloat16)
+    row = {"shape": [T, K, N]}
+
+    def step(layer):
+        x.grad = None
+        layer.weight.grad = None
+        layer(x).backward(gy)
+
+    layers = {"bf16": base}
+    for recipe in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"):
+        layers[recipe] = LowPrecisionLinear.from_linear(base, recipe=recipe)
+    for name, layer in layers.items():
+        _time_tflops(row, name, 6 * T * K * N, partial(step, layer), bench)
+    for name in layers:
+        if f"{name}_tflops" in row and "bf16_tflops" in row:
+            row[f"{name}_x_bf16"] = row[f"{name}_tflops"] / row["bf16_tflops"]
+    return row
+
+
+def training(device: str = "cuda", steps: int = 300) -> dict:
+    """The reference model trained in fp32 and in each low-precision recipe at equal steps (one
+    replica, the bundled corpus): final eval losses and each one's ratio to fp32."""
+    import tempfile
+
+    from lowcomm.runtime import TrainConfig, train
+
+    out = {"steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("fp32", "mxfp8", "fp8_rowwise", "fp8_tensorwise"):
+            run_dir = f"{tmp}/{precision}"
+            cfg = TrainConfig(steps=steps, replicas=1, device=device, precision=precision, run_dir=run_dir)
+            t0 = time.perf_counter()
+            res = train(cfg, progress=False)
+            out[precision] = {"final_eval_loss": res["final_eval_loss"], "wall_s": time.perf_counter() - t0}
+    fp32 = out["fp32"]["final_eval_loss"]
+    for precision in ("mxfp8", "fp8_rowwise", "fp8_tensorwise"):
+        out[precision]["loss_ratio_vs_fp32"] = out[precision]["final_eval_loss"] / fp32
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--static", action="store_true", help="compile for sm_90a / sm_100a, run nothing")
+    ap.add_argument("--train-steps", type=int, default=300, help="GPU training comparison (0: skip)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if args.static:
@@ -137,6 +204,10 @@ def main() -> None:
         "commit": _commit(),
         "numerics": numerics("cuda" if cuda else "cpu"),
         "speed": speed() if cuda else "not measured: no GPU on this machine",
+        "linear": linear_speed() if cuda else "not measured: no GPU on this machine",
+        "training": training("cuda", args.train_steps)
+        if cuda and args.train_steps
+        else "not run: no GPU on this machine (CI trains emulated mxfp8 on CPU: tests/test_kernels.py)",
     }
     print(json.dumps(out, indent=2))
     if args.json:

@@ -387,13 +387,14 @@ def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layou
     import lowcomm.kernels.gemm as gemm
 
     torch.manual_seed(5)
-    a = torch.randn(48, 200) * torch.logspace(-3, 3, 200)  # K padded 200 -> 256
-    b = torch.randn(200, 32)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a = (torch.randn(48, 200) * torch.logspace(-3, 3, 200)).to(dev)  # K padded 200 -> 256
+    b = torch.randn(200, 32).to(dev)
     monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
     gemm._blockwise_scaled_mm_works.cache_clear()
     try:
-        assert choose_backend("mxfp8_fast", torch.device("cpu"), "auto") == "scaled_mm"  # the probe ran
+        assert choose_backend("mxfp8_fast", dev, "auto") == "scaled_mm"  # the probe ran
         got = qmatmul(a, b, "mxfp8_fast", backend="scaled_mm")
     finally:
         gemm._blockwise_scaled_mm_works.cache_clear()
@@ -418,19 +419,49 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
     def old_torch(*a, **k):
         raise RuntimeError("Invalid scaling configuration")
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch, "_scaled_mm", old_torch)
     gemm._blockwise_scaled_mm_works.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
-            assert choose_backend("mxfp8_fast", torch.device("cpu"), "auto") == "triton"
+            assert choose_backend("mxfp8_fast", dev, "auto") == "triton"
         assert "blockwise torch._scaled_mm unavailable" in caplog.text
         monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
         gemm._blockwise_scaled_mm_works.cache_clear()
         torch.manual_seed(6)
         a, b = torch.randn(32, 128), torch.randn(128, 32)
-        got = qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="auto")  # not for the blockwise GEMM
+        got = qmatmul(a.to(dev), b.to(dev), "mxfp8_fast", elem_a="e5m2", backend="auto").cpu()  # Triton
         ref = qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="emulated")
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6  # fp32 output: it was Triton
     finally:
         gemm._blockwise_scaled_mm_works.cache_clear()
+
+
+def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
+    """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
+    GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
+    shapes on CPU (Triton interpreted, fp8 paths emulated) with a wall-clock timer."""
+    pytest.importorskip("triton")
+    import importlib.util
+    import time as _time
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def wall_ms(fn):
+        t0 = _time.perf_counter()
+        fn()
+        return (_time.perf_counter() - t0) * 1e3
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = bench.speed(shapes=[(64, 128, 32)], device=dev, bench=wall_ms)["rows"]
+    linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
+    for row in rows + [linear]:
+        assert not [k for k in row if k.endswith("_error")], row
+    gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mx_exact_triton", "mx_exact_triton_bT"]
+    assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
+    assert rows[0]["dual_quantize_TBps"] > 0
+    assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))
