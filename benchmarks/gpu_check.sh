@@ -5,7 +5,8 @@
 #
 # 1. versions and the device; 2. the kernel tests on the GPU (the same checks CI runs interpreted:
 # bit-identical quantize, GEMMs and the fused MX layer against the emulated path); 3. every speed
-# goal and the training comparison (benchmarks/kernels.py, JSON). Each step is time-bounded and
+# goal and the training comparison (benchmarks/kernels.py, JSON); 4. the exact-MX GEMM designs
+# timed against each other (benchmarks/mx_gemm_designs.py). Each step is time-bounded and
 # logs on its own, so one failing step still leaves the others' results.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
@@ -21,5 +22,8 @@ echo "tests rc=$?" >> "$OUT/env.txt"
 timeout "${BENCH_TIMEOUT:-420}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-200}" \
   --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 echo "benchmark rc=$?" >> "$OUT/env.txt"
+timeout "${DESIGNS_TIMEOUT:-150}" python benchmarks/mx_gemm_designs.py --json "$OUT/mx_gemm_designs.json" \
+  > "$OUT/mx_gemm_designs.log" 2>&1
+echo "designs rc=$?" >> "$OUT/env.txt"
 cat "$OUT/env.txt"
 tail -5 "$OUT/tests.txt"

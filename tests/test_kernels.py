@@ -438,18 +438,24 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
         gemm._blockwise_scaled_mm_works.cache_clear()
 
 
+def _load_benchmark(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
     GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
     shapes on CPU (Triton interpreted, fp8 paths emulated) with a wall-clock timer."""
     pytest.importorskip("triton")
-    import importlib.util
     import time as _time
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernels.py")
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("kernels")
 
     def wall_ms(fn):
         t0 = _time.perf_counter()
@@ -465,3 +471,14 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     assert rows[0]["dual_quantize_TBps"] > 0
     assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))
+
+
+def test_every_exact_mx_gemm_design_tried_is_exact():
+    """The designs benchmarks/mx_gemm_designs.py compares (the library kernel, the MMA issued ahead
+    of the previous block's promotion, the warp-specialized loop) compute the same exact-MX product
+    on a ragged shape (200 x 256 @ 256 x 136; interpreted on CPU in CI)."""
+    pytest.importorskip("triton")
+    designs = _load_benchmark("mx_gemm_designs")
+    errs = designs.check("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(errs) == {"plain", "promote_behind", "warp_specialized"}
+    assert all(e < 1e-6 for e in errs.values()), errs

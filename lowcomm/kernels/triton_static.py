@@ -81,8 +81,9 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     Returns:
         ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes"
         (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
-        "mma" (the tensor-core instruction issued, or None), "compile_s"}``, or the same keys with
-        ``"error"`` when it does not compile.
+        "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
+        of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "compile_s"}``, or
+        the first five keys with ``"error"`` when it does not compile.
 
     Raises:
         RuntimeError: triton is not installed.
@@ -122,6 +123,10 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
     row["mma"] = _mma_kind(compiled.asm["ptx"])
+    # how many wgmma groups may stay in flight where the kernel waits: all 0 means every MMA is
+    # waited for before the next instruction that needs its result (nothing hides behind it)
+    waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", compiled.asm["ptx"])
+    row["wgmma_waits"] = sorted({int(w) for w in waits})
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     return row
 
