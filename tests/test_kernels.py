@@ -210,6 +210,27 @@ def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem,
     assert torch.equal(rs, s_r) and torch.equal(cs, s_c)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_side(axis):
+    """mx_quantize (the dual kernel writing one copy) equals quantize_mx bit for bit; the side that
+    is not blocked may end anywhere (40 here), at the default and the CUDA tiles."""
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIG, mx_quantize
+
+    torch.manual_seed(1)
+    x = torch.randn(96, 40) if axis == 0 else torch.randn(40, 96)
+    x = (x * torch.logspace(-5, 5, x.shape[1])).to(torch.bfloat16)
+    x[7, 3] = float("nan")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    d_ref, s_ref = quantize_mx(x, axis=axis)
+    for config in (None, QUANTIZE_CUDA_CONFIG):
+        d, sc = (t.cpu() for t in mx_quantize(x.to(dev), axis=axis, config=config))
+        assert torch.equal(d.view(torch.uint8), d_ref.view(torch.uint8)) and torch.equal(sc, s_ref)
+    with pytest.raises(ValueError, match="rows multiples of 32" if axis == 0 else "columns multiples"):
+        mx_quantize(x.t().contiguous(), axis=axis)
+
+
 def test_fused_quantize_refuses_shapes_it_cannot_take():
     pytest.importorskip("triton")
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
@@ -349,7 +370,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     hopper = rows(90, "matmul", "bf16 -> e4m3", "fp32 -> e5m2")
     gemm, quant = hopper[:6], hopper[6:]
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
-    assert len(gemm) == 6 and len(quant) == 2 and len(blackwell) == 1
+    assert len(gemm) == 6 and len(quant) == 4 and len(blackwell) == 1  # quantize: dual, row, col, e5m2
     for row in gemm + quant + blackwell:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row

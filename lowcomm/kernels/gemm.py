@@ -19,9 +19,10 @@ Backends:
         scales, 1x32 blocks) on sm_100 and newer, ``mxfp8_fast`` through the blockwise GEMM (1x128
         fp32 scales on both operands, bf16 output) on sm_90, where REFERENCE.md measured it at about
         1.3x cuBLAS bf16 at 8192^3 (cuBLASLt >= 12.9; not measured by this project yet).
-    ``triton``: MXFP8: the exact-MX Triton kernel that applies both operands' E8M0 scales in its K
-        loop; MXFP8 fast: the same kernel with fp32 scales per 128 of K (for Hopper, which has no MX
-        in cuBLAS; also CPU under ``TRITON_INTERPRET=1``).
+    ``triton``: operands quantized by the fused Triton kernel (one pass each); MXFP8: the exact-MX
+        Triton kernel that applies both operands' E8M0 scales in its K loop; MXFP8 fast: the same
+        kernel with fp32 scales per 128 of K (for Hopper, which has no MX in cuBLAS; also CPU
+        under ``TRITON_INTERPRET=1``).
     ``auto``: ``scaled_mm`` where the device can serve the recipe (for ``mxfp8_fast`` on sm_90: if a
         one-time probe finds the blockwise GEMM in this torch/cuBLAS, and for e4m3 operands with N a
         multiple of 16), ``triton`` for the MX recipes on sm_90 otherwise, else ``emulated``.
@@ -253,9 +254,12 @@ def qmatmul(
         return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule)
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
+        from .triton_quantize import mx_quantize
 
-        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
-        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        half = (torch.float32, torch.bfloat16, torch.float16)  # what the quantize kernel reads
+        a, b = (t if t.dtype in half else t.float() for t in (a, b))
+        da, sa = mx_quantize(a, elem=elem_a, scale_rule=scale_rule, axis=1)  # one fused pass each
+        db, sb = mx_quantize(b, elem=elem_b, scale_rule=scale_rule, axis=0)
         if recipe == "mxfp8_fast":
             return blockwise_matmul(*regroup_mx_1x128(da, sa, axis=1), *regroup_mx_1x128(db, sb, axis=0))
         return mx_matmul(da, sa, db, sb)

@@ -7,7 +7,8 @@ out-features, wgrad along tokens). :func:`mx_quantize_dual` reads a (R, C) tenso
     row-blocked:    data (R, C) E4M3, scales (R, C/32)  - 32 consecutive elements of a row share a scale
     column-blocked: data (R, C) E4M3, scales (R/32, C)  - 32 consecutive elements of a column
 
-bit for bit as :func:`lowcomm.kernels.quantize_mx` with ``axis=-1`` and ``axis=0``. Scales are
+bit for bit as :func:`lowcomm.kernels.quantize_mx` with ``axis=-1`` and ``axis=0``;
+:func:`mx_quantize` writes one of them (the same kernel, the other copy compiled out). Scales are
 computed from the bits of the block's absolute maximum (no division, no transcendental), so the
 result does not depend on the GPU's approximate division or exp2.
 
@@ -26,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - exercised where triton is not installed
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "mx_quantize_dual"]
+__all__ = ["HAVE_TRITON", "mx_quantize_dual", "mx_quantize"]
 
 # max, emax, mantissa limit of max/2^emax (both 1.75 -> 0.75·2^23), mantissa bits, min normal,
 # the subnormal rounding constant 1.5·2^23·(subnormal spacing)
@@ -70,6 +71,38 @@ if HAVE_TRITON:
         return tl.where(tl.abs(y) < MIN_NORMAL, sub, normal)
 
     @triton.jit
+    def _mx_blocks(
+        x3,
+        ax3,
+        bad3,
+        AXIS: tl.constexpr,
+        MAXV: tl.constexpr,
+        EMAX: tl.constexpr,
+        MANT_LIMIT: tl.constexpr,
+        RCEIL: tl.constexpr,
+        E5M2: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+    ):
+        # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0 bytes
+        amax = tl.max(ax3, axis=AXIS)
+        bad = tl.max(bad3, axis=AXIS) > 0
+        k = _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL)
+        y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
+        if not RCEIL:  # OCP floor rule: saturate
+            y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
+        y = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
+        if E5M2:
+            q = y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        else:
+            q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        # NaN blocks: write the NaN byte torch writes (fp8 NaN conversion differs across backends)
+        q = tl.where(tl.expand_dims(bad, AXIS), NAN_BYTE, q).to(tl.uint8)
+        return q, tl.where(bad, 255, k + 127).to(tl.uint8)
+
+    @triton.jit
     def _mx_dual_kernel(
         x_ptr,
         row_q_ptr,
@@ -89,10 +122,12 @@ if HAVE_TRITON:
         NAN_BYTE: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr = True,
+        COLS: tl.constexpr = True,
     ):
         # one (BLOCK_R, BLOCK_C) tile, both multiples of 32: BLOCK_C/32 row scales per row and
-        # BLOCK_R/32 column scales per column; R and C are multiples of 32, so a tile past the edge
-        # is masked in whole 32-blocks
+        # BLOCK_R/32 column scales per column. ROWS / COLS: which copies to write. Row blocks need
+        # C a multiple of 32, column blocks R; the other side may end inside a tile (masked).
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -105,94 +140,84 @@ if HAVE_TRITON:
         badi = bad.to(tl.int32)
         NB_C: tl.constexpr = BLOCK_C // 32
         NB_R: tl.constexpr = BLOCK_R // 32
-        # row-blocked: 32 consecutive elements of a row share a scale
-        amax_r = tl.max(tl.reshape(ax, (BLOCK_R, NB_C, 32)), axis=2)  # (BLOCK_R, NB_C)
-        bad_r = tl.max(tl.reshape(badi, (BLOCK_R, NB_C, 32)), axis=2) > 0
-        k_r = _scale_exponent(amax_r, EMAX, MANT_LIMIT, RCEIL)
-        y_r = tl.reshape(tl.reshape(x, (BLOCK_R, NB_C, 32)) * _pow2_neg(k_r)[:, :, None], (BLOCK_R, BLOCK_C))
-        nan_r = tl.reshape(tl.broadcast_to(bad_r[:, :, None], (BLOCK_R, NB_C, 32)), (BLOCK_R, BLOCK_C))
-        # column-blocked: 32 consecutive elements of a column share a scale
-        amax_c = tl.max(tl.reshape(ax, (NB_R, 32, BLOCK_C)), axis=1)  # (NB_R, BLOCK_C)
-        bad_c = tl.max(tl.reshape(badi, (NB_R, 32, BLOCK_C)), axis=1) > 0
-        k_c = _scale_exponent(amax_c, EMAX, MANT_LIMIT, RCEIL)
-        y_c = tl.reshape(tl.reshape(x, (NB_R, 32, BLOCK_C)) * _pow2_neg(k_c)[:, None, :], (BLOCK_R, BLOCK_C))
-        nan_c = tl.reshape(tl.broadcast_to(bad_c[:, None, :], (NB_R, 32, BLOCK_C)), (BLOCK_R, BLOCK_C))
-        if not RCEIL:  # OCP floor rule: saturate
-            y_r = tl.minimum(tl.maximum(y_r, -MAXV), MAXV)
-            y_c = tl.minimum(tl.maximum(y_c, -MAXV), MAXV)
-        y_r = _round_to_fp8_grid(y_r, MBITS, MIN_NORMAL, SUB_C)
-        y_c = _round_to_fp8_grid(y_c, MBITS, MIN_NORMAL, SUB_C)
-        if E5M2:
-            q_r = y_r.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            q_c = y_c.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        else:
-            q_r = y_r.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            q_c = y_c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        # NaN blocks: write the NaN byte torch writes (fp8 NaN conversion differs across backends)
-        q_r = tl.where(nan_r, NAN_BYTE, q_r).to(tl.uint8)
-        q_c = tl.where(nan_c, NAN_BYTE, q_c).to(tl.uint8)
-        tl.store(row_q_ptr + offs, q_r, mask=inside)
-        tl.store(col_q_ptr + offs, q_c, mask=inside)
-        s_r = tl.where(bad_r, 255, k_r + 127).to(tl.uint8)
-        s_c = tl.where(bad_c, 255, k_c + 127).to(tl.uint8)
-        sr_cols = pid_c * NB_C + tl.arange(0, NB_C)
-        sc_rows = pid_r * NB_R + tl.arange(0, NB_R)
-        tl.store(
-            row_s_ptr + rows.to(tl.int64)[:, None] * (C // 32) + sr_cols[None, :],
-            s_r,
-            mask=(rows < R)[:, None] & (sr_cols < C // 32)[None, :],
-        )
-        tl.store(
-            col_s_ptr + sc_rows.to(tl.int64)[:, None] * C + cols[None, :],
-            s_c,
-            mask=(sc_rows < R // 32)[:, None] & (cols < C)[None, :],
-        )
+        if ROWS:  # row-blocked: 32 consecutive elements of a row share a scale
+            shape_r: tl.constexpr = (BLOCK_R, NB_C, 32)
+            q, s = _mx_blocks(
+                tl.reshape(x, shape_r), tl.reshape(ax, shape_r), tl.reshape(badi, shape_r), 2,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+            )  # fmt: skip
+            tl.store(row_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
+            s_cols = pid_c * NB_C + tl.arange(0, NB_C)
+            tl.store(
+                row_s_ptr + rows.to(tl.int64)[:, None] * (C // 32) + s_cols[None, :],
+                s,
+                mask=(rows < R)[:, None] & (s_cols < C // 32)[None, :],
+            )
+        if COLS:  # column-blocked: 32 consecutive elements of a column share a scale
+            shape_c: tl.constexpr = (NB_R, 32, BLOCK_C)
+            q, s = _mx_blocks(
+                tl.reshape(x, shape_c), tl.reshape(ax, shape_c), tl.reshape(badi, shape_c), 1,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+            )  # fmt: skip
+            tl.store(col_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
+            s_rows = pid_r * NB_R + tl.arange(0, NB_R)
+            tl.store(
+                col_s_ptr + s_rows.to(tl.int64)[:, None] * C + cols[None, :],
+                s,
+                mask=(s_rows < R // 32)[:, None] & (cols < C)[None, :],
+            )
 
 
 # Tiles per program. CUDA: 32 x 128 with 8 warps, chosen by compiling for sm_90a on CPU: 16
-# elements and 96 registers per thread, no spills (64 x 128 with 4 warps took 255 registers, which
-# would leave 8 warps per SM for a bandwidth-bound kernel); rows of 128 keep loads and the row-scale
-# stores contiguous. Its bandwidth is not measured yet. The interpreter runs 32 x 32 tiles (tests
-# also run the CUDA tiles there).
+# elements and about 80 registers per thread for both copies, no spills (64 x 128 with 4 warps
+# reached the 255 cap, which would leave 8 warps per SM for a bandwidth-bound kernel); rows of 128
+# keep loads and the row-scale stores contiguous. Bandwidth not measured yet. The interpreter runs
+# 32 x 32 tiles (tests also run the CUDA tiles there).
 QUANTIZE_CUDA_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 8}
 QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
+_STATIC_ELEMS = (("e4m3", "rceil"), ("e5m2", "floor"))
 
 
 def static_specs() -> list:
-    """The dual quantize kernel as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
+    """The quantize kernel as launched on CUDA (both copies, and each alone as mx_quantize writes
+    it), for :mod:`lowcomm.kernels.triton_static`."""
     from .triton_static import KernelSpec
 
     specs = []
-    for src in ("bf16", "fp32"):
-        for elem, rule in (("e4m3", "rceil"), ("e5m2", "floor")):
-            maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
-            consts = dict(
-                MAXV=maxv,
-                EMAX=emax,
-                MANT_LIMIT=mant,
-                RCEIL=rule == "rceil",
-                E5M2=elem == "e5m2",
-                MBITS=mbits,
-                MIN_NORMAL=min_normal,
-                SUB_C=sub_c,
-                NAN_BYTE=0x7F,
-                BLOCK_R=QUANTIZE_CUDA_CONFIG["BLOCK_R"],
-                BLOCK_C=QUANTIZE_CUDA_CONFIG["BLOCK_C"],
+    cases = [(src, elem, rule, (True, True)) for src in ("bf16", "fp32") for elem, rule in _STATIC_ELEMS]
+    cases += [("bf16", "e4m3", "rceil", (True, False)), ("bf16", "e4m3", "rceil", (False, True))]
+    for src, elem, rule, (rows, cols) in cases:
+        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
+        consts = dict(
+            MAXV=maxv,
+            EMAX=emax,
+            MANT_LIMIT=mant,
+            RCEIL=rule == "rceil",
+            E5M2=elem == "e5m2",
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            NAN_BYTE=0x7F,
+            BLOCK_R=QUANTIZE_CUDA_CONFIG["BLOCK_R"],
+            BLOCK_C=QUANTIZE_CUDA_CONFIG["BLOCK_C"],
+            ROWS=rows,
+            COLS=cols,
+        )
+        sig = {"x_ptr": f"*{src}", "row_q_ptr": "*u8", "row_s_ptr": "*u8", "col_q_ptr": "*u8"}
+        sig.update({"col_s_ptr": "*u8", "R": "i32", "C": "i32"})
+        sig.update({k: "constexpr" for k in consts})
+        name = "mx_quantize_dual" if rows and cols else f"mx_quantize axis={-1 if rows else 0}"
+        specs.append(
+            KernelSpec(
+                name=f"{name} ({src} -> {elem}, {rule})",
+                fn=_mx_dual_kernel,
+                signature=sig,
+                constexprs=consts,
+                num_warps=QUANTIZE_CUDA_CONFIG["num_warps"],
+                num_stages=1,
+                aligned=("R", "C"),
             )
-            sig = {"x_ptr": f"*{src}", "row_q_ptr": "*u8", "row_s_ptr": "*u8", "col_q_ptr": "*u8"}
-            sig.update({"col_s_ptr": "*u8", "R": "i32", "C": "i32"})
-            sig.update({k: "constexpr" for k in consts})
-            specs.append(
-                KernelSpec(
-                    name=f"mx_quantize_dual ({src} -> {elem}, {rule})",
-                    fn=_mx_dual_kernel,
-                    signature=sig,
-                    constexprs=consts,
-                    num_warps=QUANTIZE_CUDA_CONFIG["num_warps"],
-                    num_stages=1,
-                    aligned=("R", "C"),
-                )
-            )
+        )
     return specs
 
 
@@ -202,7 +227,7 @@ def mx_quantize_dual(
     """Both MX copies of a 2-D tensor in one pass.
 
     Args:
-        x: (R, C) fp32 / bf16 / fp16, contiguous, R and C multiples of 32; CUDA, or CPU under
+        x: (R, C) fp32 / bf16 / fp16, R and C multiples of 32; CUDA, or CPU under
             ``TRITON_INTERPRET=1``.
         elem: "e4m3" or "e5m2".
         scale_rule: "rceil" or "floor".
@@ -215,55 +240,84 @@ def mx_quantize_dual(
     Raises:
         RuntimeError: triton is not installed. ValueError: shape, dtype, elem or rule not supported.
     """
+    return _quantize(x, elem, scale_rule, True, True, config, "mx_quantize_dual")
+
+
+def mx_quantize(
+    x: torch.Tensor,
+    elem: str = "e4m3",
+    scale_rule: str = "rceil",
+    axis: int = -1,
+    *,
+    config: dict | None = None,
+):
+    """One MX copy of a 2-D tensor in one pass: ``quantize_mx(x, elem, 32, scale_rule, axis)``.
+
+    Args:
+        x: (R, C) fp32 / bf16 / fp16; the blocked side (C for ``axis=-1``, R for ``axis=0``) a
+            multiple of 32, the other any length.
+        axis: -1 or 1 (blocks along rows), 0 (blocks along columns).
+
+    Returns:
+        ``(data, scales)``: (R, C) fp8 and E8M0 bytes (R, C/32) or (R/32, C).
+
+    Raises:
+        RuntimeError: triton is not installed. ValueError: shape, dtype, elem, rule or axis.
+    """
+    if axis not in (-1, 0, 1):
+        raise ValueError(f"mx_quantize takes axis -1, 0 or 1 of a 2-D tensor, got {axis}")
+    rows = axis != 0
+    out = _quantize(x, elem, scale_rule, rows, not rows, config, "mx_quantize")
+    return out[:2] if rows else out[2:]
+
+
+def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
     if not HAVE_TRITON:
-        raise RuntimeError(
-            "mx_quantize_dual needs triton (pip install triton); use lowcomm.kernels.quantize_mx"
-        )
+        raise RuntimeError(f"{name} needs triton (pip install triton); use lowcomm.kernels.quantize_mx")
     if elem not in _EMAX:
         raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scale_rule not in ("rceil", "floor"):
         raise ValueError(f"scale_rule must be 'rceil' or 'floor', got {scale_rule!r}")
-    if x.dim() != 2 or x.shape[0] % 32 or x.shape[1] % 32:
-        raise ValueError(
-            f"mx_quantize_dual needs a 2-D tensor with both sides multiples of 32, got {tuple(x.shape)}"
-        )
+    if x.dim() != 2 or (rows and x.shape[1] % 32) or (cols and x.shape[0] % 32):
+        sides = "both sides" if rows and cols else ("columns" if rows else "rows")
+        raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"mx_quantize_dual takes fp32, bf16 or fp16, got {x.dtype}")
+        raise ValueError(f"{name} takes fp32, bf16 or fp16, got {x.dtype}")
     x = x.contiguous()
     R, C = x.shape
     dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
     maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
-    row_q = torch.empty(R, C, dtype=torch.uint8, device=x.device)
-    col_q = torch.empty_like(row_q)
-    row_s = torch.empty(R, C // 32, dtype=torch.uint8, device=x.device)
-    col_s = torch.empty(R // 32, C, dtype=torch.uint8, device=x.device)
+    row_q = torch.empty(R, C, dtype=torch.uint8, device=x.device) if rows else None
+    row_s = torch.empty(R, C // 32, dtype=torch.uint8, device=x.device) if rows else None
+    col_q = torch.empty(R, C, dtype=torch.uint8, device=x.device) if cols else None
+    col_s = torch.empty(R // 32, C, dtype=torch.uint8, device=x.device) if cols else None
     cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
     if unknown:
-        raise ValueError(f"mx_quantize_dual: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
+        raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
     cfg.update(config or {})
     if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
-        raise ValueError(f"mx_quantize_dual: tiles must be multiples of 32, got {cfg}")
-    if R == 0 or C == 0:
-        return row_q.view(dtype), row_s, col_q.view(dtype), col_s
-    grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
-    _mx_dual_kernel[grid](
-        x,
-        row_q,
-        row_s,
-        col_q,
-        col_s,
-        R,
-        C,
-        MAXV=maxv,
-        EMAX=emax,
-        MANT_LIMIT=mant,
-        MBITS=mbits,
-        MIN_NORMAL=min_normal,
-        SUB_C=sub_c,
-        NAN_BYTE=int(torch.tensor(float("nan")).to(dtype).view(torch.uint8)),
-        RCEIL=scale_rule == "rceil",
-        E5M2=elem == "e5m2",
-        **cfg,
-    )
-    return row_q.view(dtype), row_s, col_q.view(dtype), col_s
+        raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
+    if R and C:
+        written = (row_q, row_s) if rows else (col_q, col_s)  # stands in for the copy not written
+        _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))](
+            x,
+            *(row_q, row_s) if rows else written,
+            *(col_q, col_s) if cols else written,
+            R,
+            C,
+            MAXV=maxv,
+            EMAX=emax,
+            MANT_LIMIT=mant,
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            NAN_BYTE=int(torch.tensor(float("nan")).to(dtype).view(torch.uint8)),
+            RCEIL=scale_rule == "rceil",
+            E5M2=elem == "e5m2",
+            ROWS=rows,
+            COLS=cols,
+            **cfg,
+        )
+    view = lambda q: q.view(dtype) if q is not None else None  # noqa: E731
+    return view(row_q), row_s, view(col_q), col_s

@@ -75,6 +75,10 @@ def _mma_kind(ptx: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _constexprs(spec: KernelSpec) -> dict:
+    return {p.name: spec.constexprs.get(p.name, p.default) for p in spec.fn.params if p.is_constexpr}
+
+
 def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     """Compile ``spec`` for CUDA ``sm_<arch>`` (90: Hopper, 100: Blackwell) and describe the result.
 
@@ -99,7 +103,7 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         "arch": f"sm_{arch}",
         "num_warps": spec.num_warps,
         "num_stages": spec.num_stages,
-        "constexprs": {p.name: spec.constexprs[p.name] for p in spec.fn.params if p.is_constexpr},
+        "constexprs": _constexprs(spec),
     }
     t0 = time.perf_counter()
     try:
