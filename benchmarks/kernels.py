@@ -8,7 +8,8 @@ against the exact MX path, on random data and on data whose 32-blocks differ in 
 group of four. On CUDA (reported as not measured otherwise), medians of triton.testing.do_bench:
 
 - GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
-  rowwise and mxfp8_fast through torch._scaled_mm (quantize included), the exact-MX Triton GEMM
+  rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
+  (quantize included), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, and the fused
   dual-axis quantize (bytes read + written per second);
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
@@ -52,17 +53,26 @@ def numerics(device: str) -> dict:
             torch.randn(256, 1024) * (2.0 ** (4 * (torch.arange(1024) // 32 % 4) - 8)),
             torch.randn(1024, 256),
         ),
+        "column_scales_of_b": (  # B's columns span 2^-8 .. 2^8: what a 128x128 tile flattens
+            torch.randn(256, 1024),
+            torch.randn(1024, 256) * (2.0 ** torch.linspace(-8, 8, 256)),
+        ),
     }
     for name, (a, b) in cases.items():
         a, b = a.to(device), b.to(device)
         ref = a.double() @ b.double()
         exact = qmatmul(a, b, "mxfp8", backend="emulated")
         row = {}
-        for r in RECIPES:
-            y = qmatmul(a, b, r, backend="emulated")
-            row[r] = {
+        variants = {r: {"recipe": r} for r in RECIPES}
+        variants["mxfp8_fast_w128x128"] = {"recipe": "mxfp8_fast", "b_tile": "128x128"}
+        for variant, kw in variants.items():
+            y = qmatmul(a, b, backend="emulated", **kw)
+            col_err = (y - exact).norm(dim=0) / exact.norm(dim=0)
+            row[variant] = {
                 "rel_err_vs_fp64": float((y.double() - ref).norm() / ref.norm()),
                 "rel_err_vs_exact_mx": float((y - exact).norm() / exact.norm()),
+                # the Frobenius error is the large columns' error; a small column's own is here
+                "worst_column_rel_err_vs_exact_mx": float(col_err.amax()),
             }
         out[name] = row
     return out
@@ -100,6 +110,8 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_tflops(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
         for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):  # quantize included
             _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
+        fast_w128 = partial(qmatmul, a, b, "mxfp8_fast", backend=scaled, b_tile="128x128")
+        _time_tflops(row, "mxfp8_fast_w128x128", flops, fast_w128, bench)
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
         _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb), bench)

@@ -12,6 +12,7 @@ import torch
 from lowcomm.kernels import (
     E8M0_NAN,
     Float8Linear,
+    LowPrecisionLinear,
     MXFP8Linear,
     choose_backend,
     convert_to_low_precision,
@@ -117,6 +118,7 @@ def test_cublas_blocked_layout_places_each_scale_by_the_documented_formula():
         (Float8Linear, {"scaling": "rowwise"}),
         (Float8Linear, {"scaling": "tensorwise"}),
         (MXFP8Linear, {"grad_elem": "e5m2"}),
+        (LowPrecisionLinear, {"recipe": "mxfp8_fast"}),  # 128x128 weight tiles, 1x128 activations
     ],
 )
 def test_low_precision_linear_gradients_track_fp32(cls, kw):
@@ -265,19 +267,43 @@ def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
         qmatmul(torch.zeros(4, 32), torch.zeros(32, 4), "fp8_rowwise", backend="triton")
 
 
-def test_fast_mx_triton_gemm_matches_the_emulated_fast_path():
-    """The 1x128 block-scaled kernel (interpreted on CPU in CI) equals the emulated mxfp8_fast
-    recipe up to fp32 order, K padded to whole groups of 128 (200 -> 256)."""
+@pytest.mark.parametrize("b_tile", ["1x128", "128x128"])
+def test_fast_mx_triton_gemm_matches_the_emulated_fast_path(b_tile):
+    """The block-scaled kernel (interpreted on CPU in CI) equals the emulated mxfp8_fast recipe up
+    to fp32 order, K padded to whole groups of 128 (200 -> 256), B in 1x128 blocks or 128x128
+    tiles (N padded 24 -> 128 for those)."""
     pytest.importorskip("triton")
     torch.manual_seed(3)
     a = torch.randn(40, 200) * torch.logspace(-4, 4, 200)  # block scales differ inside a group
-    b = torch.randn(200, 24)
+    b = torch.randn(200, 24) * torch.logspace(-2, 2, 24)  # and across columns
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    got = qmatmul(a.to(dev), b.to(dev), "mxfp8_fast", backend="triton").cpu()
-    ref = qmatmul(a, b, "mxfp8_fast", backend="emulated")
+    got = qmatmul(a.to(dev), b.to(dev), "mxfp8_fast", backend="triton", b_tile=b_tile).cpu()
+    ref = qmatmul(a, b, "mxfp8_fast", backend="emulated", b_tile=b_tile)
+    assert got.shape == (40, 24)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
     exact = qmatmul(a, b, "mxfp8", backend="emulated")
     assert not torch.equal(ref, exact)  # it is the fast recipe's numerics, not exact MX
+    if b_tile == "128x128":  # one scale for all 24 columns: the small ones lose precision
+        rows = qmatmul(a, b, "mxfp8_fast", backend="emulated")
+        err = lambda y: float(((y - exact)[:, :4]).norm() / exact[:, :4].norm())  # noqa: E731
+        assert err(ref) > err(rows)
+
+
+def test_128x128_regrouping_takes_the_tile_max_and_refuses_what_it_cannot_tile():
+    from lowcomm.kernels.gemm import regroup_mx_128x128
+
+    torch.manual_seed(7)
+    w = torch.randn(256, 128)  # (K, N), blocked along K
+    w[:128, 5] *= 64.0  # one column of the first K-tile far above the rest
+    d, s = quantize_mx(w, axis=0)
+    q, g = regroup_mx_128x128(d, s, axis=0)
+    assert g.shape == (2, 1) and q.shape == w.shape
+    tiles = s.view(2, 4, 128).int().amax(dim=(1, 2))  # the largest E8M0 byte of each tile
+    assert torch.equal(torch.log2(g.view(2)).int() + 127, tiles)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        regroup_mx_128x128(*quantize_mx(torch.randn(256, 96), axis=0), axis=0)
+    with pytest.raises(ValueError, match="b_tile"):
+        qmatmul(torch.zeros(4, 128), torch.zeros(128, 4), "mxfp8", b_tile="128x128")
 
 
 def test_blockwise_triton_gemm_refuses_what_it_cannot_serve():
@@ -394,7 +420,11 @@ def _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
     assert scale_a.dtype == scale_b.dtype == torch.float32
     assert size_stride(scale_a, 0, M, 1) and size_stride(scale_a, 1, K // 128, M), scale_a.stride()
     st = scale_b.t()
-    assert size_stride(st, 0, N, 1) and size_stride(st, 1, K // 128, N), st.stride()
+    if st.shape[0] == N:  # 1x128 along K, per column
+        assert size_stride(st, 0, N, 1) and size_stride(st, 1, K // 128, N), st.stride()
+    else:  # 128x128 tiles: is_blockwise_128x128_scaling(b.t(), scale_b.t())
+        assert size_stride(st, 0, N // 128, K // 128) and size_stride(st, 1, K // 128, 1), st.stride()
+        scale_b = scale_b.repeat_interleave(128, dim=1)
     assert out_dtype == torch.bfloat16
     deq_a = a.float() * scale_a.repeat_interleave(128, dim=1)
     deq_b = b.float() * scale_b.repeat_interleave(128, dim=0)
@@ -421,6 +451,10 @@ def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layou
         gemm._blockwise_scaled_mm_works.cache_clear()
     ref = qmatmul(a, b, "mxfp8_fast", backend="emulated")
     assert float((got - ref).abs().max() / ref.abs().max()) < 2**-8  # bf16 output
+    w = torch.randn(200, 256, device=dev) * torch.logspace(-2, 2, 256, device=dev)  # 2 x 2 tiles
+    got = qmatmul(a, w, "mxfp8_fast", backend="scaled_mm", b_tile="128x128")
+    ref = qmatmul(a, w, "mxfp8_fast", backend="emulated", b_tile="128x128")
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2**-8
     with pytest.raises(ValueError, match="e4m3 operands"):
         qmatmul(a, b, "mxfp8_fast", elem_a="e5m2", backend="scaled_mm")
     with pytest.raises(ValueError, match="N must be a multiple of 16"):
@@ -488,7 +522,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
-    gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mx_exact_triton", "mx_exact_triton_bT"]
+    gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
+    gemms.append("mx_exact_triton_bT")
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     assert rows[0]["dual_quantize_TBps"] > 0
     assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))

@@ -11,6 +11,8 @@ Recipes:
         the group's largest scale and the elements of the other blocks are re-rounded to E4M3 at
         that scale (double rounding; small values of a block much smaller than its neighbours can
         underflow). Not bit-exact MX; its error against the exact path is measured in BENCHMARKS.md.
+        ``b_tile="128x128"`` blocks ``b`` (a weight) in 128x128 tiles instead: coarser still, and
+        the pairing cuBLAS's blockwise GEMM runs fastest on sm_90 (the Linear layers use it).
 
 Backends:
     ``emulated``: quantize with the torch reference, dequantize, fp32 matmul. Runs anywhere and is
@@ -53,11 +55,14 @@ __all__ = [
     "choose_backend",
     "to_cublas_blocked",
     "blockwise_scaled_mm_operands",
+    "regroup_mx_128x128",
+    "expand_block_scales",
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
 BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 MX_BLOCK = 32
+_ACROSS = {"1x128": 1, "128x128": 128}  # mxfp8_fast tiles: elements per scale across the K axis
 logger = logging.getLogger(__name__)
 
 
@@ -100,39 +105,82 @@ def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):
         ``(data128, scale128)``: data in the same fp8 format and fp32 power-of-two scales, one per
         128 along ``axis``.
     """
+    return _regroup(data, scales, axis, 1)
+
+
+def regroup_mx_128x128(data: torch.Tensor, scales: torch.Tensor, axis: int = 0):
+    """2-D MX operands -> 128x128 tiles (DeepSeek-V3's weight blocks): one scale per tile, the
+    largest of its 4 x 128 MX scales, elements re-rounded at it.
+
+    Args:
+        data: (R, C) fp8 blocked by 32 along ``axis``; both sides multiples of 128.
+        scales: E8M0 bytes as ``quantize_mx(..., axis=axis)`` returns them.
+
+    Returns:
+        ``(data128, scale128)``: fp8 data in the same format, fp32 scales (R/128, C/128).
+    """
+    return _regroup(data, scales, axis, 128)
+
+
+def _regroup(data: torch.Tensor, scales: torch.Tensor, axis: int, across: int):
+    """Regroup MX blocks along ``axis`` to 128 along it and ``across`` along the other (2-D) axis."""
+    if across > 1 and data.dim() != 2:
+        raise ValueError(f"128x128 tiles need a 2-D operand, got shape {tuple(data.shape)}")
     axis = axis % data.dim()
     n = data.shape[axis]
-    if n % 128:
+    if n % 128 or (across > 1 and data.shape[1 - axis] % across):
         raise ValueError(
-            f"regrouping to 1x128 needs a length that is a multiple of 128 along axis {axis}, got {n}"
+            f"regrouping to {across}x128 blocks needs multiples of 128 along axis {axis}"
+            + (" and the other axis" if across > 1 else "")
+            + f", got shape {tuple(data.shape)}"
         )
     x = dequantize_mx(data, scales, block=MX_BLOCK, axis=axis).movedim(axis, -1)
     s = scales.movedim(axis, -1).to(torch.int32)
     g = s.reshape(*s.shape[:-1], n // 128, 4).amax(dim=-1)  # the group's largest exponent
+    if across > 1:  # (m, n/128) -> (m/128, n/128): the tile's largest
+        g = g.reshape(-1, across, n // 128).amax(dim=1)
     scale = torch.ldexp(torch.ones_like(g, dtype=torch.float32), g - 127)
-    xs = x.reshape(*x.shape[:-1], n // 128, 128) / scale.unsqueeze(-1)  # exact: powers of two
+    xs = x / expand_block_scales(scale, x.shape)  # exact: powers of two
     fmax = torch.finfo(data.dtype).max  # the element format stays (E4M3, or E5M2 for gradients)
     q = xs.clamp(-fmax, fmax).to(data.dtype)  # the second rounding
-    return q.reshape(x.shape).movedim(-1, axis), scale.movedim(-1, axis)
+    return q.movedim(-1, axis), scale.movedim(-1, axis)
 
 
-def fake_quantize(x: torch.Tensor, recipe: str, axis: int, elem: str = "e4m3", scale_rule: str = "rceil"):
-    """What ``x`` becomes after quantization for ``recipe`` along ``axis`` (fp32, same shape)."""
+def expand_block_scales(scale: torch.Tensor, shape) -> torch.Tensor:
+    """Per-element multipliers from per-block ``scale``: each dim repeated ``shape[d] // scale.shape[d]``."""
+    for d, (n, k) in enumerate(zip(shape, scale.shape)):
+        if n != k:
+            scale = scale.repeat_interleave(n // k, dim=d)
+    return scale
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    recipe: str,
+    axis: int,
+    elem: str = "e4m3",
+    scale_rule: str = "rceil",
+    tile: str = "1x128",
+):
+    """What ``x`` becomes after quantization for ``recipe`` along ``axis`` (fp32, same shape).
+
+    ``tile`` ("1x128" or "128x128", 2-D only) is the ``mxfp8_fast`` block shape.
+    """
     if recipe == "mxfp8_fast":
         axis = axis % x.dim()
-        pad = (-x.shape[axis]) % 128
-        xp = torch.nn.functional.pad(x.movedim(axis, -1), (0, pad)).movedim(-1, axis) if pad else x
+        pads = [0, 0] * x.dim()  # F.pad order: last dim first
+        pads[2 * (x.dim() - 1 - axis) + 1] = (-x.shape[axis]) % 128
+        if tile == "128x128":
+            pads[2 * axis + 1] = (-x.shape[1 - axis]) % 128
+        xp = torch.nn.functional.pad(x, pads) if any(pads) else x
         data, scales = quantize_mx(xp, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
-        q, s = regroup_mx_1x128(data, scales, axis)
-        out = (
-            (
-                q.float().movedim(axis, -1).reshape(*q.movedim(axis, -1).shape[:-1], -1, 128)
-                * s.movedim(axis, -1).unsqueeze(-1)
-            )
-            .reshape(q.movedim(axis, -1).shape)
-            .movedim(-1, axis)
+        q, s = (
+            regroup_mx_128x128(data, scales, axis)
+            if tile == "128x128"
+            else regroup_mx_1x128(data, scales, axis)
         )
-        return out.narrow(axis, 0, x.shape[axis])
+        out = q.float() * expand_block_scales(s, q.shape)
+        return out[tuple(slice(0, n) for n in x.shape)]
     if recipe == "mxfp8":
         data, scales = quantize_mx(x, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
         return dequantize_mx(data, scales, block=MX_BLOCK, axis=axis)
@@ -220,6 +268,7 @@ def qmatmul(
     elem_b: str = "e4m3",
     backend: str = "auto",
     scale_rule: str = "rceil",
+    b_tile: str = "1x128",
 ) -> torch.Tensor:
     """``a @ b`` with both operands quantized along K; fp32 result.
 
@@ -229,6 +278,9 @@ def qmatmul(
         elem_a, elem_b: element formats ("e4m3" or "e5m2"; gradients may use "e5m2").
         backend: one of :data:`BACKENDS`.
         scale_rule: MX scale rule ("rceil" or "floor").
+        b_tile: ``mxfp8_fast`` only: "1x128" or "128x128" blocks for ``b`` (a weight: one scale
+            per 128x128 tile, DeepSeek-V3's weight granularity; coarser, and the pairing cuBLAS runs
+            fastest on sm_90, REFERENCE.md). N is zero-padded to a multiple of 128 for it.
 
     Raises:
         ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe or
@@ -236,11 +288,21 @@ def qmatmul(
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"qmatmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if b_tile not in ("1x128", "128x128"):
+        raise ValueError(f"b_tile must be '1x128' or '128x128', got {b_tile!r}")
+    if b_tile != "1x128" and recipe != "mxfp8_fast":
+        raise ValueError(f"b_tile={b_tile!r} is a block shape of recipe 'mxfp8_fast', not {recipe!r}")
     block = {"mxfp8": MX_BLOCK, "mxfp8_fast": 128}.get(recipe)
     pad = (-a.shape[1]) % block if block else 0
     if pad:  # zero blocks change no product; MX needs whole blocks along K (groups of 4 for the fast path)
         a = torch.nn.functional.pad(a, (0, pad))
         b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+    n_pad = (-b.shape[1]) % 128 if b_tile == "128x128" else 0
+    if n_pad:  # zero columns: whole 128x128 tiles; their outputs are cut off below
+        return qmatmul(
+            a, torch.nn.functional.pad(b, (0, n_pad)), recipe, elem_a=elem_a, elem_b=elem_b,
+            backend=backend, scale_rule=scale_rule, b_tile=b_tile,
+        )[:, : b.shape[1]]  # fmt: skip
     which = choose_backend(recipe, a.device, backend)
     if which == "scaled_mm" and recipe == "mxfp8_fast":
         why = _blockwise_refusal(a, b, elem_a, elem_b)
@@ -251,7 +313,7 @@ def qmatmul(
         elif why:
             raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
-        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule)
+        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile)
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
         from .triton_quantize import mx_quantize
@@ -261,26 +323,31 @@ def qmatmul(
         da, sa = mx_quantize(a, elem=elem_a, scale_rule=scale_rule, axis=1)  # one fused pass each
         db, sb = mx_quantize(b, elem=elem_b, scale_rule=scale_rule, axis=0)
         if recipe == "mxfp8_fast":
-            return blockwise_matmul(*regroup_mx_1x128(da, sa, axis=1), *regroup_mx_1x128(db, sb, axis=0))
+            qb, gb = _regroup(db, sb, 0, _ACROSS[b_tile])
+            gb = expand_block_scales(gb, (gb.shape[0], qb.shape[1]))  # per column: what the kernel reads
+            return blockwise_matmul(*regroup_mx_1x128(da, sa, axis=1), qb, gb.contiguous())
         return mx_matmul(da, sa, db, sb)
     qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
-    qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule)
+    qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule, tile=b_tile)
     return qa @ qb
 
 
 def blockwise_scaled_mm_operands(qa, ga, qb, gb):
-    """1x128-blocked operands laid out as ``torch._scaled_mm``'s blockwise GEMM checks them.
+    """Block-scaled operands laid out as ``torch._scaled_mm``'s blockwise GEMM checks them.
 
-    ``qa`` (M, K) and ``qb`` (K, N) fp8 with ``ga`` (M, K/128) and ``gb`` (K/128, N) fp32
-    dequantization scales (what :func:`regroup_mx_1x128` returns along K). cuBLAS wants A
-    row-major, B column-major, and both scale matrices "outer-dim-major": ``scale_a`` (M, K/128)
-    with strides (1, M), and ``scale_b`` (K/128, N) whose transpose (N, K/128) has strides (1, N),
-    i.e. ``scale_b`` row-major.
+    ``qa`` (M, K) and ``qb`` (K, N) fp8 with fp32 dequantization scales ``ga`` (M, K/128) and
+    ``gb`` either (K/128, N) (1x128 blocks along K) or (K/128, N/128) (128x128 tiles), as
+    :func:`regroup_mx_1x128` / :func:`regroup_mx_128x128` return them. cuBLAS wants A row-major,
+    B column-major, 1x128 scales "outer-dim-major" (``scale_a`` with strides (1, M); ``scale_b``
+    whose transpose (N, K/128) has strides (1, N), i.e. ``scale_b`` row-major) and 128x128 scales
+    inner-dim-major as seen from B's transpose (``scale_b.t()`` (N/128, K/128) row-major).
 
     Returns:
         ``(a, b, scale_a, scale_b)`` for ``torch._scaled_mm(a, b, scale_a, scale_b, ...)``.
     """
-    return qa.contiguous(), qb.t().contiguous().t(), ga.t().contiguous().t(), gb.contiguous()
+    tiled = gb.shape[1] != qb.shape[1]
+    scale_b = gb.t().contiguous().t() if tiled else gb.contiguous()
+    return qa.contiguous(), qb.t().contiguous().t(), ga.t().contiguous().t(), scale_b
 
 
 def _blockwise_refusal(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str) -> str:
@@ -307,15 +374,20 @@ def _blockwise_scaled_mm_works(device: torch.device) -> bool:
 
 
 def _scaled_mm(
-    a: torch.Tensor, b: torch.Tensor, recipe: str, elem_a: str, elem_b: str, scale_rule: str = "rceil"
+    a: torch.Tensor,
+    b: torch.Tensor,
+    recipe: str,
+    elem_a: str,
+    elem_b: str,
+    scale_rule: str = "rceil",
+    b_tile: str = "1x128",
 ) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
-    if recipe == "mxfp8_fast":  # 1x128 x 1x128 fp32 block scales; the blockwise path writes bf16
+    if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
         db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
-        operands = blockwise_scaled_mm_operands(
-            *regroup_mx_1x128(da, sa, axis=1), *regroup_mx_1x128(db, sb, axis=0)
-        )
+        qa, ga = regroup_mx_1x128(da, sa, axis=1)
+        operands = blockwise_scaled_mm_operands(qa, ga, *_regroup(db, sb, 0, _ACROSS[b_tile]))
         return torch._scaled_mm(*operands, out_dtype=torch.bfloat16).float()
     if recipe == "mxfp8":
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)

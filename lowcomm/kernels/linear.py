@@ -35,7 +35,7 @@ class _QLinear(torch.autograd.Function):
         if _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight)
         else:
-            y = qmatmul(x2, weight.t(), recipe, backend=backend)
+            y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
             ctx.fused = False
         ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None)
@@ -54,13 +54,19 @@ class _QLinear(torch.autograd.Function):
         else:
             x2, weight = ctx.saved_tensors
             if ctx.needs_input_grad[0]:
-                dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend)
+                dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend, **_weight_tile(recipe))
                 dx = dx.to(gy.dtype).reshape(x_shape)
             if ctx.needs_input_grad[1]:
                 dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0)
         return dx, dw, db, None, None, None
+
+
+def _weight_tile(recipe: str) -> dict:
+    """mxfp8_fast blocks the weight in 128x128 tiles (fprop, dgrad) and activations and gradients
+    1x128: DeepSeek-V3's granularity, the pairing cuBLAS's blockwise GEMM runs fastest on sm_90."""
+    return {"b_tile": "128x128"} if recipe == "mxfp8_fast" else {}
 
 
 def _fused_mx(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -126,7 +132,8 @@ class LowPrecisionLinear(nn.Linear):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        recipe: "mxfp8", "fp8_rowwise" or "fp8_tensorwise".
+        recipe: "mxfp8", "mxfp8_fast" (weights in 128x128 tiles, activations and gradients in
+            1x128 blocks, regrouped from MX), "fp8_rowwise" or "fp8_tensorwise".
         grad_elem: element format of gradients, "e4m3" (the MXFP8 recipe) or "e5m2".
         backend: "auto", "emulated" or "scaled_mm" (see :func:`lowcomm.kernels.gemm.qmatmul`).
     """
