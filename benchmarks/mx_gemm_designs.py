@@ -38,19 +38,17 @@ import triton.language as tl
 import triton.testing
 
 from lowcomm.kernels import dequantize_mx, quantize_mx
-from lowcomm.kernels.triton_mx_gemm import _e8m0_to_f32, gemm_config, mx_matmul, static_specs
+from lowcomm.kernels.triton_mx_gemm import (
+    _block_scales,
+    _store_tile,
+    _tile_pointers,
+    gemm_config,
+    mx_matmul,
+    static_specs,
+)
 from lowcomm.kernels.triton_static import compile_report
 
 SHAPES = [(8192, 8192, 8192), (16384, 4096, 14336), (16384, 14336, 4096), (4096, 4096, 4096)]
-
-
-@triton.jit
-def _scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk):
-    sa = tl.load(sa_ptrs + kb * stride_sak).to(tl.int32)
-    sb = tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32)
-    fa = tl.where(sa == 255, float("nan"), _e8m0_to_f32(sa))
-    fb = tl.where(sb == 255, float("nan"), _e8m0_to_f32(sb))
-    return fa, fb
 
 
 @triton.jit
@@ -81,44 +79,31 @@ def _design_kernel(
     BEHIND: tl.constexpr,
     WS: tl.constexpr,
 ):
-    # the library kernel's tile order and addressing; E8M0 scales only (exact MX)
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows_in_group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_in_group
-    pid_n = (pid % width) // rows_in_group
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, SB)
-    am = (rm % M).to(tl.int64)
-    bn = (rn % N).to(tl.int64)
-    a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + bn[None, :] * stride_bn
-    sa_ptrs = sa_ptr + am * stride_sam
-    sb_ptrs = sb_ptr + bn * stride_sbn
+    # the library kernel's tile order, addressing, scales and store; E8M0 scales only (exact MX)
+    rm, rn, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs = _tile_pointers(
+        a_ptr, sa_ptr, b_ptr, sb_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
+        stride_sam, stride_sbn, SB, BLOCK_M, BLOCK_N, GROUP_M,
+    )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BEHIND:
         prev = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), out_dtype=tl.float32)
-        fa, fb = _scales(sa_ptrs, sb_ptrs, 0, stride_sak, stride_sbk)
+        fa, fb = _block_scales(sa_ptrs, sb_ptrs, 0, stride_sak, stride_sbk, True)
         for kb in range(1, K // SB):
             a_ptrs += SB * stride_ak
             b_ptrs += SB * stride_bk
             part = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), out_dtype=tl.float32)  # next MMA first
             acc += prev * fa[:, None] * fb[None, :]  # then promote the previous block
-            fa, fb = _scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk)
+            fa, fb = _block_scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk, True)
             prev = part
         acc += prev * fa[:, None] * fb[None, :]
     else:
         for kb in tl.range(0, K // SB, warp_specialize=WS):
             part = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), out_dtype=tl.float32)
-            fa, fb = _scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk)
+            fa, fb = _block_scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk, True)
             acc += part * fa[:, None] * fb[None, :]
             a_ptrs += SB * stride_ak
             b_ptrs += SB * stride_bk
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _store_tile(c_ptr, acc, rm, rn, M, N, stride_cm, stride_cn)
 
 
 DESIGNS = {"promote_behind": {"BEHIND": True, "WS": False}, "warp_specialized": {"BEHIND": False, "WS": True}}

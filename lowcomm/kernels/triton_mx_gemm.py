@@ -59,13 +59,33 @@ if HAVE_TRITON:
     ):
         # C = sum over K-blocks kb of (A[:, kb] @ B[kb, :]) * sa[:, kb] ⊗ sb[kb, :]; SB elements of K
         # share a scale (32 for MX, 128 for the 1x128 path), E8M0 says how scales are stored.
-        # Tiles in groups of GROUP_M rows of tiles, so that neighbouring programs share B in L2.
+        rm, rn, a_ptrs, b_ptrs, sa_ptrs, sb_ptrs = _tile_pointers(
+            a_ptr, sa_ptr, b_ptr, sb_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
+            stride_sam, stride_sbn, SB, BLOCK_M, BLOCK_N, GROUP_M,
+        )  # fmt: skip
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // SB):
+            a = tl.load(a_ptrs)  # (BM, SB) fp8
+            b = tl.load(b_ptrs)  # (SB, BN) fp8
+            part = tl.dot(a, b, out_dtype=tl.float32)
+            fa, fb = _block_scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk, E8M0)
+            acc += part * fa[:, None] * fb[None, :]
+            a_ptrs += SB * stride_ak
+            b_ptrs += SB * stride_bk
+        _store_tile(c_ptr, acc, rm, rn, M, N, stride_cm, stride_cn)
+
+    @triton.jit
+    def _tile_pointers(
+        a_ptr, sa_ptr, b_ptr, sb_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
+        stride_sam, stride_sbn, SB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        # this program's tile, in groups of GROUP_M rows of tiles so that neighbouring programs
+        # share B in L2; pointers to its first K-block of A and B and to its rows' / columns' scales
         pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BLOCK_M)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * grid_n
+        width = GROUP_M * tl.cdiv(N, BLOCK_N)
         first_m = (pid // width) * GROUP_M
-        rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+        rows_in_group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % rows_in_group
         pid_n = (pid % width) // rows_in_group
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,24 +97,23 @@ if HAVE_TRITON:
         bn = (rn % N).to(tl.int64)
         a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :] * stride_ak
         b_ptrs = b_ptr + rk[:, None] * stride_bk + bn[None, :] * stride_bn
-        sa_ptrs = sa_ptr + am * stride_sam
-        sb_ptrs = sb_ptr + bn * stride_sbn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, K // SB):
-            a = tl.load(a_ptrs)  # (BM, SB) fp8
-            b = tl.load(b_ptrs)  # (SB, BN) fp8
-            part = tl.dot(a, b, out_dtype=tl.float32)
-            if E8M0:  # 2^(s − 127), built from bits (exact); 0xFF (NaN) blocks -> NaN
-                sa = tl.load(sa_ptrs + kb * stride_sak).to(tl.int32)
-                sb = tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32)
-                fa = tl.where(sa == 255, float("nan"), _e8m0_to_f32(sa))
-                fb = tl.where(sb == 255, float("nan"), _e8m0_to_f32(sb))
-            else:  # fp32 dequantization multipliers
-                fa = tl.load(sa_ptrs + kb * stride_sak)
-                fb = tl.load(sb_ptrs + kb * stride_sbk)
-            acc += part * fa[:, None] * fb[None, :]
-            a_ptrs += SB * stride_ak
-            b_ptrs += SB * stride_bk
+        return rm, rn, a_ptrs, b_ptrs, sa_ptr + am * stride_sam, sb_ptr + bn * stride_sbn
+
+    @triton.jit
+    def _block_scales(sa_ptrs, sb_ptrs, kb, stride_sak, stride_sbk, E8M0: tl.constexpr):
+        # K-block kb's row and column dequantization multipliers
+        if E8M0:  # 2^(s − 127), built from bits (exact); 0xFF (NaN) blocks -> NaN
+            sa = tl.load(sa_ptrs + kb * stride_sak).to(tl.int32)
+            sb = tl.load(sb_ptrs + kb * stride_sbk).to(tl.int32)
+            fa = tl.where(sa == 255, float("nan"), _e8m0_to_f32(sa))
+            fb = tl.where(sb == 255, float("nan"), _e8m0_to_f32(sb))
+        else:  # fp32 dequantization multipliers
+            fa = tl.load(sa_ptrs + kb * stride_sak)
+            fb = tl.load(sb_ptrs + kb * stride_sbk)
+        return fa, fb
+
+    @triton.jit
+    def _store_tile(c_ptr, acc, rm, rn, M, N, stride_cm, stride_cn):
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
         tl.store(c_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
