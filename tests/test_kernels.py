@@ -366,6 +366,10 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
         y.backward(gy.to(d))
         outs.append([t.detach().cpu() for t in (y, xi.grad, layer.weight.grad, layer.bias.grad)])
     assert calls == [(64, 64), (96, 64), (64, 96)]  # x (padded), W, dy (padded): once each
+    with torch.no_grad():  # evaluation: one copy each, no dual pass, the same output
+        y = tri(x.to(dev))
+    assert len(calls) == 3
+    assert torch.equal(y.cpu(), outs[1][0])
     for name, r, t in zip(("y", "dx", "dW", "db"), *outs):
         assert r.shape == t.shape, name
         assert float((t - r).abs().max() / r.abs().max()) < 1e-5, name

@@ -30,10 +30,10 @@ PRECISIONS = ("fp32", *RECIPES)
 
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, grad_elem, backend):
+    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows):
         x2 = x.reshape(-1, x.shape[-1])
         if _fused_mx(recipe, backend, x2, weight):
-            y = _FusedMX.forward(ctx, x2, weight)
+            y = _FusedMX.forward(ctx, x2, weight, backward_follows)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
@@ -60,7 +60,7 @@ class _QLinear(torch.autograd.Function):
                 dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _weight_tile(recipe: str) -> dict:
@@ -91,22 +91,26 @@ class _FusedMX:
         wgrad dW = dycᵀ · xc        dy blocked along T, x along T
 
     Only the fp8 copies that backward needs are saved (xc, Wc: a byte per element plus scales),
-    not x and W. Tokens are zero-padded to a multiple of 32 (zero rows change no product). The
-    numerics are those of the emulated MX path: the same quantization bit for bit (tested), exact
-    products, fp32 accumulation.
+    not x and W; without a backward to follow (no_grad) only the copies fprop reads are made.
+    Tokens are zero-padded to a multiple of 32 (zero rows change no product). The numerics are
+    those of the emulated MX path: the same quantization bit for bit (tested), exact products,
+    fp32 accumulation.
     """
 
     @staticmethod
-    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, backward_follows: bool) -> torch.Tensor:
         from .triton_mx_gemm import mx_matmul
-        from .triton_quantize import mx_quantize_dual
+        from .triton_quantize import mx_quantize, mx_quantize_dual
 
         T = x2.shape[0]
-        xp = _pad_rows(x2)
-        xr, xrs, xc, xcs = mx_quantize_dual(xp)
-        wr, wrs, wc, wcs = mx_quantize_dual(weight.detach())
+        xp, w = _pad_rows(x2), weight.detach()
+        if backward_follows:
+            xr, xrs, xc, xcs = mx_quantize_dual(xp)
+            wr, wrs, wc, wcs = mx_quantize_dual(w)
+            ctx.save_for_backward(xc, xcs, wc, wcs)
+        else:  # no_grad (evaluation, inference): only the copies fprop reads
+            (xr, xrs), (wr, wrs) = mx_quantize(xp), mx_quantize(w)
         y = mx_matmul(xr, xrs, wr.t(), wrs.t())[:T]
-        ctx.save_for_backward(xc, xcs, wc, wcs)
         ctx.fused, ctx.tokens, ctx.weight_dtype = True, T, weight.dtype
         return y
 
@@ -158,7 +162,10 @@ class LowPrecisionLinear(nn.Linear):
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QLinear.apply(x, self.weight, self.bias, self.recipe, self.grad_elem, self.backend)
+        backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return _QLinear.apply(
+            x, self.weight, self.bias, self.recipe, self.grad_elem, self.backend, backward_follows
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> LowPrecisionLinear:
