@@ -318,8 +318,8 @@ def qmatmul(
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
         from .triton_quantize import mx_quantize
 
-        half = (torch.float32, torch.bfloat16, torch.float16)  # what the quantize kernel reads
-        a, b = (t if t.dtype in half else t.float() for t in (a, b))
+        readable = (torch.float32, torch.bfloat16, torch.float16)  # what the quantize kernel reads
+        a, b = (t if t.dtype in readable else t.float() for t in (a, b))
         da, sa = mx_quantize(a, elem=elem_a, scale_rule=scale_rule, axis=1)  # one fused pass each
         db, sb = mx_quantize(b, elem=elem_b, scale_rule=scale_rule, axis=0)
         if recipe == "mxfp8_fast":
