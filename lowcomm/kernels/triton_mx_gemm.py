@@ -176,7 +176,6 @@ def static_specs() -> list:
                     constexprs=consts,
                     num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"],
-                    dot=True,
                     aligned=tuple(n for n in ints if n not in unit),
                 )
             )

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["KernelSpec", "compile_report", "all_specs", "SM_SHARED_BYTES"]
+__all__ = ["KernelSpec", "compile_report", "all_specs", "report", "SM_SHARED_BYTES"]
 
 # shared memory one block may use (opt-in maximum): H100/H200 227 KB, B200 227 KB
 SM_SHARED_BYTES = {90: 227 * 1024, 100: 227 * 1024}
@@ -46,7 +46,6 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
-    dot: bool = False  # whether the kernel is expected to issue tensor-core MMAs
     aligned: tuple = field(default_factory=tuple)
 
 
@@ -57,7 +56,7 @@ def _bin(tool: str) -> str:
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers, local (spill) bytes and static shared bytes from ``cuobjdump``."""
+    """Registers and local (spill) bytes per thread from ``cuobjdump``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
