@@ -263,6 +263,8 @@ def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
     s = torch.full((32, 2), 127, dtype=torch.uint8)
     with pytest.raises(ValueError, match="multiple of 32"):
         mx_matmul(d, s, torch.zeros(48, 8, dtype=torch.float8_e4m3fn), s)
+    with pytest.raises(ValueError, match="one device"):
+        mx_matmul(d, s, d.t().contiguous(), s.t().to("meta"))
     with pytest.raises(ValueError, match="mxfp8 and mxfp8_fast only"):
         qmatmul(torch.zeros(4, 32), torch.zeros(32, 4), "fp8_rowwise", backend="triton")
 

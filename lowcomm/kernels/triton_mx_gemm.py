@@ -260,6 +260,10 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, na
             f"scales must be (M, K/{sb}) and (K/{sb}, N), got {tuple(a_scales.shape)} and "
             f"{tuple(b_scales.shape)}"
         )
+    devices = {t.device for t in (a_data, a_scales, b_data, b_scales)}
+    if len(devices) > 1:
+        where = sorted(map(str, devices))
+        raise ValueError(f"{name}: operands and scales must be on one device, got {where}")
     if a_scales.dtype != scale_dtype or b_scales.dtype != scale_dtype:
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
     cfg = gemm_config(sb, a_data.device)
