@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -167,6 +168,7 @@ def fake_quantize(
     ``tile`` ("1x128" or "128x128", 2-D only) is the ``mxfp8_fast`` block shape.
     """
     if recipe == "mxfp8_fast":
+        _check_tile(tile)
         axis = axis % x.dim()
         pads = [0, 0] * x.dim()  # F.pad order: last dim first
         pads[2 * (x.dim() - 1 - axis) + 1] = (-x.shape[axis]) % 128
@@ -174,11 +176,7 @@ def fake_quantize(
             pads[2 * axis + 1] = (-x.shape[1 - axis]) % 128
         xp = torch.nn.functional.pad(x, pads) if any(pads) else x
         data, scales = quantize_mx(xp, elem=elem, block=MX_BLOCK, scale_rule=scale_rule, axis=axis)
-        q, s = (
-            regroup_mx_128x128(data, scales, axis)
-            if tile == "128x128"
-            else regroup_mx_1x128(data, scales, axis)
-        )
+        q, s = _regroup(data, scales, axis, _ACROSS[tile])
         out = q.float() * expand_block_scales(s, q.shape)
         return out[tuple(slice(0, n) for n in x.shape)]
     if recipe == "mxfp8":
@@ -238,13 +236,9 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
             "Use backend='emulated' or 'auto'"
         )
     if backend == "triton":
-        import os
-
-        from .triton_quantize import HAVE_TRITON
-
         if recipe not in ("mxfp8", "mxfp8_fast"):
             raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
-        if not HAVE_TRITON or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        if not _triton_runs_on(device):
             raise ValueError(
                 f"backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}"
             )
@@ -288,9 +282,7 @@ def qmatmul(
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"qmatmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
-    if b_tile not in ("1x128", "128x128"):
-        raise ValueError(f"b_tile must be '1x128' or '128x128', got {b_tile!r}")
-    if b_tile != "1x128" and recipe != "mxfp8_fast":
+    if _check_tile(b_tile) != "1x128" and recipe != "mxfp8_fast":
         raise ValueError(f"b_tile={b_tile!r} is a block shape of recipe 'mxfp8_fast', not {recipe!r}")
     block = {"mxfp8": MX_BLOCK, "mxfp8_fast": 128}.get(recipe)
     pad = (-a.shape[1]) % block if block else 0
@@ -316,20 +308,48 @@ def qmatmul(
         return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile)
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
-        from .triton_quantize import mx_quantize
 
-        readable = (torch.float32, torch.bfloat16, torch.float16)  # what the quantize kernel reads
-        a, b = (t if t.dtype in readable else t.float() for t in (a, b))
-        da, sa = mx_quantize(a, elem=elem_a, scale_rule=scale_rule, axis=1)  # one fused pass each
-        db, sb = mx_quantize(b, elem=elem_b, scale_rule=scale_rule, axis=0)
+        operands = _mx_operands(a, b, elem_a, elem_b, scale_rule)
         if recipe == "mxfp8_fast":
-            qb, gb = _regroup(db, sb, 0, _ACROSS[b_tile])
+            qa, ga, qb, gb = _fast_operands(*operands, b_tile)
             gb = expand_block_scales(gb, (gb.shape[0], qb.shape[1]))  # per column: what the kernel reads
-            return blockwise_matmul(*regroup_mx_1x128(da, sa, axis=1), qb, gb.contiguous())
-        return mx_matmul(da, sa, db, sb)
+            return blockwise_matmul(qa, ga, qb, gb.contiguous())
+        return mx_matmul(*operands)
     qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
     qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule, tile=b_tile)
     return qa @ qb
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether lowcomm's Triton kernels run on ``device``: CUDA, or CPU under TRITON_INTERPRET=1."""
+    from .triton_quantize import HAVE_TRITON
+
+    return HAVE_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _mx_operands(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str, scale_rule: str):
+    """``(da, sa, db, sb)``: ``a`` MX-blocked along K (axis 1), ``b`` along K (axis 0). The fused
+    Triton quantize (one pass each) where it runs, else the torch reference: the same bytes (tested)."""
+    if not _triton_runs_on(a.device):
+        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
+        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        return da, sa, db, sb
+    from .triton_quantize import mx_quantize
+
+    readable = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel reads (the reference
+    a, b = (t if t.dtype in readable else t.float() for t in (a, b))  # quantizes fp32 as well)
+    return (*mx_quantize(a, elem_a, scale_rule, axis=1), *mx_quantize(b, elem_b, scale_rule, axis=0))
+
+
+def _fast_operands(da, sa, db, sb, b_tile: str):
+    """``(qa, ga, qb, gb)`` of ``mxfp8_fast`` from MX operands: A in 1x128 blocks, B in ``b_tile``."""
+    return (*regroup_mx_1x128(da, sa, axis=1), *_regroup(db, sb, 0, _ACROSS[_check_tile(b_tile)]))
+
+
+def _check_tile(tile: str) -> str:
+    if tile not in _ACROSS:
+        raise ValueError(f"the mxfp8_fast tile must be one of {list(_ACROSS)}, got {tile!r}")
+    return tile
 
 
 def blockwise_scaled_mm_operands(qa, ga, qb, gb):
@@ -384,14 +404,10 @@ def _scaled_mm(
 ) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
-        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
-        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
-        qa, ga = regroup_mx_1x128(da, sa, axis=1)
-        operands = blockwise_scaled_mm_operands(qa, ga, *_regroup(db, sb, 0, _ACROSS[b_tile]))
-        return torch._scaled_mm(*operands, out_dtype=torch.bfloat16).float()
+        fast = _fast_operands(*_mx_operands(a, b, elem_a, elem_b, scale_rule), b_tile)
+        return torch._scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16).float()
     if recipe == "mxfp8":
-        da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
-        db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
+        da, sa, db, sb = _mx_operands(a, b, elem_a, elem_b, scale_rule)
         e8m0 = getattr(torch, "float8_e8m0fnu", None)
         if e8m0 is None:
             raise ValueError("this torch has no float8_e8m0fnu dtype; MX _scaled_mm needs torch >= 2.7")
