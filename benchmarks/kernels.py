@@ -85,10 +85,11 @@ def cuda_bench(fn) -> float:
     return triton.testing.do_bench(fn)
 
 
-def _time_tflops(row: dict, name: str, flops: int, fn, bench=cuda_bench) -> None:
-    """``row[name + "_tflops"]`` from the median time of ``fn``, or ``row[name + "_error"]``."""
+def _time_rate(row: dict, name: str, amount: float, fn, bench=cuda_bench, unit: str = "tflops") -> None:
+    """``row[f"{name}_{unit}"]`` = ``amount`` (flops, or bytes for TB/s) per second / 1e12, from the
+    median time of ``fn``; ``row[f"{name}_error"]`` instead if it fails."""
     try:
-        row[f"{name}_tflops"] = flops / bench(fn) / 1e9
+        row[f"{name}_{unit}"] = amount / bench(fn) / 1e9  # per ms -> per s, / 1e12
     except Exception as e:  # one path failing (an old torch, a missing backend) spoils no other
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
@@ -107,24 +108,22 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         b = torch.randn(K, N, device=device, dtype=torch.bfloat16)
         flops = 2 * M * N * K
         row = {"shape": [M, K, N]}
-        _time_tflops(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
+        _time_rate(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
         for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):  # quantize included
-            _time_tflops(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
+            _time_rate(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
         fast_w128 = partial(qmatmul, a, b, "mxfp8_fast", backend=scaled, b_tile="128x128")
-        _time_tflops(row, "mxfp8_fast_w128x128", flops, fast_w128, bench)
+        _time_rate(row, "mxfp8_fast_w128x128", flops, fast_w128, bench)
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
-        _time_tflops(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb), bench)
+        _time_rate(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb), bench)
         # the layout fprop uses: B = Wᵀ, K-contiguous (a transposed view of a row-blocked W)
         wt, wts = quantize_mx(b.t().contiguous(), axis=1)
-        _time_tflops(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
+        _time_rate(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
-        _time_tflops(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
+        _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
-        _time_tflops(row, "dual_quantize", moved / 2, lambda a=a: mx_quantize_dual(a), bench)
-        if "dual_quantize_tflops" in row:  # bytes, not flops: TB/s = bytes / ms / 1e9
-            row["dual_quantize_TBps"] = row.pop("dual_quantize_tflops") * 2
+        _time_rate(row, "dual_quantize", moved, lambda a=a: mx_quantize_dual(a), bench, unit="TBps")
         rows.append(row)
     return {"rows": rows}
 
@@ -155,7 +154,7 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
     for recipe in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"):
         layers[recipe] = LowPrecisionLinear.from_linear(base, recipe=recipe)
     for name, layer in layers.items():
-        _time_tflops(row, name, 6 * T * K * N, partial(step, layer), bench)
+        _time_rate(row, name, 6 * T * K * N, partial(step, layer), bench)
     for name in layers:
         if f"{name}_tflops" in row and "bf16_tflops" in row:
             row[f"{name}_x_bf16"] = row[f"{name}_tflops"] / row["bf16_tflops"]

@@ -149,7 +149,8 @@ def all_specs() -> list[KernelSpec]:
 
 def report(archs=(90, 100), only=("",)) -> list[dict]:
     """:func:`compile_report` for every spec whose name contains one of ``only``, for each arch."""
-    return [compile_report(s, a) for a in archs for s in all_specs() if any(o in s.name for o in only)]
+    specs = [s for s in all_specs() if any(o in s.name for o in only)]
+    return [compile_report(s, a) for a in archs for s in specs]
 
 
 def main(argv=None) -> None:
