@@ -261,3 +261,22 @@ def test_bad_configuration_is_refused_with_the_value_named(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], **args)
+
+
+def test_step_must_follow_exactly_one_inner_optimizer_step():
+    models, opts = _replicas(1)
+    d = DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], sync_every=4)
+    with pytest.raises(RuntimeError, match="stepped 0 times since the last diloco.step"):
+        d.step()  # before optimizer.step()
+    _inner_step(models, opts, 1)
+    d.step()
+    with pytest.raises(RuntimeError, match="stepped 0 times"):
+        d.step()  # twice for one inner step
+    _inner_step(models, opts, 2)
+    _inner_step(models, opts, 3)
+    with pytest.raises(RuntimeError, match="stepped 2 times"):
+        d.step()  # a missed call
+    assert d.step_count == 1
+    unchecked = DiLoCo(models[0], None, LocalGroup.create(1)[0], sync_every=4)
+    unchecked.step()  # no inner optimizer given: nothing to check
+    assert unchecked.step_count == 1

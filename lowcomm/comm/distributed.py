@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,15 @@ from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
 from .reduce import decode_mean, encode_shards, reduce_shard, screen_norms, seal, shard_bounds, unseal
 
-__all__ = ["DistributedGroup", "LinkEmulator", "ContributionDropped", "parse_bandwidth", "parse_duration"]
+__all__ = [
+    "DistributedGroup",
+    "LinkEmulator",
+    "ReduceTap",
+    "gather_shards",
+    "parse_bandwidth",
+    "parse_duration",
+    "shard_position",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +68,47 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS_S[m.group(2)]
 
 
-class ContributionDropped(CollectiveError):
-    """A fault hook made this replica's contribution to a round never arrive."""
+def shard_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(k, i)``: the processes of ``group`` (one replica's inner group) and this one's index;
+    ``(1, 0)`` without a group."""
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def gather_shards(full: torch.Tensor, bounds: list[tuple[int, int]], group: dist.ProcessGroup) -> None:
+    """Fill ``full`` (1-D) from the processes of ``group``: process ``i`` holds the right values of
+    ``full[bounds[i][0]:bounds[i][1]]`` and receives everyone else's."""
+    lo, hi = bounds[dist.get_rank(group)]
+    width = max(b - a for a, b in bounds)
+    mine = torch.zeros(width, dtype=full.dtype, device=full.device)
+    mine[: hi - lo] = full[lo:hi]
+    parts = [torch.empty_like(mine) for _ in bounds]
+    dist.all_gather(parts, mine, group=group)
+    for (a, b), part in zip(bounds, parts):
+        full[a:b] = part[: b - a]
+
+
+class ReduceTap(Protocol):
+    """What a caller may observe of one reduce as it runs (the elastic runtime's fault injection
+    damages the outgoing payload and stops a process between the two exchanges through it)."""
+
+    def outgoing(self, payload: torch.Tensor) -> None:
+        """The uint8 payload this replica is about to send in the first exchange (may be changed)."""
+
+    def between_phases(self) -> None:
+        """Called after the first exchange, before the second."""
+
+
+class _NoTap:
+    def outgoing(self, payload: torch.Tensor) -> None:
+        pass
+
+    def between_phases(self) -> None:
+        pass
+
+
+NO_TAP: ReduceTap = _NoTap()
 
 
 @dataclass(frozen=True)
@@ -91,9 +139,6 @@ class _DistWork(Work):
         super().__init__(stats)
         self._future, self._timeout, self._describe = future, timeout, describe
 
-    def is_completed(self) -> bool:
-        return self._future.done()
-
     def wait(self) -> torch.Tensor:
         if self._result is None:
             t0 = time.perf_counter()
@@ -118,6 +163,9 @@ class DistributedGroup(ReplicaGroup):
         timeout: seconds a ``wait()`` may block before it raises (default: no limit beyond the
             process group's own timeout).
         name: key prefix in the store, distinct per group and epoch.
+        rank, size: this replica's rank and the group's size, for a process group built directly
+            (``ProcessGroupGloo(store, rank, size, ...)``) rather than through torch.distributed.
+        guard: screen, seal and exclude bad contributions (see :meth:`reduce`); two_phase only.
     """
 
     def __init__(
@@ -130,6 +178,7 @@ class DistributedGroup(ReplicaGroup):
         name: str = "outer",
         rank: int | None = None,
         size: int | None = None,
+        guard: bool = False,
     ) -> None:
         # a process group built directly (ProcessGroupGloo(store, rank, size, ...), as the elastic
         # runtime does for every generation) is not registered with torch.distributed: it is used
@@ -149,7 +198,7 @@ class DistributedGroup(ReplicaGroup):
             self._rank = dist.get_rank(self.pg)
             self._size = dist.get_world_size(self.pg)
             self.backend = dist.get_backend(self.pg)
-        self.store, self.link, self.timeout, self.name = store, link, timeout, name
+        self.store, self.link, self.timeout, self.name, self.guard = store, link, timeout, name, guard
         self._seq = 0
         self._lock = threading.Lock()
         self._pool_: ThreadPoolExecutor | None = None
@@ -244,7 +293,7 @@ class DistributedGroup(ReplicaGroup):
 
     def _run(self, buffer: torch.Tensor, codec: Codec, method: str, seq: int, stats: ReduceStats):
         try:
-            return self._reduce(buffer, codec, method, seq, stats)
+            return self.reduce(buffer, codec, method, seq, stats)
         except Exception as e:  # name the replicas that never entered this collective, if we can tell
             raise CollectiveError(self._describe_failure(seq, e)) from e
 
@@ -267,107 +316,75 @@ class DistributedGroup(ReplicaGroup):
             msg += f"; replica(s) {missing} never entered it (dead, hung or partitioned)"
         return msg
 
-    def _reduce(self, buffer, codec, method, seq, stats):
+    def reduce(
+        self,
+        buffer: torch.Tensor,
+        codec: Codec,
+        method: str,
+        seq: int,
+        stats: ReduceStats,
+        tap: ReduceTap | None = None,
+    ):
+        """One mean all-reduce, run synchronously on the caller's thread; returns ``(mean, sent)``
+        where ``sent`` gives the decoded own contribution (for error feedback).
+
+        ``all_gather`` sends every payload to everyone. ``two_phase`` sends shard ``j`` to replica
+        ``j`` and the re-encoded mean shards back to everyone. With ``guard`` (the elastic
+        runtime), ``two_phase`` is guarded: a phase 0 all-gathers every contribution's norm and
+        excludes, by the same rule everywhere (:func:`~lowcomm.comm.reduce.screen_norms`),
+        non-finite and wildly outlying ones (the excluded replica sends zeros); every payload is
+        sealed with a checksum; a shard owner that receives a damaged one names its sender, the
+        owners' findings are all-gathered and every owner leaves those senders out, so the mean
+        is over the same contributions in every shard; a damaged mean shard fails the round.
+        ``stats.excluded`` maps the excluded ranks to the reason. ``tap`` sees the outgoing
+        payload and the point between the two exchanges (fault injection uses both).
+        """
+        tap = tap or NO_TAP
         M, me, n = self._size, self._rank, buffer.numel()
         if self.store is not None:
             self.store.set(f"lowcomm/{self.name}/{seq}/{me}", "1")
         if M == 1:
             return buffer.clone(), buffer
-        t0 = time.perf_counter()
         if method == "all_gather":
-            payload = codec.encode(buffer)
-            stats.encode_s = time.perf_counter() - t0
-            size = payload.numel()
-            t1 = time.perf_counter()
-            out = self._a2a(payload.repeat(M), [size] * M, [size] * M)
-            stats.bytes_sent = (M - 1) * size
-            self._emulate(t1, stats.bytes_sent)
-            stats.comm_s = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            acc, decoded = decode_mean(list(out.split(size)), codec, n)
-            stats.decode_s = time.perf_counter() - t2
-            return acc, decoded[me]
+            if self.guard:
+                raise ValueError("the guarded reduce is two_phase; all_gather is not guarded")
+            return self._all_gather_mean(buffer, codec, stats)
+        t0 = time.perf_counter()
+        excluded: dict[int, str] = {}
+        norm_bytes = 8 * (M - 1) if self.guard else 0  # the guards' own exchanges
+        mask_bytes = M * (M - 1) if self.guard else 0
+        if self.guard:
+            norm = torch.tensor([float(buffer.norm())], dtype=torch.float64)
+            norms = [torch.zeros_like(norm) for _ in range(M)]
+            self._all_gather(norms, norm)
+            excluded = screen_norms([float(x) for x in norms])
+        contrib = torch.zeros_like(buffer) if me in excluded else buffer
+        frame, tail = (seal, 4) if self.guard else (_bare, 0)
         bounds = shard_bounds(n, M, codec.block)
-        sizes = [codec.encoded_nbytes(b - a) for a, b in bounds]
-        shards = encode_shards(buffer, codec, bounds)
+        sizes = [codec.encoded_nbytes(b - a) + tail for a, b in bounds]
+        shards = encode_shards(contrib, codec, bounds)
+        outgoing = torch.cat([frame(s) for s in shards])
+        tap.outgoing(outgoing)
         stats.encode_s = time.perf_counter() - t0
         # phase 1: shard j to replica j
         t1 = time.perf_counter()
-        received = self._a2a(torch.cat(shards), sizes, [sizes[me]] * M)
-        sent1 = sum(sizes) - sizes[me]
-        self._emulate(t1, sent1)
-        comm = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        a, b = bounds[me]
-        mean_payload, _ = reduce_shard(list(received.split(sizes[me])), codec, b - a)
-        dec = time.perf_counter() - t2
-        # phase 2: the encoded mean shard to everyone
-        t3 = time.perf_counter()
-        gathered = self._a2a(mean_payload.repeat(M), [sizes[me]] * M, sizes)
-        sent2 = (M - 1) * sizes[me]
-        self._emulate(t3, sent2)
-        comm += time.perf_counter() - t3
-        t4 = time.perf_counter()
-        parts = gathered.split(sizes)
-        result = torch.cat([codec.decode(p, hi - lo) for p, (lo, hi) in zip(parts, bounds)])
-
-        def sent():  # only error feedback needs it
-            return torch.cat([codec.decode(s, hi - lo) for s, (lo, hi) in zip(shards, bounds)])
-
-        stats.decode_s = dec + time.perf_counter() - t4
-        stats.comm_s = comm
-        stats.bytes_sent = sent1 + sent2
-        return result, sent
-
-    def reduce_guarded(self, buffer: torch.Tensor, codec: Codec, seq: int, stats: ReduceStats, hooks=None):
-        """``two_phase`` with guards, run synchronously on the caller's thread (the elastic runtime).
-
-        Phase 0 all-gathers every contribution's norm and excludes, by the same rule everywhere
-        (:func:`~lowcomm.comm.reduce.screen_norms`), non-finite and wildly outlying ones (the
-        excluded replica sends zeros). Every payload carries a CRC-32; a shard owner that receives
-        a damaged one names its sender, the owners' findings are all-gathered and every owner
-        leaves those senders out too, so the mean is over the same contributions in every shard.
-        A damaged mean shard in phase 2 fails the round (it is redone). ``stats.excluded`` maps
-        the excluded ranks to the reason. ``hooks`` (a FaultInjector) may drop, damage or kill.
-
-        Returns ``(mean, sent)`` like the unguarded reduce.
-        """
-        M, me, n = self._size, self._rank, buffer.numel()
-        action = hooks.during_collective(seq, "start") if hooks is not None else None
-        if action == "drop":
-            raise ContributionDropped(
-                f"replica {me}'s contribution to round {seq} was dropped (fault injection)"
-            )
-        if self.store is not None:
-            self.store.set(f"lowcomm/{self.name}/{seq}/{me}", "1")
-        t0 = time.perf_counter()
-        norm = torch.tensor([float(buffer.norm())], dtype=torch.float64)
-        norms = [torch.zeros_like(norm) for _ in range(M)]
-        self._all_gather(norms, norm)
-        excluded = screen_norms([float(x) for x in norms])
-        contrib = torch.zeros_like(buffer) if me in excluded else buffer
-        bounds = shard_bounds(n, M, codec.block)
-        sizes = [codec.encoded_nbytes(b - a) + 4 for a, b in bounds]
-        shards = encode_shards(contrib, codec, bounds)
-        outgoing = torch.cat([seal(s) for s in shards])
-        if action == "corrupt":
-            hooks.corrupt(outgoing)
-        stats.encode_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
         received = self._a2a(outgoing, sizes, [sizes[me]] * M)
-        sent1 = sum(sizes) - sizes[me] + 8 * (M - 1)
-        self._emulate(t1, sent1)
+        sent1 = sum(sizes) - sizes[me]
+        self._emulate(t1, sent1 + norm_bytes)
         comm = time.perf_counter() - t1
-        if hooks is not None:
-            hooks.during_collective(seq, "middle")
+        tap.between_phases()
         t2 = time.perf_counter()
-        parts = [unseal(p) for p in received.split(sizes[me])]
-        mask = torch.tensor([p is None for p in parts], dtype=torch.uint8)
-        masks = [torch.zeros_like(mask) for _ in range(M)]
-        self._all_gather(masks, mask)
-        for owner, m in enumerate(masks):
-            for r in m.nonzero().flatten().tolist():
-                excluded.setdefault(r, f"corrupt payload (checksum mismatch at replica {owner})")
+        # M contributions to this replica's shard (an empty shard, when there are fewer blocks than
+        # replicas, has M empty ones)
+        parts = list(received.split(sizes[me])) if sizes[me] else [received[:0]] * M
+        if self.guard:
+            parts = [unseal(p) for p in parts]
+            mask = torch.tensor([p is None for p in parts], dtype=torch.uint8)
+            masks = [torch.zeros_like(mask) for _ in range(M)]
+            self._all_gather(masks, mask)
+            for owner, m in enumerate(masks):
+                for r in m.nonzero().flatten().tolist():
+                    excluded.setdefault(r, f"corrupt payload (checksum mismatch at replica {owner})")
         keep = [r for r in range(M) if r not in excluded]
         a, b = bounds[me]
         if keep:
@@ -375,27 +392,48 @@ class DistributedGroup(ReplicaGroup):
         else:
             mean_payload = codec.encode(torch.zeros(b - a, dtype=torch.float32, device=buffer.device))
         dec = time.perf_counter() - t2
+        # phase 2: the encoded mean shard to everyone
         t3 = time.perf_counter()
-        gathered = self._a2a(seal(mean_payload).repeat(M), [sizes[me]] * M, sizes)
-        sent2 = (M - 1) * sizes[me] + M * (M - 1)
-        self._emulate(t3, sent2)
+        gathered = self._a2a(frame(mean_payload).repeat(M), [sizes[me]] * M, sizes)
+        sent2 = (M - 1) * sizes[me]
+        self._emulate(t3, sent2 + mask_bytes)
         comm += time.perf_counter() - t3
         t4 = time.perf_counter()
         pieces = []
         for j, (p, (lo, hi)) in enumerate(zip(gathered.split(sizes), bounds)):
-            body = unseal(p)
+            body = unseal(p) if self.guard else p
             if body is None:
                 raise CollectiveError(f"round {seq}: the mean shard from replica {j} arrived damaged")
             pieces.append(codec.decode(body, hi - lo))
         result = torch.cat(pieces)
 
-        def sent():
+        def sent():  # only error feedback needs it
             if me in excluded:
                 return torch.zeros_like(buffer)
             return torch.cat([codec.decode(s, hi - lo) for s, (lo, hi) in zip(shards, bounds)])
 
         stats.decode_s = dec + time.perf_counter() - t4
         stats.comm_s = comm
-        stats.bytes_sent = sent1 + sent2
+        stats.bytes_sent = sent1 + sent2 + norm_bytes + mask_bytes
         stats.excluded = excluded
         return result, sent
+
+    def _all_gather_mean(self, buffer: torch.Tensor, codec: Codec, stats: ReduceStats):
+        M, me, n = self._size, self._rank, buffer.numel()
+        t0 = time.perf_counter()
+        payload = codec.encode(buffer)
+        stats.encode_s = time.perf_counter() - t0
+        size = payload.numel()
+        t1 = time.perf_counter()
+        out = self._a2a(payload.repeat(M), [size] * M, [size] * M)
+        stats.bytes_sent = (M - 1) * size
+        self._emulate(t1, stats.bytes_sent)
+        stats.comm_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        acc, decoded = decode_mean(list(out.split(size)), codec, n)
+        stats.decode_s = time.perf_counter() - t2
+        return acc, decoded[me]
+
+
+def _bare(payload: torch.Tensor) -> torch.Tensor:
+    return payload

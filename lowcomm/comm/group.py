@@ -66,9 +66,6 @@ class Work:
             self._sent = self._sent()
         return self._sent
 
-    def is_completed(self) -> bool:
-        return self._result is not None or self._error is not None
-
     def _complete(self, result: torch.Tensor, sent: torch.Tensor | Callable[[], torch.Tensor]) -> None:
         self._result, self._sent = result, sent
 
@@ -95,9 +92,6 @@ class _BucketedWork(Work):
     def __init__(self, works: list[Work]):
         super().__init__()
         self._works = works
-
-    def is_completed(self) -> bool:
-        return all(w.is_completed() for w in self._works)
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
@@ -127,6 +121,14 @@ class ReplicaGroup(ABC):
     @property
     @abstractmethod
     def size(self) -> int: ...
+
+    def verify_same(self, what: str, info: dict) -> None:
+        """Check at start-up that every replica runs with the same ``info`` (a JSON-able dict);
+        raise ValueError naming the difference. :class:`~lowcomm.optim.DiLoCo` calls it with its
+        configuration when it is built. Groups whose replicas all live in this process have
+        nothing to compare and accept; groups spanning processes compare (or, in an elastic job,
+        hand the fingerprint to the coordinator, which refuses workers that differ)."""
+        del what, info  # this default: one process, nothing to compare
 
     def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
         """Start a mean all-reduce of a 1-D fp32 ``buffer`` under ``codec``; returns at once.

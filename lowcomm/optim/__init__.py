@@ -1,5 +1,6 @@
 """The algorithm: outer optimizers, the fragment schedule and the DiLoCo wrapper (no sockets)."""
 
+from .config import DiLoCoConfig
 from .diloco import DiLoCo, RoundStats, build_fragments, find_blocks, finish_replicas, step_replicas
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
 from .schedule import PATTERNS, fragment_offsets, is_send_step, partition_blocks, sends_at, validate_schedule
@@ -7,6 +8,7 @@ from .schedule import PATTERNS, fragment_offsets, is_send_step, partition_blocks
 __all__ = [
     "PATTERNS",
     "DiLoCo",
+    "DiLoCoConfig",
     "NesterovState",
     "RoundStats",
     "apply_update",

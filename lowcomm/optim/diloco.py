@@ -2,6 +2,7 @@
 
     diloco = lowcomm.DiLoCo(model, inner_optimizer, group, sync_every=100, fragments=4,
                             overlap=1, alpha=0.5, outer_lr=0.7, outer_momentum=0.9, codec="e3m0")
+    # or: lowcomm.DiLoCo(model, inner_optimizer, group, config=lowcomm.DiLoCoConfig(...))
     for batch in data:
         loss(model, batch).backward(); inner_optimizer.step(); inner_optimizer.zero_grad()
         diloco.step()
@@ -23,18 +24,20 @@ References:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..comm import CODECS, Codec, ReplicaGroup, Work, get_codec
-from ..comm.reduce import REDUCE_METHODS, shard_bounds
+from ..comm import Codec, ReplicaGroup, Work, get_codec
+from ..comm.distributed import gather_shards, shard_position
+from ..comm.reduce import shard_bounds
+from .config import DiLoCoConfig
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
-from .schedule import PATTERNS, partition_blocks, sends_at, validate_schedule
+from .schedule import PATTERNS, partition_blocks, sends_at
 
 __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_replicas", "finish_replicas"]
 
@@ -187,29 +190,19 @@ class DiLoCo:
 
     Args:
         model: this replica's model; its parameters are the local parameters θ.
-        inner_optimizer: the replica's inner optimizer (state never averaged).
+        inner_optimizer: the replica's inner optimizer (its state is never averaged). When given,
+            :meth:`step` checks that it stepped exactly once since the previous call. None skips
+            the check.
         group: the replicas this one synchronizes with.
-        sync_every: H, inner steps between two syncs of a fragment (>= 1).
-        fragments: P (int) or explicit fragments (lists of parameter names or modules).
-        pattern: "strided" or "sequential" split of blocks into fragments.
-        overlap: τ, inner steps between a fragment's send and the use of its result (0 = blocking);
-            ``τ·P < H``.
-        alpha: merge weight of the local parameters in [0, 1] (0 replaces them with the global).
-        outer_lr: η > 0.
-        outer_momentum: μ in [0, 1).
-        codec: wire format of the pseudo-gradients (see ``lowcomm.comm.CODECS``) or a Codec.
-        codec_block: elements per scale for block-scaled codecs (default 128).
-        error_feedback: add the previous round's quantization error to the next pseudo-gradient.
-        reduce: "two_phase" (re-quantize the mean) or "all_gather" (single quantization).
-        outer_device: device of g, v and the error-feedback buffers (e.g. "cpu" to keep outer state
-            off the accelerator; pinned when the model is on CUDA). Default: the parameters' device.
+        config: the settings (:class:`~lowcomm.optim.DiLoCoConfig`); keyword arguments override
+            its fields (``sync_every=100, fragments=4, codec="e3m0"``, ...).
         shard_group: the torch.distributed group of the processes that hold this same replica
             (inner DDP). Each of its ``k`` processes syncs only its 1/k shard of every fragment
             over ``group`` (its outer group) and keeps momentum for that shard; after a round the
             shards of the global copy are all-gathered inside the replica.
 
     Raises:
-        ValueError: any value out of range, naming it and what is allowed.
+        ValueError: any setting out of range, naming it and what is allowed.
     """
 
     def __init__(
@@ -217,52 +210,29 @@ class DiLoCo:
         model: nn.Module,
         inner_optimizer: torch.optim.Optimizer | None,
         group: ReplicaGroup,
+        config: DiLoCoConfig | None = None,
         *,
-        sync_every: int = 100,
-        fragments: int | Sequence[Sequence[str | nn.Module]] = 1,
-        pattern: str = "strided",
-        overlap: int = 0,
-        alpha: float = 0.0,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        codec: str | Codec = "fp32",
-        codec_block: int | None = None,
-        error_feedback: bool = False,
-        reduce: str = "two_phase",
-        outer_device: str | torch.device | None = None,
         shard_group=None,
+        **settings: Any,
     ) -> None:
-        if not isinstance(codec, Codec) and codec not in CODECS:
-            raise ValueError(f"unknown codec {codec!r}; allowed: {list(CODECS)}")
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        if not (isinstance(outer_lr, (int, float)) and outer_lr > 0 and math.isfinite(outer_lr)):
-            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
-        if not (isinstance(outer_momentum, (int, float)) and 0.0 <= outer_momentum < 1.0):
-            raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum!r}")
-        if reduce not in REDUCE_METHODS:
-            raise ValueError(f"unknown reduce method {reduce!r}; allowed: {list(REDUCE_METHODS)}")
-        frag_names = build_fragments(model, fragments, pattern)
-        validate_schedule(sync_every, len(frag_names), overlap)
+        cfg = (config or DiLoCoConfig()).replace(**settings) if settings else (config or DiLoCoConfig())
+        frag_names = build_fragments(model, cfg.fragments, cfg.pattern)
 
+        self.config = cfg
         self.model, self.inner_optimizer, self.group = model, inner_optimizer, group
-        self.sync_every, self.num_fragments, self.overlap = sync_every, len(frag_names), overlap
-        self.pattern, self.alpha = pattern, float(alpha)
-        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
-        self.codec = codec if isinstance(codec, Codec) else get_codec(codec, codec_block)
-        self.error_feedback, self.reduce = error_feedback, reduce
+        self.sync_every, self.num_fragments, self.overlap = cfg.sync_every, len(frag_names), cfg.overlap
+        self.pattern, self.alpha = cfg.pattern, float(cfg.alpha)
+        self.outer_lr, self.outer_momentum = float(cfg.outer_lr), float(cfg.outer_momentum)
+        self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
+        self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
         params = dict(model.named_parameters())
         first = next(iter(params.values()))
-        self.outer_device = torch.device(outer_device) if outer_device is not None else first.device
+        self.outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else first.device
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
 
         self.step_count = 0
         self.shard_group = shard_group
-        self.num_shards, self.shard = 1, 0
-        if shard_group is not None:
-            import torch.distributed as dist
-
-            self.num_shards, self.shard = dist.get_world_size(shard_group), dist.get_rank(shard_group)
+        self.num_shards, self.shard = shard_position(shard_group)
         self._frags: list[_Fragment] = []
         for names in frag_names:
             ps = [params[n] for n in names]
@@ -277,16 +247,24 @@ class DiLoCo:
                     numels=[p.numel() for p in ps],
                     global_=g,
                     momentum=nesterov_init(g[lo:hi]),
-                    residual=torch.zeros_like(g[lo:hi]) if error_feedback else None,
+                    residual=torch.zeros_like(g[lo:hi]) if cfg.error_feedback else None,
                     lo=lo,
                     hi=hi,
                 )
             )
         self._inflight: dict[int, _InFlight] = {}
         self._rounds: list[RoundStats] = []
-        verify = getattr(group, "verify_same", None)  # groups spanning processes check at start-up
-        if verify is not None:
-            verify("DiLoCo configuration", self._fingerprint())
+        # inner steps taken since the last step(): the ordering check (see step())
+        self._inner_steps = 0
+        self._hook = (
+            inner_optimizer.register_step_post_hook(self._count_inner_step)
+            if inner_optimizer is not None
+            else None
+        )
+        group.verify_same("DiLoCo configuration", self._fingerprint())
+
+    def _count_inner_step(self, *_: Any) -> None:
+        self._inner_steps += 1
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -299,7 +277,13 @@ class DiLoCo:
         return [f.global_.numel() for f in self._frags]
 
     def step(self) -> None:
-        """Call once after every inner ``optimizer.step()``."""
+        """Call once after every inner ``optimizer.step()``.
+
+        Raises:
+            RuntimeError: with an inner optimizer given, when it did not step exactly once since
+                the previous call (``step()`` before ``optimizer.step()``, twice for one inner
+                step, or a missed call): the schedule counts inner steps, so it would drift.
+        """
         self.send_due()
         self.apply_due()
 
@@ -316,6 +300,13 @@ class DiLoCo:
                 if frag.last_send < self.step_count:
                     self._send(p, due=self.step_count, final=True)
             return
+        if self._hook is not None and self._inner_steps != 1:
+            raise RuntimeError(
+                f"DiLoCo step {self.step_count + 1}: the inner optimizer stepped {self._inner_steps} "
+                "times since the last diloco.step(); call diloco.step() exactly once after each "
+                "optimizer.step()"
+            )
+        self._inner_steps = 0
         self.step_count += 1
         for p in sends_at(self.step_count, self.sync_every, self.num_fragments):
             self._send(p, due=self.step_count + self.overlap)
@@ -532,16 +523,9 @@ class DiLoCo:
 
     def _gather_shards(self, f: _Fragment) -> None:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""
-        import torch.distributed as dist
-
-        bounds = shard_bounds(f.global_.numel(), self.num_shards, self.codec.block)
-        width = max(b - a for a, b in bounds)
-        mine = torch.zeros(width, dtype=torch.float32, device=f.global_.device)
-        mine[: f.hi - f.lo] = f.global_[f.lo : f.hi]
-        parts = [torch.empty_like(mine) for _ in bounds]
-        dist.all_gather(parts, mine, group=self.shard_group)
-        for (a, b), part in zip(bounds, parts):
-            f.global_[a:b] = part[: b - a]
+        gather_shards(
+            f.global_, shard_bounds(f.global_.numel(), self.num_shards, self.codec.block), self.shard_group
+        )
 
 
 def step_replicas(dilocos: Sequence[DiLoCo]) -> None:
