@@ -10,10 +10,11 @@ import msgpack
 import pytest
 import zmq
 
-from lowcomm.runtime.coordinator import CoordinatorClient, CoordinatorError
-from lowcomm.runtime.membership import Deadline, Membership, expire, heartbeat, leave, ranks, register
-from lowcomm.runtime.protocol import (
+from lowcomm.runtime.elastic import CoordinatorClient
+from lowcomm.runtime.elastic.membership import Deadline, Membership, expire, heartbeat, leave, ranks, register
+from lowcomm.runtime.elastic.protocol import (
     MAX_MESSAGE_BYTES,
+    VERSION,
     ProtocolError,
     ReplayGuard,
     Signer,
@@ -22,6 +23,7 @@ from lowcomm.runtime.protocol import (
     new_key,
     serialize,
 )
+from lowcomm.runtime.errors import CoordinatorRefused, CoordinatorTimeout, NotRegistered
 
 KEY = bytes.fromhex(new_key())
 SIGNER = Signer(KEY)
@@ -75,7 +77,15 @@ def test_authenticated_but_invalid_bodies_name_the_field():
         h, b = msgpack.packb(header), msgpack.packb(body)
         return [b"LC1", SIGNER.sign(h, b), h, b]
 
-    header = {"v": 1, "type": "heartbeat", "id": "x", "sender": "w", "seq": 1, "epoch": 0, "ts": time.time()}
+    header = {
+        "v": VERSION,
+        "type": "heartbeat",
+        "id": "x",
+        "sender": "w",
+        "seq": 1,
+        "epoch": 0,
+        "ts": time.time(),
+    }
     with pytest.raises(ProtocolError, match="lacks field 'round'") as e:
         deserialize(signed(header, {"worker_id": "w", "step": 1}), SIGNER)
     assert e.value.authenticated
@@ -83,8 +93,8 @@ def test_authenticated_but_invalid_bodies_name_the_field():
         deserialize(signed(header, {"worker_id": "w", "step": "1", "round": 0}), SIGNER)
     with pytest.raises(ProtocolError, match="unknown fields"):
         deserialize(signed(header, {"worker_id": "w", "step": 1, "round": 0, "evil": 1}), SIGNER)
-    with pytest.raises(ProtocolError, match="version 2"):
-        deserialize(signed({**header, "v": 2}, {}), SIGNER)
+    with pytest.raises(ProtocolError, match=f"version {VERSION + 1}"):
+        deserialize(signed({**header, "v": VERSION + 1}, {}), SIGNER)
     with pytest.raises(ProtocolError, match="clock window"):
         deserialize(
             signed({**header, "ts": 1.0}, {"worker_id": "w", "step": 1, "round": 0}), SIGNER, ReplayGuard()
@@ -181,7 +191,7 @@ def test_workers_register_heartbeat_and_the_silent_one_expires(coordinator):
             break
         time.sleep(0.2)
     assert [m["worker_id"] for m in st["members"]] == ["a"] and st["epoch"] == 3
-    with pytest.raises(CoordinatorError, match="not registered"):
+    with pytest.raises(NotRegistered, match="not registered"):
         b.request("heartbeat", {"worker_id": "b", "step": 1, "round": 0})
 
 
@@ -209,7 +219,7 @@ def test_coordinator_survives_fuzzed_and_hostile_messages_and_keeps_serving(coor
         elif kind == 4:  # valid signature, hostile msgpack body
             h = msgpack.packb(
                 {
-                    "v": 1,
+                    "v": VERSION,
                     "type": "register",
                     "id": "x",
                     "sender": f"f{i}",
@@ -228,7 +238,7 @@ def test_coordinator_survives_fuzzed_and_hostile_messages_and_keeps_serving(coor
     st = client.request("status", {}).body
     assert st["job"] == "t" and st["members"] == []
     wrong = CoordinatorClient(coordinator, bytes.fromhex(new_key()), "intruder", timeout_s=1.0)
-    with pytest.raises(CoordinatorError, match="no reply"):  # unauthenticated: dropped, no answer
+    with pytest.raises(CoordinatorTimeout, match="no reply"):  # unauthenticated: dropped, no answer
         wrong.request("status", {})
 
 
@@ -305,7 +315,7 @@ def test_quorum_forms_without_a_dead_member_and_hands_out_a_fresh_store_prefix(c
     store = dist.PrefixStore(f"g{ra['generation']}/", dist.TCPStore(host, int(port), is_master=False))
     store.set("hello", "world")
     assert store.get("hello") == b"world"
-    with pytest.raises(CoordinatorError, match="not registered"):
+    with pytest.raises(NotRegistered, match="not registered"):
         CoordinatorClient(coordinator, KEY, "c-q").request("quorum", {"worker_id": "c", "round": 3})
 
 
@@ -337,5 +347,5 @@ def test_before_the_first_quorum_the_newest_state_wins(coordinator):
     st = CoordinatorClient(coordinator, KEY, "st").request("status", {}).body
     assert {m["worker_id"]: m["synced"] for m in st["members"]} == {"old": False, "new": True}
     done = {"worker_id": "old", "joiner": "old", "transfer_id": 1, "ok": True, "round": 8, "step": 80}
-    with pytest.raises(CoordinatorError, match="cannot report its own transfer"):
+    with pytest.raises(CoordinatorRefused, match="cannot report its own transfer"):
         CoordinatorClient(coordinator, KEY, "old-t").request("transfer_done", done)

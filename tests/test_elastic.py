@@ -5,7 +5,7 @@ import math
 import pytest
 from helpers import TINY_FLAGS, write_corpus
 
-from lowcomm.runtime.localjob import LocalJob, pace
+from lowcomm.runtime.elastic import LocalJob, pace
 
 FLAGS = ["--steps", "320", "--sync-every", "10", "--eval-every", "0"]
 W4 = ["w0", "w1", "w2", "w3"]

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 MAGIC = b"LC1"
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024
 REPLAY_WINDOW_S = 300.0
 _STR = 256  # longest string field
@@ -125,7 +125,8 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
     "heartbeat_reply": {
         "epoch": ((int,), True, (0, 1 << 62)),
         "synced": _BOOL,
-        "aborted": ((list,), True, 64),
+        "aborted": ((list,), True, 64),  # generations (rounds' attempts) given up
+        "cancelled": ((list,), True, 64),  # state transfers given up by one side
         "lost": ((list,), True, 64),
         "serve": ((list,), True, 16),
     },
@@ -138,7 +139,6 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "members": ((list,), True, 4096),
         "store": ((str,), True, _STR),
         "generation": _GEN,
-        "donors": ((list,), True, 4096),
     },
     "decision": {"round": ((int,), True, (0, 1 << 62)), "generation": _GEN, "commit": _BOOL},
     "join_reply": {
@@ -153,7 +153,8 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "round": ((int,), True, (-1, 1 << 62)),
         "members": ((list,), True, 4096),
     },
-    "error": {"reason": ((str,), True, 1024)},
+    # a refusal: ``code`` names its kind for the client (lowcomm.runtime.errors.REFUSAL_CODES)
+    "error": {"reason": ((str,), True, 1024), "code": ((str,), True, 32)},
 }
 
 
@@ -228,8 +229,11 @@ class ReplayGuard:
             raise ProtocolError("too many distinct senders", True)
         self._last[sender] = seq
 
-    def forget(self, sender: str) -> None:
-        self._last.pop(sender, None)
+    def forget(self, worker: str) -> None:
+        """Drop the entries of ``worker``: the sender itself and its clients ``worker/<role>``."""
+        prefix = f"{worker}/"
+        for s in [s for s in self._last if s == worker or s.startswith(prefix)]:
+            del self._last[s]
 
 
 def serialize(

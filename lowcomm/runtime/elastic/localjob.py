@@ -1,6 +1,6 @@
 """An elastic job on this machine (127.0.0.1): a coordinator process and worker processes.
 
-Used by the chaos runner, the elastic benchmarks and the tests. Each worker is
+Used by the chaos runner, the elastic benchmarks, the examples and the tests. Each worker is
 ``python -m lowcomm train --coordinator ... --worker-id ID --run-dir DIR/runs/ID``; its output goes
 to ``DIR/ID-*.log``.
 """
@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .coordinator import CoordinatorClient
-from .launch import free_port
+from ..errors import CoordinatorError
+from ..net import free_port
+from .client import CoordinatorClient
 from .protocol import new_key
 
 __all__ = ["LocalJob", "pace"]
@@ -96,7 +97,7 @@ class LocalJob:
                 "--worker-id",
                 wid,
                 "--run-dir",
-                str(self.tmp / "runs" / wid),
+                str(self.run_dir(wid)),
                 "--quiet",
                 *self.flags,
                 *extra,
@@ -112,37 +113,43 @@ class LocalJob:
         c = CoordinatorClient(self.endpoint, bytes.fromhex(self.key), f"test-{time.time_ns()}", timeout_s=1.0)
         try:
             return c.request("status", {}).body
-        except Exception:
+        except CoordinatorError:
             return None
         finally:
             c.close()
 
-    def wait_until(self, pred, timeout: float, what: str):
+    def wait_until(self, pred, timeout: float, what: str) -> dict:
+        """The first status for which ``pred(status)`` holds; raises TimeoutError (with the logs)."""
         end = time.time() + timeout
         while time.time() < end:
             st = self.status()
             if st is not None and pred(st):
                 return st
             time.sleep(0.2)
-        raise AssertionError(
+        raise TimeoutError(
             f"timed out after {timeout}s waiting for {what}; last status {self.status()}\n" + self.logs()
         )
 
     def wait_workers(self, names, timeout: float) -> dict[str, int]:
+        """Each worker's exit code once all of ``names`` ended; raises TimeoutError (with the logs)."""
         end = time.time() + timeout
         codes = {}
         for n in names:
             try:
                 codes[n] = self.workers[n].wait(timeout=max(end - time.time(), 0.1))
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"worker {n} did not finish in {timeout}s\n" + self.logs()) from None
+                raise TimeoutError(f"worker {n} did not finish in {timeout}s\n" + self.logs()) from None
         return codes
 
+    def run_dir(self, wid: str) -> Path:
+        """Worker ``wid``'s run directory."""
+        return self.tmp / "runs" / wid
+
     def summary(self, wid: str) -> dict:
-        return json.loads((self.tmp / "runs" / wid / "summary.json").read_text())
+        return json.loads((self.run_dir(wid) / "summary.json").read_text())
 
     def events(self, wid: str, kind: str | None = None) -> list[dict]:
-        path = self.tmp / "runs" / wid / "events.jsonl"
+        path = self.run_dir(wid) / "events.jsonl"
         out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return [e for e in out if kind is None or e["kind"] == kind]
 

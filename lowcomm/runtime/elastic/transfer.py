@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -187,24 +188,20 @@ def recv_state(pg, src: int = 0, max_bytes: int = 1 << 40) -> Any:
 # ---- on disk -------------------------------------------------------------------------------------
 
 
-def save_state(path: str | os.PathLike, tree: Any, *, _fail_after: int | None = None) -> int:
+def save_state(path: str | os.PathLike, tree: Any, *, opener: Callable[[str, str], Any] = open) -> int:
     """Write ``tree`` to ``path`` atomically (temp file, fsync, rename); returns the bytes written.
 
-    ``_fail_after`` makes the write fail after that many bytes (fault injection); the previous
-    file at ``path`` is then untouched.
+    ``opener(path, mode)`` opens the temporary file (``open``; the fault injector passes one that
+    fails part way). If anything fails, the temporary file is removed and the previous file at
+    ``path`` is untouched.
     """
     header, flat = pack(tree)
     data = [MAGIC, struct.pack("<Q", len(header)), header, flat.numpy().tobytes()]
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    written = 0
     try:
-        with open(tmp, "wb") as f:
+        with opener(tmp, "wb") as f:
             for chunk in data:
-                if _fail_after is not None and written + len(chunk) > _fail_after:
-                    f.write(chunk[: max(_fail_after - written, 0)])
-                    raise OSError(f"injected checkpoint write failure after {_fail_after} bytes of {tmp}")
                 f.write(chunk)
-                written += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -212,7 +209,7 @@ def save_state(path: str | os.PathLike, tree: Any, *, _fail_after: int | None = 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return written
+    return sum(len(c) for c in data)
 
 
 def load_state(path: str | os.PathLike) -> Any:

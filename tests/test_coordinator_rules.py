@@ -1,0 +1,308 @@
+"""The coordinator's rules as plain function calls: CoordinatorState with a hand-driven clock.
+
+No socket and no process: each test feeds requests and the passing of time, and checks the
+messages the state returns. The live-process tests (test_control_plane.py, test_elastic.py) run
+the same rules through the server.
+"""
+
+import pytest
+
+from lowcomm.runtime.elastic.membership import Deadline
+from lowcomm.runtime.elastic.state import CoordinatorState, RoundDeadline
+
+STORE = "127.0.0.1:1234"
+
+
+class Sim:
+    """A coordinator state, a clock, and the replies each worker received (reply address = worker id)."""
+
+    def __init__(self, **kw):
+        kw.setdefault("deadline", Deadline(floor=2.0, ceiling=4.0))
+        kw.setdefault("round_deadline", RoundDeadline(floor=10.0, ceiling=20.0))
+        self.now = 0.0
+        self.state = CoordinatorState("job", STORE, now=self.now, generation=1000, **kw)
+        self.inbox: dict[str, list[tuple[str, dict]]] = {}
+
+    def _deliver(self, out):
+        for o in out:
+            self.inbox.setdefault(o.to, []).append((o.kind, o.body))
+
+    def send(self, who: str, kind: str, **body) -> None:
+        self._deliver(self.state.handle(kind, body, who, self.now))
+
+    def tick(self, dt: float = 0.0) -> None:
+        self.now += dt
+        self._deliver(self.state.tick(self.now))
+
+    def advance(self, seconds: float, alive=(), rnd: int = 0) -> None:
+        """Let ``seconds`` pass in half-second ticks; the ``alive`` workers heartbeat at each."""
+        for _ in range(round(seconds / 0.5)):
+            for w in alive:
+                self.send(w, "heartbeat", worker_id=w, step=0, round=rnd)
+                self.take_kind(w, "heartbeat_reply")
+            self.tick(0.5)
+
+    def take_kind(self, who: str, kind: str) -> None:
+        """Drop ``who``'s replies of ``kind``, keep the others."""
+        self.inbox[who] = [m for m in self.inbox.get(who, []) if m[0] != kind]
+
+    def take(self, who: str) -> list[tuple[str, dict]]:
+        return self.inbox.pop(who, [])
+
+    def last(self, who: str, kind: str | None = None) -> dict:
+        msgs = [b for k, b in self.take(who) if kind is None or k == kind]
+        assert msgs, f"{who} received no {kind or 'reply'}"
+        return msgs[-1]
+
+    def register(self, w: str, **kw) -> dict:
+        self.send(w, "register", worker_id=w, advertise_addr="127.0.0.1", step=0, **kw)
+        return self.last(w, "register_reply")
+
+    def beat(self, *workers: str, rnd: int = 0) -> dict:
+        for w in workers:
+            self.send(w, "heartbeat", worker_id=w, step=0, round=rnd)
+        return {w: self.last(w, "heartbeat_reply") for w in workers}
+
+    def ask(self, w: str, rnd: int) -> None:
+        self.send(w, "quorum", worker_id=w, round=rnd)
+
+    def commit(self, w: str, rnd: int, gen: int, ok: bool = True, members=(), suspects=()) -> None:
+        self.send(
+            w,
+            "commit",
+            worker_id=w,
+            round=rnd,
+            generation=gen,
+            ok=ok,
+            members=list(members),
+            suspects=list(suspects),
+        )
+
+
+def _quorum(sim: Sim, workers, rnd: int) -> dict[str, dict]:
+    for w in workers:
+        sim.ask(w, rnd)
+    return {w: sim.last(w, "quorum_reply") for w in workers}
+
+
+def test_a_quorum_forms_once_every_synced_member_asked_with_ranks_by_worker_id():
+    sim = Sim()
+    for w in ("c", "a", "b"):  # join order is not rank order
+        assert sim.register(w)["synced"]
+    sim.ask("c", 0)
+    sim.ask("a", 0)
+    assert sim.take("a") == [] and sim.take("c") == []  # b has not asked
+    sim.ask("b", 0)
+    replies = {w: sim.last(w, "quorum_reply") for w in "abc"}
+    assert {w: r["rank"] for w, r in replies.items()} == {"a": 0, "b": 1, "c": 2}
+    assert all(r["members"] == ["a", "b", "c"] and r["world"] == 3 for r in replies.values())
+    assert len({r["generation"] for r in replies.values()}) == 1 and replies["a"]["generation"] > 1000
+    assert all(r["action"] == "run" and r["store"] == STORE for r in replies.values())
+
+
+def test_the_first_round_waits_for_min_workers():
+    sim = Sim(min_workers=2)
+    sim.register("a")
+    sim.ask("a", 0)
+    sim.advance(60.0, alive="a")  # however long: no round deadline before the job has its workers
+    assert sim.take("a") == []
+    sim.register("b")
+    sim.ask("b", 0)
+    assert sim.last("a", "quorum_reply")["world"] == 2
+
+
+def test_a_round_is_committed_only_when_every_member_reported_success():
+    sim = Sim()
+    for w in "ab":
+        sim.register(w)
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="ab")
+    assert sim.take("a") == []  # waits for b
+    sim.commit("b", 0, gen, members="ab")
+    assert sim.last("a", "decision") == {"round": 0, "generation": gen, "commit": True}
+    assert sim.last("b", "decision")["commit"] is True
+    assert sim.state.committed == 0
+    sim.ask("a", 0)  # a round already committed: whoever asks for it again is out of sync
+    assert sim.last("a", "quorum_reply")["action"] == "resync"
+
+
+def test_a_failed_member_aborts_the_round_for_everyone():
+    sim = Sim()
+    for w in "abc":
+        sim.register(w)
+    gen = _quorum(sim, "abc", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="abc")  # a succeeded and waits
+    sim.commit("b", 0, gen, ok=False, members="abc")
+    assert sim.last("b", "decision")["commit"] is False
+    assert sim.last("a", "decision")["commit"] is False  # the waiter is told at once
+    sim.commit("c", 0, gen, members="abc")  # a late success changes nothing
+    assert sim.last("c", "decision")["commit"] is False
+    assert gen in sim.beat("c")["c"]["aborted"] and sim.state.committed == -1
+
+
+def test_a_dead_member_aborts_its_undecided_round_and_is_reported_lost():
+    sim = Sim()
+    for w in "abc":
+        sim.register(w)
+    gen = _quorum(sim, "abc", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="abc")
+    sim.tick(1.0)
+    sim.beat("a", "b")
+    sim.tick(3.5)  # c has been silent for 4.5 s > its 4 s deadline (no heartbeat history: the ceiling)
+    assert sim.last("a", "decision")["commit"] is False
+    hb = sim.beat("a")["a"]
+    assert gen in hb["aborted"] and hb["lost"] == ["c"]
+    assert [m.worker_id for m in sim.state.membership.members] == ["a", "b"]
+    again = _quorum(sim, "ab", 0)  # the survivors redo the round, without c
+    assert again["a"]["members"] == ["a", "b"] and again["a"]["generation"] > gen
+
+
+def test_a_straggler_past_the_round_deadline_is_left_out_and_must_resync():
+    sim = Sim(round_deadline=RoundDeadline(floor=10.0, ceiling=10.0))
+    for w in "abc":
+        sim.register(w)
+    sim.ask("a", 0)
+    sim.ask("b", 0)
+    sim.advance(5.0, alive="abc")
+    sim.ask("a", 0)  # a re-sent ask keeps its first arrival time
+    sim.advance(4.5, alive="abc")
+    assert sim.take("a") == []  # 9.5 s: within the 10 s deadline
+    sim.advance(1.0, alive="abc")  # 10.5 s after the first ask
+    assert sim.last("a", "quorum_reply")["members"] == ["a", "b"]
+    assert sim.state.membership.get("c").synced is False
+    sim.ask("c", 0)
+    assert sim.last("c", "quorum_reply")["action"] == "resync"
+
+
+def test_a_member_a_majority_found_missing_is_left_out_and_a_minority_is_not_enough():
+    sim = Sim()
+    for w in "abcd":
+        sim.register(w)
+    gen = _quorum(sim, "abcd", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, ok=False, members="abcd", suspects=["d"])
+    assert sim.state.membership.get("d").synced  # one of three others: not a majority
+    sim.commit("b", 0, gen, ok=False, members="abcd", suspects=["d"])
+    assert sim.state.membership.get("d").synced is False  # two of three
+    sim.commit("c", 0, gen, ok=False, members="abcd", suspects=["a"])
+    assert sim.state.membership.get("a").synced
+
+
+def test_a_joiner_gets_the_first_synced_donor_and_is_synced_once_the_donor_reports():
+    sim = Sim()
+    for w in "ba":
+        sim.register(w)
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="ab")
+    sim.commit("b", 0, gen, members="ab")
+    assert sim.register("j", synced=True, round=0)["synced"] is False  # a past round: a joiner
+    sim.send("j", "join", worker_id="j", failed=[])
+    reply = sim.last("j", "join_reply")
+    assert reply["donor"] == "a" and reply["store"] == STORE
+    tid = reply["transfer_id"]
+    assert sim.beat("a")["a"]["serve"] == [{"transfer_id": tid, "joiner": "j", "store": STORE}]
+    assert sim.beat("b")["b"]["serve"] == []
+    sim.send("a", "transfer_done", worker_id="a", joiner="j", transfer_id=tid, ok=True, round=1, step=9)
+    assert sim.state.membership.get("j").synced and sim.beat("a")["a"]["serve"] == []
+    quorum = _quorum(sim, "abj", 1)
+    assert quorum["j"]["members"] == ["a", "b", "j"]
+
+
+def test_a_failed_transfer_is_cancelled_for_the_other_side_and_the_joiner_gets_another_donor():
+    sim = Sim()
+    for w in "ab":
+        sim.register(w)
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="ab")
+    sim.commit("b", 0, gen, members="ab")
+    sim.register("j")
+    sim.send("j", "join", worker_id="j", failed=[])
+    tid = sim.last("j", "join_reply")["transfer_id"]
+    sim.send("j", "transfer_done", worker_id="j", joiner="j", transfer_id=tid, ok=False, round=0, step=0)
+    hb = sim.beat("a")["a"]
+    assert tid in hb["cancelled"] and tid not in hb["aborted"] and hb["serve"] == []
+    sim.send("j", "join", worker_id="j", failed=["a"])
+    assert sim.last("j", "join_reply")["donor"] == "b"
+    sim.send("j", "join", worker_id="j", failed=["a", "b"])  # every donor failed: all are tried again
+    assert sim.last("j", "join_reply")["donor"] == "a"
+    with_own = dict(worker_id="j", joiner="j", transfer_id=tid, ok=True, round=0, step=0)
+    sim.send("j", "transfer_done", **with_own)  # a joiner cannot declare itself synced
+    err = sim.last("j", "error")
+    assert err["code"] == "refused" and "cannot report its own transfer" in err["reason"]
+
+
+def test_requests_from_strangers_and_out_of_turn_are_refused_with_a_code():
+    sim = Sim()
+    sim.send("x", "heartbeat", worker_id="x", step=0, round=0)
+    assert sim.last("x", "error")["code"] == "not_registered"
+    sim.register("a", fingerprint="f" * 64)
+    sim.send("b", "register", worker_id="b", advertise_addr="h", step=0, fingerprint="e" * 64)
+    assert "another configuration" in sim.last("b", "error")["reason"]
+    sim.send("a", "join", worker_id="a", failed=[])
+    assert "only a joiner asks for state" in sim.last("a", "error")["reason"]
+
+
+def test_a_late_joiner_of_a_finished_job_is_told_so():
+    sim = Sim()
+    sim.register("a")
+    sim.register("j", synced=False)
+    sim.send("a", "leave", worker_id="a", finished=True)
+    sim.send("j", "join", worker_id="j", failed=[])
+    err = sim.last("j", "error")
+    assert err["code"] == "job_finished" and "finished" in err["reason"]
+
+
+def test_a_restarted_worker_replaces_its_old_process_and_aborts_its_rounds():
+    sim = Sim()
+    sim.register("a", incarnation="one")
+    sim.register("b", incarnation="one")
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    epoch = sim.state.membership.epoch
+    sim.register("b", incarnation="two")  # b's process restarted under the same id
+    assert sim.state.membership.epoch > epoch
+    sim.commit("a", 0, gen, members="ab")
+    assert sim.last("a", "decision")["commit"] is False
+
+
+def test_before_the_first_quorum_the_newest_state_wins():
+    sim = Sim(min_workers=2)
+    assert sim.register("old", synced=True, round=4)["synced"]
+    sim.ask("old", 4)
+    assert sim.register("new", synced=True, round=8)["synced"]
+    assert sim.last("old", "quorum_reply")["action"] == "resync"  # its pending ask is answered at once
+    assert sim.state.committed == 7 and sim.state.membership.get("old").synced is False
+
+
+def test_a_restarted_coordinator_forms_no_quorum_in_its_grace_and_decides_unknown_rounds_from_claims():
+    sim = Sim(grace=3.0)
+    sim.register("a", synced=True, round=5)
+    sim.register("b", synced=True, round=5)
+    sim.ask("a", 5)
+    sim.ask("b", 5)
+    assert sim.take("a") == []  # in grace: workers are still re-registering
+    # a commit report of a generation formed before the restart: the members named are alive and
+    # the grace is on, so it is decided by the usual rule over them
+    sim.commit("a", 4, 77, members="ab")
+    sim.commit("b", 4, 77, members="ab")
+    assert sim.last("a", "decision") == {"round": 4, "generation": 77, "commit": True}
+    sim.advance(3.5, alive="ab", rnd=5)
+    assert sim.last("a", "quorum_reply")["world"] == 2  # after its grace, with those that came back
+    sim.commit("a", 3, 66, members=["a", "gone"])  # a round before the committed one: it was committed
+    assert sim.last("a", "decision")["commit"] is True
+
+
+def test_after_its_grace_a_restarted_coordinator_does_not_wait_for_min_workers():
+    sim = Sim(grace=1.0, min_workers=3)
+    sim.register("a", synced=True, round=2)
+    sim.register("b", synced=True, round=2)  # the third worker died meanwhile
+    gen = 5
+    sim.commit("a", 1, gen, members="ab")
+    sim.commit("b", 1, gen, members="ab")
+    assert sim.state.committed == 1
+    sim.advance(1.5, alive="ab", rnd=2)
+    _quorum(sim, "ab", 2)  # raises unless both got a quorum of two
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_min_workers_is_checked(bad):
+    with pytest.raises(ValueError, match="min_workers"):
+        CoordinatorState("job", STORE, now=0.0, min_workers=bad)
