@@ -8,9 +8,9 @@ import torch
 from helpers import TINY_FLAGS, write_corpus
 
 from lowcomm.comm.reduce import screen_norms, seal, unseal
-from lowcomm.runtime.faults import KINDS, FaultInjector, FaultPlan
-from lowcomm.runtime.localjob import LocalJob, pace
-from lowcomm.runtime.transfer import CorruptStateError, load_state, pack, save_state, unpack
+from lowcomm.runtime.elastic import LocalJob, pace
+from lowcomm.runtime.elastic.transfer import CorruptStateError, load_state, pack, save_state, unpack
+from lowcomm.runtime.faults import KINDS, FaultInjector, FaultPlan, InjectedFault, failing_opener
 
 WORKERS = ["w0", "w1", "w2", "w3"]
 
@@ -50,10 +50,42 @@ def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
         FaultPlan.from_dict({"seed": 1, "faults": [fault]}).check(WORKERS, steps=100)
 
 
-def test_every_kind_parses_and_flags_work():
-    plan = FaultPlan.from_flags(["kind=delay,target=worker:0,at_step=2,delay=0.1,duration=1"])
-    assert plan.faults[0].delay == 0.1 and plan.faults[0].kind == "delay"
-    assert set(KINDS) >= {"kill", "hang", "delay", "slow-link", "drop-round", "corrupt", "nan", "partition"}
+FLAG_CASES = [
+    ("kind=kill,target=worker:0,at_step=2", "kill", "before_step"),
+    ("kind=kill,target=worker:0,at_round=3", "kill", "during_collective"),
+    ("kind=hang,target=worker:1,at_step=2,duration=1.5", "hang", "before_step"),
+    ("kind=delay,target=worker:0,at_step=2,delay=0.1,duration=1", "delay", "before_step"),
+    ("kind=slow-link,target=worker:2,at_time=1,latency=50ms,bandwidth=10Mbit", "slow-link", "before_step"),
+    ("kind=drop-round,target=random,at_round=1", "drop-round", "during_collective"),
+    ("kind=corrupt,target=replica:1,at_round=2,nbytes=4", "corrupt", "during_collective"),
+    ("kind=nan,target=rank:3,at_round=0", "nan", "before_collective"),
+    ("kind=partition,target=worker:1,at_step=5,direction=coordinator", "partition", "before_step"),
+    ("kind=coordinator-kill,target=coordinator,at_time=3", "coordinator-kill", None),
+    ("kind=checkpoint-fail,target=worker:0,at_step=4", "checkpoint-fail", "checkpoint_write"),
+    ("kind=kill,target=worker:0,at_time=0,where=during_transfer,restart=false", "kill", "during_transfer"),
+]
+
+
+@pytest.mark.parametrize("flag, kind, hook", FLAG_CASES)
+def test_every_kind_parses_from_flags_to_its_hook(flag, kind, hook):
+    (f,) = FaultPlan.from_flags([flag], seed=5).check(WORKERS, steps=100).faults
+    assert (f.kind, f.hook) == (kind, hook)
+    assert f.target == "coordinator" if kind == "coordinator-kill" else f.target.startswith("worker:w")
+    values = dict(part.split("=", 1) for part in flag.split(","))
+    for key in ("duration", "delay", "nbytes", "at_step", "at_round", "at_time"):
+        if key in values:  # numbers arrive as numbers, not strings
+            assert getattr(f, key) == float(values[key])
+    for key in ("latency", "bandwidth", "direction"):
+        if key in values:
+            assert getattr(f, key) == values[key]
+    if "restart" in values:
+        assert f.restart is False
+
+
+def test_the_flag_cases_cover_every_kind_and_a_malformed_flag_is_refused():
+    assert {kind for _, kind, _ in FLAG_CASES} == set(KINDS)  # a new kind needs a case above
+    with pytest.raises(ValueError, match="write key=value pairs"):
+        FaultPlan.from_flags(["kind=kill,target=worker:0,oops"])
 
 
 def test_probability_triggers_replay_the_same_for_a_seed():
@@ -105,8 +137,8 @@ def test_state_round_trips_and_any_corruption_is_refused(tmp_path):
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
     path = tmp_path / "checkpoint.lcs"
     save_state(path, {"step": 40, "w": torch.full((100,), 4.0)})
-    with pytest.raises(OSError, match="injected checkpoint write failure"):
-        save_state(path, {"step": 80, "w": torch.full((100,), 8.0)}, _fail_after=100)
+    with pytest.raises(InjectedFault, match="injected checkpoint write failure after 100 bytes"):
+        save_state(path, {"step": 80, "w": torch.full((100,), 8.0)}, opener=failing_opener(100))
     back = load_state(path)
     assert back["step"] == 40 and torch.equal(back["w"], torch.full((100,), 4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.lcs"]  # no temporary left behind
@@ -255,7 +287,7 @@ def _processes_mentioning(*needles: str) -> list[str]:
 
 
 def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_it():
-    from lowcomm.runtime.chaos import _fault_entry
+    from lowcomm.runtime.faults.report import fault_entry
 
     def ev(wall, kind, **f):
         return {"wall": float(wall), "kind": kind, **f}
@@ -279,7 +311,7 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
         "w2": [ev(25.5, "membership", what="resync"), ev(29, "round"), ev(30, "round")],
     }
     entry = {
-        f["id"]: _fault_entry(f, events, 0.0, u) for f, u in ((pace, 10.0), (kill, 99), (cut, 99), (slow, 99))
+        f["id"]: fault_entry(f, events, 0.0, u) for f, u in ((pace, 10.0), (kill, 99), (cut, 99), (slow, 99))
     }
     # w1's resync at 14 follows its kill at 10, not its pacing delay (whose watch the kill ended)
     assert entry[0]["detected_after_s"] is None and entry[0]["recovered_after_s"] is None

@@ -1,4 +1,4 @@
-"""Fault plans and their injection at named hook points of the runtime.
+"""Fault plans: which faults, where and when; checked before a job starts.
 
 A plan is a TOML or JSON file (or repeated ``--fault`` flags)::
 
@@ -32,43 +32,23 @@ targets that do not exist and triggers out of range are refused with the value a
 allowed. Everything random (targets "random", probabilities) is drawn from ``seed``, so a plan
 replays the same faults.
 
-Hooks: the runtime calls :class:`FaultInjector` at ``before_step``, ``after_step``,
-``before_collective``, ``during_collective`` (between the two phases of the reduce),
-``during_transfer`` and ``checkpoint_write``. A user's own elastic training loop gets the same
-faults (see ``examples/embed_elastic.py``)::
-
-    hooks = FaultInjector.from_env(worker_id, record=log_event)   # $LOWCOMM_FAULTS; None if unset
-    if hooks is not None:
-        hooks.attach(agent, group)       # collectives, transfers, partitions, slow links
-    ...
-        hooks.before_step(step)          # kill, hang, delay, partition, slow-link start here
-        ...train one step...
-        hooks.after_step(step)
-
-Every injection is recorded as a ``fault`` event before it acts (lasting ones with ``ends_at``,
-wall clock), and the end of a delay, slow link or partition as a ``fault_ended`` event.
+Hooks: :class:`~lowcomm.runtime.faults.FaultInjector` fires a plan's faults at the hook points of
+:class:`lowcomm.runtime.hooks.FaultHooks`; see :mod:`lowcomm.runtime.faults.injector`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from ..._compat import tomllib
+from ...comm.distributed import parse_bandwidth, parse_duration
 
-__all__ = ["KINDS", "HOOKS", "Fault", "FaultPlan", "FaultInjector", "InjectedFault"]
-
-log = logging.getLogger(__name__)
+__all__ = ["KINDS", "HOOKS", "ROUND_KINDS", "LASTING_KINDS", "Fault", "FaultPlan", "InjectedFault"]
 
 KINDS = (
     "kill",
@@ -82,6 +62,8 @@ KINDS = (
     "coordinator-kill",
     "checkpoint-fail",
 )
+#: where a fault may act (``where``); ``during_collective`` is a round's reduce: drop-round and
+#: corrupt act as it starts, kill and hang between its two exchanges (a death mid-round)
 HOOKS = (
     "before_step",
     "after_step",
@@ -198,8 +180,6 @@ def _fault(i: int, raw: Any) -> Fault:
     if not (isinstance(f.nbytes, int) and f.nbytes >= 1):
         raise ValueError(f"{where}: nbytes={f.nbytes!r} must be an int >= 1")
     if kind == "slow-link":
-        from ..comm.distributed import parse_bandwidth, parse_duration
-
         if f.bandwidth is None and f.latency is None:
             raise ValueError(f"{where}: a slow-link fault needs bandwidth and/or latency")
         if f.bandwidth is not None:
@@ -241,8 +221,6 @@ class FaultPlan:
         if not p.exists():
             raise FileNotFoundError(f"fault plan {text!r} does not exist")
         if p.suffix == ".toml":
-            import tomllib
-
             return cls.from_dict(tomllib.loads(p.read_text()))
         if p.suffix == ".json":
             return cls.from_dict(json.loads(p.read_text()))
@@ -308,208 +286,3 @@ class FaultPlan:
                 raise ValueError(f"{where}: at_round={f.at_round} is past the job's last round {rounds - 1}")
             out.append(Fault(**{**asdict(f), "target": target}))
         return FaultPlan(self.seed, out)
-
-
-class FaultInjector:
-    """The faults of one worker, fired at the runtime's hook points.
-
-    Args:
-        plan: a checked plan (targets resolved).
-        worker_id: this worker.
-        record: ``record(kind, **fields)`` (the run's event log).
-        done: ids of faults that already fired in an earlier process of this worker.
-    """
-
-    def __init__(
-        self,
-        plan: FaultPlan,
-        worker_id: str,
-        record: Callable[..., None] | None = None,
-        done: set[int] | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.faults = [
-            f for f in plan.faults if f.target == f"worker:{worker_id}" and f.id not in (done or set())
-        ]
-        self.record = record or (lambda kind, **f: None)
-        self.t0 = time.monotonic()
-        self._rng = random.Random(f"{plan.seed}/{worker_id}")
-        self.fired: set[int] = set()
-        # lasting faults in force: "kind" or "partition:direction" -> (monotonic end, the fault)
-        self.until: dict[str, tuple[float, Fault]] = {}
-        self.agent = None  # set by the runtime: partition and slow-link act on it
-        self.group = None
-        self._delay = 0.0  # seconds per step of the active delay fault
-        self._nbytes = 16  # bytes the pending corrupt fault flips
-        self._restore_link = None  # the link emulation a slow-link fault replaced
-
-    def attach(self, agent, group) -> FaultInjector:
-        """Wire this injector into an elastic worker: its WorkerAgent (partitions from the
-        coordinator, state-transfer hooks) and its ElasticGroup (collective hooks, slow links).
-        The step and checkpoint hooks are the training loop's to call. Returns ``self``."""
-        self.agent, self.group = agent, group
-        agent.hooks = group.hooks = self
-        return self
-
-    @classmethod
-    def from_env(cls, worker_id: str, record=None, done: set[int] | None = None) -> FaultInjector | None:
-        """From $LOWCOMM_FAULTS (a path or inline JSON); None when unset."""
-        spec = os.environ.get("LOWCOMM_FAULTS")
-        if not spec:
-            return None
-        if done is None and os.environ.get("LOWCOMM_FAULTS_DONE"):
-            done = {int(x) for x in os.environ["LOWCOMM_FAULTS_DONE"].split(",") if x.strip()}
-        return cls(FaultPlan.load(spec), worker_id, record, done)
-
-    # ---- state the runtime asks about ------------------------------------------------------------
-
-    def active(self, kind: str, direction: str | None = None) -> bool:
-        key = kind if direction is None else f"{kind}:{direction}"
-        entry = self.until.get(key)
-        return entry is not None and time.monotonic() < entry[0]
-
-    def partitioned_from(self, what: str) -> bool:
-        """True while a partition cuts this worker off from ``what`` ("peers" or "coordinator")."""
-        return self.active("partition", what)
-
-    # ---- hooks ---------------------------------------------------------------------------------
-
-    def _due(self, f: Fault, hook: str, step: int | None = None, rnd: int | None = None) -> bool:
-        if f.id in self.fired or f.hook != hook:
-            return False
-        t = f.trigger
-        if t == "at_step":
-            return step is not None and step >= f.at_step
-        if t == "at_round":
-            return rnd is not None and rnd >= f.at_round
-        if t == "at_time":
-            return time.monotonic() - self.t0 >= f.at_time
-        return step is not None and self._rng.random() < f.probability
-
-    def _fire(self, f: Fault, hook: str, **where: Any) -> None:
-        self.fired.add(f.id)
-        info = {"id": f.id, "fault": f.kind, "hook": hook, "worker": self.worker_id, **where}
-        if f.kind in LASTING_KINDS:
-            info["ends_at"] = time.time() + f.duration  # wall clock, like the event's own "wall"
-        log.warning("injecting fault %s", info)
-        self.record("fault", **info, spec=f.to_dict())
-
-    def _last(self, key: str, f: Fault) -> None:
-        self.until[key] = (time.monotonic() + f.duration, f)
-
-    def _expire(self) -> None:
-        """End the lasting faults whose time is up (a slow link gets its old emulation back)."""
-        now = time.monotonic()
-        for key, (end, f) in list(self.until.items()):
-            if now < end:
-                continue
-            del self.until[key]
-            if f.kind == "slow-link" and self.group is not None:
-                self.group.link = self._restore_link
-            self.record("fault_ended", id=f.id, fault=f.kind, worker=self.worker_id)
-
-    def before_step(self, step: int) -> None:
-        self._lasting("before_step", step=step)
-        if self.active("delay"):
-            time.sleep(self._delay)
-
-    def after_step(self, step: int) -> None:
-        self._lasting("after_step", step=step)
-
-    def _lasting(self, hook: str, step: int | None = None, rnd: int | None = None) -> None:
-        self._expire()
-        for f in self.faults:
-            if f.kind in ROUND_KINDS or f.kind == "checkpoint-fail" or not self._due(f, hook, step, rnd):
-                continue
-            self._fire(f, hook, step=step, round=rnd)
-            if f.kind == "kill":
-                _kill_self()
-            elif f.kind == "hang":
-                _hang_self(f.duration)
-            elif f.kind == "delay":
-                self._delay = f.delay
-                self._last("delay", f)
-            elif f.kind == "partition":
-                self._last(f"partition:{f.direction}", f)
-            elif f.kind == "slow-link" and self.group is not None:
-                from ..comm.distributed import LinkEmulator
-
-                if "slow-link" not in self.until:  # a second slow link replaces the first, not the original
-                    self._restore_link = self.group.link
-                self.group.link = LinkEmulator.parse(f.bandwidth, f.latency)
-                self._last("slow-link", f)
-
-    def before_collective(self, rnd: int, buffer: torch.Tensor) -> None:
-        self._lasting("before_collective", rnd=rnd)
-        for f in self.faults:
-            if f.kind == "nan" and self._due(f, "before_collective", rnd=rnd):
-                self._fire(f, "before_collective", round=rnd)
-                buffer[: max(1, buffer.numel() // 100)] = float("nan")
-
-    def during_collective(self, rnd: int, phase: str = "start") -> str | None:
-        """Called on the communication thread as a round's reduce starts (``phase="start"``) and
-        between its two exchanges (``"middle"``: a kill or hang here is a death mid-round).
-
-        Returns "drop" when this worker's contribution must never arrive, "corrupt" when the
-        payload it sends next must be damaged.
-        """
-        action = None
-        for f in self.faults:
-            mid = f.kind in ("kill", "hang")
-            if (phase == "middle") != mid or not self._due(f, "during_collective", rnd=rnd):
-                continue
-            self._fire(f, "during_collective", round=rnd)
-            if f.kind == "kill":
-                _kill_self()
-            elif f.kind == "hang":
-                _hang_self(f.duration)
-            elif f.kind in ("drop-round", "corrupt"):
-                action = "drop" if f.kind == "drop-round" else "corrupt"
-                self._nbytes = f.nbytes
-        if phase == "start" and self.partitioned_from("peers"):
-            action = "drop"
-        return action
-
-    def corrupt(self, payload: torch.Tensor) -> None:
-        """Flip bytes of a uint8 payload in place (positions drawn from the plan's seed)."""
-        n = min(self._nbytes, payload.numel())
-        for i in self._rng.sample(range(payload.numel()), n):
-            payload[i] ^= 0xFF
-
-    def during_transfer(self, role: str) -> None:
-        for f in self.faults:
-            if self._due(f, "during_transfer"):
-                self._fire(f, "during_transfer", role=role)
-                if f.kind == "kill":
-                    _kill_self()
-                elif f.kind == "hang":
-                    _hang_self(f.duration)
-        if self.partitioned_from("peers"):
-            raise InjectedFault("partitioned from the other workers: the state transfer cannot connect")
-
-    def checkpoint_write(self, step: int) -> int | None:
-        """Bytes after which the checkpoint write at ``step`` must fail, or None."""
-        for f in self.faults:
-            if f.kind == "checkpoint-fail" and self._due(f, "checkpoint_write", step=step):
-                self._fire(f, "checkpoint_write", step=step)
-                return 100
-        return None
-
-
-def _kill_self() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _hang_self(seconds: float) -> None:
-    """Stop this whole process (every thread, heartbeats included) for ``seconds``."""
-    subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import os,time,signal; time.sleep({float(seconds)}); os.kill({os.getpid()}, signal.SIGCONT)",
-        ],
-        start_new_session=True,
-    )
-    os.kill(os.getpid(), signal.SIGSTOP)

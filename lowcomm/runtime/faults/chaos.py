@@ -1,0 +1,192 @@
+"""``lowcomm chaos``: a local elastic job under a fault plan, beside a fault-free reference run.
+
+    lowcomm chaos --plan plan.toml --replicas 4 --out runs/chaos -- --steps 400 --sync-every 20
+
+Both runs use the same workers (w0..w{M-1}), configuration and seeds. The runner injects the
+coordinator's faults itself (kill, then restart with a grace period) and restarts every worker
+killed by a ``kill`` fault with ``restart`` true (it rejoins as a joiner). It writes, in ``--out``:
+``report.json`` (a ``faults`` list, top-level ``data_lost`` and ``final_loss_delta``),
+``report.md`` and ``loss.png`` (both loss curves, faults marked); the runs are under
+``reference/`` and ``chaos/``.
+
+Per fault: when it was injected, when a survivor detected it (a round given up, a contribution
+excluded, a member lost) and when the job recovered (the next completed round after it; for a
+lasting fault such as a partition or a slow link, the faulted worker's first round after it
+ended), rounds redone and contributions excluded (:mod:`lowcomm.runtime.faults.report`).
+``data_lost`` counts finished workers whose global parameters differ from the others' plus
+workers that never finished: it must be 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..elastic.localjob import LocalJob
+from ..errors import ExitCode
+from .plan import FaultPlan
+from .report import fault_entries, markdown, plot
+
+__all__ = ["run_chaos", "JobRun"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobRun:
+    """One local job run to its end: its processes' folder, how each worker exited, and what the
+    runner itself did (the coordinator's faults)."""
+
+    job: LocalJob
+    names: list[str]
+    codes: dict[str, int] = field(default_factory=dict)
+    runner_events: list[dict] = field(default_factory=list)
+
+    def events(self) -> dict[str, list[dict]]:
+        """Each worker's events (workers that never wrote any are left out)."""
+        return {w: self.job.events(w) for w in self.names if (self.job.run_dir(w) / "events.jsonl").exists()}
+
+    def finished(self) -> dict[str, dict]:
+        """The summaries of the workers that ended with exit code 0."""
+        return {w: self.job.summary(w) for w, c in self.codes.items() if c == ExitCode.OK}
+
+    def curve(self) -> list[tuple[int, float]]:
+        """The first worker's eval-loss curve (every worker evaluates the same global parameters)."""
+        for w in self.names:
+            path = self.job.run_dir(w) / "eval.jsonl"
+            if path.exists():
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                pts = [(e["step"], e["loss"]) for e in rows if e.get("loss") is not None]
+                if pts:
+                    return pts
+        return []
+
+    def final_loss(self, names: list[str]) -> float | None:
+        for w in names:
+            try:
+                return self.job.summary(w)["final_eval_loss"]
+            except (FileNotFoundError, KeyError):
+                continue
+        return None
+
+
+def _run(folder: Path, names: list[str], flags: list[str], plan: FaultPlan | None, timeout: float) -> JobRun:
+    """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
+    job = LocalJob(folder, flags, ["--min-workers", str(len(names))])
+    run = JobRun(job, names)
+    try:
+        _drive(run, plan, timeout)
+    finally:  # the coordinator (and any worker past the timeout) does not outlive the runner
+        job.close()
+    return run
+
+
+def _drive(run: JobRun, plan: FaultPlan | None, timeout: float) -> None:
+    job, names = run.job, run.names
+    job.start_coordinator()
+    spec = plan.to_dict() if plan is not None else None
+    for w in names:
+        job.start_worker(w, spec)
+    faults = plan.faults if plan else []
+    t0 = None  # a coordinator fault's at_time counts from when every worker registered, like a worker's
+    coord_faults = sorted((f for f in faults if f.kind == "coordinator-kill"), key=lambda f: f.at_time or 0)
+    restartable = {f.id: f for f in faults if f.kind == "kill" and f.restart}
+    end = time.time() + timeout
+    while len(run.codes) < len(names) and time.time() < end:
+        if t0 is None and coord_faults:
+            st = job.status()
+            t0 = time.time() if st is not None and len(st["members"]) >= len(names) else None
+        for f in list(coord_faults) if t0 is not None else ():
+            if time.time() - t0 >= (f.at_time or 0):
+                coord_faults.remove(f)
+                run.runner_events.append(
+                    {
+                        "kind": "fault",
+                        "wall": time.time(),
+                        "id": f.id,
+                        "fault": f.kind,
+                        "worker": "coordinator",
+                    }
+                )
+                job.coord.kill()
+                job.coord.wait(10)
+                job.start_coordinator(["--grace", "3"])
+                run.runner_events.append({"kind": "recovered", "wall": time.time(), "id": f.id})
+        for w in names:
+            p = job.workers[w]
+            if w in run.codes or p.poll() is None:
+                continue
+            fired = {e["id"] for e in job.events(w, "fault")}
+            if p.returncode == -9 and fired & set(restartable):
+                log.warning("chaos: restarting %s after its kill fault", w)
+                env = {"LOWCOMM_RESTARTED": "1", "LOWCOMM_FAULTS_DONE": ",".join(map(str, sorted(fired)))}
+                job.start_worker(w, spec, env=env)
+                for i in fired & set(restartable):
+                    restartable.pop(i)
+            else:
+                run.codes[w] = p.returncode
+
+
+def run_chaos(
+    plan: FaultPlan, replicas: int, out: str | Path, flags: list[str], timeout: float = 1800.0
+) -> dict:
+    """Run the reference and the chaos job; write and return the report."""
+    out = Path(out)
+    names = [f"w{i}" for i in range(replicas)]
+    steps = next((int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--steps"), 600)
+    plan = plan.check(names, steps=steps)  # refuses a bad plan before anything starts
+    ref = _run(out / "reference", names, flags, None, timeout)
+    chaos = _run(out / "chaos", names, flags, plan, timeout)
+    events = chaos.events()
+    injected = [e for evs in events.values() for e in evs if e["kind"] == "fault"]
+    injected += [e for e in chaos.runner_events if e["kind"] == "fault"]
+    t0 = min((e["wall"] for evs in events.values() for e in evs), default=time.time())
+    faults = fault_entries(injected, events, t0)
+    finished = chaos.finished()
+    digests = [s["global_params_sha256"] for s in finished.values()]
+    majority = max(set(digests), key=digests.count) if digests else None
+    # restarted after the job's last step: there was nothing left to join
+    late = [w for w, c in chaos.codes.items() if c == ExitCode.JOB_FINISHED]
+    never_back = {f.target for f in plan.faults if f.kind == "kill" and not f.restart}
+    unfinished = [w for w in names if w not in finished and w not in late and f"worker:{w}" not in never_back]
+    data_lost = sum(d != majority for d in digests) + len(unfinished)
+    ref_loss, chaos_loss = ref.final_loss(names), chaos.final_loss(list(finished) or names)
+    report = {
+        "replicas": replicas,
+        "flags": flags,
+        "plan": plan.to_dict(),
+        "faults": faults,
+        "faults_injected": len(faults),
+        "faults_planned": len(plan.faults),
+        "workers_finished": sorted(finished),
+        "workers_late": late,
+        "data_lost": data_lost,
+        "reference_final_loss": ref_loss,
+        "chaos_final_loss": chaos_loss,
+        "final_loss_delta": (chaos_loss - ref_loss)
+        if ref_loss is not None and chaos_loss is not None
+        else None,
+        "reference_wall_s": max((ref.job.summary(w)["wall_seconds"] for w in names), default=None),
+        "chaos_wall_s": max((s["wall_seconds"] for s in finished.values()), default=None),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(
+        out / "loss.png",
+        {"fault-free": ref.curve(), "under faults": chaos.curve()},
+        _fault_steps(events, faults, t0),
+        f"chaos run: {report['faults_injected']} faults, data lost {report['data_lost']}",
+    )
+    markdown(out / "report.md", report)
+    return report
+
+
+def _fault_steps(events: dict[str, list[dict]], faults: list[dict], t0: float) -> list[tuple[int, str]]:
+    """Each fault at the inner step some worker was at when it was injected."""
+    steps = {e["wall"]: e["step"] for evs in events.values() for e in evs if e["kind"] == "step"}
+    walls = sorted(steps)
+    if not walls:
+        return []
+    return [(steps[min(walls, key=lambda x: abs(x - (f["injected_at_s"] + t0)))], f["kind"]) for f in faults]
