@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lowcomm.comm import get_codec
-from lowcomm.runtime.launch import init_from_torchrun
+from lowcomm.runtime.trainer.topology import init_from_torchrun
 
 
 def _median_time(fn, reps: int) -> float:

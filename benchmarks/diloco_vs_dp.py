@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    base = TrainConfig(
+    base = TrainConfig.from_flat(
         replicas=args.replicas,
         steps=args.steps,
         sync_every=args.sync_every,

@@ -35,7 +35,7 @@ def _events(job, wid, kind):
 
 
 def recovery(args) -> list[dict]:
-    from lowcomm.runtime.localjob import LocalJob, pace
+    from lowcomm.runtime.elastic import LocalJob, pace
 
     out = []
     for kind in ("kill", "hang"):
@@ -82,7 +82,7 @@ def recovery(args) -> list[dict]:
 
 
 def catchup(args) -> list[dict]:
-    from lowcomm.runtime.localjob import LocalJob, pace
+    from lowcomm.runtime.elastic import LocalJob, pace
 
     out = []
     for dim, layers in ((64, 2), (128, 4), (256, 8), (512, 8)):
@@ -132,7 +132,7 @@ def catchup(args) -> list[dict]:
 def _client_proc(endpoint, key, ids, seconds, q):
     import zmq
 
-    from lowcomm.runtime.protocol import Signer, deserialize, serialize
+    from lowcomm.runtime.elastic.protocol import Signer, deserialize, serialize
 
     signer = Signer(key)
     ctx = zmq.Context()
@@ -182,7 +182,7 @@ def _client_proc(endpoint, key, ids, seconds, q):
 
 
 def capacity(args) -> dict:
-    from lowcomm.runtime.protocol import new_key
+    from lowcomm.runtime.elastic.protocol import new_key
 
     key_hex = new_key()
     env = {**os.environ, "LOWCOMM_KEY": key_hex}

@@ -172,7 +172,9 @@ def training(device: str = "cuda", steps: int = 300) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "mxfp8", "fp8_rowwise", "fp8_tensorwise"):
             run_dir = f"{tmp}/{precision}"
-            cfg = TrainConfig(steps=steps, replicas=1, device=device, precision=precision, run_dir=run_dir)
+            cfg = TrainConfig.from_flat(
+                steps=steps, replicas=1, device=device, precision=precision, run_dir=run_dir
+            )
             t0 = time.perf_counter()
             res = train(cfg, progress=False)
             out[precision] = {"final_eval_loss": res["final_eval_loss"], "wall_s": time.perf_counter() - t0}

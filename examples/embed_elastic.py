@@ -23,16 +23,17 @@ import torch
 from torch import nn
 
 import lowcomm
-from lowcomm.runtime import (
+from lowcomm.runtime import NO_FAULTS
+from lowcomm.runtime.elastic import (
+    Coordinator,
     ElasticGroup,
-    FaultInjector,
     ResyncRequired,
     WorkerAgent,
     job_state,
     load_job_state,
+    new_key,
 )
-from lowcomm.runtime.coordinator import Coordinator
-from lowcomm.runtime.protocol import new_key
+from lowcomm.runtime.faults import FaultInjector
 
 WORKERS = ["w0", "w1", "w2"]
 DEMO_PLAN = {
@@ -68,12 +69,12 @@ def worker(endpoint: str, worker_id: str, steps: int) -> None:
     def record(kind: str, **fields) -> None:  # your logger; lowcomm's trainer writes events.jsonl
         events.append({"kind": kind, **fields})
 
-    agent = WorkerAgent(endpoint, bytes.fromhex(os.environ["LOWCOMM_KEY"]), worker_id, record=record)
-    group = ElasticGroup(agent)
-    hooks = FaultInjector.from_env(worker_id, record=record)  # None unless $LOWCOMM_FAULTS is set
-    if hooks is not None:
-        hooks.attach(agent, group)
-    diloco = lowcomm.DiLoCo(model, opt, group, sync_every=10, codec="int8")
+    # the fault plan of $LOWCOMM_FAULTS, fired at the same hook points as in `lowcomm train` workers
+    hooks = FaultInjector.from_env(worker_id, record=record) or NO_FAULTS
+    key = bytes.fromhex(os.environ["LOWCOMM_KEY"])
+    agent = WorkerAgent(endpoint, key, worker_id, record=record, hooks=hooks)
+    group = ElasticGroup(agent, hooks=hooks)
+    diloco = lowcomm.DiLoCo(model, opt, group, sync_every=10, codec="int8")  # before agent.start()
 
     def load(state: dict) -> None:  # a joiner (or a worker left out of a round) takes the job's state
         load_job_state(diloco, group, state)
@@ -86,8 +87,7 @@ def worker(endpoint: str, worker_id: str, steps: int) -> None:
     try:
         while diloco.step_count < steps:
             step = diloco.step_count + 1
-            if hooks is not None:
-                hooks.before_step(step)
+            hooks.before_step(step)
             x = torch.randn(32, 8, generator=gen)
             loss = nn.functional.mse_loss(model(x), torch.tanh(x @ w_true))
             loss.backward()
@@ -99,8 +99,7 @@ def worker(endpoint: str, worker_id: str, steps: int) -> None:
                 agent.join(load)
                 continue
             agent.step = diloco.step_count
-            if hooks is not None:
-                hooks.after_step(step)
+            hooks.after_step(step)
             if diloco.in_flight == 0:  # hand the job's state to joiners at a quiet step
                 agent.serve_pending(lambda: job_state(diloco, group))
         diloco.apply_due(final=True)

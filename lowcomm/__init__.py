@@ -2,12 +2,13 @@
 
 from ._version import __version__
 from .comm import CODECS, DistributedGroup, LocalGroup, ReplicaGroup, get_codec
-from .optim import DiLoCo, finish_replicas, step_replicas
-from .runtime.launch import Topology, init_from_torchrun
+from .optim import DiLoCo, DiLoCoConfig, finish_replicas, step_replicas
+from .runtime.trainer.topology import Topology, init_from_torchrun
 
 __all__ = [
     "CODECS",
     "DiLoCo",
+    "DiLoCoConfig",
     "DistributedGroup",
     "LocalGroup",
     "ReplicaGroup",

@@ -16,7 +16,7 @@ import torch
 from lowcomm import DiLoCo
 from lowcomm.comm import DistributedGroup
 from lowcomm.lm import GPT, GPTConfig
-from lowcomm.runtime.launch import init_from_torchrun
+from lowcomm.runtime.trainer.topology import init_from_torchrun
 
 TINY = GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16)
 

@@ -161,7 +161,7 @@ def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
 
     from lowcomm.runtime import TrainConfig, train
 
-    base = TrainConfig(
+    base = TrainConfig.from_flat(
         corpus=write_corpus(tmp_path / "c", lines=4000),
         model_dim=32,
         layers=2,

@@ -9,7 +9,7 @@ import pytest
 from helpers import TINY_FLAGS, write_corpus
 
 from lowcomm.runtime import SUMMARY_KEYS, RunRecorder, TrainConfig, read_jsonl, train
-from lowcomm.runtime.cli import build_parser, config_from_args, demo_configs, format_comparison
+from lowcomm.runtime.cli import build_parser, config_from_args, format_comparison
 
 TINY = dict(model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2, threads=1, warmup=2)
 
@@ -20,7 +20,7 @@ def corpus_dir(tmp_path_factory):
 
 
 def _cfg(tmp_path, corpus_dir, **kw):
-    return TrainConfig(corpus=corpus_dir, run_dir=str(tmp_path / "run"), **{**TINY, **kw})
+    return TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / "run"), **{**TINY, **kw})
 
 
 def test_diloco_run_writes_complete_records(tmp_path, corpus_dir):
@@ -85,11 +85,11 @@ def test_dp_and_diloco_compare_on_equal_tokens(tmp_path, corpus_dir):
 )
 def test_bad_config_values_are_named_before_training(kw, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**{**TINY, **kw})
+        TrainConfig.from_flat(**{**TINY, **kw})
 
 
 def test_missing_corpus_fails_before_any_record_is_written(tmp_path):
-    cfg = TrainConfig(corpus=str(tmp_path / "nope"), run_dir=str(tmp_path / "run"), **TINY)
+    cfg = TrainConfig.from_flat(corpus=str(tmp_path / "nope"), run_dir=str(tmp_path / "run"), **TINY)
     with pytest.raises(FileNotFoundError, match="nope"):
         train(cfg, progress=False)
     assert not (tmp_path / "run").exists()
@@ -105,7 +105,12 @@ def test_config_file_and_flags_merge(tmp_path):
     f.write_text('replicas = 3\ncodec = "int8"\nsync-every = 20\n')
     args = build_parser().parse_args(["train", "--config", str(f), "--codec", "e3m0", "--no-final-sync"])
     cfg = config_from_args(args)
-    assert (cfg.replicas, cfg.codec, cfg.sync_every, cfg.final_sync) == (3, "e3m0", 20, False)
+    assert (cfg.run.replicas, cfg.diloco.codec, cfg.diloco.sync_every, cfg.run.final_sync) == (
+        3,
+        "e3m0",
+        20,
+        False,
+    )
 
 
 def test_recorder_writes_atomically_and_requires_summary_keys(tmp_path):
@@ -117,11 +122,22 @@ def test_recorder_writes_atomically_and_requires_summary_keys(tmp_path):
     assert read_jsonl(tmp_path / "r" / "events.jsonl")[0]["v"] == 1
 
 
-def test_demo_compares_three_runs_on_equal_tokens():
-    cfgs = demo_configs(steps=100, replicas=4, out="x")
-    assert list(cfgs) == ["dp", "diloco", "streaming"]
-    assert len({(c.steps, c.replicas, c.batch_size, c.seq_len) for c in cfgs.values()}) == 1
-    assert cfgs["streaming"].codec == "e3m0" and cfgs["streaming"].fragments == 4
+def test_demo_runs_three_runs_on_equal_tokens_and_prints_their_table(tmp_path, capsys):
+    from lowcomm.runtime.cli import main
+
+    assert main(["demo", "--steps", "24", "--replicas", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    summaries = {
+        n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("dp", "diloco", "streaming")
+    }
+    assert len({s["tokens"] for s in summaries.values()}) == 1  # equal tokens
+    assert [s["mode"] for s in summaries.values()] == ["dp", "diloco", "diloco"]
+    assert summaries["streaming"]["codec"] == "e3m0" and summaries["streaming"]["fragments"] == 4
+    sent = [summaries[n]["bytes_sent_per_replica"] for n in ("dp", "diloco", "streaming")]
+    assert sent[0] > sent[1] > sent[2] > 0  # DP every step > DiLoCo fp32 > Streaming 4-bit fragments
+    for name, s in summaries.items():  # every run learned something (ln 256 = 5.55 at init)
+        assert s["final_eval_loss"] < 5.0, name
+        assert f"{s['final_eval_loss']:.4f}" in table and name in table
 
 
 def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
@@ -141,3 +157,34 @@ def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
     assert (tmp_path / "cli" / "summary.json").exists() and "eval loss" in ok.stdout
     bad = subprocess.run(base + ["--alpha", "1.5"], capture_output=True, text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "alpha=1.5 is not allowed" in bad.stderr
+
+
+def test_config_sections_and_flat_keys_load_alike(tmp_path):
+    from lowcomm.runtime import load_config_file
+
+    f = tmp_path / "c.toml"
+    f.write_text('[run]\nreplicas = 3\n[diloco]\ncodec = "int8"\nsync-every = 20\n[model]\ndim = 32\n')
+    flat = TrainConfig.from_flat(replicas=3, codec="int8", sync_every=20, model_dim=32)
+    assert TrainConfig.from_dict(load_config_file(f)) == flat
+    assert TrainConfig.from_dict(flat.flat()) == flat  # config.json's flat form loads back
+    assert (flat.run.replicas, flat.diloco.codec, flat.model.dim) == (3, "int8", 32)
+    with pytest.raises(ValueError, match=r"unknown key 'colour' in section \[model\]"):
+        TrainConfig.from_dict({"model": {"colour": "red"}})
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"error_feedback": "yes"}, "error_feedback='yes' is not allowed: true or false"),
+        ({"final_sync": "false"}, "final_sync='false' is not allowed: true or false"),
+        ({"corpus": 5}, "corpus=5 is not allowed"),
+        ({"run_dir": 5}, "run_dir=5 is not allowed"),
+        ({"outer_device": "tpu"}, "outer_device='tpu' is not allowed"),
+        ({"model_dim": 0}, "model_dim=0 is not allowed"),
+        ({"coordinator": "tcp://h:1", "mode": "dp"}, "mode='dp' is not allowed: 'diloco' in an elastic job"),
+        ({"coordinator": "tcp://h:1", "reduce": "all_gather"}, "reduce='all_gather' is not allowed"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_flat(**kw)

@@ -183,9 +183,10 @@ def test_grid_follows_the_protocol():
     n = non_embedding_params(32, 2)
     dp = runs["d32l2/dp_lr0.002"]
     m4 = runs["d32l2/diloco_M4_H30_olr0.7_lr0.002"]
-    assert dp.batch_size == 16 and m4.batch_size == 4 and m4.replicas == 4
+    assert dp.data.batch_size == 16 and m4.data.batch_size == 4 and m4.run.replicas == 4
     for cfg in (dp, m4):  # equal tokens D = 20·N
-        assert cfg.steps * cfg.batch_size * cfg.replicas * 32 == pytest.approx(20 * n, rel=0.01)
+        tokens = cfg.run.steps * cfg.data.batch_size * cfg.run.replicas * 32
+        assert tokens == pytest.approx(20 * n, rel=0.01)
     with pytest.raises(ValueError, match="not divisible"):
         SweepSpec(sizes=("d32l2",), replicas=(3,), global_batch=16)
 
@@ -203,12 +204,12 @@ def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch
         out=str(tmp_path / "sweep"),
         threads=1,
     )
-    import lowcomm.runtime.trainer as trainer
+    import lowcomm.runtime.trainer.loop as trainer
 
     real = trainer.train
 
     def flaky(cfg, **kw):
-        if "d16l2/diloco_M2" in cfg.run_dir:
+        if "d16l2/diloco_M2" in cfg.run.run_dir:
             raise RuntimeError("injected failure")
         return real(cfg, **kw)
 

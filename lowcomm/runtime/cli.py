@@ -19,24 +19,73 @@ import typing
 from pathlib import Path
 
 from .._version import __version__
-from .config import TrainConfig, load_config_file
-from .metrics import human_bytes
+from ..comm import CODECS
+from ..comm.reduce import REDUCE_METHODS
+from ..kernels.linear import PRECISIONS
+from ..optim.schedule import PATTERNS
+from .errors import CoordinatorError, ExitCode, JobFinished
+from .trainer.config import DEVICES, FLAT, MODES, SECTIONS, TrainConfig, load_config_file
+from .trainer.records import human_bytes
 
 __all__ = ["main", "build_parser", "config_from_args", "demo_configs", "format_comparison"]
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's line from a dataclass docstring's ``Attributes:`` section (continuations joined)."""
+    docs: dict[str, str] = {}
+    text = (cls.__doc__ or "").split("Attributes:", 1)[-1]
+    current = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        head, sep, rest = stripped.partition(": ")
+        names = [n.strip() for n in head.split(",")]
+        if (
+            sep
+            and all(n.isidentifier() for n in names)
+            and line.startswith(" " * 8)
+            and not line.startswith(" " * 9)
+        ):
+            for n in names:
+                docs[n] = rest
+            current = names
+        elif stripped and current:
+            for n in current:
+                docs[n] += " " + stripped
+    return docs
+
+
+_CHOICES = {
+    "mode": MODES,
+    "device": DEVICES,
+    "precision": PRECISIONS,
+    "codec": tuple(CODECS),
+    "pattern": PATTERNS,
+    "reduce": REDUCE_METHODS,
+}
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        doc = f"(default: {f.default!r})"
-        if hint is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif hint in (int, float, str):
-            p.add_argument(flag, dest=f.name, type=hint, default=None, help=doc)
-        else:  # optional str
-            p.add_argument(flag, dest=f.name, type=str, default=None, help=doc)
+    """One flag per configuration field (``model_dim`` -> ``--model-dim``), with its documented
+    meaning, choices and default."""
+    defaults = TrainConfig()
+    for sec, cls in SECTIONS.items():
+        docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+        group = p.add_argument_group(f"[{sec}]", (cls.__doc__ or "").strip().splitlines()[0])
+        for f in dataclasses.fields(cls):
+            name = next(n for n, where in FLAT.items() if where == (sec, f.name))
+            flag = "--" + name.replace("_", "-")
+            default = getattr(getattr(defaults, sec), f.name)
+            helptext = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+            kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if bool in kinds:
+                group.add_argument(
+                    flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext
+                )
+                continue
+            kind = int if int in kinds else float if float in kinds else str
+            group.add_argument(
+                flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=helptext
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lowcomm", description="Low-communication distributed training for PyTorch."
     )
     p.add_argument("--version", action="version", version=f"lowcomm {__version__}")
-    p.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    p.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default: WARNING)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train replicas of the reference model (DiLoCo, Streaming DiLoCo or DP)")
@@ -152,17 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    data = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            data[f.name] = v
-    return TrainConfig.from_dict(data)
+    """The configuration file's values (if any), overridden by the flags given."""
+    cfg = (
+        TrainConfig.from_dict(load_config_file(args.config))
+        if getattr(args, "config", None)
+        else TrainConfig()
+    )
+    flags = {name: getattr(args, name) for name in FLAT if getattr(args, name, None) is not None}
+    return cfg.replace(**flags)
 
 
 def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") -> dict[str, TrainConfig]:
     """The three runs of ``lowcomm demo``: equal tokens, a model small enough for 2 CPU cores."""
-    base = TrainConfig(
+    base = TrainConfig.from_flat(
         replicas=replicas,
         steps=steps,
         model_dim=64,
@@ -226,15 +283,14 @@ def format_comparison(summaries: dict[str, dict]) -> str:
 
 
 def _control_plane(args: argparse.Namespace) -> int:
-    from .protocol import load_key, new_key
+    from .elastic.protocol import load_key, new_key
 
     if args.command == "keys":
         print(new_key())
         return 0
     key = load_key(args.key)
     if args.command == "coordinator":
-        from .coordinator import Coordinator, RoundDeadline
-        from .membership import Deadline
+        from .elastic import Coordinator, Deadline, RoundDeadline
 
         coord = Coordinator(
             args.bind,
@@ -252,14 +308,14 @@ def _control_plane(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    from .coordinator import CoordinatorClient, CoordinatorError
+    from .elastic import CoordinatorClient
 
     client = CoordinatorClient(args.endpoint, key, sender=f"status-{os.getpid()}", timeout_s=args.timeout)
     try:
         r = client.request("status", {}).body
     except CoordinatorError as e:
         print(f"lowcomm: error: {e}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     finally:
         client.close()
     print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(r['members'])} member(s)")
@@ -366,89 +422,95 @@ def _format_fits(analysis) -> str:
     return "\n".join(lines)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    cfg = config_from_args(args)
+    if not cfg.elastic.enabled:
+        s = train(cfg, progress=not args.quiet)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_comparison({cfg.run.mode: s}))
+            print(f"records in {Path(cfg.run.run_dir).resolve()}")
+        return ExitCode.OK
+    try:
+        s = train(cfg, progress=not args.quiet)
+    except JobFinished as e:
+        print(f"lowcomm: {e}", file=sys.stderr, flush=True)
+        os._exit(ExitCode.JOB_FINISHED)
+    except CoordinatorError as e:
+        print(f"lowcomm: {e}", file=sys.stderr, flush=True)
+        os._exit(ExitCode.FAILED)
+    print(
+        f"worker {s['worker_id']}: eval loss {s['final_eval_loss']:.4f}, {s['rounds']} rounds "
+        f"({s['rounds_redone']} redone), global params {s['global_params_sha256'][:16]}"
+    )
+    print(f"records in {Path(cfg.run.run_dir).resolve()}", flush=True)
+    sys.stderr.flush()
+    # a collective given up on a dead peer leaves a gloo thread behind that would abort the
+    # interpreter's shutdown; the records are closed, so leave at once
+    os._exit(ExitCode.OK)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from .elastic.protocol import new_key
+    from .faults import FaultPlan
+    from .faults.chaos import run_chaos
+
+    plan = FaultPlan.load(args.plan) if args.plan else FaultPlan(args.seed, [])
+    if args.fault:  # flags add to the plan's faults (ids are renumbered)
+        faults = [*plan.faults, *FaultPlan.from_flags(args.fault, args.seed).faults]
+        entries = [{k: v for k, v in f.to_dict().items() if k != "id"} for f in faults]
+        plan = FaultPlan.from_dict({"seed": plan.seed, "faults": entries})
+    flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+    os.environ.setdefault("LOWCOMM_KEY", new_key())
+    r = run_chaos(plan, args.replicas, args.out, flags, args.timeout)
+    print(
+        f"{r['faults_injected']} faults injected, data lost {r['data_lost']}, final loss delta "
+        f"{r['final_loss_delta']}; report in {Path(args.out).resolve()}/report.md"
+    )
+    return ExitCode.OK if r["data_lost"] == 0 else ExitCode.FAILED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    cfgs = demo_configs(args.steps, args.replicas, args.out)
+    summaries = {}
+    for name, cfg in cfgs.items():
+        print(f"[{name}] {cfg.run.run_dir}", file=sys.stderr, flush=True)
+        summaries[name] = train(cfg, progress=not args.quiet)
+    print(
+        f"\nlowcomm demo: M={args.replicas} replicas, {args.steps} steps each, equal tokens, "
+        f"{summaries['dp']['params']:,} parameters\n"
+    )
+    print(format_comparison(summaries))
+    print(f"\nrecords in {Path(args.out).resolve()}/{{dp,diloco,streaming}}")
+    return ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from .trainer import train
-
     try:
         if args.command == "train":
-            cfg = config_from_args(args)
-            if cfg.coordinator:
-                from .coordinator import CoordinatorError
-                from .worker import train_elastic
-
-                try:
-                    s = train_elastic(cfg, progress=not args.quiet)
-                except CoordinatorError as e:
-                    print(f"lowcomm: {e}", file=sys.stderr, flush=True)
-                    os._exit(3 if "job has finished" in str(e) else 1)
-                print(
-                    f"worker {s['worker_id']}: eval loss {s['final_eval_loss']:.4f}, {s['rounds']} rounds "
-                    f"({s['rounds_redone']} redone), global params {s['global_params_sha256'][:16]}"
-                )
-                print(f"records in {Path(cfg.run_dir).resolve()}", flush=True)
-                sys.stderr.flush()
-                # a collective given up on a dead peer leaves a gloo thread behind that would abort
-                # the interpreter's shutdown; the records are closed, so leave at once
-                os._exit(0)
-            else:
-                if os.environ.get("LOWCOMM_FAULTS"):
-                    logging.getLogger("lowcomm").warning(
-                        "LOWCOMM_FAULTS is set but fault plans act on elastic jobs (--coordinator); "
-                        "this static run ignores it"
-                    )
-                s = train(cfg, progress=not args.quiet)
-            if not cfg.coordinator and int(os.environ.get("RANK", "0")) == 0:
-                print(format_comparison({cfg.mode: s}))
-                print(f"records in {Path(cfg.run_dir).resolve()}")
-        elif args.command == "launch":
-            from .launch import launch
+            return _train(args)
+        if args.command == "launch":
+            from .trainer.launch import launch
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
-        elif args.command in ("coordinator", "status", "keys"):
+        if args.command in ("coordinator", "status", "keys"):
             return _control_plane(args)
-        elif args.command == "chaos":
-            from .chaos import run_chaos
-            from .faults import FaultPlan
-
-            plan = FaultPlan.load(args.plan) if args.plan else FaultPlan(args.seed, [])
-            if args.fault:  # flags add to the plan's faults (ids are renumbered)
-                faults = [*plan.faults, *FaultPlan.from_flags(args.fault, args.seed).faults]
-                entries = [{k: v for k, v in f.to_dict().items() if k != "id"} for f in faults]
-                plan = FaultPlan.from_dict({"seed": plan.seed, "faults": entries})
-            flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
-            from .protocol import new_key
-
-            os.environ.setdefault("LOWCOMM_KEY", new_key())
-            r = run_chaos(plan, args.replicas, args.out, flags, args.timeout)
-            print(
-                f"{r['faults_injected']} faults injected, data lost {r['data_lost']}, final loss delta "
-                f"{r['final_loss_delta']}; report in {Path(args.out).resolve()}/report.md"
-            )
-            return 0 if r["data_lost"] == 0 else 1
-        elif args.command == "scaling":
+        if args.command == "chaos":
+            return _chaos(args)
+        if args.command == "scaling":
             return _scaling(args)
-        elif args.command == "demo":
-            cfgs = demo_configs(args.steps, args.replicas, args.out)
-            summaries = {}
-            for name, cfg in cfgs.items():
-                print(f"[{name}] {cfg.run_dir}", file=sys.stderr, flush=True)
-                summaries[name] = train(cfg, progress=not args.quiet)
-            print(
-                f"\nlowcomm demo: M={args.replicas} replicas, {args.steps} steps each, equal tokens, "
-                f"{summaries['dp']['params']:,} parameters\n"
-            )
-            print(format_comparison(summaries))
-            print(f"\nrecords in {Path(args.out).resolve()}/{{dp,diloco,streaming}}")
-    except (ValueError, FileNotFoundError) as e:
+        return _demo(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input (CorruptStateError is a ValueError)
         print(f"lowcomm: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":

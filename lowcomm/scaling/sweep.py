@@ -19,8 +19,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..runtime.config import TrainConfig
+if TYPE_CHECKING:  # the sweep runs the trainer; the fits and reports never import it
+    from ..runtime.trainer import TrainConfig
 
 __all__ = ["SIZE_PRESETS", "SweepSpec", "grid", "run_sweep", "resolve_size", "non_embedding_params"]
 
@@ -127,6 +129,8 @@ class SweepSpec:
 
 def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
     """Every run of the sweep as (name, config), DP baselines first within each size."""
+    from ..runtime.trainer import TrainConfig
+
     runs = []
     for size in spec.sizes:
         preset, dim, layers, heads = resolve_size(size)
@@ -152,7 +156,7 @@ def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
                 runs.append(
                     (
                         name,
-                        TrainConfig(
+                        TrainConfig.from_flat(
                             mode="dp",
                             replicas=1,
                             batch_size=spec.global_batch,
@@ -172,7 +176,7 @@ def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
                         runs.append(
                             (
                                 name,
-                                TrainConfig(
+                                TrainConfig.from_flat(
                                     mode="diloco",
                                     replicas=m,
                                     batch_size=per_replica,
@@ -190,7 +194,7 @@ def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
 
 def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     """Run every unfinished run of the grid; returns counts and the failures (name, error)."""
-    from ..runtime.trainer import train
+    from ..runtime.trainer import loop
 
     runs = grid(spec)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
@@ -206,14 +210,14 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
 
         bar = tqdm(total=len(runs), desc="sweep", unit="run", dynamic_ncols=True)
     for name, cfg in runs:
-        run_dir = Path(cfg.run_dir)
+        run_dir = Path(cfg.run.run_dir)
         if (run_dir / "summary.json").exists():
             skipped += 1
         else:
             if bar is not None:
                 bar.set_postfix_str(name)
             try:
-                train(cfg, progress=False)
+                loop.train(cfg, progress=False)
                 (run_dir / "failed.json").unlink(missing_ok=True)
                 done += 1
             except Exception as e:  # one bad run must not stop the sweep

@@ -1,33 +1,27 @@
-"""Static multi-process jobs: process groups from torchrun's environment, and a local launcher.
+"""Static multi-process jobs: where this process sits, and its process groups from torchrun's environment.
 
 Layout: ``W`` processes, ``k`` per replica (``M = W / k`` replicas). Replica ``r`` is the ranks
 ``r·k .. r·k + k − 1`` (one node per replica is the usual multi-node layout); they form its inner
 group (DDP). The outer group of local rank ``l`` joins rank ``l`` of every replica; each process
 synchronizes its pseudo-gradients with its outer group only.
 
-``lowcomm launch --replicas M --procs-per-replica k -- CMD ...`` starts ``M·k`` processes of
-``CMD`` on this machine with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR=127.0.0.1, MASTER_PORT) plus LOWCOMM_PROCS_PER_REPLICA; when one fails the others
-are stopped and its exit code is returned.
+The processes are started by torchrun, or on one machine by ``lowcomm launch``
+(:mod:`lowcomm.runtime.trainer.launch`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..comm.distributed import DistributedGroup, LinkEmulator
+from ...comm.distributed import DistributedGroup, LinkEmulator
 
-__all__ = ["Topology", "init_from_torchrun", "launch", "is_distributed_env", "free_port"]
+__all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
 
 log = logging.getLogger(__name__)
 
@@ -129,74 +123,3 @@ def init_from_torchrun(
         outer_pg, store=store, link=link, name=f"outer{local}", timeout=collective_timeout_s or timeout_s
     )
     return Topology(rank, world, replica, M, local, k, outer, inner)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(
-    command: list[str],
-    replicas: int,
-    procs_per_replica: int = 1,
-    *,
-    port: int | None = None,
-    grace_s: float = 5.0,
-) -> int:
-    """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine; returns an exit code.
-
-    Raises:
-        ValueError: counts below 1 or an empty command.
-    """
-    if not command:
-        raise ValueError("launch needs a command after '--'")
-    if replicas < 1 or procs_per_replica < 1:
-        raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
-    world = replicas * procs_per_replica
-    port = port or free_port()
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
-        }
-        procs.append(subprocess.Popen(command, env=env))
-    running = dict(enumerate(procs))
-    code = 0
-    try:
-        while running:
-            for rank, p in list(running.items()):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                del running[rank]
-                if rc != 0 and code == 0:
-                    code = rc
-                    log.error("rank %d exited with code %d; stopping the other ranks", rank, rc)
-                    _stop(list(running.values()), grace_s)
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        _stop(list(running.values()), grace_s)
-        return 130
-    return code
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.time(), 0.01))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

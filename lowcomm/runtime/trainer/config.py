@@ -1,0 +1,415 @@
+"""The trainer's configuration: small frozen sections, loadable from TOML, JSON and the command line.
+
+``TrainConfig`` holds one section per concern, each a frozen dataclass that checks its own values:
+
+    [run]      mode, replicas, steps, evaluation, seed, run directory, device   (RunConfig)
+    [model]    the reference GPT and its matmul precision                        (ModelConfig)
+    [optim]    the inner AdamW and its schedule                                   (OptimConfig)
+    [data]     the corpus and the batch                                           (DataConfig)
+    [diloco]   how replicas synchronize                                          (lowcomm.optim.DiLoCoConfig)
+    [link]     an emulated slower network between processes                      (LinkConfig)
+    [elastic]  the coordinator of an elastic job and the worker's part in it     (ElasticConfig)
+
+Every field also has a flat name, the command-line flag without its dashes (``--model-dim`` is
+``model_dim``, ``--link-latency`` is ``link_latency``, every other field is its own name), so a
+configuration file may use sections or flat keys, and :meth:`TrainConfig.replace` takes flat
+names. ``config.json`` in a run directory records the flat form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..._checks import refuse
+from ..._compat import tomllib
+from ...comm.distributed import parse_bandwidth, parse_duration
+from ...kernels.linear import PRECISIONS
+from ...optim.config import DiLoCoConfig
+
+__all__ = [
+    "MODES",
+    "DEVICES",
+    "TrainConfig",
+    "RunConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "DataConfig",
+    "LinkConfig",
+    "ElasticConfig",
+    "load_config_file",
+    "FLAT",
+]
+
+MODES = ("diloco", "dp")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _int(obj: Any, name: str, lo: int, flag: str | None = None) -> None:
+    v = getattr(obj, name)
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+        raise refuse(flag or name, v, f"an int >= {lo}")
+
+
+def _num(obj: Any, name: str, ok, allowed: str, flag: str | None = None) -> None:
+    v = getattr(obj, name)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
+        raise refuse(flag or name, v, allowed)
+
+
+def _choice(obj: Any, name: str, choices: tuple, flag: str | None = None) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise refuse(flag or name, v, f"one of {list(choices)}")
+
+
+def _bool(obj: Any, name: str, flag: str | None = None) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, bool):
+        raise refuse(flag or name, v, "true or false")
+
+
+def _text(obj: Any, name: str, optional: bool = False, flag: str | None = None) -> None:
+    v = getattr(obj, name)
+    if not (isinstance(v, str) and v) and not (optional and v is None):
+        raise refuse(flag or name, v, "a non-empty string" + (" or unset" if optional else ""))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What runs, where, and what it records.
+
+    Attributes:
+        mode: "diloco" (DiLoCo / Streaming DiLoCo) or "dp" (a fp32 gradient mean every step).
+        replicas: M, replicas in one process (a multi-process job has one replica per
+            ``procs_per_replica`` processes, whatever this says).
+        steps: inner steps per replica.
+        final_sync: after the last step, sync every fragment that has unsynced progress.
+        eval_every: evaluate the global parameters every this many steps (0 = only at the end).
+        eval_batches: validation batches per evaluation (fixed windows).
+        seed: seeds the model init and every replica's data stream.
+        run_dir: where the run's records go.
+        threads: torch intra-op threads (0 = torch's default).
+        device: where the replicas train: "cpu", "cuda", or "auto" (cuda when available).
+        procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
+            launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.
+        timeout: seconds a peer may stay silent in a collective before the round fails.
+    """
+
+    mode: str = "diloco"
+    replicas: int = 4
+    steps: int = 600
+    final_sync: bool = True
+    eval_every: int = 100
+    eval_batches: int = 8
+    seed: int = 0
+    run_dir: str = "runs/default"
+    threads: int = 0
+    device: str = "cpu"
+    procs_per_replica: int = 1
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        _choice(self, "mode", MODES)
+        _choice(self, "device", DEVICES)
+        for name in ("replicas", "steps", "eval_batches", "procs_per_replica"):
+            _int(self, name, 1)
+        for name in ("eval_every", "seed", "threads"):
+            _int(self, name, 0)
+        _bool(self, "final_sync")
+        _text(self, "run_dir")
+        _num(self, "timeout", lambda v: v > 0, "a number of seconds > 0")
+
+    def torch_device(self) -> torch.device:
+        """The device ``device`` names on this machine (``auto``: cuda when available).
+
+        Raises:
+            ValueError: ``cuda`` on a machine without a usable GPU.
+        """
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise refuse("device", self.device, "'cpu' or 'auto' on this machine (torch sees no CUDA GPU)")
+        use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return torch.device("cuda" if use_cuda else "cpu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The reference GPT (see :mod:`lowcomm.lm.model`).
+
+    Attributes:
+        dim: width (flag ``--model-dim``); a multiple of ``heads``.
+        layers: transformer blocks.
+        heads: attention heads.
+        seq_len: context length in tokens.
+        precision: matmul precision of the Linear layers: "fp32", "mxfp8", "mxfp8_fast",
+            "fp8_rowwise" or "fp8_tensorwise" (emulated on CPU; the output head stays in full
+            precision).
+    """
+
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    seq_len: int = 128
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _int(self, "dim", 1, "model_dim")
+        for name in ("layers", "heads", "seq_len"):
+            _int(self, name, 1)
+        _choice(self, "precision", PRECISIONS)
+        if self.dim % self.heads:
+            raise refuse("heads", self.heads, f"a divisor of model_dim={self.dim}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The inner optimizer: AdamW, β = (0.9, 0.99), linear warm-up then cosine decay.
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr_ratio: final fraction of the peak learning rate.
+        warmup: linear warm-up steps.
+        weight_decay: AdamW decay on matrices (not on biases, norms).
+        grad_clip: global gradient-norm clip (0 = off).
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _num(self, "lr", lambda v: v > 0, "a number > 0")
+        _num(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        _int(self, "warmup", 0)
+        _num(self, "weight_decay", lambda v: v >= 0, "a number >= 0")
+        _num(self, "grad_clip", lambda v: v >= 0, "a number >= 0 (0 = off)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What the replicas read.
+
+    Attributes:
+        corpus: "stdlib" (the Python standard library's sources), a directory of text files, or
+            a .bin file of uint16 tokens.
+        batch_size: sequences per replica (per process of a replica) per inner step.
+    """
+
+    corpus: str = "stdlib"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _text(self, "corpus")
+        _int(self, "batch_size", 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkConfig:
+    """An emulated slower network on the outer collectives (multi-process jobs only).
+
+    Attributes:
+        bandwidth: per replica, e.g. "100Mbit" (flag ``--link-bandwidth``).
+        latency: per collective, e.g. "20ms" (flag ``--link-latency``).
+    """
+
+    bandwidth: str | None = None
+    latency: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bandwidth is not None:
+            _text(self, "bandwidth", flag="link_bandwidth")
+            parse_bandwidth(self.bandwidth)  # raises, naming the value and the accepted forms
+        if self.latency is not None:
+            _text(self, "latency", flag="link_latency")
+            parse_duration(self.latency)
+
+    @property
+    def emulated(self) -> bool:
+        return self.bandwidth is not None or self.latency is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ElasticConfig:
+    """This process as one worker of an elastic job (set ``coordinator`` to join one).
+
+    Attributes:
+        coordinator: "tcp://host:port" of the job's coordinator; the key comes from $LOWCOMM_KEY
+            or $LOWCOMM_KEY_FILE.
+        worker_id: this worker's name in the job (default: hostname-pid); it also picks the
+            worker's data stream.
+        advertise_addr: the address peers should use for this worker (collectives and state
+            transfers); default: this host's address on the route to the coordinator.
+        transfer_inner_state: joiners also receive the donor's inner optimizer state.
+        heartbeat: seconds between the worker's heartbeats.
+        checkpoint_every: write the worker's whole state to run_dir/checkpoint.lcs every this many
+            steps (0 = never); atomically, with a checksum.
+        resume: a checkpoint to continue from ("auto" = run_dir/checkpoint.lcs if it exists).
+    """
+
+    coordinator: str | None = None
+    worker_id: str | None = None
+    advertise_addr: str | None = None
+    transfer_inner_state: bool = False
+    heartbeat: float = 0.5
+    checkpoint_every: int = 0
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.coordinator is not None and not (
+            isinstance(self.coordinator, str) and self.coordinator.startswith("tcp://")
+        ):
+            raise refuse("coordinator", self.coordinator, "an endpoint like 'tcp://host:29400'")
+        _text(self, "worker_id", optional=True)
+        _text(self, "advertise_addr", optional=True)
+        _text(self, "resume", optional=True)
+        _bool(self, "transfer_inner_state")
+        _num(self, "heartbeat", lambda v: 0 < v <= 10, "a number of seconds in (0, 10]")
+        _int(self, "checkpoint_every", 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.coordinator is not None
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "diloco": DiLoCoConfig,
+    "link": LinkConfig,
+    "elastic": ElasticConfig,
+}
+#: flat names that are not their field's own name
+_RENAMED = {
+    ("model", "dim"): "model_dim",
+    ("link", "bandwidth"): "link_bandwidth",
+    ("link", "latency"): "link_latency",
+}
+#: flat name -> (section, field), for every field of every section
+FLAT: dict[str, tuple[str, str]] = {
+    _RENAMED.get((sec, f.name), f.name): (sec, f.name) for sec, cls in SECTIONS.items() for f in fields(cls)
+}
+#: the trainer's DiLoCo defaults differ from the wrapper's in one place: H = 50 suits its short runs
+_DILOCO_DEFAULTS = {"sync_every": 50}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run depends on, in sections (see the module docstring)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diloco: DiLoCoConfig = field(default_factory=lambda: DiLoCoConfig(**_DILOCO_DEFAULTS))
+    link: LinkConfig = field(default_factory=LinkConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+
+    def __post_init__(self) -> None:
+        for sec, cls in SECTIONS.items():
+            if not isinstance(getattr(self, sec), cls):
+                raise refuse(sec, getattr(self, sec), f"a {cls.__name__}")
+        run, el, d = self.run, self.elastic, self.diloco
+        if not isinstance(d.fragments, int):
+            raise refuse(
+                "fragments", d.fragments, "a count in the trainer (explicit fragments are for DiLoCo())"
+            )
+        if d.fragments > self.model.layers + 1:
+            raise refuse(
+                "fragments",
+                d.fragments,
+                f"at most layers + 1 = {self.model.layers + 1} (blocks plus one fragment for embeddings, "
+                "head, norm)",
+            )
+        if el.enabled:
+            if run.mode != "diloco":
+                raise refuse("mode", run.mode, "'diloco' in an elastic job (--coordinator)")
+            if run.procs_per_replica != 1:
+                raise refuse(
+                    "procs_per_replica", run.procs_per_replica, "1 in an elastic job (one process per worker)"
+                )
+            if d.reduce != "two_phase":
+                raise refuse("reduce", d.reduce, "'two_phase' in an elastic job (its guarded reduce)")
+        else:  # a static job: every replica runs to the end or the job fails (torchrun restarts it)
+            if el.checkpoint_every:
+                raise refuse(
+                    "checkpoint_every",
+                    el.checkpoint_every,
+                    "0 without --coordinator (elastic workers write them)",
+                )
+            if el.resume is not None:
+                raise refuse("resume", el.resume, "unset without --coordinator (elastic workers resume)")
+
+    # ---- flat names ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_flat(cls, **flat: Any) -> TrainConfig:
+        """Build from flat names (``TrainConfig.from_flat(model_dim=64, codec="e3m0")``)."""
+        return cls().replace(**flat)
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """A copy with the fields named by their flat names changed; an unknown name raises
+        ValueError naming it and the allowed ones."""
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in flat.items():
+            if name not in FLAT:
+                raise ValueError(f"unknown config key {name!r}; allowed: {sorted(FLAT)}")
+            sec, fname = FLAT[name]
+            changes.setdefault(sec, {})[fname] = value
+        sections = {sec: dataclasses.replace(getattr(self, sec), **kv) for sec, kv in changes.items()}
+        return dataclasses.replace(self, **sections)
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flat name (what ``config.json`` records)."""
+        return {name: getattr(getattr(self, sec), fname) for name, (sec, fname) in FLAT.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping of flat keys and/or section tables (``[model]``, ``[diloco]``, ...);
+        keys may use '-' or '_'. An unknown key raises ValueError naming it and the allowed ones."""
+        flat: dict[str, Any] = {}
+        for k, v in data.items():
+            key = str(k).replace("-", "_")
+            if key in SECTIONS:
+                if not isinstance(v, dict):
+                    raise ValueError(f"config section [{key}] must be a table of keys, got {v!r}")
+                for fk, fv in v.items():
+                    fkey = str(fk).replace("-", "_")
+                    names = {f.name for f in fields(SECTIONS[key])}
+                    if fkey not in names:
+                        raise ValueError(f"unknown key {fk!r} in section [{key}]; allowed: {sorted(names)}")
+                    flat[_RENAMED.get((key, fkey), fkey)] = fv
+            else:
+                flat[key] = v
+        return cls.from_flat(**flat)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or JSON config file into a dict (a ``[train]`` table is unwrapped)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ValueError(f"config file {str(p)!r} is a directory; give a .toml or .json file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {str(p)!r} must end in .toml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a table of keys")
+    return data.get("train", data)

@@ -1,0 +1,366 @@
+"""The one training loop behind ``lowcomm train``, for every kind of job.
+
+Where the replicas sit decides the group they talk through; everything else is the same loop:
+
+    one process            all ``replicas`` replicas here, over a LocalGroup
+    launch / torchrun      one replica per process (or per ``procs_per_replica`` processes with
+                           inner DDP), over a DistributedGroup; rank 0 writes the records
+    elastic worker         one replica over an ElasticGroup (``--coordinator``); it writes its
+                           own run directory
+
+and how they synchronize is a :class:`~lowcomm.runtime.trainer.sync.Sync` (DP, DiLoCo, elastic
+DiLoCo). Each step: every local replica runs forward and backward, the sync may act on the
+gradients (DP), every replica takes its inner step, the sync may act on the parameters
+(DiLoCo), then the step is recorded, evaluated when due, and handed to the sync's after-step
+work (an elastic worker's checkpoints and joiners). One process and torchrun give the same bits
+for the same configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from ..._version import __version__
+from ...comm import LocalGroup, ReplicaGroup
+from ...comm.distributed import LinkEmulator
+from ...lm import eval_batches, load_corpus
+from ..hooks import NO_FAULTS, FaultHooks
+from .build import Replicas, build_model, evaluate
+from .config import TrainConfig
+from .records import NullRecorder, RunRecorder, human_bytes, write_summary
+from .sync import DataParallel, DiLoCoSync, Sync
+from .topology import Topology, init_from_torchrun, is_distributed_env
+
+__all__ = ["train", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    topology: Topology | None = None,
+    key: bytes | None = None,
+    hooks: FaultHooks | None = None,
+) -> dict[str, Any]:
+    """Run one training job and write its run directory; returns the summary.
+
+    Args:
+        cfg: the configuration.
+        progress: show a progress bar (on the process that writes the records).
+        topology: a static job's topology (default: from torchrun's environment, if any).
+        key: an elastic job's key (default: $LOWCOMM_KEY / $LOWCOMM_KEY_FILE).
+        hooks: an elastic worker's fault hooks (default: from $LOWCOMM_FAULTS, if set).
+
+    Raises:
+        ValueError / FileNotFoundError: bad configuration, corpus or checkpoint, before any
+            training step and before any record is written.
+    """
+    return Trainer(cfg, progress=progress, topology=topology, key=key, hooks=hooks).run()
+
+
+class Trainer:
+    """One run: built by :meth:`run`, which returns the summary. See :func:`train`."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        progress: bool = True,
+        topology: Topology | None = None,
+        key: bytes | None = None,
+        hooks: FaultHooks | None = None,
+    ) -> None:
+        self.cfg, self.progress, self.topology, self.key, self.hooks = cfg, progress, topology, key, hooks
+        self.rec: RunRecorder | NullRecorder = NullRecorder()
+
+    def _record(self, kind: str, **fields: Any) -> None:
+        """The run's event log (handed to parts built before the recorder opens)."""
+        self.rec.event(kind, **fields)
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def _static_topology(self) -> Topology | None:
+        cfg = self.cfg
+        link = LinkEmulator.parse(cfg.link.bandwidth, cfg.link.latency)
+        topo = self.topology
+        if topo is None and is_distributed_env():
+            topo = init_from_torchrun(cfg.run.procs_per_replica, link=link, timeout_s=cfg.run.timeout)
+        if topo is None and link is not None and not cfg.elastic.enabled:
+            raise ValueError(
+                f"link_bandwidth={cfg.link.bandwidth!r} / link_latency={cfg.link.latency!r} emulate a "
+                "network between processes: run the job under 'lowcomm launch' or torchrun"
+            )
+        if topo is not None and cfg.run.replicas != topo.num_replicas:
+            log.info("replicas=%d ignored: the job has %d replicas", cfg.run.replicas, topo.num_replicas)
+        return topo
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = cfg.run.torch_device()
+        self.corpus = load_corpus(cfg.data.corpus)
+        elastic = cfg.elastic.enabled
+        topo = None if elastic else self._static_topology()
+        self.topo = topo
+        base = build_model(cfg, self.corpus.vocab_size)
+        self.params = base.num_params()
+        self.params_ne = base.num_params(non_embedding=True)
+        self.flops_per_token = base.flops_per_token()
+        self.leader = topo is None or topo.is_leader
+        self.procs_per_replica = topo.procs_per_replica if topo else 1
+        self.world_size = topo.world_size if topo else 1
+        if elastic:
+            from .worker import data_stream, resume_checkpoint, worker_name
+
+            resume = resume_checkpoint(cfg)  # checked before anything is written
+            self.worker_id = worker_name(cfg)
+            self.replica_ids, streams = [0], [data_stream(self.worker_id)]
+            self.num_replicas = 1
+        elif topo is None:
+            self.replica_ids = list(range(cfg.run.replicas))
+            streams = self.replica_ids
+            self.num_replicas = cfg.run.replicas
+        else:
+            k = topo.procs_per_replica
+            self.replica_ids = [topo.replica]
+            streams = [topo.replica if k == 1 else topo.replica * k + topo.local_rank]
+            self.num_replicas = topo.num_replicas
+        self.replicas = Replicas(base, cfg, self.corpus, streams, self.device, topo.inner if topo else None)
+        self.val = eval_batches(self.corpus.val, cfg.run.eval_batches, cfg.data.batch_size, cfg.model.seq_len)
+        # every replica of the job (every process of a replica) reads one batch per step
+        self.tokens_per_step = (
+            self.num_replicas * self.procs_per_replica * cfg.data.batch_size * cfg.model.seq_len
+        )
+        self.sync = self._make_sync(resume if elastic else None)
+        self.sync.record = self._record
+
+    def _make_sync(self, resume: dict | None) -> Sync:
+        cfg, topo = self.cfg, self.topo
+        if cfg.elastic.enabled:
+            from ..elastic import load_key
+            from ..faults import FaultInjector
+            from .worker import ElasticDiLoCo
+
+            hooks = self.hooks or FaultInjector.from_env(self.worker_id, record=self._record) or NO_FAULTS
+            self.hooks = hooks
+            key = self.key if self.key is not None else load_key()
+            return ElasticDiLoCo(
+                self.replicas,
+                cfg,
+                key=key,
+                worker_id=self.worker_id,
+                hooks=hooks,
+                record=self._record,
+                resume=resume,
+            )
+        if os.environ.get("LOWCOMM_FAULTS"):
+            log.warning(
+                "LOWCOMM_FAULTS is set but fault plans act on elastic jobs (--coordinator); "
+                "this run ignores it"
+            )
+        self.hooks = NO_FAULTS
+        groups: list[ReplicaGroup] = LocalGroup.create(cfg.run.replicas) if topo is None else [topo.outer]
+        if cfg.run.mode == "dp":
+            return DataParallel(self.replicas, groups)
+        return DiLoCoSync(self.replicas, groups, cfg, shard_group=topo.inner if topo else None)
+
+    def _config_record(self) -> dict[str, Any]:
+        return {
+            **self.cfg.flat(),
+            "replicas": self.num_replicas,
+            "procs_per_replica": self.procs_per_replica,
+            "world_size": self.world_size,
+            **({"worker_id": self.worker_id} if self.cfg.elastic.enabled else {}),
+            "corpus_name": self.corpus.name,
+            "corpus_sha256": self.corpus.sha256,
+            "vocab_size": self.corpus.vocab_size,
+            "params": self.params,
+            "params_non_embedding": self.params_ne,
+            "lowcomm_version": __version__,
+            "torch_version": torch.__version__,
+            "fragment_numels": (
+                self.sync.dilocos[0].fragment_numels() if isinstance(self.sync, DiLoCoSync) else [self.params]
+            ),
+        }
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.time()
+        cfg = self.cfg
+        self._build()
+        if self.leader:
+            restarted = cfg.elastic.enabled and (
+                bool(cfg.elastic.resume) or bool(os.environ.get("LOWCOMM_RESTARTED"))
+            )
+            self.rec = RunRecorder(cfg.run.run_dir, self._config_record(), append=restarted)
+        sync, bar, finished = self.sync, None, False
+        try:
+            step = start = sync.start()
+            if self.progress and self.leader:
+                from tqdm.auto import tqdm
+
+                desc = (
+                    f"worker {self.worker_id}"
+                    if cfg.elastic.enabled
+                    else f"{cfg.run.mode} M={self.num_replicas}"
+                )
+                bar = tqdm(
+                    total=cfg.run.steps,
+                    initial=start,
+                    desc=desc,
+                    unit="step",
+                    dynamic_ncols=True,
+                    leave=False,
+                )
+            steps_run, last_eval = 0, float("nan")
+            t_loop = time.perf_counter()
+            while True:
+                if step >= cfg.run.steps:  # the end: apply (and, with final_sync, send) what is left
+                    if sync.finish():
+                        self._drain_rounds(step)
+                        break
+                    step = sync.position
+                    continue
+                self.hooks.before_step(step + 1)
+                t0 = time.perf_counter()
+                losses = self.replicas.forward_backward()
+                t1 = time.perf_counter()
+                sync.before_update()
+                t2 = time.perf_counter()
+                self.replicas.update()
+                t3 = time.perf_counter()
+                counted = sync.after_update(step + 1)
+                t4 = time.perf_counter()
+                sync.timing["inner_s"] += (t1 - t0) + (t3 - t2)
+                sync.timing["comm_wall_s"] += (t2 - t1) + (t4 - t3)
+                if not counted:  # the job's state replaced ours: go on from its step
+                    step = sync.position
+                    continue
+                step += 1
+                steps_run += 1
+                self._drain_rounds(step)
+                mean_loss = float(torch.stack(losses).mean())
+                self.rec.event(
+                    "step",
+                    step=step,
+                    loss=mean_loss,
+                    lr=self.replicas.lr(),
+                    tokens=step * self.tokens_per_step,
+                    bytes_sent=sync.bytes_sent[0],
+                )
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                    last_eval = self._eval(step)
+                sync.after_step(step)
+                if bar is not None:
+                    bar.n = step
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=human_bytes(sync.bytes_sent[0])
+                    )
+                    bar.refresh()
+            sync.timing["loop_s"] = time.perf_counter() - t_loop
+            final = self._eval(cfg.run.steps)
+            finished = True
+            bytes_all, digests = self._replica_facts()
+        finally:
+            if bar is not None:
+                bar.close()
+            sync.close(finished)
+            self.rec.close()
+            if self.topo is not None:
+                self.topo.outer.close()
+        if not cfg.elastic.enabled and len(set(digests)) > 1:
+            raise RuntimeError(
+                f"replicas ended with different global parameters ({digests}); this is a bug in lowcomm"
+            )
+        summary = self._summary(final, bytes_all, digests, steps_run, time.time() - t_start)
+        if self.leader:
+            write_summary(cfg.run.run_dir, summary)
+            log.info(
+                "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
+                cfg.run.run_dir,
+                final,
+                human_bytes(summary["bytes_sent_per_replica"]),
+                summary["wall_seconds"],
+            )
+        return summary
+
+    def _drain_rounds(self, step: int) -> None:
+        if isinstance(self.sync, DiLoCoSync):
+            self.sync.drain_rounds(step, self.replica_ids)
+
+    def _eval(self, step: int) -> float:
+        """Evaluate the global parameters (the leader only; the others return nan)."""
+        if not self.leader:
+            return float("nan")
+        with self.sync.global_parameters() as model:
+            loss = evaluate(model, self.val, self.device)
+        self.rec.eval(step=step, tokens=step * self.tokens_per_step, loss=loss)
+        return loss
+
+    def _replica_facts(self) -> tuple[list[int], list[str]]:
+        """Bytes sent by every replica of the job and a digest of each one's global parameters."""
+        digests = self.sync.digests()
+        if self.topo is None:
+            return self.sync.bytes_sent, digests
+        facts = self.topo.outer.all_gather_json(
+            {"bytes": self.sync.bytes_sent[0], "digest": digests[0] if digests else None}
+        )
+        return [f["bytes"] for f in facts], [f["digest"] for f in facts if f["digest"] is not None]
+
+    def _summary(self, final: float, bytes_all: list[int], digests: list[str], steps_run: int, wall: float):
+        cfg, sync = self.cfg, self.sync
+        timing = sync.timing
+        tokens = steps_run * self.tokens_per_step
+        dp = cfg.run.mode == "dp"
+        loop_s = timing["loop_s"]
+        return {
+            "mode": cfg.run.mode,
+            "elastic": False,
+            "replicas": self.num_replicas,
+            "procs_per_replica": self.procs_per_replica,
+            "sync_every": 1 if dp else cfg.diloco.sync_every,
+            "fragments": 1 if dp else cfg.diloco.fragments,
+            "overlap": 0 if dp else cfg.diloco.overlap,
+            "alpha": cfg.diloco.alpha,
+            "outer_lr": cfg.diloco.outer_lr,
+            "codec": "fp32" if dp else cfg.diloco.codec,
+            "precision": cfg.model.precision,
+            "params": self.params,
+            "params_non_embedding": self.params_ne,
+            "model_dim": cfg.model.dim,
+            "layers": cfg.model.layers,
+            "tokens": tokens,
+            "steps": cfg.run.steps,
+            "steps_run": steps_run,
+            "batch_size": cfg.data.batch_size,
+            "seq_len": cfg.model.seq_len,
+            "lr": cfg.optim.lr,
+            "final_eval_loss": final,
+            "bytes_sent_per_replica": sum(bytes_all) / len(bytes_all),
+            "global_params_sha256": digests[0] if digests else None,
+            "rounds": sync.rounds,
+            "flops": self.flops_per_token * tokens,
+            "wall_seconds": wall,
+            "step_seconds": loop_s / max(steps_run, 1),
+            # the share of the training loop's wall time not spent waiting for communication
+            "compute_utilization": timing["inner_s"] / loop_s if loop_s else None,
+            "timing": timing,
+            "seed": cfg.run.seed,
+            "corpus": self.corpus.name,
+            "link_bandwidth": cfg.link.bandwidth,
+            "link_latency": cfg.link.latency,
+            "lowcomm_version": __version__,
+            **sync.summary(),
+        }
