@@ -19,8 +19,9 @@ Backends:
         exact up to the fp32 accumulation order: the numerics every faster path is checked against.
     ``scaled_mm``: ``torch._scaled_mm`` on CUDA: tensorwise / rowwise on sm_89 and newer, MX (E8M0
         scales, 1x32 blocks) on sm_100 and newer, ``mxfp8_fast`` through the blockwise GEMM (1x128
-        fp32 scales on both operands, bf16 output) on sm_90, where REFERENCE.md measured it at about
-        1.3x cuBLAS bf16 at 8192^3 (cuBLASLt >= 12.9; not measured by this project yet).
+        fp32 scales on both operands, bf16 output) on sm_90, where docs/references.md (FP8 on
+        Hopper) reports it at about 1.3x cuBLAS bf16 at 8192^3 (cuBLASLt >= 12.9; not measured
+        by this project yet).
     ``triton``: operands quantized by the fused Triton kernel (one pass each); MXFP8: the exact-MX
         Triton kernel that applies both operands' E8M0 scales in its K loop; MXFP8 fast: the same
         kernel with fp32 scales per 128 of K (for Hopper, which has no MX in cuBLAS; also CPU
@@ -274,7 +275,7 @@ def qmatmul(
         scale_rule: MX scale rule ("rceil" or "floor").
         b_tile: ``mxfp8_fast`` only: "1x128" or "128x128" blocks for ``b`` (a weight: one scale
             per 128x128 tile, DeepSeek-V3's weight granularity; coarser, and the pairing cuBLAS runs
-            fastest on sm_90, REFERENCE.md). N is zero-padded to a multiple of 128 for it.
+            fastest on sm_90, docs/references.md). N is zero-padded to a multiple of 128 for it.
 
     Raises:
         ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe or

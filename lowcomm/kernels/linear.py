@@ -6,9 +6,9 @@ One autograd Function holds the whole recipe. With ``y = x Wᵀ + b`` (x: (T, K)
     dgrad  dx = dy · W    contraction over N (out-features) -> dy and W blocked along N
     wgrad  dW = dyᵀ· x    contraction over T (tokens)       -> dy and x blocked along T
 
-so every operand is quantized along the axis its GEMM reduces over (REFERENCE: "each operand is
-needed blocked along two different axes"). Master weights stay as they are (fp32 or bf16
-Parameters, shared with the original module), so optimizers and DiLoCo see ordinary parameters.
+so every operand is quantized along the axis its GEMM reduces over (docs/references.md, MX formats:
+"each operand is needed blocked along two different axes"). Master weights stay as they are (fp32 or
+bf16 Parameters, shared with the original module), so optimizers and DiLoCo see ordinary parameters.
 
 References:
     NVIDIA, "Recipes for Pre-training LLMs with MXFP8" (2025): E4M3 everywhere, rceil scales.

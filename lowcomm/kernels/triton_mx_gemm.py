@@ -6,10 +6,11 @@ dequantized operands: each 32-wide K step is an fp8 ``tl.dot`` into fp32, multip
 product of the two operands' power-of-two scales (exact) and accumulated in fp32. The result
 equals the emulated path up to fp32 summation order.
 
-This is the plain "promote every 32 of K" design. REFERENCE.md measured it at 0.21–0.29x of
-cuBLAS bf16 on H100, because the promotion costs about as many CUDA-core cycles as the fp8 MMA;
-beating bf16 needs the promotion hidden behind the MMAs (warp-specialized ping-pong consumers).
-It is here as the exact reference kernel for Hopper and runs on CPU under ``TRITON_INTERPRET=1``.
+This is the plain "promote every 32 of K" design. docs/references.md (FP8 on Hopper) reports it at
+0.21–0.29x of cuBLAS bf16 on H100, because the promotion costs about as many CUDA-core cycles as the
+fp8 MMA; beating bf16 needs the promotion hidden behind the MMAs (warp-specialized ping-pong
+consumers). It is here as the exact reference kernel for Hopper and runs on CPU under
+``TRITON_INTERPRET=1``.
 
 ``blockwise_matmul`` is the same kernel with fp32 scales per 128 of K (the ``mxfp8_fast`` recipe:
 MX regrouped to 1x128 blocks): four times fewer promotions, the granularity at which published
