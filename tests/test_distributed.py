@@ -159,10 +159,15 @@ def test_link_parsing_and_delay():
         parse_duration("fast")
 
 
-def test_trainer_under_launch_matches_the_local_trainer(tmp_path):
-    """`lowcomm train` runs unchanged under `lowcomm launch` and gives the same global parameters."""
+@pytest.mark.parametrize("mode", ["diloco", "dp"])
+def test_trainer_under_launch_matches_the_local_trainer(tmp_path, mode):
+    """`lowcomm train` runs unchanged under `lowcomm launch` and gives the same global parameters
+    (DP: the same model, its gradient buckets reduced during the backward in one case and after
+    it in the other)."""
     corpus = write_corpus(tmp_path / "corpus")
     args = [
+        "--mode",
+        mode,
         "--corpus",
         corpus,
         *TINY_FLAGS,
@@ -223,5 +228,6 @@ def test_trainer_under_launch_matches_the_local_trainer(tmp_path):
     d = json.loads((tmp_path / "d" / "summary.json").read_text())
     lo = json.loads((tmp_path / "l" / "summary.json").read_text())
     assert d["global_params_sha256"] == lo["global_params_sha256"]
+    assert (d["global_params_sha256"] is None) == (mode == "dp")
     assert d["final_eval_loss"] == lo["final_eval_loss"]
     assert d["bytes_sent_per_replica"] == lo["bytes_sent_per_replica"]

@@ -42,11 +42,17 @@ from .schedule import PATTERNS, partition_blocks, sends_at
 __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_replicas", "finish_replicas"]
 
 STATE_VERSION = 1
+#: RoundStats fields computed on the device (read back by drain_round_stats)
+_DEVICE_STATS = ("pseudo_grad_norm", "mean_pseudo_grad_norm", "cosine_to_mean", "momentum_norm")
 
 
 @dataclass
 class RoundStats:
-    """One completed round of one fragment on this replica."""
+    """One completed round of one fragment on this replica (``to_dict()`` is the metrics record).
+
+    The norms and the cosine are computed on the device when the round is applied and read back
+    only by :meth:`DiLoCo.drain_round_stats`, so applying a round costs no host sync.
+    """
 
     fragment: int
     send_step: int
@@ -88,7 +94,7 @@ class _InFlight:
     send_step: int
     due_step: int
     delta: torch.Tensor
-    norm: float
+    norm: torch.Tensor  # 0-dim, on the outer device
     final: bool = False
     send_s: float = 0.0
 
@@ -323,8 +329,13 @@ class DiLoCo:
         self.apply_due(final=True)
 
     def drain_round_stats(self) -> list[RoundStats]:
-        """Round statistics completed since the last call."""
+        """Round statistics completed since the last call (their norms read back in one go)."""
         out, self._rounds = self._rounds, []
+        if out:
+            values = torch.stack([torch.stack([getattr(r, f) for r in out]) for f in _DEVICE_STATS]).tolist()
+            for f, vals in zip(_DEVICE_STATS, values):
+                for r, v in zip(out, vals):
+                    setattr(r, f, v)
         return out
 
     def global_vector(self) -> torch.Tensor:
@@ -383,7 +394,7 @@ class DiLoCo:
                     "send_step": i.send_step,
                     "due_step": i.due_step,
                     "delta": i.delta.clone(),
-                    "norm": i.norm,
+                    "norm": float(i.norm),
                     "final": i.final,
                 }
                 for p, i in sorted(self._inflight.items(), key=lambda kv: kv[1].send_step)
@@ -424,8 +435,9 @@ class DiLoCo:
         for it in state["inflight"]:
             delta = it["delta"].to(self.outer_device, torch.float32).clone()
             work = self.group.all_reduce_mean(delta, self.codec, self.reduce)
+            norm = torch.tensor(float(it["norm"]), device=delta.device)
             self._inflight[int(it["fragment"])] = _InFlight(
-                work, int(it["send_step"]), int(it["due_step"]), delta, float(it["norm"]), bool(it["final"])
+                work, int(it["send_step"]), int(it["due_step"]), delta, norm, bool(it["final"])
             )
 
     # ---- internals ----------------------------------------------------------------------------
@@ -470,7 +482,7 @@ class DiLoCo:
         delta = f.global_[f.lo : f.hi] - self._flatten(f.params)[f.lo : f.hi]  # Δ = θ_global − θ_local, fp32
         if f.residual is not None:
             delta += f.residual
-        norm = float(delta.norm())
+        norm = delta.norm()
         work = self.group.all_reduce_mean(delta, self.codec, self.reduce)
         f.last_send = self.step_count
         self._inflight[p] = _InFlight(
@@ -481,9 +493,10 @@ class DiLoCo:
         f, inf = self._frags[p], self._inflight.pop(p)
         mean = inf.work.wait()
         t0 = time.perf_counter()
-        mean_norm = float(mean.norm())
+        mean_norm = mean.norm()
         # agreement of this replica with the group: cos(Δ_m, mean Δ) (1 = all replicas moved alike)
-        cosine = float(torch.dot(inf.delta, mean)) / (inf.norm * mean_norm) if inf.norm and mean_norm else 0.0
+        denom = inf.norm * mean_norm
+        cosine = torch.where(denom > 0, torch.dot(inf.delta, mean) / denom, torch.zeros_like(denom))
         if f.residual is not None:
             torch.sub(inf.delta, inf.work.sent, out=f.residual)
             torch.nan_to_num_(f.residual, nan=0.0, posinf=0.0, neginf=0.0)  # never carry a NaN forward
@@ -510,7 +523,7 @@ class DiLoCo:
                 pseudo_grad_norm=inf.norm,
                 mean_pseudo_grad_norm=mean_norm,
                 cosine_to_mean=cosine,
-                momentum_norm=float(f.momentum.momentum.norm()),
+                momentum_norm=f.momentum.momentum.norm(),
                 encode_s=s.encode_s,
                 comm_s=s.comm_s,
                 decode_s=s.decode_s,

@@ -4,6 +4,8 @@ a process trains, and the evaluation of a model on fixed validation batches."""
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -12,9 +14,21 @@ from torch import nn
 
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
+from ...lm.batched import batched_gpt_loss, stack_parameters
 from .config import TrainConfig
 
-__all__ = ["build_model", "build_inner_optimizer", "lr_lambda", "evaluate", "Replicas"]
+__all__ = [
+    "build_model",
+    "build_inner_optimizer",
+    "lr_lambda",
+    "evaluate",
+    "Replicas",
+    "BatchedReplicas",
+    "make_replicas",
+    "use_batched",
+]
+
+log = logging.getLogger(__name__)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
@@ -29,14 +43,18 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
 
 
 def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, β = (0.9, 0.99), decay on matrices only (the scaling-law study's inner optimizer)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW, β = (0.9, 0.99), decay on matrices only (the scaling-law study's inner optimizer);
+    fused on CUDA."""
+    return _adamw(list(model.parameters()), cfg, matrix=lambda p: p.dim() >= 2)
+
+
+def _adamw(params: list[torch.Tensor], cfg: TrainConfig, matrix) -> torch.optim.AdamW:
     groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if matrix(p)], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.99), eps=1e-8)
+    fused = {"fused": True} if all(p.is_cuda for p in params) else {}
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.99), eps=1e-8, **fused)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -55,21 +73,58 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Mean cross-entropy (nats per token) over fixed validation batches."""
+    """Mean cross-entropy (nats per token) over fixed validation batches (``dtype``: autocast)."""
     was_training = model.training
     model.eval()
-    total = 0.0
-    for x, y in batches:
-        total += float(model(x.to(device), y.to(device)))
+    total = torch.zeros((), device=device)
+    with _autocast(device, dtype):
+        for x, y in batches:
+            total += model(x.to(device), y.to(device)).float()
     model.train(was_training)
-    return total / len(batches)
+    return float(total) / len(batches)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on ``device``, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def use_batched(cfg: TrainConfig, device: torch.device, num_replicas: int, inner_group=None) -> bool:
+    """Whether this process's replicas run as one batched computation (see RunConfig.replica_batching)."""
+    mode = cfg.run.replica_batching
+    possible = num_replicas > 1 and inner_group is None and cfg.model.precision == "fp32"
+    if mode == "batched" and not possible:
+        log.info("replica_batching='batched': %d replica(s) here; they run sequentially", num_replicas)
+    if mode == "auto":
+        return possible and device.type == "cuda"
+    return mode == "batched" and possible
+
+
+def make_replicas(
+    base: nn.Module,
+    cfg: TrainConfig,
+    corpus: Corpus,
+    streams: list[int],
+    device: torch.device,
+    inner_group=None,
+) -> Replicas:
+    """The replicas of this process, batched or sequential (:func:`use_batched`)."""
+    cls = BatchedReplicas if use_batched(cfg, device, len(streams), inner_group) else Replicas
+    return cls(base, cfg, corpus, streams, device, inner_group)
 
 
 class Replicas:
-    """The replicas one process trains: for each a model (a copy of ``base``), an inner AdamW
-    with its learning-rate schedule, and a data stream of its own.
+    """The replicas one process trains, one after the other: for each a model (a copy of ``base``),
+    an inner AdamW with its learning-rate schedule, and a data stream of its own.
+
+    On CUDA batches come through pinned memory with non-blocking copies; the forward runs under
+    bf16 autocast when the run's dtype says so (parameters and optimizer state stay fp32), and
+    under torch.compile with ``compile``. Losses stay on the device.
 
     Args:
         base: the initial model (every replica starts from the same weights).
@@ -81,6 +136,8 @@ class Replicas:
             over it (a replica spread over several processes).
     """
 
+    batched = False
+
     def __init__(
         self,
         base: nn.Module,
@@ -91,32 +148,55 @@ class Replicas:
         inner_group=None,
     ) -> None:
         self.cfg, self.device = cfg, device
+        self.dtype = cfg.run.compute_dtype(device)
+        if device.type == "cuda" and self.dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         self.models = [copy.deepcopy(base).to(device) for _ in streams]
         self.opts = [build_inner_optimizer(m, cfg) for m in self.models]
         self.lr_at = lr_lambda(cfg)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, self.lr_at) for o in self.opts]
-        d = cfg.data
-        self.samplers = [
-            BatchSampler(corpus.train, d.batch_size, cfg.model.seq_len, cfg.run.seed, s) for s in streams
-        ]
+        d, seq = cfg.data, cfg.model.seq_len
+        self.samplers = [BatchSampler(corpus.train, d.batch_size, seq, cfg.run.seed, s) for s in streams]
         self.runners: list[nn.Module] = self.models
         if inner_group is not None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.runners = [DDP(m, process_group=inner_group) for m in self.models]
+        if cfg.run.compile:
+            self.runners = [torch.compile(r) for r in self.runners]
 
     def __len__(self) -> int:
         return len(self.models)
 
-    def forward_backward(self) -> list[torch.Tensor]:
-        """One batch through every replica, forward and backward; returns the detached losses."""
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def forward_backward(self) -> torch.Tensor:
+        """One batch through every replica, forward and backward; returns the (M,) losses, detached,
+        on the device."""
         losses = []
         for runner, sampler in zip(self.runners, self.samplers):
-            x, y = sampler.next()
-            loss = runner(x.to(self.device), y.to(self.device))
+            x, y = (self._to_device(t) for t in sampler.next())
+            with _autocast(self.device, self.dtype):
+                loss = runner(x, y)
             loss.backward()
-            losses.append(loss.detach())
-        return losses
+            losses.append(loss.detach().float())
+        return torch.stack(losses)
+
+    def grads(self, i: int) -> list[torch.Tensor | None]:
+        """Replica ``i``'s gradients, in parameter order (None where a parameter has none)."""
+        return [p.grad for p in self.models[i].parameters()]
+
+    def set_grads(self, i: int, flat: torch.Tensor) -> None:
+        """Replace replica ``i``'s gradients with the pieces of ``flat`` (parameter order)."""
+        offset = 0
+        for p in self.models[i].parameters():
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
 
     def update(self) -> None:
         """The inner step of every replica: clip, AdamW, schedule, zero the gradients."""
@@ -137,3 +217,71 @@ class Replicas:
             sched.last_epoch = step
             for g, base in zip(opt.param_groups, sched.base_lrs):
                 g["lr"] = base * self.lr_at(step)
+
+
+class BatchedReplicas(Replicas):
+    """The M replicas of the reference GPT as one batched computation (:mod:`lowcomm.lm.batched`).
+
+    Their parameters are stacked along a replica axis and trained by one AdamW (AdamW acts on
+    every element alone, so one over the stack is M of them), with each replica's gradient norm
+    clipped on its own. Each replica's model keeps its Parameters as views of its slice of the
+    stack, so DiLoCo, evaluation and checkpoints see M ordinary models. The results equal the
+    sequential path's up to float rounding (batched matrix multiplies sum in another order).
+    """
+
+    batched = True
+
+    def __init__(self, base, cfg, corpus, streams, device, inner_group=None) -> None:
+        super().__init__(base, cfg, corpus, streams, device, inner_group)
+        M = len(self.models)
+        self.params = stack_parameters(self.models)
+        self.names = list(self.params)
+        with torch.no_grad():
+            for m, model in enumerate(self.models):
+                for n, p in model.named_parameters():
+                    p.data = self.params[n].detach()[m]  # the replica's parameter is its slice
+        opt = _adamw(list(self.params.values()), cfg, matrix=lambda p: p.dim() >= 3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_at)
+        self.opts, self.scheds = [opt] * M, [sched] * M  # one optimizer steps every replica
+        loss = functools.partial(batched_gpt_loss, cfg=base.cfg)
+        self._loss = torch.compile(loss) if cfg.run.compile else loss
+
+    def forward_backward(self) -> torch.Tensor:
+        batches = [sampler.next() for sampler in self.samplers]
+        x, y = (self._to_device(torch.stack(t)) for t in zip(*batches))  # (M, B, T) each
+        with _autocast(self.device, self.dtype):
+            losses = self._loss(self.params, idx=x, targets=y)
+        losses.sum().backward()  # replica m's parameters get the gradient of its own loss
+        return losses.detach().float()
+
+    def grads(self, i: int) -> list[torch.Tensor | None]:
+        return [None if self.params[n].grad is None else self.params[n].grad[i] for n in self.names]
+
+    def set_grads(self, i: int, flat: torch.Tensor) -> None:
+        offset = 0
+        for n in self.names:
+            p = self.params[n]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            k = p[i].numel()
+            p.grad[i].copy_(flat[offset : offset + k].view_as(p[i]))
+            offset += k
+
+    def update(self) -> None:
+        clip = self.cfg.optim.grad_clip
+        if clip:
+            _clip_per_replica([p.grad for p in self.params.values() if p.grad is not None], clip)
+        self.opts[0].step()
+        self.scheds[0].step()
+        self.opts[0].zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def _clip_per_replica(grads: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` for each replica of stacked gradients (M, ...): its total 2-norm over all
+    its gradients, scaled down to ``max_norm`` where it exceeds it."""
+    M = grads[0].shape[0]
+    norms = torch.stack([g.reshape(M, -1).norm(dim=1) for g in grads])  # (n, M)
+    coef = (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)  # (M,)
+    for g in grads:
+        g.mul_(coef.view(M, *([1] * (g.dim() - 1))).to(g.dtype))

@@ -36,6 +36,8 @@ from ...optim.config import DiLoCoConfig
 __all__ = [
     "MODES",
     "DEVICES",
+    "DTYPES",
+    "REPLICA_BATCHING",
     "TrainConfig",
     "RunConfig",
     "ModelConfig",
@@ -49,6 +51,8 @@ __all__ = [
 
 MODES = ("diloco", "dp")
 DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("auto", "fp32", "bf16")
+REPLICA_BATCHING = ("auto", "batched", "sequential")
 
 
 def _int(obj: Any, name: str, lo: int, flag: str | None = None) -> None:
@@ -97,6 +101,15 @@ class RunConfig:
         run_dir: where the run's records go.
         threads: torch intra-op threads (0 = torch's default).
         device: where the replicas train: "cpu", "cuda", or "auto" (cuda when available).
+        dtype: compute precision: "bf16" (autocast; master weights and optimizer state stay fp32),
+            "fp32" (TF32 matmuls allowed on CUDA), or "auto" (bf16 on CUDA, fp32 on CPU).
+        compile: torch.compile the model's forward and backward (the DiLoCo step stays outside).
+        replica_batching: how the replicas of one process compute: "batched" (the reference GPT's
+            M replicas as one batched computation), "sequential" (one after the other), or "auto"
+            (batched on CUDA when there are several replicas and the precision is fp32; sequential
+            on CPU, where it gives the same bits as a multi-process job).
+        log_every: losses stay on the device and are read back (recorded, checked, shown) every
+            this many steps, at evaluations and at the end; no host sync in between.
         procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
             launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.
         timeout: seconds a peer may stay silent in a collective before the round fails.
@@ -112,17 +125,24 @@ class RunConfig:
     run_dir: str = "runs/default"
     threads: int = 0
     device: str = "cpu"
+    dtype: str = "auto"
+    compile: bool = False
+    replica_batching: str = "auto"
+    log_every: int = 10
     procs_per_replica: int = 1
     timeout: float = 300.0
 
     def __post_init__(self) -> None:
         _choice(self, "mode", MODES)
         _choice(self, "device", DEVICES)
-        for name in ("replicas", "steps", "eval_batches", "procs_per_replica"):
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "replica_batching", REPLICA_BATCHING)
+        for name in ("replicas", "steps", "eval_batches", "procs_per_replica", "log_every"):
             _int(self, name, 1)
         for name in ("eval_every", "seed", "threads"):
             _int(self, name, 0)
         _bool(self, "final_sync")
+        _bool(self, "compile")
         _text(self, "run_dir")
         _num(self, "timeout", lambda v: v > 0, "a number of seconds > 0")
 
@@ -136,6 +156,33 @@ class RunConfig:
             raise refuse("device", self.device, "'cpu' or 'auto' on this machine (torch sees no CUDA GPU)")
         use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
         return torch.device("cuda" if use_cuda else "cpu")
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The autocast dtype on ``device`` (float32: no autocast).
+
+        Raises:
+            ValueError: bf16 on a GPU without bf16 support.
+        """
+        if self.dtype == "fp32" or (self.dtype == "auto" and device.type != "cuda"):
+            return torch.float32
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise refuse(
+                "dtype", self.dtype, f"'fp32' on this GPU ({torch.cuda.get_device_name(device)} has no bf16)"
+            )
+        return torch.bfloat16
+
+    def check_compile(self) -> None:
+        """Raises ValueError when ``compile`` is asked for and torch.compile cannot run here."""
+        if not self.compile:
+            return
+        try:
+            import torch._dynamo as dynamo
+
+            supported = dynamo.is_dynamo_supported()
+        except Exception:  # an old or partial torch
+            supported = False
+        if not supported:
+            raise refuse("compile", True, "false on this Python/torch (torch.compile is not supported here)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,6 +376,13 @@ class TrainConfig:
                 d.fragments,
                 f"at most layers + 1 = {self.model.layers + 1} (blocks plus one fragment for embeddings, "
                 "head, norm)",
+            )
+        if run.replica_batching == "batched" and self.model.precision != "fp32":
+            raise refuse(
+                "replica_batching",
+                run.replica_batching,
+                f"'sequential' or 'auto' with precision={self.model.precision!r} (its layers run one "
+                "replica at a time)",
             )
         if el.enabled:
             if run.mode != "diloco":

@@ -31,7 +31,7 @@ from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...lm import eval_batches, load_corpus
 from ..hooks import NO_FAULTS, FaultHooks
-from .build import Replicas, build_model, evaluate
+from .build import build_model, evaluate, make_replicas
 from .config import TrainConfig
 from .records import NullRecorder, RunRecorder, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
@@ -104,9 +104,9 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        self.device = cfg.run.torch_device()
+        self.device = cfg.run.torch_device()  # refusals first: nothing is built or written yet
+        self.dtype = cfg.run.compute_dtype(self.device)
+        cfg.run.check_compile()
         self.corpus = load_corpus(cfg.data.corpus)
         elastic = cfg.elastic.enabled
         topo = None if elastic else self._static_topology()
@@ -115,6 +115,7 @@ class Trainer:
         self.params = base.num_params()
         self.params_ne = base.num_params(non_embedding=True)
         self.flops_per_token = base.flops_per_token()
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.leader = topo is None or topo.is_leader
         self.procs_per_replica = topo.procs_per_replica if topo else 1
         self.world_size = topo.world_size if topo else 1
@@ -134,7 +135,9 @@ class Trainer:
             self.replica_ids = [topo.replica]
             streams = [topo.replica if k == 1 else topo.replica * k + topo.local_rank]
             self.num_replicas = topo.num_replicas
-        self.replicas = Replicas(base, cfg, self.corpus, streams, self.device, topo.inner if topo else None)
+        self.replicas = make_replicas(
+            base, cfg, self.corpus, streams, self.device, topo.inner if topo else None
+        )
         self.val = eval_batches(self.corpus.val, cfg.run.eval_batches, cfg.data.batch_size, cfg.model.seq_len)
         # every replica of the job (every process of a replica) reads one batch per step
         self.tokens_per_step = (
@@ -169,8 +172,8 @@ class Trainer:
             )
         self.hooks = NO_FAULTS
         groups: list[ReplicaGroup] = LocalGroup.create(cfg.run.replicas) if topo is None else [topo.outer]
-        if cfg.run.mode == "dp":
-            return DataParallel(self.replicas, groups)
+        if cfg.run.mode == "dp":  # with inner DDP the gradients are reduced after the backward
+            return DataParallel(self.replicas, groups, overlap=topo is None or topo.inner is None)
         return DiLoCoSync(self.replicas, groups, cfg, shard_group=topo.inner if topo else None)
 
     def _config_record(self) -> dict[str, Any]:
@@ -195,6 +198,17 @@ class Trainer:
     # ---- running -------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Train; returns the summary. ``threads`` applies for the run only (a caller's setting is
+        restored after it)."""
+        threads = torch.get_num_threads()
+        if self.cfg.run.threads:
+            torch.set_num_threads(self.cfg.run.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> dict[str, Any]:
         t_start = time.time()
         cfg = self.cfg
         self._build()
@@ -203,31 +217,17 @@ class Trainer:
                 bool(cfg.elastic.resume) or bool(os.environ.get("LOWCOMM_RESTARTED"))
             )
             self.rec = RunRecorder(cfg.run.run_dir, self._config_record(), append=restarted)
-        sync, bar, finished = self.sync, None, False
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        sync, finished = self.sync, False
         try:
             step = start = sync.start()
-            if self.progress and self.leader:
-                from tqdm.auto import tqdm
-
-                desc = (
-                    f"worker {self.worker_id}"
-                    if cfg.elastic.enabled
-                    else f"{cfg.run.mode} M={self.num_replicas}"
-                )
-                bar = tqdm(
-                    total=cfg.run.steps,
-                    initial=start,
-                    desc=desc,
-                    unit="step",
-                    dynamic_ncols=True,
-                    leave=False,
-                )
-            steps_run, last_eval = 0, float("nan")
-            t_loop = time.perf_counter()
+            self._progress(start)
+            self.steps_run, self.last_eval, self._pending = 0, float("nan"), []
+            self.t_loop = time.perf_counter()
             while True:
                 if step >= cfg.run.steps:  # the end: apply (and, with final_sync, send) what is left
                     if sync.finish():
-                        self._drain_rounds(step)
                         break
                     step = sync.position
                     continue
@@ -244,38 +244,26 @@ class Trainer:
                 sync.timing["inner_s"] += (t1 - t0) + (t3 - t2)
                 sync.timing["comm_wall_s"] += (t2 - t1) + (t4 - t3)
                 if not counted:  # the job's state replaced ours: go on from its step
+                    self._pending = []
                     step = sync.position
                     continue
                 step += 1
-                steps_run += 1
-                self._drain_rounds(step)
-                mean_loss = float(torch.stack(losses).mean())
-                self.rec.event(
-                    "step",
-                    step=step,
-                    loss=mean_loss,
-                    lr=self.replicas.lr(),
-                    tokens=step * self.tokens_per_step,
-                    bytes_sent=sync.bytes_sent[0],
-                )
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
-                    last_eval = self._eval(step)
+                self.steps_run += 1
+                self._pending.append((step, losses, self.replicas.lr(), sync.bytes_sent[0]))
+                evaluate_now = cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps
+                if step % cfg.run.log_every == 0 or evaluate_now:
+                    self._flush(step)
+                if evaluate_now:
+                    self.last_eval = self._eval(step)
                 sync.after_step(step)
-                if bar is not None:
-                    bar.n = step
-                    bar.set_postfix(
-                        loss=f"{mean_loss:.3f}", eval=f"{last_eval:.3f}", sent=human_bytes(sync.bytes_sent[0])
-                    )
-                    bar.refresh()
-            sync.timing["loop_s"] = time.perf_counter() - t_loop
+            self._flush(step)
+            sync.timing["loop_s"] = time.perf_counter() - self.t_loop
             final = self._eval(cfg.run.steps)
             finished = True
             bytes_all, digests = self._replica_facts()
         finally:
-            if bar is not None:
-                bar.close()
+            if self.bar is not None:
+                self.bar.close()
             sync.close(finished)
             self.rec.close()
             if self.topo is not None:
@@ -284,17 +272,57 @@ class Trainer:
             raise RuntimeError(
                 f"replicas ended with different global parameters ({digests}); this is a bug in lowcomm"
             )
-        summary = self._summary(final, bytes_all, digests, steps_run, time.time() - t_start)
+        summary = self._summary(final, bytes_all, digests, time.time() - t_start)
         if self.leader:
             write_summary(cfg.run.run_dir, summary)
             log.info(
-                "run %s done: eval loss %.4f, %s sent per replica, %.1fs",
+                "run %s done: eval loss %.4f, %s sent per replica, %.0f tokens/s, %.1fs",
                 cfg.run.run_dir,
                 final,
                 human_bytes(summary["bytes_sent_per_replica"]),
+                summary["tokens_per_second"],
                 summary["wall_seconds"],
             )
         return summary
+
+    def _progress(self, start: int) -> None:
+        self.bar = None
+        if self.progress and self.leader:
+            from tqdm.auto import tqdm
+
+            cfg = self.cfg
+            desc = (
+                f"worker {self.worker_id}" if cfg.elastic.enabled else f"{cfg.run.mode} M={self.num_replicas}"
+            )
+            self.bar = tqdm(
+                total=cfg.run.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=False
+            )
+
+    def _flush(self, step: int) -> None:
+        """Read the steps' losses back from the device (one host sync for all of them), record
+        them and the rounds completed since the last flush, check them, and update the bar."""
+        self._drain_rounds(step)
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        means = torch.stack([losses.mean() for _, losses, _, _ in pending]).tolist()
+        for (step, _, lr, sent), loss in zip(pending, means):
+            self.rec.event(
+                "step", step=step, loss=loss, lr=lr, tokens=step * self.tokens_per_step, bytes_sent=sent
+            )
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at step {step}")
+        if self.bar is not None:
+            elapsed = time.perf_counter() - self.t_loop
+            rate = self.steps_run * self.tokens_per_step / elapsed if elapsed else 0.0
+            self.bar.n = pending[-1][0]
+            self.bar.set_postfix(
+                loss=f"{means[-1]:.3f}",
+                eval=f"{self.last_eval:.3f}",
+                tok_s=f"{rate:,.0f}",
+                sent=human_bytes(self.sync.bytes_sent[0]),
+            )
+            self.bar.refresh()
 
     def _drain_rounds(self, step: int) -> None:
         if isinstance(self.sync, DiLoCoSync):
@@ -305,7 +333,7 @@ class Trainer:
         if not self.leader:
             return float("nan")
         with self.sync.global_parameters() as model:
-            loss = evaluate(model, self.val, self.device)
+            loss = evaluate(model, self.val, self.device, self.dtype)
         self.rec.eval(step=step, tokens=step * self.tokens_per_step, loss=loss)
         return loss
 
@@ -319,12 +347,14 @@ class Trainer:
         )
         return [f["bytes"] for f in facts], [f["digest"] for f in facts if f["digest"] is not None]
 
-    def _summary(self, final: float, bytes_all: list[int], digests: list[str], steps_run: int, wall: float):
+    def _summary(self, final: float, bytes_all: list[int], digests: list[str], wall: float):
         cfg, sync = self.cfg, self.sync
         timing = sync.timing
-        tokens = steps_run * self.tokens_per_step
+        tokens = self.steps_run * self.tokens_per_step
         dp = cfg.run.mode == "dp"
         loop_s = timing["loop_s"]
+        tokens_per_second = tokens / loop_s if loop_s else 0.0
+        peak = peak_flops(self.device)
         return {
             "mode": cfg.run.mode,
             "elastic": False,
@@ -337,13 +367,17 @@ class Trainer:
             "outer_lr": cfg.diloco.outer_lr,
             "codec": "fp32" if dp else cfg.diloco.codec,
             "precision": cfg.model.precision,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "compile": cfg.run.compile,
+            "replica_batching": "batched" if self.replicas.batched else "sequential",
+            "device": self.device_name,
             "params": self.params,
             "params_non_embedding": self.params_ne,
             "model_dim": cfg.model.dim,
             "layers": cfg.model.layers,
             "tokens": tokens,
             "steps": cfg.run.steps,
-            "steps_run": steps_run,
+            "steps_run": self.steps_run,
             "batch_size": cfg.data.batch_size,
             "seq_len": cfg.model.seq_len,
             "lr": cfg.optim.lr,
@@ -353,9 +387,13 @@ class Trainer:
             "rounds": sync.rounds,
             "flops": self.flops_per_token * tokens,
             "wall_seconds": wall,
-            "step_seconds": loop_s / max(steps_run, 1),
+            "step_seconds": loop_s / max(self.steps_run, 1),
+            "tokens_per_second": tokens_per_second,
+            # model FLOPs utilization: 6·N·tokens/s over the device's dense bf16 peak (null: unknown)
+            "mfu": 6 * self.params * tokens_per_second / peak if peak else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
             # the share of the training loop's wall time not spent waiting for communication
-            "compute_utilization": timing["inner_s"] / loop_s if loop_s else None,
+            "comm_free_fraction": timing["inner_s"] / loop_s if loop_s else None,
             "timing": timing,
             "seed": cfg.run.seed,
             "corpus": self.corpus.name,
@@ -364,3 +402,24 @@ class Trainer:
             "lowcomm_version": __version__,
             **sync.summary(),
         }
+
+
+#: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name (vendors' data sheets)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak (None where unknown, a CPU among them)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory the run held: allocated on the GPU, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

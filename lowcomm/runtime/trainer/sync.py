@@ -13,6 +13,7 @@ decides what happens around each inner update:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...comm import ReplicaGroup, get_codec
+from ...comm import ReplicaGroup, Work, get_codec
 from ...optim import DiLoCo, finish_replicas, step_replicas
 from .build import Replicas
 from .config import TrainConfig
@@ -113,24 +114,111 @@ def _no_record(kind: str, **fields: Any) -> None:
 
 class DataParallel(Sync):
     """The data-parallel baseline: every step, each replica's gradients are replaced by their
-    fp32 mean over the group (the same reduce and byte counting as DiLoCo's rounds)."""
+    fp32 mean over the group (the same reduce and byte counting as DiLoCo's rounds).
+
+    The gradients go in buckets (in reverse parameter order, as DDP does): with ``overlap`` each
+    bucket's mean all-reduce starts from a gradient hook as soon as its last gradient is
+    accumulated, so on a DistributedGroup it runs during the rest of the backward; the means are
+    collected before the inner update. The fp32 mean of an element does not depend on which bucket
+    carries it, so the buckets change no bit.
+
+    Args:
+        replicas: the replicas this process trains.
+        groups: one group handle per local replica.
+        overlap: start buckets from gradient hooks (off with an inner DDP group, which reduces
+            inside the replica during the same backward).
+        bucket_bytes: gradient bytes per bucket (25 MiB, DDP's default).
+    """
 
     mode = "dp"
 
-    def __init__(self, replicas: Replicas, groups: list[ReplicaGroup]) -> None:
+    def __init__(
+        self,
+        replicas: Replicas,
+        groups: list[ReplicaGroup],
+        *,
+        overlap: bool = True,
+        bucket_bytes: int = 25 << 20,
+    ) -> None:
         super().__init__(replicas)
         self.groups = groups
         self.codec = get_codec("fp32")
+        sizes = [p.numel() for p in replicas.models[0].parameters()]
+        self.buckets = _buckets(sizes, bucket_bytes // 4)
+        self._bucket_of = {j: b for b, bucket in enumerate(self.buckets) for j in bucket}
+        self._works: list[dict[int, Work]] = [{} for _ in replicas.models]
+        self._ready: list[list[int]] = [[0] * len(self.buckets) for _ in replicas.models]
+        self._hooks = self._register_hooks() if overlap else []
+
+    def _register_hooks(self) -> list:
+        """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
+        stacked ones of batched replicas (one hook then serves every replica)."""
+        r = self.replicas
+        if r.batched:
+            leaves = [(j, p, tuple(range(len(r)))) for j, p in enumerate(r.params.values())]
+        else:
+            leaves = [(j, p, (i,)) for i, m in enumerate(r.models) for j, p in enumerate(m.parameters())]
+        return [
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, j, o)) for j, p, o in leaves
+        ]
+
+    def _on_grad(self, j: int, owners: tuple[int, ...], _param) -> None:
+        b = self._bucket_of[j]
+        for i in owners:
+            self._ready[i][b] += 1
+            if self._ready[i][b] == len(self.buckets[b]):
+                self._launch(i, b)
+
+    def _launch(self, i: int, b: int) -> None:
+        grads = self.replicas.grads(i)
+        params = list(self.replicas.models[i].parameters())
+        flat = torch.cat(
+            [
+                (grads[j] if grads[j] is not None else torch.zeros_like(params[j])).reshape(-1).float()
+                for j in self.buckets[b]
+            ]
+        )
+        self._works[i][b] = self.groups[i].all_reduce_mean(flat, self.codec)
 
     def before_update(self) -> None:
-        works = [
-            g.all_reduce_mean(_flat_grads(m), self.codec) for g, m in zip(self.groups, self.replicas.models)
-        ]
-        for i, (m, w) in enumerate(zip(self.replicas.models, works)):
-            _set_grads(m, w.wait())
-            self.bytes_sent[i] += w.stats.bytes_sent
-        for key in ("encode_s", "decode_s", "comm_s"):
-            self.timing[key] += getattr(works[0].stats, key)
+        for i in range(len(self.replicas)):
+            for b in range(len(self.buckets)):
+                if b not in self._works[i]:  # no hook (overlap off), or a parameter got no gradient
+                    self._launch(i, b)
+        for i in range(len(self.replicas)):
+            means, works = [], self._works[i]
+            for b in sorted(works):
+                means.append(works[b].wait())
+                self.bytes_sent[i] += works[b].stats.bytes_sent
+            order = [j for b in sorted(works) for j in self.buckets[b]]
+            self.replicas.set_grads(i, _reorder(torch.cat(means), order, self._sizes()))
+            if i == 0:
+                for key in ("encode_s", "decode_s", "comm_s"):
+                    self.timing[key] += sum(getattr(w.stats, key) for w in works.values())
+        self._works = [{} for _ in self.replicas.models]
+        self._ready = [[0] * len(self.buckets) for _ in self.replicas.models]
+
+    def _sizes(self) -> list[int]:
+        return [p.numel() for p in self.replicas.models[0].parameters()]
+
+
+def _buckets(sizes: list[int], elems: int) -> list[list[int]]:
+    """Parameter indices in buckets of about ``elems`` elements, last parameters first."""
+    out: list[list[int]] = [[]]
+    count = 0
+    for j in reversed(range(len(sizes))):
+        if out[-1] and count + sizes[j] > elems:
+            out.append([])
+            count = 0
+        out[-1].append(j)
+        count += sizes[j]
+    return out
+
+
+def _reorder(flat: torch.Tensor, order: list[int], sizes: list[int]) -> torch.Tensor:
+    """``flat`` holds the parameters' pieces in ``order``; return them in parameter order."""
+    pieces = dict(zip(order, flat.split([sizes[j] for j in order])))
+    return torch.cat([pieces[j] for j in range(len(sizes))])
 
 
 class DiLoCoSync(Sync):
@@ -188,20 +276,3 @@ class DiLoCoSync(Sync):
 
     def digests(self) -> list[str]:
         return [digest(d.global_vector()) for d in self.dilocos]
-
-
-def _flat_grads(model: nn.Module) -> torch.Tensor:
-    return torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-            for p in model.parameters()
-        ]
-    )
-
-
-def _set_grads(model: nn.Module, flat: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
-        offset += n

@@ -185,6 +185,7 @@ class ElasticDiLoCo(DiLoCoSync):
         return self.diloco.step_count
 
     def after_step(self, step: int) -> None:
+        self.drain_rounds(step, [0])  # at once: the survival report times faults by these events
         self.hooks.after_step(step)
         every = self.cfg.elastic.checkpoint_every
         if every and step % every == 0 and self.diloco.in_flight == 0:

@@ -1,0 +1,82 @@
+"""The reference GPT for M replicas at once: one batched computation instead of M small ones.
+
+M replicas of a :class:`~lowcomm.lm.GPT` differ only in their parameter values. Stacked along a
+leading replica axis (``params[name]`` is ``(M, *shape)`` for every parameter name of the
+model), their forward passes become batched matrix multiplies (``baddbmm``), and attention and
+the loss run on the replica and batch axes folded together, so a GPU sees a few large kernels
+rather than M rounds of small ones. Replica ``m``'s result depends only on ``params[...][m]`` and
+its own batch: the arithmetic is the model's own, in batched kernels (equal to the one-replica
+forward up to float rounding).
+
+Shapes: M replicas, B batch, T time, C channels, V vocabulary, nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPTConfig
+
+__all__ = ["batched_gpt_loss", "stack_parameters"]
+
+
+def stack_parameters(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Each parameter of ``models`` (identically shaped) stacked along a new leading axis: new leaf
+    tensors that require grad. Tied parameters appear once, under their first name."""
+    names = [n for n, _ in models[0].named_parameters()]
+    with torch.no_grad():
+        return {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
+            for n in names
+        }
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (M, N, in) · wᵀ (M, out, in) + b (M, out) -> (M, N, out)."""
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over C with each replica's own scale and shift: x (M, N, C), w and b (M, C)."""
+    return torch.addcmul(b.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), w.unsqueeze(1))
+
+
+def batched_gpt_loss(
+    params: dict[str, torch.Tensor], cfg: GPTConfig, idx: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of each replica on its own batch.
+
+    Args:
+        params: the stacked parameters (:func:`stack_parameters`), ``(M, *shape)`` each.
+        cfg: the model's shape.
+        idx, targets: token ids, (M, B, T) int64.
+
+    Returns:
+        (M,) losses, replica ``m``'s equal to ``GPT(params[...][m])(idx[m], targets[m])``.
+    """
+    M, B, T = idx.shape
+    C, nh = cfg.n_embd, cfg.n_head
+    wte = params["wte.weight"]  # (M, V, C)
+    rows = torch.arange(M, device=idx.device).view(M, 1, 1)
+    x = wte[rows, idx] + params["wpe.weight"][:, :T].unsqueeze(1)  # (M, B, T, C)
+    x = x.reshape(M, B * T, C)
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        h = _layer_norm(x, params[p + "ln1.weight"], params[p + "ln1.bias"])
+        qkv = _linear(h, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
+        # (M, B·T, 3C) -> 3 x (M·B, nh, T, hs): replicas and batch folded, as one batch
+        q, k, v = (t.reshape(M * B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M·B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(M, B * T, C)
+        x = x + _linear(y, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
+        h = _layer_norm(x, params[p + "ln2.weight"], params[p + "ln2.bias"])
+        h = F.gelu(_linear(h, params[p + "mlp.fc.weight"], params[p + "mlp.fc.bias"]))
+        x = x + _linear(h, params[p + "mlp.proj.weight"], params[p + "mlp.proj.bias"])
+    x = _layer_norm(x, params["ln_f.weight"], params["ln_f.bias"])
+    head = params["wte.weight"] if cfg.tie_weights else params["head.weight"]
+    logits = _linear(x, head, None)  # (M, B·T, V)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return per_token.view(M, B * T).mean(dim=1)

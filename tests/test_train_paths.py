@@ -1,0 +1,188 @@
+"""The trainer's speed paths, on CPU: bf16 autocast, batched replicas, torch.compile, bucketed DP,
+loss reads without host syncs, and the records that report speed."""
+
+import functools
+import json
+
+import pytest
+import torch
+from helpers import write_corpus
+
+import lowcomm
+from lowcomm.lm import GPT, GPTConfig
+from lowcomm.runtime import TrainConfig, read_jsonl, train
+from lowcomm.runtime.trainer import sync as sync_module
+
+TINY = dict(model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2, threads=1, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _run(tmp_path, corpus_dir, name, **kw):
+    cfg = TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / name), **{**TINY, **kw})
+    return train(cfg, progress=False)
+
+
+def test_batched_replicas_match_sequential_ones_to_rounding(tmp_path, corpus_dir):
+    kw = dict(replicas=3, steps=12, sync_every=4, fragments=2, overlap=1, codec="int8", eval_every=6, lr=1e-2)
+    seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)
+    bat = _run(tmp_path, corpus_dir, "bat", replica_batching="batched", **kw)
+    assert (seq["replica_batching"], bat["replica_batching"]) == ("sequential", "batched")
+    assert bat["final_eval_loss"] == pytest.approx(seq["final_eval_loss"], rel=1e-3)
+    assert bat["bytes_sent_per_replica"] == seq["bytes_sent_per_replica"]
+    assert (
+        bat["rounds"] == seq["rounds"] == 6
+    )  # fragment 0 at 4, 8, 12; fragment 1 at 6, 10 and the final sync
+    ev = {n: read_jsonl(tmp_path / n / "events.jsonl") for n in ("seq", "bat")}
+    kinds = {n: [(e["kind"], e.get("step"), e.get("replica")) for e in ev[n]] for n in ev}
+    assert kinds["seq"] == kinds["bat"]  # the same records, in the same order
+    losses = {n: [e["loss"] for e in ev[n] if e["kind"] == "step"] for n in ev}
+    assert losses["bat"] == pytest.approx(losses["seq"], rel=1e-3)
+
+
+def test_batched_dp_matches_sequential_dp(tmp_path, corpus_dir):
+    kw = dict(mode="dp", replicas=2, steps=6)
+    seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)
+    bat = _run(tmp_path, corpus_dir, "bat", replica_batching="batched", **kw)
+    assert bat["final_eval_loss"] == pytest.approx(seq["final_eval_loss"], rel=1e-4)
+    assert bat["bytes_sent_per_replica"] == seq["bytes_sent_per_replica"]
+
+
+def test_dp_gradient_buckets_change_no_bit(tmp_path, corpus_dir, monkeypatch):
+    one = _run(tmp_path, corpus_dir, "one", mode="dp", replicas=2, steps=5)
+    original = sync_module.DataParallel.__init__
+    monkeypatch.setattr(  # 4 KiB buckets: every few parameters a bucket of their own
+        sync_module.DataParallel, "__init__", functools.partialmethod(original, bucket_bytes=4096)
+    )
+    many = _run(tmp_path, corpus_dir, "many", mode="dp", replicas=2, steps=5)
+    assert many["final_eval_loss"] == one["final_eval_loss"]
+    assert (
+        abs(many["bytes_sent_per_replica"] - one["bytes_sent_per_replica"])
+        < 1e-3 * one["bytes_sent_per_replica"]
+    )
+
+
+def test_bf16_autocast_trains_on_cpu_and_stays_near_fp32(tmp_path, corpus_dir):
+    kw = dict(replicas=2, steps=30, sync_every=10, lr=1e-2, eval_every=0)
+    fp32 = _run(tmp_path, corpus_dir, "fp32", dtype="fp32", **kw)
+    bf16 = _run(tmp_path, corpus_dir, "bf16", dtype="bf16", **kw)
+    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert bf16["final_eval_loss"] < 0.9 * 5.545  # learned (ln 256 at init)
+    assert abs(bf16["final_eval_loss"] - fp32["final_eval_loss"]) < 0.05 * fp32["final_eval_loss"]
+    assert _run(tmp_path, corpus_dir, "auto", dtype="auto", replicas=1, steps=2)["dtype"] == "float32"
+
+
+def test_compiled_trainer_runs_the_same_records(tmp_path, corpus_dir, monkeypatch):
+    # the inductor backend spends ~30 s compiling on a CPU; aot_eager captures the same graphs
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    kw = dict(replicas=2, steps=6, sync_every=3)
+    eager = _run(tmp_path, corpus_dir, "eager", **kw)
+    compiled = _run(tmp_path, corpus_dir, "compiled", compile=True, **kw)
+    batched = _run(tmp_path, corpus_dir, "batched", compile=True, replica_batching="batched", **kw)
+    assert compiled["compile"] is True
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-4)
+    assert batched["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-3)
+
+
+def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tmp_path, corpus_dir, monkeypatch):
+    from lowcomm.runtime.trainer.loop import Trainer
+
+    batches = []  # how many steps' losses each read brought back
+    real = Trainer._flush
+
+    def spy(self, step):
+        if self._pending:
+            batches.append([s for s, *_ in self._pending])
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "_flush", spy)
+    s = _run(tmp_path, corpus_dir, "r", replicas=2, steps=20, sync_every=50, log_every=8, eval_every=0)
+    assert batches == [list(range(1, 9)), list(range(9, 17)), list(range(17, 21))]
+    steps = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl") if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 21)) and s["steps_run"] == 20
+
+
+def test_the_summary_reports_speed_and_memory(tmp_path, corpus_dir):
+    s = _run(tmp_path, corpus_dir, "s", replicas=2, steps=4, sync_every=2)
+    assert s["tokens_per_second"] == pytest.approx(s["tokens"] / s["timing"]["loop_s"])
+    assert s["mfu"] is None and s["device"] == "cpu"  # no known peak for a CPU
+    assert s["peak_memory_bytes"] > 10 << 20
+    assert 0 < s["comm_free_fraction"] <= 1 and "compute_utilization" not in s
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(device="cuda"), "device='cuda' is not allowed"),
+        (dict(replicas=2, precision="mxfp8", replica_batching="batched"), "replica_batching='batched'"),
+    ],
+)
+def test_a_device_or_path_that_cannot_serve_is_refused_before_any_record(tmp_path, corpus_dir, kw, match):
+    if kw.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device='cuda' is served")
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, corpus_dir, "x", steps=2, **kw)
+    assert not (tmp_path / "x").exists()
+
+
+def test_compile_is_refused_where_torch_compile_cannot_run(tmp_path, corpus_dir, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(ValueError, match="compile=True is not allowed"):
+        _run(tmp_path, corpus_dir, "x", steps=2, compile=True)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("wrap", ["autocast", "compile"])
+def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, n_embd=16)
+    base = GPT(cfg)
+    models = [GPT(cfg) for _ in range(2)]
+    for m in models:
+        m.load_state_dict(base.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    dilocos = [
+        lowcomm.DiLoCo(m, o, g, sync_every=2) for m, o, g in zip(models, opts, lowcomm.LocalGroup.create(2))
+    ]
+    runners = [torch.compile(m, backend="aot_eager") for m in models] if wrap == "compile" else models
+    for step in range(4):
+        for r, (runner, opt) in enumerate(zip(runners, opts)):
+            x = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(10 * step + r))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=wrap == "autocast"):
+                loss = runner(x, torch.roll(x, -1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        lowcomm.step_replicas(dilocos)
+    stats = dilocos[0].drain_round_stats()
+    assert len(stats) == 2 and all(s.pseudo_grad_norm > 0 for s in stats)
+    assert torch.equal(dilocos[0].global_vector(), dilocos[1].global_vector())
+    for m in models:  # after a round with alpha = 0 every replica holds the global parameters
+        assert torch.equal(
+            torch.cat([p.detach().reshape(-1) for p in m.parameters()]), dilocos[0].global_vector()
+        )
+
+
+def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monkeypatch):
+    from helpers import load_benchmark
+
+    bench = load_benchmark("gpu_throughput")
+    out = tmp_path / "t.json"
+    monkeypatch.setattr("sys.argv", ["gpu_throughput.py", "--smoke", "--two-process", "--json", str(out)])
+    bench.main()
+    r = json.loads(out.read_text())
+    (row,) = r["rows"]
+    assert row["plain"]["tokens_per_second"] > 0 and r["commit"] and "not a measurement" in r["note"]
+    for name in ("dp", "diloco", "streaming"):
+        assert row[name]["tokens_per_second"] > 0 and row[name]["x_plain"] > 0, name
+        assert 0 <= row[name]["wait_fraction"] < 1 and row[name]["mfu"] is None
+    assert row["streaming"]["final_loss"] < 5.545
+    two = r["two_process"]
+    assert "error" not in two, two.get("error")
+    assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
