@@ -10,7 +10,10 @@ every split of the ``all_to_all`` calls without exchanging sizes:
 
 Every collective of a group runs on one communication thread in call order, so ``all_reduce_mean``
 returns at once and the inner loop keeps computing until it waits on the result (real overlap).
-Use a process group of its own for the outer sync, separate from any inner DDP / FSDP group.
+CUDA buffers are reduced on a CUDA stream of the group's own, ordered by events: it starts when
+the caller's stream has computed the buffer, and ``wait()`` makes the caller's stream wait for the
+result rather than the host. Use a process group of its own for the outer sync, separate from any
+inner DDP / FSDP group.
 
 Bytes are counted from the tensors handed to the collectives, less the part a replica sends to
 itself. A link emulator can stretch each collective to the time a slower network would take.
@@ -140,12 +143,18 @@ class _DistWork(Work):
         self._future, self._timeout, self._describe = future, timeout, describe
 
     def wait(self) -> torch.Tensor:
+        """The mean; on CUDA the caller's stream is made to wait for the communication stream (no
+        host sync beyond the communication thread's own hand-over)."""
         if self._result is None:
             t0 = time.perf_counter()
             try:
-                result, sent = self._future.result(timeout=self._timeout)
+                result, sent, done = self._future.result(timeout=self._timeout)
             except FutureTimeout:
                 raise CollectiveError(self._describe(f"no result within {self._timeout}s")) from None
+            if done is not None:
+                stream = torch.cuda.current_stream(result.device)
+                stream.wait_event(done)
+                result.record_stream(stream)  # the allocator must not reuse it while this stream reads
             self._complete(result, sent)
             self.stats.wait_s += time.perf_counter() - t0
         return self._result
@@ -202,6 +211,7 @@ class DistributedGroup(ReplicaGroup):
         self._seq = 0
         self._lock = threading.Lock()
         self._pool_: ThreadPoolExecutor | None = None
+        self._stream = None  # the communication stream, for CUDA buffers
 
     @property
     def _pool(self) -> ThreadPoolExecutor:
@@ -274,7 +284,11 @@ class DistributedGroup(ReplicaGroup):
             seq = self._seq
             self._seq += 1
         stats = ReduceStats()
-        future = self._pool.submit(self._run, buffer, codec, method, seq, stats)
+        ready = None
+        if buffer.is_cuda:  # the communication stream starts once the buffer is computed
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(buffer.device))
+        future = self._pool.submit(self._run, buffer, codec, method, seq, stats, ready)
         return _DistWork(future, self.timeout, stats, lambda why: self._describe_failure(seq, why))
 
     def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
@@ -291,9 +305,22 @@ class DistributedGroup(ReplicaGroup):
             if remaining > 0:
                 time.sleep(remaining)
 
-    def _run(self, buffer: torch.Tensor, codec: Codec, method: str, seq: int, stats: ReduceStats):
+    def _run(self, buffer, codec: Codec, method: str, seq: int, stats: ReduceStats, ready=None):
+        """On the communication thread: the reduce, on a CUDA stream of its own for CUDA buffers
+        (ordered after ``ready``, the caller's stream at submission); returns ``(mean, sent, done)``
+        with ``done`` the event the caller's stream waits on (None on CPU)."""
         try:
-            return self.reduce(buffer, codec, method, seq, stats)
+            if ready is None:
+                return (*self.reduce(buffer, codec, method, seq, stats), None)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(buffer.device)
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                buffer.record_stream(self._stream)
+                result, sent = self.reduce(buffer, codec, method, seq, stats)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            return result, sent, done
         except Exception as e:  # name the replicas that never entered this collective, if we can tell
             raise CollectiveError(self._describe_failure(seq, e)) from e
 

@@ -82,7 +82,8 @@ def init_from_torchrun(
 
     Args:
         procs_per_replica: k; default LOWCOMM_PROCS_PER_REPLICA or 1. Must divide WORLD_SIZE.
-        backend: backend of the world and inner groups ("nccl" when CUDA is available, else "gloo").
+        backend: backend of the world and inner groups ("nccl" when this machine has a GPU for each
+            of its processes, else "gloo", which also moves CUDA tensors).
         outer_backend: backend of the outer groups (default: ``backend``; use "gloo" to keep
             outer state on the CPU of a GPU job).
         link: emulate a slower link on the outer collectives.
@@ -96,9 +97,11 @@ def init_from_torchrun(
     k = procs_per_replica or int(os.environ.get("LOWCOMM_PROCS_PER_REPLICA", "1"))
     if k < 1 or world % k:
         raise ValueError(f"procs_per_replica={k} must be >= 1 and divide WORLD_SIZE={world}")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # NCCL needs a GPU per process; more processes than GPUs on a machine share them over gloo
+    backend = backend or ("nccl" if torch.cuda.device_count() >= local_world else "gloo")
     outer_backend = outer_backend or backend
-    if backend == "nccl":
+    if torch.cuda.is_available():  # this process's GPU: its own, or one it shares (gloo)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():

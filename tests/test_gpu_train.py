@@ -1,0 +1,74 @@
+"""The trainer on a CUDA GPU: the defaults a GPU gets (bf16, batched replicas, fused AdamW), the
+records that report speed, and communication on a side stream between processes sharing a GPU.
+They need a GPU and say so when there is none; tests/test_train_paths.py runs the same paths on
+CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import TINY_FLAGS, write_corpus
+
+from lowcomm.runtime import TrainConfig, train
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = TrainConfig.from_flat(
+        corpus=corpus,
+        run_dir=str(tmp_path / "run"),
+        device="cuda",
+        replicas=4,
+        steps=30,
+        sync_every=10,
+        fragments=2,
+        overlap=1,
+        codec="e3m0",
+        model_dim=64,
+        layers=2,
+        heads=4,
+        seq_len=64,
+        batch_size=4,
+        eval_every=0,
+    )
+    s = train(cfg, progress=False)
+    assert (s["dtype"], s["replica_batching"]) == ("bfloat16", "batched")
+    assert s["final_eval_loss"] < 5.0 and s["tokens_per_second"] > 0
+    assert s["peak_memory_bytes"] > 0 and s["device"] == torch.cuda.get_device_name()
+    if any(k in s["device"] for k in ("H100", "H200", "A100", "B200")):
+        assert 0 < s["mfu"] < 1
+
+
+@cuda
+def test_two_processes_sharing_a_gpu_run_streaming_diloco_over_gloo_with_cuda_tensors(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "12", "--sync-every", "4", "--fragments", "2"]
+    args += ["--overlap", "1", "--codec", "e3m0", "--device", "cuda", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowcomm",
+        "launch",
+        "--replicas",
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "lowcomm",
+    ]
+    r = subprocess.run(
+        [*cmd, "train", *args, "--run-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert s["rounds"] >= 3 and s["bytes_sent_per_replica"] > 0  # the trainer checked both ranks' digests
