@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
-# Every GPU check of the FP8/MXFP8 issue in one call, for a session that is lent a GPU:
+# Every GPU check of the GPU-training and FP8/MXFP8 issues in one call, for a session lent a GPU:
 #
-#   device run: bash benchmarks/gpu_check.sh            (results under $OUT, else benchmarks/results/gpu)
+#   device run: bash benchmarks/gpu_check.sh $OUT         (default OUT_DIR: benchmarks/results/gpu)
 #
-# 1. versions and the device; 2. the kernel tests on the GPU (the same checks CI runs interpreted:
-# bit-identical quantize, GEMMs and the fused MX layer against the emulated path); 3. every speed
-# goal and the training comparison (benchmarks/kernels.py, JSON); 4. the exact-MX GEMM designs
-# timed against each other (benchmarks/mx_gemm_designs.py). Each step is time-bounded and
-# logs on its own, so one failing step still leaves the others' results.
+# At most 7 minutes on an H200 and at most 8 files in OUT_DIR, each section time-bounded and
+# printed as it ends, so a time-out keeps what ran:
+#   1. env.txt         versions, the device, each section's exit code and seconds
+#   2. tests.txt       the kernel and GPU-trainer tests on the GPU
+#   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
+#                      Streaming) at both sizes, two processes on the GPU, bf16 vs fp32 loss
+#   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
+#   (+ throughput.log, kernels.log: their progress lines)
+# Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
 set -u
-OUT=${OUT:-benchmarks/results/gpu}
+OUT=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
+section() {  # name, seconds, command...: run it bounded, log its exit code and time
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@"
+  rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - t0))" >> "$OUT/env.txt"
+  echo "== $name done (rc=$rc, $((SECONDS - t0)) s)"
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python -c "import zmq, msgpack, numpy; print('zmq', zmq.__version__, 'msgpack', msgpack.version, 'numpy', numpy.__version__)"
+  python -c "import importlib.util as u; print('pyzmq', 'present' if u.find_spec('zmq') else 'absent')"
 } > "$OUT/env.txt" 2>&1
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x tests/test_kernels.py > "$OUT/tests.txt" 2>&1
-echo "tests rc=$?" >> "$OUT/env.txt"
-timeout "${BENCH_TIMEOUT:-420}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-200}" \
-  --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-echo "benchmark rc=$?" >> "$OUT/env.txt"
-timeout "${DESIGNS_TIMEOUT:-150}" python benchmarks/mx_gemm_designs.py --json "$OUT/mx_gemm_designs.json" \
-  > "$OUT/mx_gemm_designs.log" 2>&1
-echo "designs rc=$?" >> "$OUT/env.txt"
 cat "$OUT/env.txt"
-tail -5 "$OUT/tests.txt"
+
+section tests "${TEST_TIMEOUT:-110}" python -m pytest -q -x -p no:cacheprovider \
+  tests/test_gpu_train.py tests/test_kernels.py tests/test_train_paths.py > "$OUT/tests.txt" 2>&1
+tail -15 "$OUT/tests.txt"
+
+section throughput "${THROUGHPUT_TIMEOUT:-170}" python benchmarks/gpu_throughput.py --two-process --loss-check \
+  --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
+
+section kernels "${KERNELS_TIMEOUT:-120}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \
+  --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
+cat "$OUT/env.txt"

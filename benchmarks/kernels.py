@@ -25,23 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from functools import partial
 
 import torch
+from common import commit
 
 from lowcomm.kernels import qmatmul
 from lowcomm.kernels.gemm import RECIPES
 
 SHAPES = [(8192, 8192, 8192), (16384, 4096, 14336), (16384, 14336, 4096), (4096, 4096, 4096)]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def numerics(device: str) -> dict:
@@ -201,7 +194,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()} CPU (compiled ahead of time; nothing run)",
             "triton": triton.__version__,
-            "commit": _commit(),
+            "commit": commit(),
             "kernels": report(),
         }
         print(json.dumps(out, indent=2))
@@ -214,7 +207,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU (no GPU)",
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "numerics": numerics("cuda" if cuda else "cpu"),
         "speed": speed() if cuda else "not measured: no GPU on this machine",
         "linear": linear_speed() if cuda else "not measured: no GPU on this machine",

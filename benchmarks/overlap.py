@@ -20,13 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
-
+from common import commit
 
 VARIANTS = {
     "no_comm": ["--sync-every", "1000000", "--no-final-sync"],
@@ -92,7 +86,7 @@ def main() -> None:
         s = json.loads(Path(run_dir, "summary.json").read_text())
         results[name] = {
             "step_seconds": s["step_seconds"],
-            "compute_utilization": s["compute_utilization"],
+            "comm_free_fraction": s["comm_free_fraction"],
             "bytes_sent_per_replica": s["bytes_sent_per_replica"],
             "wait_seconds": s["timing"]["wait_s"],
             "comm_wall_seconds": s["timing"]["comm_wall_s"],
@@ -107,7 +101,7 @@ def main() -> None:
         "benchmark": "overlap",
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "commit": _commit(),
+        "commit": commit(),
         "args": vars(args),
         "results": results,
     }

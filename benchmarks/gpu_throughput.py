@@ -1,0 +1,244 @@
+"""Training throughput on one GPU: a plain PyTorch loop against ``lowcomm train``. Prints JSON.
+
+    python benchmarks/gpu_throughput.py --json benchmarks/results/gpu_throughput.json
+    python benchmarks/gpu_throughput.py --smoke          # tiny shapes on CPU (CI runs this)
+
+For each size, the same model, data and tokens per step:
+
+- ``plain``: one reference GPT with batch M·B, bf16 autocast, fused AdamW, torch.compile (what a
+  well-written loop does);
+- ``lowcomm train`` with M = 4 simulated replicas of batch B each (bf16, compiled, replicas
+  batched): DP, DiLoCo (H = 50) and Streaming DiLoCo (P = 4, τ = 1, e3m0, α = 0.5).
+
+Throughput is measured after warm-up (compilation): the plain loop times its last ``steps // 2``
+steps; a lowcomm run takes its tokens/s between the step records at a quarter of the run and at
+its end (the records are written every ``log_every`` steps, when the losses are read). MFU =
+6·N·tokens/s over the device's dense bf16 peak. ``wait_fraction`` is the share of the loop
+spent waiting for a round's result (the goal for Streaming τ = 1: under 1%).
+
+Sizes: ``small`` d=512, 8 layers, T=256, B=16 (16,384 tokens per step over 4 replicas) and
+``large`` d=1024, 12 layers, T=1024, B=4 (16,384 tokens per step).
+
+``--two-process``: Streaming DiLoCo over two processes (``lowcomm launch --replicas 2``; on one
+GPU they share it over gloo) and its wait fraction. ``--loss-check``: the reference model (the
+trainer's defaults) trained ``--loss-steps`` steps in fp32 and in bf16 on one device: final eval
+losses and their ratio (the goal: within 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import stamp
+
+from lowcomm.lm import GPT, GPTConfig
+from lowcomm.runtime import TrainConfig, read_jsonl, train
+from lowcomm.runtime.trainer.loop import peak_flops
+
+SIZES = {
+    "small": dict(model_dim=512, layers=8, heads=8, seq_len=256, batch_size=16),
+    "large": dict(model_dim=1024, layers=12, heads=16, seq_len=1024, batch_size=4),
+    "smoke": dict(model_dim=32, layers=3, heads=2, seq_len=32, batch_size=2),
+}
+RUNS = {
+    "dp": dict(mode="dp"),
+    "diloco": dict(mode="diloco", sync_every=50),
+    "streaming": dict(mode="diloco", sync_every=50, fragments=4, overlap=1, codec="e3m0", alpha=0.5),
+}
+REPLICAS = 4
+
+
+def plain_loop(size: dict, steps: int, device: torch.device, compile: bool) -> dict:
+    """One model with the replicas' batches concatenated: tokens/s over the last half of the steps."""
+    cfg = GPTConfig(
+        vocab_size=256,
+        seq_len=size["seq_len"],
+        n_layer=size["layers"],
+        n_head=size["heads"],
+        n_embd=size["model_dim"],
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), **fused)
+    run = torch.compile(model) if compile else model
+    batch = REPLICAS * size["batch_size"]
+    x = torch.randint(0, 256, (batch, size["seq_len"]), device=device)
+    y = torch.roll(x, -1, 1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = run(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    timed = max(steps // 2, 1)
+    for _ in range(steps - timed):  # warm-up, compilation included
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(timed):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    tps = timed * batch * size["seq_len"] / seconds
+    return {
+        "tokens_per_second": tps,
+        "mfu": _mfu(model.num_params(), tps, device),
+        "params": model.num_params(),
+    }
+
+
+def lowcomm_run(size: dict, run: dict, steps: int, device: torch.device, compile: bool, out: str) -> dict:
+    cfg = TrainConfig.from_flat(
+        **size,
+        **run,
+        replicas=REPLICAS,
+        steps=steps,
+        device=device.type,
+        compile=compile,
+        eval_every=0,
+        eval_batches=1,
+        warmup=min(10, steps // 4),
+        log_every=max(steps // 8, 1),
+        run_dir=out,
+    )
+    s = train(cfg, progress=False)
+    # the losses are read (a host sync) every log_every steps: the record of each read's last step
+    # is written right after the device caught up, so its wall time is when that step had finished
+    every = cfg.run.log_every
+    points = [
+        (e["step"], e["wall"])
+        for e in read_jsonl(Path(out) / "events.jsonl")
+        if e["kind"] == "step" and (e["step"] % every == 0 or e["step"] == steps)
+    ]
+    first = next(p for p in points if p[0] >= steps // 4)
+    last = points[-1]
+    tps = (last[0] - first[0]) * s["tokens"] / s["steps_run"] / (last[1] - first[1])
+    return {
+        "tokens_per_second": tps,
+        "tokens_per_second_whole_run": s["tokens_per_second"],
+        "mfu": _mfu(s["params"], tps, device),
+        "wait_fraction": s["timing"]["wait_s"] / s["timing"]["loop_s"],
+        "comm_free_fraction": s["comm_free_fraction"],
+        "replica_batching": s["replica_batching"],
+        "dtype": s["dtype"],
+        "peak_memory_bytes": s["peak_memory_bytes"],
+        "final_loss": s["final_eval_loss"],
+    }
+
+
+def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
+    """Streaming DiLoCo (P=4, τ=1, e3m0) over two processes of ``lowcomm launch``: rank 0's summary."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**size, **RUNS["streaming"]}.items()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowcomm",
+        "launch",
+        "--replicas",
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "lowcomm",
+    ]
+    cmd += [
+        "train",
+        *flags,
+        f"--steps={steps}",
+        f"--device={device.type}",
+        "--eval-every=0",
+        "--eval-batches=1",
+    ]
+    cmd += [f"--run-dir={out}", "--quiet", f"--log-every={max(steps // 8, 1)}"]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if r.returncode:
+        return {"error": r.stderr[-2000:]}
+    s = json.loads((Path(out) / "summary.json").read_text())
+    return {
+        "tokens_per_second": s["tokens_per_second"],
+        "wait_fraction": s["timing"]["wait_s"] / s["timing"]["loop_s"],
+        "comm_free_fraction": s["comm_free_fraction"],
+        "bytes_sent_per_replica": s["bytes_sent_per_replica"],
+    }
+
+
+def loss_check(steps: int, device: torch.device, out: str) -> dict:
+    """The reference model in fp32 and in bf16 at equal tokens: final eval losses."""
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = TrainConfig.from_flat(
+            steps=steps, dtype=dtype, device=device.type, eval_every=0, run_dir=f"{out}/{dtype}"
+        )
+        losses[dtype] = train(cfg, progress=False)["final_eval_loss"]
+    return {**losses, "bf16_over_fp32": losses["bf16"] / losses["fp32"]}
+
+
+def _mfu(params: int, tps: float, device: torch.device) -> float | None:
+    peak = peak_flops(device)
+    return 6 * params * tps / peak if peak else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small,large", help="comma list of small, large")
+    ap.add_argument("--runs", default="dp,diloco,streaming")
+    ap.add_argument("--steps", type=int, default=120, help="steps per run (a quarter is warm-up)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--two-process", action="store_true", help="also Streaming DiLoCo over two processes")
+    ap.add_argument("--loss-check", action="store_true", help="also fp32 against bf16 on the reference model")
+    ap.add_argument("--loss-steps", type=int, default=600)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps, any device (CI)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = ["smoke"] if args.smoke else args.sizes.split(",")
+    steps = 16 if args.smoke else args.steps
+    compile = not args.no_compile and not args.smoke
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            plain = plain_loop(SIZES[size], steps, device, compile)
+            row = {"size": size, **SIZES[size], "replicas": REPLICAS, "compile": compile, "plain": plain}
+            print(json.dumps({"size": size, "plain": plain}), flush=True)
+            for name in args.runs.split(","):
+                r = lowcomm_run(SIZES[size], RUNS[name], steps, device, compile, f"{tmp}/{size}-{name}")
+                r["x_plain"] = r["tokens_per_second"] / plain["tokens_per_second"]
+                row[name] = r
+                print(json.dumps({"size": size, name: r}), flush=True)
+            rows.append(row)
+        extra = {}
+        if args.two_process:
+            extra["two_process"] = two_process(SIZES[sizes[0]], steps, device, f"{tmp}/two")
+            print(json.dumps({"two_process": extra["two_process"]}), flush=True)
+        if args.loss_check:
+            extra["loss_check"] = loss_check(8 if args.smoke else args.loss_steps, device, f"{tmp}/loss")
+            print(json.dumps({"loss_check": extra["loss_check"]}), flush=True)
+    result = {**stamp("gpu_throughput"), "steps": steps, "rows": rows, **extra}
+    if device.type != "cuda":
+        result["note"] = "no GPU: a smoke run of the code paths on CPU, not a measurement"
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
