@@ -59,6 +59,8 @@ __all__ = [
     "blockwise_scaled_mm_operands",
     "regroup_mx_128x128",
     "expand_block_scales",
+    "scaled_mm_layout_error",
+    "scaled_mm",
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
@@ -371,6 +373,81 @@ def blockwise_scaled_mm_operands(qa, ga, qb, gb):
     return qa.contiguous(), qb.t().contiguous().t(), ga.t().contiguous().t(), scale_b
 
 
+def scaled_mm_layout_error(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> str:
+    """What in these ``torch._scaled_mm`` operands breaks ATen's and cuBLASLt's rules ("" if nothing).
+
+    The rules (docs/references.md, FP8 on Hopper): ``a`` (M, K) row-major and ``b`` (K, N)
+    column-major, both fp8; K and N multiples of 16 and leading dimensions 16-byte aligned (a byte
+    per element); and by scaling mode: tensorwise, one fp32 scale each; rowwise, fp32 ``scale_a``
+    (M, 1) and ``scale_b`` (1, N), contiguous, with a bf16 output; blockwise 1x128, fp32
+    ``scale_a`` (M, K/128) with strides (1, M), and ``scale_b`` (K/128, N) row-major or (K/128,
+    N/128) column-major for 128x128 tiles; MX, E8M0 scales swizzled to whole 128x4 tiles
+    (:func:`to_cublas_blocked`). Checked on every call, on every device, so that CI (CPU) catches
+    what would fail on a GPU.
+    """
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        return f"shapes {tuple(a.shape)} @ {tuple(b.shape)} are not (M, K) @ (K, N)"
+    M, K = a.shape
+    N = b.shape[1]
+    if a.dtype not in fp8 or b.dtype not in fp8:
+        return f"operands must be fp8, got {a.dtype} and {b.dtype}"
+    if a.stride(1) != 1 or (M > 1 and a.stride(0) < K):
+        return f"a must be row-major, got strides {a.stride()} for shape {tuple(a.shape)}"
+    if b.stride(0) != 1 or (N > 1 and b.stride(1) < K):
+        return f"b must be column-major, got strides {b.stride()} for shape {tuple(b.shape)}"
+    if K % 16 or N % 16:
+        return f"K and N must be multiples of 16, got K={K}, N={N}"
+    if (M > 1 and a.stride(0) % 16) or (N > 1 and b.stride(1) % 16):
+        return f"leading dimensions must be 16-byte aligned, got {a.stride(0)} and {b.stride(1)}"
+    e8m0 = getattr(torch, "float8_e8m0fnu", None)
+    if e8m0 is not None and scale_a.dtype == e8m0:  # MX: 1x32 blocks, swizzled
+        want_a = -(-M // 128) * 128 * -(-(K // 32) // 4) * 4
+        want_b = -(-N // 128) * 128 * -(-(K // 32) // 4) * 4
+        if scale_b.dtype != e8m0 or scale_a.numel() != want_a or scale_b.numel() != want_b:
+            return f"MX scales must be E8M0 swizzled to {want_a} and {want_b} bytes"
+        return ""
+    if scale_a.dtype != torch.float32 or scale_b.dtype != torch.float32:
+        return f"scales must be fp32, got {scale_a.dtype} and {scale_b.dtype}"
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        return ""  # tensorwise
+    if scale_a.shape == (M, 1) and scale_b.shape == (1, N):
+        if not (scale_a.is_contiguous() and scale_b.is_contiguous()):
+            return "rowwise scales must be contiguous"
+        if out_dtype != torch.bfloat16:
+            return f"rowwise scaling writes bf16, not {out_dtype}"
+        return ""
+    if scale_a.shape == (M, K // 128) and K % 128 == 0:  # blockwise
+        if M > 1 and K > 128 and scale_a.stride() != (1, M):
+            return f"1x128 scale_a must have strides (1, M), got {scale_a.stride()}"
+        if scale_b.shape == (K // 128, N):
+            if N > 1 and K > 128 and scale_b.stride() != (N, 1):
+                return f"1x128 scale_b must be row-major, got strides {scale_b.stride()}"
+        elif scale_b.shape == (K // 128, N // 128) and N % 128 == 0:
+            if K > 128 and N > 128 and scale_b.stride() != (1, K // 128):
+                return f"128x128 scale_b must be column-major, got strides {scale_b.stride()}"
+        else:
+            return f"blockwise scale_b must be (K/128, N) or (K/128, N/128), got {tuple(scale_b.shape)}"
+        if out_dtype != torch.bfloat16:
+            return f"blockwise scaling writes bf16, not {out_dtype}"
+        return ""
+    return f"no scaling mode takes scales of shapes {tuple(scale_a.shape)} and {tuple(scale_b.shape)}"
+
+
+def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` after :func:`scaled_mm_layout_error` found nothing wrong.
+
+    Raises:
+        ValueError: naming the rule the operands break (instead of cuBLASLt's error on a GPU).
+    """
+    why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype)
+    if why:
+        raise ValueError(f"torch._scaled_mm operands break cuBLASLt's rules: {why}")
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
 def _blockwise_refusal(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str) -> str:
     """Why the blockwise _scaled_mm cannot take this GEMM ("" when it can)."""
     if elem_a != "e4m3" or elem_b != "e4m3":
@@ -387,7 +464,7 @@ def _blockwise_scaled_mm_works(device: torch.device) -> bool:
     try:
         q = torch.zeros(128, 128, device=device, dtype=torch.float8_e4m3fn)
         g = torch.ones(128, 1, device=device)
-        torch._scaled_mm(*blockwise_scaled_mm_operands(q, g, q, g.t()), out_dtype=torch.bfloat16)
+        scaled_mm(*blockwise_scaled_mm_operands(q, g, q, g.t()), out_dtype=torch.bfloat16)
         return True
     except (RuntimeError, ValueError, NotImplementedError) as e:
         logger.warning("blockwise torch._scaled_mm unavailable on %s (%s); mxfp8_fast uses Triton", device, e)
@@ -406,29 +483,34 @@ def _scaled_mm(
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
         fast = _fast_operands(*_mx_operands(a, b, elem_a, elem_b, scale_rule), b_tile)
-        return torch._scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16).float()
+        return scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16).float()
     if recipe == "mxfp8":
         da, sa, db, sb = _mx_operands(a, b, elem_a, elem_b, scale_rule)
         e8m0 = getattr(torch, "float8_e8m0fnu", None)
         if e8m0 is None:
             raise ValueError("this torch has no float8_e8m0fnu dtype; MX _scaled_mm needs torch >= 2.7")
         # scales of a: (M, K/32); of b: (K/32, N) -> per output column (N, K/32); both swizzled
-        return torch._scaled_mm(
-            da,
+        return scaled_mm(
+            da.contiguous(),
             db.t().contiguous().t(),
             to_cublas_blocked(sa).view(e8m0),
             to_cublas_blocked(sb.t()).view(e8m0),
             out_dtype=torch.float32,
         )
+    pad_k, n = (-a.shape[1]) % 16, b.shape[1]
+    if pad_k or n % 16:  # cuBLASLt wants K and N multiples of 16 (wgrad's K is the token count):
+        # zero rows of K change no product, zero columns of N are cut off the output
+        a = torch.nn.functional.pad(a, (0, pad_k))
+        b = torch.nn.functional.pad(b, (0, (-n) % 16, 0, pad_k))
     scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
     da, sa = quantize_fp8(a, elem_a, scaling, axis=1)
     db, sb = quantize_fp8(b, elem_b, scaling, axis=0)
     out_dtype = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise needs bf16 output
-    y = torch._scaled_mm(
-        da,
+    y = scaled_mm(  # a transposed view (wgrad's dyᵀ) keeps its strides through the cast: copy it
+        da.contiguous(),
         db.t().contiguous().t(),
-        scale_a=sa.reshape(-1, 1) if scaling == "rowwise" else sa,
-        scale_b=sb.reshape(1, -1) if scaling == "rowwise" else sb,
+        sa.reshape(-1, 1).contiguous() if scaling == "rowwise" else sa,
+        sb.reshape(1, -1).contiguous() if scaling == "rowwise" else sb,
         out_dtype=out_dtype,
     )
-    return y.float()
+    return y[:, :n].float()
