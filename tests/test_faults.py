@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY_FLAGS, write_corpus
 
-from lowcomm.comm.reduce import screen_norms, seal, unseal
+from lowcomm.comm.reduce import Sealer, screen_norms
 from lowcomm.runtime.elastic import LocalJob, pace
 from lowcomm.runtime.elastic.transfer import CorruptStateError, load_state, pack, save_state, unpack
 from lowcomm.runtime.faults import KINDS, FaultInjector, FaultPlan, InjectedFault, failing_opener
@@ -110,12 +110,17 @@ def test_screening_excludes_non_finite_and_outlying_contributions_by_one_rule():
     assert screen_norms([1.0, 100.0]) == {}  # two replicas: no majority to call an outlier
 
 
-def test_sealed_payloads_detect_a_flipped_byte():
+def test_sealed_payloads_detect_a_flipped_byte_and_a_stranger_s_seal():
+    key = bytes(range(32))
     p = torch.arange(40, dtype=torch.uint8)
-    s = seal(p)
-    assert torch.equal(unseal(s), p)
-    s[5] ^= 0xFF
-    assert unseal(s) is None
+    s = Sealer(key).seal(p)
+    assert torch.equal(Sealer(key).unseal(s), p) and s.numel() == 40 + Sealer.TAG
+    damaged = s.clone()
+    damaged[5] ^= 0xFF
+    assert Sealer(key).unseal(damaged) is None
+    assert Sealer(bytes(32)).unseal(s) is None  # sealed by someone without the job key
+    with pytest.raises(ValueError, match="job key"):
+        Sealer(b"short")
 
 
 def test_state_round_trips_and_any_corruption_is_refused(tmp_path):
@@ -181,7 +186,14 @@ def test_corrupt_and_nan_contributions_are_excluded_and_named_on_every_worker(tm
         job.close()
 
 
-def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkpoint(tmp_path, corpus):
+@pytest.mark.parametrize("coordinator", ["restarted", "alive"])
+def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkpoint(
+    tmp_path, corpus, coordinator
+):
+    """Every worker's write at step 80 fails, then every worker is killed at step 100; they come
+    back with --resume auto, to a new coordinator or to the one that lived on (it had committed
+    later rounds than their checkpoints hold: the newest checkpoint wins and its round is rolled
+    back to). Either way the job ends bit for bit where the fault-free one ends."""
     names = WORKERS[:3]
     flags = _flags(corpus, "--steps", "120", "--checkpoint-every", "40")
     ref = LocalJob(tmp_path / "ref", flags, ["--min-workers", "3"])
@@ -210,9 +222,12 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
             assert ckpt == [("written", 40), ("failed", 80)], ckpt
             assert load_state(job.tmp / "runs" / w / "checkpoint.lcs")["diloco"]["step"] == 40
             assert [p.name for p in (job.tmp / "runs" / w).glob("checkpoint*")] == ["checkpoint.lcs"]
-        job.coord.kill()
-        job.coord.wait(10)
-        job.start_coordinator()  # a new coordinator, a new start: every worker resumes from its checkpoint
+        if coordinator == "restarted":  # a new coordinator, a new start
+            job.coord.kill()
+            job.coord.wait(10)
+            job.start_coordinator()
+        else:  # the coordinator lived: it must let the checkpoints win instead of waiting for a donor
+            job.wait_until(lambda st: st["total"] == 0, 60, "the killed workers to expire")
         for w in names:
             job.start_worker(w, extra=["--resume", "auto"])
         assert job.wait_workers(names, 120) == dict.fromkeys(names, 0), job.logs()
@@ -221,6 +236,9 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
             assert job.summary(w)["steps_run"] == 80 and job.summary(w)["transfers_in"] == []
         got = {job.summary(w)["global_params_sha256"] for w in names}
         assert got == {want}
+        if coordinator == "alive":
+            log = "".join(p.read_text() for p in job.tmp.glob("coordinator-*.log"))
+            assert "no member holds the job's state" in log and "rolled back from" in log
     finally:
         job.close()
 
@@ -324,3 +342,46 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
         entry[2]["recovered_after_s"] == 9.0 and entry[2]["lasted_s"] == 8.0
     )  # w2's own round after it ended
     assert entry[3]["detected_after_s"] is None and entry[3]["recovered_after_s"] == 3.0
+
+
+def _transfer(sender_key: bytes, receiver_key: bytes, state: dict):
+    """A state transfer between two gloo ranks (threads of this process, on 127.0.0.1)."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from lowcomm.runtime.elastic.transfer import recv_state, send_state
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    out = {}
+
+    def rank(r):
+        store = dist.PrefixStore("x/", dist.TCPStore("127.0.0.1", master.port, is_master=False))
+        pg = dist.ProcessGroupGloo(store, r, 2, datetime.timedelta(seconds=30))
+        try:
+            if r == 0:
+                out["ack"] = send_state(pg, *pack(state), dst=1, key=sender_key)
+            else:
+                out["state"] = recv_state(pg, 0, receiver_key)
+        except Exception as e:
+            out[f"error{r}"] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_a_state_transfer_from_a_stranger_is_refused_before_it_is_used():
+    from lowcomm.runtime.elastic.transfer import ForgedStateError
+
+    key = bytes(range(32))
+    state = {"diloco": {"w": torch.full((64,), 3.0)}, "round": 7}
+    ok = _transfer(key, key, state)
+    assert ok["ack"] is True and torch.equal(ok["state"]["diloco"]["w"], state["diloco"]["w"])
+    forged = _transfer(bytes(32), key, state)  # a process without the job key sends it
+    assert isinstance(forged["error1"], ForgedStateError) and "state" not in forged
+    assert forged["ack"] is False  # the sender learns it was refused

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
-from .reduce import decode_mean, encode_shards, reduce_shard, screen_norms, seal, shard_bounds, unseal
+from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
 
 __all__ = [
     "DistributedGroup",
@@ -174,7 +174,8 @@ class DistributedGroup(ReplicaGroup):
         name: key prefix in the store, distinct per group and epoch.
         rank, size: this replica's rank and the group's size, for a process group built directly
             (``ProcessGroupGloo(store, rank, size, ...)``) rather than through torch.distributed.
-        guard: screen, seal and exclude bad contributions (see :meth:`reduce`); two_phase only.
+        guard: the job key: screen, seal and exclude bad contributions with it (see :meth:`reduce`);
+            two_phase only. None: no guards.
     """
 
     def __init__(
@@ -187,7 +188,7 @@ class DistributedGroup(ReplicaGroup):
         name: str = "outer",
         rank: int | None = None,
         size: int | None = None,
-        guard: bool = False,
+        guard: bytes | None = None,
     ) -> None:
         # a process group built directly (ProcessGroupGloo(store, rank, size, ...), as the elastic
         # runtime does for every generation) is not registered with torch.distributed: it is used
@@ -207,7 +208,8 @@ class DistributedGroup(ReplicaGroup):
             self._rank = dist.get_rank(self.pg)
             self._size = dist.get_world_size(self.pg)
             self.backend = dist.get_backend(self.pg)
-        self.store, self.link, self.timeout, self.name, self.guard = store, link, timeout, name, guard
+        self.store, self.link, self.timeout, self.name = store, link, timeout, name
+        self.guard = Sealer(guard) if guard is not None else None
         self._seq = 0
         self._lock = threading.Lock()
         self._pool_: ThreadPoolExecutor | None = None
@@ -360,7 +362,8 @@ class DistributedGroup(ReplicaGroup):
         runtime), ``two_phase`` is guarded: a phase 0 all-gathers every contribution's norm and
         excludes, by the same rule everywhere (:func:`~lowcomm.comm.reduce.screen_norms`),
         non-finite and wildly outlying ones (the excluded replica sends zeros); every payload is
-        sealed with a checksum; a shard owner that receives a damaged one names its sender, the
+        sealed with the job key (:class:`~lowcomm.comm.reduce.Sealer`: damaged or forged payloads
+        fail alike); a shard owner that receives a bad one names its sender, the
         owners' findings are all-gathered and every owner leaves those senders out, so the mean
         is over the same contributions in every shard; a damaged mean shard fails the round.
         ``stats.excluded`` maps the excluded ranks to the reason. ``tap`` sees the outgoing
@@ -386,7 +389,7 @@ class DistributedGroup(ReplicaGroup):
             self._all_gather(norms, norm)
             excluded = screen_norms([float(x) for x in norms])
         contrib = torch.zeros_like(buffer) if me in excluded else buffer
-        frame, tail = (seal, 4) if self.guard else (_bare, 0)
+        frame, tail = (self.guard.seal, Sealer.TAG) if self.guard else (_bare, 0)
         bounds = shard_bounds(n, M, codec.block)
         sizes = [codec.encoded_nbytes(b - a) + tail for a, b in bounds]
         shards = encode_shards(contrib, codec, bounds)
@@ -405,13 +408,13 @@ class DistributedGroup(ReplicaGroup):
         # replicas, has M empty ones)
         parts = list(received.split(sizes[me])) if sizes[me] else [received[:0]] * M
         if self.guard:
-            parts = [unseal(p) for p in parts]
+            parts = [self.guard.unseal(p) for p in parts]
             mask = torch.tensor([p is None for p in parts], dtype=torch.uint8)
             masks = [torch.zeros_like(mask) for _ in range(M)]
             self._all_gather(masks, mask)
             for owner, m in enumerate(masks):
                 for r in m.nonzero().flatten().tolist():
-                    excluded.setdefault(r, f"corrupt payload (checksum mismatch at replica {owner})")
+                    excluded.setdefault(r, f"corrupt payload (seal mismatch at replica {owner})")
         keep = [r for r in range(M) if r not in excluded]
         a, b = bounds[me]
         if keep:
@@ -428,7 +431,7 @@ class DistributedGroup(ReplicaGroup):
         t4 = time.perf_counter()
         pieces = []
         for j, (p, (lo, hi)) in enumerate(zip(gathered.split(sizes), bounds)):
-            body = unseal(p) if self.guard else p
+            body = self.guard.unseal(p) if self.guard else p
             if body is None:
                 raise CollectiveError(f"round {seq}: the mean shard from replica {j} arrived damaged")
             pieces.append(codec.decode(body, hi - lo))

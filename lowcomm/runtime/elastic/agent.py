@@ -40,7 +40,7 @@ from ..errors import CoordinatorError, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
-from .transfer import pack, recv_state, send_state
+from .transfer import ForgedStateError, pack, recv_state, send_state
 
 __all__ = ["WorkerAgent", "Quorum", "ResyncRequired", "default_advertise_addr"]
 
@@ -64,6 +64,7 @@ class Quorum:
     store: str
     generation: int
     epoch: int
+    rendezvous: str  # the secret store prefix of this round's group
 
     @classmethod
     def from_reply(cls, body: dict) -> Quorum:
@@ -75,6 +76,7 @@ class Quorum:
             store=str(body["store"]),
             generation=int(body["generation"]),
             epoch=int(body["epoch"]),
+            rendezvous=str(body["rendezvous"]),
         )
 
 
@@ -190,6 +192,9 @@ class WorkerAgent:
             "fingerprint": self.fingerprint,
             "synced": self.synced,
             "round": self.next_round,
+            # a claim of a round past 0 is backed by state this worker holds (its checkpoint, or
+            # what it kept through a coordinator restart)
+            "holds_state": self.synced and self.next_round > 0,
         }
         reply = client.request("register", body).body
         with self._lock:
@@ -362,7 +367,17 @@ class WorkerAgent:
             t0 = time.perf_counter()
             self.record("transfer", what="start", donor=donor, transfer_id=tid, attempt=attempts)
             try:
-                state = self._over_transfer_group(b["store"], tid, 1, donor, lambda pg: recv_state(pg, 0))
+                state = self._over_transfer_group(
+                    b["store"], b["rendezvous"], tid, 1, donor, lambda pg: recv_state(pg, 0, self.key)
+                )
+            except ForgedStateError as e:  # someone without the job key reached the transfer
+                log.error(
+                    "%s: refused a state transfer claiming to come from %s: %s", self.worker_id, donor, e
+                )
+                self.record("transfer", what="forged", donor=donor, transfer_id=tid, reason=str(e)[:300])
+                self._report_transfer(tid, self.worker_id, ok=False)
+                failed.append(donor)
+                continue
             except Exception as e:
                 log.warning(
                     "%s: state transfer from %s failed (%s); asking for another donor",
@@ -384,16 +399,19 @@ class WorkerAgent:
             self.record("transfer", what="received", **info)
             return info
 
-    def _over_transfer_group(self, store: str, tid: int, rank: int, peer: str, work: Callable[[Any], Any]):
+    def _over_transfer_group(
+        self, store: str, rendezvous: str, tid: int, rank: int, peer: str, work: Callable[[Any], Any]
+    ):
         """Run ``work(pg)`` on the two-process group of transfer ``tid`` (donor rank 0, joiner rank
-        1), given up as soon as ``peer`` is lost, the coordinator cancels the transfer (the other
-        side gave up on it), or after ``transfer_timeout_s``."""
+        1; found on the store under the secret ``rendezvous``), given up as soon as ``peer`` is
+        lost, the coordinator cancels the transfer (the other side gave up on it), or after
+        ``transfer_timeout_s``."""
 
         def body():
             # fault hooks: a joiner's before it connects, a donor's once connected (a death mid-transfer)
             if rank == 1:
                 self.hooks.during_transfer("joiner")
-            pg, _ = make_gloo_group(store, f"x{tid}/", rank, 2, self.advertise_addr, self.pg_timeout_s)
+            pg, _ = make_gloo_group(store, f"x{rendezvous}/", rank, 2, self.advertise_addr, self.pg_timeout_s)
             if rank == 0:
                 self.hooks.during_transfer("donor")
             return work(pg)
@@ -426,10 +444,11 @@ class WorkerAgent:
             try:
                 ok = self._over_transfer_group(
                     str(t["store"]),
+                    str(t["rendezvous"]),
                     tid,
                     0,
                     joiner,
-                    functools.partial(send_state, header=header, flat=flat, dst=1),
+                    functools.partial(send_state, header=header, flat=flat, dst=1, key=self.key),
                 )
             except Exception as e:
                 log.warning("%s: transfer %d to %s failed: %s", self.worker_id, tid, joiner, e)

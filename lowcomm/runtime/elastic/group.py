@@ -258,13 +258,13 @@ class ElasticGroup(ReplicaGroup):
         agent = self.agent
         pg, store = run_guarded(
             lambda: make_gloo_group(
-                q.store, f"g{q.generation}/", q.rank, q.world, agent.advertise_addr, agent.pg_timeout_s
+                q.store, f"g{q.rendezvous}/", q.rank, q.world, agent.advertise_addr, agent.pg_timeout_s
             ),
             functools.partial(self._aborted, q.generation),
             self.collective_deadline() + 10.0,
         )
         group = DistributedGroup(
-            pg, rank=q.rank, size=q.world, store=store, link=link, name=f"g{q.generation}", guard=True
+            pg, rank=q.rank, size=q.world, store=store, link=link, name=f"g{q.generation}", guard=agent.key
         )
         self._group = (key, group)
         return group

@@ -7,8 +7,10 @@ the flat bytes. :func:`unpack` checks sizes, dtypes (an allow-list) and the chec
 builds anything. Nothing is pickled, so a corrupt or hostile payload is an error, never code.
 
 Over the network (:func:`send_state` / :func:`recv_state`) the header and the bytes travel on a
-two-process torch.distributed group (donor rank 0, joiner rank 1); the joiner answers with an
-acknowledgement after the checksum, so the donor knows the joiner holds the state. On disk
+two-process torch.distributed group (donor rank 0, joiner rank 1), followed by an HMAC-SHA256 of
+both under the job key: the joiner verifies it before anything is unpacked, so a state that did
+not come from a key holder is refused (:class:`ForgedStateError`) rather than trained on. The
+joiner answers with an acknowledgement, so the donor knows the joiner holds the state. On disk
 (:func:`save_state` / :func:`load_state`) the file is ``MAGIC``, the header length, the header and
 the bytes, written to a temporary file, fsynced and renamed over the old one, so a failed write
 leaves the previous checkpoint intact.
@@ -17,6 +19,7 @@ leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -25,8 +28,11 @@ from typing import Any
 
 import torch
 
+from ..files import private_open
+
 __all__ = [
     "CorruptStateError",
+    "ForgedStateError",
     "pack",
     "unpack",
     "send_state",
@@ -57,6 +63,16 @@ _DTYPES = {
 
 class CorruptStateError(ValueError):
     """A state (transfer or checkpoint) that fails its checks: size, format, dtype or checksum."""
+
+
+class ForgedStateError(CorruptStateError):
+    """A transferred state whose signature does not verify under the job key: it was not sent by a
+    member of this job (an attack) or was changed on the way."""
+
+
+def _mac(key: bytes, header: bytes, flat: torch.Tensor) -> bytes:
+    data = flat.numpy().tobytes() if flat.numel() else b""
+    return hmac.new(key, struct.pack("<Q", len(header)) + header + data, hashlib.sha256).digest()
 
 
 def _digest(flat: torch.Tensor) -> str:
@@ -151,36 +167,56 @@ def unpack(header: bytes, flat: torch.Tensor) -> Any:
 _TAG = 7141
 
 
-def send_state(pg, header: bytes, flat: torch.Tensor, dst: int = 1) -> bool:
-    """Send a packed state to ``dst`` on ``pg``; returns the receiver's acknowledgement."""
+def send_state(pg, header: bytes, flat: torch.Tensor, dst: int = 1, *, key: bytes) -> bool:
+    """Send a packed state, signed with the job ``key``, to ``dst`` on ``pg``; returns the
+    receiver's acknowledgement."""
     sizes = torch.tensor([len(header), flat.numel()], dtype=torch.int64)
     pg.send([sizes], dst, _TAG).wait()
     pg.send([torch.frombuffer(bytearray(header), dtype=torch.uint8)], dst, _TAG + 1).wait()
     if flat.numel():
         pg.send([flat], dst, _TAG + 2).wait()
+    pg.send([torch.frombuffer(bytearray(_mac(key, header, flat)), dtype=torch.uint8)], dst, _TAG + 4).wait()
     ack = torch.zeros(1, dtype=torch.int64)
     pg.recv([ack], dst, _TAG + 3).wait()
     return bool(ack.item() == 1)
 
 
-def recv_state(pg, src: int = 0, max_bytes: int = 1 << 40) -> Any:
-    """Receive, check and unpack a state from ``src``; acknowledges success or failure to it."""
+def recv_state(pg, src: int = 0, key: bytes | None = None, max_bytes: int = 1 << 40) -> Any:
+    """Receive a state from ``src``, verify its signature under the job ``key``, check and unpack
+    it; acknowledges success or failure to the sender.
+
+    Raises:
+        ForgedStateError: the signature does not verify (not from a key holder).
+        CorruptStateError: the state fails its other checks.
+    """
+    if key is None:
+        raise ValueError("recv_state needs the job key to verify who sent the state")
+
+    def refuse(error: CorruptStateError):
+        pg.send([torch.zeros(1, dtype=torch.int64)], src, _TAG + 3).wait()
+        raise error
+
     sizes = torch.zeros(2, dtype=torch.int64)
     pg.recv([sizes], src, _TAG).wait()
     hlen, n = int(sizes[0]), int(sizes[1])
     if not (0 < hlen <= MAX_HEADER_BYTES and 0 <= n <= max_bytes):
-        pg.send([torch.zeros(1, dtype=torch.int64)], src, _TAG + 3).wait()
-        raise CorruptStateError(f"state transfer announced {hlen} header bytes and {n} data bytes")
+        refuse(CorruptStateError(f"state transfer announced {hlen} header bytes and {n} data bytes"))
     header = torch.empty(hlen, dtype=torch.uint8)
     pg.recv([header], src, _TAG + 1).wait()
     flat = torch.empty(n, dtype=torch.uint8)
     if n:
         pg.recv([flat], src, _TAG + 2).wait()
+    mac = torch.empty(32, dtype=torch.uint8)
+    pg.recv([mac], src, _TAG + 4).wait()
+    head = header.numpy().tobytes()
+    if not hmac.compare_digest(mac.numpy().tobytes(), _mac(key, head, flat)):
+        refuse(
+            ForgedStateError("the state's signature does not verify under the job key: not sent by a member")
+        )
     try:
-        tree = unpack(header.numpy().tobytes(), flat)
-    except CorruptStateError:
-        pg.send([torch.zeros(1, dtype=torch.int64)], src, _TAG + 3).wait()
-        raise
+        tree = unpack(head, flat)
+    except CorruptStateError as e:
+        refuse(e)
     pg.send([torch.ones(1, dtype=torch.int64)], src, _TAG + 3).wait()
     return tree
 
@@ -188,11 +224,13 @@ def recv_state(pg, src: int = 0, max_bytes: int = 1 << 40) -> Any:
 # ---- on disk -------------------------------------------------------------------------------------
 
 
-def save_state(path: str | os.PathLike, tree: Any, *, opener: Callable[[str, str], Any] = open) -> int:
+def save_state(
+    path: str | os.PathLike, tree: Any, *, opener: Callable[[str, str], Any] = private_open
+) -> int:
     """Write ``tree`` to ``path`` atomically (temp file, fsync, rename); returns the bytes written.
 
-    ``opener(path, mode)`` opens the temporary file (``open``; the fault injector passes one that
-    fails part way). If anything fails, the temporary file is removed and the previous file at
+    ``opener(path, mode)`` opens the temporary file (owner-only by default; the fault injector
+    passes one that fails part way). If anything fails, the temporary file is removed and the previous file at
     ``path`` is untouched.
     """
     header, flat = pack(tree)
