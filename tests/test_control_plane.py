@@ -23,7 +23,7 @@ from lowcomm.runtime.elastic.protocol import (
     new_key,
     serialize,
 )
-from lowcomm.runtime.errors import CoordinatorRefused, CoordinatorTimeout, NotRegistered
+from lowcomm.runtime.errors import CoordinatorRefused, KeyRejected, NotRegistered
 
 KEY = bytes.fromhex(new_key())
 SIGNER = Signer(KEY)
@@ -238,8 +238,20 @@ def test_coordinator_survives_fuzzed_and_hostile_messages_and_keeps_serving(coor
     st = client.request("status", {}).body
     assert st["job"] == "t" and st["members"] == []
     wrong = CoordinatorClient(coordinator, bytes.fromhex(new_key()), "intruder", timeout_s=1.0)
-    with pytest.raises(CoordinatorTimeout, match="no reply"):  # unauthenticated: dropped, no answer
+    with pytest.raises(KeyRejected, match="rejects this key"):  # no signed answer, only the notice
         wrong.request("status", {})
+    # the unsigned notice is rate-limited to one a second per peer: 30 bad requests, at most 2 notices
+    probe = ctx.socket(zmq.DEALER)
+    probe.setsockopt(zmq.LINGER, 0)
+    probe.connect(coordinator)
+    other = Signer(bytes.fromhex(new_key()))
+    for i in range(30):
+        probe.send_multipart(serialize(other, "status", {}, sender="probe", seq=i + 1))
+    notices = []
+    while probe.poll(1500):
+        notices.append(probe.recv_multipart())
+    probe.close(0)
+    assert 1 <= len(notices) <= 2 and all(n == [b"LC1", b"KEY-REJECTED"] for n in notices)
 
 
 def test_status_command_prints_members(coordinator):
@@ -328,6 +340,7 @@ def test_before_the_first_quorum_the_newest_state_wins(coordinator):
 
     def reg(w, rnd):
         body = {"worker_id": w, "advertise_addr": "127.0.0.1", "step": 10 * rnd, "synced": True, "round": rnd}
+        body["holds_state"] = True  # resumed from their checkpoints
         return CoordinatorClient(coordinator, KEY, f"{w}-reg").request("register", body).body["synced"]
 
     assert reg("old", 4)  # alone, it is the newest so far

@@ -5,6 +5,8 @@ messages the state returns. The live-process tests (test_control_plane.py, test_
 the same rules through the server.
 """
 
+import itertools
+
 import pytest
 
 from lowcomm.runtime.elastic.membership import Deadline
@@ -20,6 +22,8 @@ class Sim:
         kw.setdefault("deadline", Deadline(floor=2.0, ceiling=4.0))
         kw.setdefault("round_deadline", RoundDeadline(floor=10.0, ceiling=20.0))
         self.now = 0.0
+        count = itertools.count()
+        kw.setdefault("nonce", lambda: f"n{next(count)}")  # rendezvous names, predictable in tests
         self.state = CoordinatorState("job", STORE, now=self.now, generation=1000, **kw)
         self.inbox: dict[str, list[tuple[str, dict]]] = {}
 
@@ -98,6 +102,7 @@ def test_a_quorum_forms_once_every_synced_member_asked_with_ranks_by_worker_id()
     assert all(r["members"] == ["a", "b", "c"] and r["world"] == 3 for r in replies.values())
     assert len({r["generation"] for r in replies.values()}) == 1 and replies["a"]["generation"] > 1000
     assert all(r["action"] == "run" and r["store"] == STORE for r in replies.values())
+    assert {r["rendezvous"] for r in replies.values()} == {"n0"}  # one secret name for the group
 
 
 def test_the_first_round_waits_for_min_workers():
@@ -198,8 +203,11 @@ def test_a_joiner_gets_the_first_synced_donor_and_is_synced_once_the_donor_repor
     sim.send("j", "join", worker_id="j", failed=[])
     reply = sim.last("j", "join_reply")
     assert reply["donor"] == "a" and reply["store"] == STORE
-    tid = reply["transfer_id"]
-    assert sim.beat("a")["a"]["serve"] == [{"transfer_id": tid, "joiner": "j", "store": STORE}]
+    tid, secret = reply["transfer_id"], reply["rendezvous"]
+    assert secret not in ("", "n0")  # its own, not the round's
+    assert sim.beat("a")["a"]["serve"] == [
+        {"transfer_id": tid, "joiner": "j", "store": STORE, "rendezvous": secret}
+    ]
     assert sim.beat("b")["b"]["serve"] == []
     sim.send("a", "transfer_done", worker_id="a", joiner="j", transfer_id=tid, ok=True, round=1, step=9)
     assert sim.state.membership.get("j").synced and sim.beat("a")["a"]["serve"] == []
@@ -265,9 +273,9 @@ def test_a_restarted_worker_replaces_its_old_process_and_aborts_its_rounds():
 
 def test_before_the_first_quorum_the_newest_state_wins():
     sim = Sim(min_workers=2)
-    assert sim.register("old", synced=True, round=4)["synced"]
+    assert sim.register("old", synced=True, round=4, holds_state=True)["synced"]
     sim.ask("old", 4)
-    assert sim.register("new", synced=True, round=8)["synced"]
+    assert sim.register("new", synced=True, round=8, holds_state=True)["synced"]
     assert sim.last("old", "quorum_reply")["action"] == "resync"  # its pending ask is answered at once
     assert sim.state.committed == 7 and sim.state.membership.get("old").synced is False
 
@@ -306,3 +314,73 @@ def test_after_its_grace_a_restarted_coordinator_does_not_wait_for_min_workers()
 def test_min_workers_is_checked(bad):
     with pytest.raises(ValueError, match="min_workers"):
         CoordinatorState("job", STORE, now=0.0, min_workers=bad)
+
+
+def test_a_bare_round_claim_beyond_the_job_is_not_believed():
+    sim = Sim()
+    sim.register("a")
+    gen = _quorum(sim, "a", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="a")
+    reply = sim.register("x", synced=True, round=2**62)  # no state behind it: a key holder's lie
+    assert reply["synced"] is False and sim.state.committed == 0
+    assert sim.register("y", synced=True, round=7, holds_state=True)["synced"] is False  # the job is at 1
+    assert sim.state.membership.get("a").synced  # nobody was sent to resync
+
+
+def test_with_no_member_left_the_newest_checkpoint_wins_and_the_job_goes_on():
+    """Every worker was lost while the coordinator lived (it committed round 9): the workers come
+    back from their checkpoints of rounds 4 and 6; the newest wins, the committed round rolls
+    back, the other resynchronizes from it."""
+    sim = Sim(min_workers=2)
+    for w in "ab":
+        sim.register(w)
+    for rnd in range(10):
+        gen = _quorum(sim, "ab", rnd)["a"]["generation"]
+        sim.commit("a", rnd, gen, members="ab")
+        sim.commit("b", rnd, gen, members="ab")
+        sim.take("a"), sim.take("b")
+    assert sim.state.committed == 9
+    sim.advance(5.0)  # both silent: expired
+    assert sim.state.membership.members == ()
+    sim.register("a", synced=True, round=4, holds_state=True, incarnation="2")
+    sim.register("b", synced=True, round=6, holds_state=True, incarnation="2")
+    assert sim.state.committed == 5 and sim.state.membership.get("b").synced
+    assert sim.state.membership.get("a").synced is False  # behind the newest: it resyncs from b
+    sim.send("a", "join", worker_id="a", failed=[])
+    assert sim.last("a", "join_reply")["donor"] == "b"
+
+
+def test_a_joiner_with_no_donor_is_logged_with_what_is_missing(caplog):
+    sim = Sim()
+    sim.register("a")
+    gen = _quorum(sim, "a", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="a")
+    sim.send("a", "leave", worker_id="a")
+    sim.register("j", synced=False)
+    sim.send("j", "join", worker_id="j", failed=[])
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.elastic.state"):
+        sim.advance(25.0, alive="j")
+    warnings = [r.message for r in caplog.records if "no progress possible" in r.message]
+    assert 2 <= len(warnings) <= 4 and "wait for a donor" in warnings[0] and "'j'" in warnings[0]
+
+
+def test_the_members_are_capped_and_status_comes_in_pages(monkeypatch):
+    from lowcomm.runtime.elastic import state as state_module
+
+    monkeypatch.setattr(state_module, "MAX_MEMBERS", 250)
+    sim = Sim()
+    for i in range(250):
+        assert sim.register(f"w{i:03d}")["size"] == i + 1
+    sim.send("late", "register", worker_id="late", advertise_addr="h", step=0)
+    err = sim.last("late", "error")
+    assert err["code"] == "full" and "250 members" in err["reason"]
+    pages, offset = [], 0
+    while True:
+        sim.send("s", "status", offset=offset)
+        page = sim.last("s", "status_reply")
+        pages.append(page)
+        offset += len(page["members"])
+        if offset >= page["total"]:
+            break
+    assert [len(p["members"]) for p in pages] == [200, 50] and pages[0]["total"] == 250
+    assert [m["worker_id"] for p in pages for m in p["members"]] == [f"w{i:03d}" for i in range(250)]

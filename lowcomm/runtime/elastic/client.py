@@ -10,8 +10,8 @@ from collections.abc import Callable
 import msgpack
 import zmq
 
-from ..errors import CoordinatorTimeout, refusal
-from .protocol import ProtocolError, ReplayGuard, Signer, deserialize, serialize
+from ..errors import CoordinatorTimeout, KeyRejected, refusal
+from .protocol import KEY_REJECTED, MAGIC, ProtocolError, ReplayGuard, Signer, deserialize, serialize
 
 __all__ = ["CoordinatorClient"]
 
@@ -51,10 +51,14 @@ class CoordinatorClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
         self._sent_ids: collections.deque[str] = collections.deque(maxlen=64)
+        self.inst: str | None = None  # the coordinator process last heard from
+        self._key_rejected = False
 
     def _send(self, kind: str, body: dict, epoch: int) -> str:
         self._seq = max(self._seq + 1, time.time_ns())
-        frames = serialize(self.signer, kind, body, sender=self.sender, seq=self._seq, epoch=epoch)
+        frames = serialize(
+            self.signer, kind, body, sender=self.sender, seq=self._seq, epoch=epoch, inst=self.inst
+        )
         self._sock.send_multipart(frames)
         self._sent_ids.append(msgpack.unpackb(frames[2])["id"])
         return self._sent_ids[-1]
@@ -62,11 +66,17 @@ class CoordinatorClient:
     def _recv(self, timeout_s: float):
         if not self._sock.poll(max(int(timeout_s * 1000), 0)):
             return None
+        frames = self._sock.recv_multipart()
+        if frames == [MAGIC, KEY_REJECTED]:  # unsigned: only a reason to report if no reply comes
+            self._key_rejected = True
+            return None
         try:
-            return deserialize(self._sock.recv_multipart(), self.signer, self.guard)
+            reply = deserialize(frames, self.signer, self.guard)
         except ProtocolError as e:  # a forged or replayed reply is dropped, never believed
             log.warning("dropped a reply from %s: %s", self.endpoint, e)
             return None
+        self.inst = reply.inst or self.inst
+        return reply
 
     def request(self, kind: str, body: dict, epoch: int = -1, timeout_s: float | None = None, match=None):
         """Send one message and return the verified reply.
@@ -87,11 +97,21 @@ class CoordinatorClient:
             reply = self._recv(end - time.monotonic())
             if reply is None:
                 if time.monotonic() >= end:
+                    if self._key_rejected:
+                        raise KeyRejected(
+                            f"the coordinator at {self.endpoint} rejects this key (its signature "
+                            "check fails): this process holds another job's key; check LOWCOMM_KEY "
+                            "or LOWCOMM_KEY_FILE"
+                        )
                     raise CoordinatorTimeout(
                         f"no reply from the coordinator at {self.endpoint} within {timeout_s}s"
                     )
                 continue
             if reply.re == mine or (match is not None and reply.re in self._sent_ids and match(reply)):
+                if reply.type == "error" and reply.body["code"] == "stale_instance":
+                    self.inst = None  # a restarted coordinator: say it again, to the new process
+                    mine = self._send(kind, body, epoch)
+                    continue
                 if reply.type == "error":
                     raise refusal(reply.body["code"], reply.body["reason"])
                 return reply

@@ -156,5 +156,10 @@ def expire(ms: Membership, now: float, deadline: Deadline) -> tuple[Membership, 
 
 def ranks(ms: Membership) -> dict[str, int]:
     """Rank of each member in this epoch: by worker id, so that a round's reduction order (and
-    therefore its bits) does not depend on the order in which workers joined."""
-    return {wid: r for r, wid in enumerate(sorted(ms.index))}
+    therefore its bits) does not depend on the order in which workers joined. Computed once per
+    membership (a membership is never changed, only replaced)."""
+    cached = ms.__dict__.get("_ranks")
+    if cached is None:
+        cached = {wid: r for r, wid in enumerate(sorted(ms.index))}
+        object.__setattr__(ms, "_ranks", cached)
+    return cached

@@ -6,7 +6,14 @@ A message is four ZeroMQ frames (a ROUTER socket adds the peer identity in front
 
 ``header`` and ``body`` are msgpack maps. ``signature`` is HMAC-SHA256(key, header || body), 32
 raw bytes. The header carries ``v`` (protocol version), ``type``, ``id`` (message id), ``sender``,
-``seq`` (per-sender, strictly increasing), ``epoch`` and ``ts`` (sender's wall clock).
+``seq`` (per-sender, strictly increasing), ``epoch``, ``ts`` (sender's wall clock), on a reply
+``re`` (the request's id), and ``inst``: on a reply, the coordinator process's random instance
+id; on a request, the instance the client last heard from. A coordinator refuses a request meant
+for another instance (a message captured before a restart and replayed), and a request with no
+instance (a first contact) older than :data:`FIRST_CONTACT_WINDOW_S`.
+
+Names (worker ids, senders, the job) are printable ASCII without spaces, at most 128 characters,
+so no name can forge a log line.
 
 Authentication: a shared secret per job (``lowcomm keys`` makes one), not ZMQ CURVE: the control
 plane carries no tensors and no secrets, so it needs integrity and authenticity, not secrecy; one
@@ -52,15 +59,26 @@ MAGIC = b"LC1"
 VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024
 REPLAY_WINDOW_S = 300.0
+FIRST_CONTACT_WINDOW_S = 30.0
+#: the two unsigned frames ``[MAGIC, KEY_REJECTED]`` a coordinator sends a peer whose signature
+#: fails (rate-limited), so a worker with the wrong key reports that instead of waiting silently
+KEY_REJECTED = b"KEY-REJECTED"
 _STR = 256  # longest string field
+NAME = "name"  # the bound of a name field: printable ASCII, no spaces, 1..128 characters
 
 
 class ProtocolError(ValueError):
-    """A message that failed a check; ``authenticated`` tells whether its signature was valid."""
+    """A message that failed a check; ``authenticated`` tells whether its signature was valid, and
+    ``request_id`` is its id when its header could be read (a refusal then names the request)."""
 
-    def __init__(self, reason: str, authenticated: bool = False):
+    def __init__(self, reason: str, authenticated: bool = False, request_id: str | None = None):
         super().__init__(reason)
-        self.authenticated = authenticated
+        self.authenticated, self.request_id = authenticated, request_id
+
+
+def valid_name(v: str, limit: int = 128) -> bool:
+    """Printable ASCII without spaces, 1..limit characters."""
+    return 0 < len(v) <= limit and all("!" <= c <= "~" for c in v)
 
 
 # field -> (python types, required, bound); bound: max length for str/list, (lo, hi) for numbers
@@ -69,13 +87,14 @@ HEADER: dict[str, _Field] = {
     "v": ((int,), True, (0, 1 << 16)),
     "type": ((str,), True, 32),
     "id": ((str,), True, 64),
-    "sender": ((str,), True, 128),
+    "sender": ((str,), True, NAME),
     "seq": ((int,), True, (0, 1 << 62)),
     "epoch": ((int,), True, (-1, 1 << 62)),
     "ts": ((float, int), True, (0.0, 1e11)),
     "re": ((str,), False, 64),  # a reply: the id of the request it answers
+    "inst": ((str,), False, 64),  # the coordinator instance (see the module docstring)
 }
-_WID = ((str,), True, 128)
+_WID = ((str,), True, NAME)
 _ROUND = ((int,), True, (-1, 1 << 62))
 _GEN = ((int,), True, (0, 1 << 62))
 _BOOL = ((bool,), True, None)
@@ -89,6 +108,9 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "fingerprint": ((str,), False, 64),
         "synced": ((bool,), False, None),
         "round": ((int,), False, (0, 1 << 62)),
+        # the claimed round is backed by state this worker holds (its checkpoint, or what it kept
+        # through a coordinator restart); a bare claim beyond the job's round is not believed
+        "holds_state": ((bool,), False, None),
     },
     "heartbeat": {
         "worker_id": _WID,
@@ -114,13 +136,13 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "step": ((int,), True, (0, 1 << 62)),
     },
     "leave": {"worker_id": _WID, "finished": ((bool,), False, None)},
-    "status": {},
+    "status": {"offset": ((int,), False, (0, 1 << 20)), "limit": ((int,), False, (1, 500))},
     # replies
     "ok": {"epoch": ((int,), True, (-1, 1 << 62)), "members": ((list,), False, 4096)},
     "register_reply": {
         "epoch": ((int,), True, (0, 1 << 62)),
         "synced": _BOOL,
-        "members": ((list,), True, 4096),
+        "size": ((int,), True, (0, 1 << 20)),  # members after this registration
     },
     "heartbeat_reply": {
         "epoch": ((int,), True, (0, 1 << 62)),
@@ -139,6 +161,7 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "members": ((list,), True, 4096),
         "store": ((str,), True, _STR),
         "generation": _GEN,
+        "rendezvous": ((str,), True, 64),  # the group's secret store prefix
     },
     "decision": {"round": ((int,), True, (0, 1 << 62)), "generation": _GEN, "commit": _BOOL},
     "join_reply": {
@@ -146,12 +169,15 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "donor_addr": ((str,), True, _STR),
         "transfer_id": _GEN,
         "store": ((str,), True, _STR),
+        "rendezvous": ((str,), True, 64),
     },
-    "status_reply": {
-        "job": ((str,), True, _STR),
+    "status_reply": {  # one page of members: offset .. offset + len(members) of total
+        "job": ((str,), True, NAME),
         "epoch": ((int,), True, (-1, 1 << 62)),
         "round": ((int,), True, (-1, 1 << 62)),
-        "members": ((list,), True, 4096),
+        "total": ((int,), True, (0, 1 << 20)),
+        "offset": ((int,), True, (0, 1 << 20)),
+        "members": ((list,), True, 500),
     },
     # a refusal: ``code`` names its kind for the client (lowcomm.runtime.errors.REFUSAL_CODES)
     "error": {"reason": ((str,), True, 1024), "code": ((str,), True, 32)},
@@ -176,6 +202,12 @@ def _check(obj: Any, schema: dict[str, _Field], what: str) -> None:
             )
         if bound is None:
             continue
+        if bound == NAME:
+            if not valid_name(v):
+                raise ProtocolError(
+                    f"{what}.{name} must be printable ASCII without spaces, 1..128 characters", True
+                )
+            continue
         if isinstance(v, (str, list)) and len(v) > bound:
             raise ProtocolError(f"{what}.{name} is longer than {bound}", True)
         if isinstance(v, (int, float)) and not bound[0] <= v <= bound[1]:
@@ -194,6 +226,7 @@ class Message:
     id: str = ""
     ts: float = 0.0
     re: str = ""
+    inst: str = ""
 
 
 class Signer:
@@ -212,32 +245,64 @@ class Signer:
 
 
 class ReplayGuard:
-    """Per-sender strictly increasing ``seq`` and a wall-clock window on ``ts``."""
+    """Per-sender strictly increasing ``seq`` and a wall-clock window on ``ts``.
+
+    The table is bounded: a sender silent for longer than the window is forgotten when room is
+    needed (any message of it that old fails the window check anyway), so at most ``max_senders``
+    senders active within one window exist at a time and no sender is refused for old ones.
+    """
 
     def __init__(self, window_s: float = REPLAY_WINDOW_S, max_senders: int = 100_000):
         self.window_s, self.max_senders = window_s, max_senders
-        self._last: dict[str, int] = {}
+        self._last: dict[str, tuple[int, float]] = {}  # sender -> (last seq, when it was seen)
+
+    def __len__(self) -> int:
+        return len(self._last)
 
     def check(self, sender: str, seq: int, ts: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         if abs(now - ts) > self.window_s:
             raise ProtocolError(f"message from {sender!r} is {now - ts:+.0f}s off the clock window", True)
         last = self._last.get(sender)
-        if last is not None and seq <= last:
-            raise ProtocolError(f"replayed or reordered message from {sender!r}: seq {seq} <= {last}", True)
+        if last is not None and seq <= last[0]:
+            raise ProtocolError(
+                f"replayed or reordered message from {sender!r}: seq {seq} <= {last[0]}", True
+            )
         if last is None and len(self._last) >= self.max_senders:
-            raise ProtocolError("too many distinct senders", True)
-        self._last[sender] = seq
+            self._prune(now)
+            if len(self._last) >= self.max_senders:
+                raise ProtocolError(
+                    f"too many senders active within {self.window_s:.0f}s ({self.max_senders}); try later",
+                    True,
+                )
+        self._last.pop(sender, None)  # re-inserted last: the table stays in order of last contact
+        self._last[sender] = (seq, now)
+
+    def _prune(self, now: float) -> None:
+        """Forget the senders silent for longer than the window: the table is in order of last
+        contact, so they are at its front (O(forgotten) per call)."""
+        while self._last:
+            sender, (_, seen) = next(iter(self._last.items()))
+            if now - seen <= self.window_s:
+                return
+            del self._last[sender]
 
     def forget(self, worker: str) -> None:
         """Drop the entries of ``worker``: the sender itself and its clients ``worker/<role>``."""
-        prefix = f"{worker}/"
-        for s in [s for s in self._last if s == worker or s.startswith(prefix)]:
-            del self._last[s]
+        for role in ("", "/main", "/rpc", "/hb"):
+            self._last.pop(worker + role, None)
 
 
 def serialize(
-    signer: Signer, type: str, body: dict, *, sender: str, seq: int, epoch: int = -1, re: str | None = None
+    signer: Signer,
+    type: str,
+    body: dict,
+    *,
+    sender: str,
+    seq: int,
+    epoch: int = -1,
+    re: str | None = None,
+    inst: str | None = None,
 ) -> list[bytes]:
     """Build the four frames of a message (the body is checked against its schema first)."""
     if type not in SCHEMAS:
@@ -254,6 +319,8 @@ def serialize(
     }
     if re:
         header["re"] = re
+    if inst:
+        header["inst"] = inst
     h = msgpack.packb(header, use_bin_type=True)
     b = msgpack.packb(body, use_bin_type=True)
     return [MAGIC, signer.sign(h, b), h, b]
@@ -289,18 +356,23 @@ def deserialize(frames: list[bytes], signer: Signer, guard: ReplayGuard | None =
         header = _unpack(h)
     except Exception as e:
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}", True) from None
-    _check(header, HEADER, "header")
-    if header["v"] != VERSION:
-        raise ProtocolError(f"protocol version {header['v']} is not {VERSION}", True)
-    if header["type"] not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {header['type']!r}", True)
-    if guard is not None:
-        guard.check(header["sender"], header["seq"], float(header["ts"]))
+    rid = header.get("id") if isinstance(header, dict) and isinstance(header.get("id"), str) else None
     try:
-        body = _unpack(b)
-    except Exception as e:
-        raise ProtocolError(f"body is not valid msgpack: {type(e).__name__}", True) from None
-    _check(body, SCHEMAS[header["type"]], f"{header['type']} body")
+        _check(header, HEADER, "header")
+        if header["v"] != VERSION:
+            raise ProtocolError(f"protocol version {header['v']} is not {VERSION}", True)
+        if header["type"] not in SCHEMAS:
+            raise ProtocolError(f"unknown message type {header['type']!r}", True)
+        if guard is not None:
+            guard.check(header["sender"], header["seq"], float(header["ts"]))
+        try:
+            body = _unpack(b)
+        except Exception as e:
+            raise ProtocolError(f"body is not valid msgpack: {type(e).__name__}", True) from None
+        _check(body, SCHEMAS[header["type"]], f"{header['type']} body")
+    except ProtocolError as e:  # authenticated: name the request so its sender gets the refusal
+        e.request_id = rid if rid and len(rid) <= 64 else None
+        raise
     return Message(
         header["type"],
         header["sender"],
@@ -310,6 +382,7 @@ def deserialize(frames: list[bytes], signer: Signer, guard: ReplayGuard | None =
         header["id"],
         float(header["ts"]),
         header.get("re", ""),
+        header.get("inst", ""),
     )
 
 

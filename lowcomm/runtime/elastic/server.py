@@ -17,13 +17,24 @@ training tensors.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
 import zmq
 
 from .membership import Deadline
-from .protocol import ProtocolError, ReplayGuard, Signer, deserialize, serialize
+from .protocol import (
+    FIRST_CONTACT_WINDOW_S,
+    KEY_REJECTED,
+    MAGIC,
+    ProtocolError,
+    ReplayGuard,
+    Signer,
+    deserialize,
+    serialize,
+    valid_name,
+)
 from .state import CoordinatorState, Outgoing, RoundDeadline
 
 __all__ = ["Coordinator"]
@@ -31,6 +42,8 @@ __all__ = ["Coordinator"]
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # how often time is let pass: deadlines are O(members), so not on every message
+#: unsigned KEY_REJECTED notices sent per second at most (and one a second per peer)
+REJECT_NOTICES_PER_S = 50
 
 
 class Coordinator:
@@ -57,7 +70,12 @@ class Coordinator:
         grace: float = 0.0,
         round_deadline: RoundDeadline | None = None,
     ):
+        if not isinstance(job, str) or not valid_name(job, 64):
+            raise ValueError(f"job={job!r} is not allowed: printable ASCII without spaces, 1..64 characters")
         self.signer = Signer(key)
+        self.instance = secrets.token_hex(8)  # replies carry it; requests for another one are refused
+        self._notices: dict[bytes, float] = {}  # peer -> when it was last told its key is rejected
+        self._notice_budget = (0.0, 0)
         self.guard = ReplayGuard()
         self.dropped = 0
         self._seq = time.time_ns()
@@ -65,12 +83,19 @@ class Coordinator:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # libzmq drops the peer past this
-        if bind.endswith(":0"):
-            port = self._sock.bind_to_random_port(bind[: bind.rindex(":")])
-            self.endpoint = f"{bind[: bind.rindex(':')]}:{port}"
-        else:
-            self._sock.bind(bind)
-            self.endpoint = bind
+        if not (isinstance(bind, str) and bind.startswith("tcp://") and ":" in bind[6:]):
+            self._sock.close(0)
+            raise ValueError(f"bind={bind!r} is not allowed: an endpoint like 'tcp://0.0.0.0:29400'")
+        try:
+            if bind.endswith(":0"):
+                port = self._sock.bind_to_random_port(bind[: bind.rindex(":")])
+                self.endpoint = f"{bind[: bind.rindex(':')]}:{port}"
+            else:
+                self._sock.bind(bind)
+                self.endpoint = bind
+        except zmq.ZMQError as e:  # a port in use, an address not on this host, a bad port
+            self._sock.close(0)
+            raise ValueError(f"bind={bind!r} is not allowed: {e}") from None
         self._store, store_addr = self._start_store(store_host)
         # generations are unique across restarts of the coordinator (microseconds since the epoch)
         self.state = CoordinatorState(
@@ -86,12 +111,33 @@ class Coordinator:
         self._stop = threading.Event()
 
     def _start_store(self, store_host: str | None):
+        """The job's TCPStore, listening where the coordinator binds (or on ``store_host``): a
+        socket bound to that address is handed to the store, which otherwise listens on every
+        interface. Returns ``(store, "host:port")`` (the address workers are given)."""
+        import socket
+
         import torch.distributed as dist
 
-        host = store_host or self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
-        host = "127.0.0.1" if host in ("0.0.0.0", "*") else host
-        store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
-        return store, f"{host}:{store.port}"
+        bind_host = self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
+        host = store_host or bind_host
+        wildcard = host in ("0.0.0.0", "*", "")
+        listen = "0.0.0.0" if wildcard else host
+        if wildcard:
+            log.warning(
+                "the TCPStore listens on every interface (bind %s); workers are told 127.0.0.1: give "
+                "--store-host for workers on other hosts",
+                bind_host,
+            )
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((socket.gethostbyname(listen), 0))
+        sock.listen(512)
+        self._store_socket = sock  # kept open: the store serves on it
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(
+            listen, port, is_master=True, wait_for_workers=False, master_listen_fd=sock.fileno()
+        )
+        return store, f"{'127.0.0.1' if wildcard else host}:{port}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -117,6 +163,7 @@ class Coordinator:
         finally:
             self._sock.close(0)
             del self._store
+            self._store_socket.close()
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -127,14 +174,22 @@ class Coordinator:
             msg = deserialize(payload, self.signer, self.guard)
         except ProtocolError as e:
             self.dropped += 1
-            if e.authenticated:
-                self._send(Outgoing((ident, None), "error", {"reason": str(e)[:1000], "code": "bad_request"}))
+            if e.authenticated:  # named by its id, so the client sees the refusal, not a silence
+                self._send(
+                    Outgoing((ident, e.request_id), "error", {"reason": str(e)[:1000], "code": "bad_request"})
+                )
             else:
                 log.info("dropped a message: %s", e)
+                if len(payload) == 4 and payload[0] == MAGIC and len(payload[1]) == 32:
+                    self._notice_rejected_key(ident)
             return
         except Exception as e:  # never let one message take the server down
             self.dropped += 1
             log.error("unexpected error on a message: %r", e)
+            return
+        stale = self._stale(msg)
+        if stale:
+            self._send(Outgoing((ident, msg.id), "error", {"reason": stale[1], "code": stale[0]}))
             return
         try:
             out = self.state.handle(msg.type, msg.body, (ident, msg.id), time.monotonic())
@@ -144,9 +199,42 @@ class Coordinator:
             out = [Outgoing((ident, msg.id), "error", {"reason": reason, "code": "internal"})]
         self._send_all(out)
 
+    def _stale(self, msg) -> tuple[str, str] | None:
+        """``(code, reason)`` when a request is not for this coordinator process: one meant for
+        another instance (replayed across a restart: the client resends it), or a first contact
+        further from this clock than the first-contact window (a replay, or a skewed clock)."""
+        if msg.inst and msg.inst != self.instance:
+            return "stale_instance", f"{msg.type} was meant for another coordinator process: resend it"
+        skew = time.time() - msg.ts
+        if not msg.inst and abs(skew) > FIRST_CONTACT_WINDOW_S:
+            return "clock", (
+                f"a first {msg.type} from {msg.sender!r} is {skew:+.0f}s off the coordinator's clock "
+                f"(at most {FIRST_CONTACT_WINDOW_S:.0f}s allowed): a replay, or this host's clock is wrong"
+            )
+        return None
+
+    def _notice_rejected_key(self, ident: bytes) -> None:
+        """Tell a peer whose signature failed that its key is not the job's (unsigned: it cannot
+        prove anything to the peer, only spare it a silent wait; rate-limited so it cannot be used
+        to amplify traffic)."""
+        now = time.monotonic()
+        second, sent = self._notice_budget
+        if now - second >= 1.0:
+            second, sent = now, 0
+        if sent >= REJECT_NOTICES_PER_S or now - self._notices.get(ident, -1.0) < 1.0:
+            return
+        if len(self._notices) > 10_000:
+            self._notices.clear()
+        self._notices[ident] = now
+        self._notice_budget = (second, sent + 1)
+        self._sock.send_multipart([ident, MAGIC, KEY_REJECTED])
+
     def _send_all(self, out: list[Outgoing]) -> None:
         for o in out:
-            self._send(o)
+            try:
+                self._send(o)
+            except Exception as e:  # a reply that cannot be built is dropped, never the server
+                log.error("could not send %s: %r", o.kind, e)
         for wid in self.state.departed:  # their replay entries go with them
             self.guard.forget(wid)
         self.state.departed.clear()
@@ -162,5 +250,6 @@ class Coordinator:
             seq=self._seq,
             epoch=self.state.membership.epoch,
             re=re,
+            inst=self.instance,
         )
         self._sock.send_multipart([identity, *frames])

@@ -33,17 +33,28 @@ the joiner asks again and gets another donor, and once every donor failed it, al
 Restarts. A restarted coordinator knows nothing; for ``grace`` seconds it forms no quorum while
 the workers re-register, claiming their state (synced or not, and the next round they will run).
 Before the first quorum the newest claimed state wins: members whose next round is behind it
-resynchronize. A commit for a generation it never formed is decided from the claims: committed if
-any member has moved past that round, else by the usual rule over the members the request names.
-After its grace a restarted coordinator goes on with the members that re-registered in sync,
-however few (waiting for ``min_workers`` could wait for a worker that died meanwhile and now
-needs one of them as its donor).
+resynchronize. A claim beyond the committed round + 1 is believed only in the grace or from a
+worker that holds that state (its checkpoint, or the state it kept through the restart; the
+``holds_state`` field); a bare claim (round 2^62, say) is not, and its claimant joins. A
+commit for a generation it never formed is decided from the claims: committed if any member has
+moved past that round, else by the usual rule over the members the request names. After its
+grace a restarted coordinator goes on with the members that re-registered in sync, however few
+(waiting for ``min_workers`` could wait for a worker that died meanwhile and now needs one of them
+as its donor).
+
+Resumes. When no member holds the job's state (every worker was lost, the coordinator lived) a
+worker that brings its state (a checkpoint) is believed: the newest wins, the committed round is
+rolled back to it (logged), and the others resynchronize from it. A state in which no progress is
+possible (joiners with no member to donate, a first round short of ``min_workers``) is logged
+with what is missing, every ``STUCK_WARNING_S``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +75,12 @@ log = logging.getLogger(__name__)
 
 #: heartbeat replies name members lost within this many seconds
 LOST_MEMORY_S = 120.0
+#: the most members a job may have (a registration beyond it is refused)
+MAX_MEMBERS = 4096
+#: the most members one status reply lists (a page; ``offset`` asks for the next)
+STATUS_PAGE = 200
+#: seconds between two warnings about the same state in which no progress is possible
+STUCK_WARNING_S = 10.0
 #: decided generations kept (a late commit report of one still gets its decision)
 KEEP_GENERATIONS = 256
 
@@ -120,6 +137,7 @@ class Generation:
 
     round: int
     members: tuple[str, ...]
+    rendezvous: str = ""  # the secret store prefix of its gloo group (only in signed replies)
     done: set[str] = field(default_factory=set)  # members that reported success
     suspects: dict[str, set[str]] = field(default_factory=dict)  # member -> who found it missing
     waiters: dict[str, Any] = field(default_factory=dict)  # member -> reply address for the decision
@@ -139,9 +157,15 @@ class Transfer:
     transfer_id: int
     joiner: str
     store: str
+    rendezvous: str  # the secret store prefix of the transfer's two-process group
 
     def to_wire(self) -> dict:
-        return {"transfer_id": self.transfer_id, "joiner": self.joiner, "store": self.store}
+        return {
+            "transfer_id": self.transfer_id,
+            "joiner": self.joiner,
+            "store": self.store,
+            "rendezvous": self.rendezvous,
+        }
 
 
 class CoordinatorState:
@@ -159,6 +183,8 @@ class CoordinatorState:
         grace: seconds after start during which no quorum forms (a restarted coordinator lets the
             workers re-register first); 0 for a fresh job.
         round_deadline: how long a round waits for stragglers.
+        nonce: makes the secret rendezvous name of each round and transfer (default: 128 random
+            bits); a store key no one outside the job can guess, so no stranger reaches a group.
     """
 
     def __init__(
@@ -172,6 +198,7 @@ class CoordinatorState:
         min_workers: int = 1,
         grace: float = 0.0,
         round_deadline: RoundDeadline | None = None,
+        nonce: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         if not isinstance(min_workers, int) or isinstance(min_workers, bool) or min_workers < 1:
             raise ValueError(f"min_workers must be an int >= 1, got {min_workers!r}")
@@ -197,6 +224,8 @@ class CoordinatorState:
         self.fingerprint: str | None = None
         self.round = -1  # highest round a heartbeat reported
         self.departed: list[str] = []  # members gone since the server last drained it
+        self.nonce = nonce
+        self._warned: dict[str, float] = {}  # stuck-state warning -> when it was last given
         self._out: list[Outgoing] = []
 
     # ---- inputs -----------------------------------------------------------------------------------
@@ -217,14 +246,20 @@ class CoordinatorState:
         self._expire(now)
         self._try_quorum(now)
         self._try_joins()
+        self._warn_if_stuck(now)
         return self._take()
 
-    def status(self, now: float) -> dict:
+    def status(self, now: float, offset: int = 0, limit: int = STATUS_PAGE) -> dict:
+        """The job, its epoch and round, and one page of its members (``offset``, at most ``limit``)."""
         rk = ranks(self.membership)
+        members = self.membership.members
+        page = members[offset : offset + min(limit, STATUS_PAGE)]
         return {
             "job": self.job,
             "epoch": self.membership.epoch,
             "round": max(self.round, self.committed),
+            "total": len(members),
+            "offset": offset,
             "members": [
                 {
                     "worker_id": m.worker_id,
@@ -235,9 +270,28 @@ class CoordinatorState:
                     "synced": m.synced,
                     "last_seen_s": round(now - m.last_seen, 3),
                 }
-                for m in self.membership.members
+                for m in page
             ],
         }
+
+    def _warn_if_stuck(self, now: float) -> None:
+        """Log each state in which no progress is possible, with what is missing (rate-limited)."""
+        synced = [m for m in self.membership.members if m.synced]
+        stuck = {}
+        if self.joins and not synced:
+            stuck["no-donor"] = (
+                f"joiner(s) {sorted(self.joins)[:8]} wait for a donor: no member holds the job's state "
+                "(a worker that brings its checkpoint, --resume auto, can restore it)"
+            )
+        if self.asks and not self.formed_any and len(synced) < self.min_workers and not self._restarted():
+            stuck["min-workers"] = (
+                f"the first round waits for min_workers={self.min_workers}: {len(synced)} synced member(s) "
+                f"so far ({sorted(m.worker_id for m in synced)[:8]})"
+            )
+        for key, message in stuck.items():
+            if now - self._warned.get(key, -STUCK_WARNING_S) >= STUCK_WARNING_S:
+                self._warned[key] = now
+                log.warning("no progress possible: %s", message)
 
     # ---- plumbing -----------------------------------------------------------------------------
 
@@ -271,7 +325,7 @@ class CoordinatorState:
         if kind == "transfer_done":
             return self._transfer_done(b)
         if kind == "status":
-            return "status_reply", self.status(now)
+            return "status_reply", self.status(now, b.get("offset", 0), b.get("limit", STATUS_PAGE))
         raise Refusal(f"message type {kind!r} is not served by the coordinator", "bad_request")
 
     # ---- membership ---------------------------------------------------------------------------
@@ -287,12 +341,33 @@ class CoordinatorState:
                     f"{self.fingerprint[:12]}): same model, schedule, codec and fragments are required"
                 )
         old = self.membership.get(wid)
+        if old is None and len(self.membership.index) >= MAX_MEMBERS:
+            raise Refusal(
+                f"the job has {MAX_MEMBERS} members, the most it takes; {wid!r} cannot join", "full"
+            )
         incarnation = b.get("incarnation", "")
         if old is not None and old.incarnation != incarnation:
             log.warning("%s restarted (new incarnation); its old process is gone", wid)
             self.membership = leave(self.membership, wid)
             self._gone(wid, now)
         claims, nxt = b.get("synced", True), b.get("round", 0)
+        holds_state = bool(b.get("holds_state", False))
+        if self.formed_any and claims and holds_state and not any(m.synced for m in self.membership.members):
+            # nobody holds the job's state any more: the newest state brought wins, as on a fresh start
+            log.warning(
+                "no member holds the job's state; %s brings the state of round %d: the job continues "
+                "from the newest state brought (committed round rolled back from %d)",
+                wid,
+                nxt,
+                self.committed,
+            )
+            self.committed = -1
+            self.formed_any = False
+        if claims and nxt > self.committed + 1 and not (holds_state or self._in_grace(now)):
+            log.warning(
+                "%s claims round %d, the job is at %d: not believed, it joins", wid, nxt, self.committed
+            )
+            claims = False
         if not self.formed_any:  # a fresh job, a restarted coordinator, or a job resumed from checkpoints
             # before the first quorum the newest state wins: workers resumed from older checkpoints
             # (one whose last write failed, say) resynchronize from the one that is furthest on
@@ -324,7 +399,7 @@ class CoordinatorState:
         return "register_reply", {
             "epoch": self.membership.epoch,
             "synced": synced,
-            "members": self.membership.ids,
+            "size": len(self.membership.index),
         }
 
     def _heartbeat(self, b: dict, now: float) -> tuple[str, dict]:
@@ -446,7 +521,7 @@ class CoordinatorState:
         g = self.generation
         rk = ranks(self.membership)
         order = sorted(askers, key=rk.get)
-        self.generations[g] = Generation(rnd, tuple(order))
+        self.generations[g] = gen = Generation(rnd, tuple(order), self.nonce())
         if len(self.generations) > KEEP_GENERATIONS:
             for old in sorted(self.generations)[:-KEEP_GENERATIONS]:
                 if self.generations[old].decided is not None:
@@ -467,6 +542,7 @@ class CoordinatorState:
                     "members": order,
                     "store": self.store,
                     "generation": g,
+                    "rendezvous": gen.rendezvous,
                 },
             )
 
@@ -560,7 +636,7 @@ class CoordinatorState:
                 continue
             donor = donors[0]
             self.generation += 1  # transfer ids come from the same counter: unique across restarts
-            t = Transfer(self.generation, joiner, self.store)
+            t = Transfer(self.generation, joiner, self.store, self.nonce())
             self.owed.setdefault(donor.worker_id, []).append(t)
             del self.joins[joiner]
             log.info("joiner %s gets its state from %s (transfer %d)", joiner, donor.worker_id, t.transfer_id)
@@ -572,6 +648,7 @@ class CoordinatorState:
                     "donor_addr": donor.addr,
                     "transfer_id": t.transfer_id,
                     "store": t.store,
+                    "rendezvous": t.rendezvous,
                 },
             )
 
@@ -604,4 +681,5 @@ def _resync(rnd: int, epoch: int) -> dict:
         "members": [],
         "store": "",
         "generation": 0,
+        "rendezvous": "",
     }
