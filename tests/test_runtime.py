@@ -188,3 +188,67 @@ def test_config_sections_and_flat_keys_load_alike(tmp_path):
 def test_config_values_of_the_wrong_type_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_flat(**kw)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched(
+    tmp_path, corpus_dir, capsys
+):
+    """Each refusal before any step: one line on stderr naming the value, rc 2, and the files of an
+    earlier run in the run directory byte for byte as they were."""
+    from lowcomm.runtime.cli import main
+
+    run = tmp_path / "run"
+    base = ["train", "--corpus", corpus_dir, "--quiet", "--steps", "2", *TINY_FLAGS]
+    assert main([*base, "--run-dir", str(run)]) == 0
+    before = _snapshot(run)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "cfgdir").mkdir()
+    bad_toml = tmp_path / "bad.toml"
+    cases = {
+        "already holds files": [*base, "--run-dir", str(run)],
+        "is a file, not a folder": [*base, "--run-dir", str(tmp_path / "afile" / "run")],
+        "is a directory": [*base, "--config", str(tmp_path / "cfgdir"), "--run-dir", str(tmp_path / "n1")],
+        "not a checkpoint file": [
+            *base, "--coordinator", "tcp://127.0.0.1:1", "--resume", str(tmp_path / "cfgdir"),
+            "--run-dir", str(run),
+        ],
+        "need at least": [*base, "--seq-len", "100000000", "--run-dir", str(tmp_path / "n2")],
+        "batch_size=1000000000": [*base, "--batch-size", "1000000000", "--run-dir", str(tmp_path / "n3")],
+    }  # fmt: skip
+    for toml, match in (
+        ("corpus = 5\n", "corpus=5 is not allowed"),
+        ("run_dir = 5\n", "run_dir=5 is not allowed"),
+        ('outer_device = "tpu"\n', "outer_device='tpu' is not allowed"),
+        ('error_feedback = "yes"\n', "error_feedback='yes' is not allowed: true or false"),
+        ('[diloco]\ncodec = "fp7"\n', "codec='fp7' is not allowed"),
+        ("replicas = \n", "is not valid TOML"),
+    ):
+        path = tmp_path / f"c{len(cases)}.toml"
+        path.write_text(toml)
+        cases[match] = [*base, "--config", str(path), "--run-dir", str(run)]
+    bad_toml.write_text("x = 1\n")
+    cases["unknown config key 'x'"] = [*base, "--config", str(bad_toml), "--run-dir", str(run)]
+    for match, argv in cases.items():
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (match, err)
+        assert len(err) == 1 and match in err[0] and err[0].startswith("lowcomm: error:"), (match, err)
+        assert _snapshot(run) == before, match  # nothing of the earlier run changed
+    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3"))
+    with pytest.raises(SystemExit):
+        main(["--log-level", "BOGUS", "keys"])
+    assert "invalid choice: 'BOGUS'" in capsys.readouterr().err
+    assert main([*base, "--run-dir", str(run), "--overwrite"]) == 0  # asked for: replaced
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_run_directories_and_records_are_owner_only(tmp_path, corpus_dir):
+    cfg = TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / "priv"), steps=2, **TINY)
+    train(cfg, progress=False)
+    assert (tmp_path / "priv").stat().st_mode & 0o777 == 0o700
+    for name in ("config.json", "events.jsonl", "eval.jsonl", "summary.json"):
+        assert (tmp_path / "priv" / name).stat().st_mode & 0o777 == 0o600, name

@@ -23,7 +23,7 @@ from ..comm import CODECS
 from ..comm.reduce import REDUCE_METHODS
 from ..kernels.linear import PRECISIONS
 from ..optim.schedule import PATTERNS
-from .errors import CoordinatorError, ExitCode, JobFinished
+from .errors import CoordinatorError, ExitCode, JobFinished, KeyRejected
 from .trainer.config import DEVICES, FLAT, MODES, SECTIONS, TrainConfig, load_config_file
 from .trainer.records import human_bytes
 
@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--bind", default="tcp://0.0.0.0:29400")
     co.add_argument("--job", default="lowcomm")
     co.add_argument(
-        "--key", default=None, help="job key (hex or @file); default $LOWCOMM_KEY / $LOWCOMM_KEY_FILE"
+        "--key",
+        default=None,
+        help="job key as @file (a hex key here shows in the process list); default $LOWCOMM_KEY_FILE "
+        "or $LOWCOMM_KEY",
     )
     co.add_argument(
         "--deadline-floor", type=float, default=2.0, help="min seconds of silence before a worker is dead"
@@ -180,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="members, epoch and round of a job")
     st.add_argument("endpoint", help="tcp://host:port of the coordinator")
     st.add_argument(
-        "--key", default=None, help="job key (hex or @file); default $LOWCOMM_KEY / $LOWCOMM_KEY_FILE"
+        "--key",
+        default=None,
+        help="job key as @file (a hex key here shows in the process list); default $LOWCOMM_KEY_FILE "
+        "or $LOWCOMM_KEY",
     )
     st.add_argument("--timeout", type=float, default=5.0)
     sub.add_parser("keys", help="print a new job key (hex): export LOWCOMM_KEY=...")
@@ -201,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
     d.add_argument("--replicas", type=int, default=4, help="replicas (default: 4)")
-    d.add_argument("--out", default="runs/demo", help="parent folder of the three run directories")
+    d.add_argument(
+        "--out", default="runs/demo", help="parent folder of the three run directories (replaced on each run)"
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -233,6 +241,7 @@ def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") ->
         eval_every=0,
         eval_batches=16,
         threads=2,
+        overwrite=True,  # the demo's own folders, replaced on every run (documented in its --help)
     )
     return {
         "dp": base.replace(mode="dp", run_dir=f"{out}/dp"),
@@ -288,6 +297,11 @@ def _control_plane(args: argparse.Namespace) -> int:
     if args.command == "keys":
         print(new_key())
         return 0
+    if args.key and not args.key.startswith("@"):
+        logging.getLogger("lowcomm").warning(
+            "--key puts the job key in the process list where other users can read it; "
+            "prefer --key @FILE or LOWCOMM_KEY_FILE"
+        )
     key = load_key(args.key)
     if args.command == "coordinator":
         from .elastic import Coordinator, Deadline, RoundDeadline
@@ -437,6 +451,9 @@ def _train(args: argparse.Namespace) -> int:
     except JobFinished as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         os._exit(ExitCode.JOB_FINISHED)
+    except (KeyRejected, ValueError, FileNotFoundError) as e:  # this worker's own input: no group yet
+        print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
+        return ExitCode.USAGE
     except CoordinatorError as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         os._exit(ExitCode.FAILED)

@@ -148,6 +148,7 @@ def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
                 eval_every=0,
                 eval_batches=16,
                 threads=spec.threads,
+                overwrite=True,  # only unfinished runs are (re)started: a failed one's folder is replaced
                 **spec.extra,
             )
             if spec.baseline == "dp":

@@ -58,9 +58,11 @@ def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = T
         diloco.sync_local_parameters()
 
 
-def write_checkpoint(path: str | Path, state: dict[str, Any], *, opener=open) -> int:
-    """Write a worker checkpoint (a job state plus the worker's own parts) atomically; returns bytes."""
-    return save_state(path, {**state, "format": WORKER_FORMAT}, opener=opener)
+def write_checkpoint(path: str | Path, state: dict[str, Any], *, opener=None) -> int:
+    """Write a worker checkpoint (a job state plus the worker's own parts) atomically, owner-only;
+    returns its bytes. ``opener``: see :func:`~lowcomm.runtime.elastic.transfer.save_state`."""
+    kw = {"opener": opener} if opener is not None else {}
+    return save_state(path, {**state, "format": WORKER_FORMAT}, **kw)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

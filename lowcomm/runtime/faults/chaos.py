@@ -73,18 +73,20 @@ class JobRun:
         return None
 
 
-def _run(folder: Path, names: list[str], flags: list[str], plan: FaultPlan | None, timeout: float) -> JobRun:
+def _run(
+    folder: Path, names: list[str], flags: list[str], plan: FaultPlan | None, timeout: float, observer=None
+) -> JobRun:
     """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
     job = LocalJob(folder, flags, ["--min-workers", str(len(names))])
     run = JobRun(job, names)
     try:
-        _drive(run, plan, timeout)
+        _drive(run, plan, timeout, observer)
     finally:  # the coordinator (and any worker past the timeout) does not outlive the runner
         job.close()
     return run
 
 
-def _drive(run: JobRun, plan: FaultPlan | None, timeout: float) -> None:
+def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None) -> None:
     job, names = run.job, run.names
     job.start_coordinator()
     spec = plan.to_dict() if plan is not None else None
@@ -128,18 +130,28 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float) -> None:
                     restartable.pop(i)
             else:
                 run.codes[w] = p.returncode
+        if observer is not None:
+            observer(run)
+        time.sleep(0.2)
 
 
 def run_chaos(
-    plan: FaultPlan, replicas: int, out: str | Path, flags: list[str], timeout: float = 1800.0
+    plan: FaultPlan,
+    replicas: int,
+    out: str | Path,
+    flags: list[str],
+    timeout: float = 1800.0,
+    observer=None,
 ) -> dict:
-    """Run the reference and the chaos job; write and return the report."""
+    """Run the reference and the chaos job; write and return the report. ``observer(run)`` is
+    called about every 0.2 s while the chaos job runs (a probe of your own: benchmarks/soak.py
+    sends rogue workers at the job from it)."""
     out = Path(out)
     names = [f"w{i}" for i in range(replicas)]
     steps = next((int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--steps"), 600)
     plan = plan.check(names, steps=steps)  # refuses a bad plan before anything starts
     ref = _run(out / "reference", names, flags, None, timeout)
-    chaos = _run(out / "chaos", names, flags, plan, timeout)
+    chaos = _run(out / "chaos", names, flags, plan, timeout, observer)
     events = chaos.events()
     injected = [e for evs in events.values() for e in evs if e["kind"] == "fault"]
     injected += [e for e in chaos.runner_events if e["kind"] == "fault"]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ...comm.distributed import LinkEmulator
+from ..files import private_open
 from ..hooks import Opener
 from .plan import LASTING_KINDS, ROUND_KINDS, Fault, FaultPlan, InjectedFault
 
@@ -243,7 +244,7 @@ def failing_opener(limit: int) -> Opener:
     """An ``open`` whose files fail with InjectedFault after ``limit`` bytes (a full disk, say)."""
 
     def opener(path: str, mode: str):
-        return _FailingFile(open(path, mode), limit)
+        return _FailingFile(private_open(path, mode), limit)
 
     return opener
 

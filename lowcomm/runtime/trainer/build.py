@@ -20,6 +20,7 @@ from .config import TrainConfig
 __all__ = [
     "build_model",
     "build_inner_optimizer",
+    "check_memory",
     "lr_lambda",
     "evaluate",
     "Replicas",
@@ -40,6 +41,41 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
         model = GPT(gcfg)
     convert_to_low_precision(model, m.precision)  # no-op for fp32; the head stays full precision
     return model
+
+
+def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: torch.device) -> None:
+    """Refuse, before the model is built, a run that cannot fit on ``device``: a lower bound of its
+    memory (each replica's parameters, gradients, AdamW moments and DiLoCo's global copy and
+    momentum, 24 bytes a parameter; the logits and their gradient; one fp32 activation per layer
+    and token, forward and backward) against the memory free there.
+
+    Raises:
+        ValueError: naming the sizes and both amounts.
+    """
+    m, B, T = cfg.model, cfg.data.batch_size, cfg.model.seq_len
+    d, L, V = m.dim, m.layers, vocab_size
+    params = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
+    need = replicas_here * (24 * params + 8 * B * T * V + 8 * B * T * d * L)
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"batch_size={B}, seq_len={T}, model_dim={d}, layers={L} with {replicas_here} replica(s) here "
+            f"need at least {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}: "
+            "use smaller values or fewer replicas per process"
+        )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device``: the GPU's free memory, or the host's available memory (None if
+    this platform does not say)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

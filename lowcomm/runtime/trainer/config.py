@@ -110,6 +110,8 @@ class RunConfig:
             on CPU, where it gives the same bits as a multi-process job).
         log_every: losses stay on the device and are read back (recorded, checked, shown) every
             this many steps, at evaluations and at the end; no host sync in between.
+        overwrite: replace the records of a run directory that already holds files (without it,
+            such a directory is refused and left as it is).
         procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
             launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.
         timeout: seconds a peer may stay silent in a collective before the round fails.
@@ -129,6 +131,7 @@ class RunConfig:
     compile: bool = False
     replica_batching: str = "auto"
     log_every: int = 10
+    overwrite: bool = False
     procs_per_replica: int = 1
     timeout: float = 300.0
 
@@ -143,6 +146,7 @@ class RunConfig:
             _int(self, name, 0)
         _bool(self, "final_sync")
         _bool(self, "compile")
+        _bool(self, "overwrite")
         _text(self, "run_dir")
         _num(self, "timeout", lambda v: v > 0, "a number of seconds > 0")
 

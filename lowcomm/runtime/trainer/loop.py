@@ -31,9 +31,9 @@ from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...lm import eval_batches, load_corpus
 from ..hooks import NO_FAULTS, FaultHooks
-from .build import build_model, evaluate, make_replicas
+from .build import build_model, check_memory, evaluate, make_replicas
 from .config import TrainConfig
-from .records import NullRecorder, RunRecorder, human_bytes, write_summary
+from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
 from .topology import Topology, init_from_torchrun, is_distributed_env
 
@@ -80,6 +80,12 @@ class Trainer:
     ) -> None:
         self.cfg, self.progress, self.topology, self.key, self.hooks = cfg, progress, topology, key, hooks
         self.rec: RunRecorder | NullRecorder = NullRecorder()
+        self.bar = None  # the progress bar, once the run starts
+
+    def leader_by_env(self) -> bool:
+        """Whether this process writes the records, known before any process group exists (rank 0
+        of a torchrun job, or any other process)."""
+        return self.topology.is_leader if self.topology is not None else int(os.environ.get("RANK", "0")) == 0
 
     def _record(self, kind: str, **fields: Any) -> None:
         """The run's event log (handed to parts built before the recorder opens)."""
@@ -104,11 +110,18 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        self.device = cfg.run.torch_device()  # refusals first: nothing is built or written yet
+        self.continuing = cfg.elastic.enabled and (
+            bool(cfg.elastic.resume) or bool(os.environ.get("LOWCOMM_RESTARTED"))
+        )
+        if self.leader_by_env():  # refusals first: nothing is built or written yet
+            check_run_dir(cfg.run.run_dir, overwrite=cfg.run.overwrite, continuing=self.continuing)
+        self.device = cfg.run.torch_device()
         self.dtype = cfg.run.compute_dtype(self.device)
         cfg.run.check_compile()
         self.corpus = load_corpus(cfg.data.corpus)
         elastic = cfg.elastic.enabled
+        here = 1 if elastic or is_distributed_env() or self.topology is not None else cfg.run.replicas
+        check_memory(cfg, self.corpus.vocab_size, here, self.device)  # before anything is allocated
         topo = None if elastic else self._static_topology()
         self.topo = topo
         base = build_model(cfg, self.corpus.vocab_size)
@@ -145,6 +158,7 @@ class Trainer:
         )
         self.sync = self._make_sync(resume if elastic else None)
         self.sync.record = self._record
+        self.sync.restore()
 
     def _make_sync(self, resume: dict | None) -> Sync:
         cfg, topo = self.cfg, self.topo
@@ -213,10 +227,7 @@ class Trainer:
         cfg = self.cfg
         self._build()
         if self.leader:
-            restarted = cfg.elastic.enabled and (
-                bool(cfg.elastic.resume) or bool(os.environ.get("LOWCOMM_RESTARTED"))
-            )
-            self.rec = RunRecorder(cfg.run.run_dir, self._config_record(), append=restarted)
+            self.rec = RunRecorder(cfg.run.run_dir, self._config_record(), append=self.continuing)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         sync, finished = self.sync, False
@@ -286,7 +297,6 @@ class Trainer:
         return summary
 
     def _progress(self, start: int) -> None:
-        self.bar = None
         if self.progress and self.leader:
             from tqdm.auto import tqdm
 

@@ -7,7 +7,9 @@
       summary.json    written at the end (see SUMMARY_KEYS)
 
 JSON files are written to a temporary file and renamed into place; JSONL lines are appended with
-one ``write`` each and flushed, so a reader sees whole lines only.
+one ``write`` each and flushed, so a reader sees whole lines only. A run directory the recorder
+creates is its owner's only (0700) and so is every file in it (0600): events name the job's
+members, addresses and transfers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..files import private_open
+
 __all__ = [
+    "check_run_dir",
     "NullRecorder",
     "RunRecorder",
     "SUMMARY_KEYS",
@@ -27,7 +32,11 @@ __all__ = [
     "human_bytes",
     "read_jsonl",
     "write_summary",
+    "RECORD_FILES",
 ]
+
+#: the files a run directory holds (a folder with any of them holds a run)
+RECORD_FILES = ("config.json", "events.jsonl", "eval.jsonl", "summary.json")
 
 SUMMARY_KEYS = (
     "mode",
@@ -47,11 +56,37 @@ SUMMARY_KEYS = (
 )
 
 
+def check_run_dir(run_dir: str | Path, *, overwrite: bool = False, continuing: bool = False) -> None:
+    """Refuse, before anything is built or written, a run directory this run may not write in: a
+    file where the folder (or a folder above it) should be, a folder it cannot write, or a folder
+    that already holds something, unless the run continues it (a resumed or restarted worker) or
+    ``overwrite`` says to replace its records.
+
+    Raises:
+        ValueError: naming the directory and what to do.
+    """
+    p = Path(run_dir)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise ValueError(f"run_dir={str(run_dir)!r} is not allowed: {str(q)!r} is a file, not a folder")
+        if q.exists():
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ValueError(f"run_dir={str(run_dir)!r} is not allowed: {str(q)!r} is not writable")
+            break
+    held = sorted(x.name for x in p.iterdir()) if p.is_dir() else []
+    if held and not (overwrite or continuing):
+        shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
+        raise ValueError(
+            f"run_dir={str(run_dir)!r} already holds files ({shown}); nothing was changed: give a new "
+            "--run-dir, --overwrite to replace its records, or --resume to continue its run"
+        )
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with private_open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=_default)
         f.write("\n")
         f.flush()
@@ -111,16 +146,21 @@ class RunRecorder:
     """Writes one run's records. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], append: bool = False):
-        """``append`` keeps the records of an earlier process of the same run (a restarted worker)."""
+        """``append`` continues the records of an earlier process of the same run (a resumed or
+        restarted worker: its events and evaluations are kept, and so is its config.json);
+        otherwise earlier records in the folder are replaced (the trainer only lets that happen
+        with ``overwrite``)."""
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.exists():
+            self.dir.mkdir(parents=True, mode=0o700)
         self.t0 = time.time()
         self._lock = threading.Lock()
-        atomic_write_json(self.dir / "config.json", config)
+        if not append or not (self.dir / "config.json").exists():
+            atomic_write_json(self.dir / "config.json", config)
         for name in ("events.jsonl", "eval.jsonl", "summary.json") if not append else ("summary.json",):
             (self.dir / name).unlink(missing_ok=True)
-        self._events = open(self.dir / "events.jsonl", "a", buffering=1)
-        self._evals = open(self.dir / "eval.jsonl", "a", buffering=1)
+        self._events = private_open(self.dir / "events.jsonl", "a")
+        self._evals = private_open(self.dir / "eval.jsonl", "a")
 
     def _line(self, f, obj: dict) -> None:
         f.write(json.dumps(obj, default=_default) + "\n")

@@ -66,6 +66,10 @@ class Sync:
         self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
         self.record = _no_record
 
+    def restore(self) -> None:
+        """Take a saved state (before any record is written; raises ValueError on one that does
+        not fit this run)."""
+
     def start(self) -> int:
         """Join the job; returns the step to start from (0 for a fresh run)."""
         return 0

@@ -151,15 +151,24 @@ class ElasticDiLoCo(DiLoCoSync):
 
     # ---- the loop's hooks --------------------------------------------------------------------------
 
-    def start(self) -> int:
+    def restore(self) -> None:
+        """Continue from the checkpoint, if any (a state of another configuration or model raises
+        ValueError here, before any record is written)."""
         if self.resume_state is not None:
             state = self.resume_state
-            self._restore(state, joiner=False)
-            self.replicas.models[0].load_state_dict(state["model"])
-            self.replicas.samplers[0].load_state_dict(state["sampler"])
-            self.record(
-                "checkpoint", what="resumed", step=self.diloco.step_count, round=self.group.next_round
-            )
+            try:
+                self._restore(state, joiner=False)
+                self.replicas.models[0].load_state_dict(state["model"])
+                self.replicas.samplers[0].load_state_dict(state["sampler"])
+            except (RuntimeError, KeyError, TypeError) as e:  # another model's or a damaged state
+                raise ValueError(
+                    f"resume={self.cfg.elastic.resume!r}: the checkpoint does not fit this run: {e}"
+                ) from None
+
+    def start(self) -> int:
+        if self.resume_state is not None:
+            step, rnd = self.diloco.step_count, self.group.next_round
+            self.record("checkpoint", what="resumed", step=step, round=rnd)
         if not self.agent.start(fresh=True):
             self._join()
         return self.diloco.step_count
@@ -194,7 +203,7 @@ class ElasticDiLoCo(DiLoCoSync):
             self.agent.serve_pending(self.snapshot)
 
     def _write_checkpoint(self, step: int) -> None:
-        opener = self.hooks.checkpoint_opener(step) or open
+        opener = self.hooks.checkpoint_opener(step)  # a failing one under a checkpoint-fail fault
         try:
             nbytes = write_checkpoint(self.ckpt_path, self.checkpoint(), opener=opener)
             self.record("checkpoint", what="written", step=step, bytes=nbytes, path=str(self.ckpt_path))

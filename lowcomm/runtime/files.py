@@ -1,0 +1,16 @@
+"""Files the runtime writes for its user only: run records, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO
+
+__all__ = ["private_open"]
+
+
+def private_open(path: str | os.PathLike | Path, mode: str) -> IO:
+    """``open(path, mode)`` for writing ("w", "a", "wb", "ab"), a new file created owner-only (0600):
+    records name a job's members, addresses and transfers, checkpoints hold its weights."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode, **({} if "b" in mode else {"buffering": 1}))
