@@ -325,14 +325,19 @@ def _control_plane(args: argparse.Namespace) -> int:
     from .elastic import CoordinatorClient
 
     client = CoordinatorClient(args.endpoint, key, sender=f"status-{os.getpid()}", timeout_s=args.timeout)
-    try:
-        r = client.request("status", {}).body
-    except CoordinatorError as e:
+    members: list[dict] = []
+    try:  # the members come in pages that each fit a message
+        while True:
+            r = client.request("status", {"offset": len(members)}).body
+            members += r["members"]
+            if not r["members"] or len(members) >= r["total"]:
+                break
+    except (CoordinatorError, KeyRejected) as e:
         print(f"lowcomm: error: {e}", file=sys.stderr)
-        return ExitCode.FAILED
+        return ExitCode.USAGE if isinstance(e, KeyRejected) else ExitCode.FAILED
     finally:
         client.close()
-    print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(r['members'])} member(s)")
+    print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(members)} member(s)")
     rows = [("rank", "worker", "address", "step", "round", "synced", "last heartbeat")]
     rows += [
         (
@@ -344,7 +349,7 @@ def _control_plane(args: argparse.Namespace) -> int:
             "yes" if m.get("synced", True) else "no",
             f"{m['last_seen_s']:.1f}s ago",
         )
-        for m in r["members"]
+        for m in members
     ]
     print("\n".join(_table(rows)))
     return 0
