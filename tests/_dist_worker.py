@@ -32,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(1)
     topo = init_from_torchrun(timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
     for sc in scenarios:
-        torch.manual_seed(0)
+        torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
         model = GPT(TINY)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
         runner = model
@@ -58,7 +58,8 @@ def main() -> None:
             sys.exit(3)
         stream = topo.replica * topo.procs_per_replica + topo.local_rank
         rounds = []
-        for step in range(1, sc["steps"] + 1):
+        steps = sc.get("short_steps", sc["steps"]) if sc.get("short_rank") == topo.rank else sc["steps"]
+        for step in range(1, steps + 1):
             if sc.get("hang_rank") == topo.rank and step == sc["hang_step"]:
                 time.sleep(600)
             runner(*batch(step, stream)).backward()
@@ -70,6 +71,12 @@ def main() -> None:
                 open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(f"{type(e).__name__}: {e}")
                 os._exit(4)
             rounds += [r.to_dict() for r in dil.drain_round_stats()]
+        if sc.get("finish"):  # sync what is left, as a training script does at its end
+            try:
+                dil.finish()
+            except Exception as e:
+                open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(f"{type(e).__name__}: {e}")
+                os._exit(4)
         torch.save(
             {
                 "global": dil.global_vector(),

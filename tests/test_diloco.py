@@ -154,7 +154,7 @@ def test_custom_fragments_from_names_and_modules():
         DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[[m.blocks[0]]])
     with pytest.raises(ValueError, match="is in fragment 0 and fragment 1"):
         DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[[m], [m.ln_f]])
-    with pytest.raises(ValueError, match="not a trainable parameter"):
+    with pytest.raises(ValueError, match="neither a trainable parameter nor a module"):
         DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[["nope.weight"]])
 
 
@@ -171,7 +171,9 @@ def test_resume_from_state_dict_continues_bit_for_bit():
     models, opts = _replicas(2)
     dil = _wrap(models, opts, **kw)
     _run(dil, models, opts, range(1, 5))  # at step 4 fragment 0 is in flight (due at 5)
-    assert dil[0].state_dict()["inflight"], "the test must cover an in-flight round"
+    assert any(f["inflight"]["active"] for f in dil[0].state_dict()["fragments"]), (
+        "must cover an in-flight round"
+    )
     saved = []
     for m, o, d in zip(models, opts, dil):
         buf = io.BytesIO()
@@ -181,11 +183,10 @@ def test_resume_from_state_dict_continues_bit_for_bit():
 
     models2, opts2 = _replicas(2, seed=123)  # different init: everything must come from the state
     states = [torch.load(io.BytesIO(b), weights_only=True) for b in saved]
-    for m, o, s in zip(models2, opts2, states):
+    dil2 = _wrap(models2, opts2, **kw)  # built first: it makes the replicas start alike
+    for m, o, d, s in zip(models2, opts2, dil2, states):  # then each replica's own state
         m.load_state_dict(s["model"])
         o.load_state_dict(s["opt"])
-    dil2 = _wrap(models2, opts2, **kw)
-    for d, s in zip(dil2, states):
         d.load_state_dict(s["diloco"])
     _run(dil2, models2, opts2, range(5, 14))
     for a, b, da, db in zip(models, models2, dil, dil2):
@@ -280,3 +281,118 @@ def test_step_must_follow_exactly_one_inner_optimizer_step():
     unchecked = DiLoCo(models[0], None, LocalGroup.create(1)[0], sync_every=4)
     unchecked.step()  # no inner optimizer given: nothing to check
     assert unchecked.step_count == 1
+
+
+def test_replicas_built_from_different_weights_start_alike_or_are_refused():
+    models, opts = _replicas(3)
+    with torch.no_grad():
+        for i, m in enumerate(models):  # a different seed per rank: the usual mistake
+            for p in m.parameters():
+                p.add_(0.1 * i)
+    groups = LocalGroup.create(3)
+    dil = [DiLoCo(m, o, g, sync_every=2) for m, o, g in zip(models, opts, groups)]
+    assert all(torch.equal(_flat(m), _flat(models[0])) for m in models)  # replica 0's weights everywhere
+    assert all(torch.equal(d.global_vector(), dil[0].global_vector()) for d in dil)
+    models, opts = _replicas(3)
+    with torch.no_grad():
+        next(models[2].parameters()).add_(1.0)
+    groups = LocalGroup.create(3)
+    DiLoCo(models[0], opts[0], groups[0], sync_every=2, init="check")
+    DiLoCo(models[1], opts[1], groups[1], sync_every=2, init="check")
+    with pytest.raises(
+        ValueError, match=r"replica\(s\) \[2\] differ from replica 0 in the initial parameters"
+    ):
+        DiLoCo(models[2], opts[2], groups[2], sync_every=2, init="check")
+    with pytest.raises(ValueError, match="init='copy' is not allowed"):
+        DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], sync_every=2, init="copy")
+
+
+def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_steps():
+    kw = dict(sync_every=3, fragments=2, overlap=1, codec="int8")
+    models, opts = _replicas(1)
+    explicit = _wrap(models, opts, **kw)
+    models2, opts2 = _replicas(1)
+    hooked = _wrap(models2, opts2, **kw)
+    with hooked[0].attached():
+        for step in range(1, 10):
+            _inner_step(models, opts, step)
+            explicit[0].step()
+            _inner_step(models2, opts2, step)  # no diloco.step(): the optimizer's hook takes it
+        with pytest.raises(RuntimeError, match="stepped 0 times"):
+            hooked[0].step()  # a step() on top of the hook is one too many
+    assert hooked[0].step_count == explicit[0].step_count == 9
+    assert torch.equal(hooked[0].global_vector(), explicit[0].global_vector())
+    _inner_step(models2, opts2, 10)  # detached: the hook no longer steps it
+    assert hooked[0].step_count == 9
+    with pytest.raises(ValueError, match="pass it to DiLoCo"):
+        DiLoCo(models2[0], None, LocalGroup.create(1)[0], sync_every=3).attach()
+
+
+def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    kw = dict(sync_every=4, fragments=2, overlap=1, codec="e3m0", codec_block=32, error_feedback=True)
+    models, opts = _replicas(1)
+    dil = _wrap(models, opts, **kw)
+    _run(dil, models, opts, range(1, 5))  # fragment 0 in flight at step 4
+    layout = dil[0].state_dict()
+    assert [f["inflight"]["active"] for f in layout["fragments"]] == [True, False]
+    dcp.save({"diloco": dil[0], "model": models[0]}, checkpoint_id=str(tmp_path / "ckpt"))
+    inner = copy.deepcopy(opts[0].state_dict())  # (the optimizer's state is not the point here)
+
+    models2, opts2 = _replicas(1, seed=7)
+    dil2 = _wrap(models2, opts2, **kw)
+    assert [f["inflight"]["active"] for f in dil2[0].state_dict()["fragments"]] == [False, False]
+    dcp.load({"diloco": dil2[0], "model": models2[0]}, checkpoint_id=str(tmp_path / "ckpt"))
+    opts2[0].load_state_dict(inner)
+    assert dil2[0].in_flight == 1 and dil2[0].step_count == 4
+    models3, opts3 = _replicas(1)
+    dil3 = _wrap(models3, opts3, **kw)
+    _run(dil3, models3, opts3, range(1, 5))
+    _run(dil3, models3, opts3, range(5, 12))
+    _run(dil2, models2, opts2, range(5, 12))
+    assert torch.equal(dil2[0].global_vector(), dil3[0].global_vector())  # bit for bit
+
+
+def test_fragments_by_module_name_across_block_lists_with_tied_weights():
+    from torch import nn
+
+    from lowcomm.optim import build_fragments, find_block_lists
+
+    class EncDec(nn.Module):  # T5's shape: two lists of blocks and an embedding tied to the head
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Embedding(16, 8)
+            self.encoder = nn.Module()
+            self.encoder.block = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.decoder = nn.Module()
+            self.decoder.block = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+            self.head = nn.Linear(8, 16, bias=False)
+            self.head.weight = self.shared.weight
+
+    m = EncDec()
+    assert [n for n, _ in find_block_lists(m)] == ["encoder.block", "decoder.block"]
+    frags = build_fragments(m, 3, "sequential")  # the 4 blocks of both lists over 2 + the rest
+    assert frags == [
+        ["encoder.block.0.weight", "encoder.block.0.bias", "encoder.block.1.weight", "encoder.block.1.bias"],
+        ["decoder.block.0.weight", "decoder.block.0.bias", "decoder.block.1.weight", "decoder.block.1.bias"],
+        ["shared.weight"],
+    ]
+    by_name = build_fragments(m, [["encoder.block.0", "encoder.block.1", "head"], ["decoder", "shared"]])
+    assert by_name[0][-1] == "shared.weight"  # tied: placed once, with the first module holding it
+    assert "shared.weight" not in by_name[1] and by_name[1] == frags[1]
+    with pytest.raises(ValueError, match="is in fragment 0 and fragment 1"):
+        build_fragments(m, [["encoder", "decoder", "shared"], ["encoder.block.0"]])
+
+
+def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog):
+    models, opts = _replicas(2)
+    with caplog.at_level("INFO", logger="lowcomm"):
+        dil = _wrap(models, opts, sync_every=2, fragments=2)
+        _run(dil, models, opts, range(1, 3))
+    text = caplog.text
+    assert (
+        "fragments differ in size by more than 2x: fragment 0 holds 9840 parameters, fragment 1 holds 672"
+        in text
+    )
+    assert "round of fragment 0: sent at step 2, applied at step 2" in text

@@ -148,6 +148,40 @@ def test_a_silent_peer_fails_the_round_naming_it(tmp_path):
     assert "CollectiveError" in err and "#0" in err and "replica(s) [1] never entered it" in err
 
 
+def test_replicas_started_apart_are_made_alike_or_refused_by_name(tmp_path):
+    """Rank 1 builds its model from another seed: broadcast makes it start from rank 0's weights
+    (the run ends with both alike); check refuses it, naming it."""
+    alike = {"name": "alike", "steps": 4, "diloco": {"sync_every": 2}, "seed_rank": 1}
+    res = _launch(tmp_path, [alike], replicas=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = [torch.load(tmp_path / f"alike.rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(got[0]["global"], got[1]["global"])
+    refused = {"name": "apart", "steps": 4, "diloco": {"sync_every": 2, "init": "check"}, "seed_rank": 1}
+    res = _launch(tmp_path, [refused], replicas=2)
+    assert res.returncode == 3
+    err = (tmp_path / "apart.rank0.err").read_text()
+    assert "replica(s) [1] differ from replica 0 in the initial parameters" in err
+
+
+def test_replicas_out_of_step_are_refused_naming_the_steps_and_a_finished_peer_is_named(tmp_path):
+    """Rank 1 trains 3 steps and syncs what is left, rank 0 trains 6: their second rounds are of
+    steps 3 and 4, refused on both with the steps named (they used to be averaged silently). Then
+    rank 1 trains 4 steps and closes its group while rank 0 goes on: rank 0 is told rank 1
+    finished, not that it died."""
+    uneven = {"name": "uneven", "steps": 6, "diloco": {"sync_every": 2}, "short_rank": 1, "short_steps": 3}
+    res = _launch(tmp_path, [{**uneven, "finish": True}], replicas=2)
+    assert res.returncode == 4
+    for r in range(2):  # every replica refuses the round, by the same rule
+        err = (tmp_path / f"uneven.rank{r}.err").read_text()
+        assert "out of step (replica(s) [1] at step 3, replica(s) [0] at step 4)" in err, err
+    short = {"name": "short", "steps": 8, "diloco": {"sync_every": 2}, "short_rank": 1, "short_steps": 4}
+    res = _launch(tmp_path, [short], replicas=2, env={"TEST_TIMEOUT": "10"})
+    assert res.returncode == 4
+    err = (tmp_path / "short.rank0.err").read_text()
+    assert "replica 1 finished after 2 collective(s): the replicas ran different numbers of steps" in err, err
+    assert "never entered" not in err
+
+
 def test_link_parsing_and_delay():
     assert parse_bandwidth("100Mbit") == 1e8 and parse_bandwidth("2MB") == 16e6
     assert parse_duration("20ms") == pytest.approx(0.02)

@@ -385,3 +385,20 @@ def test_a_state_transfer_from_a_stranger_is_refused_before_it_is_used():
     forged = _transfer(bytes(32), key, state)  # a process without the job key sends it
     assert isinstance(forged["error1"], ForgedStateError) and "state" not in forged
     assert forged["ack"] is False  # the sender learns it was refused
+
+
+def test_a_lone_non_finite_contribution_is_excluded_not_made_the_job_s_state():
+    """A round with one member (the others dead or cut off) screens its contribution like any
+    other: a NaN pseudo-gradient becomes a zero mean, named, never the job's parameters (the soak
+    run found a worker alone in a round poisoned by a nan fault)."""
+    from lowcomm.comm import ReduceStats
+    from lowcomm.comm.distributed import alone
+
+    stats = ReduceStats()
+    bad = torch.tensor([1.0, float("nan"), 2.0])
+    mean, sent = alone(bad, stats, guarded=True)
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(sent, torch.zeros(3))
+    assert "non-finite" in stats.excluded[0]
+    ok = torch.tensor([1.0, 2.0])
+    mean, sent = alone(ok, ReduceStats(), guarded=True)
+    assert torch.equal(mean, ok) and mean is not ok

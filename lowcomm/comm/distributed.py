@@ -36,10 +36,11 @@ import torch
 import torch.distributed as dist
 
 from .codecs import Codec
-from .group import CollectiveError, ReduceStats, ReplicaGroup, Work
+from .group import CollectiveError, ReduceStats, ReplicaGroup, Work, out_of_step
 from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
 
 __all__ = [
+    "alone",
     "DistributedGroup",
     "LinkEmulator",
     "ReduceTap",
@@ -230,9 +231,15 @@ class DistributedGroup(ReplicaGroup):
         return self._size
 
     def close(self) -> None:
-        """Finish queued collectives and stop the communication thread."""
+        """Finish queued collectives, stop the communication thread, and mark this replica
+        finished in the store (a peer still waiting for it is told it finished, not that it died)."""
         if self._pool_ is not None:
             self._pool_.shutdown(wait=True)
+        if self.store is not None:
+            try:
+                self.store.set(f"lowcomm/{self.name}/finished/{self._rank}", str(self._seq))
+            except Exception as e:  # the store's host may be gone at the end of a job
+                log.info("could not mark replica %d finished: %s", self._rank, e)
 
     # ---- start-up checks ------------------------------------------------------------------------
 
@@ -244,17 +251,31 @@ class DistributedGroup(ReplicaGroup):
         return [json.loads(raw) for raw in self._gather_bytes(json.dumps(obj, sort_keys=True).encode())]
 
     def verify_same(self, what: str, info: dict) -> None:
-        """Check that every replica passes the same ``info``; raise ValueError naming the difference."""
+        """Check that every replica passes the same ``info``; raise ValueError naming every replica
+        that differs from replica 0 and the first one's differences."""
         infos = self.all_gather_json(info)
         ref = infos[0]
-        for r, other in enumerate(infos):
-            if other != ref:
-                diff = {
-                    k: {"replica 0": ref.get(k), f"replica {r}": other.get(k)}
-                    for k in sorted(set(ref) | set(other))
-                    if ref.get(k) != other.get(k)
-                }
-                raise ValueError(f"replicas disagree on the {what}: {diff}")
+        differ = [r for r, other in enumerate(infos) if other != ref]
+        if differ:
+            other = infos[differ[0]]
+            diff = {
+                k: {"replica 0": ref.get(k), f"replica {differ[0]}": other.get(k)}
+                for k in sorted(set(ref) | set(other))
+                if ref.get(k) != other.get(k)
+            }
+            raise ValueError(f"replica(s) {differ} differ from replica 0 in the {what}: {diff}")
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` with replica 0's (synchronous; start-up only)."""
+        t = tensor if self.backend != "nccl" or tensor.is_cuda else tensor.to(self._device())
+        if self._raw:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.pg.broadcast([t], opts).wait()
+        else:
+            dist.broadcast(t, src=dist.get_global_rank(self.pg, 0), group=self.pg)
+        if t is not tensor:
+            tensor.copy_(t)
 
     def _gather_bytes(self, data: bytes) -> list[bytes]:
         dev = self._device()
@@ -281,7 +302,7 @@ class DistributedGroup(ReplicaGroup):
 
     # ---- the collective ---------------------------------------------------------------------------
 
-    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str, tag: int | None) -> Work:
         with self._lock:
             seq = self._seq
             self._seq += 1
@@ -290,7 +311,7 @@ class DistributedGroup(ReplicaGroup):
         if buffer.is_cuda:  # the communication stream starts once the buffer is computed
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buffer.device))
-        future = self._pool.submit(self._run, buffer, codec, method, seq, stats, ready)
+        future = self._pool.submit(self._run, buffer, codec, method, seq, stats, ready, tag)
         return _DistWork(future, self.timeout, stats, lambda why: self._describe_failure(seq, why))
 
     def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
@@ -307,19 +328,19 @@ class DistributedGroup(ReplicaGroup):
             if remaining > 0:
                 time.sleep(remaining)
 
-    def _run(self, buffer, codec: Codec, method: str, seq: int, stats: ReduceStats, ready=None):
+    def _run(self, buffer, codec: Codec, method: str, seq: int, stats: ReduceStats, ready=None, tag=None):
         """On the communication thread: the reduce, on a CUDA stream of its own for CUDA buffers
         (ordered after ``ready``, the caller's stream at submission); returns ``(mean, sent, done)``
         with ``done`` the event the caller's stream waits on (None on CPU)."""
         try:
             if ready is None:
-                return (*self.reduce(buffer, codec, method, seq, stats), None)
+                return (*self.reduce(buffer, codec, method, seq, stats, tag=tag), None)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(buffer.device)
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 buffer.record_stream(self._stream)
-                result, sent = self.reduce(buffer, codec, method, seq, stats)
+                result, sent = self.reduce(buffer, codec, method, seq, stats, tag=tag)
                 done = torch.cuda.Event()
                 done.record(self._stream)
             return result, sent, done
@@ -341,9 +362,28 @@ class DistributedGroup(ReplicaGroup):
     def _describe_failure(self, seq: int, e: BaseException | str) -> str:
         msg = f"outer collective #{seq} of group {self.name!r} failed on replica {self._rank}: {e}"
         missing = self.missing(seq)
-        if missing:
-            msg += f"; replica(s) {missing} never entered it (dead, hung or partitioned)"
+        finished = {r: self._finished_after(r) for r in missing}
+        done = {r: n for r, n in finished.items() if n is not None}
+        gone = [r for r in missing if r not in done]
+        if done:
+            msg += (
+                "; "
+                + ", ".join(f"replica {r} finished after {n} collective(s)" for r, n in sorted(done.items()))
+                + ": the replicas ran different numbers of steps"
+            )
+        if gone:
+            msg += f"; replica(s) {gone} never entered it (dead, hung or partitioned)"
         return msg
+
+    def _finished_after(self, rank: int) -> int | None:
+        """How many collectives replica ``rank`` ran before it closed the group (None: not closed)."""
+        key = f"lowcomm/{self.name}/finished/{rank}"
+        try:
+            if self.store.check([key]):
+                return int(self.store.get(key))
+        except Exception:  # the store may be gone at the end of a job
+            return None
+        return None
 
     def reduce(
         self,
@@ -353,6 +393,7 @@ class DistributedGroup(ReplicaGroup):
         seq: int,
         stats: ReduceStats,
         tap: ReduceTap | None = None,
+        tag: int | None = None,
     ):
         """One mean all-reduce, run synchronously on the caller's thread; returns ``(mean, sent)``
         where ``sent`` gives the decoded own contribution (for error feedback).
@@ -367,14 +408,22 @@ class DistributedGroup(ReplicaGroup):
         owners' findings are all-gathered and every owner leaves those senders out, so the mean
         is over the same contributions in every shard; a damaged mean shard fails the round.
         ``stats.excluded`` maps the excluded ranks to the reason. ``tap`` sees the outgoing
-        payload and the point between the two exchanges (fault injection uses both).
+        payload and the point between the two exchanges (fault injection uses both). ``tag`` (the
+        sender's step) is compared first; replicas out of step fail the collective, naming the
+        steps (not in the guarded reduce: an elastic job's rounds are numbered by its coordinator).
         """
         tap = tap or NO_TAP
         M, me, n = self._size, self._rank, buffer.numel()
         if self.store is not None:
             self.store.set(f"lowcomm/{self.name}/{seq}/{me}", "1")
         if M == 1:
-            return buffer.clone(), buffer
+            return alone(buffer, stats, guarded=self.guard is not None)
+        if tag is not None and not self.guard:
+            mine = torch.tensor([tag], dtype=torch.int64, device=self._device())
+            tags = [torch.zeros_like(mine) for _ in range(M)]
+            self._all_gather(tags, mine)
+            if len({int(t) for t in tags}) > 1:
+                raise CollectiveError(out_of_step(seq, [int(t) for t in tags]))
         if method == "all_gather":
             if self.guard:
                 raise ValueError("the guarded reduce is two_phase; all_gather is not guarded")
@@ -463,6 +512,19 @@ class DistributedGroup(ReplicaGroup):
         acc, decoded = decode_mean(list(out.split(size)), codec, n)
         stats.decode_s = time.perf_counter() - t2
         return acc, decoded[me]
+
+
+def alone(buffer: torch.Tensor, stats: ReduceStats, guarded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of a round with one replica: its own contribution; but a guarded round screens it
+    like any other, so a lone non-finite pseudo-gradient is excluded (the mean is zero) instead of
+    becoming the job's state."""
+    if guarded:
+        excluded = screen_norms([float(buffer.norm())])
+        if excluded:
+            stats.excluded = excluded
+            zero = torch.zeros_like(buffer)
+            return zero, zero
+    return buffer.clone(), buffer
 
 
 def _bare(payload: torch.Tensor) -> torch.Tensor:

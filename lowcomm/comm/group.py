@@ -24,11 +24,25 @@ import torch
 from .codecs import Codec
 from .reduce import bucket_bounds, check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
 
-__all__ = ["ReduceStats", "Work", "ReplicaGroup", "LocalGroup", "CollectiveError"]
+__all__ = ["ReduceStats", "Work", "ReplicaGroup", "LocalGroup", "CollectiveError", "out_of_step"]
 
 
 class CollectiveError(RuntimeError):
     """A collective could not complete (missing or mismatched participants, a dead peer)."""
+
+
+def out_of_step(seq: int, tags: list) -> str:
+    """The error of a collective whose replicas sent rounds of different steps."""
+    by_tag: dict = {}
+    for r, t in enumerate(tags):
+        by_tag.setdefault(t, []).append(r)
+    parts = ", ".join(
+        f"replica(s) {rs} at step {t}" for t, rs in sorted(by_tag.items(), key=lambda kv: str(kv[0]))
+    )
+    return (
+        f"collective #{seq}: the replicas are out of step ({parts}): every replica must take the same "
+        "number of inner steps between rounds"
+    )
 
 
 @dataclass
@@ -122,34 +136,47 @@ class ReplicaGroup(ABC):
     @abstractmethod
     def size(self) -> int: ...
 
+    @abstractmethod
     def verify_same(self, what: str, info: dict) -> None:
         """Check at start-up that every replica runs with the same ``info`` (a JSON-able dict);
-        raise ValueError naming the difference. :class:`~lowcomm.optim.DiLoCo` calls it with its
-        configuration when it is built. Groups whose replicas all live in this process have
-        nothing to compare and accept; groups spanning processes compare (or, in an elastic job,
-        hand the fingerprint to the coordinator, which refuses workers that differ)."""
-        del what, info  # this default: one process, nothing to compare
+        raise ValueError naming the replicas that differ. :class:`~lowcomm.optim.DiLoCo` calls it
+        with its configuration and a digest of its initial parameters when it is built (an elastic
+        group hands them to the coordinator, which refuses workers that differ)."""
 
-    def all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase") -> Work:
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` with replica 0's, in place (at start-up; every replica calls it).
+
+        Raises:
+            NotImplementedError: a group that cannot (an elastic one: its joiners get the job's
+                state from a member instead).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot broadcast")
+
+    def all_reduce_mean(
+        self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase", tag: int | None = None
+    ) -> Work:
         """Start a mean all-reduce of a 1-D fp32 ``buffer`` under ``codec``; returns at once.
 
         The buffer must not be modified until the work completes. Every replica gets the same
-        bits. ``method`` is "two_phase" (re-quantize the mean) or "all_gather".
+        bits. ``method`` is "two_phase" (re-quantize the mean) or "all_gather". ``tag`` (DiLoCo
+        passes its step) must be the same on every replica: replicas out of step are refused with
+        the tags named instead of averaging rounds of different steps.
         """
         check_args(buffer, method)
         bounds = bucket_bounds(buffer.numel(), self.bucket_elems, codec.block)
         if len(bounds) == 1:
-            return self._all_reduce_mean(buffer, codec, method)
-        return _BucketedWork([self._all_reduce_mean(buffer[a:b], codec, method) for a, b in bounds])
+            return self._all_reduce_mean(buffer, codec, method, tag)
+        return _BucketedWork([self._all_reduce_mean(buffer[a:b], codec, method, tag) for a, b in bounds])
 
     @abstractmethod
-    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str, tag: int | None) -> Work:
         """One bucket's collective (arguments already checked)."""
 
 
 class _LocalCollective:
     def __init__(self, size: int):
         self.contribs: dict[int, tuple[torch.Tensor, Codec, str, list[torch.Tensor]]] = {}
+        self.tags: dict[int, int | None] = {}
         self.works: dict[int, Work] = {}
         self.size = size
 
@@ -158,6 +185,8 @@ class _LocalWorld:
     def __init__(self, size: int):
         self.size = size
         self.pending: dict[int, _LocalCollective] = {}
+        self.broadcasts: list[torch.Tensor] = []  # replica 0's, in the order it broadcast them
+        self.infos: dict[str, dict] = {}  # what -> replica 0's info (verify_same)
 
 
 class _LocalWork(Work):
@@ -183,6 +212,7 @@ class LocalGroup(ReplicaGroup):
 
     def __init__(self, world: _LocalWorld, rank: int):
         self._world, self._rank, self._seq = world, rank, 0
+        self._broadcasts = 0
 
     @classmethod
     def create(cls, num_replicas: int) -> list[LocalGroup]:
@@ -200,7 +230,31 @@ class LocalGroup(ReplicaGroup):
     def size(self) -> int:
         return self._world.size
 
-    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Replica 0's handle keeps a copy; the others copy it (build replica 0's wrapper first)."""
+        k, self._broadcasts = self._broadcasts, self._broadcasts + 1
+        if self._rank == 0:
+            self._world.broadcasts.append(tensor.detach().clone())
+            return
+        if k >= len(self._world.broadcasts):
+            raise CollectiveError(
+                f"LocalGroup replica {self._rank} asked for replica 0's broadcast #{k} before replica 0 "
+                "made it: build replica 0's DiLoCo first"
+            )
+        tensor.copy_(self._world.broadcasts[k])
+
+    def verify_same(self, what: str, info: dict) -> None:
+        """Compare with replica 0's ``info`` (the first one given under ``what``)."""
+        ref = self._world.infos.setdefault(what, info)
+        if info != ref:
+            diff = {
+                k: {"replica 0": ref.get(k), f"replica {self._rank}": info.get(k)}
+                for k in sorted(set(ref) | set(info))
+                if ref.get(k) != info.get(k)
+            }
+            raise ValueError(f"replica(s) [{self._rank}] differ from replica 0 in the {what}: {diff}")
+
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str, tag: int | None) -> Work:
         world, seq = self._world, self._seq
         self._seq += 1
         work = _LocalWork(world, seq)
@@ -214,6 +268,7 @@ class LocalGroup(ReplicaGroup):
             payloads = [codec.encode(buffer)]
         work.stats.encode_s = time.perf_counter() - t0
         coll.contribs[self._rank] = (buffer, codec, method, payloads)
+        coll.tags[self._rank] = tag
         coll.works[self._rank] = work
         if len(coll.contribs) == world.size:
             del world.pending[seq]
@@ -223,6 +278,12 @@ class LocalGroup(ReplicaGroup):
     @staticmethod
     def _run(coll: _LocalCollective, seq: int) -> None:
         size = coll.size
+        tags = [coll.tags[r] for r in range(size)]
+        if len(set(tags)) > 1:
+            err = CollectiveError(out_of_step(seq, tags))
+            for w in coll.works.values():
+                w._fail(err)
+            return
         buf0, codec0, method0, _ = coll.contribs[0]
         for r, (buf, codec, method, _) in sorted(coll.contribs.items()):
             if (buf.numel(), codec.name, codec.block, method) != (

@@ -1,7 +1,8 @@
 """The algorithm: outer optimizers, the fragment schedule and the DiLoCo wrapper (no sockets)."""
 
 from .config import DiLoCoConfig
-from .diloco import DiLoCo, RoundStats, build_fragments, find_blocks, finish_replicas, step_replicas
+from .diloco import DiLoCo, RoundStats, finish_replicas, step_replicas
+from .fragments import build_fragments, find_block_lists, find_blocks
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
 from .schedule import PATTERNS, fragment_offsets, is_send_step, partition_blocks, sends_at, validate_schedule
 
@@ -13,6 +14,7 @@ __all__ = [
     "RoundStats",
     "apply_update",
     "build_fragments",
+    "find_block_lists",
     "find_blocks",
     "finish_replicas",
     "fragment_offsets",

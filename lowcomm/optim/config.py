@@ -25,7 +25,9 @@ from ..comm import CODECS, Codec
 from ..comm.reduce import REDUCE_METHODS
 from .schedule import PATTERNS, validate_schedule
 
-__all__ = ["DiLoCoConfig"]
+__all__ = ["DiLoCoConfig", "INITS"]
+
+INITS = ("broadcast", "check", "none")
 
 
 def _is_int(v: Any, lo: int) -> bool:
@@ -58,6 +60,11 @@ class DiLoCoConfig:
         reduce: "two_phase" (re-quantize the mean; the default) or "all_gather" (one quantization).
         outer_device: device of the global copy, the momentum and the error-feedback buffers
             (e.g. "cpu" keeps them off the accelerator, pinned; None: the parameters' device).
+        init: how replicas are made to start from the same weights: "broadcast" (replica 0's are
+            copied to every replica when the wrapper is built, as DDP does), "check" (replicas
+            whose weights differ are refused, by name) or "none" (the caller sees to it). Replicas
+            that start apart train apart. Build the wrapper before loading a checkpoint's weights
+            into the model (a replica's local weights may differ from the others' in a checkpoint).
     """
 
     sync_every: int = 100
@@ -72,6 +79,7 @@ class DiLoCoConfig:
     error_feedback: bool = False
     reduce: str = "two_phase"
     outer_device: str | torch.device | None = None
+    init: str = "broadcast"
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, Codec) and self.codec not in CODECS:
@@ -88,6 +96,8 @@ class DiLoCoConfig:
             raise refuse("outer_lr", self.outer_lr, "a finite number > 0")
         if not (_is_num(self.outer_momentum) and 0.0 <= self.outer_momentum < 1.0):
             raise refuse("outer_momentum", self.outer_momentum, "a number in [0, 1)")
+        if self.init not in INITS:
+            raise refuse("init", self.init, f"one of {list(INITS)}")
         if not isinstance(self.error_feedback, bool):
             raise refuse("error_feedback", self.error_feedback, "true or false")
         if self.outer_device is not None:

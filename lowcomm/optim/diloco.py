@@ -24,6 +24,8 @@ References:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -36,12 +38,15 @@ from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, shard_position
 from ..comm.reduce import shard_bounds
 from .config import DiLoCoConfig
+from .fragments import build_fragments, find_blocks
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
-from .schedule import PATTERNS, partition_blocks, sends_at
+from .schedule import sends_at
 
 __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_replicas", "finish_replicas"]
 
-STATE_VERSION = 1
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 2  # 2: one in-flight slot per fragment (a fixed layout, for torch.distributed.checkpoint)
 #: RoundStats fields computed on the device (read back by drain_round_stats)
 _DEVICE_STATS = ("pseudo_grad_norm", "mean_pseudo_grad_norm", "cosine_to_mean", "momentum_norm")
 
@@ -99,98 +104,6 @@ class _InFlight:
     send_s: float = 0.0
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The model's repeated blocks: the ``nn.ModuleList`` holding the most parameters, or None."""
-    best, best_n = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList):
-            n = sum(p.numel() for p in mod.parameters())
-            if n > best_n:
-                best, best_n = (name, mod), n
-    return best
-
-
-def build_fragments(
-    model: nn.Module, fragments: int | Sequence[Sequence[str | nn.Module]], pattern: str = "strided"
-) -> list[list[str]]:
-    """Parameter names of each fragment, every trainable parameter in exactly one.
-
-    Args:
-        model: the replica's model.
-        fragments: a count ``P``, or explicit fragments as lists of parameter names and/or modules.
-            With a count, ``P = 1`` is the whole model; for ``P > 1`` the parameters outside the
-            blocks (embeddings, head, final norm) form the last fragment of their own and the
-            blocks are split over the other ``P − 1`` by ``pattern`` (a model with no parameters
-            outside its blocks splits them over all ``P``).
-        pattern: "strided" (block ℓ to fragment ℓ mod P) or "sequential".
-
-    Raises:
-        ValueError: a count out of range, no blocks to split, a name that is not a parameter, a
-            parameter in two fragments or in none.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters")
-    all_names = [n for n, _ in named]
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown fragment pattern {pattern!r}; allowed: {list(PATTERNS)}")
-    if isinstance(fragments, int) and not isinstance(fragments, bool):
-        if fragments < 1:
-            raise ValueError(f"fragments must be >= 1, got {fragments}")
-        if fragments == 1:
-            return [all_names]
-        found = find_blocks(model)
-        if found is None:
-            raise ValueError(
-                f"fragments={fragments} needs repeated blocks (an nn.ModuleList) to split; this model has "
-                "none: pass fragments=1 or explicit fragments as lists of parameter names or modules"
-            )
-        prefix, blocks = found
-        block_names = [[n for n, _ in named if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
-        in_blocks = {n for names in block_names for n in names}
-        rest = [n for n in all_names if n not in in_blocks]
-        groups = fragments - 1 if rest else fragments
-        if groups > len(blocks):
-            allowed = len(blocks) + (1 if rest else 0)
-            raise ValueError(
-                f"fragments={fragments} exceeds what the model allows: {len(blocks)} blocks"
-                + (" plus one fragment for the parameters outside them" if rest else "")
-                + f", so fragments must be in [1, {allowed}]"
-            )
-        out = [
-            [n for b in grp for n in block_names[b]] for grp in partition_blocks(len(blocks), groups, pattern)
-        ]
-        return out + ([rest] if rest else [])
-    # explicit fragments
-    by_id = {id(p): n for n, p in named}
-    out, seen = [], {}
-    for i, frag in enumerate(fragments):
-        names: list[str] = []
-        for item in frag:
-            if isinstance(item, nn.Module):
-                names.extend(by_id[id(p)] for p in item.parameters() if id(p) in by_id)
-            elif isinstance(item, str):
-                if item not in all_names:
-                    raise ValueError(f"fragment {i}: {item!r} is not a trainable parameter of the model")
-                names.append(item)
-            else:
-                raise ValueError(
-                    f"fragment {i}: entries must be parameter names or modules, got {type(item).__name__}"
-                )
-        names = list(dict.fromkeys(names))
-        for n in names:
-            if n in seen:
-                raise ValueError(f"parameter {n!r} is in fragment {seen[n]} and fragment {i}")
-            seen[n] = i
-        if not names:
-            raise ValueError(f"fragment {i} holds no parameters")
-        out.append(names)
-    missing = [n for n in all_names if n not in seen]
-    if missing:
-        raise ValueError(f"parameters in no fragment: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    return out
-
-
 class DiLoCo:
     """DiLoCo / Streaming DiLoCo for one replica.
 
@@ -232,6 +145,7 @@ class DiLoCo:
         self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
         self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
         params = dict(model.named_parameters())
+        self._start_from_the_same_weights(group, [params[n] for names in frag_names for n in names], cfg.init)
         first = next(iter(params.values()))
         self.outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else first.device
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
@@ -262,6 +176,7 @@ class DiLoCo:
         self._rounds: list[RoundStats] = []
         # inner steps taken since the last step(): the ordering check (see step())
         self._inner_steps = 0
+        self._attached = None  # the optimizer hook of attach()
         self._hook = (
             inner_optimizer.register_step_post_hook(self._count_inner_step)
             if inner_optimizer is not None
@@ -271,6 +186,61 @@ class DiLoCo:
 
     def _count_inner_step(self, *_: Any) -> None:
         self._inner_steps += 1
+
+    @staticmethod
+    def _start_from_the_same_weights(group: ReplicaGroup, params: list[nn.Parameter], init: str) -> None:
+        """Every replica must start from the same weights (replicas that do not train apart for
+        ever: nothing in DiLoCo pulls them together). ``broadcast``: replica 0's parameters are
+        copied to every replica, as DDP does; ``check``: a digest of each replica's is compared and
+        replicas that differ are refused by name. Groups that cannot broadcast (an elastic job,
+        whose joiners get the job's state from a member) check."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+            if init == "broadcast":
+                try:
+                    group.broadcast_(flat)
+                except NotImplementedError:
+                    init = "check"
+                else:
+                    offset = 0
+                    for p in params:
+                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                        offset += p.numel()
+        if init != "none":
+            digest = hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+            group.verify_same("initial parameters", {"sha256": digest})
+
+    # ---- hook mode ----------------------------------------------------------------------------
+
+    def attach(self) -> DiLoCo:
+        """Step DiLoCo from the inner optimizer: after every ``optimizer.step()`` (a post hook, as
+        torchft does), so a training loop needs no ``diloco.step()`` call; gradient accumulation
+        counts optimizer steps, as it should. One replica per process (with ``LocalGroup`` drive
+        the replicas with :func:`step_replicas`). Returns ``self``.
+
+        Raises:
+            ValueError: no inner optimizer was given.
+        """
+        if self.inner_optimizer is None:
+            raise ValueError("attach() steps DiLoCo from the inner optimizer: pass it to DiLoCo(...)")
+        if self._attached is None:
+            self._attached = self.inner_optimizer.register_step_post_hook(lambda *_: self.step())
+        return self
+
+    def detach(self) -> None:
+        """Stop stepping from the optimizer (call :meth:`step` yourself again)."""
+        if self._attached is not None:
+            self._attached.remove()
+            self._attached = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[DiLoCo]:
+        """``with diloco.attached(): train(...)``: :meth:`attach` for the block."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -336,6 +306,8 @@ class DiLoCo:
             for f, vals in zip(_DEVICE_STATS, values):
                 for r, v in zip(out, vals):
                     setattr(r, f, v)
+            for r in out:
+                log.debug("round of fragment %d at step %d: %s", r.fragment, r.apply_step, r.to_dict())
         return out
 
     def global_vector(self) -> torch.Tensor:
@@ -373,33 +345,37 @@ class DiLoCo:
     # ---- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit (tensors are copies, on the outer device)."""
-        return {
+        """Everything needed to continue bit for bit (tensors are copies, on the outer device).
+
+        The layout is fixed by the configuration and the model (each fragment has one in-flight
+        slot, empty or not), so the state saves and loads with ``torch.distributed.checkpoint``
+        beside the model and optimizer (DiLoCo is ``Stateful``)."""
+        out = {
             "version": STATE_VERSION,
             "step": self.step_count,
             "config": self._config_key(),
-            "fragments": [
+            "fragments": [],
+        }
+        for p, f in enumerate(self._frags):
+            inf = self._inflight.get(p)
+            out["fragments"].append(
                 {
                     "names": list(f.names),
                     "global": f.global_.clone(),
                     "momentum": f.momentum.momentum.clone(),
                     "residual": None if f.residual is None else f.residual.clone(),
                     "last_send": f.last_send,
+                    "inflight": {
+                        "active": inf is not None,
+                        "send_step": inf.send_step if inf else 0,
+                        "due_step": inf.due_step if inf else 0,
+                        "delta": inf.delta.clone() if inf else torch.zeros_like(f.momentum.momentum),
+                        "norm": float(inf.norm) if inf else 0.0,
+                        "final": inf.final if inf else False,
+                    },
                 }
-                for f in self._frags
-            ],
-            "inflight": [
-                {
-                    "fragment": p,
-                    "send_step": i.send_step,
-                    "due_step": i.due_step,
-                    "delta": i.delta.clone(),
-                    "norm": float(i.norm),
-                    "final": i.final,
-                }
-                for p, i in sorted(self._inflight.items(), key=lambda kv: kv[1].send_step)
-            ],
-        }
+            )
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; in-flight rounds are started again in send order.
@@ -409,7 +385,9 @@ class DiLoCo:
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"DiLoCo state version must be {STATE_VERSION}, got {got!r}")
+            raise ValueError(
+                f"DiLoCo state version must be {STATE_VERSION}, got {got!r} (another lowcomm version's state)"
+            )
         if state["config"] != self._config_key():
             diff = {
                 k: (v, self._config_key().get(k))
@@ -432,11 +410,12 @@ class DiLoCo:
             f.last_send = int(fs["last_send"])
         self.step_count = int(state["step"])
         self._inflight.clear()
-        for it in state["inflight"]:
+        slots = [(p, fs["inflight"]) for p, fs in enumerate(state["fragments"]) if fs["inflight"]["active"]]
+        for p, it in sorted(slots, key=lambda pit: int(pit[1]["send_step"])):  # started again in send order
             delta = it["delta"].to(self.outer_device, torch.float32).clone()
-            work = self.group.all_reduce_mean(delta, self.codec, self.reduce)
+            work = self.group.all_reduce_mean(delta, self.codec, self.reduce, tag=int(it["send_step"]))
             norm = torch.tensor(float(it["norm"]), device=delta.device)
-            self._inflight[int(it["fragment"])] = _InFlight(
+            self._inflight[p] = _InFlight(
                 work, int(it["send_step"]), int(it["due_step"]), delta, norm, bool(it["final"])
             )
 
@@ -483,7 +462,7 @@ class DiLoCo:
         if f.residual is not None:
             delta += f.residual
         norm = delta.norm()
-        work = self.group.all_reduce_mean(delta, self.codec, self.reduce)
+        work = self.group.all_reduce_mean(delta, self.codec, self.reduce, tag=self.step_count)
         f.last_send = self.step_count
         self._inflight[p] = _InFlight(
             work, self.step_count, due, delta, norm, final, time.perf_counter() - t0
@@ -513,6 +492,14 @@ class DiLoCo:
                     param.mul_(self.alpha).add_(g, alpha=1.0 - self.alpha)
         outer_s = time.perf_counter() - t0
         s = inf.work.stats
+        log.info(
+            "round of fragment %d: sent at step %d, applied at step %d, %d bytes sent, waited %.4fs",
+            p,
+            inf.send_step,
+            self.step_count,
+            s.bytes_sent,
+            s.wait_s,
+        )
         self._rounds.append(
             RoundStats(
                 fragment=p,

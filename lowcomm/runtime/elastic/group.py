@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ...comm.codecs import Codec
-from ...comm.distributed import DistributedGroup, LinkEmulator
+from ...comm.distributed import DistributedGroup, LinkEmulator, alone
 from ...comm.group import CollectiveError, ReduceStats, ReplicaGroup, Work
 from ..hooks import NO_FAULTS, FaultHooks
 from .agent import Quorum, ResyncRequired, WorkerAgent
@@ -116,6 +116,7 @@ class ElasticGroup(ReplicaGroup):
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._group: tuple[tuple, DistributedGroup] | None = None  # (members, store) -> group
         self.rounds_redone = 0
+        self._verified: dict[str, dict] = {}  # what -> info, in the fingerprint
         threading.Thread(target=self._drive, daemon=True, name="lowcomm-elastic").start()
 
     @property
@@ -131,13 +132,17 @@ class ElasticGroup(ReplicaGroup):
         return self._seq
 
     def verify_same(self, what: str, info: dict) -> None:
-        """Hand the configuration's fingerprint to the agent: the coordinator refuses workers that
-        differ when they register, so this must happen before :meth:`WorkerAgent.start`.
+        """Hand ``info`` to the agent's fingerprint (with everything given before): the coordinator
+        refuses a worker whose fingerprint differs from the job's when it registers, so this must
+        happen before :meth:`WorkerAgent.start`. (The job's round numbers keep its rounds in step;
+        a joiner gets the job's state, so its initial parameters only have to match the job's
+        initial ones, as any member's do when all start from the same seed.)
 
         Raises:
             RuntimeError: the agent has already registered without it.
         """
-        fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+        self._verified[what] = info
+        fingerprint = hashlib.sha256(json.dumps(self._verified, sort_keys=True).encode()).hexdigest()
         self.agent.set_fingerprint(fingerprint)
 
     def reset(self, next_round: int) -> None:
@@ -147,7 +152,7 @@ class ElasticGroup(ReplicaGroup):
         self.agent.next_round = next_round
         self._group = None
 
-    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str) -> Work:
+    def _all_reduce_mean(self, buffer: torch.Tensor, codec: Codec, method: str, tag: int | None) -> Work:
         if method != "two_phase":
             raise ValueError(f"reduce={method!r}: an elastic job's guarded reduce is 'two_phase'")
         work = _ElasticWork(ReduceStats())
@@ -189,8 +194,8 @@ class ElasticGroup(ReplicaGroup):
                     raise ContributionDropped(
                         f"replica {q.rank}'s contribution to round {job.seq} was dropped (fault injection)"
                     )
-                if q.world == 1:
-                    result = (job.buffer.clone(), job.buffer)
+                if q.world == 1:  # alone in the round: screened all the same
+                    result = alone(job.buffer, stats, guarded=True)
                 else:
                     group = self._group_for(q)
                     result = self._reduce(group, job, q, stats, corrupt=action == "corrupt")
