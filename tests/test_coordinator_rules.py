@@ -259,6 +259,28 @@ def test_a_late_joiner_of_a_finished_job_is_told_so():
     assert err["code"] == "job_finished" and "finished" in err["reason"]
 
 
+def test_a_worker_back_after_the_job_finished_is_told_so_and_rolls_nothing_back():
+    """The soak run's case: b is cut off, a finishes the job and leaves; b comes back claiming the
+    state of an earlier round. It used to be taken for a resume (no member held the job's state),
+    roll the job back and train on alone to different parameters."""
+    sim = Sim()
+    sim.register("a", synced=True, round=0)
+    sim.register("b", synced=True, round=0)
+    for r in range(3):
+        gen = _quorum(sim, "ab", r)["a"]["generation"]
+        sim.commit("a", r, gen, members="ab")
+        sim.commit("b", r, gen, members="ab")
+    sim.send("b", "leave", worker_id="b")  # cut off (as expired: gone without finishing)
+    gen = _quorum(sim, "a", 3)["a"]["generation"]
+    sim.commit("a", 3, gen, members="a")
+    sim.send("a", "leave", worker_id="a", finished=True)
+    sim.send(
+        "b", "register", worker_id="b", advertise_addr="h", step=30, synced=True, round=3, holds_state=True
+    )
+    err = sim.last("b", "error")
+    assert err["code"] == "job_finished" and sim.state.committed == 3
+
+
 def test_a_restarted_worker_replaces_its_old_process_and_aborts_its_rounds():
     sim = Sim()
     sim.register("a", incarnation="one")
@@ -348,6 +370,38 @@ def test_with_no_member_left_the_newest_checkpoint_wins_and_the_job_goes_on():
     assert sim.state.membership.get("a").synced is False  # behind the newest: it resyncs from b
     sim.send("a", "join", worker_id="a", failed=[])
     assert sim.last("a", "join_reply")["donor"] == "b"
+
+
+def test_after_a_kill_all_the_first_worker_back_does_not_start_alone_from_its_older_state():
+    """The soak run's case: a coordinator that once restarted (grace > 0) saw every worker lost.
+    The first back brought an old checkpoint (its newer writes had failed) and used to run rounds
+    alone at once, so the newer checkpoints that came a second later were thrown away and the
+    job went back hundreds of steps. Now quorums wait for the others' states and min_workers."""
+    sim = Sim(min_workers=2, grace=3.0)
+    sim.advance(3.5)
+    for w in "ab":
+        sim.register(w)
+    for rnd in range(10):
+        gen = _quorum(sim, "ab", rnd)["a"]["generation"]
+        sim.commit("a", rnd, gen, members="ab")
+        sim.commit("b", rnd, gen, members="ab")
+        sim.take("a"), sim.take("b")
+    sim.advance(5.0)  # every worker lost
+    assert sim.state.membership.members == ()
+    sim.register("a", synced=True, round=3, holds_state=True, incarnation="2")
+    sim.ask("a", 3)
+    sim.advance(1.0, alive="a", rnd=3)
+    assert sim.take("a") == []  # no quorum of one from the oldest state
+    sim.register("b", synced=True, round=9, holds_state=True, incarnation="2")
+    assert sim.state.committed == 8 and sim.last("a", "quorum_reply")["action"] == "resync"
+    sim.ask("b", 9)
+    sim.advance(6.0, alive="ab", rnd=9)
+    assert sim.take("b") == []  # one synced member of min_workers=2: a must first catch up
+    sim.send("a", "join", worker_id="a", failed=[])
+    tid = sim.last("a", "join_reply")["transfer_id"]
+    sim.send("b", "transfer_done", worker_id="b", joiner="a", transfer_id=tid, ok=True, round=9, step=90)
+    sim.ask("a", 9)
+    assert sim.last("b", "quorum_reply")["members"] == ["a", "b"]
 
 
 def test_a_joiner_with_no_donor_is_logged_with_what_is_missing(caplog):

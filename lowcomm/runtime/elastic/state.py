@@ -42,9 +42,12 @@ grace a restarted coordinator goes on with the members that re-registered in syn
 (waiting for ``min_workers`` could wait for a worker that died meanwhile and now needs one of them
 as its donor).
 
-Resumes. When no member holds the job's state (every worker was lost, the coordinator lived) a
-worker that brings its state (a checkpoint) is believed: the newest wins, the committed round is
-rolled back to it (logged), and the others resynchronize from it. A state in which no progress is
+Resumes. When no member holds the job's state (every worker was lost, the coordinator lived, and
+no worker finished the job: a worker that registers after the job's workers left at its last
+step is told the job finished) a worker that brings its state (a checkpoint) is believed: the
+newest wins, the committed round is rolled back to it (logged), and the others resynchronize
+from it. Its first round waits ``RESUME_HOLD_S`` (or the grace) for the others to bring their
+states and, as any resumed job's, for ``min_workers`` synced members. A state in which no progress is
 possible (joiners with no member to donate, a first round short of ``min_workers``) is logged
 with what is missing, every ``STUCK_WARNING_S``.
 """
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +85,9 @@ MAX_MEMBERS = 4096
 STATUS_PAGE = 200
 #: seconds between two warnings about the same state in which no progress is possible
 STUCK_WARNING_S = 10.0
+#: after a resume from checkpoints (every worker had been lost), no quorum forms for this long (or
+#: the grace, if longer) while the other workers bring theirs: the newest must win, not the first
+RESUME_HOLD_S = 5.0
 #: decided generations kept (a late commit report of one still gets its decision)
 KEEP_GENERATIONS = 256
 
@@ -220,6 +227,8 @@ class CoordinatorState:
         self.owed: dict[str, list[Transfer]] = {}  # donor -> transfers it owes
         self.committed = -1  # highest committed round
         self.formed_any = False
+        self.hold_until = -math.inf  # no quorum before this (a resume's window)
+        self.resumed = False  # the job was resumed from checkpoints brought to this coordinator
         self.finished = False  # a synced worker left after the job's last step
         self.fingerprint: str | None = None
         self.round = -1  # highest round a heartbeat reported
@@ -340,6 +349,10 @@ class CoordinatorState:
                     f"worker {wid!r} runs another configuration (fingerprint {fp[:12]}, the job's "
                     f"{self.fingerprint[:12]}): same model, schedule, codec and fragments are required"
                 )
+        if self.finished and not any(m.synced for m in self.membership.members):
+            # the job's result is what its workers left with; a worker cut off before the end (and
+            # back after it) must not carry on alone from its own state (found by benchmarks/soak.py)
+            raise Refusal("the job has finished: its workers reached the last step and left", "job_finished")
         old = self.membership.get(wid)
         if old is None and len(self.membership.index) >= MAX_MEMBERS:
             raise Refusal(
@@ -363,6 +376,8 @@ class CoordinatorState:
             )
             self.committed = -1
             self.formed_any = False
+            self.resumed = True  # as a resumed job: min_workers holds its first round again
+            self.hold_until = now + max(self.grace, RESUME_HOLD_S)
         if claims and nxt > self.committed + 1 and not (holds_state or self._in_grace(now)):
             log.warning(
                 "%s claims round %d, the job is at %d: not believed, it joins", wid, nxt, self.committed
@@ -498,10 +513,11 @@ class CoordinatorState:
         return None
 
     def _try_quorum(self, now: float) -> None:
-        if not self.asks or self._in_grace(now):
+        if not self.asks or self._in_grace(now) or now < self.hold_until:
             return
         synced = [m for m in self.membership.members if m.synced]
-        if not self.formed_any and len(synced) < self.min_workers and not self._restarted():
+        restarted = self._restarted() and not self.resumed
+        if not self.formed_any and len(synced) < self.min_workers and not restarted:
             return
         asks = {m.worker_id: self.asks[m.worker_id] for m in synced if m.worker_id in self.asks}
         if not asks:
