@@ -7,6 +7,7 @@ the final global and local parameters and per-round bytes to OUT_DIR/<name>.rank
 """
 
 import json
+import logging
 import os
 import sys
 import time
@@ -27,19 +28,34 @@ def batch(step: int, stream: int):
     return x, torch.roll(x, -1, dims=1)
 
 
+class Collect(logging.Handler):
+    """Keeps the lowcomm logger's warnings, saved with the results."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def main() -> None:
     out, scenarios = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
+    collected = Collect()
+    logging.getLogger("lowcomm").addHandler(collected)
     topo = init_from_torchrun(timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
     for sc in scenarios:
         torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
         model = GPT(TINY)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
         runner = model
-        if topo.inner is not None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if topo.inner is not None:
             runner = DDP(model, process_group=topo.inner)
+        elif sc.get("ddp_world"):  # the mistake of a framework that saw the launcher's environment
+            runner = model = DDP(model)
         group = DistributedGroup(
             topo.outer.pg,
             store=topo.outer.store,
@@ -52,6 +68,7 @@ def main() -> None:
         if sc.get("mismatch_rank") == topo.rank:
             kw.update(sc["mismatch"])
         try:
+            collected.messages.clear()
             dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
         except ValueError as e:
             open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(str(e))
@@ -83,6 +100,7 @@ def main() -> None:
                 "local": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
                 "rounds": rounds,
                 "fragment_numels": dil.fragment_numels(),
+                "warnings": list(collected.messages),
             },
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )

@@ -385,14 +385,17 @@ def test_fragments_by_module_name_across_block_lists_with_tied_weights():
         build_fragments(m, [["encoder", "decoder", "shared"], ["encoder.block.0"]])
 
 
-def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog):
+def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog, monkeypatch):
+    import lowcomm.optim.fragments as fragments_module
+
+    monkeypatch.setattr(fragments_module, "_WARNED", set())  # earlier tests may have built this layout
     models, opts = _replicas(2)
     with caplog.at_level("INFO", logger="lowcomm"):
         dil = _wrap(models, opts, sync_every=2, fragments=2)
         _run(dil, models, opts, range(1, 3))
     text = caplog.text
-    assert (
+    warning = (
         "fragments differ in size by more than 2x: fragment 0 holds 9840 parameters, fragment 1 holds 672"
-        in text
     )
+    assert text.count(warning) == 1  # once for both replicas
     assert "round of fragment 0: sent at step 2, applied at step 2" in text

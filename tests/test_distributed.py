@@ -150,12 +150,17 @@ def test_a_silent_peer_fails_the_round_naming_it(tmp_path):
 
 def test_replicas_started_apart_are_made_alike_or_refused_by_name(tmp_path):
     """Rank 1 builds its model from another seed: broadcast makes it start from rank 0's weights
-    (the run ends with both alike); check refuses it, naming it."""
+    (the run ends with both alike); check refuses it, naming it. A model wrapped in DDP across the
+    replicas is warned about; one that is not, is not."""
     alike = {"name": "alike", "steps": 4, "diloco": {"sync_every": 2}, "seed_rank": 1}
-    res = _launch(tmp_path, [alike], replicas=2)
+    across = {"name": "across", "steps": 2, "diloco": {"sync_every": 2}, "ddp_world": True}
+    res = _launch(tmp_path, [alike, across], replicas=2)
     assert res.returncode == 0, res.stderr[-2000:]
     got = [torch.load(tmp_path / f"alike.rank{r}.pt", weights_only=True) for r in range(2)]
     assert torch.equal(got[0]["global"], got[1]["global"])
+    assert got[0]["warnings"] == []
+    warned = torch.load(tmp_path / "across.rank0.pt", weights_only=True)["warnings"]
+    assert len(warned) == 1 and "wrapped in DistributedDataParallel across replicas" in warned[0], warned
     refused = {"name": "apart", "steps": 4, "diloco": {"sync_every": 2, "init": "check"}, "seed_rank": 1}
     res = _launch(tmp_path, [refused], replicas=2)
     assert res.returncode == 3

@@ -265,6 +265,16 @@ class DistributedGroup(ReplicaGroup):
             }
             raise ValueError(f"replica(s) {differ} differ from replica 0 in the {what}: {diff}")
 
+    def shared_ranks(self, process_group) -> list[int]:
+        if self._raw:  # not registered with torch.distributed: no global ranks to compare
+            return []
+        try:
+            return sorted(
+                set(dist.get_process_group_ranks(process_group)) & set(dist.get_process_group_ranks(self.pg))
+            )
+        except (RuntimeError, ValueError, KeyError):
+            return []
+
     def broadcast_(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` with replica 0's (synchronous; start-up only)."""
         t = tensor if self.backend != "nccl" or tensor.is_cuda else tensor.to(self._device())

@@ -152,6 +152,12 @@ class ReplicaGroup(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot broadcast")
 
+    def shared_ranks(self, process_group) -> list[int]:
+        """The global ranks of this group's processes that are also in torch.distributed's
+        ``process_group`` (DDP wrapping a model across replicas shares two or more); [] when the
+        group is not made of torch.distributed ranks."""
+        return []
+
     def all_reduce_mean(
         self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase", tag: int | None = None
     ) -> Work:

@@ -144,6 +144,7 @@ class DiLoCo:
         self.outer_lr, self.outer_momentum = float(cfg.outer_lr), float(cfg.outer_momentum)
         self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
         self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
+        _warn_if_wrapped_across_replicas(model, group)
         params = dict(model.named_parameters())
         self._start_from_the_same_weights(group, [params[n] for names in frag_names for n in names], cfg.init)
         first = next(iter(params.values()))
@@ -525,6 +526,25 @@ class DiLoCo:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""
         gather_shards(
             f.global_, shard_bounds(f.global_.numel(), self.num_shards, self.codec.block), self.shard_group
+        )
+
+
+def _warn_if_wrapped_across_replicas(model: nn.Module, group: ReplicaGroup) -> None:
+    """DDP whose process group holds processes of two replicas all-reduces gradients every step
+    across them: the communication DiLoCo exists to avoid (a framework that saw the launcher's
+    RANK / WORLD_SIZE did it). Wrapping inside one replica (inner DDP) is fine."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return
+    across = group.shared_ranks(model.process_group)
+    if len(across) > 1:
+        log.warning(
+            "the model is wrapped in DistributedDataParallel across replicas (global ranks %s are in "
+            "both its group and DiLoCo's): gradients are all-reduced every step, which DiLoCo is "
+            "meant to avoid. Under lowcomm launch or torchrun with Lightning or the HF Trainer, call "
+            "lowcomm.integrations.replica_group() before building the trainer",
+            across,
         )
 
 

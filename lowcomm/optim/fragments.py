@@ -160,9 +160,14 @@ def _place(name: str, reached_as: str, i: int, names: list[str], seen: dict[str,
     names.append(name)
 
 
+#: layouts already warned about (replicas of one process share theirs: one warning)
+_WARNED: set[tuple[int, ...]] = set()
+
+
 def _warn_if_uneven(fragments: list[list[str]], params: dict) -> None:
     sizes = [sum(params[n].numel() for n in names) for names in fragments]
-    if len(sizes) > 1 and max(sizes) > 2 * min(sizes):
+    if len(sizes) > 1 and max(sizes) > 2 * min(sizes) and tuple(sizes) not in _WARNED:
+        _WARNED.add(tuple(sizes))
         big, small = sizes.index(max(sizes)), sizes.index(min(sizes))
         log.warning(
             "fragments differ in size by more than 2x: fragment %d holds %d parameters, fragment %d holds %d "

@@ -1,0 +1,16 @@
+"""DiLoCo inside the trainers people already use. Each module imports its framework on use.
+
+    from lowcomm.integrations import replica_group
+    from lowcomm.integrations.lightning import DiLoCoCallback     # Lightning
+    from lowcomm.integrations.hf import DiLoCoTrainerCallback     # Hugging Face Trainer
+    from lowcomm.integrations.titan import diloco_from_toml       # a torchtitan-style [diloco] table
+
+Under ``lowcomm launch`` or torchrun, call :func:`replica_group` before building the framework's
+trainer: it joins the replicas' group from the launcher's environment, then hides that
+environment, so the framework sees one process and does not wrap the model in DDP (which would
+all-reduce gradients every step and make DiLoCo pointless).
+"""
+
+from .common import replica_group
+
+__all__ = ["replica_group"]

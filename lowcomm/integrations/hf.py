@@ -1,0 +1,100 @@
+"""DiLoCo as a Hugging Face ``TrainerCallback``: add one callback to an existing ``Trainer``.
+
+    from lowcomm.integrations.hf import DiLoCoTrainerCallback, replica_group
+
+    group = replica_group()           # before TrainingArguments: the Trainer then sees one process
+    trainer = Trainer(..., callbacks=[DiLoCoTrainerCallback(group, sync_every=100)])
+
+Under ``lowcomm launch`` or torchrun the HF Trainer (through accelerate) reads RANK / WORLD_SIZE
+and wraps the model in DDP, all-reducing gradients every step; :func:`replica_group` joins the
+replicas' group and then hides those variables, so each process trains its own replica and DiLoCo
+synchronizes them. The callback warns if the Trainer sees more than one process anyway.
+(The replicas' process group is built without initializing torch.distributed's default group, so
+the Trainer also saves every replica's checkpoints, not rank 0's only.)
+
+The wrapper is built when training begins (around the Trainer's model and its optimizer, stepped
+from the optimizer so gradient accumulation counts optimizer steps); its state is saved as
+``diloco.pt`` in every checkpoint folder and restored when training resumes from one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..comm import ReplicaGroup
+from ..optim import DiLoCo, DiLoCoConfig
+from .common import outer_device, replica_group, unwrap_optimizer
+
+__all__ = ["DiLoCoTrainerCallback", "replica_group", "STATE_FILE"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "diloco.pt"
+
+
+class DiLoCoTrainerCallback(TrainerCallback):
+    """Args:
+    group: the replicas' group (:func:`lowcomm.integrations.replica_group`).
+    config: DiLoCo's settings; keywords override its fields (``sync_every=100``, ...).
+    final_sync: when training ends, synchronize every fragment with unsynced progress.
+    resume_from: the checkpoint folder to read DiLoCo's state from when training resumes
+        (default: ``output_dir/checkpoint-<step>``, the folder the Trainer resumes from).
+    """
+
+    def __init__(
+        self,
+        group: ReplicaGroup,
+        config: DiLoCoConfig | None = None,
+        *,
+        final_sync: bool = True,
+        resume_from: str | os.PathLike | None = None,
+        **settings: Any,
+    ) -> None:
+        self.group, self.final_sync, self.resume_from = group, final_sync, resume_from
+        self.config = (config or DiLoCoConfig()).replace(**settings)
+        self.diloco: DiLoCo | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.world_size > 1:
+            log.warning(
+                "the HF Trainer sees %d processes and wraps the model in DDP: gradients are all-reduced "
+                "every step, which DiLoCo is meant to avoid; call lowcomm.integrations.replica_group() "
+                "before building TrainingArguments",
+                args.world_size,
+            )
+        saved = None
+        if state.global_step > 0:  # resuming: the Trainer loaded checkpoint-<step> of output_dir
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            saved = os.path.join(folder, STATE_FILE)
+            if not os.path.exists(saved):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step} but {saved} does not exist: DiLoCo's state "
+                    "is saved in the Trainer's checkpoint folders; pass "
+                    "DiLoCoTrainerCallback(..., resume_from=FOLDER) for a checkpoint elsewhere"
+                )
+        # resuming, each replica's own weights came from its checkpoint: nothing to make alike
+        config = self.config.replace(init="none") if saved else self.config
+        self.diloco = DiLoCo(
+            model, unwrap_optimizer(optimizer), self.group, outer_device(self.group, model, config)
+        )
+        if saved:
+            self.diloco.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
+            log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
+        self.diloco.attach()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.diloco is not None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.diloco.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.diloco is not None:
+            self.diloco.detach()
+            if self.final_sync:
+                self.diloco.finish()

@@ -1,0 +1,84 @@
+"""DiLoCo as a Lightning callback: add one callback to an existing ``Trainer``.
+
+    from lowcomm.integrations.lightning import DiLoCoCallback, replica_group
+
+    group = replica_group()                               # before the Trainer: see lowcomm.integrations
+    trainer = L.Trainer(..., callbacks=[DiLoCoCallback(group, sync_every=100, fragments=4)])
+
+The callback wraps the module's parameters and the Trainer's optimizer in
+:class:`~lowcomm.optim.DiLoCo` when fitting starts, and steps it from the optimizer (so gradient
+accumulation counts optimizer steps, not batches). Its state (global fragments, outer momentum,
+rounds in flight) is saved in Lightning checkpoints and restored on ``fit(ckpt_path=...)``:
+Lightning restores callbacks before the optimizers exist, so the state waits until the wrapper is
+built. When fitting ends, what is left is synchronized (``final_sync``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from ..comm import ReplicaGroup
+from ..optim import DiLoCo, DiLoCoConfig
+from .common import outer_device, replica_group, unwrap_optimizer
+
+__all__ = ["DiLoCoCallback", "replica_group"]
+
+
+class DiLoCoCallback(pl.Callback):
+    """Args:
+    group: the replicas' group (:func:`lowcomm.integrations.replica_group`).
+    config: DiLoCo's settings; keywords override its fields (``sync_every=100``, ...).
+    final_sync: when fitting ends, synchronize every fragment with unsynced progress.
+    """
+
+    def __init__(
+        self,
+        group: ReplicaGroup,
+        config: DiLoCoConfig | None = None,
+        *,
+        final_sync: bool = True,
+        **settings: Any,
+    ) -> None:
+        self.group, self.final_sync = group, final_sync
+        self.config = (config or DiLoCoConfig()).replace(**settings)
+        self.diloco: DiLoCo | None = None
+        self._restored: dict | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"DiLoCoCallback takes one optimizer, the module configured {len(trainer.optimizers)}"
+            )
+        # resuming, each replica's own weights came from its checkpoint: nothing to make alike
+        config = self.config.replace(init="none") if self._restored is not None else self.config
+        self.diloco = DiLoCo(
+            pl_module,
+            unwrap_optimizer(trainer.optimizers[0]),
+            self.group,
+            outer_device(self.group, pl_module, config),
+        )
+        if self._restored is not None:
+            self.diloco.load_state_dict(self._restored)
+            self._restored = None
+        self.diloco.attach()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.diloco is not None:
+            self.diloco.detach()
+            if self.final_sync:
+                self.diloco.finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.diloco is not None:
+            return self.diloco.state_dict()
+        return self._restored or {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.diloco is not None:
+            self.diloco.load_state_dict(state_dict)
+        else:  # Lightning restores callbacks before fitting starts: applied in on_fit_start
+            self._restored = state_dict
