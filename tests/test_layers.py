@@ -103,6 +103,18 @@ RULES = [
         True,
     ),
     (
+        "the integrations sit on the public layers, not on the runtime",
+        _files("integrations"),
+        ["lowcomm.runtime", "zmq", "msgpack"],
+        False,
+    ),
+    (
+        "only lowcomm.integrations imports a training framework",
+        [p for p in ROOT.rglob("*.py") if "integrations" not in p.parts],
+        ["lightning", "pytorch_lightning", "transformers", "accelerate"],
+        False,
+    ),
+    (
         "the runtime's top level needs no pyzmq",
         [ROOT / "runtime" / f for f in ("__init__.py", "hooks.py", "errors.py", "net.py", "cli.py")],
         ["lowcomm.runtime.elastic", "lowcomm.runtime.faults", "zmq"],
@@ -135,10 +147,37 @@ def test_the_checker_sees_relative_and_in_function_imports(tmp_path):
 
 def test_import_lowcomm_loads_no_optional_dependency():
     code = (
-        "import sys, lowcomm, lowcomm.runtime, lowcomm.optim, lowcomm.comm;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('zmq', 'scipy', 'matplotlib', 'msgpack')"
+        "import sys, lowcomm, lowcomm.runtime, lowcomm.optim, lowcomm.comm, lowcomm.integrations;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('zmq', 'scipy', 'matplotlib', 'msgpack',"
+        " 'lightning', 'transformers', 'accelerate')"
         " or m.startswith('lowcomm.runtime.elastic') or m.startswith('lowcomm.scaling')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "missing,argv,extra",
+    [
+        ("zmq", ["status", "tcp://127.0.0.1:1"], "elastic"),
+        ("msgpack", ["coordinator", "--job", "x"], "elastic"),
+    ],
+)
+def test_a_command_whose_extra_is_missing_names_the_extra(missing, argv, extra):
+    """With the module made unimportable, the command ends in one line naming the extra, exit 2."""
+    assert_names_the_extra(missing, argv, extra, "the elastic runtime")
+
+
+def assert_names_the_extra(missing: str, argv: list[str], extra: str, feature: str) -> None:
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; "
+        f"from lowcomm.runtime.cli import main; sys.exit(main({argv!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"lowcomm: error: {feature} needs {missing}, which is not installed: pip install 'lowcomm[{extra}]'"
+    )
+    assert "Traceback" not in out.stderr and [line for line in lines if "error" in line] == lines[-1:], lines

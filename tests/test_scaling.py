@@ -224,3 +224,13 @@ def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch
     assert len(records) == 6 and not rejected
     assert all(math.isfinite(r.loss) for r in records)
     assert write_report(records, tmp_path / "sweep", n_boot=10).exists()
+
+
+@pytest.mark.parametrize(
+    "missing,command,feature",
+    [("scipy", "fit", "fitting scaling laws"), ("matplotlib", "report", "plotting a scaling report")],
+)
+def test_fit_and_report_without_the_scaling_extra_name_it(fixture_runs, missing, command, feature):
+    from test_layers import assert_names_the_extra
+
+    assert_names_the_extra(missing, ["scaling", command, str(fixture_runs)], "scaling", feature)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .._compat import require
+
 __all__ = [
     "FORMS",
     "FitResult",
@@ -128,7 +130,7 @@ def fit_irreducible(
 
     Parameters are optimized as (log A, α, β, log C) so that A, C > 0.
     """
-    from scipy.optimize import minimize
+    minimize = require("scipy.optimize", "fitting scaling laws").minimize
 
     N, M, L = (np.asarray(v, dtype=float) for v in (N, M, L))
     logL = np.log(L)

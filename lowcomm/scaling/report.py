@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._compat import pyplot
 from .analyze import Analysis, fit_records, gap_trend, loss_table, percent_vs_dp
 from .records import Record
 
@@ -18,12 +19,7 @@ __all__ = ["write_report", "plot_loss_vs_n", "plot_loss_vs_m", "plot_residuals",
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("plotting a scaling report")
 
 
 def _finish(fig, ax, path: Path, xlabel: str, title: str, legend: dict) -> None:

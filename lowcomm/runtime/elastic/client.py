@@ -7,11 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgpack
-import zmq
-
+from ..._compat import require
 from ..errors import CoordinatorTimeout, KeyRejected, refusal
 from .protocol import KEY_REJECTED, MAGIC, ProtocolError, ReplayGuard, Signer, deserialize, serialize
+
+msgpack = require("msgpack", "the elastic runtime")
+zmq = require("zmq", "the elastic runtime")
 
 __all__ = ["CoordinatorClient"]
 

@@ -38,7 +38,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+from ..._compat import require
+
+msgpack = require("msgpack", "the elastic runtime")
 
 __all__ = [
     "MAGIC",

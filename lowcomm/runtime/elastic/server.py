@@ -21,8 +21,7 @@ import secrets
 import threading
 import time
 
-import zmq
-
+from ..._compat import require
 from .membership import Deadline
 from .protocol import (
     FIRST_CONTACT_WINDOW_S,
@@ -38,6 +37,8 @@ from .protocol import (
 from .state import CoordinatorState, Outgoing, RoundDeadline
 
 __all__ = ["Coordinator"]
+
+zmq = require("zmq", "the elastic runtime")
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..._compat import pyplot
+
 __all__ = ["evidence", "fault_entry", "fault_entries", "plot", "markdown"]
 
 
@@ -102,10 +104,7 @@ def plot(
     title: str,
 ) -> None:
     """Loss curves (label -> (step, eval loss) points) with each fault marked at its step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("plotting a fault report")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (label, pts), style in zip(curves.items(), ("-", "--", ":")):
