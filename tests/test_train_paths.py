@@ -186,3 +186,66 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     two = r["two_process"]
     assert "error" not in two, two.get("error")
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
+
+
+def test_metrics_go_to_tensorboard_as_in_the_records(tmp_path, corpus_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(
+        tmp_path,
+        corpus_dir,
+        "tb",
+        replicas=2,
+        steps=8,
+        sync_every=4,
+        fragments=2,
+        eval_every=4,
+        metrics="tensorboard",
+    )
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    evals = read_jsonl(tmp_path / "tb" / "eval.jsonl")
+    got = [(e.step, e.value) for e in acc.Scalars("eval/loss")]
+    assert [s for s, _ in got] == [e["step"] for e in evals] == [4, 8]
+    assert [v for _, v in got] == pytest.approx([e["loss"] for e in evals], rel=1e-6)
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+    rounds = [
+        e for e in read_jsonl(tmp_path / "tb" / "events.jsonl") if e["kind"] == "round" and e["replica"] == 0
+    ]
+    assert len(acc.Scalars("round/pseudo_grad_norm")) == len(rounds) == 4
+
+
+def test_metrics_go_to_wandb_offline_and_a_missing_package_is_named(tmp_path, corpus_dir, monkeypatch):
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _run(tmp_path, corpus_dir, "wb", replicas=2, steps=4, sync_every=2, eval_every=4, metrics="wandb")
+    (init,) = calls["init"]
+    assert (
+        init["mode"] == "offline" and init["dir"] == str(tmp_path / "wb") and init["config"]["replicas"] == 2
+    )
+    assert [s for s, v in calls["log"] if "train/loss" in v] == [1, 2, 3, 4]
+    assert [v["eval/loss"] for s, v in calls["log"] if "eval/loss" in v] == [
+        e["loss"] for e in read_jsonl(tmp_path / "wb" / "eval.jsonl")
+    ]
+    assert calls["finish"] == 1
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(
+        ImportError, match=r"--metrics wandb needs wandb, which is not installed: pip install wandb"
+    ):
+        _run(tmp_path, corpus_dir, "nowb", steps=2, metrics="wandb")
+    assert not (tmp_path / "nowb").exists()  # refused before any record

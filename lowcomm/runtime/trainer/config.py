@@ -49,6 +49,8 @@ __all__ = [
     "FLAT",
 ]
 
+from .metrics import METRICS
+
 MODES = ("diloco", "dp")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "fp32", "bf16")
@@ -110,6 +112,8 @@ class RunConfig:
             on CPU, where it gives the same bits as a multi-process job).
         log_every: losses stay on the device and are read back (recorded, checked, shown) every
             this many steps, at evaluations and at the end; no host sync in between.
+        metrics: where metrics go besides the JSONL records: "jsonl" (the records alone),
+            "tensorboard" (<run_dir>/tensorboard) or "wandb" (offline unless WANDB_MODE says otherwise).
         overwrite: replace the records of a run directory that already holds files (without it,
             such a directory is refused and left as it is).
         procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
@@ -131,6 +135,7 @@ class RunConfig:
     compile: bool = False
     replica_batching: str = "auto"
     log_every: int = 10
+    metrics: str = "jsonl"
     overwrite: bool = False
     procs_per_replica: int = 1
     timeout: float = 300.0
@@ -140,6 +145,7 @@ class RunConfig:
         _choice(self, "device", DEVICES)
         _choice(self, "dtype", DTYPES)
         _choice(self, "replica_batching", REPLICA_BATCHING)
+        _choice(self, "metrics", METRICS)
         for name in ("replicas", "steps", "eval_batches", "procs_per_replica", "log_every"):
             _int(self, name, 1)
         for name in ("eval_every", "seed", "threads"):

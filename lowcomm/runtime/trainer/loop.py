@@ -33,6 +33,7 @@ from ...lm import eval_batches, load_corpus
 from ..hooks import NO_FAULTS, FaultHooks
 from .build import build_model, check_memory, evaluate, make_replicas
 from .config import TrainConfig
+from .metrics import check_sink, open_sink
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
 from .topology import Topology, init_from_torchrun, is_distributed_env
@@ -115,6 +116,7 @@ class Trainer:
         )
         if self.leader_by_env():  # refusals first: nothing is built or written yet
             check_run_dir(cfg.run.run_dir, overwrite=cfg.run.overwrite, continuing=self.continuing)
+            check_sink(cfg.run.metrics)
         self.device = cfg.run.torch_device()
         self.dtype = cfg.run.compute_dtype(self.device)
         cfg.run.check_compile()
@@ -227,7 +229,12 @@ class Trainer:
         cfg = self.cfg
         self._build()
         if self.leader:
-            self.rec = RunRecorder(cfg.run.run_dir, self._config_record(), append=self.continuing)
+            config = self._config_record()
+            sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
+            first = self.replica_ids[0] if self.replica_ids else 0
+            self.rec = RunRecorder(
+                cfg.run.run_dir, config, append=self.continuing, sink=sink, first_replica=first
+            )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         sync, finished = self.sync, False

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import private_open
+from .metrics import scalars_of
 
 __all__ = [
     "check_run_dir",
@@ -145,11 +146,14 @@ class NullRecorder:
 class RunRecorder:
     """Writes one run's records. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], append: bool = False):
+    def __init__(
+        self, run_dir: str | Path, config: dict[str, Any], append: bool = False, sink=None, first_replica=0
+    ):
         """``append`` continues the records of an earlier process of the same run (a resumed or
         restarted worker: its events and evaluations are kept, and so is its config.json);
         otherwise earlier records in the folder are replaced (the trainer only lets that happen
-        with ``overwrite``)."""
+        with ``overwrite``). ``sink`` (:mod:`.metrics`) also receives the numbers as scalars;
+        rounds of ``first_replica`` only."""
         self.dir = Path(run_dir)
         if not self.dir.exists():
             self.dir.mkdir(parents=True, mode=0o700)
@@ -161,6 +165,7 @@ class RunRecorder:
             (self.dir / name).unlink(missing_ok=True)
         self._events = private_open(self.dir / "events.jsonl", "a")
         self._evals = private_open(self.dir / "eval.jsonl", "a")
+        self.sink, self.first_replica = sink, first_replica
 
     def _line(self, f, obj: dict) -> None:
         f.write(json.dumps(obj, default=_default) + "\n")
@@ -172,6 +177,10 @@ class RunRecorder:
         with self._lock:
             if not self._events.closed:
                 self._line(self._events, {"kind": kind, "t": round(now - self.t0, 6), "wall": now, **fields})
+                if self.sink is not None:
+                    sent = scalars_of(kind, fields, self.first_replica)
+                    if sent is not None:
+                        self.sink.scalars(*sent)
 
     def eval(self, **fields: Any) -> None:
         """Append one evaluation (also recorded as an event)."""
@@ -187,6 +196,9 @@ class RunRecorder:
             for f in (self._events, self._evals):
                 if not f.closed:
                     f.close()
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
 
     def __enter__(self) -> RunRecorder:
         return self

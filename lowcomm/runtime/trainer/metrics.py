@@ -1,0 +1,121 @@
+"""Where a run's metrics go besides its JSONL records: TensorBoard or Weights & Biases.
+
+The records (``events.jsonl``, ``eval.jsonl``) are always written; ``--metrics`` adds a sink that
+receives the same numbers as scalars, per step:
+
+    train/loss, train/lr, train/bytes_sent          every recorded step
+    eval/loss                                       every evaluation
+    round/<field>                                   each round of the first replica in the process
+                                                    (RoundStats.to_dict(): norms, cosine, timings)
+
+TensorBoard writes to ``<run_dir>/tensorboard`` (through ``torch.utils.tensorboard``; needs the
+``tensorboard`` package). W&B is used only if installed, and offline unless ``WANDB_MODE`` says
+otherwise, so a machine without network access never blocks on it (``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..._compat import require
+
+__all__ = ["METRICS", "MetricsSink", "check_sink", "open_sink", "scalars_of"]
+
+#: the choices of ``--metrics``: "jsonl" is the records alone
+METRICS = ("jsonl", "tensorboard", "wandb")
+
+
+#: round fields that are labels, not measurements
+_NOT_ROUND_SCALARS = ("replica", "step", "fragment", "send_step", "apply_step", "numel", "final")
+
+
+class MetricsSink(Protocol):
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars_of(
+    kind: str, fields: dict[str, Any], first_replica: int | None
+) -> tuple[int, dict[str, float]] | None:
+    """The step and scalars a sink receives for one recorded event (None: nothing to send)."""
+    if kind == "step":
+        prefix, keys = "train", ("loss", "lr", "bytes_sent")
+    elif kind == "eval":
+        prefix, keys = "eval", ("loss",)
+    elif kind == "round" and fields.get("replica") in (first_replica, None):
+        prefix = "round"
+        keys = tuple(k for k, v in fields.items() if k not in _NOT_ROUND_SCALARS and _number(v))
+    else:
+        return None
+    step = fields.get("step")
+    if not isinstance(step, int):
+        return None
+    values = {f"{prefix}/{k}": float(fields[k]) for k in keys if _number(fields.get(k))}
+    return (step, values) if values else None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class TensorBoardSink:
+    def __init__(self, run_dir: Path) -> None:
+        check_sink("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for name, v in values.items():
+            self.writer.add_scalar(name, v, global_step=step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        check_sink("wandb")
+        import wandb
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lowcomm"),
+            name=run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+#: the package each sink needs
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_sink(kind: str) -> None:
+    """Raises MissingExtra when the sink's package is not installed (checked before a run starts)."""
+    if kind in _PACKAGES:
+        require(_PACKAGES[kind], f"--metrics {kind}")
+
+
+def open_sink(kind: str, run_dir: str | Path, config: dict[str, Any]) -> MetricsSink | None:
+    """The sink ``--metrics`` names (None for "jsonl").
+
+    Raises:
+        MissingExtra: its package is not installed (the message says what to install).
+    """
+    if kind == "tensorboard":
+        return TensorBoardSink(Path(run_dir))
+    if kind == "wandb":
+        return WandbSink(Path(run_dir), config)
+    return None
