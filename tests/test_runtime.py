@@ -252,3 +252,30 @@ def test_run_directories_and_records_are_owner_only(tmp_path, corpus_dir):
     assert (tmp_path / "priv").stat().st_mode & 0o777 == 0o700
     for name in ("config.json", "events.jsonl", "eval.jsonl", "summary.json"):
         assert (tmp_path / "priv" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def _flags(parser, path):
+    """(command, action, parser) for every argument of every subcommand."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _flags(sub, [*path, name])
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), action, parser
+
+
+def test_every_flag_of_every_subcommand_has_a_help_line_and_shows_its_choices():
+    from lowcomm.runtime.cli import build_parser
+
+    seen = 0
+    for command, action, parser in _flags(build_parser(), ["lowcomm"]):
+        seen += 1
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"{command} {name} has no help line"
+        if action.choices:
+            shown = parser.format_help()
+            missing = [c for c in action.choices if str(c) not in shown]
+            assert not missing, f"{command} {name}: choices {missing} not shown in --help"
+    assert seen > 80  # every subcommand was walked (train alone has ~50 flags)

@@ -18,13 +18,25 @@ import sys
 import typing
 from pathlib import Path
 
+from .._compat import MissingExtra
 from .._version import __version__
 from ..comm import CODECS
 from ..comm.reduce import REDUCE_METHODS
 from ..kernels.linear import PRECISIONS
+from ..optim.config import INITS
 from ..optim.schedule import PATTERNS
 from .errors import CoordinatorError, ExitCode, JobFinished, KeyRejected
-from .trainer.config import DEVICES, FLAT, MODES, SECTIONS, TrainConfig, load_config_file
+from .trainer.config import (
+    DEVICES,
+    DTYPES,
+    FLAT,
+    MODES,
+    REPLICA_BATCHING,
+    SECTIONS,
+    TrainConfig,
+    load_config_file,
+)
+from .trainer.metrics import METRICS
 from .trainer.records import human_bytes
 
 __all__ = ["main", "build_parser", "config_from_args", "demo_configs", "format_comparison"]
@@ -61,6 +73,10 @@ _CHOICES = {
     "codec": tuple(CODECS),
     "pattern": PATTERNS,
     "reduce": REDUCE_METHODS,
+    "dtype": DTYPES,
+    "replica_batching": REPLICA_BATCHING,
+    "metrics": METRICS,
+    "init": INITS,
 }
 
 
@@ -114,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "MASTER_ADDR=127.0.0.1, MASTER_PORT and LOWCOMM_PROCS_PER_REPLICA set. Example: "
         "lowcomm launch --replicas 4 -- lowcomm train --steps 200",
     )
-    la.add_argument("--replicas", type=int, required=True)
-    la.add_argument("--procs-per-replica", type=int, default=1)
+    la.add_argument("--replicas", type=int, required=True, help="replicas M (processes: M x k)")
+    la.add_argument(
+        "--procs-per-replica", type=int, default=1, help="processes per replica k (inner DDP; default 1)"
+    )
     la.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
@@ -126,23 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes", required=True, help="comma list of presets (d32l2, d64l4, ...) or counts (100k)"
     )
     sw.add_argument("--replicas", default="1,2,4,8", help="comma list of M (default 1,2,4,8)")
-    sw.add_argument("--baseline", default="dp", choices=["dp", "none"])
+    sw.add_argument(
+        "--baseline",
+        default="dp",
+        choices=["dp", "none"],
+        help="also train each size with DP (dp) or not (none)",
+    )
     sw.add_argument("--sync-every", default="30", help="comma list of H (default 30)")
     sw.add_argument("--outer-lr", default="0.7", help="comma list of outer learning rates")
     sw.add_argument("--lr", default="0.002", help="comma list of inner learning rates")
-    sw.add_argument("--tokens-per-param", type=float, default=20.0)
-    sw.add_argument("--global-batch", type=int, default=32)
+    sw.add_argument(
+        "--tokens-per-param", type=float, default=20.0, help="training tokens per parameter (default 20)"
+    )
+    sw.add_argument(
+        "--global-batch", type=int, default=32, help="sequences per step, split over replicas (default 32)"
+    )
     sw.add_argument(
         "--keep-per-replica-batch",
         action="store_true",
         help="every replica gets the global batch (tokens then grow with M)",
     )
-    sw.add_argument("--seq-len", type=int, default=64)
-    sw.add_argument("--corpus", default="stdlib")
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--threads", type=int, default=0)
-    sw.add_argument("--out", required=True)
-    sw.add_argument("--quiet", action="store_true")
+    sw.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    sw.add_argument(
+        "--corpus",
+        default="stdlib",
+        help="stdlib (the embedded default), a directory of text files or a .bin token file",
+    )
+    sw.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    sw.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    sw.add_argument("--out", required=True, help="sweep folder (rerun to resume: finished runs are kept)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
     for name, helptext in (
         ("fit", "fit scaling laws to run records; writes fits.json"),
         ("report", "write report.md, fits.json and plots"),
@@ -151,11 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("runs", nargs="+", help="run directories, sweep folders or summary.json files")
         f.add_argument("--out", default=None, help="output folder (default: the first RUNS folder)")
         f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
-        f.add_argument("--title", default="Scaling report")
+        f.add_argument("--title", default="Scaling report", help="title of the report and plots")
 
     co = sub.add_parser("coordinator", help="serve a job's membership (ZeroMQ, HMAC-signed msgpack)")
-    co.add_argument("--bind", default="tcp://0.0.0.0:29400")
-    co.add_argument("--job", default="lowcomm")
+    co.add_argument(
+        "--bind",
+        default="tcp://0.0.0.0:29400",
+        help="tcp://host:port to serve on (default tcp://0.0.0.0:29400)",
+    )
+    co.add_argument(
+        "--job", default="lowcomm", help="job name, printable without spaces; workers must name the same"
+    )
     co.add_argument(
         "--key",
         default=None,
@@ -188,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="job key as @file (a hex key here shows in the process list); default $LOWCOMM_KEY_FILE "
         "or $LOWCOMM_KEY",
     )
-    st.add_argument("--timeout", type=float, default=5.0)
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)")
     sub.add_parser("keys", help="print a new job key (hex): export LOWCOMM_KEY=...")
 
     ch = sub.add_parser(
@@ -199,8 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--plan", default=None, help="fault plan (.toml or .json)")
     ch.add_argument("--fault", action="append", default=[], help="a fault as key=value,... (repeatable)")
     ch.add_argument("--seed", type=int, default=0, help="seed of --fault faults")
-    ch.add_argument("--replicas", type=int, default=4)
-    ch.add_argument("--out", default="runs/chaos")
+    ch.add_argument("--replicas", type=int, default=4, help="workers of each run (default 4)")
+    ch.add_argument(
+        "--out",
+        default="runs/chaos",
+        help="folder of both runs, the report and its plot (default runs/chaos)",
+    )
     ch.add_argument("--timeout", type=float, default=1800.0, help="seconds each of the two runs may take")
     ch.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- lowcomm train flags of every worker")
 
@@ -530,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scaling":
             return _scaling(args)
         return _demo(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input (CorruptStateError is a ValueError)
+    # bad input (CorruptStateError is a ValueError), or an optional dependency missing
+    except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"lowcomm: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
 
