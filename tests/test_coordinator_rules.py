@@ -349,21 +349,27 @@ def test_a_bare_round_claim_beyond_the_job_is_not_believed():
     assert sim.state.membership.get("a").synced  # nobody was sent to resync
 
 
+def _commit_rounds_then_lose_everyone(sim: Sim, workers: str, rounds: int) -> None:
+    """``workers`` register and commit ``rounds`` rounds together, then all fall silent and expire."""
+    for w in workers:
+        sim.register(w)
+    for rnd in range(rounds):
+        gen = _quorum(sim, workers, rnd)[workers[0]]["generation"]
+        for w in workers:
+            sim.commit(w, rnd, gen, members=workers)
+        for w in workers:
+            sim.take(w)
+    assert sim.state.committed == rounds - 1
+    sim.advance(5.0)
+    assert sim.state.membership.members == ()
+
+
 def test_with_no_member_left_the_newest_checkpoint_wins_and_the_job_goes_on():
     """Every worker was lost while the coordinator lived (it committed round 9): the workers come
     back from their checkpoints of rounds 4 and 6; the newest wins, the committed round rolls
     back, the other resynchronizes from it."""
     sim = Sim(min_workers=2)
-    for w in "ab":
-        sim.register(w)
-    for rnd in range(10):
-        gen = _quorum(sim, "ab", rnd)["a"]["generation"]
-        sim.commit("a", rnd, gen, members="ab")
-        sim.commit("b", rnd, gen, members="ab")
-        sim.take("a"), sim.take("b")
-    assert sim.state.committed == 9
-    sim.advance(5.0)  # both silent: expired
-    assert sim.state.membership.members == ()
+    _commit_rounds_then_lose_everyone(sim, "ab", 10)
     sim.register("a", synced=True, round=4, holds_state=True, incarnation="2")
     sim.register("b", synced=True, round=6, holds_state=True, incarnation="2")
     assert sim.state.committed == 5 and sim.state.membership.get("b").synced
@@ -379,15 +385,7 @@ def test_after_a_kill_all_the_first_worker_back_does_not_start_alone_from_its_ol
     job went back hundreds of steps. Now quorums wait for the others' states and min_workers."""
     sim = Sim(min_workers=2, grace=3.0)
     sim.advance(3.5)
-    for w in "ab":
-        sim.register(w)
-    for rnd in range(10):
-        gen = _quorum(sim, "ab", rnd)["a"]["generation"]
-        sim.commit("a", rnd, gen, members="ab")
-        sim.commit("b", rnd, gen, members="ab")
-        sim.take("a"), sim.take("b")
-    sim.advance(5.0)  # every worker lost
-    assert sim.state.membership.members == ()
+    _commit_rounds_then_lose_everyone(sim, "ab", 10)
     sim.register("a", synced=True, round=3, holds_state=True, incarnation="2")
     sim.ask("a", 3)
     sim.advance(1.0, alive="a", rnd=3)
