@@ -47,7 +47,7 @@ no worker finished the job: a worker that registers after the job's workers left
 step is told the job finished) a worker that brings its state (a checkpoint) is believed: the
 newest wins, the committed round is rolled back to it (logged), and the others resynchronize
 from it. Its first round waits ``RESUME_HOLD_S`` (or the grace) for the others to bring their
-states and, as any resumed job's, for ``min_workers`` synced members. A state in which no progress is
+states and, as any resumed job's, for ``min_workers`` registered workers. A state in which no progress is
 possible (joiners with no member to donate, a first round short of ``min_workers``) is logged
 with what is missing, every ``STUCK_WARNING_S``.
 """
@@ -186,7 +186,9 @@ class CoordinatorState:
             microseconds since the epoch).
         deadline: when a silent member is declared dead.
         min_workers: the first round of a fresh job (or one resumed from checkpoints) waits until
-            this many members are synced.
+            this many workers registered (members behind the newest state among them resynchronize
+            from it after that round: a donor blocked in a round it cannot start would wait for
+            ever for joiners that wait for it).
         grace: seconds after start during which no quorum forms (a restarted coordinator lets the
             workers re-register first); 0 for a fresh job.
         round_deadline: how long a round waits for stragglers.
@@ -292,10 +294,11 @@ class CoordinatorState:
                 f"joiner(s) {sorted(self.joins)[:8]} wait for a donor: no member holds the job's state "
                 "(a worker that brings its checkpoint, --resume auto, can restore it)"
             )
-        if self.asks and not self.formed_any and len(synced) < self.min_workers and not self._restarted():
+        if self.asks and self._short_of_min_workers():
+            members = sorted(m.worker_id for m in self.membership.members)
             stuck["min-workers"] = (
-                f"the first round waits for min_workers={self.min_workers}: {len(synced)} synced member(s) "
-                f"so far ({sorted(m.worker_id for m in synced)[:8]})"
+                f"the first round waits for min_workers={self.min_workers}: {len(members)} worker(s) "
+                f"registered so far ({members[:8]})"
             )
         for key, message in stuck.items():
             if now - self._warned.get(key, -STUCK_WARNING_S) >= STUCK_WARNING_S:
@@ -494,6 +497,13 @@ class CoordinatorState:
     def _in_grace(self, now: float) -> bool:
         return now - self.started < self.grace
 
+    def _short_of_min_workers(self) -> bool:
+        """The first round of a fresh or resumed job waits for ``min_workers`` registered workers
+        (not for a restarted coordinator's: after its grace it goes on with those that came back)."""
+        if self.formed_any or (self._restarted() and not self.resumed):
+            return False
+        return len(self.membership.members) < self.min_workers
+
     def _restarted(self) -> bool:
         """A restarted coordinator (``grace`` > 0) of a job that has run rounds."""
         return self.grace > 0 and self.committed >= 0
@@ -515,10 +525,9 @@ class CoordinatorState:
     def _try_quorum(self, now: float) -> None:
         if not self.asks or self._in_grace(now) or now < self.hold_until:
             return
-        synced = [m for m in self.membership.members if m.synced]
-        restarted = self._restarted() and not self.resumed
-        if not self.formed_any and len(synced) < self.min_workers and not restarted:
+        if self._short_of_min_workers():
             return
+        synced = [m for m in self.membership.members if m.synced]
         asks = {m.worker_id: self.asks[m.worker_id] for m in synced if m.worker_id in self.asks}
         if not asks:
             return
