@@ -362,3 +362,23 @@ def test_before_the_first_quorum_the_newest_state_wins(coordinator):
     done = {"worker_id": "old", "joiner": "old", "transfer_id": 1, "ok": True, "round": 8, "step": 80}
     with pytest.raises(CoordinatorRefused, match="cannot report its own transfer"):
         CoordinatorClient(coordinator, KEY, "old-t").request("transfer_done", done)
+
+
+def test_a_worker_forgotten_until_the_job_finished_stops_with_job_finished(coordinator):
+    """The soak run's case: a worker cut off from the coordinator until the others had finished
+    heard "the job has finished" at each re-registration and waited for ever for a quorum. Now the
+    refusal reaches its rounds: the next quorum raises JobFinished (the trainer exits with its code)."""
+    from lowcomm.runtime.elastic import WorkerAgent
+    from lowcomm.runtime.errors import JobFinished
+
+    b = WorkerAgent(coordinator, KEY, "b", heartbeat_s=0.2)
+    assert b.start()
+    a = CoordinatorClient(coordinator, KEY, "a")
+    a.request("register", {"worker_id": "a", "advertise_addr": "127.0.0.1", "step": 0})
+    a.request("leave", {"worker_id": "b"})  # b is forgotten, as if it had been cut off and expired
+    a.request("leave", {"worker_id": "a", "finished": True})  # a finishes the job
+    t0 = time.monotonic()
+    with pytest.raises(JobFinished, match="the job has finished"):
+        b.quorum(0)
+    assert time.monotonic() - t0 < 10
+    b.close(leave=False)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...comm.group import CollectiveError
-from ..errors import CoordinatorError, CoordinatorTimeout, NotRegistered
+from ..errors import CoordinatorError, CoordinatorRefused, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
@@ -154,6 +154,9 @@ class WorkerAgent:
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._registered = False
+        # a refusal of re-registration that will not change (the job finished, another key or
+        # configuration): the rounds' thread raises it instead of waiting to be registered again
+        self._refused: CoordinatorRefused | None = None
         self._main = self._client("main")
         self._rpc = self._client("rpc")
         self._done_transfers: set[int] = set()
@@ -245,6 +248,12 @@ class WorkerAgent:
             try:
                 synced = self._register(client)
                 self.record("membership", what="re-registered", synced=synced, worker=self.worker_id)
+            except NotRegistered as e:
+                log.warning("re-registration failed: %s", e)
+            except CoordinatorRefused as e:
+                log.warning("re-registration refused: %s", e)
+                self._refused = e
+                self._stop.set()  # nothing to heartbeat for
             except CoordinatorError as e:
                 log.warning("re-registration failed: %s", e)
             return
@@ -301,11 +310,18 @@ class WorkerAgent:
 
     def _rpc_call(self, kind: str, body: dict, match, cancel=None):
         """A long-poll on the rounds' client; while the coordinator does not know this worker (it
-        restarted), wait for the heartbeat thread to register again and ask again."""
+        restarted), wait for the heartbeat thread to register again and ask again.
+
+        Raises:
+            CoordinatorRefused: the heartbeat thread's re-registration was refused for good
+                (JobFinished when the job finished meanwhile).
+        """
         while True:
             try:
                 return self._rpc.call(kind, body, match=match, cancel=cancel)
             except NotRegistered:
+                if self._refused is not None:
+                    raise self._refused from None
                 time.sleep(self.heartbeat_s)
 
     def quorum(self, rnd: int, cancel: Callable[[], bool] | None = None) -> Quorum | None:
