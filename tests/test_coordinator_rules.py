@@ -245,8 +245,22 @@ def test_requests_from_strangers_and_out_of_turn_are_refused_with_a_code():
     sim.register("a", fingerprint="f" * 64)
     sim.send("b", "register", worker_id="b", advertise_addr="h", step=0, fingerprint="e" * 64)
     assert "another configuration" in sim.last("b", "error")["reason"]
-    sim.send("a", "join", worker_id="a", failed=[])
-    assert "only a joiner asks for state" in sim.last("a", "error")["reason"]
+
+
+def test_a_member_that_gave_up_a_transfer_its_donor_then_finished_may_join_again():
+    """The fourth soak run's case: the joiner gave up on a slow transfer, the donor finished it
+    and reported success (the joiner became synced), then the joiner asked for another donor and
+    was refused, and exited: the job then waited for ever for min_workers."""
+    sim = Sim()
+    sim.register("a")
+    sim.register("j", synced=False)
+    sim.send("j", "join", worker_id="j", failed=[])
+    tid = sim.last("j", "join_reply")["transfer_id"]
+    sim.send("a", "transfer_done", worker_id="a", joiner="j", transfer_id=tid, ok=True, round=0, step=0)
+    assert sim.state.membership.get("j").synced
+    sim.send("j", "join", worker_id="j", failed=["a"])  # it had given up: it holds no state
+    assert sim.state.membership.get("j").synced is False
+    assert sim.last("j", "join_reply")["donor"] == "a"  # every donor failed it: all tried again
 
 
 def test_a_late_joiner_of_a_finished_job_is_told_so():

@@ -202,8 +202,9 @@ class ElasticGroup(ReplicaGroup):
                 job.work.stats = stats
             except ContributionDropped as e:
                 log.warning("%s: %s", agent.worker_id, e)
-                end = time.monotonic() + 2 * self.collective_deadline()
-                while not agent.is_aborted(q.generation) and time.monotonic() < end:  # the others give up
+                # the others give up the round (alone, there is no one to wait for)
+                end = time.monotonic() + (2 * self.collective_deadline() if q.world > 1 else 0.0)
+                while not agent.is_aborted(q.generation) and time.monotonic() < end:
                     time.sleep(0.05)
             except Exception as e:
                 log.warning(

@@ -634,7 +634,12 @@ class CoordinatorState:
     def _join(self, b: dict, reply_to: Any) -> None:
         m = self._member(b["worker_id"])
         if m.synced:
-            raise Refusal(f"{m.worker_id!r} is synced; only a joiner asks for state")
+            # it gave up a transfer its donor then finished (the donor's report made it synced):
+            # it says it lacks the state, and only it knows
+            log.warning(
+                "%s asks for state though marked in sync (a transfer it gave up): it joins", m.worker_id
+            )
+            self._unsync(m.worker_id)
         if self.finished and not any(x.synced for x in self.membership.members):
             raise Refusal("the job has finished: its workers reached the last step and left", "job_finished")
         self._cancel_transfers(m.worker_id)  # an earlier transfer it gave up on
