@@ -263,6 +263,15 @@ def test_a_member_that_gave_up_a_transfer_its_donor_then_finished_may_join_again
     assert sim.last("j", "join_reply")["donor"] == "a"  # every donor failed it: all tried again
 
 
+def test_the_only_holder_of_the_state_may_not_ask_for_it():
+    """Unsynced, the job would have no member holding its state and the joiner no donor."""
+    sim = Sim()
+    sim.register("a")
+    sim.send("a", "join", worker_id="a", failed=[])
+    assert "only a joiner asks for state" in sim.last("a", "error")["reason"]
+    assert sim.state.membership.get("a").synced
+
+
 def test_a_late_joiner_of_a_finished_job_is_told_so():
     sim = Sim()
     sim.register("a")

@@ -634,6 +634,9 @@ class CoordinatorState:
     def _join(self, b: dict, reply_to: Any) -> None:
         m = self._member(b["worker_id"])
         if m.synced:
+            if not any(x.synced and x.worker_id != m.worker_id for x in self.membership.members):
+                # it holds the job's state alone: nobody could give it state
+                raise Refusal(f"{m.worker_id!r} is synced; only a joiner asks for state")
             # it gave up a transfer its donor then finished (the donor's report made it synced):
             # it says it lacks the state, and only it knows
             log.warning(
