@@ -10,8 +10,9 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
 - GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
   rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
   (quantize included), the exact-MX Triton GEMM
-  (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, and the fused
-  dual-axis quantize (bytes read + written per second);
+  (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
+  dual-axis MX quantize and the fp8 dual quantize (tensorwise, rowwise; against the same copies
+  made by torch ops) in bytes read + written per second, and a copy for the bandwidth it has;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
 - the reference model trained ``--train-steps`` steps in fp32 and in each recipe: loss ratios.
 
@@ -91,6 +92,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     """GEMM TFLOP/s per path against cuBLAS bf16, and the dual quantize's bytes per second."""
     from lowcomm.kernels import quantize_mx
     from lowcomm.kernels.gemm import regroup_mx_1x128
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
 
@@ -117,8 +119,27 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         _time_rate(row, "dual_quantize", moved, lambda a=a: mx_quantize_dual(a), bench, unit="TBps")
+        _time_rate(row, "copy", 2 * a.numel() * a.element_size(), a.clone, bench, unit="TBps")
+        # fp8: both copies a Linear's GEMMs read (as it is, and transposed), ideal traffic: one read
+        # of a, two fp8 writes; the Triton kernels read a twice (amax, cast). Against the torch ops
+        # the per-GEMM path runs (quantize_fp8 along each axis, then the transposed copy).
+        moved = a.numel() * a.element_size() + 2 * a.numel()
+        for scaling in ("tensorwise", "rowwise"):
+            dual = partial(fp8_quantize_dual, a, scaling=scaling)
+            _time_rate(row, f"fp8_dual_quantize_{scaling}", moved, dual, bench, unit="TBps")
+            torch_ops = partial(_fp8_both_copies_in_torch, a, scaling)
+            _time_rate(row, f"fp8_dual_quantize_{scaling}_torch", moved, torch_ops, bench, unit="TBps")
         rows.append(row)
     return {"rows": rows}
+
+
+def _fp8_both_copies_in_torch(a: torch.Tensor, scaling: str):
+    """What fp8_quantize_dual makes, from torch ops (quantize_fp8 along each axis, a transpose)."""
+    from lowcomm.kernels import quantize_fp8
+
+    q, s = quantize_fp8(a, "e4m3", scaling, axis=-1)
+    d, t = quantize_fp8(a, "e4m3", scaling, axis=0)
+    return q, s, d.t().contiguous(), t
 
 
 LINEAR_SHAPE = (16384, 4096, 14336)  # tokens, in-features, out-features

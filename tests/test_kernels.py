@@ -403,14 +403,73 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     hopper = rows(90, "matmul", "bf16 -> e4m3", "fp32 -> e5m2")
     gemm, quant = hopper[:6], hopper[6:]
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
+    fp8 = rows(90, "fp8_quantize_dual")  # amax and cast, tensorwise and rowwise
     assert len(gemm) == 6 and len(quant) == 4 and len(blackwell) == 1  # quantize: dual, row, col, e5m2
-    for row in gemm + quant + blackwell:
+    assert len(fp8) == 4
+    for row in gemm + quant + blackwell + fp8:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     assert blackwell[0]["mma"].startswith("tcgen05.mma") and "f8f6f4" in blackwell[0]["mma"]
-    assert all(row["mma"] is None for row in quant)
+    assert all(row["mma"] is None for row in quant + fp8)
+
+
+def _same_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bytes, except that a NaN may have either sign (x86 makes -NaN of inf/inf, CUDA +NaN)."""
+    g, w = got.view(torch.uint8), want.view(torch.uint8)
+    nan = want.float().isnan()
+    return torch.equal(got.float().isnan(), nan) and torch.equal(g[~nan], w[~nan])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", ["default", "cuda"])
+def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype, tiles):
+    """The Triton fp8 quantize (interpreted on CPU in CI) against the torch reference, byte for
+    byte, for the copy as it is and the transposed one: a (70, 100) input ends inside every tile;
+    a zero row, NaN, infinities, a subnormal input and values over 12 decades."""
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIG, fp8_quantize_dual
+
+    torch.manual_seed(1)
+    x = (torch.randn(70, 100) * torch.logspace(-6, 6, 100)).to(dtype)
+    x[2] = 0.0
+    x[3, 5] = float("nan")
+    x[6, 7], x[9, 1] = float("inf"), float("-inf")
+    x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    config = FP8_CUDA_CONFIG if tiles == "cuda" else None
+    q, s, qt, st = (t.cpu() for t in fp8_quantize_dual(x.to(dev), elem, scaling, config=config))
+    rq, rs = quantize_fp8(x, elem, scaling, axis=-1)
+    cq, cs = quantize_fp8(x, elem, scaling, axis=0)
+    assert q.shape == (70, 100) and qt.shape == (100, 70) and qt.is_contiguous()
+    assert _same_fp8(q, rq) and _same_fp8(qt, cq.t().contiguous())
+    assert s.shape == rs.shape and st.shape == cs.shape
+    assert torch.equal(s, rs) and torch.equal(st, cs)  # every scale finite: NaN rows get scale 1
+
+
+def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input():
+    pytest.importorskip("triton")
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
+
+    x = torch.randn(48, 32)
+    q, s, qt, st = fp8_quantize_dual(x, rows=False)
+    assert q is None and s is None and _same_fp8(qt, quantize_fp8(x, "e4m3", "rowwise", axis=0)[0].t())
+    q, s, qt, st = fp8_quantize_dual(x, cols=False)
+    assert qt is None and st is None and _same_fp8(q, quantize_fp8(x, "e4m3", "rowwise")[0])
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        fp8_quantize_dual(x, scaling="blockwise")
+    with pytest.raises(ValueError, match="elem must be"):
+        fp8_quantize_dual(x, elem="e2m1")
+    with pytest.raises(ValueError, match="2-D"):
+        fp8_quantize_dual(x[None])
+    with pytest.raises(ValueError, match="at least one copy"):
+        fp8_quantize_dual(x, rows=False, cols=False)
+    with pytest.raises(ValueError, match="powers of two"):
+        fp8_quantize_dual(x, config={"BLOCK_R": 48})
 
 
 def _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
@@ -463,6 +522,51 @@ def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
     else:
         sa, sb = scale_a, scale_b
     return ((a.float() * sa) @ (b.float() * sb)).to(out_dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("tokens", [24, 20])
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise"])
+def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recipe, tokens, monkeypatch):
+    """On a pretend sm_90 GPU (torch._scaled_mm replaced by a CPU stand-in that checks cuBLASLt's
+    layout rules, the Triton quantize interpreted): one fp8_quantize_dual each for x, W and dy, one
+    _scaled_mm each for fprop, dgrad and wgrad, fp8 copies (and fp32 scales) saved for backward
+    instead of x and W, and the layer equals the emulated recipe up to the output's rounding.
+    2 x 20 tokens are padded to 48 for wgrad's contraction."""
+    pytest.importorskip("triton")
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    calls, quantized = [], []
+    dual = triton_fp8.fp8_quantize_dual
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    monkeypatch.setattr(
+        triton_fp8, "fp8_quantize_dual", lambda x, *a, **k: quantized.append(x.shape) or dual(x, *a, **k)
+    )
+    torch.manual_seed(8)
+    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
+    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)
+    gy = torch.randn(2, tokens, 96)
+    outs, saved = [], []
+    for layer in (ref, fast):
+        xi = x.detach().clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            y = layer(xi)
+        y.backward(gy)
+        outs.append([t.detach() for t in (y, xi.grad, layer.weight.grad)])
+        saved.append(None)
+    assert len(calls) == 3 and len(quantized) == 3  # fprop, dgrad, wgrad; x, W, dy
+    padded = -(-2 * tokens // 16) * 16
+    assert quantized == [(padded, 64), (96, 64), (padded, 96)]
+    fast_saved = saved[saved.index(None) + 1 : -1]
+    assert fast_saved and set(fast_saved) <= {torch.float8_e4m3fn, torch.float32}, fast_saved
+    assert torch.float8_e4m3fn in fast_saved
+    tol = 2**-7 if recipe == "fp8_rowwise" else 1e-5  # rowwise writes bf16
+    for name, r, t in zip(("y", "dx", "dW"), *outs):
+        assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
 
 @pytest.mark.parametrize("tokens", [24, 20])
@@ -603,7 +707,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
     gemms.append("mx_exact_triton_bT")
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
-    assert rows[0]["dual_quantize_TBps"] > 0
+    fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch")]
+    assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8])
     assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))
 
 

@@ -93,9 +93,15 @@ def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise
         amax = xf.abs().amax(dim=axis, keepdim=True)
     else:
         raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
-    scale = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+    scale = fp8_scale(amax, elem)
     data = (xf / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
     return data, scale
+
+
+def fp8_scale(amax: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:
+    """The dequantization scale of dynamic fp8 scaling from an absolute maximum: ``amax`` maps to
+    the format's largest value; a zero (or NaN) ``amax`` gets scale 1."""
+    return torch.where(amax > 0, amax / get_elem_format(elem).max, torch.ones_like(amax))
 
 
 def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):

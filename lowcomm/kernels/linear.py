@@ -34,6 +34,8 @@ class _QLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows)
+        elif _fused_fp8(recipe, backend, x2, weight):
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
@@ -48,7 +50,8 @@ class _QLinear(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
         if ctx.fused:
-            dx, dw = _FusedMX.backward(ctx, gy2, grad_elem)
+            fused = _FusedFloat8 if recipe in _FP8_RECIPES else _FusedMX
+            dx, dw = fused.backward(ctx, gy2, grad_elem)
             dx = dx.to(gy.dtype).reshape(x_shape) if dx is not None else None
             dw = dw.to(ctx.weight_dtype) if dw is not None else None
         else:
@@ -126,9 +129,82 @@ class _FusedMX:
         return dx, dw
 
 
-def _pad_rows(t: torch.Tensor) -> torch.Tensor:
-    pad = (-t.shape[0]) % 32
+def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    pad = (-t.shape[0]) % multiple
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
+
+
+_FP8_RECIPES = ("fp8_tensorwise", "fp8_rowwise")
+_FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fused_fp8(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this layer call quantizes each tensor once (fp8 recipes through torch._scaled_mm,
+    the Triton quantize runs here, both weight sides multiples of 16 as cuBLASLt wants)."""
+    from .gemm import _triton_runs_on
+
+    return (
+        recipe in _FP8_RECIPES
+        and weight.shape[0] % 16 == 0
+        and weight.shape[1] % 16 == 0
+        and x2.dtype in _FP8_READS
+        and weight.dtype in _FP8_READS
+        and choose_backend(recipe, x2.device, backend) == "scaled_mm"
+        and _triton_runs_on(x2.device)
+    )
+
+
+class _FusedFloat8:
+    """fp8 fprop, dgrad and wgrad from one quantize per tensor (torch._scaled_mm backend).
+
+    ``fp8_quantize_dual`` makes each of x (T, K), W (N, K) and dy (T, N) as it is, scaled along its
+    last axis, and transposed, scaled along its first; every GEMM then reads two copies in place,
+    its contraction axis contiguous in both (cuBLASLt's row-major A, column-major B):
+
+        fprop  y  = xq · wqᵀ        per token, per out-feature     (contraction over K)
+        dgrad dx = gq · wqtᵀ        per token, per in-feature      (over N)
+        wgrad dW = gqt · xqtᵀ       per out-feature, per in-feature (over T)
+
+    Tensorwise scaling quantizes each tensor once for both copies; rowwise scales differ by axis,
+    as in the emulated recipe. Only the fp8 copies backward reads are saved (xqt, wqt), not x and
+    W. Tokens are zero-padded to a multiple of 16 (wgrad's contraction; zero rows change no
+    product). The numerics are the emulated recipe's: the same bytes (tested), then cuBLAS's sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, recipe: str, backward_follows: bool) -> torch.Tensor:
+        from .gemm import scaled_mm
+        from .triton_fp8 import fp8_quantize_dual
+
+        scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
+        T = x2.shape[0]
+        xq, sx, xqt, sxt = fp8_quantize_dual(_pad_rows(x2, 16), "e4m3", scaling, cols=backward_follows)
+        wq, sw, wqt, swt = fp8_quantize_dual(weight.detach(), "e4m3", scaling, cols=backward_follows)
+        out = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise writes bf16
+        y = scaled_mm(xq, wq.t(), sx, sw.reshape(1, -1) if sw.dim() else sw, out_dtype=out)[:T]
+        if backward_follows:
+            ctx.save_for_backward(xqt, sxt, wqt, swt)
+        ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, gy2: torch.Tensor, grad_elem: str):
+        from .gemm import scaled_mm
+        from .triton_fp8 import fp8_quantize_dual
+
+        xqt, sxt, wqt, swt = ctx.saved_tensors
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_dx or want_dw):
+            return None, None
+        g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 16)
+        gq, sg, gqt, sgt = fp8_quantize_dual(g, grad_elem, ctx.scaling, rows=want_dx, cols=want_dw)
+        out = torch.bfloat16 if ctx.scaling == "rowwise" else torch.float32
+        dx = dw = None
+        if want_dx:
+            dx = scaled_mm(gq, wqt.t(), sg, swt, out_dtype=out)[: ctx.tokens]
+        if want_dw:
+            dw = scaled_mm(gqt, xqt.t(), sgt.reshape(-1, 1) if sgt.dim() else sgt, sxt, out_dtype=out)
+        return dx, dw
 
 
 class LowPrecisionLinear(nn.Linear):

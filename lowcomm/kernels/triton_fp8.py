@@ -1,0 +1,279 @@
+"""Dynamic fp8 quantization (tensorwise and rowwise) in Triton, both copies a training step needs.
+
+A Linear's three GEMMs want every operand with its contraction axis contiguous (cuBLASLt: A
+row-major, B column-major), so each of x, W and dy is needed twice: as it is, scaled along its
+last axis, and transposed, scaled along its first axis (docs/references.md, "FP8 on Hopper,
+measured"). :func:`fp8_quantize_dual` makes both from a (R, C) tensor in two passes over it:
+
+    1. amax:  one read; absolute maxima per row and per column (rowwise) or of the whole tensor
+              (tensorwise), kept as the integer bits of non-negative floats so that ``atomic_max``
+              orders them (a NaN's bits are above infinity's, as torch's amax propagates NaN);
+    2. cast:  one read; ``x / scale`` clamped, rounded to the fp8 grid and written twice, as (R, C)
+              and transposed as (C, R), each row of the copy contiguous.
+
+The scales are :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima, and every byte equals
+:func:`lowcomm.kernels.quantize_fp8`'s (tested): the division is IEEE (``div_rn``), the rounding
+to the grid is done in fp32 arithmetic (the kernel shares it with the MX quantizer). Tensorwise
+scaling makes the transposed copy from the same scale, so each tensor is quantized once.
+
+Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gemm import fp8_scale
+from .triton_quantize import _EMAX, HAVE_TRITON
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_quantize import _round_to_fp8_grid
+
+__all__ = ["fp8_quantize_dual", "SCALINGS"]
+
+SCALINGS = ("tensorwise", "rowwise")
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _fp8_amax_kernel(
+        x_ptr,
+        row_ptr,
+        col_ptr,
+        R,
+        C,
+        TENSOR: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # one (BLOCK_R, BLOCK_C) tile: its maxima go into int32 buffers (zeros at the start) by
+        # atomic max on the bits of |x| (sign bit cleared), which order like the floats
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        inside = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        if TENSOR:
+            tl.atomic_max(row_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+        else:
+            if ROWS:
+                tl.atomic_max(row_ptr + rows, tl.max(bits, axis=1), mask=rows < R)
+            if COLS:
+                tl.atomic_max(col_ptr + cols, tl.max(bits, axis=0), mask=cols < C)
+
+    @triton.jit
+    def _to_fp8_bytes(
+        x,
+        scale,
+        MAXV: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        E5M2: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+    ):
+        # torch's (x / scale).clamp(-max, max).to(fp8): IEEE division, a clamp that keeps NaN
+        y = tl.math.div_rn(x, scale)
+        y = tl.where(y > MAXV, MAXV, tl.where(y < -MAXV, -MAXV, y))
+        g = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
+        if E5M2:
+            q = g.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        else:
+            q = g.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        return tl.where(y != y, NAN_BYTE, q).to(tl.uint8)  # fp8 NaN conversion differs by backend
+
+    @triton.jit
+    def _fp8_cast_kernel(
+        x_ptr,
+        row_scale_ptr,
+        col_scale_ptr,
+        q_ptr,
+        qt_ptr,
+        R,
+        C,
+        MAXV: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        E5M2: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+        TENSOR: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
+        # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale)
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        inside = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
+        x = x.to(tl.float32)
+        if TENSOR:
+            s = tl.load(row_scale_ptr)
+            s_row = s
+            s_col = s
+        else:
+            s_row = tl.load(row_scale_ptr + rows, mask=rows < R, other=1.0)[:, None]
+            s_col = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        if ROWS:
+            q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+            tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=inside)
+        if COLS:
+            qt = tl.trans(_to_fp8_bytes(x, s_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE))
+            offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+            tl.store(qt_ptr + offs_t, qt, mask=tl.trans(inside))
+
+
+# Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
+# sm_90a on CPU: the rowwise cast writing both copies takes 69 registers (122 with 4 warps, which
+# would leave 16 warps per SM for a bandwidth-bound kernel), no spills, 4 KiB of shared memory for
+# the transpose. Bandwidth not measured yet. The interpreter runs 32 x 32 tiles.
+FP8_CUDA_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8}
+FP8_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
+
+
+def fp8_quantize_dual(
+    x: torch.Tensor,
+    elem: str = "e4m3",
+    scaling: str = "rowwise",
+    *,
+    rows: bool = True,
+    cols: bool = True,
+    config: dict | None = None,
+):
+    """The fp8 copies of a 2-D tensor that fprop, dgrad and wgrad read, in two passes over it.
+
+    Args:
+        x: (R, C) fp32 / bf16 / fp16; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+        elem: "e4m3" or "e5m2".
+        scaling: "tensorwise" (one scale for both copies) or "rowwise".
+        rows, cols: which copies to make (at least one).
+        config: tile overrides (``BLOCK_R``, ``BLOCK_C``: powers of two; ``num_warps``).
+
+    Returns:
+        ``(q, q_scale, qt, qt_scale)``: ``q, q_scale = quantize_fp8(x, elem, scaling, axis=-1)``
+        and ``qt = d.t().contiguous()`` with ``d, qt_scale = quantize_fp8(x, elem, scaling,
+        axis=0)`` (so ``qt`` is (C, R), each row contiguous); ``None`` for a copy not made.
+
+    Raises:
+        RuntimeError: triton is not installed. ValueError: shape, dtype, elem, scaling or config.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("fp8_quantize_dual needs triton (pip install triton); or use quantize_fp8")
+    if elem not in _EMAX:
+        raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
+    if not (rows or cols):
+        raise ValueError("fp8_quantize_dual makes at least one copy: rows=True or cols=True")
+    if x.dim() != 2:
+        raise ValueError(f"fp8_quantize_dual takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_quantize_dual takes fp32, bf16 or fp16, got {x.dtype}")
+    cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"fp8_quantize_dual: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
+    cfg.update(config or {})
+    if any(cfg[k] < 16 or cfg[k] & (cfg[k] - 1) for k in ("BLOCK_R", "BLOCK_C")):
+        raise ValueError(f"fp8_quantize_dual: tiles must be powers of two of at least 16, got {cfg}")
+    x = x.contiguous()
+    R, C = x.shape
+    tensor = scaling == "tensorwise"
+    dev = x.device
+    amax_rows = torch.zeros(1 if tensor else R, dtype=torch.int32, device=dev)
+    amax_cols = amax_rows if tensor else torch.zeros(C, dtype=torch.int32, device=dev)
+    q = torch.empty(R, C, dtype=torch.uint8, device=dev) if rows else None
+    qt = torch.empty(C, R, dtype=torch.uint8, device=dev) if cols else None
+    grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+    if R and C:
+        _fp8_amax_kernel[grid](
+            x, amax_rows, amax_cols, R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
+        )  # fmt: skip
+    # the scales from the maxima: the reference's own arithmetic (shapes as quantize_fp8 returns)
+    s_rows = fp8_scale(amax_rows.view(torch.float32), elem)
+    s_cols = s_rows if tensor else fp8_scale(amax_cols.view(torch.float32), elem)
+    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
+    dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
+    if R and C:
+        _fp8_cast_kernel[grid](
+            x,
+            s_rows,
+            s_cols,
+            q if rows else qt,  # stands in for the copy not written
+            qt if cols else q,
+            R,
+            C,
+            MAXV=maxv,
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            E5M2=elem == "e5m2",
+            NAN_BYTE=int(torch.tensor(float("nan")).to(dtype).view(torch.uint8)),
+            TENSOR=tensor,
+            ROWS=rows,
+            COLS=cols,
+            **cfg,
+        )
+    if tensor:
+        s_rows = s_cols = s_rows.reshape(())
+    view = lambda t: t.view(dtype) if t is not None else None  # noqa: E731
+    return (
+        view(q),
+        s_rows.reshape(R, 1) if rows and not tensor else (s_rows if rows else None),
+        view(qt),
+        s_cols.reshape(1, C) if cols and not tensor else (s_cols if cols else None),
+    )
+
+
+def static_specs() -> list:
+    """The two kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
+    from .triton_static import KernelSpec
+
+    specs = []
+    for scaling in SCALINGS:
+        tensor = scaling == "tensorwise"
+        tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
+        consts = dict(TENSOR=tensor, ROWS=True, COLS=True, **tiles)
+        sig = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32", "R": "i32", "C": "i32"}
+        sig.update({k: "constexpr" for k in consts})
+        specs.append(
+            KernelSpec(
+                name=f"fp8_quantize_dual amax ({scaling}, bf16)",
+                fn=_fp8_amax_kernel,
+                signature=sig,
+                constexprs=consts,
+                num_warps=FP8_CUDA_CONFIG["num_warps"],
+                num_stages=1,
+                aligned=("R", "C"),
+            )
+        )
+        maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
+        consts = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c, E5M2=False, NAN_BYTE=0x7F)
+        consts.update(TENSOR=tensor, ROWS=True, COLS=True, **tiles)
+        sig = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "q_ptr": "*u8"}
+        sig.update({"qt_ptr": "*u8", "R": "i32", "C": "i32"})
+        sig.update({k: "constexpr" for k in consts})
+        specs.append(
+            KernelSpec(
+                name=f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)",
+                fn=_fp8_cast_kernel,
+                signature=sig,
+                constexprs=consts,
+                num_warps=FP8_CUDA_CONFIG["num_warps"],
+                num_stages=1,
+                aligned=("R", "C"),
+            )
+        )
+    return specs
