@@ -569,6 +569,39 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8_fast"])
+def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypatch):
+    """torch.compile(fullgraph=True) of each layer on its Hopper path: fp8 quantize-once through
+    _scaled_mm on a pretend sm_90 GPU, MX on the Triton backend (interpreted on CPU). The Triton
+    kernels are operators the compiler keeps whole (torch.ops.lowcomm.fp8_quantize_dual,
+    mx_quantize, block_scaled_matmul), so nothing breaks the graph, and output and gradients
+    equal eager mode up to the output's rounding (rowwise writes bf16, which the compiled CPU
+    stand-in for _scaled_mm may skip)."""
+    pytest.importorskip("triton")
+    import lowcomm.kernels.gemm as gemm
+
+    backend = "triton" if recipe.startswith("mx") else "scaled_mm"
+    if backend == "scaled_mm":
+        monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+        monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    layer = LowPrecisionLinear(64, 96, recipe=recipe, backend=backend)
+    x = torch.randn(2, 20, 64)
+    outs = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        xi = x.clone().requires_grad_()
+        layer.weight.grad = None
+        y = fn(xi)
+        y.sum().backward()
+        outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+    torch._dynamo.reset()
+    tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6
+    for name, r, t in zip(("y", "dx", "dW"), *outs):
+        assert float((t - r).abs().max() / r.abs().max()) < tol, name
+
+
 @pytest.mark.parametrize("tokens", [24, 20])
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8"])
 def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, tokens, monkeypatch):

@@ -168,7 +168,19 @@ def fp8_quantize_dual(
 
     Raises:
         RuntimeError: triton is not installed. ValueError: shape, dtype, elem, scaling or config.
+
+    Without ``config`` it runs as the operator ``torch.ops.lowcomm.fp8_quantize_dual``, which
+    torch.compile keeps whole (``fullgraph=True`` works around it).
     """
+    _check(x, elem, scaling, rows, cols)
+    if config is not None or not hasattr(torch.ops.lowcomm, "fp8_quantize_dual"):
+        q, s, qt, st = _fp8_quantize_dual(x, elem, scaling, rows, cols, config)
+    else:
+        q, s, qt, st = torch.ops.lowcomm.fp8_quantize_dual(x, elem, scaling, rows, cols)
+    return (q, s, None, None) if not cols else ((None, None, qt, st) if not rows else (q, s, qt, st))
+
+
+def _check(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("fp8_quantize_dual needs triton (pip install triton); or use quantize_fp8")
     if elem not in _EMAX:
@@ -181,6 +193,22 @@ def fp8_quantize_dual(
         raise ValueError(f"fp8_quantize_dual takes a 2-D tensor, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fp8_quantize_dual takes fp32, bf16 or fp16, got {x.dtype}")
+
+
+def _shapes(x: torch.Tensor, scaling: str, rows: bool, cols: bool):
+    """The four outputs' shapes; a copy not made is empty (an operator returns tensors, not None)."""
+    R, C = x.shape
+    tensor = scaling == "tensorwise"
+    return (
+        (R, C) if rows else (0, 0),
+        (() if tensor else (R, 1)) if rows else (0,),
+        (C, R) if cols else (0, 0),
+        (() if tensor else (1, C)) if cols else (0,),
+    )
+
+
+def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool, config=None):
+    """:func:`fp8_quantize_dual` after its checks: four tensors, empty for a copy not made."""
     cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
     if unknown:
@@ -192,10 +220,11 @@ def fp8_quantize_dual(
     R, C = x.shape
     tensor = scaling == "tensorwise"
     dev = x.device
+    shapes = _shapes(x, scaling, rows, cols)
     amax_rows = torch.zeros(1 if tensor else R, dtype=torch.int32, device=dev)
     amax_cols = amax_rows if tensor else torch.zeros(C, dtype=torch.int32, device=dev)
-    q = torch.empty(R, C, dtype=torch.uint8, device=dev) if rows else None
-    qt = torch.empty(C, R, dtype=torch.uint8, device=dev) if cols else None
+    q = torch.empty(shapes[0], dtype=torch.uint8, device=dev)
+    qt = torch.empty(shapes[2], dtype=torch.uint8, device=dev)
     grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
     if R and C:
         _fp8_amax_kernel[grid](
@@ -205,7 +234,6 @@ def fp8_quantize_dual(
     s_rows = fp8_scale(amax_rows.view(torch.float32), elem)
     s_cols = s_rows if tensor else fp8_scale(amax_cols.view(torch.float32), elem)
     maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
-    dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
     if R and C:
         _fp8_cast_kernel[grid](
             x,
@@ -220,21 +248,44 @@ def fp8_quantize_dual(
             MIN_NORMAL=min_normal,
             SUB_C=sub_c,
             E5M2=elem == "e5m2",
-            NAN_BYTE=int(torch.tensor(float("nan")).to(dtype).view(torch.uint8)),
+            NAN_BYTE=_NAN_BYTE[elem],
             TENSOR=tensor,
             ROWS=rows,
             COLS=cols,
             **cfg,
         )
-    if tensor:
-        s_rows = s_cols = s_rows.reshape(())
-    view = lambda t: t.view(dtype) if t is not None else None  # noqa: E731
+    dtype = _DTYPE[elem]
+    empty = s_rows.new_empty(0)
     return (
-        view(q),
-        s_rows.reshape(R, 1) if rows and not tensor else (s_rows if rows else None),
-        view(qt),
-        s_cols.reshape(1, C) if cols and not tensor else (s_cols if cols else None),
+        q.view(dtype),
+        s_rows.reshape(shapes[1]) if rows else empty,
+        qt.view(dtype),
+        s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
     )
+
+
+_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# the byte torch writes for NaN (fp8 NaN conversion differs across backends)
+_NAN_BYTE = {e: int(torch.tensor(float("nan")).to(d).view(torch.uint8)) for e, d in _DTYPE.items()}
+
+if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+
+    @torch.library.custom_op("lowcomm::fp8_quantize_dual", mutates_args=())
+    def _fp8_quantize_dual_op(
+        x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fp8_quantize_dual(x, elem, scaling, rows, cols)
+
+    @_fp8_quantize_dual_op.register_fake
+    def _(x, elem, scaling, rows, cols):
+        shapes = _shapes(x, scaling, rows, cols)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (
+            x.new_empty(shapes[0], dtype=_DTYPE[elem]),
+            x.new_empty(shapes[1], **f32),
+            x.new_empty(shapes[2], dtype=_DTYPE[elem]),
+            x.new_empty(shapes[3], **f32),
+        )
 
 
 def static_specs() -> list:

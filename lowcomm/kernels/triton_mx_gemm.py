@@ -271,7 +271,15 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, na
     unknown = set(config or {}) - set(cfg)
     if unknown:
         raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
+    if config is None and hasattr(torch.ops.lowcomm, "block_scaled_matmul"):
+        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb)
     cfg.update(config or {})
+    return _gemm(a_data, a_scales, b_data, b_scales, sb, cfg)
+
+
+def _gemm(a_data, a_scales, b_data, b_scales, sb: int, cfg: dict) -> torch.Tensor:
+    M, K = a_data.shape
+    N = b_data.shape[1]
     c = torch.empty(M, N, dtype=torch.float32, device=a_data.device)
     if M == 0 or N == 0:
         return c
@@ -291,7 +299,20 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, na
         *b_scales.stride(),
         *c.stride(),
         SB=sb,
-        E8M0=scale_dtype == torch.uint8,
+        E8M0=a_scales.dtype == torch.uint8,
         **cfg,
     )
     return c
+
+
+if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+    # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
+    @torch.library.custom_op("lowcomm::block_scaled_matmul", mutates_args=())
+    def _block_scaled_matmul_op(
+        a_data: torch.Tensor, a_scales: torch.Tensor, b_data: torch.Tensor, b_scales: torch.Tensor, block: int
+    ) -> torch.Tensor:
+        return _gemm(a_data, a_scales, b_data, b_scales, block, gemm_config(block, a_data.device))
+
+    @_block_scaled_matmul_op.register_fake
+    def _(a_data, a_scales, b_data, b_scales, block):
+        return a_data.new_empty(a_data.shape[0], b_data.shape[1], dtype=torch.float32)

@@ -283,14 +283,6 @@ def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
         raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name} takes fp32, bf16 or fp16, got {x.dtype}")
-    x = x.contiguous()
-    R, C = x.shape
-    dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
-    maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
-    row_q = torch.empty(R, C, dtype=torch.uint8, device=x.device) if rows else None
-    row_s = torch.empty(R, C // 32, dtype=torch.uint8, device=x.device) if rows else None
-    col_q = torch.empty(R, C, dtype=torch.uint8, device=x.device) if cols else None
-    col_s = torch.empty(R // 32, C, dtype=torch.uint8, device=x.device) if cols else None
     cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
     if unknown:
@@ -298,6 +290,32 @@ def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
     cfg.update(config or {})
     if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
         raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
+    if config is None and hasattr(torch.ops.lowcomm, "mx_quantize"):
+        out = torch.ops.lowcomm.mx_quantize(x, elem, scale_rule, rows, cols)
+    else:
+        out = _run(x, elem, scale_rule, rows, cols, cfg)
+    return (*out[:2], None, None) if not cols else ((None, None, *out[2:]) if not rows else out)
+
+
+def _shapes(x: torch.Tensor, rows: bool, cols: bool):
+    """The four outputs' shapes; a copy not made is empty (an operator returns tensors, not None)."""
+    R, C = x.shape
+    return ((R, C), (R, C // 32)) if rows else ((0, 0), (0, 0)), ((R, C), (R // 32, C)) if cols else (
+        (0, 0),
+        (0, 0),
+    )
+
+
+def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, cfg: dict):
+    x = x.contiguous()
+    R, C = x.shape
+    dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
+    maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
+    (rq, rs), (cq, cs) = _shapes(x, rows, cols)
+    row_q = torch.empty(rq, dtype=torch.uint8, device=x.device)
+    row_s = torch.empty(rs, dtype=torch.uint8, device=x.device)
+    col_q = torch.empty(cq, dtype=torch.uint8, device=x.device)
+    col_s = torch.empty(cs, dtype=torch.uint8, device=x.device)
     if R and C:
         written = (row_q, row_s) if rows else (col_q, col_s)  # stands in for the copy not written
         _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))](
@@ -319,5 +337,26 @@ def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
             COLS=cols,
             **cfg,
         )
-    view = lambda q: q.view(dtype) if q is not None else None  # noqa: E731
-    return view(row_q), row_s, view(col_q), col_s
+    return row_q.view(dtype), row_s, col_q.view(dtype), col_s
+
+
+if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+    # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
+    @torch.library.custom_op("lowcomm::mx_quantize", mutates_args=())
+    def _mx_quantize_op(
+        x: torch.Tensor, elem: str, scale_rule: str, rows: bool, cols: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
+        return _run(x, elem, scale_rule, rows, cols, cfg)
+
+    @_mx_quantize_op.register_fake
+    def _(x, elem, scale_rule, rows, cols):
+        (rq, rs), (cq, cs) = _shapes(x, rows, cols)
+        dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
+        u8 = torch.uint8
+        return (
+            x.new_empty(rq, dtype=dtype),
+            x.new_empty(rs, dtype=u8),
+            x.new_empty(cq, dtype=dtype),
+            x.new_empty(cs, dtype=u8),
+        )
