@@ -192,6 +192,37 @@ def test_a_member_a_majority_found_missing_is_left_out_and_a_minority_is_not_eno
     assert sim.state.membership.get("a").synced
 
 
+def test_suspicion_never_leaves_the_job_without_a_member_in_sync():
+    """The fifth soak run's case: a round failed for everyone after a coordinator restart (the
+    rendezvous lost every arrival), the first two reports named the other two missing, the later
+    ones named the first two, and nobody held the job's state: every worker waited for a donor
+    for ever. A report naming its own sender missing is about the rendezvous, not the peers; the
+    report of a member already left out counts no more, so some member always stays in sync."""
+    sim = Sim()
+    for w in "abcd":
+        sim.register(w)
+    gen = _quorum(sim, "abcd", 0)["a"]["generation"]
+    for w in "abcd":  # each found everyone missing, itself included
+        sim.commit(w, 0, gen, ok=False, members="abcd", suspects="abcd")
+    assert all(sim.state.membership.get(w).synced for w in "abcd")
+
+    gen = _quorum(sim, "abcd", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, ok=False, members="abcd", suspects="cd")
+    sim.commit("b", 0, gen, ok=False, members="abcd", suspects="cd")
+    assert [w for w in "abcd" if sim.state.membership.get(w).synced] == ["a", "b"]
+    sim.commit("c", 0, gen, ok=False, members="abcd", suspects="ab")
+    sim.commit("d", 0, gen, ok=False, members="abcd", suspects="ab")
+    assert [w for w in "abcd" if sim.state.membership.get(w).synced] == ["a", "b"]
+
+    sim = Sim()
+    for w in "ab":
+        sim.register(w)
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, ok=False, members="ab", suspects="b")  # one of one other: a majority
+    sim.commit("b", 0, gen, ok=False, members="ab", suspects="a")  # b was left out: not counted
+    assert sim.state.membership.get("a").synced and not sim.state.membership.get("b").synced
+
+
 def test_a_joiner_gets_the_first_synced_donor_and_is_synced_once_the_donor_reports():
     sim = Sim()
     for w in "ba":

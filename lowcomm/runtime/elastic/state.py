@@ -612,9 +612,17 @@ class CoordinatorState:
 
     def _suspect(self, gen: Generation, reporter: str, suspects: list[str]) -> None:
         """A member that a majority of the others found missing from a failed round is left out of
-        the next and resynchronizes (it hangs, drops its contributions or is cut off from them)."""
+        the next and resynchronizes (it hangs, drops its contributions or is cut off from them).
+
+        Only members in sync are believed, so the last ones in sync are never left out by each
+        other: the job always keeps a member that holds its state."""
         need = (len(gen.members) - 1) // 2 + 1
         log.info("round %d: %s failed it and found %s missing", gen.round, reporter, suspects or "nobody")
+        if reporter in suspects:  # its own arrival is missing: the rendezvous failed, not its peers
+            return  # (a coordinator restart mid-round; the soak run's case that left nobody synced)
+        m = self.membership.get(reporter)
+        if m is None or not m.synced:  # left out itself meanwhile: its view no longer counts
+            return
         for s in suspects:
             if s == reporter or s not in gen.members:
                 continue
