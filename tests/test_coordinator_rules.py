@@ -223,6 +223,30 @@ def test_suspicion_never_leaves_the_job_without_a_member_in_sync():
     assert sim.state.membership.get("a").synced and not sim.state.membership.get("b").synced
 
 
+def test_after_a_restart_the_workers_that_hold_the_state_define_the_configuration():
+    """The seventh soak run's case: a worker of another model (holding nothing) registered first with
+    a restarted coordinator, its configuration became the job's, and every worker of the job was
+    refused. A worker that brings the job's state defines it; the other is removed and refused
+    when it registers again. In a fresh job (nobody holds state) the first comes first."""
+    sim = Sim(grace=5.0)
+    sim.register("rogue", fingerprint="other")
+    assert sim.state.membership.get("rogue").synced
+    reply = sim.register("a", fingerprint="job", synced=True, round=7, holds_state=True)
+    assert reply["synced"] and sim.state.membership.get("rogue") is None
+    sim.register("b", fingerprint="job", synced=True, round=7, holds_state=True)
+    sim.send("rogue", "register", worker_id="rogue", advertise_addr="127.0.0.1", step=0, fingerprint="other")
+    assert "runs another configuration" in sim.last("rogue", "error")["reason"]
+    # once pinned by the state, a later state holder of another configuration is refused too
+    sim.send("c", "register", worker_id="c", advertise_addr="127.0.0.1", step=70, fingerprint="x",
+             synced=True, round=7, holds_state=True)  # fmt: skip
+    assert "runs another configuration" in sim.last("c", "error")["reason"]
+
+    sim = Sim()
+    sim.register("a", fingerprint="job")
+    sim.send("b", "register", worker_id="b", advertise_addr="127.0.0.1", step=0, fingerprint="other")
+    assert "runs another configuration" in sim.last("b", "error")["reason"]
+
+
 def test_a_joiner_gets_the_first_synced_donor_and_is_synced_once_the_donor_reports():
     sim = Sim()
     for w in "ba":

@@ -232,7 +232,9 @@ class CoordinatorState:
         self.hold_until = -math.inf  # no quorum before this (a resume's window)
         self.resumed = False  # the job was resumed from checkpoints brought to this coordinator
         self.finished = False  # a synced worker left after the job's last step
-        self.fingerprint: str | None = None
+        self.fingerprint: str | None = None  # the job's configuration, from its workers
+        self.fingerprint_pinned = False  # set by a worker that holds the job's state
+        self.fingerprints: dict[str, str] = {}  # member -> the configuration it registered with
         self.round = -1  # highest round a heartbeat reported
         self.departed: list[str] = []  # members gone since the server last drained it
         self.nonce = nonce
@@ -344,7 +346,10 @@ class CoordinatorState:
 
     def _register(self, b: dict, now: float) -> tuple[str, dict]:
         wid, fp = b["worker_id"], b.get("fingerprint", "")
+        holds_state = bool(b.get("holds_state", False))
         if fp:
+            if fp != self.fingerprint and holds_state and not (self.fingerprint_pinned or self.formed_any):
+                self._adopt_configuration(wid, fp, now)
             if self.fingerprint is None:
                 self.fingerprint = fp
             elif fp != self.fingerprint:
@@ -367,7 +372,9 @@ class CoordinatorState:
             self.membership = leave(self.membership, wid)
             self._gone(wid, now)
         claims, nxt = b.get("synced", True), b.get("round", 0)
-        holds_state = bool(b.get("holds_state", False))
+        self.fingerprint_pinned |= bool(fp) and holds_state
+        if fp:
+            self.fingerprints[wid] = fp
         if self.formed_any and claims and holds_state and not any(m.synced for m in self.membership.members):
             # nobody holds the job's state any more: the newest state brought wins, as on a fresh start
             log.warning(
@@ -456,9 +463,31 @@ class CoordinatorState:
             for d in dead:
                 self._gone(d, now)
 
+    def _adopt_configuration(self, wid: str, fp: str, now: float) -> None:
+        """A worker that holds the job's state defines the job's configuration: members that came
+        first (to a restarted coordinator, holding nothing) with another one are removed, and are
+        refused when they register again. The seventh soak run's case: after a coordinator restart a
+        worker with another model registered first and every worker of the job was refused."""
+        if self.fingerprint is not None:
+            for other in [w for w, f in self.fingerprints.items() if f != fp]:
+                log.warning(
+                    "%s brings the job's state with configuration %s: %s, registered before it with "
+                    "configuration %s, is removed",
+                    wid,
+                    fp[:12],
+                    other,
+                    self.fingerprints[other][:12],
+                )
+                if self.membership.get(other) is not None:
+                    self.membership = leave(self.membership, other)
+                    self._gone(other, now)
+                self.fingerprints.pop(other, None)
+        self.fingerprint = fp
+
     def _gone(self, wid: str, now: float) -> None:
         """``wid`` died, left or was replaced: abort its undecided rounds, forget its requests."""
         self.departed.append(wid)
+        self.fingerprints.pop(wid, None)
         self.asks.pop(wid, None)
         self.joins.pop(wid, None)
         self.owed.pop(wid, None)
