@@ -193,6 +193,33 @@ def test_a_worker_with_the_wrong_key_says_so_and_exits_2(tmp_path):
         job.close()
 
 
+def test_a_worker_of_another_configuration_says_so_and_exits_2(tmp_path):
+    """A worker whose model differs from the job's is bad input: one line naming both
+    configurations, exit code 2, and it never becomes a member."""
+    job = _coordinator(tmp_path)
+    try:
+        c = CoordinatorClient(job.endpoint, KEY, "w0/main")
+        c.request(
+            "register", {"worker_id": "w0", "advertise_addr": "127.0.0.1", "step": 0, "fingerprint": "f" * 64}
+        )
+        c.close()
+        tiny = ["--model-dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch-size", "2"]
+        r = subprocess.run(
+            [sys.executable, "-m", "lowcomm", "train", "--coordinator", job.endpoint, "--worker-id", "w1",
+             "--run-dir", str(tmp_path / "w1"), "--quiet", *tiny],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=job.env,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "runs another configuration" in r.stderr and "ffffffffffff" in r.stderr
+        assert r.stderr.strip().count("\n") == 0, r.stderr
+        assert [m["worker_id"] for m in job.status()["members"]] == ["w0"]
+    finally:
+        job.close()
+
+
 def test_refusals_are_typed_for_the_client(tmp_path):
     job = _coordinator(tmp_path)
     try:

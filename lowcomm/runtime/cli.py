@@ -25,7 +25,7 @@ from ..comm.reduce import REDUCE_METHODS
 from ..kernels.linear import PRECISIONS
 from ..optim.config import INITS
 from ..optim.schedule import PATTERNS
-from .errors import CoordinatorError, ExitCode, JobFinished, KeyRejected
+from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
 from .trainer.config import (
     DEVICES,
     DTYPES,
@@ -497,7 +497,7 @@ def _train(args: argparse.Namespace) -> int:
     except JobFinished as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         os._exit(ExitCode.JOB_FINISHED)
-    except (KeyRejected, ValueError, FileNotFoundError) as e:  # this worker's own input: no group yet
+    except (KeyRejected, ConfigurationRejected, ValueError, FileNotFoundError) as e:  # its own input
         print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE
     except CoordinatorError as e:

@@ -18,6 +18,7 @@ __all__ = [
     "NotRegistered",
     "JobFinished",
     "KeyRejected",
+    "ConfigurationRejected",
     "refusal",
     "REFUSAL_CODES",
 ]
@@ -69,8 +70,14 @@ class KeyRejected(CoordinatorRefused):
     code = "bad_key"
 
 
+class ConfigurationRejected(CoordinatorRefused):
+    """This worker's model, schedule, codec or fragments differ from the job's (bad input)."""
+
+    code = "configuration"
+
+
 REFUSAL_CODES: dict[str, type[CoordinatorRefused]] = {
-    c.code: c for c in (CoordinatorRefused, NotRegistered, JobFinished, KeyRejected)
+    c.code: c for c in (CoordinatorRefused, NotRegistered, JobFinished, KeyRejected, ConfigurationRejected)
 }
 
 

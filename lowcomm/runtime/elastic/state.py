@@ -355,7 +355,8 @@ class CoordinatorState:
             elif fp != self.fingerprint:
                 raise Refusal(
                     f"worker {wid!r} runs another configuration (fingerprint {fp[:12]}, the job's "
-                    f"{self.fingerprint[:12]}): same model, schedule, codec and fragments are required"
+                    f"{self.fingerprint[:12]}): same model, schedule, codec and fragments are required",
+                    "configuration",
                 )
         if self.finished and not any(m.synced for m in self.membership.members):
             # the job's result is what its workers left with; a worker cut off before the end (and
