@@ -8,6 +8,7 @@ import time
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 from lowcomm.runtime.elastic import CoordinatorClient
@@ -382,3 +383,39 @@ def test_a_worker_forgotten_until_the_job_finished_stops_with_job_finished(coord
         b.quorum(0)
     assert time.monotonic() - t0 < 10
     b.close(leave=False)
+
+
+def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
+    """The eighth soak run's case: this worker's contribution was dropped, but the round was
+    committed (a restarted coordinator decided a generation it never saw from the round the job
+    had reached): the worker has no mean to apply and must fetch the state, not apply None."""
+    from lowcomm.comm.codecs import get_codec
+    from lowcomm.runtime.elastic import ElasticGroup, ResyncRequired
+    from lowcomm.runtime.elastic.agent import Quorum
+    from lowcomm.runtime.hooks import FaultHooks
+
+    class Agent:
+        worker_id, next_round = "w1", 0
+        records: list = []
+
+        def quorum(self, rnd, cancel=None):
+            return Quorum(rnd, 1, 2, ("w0", "w1"), "127.0.0.1:1", 7, 1, "secret")
+
+        def is_aborted(self, gen):
+            return True
+
+        def commit(self, rnd, gen, ok, members, suspects):
+            assert ok is False  # it says it failed...
+            return True  # ...and is told the round was committed all the same
+
+        def record(self, kind, **info):
+            self.records.append(kind)
+
+    class Drop(FaultHooks):
+        def collective_action(self, rnd):
+            return "drop"
+
+    group = ElasticGroup(Agent(), hooks=Drop())
+    work = group.all_reduce_mean(torch.ones(8), get_codec("fp32"), "two_phase")
+    with pytest.raises(ResyncRequired, match="committed without this worker's result"):
+        work.wait()
