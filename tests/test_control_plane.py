@@ -386,7 +386,7 @@ def test_a_worker_forgotten_until_the_job_finished_stops_with_job_finished(coord
 
 
 def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
-    """The eighth soak run's case: this worker's contribution was dropped, but the round was
+    """The ninth soak run's case: this worker's contribution was dropped, but the round was
     committed (a restarted coordinator decided a generation it never saw from the round the job
     had reached): the worker has no mean to apply and must fetch the state, not apply None."""
     from lowcomm.comm.codecs import get_codec

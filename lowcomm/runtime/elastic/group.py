@@ -217,7 +217,7 @@ class ElasticGroup(ReplicaGroup):
             if agent.commit(job.seq, q.generation, result is not None, q.members, suspects):
                 if result is None:  # committed from the others' word (a restarted coordinator
                     # decides a generation it never saw from the round the job is at), not ours:
-                    # this worker lacks the round's mean (the eighth soak run: a TypeError)
+                    # this worker lacks the round's mean (the ninth soak run: a TypeError)
                     raise ResyncRequired(f"round {job.seq} was committed without this worker's result")
                 self._rank, self._size = q.rank, q.world
                 job.work.members = list(q.members)
