@@ -415,6 +415,27 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     assert all(row["mma"] is None for row in quant + fp8)
 
 
+def _emulated_and_scaled_mm_layers(
+    recipe: str, tokens: int, between=lambda: None
+) -> list[list[torch.Tensor]]:
+    """y, dx and dW of one Linear (64 -> 96, 2 x ``tokens`` tokens) in ``recipe``, emulated and
+    through torch._scaled_mm (whatever stands in for it); ``between()`` runs after the first."""
+    torch.manual_seed(8)
+    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
+    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)
+    gy = torch.randn(2, tokens, 96)
+    outs = []
+    for layer in (ref, fast):
+        xi = x.detach().clone().requires_grad_()
+        y = layer(xi)
+        y.backward(gy)
+        outs.append([t.detach() for t in (y, xi.grad, layer.weight.grad)])
+        between()
+    return outs
+
+
 def _same_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Equal bytes, except that a NaN may have either sign (x86 makes -NaN of inf/inf, CUDA +NaN)."""
     g, w = got.view(torch.uint8), want.view(torch.uint8)
@@ -544,20 +565,9 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
     monkeypatch.setattr(
         triton_fp8, "fp8_quantize_dual", lambda x, *a, **k: quantized.append(x.shape) or dual(x, *a, **k)
     )
-    torch.manual_seed(8)
-    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
-    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm")
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)
-    gy = torch.randn(2, tokens, 96)
-    outs, saved = [], []
-    for layer in (ref, fast):
-        xi = x.detach().clone().requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
-            y = layer(xi)
-        y.backward(gy)
-        outs.append([t.detach() for t in (y, xi.grad, layer.weight.grad)])
-        saved.append(None)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        outs = _emulated_and_scaled_mm_layers(recipe, tokens, between=lambda: saved.append(None))
     assert len(calls) == 3 and len(quantized) == 3  # fprop, dgrad, wgrad; x, W, dy
     padded = -(-2 * tokens // 16) * 16
     assert quantized == [(padded, 64), (96, 64), (padded, 96)]
@@ -611,24 +621,12 @@ def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, t
     output's rounding. 2 x 24 tokens: wgrad's K needs no padding (the transposed view reaches the
     GEMM); 2 x 20: its K is padded to a multiple of 16."""
     import lowcomm.kernels.gemm as gemm
-    from lowcomm.kernels import LowPrecisionLinear
 
     calls = []
     monkeypatch.setattr(gemm, "_capability", lambda device: (10, 0) if recipe == "mxfp8" else (9, 0))
     monkeypatch.setattr(gemm, "_triton_runs_on", lambda device: False)  # the torch reference quantizes
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
-    torch.manual_seed(8)
-    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
-    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm")
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)
-    gy = torch.randn(2, tokens, 96)
-    outs = []
-    for layer in (ref, fast):
-        xi = x.detach().clone().requires_grad_()
-        y = layer(xi)
-        y.backward(gy)
-        outs.append([t.detach() for t in (y, xi.grad, layer.weight.grad)])
+    outs = _emulated_and_scaled_mm_layers(recipe, tokens)
     assert len(calls) == 3  # fprop, dgrad, wgrad
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-5  # rowwise writes bf16
     for name, r, t in zip(("y", "dx", "dW"), *outs):

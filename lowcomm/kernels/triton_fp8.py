@@ -39,6 +39,15 @@ SCALINGS = ("tensorwise", "rowwise")
 if HAVE_TRITON:
 
     @triton.jit
+    def _load_tile(x_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # this program's (BLOCK_R, BLOCK_C) tile of the row-major (R, C) x, as fp32 (0 outside)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        inside = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
+        return rows, cols, inside, x.to(tl.float32)
+
+    @triton.jit
     def _fp8_amax_kernel(
         x_ptr,
         row_ptr,
@@ -53,13 +62,8 @@ if HAVE_TRITON:
     ):
         # one (BLOCK_R, BLOCK_C) tile: its maxima go into int32 buffers (zeros at the start) by
         # atomic max on the bits of |x| (sign bit cleared), which order like the floats
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        rows, cols, inside, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         if TENSOR:
             tl.atomic_max(row_ptr, tl.max(tl.max(bits, axis=1), axis=0))
         else:
@@ -112,13 +116,7 @@ if HAVE_TRITON:
     ):
         # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
         # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale)
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
-        x = x.to(tl.float32)
+        rows, cols, inside, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
         if TENSOR:
             s = tl.load(row_scale_ptr)
             s_row = s
@@ -292,39 +290,21 @@ def static_specs() -> list:
     """The two kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
     from .triton_static import KernelSpec
 
+    def spec(name: str, fn, pointers: dict, consts: dict) -> KernelSpec:
+        sig = {**pointers, "R": "i32", "C": "i32", **{k: "constexpr" for k in consts}}
+        warps = FP8_CUDA_CONFIG["num_warps"]
+        return KernelSpec(name, fn, sig, consts, num_warps=warps, num_stages=1, aligned=("R", "C"))
+
+    maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
+    cast = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c, E5M2=False, NAN_BYTE=0x7F)
+    tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
     specs = []
     for scaling in SCALINGS:
-        tensor = scaling == "tensorwise"
-        tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
-        consts = dict(TENSOR=tensor, ROWS=True, COLS=True, **tiles)
-        sig = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32", "R": "i32", "C": "i32"}
-        sig.update({k: "constexpr" for k in consts})
-        specs.append(
-            KernelSpec(
-                name=f"fp8_quantize_dual amax ({scaling}, bf16)",
-                fn=_fp8_amax_kernel,
-                signature=sig,
-                constexprs=consts,
-                num_warps=FP8_CUDA_CONFIG["num_warps"],
-                num_stages=1,
-                aligned=("R", "C"),
-            )
-        )
-        maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
-        consts = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c, E5M2=False, NAN_BYTE=0x7F)
-        consts.update(TENSOR=tensor, ROWS=True, COLS=True, **tiles)
-        sig = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32", "q_ptr": "*u8"}
-        sig.update({"qt_ptr": "*u8", "R": "i32", "C": "i32"})
-        sig.update({k: "constexpr" for k in consts})
-        specs.append(
-            KernelSpec(
-                name=f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)",
-                fn=_fp8_cast_kernel,
-                signature=sig,
-                constexprs=consts,
-                num_warps=FP8_CUDA_CONFIG["num_warps"],
-                num_stages=1,
-                aligned=("R", "C"),
-            )
-        )
+        flags = dict(TENSOR=scaling == "tensorwise", ROWS=True, COLS=True, **tiles)
+        amax_ptrs = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32"}
+        specs.append(spec(f"fp8_quantize_dual amax ({scaling}, bf16)", _fp8_amax_kernel, amax_ptrs, flags))
+        cast_ptrs = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32"}
+        cast_ptrs.update(q_ptr="*u8", qt_ptr="*u8")
+        name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
+        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
     return specs
