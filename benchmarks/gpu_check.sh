@@ -31,7 +31,9 @@ section() {  # name, seconds, command...: run it bounded, log its exit code and 
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-section tests "${TEST_TIMEOUT:-110}" python -m pytest -q -x -p no:cacheprovider \
+# the layers' torch.compile tests are left to CI (CPU): on a GPU each compiles Inductor kernels
+# for tens of seconds, more than this section's share of the 7 minutes
+section tests "${TEST_TIMEOUT:-110}" python -m pytest -q -x -p no:cacheprovider -k "not compiles_whole" \
   tests/test_gpu_train.py tests/test_kernels.py tests/test_train_paths.py > "$OUT/tests.txt" 2>&1
 tail -15 "$OUT/tests.txt"
 
