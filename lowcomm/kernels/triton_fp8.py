@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .formats import ELEM_FORMATS
 from .gemm import fp8_scale
-from .triton_quantize import _EMAX, HAVE_TRITON
+from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, NAN_BYTE, copies_made
 
 if HAVE_TRITON:
     import triton
@@ -168,14 +169,14 @@ def fp8_quantize_dual(
         RuntimeError: triton is not installed. ValueError: shape, dtype, elem, scaling or config.
 
     Without ``config`` it runs as the operator ``torch.ops.lowcomm.fp8_quantize_dual``, which
-    torch.compile keeps whole (``fullgraph=True`` works around it).
+    torch.compile keeps whole (so ``fullgraph=True`` compiles around it).
     """
     _check(x, elem, scaling, rows, cols)
-    if config is not None or not hasattr(torch.ops.lowcomm, "fp8_quantize_dual"):
-        q, s, qt, st = _fp8_quantize_dual(x, elem, scaling, rows, cols, config)
+    if config is None and AS_OPS:
+        out = torch.ops.lowcomm.fp8_quantize_dual(x, elem, scaling, rows, cols)
     else:
-        q, s, qt, st = torch.ops.lowcomm.fp8_quantize_dual(x, elem, scaling, rows, cols)
-    return (q, s, None, None) if not cols else ((None, None, qt, st) if not rows else (q, s, qt, st))
+        out = _fp8_quantize_dual(x, elem, scaling, rows, cols, config)
+    return copies_made(out, rows, cols)
 
 
 def _check(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool) -> None:
@@ -246,27 +247,22 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
             MIN_NORMAL=min_normal,
             SUB_C=sub_c,
             E5M2=elem == "e5m2",
-            NAN_BYTE=_NAN_BYTE[elem],
+            NAN_BYTE=NAN_BYTE[elem],
             TENSOR=tensor,
             ROWS=rows,
             COLS=cols,
             **cfg,
         )
-    dtype = _DTYPE[elem]
     empty = s_rows.new_empty(0)
     return (
-        q.view(dtype),
+        q.view(ELEM_FORMATS[elem].dtype),
         s_rows.reshape(shapes[1]) if rows else empty,
-        qt.view(dtype),
+        qt.view(ELEM_FORMATS[elem].dtype),
         s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
     )
 
 
-_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-# the byte torch writes for NaN (fp8 NaN conversion differs across backends)
-_NAN_BYTE = {e: int(torch.tensor(float("nan")).to(d).view(torch.uint8)) for e, d in _DTYPE.items()}
-
-if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+if AS_OPS:
 
     @torch.library.custom_op("lowcomm::fp8_quantize_dual", mutates_args=())
     def _fp8_quantize_dual_op(
@@ -279,9 +275,9 @@ if HAVE_TRITON and hasattr(torch.library, "custom_op"):
         shapes = _shapes(x, scaling, rows, cols)
         f32 = dict(dtype=torch.float32, device=x.device)
         return (
-            x.new_empty(shapes[0], dtype=_DTYPE[elem]),
+            x.new_empty(shapes[0], dtype=ELEM_FORMATS[elem].dtype),
             x.new_empty(shapes[1], **f32),
-            x.new_empty(shapes[2], dtype=_DTYPE[elem]),
+            x.new_empty(shapes[2], dtype=ELEM_FORMATS[elem].dtype),
             x.new_empty(shapes[3], **f32),
         )
 

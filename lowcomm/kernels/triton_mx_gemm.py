@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_quantize import HAVE_TRITON
+from .triton_quantize import AS_OPS, HAVE_TRITON
 
 if HAVE_TRITON:
     import triton
@@ -267,17 +267,17 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, na
         raise ValueError(f"{name}: operands and scales must be on one device, got {where}")
     if a_scales.dtype != scale_dtype or b_scales.dtype != scale_dtype:
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
+    if config is None and AS_OPS:
+        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb)
+    return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name)
+
+
+def _gemm(a_data, a_scales, b_data, b_scales, sb: int, config: dict | None, name: str) -> torch.Tensor:
     cfg = gemm_config(sb, a_data.device)
     unknown = set(config or {}) - set(cfg)
     if unknown:
         raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
-    if config is None and hasattr(torch.ops.lowcomm, "block_scaled_matmul"):
-        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb)
     cfg.update(config or {})
-    return _gemm(a_data, a_scales, b_data, b_scales, sb, cfg)
-
-
-def _gemm(a_data, a_scales, b_data, b_scales, sb: int, cfg: dict) -> torch.Tensor:
     M, K = a_data.shape
     N = b_data.shape[1]
     c = torch.empty(M, N, dtype=torch.float32, device=a_data.device)
@@ -305,13 +305,13 @@ def _gemm(a_data, a_scales, b_data, b_scales, sb: int, cfg: dict) -> torch.Tenso
     return c
 
 
-if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+if AS_OPS:
     # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
     @torch.library.custom_op("lowcomm::block_scaled_matmul", mutates_args=())
     def _block_scaled_matmul_op(
         a_data: torch.Tensor, a_scales: torch.Tensor, b_data: torch.Tensor, b_scales: torch.Tensor, block: int
     ) -> torch.Tensor:
-        return _gemm(a_data, a_scales, b_data, b_scales, block, gemm_config(block, a_data.device))
+        return _gemm(a_data, a_scales, b_data, b_scales, block, None, "block_scaled_matmul")
 
     @_block_scaled_matmul_op.register_fake
     def _(a_data, a_scales, b_data, b_scales, block):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .formats import ELEM_FORMATS
+
 try:
     import triton
     import triton.language as tl
@@ -35,6 +37,11 @@ _EMAX = {
     "e4m3": (448.0, 8, 0x600000, 3, 2.0**-6, 1.5 * 2.0**14),
     "e5m2": (57344.0, 15, 0x600000, 2, 2.0**-14, 1.5 * 2.0**7),
 }
+
+#: the Triton kernels run as torch.library operators (torch.compile keeps them whole; torch >= 2.4)
+AS_OPS = HAVE_TRITON and hasattr(torch.library, "custom_op")
+#: the byte torch writes for NaN (fp8 NaN conversion differs across backends)
+NAN_BYTE = {e: int(torch.tensor(float("nan")).to(ELEM_FORMATS[e].dtype).view(torch.uint8)) for e in _EMAX}
 
 if HAVE_TRITON:
 
@@ -283,18 +290,17 @@ def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
         raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name} takes fp32, bf16 or fp16, got {x.dtype}")
-    cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
-    unknown = set(config or {}) - set(cfg)
-    if unknown:
-        raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
-    cfg.update(config or {})
-    if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
-        raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
-    if config is None and hasattr(torch.ops.lowcomm, "mx_quantize"):
+    if config is None and AS_OPS:
         out = torch.ops.lowcomm.mx_quantize(x, elem, scale_rule, rows, cols)
     else:
-        out = _run(x, elem, scale_rule, rows, cols, cfg)
-    return (*out[:2], None, None) if not cols else ((None, None, *out[2:]) if not rows else out)
+        out = _run(x, elem, scale_rule, rows, cols, config, name)
+    return copies_made(out, rows, cols)
+
+
+def copies_made(out: tuple, rows: bool, cols: bool) -> tuple:
+    """``(data, scales, t_data, t_scales)`` of a two-copy quantize with ``None`` for a copy not
+    made (an operator returns empty tensors for it)."""
+    return (*out[:2], None, None) if not cols else ((None, None, *out[2:]) if not rows else tuple(out))
 
 
 def _shapes(x: torch.Tensor, rows: bool, cols: bool):
@@ -306,10 +312,16 @@ def _shapes(x: torch.Tensor, rows: bool, cols: bool):
     )
 
 
-def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, cfg: dict):
+def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | None, name: str):
+    cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
+    unknown = set(config or {}) - set(cfg)
+    if unknown:
+        raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
+    cfg.update(config or {})
+    if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
+        raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
     x = x.contiguous()
     R, C = x.shape
-    dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
     maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
     (rq, rs), (cq, cs) = _shapes(x, rows, cols)
     row_q = torch.empty(rq, dtype=torch.uint8, device=x.device)
@@ -330,29 +342,28 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, cfg: dict):
             MBITS=mbits,
             MIN_NORMAL=min_normal,
             SUB_C=sub_c,
-            NAN_BYTE=int(torch.tensor(float("nan")).to(dtype).view(torch.uint8)),
+            NAN_BYTE=NAN_BYTE[elem],
             RCEIL=scale_rule == "rceil",
             E5M2=elem == "e5m2",
             ROWS=rows,
             COLS=cols,
             **cfg,
         )
-    return row_q.view(dtype), row_s, col_q.view(dtype), col_s
+    return row_q.view(ELEM_FORMATS[elem].dtype), row_s, col_q.view(ELEM_FORMATS[elem].dtype), col_s
 
 
-if HAVE_TRITON and hasattr(torch.library, "custom_op"):
+if AS_OPS:
     # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
     @torch.library.custom_op("lowcomm::mx_quantize", mutates_args=())
     def _mx_quantize_op(
         x: torch.Tensor, elem: str, scale_rule: str, rows: bool, cols: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
-        return _run(x, elem, scale_rule, rows, cols, cfg)
+        return _run(x, elem, scale_rule, rows, cols, None, "mx_quantize")
 
     @_mx_quantize_op.register_fake
     def _(x, elem, scale_rule, rows, cols):
         (rq, rs), (cq, cs) = _shapes(x, rows, cols)
-        dtype = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
+        dtype = ELEM_FORMATS[elem].dtype
         u8 = torch.uint8
         return (
             x.new_empty(rq, dtype=dtype),
