@@ -347,12 +347,10 @@ class CoordinatorState:
     def _register(self, b: dict, now: float) -> tuple[str, dict]:
         wid, fp = b["worker_id"], b.get("fingerprint", "")
         holds_state = bool(b.get("holds_state", False))
-        if fp:
-            if fp != self.fingerprint and holds_state and not (self.fingerprint_pinned or self.formed_any):
+        if fp and fp != self.fingerprint:
+            if self.fingerprint is None or (holds_state and not (self.fingerprint_pinned or self.formed_any)):
                 self._adopt_configuration(wid, fp, now)
-            if self.fingerprint is None:
-                self.fingerprint = fp
-            elif fp != self.fingerprint:
+            else:
                 raise Refusal(
                     f"worker {wid!r} runs another configuration (fingerprint {fp[:12]}, the job's "
                     f"{self.fingerprint[:12]}): same model, schedule, codec and fragments are required",
@@ -465,24 +463,24 @@ class CoordinatorState:
                 self._gone(d, now)
 
     def _adopt_configuration(self, wid: str, fp: str, now: float) -> None:
-        """A worker that holds the job's state defines the job's configuration: members that came
-        first (to a restarted coordinator, holding nothing) with another one are removed, and are
-        refused when they register again. The seventh soak run's case: after a coordinator restart a
-        worker with another model registered first and every worker of the job was refused."""
-        if self.fingerprint is not None:
-            for other in [w for w, f in self.fingerprints.items() if f != fp]:
-                log.warning(
-                    "%s brings the job's state with configuration %s: %s, registered before it with "
-                    "configuration %s, is removed",
-                    wid,
-                    fp[:12],
-                    other,
-                    self.fingerprints[other][:12],
-                )
-                if self.membership.get(other) is not None:
-                    self.membership = leave(self.membership, other)
-                    self._gone(other, now)
-                self.fingerprints.pop(other, None)
+        """``fp`` becomes the job's configuration: the first one, or that of a worker holding the
+        job's state, which defines it. Members that came first (to a restarted coordinator, holding
+        nothing) with another one are removed, and are refused when they register again. The
+        seventh soak run's case: after a coordinator restart a worker with another model
+        registered first and every worker of the job was refused."""
+        for other in [w for w, f in self.fingerprints.items() if f != fp]:
+            log.warning(
+                "%s brings the job's state with configuration %s: %s, registered before it with "
+                "configuration %s, is removed",
+                wid,
+                fp[:12],
+                other,
+                self.fingerprints[other][:12],
+            )
+            if self.membership.get(other) is not None:
+                self.membership = leave(self.membership, other)
+                self._gone(other, now)
+            self.fingerprints.pop(other, None)
         self.fingerprint = fp
 
     def _gone(self, wid: str, now: float) -> None:
