@@ -625,6 +625,12 @@ def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, t
     calls = []
     monkeypatch.setattr(gemm, "_capability", lambda device: (10, 0) if recipe == "mxfp8" else (9, 0))
     monkeypatch.setattr(gemm, "_triton_runs_on", lambda device: False)  # the torch reference quantizes
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    def no_triton(*a, **k):
+        raise AssertionError("the per-GEMM torch path was asked for, not the Triton quantize")
+
+    monkeypatch.setattr(triton_fp8, "fp8_quantize_dual", no_triton)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
     outs = _emulated_and_scaled_mm_layers(recipe, tokens)
     assert len(calls) == 3  # fprop, dgrad, wgrad
