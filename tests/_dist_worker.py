@@ -72,7 +72,7 @@ def main() -> None:
             dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
         except ValueError as e:
             open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(str(e))
-            sys.exit(3)
+            os._exit(3)  # as the other refusals: no teardown of a group the peer is leaving too
         stream = topo.replica * topo.procs_per_replica + topo.local_rank
         rounds = []
         steps = sc.get("short_steps", sc["steps"]) if sc.get("short_rank") == topo.rank else sc["steps"]
