@@ -270,3 +270,20 @@ def test_trainer_under_launch_matches_the_local_trainer(tmp_path, mode):
     assert (d["global_params_sha256"] is None) == (mode == "dp")
     assert d["final_eval_loss"] == lo["final_eval_loss"]
     assert d["bytes_sent_per_replica"] == lo["bytes_sent_per_replica"]
+
+
+def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
+    """Under `lowcomm launch`, replicas of `lowcomm train` given different codecs refuse the job
+    with exit code 2 and one line naming both values (the process leaves with its group open
+    instead of tearing it down beside a peer that is leaving too, which could abort it)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    train = [sys.executable, "-m", "lowcomm", "train", "--corpus", corpus, *TINY_FLAGS]
+    train += ["--mode", "diloco", "--steps", "4", "--sync-every", "2", "--quiet"]
+    script = '[ "$RANK" = 1 ] && c=e3m0 || c=int8; exec "$@" --codec $c --run-dir "$RUN_DIR$RANK"'
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", "sh", "-c", script, "sh"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RUN_DIR": str(tmp_path / "run")}
+    res = subprocess.run(cmd + train, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    refusals = [line for line in res.stderr.splitlines() if line.startswith("lowcomm: error:")]
+    assert refusals and all("int8" in r and "e3m0" in r for r in refusals), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -487,10 +487,23 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     if not cfg.elastic.enabled:
-        s = train(cfg, progress=not args.quiet)
+        try:
+            s = train(cfg, progress=not args.quiet)
+        except (ValueError, FileNotFoundError) as e:
+            if not _process_group_alive():
+                raise  # main() reports it
+            # a refusal under launch/torchrun (say, replicas configured apart): the peers refuse
+            # too and tear their groups down at the same time, which can abort a process exiting
+            # through the interpreter's shutdown (gloo), so leave at once with the refusal's code
+            print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
+            os._exit(ExitCode.USAGE)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_comparison({cfg.run.mode: s}))
             print(f"records in {Path(cfg.run.run_dir).resolve()}")
+        if _process_group_alive():  # a finished job: every peer is past its last collective
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
         return ExitCode.OK
     try:
         s = train(cfg, progress=not args.quiet)
@@ -512,6 +525,12 @@ def _train(args: argparse.Namespace) -> int:
     # a collective given up on a dead peer leaves a gloo thread behind that would abort the
     # interpreter's shutdown; the records are closed, so leave at once
     os._exit(ExitCode.OK)
+
+
+def _process_group_alive() -> bool:
+    """Whether this process is in a torch.distributed job (launch/torchrun) whose group is open."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _chaos(args: argparse.Namespace) -> int:
