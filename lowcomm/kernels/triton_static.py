@@ -74,6 +74,25 @@ def _mma_kind(ptx: str) -> str | None:
     return m.group(1) if m else None
 
 
+_WIDTH = re.compile(r"\bst\.global(?:\.\w+)*?(?:\.v(\d))?\.[bsuf](\d+)\b")
+
+
+def _sync_and_stores(ptx: str) -> dict:
+    """What a memory-bound kernel's PTX costs beyond its loads: ``barriers`` (CTA-wide
+    ``bar.sync``), ``shuffles`` (``shfl.sync``: values moved between a warp's threads) and
+    ``global_stores`` ({bytes per thread per store instruction: how many}; 16 is a whole
+    16-byte packet). Static counts of the instructions, not of their executions."""
+    stores: dict[int, int] = {}
+    for vec, bits in _WIDTH.findall(ptx):
+        width = int(vec or 1) * int(bits) // 8
+        stores[width] = stores.get(width, 0) + 1
+    return {
+        "barriers": len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
+        "shuffles": len(re.findall(r"\bshfl\.sync\b", ptx)),
+        "global_stores": dict(sorted(stores.items())),
+    }
+
+
 def _constexprs(spec: KernelSpec) -> dict:
     return {p.name: spec.constexprs.get(p.name, p.default) for p in spec.fn.params if p.is_constexpr}
 
@@ -85,7 +104,8 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes"
         (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
         "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
-        of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "compile_s"}``, or
+        of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "barriers",
+        "shuffles", "global_stores" (see :func:`_sync_and_stores`), "compile_s"}``, or
         the first five keys with ``"error"`` when it does not compile.
 
     Raises:
@@ -130,6 +150,7 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     # waited for before the next instruction that needs its result (nothing hides behind it)
     waits = re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", compiled.asm["ptx"])
     row["wgmma_waits"] = sorted({int(w) for w in waits})
+    row.update(_sync_and_stores(compiled.asm["ptx"]))
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     return row
 
