@@ -11,14 +11,16 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
   (quantize included), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
-  dual-axis MX quantize and the fp8 dual quantize (tensorwise, rowwise; against the same copies
-  made by torch ops) in bytes read + written per second, and a copy for the bandwidth it has;
+  dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned) and the fp8
+  dual quantize (tensorwise, rowwise; against the same copies made by torch ops) in bytes read +
+  written per second, and a copy for the bandwidth it has;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
 - the reference model trained ``--train-steps`` steps in fp32 and in each recipe: loss ratios.
 
 ``--static`` instead compiles every Triton kernel at its CUDA launch configuration for sm_90a and
 sm_100a on this machine (no GPU needed; lowcomm.kernels.triton_static) and records registers,
-spills, shared memory and the MMA instruction issued: what the compiler made, not how fast it runs.
+spills, shared memory, the MMA instruction issued, barriers, shuffles and store widths: what the
+compiler made, not how fast it runs.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
-    from lowcomm.kernels.triton_quantize import mx_quantize_dual
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, last_tuned_config, mx_quantize_dual
 
     scaled = "scaled_mm" if device == "cuda" else "emulated"  # CPU: the smoke test of this script
     rows = []
@@ -119,6 +121,11 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
         moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         _time_rate(row, "dual_quantize", moved, lambda a=a: mx_quantize_dual(a), bench, unit="TBps")
+        row["dual_quantize_tiles"] = last_tuned_config()  # what the autotuner took (None: no tuning)
+        for cfg in QUANTIZE_CUDA_CONFIGS:  # each candidate, pinned
+            tile = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}w{cfg['num_warps']}"
+            pinned = partial(mx_quantize_dual, a, config=cfg)
+            _time_rate(row, f"dual_quantize_{tile}", moved, pinned, bench, unit="TBps")
         _time_rate(row, "copy", 2 * a.numel() * a.element_size(), a.clone, bench, unit="TBps")
         # fp8: both copies a Linear's GEMMs read (as it is, and transposed), ideal traffic: one read
         # of a, two fp8 writes; the Triton kernels read a twice (amax, cast). Against the torch ops

@@ -192,11 +192,12 @@ def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
 @pytest.mark.parametrize("tiles", ["default", "cuda", "64x128"])
 def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem, rule, dtype, tiles):
     """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx,
-    also at the CUDA launch tiles and at 64 x 128 (the (96, 96) input ends inside a tile)."""
+    also at every CUDA candidate tile (the autotuner may pick any) and at 64 x 128 (the (96, 96)
+    input ends inside a tile)."""
     pytest.importorskip("triton")
-    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIG, mx_quantize_dual
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, mx_quantize_dual
 
-    config = {"cuda": QUANTIZE_CUDA_CONFIG, "64x128": {"BLOCK_R": 64, "BLOCK_C": 128}}.get(tiles)
+    configs = {"cuda": QUANTIZE_CUDA_CONFIGS, "64x128": [{"BLOCK_R": 64, "BLOCK_C": 128}]}.get(tiles, [None])
     torch.manual_seed(0)
     x = (torch.randn(96, 96) * torch.logspace(-6, 6, 96)).to(dtype)
     x[3, 5] = float("nan")
@@ -205,12 +206,48 @@ def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem,
     x[11, 0] = 1e-40 if dtype == torch.float32 else 1e-30  # a subnormal input
     x[12, 40] = -0.0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rq, rs, cq, cs = (t.cpu() for t in mx_quantize_dual(x.to(dev), elem, rule, config=config))
     d_r, s_r = quantize_mx(x, elem=elem, scale_rule=rule, axis=-1)
     d_c, s_c = quantize_mx(x, elem=elem, scale_rule=rule, axis=0)
-    assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8))
-    assert torch.equal(cq.view(torch.uint8), d_c.view(torch.uint8))
-    assert torch.equal(rs, s_r) and torch.equal(cs, s_c)
+    for config in configs:
+        rq, rs, cq, cs = (t.cpu() for t in mx_quantize_dual(x.to(dev), elem, rule, config=config))
+        assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8)), config
+        assert torch.equal(cq.view(torch.uint8), d_c.view(torch.uint8)), config
+        assert torch.equal(rs, s_r) and torch.equal(cs, s_c), config
+
+
+def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keeps_the_bytes(monkeypatch):
+    """On CUDA the MX quantize picks its tiles by timing QUANTIZE_CUDA_CONFIGS; here the timing is
+    a stand-in (the interpreter has no GPU timer) that makes the last candidate fastest: it is the
+    one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
+    LOWCOMM_AUTOTUNE=0 pins the first candidate."""
+    pytest.importorskip("triton")
+    import lowcomm.kernels.triton_quantize as tq
+
+    timed = []
+
+    def bench(kernel_call, quantiles=None):  # candidates are timed in their order
+        kernel_call()
+        timed.append(len(timed))
+        t = 10.0 - (len(timed) - 1) % len(tq.QUANTIZE_CUDA_CONFIGS)
+        return [t, t, t]
+
+    monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
+    monkeypatch.setattr(tq, "_TUNED", None)
+    monkeypatch.setattr(tq, "autotuning", lambda device: True)
+    x = torch.randn(64, 96)
+    for shape_runs, y in ((1, x), (1, x * 2), (2, torch.randn(32, 64))):
+        rq, rs, cq, cs = tq.mx_quantize_dual(y)
+        assert len(timed) == shape_runs * len(tq.QUANTIZE_CUDA_CONFIGS)
+        assert tq.last_tuned_config() == tq.QUANTIZE_CUDA_CONFIGS[-1]
+        d_r, s_r = quantize_mx(y, axis=-1)
+        d_c, s_c = quantize_mx(y, axis=0)
+        assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8)) and torch.equal(rs, s_r)
+        assert torch.equal(cq.view(torch.uint8), d_c.view(torch.uint8)) and torch.equal(cs, s_c)
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWCOMM_AUTOTUNE", "0")
+    assert not tq.autotuning(torch.device("cuda")) and not tq.autotuning(torch.device("cpu"))
+    monkeypatch.delenv("LOWCOMM_AUTOTUNE")
+    assert tq.autotuning(torch.device("cuda"))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
@@ -404,7 +441,10 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     gemm, quant = hopper[:6], hopper[6:]
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
     fp8 = rows(90, "fp8_quantize_dual")  # amax and cast, tensorwise and rowwise
-    assert len(gemm) == 6 and len(quant) == 4 and len(blackwell) == 1  # quantize: dual, row, col, e5m2
+    # quantize: dual, row, col, e5m2 at the default tiles, then the dual at each other candidate
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
+
+    assert len(gemm) == 6 and len(quant) == 3 + len(QUANTIZE_CUDA_CONFIGS) and len(blackwell) == 1
     assert len(fp8) == 4
     for row in gemm + quant + blackwell + fp8:
         assert "error" not in row, row
@@ -413,6 +453,11 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     assert blackwell[0]["mma"].startswith("tcgen05.mma") and "f8f6f4" in blackwell[0]["mma"]
     assert all(row["mma"] is None for row in quant + fp8)
+    casts = [row for row in fp8 if " cast " in row["kernel"]]
+    for row in quant + casts:  # the fp8 data leaves in whole 16-byte packets (scales: a byte each)
+        widths = {int(w) for w in row["global_stores"]}  # JSON keys: bytes per store
+        assert max(widths) == 16 and widths <= {1, 2, 16}, row
+    assert quant[0]["barriers"] == 0, quant[0]  # the default tile: each column's block in one warp
 
 
 def _emulated_and_scaled_mm_layers(
@@ -745,7 +790,12 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     gemms.append("mx_exact_triton_bT")
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch")]
-    assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8])
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
+
+    tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
+    assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
+    took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
+    assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
     assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))
 
 

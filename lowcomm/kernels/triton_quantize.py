@@ -1,8 +1,8 @@
 """Fused MXFP8 quantization in Triton: one read of a tensor, both blocked copies written.
 
 A training step needs each operand blocked along two axes (fprop along in-features, dgrad along
-out-features, wgrad along tokens). :func:`mx_quantize_dual` reads a (R, C) tensor once, a tile of
-32 x 128 per program on CUDA, and writes
+out-features, wgrad along tokens). :func:`mx_quantize_dual` reads a (R, C) tensor once, a tile per
+program (on CUDA the fastest of QUANTIZE_CUDA_CONFIGS, timed once per shape), and writes
 
     row-blocked:    data (R, C) E4M3, scales (R, C/32)  - 32 consecutive elements of a row share a scale
     column-blocked: data (R, C) E4M3, scales (R/32, C)  - 32 consecutive elements of a column
@@ -10,12 +10,15 @@ out-features, wgrad along tokens). :func:`mx_quantize_dual` reads a (R, C) tenso
 bit for bit as :func:`lowcomm.kernels.quantize_mx` with ``axis=-1`` and ``axis=0``;
 :func:`mx_quantize` writes one of them (the same kernel, the other copy compiled out). Scales are
 computed from the bits of the block's absolute maximum (no division, no transcendental), so the
-result does not depend on the GPU's approximate division or exp2.
+result does not depend on the GPU's approximate division or exp2; that maximum is one integer
+reduction of the bits of |x|, which also flags a non-finite block (its exponent bits are all ones).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -80,8 +83,7 @@ if HAVE_TRITON:
     @triton.jit
     def _mx_blocks(
         x3,
-        ax3,
-        bad3,
+        mag3,
         AXIS: tl.constexpr,
         MAXV: tl.constexpr,
         EMAX: tl.constexpr,
@@ -93,9 +95,13 @@ if HAVE_TRITON:
         SUB_C: tl.constexpr,
         NAN_BYTE: tl.constexpr,
     ):
-        # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0 bytes
-        amax = tl.max(ax3, axis=AXIS)
-        bad = tl.max(bad3, axis=AXIS) > 0
+        # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0 bytes.
+        # mag3 holds the bits of |x| as int32, which order as the floats do and put inf and NaN
+        # (exponent all ones) above every finite value: one reduction gives the block's absolute
+        # maximum and whether it holds a non-finite value (a block of NaN)
+        amax_bits = tl.max(mag3, axis=AXIS)
+        bad = amax_bits >= 0x7F800000
+        amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
         k = _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL)
         y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
         if not RCEIL:  # OCP floor rule: saturate
@@ -142,15 +148,13 @@ if HAVE_TRITON:
         inside = (rows < R)[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)  # one read
-        bad = (x != x) | (tl.abs(x) == float("inf"))
-        ax = tl.where(bad, 0.0, tl.abs(x))
-        badi = bad.to(tl.int32)
+        mag = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| as ordered integer bits
         NB_C: tl.constexpr = BLOCK_C // 32
         NB_R: tl.constexpr = BLOCK_R // 32
         if ROWS:  # row-blocked: 32 consecutive elements of a row share a scale
             shape_r: tl.constexpr = (BLOCK_R, NB_C, 32)
             q, s = _mx_blocks(
-                tl.reshape(x, shape_r), tl.reshape(ax, shape_r), tl.reshape(badi, shape_r), 2,
+                tl.reshape(x, shape_r), tl.reshape(mag, shape_r), 2,
                 MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
             )  # fmt: skip
             tl.store(row_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
@@ -163,7 +167,7 @@ if HAVE_TRITON:
         if COLS:  # column-blocked: 32 consecutive elements of a column share a scale
             shape_c: tl.constexpr = (NB_R, 32, BLOCK_C)
             q, s = _mx_blocks(
-                tl.reshape(x, shape_c), tl.reshape(ax, shape_c), tl.reshape(badi, shape_c), 1,
+                tl.reshape(x, shape_c), tl.reshape(mag, shape_c), 1,
                 MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
             )  # fmt: skip
             tl.store(col_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
@@ -175,12 +179,29 @@ if HAVE_TRITON:
             )
 
 
-# Tiles per program. CUDA: 32 x 128 with 8 warps, chosen by compiling for sm_90a on CPU: 16
-# elements and about 80 registers per thread for both copies, no spills (64 x 128 with 4 warps
-# reached the 255 cap, which would leave 8 warps per SM for a bandwidth-bound kernel); rows of 128
-# keep loads and the row-scale stores contiguous. Bandwidth not measured yet. The interpreter runs
-# 32 x 32 tiles (tests also run the CUDA tiles there).
-QUANTIZE_CUDA_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 8}
+# Tiles per program on CUDA. The candidates were chosen by compiling each tile shape and warp
+# count for sm_90a on CPU (``python -m lowcomm.kernels.triton_static``) and keeping those with no
+# spills and whole 16-byte stores of the fp8 data; counted in the PTX of the bf16 -> e4m3 dual
+# kernel (barriers, warp shuffles, registers):
+#   32 x 32, 1 warp    0 barriers,  4 shuffles, 102 registers (the default without tuning)
+#   64 x 32, 1 warp    0,  6, 144
+#   32 x 64, 1 warp    0, 54, 150
+#   32 x 128, 4 warps 11, 66,  95
+#   32 x 128, 8 warps 19, 33,  64 (the tile measured on the H200 at 0.71 TB/s, when it took
+#                                  35 barriers and 114 shuffles: before one integer reduction
+#                                  replaced a float one and a flag one)
+# A column's block spans threads (and warps, beyond one warp), so fewer warps per tile mean fewer
+# barriers. Which is fastest is the GPU's to say: on CUDA the kernel is autotuned over them once
+# per shape (LOWCOMM_AUTOTUNE=0 pins the first); every candidate writes the same bytes (tested).
+# The interpreter runs 32 x 32 tiles (tests also run every CUDA candidate there).
+QUANTIZE_CUDA_CONFIGS = (
+    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1},
+    {"BLOCK_R": 64, "BLOCK_C": 32, "num_warps": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4},
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 8},
+)
+QUANTIZE_CUDA_CONFIG = QUANTIZE_CUDA_CONFIGS[0]
 QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
 _STATIC_ELEMS = (("e4m3", "rceil"), ("e5m2", "floor"))
 
@@ -191,9 +212,12 @@ def static_specs() -> list:
     from .triton_static import KernelSpec
 
     specs = []
-    cases = [(src, elem, rule, (True, True)) for src in ("bf16", "fp32") for elem, rule in _STATIC_ELEMS]
-    cases += [("bf16", "e4m3", "rceil", (True, False)), ("bf16", "e4m3", "rceil", (False, True))]
-    for src, elem, rule, (rows, cols) in cases:
+    first = QUANTIZE_CUDA_CONFIG
+    cases = [(s, e, r, (True, True), first) for s in ("bf16", "fp32") for e, r in _STATIC_ELEMS]
+    one = ("bf16", "e4m3", "rceil")
+    cases += [(*one, (True, False), first), (*one, (False, True), first)]
+    cases += [(*one, (True, True), cfg) for cfg in QUANTIZE_CUDA_CONFIGS[1:]]
+    for src, elem, rule, (rows, cols), cfg in cases:
         maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
         consts = dict(
             MAXV=maxv,
@@ -205,8 +229,8 @@ def static_specs() -> list:
             MIN_NORMAL=min_normal,
             SUB_C=sub_c,
             NAN_BYTE=0x7F,
-            BLOCK_R=QUANTIZE_CUDA_CONFIG["BLOCK_R"],
-            BLOCK_C=QUANTIZE_CUDA_CONFIG["BLOCK_C"],
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_C=cfg["BLOCK_C"],
             ROWS=rows,
             COLS=cols,
         )
@@ -214,13 +238,14 @@ def static_specs() -> list:
         sig.update({"col_s_ptr": "*u8", "R": "i32", "C": "i32"})
         sig.update({k: "constexpr" for k in consts})
         name = "mx_quantize_dual" if rows and cols else f"mx_quantize axis={-1 if rows else 0}"
+        tile = "" if cfg is first else f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {cfg['num_warps']} warps"
         specs.append(
             KernelSpec(
-                name=f"{name} ({src} -> {elem}, {rule})",
+                name=f"{name} ({src} -> {elem}, {rule}{tile})",
                 fn=_mx_dual_kernel,
                 signature=sig,
                 constexprs=consts,
-                num_warps=QUANTIZE_CUDA_CONFIG["num_warps"],
+                num_warps=cfg["num_warps"],
                 num_stages=1,
                 aligned=("R", "C"),
             )
@@ -312,6 +337,37 @@ def _shapes(x: torch.Tensor, rows: bool, cols: bool):
     )
 
 
+def autotuning(device: torch.device) -> bool:
+    """Whether a kernel launched on ``device`` without a config picks its tiles by timing the
+    candidates (CUDA, unless LOWCOMM_AUTOTUNE=0)."""
+    return device.type == "cuda" and os.environ.get("LOWCOMM_AUTOTUNE", "1") != "0"
+
+
+def _tuned_kernel():
+    """The dual kernel autotuned over QUANTIZE_CUDA_CONFIGS, once per shape, copies and format."""
+    global _TUNED
+    if _TUNED is None:
+        configs = [
+            triton.Config({k: c[k] for k in ("BLOCK_R", "BLOCK_C")}, num_warps=c["num_warps"], num_stages=1)
+            for c in QUANTIZE_CUDA_CONFIGS
+        ]
+        key = ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"]
+        _TUNED = triton.autotune(configs, key=key, do_bench=_AUTOTUNE_BENCH)(_mx_dual_kernel)
+    return _TUNED
+
+
+_TUNED = None
+#: how the autotuner times a candidate: None is Triton's benchmarker on the GPU (tests on CPU set
+#: their own, with _TUNED reset)
+_AUTOTUNE_BENCH = None
+
+
+def last_tuned_config() -> dict | None:
+    """The tiles the autotuner picked for its last launch (None before any), for benchmarks."""
+    best = getattr(_TUNED, "best_config", None)
+    return None if best is None else {**best.kwargs, "num_warps": best.num_warps}
+
+
 def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | None, name: str):
     cfg = dict(QUANTIZE_CUDA_CONFIG if x.device.type == "cuda" else QUANTIZE_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
@@ -320,6 +376,7 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     cfg.update(config or {})
     if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
         raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
+    tune = config is None and autotuning(x.device)
     x = x.contiguous()
     R, C = x.shape
     maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
@@ -330,7 +387,12 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     col_s = torch.empty(cs, dtype=torch.uint8, device=x.device)
     if R and C:
         written = (row_q, row_s) if rows else (col_q, col_s)  # stands in for the copy not written
-        _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))](
+        if tune:
+            kernel = _tuned_kernel()[lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))]
+            cfg = {}
+        else:
+            kernel = _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))]
+        kernel(
             x,
             *(row_q, row_s) if rows else written,
             *(col_q, col_s) if cols else written,
