@@ -238,7 +238,8 @@ def static_specs() -> list:
         sig.update({"col_s_ptr": "*u8", "R": "i32", "C": "i32"})
         sig.update({k: "constexpr" for k in consts})
         name = "mx_quantize_dual" if rows and cols else f"mx_quantize axis={-1 if rows else 0}"
-        tile = "" if cfg is first else f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {cfg['num_warps']} warps"
+        w = cfg["num_warps"]
+        tile = "" if cfg is first else f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {w} warp{'s' * (w > 1)}"
         specs.append(
             KernelSpec(
                 name=f"{name} ({src} -> {elem}, {rule}{tile})",
