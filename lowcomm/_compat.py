@@ -10,7 +10,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
     import tomli as tomllib
 
-__all__ = ["tomllib", "MissingExtra", "require", "pyplot", "EXTRAS"]
+__all__ = ["tomllib", "MissingExtra", "require", "pyplot", "EXTRAS", "listen_fd_store_kwargs"]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
 EXTRAS = {
@@ -42,3 +42,12 @@ def pyplot(feature: str) -> ModuleType:
     """``matplotlib.pyplot`` drawing to files (the Agg backend: no display needed)."""
     require("matplotlib", feature).use("Agg")
     return importlib.import_module("matplotlib.pyplot")
+
+
+def listen_fd_store_kwargs() -> dict:
+    """What ``torch.distributed.TCPStore`` needs besides ``master_listen_fd`` to serve on a socket
+    it is handed: before torch 2.8 only the legacy backend could (the libuv one, the default since
+    2.4, refused with "does not support initialization with an listen fd"; pytorch#150215)."""
+    import torch
+
+    return {} if torch.__version__ >= "2.8" else {"use_libuv": False}

@@ -419,3 +419,18 @@ def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
     work = group.all_reduce_mean(torch.ones(8), get_codec("fp32"), "two_phase")
     with pytest.raises(ResyncRequired, match="committed without this worker's result"):
         work.wait()
+
+
+@pytest.mark.parametrize(("version", "legacy"), [("2.4.1", True), ("2.7.1+cu126", True), ("2.8.0", False)])
+def test_the_store_serving_a_handed_socket_takes_the_backend_its_torch_allows(monkeypatch, version, legacy):
+    """TCPStore's libuv backend serves a socket it is handed only from torch 2.8 on: before, the
+    coordinator's store must ask for the legacy one (torch 2.4 refused to start it). Versions
+    compare as versions (2.10 is after 2.8)."""
+    from torch.torch_version import TorchVersion
+
+    from lowcomm._compat import listen_fd_store_kwargs
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    assert listen_fd_store_kwargs() == ({"use_libuv": False} if legacy else {})
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.10.0"))
+    assert listen_fd_store_kwargs() == {}

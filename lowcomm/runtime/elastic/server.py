@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 
-from ..._compat import require
+from ..._compat import listen_fd_store_kwargs, require
 from .membership import Deadline
 from .protocol import (
     FIRST_CONTACT_WINDOW_S,
@@ -136,7 +136,12 @@ class Coordinator:
         self._store_socket = sock  # kept open: the store serves on it
         port = sock.getsockname()[1]
         store = dist.TCPStore(
-            listen, port, is_master=True, wait_for_workers=False, master_listen_fd=sock.fileno()
+            listen,
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            master_listen_fd=sock.fileno(),
+            **listen_fd_store_kwargs(),
         )
         return store, f"{'127.0.0.1' if wildcard else host}:{port}"
 
