@@ -126,17 +126,44 @@ def test_a_message_replayed_to_a_restarted_coordinator_is_refused(tmp_path):
 def test_the_store_listens_where_the_coordinator_binds_and_records_hold_no_rendezvous(tmp_path):
     coord = Coordinator("tcp://127.0.0.1:0", "job", KEY)
     try:
-        assert coord._store_socket.getsockname()[0] == "127.0.0.1"
+        assert coord.store_bound == "127.0.0.1"
         assert coord.state.store.startswith("127.0.0.1:")
     finally:
         coord._sock.close(0)
-        coord._store_socket.close()
+        del coord._store  # the store closes the socket it was handed (closing it under a live
+        # store aborts the process on torch < 2.8, whose store then runs the legacy backend)
     with pytest.raises(ValueError, match="bind='http://x:1' is not allowed"):
         Coordinator("http://x:1", "job", KEY)
     with pytest.raises(ValueError, match="job=.* is not allowed: printable ASCII"):
         Coordinator("tcp://127.0.0.1:0", "x" * 300, KEY)
     with pytest.raises(ValueError, match="job=.* is not allowed"):
         Coordinator("tcp://127.0.0.1:0", "two words", KEY)
+
+
+def test_a_stopped_coordinator_ends_cleanly_and_its_store_stops_listening():
+    """serve() ends without an error when stopped, and the store's socket closes with the store:
+    the store owns it (it used to be closed a second time after the store had closed it)."""
+    import socket
+    import threading
+
+    coord = Coordinator("tcp://127.0.0.1:0", "job", KEY)
+    port = int(coord.state.store.rsplit(":", 1)[1])
+    errors = []
+
+    def serve():
+        try:
+            coord.serve()
+        except BaseException as e:  # noqa: BLE001 - the test reports whatever escaped
+            errors.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()  # the store serves
+    coord.stop()
+    t.join(10)
+    assert not t.is_alive() and errors == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_a_name_with_a_newline_is_refused_before_it_reaches_a_log():

@@ -17,6 +17,7 @@ training tensors.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -133,16 +134,20 @@ class Coordinator:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((socket.gethostbyname(listen), 0))
         sock.listen(512)
-        self._store_socket = sock  # kept open: the store serves on it
-        port = sock.getsockname()[1]
-        store = dist.TCPStore(
-            listen,
-            port,
-            is_master=True,
-            wait_for_workers=False,
-            master_listen_fd=sock.fileno(),
-            **listen_fd_store_kwargs(),
-        )
+        self.store_bound, port = sock.getsockname()[:2]
+        fd = sock.detach()  # the store owns the socket from here and closes it when it goes
+        try:
+            store = dist.TCPStore(
+                listen,
+                port,
+                is_master=True,
+                wait_for_workers=False,
+                master_listen_fd=fd,
+                **listen_fd_store_kwargs(),
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         return store, f"{'127.0.0.1' if wildcard else host}:{port}"
 
     def stop(self) -> None:
@@ -168,8 +173,7 @@ class Coordinator:
                     self._send_all(self.state.tick(now))
         finally:
             self._sock.close(0)
-            del self._store
-            self._store_socket.close()
+            del self._store  # the store closes its listening socket
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
