@@ -151,6 +151,28 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_under_ddp(t
     callback.on_train_end(_hf_args(tmp_path), None, None)
 
 
+def test_hf_callback_finds_the_optimizer_where_transformers_4_47_to_4_49_put_it(tmp_path):
+    """Those releases hand callbacks optimizer=None and keep the Trainer's optimizer on the state:
+    DiLoCo is built on it and steps after its step(); with no optimizer anywhere the callback says
+    what to do."""
+    from lowcomm.integrations.hf import DiLoCoTrainerCallback
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = DiLoCoTrainerCallback(LocalGroup.create(1)[0], sync_every=2)
+    state = types.SimpleNamespace(global_step=0, optimizer=opt)
+    callback.on_train_begin(_hf_args(tmp_path), state, None, model, None)
+    for _ in range(2):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    assert callback.diloco.inner_optimizer is opt and callback.diloco.step_count == 2
+    callback.on_train_end(_hf_args(tmp_path), None, None)
+    with pytest.raises(RuntimeError, match=r"handed its callbacks no optimizer.*optimizers=\(optimizer"):
+        DiLoCoTrainerCallback(LocalGroup.create(1)[0]).on_train_begin(
+            _hf_args(tmp_path), types.SimpleNamespace(global_step=0), None, model, None
+        )
+
+
 TOML = """
 [job]
 name = "other tables are left to their owners"

@@ -79,6 +79,13 @@ class DiLoCoTrainerCallback(TrainerCallback):
                 )
         # resuming, each replica's own weights came from its checkpoint: nothing to make alike
         config = self.config.replace(init="none") if saved else self.config
+        if optimizer is None:  # transformers 4.47-4.49 hand the Trainer's optimizer to the state only
+            optimizer = getattr(state, "optimizer", None)
+        if optimizer is None:
+            raise RuntimeError(
+                "the HF Trainer handed its callbacks no optimizer, which DiLoCo steps from: pass "
+                "optimizers=(optimizer, scheduler) to Trainer(...) or use another transformers release"
+            )
         self.diloco = DiLoCo(
             model, unwrap_optimizer(optimizer), self.group, outer_device(self.group, model, config)
         )
