@@ -25,6 +25,15 @@ from lowcomm.kernels import (
 )
 
 
+def _needs_triton():
+    """Skip where lowcomm's Triton kernels are off (triton missing or older than they run on);
+    CI installs a Triton they run on, so there these tests run."""
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
+
+    if not HAVE_TRITON:
+        pytest.skip(TRITON_MISSING)
+
+
 def test_rceil_scale_never_saturates_and_floor_follows_ocp():
     # amax 448·1.5 = 672: rceil picks 2^1 (672/2 = 336 <= 448); OCP floor: floor(log2 672) - 8 = 1
     x = torch.zeros(1, 32)
@@ -194,7 +203,7 @@ def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem,
     """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx,
     also at every CUDA candidate tile (the autotuner may pick any) and at 64 x 128 (the (96, 96)
     input ends inside a tile)."""
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, mx_quantize_dual
 
     configs = {"cuda": QUANTIZE_CUDA_CONFIGS, "64x128": [{"BLOCK_R": 64, "BLOCK_C": 128}]}.get(tiles, [None])
@@ -220,7 +229,7 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     a stand-in (the interpreter has no GPU timer) that makes the last candidate fastest: it is the
     one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
     LOWCOMM_AUTOTUNE=0 pins the first candidate."""
-    pytest.importorskip("triton")
+    _needs_triton()
     import lowcomm.kernels.triton_quantize as tq
 
     timed = []
@@ -255,7 +264,7 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
 def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_side(axis):
     """mx_quantize (the dual kernel writing one copy) equals quantize_mx bit for bit; the side that
     is not blocked may end anywhere (40 here), at the default and the CUDA tiles."""
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIG, mx_quantize
 
     torch.manual_seed(1)
@@ -272,7 +281,7 @@ def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_s
 
 
 def test_fused_quantize_refuses_shapes_it_cannot_take():
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
 
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -283,7 +292,7 @@ def test_fused_quantize_refuses_shapes_it_cannot_take():
 
 def test_exact_mx_triton_gemm_matches_the_emulated_path():
     """The Hopper kernel (interpreted on CPU in CI) equals dequantize-then-matmul up to fp32 order."""
-    pytest.importorskip("triton")
+    _needs_triton()
     torch.manual_seed(2)
     a = torch.randn(48, 96) * torch.logspace(-3, 3, 96)  # scales differ block to block
     b = torch.randn(96, 40)
@@ -294,7 +303,7 @@ def test_exact_mx_triton_gemm_matches_the_emulated_path():
 
 
 def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_mx_gemm import mx_matmul
 
     d = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
@@ -312,7 +321,7 @@ def test_fast_mx_triton_gemm_matches_the_emulated_fast_path(b_tile):
     """The block-scaled kernel (interpreted on CPU in CI) equals the emulated mxfp8_fast recipe up
     to fp32 order, K padded to whole groups of 128 (200 -> 256), B in 1x128 blocks or 128x128
     tiles (N padded 24 -> 128 for those)."""
-    pytest.importorskip("triton")
+    _needs_triton()
     torch.manual_seed(3)
     a = torch.randn(40, 200) * torch.logspace(-4, 4, 200)  # block scales differ inside a group
     b = torch.randn(200, 24) * torch.logspace(-2, 2, 24)  # and across columns
@@ -347,7 +356,7 @@ def test_128x128_regrouping_takes_the_tile_max_and_refuses_what_it_cannot_tile()
 
 
 def test_blockwise_triton_gemm_refuses_what_it_cannot_serve():
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul
 
     d = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
@@ -384,7 +393,7 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
     """The Triton training path (one dual quantize per tensor, the GEMMs reading transposed fp8
     copies in place, tokens padded 40 -> 64; interpreted on CPU in CI) gives the emulated layer's
     output and gradients up to fp32 summation order."""
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels import LowPrecisionLinear, triton_quantize
 
     calls = []
@@ -421,7 +430,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
     without TRITON_INTERPRET (this process interprets kernels)."""
-    pytest.importorskip("triton")
+    _needs_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; this is its default
 
@@ -497,7 +506,7 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     """The Triton fp8 quantize (interpreted on CPU in CI) against the torch reference, byte for
     byte, for the copy as it is and the transposed one: a (70, 100) input ends inside every tile;
     a zero row, NaN, infinities, a subnormal input and values over 12 decades."""
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIG, fp8_quantize_dual
 
     torch.manual_seed(1)
@@ -518,7 +527,7 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
 
 
 def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input():
-    pytest.importorskip("triton")
+    _needs_triton()
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
 
     x = torch.randn(48, 32)
@@ -599,7 +608,7 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
     _scaled_mm each for fprop, dgrad and wgrad, fp8 copies (and fp32 scales) saved for backward
     instead of x and W, and the layer equals the emulated recipe up to the output's rounding.
     2 x 20 tokens are padded to 48 for wgrad's contraction."""
-    pytest.importorskip("triton")
+    _needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
@@ -633,7 +642,7 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     mx_quantize, block_scaled_matmul), so nothing breaks the graph, and output and gradients
     equal eager mode up to the output's rounding (rowwise writes bf16, which the compiled CPU
     stand-in for _scaled_mm may skip)."""
-    pytest.importorskip("triton")
+    _needs_triton()
     import lowcomm.kernels.gemm as gemm
 
     backend = "triton" if recipe.startswith("mx") else "scaled_mm"
@@ -677,6 +686,11 @@ def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, t
 
     monkeypatch.setattr(triton_fp8, "fp8_quantize_dual", no_triton)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    if recipe == "mxfp8" and not hasattr(torch, "float8_e8m0fnu"):  # MX _scaled_mm: torch >= 2.7
+        with pytest.raises(ValueError, match=r"torch >= 2\.7 \(float8_e8m0fnu scales\)"):
+            _emulated_and_scaled_mm_layers(recipe, tokens)
+        assert choose_backend(recipe, torch.device("cpu"), "auto") == "emulated"
+        return
     outs = _emulated_and_scaled_mm_layers(recipe, tokens)
     assert len(calls) == 3  # fprop, dgrad, wgrad
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-5  # rowwise writes bf16
@@ -740,7 +754,7 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
     """An older torch/cuBLAS on sm_90 (the one-time probe fails) or an e5m2 gradient: auto takes the
     Triton 1x128 kernel (interpreted here), with a warning for the probe; the result is the fast
     recipe either way."""
-    pytest.importorskip("triton")
+    _needs_triton()
     import lowcomm.kernels.gemm as gemm
 
     def old_torch(*a, **k):
@@ -771,7 +785,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
     GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
     shapes on CPU (Triton interpreted, fp8 paths emulated) with a wall-clock timer."""
-    pytest.importorskip("triton")
+    _needs_triton()
     import time as _time
 
     bench = load_benchmark("kernels")
@@ -803,7 +817,7 @@ def test_every_exact_mx_gemm_design_tried_is_exact():
     """The designs benchmarks/mx_gemm_designs.py compares (the library kernel, the MMA issued ahead
     of the previous block's promotion, the warp-specialized loop) compute the same exact-MX product
     on a ragged shape (200 x 256 @ 256 x 136; interpreted on CPU in CI)."""
-    pytest.importorskip("triton")
+    _needs_triton()
     designs = load_benchmark("mx_gemm_designs")
     errs = designs.check("cuda" if torch.cuda.is_available() else "cpu")
     assert set(errs) == {"plain", "promote_behind", "warp_specialized"}

@@ -238,18 +238,24 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
     else:
         need = (10, 0) if recipe == "mxfp8" else (8, 9)
         can_scaled_mm = cap is not None and cap >= need and hasattr(torch, "_scaled_mm")
+        if recipe == "mxfp8" and not hasattr(torch, "float8_e8m0fnu"):  # MX scales' dtype: torch 2.7
+            can_scaled_mm = False
     if backend == "scaled_mm" and not can_scaled_mm:
         raise ValueError(
             f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
-            f"{need[0]}{need[1]}{' exactly' if recipe == 'mxfp8_fast' else ' or newer'}. "
+            f"{need[0]}{need[1]}{' exactly' if recipe == 'mxfp8_fast' else ' or newer'}"
+            f"{' and torch >= 2.7 (float8_e8m0fnu scales)' if recipe == 'mxfp8' else ''}. "
             "Use backend='emulated' or 'auto'"
         )
     if backend == "triton":
         if recipe not in ("mxfp8", "mxfp8_fast"):
             raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
         if not _triton_runs_on(device):
+            from .triton_quantize import TRITON_MISSING
+
+            why = f"; {TRITON_MISSING}" if TRITON_MISSING else ""
             raise ValueError(
-                f"backend 'triton' needs triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}"
+                f"backend 'triton' needs Triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}{why}"
             )
     if backend == "auto":
         if can_scaled_mm:

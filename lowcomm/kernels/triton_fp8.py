@@ -25,7 +25,7 @@ import torch
 
 from .formats import ELEM_FORMATS
 from .gemm import fp8_scale
-from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, NAN_BYTE, copies_made
+from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, NAN_BYTE, TRITON_MISSING, copies_made
 
 if HAVE_TRITON:
     import triton
@@ -181,7 +181,7 @@ def fp8_quantize_dual(
 
 def _check(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool) -> None:
     if not HAVE_TRITON:
-        raise RuntimeError("fp8_quantize_dual needs triton (pip install triton); or use quantize_fp8")
+        raise RuntimeError(f"fp8_quantize_dual needs Triton ({TRITON_MISSING}); or use quantize_fp8")
     if elem not in _EMAX:
         raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scaling not in SCALINGS:
@@ -263,8 +263,12 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
 
 
 if AS_OPS:
-
-    @torch.library.custom_op("lowcomm::fp8_quantize_dual", mutates_args=())
+    # the schema is spelled out: torch 2.4 cannot read it from this module's string annotations
+    @torch.library.custom_op(
+        "lowcomm::fp8_quantize_dual",
+        mutates_args=(),
+        schema="(Tensor x, str elem, str scaling, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor)",
+    )
     def _fp8_quantize_dual_op(
         x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

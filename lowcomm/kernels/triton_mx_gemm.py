@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_quantize import AS_OPS, HAVE_TRITON
+from .triton_quantize import AS_OPS, HAVE_TRITON, TRITON_MISSING
 
 if HAVE_TRITON:
     import triton
@@ -241,7 +241,7 @@ def blockwise_matmul(
 
 def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, name) -> torch.Tensor:
     if not HAVE_TRITON:
-        raise RuntimeError(f"{name} needs triton (pip install triton); use lowcomm.kernels.qmatmul")
+        raise RuntimeError(f"{name} needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.qmatmul")
     if a_data.dim() != 2 or b_data.dim() != 2:
         raise ValueError(f"{name} takes 2-D operands, got {tuple(a_data.shape)} and {tuple(b_data.shape)}")
     M, K = a_data.shape
@@ -307,7 +307,12 @@ def _gemm(a_data, a_scales, b_data, b_scales, sb: int, config: dict | None, name
 
 if AS_OPS:
     # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
-    @torch.library.custom_op("lowcomm::block_scaled_matmul", mutates_args=())
+    # the schema is spelled out: torch 2.4 cannot read it from this module's string annotations
+    @torch.library.custom_op(
+        "lowcomm::block_scaled_matmul",
+        mutates_args=(),
+        schema="(Tensor a_data, Tensor a_scales, Tensor b_data, Tensor b_scales, int block) -> Tensor",
+    )
     def _block_scaled_matmul_op(
         a_data: torch.Tensor, a_scales: torch.Tensor, b_data: torch.Tensor, b_scales: torch.Tensor, block: int
     ) -> torch.Tensor:

@@ -24,15 +24,28 @@ import torch
 
 from .formats import ELEM_FORMATS
 
+#: the oldest Triton these kernels are known to run on: 3.2 interprets every kernel test and
+#: compiles every kernel for sm_90a; 3.0 (torch 2.4's) cannot interpret them
+TRITON_MIN = (3, 2)
+
 try:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
+    _found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    HAVE_TRITON = _found >= TRITON_MIN
+    #: why the Triton kernels are off (None: they are on)
+    TRITON_MISSING = (
+        None
+        if HAVE_TRITON
+        else f"triton {triton.__version__} is older than 3.2, the oldest these kernels run on: "
+        "pip install 'triton>=3.2'"
+    )
 except ImportError:  # pragma: no cover - exercised where triton is not installed
     HAVE_TRITON = False
+    TRITON_MISSING = "triton is not installed: pip install triton"
 
-__all__ = ["HAVE_TRITON", "mx_quantize_dual", "mx_quantize"]
+__all__ = ["HAVE_TRITON", "TRITON_MISSING", "mx_quantize_dual", "mx_quantize"]
 
 # max, emax, mantissa limit of max/2^emax (both 1.75 -> 0.75·2^23), mantissa bits, min normal,
 # the subnormal rounding constant 1.5·2^23·(subnormal spacing)
@@ -306,7 +319,7 @@ def mx_quantize(
 
 def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
     if not HAVE_TRITON:
-        raise RuntimeError(f"{name} needs triton (pip install triton); use lowcomm.kernels.quantize_mx")
+        raise RuntimeError(f"{name} needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.quantize_mx")
     if elem not in _EMAX:
         raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scale_rule not in ("rceil", "floor"):
@@ -417,7 +430,13 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
 
 if AS_OPS:
     # an operator torch.compile keeps whole: its launch (pointers, strides) is not traced
-    @torch.library.custom_op("lowcomm::mx_quantize", mutates_args=())
+    # the schema is spelled out: torch 2.4 cannot read it from this module's string annotations
+    @torch.library.custom_op(
+        "lowcomm::mx_quantize",
+        mutates_args=(),
+        schema="(Tensor x, str elem, str scale_rule, bool rows, bool cols) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+    )
     def _mx_quantize_op(
         x: torch.Tensor, elem: str, scale_rule: str, rows: bool, cols: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
