@@ -249,3 +249,32 @@ def test_metrics_go_to_wandb_offline_and_a_missing_package_is_named(tmp_path, co
     ):
         _run(tmp_path, corpus_dir, "nowb", steps=2, metrics="wandb")
     assert not (tmp_path / "nowb").exists()  # refused before any record
+
+
+def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_compiled():
+    """Per-replica clipping of stacked gradients equals torch's clip_grad_norm_ on each replica's
+    own gradients (a replica under the limit is left alone); compiled (what --compile runs) it
+    gives the same; no gradients at all is no error."""
+    from lowcomm.runtime.trainer.build import _clip_per_replica
+
+    torch.manual_seed(0)
+    stacked = [torch.randn(3, 4, 5), torch.randn(3, 7), torch.randn(3, 2, 2, 2)]
+    stacked[0][1] *= 1e-3  # replica 1's norm stays under the limit
+    stacked[1][1] *= 1e-3
+    stacked[2][1] *= 1e-3
+    want = []
+    for m in range(3):  # replica m's parameters, holding its gradients
+        own = [torch.zeros_like(g[m], requires_grad=True) for g in stacked]
+        for p, g in zip(own, stacked):
+            p.grad = g[m].clone()
+        torch.nn.utils.clip_grad_norm_(own, 1.0)
+        want.append([p.grad for p in own])
+    compiled = torch.compile(_clip_per_replica, backend="aot_eager")
+    for clip in (_clip_per_replica, compiled):
+        grads = [g.clone() for g in stacked]
+        clip(grads, 1.0)
+        for m in range(3):
+            for got, ref in zip(grads, want[m]):
+                torch.testing.assert_close(got[m], ref, rtol=1e-6, atol=0)
+        assert torch.equal(grads[0][1], stacked[0][1])  # under the limit: untouched
+    _clip_per_replica([], 1.0)
