@@ -43,12 +43,30 @@ def test_batched_replicas_match_sequential_ones_to_rounding(tmp_path, corpus_dir
     assert losses["bat"] == pytest.approx(losses["seq"], rel=1e-3)
 
 
-def test_batched_dp_matches_sequential_dp(tmp_path, corpus_dir):
-    kw = dict(mode="dp", replicas=2, steps=6)
+def test_batched_dp_matches_sequential_dp(tmp_path, corpus_dir, monkeypatch):
+    """Batched replicas in one process average their stacked gradients directly (no collective):
+    the loss of the sequential path (through the in-process collective) to rounding, and the
+    bytes that collective counts, at DDP's bucket size and at buckets of a few parameters."""
+    direct = []
+    real = sync_module.DataParallel._mean_over_replica_axis
+    monkeypatch.setattr(
+        sync_module.DataParallel, "_mean_over_replica_axis", lambda self: direct.append(1) or real(self)
+    )
+    kw = dict(mode="dp", replicas=3, steps=6)
     seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)
+    assert direct == []
     bat = _run(tmp_path, corpus_dir, "bat", replica_batching="batched", **kw)
+    assert len(direct) == 6
     assert bat["final_eval_loss"] == pytest.approx(seq["final_eval_loss"], rel=1e-4)
     assert bat["bytes_sent_per_replica"] == seq["bytes_sent_per_replica"]
+    original = sync_module.DataParallel.__init__
+    monkeypatch.setattr(
+        sync_module.DataParallel, "__init__", functools.partialmethod(original, bucket_bytes=4096)
+    )
+    small = {
+        b: _run(tmp_path, corpus_dir, f"{b}4k", replica_batching=b, **kw) for b in ("sequential", "batched")
+    }
+    assert small["batched"]["bytes_sent_per_replica"] == small["sequential"]["bytes_sent_per_replica"]
 
 
 def test_dp_gradient_buckets_change_no_bit(tmp_path, corpus_dir, monkeypatch):

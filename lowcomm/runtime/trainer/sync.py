@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...comm import ReplicaGroup, Work, get_codec
+from ...comm import LocalGroup, ReplicaGroup, Work, get_codec, wire_bytes
 from ...optim import DiLoCo, finish_replicas, step_replicas
 from .build import Replicas
 from .config import TrainConfig
@@ -126,6 +126,12 @@ class DataParallel(Sync):
     collected before the inner update. The fp32 mean of an element does not depend on which bucket
     carries it, so the buckets change no bit.
 
+    Batched replicas whose whole group is in this process (one GPU simulating M replicas) take
+    the mean over the replica axis of the stacked gradients directly: three kernels per parameter
+    tensor instead of copying every replica's buckets through the in-process collective (~1,200
+    operations a step for the reference GPT at M = 4, counted on CPU); the same fp32 sum in
+    replica order divided by M, and the bytes the collective would have counted (its formula).
+
     Args:
         replicas: the replicas this process trains.
         groups: one group handle per local replica.
@@ -152,7 +158,17 @@ class DataParallel(Sync):
         self._bucket_of = {j: b for b, bucket in enumerate(self.buckets) for j in bucket}
         self._works: list[dict[int, Work]] = [{} for _ in replicas.models]
         self._ready: list[list[int]] = [[0] * len(self.buckets) for _ in replicas.models]
-        self._hooks = self._register_hooks() if overlap else []
+        M = len(groups)
+        self._in_process = (
+            replicas.batched and M > 1 and all(isinstance(g, LocalGroup) and g.size == M for g in groups)
+        )
+        if self._in_process:  # what each replica would hand to the collective per step
+            per_bucket = [
+                wire_bytes(self.codec, sum(sizes[j] for j in b), M, bucket_elems=groups[0].bucket_elems)
+                for b in self.buckets
+            ]
+            self._step_bytes = [sum(p[i] for p in per_bucket) for i in range(M)]
+        self._hooks = self._register_hooks() if overlap and not self._in_process else []
 
     def _register_hooks(self) -> list:
         """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
@@ -185,6 +201,9 @@ class DataParallel(Sync):
         self._works[i][b] = self.groups[i].all_reduce_mean(flat, self.codec)
 
     def before_update(self) -> None:
+        if self._in_process:
+            self._mean_over_replica_axis()
+            return
         for i in range(len(self.replicas)):
             for b in range(len(self.buckets)):
                 if b not in self._works[i]:  # no hook (overlap off), or a parameter got no gradient
@@ -201,6 +220,18 @@ class DataParallel(Sync):
                     self.timing[key] += sum(getattr(w.stats, key) for w in works.values())
         self._works = [{} for _ in self.replicas.models]
         self._ready = [[0] * len(self.buckets) for _ in self.replicas.models]
+
+    @torch.no_grad()
+    def _mean_over_replica_axis(self) -> None:
+        """Every replica's gradients become their fp32 mean (batched replicas, group in-process)."""
+        M = len(self.replicas)
+        for p in self.replicas.params.values():
+            if p.grad is None:  # no gradient reached it: the others' mean, as zeros are sent for it
+                p.grad = torch.zeros_like(p)
+            mean = p.grad.float().sum(0, keepdim=True).div_(M)
+            p.grad.copy_(mean.expand_as(p.grad))
+        for i in range(M):
+            self.bytes_sent[i] += self._step_bytes[i]
 
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.replicas.models[0].parameters()]
