@@ -322,7 +322,9 @@ def _clip_per_replica(grads: list[torch.Tensor], max_norm: float) -> None:
     if not grads:  # no parameter got a gradient (all frozen): nothing to clip
         return
     M = grads[0].shape[0]
-    norms = torch.stack([g.reshape(M, -1).norm(dim=1) for g in grads])  # (n, M)
+    # every replica's slice of every gradient in one multi-tensor norm (torch's foreach clip does
+    # the same), instead of a norm kernel per gradient
+    norms = torch.stack(torch._foreach_norm([g[m] for g in grads for m in range(M)])).view(len(grads), M)
     coef = (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)  # (M,)
     for g in grads:
         g.mul_(coef.view(M, *([1] * (g.dim() - 1))).to(g.dtype))

@@ -1,0 +1,165 @@
+"""What the trainer's loop costs the host per step, against a plain PyTorch loop. Prints JSON.
+
+    python benchmarks/host_overhead.py --json benchmarks/results/host_overhead.json
+
+On a GPU every aten operation of an eager step is a kernel launch of a few microseconds: at the
+GPU-training issue's small size a compiled plain loop takes about 13 ms a step, so a few hundred
+operations more are several percent of it. This counts, with a dispatch mode on the CPU, the
+operations of one step of each phase, for a tiny reference GPT (nothing here depends on the
+model's width): the plain loop (one model, the replicas' batches concatenated, a foreach gradient
+clip and a fused AdamW) against ``lowcomm train`` with M = 4 batched replicas as DP, DiLoCo and
+Streaming DiLoCo (between rounds). AdamW is built fused in both, as it is on CUDA. It also times
+the steps on the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is
+small, so the time is mostly the host's; it is not a GPU figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import stamp  # noqa: E402
+
+from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
+from lowcomm.runtime.cli import build_parser, config_from_args  # noqa: E402
+from lowcomm.runtime.trainer import build as build_module  # noqa: E402
+from lowcomm.runtime.trainer.loop import Trainer  # noqa: E402
+
+SHAPE = dict(model_dim=32, layers=2, heads=2, seq_len=16, batch_size=2)
+REPLICAS = 4
+MODES = {
+    "dp": ["--mode", "dp"],
+    "diloco": ["--mode", "diloco", "--sync-every", "1000"],
+    "streaming": ["--mode", "diloco", "--sync-every", "1000", "--fragments", "2", "--overlap", "1"]
+    + ["--codec", "e3m0", "--alpha", "0.5"],
+}
+
+
+class _Count(TorchDispatchMode):
+    """Counts the operations that launch work: views (a new stride on the same memory) do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not getattr(func, "is_view", False) and not str(func).startswith("profiler."):
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> int:
+    """aten operations other than views that ``fn`` dispatches."""
+    c = _Count()
+    with c:
+        fn()
+    return sum(c.ops.values())
+
+
+class _FusedAdamW(torch.optim.AdamW):
+    """AdamW fused as the trainer builds it on CUDA (torch's fused AdamW also runs on CPU)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["fused"] = True
+        super().__init__(*args, **kwargs)
+
+
+def plain(steps: int) -> dict:
+    torch.manual_seed(0)
+    c = SHAPE
+    model = GPT(
+        GPTConfig(
+            vocab_size=256,
+            seq_len=c["seq_len"],
+            n_layer=c["layers"],
+            n_head=c["heads"],
+            n_embd=c["model_dim"],
+        )
+    )
+    opt = _FusedAdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (REPLICAS * c["batch_size"], c["seq_len"]))
+    y = torch.roll(x, -1, 1)
+
+    def forward_backward():
+        model(x, y).backward()
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        forward_backward()
+        update()
+    phases = {"forward_backward": _ops(forward_backward), "update": _ops(update)}
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        forward_backward()
+        update()
+    return {
+        "ops": {**phases, "total": sum(phases.values())},
+        "ms_per_step": (time.perf_counter() - t0) / steps * 1e3,
+    }
+
+
+def lowcomm(mode: str, steps: int) -> dict:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+    with tempfile.TemporaryDirectory() as d:
+        args = build_parser().parse_args(
+            ["train", *flags, *MODES[mode], "--replicas", str(REPLICAS), "--steps", str(steps + 3)]
+            + ["--eval-every", "0", "--replica-batching", "batched", "--run-dir", f"{d}/r", "--quiet"]
+        )
+        trainer = Trainer(config_from_args(args), progress=False)
+        trainer._build()
+        sync, reps = trainer.sync, trainer.replicas
+        sync.start()
+        phases = {}
+        for step in range(3):  # the third step's counts (the first builds optimizer state)
+            phases = {
+                "forward_backward": _ops(reps.forward_backward),
+                "before_update": _ops(sync.before_update),
+                "update": _ops(reps.update),
+                "after_update": _ops(lambda s=step: sync.after_update(s + 1)),
+            }
+        t0 = time.perf_counter()
+        for step in range(3, 3 + steps):
+            reps.forward_backward()
+            sync.before_update()
+            reps.update()
+            sync.after_update(step + 1)
+        ms = (time.perf_counter() - t0) / steps * 1e3
+        sync.close(True)
+    return {"ops": {**phases, "total": sum(phases.values())}, "ms_per_step": ms}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200, help="timed steps per run")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    original = build_module.torch.optim.AdamW
+    build_module.torch.optim.AdamW = _FusedAdamW  # the trainer's AdamW, fused as on CUDA
+    try:
+        rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
+    finally:
+        build_module.torch.optim.AdamW = original
+    out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
