@@ -186,17 +186,16 @@ def test_corrupt_and_nan_contributions_are_excluded_and_named_on_every_worker(tm
         job.close()
 
 
-@pytest.mark.parametrize("coordinator", ["restarted", "alive"])
-def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkpoint(
-    tmp_path, corpus, coordinator
-):
-    """Every worker's write at step 80 fails, then every worker is killed at step 100; they come
-    back with --resume auto, to a new coordinator or to the one that lived on (it had committed
-    later rounds than their checkpoints hold: the newest checkpoint wins and its round is rolled
-    back to). Either way the job ends bit for bit where the fault-free one ends."""
+_LOSE_ALL = ("--steps", "120", "--checkpoint-every", "40")
+
+
+@pytest.fixture(scope="module")
+def lose_all_reference(tmp_path_factory):
+    """The fault-free job's final parameters' digest, run once for both cases below (the same
+    corpus, written again; the same flags)."""
+    tmp = tmp_path_factory.mktemp("lose_all_ref")
     names = WORKERS[:3]
-    flags = _flags(corpus, "--steps", "120", "--checkpoint-every", "40")
-    ref = LocalJob(tmp_path / "ref", flags, ["--min-workers", "3"])
+    ref = LocalJob(tmp / "ref", _flags(write_corpus(tmp / "corpus"), *_LOSE_ALL), ["--min-workers", "3"])
     try:
         ref.start_coordinator()
         for w in names:
@@ -204,7 +203,20 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
         assert ref.wait_workers(names, 120) == dict.fromkeys(names, 0), ref.logs()
     finally:
         ref.close()
-    want = ref.summary("w0")["global_params_sha256"]
+    return ref.summary("w0")["global_params_sha256"]
+
+
+@pytest.mark.parametrize("coordinator", ["restarted", "alive"])
+def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkpoint(
+    tmp_path, corpus, coordinator, lose_all_reference
+):
+    """Every worker's write at step 80 fails, then every worker is killed at step 100; they come
+    back with --resume auto, to a new coordinator or to the one that lived on (it had committed
+    later rounds than their checkpoints hold: the newest checkpoint wins and its round is rolled
+    back to). Either way the job ends bit for bit where the fault-free one ends."""
+    names = WORKERS[:3]
+    flags = _flags(corpus, *_LOSE_ALL)
+    want = lose_all_reference
 
     job = LocalJob(tmp_path / "job", flags, ["--min-workers", "3"])
     try:
