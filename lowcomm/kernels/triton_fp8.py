@@ -31,22 +31,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _round_to_fp8_grid
+    from .triton_quantize import _load_tile, _round_to_fp8_grid
 
 __all__ = ["fp8_quantize_dual", "SCALINGS"]
 
 SCALINGS = ("tensorwise", "rowwise")
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _load_tile(x_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # this program's (BLOCK_R, BLOCK_C) tile of the row-major (R, C) x, as fp32 (0 outside)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0.0)
-        return rows, cols, inside, x.to(tl.float32)
 
     @triton.jit
     def _fp8_amax_kernel(
@@ -63,7 +54,7 @@ if HAVE_TRITON:
     ):
         # one (BLOCK_R, BLOCK_C) tile: its maxima go into int32 buffers (zeros at the start) by
         # atomic max on the bits of |x| (sign bit cleared), which order like the floats
-        rows, cols, inside, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
+        rows, cols, _, _, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         if TENSOR:
             tl.atomic_max(row_ptr, tl.max(tl.max(bits, axis=1), axis=0))
@@ -117,7 +108,7 @@ if HAVE_TRITON:
     ):
         # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
         # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale)
-        rows, cols, inside, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
+        rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
         if TENSOR:
             s = tl.load(row_scale_ptr)
             s_row = s
@@ -127,7 +118,7 @@ if HAVE_TRITON:
             s_col = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)[None, :]
         if ROWS:
             q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=inside)
+            tl.store(q_ptr + offs, q, mask=inside)
         if COLS:
             qt = tl.trans(_to_fp8_bytes(x, s_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE))
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
