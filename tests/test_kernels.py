@@ -166,7 +166,9 @@ def test_convert_swaps_linears_shares_parameters_and_skips_the_head():
         convert_to_low_precision(m, "int3")
 
 
-def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
+def test_low_precision_training_of_the_reference_model_tracks_fp32(tmp_path):
+    """MXFP8 and fp8 with delayed scaling (emulated GEMMs on CPU) train the reference model to
+    within 2% of fp32's loss at equal steps."""
     from helpers import write_corpus
 
     from lowcomm.runtime import TrainConfig, train
@@ -188,10 +190,11 @@ def test_mxfp8_training_of_the_reference_model_tracks_fp32(tmp_path):
         eval_every=0,
     )
     fp32 = train(base.replace(run_dir=str(tmp_path / "fp32")), progress=False)
-    mx = train(base.replace(run_dir=str(tmp_path / "mx"), precision="mxfp8"), progress=False)
-    assert mx["precision"] == "mxfp8"
     assert fp32["final_eval_loss"] < 0.8 * math.log(256)  # it learned
-    assert abs(mx["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02
+    for precision in ("mxfp8", "fp8_delayed"):
+        low = train(base.replace(run_dir=str(tmp_path / precision), precision=precision), progress=False)
+        assert low["precision"] == precision
+        assert abs(low["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02, precision
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
@@ -449,12 +452,12 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     hopper = rows(90, "matmul", "bf16 -> e4m3", "fp32 -> e5m2")
     gemm, quant = hopper[:6], hopper[6:]
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
-    fp8 = rows(90, "fp8_quantize_dual")  # amax and cast, tensorwise and rowwise
+    fp8 = rows(90, "fp8_quantize")  # amax and cast, tensorwise and rowwise; delayed's one pass
     # quantize: dual, row, col, e5m2 at the default tiles, then the dual at each other candidate
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
 
     assert len(gemm) == 6 and len(quant) == 3 + len(QUANTIZE_CUDA_CONFIGS) and len(blackwell) == 1
-    assert len(fp8) == 4
+    assert len(fp8) == 5 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
     for row in gemm + quant + blackwell + fp8:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
@@ -470,16 +473,16 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
 
 
 def _emulated_and_scaled_mm_layers(
-    recipe: str, tokens: int, between=lambda: None
+    recipe: str, tokens: int, between=lambda: None, device: str = "cpu"
 ) -> list[list[torch.Tensor]]:
     """y, dx and dW of one Linear (64 -> 96, 2 x ``tokens`` tokens) in ``recipe``, emulated and
     through torch._scaled_mm (whatever stands in for it); ``between()`` runs after the first."""
     torch.manual_seed(8)
-    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
-    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm")
+    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated", device=device)
+    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm", device=device)
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)
-    gy = torch.randn(2, tokens, 96)
+    x = (torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)).to(device)
+    gy = torch.randn(2, tokens, 96).to(device)
     outs = []
     for layer in (ref, fast):
         xi = x.detach().clone().requires_grad_()
@@ -547,6 +550,171 @@ def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input
         fp8_quantize_dual(x, config={"BLOCK_R": 48})
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_quantize_scaled_casts_in_one_pass_and_records_the_maximum(elem, dtype, monkeypatch):
+    """Delayed scaling's quantize: one launch of the cast kernel (no amax pass) writes both copies
+    byte for byte as fp8_cast with the given scale (values past it saturate), and keeps a running
+    maximum of |x| in amax[index] (NaN propagates, as torch's amax does); torch ops where Triton
+    does not run write the same bytes and record the same maxima."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+    from lowcomm.kernels.gemm import fp8_cast
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_scaled
+
+    torch.manual_seed(2)
+    x = (torch.randn(70, 100) * torch.logspace(-4, 4, 100)).to(dtype)
+    x[2] = 0.0
+    x[6, 7], x[9, 1] = float("inf"), float("-inf")
+    scale = torch.tensor(0.37)  # 448 * 0.37 = 166: larger values saturate
+    want = fp8_cast(x, scale, elem)
+    top = x.float().abs().max()
+    launches = []
+    cast_kernel = triton_fp8._fp8_cast_kernel
+
+    class Counted:  # counts the launches of the cast kernel; the amax kernel must not run
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return cast_kernel[grid]
+
+    monkeypatch.setattr(triton_fp8, "_fp8_cast_kernel", Counted())
+    monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", None)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    amax = torch.tensor([5.0, 0.0, 2.0**100], device=dev)
+    q, s, qt, st = (t.cpu() for t in fp8_quantize_scaled(x.to(dev), scale.to(dev), elem, amax=amax, index=1))
+    assert len(launches) == 1
+    assert _same_fp8(q, want) and _same_fp8(qt, want.t().contiguous()) and qt.is_contiguous()
+    assert float(s) == float(st) == float(scale)
+    assert amax.cpu().tolist() == [5.0, float(top), 2.0**100]  # inf here; the others untouched
+    x[6, 7], x[9, 1] = 1.0, 1.0
+    fp8_quantize_scaled(x.to(dev), scale.to(dev), elem, amax=amax, index=2, rows=False)
+    assert float(amax[2]) == 2.0**100  # a running maximum
+    x[3, 3] = float("nan")
+    fp8_quantize_scaled(x.to(dev), scale.to(dev), elem, amax=amax, index=0, cols=False)
+    assert math.isnan(float(amax[0]))
+    q2, _, qt2, _ = fp8_quantize_scaled(x.to(dev), scale.to(dev), elem)  # no amax: nothing recorded
+    assert _same_fp8(q2.cpu(), fp8_cast(x, scale, elem)) and len(launches) == 4
+
+    monkeypatch.setattr(gemm, "_triton_runs_on", lambda device: False)  # the torch ops
+    amax_t = torch.zeros(3)
+    q3, _, qt3, _ = fp8_quantize_scaled(x, scale, elem, amax=amax_t, index=1)
+    assert len(launches) == 4 and _same_fp8(q3, q2.cpu()) and _same_fp8(qt3, qt2.cpu())
+    assert math.isnan(float(amax_t[1])) and float(amax_t[0]) == 0.0
+
+
+def test_fp8_quantize_scaled_refuses_bad_input():
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_scaled
+
+    x, one = torch.randn(32, 16), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="scale must be one fp32 value"):
+        fp8_quantize_scaled(x, torch.ones(2))
+    with pytest.raises(ValueError, match="scale must be one fp32 value"):
+        fp8_quantize_scaled(x, torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="entry at index 3"):
+        fp8_quantize_scaled(x, one, amax=torch.zeros(3), index=3)
+    with pytest.raises(ValueError, match="1-D fp32"):
+        fp8_quantize_scaled(x, one, amax=torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="elem must be"):
+        fp8_quantize_scaled(x, one, "e2m1")
+    with pytest.raises(ValueError, match="2-D"):
+        fp8_quantize_scaled(x[0], one)
+    with pytest.raises(ValueError, match="at least one copy"):
+        fp8_quantize_scaled(x, one, rows=False, cols=False)
+
+
+def _delayed_reference(x, w, b, gy, sx, sw, sg):
+    """y, dx, dW of a tensorwise fp8 Linear with the scales given: fp8_cast of each tensor, the
+    products of the dequantized values in fp32 (the emulated recipe)."""
+    from lowcomm.kernels.gemm import fp8_cast
+
+    def deq(t, s):
+        return fp8_cast(t, s, "e4m3").float() * s
+
+    x2, g2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    y = (deq(x2, sx) @ deq(w, sw).t()).reshape(*x.shape[:-1], -1) + b
+    return y, (deq(g2, sg) @ deq(w, sw)).reshape(x.shape), deq(g2, sg).t() @ deq(x2, sx)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_delayed_scaling_scales_each_step_from_the_maxima_of_the_steps_before():
+    """fp8_delayed: the first training step is scaled dynamically (the same numbers as
+    fp8_tensorwise); each later step takes its scales from the largest finite maxima of x, W and
+    dy among the last amax_history_len steps (a step whose x held inf does not set them; a step
+    whose x outgrew them saturates), evaluation uses them and records nothing, and the history is
+    not part of the model's state."""
+    from lowcomm.kernels.gemm import fp8_scale
+
+    torch.manual_seed(4)
+    dyn = LowPrecisionLinear(64, 96, recipe="fp8_tensorwise", backend="emulated")
+    layer = Float8Linear(64, 96, scaling="delayed", backend="emulated", amax_history_len=2)
+    layer.load_state_dict(dyn.state_dict())
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    w = layer.weight.detach()
+    gains = [1.0, 4.0, "inf", 2.0, 0.5]
+    maxima = []  # per step: max |x|, max |W|, max |dy|
+    for step, gain in enumerate(gains):
+        x = torch.randn(2, 20, 64) * (1.0 if gain == "inf" else gain)
+        if gain == "inf":
+            x[1, 3, 5] = float("inf")
+        gy = torch.randn(2, 20, 96) * 1e-3 * (step + 1)
+        xi = x.clone().requires_grad_()
+        layer.weight.grad = None
+        y = layer(xi)
+        y.backward(gy)
+        got = (y.detach(), xi.grad, layer.weight.grad)
+        if step == 0:  # dynamic: each tensor's own maximum
+            xd = x.clone().requires_grad_()
+            dyn(xd).backward(gy)
+            assert torch.equal(got[0], dyn(x).detach()) and torch.equal(got[1], xd.grad)
+            assert torch.equal(got[2], dyn.weight.grad)
+        else:
+            window = torch.tensor(maxima[-2:])  # the last two steps
+            top = torch.where(window.isfinite(), window, 0).amax(0)
+            sx, sw, sg = fp8_scale(top[0]), fp8_scale(top[1]), fp8_scale(top[2])
+            want = _delayed_reference(x, w, layer.bias.detach(), gy, sx, sw, sg)
+            for name, g, r in zip(("y", "dx", "dW"), got, want):
+                if step == 3:  # x's scale from step 1 (the inf of step 2 left out): all finite
+                    assert g.isfinite().all(), name
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=name)
+            if step == 1:  # x grew 4x past the step before: its largest values saturated
+                assert float(layer.fp8_amax[0]) > 448 * float(sx)
+        maxima.append([float(x.abs().max()), float(w.abs().max()), float(gy.abs().max())])
+        assert torch.equal(layer.fp8_amax, torch.tensor(maxima[-1]))  # this step's, until the next
+        hist = torch.tensor((maxima[:-1][::-1] + [[0.0] * 3] * 2)[:2]).t()  # (3, 2): newest first
+        assert torch.equal(layer.fp8_amax_history, hist)
+    before = (layer.fp8_amax.clone(), layer.fp8_amax_history.clone())
+    with torch.no_grad():
+        x = torch.randn(5, 64) * 100
+        y = layer(x)
+    assert torch.equal(layer.fp8_amax, before[0]) and torch.equal(layer.fp8_amax_history, before[1])
+    hist = layer.fp8_amax_history  # steps 3 and 2: x's inf of step 2 is left out
+    top = torch.where(hist.isfinite(), hist, 0).amax(1)
+    assert math.isinf(hist[0, 1]) and float(top[0]) == float(hist[0, 0])
+    sx, sw = fp8_scale(top[0]), fp8_scale(top[1])
+    want = _delayed_reference(x, w, layer.bias.detach(), torch.zeros(5, 96), sx, sw, torch.tensor(1.0))[0]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    layer.to(torch.bfloat16)
+    layer(torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    assert layer.fp8_amax.dtype == layer.fp8_amax_history.dtype == torch.float32  # maxima stay fp32
+
+
+def test_delayed_scaling_refuses_a_bad_history_length_before_converting_anything():
+    from lowcomm.lm import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match="amax_history_len must be an integer >= 1, got 0"):
+        Float8Linear(16, 16, scaling="delayed", amax_history_len=0)
+    with pytest.raises(ValueError, match="scaling must be 'tensorwise', 'rowwise' or 'delayed'"):
+        Float8Linear(16, 16, scaling="current")
+    m = GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="amax_history_len"):
+        convert_to_low_precision(m, "fp8_delayed", amax_history_len=True)
+    assert not any(isinstance(mod, LowPrecisionLinear) for mod in m.modules())
+    assert len(convert_to_low_precision(m, "fp8_delayed", amax_history_len=4)) == 4
+    assert m.blocks[0].attn.qkv.fp8_amax_history.shape == (3, 4)
+
+
 def _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, **kw):
     """torch._scaled_mm's blockwise 1x128 x 1x128 contract on CPU: the shape and stride checks of
     ATen's is_blockwise_1x128_scaling (a, and b.t() with scale_b.t()), then the product it
@@ -579,6 +747,21 @@ def _unswizzle(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tiles.reshape(R, C, 128, 4).permute(0, 2, 1, 3).reshape(R * 128, C * 4)[:rows, :cols]
 
 
+def _pretend_hopper(monkeypatch, scaled_mm=None) -> str:
+    """An sm_90 GPU for the layers: torch._scaled_mm replaced by ``scaled_mm`` (default the CPU
+    stand-in below, which checks cuBLASLt's layout rules). Returns the device the Triton kernels
+    run on: CUDA where there is one (fp32 matmuls without TF32, which the trainer turns on, so the
+    stand-in and the emulated path round alike), else the CPU under the interpreter."""
+    import lowcomm.kernels.gemm as gemm
+
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm or _fake_scaled_mm)
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        return "cuda"
+    return "cpu"
+
+
 def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
     """torch._scaled_mm on CPU, for every scaling mode: ATen's layout rules (the library checks them
     too; this stand-in asserts them again), then the product the scales define."""
@@ -609,19 +792,17 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
     instead of x and W, and the layer equals the emulated recipe up to the output's rounding.
     2 x 20 tokens are padded to 48 for wgrad's contraction."""
     _needs_triton()
-    import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
     calls, quantized = [], []
     dual = triton_fp8.fp8_quantize_dual
-    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    dev = _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
     monkeypatch.setattr(
         triton_fp8, "fp8_quantize_dual", lambda x, *a, **k: quantized.append(x.shape) or dual(x, *a, **k)
     )
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
-        outs = _emulated_and_scaled_mm_layers(recipe, tokens, between=lambda: saved.append(None))
+        outs = _emulated_and_scaled_mm_layers(recipe, tokens, between=lambda: saved.append(None), device=dev)
     assert len(calls) == 3 and len(quantized) == 3  # fprop, dgrad, wgrad; x, W, dy
     padded = -(-2 * tokens // 16) * 16
     assert quantized == [(padded, 64), (96, 64), (padded, 96)]
@@ -664,6 +845,80 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6
     for name, r, t in zip(("y", "dx", "dW"), *outs):
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
+
+
+def _delayed_steps(layers, fns=None, steps: int = 3, device: str = "cpu") -> list:
+    """``steps`` training steps (40 tokens, 64 -> 96) of each fp8_delayed layer (through ``fns``,
+    default the layers themselves) on the same data: y, dx, dW and the maxima kept, per step."""
+    torch.manual_seed(8)
+    data = [(torch.randn(2, 20, 64) * (1 + s), torch.randn(2, 20, 96) * 1e-2) for s in range(steps)]
+    data = [(x.to(device), gy.to(device)) for x, gy in data]
+    runs = []
+    for layer, fn in zip(layers, fns or layers):
+        run = []
+        for x, gy in data:
+            xi = x.clone().requires_grad_()
+            layer.weight.grad = None
+            y = fn(xi)
+            y.backward(gy)
+            run.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+            run[-1] += [layer.fp8_amax.clone(), layer.fp8_amax_history.clone()]
+        runs.append(run)
+    return runs
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_delayed_scaling_layer_on_a_pretend_hopper_reads_each_tensor_once(monkeypatch):
+    """fp8_delayed on a pretend sm_90 GPU (torch._scaled_mm replaced by the CPU stand-in that checks
+    cuBLASLt's layout rules, the Triton quantize interpreted): per step one one-pass quantize each
+    for x, W and dy (no two-pass fp8_quantize_dual), one _scaled_mm each for fprop, dgrad, wgrad,
+    only fp8 copies and fp32 scales saved; over three steps (the first dynamic, then from the
+    history) it equals the emulated delayed layer (which quantizes in torch ops) and keeps the
+    same maxima."""
+    _needs_triton()
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    calls, quantized = [], []
+    scaled = triton_fp8.fp8_quantize_scaled
+    dev = _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    monkeypatch.setattr(triton_fp8, "fp8_quantize_dual", None)  # the two-pass quantize must not run
+    monkeypatch.setattr(
+        triton_fp8, "fp8_quantize_scaled", lambda x, *a, **k: quantized.append(x.shape) or scaled(x, *a, **k)
+    )
+    torch.manual_seed(3)
+    ref = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="emulated", device=dev)
+    fast = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="scaled_mm", device=dev)
+    fast.load_state_dict(ref.state_dict())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        want, got = _delayed_steps([ref, fast], device=dev)
+    assert len(calls) == 9 and quantized == [(48, 64), (96, 64), (48, 96)] * 3  # 3 steps
+    assert set(saved) == {torch.float8_e4m3fn, torch.float32}, saved
+    for step, (w, g) in enumerate(zip(want, got)):
+        for name, r, t in zip(("y", "dx", "dW", "amax", "history"), w, g):
+            torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+    assert float(got[-1][4][0, 1]) > 0  # the later steps ran from a history
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_delayed_scaling_layer_compiles_whole_and_matches_eager(monkeypatch):
+    """torch.compile(fullgraph=True) of an fp8_delayed layer on a pretend sm_90 GPU: the one-pass
+    quantize is an operator that updates the maxima in place (torch.ops.lowcomm.fp8_quantize_scaled,
+    in forward and in backward), the history moves in the module's forward; over three steps the
+    compiled layer's outputs, gradients and maxima equal eager mode's (the first step compiles the
+    dynamic graph, the second the delayed one)."""
+    _needs_triton()
+    dev = _pretend_hopper(monkeypatch)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="scaled_mm", device=dev)
+    layer = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="scaled_mm", device=dev)
+    layer.load_state_dict(eager.state_dict())
+    want, got = _delayed_steps([eager, layer], [eager, torch.compile(layer, fullgraph=True)], device=dev)
+    torch._dynamo.reset()
+    for step, (w, g) in enumerate(zip(want, got)):
+        for name, r, t in zip(("y", "dx", "dW", "amax", "history"), w, g):
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=0, msg=f"step {step}: {name}")
 
 
 @pytest.mark.parametrize("tokens", [24, 20])
@@ -807,10 +1062,16 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
 
     tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
+    fp8.append("fp8_delayed_quantize")
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
-    assert all(linear[f"{k}_x_bf16"] > 0 for k in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"))
+    recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
+    assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)
+    train = bench.training(dev, steps=4, size="smoke")  # every recipe of the GPU comparison, emulated
+    for name in bench.TRAIN_PRECISIONS:
+        row = train[name]
+        assert row["tokens_per_second_x_bf16"] > 0 and math.isfinite(row["loss_ratio_vs_bf16"]), row
 
 
 def test_every_exact_mx_gemm_design_tried_is_exact():

@@ -61,6 +61,7 @@ __all__ = [
     "expand_block_scales",
     "scaled_mm_layout_error",
     "scaled_mm",
+    "fp8_cast",
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
@@ -94,8 +95,16 @@ def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise
     else:
         raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
     scale = fp8_scale(amax, elem)
-    data = (xf / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
-    return data, scale
+    return fp8_cast(xf, scale, elem), scale
+
+
+def fp8_cast(x: torch.Tensor, scale: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:
+    """``x / scale`` clamped to the format's range and rounded to fp8 (NaN stays NaN): the cast of
+    every fp8 scaling, dynamic or with a scale given in advance (delayed scaling)."""
+    fmt = get_elem_format(elem)
+    if fmt.dtype is None:
+        raise ValueError(f"fp8_cast takes elem 'e4m3' or 'e5m2', got {elem!r}")
+    return (x.float() / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
 
 def fp8_scale(amax: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:

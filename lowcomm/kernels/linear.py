@@ -21,21 +21,39 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .gemm import RECIPES, choose_backend, qmatmul
+from .gemm import RECIPES, choose_backend, fp8_scale, qmatmul
 
-__all__ = ["LowPrecisionLinear", "Float8Linear", "MXFP8Linear", "convert_to_low_precision", "PRECISIONS"]
+__all__ = [
+    "LowPrecisionLinear",
+    "Float8Linear",
+    "MXFP8Linear",
+    "convert_to_low_precision",
+    "PRECISIONS",
+    "LAYER_RECIPES",
+]
 
-PRECISIONS = ("fp32", *RECIPES)
+#: a layer's recipes: the GEMM recipes, and fp8 tensorwise with delayed scaling (the layer keeps
+#: the absolute maxima of earlier steps; its GEMMs are fp8_tensorwise's)
+LAYER_RECIPES = (*RECIPES, "fp8_delayed")
+PRECISIONS = ("fp32", *LAYER_RECIPES)
+#: steps of absolute maxima a delayed-scaling layer keeps (torchao's default; TransformerEngine's is 1024)
+AMAX_HISTORY_LEN = 16
 
 
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows):
+    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, amax, scales):
+        # amax, scales: fp8_delayed only (the layer's running maxima, and the scales of x, W, dy
+        # from its history; None on its first training step: scaled dynamically)
         x2 = x.reshape(-1, x.shape[-1])
-        if _fused_mx(recipe, backend, x2, weight):
+        if recipe == "fp8_delayed":
+            scaled = _delayed_on_scaled_mm(backend, x2, weight)
+            delayed = (amax, scales, backward_follows, scaled)  # evaluation records no maxima
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed)
+        elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows)
         elif _fused_fp8(recipe, backend, x2, weight):
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows)
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
@@ -63,7 +81,7 @@ class _QLinear(torch.autograd.Function):
                 dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _weight_tile(recipe: str) -> dict:
@@ -134,7 +152,7 @@ def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
 
 
-_FP8_RECIPES = ("fp8_tensorwise", "fp8_rowwise")
+_FP8_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
 _FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -144,7 +162,7 @@ def _fused_fp8(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor
     from .gemm import _triton_runs_on
 
     return (
-        recipe in _FP8_RECIPES
+        recipe in ("fp8_tensorwise", "fp8_rowwise")
         and weight.shape[0] % 16 == 0
         and weight.shape[1] % 16 == 0
         and x2.dtype in _FP8_READS
@@ -154,56 +172,91 @@ def _fused_fp8(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor
     )
 
 
-class _FusedFloat8:
-    """fp8 fprop, dgrad and wgrad from one quantize per tensor (torch._scaled_mm backend).
+def _delayed_on_scaled_mm(backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a delayed-scaling layer's GEMMs run in torch._scaled_mm (else emulated in fp32, the
+    same fp8 bytes): the device serves fp8 tensorwise; under ``auto`` also cuBLASLt's shapes (both
+    weight sides multiples of 16). An explicit ``scaled_mm`` on shapes it cannot take is refused
+    by the layout check, naming the rule."""
+    if choose_backend("fp8_tensorwise", x2.device, backend) != "scaled_mm":
+        return False
+    return backend == "scaled_mm" or (weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
-    ``fp8_quantize_dual`` makes each of x (T, K), W (N, K) and dy (T, N) as it is, scaled along its
-    last axis, and transposed, scaled along its first; every GEMM then reads two copies in place,
-    its contraction axis contiguous in both (cuBLASLt's row-major A, column-major B):
+
+def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, index: int, rows=True):
+    """The fp8 copies of ``t`` (as it is, and transposed): dynamic (:func:`fp8_quantize_dual`, two
+    passes), or delayed: one pass with ``scales[index]`` from earlier steps (``t``'s own maximum
+    on the first step), recording ``t``'s maximum in ``amax[index]`` when the step is training;
+    in Triton where the GEMMs run in torch._scaled_mm, in torch ops where they are emulated."""
+    from . import triton_fp8
+
+    if delayed is None:
+        return triton_fp8.fp8_quantize_dual(t, elem, scaling, rows=rows, cols=cols)
+    amax, scales, record, scaled = delayed
+    scale = fp8_scale(t.abs().amax().float(), elem) if scales is None else scales[index]
+    quantize = triton_fp8.fp8_quantize_scaled if scaled else triton_fp8.fp8_quantize_scaled_torch
+    return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
+
+
+def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32."""
+    from .gemm import scaled_mm
+
+    if scaled:
+        return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
+    return (a.float() * scale_a) @ (b.float() * scale_b)
+
+
+class _FusedFloat8:
+    """fp8 fprop, dgrad and wgrad from one quantize per tensor.
+
+    Each of x (T, K), W (N, K) and dy (T, N) is made as it is, scaled along its last axis, and
+    transposed, scaled along its first; every GEMM then reads two copies in place, its contraction
+    axis contiguous in both (cuBLASLt's row-major A, column-major B):
 
         fprop  y  = xq · wqᵀ        per token, per out-feature     (contraction over K)
         dgrad dx = gq · wqtᵀ        per token, per in-feature      (over N)
         wgrad dW = gqt · xqtᵀ       per out-feature, per in-feature (over T)
 
-    Tensorwise scaling quantizes each tensor once for both copies; rowwise scales differ by axis,
-    as in the emulated recipe. Only the fp8 copies backward reads are saved (xqt, wqt), not x and
-    W. Tokens are zero-padded to a multiple of 16 (wgrad's contraction; zero rows change no
-    product). The numerics are the emulated recipe's: the same bytes (tested), then cuBLAS's sum.
+    Dynamic scaling (fp8_tensorwise, fp8_rowwise; torch._scaled_mm with the Triton quantize):
+    tensorwise quantizes each tensor once for both copies; rowwise scales differ by axis, as in the
+    emulated recipe. Delayed scaling (fp8_delayed): tensorwise scales from earlier steps' maxima,
+    each tensor read once (:func:`fp8_quantize_scaled`), the GEMMs in torch._scaled_mm where the
+    device has it, else emulated in fp32 from the same bytes. Only the fp8 copies backward reads
+    are saved (xqt, wqt), not x and W. Tokens are zero-padded to a multiple of 16 (wgrad's
+    contraction; zero rows change no product). The numerics are the emulated recipe's: the same
+    bytes (tested), then cuBLAS's sum.
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, recipe: str, backward_follows: bool) -> torch.Tensor:
-        from .gemm import scaled_mm
-        from .triton_fp8 import fp8_quantize_dual
-
-        scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
+    def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed) -> torch.Tensor:
+        scaling = "rowwise" if recipe == "fp8_rowwise" else "tensorwise"
         T = x2.shape[0]
-        xq, sx, xqt, sxt = fp8_quantize_dual(_pad_rows(x2, 16), "e4m3", scaling, cols=backward_follows)
-        wq, sw, wqt, swt = fp8_quantize_dual(weight.detach(), "e4m3", scaling, cols=backward_follows)
+        x2 = x2 if x2.dtype in _FP8_READS else x2.float()
+        xq, sx, xqt, sxt = _fp8_copies(_pad_rows(x2, 16), "e4m3", scaling, backward_follows, delayed, 0)
+        wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
         out = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise writes bf16
-        y = scaled_mm(xq, wq.t(), sx, sw.reshape(1, -1) if sw.dim() else sw, out_dtype=out)[:T]
+        y = _fp8_mm(xq, wq.t(), sx, sw.reshape(1, -1) if sw.dim() else sw, out, scaled)[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
+        ctx.scaled, ctx.delayed = scaled, delayed
         return y
 
     @staticmethod
     def backward(ctx, gy2: torch.Tensor, grad_elem: str):
-        from .gemm import scaled_mm
-        from .triton_fp8 import fp8_quantize_dual
-
         xqt, sxt, wqt, swt = ctx.saved_tensors
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_dx or want_dw):
             return None, None
         g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 16)
-        gq, sg, gqt, sgt = fp8_quantize_dual(g, grad_elem, ctx.scaling, rows=want_dx, cols=want_dw)
+        gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, ctx.scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         out = torch.bfloat16 if ctx.scaling == "rowwise" else torch.float32
         dx = dw = None
         if want_dx:
-            dx = scaled_mm(gq, wqt.t(), sg, swt, out_dtype=out)[: ctx.tokens]
+            dx = _fp8_mm(gq, wqt.t(), sg, swt, out, ctx.scaled)[: ctx.tokens]
         if want_dw:
-            dw = scaled_mm(gqt, xqt.t(), sgt.reshape(-1, 1) if sgt.dim() else sgt, sxt, out_dtype=out)
+            sgt = sgt.reshape(-1, 1) if sgt.dim() else sgt
+            dw = _fp8_mm(gqt, xqt.t(), sgt, sxt, out, ctx.scaled)
         return dx, dw
 
 
@@ -213,9 +266,22 @@ class LowPrecisionLinear(nn.Linear):
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         recipe: "mxfp8", "mxfp8_fast" (weights in 128x128 tiles, activations and gradients in
-            1x128 blocks, regrouped from MX), "fp8_rowwise" or "fp8_tensorwise".
+            1x128 blocks, regrouped from MX), "fp8_rowwise", "fp8_tensorwise" (dynamic scaling:
+            each tensor's own maximum) or "fp8_delayed" (tensorwise scales from the maxima of the
+            last ``amax_history_len`` training steps, TransformerEngine's delayed scaling: one
+            read of each tensor instead of two; a value beyond that range saturates).
         grad_elem: element format of gradients, "e4m3" (the MXFP8 recipe) or "e5m2".
         backend: "auto", "emulated" or "scaled_mm" (see :func:`lowcomm.kernels.gemm.qmatmul`).
+        amax_history_len: fp8_delayed only: steps of maxima kept (default 16).
+
+    Delayed scaling: every training forward (one with a backward to follow) is a step of the
+    history: the maxima of x and W it reads, and of dy in its backward, join the history at the
+    next training forward, and the scales are those of the history's largest finite maxima (a
+    step whose tensor held inf or NaN does not set them). The first training step is scaled
+    dynamically (no history yet); evaluation uses the history's scales and records nothing. The
+    history lives in buffers ``fp8_amax`` (this step's maxima of x, W, dy) and
+    ``fp8_amax_history`` (3, amax_history_len), not saved in ``state_dict`` (a model's state stays
+    the same across precisions): a restored or joining replica starts with one dynamic step.
     """
 
     def __init__(
@@ -227,21 +293,55 @@ class LowPrecisionLinear(nn.Linear):
         recipe: str = "mxfp8",
         grad_elem: str = "e4m3",
         backend: str = "auto",
+        amax_history_len: int = AMAX_HISTORY_LEN,
         device=None,
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
+        self._set_recipe(recipe, grad_elem, backend, amax_history_len)
+
+    def _set_recipe(self, recipe: str, grad_elem: str, backend: str, amax_history_len: int) -> None:
+        if recipe not in LAYER_RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
         if grad_elem not in ("e4m3", "e5m2"):
             raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
+        if recipe == "fp8_delayed":
+            n = amax_history_len
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"amax_history_len must be an integer >= 1, got {amax_history_len!r}")
+            dev = self.weight.device
+            self.register_buffer("fp8_amax", torch.zeros(3, device=dev), persistent=False)
+            history = torch.zeros(3, amax_history_len, device=dev)
+            self.register_buffer("fp8_amax_history", history, persistent=False)
+            self._fp8_started = False  # a training step has run: the history has maxima
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return _QLinear.apply(
-            x, self.weight, self.bias, self.recipe, self.grad_elem, self.backend, backward_follows
-        )
+        amax = scales = None
+        if self.recipe == "fp8_delayed":
+            amax, scales = self._delayed_scales(backward_follows)
+        args = (self.recipe, self.grad_elem, self.backend, backward_follows, amax, scales)
+        return _QLinear.apply(x, self.weight, self.bias, *args)
+
+    @torch.no_grad()
+    def _delayed_scales(self, training: bool):
+        """fp8_delayed: a training step moves the last step's maxima into the history; the scales
+        of x, W and dy (None before the first training step: scaled dynamically)."""
+        if self.fp8_amax.dtype != torch.float32:  # model.to(bf16) casts buffers; maxima stay fp32
+            self.fp8_amax = self.fp8_amax.float()
+            self.fp8_amax_history = self.fp8_amax_history.float()
+        started = self._fp8_started
+        hist = self.fp8_amax_history
+        if training:
+            if started:
+                hist.copy_(torch.cat([self.fp8_amax[:, None], hist[:, :-1]], dim=1))
+                self.fp8_amax.zero_()
+            self._fp8_started = True
+        if not started:
+            return self.fp8_amax, None
+        top = torch.where(torch.isfinite(hist), hist, torch.zeros_like(hist)).amax(dim=1)
+        return self.fp8_amax, torch.cat([fp8_scale(top[:2], "e4m3"), fp8_scale(top[2:], self.grad_elem)])
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> LowPrecisionLinear:
@@ -251,29 +351,29 @@ class LowPrecisionLinear(nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
         recipe = kw.pop("recipe", getattr(cls, "default_recipe", "mxfp8"))
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
-        new.recipe = recipe
-        new.grad_elem = kw.pop("grad_elem", "e4m3")
-        new.backend = kw.pop("backend", "auto")
+        grad_elem, backend = kw.pop("grad_elem", "e4m3"), kw.pop("backend", "auto")
+        history = kw.pop("amax_history_len", AMAX_HISTORY_LEN)
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
+        new._set_recipe(recipe, grad_elem, backend, history)
         return new
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe}, grad_elem={self.grad_elem}"
+        extra = f", amax_history_len={self.fp8_amax_history.shape[1]}" if self.recipe == "fp8_delayed" else ""
+        return f"{super().extra_repr()}, recipe={self.recipe}, grad_elem={self.grad_elem}{extra}"
 
 
 class Float8Linear(LowPrecisionLinear):
-    """FP8 with dynamic tensorwise (default) or rowwise scaling."""
+    """FP8 with dynamic tensorwise (default) or rowwise scaling, or delayed tensorwise scaling
+    (``scaling="delayed"``: scales from earlier steps' maxima, see :class:`LowPrecisionLinear`)."""
 
     default_recipe = "fp8_tensorwise"
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, scaling: str = "tensorwise", **kw
     ):
-        if scaling not in ("tensorwise", "rowwise"):
-            raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
+        if scaling not in ("tensorwise", "rowwise", "delayed"):
+            raise ValueError(f"scaling must be 'tensorwise', 'rowwise' or 'delayed', got {scaling!r}")
         super().__init__(in_features, out_features, bias, recipe=f"fp8_{scaling}", **kw)
 
 
@@ -297,16 +397,19 @@ def convert_to_low_precision(
     skip: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
     grad_elem: str = "e4m3",
     backend: str = "auto",
+    amax_history_len: int = AMAX_HISTORY_LEN,
 ) -> list[str]:
     """Swap the model's ``nn.Linear`` layers for low-precision ones, in place.
 
     Args:
         model: any module.
-        recipe: "mxfp8", "fp8_rowwise" or "fp8_tensorwise" ("fp32" converts nothing).
+        recipe: "mxfp8", "mxfp8_fast", "fp8_rowwise", "fp8_tensorwise" or "fp8_delayed" ("fp32"
+            converts nothing).
         skip: names of layers to leave, or ``fn(name, module) -> bool``; default: the output head
             (a layer named head, lm_head or output).
         grad_elem: element format of gradients.
         backend: GEMM backend.
+        amax_history_len: fp8_delayed only: steps of maxima each layer keeps.
 
     Returns:
         The names of the converted layers. Layers whose shapes the recipe cannot take (features
@@ -326,7 +429,10 @@ def convert_to_low_precision(
     else:
         names = set(skip)
         skip_fn = lambda name, m: name in names  # noqa: E731
+    if recipe == "fp8_delayed":  # checked before any layer is swapped
+        LowPrecisionLinear(16, 16, recipe=recipe, amax_history_len=amax_history_len, device="meta")
     multiple = 32 if recipe == "mxfp8" else 16
+    kw = {"amax_history_len": amax_history_len} if recipe == "fp8_delayed" else {}
     converted = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or skip_fn(name, module):
@@ -338,7 +444,7 @@ def convert_to_low_precision(
         setattr(
             parent,
             child,
-            LowPrecisionLinear.from_linear(module, recipe=recipe, grad_elem=grad_elem, backend=backend),
+            LowPrecisionLinear.from_linear(module, recipe=recipe, grad_elem=grad_elem, backend=backend, **kw),
         )
         converted.append(name)
     return converted

@@ -1,4 +1,4 @@
-"""Dynamic fp8 quantization (tensorwise and rowwise) in Triton, both copies a training step needs.
+"""fp8 quantization in Triton (dynamic tensorwise and rowwise, delayed tensorwise), both copies.
 
 A Linear's three GEMMs want every operand with its contraction axis contiguous (cuBLASLt: A
 row-major, B column-major), so each of x, W and dy is needed twice: as it is, scaled along its
@@ -15,6 +15,10 @@ The scales are :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima, and every b
 :func:`lowcomm.kernels.quantize_fp8`'s (tested): the division is IEEE (``div_rn``), the rounding
 to the grid is done in fp32 arithmetic (the kernel shares it with the MX quantizer). Tensorwise
 scaling makes the transposed copy from the same scale, so each tensor is quantized once.
+
+:func:`fp8_quantize_scaled` is the one-pass form for delayed scaling: the tensorwise scale is
+known before the tensor is read (from earlier steps' maxima), so the cast pass alone makes both
+copies and records this tensor's maximum on the way (the same kernel, ``RECORD``).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -33,7 +37,7 @@ if HAVE_TRITON:
 
     from .triton_quantize import _load_tile, _round_to_fp8_grid
 
-__all__ = ["fp8_quantize_dual", "SCALINGS"]
+__all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
 SCALINGS = ("tensorwise", "rowwise")
 
@@ -92,6 +96,7 @@ if HAVE_TRITON:
         col_scale_ptr,
         q_ptr,
         qt_ptr,
+        amax_ptr,
         R,
         C,
         MAXV: tl.constexpr,
@@ -103,16 +108,22 @@ if HAVE_TRITON:
         TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        RECORD: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
-        # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale)
+        # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale);
+        # RECORD (tensorwise, a scale given in advance): |x|'s maximum into amax_ptr, as the amax
+        # kernel keeps it (atomic max on the bits), the same read
         rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
         if TENSOR:
             s = tl.load(row_scale_ptr)
             s_row = s
             s_col = s
+            if RECORD:
+                bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                tl.atomic_max(amax_ptr, tl.max(tl.max(bits, axis=1), axis=0))
         else:
             s_row = tl.load(row_scale_ptr + rows, mask=rows < R, other=1.0)[:, None]
             s_col = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)[None, :]
@@ -231,6 +242,7 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
             s_cols,
             q if rows else qt,  # stands in for the copy not written
             qt if cols else q,
+            amax_rows,  # not written (RECORD=False)
             R,
             C,
             MAXV=maxv,
@@ -242,6 +254,7 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
             TENSOR=tensor,
             ROWS=rows,
             COLS=cols,
+            RECORD=False,
             **cfg,
         )
     empty = s_rows.new_empty(0)
@@ -250,6 +263,127 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
         s_rows.reshape(shapes[1]) if rows else empty,
         qt.view(ELEM_FORMATS[elem].dtype),
         s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
+    )
+
+
+def fp8_quantize_scaled(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    elem: str = "e4m3",
+    *,
+    rows: bool = True,
+    cols: bool = True,
+    amax: torch.Tensor | None = None,
+    index: int = 0,
+):
+    """Tensorwise fp8 copies of a 2-D tensor from a scale known in advance, in one pass over it.
+
+    Delayed scaling (TransformerEngine's default recipe): the scale comes from the absolute maxima
+    of earlier steps, so the cast needs no maximum of this tensor first; the maximum it reads on
+    the way is recorded for the steps that follow. One read of ``x`` instead of the two of
+    :func:`fp8_quantize_dual`; a value beyond the earlier steps' range saturates at the format's
+    largest value.
+
+    Args:
+        x: (R, C) fp32 / bf16 / fp16.
+        scale: fp32 tensor of one element (shape ()), ``x ≈ data * scale``.
+        elem: "e4m3" or "e5m2".
+        rows, cols: which copies to make (at least one).
+        amax: optional fp32 1-D tensor on ``x``'s device: ``amax[index]`` becomes
+            ``max(amax[index], max|x|)`` (NaN if ``x`` holds one), in place.
+
+    Returns:
+        ``(q, scale, qt, scale)`` as :func:`fp8_quantize_dual` returns them for tensorwise
+        scaling, ``None`` for a copy not made. Every byte equals
+        :func:`lowcomm.kernels.gemm.fp8_cast` of ``x`` (tested).
+
+    Runs the Triton kernel on CUDA (or on CPU under ``TRITON_INTERPRET=1``), as the operator
+    ``torch.ops.lowcomm.fp8_quantize_scaled`` (torch.compile keeps it whole); elsewhere torch ops
+    write the same bytes.
+    """
+    from .gemm import _triton_runs_on
+
+    if elem not in _EMAX:
+        raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
+    if not (rows or cols):
+        raise ValueError("fp8_quantize_scaled makes at least one copy: rows=True or cols=True")
+    if x.dim() != 2:
+        raise ValueError(f"fp8_quantize_scaled takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be one fp32 value, got {scale.dtype} of shape {tuple(scale.shape)}")
+    if amax is not None and (amax.dim() != 1 or amax.dtype != torch.float32 or not 0 <= index < len(amax)):
+        raise ValueError(
+            f"amax must be a 1-D fp32 tensor with an entry at index {index}, got {amax.dtype} of "
+            f"shape {tuple(amax.shape)}"
+        )
+    scale = scale.reshape(())
+    if not (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_runs_on(x.device)):
+        return fp8_quantize_scaled_torch(x, scale, elem, rows=rows, cols=cols, amax=amax, index=index)
+    record = amax is not None
+    if amax is None:
+        amax = scale.new_zeros(1)
+    if AS_OPS:
+        out = torch.ops.lowcomm.fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
+    else:
+        out = _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
+    return copies_made(out, rows, cols)
+
+
+def fp8_quantize_scaled_torch(x, scale, elem="e4m3", *, rows=True, cols=True, amax=None, index=0):
+    """:func:`fp8_quantize_scaled` in torch ops (the same bytes and maxima), where Triton does not
+    run or the GEMMs are emulated; arguments as checked there."""
+    from .gemm import fp8_cast
+
+    data = fp8_cast(x, scale, elem)
+    if amax is not None:
+        amax[index] = torch.maximum(amax[index], x.abs().amax().float())
+    scale = scale.reshape(())
+    return (
+        data if rows else None,
+        scale.clone() if rows else None,
+        data.t().contiguous() if cols else None,
+        scale.clone() if cols else None,
+    )
+
+
+def _fp8_quantize_scaled(x, scale, amax, index: int, elem: str, rows: bool, cols: bool, record: bool):
+    """:func:`fp8_quantize_scaled` in Triton after its checks: four tensors, empty for a copy not made."""
+    cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
+    x = x.contiguous()
+    R, C = x.shape
+    shapes = _shapes(x, "tensorwise", rows, cols)
+    q = torch.empty(shapes[0], dtype=torch.uint8, device=x.device)
+    qt = torch.empty(shapes[2], dtype=torch.uint8, device=x.device)
+    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
+    if R and C:
+        grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+        _fp8_cast_kernel[grid](
+            x,
+            scale,
+            scale,
+            q if rows else qt,  # stands in for the copy not written
+            qt if cols else q,
+            amax.view(torch.int32)[index:],  # non-negative floats' bits order like the floats
+            R,
+            C,
+            MAXV=maxv,
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            E5M2=elem == "e5m2",
+            NAN_BYTE=NAN_BYTE[elem],
+            TENSOR=True,
+            ROWS=rows,
+            COLS=cols,
+            RECORD=record,
+            **cfg,
+        )
+    empty = scale.new_empty(0)
+    return (
+        q.view(ELEM_FORMATS[elem].dtype),
+        scale.clone() if rows else empty,  # outputs may not alias inputs
+        qt.view(ELEM_FORMATS[elem].dtype),
+        scale.clone() if cols else empty.clone(),
     )
 
 
@@ -277,8 +411,40 @@ if AS_OPS:
         )
 
 
+if AS_OPS:
+
+    @torch.library.custom_op(
+        "lowcomm::fp8_quantize_scaled",
+        mutates_args=("amax",),
+        schema="(Tensor x, Tensor scale, Tensor(a!) amax, int index, str elem, bool rows, bool cols, "
+        "bool record) -> (Tensor, Tensor, Tensor, Tensor)",
+    )
+    def _fp8_quantize_scaled_op(
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        amax: torch.Tensor,
+        index: int,
+        elem: str,
+        rows: bool,
+        cols: bool,
+        record: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
+
+    @_fp8_quantize_scaled_op.register_fake
+    def _(x, scale, amax, index, elem, rows, cols, record):
+        shapes = _shapes(x, "tensorwise", rows, cols)
+        fp8 = ELEM_FORMATS[elem].dtype
+        return (
+            x.new_empty(shapes[0], dtype=fp8),
+            scale.new_empty(shapes[1]),
+            x.new_empty(shapes[2], dtype=fp8),
+            scale.new_empty(shapes[3]),
+        )
+
+
 def static_specs() -> list:
-    """The two kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
+    """The kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
     from .triton_static import KernelSpec
 
     def spec(name: str, fn, pointers: dict, consts: dict) -> KernelSpec:
@@ -289,13 +455,16 @@ def static_specs() -> list:
     maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
     cast = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c, E5M2=False, NAN_BYTE=0x7F)
     tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
+    cast_ptrs = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32"}
+    cast_ptrs.update(q_ptr="*u8", qt_ptr="*u8", amax_ptr="*i32")
     specs = []
     for scaling in SCALINGS:
         flags = dict(TENSOR=scaling == "tensorwise", ROWS=True, COLS=True, **tiles)
         amax_ptrs = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32"}
         specs.append(spec(f"fp8_quantize_dual amax ({scaling}, bf16)", _fp8_amax_kernel, amax_ptrs, flags))
-        cast_ptrs = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32"}
-        cast_ptrs.update(q_ptr="*u8", qt_ptr="*u8")
         name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
-        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
+        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "RECORD": False}))
+    name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
+    flags = dict(TENSOR=True, ROWS=True, COLS=True, RECORD=True, **tiles)
+    specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
     return specs

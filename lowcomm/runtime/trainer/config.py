@@ -205,8 +205,8 @@ class ModelConfig:
         heads: attention heads.
         seq_len: context length in tokens.
         precision: matmul precision of the Linear layers: "fp32", "mxfp8", "mxfp8_fast",
-            "fp8_rowwise" or "fp8_tensorwise" (emulated on CPU; the output head stays in full
-            precision).
+            "fp8_rowwise", "fp8_tensorwise" or "fp8_delayed" (tensorwise, scales from the last
+            16 steps' maxima; emulated on CPU; the output head stays in full precision).
     """
 
     dim: int = 128
