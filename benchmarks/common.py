@@ -6,10 +6,11 @@ import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 
-__all__ = ["commit", "machine", "stamp"]
+__all__ = ["commit", "machine", "stamp", "steady_tokens_per_second"]
 
 
 def commit() -> str:
@@ -36,3 +37,23 @@ def stamp(benchmark: str) -> dict:
         "commit": commit(),
         "torch": torch.__version__,
     }
+
+
+def steady_tokens_per_second(run_dir: str, summary: dict, log_every: int) -> float:
+    """Tokens per second of a ``lowcomm train`` run after its first quarter (warm-up, compilation
+    and autotuning left out), from its step records.
+
+    The losses are read (a host sync) every ``log_every`` steps: the record of each read's step is
+    written right after the device caught up, so its wall time is when that step had finished.
+    """
+    from lowcomm.runtime import read_jsonl
+
+    steps = summary["steps_run"]
+    points = [
+        (e["step"], e["wall"])
+        for e in read_jsonl(Path(run_dir) / "events.jsonl")
+        if e["kind"] == "step" and (e["step"] % log_every == 0 or e["step"] == steps)
+    ]
+    first = next(p for p in points if p[0] >= steps // 4)
+    last = points[-1]
+    return (last[0] - first[0]) * summary["tokens"] / steps / (last[1] - first[1])

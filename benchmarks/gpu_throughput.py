@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import stamp
+from common import stamp, steady_tokens_per_second
 
 from lowcomm.lm import GPT, GPTConfig
-from lowcomm.runtime import TrainConfig, read_jsonl, train
+from lowcomm.runtime import TrainConfig, train
 from lowcomm.runtime.trainer.loop import peak_flops
 
 SIZES = {
@@ -114,17 +114,7 @@ def lowcomm_run(size: dict, run: dict, steps: int, device: torch.device, compile
         run_dir=out,
     )
     s = train(cfg, progress=False)
-    # the losses are read (a host sync) every log_every steps: the record of each read's last step
-    # is written right after the device caught up, so its wall time is when that step had finished
-    every = cfg.run.log_every
-    points = [
-        (e["step"], e["wall"])
-        for e in read_jsonl(Path(out) / "events.jsonl")
-        if e["kind"] == "step" and (e["step"] % every == 0 or e["step"] == steps)
-    ]
-    first = next(p for p in points if p[0] >= steps // 4)
-    last = points[-1]
-    tps = (last[0] - first[0]) * s["tokens"] / s["steps_run"] / (last[1] - first[1])
+    tps = steady_tokens_per_second(out, s, cfg.run.log_every)
     return {
         "tokens_per_second": tps,
         "tokens_per_second_whole_run": s["tokens_per_second"],
