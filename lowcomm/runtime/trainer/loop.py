@@ -241,7 +241,7 @@ class Trainer:
         try:
             step = start = sync.start()
             self._progress(start)
-            self.steps_run, self.last_eval, self._pending = 0, float("nan"), []
+            self.steps_run, self.last_eval, self._pending = 0, None, []
             self.t_loop = time.perf_counter()
             while True:
                 if step >= cfg.run.steps:  # the end: apply (and, with final_sync, send) what is left
@@ -335,7 +335,7 @@ class Trainer:
             self.bar.n = pending[-1][0]
             self.bar.set_postfix(
                 loss=f"{means[-1]:.3f}",
-                eval=f"{self.last_eval:.3f}",
+                eval="-" if self.last_eval is None else f"{self.last_eval:.3f}",  # "-": none yet
                 tok_s=f"{rate:,.0f}",
                 sent=human_bytes(self.sync.bytes_sent[0]),
             )
