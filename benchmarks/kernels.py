@@ -12,8 +12,9 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   (quantize included), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
-  dual quantize (tensorwise, rowwise; against the same copies made by torch ops) and delayed
-  scaling's one-pass quantize in bytes read + written per second, and a copy for the bandwidth;
+  dual quantize (tensorwise, rowwise; against the same copies made by torch ops), one rowwise
+  copy in one pass and in two, and delayed scaling's one-pass quantize in bytes read + written
+  per second, and a copy for the bandwidth;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
 - the reference model at d=1024, 12 layers, T=1024 trained ``--train-steps`` steps under bf16
   autocast with its Linear layers in bf16 and in each fast recipe: tokens/s and final loss ratios.
@@ -97,7 +98,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     """GEMM TFLOP/s per path against cuBLAS bf16, and the dual quantize's bytes per second."""
     from lowcomm.kernels import quantize_mx
     from lowcomm.kernels.gemm import regroup_mx_1x128
-    from lowcomm.kernels.triton_fp8 import fp8_quantize_dual, fp8_quantize_scaled
+    from lowcomm.kernels.triton_fp8 import _fp8_quantize_dual, fp8_quantize_dual, fp8_quantize_scaled
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, last_tuned_config, mx_quantize_dual
 
@@ -139,6 +140,12 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
             _time_rate(row, f"fp8_dual_quantize_{scaling}", moved, dual, bench, unit="TBps")
             torch_ops = partial(_fp8_both_copies_in_torch, a, scaling)
             _time_rate(row, f"fp8_dual_quantize_{scaling}_torch", moved, torch_ops, bench, unit="TBps")
+        # one rowwise copy (evaluation; a backward wanting only dx or dW): one pass against two
+        one_copy = a.numel() * a.element_size() + a.numel()
+        one = partial(fp8_quantize_dual, a, scaling="rowwise", cols=False)
+        _time_rate(row, "fp8_one_copy_rowwise", one_copy, one, bench, unit="TBps")
+        two = partial(_fp8_quantize_dual, a, "e4m3", "rowwise", True, False, one_pass=False)
+        _time_rate(row, "fp8_one_copy_rowwise_two_pass", one_copy, two, bench, unit="TBps")
         # delayed scaling (fp8_delayed): the scale known in advance, one read, the maximum recorded
         scale, amax = torch.tensor(0.01, device=device), torch.zeros(3, device=device)
         delayed = partial(fp8_quantize_scaled, a, scale, amax=amax, index=0)

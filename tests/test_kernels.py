@@ -457,7 +457,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
 
     assert len(gemm) == 6 and len(quant) == 3 + len(QUANTIZE_CUDA_CONFIGS) and len(blackwell) == 1
-    assert len(fp8) == 5 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
+    assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
     for row in gemm + quant + blackwell + fp8:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
@@ -469,6 +469,8 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     for row in quant + casts:  # the fp8 data leaves in whole 16-byte packets (scales: a byte each)
         widths = {int(w) for w in row["global_stores"]}  # JSON keys: bytes per store
         assert max(widths) == 16 and widths <= {1, 2, 16}, row
+    for row in [row for row in fp8 if "one copy" in row["kernel"]]:  # data in 16 bytes, fp32 scales
+        assert {int(w) for w in row["global_stores"]} == {4, 16}, row
     assert quant[0]["barriers"] == 0, quant[0]  # the default tile: each column's block in one warp
 
 
@@ -527,6 +529,48 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     assert _same_fp8(q, rq) and _same_fp8(qt, cq.t().contiguous())
     assert s.shape == rs.shape and st.shape == cs.shape
     assert torch.equal(s, rs) and torch.equal(st, cs)  # every scale finite: NaN rows get scale 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", ["default", "cuda"])
+def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, tiles, monkeypatch):
+    """One rowwise copy (evaluation, or a backward that needs only dx or only dW): one launch that
+    takes each slice's maxima and casts it, no amax pass, byte for byte quantize_fp8 along either
+    axis; (70, 300) spans several column blocks of either tile size, with a zero row, NaN,
+    infinities and a subnormal."""
+    _needs_triton()
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    launches = []
+    one_copy = triton_fp8._fp8_one_copy_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return one_copy[grid]
+
+    monkeypatch.setattr(triton_fp8, "_fp8_one_copy_kernel", Counted())
+    monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", None)  # the two-pass path must not run
+    torch.manual_seed(5)
+    x = (torch.randn(70, 300) * torch.logspace(-6, 6, 300)).to(dtype)
+    x[2] = 0.0
+    x[3, 5] = float("nan")
+    x[6, 7], x[9, 280] = float("inf"), float("-inf")
+    x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for rows in (True, False):
+        if tiles == "cuda":
+            config = triton_fp8.FP8_ONE_COPY_CUDA[rows]
+            q, s, qt, st = triton_fp8._fp8_one_copy(x.to(dev), elem, rows, config)
+        else:
+            q, s, qt, st = triton_fp8.fp8_quantize_dual(x.to(dev), elem, "rowwise", rows=rows, cols=not rows)
+        want, want_s = quantize_fp8(x, elem, "rowwise", axis=-1 if rows else 0)
+        got, got_s = (q, s) if rows else (qt, st)
+        assert _same_fp8(got.cpu(), want if rows else want.t().contiguous()), rows
+        assert torch.equal(got_s.cpu(), want_s), rows
+    assert len(launches) == 2
 
 
 def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input():
@@ -1062,7 +1106,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
 
     tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
-    fp8.append("fp8_delayed_quantize")
+    fp8 += ["fp8_delayed_quantize", "fp8_one_copy_rowwise", "fp8_one_copy_rowwise_two_pass"]
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took

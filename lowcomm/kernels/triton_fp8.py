@@ -16,6 +16,11 @@ The scales are :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima, and every b
 to the grid is done in fp32 arithmetic (the kernel shares it with the MX quantizer). Tensorwise
 scaling makes the transposed copy from the same scale, so each tensor is quantized once.
 
+Both copies need two reads whatever the kernel: the transposed copy's scales are maxima over
+every row, known only after the whole tensor was read. One rowwise copy (evaluation, or a
+backward that needs only dx or only dW) is made in one: a program per slice of whole rows (or
+columns) takes the slice's maxima, then casts it, the second loop reading the slice from L2.
+
 :func:`fp8_quantize_scaled` is the one-pass form for delayed scaling: the tensorwise scale is
 known before the tensor is read (from earlier steps' maxima), so the cast pass alone makes both
 copies and records this tensor's maximum on the way (the same kernel, ``RECORD``).
@@ -35,7 +40,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _load_tile, _round_to_fp8_grid
+    from .triton_quantize import _load_block, _load_tile, _round_to_fp8_grid
 
 __all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
@@ -135,6 +140,61 @@ if HAVE_TRITON:
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
             tl.store(qt_ptr + offs_t, qt, mask=tl.trans(inside))
 
+    @triton.jit
+    def _fp8_one_copy_kernel(
+        x_ptr,
+        scale_ptr,
+        q_ptr,
+        R,
+        C,
+        MAXV: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        E5M2: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # rowwise scaling, one copy, one program per slice of whole rows (ROWS: q (R, C), a scale
+        # per row) or of whole columns (qt (C, R), a scale per column): the slice's maxima, then
+        # its cast. The second loop reads the slice again, from L2 (a few hundred KB per program),
+        # so x leaves memory once.
+        # the maxima as bits of |x| (ordered like the floats, NaN above inf), kept per element
+        # across the loop and reduced once after it (one cross-thread reduction, not one a block)
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+        if ROWS:
+            r0 = tl.program_id(0) * BLOCK_R
+            for c0 in range(0, C, BLOCK_C):
+                _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+            top = tl.max(acc, axis=1)
+        else:
+            c0 = tl.program_id(0) * BLOCK_C
+            for r0 in range(0, R, BLOCK_R):
+                _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+            top = tl.max(acc, axis=0)
+        # fp8_scale's arithmetic: amax / max (IEEE division), 1 for a zero or NaN maximum
+        amax = top.to(tl.float32, bitcast=True)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, MAXV), 1.0)
+        if ROWS:
+            rows = r0 + tl.arange(0, BLOCK_R)
+            tl.store(scale_ptr + rows, scale, mask=rows < R)
+            for c0 in range(0, C, BLOCK_C):
+                _, _, inside, offs, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                q = _to_fp8_bytes(x, scale[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+                tl.store(q_ptr + offs, q, mask=inside)
+        else:
+            cols = c0 + tl.arange(0, BLOCK_C)
+            tl.store(scale_ptr + cols, scale, mask=cols < C)
+            for r0 in range(0, R, BLOCK_R):
+                rows, cols, inside, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                q = _to_fp8_bytes(x, scale[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+                offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+                tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
+
 
 # Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
 # sm_90a on CPU: the rowwise cast writing both copies takes 69 registers (122 with 4 warps, which
@@ -142,6 +202,13 @@ if HAVE_TRITON:
 # the transpose. Bandwidth not measured yet. The interpreter runs 32 x 32 tiles.
 FP8_CUDA_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8}
 FP8_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
+# One rowwise copy in one pass (a program per slice of whole rows or columns), keyed by ROWS: the
+# rows' slices 16 x 256 on 4 warps (loads of 512 contiguous bytes, 32 elements a thread), the
+# columns' 64 x 64 on 8 warps (the transposed store writes 64-byte runs of qt). Not measured yet.
+FP8_ONE_COPY_CUDA = {
+    True: {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 4},
+    False: {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
+}
 
 
 def fp8_quantize_dual(
@@ -208,8 +275,13 @@ def _shapes(x: torch.Tensor, scaling: str, rows: bool, cols: bool):
     )
 
 
-def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool, config=None):
-    """:func:`fp8_quantize_dual` after its checks: four tensors, empty for a copy not made."""
+def _fp8_quantize_dual(
+    x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool, config=None, one_pass: bool = True
+):
+    """:func:`fp8_quantize_dual` after its checks: four tensors, empty for a copy not made. One
+    rowwise copy (without ``config``) is made in one pass over x unless ``one_pass=False``."""
+    if one_pass and scaling == "rowwise" and rows != cols and config is None:
+        return _fp8_one_copy(x, elem, rows)
     cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
     if unknown:
@@ -264,6 +336,41 @@ def _fp8_quantize_dual(x: torch.Tensor, elem: str, scaling: str, rows: bool, col
         qt.view(ELEM_FORMATS[elem].dtype),
         s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
     )
+
+
+def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = None):
+    """One rowwise copy in one pass: q (R, C) with a scale per row (``rows``), or qt (C, R) with a
+    scale per column of x; the four tensors of :func:`_fp8_quantize_dual`. ``config``: the tiles
+    (default: FP8_ONE_COPY_CUDA on CUDA, 32 x 32 in the interpreter)."""
+    cfg = config or (FP8_ONE_COPY_CUDA[rows] if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
+    x = x.contiguous()
+    R, C = x.shape
+    shapes = _shapes(x, "rowwise", rows, not rows)
+    q = torch.empty(shapes[0] if rows else shapes[2], dtype=torch.uint8, device=x.device)
+    scale = torch.empty(R if rows else C, dtype=torch.float32, device=x.device)
+    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
+    if R and C:
+        grid = (-(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"]),)
+        _fp8_one_copy_kernel[grid](
+            x,
+            scale,
+            q,
+            R,
+            C,
+            MAXV=maxv,
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            E5M2=elem == "e5m2",
+            NAN_BYTE=NAN_BYTE[elem],
+            ROWS=rows,
+            **cfg,
+        )
+    q = q.view(ELEM_FORMATS[elem].dtype)
+    none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)
+    if rows:
+        return q, scale.reshape(shapes[1]), none_q, none_s
+    return none_q, none_s, q, scale.reshape(shapes[3])
 
 
 def fp8_quantize_scaled(
@@ -447,9 +554,8 @@ def static_specs() -> list:
     """The kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
     from .triton_static import KernelSpec
 
-    def spec(name: str, fn, pointers: dict, consts: dict) -> KernelSpec:
+    def spec(name: str, fn, pointers: dict, consts: dict, warps=FP8_CUDA_CONFIG["num_warps"]) -> KernelSpec:
         sig = {**pointers, "R": "i32", "C": "i32", **{k: "constexpr" for k in consts}}
-        warps = FP8_CUDA_CONFIG["num_warps"]
         return KernelSpec(name, fn, sig, consts, num_warps=warps, num_stages=1, aligned=("R", "C"))
 
     maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
@@ -464,6 +570,12 @@ def static_specs() -> list:
         specs.append(spec(f"fp8_quantize_dual amax ({scaling}, bf16)", _fp8_amax_kernel, amax_ptrs, flags))
         name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
         specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "RECORD": False}))
+    for rows in (True, False):
+        name = f"fp8_quantize_dual one copy ({'rows' if rows else 'columns'}, rowwise, bf16 to e4m3)"
+        cfg = FP8_ONE_COPY_CUDA[rows]
+        consts = dict(**cast, ROWS=rows, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+        ptrs = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "q_ptr": "*u8"}
+        specs.append(spec(name, _fp8_one_copy_kernel, ptrs, consts, cfg["num_warps"]))
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
     flags = dict(TENSOR=True, ROWS=True, COLS=True, RECORD=True, **tiles)
     specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))

@@ -65,8 +65,15 @@ if HAVE_TRITON:
     def _load_tile(x_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # this program's (BLOCK_R, BLOCK_C) tile of the row-major (R, C) x, as fp32 (0 outside),
         # with its rows, columns, mask and offsets (the copies of the same layout store at them)
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r0 = tl.program_id(0) * BLOCK_R
+        c0 = tl.program_id(1) * BLOCK_C
+        return _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+
+    @triton.jit
+    def _load_block(x_ptr, R, C, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # the (BLOCK_R, BLOCK_C) block of x at (r0, c0), as _load_tile returns it
+        rows = r0 + tl.arange(0, BLOCK_R)
+        cols = c0 + tl.arange(0, BLOCK_C)
         inside = (rows < R)[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=inside, other=0.0)
