@@ -233,6 +233,8 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
     LOWCOMM_AUTOTUNE=0 pins the first candidate."""
     _needs_triton()
+    import triton
+
     import lowcomm.kernels.triton_quantize as tq
 
     timed = []
@@ -246,6 +248,11 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
     monkeypatch.setattr(tq, "_TUNED", None)
     monkeypatch.setattr(tq, "autotuning", lambda device: True)
+    if not torch.cuda.is_available():
+        try:
+            tq._tuned_kernel()
+        except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
+            pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
     x = torch.randn(64, 96)
     for shape_runs, y in ((1, x), (1, x * 2), (2, torch.randn(32, 64))):
         rq, rs, cq, cs = tq.mx_quantize_dual(y)
@@ -454,24 +461,36 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
     fp8 = rows(90, "fp8_quantize")  # amax and cast, tensorwise and rowwise; delayed's one pass
     # quantize: dual, row, col, e5m2 at the default tiles, then the dual at each other candidate
+    import triton
+
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
+    from lowcomm.kernels.triton_static import BLACKWELL_TRITON
 
     assert len(gemm) == 6 and len(quant) == 3 + len(QUANTIZE_CUDA_CONFIGS) and len(blackwell) == 1
+    found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    if found < BLACKWELL_TRITON:  # an old triton cannot target Blackwell: refused by name, not a crash
+        assert "cannot compile for sm_100: it needs triton >= 3.3" in blackwell.pop()["error"]
     assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
     for row in gemm + quant + blackwell + fp8:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
-    assert blackwell[0]["mma"].startswith("tcgen05.mma") and "f8f6f4" in blackwell[0]["mma"]
+    for row in blackwell:
+        assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
     assert all(row["mma"] is None for row in quant + fp8)
-    casts = [row for row in fp8 if " cast " in row["kernel"]]
-    for row in quant + casts:  # the fp8 data leaves in whole 16-byte packets (scales: a byte each)
+    for row in quant:  # the MX data leaves in whole 16-byte packets (scales: a byte each)
         widths = {int(w) for w in row["global_stores"]}  # JSON keys: bytes per store
         assert max(widths) == 16 and widths <= {1, 2, 16}, row
-    for row in [row for row in fp8 if "one copy" in row["kernel"]]:  # data in 16 bytes, fp32 scales
-        assert {int(w) for w in row["global_stores"]} == {4, 16}, row
-    assert quant[0]["barriers"] == 0, quant[0]  # the default tile: each column's block in one warp
+    # fp8: every copy in 16-byte packets (one copy's scales: fp32). Triton 3.2 writes the transposed
+    # copies a byte at a time (the same bytes, slower); 3.6 (the GPU image's) and 3.9 do not
+    for row in [row for row in fp8 if " cast " in row["kernel"] or "one copy" in row["kernel"]]:
+        widths = {int(w) for w in row["global_stores"]}
+        want = {4, 16} if "one copy" in row["kernel"] else {16}
+        old_ok = "columns" in row["kernel"] or 16 in widths  # only a transposed copy: byte stores
+        assert widths == want if found >= (3, 6) else old_ok, row
+    if found >= (3, 6):  # the default tile: each column's block in one warp (3.2 still syncs)
+        assert quant[0]["barriers"] == 0, quant[0]
 
 
 def _emulated_and_scaled_mm_layers(

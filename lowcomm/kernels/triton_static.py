@@ -28,6 +28,8 @@ __all__ = ["KernelSpec", "compile_report", "all_specs", "report", "SM_SHARED_BYT
 
 # shared memory one block may use (opt-in maximum): H100/H200 227 KB, B200 227 KB
 SM_SHARED_BYTES = {90: 227 * 1024, 100: 227 * 1024}
+#: the oldest triton that compiles for Blackwell (sm_100)
+BLACKWELL_TRITON = (3, 3)
 
 
 @dataclass
@@ -47,6 +49,22 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     aligned: tuple = field(default_factory=tuple)
+
+
+def _ast_source(ASTSource, spec: KernelSpec, attrs: dict):
+    """The kernel's source for triton.compile: ``attrs`` maps ``(index,)`` to its properties (triton
+    >= 3.3); triton 3.2 takes the constexprs as ``constants`` and the properties as an
+    AttrsDescriptor."""
+    import inspect
+
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    from triton.backends.compiler import AttrsDescriptor
+
+    desc = AttrsDescriptor()
+    desc.arg_properties["tt.divisibility"] = [index for (index,) in attrs]
+    desc._init_slots()
+    return ASTSource(fn=spec.fn, signature=spec.signature, constants=spec.constexprs, attrs=desc)
 
 
 def _bin(tool: str) -> str:
@@ -124,6 +142,10 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         "num_stages": spec.num_stages,
         "constexprs": _constexprs(spec),
     }
+    found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    if arch >= 100 and found < BLACKWELL_TRITON:  # 3.2 aborts the process on a Blackwell dot
+        row["error"] = f"triton {triton.__version__} cannot compile for sm_{arch}: it needs triton >= 3.3"
+        return row
     t0 = time.perf_counter()
     try:
         names = spec.fn.arg_names
@@ -132,7 +154,7 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
             for k, t in spec.signature.items()
             if t.startswith("*") or k in spec.aligned
         }
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        src = _ast_source(ASTSource, spec, attrs)
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
