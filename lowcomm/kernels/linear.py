@@ -36,7 +36,8 @@ __all__ = [
 #: the absolute maxima of earlier steps; its GEMMs are fp8_tensorwise's)
 LAYER_RECIPES = (*RECIPES, "fp8_delayed")
 PRECISIONS = ("fp32", *LAYER_RECIPES)
-#: steps of absolute maxima a delayed-scaling layer keeps (torchao's default; TransformerEngine's is 1024)
+#: steps of absolute maxima a delayed-scaling layer keeps (TransformerEngine's default is 1024; a short
+#: window lets one outlier step leave the scale soon: docs/references.md, MX formats and FP8)
 AMAX_HISTORY_LEN = 16
 
 
