@@ -152,6 +152,38 @@ def test_low_precision_linear_gradients_track_fp32(cls, kw):
     assert torch.allclose(layer.bias.grad, ref.bias.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast"])
+def test_under_autocast_a_layer_outputs_the_autocast_dtype_and_keeps_its_own_arithmetic(recipe):
+    """Under bf16 autocast (how the trainer runs on a GPU) a low-precision layer returns bf16, as
+    the nn.Linear it replaced would: its fp32 result rounded to bf16, plus the bias in bf16; the
+    recipe's arithmetic inside is not autocast (the emulated GEMM stays fp32), in forward or in a
+    backward called inside the autocast region; gradients reach x and the fp32 parameters in
+    their dtypes."""
+    torch.manual_seed(2)
+    layer = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated")
+    plain = LowPrecisionLinear(64, 96, bias=False, recipe=recipe, backend="emulated")
+    plain.weight = layer.weight
+    x, gy = torch.randn(2, 20, 64), torch.randn(2, 20, 96)
+    with torch.no_grad():  # fp32, no autocast (a delayed layer's first step is dynamic either way)
+        want = plain(x).to(torch.bfloat16) + layer.bias.to(torch.bfloat16)
+    grads = []
+    for backward_inside in (False, True):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+            if backward_inside:
+                y.backward(gy.to(torch.bfloat16))
+        if not backward_inside:
+            y.backward(gy.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+        grads.append((xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+        if recipe == "fp8_delayed":
+            layer._fp8_started = False  # the second pass dynamic too, as the first
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_convert_swaps_linears_shares_parameters_and_skips_the_head():
     from lowcomm.lm import GPT, GPTConfig
 

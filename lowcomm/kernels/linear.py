@@ -43,28 +43,35 @@ AMAX_HISTORY_LEN = 16
 
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, amax, scales):
+    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, amax, scales, out_dtype):
         # amax, scales: fp8_delayed only (the layer's running maxima, and the scales of x, W, dy
-        # from its history; None on its first training step: scaled dynamically)
+        # from its history; None on its first training step: scaled dynamically); out_dtype: the
+        # output's dtype (None: x's)
         x2 = x.reshape(-1, x.shape[-1])
+        out_dtype = out_dtype or x.dtype
         if recipe == "fp8_delayed":
             scaled = _delayed_on_scaled_mm(backend, x2, weight)
             delayed = (amax, scales, backward_follows, scaled)  # evaluation records no maxima
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed)
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows)
         elif _fused_fp8(recipe, backend, x2, weight):
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None)
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None, out_dtype)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
             ctx.fused = False
         ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-        return y + bias if bias is not None else y
+        y = y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return y + bias.to(out_dtype) if bias is not None else y
 
     @staticmethod
     def backward(ctx, gy):
+        with torch.autocast(gy.device.type, enabled=False):  # a backward called inside autocast
+            return _QLinear._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         recipe, grad_elem, backend, x_shape, has_bias = ctx.cfg
         gy2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
@@ -81,8 +88,8 @@ class _QLinear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
-            db = gy2.sum(0)
-        return dx, dw, db, None, None, None, None, None, None
+            db = gy2.sum(0, dtype=torch.float32)
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def _weight_tile(recipe: str) -> dict:
@@ -198,6 +205,14 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
 
 
+def _fp8_out(scaling: str, want: torch.dtype) -> torch.dtype:
+    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else ``want`` if it is
+    bf16 or fp32 (a bf16 output under autocast saves a cast of an fp32 one), else fp32."""
+    if scaling == "rowwise":
+        return torch.bfloat16
+    return want if want in (torch.bfloat16, torch.float32) else torch.float32
+
+
 def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool) -> torch.Tensor:
     """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32."""
     from .gemm import scaled_mm
@@ -229,13 +244,13 @@ class _FusedFloat8:
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed) -> torch.Tensor:
+    def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype):
         scaling = "rowwise" if recipe == "fp8_rowwise" else "tensorwise"
         T = x2.shape[0]
         x2 = x2 if x2.dtype in _FP8_READS else x2.float()
         xq, sx, xqt, sxt = _fp8_copies(_pad_rows(x2, 16), "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
-        out = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise writes bf16
+        out = _fp8_out(scaling, out_dtype)
         y = _fp8_mm(xq, wq.t(), sx, sw.reshape(1, -1) if sw.dim() else sw, out, scaled)[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
@@ -251,13 +266,12 @@ class _FusedFloat8:
             return None, None
         g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 16)
         gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, ctx.scaling, want_dw, ctx.delayed, 2, rows=want_dx)
-        out = torch.bfloat16 if ctx.scaling == "rowwise" else torch.float32
         dx = dw = None
-        if want_dx:
-            dx = _fp8_mm(gq, wqt.t(), sg, swt, out, ctx.scaled)[: ctx.tokens]
+        if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (rowwise: bf16)
+            dx = _fp8_mm(gq, wqt.t(), sg, swt, _fp8_out(ctx.scaling, gy2.dtype), ctx.scaled)[: ctx.tokens]
         if want_dw:
             sgt = sgt.reshape(-1, 1) if sgt.dim() else sgt
-            dw = _fp8_mm(gqt, xqt.t(), sgt, sxt, out, ctx.scaled)
+            dw = _fp8_mm(gqt, xqt.t(), sgt, sxt, _fp8_out(ctx.scaling, torch.float32), ctx.scaled)
         return dx, dw
 
 
@@ -322,8 +336,13 @@ class LowPrecisionLinear(nn.Linear):
         amax = scales = None
         if self.recipe == "fp8_delayed":
             amax, scales = self._delayed_scales(backward_follows)
-        args = (self.recipe, self.grad_elem, self.backend, backward_follows, amax, scales)
-        return _QLinear.apply(x, self.weight, self.bias, *args)
+        # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
+        # arithmetic (fp32 emulation, the fp8 GEMMs' fp32 sums) is left alone
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        args = (self.recipe, self.grad_elem, self.backend, backward_follows, amax, scales, out_dtype)
+        with torch.autocast(device, enabled=False):
+            return _QLinear.apply(x, self.weight, self.bias, *args)
 
     @torch.no_grad()
     def _delayed_scales(self, training: bool):
