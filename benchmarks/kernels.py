@@ -207,10 +207,13 @@ TRAIN_SIZES = {
 TRAIN_PRECISIONS = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8_fast")
 
 
-def training(device="cuda", steps: int = 100, size: str = "issue", precisions=TRAIN_PRECISIONS) -> dict:
+def training(
+    device="cuda", steps: int = 100, size: str = "issue", precisions=TRAIN_PRECISIONS, on_row=lambda out: None
+) -> dict:
     """The reference model trained ``steps`` steps (one replica, the bundled corpus, bf16 autocast)
     with its Linear layers in bf16 and in each recipe (the head stays bf16): tokens per second
-    after the first quarter of the run, final eval loss, and each recipe's ratios to bf16."""
+    after the first quarter of the run, final eval loss, and each recipe's ratios to bf16.
+    ``on_row(out)`` gets the results so far after each run."""
     import tempfile
 
     from common import steady_tokens_per_second
@@ -232,6 +235,7 @@ def training(device="cuda", steps: int = 100, size: str = "issue", precisions=TR
                 res = train(cfg, progress=False)
             except Exception as e:  # one recipe failing spoils no other
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                on_row(out)
                 continue
             out[name] = {
                 "tokens_per_second": steady_tokens_per_second(cfg.run.run_dir, res, log_every),
@@ -239,6 +243,7 @@ def training(device="cuda", steps: int = 100, size: str = "issue", precisions=TR
                 "wall_s": time.perf_counter() - t0,
             }
             print(f"training {name}: {out[name]}", flush=True)
+            on_row(out)
     base = out["bf16"]
     for name in precisions:
         row = out[name]
@@ -283,21 +288,28 @@ def main() -> None:
     }
     none = "not measured: no GPU on this machine"
     not_run = "not run: no GPU on this machine (CI trains each recipe emulated on CPU: tests/test_kernels.py)"
+
+    def save(part: str | None = None, value=None) -> None:  # a time-out keeps what was saved
+        if part is not None:
+            out[part] = value
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+
     parts = {
         "numerics": lambda: numerics("cuda" if cuda else "cpu"),
         "speed": speed if cuda else lambda: none,
         "linear": linear_speed if cuda else lambda: none,
-        "training": (lambda: training("cuda", args.train_steps, args.train_size))
+        "training": (
+            lambda: training("cuda", args.train_steps, args.train_size, on_row=partial(save, "training"))
+        )
         if cuda and args.train_steps
         else lambda: not_run,
     }
-    for name, part in parts.items():  # the JSON is written after each part: a time-out keeps what ran
+    for name, part in parts.items():  # saved after each part (training: after each run)
         t0 = time.perf_counter()
-        out[name] = part()
+        save(name, part())
         print(f"{name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))
 
 
