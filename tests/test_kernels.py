@@ -553,6 +553,30 @@ def _same_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
     return torch.equal(got.float().isnan(), nan) and torch.equal(g[~nan], w[~nan])
 
 
+def _hard_input(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Values over 12 decades (by column), a zero row, NaN, both infinities and a subnormal."""
+    torch.manual_seed(seed)
+    x = (torch.randn(rows, cols) * torch.logspace(-6, 6, cols)).to(dtype)
+    x[2] = 0.0
+    x[3, 5] = float("nan")
+    x[6, 7], x[9, cols - 20] = float("inf"), float("-inf")
+    x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30
+    return x
+
+
+def _count_launches(monkeypatch, module, kernel: str) -> list:
+    """The grids ``module.<kernel>`` is launched with from now on (it still runs)."""
+    launches, real = [], getattr(module, kernel)
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, kernel, Counted())
+    return launches
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
@@ -565,12 +589,7 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     _needs_triton()
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIG, fp8_quantize_dual
 
-    torch.manual_seed(1)
-    x = (torch.randn(70, 100) * torch.logspace(-6, 6, 100)).to(dtype)
-    x[2] = 0.0
-    x[3, 5] = float("nan")
-    x[6, 7], x[9, 1] = float("inf"), float("-inf")
-    x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30
+    x = _hard_input(70, 100, dtype, seed=1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     config = FP8_CUDA_CONFIG if tiles == "cuda" else None
     q, s, qt, st = (t.cpu() for t in fp8_quantize_dual(x.to(dev), elem, scaling, config=config))
@@ -594,22 +613,9 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
     _needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
-    launches = []
-    one_copy = triton_fp8._fp8_one_copy_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return one_copy[grid]
-
-    monkeypatch.setattr(triton_fp8, "_fp8_one_copy_kernel", Counted())
+    launches = _count_launches(monkeypatch, triton_fp8, "_fp8_one_copy_kernel")
     monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", None)  # the two-pass path must not run
-    torch.manual_seed(5)
-    x = (torch.randn(70, 300) * torch.logspace(-6, 6, 300)).to(dtype)
-    x[2] = 0.0
-    x[3, 5] = float("nan")
-    x[6, 7], x[9, 280] = float("inf"), float("-inf")
-    x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30
+    x = _hard_input(70, 300, dtype, seed=5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for rows in (True, False):
         if tiles == "cuda":
@@ -666,15 +672,7 @@ def test_fp8_quantize_scaled_casts_in_one_pass_and_records_the_maximum(elem, dty
     scale = torch.tensor(0.37)  # 448 * 0.37 = 166: larger values saturate
     want = fp8_cast(x, scale, elem)
     top = x.float().abs().max()
-    launches = []
-    cast_kernel = triton_fp8._fp8_cast_kernel
-
-    class Counted:  # counts the launches of the cast kernel; the amax kernel must not run
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return cast_kernel[grid]
-
-    monkeypatch.setattr(triton_fp8, "_fp8_cast_kernel", Counted())
+    launches = _count_launches(monkeypatch, triton_fp8, "_fp8_cast_kernel")
     monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     amax = torch.tensor([5.0, 0.0, 2.0**100], device=dev)

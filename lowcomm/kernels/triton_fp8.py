@@ -306,35 +306,43 @@ def _fp8_quantize_dual(
     # the scales from the maxima: the reference's own arithmetic (shapes as quantize_fp8 returns)
     s_rows = fp8_scale(amax_rows.view(torch.float32), elem)
     s_cols = s_rows if tensor else fp8_scale(amax_cols.view(torch.float32), elem)
-    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
-    if R and C:
-        _fp8_cast_kernel[grid](
-            x,
-            s_rows,
-            s_cols,
-            q if rows else qt,  # stands in for the copy not written
-            qt if cols else q,
-            amax_rows,  # not written (RECORD=False)
-            R,
-            C,
-            MAXV=maxv,
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            E5M2=elem == "e5m2",
-            NAN_BYTE=NAN_BYTE[elem],
-            TENSOR=tensor,
-            ROWS=rows,
-            COLS=cols,
-            RECORD=False,
-            **cfg,
-        )
+    if R and C:  # amax_rows stands in for the maxima not recorded
+        _launch_cast(x, s_rows, s_cols, q, qt, amax_rows, elem, tensor, rows, cols, False, cfg)
     empty = s_rows.new_empty(0)
     return (
         q.view(ELEM_FORMATS[elem].dtype),
         s_rows.reshape(shapes[1]) if rows else empty,
         qt.view(ELEM_FORMATS[elem].dtype),
         s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
+    )
+
+
+def _format(elem: str) -> dict:
+    """The element format's constants every fp8 kernel takes."""
+    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
+    fmt = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c)
+    return dict(fmt, E5M2=elem == "e5m2", NAN_BYTE=NAN_BYTE[elem])
+
+
+def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, record, cfg) -> None:
+    """The cast kernel over (R, C) x: q and/or qt written, maxima into ``amax`` if ``record``."""
+    R, C = x.shape
+    grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+    _fp8_cast_kernel[grid](
+        x,
+        s_rows,
+        s_cols,
+        q if rows else qt,  # stands in for the copy not written
+        qt if cols else q,
+        amax,
+        R,
+        C,
+        **_format(elem),
+        TENSOR=tensor,
+        ROWS=rows,
+        COLS=cols,
+        RECORD=record,
+        **cfg,
     )
 
 
@@ -348,24 +356,9 @@ def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = 
     shapes = _shapes(x, "rowwise", rows, not rows)
     q = torch.empty(shapes[0] if rows else shapes[2], dtype=torch.uint8, device=x.device)
     scale = torch.empty(R if rows else C, dtype=torch.float32, device=x.device)
-    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
     if R and C:
         grid = (-(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"]),)
-        _fp8_one_copy_kernel[grid](
-            x,
-            scale,
-            q,
-            R,
-            C,
-            MAXV=maxv,
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            E5M2=elem == "e5m2",
-            NAN_BYTE=NAN_BYTE[elem],
-            ROWS=rows,
-            **cfg,
-        )
+        _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem), ROWS=rows, **cfg)
     q = q.view(ELEM_FORMATS[elem].dtype)
     none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)
     if rows:
@@ -461,30 +454,9 @@ def _fp8_quantize_scaled(x, scale, amax, index: int, elem: str, rows: bool, cols
     shapes = _shapes(x, "tensorwise", rows, cols)
     q = torch.empty(shapes[0], dtype=torch.uint8, device=x.device)
     qt = torch.empty(shapes[2], dtype=torch.uint8, device=x.device)
-    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
-    if R and C:
-        grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
-        _fp8_cast_kernel[grid](
-            x,
-            scale,
-            scale,
-            q if rows else qt,  # stands in for the copy not written
-            qt if cols else q,
-            amax.view(torch.int32)[index:],  # non-negative floats' bits order like the floats
-            R,
-            C,
-            MAXV=maxv,
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            E5M2=elem == "e5m2",
-            NAN_BYTE=NAN_BYTE[elem],
-            TENSOR=True,
-            ROWS=rows,
-            COLS=cols,
-            RECORD=record,
-            **cfg,
-        )
+    if R and C:  # the maxima as int32 bits: non-negative floats' bits order like the floats
+        bits = amax.view(torch.int32)[index:]
+        _launch_cast(x, scale, scale, q, qt, bits, elem, True, rows, cols, record, cfg)
     empty = scale.new_empty(0)
     return (
         q.view(ELEM_FORMATS[elem].dtype),
@@ -558,8 +530,7 @@ def static_specs() -> list:
         sig = {**pointers, "R": "i32", "C": "i32", **{k: "constexpr" for k in consts}}
         return KernelSpec(name, fn, sig, consts, num_warps=warps, num_stages=1, aligned=("R", "C"))
 
-    maxv, _, _, mbits, min_normal, sub_c = _EMAX["e4m3"]
-    cast = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c, E5M2=False, NAN_BYTE=0x7F)
+    cast = _format("e4m3")
     tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
     cast_ptrs = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32"}
     cast_ptrs.update(q_ptr="*u8", qt_ptr="*u8", amax_ptr="*i32")
