@@ -67,6 +67,8 @@ class _QLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        if _autocast_dtype(gy.device.type) is None:
+            return _QLinear._backward(ctx, gy)
         with torch.autocast(gy.device.type, enabled=False):  # a backward called inside autocast
             return _QLinear._backward(ctx, gy)
 
@@ -90,6 +92,15 @@ class _QLinear(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0, dtype=torch.float32)
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type now (None: autocast is off, or the
+    device type has none, e.g. meta)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cuda", "cpu"))
+    if not available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _weight_tile(recipe: str) -> dict:
@@ -338,10 +349,11 @@ class LowPrecisionLinear(nn.Linear):
             amax, scales = self._delayed_scales(backward_follows)
         # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
         # arithmetic (fp32 emulation, the fp8 GEMMs' fp32 sums) is left alone
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        out_dtype = _autocast_dtype(x.device.type)
         args = (self.recipe, self.grad_elem, self.backend, backward_follows, amax, scales, out_dtype)
-        with torch.autocast(device, enabled=False):
+        if out_dtype is None:
+            return _QLinear.apply(x, self.weight, self.bias, *args)
+        with torch.autocast(x.device.type, enabled=False):
             return _QLinear.apply(x, self.weight, self.bias, *args)
 
     @torch.no_grad()
