@@ -793,8 +793,16 @@ def test_delayed_scaling_scales_each_step_from_the_maxima_of_the_steps_before():
     assert layer.fp8_amax.dtype == layer.fp8_amax_history.dtype == torch.float32  # maxima stay fp32
 
 
-def test_delayed_scaling_refuses_a_bad_history_length_before_converting_anything():
+def test_delayed_scaling_refuses_bad_settings_by_name_before_converting_anything():
     from lowcomm.lm import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match=r"unknown backend 'cublas'; allowed: \['auto'"):
+        Float8Linear(16, 16, scaling="delayed", backend="cublas")
+    with pytest.raises(ValueError, match="'triton' serves mxfp8 and mxfp8_fast only, not fp8_delayed"):
+        Float8Linear(16, 16, scaling="delayed", backend="triton")
+    if not torch.cuda.is_available():  # a device that cannot serve it, named at the first call
+        with pytest.raises(ValueError, match="'scaled_mm' cannot serve fp8_delayed on cpu"):
+            Float8Linear(16, 16, scaling="delayed", backend="scaled_mm")(torch.randn(2, 16))
 
     with pytest.raises(ValueError, match="amax_history_len must be an integer >= 1, got 0"):
         Float8Linear(16, 16, scaling="delayed", amax_history_len=0)

@@ -232,8 +232,9 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> str:
-    """The backend that serves ``recipe`` on ``device``; raises ValueError if an explicit one cannot."""
+def choose_backend(recipe: str, device: torch.device, backend: str = "auto", label: str | None = None) -> str:
+    """The backend that serves ``recipe`` on ``device``; raises ValueError if an explicit one cannot
+    (naming ``label``, default the recipe: a layer recipe built on this GEMM recipe names itself)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
     if backend not in BACKENDS:
@@ -249,16 +250,17 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto") -> 
         can_scaled_mm = cap is not None and cap >= need and hasattr(torch, "_scaled_mm")
         if recipe == "mxfp8" and not hasattr(torch, "float8_e8m0fnu"):  # MX scales' dtype: torch 2.7
             can_scaled_mm = False
+    label = label or recipe
     if backend == "scaled_mm" and not can_scaled_mm:
         raise ValueError(
-            f"backend 'scaled_mm' cannot serve {recipe} on {device} (capability {cap}); it needs CUDA sm_"
+            f"backend 'scaled_mm' cannot serve {label} on {device} (capability {cap}); it needs CUDA sm_"
             f"{need[0]}{need[1]}{' exactly' if recipe == 'mxfp8_fast' else ' or newer'}"
             f"{' and torch >= 2.7 (float8_e8m0fnu scales)' if recipe == 'mxfp8' else ''}. "
             "Use backend='emulated' or 'auto'"
         )
     if backend == "triton":
         if recipe not in ("mxfp8", "mxfp8_fast"):
-            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
+            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {label}")
         if not _triton_runs_on(device):
             from .triton_quantize import TRITON_MISSING
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .gemm import RECIPES, choose_backend, fp8_scale, qmatmul
+from .gemm import BACKENDS, RECIPES, choose_backend, fp8_scale, qmatmul
 
 __all__ = [
     "LowPrecisionLinear",
@@ -196,7 +196,7 @@ def _delayed_on_scaled_mm(backend: str, x2: torch.Tensor, weight: torch.Tensor) 
     same fp8 bytes): the device serves fp8 tensorwise; under ``auto`` also cuBLASLt's shapes (both
     weight sides multiples of 16). An explicit ``scaled_mm`` on shapes it cannot take is refused
     by the layout check, naming the rule."""
-    if choose_backend("fp8_tensorwise", x2.device, backend) != "scaled_mm":
+    if choose_backend("fp8_tensorwise", x2.device, backend, label="fp8_delayed") != "scaled_mm":
         return False
     return backend == "scaled_mm" or (weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
@@ -331,6 +331,10 @@ class LowPrecisionLinear(nn.Linear):
             raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
         if grad_elem not in ("e4m3", "e5m2"):
             raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+        if backend == "triton" and recipe not in ("mxfp8", "mxfp8_fast"):
+            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
         if recipe == "fp8_delayed":
             n = amax_history_len
