@@ -715,6 +715,8 @@ def test_fp8_quantize_scaled_refuses_bad_input():
         fp8_quantize_scaled(x[0], one)
     with pytest.raises(ValueError, match="at least one copy"):
         fp8_quantize_scaled(x, one, rows=False, cols=False)
+    with pytest.raises(ValueError, match="scale must be on x's device cpu, got meta"):
+        fp8_quantize_scaled(x, one.to("meta"))
 
 
 def _delayed_reference(x, w, b, gy, sx, sw, sg):

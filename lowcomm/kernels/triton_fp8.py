@@ -411,6 +411,9 @@ def fp8_quantize_scaled(
         raise ValueError(f"fp8_quantize_scaled takes a 2-D tensor, got shape {tuple(x.shape)}")
     if scale.numel() != 1 or scale.dtype != torch.float32:
         raise ValueError(f"scale must be one fp32 value, got {scale.dtype} of shape {tuple(scale.shape)}")
+    for name, t in (("scale", scale), ("amax", amax)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     if amax is not None and (amax.dim() != 1 or amax.dtype != torch.float32 or not 0 <= index < len(amax)):
         raise ValueError(
             f"amax must be a 1-D fp32 tensor with an entry at index {index}, got {amax.dtype} of "
