@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from lowcomm import DiLoCo
 from lowcomm.comm import DistributedGroup
@@ -105,6 +106,10 @@ def main() -> None:
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )
         group.close()
+    # every rank past its last collective before any tears its groups down (rank 0 hosts the store):
+    # leaving them to the interpreter's shutdown could abort a process (gloo, seen once in 2x2 DDP)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
