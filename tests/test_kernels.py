@@ -344,6 +344,30 @@ def test_exact_mx_triton_gemm_matches_the_emulated_path():
     assert float((got - ref).abs().max() / ref.abs().max()) < fp8_gemm_tolerance(dev)
 
 
+def test_the_triton_gemms_write_bf16_as_their_fp32_sums_rounded_once():
+    """out_dtype=bfloat16 (what the MX layer writes under the trainer's autocast): each element is
+    the fp32 result rounded to bf16, bit for bit, with no fp32 copy made; an integer output is
+    refused by name."""
+    _needs_triton()
+    from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
+
+    torch.manual_seed(6)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    da, sa = quantize_mx(torch.randn(48, 128, device=dev), axis=1)
+    db, sb = quantize_mx(torch.randn(128, 40, device=dev), axis=0)
+    sa[0, 0] = 255  # a NaN block: row 0 is NaN either way
+    got = mx_matmul(da, sa, db, sb, out_dtype=torch.bfloat16)
+    want = mx_matmul(da, sa, db, sb).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got[0].isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    qa, ga = torch.randn(48, 128, device=dev).to(torch.float8_e4m3fn), torch.rand(48, 1, device=dev) + 0.5
+    qb, gb = torch.randn(128, 40, device=dev).to(torch.float8_e4m3fn), torch.rand(1, 40, device=dev) + 0.5
+    got = blockwise_matmul(qa, ga, qb, gb, out_dtype=torch.bfloat16)
+    assert torch.equal(got, blockwise_matmul(qa, ga, qb, gb).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="mx_matmul writes .*not torch.int32"):
+        mx_matmul(da, sa, db, sb, out_dtype=torch.int32)
+
+
 def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
     _needs_triton()
     from lowcomm.kernels.triton_mx_gemm import mx_matmul
@@ -464,6 +488,15 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
     for name, r, t in zip(("y", "dx", "dW", "db"), *outs):
         assert r.shape == t.shape, name
         assert float((t - r).abs().max() / r.abs().max()) < max(1e-5, fp8_gemm_tolerance(dev)), name
+    from lowcomm.kernels import triton_mx_gemm
+
+    gemm, written = triton_mx_gemm.mx_matmul, []
+    spy_gemm = lambda *a, **k: written.append(k.get("out_dtype")) or gemm(*a, **k)  # noqa: E731
+    monkeypatch.setattr(triton_mx_gemm, "mx_matmul", spy_gemm)
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+        y16 = tri(x.to(dev))
+    assert y16.dtype == torch.bfloat16 and written == [torch.bfloat16]  # the GEMM writes bf16 itself
+    assert float((y16.float().cpu() - y.cpu()).abs().max() / y.abs().max()) < 2**-8  # bf16 rounding
 
 
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():

@@ -54,7 +54,7 @@ class _QLinear(torch.autograd.Function):
             delayed = (amax, scales, backward_follows, scaled)  # evaluation records no maxima
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
-            y = _FusedMX.forward(ctx, x2, weight, backward_follows)
+            y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
         elif _fused_fp8(recipe, backend, x2, weight):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None, out_dtype)
         else:
@@ -95,10 +95,10 @@ class _QLinear(torch.autograd.Function):
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type now (None: autocast is off, or the
-    device type has none, e.g. meta)."""
-    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cuda", "cpu"))
-    if not available(device_type) or not torch.is_autocast_enabled(device_type):
+    """The dtype autocast computes in on this CUDA or CPU device now (None: autocast is off, or
+    another device type, e.g. meta, which torch.autocast refuses). A fixed list, not
+    torch.amp.is_autocast_available: torch.compile cannot trace that before torch 2.13."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -138,7 +138,9 @@ class _FusedMX:
     """
 
     @staticmethod
-    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, backward_follows: bool) -> torch.Tensor:
+    def forward(
+        ctx, x2: torch.Tensor, weight: torch.Tensor, backward_follows: bool, out_dtype
+    ) -> torch.Tensor:
         from .triton_mx_gemm import mx_matmul
         from .triton_quantize import mx_quantize, mx_quantize_dual
 
@@ -150,7 +152,7 @@ class _FusedMX:
             ctx.save_for_backward(xc, xcs, wc, wcs)
         else:  # no_grad (evaluation, inference): only the copies fprop reads
             (xr, xrs), (wr, wrs) = mx_quantize(xp), mx_quantize(w)
-        y = mx_matmul(xr, xrs, wr.t(), wrs.t())[:T]
+        y = mx_matmul(xr, xrs, wr.t(), wrs.t(), out_dtype=_gemm_out(out_dtype))[:T]
         ctx.fused, ctx.tokens, ctx.weight_dtype = True, T, weight.dtype
         return y
 
@@ -161,9 +163,21 @@ class _FusedMX:
 
         xc, xcs, wc, wcs = ctx.saved_tensors
         gr, grs, gc, gcs = mx_quantize_dual(_pad_rows(gy2), elem=grad_elem)
-        dx = mx_matmul(gr, grs, wc, wcs)[: ctx.tokens] if ctx.needs_input_grad[0] else None
+        dx = (
+            mx_matmul(gr, grs, wc, wcs, out_dtype=_gemm_out(gy2.dtype))[: ctx.tokens]
+            if ctx.needs_input_grad[0]
+            else None
+        )
         dw = mx_matmul(gc.t(), gcs.t(), xc, xcs) if ctx.needs_input_grad[1] else None
         return dx, dw
+
+
+def _gemm_out(want: torch.dtype) -> torch.dtype:
+    """What a Triton GEMM writes for an output wanted in ``want``: it, if the GEMM writes it, else
+    fp32 (cast after)."""
+    from .triton_mx_gemm import OUT_DTYPES
+
+    return want if want in OUT_DTYPES else torch.float32
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:

@@ -116,6 +116,13 @@ if HAVE_TRITON:
     @triton.jit
     def _store_tile(c_ptr, acc, rm, rn, M, N, stride_cm, stride_cn):
         c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+        # bf16 C (the trainer's autocast: no fp32 copy): the fp32 sums rounded once, to nearest
+        # even, in integer arithmetic on their bits (the interpreter's cast truncates), so the cast
+        # that follows is exact on every backend; NaN stays NaN
+        if c_ptr.dtype.element_ty == tl.bfloat16:
+            bits = acc.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            acc = tl.where(acc != acc, acc, bits.to(tl.float32, bitcast=True)).to(tl.bfloat16)
         tl.store(c_ptrs, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
     @triton.jit
@@ -164,14 +171,17 @@ def static_specs() -> list:
             sb_unit = "stride_sbk" if "B k-major" in layout else "stride_sbn"
             unit = (*unit, sa_unit, sb_unit, "stride_cn")
             sig = {"a_ptr": "*fp8e4nv", "sa_ptr": scale, "b_ptr": "*fp8e4nv", "sb_ptr": scale}
-            sig["c_ptr"] = "*fp32"
+            # the MX layer under bf16 autocast writes y and dx in bf16, dW in fp32
+            bf16_out = sb == 32 and "A m-major" not in layout
+            sig["c_ptr"] = "*bf16" if bf16_out else "*fp32"
+            suffix = " -> bf16" if bf16_out else ""
             sig.update({n: "constexpr" if n in unit else "i32" for n in ints})
             consts = {n: 1 for n in unit}
             consts.update(SB=sb, E8M0=sb == 32, **{k: v for k, v in cfg.items() if k.isupper()})
             sig.update({p.name: "constexpr" for p in params if p.is_constexpr})
             specs.append(
                 KernelSpec(
-                    name=f"{'mx_matmul' if sb == 32 else 'blockwise_matmul'} ({layout})",
+                    name=f"{'mx_matmul' if sb == 32 else 'blockwise_matmul'} ({layout}){suffix}",
                     fn=_block_scaled_gemm_kernel,
                     signature=sig,
                     constexprs=consts,
@@ -189,9 +199,10 @@ def mx_matmul(
     b_data: torch.Tensor,
     b_scales: torch.Tensor,
     *,
+    out_dtype: torch.dtype = torch.float32,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """fp32 ``dequant(A) @ dequant(B)`` from MX operands (exact MX).
+    """``dequant(A) @ dequant(B)`` from MX operands (exact MX), summed in fp32.
 
     Operands may be strided views (a transposed copy of the other axis's quantization is read in
     place): only the shapes below matter.
@@ -202,12 +213,14 @@ def mx_matmul(
         a_scales: (M, K/32) uint8 E8M0.
         b_data: (K, N) float8_e4m3fn or e5m2, blocked along K (``quantize_mx(b, axis=0)``).
         b_scales: (K/32, N) uint8 E8M0.
+        out_dtype: the result's dtype: float32, or bfloat16 (the fp32 sums rounded once to nearest
+            even as they are written, with no fp32 copy).
         config: launch configuration overrides (keys of :data:`CUDA_CONFIGS`' entries).
 
     Raises:
         RuntimeError: triton missing. ValueError: shapes or dtypes that do not fit.
     """
-    return _launch(a_data, a_scales, b_data, b_scales, 32, torch.uint8, config, "mx_matmul")
+    return _launch(a_data, a_scales, b_data, b_scales, 32, torch.uint8, config, "mx_matmul", out_dtype)
 
 
 def blockwise_matmul(
@@ -217,9 +230,11 @@ def blockwise_matmul(
     b_scales: torch.Tensor,
     *,
     block: int = 128,
+    out_dtype: torch.dtype = torch.float32,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """fp32 ``(A · sa) @ (B · sb)`` with fp32 scales per ``block`` elements along K (the 1x128 path).
+    """``(A · sa) @ (B · sb)`` with fp32 scales per ``block`` elements along K (the 1x128 path),
+    summed in fp32.
 
     The same kernel as :func:`mx_matmul` with one scale per 128 of K: a quarter of the promotions
     of exact MX, which is what lets a Hopper kernel hide them behind the MMAs (the DeepSeek-V3
@@ -229,6 +244,7 @@ def blockwise_matmul(
         a_data: (M, K) float8_e4m3fn. a_scales: (M, K/block) float32.
         b_data: (K, N) float8_e4m3fn. b_scales: (K/block, N) float32 (one per column and K-block).
         block: elements of K per scale (a power of two >= 16).
+        out_dtype: as :func:`mx_matmul`'s.
         config: launch configuration overrides.
 
     Raises:
@@ -236,10 +252,18 @@ def blockwise_matmul(
     """
     if block < 16 or block & (block - 1):
         raise ValueError(f"blockwise_matmul: block={block} must be a power of two >= 16")
-    return _launch(a_data, a_scales, b_data, b_scales, block, torch.float32, config, "blockwise_matmul")
+    return _launch(
+        a_data, a_scales, b_data, b_scales, block, torch.float32, config, "blockwise_matmul", out_dtype
+    )
 
 
-def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, name) -> torch.Tensor:
+#: the dtypes the GEMMs write
+OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _launch(
+    a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, name, out_dtype
+) -> torch.Tensor:
     if not HAVE_TRITON:
         raise RuntimeError(f"{name} needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.qmatmul")
     if a_data.dim() != 2 or b_data.dim() != 2:
@@ -267,12 +291,16 @@ def _launch(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, na
         raise ValueError(f"{name}: operands and scales must be on one device, got {where}")
     if a_scales.dtype != scale_dtype or b_scales.dtype != scale_dtype:
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{name} writes {[str(d) for d in OUT_DTYPES]}, not {out_dtype}")
     if config is None and AS_OPS:
-        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb)
-    return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name)
+        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb, out_dtype)
+    return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name, out_dtype)
 
 
-def _gemm(a_data, a_scales, b_data, b_scales, sb: int, config: dict | None, name: str) -> torch.Tensor:
+def _gemm(
+    a_data, a_scales, b_data, b_scales, sb: int, config, name: str, out_dtype=torch.float32
+) -> torch.Tensor:
     cfg = gemm_config(sb, a_data.device)
     unknown = set(config or {}) - set(cfg)
     if unknown:
@@ -280,7 +308,7 @@ def _gemm(a_data, a_scales, b_data, b_scales, sb: int, config: dict | None, name
     cfg.update(config or {})
     M, K = a_data.shape
     N = b_data.shape[1]
-    c = torch.empty(M, N, dtype=torch.float32, device=a_data.device)
+    c = torch.empty(M, N, dtype=out_dtype, device=a_data.device)
     if M == 0 or N == 0:
         return c
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -311,13 +339,19 @@ if AS_OPS:
     @torch.library.custom_op(
         "lowcomm::block_scaled_matmul",
         mutates_args=(),
-        schema="(Tensor a_data, Tensor a_scales, Tensor b_data, Tensor b_scales, int block) -> Tensor",
+        schema="(Tensor a_data, Tensor a_scales, Tensor b_data, Tensor b_scales, int block, "
+        "ScalarType out_dtype) -> Tensor",
     )
     def _block_scaled_matmul_op(
-        a_data: torch.Tensor, a_scales: torch.Tensor, b_data: torch.Tensor, b_scales: torch.Tensor, block: int
+        a_data: torch.Tensor,
+        a_scales: torch.Tensor,
+        b_data: torch.Tensor,
+        b_scales: torch.Tensor,
+        block: int,
+        out_dtype: torch.dtype,
     ) -> torch.Tensor:
-        return _gemm(a_data, a_scales, b_data, b_scales, block, None, "block_scaled_matmul")
+        return _gemm(a_data, a_scales, b_data, b_scales, block, None, "block_scaled_matmul", out_dtype)
 
     @_block_scaled_matmul_op.register_fake
-    def _(a_data, a_scales, b_data, b_scales, block):
-        return a_data.new_empty(a_data.shape[0], b_data.shape[1], dtype=torch.float32)
+    def _(a_data, a_scales, b_data, b_scales, block, out_dtype):
+        return a_data.new_empty(a_data.shape[0], b_data.shape[1], dtype=out_dtype)
