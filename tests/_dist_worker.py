@@ -106,10 +106,14 @@ def main() -> None:
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )
         group.close()
-    # every rank past its last collective before any tears its groups down (rank 0 hosts the store):
-    # leaving them to the interpreter's shutdown could abort a process (gloo, seen once in 2x2 DDP)
+    # every rank past its last collective before any tears its groups down (rank 0 hosts the store);
+    # then out without the interpreter's shutdown, where gloo's threads can abort a process (seen
+    # once in 2x2 DDP: "terminate called without an active exception"), as `lowcomm train` does
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -496,7 +496,7 @@ def _train(args: argparse.Namespace) -> int:
             # too and tear their groups down at the same time, which can abort a process exiting
             # through the interpreter's shutdown (gloo), so leave at once with the refusal's code
             print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
-            os._exit(ExitCode.USAGE)
+            _leave_now(ExitCode.USAGE)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_comparison({cfg.run.mode: s}))
             print(f"records in {Path(cfg.run.run_dir).resolve()}")
@@ -504,27 +504,38 @@ def _train(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+            # gloo's threads can still hold work when the interpreter shuts down, which aborts
+            # the process now and then ("terminate called without an active exception", seen
+            # under load): every record is written and closed, so leave without that shutdown
+            _leave_now(ExitCode.OK)
         return ExitCode.OK
     try:
         s = train(cfg, progress=not args.quiet)
     except JobFinished as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
-        os._exit(ExitCode.JOB_FINISHED)
+        _leave_now(ExitCode.JOB_FINISHED)
     except (KeyRejected, ConfigurationRejected, ValueError, FileNotFoundError) as e:  # its own input
         print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE
     except CoordinatorError as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
-        os._exit(ExitCode.FAILED)
+        _leave_now(ExitCode.FAILED)
     print(
         f"worker {s['worker_id']}: eval loss {s['final_eval_loss']:.4f}, {s['rounds']} rounds "
         f"({s['rounds_redone']} redone), global params {s['global_params_sha256'][:16]}"
     )
     print(f"records in {Path(cfg.run.run_dir).resolve()}", flush=True)
-    sys.stderr.flush()
     # a collective given up on a dead peer leaves a gloo thread behind that would abort the
     # interpreter's shutdown; the records are closed, so leave at once
-    os._exit(ExitCode.OK)
+    _leave_now(ExitCode.OK)
+
+
+def _leave_now(code: int) -> None:
+    """Exit with ``code`` after flushing logs and output, skipping the interpreter's shutdown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _process_group_alive() -> bool:
