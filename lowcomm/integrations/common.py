@@ -3,6 +3,7 @@ framework (which would otherwise start data parallelism across the replicas)."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -68,11 +69,20 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
             pg, store=store, rank=rank, size=size, name="replicas", timeout=timeout_s
         )
         log.info("replica %d of %d (gloo, from the launcher's rendezvous)", rank, size)
+        atexit.register(_release, group)
     else:
         group = LocalGroup.create(1)[0]
     if hide_env:
         HIDDEN.update({k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ})
     return group
+
+
+def _release(group) -> None:
+    """At exit, while the interpreter is whole: close the group and drop its gloo process group
+    (this module made it; nothing else holds it), whose threads, left to the interpreter's
+    shutdown, can abort the process ("terminate called without an active exception")."""
+    group.close()
+    group.pg = None
 
 
 def outer_device(group: ReplicaGroup, model, config: DiLoCoConfig) -> DiLoCoConfig:
