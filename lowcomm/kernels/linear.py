@@ -231,11 +231,9 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
 
 
 def _fp8_out(scaling: str, want: torch.dtype) -> torch.dtype:
-    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else ``want`` if it is
-    bf16 or fp32 (a bf16 output under autocast saves a cast of an fp32 one), else fp32."""
-    if scaling == "rowwise":
-        return torch.bfloat16
-    return want if want in (torch.bfloat16, torch.float32) else torch.float32
+    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else as the Triton
+    GEMMs do (a bf16 output under autocast saves a cast of an fp32 one)."""
+    return torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
 
 
 def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool) -> torch.Tensor:

@@ -40,7 +40,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _load_block, _load_tile, _round_to_fp8_grid
+    from .triton_quantize import _abs_bits, _load_block, _load_tile, _round_to_fp8_grid
 
 __all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
@@ -64,7 +64,7 @@ if HAVE_TRITON:
         # one (BLOCK_R, BLOCK_C) tile: its maxima go into int32 buffers (zeros at the start) by
         # atomic max on the bits of |x| (sign bit cleared), which order like the floats
         rows, cols, _, _, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        bits = _abs_bits(x)
         if TENSOR:
             tl.atomic_max(row_ptr, tl.max(tl.max(bits, axis=1), axis=0))
         else:
@@ -127,8 +127,7 @@ if HAVE_TRITON:
             s_row = s
             s_col = s
             if RECORD:
-                bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-                tl.atomic_max(amax_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+                tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
         else:
             s_row = tl.load(row_scale_ptr + rows, mask=rows < R, other=1.0)[:, None]
             s_col = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)[None, :]
@@ -168,13 +167,13 @@ if HAVE_TRITON:
             r0 = tl.program_id(0) * BLOCK_R
             for c0 in range(0, C, BLOCK_C):
                 _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+                acc = tl.maximum(acc, _abs_bits(x))
             top = tl.max(acc, axis=1)
         else:
             c0 = tl.program_id(0) * BLOCK_C
             for r0 in range(0, R, BLOCK_R):
                 _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+                acc = tl.maximum(acc, _abs_bits(x))
             top = tl.max(acc, axis=0)
         # fp8_scale's arithmetic: amax / max (IEEE division), 1 for a zero or NaN maximum
         amax = top.to(tl.float32, bitcast=True)
@@ -251,16 +250,21 @@ def fp8_quantize_dual(
 def _check(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool) -> None:
     if not HAVE_TRITON:
         raise RuntimeError(f"fp8_quantize_dual needs Triton ({TRITON_MISSING}); or use quantize_fp8")
-    if elem not in _EMAX:
-        raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
-    if not (rows or cols):
-        raise ValueError("fp8_quantize_dual makes at least one copy: rows=True or cols=True")
-    if x.dim() != 2:
-        raise ValueError(f"fp8_quantize_dual takes a 2-D tensor, got shape {tuple(x.shape)}")
+    _check_copies("fp8_quantize_dual", x, elem, rows, cols)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"fp8_quantize_dual takes fp32, bf16 or fp16, got {x.dtype}")
+
+
+def _check_copies(name: str, x: torch.Tensor, elem: str, rows: bool, cols: bool) -> None:
+    """What every fp8 quantize of this module refuses: the format, no copy asked for, not 2-D."""
+    if elem not in _EMAX:
+        raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
+    if not (rows or cols):
+        raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
+    if x.dim() != 2:
+        raise ValueError(f"{name} takes a 2-D tensor, got shape {tuple(x.shape)}")
 
 
 def _shapes(x: torch.Tensor, scaling: str, rows: bool, cols: bool):
@@ -403,12 +407,7 @@ def fp8_quantize_scaled(
     """
     from .gemm import _triton_runs_on
 
-    if elem not in _EMAX:
-        raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
-    if not (rows or cols):
-        raise ValueError("fp8_quantize_scaled makes at least one copy: rows=True or cols=True")
-    if x.dim() != 2:
-        raise ValueError(f"fp8_quantize_scaled takes a 2-D tensor, got shape {tuple(x.shape)}")
+    _check_copies("fp8_quantize_scaled", x, elem, rows, cols)
     if scale.numel() != 1 or scale.dtype != torch.float32:
         raise ValueError(f"scale must be one fp32 value, got {scale.dtype} of shape {tuple(scale.shape)}")
     for name, t in (("scale", scale), ("amax", amax)):

@@ -32,8 +32,9 @@ try:
     import triton
     import triton.language as tl
 
-    _found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
-    HAVE_TRITON = _found >= TRITON_MIN
+    #: the installed triton's (major, minor)
+    TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    HAVE_TRITON = TRITON_VERSION >= TRITON_MIN
     #: why the Triton kernels are off (None: they are on)
     TRITON_MISSING = (
         None
@@ -42,6 +43,7 @@ try:
         "pip install 'triton>=3.2'"
     )
 except ImportError:  # pragma: no cover - exercised where triton is not installed
+    TRITON_VERSION = None
     HAVE_TRITON = False
     TRITON_MISSING = "triton is not installed: pip install triton"
 
@@ -68,6 +70,12 @@ if HAVE_TRITON:
         r0 = tl.program_id(0) * BLOCK_R
         c0 = tl.program_id(1) * BLOCK_C
         return _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+
+    @triton.jit
+    def _abs_bits(x):
+        # |x| as int32 bits (sign cleared): they order like the floats, NaN above inf, so an
+        # integer maximum is the absolute maximum and keeps NaN
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
     @triton.jit
     def _load_block(x_ptr, R, C, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -173,7 +181,7 @@ if HAVE_TRITON:
         # BLOCK_R/32 column scales per column. ROWS / COLS: which copies to write. Row blocks need
         # C a multiple of 32, column blocks R; the other side may end inside a tile (masked).
         rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)  # one read
-        mag = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| as ordered integer bits
+        mag = _abs_bits(x)
         NB_C: tl.constexpr = BLOCK_C // 32
         NB_R: tl.constexpr = BLOCK_R // 32
         if ROWS:  # row-blocked: 32 consecutive elements of a row share a scale

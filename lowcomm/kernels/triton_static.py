@@ -142,8 +142,9 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         "num_stages": spec.num_stages,
         "constexprs": _constexprs(spec),
     }
-    found = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
-    if arch >= 100 and found < BLACKWELL_TRITON:  # 3.2 aborts the process on a Blackwell dot
+    from .triton_quantize import TRITON_VERSION
+
+    if arch >= 100 and TRITON_VERSION < BLACKWELL_TRITON:  # 3.2 aborts the process on a Blackwell dot
         row["error"] = f"triton {triton.__version__} cannot compile for sm_{arch}: it needs triton >= 3.3"
         return row
     t0 = time.perf_counter()
