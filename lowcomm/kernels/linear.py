@@ -349,9 +349,7 @@ class LowPrecisionLinear(nn.Linear):
             raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
         if recipe == "fp8_delayed":
-            n = amax_history_len
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"amax_history_len must be an integer >= 1, got {amax_history_len!r}")
+            _check_history_len(amax_history_len)
             dev = self.weight.device
             self.register_buffer("fp8_amax", torch.zeros(3, device=dev), persistent=False)
             history = torch.zeros(3, amax_history_len, device=dev)
@@ -409,6 +407,11 @@ class LowPrecisionLinear(nn.Linear):
     def extra_repr(self) -> str:
         extra = f", amax_history_len={self.fp8_amax_history.shape[1]}" if self.recipe == "fp8_delayed" else ""
         return f"{super().extra_repr()}, recipe={self.recipe}, grad_elem={self.grad_elem}{extra}"
+
+
+def _check_history_len(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"amax_history_len must be an integer >= 1, got {n!r}")
 
 
 class Float8Linear(LowPrecisionLinear):
@@ -478,7 +481,7 @@ def convert_to_low_precision(
         names = set(skip)
         skip_fn = lambda name, m: name in names  # noqa: E731
     if recipe == "fp8_delayed":  # checked before any layer is swapped
-        LowPrecisionLinear(16, 16, recipe=recipe, amax_history_len=amax_history_len, device="meta")
+        _check_history_len(amax_history_len)
     multiple = 32 if recipe == "mxfp8" else 16
     kw = {"amax_history_len": amax_history_len} if recipe == "fp8_delayed" else {}
     converted = []
