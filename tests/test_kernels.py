@@ -632,6 +632,44 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     assert torch.equal(s, rs) and torch.equal(st, cs)  # every scale finite: NaN rows get scale 1
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_fp8_quantize_dual_is_two_launches_and_one_fill(scaling, monkeypatch):
+    """Both copies, dynamic scaling: the amax kernel, then the cast kernel, which takes the scales
+    from the maxima itself; the only other work on the device is one fill of the maxima's buffer
+    (no torch arithmetic for the scales between the kernels: on a GPU each op is a launch)."""
+    _needs_triton()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    order = []
+
+    class Stub:  # records the launch, runs nothing: what is counted is the host's work
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: order.append(self.name)
+
+    class Work(TorchDispatchMode):  # operations that launch work: not views, not allocations
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not getattr(func, "is_view", False) and not name.startswith("aten.empty"):
+                order.append(name)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", Stub("amax"))
+    monkeypatch.setattr(triton_fp8, "_fp8_cast_kernel", Stub("cast"))
+    x = torch.randn(96, 160)
+    with Work():
+        q, s, qt, st = triton_fp8._fp8_quantize_dual(x, "e4m3", scaling, True, True)
+    assert len(order) == 3 and order[0].startswith("aten.zero") and order[1:] == ["amax", "cast"], order
+    assert q.shape == (96, 160) and qt.shape == (160, 96)
+    want = ((), ()) if scaling == "tensorwise" else ((96, 1), (1, 160))
+    assert (s.shape, st.shape) == want
+    assert s.data_ptr() != st.data_ptr()  # outputs may not alias
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
 @pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

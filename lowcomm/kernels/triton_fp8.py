@@ -8,10 +8,12 @@ measured"). :func:`fp8_quantize_dual` makes both from a (R, C) tensor in two pas
     1. amax:  one read; absolute maxima per row and per column (rowwise) or of the whole tensor
               (tensorwise), kept as the integer bits of non-negative floats so that ``atomic_max``
               orders them (a NaN's bits are above infinity's, as torch's amax propagates NaN);
-    2. cast:  one read; ``x / scale`` clamped, rounded to the fp8 grid and written twice, as (R, C)
-              and transposed as (C, R), each row of the copy contiguous.
+    2. cast:  one read; the scales from the maxima (each written out by one program),
+              ``x / scale`` clamped, rounded to the fp8 grid and written twice, as (R, C) and
+              transposed as (C, R), each row of the copy contiguous.
 
-The scales are :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima, and every byte equals
+Two launches and one fill of the maxima's buffer, nothing between them: the scales are
+:func:`lowcomm.kernels.gemm.fp8_scale` of the maxima in the same arithmetic, and every byte equals
 :func:`lowcomm.kernels.quantize_fp8`'s (tested): the division is IEEE (``div_rn``), the rounding
 to the grid is done in fp32 arithmetic (the kernel shares it with the MX quantizer). Tensorwise
 scaling makes the transposed copy from the same scale, so each tensor is quantized once.
@@ -33,7 +35,6 @@ from __future__ import annotations
 import torch
 
 from .formats import ELEM_FORMATS
-from .gemm import fp8_scale
 from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, NAN_BYTE, TRITON_MISSING, copies_made
 
 if HAVE_TRITON:
@@ -95,6 +96,13 @@ if HAVE_TRITON:
         return tl.where(y != y, NAN_BYTE, q).to(tl.uint8)  # fp8 NaN conversion differs by backend
 
     @triton.jit
+    def _fp8_scale_of(bits, MAXV: tl.constexpr):
+        # fp8_scale's arithmetic from a maximum kept as the bits of |x|: amax / max (IEEE
+        # division), 1 for a zero or NaN maximum
+        amax = bits.to(tl.float32, bitcast=True)
+        return tl.where(amax > 0, tl.math.div_rn(amax, MAXV), 1.0)
+
+    @triton.jit
     def _fp8_cast_kernel(
         x_ptr,
         row_scale_ptr,
@@ -118,19 +126,37 @@ if HAVE_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
-        # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale);
-        # RECORD (tensorwise, a scale given in advance): |x|'s maximum into amax_ptr, as the amax
-        # kernel keeps it (atomic max on the bits), the same read
+        # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale).
+        # RECORD (tensorwise, a scale given in advance in row_scale_ptr): |x|'s maximum into
+        # amax_ptr, as the amax kernel keeps it (atomic max on the bits), the same read. Otherwise
+        # (dynamic scaling) amax_ptr holds the amax kernel's maxima (R + C of them rowwise: rows
+        # first; one tensorwise) and the kernel takes the scales from them, the programs of the
+        # first block column writing the rows' scales into row_scale_ptr, those of the first block
+        # row the columns' into col_scale_ptr (program (0, 0) both, tensorwise)
         rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
-        if TENSOR:
+        if RECORD:
             s = tl.load(row_scale_ptr)
             s_row = s
             s_col = s
-            if RECORD:
-                tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+            tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+        elif TENSOR:
+            s = _fp8_scale_of(tl.load(amax_ptr), MAXV)
+            s_row = s
+            s_col = s
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(row_scale_ptr, s)
+                tl.store(col_scale_ptr, s)
         else:
-            s_row = tl.load(row_scale_ptr + rows, mask=rows < R, other=1.0)[:, None]
-            s_col = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)[None, :]
+            s_row = _fp8_scale_of(tl.load(amax_ptr + rows, mask=rows < R, other=0), MAXV)
+            s_col = _fp8_scale_of(tl.load(amax_ptr + R + cols, mask=cols < C, other=0), MAXV)
+            if ROWS:
+                if tl.program_id(1) == 0:
+                    tl.store(row_scale_ptr + rows, s_row, mask=rows < R)
+            if COLS:
+                if tl.program_id(0) == 0:
+                    tl.store(col_scale_ptr + cols, s_col, mask=cols < C)
+            s_row = s_row[:, None]
+            s_col = s_col[None, :]
         if ROWS:
             q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
             tl.store(q_ptr + offs, q, mask=inside)
@@ -175,9 +201,7 @@ if HAVE_TRITON:
                 _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
                 acc = tl.maximum(acc, _abs_bits(x))
             top = tl.max(acc, axis=0)
-        # fp8_scale's arithmetic: amax / max (IEEE division), 1 for a zero or NaN maximum
-        amax = top.to(tl.float32, bitcast=True)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, MAXV), 1.0)
+        scale = _fp8_scale_of(top, MAXV)
         if ROWS:
             rows = r0 + tl.arange(0, BLOCK_R)
             tl.store(scale_ptr + rows, scale, mask=rows < R)
@@ -298,27 +322,24 @@ def _fp8_quantize_dual(
     tensor = scaling == "tensorwise"
     dev = x.device
     shapes = _shapes(x, scaling, rows, cols)
-    amax_rows = torch.zeros(1 if tensor else R, dtype=torch.int32, device=dev)
-    amax_cols = amax_rows if tensor else torch.zeros(C, dtype=torch.int32, device=dev)
+    # the maxima as int32 bits, rows' then columns' (rowwise), in one buffer: one fill, and the
+    # cast kernel finds both at one pointer
+    amax = torch.zeros(1 if tensor else R + C, dtype=torch.int32, device=dev)
     q = torch.empty(shapes[0], dtype=torch.uint8, device=dev)
     qt = torch.empty(shapes[2], dtype=torch.uint8, device=dev)
+    s_rows = torch.empty(shapes[1], dtype=torch.float32, device=dev)
+    s_cols = torch.empty(shapes[3], dtype=torch.float32, device=dev)
     grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
     if R and C:
         _fp8_amax_kernel[grid](
-            x, amax_rows, amax_cols, R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
+            x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
         )  # fmt: skip
-    # the scales from the maxima: the reference's own arithmetic (shapes as quantize_fp8 returns)
-    s_rows = fp8_scale(amax_rows.view(torch.float32), elem)
-    s_cols = s_rows if tensor else fp8_scale(amax_cols.view(torch.float32), elem)
-    if R and C:  # amax_rows stands in for the maxima not recorded
-        _launch_cast(x, s_rows, s_cols, q, qt, amax_rows, elem, tensor, rows, cols, False, cfg)
-    empty = s_rows.new_empty(0)
-    return (
-        q.view(ELEM_FORMATS[elem].dtype),
-        s_rows.reshape(shapes[1]) if rows else empty,
-        qt.view(ELEM_FORMATS[elem].dtype),
-        s_cols.clone().reshape(shapes[3]) if cols else empty.clone(),  # outputs may not alias
-    )
+        # the scales are taken from the maxima by the cast kernel, which writes them out
+        _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, False, cfg)
+    else:  # nothing to read: every maximum is 0, so every scale is 1
+        s_rows.fill_(1.0)
+        s_cols.fill_(1.0)
+    return q.view(ELEM_FORMATS[elem].dtype), s_rows, qt.view(ELEM_FORMATS[elem].dtype), s_cols
 
 
 def _format(elem: str) -> dict:
