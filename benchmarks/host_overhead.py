@@ -11,6 +11,14 @@ clip and a fused AdamW) against ``lowcomm train`` with M = 4 batched replicas as
 Streaming DiLoCo (between rounds). AdamW is built fused in both, as it is on CUDA. It also times
 the steps on the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is
 small, so the time is mostly the host's; it is not a GPU figure.
+
+``layers`` counts the same way what one Linear's forward and backward dispatches under bf16
+autocast, as ``nn.Linear`` and in each low-precision recipe on its sm_90 path: the device is
+reported as sm_90 and ``torch._scaled_mm`` replaced by a stand-in that makes its output (one
+operation, as the real GEMM is one launch); the Triton quantize runs interpreted (in a child
+process with ``TRITON_INTERPRET=1`` unless this one has it) and counts as one operation, the
+kernels it launches inside as ``kernel_launches`` (fp8 dual quantize: a fill, the maxima, the
+cast; the others: one).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,11 +151,71 @@ def lowcomm(mode: str, steps: int) -> dict:
     return {"ops": {**phases, "total": sum(phases.values())}, "ms_per_step": ms}
 
 
+LAYER_SHAPE = (128, 128, 128)  # tokens, in-features, out-features: whole 128-blocks for mxfp8_fast
+LAYER_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
+#: Triton launches inside each lowcomm operator (the fp8 dual quantize: a fill, the maxima, the cast)
+KERNEL_LAUNCHES = {"fp8_quantize_dual": 3}
+
+
+def layers() -> dict:
+    """Operations of one Linear forward + backward under bf16 autocast, per recipe on sm_90."""
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the Triton kernels run on CPU only interpreted
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        child = subprocess.run(
+            [sys.executable, __file__, "--layers-only"], env=env, capture_output=True, text=True, timeout=600
+        )
+        if child.returncode:
+            return {"error": child.stderr.strip().splitlines()[-1]}
+        return json.loads(child.stdout)
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.kernels import LowPrecisionLinear
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
+
+    if not HAVE_TRITON:
+        return {"error": TRITON_MISSING}
+    tokens, k, n = LAYER_SHAPE
+
+    def gemm_stand_in(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    real = gemm._capability, torch._scaled_mm
+    gemm._capability, torch._scaled_mm = (lambda device: (9, 0)), gemm_stand_in
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    rows = {}
+    try:
+        for recipe in ("bf16", *LAYER_RECIPES):
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(k, n) if recipe == "bf16" else LowPrecisionLinear(k, n, recipe=recipe)
+            x = torch.randn(tokens, k, requires_grad=True)
+
+            def step(layer=layer, x=x):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = layer(x)
+                y.backward(torch.ones_like(y))
+
+            step()  # fp8_delayed: the first step is dynamic, the counted one runs from the history
+            c = _Count()
+            with c:
+                step()
+            ops = dict(sorted(c.ops.items()))
+            launches = sum(v * KERNEL_LAUNCHES.get(name.split(".")[1], 1) for name, v in ops.items())
+            rows[recipe] = {"ops": sum(ops.values()), "kernel_launches": launches, "by_op": ops}
+    finally:
+        gemm._capability, torch._scaled_mm = real
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    return {"shape": {"tokens": tokens, "in_features": k, "out_features": n}, "rows": rows}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200, help="timed steps per run")
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--skip-layers", action="store_true", help="leave out the per-recipe Linear counts")
+    p.add_argument("--layers-only", action="store_true", help=argparse.SUPPRESS)  # the child of layers()
     args = p.parse_args(argv)
+    if args.layers_only:
+        print(json.dumps(layers()))
+        return {}
     torch.set_num_threads(1)
     original = build_module.torch.optim.AdamW
     build_module.torch.optim.AdamW = _FusedAdamW  # the trainer's AdamW, fused as on CUDA
@@ -154,6 +224,7 @@ def main(argv=None) -> dict:
     finally:
         build_module.torch.optim.AdamW = original
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
+    out["layers"] = None if args.skip_layers else layers()
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -13,7 +13,8 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
   dual quantize (tensorwise, rowwise; against the same copies made by torch ops), one rowwise
-  copy in one pass and in two, and delayed scaling's one-pass quantize in bytes read + written
+  copy in one pass and in two, delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
+  128x128; against the per-GEMM torch ops) in bytes read + written
   per second, and a copy for the bandwidth;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
 - the reference model at d=1024, 12 layers, T=1024 trained ``--train-steps`` steps under bf16
@@ -100,7 +101,12 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_fp8 import _fp8_quantize_dual, fp8_quantize_dual, fp8_quantize_scaled
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
-    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, last_tuned_config, mx_quantize_dual
+    from lowcomm.kernels.triton_quantize import (
+        QUANTIZE_CUDA_CONFIGS,
+        last_tuned_config,
+        mx_fast_quantize_dual,
+        mx_quantize_dual,
+    )
 
     scaled = "scaled_mm" if device == "cuda" else "emulated"  # CPU: the smoke test of this script
     rows = []
@@ -146,6 +152,15 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "fp8_one_copy_rowwise", one_copy, one, bench, unit="TBps")
         two = partial(_fp8_quantize_dual, a, "e4m3", "rowwise", True, False, one_pass=False)
         _time_rate(row, "fp8_one_copy_rowwise_two_pass", one_copy, two, bench, unit="TBps")
+        # mxfp8_fast: both copies of an activation (1x128) and of a weight (128x128 tiles), MX
+        # regrouped in one pass, against the per-GEMM path's torch ops (MX along each axis, then
+        # the regrouping)
+        moved_fast = moved + 2 * 4 * a.numel() // 128
+        for tile in ("1x128", "128x128"):
+            fast = partial(mx_fast_quantize_dual, a, tile=tile)
+            _time_rate(row, f"mx_fast_dual_quantize_{tile}", moved_fast, fast, bench, unit="TBps")
+        torch_ops = partial(_fast_both_copies_in_torch, a)
+        _time_rate(row, "mx_fast_dual_quantize_1x128_torch", moved_fast, torch_ops, bench, unit="TBps")
         # delayed scaling (fp8_delayed): the scale known in advance, one read, the maximum recorded
         scale, amax = torch.tensor(0.01, device=device), torch.zeros(3, device=device)
         delayed = partial(fp8_quantize_scaled, a, scale, amax=amax, index=0)
@@ -161,6 +176,17 @@ def _fp8_both_copies_in_torch(a: torch.Tensor, scaling: str):
 
     q, s = quantize_fp8(a, "e4m3", scaling, axis=-1)
     d, t = quantize_fp8(a, "e4m3", scaling, axis=0)
+    return q, s, d.t().contiguous(), t
+
+
+def _fast_both_copies_in_torch(a: torch.Tensor):
+    """What mx_fast_quantize_dual makes (1x128), as the per-GEMM path made it: the MX quantize
+    along each axis, the regrouping in torch ops, a transpose."""
+    from lowcomm.kernels.gemm import _mx_operands, regroup_mx_1x128
+
+    da, sa, db, sb = _mx_operands(a, a, "e4m3", "e4m3", "rceil")
+    q, s = regroup_mx_1x128(da, sa, axis=1)
+    d, t = regroup_mx_1x128(db, sb, axis=0)
     return q, s, d.t().contiguous(), t
 
 

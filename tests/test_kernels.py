@@ -525,6 +525,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     gemm, quant = hopper[:6], hopper[6:]
     blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
     fp8 = rows(90, "fp8_quantize")  # amax and cast, tensorwise and rowwise; delayed's one pass
+    fast = rows(90, "mx_fast_quantize")  # mxfp8_fast's: activations, gradients, weights
     # quantize: dual, row, col, e5m2 at the default tiles, then the dual at each other candidate
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
     from lowcomm.kernels.triton_quantize import TRITON_VERSION as found
@@ -534,22 +535,27 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     if found < BLACKWELL_TRITON:  # an old triton cannot target Blackwell: refused by name, not a crash
         assert "cannot compile for sm_100: it needs triton >= 3.3" in blackwell.pop()["error"]
     assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
-    for row in gemm + quant + blackwell + fp8:
+    assert len(fast) == 3
+    for row in gemm + quant + blackwell + fp8 + fast:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:
         assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
-    assert all(row["mma"] is None for row in quant + fp8)
+    assert all(row["mma"] is None for row in quant + fp8 + fast)
+    for row in fast:  # fp8 data in whole 16-byte packets (before triton 3.6: the rows copy), fp32 scales
+        widths = {int(w) for w in row["global_stores"]}
+        assert widths == {4, 16} if found >= (3, 6) else 16 in widths, row
     for row in quant:  # the MX data leaves in whole 16-byte packets (scales: a byte each)
         widths = {int(w) for w in row["global_stores"]}  # JSON keys: bytes per store
         assert max(widths) == 16 and widths <= {1, 2, 16}, row
-    # fp8: every copy in 16-byte packets (one copy's scales: fp32). Triton 3.2 writes the transposed
-    # copies a byte at a time (the same bytes, slower); 3.6 (the GPU image's) and 3.9 do not
+    # fp8: every copy in 16-byte packets (the scales, where the kernel writes them: fp32). Triton
+    # 3.2 writes the transposed copies a byte at a time (the same bytes, slower); 3.6 (the GPU
+    # image's) and 3.9 do not
     for row in [row for row in fp8 if " cast " in row["kernel"] or "one copy" in row["kernel"]]:
         widths = {int(w) for w in row["global_stores"]}
-        want = {4, 16} if "one copy" in row["kernel"] else {16}
+        want = {16} if "delayed" in row["kernel"] else {4, 16}
         old_ok = "columns" in row["kernel"] or 16 in widths  # only a transposed copy: byte stores
         assert widths == want if found >= (3, 6) else old_ok, row
     if found >= (3, 6):  # the default tile: each column's block in one warp (3.2 still syncs)
@@ -557,16 +563,18 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
 
 
 def _emulated_and_scaled_mm_layers(
-    recipe: str, tokens: int, between=lambda: None, device: str = "cpu"
+    recipe: str, tokens: int, between=lambda: None, device="cpu", features=(64, 96), backend="scaled_mm"
 ) -> list[list[torch.Tensor]]:
-    """y, dx and dW of one Linear (64 -> 96, 2 x ``tokens`` tokens) in ``recipe``, emulated and
-    through torch._scaled_mm (whatever stands in for it); ``between()`` runs after the first."""
+    """y, dx and dW of one Linear (``features``, 2 x ``tokens`` tokens) in ``recipe``, emulated and
+    through ``backend`` (torch._scaled_mm: whatever stands in for it); ``between()`` runs after
+    the first."""
     torch.manual_seed(8)
-    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated", device=device)
-    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm", device=device)
+    k, n = features
+    ref = LowPrecisionLinear(k, n, recipe=recipe, backend="emulated", device=device)
+    fast = LowPrecisionLinear(k, n, recipe=recipe, backend=backend, device=device)
     fast.load_state_dict(ref.state_dict())
-    x = (torch.randn(2, tokens, 64) * torch.logspace(-1, 1, 64)).to(device)
-    gy = torch.randn(2, tokens, 96).to(device)
+    x = (torch.randn(2, tokens, k) * torch.logspace(-1, 1, k)).to(device)
+    gy = torch.randn(2, tokens, n).to(device)
     outs = []
     for layer in (ref, fast):
         xi = x.detach().clone().requires_grad_()
@@ -630,6 +638,55 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     assert _same_fp8(q, rq) and _same_fp8(qt, cq.t().contiguous())
     assert s.shape == rs.shape and st.shape == cs.shape
     assert torch.equal(s, rs) and torch.equal(st, cs)  # every scale finite: NaN rows get scale 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
+@pytest.mark.parametrize("elem,rule", [("e4m3", "rceil"), ("e5m2", "floor")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, rule, dtype):
+    """mxfp8_fast's operands in one pass (interpreted on CPU in CI) against quantize_mx regrouped
+    in torch ops, byte for byte and scale for scale, in 1x128 blocks and 128x128 tiles, both
+    copies and each alone, with the strides cuBLAS's blockwise GEMM reads: values over 12 decades,
+    a zero row, an all-zero tile (scale 2^-127), NaN and infinities (a group holding one: scale
+    inf, its finite blocks 0), a subnormal."""
+    _needs_triton()
+    from lowcomm.kernels.gemm import _regroup
+    from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual
+
+    x = _hard_input(256, 384, dtype, seed=7)
+    x[128:, 256:] = 0.0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for tile, across in (("1x128", 1), ("128x128", 128)):
+        rq, rs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=-1), -1, across)
+        cq, cs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=0), 0, across)
+        q, s, qt, st = mx_fast_quantize_dual(x.to(dev), elem, tile, rule)
+        assert _same_fp8(q.cpu(), rq) and _same_fp8(qt.cpu(), cq.t().contiguous()), tile
+        assert torch.equal(s.cpu(), rs) and torch.equal(st.cpu(), cs), tile
+        assert torch.isinf(s).any() and (s == 2.0**-127).any(), tile  # the NaN group, the zero one
+        want = ((1, 256), (384, 1)) if tile == "1x128" else ((3, 1), (1, 2))
+        assert (s.stride(), st.stride()) == want, tile
+        q1, s1, none, _ = mx_fast_quantize_dual(x.to(dev), elem, tile, rule, cols=False)
+        none2, _, qt1, st1 = mx_fast_quantize_dual(x.to(dev), elem, tile, rule, rows=False)
+        assert none is None and none2 is None
+        assert torch.equal(q1.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s1, s), tile
+        assert torch.equal(qt1.view(torch.uint8), qt.view(torch.uint8)) and torch.equal(st1, st), tile
+
+
+def test_mx_fast_quantize_dual_refuses_bad_input():
+    _needs_triton()
+    from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual
+
+    x = torch.zeros(128, 256)
+    with pytest.raises(ValueError, match="multiples of 128, got \\(128, 96\\)"):
+        mx_fast_quantize_dual(x[:, :96])
+    with pytest.raises(ValueError, match="tile must be one of \\['1x128', '128x128'\\], got '32x32'"):
+        mx_fast_quantize_dual(x, tile="32x32")
+    with pytest.raises(ValueError, match="at least one copy"):
+        mx_fast_quantize_dual(x, rows=False, cols=False)
+    with pytest.raises(ValueError, match="elem must be 'e4m3' or 'e5m2', got 'e2m1'"):
+        mx_fast_quantize_dual(x, "e2m1")
+    with pytest.raises(ValueError, match="takes fp32, bf16 or fp16, got torch.float64"):
+        mx_fast_quantize_dual(x.double())
 
 
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
@@ -987,25 +1044,86 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8_fast"])
+def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(monkeypatch):
+    """mxfp8_fast on a pretend sm_90 whose torch has the blockwise _scaled_mm (a CPU stand-in that
+    checks ATen's blockwise layout rules; auto probes it): one mx_fast_quantize_dual each for x
+    (1x128), W (128x128 tiles) and dy (1x128), nothing quantized per GEMM (no MX quantize, no
+    regrouping in torch ops), one _scaled_mm each for fprop, dgrad and wgrad, only fp8 copies and
+    fp32 scales saved; it equals the emulated recipe up to the bf16 the blockwise GEMM writes.
+    2 x 20 tokens are padded to 128, whole blocks."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_quantize as triton_quantize
+
+    calls, quantized = [], []
+    fast_dual = triton_quantize.mx_fast_quantize_dual
+    mx_quantize, regroup = triton_quantize.mx_quantize, gemm._regroup
+    dev = _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    monkeypatch.setattr(
+        triton_quantize,
+        "mx_fast_quantize_dual",
+        lambda x, *a, **k: quantized.append((tuple(x.shape), a[1])) or fast_dual(x, *a, **k),
+    )
+    saved = []
+
+    def between():  # after the emulated layer: the per-GEMM quantize and regrouping must not run
+        saved.append(None)
+        monkeypatch.setattr(triton_quantize, "mx_quantize", None)
+        monkeypatch.setattr(gemm, "_regroup", None)
+
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            outs = _emulated_and_scaled_mm_layers("mxfp8_fast", 20, between, dev, (128, 256), "auto")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    assert len(calls) == 1 + 3  # the probe, then fprop, dgrad, wgrad
+    assert quantized == [((128, 128), "1x128"), ((256, 128), "128x128"), ((128, 256), "1x128")]
+    fast_saved = saved[saved.index(None) + 1 : -1]
+    assert set(fast_saved) == {torch.float8_e4m3fn, torch.float32}, fast_saved
+    for name, r, t in zip(("y", "dx", "dW"), *outs):
+        assert float((t - r).abs().max() / r.abs().max()) < 2**-7, name  # the GEMM writes bf16
+    # the same layer quantizing per GEMM in torch ops (MX, then regrouped): the same bytes reach
+    # the same GEMM, so the same results
+    import lowcomm.kernels.linear as linear
+
+    monkeypatch.setattr(triton_quantize, "mx_quantize", mx_quantize)
+    monkeypatch.setattr(gemm, "_regroup", regroup)
+    monkeypatch.setattr(linear, "_fused_fast", lambda *a: False)
+    try:
+        per_gemm = _emulated_and_scaled_mm_layers("mxfp8_fast", 20, lambda: None, dev, (128, 256), "auto")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    for name, r, t in zip(("y", "dx", "dW"), per_gemm[1], outs[1]):
+        assert torch.equal(t, r), name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(
+    "recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8_fast", "mxfp8_fast blockwise"]
+)
 def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypatch):
     """torch.compile(fullgraph=True) of each layer on its Hopper path: fp8 quantize-once through
-    _scaled_mm on a pretend sm_90 GPU, MX on the Triton backend (interpreted on CPU). The Triton
-    kernels are operators the compiler keeps whole (torch.ops.lowcomm.fp8_quantize_dual,
-    mx_quantize, block_scaled_matmul), so nothing breaks the graph, and output and gradients
-    equal eager mode up to the output's rounding (rowwise writes bf16, which the compiled CPU
-    stand-in for _scaled_mm may skip)."""
+    _scaled_mm on a pretend sm_90 GPU, MX on the Triton backend (interpreted on CPU), mxfp8_fast
+    also quantize-once for the blockwise _scaled_mm (128 -> 256). The Triton kernels are operators
+    the compiler keeps whole (torch.ops.lowcomm.fp8_quantize_dual, mx_quantize,
+    mx_fast_quantize, block_scaled_matmul), so nothing breaks the graph, and output and gradients
+    equal eager mode up to the output's rounding (rowwise and blockwise write bf16, which the
+    compiled CPU stand-in for _scaled_mm may skip)."""
     _needs_triton()
     import lowcomm.kernels.gemm as gemm
 
-    backend = "triton" if recipe.startswith("mx") else "scaled_mm"
+    backend = "triton" if recipe in ("mxfp8", "mxfp8_fast") else "scaled_mm"
+    k, n = (128, 256) if recipe.endswith("blockwise") else (64, 96)
+    recipe = recipe.split()[0]
     if backend == "scaled_mm":
         monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
         monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm)
+        gemm._blockwise_scaled_mm_works.cache_clear()
     torch._dynamo.reset()
     torch.manual_seed(3)
-    layer = LowPrecisionLinear(64, 96, recipe=recipe, backend=backend)
-    x = torch.randn(2, 20, 64)
+    layer = LowPrecisionLinear(k, n, recipe=recipe, backend=backend)
+    x = torch.randn(2, 20, k)
     outs = []
     for fn in (layer, torch.compile(layer, fullgraph=True)):
         xi = x.clone().requires_grad_()
@@ -1014,7 +1132,8 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
         y.sum().backward()
         outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
     torch._dynamo.reset()
-    tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    tol = 2**-7 if recipe == "fp8_rowwise" or k == 128 else 1e-6
     for name, r, t in zip(("y", "dx", "dW"), *outs):
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
@@ -1223,7 +1342,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         return (_time.perf_counter() - t0) * 1e3
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = bench.speed(shapes=[(64, 128, 32)], device=dev, bench=wall_ms)["rows"]
+    rows = bench.speed(shapes=[(128, 128, 32)], device=dev, bench=wall_ms)["rows"]
     linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
@@ -1235,6 +1354,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
 
     tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
     fp8 += ["fp8_delayed_quantize", "fp8_one_copy_rowwise", "fp8_one_copy_rowwise_two_pass"]
+    fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
@@ -1244,6 +1364,27 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for name in bench.TRAIN_PRECISIONS:
         row = train[name]
         assert row["tokens_per_second_x_bf16"] > 0 and math.isfinite(row["loss_ratio_vs_bf16"]), row
+
+
+def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
+    """benchmarks/host_overhead.py's layer count (interpreted here, on a pretend sm_90): one
+    Linear's forward and backward in every recipe dispatches one quantize operator each for x, W
+    and dy and few operations besides (each a launch on a GPU, where an eager step at small sizes
+    is the host's): at most 10 more than nn.Linear's under the same autocast. mxfp8_fast took 144
+    (MX quantize and regrouping in torch ops per GEMM), fp8_delayed 33 (its scales)."""
+    _needs_triton()
+    out = load_benchmark("host_overhead").layers()
+    rows = out["rows"]
+    quantize = {
+        "fp8_tensorwise": "fp8_quantize_dual",
+        "fp8_rowwise": "fp8_quantize_dual",
+        "fp8_delayed": "fp8_quantize_scaled",
+        "mxfp8": "mx_quantize",
+        "mxfp8_fast": "mx_fast_quantize",
+    }
+    for recipe, op in quantize.items():
+        assert rows[recipe]["by_op"].get(f"lowcomm.{op}.default") == 3, (recipe, rows[recipe]["by_op"])
+        assert rows[recipe]["ops"] <= rows["bf16"]["ops"] + 10, (recipe, rows[recipe]["by_op"])
 
 
 def test_every_exact_mx_gemm_design_tried_is_exact():

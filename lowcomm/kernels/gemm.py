@@ -107,10 +107,11 @@ def fp8_cast(x: torch.Tensor, scale: torch.Tensor, elem: str = "e4m3") -> torch.
     return (x.float() / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
 
-def fp8_scale(amax: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:
+def fp8_scale(amax: torch.Tensor, elem: str = "e4m3", *, fmax: torch.Tensor | None = None) -> torch.Tensor:
     """The dequantization scale of dynamic fp8 scaling from an absolute maximum: ``amax`` maps to
-    the format's largest value; a zero (or NaN) ``amax`` gets scale 1."""
-    return torch.where(amax > 0, amax / get_elem_format(elem).max, torch.ones_like(amax))
+    the format's largest value; a zero (or NaN) ``amax`` gets scale 1. ``fmax``: the formats'
+    largest values, one per entry of ``amax`` (fp32, on its device), instead of ``elem``'s."""
+    return torch.where(amax > 0, amax / (get_elem_format(elem).max if fmax is None else fmax), 1.0)
 
 
 def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):

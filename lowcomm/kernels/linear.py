@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .formats import get_elem_format
 from .gemm import BACKENDS, RECIPES, choose_backend, fp8_scale, qmatmul
 
 __all__ = [
@@ -55,7 +56,7 @@ class _QLinear(torch.autograd.Function):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
-        elif _fused_fp8(recipe, backend, x2, weight):
+        elif _fused_fp8(recipe, backend, x2, weight) or _fused_fast(recipe, backend, x2, weight, grad_elem):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None, out_dtype)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
@@ -78,7 +79,7 @@ class _QLinear(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
         if ctx.fused:
-            fused = _FusedFloat8 if recipe in _FP8_RECIPES else _FusedMX
+            fused = _FusedMX if recipe == "mxfp8" else _FusedFloat8
             dx, dw = fused.backward(ctx, gy2, grad_elem)
             dx = dx.to(gy.dtype).reshape(x_shape) if dx is not None else None
             dw = dw.to(ctx.weight_dtype) if dw is not None else None
@@ -205,6 +206,25 @@ def _fused_fp8(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor
     )
 
 
+def _fused_fast(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor, grad_elem: str) -> bool:
+    """Whether this mxfp8_fast layer call quantizes each tensor once (:func:`mx_fast_quantize_dual`)
+    for cuBLAS's blockwise GEMM: the device runs it (sm_90, the probe passed), the Triton quantize
+    runs here, both weight sides are multiples of 128 (whole 128x128 tiles) and gradients are e4m3
+    (the blockwise GEMM's only format)."""
+    from .gemm import _triton_runs_on
+
+    return (
+        recipe == "mxfp8_fast"
+        and grad_elem == "e4m3"
+        and weight.shape[0] % 128 == 0
+        and weight.shape[1] % 128 == 0
+        and x2.dtype in _FP8_READS
+        and weight.dtype in _FP8_READS
+        and choose_backend(recipe, x2.device, backend) == "scaled_mm"
+        and _triton_runs_on(x2.device)
+    )
+
+
 def _delayed_on_scaled_mm(backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a delayed-scaling layer's GEMMs run in torch._scaled_mm (else emulated in fp32, the
     same fp8 bytes): the device serves fp8 tensorwise; under ``auto`` also cuBLASLt's shapes (both
@@ -221,7 +241,10 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     on the first step), recording ``t``'s maximum in ``amax[index]`` when the step is training;
     in Triton where the GEMMs run in torch._scaled_mm, in torch ops where they are emulated."""
     from . import triton_fp8
+    from .triton_quantize import mx_fast_quantize_dual
 
+    if scaling == "blockwise":  # mxfp8_fast: the weight (index 1) in 128x128 tiles, the rest 1x128
+        return mx_fast_quantize_dual(t, elem, "128x128" if index == 1 else "1x128", rows=rows, cols=cols)
     if delayed is None:
         return triton_fp8.fp8_quantize_dual(t, elem, scaling, rows=rows, cols=cols)
     amax, scales, record, scaled = delayed
@@ -231,18 +254,27 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
 
 
 def _fp8_out(scaling: str, want: torch.dtype) -> torch.dtype:
-    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else as the Triton
-    GEMMs do (a bf16 output under autocast saves a cast of an fp32 one)."""
-    return torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
+    """What torch._scaled_mm writes: bf16 for rowwise and blockwise scaling (all it can), else as
+    the Triton GEMMs do (a bf16 output under autocast saves a cast of an fp32 one)."""
+    return torch.bfloat16 if scaling in ("rowwise", "blockwise") else _gemm_out(want)
 
 
-def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool) -> torch.Tensor:
-    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32."""
-    from .gemm import scaled_mm
+def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool, scaling: str = "") -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32;
+    blockwise (mxfp8_fast): scales per 128 of K (``scale_b`` per 128x128 tile of the weight)."""
+    from .gemm import blockwise_scaled_mm_operands, scaled_mm
 
+    if scaling == "blockwise":  # the layouts cuBLAS reads, as mx_fast_quantize_dual wrote them
+        return scaled_mm(*blockwise_scaled_mm_operands(a, scale_a, b, scale_b), out_dtype=out_dtype)
     if scaled:
         return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
     return (a.float() * scale_a) @ (b.float() * scale_b)
+
+
+def _flipped(scale: torch.Tensor) -> torch.Tensor:
+    """The scales of a copy seen from its transpose's side of a GEMM: one tensorwise scale as it
+    is; a row of scales as a column, or a block grid transposed (a view)."""
+    return scale.t() if scale.dim() == 2 else scale
 
 
 class _FusedFloat8:
@@ -258,23 +290,25 @@ class _FusedFloat8:
 
     Dynamic scaling (fp8_tensorwise, fp8_rowwise; torch._scaled_mm with the Triton quantize):
     tensorwise quantizes each tensor once for both copies; rowwise scales differ by axis, as in the
-    emulated recipe. Delayed scaling (fp8_delayed): tensorwise scales from earlier steps' maxima,
-    each tensor read once (:func:`fp8_quantize_scaled`), the GEMMs in torch._scaled_mm where the
-    device has it, else emulated in fp32 from the same bytes. Only the fp8 copies backward reads
-    are saved (xqt, wqt), not x and W. Tokens are zero-padded to a multiple of 16 (wgrad's
-    contraction; zero rows change no product). The numerics are the emulated recipe's: the same
+    emulated recipe. Blockwise (mxfp8_fast on sm_90: cuBLAS's blockwise GEMM): x and dy in 1x128
+    blocks along each copy's contraction axis, W in 128x128 tiles, regrouped from MX in the same
+    pass (:func:`mx_fast_quantize_dual`). Delayed scaling (fp8_delayed): tensorwise scales from
+    earlier steps' maxima, each tensor read once (:func:`fp8_quantize_scaled`), the GEMMs in
+    torch._scaled_mm where the device has it, else emulated in fp32 from the same bytes. Only the
+    fp8 copies backward reads are saved (xqt, wqt), not x and W. Tokens are zero-padded to a
+    multiple of 16 (wgrad's contraction; blockwise: of 128, whole blocks; zero rows change no
+    product). The numerics are the emulated recipe's: the same
     bytes (tested), then cuBLAS's sum.
     """
 
     @staticmethod
     def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype):
-        scaling = "rowwise" if recipe == "fp8_rowwise" else "tensorwise"
+        scaling = {"fp8_rowwise": "rowwise", "mxfp8_fast": "blockwise"}.get(recipe, "tensorwise")
         T = x2.shape[0]
-        x2 = x2 if x2.dtype in _FP8_READS else x2.float()
-        xq, sx, xqt, sxt = _fp8_copies(_pad_rows(x2, 16), "e4m3", scaling, backward_follows, delayed, 0)
+        x2 = _pad_rows(x2 if x2.dtype in _FP8_READS else x2.float(), 128 if scaling == "blockwise" else 16)
+        xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
-        out = _fp8_out(scaling, out_dtype)
-        y = _fp8_mm(xq, wq.t(), sx, sw.reshape(1, -1) if sw.dim() else sw, out, scaled)[:T]
+        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), _fp8_out(scaling, out_dtype), scaled, scaling)[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
@@ -287,14 +321,16 @@ class _FusedFloat8:
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_dx or want_dw):
             return None, None
-        g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 16)
-        gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, ctx.scaling, want_dw, ctx.delayed, 2, rows=want_dx)
+        scaling = ctx.scaling
+        g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 128 if scaling == "blockwise" else 16)
+        gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         dx = dw = None
-        if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (rowwise: bf16)
-            dx = _fp8_mm(gq, wqt.t(), sg, swt, _fp8_out(ctx.scaling, gy2.dtype), ctx.scaled)[: ctx.tokens]
+        if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (rowwise, blockwise: bf16)
+            out = _fp8_out(scaling, gy2.dtype)
+            dx = _fp8_mm(gq, wqt.t(), sg, swt, out, ctx.scaled, scaling)[: ctx.tokens]
         if want_dw:
-            sgt = sgt.reshape(-1, 1) if sgt.dim() else sgt
-            dw = _fp8_mm(gqt, xqt.t(), sgt, sxt, _fp8_out(ctx.scaling, torch.float32), ctx.scaled)
+            out = _fp8_out(scaling, torch.float32)
+            dw = _fp8_mm(gqt, xqt.t(), _flipped(sgt), sxt, out, ctx.scaled, scaling)
         return dx, dw
 
 
@@ -354,6 +390,8 @@ class LowPrecisionLinear(nn.Linear):
             self.register_buffer("fp8_amax", torch.zeros(3, device=dev), persistent=False)
             history = torch.zeros(3, amax_history_len, device=dev)
             self.register_buffer("fp8_amax_history", history, persistent=False)
+            fmax = [get_elem_format(e).max for e in ("e4m3", "e4m3", grad_elem)]  # x, W, dy
+            self.register_buffer("fp8_max", torch.tensor(fmax, device=dev), persistent=False)
             self._fp8_started = False  # a training step has run: the history has maxima
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,6 +415,7 @@ class LowPrecisionLinear(nn.Linear):
         if self.fp8_amax.dtype != torch.float32:  # model.to(bf16) casts buffers; maxima stay fp32
             self.fp8_amax = self.fp8_amax.float()
             self.fp8_amax_history = self.fp8_amax_history.float()
+            self.fp8_max = self.fp8_max.float()  # 448 and 57344 are exact in bf16 and fp16
         started = self._fp8_started
         hist = self.fp8_amax_history
         if training:
@@ -386,8 +425,10 @@ class LowPrecisionLinear(nn.Linear):
             self._fp8_started = True
         if not started:
             return self.fp8_amax, None
-        top = torch.where(torch.isfinite(hist), hist, torch.zeros_like(hist)).amax(dim=1)
-        return self.fp8_amax, torch.cat([fp8_scale(top[:2], "e4m3"), fp8_scale(top[2:], self.grad_elem)])
+        # the largest finite maxima (a step with inf or NaN sets nothing); on a GPU each operation
+        # of this is a launch per layer and step: five here
+        top = torch.nan_to_num(hist, nan=0.0, posinf=0.0, neginf=0.0).amax(dim=1)
+        return self.fp8_amax, fp8_scale(top, fmax=self.fp8_max)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> LowPrecisionLinear:

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised where triton is not installe
     HAVE_TRITON = False
     TRITON_MISSING = "triton is not installed: pip install triton"
 
-__all__ = ["HAVE_TRITON", "TRITON_MISSING", "mx_quantize_dual", "mx_quantize"]
+__all__ = ["HAVE_TRITON", "TRITON_MISSING", "mx_quantize_dual", "mx_quantize", "mx_fast_quantize_dual"]
 
 # max, emax, mantissa limit of max/2^emax (both 1.75 -> 0.75·2^23), mantissa bits, min normal,
 # the subnormal rounding constant 1.5·2^23·(subnormal spacing)
@@ -120,6 +120,43 @@ if HAVE_TRITON:
         return tl.where(tl.abs(y) < MIN_NORMAL, sub, normal)
 
     @triton.jit
+    def _mx_grid(
+        x3,
+        mag3,
+        AXIS: tl.constexpr,
+        MAXV: tl.constexpr,
+        EMAX: tl.constexpr,
+        MANT_LIMIT: tl.constexpr,
+        RCEIL: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+    ):
+        # one MX block per slice along AXIS of the 3-D views (32 elements): the elements on the fp8
+        # grid (fp32), the blocks' scale exponents k and whether a block is non-finite. mag3 holds
+        # the bits of |x| as int32, which order as the floats do and put inf and NaN (exponent all
+        # ones) above every finite value: one reduction gives the block's absolute maximum and
+        # whether it holds a non-finite value (a block of NaN)
+        amax_bits = tl.max(mag3, axis=AXIS)
+        bad = amax_bits >= 0x7F800000
+        amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
+        k = _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL)
+        y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
+        if not RCEIL:  # OCP floor rule: saturate
+            y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
+        return _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C), k, bad
+
+    @triton.jit
+    def _grid_bytes(y, nan, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):
+        # fp8 bytes of values already on the grid (an exact cast); where ``nan``, the NaN byte torch
+        # writes (fp8 NaN conversion differs across backends)
+        if E5M2:
+            q = y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        else:
+            q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        return tl.where(nan, NAN_BYTE, q).to(tl.uint8)
+
+    @triton.jit
     def _mx_blocks(
         x3,
         mag3,
@@ -134,24 +171,10 @@ if HAVE_TRITON:
         SUB_C: tl.constexpr,
         NAN_BYTE: tl.constexpr,
     ):
-        # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0 bytes.
-        # mag3 holds the bits of |x| as int32, which order as the floats do and put inf and NaN
-        # (exponent all ones) above every finite value: one reduction gives the block's absolute
-        # maximum and whether it holds a non-finite value (a block of NaN)
-        amax_bits = tl.max(mag3, axis=AXIS)
-        bad = amax_bits >= 0x7F800000
-        amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
-        k = _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL)
-        y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
-        if not RCEIL:  # OCP floor rule: saturate
-            y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
-        y = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
-        if E5M2:
-            q = y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        else:
-            q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        # NaN blocks: write the NaN byte torch writes (fp8 NaN conversion differs across backends)
-        q = tl.where(tl.expand_dims(bad, AXIS), NAN_BYTE, q).to(tl.uint8)
+        # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0
+        # bytes; a non-finite block is NaN bytes and the NaN scale
+        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C)
+        q = _grid_bytes(y, tl.expand_dims(bad, AXIS), E5M2, NAN_BYTE)
         return q, tl.where(bad, 255, k + 127).to(tl.uint8)
 
     @triton.jit
@@ -210,6 +233,92 @@ if HAVE_TRITON:
                 s,
                 mask=(s_rows < R // 32)[:, None] & (cols < C)[None, :],
             )
+
+    @triton.jit
+    def _second_rounding(y, e, g, bad, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                         SUB_C: tl.constexpr, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):  # fmt: skip
+        # mxfp8_fast's regrouping of MX blocks (y: the grid values; e: each block's E8M0 byte; g:
+        # its group's largest; bad: a non-finite block): y · 2^(e − g), exact, re-rounded to the
+        # grid (the second rounding). Past 2^-30 every value rounds to a signed zero, so the shift
+        # stops there. A group holding a NaN block (g = 255, a scale of inf) makes its finite
+        # blocks 0 (x / inf) and its NaN blocks NaN, as the torch regrouping does.
+        z = y * _pow2_neg(tl.minimum(g - e, 30))
+        z = tl.where(g == 255, y * 0.0, z)
+        return _grid_bytes(_round_to_fp8_grid(z, MBITS, MIN_NORMAL, SUB_C), bad, E5M2, NAN_BYTE)
+
+    @triton.jit
+    def _group_scale(g):
+        # 2^(g − 127) as fp32 from an E8M0 byte (int32): inf for 255, the subnormal 2^-127 for 0
+        return tl.where(g == 0, 0x400000, g << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mx_fast_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        qt_ptr,
+        st_ptr,
+        R,
+        C,
+        MAXV: tl.constexpr,
+        EMAX: tl.constexpr,
+        MANT_LIMIT: tl.constexpr,
+        RCEIL: tl.constexpr,
+        E5M2: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+        TILED: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+    ):
+        # one 128 x 128 tile of x (R and C multiples of 128), read once. ROWS: q (R, C) blocked
+        # along rows, a scale per 128 of a row (TILED: per tile), stored for cuBLAS's A (a scale
+        # tensor (R, C/128) with strides (1, R)) or as B's tiles ((R/128, C/128) row-major).
+        # COLS: qt (C, R), x transposed, blocked along x's columns: a scale per 128 of a column,
+        # (R/128, C) row-major (TILED: per tile, (C/128, R/128) row-major)
+        rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, 128, 128)
+        mag = _abs_bits(x)
+        pr = tl.program_id(0)
+        pc = tl.program_id(1)
+        if ROWS:  # 4 MX blocks of 32 along each row of the tile
+            y, k, bad = _mx_grid(
+                tl.reshape(x, (128, 4, 32)), tl.reshape(mag, (128, 4, 32)), 2,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C,
+            )  # fmt: skip
+            e = tl.where(bad, 255, k + 127)  # (128, 4)
+            if TILED:
+                g = tl.max(tl.max(e, axis=1), axis=0)
+                g3 = g
+                tl.store(s_ptr + pr * (C // 128) + pc, _group_scale(g))
+            else:
+                g = tl.max(e, axis=1)  # (128,): one group per row
+                g3 = g[:, None, None]
+                tl.store(s_ptr + pc * R + rows, _group_scale(g))
+            q = _second_rounding(
+                y, e[:, :, None], g3, bad[:, :, None], MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE
+            )  # fmt: skip
+            tl.store(q_ptr + offs, tl.reshape(q, (128, 128)))
+        if COLS:  # 4 MX blocks of 32 along each column of the tile
+            y, k, bad = _mx_grid(
+                tl.reshape(x, (4, 32, 128)), tl.reshape(mag, (4, 32, 128)), 1,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C,
+            )  # fmt: skip
+            e = tl.where(bad, 255, k + 127)  # (4, 128)
+            if TILED:
+                g = tl.max(tl.max(e, axis=1), axis=0)
+                g3 = g
+                tl.store(st_ptr + pc * (R // 128) + pr, _group_scale(g))
+            else:
+                g = tl.max(e, axis=0)  # (128,): one group per column
+                g3 = g[None, None, :]
+                tl.store(st_ptr + pr * C + cols, _group_scale(g))
+            q = _second_rounding(
+                y, e[:, None, :], g3, bad[:, None, :], MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE
+            )  # fmt: skip
+            offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+            tl.store(qt_ptr + offs_t, tl.trans(tl.reshape(q, (128, 128))))
 
 
 # Tiles per program on CUDA. The candidates were chosen by compiling each tile shape and warp
@@ -284,6 +393,17 @@ def static_specs() -> list:
                 aligned=("R", "C"),
             )
         )
+    # mxfp8_fast's operands as the Linear layers make them: activations (e4m3) and gradients
+    # (e5m2) in 1x128 blocks, weights in 128x128 tiles; both copies
+    for elem, tile in (("e4m3", "1x128"), ("e5m2", "1x128"), ("e4m3", "128x128")):
+        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
+        consts = dict(MAXV=maxv, EMAX=emax, MANT_LIMIT=mant, RCEIL=True, E5M2=elem == "e5m2", MBITS=mbits)
+        consts.update(MIN_NORMAL=min_normal, SUB_C=sub_c, NAN_BYTE=0x7F, TILED=tile != "1x128")
+        consts.update(ROWS=True, COLS=True)
+        sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32"}
+        sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
+        name = f"mx_fast_quantize_dual ({tile}, both copies, bf16 to {elem})"
+        specs.append(KernelSpec(name, _mx_fast_kernel, sig, consts, FAST_CUDA_WARPS, 1, aligned=("R", "C")))
     return specs
 
 
@@ -337,23 +457,141 @@ def mx_quantize(
     return out[:2] if rows else out[2:]
 
 
+#: mxfp8_fast's block shapes: a scale per 128 elements along the blocked axis, or per 128x128 tile
+FAST_TILES = ("1x128", "128x128")
+# 128 x 128 tiles (a group of 128 along either axis in one program). Warps from the code compiled
+# for sm_90a (bf16 -> e4m3, both copies; triton 3.9): 4 warps take 255 registers, 8 take 222-255
+# (the cap: one 8-warp program per SM), 16 take 108-125 with no spills and 16 KiB of shared memory
+# (the transpose), the fp8 data leaving in 16-byte stores. Bandwidth not measured.
+FAST_CUDA_WARPS = 16
+FAST_INTERPRET_WARPS = 4
+
+
+def mx_fast_quantize_dual(
+    x: torch.Tensor,
+    elem: str = "e4m3",
+    tile: str = "1x128",
+    scale_rule: str = "rceil",
+    *,
+    rows: bool = True,
+    cols: bool = True,
+):
+    """``mxfp8_fast``'s operands from a 2-D tensor in one pass: as it is and transposed, each
+    blocked along its own contraction axis, the scales laid out as cuBLAS's blockwise GEMM reads
+    them.
+
+    The numerics are the recipe's (:func:`lowcomm.kernels.gemm.regroup_mx_1x128`): MX blocks of
+    32, then each group of 128 (``tile="128x128"``: each 128x128 tile) takes its largest scale and
+    the other blocks' elements are rounded again at it; every byte and scale equals the torch
+    regrouping of :func:`lowcomm.kernels.quantize_mx` (tested), with no fp32 copy of the tensor in
+    between.
+
+    Args:
+        x: (R, C) fp32 / bf16 / fp16, R and C multiples of 128; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``.
+        elem: "e4m3" or "e5m2". tile: "1x128" (activations, gradients) or "128x128" (weights).
+        scale_rule: the MX scale rule, "rceil" or "floor".
+        rows, cols: which copies to make (at least one).
+
+    Returns:
+        ``(q, q_scale, qt, qt_scale)``, ``None`` for a copy not made: ``q`` (R, C) blocked along
+        rows with ``q_scale`` (R, C/128) of strides (1, R) (cuBLAS's A), or (R/128, C/128)
+        row-major for tiles; ``qt`` (C, R) = x transposed, blocked along x's columns, with
+        ``qt_scale`` (R/128, C) row-major, or (R/128, C/128) of strides (1, R/128) for tiles. The
+        scales are fp32 powers of two (inf for a group holding a NaN).
+
+    Raises:
+        RuntimeError: triton is not installed. ValueError: shape, dtype, elem, tile or rule.
+    """
+    name = "mx_fast_quantize_dual"
+    _check_format(x, elem, scale_rule, name)
+    if tile not in FAST_TILES:
+        raise ValueError(f"tile must be one of {list(FAST_TILES)}, got {tile!r}")
+    if not (rows or cols):
+        raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
+    if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128:
+        raise ValueError(f"{name} needs a 2-D tensor with both sides multiples of 128, got {tuple(x.shape)}")
+    tiled = tile == "128x128"
+    if AS_OPS:
+        out = torch.ops.lowcomm.mx_fast_quantize(x, elem, scale_rule, tiled, rows, cols)
+    else:
+        out = _run_fast(x, elem, scale_rule, tiled, rows, cols)
+    return copies_made(out, rows, cols)
+
+
+def _fast_outputs(x: torch.Tensor, tiled: bool, rows: bool, cols: bool):
+    """The four empty outputs of :func:`mx_fast_quantize_dual` with their strides, the data as
+    bytes (a copy not made: empty)."""
+    R, C = x.shape
+    dev, f32, u8 = x.device, torch.float32, torch.uint8
+    if tiled:
+        s = torch.empty_strided((R // 128, C // 128), (C // 128, 1), dtype=f32, device=dev)
+        st = torch.empty_strided((R // 128, C // 128), (1, R // 128), dtype=f32, device=dev)
+    else:
+        s = torch.empty_strided((R, C // 128), (1, R), dtype=f32, device=dev)
+        st = torch.empty((R // 128, C), dtype=f32, device=dev)
+    return (
+        torch.empty((R, C) if rows else (0, 0), dtype=u8, device=dev),
+        s if rows else torch.empty((0, 0), dtype=f32, device=dev),
+        torch.empty((C, R) if cols else (0, 0), dtype=u8, device=dev),
+        st if cols else torch.empty((0, 0), dtype=f32, device=dev),
+    )
+
+
+def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool):
+    x = x.contiguous()
+    R, C = x.shape
+    q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
+    if R and C:
+        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
+        written = (q, s) if rows else (qt, st)  # stands in for the copy not written
+        _mx_fast_kernel[(R // 128, C // 128)](
+            x,
+            *(q, s) if rows else written,
+            *(qt, st) if cols else written,
+            R,
+            C,
+            MAXV=maxv,
+            EMAX=emax,
+            MANT_LIMIT=mant,
+            RCEIL=scale_rule == "rceil",
+            E5M2=elem == "e5m2",
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_C=sub_c,
+            NAN_BYTE=NAN_BYTE[elem],
+            TILED=tiled,
+            ROWS=rows,
+            COLS=cols,
+            num_warps=FAST_CUDA_WARPS if x.device.type == "cuda" else FAST_INTERPRET_WARPS,
+            num_stages=1,
+        )
+    fp8 = ELEM_FORMATS[elem].dtype
+    return q.view(fp8), s, qt.view(fp8), st
+
+
 def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
+    _check_format(x, elem, scale_rule, name)
+    if x.dim() != 2 or (rows and x.shape[1] % 32) or (cols and x.shape[0] % 32):
+        sides = "both sides" if rows and cols else ("columns" if rows else "rows")
+        raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
+    if config is None and AS_OPS:
+        out = torch.ops.lowcomm.mx_quantize(x, elem, scale_rule, rows, cols)
+    else:
+        out = _run(x, elem, scale_rule, rows, cols, config, name)
+    return copies_made(out, rows, cols)
+
+
+def _check_format(x: torch.Tensor, elem: str, scale_rule: str, name: str) -> None:
+    """What every MX quantize refuses before its shape: no Triton, the format, the rule, the dtype."""
     if not HAVE_TRITON:
         raise RuntimeError(f"{name} needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.quantize_mx")
     if elem not in _EMAX:
         raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scale_rule not in ("rceil", "floor"):
         raise ValueError(f"scale_rule must be 'rceil' or 'floor', got {scale_rule!r}")
-    if x.dim() != 2 or (rows and x.shape[1] % 32) or (cols and x.shape[0] % 32):
-        sides = "both sides" if rows and cols else ("columns" if rows else "rows")
-        raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name} takes fp32, bf16 or fp16, got {x.dtype}")
-    if config is None and AS_OPS:
-        out = torch.ops.lowcomm.mx_quantize(x, elem, scale_rule, rows, cols)
-    else:
-        out = _run(x, elem, scale_rule, rows, cols, config, name)
-    return copies_made(out, rows, cols)
 
 
 def copies_made(out: tuple, rows: bool, cols: bool) -> tuple:
@@ -473,3 +711,20 @@ if AS_OPS:
             x.new_empty(cq, dtype=dtype),
             x.new_empty(cs, dtype=u8),
         )
+
+    @torch.library.custom_op(
+        "lowcomm::mx_fast_quantize",
+        mutates_args=(),
+        schema="(Tensor x, str elem, str scale_rule, bool tiled, bool rows, bool cols) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+    )
+    def _mx_fast_quantize_op(
+        x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _run_fast(x, elem, scale_rule, tiled, rows, cols)
+
+    @_mx_fast_quantize_op.register_fake
+    def _(x, elem, scale_rule, tiled, rows, cols):
+        q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
+        fp8 = ELEM_FORMATS[elem].dtype
+        return q.view(fp8), s, qt.view(fp8), st
