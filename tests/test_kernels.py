@@ -1089,7 +1089,7 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
 
     monkeypatch.setattr(triton_quantize, "mx_quantize", mx_quantize)
     monkeypatch.setattr(gemm, "_regroup", regroup)
-    monkeypatch.setattr(linear, "_fused_fast", lambda *a: False)
+    monkeypatch.setattr(linear, "_fused_scaled", lambda *a: False)
     try:
         per_gemm = _emulated_and_scaled_mm_layers("mxfp8_fast", 20, lambda: None, dev, (128, 256), "auto")
     finally:

@@ -56,7 +56,7 @@ class _QLinear(torch.autograd.Function):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
-        elif _fused_fp8(recipe, backend, x2, weight) or _fused_fast(recipe, backend, x2, weight, grad_elem):
+        elif _fused_scaled(recipe, backend, x2, weight, grad_elem):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None, out_dtype)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
@@ -190,34 +190,23 @@ _FP8_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
 _FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _fused_fp8(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this layer call quantizes each tensor once (fp8 recipes through torch._scaled_mm,
-    the Triton quantize runs here, both weight sides multiples of 16 as cuBLASLt wants)."""
+#: the weight sides a quantize-once layer needs: cuBLASLt's 16 for fp8, whole 128x128 tiles for
+#: mxfp8_fast
+_FUSED_MULTIPLE = {"fp8_tensorwise": 16, "fp8_rowwise": 16, "mxfp8_fast": 128}
+
+
+def _fused_scaled(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor, grad_elem: str) -> bool:
+    """Whether this layer call quantizes each tensor once for torch._scaled_mm (fp8 tensorwise and
+    rowwise; mxfp8_fast on the blockwise GEMM, which takes e4m3 gradients only): the device serves
+    the recipe, the Triton quantize runs here, both weight sides are whole multiples."""
     from .gemm import _triton_runs_on
 
+    multiple = _FUSED_MULTIPLE.get(recipe)
     return (
-        recipe in ("fp8_tensorwise", "fp8_rowwise")
-        and weight.shape[0] % 16 == 0
-        and weight.shape[1] % 16 == 0
-        and x2.dtype in _FP8_READS
-        and weight.dtype in _FP8_READS
-        and choose_backend(recipe, x2.device, backend) == "scaled_mm"
-        and _triton_runs_on(x2.device)
-    )
-
-
-def _fused_fast(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor, grad_elem: str) -> bool:
-    """Whether this mxfp8_fast layer call quantizes each tensor once (:func:`mx_fast_quantize_dual`)
-    for cuBLAS's blockwise GEMM: the device runs it (sm_90, the probe passed), the Triton quantize
-    runs here, both weight sides are multiples of 128 (whole 128x128 tiles) and gradients are e4m3
-    (the blockwise GEMM's only format)."""
-    from .gemm import _triton_runs_on
-
-    return (
-        recipe == "mxfp8_fast"
-        and grad_elem == "e4m3"
-        and weight.shape[0] % 128 == 0
-        and weight.shape[1] % 128 == 0
+        multiple is not None
+        and (recipe != "mxfp8_fast" or grad_elem == "e4m3")
+        and weight.shape[0] % multiple == 0
+        and weight.shape[1] % multiple == 0
         and x2.dtype in _FP8_READS
         and weight.dtype in _FP8_READS
         and choose_backend(recipe, x2.device, backend) == "scaled_mm"

@@ -252,6 +252,38 @@ if HAVE_TRITON:
         return tl.where(g == 0, 0x400000, g << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _fast_groups(
+        x3,
+        mag3,
+        AXIS: tl.constexpr,
+        GROUP_AXIS: tl.constexpr,
+        TILED: tl.constexpr,
+        MAXV: tl.constexpr,
+        EMAX: tl.constexpr,
+        MANT_LIMIT: tl.constexpr,
+        RCEIL: tl.constexpr,
+        E5M2: tl.constexpr,
+        MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr,
+        SUB_C: tl.constexpr,
+        NAN_BYTE: tl.constexpr,
+    ):
+        # one copy of a 128 x 128 tile as 3-D views of MX blocks along AXIS (32 elements), four
+        # blocks a group along GROUP_AXIS: the fp8 bytes regrouped, and each group's E8M0 byte
+        # (one per row or column of the tile; TILED: one for the tile)
+        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C)
+        e = tl.where(bad, 255, k + 127)
+        if TILED:
+            g = tl.max(tl.max(e, axis=1), axis=0)
+            g3 = g
+        else:
+            g = tl.max(e, axis=GROUP_AXIS)
+            g3 = tl.expand_dims(tl.expand_dims(g, GROUP_AXIS), AXIS)
+        e3 = tl.expand_dims(e, AXIS)
+        q = _second_rounding(y, e3, g3, tl.expand_dims(bad, AXIS), MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+        return q, g
+
+    @triton.jit
     def _mx_fast_kernel(
         x_ptr,
         q_ptr,
@@ -283,40 +315,24 @@ if HAVE_TRITON:
         pr = tl.program_id(0)
         pc = tl.program_id(1)
         if ROWS:  # 4 MX blocks of 32 along each row of the tile
-            y, k, bad = _mx_grid(
-                tl.reshape(x, (128, 4, 32)), tl.reshape(mag, (128, 4, 32)), 2,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C,
+            q, g = _fast_groups(
+                tl.reshape(x, (128, 4, 32)), tl.reshape(mag, (128, 4, 32)), 2, 1, TILED,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
             )  # fmt: skip
-            e = tl.where(bad, 255, k + 127)  # (128, 4)
             if TILED:
-                g = tl.max(tl.max(e, axis=1), axis=0)
-                g3 = g
                 tl.store(s_ptr + pr * (C // 128) + pc, _group_scale(g))
             else:
-                g = tl.max(e, axis=1)  # (128,): one group per row
-                g3 = g[:, None, None]
                 tl.store(s_ptr + pc * R + rows, _group_scale(g))
-            q = _second_rounding(
-                y, e[:, :, None], g3, bad[:, :, None], MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE
-            )  # fmt: skip
             tl.store(q_ptr + offs, tl.reshape(q, (128, 128)))
         if COLS:  # 4 MX blocks of 32 along each column of the tile
-            y, k, bad = _mx_grid(
-                tl.reshape(x, (4, 32, 128)), tl.reshape(mag, (4, 32, 128)), 1,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C,
+            q, g = _fast_groups(
+                tl.reshape(x, (4, 32, 128)), tl.reshape(mag, (4, 32, 128)), 1, 0, TILED,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
             )  # fmt: skip
-            e = tl.where(bad, 255, k + 127)  # (4, 128)
             if TILED:
-                g = tl.max(tl.max(e, axis=1), axis=0)
-                g3 = g
                 tl.store(st_ptr + pc * (R // 128) + pr, _group_scale(g))
             else:
-                g = tl.max(e, axis=0)  # (128,): one group per column
-                g3 = g[None, None, :]
                 tl.store(st_ptr + pr * C + cols, _group_scale(g))
-            q = _second_rounding(
-                y, e[:, None, :], g3, bad[:, None, :], MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE
-            )  # fmt: skip
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
             tl.store(qt_ptr + offs_t, tl.trans(tl.reshape(q, (128, 128))))
 
