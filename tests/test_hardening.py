@@ -25,6 +25,10 @@ KEY = bytes.fromhex(new_key())
 SIGNER = Signer(KEY)
 
 
+#: a model small enough that a worker process reaches the coordinator in seconds
+TINY = ["--model-dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch-size", "2"]
+
+
 def _coordinator(tmp_path):
     job = LocalJob(tmp_path, [], ["--deadline-floor", "30", "--deadline-ceiling", "60"])
     job.key = KEY.hex()
@@ -208,6 +212,7 @@ def test_a_worker_with_the_wrong_key_says_so_and_exits_2(tmp_path):
                 job.endpoint,
                 "--run-dir",
                 str(tmp_path / "w"),
+                *TINY,  # the refusal comes at registration, whatever the model
             ],
             capture_output=True,
             text=True,
@@ -230,10 +235,9 @@ def test_a_worker_of_another_configuration_says_so_and_exits_2(tmp_path):
             "register", {"worker_id": "w0", "advertise_addr": "127.0.0.1", "step": 0, "fingerprint": "f" * 64}
         )
         c.close()
-        tiny = ["--model-dim", "16", "--layers", "1", "--heads", "2", "--seq-len", "8", "--batch-size", "2"]
         r = subprocess.run(
             [sys.executable, "-m", "lowcomm", "train", "--coordinator", job.endpoint, "--worker-id", "w1",
-             "--run-dir", str(tmp_path / "w1"), "--quiet", *tiny],
+             "--run-dir", str(tmp_path / "w1"), "--quiet", *TINY],
             capture_output=True,
             text=True,
             timeout=120,
