@@ -196,7 +196,7 @@ def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch
     spec = SweepSpec(
         sizes=("d16l2", "d32l2"),
         replicas=(1, 2),
-        tokens_per_param=2,
+        tokens_per_param=0.5,  # a few hundred steps in all: what is tested is the sweep, not the fits
         global_batch=4,
         seq_len=16,
         sync_every=(5,),
