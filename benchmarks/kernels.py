@@ -16,7 +16,8 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   copy in one pass and in two, delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
   128x128; against the per-GEMM torch ops) in bytes read + written
   per second, and a copy for the bandwidth;
-- one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe;
+- one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe, with
+  the path each recipe took there (each tensor quantized once, or per GEMM, and on which GEMMs);
 - the reference model at d=1024, 12 layers, T=1024 trained ``--train-steps`` steps under bf16
   autocast with its Linear layers in bf16 and in each fast recipe: tokens/s and final loss ratios.
 
@@ -220,7 +221,23 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
     for name in layers:
         if f"{name}_tflops" in row and "bf16_tflops" in row:
             row[f"{name}_x_bf16"] = row[f"{name}_tflops"] / row["bf16_tflops"]
+    row["paths"] = {name: _layer_path(name, x, base.weight) for name in layers if name != "bf16"}
     return row
+
+
+def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which path a layer in ``recipe`` takes here (backend auto): what its figure measured."""
+    from lowcomm.kernels.gemm import choose_backend
+    from lowcomm.kernels.linear import _delayed_on_scaled_mm, _fused_mx, _fused_scaled
+
+    if recipe == "fp8_delayed":
+        gemms = "_scaled_mm" if _delayed_on_scaled_mm("auto", x, weight) else "emulated GEMMs"
+        return f"one pass per tensor, {gemms}"
+    if _fused_scaled(recipe, "auto", x, weight, "e4m3"):
+        return "each tensor quantized once, _scaled_mm"
+    if _fused_mx(recipe, "auto", x, weight):
+        return "each tensor quantized once, Triton MX GEMMs"
+    return f"quantized per GEMM ({choose_backend(recipe, x.device, 'auto')})"
 
 
 #: the training comparison's model (the FP8 issue's: d=1024, 12 layers, T=1024, 16 sequences a

@@ -1364,6 +1364,10 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
     recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
     assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)
+    if dev == "cpu":  # auto on a CPU: every GEMM emulated, which the row says
+        paths = linear["paths"]
+        assert paths.pop("fp8_delayed") == "one pass per tensor, emulated GEMMs", paths
+        assert set(paths.values()) == {"quantized per GEMM (emulated)"}, paths
     train = bench.training(dev, steps=4, size="smoke")  # every recipe of the GPU comparison, emulated
     for name in bench.TRAIN_PRECISIONS:
         row = train[name]
