@@ -1088,7 +1088,8 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
     for name, r, t in zip(("y", "dx", "dW"), *outs):
         assert float((t - r).abs().max() / r.abs().max()) < 2**-7, name  # the GEMM writes bf16
     # the same layer quantizing per GEMM in torch ops (MX, then regrouped): the same bytes reach
-    # the same GEMM, so the same results
+    # the same GEMM, so the same results (on CUDA the stand-in's fp32 matmul may sum a padded
+    # operand in another order: then within a rounding of the bf16 output)
     import lowcomm.kernels.linear as linear
 
     monkeypatch.setattr(triton_quantize, "mx_quantize", mx_quantize)
@@ -1099,7 +1100,10 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
     finally:
         gemm._blockwise_scaled_mm_works.cache_clear()
     for name, r, t in zip(("y", "dx", "dW"), per_gemm[1], outs[1]):
-        assert torch.equal(t, r), name
+        if dev == "cpu":
+            assert torch.equal(t, r), name
+        else:
+            torch.testing.assert_close(t, r, rtol=2**-7, atol=1e-6, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
