@@ -186,7 +186,6 @@ def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
 
 
-_FP8_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
 _FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -286,8 +285,7 @@ class _FusedFloat8:
     torch._scaled_mm where the device has it, else emulated in fp32 from the same bytes. Only the
     fp8 copies backward reads are saved (xqt, wqt), not x and W. Tokens are zero-padded to a
     multiple of 16 (wgrad's contraction; blockwise: of 128, whole blocks; zero rows change no
-    product). The numerics are the emulated recipe's: the same
-    bytes (tested), then cuBLAS's sum.
+    product). The numerics are the emulated recipe's: the same bytes (tested), then cuBLAS's sum.
     """
 
     @staticmethod
