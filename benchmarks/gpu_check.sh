@@ -31,17 +31,21 @@ section() {  # name, seconds, command...: run it bounded, log its exit code and 
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# the layers' torch.compile tests are left to CI (CPU): on a GPU each compiles Inductor kernels
-# for tens of seconds, more than this section's share of the 7 minutes; so is the tensorboard
-# sink's test (a [dev] extra, absent from GPU images: under torch 2.11 + triton 3.6 without it,
-# on CPU, every other test of this section passes), and the count of the layers' host operations
-# (a CPU count on a pretend sm_90, interpreted: about 10 s that tell the GPU nothing). No -x: one slot shows every failure. The MX
+# The GPU trainer's tests first (every recipe trains on the GPU), then the kernel tests. Left to
+# CI (CPU): the layers' torch.compile tests (on a GPU each compiles Inductor kernels for tens of
+# seconds, more than this section's share of the 7 minutes); the tensorboard sink's test (a [dev]
+# extra, absent from GPU images); the count of the layers' host operations (a CPU count on a
+# pretend sm_90); and tests/test_train_paths.py (CPU paths: under torch 2.11 + triton 3.6 on CPU
+# they pass, and nothing in them runs on CUDA). -v: each test's outcome is written as it ends, so
+# a time-out still shows which passed and failed; no -x: one slot shows every failure. The MX
 # quantize's tiles are pinned here (LOWCOMM_AUTOTUNE=0: the tests run every candidate tile by
 # name); the kernels section runs it autotuned and records the tiles taken.
-LOWCOMM_AUTOTUNE=0 section tests "${TEST_TIMEOUT:-110}" python -m pytest -q -p no:cacheprovider \
+LOWCOMM_AUTOTUNE=0 section tests "${TEST_TIMEOUT:-110}" python -m pytest -v -rfE --tb=short -p no:cacheprovider \
   -k "not compiles_whole and not tensorboard and not few_operations" \
-  tests/test_gpu_train.py tests/test_kernels.py tests/test_train_paths.py > "$OUT/tests.txt" 2>&1
-tail -15 "$OUT/tests.txt"
+  tests/test_gpu_train.py tests/test_kernels.py > "$OUT/tests.txt" 2>&1
+grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/tests.txt" | sed 's/^/tests with an outcome: /'
+grep -E " FAILED| ERROR" "$OUT/tests.txt" | head -20
+tail -5 "$OUT/tests.txt"
 
 section throughput "${THROUGHPUT_TIMEOUT:-170}" python benchmarks/gpu_throughput.py --two-process --loss-check \
   --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
