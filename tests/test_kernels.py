@@ -691,6 +691,9 @@ def test_mx_fast_quantize_dual_refuses_bad_input():
         mx_fast_quantize_dual(x, "e2m1")
     with pytest.raises(ValueError, match="takes fp32, bf16 or fp16, got torch.float64"):
         mx_fast_quantize_dual(x.double())
+    if hasattr(torch.ops.lowcomm, "mx_fast_quantize"):  # the operator called directly checks too
+        with pytest.raises(ValueError, match="multiples of 128, got \\(128, 96\\)"):
+            torch.ops.lowcomm.mx_fast_quantize(x[:, :96], "e4m3", "rceil", False, True, True)
 
 
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])

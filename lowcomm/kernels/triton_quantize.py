@@ -519,16 +519,10 @@ def mx_fast_quantize_dual(
     Raises:
         RuntimeError: triton is not installed. ValueError: shape, dtype, elem, tile or rule.
     """
-    name = "mx_fast_quantize_dual"
-    _check_format(x, elem, scale_rule, name)
     if tile not in FAST_TILES:
         raise ValueError(f"tile must be one of {list(FAST_TILES)}, got {tile!r}")
-    if not (rows or cols):
-        raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
-    if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128:
-        raise ValueError(f"{name} needs a 2-D tensor with both sides multiples of 128, got {tuple(x.shape)}")
     tiled = tile == "128x128"
-    if AS_OPS:
+    if AS_OPS:  # the operator checks the rest (also when it is called directly)
         out = torch.ops.lowcomm.mx_fast_quantize(x, elem, scale_rule, tiled, rows, cols)
     else:
         out = _run_fast(x, elem, scale_rule, tiled, rows, cols)
@@ -555,6 +549,12 @@ def _fast_outputs(x: torch.Tensor, tiled: bool, rows: bool, cols: bool):
 
 
 def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool):
+    name = "mx_fast_quantize_dual"
+    _check_format(x, elem, scale_rule, name)
+    if not (rows or cols):
+        raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
+    if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128:  # the kernel reads whole tiles
+        raise ValueError(f"{name} needs a 2-D tensor with both sides multiples of 128, got {tuple(x.shape)}")
     x = x.contiguous()
     R, C = x.shape
     q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
