@@ -228,13 +228,14 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
 def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor) -> str:
     """Which path a layer in ``recipe`` takes here (backend auto): what its figure measured."""
     from lowcomm.kernels.gemm import choose_backend
-    from lowcomm.kernels.linear import _delayed_on_scaled_mm, _fused_mx, _fused_scaled
+    from lowcomm.kernels.linear import _delayed_on_scaled_mm, _fused_backend, _fused_mx
 
     if recipe == "fp8_delayed":
         gemms = "_scaled_mm" if _delayed_on_scaled_mm("auto", x, weight) else "emulated GEMMs"
         return f"one pass per tensor, {gemms}"
-    if _fused_scaled(recipe, "auto", x, weight, "e4m3"):
-        return "each tensor quantized once, _scaled_mm"
+    which = _fused_backend(recipe, "auto", x, weight)
+    if which:
+        return f"each tensor quantized once, {'_scaled_mm' if which == 'scaled_mm' else 'Triton GEMMs'}"
     if _fused_mx(recipe, "auto", x, weight):
         return "each tensor quantized once, Triton MX GEMMs"
     return f"quantized per GEMM ({choose_backend(recipe, x.device, 'auto')})"

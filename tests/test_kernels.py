@@ -1097,7 +1097,7 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
 
     monkeypatch.setattr(triton_quantize, "mx_quantize", mx_quantize)
     monkeypatch.setattr(gemm, "_regroup", regroup)
-    monkeypatch.setattr(linear, "_fused_scaled", lambda *a: False)
+    monkeypatch.setattr(linear, "_fused_backend", lambda *a: None)
     try:
         per_gemm = _emulated_and_scaled_mm_layers("mxfp8_fast", 20, lambda: None, dev, (128, 256), "auto")
     finally:
@@ -1107,6 +1107,73 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
             assert torch.equal(t, r), name
         else:
             torch.testing.assert_close(t, r, rtol=2**-7, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_an_mxfp8_fast_layer_quantizes_once_for_the_triton_gemm_too(monkeypatch):
+    """mxfp8_fast where cuBLAS's blockwise GEMM is not used: on the Triton backend (interpreted
+    here) the layer also quantizes each tensor once and its three Triton GEMMs read the copies in
+    place (a tile's scale repeated per column of W), bit for bit what the per-GEMM Triton path
+    computes; and with e5m2 gradients on a pretend sm_90 with the blockwise _scaled_mm, fprop runs
+    in cuBLAS and the two gradient GEMMs (e5m2, which cuBLAS's blockwise GEMM does not take) in
+    Triton, from the same single quantize per tensor."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.linear as linear
+    import lowcomm.kernels.triton_quantize as triton_quantize
+
+    quantized = []
+    fast_dual = triton_quantize.mx_fast_quantize_dual
+    monkeypatch.setattr(
+        triton_quantize,
+        "mx_fast_quantize_dual",
+        lambda x, *a, **k: quantized.append(a[0]) or fast_dual(x, *a, **k),
+    )
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(9)
+    x = torch.randn(40, 128, device=dev)
+    gy = torch.randn(40, 128, device=dev)
+
+    def run(backend, grad_elem="e4m3"):
+        torch.manual_seed(2)
+        layer = LowPrecisionLinear(
+            128, 128, recipe="mxfp8_fast", backend=backend, grad_elem=grad_elem, device=dev
+        )
+        xi = x.clone().requires_grad_()
+        layer(xi).backward(gy)
+        return [xi.grad, layer.weight.grad, layer(x).detach()]
+
+    fused = run("triton")
+    assert quantized == ["e4m3", "e4m3", "e4m3", "e4m3", "e4m3"]  # x, W, dy; then x, W (no grad)
+    monkeypatch.setattr(linear, "_fused_backend", lambda *a: None)
+    per_gemm = run("triton")
+    for name, r, t in zip(("dx", "dW", "y"), per_gemm, fused):
+        if dev == "cpu":
+            assert torch.equal(t, r), name
+        else:
+            torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-6, msg=name)
+    monkeypatch.undo()
+    calls, quantized = [], []
+    monkeypatch.setattr(
+        triton_quantize,
+        "mx_fast_quantize_dual",
+        lambda x, *a, **k: quantized.append(a[0]) or fast_dual(x, *a, **k),
+    )
+    _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(a[0].dtype) or _fake_scaled_mm(*a, **k))
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        mixed = run("auto", grad_elem="e5m2")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    assert quantized == ["e4m3", "e4m3", "e5m2", "e4m3", "e4m3"]
+    assert calls == [torch.float8_e4m3fn] * 3  # the probe, fprop, fprop again: no gradient GEMM
+    ref = LowPrecisionLinear(128, 128, recipe="mxfp8_fast", backend="emulated", grad_elem="e5m2", device=dev)
+    torch.manual_seed(2)
+    ref.reset_parameters()
+    xi = x.clone().requires_grad_()
+    ref(xi).backward(gy)
+    for name, r, t in zip(("dx", "dW"), (xi.grad, ref.weight.grad), mixed):
+        assert float((t - r).abs().max() / r.abs().max()) < 1e-5, name
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

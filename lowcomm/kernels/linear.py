@@ -56,8 +56,9 @@ class _QLinear(torch.autograd.Function):
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
-        elif _fused_scaled(recipe, backend, x2, weight, grad_elem):
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, True, None, out_dtype)
+        elif which := _fused_backend(recipe, backend, x2, weight):
+            scaled = which == "scaled_mm"
+            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, None, out_dtype)
         else:
             y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
@@ -194,23 +195,26 @@ _FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
 _FUSED_MULTIPLE = {"fp8_tensorwise": 16, "fp8_rowwise": 16, "mxfp8_fast": 128}
 
 
-def _fused_scaled(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor, grad_elem: str) -> bool:
-    """Whether this layer call quantizes each tensor once for torch._scaled_mm (fp8 tensorwise and
-    rowwise; mxfp8_fast on the blockwise GEMM, which takes e4m3 gradients only): the device serves
-    the recipe, the Triton quantize runs here, both weight sides are whole multiples."""
+def _fused_backend(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The GEMMs of this layer call when it quantizes each tensor once (None: it quantizes per
+    GEMM): "scaled_mm" for the fp8 recipes through torch._scaled_mm and for mxfp8_fast where the
+    device has cuBLAS's blockwise GEMM (sm_90; its e5m2 gradient GEMMs then run in Triton), or
+    "triton" for mxfp8_fast on the Triton blockwise GEMM. Also needed: the Triton quantize runs
+    here, both weight sides are whole multiples (cuBLASLt's 16; 128x128 tiles), dtypes it reads."""
     from .gemm import _triton_runs_on
 
     multiple = _FUSED_MULTIPLE.get(recipe)
-    return (
+    if not (
         multiple is not None
-        and (recipe != "mxfp8_fast" or grad_elem == "e4m3")
         and weight.shape[0] % multiple == 0
         and weight.shape[1] % multiple == 0
         and x2.dtype in _FP8_READS
         and weight.dtype in _FP8_READS
-        and choose_backend(recipe, x2.device, backend) == "scaled_mm"
         and _triton_runs_on(x2.device)
-    )
+    ):
+        return None
+    which = choose_backend(recipe, x2.device, backend)
+    return which if which == "scaled_mm" or (which == "triton" and recipe == "mxfp8_fast") else None
 
 
 def _delayed_on_scaled_mm(backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -242,18 +246,30 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
 
 
 def _fp8_out(scaling: str, want: torch.dtype) -> torch.dtype:
-    """What torch._scaled_mm writes: bf16 for rowwise and blockwise scaling (all it can), else as
-    the Triton GEMMs do (a bf16 output under autocast saves a cast of an fp32 one)."""
-    return torch.bfloat16 if scaling in ("rowwise", "blockwise") else _gemm_out(want)
+    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else as the Triton
+    GEMMs do (a bf16 output under autocast saves a cast of an fp32 one). Blockwise: ``want``, which
+    :func:`_fp8_mm` maps to what the GEMM it picks writes."""
+    if scaling == "blockwise":
+        return want
+    return torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
 
 
 def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool, scaling: str = "") -> torch.Tensor:
-    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32;
-    blockwise (mxfp8_fast): scales per 128 of K (``scale_b`` per 128x128 tile of the weight)."""
+    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32.
+    Blockwise (mxfp8_fast), scales per 128 of K (``scale_b`` per 128x128 tile of the weight):
+    cuBLAS's GEMM where ``scaled`` and both operands are e4m3 (it writes bf16), else the Triton
+    blockwise GEMM (fp32 or bf16 as ``out_dtype`` asks), each reading the copies in place."""
     from .gemm import blockwise_scaled_mm_operands, scaled_mm
 
-    if scaling == "blockwise":  # the layouts cuBLAS reads, as mx_fast_quantize_dual wrote them
-        return scaled_mm(*blockwise_scaled_mm_operands(a, scale_a, b, scale_b), out_dtype=out_dtype)
+    if scaling == "blockwise":
+        if scaled and a.dtype == b.dtype == torch.float8_e4m3fn:  # the layouts cuBLAS reads
+            ops = blockwise_scaled_mm_operands(a, scale_a, b, scale_b)
+            return scaled_mm(*ops, out_dtype=torch.bfloat16)
+        from .triton_mx_gemm import blockwise_matmul
+
+        if scale_b.shape[1] != b.shape[1]:  # 128x128 tiles: the Triton GEMM reads a scale per column
+            scale_b = scale_b.repeat_interleave(128, dim=1)
+        return blockwise_matmul(a, scale_a, b, scale_b, out_dtype=_gemm_out(out_dtype))
     if scaled:
         return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
     return (a.float() * scale_a) @ (b.float() * scale_b)
@@ -278,14 +294,15 @@ class _FusedFloat8:
 
     Dynamic scaling (fp8_tensorwise, fp8_rowwise; torch._scaled_mm with the Triton quantize):
     tensorwise quantizes each tensor once for both copies; rowwise scales differ by axis, as in the
-    emulated recipe. Blockwise (mxfp8_fast on sm_90: cuBLAS's blockwise GEMM): x and dy in 1x128
-    blocks along each copy's contraction axis, W in 128x128 tiles, regrouped from MX in the same
-    pass (:func:`mx_fast_quantize_dual`). Delayed scaling (fp8_delayed): tensorwise scales from
-    earlier steps' maxima, each tensor read once (:func:`fp8_quantize_scaled`), the GEMMs in
-    torch._scaled_mm where the device has it, else emulated in fp32 from the same bytes. Only the
-    fp8 copies backward reads are saved (xqt, wqt), not x and W. Tokens are zero-padded to a
-    multiple of 16 (wgrad's contraction; blockwise: of 128, whole blocks; zero rows change no
-    product). The numerics are the emulated recipe's: the same bytes (tested), then cuBLAS's sum.
+    emulated recipe. Blockwise (mxfp8_fast: cuBLAS's blockwise GEMM on sm_90, for e4m3 operands,
+    else the Triton blockwise GEMM): x and dy in 1x128 blocks along each copy's contraction axis,
+    W in 128x128 tiles, regrouped from MX in the same pass (:func:`mx_fast_quantize_dual`).
+    Delayed scaling (fp8_delayed): tensorwise scales from earlier steps' maxima, each tensor read
+    once (:func:`fp8_quantize_scaled`), the GEMMs in torch._scaled_mm where the device has it,
+    else emulated in fp32 from the same bytes. Only the fp8 copies backward reads are saved (xqt,
+    wqt), not x and W. Tokens are zero-padded to a multiple of 16 (wgrad's contraction;
+    blockwise: of 128, whole blocks; zero rows change no product). The numerics are the emulated
+    recipe's: the same bytes (tested), then the GEMM's sum.
     """
 
     @staticmethod
