@@ -9,6 +9,7 @@ import time
 import msgpack
 import pytest
 import zmq
+from helpers import write_corpus
 
 from lowcomm.runtime.elastic import Coordinator, CoordinatorClient, LocalJob
 from lowcomm.runtime.elastic.protocol import (
@@ -212,7 +213,9 @@ def test_a_worker_with_the_wrong_key_says_so_and_exits_2(tmp_path):
                 job.endpoint,
                 "--run-dir",
                 str(tmp_path / "w"),
-                *TINY,  # the refusal comes at registration, whatever the model
+                *TINY,  # the refusal comes at registration, whatever the model and data
+                "--corpus",
+                str(write_corpus(tmp_path / "corpus")),
             ],
             capture_output=True,
             text=True,
