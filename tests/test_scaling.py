@@ -234,3 +234,4 @@ def test_fit_and_report_without_the_scaling_extra_name_it(fixture_runs, missing,
     from test_layers import assert_names_the_extra
 
     assert_names_the_extra(missing, ["scaling", command, str(fixture_runs)], "scaling", feature)
+    assert not (fixture_runs / "fits.json").exists()  # refused before any fitting or writing

@@ -191,10 +191,11 @@ def write_report(
     n_boot: int = 200,
 ) -> Path:
     """Write report.md, fits.json and the plots into ``out_dir``; returns the report's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if not records:
         raise ValueError("no usable records to report on")
+    _plt()  # a missing matplotlib is named now, not after the fits' bootstrap, and nothing is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     analysis = analysis or fit_records(records, n_boot=n_boot)
     (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
     plot_loss_vs_n(records, analysis, out / "loss_vs_N.png")
