@@ -288,7 +288,7 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["data_lost"] == 0 and report["faults_injected"] == 6
+    assert report["data_lost"] == 0 and report["faults_injected"] == 6 and report["loss_plot"] == "loss.png"
     assert math.isfinite(report["final_loss_delta"])
     by_kind = {f["kind"]: f for f in report["faults"]}
     assert by_kind["corrupt"]["contributions_excluded"][0]["round"] == 3
@@ -303,6 +303,41 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     # nothing outlives the runner: no worker of the run, no coordinator on its endpoints
     endpoints = {p.read_text().splitlines()[0].split()[-1] for p in out.glob("*/coordinator-*.log")}
     assert len(endpoints) == 2 and _processes_mentioning(str(out), *endpoints) == []
+
+
+def test_chaos_without_matplotlib_says_so_before_the_runs_and_reports_without_the_plot(
+    tmp_path, monkeypatch, caplog
+):
+    """`lowcomm chaos` with only the [elastic] extra: the missing plot is named before the two runs
+    (which take minutes) instead of failing after them, and report.md says why it has no plot."""
+    import sys
+
+    from lowcomm.runtime.faults import FaultPlan, chaos
+    from lowcomm.runtime.faults.report import markdown
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+
+    class Started(Exception):
+        pass
+
+    def first_run(*a, **k):  # the reference run would start here
+        raise Started
+
+    monkeypatch.setattr(chaos, "_run", first_run)
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.faults.chaos"), pytest.raises(Started):
+        chaos.run_chaos(FaultPlan(0, []), 2, tmp_path / "out", ["--steps", "20"])
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "plotting a fault report needs matplotlib, which is not installed: pip install 'lowcomm[scaling]'; "
+        "the report will be written without loss.png"
+    ]
+    r = {"replicas": 2, "faults_injected": 0, "faults_planned": 0, "data_lost": 0, "chaos_final_loss": 2.0}
+    r.update(reference_final_loss=2.0, final_loss_delta=0.0, chaos_wall_s=1.0, reference_wall_s=1.0)
+    r["faults"] = []
+    r.update(loss_plot=None, loss_plot_missing=warned[0].split(";")[0])
+    markdown(tmp_path / "report.md", r)
+    text = (tmp_path / "report.md").read_text()
+    assert "No loss plot: plotting a fault report needs matplotlib" in text and "loss.png" not in text
 
 
 def _processes_mentioning(*needles: str) -> list[str]:

@@ -6,8 +6,9 @@ Both runs use the same workers (w0..w{M-1}), configuration and seeds. The runner
 coordinator's faults itself (kill, then restart with a grace period) and restarts every worker
 killed by a ``kill`` fault with ``restart`` true (it rejoins as a joiner). It writes, in ``--out``:
 ``report.json`` (a ``faults`` list, top-level ``data_lost`` and ``final_loss_delta``),
-``report.md`` and ``loss.png`` (both loss curves, faults marked); the runs are under
-``reference/`` and ``chaos/``.
+``report.md`` and ``loss.png`` (both loss curves, faults marked; without matplotlib, the
+``[scaling]`` extra, the report says so and is written without it, a warning before the runs);
+the runs are under ``reference/`` and ``chaos/``.
 
 Per fault: when it was injected, when a survivor detected it (a round given up, a contribution
 excluded, a member lost) and when the job recovered (the next completed round after it; for a
@@ -28,7 +29,7 @@ from pathlib import Path
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
 from .plan import FaultPlan
-from .report import fault_entries, markdown, plot
+from .report import fault_entries, markdown, plot, why_no_plot
 
 __all__ = ["run_chaos", "JobRun"]
 
@@ -153,6 +154,9 @@ def run_chaos(
     names = [f"w{i}" for i in range(replicas)]
     steps = next((int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--steps"), 600)
     plan = plan.check(names, steps=steps)  # refuses a bad plan before anything starts
+    no_plot = why_no_plot()  # said now, not after both runs: the report is written without loss.png
+    if no_plot:
+        log.warning("%s; the report will be written without loss.png", no_plot)
     ref = _run(out / "reference", names, flags, None, timeout)
     chaos = _run(out / "chaos", names, flags, plan, timeout, observer)
     events = chaos.events()
@@ -187,14 +191,17 @@ def run_chaos(
         # the job's wall, not a worker's (a worker restarted late lived a few seconds)
         "reference_wall_s": ref.wall_s,
         "chaos_wall_s": chaos.wall_s,
+        "loss_plot": None if no_plot else "loss.png",
+        **({"loss_plot_missing": no_plot} if no_plot else {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(
-        out / "loss.png",
-        {"fault-free": ref.curve(), "under faults": chaos.curve()},
-        _fault_steps(events, faults, t0),
-        f"chaos run: {report['faults_injected']} faults, data lost {report['data_lost']}",
-    )
+    if not no_plot:
+        plot(
+            out / "loss.png",
+            {"fault-free": ref.curve(), "under faults": chaos.curve()},
+            _fault_steps(events, faults, t0),
+            f"chaos run: {report['faults_injected']} faults, data lost {report['data_lost']}",
+        )
     markdown(out / "report.md", report)
     return report
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..._compat import pyplot
+from ..._compat import MissingExtra, pyplot
 
 __all__ = ["evidence", "fault_entry", "fault_entries", "plot", "markdown"]
 
@@ -97,6 +97,19 @@ def fault_entries(injected: list[dict], events: dict[str, list[dict]], t0: float
     return out
 
 
+#: the feature a missing matplotlib is named for
+PLOT_FEATURE = "plotting a fault report"
+
+
+def why_no_plot() -> str | None:
+    """Why loss.png cannot be drawn here (the missing extra, named), or None when it can."""
+    try:
+        pyplot(PLOT_FEATURE)
+    except MissingExtra as e:
+        return str(e)
+    return None
+
+
 def plot(
     path: Path,
     curves: dict[str, list[tuple[int, float]]],
@@ -104,7 +117,7 @@ def plot(
     title: str,
 ) -> None:
     """Loss curves (label -> (step, eval loss) points) with each fault marked at its step."""
-    plt = pyplot("plotting a fault report")
+    plt = pyplot(PLOT_FEATURE)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (label, pts), style in zip(curves.items(), ("-", "--", ":")):
@@ -147,5 +160,8 @@ def markdown(path: Path, r: dict) -> None:
             f"| {s(f['detected_after_s'])} | "
             f"{s(f['recovered_after_s'])} | {f['rounds_redone']} | {len(f['contributions_excluded'])} |"
         )
-    lines += ["", "![loss curves](loss.png)", ""]
+    if r.get("loss_plot"):
+        lines += ["", f"![loss curves]({r['loss_plot']})", ""]
+    else:  # no plot here: the numbers above are the report
+        lines += ["", f"No loss plot: {r.get('loss_plot_missing', 'not drawn')}.", ""]
     path.write_text("\n".join(lines))
