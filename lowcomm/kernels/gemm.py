@@ -233,13 +233,21 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
+def check_backend(backend: str, recipe: str, label: str | None = None) -> None:
+    """Refuses a backend that is unknown, or that cannot serve ``recipe`` on any device (Triton
+    serves the MX recipes only), naming ``label`` (default the recipe)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+    if backend == "triton" and recipe not in ("mxfp8", "mxfp8_fast"):
+        raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {label or recipe}")
+
+
 def choose_backend(recipe: str, device: torch.device, backend: str = "auto", label: str | None = None) -> str:
     """The backend that serves ``recipe`` on ``device``; raises ValueError if an explicit one cannot
     (naming ``label``, default the recipe: a layer recipe built on this GEMM recipe names itself)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(RECIPES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+    check_backend(backend, recipe, label)
     cap = _capability(device)
     if recipe == "mxfp8_fast":  # the blockwise (1x128 fp32 scales) cuBLAS GEMM: sm_90 only
         need = (9, 0)
@@ -260,8 +268,6 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto", lab
             "Use backend='emulated' or 'auto'"
         )
     if backend == "triton":
-        if recipe not in ("mxfp8", "mxfp8_fast"):
-            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {label}")
         if not _triton_runs_on(device):
             from .triton_quantize import TRITON_MISSING
 

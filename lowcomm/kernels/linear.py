@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .formats import get_elem_format
-from .gemm import BACKENDS, RECIPES, choose_backend, fp8_scale, qmatmul
+from .gemm import RECIPES, check_backend, choose_backend, fp8_scale, qmatmul
 
 __all__ = [
     "LowPrecisionLinear",
@@ -245,20 +245,13 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
 
 
-def _fp8_out(scaling: str, want: torch.dtype) -> torch.dtype:
-    """What torch._scaled_mm writes: bf16 for rowwise scaling (all it can), else as the Triton
-    GEMMs do (a bf16 output under autocast saves a cast of an fp32 one). Blockwise: ``want``, which
-    :func:`_fp8_mm` maps to what the GEMM it picks writes."""
-    if scaling == "blockwise":
-        return want
-    return torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
-
-
-def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool, scaling: str = "") -> torch.Tensor:
-    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands: torch._scaled_mm, or emulated in fp32.
-    Blockwise (mxfp8_fast), scales per 128 of K (``scale_b`` per 128x128 tile of the weight):
-    cuBLAS's GEMM where ``scaled`` and both operands are e4m3 (it writes bf16), else the Triton
-    blockwise GEMM (fp32 or bf16 as ``out_dtype`` asks), each reading the copies in place."""
+def _fp8_mm(a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: str) -> torch.Tensor:
+    """``(a * scale_a) @ (b * scale_b)`` of fp8 operands, an output wanted in ``want``:
+    torch._scaled_mm (rowwise writes bf16, all it can; tensorwise as the Triton GEMMs do: a bf16
+    output under autocast saves a cast of an fp32 one), or emulated in fp32. Blockwise
+    (mxfp8_fast), scales per 128 of K (``scale_b`` per 128x128 tile of the weight): cuBLAS's GEMM
+    where ``scaled`` and both operands are e4m3 (it writes bf16), else the Triton blockwise GEMM,
+    each reading the copies in place."""
     from .gemm import blockwise_scaled_mm_operands, scaled_mm
 
     if scaling == "blockwise":
@@ -269,8 +262,9 @@ def _fp8_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, scaled: bool, scalin
 
         if scale_b.shape[1] != b.shape[1]:  # 128x128 tiles: the Triton GEMM reads a scale per column
             scale_b = scale_b.repeat_interleave(128, dim=1)
-        return blockwise_matmul(a, scale_a, b, scale_b, out_dtype=_gemm_out(out_dtype))
+        return blockwise_matmul(a, scale_a, b, scale_b, out_dtype=_gemm_out(want))
     if scaled:
+        out_dtype = torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
         return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
     return (a.float() * scale_a) @ (b.float() * scale_b)
 
@@ -312,7 +306,7 @@ class _FusedFloat8:
         x2 = _pad_rows(x2 if x2.dtype in _FP8_READS else x2.float(), 128 if scaling == "blockwise" else 16)
         xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
-        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), _fp8_out(scaling, out_dtype), scaled, scaling)[:T]
+        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling)[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
@@ -329,12 +323,10 @@ class _FusedFloat8:
         g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 128 if scaling == "blockwise" else 16)
         gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         dx = dw = None
-        if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (rowwise, blockwise: bf16)
-            out = _fp8_out(scaling, gy2.dtype)
-            dx = _fp8_mm(gq, wqt.t(), sg, swt, out, ctx.scaled, scaling)[: ctx.tokens]
+        if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (as the GEMM can write them)
+            dx = _fp8_mm(gq, wqt.t(), sg, swt, gy2.dtype, ctx.scaled, scaling)[: ctx.tokens]
         if want_dw:
-            out = _fp8_out(scaling, torch.float32)
-            dw = _fp8_mm(gqt, xqt.t(), _flipped(sgt), sxt, out, ctx.scaled, scaling)
+            dw = _fp8_mm(gqt, xqt.t(), _flipped(sgt), sxt, torch.float32, ctx.scaled, scaling)
         return dx, dw
 
 
@@ -383,10 +375,7 @@ class LowPrecisionLinear(nn.Linear):
             raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
         if grad_elem not in ("e4m3", "e5m2"):
             raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
-        if backend == "triton" and recipe not in ("mxfp8", "mxfp8_fast"):
-            raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {recipe}")
+        check_backend(backend, recipe)
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
         if recipe == "fp8_delayed":
             _check_history_len(amax_history_len)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import torch
 
 from .formats import ELEM_FORMATS
-from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, NAN_BYTE, TRITON_MISSING, copies_made
+from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, TRITON_MISSING, copies_made, mx_format
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _abs_bits, _load_block, _load_tile, _round_to_fp8_grid
+    from .triton_quantize import _abs_bits, _grid_bytes, _load_block, _load_tile, _round_to_fp8_grid
 
 __all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
@@ -88,12 +88,7 @@ if HAVE_TRITON:
         # torch's (x / scale).clamp(-max, max).to(fp8): IEEE division, a clamp that keeps NaN
         y = tl.math.div_rn(x, scale)
         y = tl.where(y > MAXV, MAXV, tl.where(y < -MAXV, -MAXV, y))
-        g = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
-        if E5M2:
-            q = g.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        else:
-            q = g.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        return tl.where(y != y, NAN_BYTE, q).to(tl.uint8)  # fp8 NaN conversion differs by backend
+        return _grid_bytes(_round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C), y != y, E5M2, NAN_BYTE)
 
     @triton.jit
     def _fp8_scale_of(bits, MAXV: tl.constexpr):
@@ -343,10 +338,10 @@ def _fp8_quantize_dual(
 
 
 def _format(elem: str) -> dict:
-    """The element format's constants every fp8 kernel takes."""
-    maxv, _, _, mbits, min_normal, sub_c = _EMAX[elem]
-    fmt = dict(MAXV=maxv, MBITS=mbits, MIN_NORMAL=min_normal, SUB_C=sub_c)
-    return dict(fmt, E5M2=elem == "e5m2", NAN_BYTE=NAN_BYTE[elem])
+    """The element format's constants every fp8 kernel takes (the MX kernels' less the scale
+    rule's), in their parameter order."""
+    fmt = mx_format(elem, "rceil")
+    return {k: fmt[k] for k in ("MAXV", "MBITS", "MIN_NORMAL", "SUB_C", "E5M2", "NAN_BYTE")}
 
 
 def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, record, cfg) -> None:

@@ -61,6 +61,24 @@ AS_OPS = HAVE_TRITON and hasattr(torch.library, "custom_op")
 #: the byte torch writes for NaN (fp8 NaN conversion differs across backends)
 NAN_BYTE = {e: int(torch.tensor(float("nan")).to(ELEM_FORMATS[e].dtype).view(torch.uint8)) for e in _EMAX}
 
+
+def mx_format(elem: str, scale_rule: str) -> dict:
+    """The element format's and scale rule's constants the MX kernels take, in their parameter
+    order (MAXV .. NAN_BYTE)."""
+    maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
+    return dict(
+        MAXV=maxv,
+        EMAX=emax,
+        MANT_LIMIT=mant,
+        RCEIL=scale_rule == "rceil",
+        E5M2=elem == "e5m2",
+        MBITS=mbits,
+        MIN_NORMAL=min_normal,
+        SUB_C=sub_c,
+        NAN_BYTE=NAN_BYTE[elem],
+    )
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -376,17 +394,8 @@ def static_specs() -> list:
     cases += [(*one, (True, False), first), (*one, (False, True), first)]
     cases += [(*one, (True, True), cfg) for cfg in QUANTIZE_CUDA_CONFIGS[1:]]
     for src, elem, rule, (rows, cols), cfg in cases:
-        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
         consts = dict(
-            MAXV=maxv,
-            EMAX=emax,
-            MANT_LIMIT=mant,
-            RCEIL=rule == "rceil",
-            E5M2=elem == "e5m2",
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            NAN_BYTE=0x7F,
+            **mx_format(elem, rule),
             BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"],
             ROWS=rows,
@@ -412,10 +421,7 @@ def static_specs() -> list:
     # mxfp8_fast's operands as the Linear layers make them: activations (e4m3) and gradients
     # (e5m2) in 1x128 blocks, weights in 128x128 tiles; both copies
     for elem, tile in (("e4m3", "1x128"), ("e5m2", "1x128"), ("e4m3", "128x128")):
-        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
-        consts = dict(MAXV=maxv, EMAX=emax, MANT_LIMIT=mant, RCEIL=True, E5M2=elem == "e5m2", MBITS=mbits)
-        consts.update(MIN_NORMAL=min_normal, SUB_C=sub_c, NAN_BYTE=0x7F, TILED=tile != "1x128")
-        consts.update(ROWS=True, COLS=True)
+        consts = dict(mx_format(elem, "rceil"), TILED=tile != "1x128", ROWS=True, COLS=True)
         sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32"}
         sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
         name = f"mx_fast_quantize_dual ({tile}, both copies, bf16 to {elem})"
@@ -559,7 +565,6 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
     R, C = x.shape
     q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
     if R and C:
-        maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
         written = (q, s) if rows else (qt, st)  # stands in for the copy not written
         _mx_fast_kernel[(R // 128, C // 128)](
             x,
@@ -567,15 +572,7 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
             *(qt, st) if cols else written,
             R,
             C,
-            MAXV=maxv,
-            EMAX=emax,
-            MANT_LIMIT=mant,
-            RCEIL=scale_rule == "rceil",
-            E5M2=elem == "e5m2",
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            NAN_BYTE=NAN_BYTE[elem],
+            **mx_format(elem, scale_rule),
             TILED=tiled,
             ROWS=rows,
             COLS=cols,
@@ -667,7 +664,6 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     tune = config is None and autotuning(x.device)
     x = x.contiguous()
     R, C = x.shape
-    maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
     (rq, rs), (cq, cs) = _shapes(x, rows, cols)
     row_q = torch.empty(rq, dtype=torch.uint8, device=x.device)
     row_s = torch.empty(rs, dtype=torch.uint8, device=x.device)
@@ -686,15 +682,7 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
             *(col_q, col_s) if cols else written,
             R,
             C,
-            MAXV=maxv,
-            EMAX=emax,
-            MANT_LIMIT=mant,
-            MBITS=mbits,
-            MIN_NORMAL=min_normal,
-            SUB_C=sub_c,
-            NAN_BYTE=NAN_BYTE[elem],
-            RCEIL=scale_rule == "rceil",
-            E5M2=elem == "e5m2",
+            **mx_format(elem, scale_rule),
             ROWS=rows,
             COLS=cols,
             **cfg,
