@@ -4,7 +4,9 @@
 #   device run: bash benchmarks/gpu_check.sh $OUT         (default OUT_DIR: benchmarks/results/gpu)
 #
 # At most 7 minutes on an H200 and at most 8 files in OUT_DIR, each section time-bounded and
-# printed as it ends, so a time-out keeps what ran:
+# printed as it ends, so a time-out keeps what ran (400 s in all, $CHECK_SECONDS: the tests get
+# 110 s, the throughput what is left but 120 s, the kernels the rest; what a section leaves unused
+# goes to the next; the two benchmarks write their JSON after every part):
 #   1. env.txt         versions, the device, each section's exit code and seconds
 #   2. tests.txt       the kernel and GPU-trainer tests on the GPU
 #   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
@@ -13,6 +15,12 @@
 #   (+ throughput.log, kernels.log: their progress lines)
 # Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
 set -u
+START=$SECONDS
+TOTAL=${CHECK_SECONDS:-400}  # the whole check's wall; a section's unused seconds go to the next
+left() {  # seconds left, less a reserve for what follows (at least 1: 'timeout 0' never ends)
+  local s=$((TOTAL - (SECONDS - START) - $1))
+  echo $((s > 0 ? s : 1))
+}
 OUT=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
@@ -47,11 +55,11 @@ grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/tests.txt" | sed 's/^/tests wit
 grep -E " FAILED| ERROR" "$OUT/tests.txt" | head -20
 tail -5 "$OUT/tests.txt"
 
-section throughput "${THROUGHPUT_TIMEOUT:-170}" python benchmarks/gpu_throughput.py --two-process --loss-check \
+section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py --two-process --loss-check \
   --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
 cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 
-section kernels "${KERNELS_TIMEOUT:-120}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \
+section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \
   --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 cat "$OUT/env.txt"
