@@ -21,10 +21,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
+    gpu = torch.cuda.device_count() - 1  # `cuda:N`: the last GPU (a non-zero one where there are several)
     cfg = TrainConfig.from_flat(
         corpus=corpus,
         run_dir=str(tmp_path / "run"),
-        device="cuda",
+        device=f"cuda:{gpu}",
         replicas=4,
         steps=30,
         sync_every=10,
@@ -41,7 +42,8 @@ def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(t
     s = train(cfg, progress=False)
     assert (s["dtype"], s["replica_batching"]) == ("bfloat16", "batched")
     assert s["final_eval_loss"] < 5.0 and s["tokens_per_second"] > 0
-    assert s["peak_memory_bytes"] > 0 and s["device"] == torch.cuda.get_device_name()
+    assert s["peak_memory_bytes"] > 0 and s["device"] == torch.cuda.get_device_name(gpu)
+    assert torch.cuda.current_device() == gpu
     if any(k in s["device"] for k in ("H100", "H200", "A100", "B200")):
         assert 0 < s["mfu"] < 1
 

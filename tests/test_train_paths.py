@@ -319,3 +319,51 @@ def test_host_overhead_benchmark_counts_every_phase_and_dp_in_process_stays_dire
         rows["diloco"]["ops"]["before_update"] == rows["diloco"]["ops"]["after_update"] == 0
     )  # between rounds
     assert json.loads((tmp_path / "h.json").read_text())["rows"]["plain"]["ops"] == rows["plain"]["ops"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_each_process_of_a_launcher_takes_its_own_gpu_before_touching_one(monkeypatch, tmp_path):
+    """The rule that places a process on a machine with 8 GPUs (torch.cuda's answers stubbed: this
+    checks lowcomm's choice, not the hardware). torchrun's rank 11 takes GPU 11 % 8 and sets it
+    before the first CUDA call (the memory check read GPU 0, making a context there for every
+    process of the node); `cuda:N` places a process no launcher placed, and is refused under one."""
+    from lowcomm.runtime.trainer.loop import Trainer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    free = (2**40, 2**40)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: calls.append(("mem_get_info", d)) or free)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def device(d):
+        return TrainConfig.from_flat(device=d).run.torch_device()
+
+    assert device("cuda") == device("auto") == torch.device("cuda", 0)
+    assert device("cuda:5") == torch.device("cuda", 5)
+    with pytest.raises(
+        ValueError, match=r"device='cuda:8' is not allowed: cuda:0 \.\. cuda:7 \(torch sees 8 GPU"
+    ):
+        device("cuda:8")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "11")
+    assert device("cuda") == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match=r"device='cuda:1' is not allowed: 'cuda' .* LOCAL_RANK % 8 = 3"):
+        device("cuda:1")
+
+    def stop(self):
+        raise _Stop
+
+    monkeypatch.setattr(Trainer, "_static_topology", stop)  # the process groups: not this test's
+    cfg = TrainConfig.from_flat(device="cuda", run_dir=str(tmp_path / "r"), **TINY)
+    with pytest.raises(_Stop):
+        Trainer(cfg, progress=False)._build()
+    assert calls == [("set_device", torch.device("cuda", 3)), ("mem_get_info", torch.device("cuda", 3))]

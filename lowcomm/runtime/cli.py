@@ -27,7 +27,6 @@ from ..optim.config import INITS
 from ..optim.schedule import PATTERNS
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
 from .trainer.config import (
-    DEVICES,
     DTYPES,
     FLAT,
     MODES,
@@ -68,7 +67,6 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 _CHOICES = {
     "mode": MODES,
-    "device": DEVICES,
     "precision": PRECISIONS,
     "codec": tuple(CODECS),
     "pattern": PATTERNS,

@@ -50,11 +50,17 @@ __all__ = [
 ]
 
 from .metrics import METRICS
+from .topology import local_gpu_index
 
 MODES = ("diloco", "dp")
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", GPU N
 DTYPES = ("auto", "fp32", "bf16")
 REPLICA_BATCHING = ("auto", "batched", "sequential")
+
+
+def _is_gpu_index(v: Any) -> bool:
+    """``v`` is ``cuda:N``, N a decimal GPU index."""
+    return isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() and v[5:].isascii()
 
 
 def _int(obj: Any, name: str, lo: int, flag: str | None = None) -> None:
@@ -102,7 +108,10 @@ class RunConfig:
         seed: seeds the model init and every replica's data stream.
         run_dir: where the run's records go.
         threads: torch intra-op threads (0 = torch's default).
-        device: where the replicas train: "cpu", "cuda", or "auto" (cuda when available).
+        device: where the replicas train: "cpu", "cuda", "cuda:N" (GPU N), or "auto" (cuda when
+            available). "cuda" is the current GPU, or in a process of torchrun or ``lowcomm
+            launch``, GPU ``LOCAL_RANK`` (modulo the GPUs it sees); "cuda:N" picks one for a
+            process no launcher placed (an elastic worker on a machine with several GPUs).
         dtype: compute precision: "bf16" (autocast; master weights and optimizer state stay fp32),
             "fp32" (TF32 matmuls allowed on CUDA), or "auto" (bf16 on CUDA, fp32 on CPU).
         compile: torch.compile the model's forward and backward (the DiLoCo step stays outside).
@@ -142,7 +151,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice(self, "mode", MODES)
-        _choice(self, "device", DEVICES)
+        if not (self.device in DEVICES or _is_gpu_index(self.device)):
+            raise refuse("device", self.device, f"one of {list(DEVICES)} or 'cuda:N' (GPU N)")
         _choice(self, "dtype", DTYPES)
         _choice(self, "replica_batching", REPLICA_BATCHING)
         _choice(self, "metrics", METRICS)
@@ -162,10 +172,23 @@ class RunConfig:
         Raises:
             ValueError: ``cuda`` on a machine without a usable GPU.
         """
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
             raise refuse("device", self.device, "'cpu' or 'auto' on this machine (torch sees no CUDA GPU)")
-        use_cuda = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
-        return torch.device("cuda" if use_cuda else "cpu")
+        count, launched = torch.cuda.device_count(), local_gpu_index()
+        if _is_gpu_index(self.device):
+            n = int(self.device.removeprefix("cuda:"))
+            if launched is not None:
+                raise refuse(
+                    "device",
+                    self.device,
+                    f"'cuda' in a process of a launcher, which takes GPU LOCAL_RANK % {count} = {launched}",
+                )
+            if n >= count:
+                raise refuse("device", self.device, f"cuda:0 .. cuda:{count - 1} (torch sees {count} GPU(s))")
+            return torch.device("cuda", n)
+        return torch.device("cuda", launched if launched is not None else torch.cuda.current_device())
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The autocast dtype on ``device`` (float32: no autocast).

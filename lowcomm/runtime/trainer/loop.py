@@ -118,6 +118,8 @@ class Trainer:
             check_run_dir(cfg.run.run_dir, overwrite=cfg.run.overwrite, continuing=self.continuing)
             check_sink(cfg.run.metrics)
         self.device = cfg.run.torch_device()
+        if self.device.type == "cuda":  # before anything touches a GPU: no process makes a context
+            torch.cuda.set_device(self.device)  # on GPU 0 that is not its own (torchrun, 8 a node)
         self.dtype = cfg.run.compute_dtype(self.device)
         cfg.run.check_compile()
         self.corpus = load_corpus(cfg.data.corpus)

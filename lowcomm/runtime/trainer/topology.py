@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ...comm.distributed import DistributedGroup, LinkEmulator
 
-__all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
+__all__ = ["Topology", "init_from_torchrun", "is_distributed_env", "local_gpu_index"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class Topology:
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_gpu_index() -> int | None:
+    """The GPU of a process that torchrun or ``lowcomm launch`` started: ``LOCAL_RANK`` modulo the
+    GPUs it sees (its own GPU, or one it shares when a machine runs more processes than it has
+    GPUs). None outside such a job or without a GPU."""
+    if not is_distributed_env() or not torch.cuda.is_available():
+        return None
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % torch.cuda.device_count()
 
 
 def _env_int(name: str) -> int:
@@ -101,8 +110,9 @@ def init_from_torchrun(
     # NCCL needs a GPU per process; more processes than GPUs on a machine share them over gloo
     backend = backend or ("nccl" if torch.cuda.device_count() >= local_world else "gloo")
     outer_backend = outer_backend or backend
-    if torch.cuda.is_available():  # this process's GPU: its own, or one it shares (gloo)
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    gpu = local_gpu_index()
+    if gpu is not None:  # this process's GPU: its own, or one it shares (gloo)
+        torch.cuda.set_device(gpu)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
