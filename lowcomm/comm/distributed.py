@@ -347,7 +347,8 @@ class DistributedGroup(ReplicaGroup):
                 return (*self.reduce(buffer, codec, method, seq, stats, tag=tag), None)
             if self._stream is None:
                 self._stream = torch.cuda.Stream(buffer.device)
-            with torch.cuda.stream(self._stream):
+            # this thread's current GPU is 0 until set: the buffer's, for whatever the reduce makes
+            with torch.cuda.device(buffer.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 buffer.record_stream(self._stream)
                 result, sent = self.reduce(buffer, codec, method, seq, stats, tag=tag)
