@@ -1341,6 +1341,50 @@ def test_the_layout_checker_names_each_broken_rule():
         scaled_mm(a, b.contiguous(), one, one, torch.float32)
 
 
+def test_every_triton_launch_runs_on_its_tensors_gpu():
+    """Triton launches on the current GPU whatever its arguments' device: a layer on cuda:1 called
+    from a thread whose current GPU is 0 would run there on another GPU's pointers. Every launch in
+    lowcomm's kernel modules (``kernel[grid](...)``, or a name bound to one) sits inside ``with
+    on_device(tensor)``; a launch added without it fails here, on CPU."""
+    import ast
+    from pathlib import Path
+
+    import lowcomm.kernels as kernels
+
+    launches, unguarded = [], []
+    for path in sorted(Path(kernels.__file__).parent.glob("triton_*.py")):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            bound = {
+                t.id
+                for n in ast.walk(fn)
+                if isinstance(n, ast.Assign) and isinstance(n.value, ast.Subscript)
+                for t in n.targets
+                if isinstance(t, ast.Name)
+            }
+            for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call)):
+                f = call.func
+                is_launch = (isinstance(f, ast.Subscript) and "kernel" in ast.unparse(f.value)) or (
+                    isinstance(f, ast.Name) and f.id in bound
+                )
+                if not is_launch:
+                    continue
+                where = f"{path.name}:{call.lineno}"
+                launches.append(where)
+                node, guarded = call, False
+                while node in parents and not guarded:
+                    node = parents[node]
+                    guarded = isinstance(node, ast.With) and any(
+                        "on_device(" in ast.unparse(item.context_expr) for item in node.items
+                    )
+                if not guarded:
+                    unguarded.append(where)
+    # the fp8 maxima, cast and one-copy kernels, the MX dual and fast quantizes, the block GEMM
+    assert len(launches) == 6, launches
+    assert not unguarded, unguarded
+
+
 def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layout(monkeypatch):
     """The sm_90 route of mxfp8_fast (cannot run here: CPU torch has no blockwise _scaled_mm): on a
     pretend sm_90 device with _scaled_mm replaced by its documented contract, the operands pass

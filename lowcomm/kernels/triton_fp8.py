@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .formats import ELEM_FORMATS
-from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, TRITON_MISSING, copies_made, mx_format
+from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, TRITON_MISSING, copies_made, mx_format, on_device
 
 if HAVE_TRITON:
     import triton
@@ -326,9 +326,10 @@ def _fp8_quantize_dual(
     s_cols = torch.empty(shapes[3], dtype=torch.float32, device=dev)
     grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
     if R and C:
-        _fp8_amax_kernel[grid](
-            x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
-        )  # fmt: skip
+        with on_device(x):
+            _fp8_amax_kernel[grid](
+                x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
+            )  # fmt: skip
         # the scales are taken from the maxima by the cast kernel, which writes them out
         _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, False, cfg)
     else:  # nothing to read: every maximum is 0, so every scale is 1
@@ -348,22 +349,23 @@ def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, recor
     """The cast kernel over (R, C) x: q and/or qt written, maxima into ``amax`` if ``record``."""
     R, C = x.shape
     grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
-    _fp8_cast_kernel[grid](
-        x,
-        s_rows,
-        s_cols,
-        q if rows else qt,  # stands in for the copy not written
-        qt if cols else q,
-        amax,
-        R,
-        C,
-        **_format(elem),
-        TENSOR=tensor,
-        ROWS=rows,
-        COLS=cols,
-        RECORD=record,
-        **cfg,
-    )
+    with on_device(x):
+        _fp8_cast_kernel[grid](
+            x,
+            s_rows,
+            s_cols,
+            q if rows else qt,  # stands in for the copy not written
+            qt if cols else q,
+            amax,
+            R,
+            C,
+            **_format(elem),
+            TENSOR=tensor,
+            ROWS=rows,
+            COLS=cols,
+            RECORD=record,
+            **cfg,
+        )
 
 
 def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = None):
@@ -378,7 +380,8 @@ def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = 
     scale = torch.empty(R if rows else C, dtype=torch.float32, device=x.device)
     if R and C:
         grid = (-(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"]),)
-        _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem), ROWS=rows, **cfg)
+        with on_device(x):
+            _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem), ROWS=rows, **cfg)
     q = q.view(ELEM_FORMATS[elem].dtype)
     none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)
     if rows:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_quantize import AS_OPS, HAVE_TRITON, TRITON_MISSING
+from .triton_quantize import AS_OPS, HAVE_TRITON, TRITON_MISSING, on_device
 
 if HAVE_TRITON:
     import triton
@@ -312,24 +312,25 @@ def _gemm(
     if M == 0 or N == 0:
         return c
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _block_scaled_gemm_kernel[grid](
-        a_data,
-        a_scales,
-        b_data,
-        b_scales,
-        c,
-        M,
-        N,
-        K,
-        *a_data.stride(),
-        *b_data.stride(),
-        *a_scales.stride(),
-        *b_scales.stride(),
-        *c.stride(),
-        SB=sb,
-        E8M0=a_scales.dtype == torch.uint8,
-        **cfg,
-    )
+    with on_device(a_data):
+        _block_scaled_gemm_kernel[grid](
+            a_data,
+            a_scales,
+            b_data,
+            b_scales,
+            c,
+            M,
+            N,
+            K,
+            *a_data.stride(),
+            *b_data.stride(),
+            *a_scales.stride(),
+            *b_scales.stride(),
+            *c.stride(),
+            SB=sb,
+            E8M0=a_scales.dtype == torch.uint8,
+            **cfg,
+        )
     return c
 
 

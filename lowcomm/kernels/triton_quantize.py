@@ -18,6 +18,7 @@ Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -58,6 +59,16 @@ _EMAX = {
 
 #: the Triton kernels run as torch.library operators (torch.compile keeps them whole; torch >= 2.4)
 AS_OPS = HAVE_TRITON and hasattr(torch.library, "custom_op")
+
+
+def on_device(t: torch.Tensor):
+    """Makes ``t``'s GPU the current one around a Triton launch: Triton launches on the current
+    device and stream whatever its arguments' device, so a tensor on cuda:1 launched from a thread
+    whose current GPU is 0 would be read through pointers of another GPU. Nothing on CPU (the
+    interpreter). Every launch in these modules runs inside one (a test checks)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 #: the byte torch writes for NaN (fp8 NaN conversion differs across backends)
 NAN_BYTE = {e: int(torch.tensor(float("nan")).to(ELEM_FORMATS[e].dtype).view(torch.uint8)) for e in _EMAX}
 
@@ -566,19 +577,20 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
     q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
     if R and C:
         written = (q, s) if rows else (qt, st)  # stands in for the copy not written
-        _mx_fast_kernel[(R // 128, C // 128)](
-            x,
-            *(q, s) if rows else written,
-            *(qt, st) if cols else written,
-            R,
-            C,
-            **mx_format(elem, scale_rule),
-            TILED=tiled,
-            ROWS=rows,
-            COLS=cols,
-            num_warps=FAST_CUDA_WARPS if x.device.type == "cuda" else FAST_INTERPRET_WARPS,
-            num_stages=1,
-        )
+        with on_device(x):
+            _mx_fast_kernel[(R // 128, C // 128)](
+                x,
+                *(q, s) if rows else written,
+                *(qt, st) if cols else written,
+                R,
+                C,
+                **mx_format(elem, scale_rule),
+                TILED=tiled,
+                ROWS=rows,
+                COLS=cols,
+                num_warps=FAST_CUDA_WARPS if x.device.type == "cuda" else FAST_INTERPRET_WARPS,
+                num_stages=1,
+            )
     fp8 = ELEM_FORMATS[elem].dtype
     return q.view(fp8), s, qt.view(fp8), st
 
@@ -676,17 +688,18 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
             cfg = {}
         else:
             kernel = _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))]
-        kernel(
-            x,
-            *(row_q, row_s) if rows else written,
-            *(col_q, col_s) if cols else written,
-            R,
-            C,
-            **mx_format(elem, scale_rule),
-            ROWS=rows,
-            COLS=cols,
-            **cfg,
-        )
+        with on_device(x):
+            kernel(
+                x,
+                *(row_q, row_s) if rows else written,
+                *(col_q, col_s) if cols else written,
+                R,
+                C,
+                **mx_format(elem, scale_rule),
+                ROWS=rows,
+                COLS=cols,
+                **cfg,
+            )
     return row_q.view(ELEM_FORMATS[elem].dtype), row_s, col_q.view(ELEM_FORMATS[elem].dtype), col_s
 
 
