@@ -228,6 +228,39 @@ def test_a_bad_toml_diloco_table_is_refused_naming_the_value(tmp_path, text, mat
         diloco_from_toml(model, None, LocalGroup.create(1)[0], path)
 
 
+def test_a_replica_of_a_launcher_is_shown_its_own_gpu_only(monkeypatch, caplog):
+    """On a machine with 8 GPUs (torch's GPU count and the CUDA runtime's stubbed: the rule, not
+    the hardware), replica_group() shows each process of a launcher its own GPU, as the frameworks
+    it hides the launcher from would otherwise take cuda:0 (Lightning) or wrap the model in
+    DataParallel over all 8 (the HF Trainer). Where the CUDA runtime had already started and kept
+    every GPU, the variable is put back, the GPU made current, and a warning says so."""
+    from lowcomm.integrations import common
+
+    runtime_sees, current = [1], []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", lambda: runtime_sees[0], raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a lone process: nothing to place
+    common._own_gpu_only()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_RANK", "11")
+    common._own_gpu_only()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and not current  # 11 % 8
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a job given 4 GPUs by name
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b,GPU-c,GPU-d")
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    common._own_gpu_only()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-c"
+    runtime_sees[0] = 4  # the runtime started before the call: the GPUs it sees are fixed
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d")
+    with caplog.at_level("WARNING", logger="lowcomm.integrations.common"):
+        common._own_gpu_only()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b,GPU-c,GPU-d" and current == [2]
+    assert "CUDA had started before replica_group()" in caplog.text
+
+
 def test_replica_group_in_a_lone_process_is_a_group_of_one_and_hides_the_launcher(monkeypatch):
     from lowcomm.integrations import common, replica_group
 

@@ -37,7 +37,9 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
     torch.distributed's default group, and with ``hide_env`` the launcher's variables are removed
     from ``os.environ`` (their values are kept in ``lowcomm.integrations.common.HIDDEN``): Lightning,
     the HF Trainer and accelerate see one process, so they neither wrap the model in DDP nor save
-    checkpoints from rank 0 only. Call it before building the framework's trainer.
+    checkpoints from rank 0 only; on a machine with several GPUs the process is shown its own
+    (``CUDA_VISIBLE_DEVICES``: GPU ``LOCAL_RANK``), so the framework trains on it alone. Call it
+    before building the framework's trainer and before anything touches a GPU.
 
     Raises:
         ValueError: the job runs several processes per replica (LOWCOMM_PROCS_PER_REPLICA > 1):
@@ -73,8 +75,45 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
     else:
         group = LocalGroup.create(1)[0]
     if hide_env:
+        _own_gpu_only()  # before the variables that place this process go
         HIDDEN.update({k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ})
     return group
+
+
+def _own_gpu_only() -> None:
+    """Show this process of a launcher its own GPU only (``CUDA_VISIBLE_DEVICES``): a framework
+    that sees one process takes ``cuda:0``, and the HF Trainer wraps the model in DataParallel
+    over every GPU it sees, so on a machine with 8 GPUs every replica would train on the first or
+    on all of them. Its GPU is ``LOCAL_RANK`` modulo the GPUs it sees (more processes than GPUs
+    share them); nothing without a launcher or a GPU. The CUDA runtime reads the variable when it
+    starts (``torch.cuda.is_available()`` starts it): if it had started, the variable is put back,
+    the GPU is only made current, and a warning says what to move."""
+    import torch
+
+    from ..runtime.trainer.topology import local_gpu_index
+
+    gpu = local_gpu_index()
+    if gpu is None:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else []
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu] if gpu < len(ids) else str(gpu)
+    # the runtime's own count (torch.cuda.is_available() reads the same): it starts the runtime
+    # now, reading the variable, unless it had started before
+    if torch._C._cuda_getDeviceCount() == 1:
+        log.info("replica on GPU %s (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
+        return
+    if visible is None:
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    torch.cuda.set_device(gpu)
+    log.warning(
+        "CUDA had started before replica_group() (torch.cuda.is_available() starts it), so this "
+        "process sees every GPU and a framework may use the first or all of them; its own, cuda:%d, "
+        "is made current: call replica_group() before anything asks about GPUs",
+        gpu,
+    )
 
 
 def _release(group) -> None:

@@ -61,10 +61,13 @@ def is_distributed_env() -> bool:
 def local_gpu_index() -> int | None:
     """The GPU of a process that torchrun or ``lowcomm launch`` started: ``LOCAL_RANK`` modulo the
     GPUs it sees (its own GPU, or one it shares when a machine runs more processes than it has
-    GPUs). None outside such a job or without a GPU."""
-    if not is_distributed_env() or not torch.cuda.is_available():
+    GPUs). None outside such a job or without a GPU. Counted through NVML where it can be, which
+    does not start the CUDA runtime (torch.cuda.is_available() does, after which the GPUs a
+    process sees are fixed: see lowcomm.integrations.replica_group)."""
+    count = torch.cuda.device_count() if is_distributed_env() else 0
+    if not count:
         return None
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % torch.cuda.device_count()
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % count
 
 
 def _env_int(name: str) -> int:
