@@ -138,6 +138,8 @@ def test_demo_runs_three_runs_on_equal_tokens_and_prints_their_table(tmp_path, c
     for name, s in summaries.items():  # every run learned something (ln 256 = 5.55 at init)
         assert s["final_eval_loss"] < 5.0, name
         assert f"{s['final_eval_loss']:.4f}" in table and name in table
+    plot = tmp_path / "loss.png"  # the runs side by side: loss and bytes sent by step
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot in {plot.resolve()}" in table
 
 
 def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):

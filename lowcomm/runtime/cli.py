@@ -38,7 +38,7 @@ from .trainer.config import (
 from .trainer.metrics import METRICS
 from .trainer.records import human_bytes
 
-__all__ = ["main", "build_parser", "config_from_args", "demo_configs", "format_comparison"]
+__all__ = ["main", "build_parser", "config_from_args", "demo_configs", "demo_plot", "format_comparison"]
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=400, help="inner steps per run (default: 400)")
     d.add_argument("--replicas", type=int, default=4, help="replicas (default: 4)")
     d.add_argument(
-        "--out", default="runs/demo", help="parent folder of the three run directories (replaced on each run)"
+        "--out",
+        default="runs/demo",
+        help="parent folder of the three run directories and loss.png (replaced on each run)",
     )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -576,7 +578,48 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(format_comparison(summaries))
     print(f"\nrecords in {Path(args.out).resolve()}/{{dp,diloco,streaming}}")
+    try:
+        plot = demo_plot(Path(args.out) / "loss.png", {n: c.run.run_dir for n, c in cfgs.items()}, summaries)
+        print(f"plot in {plot.resolve()}")
+    except MissingExtra as e:  # the table above is the result; the plot is for looking at it
+        print(f"no plot: {e}")
     return ExitCode.OK
+
+
+def demo_plot(path: Path, run_dirs: dict[str, str], summaries: dict[str, dict]) -> Path:
+    """The demo's runs side by side: training loss (mean of the replicas, over 20 steps) and the
+    bytes each replica has sent, by inner step. Raises MissingExtra without matplotlib."""
+    from .._compat import pyplot
+    from .trainer.records import read_jsonl
+
+    plt = pyplot("the demo's plot")
+    fig, (loss_ax, sent_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, run_dir in run_dirs.items():
+        steps = [e for e in read_jsonl(Path(run_dir) / "events.jsonl") if e["kind"] == "step"]
+        x, loss = [e["step"] for e in steps], [e["loss"] for e in steps]
+        window = [
+            sum(loss[max(0, i - 19) : i + 1]) / len(loss[max(0, i - 19) : i + 1]) for i in range(len(loss))
+        ]
+        s = summaries[name]
+        loss_ax.plot(x, window, label=f"{name}: eval {s['final_eval_loss']:.3f}")
+        sent = [(e["step"], e["bytes_sent"]) for e in steps if e["bytes_sent"] > 0]
+        sent_ax.plot(
+            [p[0] for p in sent],
+            [p[1] for p in sent],
+            label=f"{name}: {human_bytes(s['bytes_sent_per_replica'])}",
+        )
+    loss_ax.set(xlabel="inner step", ylabel="training loss (replicas' mean, 20-step average)")
+    sent_ax.set(xlabel="inner step", ylabel="bytes sent per replica", yscale="log")
+    for ax in (loss_ax, sent_ax):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    first = next(iter(summaries.values()))
+    fig.suptitle(f"lowcomm demo: M={first['replicas']} replicas, equal tokens ({first['tokens']:,})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
