@@ -139,6 +139,11 @@ def test_the_store_listens_where_the_coordinator_binds_and_records_hold_no_rende
         # store aborts the process on torch < 2.8, whose store then runs the legacy backend)
     with pytest.raises(ValueError, match="bind='http://x:1' is not allowed"):
         Coordinator("http://x:1", "job", KEY)
+    # a port past 65535 was handed to ZeroMQ, which bound something and printed it as given
+    with pytest.raises(ValueError, match=r"bind='tcp://0.0.0.0:99999' .* PORT 1-65535 or 0\)"):
+        Coordinator("tcp://0.0.0.0:99999", "job", KEY)
+    with pytest.raises(ValueError, match="endpoint='notaurl' is not allowed"):  # was ZMQError
+        CoordinatorClient("notaurl", KEY, "status")
     with pytest.raises(ValueError, match="job=.* is not allowed: printable ASCII"):
         Coordinator("tcp://127.0.0.1:0", "x" * 300, KEY)
     with pytest.raises(ValueError, match="job=.* is not allowed"):

@@ -81,6 +81,12 @@ def test_dp_and_diloco_compare_on_equal_tokens(tmp_path, corpus_dir):
         (dict(heads=3), "heads"),
         (dict(checkpoint_every=10), "checkpoint_every=10.*without --coordinator"),
         (dict(resume="auto"), "resume='auto'.*without --coordinator"),
+        (dict(coordinator="tcp://h:99999"), r"coordinator='tcp://h:99999' .* PORT 1-65535\)"),
+        (dict(coordinator="tcp://h"), "coordinator='tcp://h' is not allowed: an endpoint like"),
+        (
+            dict(device="cuda:x"),
+            r"device='cuda:x' is not allowed: one of \['cpu', 'cuda', 'auto'\] or 'cuda:N'",
+        ),
     ],
 )
 def test_bad_config_values_are_named_before_training(kw, match):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from ..._compat import require
 from ..errors import CoordinatorTimeout, KeyRejected, refusal
+from ..net import check_endpoint
 from .protocol import KEY_REJECTED, MAGIC, ProtocolError, ReplayGuard, Signer, deserialize, serialize
 
 msgpack = require("msgpack", "the elastic runtime")
@@ -23,7 +24,7 @@ class CoordinatorClient:
     """Request/reply client of a coordinator (not thread-safe: one per thread).
 
     Args:
-        endpoint: "tcp://host:port".
+        endpoint: "tcp://host:port" (anything else: ValueError).
         key: the job's shared secret.
         sender: this client's name (a worker's clients are ``worker/role``).
         timeout_s: default seconds to wait for a reply.
@@ -43,7 +44,8 @@ class CoordinatorClient:
         timeout_s: float = 5.0,
         blocked: Callable[[], bool] | None = None,
     ):
-        self.endpoint, self.sender, self.timeout_s = endpoint, sender, timeout_s
+        self.endpoint = check_endpoint(endpoint, "endpoint", "tcp://host:29400")
+        self.sender, self.timeout_s = sender, timeout_s
         self.signer = Signer(key)
         self.guard = ReplayGuard()
         self._blocked = blocked

@@ -23,6 +23,7 @@ import threading
 import time
 
 from ..._compat import listen_fd_store_kwargs, require
+from ..net import check_endpoint
 from .membership import Deadline
 from .protocol import (
     FIRST_CONTACT_WINDOW_S,
@@ -85,9 +86,11 @@ class Coordinator:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # libzmq drops the peer past this
-        if not (isinstance(bind, str) and bind.startswith("tcp://") and ":" in bind[6:]):
+        try:
+            check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)
+        except ValueError:
             self._sock.close(0)
-            raise ValueError(f"bind={bind!r} is not allowed: an endpoint like 'tcp://0.0.0.0:29400'")
+            raise
         try:
             if bind.endswith(":0"):
                 port = self._sock.bind_to_random_port(bind[: bind.rindex(":")])

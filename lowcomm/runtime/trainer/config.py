@@ -49,6 +49,7 @@ __all__ = [
     "FLAT",
 ]
 
+from ..net import check_endpoint
 from .metrics import METRICS
 from .topology import local_gpu_index
 
@@ -343,10 +344,8 @@ class ElasticConfig:
     resume: str | None = None
 
     def __post_init__(self) -> None:
-        if self.coordinator is not None and not (
-            isinstance(self.coordinator, str) and self.coordinator.startswith("tcp://")
-        ):
-            raise refuse("coordinator", self.coordinator, "an endpoint like 'tcp://host:29400'")
+        if self.coordinator is not None:
+            check_endpoint(self.coordinator, "coordinator", "tcp://host:29400")
         _text(self, "worker_id", optional=True)
         _text(self, "advertise_addr", optional=True)
         _text(self, "resume", optional=True)
