@@ -287,3 +287,21 @@ def test_every_flag_of_every_subcommand_has_a_help_line_and_shows_its_choices():
             missing = [c for c in action.choices if str(c) not in shown]
             assert not missing, f"{command} {name}: choices {missing} not shown in --help"
     assert seen > 80  # every subcommand was walked (train alone has ~50 flags)
+
+
+def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(capsys):
+    from lowcomm.runtime.cli import main
+    from lowcomm.runtime.trainer.launch import launch
+
+    cases = [
+        (dict(command=["true"], replicas=0), "replicas=0 and procs_per_replica=1 must be >= 1"),
+        (dict(command=[], replicas=2), "launch needs a command after '--'"),
+        (dict(command=["true"], replicas=2, port=99999), r"port=99999 is not allowed: a TCP port, 1-65535"),
+        (dict(command=["true"], replicas=2, port=-5), "port=-5 is not allowed"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            launch(**kw)
+    assert main(["launch", "--port", "70000", "--replicas", "2", "--", "true"]) == 2
+    assert "lowcomm: error: port=70000 is not allowed" in capsys.readouterr().err
+    assert launch(["true"], 2, port=0) == 0  # 0: a free port, as when none is given

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 
+from ..._checks import refuse
 from ..errors import ExitCode
 from ..net import free_port
 
@@ -33,12 +34,14 @@ def launch(
     """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine; returns an exit code.
 
     Raises:
-        ValueError: counts below 1 or an empty command.
+        ValueError: counts below 1, a port outside 0-65535 or an empty command.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
     if replicas < 1 or procs_per_replica < 1:
         raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
+    if port is not None and not 0 <= port <= 65535:
+        raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
     world = replicas * procs_per_replica
     port = port or free_port()
     procs = []
