@@ -449,3 +449,40 @@ def test_a_lone_non_finite_contribution_is_excluded_not_made_the_job_s_state():
     ok = torch.tensor([1.0, 2.0])
     mean, sent = alone(ok, ReduceStats(), guarded=True)
     assert torch.equal(mean, ok) and mean is not ok
+
+
+def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_path, monkeypatch):
+    """A bad worker flag made every worker exit 2 in both runs, reported as every worker's data
+    lost; 0 replicas reported 'data lost 0' with nothing run. All are refused, nothing started."""
+    from lowcomm.runtime.faults import FaultPlan, chaos
+
+    def never(*a, **k):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(chaos, "_run", never)
+    cases = [
+        (dict(replicas=0), "replicas=0 is not allowed: an int >= 1"),
+        (dict(timeout=float("nan")), "timeout=nan is not allowed: a finite number of seconds > 0"),
+        (dict(flags=["--alpha", "3"]), r"alpha=3.0 is not allowed: a number in \[0, 1\]"),
+        (dict(flags=["--steps=30", "--fault", "x"]), None),  # argparse: its usage line and exit 2
+    ]
+    for kw, match in cases:
+        args = {"replicas": 2, "flags": ["--steps", "30"], "timeout": 60.0, **kw}
+        if match is None:
+            with pytest.raises(SystemExit) as e:
+                chaos.run_chaos(
+                    FaultPlan(0, []), args["replicas"], tmp_path / "out", args["flags"], args["timeout"]
+                )
+            assert e.value.code == 2
+            continue
+        with pytest.raises(ValueError, match=match):
+            chaos.run_chaos(
+                FaultPlan(0, []), args["replicas"], tmp_path / "out", args["flags"], args["timeout"]
+            )
+    assert not (tmp_path / "out").exists()
+    # a plan is checked against the steps the flags give, in either spelling
+    plan = FaultPlan.from_dict(
+        {"seed": 0, "faults": [{"kind": "kill", "target": "worker:w1", "at_step": 40}]}
+    )
+    with pytest.raises(ValueError, match="at_step"):
+        chaos.run_chaos(plan, 2, tmp_path / "out", ["--steps=30"])

@@ -189,6 +189,16 @@ def test_grid_follows_the_protocol():
         assert tokens == pytest.approx(20 * n, rel=0.01)
     with pytest.raises(ValueError, match="not divisible"):
         SweepSpec(sizes=("d32l2",), replicas=(3,), global_batch=16)
+    # a step's tokens divide each run's token budget: zero was a ZeroDivisionError, NaN a crash
+    # in int() naming no setting
+    for kw, match in [
+        (dict(global_batch=0), "global_batch=0 is not allowed: an int >= 1"),
+        (dict(seq_len=0), "seq_len=0 is not allowed: an int >= 1"),
+        (dict(tokens_per_param=float("nan")), "tokens_per_param=nan is not allowed: a finite number > 0"),
+        (dict(tokens_per_param=-1.0), "tokens_per_param=-1.0 is not allowed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SweepSpec(sizes=("d32l2",), replicas=(1,), **kw)
 
 
 def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):

@@ -38,7 +38,15 @@ from .trainer.config import (
 from .trainer.metrics import METRICS
 from .trainer.records import human_bytes
 
-__all__ = ["main", "build_parser", "config_from_args", "demo_configs", "demo_plot", "format_comparison"]
+__all__ = [
+    "main",
+    "build_parser",
+    "config_from_args",
+    "demo_configs",
+    "demo_plot",
+    "format_comparison",
+    "worker_config_from_flags",
+]
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -264,6 +272,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
     flags = {name: getattr(args, name) for name in FLAT if getattr(args, name, None) is not None}
     return cfg.replace(**flags)
+
+
+def worker_config_from_flags(flags: list[str]) -> TrainConfig:
+    """The configuration an elastic worker started as ``lowcomm train --coordinator ... FLAGS``
+    would run (a stand-in coordinator): ValueError names a bad value, and argparse ends the
+    process with its usage line on an unknown flag or one of the wrong type, as ``lowcomm train``
+    would."""
+    args = build_parser().parse_args(["train", *flags, "--coordinator", "tcp://127.0.0.1:1"])
+    return config_from_args(args)
 
 
 def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") -> dict[str, TrainConfig]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._checks import refuse
+
 if TYPE_CHECKING:  # the sweep runs the trainer; the fits and reports never import it
     from ..runtime.trainer import TrainConfig
 
@@ -123,8 +125,12 @@ class SweepSpec:
                 raise ValueError(f"global_batch={self.global_batch} is not divisible by replicas={m}")
         if self.baseline not in (None, "dp"):
             raise ValueError(f"baseline must be 'dp' or None, got {self.baseline!r}")
-        if self.tokens_per_param <= 0:
-            raise ValueError(f"tokens_per_param must be > 0, got {self.tokens_per_param}")
+        if not (isinstance(self.tokens_per_param, (int, float)) and 0 < self.tokens_per_param < math.inf):
+            raise refuse("tokens_per_param", self.tokens_per_param, "a finite number > 0")
+        for name in ("global_batch", "seq_len"):  # a step's tokens: the divisor of every run's steps
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise refuse(name, v, "an int >= 1")
 
 
 def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
