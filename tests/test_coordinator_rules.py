@@ -416,6 +416,19 @@ def test_min_workers_is_checked(bad):
         CoordinatorState("job", STORE, now=0.0, min_workers=bad)
 
 
+def test_deadlines_and_grace_are_finite():
+    """An infinite deadline never declares a silent member dead, an infinite grace never forms a
+    round: both were accepted (--deadline-floor inf --deadline-ceiling inf, --grace inf)."""
+    for bad in [(1.0, float("inf")), (float("inf"), float("inf")), (float("nan"), 2.0), (0.0, 1.0)]:
+        with pytest.raises(ValueError, match="need 0 < floor <= ceiling, finite"):
+            Deadline(*bad)
+        with pytest.raises(ValueError, match="need 0 < floor <= ceiling, finite"):
+            RoundDeadline(*bad)
+    for bad in [float("inf"), float("nan"), -1.0]:
+        with pytest.raises(ValueError, match="grace must be a finite number of seconds >= 0"):
+            CoordinatorState("job", STORE, now=0.0, grace=bad)
+
+
 def test_a_bare_round_claim_beyond_the_job_is_not_believed():
     sim = Sim()
     sim.register("a")

@@ -12,6 +12,7 @@ dead after 2.5 s of silence), so nobody has to tune it; the three numbers are th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 __all__ = [
@@ -36,9 +37,9 @@ class Deadline:
     factor: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.floor <= self.ceiling:
+        if not 0 < self.floor <= self.ceiling < math.inf:  # an infinite one never declares a death
             raise ValueError(
-                f"deadline floor={self.floor} and ceiling={self.ceiling} need 0 < floor <= ceiling"
+                f"deadline floor={self.floor} and ceiling={self.ceiling} need 0 < floor <= ceiling, finite"
             )
         if self.factor < 1:
             raise ValueError(f"deadline factor={self.factor} must be >= 1")

@@ -211,8 +211,8 @@ class CoordinatorState:
     ) -> None:
         if not isinstance(min_workers, int) or isinstance(min_workers, bool) or min_workers < 1:
             raise ValueError(f"min_workers must be an int >= 1, got {min_workers!r}")
-        if not grace >= 0:
-            raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+        if not 0 <= grace < math.inf:
+            raise ValueError(f"grace must be a finite number of seconds >= 0, got {grace!r}")
         self.job, self.store = job, store
         self.deadline = deadline or Deadline()
         self.min_workers, self.grace = min_workers, float(grace)
