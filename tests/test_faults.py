@@ -287,6 +287,8 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    # a bar per run while it runs: rounds, members, faults injected
+    assert "fault-free: 100%" in r.stderr and "/20 [" in r.stderr and "faults=" in r.stderr, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["data_lost"] == 0 and report["faults_injected"] == 6 and report["loss_plot"] == "loss.png"
     assert math.isfinite(report["final_loss_delta"])

@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of both runs, the report and its plot (default runs/chaos)",
     )
     ch.add_argument("--timeout", type=float, default=1800.0, help="seconds each of the two runs may take")
+    ch.add_argument("--quiet", action="store_true", help="no progress bars")
     ch.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- lowcomm train flags of every worker")
 
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
@@ -573,7 +574,7 @@ def _chaos(args: argparse.Namespace) -> int:
         plan = FaultPlan.from_dict({"seed": plan.seed, "faults": entries})
     flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     os.environ.setdefault("LOWCOMM_KEY", new_key())
-    r = run_chaos(plan, args.replicas, args.out, flags, args.timeout)
+    r = run_chaos(plan, args.replicas, args.out, flags, args.timeout, progress=not args.quiet)
     print(
         f"{r['faults_injected']} faults injected, data lost {r['data_lost']}, final loss delta "
         f"{r['final_loss_delta']}; report in {Path(args.out).resolve()}/report.md"

@@ -78,21 +78,57 @@ class JobRun:
 
 
 def _run(
-    folder: Path, names: list[str], flags: list[str], plan: FaultPlan | None, timeout: float, observer=None
+    folder: Path,
+    names: list[str],
+    flags: list[str],
+    plan: FaultPlan | None,
+    timeout: float,
+    observer=None,
+    bar=None,
 ) -> JobRun:
     """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
     job = LocalJob(folder, flags, ["--min-workers", str(len(names))])
     run = JobRun(job, names)
     t0 = time.time()
     try:
-        _drive(run, plan, timeout, observer)
+        _drive(run, plan, timeout, observer, bar)
         run.wall_s = time.time() - t0
+        if bar is not None:
+            _show(bar, run)
+            if run.codes and all(c == ExitCode.OK for c in run.codes.values()):
+                bar.n = bar.total  # every worker reached the last step: every round is done
+                bar.refresh()
     finally:  # the coordinator (and any worker past the timeout) does not outlive the runner
         job.close()
+        if bar is not None:
+            bar.close()
     return run
 
 
-def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None) -> None:
+def _bar(name: str, rounds: int):
+    """A run's progress bar over its rounds (None: no bar)."""
+    if not rounds:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=rounds, desc=name, unit="round", dynamic_ncols=True, leave=True)
+
+
+def _show(bar, run: JobRun) -> None:
+    """The bar at the job's rounds committed, its members and the faults injected so far."""
+    st = run.job.status()
+    if st is None:  # the coordinator is down (a fault) or busy: next time
+        return
+    faults = sum(
+        len(run.job.events(w, "fault")) for w in run.names if (run.job.run_dir(w) / "events.jsonl").exists()
+    )
+    faults += sum(e["kind"] == "fault" for e in run.runner_events)
+    bar.n = min(int(st["round"]), bar.total)
+    bar.set_postfix(members=len(st["members"]), faults=faults, finished=len(run.codes), refresh=False)
+    bar.refresh()
+
+
+def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None, bar=None) -> None:
     job, names = run.job, run.names
     job.start_coordinator()
     spec = plan.to_dict() if plan is not None else None
@@ -103,6 +139,7 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None) -
     coord_faults = sorted((f for f in faults if f.kind == "coordinator-kill"), key=lambda f: f.at_time or 0)
     restartable = {f.id: f for f in faults if f.kind == "kill" and f.restart}
     end = time.time() + timeout
+    shown = 0.0  # when the bar was last brought up to date (once a second: a status request)
     while len(run.codes) < len(names) and time.time() < end:
         if t0 is None and coord_faults:
             st = job.status()
@@ -138,6 +175,9 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None) -
                 run.codes[w] = p.returncode
         if observer is not None:
             observer(run)
+        if bar is not None and time.time() >= shown + 1.0:
+            _show(bar, run)
+            shown = time.time()
         time.sleep(0.2)
 
 
@@ -148,10 +188,12 @@ def run_chaos(
     flags: list[str],
     timeout: float = 1800.0,
     observer=None,
+    progress: bool = True,
 ) -> dict:
     """Run the reference and the chaos job; write and return the report. ``observer(run)`` is
     called about every 0.2 s while the chaos job runs (a probe of your own: benchmarks/soak.py
-    sends rogue workers at the job from it)."""
+    sends rogue workers at the job from it). ``progress``: a bar per run (rounds committed,
+    members, faults injected)."""
     from ..cli import worker_config_from_flags
 
     if not (isinstance(replicas, int) and replicas >= 1):
@@ -162,13 +204,17 @@ def run_chaos(
     names = [f"w{i}" for i in range(replicas)]
     # the workers' flags and the plan are refused before anything starts (a bad flag made every
     # worker exit 2 in both runs, reported as four workers' data lost)
-    steps = worker_config_from_flags(flags).run.steps
+    cfg = worker_config_from_flags(flags)
+    steps = cfg.run.steps
     plan = plan.check(names, steps=steps)
+    # a fragment's round every sync_every steps (every fragment's, with the final sync)
+    fragments = cfg.diloco.fragments if isinstance(cfg.diloco.fragments, int) else len(cfg.diloco.fragments)
+    rounds = fragments * (steps // cfg.diloco.sync_every) if progress else 0
     no_plot = why_no_plot()  # said now, not after both runs: the report is written without loss.png
     if no_plot:
         log.warning("%s; the report will be written without loss.png", no_plot)
-    ref = _run(out / "reference", names, flags, None, timeout)
-    chaos = _run(out / "chaos", names, flags, plan, timeout, observer)
+    ref = _run(out / "reference", names, flags, None, timeout, bar=_bar("fault-free", rounds))
+    chaos = _run(out / "chaos", names, flags, plan, timeout, observer, bar=_bar("under faults", rounds))
     events = chaos.events()
     injected = [e for evs in events.values() for e in evs if e["kind"] == "fault"]
     injected += [e for e in chaos.runner_events if e["kind"] == "fault"]
