@@ -399,3 +399,21 @@ def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog, m
     )
     assert text.count(warning) == 1  # once for both replicas
     assert "round of fragment 0: sent at step 2, applied at step 2" in text
+
+
+def test_a_model_with_running_statistics_is_told_they_are_not_synchronized(caplog):
+    """BatchNorm's running statistics are buffers, not parameters: DiLoCo leaves each replica its
+    own, which drift apart; that is said once per job, and not for a model without such buffers."""
+    from torch import nn
+
+    base = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):
+        for g in LocalGroup.create(2):
+            DiLoCo(copy.deepcopy(base), None, g, sync_every=5)
+    warned = [r.getMessage() for r in caplog.records if "buffers" in r.getMessage()]
+    assert len(warned) == 1 and "1.running_mean, 1.running_var" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):
+        gpt = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, n_embd=16))
+        DiLoCo(gpt, None, LocalGroup.create(1)[0], sync_every=5)
+    assert "buffers" not in caplog.text

@@ -145,6 +145,7 @@ class DiLoCo:
         self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
         self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
         _warn_if_wrapped_across_replicas(model, group)
+        _warn_of_buffers(model, group)
         params = dict(model.named_parameters())
         self._start_from_the_same_weights(group, [params[n] for names in frag_names for n in names], cfg.init)
         first = next(iter(params.values()))
@@ -526,6 +527,24 @@ class DiLoCo:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""
         gather_shards(
             f.global_, shard_bounds(f.global_.numel(), self.num_shards, self.codec.block), self.shard_group
+        )
+
+
+def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
+    """DiLoCo averages parameters: a floating-point buffer saved with the model (BatchNorm's
+    running statistics) keeps each replica's own values, so replicas drift apart in it and an
+    evaluation of the global parameters uses the evaluating replica's. Said once per job (by
+    replica 0); constant buffers are unaffected, and transformers usually have none."""
+    if group.rank != 0:
+        return
+    saved = model.state_dict(keep_vars=True)
+    names = [n for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
+    if names:
+        log.warning(
+            "the model has floating-point buffers DiLoCo does not synchronize (%s%s): each replica "
+            "keeps its own values (BatchNorm statistics drift apart; constant buffers are unaffected)",
+            ", ".join(names[:3]),
+            f" and {len(names) - 3} more" if len(names) > 3 else "",
         )
 
 
