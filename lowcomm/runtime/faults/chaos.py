@@ -48,6 +48,7 @@ class JobRun:
     codes: dict[str, int] = field(default_factory=dict)
     runner_events: list[dict] = field(default_factory=list)
     wall_s: float = 0.0  # from the coordinator's start to the last worker's exit
+    faults_read: dict = field(default_factory=dict)  # event log -> (bytes read, faults in them)
 
     def events(self) -> dict[str, list[dict]]:
         """Each worker's events (workers that never wrote any are left out)."""
@@ -119,13 +120,27 @@ def _show(bar, run: JobRun) -> None:
     st = run.job.status()
     if st is None:  # the coordinator is down (a fault) or busy: next time
         return
-    faults = sum(
-        len(run.job.events(w, "fault")) for w in run.names if (run.job.run_dir(w) / "events.jsonl").exists()
-    )
+    faults = sum(_count_faults(run, run.job.run_dir(w) / "events.jsonl") for w in run.names)
     faults += sum(e["kind"] == "fault" for e in run.runner_events)
     bar.n = min(int(st["round"]), bar.total)
     bar.set_postfix(members=len(st["members"]), faults=faults, finished=len(run.codes), refresh=False)
     bar.refresh()
+
+
+def _count_faults(run: JobRun, path: Path) -> int:
+    """Fault events in a worker's event log, reading only what was appended since the last call
+    (the log of a long run holds a record per step: the bar must not reparse it every second)."""
+    offset, count = run.faults_read.get(path, (0, 0))
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            new = f.read()
+    except FileNotFoundError:
+        return count
+    whole = new[: new.rfind(b"\n") + 1]  # a line being written is counted once it ends
+    count += sum(json.loads(line).get("kind") == "fault" for line in whole.splitlines() if b'"fault"' in line)
+    run.faults_read[path] = (offset + len(whole), count)
+    return count
 
 
 def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None, bar=None) -> None:
