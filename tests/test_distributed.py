@@ -287,3 +287,54 @@ def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
     refusals = [line for line in res.stderr.splitlines() if line.startswith("lowcomm: error:")]
     assert refusals and all("int8" in r and "e3m0" in r for r in refusals), res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit_for_bit(tmp_path):
+    """Two processes of `lowcomm launch` write their checkpoints every 10 steps; the whole job is
+    killed (SIGKILL) mid-run, then started again with --resume auto: each process takes the newest
+    step every process holds, and the run ends on the bits of an uninterrupted one (the in-process
+    trainer's, which launch matches: test above)."""
+    import signal
+    import time
+
+    from lowcomm.runtime import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "4", "--fragments", "2"]
+    args += ["--overlap", "1", "--codec", "e3m0", "--eval-every", "0", "--quiet", "--checkpoint-every", "10"]
+    straight = train(
+        TrainConfig.from_flat(
+            corpus=corpus, model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2,
+            threads=1, steps=120, sync_every=4, fragments=2, overlap=1, codec="e3m0", eval_every=0,
+            replicas=2, run_dir=str(tmp_path / "straight"),
+        ),
+        progress=False,
+    )  # fmt: skip
+    run_dir = tmp_path / "job"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowcomm",
+        "launch",
+        "--replicas",
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "lowcomm",
+    ]
+    cmd += ["train", *args, "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint-rank1.lcs").exists():
+        assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(10)
+    again = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert 0 < s["steps_run"] < 120  # it resumed mid-run
+    assert s["global_params_sha256"] == straight["global_params_sha256"]
+    assert s["final_eval_loss"] == straight["final_eval_loss"]

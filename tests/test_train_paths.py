@@ -367,3 +367,112 @@ def test_each_process_of_a_launcher_takes_its_own_gpu_before_touching_one(monkey
     with pytest.raises(_Stop):
         Trainer(cfg, progress=False)._build()
     assert calls == [("set_device", torch.device("cuda", 3)), ("mem_get_info", torch.device("cuda", 3))]
+
+
+def _crash_at(monkeypatch, cls, call: int) -> None:
+    """The ``call``-th forward of ``cls`` raises, as a process killed mid-run would stop."""
+    real, calls = cls.forward_backward, [0]
+
+    def forward_backward(self):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError("power cut")
+        return real(self)
+
+    monkeypatch.setattr(cls, "forward_backward", forward_backward)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [  # Streaming DiLoCo with a round in flight at the checkpoint, one replica after the other;
+        # DP of batched replicas (one optimizer over the stack)
+        dict(
+            replica_batching="sequential",
+            sync_every=6,
+            fragments=2,
+            overlap=1,
+            codec="int8",
+            error_feedback=True,
+        ),
+        dict(mode="dp", replica_batching="batched"),
+    ],
+    ids=["streaming-sequential", "dp-batched"],
+)
+def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
+    tmp_path, corpus_dir, monkeypatch, kw
+):
+    from lowcomm.runtime.trainer import build
+
+    run = dict(replicas=3, steps=24, eval_every=0, **kw)
+    straight = _run(tmp_path, corpus_dir, "straight", **run)
+    cls = build.BatchedReplicas if kw["replica_batching"] == "batched" else build.Replicas
+    with monkeypatch.context() as m:
+        _crash_at(m, cls, 19)  # after the checkpoint of step 16, before the end
+        with pytest.raises(RuntimeError, match="power cut"):
+            _run(tmp_path, corpus_dir, "killed", checkpoint_every=8, **run)
+    resumed = _run(tmp_path, corpus_dir, "killed", checkpoint_every=8, resume="auto", **run)
+    assert resumed["global_params_sha256"] == straight["global_params_sha256"]
+    assert resumed["final_eval_loss"] == straight["final_eval_loss"]
+    assert resumed["steps_run"] == 8 and resumed["tokens"] == straight["tokens"]  # the model's tokens
+    events = read_jsonl(tmp_path / "killed" / "events.jsonl")
+    marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
+    assert marks == [("written", 8), ("written", 16), ("resumed", 16), ("written", 24)]
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_are_kept(
+    tmp_path, corpus_dir, monkeypatch
+):
+    from lowcomm.runtime.statefile import CorruptStateError
+
+    run = dict(replicas=2, steps=8, eval_every=0, sync_every=4, checkpoint_every=4)
+    _run(tmp_path, corpus_dir, "r", **run)
+    records = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    cases = [
+        (
+            dict(model_dim=32),
+            r"resume='auto' \(.*checkpoint.lcs\): the checkpoint does not fit this run: .*size mismatch",
+        ),
+        (dict(sync_every=2), "does not fit this run: DiLoCo state was saved with another configuration"),
+        (
+            dict(replicas=3),
+            r"the checkpoint is of a 'diloco' run of replicas \[0, 1\], this is a 'diloco' run of "
+            r"replicas \[0, 1, 2\]",
+        ),
+        (dict(mode="dp"), "this is a 'dp' run"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _run(tmp_path, corpus_dir, "r", **{**run, **change, "resume": "auto"})
+    (tmp_path / "bad.lcs").write_bytes(records["checkpoint.lcs"][:200])
+    with pytest.raises(CorruptStateError, match="bad.lcs: header length"):
+        _run(tmp_path, corpus_dir, "r", **run, resume=str(tmp_path / "bad.lcs"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each process of a job has its own file: 'auto' only
+    with pytest.raises(
+        ValueError, match="resume='x.lcs' is not allowed: 'auto' in a job of several processes"
+    ):
+        _run(tmp_path, corpus_dir, "r", **run, resume="x.lcs")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == records  # nothing touched
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corpus_dir, caplog, monkeypatch):
+    """The one before is kept until the newest is whole; a newest damaged on disk is passed over
+    with a warning, and the run still ends on the straight run's bits."""
+    from lowcomm.runtime.trainer import build
+
+    run = dict(replicas=2, steps=12, eval_every=0, sync_every=4, checkpoint_every=4)
+    straight = _run(tmp_path, corpus_dir, "straight", **{**run, "checkpoint_every": 0})
+    with monkeypatch.context() as m:
+        _crash_at(m, build.Replicas, 10)  # killed at step 10: checkpoints at 4 and 8
+        with pytest.raises(RuntimeError, match="power cut"):
+            _run(tmp_path, corpus_dir, "r", **run)
+    folder = tmp_path / "r"
+    assert sorted(p.name for p in folder.glob("checkpoint*")) == ["checkpoint.lcs", "checkpoint.prev.lcs"]
+    newest = folder / "checkpoint.lcs"
+    newest.write_bytes(newest.read_bytes()[:-10])  # a torn write
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
+        resumed = _run(tmp_path, corpus_dir, "r", **run, resume="auto")
+    assert (
+        "checkpoint.lcs: state holds" in caplog.text
+        and "resuming from the checkpoint before it" in caplog.text
+    )
+    assert resumed["steps_run"] == 8 and resumed["global_params_sha256"] == straight["global_params_sha256"]

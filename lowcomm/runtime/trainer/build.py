@@ -247,6 +247,34 @@ class Replicas:
     def lr(self) -> float:
         return self.scheds[0].get_last_lr()[0]
 
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return list({id(o): o for o in self.opts}.values())  # batched: one steps every replica
+
+    def state_dict(self) -> dict:
+        """Every replica's model, inner optimizer state and data position (a checkpoint's part;
+        the learning-rate schedule is a function of the step: :meth:`seek`)."""
+        return {
+            "models": [dict(m.state_dict()) for m in self.models],
+            "inner": [o.state_dict() for o in self._optimizers()],
+            "samplers": [s.state_dict() for s in self.samplers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of the same replicas (ValueError: other replicas)."""
+        opts = self._optimizers()
+        counts = (len(state["models"]), len(state["inner"]), len(state["samplers"]))
+        if counts != (len(self.models), len(opts), len(self.samplers)):
+            raise ValueError(
+                f"it holds {counts[0]} replica(s) with {counts[1]} optimizer(s), this process trains "
+                f"{len(self.models)} with {len(opts)}"
+            )
+        for m, ms in zip(self.models, state["models"]):
+            m.load_state_dict(ms)  # batched: into each replica's slice of the stack
+        for o, os_ in zip(opts, state["inner"]):
+            o.load_state_dict(os_)
+        for sampler, ss in zip(self.samplers, state["samplers"]):
+            sampler.load_state_dict(ss)
+
     def seek(self, step: int) -> None:
         """Put every replica's learning-rate schedule at ``step`` (after a resume or a join)."""
         for opt, sched in zip(self.opts, self.scheds):

@@ -330,9 +330,12 @@ class ElasticConfig:
             transfers); default: this host's address on the route to the coordinator.
         transfer_inner_state: joiners also receive the donor's inner optimizer state.
         heartbeat: seconds between the worker's heartbeats.
-        checkpoint_every: write the worker's whole state to run_dir/checkpoint.lcs every this many
-            steps (0 = never); atomically, with a checksum.
-        resume: a checkpoint to continue from ("auto" = run_dir/checkpoint.lcs if it exists).
+        checkpoint_every: write this process's whole state (every replica it trains; an elastic
+            worker's own) to run_dir/checkpoint.lcs every this many steps (0 = never), atomically,
+            with a checksum; each process of a static job of several writes
+            run_dir/checkpoint-rank<RANK>.lcs. Also without ``coordinator``.
+        resume: a checkpoint to continue from, bit for bit ("auto" = this process's file in
+            run_dir if it exists, else a fresh start; a job of several processes takes "auto").
     """
 
     coordinator: str | None = None
@@ -425,15 +428,6 @@ class TrainConfig:
                 )
             if d.reduce != "two_phase":
                 raise refuse("reduce", d.reduce, "'two_phase' in an elastic job (its guarded reduce)")
-        else:  # a static job: every replica runs to the end or the job fails (torchrun restarts it)
-            if el.checkpoint_every:
-                raise refuse(
-                    "checkpoint_every",
-                    el.checkpoint_every,
-                    "0 without --coordinator (elastic workers write them)",
-                )
-            if el.resume is not None:
-                raise refuse("resume", el.resume, "unset without --coordinator (elastic workers resume)")
 
     # ---- flat names ---------------------------------------------------------------------------
 

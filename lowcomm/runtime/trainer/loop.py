@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...lm import eval_batches, load_corpus
 from ..hooks import NO_FAULTS, FaultHooks
+from ..statefile import CorruptStateError, load_state, save_state
 from .build import build_model, check_memory, evaluate, make_replicas
 from .config import TrainConfig
 from .metrics import check_sink, open_sink
@@ -111,8 +113,13 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        self.continuing = cfg.elastic.enabled and (
-            bool(cfg.elastic.resume) or bool(os.environ.get("LOWCOMM_RESTARTED"))
+        # a static job's checkpoint, read and checked before anything is written
+        if not cfg.elastic.enabled:  # a static job's checkpoints, read and checked before any record
+            self.checkpoints = read_run_checkpoints(cfg)
+        # resuming (or restarted, as torchrun --max-restarts reruns the same command before any
+        # checkpoint exists) the run's records are continued, not refused
+        self.continuing = bool(cfg.elastic.resume) or (
+            cfg.elastic.enabled and bool(os.environ.get("LOWCOMM_RESTARTED"))
         )
         if self.leader_by_env():  # refusals first: nothing is built or written yet
             check_run_dir(cfg.run.run_dir, overwrite=cfg.run.overwrite, continuing=self.continuing)
@@ -163,6 +170,9 @@ class Trainer:
         self.sync = self._make_sync(resume if elastic else None)
         self.sync.record = self._record
         self.sync.restore()
+        resuming = not elastic and bool(cfg.elastic.resume)
+        self.resumed = newest_common(self.checkpoints, topo is not None) if resuming else None
+        self.start_step = 0 if self.resumed is None else self._restore_run(self.resumed)
 
     def _make_sync(self, resume: dict | None) -> Sync:
         cfg, topo = self.cfg, self.topo
@@ -241,7 +251,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         sync, finished = self.sync, False
         try:
-            step = start = sync.start()
+            step = start = max(sync.start(), self.start_step)
+            if self.resumed is not None:
+                self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             self._progress(start)
             self.steps_run, self.last_eval, self._pending = 0, None, []
             self.t_loop = time.perf_counter()
@@ -276,6 +288,9 @@ class Trainer:
                 if evaluate_now:
                     self.last_eval = self._eval(step)
                 sync.after_step(step)
+                every = cfg.elastic.checkpoint_every
+                if every and not cfg.elastic.enabled and step % every == 0:  # workers write their own
+                    self._write_run_checkpoint(step)
             self._flush(step)
             sync.timing["loop_s"] = time.perf_counter() - self.t_loop
             final = self._eval(cfg.run.steps)
@@ -304,6 +319,49 @@ class Trainer:
                 summary["wall_seconds"],
             )
         return summary
+
+    # ---- a static job's checkpoints ------------------------------------------------------------
+
+    def _write_run_checkpoint(self, step: int) -> None:
+        """Every replica of this process at ``step``: models, inner optimizers, data positions and
+        the sync's state (rounds in flight included), atomically into this process's file."""
+        path = run_checkpoint_path(self.cfg)
+        state = {
+            "format": RUN_FORMAT,
+            "step": step,
+            "mode": self.cfg.run.mode,
+            "replica_ids": list(self.replica_ids),
+            "replicas": self.replicas.state_dict(),
+            "sync": self.sync.state_dict(),
+        }
+        try:
+            if path.exists():  # the one before is kept until this one is whole (see newest_common)
+                os.replace(path, previous_checkpoint(path))
+            nbytes = save_state(path, state)
+            self.rec.event("checkpoint", what="written", step=step, bytes=nbytes, path=str(path))
+        except OSError as e:  # the previous checkpoint is intact: training goes on
+            log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
+            self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
+
+    def _restore_run(self, state: dict) -> int:
+        """Continue from a static job's checkpoint; returns its step. ValueError (one line, before
+        any record) when it does not fit this run."""
+        where = f"resume={self.cfg.elastic.resume!r} ({state['path']})"
+        if state.get("mode") != self.cfg.run.mode or state.get("replica_ids") != list(self.replica_ids):
+            saved = f"a {state.get('mode')!r} run of replicas {state.get('replica_ids')}"
+            raise ValueError(
+                f"{where}: the checkpoint is of {saved}, "
+                f"this is a {self.cfg.run.mode!r} run of replicas {list(self.replica_ids)}"
+            )
+        step = int(state["step"])
+        try:
+            self.replicas.load_state_dict(state["replicas"])
+            self.sync.load_state_dict(state["sync"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:  # another model's or configuration's
+            why = " ".join(str(e).split())[:400]  # torch's load errors span lines: one line here
+            raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
+        self.replicas.seek(step)
+        return step
 
     def _progress(self, start: int) -> None:
         if self.progress and self.leader:
@@ -369,7 +427,9 @@ class Trainer:
     def _summary(self, final: float, bytes_all: list[int], digests: list[str], wall: float):
         cfg, sync = self.cfg, self.sync
         timing = sync.timing
-        tokens = self.steps_run * self.tokens_per_step
+        tokens = self.steps_run * self.tokens_per_step  # this process's: its speed
+        # what the model was trained on: a static job resumed also counts the steps before it
+        trained = tokens + (self.start_step * self.tokens_per_step if self.resumed is not None else 0)
         dp = cfg.run.mode == "dp"
         loop_s = timing["loop_s"]
         tokens_per_second = tokens / loop_s if loop_s else 0.0
@@ -394,7 +454,7 @@ class Trainer:
             "params_non_embedding": self.params_ne,
             "model_dim": cfg.model.dim,
             "layers": cfg.model.layers,
-            "tokens": tokens,
+            "tokens": trained,
             "steps": cfg.run.steps,
             "steps_run": self.steps_run,
             "batch_size": cfg.data.batch_size,
@@ -404,7 +464,7 @@ class Trainer:
             "bytes_sent_per_replica": sum(bytes_all) / len(bytes_all),
             "global_params_sha256": digests[0] if digests else None,
             "rounds": sync.rounds,
-            "flops": self.flops_per_token * tokens,
+            "flops": self.flops_per_token * trained,
             "wall_seconds": wall,
             "step_seconds": loop_s / max(self.steps_run, 1),
             "tokens_per_second": tokens_per_second,
@@ -421,6 +481,90 @@ class Trainer:
             "lowcomm_version": __version__,
             **sync.summary(),
         }
+
+
+#: a static job's checkpoint (an elastic worker's is lowcomm-worker/1)
+RUN_FORMAT = "lowcomm-run/1"
+
+
+def run_checkpoint_path(cfg: TrainConfig) -> Path:
+    """This process's checkpoint file in a static job: run_dir/checkpoint.lcs for one process,
+    run_dir/checkpoint-rank{RANK}.lcs for each process of a job of several."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return Path(cfg.run.run_dir) / ("checkpoint.lcs" if world == 1 else f"checkpoint-rank{rank}.lcs")
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path``'s is kept (checkpoint.lcs -> checkpoint.prev.lcs)."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def read_run_checkpoints(cfg: TrainConfig) -> list[dict]:
+    """The checkpoints a static job's ``resume`` names, read and checked, newest first, each with
+    its ``path``: an explicit file, or with ``auto`` this process's last two (none: a fresh
+    start). A damaged newest one is passed over, with a warning, for the one before.
+
+    Raises:
+        ValueError: an explicit file in a job of several processes (each has its own: ``auto``).
+        FileNotFoundError: an explicit checkpoint that does not exist.
+        CorruptStateError: a damaged, truncated or foreign file, explicit or the only one there
+            is (nothing has been written yet).
+    """
+    resume = cfg.elastic.resume
+    if not resume:
+        return []
+    if resume != "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"resume={resume!r} is not allowed: 'auto' in a job of several processes (each resumes from "
+            "its own run_dir/checkpoint-rank<RANK>.lcs)"
+        )
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume!r}: {str(path)!r} is not a checkpoint file")
+        return [_read_run_checkpoint(path)]
+    newest = run_checkpoint_path(cfg)
+    found, damaged = [], []
+    for path in (newest, previous_checkpoint(newest)):
+        if path.exists():
+            try:
+                found.append(_read_run_checkpoint(path))
+            except CorruptStateError as e:
+                damaged.append(e)
+    if damaged and not found:
+        raise damaged[0]
+    for e in damaged:
+        log.warning("%s; resuming from the checkpoint before it", e)
+    return sorted(found, key=lambda st: -int(st["step"]))
+
+
+def _read_run_checkpoint(path: Path) -> dict:
+    state = load_state(path)
+    if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+        raise CorruptStateError(
+            f"{path}: not a checkpoint of a lowcomm train run (an elastic worker's needs --coordinator)"
+        )
+    return {**state, "path": str(path)}
+
+
+def newest_common(checkpoints: list[dict], several: bool) -> dict | None:
+    """The checkpoint to resume from: the newest, or in a job of several processes the newest
+    step every process holds (a process killed while the others wrote theirs holds the step
+    before), agreed over the world; ValueError naming each rank's steps when there is none."""
+    if not several:
+        return checkpoints[0] if checkpoints else None
+    import torch.distributed as dist
+
+    mine = [int(c["step"]) for c in checkpoints]
+    steps: list = [None] * dist.get_world_size()
+    dist.all_gather_object(steps, mine)
+    common = set(steps[0]).intersection(*steps[1:])
+    if not common:
+        if not any(steps):  # nobody has one: a fresh start everywhere
+            return None
+        detail = ", ".join(f"rank {r} {s or 'none'}" for r, s in enumerate(steps))
+        raise ValueError(f"resume='auto': no step has a checkpoint on every process ({detail})")
+    return next(c for c in checkpoints if int(c["step"]) == max(common))
 
 
 #: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name (vendors' data sheets)

@@ -70,6 +70,14 @@ class Sync:
         """Take a saved state (before any record is written; raises ValueError on one that does
         not fit this run)."""
 
+    def state_dict(self) -> dict:
+        """What a static job's checkpoint holds of this sync (nothing: DP keeps no state between
+        steps)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`."""
+
     def start(self) -> int:
         """Join the job; returns the step to start from (0 for a fresh run)."""
         return 0
@@ -282,6 +290,18 @@ class DiLoCoSync(Sync):
     def after_update(self, step: int) -> bool:
         step_replicas(self.dilocos)
         return True
+
+    def state_dict(self) -> dict:
+        """Every local replica's DiLoCo state (rounds in flight included: restarted on load)."""
+        return {"dilocos": [d.state_dict() for d in self.dilocos]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["dilocos"]) != len(self.dilocos):
+            raise ValueError(
+                f"it holds {len(state['dilocos'])} DiLoCo state(s), this process has {len(self.dilocos)}"
+            )
+        for d, ds in zip(self.dilocos, state["dilocos"]):
+            d.load_state_dict(ds)
 
     def finish(self) -> bool:
         if self.cfg.run.final_sync:
