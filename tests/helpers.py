@@ -55,3 +55,9 @@ def fp8_gemm_tolerance(device) -> float:
     shapes, and is still 50x below what a wrong scale or a dropped block costs (> 1e-2).
     """
     return 2**-11 if str(device).startswith("cuda") else 1e-6
+
+
+def launch_train(replicas: int, *train_args: str) -> list[str]:
+    """``lowcomm launch --replicas N -- python -m lowcomm train ARGS`` as an argument list."""
+    lowcomm = [sys.executable, "-m", "lowcomm"]
+    return [*lowcomm, "launch", "--replicas", str(replicas), "--", *lowcomm, "train", *train_args]

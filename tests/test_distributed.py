@@ -17,7 +17,7 @@ from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_durati
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
-from helpers import TINY_FLAGS, write_corpus  # noqa: E402
+from helpers import TINY_FLAGS, launch_train, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -224,22 +224,7 @@ def test_trainer_under_launch_matches_the_local_trainer(tmp_path, mode):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist_run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowcomm",
-            "launch",
-            "--replicas",
-            "2",
-            "--",
-            sys.executable,
-            "-m",
-            "lowcomm",
-            "train",
-            *args,
-            "--run-dir",
-            str(tmp_path / "d"),
-        ],
+        launch_train(2, *args, "--run-dir", str(tmp_path / "d")),
         capture_output=True,
         text=True,
         timeout=180,
@@ -311,19 +296,7 @@ def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit
         progress=False,
     )  # fmt: skip
     run_dir = tmp_path / "job"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lowcomm",
-        "launch",
-        "--replicas",
-        "2",
-        "--",
-        sys.executable,
-        "-m",
-        "lowcomm",
-    ]
-    cmd += ["train", *args, "--run-dir", str(run_dir)]
+    cmd = launch_train(2, *args, "--run-dir", str(run_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

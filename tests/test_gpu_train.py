@@ -6,11 +6,10 @@ CPU."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import TINY_FLAGS, write_corpus
+from helpers import TINY_FLAGS, launch_train, write_corpus
 
 from lowcomm.kernels import PRECISIONS
 from lowcomm.runtime import TrainConfig, train
@@ -83,20 +82,8 @@ def test_two_processes_sharing_a_gpu_run_streaming_diloco_over_gloo_with_cuda_te
     corpus = write_corpus(tmp_path / "corpus")
     args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "12", "--sync-every", "4", "--fragments", "2"]
     args += ["--overlap", "1", "--codec", "e3m0", "--device", "cuda", "--quiet"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "lowcomm",
-        "launch",
-        "--replicas",
-        "2",
-        "--",
-        sys.executable,
-        "-m",
-        "lowcomm",
-    ]
     r = subprocess.run(
-        [*cmd, "train", *args, "--run-dir", str(tmp_path / "d")],
+        launch_train(2, *args, "--run-dir", str(tmp_path / "d")),
         capture_output=True,
         text=True,
         timeout=300,
