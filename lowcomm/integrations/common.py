@@ -90,7 +90,7 @@ def _own_gpu_only() -> None:
     the GPU is only made current, and a warning says what to move."""
     import torch
 
-    from ..runtime.trainer.topology import local_gpu_index
+    from ..comm.distributed import local_gpu_index
 
     gpu = local_gpu_index()
     if gpu is None:

@@ -29,7 +29,7 @@ import torch
 
 from ..._checks import refuse
 from ..._compat import tomllib
-from ...comm.distributed import parse_bandwidth, parse_duration
+from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
 from ...kernels.linear import PRECISIONS
 from ...optim.config import DiLoCoConfig
 
@@ -51,7 +51,6 @@ __all__ = [
 
 from ..net import check_endpoint
 from .metrics import METRICS
-from .topology import local_gpu_index
 
 MODES = ("diloco", "dp")
 DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", GPU N

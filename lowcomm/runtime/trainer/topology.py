@@ -19,9 +19,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ...comm.distributed import DistributedGroup, LinkEmulator
+from ...comm.distributed import DistributedGroup, LinkEmulator, local_gpu_index
 
-__all__ = ["Topology", "init_from_torchrun", "is_distributed_env", "local_gpu_index"]
+__all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,6 @@ class Topology:
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def local_gpu_index() -> int | None:
-    """The GPU of a process that torchrun or ``lowcomm launch`` started: ``LOCAL_RANK`` modulo the
-    GPUs it sees (its own GPU, or one it shares when a machine runs more processes than it has
-    GPUs). None outside such a job or without a GPU. Counted through NVML where it can be, which
-    does not start the CUDA runtime (torch.cuda.is_available() does, after which the GPUs a
-    process sees are fixed: see lowcomm.integrations.replica_group)."""
-    count = torch.cuda.device_count() if is_distributed_env() else 0
-    if not count:
-        return None
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % count
 
 
 def _env_int(name: str) -> int:
