@@ -276,13 +276,14 @@ def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
 
 def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit_for_bit(tmp_path):
     """Two processes of `lowcomm launch` write their checkpoints every 10 steps; the whole job is
-    killed (SIGKILL) mid-run, then started again with --resume auto: each process takes the newest
-    step every process holds, and the run ends on the bits of an uninterrupted one (the in-process
-    trainer's, which launch matches: test above)."""
+    killed (SIGKILL) mid-run, rank 1's newest checkpoint lost, then started again with --resume
+    auto: both take the newest step both hold, and the run ends on the bits of an uninterrupted one
+    (the in-process trainer's, which launch matches: test above)."""
     import signal
     import time
 
-    from lowcomm.runtime import TrainConfig, train
+    from lowcomm.runtime import TrainConfig, read_jsonl, train
+    from lowcomm.runtime.statefile import load_state
 
     corpus = write_corpus(tmp_path / "corpus")
     args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "4", "--fragments", "2"]
@@ -300,14 +301,20 @@ def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (run_dir / "checkpoint-rank1.lcs").exists():
-        assert job.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+    while not (run_dir / "checkpoint-rank1.prev.lcs").exists():  # two checkpoints each
+        assert job.poll() is None and time.time() < deadline, "the job ended before its second checkpoint"
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(10)
+    # as if rank 1 died writing its newest while rank 0 finished its own: rank 1 holds the step
+    # before, and both resume from it
+    (run_dir / "checkpoint-rank1.lcs").unlink()
+    held = load_state(run_dir / "checkpoint-rank1.prev.lcs")["step"]
     again = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert 0 < s["steps_run"] < 120  # it resumed mid-run
+    resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("what") == "resumed"]
+    assert [e["step"] for e in resumed] == [held]  # rank 0 passed over any newer one of its own
     assert s["global_params_sha256"] == straight["global_params_sha256"]
     assert s["final_eval_loss"] == straight["final_eval_loss"]

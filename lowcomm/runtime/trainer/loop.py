@@ -114,8 +114,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         # a static job's checkpoint, read and checked before anything is written
-        if not cfg.elastic.enabled:  # a static job's checkpoints, read and checked before any record
-            self.checkpoints = read_run_checkpoints(cfg)
+        self.checkpoint = None if cfg.elastic.enabled else read_run_checkpoint(cfg)
         # resuming (or restarted, as torchrun --max-restarts reruns the same command before any
         # checkpoint exists) the run's records are continued, not refused
         self.continuing = bool(cfg.elastic.resume) or (
@@ -171,7 +170,8 @@ class Trainer:
         self.sync.record = self._record
         self.sync.restore()
         resuming = not elastic and bool(cfg.elastic.resume)
-        self.resumed = newest_common(self.checkpoints, topo is not None) if resuming else None
+        several = topo is not None
+        self.resumed = common_checkpoint(cfg, self.checkpoint) if resuming and several else self.checkpoint
         self.start_step = 0 if self.resumed is None else self._restore_run(self.resumed)
 
     def _make_sync(self, resume: dict | None) -> Sync:
@@ -335,7 +335,7 @@ class Trainer:
             "sync": self.sync.state_dict(),
         }
         try:
-            if path.exists():  # the one before is kept until this one is whole (see newest_common)
+            if path.exists():  # the one before is kept until this one is whole (see common_checkpoint)
                 os.replace(path, previous_checkpoint(path))
             nbytes = save_state(path, state)
             self.rec.event("checkpoint", what="written", step=step, bytes=nbytes, path=str(path))
@@ -499,10 +499,11 @@ def previous_checkpoint(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
-def read_run_checkpoints(cfg: TrainConfig) -> list[dict]:
-    """The checkpoints a static job's ``resume`` names, read and checked, newest first, each with
-    its ``path``: an explicit file, or with ``auto`` this process's last two (none: a fresh
-    start). A damaged newest one is passed over, with a warning, for the one before.
+def read_run_checkpoint(cfg: TrainConfig, *, before: bool = False) -> dict | None:
+    """The checkpoint a static job's ``resume`` names, read and checked, with its ``path`` added:
+    an explicit file, or with ``auto`` this process's newest (None: a fresh start); a damaged
+    newest one is passed over, with a warning, for the one before. ``before``: the one before
+    the newest (None if there is none or it is damaged).
 
     Raises:
         ValueError: an explicit file in a job of several processes (each has its own: ``auto``).
@@ -512,7 +513,7 @@ def read_run_checkpoints(cfg: TrainConfig) -> list[dict]:
     """
     resume = cfg.elastic.resume
     if not resume:
-        return []
+        return None
     if resume != "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             f"resume={resume!r} is not allowed: 'auto' in a job of several processes (each resumes from "
@@ -522,20 +523,23 @@ def read_run_checkpoints(cfg: TrainConfig) -> list[dict]:
         path = Path(resume)
         if not path.is_file():
             raise FileNotFoundError(f"resume={resume!r}: {str(path)!r} is not a checkpoint file")
-        return [_read_run_checkpoint(path)]
+        return _read_run_checkpoint(path)
     newest = run_checkpoint_path(cfg)
-    found, damaged = [], []
-    for path in (newest, previous_checkpoint(newest)):
+    paths = [previous_checkpoint(newest)] if before else [newest, previous_checkpoint(newest)]
+    damaged = None
+    for path in paths:
         if path.exists():
             try:
-                found.append(_read_run_checkpoint(path))
+                state = _read_run_checkpoint(path)
             except CorruptStateError as e:
-                damaged.append(e)
-    if damaged and not found:
-        raise damaged[0]
-    for e in damaged:
-        log.warning("%s; resuming from the checkpoint before it", e)
-    return sorted(found, key=lambda st: -int(st["step"]))
+                damaged = damaged or e
+                continue
+            if damaged is not None:
+                log.warning("%s; resuming from the checkpoint before it", damaged)
+            return state
+    if damaged is not None and not before:
+        raise damaged
+    return None
 
 
 def _read_run_checkpoint(path: Path) -> dict:
@@ -547,24 +551,30 @@ def _read_run_checkpoint(path: Path) -> dict:
     return {**state, "path": str(path)}
 
 
-def newest_common(checkpoints: list[dict], several: bool) -> dict | None:
-    """The checkpoint to resume from: the newest, or in a job of several processes the newest
-    step every process holds (a process killed while the others wrote theirs holds the step
-    before), agreed over the world; ValueError naming each rank's steps when there is none."""
-    if not several:
-        return checkpoints[0] if checkpoints else None
+def common_checkpoint(cfg: TrainConfig, newest: dict | None) -> dict | None:
+    """The checkpoint every process of a static job resumes from: the newest step all of them
+    hold, agreed over the world (a process killed while the others wrote theirs holds the step
+    before, which is then read too); ValueError naming each rank's steps when there is none."""
     import torch.distributed as dist
 
-    mine = [int(c["step"]) for c in checkpoints]
-    steps: list = [None] * dist.get_world_size()
-    dist.all_gather_object(steps, mine)
+    def gather(mine: list[int]) -> list[list[int]]:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, mine)
+        return out
+
+    held = [newest] if newest is not None else []
+    steps = gather([int(c["step"]) for c in held])
+    if all(s == steps[0] for s in steps):  # the usual case: one checkpoint read per process
+        return newest
+    if newest is not None and newest["path"] == str(run_checkpoint_path(cfg)):
+        before = read_run_checkpoint(cfg, before=True)
+        held += [before] if before is not None else []
+    steps = gather([int(c["step"]) for c in held])
     common = set(steps[0]).intersection(*steps[1:])
     if not common:
-        if not any(steps):  # nobody has one: a fresh start everywhere
-            return None
         detail = ", ".join(f"rank {r} {s or 'none'}" for r, s in enumerate(steps))
         raise ValueError(f"resume='auto': no step has a checkpoint on every process ({detail})")
-    return next(c for c in checkpoints if int(c["step"]) == max(common))
+    return next(c for c in held if int(c["step"]) == max(common))
 
 
 #: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name (vendors' data sheets)
