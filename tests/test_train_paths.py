@@ -469,6 +469,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
     assert sorted(p.name for p in folder.glob("checkpoint*")) == ["checkpoint.lcs", "checkpoint.prev.lcs"]
     newest = folder / "checkpoint.lcs"
     newest.write_bytes(newest.read_bytes()[:-10])  # a torn write
+    stale = folder / "checkpoint.lcs.tmp.999999"  # what a process killed mid-write leaves
+    stale.write_bytes(b"\0" * 100)
     with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
         resumed = _run(tmp_path, corpus_dir, "r", **run, resume="auto")
     assert (
@@ -476,3 +478,4 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
         and "resuming from the checkpoint before it" in caplog.text
     )
     assert resumed["steps_run"] == 8 and resumed["global_params_sha256"] == straight["global_params_sha256"]
+    assert not stale.exists()  # removed by the next write of that checkpoint

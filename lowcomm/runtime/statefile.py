@@ -15,11 +15,13 @@ static jobs checkpoint with it too.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,21 +141,23 @@ def unpack(header: bytes, flat: torch.Tensor) -> Any:
         raise CorruptStateError(f"malformed state tree: {e}") from None
 
 
-# ---- over a two-process group --------------------------------------------------------------------
-
-
 def save_state(
     path: str | os.PathLike, tree: Any, *, opener: Callable[[str, str], Any] = private_open
 ) -> int:
     """Write ``tree`` to ``path`` atomically (temp file, fsync, rename); returns the bytes written.
 
     ``opener(path, mode)`` opens the temporary file (owner-only by default; the fault injector
-    passes one that fails part way). If anything fails, the temporary file is removed and the previous file at
-    ``path`` is untouched.
+    passes one that fails part way). If anything fails, the temporary file is removed and the
+    previous file at ``path`` is untouched. The temporary files of earlier writers of ``path``
+    (processes killed mid-write: a whole state each) are removed first.
     """
     header, flat = pack(tree)
     data = [MAGIC, struct.pack("<Q", len(header)), header, flat.numpy().tobytes()]
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
+    target = Path(path)
+    for stale in target.parent.glob(glob.escape(target.name) + ".tmp.*"):
+        if stale.name != Path(tmp).name:
+            stale.unlink(missing_ok=True)
     try:
         with opener(tmp, "wb") as f:
             for chunk in data:
