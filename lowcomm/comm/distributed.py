@@ -46,6 +46,7 @@ __all__ = [
     "LinkEmulator",
     "ReduceTap",
     "gather_shards",
+    "is_distributed_env",
     "local_gpu_index",
     "parse_bandwidth",
     "parse_duration",
@@ -58,13 +59,18 @@ _UNITS_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "b": 8, "kb": 8e
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
+def is_distributed_env() -> bool:
+    """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def local_gpu_index() -> int | None:
     """The GPU of a process that torchrun or ``lowcomm launch`` started (``WORLD_SIZE`` > 1):
     ``LOCAL_RANK`` modulo the GPUs it sees (its own GPU, or one it shares when a machine runs more
     processes than it has GPUs). None outside such a job or without a GPU. Counted through NVML
     where it can be, which does not start the CUDA runtime (torch.cuda.is_available() does, after
     which the GPUs a process sees are fixed: see lowcomm.integrations.replica_group)."""
-    count = torch.cuda.device_count() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    count = torch.cuda.device_count() if is_distributed_env() else 0
     if not count:
         return None
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % count

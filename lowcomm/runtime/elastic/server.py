@@ -82,15 +82,11 @@ class Coordinator:
         self.guard = ReplayGuard()
         self.dropped = 0
         self._seq = time.time_ns()
+        check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)  # before a socket exists
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # libzmq drops the peer past this
-        try:
-            check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)
-        except ValueError:
-            self._sock.close(0)
-            raise
         try:
             if bind.endswith(":0"):
                 port = self._sock.bind_to_random_port(bind[: bind.rindex(":")])

@@ -169,9 +169,9 @@ class Trainer:
         self.sync = self._make_sync(resume if elastic else None)
         self.sync.record = self._record
         self.sync.restore()
-        resuming = not elastic and bool(cfg.elastic.resume)
-        several = topo is not None
-        self.resumed = common_checkpoint(cfg, self.checkpoint) if resuming and several else self.checkpoint
+        # the processes of a static job agree on one step (an elastic job has no topo)
+        several = topo is not None and bool(cfg.elastic.resume)
+        self.resumed = common_checkpoint(cfg, self.checkpoint) if several else self.checkpoint
         self.start_step = 0 if self.resumed is None else self._restore_run(self.resumed)
 
     def _make_sync(self, resume: dict | None) -> Sync:
@@ -490,8 +490,8 @@ RUN_FORMAT = "lowcomm-run/1"
 def run_checkpoint_path(cfg: TrainConfig) -> Path:
     """This process's checkpoint file in a static job: run_dir/checkpoint.lcs for one process,
     run_dir/checkpoint-rank{RANK}.lcs for each process of a job of several."""
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    return Path(cfg.run.run_dir) / ("checkpoint.lcs" if world == 1 else f"checkpoint-rank{rank}.lcs")
+    name = f"checkpoint-rank{os.environ.get('RANK', '0')}.lcs" if is_distributed_env() else "checkpoint.lcs"
+    return Path(cfg.run.run_dir) / name
 
 
 def previous_checkpoint(path: Path) -> Path:
@@ -514,7 +514,7 @@ def read_run_checkpoint(cfg: TrainConfig, *, before: bool = False) -> dict | Non
     resume = cfg.elastic.resume
     if not resume:
         return None
-    if resume != "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if resume != "auto" and is_distributed_env():
         raise ValueError(
             f"resume={resume!r} is not allowed: 'auto' in a job of several processes (each resumes from "
             "its own run_dir/checkpoint-rank<RANK>.lcs)"

@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ...comm.distributed import DistributedGroup, LinkEmulator, local_gpu_index
+from ...comm.distributed import DistributedGroup, LinkEmulator, is_distributed_env, local_gpu_index
 
 __all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
 
@@ -51,11 +51,6 @@ class Topology:
     def is_leader(self) -> bool:
         """Rank 0 of the job: the process that writes the run records."""
         return self.rank == 0
-
-
-def is_distributed_env() -> bool:
-    """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _env_int(name: str) -> int:
