@@ -2,8 +2,9 @@
 
     python tests/_dist_worker.py OUT_DIR SCENARIOS_JSON
 
-Each scenario trains the tiny GPT with DiLoCo over the job's DistributedGroup and saves, per rank,
-the final global and local parameters and per-round bytes to OUT_DIR/<name>.rank<r>.pt.
+Each scenario trains the tiny GPT (or a model with BatchNorm) with DiLoCo over the job's
+DistributedGroup and saves, per rank, the final global and local parameters, buffers and
+per-round bytes to OUT_DIR/<name>.rank<r>.pt.
 """
 
 import json
@@ -14,10 +15,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from helpers import NormLM  # (this script's folder is on the path)
 
 from lowcomm import DiLoCo
 from lowcomm.comm import DistributedGroup
 from lowcomm.lm import GPT, GPTConfig
+from lowcomm.optim.fragments import synced_buffers
 from lowcomm.runtime.trainer.topology import init_from_torchrun
 
 TINY = GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16)
@@ -48,7 +51,7 @@ def main() -> None:
     topo = init_from_torchrun(timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
     for sc in scenarios:
         torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
-        model = GPT(TINY)
+        model = NormLM() if sc.get("model") == "norm" else GPT(TINY)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
         runner = model
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -99,6 +102,7 @@ def main() -> None:
             {
                 "global": dil.global_vector(),
                 "local": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                "buffers": [model.get_buffer(n) for n in synced_buffers(model)],
                 "rounds": rounds,
                 "fragment_numels": dil.fragment_numels(),
                 "warnings": list(collected.messages),

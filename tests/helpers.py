@@ -1,8 +1,12 @@
-"""Shared pieces of the tests: a small synthetic corpus and the flags of a tiny model."""
+"""Shared pieces of the tests: a small synthetic corpus, the flags of a tiny model, a model with
+BatchNorm."""
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import torch
+from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -61,3 +65,20 @@ def launch_train(replicas: int, *train_args: str) -> list[str]:
     """``lowcomm launch --replicas N -- python -m lowcomm train ARGS`` as an argument list."""
     lowcomm = [sys.executable, "-m", "lowcomm"]
     return [*lowcomm, "launch", "--replicas", str(replicas), "--", *lowcomm, "train", *train_args]
+
+
+class NormLM(nn.Module):
+    """A tiny language model with BatchNorm in its blocks (running statistics for DiLoCo to
+    synchronize): ``model(x, y)`` is the loss, as the reference GPT's."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim)) for _ in range(2))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x, y):
+        h = self.embed(x).reshape(-1, self.embed.embedding_dim)
+        for b in self.blocks:
+            h = h + torch.relu(b(h))
+        return nn.functional.cross_entropy(self.head(h), y.reshape(-1))

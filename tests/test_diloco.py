@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 from lowcomm import DiLoCo, LocalGroup, finish_replicas, step_replicas
 from lowcomm.lm import GPT, GPTConfig
@@ -401,19 +402,133 @@ def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog, m
     assert "round of fragment 0: sent at step 2, applied at step 2" in text
 
 
-def test_a_model_with_running_statistics_is_told_they_are_not_synchronized(caplog):
-    """BatchNorm's running statistics are buffers, not parameters: DiLoCo leaves each replica its
-    own, which drift apart; that is said once per job, and not for a model without such buffers."""
-    from torch import nn
+class _NormNet(nn.Module):
+    """A ResNet's shape: blocks with BatchNorm, a parameterless norm, a buffer of the model's own."""
 
-    base = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
-    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):
-        for g in LocalGroup.create(2):
-            DiLoCo(copy.deepcopy(base), None, g, sync_every=5)
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4, affine=False))
+            for _ in range(2)
+        )
+        self.norm = nn.BatchNorm1d(4, affine=False)
+        self.head = nn.Linear(4, 1)
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.relu(b(x))
+        return self.head(self.norm(x)).mean() * self.scale
+
+    def step(self, opt, step, rank):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        x = torch.randn(8, 4, generator=g) * (1 + rank)  # the replicas' statistics differ
+        self.scale.mul_(1.0 + 0.01 * rank)  # a buffer the model updates itself
+        self(x).pow(2).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _norm_replicas(M, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = _NormNet()
+    models = [copy.deepcopy(base) for _ in range(M)]
+    models[-1].norm.running_var.fill_(3.0)  # started apart: replica 0's buffers are copied, as DDP does
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in models]
+    return models, opts, _wrap(models, opts, **kw)
+
+
+def _buffers(model, names):
+    return torch.cat([model.get_buffer(n).reshape(-1).float() for n in names])
+
+
+def test_running_statistics_are_averaged_with_their_fragment_s_round():
+    """Each fragment's round averages the buffers of its modules (fp32, whatever the codec) as they
+    were when it was sent, on every replica alike; the others' stay each replica's own until their
+    round; a buffer of a parameterless module goes with the module around it."""
+    M = 3
+    models, opts, dil = _norm_replicas(M, sync_every=6, fragments=3, overlap=1, codec="e3m0")
+    assert all(torch.equal(m.norm.running_var, torch.ones(4)) for m in models)
+    assert [f.buffers for f in dil[0]._frags] == [
+        [f"blocks.0.{i}.{s}" for i in (1, 2) for s in ("running_mean", "running_var")],
+        [f"blocks.1.{i}.{s}" for i in (1, 2) for s in ("running_mean", "running_var")],
+        ["scale", "norm.running_mean", "norm.running_var"],  # no parameters around them but the model's
+    ]
+    seen = {}  # step -> each replica's buffers after its inner step
+    applied = [0] * 3
+    for step in range(1, 19):
+        for r, (m, o) in enumerate(zip(models, opts)):
+            m.step(o, step, r)
+        seen[step] = [[_buffers(m, f.buffers) for f in dil[0]._frags] for m in models]
+        step_replicas(dil)
+        rounds = {s.fragment: s for s in dil[0].drain_round_stats()}
+        for d in dil[1:]:
+            d.drain_round_stats()
+        for p, f in enumerate(dil[0]._frags):
+            now = [_buffers(m, f.buffers) for m in models]
+            if p in rounds:
+                applied[p] += 1
+                sent = torch.stack([seen[rounds[p].send_step][r][p] for r in range(M)])
+                assert all(torch.equal(now[0], b) for b in now[1:])  # alike on every replica
+                assert all(torch.equal(d._frags[p].global_buffers, now[0]) for d in dil)  # kept as global
+                assert torch.allclose(now[0], sent.mean(0), rtol=1e-6, atol=0)  # their mean, unquantized
+                assert not torch.equal(sent[0], sent[1])  # (they were apart when sent)
+                assert rounds[p].bytes_sent > dil[0].codec.encoded_nbytes(f.hi - f.lo)  # counted
+            elif step > 1:
+                assert not torch.equal(now[0], now[1])  # the others' drift until their own round
+    assert applied == [2, 2, 2], applied  # sent at steps 6, 8, 10, 12, 14, 16 (18: due at 19)
+    names = [n for f in dil[0]._frags for n in f.buffers]
+    local = _buffers(models[1], names)
+    with dil[1].global_parameters() as m:  # evaluation sees the global buffers, as every replica does
+        assert torch.equal(_buffers(m, names), torch.cat([f.global_buffers for f in dil[0]._frags]))
+    assert torch.equal(_buffers(models[1], names), local)  # and the local ones come back
+
+
+def test_running_statistics_in_flight_resume_bit_for_bit_and_can_be_left_apart(caplog):
+    kw = dict(sync_every=4, fragments=3, overlap=1)
+    models, opts, dil = _norm_replicas(2, **kw)
+
+    def run(models, opts, dil, steps):
+        for step in steps:
+            for r, (m, o) in enumerate(zip(models, opts)):
+                m.step(o, step, r)
+            step_replicas(dil)
+
+    run(models, opts, dil, range(1, 5))
+    assert any(
+        f["inflight"]["active"] and f["inflight"]["buffers"].numel() for f in dil[0].state_dict()["fragments"]
+    )
+    saved = [
+        {
+            "model": copy.deepcopy(m.state_dict()),
+            "opt": copy.deepcopy(o.state_dict()),
+            "diloco": d.state_dict(),
+        }
+        for m, o, d in zip(models, opts, dil)
+    ]
+    run(models, opts, dil, range(5, 14))
+    models2, opts2, dil2 = _norm_replicas(2, seed=5, **kw)
+    for m, o, d, s in zip(models2, opts2, dil2, saved):
+        m.load_state_dict(s["model"])
+        o.load_state_dict(s["opt"])
+        d.load_state_dict(s["diloco"])
+    run(models2, opts2, dil2, range(5, 14))
+    for a, b in zip(models, models2):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):  # sync_buffers=False: said once
+        models, opts, dil = _norm_replicas(2, sync_buffers=False, **kw)
     warned = [r.getMessage() for r in caplog.records if "buffers" in r.getMessage()]
-    assert len(warned) == 1 and "1.running_mean, 1.running_var" in warned[0], warned
+    assert (
+        len(warned) == 1
+        and "(scale, blocks.0.1.running_mean, blocks.0.1.running_var and 8 more)" in warned[0]
+    ), warned
+    run(models, opts, dil, range(1, 13))
+    assert not torch.equal(
+        models[0].blocks[0][1].running_mean, models[1].blocks[0][1].running_mean
+    )  # drifted
     caplog.clear()
-    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):
+    with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):  # nothing to say of a model without any
         gpt = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, n_embd=16))
-        DiLoCo(gpt, None, LocalGroup.create(1)[0], sync_every=5)
+        DiLoCo(gpt, None, LocalGroup.create(1)[0], sync_every=5, sync_buffers=False)
     assert "buffers" not in caplog.text

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowcomm import DiLoCo, LocalGroup, step_replicas
+from lowcomm import DiLoCo, LocalGroup, finish_replicas, step_replicas
 from lowcomm.comm import get_codec, shard_bounds, wire_bytes
 from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_duration
 
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
-from helpers import TINY_FLAGS, launch_train, write_corpus  # noqa: E402
+from helpers import TINY_FLAGS, NormLM, launch_train, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -33,6 +33,14 @@ STREAMING = {
         "codec_block": 32,
         "error_feedback": True,
     },
+}
+#: BatchNorm's running statistics, averaged with their fragments' rounds (fp32 beside int8)
+NORMED = {
+    "name": "normed",
+    "model": "norm",
+    "steps": 11,
+    "finish": True,  # every fragment's last round: the statistics end alike
+    "diloco": {"sync_every": 4, "fragments": 3, "overlap": 1, "codec": "int8", "codec_block": 32},
 }
 
 
@@ -65,7 +73,7 @@ def _local_reference(sc, M):
     torch.manual_seed(0)
     from lowcomm.lm import GPT
 
-    base = GPT(TINY)
+    base = NormLM() if sc.get("model") == "norm" else GPT(TINY)
     models = [copy.deepcopy(base) for _ in range(M)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in models]
     dil = [DiLoCo(m, o, g, **sc["diloco"]) for m, o, g in zip(models, opts, LocalGroup.create(M))]
@@ -75,24 +83,33 @@ def _local_reference(sc, M):
             o.step()
             o.zero_grad(set_to_none=True)
         step_replicas(dil)
+    if sc.get("finish"):
+        finish_replicas(dil)
     return dil, models
 
 
 @pytest.fixture(scope="module")
 def four_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist4")
-    res = _launch(out, [VANILLA, STREAMING], replicas=4)
+    res = _launch(out, [VANILLA, STREAMING, NORMED], replicas=4)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("sc", [VANILLA, STREAMING], ids=["vanilla", "streaming_e3m0"])
+@pytest.mark.parametrize("sc", [VANILLA, STREAMING, NORMED], ids=["vanilla", "streaming_e3m0", "batchnorm"])
 def test_four_processes_match_local_group_bit_for_bit(four_process_run, sc):
     dil, models = _local_reference(sc, 4)
     for r in range(4):
         got = torch.load(four_process_run / f"{sc['name']}.rank{r}.pt", weights_only=True)
         assert torch.equal(got["global"], dil[r].global_vector())
         assert torch.equal(got["local"], torch.cat([p.detach().reshape(-1) for p in models[r].parameters()]))
+        want = [b for n, b in models[r].named_buffers() if b.is_floating_point()]
+        assert len(got["buffers"]) == len(want) == (4 if sc is NORMED else 0)
+        assert all(torch.equal(a, b) for a, b in zip(got["buffers"], want))
+    if sc is NORMED:  # the last rounds (finish()) left the statistics alike, and not as they started
+        buffers = [torch.load(four_process_run / f"normed.rank{r}.pt")["buffers"] for r in range(4)]
+        assert all(torch.equal(a, b) for other in buffers[1:] for a, b in zip(other, buffers[0]))
+        assert not torch.equal(buffers[0][1], torch.ones_like(buffers[0][1]))
 
 
 def test_bytes_handed_to_collectives_equal_the_formula(four_process_run):

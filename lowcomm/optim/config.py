@@ -65,6 +65,11 @@ class DiLoCoConfig:
             whose weights differ are refused, by name) or "none" (the caller sees to it). Replicas
             that start apart train apart. Build the wrapper before loading a checkpoint's weights
             into the model (a replica's local weights may differ from the others' in a checkpoint).
+        sync_buffers: average the model's floating-point buffers saved with it (BatchNorm's running
+            statistics) over the replicas with each round of the fragment holding their module,
+            in fp32 whatever the codec, and merge them as the parameters are (``alpha``); without
+            it each replica keeps its own and they drift apart. Integer buffers (counters) and
+            non-persistent ones are left alone. Models without such buffers send nothing more.
     """
 
     sync_every: int = 100
@@ -80,6 +85,7 @@ class DiLoCoConfig:
     reduce: str = "two_phase"
     outer_device: str | torch.device | None = None
     init: str = "broadcast"
+    sync_buffers: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, Codec) and self.codec not in CODECS:
@@ -98,8 +104,9 @@ class DiLoCoConfig:
             raise refuse("outer_momentum", self.outer_momentum, "a number in [0, 1)")
         if self.init not in INITS:
             raise refuse("init", self.init, f"one of {list(INITS)}")
-        if not isinstance(self.error_feedback, bool):
-            raise refuse("error_feedback", self.error_feedback, "true or false")
+        for flag in ("error_feedback", "sync_buffers"):
+            if not isinstance(getattr(self, flag), bool):
+                raise refuse(flag, getattr(self, flag), "true or false")
         if self.outer_device is not None:
             try:
                 torch.device(self.outer_device)

@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, shard_position
 from ..comm.reduce import shard_bounds
 from .config import DiLoCoConfig
-from .fragments import build_fragments, find_blocks
+from .fragments import assign_buffers, build_fragments, find_blocks, synced_buffers
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
 from .schedule import sends_at
 
@@ -46,6 +46,8 @@ __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_repli
 
 log = logging.getLogger(__name__)
 
+#: buffers (running statistics) are averaged exactly, whatever the pseudo-gradients' codec
+_BUFFER_CODEC = get_codec("fp32")
 STATE_VERSION = 2  # 2: one in-flight slot per fragment (a fixed layout, for torch.distributed.checkpoint)
 #: RoundStats fields computed on the device (read back by drain_round_stats)
 _DEVICE_STATS = ("pseudo_grad_norm", "mean_pseudo_grad_norm", "cosine_to_mean", "momentum_norm")
@@ -91,6 +93,8 @@ class _Fragment:
     lo: int = 0  # this process's shard of the fragment (the whole fragment without a shard group)
     hi: int = 0
     last_send: int = 0
+    buffers: list[str] = field(default_factory=list)  # the model's buffers synced with this fragment
+    global_buffers: torch.Tensor | None = None  # their last mean (fp32; bitwise alike on every replica)
 
 
 @dataclass
@@ -102,6 +106,8 @@ class _InFlight:
     norm: torch.Tensor  # 0-dim, on the outer device
     final: bool = False
     send_s: float = 0.0
+    buffers: Work | None = None  # the mean of the fragment's buffers (sync_buffers)
+    buffers_sent: torch.Tensor | None = None
 
 
 class DiLoCo:
@@ -145,9 +151,14 @@ class DiLoCo:
         self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
         self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
         _warn_if_wrapped_across_replicas(model, group)
-        _warn_of_buffers(model, group)
+        if not cfg.sync_buffers:
+            _warn_of_buffers(model, group)
+        buffer_names = assign_buffers(model, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
         params = dict(model.named_parameters())
-        self._start_from_the_same_weights(group, [params[n] for names in frag_names for n in names], cfg.init)
+        buffers = [model.get_buffer(n) for names in buffer_names for n in names]
+        self._start_from_the_same_weights(
+            group, [params[n] for names in frag_names for n in names] + buffers, cfg.init
+        )
         first = next(iter(params.values()))
         self.outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else first.device
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
@@ -156,7 +167,7 @@ class DiLoCo:
         self.shard_group = shard_group
         self.num_shards, self.shard = shard_position(shard_group)
         self._frags: list[_Fragment] = []
-        for names in frag_names:
+        for names, bufs in zip(frag_names, buffer_names):
             ps = [params[n] for n in names]
             g = self._flatten(ps)
             if pin:
@@ -172,8 +183,10 @@ class DiLoCo:
                     residual=torch.zeros_like(g[lo:hi]) if cfg.error_feedback else None,
                     lo=lo,
                     hi=hi,
+                    buffers=bufs,
                 )
             )
+            self._frags[-1].global_buffers = self._flat_buffers(self._frags[-1])
         self._inflight: dict[int, _InFlight] = {}
         self._rounds: list[RoundStats] = []
         # inner steps taken since the last step(): the ordering check (see step())
@@ -318,26 +331,29 @@ class DiLoCo:
 
     @contextlib.contextmanager
     def global_parameters(self) -> Iterator[nn.Module]:
-        """Temporarily load the global (outer) parameters into the model, e.g. for evaluation."""
-        saved = [p.detach().clone() for f in self._frags for p in f.params]
+        """Temporarily load the global (outer) parameters into the model, e.g. for evaluation
+        (with ``sync_buffers``, the synchronized buffers' last mean too)."""
+        saved = [t.detach().clone() for t, _ in self._global_pairs()]
         try:
-            with torch.no_grad():
-                for f in self._frags:
-                    for p, g in zip(f.params, self._views(f)):
-                        p.copy_(g)
+            self.sync_local_parameters()
             yield self.model
         finally:
             with torch.no_grad():
-                for p, s in zip((p for f in self._frags for p in f.params), saved):
-                    p.copy_(s)
+                for (t, _), s in zip(self._global_pairs(), saved):
+                    t.copy_(s)
 
     def sync_local_parameters(self) -> None:
-        """Set the local parameters to the global ones (a joiner starts from the job's state, so
-        its first pseudo-gradient holds only its own progress)."""
+        """Set the local parameters (and synchronized buffers) to the global ones (a joiner starts
+        from the job's state, so its first pseudo-gradient holds only its own progress)."""
         with torch.no_grad():
-            for f in self._frags:
-                for p, g in zip(f.params, self._views(f)):
-                    p.copy_(g)
+            for t, g in self._global_pairs():
+                t.copy_(g)
+
+    def _global_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(local tensor, its global values) for every parameter and synchronized buffer."""
+        for f in self._frags:
+            yield from zip(f.params, self._views(f))
+            yield from self._buffer_views(f, f.global_buffers)
 
     @property
     def in_flight(self) -> int:
@@ -367,6 +383,7 @@ class DiLoCo:
                     "momentum": f.momentum.momentum.clone(),
                     "residual": None if f.residual is None else f.residual.clone(),
                     "last_send": f.last_send,
+                    "global_buffers": f.global_buffers.clone(),  # (empty for a fragment without any)
                     "inflight": {
                         "active": inf is not None,
                         "send_step": inf.send_step if inf else 0,
@@ -374,6 +391,12 @@ class DiLoCo:
                         "delta": inf.delta.clone() if inf else torch.zeros_like(f.momentum.momentum),
                         "norm": float(inf.norm) if inf else 0.0,
                         "final": inf.final if inf else False,
+                        # the buffers as sent (sync_buffers; empty for a fragment without any)
+                        "buffers": (
+                            inf.buffers_sent.clone()
+                            if inf is not None and inf.buffers_sent is not None
+                            else torch.zeros(self._buffer_numel(f), device=self.outer_device)
+                        ),
                     },
                 }
             )
@@ -410,6 +433,9 @@ class DiLoCo:
             if f.residual is not None:
                 f.residual.copy_(fs["residual"])
             f.last_send = int(fs["last_send"])
+            saved = fs.get("global_buffers")  # (a state of an older lowcomm has none: keep the current)
+            if isinstance(saved, torch.Tensor) and saved.numel() == f.global_buffers.numel():
+                f.global_buffers.copy_(saved)
         self.step_count = int(state["step"])
         self._inflight.clear()
         slots = [(p, fs["inflight"]) for p, fs in enumerate(state["fragments"]) if fs["inflight"]["active"]]
@@ -417,9 +443,15 @@ class DiLoCo:
             delta = it["delta"].to(self.outer_device, torch.float32).clone()
             work = self.group.all_reduce_mean(delta, self.codec, self.reduce, tag=int(it["send_step"]))
             norm = torch.tensor(float(it["norm"]), device=delta.device)
-            self._inflight[p] = _InFlight(
-                work, int(it["send_step"]), int(it["due_step"]), delta, norm, bool(it["final"])
-            )
+            inf = _InFlight(work, int(it["send_step"]), int(it["due_step"]), delta, norm, bool(it["final"]))
+            f = self._frags[p]
+            if f.buffers:  # a state saved without them (an older lowcomm's) sends the buffers as they are
+                sent = it.get("buffers")
+                fits = isinstance(sent, torch.Tensor) and sent.numel() == self._buffer_numel(f)
+                self._send_buffers(
+                    inf, sent.to(self.outer_device, torch.float32).clone() if fits else self._flat_buffers(f)
+                )
+            self._inflight[p] = inf
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -431,6 +463,12 @@ class DiLoCo:
             "alpha": self.alpha,
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
+            # the buffers each fragment syncs (every replica must send the same ones)
+            **{
+                f"buffer {n}": [i, *self.model.get_buffer(n).shape]
+                for i, f in enumerate(self._frags)
+                for n in f.buffers
+            },
             # one key per parameter, so that a mismatch names the parameter: [fragment, *shape]
             **{
                 f"param {n}": [i, *p.shape]
@@ -451,6 +489,9 @@ class DiLoCo:
             "num_shards": self.num_shards,
         }
 
+    def _buffer_numel(self, f: _Fragment) -> int:
+        return sum(self.model.get_buffer(n).numel() for n in f.buffers)
+
     def _flatten(self, params: list[nn.Parameter]) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).to(self.outer_device, torch.float32) for p in params])
 
@@ -465,10 +506,46 @@ class DiLoCo:
             delta += f.residual
         norm = delta.norm()
         work = self.group.all_reduce_mean(delta, self.codec, self.reduce, tag=self.step_count)
+        inf = _InFlight(work, self.step_count, due, delta, norm, final)
+        if f.buffers:
+            self._send_buffers(inf, self._flat_buffers(f))
         f.last_send = self.step_count
-        self._inflight[p] = _InFlight(
-            work, self.step_count, due, delta, norm, final, time.perf_counter() - t0
+        inf.send_s = time.perf_counter() - t0
+        self._inflight[p] = inf
+
+    def _flat_buffers(self, f: _Fragment) -> torch.Tensor:
+        """The fragment's buffers in one fp32 vector on the outer device (empty without any)."""
+        return torch.cat(
+            [
+                self.model.get_buffer(n).detach().reshape(-1).to(self.outer_device, torch.float32)
+                for n in f.buffers
+            ]
+            or [torch.zeros(0, device=self.outer_device)]
         )
+
+    def _buffer_views(self, f: _Fragment, flat: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, its values in ``flat``) for each of the fragment's buffers."""
+        bufs = [self.model.get_buffer(n) for n in f.buffers]
+        for buf, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
+            yield buf, v.view(buf.shape).to(buf.device, buf.dtype, non_blocking=True)
+
+    def _send_buffers(self, inf: _InFlight, flat: torch.Tensor) -> None:
+        """Start the mean of a fragment's buffers beside its pseudo-gradient (fp32: running
+        statistics are values, not small differences a 4-bit code could carry)."""
+        inf.buffers_sent = flat
+        inf.buffers = self.group.all_reduce_mean(flat, _BUFFER_CODEC, self.reduce, tag=inf.send_step)
+
+    def _apply_buffers(self, f: _Fragment, inf: _InFlight) -> int:
+        """Keep the mean of the fragment's buffers as their global values and merge it into the
+        model (as the parameters: ``alpha``); returns the bytes the buffers' reduce sent."""
+        f.global_buffers = inf.buffers.wait()
+        with torch.no_grad():
+            for buf, m in self._buffer_views(f, f.global_buffers):
+                if self.alpha == 0.0:
+                    buf.copy_(m)
+                elif self.alpha < 1.0:
+                    buf.mul_(self.alpha).add_(m, alpha=1.0 - self.alpha)
+        return inf.buffers.stats.bytes_sent
 
     def _apply(self, p: int) -> None:
         f, inf = self._frags[p], self._inflight.pop(p)
@@ -494,12 +571,13 @@ class DiLoCo:
                     param.mul_(self.alpha).add_(g, alpha=1.0 - self.alpha)
         outer_s = time.perf_counter() - t0
         s = inf.work.stats
+        sent = s.bytes_sent + (self._apply_buffers(f, inf) if inf.buffers is not None else 0)
         log.info(
             "round of fragment %d: sent at step %d, applied at step %d, %d bytes sent, waited %.4fs",
             p,
             inf.send_step,
             self.step_count,
-            s.bytes_sent,
+            sent,
             s.wait_s,
         )
         self._rounds.append(
@@ -508,7 +586,7 @@ class DiLoCo:
                 send_step=inf.send_step,
                 apply_step=self.step_count,
                 numel=f.global_.numel(),
-                bytes_sent=s.bytes_sent,
+                bytes_sent=sent,
                 pseudo_grad_norm=inf.norm,
                 mean_pseudo_grad_norm=mean_norm,
                 cosine_to_mean=cosine,
@@ -531,18 +609,18 @@ class DiLoCo:
 
 
 def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
-    """DiLoCo averages parameters: a floating-point buffer saved with the model (BatchNorm's
+    """With ``sync_buffers=False`` a floating-point buffer saved with the model (BatchNorm's
     running statistics) keeps each replica's own values, so replicas drift apart in it and an
     evaluation of the global parameters uses the evaluating replica's. Said once per job (by
     replica 0); constant buffers are unaffected, and transformers usually have none."""
     if group.rank != 0:
         return
-    saved = model.state_dict(keep_vars=True)
-    names = [n for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
+    names = synced_buffers(model)
     if names:
         log.warning(
-            "the model has floating-point buffers DiLoCo does not synchronize (%s%s): each replica "
-            "keeps its own values (BatchNorm statistics drift apart; constant buffers are unaffected)",
+            "sync_buffers=False: the model's floating-point buffers are not synchronized (%s%s): "
+            "each replica keeps its own values (BatchNorm statistics drift apart; constant buffers "
+            "are unaffected)",
             ", ".join(names[:3]),
             f" and {len(names) - 3} more" if len(names) > 3 else "",
         )

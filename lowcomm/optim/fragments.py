@@ -5,8 +5,11 @@ repeated blocks counts (GPT-2's ``transformer.h``, T5's ``encoder.block`` and ``
 in model order; the parameters outside them (embeddings, head, final norms) form the last fragment.
 Explicit fragments name parameters, modules, or modules by name (``"transformer.h.0"``). A weight
 tied between modules (an embedding shared with the head, say) belongs to the first fragment that
-names a module holding it. Fragments more than 2x apart in size are named in a warning: a round
-of a big fragment takes longer, so its pseudo-gradient waits longer for the network.
+names a module holding it. A model's floating-point buffers saved with it (BatchNorm's running
+statistics) travel with the fragment holding their module's parameters (the nearest enclosing
+module's, for a module without any; the last fragment's, for the model's own). Fragments more
+than 2x apart in size are named in a warning: a round of a big fragment takes longer, so its
+pseudo-gradient waits longer for the network.
 
 References:
     Douillard et al., "Streaming DiLoCo with overlapping communication" (2025), section 2.2.
@@ -21,7 +24,7 @@ from torch import nn
 
 from .schedule import PATTERNS, partition_blocks
 
-__all__ = ["find_blocks", "find_block_lists", "build_fragments"]
+__all__ = ["find_blocks", "find_block_lists", "build_fragments", "synced_buffers", "assign_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,31 @@ def _place(name: str, reached_as: str, i: int, names: list[str], seen: dict[str,
         return
     seen[name] = (i, reached_as)
     names.append(name)
+
+
+def synced_buffers(model: nn.Module) -> list[str]:
+    """The buffers DiLoCo can synchronize: floating-point ones saved with the model (BatchNorm's
+    running statistics; not a non-persistent cache, not an integer counter)."""
+    saved = model.state_dict(keep_vars=True)
+    return [n for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
+
+
+def assign_buffers(model: nn.Module, fragments: list[list[str]]) -> list[list[str]]:
+    """The :func:`synced_buffers` of each fragment: a buffer goes with the first fragment holding a
+    parameter of its module, else of the nearest module around it that has one; else (a buffer of
+    the model itself) the last."""
+    out: list[list[str]] = [[] for _ in fragments]
+    owner = {n: i for i, names in enumerate(fragments) for n in names}
+    for name in synced_buffers(model):
+        prefix, frag = name.rpartition(".")[0], len(fragments) - 1
+        while prefix:
+            hits = [i for n, i in owner.items() if n.startswith(f"{prefix}.")]
+            if hits:
+                frag = min(hits)
+                break
+            prefix = prefix.rpartition(".")[0]
+        out[frag].append(name)
+    return out
 
 
 #: layouts already warned about (replicas of one process share theirs: one warning)
