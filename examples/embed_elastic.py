@@ -5,10 +5,10 @@
 
 The script starts a coordinator (a thread here; `lowcomm coordinator` on a real cluster) and
 three worker processes of itself on 127.0.0.1. Each worker is a plain PyTorch loop around a small
-MLP: lowcomm's WorkerAgent keeps it in the job, ElasticGroup carries its rounds, and the same
+MLP with BatchNorm: lowcomm's WorkerAgent keeps it in the job, ElasticGroup carries its rounds, and the same
 FaultInjector the `lowcomm train` workers use fires the plan's faults at the same hook points.
 The workers print one JSON line each; the script checks that they all hold the same global
-parameters and prints which contributions the guards excluded.
+parameters and BatchNorm statistics and prints which contributions the guards excluded.
 """
 
 import argparse
@@ -49,7 +49,10 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(8, 64)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(2))
+        # BatchNorm's running statistics are averaged with their block's rounds (sync_buffers)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.GELU()) for _ in range(2)
+        )
         self.out = nn.Linear(64, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,8 @@ def worker(endpoint: str, worker_id: str, steps: int) -> None:
     finally:
         agent.close(leave=True, finished=finished)
     digest = hashlib.sha256(diloco.global_vector().numpy().tobytes()).hexdigest()
+    stats = torch.cat([b.reshape(-1) for n, b in model.named_buffers() if "running" in n])
+    stats_digest = hashlib.sha256(stats.numpy().tobytes()).hexdigest()
     excluded = {e["round"]: e["contributions"] for e in events if e["kind"] == "excluded"}
     faults = [e["fault"] for e in events if e["kind"] == "fault"]
     print(
@@ -115,6 +120,7 @@ def worker(endpoint: str, worker_id: str, steps: int) -> None:
                 "worker": worker_id,
                 "loss": loss.item(),
                 "digest": digest,
+                "stats_digest": stats_digest,
                 "excluded": excluded,
                 "faults": faults,
             }
@@ -146,8 +152,12 @@ def main() -> int:
         print(f"{r['worker']}: loss {r['loss']:.4f}, faults {r['faults']}, global params {r['digest'][:16]}")
     excluded = {k: v for r in results for k, v in r["excluded"].items()}
     print(f"contributions excluded by every worker: {excluded or 'none'}")
-    same = len({r["digest"] for r in results}) == 1
-    print("all workers hold identical global parameters" if same else "global parameters DIFFER")
+    same = len({(r["digest"], r["stats_digest"]) for r in results}) == 1
+    print(
+        "all workers hold identical global parameters and BatchNorm statistics"
+        if same
+        else "global parameters or BatchNorm statistics DIFFER"
+    )
     return 0 if same else 1
 
 

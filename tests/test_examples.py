@@ -33,4 +33,4 @@ def test_a_users_own_elastic_loop_gets_the_fault_plan_and_the_guards():
     # the demo plan corrupts w1's payload in round 2: every worker excluded it, by name
     assert "{'2': {'w1': 'corrupt payload" in out
     assert "w1: loss" in out and "faults ['corrupt']" in out and "faults ['slow-link']" in out
-    assert "all workers hold identical global parameters" in out
+    assert "all workers hold identical global parameters and BatchNorm statistics" in out
