@@ -291,16 +291,14 @@ def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
-def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit_for_bit(tmp_path):
-    """Two processes of `lowcomm launch` write their checkpoints every 10 steps; the whole job is
-    killed (SIGKILL) mid-run, rank 1's newest checkpoint lost, then started again with --resume
-    auto: both take the newest step both hold, and the run ends on the bits of an uninterrupted one
-    (the in-process trainer's, which launch matches: test above)."""
-    import signal
-    import time
-
+def test_a_launched_job_under_a_fault_plan_restarts_and_resumes_bit_for_bit(tmp_path):
+    """Two processes of `lowcomm launch --max-restarts 2` write their checkpoints every 10 steps
+    under a fault plan: rank 1's write at step 30 fails (it keeps step 20's), then rank 1 is
+    killed at step 37. The launcher stops rank 0 and starts the job again; both resume from the
+    newest step both hold (20: rank 0 passes over its own 30), neither fault fires again, and the
+    run ends on the bits of an uninterrupted one (the in-process trainer's, which launch matches:
+    test above)."""
     from lowcomm.runtime import TrainConfig, read_jsonl, train
-    from lowcomm.runtime.statefile import load_state
 
     corpus = write_corpus(tmp_path / "corpus")
     args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "4", "--fragments", "2"]
@@ -313,25 +311,25 @@ def test_a_launched_job_killed_mid_way_resumes_from_every_process_checkpoint_bit
         ),
         progress=False,
     )  # fmt: skip
+    plan = {
+        "faults": [
+            {"kind": "checkpoint-fail", "target": "rank:1", "at_step": 30},
+            {"kind": "kill", "target": "rank:1", "at_step": 37},
+        ]
+    }
     run_dir = tmp_path / "job"
-    cmd = launch_train(2, *args, "--run-dir", str(run_dir))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint-rank1.prev.lcs").exists():  # two checkpoints each
-        assert job.poll() is None and time.time() < deadline, "the job ended before its second checkpoint"
-        time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(10)
-    # as if rank 1 died writing its newest while rank 0 finished its own (the kill may have come
-    # there already): rank 1 holds the step before, and both resume from it
-    (run_dir / "checkpoint-rank1.lcs").unlink(missing_ok=True)
-    held = load_state(run_dir / "checkpoint-rank1.prev.lcs")["step"]
-    again = subprocess.run(cmd + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=180)
-    assert again.returncode == 0, again.stderr[-3000:]
+    cmd = launch_train(2, *args, "--run-dir", str(run_dir), "--resume", "auto")
+    cmd.insert(cmd.index("launch") + 1, "--max-restarts=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(plan)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in res.stderr
+    assert "checkpoint at step 30 failed (the previous one is intact)" in res.stderr
+    fired = [json.loads(line) for line in (run_dir / "faults-rank1.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["fault"], f["step"]) for f in fired] == [(0, "checkpoint-fail", 30), (1, "kill", 37)]
+    assert not (run_dir / "faults-rank0.jsonl").exists()
     s = json.loads((run_dir / "summary.json").read_text())
-    assert 0 < s["steps_run"] < 120  # it resumed mid-run
     resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("what") == "resumed"]
-    assert [e["step"] for e in resumed] == [held]  # rank 0 passed over any newer one of its own
+    assert [e["step"] for e in resumed] == [20] and s["steps_run"] == 100
     assert s["global_params_sha256"] == straight["global_params_sha256"]
     assert s["final_eval_loss"] == straight["final_eval_loss"]

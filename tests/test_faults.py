@@ -50,6 +50,42 @@ def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
         FaultPlan.from_dict({"seed": 1, "faults": [fault]}).check(WORKERS, steps=100)
 
 
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ({"kind": "corrupt", "target": "rank:1", "at_round": 2}, r"kind='corrupt' needs an elastic job"),
+        (
+            {"kind": "partition", "target": "rank:1", "at_step": 2},
+            r"a static job \(launch/torchrun\) injects",
+        ),
+        (
+            {"kind": "kill", "target": "rank:1", "at_round": 2},
+            "at_round needs an elastic job's numbered rounds",
+        ),
+        (
+            {"kind": "kill", "target": "rank:1", "at_time": 0, "where": "during_transfer"},
+            "where='during_transfer'",
+        ),
+        ({"kind": "kill", "target": "rank:4", "at_step": 2}, r"out of range: rank in \[0, 3\]"),
+        ({"kind": "kill", "target": "replica:2", "at_step": 2}, r"out of range: replica in \[0, 1\]"),
+        ({"kind": "hang", "target": "rank:0", "at_step": 101}, "past the job's last step 100"),
+    ],
+)
+def test_a_static_job_refuses_what_only_an_elastic_job_can_inject(fault, message):
+    with pytest.raises(ValueError, match=message):
+        FaultPlan.from_dict({"seed": 1, "faults": [fault]}).check_static(4, 2, steps=100)
+
+
+def test_a_static_job_s_targets_are_its_ranks():
+    faults = [
+        {"kind": "kill", "target": t, "at_step": 3} for t in ("rank:3", "worker:2", "replica:1", "random")
+    ]
+    plan = FaultPlan.from_dict({"seed": 1, "faults": faults}).check_static(4, 2, steps=10)
+    targets = [f.target for f in plan.faults]
+    assert targets[:3] == ["worker:3", "worker:2", "worker:2"]  # replica 1 of 2 processes: rank 2
+    assert targets[3] in {f"worker:{r}" for r in range(4)}
+
+
 FLAG_CASES = [
     ("kind=kill,target=worker:0,at_step=2", "kill", "before_step"),
     ("kind=kill,target=worker:0,at_round=3", "kill", "during_collective"),

@@ -304,3 +304,33 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
     assert main(["launch", "--port", "70000", "--replicas", "2", "--", "true"]) == 2
     assert "lowcomm: error: port=70000 is not allowed" in capsys.readouterr().err
     assert launch(["true"], 2, port=0) == 0  # 0: a free port, as when none is given
+    with pytest.raises(ValueError, match=r"max_restarts=-1 is not allowed: an int >= 0"):
+        launch(["true"], 2, max_restarts=-1)
+
+
+def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
+    """--max-restarts N starts the whole job again after a failure (TORCHELASTIC_RESTART_COUNT
+    counts, as under torchrun), until it succeeds or the restarts are spent; exit code 2 (a
+    refusal of the input) is not restarted."""
+    from lowcomm.runtime.trainer.launch import launch
+
+    def job(script: str) -> list[str]:  # each process notes its attempt, then exits as told
+        note = (
+            f"open({str(tmp_path / 'attempts')!r}, 'a').write(os.environ['TORCHELASTIC_RESTART_COUNT'] + ' ')"
+        )
+        return [sys.executable, "-c", f"import os, sys; {note}; {script}"]
+
+    def attempts() -> list[str]:
+        seen = (tmp_path / "attempts").read_text().split()
+        (tmp_path / "attempts").unlink()
+        return seen
+
+    fails_once = (
+        "sys.exit(5 if os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and os.environ['RANK'] == '1' else 0)"
+    )
+    assert launch(job(fails_once), 2, max_restarts=3) == 0
+    assert sorted(attempts()) == ["0", "0", "1", "1"]  # both processes, twice
+    assert launch(job("sys.exit(5)"), 2, max_restarts=1) == 5  # restarts spent: the last code
+    assert sorted(attempts()) == ["0", "0", "1", "1"]
+    assert launch(job("sys.exit(2)"), 2, max_restarts=3) == 2
+    assert attempts() == ["0", "0"]

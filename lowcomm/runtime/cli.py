@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--procs-per-replica", type=int, default=1, help="processes per replica k (inner DDP; default 1)"
     )
     la.add_argument("--port", type=int, default=None, help="rendezvous port (default: a free one)")
+    la.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="start a failed job again, all of it, up to N times, as torchrun does (default 0); with "
+        "lowcomm train --checkpoint-every K --resume auto it continues from its checkpoints",
+    )
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     sc = sub.add_parser("scaling", help="scaling-law sweeps, fits and reports")
@@ -652,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
             from .trainer.launch import launch
 
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-            return launch(cmd, args.replicas, args.procs_per_replica, port=args.port)
+            return launch(
+                cmd, args.replicas, args.procs_per_replica, port=args.port, max_restarts=args.max_restarts
+            )
         if args.command in ("coordinator", "status", "keys"):
             return _control_plane(args)
         if args.command == "chaos":

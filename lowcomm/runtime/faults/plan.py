@@ -48,7 +48,17 @@ from typing import Any
 from ..._compat import tomllib
 from ...comm.distributed import parse_bandwidth, parse_duration
 
-__all__ = ["KINDS", "HOOKS", "ROUND_KINDS", "LASTING_KINDS", "Fault", "FaultPlan", "InjectedFault"]
+__all__ = [
+    "KINDS",
+    "HOOKS",
+    "ROUND_KINDS",
+    "LASTING_KINDS",
+    "STATIC_KINDS",
+    "STATIC_HOOKS",
+    "Fault",
+    "FaultPlan",
+    "InjectedFault",
+]
 
 KINDS = (
     "kill",
@@ -86,6 +96,11 @@ DEFAULT_HOOK = {
     "checkpoint-fail": "checkpoint_write",
 }
 ROUND_KINDS = ("drop-round", "corrupt", "nan")  # need a round to act on
+#: what a static job (``lowcomm launch`` / torchrun) can inject: its rounds are unguarded, it has
+#: no coordinator and no transfers, and a killed process fails the whole job (its launcher's
+#: ``--max-restarts`` restarts it, and ``--resume auto`` continues from the checkpoints)
+STATIC_KINDS = ("kill", "hang", "delay", "checkpoint-fail")
+STATIC_HOOKS = ("before_step", "after_step", "checkpoint_write")
 LASTING_KINDS = ("hang", "delay", "slow-link", "partition")  # last ``duration`` seconds
 _KEYS = {
     "kind",
@@ -245,6 +260,38 @@ class FaultPlan:
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "faults": [f.to_dict() for f in self.faults]}
+
+    def check_static(self, world: int, procs_per_replica: int, steps: int) -> FaultPlan:
+        """:meth:`check` for a static job of ``world`` processes, whose workers are its ranks
+        ("0", "1", ...): "rank:N" and "worker:N" name rank N, "replica:N" the first process of
+        replica N. Kinds, hook points and triggers a static job cannot serve (rounds, the
+        coordinator, partitions, slow links, transfers) are refused, naming the fault.
+        """
+        out = []
+        for f in self.faults:
+            where = f"fault {f.id} ({f.kind})"
+            if f.kind not in STATIC_KINDS:
+                raise ValueError(
+                    f"{where}: kind={f.kind!r} needs an elastic job (--coordinator); a static job "
+                    f"(launch/torchrun) injects {list(STATIC_KINDS)}"
+                )
+            if f.at_round is not None:
+                raise ValueError(f"{where}: at_round needs an elastic job's numbered rounds; use at_step")
+            if f.hook not in STATIC_HOOKS:
+                raise ValueError(
+                    f"{where}: where={f.hook!r} needs an elastic job; a static job's hook points are "
+                    f"{list(STATIC_HOOKS)}"
+                )
+            kind, _, n = f.target.partition(":")
+            if kind == "replica" and n.isdigit():
+                if int(n) >= world // procs_per_replica:
+                    raise ValueError(
+                        f"{where}: target {f.target!r} out of range: replica in [0, "
+                        f"{world // procs_per_replica - 1}]"
+                    )
+                f = Fault(**{**asdict(f), "target": f"rank:{int(n) * procs_per_replica}"})
+            out.append(f)
+        return FaultPlan(self.seed, out).check([str(r) for r in range(world)], steps=steps)
 
     def check(self, workers: list[str], steps: int | None = None, rounds: int | None = None) -> FaultPlan:
         """Resolve targets against the job's workers and check triggers against its length.

@@ -3,7 +3,11 @@
 ``lowcomm launch --replicas M --procs-per-replica k -- CMD ...`` starts ``M·k`` processes of
 ``CMD`` with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR=127.0.0.1, MASTER_PORT) plus LOWCOMM_PROCS_PER_REPLICA; when one fails the others
-are stopped and its exit code is returned.
+are stopped and its exit code is returned. With ``--max-restarts N`` a failed job is started
+again, all of it, up to N times, as torchrun does (TORCHELASTIC_RESTART_COUNT counts the
+restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues from its
+checkpoints. A refusal of the input (exit code 2) and an interrupt are not restarted: a restart
+would meet them again.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ def launch(
     *,
     port: int | None = None,
     grace_s: float = 5.0,
+    max_restarts: int = 0,
 ) -> int:
-    """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine; returns an exit code.
+    """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine, again after a
+    failure up to ``max_restarts`` times; returns an exit code (the last attempt's).
 
     Raises:
-        ValueError: counts below 1, a port outside 0-65535 or an empty command.
+        ValueError: counts below 1, a port outside 0-65535, a negative ``max_restarts`` or an
+            empty command.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
@@ -42,8 +49,28 @@ def launch(
         raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
     if port is not None and not 0 <= port <= 65535:
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
-    world = replicas * procs_per_replica
-    port = port or free_port()
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
+    attempt = 0
+    while True:
+        env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
+        code = _run_once(
+            command, replicas * procs_per_replica, procs_per_replica, port or free_port(), env, grace_s
+        )
+        if code in (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED) or attempt == max_restarts:
+            if code == ExitCode.USAGE and attempt < max_restarts:
+                log.error("exit code 2 is a refusal of the input: the job is not restarted")
+            return code
+        attempt += 1
+        log.error(
+            "the job failed (exit code %d): restarting it (restart %d of %d)", code, attempt, max_restarts
+        )
+
+
+def _run_once(
+    command: list[str], world: int, procs_per_replica: int, port: int, extra: dict, grace_s: float
+) -> int:
+    """One attempt: start every process, stop the others when one fails; returns the exit code."""
     procs = []
     for rank in range(world):
         env = {
@@ -55,6 +82,7 @@ def launch(
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
+            **extra,
         }
         procs.append(subprocess.Popen(command, env=env))
     running = dict(enumerate(procs))

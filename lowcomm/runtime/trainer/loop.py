@@ -18,6 +18,7 @@ for the same configuration.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...lm import eval_batches, load_corpus
+from ..files import private_open
 from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
 from .build import build_model, check_memory, evaluate, make_replicas
@@ -193,16 +195,42 @@ class Trainer:
                 record=self._record,
                 resume=resume,
             )
-        if os.environ.get("LOWCOMM_FAULTS"):
-            log.warning(
-                "LOWCOMM_FAULTS is set but fault plans act on elastic jobs (--coordinator); "
-                "this run ignores it"
-            )
-        self.hooks = NO_FAULTS
+        self.hooks = self.hooks or self._static_faults() or NO_FAULTS
         groups: list[ReplicaGroup] = LocalGroup.create(cfg.run.replicas) if topo is None else [topo.outer]
         if cfg.run.mode == "dp":  # with inner DDP the gradients are reduced after the backward
             return DataParallel(self.replicas, groups, overlap=topo is None or topo.inner is None)
         return DiLoCoSync(self.replicas, groups, cfg, shard_group=topo.inner if topo else None)
+
+    def _static_faults(self) -> FaultHooks | None:
+        """$LOWCOMM_FAULTS in a static job: this process's faults (its rank's), checked against
+        the job (the kinds a static job serves, its ranks and steps) before any step; None
+        without a plan. Each fault is appended to :func:`faults_path` before it acts; a resumed
+        or restarted run reads them back, so a kill fires once, not at every restart."""
+        spec = os.environ.get("LOWCOMM_FAULTS")
+        if not spec:
+            return None
+        from ..faults import FaultInjector, FaultPlan
+
+        cfg, topo = self.cfg, self.topo
+        world, rank = (topo.world_size, topo.rank) if topo else (1, 0)
+        plan = FaultPlan.load(spec).check_static(world, self.procs_per_replica, cfg.run.steps)
+        path = faults_path(cfg)
+        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+        done: set[int] = set()
+        if self.continuing or restarted:
+            done = injected_faults(path)
+        elif cfg.run.overwrite and path.exists():  # a new run replacing the records
+            path.unlink()
+
+        def record(kind: str, **fields: Any) -> None:
+            if kind == "fault":  # on disk before it acts (a kill is next)
+                with private_open(path, "a") as f:
+                    f.write(json.dumps({"kind": kind, "wall": time.time(), **fields}, default=str) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._record(kind, **fields)
+
+        return FaultInjector(plan, str(rank), record=record, done=done)
 
     def _config_record(self) -> dict[str, Any]:
         return {
@@ -288,9 +316,11 @@ class Trainer:
                 if evaluate_now:
                     self.last_eval = self._eval(step)
                 sync.after_step(step)
-                every = cfg.elastic.checkpoint_every
-                if every and not cfg.elastic.enabled and step % every == 0:  # workers write their own
-                    self._write_run_checkpoint(step)
+                if not cfg.elastic.enabled:  # (an elastic worker's sync writes its own and calls the hook)
+                    every = cfg.elastic.checkpoint_every
+                    if every and step % every == 0:
+                        self._write_run_checkpoint(step)
+                    self.hooks.after_step(step)
             self._flush(step)
             sync.timing["loop_s"] = time.perf_counter() - self.t_loop
             final = self._eval(cfg.run.steps)
@@ -337,7 +367,8 @@ class Trainer:
         try:
             if path.exists():  # the one before is kept until this one is whole (see common_checkpoint)
                 os.replace(path, previous_checkpoint(path))
-            nbytes = save_state(path, state)
+            opener = self.hooks.checkpoint_opener(step)  # one that fails under a checkpoint-fail fault
+            nbytes = save_state(path, state, **({"opener": opener} if opener is not None else {}))
             self.rec.event("checkpoint", what="written", step=step, bytes=nbytes, path=str(path))
         except OSError as e:  # the previous checkpoint is intact: training goes on
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
@@ -492,6 +523,26 @@ def run_checkpoint_path(cfg: TrainConfig) -> Path:
     run_dir/checkpoint-rank{RANK}.lcs for each process of a job of several."""
     name = f"checkpoint-rank{os.environ.get('RANK', '0')}.lcs" if is_distributed_env() else "checkpoint.lcs"
     return Path(cfg.run.run_dir) / name
+
+
+def faults_path(cfg: TrainConfig) -> Path:
+    """Where a static job's process appends the faults it injected (JSON lines): run_dir/faults.jsonl
+    for one process, run_dir/faults-rank{RANK}.jsonl for each process of a job of several."""
+    name = f"faults-rank{os.environ.get('RANK', '0')}.jsonl" if is_distributed_env() else "faults.jsonl"
+    return Path(cfg.run.run_dir) / name
+
+
+def injected_faults(path: Path) -> set[int]:
+    """The ids of the faults :func:`faults_path` says were injected (none if it does not exist; a
+    line torn by a kill mid-write is skipped)."""
+    done: set[int] = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                done.add(int(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
 
 
 def previous_checkpoint(path: Path) -> Path:
