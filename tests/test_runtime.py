@@ -334,3 +334,26 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     assert sorted(attempts()) == ["0", "0", "1", "1"]
     assert launch(job("sys.exit(2)"), 2, max_restarts=3) == 2
     assert attempts() == ["0", "0"]
+
+
+def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monkeypatch, capsys):
+    """A peer that died or hung fails the round: the process says so in one line (no traceback)
+    and leaves with code 1, which a launcher with --max-restarts restarts."""
+    import lowcomm.runtime.cli as cli
+    import lowcomm.runtime.trainer as trainer
+    from lowcomm.comm import CollectiveError
+
+    def fail(cfg, progress):
+        raise CollectiveError("outer collective #2 failed: replica(s) [1] never entered it")
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer, "train", fail)
+    monkeypatch.setattr(cli, "_leave_now", leave)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as left:
+        cli.main(["train", "--steps", "1", "--quiet"])
+    assert left.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "lowcomm: rank 1: outer collective #2 failed: replica(s) [1] never entered it\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .._compat import MissingExtra
 from .._version import __version__
-from ..comm import CODECS
+from ..comm import CODECS, CollectiveError
 from ..comm.reduce import REDUCE_METHODS
 from ..kernels.linear import PRECISIONS
 from ..optim.config import INITS
@@ -522,6 +522,10 @@ def _train(args: argparse.Namespace) -> int:
             # through the interpreter's shutdown (gloo), so leave at once with the refusal's code
             print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
             _leave_now(ExitCode.USAGE)
+        except CollectiveError as e:  # a peer died, hung or was cut off: one line, not a traceback
+            # (the records are closed; a gloo thread may still wait on the peer: leave at once)
+            print(f"lowcomm: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+            _leave_now(ExitCode.FAILED)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_comparison({cfg.run.mode: s}))
             print(f"records in {Path(cfg.run.run_dir).resolve()}")
