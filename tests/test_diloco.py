@@ -414,6 +414,7 @@ class _NormNet(nn.Module):
         self.norm = nn.BatchNorm1d(4, affine=False)
         self.head = nn.Linear(4, 1)
         self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("table", torch.randn(64))  # a constant: must stay bit for bit
 
     def forward(self, x):
         for b in self.blocks:
@@ -452,7 +453,7 @@ def test_running_statistics_are_averaged_with_their_fragment_s_round():
     assert [f.buffers for f in dil[0]._frags] == [
         [f"blocks.0.{i}.{s}" for i in (1, 2) for s in ("running_mean", "running_var")],
         [f"blocks.1.{i}.{s}" for i in (1, 2) for s in ("running_mean", "running_var")],
-        ["scale", "norm.running_mean", "norm.running_var"],  # no parameters around them but the model's
+        ["scale", "table", "norm.running_mean", "norm.running_var"],  # no parameters around but the model's
     ]
     seen = {}  # step -> each replica's buffers after its inner step
     applied = [0] * 3
@@ -477,6 +478,8 @@ def test_running_statistics_are_averaged_with_their_fragment_s_round():
             elif step > 1:
                 assert not torch.equal(now[0], now[1])  # the others' drift until their own round
     assert applied == [2, 2, 2], applied  # sent at steps 6, 8, 10, 12, 14, 16 (18: due at 19)
+    assert all(torch.equal(m.table, models[0].table) for m in models)
+    assert torch.equal(models[0].table, _norm_replicas(1)[0][0].table)  # unchanged by its rounds
     names = [n for f in dil[0]._frags for n in f.buffers]
     local = _buffers(models[1], names)
     with dil[1].global_parameters() as m:  # evaluation sees the global buffers, as every replica does
@@ -519,10 +522,7 @@ def test_running_statistics_in_flight_resume_bit_for_bit_and_can_be_left_apart(c
     with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):  # sync_buffers=False: said once
         models, opts, dil = _norm_replicas(2, sync_buffers=False, **kw)
     warned = [r.getMessage() for r in caplog.records if "buffers" in r.getMessage()]
-    assert (
-        len(warned) == 1
-        and "(scale, blocks.0.1.running_mean, blocks.0.1.running_var and 8 more)" in warned[0]
-    ), warned
+    assert len(warned) == 1 and "(scale, table, blocks.0.1.running_mean and 9 more)" in warned[0], warned
     run(models, opts, dil, range(1, 13))
     assert not torch.equal(
         models[0].blocks[0][1].running_mean, models[1].blocks[0][1].running_mean

@@ -94,7 +94,7 @@ class _Fragment:
     hi: int = 0
     last_send: int = 0
     buffers: list[str] = field(default_factory=list)  # the model's buffers synced with this fragment
-    global_buffers: torch.Tensor | None = None  # their last mean (fp32; bitwise alike on every replica)
+    global_buffers: torch.Tensor | None = None  # their mean (fp32; bitwise alike on every replica)
 
 
 @dataclass
@@ -391,11 +391,11 @@ class DiLoCo:
                         "delta": inf.delta.clone() if inf else torch.zeros_like(f.momentum.momentum),
                         "norm": float(inf.norm) if inf else 0.0,
                         "final": inf.final if inf else False,
-                        # the buffers as sent (sync_buffers; empty for a fragment without any)
+                        # the buffers' delta as sent (sync_buffers; empty for a fragment without any)
                         "buffers": (
                             inf.buffers_sent.clone()
                             if inf is not None and inf.buffers_sent is not None
-                            else torch.zeros(self._buffer_numel(f), device=self.outer_device)
+                            else torch.zeros_like(f.global_buffers)
                         ),
                     },
                 }
@@ -447,9 +447,9 @@ class DiLoCo:
             f = self._frags[p]
             if f.buffers:  # a state saved without them (an older lowcomm's) sends the buffers as they are
                 sent = it.get("buffers")
-                fits = isinstance(sent, torch.Tensor) and sent.numel() == self._buffer_numel(f)
+                fits = isinstance(sent, torch.Tensor) and sent.numel() == f.global_buffers.numel()
                 self._send_buffers(
-                    inf, sent.to(self.outer_device, torch.float32).clone() if fits else self._flat_buffers(f)
+                    inf, sent.to(self.outer_device, torch.float32).clone() if fits else self._buffer_delta(f)
                 )
             self._inflight[p] = inf
 
@@ -489,9 +489,6 @@ class DiLoCo:
             "num_shards": self.num_shards,
         }
 
-    def _buffer_numel(self, f: _Fragment) -> int:
-        return sum(self.model.get_buffer(n).numel() for n in f.buffers)
-
     def _flatten(self, params: list[nn.Parameter]) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).to(self.outer_device, torch.float32) for p in params])
 
@@ -508,7 +505,7 @@ class DiLoCo:
         work = self.group.all_reduce_mean(delta, self.codec, self.reduce, tag=self.step_count)
         inf = _InFlight(work, self.step_count, due, delta, norm, final)
         if f.buffers:
-            self._send_buffers(inf, self._flat_buffers(f))
+            self._send_buffers(inf, self._buffer_delta(f))
         f.last_send = self.step_count
         inf.send_s = time.perf_counter() - t0
         self._inflight[p] = inf
@@ -529,16 +526,23 @@ class DiLoCo:
         for buf, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
             yield buf, v.view(buf.shape).to(buf.device, buf.dtype, non_blocking=True)
 
-    def _send_buffers(self, inf: _InFlight, flat: torch.Tensor) -> None:
-        """Start the mean of a fragment's buffers beside its pseudo-gradient (fp32: running
-        statistics are values, not small differences a 4-bit code could carry)."""
-        inf.buffers_sent = flat
-        inf.buffers = self.group.all_reduce_mean(flat, _BUFFER_CODEC, self.reduce, tag=inf.send_step)
+    def _buffer_delta(self, f: _Fragment) -> torch.Tensor:
+        """How far the fragment's buffers moved from their global values. Their mean is exchanged,
+        not the values': a buffer equal on every replica (a constant table) stays bit for bit,
+        where a mean of M equal values can be off by an ulp (about 15% of random fp32 values at
+        M = 3) and would drift a little every round."""
+        return self._flat_buffers(f) - f.global_buffers
+
+    def _send_buffers(self, inf: _InFlight, delta: torch.Tensor) -> None:
+        """Start the mean of a fragment's :meth:`_buffer_delta` beside its pseudo-gradient (fp32:
+        running statistics are values, not small differences a 4-bit code could carry)."""
+        inf.buffers_sent = delta
+        inf.buffers = self.group.all_reduce_mean(delta, _BUFFER_CODEC, self.reduce, tag=inf.send_step)
 
     def _apply_buffers(self, f: _Fragment, inf: _InFlight) -> int:
-        """Keep the mean of the fragment's buffers as their global values and merge it into the
-        model (as the parameters: ``alpha``); returns the bytes the buffers' reduce sent."""
-        f.global_buffers = inf.buffers.wait()
+        """Move the fragment's global buffers by the mean delta (its buffers' mean) and merge them
+        into the model (as the parameters: ``alpha``); returns the bytes the buffers' reduce sent."""
+        f.global_buffers = f.global_buffers + inf.buffers.wait()
         with torch.no_grad():
             for buf, m in self._buffer_views(f, f.global_buffers):
                 if self.alpha == 0.0:
