@@ -519,6 +519,10 @@ def test_running_statistics_in_flight_resume_bit_for_bit_and_can_be_left_apart(c
     for a, b in zip(models, models2):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
+    models[0].table = torch.zeros(65)  # a buffer that grew: named, not a shape error
+    with pytest.raises(RuntimeError, match=r"'table': \(65,\).* hold 74 values, 73 when DiLoCo was built"):
+        run(models, opts, dil, range(14, 20))
+
     with caplog.at_level("WARNING", logger="lowcomm.optim.diloco"):  # sync_buffers=False: said once
         models, opts, dil = _norm_replicas(2, sync_buffers=False, **kw)
     warned = [r.getMessage() for r in caplog.records if "buffers" in r.getMessage()]

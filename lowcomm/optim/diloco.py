@@ -530,8 +530,20 @@ class DiLoCo:
         """How far the fragment's buffers moved from their global values. Their mean is exchanged,
         not the values': a buffer equal on every replica (a constant table) stays bit for bit,
         where a mean of M equal values can be off by an ulp (about 15% of random fp32 values at
-        M = 3) and would drift a little every round."""
-        return self._flat_buffers(f) - f.global_buffers
+        M = 3) and would drift a little every round.
+
+        Raises:
+            RuntimeError: a buffer changed size since the wrapper was built (a cache that grows).
+        """
+        flat = self._flat_buffers(f)
+        if flat.numel() != f.global_buffers.numel():
+            shapes = {n: tuple(self.model.get_buffer(n).shape) for n in f.buffers}
+            raise RuntimeError(
+                f"DiLoCo step {self.step_count}: buffers {shapes} hold {flat.numel()} values, "
+                f"{f.global_buffers.numel()} when DiLoCo was built; synchronized buffers keep their "
+                "size (pass sync_buffers=False for a model whose buffers grow)"
+            )
+        return flat - f.global_buffers
 
     def _send_buffers(self, inf: _InFlight, delta: torch.Tensor) -> None:
         """Start the mean of a fragment's :meth:`_buffer_delta` beside its pseudo-gradient (fp32:
