@@ -284,7 +284,7 @@ class WorkerAgent:
         self._stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join(5)
-        if leave:
+        if leave and not self._main.key_rejected:  # (a coordinator of another key cannot hear it)
             try:
                 self._main.request(
                     "leave", {"worker_id": self.worker_id, "finished": finished}, timeout_s=2.0

@@ -19,6 +19,10 @@ __all__ = ["CoordinatorClient"]
 
 log = logging.getLogger(__name__)
 
+#: seconds a request waits for a signed reply once the coordinator said it cannot verify this
+#: client's key (an unsigned notice: the job's key would be needed to sign it)
+KEY_REJECTED_WAIT_S = 1.0
+
 
 class CoordinatorClient:
     """Request/reply client of a coordinator (not thread-safe: one per thread).
@@ -57,6 +61,11 @@ class CoordinatorClient:
         self.inst: str | None = None  # the coordinator process last heard from
         self._key_rejected = False
 
+    @property
+    def key_rejected(self) -> bool:
+        """Whether the coordinator said it cannot verify this client's key (and sent no reply)."""
+        return self._key_rejected
+
     def _send(self, kind: str, body: dict, epoch: int) -> str:
         self._seq = max(self._seq + 1, time.time_ns())
         frames = serialize(
@@ -70,7 +79,7 @@ class CoordinatorClient:
         if not self._sock.poll(max(int(timeout_s * 1000), 0)):
             return None
         frames = self._sock.recv_multipart()
-        if frames == [MAGIC, KEY_REJECTED]:  # unsigned: only a reason to report if no reply comes
+        if frames == [MAGIC, KEY_REJECTED]:  # unsigned: a reason to report if no reply comes soon
             self._key_rejected = True
             return None
         try:
@@ -98,6 +107,8 @@ class CoordinatorClient:
         end = time.monotonic() + timeout_s
         while True:
             reply = self._recv(end - time.monotonic())
+            if self._key_rejected:  # a signed reply still wins if one comes within KEY_REJECTED_WAIT_S
+                end = min(end, time.monotonic() + KEY_REJECTED_WAIT_S)
             if reply is None:
                 if time.monotonic() >= end:
                     if self._key_rejected:
