@@ -110,9 +110,6 @@ def main() -> None:
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )
         group.close()
-        if sc.get("leave") and sc.get("short_rank") == topo.rank:  # done: gone, as a finished script is
-            sys.stdout.flush()
-            os._exit(0)
     # every rank past its last collective before any tears its groups down (rank 0 hosts the store);
     # then out without the interpreter's shutdown, where gloo's threads can abort a process (seen
     # once in 2x2 DDP: "terminate called without an active exception"), as `lowcomm train` does

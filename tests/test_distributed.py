@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,19 +189,19 @@ def test_replicas_started_apart_are_made_alike_or_refused_by_name(tmp_path):
 def test_replicas_out_of_step_are_refused_naming_the_steps_and_a_finished_peer_is_named(tmp_path):
     """Rank 1 trains 3 steps and syncs what is left, rank 0 trains 6: their second rounds are of
     steps 3 and 4, refused on both with the steps named (they used to be averaged silently). Then
-    rank 1 trains 4 steps, closes its group and exits while rank 0 goes on: rank 0 is told rank 1
-    finished, not that it died."""
+    rank 1 trains 4 steps and closes its group while rank 0 goes on: rank 0 is told at once (not
+    at its 60 s timeout) that rank 1 finished, not that it died."""
     uneven = {"name": "uneven", "steps": 6, "diloco": {"sync_every": 2}, "short_rank": 1, "short_steps": 3}
     res = _launch(tmp_path, [{**uneven, "finish": True}], replicas=2)
     assert res.returncode == 4
     for r in range(2):  # every replica refuses the round, by the same rule
         err = (tmp_path / f"uneven.rank{r}.err").read_text()
         assert "out of step (replica(s) [1] at step 3, replica(s) [0] at step 4)" in err, err
-    # rank 1 leaves once done (it waited in a barrier before, which could time out before rank 0's
-    # round did and end the job with its own code)
+    # rank 1 then waits in the final barrier (60 s): rank 0 is told at once, not at its timeout
     short = {"name": "short", "steps": 8, "diloco": {"sync_every": 2}, "short_rank": 1, "short_steps": 4}
-    res = _launch(tmp_path, [{**short, "leave": True}], replicas=2, env={"TEST_TIMEOUT": "10"})
-    assert res.returncode == 4
+    t0 = time.monotonic()
+    res = _launch(tmp_path, [short], replicas=2, env={"TEST_TIMEOUT": "60"})
+    assert res.returncode == 4 and time.monotonic() - t0 < 30
     err = (tmp_path / "short.rank0.err").read_text()
     assert "replica 1 finished after 2 collective(s): the replicas ran different numbers of steps" in err, err
     assert "never entered" not in err

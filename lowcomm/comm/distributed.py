@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Protocol
@@ -157,20 +158,63 @@ class LinkEmulator:
         return self.latency + (nbytes * 8 / self.bandwidth if self.bandwidth != float("inf") else 0.0)
 
 
+#: seconds between a waiting replica's looks at whether a peer closed its group
+FINISHED_POLL_S = 0.5
+
+
+class _CommThread:
+    """The one thread that runs a group's collectives, in order. A daemon: a collective stuck on
+    a peer that died or finished must not hold the interpreter's exit (a ThreadPoolExecutor's
+    threads are joined at exit, so a failed job waited out the process group's timeout)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # handed to the waiter
+                    future.set_exception(e)
+
+    def shutdown(self, wait: bool) -> None:
+        """Stop after the queued collectives (``wait``: until they are done)."""
+        self._jobs.put(None)
+        if wait:
+            self._thread.join()
+
+
 class _DistWork(Work):
-    def __init__(self, future: Future, timeout: float | None, stats: ReduceStats, describe):
+    def __init__(self, future: Future, group: DistributedGroup, seq: int, stats: ReduceStats):
         super().__init__(stats)
-        self._future, self._timeout, self._describe = future, timeout, describe
+        self._future, self._group, self._seq = future, group, seq
 
     def wait(self) -> torch.Tensor:
         """The mean; on CUDA the caller's stream is made to wait for the communication stream (no
-        host sync beyond the communication thread's own hand-over)."""
+        host sync beyond the communication thread's own hand-over).
+
+        Raises:
+            CollectiveError: the collective failed, gave no result within the group's timeout,
+                or a replica closed its group without entering it (told within about
+                :data:`FINISHED_POLL_S`, not at the timeout), naming the replicas that never
+                entered it.
+        """
         if self._result is None:
             t0 = time.perf_counter()
             try:
-                result, sent, done = self._future.result(timeout=self._timeout)
-            except FutureTimeout:
-                raise CollectiveError(self._describe(f"no result within {self._timeout}s")) from None
+                result, sent, done = self._outcome()
+            except CollectiveError:
+                self._group._failed = True  # its thread may be stuck in it: close() does not wait
+                raise
             if done is not None:
                 stream = torch.cuda.current_stream(result.device)
                 stream.wait_event(done)
@@ -178,6 +222,25 @@ class _DistWork(Work):
             self._complete(result, sent)
             self.stats.wait_s += time.perf_counter() - t0
         return self._result
+
+    def _outcome(self):
+        g, timeout = self._group, self._group.timeout
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if end is None else max(end - time.monotonic(), 0.0)
+            try:  # with a store, look between short waits for a replica that closed its group
+                return self._future.result(
+                    timeout=left if g.store is None else min(FINISHED_POLL_S, left or FINISHED_POLL_S)
+                )
+            except FutureTimeout:
+                if end is not None and time.monotonic() >= end:
+                    raise CollectiveError(
+                        g._describe_failure(self._seq, f"no result within {timeout}s")
+                    ) from None
+                if g._closed_before(self._seq):
+                    raise CollectiveError(
+                        g._describe_failure(self._seq, "a replica closed its group without entering it")
+                    ) from None
 
 
 class DistributedGroup(ReplicaGroup):
@@ -232,13 +295,14 @@ class DistributedGroup(ReplicaGroup):
         self.guard = Sealer(guard) if guard is not None else None
         self._seq = 0
         self._lock = threading.Lock()
-        self._pool_: ThreadPoolExecutor | None = None
+        self._pool_: _CommThread | None = None
+        self._failed = False  # a collective failed: its thread may never come back
         self._stream = None  # the communication stream, for CUDA buffers
 
     @property
-    def _pool(self) -> ThreadPoolExecutor:
+    def _pool(self) -> _CommThread:
         if self._pool_ is None:
-            self._pool_ = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lowcomm-{self.name}")
+            self._pool_ = _CommThread(f"lowcomm-{self.name}")
         return self._pool_
 
     @property
@@ -250,13 +314,15 @@ class DistributedGroup(ReplicaGroup):
         return self._size
 
     def close(self) -> None:
-        """Finish queued collectives, stop the communication thread, and mark this replica
-        finished in the store (a peer still waiting for it is told it finished, not that it died)."""
+        """Finish queued collectives (unless one failed), stop the communication thread, and mark
+        this replica finished in the store: a peer waiting for it is told, within about
+        :data:`FINISHED_POLL_S`, that it finished, not that it died."""
         if self._pool_ is not None:
-            self._pool_.shutdown(wait=True)
+            self._pool_.shutdown(wait=not self._failed)
         if self.store is not None:
             try:
                 self.store.set(f"lowcomm/{self.name}/finished/{self._rank}", str(self._seq))
+                self.store.add(f"lowcomm/{self.name}/finished", 1)  # one key for the waiters to watch
             except Exception as e:  # the store's host may be gone at the end of a job
                 log.info("could not mark replica %d finished: %s", self._rank, e)
 
@@ -341,7 +407,7 @@ class DistributedGroup(ReplicaGroup):
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buffer.device))
         future = self._pool.submit(self._run, buffer, codec, method, seq, stats, ready, tag)
-        return _DistWork(future, self.timeout, stats, lambda why: self._describe_failure(seq, why))
+        return _DistWork(future, self, seq, stats)
 
     def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         out = torch.empty(sum(out_splits), dtype=torch.uint8, device=inp.device)
@@ -405,6 +471,21 @@ class DistributedGroup(ReplicaGroup):
         if gone:
             msg += f"; replica(s) {gone} never entered it (dead, hung or partitioned)"
         return msg
+
+    def _closed_before(self, seq: int) -> bool:
+        """Whether a replica closed its group having run no more than ``seq`` collectives (so it
+        never enters collective ``seq``): one look at a counter, the replicas' own keys only when
+        some replica has closed."""
+        try:
+            if self.store is None or int(self.store.add(f"lowcomm/{self.name}/finished", 0)) == 0:
+                return False
+        except Exception:  # the store may be gone at the end of a job
+            return False
+        return any(
+            (n := self._finished_after(r)) is not None and n <= seq
+            for r in range(self._size)
+            if r != self._rank
+        )
 
     def _finished_after(self, rank: int) -> int | None:
         """How many collectives replica ``rank`` ran before it closed the group (None: not closed)."""
