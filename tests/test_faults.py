@@ -69,6 +69,10 @@ def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
         ({"kind": "kill", "target": "rank:4", "at_step": 2}, r"out of range: rank in \[0, 3\]"),
         ({"kind": "kill", "target": "replica:2", "at_step": 2}, r"out of range: replica in \[0, 1\]"),
         ({"kind": "hang", "target": "rank:0", "at_step": 101}, "past the job's last step 100"),
+        (
+            {"kind": "kill", "target": "rank:0", "at_step": 5, "restart": False},
+            "restarted, all of it, by its",
+        ),
     ],
 )
 def test_a_static_job_refuses_what_only_an_elastic_job_can_inject(fault, message):

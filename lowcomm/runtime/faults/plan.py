@@ -277,6 +277,11 @@ class FaultPlan:
                 )
             if f.at_round is not None:
                 raise ValueError(f"{where}: at_round needs an elastic job's numbered rounds; use at_step")
+            if not f.restart:
+                raise ValueError(
+                    f"{where}: restart=false is the chaos runner's; a static job is restarted, all of "
+                    "it, by its launcher (lowcomm launch --max-restarts / torchrun --max-restarts)"
+                )
             if f.hook not in STATIC_HOOKS:
                 raise ValueError(
                     f"{where}: where={f.hook!r} needs an elastic job; a static job's hook points are "
