@@ -327,6 +327,7 @@ def test_a_launched_job_under_a_fault_plan_restarts_and_resumes_bit_for_bit(tmp_
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in res.stderr
+    assert "the job ended with exit code 0 after 1 restart(s)" in res.stderr
     assert "checkpoint at step 30 failed (the previous one is intact)" in res.stderr
     fired = [json.loads(line) for line in (run_dir / "faults-rank1.jsonl").read_text().splitlines()]
     assert [(f["id"], f["fault"], f["step"]) for f in fired] == [(0, "checkpoint-fail", 30), (1, "kill", 37)]

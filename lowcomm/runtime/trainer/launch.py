@@ -60,6 +60,8 @@ def launch(
         if code in (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED) or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
+            elif attempt:
+                log.warning("the job ended with exit code %d after %d restart(s)", code, attempt)
             return code
         attempt += 1
         log.error(
