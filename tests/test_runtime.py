@@ -336,6 +336,28 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     assert attempts() == ["0", "0"]
 
 
+def test_launch_terminated_stops_its_processes(tmp_path):
+    """SIGTERM to `lowcomm launch` (a scheduler stopping the job) stops its processes too: none
+    outlives it, and it exits with 143."""
+    import signal
+    import subprocess
+    import time
+
+    note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
+    job = [sys.executable, "-c", f"import os, time; {note}; time.sleep(120)"]
+    launcher = subprocess.Popen([sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job])
+    pids = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(30) == 143
+    for p in pids:  # gone (and reaped by the launcher)
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
+
+
 def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monkeypatch, capsys):
     """A peer that died or hung fails the round: the process says so in one line (no traceback)
     and leaves with code 1, which a launcher with --max-restarts restarts."""

@@ -36,6 +36,8 @@ class ExitCode(enum.IntEnum):
     JOB_FINISHED = 3
     #: interrupted by the user (SIGINT)
     INTERRUPTED = 130
+    #: terminated (SIGTERM, as a scheduler stops a job): ``lowcomm launch`` stopped its processes too
+    TERMINATED = 143
 
 
 class CoordinatorError(RuntimeError):

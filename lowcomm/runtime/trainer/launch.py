@@ -7,7 +7,8 @@ are stopped and its exit code is returned. With ``--max-restarts N`` a failed jo
 again, all of it, up to N times, as torchrun does (TORCHELASTIC_RESTART_COUNT counts the
 restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues from its
 checkpoints. A refusal of the input (exit code 2) and an interrupt are not restarted: a restart
-would meet them again.
+would meet them again. SIGTERM to the launcher (a scheduler stopping the job) stops its processes
+as Ctrl-C does, so none outlives it (exit code 143).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 
 from ..._checks import refuse
@@ -51,13 +53,36 @@ def launch(
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # (signal handlers live there only)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _attempts(
+            command, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached the launcher (raised in its main thread by :func:`_terminate`)."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one must not cut the ranks' stop short)
+    raise _Terminated()
+
+
+_FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+
+
+def _attempts(command, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int) -> int:
     attempt = 0
     while True:
         env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
-        code = _run_once(
-            command, replicas * procs_per_replica, procs_per_replica, port or free_port(), env, grace_s
-        )
-        if code in (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED) or attempt == max_restarts:
+        code = _run_once(command, world, procs_per_replica, port or free_port(), env, grace_s)
+        if code in _FINAL or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
             elif attempt:
@@ -73,23 +98,10 @@ def _run_once(
     command: list[str], world: int, procs_per_replica: int, port: int, extra: dict, grace_s: float
 ) -> int:
     """One attempt: start every process, stop the others when one fails; returns the exit code."""
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
-            **extra,
-        }
-        procs.append(subprocess.Popen(command, env=env))
-    running = dict(enumerate(procs))
+    running: dict[int, subprocess.Popen] = {}
     code = 0
     try:
+        _start(command, world, procs_per_replica, port, extra, running)
         while running:
             for rank, p in list(running.items()):
                 rc = p.poll()
@@ -104,7 +116,30 @@ def _run_once(
     except KeyboardInterrupt:
         _stop(list(running.values()), grace_s)
         return ExitCode.INTERRUPTED
+    except _Terminated:
+        log.error("terminated (SIGTERM): stopping every rank")
+        _stop(list(running.values()), grace_s)
+        return ExitCode.TERMINATED
     return code
+
+
+def _start(
+    command: list[str], world: int, procs_per_replica: int, port: int, extra: dict, running: dict
+) -> None:
+    """Start the job's processes into ``running`` (rank -> process), each as soon as it exists."""
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
+            **extra,
+        }
+        running[rank] = subprocess.Popen(command, env=env)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
