@@ -186,7 +186,7 @@ class DiLoCo:
                     buffers=bufs,
                 )
             )
-            self._frags[-1].global_buffers = self._flat_buffers(self._frags[-1])
+            self._frags[-1].global_buffers = self._flatten(self._buffers(self._frags[-1]))
         self._inflight: dict[int, _InFlight] = {}
         self._rounds: list[RoundStats] = []
         # inner steps taken since the last step(): the ordering check (see step())
@@ -489,8 +489,10 @@ class DiLoCo:
             "num_shards": self.num_shards,
         }
 
-    def _flatten(self, params: list[nn.Parameter]) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to(self.outer_device, torch.float32) for p in params])
+    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` in one fp32 vector on the outer device (empty for none)."""
+        flat = [t.detach().reshape(-1).to(self.outer_device, torch.float32) for t in tensors]
+        return torch.cat(flat) if flat else torch.zeros(0, device=self.outer_device)
 
     def _views(self, f: _Fragment) -> list[torch.Tensor]:
         return [g.view(p.shape) for g, p in zip(torch.split(f.global_, f.numels), f.params)]
@@ -510,19 +512,14 @@ class DiLoCo:
         inf.send_s = time.perf_counter() - t0
         self._inflight[p] = inf
 
-    def _flat_buffers(self, f: _Fragment) -> torch.Tensor:
-        """The fragment's buffers in one fp32 vector on the outer device (empty without any)."""
-        return torch.cat(
-            [
-                self.model.get_buffer(n).detach().reshape(-1).to(self.outer_device, torch.float32)
-                for n in f.buffers
-            ]
-            or [torch.zeros(0, device=self.outer_device)]
-        )
+    def _buffers(self, f: _Fragment) -> list[torch.Tensor]:
+        """The fragment's buffers as the model holds them now (looked up by name: ``model.to()``
+        replaces buffer tensors, where it keeps parameter objects)."""
+        return [self.model.get_buffer(n) for n in f.buffers]
 
     def _buffer_views(self, f: _Fragment, flat: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, its values in ``flat``) for each of the fragment's buffers."""
-        bufs = [self.model.get_buffer(n) for n in f.buffers]
+        bufs = self._buffers(f)
         for buf, v in zip(bufs, torch.split(flat, [b.numel() for b in bufs])):
             yield buf, v.view(buf.shape).to(buf.device, buf.dtype, non_blocking=True)
 
@@ -535,9 +532,10 @@ class DiLoCo:
         Raises:
             RuntimeError: a buffer changed size since the wrapper was built (a cache that grows).
         """
-        flat = self._flat_buffers(f)
+        bufs = self._buffers(f)
+        flat = self._flatten(bufs)
         if flat.numel() != f.global_buffers.numel():
-            shapes = {n: tuple(self.model.get_buffer(n).shape) for n in f.buffers}
+            shapes = {n: tuple(b.shape) for n, b in zip(f.buffers, bufs)}
             raise RuntimeError(
                 f"DiLoCo step {self.step_count}: buffers {shapes} hold {flat.numel()} values, "
                 f"{f.global_buffers.numel()} when DiLoCo was built; synchronized buffers keep their "
