@@ -518,18 +518,22 @@ class Trainer:
 RUN_FORMAT = "lowcomm-run/1"
 
 
+def _process_file(cfg: TrainConfig, stem: str, suffix: str) -> Path:
+    """This process's own file in the run directory: run_dir/{stem}{suffix} for one process,
+    run_dir/{stem}-rank{RANK}{suffix} for each process of a job of several."""
+    rank = f"-rank{os.environ.get('RANK', '0')}" if is_distributed_env() else ""
+    return Path(cfg.run.run_dir) / f"{stem}{rank}{suffix}"
+
+
 def run_checkpoint_path(cfg: TrainConfig) -> Path:
-    """This process's checkpoint file in a static job: run_dir/checkpoint.lcs for one process,
-    run_dir/checkpoint-rank{RANK}.lcs for each process of a job of several."""
-    name = f"checkpoint-rank{os.environ.get('RANK', '0')}.lcs" if is_distributed_env() else "checkpoint.lcs"
-    return Path(cfg.run.run_dir) / name
+    """This process's checkpoint file in a static job (checkpoint[-rank<RANK>].lcs)."""
+    return _process_file(cfg, "checkpoint", ".lcs")
 
 
 def faults_path(cfg: TrainConfig) -> Path:
-    """Where a static job's process appends the faults it injected (JSON lines): run_dir/faults.jsonl
-    for one process, run_dir/faults-rank{RANK}.jsonl for each process of a job of several."""
-    name = f"faults-rank{os.environ.get('RANK', '0')}.jsonl" if is_distributed_env() else "faults.jsonl"
-    return Path(cfg.run.run_dir) / name
+    """Where a static job's process appends the faults it injected, as JSON lines
+    (faults[-rank<RANK>].jsonl)."""
+    return _process_file(cfg, "faults", ".jsonl")
 
 
 def injected_faults(path: Path) -> set[int]:
