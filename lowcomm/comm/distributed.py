@@ -228,10 +228,10 @@ class _DistWork(Work):
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if end is None else max(end - time.monotonic(), 0.0)
-            try:  # with a store, look between short waits for a replica that closed its group
-                return self._future.result(
-                    timeout=left if g.store is None else min(FINISHED_POLL_S, left or FINISHED_POLL_S)
-                )
+            if g.store is not None:  # look between short waits for a replica that closed its group
+                left = FINISHED_POLL_S if left is None else min(FINISHED_POLL_S, left)
+            try:
+                return self._future.result(timeout=left)
             except FutureTimeout:
                 if end is not None and time.monotonic() >= end:
                     raise CollectiveError(
