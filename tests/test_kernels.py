@@ -763,15 +763,21 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
     assert len(launches) == 2
 
 
-def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input():
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
+def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input(scaling):
+    """One copy (evaluation; a backward wanting only dx or only dW) in either scaling: the bytes
+    and scale of that copy, nothing written for the other (tensorwise once wrote its scale into
+    the empty buffer of the copy not made: a segfault here, an illegal address on a GPU)."""
     _needs_triton()
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
 
     x = torch.randn(48, 32)
-    q, s, qt, st = fp8_quantize_dual(x, rows=False)
-    assert q is None and s is None and _same_fp8(qt, quantize_fp8(x, "e4m3", "rowwise", axis=0)[0].t())
-    q, s, qt, st = fp8_quantize_dual(x, cols=False)
-    assert qt is None and st is None and _same_fp8(q, quantize_fp8(x, "e4m3", "rowwise")[0])
+    dq, ds = quantize_fp8(x, "e4m3", scaling, axis=0)
+    q, s, qt, st = fp8_quantize_dual(x, scaling=scaling, rows=False)
+    assert q is None and s is None and _same_fp8(qt, dq.t()) and torch.equal(st.reshape(-1), ds.reshape(-1))
+    dq, ds = quantize_fp8(x, "e4m3", scaling)
+    q, s, qt, st = fp8_quantize_dual(x, scaling=scaling, cols=False)
+    assert qt is None and st is None and _same_fp8(q, dq) and torch.equal(s.reshape(-1), ds.reshape(-1))
     with pytest.raises(ValueError, match="scaling must be one of"):
         fp8_quantize_dual(x, scaling="blockwise")
     with pytest.raises(ValueError, match="elem must be"):
@@ -1048,6 +1054,40 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-5  # rowwise writes bf16
     for name, r, t in zip(("y", "dx", "dW"), *outs):
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed"])
+def test_an_fp8_layer_that_needs_one_copy_of_a_tensor_makes_it_right(recipe, monkeypatch):
+    """Evaluation (no_grad: only fprop's copies), a frozen weight (dgrad only: dy's rows) and an
+    input that wants no gradient (wgrad only: dy's columns) on a pretend sm_90, the Triton quantize
+    making one copy of a tensor: each equals the emulated layer up to the output's rounding. The
+    tensorwise quantize once wrote its scale into the empty buffer of the copy not made: an
+    illegal address on the H200 that ended every fp8 training run at its first evaluation (a
+    segfault here)."""
+    _needs_triton()
+    dev = _pretend_hopper(monkeypatch)
+    torch.manual_seed(8)
+    ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated", device=dev)
+    fast = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm", device=dev)
+    fast.load_state_dict(ref.state_dict())
+    x = (torch.randn(2, 24, 64) * torch.logspace(-1, 1, 64)).to(dev)
+    gy = torch.randn(2, 24, 96).to(dev)
+    tol = 2**-7 if recipe == "fp8_rowwise" else 1e-5  # rowwise writes bf16
+
+    def close(got, want, name):
+        assert float((got - want).abs().max() / want.abs().max()) < tol, name
+
+    with torch.no_grad():
+        close(fast(x), ref(x), "evaluation")
+    for wants in ("dx", "dW"):
+        grads = []
+        for layer in (ref, fast):
+            layer.weight.requires_grad_(wants == "dW")
+            xi = x.clone().requires_grad_(wants == "dx")
+            layer(xi).backward(gy)
+            grads.append(xi.grad if wants == "dx" else layer.weight.grad)
+        close(grads[1], grads[0], wants)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

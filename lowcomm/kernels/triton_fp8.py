@@ -25,7 +25,8 @@ columns) takes the slice's maxima, then casts it, the second loop reading the sl
 
 :func:`fp8_quantize_scaled` is the one-pass form for delayed scaling: the tensorwise scale is
 known before the tensor is read (from earlier steps' maxima), so the cast pass alone makes both
-copies and records this tensor's maximum on the way (the same kernel, ``RECORD``).
+copies (the same kernel, ``GIVEN``) and, in a training step, records this tensor's maximum on
+the way (``RECORD``).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -116,31 +117,36 @@ if HAVE_TRITON:
         TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        GIVEN: tl.constexpr,
         RECORD: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         # one tile read once; ROWS writes q (R, C) scaled per row (or by the tensor's scale), COLS
         # writes qt (C, R) = the tile transposed, scaled per column of x (or by the tensor's scale).
-        # RECORD (tensorwise, a scale given in advance in row_scale_ptr): |x|'s maximum into
-        # amax_ptr, as the amax kernel keeps it (atomic max on the bits), the same read. Otherwise
+        # GIVEN (tensorwise, a scale given in advance in row_scale_ptr, written nowhere): with
+        # RECORD also |x|'s maximum into amax_ptr, as the amax kernel keeps it (atomic max on the
+        # bits), the same read; without, amax_ptr is not touched (evaluation). Otherwise
         # (dynamic scaling) amax_ptr holds the amax kernel's maxima (R + C of them rowwise: rows
         # first; one tensorwise) and the kernel takes the scales from them, the programs of the
         # first block column writing the rows' scales into row_scale_ptr, those of the first block
         # row the columns' into col_scale_ptr (program (0, 0) both, tensorwise)
         rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
-        if RECORD:
+        if GIVEN:
             s = tl.load(row_scale_ptr)
             s_row = s
             s_col = s
-            tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+            if RECORD:
+                tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
         elif TENSOR:
             s = _fp8_scale_of(tl.load(amax_ptr), MAXV)
             s_row = s
             s_col = s
             if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-                tl.store(row_scale_ptr, s)
-                tl.store(col_scale_ptr, s)
+                if ROWS:  # a copy not made has no scale to write (its buffer is empty)
+                    tl.store(row_scale_ptr, s)
+                if COLS:
+                    tl.store(col_scale_ptr, s)
         else:
             s_row = _fp8_scale_of(tl.load(amax_ptr + rows, mask=rows < R, other=0), MAXV)
             s_col = _fp8_scale_of(tl.load(amax_ptr + R + cols, mask=cols < C, other=0), MAXV)
@@ -331,7 +337,7 @@ def _fp8_quantize_dual(
                 x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
             )  # fmt: skip
         # the scales are taken from the maxima by the cast kernel, which writes them out
-        _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, False, cfg)
+        _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, False, False, cfg)
     else:  # nothing to read: every maximum is 0, so every scale is 1
         s_rows.fill_(1.0)
         s_cols.fill_(1.0)
@@ -345,16 +351,17 @@ def _format(elem: str) -> dict:
     return {k: fmt[k] for k in ("MAXV", "MBITS", "MIN_NORMAL", "SUB_C", "E5M2", "NAN_BYTE")}
 
 
-def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, record, cfg) -> None:
-    """The cast kernel over (R, C) x: q and/or qt written, maxima into ``amax`` if ``record``."""
+def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given, record, cfg) -> None:
+    """The cast kernel over (R, C) x: q and/or qt written; ``given``: by the scale in ``s_rows``
+    (tensorwise), maxima into ``amax`` if ``record``; else by the scales from the maxima in ``amax``."""
     R, C = x.shape
     grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
     with on_device(x):
         _fp8_cast_kernel[grid](
             x,
-            s_rows,
-            s_cols,
-            q if rows else qt,  # stands in for the copy not written
+            s_rows if rows else s_cols,  # stand in for the copy not written (never written)
+            s_cols if cols else s_rows,
+            q if rows else qt,
             qt if cols else q,
             amax,
             R,
@@ -363,6 +370,7 @@ def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, recor
             TENSOR=tensor,
             ROWS=rows,
             COLS=cols,
+            GIVEN=given,
             RECORD=record,
             **cfg,
         )
@@ -476,8 +484,8 @@ def _fp8_quantize_scaled(x, scale, amax, index: int, elem: str, rows: bool, cols
     q = torch.empty(shapes[0], dtype=torch.uint8, device=x.device)
     qt = torch.empty(shapes[2], dtype=torch.uint8, device=x.device)
     if R and C:  # the maxima as int32 bits: non-negative floats' bits order like the floats
-        bits = amax.view(torch.int32)[index:]
-        _launch_cast(x, scale, scale, q, qt, bits, elem, True, rows, cols, record, cfg)
+        bits = amax.view(torch.int32)[index:] if record else amax.view(torch.int32)  # not read
+        _launch_cast(x, scale, scale, q, qt, bits, elem, True, rows, cols, True, record, cfg)
     empty = scale.new_empty(0)
     return (
         q.view(ELEM_FORMATS[elem].dtype),
@@ -561,7 +569,7 @@ def static_specs() -> list:
         amax_ptrs = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32"}
         specs.append(spec(f"fp8_quantize_dual amax ({scaling}, bf16)", _fp8_amax_kernel, amax_ptrs, flags))
         name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
-        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "RECORD": False}))
+        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "GIVEN": False, "RECORD": False}))
     for rows in (True, False):
         name = f"fp8_quantize_dual one copy ({'rows' if rows else 'columns'}, rowwise, bf16 to e4m3)"
         cfg = FP8_ONE_COPY_CUDA[rows]
@@ -569,6 +577,6 @@ def static_specs() -> list:
         ptrs = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "q_ptr": "*u8"}
         specs.append(spec(name, _fp8_one_copy_kernel, ptrs, consts, cfg["num_warps"]))
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
-    flags = dict(TENSOR=True, ROWS=True, COLS=True, RECORD=True, **tiles)
+    flags = dict(TENSOR=True, ROWS=True, COLS=True, GIVEN=True, RECORD=True, **tiles)
     specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
     return specs
