@@ -8,7 +8,9 @@
 # 110 s, the throughput what is left but 120 s, the kernels the rest; what a section leaves unused
 # goes to the next; the two benchmarks write their JSON after every part):
 #   1. env.txt         versions, the device, each section's exit code and seconds
-#   2. tests.txt       the kernel and GPU-trainer tests on the GPU
+#   2. tests.txt       the kernel tests on the GPU; train_tests.txt the GPU trainer's, in a
+#                      process of their own at the same time (a kernel that faults poisons its
+#                      process's CUDA context: every later test in it fails)
 #   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
 #                      Streaming) at both sizes, two processes on the GPU, bf16 vs fp32 loss
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
@@ -39,7 +41,7 @@ section() {  # name, seconds, command...: run it bounded, log its exit code and 
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The GPU trainer's tests first (every recipe trains on the GPU), then the kernel tests. Left to
+# The GPU trainer's tests (every recipe trains on the GPU) and the kernel tests at once. Left to
 # CI (CPU): the layers' torch.compile tests (on a GPU each compiles Inductor kernels for tens of
 # seconds, more than this section's share of the 7 minutes); the tensorboard sink's test (a [dev]
 # extra, absent from GPU images); the count of the layers' host operations (a CPU count on a
@@ -48,15 +50,26 @@ cat "$OUT/env.txt"
 # a time-out still shows which passed and failed; no -x: one slot shows every failure. The MX
 # quantize's tiles are pinned here (LOWCOMM_AUTOTUNE=0: the tests run every candidate tile by
 # name); the kernels section runs it autotuned and records the tiles taken.
-LOWCOMM_AUTOTUNE=0 section tests "${TEST_TIMEOUT:-110}" python -m pytest -v -rfE --tb=short -p no:cacheprovider \
-  -k "not compiles_whole and not tensorboard and not few_operations" \
-  tests/test_gpu_train.py tests/test_kernels.py > "$OUT/tests.txt" 2>&1
-grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/tests.txt" | sed 's/^/tests with an outcome: /'
-grep -E " FAILED| ERROR" "$OUT/tests.txt" | head -20
-tail -5 "$OUT/tests.txt"
+gpu_tests() {  # the two files at once, each in its own process
+  local pytest=(python -m pytest -v -rfE --tb=short -p no:cacheprovider)
+  LOWCOMM_AUTOTUNE=0 "${pytest[@]}" tests/test_gpu_train.py > "$OUT/train_tests.txt" 2>&1 &
+  LOWCOMM_AUTOTUNE=0 "${pytest[@]}" -k "not compiles_whole and not tensorboard and not few_operations" \
+    tests/test_kernels.py > "$OUT/tests.txt" 2>&1
+  local rc=$?
+  wait $! || rc=$?
+  return $rc
+}
+export -f gpu_tests
+export OUT
+section tests "${TEST_TIMEOUT:-110}" bash -c gpu_tests
+for f in train_tests.txt tests.txt; do
+  grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/$f" | sed "s/^/$f: tests with an outcome: /"
+  grep -E " FAILED| ERROR" "$OUT/$f" | head -20
+  tail -3 "$OUT/$f"
+done
 
-section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py --two-process --loss-check \
-  --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process --loss-check} \
+  --sizes "${SIZES:-small,large}" --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
 cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 
 section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \
