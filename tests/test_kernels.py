@@ -285,9 +285,10 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
             tq._tuned_kernel()
         except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
             pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
     x = torch.randn(64, 96)
     for shape_runs, y in ((1, x), (1, x * 2), (2, torch.randn(32, 64))):
-        rq, rs, cq, cs = tq.mx_quantize_dual(y)
+        rq, rs, cq, cs = (t.cpu() for t in tq.mx_quantize_dual(y.to(dev)))
         assert len(timed) == shape_runs * len(tq.QUANTIZE_CUDA_CONFIGS)
         assert tq.last_tuned_config() == tq.QUANTIZE_CUDA_CONFIGS[-1]
         d_r, s_r = quantize_mx(y, axis=-1)

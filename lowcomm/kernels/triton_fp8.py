@@ -569,7 +569,9 @@ def static_specs() -> list:
         amax_ptrs = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32"}
         specs.append(spec(f"fp8_quantize_dual amax ({scaling}, bf16)", _fp8_amax_kernel, amax_ptrs, flags))
         name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
-        specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "GIVEN": False, "RECORD": False}))
+        specs.append(
+            spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "GIVEN": False, "RECORD": False})
+        )
     for rows in (True, False):
         name = f"fp8_quantize_dual one copy ({'rows' if rows else 'columns'}, rowwise, bf16 to e4m3)"
         cfg = FP8_ONE_COPY_CUDA[rows]
