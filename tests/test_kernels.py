@@ -1331,6 +1331,70 @@ def test_a_delayed_scaling_layer_compiles_whole_and_matches_eager(monkeypatch):
             torch.testing.assert_close(t, r, rtol=1e-6, atol=0, msg=f"step {step}: {name}")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise"])
+def test_an_fp8_qmatmul_quantizes_each_operand_in_triton_reading_transposed_views_in_place(
+    recipe, monkeypatch
+):
+    """qmatmul's fp8 GEMM on a pretend sm_90: each operand quantized along K by one Triton quantize
+    (the H200 measured the torch ops it used at 0.13 TB/s, a tenth of the kernel's), a transposed
+    view (a weight's ``W.t()``, wgrad's ``dyᵀ``) read in place as its transpose's other copy; the
+    product equals the torch-quantized one exactly (the same bytes and scales), and K = 40 is
+    padded as before."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    dev = _pretend_hopper(monkeypatch)
+    torch.manual_seed(4)
+    calls = []
+    dual = triton_fp8.fp8_quantize_dual
+    monkeypatch.setattr(
+        triton_fp8, "fp8_quantize_dual", lambda x, *a, **k: calls.append(k) or dual(x, *a, **k)
+    )
+    a = (torch.randn(48, 96) * torch.logspace(-2, 2, 96)).to(dev)
+    b = torch.randn(96, 64).to(dev)
+    for x, y in ((a, b), (a.t().contiguous().t(), b.t().contiguous().t()), (a[:, :40], b[:40])):
+        calls.clear()
+        got = qmatmul(x, y, recipe, backend="scaled_mm")
+        assert len(calls) == 2, calls
+        with monkeypatch.context() as m:
+            m.setattr(gemm, "_triton_runs_on", lambda device: False)
+            want = qmatmul(x, y, recipe, backend="scaled_mm")
+        assert torch.equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("b_tile", ["1x128", "128x128"])
+def test_an_mxfp8_fast_qmatmul_makes_one_blockwise_copy_per_operand(b_tile, monkeypatch):
+    """qmatmul's mxfp8_fast GEMM through the blockwise _scaled_mm on a pretend sm_90: one
+    mx_fast_quantize_dual copy per operand, nothing MX-quantized or regrouped in torch ops (the H200
+    measured that path at 0.16-0.50x bf16), M and N padded to whole blocks, a transposed view of
+    ``a`` read in place; the product equals the per-GEMM regrouping's exactly."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_quantize as tq
+
+    dev = _pretend_hopper(monkeypatch)
+    monkeypatch.setattr(gemm, "_blockwise_scaled_mm_works", lambda device: True)
+    torch.manual_seed(5)
+    calls = []
+    fast = tq.mx_fast_quantize_dual
+    monkeypatch.setattr(
+        tq, "mx_fast_quantize_dual", lambda x, *a, **k: calls.append(x.shape) or fast(x, *a, **k)
+    )
+    a = (torch.randn(128, 256) * torch.logspace(-2, 2, 256)).to(dev)
+    b = torch.randn(256, 208).to(dev)
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (a[:100], b)):
+        calls.clear()
+        got = qmatmul(x, y, "mxfp8_fast", backend="scaled_mm", b_tile=b_tile)
+        assert len(calls) == 2 and got.shape == (x.shape[0], 208), calls
+        with monkeypatch.context() as m:
+            m.setattr(gemm, "_triton_runs_on", lambda device: False)
+            want = qmatmul(x, y, "mxfp8_fast", backend="scaled_mm", b_tile=b_tile)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("tokens", [24, 20])
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8"])
 def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, tokens, monkeypatch):

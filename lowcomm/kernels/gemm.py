@@ -512,8 +512,12 @@ def _scaled_mm(
 ) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
-        fast = _fast_operands(*_mx_operands(a, b, elem_a, elem_b, scale_rule), b_tile)
-        return scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16).float()
+        if _triton_runs_on(a.device) and a.dtype in _TRITON_FP8_READS and b.dtype in _TRITON_FP8_READS:
+            fast = _fast_copies(a, b, elem_a, elem_b, scale_rule, b_tile)
+        else:
+            fast = _fast_operands(*_mx_operands(a, b, elem_a, elem_b, scale_rule), b_tile)
+        y = scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16)
+        return y[: a.shape[0], : b.shape[1]].float()
     if recipe == "mxfp8":
         da, sa, db, sb = _mx_operands(a, b, elem_a, elem_b, scale_rule)
         e8m0 = getattr(torch, "float8_e8m0fnu", None)
@@ -533,14 +537,58 @@ def _scaled_mm(
         a = torch.nn.functional.pad(a, (0, pad_k))
         b = torch.nn.functional.pad(b, (0, (-n) % 16, 0, pad_k))
     scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
-    da, sa = quantize_fp8(a, elem_a, scaling, axis=1)
-    db, sb = quantize_fp8(b, elem_b, scaling, axis=0)
+    da, sa = _fp8_along_k(a, elem_a, scaling)
+    dbt, sb = _fp8_along_k(b.t(), elem_b, scaling)  # b's columns: the rows of bᵀ
     out_dtype = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise needs bf16 output
-    y = scaled_mm(  # a transposed view (wgrad's dyᵀ) keeps its strides through the cast: copy it
-        da.contiguous(),
-        db.t().contiguous().t(),
+    y = scaled_mm(
+        da,
+        dbt.t(),
         sa.reshape(-1, 1).contiguous() if scaling == "rowwise" else sa,
         sb.reshape(1, -1).contiguous() if scaling == "rowwise" else sb,
         out_dtype=out_dtype,
     )
     return y[:, :n].float()
+
+
+_TRITON_FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fast_copies(a, b, elem_a: str, elem_b: str, scale_rule: str, b_tile: str):
+    """``(qa, ga, qb, gb)`` of ``mxfp8_fast`` (as :func:`_fast_operands` makes them: the same bytes
+    and scales, tested) from one :func:`~lowcomm.kernels.triton_quantize.mx_fast_quantize_dual`
+    copy per operand, in the layouts cuBLAS reads: a's rows (or, for a transposed view, its
+    transpose's columns) and b's columns. M and N are zero-padded to whole 128-blocks (their
+    outputs are cut off by the caller); K is already."""
+    from .triton_quantize import mx_fast_quantize_dual
+
+    if not a.is_contiguous() and a.t().is_contiguous() and a.shape[0] % 128 == 0:  # read in place
+        _, _, qa, ga = mx_fast_quantize_dual(a.t(), elem_a, "1x128", scale_rule, rows=False)
+        ga = ga.t()  # (K/128, M) row-major is (M, K/128) with strides (1, M): cuBLAS's A
+    else:
+        qa, ga, _, _ = mx_fast_quantize_dual(_whole_blocks(a), elem_a, "1x128", scale_rule, cols=False)
+    _, _, qbt, gb = mx_fast_quantize_dual(_whole_blocks(b), elem_b, b_tile, scale_rule, rows=False)
+    return qa, ga, qbt.t(), gb
+
+
+def _whole_blocks(t: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``t`` contiguous, both sides zero-padded to multiples of ``block``."""
+    rows, cols = (-t.shape[0]) % block, (-t.shape[1]) % block
+    return torch.nn.functional.pad(t, (0, cols, 0, rows)) if rows or cols else t.contiguous()
+
+
+def _fp8_along_k(t: torch.Tensor, elem: str, scaling: str):
+    """``t`` (R, K) quantized along K: a row-major fp8 copy (R, K) and its scales. In Triton where it
+    runs (one copy, :func:`~lowcomm.kernels.triton_fp8.fp8_quantize_dual`; a transposed view is
+    read in place, its transposed copy made): the bytes of :func:`quantize_fp8` (tested), at the
+    quantize's bandwidth instead of torch ops'."""
+    if _triton_runs_on(t.device) and t.dtype in _TRITON_FP8_READS:
+        from .triton_fp8 import fp8_quantize_dual
+
+        if not t.is_contiguous() and t.t().is_contiguous():  # a transposed view: its columns' copy
+            _, _, q, s = fp8_quantize_dual(t.t(), elem, scaling, rows=False)
+        else:
+            q, s, _, _ = fp8_quantize_dual(t, elem, scaling, cols=False)
+        return q, s
+    # torch ops; a transposed view (wgrad's dyᵀ) keeps its strides through the cast: copy it
+    q, s = quantize_fp8(t, elem, scaling, axis=1)
+    return q.contiguous(), s
