@@ -12,7 +12,9 @@
 #                      process of their own at the same time (a kernel that faults poisons its
 #                      process's CUDA context: every later test in it fails)
 #   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
-#                      Streaming) at both sizes, two processes on the GPU, bf16 vs fp32 loss
+#                      Streaming) at both sizes, two processes on the GPU, bf16 vs fp32 loss, and
+#                      each run's top operators by GPU time over 3 profiled steps before its timed
+#                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
 #   (+ throughput.log, kernels.log: their progress lines)
 # Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
@@ -69,7 +71,7 @@ for f in train_tests.txt tests.txt; do
 done
 
 section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process --loss-check} \
-  --sizes "${SIZES:-small,large}" --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+  --sizes "${SIZES:-small,large}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
 cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 
 section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \

@@ -43,7 +43,8 @@ from common import stamp, steady_tokens_per_second
 
 from lowcomm.lm import GPT, GPTConfig
 from lowcomm.runtime import TrainConfig, train
-from lowcomm.runtime.trainer.loop import peak_flops
+from lowcomm.runtime.trainer.loop import peak_flops, profile_stem
+from lowcomm.runtime.trainer.profiling import StepProfiler
 
 SIZES = {
     "small": dict(model_dim=512, layers=8, heads=8, seq_len=256, batch_size=16),
@@ -58,8 +59,25 @@ RUNS = {
 REPLICAS = 4
 
 
-def plain_loop(size: dict, steps: int, device: torch.device, compile: bool) -> dict:
-    """One model with the replicas' batches concatenated: tokens/s over the last half of the steps."""
+def profile_window(steps: int, count: int) -> tuple[int, int] | None:
+    """Steps (A, B] to profile: after the first steps' compilation, before the timed part (the
+    plain loop times its last half, a lowcomm run its last three quarters); None for count 0."""
+    if not count:
+        return None
+    start = max(steps // 8, 1)
+    return start, min(start + count, max(steps // 4, start + 1))
+
+
+def profile_top(stem: Path, rows: int = 25) -> list[str]:
+    """The first rows of a profile's table (its header, the column names, the slowest operators)."""
+    return stem.with_suffix(".txt").read_text().splitlines()[: rows + 4]
+
+
+def plain_loop(
+    size: dict, steps: int, device: torch.device, compile: bool, profile=None, out: str = ""
+) -> dict:
+    """One model with the replicas' batches concatenated: tokens/s over the last half of the steps;
+    ``profile`` (A, B): steps A+1 to B under the trainer's profiler, its table's top rows kept."""
     cfg = GPTConfig(
         vocab_size=256,
         seq_len=size["seq_len"],
@@ -85,8 +103,13 @@ def plain_loop(size: dict, steps: int, device: torch.device, compile: bool) -> d
         opt.zero_grad(set_to_none=True)
 
     timed = max(steps // 2, 1)
-    for _ in range(steps - timed):  # warm-up, compilation included
+    prof = StepProfiler(profile[0] + 1, profile[1], Path(out) / "plain-profile", device) if profile else None
+    for i in range(1, steps - timed + 1):  # warm-up, compilation included
+        if prof is not None:
+            prof.before(i)
         step()
+        if prof is not None:
+            prof.after(i)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(timed):
@@ -94,14 +117,19 @@ def plain_loop(size: dict, steps: int, device: torch.device, compile: bool) -> d
     _sync(device)
     seconds = time.perf_counter() - t0
     tps = timed * batch * size["seq_len"] / seconds
-    return {
+    result = {
         "tokens_per_second": tps,
         "mfu": _mfu(model.num_params(), tps, device),
         "params": model.num_params(),
     }
+    if prof is not None and prof.done:
+        result["profile"] = profile_top(prof.stem)
+    return result
 
 
-def lowcomm_run(size: dict, run: dict, steps: int, device: torch.device, compile: bool, out: str) -> dict:
+def lowcomm_run(
+    size: dict, run: dict, steps: int, device: torch.device, compile: bool, out: str, profile=None
+) -> dict:
     cfg = TrainConfig.from_flat(
         **size,
         **run,
@@ -114,10 +142,13 @@ def lowcomm_run(size: dict, run: dict, steps: int, device: torch.device, compile
         warmup=min(10, steps // 4),
         log_every=max(steps // 8, 1),
         run_dir=out,
+        profile=f"{profile[0]}:{profile[1]}" if profile else "",
     )
     s = train(cfg, progress=False)
     tps = steady_tokens_per_second(out, s, cfg.run.log_every)
+    top = {"profile": profile_top(profile_stem(cfg, profile[0] + 1, profile[1]))} if profile else {}
     return {
+        **top,
         "tokens_per_second": tps,
         "tokens_per_second_whole_run": s["tokens_per_second"],
         "mfu": _mfu(s["params"], tps, device),
@@ -199,6 +230,13 @@ def main() -> None:
     ap.add_argument("--loss-check", action="store_true", help="also fp32 against bf16 on the reference model")
     ap.add_argument("--loss-steps", type=int, default=600)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps, any device (CI)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many steps of each run after its compilation, before its timed part, and "
+        "keep the top of each table of operators by GPU time (0: none)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -223,13 +261,16 @@ def main() -> None:
         if args.loss_check:
             result["loss_check"] = loss_check(8 if args.smoke else args.loss_steps, device, f"{tmp}/loss")
             save("loss_check", result["loss_check"])
+        window = profile_window(steps, args.profile)
         for size in sizes:
-            plain = plain_loop(SIZES[size], steps, device, compile)
+            plain = plain_loop(SIZES[size], steps, device, compile, window, tmp)
             row = {"size": size, **SIZES[size], "replicas": REPLICAS, "compile": compile, "plain": plain}
             result["rows"].append(row)
             save(size, {"plain": plain})
             for name in args.runs.split(","):
-                r = lowcomm_run(SIZES[size], RUNS[name], steps, device, compile, f"{tmp}/{size}-{name}")
+                r = lowcomm_run(
+                    SIZES[size], RUNS[name], steps, device, compile, f"{tmp}/{size}-{name}", window
+                )
                 r["x_plain"] = r["tokens_per_second"] / plain["tokens_per_second"]
                 row[name] = r
                 save(size, {name: r})

@@ -132,6 +132,27 @@ def test_the_summary_reports_speed_and_memory(tmp_path, corpus_dir):
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["tokens_per_second"] > 0
 
 
+def test_profile_writes_a_trace_and_a_table_of_the_steps_asked_for(tmp_path, corpus_dir):
+    """--profile 2:4: steps 3 and 4 under torch.profiler, a Chrome trace of their operators and a
+    table by self time next to the records (owner-only, as the records), an event naming them;
+    a range outside the run is refused in one line before any record."""
+    _run(tmp_path, corpus_dir, "p", replicas=2, steps=6, sync_every=3, profile="2:4")
+    run = tmp_path / "p"
+    (event,) = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "profile"]
+    assert event["steps"] == [3, 4]
+    trace, table = run / "profile-steps3-4.json", run / "profile-steps3-4.txt"
+    assert (event["trace"], event["table"]) == (str(trace), str(table))
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert "aten::mm" in names and any(str(n).startswith("Optimizer.step") for n in names)
+    lines = table.read_text().splitlines()
+    assert lines[0] == "steps 3-4 on cpu, operators by their own cpu time" and "Self CPU" in lines[2]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (trace, table))
+    for bad in ("4:9", "3:3", "2", "a:b"):
+        with pytest.raises(ValueError, match=rf"profile='{bad}' is not allowed: '' \(off\) or 'A:B'"):
+            _run(tmp_path, corpus_dir, "bad", steps=6, profile=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -192,11 +213,14 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
 
     bench = load_benchmark("gpu_throughput")
     out = tmp_path / "t.json"
-    monkeypatch.setattr("sys.argv", ["gpu_throughput.py", "--smoke", "--two-process", "--json", str(out)])
+    argv = ["gpu_throughput.py", "--smoke", "--two-process", "--profile", "1", "--json", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
     bench.main()
     r = json.loads(out.read_text())
     (row,) = r["rows"]
     assert row["plain"]["tokens_per_second"] > 0 and r["commit"] and "not a measurement" in r["note"]
+    for name in ("plain", "dp", "diloco", "streaming"):  # step 3 of 16 profiled: after 2, before 4
+        assert row[name]["profile"][0] == "steps 3-3 on cpu, operators by their own cpu time", name
     for name in ("dp", "diloco", "streaming"):
         assert row[name]["tokens_per_second"] > 0 and row[name]["x_plain"] > 0, name
         assert 0 <= row[name]["wait_fraction"] < 1 and row[name]["mfu"] is None

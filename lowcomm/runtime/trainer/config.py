@@ -51,6 +51,7 @@ __all__ = [
 
 from ..net import check_endpoint
 from .metrics import METRICS
+from .profiling import parse_profile_steps
 
 MODES = ("diloco", "dp")
 DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", GPU N
@@ -128,6 +129,9 @@ class RunConfig:
         procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
             launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.
         timeout: seconds a peer may stay silent in a collective before the round fails.
+        profile: "A:B" profiles steps A+1 to B with torch.profiler: a Chrome trace and a table of
+            the operators by their own GPU (or CPU) time in the run directory
+            (profile-steps<A+1>-<B>[-rank<R>].json / .txt); "" (the default) profiles nothing.
     """
 
     mode: str = "diloco"
@@ -148,6 +152,7 @@ class RunConfig:
     overwrite: bool = False
     procs_per_replica: int = 1
     timeout: float = 300.0
+    profile: str = ""
 
     def __post_init__(self) -> None:
         _choice(self, "mode", MODES)
@@ -165,6 +170,7 @@ class RunConfig:
         _bool(self, "overwrite")
         _text(self, "run_dir")
         _num(self, "timeout", lambda v: v > 0, "a number of seconds > 0")
+        parse_profile_steps(self.profile, self.steps)
 
     def torch_device(self) -> torch.device:
         """The device ``device`` names on this machine (``auto``: cuda when available).

@@ -38,6 +38,7 @@ from ..statefile import CorruptStateError, load_state, save_state
 from .build import build_model, check_memory, evaluate, make_replicas
 from .config import TrainConfig
 from .metrics import check_sink, open_sink
+from .profiling import StepProfiler, parse_profile_steps
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
 from .topology import Topology, init_from_torchrun, is_distributed_env
@@ -86,6 +87,7 @@ class Trainer:
         self.cfg, self.progress, self.topology, self.key, self.hooks = cfg, progress, topology, key, hooks
         self.rec: RunRecorder | NullRecorder = NullRecorder()
         self.bar = None  # the progress bar, once the run starts
+        self.profiler: StepProfiler | None = None  # --profile's, once the run starts
 
     def leader_by_env(self) -> bool:
         """Whether this process writes the records, known before any process group exists (rank 0
@@ -284,6 +286,7 @@ class Trainer:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             self._progress(start)
             self.steps_run, self.last_eval, self._pending = 0, None, []
+            self.profiler = self._profiler()
             self.t_loop = time.perf_counter()
             while True:
                 if step >= cfg.run.steps:  # the end: apply (and, with final_sync, send) what is left
@@ -292,6 +295,8 @@ class Trainer:
                     step = sync.position
                     continue
                 self.hooks.before_step(step + 1)
+                if self.profiler is not None:
+                    self.profiler.before(step + 1)
                 t0 = time.perf_counter()
                 losses = self.replicas.forward_backward()
                 t1 = time.perf_counter()
@@ -309,6 +314,8 @@ class Trainer:
                     continue
                 step += 1
                 self.steps_run += 1
+                if self.profiler is not None and (profiled := self.profiler.after(step)):
+                    self.rec.event("profile", **profiled)
                 self._pending.append((step, losses, self.replicas.lr(), sync.bytes_sent[0]))
                 evaluate_now = cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps
                 if step % cfg.run.log_every == 0 or evaluate_now:
@@ -327,6 +334,8 @@ class Trainer:
             finished = True
             bytes_all, digests = self._replica_facts()
         finally:
+            if self.profiler is not None and (profiled := self.profiler.stop()):  # the run ended first
+                self.rec.event("profile", **profiled)
             if self.bar is not None:
                 self.bar.close()
             sync.close(finished)
@@ -373,6 +382,13 @@ class Trainer:
         except OSError as e:  # the previous checkpoint is intact: training goes on
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
             self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
+
+    def _profiler(self) -> StepProfiler | None:
+        """The run's ``profile`` steps' profiler (None: not asked for)."""
+        steps = parse_profile_steps(self.cfg.run.profile, self.cfg.run.steps)
+        if steps is None:
+            return None
+        return StepProfiler(*steps, profile_stem(self.cfg, *steps), self.device)
 
     def _restore_run(self, state: dict) -> int:
         """Continue from a static job's checkpoint; returns its step. ValueError (one line, before
@@ -516,6 +532,12 @@ class Trainer:
 
 #: a static job's checkpoint (an elastic worker's is lowcomm-worker/1)
 RUN_FORMAT = "lowcomm-run/1"
+
+
+def profile_stem(cfg: TrainConfig, first: int, last: int) -> Path:
+    """Where ``--profile`` writes this process's trace and table, less the suffix
+    (profile-steps<first>-<last>[-rank<RANK>])."""
+    return _process_file(cfg, f"profile-steps{first}-{last}", "")
 
 
 def _process_file(cfg: TrainConfig, stem: str, suffix: str) -> Path:
