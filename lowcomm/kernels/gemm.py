@@ -512,10 +512,14 @@ def _scaled_mm(
 ) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
+        # M and N zero-padded to whole 128-blocks (cut off the output below): the layers' fused
+        # path, which trained right on an H200, hands cuBLAS nothing else, while a model whose
+        # per-GEMM path had M or N of 64 and 192 reached a NaN loss there (not isolated further)
         if _triton_runs_on(a.device) and a.dtype in _TRITON_FP8_READS and b.dtype in _TRITON_FP8_READS:
             fast = _fast_copies(a, b, elem_a, elem_b, scale_rule, b_tile)
         else:
-            fast = _fast_operands(*_mx_operands(a, b, elem_a, elem_b, scale_rule), b_tile)
+            operands = _mx_operands(_whole_blocks(a), _whole_blocks(b), elem_a, elem_b, scale_rule)
+            fast = _fast_operands(*operands, b_tile)
         y = scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16)
         return y[: a.shape[0], : b.shape[1]].float()
     if recipe == "mxfp8":
