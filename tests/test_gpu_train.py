@@ -78,34 +78,35 @@ def test_every_low_precision_recipe_trains_on_the_gpu(precision, gpu_reference, 
 
 
 @cuda
-@pytest.mark.parametrize("recipe", [p for p in PRECISIONS if p != "fp32"])
-def test_each_recipe_at_the_small_models_shapes_matches_its_emulation_on_the_gpu(recipe):
+def test_each_recipe_at_the_small_models_shapes_matches_its_emulation_on_the_gpu():
     """The Linear shapes of the recipe test's model (d=64: 64->192, 64->64, 64->256, 256->64; 512
     tokens), under bf16 autocast as the trainer runs them, on the GPU's own backend (below the
-    fused paths' multiples for mxfp8_fast: a GEMM each, K and N padded) against the emulated
-    layer: fprop, dgrad and wgrad finite and close, each named (the mxfp8_fast run of that model
-    reached a NaN loss at its first step on the H200)."""
+    fused paths' multiples for mxfp8_fast: a GEMM each) against the emulated layer, for every
+    recipe: fprop, dgrad and wgrad finite and close, each failure named (the mxfp8_fast run of
+    that model reached a NaN loss at its first step on the H200)."""
     from lowcomm.kernels import LowPrecisionLinear
 
     torch.manual_seed(0)
-    for k, n in ((64, 192), (64, 64), (64, 256), (256, 64)):
-        ref = LowPrecisionLinear(k, n, recipe=recipe, backend="emulated", device="cuda")
-        gpu = LowPrecisionLinear(k, n, recipe=recipe, backend="auto", device="cuda")
-        gpu.load_state_dict(ref.state_dict())
-        x, gy = torch.randn(8, 64, k, device="cuda"), torch.randn(8, 64, n, device="cuda")
-        outs = []
-        for layer in (ref, gpu):
-            xi = x.clone().requires_grad_()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = layer(xi)
-            y.backward(gy.to(y.dtype))
-            outs.append((y.float(), xi.grad, layer.weight.grad))
-        for name, want, got in zip(("fprop y", "dgrad dx", "wgrad dW"), *outs):
-            where = f"{recipe} {k}->{n} {name}"
-            assert torch.isfinite(got).all(), (
-                f"{where}: {int((~torch.isfinite(got)).sum())} values not finite"
-            )
-            assert float((got - want).abs().max() / want.abs().max()) < 0.05, where
+    wrong = []
+    for recipe in [p for p in PRECISIONS if p != "fp32"]:
+        for k, n in ((64, 192), (64, 64), (64, 256), (256, 64)):
+            ref = LowPrecisionLinear(k, n, recipe=recipe, backend="emulated", device="cuda")
+            gpu = LowPrecisionLinear(k, n, recipe=recipe, backend="auto", device="cuda")
+            gpu.load_state_dict(ref.state_dict())
+            x, gy = torch.randn(8, 64, k, device="cuda"), torch.randn(8, 64, n, device="cuda")
+            outs = []
+            for layer in (ref, gpu):
+                xi = x.clone().requires_grad_()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = layer(xi)
+                y.backward(gy.to(y.dtype))
+                outs.append((y.float(), xi.grad, layer.weight.grad))
+            for name, want, got in zip(("fprop y", "dgrad dx", "wgrad dW"), *outs):
+                bad = int((~torch.isfinite(got)).sum())
+                err = float((got - want).abs().max() / want.abs().max()) if not bad else float("nan")
+                if bad or err > 0.05:
+                    wrong.append(f"{recipe} {k}->{n} {name}: {bad} values not finite, max rel diff {err:.3g}")
+    assert not wrong, wrong
 
 
 @cuda
