@@ -8,9 +8,9 @@
 # 110 s, the throughput what is left but 120 s, the kernels the rest; what a section leaves unused
 # goes to the next; the two benchmarks write their JSON after every part):
 #   1. env.txt         versions, the device, each section's exit code and seconds
-#   2. tests.txt       the kernel tests on the GPU; train_tests.txt the GPU trainer's, in a
-#                      process of their own at the same time (a kernel that faults poisons its
-#                      process's CUDA context: every later test in it fails)
+#   2. tests.txt       the kernel tests on the GPU (each shard's output in turn); train_tests.txt
+#                      the GPU trainer's, in a process of their own at the same time (a kernel
+#                      that faults poisons its process's CUDA context: every later test in it fails)
 #   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
 #                      Streaming) at both sizes, two processes on the GPU, bf16 vs fp32 loss, and
 #                      each run's top operators by GPU time over 3 profiled steps before its timed
@@ -43,31 +43,44 @@ section() {  # name, seconds, command...: run it bounded, log its exit code and 
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The GPU trainer's tests (every recipe trains on the GPU) and the kernel tests at once. Left to
-# CI (CPU): the layers' torch.compile tests (on a GPU each compiles Inductor kernels for tens of
-# seconds, more than this section's share of the 7 minutes); the tensorboard sink's test (a [dev]
-# extra, absent from GPU images); the count of the layers' host operations (a CPU count on a
-# pretend sm_90); and tests/test_train_paths.py (CPU paths: under torch 2.11 + triton 3.6 on CPU
-# they pass, and nothing in them runs on CUDA). -v: each test's outcome is written as it ends, so
-# a time-out still shows which passed and failed; no -x: one slot shows every failure. The MX
-# quantize's tiles are pinned here (LOWCOMM_AUTOTUNE=0: the tests run every candidate tile by
-# name); the kernels section runs it autotuned and records the tiles taken.
-gpu_tests() {  # the two files at once, each in its own process
-  local pytest=(python -m pytest -v -rfE --tb=short -p no:cacheprovider)
+# The GPU trainer's tests (every recipe trains on the GPU) and the kernel tests at once, the
+# kernel tests in $SHARDS processes (default 3) taking every SHARDS-th test: on the H200 most of
+# their time is Triton compiling each kernel's variants, one CPU core per process, and one process
+# got through half of them in 110 s. Left to CI (CPU): the layers' torch.compile tests (on a GPU
+# each compiles Inductor kernels for tens of seconds); the tensorboard sink's test (a [dev] extra,
+# absent from GPU images); the count of the layers' host operations (a CPU count on a pretend
+# sm_90); the ahead-of-time compile for sm_90a/sm_100a (it runs no GPU); and
+# tests/test_train_paths.py (CPU paths: under torch 2.11 + triton 3.6 on CPU they pass, and
+# nothing in them runs on CUDA). -v: each test's outcome is written as it ends, so a time-out
+# still shows which passed and failed; no -x: one slot shows every failure. The MX quantize's
+# tiles are pinned here (LOWCOMM_AUTOTUNE=0: the tests run every candidate tile by name); the
+# kernels section runs it autotuned and records the tiles taken.
+SHARD_DIR=$(mktemp -d)
+gpu_tests() {  # each file in processes of its own, all at once
+  local pytest=(python -m pytest -v -rfE --tb=short -p no:cacheprovider) pids=() rc=0 i
   LOWCOMM_AUTOTUNE=0 "${pytest[@]}" tests/test_gpu_train.py > "$OUT/train_tests.txt" 2>&1 &
-  LOWCOMM_AUTOTUNE=0 "${pytest[@]}" -k "not compiles_whole and not tensorboard and not few_operations" \
-    tests/test_kernels.py > "$OUT/tests.txt" 2>&1
-  local rc=$?
-  wait $! || rc=$?
+  pids+=($!)
+  python -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels.py \
+    -k "not compiles_whole and not tensorboard and not few_operations and not compile_for_hopper" \
+    | grep "::" > "$SHARD_DIR/ids"
+  for ((i = 0; i < ${SHARDS:-3}; i++)); do
+    awk -v n="${SHARDS:-3}" -v i="$i" 'NR % n == i' "$SHARD_DIR/ids" > "$SHARD_DIR/ids$i"
+    # shellcheck disable=SC2046  # one argument per test id (ids hold no spaces)
+    LOWCOMM_AUTOTUNE=0 "${pytest[@]}" $(cat "$SHARD_DIR/ids$i") > "$SHARD_DIR/shard$i.txt" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || rc=$?; done
   return $rc
 }
 export -f gpu_tests
-export OUT
+export OUT SHARD_DIR
 section tests "${TEST_TIMEOUT:-110}" bash -c gpu_tests
+cat "$SHARD_DIR"/shard*.txt > "$OUT/tests.txt" 2>/dev/null  # what every shard wrote, a time-out too
+rm -rf "$SHARD_DIR"
 for f in train_tests.txt tests.txt; do
   grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/$f" | sed "s/^/$f: tests with an outcome: /"
   grep -E " FAILED| ERROR" "$OUT/$f" | head -20
-  tail -3 "$OUT/$f"
+  grep -E "^=+ .*(passed|failed|error).* =+$" "$OUT/$f"
 done
 
 section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process --loss-check} \
