@@ -16,6 +16,8 @@
 #                      each run's top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
+#                      ($TRAIN_ARGS adds its flags: "--train-compile --train-precisions
+#                      fp8_tensorwise" trains bf16 and that recipe under torch.compile)
 #   (+ throughput.log, kernels.log: their progress lines)
 # Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
 set -u
@@ -87,7 +89,7 @@ section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" py
   --sizes "${SIZES:-small,large}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
 cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 
-section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" \
+section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS:-} \
   --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 cat "$OUT/env.txt"

@@ -252,11 +252,17 @@ TRAIN_PRECISIONS = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8_fast"
 
 
 def training(
-    device="cuda", steps: int = 100, size: str = "issue", precisions=TRAIN_PRECISIONS, on_row=lambda out: None
+    device="cuda",
+    steps: int = 100,
+    size: str = "issue",
+    precisions=TRAIN_PRECISIONS,
+    on_row=lambda out: None,
+    compile: bool = False,
 ) -> dict:
     """The reference model trained ``steps`` steps (one replica, the bundled corpus, bf16 autocast)
     with its Linear layers in bf16 and in each recipe (the head stays bf16): tokens per second
-    after the first quarter of the run, final eval loss, and each recipe's ratios to bf16.
+    after the first quarter of the run, final eval loss, and each recipe's ratios to bf16;
+    ``compile``: the model under torch.compile in every run (eager by default).
     ``on_row(out)`` gets the results so far after each run."""
     import tempfile
 
@@ -264,7 +270,7 @@ def training(
 
     from lowcomm.runtime import TrainConfig, train
 
-    out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1}
+    out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1, "compile": compile}
     log_every = max(steps // 8, 1)
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", *precisions):
@@ -272,7 +278,7 @@ def training(
             cfg = TrainConfig.from_flat(
                 **TRAIN_SIZES[size], steps=steps, replicas=1, device=device, precision=precision,
                 dtype="bf16", warmup=min(10, steps // 4), eval_every=0, eval_batches=4,
-                log_every=log_every, run_dir=f"{tmp}/{name}",
+                log_every=log_every, run_dir=f"{tmp}/{name}", compile=compile,
             )  # fmt: skip
             t0 = time.perf_counter()
             try:
@@ -297,13 +303,33 @@ def training(
     return out
 
 
+def _recipes(names: str) -> tuple[str, ...]:
+    """``--train-precisions``: each a layer recipe, else a one-line error naming it."""
+    from lowcomm.kernels.linear import LAYER_RECIPES
+
+    out = tuple(n for n in names.split(",") if n)
+    for n in out:
+        if n not in LAYER_RECIPES:
+            raise SystemExit(
+                f"kernels.py: --train-precisions: unknown recipe {n!r}; allowed: {list(LAYER_RECIPES)}"
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--static", action="store_true", help="compile for sm_90a / sm_100a, run nothing")
     ap.add_argument("--train-steps", type=int, default=300, help="GPU training comparison (0: skip)")
     ap.add_argument("--train-size", choices=sorted(TRAIN_SIZES), default="issue", help="its model")
+    ap.add_argument(
+        "--train-precisions",
+        default=",".join(TRAIN_PRECISIONS),
+        help="comma list of the recipes trained against bf16 (default: every fast one)",
+    )
+    ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
     args = ap.parse_args()
+    precisions = _recipes(args.train_precisions)
     cuda = torch.cuda.is_available()
     if args.static:
         import triton
@@ -345,7 +371,14 @@ def main() -> None:
         "speed": speed if cuda else lambda: none,
         "linear": linear_speed if cuda else lambda: none,
         "training": (
-            lambda: training("cuda", args.train_steps, args.train_size, on_row=partial(save, "training"))
+            lambda: training(
+                "cuda",
+                args.train_steps,
+                args.train_size,
+                precisions=precisions,
+                on_row=partial(save, "training"),
+                compile=args.train_compile,
+            )
         )
         if cuda and args.train_steps
         else lambda: not_run,
