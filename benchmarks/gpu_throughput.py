@@ -256,7 +256,10 @@ def main() -> None:
         # the two checks without compilation first: each is a goal, and each costs less than one
         # size's compilations, which a bounded slot may not finish
         if args.two_process:
-            result["two_process"] = two_process(SIZES[sizes[0]], steps, device, f"{tmp}/two")
+            result["two_process"] = {
+                "size": sizes[0],
+                **two_process(SIZES[sizes[0]], steps, device, f"{tmp}/two"),
+            }
             save("two_process", result["two_process"])
         if args.loss_check:
             result["loss_check"] = loss_check(8 if args.smoke else args.loss_steps, device, f"{tmp}/loss")
