@@ -367,10 +367,10 @@ def _mx_operands(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str, sca
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
         db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
         return da, sa, db, sb
-    from .triton_quantize import mx_quantize
+    from .triton_quantize import TRITON_READS, mx_quantize
 
-    readable = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel reads (the reference
-    a, b = (t if t.dtype in readable else t.float() for t in (a, b))  # quantizes fp32 as well)
+    # what the kernel reads (the reference quantizes fp32 as well)
+    a, b = (t if t.dtype in TRITON_READS else t.float() for t in (a, b))
     return (*mx_quantize(a, elem_a, scale_rule, axis=1), *mx_quantize(b, elem_b, scale_rule, axis=0))
 
 
@@ -515,7 +515,7 @@ def _scaled_mm(
         # M and N zero-padded to whole 128-blocks (cut off the output below): the layers' fused
         # path, which trained right on an H200, hands cuBLAS nothing else, while a model whose
         # per-GEMM path had M or N of 64 and 192 reached a NaN loss there (not isolated further)
-        if _triton_runs_on(a.device) and a.dtype in _TRITON_FP8_READS and b.dtype in _TRITON_FP8_READS:
+        if _triton_reads(a) and _triton_reads(b):
             fast = _fast_copies(a, b, elem_a, elem_b, scale_rule, b_tile)
         else:
             operands = _mx_operands(_whole_blocks(a), _whole_blocks(b), elem_a, elem_b, scale_rule)
@@ -554,7 +554,11 @@ def _scaled_mm(
     return y[:, :n].float()
 
 
-_TRITON_FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
+def _triton_reads(t: torch.Tensor) -> bool:
+    """Whether lowcomm's Triton quantize kernels run on ``t`` as it is (its device and dtype)."""
+    from .triton_quantize import TRITON_READS
+
+    return _triton_runs_on(t.device) and t.dtype in TRITON_READS
 
 
 def _fast_copies(a, b, elem_a: str, elem_b: str, scale_rule: str, b_tile: str):
@@ -585,7 +589,7 @@ def _fp8_along_k(t: torch.Tensor, elem: str, scaling: str):
     runs (one copy, :func:`~lowcomm.kernels.triton_fp8.fp8_quantize_dual`; a transposed view is
     read in place, its transposed copy made): the bytes of :func:`quantize_fp8` (tested), at the
     quantize's bandwidth instead of torch ops'."""
-    if _triton_runs_on(t.device) and t.dtype in _TRITON_FP8_READS:
+    if _triton_reads(t):
         from .triton_fp8 import fp8_quantize_dual
 
         if not t.is_contiguous() and t.t().is_contiguous():  # a transposed view: its columns' copy

@@ -23,6 +23,7 @@ from torch import nn
 
 from .formats import get_elem_format
 from .gemm import RECIPES, check_backend, choose_backend, fp8_scale, qmatmul
+from .triton_quantize import TRITON_READS
 
 __all__ = [
     "LowPrecisionLinear",
@@ -187,9 +188,6 @@ def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
 
 
-_FP8_READS = (torch.float32, torch.bfloat16, torch.float16)
-
-
 #: the weight sides a quantize-once layer needs: cuBLASLt's 16 for fp8, whole 128x128 tiles for
 #: mxfp8_fast
 _FUSED_MULTIPLE = {"fp8_tensorwise": 16, "fp8_rowwise": 16, "mxfp8_fast": 128}
@@ -208,8 +206,8 @@ def _fused_backend(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Te
         multiple is not None
         and weight.shape[0] % multiple == 0
         and weight.shape[1] % multiple == 0
-        and x2.dtype in _FP8_READS
-        and weight.dtype in _FP8_READS
+        and x2.dtype in TRITON_READS
+        and weight.dtype in TRITON_READS
         and _triton_runs_on(x2.device)
     ):
         return None
@@ -303,7 +301,7 @@ class _FusedFloat8:
     def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype):
         scaling = {"fp8_rowwise": "rowwise", "mxfp8_fast": "blockwise"}.get(recipe, "tensorwise")
         T = x2.shape[0]
-        x2 = _pad_rows(x2 if x2.dtype in _FP8_READS else x2.float(), 128 if scaling == "blockwise" else 16)
+        x2 = _pad_rows(x2 if x2.dtype in TRITON_READS else x2.float(), 128 if scaling == "blockwise" else 16)
         xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
         y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling)[:T]
@@ -320,7 +318,8 @@ class _FusedFloat8:
         if not (want_dx or want_dw):
             return None, None
         scaling = ctx.scaling
-        g = _pad_rows(gy2 if gy2.dtype in _FP8_READS else gy2.float(), 128 if scaling == "blockwise" else 16)
+        block = 128 if scaling == "blockwise" else 16
+        g = _pad_rows(gy2 if gy2.dtype in TRITON_READS else gy2.float(), block)
         gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         dx = dw = None
         if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (as the GEMM can write them)

@@ -36,7 +36,16 @@ from __future__ import annotations
 import torch
 
 from .formats import ELEM_FORMATS
-from .triton_quantize import _EMAX, AS_OPS, HAVE_TRITON, TRITON_MISSING, copies_made, mx_format, on_device
+from .triton_quantize import (
+    _EMAX,
+    AS_OPS,
+    HAVE_TRITON,
+    TRITON_MISSING,
+    TRITON_READS,
+    copies_made,
+    mx_format,
+    on_device,
+)
 
 if HAVE_TRITON:
     import triton
@@ -278,7 +287,7 @@ def _check(x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool) -> 
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
     _check_copies("fp8_quantize_dual", x, elem, rows, cols)
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in TRITON_READS:
         raise ValueError(f"fp8_quantize_dual takes fp32, bf16 or fp16, got {x.dtype}")
 
 
@@ -446,7 +455,7 @@ def fp8_quantize_scaled(
             f"shape {tuple(amax.shape)}"
         )
     scale = scale.reshape(())
-    if not (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_runs_on(x.device)):
+    if not (x.dtype in TRITON_READS and _triton_runs_on(x.device)):
         return fp8_quantize_scaled_torch(x, scale, elem, rows=rows, cols=cols, amax=amax, index=index)
     record = amax is not None
     if amax is None:

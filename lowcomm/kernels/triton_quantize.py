@@ -59,6 +59,8 @@ _EMAX = {
 
 #: the Triton kernels run as torch.library operators (torch.compile keeps them whole; torch >= 2.4)
 AS_OPS = HAVE_TRITON and hasattr(torch.library, "custom_op")
+#: the dtypes every quantize kernel here and in triton_fp8 reads
+TRITON_READS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def on_device(t: torch.Tensor):
@@ -615,7 +617,7 @@ def _check_format(x: torch.Tensor, elem: str, scale_rule: str, name: str) -> Non
         raise ValueError(f"elem must be 'e4m3' or 'e5m2', got {elem!r}")
     if scale_rule not in ("rceil", "floor"):
         raise ValueError(f"scale_rule must be 'rceil' or 'floor', got {scale_rule!r}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in TRITON_READS:
         raise ValueError(f"{name} takes fp32, bf16 or fp16, got {x.dtype}")
 
 
