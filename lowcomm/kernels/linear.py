@@ -199,16 +199,15 @@ def _fused_backend(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Te
     device has cuBLAS's blockwise GEMM (sm_90; its e5m2 gradient GEMMs then run in Triton), or
     "triton" for mxfp8_fast on the Triton blockwise GEMM. Also needed: the Triton quantize runs
     here, both weight sides are whole multiples (cuBLASLt's 16; 128x128 tiles), dtypes it reads."""
-    from .gemm import _triton_runs_on
+    from .gemm import _triton_reads
 
     multiple = _FUSED_MULTIPLE.get(recipe)
     if not (
         multiple is not None
         and weight.shape[0] % multiple == 0
         and weight.shape[1] % multiple == 0
-        and x2.dtype in TRITON_READS
-        and weight.dtype in TRITON_READS
-        and _triton_runs_on(x2.device)
+        and _triton_reads(x2)
+        and _triton_reads(weight)
     ):
         return None
     which = choose_backend(recipe, x2.device, backend)
