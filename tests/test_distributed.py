@@ -294,46 +294,46 @@ def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
-def test_a_launched_job_under_a_fault_plan_restarts_and_resumes_bit_for_bit(tmp_path):
-    """Two processes of `lowcomm launch --max-restarts 2` write their checkpoints every 10 steps
-    under a fault plan: rank 1's write at step 30 fails (it keeps step 20's), then rank 1 is
-    killed at step 37. The launcher stops rank 0 and starts the job again; both resume from the
-    newest step both hold (20: rank 0 passes over its own 30), neither fault fires again, and the
-    run ends on the bits of an uninterrupted one (the in-process trainer's, which launch matches:
-    test above)."""
-    from lowcomm.runtime import TrainConfig, read_jsonl, train
+def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_reported(tmp_path):
+    """`lowcomm chaos --static`: two processes of `lowcomm launch` write their checkpoints every 10
+    steps, fault-free and under a plan with `--max-restarts 2`: rank 1's write at step 30 fails (it
+    keeps step 20's), then rank 1 is killed at step 37. The launcher stops rank 0 and starts the
+    job again; both resume from the newest step both hold (20: rank 0 passes over its own 30),
+    neither fault fires again, and the run ends on the fault-free run's bits. The report names
+    both faults (rank, step), the restart (resumed at 20 after reaching 37: 17 steps redone) and
+    data lost 0; an --out holding that run is refused, nothing in it replaced."""
+    from lowcomm.runtime import read_jsonl
+    from lowcomm.runtime.faults import FaultPlan
+    from lowcomm.runtime.faults.static_chaos import run_static_chaos
 
     corpus = write_corpus(tmp_path / "corpus")
-    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "4", "--fragments", "2"]
-    args += ["--overlap", "1", "--codec", "e3m0", "--eval-every", "0", "--quiet", "--checkpoint-every", "10"]
-    straight = train(
-        TrainConfig.from_flat(
-            corpus=corpus, model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2,
-            threads=1, steps=120, sync_every=4, fragments=2, overlap=1, codec="e3m0", eval_every=0,
-            replicas=2, run_dir=str(tmp_path / "straight"),
-        ),
-        progress=False,
-    )  # fmt: skip
-    plan = {
-        "faults": [
-            {"kind": "checkpoint-fail", "target": "rank:1", "at_step": 30},
-            {"kind": "kill", "target": "rank:1", "at_step": 37},
-        ]
-    }
-    run_dir = tmp_path / "job"
-    cmd = launch_train(2, *args, "--run-dir", str(run_dir), "--resume", "auto")
-    cmd.insert(cmd.index("launch") + 1, "--max-restarts=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(plan)}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in res.stderr
-    assert "the job ended with exit code 0 after 1 restart(s)" in res.stderr
-    assert "checkpoint at step 30 failed (the previous one is intact)" in res.stderr
-    fired = [json.loads(line) for line in (run_dir / "faults-rank1.jsonl").read_text().splitlines()]
-    assert [(f["id"], f["fault"], f["step"]) for f in fired] == [(0, "checkpoint-fail", 30), (1, "kill", 37)]
-    assert not (run_dir / "faults-rank0.jsonl").exists()
-    s = json.loads((run_dir / "summary.json").read_text())
-    resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e.get("what") == "resumed"]
-    assert [e["step"] for e in resumed] == [20] and s["steps_run"] == 100
-    assert s["global_params_sha256"] == straight["global_params_sha256"]
-    assert s["final_eval_loss"] == straight["final_eval_loss"]
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "80", "--sync-every", "4", "--fragments", "2"]
+    args += ["--overlap", "1", "--codec", "e3m0", "--eval-every", "40", "--checkpoint-every", "10"]
+    faults = [
+        {"kind": "checkpoint-fail", "target": "rank:1", "at_step": 30},
+        {"kind": "kill", "target": "rank:1", "at_step": 37},
+    ]
+    plan = FaultPlan.from_dict({"faults": faults})
+    out = tmp_path / "chaos"
+    r = run_static_chaos(plan, 2, out, args, max_restarts=2, timeout=240)
+    log = (out / "chaos" / "launcher.log").read_text()
+    assert r["chaos_exit_code"] == 0 and r["reference_exit_code"] == 0, log[-3000:]
+    assert log.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in log
+    assert "the job ended with exit code 0 after 1 restart(s)" in log
+    assert "checkpoint at step 30 failed (the previous one is intact)" in log
+    fired = [(f["id"], f["kind"], f["rank"], f["step"]) for f in r["faults"]]
+    assert fired == [(0, "checkpoint-fail", 1, 30), (1, "kill", 1, 37)]
+    assert not (out / "chaos" / "faults-rank0.jsonl").exists()
+    assert r["restarts"] == [{"attempt": 1, "resumed_at": 20, "reached": 37, "steps_redone": 17}]
+    resumed = [e for e in read_jsonl(out / "chaos" / "events.jsonl") if e.get("what") == "resumed"]
+    assert [e["step"] for e in resumed] == [20]
+    chaos, ref = (json.loads((out / d / "summary.json").read_text()) for d in ("chaos", "reference"))
+    assert chaos["steps_run"] == 60 and ref["steps_run"] == 80
+    assert chaos["global_params_sha256"] == ref["global_params_sha256"] and r["bit_identical"]
+    assert r["data_lost"] == 0 and r["final_loss_delta"] == 0.0
+    md = (out / "report.md").read_text()
+    assert "bit for bit: **data lost: 0**" in md and "| 1 | 20 | 37 | 17 |" in md
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ValueError, match=r"holds an earlier run \(reference/\)"):
+        run_static_chaos(plan, 2, out, args, max_restarts=2)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

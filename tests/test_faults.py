@@ -90,6 +90,35 @@ def test_a_static_job_s_targets_are_its_ranks():
     assert targets[3] in {f"worker:{r}" for r in range(4)}
 
 
+@pytest.mark.parametrize(
+    "kw,flags,message",
+    [
+        ({}, ["--run-dir", "x"], r"sets \['--run-dir', '--resume', '--overwrite', '--coordinator'\] itself"),
+        ({}, ["--resume=auto"], r"remove \['--resume=auto'\]"),
+        ({"max_restarts": -1}, [], r"max_restarts=-1 is not allowed: an int >= 0"),
+        ({"replicas": 0}, [], r"replicas=0 is not allowed: an int >= 1"),
+        ({"timeout": float("inf")}, [], r"timeout=inf is not allowed"),
+        (
+            {"plan": {"kind": "corrupt", "target": "rank:1", "at_round": 2}},
+            [],
+            r"kind='corrupt' needs an elastic",
+        ),
+        ({"plan": {"kind": "kill", "target": "rank:2", "at_step": 2}}, [], r"out of range: rank in \[0, 1\]"),
+    ],
+)
+def test_static_chaos_refuses_bad_input_before_starting_anything(tmp_path, kw, flags, message):
+    """`lowcomm chaos --static`: a flag it sets itself, a bad count or timeout, a fault a static job
+    of two ranks cannot serve: one line each, before any process or folder."""
+    from lowcomm.runtime.faults.static_chaos import run_static_chaos
+
+    fault = kw.pop("plan", {"kind": "kill", "target": "rank:1", "at_step": 2})
+    plan = FaultPlan.from_dict({"faults": [fault]})
+    args = {"replicas": 2, "out": tmp_path / "out", "flags": [*flags, "--steps", "8"], **kw}
+    with pytest.raises(ValueError, match=message):
+        run_static_chaos(plan, **args)
+    assert not (tmp_path / "out").exists()
+
+
 FLAG_CASES = [
     ("kind=kill,target=worker:0,at_step=2", "kill", "before_step"),
     ("kind=kill,target=worker:0,at_round=3", "kill", "during_collective"),

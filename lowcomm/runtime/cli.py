@@ -257,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ch.add_argument("--timeout", type=float, default=1800.0, help="seconds each of the two runs may take")
     ch.add_argument("--quiet", action="store_true", help="no progress bars")
+    ch.add_argument(
+        "--static",
+        action="store_true",
+        help="a static job instead (lowcomm launch, restarted whole from its checkpoints): give "
+        "--checkpoint-every in the train flags; the report holds it to the fault-free run's bits",
+    )
+    ch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="--static: times the launcher restarts the job (default 3)",
+    )
+    ch.add_argument(
+        "--procs-per-replica", type=int, default=1, help="--static: processes per replica (default 1)"
+    )
     ch.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- lowcomm train flags of every worker")
 
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
@@ -574,9 +589,7 @@ def _process_group_alive() -> bool:
 
 
 def _chaos(args: argparse.Namespace) -> int:
-    from .elastic.protocol import new_key
     from .faults import FaultPlan
-    from .faults.chaos import run_chaos
 
     plan = FaultPlan.load(args.plan) if args.plan else FaultPlan(args.seed, [])
     if args.fault:  # flags add to the plan's faults (ids are renumbered)
@@ -584,6 +597,21 @@ def _chaos(args: argparse.Namespace) -> int:
         entries = [{k: v for k, v in f.to_dict().items() if k != "id"} for f in faults]
         plan = FaultPlan.from_dict({"seed": plan.seed, "faults": entries})
     flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+    if args.static:
+        from .faults.static_chaos import run_static_chaos
+
+        r = run_static_chaos(
+            plan, args.replicas, args.out, flags, args.max_restarts, args.procs_per_replica, args.timeout
+        )
+        print(
+            f"{r['faults_injected']} faults injected, {len(r['restarts'])} restart(s), "
+            f"{r['steps_redone']} step(s) redone, bit-identical to the fault-free run: {r['bit_identical']}, "
+            f"data lost {r['data_lost']}; report in {Path(args.out).resolve()}/report.md"
+        )
+        return ExitCode.OK if r["data_lost"] == 0 else ExitCode.FAILED
+    from .elastic.protocol import new_key
+    from .faults.chaos import run_chaos
+
     os.environ.setdefault("LOWCOMM_KEY", new_key())
     r = run_chaos(plan, args.replicas, args.out, flags, args.timeout, progress=not args.quiet)
     print(

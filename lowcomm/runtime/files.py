@@ -1,12 +1,14 @@
-"""Files the runtime writes for its user only: run records, checkpoints."""
+"""The runtime's files: written for its user only (run records, checkpoints), read back by whole
+lines (JSONL records)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import IO
 
-__all__ = ["private_open"]
+__all__ = ["private_open", "read_jsonl"]
 
 
 def private_open(path: str | os.PathLike | Path, mode: str) -> IO:
@@ -14,3 +16,13 @@ def private_open(path: str | os.PathLike | Path, mode: str) -> IO:
     records name a job's members, addresses and transfers, checkpoints hold its weights."""
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     return os.fdopen(os.open(path, flags, 0o600), mode, **({} if "b" in mode else {"buffering": 1}))
+
+
+def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
+    """All complete lines of a JSONL file (a torn last line, if any, is ignored)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                out.append(json.loads(line))
+    return out

@@ -284,6 +284,9 @@ class Trainer:
             step = start = max(sync.start(), self.start_step)
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
+            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+            if attempt and not cfg.elastic.enabled:  # a launcher's restart of a static job
+                self.rec.event("restart", attempt=attempt, step=start)
             self._progress(start)
             self.steps_run, self.last_eval, self._pending = 0, None, []
             self.profiler = self._profiler()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import private_open
+from ..files import private_open, read_jsonl
 from .metrics import scalars_of
 
 __all__ = [
@@ -110,16 +110,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} PB"
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All complete lines of a JSONL file (a torn last line, if any, is ignored)."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            if line.endswith("\n"):
-                out.append(json.loads(line))
-    return out
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
