@@ -65,6 +65,7 @@ gpu_tests() {  # each file in processes of its own, all at once
   python -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels.py \
     -k "not compiles_whole and not tensorboard and not few_operations and not compile_for_hopper" \
     | grep "::" > "$SHARD_DIR/ids"
+  set -f  # test ids hold brackets: no pathname expansion of them
   for ((i = 0; i < ${SHARDS:-3}; i++)); do
     awk -v n="${SHARDS:-3}" -v i="$i" 'NR % n == i' "$SHARD_DIR/ids" > "$SHARD_DIR/ids$i"
     # shellcheck disable=SC2046  # one argument per test id (ids hold no spaces)
