@@ -230,6 +230,20 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
 
 
+def test_the_gpu_check_script_parses_and_writes_at_most_eight_files():
+    """benchmarks/gpu_check.sh is what a session lent a GPU runs, once, in a slot of minutes: it
+    must parse (bash -n) and name at most 8 files under $OUT, the device tool's limit."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh"
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    named = set(re.findall(r"\$OUT/(\w[\w.]*)", script.read_text()))
+    assert {"env.txt", "tests.txt", "throughput.json", "kernels.json"} <= named and len(named) <= 8, named
+
+
 def test_metrics_go_to_tensorboard_as_in_the_records(tmp_path, corpus_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
