@@ -569,13 +569,19 @@ def _fast_copies(a, b, elem_a: str, elem_b: str, scale_rule: str, b_tile: str):
     outputs are cut off by the caller); K is already."""
     from .triton_quantize import mx_fast_quantize_dual
 
-    if not a.is_contiguous() and a.t().is_contiguous() and a.shape[0] % 128 == 0:  # read in place
+    if _transposed_view(a) and a.shape[0] % 128 == 0:  # read in place
         _, _, qa, ga = mx_fast_quantize_dual(a.t(), elem_a, "1x128", scale_rule, rows=False)
         ga = ga.t()  # (K/128, M) row-major is (M, K/128) with strides (1, M): cuBLAS's A
     else:
         qa, ga, _, _ = mx_fast_quantize_dual(_whole_blocks(a), elem_a, "1x128", scale_rule, cols=False)
     _, _, qbt, gb = mx_fast_quantize_dual(_whole_blocks(b), elem_b, b_tile, scale_rule, rows=False)
     return qa, ga, qbt.t(), gb
+
+
+def _transposed_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the transpose of a contiguous tensor (``W.t()``, wgrad's ``dyᵀ``): a
+    quantize reads ``t.t()`` in place and makes its other copy."""
+    return not t.is_contiguous() and t.t().is_contiguous()
 
 
 def _whole_blocks(t: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -592,7 +598,7 @@ def _fp8_along_k(t: torch.Tensor, elem: str, scaling: str):
     if _triton_reads(t):
         from .triton_fp8 import fp8_quantize_dual
 
-        if not t.is_contiguous() and t.t().is_contiguous():  # a transposed view: its columns' copy
+        if _transposed_view(t):  # its columns' copy
             _, _, q, s = fp8_quantize_dual(t.t(), elem, scaling, rows=False)
         else:
             q, s, _, _ = fp8_quantize_dual(t, elem, scaling, cols=False)

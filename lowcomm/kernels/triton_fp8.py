@@ -441,7 +441,7 @@ def fp8_quantize_scaled(
     ``torch.ops.lowcomm.fp8_quantize_scaled`` (torch.compile keeps it whole); elsewhere torch ops
     write the same bytes.
     """
-    from .gemm import _triton_runs_on
+    from .gemm import _triton_reads
 
     _check_copies("fp8_quantize_scaled", x, elem, rows, cols)
     if scale.numel() != 1 or scale.dtype != torch.float32:
@@ -455,7 +455,7 @@ def fp8_quantize_scaled(
             f"shape {tuple(amax.shape)}"
         )
     scale = scale.reshape(())
-    if not (x.dtype in TRITON_READS and _triton_runs_on(x.device)):
+    if not _triton_reads(x):
         return fp8_quantize_scaled_torch(x, scale, elem, rows=rows, cols=cols, amax=amax, index=index)
     record = amax is not None
     if amax is None:
