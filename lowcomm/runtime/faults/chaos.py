@@ -31,7 +31,7 @@ from ..._checks import refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
 from .plan import FaultPlan
-from .report import fault_entries, markdown, plot, why_no_plot
+from .report import eval_curve, fault_entries, markdown, plot, why_no_plot
 
 __all__ = ["run_chaos", "JobRun"]
 
@@ -61,12 +61,8 @@ class JobRun:
     def curve(self) -> list[tuple[int, float]]:
         """The first worker's eval-loss curve (every worker evaluates the same global parameters)."""
         for w in self.names:
-            path = self.job.run_dir(w) / "eval.jsonl"
-            if path.exists():
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                pts = [(e["step"], e["loss"]) for e in rows if e.get("loss") is not None]
-                if pts:
-                    return pts
+            if pts := eval_curve(self.job.run_dir(w)):
+                return pts
         return []
 
     def final_loss(self, names: list[str]) -> float | None:

@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 
 from ..._compat import MissingExtra, pyplot
+from ..files import read_jsonl
 
-__all__ = ["evidence", "fault_entry", "fault_entries", "plot", "markdown"]
+__all__ = ["evidence", "fault_entry", "fault_entries", "eval_curve", "plot", "markdown"]
 
 
 # which events show that a fault of each kind was noticed (see _evidence)
@@ -99,6 +100,13 @@ def fault_entries(injected: list[dict], events: dict[str, list[dict]], t0: float
 
 #: the feature a missing matplotlib is named for
 PLOT_FEATURE = "plotting a fault report"
+
+
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """A run's (step, eval loss) points from its eval.jsonl (none if it has none)."""
+    path = run_dir / "eval.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    return [(e["step"], e["loss"]) for e in rows if e.get("loss") is not None]
 
 
 def why_no_plot() -> str | None:

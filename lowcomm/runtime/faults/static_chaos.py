@@ -35,7 +35,7 @@ from ..._checks import refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
 from .plan import FaultPlan
-from .report import plot, why_no_plot
+from .report import eval_curve, plot, why_no_plot
 
 __all__ = ["run_static_chaos"]
 
@@ -109,7 +109,7 @@ def run_static_chaos(
     if not no_plot:
         plot(
             out / "loss.png",
-            {"fault-free": _curve(out / "reference"), "under faults": _curve(out / "chaos")},
+            {"fault-free": eval_curve(out / "reference"), "under faults": eval_curve(out / "chaos")},
             [(f["step"], f["kind"]) for f in report["faults"] if f.get("step") is not None],
             f"static job: {len(report['faults'])} faults, {len(report['restarts'])} restart(s), "
             f"bit-identical: {report['bit_identical']}",
@@ -167,12 +167,6 @@ def _summary(run_dir: Path) -> dict | None:
         return json.loads((run_dir / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _curve(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "eval.jsonl"
-    rows = read_jsonl(path) if path.exists() else []
-    return [(e["step"], e["loss"]) for e in rows if e.get("loss") is not None]
 
 
 def _report(out: Path, plan, replicas, procs_per_replica, flags, max_restarts, ref_code, chaos_code) -> dict:
