@@ -7,12 +7,19 @@ For each size, the same model, data and tokens per step:
 
 - ``plain``: one reference GPT with batch M·B, bf16 autocast, fused AdamW, torch.compile (what a
   well-written loop does);
+- ``replicas`` and ``replicas_clip``: the M = 4 replicas' own computation without the trainer
+  (lowcomm's batched model over parameters stacked along a replica axis, one fused AdamW over
+  the stack; ``replicas_clip`` also clips each replica's gradient norm, as the trainer does), on
+  the plain loop's fixed batch: what separates them from the plain loop is the cost of simulating
+  M replicas (M times the parameters and optimizer state), what separates ``lowcomm train`` from
+  them is the trainer's own work;
 - ``lowcomm train`` with M = 4 simulated replicas of batch B each (bf16, compiled, replicas
   batched): DP, DiLoCo (H = 50) and Streaming DiLoCo (P = 4, τ = 1, e3m0, α = 0.5).
 
-Throughput is measured after warm-up (compilation): the plain loop times its last ``steps // 2``
-steps; a lowcomm run takes its tokens/s between the step records at a quarter of the run and at
-its end (the records are written every ``log_every`` steps, when the losses are read). MFU =
+Throughput is measured after warm-up (compilation): the loops without the trainer time their
+last ``steps // 2`` steps; a lowcomm run takes its tokens/s between the step records at a
+quarter of the run and at its end (the records are written every ``log_every`` steps, when the
+losses are read). MFU =
 6·N·tokens/s over the device's dense bf16 peak. ``wait_fraction`` is the share of the loop
 spent waiting for a round's result (the goal for Streaming τ = 1: under 1%).
 
@@ -30,6 +37,7 @@ runs out keeps every part that ran.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -56,6 +64,8 @@ RUNS = {
     "diloco": dict(mode="diloco", sync_every=50),
     "streaming": dict(mode="diloco", sync_every=50, fragments=4, overlap=1, codec="e3m0", alpha=0.5),
 }
+#: the loops without the trainer: the M replicas' computation (see replicas_loop)
+LOOPS = ("replicas", "replicas_clip")
 REPLICAS = 4
 
 
@@ -78,32 +88,90 @@ def plain_loop(
 ) -> dict:
     """One model with the replicas' batches concatenated: tokens/s over the last half of the steps;
     ``profile`` (A, B): steps A+1 to B under the trainer's profiler, its table's top rows kept."""
-    cfg = GPTConfig(
+    cfg = _gpt_config(size)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), **fused)
+    run = torch.compile(model) if compile else model
+    x, y = _fixed_batch(size, (REPLICAS * size["batch_size"],), device)
+
+    def step():
+        with _autocast(device):
+            loss = run(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n = model.num_params()
+    return {**_timed(step, size, steps, device, profile, Path(out) / "plain-profile", n), "params": n}
+
+
+def replicas_loop(
+    size: dict, steps: int, device: torch.device, compile: bool, clip: bool, profile=None, out: str = ""
+) -> dict:
+    """The M replicas' own computation, without the trainer: lowcomm's batched model
+    (:func:`~lowcomm.lm.batched.batched_gpt_loss` over parameters stacked along a replica axis),
+    one fused AdamW over the stack and, with ``clip``, each replica's gradient norm clipped to 1
+    as the trainer does (its ``_clip_per_replica``), on the same fixed batch as the plain loop.
+    Between the plain loop and this, what simulating M replicas costs (M times the parameters and
+    optimizer state, batched matrix multiplies); between this and ``lowcomm train``, the trainer's
+    own work (data, records, the sync)."""
+    from lowcomm.lm.batched import batched_gpt_loss, stack_parameters
+    from lowcomm.runtime.trainer.build import _clip_per_replica
+
+    cfg = _gpt_config(size)
+    torch.manual_seed(0)
+    base = GPT(cfg).to(device)
+    params = stack_parameters([base] * REPLICAS)  # (M, *shape) leaves, every replica alike
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params.values(), lr=1e-3, betas=(0.9, 0.99), **fused)
+    loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
+    run = torch.compile(loss_fn) if compile else loss_fn
+    clip_fn = torch.compile(_clip_per_replica) if compile else _clip_per_replica
+    x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
+
+    def step():
+        with _autocast(device):
+            losses = run(params, idx=x, targets=y)
+        losses.sum().backward()
+        if clip:
+            clip_fn([p.grad for p in params.values()], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    stem = Path(out) / f"replicas{'-clip' if clip else ''}-profile"
+    return _timed(step, size, steps, device, profile, stem, base.num_params())
+
+
+def _gpt_config(size: dict) -> GPTConfig:
+    return GPTConfig(
         vocab_size=256,
         seq_len=size["seq_len"],
         n_layer=size["layers"],
         n_head=size["heads"],
         n_embd=size["model_dim"],
     )
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), **fused)
-    run = torch.compile(model) if compile else model
-    batch = REPLICAS * size["batch_size"]
-    x = torch.randint(0, 256, (batch, size["seq_len"]), device=device)
-    y = torch.roll(x, -1, 1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = run(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
+def _fixed_batch(size: dict, lead: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random tokens of shape (*lead, T) on the device, and their next-token targets: the loops
+    without the trainer read one batch, already in place, every step."""
+    x = torch.randint(0, 256, (*lead, size["seq_len"]), device=device)
+    return x, torch.roll(x, -1, -1)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (as the trainer's default there), none on a CPU (fp32, its default)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _timed(step, size: dict, steps: int, device: torch.device, profile, stem: Path, params: int) -> dict:
+    """Run ``step`` ``steps`` times: tokens/s over the last half (the first half warms up and
+    compiles); ``profile`` (A, B): steps A+1 to B under the trainer's profiler, its table's top
+    rows kept."""
     timed = max(steps // 2, 1)
-    prof = StepProfiler(profile[0] + 1, profile[1], Path(out) / "plain-profile", device) if profile else None
+    prof = StepProfiler(profile[0] + 1, profile[1], stem, device) if profile else None
     for i in range(1, steps - timed + 1):  # warm-up, compilation included
         if prof is not None:
             prof.before(i)
@@ -116,12 +184,8 @@ def plain_loop(
         step()
     _sync(device)
     seconds = time.perf_counter() - t0
-    tps = timed * batch * size["seq_len"] / seconds
-    result = {
-        "tokens_per_second": tps,
-        "mfu": _mfu(model.num_params(), tps, device),
-        "params": model.num_params(),
-    }
+    tps = timed * REPLICAS * size["batch_size"] * size["seq_len"] / seconds
+    result = {"tokens_per_second": tps, "mfu": _mfu(params, tps, device)}
     if prof is not None and prof.done:
         result["profile"] = profile_top(prof.stem)
     return result
@@ -223,7 +287,12 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,large", help="comma list of small, large")
-    ap.add_argument("--runs", default="dp,diloco,streaming")
+    ap.add_argument(
+        "--runs",
+        default=",".join(LOOPS + tuple(RUNS)),
+        help="comma list of the loops without the trainer (replicas, replicas_clip) and of the "
+        "lowcomm train runs (dp, diloco, streaming), each measured against the plain loop",
+    )
     ap.add_argument("--steps", type=int, default=120, help="steps per run (a quarter is warm-up)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--two-process", action="store_true", help="also Streaming DiLoCo over two processes")
@@ -271,9 +340,12 @@ def main() -> None:
             result["rows"].append(row)
             save(size, {"plain": plain})
             for name in args.runs.split(","):
-                r = lowcomm_run(
-                    SIZES[size], RUNS[name], steps, device, compile, f"{tmp}/{size}-{name}", window
-                )
+                if name in LOOPS:
+                    r = replicas_loop(SIZES[size], steps, device, compile, name.endswith("clip"), window, tmp)
+                else:
+                    r = lowcomm_run(
+                        SIZES[size], RUNS[name], steps, device, compile, f"{tmp}/{size}-{name}", window
+                    )
                 r["x_plain"] = r["tokens_per_second"] / plain["tokens_per_second"]
                 row[name] = r
                 save(size, {name: r})

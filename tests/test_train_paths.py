@@ -219,10 +219,19 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     r = json.loads(out.read_text())
     (row,) = r["rows"]
     assert row["plain"]["tokens_per_second"] > 0 and r["commit"] and "not a measurement" in r["note"]
-    for name in ("plain", "dp", "diloco", "streaming"):  # step 3 of 16 profiled: after 2, before 4
+    runs = ("replicas", "replicas_clip", "dp", "diloco", "streaming")
+    for name in ("plain", *runs):  # step 3 of 16 profiled: after 2, before 4
         assert row[name]["profile"][0] == "steps 3-3 on cpu, operators by their own cpu time", name
-    for name in ("dp", "diloco", "streaming"):
+    for name in runs:
         assert row[name]["tokens_per_second"] > 0 and row[name]["x_plain"] > 0, name
+
+    # the loops without the trainer: the clip's norms (a multi-tensor norm, per tensor on a CPU)
+    # are in the profile of the one that clips only
+    def norms(name: str) -> bool:
+        return any("foreach_norm" in line or "vector_norm" in line for line in row[name]["profile"])
+
+    assert norms("replicas_clip") and not norms("replicas")
+    for name in ("dp", "diloco", "streaming"):
         assert 0 <= row[name]["wait_fraction"] < 1 and row[name]["mfu"] is None
     assert row["streaming"]["final_loss"] < 5.545
     two = r["two_process"]
