@@ -79,8 +79,9 @@ def profile_window(steps: int, count: int) -> tuple[int, int] | None:
 
 
 def profile_top(stem: Path, rows: int = 25) -> list[str]:
-    """The first rows of a profile's table (its header, the column names, the slowest operators)."""
-    return stem.with_suffix(".txt").read_text().splitlines()[: rows + 4]
+    """The first rows of a profile's table (its two header lines: the steps, their wall and busy
+    time; the column names; the slowest operators)."""
+    return stem.with_suffix(".txt").read_text().splitlines()[: rows + 5]
 
 
 def plain_loop(

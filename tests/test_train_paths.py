@@ -145,12 +145,38 @@ def test_profile_writes_a_trace_and_a_table_of_the_steps_asked_for(tmp_path, cor
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert "aten::mm" in names and any(str(n).startswith("Optimizer.step") for n in names)
     lines = table.read_text().splitlines()
-    assert lines[0] == "steps 3-4 on cpu, operators by their own cpu time" and "Self CPU" in lines[2]
+    assert lines[0] == "steps 3-4 on cpu, operators by their own cpu time" and "Self CPU" in lines[3]
+    # the wall time of a profiled step and the operators' share of it, in the table and the event
+    wall, busy = event["wall_ms_per_step"], event["busy_ms_per_step"]
+    assert 0 < busy <= wall * 1.05, (busy, wall)  # the CPU's operators: nearly all of a CPU step
+    share = f"{100 * busy / wall:.0f}%"
+    assert (
+        lines[1]
+        == f"{wall:.2f} ms a step on the wall, {busy:.2f} ms of the operators' own cpu time ({share})"
+    )
     assert all(p.stat().st_mode & 0o077 == 0 for p in (trace, table))
     for bad in ("4:9", "3:3", "2", "a:b"):
         with pytest.raises(ValueError, match=rf"profile='{bad}' is not allowed: '' \(off\) or 'A:B'"):
             _run(tmp_path, corpus_dir, "bad", steps=6, profile=bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_profiles_busy_time_on_cuda_sums_the_kernels_once():
+    """On CUDA the busy time is the kernels' own time (events on the device), as the table's
+    "Self CUDA time total": not the CPU operators that launched them, not user annotations."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from lowcomm.runtime.trainer.profiling import _busy_us
+
+    events = [
+        E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=300.0),
+        E(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=200.0),
+        E(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=900.0),
+        E(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=500.0),
+    ]
+    assert _busy_us(events, torch.device("cuda")) == 500.0
 
 
 @pytest.mark.parametrize(
