@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["commit", "machine", "stamp", "steady_tokens_per_second"]
+__all__ = ["commit", "machine", "stamp", "steady_tokens_per_second", "window_ms_per_step"]
 
 
 def commit() -> str:
@@ -46,14 +46,28 @@ def steady_tokens_per_second(run_dir: str, summary: dict, log_every: int) -> flo
     The losses are read (a host sync) every ``log_every`` steps: the record of each read's step is
     written right after the device caught up, so its wall time is when that step had finished.
     """
+    steps = summary["steps_run"]
+    points = _read_points(run_dir, steps, log_every)
+    first = next(p for p in points if p[0] >= steps // 4)
+    last = points[-1]
+    return (last[0] - first[0]) * summary["tokens"] / steps / (last[1] - first[1])
+
+
+def window_ms_per_step(run_dir: str, summary: dict, log_every: int) -> list[list[float]]:
+    """``[last step, ms a step]`` for each window of ``log_every`` steps between two loss reads of
+    a ``lowcomm train`` run (the first window left out: it holds the compilation): a window
+    slower than its neighbours holds something the others do not, such as a DiLoCo round."""
+    points = _read_points(run_dir, summary["steps_run"], log_every)
+    return [[b[0], 1e3 * (b[1] - a[1]) / (b[0] - a[0])] for a, b in zip(points, points[1:]) if b[0] > a[0]]
+
+
+def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, float]]:
+    """(step, wall) of the step records written when the losses were read (every ``log_every``
+    steps, and the last)."""
     from lowcomm.runtime import read_jsonl
 
-    steps = summary["steps_run"]
-    points = [
+    return [
         (e["step"], e["wall"])
         for e in read_jsonl(Path(run_dir) / "events.jsonl")
         if e["kind"] == "step" and (e["step"] % log_every == 0 or e["step"] == steps)
     ]
-    first = next(p for p in points if p[0] >= steps // 4)
-    last = points[-1]
-    return (last[0] - first[0]) * summary["tokens"] / steps / (last[1] - first[1])

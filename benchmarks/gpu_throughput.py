@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import stamp, steady_tokens_per_second
+from common import stamp, steady_tokens_per_second, window_ms_per_step
 
 from lowcomm.lm import GPT, GPTConfig
 from lowcomm.runtime import TrainConfig, train
@@ -216,6 +216,8 @@ def lowcomm_run(
         **top,
         "tokens_per_second": tps,
         "tokens_per_second_whole_run": s["tokens_per_second"],
+        # [last step, ms a step] of each window between two loss reads: a DiLoCo round's shows
+        "window_ms_per_step": window_ms_per_step(out, s, cfg.run.log_every),
         "mfu": _mfu(s["params"], tps, device),
         "wait_fraction": s["timing"]["wait_s"] / s["timing"]["loop_s"],
         "comm_free_fraction": s["comm_free_fraction"],

@@ -259,6 +259,8 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     assert norms("replicas_clip") and not norms("replicas")
     for name in ("dp", "diloco", "streaming"):
         assert 0 <= row[name]["wait_fraction"] < 1 and row[name]["mfu"] is None
+        windows = row[name]["window_ms_per_step"]  # 16 steps, a loss read every 2: 7 windows after the first
+        assert [w[0] for w in windows] == [4, 6, 8, 10, 12, 14, 16] and all(w[1] > 0 for w in windows)
     assert row["streaming"]["final_loss"] < 5.545
     two = r["two_process"]
     assert "error" not in two, two.get("error")
