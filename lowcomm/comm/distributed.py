@@ -10,10 +10,10 @@ every split of the ``all_to_all`` calls without exchanging sizes:
 
 Every collective of a group runs on one communication thread in call order, so ``all_reduce_mean``
 returns at once and the inner loop keeps computing until it waits on the result (real overlap).
-CUDA buffers are reduced on a CUDA stream of the group's own, ordered by events: it starts when
-the caller's stream has computed the buffer, and ``wait()`` makes the caller's stream wait for the
-result rather than the host. Use a process group of its own for the outer sync, separate from any
-inner DDP / FSDP group.
+CUDA buffers are reduced on a CUDA stream of the group's own (high priority), ordered by events:
+it starts when the caller's stream has computed the buffer, and ``wait()`` makes the caller's
+stream wait for the result rather than the host. Use a process group of its own for the outer
+sync, separate from any inner DDP / FSDP group.
 
 Bytes are counted from the tensors handed to the collectives, less the part a replica sends to
 itself. A link emulator can stretch each collective to the time a slower network would take.
@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: the communication stream's priority (CUDA: lower is more urgent; -1 is the highest every torch
+#: and GPU serves): a round's encode and decode kernels are scheduled ahead of the inner loop's
+COMM_STREAM_PRIORITY = -1
 
 _UNITS_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}
 _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -430,8 +434,9 @@ class DistributedGroup(ReplicaGroup):
         try:
             if ready is None:
                 return (*self.reduce(buffer, codec, method, seq, stats, tag=tag), None)
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(buffer.device)
+            if self._stream is None:  # high priority: the GPU schedules its few small kernels (the
+                # codec's) ahead of the training kernels waiting beside them as SMs free up
+                self._stream = torch.cuda.Stream(buffer.device, priority=COMM_STREAM_PRIORITY)
             # this thread's current GPU is 0 until set: the buffer's, for whatever the reduce makes
             with torch.cuda.device(buffer.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
