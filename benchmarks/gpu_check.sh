@@ -11,16 +11,26 @@
 #   2. tests.txt       the kernel tests on the GPU (each shard's output in turn); train_tests.txt
 #                      the GPU trainer's, in a process of their own at the same time (a kernel
 #                      that faults poisons its process's CUDA context: every later test in it fails)
-#   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs lowcomm train (DP, DiLoCo,
-#                      Streaming) at both sizes, two processes on the GPU (at the first size), and
-#                      each run's top operators by GPU time over 3 profiled steps before its timed
+#   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs the M replicas without the
+#                      trainer vs lowcomm train (DP, DiLoCo, Streaming) at both sizes, two
+#                      processes on the GPU (at the first size), and each run's wall and kernel
+#                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
 #                      ($TRAIN_ARGS adds its flags: "--train-compile --train-precisions
 #                      fp8_tensorwise" trains bf16 and that recipe under torch.compile)
 #   (+ throughput.log, kernels.log: their progress lines)
+# $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
+# the others): a session with two calls' worth of device time can give one call to the throughput
+# alone (SECTIONS=throughput: its cold compilations took all of its 164-197 s before) and another
+# to "tests kernels".
 # Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
 set -u
+SECTIONS=" ${SECTIONS:-tests throughput kernels} "
+wanted() { [[ $SECTIONS == *" $1 "* ]]; }
+for s in $SECTIONS; do
+  case $s in tests | throughput | kernels) ;; *) echo "SECTIONS: unknown section '$s' (allowed: tests throughput kernels)" >&2; exit 2 ;; esac
+done
 START=$SECONDS
 TOTAL=${CHECK_SECONDS:-400}  # the whole check's wall; a section's unused seconds go to the next
 left() {  # seconds left, less a reserve for what follows (at least 1: 'timeout 0' never ends)
@@ -77,24 +87,32 @@ gpu_tests() {  # each file in processes of its own, all at once
 }
 export -f gpu_tests
 export OUT SHARD_DIR
-section tests "${TEST_TIMEOUT:-110}" bash -c gpu_tests
-cat "$SHARD_DIR"/shard*.txt > "$OUT/tests.txt" 2>/dev/null  # what every shard wrote, a time-out too
+if wanted tests; then
+  section tests "${TEST_TIMEOUT:-110}" bash -c gpu_tests
+  cat "$SHARD_DIR"/shard*.txt > "$OUT/tests.txt" 2>/dev/null  # what every shard wrote, a time-out too
+  for f in train_tests.txt tests.txt; do
+    grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/$f" | sed "s/^/$f: tests with an outcome: /"
+    grep -E " FAILED| ERROR" "$OUT/$f" | head -20
+    grep -E "^=+ .*(passed|failed|error).* =+$" "$OUT/$f"
+  done
+fi
 rm -rf "$SHARD_DIR"
-for f in train_tests.txt tests.txt; do
-  grep -cE " PASSED| FAILED| ERROR| SKIPPED" "$OUT/$f" | sed "s/^/$f: tests with an outcome: /"
-  grep -E " FAILED| ERROR" "$OUT/$f" | head -20
-  grep -E "^=+ .*(passed|failed|error).* =+$" "$OUT/$f"
-done
 
 # The throughput's defaults follow what the H200 left open (2026-11-30): the large size first (the
 # MFU goal's; its Streaming run was cut off), 80 steps (three runs and the plain loop took 164 s
 # there), the two-process check (7.1% waiting, short of 1%); the bf16-vs-fp32 loss check, met, is
 # THROUGHPUT_ARGS="--two-process --loss-check".
-section throughput "${THROUGHPUT_TIMEOUT:-$(left "${KERNELS_SECONDS:-120}")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process} \
-  --sizes "${SIZES:-large,small}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-80}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
-cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
+if wanted throughput; then
+  reserve=0
+  if wanted kernels; then reserve=${KERNELS_SECONDS:-120}; fi
+  section throughput "${THROUGHPUT_TIMEOUT:-$(left "$reserve")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process} \
+    --sizes "${SIZES:-large,small}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-80}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+  cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
+fi
 
-section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS:-} \
-  --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
+if wanted kernels; then
+  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS:-} \
+    --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
+fi
 cat "$OUT/env.txt"

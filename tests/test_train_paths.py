@@ -267,9 +267,11 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
 
 
-def test_the_gpu_check_script_parses_and_writes_at_most_eight_files():
+def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     """benchmarks/gpu_check.sh is what a session lent a GPU runs, once, in a slot of minutes: it
-    must parse (bash -n) and name at most 8 files under $OUT, the device tool's limit."""
+    must parse (bash -n), name at most 8 files under $OUT (the device tool's limit) and refuse a
+    section it does not have before it runs anything."""
+    import os
     import re
     import subprocess
     from pathlib import Path
@@ -279,6 +281,11 @@ def test_the_gpu_check_script_parses_and_writes_at_most_eight_files():
     assert r.returncode == 0, r.stderr
     named = set(re.findall(r"\$OUT/(\w[\w.]*)", script.read_text()))
     assert {"env.txt", "tests.txt", "throughput.json", "kernels.json"} <= named and len(named) <= 8, named
+    # a section it does not have is refused by name before anything runs or is written
+    out = tmp_path / "out"
+    env = {**os.environ, "SECTIONS": "throughput kernel"}
+    r = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 2 and "unknown section 'kernel'" in r.stderr and not out.exists(), r.stderr
 
 
 def test_metrics_go_to_tensorboard_as_in_the_records(tmp_path, corpus_dir):
