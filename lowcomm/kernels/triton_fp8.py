@@ -15,7 +15,8 @@ measured"). :func:`fp8_quantize_dual` makes both from a (R, C) tensor in two pas
 Two launches and one fill of the maxima's buffer, nothing between them: the scales are
 :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima in the same arithmetic, and every byte equals
 :func:`lowcomm.kernels.quantize_fp8`'s (tested): the division is IEEE (``div_rn``), the rounding
-to the grid is done in fp32 arithmetic (the kernel shares it with the MX quantizer). Tensorwise
+half to even is the GPU's fp8 conversion (in the interpreter, fp32 arithmetic first: the kernel
+shares :func:`~lowcomm.kernels.triton_quantize.hw_cvt` with the MX quantizer). Tensorwise
 scaling makes the transposed copy from the same scale, so each tensor is quantized once.
 
 Both copies need two reads whatever the kernel: the transposed copy's scales are maxima over
@@ -43,6 +44,7 @@ from .triton_quantize import (
     TRITON_MISSING,
     TRITON_READS,
     copies_made,
+    hw_cvt,
     mx_format,
     on_device,
 )
@@ -51,7 +53,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _abs_bits, _grid_bytes, _load_block, _load_tile, _round_to_fp8_grid
+    from .triton_quantize import _abs_bits, _fp8_bytes, _load_block, _load_tile
 
 __all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
@@ -94,11 +96,13 @@ if HAVE_TRITON:
         SUB_C: tl.constexpr,
         E5M2: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
     ):
-        # torch's (x / scale).clamp(-max, max).to(fp8): IEEE division, a clamp that keeps NaN
+        # torch's (x / scale).clamp(-max, max).to(fp8): IEEE division, a clamp that keeps NaN, the
+        # rounding half to even (HW_CVT: by the GPU's conversion)
         y = tl.math.div_rn(x, scale)
         y = tl.where(y > MAXV, MAXV, tl.where(y < -MAXV, -MAXV, y))
-        return _grid_bytes(_round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C), y != y, E5M2, NAN_BYTE)
+        return _fp8_bytes(y, y != y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
 
     @triton.jit
     def _fp8_scale_of(bits, MAXV: tl.constexpr):
@@ -123,6 +127,7 @@ if HAVE_TRITON:
         SUB_C: tl.constexpr,
         E5M2: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
         TENSOR: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
@@ -168,10 +173,10 @@ if HAVE_TRITON:
             s_row = s_row[:, None]
             s_col = s_col[None, :]
         if ROWS:
-            q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+            q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
             tl.store(q_ptr + offs, q, mask=inside)
         if COLS:
-            qt = tl.trans(_to_fp8_bytes(x, s_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE))
+            qt = tl.trans(_to_fp8_bytes(x, s_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT))
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
             tl.store(qt_ptr + offs_t, qt, mask=tl.trans(inside))
 
@@ -188,6 +193,7 @@ if HAVE_TRITON:
         SUB_C: tl.constexpr,
         E5M2: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -217,14 +223,14 @@ if HAVE_TRITON:
             tl.store(scale_ptr + rows, scale, mask=rows < R)
             for c0 in range(0, C, BLOCK_C):
                 _, _, inside, offs, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, scale[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+                q = _to_fp8_bytes(x, scale[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
                 tl.store(q_ptr + offs, q, mask=inside)
         else:
             cols = c0 + tl.arange(0, BLOCK_C)
             tl.store(scale_ptr + cols, scale, mask=cols < C)
             for r0 in range(0, R, BLOCK_R):
                 rows, cols, inside, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, scale[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+                q = _to_fp8_bytes(x, scale[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
                 offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
                 tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
 
@@ -353,11 +359,11 @@ def _fp8_quantize_dual(
     return q.view(ELEM_FORMATS[elem].dtype), s_rows, qt.view(ELEM_FORMATS[elem].dtype), s_cols
 
 
-def _format(elem: str) -> dict:
+def _format(elem: str, hw: bool) -> dict:
     """The element format's constants every fp8 kernel takes (the MX kernels' less the scale
-    rule's), in their parameter order."""
-    fmt = mx_format(elem, "rceil")
-    return {k: fmt[k] for k in ("MAXV", "MBITS", "MIN_NORMAL", "SUB_C", "E5M2", "NAN_BYTE")}
+    rule's), in their parameter order; ``hw``: compiled for a GPU (:func:`hw_cvt`)."""
+    fmt = mx_format(elem, "rceil", hw)
+    return {k: fmt[k] for k in ("MAXV", "MBITS", "MIN_NORMAL", "SUB_C", "E5M2", "NAN_BYTE", "HW_CVT")}
 
 
 def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given, record, cfg) -> None:
@@ -375,7 +381,7 @@ def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given
             amax,
             R,
             C,
-            **_format(elem),
+            **_format(elem, hw_cvt(x)),
             TENSOR=tensor,
             ROWS=rows,
             COLS=cols,
@@ -398,7 +404,7 @@ def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = 
     if R and C:
         grid = (-(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"]),)
         with on_device(x):
-            _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem), ROWS=rows, **cfg)
+            _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem, hw_cvt(x)), ROWS=rows, **cfg)
     q = q.view(ELEM_FORMATS[elem].dtype)
     none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)
     if rows:
@@ -568,7 +574,7 @@ def static_specs() -> list:
         sig = {**pointers, "R": "i32", "C": "i32", **{k: "constexpr" for k in consts}}
         return KernelSpec(name, fn, sig, consts, num_warps=warps, num_stages=1, aligned=("R", "C"))
 
-    cast = _format("e4m3")
+    cast = _format("e4m3", hw=True)  # as compiled for a GPU
     tiles = {k: FP8_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
     cast_ptrs = {"x_ptr": "*bf16", "row_scale_ptr": "*fp32", "col_scale_ptr": "*fp32"}
     cast_ptrs.update(q_ptr="*u8", qt_ptr="*u8", amax_ptr="*i32")

@@ -12,6 +12,8 @@ bit for bit as :func:`lowcomm.kernels.quantize_mx` with ``axis=-1`` and ``axis=0
 computed from the bits of the block's absolute maximum (no division, no transcendental), so the
 result does not depend on the GPU's approximate division or exp2; that maximum is one integer
 reduction of the bits of |x|, which also flags a non-finite block (its exponent bits are all ones).
+On a GPU the fp8 conversion rounds half to even (:func:`hw_cvt`); the interpreter rounds in fp32
+arithmetic first, since its conversion does not.
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -75,9 +77,10 @@ def on_device(t: torch.Tensor):
 NAN_BYTE = {e: int(torch.tensor(float("nan")).to(ELEM_FORMATS[e].dtype).view(torch.uint8)) for e in _EMAX}
 
 
-def mx_format(elem: str, scale_rule: str) -> dict:
+def mx_format(elem: str, scale_rule: str, hw_cvt: bool = False) -> dict:
     """The element format's and scale rule's constants the MX kernels take, in their parameter
-    order (MAXV .. NAN_BYTE)."""
+    order (MAXV .. NAN_BYTE, HW_CVT). ``hw_cvt``: the launch runs compiled for a GPU
+    (:func:`hw_cvt`), whose fp8 conversion does the rounding."""
     maxv, emax, mant, mbits, min_normal, sub_c = _EMAX[elem]
     return dict(
         MAXV=maxv,
@@ -89,7 +92,16 @@ def mx_format(elem: str, scale_rule: str) -> dict:
         MIN_NORMAL=min_normal,
         SUB_C=sub_c,
         NAN_BYTE=NAN_BYTE[elem],
+        HW_CVT=hw_cvt,
     )
+
+
+def hw_cvt(t: torch.Tensor) -> bool:
+    """Whether a kernel launched on ``t`` runs compiled for its GPU, where the fp8 conversion rounds
+    half to even in one instruction for two values (``cvt.rn.satfinite`` on sm_89 and newer), as
+    torch's does: the kernels then leave the rounding to it. In Triton's interpreter (CPU tensors,
+    ``TRITON_INTERPRET=1``) they round in fp32 arithmetic first (:func:`_round_to_fp8_grid`)."""
+    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 if HAVE_TRITON:
@@ -159,15 +171,13 @@ if HAVE_TRITON:
         EMAX: tl.constexpr,
         MANT_LIMIT: tl.constexpr,
         RCEIL: tl.constexpr,
-        MBITS: tl.constexpr,
-        MIN_NORMAL: tl.constexpr,
-        SUB_C: tl.constexpr,
     ):
-        # one MX block per slice along AXIS of the 3-D views (32 elements): the elements on the fp8
-        # grid (fp32), the blocks' scale exponents k and whether a block is non-finite. mag3 holds
-        # the bits of |x| as int32, which order as the floats do and put inf and NaN (exponent all
-        # ones) above every finite value: one reduction gives the block's absolute maximum and
-        # whether it holds a non-finite value (a block of NaN)
+        # one MX block per slice along AXIS of the 3-D views (32 elements): the elements scaled into
+        # the format's range (fp32, not yet rounded to its grid), the blocks' scale exponents k and
+        # whether a block is non-finite. mag3 holds the bits of |x| as int32, which order as the
+        # floats do and put inf and NaN (exponent all ones) above every finite value: one
+        # reduction gives the block's absolute maximum and whether it holds a non-finite value (a
+        # block of NaN)
         amax_bits = tl.max(mag3, axis=AXIS)
         bad = amax_bits >= 0x7F800000
         amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
@@ -175,7 +185,7 @@ if HAVE_TRITON:
         y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
         if not RCEIL:  # OCP floor rule: saturate
             y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
-        return _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C), k, bad
+        return y, k, bad
 
     @triton.jit
     def _grid_bytes(y, nan, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):
@@ -186,6 +196,29 @@ if HAVE_TRITON:
         else:
             q = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
         return tl.where(nan, NAN_BYTE, q).to(tl.uint8)
+
+    @triton.jit
+    def _fp8_bytes(y, nan, HW_CVT: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                   SUB_C: tl.constexpr, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):  # fmt: skip
+        # fp8 bytes of fp32 values within the format's range, rounded half to even; where ``nan``,
+        # the NaN byte. HW_CVT (compiled for a GPU): the conversion rounds (one instruction for two
+        # values: the rounding in fp32 arithmetic took about a dozen per value, and made every
+        # quantize kernel instruction-bound); else (the interpreter) the rounding first, then an
+        # exact conversion
+        if not HW_CVT:
+            y = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
+        return _grid_bytes(y, nan, E5M2, NAN_BYTE)
+
+    @triton.jit
+    def _on_grid(y, HW_CVT: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                 SUB_C: tl.constexpr, E5M2: tl.constexpr):  # fmt: skip
+        # fp32 values within the format's range rounded to its grid, half to even, as fp32: on a
+        # GPU (HW_CVT) there and back through the conversion, else in fp32 arithmetic
+        if HW_CVT:
+            if E5M2:
+                return y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.float32)
+            return y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+        return _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
 
     @triton.jit
     def _mx_blocks(
@@ -201,11 +234,12 @@ if HAVE_TRITON:
         MIN_NORMAL: tl.constexpr,
         SUB_C: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
     ):
         # one MX block per slice along AXIS of the 3-D views (32 elements): fp8 bytes and E8M0
         # bytes; a non-finite block is NaN bytes and the NaN scale
-        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C)
-        q = _grid_bytes(y, tl.expand_dims(bad, AXIS), E5M2, NAN_BYTE)
+        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL)
+        q = _fp8_bytes(y, tl.expand_dims(bad, AXIS), HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
         return q, tl.where(bad, 255, k + 127).to(tl.uint8)
 
     @triton.jit
@@ -230,6 +264,7 @@ if HAVE_TRITON:
         BLOCK_C: tl.constexpr,
         ROWS: tl.constexpr = True,
         COLS: tl.constexpr = True,
+        HW_CVT: tl.constexpr = False,
     ):
         # one (BLOCK_R, BLOCK_C) tile, both multiples of 32: BLOCK_C/32 row scales per row and
         # BLOCK_R/32 column scales per column. ROWS / COLS: which copies to write. Row blocks need
@@ -242,7 +277,7 @@ if HAVE_TRITON:
             shape_r: tl.constexpr = (BLOCK_R, NB_C, 32)
             q, s = _mx_blocks(
                 tl.reshape(x, shape_r), tl.reshape(mag, shape_r), 2,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
             )  # fmt: skip
             tl.store(row_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
             s_cols = tl.program_id(1) * NB_C + tl.arange(0, NB_C)
@@ -255,7 +290,7 @@ if HAVE_TRITON:
             shape_c: tl.constexpr = (NB_R, 32, BLOCK_C)
             q, s = _mx_blocks(
                 tl.reshape(x, shape_c), tl.reshape(mag, shape_c), 1,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
             )  # fmt: skip
             tl.store(col_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
             s_rows = tl.program_id(0) * NB_R + tl.arange(0, NB_R)
@@ -266,8 +301,8 @@ if HAVE_TRITON:
             )
 
     @triton.jit
-    def _second_rounding(y, e, g, bad, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                         SUB_C: tl.constexpr, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):  # fmt: skip
+    def _second_rounding(y, e, g, bad, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr,
+                         E5M2: tl.constexpr, NAN_BYTE: tl.constexpr, HW_CVT: tl.constexpr):  # fmt: skip
         # mxfp8_fast's regrouping of MX blocks (y: the grid values; e: each block's E8M0 byte; g:
         # its group's largest; bad: a non-finite block): y · 2^(e − g), exact, re-rounded to the
         # grid (the second rounding). Past 2^-30 every value rounds to a signed zero, so the shift
@@ -275,7 +310,7 @@ if HAVE_TRITON:
         # blocks 0 (x / inf) and its NaN blocks NaN, as the torch regrouping does.
         z = y * _pow2_neg(tl.minimum(g - e, 30))
         z = tl.where(g == 255, y * 0.0, z)
-        return _grid_bytes(_round_to_fp8_grid(z, MBITS, MIN_NORMAL, SUB_C), bad, E5M2, NAN_BYTE)
+        return _fp8_bytes(z, bad, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
 
     @triton.jit
     def _group_scale(g):
@@ -298,11 +333,13 @@ if HAVE_TRITON:
         MIN_NORMAL: tl.constexpr,
         SUB_C: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
     ):
         # one copy of a 128 x 128 tile as 3-D views of MX blocks along AXIS (32 elements), four
         # blocks a group along GROUP_AXIS: the fp8 bytes regrouped, and each group's E8M0 byte
         # (one per row or column of the tile; TILED: one for the tile)
-        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL, MBITS, MIN_NORMAL, SUB_C)
+        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL)
+        y = _on_grid(y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2)  # the MX values: the first rounding
         e = tl.where(bad, 255, k + 127)
         if TILED:
             g = tl.max(tl.max(e, axis=1), axis=0)
@@ -311,7 +348,8 @@ if HAVE_TRITON:
             g = tl.max(e, axis=GROUP_AXIS)
             g3 = tl.expand_dims(tl.expand_dims(g, GROUP_AXIS), AXIS)
         e3 = tl.expand_dims(e, AXIS)
-        q = _second_rounding(y, e3, g3, tl.expand_dims(bad, AXIS), MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
+        bad3 = tl.expand_dims(bad, AXIS)
+        q = _second_rounding(y, e3, g3, bad3, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
         return q, g
 
     @triton.jit
@@ -332,6 +370,7 @@ if HAVE_TRITON:
         MIN_NORMAL: tl.constexpr,
         SUB_C: tl.constexpr,
         NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr,
         TILED: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
@@ -348,7 +387,7 @@ if HAVE_TRITON:
         if ROWS:  # 4 MX blocks of 32 along each row of the tile
             q, g = _fast_groups(
                 tl.reshape(x, (128, 4, 32)), tl.reshape(mag, (128, 4, 32)), 2, 1, TILED,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
             )  # fmt: skip
             if TILED:
                 tl.store(s_ptr + pr * (C // 128) + pc, _group_scale(g))
@@ -358,7 +397,7 @@ if HAVE_TRITON:
         if COLS:  # 4 MX blocks of 32 along each column of the tile
             q, g = _fast_groups(
                 tl.reshape(x, (4, 32, 128)), tl.reshape(mag, (4, 32, 128)), 1, 0, TILED,
-                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE,
+                MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
             )  # fmt: skip
             if TILED:
                 tl.store(st_ptr + pc * (R // 128) + pr, _group_scale(g))
@@ -408,7 +447,7 @@ def static_specs() -> list:
     cases += [(*one, (True, True), cfg) for cfg in QUANTIZE_CUDA_CONFIGS[1:]]
     for src, elem, rule, (rows, cols), cfg in cases:
         consts = dict(
-            **mx_format(elem, rule),
+            **mx_format(elem, rule, hw_cvt=True),
             BLOCK_R=cfg["BLOCK_R"],
             BLOCK_C=cfg["BLOCK_C"],
             ROWS=rows,
@@ -434,7 +473,7 @@ def static_specs() -> list:
     # mxfp8_fast's operands as the Linear layers make them: activations (e4m3) and gradients
     # (e5m2) in 1x128 blocks, weights in 128x128 tiles; both copies
     for elem, tile in (("e4m3", "1x128"), ("e5m2", "1x128"), ("e4m3", "128x128")):
-        consts = dict(mx_format(elem, "rceil"), TILED=tile != "1x128", ROWS=True, COLS=True)
+        consts = dict(mx_format(elem, "rceil", hw_cvt=True), TILED=tile != "1x128", ROWS=True, COLS=True)
         sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32"}
         sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
         name = f"mx_fast_quantize_dual ({tile}, both copies, bf16 to {elem})"
@@ -586,7 +625,7 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
                 *(qt, st) if cols else written,
                 R,
                 C,
-                **mx_format(elem, scale_rule),
+                **mx_format(elem, scale_rule, hw_cvt(x)),
                 TILED=tiled,
                 ROWS=rows,
                 COLS=cols,
@@ -697,7 +736,7 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
                 *(col_q, col_s) if cols else written,
                 R,
                 C,
-                **mx_format(elem, scale_rule),
+                **mx_format(elem, scale_rule, hw_cvt(x)),
                 ROWS=rows,
                 COLS=cols,
                 **cfg,

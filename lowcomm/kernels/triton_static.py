@@ -85,6 +85,20 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(got.get("REG", -1)), "local_bytes": int(got.get("LOCAL", -1))}
 
 
+def _sass_instructions(cubin: bytes) -> int:
+    """Machine instructions in the kernel's code (``cuobjdump -sass``), a static count: for a
+    quantize kernel that reads each element once, divided by the elements a thread holds, it is
+    what each element costs the SMs' issue slots (at the copy bandwidth of an H100/H200 they
+    issue about 16 per element read as bf16)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", out))
+
+
 def _mma_kind(ptx: str) -> str | None:
     """The first tensor-core instruction with its shape and types, e.g.
     ``wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3``."""
@@ -123,7 +137,8 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
         "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
         of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "barriers",
-        "shuffles", "global_stores" (see :func:`_sync_and_stores`), "compile_s"}``, or
+        "shuffles", "global_stores" (see :func:`_sync_and_stores`), "sass_instructions" (see
+        :func:`_sass_instructions`), "compile_s"}``, or
         the first five keys with ``"error"`` when it does not compile.
 
     Raises:
@@ -166,6 +181,7 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         row["error"] = f"{type(e).__name__}: {lines[-1][:300]}"
         return row
     row.update(_resources(compiled.asm["cubin"]))
+    row["sass_instructions"] = _sass_instructions(compiled.asm["cubin"])
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
     row["mma"] = _mma_kind(compiled.asm["ptx"])
