@@ -572,8 +572,9 @@ def test_on_a_gpu_the_quantize_kernels_leave_the_fp8_rounding_to_the_conversion(
     to fp8 with the conversion instruction (round half to even, as torch's conversion), not in
     fp32 arithmetic first: the rounding was about a dozen instructions per value and made the
     quantize kernels instruction-bound. The compiled code is shorter by a tenth or more (triton 3.9:
-    a third for the MX kernels, 18% for fp8's, whose IEEE division stays). The interpreter keeps the arithmetic rounding (its conversion mis-rounds), which the byte-for-byte
-    tests check; on a GPU the same tests check the conversion's bytes."""
+    a third for the MX kernels, 18% for fp8's, whose IEEE division stays). The interpreter keeps
+    the arithmetic rounding (its conversion mis-rounds), which the byte-for-byte tests check; on a
+    GPU the same tests check the conversion's bytes."""
     _needs_triton()
     from lowcomm.kernels import triton_fp8, triton_quantize
     from lowcomm.kernels.triton_quantize import hw_cvt
