@@ -86,6 +86,24 @@ def test_fp8_dynamic_scaling_maps_amax_to_the_format_max(scaling):
     assert float(((d.float() * s - x).abs() / x.abs().clamp_min(1e-2)).max()) < 2**-3
 
 
+def test_fp8_scales_stop_at_the_smallest_normal_float_whose_reciprocal_is_finite():
+    """The cast multiplies by the reciprocal of the scale: a tensor whose maximum / 448 is below
+    2^-126 gets the scale 2^-126 (its reciprocal 2^126 is finite) and still quantizes with fp8's
+    relative precision (e4m3: 3 mantissa bits) where its scaled values are normal in fp8."""
+    from lowcomm.kernels.formats import FP8_MIN_SCALE
+    from lowcomm.kernels.gemm import fp8_cast
+
+    x = torch.randn(4, 64) * 1e-37  # a maximum about 3e-37: 448 x 2^-126 is 5.3e-36
+    d, s = quantize_fp8(x, scaling="tensorwise")
+    assert float(s) == FP8_MIN_SCALE == 2.0**-126 and bool(torch.isfinite(d.float()).all())
+    back, big = d.float() * s, x.abs() > 2**-6 * FP8_MIN_SCALE  # fp8-normal after scaling
+    assert float(((back - x).abs() / x.abs())[big].max()) <= 2**-4
+    ordinary = torch.randn(8, 8)  # elsewhere within an ulp of fp32 of x / scale before rounding
+    scale = ordinary.abs().amax() / 448
+    near = (ordinary.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    assert float((fp8_cast(ordinary, scale).float() - near).abs().max()) <= float(near.abs().max()) * 2**-3
+
+
 @pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast"])
 def test_emulated_gemm_is_close_to_fp64(recipe):
     torch.manual_seed(0)
@@ -641,10 +659,14 @@ def _same_fp8(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def _hard_input(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Values over 12 decades (by column), a zero row, NaN, both infinities and a subnormal."""
+    """Values over 12 decades (by column), a zero row, a row of values about 1e-37 (an fp8
+    rowwise scale of its maximum / 448 would be below FP8_MIN_SCALE), NaN, both infinities and a
+    subnormal."""
     torch.manual_seed(seed)
     x = (torch.randn(rows, cols) * torch.logspace(-6, 6, cols)).to(dtype)
     x[2] = 0.0
+    # normal floats (Triton's interpreter misreads bf16 subnormals; a GPU and torch do not)
+    x[13] = ((1 + torch.rand(cols)) * torch.randn(cols).sign() * 1e-37).to(dtype)
     x[3, 5] = float("nan")
     x[6, 7], x[9, cols - 20] = float("inf"), float("-inf")
     x[11, 4] = 1e-40 if dtype == torch.float32 else 1e-30

@@ -33,6 +33,7 @@ __all__ = [
     "ElemFormat",
     "ELEM_FORMATS",
     "SCALE_RULES",
+    "FP8_MIN_SCALE",
     "E8M0_BIAS",
     "E8M0_NAN",
     "get_elem_format",
@@ -51,6 +52,10 @@ __all__ = [
 E8M0_BIAS = 127
 E8M0_NAN = 0xFF
 SCALE_RULES = ("floor", "rceil")
+#: the smallest fp8 tensorwise / rowwise scale: the smallest normal fp32, whose reciprocal (2^126)
+#: is finite, so that the cast multiplies by it. A tensor whose maximum is below 448 x 2^-126
+#: (about 5e-36) gets this scale and leaves the top of the fp8 range unused
+FP8_MIN_SCALE = 2.0**-126
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import os
 
 import torch
 
-from .formats import dequantize_mx, get_elem_format, quantize_mx
+from .formats import FP8_MIN_SCALE, dequantize_mx, get_elem_format, quantize_mx
 
 __all__ = [
     "regroup_mx_1x128",
@@ -99,19 +99,29 @@ def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise
 
 
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:
-    """``x / scale`` clamped to the format's range and rounded to fp8 (NaN stays NaN): the cast of
-    every fp8 scaling, dynamic or with a scale given in advance (delayed scaling)."""
+    """``x`` times the reciprocal of ``scale`` (of at least :data:`FP8_MIN_SCALE`), clamped to the
+    format's range and rounded to fp8 (NaN stays NaN): the cast of every fp8 scaling, dynamic or
+    with a scale given in advance (delayed scaling). A multiplication by one reciprocal per scale,
+    each correctly rounded, as the Triton kernels compute it (an IEEE division per element made
+    them instruction-bound on a GPU); within an ulp of fp32 of ``x / scale`` before the rounding
+    to fp8."""
     fmt = get_elem_format(elem)
     if fmt.dtype is None:
         raise ValueError(f"fp8_cast takes elem 'e4m3' or 'e5m2', got {elem!r}")
-    return (x.float() / scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    inverse = 1.0 / scale.float().clamp(min=FP8_MIN_SCALE)
+    y = (x.float() * inverse).clamp(-fmt.max, fmt.max)
+    # one NaN byte, as the kernels write (an infinity times a zero reciprocal is a NaN whose sign
+    # the CPU chooses)
+    return y.masked_fill(y.isnan(), float("nan")).to(fmt.dtype)
 
 
 def fp8_scale(amax: torch.Tensor, elem: str = "e4m3", *, fmax: torch.Tensor | None = None) -> torch.Tensor:
     """The dequantization scale of dynamic fp8 scaling from an absolute maximum: ``amax`` maps to
-    the format's largest value; a zero (or NaN) ``amax`` gets scale 1. ``fmax``: the formats'
-    largest values, one per entry of ``amax`` (fp32, on its device), instead of ``elem``'s."""
-    return torch.where(amax > 0, amax / (get_elem_format(elem).max if fmax is None else fmax), 1.0)
+    the format's largest value (a scale of at least :data:`FP8_MIN_SCALE`); a zero (or NaN)
+    ``amax`` gets scale 1. ``fmax``: the formats' largest values, one per entry of ``amax`` (fp32,
+    on its device), instead of ``elem``'s."""
+    top = get_elem_format(elem).max if fmax is None else fmax
+    return torch.where(amax > 0, (amax / top).clamp(min=FP8_MIN_SCALE), 1.0)
 
 
 def regroup_mx_1x128(data: torch.Tensor, scales: torch.Tensor, axis: int = -1):

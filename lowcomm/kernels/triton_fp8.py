@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import ELEM_FORMATS
+from .formats import ELEM_FORMATS, FP8_MIN_SCALE
 from .triton_quantize import (
     _EMAX,
     AS_OPS,
@@ -54,6 +54,8 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .triton_quantize import _abs_bits, _fp8_bytes, _load_block, _load_tile
+
+    _MIN_SCALE: tl.constexpr = tl.constexpr(FP8_MIN_SCALE)  # what a kernel reads of a global
 
 __all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
 
@@ -89,7 +91,7 @@ if HAVE_TRITON:
     @triton.jit
     def _to_fp8_bytes(
         x,
-        scale,
+        inverse,
         MAXV: tl.constexpr,
         MBITS: tl.constexpr,
         MIN_NORMAL: tl.constexpr,
@@ -98,18 +100,26 @@ if HAVE_TRITON:
         NAN_BYTE: tl.constexpr,
         HW_CVT: tl.constexpr,
     ):
-        # torch's (x / scale).clamp(-max, max).to(fp8): IEEE division, a clamp that keeps NaN, the
-        # rounding half to even (HW_CVT: by the GPU's conversion)
-        y = tl.math.div_rn(x, scale)
-        y = tl.where(y > MAXV, MAXV, tl.where(y < -MAXV, -MAXV, y))
+        # fp8_cast's (x * inverse).clamp(-max, max).to(fp8), ``inverse`` from _fp8_inverse: a
+        # clamp that keeps NaN, the rounding half to even. HW_CVT: both are the GPU's conversion
+        # (cvt.rn.satfinite: finite values past the format's largest, and infinities, become it)
+        y = x * inverse
+        if not HW_CVT:
+            y = tl.where(y > MAXV, MAXV, tl.where(y < -MAXV, -MAXV, y))
         return _fp8_bytes(y, y != y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE)
 
     @triton.jit
     def _fp8_scale_of(bits, MAXV: tl.constexpr):
         # fp8_scale's arithmetic from a maximum kept as the bits of |x|: amax / max (IEEE
-        # division), 1 for a zero or NaN maximum
+        # division) but at least FP8_MIN_SCALE, 1 for a zero or NaN maximum
         amax = bits.to(tl.float32, bitcast=True)
-        return tl.where(amax > 0, tl.math.div_rn(amax, MAXV), 1.0)
+        return tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, MAXV), _MIN_SCALE), 1.0)
+
+    @triton.jit
+    def _fp8_inverse(scale):
+        # fp8_cast's multiplier: 1 / max(scale, FP8_MIN_SCALE), an IEEE division per scale (a row's,
+        # a column's or the tensor's), not per element
+        return tl.math.div_rn(1.0, tl.maximum(scale, _MIN_SCALE))
 
     @triton.jit
     def _fp8_cast_kernel(
@@ -148,14 +158,14 @@ if HAVE_TRITON:
         rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)
         if GIVEN:
             s = tl.load(row_scale_ptr)
-            s_row = s
-            s_col = s
+            inv_row = _fp8_inverse(s)
+            inv_col = inv_row
             if RECORD:
                 tl.atomic_max(amax_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
         elif TENSOR:
             s = _fp8_scale_of(tl.load(amax_ptr), MAXV)
-            s_row = s
-            s_col = s
+            inv_row = _fp8_inverse(s)
+            inv_col = inv_row
             if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 if ROWS:  # a copy not made has no scale to write (its buffer is empty)
                     tl.store(row_scale_ptr, s)
@@ -170,13 +180,13 @@ if HAVE_TRITON:
             if COLS:
                 if tl.program_id(0) == 0:
                     tl.store(col_scale_ptr + cols, s_col, mask=cols < C)
-            s_row = s_row[:, None]
-            s_col = s_col[None, :]
+            inv_row = _fp8_inverse(s_row)[:, None]  # a division per row and column, not per element
+            inv_col = _fp8_inverse(s_col)[None, :]
         if ROWS:
-            q = _to_fp8_bytes(x, s_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+            q = _to_fp8_bytes(x, inv_row, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
             tl.store(q_ptr + offs, q, mask=inside)
         if COLS:
-            qt = tl.trans(_to_fp8_bytes(x, s_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT))
+            qt = tl.trans(_to_fp8_bytes(x, inv_col, MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT))
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
             tl.store(qt_ptr + offs_t, qt, mask=tl.trans(inside))
 
@@ -218,19 +228,20 @@ if HAVE_TRITON:
                 acc = tl.maximum(acc, _abs_bits(x))
             top = tl.max(acc, axis=0)
         scale = _fp8_scale_of(top, MAXV)
+        inverse = _fp8_inverse(scale)
         if ROWS:
             rows = r0 + tl.arange(0, BLOCK_R)
             tl.store(scale_ptr + rows, scale, mask=rows < R)
             for c0 in range(0, C, BLOCK_C):
                 _, _, inside, offs, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, scale[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+                q = _to_fp8_bytes(x, inverse[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
                 tl.store(q_ptr + offs, q, mask=inside)
         else:
             cols = c0 + tl.arange(0, BLOCK_C)
             tl.store(scale_ptr + cols, scale, mask=cols < C)
             for r0 in range(0, R, BLOCK_R):
                 rows, cols, inside, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, scale[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+                q = _to_fp8_bytes(x, inverse[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
                 offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
                 tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
 
