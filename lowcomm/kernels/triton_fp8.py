@@ -8,14 +8,15 @@ measured"). :func:`fp8_quantize_dual` makes both from a (R, C) tensor in two pas
     1. amax:  one read; absolute maxima per row and per column (rowwise) or of the whole tensor
               (tensorwise), kept as the integer bits of non-negative floats so that ``atomic_max``
               orders them (a NaN's bits are above infinity's, as torch's amax propagates NaN);
-    2. cast:  one read; the scales from the maxima (each written out by one program),
-              ``x / scale`` clamped, rounded to the fp8 grid and written twice, as (R, C) and
-              transposed as (C, R), each row of the copy contiguous.
+    2. cast:  one read; the scales from the maxima (each written out by one program), ``x``
+              times each scale's reciprocal, clamped, rounded to the fp8 grid and written twice,
+              as (R, C) and transposed as (C, R), each row of the copy contiguous.
 
 Two launches and one fill of the maxima's buffer, nothing between them: the scales are
 :func:`lowcomm.kernels.gemm.fp8_scale` of the maxima in the same arithmetic, and every byte equals
-:func:`lowcomm.kernels.quantize_fp8`'s (tested): the division is IEEE (``div_rn``), the rounding
-half to even is the GPU's fp8 conversion (in the interpreter, fp32 arithmetic first: the kernel
+:func:`lowcomm.kernels.quantize_fp8`'s (tested): one IEEE division (``div_rn``) per scale for its
+reciprocal, a multiplication per element, the clamp and the rounding half to even the GPU's fp8
+conversion (in the interpreter, fp32 arithmetic first: the kernel
 shares :func:`~lowcomm.kernels.triton_quantize.hw_cvt` with the MX quantizer). Tensorwise
 scaling makes the transposed copy from the same scale, so each tensor is quantized once.
 
