@@ -86,10 +86,12 @@ def _resources(cubin: bytes) -> dict:
 
 
 def _sass_instructions(cubin: bytes) -> int:
-    """Machine instructions in the kernel's code (``cuobjdump -sass``), a static count: for a
-    quantize kernel that reads each element once, divided by the elements a thread holds, it is
-    what each element costs the SMs' issue slots (at the copy bandwidth of an H100/H200 they
-    issue about 16 per element read as bf16)."""
+    """Machine instructions in the kernel's code (``cuobjdump -sass``), a static count (a branch
+    not taken counts too): for a quantize kernel without loops, divided by the elements a thread
+    holds, about what each element costs the SMs' issue slots. An H200 (132 SMs, four warp
+    instructions a clock each at up to 1.98 GHz: 3.3e13 thread instructions a second) copying
+    bf16 at the 4.0 TB/s measured there moves 1e12 elements a second: 33 instructions an element
+    keep pace with a copy."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
