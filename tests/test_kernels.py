@@ -599,6 +599,13 @@ def test_on_a_gpu_the_quantize_kernels_leave_the_fp8_rounding_to_the_conversion(
     from lowcomm.kernels.triton_quantize import hw_cvt
 
     assert not hw_cvt(torch.zeros(1))  # CPU tensors run interpreted: the arithmetic rounding
+    with pytest.MonkeyPatch.context() as mp:  # a CUDA tensor outside the interpreter: the conversion
+        from types import SimpleNamespace
+
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        assert hw_cvt(SimpleNamespace(is_cuda=True))
+        mp.setenv("LOWCOMM_FP8_HW_CVT", "0")  # unless asked for the arithmetic rounding
+        assert not hw_cvt(SimpleNamespace(is_cuda=True))
     specs = triton_quantize.static_specs() + triton_fp8.static_specs()
     casts = [s for s in specs if "amax (" not in s.name]  # the maxima kernels convert nothing
     assert casts and all(s.constexprs["HW_CVT"] is True for s in casts)

@@ -100,7 +100,10 @@ def hw_cvt(t: torch.Tensor) -> bool:
     """Whether a kernel launched on ``t`` runs compiled for its GPU, where the fp8 conversion rounds
     half to even in one instruction for two values (``cvt.rn.satfinite`` on sm_89 and newer), as
     torch's does: the kernels then leave the rounding to it. In Triton's interpreter (CPU tensors,
-    ``TRITON_INTERPRET=1``) they round in fp32 arithmetic first (:func:`_round_to_fp8_grid`)."""
+    ``TRITON_INTERPRET=1``) they round in fp32 arithmetic first (:func:`_round_to_fp8_grid`), and
+    so they do on a GPU with ``LOWCOMM_FP8_HW_CVT=0`` (to compare the two there)."""
+    if os.environ.get("LOWCOMM_FP8_HW_CVT", "1") == "0":
+        return False
     return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
