@@ -160,6 +160,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         for tile in ("1x128", "128x128"):
             fast = partial(mx_fast_quantize_dual, a, tile=tile)
             _time_rate(row, f"mx_fast_dual_quantize_{tile}", moved_fast, fast, bench, unit="TBps")
+            row[f"mx_fast_dual_quantize_{tile}_warps"] = last_tuned_config("mx_fast_quantize_dual")
         torch_ops = partial(_fast_both_copies_in_torch, a)
         _time_rate(row, "mx_fast_dual_quantize_1x128_torch", moved_fast, torch_ops, bench, unit="TBps")
         # delayed scaling (fp8_delayed): the scale known in advance, one read, the maximum recorded

@@ -296,11 +296,11 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
         return [t, t, t]
 
     monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
-    monkeypatch.setattr(tq, "_TUNED", None)
+    monkeypatch.setattr(tq, "_TUNED", {})
     monkeypatch.setattr(tq, "autotuning", lambda device: True)
     if not torch.cuda.is_available():
         try:
-            tq._tuned_kernel()
+            tq._tuned("mx_quantize_dual")
         except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
             pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
@@ -318,6 +318,45 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     assert not tq.autotuning(torch.device("cuda")) and not tq.autotuning(torch.device("cpu"))
     monkeypatch.delenv("LOWCOMM_AUTOTUNE")
     assert tq.autotuning(torch.device("cuda"))
+
+
+def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(monkeypatch):
+    """On CUDA mxfp8_fast's quantize picks its warps by timing FAST_CUDA_WARPS_CANDIDATES (the
+    static counts leave the choice open: fewer warps, fewer values crossing threads but more
+    registers); a stand-in timing makes the last fastest here: it is taken, once per shape and
+    block shape, and every candidate writes the torch regrouping's bytes."""
+    _needs_triton()
+    import triton
+
+    import lowcomm.kernels.triton_quantize as tq
+    from lowcomm.kernels.gemm import _regroup
+
+    timed = []
+    n = len(tq.FAST_CUDA_WARPS_CANDIDATES)
+
+    def bench(kernel_call, quantiles=None):
+        kernel_call()
+        timed.append(len(timed))
+        t = 10.0 - (len(timed) - 1) % n
+        return [t, t, t]
+
+    monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
+    monkeypatch.setattr(tq, "_TUNED", {})
+    monkeypatch.setattr(tq, "autotuning", lambda device: True)
+    if not torch.cuda.is_available():
+        try:
+            tq._tuned("mx_fast_quantize_dual")
+        except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
+            pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(128, 256)
+    for runs, (y, tile) in enumerate(((x, "1x128"), (x * 2, "1x128"), (x, "128x128")), start=1):
+        q, s, _, _ = tq.mx_fast_quantize_dual(y.to(dev), tile=tile, cols=False)
+        assert len(timed) == (1 if runs < 3 else 2) * n, (runs, len(timed))
+        last = {"num_warps": tq.FAST_CUDA_WARPS_CANDIDATES[-1]}
+        assert tq.last_tuned_config("mx_fast_quantize_dual") == last
+        rq, rs = _regroup(*quantize_mx(y, axis=-1), -1, 1 if tile == "1x128" else 128)
+        assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
@@ -1658,6 +1697,11 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
+    from lowcomm.kernels.triton_quantize import FAST_CUDA_WARPS_CANDIDATES
+
+    for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps
+        took = rows[0][f"mx_fast_dual_quantize_{tile}_warps"]
+        assert took is None if dev == "cpu" else took["num_warps"] in FAST_CUDA_WARPS_CANDIDATES, took
     recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
     assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)
     if dev == "cpu":  # auto on a CPU: every GEMM emulated, which the row says

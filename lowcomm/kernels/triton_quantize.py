@@ -539,8 +539,13 @@ FAST_TILES = ("1x128", "128x128")
 # 128 x 128 tiles (a group of 128 along either axis in one program). Warps from the code compiled
 # for sm_90a (bf16 -> e4m3, both copies; triton 3.9): 4 warps take 255 registers, 8 take 222-255
 # (the cap: one 8-warp program per SM), 16 take 108-125 with no spills and 16 KiB of shared memory
-# (the transpose), the fp8 data leaving in 16-byte stores. Bandwidth not measured.
-FAST_CUDA_WARPS = 16
+# (the transpose), the fp8 data leaving in 16-byte stores. With the conversion rounding (triton
+# 3.6, 1x128): 8 warps 59 instructions a value at 248 registers, 16 warps 70 at 123, 32 warps 76
+# at 64 (fewer threads to a tile: fewer values cross threads, more registers). Which is fastest is
+# the GPU's to say: on CUDA the kernel is autotuned over FAST_CUDA_WARPS_CANDIDATES once per shape
+# (LOWCOMM_AUTOTUNE=0 pins the first). Bandwidth not measured.
+FAST_CUDA_WARPS_CANDIDATES = (16, 8, 32)
+FAST_CUDA_WARPS = FAST_CUDA_WARPS_CANDIDATES[0]
 FAST_INTERPRET_WARPS = 4
 
 
@@ -621,8 +626,13 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
     q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
     if R and C:
         written = (q, s) if rows else (qt, st)  # stands in for the copy not written
+        if autotuning(x.device):
+            kernel, launch = _tuned("mx_fast_quantize_dual")[(R // 128, C // 128)], {}
+        else:
+            kernel = _mx_fast_kernel[(R // 128, C // 128)]
+            launch = dict(num_warps=FAST_CUDA_WARPS if x.is_cuda else FAST_INTERPRET_WARPS, num_stages=1)
         with on_device(x):
-            _mx_fast_kernel[(R // 128, C // 128)](
+            kernel(
                 x,
                 *(q, s) if rows else written,
                 *(qt, st) if cols else written,
@@ -632,8 +642,7 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
                 TILED=tiled,
                 ROWS=rows,
                 COLS=cols,
-                num_warps=FAST_CUDA_WARPS if x.device.type == "cuda" else FAST_INTERPRET_WARPS,
-                num_stages=1,
+                **launch,
             )
     fp8 = ELEM_FORMATS[elem].dtype
     return q.view(fp8), s, qt.view(fp8), st
@@ -684,28 +693,34 @@ def autotuning(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("LOWCOMM_AUTOTUNE", "1") != "0"
 
 
-def _tuned_kernel():
-    """The dual kernel autotuned over QUANTIZE_CUDA_CONFIGS, once per shape, copies and format."""
-    global _TUNED
-    if _TUNED is None:
-        configs = [
-            triton.Config({k: c[k] for k in ("BLOCK_R", "BLOCK_C")}, num_warps=c["num_warps"], num_stages=1)
-            for c in QUANTIZE_CUDA_CONFIGS
-        ]
-        key = ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"]
-        _TUNED = triton.autotune(configs, key=key, do_bench=_AUTOTUNE_BENCH)(_mx_dual_kernel)
-    return _TUNED
+def _tuned(name: str):
+    """A kernel autotuned over its candidates once per shape, copies and format (built on first
+    use): ``mx_quantize_dual`` (the MX quantize) over QUANTIZE_CUDA_CONFIGS' tiles and warps,
+    ``mx_fast_quantize_dual`` over FAST_CUDA_WARPS_CANDIDATES."""
+    if name not in _TUNED:
+        if name == "mx_quantize_dual":
+            kernel, key = _mx_dual_kernel, ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"]
+            tiles = [{k: c[k] for k in ("BLOCK_R", "BLOCK_C")} for c in QUANTIZE_CUDA_CONFIGS]
+            warps = [c["num_warps"] for c in QUANTIZE_CUDA_CONFIGS]
+            configs = [triton.Config(t, num_warps=w, num_stages=1) for t, w in zip(tiles, warps)]
+        else:
+            kernel, key = _mx_fast_kernel, ["R", "C", "ROWS", "COLS", "E5M2", "TILED"]
+            configs = [triton.Config({}, num_warps=w, num_stages=1) for w in FAST_CUDA_WARPS_CANDIDATES]
+        _TUNED[name] = triton.autotune(configs, key=key, do_bench=_AUTOTUNE_BENCH)(kernel)
+    return _TUNED[name]
 
 
-_TUNED = None
+#: the autotuned kernels by name (:func:`_tuned`)
+_TUNED: dict = {}
 #: how the autotuner times a candidate: None is Triton's benchmarker on the GPU (tests on CPU set
-#: their own, with _TUNED reset)
+#: their own, with _TUNED emptied)
 _AUTOTUNE_BENCH = None
 
 
-def last_tuned_config() -> dict | None:
-    """The tiles the autotuner picked for its last launch (None before any), for benchmarks."""
-    best = getattr(_TUNED, "best_config", None)
+def last_tuned_config(name: str = "mx_quantize_dual") -> dict | None:
+    """What the autotuner picked for ``name``'s last launch (tiles and warps; None before any), for
+    benchmarks."""
+    best = getattr(_TUNED.get(name), "best_config", None)
     return None if best is None else {**best.kwargs, "num_warps": best.num_warps}
 
 
@@ -728,7 +743,8 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     if R and C:
         written = (row_q, row_s) if rows else (col_q, col_s)  # stands in for the copy not written
         if tune:
-            kernel = _tuned_kernel()[lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))]
+            grid = lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))  # noqa: E731
+            kernel = _tuned("mx_quantize_dual")[grid]
             cfg = {}
         else:
             kernel = _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))]
