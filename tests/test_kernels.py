@@ -277,12 +277,9 @@ def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem,
         assert torch.equal(rs, s_r) and torch.equal(cs, s_c), config
 
 
-def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keeps_the_bytes(monkeypatch):
-    """On CUDA the MX quantize picks its tiles by timing QUANTIZE_CUDA_CONFIGS; here the timing is
-    a stand-in (the interpreter has no GPU timer) that makes the last candidate fastest: it is the
-    one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
-    LOWCOMM_AUTOTUNE=0 pins the first candidate."""
-    _needs_triton()
+def _stand_in_autotuning(monkeypatch, name: str, candidates: int) -> list:
+    """Autotune ``name`` on every device with a stand-in timer (the interpreter has no GPU timer)
+    that makes the last of its ``candidates`` fastest; returns the list each timing appends to."""
     import triton
 
     import lowcomm.kernels.triton_quantize as tq
@@ -292,7 +289,7 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     def bench(kernel_call, quantiles=None):  # candidates are timed in their order
         kernel_call()
         timed.append(len(timed))
-        t = 10.0 - (len(timed) - 1) % len(tq.QUANTIZE_CUDA_CONFIGS)
+        t = 10.0 - (len(timed) - 1) % candidates
         return [t, t, t]
 
     monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
@@ -300,9 +297,22 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     monkeypatch.setattr(tq, "autotuning", lambda device: True)
     if not torch.cuda.is_available():
         try:
-            tq._tuned("mx_quantize_dual")
+            tq._tuned(name)
         except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
             pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
+    return timed
+
+
+def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keeps_the_bytes(monkeypatch):
+    """On CUDA the MX quantize picks its tiles by timing QUANTIZE_CUDA_CONFIGS; here the timing is
+    a stand-in (the interpreter has no GPU timer) that makes the last candidate fastest: it is the
+    one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
+    LOWCOMM_AUTOTUNE=0 pins the first candidate."""
+    _needs_triton()
+
+    import lowcomm.kernels.triton_quantize as tq
+
+    timed = _stand_in_autotuning(monkeypatch, "mx_quantize_dual", len(tq.QUANTIZE_CUDA_CONFIGS))
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
     x = torch.randn(64, 96)
     for shape_runs, y in ((1, x), (1, x * 2), (2, torch.randn(32, 64))):
@@ -326,28 +336,12 @@ def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(
     registers); a stand-in timing makes the last fastest here: it is taken, once per shape and
     block shape, and every candidate writes the torch regrouping's bytes."""
     _needs_triton()
-    import triton
 
     import lowcomm.kernels.triton_quantize as tq
     from lowcomm.kernels.gemm import _regroup
 
-    timed = []
     n = len(tq.FAST_CUDA_WARPS_CANDIDATES)
-
-    def bench(kernel_call, quantiles=None):
-        kernel_call()
-        timed.append(len(timed))
-        t = 10.0 - (len(timed) - 1) % n
-        return [t, t, t]
-
-    monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
-    monkeypatch.setattr(tq, "_TUNED", {})
-    monkeypatch.setattr(tq, "autotuning", lambda device: True)
-    if not torch.cuda.is_available():
-        try:
-            tq._tuned("mx_fast_quantize_dual")
-        except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
-            pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
+    timed = _stand_in_autotuning(monkeypatch, "mx_fast_quantize_dual", n)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(128, 256)
     for runs, (y, tile) in enumerate(((x, "1x128"), (x * 2, "1x128"), (x, "128x128")), start=1):

@@ -73,15 +73,19 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _resources(cubin: bytes) -> dict:
-    """Registers and local (spill) bytes per thread from ``cuobjdump``."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What ``cuobjdump <flag>`` prints about a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [_bin("cuobjdump"), flag, f.name], capture_output=True, text=True, check=True
         ).stdout
-    got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", out))
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and local (spill) bytes per thread from ``cuobjdump``."""
+    got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
     return {"registers": int(got.get("REG", -1)), "local_bytes": int(got.get("LOCAL", -1))}
 
 
@@ -92,13 +96,8 @@ def _sass_instructions(cubin: bytes) -> int:
     instructions a clock each at up to 1.98 GHz: 3.3e13 thread instructions a second) copying
     bf16 at the 4.0 TB/s measured there moves 1e12 elements a second: 33 instructions an element
     keep pace with a copy."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run(
-            [_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", out))
+    sass = _cuobjdump(cubin, "-sass")
+    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", sass))
 
 
 def _mma_kind(ptx: str) -> str | None:
