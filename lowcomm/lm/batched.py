@@ -2,7 +2,7 @@
 
 M replicas of a :class:`~lowcomm.lm.GPT` differ only in their parameter values. Stacked along a
 leading replica axis (``params[name]`` is ``(M, *shape)`` for every parameter name of the
-model), their forward passes become batched matrix multiplies (``baddbmm``), and attention and
+model), their forward passes become batched matrix multiplies (``bmm``), and attention and
 the loss run on the replica and batch axes folded together, so a GPU sees a few large kernels
 rather than M rounds of small ones. Replica ``m``'s result depends only on ``params[...][m]`` and
 its own batch: the arithmetic is the model's own, in batched kernels (equal to the one-replica
@@ -33,10 +33,13 @@ def stack_parameters(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x (M, N, in) · wᵀ (M, out, in) + b (M, out) -> (M, N, out)."""
-    if b is None:
-        return torch.bmm(x, w.transpose(1, 2))
-    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    """x (M, N, in) · wᵀ (M, out, in) + b (M, out) -> (M, N, out), in the product's dtype (bf16
+    under autocast, as nn.Linear's). The bias is added after the product, not given to
+    ``baddbmm``: baddbmm copies the bias, broadcast to the whole output, into the output before
+    the GEMM adds to it (a write and a read of the output more per layer), where torch.compile
+    fuses a separate add into the kernel that next reads the output (GELU, the residual)."""
+    y = torch.bmm(x, w.transpose(1, 2))
+    return y if b is None else y + b.unsqueeze(1).to(y.dtype)
 
 
 def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
