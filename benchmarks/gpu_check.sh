@@ -61,7 +61,7 @@ cat "$OUT/env.txt"
 # got through half of them in 110 s. Left to CI (CPU): the layers' torch.compile tests (on a GPU
 # each compiles Inductor kernels for tens of seconds); the tensorboard sink's test (a [dev] extra,
 # absent from GPU images); the count of the layers' host operations (a CPU count on a pretend
-# sm_90); the ahead-of-time compile for sm_90a/sm_100a (it runs no GPU); and
+# sm_90); the ahead-of-time compiles for sm_90a/sm_100a (they run no GPU); and
 # tests/test_train_paths.py (CPU paths: under torch 2.11 + triton 3.6 on CPU they pass, and
 # nothing in them runs on CUDA). -v: each test's outcome is written as it ends, so a time-out
 # still shows which passed and failed; no -x: one slot shows every failure. The MX quantize's
@@ -73,7 +73,7 @@ gpu_tests() {  # each file in processes of its own, all at once
   LOWCOMM_AUTOTUNE=0 "${pytest[@]}" tests/test_gpu_train.py > "$OUT/train_tests.txt" 2>&1 &
   pids+=($!)
   python -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels.py \
-    -k "not compiles_whole and not tensorboard and not few_operations and not compile_for_hopper" \
+    -k "not compiles_whole and not tensorboard and not few_operations and not compile_for_hopper and not leave_the_fp8_rounding" \
     | grep "::" > "$SHARD_DIR/ids"
   set -f  # test ids hold brackets: no pathname expansion of them
   for ((i = 0; i < ${SHARDS:-3}; i++)); do
