@@ -12,6 +12,10 @@ Streaming DiLoCo (between rounds). AdamW is built fused in both, as it is on CUD
 the steps on the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is
 small, so the time is mostly the host's; it is not a GPU figure.
 
+``compiled`` does the same with ``torch.compile`` (the plain model; the trainer's ``--compile``)
+at the small size's depth, 8 layers, and a tiny width (COMPILED_SHAPE): the host's time a step
+when the forward and backward are a few compiled graphs, to hold against a GPU's step time.
+
 ``layers`` counts the same way what one Linear's forward and backward dispatches under bf16
 autocast, as ``nn.Linear`` and in each low-precision recipe on its sm_90 path: the device is
 reported as sm_90 and ``torch._scaled_mm`` replaced by a stand-in that makes its output (one
@@ -45,6 +49,8 @@ from lowcomm.runtime.trainer import build as build_module  # noqa: E402
 from lowcomm.runtime.trainer.loop import Trainer  # noqa: E402
 
 SHAPE = dict(model_dim=32, layers=2, heads=2, seq_len=16, batch_size=2)
+#: the ``compiled`` part's: the GPU-training issue's small size's depth (8 layers), a tiny width
+COMPILED_SHAPE = dict(model_dim=16, layers=8, heads=2, seq_len=16, batch_size=1)
 REPLICAS = 4
 MODES = {
     "dp": ["--mode", "dp"],
@@ -83,9 +89,9 @@ class _FusedAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
 
 
-def plain(steps: int) -> dict:
+def plain(steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
     torch.manual_seed(0)
-    c = SHAPE
+    c = shape
     model = GPT(
         GPTConfig(
             vocab_size=256,
@@ -96,11 +102,12 @@ def plain(steps: int) -> dict:
         )
     )
     opt = _FusedAdamW(model.parameters(), lr=1e-3)
+    run = torch.compile(model) if compile else model
     x = torch.randint(0, 256, (REPLICAS * c["batch_size"], c["seq_len"]))
     y = torch.roll(x, -1, 1)
 
     def forward_backward():
-        model(x, y).backward()
+        run(x, y).backward()
 
     def update():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -121,8 +128,8 @@ def plain(steps: int) -> dict:
     }
 
 
-def lowcomm(mode: str, steps: int) -> dict:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SHAPE.items()]
+def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()] + (["--compile"] if compile else [])
     with tempfile.TemporaryDirectory() as d:
         args = build_parser().parse_args(
             ["train", *flags, *MODES[mode], "--replicas", str(REPLICAS), "--steps", str(steps + 3)]
@@ -211,6 +218,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="timed steps per run")
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--skip-layers", action="store_true", help="leave out the per-recipe Linear counts")
+    p.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile part")
     p.add_argument("--layers-only", action="store_true", help=argparse.SUPPRESS)  # the child of layers()
     args = p.parse_args(argv)
     if args.layers_only:
@@ -221,9 +229,20 @@ def main(argv=None) -> dict:
     build_module.torch.optim.AdamW = _FusedAdamW  # the trainer's AdamW, fused as on CUDA
     try:
         rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
+        compiled = None
+        if not args.skip_compiled:  # the trainer's --compile against a compiled plain loop
+            c = COMPILED_SHAPE
+            compiled = {
+                "shape": c,
+                "rows": {
+                    "plain": plain(args.steps, c, compile=True),
+                    **{m: lowcomm(m, args.steps, c, compile=True) for m in MODES},
+                },
+            }
     finally:
         build_module.torch.optim.AdamW = original
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
+    out["compiled"] = compiled
     out["layers"] = None if args.skip_layers else layers()
     text = json.dumps(out, indent=2)
     print(text)
