@@ -380,6 +380,23 @@ def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_com
     _clip_per_replica([], 1.0)
 
 
+def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
+    """DP over batched replicas in one process: every replica's slice of each stacked gradient
+    becomes the fp32 sum in replica order divided by M (the in-process collective's arithmetic),
+    bit for bit, eager (a sum over the replica axis) and compiled by Inductor (what --compile runs:
+    the sum written out in that order)."""
+    from lowcomm.runtime.trainer.sync import _replica_mean_
+
+    torch.manual_seed(0)
+    stacked = [torch.randn(3, 4, 5) * 10.0 ** torch.randint(-8, 8, (3, 4, 5)), torch.randn(3, 7)]
+    want = [((g[0] + g[1]) + g[2]) / 3 for g in stacked]
+    for mean in (_replica_mean_, torch.compile(_replica_mean_)):
+        grads = [g.clone() for g in stacked]
+        mean(grads)
+        for got, ref in zip(grads, want):
+            assert all(torch.equal(got[m], ref) for m in range(3))
+
+
 def test_host_overhead_benchmark_counts_every_phase_and_dp_in_process_stays_direct(tmp_path):
     """benchmarks/host_overhead.py runs (a few steps); DP over batched replicas in one process
     costs at most 3 operations per parameter tensor before the update (the direct mean; through the

@@ -178,6 +178,9 @@ class DataParallel(Sync):
             ]
             self._step_bytes = [sum(p[i] for p in per_bucket) for i in range(M)]
         self._hooks = self._register_hooks() if overlap and not self._in_process else []
+        # compiled with the model: a few fused kernels for every gradient, not three launches each
+        compiled = self._in_process and replicas.cfg.run.compile
+        self._replica_mean = torch.compile(_replica_mean_) if compiled else _replica_mean_
 
     def _register_hooks(self) -> list:
         """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
@@ -230,20 +233,35 @@ class DataParallel(Sync):
         self._works = [{} for _ in self.replicas.models]
         self._ready = [[0] * len(self.buckets) for _ in self.replicas.models]
 
-    @torch.no_grad()
     def _mean_over_replica_axis(self) -> None:
         """Every replica's gradients become their fp32 mean (batched replicas, group in-process)."""
-        M = len(self.replicas)
         for p in self.replicas.params.values():
             if p.grad is None:  # no gradient reached it: zeros, as the collective path sends for it
                 p.grad = torch.zeros_like(p)
-            mean = p.grad.float().sum(0, keepdim=True).div_(M)
-            p.grad.copy_(mean.expand_as(p.grad))
-        for i in range(M):
+        self._replica_mean([p.grad for p in self.replicas.params.values()])
+        for i in range(len(self.replicas)):
             self.bytes_sent[i] += self._step_bytes[i]
 
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.replicas.models[0].parameters()]
+
+
+@torch.no_grad()
+def _replica_mean_(grads: list[torch.Tensor]) -> None:
+    """Each stacked gradient (M, ...) becomes, in every replica's slice, the replicas' fp32 mean:
+    their sum in replica order, divided by M. Eager, a sum over the replica axis (three launches
+    a gradient); compiled, the sum written out in that order, which Inductor fuses with the copy
+    into every slice."""
+    for g in grads:
+        M = g.shape[0]
+        if torch.compiler.is_compiling():
+            total = g[0].float()
+            for m in range(1, M):
+                total = total + g[m]
+            mean = (total / M).unsqueeze(0)
+        else:
+            mean = g.float().sum(0, keepdim=True).div_(M)
+        g.copy_(mean.expand_as(g))
 
 
 def _buckets(sizes: list[int], elems: int) -> list[list[int]]:
