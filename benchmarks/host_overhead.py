@@ -12,9 +12,10 @@ Streaming DiLoCo (between rounds). AdamW is built fused in both, as it is on CUD
 the steps on the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is
 small, so the time is mostly the host's; it is not a GPU figure.
 
-``compiled`` does the same with ``torch.compile`` (the plain model; the trainer's ``--compile``)
+``compiled`` times the same with ``torch.compile`` (the plain model; the trainer's ``--compile``)
 at the small size's depth, 8 layers, and a tiny width (COMPILED_SHAPE): the host's time a step
-when the forward and backward are a few compiled graphs, to hold against a GPU's step time.
+when the forward and backward are a few compiled graphs, to hold against a GPU's step time (no
+counts: a dispatch mode sees a compiled graph's bookkeeping, not its launches).
 
 ``layers`` counts the same way what one Linear's forward and backward dispatches under bf16
 autocast, as ``nn.Linear`` and in each low-precision recipe on its sm_90 path: the device is
@@ -117,15 +118,18 @@ def plain(steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
     for _ in range(3):
         forward_backward()
         update()
-    phases = {"forward_backward": _ops(forward_backward), "update": _ops(update)}
+    phases = None if compile else {"forward_backward": _ops(forward_backward), "update": _ops(update)}
     t0 = time.perf_counter()
     for _ in range(steps):
         forward_backward()
         update()
-    return {
-        "ops": {**phases, "total": sum(phases.values())},
-        "ms_per_step": (time.perf_counter() - t0) / steps * 1e3,
-    }
+    return {"ops": _total(phases), "ms_per_step": (time.perf_counter() - t0) / steps * 1e3}
+
+
+def _total(phases: dict | None) -> dict | None:
+    """The phases' counts and their total. None when compiled: a dispatch mode sees the compiled
+    graphs' own bookkeeping (views and buffers as aten calls), not their launches."""
+    return None if phases is None else {**phases, "total": sum(phases.values())}
 
 
 def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
@@ -139,8 +143,14 @@ def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -
         trainer._build()
         sync, reps = trainer.sync, trainer.replicas
         sync.start()
-        phases = {}
+        phases = None
         for step in range(3):  # the third step's counts (the first builds optimizer state)
+            if compile:  # warm-up (compilation) only: see _total
+                reps.forward_backward()
+                sync.before_update()
+                reps.update()
+                sync.after_update(step + 1)
+                continue
             phases = {
                 "forward_backward": _ops(reps.forward_backward),
                 "before_update": _ops(sync.before_update),
@@ -155,7 +165,7 @@ def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -
             sync.after_update(step + 1)
         ms = (time.perf_counter() - t0) / steps * 1e3
         sync.close(True)
-    return {"ops": {**phases, "total": sum(phases.values())}, "ms_per_step": ms}
+    return {"ops": _total(phases), "ms_per_step": ms}
 
 
 LAYER_SHAPE = (32, 128, 128)  # tokens, in-features, out-features: whole 128-blocks of W for mxfp8_fast

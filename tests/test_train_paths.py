@@ -418,6 +418,9 @@ def test_host_overhead_benchmark_counts_every_phase_and_dp_in_process_stays_dire
         rows["diloco"]["ops"]["before_update"] == rows["diloco"]["ops"]["after_update"] == 0
     )  # between rounds
     assert json.loads((tmp_path / "h.json").read_text())["rows"]["plain"]["ops"] == rows["plain"]["ops"]
+    compiled = out["compiled"]  # the same runs compiled: timed, not counted
+    assert compiled["shape"]["layers"] == 8 and set(compiled["rows"]) == set(rows)
+    assert all(r["ops"] is None and r["ms_per_step"] > 0 for r in compiled["rows"].values())
 
 
 class _Stop(Exception):
