@@ -15,7 +15,9 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   dual quantize (tensorwise, rowwise; against the same copies made by torch ops), one rowwise
   copy in one pass and in two, delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
   128x128; against the per-GEMM torch ops) in bytes read + written
-  per second, and a copy for the bandwidth;
+  per second, and a copy for the bandwidth; the MX, fp8 and mxfp8_fast dual quantize again with
+  ``_arith``: rounding to fp8 in fp32 arithmetic first (``LOWCOMM_FP8_HW_CVT=0``), as the
+  kernels did before the conversion instruction did it;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe, with
   the path each recipe took there (each tensor quantized once, or per GEMM, and on which GEMMs);
 - the reference model at d=1024, 12 layers, T=1024 trained ``--train-steps`` steps under bf16
@@ -32,7 +34,9 @@ compiler made, not how fast it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import time
 from functools import partial
@@ -78,6 +82,21 @@ def numerics(device: str) -> dict:
             }
         out[name] = row
     return out
+
+
+@contextlib.contextmanager
+def _arithmetic_rounding():
+    """The quantize kernels round to fp8 in fp32 arithmetic within the block (LOWCOMM_FP8_HW_CVT=0),
+    as the interpreter always does."""
+    before = os.environ.get("LOWCOMM_FP8_HW_CVT")
+    os.environ["LOWCOMM_FP8_HW_CVT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LOWCOMM_FP8_HW_CVT"]
+        else:
+            os.environ["LOWCOMM_FP8_HW_CVT"] = before
 
 
 def cuda_bench(fn) -> float:
@@ -130,7 +149,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
-        moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
+        moved = moved_mx = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
         _time_rate(row, "dual_quantize", moved, lambda a=a: mx_quantize_dual(a), bench, unit="TBps")
         row["dual_quantize_tiles"] = last_tuned_config()  # what the autotuner took (None: no tuning)
         for cfg in QUANTIZE_CUDA_CONFIGS:  # each candidate, pinned
@@ -167,6 +186,16 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         scale, amax = torch.tensor(0.01, device=device), torch.zeros(3, device=device)
         delayed = partial(fp8_quantize_scaled, a, scale, amax=amax, index=0)
         _time_rate(row, "fp8_delayed_quantize", moved, delayed, bench, unit="TBps")
+        # the same kernels rounding to fp8 in fp32 arithmetic first, as they did before the
+        # conversion did it (LOWCOMM_FP8_HW_CVT=0): what the conversion is worth, in one run (the
+        # autotuned ones at the tiles or warps taken for the conversion: not a key of the tuning)
+        with _arithmetic_rounding():
+            _time_rate(row, "dual_quantize_arith", moved_mx, partial(mx_quantize_dual, a), bench, unit="TBps")
+            for scaling in ("tensorwise", "rowwise"):
+                dual = partial(fp8_quantize_dual, a, scaling=scaling)
+                _time_rate(row, f"fp8_dual_quantize_{scaling}_arith", moved, dual, bench, unit="TBps")
+            fast = partial(mx_fast_quantize_dual, a, tile="1x128")
+            _time_rate(row, "mx_fast_dual_quantize_1x128_arith", moved_fast, fast, bench, unit="TBps")
         rows.append(row)
         print(f"speed {json.dumps(row)}", flush=True)  # the log keeps each shape if time runs out
     return {"rows": rows}

@@ -1688,6 +1688,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
     fp8 += ["fp8_delayed_quantize", "fp8_one_copy_rowwise", "fp8_one_copy_rowwise_two_pass"]
     fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]
+    fp8 += ["dual_quantize_arith", "mx_fast_dual_quantize_1x128_arith"]  # the arithmetic rounding
+    fp8 += [f"fp8_dual_quantize_{s}_arith" for s in ("tensorwise", "rowwise")]
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
