@@ -11,9 +11,9 @@ time elsewhere), written next to the run's records:
 and an event ``profile`` in events.jsonl naming them. The table's second line (and the event)
 says how long a profiled step took on the wall and how much of it the device was busy with the
 operators' own work (on CUDA the kernels' time, as the table's "Self CUDA time total"): a step
-much longer than its kernels means the GPU waited for the host. The profiled steps run slower (the profiler
-records every operator), so a run's tokens/s counts them: choose steps outside the window being
-measured, after the first steps' compilation.
+much longer than its kernels means the GPU waited for the host. The profiled steps run slower
+(the profiler records every operator), so a run's tokens/s counts them: choose steps outside the
+window being measured, after the first steps' compilation.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class StepProfiler:
             f.write(f"steps {self.first}-{self.seen} on {self.device}, operators by their own {on} time\n")
             f.write(
                 f"{wall_ms:.2f} ms a step on the wall, {busy_ms:.2f} ms of the operators' own {on} time "
-                f"({100 * busy_ms / wall_ms:.0f}%)\n"
+                f"({100 * busy_ms / max(wall_ms, 1e-9):.0f}%)\n"
             )
             f.write(_table(events, self.device))
         log.info("profiled steps %d-%d: %s, %s", self.first, self.seen, trace, table)
