@@ -205,9 +205,8 @@ if HAVE_TRITON:
                    SUB_C: tl.constexpr, E5M2: tl.constexpr, NAN_BYTE: tl.constexpr):  # fmt: skip
         # fp8 bytes of fp32 values within the format's range, rounded half to even; where ``nan``,
         # the NaN byte. HW_CVT (compiled for a GPU): the conversion rounds (one instruction for two
-        # values: the rounding in fp32 arithmetic took about a dozen per value, and made every
-        # quantize kernel instruction-bound); else (the interpreter) the rounding first, then an
-        # exact conversion
+        # values, where the rounding in fp32 arithmetic took about a dozen per value); else (the
+        # interpreter) the rounding first, then an exact conversion
         if not HW_CVT:
             y = _round_to_fp8_grid(y, MBITS, MIN_NORMAL, SUB_C)
         return _grid_bytes(y, nan, E5M2, NAN_BYTE)
