@@ -12,7 +12,7 @@ import torch
 from helpers import TINY_FLAGS, launch_train, write_corpus
 
 from lowcomm.kernels import PRECISIONS
-from lowcomm.runtime import TrainConfig, train
+from lowcomm.runtime import TrainConfig, read_jsonl, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,14 +37,35 @@ def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(t
         seq_len=64,
         batch_size=4,
         eval_every=0,
+        profile="10:12",
     )
     s = train(cfg, progress=False)
     assert (s["dtype"], s["replica_batching"]) == ("bfloat16", "batched")
+    # the profiled steps' wall time and their kernels' own time in it (a GPU that waits for the
+    # host: a step much longer than its kernels)
+    (event,) = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["kind"] == "profile"]
+    assert 0 < event["busy_ms_per_step"] <= event["wall_ms_per_step"] * 1.05, event
     assert s["final_eval_loss"] < 5.0 and s["tokens_per_second"] > 0
     assert s["peak_memory_bytes"] > 0 and s["device"] == torch.cuda.get_device_name(gpu)
     assert torch.cuda.current_device() == gpu
     if any(k in s["device"] for k in ("H100", "H200", "A100", "B200")):
         assert 0 < s["mfu"] < 1
+
+
+@cuda
+def test_the_in_process_dp_mean_compiled_for_the_gpu_sums_in_replica_order():
+    """DP over batched replicas on one GPU under --compile: the mean over the replica axis compiled
+    by Inductor for CUDA gives the bits of the sum in replica order divided by M, as eager does."""
+    from lowcomm.runtime.trainer.sync import _replica_mean_
+
+    torch.manual_seed(0)
+    scales = 10.0 ** torch.randint(-8, 8, (4, 64, 96), device="cuda")
+    stacked = [torch.randn(4, 64, 96, device="cuda") * scales]
+    want = [(((g[0] + g[1]) + g[2]) + g[3]) / 4 for g in stacked]
+    for mean in (_replica_mean_, torch.compile(_replica_mean_)):
+        grads = [g.clone() for g in stacked]
+        mean(grads)
+        assert all(torch.equal(grads[0][m], want[0]) for m in range(4))
 
 
 def _train_in(precision: str, device: str, corpus: str, run_dir: str) -> dict:
