@@ -338,6 +338,10 @@ def main() -> None:
             save("loss_check", result["loss_check"])
         window = profile_window(steps, args.profile)
         for size in sizes:
+            # each size compiles afresh: after one size's graphs, torch.compile would give the next
+            # size's dynamic shapes (it marks the sizes that changed as symbolic), slower kernels
+            # and unequally so for the plain model and the batched one
+            torch._dynamo.reset()
             plain = plain_loop(SIZES[size], steps, device, compile, window, tmp)
             row = {"size": size, **SIZES[size], "replicas": REPLICAS, "compile": compile, "plain": plain}
             result["rows"].append(row)
