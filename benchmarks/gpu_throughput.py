@@ -92,8 +92,7 @@ def plain_loop(
     cfg = _gpt_config(size)
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), **fused)
+    opt = _adamw(model.parameters(), device)
     run = torch.compile(model) if compile else model
     x, y = _fixed_batch(size, (REPLICAS * size["batch_size"],), device)
 
@@ -125,8 +124,7 @@ def replicas_loop(
     torch.manual_seed(0)
     base = GPT(cfg).to(device)
     params = stack_parameters([base] * REPLICAS)  # (M, *shape) leaves, every replica alike
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(params.values(), lr=1e-3, betas=(0.9, 0.99), **fused)
+    opt = _adamw(params.values(), device)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
     clip_fn = torch.compile(_clip_per_replica) if compile else _clip_per_replica
@@ -143,6 +141,12 @@ def replicas_loop(
 
     stem = Path(out) / f"replicas{'-clip' if clip else ''}-profile"
     return _timed(step, size, steps, device, profile, stem, base.num_params())
+
+
+def _adamw(params, device: torch.device) -> torch.optim.AdamW:
+    """The loops' AdamW, fused on a GPU as the trainer's is."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), **fused)
 
 
 def _gpt_config(size: dict) -> GPTConfig:

@@ -34,12 +34,12 @@ compiler made, not how fast it runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import time
 from functools import partial
+from unittest import mock
 
 import torch
 from common import commit
@@ -82,21 +82,6 @@ def numerics(device: str) -> dict:
             }
         out[name] = row
     return out
-
-
-@contextlib.contextmanager
-def _arithmetic_rounding():
-    """The quantize kernels round to fp8 in fp32 arithmetic within the block (LOWCOMM_FP8_HW_CVT=0),
-    as the interpreter always does."""
-    before = os.environ.get("LOWCOMM_FP8_HW_CVT")
-    os.environ["LOWCOMM_FP8_HW_CVT"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LOWCOMM_FP8_HW_CVT"]
-        else:
-            os.environ["LOWCOMM_FP8_HW_CVT"] = before
 
 
 def cuda_bench(fn) -> float:
@@ -149,8 +134,11 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
-        moved = moved_mx = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
-        _time_rate(row, "dual_quantize", moved, lambda a=a: mx_quantize_dual(a), bench, unit="TBps")
+        # the quantizes timed again at the end with the arithmetic rounding: name -> (bytes, call)
+        arith = {}
+        moved = a.numel() * a.element_size() + 2 * a.numel() + 2 * a.numel() // 32
+        arith["dual_quantize"] = (moved, partial(mx_quantize_dual, a))
+        _time_rate(row, "dual_quantize", *arith["dual_quantize"], bench, unit="TBps")
         row["dual_quantize_tiles"] = last_tuned_config()  # what the autotuner took (None: no tuning)
         for cfg in QUANTIZE_CUDA_CONFIGS:  # each candidate, pinned
             tile = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}w{cfg['num_warps']}"
@@ -162,8 +150,14 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         # the per-GEMM path runs (quantize_fp8 along each axis, then the transposed copy).
         moved = a.numel() * a.element_size() + 2 * a.numel()
         for scaling in ("tensorwise", "rowwise"):
-            dual = partial(fp8_quantize_dual, a, scaling=scaling)
-            _time_rate(row, f"fp8_dual_quantize_{scaling}", moved, dual, bench, unit="TBps")
+            arith[f"fp8_dual_quantize_{scaling}"] = (moved, partial(fp8_quantize_dual, a, scaling=scaling))
+            _time_rate(
+                row,
+                f"fp8_dual_quantize_{scaling}",
+                *arith[f"fp8_dual_quantize_{scaling}"],
+                bench,
+                unit="TBps",
+            )
             torch_ops = partial(_fp8_both_copies_in_torch, a, scaling)
             _time_rate(row, f"fp8_dual_quantize_{scaling}_torch", moved, torch_ops, bench, unit="TBps")
         # one rowwise copy (evaluation; a backward wanting only dx or dW): one pass against two
@@ -179,6 +173,8 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         for tile in ("1x128", "128x128"):
             fast = partial(mx_fast_quantize_dual, a, tile=tile)
             _time_rate(row, f"mx_fast_dual_quantize_{tile}", moved_fast, fast, bench, unit="TBps")
+            if tile == "1x128":
+                arith["mx_fast_dual_quantize_1x128"] = (moved_fast, fast)
             row[f"mx_fast_dual_quantize_{tile}_warps"] = last_tuned_config("mx_fast_quantize_dual")
         torch_ops = partial(_fast_both_copies_in_torch, a)
         _time_rate(row, "mx_fast_dual_quantize_1x128_torch", moved_fast, torch_ops, bench, unit="TBps")
@@ -189,13 +185,9 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         # the same kernels rounding to fp8 in fp32 arithmetic first, as they did before the
         # conversion did it (LOWCOMM_FP8_HW_CVT=0): what the conversion is worth, in one run (the
         # autotuned ones at the tiles or warps taken for the conversion: not a key of the tuning)
-        with _arithmetic_rounding():
-            _time_rate(row, "dual_quantize_arith", moved_mx, partial(mx_quantize_dual, a), bench, unit="TBps")
-            for scaling in ("tensorwise", "rowwise"):
-                dual = partial(fp8_quantize_dual, a, scaling=scaling)
-                _time_rate(row, f"fp8_dual_quantize_{scaling}_arith", moved, dual, bench, unit="TBps")
-            fast = partial(mx_fast_quantize_dual, a, tile="1x128")
-            _time_rate(row, "mx_fast_dual_quantize_1x128_arith", moved_fast, fast, bench, unit="TBps")
+        with mock.patch.dict(os.environ, {"LOWCOMM_FP8_HW_CVT": "0"}):
+            for name, (amount, fn) in arith.items():
+                _time_rate(row, f"{name}_arith", amount, fn, bench, unit="TBps")
         rows.append(row)
         print(f"speed {json.dumps(row)}", flush=True)  # the log keeps each shape if time runs out
     return {"rows": rows}
