@@ -188,6 +188,12 @@ def _pad_rows(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
 
 
+def _quantize_input(t: torch.Tensor, scaling: str) -> torch.Tensor:
+    """x or dy as the quantize-once path quantizes it: in a dtype the Triton quantize reads (else
+    fp32), its tokens zero-padded to wgrad's multiple (16; blockwise: whole 128-blocks)."""
+    return _pad_rows(t if t.dtype in TRITON_READS else t.float(), 128 if scaling == "blockwise" else 16)
+
+
 #: the weight sides a quantize-once layer needs: cuBLASLt's 16 for fp8, whole 128x128 tiles for
 #: mxfp8_fast
 _FUSED_MULTIPLE = {"fp8_tensorwise": 16, "fp8_rowwise": 16, "mxfp8_fast": 128}
@@ -300,7 +306,7 @@ class _FusedFloat8:
     def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype):
         scaling = {"fp8_rowwise": "rowwise", "mxfp8_fast": "blockwise"}.get(recipe, "tensorwise")
         T = x2.shape[0]
-        x2 = _pad_rows(x2 if x2.dtype in TRITON_READS else x2.float(), 128 if scaling == "blockwise" else 16)
+        x2 = _quantize_input(x2, scaling)
         xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
         y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling)[:T]
@@ -317,8 +323,7 @@ class _FusedFloat8:
         if not (want_dx or want_dw):
             return None, None
         scaling = ctx.scaling
-        block = 128 if scaling == "blockwise" else 16
-        g = _pad_rows(gy2 if gy2.dtype in TRITON_READS else gy2.float(), block)
+        g = _quantize_input(gy2, scaling)
         gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         dx = dw = None
         if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (as the GEMM can write them)
