@@ -102,9 +102,9 @@ def fp8_cast(x: torch.Tensor, scale: torch.Tensor, elem: str = "e4m3") -> torch.
     """``x`` times the reciprocal of ``scale`` (of at least :data:`FP8_MIN_SCALE`), clamped to the
     format's range and rounded to fp8 (NaN stays NaN): the cast of every fp8 scaling, dynamic or
     with a scale given in advance (delayed scaling). A multiplication by one reciprocal per scale,
-    each correctly rounded, as the Triton kernels compute it (an IEEE division per element made
-    them instruction-bound on a GPU); within an ulp of fp32 of ``x / scale`` before the rounding
-    to fp8."""
+    each correctly rounded, as the Triton kernels compute it (an IEEE division per element took
+    about fifteen instructions of their sm_90 code each); within an ulp of fp32 of ``x / scale``
+    before the rounding to fp8."""
     fmt = get_elem_format(elem)
     if fmt.dtype is None:
         raise ValueError(f"fp8_cast takes elem 'e4m3' or 'e5m2', got {elem!r}")
