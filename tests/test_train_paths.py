@@ -132,6 +132,34 @@ def test_the_summary_reports_speed_and_memory(tmp_path, corpus_dir):
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["tokens_per_second"] > 0
 
 
+def test_the_wait_fraction_leaves_the_ends_sync_apart(tmp_path, corpus_dir, monkeypatch):
+    """A round sent at the last step is applied by the end's sync, after every step: no step was
+    left to hide it behind, so its wait is the end's (timing's finish_s), not the steps'. Every
+    round's wait here is made to read one second more, so each bucket counts its rounds."""
+    from lowcomm.comm.group import Work
+
+    real = Work.wait
+
+    def slow(self):
+        first = not getattr(self, "_counted", False)
+        self._counted = True
+        out = real(self)
+        self.stats.wait_s += 1.0 if first else 0.0
+        return out
+
+    monkeypatch.setattr(Work, "wait", slow)
+    # rounds sent after steps 4 (applied after step 5) and 8 (the last: applied at the end)
+    s = _run(tmp_path, corpus_dir, "w", replicas=2, steps=8, sync_every=4, overlap=1)
+    rounds = [e for e in read_jsonl(tmp_path / "w" / "events.jsonl") if e["kind"] == "round"]
+    assert [(e["send_step"], e["apply_step"]) for e in rounds if e["replica"] == 0] == [(4, 5), (8, 8)]
+    t = s["timing"]
+    assert t["steps_wait_s"] == pytest.approx(1.0, abs=0.05) and t["wait_s"] == pytest.approx(2.0, abs=0.05)
+    assert 0 < t["finish_s"] < t["loop_s"]
+    assert s["wait_fraction"] == pytest.approx(t["steps_wait_s"] / (t["loop_s"] - t["finish_s"]))
+    dp = _run(tmp_path, corpus_dir, "dp", mode="dp", replicas=2, steps=2)
+    assert dp["wait_fraction"] is None and dp["timing"]["finish_s"] >= 0
+
+
 def test_profile_writes_a_trace_and_a_table_of_the_steps_asked_for(tmp_path, corpus_dir):
     """--profile 2:4: steps 3 and 4 under torch.profiler, a Chrome trace of their operators and a
     table by self time next to the records (owner-only, as the records), an event naming them;
@@ -257,14 +285,18 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
         return any("foreach_norm" in line or "vector_norm" in line for line in row[name]["profile"])
 
     assert norms("replicas_clip") and not norms("replicas")
+    assert row["dp"]["wait_fraction"] is None  # DP's mean is part of every step
     for name in ("dp", "diloco", "streaming"):
-        assert 0 <= row[name]["wait_fraction"] < 1 and row[name]["mfu"] is None
+        assert row[name]["mfu"] is None and row[name]["finish_s"] >= 0
+        if name != "dp":
+            assert 0 <= row[name]["wait_fraction"] <= row[name]["wait_fraction_with_end"] < 1, name
         windows = row[name]["window_ms_per_step"]  # 16 steps, a loss read every 2: 7 windows after the first
         assert [w[0] for w in windows] == [4, 6, 8, 10, 12, 14, 16] and all(w[1] > 0 for w in windows)
     assert row["streaming"]["final_loss"] < 5.545
     two = r["two_process"]
     assert "error" not in two, two.get("error")
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
+    assert 0 <= two["wait_fraction"] <= two["wait_fraction_with_end"] < 1 and two["finish_s"] > 0
 
 
 def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):

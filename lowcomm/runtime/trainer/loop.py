@@ -291,11 +291,16 @@ class Trainer:
             self.steps_run, self.last_eval, self._pending = 0, None, []
             self.profiler = self._profiler()
             self.t_loop = time.perf_counter()
+            t_end = None  # when the last step ended and the end's sync began
             while True:
                 if step >= cfg.run.steps:  # the end: apply (and, with final_sync, send) what is left
+                    if t_end is None:  # the rounds the steps waited for, apart from the end's own
+                        self._drain_rounds(step)
+                        sync.timing["steps_wait_s"] = sync.timing["wait_s"]
+                        t_end = time.perf_counter()
                     if sync.finish():
                         break
-                    step = sync.position
+                    step, t_end = sync.position, None  # (an elastic worker took the job's state)
                     continue
                 self.hooks.before_step(step + 1)
                 if self.profiler is not None:
@@ -332,7 +337,9 @@ class Trainer:
                         self._write_run_checkpoint(step)
                     self.hooks.after_step(step)
             self._flush(step)
-            sync.timing["loop_s"] = time.perf_counter() - self.t_loop
+            t_loop_end = time.perf_counter()
+            sync.timing["loop_s"] = t_loop_end - self.t_loop
+            sync.timing["finish_s"] = t_loop_end - t_end
             final = self._eval(cfg.run.steps)
             finished = True
             bytes_all, digests = self._replica_facts()
@@ -482,6 +489,7 @@ class Trainer:
         trained = tokens + (self.start_step * self.tokens_per_step if self.resumed is not None else 0)
         dp = cfg.run.mode == "dp"
         loop_s = timing["loop_s"]
+        steps_s = loop_s - timing["finish_s"]
         tokens_per_second = tokens / loop_s if loop_s else 0.0
         peak = peak_flops(self.device)
         return {
@@ -523,6 +531,10 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             # the share of the training loop's wall time not spent waiting for communication
             "comm_free_fraction": timing["inner_s"] / loop_s if loop_s else None,
+            # the share of the steps' time (the loop less the end's sync) spent waiting for a
+            # round's result; the end's rounds have no step left to hide behind (timing's
+            # finish_s). DP: null (its gradients' mean is part of every step)
+            "wait_fraction": None if dp or not steps_s else timing["steps_wait_s"] / steps_s,
             "timing": timing,
             "seed": cfg.run.seed,
             "corpus": self.corpus.name,

@@ -39,6 +39,8 @@ TIMING_KEYS = (
     "wait_s",
     "comm_wall_s",
     "loop_s",
+    "steps_wait_s",
+    "finish_s",
 )
 _ROUND_TIMINGS = ("send_s", "encode_s", "decode_s", "outer_s", "comm_s", "wait_s")
 
@@ -54,7 +56,9 @@ class Sync:
     Attributes:
         bytes_sent: bytes each local replica put on the wire so far.
         rounds: synchronizations completed (rounds of replica 0; DP: none).
-        timing: seconds by :data:`TIMING_KEYS` (the loop fills ``inner_s``, ``comm_wall_s``, ``loop_s``).
+        timing: seconds by :data:`TIMING_KEYS` (the loop fills ``inner_s``, ``comm_wall_s``, ``loop_s``,
+            ``finish_s``: the end's sync, after the last step, and ``steps_wait_s``: the part of
+            ``wait_s`` spent before it, waiting between steps).
     """
 
     mode = "none"
