@@ -118,7 +118,7 @@ def replicas_loop(
     optimizer state, batched matrix multiplies); between this and ``lowcomm train``, the trainer's
     own work (data, records, the sync)."""
     from lowcomm.lm.batched import batched_gpt_loss, stack_parameters
-    from lowcomm.runtime.trainer.build import _clip_per_replica
+    from lowcomm.runtime.trainer.build import _clip_per_replica, no_grad_step
 
     cfg = _gpt_config(size)
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def replicas_loop(
     opt = _adamw(params.values(), device)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
-    clip_fn = torch.compile(_clip_per_replica) if compile else _clip_per_replica
+    clip_fn = no_grad_step(_clip_per_replica, compile)
     x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
 
     def step():

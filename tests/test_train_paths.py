@@ -105,6 +105,34 @@ def test_compiled_trainer_runs_the_same_records(tmp_path, corpus_dir, monkeypatc
     assert batched["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["diloco", "dp"])
+def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpus_dir, mode):
+    """--compile compiles the batched loss, the per-replica clip and (DP in one process) the mean
+    once each: Dynamo logs no recompilation. A gradient step compiled with torch.no_grad traced
+    into it made the loss's next call under autocast fail its global-state guard and be traced
+    again (torch 2.11 and 2.13)."""
+    import logging
+
+    logged = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    handler = Keep()
+    torch._dynamo.reset()
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        kw = dict(replicas=2, steps=3, mode=mode, dtype="bf16", compile=True, replica_batching="batched")
+        s = _run(tmp_path, corpus_dir, mode, **kw)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+    assert s["compile"] is True
+    assert not [m for m in logged if "Recompiling" in m], logged
+
+
 def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tmp_path, corpus_dir, monkeypatch):
     from lowcomm.runtime.trainer.loop import Trainer
 

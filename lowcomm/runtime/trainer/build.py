@@ -311,7 +311,7 @@ class BatchedReplicas(Replicas):
         self._loss = torch.compile(loss) if cfg.run.compile else loss
         # eager, the clip is a multi-tensor norm and a scale kernel per parameter tensor; compiled,
         # a few fused kernels
-        self._clip = torch.compile(_clip_per_replica) if cfg.run.compile else _clip_per_replica
+        self._clip = no_grad_step(_clip_per_replica, cfg.run.compile)
 
     def forward_backward(self) -> torch.Tensor:
         batches = [sampler.next() for sampler in self.samplers]
@@ -343,10 +343,27 @@ class BatchedReplicas(Replicas):
         self.opts[0].zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
+def no_grad_step(fn: Callable, compile: bool) -> Callable:
+    """``fn`` (work on gradients, outside autograd) run under ``torch.no_grad()``, compiled with
+    ``compile``. The no_grad is entered around the compiled function rather than traced into it:
+    torch.compile of a function decorated with ``torch.no_grad()`` makes the next call of another
+    compiled function that runs under autocast (the model's) fail its global-state guard on
+    autocast, and Dynamo traces the model a second time (seen on CPU with torch 2.11 and 2.13, not
+    2.4)."""
+    run = torch.compile(fn) if compile else fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch.no_grad():
+            return run(*args, **kwargs)
+
+    return call
+
+
 def _clip_per_replica(grads: list[torch.Tensor], max_norm: float) -> None:
     """``clip_grad_norm_`` for each replica of stacked gradients (M, ...): its total 2-norm over all
-    its gradients, scaled down to ``max_norm`` where it exceeds it."""
+    its gradients, scaled down to ``max_norm`` where it exceeds it (run it with
+    :func:`no_grad_step`)."""
     if not grads:  # no parameter got a gradient (all frozen): nothing to clip
         return
     M = grads[0].shape[0]

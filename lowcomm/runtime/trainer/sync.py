@@ -23,7 +23,7 @@ from torch import nn
 
 from ...comm import LocalGroup, ReplicaGroup, Work, get_codec, wire_bytes
 from ...optim import DiLoCo, finish_replicas, step_replicas
-from .build import Replicas
+from .build import Replicas, no_grad_step
 from .config import TrainConfig
 
 __all__ = ["Sync", "DataParallel", "DiLoCoSync", "digest"]
@@ -184,7 +184,7 @@ class DataParallel(Sync):
         self._hooks = self._register_hooks() if overlap and not self._in_process else []
         # compiled with the model: a few fused kernels for every gradient, not three launches each
         compiled = self._in_process and replicas.cfg.run.compile
-        self._replica_mean = torch.compile(_replica_mean_) if compiled else _replica_mean_
+        self._replica_mean = no_grad_step(_replica_mean_, compiled)
 
     def _register_hooks(self) -> list:
         """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
@@ -250,12 +250,11 @@ class DataParallel(Sync):
         return [p.numel() for p in self.replicas.models[0].parameters()]
 
 
-@torch.no_grad()
 def _replica_mean_(grads: list[torch.Tensor]) -> None:
     """Each stacked gradient (M, ...) becomes, in every replica's slice, the replicas' fp32 mean:
     their sum in replica order, divided by M. Eager, a sum over the replica axis (three launches
     a gradient); compiled, the sum written out in that order, which Inductor fuses with the copy
-    into every slice."""
+    into every slice (run it with :func:`~.build.no_grad_step`)."""
     for g in grads:
         M = g.shape[0]
         if torch.compiler.is_compiling():
