@@ -3,6 +3,8 @@ loss reads without host syncs, and the records that report speed."""
 
 import functools
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +133,71 @@ def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpu
         torch._logging.set_logs()
     assert s["compile"] is True
     assert not [m for m in logged if "Recompiling" in m], logged
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="dp"),
+        dict(mode="diloco", sync_every=4),
+        dict(mode="diloco", sync_every=4, fragments=2, overlap=1, codec="e3m0", alpha=0.5),
+    ],
+    ids=["dp", "diloco", "streaming"],
+)
+def test_the_steps_read_no_device_value_back_to_the_host(tmp_path, corpus_dir, monkeypatch, kw):
+    """On a GPU every read of a device value (``.item()``, ``float()``, ``bool()`` of a tensor,
+    ``nonzero``) stops the host until the GPU catches up. Counted on CPU, with AdamW fused as the
+    trainer builds it on CUDA: the steps' work (forward and backward, the syncs' hooks, the inner
+    update, rounds sent and applied) reads none, but for the codec's finiteness check of a CPU
+    buffer (a GPU buffer skips it by design); the losses are read at the log steps, outside."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowcomm.runtime.trainer import build
+
+    reads = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default"}
+    package = str(Path(lowcomm.__file__).parent) + os.sep
+    found = []
+    counting = [0]
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counting[0] and str(func) in reads:
+                ours = [f for f in traceback.extract_stack() if f.filename.startswith(package)]
+                if not (ours[-1].name == "encode" and ours[-1].filename.endswith("codecs.py")):
+                    found.append((str(func), traceback.format_stack(limit=6)))
+            return func(*args, **(kwargs or {}))
+
+    def counted(cls, name):
+        real = getattr(cls, name)
+
+        def wrapper(*args, **kwargs):
+            counting[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                counting[0] -= 1
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    for cls, names in (
+        (build.BatchedReplicas, ("forward_backward", "update")),
+        (sync_module.DataParallel, ("before_update", "after_update", "after_step")),
+        (sync_module.DiLoCoSync, ("before_update", "after_update", "after_step")),
+    ):
+        for name in names:
+            counted(cls, name)
+
+    class FusedAdamW(torch.optim.AdamW):  # as on CUDA: the step count stays on the device
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "fused": True})
+
+    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+    with Reads():
+        s = _run(tmp_path, corpus_dir, "r", replicas=3, steps=9, replica_batching="batched", **kw)
+    assert s["steps_run"] == 9 and (s["rounds"] > 0) == (kw["mode"] != "dp")
+    assert not found, found[0]
 
 
 def test_losses_are_read_every_log_every_steps_and_every_step_is_recorded(tmp_path, corpus_dir, monkeypatch):
