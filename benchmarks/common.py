@@ -71,3 +71,19 @@ def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, fl
         for e in read_jsonl(Path(run_dir) / "events.jsonl")
         if e["kind"] == "step" and (e["step"] % log_every == 0 or e["step"] == steps)
     ]
+
+
+def profile_window(steps: int, count: int) -> tuple[int, int] | None:
+    """Steps (A, B] to profile: after the first steps' compilation, before the timed part (the
+    loops without the trainer time their last half, a ``lowcomm train`` run its last three
+    quarters); None for count 0."""
+    if not count:
+        return None
+    start = max(steps // 8, 1)
+    return start, min(start + count, max(steps // 4, start + 1))
+
+
+def profile_top(stem: Path, rows: int = 25) -> list[str]:
+    """The first rows of a profile's table (its two header lines: the steps, their wall and busy
+    time; the column names; the slowest operators)."""
+    return stem.with_suffix(".txt").read_text().splitlines()[: rows + 5]

@@ -17,8 +17,9 @@
 #                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
-#                      ($TRAIN_ARGS adds its flags: "--train-compile --train-precisions
-#                      fp8_tensorwise" trains bf16 and that recipe under torch.compile)
+#                      (each run's wall and kernel time over 2 profiled steps; $TRAIN_ARGS adds its
+#                      flags: "--train-compile --train-precisions fp8_tensorwise" trains bf16 and
+#                      that recipe under torch.compile)
 #   (+ throughput.log, kernels.log: their progress lines)
 # $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
 # the others): a session with two calls' worth of device time can give one call to the throughput

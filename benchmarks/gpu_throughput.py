@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import stamp, steady_tokens_per_second, window_ms_per_step
+from common import profile_top, profile_window, stamp, steady_tokens_per_second, window_ms_per_step
 
 from lowcomm.lm import GPT, GPTConfig
 from lowcomm.runtime import TrainConfig, train
@@ -67,21 +67,6 @@ RUNS = {
 #: the loops without the trainer: the M replicas' computation (see replicas_loop)
 LOOPS = ("replicas", "replicas_clip")
 REPLICAS = 4
-
-
-def profile_window(steps: int, count: int) -> tuple[int, int] | None:
-    """Steps (A, B] to profile: after the first steps' compilation, before the timed part (the
-    plain loop times its last half, a lowcomm run its last three quarters); None for count 0."""
-    if not count:
-        return None
-    start = max(steps // 8, 1)
-    return start, min(start + count, max(steps // 4, start + 1))
-
-
-def profile_top(stem: Path, rows: int = 25) -> list[str]:
-    """The first rows of a profile's table (its two header lines: the steps, their wall and busy
-    time; the column names; the slowest operators)."""
-    return stem.with_suffix(".txt").read_text().splitlines()[: rows + 5]
 
 
 def plain_loop(

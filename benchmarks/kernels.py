@@ -280,20 +280,26 @@ def training(
     precisions=TRAIN_PRECISIONS,
     on_row=lambda out: None,
     compile: bool = False,
+    profile_steps: int = 2,
 ) -> dict:
     """The reference model trained ``steps`` steps (one replica, the bundled corpus, bf16 autocast)
     with its Linear layers in bf16 and in each recipe (the head stays bf16): tokens per second
     after the first quarter of the run, final eval loss, and each recipe's ratios to bf16;
     ``compile``: the model under torch.compile in every run (eager by default).
-    ``on_row(out)`` gets the results so far after each run."""
+    ``profile_steps`` steps of each run, before its timed part, run under the trainer's profiler:
+    a step's wall time against its kernels' (a step much longer than its kernels is a GPU waiting
+    for the host, which eager fp8 layers, a few Python calls and Triton launches each, can cause)
+    and the top of the table of operators. ``on_row(out)`` gets the results so far after each run."""
     import tempfile
 
-    from common import steady_tokens_per_second
+    from common import profile_top, profile_window, steady_tokens_per_second
 
-    from lowcomm.runtime import TrainConfig, train
+    from lowcomm.runtime import TrainConfig, read_jsonl, train
+    from lowcomm.runtime.trainer.loop import profile_stem
 
     out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1, "compile": compile}
     log_every = max(steps // 8, 1)
+    window = profile_window(steps, profile_steps)
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", *precisions):
             name = "bf16" if precision == "fp32" else precision  # fp32 Linear layers under bf16 autocast
@@ -301,6 +307,7 @@ def training(
                 **TRAIN_SIZES[size], steps=steps, replicas=1, device=device, precision=precision,
                 dtype="bf16", warmup=min(10, steps // 4), eval_every=0, eval_batches=4,
                 log_every=log_every, run_dir=f"{tmp}/{name}", compile=compile,
+                profile=f"{window[0]}:{window[1]}" if window else "",
             )  # fmt: skip
             t0 = time.perf_counter()
             try:
@@ -314,6 +321,13 @@ def training(
                 "final_eval_loss": res["final_eval_loss"],
                 "wall_s": time.perf_counter() - t0,
             }
+            if window:
+                (event,) = [e for e in read_jsonl(f"{tmp}/{name}/events.jsonl") if e["kind"] == "profile"]
+                out[name]["profile"] = {
+                    "wall_ms_per_step": event["wall_ms_per_step"],
+                    "busy_ms_per_step": event["busy_ms_per_step"],
+                    "top": profile_top(profile_stem(cfg, window[0] + 1, window[1]), rows=12),
+                }
             print(f"training {name}: {out[name]}", flush=True)
             on_row(out)
     base = out["bf16"]
@@ -350,6 +364,12 @@ def main() -> None:
         help="comma list of the recipes trained against bf16 (default: every fast one)",
     )
     ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
+    ap.add_argument(
+        "--train-profile-steps",
+        type=int,
+        default=2,
+        help="steps of each training run profiled before its timed part: wall vs kernel time (0: none)",
+    )
     args = ap.parse_args()
     precisions = _recipes(args.train_precisions)
     cuda = torch.cuda.is_available()
@@ -400,6 +420,7 @@ def main() -> None:
                 precisions=precisions,
                 on_row=partial(save, "training"),
                 compile=args.train_compile,
+                profile_steps=args.train_profile_steps,
             )
         )
         if cuda and args.train_steps

@@ -1708,6 +1708,10 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for name in bench.TRAIN_PRECISIONS:
         row = train[name]
         assert row["tokens_per_second_x_bf16"] > 0 and math.isfinite(row["loss_ratio_vs_bf16"]), row
+    for name in ("bf16", *bench.TRAIN_PRECISIONS):  # step 2 of 4 profiled: wall against busy time
+        prof = train[name]["profile"]
+        assert prof["wall_ms_per_step"] > 0 and prof["busy_ms_per_step"] > 0, name
+        assert prof["top"][0].startswith("steps 2-2 on "), prof["top"][:2]
 
 
 def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
