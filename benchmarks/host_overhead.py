@@ -170,12 +170,13 @@ def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -
 
 LAYER_SHAPE = (32, 128, 128)  # tokens, in-features, out-features: whole 128-blocks of W for mxfp8_fast
 LAYER_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
-#: Triton launches inside each lowcomm operator (the fp8 dual quantize: a fill, the maxima, the cast)
-KERNEL_LAUNCHES = {"fp8_quantize_dual": 3}
+#: operations that allocate and launch nothing (the layers' count is of launches)
+ALLOCATIONS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_strided.default"}
 
 
-def layers() -> dict:
-    """Operations of one Linear forward + backward under bf16 autocast, per recipe on sm_90."""
+def layers(repeat: int = 300) -> dict:
+    """Operations of one Linear forward + backward under bf16 autocast, per recipe on sm_90, and
+    the host's time for them (``host_us``, one thread, the kernels not run)."""
     if os.environ.get("TRITON_INTERPRET") != "1":  # the Triton kernels run on CPU only interpreted
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         child = subprocess.run(
@@ -190,13 +191,21 @@ def layers() -> dict:
 
     if not HAVE_TRITON:
         return {"error": TRITON_MISSING}
+    from triton.runtime.interpreter import InterpretedFunction
+
+    torch.set_num_threads(1)
     tokens, k, n = LAYER_SHAPE
+    launched: collections.Counter = collections.Counter()
 
     def gemm_stand_in(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
         return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
 
-    real = gemm._capability, torch._scaled_mm
+    def launch_stand_in(self, *args, grid=None, warmup=False, **kwargs):  # counted, not run
+        launched[f"triton.{self.fn.__name__}"] += 1
+
+    real = gemm._capability, torch._scaled_mm, InterpretedFunction.run
     gemm._capability, torch._scaled_mm = (lambda device: (9, 0)), gemm_stand_in
+    InterpretedFunction.run = launch_stand_in
     gemm._blockwise_scaled_mm_works.cache_clear()
     rows = {}
     try:
@@ -210,17 +219,23 @@ def layers() -> dict:
                     y = layer(x)
                 y.backward(torch.ones_like(y))
 
-            step()  # fp8_delayed: the first step is dynamic, the counted one runs from the history
+            for _ in range(3):  # fp8_delayed: the first step is dynamic, the counted ones use the history
+                step()
             c = _Count()
+            launched.clear()
             with c:
                 step()
-            ops = dict(sorted(c.ops.items()))
-            launches = sum(v * KERNEL_LAUNCHES.get(name.split(".")[1], 1) for name, v in ops.items())
-            rows[recipe] = {"ops": sum(ops.values()), "kernel_launches": launches, "by_op": ops}
+            work = {op: v for op, v in c.ops.items() if op not in ALLOCATIONS}
+            ops = dict(sorted({**work, **launched}.items()))
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                step()
+            host_us = (time.perf_counter() - t0) / repeat * 1e6
+            rows[recipe] = {"ops": sum(ops.values()), "host_us": host_us, "by_op": ops}
     finally:
-        gemm._capability, torch._scaled_mm = real
+        gemm._capability, torch._scaled_mm, InterpretedFunction.run = real
         gemm._blockwise_scaled_mm_works.cache_clear()
-    return {"shape": {"tokens": tokens, "in_features": k, "out_features": n}, "rows": rows}
+    return {"shape": {"tokens": tokens, "in_features": k, "out_features": n}, "repeat": repeat, "rows": rows}
 
 
 def main(argv=None) -> dict:

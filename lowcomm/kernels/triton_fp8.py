@@ -44,6 +44,7 @@ from .triton_quantize import (
     HAVE_TRITON,
     TRITON_MISSING,
     TRITON_READS,
+    as_op,
     copies_made,
     hw_cvt,
     mx_format,
@@ -288,11 +289,12 @@ def fp8_quantize_dual(
     Raises:
         RuntimeError: triton is not installed. ValueError: shape, dtype, elem, scaling or config.
 
-    Without ``config`` it runs as the operator ``torch.ops.lowcomm.fp8_quantize_dual``, which
-    torch.compile keeps whole (so ``fullgraph=True`` compiles around it).
+    Without ``config``, under torch.compile, it runs as the operator
+    ``torch.ops.lowcomm.fp8_quantize_dual``, which the compiler keeps whole (so ``fullgraph=True``
+    compiles around it); eager, it launches directly (:func:`~.triton_quantize.as_op`).
     """
     _check(x, elem, scaling, rows, cols)
-    if config is None and AS_OPS:
+    if config is None and as_op():
         out = torch.ops.lowcomm.fp8_quantize_dual(x, elem, scaling, rows, cols)
     else:
         out = _fp8_quantize_dual(x, elem, scaling, rows, cols, config)
@@ -455,9 +457,9 @@ def fp8_quantize_scaled(
         scaling, ``None`` for a copy not made. Every byte equals
         :func:`lowcomm.kernels.gemm.fp8_cast` of ``x`` (tested).
 
-    Runs the Triton kernel on CUDA (or on CPU under ``TRITON_INTERPRET=1``), as the operator
-    ``torch.ops.lowcomm.fp8_quantize_scaled`` (torch.compile keeps it whole); elsewhere torch ops
-    write the same bytes.
+    Runs the Triton kernel on CUDA (or on CPU under ``TRITON_INTERPRET=1``), under torch.compile
+    as the operator ``torch.ops.lowcomm.fp8_quantize_scaled`` (the compiler keeps it whole);
+    elsewhere torch ops write the same bytes.
     """
     from .gemm import _triton_reads
 
@@ -478,10 +480,10 @@ def fp8_quantize_scaled(
     record = amax is not None
     if amax is None:
         amax = scale.new_zeros(1)
-    if AS_OPS:
+    if as_op():
         out = torch.ops.lowcomm.fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
     else:
-        out = _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
+        out = _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record, own_scales=False)
     return copies_made(out, rows, cols)
 
 
@@ -502,8 +504,12 @@ def fp8_quantize_scaled_torch(x, scale, elem="e4m3", *, rows=True, cols=True, am
     )
 
 
-def _fp8_quantize_scaled(x, scale, amax, index: int, elem: str, rows: bool, cols: bool, record: bool):
-    """:func:`fp8_quantize_scaled` in Triton after its checks: four tensors, empty for a copy not made."""
+def _fp8_quantize_scaled(
+    x, scale, amax, index: int, elem: str, rows: bool, cols: bool, record: bool, own_scales: bool = True
+):
+    """:func:`fp8_quantize_scaled` in Triton after its checks: four tensors, empty for a copy not
+    made. ``own_scales``: each copy's scale is a tensor of its own, as an operator's outputs must
+    be (they may not alias its inputs); else both are ``scale`` itself (a copy launch less each)."""
     cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
     x = x.contiguous()
     R, C = x.shape
@@ -514,11 +520,12 @@ def _fp8_quantize_scaled(x, scale, amax, index: int, elem: str, rows: bool, cols
         bits = amax.view(torch.int32)[index:] if record else amax.view(torch.int32)  # not read
         _launch_cast(x, scale, scale, q, qt, bits, elem, True, rows, cols, True, record, cfg)
     empty = scale.new_empty(0)
+    own = scale.clone if own_scales else lambda: scale
     return (
         q.view(ELEM_FORMATS[elem].dtype),
-        scale.clone() if rows else empty,  # outputs may not alias inputs
+        own() if rows else empty,
         qt.view(ELEM_FORMATS[elem].dtype),
-        scale.clone() if cols else empty.clone(),
+        own() if cols else empty.clone(),
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_quantize import AS_OPS, HAVE_TRITON, TRITON_MISSING, on_device
+from .triton_quantize import AS_OPS, HAVE_TRITON, TRITON_MISSING, as_op, on_device
 
 if HAVE_TRITON:
     import triton
@@ -293,7 +293,7 @@ def _launch(
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"{name} writes {[str(d) for d in OUT_DTYPES]}, not {out_dtype}")
-    if config is None and AS_OPS:
+    if config is None and as_op():
         return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb, out_dtype)
     return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name, out_dtype)
 

@@ -61,6 +61,18 @@ _EMAX = {
 
 #: the Triton kernels run as torch.library operators (torch.compile keeps them whole; torch >= 2.4)
 AS_OPS = HAVE_TRITON and hasattr(torch.library, "custom_op")
+
+
+def as_op() -> bool:
+    """Whether a kernel's wrapper calls its torch.library operator: while torch.compile traces it
+    (the operator keeps the launch whole in the graph). An eager call goes straight to the launch,
+    the operator's own body: the operator's Python dispatch cost about 40 us a call on the
+    project's CPU (130 us a layer's forward and backward in fp8_tensorwise, 350 us in
+    fp8_delayed, whose operator updates the maxima in place), host time that an eager step at
+    small sizes spends on every layer (benchmarks/host_overhead.py, ``layers``)."""
+    return AS_OPS and torch.compiler.is_compiling()
+
+
 #: the dtypes every quantize kernel here and in triton_fp8 reads
 TRITON_READS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -587,7 +599,7 @@ def mx_fast_quantize_dual(
     if tile not in FAST_TILES:
         raise ValueError(f"tile must be one of {list(FAST_TILES)}, got {tile!r}")
     tiled = tile == "128x128"
-    if AS_OPS:  # the operator checks the rest (also when it is called directly)
+    if as_op():  # the operator checks the rest (also when it is called directly), as _run_fast does
         out = torch.ops.lowcomm.mx_fast_quantize(x, elem, scale_rule, tiled, rows, cols)
     else:
         out = _run_fast(x, elem, scale_rule, tiled, rows, cols)
@@ -652,7 +664,7 @@ def _quantize(x, elem, scale_rule, rows: bool, cols: bool, config, name):
     if x.dim() != 2 or (rows and x.shape[1] % 32) or (cols and x.shape[0] % 32):
         sides = "both sides" if rows and cols else ("columns" if rows else "rows")
         raise ValueError(f"{name} needs a 2-D tensor with {sides} multiples of 32, got {tuple(x.shape)}")
-    if config is None and AS_OPS:
+    if config is None and as_op():
         out = torch.ops.lowcomm.mx_quantize(x, elem, scale_rule, rows, cols)
     else:
         out = _run(x, elem, scale_rule, rows, cols, config, name)
