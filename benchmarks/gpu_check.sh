@@ -101,7 +101,8 @@ rm -rf "$SHARD_DIR"
 
 # The throughput's defaults follow what the H200 left open (2026-11-30): the large size first (the
 # MFU goal's; its Streaming run was cut off), 80 steps (three runs and the plain loop took 164 s
-# there), the two-process check (7.1% waiting, short of 1%); the bf16-vs-fp32 loss check, met, is
+# there), the two-process check (7.1% waiting, a figure that counted the end's sync: its row now
+# gives the steps' own share apart); the bf16-vs-fp32 loss check, met, is
 # THROUGHPUT_ARGS="--two-process --loss-check".
 if wanted throughput; then
   reserve=0
