@@ -20,10 +20,11 @@ counts: a dispatch mode sees a compiled graph's bookkeeping, not its launches).
 ``layers`` counts the same way what one Linear's forward and backward dispatches under bf16
 autocast, as ``nn.Linear`` and in each low-precision recipe on its sm_90 path: the device is
 reported as sm_90 and ``torch._scaled_mm`` replaced by a stand-in that makes its output (one
-operation, as the real GEMM is one launch); the Triton quantize runs interpreted (in a child
-process with ``TRITON_INTERPRET=1`` unless this one has it) and counts as one operation, the
-kernels it launches inside as ``kernel_launches`` (fp8 dual quantize: a fill, the maxima, the
-cast; the others: one).
+operation, as the real GEMM is one launch); each Triton launch (interpreted, in a child process
+with ``TRITON_INTERPRET=1`` unless this one has it) is counted by its kernel's name and not run,
+allocations are left out, so ``ops`` counts launches. ``host_us`` times the same forward and
+backward with the kernels so left out: the host's Python path alone (not Triton's launcher, not
+the GPU).
 """
 
 from __future__ import annotations

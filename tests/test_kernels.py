@@ -640,7 +640,8 @@ def test_on_a_gpu_the_quantize_kernels_leave_the_fp8_rounding_to_the_conversion(
         mp.setenv("LOWCOMM_FP8_HW_CVT", "0")  # unless asked for the arithmetic rounding
         assert not hw_cvt(SimpleNamespace(is_cuda=True))
     specs = triton_quantize.static_specs() + triton_fp8.static_specs()
-    casts = [s for s in specs if "amax (" not in s.name]  # the maxima kernels convert nothing
+    # the maxima kernels and the delayed scaling's step convert nothing
+    casts = [s for s in specs if "amax (" not in s.name and "delayed_step" not in s.name]
     assert casts and all(s.constexprs["HW_CVT"] is True for s in casts)
     code = """
 import dataclasses, json, sys
@@ -1041,6 +1042,46 @@ def test_delayed_scaling_scales_each_step_from_the_maxima_of_the_steps_before():
     assert layer.fp8_amax.dtype == layer.fp8_amax_history.dtype == torch.float32  # maxima stay fp32
 
 
+@pytest.mark.parametrize("length", [16, 5])
+def test_the_delayed_step_kernel_moves_the_history_and_scales_as_the_torch_ops_do(length):
+    """fp8_delayed_step (one launch a layer and step) against the torch operations it replaces: the
+    history moved and the maxima restarted on training steps only, and the scales bit for bit,
+    with zero, infinite, NaN, subnormal and tiny maxima (a scale at FP8_MIN_SCALE) among them."""
+    _needs_triton()
+    from lowcomm.kernels.formats import FP8_MIN_SCALE
+    from lowcomm.kernels.gemm import fp8_scale
+    from lowcomm.kernels.triton_fp8 import fp8_delayed_step
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(length)
+    fmax = torch.tensor([448.0, 448.0, 57344.0], device=dev)
+    hist, amax = torch.zeros(3, length, device=dev), torch.zeros(3, device=dev)
+    k_hist, k_amax = hist.clone(), amax.clone()
+    special = [0.0, float("inf"), float("nan"), 1e-40, 3e38, 1e-41]
+    for step in range(length + 4):
+        new = torch.rand(3, generator=gen) * 10.0 ** torch.randint(-8, 8, (3,), generator=gen)
+        if step % 2:
+            new[step % 3] = special[step % len(special)]
+        amax.copy_(new)
+        k_amax.copy_(new)
+        shift = step % 4 != 3  # every fourth an evaluation: the history stays
+        if shift:
+            hist.copy_(torch.cat([amax[:, None], hist[:, :-1]], dim=1))
+            amax.zero_()
+        want = fp8_scale(torch.nan_to_num(hist, nan=0.0, posinf=0.0, neginf=0.0).amax(dim=1), fmax=fmax)
+        got = fp8_delayed_step(k_amax, k_hist, fmax, shift=shift)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (step, got, want)
+        torch.testing.assert_close(k_hist, hist, rtol=0, atol=0, equal_nan=True, msg=f"step {step}")
+        torch.testing.assert_close(k_amax, amax, rtol=0, atol=0, equal_nan=True, msg=f"step {step}")
+    # no finite maximum but zeros: scale 1; only tiny ones: the smallest scale; and an ordinary row
+    edge = torch.tensor(
+        [[0.0, float("nan"), float("inf")], [1e-40, 0.0, 1e-41], [3.0, 896.0, 1.0]], device=dev
+    )
+    got = fp8_delayed_step(torch.zeros(3, device=dev), edge, fmax, shift=False)
+    want = fp8_scale(torch.nan_to_num(edge, nan=0.0, posinf=0.0, neginf=0.0).amax(dim=1), fmax=fmax)
+    assert got.tolist() == want.tolist() == [1.0, FP8_MIN_SCALE, 896.0 / 57344.0]
+
+
 def test_delayed_scaling_refuses_bad_settings_by_name_before_converting_anything():
     from lowcomm.lm import GPT, GPTConfig
 
@@ -1394,12 +1435,15 @@ def test_a_delayed_scaling_layer_on_a_pretend_hopper_reads_each_tensor_once(monk
     _needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
-    calls, quantized = [], []
-    scaled = triton_fp8.fp8_quantize_scaled
+    calls, quantized, steps = [], [], []
+    scaled, step = triton_fp8.fp8_quantize_scaled, triton_fp8.fp8_delayed_step
     dev = _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
     monkeypatch.setattr(triton_fp8, "fp8_quantize_dual", None)  # the two-pass quantize must not run
     monkeypatch.setattr(
         triton_fp8, "fp8_quantize_scaled", lambda x, *a, **k: quantized.append(x.shape) or scaled(x, *a, **k)
+    )
+    monkeypatch.setattr(
+        triton_fp8, "fp8_delayed_step", lambda *a, **k: steps.append(k["shift"]) or step(*a, **k)
     )
     torch.manual_seed(3)
     ref = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="emulated", device=dev)
@@ -1409,6 +1453,7 @@ def test_a_delayed_scaling_layer_on_a_pretend_hopper_reads_each_tensor_once(monk
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
         want, got = _delayed_steps([ref, fast], device=dev)
     assert len(calls) == 9 and quantized == [(48, 64), (96, 64), (48, 96)] * 3  # 3 steps
+    assert steps == [True, True]  # the scales of steps 2 and 3 in one launch each (step 1: dynamic)
     assert set(saved) == {torch.float8_e4m3fn, torch.float32}, saved
     for step, (w, g) in enumerate(zip(want, got)):
         for name, r, t in zip(("y", "dx", "dW", "amax", "history"), w, g):
@@ -1591,8 +1636,9 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
                     )
                 if not guarded:
                     unguarded.append(where)
-    # the fp8 maxima, cast and one-copy kernels, the MX dual and fast quantizes, the block GEMM
-    assert len(launches) == 6, launches
+    # the fp8 maxima, cast, one-copy and delayed-step kernels, the MX dual and fast quantizes, the
+    # block GEMM
+    assert len(launches) == 7, launches
     assert not unguarded, unguarded
 
 
@@ -1724,20 +1770,22 @@ def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
     _needs_triton()
     out = load_benchmark("host_overhead").layers(repeat=3)
     rows = out["rows"]
-    kernels = {
+    per_tensor = {  # each launched once for x, W and dy
         "fp8_tensorwise": ("_fp8_amax_kernel", "_fp8_cast_kernel"),
         "fp8_rowwise": ("_fp8_amax_kernel", "_fp8_cast_kernel"),
         "fp8_delayed": ("_fp8_cast_kernel",),  # the maxima recorded by the cast: one pass
         "mxfp8": ("_mx_dual_kernel", "_block_scaled_gemm_kernel"),
         "mxfp8_fast": ("_mx_fast_kernel",),
     }
-    for recipe, names in kernels.items():
+    for recipe, names in per_tensor.items():
+        want = {f"triton.{k}": 3 for k in names}
+        if recipe == "fp8_delayed":  # and the three scales from the history: one launch a step
+            want["triton._fp8_delayed_step_kernel"] = 1
         launched = {k: v for k, v in rows[recipe]["by_op"].items() if k.startswith("triton.")}
-        assert launched == {f"triton.{k}": 3 for k in names}, (recipe, launched)
+        assert launched == want, (recipe, launched)
         assert rows[recipe]["ops"] <= rows["bf16"]["ops"] + 10, (recipe, rows[recipe]["by_op"])
-        assert not [k for k in rows[recipe]["by_op"] if k.startswith("lowcomm.")], (
-            recipe
-        )  # eager: no operator
+        operators = [k for k in rows[recipe]["by_op"] if k.startswith("lowcomm.")]
+        assert not operators, (recipe, operators)  # eager: the kernels launch without them
         assert rows[recipe]["host_us"] > 0
 
 

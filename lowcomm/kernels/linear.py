@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .formats import get_elem_format
-from .gemm import RECIPES, check_backend, choose_backend, fp8_scale, qmatmul
+from .gemm import RECIPES, _triton_runs_on, check_backend, choose_backend, fp8_scale, qmatmul
 from .triton_quantize import TRITON_READS
 
 __all__ = [
@@ -394,7 +394,9 @@ class LowPrecisionLinear(nn.Linear):
         backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         amax = scales = None
         if self.recipe == "fp8_delayed":
-            amax, scales = self._delayed_scales(backward_follows)
+            amax, scales = self._delayed_scales(
+                backward_follows, _delayed_on_scaled_mm(self.backend, x, self.weight)
+            )
         # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
         # arithmetic (fp32 emulation, the fp8 GEMMs' fp32 sums) is left alone
         out_dtype = _autocast_dtype(x.device.type)
@@ -405,24 +407,29 @@ class LowPrecisionLinear(nn.Linear):
             return _QLinear.apply(x, self.weight, self.bias, *args)
 
     @torch.no_grad()
-    def _delayed_scales(self, training: bool):
+    def _delayed_scales(self, training: bool, scaled: bool):
         """fp8_delayed: a training step moves the last step's maxima into the history; the scales
-        of x, W and dy (None before the first training step: scaled dynamically)."""
+        of x, W and dy (None before the first training step: scaled dynamically). ``scaled``: the
+        GEMMs run in torch._scaled_mm, and this in one Triton launch (:func:`fp8_delayed_step`)
+        instead of ten torch operations, each a launch a layer and step on a GPU."""
         if self.fp8_amax.dtype != torch.float32:  # model.to(bf16) casts buffers; maxima stay fp32
             self.fp8_amax = self.fp8_amax.float()
             self.fp8_amax_history = self.fp8_amax_history.float()
             self.fp8_max = self.fp8_max.float()  # 448 and 57344 are exact in bf16 and fp16
         started = self._fp8_started
-        hist = self.fp8_amax_history
         if training:
-            if started:
-                hist.copy_(torch.cat([self.fp8_amax[:, None], hist[:, :-1]], dim=1))
-                self.fp8_amax.zero_()
             self._fp8_started = True
         if not started:
             return self.fp8_amax, None
-        # the largest finite maxima (a step with inf or NaN sets nothing); on a GPU each operation
-        # of this is a launch per layer and step: five here
+        hist = self.fp8_amax_history
+        if scaled and _triton_runs_on(hist.device):
+            from .triton_fp8 import fp8_delayed_step
+
+            return self.fp8_amax, fp8_delayed_step(self.fp8_amax, hist, self.fp8_max, shift=training)
+        if training:
+            hist.copy_(torch.cat([self.fp8_amax[:, None], hist[:, :-1]], dim=1))
+            self.fp8_amax.zero_()
+        # the largest finite maxima (a step with inf or NaN sets nothing)
         top = torch.nan_to_num(hist, nan=0.0, posinf=0.0, neginf=0.0).amax(dim=1)
         return self.fp8_amax, fp8_scale(top, fmax=self.fp8_max)
 

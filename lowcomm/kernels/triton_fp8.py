@@ -59,7 +59,7 @@ if HAVE_TRITON:
 
     _MIN_SCALE: tl.constexpr = tl.constexpr(FP8_MIN_SCALE)  # what a kernel reads of a global
 
-__all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "SCALINGS"]
+__all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "fp8_delayed_step", "SCALINGS"]
 
 SCALINGS = ("tensorwise", "rowwise")
 
@@ -246,6 +246,33 @@ if HAVE_TRITON:
                 q = _to_fp8_bytes(x, inverse[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
                 offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
                 tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
+
+    @triton.jit
+    def _fp8_delayed_step_kernel(
+        amax_ptr, hist_ptr, fmax_ptr, scale_ptr, L, SHIFT: tl.constexpr, BLOCK_L: tl.constexpr
+    ):
+        # delayed scaling's bookkeeping for one layer's three tensors (x, W, dy) in one launch.
+        # SHIFT (a training step): each history row (L maxima, newest first) moves one step and
+        # takes the maximum recorded since the last training step, which restarts at 0. Then each
+        # tensor's scale: fp8_scale of its history's largest finite maximum over its format's max
+        rows = tl.arange(0, 4)  # 3 rows, padded to a power of two
+        cols = tl.arange(0, BLOCK_L)
+        live = (rows[:, None] < 3) & (cols[None, :] < L)
+        offs = rows[:, None] * L + cols[None, :]
+        if SHIFT:
+            older = tl.load(hist_ptr + offs - 1, mask=live & (cols[None, :] > 0), other=0.0)
+            amax = tl.load(amax_ptr + rows, mask=rows < 3, other=0.0)
+            hist = tl.where(cols[None, :] == 0, amax[:, None], older)
+            tl.debug_barrier()  # every element read before any is written over
+            tl.store(hist_ptr + offs, hist, mask=live)
+            tl.store(amax_ptr + rows, tl.zeros_like(amax), mask=rows < 3)
+        else:
+            hist = tl.load(hist_ptr + offs, mask=live, other=0.0)
+        finite = live & (hist == hist) & (tl.abs(hist) <= 3.4028234663852886e38)  # not NaN, not inf
+        top = tl.max(tl.where(finite, hist, 0.0), axis=1)
+        fmax = tl.load(fmax_ptr + rows, mask=rows < 3, other=1.0)
+        scale = tl.where(top > 0, tl.maximum(tl.math.div_rn(top, fmax), _MIN_SCALE), 1.0)
+        tl.store(scale_ptr + rows, scale, mask=rows < 3)
 
 
 # Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
@@ -529,6 +556,46 @@ def _fp8_quantize_scaled(
     )
 
 
+def fp8_delayed_step(
+    amax: torch.Tensor, history: torch.Tensor, fmax: torch.Tensor, shift: bool
+) -> torch.Tensor:
+    """Delayed scaling's bookkeeping for a layer's three tensors (x, W, dy), in one launch.
+
+    Args:
+        amax: (3,) fp32, the maxima recorded since the last training step.
+        history: (3, L) fp32, contiguous, each row's maxima newest first.
+        fmax: (3,) fp32, each tensor's format's largest value.
+        shift: a training step: ``history`` moves one column and takes ``amax`` as its first, and
+            ``amax`` restarts at zero (both in place).
+
+    Returns:
+        (3,) fp32 scales: :func:`~lowcomm.kernels.gemm.fp8_scale` of each row's largest finite
+        maximum over ``fmax``, bit for bit what the layer's torch ops compute (tested). On CUDA
+        (or under ``TRITON_INTERPRET=1``); under torch.compile the operator
+        ``torch.ops.lowcomm.fp8_delayed_step``.
+    """
+    if as_op():
+        return torch.ops.lowcomm.fp8_delayed_step(amax, history, fmax, shift)
+    return _fp8_delayed_step(amax, history, fmax, shift)
+
+
+def _fp8_delayed_step(amax, history, fmax, shift: bool) -> torch.Tensor:
+    if not HAVE_TRITON:
+        raise RuntimeError(f"fp8_delayed_step needs Triton ({TRITON_MISSING})")
+    if amax.shape != (3,) or history.dim() != 2 or history.shape[0] != 3 or not history.is_contiguous():
+        raise ValueError(
+            f"fp8_delayed_step takes amax (3,) and a contiguous history (3, L), got "
+            f"{tuple(amax.shape)} and {tuple(history.shape)}"
+        )
+    scales = torch.empty(3, dtype=torch.float32, device=amax.device)
+    L = history.shape[1]
+    with on_device(amax):
+        _fp8_delayed_step_kernel[(1,)](
+            amax, history, fmax, scales, L, SHIFT=shift, BLOCK_L=triton.next_power_of_2(L), num_warps=1
+        )
+    return scales
+
+
 if AS_OPS:
     # the schema is spelled out: torch 2.4 cannot read it from this module's string annotations
     @torch.library.custom_op(
@@ -585,6 +652,23 @@ if AS_OPS:
         )
 
 
+if AS_OPS:
+
+    @torch.library.custom_op(
+        "lowcomm::fp8_delayed_step",
+        mutates_args=("amax", "history"),
+        schema="(Tensor(a!) amax, Tensor(b!) history, Tensor fmax, bool shift) -> Tensor",
+    )
+    def _fp8_delayed_step_op(
+        amax: torch.Tensor, history: torch.Tensor, fmax: torch.Tensor, shift: bool
+    ) -> torch.Tensor:
+        return _fp8_delayed_step(amax, history, fmax, shift)
+
+    @_fp8_delayed_step_op.register_fake
+    def _(amax, history, fmax, shift):
+        return amax.new_empty(3)
+
+
 def static_specs() -> list:
     """The kernels as launched on CUDA, for :mod:`lowcomm.kernels.triton_static`."""
     from .triton_static import KernelSpec
@@ -615,4 +699,7 @@ def static_specs() -> list:
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
     flags = dict(TENSOR=True, ROWS=True, COLS=True, GIVEN=True, RECORD=True, **tiles)
     specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
+    step = {"amax_ptr": "*fp32", "hist_ptr": "*fp32", "fmax_ptr": "*fp32", "scale_ptr": "*fp32", "L": "i32"}
+    name = "fp8_delayed_step (history of 16, a training step)"
+    specs.append(KernelSpec(name, _fp8_delayed_step_kernel, step, {"SHIFT": True, "BLOCK_L": 16}, 1, 1))
     return specs
