@@ -112,7 +112,7 @@ def replicas_loop(
     opt = _adamw(params.values(), device)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
-    clip_fn = no_grad_step(_clip_per_replica, compile)
+    clip_fn = no_grad_step(_clip_per_replica, compile=False)  # as the trainer runs it
     x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
 
     def step():

@@ -109,10 +109,10 @@ def test_compiled_trainer_runs_the_same_records(tmp_path, corpus_dir, monkeypatc
 
 @pytest.mark.parametrize("mode", ["diloco", "dp"])
 def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpus_dir, mode):
-    """--compile compiles the batched loss, the per-replica clip and (DP in one process) the mean
-    once each: Dynamo logs no recompilation. A gradient step compiled with torch.no_grad traced
-    into it made the loss's next call under autocast fail its global-state guard and be traced
-    again (torch 2.11 and 2.13)."""
+    """--compile compiles the batched loss and (DP in one process) the mean once each: Dynamo logs
+    no recompilation. A gradient step compiled with torch.no_grad traced into it (the clip, then
+    compiled too) made the loss's next call under autocast fail its global-state guard and be
+    traced again (torch 2.11 and 2.13)."""
     import logging
 
     logged = []
@@ -505,6 +505,35 @@ def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_com
                 torch.testing.assert_close(got[m], ref, rtol=1e-6, atol=0)
         assert torch.equal(grads[0][1], stacked[0][1])  # under the limit: untouched
     _clip_per_replica([], 1.0)
+
+
+def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_model():
+    """The trainer's clip of 4 replicas of the reference GPT (100 gradients): about ten operations,
+    each a launch or a few on a GPU (multi-tensor ones), where compiling it made Inductor write a
+    reduction kernel per replica's slice of every gradient (427 kernels, counted on CPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowcomm.lm.batched import stack_parameters
+    from lowcomm.runtime.trainer.build import _clip_per_replica
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not getattr(func, "is_view", False):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = GPTConfig(seq_len=16, n_layer=8, n_head=2, n_embd=16)
+    grads = [torch.randn_like(p) for p in stack_parameters([GPT(cfg) for _ in range(4)]).values()]
+    assert len(grads) == 100
+    counted = Ops()
+    with counted, torch.no_grad():
+        _clip_per_replica(grads, 1e-3)  # every replica over the limit: all of them scaled
+    assert len(counted.ops) <= 12, counted.ops
+    assert counted.ops.count("aten._foreach_mul_.Tensor") == 4 and "aten._foreach_norm.Scalar" in counted.ops
 
 
 def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
