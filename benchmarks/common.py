@@ -76,11 +76,12 @@ def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, fl
 def profile_window(steps: int, count: int) -> tuple[int, int] | None:
     """Steps (A, B] to profile: after the first steps' compilation, before the timed part (the
     loops without the trainer time their last half, a ``lowcomm train`` run its last three
-    quarters); None for count 0."""
+    quarters); None for count 0 or a run too short."""
     if not count:
         return None
     start = max(steps // 8, 1)
-    return start, min(start + count, max(steps // 4, start + 1))
+    end = min(start + count, max(steps // 4, start + 1), steps)
+    return (start, end) if start < end else None  # None: too few steps to profile any
 
 
 def profile_top(stem: Path, rows: int = 25) -> list[str]:

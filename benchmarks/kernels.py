@@ -39,6 +39,7 @@ import os
 import platform
 import time
 from functools import partial
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -295,7 +296,6 @@ def training(
     from common import profile_top, profile_window, steady_tokens_per_second
 
     from lowcomm.runtime import TrainConfig, read_jsonl, train
-    from lowcomm.runtime.trainer.loop import profile_stem
 
     out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1, "compile": compile}
     log_every = max(steps // 8, 1)
@@ -321,12 +321,12 @@ def training(
                 "final_eval_loss": res["final_eval_loss"],
                 "wall_s": time.perf_counter() - t0,
             }
-            if window:
-                (event,) = [e for e in read_jsonl(f"{tmp}/{name}/events.jsonl") if e["kind"] == "profile"]
+            events = [e for e in read_jsonl(f"{tmp}/{name}/events.jsonl") if e["kind"] == "profile"]
+            for event in events[:1]:  # none when the run ended before the window
                 out[name]["profile"] = {
                     "wall_ms_per_step": event["wall_ms_per_step"],
                     "busy_ms_per_step": event["busy_ms_per_step"],
-                    "top": profile_top(profile_stem(cfg, window[0] + 1, window[1]), rows=12),
+                    "top": profile_top(Path(event["table"]).with_suffix(""), rows=12),
                 }
             print(f"training {name}: {out[name]}", flush=True)
             on_row(out)
