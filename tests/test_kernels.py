@@ -1165,7 +1165,7 @@ def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
     if e8m0 is not None and scale_a.dtype == e8m0:
         sa = torch.exp2(_unswizzle(scale_a, M, K // 32).float() - 127).repeat_interleave(32, dim=1)
         sb = torch.exp2(_unswizzle(scale_b, N, K // 32).float() - 127).repeat_interleave(32, dim=1).t()
-    elif scale_a.shape == (M, K // 128) and scale_a.numel() > 1:
+    elif scale_a.numel() > 1 and scale_b.shape != (1, N):  # ATen takes rowwise's shapes first
         return _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype)
     else:
         sa, sb = scale_a, scale_b
@@ -1642,6 +1642,47 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
     assert not unguarded, unguarded
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "mxfp8_fast"])
+def test_the_gpu_tests_small_model_trains_on_a_pretend_hopper_as_emulated(recipe, monkeypatch, tmp_path):
+    """The GPU trainer test's model (d=64: its Linear layers below mxfp8_fast's quantize-once
+    multiples, so each GEMM quantizes its own operands) trained 6 steps in bf16 through the sm_90
+    route, torch._scaled_mm a CPU stand-in that checks ATen's rules (fp8 rowwise scales; for
+    mxfp8_fast 1x128 and 128x128 blocks, padded to whole blocks): every loss finite (the H200 once
+    reached a NaN at the first step of this model in mxfp8_fast), and the losses those of the
+    emulated recipe on the CPU to the bf16 the GEMMs write."""
+    from helpers import write_corpus
+
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.runtime import TrainConfig, read_jsonl, train
+
+    corpus = write_corpus(tmp_path / "corpus", lines=2000)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the quantize in torch ops (the interpreter: minutes)
+
+    def run(name: str) -> list[float]:
+        cfg = TrainConfig.from_flat(
+            corpus=str(corpus), run_dir=str(tmp_path / name), device="cpu", dtype="bf16", precision=recipe,
+            replicas=1, steps=6, model_dim=64, layers=2, heads=2, seq_len=64, batch_size=8, lr=3e-3,
+            warmup=2, eval_every=0, eval_batches=2, log_every=1,
+        )  # fmt: skip
+        train(cfg, progress=False)
+        events = read_jsonl(tmp_path / name / "events.jsonl")
+        return [e["loss"] for e in events if e["kind"] == "step"]
+
+    emulated = run("emulated")
+    calls = []
+    _pretend_hopper(monkeypatch, lambda *a, **k: calls.append(a[0].shape) or _fake_scaled_mm(*a, **k))
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        hopper = run("hopper")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    assert len(calls) >= 6 * 8 * 3, len(calls)  # 8 Linear layers, 3 GEMMs each, every step
+    assert len(hopper) == len(emulated) == 6 and all(math.isfinite(v) for v in hopper), hopper
+    for a, b in zip(hopper, emulated):
+        assert abs(a / b - 1) < 1e-3, (hopper, emulated)
+
+
 def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layout(monkeypatch):
     """The sm_90 route of mxfp8_fast (cannot run here: CPU torch has no blockwise _scaled_mm): on a
     pretend sm_90 device with _scaled_mm replaced by its documented contract, the operands pass
@@ -1673,6 +1714,36 @@ def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layou
     monkeypatch.setattr(gemm, "_capability", lambda device: (10, 0))
     with pytest.raises(ValueError, match="sm_90 exactly"):
         qmatmul(a, b, "mxfp8_fast", backend="scaled_mm")
+
+
+def test_the_blockwise_probe_is_not_passed_by_a_torch_with_rowwise_scaling_only(monkeypatch, caplog):
+    """The one-time probe of cuBLAS's blockwise GEMM uses two 128-blocks along K: with one, its
+    1x128 scales (M, 1) and (1, N) are rowwise scaling's shapes, which ATen tries first, so a
+    torch/cuBLAS that has rowwise scaling but no blockwise GEMM (an older one, on sm_90) would
+    pass it, and auto would send mxfp8_fast's GEMMs to a GEMM that refuses them."""
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON
+
+    seen = []
+
+    def rowwise_only(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
+        M, N = a.shape[0], b.shape[1]
+        seen.append((tuple(scale_a.shape), tuple(scale_b.shape)))
+        if scale_a.numel() == scale_b.numel() == 1 or (scale_a.shape == (M, 1) and scale_b.shape == (1, N)):
+            return _fake_scaled_mm(a, b, scale_a, scale_b, out_dtype)
+        raise RuntimeError("Invalid scaling configuration.")
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", rowwise_only)
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
+            assert choose_backend("mxfp8_fast", dev, "auto") == ("triton" if HAVE_TRITON else "emulated")
+    finally:
+        gemm._blockwise_scaled_mm_works.cache_clear()
+    assert seen == [((128, 2), (2, 128))], seen
+    assert "blockwise torch._scaled_mm unavailable" in caplog.text
 
 
 def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(monkeypatch, caplog):

@@ -500,11 +500,14 @@ def _blockwise_refusal(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: st
 @functools.cache
 def _blockwise_scaled_mm_works(device: torch.device) -> bool:
     """Whether this torch/cuBLAS runs the blockwise GEMM on ``device`` (cuBLASLt >= 12.9 and a torch
-    that routes 1x128 fp32 scales): tried once on a 128x128x128 GEMM; ``auto`` uses Triton if not."""
+    that routes 1x128 fp32 scales): tried once on a 128x256x128 GEMM; ``auto`` uses Triton if not.
+    K is two blocks: with one (K = 128) the scales' shapes, (M, 1) and (1, N), are rowwise scaling's
+    too, which ATen takes first and torch has served on sm_90 since before the blockwise GEMM, so
+    a torch without the blockwise GEMM would pass."""
     try:
-        q = torch.zeros(128, 128, device=device, dtype=torch.float8_e4m3fn)
-        g = torch.ones(128, 1, device=device)
-        scaled_mm(*blockwise_scaled_mm_operands(q, g, q, g.t()), out_dtype=torch.bfloat16)
+        q = torch.zeros(128, 256, device=device, dtype=torch.float8_e4m3fn)
+        g = torch.ones(128, 2, device=device)
+        scaled_mm(*blockwise_scaled_mm_operands(q, g, q.t(), g.t()), out_dtype=torch.bfloat16)
         return True
     except (RuntimeError, ValueError, NotImplementedError) as e:
         logger.warning("blockwise torch._scaled_mm unavailable on %s (%s); mxfp8_fast uses Triton", device, e)
