@@ -1643,14 +1643,14 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("recipe", ["fp8_rowwise", "mxfp8_fast"])
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_delayed", "mxfp8_fast"])
 def test_the_gpu_tests_small_model_trains_on_a_pretend_hopper_as_emulated(recipe, monkeypatch, tmp_path):
     """The GPU trainer test's model (d=64: its Linear layers below mxfp8_fast's quantize-once
     multiples, so each GEMM quantizes its own operands) trained 6 steps in bf16 through the sm_90
-    route, torch._scaled_mm a CPU stand-in that checks ATen's rules (fp8 rowwise scales; for
-    mxfp8_fast 1x128 and 128x128 blocks, padded to whole blocks): every loss finite (the H200 once
-    reached a NaN at the first step of this model in mxfp8_fast), and the losses those of the
-    emulated recipe on the CPU to the bf16 the GEMMs write."""
+    route, torch._scaled_mm a CPU stand-in that checks ATen's rules (fp8 rowwise scales, delayed
+    tensorwise ones; mxfp8_fast's 1x128 and 128x128 blocks, padded to whole blocks): every loss
+    finite (the H200 once reached a NaN at the first step of this model in mxfp8_fast), and the
+    losses those of the emulated recipe on the CPU to the bf16 the GEMMs write."""
     from helpers import write_corpus
 
     import lowcomm.kernels.gemm as gemm
