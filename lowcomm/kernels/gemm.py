@@ -505,7 +505,8 @@ def _blockwise_scaled_mm_works(device: torch.device) -> bool:
     too, which ATen takes first and torch has served on sm_90 since before the blockwise GEMM, so
     a torch without the blockwise GEMM would pass."""
     try:
-        q = torch.zeros(128, 256, device=device, dtype=torch.float8_e4m3fn)
+        # zero bytes viewed as fp8: torch 2.4 cannot fill an fp8 tensor on a CPU
+        q = torch.zeros(128, 256, device=device, dtype=torch.uint8).view(torch.float8_e4m3fn)
         g = torch.ones(128, 2, device=device)
         scaled_mm(*blockwise_scaled_mm_operands(q, g, q.t(), g.t()), out_dtype=torch.bfloat16)
         return True
