@@ -126,6 +126,69 @@ def test_backend_choice_refuses_what_the_device_cannot_serve():
         qmatmul(torch.zeros(2, 3), torch.zeros(4, 5))
 
 
+@pytest.mark.parametrize(
+    "cap,served",
+    [
+        ((8, 0), []),  # A100: no fp8 tensor cores
+        ((8, 9), ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed"]),
+        ((9, 0), ["fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast", "fp8_delayed"]),
+        ((10, 0), ["fp8_tensorwise", "fp8_rowwise", "mxfp8", "fp8_delayed"]),
+    ],
+)
+def test_a_precision_a_gpu_would_only_emulate_is_refused_naming_what_it_runs(cap, served, monkeypatch):
+    """On a GPU every layer recipe runs on the GPU's fp8 or MX hardware or is refused by name (the
+    fp32 emulation there is the recipe at a fraction of bf16's speed); on a CPU the emulation is
+    the recipe's path. Pretend GPUs: the capability is patched (and sm_90's blockwise cuBLAS probe
+    reports none: Triton serves mxfp8_fast; exact MX on sm_100 needs torch's E8M0 dtype)."""
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.kernels import check_precision_on, layer_backend
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON
+
+    monkeypatch.setattr(gemm, "_capability", lambda device: cap if device.type == "cuda" else None)
+    monkeypatch.setattr(gemm, "_blockwise_scaled_mm_works", lambda device: False)
+    if cap == (9, 0) and not HAVE_TRITON:
+        served = ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed"]
+    if cap == (10, 0) and not hasattr(torch, "float8_e8m0fnu"):
+        served = [r for r in served if r != "mxfp8"]
+    gpu = torch.device("cuda", 0)
+    for recipe in ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast", "fp8_delayed"):
+        check_precision_on(recipe, torch.device("cpu"))  # emulated on purpose: never refused
+        assert layer_backend(recipe, torch.device("cpu")) == "emulated"
+        if recipe in served:
+            check_precision_on(recipe, gpu)
+            assert layer_backend(recipe, gpu) != "emulated"
+            continue
+        with pytest.raises(ValueError) as e:
+            check_precision_on(recipe, gpu)
+        msg = str(e.value)
+        assert msg.startswith(f"precision={recipe!r} is not allowed: {', '.join(['fp32', *served])} ")
+        assert f"sm_{cap[0]}{cap[1]}" in msg and "--device cpu" in msg and "\n" not in msg, msg
+    check_precision_on("fp32", gpu)
+    with pytest.raises(ValueError, match="unknown recipe 'fp4'"):
+        layer_backend("fp4", gpu)
+
+
+def test_the_trainer_refuses_a_precision_its_gpu_would_emulate_before_any_record(monkeypatch, tmp_path):
+    """``lowcomm train --device cuda --precision fp8_rowwise`` on an A100 (a pretend one here: the
+    device, its capability and set_device patched) is refused at start-up, nothing written."""
+    from helpers import write_corpus
+
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.runtime import TrainConfig, train
+    from lowcomm.runtime.trainer.config import RunConfig
+
+    corpus = write_corpus(tmp_path / "corpus", lines=200)
+    monkeypatch.setattr(RunConfig, "torch_device", lambda self: torch.device("cuda", 0))
+    monkeypatch.setattr(RunConfig, "compute_dtype", lambda self, device: torch.float32)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(gemm, "_capability", lambda device: (8, 0))
+    cfg = TrainConfig.from_flat(corpus=str(corpus), run_dir=str(tmp_path / "run"), precision="fp8_rowwise")
+    refusal = r"precision='fp8_rowwise' is not allowed: fp32 on this GPU \(sm_80\)"
+    with pytest.raises(ValueError, match=refusal):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cublas_blocked_layout_places_each_scale_by_the_documented_formula():
     rows, cols = 130, 6
     s = torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols) % 251

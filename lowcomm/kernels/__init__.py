@@ -19,7 +19,15 @@ from .formats import (
     unpack_nibbles,
 )
 from .gemm import BACKENDS, RECIPES, choose_backend, fake_quantize, qmatmul, quantize_fp8, to_cublas_blocked
-from .linear import PRECISIONS, Float8Linear, LowPrecisionLinear, MXFP8Linear, convert_to_low_precision
+from .linear import (
+    PRECISIONS,
+    Float8Linear,
+    LowPrecisionLinear,
+    MXFP8Linear,
+    check_precision_on,
+    convert_to_low_precision,
+    layer_backend,
+)
 
 __all__ = [
     "BACKENDS",
@@ -28,9 +36,11 @@ __all__ = [
     "Float8Linear",
     "LowPrecisionLinear",
     "MXFP8Linear",
+    "check_precision_on",
     "choose_backend",
     "convert_to_low_precision",
     "fake_quantize",
+    "layer_backend",
     "qmatmul",
     "quantize_fp8",
     "to_cublas_blocked",

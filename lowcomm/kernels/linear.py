@@ -30,6 +30,8 @@ __all__ = [
     "Float8Linear",
     "MXFP8Linear",
     "convert_to_low_precision",
+    "check_precision_on",
+    "layer_backend",
     "PRECISIONS",
     "LAYER_RECIPES",
 ]
@@ -483,6 +485,53 @@ class MXFP8Linear(LowPrecisionLinear):
 
 def _default_skip(name: str, module: nn.Linear) -> bool:
     return name.split(".")[-1] in ("head", "lm_head", "output")
+
+
+#: what each layer recipe needs to run on a GPU's own fp8 or MX hardware (else: the fp32 emulation)
+_NEEDS = {
+    "fp8_tensorwise": "fp8 GEMMs need sm_89 or newer",
+    "fp8_rowwise": "fp8 GEMMs need sm_89 or newer",
+    "fp8_delayed": "fp8 GEMMs need sm_89 or newer",
+    "mxfp8": "MX GEMMs need sm_100 (cuBLAS, torch >= 2.7) or sm_90 with Triton",
+    "mxfp8_fast": "its GEMMs need sm_90: cuBLAS's blockwise GEMM or Triton",
+}
+
+
+def layer_backend(recipe: str, device: torch.device) -> str:
+    """Where a layer of ``recipe`` (backend ``auto``) runs its GEMMs on ``device``: "scaled_mm",
+    "triton" or "emulated" (fp32 arithmetic on the quantized values). fp8_delayed's GEMMs are
+    fp8_tensorwise's."""
+    if recipe not in LAYER_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
+    return choose_backend("fp8_tensorwise" if recipe == "fp8_delayed" else recipe, device, "auto", recipe)
+
+
+def check_precision_on(precision: str, device: torch.device) -> None:
+    """Refuses a precision whose layers would fall back to the fp32 emulation on a GPU (numerically
+    the recipe, at a fraction of bf16's speed: what a user who asks a GPU for fp8 does not want).
+    On a CPU the emulation is the recipe's path; "fp32" is served everywhere; the library's layers
+    still take ``backend="emulated"`` on any device when asked for by name.
+
+    Raises:
+        ValueError: naming the precision, the GPU's capability, what the recipe needs and the
+            precisions this GPU runs.
+    """
+    from .._checks import refuse
+    from .gemm import _capability
+    from .triton_quantize import TRITON_MISSING
+
+    if device.type != "cuda" or precision == "fp32" or layer_backend(precision, device) != "emulated":
+        return
+    served = [r for r in LAYER_RECIPES if layer_backend(r, device) != "emulated"]
+    cap = _capability(device)
+    gpu = f"sm_{cap[0]}{cap[1]}" if cap else str(device)
+    triton = f"; Triton: {TRITON_MISSING}" if TRITON_MISSING and precision.startswith("mx") else ""
+    raise refuse(
+        "precision",
+        precision,
+        f"{', '.join(['fp32', *served])} on this GPU ({gpu}): {precision} would run in the fp32 "
+        f"emulation here ({_NEEDS[precision]}{triton}); --device cpu emulates it on purpose",
+    )
 
 
 def convert_to_low_precision(

@@ -31,6 +31,7 @@ import torch
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
+from ...kernels import check_precision_on
 from ...lm import eval_batches, load_corpus
 from ..files import private_open
 from ..hooks import NO_FAULTS, FaultHooks
@@ -131,6 +132,7 @@ class Trainer:
         if self.device.type == "cuda":  # before anything touches a GPU: no process makes a context
             torch.cuda.set_device(self.device)  # on GPU 0 that is not its own (torchrun, 8 a node)
         self.dtype = cfg.run.compute_dtype(self.device)
+        check_precision_on(cfg.model.precision, self.device)  # no GPU run falls back to emulation
         cfg.run.check_compile()
         self.corpus = load_corpus(cfg.data.corpus)
         elastic = cfg.elastic.enabled
