@@ -540,7 +540,7 @@ def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
     """DP over batched replicas in one process: every replica's slice of each stacked gradient
     becomes the fp32 sum in replica order divided by M (the in-process collective's arithmetic),
     bit for bit, eager (a sum over the replica axis) and compiled by Inductor (what --compile runs:
-    the sum written out in that order)."""
+    the sum written out in that order; M = 3, whose reciprocal is inexact)."""
     from lowcomm.runtime.trainer.sync import _replica_mean_
 
     torch.manual_seed(0)
@@ -548,7 +548,7 @@ def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
     want = [((g[0] + g[1]) + g[2]) / 3 for g in stacked]
     for mean in (_replica_mean_, torch.compile(_replica_mean_)):
         grads = [g.clone() for g in stacked]
-        mean(grads)
+        mean(grads, torch.tensor(3.0))
         for got, ref in zip(grads, want):
             assert all(torch.equal(got[m], ref) for m in range(3))
 

@@ -185,6 +185,8 @@ class DataParallel(Sync):
         # compiled with the model: a few fused kernels for every gradient, not three launches each
         compiled = self._in_process and replicas.cfg.run.compile
         self._replica_mean = no_grad_step(_replica_mean_, compiled)
+        if self._in_process:
+            self._count = torch.tensor(float(M), device=replicas.device)
 
     def _register_hooks(self) -> list:
         """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
@@ -242,7 +244,7 @@ class DataParallel(Sync):
         for p in self.replicas.params.values():
             if p.grad is None:  # no gradient reached it: zeros, as the collective path sends for it
                 p.grad = torch.zeros_like(p)
-        self._replica_mean([p.grad for p in self.replicas.params.values()])
+        self._replica_mean([p.grad for p in self.replicas.params.values()], self._count)
         for i in range(len(self.replicas)):
             self.bytes_sent[i] += self._step_bytes[i]
 
@@ -250,20 +252,23 @@ class DataParallel(Sync):
         return [p.numel() for p in self.replicas.models[0].parameters()]
 
 
-def _replica_mean_(grads: list[torch.Tensor]) -> None:
+def _replica_mean_(grads: list[torch.Tensor], count: torch.Tensor) -> None:
     """Each stacked gradient (M, ...) becomes, in every replica's slice, the replicas' fp32 mean:
-    their sum in replica order, divided by M. Eager, a sum over the replica axis (three launches
-    a gradient); compiled, the sum written out in that order, which Inductor fuses with the copy
-    into every slice (run it with :func:`~.build.no_grad_step`)."""
+    their sum in replica order, divided by M (``count``: M as a 0-d fp32 tensor on their device).
+    Eager, a sum over the replica axis (three launches a gradient); compiled, the sum written out
+    in that order, which Inductor fuses with the copy into every slice (run it with
+    :func:`~.build.no_grad_step`). M comes in as a tensor, not a number: Inductor (torch 2.4, for
+    CPU) turns a division by a constant into a product with its reciprocal, a rounding away from
+    the collective's quotient when M is not a power of two."""
     for g in grads:
         M = g.shape[0]
         if torch.compiler.is_compiling():
             total = g[0].float()
             for m in range(1, M):
                 total = total + g[m]
-            mean = (total / M).unsqueeze(0)
+            mean = (total / count).unsqueeze(0)
         else:
-            mean = g.float().sum(0, keepdim=True).div_(M)
+            mean = g.float().sum(0, keepdim=True).div_(count)
         g.copy_(mean.expand_as(g))
 
 
