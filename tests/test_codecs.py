@@ -127,6 +127,24 @@ def test_e3m0_saturates_above_two_to_the_127():
     assert y.tolist() == [2.0**127, -(2.0**127)]
 
 
+def test_e3m0_keeps_its_largest_blocks_where_denormals_are_flushed():
+    """A process that flushes denormals (torch.set_flush_denormal; torch 2.4's Inductor-compiled
+    CPU code turns it on for the whole process) reads 2**-127 as zero: a block past 2**126 must
+    still encode (it once decoded to zeros there), with the same codes as without the flush."""
+    x = torch.tensor([3.0e38, -3.0e38, 1.0e38, 5.0, 2.0**-120, -(2.0**-126), 1e-3, 0.0])
+    codec = get_codec("e3m0", block=2)
+    plain = codec.encode(x)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        flushed = codec.encode(x)
+        y = codec.decode(flushed, x.numel())
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(flushed, plain)
+    assert y[:2].tolist() == [2.0**127, -(2.0**127)]
+
+
 def test_unknown_codec_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed.*e3m0"):
         get_codec("fp4")

@@ -214,7 +214,10 @@ def quantize_e3m0(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     """
     xb = x.reshape(-1, block)
     k = block_exponent(xb.abs().amax(dim=1, keepdim=True), _E3M0, "rceil")
-    y = (xb * exp2(-k)).abs()
+    # scaled by 2**-k in two normal factors: 2**-127 (a block past 2**126) is subnormal, which a
+    # process that flushes denormals (torch.set_flush_denormal, a library built with fast math)
+    # reads as zero; the two products are exact, so the codes are the same
+    y = (xb * exp2(-(k // 2)) * exp2(k // 2 - k)).abs()
     # y = 1.f · 2**e: e from the exponent bits; between 2**e and 2**(e+1) the midpoint is 1.5 · 2**e,
     # i.e. a mantissa of at least 0x400000 rounds up. Code = e + 7 (+1 when rounding up).
     bits = y.view(torch.int32)
