@@ -1796,17 +1796,27 @@ def test_the_blockwise_probe_is_not_passed_by_a_torch_with_rowwise_scaling_only(
             return _fake_scaled_mm(a, b, scale_a, scale_b, out_dtype)
         raise RuntimeError("Invalid scaling configuration.")
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", rowwise_only)
-    gemm._blockwise_scaled_mm_works.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
-            assert choose_backend("mxfp8_fast", dev, "auto") == ("triton" if HAVE_TRITON else "emulated")
+            choice = _fast_choice_on_a_pretend_hopper(monkeypatch, rowwise_only)
     finally:
         gemm._blockwise_scaled_mm_works.cache_clear()
+    assert choice == ("triton" if HAVE_TRITON else "emulated")
     assert seen == [((128, 2), (2, 128))], seen
     assert "blockwise torch._scaled_mm unavailable" in caplog.text
+
+
+def _fast_choice_on_a_pretend_hopper(monkeypatch, scaled_mm) -> str:
+    """``auto``'s backend for mxfp8_fast on a pretend sm_90 whose torch._scaled_mm is
+    ``scaled_mm``: the one-time probe of the blockwise GEMM runs afresh (the caller clears its
+    cache after)."""
+    import lowcomm.kernels.gemm as gemm
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    gemm._blockwise_scaled_mm_works.cache_clear()
+    return choose_backend("mxfp8_fast", dev, "auto")
 
 
 def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(monkeypatch, caplog):
@@ -1820,12 +1830,9 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
         raise RuntimeError("Invalid scaling configuration")
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", old_torch)
-    gemm._blockwise_scaled_mm_works.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
-            assert choose_backend("mxfp8_fast", dev, "auto") == "triton"
+            assert _fast_choice_on_a_pretend_hopper(monkeypatch, old_torch) == "triton"
         assert "blockwise torch._scaled_mm unavailable" in caplog.text
         monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
         gemm._blockwise_scaled_mm_works.cache_clear()
