@@ -536,6 +536,30 @@ def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_mode
     assert counted.ops.count("aten._foreach_mul_.Tensor") == 4 and "aten._foreach_norm.Scalar" in counted.ops
 
 
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA GB200", 2500e12),
+        ("NVIDIA L4", None),
+    ],
+)
+def test_mfu_takes_each_gpus_own_dense_bf16_peak(name, peak, monkeypatch):
+    """The first entry of the table a device name holds (the PCIe and NVL H100s before the SXM
+    one, GB200 before B200); an unknown GPU or a CPU has none (mfu null)."""
+    from lowcomm.runtime.trainer.loop import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None
+
+
 def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
     """DP over batched replicas in one process: every replica's slice of each stacked gradient
     becomes the fp32 sum in replica order divided by M (the in-process collective's arithmetic),

@@ -671,8 +671,19 @@ def common_checkpoint(cfg: TrainConfig, newest: dict | None) -> dict | None:
     return next(c for c in held if int(c["step"]) == max(common))
 
 
-#: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name (vendors' data sheets)
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+#: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name, the first that matches
+#: (NVIDIA's data sheets, which give twice these "with sparsity"; docs/references.md): the PCIe
+#: and NVL H100s run lower clocks than the SXM one, and a GB200's GPU is not a B200's
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,  # GH200's GPU too
+    "H800": 989e12,
+    "A100": 312e12,
+    "GB200": 2500e12,
+    "B200": 2250e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
