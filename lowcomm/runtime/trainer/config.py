@@ -235,7 +235,9 @@ class ModelConfig:
         seq_len: context length in tokens.
         precision: matmul precision of the Linear layers: "fp32", "mxfp8", "mxfp8_fast",
             "fp8_rowwise", "fp8_tensorwise" or "fp8_delayed" (tensorwise, scales from the last
-            16 steps' maxima; emulated on CPU; the output head stays in full precision).
+            16 steps' maxima); emulated on CPU, on a GPU run on its fp8 or MX hardware or refused
+            at start-up (fp8: sm_89+; mxfp8: sm_90 with Triton, or sm_100; mxfp8_fast: sm_90);
+            the output head stays in full precision.
     """
 
     dim: int = 128
