@@ -43,6 +43,20 @@ class Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _refused(out: str, sc: dict, rank: int, message: str, code: int) -> None:
+    """Write this rank's refusal and exit with ``code``. With ``await_peers`` (a scenario where every
+    rank refuses), first wait (up to 30 s) for every rank's refusal: the first rank out would end
+    the job (the launcher stops the others, and rank 0 hosts the store), maybe before a slower
+    rank got to its own."""
+    open(f"{out}/{sc['name']}.rank{rank}.err", "w").write(message)
+    if sc.get("await_peers"):
+        deadline = time.monotonic() + 30
+        paths = [f"{out}/{sc['name']}.rank{r}.err" for r in range(dist.get_world_size())]
+        while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    os._exit(code)
+
+
 def main() -> None:
     out, scenarios = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
@@ -74,9 +88,8 @@ def main() -> None:
         try:
             collected.messages.clear()
             dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
-        except ValueError as e:
-            open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(str(e))
-            os._exit(3)  # as the other refusals: no teardown of a group the peer is leaving too
+        except ValueError as e:  # as the other refusals: no teardown of a group the peer is leaving too
+            _refused(out, sc, topo.rank, str(e), 3)
         stream = topo.replica * topo.procs_per_replica + topo.local_rank
         rounds = []
         steps = sc.get("short_steps", sc["steps"]) if sc.get("short_rank") == topo.rank else sc["steps"]
@@ -89,15 +102,13 @@ def main() -> None:
             try:
                 dil.step()
             except Exception as e:
-                open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(f"{type(e).__name__}: {e}")
-                os._exit(4)
+                _refused(out, sc, topo.rank, f"{type(e).__name__}: {e}", 4)
             rounds += [r.to_dict() for r in dil.drain_round_stats()]
         if sc.get("finish"):  # sync what is left, as a training script does at its end
             try:
                 dil.finish()
             except Exception as e:
-                open(f"{out}/{sc['name']}.rank{topo.rank}.err", "w").write(f"{type(e).__name__}: {e}")
-                os._exit(4)
+                _refused(out, sc, topo.rank, f"{type(e).__name__}: {e}", 4)
         torch.save(
             {
                 "global": dil.global_vector(),

@@ -192,7 +192,7 @@ def test_replicas_out_of_step_are_refused_naming_the_steps_and_a_finished_peer_i
     rank 1 trains 4 steps and closes its group while rank 0 goes on: rank 0 is told at once (not
     at its 60 s timeout) that rank 1 finished, not that it died."""
     uneven = {"name": "uneven", "steps": 6, "diloco": {"sync_every": 2}, "short_rank": 1, "short_steps": 3}
-    res = _launch(tmp_path, [{**uneven, "finish": True}], replicas=2)
+    res = _launch(tmp_path, [{**uneven, "finish": True, "await_peers": True}], replicas=2)
     assert res.returncode == 4
     for r in range(2):  # every replica refuses the round, by the same rule
         err = (tmp_path / f"uneven.rank{r}.err").read_text()
