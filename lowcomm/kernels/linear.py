@@ -47,15 +47,15 @@ AMAX_HISTORY_LEN = 16
 
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, amax, scales, out_dtype):
-        # amax, scales: fp8_delayed only (the layer's running maxima, and the scales of x, W, dy
-        # from its history; None on its first training step: scaled dynamically); out_dtype: the
-        # output's dtype (None: x's)
+    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, delayed, out_dtype):
+        # delayed: fp8_delayed only, (amax, scales, record, scaled): the layer's running maxima,
+        # the scales of x, W, dy from its history (None on its first training step: scaled
+        # dynamically), whether this call records maxima (evaluation does not), whether its GEMMs
+        # run in torch._scaled_mm; out_dtype: the output's dtype (None: x's)
         x2 = x.reshape(-1, x.shape[-1])
         out_dtype = out_dtype or x.dtype
         if recipe == "fp8_delayed":
-            scaled = _delayed_on_scaled_mm(backend, x2, weight)
-            delayed = (amax, scales, backward_follows, scaled)  # evaluation records no maxima
+            scaled = delayed[3]
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
         elif _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
@@ -96,7 +96,7 @@ class _QLinear(torch.autograd.Function):
                 dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0, dtype=torch.float32)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -394,15 +394,14 @@ class LowPrecisionLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backward_follows = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        amax = scales = None
-        if self.recipe == "fp8_delayed":
-            amax, scales = self._delayed_scales(
-                backward_follows, _delayed_on_scaled_mm(self.backend, x, self.weight)
-            )
+        delayed = None
+        if self.recipe == "fp8_delayed":  # the GEMMs' backend, decided once for the call
+            scaled = _delayed_on_scaled_mm(self.backend, x, self.weight)
+            delayed = (*self._delayed_scales(backward_follows, scaled), backward_follows, scaled)
         # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
         # arithmetic (fp32 emulation, the fp8 GEMMs' fp32 sums) is left alone
         out_dtype = _autocast_dtype(x.device.type)
-        args = (self.recipe, self.grad_elem, self.backend, backward_follows, amax, scales, out_dtype)
+        args = (self.recipe, self.grad_elem, self.backend, backward_follows, delayed, out_dtype)
         if out_dtype is None:
             return _QLinear.apply(x, self.weight, self.bias, *args)
         with torch.autocast(x.device.type, enabled=False):
