@@ -1812,11 +1812,9 @@ def _fast_choice_on_a_pretend_hopper(monkeypatch, scaled_mm) -> str:
     cache after)."""
     import lowcomm.kernels.gemm as gemm
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    dev = _pretend_hopper(monkeypatch, scaled_mm)
     gemm._blockwise_scaled_mm_works.cache_clear()
-    return choose_backend("mxfp8_fast", dev, "auto")
+    return choose_backend("mxfp8_fast", torch.device(dev), "auto")
 
 
 def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(monkeypatch, caplog):
