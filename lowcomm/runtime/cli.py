@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--store-host", default=None, help="address workers use for the TCPStore (default: bind host)"
     )
+    co.add_argument(
+        "--max-senders",
+        type=int,
+        default=100_000,
+        help="distinct senders remembered within the replay window; new ones past it are refused "
+        "(default 100000)",
+    )
     st = sub.add_parser("status", help="members, epoch and round of a job")
     st.add_argument("endpoint", help="tcp://host:port of the coordinator")
     st.add_argument(
@@ -396,6 +403,7 @@ def _control_plane(args: argparse.Namespace) -> int:
             min_workers=args.min_workers,
             grace=args.grace,
             round_deadline=RoundDeadline(args.round_deadline_floor, args.round_deadline_ceiling),
+            max_senders=args.max_senders,
         )
         print(f"coordinator of job {args.job!r} on {coord.endpoint}", flush=True)
         try:

@@ -36,13 +36,17 @@ from .protocol import (
     serialize,
     valid_name,
 )
-from .state import CoordinatorState, Outgoing, RoundDeadline
+from .state import MAX_MEMBERS, CoordinatorState, Outgoing, RoundDeadline
 
 __all__ = ["Coordinator"]
 
 zmq = require("zmq", "the elastic runtime")
 
 log = logging.getLogger(__name__)
+
+#: the fewest senders the replay table may be held to: two channels (main, rpc) for each of the
+#: most members a job takes, and room for status clients
+MIN_SENDERS = 2 * MAX_MEMBERS + 1024
 
 TICK_S = 0.05  # how often time is let pass: deadlines are O(members), so not on every message
 #: unsigned KEY_REJECTED notices sent per second at most (and one a second per peer)
@@ -59,6 +63,9 @@ class Coordinator:
         deadline: when a silent member is declared dead.
         store_host: address workers use to reach the TCPStore (default: the bind host).
         min_workers, grace, round_deadline: see :class:`~.state.CoordinatorState`.
+        max_senders: distinct senders remembered within the replay window (at least
+            ``MIN_SENDERS``); past it a new sender is refused by name until older ones fall out of
+            the window, so a flood of forged senders costs bounded memory.
     """
 
     def __init__(
@@ -72,14 +79,20 @@ class Coordinator:
         min_workers: int = 1,
         grace: float = 0.0,
         round_deadline: RoundDeadline | None = None,
+        max_senders: int = 100_000,
     ):
         if not isinstance(job, str) or not valid_name(job, 64):
             raise ValueError(f"job={job!r} is not allowed: printable ASCII without spaces, 1..64 characters")
+        if isinstance(max_senders, bool) or not isinstance(max_senders, int) or max_senders < MIN_SENDERS:
+            raise ValueError(
+                f"max_senders={max_senders!r} is not allowed: an integer >= {MIN_SENDERS} (two senders "
+                f"for each of the {MAX_MEMBERS} members a job takes, and room for status clients)"
+            )
         self.signer = Signer(key)
         self.instance = secrets.token_hex(8)  # replies carry it; requests for another one are refused
         self._notices: dict[bytes, float] = {}  # peer -> when it was last told its key is rejected
         self._notice_budget = (0.0, 0)
-        self.guard = ReplayGuard()
+        self.guard = ReplayGuard(max_senders=max_senders)
         self.dropped = 0
         self._seq = time.time_ns()
         check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)  # before a socket exists
