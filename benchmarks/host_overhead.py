@@ -245,6 +245,12 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--skip-layers", action="store_true", help="leave out the per-recipe Linear counts")
     p.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile part")
+    p.add_argument(
+        "--compiled-layers",
+        type=int,
+        default=COMPILED_SHAPE["layers"],
+        help="the torch.compile part's depth (default: the small size's 8; fewer compile sooner)",
+    )
     p.add_argument("--layers-only", action="store_true", help=argparse.SUPPRESS)  # the child of layers()
     args = p.parse_args(argv)
     if args.layers_only:
@@ -257,7 +263,7 @@ def main(argv=None) -> dict:
         rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
         compiled = None
         if not args.skip_compiled:  # the trainer's --compile against a compiled plain loop
-            c = COMPILED_SHAPE
+            c = {**COMPILED_SHAPE, "layers": args.compiled_layers}
             compiled = {
                 "shape": c,
                 "rows": {
