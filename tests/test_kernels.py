@@ -624,28 +624,42 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; this is its default
 
-    def rows(arch, *only):
-        out = subprocess.run(
+    def start(arch, *only):
+        return subprocess.Popen(
             [sys.executable, "-m", "lowcomm.kernels.triton_static", "--arch", str(arch)]
             + [a for o in only for a in ("--only", o)],
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=240,
         )
-        assert out.returncode == 0, out.stderr[-2000:]
-        return [json.loads(line) for line in out.stdout.splitlines()]
 
-    # one child per architecture (each starts torch and triton): the GEMMs, the MX quantize (dual,
-    # row, col, e5m2 at the default tiles, then the dual at each other candidate), mxfp8_fast's
-    # (activations, gradients, weights), fp8's (amax and cast, tensorwise and rowwise; delayed's
-    # one pass)
-    hopper = rows(90, "matmul", "bf16 -> e4m3", "fp32 -> e5m2", "fp8_quantize", "mx_fast_quantize")
+    def rows(child):
+        out, err = child.communicate(timeout=240)
+        assert child.returncode == 0, err[-2000:]
+        return [json.loads(line) for line in out.splitlines()]
+
+    # the kernels in three children at once (each starts torch and triton; the compiles are one
+    # core's work each): the exact-MX GEMMs and the MX quantize (dual, row, col, e5m2 at the default
+    # tiles, then the dual at each other candidate); the blockwise GEMMs, mxfp8_fast's quantize
+    # (activations, gradients, weights) and fp8's (amax and cast, tensorwise and rowwise; delayed's
+    # one pass); Blackwell's
+    children = [
+        start(90, "mx_matmul", "bf16 -> e4m3", "fp32 -> e5m2"),
+        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize"),
+        start(100, "mx_matmul (A k-major, B k-major)"),
+    ]
+    try:
+        gemm_and_mx, quantize, blackwell = (rows(c) for c in children)
+    finally:
+        for c in children:
+            c.kill()
+            c.communicate()
+    hopper = gemm_and_mx + quantize
     gemm = [r for r in hopper if "matmul" in r["kernel"]]
     quant = [r for r in hopper if r["kernel"].startswith("mx_quantize")]
     fast = [r for r in hopper if r["kernel"].startswith("mx_fast_quantize")]
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
-    blackwell = rows(100, "mx_matmul (A k-major, B k-major)")
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
     from lowcomm.kernels.triton_quantize import TRITON_VERSION as found
     from lowcomm.kernels.triton_static import BLACKWELL_TRITON
