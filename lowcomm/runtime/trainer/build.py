@@ -320,19 +320,6 @@ class BatchedReplicas(Replicas):
         losses.sum().backward()  # replica m's parameters get the gradient of its own loss
         return losses.detach().float()
 
-    def grads(self, i: int) -> list[torch.Tensor | None]:
-        return [None if self.params[n].grad is None else self.params[n].grad[i] for n in self.names]
-
-    def set_grads(self, i: int, flat: torch.Tensor) -> None:
-        offset = 0
-        for n in self.names:
-            p = self.params[n]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            k = p[i].numel()
-            p.grad[i].copy_(flat[offset : offset + k].view_as(p[i]))
-            offset += k
-
     def update(self) -> None:
         clip = self.cfg.optim.grad_clip
         if clip:

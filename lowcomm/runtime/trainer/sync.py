@@ -175,6 +175,8 @@ class DataParallel(Sync):
         self._in_process = (
             replicas.batched and M > 1 and all(isinstance(g, LocalGroup) and g.size == M for g in groups)
         )
+        if replicas.batched and not self._in_process:
+            raise RuntimeError("batched replicas take DP only through an in-process group of all of them")
         if self._in_process:  # what each replica would hand to the collective per step
             per_bucket = [
                 wire_bytes(self.codec, sum(sizes[j] for j in b), M, bucket_elems=groups[0].bucket_elems)
@@ -189,23 +191,19 @@ class DataParallel(Sync):
             self._count = torch.tensor(float(M), device=replicas.device)
 
     def _register_hooks(self) -> list:
-        """A post-accumulate hook on every gradient leaf: each local replica's parameters, or the
-        stacked ones of batched replicas (one hook then serves every replica)."""
-        r = self.replicas
-        if r.batched:
-            leaves = [(j, p, tuple(range(len(r)))) for j, p in enumerate(r.params.values())]
-        else:
-            leaves = [(j, p, (i,)) for i, m in enumerate(r.models) for j, p in enumerate(m.parameters())]
+        """A post-accumulate hook on every gradient leaf of each local replica. Batched replicas
+        never get here: they exist only with an in-process group of all of them (make_replicas)."""
         return [
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, j, o)) for j, p, o in leaves
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i, j))
+            for i, m in enumerate(self.replicas.models)
+            for j, p in enumerate(m.parameters())
         ]
 
-    def _on_grad(self, j: int, owners: tuple[int, ...], _param) -> None:
+    def _on_grad(self, i: int, j: int, _param) -> None:
         b = self._bucket_of[j]
-        for i in owners:
-            self._ready[i][b] += 1
-            if self._ready[i][b] == len(self.buckets[b]):
-                self._launch(i, b)
+        self._ready[i][b] += 1
+        if self._ready[i][b] == len(self.buckets[b]):
+            self._launch(i, b)
 
     def _launch(self, i: int, b: int) -> None:
         grads = self.replicas.grads(i)
