@@ -19,7 +19,8 @@
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
 #                      (each run's wall and kernel time over 2 profiled steps; $TRAIN_ARGS adds its
 #                      flags: "--train-compile --train-precisions fp8_tensorwise" trains bf16 and
-#                      that recipe under torch.compile)
+#                      that recipe under torch.compile; fp8_rowwise+inductor is fp8_rowwise
+#                      with its quantize in torch ops the compiler fuses, LOWCOMM_COMPILED_QUANTIZE)
 #   (+ throughput.log, kernels.log: their progress lines)
 # $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
 # the others): a session with two calls' worth of device time can give one call to the throughput

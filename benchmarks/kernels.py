@@ -286,7 +286,9 @@ def training(
     """The reference model trained ``steps`` steps (one replica, the bundled corpus, bf16 autocast)
     with its Linear layers in bf16 and in each recipe (the head stays bf16): tokens per second
     after the first quarter of the run, final eval loss, and each recipe's ratios to bf16;
-    ``compile``: the model under torch.compile in every run (eager by default).
+    ``compile``: the model under torch.compile in every run (eager by default); a recipe named
+    ``R+inductor`` (fp8_tensorwise, fp8_rowwise) trains R with ``LOWCOMM_COMPILED_QUANTIZE=inductor``
+    for its run: its quantize in torch ops the compiler can fuse, not the Triton operator.
     ``profile_steps`` steps of each run, before its timed part, run under the trainer's profiler:
     a step's wall time against its kernels' (a step much longer than its kernels is a GPU waiting
     for the host, which eager fp8 layers, a few Python calls and Triton launches each, can cause)
@@ -295,14 +297,16 @@ def training(
 
     from common import profile_top, profile_window, steady_tokens_per_second
 
+    import lowcomm.kernels.linear as linear
     from lowcomm.runtime import TrainConfig, read_jsonl, train
 
     out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1, "compile": compile}
     log_every = max(steps // 8, 1)
     window = profile_window(steps, profile_steps)
     with tempfile.TemporaryDirectory() as tmp:
-        for precision in ("fp32", *precisions):
-            name = "bf16" if precision == "fp32" else precision  # fp32 Linear layers under bf16 autocast
+        for name in ("fp32", *precisions):
+            precision, _, quantize = name.partition("+")
+            name = "bf16" if name == "fp32" else name  # fp32 Linear layers under bf16 autocast
             cfg = TrainConfig.from_flat(
                 **TRAIN_SIZES[size], steps=steps, replicas=1, device=device, precision=precision,
                 dtype="bf16", warmup=min(10, steps // 4), eval_every=0, eval_batches=4,
@@ -310,12 +314,15 @@ def training(
                 profile=f"{window[0]}:{window[1]}" if window else "",
             )  # fmt: skip
             t0 = time.perf_counter()
+            kept, linear.COMPILED_QUANTIZE = linear.COMPILED_QUANTIZE, quantize or linear.COMPILED_QUANTIZE
             try:
                 res = train(cfg, progress=False)
             except Exception as e:  # one recipe failing spoils no other
                 out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 on_row(out)
                 continue
+            finally:
+                linear.COMPILED_QUANTIZE = kept
             out[name] = {
                 "tokens_per_second": steady_tokens_per_second(cfg.run.run_dir, res, log_every),
                 "final_eval_loss": res["final_eval_loss"],
@@ -339,15 +346,19 @@ def training(
     return out
 
 
-def _recipes(names: str) -> tuple[str, ...]:
-    """``--train-precisions``: each a layer recipe, else a one-line error naming it."""
+def _recipes(names: str, compile: bool = False) -> tuple[str, ...]:
+    """``--train-precisions``: each a layer recipe, or fp8_tensorwise/fp8_rowwise ``+inductor``
+    under ``--train-compile``, else a one-line error naming it."""
     from lowcomm.kernels.linear import LAYER_RECIPES
 
+    allowed = [*LAYER_RECIPES, "fp8_tensorwise+inductor", "fp8_rowwise+inductor"]
     out = tuple(n for n in names.split(",") if n)
     for n in out:
-        if n not in LAYER_RECIPES:
+        if n not in allowed:
+            raise SystemExit(f"kernels.py: --train-precisions: unknown recipe {n!r}; allowed: {allowed}")
+        if n.endswith("+inductor") and not compile:
             raise SystemExit(
-                f"kernels.py: --train-precisions: unknown recipe {n!r}; allowed: {list(LAYER_RECIPES)}"
+                f"kernels.py: --train-precisions: {n!r} is a compiled route: add --train-compile"
             )
     return out
 
@@ -361,7 +372,8 @@ def main() -> None:
     ap.add_argument(
         "--train-precisions",
         default=",".join(TRAIN_PRECISIONS),
-        help="comma list of the recipes trained against bf16 (default: every fast one)",
+        help="comma list of the recipes trained against bf16 (default: every fast one; under "
+        "--train-compile also fp8_tensorwise+inductor, fp8_rowwise+inductor: the quantize in torch ops)",
     )
     ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
     ap.add_argument(
@@ -371,7 +383,7 @@ def main() -> None:
         help="steps of each training run profiled before its timed part: wall vs kernel time (0: none)",
     )
     args = ap.parse_args()
-    precisions = _recipes(args.train_precisions)
+    precisions = _recipes(args.train_precisions, args.train_compile)
     cuda = torch.cuda.is_available()
     if args.static:
         import triton

@@ -1481,6 +1481,89 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise"])
+def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operator(recipe, monkeypatch):
+    """LOWCOMM_COMPILED_QUANTIZE=inductor: torch.compile(fullgraph=True) of a layer norm and an fp8
+    layer on a pretend sm_90 traces the quantize of x, W and dy as torch ops (no lowcomm operator
+    in any graph, forward or backward: the compiler generates them and may fuse them with the
+    layer norm), and gives eager mode's outputs and gradients (the Triton quantize: the same bytes;
+    the GEMMs in the _scaled_mm stand-in) up to the output's rounding."""
+    _needs_triton()
+    import lowcomm.kernels.linear as linear
+
+    dev = _pretend_hopper(monkeypatch)
+    monkeypatch.setattr(linear, "COMPILED_QUANTIZE", "inductor")
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    norm = torch.nn.LayerNorm(64, device=dev)
+    layer = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm", device=dev)
+    model = torch.nn.Sequential(norm, layer)
+    graphs = []
+
+    def backend(gm, example_inputs):  # AOTAutograd's forward and backward graphs, run eagerly
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def keep(g, _):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    x = torch.randn(2, 24, 64, device=dev)
+    outs = []
+    for fn in (model, torch.compile(model, backend=backend, fullgraph=True)):
+        xi = x.clone().requires_grad_()
+        layer.weight.grad = None
+        y = fn(xi)
+        y.sum().backward()
+        outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # forward, backward
+    for g in graphs:  # the maxima in torch ops (forward: x's and W's; backward: dy's), no operator
+        targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+        assert not [t for t in targets if "lowcomm" in t], targets
+        assert "aten.amax.default" in targets, targets
+    tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6  # rowwise: _scaled_mm writes bf16
+    for name, r, t in zip(("y", "dx", "dW"), *outs):
+        assert float((t - r).abs().max() / r.abs().max()) < tol, name
+
+
+def test_an_unknown_compiled_quantize_is_refused_by_name_when_a_layer_is_made(monkeypatch):
+    import lowcomm.kernels.linear as linear
+
+    monkeypatch.setattr(linear, "COMPILED_QUANTIZE", "fast")
+    with pytest.raises(
+        ValueError, match=r"LOWCOMM_COMPILED_QUANTIZE='fast' is not allowed: one of \['triton', 'inductor'\]"
+    ):
+        LowPrecisionLinear(64, 96, recipe="fp8_rowwise")
+
+
+def test_the_torch_dual_fp8_quantize_writes_the_triton_kernels_bytes():
+    """fp8_quantize_dual_torch (the inductor route's quantize) against fp8_quantize_dual: the same
+    bytes and scales for each scaling, format and choice of copies, on a ragged bf16 tensor with
+    outliers and zeros; a bad scaling is refused by name."""
+    _needs_triton()
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_dual, fp8_quantize_dual_torch
+
+    x = _hard_input(40, 72, torch.bfloat16, seed=5)
+    for scaling in ("tensorwise", "rowwise"):
+        for elem in ("e4m3", "e5m2"):
+            for rows, cols in ((True, True), (True, False), (False, True)):
+                want = fp8_quantize_dual(x, elem, scaling, rows=rows, cols=cols)
+                got = fp8_quantize_dual_torch(x, elem, scaling, rows=rows, cols=cols)
+                for w, g in zip(want, got):
+                    if w is None:
+                        assert g is None
+                    elif w.element_size() == 1:
+                        assert w.shape == g.shape and torch.equal(w.view(torch.uint8), g.view(torch.uint8))
+                    else:
+                        assert w.shape == g.shape and torch.equal(w, g), (scaling, elem, w, g)
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        fp8_quantize_dual_torch(x, "e4m3", "blockwise")
+
+
 def _delayed_steps(layers, fns=None, steps: int = 3, device: str = "cpu") -> list:
     """``steps`` training steps (40 tokens, 64 -> 96) of each fp8_delayed layer (through ``fns``,
     default the layers themselves) on the same data: y, dx, dW and the maxima kept, per step."""
@@ -1911,6 +1994,18 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         prof = train[name]["profile"]
         assert prof["wall_ms_per_step"] > 0 and prof["busy_ms_per_step"] > 0, name
         assert prof["top"][0].startswith("steps 2-2 on "), prof["top"][:2]
+
+
+def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled():
+    """--train-precisions takes fp8_tensorwise+inductor and fp8_rowwise+inductor (that run's
+    quantize in torch ops) under --train-compile only, and refuses an unknown recipe by name."""
+    recipes = load_benchmark("kernels")._recipes
+    both = "fp8_rowwise,fp8_rowwise+inductor,fp8_tensorwise+inductor"
+    assert recipes(both, compile=True) == tuple(both.split(","))
+    with pytest.raises(SystemExit, match=r"'fp8_rowwise\+inductor' is a compiled route: add --train-compile"):
+        recipes(both)
+    with pytest.raises(SystemExit, match=r"unknown recipe 'mxfp8\+inductor'; allowed: \["):
+        recipes("mxfp8+inductor", compile=True)
 
 
 def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():

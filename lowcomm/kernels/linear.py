@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -43,6 +44,15 @@ PRECISIONS = ("fp32", *LAYER_RECIPES)
 #: steps of absolute maxima a delayed-scaling layer keeps (TransformerEngine's default is 1024; a short
 #: window lets one outlier step leave the scale soon: docs/references.md, MX formats and FP8)
 AMAX_HISTORY_LEN = 16
+
+#: how fp8_tensorwise and fp8_rowwise layers quantize under torch.compile ($LOWCOMM_COMPILED_QUANTIZE,
+#: read at import, checked when a layer is made): "triton", the Triton quantize as an operator the
+#: compiler keeps whole (a pass of its own over each tensor), or "inductor", the same arithmetic in
+#: torch ops (:func:`~.triton_fp8.fp8_quantize_dual_torch`, the same bytes) that the compiler
+#: generates and can fuse into the kernel producing the tensor, as torchao's float8 layers are
+#: compiled. Eager calls, fp8_delayed and mxfp8_fast always use their Triton kernels.
+COMPILED_QUANTIZE = os.environ.get("LOWCOMM_COMPILED_QUANTIZE", "triton")
+COMPILED_QUANTIZES = ("triton", "inductor")
 
 
 class _QLinear(torch.autograd.Function):
@@ -243,6 +253,8 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     if scaling == "blockwise":  # mxfp8_fast: the weight (index 1) in 128x128 tiles, the rest 1x128
         return mx_fast_quantize_dual(t, elem, "128x128" if index == 1 else "1x128", rows=rows, cols=cols)
     if delayed is None:
+        if COMPILED_QUANTIZE == "inductor" and torch.compiler.is_compiling():
+            return triton_fp8.fp8_quantize_dual_torch(t, elem, scaling, rows=rows, cols=cols)
         return triton_fp8.fp8_quantize_dual(t, elem, scaling, rows=rows, cols=cols)
     amax, scales, record, scaled = delayed
     scale = fp8_scale(t.abs().amax().float(), elem) if scales is None else scales[index]
@@ -380,6 +392,11 @@ class LowPrecisionLinear(nn.Linear):
             raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
         if grad_elem not in ("e4m3", "e5m2"):
             raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
+        if COMPILED_QUANTIZE not in COMPILED_QUANTIZES:
+            raise ValueError(
+                f"LOWCOMM_COMPILED_QUANTIZE={COMPILED_QUANTIZE!r} is not allowed: "
+                f"one of {list(COMPILED_QUANTIZES)}"
+            )
         check_backend(backend, recipe)
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
         if recipe == "fp8_delayed":

@@ -59,7 +59,13 @@ if HAVE_TRITON:
 
     _MIN_SCALE: tl.constexpr = tl.constexpr(FP8_MIN_SCALE)  # what a kernel reads of a global
 
-__all__ = ["fp8_quantize_dual", "fp8_quantize_scaled", "fp8_delayed_step", "SCALINGS"]
+__all__ = [
+    "fp8_quantize_dual",
+    "fp8_quantize_dual_torch",
+    "fp8_quantize_scaled",
+    "fp8_delayed_step",
+    "SCALINGS",
+]
 
 SCALINGS = ("tensorwise", "rowwise")
 
@@ -325,6 +331,30 @@ def fp8_quantize_dual(
         out = torch.ops.lowcomm.fp8_quantize_dual(x, elem, scaling, rows, cols)
     else:
         out = _fp8_quantize_dual(x, elem, scaling, rows, cols, config)
+    return copies_made(out, rows, cols)
+
+
+def fp8_quantize_dual_torch(
+    x: torch.Tensor, elem: str = "e4m3", scaling: str = "rowwise", *, rows=True, cols=True
+):
+    """:func:`fp8_quantize_dual` in torch ops: the same bytes and scales (tested), ``None`` for a
+    copy not made. What the fp8 layers quantize with under torch.compile when
+    ``LOWCOMM_COMPILED_QUANTIZE=inductor``: the compiler then generates the maxima and the casts
+    itself and can fuse them into the kernel that produced ``x`` (a layer norm, a GELU), where the
+    Triton operator is a pass of its own over ``x`` that it keeps whole."""
+    from .gemm import fp8_cast, fp8_scale, quantize_fp8
+
+    _check_copies("fp8_quantize_dual_torch", x, elem, rows, cols)
+    if scaling == "tensorwise":  # one maximum and one cast for both copies
+        scale = fp8_scale(x.float().abs().amax(), elem)
+        data = fp8_cast(x, scale, elem)
+        out = (data, scale, data.t().contiguous(), scale.clone())
+    elif scaling == "rowwise":
+        q, s = quantize_fp8(x, elem, "rowwise", axis=-1) if rows else (None, None)
+        d, st = quantize_fp8(x, elem, "rowwise", axis=0) if cols else (None, None)
+        out = (q, s, None if d is None else d.t().contiguous(), st)
+    else:
+        raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
     return copies_made(out, rows, cols)
 
 
