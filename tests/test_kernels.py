@@ -1441,6 +1441,18 @@ def test_an_mxfp8_fast_layer_quantizes_once_for_the_triton_gemm_too(monkeypatch)
         assert float((t - r).abs().max() / r.abs().max()) < 1e-5, name
 
 
+def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list:
+    """y, dx and the layer's dW of ``model`` on ``x``, eager and under torch.compile(fullgraph)."""
+    outs = []
+    for fn in (model, torch.compile(model, fullgraph=True, **compile_kwargs)):
+        xi = x.clone().requires_grad_()
+        layer.weight.grad = None
+        y = fn(xi)
+        y.sum().backward()
+        outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+    return outs
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(
     "recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8_fast", "mxfp8_fast blockwise"]
@@ -1466,14 +1478,7 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     torch._dynamo.reset()
     torch.manual_seed(3)
     layer = LowPrecisionLinear(k, n, recipe=recipe, backend=backend)
-    x = torch.randn(2, 20, k)
-    outs = []
-    for fn in (layer, torch.compile(layer, fullgraph=True)):
-        xi = x.clone().requires_grad_()
-        layer.weight.grad = None
-        y = fn(xi)
-        y.sum().backward()
-        outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+    outs = _eager_and_compiled(layer, layer, torch.randn(2, 20, k))
     torch._dynamo.reset()
     gemm._blockwise_scaled_mm_works.cache_clear()
     tol = 2**-7 if recipe == "fp8_rowwise" or k == 128 else 1e-6
@@ -1511,14 +1516,7 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
 
-    x = torch.randn(2, 24, 64, device=dev)
-    outs = []
-    for fn in (model, torch.compile(model, backend=backend, fullgraph=True)):
-        xi = x.clone().requires_grad_()
-        layer.weight.grad = None
-        y = fn(xi)
-        y.sum().backward()
-        outs.append([t.detach().clone() for t in (y, xi.grad, layer.weight.grad)])
+    outs = _eager_and_compiled(model, layer, torch.randn(2, 24, 64, device=dev), backend=backend)
     torch._dynamo.reset()
     assert len(graphs) == 2  # forward, backward
     for g in graphs:  # the maxima in torch ops (forward: x's and W's; backward: dy's), no operator
