@@ -342,12 +342,11 @@ def fp8_quantize_dual_torch(
     ``LOWCOMM_COMPILED_QUANTIZE=inductor``: the compiler then generates the maxima and the casts
     itself and can fuse them into the kernel that produced ``x`` (a layer norm, a GELU), where the
     Triton operator is a pass of its own over ``x`` that it keeps whole."""
-    from .gemm import fp8_cast, fp8_scale, quantize_fp8
+    from .gemm import quantize_fp8
 
     _check_copies("fp8_quantize_dual_torch", x, elem, rows, cols)
     if scaling == "tensorwise":  # one maximum and one cast for both copies
-        scale = fp8_scale(x.float().abs().amax(), elem)
-        data = fp8_cast(x, scale, elem)
+        data, scale = quantize_fp8(x, elem, "tensorwise")
         out = (data, scale, data.t().contiguous(), scale.clone())
     elif scaling == "rowwise":
         q, s = quantize_fp8(x, elem, "rowwise", axis=-1) if rows else (None, None)
