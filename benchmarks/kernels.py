@@ -313,6 +313,8 @@ def training(
                 log_every=log_every, run_dir=f"{tmp}/{name}", compile=compile,
                 profile=f"{window[0]}:{window[1]}" if window else "",
             )  # fmt: skip
+            if compile:  # each run compiles afresh: the runs before it count toward no recompile limit
+                torch._dynamo.reset()
             t0 = time.perf_counter()
             kept, linear.COMPILED_QUANTIZE = linear.COMPILED_QUANTIZE, quantize or linear.COMPILED_QUANTIZE
             try:
