@@ -287,8 +287,9 @@ def training(
     with its Linear layers in bf16 and in each recipe (the head stays bf16): tokens per second
     after the first quarter of the run, final eval loss, and each recipe's ratios to bf16;
     ``compile``: the model under torch.compile in every run (eager by default); a recipe named
-    ``R+inductor`` (fp8_tensorwise, fp8_rowwise) trains R with ``LOWCOMM_COMPILED_QUANTIZE=inductor``
-    for its run: its quantize in torch ops the compiler can fuse, not the Triton operator.
+    ``R+inductor`` (fp8_tensorwise, fp8_rowwise, fp8_delayed) trains R with
+    ``LOWCOMM_COMPILED_QUANTIZE=inductor`` for its run: its quantize in torch ops the compiler can
+    fuse, not the Triton operator.
     ``profile_steps`` steps of each run, before its timed part, run under the trainer's profiler:
     a step's wall time against its kernels' (a step much longer than its kernels is a GPU waiting
     for the host, which eager fp8 layers, a few Python calls and Triton launches each, can cause)
@@ -349,11 +350,11 @@ def training(
 
 
 def _recipes(names: str, compile: bool = False) -> tuple[str, ...]:
-    """``--train-precisions``: each a layer recipe, or fp8_tensorwise/fp8_rowwise ``+inductor``
-    under ``--train-compile``, else a one-line error naming it."""
+    """``--train-precisions``: each a layer recipe, or an fp8 one (tensorwise, rowwise, delayed)
+    ``+inductor`` under ``--train-compile``, else a one-line error naming it."""
     from lowcomm.kernels.linear import LAYER_RECIPES
 
-    allowed = [*LAYER_RECIPES, "fp8_tensorwise+inductor", "fp8_rowwise+inductor"]
+    allowed = [*LAYER_RECIPES, *(f"{r}+inductor" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed"))]
     out = tuple(n for n in names.split(",") if n)
     for n in out:
         if n not in allowed:
@@ -375,7 +376,8 @@ def main() -> None:
         "--train-precisions",
         default=",".join(TRAIN_PRECISIONS),
         help="comma list of the recipes trained against bf16 (default: every fast one; under "
-        "--train-compile also fp8_tensorwise+inductor, fp8_rowwise+inductor: the quantize in torch ops)",
+        "--train-compile also fp8_tensorwise+inductor, fp8_rowwise+inductor, fp8_delayed+inductor: the "
+        "quantize in torch ops)",
     )
     ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
     ap.add_argument(

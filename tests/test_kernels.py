@@ -1486,6 +1486,25 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
 
+def _keeping_graphs(graphs: list):
+    """A torch.compile backend that appends AOTAutograd's forward and backward graphs to ``graphs``
+    and runs them as they are (no Inductor; split as Inductor splits them)."""
+
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(g, _):
+        graphs.append(g)
+        return make_boxed_func(g.forward)
+
+    return aot_autograd(  # torch's aot_eager backend, keeping the graphs
+        fw_compiler=keep,
+        bw_compiler=keep,
+        partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True,
+    )
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise"])
 def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operator(recipe, monkeypatch):
@@ -1505,17 +1524,7 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
     layer = LowPrecisionLinear(64, 96, recipe=recipe, backend="scaled_mm", device=dev)
     model = torch.nn.Sequential(norm, layer)
     graphs = []
-
-    def backend(gm, example_inputs):  # AOTAutograd's forward and backward graphs, run eagerly
-        from functorch.compile import make_boxed_func
-        from torch._functorch.aot_autograd import aot_module_simplified
-
-        def keep(g, _):
-            graphs.append(g)
-            return make_boxed_func(g.forward)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
-
+    backend = _keeping_graphs(graphs)
     outs = _eager_and_compiled(model, layer, torch.randn(2, 24, 64, device=dev), backend=backend)
     torch._dynamo.reset()
     assert len(graphs) == 2  # forward, backward
@@ -1526,6 +1535,37 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6  # rowwise: _scaled_mm writes bf16
     for name, r, t in zip(("y", "dx", "dW"), *outs):
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_delayed_scaling_layer_compiled_with_the_inductor_quantize_matches_eager(monkeypatch):
+    """fp8_delayed with LOWCOMM_COMPILED_QUANTIZE=inductor: under torch.compile the one-pass cast by
+    the history's scale and the maximum it records into the layer's buffer (x and W in forward, dy
+    in backward) are torch ops, not the Triton operator; over three steps (the first scaled
+    dynamically, two compilations) outputs, gradients, maxima and history equal eager mode's,
+    which ran the Triton kernels."""
+    _needs_triton()
+    import lowcomm.kernels.linear as linear
+
+    dev = _pretend_hopper(monkeypatch)
+    monkeypatch.setattr(linear, "COMPILED_QUANTIZE", "inductor")
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="scaled_mm", device=dev)
+    layer = LowPrecisionLinear(64, 96, recipe="fp8_delayed", backend="scaled_mm", device=dev)
+    layer.load_state_dict(eager.state_dict())
+    graphs = []
+    compiled = torch.compile(layer, backend=_keeping_graphs(graphs), fullgraph=True)
+    want, got = _delayed_steps([eager, layer], [eager, compiled], device=dev)
+    torch._dynamo.reset()
+    assert len(graphs) == 4, len(graphs)  # forward and backward, dynamic then delayed
+    # the code, not the nodes' targets: an operator that mutates (the maxima) is called through
+    # auto_functionalized, which names it in its arguments
+    assert not [g.code for g in graphs if "fp8_quantize" in g.code]
+    assert all("amax" in g.code for g in graphs)
+    for step, (w, g) in enumerate(zip(want, got)):
+        for name, r, t in zip(("y", "dx", "dW", "amax", "history"), w, g):
+            torch.testing.assert_close(t, r, rtol=1e-6, atol=0, msg=f"step {step}: {name}")
 
 
 def test_an_unknown_compiled_quantize_is_refused_by_name_when_a_layer_is_made(monkeypatch):
@@ -1995,10 +2035,11 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
 
 
 def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled():
-    """--train-precisions takes fp8_tensorwise+inductor and fp8_rowwise+inductor (that run's
-    quantize in torch ops) under --train-compile only, and refuses an unknown recipe by name."""
+    """--train-precisions takes fp8_tensorwise+inductor, fp8_rowwise+inductor and
+    fp8_delayed+inductor (that run's quantize in torch ops) under --train-compile only, and refuses
+    an unknown recipe by name."""
     recipes = load_benchmark("kernels")._recipes
-    both = "fp8_rowwise,fp8_rowwise+inductor,fp8_tensorwise+inductor"
+    both = "fp8_rowwise,fp8_rowwise+inductor,fp8_tensorwise+inductor,fp8_delayed+inductor"
     assert recipes(both, compile=True) == tuple(both.split(","))
     with pytest.raises(SystemExit, match=r"'fp8_rowwise\+inductor' is a compiled route: add --train-compile"):
         recipes(both)

@@ -45,12 +45,14 @@ PRECISIONS = ("fp32", *LAYER_RECIPES)
 #: window lets one outlier step leave the scale soon: docs/references.md, MX formats and FP8)
 AMAX_HISTORY_LEN = 16
 
-#: how fp8_tensorwise and fp8_rowwise layers quantize under torch.compile ($LOWCOMM_COMPILED_QUANTIZE,
-#: read at import, checked when a layer is made): "triton", the Triton quantize as an operator the
-#: compiler keeps whole (a pass of its own over each tensor), or "inductor", the same arithmetic in
-#: torch ops (:func:`~.triton_fp8.fp8_quantize_dual_torch`, the same bytes) that the compiler
+#: how the fp8 layers (tensorwise, rowwise, delayed) quantize under torch.compile
+#: ($LOWCOMM_COMPILED_QUANTIZE, read at import, checked when a layer is made): "triton", the Triton
+#: quantize as an operator the compiler keeps whole (a pass of its own over each tensor), or
+#: "inductor", the same arithmetic in torch ops (:func:`~.triton_fp8.fp8_quantize_dual_torch`,
+#: :func:`~.triton_fp8.fp8_quantize_scaled_torch`: the same bytes and maxima) that the compiler
 #: generates and can fuse into the kernel producing the tensor, as torchao's float8 layers are
-#: compiled. Eager calls, fp8_delayed and mxfp8_fast always use their Triton kernels.
+#: compiled. Eager calls and mxfp8_fast always use their Triton kernels, and fp8_delayed its
+#: one-launch step of scales and history.
 COMPILED_QUANTIZE = os.environ.get("LOWCOMM_COMPILED_QUANTIZE", "triton")
 COMPILED_QUANTIZES = ("triton", "inductor")
 
@@ -258,6 +260,8 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
         return triton_fp8.fp8_quantize_dual(t, elem, scaling, rows=rows, cols=cols)
     amax, scales, record, scaled = delayed
     scale = fp8_scale(t.abs().amax().float(), elem) if scales is None else scales[index]
+    if COMPILED_QUANTIZE == "inductor" and torch.compiler.is_compiling():
+        scaled = False  # the torch ops, whatever runs the GEMMs: the same bytes and maxima
     quantize = triton_fp8.fp8_quantize_scaled if scaled else triton_fp8.fp8_quantize_scaled_torch
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
 
