@@ -352,9 +352,9 @@ def training(
 def _recipes(names: str, compile: bool = False) -> tuple[str, ...]:
     """``--train-precisions``: each a layer recipe, or an fp8 one (tensorwise, rowwise, delayed)
     ``+inductor`` under ``--train-compile``, else a one-line error naming it."""
-    from lowcomm.kernels.linear import LAYER_RECIPES
+    from lowcomm.kernels.linear import COMPILED_QUANTIZE_RECIPES, LAYER_RECIPES
 
-    allowed = [*LAYER_RECIPES, *(f"{r}+inductor" for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed"))]
+    allowed = [*LAYER_RECIPES, *(f"{r}+inductor" for r in COMPILED_QUANTIZE_RECIPES)]
     out = tuple(n for n in names.split(",") if n)
     for n in out:
         if n not in allowed:

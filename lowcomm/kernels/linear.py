@@ -55,6 +55,13 @@ AMAX_HISTORY_LEN = 16
 #: one-launch step of scales and history.
 COMPILED_QUANTIZE = os.environ.get("LOWCOMM_COMPILED_QUANTIZE", "triton")
 COMPILED_QUANTIZES = ("triton", "inductor")
+#: the recipes whose quantize COMPILED_QUANTIZE chooses
+COMPILED_QUANTIZE_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
+
+
+def _compiler_quantizes() -> bool:
+    """Whether this fp8 quantize runs in torch ops for the compiler: ``inductor`` and compiling."""
+    return COMPILED_QUANTIZE == "inductor" and torch.compiler.is_compiling()
 
 
 class _QLinear(torch.autograd.Function):
@@ -255,12 +262,12 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     if scaling == "blockwise":  # mxfp8_fast: the weight (index 1) in 128x128 tiles, the rest 1x128
         return mx_fast_quantize_dual(t, elem, "128x128" if index == 1 else "1x128", rows=rows, cols=cols)
     if delayed is None:
-        if COMPILED_QUANTIZE == "inductor" and torch.compiler.is_compiling():
+        if _compiler_quantizes():
             return triton_fp8.fp8_quantize_dual_torch(t, elem, scaling, rows=rows, cols=cols)
         return triton_fp8.fp8_quantize_dual(t, elem, scaling, rows=rows, cols=cols)
     amax, scales, record, scaled = delayed
     scale = fp8_scale(t.abs().amax().float(), elem) if scales is None else scales[index]
-    if COMPILED_QUANTIZE == "inductor" and torch.compiler.is_compiling():
+    if _compiler_quantizes():
         scaled = False  # the torch ops, whatever runs the GEMMs: the same bytes and maxima
     quantize = triton_fp8.fp8_quantize_scaled if scaled else triton_fp8.fp8_quantize_scaled_torch
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
