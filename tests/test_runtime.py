@@ -314,11 +314,18 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     refusal of the input) is not restarted."""
     from lowcomm.runtime.trainer.launch import launch
 
-    def job(script: str) -> list[str]:  # each process notes its attempt, then exits as told
-        note = (
-            f"open({str(tmp_path / 'attempts')!r}, 'a').write(os.environ['TORCHELASTIC_RESTART_COUNT'] + ' ')"
+    def job(script: str) -> list[str]:
+        # each process notes its attempt and waits (10 s at most) until every rank of the attempt
+        # has, then exits as told: a rank that failed at once used to get the other stopped before
+        # it had noted anything
+        path = str(tmp_path / "attempts")
+        note = f"n = os.environ['TORCHELASTIC_RESTART_COUNT']; open({path!r}, 'a').write(n + ' ')"
+        wait = (
+            "t = time.time()\n"
+            f"while open({path!r}).read().split().count(n) < int(os.environ['WORLD_SIZE']) "
+            "and time.time() - t < 10: time.sleep(0.01)"
         )
-        return [sys.executable, "-c", f"import os, sys; {note}; {script}"]
+        return [sys.executable, "-c", f"import os, sys, time; {note}\n{wait}\n{script}"]
 
     def attempts() -> list[str]:
         seen = (tmp_path / "attempts").read_text().split()
