@@ -10,7 +10,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
     import tomli as tomllib
 
-__all__ = ["tomllib", "MissingExtra", "require", "pyplot", "EXTRAS", "listen_fd_store_kwargs"]
+__all__ = [
+    "tomllib",
+    "MissingExtra",
+    "require",
+    "pyplot",
+    "EXTRAS",
+    "listen_fd_store_kwargs",
+    "foreach_norm_fp32",
+]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
 EXTRAS = {
@@ -51,3 +59,17 @@ def listen_fd_store_kwargs() -> dict:
     import torch
 
     return {} if torch.__version__ >= "2.8" else {"use_libuv": False}
+
+
+def foreach_norm_fp32(tensors: list) -> list:
+    """Each tensor's 2-norm, summed and returned in fp32 whatever its dtype (one multi-tensor
+    operation). fp32 tensors go without ``dtype`` (the call torch has always had); for others,
+    a torch whose ``_foreach_norm`` takes no ``dtype`` gets fp32 copies."""
+    import torch
+
+    if all(t.dtype == torch.float32 for t in tensors):
+        return torch._foreach_norm(tensors)
+    try:
+        return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    except TypeError:
+        return torch._foreach_norm([t.float() for t in tensors])

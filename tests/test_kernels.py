@@ -616,7 +616,8 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
 
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
     """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
-    the training layers use and the dual quantize, for sm_90a, the exact-MX GEMM also for sm_100a.
+    the training layers use, the dual quantize and the replicas' AdamW step, for sm_90a, the
+    exact-MX GEMM also for sm_100a.
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
     without TRITON_INTERPRET (this process interprets kernels)."""
@@ -646,7 +647,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # one pass); Blackwell's
     children = [
         start(90, "mx_matmul", "bf16 -> e4m3", "fp32 -> e5m2"),
-        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize"),
+        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize", "adamw_replicas"),
         start(100, "mx_matmul (A k-major, B k-major)"),
     ]
     try:
@@ -660,6 +661,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     quant = [r for r in hopper if r["kernel"].startswith("mx_quantize")]
     fast = [r for r in hopper if r["kernel"].startswith("mx_fast_quantize")]
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
+    adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
     from lowcomm.kernels.triton_quantize import TRITON_VERSION as found
     from lowcomm.kernels.triton_static import BLACKWELL_TRITON
@@ -668,15 +670,18 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     if found < BLACKWELL_TRITON:  # an old triton cannot target Blackwell: refused by name, not a crash
         assert "cannot compile for sm_100: it needs triton >= 3.3" in blackwell.pop()["error"]
     assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
-    assert len(fast) == 3
-    for row in gemm + quant + blackwell + fp8 + fast:
+    assert len(fast) == 3 and len(adamw) == 2
+    for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
+        assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
+        assert {int(w) for w in row["global_stores"]} == ({8, 16} if "copy" in row["kernel"] else {16}), row
+    for row in gemm + quant + blackwell + fp8 + fast + adamw:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:
         assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
-    assert all(row["mma"] is None for row in quant + fp8 + fast)
+    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw)
     for row in fast:  # fp8 data in whole 16-byte packets (before triton 3.6: the rows copy), fp32 scales
         widths = {int(w) for w in row["global_stores"]}
         assert widths == {4, 16} if found >= (3, 6) else 16 in widths, row
@@ -1835,8 +1840,8 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
                 if not guarded:
                     unguarded.append(where)
     # the fp8 maxima, cast, one-copy and delayed-step kernels, the MX dual and fast quantizes, the
-    # block GEMM
-    assert len(launches) == 7, launches
+    # block GEMM, the replicas' AdamW step
+    assert len(launches) == 8, launches
     assert not unguarded, unguarded
 
 

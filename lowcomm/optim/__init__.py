@@ -4,6 +4,7 @@ from .config import DiLoCoConfig
 from .diloco import DiLoCo, RoundStats, finish_replicas, step_replicas
 from .fragments import build_fragments, find_block_lists, find_blocks
 from .outer import NesterovState, apply_update, nesterov_init, nesterov_update
+from .replica_adamw import ReplicaAdamW
 from .schedule import PATTERNS, fragment_offsets, is_send_step, partition_blocks, sends_at, validate_schedule
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "DiLoCo",
     "DiLoCoConfig",
     "NesterovState",
+    "ReplicaAdamW",
     "RoundStats",
     "apply_update",
     "build_fragments",
