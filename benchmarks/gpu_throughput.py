@@ -97,31 +97,34 @@ def replicas_loop(
 ) -> dict:
     """The M replicas' own computation, without the trainer: lowcomm's batched model
     (:func:`~lowcomm.lm.batched.batched_gpt_loss` over parameters stacked along a replica axis),
-    one fused AdamW over the stack and, with ``clip``, each replica's gradient norm clipped to 1
-    as the trainer does (its ``_clip_per_replica``), on the same fixed batch as the plain loop.
+    the trainer's optimizer over the stack (:class:`~lowcomm.optim.ReplicaAdamW`, with bf16
+    copies of the matrices on a GPU) and, with ``clip``, each replica's gradient norm clipped to 1
+    as the trainer does (its ``_clip_coefficients``, applied in the optimizer's pass), on the same
+    fixed batch as the plain loop.
     Between the plain loop and this, what simulating M replicas costs (M times the parameters and
     optimizer state, batched matrix multiplies); between this and ``lowcomm train``, the trainer's
     own work (data, records, the sync)."""
-    from lowcomm.lm.batched import batched_gpt_loss, stack_parameters
-    from lowcomm.runtime.trainer.build import _clip_per_replica, no_grad_step
+    from lowcomm.lm.batched import batched_gpt_loss, linear_weights, stack_parameters
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
 
     cfg = _gpt_config(size)
     torch.manual_seed(0)
     base = GPT(cfg).to(device)
     params = stack_parameters([base] * REPLICAS)  # (M, *shape) leaves, every replica alike
-    opt = _adamw(params.values(), device)
+    copies = {n: params[n] for n in linear_weights(cfg)} if device.type == "cuda" else {}  # bf16 there
+    opt = ReplicaAdamW(params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies=copies)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
-    clip_fn = no_grad_step(_clip_per_replica, compile=False)  # as the trainer runs it
+    clip_fn = no_grad_step(_clip_coefficients, compile=False)  # as the trainer runs it
     x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
 
     def step():
         with _autocast(device):
-            losses = run(params, idx=x, targets=y)
+            losses = run(params, idx=x, targets=y, weights=opt.fresh_copies())
         losses.sum().backward()
-        if clip:
-            clip_fn([p.grad for p in params.values()], 1.0)
-        opt.step()
+        coef = clip_fn([g for _, g in opt.gradients()], 1.0) if clip else None
+        opt.step(grad_coef=coef)
         opt.zero_grad(set_to_none=True)
 
     stem = Path(out) / f"replicas{'-clip' if clip else ''}-profile"
@@ -129,7 +132,7 @@ def replicas_loop(
 
 
 def _adamw(params, device: torch.device) -> torch.optim.AdamW:
-    """The loops' AdamW, fused on a GPU as the trainer's is."""
+    """The plain loop's AdamW, fused on a GPU."""
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99), **fused)
 

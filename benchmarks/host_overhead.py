@@ -8,9 +8,11 @@ operations more are several percent of it. This counts, with a dispatch mode on 
 operations of one step of each phase, for a tiny reference GPT (nothing here depends on the
 model's width): the plain loop (one model, the replicas' batches concatenated, a foreach gradient
 clip and a fused AdamW) against ``lowcomm train`` with M = 4 batched replicas as DP, DiLoCo and
-Streaming DiLoCo (between rounds). AdamW is built fused in both, as it is on CUDA. It also times
-the steps on the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is
-small, so the time is mostly the host's; it is not a GPU figure.
+Streaming DiLoCo (between rounds). The optimizers are built as on CUDA: the plain loop's AdamW
+fused, the trainer's ReplicaAdamW on its Triton step, one launch a parameter tensor, counted as
+one operation and not run (the kernel needs a GPU or the interpreter). It also times the steps on
+the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is small, so the time
+is mostly the host's (without Triton's launcher); it is not a GPU figure.
 
 ``compiled`` times the same with ``torch.compile`` (the plain model; the trainer's ``--compile``)
 at the small size's depth, 8 layers, and a tiny width (COMPILED_SHAPE): the host's time a step
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import subprocess
@@ -45,7 +48,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import stamp  # noqa: E402
 
+from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
+from lowcomm.optim.replica_adamw import ReplicaAdamW  # noqa: E402
 from lowcomm.runtime.cli import build_parser, config_from_args  # noqa: E402
 from lowcomm.runtime.trainer import build as build_module  # noqa: E402
 from lowcomm.runtime.trainer.loop import Trainer  # noqa: E402
@@ -75,12 +80,22 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+#: the trainer's AdamW launches counted by :func:`_adamw_launch` (not run)
+_LAUNCHES = [0]
+
+
+def _adamw_launch(*args, **kwargs) -> None:
+    """Stands in for ``lowcomm.kernels.triton_adamw.adamw_replicas_``: one launch, counted."""
+    _LAUNCHES[0] += 1
+
+
 def _ops(fn) -> int:
-    """aten operations other than views that ``fn`` dispatches."""
+    """aten operations other than views that ``fn`` dispatches, and the AdamW launches."""
     c = _Count()
+    before = _LAUNCHES[0]
     with c:
         fn()
-    return sum(c.ops.values())
+    return sum(c.ops.values()) + _LAUNCHES[0] - before
 
 
 class _FusedAdamW(torch.optim.AdamW):
@@ -257,8 +272,11 @@ def main(argv=None) -> dict:
         print(json.dumps(layers()))
         return {}
     torch.set_num_threads(1)
-    original = build_module.torch.optim.AdamW
-    build_module.torch.optim.AdamW = _FusedAdamW  # the trainer's AdamW, fused as on CUDA
+    original = build_module.torch.optim.AdamW, build_module.ReplicaAdamW, triton_adamw.adamw_replicas_
+    build_module.torch.optim.AdamW = _FusedAdamW  # the sequential path's AdamW, fused as on CUDA
+    # the batched replicas' optimizer on its kernel, as on CUDA: launches counted, not run
+    build_module.ReplicaAdamW = functools.partial(ReplicaAdamW, kernel=True)
+    triton_adamw.adamw_replicas_ = _adamw_launch
     try:
         rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
         compiled = None
@@ -272,7 +290,7 @@ def main(argv=None) -> dict:
                 },
             }
     finally:
-        build_module.torch.optim.AdamW = original
+        build_module.torch.optim.AdamW, build_module.ReplicaAdamW, triton_adamw.adamw_replicas_ = original
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
     out["compiled"] = compiled
     out["layers"] = None if args.skip_layers else layers()

@@ -1,6 +1,7 @@
 """The trainer's speed paths, on CPU: bf16 autocast, batched replicas, torch.compile, bucketed DP,
 loss reads without host syncs, and the records that report speed."""
 
+import copy
 import functools
 import json
 import os
@@ -146,10 +147,11 @@ def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpu
 )
 def test_the_steps_read_no_device_value_back_to_the_host(tmp_path, corpus_dir, monkeypatch, kw):
     """On a GPU every read of a device value (``.item()``, ``float()``, ``bool()`` of a tensor,
-    ``nonzero``) stops the host until the GPU catches up. Counted on CPU, with AdamW fused as the
-    trainer builds it on CUDA: the steps' work (forward and backward, the syncs' hooks, the inner
-    update, rounds sent and applied) reads none, but for the codec's finiteness check of a CPU
-    buffer (a GPU buffer skips it by design); the losses are read at the log steps, outside."""
+    ``nonzero``) stops the host until the GPU catches up. Counted on CPU (every tensor a device
+    one here): the steps' work (forward and backward, the syncs' hooks, the inner update, whose
+    step counts are host numbers, rounds sent and applied) reads none, but for the codec's
+    finiteness check of a CPU buffer (a GPU buffer skips it by design); the losses are read at
+    the log steps, outside."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -189,11 +191,6 @@ def test_the_steps_read_no_device_value_back_to_the_host(tmp_path, corpus_dir, m
         for name in names:
             counted(cls, name)
 
-    class FusedAdamW(torch.optim.AdamW):  # as on CUDA: the step count stays on the device
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "fused": True})
-
-    monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
     with Reads():
         s = _run(tmp_path, corpus_dir, "r", replicas=3, steps=9, replica_batching="batched", **kw)
     assert s["steps_run"] == 9 and (s["rounds"] > 0) == (kw["mode"] != "dp")
@@ -479,16 +476,16 @@ def test_metrics_go_to_wandb_offline_and_a_missing_package_is_named(tmp_path, co
 
 
 def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_compiled():
-    """Per-replica clipping of stacked gradients equals torch's clip_grad_norm_ on each replica's
-    own gradients (a replica under the limit is left alone); compiled (what --compile runs) it
-    gives the same; no gradients at all is no error."""
-    from lowcomm.runtime.trainer.build import _clip_per_replica
+    """Per-replica clipping of stacked gradients (the coefficients, applied by the optimizer)
+    equals torch's clip_grad_norm_ on each replica's own gradients (a replica under the limit is
+    left alone); compiled it gives the same; bf16 gradients get their norm in fp32; no gradients
+    at all is no coefficient."""
+    from lowcomm.runtime.trainer.build import _clip_coefficients
 
     torch.manual_seed(0)
     stacked = [torch.randn(3, 4, 5), torch.randn(3, 7), torch.randn(3, 2, 2, 2)]
-    stacked[0][1] *= 1e-3  # replica 1's norm stays under the limit
-    stacked[1][1] *= 1e-3
-    stacked[2][1] *= 1e-3
+    for g in stacked:
+        g[1] *= 1e-3  # replica 1's norm stays under the limit
     want = []
     for m in range(3):  # replica m's parameters, holding its gradients
         own = [torch.zeros_like(g[m], requires_grad=True) for g in stacked]
@@ -496,32 +493,42 @@ def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_com
             p.grad = g[m].clone()
         torch.nn.utils.clip_grad_norm_(own, 1.0)
         want.append([p.grad for p in own])
-    compiled = torch.compile(_clip_per_replica, backend="aot_eager")
-    for clip in (_clip_per_replica, compiled):
-        grads = [g.clone() for g in stacked]
-        clip(grads, 1.0)
+    compiled = torch.compile(_clip_coefficients, backend="aot_eager")
+    for clip in (_clip_coefficients, compiled):
+        coef = clip([g.clone() for g in stacked], 1.0)
+        assert coef.dtype == torch.float32 and coef[1] == 1.0  # under the limit: untouched
         for m in range(3):
-            for got, ref in zip(grads, want[m]):
-                torch.testing.assert_close(got[m], ref, rtol=1e-6, atol=0)
-        assert torch.equal(grads[0][1], stacked[0][1])  # under the limit: untouched
-    _clip_per_replica([], 1.0)
+            for g, ref in zip(stacked, want[m]):
+                torch.testing.assert_close(g[m] * coef[m], ref, rtol=1e-6, atol=0)
+    low = [g.bfloat16() for g in stacked]
+    exact = _clip_coefficients([g.float() for g in low], 1.0)
+    torch.testing.assert_close(_clip_coefficients(low, 1.0), exact, rtol=1e-6, atol=0)
+    assert _clip_coefficients([], 1.0) is None
 
 
 def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_model():
-    """The trainer's clip of 4 replicas of the reference GPT (100 gradients): about ten operations,
-    each a launch or a few on a GPU (multi-tensor ones), where compiling it made Inductor write a
-    reduction kernel per replica's slice of every gradient (427 kernels, counted on CPU)."""
+    """The trainer's clip coefficients for 4 replicas of the reference GPT (100 gradients): a few
+    operations, each a launch or a few on a GPU (multi-tensor ones), where compiling it made
+    Inductor write a reduction kernel per replica's slice of every gradient (427 kernels,
+    counted on CPU). Applying them is the optimizer's: 4 multi-tensor products off the kernel."""
     from lowcomm.lm.batched import stack_parameters
-    from lowcomm.runtime.trainer.build import _clip_per_replica
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+    from lowcomm.runtime.trainer.build import _clip_coefficients
 
     cfg = GPTConfig(seq_len=16, n_layer=8, n_head=2, n_embd=16)
-    grads = [torch.randn_like(p) for p in stack_parameters([GPT(cfg) for _ in range(4)]).values()]
-    assert len(grads) == 100
+    params = list(stack_parameters([GPT(cfg) for _ in range(4)]).values())
+    assert len(params) == 100
+    for p in params:
+        p.grad = torch.randn_like(p)
     counted = load_benchmark("host_overhead")._Count()  # operations other than views
     with counted, torch.no_grad():
-        _clip_per_replica(grads, 1e-3)  # every replica over the limit: all of them scaled
-    assert sum(counted.ops.values()) <= 12, counted.ops
-    assert counted.ops["aten._foreach_mul_.Tensor"] == 4 and "aten._foreach_norm.Scalar" in counted.ops
+        coef = _clip_coefficients([p.grad for p in params], 1e-3)  # every replica over the limit
+    assert sum(counted.ops.values()) <= 8, counted.ops
+    assert "aten._foreach_norm.Scalar" in counted.ops and (coef < 1).all()
+    opt = ReplicaAdamW(params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, kernel=False)
+    with load_benchmark("host_overhead")._Count() as counted:
+        opt.step(grad_coef=coef)
+    assert counted.ops["aten._foreach_mul_.Tensor"] == 4, counted.ops
 
 
 @pytest.mark.parametrize(
@@ -751,3 +758,162 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
     )
     assert resumed["steps_run"] == 8 and resumed["global_params_sha256"] == straight["global_params_sha256"]
     assert not stale.exists()  # removed by the next write of that checkpoint
+
+
+def _stacked_problem(M=3):
+    """Stacked parameters of three shapes (two decay groups), four steps of gradients and clip
+    coefficients: what ReplicaAdamW's tests step."""
+    torch.manual_seed(0)
+    params = [torch.randn(M, 8, 5), torch.randn(M, 7), torch.randn(M, 40, 33)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    coefs = [torch.rand(M) for _ in range(4)]
+    return params, grads, coefs
+
+
+def _groups(params):
+    return [
+        {"params": [params[0], params[2]], "weight_decay": 0.1},
+        {"params": [params[1]], "weight_decay": 0.0},
+    ]
+
+
+def test_replica_adamw_steps_as_torch_adamw_after_the_clip_and_takes_over_its_state():
+    """Without the kernel (CPU), ReplicaAdamW is torch's AdamW bit for bit, each replica's gradient
+    scaled by its coefficient first; an AdamW's state dict (a checkpoint of the code before)
+    loads into it and the run goes on as the AdamW's would, and back."""
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+
+    init, grads, coefs = _stacked_problem()
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    ref = [p.clone().requires_grad_() for p in init]
+    ref_opt = torch.optim.AdamW(_groups(ref), **kw, foreach=False)
+    ours = [p.clone().requires_grad_() for p in init]
+    opt = ReplicaAdamW(_groups(ours), **kw, kernel=False)
+    for i, (gs, c) in enumerate(zip(grads, coefs)):
+        for p, q, g in zip(ref, ours, gs):
+            p.grad = g * c.view(-1, *[1] * (g.dim() - 1))
+            q.grad = g.clone()
+        ref_opt.step()
+        opt.step(grad_coef=c)
+        if i == 1:  # half-way: our state from the AdamW's (a copy, as from a checkpoint), then on
+            opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    for p, q in zip(ref, ours):
+        assert torch.equal(p, q)
+    back = torch.optim.AdamW(_groups([p.clone().requires_grad_() for p in init]), **kw)
+    back.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(
+        torch.equal(back.state[a]["exp_avg"], opt.state[b]["exp_avg"]) for a, b in zip(back.state, opt.state)
+    )
+
+
+def test_the_replica_adamw_kernel_steps_as_torch_and_writes_the_bf16_copy(monkeypatch):
+    """The Triton step (interpreted; every parameter through it, however small): the moments bit
+    for bit as torch's AdamW's, the parameters to an fp32 rounding (torch's CPU square root is
+    not correctly rounded, the kernel's is), the bf16 copy the parameter rounded to nearest even
+    (autocast's cast) after every step, a bf16 gradient read as its fp32 value, and a parameter
+    without a gradient left alone."""
+    from lowcomm.kernels.triton_adamw import adamw_replicas_
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
+    from lowcomm.optim import replica_adamw
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+
+    if not HAVE_TRITON:  # CI installs a Triton the kernels run on: there this runs
+        pytest.skip(TRITON_MISSING)
+    monkeypatch.setattr(replica_adamw, "KERNEL_MIN", 0)
+    launches = []
+    real = replica_adamw.ReplicaAdamW._kernel_step
+    monkeypatch.setattr(
+        ReplicaAdamW,
+        "_kernel_step",
+        lambda self, grads, coef: launches.append(len(grads)) or real(self, grads, coef),
+    )
+    init, grads, coefs = _stacked_problem()
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    ref = [p.clone().requires_grad_() for p in init]
+    ref_opt = ReplicaAdamW(_groups(ref), **kw, kernel=False)
+    ours = [p.clone().requires_grad_() for p in init]
+    copies = {"w": ours[2]}
+    opt = ReplicaAdamW(_groups(ours), **kw, kernel=True, copies=copies)
+    low = opt.fresh_copies()["w"]
+    for i, (gs, c) in enumerate(zip(grads, coefs)):
+        gs = [g.bfloat16().float() for g in gs]  # values a bf16 gradient can hold
+        for p, q, g in zip(ref, ours, gs):
+            p.grad = g.clone()
+            q.grad = g.clone()
+        ours[2].grad, low.grad = None, gs[2].bfloat16()  # the matrix's gradient came to its copy
+        if i == 2:
+            ref[1].grad = ours[1].grad = None  # no gradient this step: no step for it
+        ref_opt.step(grad_coef=c)
+        opt.step(grad_coef=c)
+        assert torch.equal(low, ours[2].detach().bfloat16())
+        opt.zero_grad()
+        assert low.grad is None and ours[0].grad is None
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(q, p, rtol=2e-6, atol=1e-7)
+        assert torch.equal(ref_opt.state[p]["exp_avg"], opt.state[q]["exp_avg"])
+        assert torch.equal(ref_opt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+        assert opt.state[q]["step"] == ref_opt.state[p]["step"]
+    assert opt.state[ours[1]]["step"] == 3  # skipped once
+    assert launches == [3, 3, 2, 3]  # every parameter with a gradient went through the kernel
+    st, odd = opt.state[ours[0]], torch.zeros(3, 5, 8).transpose(1, 2)  # (3, 8, 5), not contiguous
+    with pytest.raises(ValueError, match=r"grad is \(3, 8, 5\) on cpu \(contiguous: False\)"):
+        adamw_replicas_(
+            ours[0],
+            odd,
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            step=5.0,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=0.0,
+        )
+
+
+def test_batched_bf16_replicas_multiply_by_copies_that_follow_every_write_of_the_weights(
+    tmp_path, corpus_dir, monkeypatch
+):
+    """bf16 batched replicas: the linear layers get the optimizer's bf16 copies (and their
+    gradients), the rest the fp32 stack; a write through a replica's model (DiLoCo's outer step,
+    a checkpoint's load) re-casts the copies before the next forward; a DiLoCo run ends where the
+    sequential replicas' does up to float rounding, with the optimizer's torch step and with its
+    Triton kernel (interpreted, where Triton runs)."""
+    from lowcomm.lm import load_corpus
+    from lowcomm.lm.batched import linear_weights
+    from lowcomm.runtime.trainer import build
+
+    cfg = TrainConfig.from_flat(
+        corpus=corpus_dir, run_dir=str(tmp_path / "r"), replicas=2, dtype="bf16", **TINY
+    )
+    corpus = load_corpus(cfg.data.corpus)
+    base = build.build_model(cfg, corpus.vocab_size)
+    reps = build.BatchedReplicas(base, cfg, corpus, [0, 1], torch.device("cpu"))
+    opt = reps.opts[0]
+    assert sorted(opt.copies) == sorted(linear_weights(base.cfg))
+    reps.forward_backward()
+    qkv = "blocks.0.attn.qkv.weight"
+    assert opt.copies[qkv].grad.dtype == torch.bfloat16 and reps.params[qkv].grad is None
+    assert reps.params["wte.weight"].grad is not None and opt.copies["wte.weight"].grad is not None  # tied
+    reps.update()
+
+    def fresh():
+        return all(torch.equal(c, reps.params[n].detach().bfloat16()) for n, c in opt.fresh_copies().items())
+
+    assert fresh()
+    with torch.no_grad():
+        reps.models[1].blocks[0].attn.qkv.weight.mul_(2)  # an outer step's write, replica 1
+    assert not torch.equal(opt.copies[qkv][1], reps.params[qkv].detach()[1].bfloat16())
+    assert fresh()
+    reps.models[0].load_state_dict({k: v * 3 for k, v in reps.models[0].state_dict().items()})
+    assert fresh()
+    kw = dict(replicas=2, steps=8, mode="diloco", sync_every=4, dtype="bf16")
+    seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)
+    bat = _run(tmp_path, corpus_dir, "bat", replica_batching="batched", **kw)
+    assert bat["final_eval_loss"] == pytest.approx(seq["final_eval_loss"], rel=1e-4)
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON
+
+    if HAVE_TRITON:
+        monkeypatch.setattr(build, "ReplicaAdamW", functools.partial(build.ReplicaAdamW, kernel=True))
+        ker = _run(tmp_path, corpus_dir, "ker", replica_batching="batched", **kw)
+        assert ker["final_eval_loss"] == pytest.approx(bat["final_eval_loss"], rel=1e-4)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .model import GPTConfig
 
-__all__ = ["batched_gpt_loss", "stack_parameters"]
+__all__ = ["batched_gpt_loss", "linear_weights", "stack_parameters"]
 
 
 def stack_parameters(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -30,6 +30,17 @@ def stack_parameters(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
             n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(True)
             for n in names
         }
+
+
+def linear_weights(cfg: GPTConfig) -> list[str]:
+    """The names of the parameters :func:`batched_gpt_loss` only multiplies by (its linear layers'
+    weights and the output head's): the ones a low-precision copy can stand in for."""
+    names = [
+        f"blocks.{i}.{n}.weight"
+        for i in range(cfg.n_layer)
+        for n in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    ]
+    return names + ["wte.weight" if cfg.tie_weights else "head.weight"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -48,7 +59,11 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 def batched_gpt_loss(
-    params: dict[str, torch.Tensor], cfg: GPTConfig, idx: torch.Tensor, targets: torch.Tensor
+    params: dict[str, torch.Tensor],
+    cfg: GPTConfig,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of each replica on its own batch.
 
@@ -56,12 +71,15 @@ def batched_gpt_loss(
         params: the stacked parameters (:func:`stack_parameters`), ``(M, *shape)`` each.
         cfg: the model's shape.
         idx, targets: token ids, (M, B, T) int64.
+        weights: low-precision copies of some of :func:`linear_weights`, multiplied by in their
+            place (the copies autocast would make; the embedding lookup still reads ``params``).
 
     Returns:
         (M,) losses, replica ``m``'s equal to ``GPT(params[...][m])(idx[m], targets[m])``.
     """
     M, B, T = idx.shape
     C, nh = cfg.n_embd, cfg.n_head
+    w = {**params, **(weights or {})}  # what the linear layers multiply by
     wte = params["wte.weight"]  # (M, V, C)
     rows = torch.arange(M, device=idx.device).view(M, 1, 1)
     x = wte[rows, idx] + params["wpe.weight"][:, :T].unsqueeze(1)  # (M, B, T, C)
@@ -69,17 +87,17 @@ def batched_gpt_loss(
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
         h = _layer_norm(x, params[p + "ln1.weight"], params[p + "ln1.bias"])
-        qkv = _linear(h, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
+        qkv = _linear(h, w[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
         # (M, B·T, 3C) -> 3 x (M·B, nh, T, hs): replicas and batch folded, as one batch
         q, k, v = (t.reshape(M * B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M·B, nh, T, hs)
         y = y.transpose(1, 2).reshape(M, B * T, C)
-        x = x + _linear(y, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
+        x = x + _linear(y, w[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
         h = _layer_norm(x, params[p + "ln2.weight"], params[p + "ln2.bias"])
-        h = F.gelu(_linear(h, params[p + "mlp.fc.weight"], params[p + "mlp.fc.bias"]))
-        x = x + _linear(h, params[p + "mlp.proj.weight"], params[p + "mlp.proj.bias"])
+        h = F.gelu(_linear(h, w[p + "mlp.fc.weight"], params[p + "mlp.fc.bias"]))
+        x = x + _linear(h, w[p + "mlp.proj.weight"], params[p + "mlp.proj.bias"])
     x = _layer_norm(x, params["ln_f.weight"], params["ln_f.bias"])
-    head = params["wte.weight"] if cfg.tie_weights else params["head.weight"]
+    head = w["wte.weight"] if cfg.tie_weights else w["head.weight"]
     logits = _linear(x, head, None)  # (M, B·T, V)
     per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     return per_token.view(M, B * T).mean(dim=1)

@@ -12,9 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..._compat import foreach_norm_fp32
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
-from ...lm.batched import batched_gpt_loss, stack_parameters
+from ...lm.batched import batched_gpt_loss, linear_weights, stack_parameters
+from ...optim.replica_adamw import ReplicaAdamW
 from .config import TrainConfig
 
 __all__ = [
@@ -85,12 +87,24 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 
 def _adamw(params: list[torch.Tensor], cfg: TrainConfig, matrix) -> torch.optim.AdamW:
-    groups = [
-        {"params": [p for p in params if matrix(p)], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0},
-    ]
     fused = {"fused": True} if all(p.is_cuda for p in params) else {}
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.99), eps=1e-8, **fused)
+    return torch.optim.AdamW(_adamw_groups(params, cfg, matrix), **_ADAMW, **fused)
+
+
+#: the inner AdamW's hyperparameters besides the learning rate's schedule and the decay
+_ADAMW = dict(betas=(0.9, 0.99), eps=1e-8)
+
+
+def _adamw_groups(params: list[torch.Tensor], cfg: TrainConfig, matrix) -> list[dict]:
+    """Decay on matrices only; the base learning rate."""
+    return [
+        {
+            "params": [p for p in params if matrix(p)],
+            "weight_decay": cfg.optim.weight_decay,
+            "lr": cfg.optim.lr,
+        },
+        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0, "lr": cfg.optim.lr},
+    ]
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -287,10 +301,14 @@ class BatchedReplicas(Replicas):
     """The M replicas of the reference GPT as one batched computation (:mod:`lowcomm.lm.batched`).
 
     Their parameters are stacked along a replica axis and trained by one AdamW (AdamW acts on
-    every element alone, so one over the stack is M of them), with each replica's gradient norm
-    clipped on its own. Each replica's model keeps its Parameters as views of its slice of the
-    stack, so DiLoCo, evaluation and checkpoints see M ordinary models. The results equal the
-    sequential path's up to float rounding (batched matrix multiplies sum in another order).
+    every element alone, so one over the stack is M of them: :class:`~lowcomm.optim.ReplicaAdamW`),
+    with each replica's gradient norm clipped on its own (the coefficient applied in the
+    optimizer's pass). Under bf16 autocast the linear layers multiply by the optimizer's bf16
+    copies of their weights, the casts autocast would make, made once per update instead of in
+    every forward. Each replica's model keeps its Parameters as views of its slice of the stack
+    (sharing its version counter, so a write through them re-casts the copies), so DiLoCo,
+    evaluation and checkpoints see M ordinary models. The results equal the sequential path's up
+    to float rounding (batched matrix multiplies sum in another order).
     """
 
     batched = True
@@ -300,31 +318,35 @@ class BatchedReplicas(Replicas):
         M = len(self.models)
         self.params = stack_parameters(self.models)
         self.names = list(self.params)
-        with torch.no_grad():
-            for m, model in enumerate(self.models):
-                for n, p in model.named_parameters():
-                    p.data = self.params[n].detach()[m]  # the replica's parameter is its slice
-        opt = _adamw(list(self.params.values()), cfg, matrix=lambda p: p.dim() >= 3)
+        for m, model in enumerate(self.models):
+            _view_parameters(model, {n: self.params[n].detach()[m] for n in self.names})
+        low = self.dtype in (torch.bfloat16, torch.float16)  # autocast: the matrices' copies
+        copies = {n: self.params[n] for n in linear_weights(base.cfg)} if low else {}
+        groups = _adamw_groups(list(self.params.values()), cfg, matrix=lambda p: p.dim() >= 3)
+        opt = ReplicaAdamW(groups, lr=cfg.optim.lr, **_ADAMW, copies=copies, copy_dtype=self.dtype)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_at)
         self.opts, self.scheds = [opt] * M, [sched] * M  # one optimizer steps every replica
         loss = functools.partial(batched_gpt_loss, cfg=base.cfg)
         self._loss = torch.compile(loss) if cfg.run.compile else loss
-        # multi-tensor operations, eager also under --compile (see _clip_per_replica)
-        self._clip = no_grad_step(_clip_per_replica, compile=False)
+        # multi-tensor operations, eager also under --compile (see _clip_coefficients)
+        self._clip = no_grad_step(_clip_coefficients, compile=False)
 
     def forward_backward(self) -> torch.Tensor:
         batches = [sampler.next() for sampler in self.samplers]
         x, y = (self._to_device(torch.stack(t)) for t in zip(*batches))  # (M, B, T) each
         with _autocast(self.device, self.dtype):
-            losses = self._loss(self.params, idx=x, targets=y)
+            losses = self._loss(self.params, idx=x, targets=y, weights=self.opts[0].fresh_copies())
         losses.sum().backward()  # replica m's parameters get the gradient of its own loss
         return losses.detach().float()
 
+    def settle_gradients(self) -> None:
+        """Every gradient into its stacked parameter's ``.grad`` in fp32 (ReplicaAdamW)."""
+        self.opts[0].settle_gradients()
+
     def update(self) -> None:
         clip = self.cfg.optim.grad_clip
-        if clip:
-            self._clip([p.grad for p in self.params.values() if p.grad is not None], clip)
-        self.opts[0].step()
+        coef = self._clip([g for _, g in self.opts[0].gradients()], clip) if clip else None
+        self.opts[0].step(grad_coef=coef)
         self.scheds[0].step()
         self.opts[0].zero_grad(set_to_none=True)
 
@@ -346,20 +368,31 @@ def no_grad_step(fn: Callable, compile: bool) -> Callable:
     return call
 
 
-def _clip_per_replica(grads: list[torch.Tensor], max_norm: float) -> None:
-    """``clip_grad_norm_`` for each replica of stacked gradients (M, ...): its total 2-norm over all
-    its gradients, scaled down to ``max_norm`` where it exceeds it (run it with
+def _clip_coefficients(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+    """``clip_grad_norm_``'s coefficient for each replica of stacked gradients (M, ...): its total
+    2-norm over all its gradients (in fp32 whatever their dtype), ``max_norm`` over it where it
+    exceeds it, else 1; (M,) fp32, or None where no parameter got a gradient (all frozen). The
+    optimizer scales the gradients by it (:class:`~lowcomm.optim.ReplicaAdamW`; run this with
     :func:`no_grad_step`).
 
-    Multi-tensor operations throughout, about ten whatever the model (every replica's slice of
-    every gradient in one norm, as torch's foreach clip does, then one scale per replica). Eager
-    on purpose, also under ``--compile``: Inductor compiles a reduction kernel per slice, 427
-    kernels for the reference GPT's 100 gradients and 4 replicas (counted on CPU), each a
-    launch."""
-    if not grads:  # no parameter got a gradient (all frozen): nothing to clip
-        return
+    A few multi-tensor operations whatever the model (every replica's slice of every gradient in
+    one norm, as torch's foreach clip does). Eager on purpose, also under ``--compile``: Inductor
+    compiles a reduction kernel per slice, 427 kernels for the reference GPT's 100 gradients and 4
+    replicas (counted on CPU), each a launch."""
+    if not grads:
+        return None
     M = grads[0].shape[0]
-    norms = torch.stack(torch._foreach_norm([g[m] for g in grads for m in range(M)])).view(len(grads), M)
-    coef = (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)  # (M,)
-    for m in range(M):
-        torch._foreach_mul_([g[m] for g in grads], coef[m])
+    norms = torch.stack(foreach_norm_fp32([g[m] for g in grads for m in range(M)])).view(len(grads), M)
+    return (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+
+
+def _view_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
+    """Make each of ``model``'s Parameters (tied ones once, under their first name) a new Parameter
+    over ``views[name]``. Built on a ``detach()`` of the stack, each shares the stack's version
+    counter: an in-place write through it (DiLoCo's outer step, ``load_state_dict``) shows on the
+    stack, which ReplicaAdamW's copies watch (``p.data = view`` would keep a counter of its own)."""
+    new = {id(p): nn.Parameter(views[n]) for n, p in model.named_parameters()}
+    for mod in model.modules():
+        for leaf, p in list(mod._parameters.items()):
+            if p is not None and id(p) in new:
+                mod._parameters[leaf] = new[id(p)]

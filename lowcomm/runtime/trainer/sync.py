@@ -239,6 +239,7 @@ class DataParallel(Sync):
 
     def _mean_over_replica_axis(self) -> None:
         """Every replica's gradients become their fp32 mean (batched replicas, group in-process)."""
+        self.replicas.settle_gradients()  # bf16 copies' gradients into the fp32 parameters'
         for p in self.replicas.params.values():
             if p.grad is None:  # no gradient reached it: zeros, as the collective path sends for it
                 p.grad = torch.zeros_like(p)
