@@ -5,7 +5,7 @@ it. One launch reads a tensor's gradient (bf16 where the forward used a bf16 cop
 parameter, else fp32), multiplies each replica's slice by that replica's clip coefficient, takes
 torch's AdamW step on the fp32 parameter and moments, and writes the parameter's bf16 copy for
 the next forward where it has one: per element 30 bytes (bf16 gradient) where autocast's casts,
-the clip's own pass and a fused AdamW move 52 (docs/gpu.md, "The replicas' update").
+the clip's own pass and a fused AdamW move 52 (README, "On a GPU").
 
 The arithmetic is :class:`torch.optim.AdamW`'s (``foreach=False``), in fp32, in its order:
 
@@ -16,11 +16,13 @@ The arithmetic is :class:`torch.optim.AdamW`'s (``foreach=False``), in fp32, in 
     p  = p − step_size · m1 / (√m2 / √bc2 + ε)  (addcdiv), step_size = lr / bc1
 
 with the bias corrections ``bc1 = 1 − β1^t`` and ``bc2 = 1 − β2^t`` computed on the host from
-the step count, as torch's does without ``capturable``. A GPU may contract a product and a sum
-into one FMA where torch rounds twice, so results agree with torch's to float rounding, not bit
-for bit (tested under the interpreter). The copy is the parameter rounded to nearest even, the
-cast autocast makes (a GPU's conversion instruction; Triton's interpreter truncates to bf16, so
-there the kernel rounds the bits itself first).
+the step count, as torch's does without ``capturable`` (docs/references.md, "AdamW's
+arithmetic"). The lerp and the addcmul are one FMA each, as torch rounds them; a GPU may contract
+other products and sums that torch rounds twice, and torch's CPU square root is not correctly
+rounded, so results agree with torch's to float rounding, not bit for bit (the moments, which
+take no square root, bit for bit under the interpreter). The copy is the parameter rounded to
+nearest even, the cast autocast makes (a GPU's conversion instruction; Triton's interpreter
+truncates to bf16, so there the kernel rounds the bits itself first).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
