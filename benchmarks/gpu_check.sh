@@ -11,7 +11,8 @@
 #   2. tests.txt       the kernel tests on the GPU (each shard's output in turn); train_tests.txt
 #                      the GPU trainer's, in a process of their own at the same time (a kernel
 #                      that faults poisons its process's CUDA context: every later test in it fails)
-#   3. throughput.json benchmarks/gpu_throughput.py: plain loop vs the M replicas without the
+#   3. throughput.json benchmarks/gpu_throughput.py: the replicas' update alone before and with
+#                      ReplicaAdamW (seconds), plain loop vs the M replicas without the
 #                      trainer vs lowcomm train (DP, DiLoCo, Streaming) at both sizes, two
 #                      processes on the GPU (at the first size), and each run's wall and kernel
 #                      time and top operators by GPU time over 3 profiled steps before its timed
@@ -103,12 +104,13 @@ rm -rf "$SHARD_DIR"
 # The throughput's defaults follow what the H200 left open (2026-11-30): the large size first (the
 # MFU goal's; its Streaming run was cut off), 80 steps (three runs and the plain loop took 164 s
 # there), the two-process check (7.1% waiting, a figure that counted the end's sync: its row now
-# gives the steps' own share apart); the bf16-vs-fp32 loss check, met, is
-# THROUGHPUT_ARGS="--two-process --loss-check".
+# gives the steps' own share apart), the replicas' update before and with ReplicaAdamW (no
+# compilation: seconds); the bf16-vs-fp32 loss check, met, is
+# THROUGHPUT_ARGS="--two-process --update --loss-check".
 if wanted throughput; then
   reserve=0
   if wanted kernels; then reserve=${KERNELS_SECONDS:-120}; fi
-  section throughput "${THROUGHPUT_TIMEOUT:-$(left "$reserve")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process} \
+  section throughput "${THROUGHPUT_TIMEOUT:-$(left "$reserve")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process --update} \
     --sizes "${SIZES:-large,small}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-80}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
   cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 fi

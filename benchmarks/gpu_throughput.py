@@ -8,8 +8,9 @@ For each size, the same model, data and tokens per step:
 - ``plain``: one reference GPT with batch M·B, bf16 autocast, fused AdamW, torch.compile (what a
   well-written loop does);
 - ``replicas`` and ``replicas_clip``: the M = 4 replicas' own computation without the trainer
-  (lowcomm's batched model over parameters stacked along a replica axis, one fused AdamW over
-  the stack; ``replicas_clip`` also clips each replica's gradient norm, as the trainer does), on
+  (lowcomm's batched model over parameters stacked along a replica axis, the trainer's
+  ReplicaAdamW over the stack; ``replicas_clip`` also clips each replica's gradient norm, as the
+  trainer does), on
   the plain loop's fixed batch: what separates them from the plain loop is the cost of simulating
   M replicas (M times the parameters and optimizer state), what separates ``lowcomm train`` from
   them is the trainer's own work;
@@ -25,6 +26,13 @@ the end's sync, whose rounds have no step left to hide behind, is reported apart
 
 Sizes: ``small`` d=512, 8 layers, T=256, B=16 (16,384 tokens per step over 4 replicas) and
 ``large`` d=1024, 12 layers, T=1024, B=4 (16,384 tokens per step).
+
+``--update``: the M replicas' update alone at each size (no model, no compilation; first, it
+takes seconds): what it was before ReplicaAdamW (the forward's cast of each weight to bf16 and
+its gradient's back to fp32, the per-replica clip's scale, fused AdamW) against ReplicaAdamW's
+step (bf16 gradients, the clip's coefficient and the weights' bf16 copies in its pass), ms a step
+and the bytes each moves by the arithmetic of BENCHMARKS.md (52 against 30 an element of a
+weight with a copy).
 
 ``--two-process``: Streaming DiLoCo over two processes (``lowcomm launch --replicas 2``; on one
 GPU they share it over gloo) and its wait fraction. ``--loss-check``: the reference model (the
@@ -258,6 +266,86 @@ def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
     }
 
 
+def update_only(size: dict, steps: int, device: torch.device) -> dict:
+    """The M replicas' update at ``size``, before and with ReplicaAdamW, on the same gradients (the
+    backward's bf16 ones, fixed): ms a step over ``steps`` steps after 3 of warm-up."""
+    from lowcomm.lm.batched import linear_weights, stack_parameters
+
+    cfg = _gpt_config(size)
+    torch.manual_seed(0)
+    base = GPT(cfg).to(device)
+    names = linear_weights(cfg)
+    times = {}
+    for path, make in (("autocast_clip_fused_adamw", _update_before), ("replica_adamw", _update_now)):
+        params = stack_parameters([base] * REPLICAS)
+        low = {n: (torch.randn_like(params[n]) * 1e-3).bfloat16() for n in names}  # bf16 gradients
+        rest = {n: torch.randn_like(p) * 1e-3 for n, p in params.items() if n not in low}
+        step = make(params, low, rest, device)
+        for _ in range(3):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        times[path] = (time.perf_counter() - t0) / steps * 1e3
+        del step, params, low, rest  # one path's tensors at a time on the device
+    elements = sum(p.numel() for n, p in base.named_parameters() if n in names) * REPLICAS
+    return {
+        "ms_per_step": times,
+        "weight_elements": elements,
+        "bytes_per_step": {"autocast_clip_fused_adamw": 52 * elements, "replica_adamw": 30 * elements},
+        "speedup": times["autocast_clip_fused_adamw"] / times["replica_adamw"],
+    }
+
+
+def _update_before(params: dict, low: dict, rest: dict, device: torch.device):
+    """The update as the trainer ran it before ReplicaAdamW: autocast's cast of each weight (the
+    forward's), its bf16 gradient cast to fp32 (the backward's), the per-replica clip scaling the
+    gradients, fused AdamW."""
+    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
+
+    clip, opt = no_grad_step(_clip_coefficients, compile=False), _adamw(params.values(), device)
+
+    def step():
+        with torch.no_grad():
+            for n in low:
+                params[n].to(torch.bfloat16)
+        for n, g in low.items():
+            params[n].grad = g.float()
+        for n, g in rest.items():
+            params[n].grad = g.clone()
+        grads = [p.grad for p in params.values()]
+        coef = clip(grads, 1.0)
+        for m in range(REPLICAS):
+            torch._foreach_mul_([g[m] for g in grads], coef[m])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _update_now(params: dict, low: dict, rest: dict, device: torch.device):
+    """The trainer's update: the copies' bf16 gradients, the clip's coefficients, ReplicaAdamW."""
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
+
+    clip = no_grad_step(_clip_coefficients, compile=False)
+    opt = ReplicaAdamW(
+        params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies={n: params[n] for n in low}
+    )
+
+    def step():
+        for n, c in opt.fresh_copies().items():
+            c.grad = low[n]
+        for n, g in rest.items():
+            params[n].grad = g.clone()
+        opt.step(grad_coef=clip([g for _, g in opt.gradients()], 1.0))
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _waits(s: dict) -> dict:
     """A run's waits for rounds: ``wait_fraction``, the share of the steps' time spent waiting (the
     goal's figure; null for DP), and the end's sync apart (``finish_s``, its wall time, and
@@ -305,6 +393,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--two-process", action="store_true", help="also Streaming DiLoCo over two processes")
     ap.add_argument("--loss-check", action="store_true", help="also fp32 against bf16 on the reference model")
+    ap.add_argument("--update", action="store_true", help="also the replicas' update alone, before and now")
     ap.add_argument("--loss-steps", type=int, default=600)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps, any device (CI)")
     ap.add_argument(
@@ -341,6 +430,10 @@ def main() -> None:
         if args.loss_check:
             result["loss_check"] = loss_check(8 if args.smoke else args.loss_steps, device, f"{tmp}/loss")
             save("loss_check", result["loss_check"])
+        if args.update:
+            n = 4 if args.smoke else 20
+            result["update"] = {size: update_only(SIZES[size], n, device) for size in sizes}
+            save("update", result["update"])
         window = profile_window(steps, args.profile)
         for size in sizes:
             # each size compiles afresh: after one size's graphs, torch.compile would give the next

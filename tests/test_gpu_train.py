@@ -1,5 +1,6 @@
-"""The trainer on a CUDA GPU: the defaults a GPU gets (bf16, batched replicas, fused AdamW), the
-records that report speed, and communication on a side stream between processes sharing a GPU.
+"""The trainer on a CUDA GPU: the defaults a GPU gets (bf16, batched replicas, their AdamW step in
+Triton), the records that report speed, and communication on a side stream between processes
+sharing a GPU.
 They need a GPU and say so when there is none; tests/test_train_paths.py runs the same paths on
 CPU."""
 
@@ -50,6 +51,46 @@ def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(t
     assert torch.cuda.current_device() == gpu
     if any(k in s["device"] for k in ("H100", "H200", "A100", "B200")):
         assert 0 < s["mfu"] < 1
+
+
+@cuda
+def test_the_replicas_adamw_step_on_the_gpu_is_the_multi_tensor_steps_to_rounding():
+    """ReplicaAdamW on CUDA (its Triton step, one launch per large parameter) against its
+    multi-tensor step in torch operations, four steps with clip coefficients, a bf16 gradient
+    and a bf16 copy: the same parameters and moments to fp32 rounding (the GPU may contract
+    what torch rounds twice), the copy the parameter rounded to nearest even."""
+    from lowcomm.optim import replica_adamw
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+
+    torch.manual_seed(0)
+    shapes = [(4, 256, 192), (4, 1024), (4, 96, 512)]  # 48K, 1K (the multi-tensor step) and 48K a replica
+    init = [torch.randn(s, device="cuda") for s in shapes]
+    runs = []
+    for kernel in (False, True):
+        params = [p.clone().requires_grad_() for p in init]
+        groups = [
+            {"params": [params[0], params[2]], "weight_decay": 0.1},
+            {"params": [params[1]], "weight_decay": 0.0},
+        ]
+        opt = ReplicaAdamW(
+            groups, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, copies={"w": params[2]}, kernel=kernel
+        )
+        low = opt.fresh_copies()["w"]
+        torch.manual_seed(1)
+        for _ in range(4):
+            for p in params[:2]:
+                p.grad = torch.randn_like(p)
+            low.grad = torch.randn_like(low)
+            opt.step(grad_coef=torch.rand(4, device="cuda"))
+            assert torch.equal(low, params[2].detach().bfloat16())
+            opt.zero_grad()
+        runs.append((params, opt))
+    assert replica_adamw.KERNEL_MIN <= 256 * 192
+    (ref, ref_opt), (got, opt) = runs
+    for p, q in zip(ref, got):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=1e-9)
 
 
 @cuda

@@ -359,12 +359,14 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
 
     bench = load_benchmark("gpu_throughput")
     out = tmp_path / "t.json"
-    argv = ["gpu_throughput.py", "--smoke", "--two-process", "--profile", "1", "--json", str(out)]
+    argv = ["gpu_throughput.py", "--smoke", "--two-process", "--update", "--profile", "1", "--json", str(out)]
     monkeypatch.setattr("sys.argv", argv)
     bench.main()
     r = json.loads(out.read_text())
     (row,) = r["rows"]
     assert row["plain"]["tokens_per_second"] > 0 and r["commit"] and "not a measurement" in r["note"]
+    update = r["update"]["smoke"]  # the replicas' update alone, before and with ReplicaAdamW
+    assert all(t > 0 for t in update["ms_per_step"].values()) and update["weight_elements"] > 0
     runs = ("replicas", "replicas_clip", "dp", "diloco", "streaming")
     for name in ("plain", *runs):  # step 3 of 16 profiled: after 2, before 4
         assert row[name]["profile"][0] == "steps 3-3 on cpu, operators by their own cpu time", name
