@@ -666,7 +666,8 @@ def _crash_at(monkeypatch, cls, call: int) -> None:
 @pytest.mark.parametrize(
     "kw",
     [  # Streaming DiLoCo with a round in flight at the checkpoint, one replica after the other;
-        # DP of batched replicas (one optimizer over the stack)
+        # bf16 DiLoCo of batched replicas (one optimizer over the stack, its bf16 weight copies
+        # re-cast from the loaded weights)
         dict(
             replica_batching="sequential",
             sync_every=6,
@@ -675,9 +676,9 @@ def _crash_at(monkeypatch, cls, call: int) -> None:
             codec="int8",
             error_feedback=True,
         ),
-        dict(mode="dp", replica_batching="batched"),
+        dict(replica_batching="batched", dtype="bf16", sync_every=6),
     ],
-    ids=["streaming-sequential", "dp-batched"],
+    ids=["streaming-sequential", "diloco-batched-bf16"],
 )
 def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
     tmp_path, corpus_dir, monkeypatch, kw
