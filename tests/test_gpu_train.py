@@ -90,7 +90,7 @@ def test_the_replicas_adamw_step_on_the_gpu_is_the_multi_tensor_steps_to_roundin
     for p, q in zip(ref, got):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=2e-7)
 
 
 @cuda

@@ -20,7 +20,8 @@ the step count, as torch's does without ``capturable`` (docs/references.md, "Ada
 arithmetic"). The lerp and the addcmul are one FMA each, as torch rounds them; a GPU may contract
 other products and sums that torch rounds twice, and torch's CPU square root is not correctly
 rounded, so results agree with torch's to float rounding, not bit for bit (the moments, which
-take no square root, bit for bit under the interpreter). The copy is the parameter rounded to
+take no square root, agree bit for bit interpreted by triton 3.9 against torch 2.13's CPU build;
+torch 2.11's lerp and triton 3.6's interpreted fma round apart). The copy is the parameter rounded to
 nearest even, the cast autocast makes (a GPU's conversion instruction; Triton's interpreter
 truncates to bf16, so there the kernel rounds the bits itself first).
 
