@@ -72,10 +72,11 @@ cat "$OUT/env.txt"
 # kernels section runs it autotuned and records the tiles taken.
 SHARD_DIR=$(mktemp -d)
 gpu_tests() {  # each file in processes of its own, all at once
-  local pytest=(python -m pytest -v -rfE --tb=short -p no:cacheprovider) pids=() rc=0 i
+  # -p no:xdist: these processes are the shards (the suite's two xdist workers are for CI's CPUs)
+  local pytest=(python -m pytest -v -rfE --tb=short -p no:cacheprovider -p no:xdist) pids=() rc=0 i
   LOWCOMM_AUTOTUNE=0 "${pytest[@]}" tests/test_gpu_train.py > "$OUT/train_tests.txt" 2>&1 &
   pids+=($!)
-  python -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels.py \
+  python -m pytest --collect-only -q -p no:cacheprovider -p no:xdist tests/test_kernels.py \
     -k "not compiles_whole and not tensorboard and not few_operations and not compile_for_hopper and not leave_the_fp8_rounding" \
     | grep "::" > "$SHARD_DIR/ids"
   set -f  # test ids hold brackets: no pathname expansion of them
