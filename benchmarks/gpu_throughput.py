@@ -15,7 +15,10 @@ For each size, the same model, data and tokens per step:
   M replicas (M times the parameters and optimizer state), what separates ``lowcomm train`` from
   them is the trainer's own work;
 - ``lowcomm train`` with M = 4 simulated replicas of batch B each (bf16, compiled, replicas
-  batched): DP, DiLoCo (H = 50) and Streaming DiLoCo (P = 4, τ = 1, e3m0, α = 0.5).
+  batched): DP, DiLoCo (H = 50) and Streaming DiLoCo (P = 4, τ = 1, e3m0, α = 0.5). DP's
+  replicas share one set of parameters (they hold the same values at every step): its model is
+  the plain loop's, with the trainer's clip, records and per-replica losses, so the ``replicas``
+  rows bound DiLoCo and Streaming, not DP.
 
 Throughput is measured after warm-up (compilation): the loops without the trainer time their
 last ``steps // 2`` steps; a lowcomm run takes its tokens/s between the step records at a
@@ -114,7 +117,7 @@ def replicas_loop(
     own work (data, records, the sync)."""
     from lowcomm.lm.batched import batched_gpt_loss, linear_weights, stack_parameters
     from lowcomm.optim.replica_adamw import ReplicaAdamW
-    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
+    from lowcomm.runtime.trainer.build import _clip_coefficients
 
     cfg = _gpt_config(size)
     torch.manual_seed(0)
@@ -124,7 +127,7 @@ def replicas_loop(
     opt = ReplicaAdamW(params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies=copies)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
-    clip_fn = no_grad_step(_clip_coefficients, compile=False)  # as the trainer runs it
+    clip_fn = _clip_coefficients  # as the trainer runs it
     x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
 
     def step():
@@ -303,9 +306,9 @@ def _update_before(params: dict, low: dict, rest: dict, device: torch.device):
     """The update as the trainer ran it before ReplicaAdamW: autocast's cast of each weight (the
     forward's), its bf16 gradient cast to fp32 (the backward's), the per-replica clip scaling the
     gradients, fused AdamW."""
-    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
+    from lowcomm.runtime.trainer.build import _clip_coefficients
 
-    clip, opt = no_grad_step(_clip_coefficients, compile=False), _adamw(params.values(), device)
+    clip, opt = _clip_coefficients, _adamw(params.values(), device)
 
     def step():
         with torch.no_grad():
@@ -328,9 +331,9 @@ def _update_before(params: dict, low: dict, rest: dict, device: torch.device):
 def _update_now(params: dict, low: dict, rest: dict, device: torch.device):
     """The trainer's update: the copies' bf16 gradients, the clip's coefficients, ReplicaAdamW."""
     from lowcomm.optim.replica_adamw import ReplicaAdamW
-    from lowcomm.runtime.trainer.build import _clip_coefficients, no_grad_step
+    from lowcomm.runtime.trainer.build import _clip_coefficients
 
-    clip = no_grad_step(_clip_coefficients, compile=False)
+    clip = _clip_coefficients
     opt = ReplicaAdamW(
         params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies={n: params[n] for n in low}
     )

@@ -93,23 +93,6 @@ def test_the_replicas_adamw_step_on_the_gpu_is_the_multi_tensor_steps_to_roundin
             torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=2e-7)
 
 
-@cuda
-def test_the_in_process_dp_mean_compiled_for_the_gpu_sums_in_replica_order():
-    """DP over batched replicas on one GPU under --compile: the mean over the replica axis compiled
-    by Inductor for CUDA gives the bits of the sum in replica order divided by M, as eager does
-    (M = 3: a product with an inexact reciprocal would show; a power of two would not)."""
-    from lowcomm.runtime.trainer.sync import _replica_mean_
-
-    torch.manual_seed(0)
-    scales = 10.0 ** torch.randint(-8, 8, (3, 64, 96), device="cuda")
-    stacked = [torch.randn(3, 64, 96, device="cuda") * scales]
-    want = [((g[0] + g[1]) + g[2]) / 3 for g in stacked]
-    for mean in (_replica_mean_, torch.compile(_replica_mean_)):
-        grads = [g.clone() for g in stacked]
-        mean(grads, torch.tensor(3.0, device="cuda"))
-        assert all(torch.equal(grads[0][m], want[0]) for m in range(3))
-
-
 def _train_in(precision: str, device: str, corpus: str, run_dir: str) -> dict:
     """40 steps of a small model on one replica with its Linear layers in ``precision``."""
     cfg = TrainConfig.from_flat(

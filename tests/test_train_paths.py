@@ -14,6 +14,7 @@ from helpers import load_benchmark, write_corpus
 import lowcomm
 from lowcomm.lm import GPT, GPTConfig
 from lowcomm.runtime import TrainConfig, read_jsonl, train
+from lowcomm.runtime.trainer import build
 from lowcomm.runtime.trainer import sync as sync_module
 
 TINY = dict(model_dim=16, layers=2, heads=2, seq_len=16, batch_size=2, eval_batches=2, threads=1, warmup=2)
@@ -47,21 +48,29 @@ def test_batched_replicas_match_sequential_ones_to_rounding(tmp_path, corpus_dir
 
 
 def test_batched_dp_matches_sequential_dp(tmp_path, corpus_dir, monkeypatch):
-    """Batched replicas in one process average their stacked gradients directly (no collective):
-    the loss of the sequential path (through the in-process collective) to rounding, and the
-    bytes that collective counts, at DDP's bucket size and at buckets of a few parameters."""
-    direct = []
-    real = sync_module.DataParallel._mean_over_replica_axis
+    """Batched DP replicas in one process share one set of parameters (one slice a stack) and take
+    the gradient of their mean loss: the step losses (the replicas' mean) and the final loss of the
+    sequential path (its gradients averaged through the in-process collective) to rounding, and
+    the bytes that collective counts, at DDP's bucket size and at buckets of a few parameters."""
+    shapes = []
+    real = build.BatchedReplicas.fill_missing_gradients
     monkeypatch.setattr(
-        sync_module.DataParallel, "_mean_over_replica_axis", lambda self: direct.append(1) or real(self)
+        build.BatchedReplicas,
+        "fill_missing_gradients",
+        lambda self: shapes.append({p.shape[0] for p in self.params.values()}) or real(self),
     )
     kw = dict(mode="dp", replicas=3, steps=6)
     seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)
-    assert direct == []
+    assert shapes == []
     bat = _run(tmp_path, corpus_dir, "bat", replica_batching="batched", **kw)
-    assert len(direct) == 6
+    assert shapes == [{1}] * 6  # one slice, every step
     assert bat["final_eval_loss"] == pytest.approx(seq["final_eval_loss"], rel=1e-4)
     assert bat["bytes_sent_per_replica"] == seq["bytes_sent_per_replica"]
+    losses = {
+        n: [e["loss"] for e in read_jsonl(tmp_path / n / "events.jsonl") if e["kind"] == "step"]
+        for n in ("seq", "bat")
+    }
+    assert len(losses["bat"]) == 6 and losses["bat"] == pytest.approx(losses["seq"], rel=1e-4)
     original = sync_module.DataParallel.__init__
     monkeypatch.setattr(
         sync_module.DataParallel, "__init__", functools.partialmethod(original, bucket_bytes=4096)
@@ -70,6 +79,57 @@ def test_batched_dp_matches_sequential_dp(tmp_path, corpus_dir, monkeypatch):
         b: _run(tmp_path, corpus_dir, f"{b}4k", replica_batching=b, **kw) for b in ("sequential", "batched")
     }
     assert small["batched"]["bytes_sent_per_replica"] == small["sequential"]["bytes_sent_per_replica"]
+
+
+def test_shared_dp_replicas_load_a_checkpoint_of_one_slice_each_and_refuse_one_that_differs(corpus_dir):
+    """A DP checkpoint written when every batched replica had a slice of its own (equal slices)
+    loads into the shared set, bit for bit; one whose replicas differ is refused by name."""
+    from lowcomm.lm import load_corpus
+
+    cfg = TrainConfig.from_flat(corpus=corpus_dir, mode="dp", replicas=3, replica_batching="batched", **TINY)
+    corpus = load_corpus(cfg.data.corpus)
+
+    def make():
+        return build.BatchedReplicas(
+            build.build_model(cfg, corpus.vocab_size), cfg, corpus, [0, 1, 2], torch.device("cpu")
+        )
+
+    def step(r):
+        r.forward_backward()
+        r.fill_missing_gradients()
+        r.update()
+
+    reps = make()
+    for _ in range(2):
+        step(reps)
+    state = copy.deepcopy(reps.state_dict())
+    assert len(state["models"]) == 3 and all(t.shape[0] == 1 for t in reps.params.values())
+    old = copy.deepcopy(state)  # as written with a slice a replica: every state tensor 3 alike
+    for st in old["inner"][0]["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = st[k].expand(3, *st[k].shape[1:]).clone()
+    step(reps)  # where both checkpoints must lead, bit for bit
+    for written in (state, old):
+        other = make()
+        other.load_state_dict(copy.deepcopy(written))
+        assert all(
+            t.shape[0] == 1 for st in other.opts[0].state.values() for t in st.values() if torch.is_tensor(t)
+        )
+        step(other)
+        for n in reps.names:
+            assert torch.equal(other.params[n], reps.params[n])
+    apart = copy.deepcopy(old)
+    next(iter(apart["inner"][0]["state"].values()))["exp_avg"][2] += 1
+    with pytest.raises(
+        ValueError, match=r"its DP replicas differ: exp_avg of parameter 0 is not alike in all 3"
+    ):
+        make().load_state_dict(apart)
+    apart = copy.deepcopy(state)
+    apart["models"][1] = {k: v + 1 for k, v in apart["models"][1].items()}
+    with pytest.raises(
+        ValueError, match=r"its DP replicas differ: replica 1's parameters are not replica 0's"
+    ):
+        make().load_state_dict(apart)
 
 
 def test_dp_gradient_buckets_change_no_bit(tmp_path, corpus_dir, monkeypatch):
@@ -110,9 +170,9 @@ def test_compiled_trainer_runs_the_same_records(tmp_path, corpus_dir, monkeypatc
 
 @pytest.mark.parametrize("mode", ["diloco", "dp"])
 def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpus_dir, mode):
-    """--compile compiles the batched loss and (DP in one process) the mean once each: Dynamo logs
-    no recompilation. A gradient step compiled with torch.no_grad traced into it (the clip, then
-    compiled too) made the loss's next call under autocast fail its global-state guard and be
+    """--compile compiles the batched loss once, DP and DiLoCo: Dynamo logs no recompilation. A
+    gradient step compiled with torch.no_grad traced into it (once the clip, then DP's mean over
+    the replicas) made the loss's next call under autocast fail its global-state guard and be
     traced again (torch 2.11 and 2.13)."""
     import logging
 
@@ -557,42 +617,19 @@ def test_mfu_takes_each_gpus_own_dense_bf16_peak(name, peak, monkeypatch):
     assert peak_flops(torch.device("cpu")) is None
 
 
-def test_the_in_process_dp_mean_sums_in_replica_order_eager_and_compiled():
-    """DP over batched replicas in one process: every replica's slice of each stacked gradient
-    becomes the fp32 sum in replica order divided by M (the in-process collective's arithmetic),
-    bit for bit, eager (a sum over the replica axis) and compiled by Inductor (what --compile runs:
-    the sum written out in that order; M = 3, whose reciprocal is inexact)."""
-    from lowcomm.runtime.trainer.sync import _replica_mean_
-
-    torch.manual_seed(0)
-    stacked = [torch.randn(3, 4, 5) * 10.0 ** torch.randint(-8, 8, (3, 4, 5)), torch.randn(3, 7)]
-    want = [((g[0] + g[1]) + g[2]) / 3 for g in stacked]
-    for mean in (_replica_mean_, torch.compile(_replica_mean_)):
-        grads = [g.clone() for g in stacked]
-        mean(grads, torch.tensor(3.0))
-        for got, ref in zip(grads, want):
-            assert all(torch.equal(got[m], ref) for m in range(3))
-
-
-def test_host_overhead_benchmark_counts_every_phase_and_dp_in_process_stays_direct(tmp_path):
+def test_host_overhead_benchmark_counts_every_phase_and_dp_in_process_reduces_nothing(tmp_path):
     """benchmarks/host_overhead.py runs (a few steps); DP over batched replicas in one process
-    costs at most 3 operations per parameter tensor before the update (the direct mean; through the
-    in-process collective per replica and bucket it took 120, and 213 more during the backward).
-    Its compiled part at 2 layers, not 8: the same graphs, traced and compiled sooner."""
+    takes no operation before the update (its replicas share one set of parameters: the backward
+    gave the mean; through the in-process collective per replica and bucket it took 120, and 213
+    more during the backward). Its compiled part at 2 layers, not 8: the same graphs, traced and
+    compiled sooner."""
     bench = load_benchmark("host_overhead")
     argv = ["--steps", "2", "--json", str(tmp_path / "h.json"), "--skip-layers", "--compiled-layers", "2"]
     out = bench.main(argv)  # the layers' counts: test_kernels
     rows = out["rows"]
     assert set(rows) == {"plain", "dp", "diloco", "streaming"}
     assert all(r["ops"]["total"] > 0 and r["ms_per_step"] > 0 for r in rows.values())
-    tensors = len(
-        list(
-            bench.GPT(
-                bench.GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, n_embd=32)
-            ).parameters()
-        )
-    )
-    assert 0 < rows["dp"]["ops"]["before_update"] <= 3 * tensors
+    assert rows["dp"]["ops"]["before_update"] == 0
     assert (
         rows["diloco"]["ops"]["before_update"] == rows["diloco"]["ops"]["after_update"] == 0
     )  # between rounds
@@ -885,7 +922,6 @@ def test_batched_bf16_replicas_multiply_by_copies_that_follow_every_write_of_the
     Triton kernel (interpreted, where Triton runs)."""
     from lowcomm.lm import load_corpus
     from lowcomm.lm.batched import linear_weights
-    from lowcomm.runtime.trainer import build
 
     cfg = TrainConfig.from_flat(
         corpus=corpus_dir, run_dir=str(tmp_path / "r"), replicas=2, dtype="bf16", **TINY

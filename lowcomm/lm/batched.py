@@ -64,8 +64,10 @@ def batched_gpt_loss(
     idx: torch.Tensor,
     targets: torch.Tensor,
     weights: dict[str, torch.Tensor] | None = None,
+    splits: int = 1,
 ) -> torch.Tensor:
-    """Mean cross-entropy of each replica on its own batch.
+    """Mean cross-entropy of each replica on its own batch, or on each of ``splits`` equal parts
+    of it.
 
     Args:
         params: the stacked parameters (:func:`stack_parameters`), ``(M, *shape)`` each.
@@ -73,9 +75,13 @@ def batched_gpt_loss(
         idx, targets: token ids, (M, B, T) int64.
         weights: low-precision copies of some of :func:`linear_weights`, multiplied by in their
             place (the copies autocast would make; the embedding lookup still reads ``params``).
+        splits: parts of each replica's B sequences, one loss each (B a multiple of it). One set
+            of parameters (M = 1) reading the batches of several replicas in one batch gives each
+            of those replicas' losses.
 
     Returns:
-        (M,) losses, replica ``m``'s equal to ``GPT(params[...][m])(idx[m], targets[m])``.
+        (M·splits,) losses; with ``splits`` 1, replica ``m``'s equal to
+        ``GPT(params[...][m])(idx[m], targets[m])``.
     """
     M, B, T = idx.shape
     C, nh = cfg.n_embd, cfg.n_head
@@ -100,4 +106,4 @@ def batched_gpt_loss(
     head = w["wte.weight"] if cfg.tie_weights else w["head.weight"]
     logits = _linear(x, head, None)  # (M, B·T, V)
     per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return per_token.view(M, B * T).mean(dim=1)
+    return per_token.view(M * splits, -1).mean(dim=1)

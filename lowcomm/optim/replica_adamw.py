@@ -100,10 +100,13 @@ class ReplicaAdamW(torch.optim.Optimizer):
                     out.append((p, g))
         return out
 
-    def settle_gradients(self) -> None:
-        """Every gradient into its parameter's ``.grad``, in fp32 (before a reduction that must sum
-        in fp32, as DP's mean over the replicas does)."""
-        self._settle(self.gradients())
+    def fill_missing_gradients(self) -> None:
+        """A zero ``.grad`` for every parameter that got no gradient, neither it nor its copy."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                c = self._copy(p)
+                if p.grad is None and (c is None or c.grad is None):
+                    p.grad = torch.zeros_like(p)
 
     def _settle(self, grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for p, g in grads:

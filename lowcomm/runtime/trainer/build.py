@@ -309,6 +309,14 @@ class BatchedReplicas(Replicas):
     (sharing its version counter, so a write through them re-casts the copies), so DiLoCo,
     evaluation and checkpoints see M ordinary models. The results equal the sequential path's up
     to float rounding (batched matrix multiplies sum in another order).
+
+    Under DP (``shared``) the replicas hold the same values at every step (each steps on the mean
+    of their gradients), so they share one set: the stack has one slice, which every replica's
+    model views, and each step reads the M replicas' batches as one batch of M·B sequences. Its
+    gradient is the mean of the replicas' gradients (the mean of their losses' gradients), the
+    clip and AdamW run once instead of M times, and each replica's loss is that of its own
+    sequences: what M replicas averaging their gradients compute, with one copy of the parameters
+    and of AdamW's state instead of M.
     """
 
     batched = True
@@ -316,10 +324,11 @@ class BatchedReplicas(Replicas):
     def __init__(self, base, cfg, corpus, streams, device, inner_group=None) -> None:
         super().__init__(base, cfg, corpus, streams, device, inner_group)
         M = len(self.models)
-        self.params = stack_parameters(self.models)
+        self.shared = cfg.run.mode == "dp"
+        self.params = stack_parameters(self.models[:1] if self.shared else self.models)
         self.names = list(self.params)
         for m, model in enumerate(self.models):
-            _view_parameters(model, {n: self.params[n].detach()[m] for n in self.names})
+            _view_parameters(model, {n: self.params[n].detach()[0 if self.shared else m] for n in self.names})
         low = self.dtype in (torch.bfloat16, torch.float16)  # autocast: the matrices' copies
         copies = {n: self.params[n] for n in linear_weights(base.cfg)} if low else {}
         groups = _adamw_groups(list(self.params.values()), cfg, matrix=lambda p: p.dim() >= 3)
@@ -328,52 +337,66 @@ class BatchedReplicas(Replicas):
         self.opts, self.scheds = [opt] * M, [sched] * M  # one optimizer steps every replica
         loss = functools.partial(batched_gpt_loss, cfg=base.cfg)
         self._loss = torch.compile(loss) if cfg.run.compile else loss
-        # multi-tensor operations, eager also under --compile (see _clip_coefficients)
-        self._clip = no_grad_step(_clip_coefficients, compile=False)
 
     def forward_backward(self) -> torch.Tensor:
         batches = [sampler.next() for sampler in self.samplers]
         x, y = (self._to_device(torch.stack(t)) for t in zip(*batches))  # (M, B, T) each
+        M = len(batches)
+        if self.shared:  # one set of parameters reads every replica's batch: (1, M·B, T)
+            x, y = x.view(1, -1, x.shape[-1]), y.view(1, -1, y.shape[-1])
+        weights, splits = self.opts[0].fresh_copies(), M if self.shared else 1
         with _autocast(self.device, self.dtype):
-            losses = self._loss(self.params, idx=x, targets=y, weights=self.opts[0].fresh_copies())
-        losses.sum().backward()  # replica m's parameters get the gradient of its own loss
+            losses = self._loss(self.params, idx=x, targets=y, weights=weights, splits=splits)
+        # shared: the gradient of the replicas' mean loss; else replica m's parameters get its own
+        (losses.mean() if self.shared else losses.sum()).backward()
         return losses.detach().float()
 
-    def settle_gradients(self) -> None:
-        """Every gradient into its stacked parameter's ``.grad`` in fp32 (ReplicaAdamW)."""
-        self.opts[0].settle_gradients()
+    def fill_missing_gradients(self) -> None:
+        """A zero gradient for every parameter that got none (what DP's mean over a collective
+        hands such a parameter: it still takes AdamW's step)."""
+        self.opts[0].fill_missing_gradients()
+
+    def load_state_dict(self, state: dict) -> None:
+        """:meth:`Replicas.load_state_dict`; shared (DP), also a checkpoint written when every
+        replica had a slice of its own, whose slices are then equal (ValueError where not)."""
+        if self.shared:
+            state = {**state, "inner": [_one_slice(o, len(self.models)) for o in state["inner"]]}
+            first = state["models"][0]
+            for i, ms in enumerate(state["models"][1:], 1):
+                if ms.keys() != first.keys() or not all(torch.equal(ms[k], first[k]) for k in first):
+                    raise ValueError(f"its DP replicas differ: replica {i}'s parameters are not replica 0's")
+        super().load_state_dict(state)
 
     def update(self) -> None:
         clip = self.cfg.optim.grad_clip
-        coef = self._clip([g for _, g in self.opts[0].gradients()], clip) if clip else None
+        coef = _clip_coefficients([g for _, g in self.opts[0].gradients()], clip) if clip else None
         self.opts[0].step(grad_coef=coef)
         self.scheds[0].step()
         self.opts[0].zero_grad(set_to_none=True)
 
 
-def no_grad_step(fn: Callable, compile: bool) -> Callable:
-    """``fn`` (work on gradients, outside autograd) run under ``torch.no_grad()``, compiled with
-    ``compile``. The no_grad is entered around the compiled function rather than traced into it:
-    torch.compile of a function decorated with ``torch.no_grad()`` makes the next call of another
-    compiled function that runs under autocast (the model's) fail its global-state guard on
-    autocast, and Dynamo traces the model a second time (seen on CPU with torch 2.11 and 2.13, not
-    2.4)."""
-    run = torch.compile(fn) if compile else fn
+def _one_slice(opt_state: dict, M: int) -> dict:
+    """An optimizer state dict over stacks of M slices, as one over stacks of one: each state
+    tensor's first slice, where its M are equal (ValueError where not)."""
+    state = {}
+    for key, st in opt_state["state"].items():
+        state[key] = dict(st)
+        for name, t in st.items():
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == M > 1:
+                if not all(torch.equal(t[m], t[0]) for m in range(1, M)):
+                    raise ValueError(
+                        f"its DP replicas differ: {name} of parameter {key} is not alike in all {M}"
+                    )
+                state[key][name] = t[:1].clone()
+    return {**opt_state, "state": state}
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        with torch.no_grad():
-            return run(*args, **kwargs)
 
-    return call
-
-
+@torch.no_grad()
 def _clip_coefficients(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
     """``clip_grad_norm_``'s coefficient for each replica of stacked gradients (M, ...): its total
     2-norm over all its gradients (in fp32 whatever their dtype), ``max_norm`` over it where it
     exceeds it, else 1; (M,) fp32, or None where no parameter got a gradient (all frozen). The
-    optimizer scales the gradients by it (:class:`~lowcomm.optim.ReplicaAdamW`; run this with
-    :func:`no_grad_step`).
+    optimizer scales the gradients by it (:class:`~lowcomm.optim.ReplicaAdamW`).
 
     A few multi-tensor operations whatever the model (every replica's slice of every gradient in
     one norm, as torch's foreach clip does). Eager on purpose, also under ``--compile``: Inductor

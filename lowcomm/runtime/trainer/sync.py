@@ -23,7 +23,7 @@ from torch import nn
 
 from ...comm import LocalGroup, ReplicaGroup, Work, get_codec, wire_bytes
 from ...optim import DiLoCo, finish_replicas, step_replicas
-from .build import Replicas, no_grad_step
+from .build import Replicas
 from .config import TrainConfig
 
 __all__ = ["Sync", "DataParallel", "DiLoCoSync", "digest"]
@@ -138,12 +138,12 @@ class DataParallel(Sync):
     collected before the inner update. The fp32 mean of an element does not depend on which bucket
     carries it, so the buckets change no bit.
 
-    Batched replicas whose whole group is in this process (one GPU simulating M replicas) take
-    the mean over the replica axis of the stacked gradients directly: three kernels per parameter
-    tensor instead of copying every replica's buckets through the in-process collective (84
-    operations a step for a two-layer GPT at M = 4 where that took 333, views not counted:
-    benchmarks/host_overhead.py); the same fp32 sum in replica order divided by M, and the bytes
-    the collective would have counted (its formula).
+    Batched replicas (their whole group in this process: one GPU simulating M replicas) share one
+    set of parameters under DP, and their backward already gives the gradient of their mean loss,
+    the mean of their gradients (:class:`~.build.BatchedReplicas`): nothing is reduced, and each
+    replica counts the bytes the collective would have sent (its formula). Through the in-process
+    collective, per replica and bucket, that mean took 333 operations a step for a two-layer GPT
+    at M = 4 (benchmarks/host_overhead.py).
 
     Args:
         replicas: the replicas this process trains.
@@ -184,11 +184,6 @@ class DataParallel(Sync):
             ]
             self._step_bytes = [sum(p[i] for p in per_bucket) for i in range(M)]
         self._hooks = self._register_hooks() if overlap and not self._in_process else []
-        # compiled with the model: a few fused kernels for every gradient, not three launches each
-        compiled = self._in_process and replicas.cfg.run.compile
-        self._replica_mean = no_grad_step(_replica_mean_, compiled)
-        if self._in_process:
-            self._count = torch.tensor(float(M), device=replicas.device)
 
     def _register_hooks(self) -> list:
         """A post-accumulate hook on every gradient leaf of each local replica. Batched replicas
@@ -217,8 +212,10 @@ class DataParallel(Sync):
         self._works[i][b] = self.groups[i].all_reduce_mean(flat, self.codec)
 
     def before_update(self) -> None:
-        if self._in_process:
-            self._mean_over_replica_axis()
+        if self._in_process:  # the backward gave the mean (shared parameters)
+            self.replicas.fill_missing_gradients()
+            for i in range(len(self.replicas)):
+                self.bytes_sent[i] += self._step_bytes[i]
             return
         for i in range(len(self.replicas)):
             for b in range(len(self.buckets)):
@@ -237,38 +234,8 @@ class DataParallel(Sync):
         self._works = [{} for _ in self.replicas.models]
         self._ready = [[0] * len(self.buckets) for _ in self.replicas.models]
 
-    def _mean_over_replica_axis(self) -> None:
-        """Every replica's gradients become their fp32 mean (batched replicas, group in-process)."""
-        self.replicas.settle_gradients()  # bf16 copies' gradients into the fp32 parameters'
-        for p in self.replicas.params.values():
-            if p.grad is None:  # no gradient reached it: zeros, as the collective path sends for it
-                p.grad = torch.zeros_like(p)
-        self._replica_mean([p.grad for p in self.replicas.params.values()], self._count)
-        for i in range(len(self.replicas)):
-            self.bytes_sent[i] += self._step_bytes[i]
-
     def _sizes(self) -> list[int]:
         return [p.numel() for p in self.replicas.models[0].parameters()]
-
-
-def _replica_mean_(grads: list[torch.Tensor], count: torch.Tensor) -> None:
-    """Each stacked gradient (M, ...) becomes, in every replica's slice, the replicas' fp32 mean:
-    their sum in replica order, divided by M (``count``: M as a 0-d fp32 tensor on their device).
-    Eager, a sum over the replica axis (three launches a gradient); compiled, the sum written out
-    in that order, which Inductor fuses with the copy into every slice (run it with
-    :func:`~.build.no_grad_step`). M comes in as a tensor, not a number: Inductor (torch 2.4, for
-    CPU) turns a division by a constant into a product with its reciprocal, a rounding away from
-    the collective's quotient when M is not a power of two."""
-    for g in grads:
-        M = g.shape[0]
-        if torch.compiler.is_compiling():
-            total = g[0].float()
-            for m in range(1, M):
-                total = total + g[m]
-            mean = (total / count).unsqueeze(0)
-        else:
-            mean = g.float().sum(0, keepdim=True).div_(count)
-        g.copy_(mean.expand_as(g))
 
 
 def _buckets(sizes: list[int], elems: int) -> list[list[int]]:
