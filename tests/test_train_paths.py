@@ -132,6 +132,30 @@ def test_shared_dp_replicas_load_a_checkpoint_of_one_slice_each_and_refuse_one_t
         make().load_state_dict(apart)
 
 
+def test_the_memory_check_counts_the_shared_dp_replicas_parameters_once(monkeypatch):
+    """Batched DP replicas hold one set of parameters, gradients and moments (16 bytes a
+    parameter); sequential ones a set each; DiLoCo's add the global copy and momentum (24)."""
+    import re
+
+    monkeypatch.setattr(build, "_free_memory", lambda device: 1)  # every run is refused: read its need
+    size = dict(model_dim=512, layers=8, heads=8, seq_len=256, batch_size=16, replicas=4)
+    gpt = GPT(GPTConfig(vocab_size=256, seq_len=256, n_layer=8, n_head=8, n_embd=512))
+    params = gpt.num_params()
+
+    def need(**kw) -> float:
+        cfg = TrainConfig.from_flat(**{**size, **kw})
+        with pytest.raises(ValueError, match="with 4 replica") as e:
+            build.check_memory(cfg, 256, 4, torch.device("cpu"))
+        return float(re.search(r"need at least ([0-9.]+) GiB", str(e.value)).group(1)) * 2**30
+
+    shared = need(mode="dp", replica_batching="batched")
+    apart = need(mode="dp", replica_batching="sequential")
+    diloco = need(mode="diloco", replica_batching="batched")
+    assert apart - shared == pytest.approx(3 * 16 * params, abs=0.1 * 2**30)
+    assert diloco - shared == pytest.approx((4 * 24 - 16) * params, abs=0.1 * 2**30)
+    assert need(mode="diloco", replica_batching="sequential") == diloco
+
+
 def test_dp_gradient_buckets_change_no_bit(tmp_path, corpus_dir, monkeypatch):
     one = _run(tmp_path, corpus_dir, "one", mode="dp", replicas=2, steps=5)
     original = sync_module.DataParallel.__init__

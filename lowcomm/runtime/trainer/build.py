@@ -47,9 +47,10 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
 
 def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: torch.device) -> None:
     """Refuse, before the model is built, a run that cannot fit on ``device``: a lower bound of its
-    memory (each replica's parameters, gradients, AdamW moments and DiLoCo's global copy and
-    momentum, 24 bytes a parameter; the logits and their gradient; one fp32 activation per layer
-    and token, forward and backward) against the memory free there.
+    memory against the memory free there. Each replica holds its parameters, gradients and AdamW
+    moments (16 bytes a parameter), and DiLoCo's global copy and outer momentum besides (24), but
+    DP replicas that run batched share one set (:class:`BatchedReplicas`); and each replica holds
+    its logits and their gradient and one fp32 activation per layer and token, forward and backward.
 
     Raises:
         ValueError: naming the sizes and both amounts.
@@ -57,7 +58,9 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     m, B, T = cfg.model, cfg.data.batch_size, cfg.model.seq_len
     d, L, V = m.dim, m.layers, vocab_size
     params = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
-    need = replicas_here * (24 * params + 8 * B * T * V + 8 * B * T * d * L)
+    dp = cfg.run.mode == "dp"
+    sets = 1 if dp and use_batched(cfg, device, replicas_here, quiet=True) else replicas_here
+    need = sets * (16 if dp else 24) * params + replicas_here * (8 * B * T * V + 8 * B * T * d * L)
     free = _free_memory(device)
     if free is not None and need > free:
         raise ValueError(
@@ -144,11 +147,14 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def use_batched(cfg: TrainConfig, device: torch.device, num_replicas: int, inner_group=None) -> bool:
-    """Whether this process's replicas run as one batched computation (see RunConfig.replica_batching)."""
+def use_batched(
+    cfg: TrainConfig, device: torch.device, num_replicas: int, inner_group=None, quiet: bool = False
+) -> bool:
+    """Whether this process's replicas run as one batched computation (see RunConfig.replica_batching);
+    the choice is logged unless ``quiet``."""
     mode = cfg.run.replica_batching
     possible = num_replicas > 1 and inner_group is None and cfg.model.precision == "fp32"
-    if mode == "batched" and not possible:
+    if mode == "batched" and not possible and not quiet:
         log.info("replica_batching='batched': %d replica(s) here; they run sequentially", num_replicas)
     if mode == "auto":
         return possible and device.type == "cuda"
