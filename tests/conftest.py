@@ -23,28 +23,37 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 # The suite runs in two pytest-xdist workers where xdist is installed (the dev extra) and the
 # command line does not choose (`-n 0` runs it in one process): on CI's 2 cores the tests that
 # start several processes of their own leave a core idle much of the time, and the single-process
-# tests fill it. Those tests stay one after the other, in one worker (one xdist group), as they
-# ran before: two of them at once would put ten processes on two cores.
+# tests fill it. Those tests stay one after the other, in one worker (one xdist group), and go
+# first, being the longest unit of work: two of them at once would put ten processes on two cores.
+# (The control plane's tests and the hardening ones start a coordinator and a worker or two each:
+# they share the other worker.)
 WORKERS = 2
-PROCESS_HEAVY = {
-    "test_elastic.py",
-    "test_distributed.py",
-    "test_faults.py",
-    "test_hardening.py",
-    "test_control_plane.py",
-}
+PROCESS_HEAVY = {"test_elastic.py", "test_distributed.py", "test_faults.py"}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # a worker parses the command line anew: the groups come in workerinput
+        if workerinput.get("lowcomm_groups"):
+            config.option.loadgroup = True
+        return
+    if not config.pluginmanager.hasplugin("xdist"):
         return
     if config.getoption("numprocesses", None) is None and not config.getoption("collectonly"):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist's controller, for each worker: it groups the tests when this file chose the workers."""
+    node.workerinput["lowcomm_groups"] = node.config.getvalue("dist") == "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups off the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in PROCESS_HEAVY:
             item.add_marker(pytest.mark.xdist_group("processes"))
+    items.sort(key=lambda item: item.path.name not in PROCESS_HEAVY)  # stable: the files' order kept
