@@ -5,7 +5,9 @@
 Runs ``python -X importtime -c "import lowcomm"`` in fresh interpreters (``--reps``) and reports,
 as medians: the self time of lowcomm's own modules (the goal: under 40 ms), the total with torch
 and numpy, and the optional packages loaded (the goal: none of pyzmq, msgpack, scipy,
-matplotlib, lightning, transformers).
+matplotlib, lightning, transformers, nor Triton, which loads with the first low-precision
+layer). The same for ``lowcomm.integrations`` and for what a ``lowcomm train`` process imports
+(``lowcomm.runtime.trainer.loop``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 
 from common import stamp
 
-OPTIONAL = ("zmq", "msgpack", "scipy", "matplotlib", "lightning", "transformers", "accelerate")
+#: packages ``import lowcomm`` must not load (Triton comes with a CUDA build of torch, not as an extra)
+OPTIONAL = ("zmq", "msgpack", "scipy", "matplotlib", "lightning", "transformers", "accelerate", "triton")
 
 
 def one_import(module: str) -> tuple[float, float, list[str]]:
@@ -50,7 +53,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     rows = {}
-    for module in ("lowcomm", "lowcomm.integrations"):
+    for module in ("lowcomm", "lowcomm.integrations", "lowcomm.runtime.trainer.loop"):
         runs = [one_import(module) for _ in range(args.reps)]
         rows[module] = {
             "own_ms_median": round(statistics.median(r[0] for r in runs), 2),

@@ -146,15 +146,22 @@ def test_the_checker_sees_relative_and_in_function_imports(tmp_path):
 
 
 def test_import_lowcomm_loads_no_optional_dependency():
+    """Nor Triton (a third of a second a process) until a low-precision layer is made, which loads
+    the kernels' modules and so registers their operators before anything compiles."""
     code = (
         "import sys, lowcomm, lowcomm.runtime, lowcomm.optim, lowcomm.comm, lowcomm.integrations;"
+        "import lowcomm.runtime.trainer.loop;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('zmq', 'scipy', 'matplotlib', 'msgpack',"
-        " 'lightning', 'transformers', 'accelerate')"
-        " or m.startswith('lowcomm.runtime.elastic') or m.startswith('lowcomm.scaling')))"
+        " 'lightning', 'transformers', 'accelerate', 'triton')"
+        " or m.startswith(('lowcomm.runtime.elastic', 'lowcomm.scaling', 'lowcomm.kernels.triton_'))));"
+        "lowcomm.kernels.LowPrecisionLinear(32, 32, recipe='fp8_rowwise');"
+        "print(sorted(m for m in sys.modules if m.startswith('lowcomm.kernels.triton_')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    before, after = out.stdout.strip().splitlines()
+    assert before == "[]"
+    assert after == str([f"lowcomm.kernels.triton_{m}" for m in ("fp8", "mx_gemm", "quantize")])
 
 
 @pytest.mark.parametrize(

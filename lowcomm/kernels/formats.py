@@ -57,6 +57,10 @@ SCALE_RULES = ("floor", "rceil")
 #: (about 5e-36) gets this scale and leaves the top of the fp8 range unused
 FP8_MIN_SCALE = 2.0**-126
 
+#: the dtypes the Triton quantize kernels read (triton_quantize, triton_fp8); others are read as
+#: fp32 first. Here, not beside the kernels, so that asking does not import Triton
+TRITON_READS = (torch.float32, torch.bfloat16, torch.float16)
+
 
 @dataclass(frozen=True)
 class ElemFormat:

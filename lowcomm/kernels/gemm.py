@@ -45,7 +45,7 @@ import os
 
 import torch
 
-from .formats import FP8_MIN_SCALE, dequantize_mx, get_elem_format, quantize_mx
+from .formats import FP8_MIN_SCALE, TRITON_READS, dequantize_mx, get_elem_format, quantize_mx
 
 __all__ = [
     "regroup_mx_1x128",
@@ -377,7 +377,7 @@ def _mx_operands(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str, sca
         da, sa = quantize_mx(a, elem=elem_a, block=MX_BLOCK, scale_rule=scale_rule, axis=1)
         db, sb = quantize_mx(b, elem=elem_b, block=MX_BLOCK, scale_rule=scale_rule, axis=0)
         return da, sa, db, sb
-    from .triton_quantize import TRITON_READS, mx_quantize
+    from .triton_quantize import mx_quantize
 
     # what the kernel reads (the reference quantizes fp32 as well)
     a, b = (t if t.dtype in TRITON_READS else t.float() for t in (a, b))
@@ -570,7 +570,6 @@ def _scaled_mm(
 
 def _triton_reads(t: torch.Tensor) -> bool:
     """Whether lowcomm's Triton quantize kernels run on ``t`` as it is (its device and dtype)."""
-    from .triton_quantize import TRITON_READS
 
     return _triton_runs_on(t.device) and t.dtype in TRITON_READS
 

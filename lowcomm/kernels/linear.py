@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .formats import get_elem_format
+from .formats import TRITON_READS, get_elem_format
 from .gemm import RECIPES, _triton_runs_on, check_backend, choose_backend, fp8_scale, qmatmul
-from .triton_quantize import TRITON_READS
 
 __all__ = [
     "LowPrecisionLinear",
@@ -409,6 +408,10 @@ class LowPrecisionLinear(nn.Linear):
                 f"one of {list(COMPILED_QUANTIZES)}"
             )
         check_backend(backend, recipe)
+        # the Triton kernels' modules (Triton itself where installed) load with the first
+        # low-precision layer, not with lowcomm: their operators exist before anything compiles
+        from . import triton_fp8, triton_mx_gemm, triton_quantize  # noqa: F401
+
         self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
         if recipe == "fp8_delayed":
             _check_history_len(amax_history_len)

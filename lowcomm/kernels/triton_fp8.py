@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import torch
 
-from .formats import ELEM_FORMATS, FP8_MIN_SCALE
+from .formats import ELEM_FORMATS, FP8_MIN_SCALE, TRITON_READS
 from .triton_quantize import (
     _EMAX,
     AS_OPS,
     HAVE_TRITON,
     TRITON_MISSING,
-    TRITON_READS,
     as_op,
     copies_made,
     hw_cvt,

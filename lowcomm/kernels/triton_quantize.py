@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .formats import ELEM_FORMATS
+from .formats import ELEM_FORMATS, TRITON_READS
 
 #: the oldest Triton these kernels are known to run on: 3.2 interprets every kernel test and
 #: compiles every kernel for sm_90a; 3.0 (torch 2.4's) cannot interpret them
@@ -71,10 +71,6 @@ def as_op() -> bool:
     fp8_delayed, whose operator updates the maxima in place), host time that an eager step at
     small sizes spends on every layer (benchmarks/host_overhead.py, ``layers``)."""
     return AS_OPS and torch.compiler.is_compiling()
-
-
-#: the dtypes every quantize kernel here and in triton_fp8 reads
-TRITON_READS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def on_device(t: torch.Tensor):

@@ -29,6 +29,12 @@ __all__ = ["ReplicaAdamW", "KERNEL_MIN"]
 KERNEL_MIN = 1 << 15
 
 
+def _have_triton() -> bool:
+    from ..kernels.triton_quantize import HAVE_TRITON
+
+    return HAVE_TRITON
+
+
 class ReplicaAdamW(torch.optim.Optimizer):
     """AdamW (:class:`torch.optim.AdamW`'s arithmetic and state dict) for stacked replicas'
     parameters, each ``(M, *shape)``: ``step(grad_coef=c)`` scales replica m's gradients by
@@ -59,10 +65,8 @@ class ReplicaAdamW(torch.optim.Optimizer):
     ) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         flat = [p for g in self.param_groups for p in g["params"]]
-        if kernel is None:
-            from ..kernels.triton_quantize import HAVE_TRITON
-
-            kernel = HAVE_TRITON and bool(flat) and all(p.is_cuda for p in flat)
+        if kernel is None:  # (asked on CUDA only: asking imports Triton)
+            kernel = bool(flat) and all(p.is_cuda for p in flat) and _have_triton()
         self.kernel = kernel
         self._masters = dict(copies or {})
         with torch.no_grad():
