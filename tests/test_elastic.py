@@ -71,7 +71,7 @@ def test_the_job_survives_a_coordinator_restart(job):
     j.start_coordinator()
     names = W4[:3]
     for w in names:
-        j.start_worker(w, pace(names, delay=0.05))
+        j.start_worker(w, pace(names, delay=0.02))
     j.wait_until(lambda s: s["round"] >= 4, 90, "a few rounds")
     j.coord.kill()
     j.coord.wait(10)
