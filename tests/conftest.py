@@ -53,7 +53,8 @@ def pytest_configure_node(node):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups off the marks
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in PROCESS_HEAVY:
-            item.add_marker(pytest.mark.xdist_group("processes"))
+    if config.pluginmanager.hasplugin("xdist"):  # (without it the mark would be an unknown one)
+        for item in items:
+            if item.path.name in PROCESS_HEAVY:
+                item.add_marker(pytest.mark.xdist_group("processes"))
     items.sort(key=lambda item: item.path.name not in PROCESS_HEAVY)  # stable: the files' order kept
