@@ -570,7 +570,6 @@ def _scaled_mm(
 
 def _triton_reads(t: torch.Tensor) -> bool:
     """Whether lowcomm's Triton quantize kernels run on ``t`` as it is (its device and dtype)."""
-
     return _triton_runs_on(t.device) and t.dtype in TRITON_READS
 
 
