@@ -59,7 +59,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     d, L, V = m.dim, m.layers, vocab_size
     params = V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
     dp = cfg.run.mode == "dp"
-    sets = 1 if dp and use_batched(cfg, device, replicas_here, quiet=True) else replicas_here
+    sets = 1 if dp and use_batched(cfg, device, replicas_here) else replicas_here
     need = sets * (16 if dp else 24) * params + replicas_here * (8 * B * T * V + 8 * B * T * d * L)
     free = _free_memory(device)
     if free is not None and need > free:
@@ -147,15 +147,10 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def use_batched(
-    cfg: TrainConfig, device: torch.device, num_replicas: int, inner_group=None, quiet: bool = False
-) -> bool:
-    """Whether this process's replicas run as one batched computation (see RunConfig.replica_batching);
-    the choice is logged unless ``quiet``."""
+def use_batched(cfg: TrainConfig, device: torch.device, num_replicas: int, inner_group=None) -> bool:
+    """Whether this process's replicas run as one batched computation (see RunConfig.replica_batching)."""
     mode = cfg.run.replica_batching
     possible = num_replicas > 1 and inner_group is None and cfg.model.precision == "fp32"
-    if mode == "batched" and not possible and not quiet:
-        log.info("replica_batching='batched': %d replica(s) here; they run sequentially", num_replicas)
     if mode == "auto":
         return possible and device.type == "cuda"
     return mode == "batched" and possible
@@ -170,7 +165,10 @@ def make_replicas(
     inner_group=None,
 ) -> Replicas:
     """The replicas of this process, batched or sequential (:func:`use_batched`)."""
-    cls = BatchedReplicas if use_batched(cfg, device, len(streams), inner_group) else Replicas
+    batched = use_batched(cfg, device, len(streams), inner_group)
+    if cfg.run.replica_batching == "batched" and not batched:
+        log.info("replica_batching='batched': %d replica(s) here; they run sequentially", len(streams))
+    cls = BatchedReplicas if batched else Replicas
     return cls(base, cfg, corpus, streams, device, inner_group)
 
 
