@@ -209,6 +209,8 @@ def layers(repeat: int = 300) -> dict:
         return {"error": TRITON_MISSING}
     from triton.runtime.interpreter import InterpretedFunction
 
+    from lowcomm.kernels import triton_mx_gemm
+
     torch.set_num_threads(1)
     tokens, k, n = LAYER_SHAPE
     launched: collections.Counter = collections.Counter()
@@ -216,11 +218,15 @@ def layers(repeat: int = 300) -> dict:
     def gemm_stand_in(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
         return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
 
+    def bf16_gemm_stand_in(a, b, out_dtype):  # the dequant backend's cuBLAS bf16 GEMM
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
     def launch_stand_in(self, *args, grid=None, warmup=False, **kwargs):  # counted, not run
         launched[f"triton.{self.fn.__name__}"] += 1
 
-    real = gemm._capability, torch._scaled_mm, InterpretedFunction.run
+    real = gemm._capability, torch._scaled_mm, InterpretedFunction.run, triton_mx_gemm._bf16_mm
     gemm._capability, torch._scaled_mm = (lambda device: (9, 0)), gemm_stand_in
+    triton_mx_gemm._bf16_mm = bf16_gemm_stand_in
     InterpretedFunction.run = launch_stand_in
     gemm._blockwise_scaled_mm_works.cache_clear()
     rows = {}
@@ -249,7 +255,7 @@ def layers(repeat: int = 300) -> dict:
             host_us = (time.perf_counter() - t0) / repeat * 1e6
             rows[recipe] = {"ops": sum(ops.values()), "host_us": host_us, "by_op": ops}
     finally:
-        gemm._capability, torch._scaled_mm, InterpretedFunction.run = real
+        gemm._capability, torch._scaled_mm, InterpretedFunction.run, triton_mx_gemm._bf16_mm = real
         gemm._blockwise_scaled_mm_works.cache_clear()
     return {"shape": {"tokens": tokens, "in_features": k, "out_features": n}, "repeat": repeat, "rows": rows}
 

@@ -106,10 +106,11 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     from lowcomm.kernels import quantize_mx
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_fp8 import _fp8_quantize_dual, fp8_quantize_dual, fp8_quantize_scaled
-    from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
+    from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_dequant_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import (
         QUANTIZE_CUDA_CONFIGS,
         last_tuned_config,
+        mx_dequantize,
         mx_fast_quantize_dual,
         mx_quantize_dual,
     )
@@ -132,6 +133,22 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         # the layout fprop uses: B = Wᵀ, K-contiguous (a transposed view of a row-blocked W)
         wt, wts = quantize_mx(b.t().contiguous(), axis=1)
         _time_rate(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
+        # exact MX through bf16: both operands dequantized (one pass each), cuBLAS's bf16 GEMM
+        # writing bf16 as the bf16 row does; and the dequantize alone (1 byte read, 2 written)
+        bf16_out = {"out_dtype": torch.bfloat16}
+        _time_rate(
+            row, "mx_exact_dequant", flops, partial(mx_dequant_matmul, da, sa, db, sb, **bf16_out), bench
+        )
+        dq_bT = partial(mx_dequant_matmul, da, sa, wt.t(), wts.t(), **bf16_out)
+        _time_rate(row, "mx_exact_dequant_bT", flops, dq_bT, bench)
+        _time_rate(
+            row,
+            "mx_dequantize",
+            3 * a.numel() + a.numel() // 32,
+            partial(mx_dequantize, da, sa),
+            bench,
+            unit="TBps",
+        )
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)
@@ -239,29 +256,37 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
     layers = {"bf16": base}
     for recipe in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast"):
         layers[recipe] = LowPrecisionLinear.from_linear(base, recipe=recipe)  # delayed: from its history
+    # exact MX on the Triton GEMMs that promote every 32 of K (auto takes dequant on sm_90)
+    layers["mxfp8_triton"] = LowPrecisionLinear.from_linear(base, recipe="mxfp8", backend="triton")
     for name, layer in layers.items():
         _time_rate(row, name, 6 * T * K * N, partial(step, layer), bench)
     for name in layers:
         if f"{name}_tflops" in row and "bf16_tflops" in row:
             row[f"{name}_x_bf16"] = row[f"{name}_tflops"] / row["bf16_tflops"]
-    row["paths"] = {name: _layer_path(name, x, base.weight) for name in layers if name != "bf16"}
+    row["paths"] = {
+        name: _layer_path(layer.recipe, x, base.weight, layer.backend)
+        for name, layer in layers.items()
+        if name != "bf16"
+    }
     return row
 
 
-def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """Which path a layer in ``recipe`` takes here (backend auto): what its figure measured."""
+def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
+    """Which path a layer in ``recipe`` takes here: what its figure measured."""
     from lowcomm.kernels.gemm import choose_backend
     from lowcomm.kernels.linear import _delayed_on_scaled_mm, _fused_backend, _fused_mx
 
     if recipe == "fp8_delayed":
-        gemms = "_scaled_mm" if _delayed_on_scaled_mm("auto", x, weight) else "emulated GEMMs"
+        gemms = "_scaled_mm" if _delayed_on_scaled_mm(backend, x, weight) else "emulated GEMMs"
         return f"one pass per tensor, {gemms}"
-    which = _fused_backend(recipe, "auto", x, weight)
+    which = _fused_backend(recipe, backend, x, weight)
     if which:
         return f"each tensor quantized once, {'_scaled_mm' if which == 'scaled_mm' else 'Triton GEMMs'}"
-    if _fused_mx(recipe, "auto", x, weight):
-        return "each tensor quantized once, Triton MX GEMMs"
-    return f"quantized per GEMM ({choose_backend(recipe, x.device, 'auto')})"
+    mx = _fused_mx(recipe, backend, x, weight)
+    if mx:
+        gemms = "bf16 GEMMs of the copies dequantized" if mx == "dequant" else "Triton MX GEMMs"
+        return f"each tensor quantized once, {gemms}"
+    return f"quantized per GEMM ({choose_backend(recipe, x.device, backend)})"
 
 
 #: the training comparison's model (the FP8 issue's: d=1024, 12 layers, T=1024, 16 sequences a

@@ -483,6 +483,92 @@ def test_the_triton_gemms_write_bf16_as_their_fp32_sums_rounded_once():
         mx_matmul(da, sa, db, sb, out_dtype=torch.int32)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit as bf16, NaN for NaN."""
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's 0 x inf for NaN blocks
+@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
+def test_mx_dequantize_writes_the_references_bf16_bit_for_bit(elem):
+    """The one-pass dequantize to bf16 equals ``dequantize_mx(..., dtype=bfloat16)`` bit for bit:
+    every fp8 byte at every E8M0 scale (the NaN scale, and the smallest scales, whose values fall
+    into bf16's subnormals and are rounded half to even), along rows and columns, and on data the
+    quantize wrote (zeros, -0, NaN and inf blocks, blocks scaled near 2^-127). Above 2^-126 every
+    value is exact: bf16 holds an MX value's 4 significant bits at fp32's range."""
+    _needs_triton()
+    from lowcomm.kernels.triton_quantize import mx_dequantize
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fp8 = torch.float8_e4m3fn if elem == "e4m3" else torch.float8_e5m2
+    every = torch.arange(256, dtype=torch.uint8, device=dev).repeat(256, 1)  # a byte a column
+    scale = torch.arange(256, dtype=torch.uint8, device=dev).view(256, 1)  # a scale a row
+    got = mx_dequantize(every.view(fp8), scale.repeat(1, 8), -1)
+    want = dequantize_mx(every.view(fp8), scale.repeat(1, 8), axis=-1, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and _same_bits(got, want)
+    assert _same_bits(mx_dequantize(every.t().contiguous().view(fp8), scale.t().repeat(8, 1), 0), want.t())
+    subnormal = want[:4].float().abs()  # scales 2^-127..2^-124: some values below 2^-126, rounded
+    assert ((subnormal > 0) & (subnormal < 2.0**-126)).any()
+    torch.manual_seed(5)
+    x = torch.randn(64, 96, device=dev) * torch.logspace(-38, 38, 96, device=dev)
+    x[3, :40], x[5, 7], x[9, 1], x[10, 70] = 0.0, -0.0, float("nan"), float("inf")
+    x[11] *= 2.0**-100
+    for axis in (-1, 0):
+        d, s = quantize_mx(x, elem=elem, axis=axis)
+        assert _same_bits(mx_dequantize(d, s, axis), dequantize_mx(d, s, axis=axis, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"scales \(R/32, C\), got \(64, 96\) and \(64, 3\)"):
+        mx_dequantize(d, quantize_mx(x, axis=-1)[1], 0)
+    with pytest.raises(ValueError, match="float8_e4m3fn or float8_e5m2 data, got torch.float32"):
+        mx_dequantize(x, s, 0)
+
+
+def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
+    """``backend="dequant"``: the operands quantized by the fused kernel, dequantized exactly to
+    bf16 and multiplied by the bf16 GEMM give the emulated exact-MX product up to fp32 summation
+    order (on this CPU: the same values, the same fp32 matmul, bit for bit), for operands read in
+    place as transposed views too, with a bf16 result the fp32 one rounded; it serves mxfp8 only,
+    and ``auto`` takes it for mxfp8 on sm_90 where torch.mm writes fp32 from bf16 (torch >= 2.8;
+    before, the exact Triton GEMM), not for mxfp8_fast."""
+    _needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    from lowcomm.kernels import triton_mx_gemm
+    from lowcomm.kernels.triton_mx_gemm import mx_dequant_matmul
+
+    torch.manual_seed(2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(48, 96) * torch.logspace(-3, 3, 96)  # scales differ block to block
+    b = torch.randn(96, 40)
+    ref = qmatmul(a, b, "mxfp8", backend="emulated")
+    got = qmatmul(a.to(dev), b.to(dev), "mxfp8", backend="dequant").cpu()
+    assert float((got - ref).abs().max() / ref.abs().max()) < fp8_gemm_tolerance(dev)
+    if dev == "cpu":
+        assert torch.equal(got, ref)
+    da, sa = quantize_mx(a.to(dev), axis=1)
+    db, sb = quantize_mx(b.t().contiguous().to(dev), axis=1)  # B stored (N, K): read as its transpose
+    c = mx_dequant_matmul(da, sa, db.t(), sb.t())
+    assert torch.equal(c, mx_dequant_matmul(da, sa, db.t().contiguous(), sb.t().contiguous()))
+    c16 = mx_dequant_matmul(da, sa, db.t(), sb.t(), out_dtype=torch.bfloat16)
+    assert c16.dtype == torch.bfloat16 and float((c16.float() - c).abs().max() / c.abs().max()) <= 2**-8
+    with pytest.raises(ValueError, match="backend 'dequant' serves mxfp8 only, not mxfp8_fast"):
+        qmatmul(a, b, "mxfp8_fast", backend="dequant")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mx_dequant_matmul(da, sa, db[:, :64].t(), sb.t())
+    for have_mm_dtype, want in ((True, "dequant"), (False, "triton")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gemm, "_capability", lambda device: (9, 0))
+            mp.setattr(gemm, "_blockwise_scaled_mm_works", lambda device: False)
+            mp.setattr(triton_mx_gemm, "MM_OUT_DTYPE", have_mm_dtype)
+            assert choose_backend("mxfp8", torch.device("cuda", 0)) == want
+            assert choose_backend("mxfp8_fast", torch.device("cuda", 0)) != "dequant"
+            mp.setattr(gemm, "_capability", lambda device: (8, 0))
+            with pytest.raises(ValueError, match=r"capability \(8, 0\).*sm_89 or newer"):
+                choose_backend("mxfp8", torch.device("cuda", 0), "dequant")
+    # what the CUDA path calls: torch.mm of bf16 operands writing fp32 (checked on meta tensors)
+    if triton_mx_gemm.MM_OUT_DTYPE:
+        meta = torch.zeros(4, 64, dtype=torch.bfloat16, device="meta")
+        assert torch.mm(meta, meta.t(), out_dtype=torch.float32).dtype == torch.float32
+
+
 def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
     _needs_triton()
     from lowcomm.kernels.triton_mx_gemm import mx_matmul
@@ -569,13 +655,22 @@ def test_fast_mx_path_regroups_to_the_group_max_and_only_loses_small_blocks():
         qmatmul(torch.zeros(4, 128), torch.zeros(128, 4), "mxfp8_fast", backend="scaled_mm")
 
 
+@pytest.mark.parametrize("backend", ["triton", "dequant"])
 @pytest.mark.parametrize("grad_elem", ["e4m3", "e5m2"])
-def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_elem, monkeypatch):
+def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_elem, backend, monkeypatch):
     """The Triton training path (one dual quantize per tensor, the GEMMs reading transposed fp8
     copies in place, tokens padded 40 -> 64; interpreted on CPU in CI) gives the emulated layer's
-    output and gradients up to fp32 summation order."""
+    output and gradients up to fp32 summation order; so does the dequant backend, whose GEMMs
+    dequantize those copies to bf16 for the bf16 GEMM (on a GPU its bf16 tensor cores sum at
+    least as precisely as the fp8 ones the tolerance is set for)."""
     _needs_triton()
     from lowcomm.kernels import LowPrecisionLinear, triton_quantize
+    from lowcomm.kernels.triton_mx_gemm import MM_OUT_DTYPE
+
+    if backend == "dequant" and torch.cuda.is_available() and not MM_OUT_DTYPE:  # its fp32 wgrad
+        with pytest.raises(ValueError, match=r"torch >= 2\.8"):
+            LowPrecisionLinear(64, 96, recipe="mxfp8", backend=backend).cuda()(torch.zeros(32, 64).cuda())
+        return
 
     calls = []
     real = triton_quantize.mx_quantize_dual
@@ -585,7 +680,7 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
     torch.manual_seed(4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ref = LowPrecisionLinear(64, 96, recipe="mxfp8", grad_elem=grad_elem, backend="emulated")
-    tri = LowPrecisionLinear(64, 96, recipe="mxfp8", grad_elem=grad_elem, backend="triton").to(dev)
+    tri = LowPrecisionLinear(64, 96, recipe="mxfp8", grad_elem=grad_elem, backend=backend).to(dev)
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(2, 20, 64) * torch.logspace(-2, 2, 64)  # block scales differ along K
     gy = torch.randn(2, 20, 96)
@@ -605,9 +700,10 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
         assert float((t - r).abs().max() / r.abs().max()) < max(1e-5, fp8_gemm_tolerance(dev)), name
     from lowcomm.kernels import triton_mx_gemm
 
-    gemm, written = triton_mx_gemm.mx_matmul, []
+    name = "mx_dequant_matmul" if backend == "dequant" else "mx_matmul"
+    gemm, written = getattr(triton_mx_gemm, name), []
     spy_gemm = lambda *a, **k: written.append(k.get("out_dtype")) or gemm(*a, **k)  # noqa: E731
-    monkeypatch.setattr(triton_mx_gemm, "mx_matmul", spy_gemm)
+    monkeypatch.setattr(triton_mx_gemm, name, spy_gemm)
     with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
         y16 = tri(x.to(dev))
     assert y16.dtype == torch.bfloat16 and written == [torch.bfloat16]  # the GEMM writes bf16 itself
@@ -643,11 +739,11 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # the kernels in three children at once (each starts torch and triton; the compiles are one
     # core's work each): the exact-MX GEMMs and the MX quantize (dual, row, col, e5m2 at the default
     # tiles, then the dual at each other candidate); the blockwise GEMMs, mxfp8_fast's quantize
-    # (activations, gradients, weights) and fp8's (amax and cast, tensorwise and rowwise; delayed's
-    # one pass); Blackwell's
+    # (activations, gradients, weights), fp8's (amax and cast, tensorwise and rowwise; delayed's
+    # one pass) and the MX dequantize to bf16; Blackwell's
     children = [
         start(90, "mx_matmul", "bf16 -> e4m3", "fp32 -> e5m2"),
-        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize", "adamw_replicas"),
+        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize", "adamw_replicas", "mx_dequantize"),
         start(100, "mx_matmul (A k-major, B k-major)"),
     ]
     try:
@@ -662,6 +758,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     fast = [r for r in hopper if r["kernel"].startswith("mx_fast_quantize")]
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
     adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
+    dequant = [r for r in hopper if r["kernel"].startswith("mx_dequantize")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
     from lowcomm.kernels.triton_quantize import TRITON_VERSION as found
     from lowcomm.kernels.triton_static import BLACKWELL_TRITON
@@ -670,18 +767,20 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     if found < BLACKWELL_TRITON:  # an old triton cannot target Blackwell: refused by name, not a crash
         assert "cannot compile for sm_100: it needs triton >= 3.3" in blackwell.pop()["error"]
     assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
-    assert len(fast) == 3 and len(adamw) == 2
+    assert len(fast) == 3 and len(adamw) == 2 and len(dequant) == 3
     for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
         assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
         assert {int(w) for w in row["global_stores"]} == ({8, 16} if "copy" in row["kernel"] else {16}), row
-    for row in gemm + quant + blackwell + fp8 + fast + adamw:
+    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:
         assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
-    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw)
+    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw + dequant)
+    for row in dequant:  # the bf16 values leave in whole 16-byte packets
+        assert {int(w) for w in row["global_stores"]} == {16}, row
     for row in fast:  # fp8 data in whole 16-byte packets (before triton 3.6: the rows copy), fp32 scales
         widths = {int(w) for w in row["global_stores"]}
         assert widths == {4, 16} if found >= (3, 6) else 16 in widths, row
@@ -722,8 +821,9 @@ def test_on_a_gpu_the_quantize_kernels_leave_the_fp8_rounding_to_the_conversion(
         mp.setenv("LOWCOMM_FP8_HW_CVT", "0")  # unless asked for the arithmetic rounding
         assert not hw_cvt(SimpleNamespace(is_cuda=True))
     specs = triton_quantize.static_specs() + triton_fp8.static_specs()
-    # the maxima kernels and the delayed scaling's step convert nothing
-    casts = [s for s in specs if "amax (" not in s.name and "delayed_step" not in s.name]
+    # the maxima kernels and the delayed scaling's step convert nothing; the dequantize reads fp8
+    skip = ("amax (", "delayed_step", "mx_dequantize")
+    casts = [s for s in specs if not any(k in s.name for k in skip)]
     assert casts and all(s.constexprs["HW_CVT"] is True for s in casts)
     code = """
 import dataclasses, json, sys
@@ -1460,20 +1560,22 @@ def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(
-    "recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8_fast", "mxfp8_fast blockwise"]
+    "recipe",
+    ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8 dequant", "mxfp8_fast", "mxfp8_fast blockwise"],
 )
 def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypatch):
     """torch.compile(fullgraph=True) of each layer on its Hopper path: fp8 quantize-once through
     _scaled_mm on a pretend sm_90 GPU, MX on the Triton backend (interpreted on CPU), mxfp8_fast
     also quantize-once for the blockwise _scaled_mm (128 -> 256). The Triton kernels are operators
     the compiler keeps whole (torch.ops.lowcomm.fp8_quantize_dual, mx_quantize,
-    mx_fast_quantize, block_scaled_matmul), so nothing breaks the graph, and output and gradients
-    equal eager mode up to the output's rounding (rowwise and blockwise write bf16, which the
-    compiled CPU stand-in for _scaled_mm may skip)."""
+    mx_fast_quantize, block_scaled_matmul, mx_dequantize), so nothing breaks the graph, and output
+    and gradients equal eager mode up to the output's rounding (rowwise and blockwise write bf16,
+    which the compiled CPU stand-in for _scaled_mm may skip)."""
     _needs_triton()
     import lowcomm.kernels.gemm as gemm
 
     backend = "triton" if recipe in ("mxfp8", "mxfp8_fast") else "scaled_mm"
+    backend = "dequant" if recipe.endswith("dequant") else backend
     k, n = (128, 256) if recipe.endswith("blockwise") else (64, 96)
     recipe = recipe.split()[0]
     if backend == "scaled_mm":
@@ -1840,8 +1942,8 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
                 if not guarded:
                     unguarded.append(where)
     # the fp8 maxima, cast, one-copy and delayed-step kernels, the MX dual and fast quantizes, the
-    # block GEMM, the replicas' AdamW step
-    assert len(launches) == 8, launches
+    # MX dequantize, the block GEMM, the replicas' AdamW step
+    assert len(launches) == 9, launches
     assert not unguarded, unguarded
 
 
@@ -2005,7 +2107,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
-    gemms.append("mx_exact_triton_bT")
+    gemms += ["mx_exact_triton_bT", "mx_exact_dequant", "mx_exact_dequant_bT"]
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
@@ -2015,7 +2117,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]
     fp8 += ["dual_quantize_arith", "mx_fast_dual_quantize_1x128_arith"]  # the arithmetic rounding
     fp8 += [f"fp8_dual_quantize_{s}_arith" for s in ("tensorwise", "rowwise")]
-    assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", *fp8, *tiles])
+    assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", "mx_dequantize", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
     from lowcomm.kernels.triton_quantize import FAST_CUDA_WARPS_CANDIDATES
@@ -2023,11 +2125,12 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps
         took = rows[0][f"mx_fast_dual_quantize_{tile}_warps"]
         assert took is None if dev == "cpu" else took["num_warps"] in FAST_CUDA_WARPS_CANDIDATES, took
-    recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast")
+    recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast", "mxfp8_triton")
     assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)
     if dev == "cpu":  # auto on a CPU: every GEMM emulated, which the row says
         paths = linear["paths"]
         assert paths.pop("fp8_delayed") == "one pass per tensor, emulated GEMMs", paths
+        assert paths.pop("mxfp8_triton") == "each tensor quantized once, Triton MX GEMMs", paths
         assert set(paths.values()) == {"quantized per GEMM (emulated)"}, paths
     train = bench.training(dev, steps=4, size="smoke")  # every recipe of the GPU comparison, emulated
     for name in bench.TRAIN_PRECISIONS:
@@ -2060,6 +2163,8 @@ def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
     mxfp8_fast took 139 (MX quantize and regrouping in torch ops per GEMM), fp8_delayed 33 (its
     scales). The host's time for it is measured (with the kernels not run)."""
     _needs_triton()
+    from lowcomm.kernels.triton_mx_gemm import MM_OUT_DTYPE
+
     out = load_benchmark("host_overhead").layers(repeat=3)
     rows = out["rows"]
     per_tensor = {  # each launched once for x, W and dy
@@ -2071,6 +2176,8 @@ def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
     }
     for recipe, names in per_tensor.items():
         want = {f"triton.{k}": 3 for k in names}
+        if recipe == "mxfp8" and MM_OUT_DTYPE:  # the dequant backend: each GEMM dequantizes two copies
+            want = {"triton._mx_dual_kernel": 3, "triton._mx_dequant_kernel": 6}
         if recipe == "fp8_delayed":  # and the three scales from the history: one launch a step
             want["triton._fp8_delayed_step_kernel"] = 1
         launched = {k: v for k, v in rows[recipe]["by_op"].items() if k.startswith("triton.")}

@@ -26,9 +26,14 @@ Backends:
         Triton kernel that applies both operands' E8M0 scales in its K loop; MXFP8 fast: the same
         kernel with fp32 scales per 128 of K (for Hopper, which has no MX in cuBLAS; also CPU
         under ``TRITON_INTERPRET=1``).
+    ``dequant``: MXFP8 only: operands quantized by the fused Triton kernel, dequantized exactly to
+        bf16 (an MX value has at most 4 significant bits; bf16 has fp32's exponent range) and
+        multiplied by the bf16 GEMM, whose products are exact and summed in fp32: exact MX at about
+        bf16's speed on a GPU without MX in cuBLAS (sm_89, sm_90; torch >= 2.8 for its fp32 output).
     ``auto``: ``scaled_mm`` where the device can serve the recipe (for ``mxfp8_fast`` on sm_90: if a
         one-time probe finds the blockwise GEMM in this torch/cuBLAS, and for e4m3 operands with N a
-        multiple of 16), ``triton`` for the MX recipes on sm_90 otherwise, else ``emulated``.
+        multiple of 16); on sm_90 otherwise ``dequant`` for ``mxfp8`` (``triton`` under torch < 2.8)
+        and ``triton`` for ``mxfp8_fast``; else ``emulated``.
 
 A request the chosen backend cannot serve raises a ValueError naming the reason; nothing falls
 back silently unless ``backend="auto"`` was asked for.
@@ -65,7 +70,7 @@ __all__ = [
 ]
 
 RECIPES = ("fp8_tensorwise", "fp8_rowwise", "mxfp8", "mxfp8_fast")
-BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
+BACKENDS = ("auto", "emulated", "scaled_mm", "triton", "dequant")
 MX_BLOCK = 32
 _ACROSS = {"1x128": 1, "128x128": 128}  # mxfp8_fast tiles: elements per scale across the K axis
 logger = logging.getLogger(__name__)
@@ -250,6 +255,8 @@ def check_backend(backend: str, recipe: str, label: str | None = None) -> None:
         raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
     if backend == "triton" and recipe not in ("mxfp8", "mxfp8_fast"):
         raise ValueError(f"backend 'triton' serves mxfp8 and mxfp8_fast only, not {label or recipe}")
+    if backend == "dequant" and recipe != "mxfp8":
+        raise ValueError(f"backend 'dequant' serves mxfp8 only, not {label or recipe}")
 
 
 def choose_backend(recipe: str, device: torch.device, backend: str = "auto", label: str | None = None) -> str:
@@ -277,23 +284,38 @@ def choose_backend(recipe: str, device: torch.device, backend: str = "auto", lab
             f"{' and torch >= 2.7 (float8_e8m0fnu scales)' if recipe == 'mxfp8' else ''}. "
             "Use backend='emulated' or 'auto'"
         )
-    if backend == "triton":
+    if backend in ("triton", "dequant"):
         if not _triton_runs_on(device):
             from .triton_quantize import TRITON_MISSING
 
             why = f"; {TRITON_MISSING}" if TRITON_MISSING else ""
             raise ValueError(
-                f"backend 'triton' needs Triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}{why}"
+                f"backend {backend!r} needs Triton and CUDA (or TRITON_INTERPRET=1 on CPU); got {device}{why}"
             )
+    if backend == "dequant" and cap is not None and not _dequant_runs_on(cap):
+        raise ValueError(
+            f"backend 'dequant' cannot serve {label} on {device} (capability {cap}): it needs sm_89 or "
+            f"newer (Triton's fp8 conversions) and torch >= 2.8 (torch.mm's out_dtype; this is "
+            f"{torch.__version__}). Use backend='emulated' or 'auto'"
+        )
     if backend == "auto":
         if can_scaled_mm:
             return "scaled_mm"
         if recipe in ("mxfp8", "mxfp8_fast") and cap is not None and cap[0] == 9:
             from .triton_quantize import HAVE_TRITON
 
-            return "triton" if HAVE_TRITON else "emulated"
+            if not HAVE_TRITON:
+                return "emulated"
+            return "dequant" if recipe == "mxfp8" and _dequant_runs_on(cap) else "triton"
         return "emulated"
     return backend
+
+
+def _dequant_runs_on(cap: tuple[int, int]) -> bool:
+    """Whether the ``dequant`` backend runs on a GPU of capability ``cap`` with this torch."""
+    from .triton_mx_gemm import MM_OUT_DTYPE
+
+    return cap >= (8, 9) and MM_OUT_DTYPE
 
 
 def qmatmul(
@@ -349,6 +371,10 @@ def qmatmul(
             raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
         return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile)
+    if which == "dequant":
+        from .triton_mx_gemm import mx_dequant_matmul
+
+        return mx_dequant_matmul(*_mx_operands(a, b, elem_a, elem_b, scale_rule))
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
 

@@ -75,8 +75,8 @@ class _QLinear(torch.autograd.Function):
         if recipe == "fp8_delayed":
             scaled = delayed[3]
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
-        elif _fused_mx(recipe, backend, x2, weight):
-            y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype)
+        elif mx := _fused_mx(recipe, backend, x2, weight):
+            y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype, mx)
         elif which := _fused_backend(recipe, backend, x2, weight):
             scaled = which == "scaled_mm"
             y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, None, out_dtype)
@@ -132,19 +132,19 @@ def _weight_tile(recipe: str) -> dict:
     return {"b_tile": "128x128"} if recipe == "mxfp8_fast" else {}
 
 
-def _fused_mx(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this layer call runs the fused MX path: exact MX on the Triton backend, both weight
-    sides multiples of 32 (else qmatmul pads K per GEMM)."""
-    return (
-        recipe == "mxfp8"
-        and weight.shape[0] % 32 == 0
-        and weight.shape[1] % 32 == 0
-        and choose_backend(recipe, x2.device, backend) == "triton"
-    )
+def _fused_mx(recipe: str, backend: str, x2: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The backend of this layer call's fused MX path ("triton" or "dequant"), or None: exact MX
+    on one of them, both weight sides multiples of 32 (else qmatmul pads K per GEMM)."""
+    if recipe != "mxfp8" or weight.shape[0] % 32 or weight.shape[1] % 32:
+        return None
+    which = choose_backend(recipe, x2.device, backend)
+    return which if which in ("triton", "dequant") else None
 
 
 class _FusedMX:
-    """MXFP8 fprop, dgrad and wgrad from one fused quantize per tensor (Triton backend).
+    """MXFP8 fprop, dgrad and wgrad from one fused quantize per tensor (the triton and dequant
+    backends: the GEMMs are :func:`~.triton_mx_gemm.mx_matmul` or, dequantizing the copies to bf16
+    for the bf16 GEMM, :func:`~.triton_mx_gemm.mx_dequant_matmul`).
 
     ``mx_quantize_dual`` writes each of x, W and dy blocked along both of its axes in one pass, and
     the three GEMMs read those copies in place (a transposed view is a stride, not a copy):
@@ -162,10 +162,11 @@ class _FusedMX:
 
     @staticmethod
     def forward(
-        ctx, x2: torch.Tensor, weight: torch.Tensor, backward_follows: bool, out_dtype
+        ctx, x2: torch.Tensor, weight: torch.Tensor, backward_follows: bool, out_dtype, backend: str
     ) -> torch.Tensor:
-        from .triton_mx_gemm import mx_matmul
         from .triton_quantize import mx_quantize, mx_quantize_dual
+
+        mx_matmul = _mx_gemm(backend)
 
         T = x2.shape[0]
         xp, w = _pad_rows(x2), weight.detach()
@@ -176,13 +177,14 @@ class _FusedMX:
         else:  # no_grad (evaluation, inference): only the copies fprop reads
             (xr, xrs), (wr, wrs) = mx_quantize(xp), mx_quantize(w)
         y = mx_matmul(xr, xrs, wr.t(), wrs.t(), out_dtype=_gemm_out(out_dtype))[:T]
-        ctx.fused, ctx.tokens, ctx.weight_dtype = True, T, weight.dtype
+        ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.mx_backend = True, T, weight.dtype, backend
         return y
 
     @staticmethod
     def backward(ctx, gy2: torch.Tensor, grad_elem: str):
-        from .triton_mx_gemm import mx_matmul
         from .triton_quantize import mx_quantize_dual
+
+        mx_matmul = _mx_gemm(ctx.mx_backend)
 
         xc, xcs, wc, wcs = ctx.saved_tensors
         gr, grs, gc, gcs = mx_quantize_dual(_pad_rows(gy2), elem=grad_elem)
@@ -193,6 +195,13 @@ class _FusedMX:
         )
         dw = mx_matmul(gc.t(), gcs.t(), xc, xcs) if ctx.needs_input_grad[1] else None
         return dx, dw
+
+
+def _mx_gemm(backend: str) -> Callable:
+    """The exact-MX GEMM of a fused MX backend (looked up at each call: tests replace them)."""
+    from . import triton_mx_gemm
+
+    return triton_mx_gemm.mx_dequant_matmul if backend == "dequant" else triton_mx_gemm.mx_matmul
 
 
 def _gemm_out(want: torch.dtype) -> torch.dtype:
@@ -529,7 +538,7 @@ _NEEDS = {
 
 def layer_backend(recipe: str, device: torch.device) -> str:
     """Where a layer of ``recipe`` (backend ``auto``) runs its GEMMs on ``device``: "scaled_mm",
-    "triton" or "emulated" (fp32 arithmetic on the quantized values). fp8_delayed's GEMMs are
+    "triton", "dequant" or "emulated" (fp32 arithmetic on the quantized values). fp8_delayed's GEMMs are
     fp8_tensorwise's."""
     if recipe not in LAYER_RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")

@@ -12,6 +12,12 @@ fp8 MMA; beating bf16 needs the promotion hidden behind the MMAs (warp-specializ
 consumers). It is here as the exact reference kernel for Hopper and runs on CPU under
 ``TRITON_INTERPRET=1``.
 
+``mx_dequant_matmul`` computes the same exact MX product without fp8 tensor cores: each operand
+dequantized to bf16 in one pass (exact: an MX value has at most 4 significant bits), then the
+device's bf16 GEMM, whose products are exact and summed in fp32. It runs at about cuBLAS bf16's
+speed less the two passes (3 bytes an element), so it is the ``dequant`` backend that ``auto``
+takes for exact MX on Hopper; its speed on a GPU is not measured yet.
+
 ``blockwise_matmul`` is the same kernel with fp32 scales per 128 of K (the ``mxfp8_fast`` recipe:
 MX regrouped to 1x128 blocks): four times fewer promotions, the granularity at which published
 Hopper kernels keep fp8 MMAs busy. Neither kernel's speed has been measured here (no GPU was lent
@@ -28,7 +34,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["mx_matmul", "blockwise_matmul"]
+__all__ = ["mx_matmul", "mx_dequant_matmul", "blockwise_matmul"]
 
 if HAVE_TRITON:
 
@@ -261,9 +267,75 @@ def blockwise_matmul(
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def mx_dequant_matmul(
+    a_data: torch.Tensor,
+    a_scales: torch.Tensor,
+    b_data: torch.Tensor,
+    b_scales: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`mx_matmul`'s exact MX product through bf16 tensor cores: each operand dequantized to
+    bf16 in one pass (:func:`~lowcomm.kernels.triton_quantize.mx_dequantize`, exact: an MX value
+    has at most 4 significant bits and bf16 holds fp32's exponent range), then multiplied by the
+    device's bf16 GEMM (cuBLAS on CUDA), whose products of bf16 values are exact and summed in fp32.
+
+    The same numbers as the emulated path up to fp32 summation order, at about the speed of a
+    bf16 GEMM plus two passes over the fp8 operands (3 bytes an element), where :func:`mx_matmul`
+    promotes every 32 of K on the CUDA cores. In a block scaled below 2^-124 (e4m3; 2^-117 for
+    e5m2) the smallest values fall between bf16's subnormal steps and are rounded. A bf16 result
+    on CUDA is cuBLAS's bf16 GEMM's (fp32 sums rounded once; torch's
+    ``allow_bf16_reduced_precision_reduction`` lets cuBLAS split K with bf16 partial sums); an
+    fp32 one needs torch >= 2.8 (``torch.mm(..., out_dtype=)``).
+
+    Args: as :func:`mx_matmul`'s (operands may be transposed views of the quantize's copies).
+
+    Raises:
+        RuntimeError: triton missing, or an fp32 result on CUDA under torch < 2.8. ValueError:
+            shapes or dtypes that do not fit.
+    """
+    from .triton_quantize import mx_dequantize
+
+    _check_operands(a_data, a_scales, b_data, b_scales, 32, torch.uint8, "mx_dequant_matmul", out_dtype)
+    if a_data.is_cuda and out_dtype == torch.float32 and not MM_OUT_DTYPE:
+        raise RuntimeError(
+            f"mx_dequant_matmul: an fp32 result needs torch.mm(..., out_dtype=), torch >= 2.8 (this is "
+            f"{torch.__version__}); use mx_matmul"
+        )
+
+    def dequant(data, scales, axis):  # bf16 in the operand's layout: a transposed view stays one
+        if data.is_contiguous() or not data.t().is_contiguous():
+            return mx_dequantize(data, scales, axis)
+        return mx_dequantize(data.t(), scales.t(), 1 - axis).t()
+
+    return _bf16_mm(dequant(a_data, a_scales, 1), dequant(b_data, b_scales, 0), out_dtype)
+
+
+def _bf16_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` of bf16 operands written in ``out_dtype``: cuBLAS's bf16 GEMM on CUDA (one
+    operation; benchmarks/host_overhead.py stands in for it on its pretend GPU), on CPU (the
+    interpreter's tests) exact products summed in fp32, autocast or not."""
+    if not a.is_cuda:
+        with torch.autocast("cpu", enabled=False):
+            return (a.float() @ b.float()).to(out_dtype)
+    return torch.mm(a, b) if out_dtype == torch.bfloat16 else torch.mm(a, b, out_dtype=torch.float32)
+
+
+#: torch.mm takes an output dtype (fp32 from bf16 operands on CUDA: torch >= 2.8)
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
 def _launch(
     a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, config, name, out_dtype
 ) -> torch.Tensor:
+    _check_operands(a_data, a_scales, b_data, b_scales, sb, scale_dtype, name, out_dtype)
+    if config is None and as_op():
+        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb, out_dtype)
+    return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name, out_dtype)
+
+
+def _check_operands(a_data, a_scales, b_data, b_scales, sb: int, scale_dtype, name, out_dtype) -> None:
+    """What the block-scaled GEMMs refuse: no Triton, shapes, dtypes, devices, output dtype."""
     if not HAVE_TRITON:
         raise RuntimeError(f"{name} needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.qmatmul")
     if a_data.dim() != 2 or b_data.dim() != 2:
@@ -293,9 +365,6 @@ def _launch(
         raise ValueError(f"{name} takes {scale_dtype} scales, got {a_scales.dtype} and {b_scales.dtype}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"{name} writes {[str(d) for d in OUT_DTYPES]}, not {out_dtype}")
-    if config is None and as_op():
-        return torch.ops.lowcomm.block_scaled_matmul(a_data, a_scales, b_data, b_scales, sb, out_dtype)
-    return _gemm(a_data, a_scales, b_data, b_scales, sb, config, name, out_dtype)
 
 
 def _gemm(

@@ -50,7 +50,14 @@ except ImportError:  # pragma: no cover - exercised where triton is not installe
     HAVE_TRITON = False
     TRITON_MISSING = "triton is not installed: pip install triton"
 
-__all__ = ["HAVE_TRITON", "TRITON_MISSING", "mx_quantize_dual", "mx_quantize", "mx_fast_quantize_dual"]
+__all__ = [
+    "HAVE_TRITON",
+    "TRITON_MISSING",
+    "mx_quantize_dual",
+    "mx_quantize",
+    "mx_dequantize",
+    "mx_fast_quantize_dual",
+]
 
 # max, emax, mantissa limit of max/2^emax (both 1.75 -> 0.75·2^23), mantissa bits, min normal,
 # the subnormal rounding constant 1.5·2^23·(subnormal spacing)
@@ -416,6 +423,44 @@ if HAVE_TRITON:
             offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
             tl.store(qt_ptr + offs_t, tl.trans(tl.reshape(q, (128, 128))))
 
+    @triton.jit
+    def _mx_dequant_kernel(
+        q_ptr, s_ptr, out_ptr, R, C, AXIS: tl.constexpr, E5M2: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # one (BLOCK_R, BLOCK_C) tile of MX data (R, C), blocked along AXIS (1: 32 elements of a
+        # row share a scale, scales (R, C/32); 0: of a column, scales (R/32, C)), to bf16: the fp8
+        # value times 2^(s − 127). The product is exact in fp32, and so is its bf16 (a value of at
+        # most 4 significant bits) from 2^-126 up; below that bf16's subnormals step by 2^-133 and
+        # the value is rounded to them half to even in fp32 arithmetic. Every value is then a bf16
+        # one, whose bits are the fp32's upper half: stored as such, with no conversion (the
+        # interpreter's flushes subnormals). A NaN scale (255) or byte gives NaN.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        inside = (rows < R)[:, None] & (cols < C)[None, :]
+        b = tl.load(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0)
+        if AXIS == 1:
+            s_offs = rows.to(tl.int64)[:, None] * (C // 32) + (cols // 32)[None, :]
+        else:
+            s_offs = (rows // 32).to(tl.int64)[:, None] * C + cols[None, :]
+        s = tl.load(s_ptr + s_offs, mask=inside, other=127).to(tl.int32)
+        mag = b & 0x7F
+        if E5M2:  # 0x7C is inf, above it NaN
+            v = b.to(tl.float8e5, bitcast=True).to(tl.float32)
+            v = tl.where(mag == 0x7C, tl.where(b > 0x7F, -float("inf"), float("inf")), v)
+            nan = (mag > 0x7C) | (s == 255)
+        else:  # e4m3fn: no inf, 0x7F is NaN
+            v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            nan = (mag == 0x7F) | (s == 255)
+        y = v * _group_scale(s)
+        a = tl.abs(y)
+        TIE: tl.constexpr = 1.5 * 2.0**-110  # an fp32 whose ulp is bf16's subnormal step, 2^-133
+        r = (a + TIE) - TIE
+        y = tl.where((a < 2.0**-126) & (a > 0), tl.where(y < 0, -r, r), y)
+        y = tl.where(nan, float("nan"), y)
+        bits = (y.to(tl.int32, bitcast=True) >> 16).to(tl.int16)  # out_ptr: the bf16 output as int16
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], bits, mask=inside)
+
 
 # Tiles per program on CUDA. The candidates were chosen by compiling each tile shape and warp
 # count for sm_90a on CPU (``python -m lowcomm.kernels.triton_static``) and keeping those with no
@@ -488,6 +533,16 @@ def static_specs() -> list:
         sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
         name = f"mx_fast_quantize_dual ({tile}, both copies, bf16 to {elem})"
         specs.append(KernelSpec(name, _mx_fast_kernel, sig, consts, FAST_CUDA_WARPS, 1, aligned=("R", "C")))
+    # the dequantize to bf16 of the dequant backend's GEMMs: both blocked axes, both formats
+    for elem, axis in (("e4m3", 1), ("e4m3", 0), ("e5m2", 1)):
+        cfg = DEQUANT_CUDA_CONFIG
+        consts = dict(AXIS=axis, E5M2=elem == "e5m2", BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+        sig = {"q_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*i16", "R": "i32", "C": "i32"}
+        sig.update({k: "constexpr" for k in consts})
+        name = f"mx_dequantize ({elem} to bf16, axis={axis})"
+        specs.append(
+            KernelSpec(name, _mx_dequant_kernel, sig, consts, cfg["num_warps"], 1, aligned=("R", "C"))
+        )
     return specs
 
 
@@ -539,6 +594,77 @@ def mx_quantize(
     rows = axis != 0
     out = _quantize(x, elem, scale_rule, rows, not rows, config, "mx_quantize")
     return out[:2] if rows else out[2:]
+
+
+#: the MX dequantize's tile: on CUDA 32 x 128 in 4 warps (compiled for sm_90a: 16-byte stores, no
+#: spills; its speed not measured); the interpreter's 32 x 32
+DEQUANT_CUDA_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4}
+DEQUANT_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
+
+
+def mx_dequantize(data: torch.Tensor, scales: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    """MX data back to bf16 in one pass: ``dequantize_mx(data, scales, 32, axis, torch.bfloat16)``
+    bit for bit.
+
+    bf16 holds every MX value exactly (an e4m3 or e5m2 value has at most 4 significant bits, and
+    bf16 has fp32's exponent range) but in blocks scaled below 2^-124 (e4m3; 2^-117 for e5m2),
+    whose smallest values fall between bf16's subnormal steps (2^-133) and are rounded half to
+    even. So a bf16 GEMM of two dequantized
+    operands, whose products are exact and summed in fp32, computes the exact MX product
+    (:func:`lowcomm.kernels.triton_mx_gemm.mx_dequant_matmul`).
+
+    Args:
+        data: (R, C) float8_e4m3fn or float8_e5m2, as :func:`mx_quantize` writes it.
+        scales: E8M0 bytes, (R, C/32) for ``axis`` -1 or 1, (R/32, C) for ``axis`` 0.
+
+    Raises:
+        RuntimeError: triton is not installed. ValueError: shapes, dtypes or axis.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError(
+            f"mx_dequantize needs Triton ({TRITON_MISSING}); or use lowcomm.kernels.dequantize_mx"
+        )
+    if axis not in (-1, 0, 1):
+        raise ValueError(f"mx_dequantize takes axis -1, 0 or 1 of a 2-D tensor, got {axis}")
+    if data.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"mx_dequantize takes float8_e4m3fn or float8_e5m2 data, got {data.dtype}")
+    rows = axis != 0
+    R, C = data.shape if data.dim() == 2 else (-1, -1)
+    want = (R, C // 32) if rows else (R // 32, C)
+    if (
+        data.dim() != 2
+        or (C if rows else R) % 32
+        or tuple(scales.shape) != want
+        or scales.dtype != torch.uint8
+    ):
+        raise ValueError(
+            f"mx_dequantize needs (R, C) data blocked by 32 along axis {axis} and uint8 scales "
+            f"{'(R, C/32)' if rows else '(R/32, C)'}, got {tuple(data.shape)} and {tuple(scales.shape)} "
+            f"{scales.dtype}"
+        )
+    if data.device != scales.device:
+        raise ValueError(
+            f"mx_dequantize: data and scales must be on one device, got {data.device} and {scales.device}"
+        )
+    e5m2 = data.dtype == torch.float8_e5m2
+    if as_op():
+        return torch.ops.lowcomm.mx_dequantize(data, scales, rows, e5m2)
+    return _run_dequant(data, scales, rows, e5m2)
+
+
+def _run_dequant(data: torch.Tensor, scales: torch.Tensor, rows: bool, e5m2: bool) -> torch.Tensor:
+    cfg = DEQUANT_CUDA_CONFIG if data.is_cuda else DEQUANT_INTERPRET_CONFIG
+    q, s = data.contiguous().view(torch.uint8), scales.contiguous()
+    out = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
+    R, C = data.shape
+    if R and C:
+        grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+        with on_device(data):
+            _mx_dequant_kernel[grid](
+                q, s, out.view(torch.int16), R, C, AXIS=1 if rows else 0, E5M2=e5m2,
+                BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+            )  # fmt: skip
+    return out
 
 
 #: mxfp8_fast's block shapes: a scale per 128 elements along the blocked axis, or per 128x128 tile
@@ -795,6 +921,18 @@ if AS_OPS:
             x.new_empty(cq, dtype=dtype),
             x.new_empty(cs, dtype=u8),
         )
+
+    @torch.library.custom_op(
+        "lowcomm::mx_dequantize",
+        mutates_args=(),
+        schema="(Tensor data, Tensor scales, bool rows, bool e5m2) -> Tensor",
+    )
+    def _mx_dequantize_op(data: torch.Tensor, scales: torch.Tensor, rows: bool, e5m2: bool) -> torch.Tensor:
+        return _run_dequant(data, scales, rows, e5m2)
+
+    @_mx_dequantize_op.register_fake
+    def _(data, scales, rows, e5m2):
+        return data.new_empty(data.shape, dtype=torch.bfloat16)
 
     @torch.library.custom_op(
         "lowcomm::mx_fast_quantize",
