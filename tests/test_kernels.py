@@ -1568,7 +1568,7 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     _scaled_mm on a pretend sm_90 GPU, MX on the Triton backend (interpreted on CPU), mxfp8_fast
     also quantize-once for the blockwise _scaled_mm (128 -> 256). The Triton kernels are operators
     the compiler keeps whole (torch.ops.lowcomm.fp8_quantize_dual, mx_quantize,
-    mx_fast_quantize, block_scaled_matmul, mx_dequantize), so nothing breaks the graph, and output
+    mx_fast_quantize, block_scaled_matmul, mx_dequant_matmul), so nothing breaks the graph, and output
     and gradients equal eager mode up to the output's rounding (rowwise and blockwise write bf16,
     which the compiled CPU stand-in for _scaled_mm may skip)."""
     _needs_triton()

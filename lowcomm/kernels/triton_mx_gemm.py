@@ -294,14 +294,19 @@ def mx_dequant_matmul(
         RuntimeError: triton missing, or an fp32 result on CUDA under torch < 2.8. ValueError:
             shapes or dtypes that do not fit.
     """
-    from .triton_quantize import mx_dequantize
-
     _check_operands(a_data, a_scales, b_data, b_scales, 32, torch.uint8, "mx_dequant_matmul", out_dtype)
     if a_data.is_cuda and out_dtype == torch.float32 and not MM_OUT_DTYPE:
         raise RuntimeError(
             f"mx_dequant_matmul: an fp32 result needs torch.mm(..., out_dtype=), torch >= 2.8 (this is "
             f"{torch.__version__}); use mx_matmul"
         )
+    if as_op():  # compiled: one operator, as the Triton GEMM's (the compiler never sees mm.dtype)
+        return torch.ops.lowcomm.mx_dequant_matmul(a_data, a_scales, b_data, b_scales, out_dtype)
+    return _dequant_mm(a_data, a_scales, b_data, b_scales, out_dtype)
+
+
+def _dequant_mm(a_data, a_scales, b_data, b_scales, out_dtype: torch.dtype) -> torch.Tensor:
+    from .triton_quantize import mx_dequantize
 
     def dequant(data, scales, axis):  # bf16 in the operand's layout: a transposed view stays one
         if data.is_contiguous() or not data.t().is_contiguous():
@@ -424,4 +429,23 @@ if AS_OPS:
 
     @_block_scaled_matmul_op.register_fake
     def _(a_data, a_scales, b_data, b_scales, block, out_dtype):
+        return a_data.new_empty(a_data.shape[0], b_data.shape[1], dtype=out_dtype)
+
+    @torch.library.custom_op(
+        "lowcomm::mx_dequant_matmul",
+        mutates_args=(),
+        schema="(Tensor a_data, Tensor a_scales, Tensor b_data, Tensor b_scales, ScalarType out_dtype) "
+        "-> Tensor",
+    )
+    def _mx_dequant_matmul_op(
+        a_data: torch.Tensor,
+        a_scales: torch.Tensor,
+        b_data: torch.Tensor,
+        b_scales: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return _dequant_mm(a_data, a_scales, b_data, b_scales, out_dtype)
+
+    @_mx_dequant_matmul_op.register_fake
+    def _(a_data, a_scales, b_data, b_scales, out_dtype):
         return a_data.new_empty(a_data.shape[0], b_data.shape[1], dtype=out_dtype)

@@ -455,10 +455,11 @@ if HAVE_TRITON:
         y = v * _group_scale(s)
         a = tl.abs(y)
         TIE: tl.constexpr = 1.5 * 2.0**-110  # an fp32 whose ulp is bf16's subnormal step, 2^-133
-        r = (a + TIE) - TIE
-        y = tl.where((a < 2.0**-126) & (a > 0), tl.where(y < 0, -r, r), y)
-        y = tl.where(nan, float("nan"), y)
-        bits = (y.to(tl.int32, bitcast=True) >> 16).to(tl.int16)  # out_ptr: the bf16 output as int16
+        a = tl.where(a < 2.0**-126, (a + TIE) - TIE, a)
+        # the sign from y's bits (a negation of a zero can come out +0), NaN as bf16's 0x7FC0
+        y_bits = y.to(tl.int32, bitcast=True)
+        bits = (a.to(tl.int32, bitcast=True) >> 16) | ((y_bits >> 16) & 0x8000)
+        bits = tl.where(nan, 0x7FC0, bits).to(tl.int16)  # out_ptr: the bf16 output as int16
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], bits, mask=inside)
 
 
