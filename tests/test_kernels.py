@@ -546,7 +546,11 @@ def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
     da, sa = quantize_mx(a.to(dev), axis=1)
     db, sb = quantize_mx(b.t().contiguous().to(dev), axis=1)  # B stored (N, K): read as its transpose
     c = mx_dequant_matmul(da, sa, db.t(), sb.t())
-    assert torch.equal(c, mx_dequant_matmul(da, sa, db.t().contiguous(), sb.t().contiguous()))
+    other = mx_dequant_matmul(da, sa, db.t().contiguous(), sb.t().contiguous())  # B copied, not a view
+    if dev == "cpu":
+        assert torch.equal(c, other)
+    else:  # cuBLAS may sum the two layouts in other orders
+        assert float((c - other).abs().max() / c.abs().max()) < fp8_gemm_tolerance(dev)
     c16 = mx_dequant_matmul(da, sa, db.t(), sb.t(), out_dtype=torch.bfloat16)
     assert c16.dtype == torch.bfloat16 and float((c16.float() - c).abs().max() / c.abs().max()) <= 2**-8
     with pytest.raises(ValueError, match="backend 'dequant' serves mxfp8 only, not mxfp8_fast"):
