@@ -139,7 +139,8 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
         of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "barriers",
         "shuffles", "global_stores" (see :func:`_sync_and_stores`), "sass_instructions" (see
-        :func:`_sass_instructions`), "compile_s"}``, or
+        :func:`_sass_instructions`), "ftz" (an instruction flushes fp32 subnormals to zero),
+        "compile_s"}``, or
         the first five keys with ``"error"`` when it does not compile.
 
     Raises:
@@ -183,6 +184,7 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         return row
     row.update(_resources(compiled.asm["cubin"]))
     row["sass_instructions"] = _sass_instructions(compiled.asm["cubin"])
+    row["ftz"] = ".ftz" in compiled.asm["ptx"]
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
     row["mma"] = _mma_kind(compiled.asm["ptx"])
