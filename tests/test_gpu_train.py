@@ -120,6 +120,9 @@ def test_every_low_precision_recipe_trains_on_the_gpu(precision, gpu_reference, 
     corpus, ref = gpu_reference
     s = _train_in(precision, "cuda", corpus, str(tmp_path / precision))
     assert s["precision"] == precision and s["dtype"] == "bfloat16"
+    assert s["precision_backend"] in ("scaled_mm", "triton", "dequant"), s[
+        "precision_backend"
+    ]  # never emulated
     assert abs(s["final_eval_loss"] / ref["final_eval_loss"] - 1) < 0.03, (s["final_eval_loss"], ref)
 
 

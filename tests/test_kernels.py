@@ -304,9 +304,10 @@ def test_low_precision_training_of_the_reference_model_tracks_fp32(tmp_path):
     )
     fp32 = train(base.replace(run_dir=str(tmp_path / "fp32")), progress=False)
     assert fp32["final_eval_loss"] < 0.8 * math.log(256)  # it learned
+    assert fp32["precision_backend"] is None
     for precision in ("mxfp8", "fp8_delayed"):
         low = train(base.replace(run_dir=str(tmp_path / precision), precision=precision), progress=False)
-        assert low["precision"] == precision
+        assert low["precision"] == precision and low["precision_backend"] == "emulated"  # on a CPU
         assert abs(low["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02, precision
 
 

@@ -31,7 +31,7 @@ import torch
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
-from ...kernels import check_precision_on
+from ...kernels import check_precision_on, layer_backend
 from ...lm import eval_batches, load_corpus
 from ..files import private_open
 from ..hooks import NO_FAULTS, FaultHooks
@@ -506,6 +506,11 @@ class Trainer:
             "outer_lr": cfg.diloco.outer_lr,
             "codec": "fp32" if dp else cfg.diloco.codec,
             "precision": cfg.model.precision,
+            # where the low-precision layers ran their GEMMs: scaled_mm (cuBLAS fp8 / MX), triton,
+            # dequant (exact MX through bf16 GEMMs) or emulated; null for fp32
+            "precision_backend": (
+                None if cfg.model.precision == "fp32" else layer_backend(cfg.model.precision, self.device)
+            ),
             "dtype": str(self.dtype).removeprefix("torch."),
             "compile": cfg.run.compile,
             "replica_batching": "batched" if self.replicas.batched else "sequential",
