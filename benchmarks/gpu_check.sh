@@ -18,10 +18,13 @@
 #                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
-#                      (each run's wall and kernel time over 2 profiled steps; $TRAIN_ARGS adds its
-#                      flags: "--train-compile --train-precisions fp8_tensorwise" trains bf16 and
-#                      that recipe under torch.compile; fp8_rowwise+inductor is fp8_rowwise
-#                      with its quantize in torch ops the compiler fuses, LOWCOMM_COMPILED_QUANTIZE)
+#                      eager (each run's wall and kernel time over 2 profiled steps), then bf16 and
+#                      fp8_rowwise+inductor under torch.compile (fp8_rowwise with its quantize in
+#                      torch ops the compiler fuses into the kernels making x and dy,
+#                      LOWCOMM_COMPILED_QUANTIZE: the route the FP8 issue's training goal needs),
+#                      last, so a time-out there keeps the rest. $TRAIN_ARGS replaces that last
+#                      part's flags ("" leaves it out; "--train-compile --train-precisions
+#                      fp8_tensorwise" trains bf16 and that recipe compiled instead of eager)
 #   (+ throughput.log, kernels.log: their progress lines)
 # $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
 # the others): a session with two calls' worth of device time can give one call to the throughput
@@ -117,7 +120,7 @@ if wanted throughput; then
 fi
 
 if wanted kernels; then
-  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS:-} \
+  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise+inductor} \
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 fi

@@ -375,20 +375,18 @@ def training(
     return out
 
 
-def _recipes(names: str, compile: bool = False) -> tuple[str, ...]:
-    """``--train-precisions``: each a layer recipe, or an fp8 one (tensorwise, rowwise, delayed)
-    ``+inductor`` under ``--train-compile``, else a one-line error naming it."""
+def _recipes(names: str, compile: bool = False, flag: str = "--train-precisions") -> tuple[str, ...]:
+    """``--train-precisions`` (or ``flag``): each a layer recipe, or an fp8 one (tensorwise,
+    rowwise, delayed) ``+inductor`` under ``--train-compile``, else a one-line error naming it."""
     from lowcomm.kernels.linear import COMPILED_QUANTIZE_RECIPES, LAYER_RECIPES
 
     allowed = [*LAYER_RECIPES, *(f"{r}+inductor" for r in COMPILED_QUANTIZE_RECIPES)]
     out = tuple(n for n in names.split(",") if n)
     for n in out:
         if n not in allowed:
-            raise SystemExit(f"kernels.py: --train-precisions: unknown recipe {n!r}; allowed: {allowed}")
+            raise SystemExit(f"kernels.py: {flag}: unknown recipe {n!r}; allowed: {allowed}")
         if n.endswith("+inductor") and not compile:
-            raise SystemExit(
-                f"kernels.py: --train-precisions: {n!r} is a compiled route: add --train-compile"
-            )
+            raise SystemExit(f"kernels.py: {flag}: {n!r} is a compiled route: add --train-compile")
     return out
 
 
@@ -407,6 +405,13 @@ def main() -> None:
     )
     ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
     ap.add_argument(
+        "--train-compiled-too",
+        default="",
+        metavar="RECIPES",
+        help="after the training comparison, a second one under torch.compile of these recipes (e.g. "
+        "fp8_rowwise+inductor) against compiled bf16, saved as training_compiled (default: none)",
+    )
+    ap.add_argument(
         "--train-profile-steps",
         type=int,
         default=2,
@@ -414,6 +419,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     precisions = _recipes(args.train_precisions, args.train_compile)
+    compiled_too = _recipes(args.train_compiled_too, compile=True, flag="--train-compiled-too")
     cuda = torch.cuda.is_available()
     if args.static:
         import triton
@@ -468,6 +474,22 @@ def main() -> None:
         if cuda and args.train_steps
         else lambda: not_run,
     }
+    if compiled_too:  # last: the compilations take the longest, and a time-out keeps the rest
+        parts["training_compiled"] = (
+            (
+                lambda: training(
+                    "cuda",
+                    args.train_steps,
+                    args.train_size,
+                    precisions=compiled_too,
+                    on_row=partial(save, "training_compiled"),
+                    compile=True,
+                    profile_steps=args.train_profile_steps,
+                )
+            )
+            if cuda and args.train_steps
+            else lambda: not_run
+        )
     for name, part in parts.items():  # saved after each part (training: after each run)
         t0 = time.perf_counter()
         save(name, part())

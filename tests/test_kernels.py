@@ -2150,7 +2150,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
 def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled():
     """--train-precisions takes fp8_tensorwise+inductor, fp8_rowwise+inductor and
     fp8_delayed+inductor (that run's quantize in torch ops) under --train-compile only, and refuses
-    an unknown recipe by name."""
+    an unknown recipe by name, naming the flag (--train-compiled-too, the compiled comparison run
+    after the eager one, takes the same names)."""
     recipes = load_benchmark("kernels")._recipes
     both = "fp8_rowwise,fp8_rowwise+inductor,fp8_tensorwise+inductor,fp8_delayed+inductor"
     assert recipes(both, compile=True) == tuple(both.split(","))
@@ -2158,6 +2159,10 @@ def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled():
         recipes(both)
     with pytest.raises(SystemExit, match=r"unknown recipe 'mxfp8\+inductor'; allowed: \["):
         recipes("mxfp8+inductor", compile=True)
+    with pytest.raises(
+        SystemExit, match=r"--train-compiled-too: unknown recipe 'fp4'"
+    ):  # the second comparison's
+        recipes("fp4", compile=True, flag="--train-compiled-too")
 
 
 def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
