@@ -166,7 +166,7 @@ class _FusedMX:
     ) -> torch.Tensor:
         from .triton_quantize import mx_quantize, mx_quantize_dual
 
-        mx_matmul = _mx_gemm(backend)
+        gemm = _mx_gemm(backend)
 
         T = x2.shape[0]
         xp, w = _pad_rows(x2), weight.detach()
@@ -176,7 +176,7 @@ class _FusedMX:
             ctx.save_for_backward(xc, xcs, wc, wcs)
         else:  # no_grad (evaluation, inference): only the copies fprop reads
             (xr, xrs), (wr, wrs) = mx_quantize(xp), mx_quantize(w)
-        y = mx_matmul(xr, xrs, wr.t(), wrs.t(), out_dtype=_gemm_out(out_dtype))[:T]
+        y = gemm(xr, xrs, wr.t(), wrs.t(), out_dtype=_gemm_out(out_dtype))[:T]
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.mx_backend = True, T, weight.dtype, backend
         return y
 
@@ -184,16 +184,15 @@ class _FusedMX:
     def backward(ctx, gy2: torch.Tensor, grad_elem: str):
         from .triton_quantize import mx_quantize_dual
 
-        mx_matmul = _mx_gemm(ctx.mx_backend)
-
+        gemm = _mx_gemm(ctx.mx_backend)
         xc, xcs, wc, wcs = ctx.saved_tensors
         gr, grs, gc, gcs = mx_quantize_dual(_pad_rows(gy2), elem=grad_elem)
         dx = (
-            mx_matmul(gr, grs, wc, wcs, out_dtype=_gemm_out(gy2.dtype))[: ctx.tokens]
+            gemm(gr, grs, wc, wcs, out_dtype=_gemm_out(gy2.dtype))[: ctx.tokens]
             if ctx.needs_input_grad[0]
             else None
         )
-        dw = mx_matmul(gc.t(), gcs.t(), xc, xcs) if ctx.needs_input_grad[1] else None
+        dw = gemm(gc.t(), gcs.t(), xc, xcs) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 

@@ -306,14 +306,16 @@ def mx_dequant_matmul(
 
 
 def _dequant_mm(a_data, a_scales, b_data, b_scales, out_dtype: torch.dtype) -> torch.Tensor:
-    from .triton_quantize import mx_dequantize
+    """The operands (checked by :func:`_check_operands`) dequantized and multiplied."""
+    from .triton_quantize import _run_dequant
 
-    def dequant(data, scales, axis):  # bf16 in the operand's layout: a transposed view stays one
+    def dequant(data, scales, rows: bool):  # bf16 in the operand's layout: a transposed view stays one
+        e5m2 = data.dtype == torch.float8_e5m2
         if data.is_contiguous() or not data.t().is_contiguous():
-            return mx_dequantize(data, scales, axis)
-        return mx_dequantize(data.t(), scales.t(), 1 - axis).t()
+            return _run_dequant(data, scales, rows, e5m2)
+        return _run_dequant(data.t(), scales.t(), not rows, e5m2).t()
 
-    return _bf16_mm(dequant(a_data, a_scales, 1), dequant(b_data, b_scales, 0), out_dtype)
+    return _bf16_mm(dequant(a_data, a_scales, True), dequant(b_data, b_scales, False), out_dtype)
 
 
 def _bf16_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

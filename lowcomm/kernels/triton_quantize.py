@@ -610,9 +610,8 @@ def mx_dequantize(data: torch.Tensor, scales: torch.Tensor, axis: int = -1) -> t
     bf16 holds every MX value exactly (an e4m3 or e5m2 value has at most 4 significant bits, and
     bf16 has fp32's exponent range) but in blocks scaled below 2^-124 (e4m3; 2^-117 for e5m2),
     whose smallest values fall between bf16's subnormal steps (2^-133) and are rounded half to
-    even. So a bf16 GEMM of two dequantized
-    operands, whose products are exact and summed in fp32, computes the exact MX product
-    (:func:`lowcomm.kernels.triton_mx_gemm.mx_dequant_matmul`).
+    even. So a bf16 GEMM of two dequantized operands, whose products are exact and summed in
+    fp32, computes the exact MX product (:func:`lowcomm.kernels.triton_mx_gemm.mx_dequant_matmul`).
 
     Args:
         data: (R, C) float8_e4m3fn or float8_e5m2, as :func:`mx_quantize` writes it.
