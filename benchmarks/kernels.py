@@ -456,40 +456,27 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
 
+    def train_part(part: str, recipes: tuple[str, ...], compile: bool):  # a training comparison
+        if not (cuda and args.train_steps):
+            return lambda: not_run
+        return lambda: training(
+            "cuda",
+            args.train_steps,
+            args.train_size,
+            precisions=recipes,
+            on_row=partial(save, part),
+            compile=compile,
+            profile_steps=args.train_profile_steps,
+        )
+
     parts = {
         "numerics": lambda: numerics("cuda" if cuda else "cpu"),
         "speed": speed if cuda else lambda: none,
         "linear": linear_speed if cuda else lambda: none,
-        "training": (
-            lambda: training(
-                "cuda",
-                args.train_steps,
-                args.train_size,
-                precisions=precisions,
-                on_row=partial(save, "training"),
-                compile=args.train_compile,
-                profile_steps=args.train_profile_steps,
-            )
-        )
-        if cuda and args.train_steps
-        else lambda: not_run,
+        "training": train_part("training", precisions, args.train_compile),
     }
     if compiled_too:  # last: the compilations take the longest, and a time-out keeps the rest
-        parts["training_compiled"] = (
-            (
-                lambda: training(
-                    "cuda",
-                    args.train_steps,
-                    args.train_size,
-                    precisions=compiled_too,
-                    on_row=partial(save, "training_compiled"),
-                    compile=True,
-                    profile_steps=args.train_profile_steps,
-                )
-            )
-            if cuda and args.train_steps
-            else lambda: not_run
-        )
+        parts["training_compiled"] = train_part("training_compiled", compiled_too, True)
     for name, part in parts.items():  # saved after each part (training: after each run)
         t0 = time.perf_counter()
         save(name, part())
