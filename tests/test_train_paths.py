@@ -197,7 +197,8 @@ def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpu
     """--compile compiles the batched loss once, DP and DiLoCo: Dynamo logs no recompilation. A
     gradient step compiled with torch.no_grad traced into it (once the clip, then DP's mean over
     the replicas) made the loss's next call under autocast fail its global-state guard and be
-    traced again (torch 2.11 and 2.13)."""
+    traced again (torch 2.11 and 2.13). DiLoCo's round at step 2 writes the replicas' parameters
+    in place between two compiled steps: the step after it runs the same graph."""
     import logging
 
     logged = []
@@ -212,11 +213,12 @@ def test_a_compiled_bf16_run_compiles_each_of_its_functions_once(tmp_path, corpu
     logging.getLogger("torch._dynamo").addHandler(handler)
     try:
         kw = dict(replicas=2, steps=3, mode=mode, dtype="bf16", compile=True, replica_batching="batched")
-        s = _run(tmp_path, corpus_dir, mode, **kw)
+        s = _run(tmp_path, corpus_dir, mode, **kw, **({"sync_every": 2} if mode == "diloco" else {}))
     finally:
         logging.getLogger("torch._dynamo").removeHandler(handler)
         torch._logging.set_logs()
     assert s["compile"] is True
+    assert s["rounds"] == (2 if mode == "diloco" else 0)  # DiLoCo: at step 2 and the final sync
     assert not [m for m in logged if "Recompiling" in m], logged
 
 
