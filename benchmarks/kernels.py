@@ -9,7 +9,9 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
 
 - GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
   rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
-  (quantize included), the exact-MX Triton GEMM
+  (quantize included), fp8 tensorwise / rowwise with fast accumulation (``_fast_accum``: the fp8
+  MMA's own sums), and their GEMM alone on operands quantized beforehand (``_gemm``, with and
+  without fast accumulation), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
   dual quantize (tensorwise, rowwise; against the same copies made by torch ops), one rowwise
@@ -19,7 +21,9 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   ``_arith``: rounding to fp8 in fp32 arithmetic first (``LOWCOMM_FP8_HW_CVT=0``), as the
   kernels did before the conversion instruction did it;
 - one Linear 16384x4096->14336, forward + backward in eager mode, bf16 against every recipe, with
-  the path each recipe took there (each tensor quantized once, or per GEMM, and on which GEMMs);
+  the path each recipe took there (each tensor quantized once, or per GEMM, and on which GEMMs),
+  and fp8 tensorwise / rowwise with fast accumulation in none of its GEMMs and in all three
+  (``_accum_none``, ``_accum_all``; the default, fprop's alone, is the recipe's own row);
 - the reference model at d=1024, 12 layers, T=1024 trained ``--train-steps`` steps under bf16
   autocast with its Linear layers in bf16 and in each fast recipe: tokens/s and final loss ratios.
 
@@ -125,6 +129,11 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
         for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):  # quantize included
             _time_rate(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
+        for r in ("fp8_tensorwise", "fp8_rowwise"):  # the fp8 GEMMs: quantize included, and alone
+            fast = partial(qmatmul, a, b, r, backend=scaled, fast_accum=True)
+            _time_rate(row, f"{r}_fast_accum", flops, fast, bench)
+            for name, gemm in _fp8_gemms(a, b, r, scaled == "scaled_mm").items():
+                _time_rate(row, name, flops, gemm, bench)
         fast_w128 = partial(qmatmul, a, b, "mxfp8_fast", backend=scaled, b_tile="128x128")
         _time_rate(row, "mxfp8_fast_w128x128", flops, fast_w128, bench)
         da, sa = quantize_mx(a, axis=1)
@@ -211,6 +220,23 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     return {"rows": rows}
 
 
+def _fp8_gemms(a: torch.Tensor, b: torch.Tensor, recipe: str, scaled: bool) -> dict:
+    """``{name: call}``: the fp8 GEMM of ``a @ b`` on operands quantized beforehand (the GEMM alone,
+    as the layers run it: torch._scaled_mm where ``scaled``, else emulated), with the sums
+    promoted to fp32 as they go (``{recipe}_gemm``) and in the fp8 MMA's own precision
+    (``{recipe}_gemm_fast_accum``)."""
+    from lowcomm.kernels.gemm import _fp8_along_k
+    from lowcomm.kernels.linear import _fp8_mm
+
+    scaling = recipe.removeprefix("fp8_")
+    da, sa = _fp8_along_k(a, "e4m3", scaling)
+    dbt, sb = _fp8_along_k(b.t(), "e4m3", scaling)
+    if scaling == "rowwise":  # cuBLASLt's (M, 1) and (1, N)
+        sa, sb = sa.reshape(-1, 1).contiguous(), sb.reshape(1, -1).contiguous()
+    gemm = partial(_fp8_mm, da, dbt.t(), sa, sb, torch.bfloat16, scaled, scaling)
+    return {f"{recipe}_gemm": partial(gemm, False), f"{recipe}_gemm_fast_accum": partial(gemm, True)}
+
+
 def _fp8_both_copies_in_torch(a: torch.Tensor, scaling: str):
     """What fp8_quantize_dual makes, from torch ops (quantize_fp8 along each axis, a transpose)."""
     from lowcomm.kernels import quantize_fp8
@@ -256,6 +282,11 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
     layers = {"bf16": base}
     for recipe in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast"):
         layers[recipe] = LowPrecisionLinear.from_linear(base, recipe=recipe)  # delayed: from its history
+    for recipe in ("fp8_tensorwise", "fp8_rowwise"):  # fast accumulation in no GEMM, in all three
+        for mode in ("none", "all"):  # (the default, above: fprop's)
+            layers[f"{recipe}_accum_{mode}"] = LowPrecisionLinear.from_linear(
+                base, recipe=recipe, fast_accum=mode
+            )
     # exact MX on the Triton GEMMs that promote every 32 of K (auto takes dequant on sm_90)
     layers["mxfp8_triton"] = LowPrecisionLinear.from_linear(base, recipe="mxfp8", backend="triton")
     for name, layer in layers.items():

@@ -1392,6 +1392,70 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(
+    "recipe, in_features",
+    [(r, n) for r in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed") for n in (64, 40)]
+    + [("mxfp8_fast", 128)],
+)
+def test_an_fp8_layer_asks_for_fast_accumulation_in_the_gemms_its_mode_names(
+    recipe, in_features, monkeypatch
+):
+    """On a pretend sm_90, the use_fast_accum each torch._scaled_mm call of a forward and backward
+    gets, fprop then dgrad then wgrad: ``fast_accum`` "fprop" (the default) in the forward only,
+    "all" in the three, "none" in none, on the quantize-once path (64 in-features) and per GEMM
+    (40: not a multiple of 16; fp8_delayed emulates its GEMMs there: no call). The blockwise
+    GEMMs of mxfp8_fast (quantize-once at 128 in-features) never get it: cuBLAS's blockwise GEMM
+    promotes its sums whatever the mode."""
+    _needs_triton()
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(k.get("use_fast_accum", False))
+        return _fake_scaled_mm(*a, **k)
+
+    dev = _pretend_hopper(monkeypatch, stand_in)
+    emulated = recipe == "fp8_delayed" and in_features == 40
+    for mode, want in {"fprop": [True, False, False], "all": [True] * 3, "none": [False] * 3}.items():
+        calls.clear()
+        kw = {} if mode == "fprop" else {"fast_accum": mode}  # "fprop": the default
+        layer = LowPrecisionLinear(in_features, 96, recipe=recipe, device=dev, **kw)
+        x = torch.randn(24, in_features, device=dev, requires_grad=True)
+        layer(x).backward(torch.randn(24, 96, device=dev))
+        if recipe == "mxfp8_fast":
+            assert calls and not any(calls), (mode, calls)
+        else:
+            assert calls == ([] if emulated else want), (mode, calls)
+        assert x.grad is not None and layer.weight.grad is not None
+    assert "fast_accum=none" in repr(layer) or recipe == "mxfp8_fast"
+
+
+def test_fast_accumulation_reaches_the_gemm_and_a_wrong_mode_is_refused(monkeypatch):
+    """qmatmul's fast_accum reaches an fp8 GEMM's torch._scaled_mm (no effect on emulated sums:
+    the same result); a mode that is not one of FAST_ACCUM_MODES is refused by name by the layer
+    and by convert_to_low_precision before it swaps any layer."""
+    from lowcomm.kernels.linear import FAST_ACCUM_MODES
+    from lowcomm.lm import GPT, GPTConfig
+
+    calls = []
+    dev = _pretend_hopper(
+        monkeypatch, lambda *a, **k: calls.append(k["use_fast_accum"]) or _fake_scaled_mm(*a, **k)
+    )
+    a, b = torch.randn(32, 64, device=dev), torch.randn(64, 48, device=dev)
+    for fast in (False, True):
+        got = qmatmul(a, b, "fp8_rowwise", backend="scaled_mm", fast_accum=fast)
+        ref = qmatmul(a, b, "fp8_rowwise", backend="emulated", fast_accum=fast)
+        assert torch.allclose(got, ref, rtol=2**-7, atol=1e-3)  # rowwise writes bf16
+    assert calls == [False, True]
+    assert FAST_ACCUM_MODES == ("none", "fprop", "all")
+    with pytest.raises(ValueError, match=r"fast_accum must be one of \['none', 'fprop', 'all'\], got 'fast'"):
+        LowPrecisionLinear(64, 64, recipe="fp8_rowwise", fast_accum="fast")
+    model = GPT(GPTConfig(n_embd=32, n_head=2, n_layer=1))
+    with pytest.raises(ValueError, match="got True"):
+        convert_to_low_precision(model, "fp8_rowwise", fast_accum=True)
+    assert not any(isinstance(m, LowPrecisionLinear) for m in model.modules())  # nothing swapped
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed"])
 def test_an_fp8_layer_that_needs_one_copy_of_a_tensor_makes_it_right(recipe, monkeypatch):
     """Evaluation (no_grad: only fprop's copies), a frozen weight (dgrad only: dy's rows) and an
@@ -2113,6 +2177,9 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
     gemms += ["mx_exact_triton_bT", "mx_exact_dequant", "mx_exact_dequant_bT"]
+    gemms += [
+        f"fp8_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("_fast_accum", "_gemm", "_gemm_fast_accum")
+    ]
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
@@ -2131,6 +2198,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         took = rows[0][f"mx_fast_dual_quantize_{tile}_warps"]
         assert took is None if dev == "cpu" else took["num_warps"] in FAST_CUDA_WARPS_CANDIDATES, took
     recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast", "mxfp8_triton")
+    recipes += tuple(f"fp8_{s}_accum_{m}" for s in ("tensorwise", "rowwise") for m in ("none", "all"))
     assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)
     if dev == "cpu":  # auto on a CPU: every GEMM emulated, which the row says
         paths = linear["paths"]

@@ -328,6 +328,7 @@ def qmatmul(
     backend: str = "auto",
     scale_rule: str = "rceil",
     b_tile: str = "1x128",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``a @ b`` with both operands quantized along K; fp32 result.
 
@@ -340,6 +341,9 @@ def qmatmul(
         b_tile: ``mxfp8_fast`` only: "1x128" or "128x128" blocks for ``b`` (a weight: one scale
             per 128x128 tile, DeepSeek-V3's weight granularity; coarser, and the pairing cuBLAS runs
             fastest on sm_90, docs/references.md). N is zero-padded to a multiple of 128 for it.
+        fast_accum: fp8 tensorwise and rowwise in ``torch._scaled_mm``: the fp8 MMA sums over
+            the whole of K in its own precision (:func:`scaled_mm`); no effect on the other
+            recipes and backends, whose sums are fp32.
 
     Raises:
         ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe or
@@ -358,7 +362,7 @@ def qmatmul(
     if n_pad:  # zero columns: whole 128x128 tiles; their outputs are cut off below
         return qmatmul(
             a, torch.nn.functional.pad(b, (0, n_pad)), recipe, elem_a=elem_a, elem_b=elem_b,
-            backend=backend, scale_rule=scale_rule, b_tile=b_tile,
+            backend=backend, scale_rule=scale_rule, b_tile=b_tile, fast_accum=fast_accum,
         )[:, : b.shape[1]]  # fmt: skip
     which = choose_backend(recipe, a.device, backend)
     if which == "scaled_mm" and recipe == "mxfp8_fast":
@@ -370,7 +374,7 @@ def qmatmul(
         elif why:
             raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
-        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile)
+        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile, fast_accum)
     if which == "dequant":
         from .triton_mx_gemm import mx_dequant_matmul
 
@@ -502,8 +506,12 @@ def scaled_mm_layout_error(
     return f"no scaling mode takes scales of shapes {tuple(scale_a.shape)} and {tuple(scale_b.shape)}"
 
 
-def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """``torch._scaled_mm`` after :func:`scaled_mm_layout_error` found nothing wrong.
+
+    ``fast_accum`` (fp8 tensorwise and rowwise scaling only): the fp8 MMA's own running sum over
+    the whole of K (about 14 bits on Hopper), where by default the sums are promoted to fp32 as
+    they go (docs/references.md, FP8 on Hopper: what each costs).
 
     Raises:
         ValueError: naming the rule the operands break (instead of cuBLASLt's error on a GPU).
@@ -511,7 +519,9 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype) -> torch.Tensor:
     why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype)
     if why:
         raise ValueError(f"torch._scaled_mm operands break cuBLASLt's rules: {why}")
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum
+    )
 
 
 def _blockwise_refusal(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str) -> str:
@@ -549,8 +559,10 @@ def _scaled_mm(
     elem_b: str,
     scale_rule: str = "rceil",
     b_tile: str = "1x128",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
-    """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers."""
+    """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers
+    (``fast_accum``: fp8 tensorwise and rowwise only, see :func:`scaled_mm`)."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
         # M and N zero-padded to whole 128-blocks (cut off the output below): the layers' fused
         # path, which trained right on an H200, hands cuBLAS nothing else, while a model whose
@@ -590,6 +602,7 @@ def _scaled_mm(
         sa.reshape(-1, 1).contiguous() if scaling == "rowwise" else sa,
         sb.reshape(1, -1).contiguous() if scaling == "rowwise" else sb,
         out_dtype=out_dtype,
+        fast_accum=fast_accum,
     )
     return y[:, :n].float()
 

@@ -34,6 +34,7 @@ __all__ = [
     "layer_backend",
     "PRECISIONS",
     "LAYER_RECIPES",
+    "FAST_ACCUM_MODES",
 ]
 
 #: a layer's recipes: the GEMM recipes, and fp8 tensorwise with delayed scaling (the layer keeps
@@ -56,6 +57,12 @@ COMPILED_QUANTIZE = os.environ.get("LOWCOMM_COMPILED_QUANTIZE", "triton")
 COMPILED_QUANTIZES = ("triton", "inductor")
 #: the recipes whose quantize COMPILED_QUANTIZE chooses
 COMPILED_QUANTIZE_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
+#: which of an fp8 layer's GEMMs in torch._scaled_mm let the fp8 MMA sum over K in its own
+#: precision (``use_fast_accum``) instead of promoting the sums to fp32 as they go:
+#: "fprop" (the forward GEMM only, over in-features: TransformerEngine's and torchao's tensorwise
+#: default; dgrad and wgrad, summing over out-features and tokens, promote), "all" (torchao's
+#: rowwise recipe) or "none". docs/references.md, FP8 on Hopper.
+FAST_ACCUM_MODES = ("none", "fprop", "all")
 
 
 def _compiler_quantizes() -> bool:
@@ -65,26 +72,34 @@ def _compiler_quantizes() -> bool:
 
 class _QLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, delayed, out_dtype):
+    def forward(
+        ctx, x, weight, bias, recipe, grad_elem, backend, backward_follows, delayed, out_dtype, fast_accum
+    ):
         # delayed: fp8_delayed only, (amax, scales, record, scaled): the layer's running maxima,
         # the scales of x, W, dy from its history (None on its first training step: scaled
         # dynamically), whether this call records maxima (evaluation does not), whether its GEMMs
-        # run in torch._scaled_mm; out_dtype: the output's dtype (None: x's)
+        # run in torch._scaled_mm; out_dtype: the output's dtype (None: x's); fast_accum: one of
+        # FAST_ACCUM_MODES
         x2 = x.reshape(-1, x.shape[-1])
         out_dtype = out_dtype or x.dtype
         if recipe == "fp8_delayed":
             scaled = delayed[3]
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype)
+            y = _FusedFloat8.forward(
+                ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype, fast_accum
+            )
         elif mx := _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype, mx)
         elif which := _fused_backend(recipe, backend, x2, weight):
             scaled = which == "scaled_mm"
-            y = _FusedFloat8.forward(ctx, x2, weight, recipe, backward_follows, scaled, None, out_dtype)
+            y = _FusedFloat8.forward(
+                ctx, x2, weight, recipe, backward_follows, scaled, None, out_dtype, fast_accum
+            )
         else:
-            y = qmatmul(x2, weight.t(), recipe, backend=backend, **_weight_tile(recipe))
+            fast = fast_accum != "none"
+            y = qmatmul(x2, weight.t(), recipe, backend=backend, fast_accum=fast, **_weight_tile(recipe))
             ctx.save_for_backward(x2, weight)
             ctx.fused = False
-        ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None)
+        ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None, fast_accum)
         y = y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
         return y + bias.to(out_dtype) if bias is not None else y
 
@@ -97,7 +112,7 @@ class _QLinear(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gy):
-        recipe, grad_elem, backend, x_shape, has_bias = ctx.cfg
+        recipe, grad_elem, backend, x_shape, has_bias, fast_accum = ctx.cfg
         gy2 = gy.reshape(-1, gy.shape[-1])
         dx = dw = db = None
         if ctx.fused:
@@ -107,14 +122,15 @@ class _QLinear(torch.autograd.Function):
             dw = dw.to(ctx.weight_dtype) if dw is not None else None
         else:
             x2, weight = ctx.saved_tensors
+            kw = dict(elem_a=grad_elem, backend=backend, fast_accum=fast_accum == "all")
             if ctx.needs_input_grad[0]:
-                dx = qmatmul(gy2, weight, recipe, elem_a=grad_elem, backend=backend, **_weight_tile(recipe))
+                dx = qmatmul(gy2, weight, recipe, **kw, **_weight_tile(recipe))
                 dx = dx.to(gy.dtype).reshape(x_shape)
             if ctx.needs_input_grad[1]:
-                dw = qmatmul(gy2.t(), x2, recipe, elem_a=grad_elem, backend=backend).to(weight.dtype)
+                dw = qmatmul(gy2.t(), x2, recipe, **kw).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0, dtype=torch.float32)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -280,10 +296,13 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
 
 
-def _fp8_mm(a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: str) -> torch.Tensor:
+def _fp8_mm(
+    a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: str, fast: bool = False
+) -> torch.Tensor:
     """``(a * scale_a) @ (b * scale_b)`` of fp8 operands, an output wanted in ``want``:
     torch._scaled_mm (rowwise writes bf16, all it can; tensorwise as the Triton GEMMs do: a bf16
-    output under autocast saves a cast of an fp32 one), or emulated in fp32. Blockwise
+    output under autocast saves a cast of an fp32 one; ``fast``: its fast accumulation), or
+    emulated in fp32. Blockwise
     (mxfp8_fast), scales per 128 of K (``scale_b`` per 128x128 tile of the weight): cuBLAS's GEMM
     where ``scaled`` and both operands are e4m3 (it writes bf16), else the Triton blockwise GEMM,
     each reading the copies in place."""
@@ -300,7 +319,7 @@ def _fp8_mm(a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: st
         return blockwise_matmul(a, scale_a, b, scale_b, out_dtype=_gemm_out(want))
     if scaled:
         out_dtype = torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
-        return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)
+        return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, fast_accum=fast)
     return (a.float() * scale_a) @ (b.float() * scale_b)
 
 
@@ -335,17 +354,19 @@ class _FusedFloat8:
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype):
+    def forward(
+        ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype, fast_accum
+    ):
         scaling = {"fp8_rowwise": "rowwise", "mxfp8_fast": "blockwise"}.get(recipe, "tensorwise")
         T = x2.shape[0]
         x2 = _quantize_input(x2, scaling)
         xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
-        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling)[:T]
+        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling, fast_accum != "none")[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
-        ctx.scaled, ctx.delayed = scaled, delayed
+        ctx.scaled, ctx.delayed, ctx.fast_backward = scaled, delayed, fast_accum == "all"
         return y
 
     @staticmethod
@@ -358,10 +379,11 @@ class _FusedFloat8:
         g = _quantize_input(gy2, scaling)
         gq, sg, gqt, sgt = _fp8_copies(g, grad_elem, scaling, want_dw, ctx.delayed, 2, rows=want_dx)
         dx = dw = None
+        fast = ctx.fast_backward
         if want_dx:  # dx in dy's dtype (bf16 under autocast), dW in fp32 (as the GEMM can write them)
-            dx = _fp8_mm(gq, wqt.t(), sg, swt, gy2.dtype, ctx.scaled, scaling)[: ctx.tokens]
+            dx = _fp8_mm(gq, wqt.t(), sg, swt, gy2.dtype, ctx.scaled, scaling, fast)[: ctx.tokens]
         if want_dw:
-            dw = _fp8_mm(gqt, xqt.t(), _flipped(sgt), sxt, torch.float32, ctx.scaled, scaling)
+            dw = _fp8_mm(gqt, xqt.t(), _flipped(sgt), sxt, torch.float32, ctx.scaled, scaling, fast)
         return dx, dw
 
 
@@ -378,6 +400,9 @@ class LowPrecisionLinear(nn.Linear):
         grad_elem: element format of gradients, "e4m3" (the MXFP8 recipe) or "e5m2".
         backend: "auto", "emulated" or "scaled_mm" (see :func:`lowcomm.kernels.gemm.qmatmul`).
         amax_history_len: fp8_delayed only: steps of maxima kept (default 16).
+        fast_accum: the fp8 recipes' GEMMs in torch._scaled_mm that sum in the fp8 MMA's own
+            precision, one of :data:`FAST_ACCUM_MODES` ("fprop", the default: the forward's;
+            "all"; "none"). No effect on the MX recipes or on emulated GEMMs (fp32 sums).
 
     Delayed scaling: every training forward (one with a backward to follow) is a step of the
     history: the maxima of x and W it reads, and of dy in its backward, join the history at the
@@ -399,17 +424,21 @@ class LowPrecisionLinear(nn.Linear):
         grad_elem: str = "e4m3",
         backend: str = "auto",
         amax_history_len: int = AMAX_HISTORY_LEN,
+        fast_accum: str = "fprop",
         device=None,
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._set_recipe(recipe, grad_elem, backend, amax_history_len)
+        self._set_recipe(recipe, grad_elem, backend, amax_history_len, fast_accum)
 
-    def _set_recipe(self, recipe: str, grad_elem: str, backend: str, amax_history_len: int) -> None:
+    def _set_recipe(
+        self, recipe: str, grad_elem: str, backend: str, amax_history_len: int, fast_accum: str
+    ) -> None:
         if recipe not in LAYER_RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; allowed: {list(LAYER_RECIPES)}")
         if grad_elem not in ("e4m3", "e5m2"):
             raise ValueError(f"grad_elem must be 'e4m3' or 'e5m2', got {grad_elem!r}")
+        _check_fast_accum(fast_accum)
         if COMPILED_QUANTIZE not in COMPILED_QUANTIZES:
             raise ValueError(
                 f"LOWCOMM_COMPILED_QUANTIZE={COMPILED_QUANTIZE!r} is not allowed: "
@@ -420,7 +449,7 @@ class LowPrecisionLinear(nn.Linear):
         # low-precision layer, not with lowcomm: their operators exist before anything compiles
         from . import triton_fp8, triton_mx_gemm, triton_quantize  # noqa: F401
 
-        self.recipe, self.grad_elem, self.backend = recipe, grad_elem, backend
+        self.recipe, self.grad_elem, self.backend, self.fast_accum = recipe, grad_elem, backend, fast_accum
         if recipe == "fp8_delayed":
             _check_history_len(amax_history_len)
             dev = self.weight.device
@@ -438,9 +467,17 @@ class LowPrecisionLinear(nn.Linear):
             scaled = _delayed_on_scaled_mm(self.backend, x, self.weight)
             delayed = (*self._delayed_scales(backward_follows, scaled), backward_follows, scaled)
         # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
-        # arithmetic (fp32 emulation, the fp8 GEMMs' fp32 sums) is left alone
+        # arithmetic (fp32 emulation, the fp8 GEMMs' own sums) is left alone
         out_dtype = _autocast_dtype(x.device.type)
-        args = (self.recipe, self.grad_elem, self.backend, backward_follows, delayed, out_dtype)
+        args = (
+            self.recipe,
+            self.grad_elem,
+            self.backend,
+            backward_follows,
+            delayed,
+            out_dtype,
+            self.fast_accum,
+        )
         if out_dtype is None:
             return _QLinear.apply(x, self.weight, self.bias, *args)
         with torch.autocast(x.device.type, enabled=False):
@@ -483,19 +520,27 @@ class LowPrecisionLinear(nn.Linear):
         recipe = kw.pop("recipe", getattr(cls, "default_recipe", "mxfp8"))
         grad_elem, backend = kw.pop("grad_elem", "e4m3"), kw.pop("backend", "auto")
         history = kw.pop("amax_history_len", AMAX_HISTORY_LEN)
+        fast_accum = kw.pop("fast_accum", "fprop")
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
-        new._set_recipe(recipe, grad_elem, backend, history)
+        new._set_recipe(recipe, grad_elem, backend, history, fast_accum)
         return new
 
     def extra_repr(self) -> str:
         extra = f", amax_history_len={self.fp8_amax_history.shape[1]}" if self.recipe == "fp8_delayed" else ""
+        if self.recipe.startswith("fp8"):
+            extra += f", fast_accum={self.fast_accum}"
         return f"{super().extra_repr()}, recipe={self.recipe}, grad_elem={self.grad_elem}{extra}"
 
 
 def _check_history_len(n) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"amax_history_len must be an integer >= 1, got {n!r}")
+
+
+def _check_fast_accum(mode) -> None:
+    if mode not in FAST_ACCUM_MODES:
+        raise ValueError(f"fast_accum must be one of {list(FAST_ACCUM_MODES)}, got {mode!r}")
 
 
 class Float8Linear(LowPrecisionLinear):
@@ -580,6 +625,7 @@ def convert_to_low_precision(
     grad_elem: str = "e4m3",
     backend: str = "auto",
     amax_history_len: int = AMAX_HISTORY_LEN,
+    fast_accum: str = "fprop",
 ) -> list[str]:
     """Swap the model's ``nn.Linear`` layers for low-precision ones, in place.
 
@@ -592,6 +638,7 @@ def convert_to_low_precision(
         grad_elem: element format of gradients.
         backend: GEMM backend.
         amax_history_len: fp8_delayed only: steps of maxima each layer keeps.
+        fast_accum: which fp8 GEMMs sum in the fp8 MMA's own precision (:data:`FAST_ACCUM_MODES`).
 
     Returns:
         The names of the converted layers. Layers whose shapes the recipe cannot take (features
@@ -613,6 +660,7 @@ def convert_to_low_precision(
         skip_fn = lambda name, m: name in names  # noqa: E731
     if recipe == "fp8_delayed":  # checked before any layer is swapped
         _check_history_len(amax_history_len)
+    _check_fast_accum(fast_accum)
     multiple = 32 if recipe == "mxfp8" else 16
     kw = {"amax_history_len": amax_history_len} if recipe == "fp8_delayed" else {}
     converted = []
@@ -626,7 +674,9 @@ def convert_to_low_precision(
         setattr(
             parent,
             child,
-            LowPrecisionLinear.from_linear(module, recipe=recipe, grad_elem=grad_elem, backend=backend, **kw),
+            LowPrecisionLinear.from_linear(
+                module, recipe=recipe, grad_elem=grad_elem, backend=backend, fast_accum=fast_accum, **kw
+            ),
         )
         converted.append(name)
     return converted
