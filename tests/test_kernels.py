@@ -2156,6 +2156,36 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
         gemm._blockwise_scaled_mm_works.cache_clear()
 
 
+def test_the_gradient_numerics_benchmark_measures_every_recipe_on_a_models_own_tensors():
+    """benchmarks/fp8_gradients.py at a tiny size: every recipe and gradient format has each GEMM's
+    error, a few percent as fp8 gives; what quantization must order holds: dy loses fewer values
+    to underflow under per-row scales than under one scale, and in e5m2 than in e4m3."""
+    bench = load_benchmark("fp8_gradients")
+    from lowcomm.lm import GPTConfig
+
+    cfg = GPTConfig(vocab_size=256, seq_len=32, n_layer=1, n_head=2, n_embd=32)
+    caught, loss = bench.capture(cfg, batch_size=2, steps=2, lr=1e-3, device="cpu")
+    assert sorted(caught) == [
+        "blocks.0.attn.proj",
+        "blocks.0.attn.qkv",
+        "blocks.0.mlp.fc",
+        "blocks.0.mlp.proj",
+    ]
+    assert math.isfinite(loss)
+    out = bench.errors(caught)
+    assert len(out["rel_err_vs_fp64"]) == len(bench.RECIPES) * len(bench.GRAD_ELEMS)
+    for name, row in out["rel_err_vs_fp64"].items():
+        for gemm in ("fprop", "dgrad", "wgrad"):
+            assert 1e-3 < row[gemm]["mean"] <= row[gemm]["max"] < 0.2, (name, gemm, row)
+            assert 1e-3 < row[f"{gemm}_row_mean"]["mean"] <= row[f"{gemm}_row_mean"]["max"], (name, gemm)
+            assert 0 <= row[f"{gemm}_rows_lost"]["mean"] <= row[f"{gemm}_rows_lost"]["max"] <= 1, (name, gemm)
+    under = {k: v["mean"] for k, v in out["dy_underflow"].items()}
+    for fmt in bench.GRAD_ELEMS:
+        assert under[f"rowwise/{fmt}"] <= under[f"tensorwise/{fmt}"], under
+    for scaling in ("tensorwise", "rowwise"):
+        assert under[f"{scaling}/e5m2"] <= under[f"{scaling}/e4m3"], under
+
+
 def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
     GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
