@@ -18,10 +18,12 @@
 #                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
-#                      eager (each run's wall and kernel time over 2 profiled steps), then bf16 and
-#                      fp8_rowwise+inductor under torch.compile (fp8_rowwise with its quantize in
-#                      torch ops the compiler fuses into the kernels making x and dy,
-#                      LOWCOMM_COMPILED_QUANTIZE: the route the FP8 issue's training goal needs),
+#                      eager (each run's wall and kernel time over 2 profiled steps), then bf16,
+#                      fp8_rowwise+inductor and fp8_rowwise:all+inductor under torch.compile
+#                      (fp8_rowwise with its quantize in torch ops the compiler fuses into the
+#                      kernels making x and dy, LOWCOMM_COMPILED_QUANTIZE: the route the FP8
+#                      issue's training goal needs; :all, fast accumulation in its three GEMMs as
+#                      torchao's rowwise recipe, where the default has it in fprop's only),
 #                      last, so a time-out there keeps the rest. $TRAIN_ARGS replaces that last
 #                      part's flags ("" leaves it out; "--train-compile --train-precisions
 #                      fp8_tensorwise" trains bf16 and that recipe compiled instead of eager)
@@ -120,7 +122,7 @@ if wanted throughput; then
 fi
 
 if wanted kernels; then
-  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise+inductor} \
+  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise+inductor,fp8_rowwise:all+inductor} \
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 fi

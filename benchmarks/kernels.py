@@ -346,7 +346,8 @@ def training(
     ``compile``: the model under torch.compile in every run (eager by default); a recipe named
     ``R+inductor`` (fp8_tensorwise, fp8_rowwise, fp8_delayed) trains R with
     ``LOWCOMM_COMPILED_QUANTIZE=inductor`` for its run: its quantize in torch ops the compiler can
-    fuse, not the Triton operator.
+    fuse, not the Triton operator; ``R:MODE`` (an fp8 R) trains it with ``--fast-accum MODE``
+    (``fp8_rowwise:all+inductor`` both).
     ``profile_steps`` steps of each run, before its timed part, run under the trainer's profiler:
     a step's wall time against its kernels' (a step much longer than its kernels is a GPU waiting
     for the host, which eager fp8 layers, a few Python calls and Triton launches each, can cause)
@@ -363,10 +364,11 @@ def training(
     window = profile_window(steps, profile_steps)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("fp32", *precisions):
-            precision, _, quantize = name.partition("+")
+            precision, mode, quantize = _split_recipe(name)
             name = "bf16" if name == "fp32" else name  # fp32 Linear layers under bf16 autocast
             cfg = TrainConfig.from_flat(
                 **TRAIN_SIZES[size], steps=steps, replicas=1, device=device, precision=precision,
+                **({"fast_accum": mode} if mode else {}),
                 dtype="bf16", warmup=min(10, steps // 4), eval_every=0, eval_batches=4,
                 log_every=log_every, run_dir=f"{tmp}/{name}", compile=compile,
                 profile=f"{window[0]}:{window[1]}" if window else "",
@@ -406,17 +408,34 @@ def training(
     return out
 
 
-def _recipes(names: str, compile: bool = False, flag: str = "--train-precisions") -> tuple[str, ...]:
-    """``--train-precisions`` (or ``flag``): each a layer recipe, or an fp8 one (tensorwise,
-    rowwise, delayed) ``+inductor`` under ``--train-compile``, else a one-line error naming it."""
-    from lowcomm.kernels.linear import COMPILED_QUANTIZE_RECIPES, LAYER_RECIPES
+def _split_recipe(name: str) -> tuple[str, str | None, str]:
+    """A training comparison's recipe name ``R[:MODE][+inductor]``: (R, MODE or None, "inductor"
+    or "")."""
+    head, _, quantize = name.partition("+")
+    precision, _, mode = head.partition(":")
+    return precision, mode or None, quantize
 
-    allowed = [*LAYER_RECIPES, *(f"{r}+inductor" for r in COMPILED_QUANTIZE_RECIPES)]
+
+def _recipes(names: str, compile: bool = False, flag: str = "--train-precisions") -> tuple[str, ...]:
+    """``--train-precisions`` (or ``flag``): each a layer recipe; an fp8 one (tensorwise, rowwise,
+    delayed) may add ``:MODE`` (its fast accumulation) and, under ``--train-compile``,
+    ``+inductor``; else a one-line error naming it."""
+    from lowcomm.kernels.linear import COMPILED_QUANTIZE_RECIPES, FAST_ACCUM_MODES, LAYER_RECIPES
+
+    modes = "|".join(FAST_ACCUM_MODES)
+    allowed = f"{list(LAYER_RECIPES)}; {list(COMPILED_QUANTIZE_RECIPES)} also with :{modes} and +inductor"
     out = tuple(n for n in names.split(",") if n)
     for n in out:
-        if n not in allowed:
+        precision, mode, quantize = _split_recipe(n)
+        fp8 = precision in COMPILED_QUANTIZE_RECIPES
+        if (
+            precision not in LAYER_RECIPES
+            or (mode is not None and not (fp8 and mode in FAST_ACCUM_MODES))
+            or quantize not in ("", "inductor")
+            or (quantize and not fp8)
+        ):
             raise SystemExit(f"kernels.py: {flag}: unknown recipe {n!r}; allowed: {allowed}")
-        if n.endswith("+inductor") and not compile:
+        if quantize and not compile:
             raise SystemExit(f"kernels.py: {flag}: {n!r} is a compiled route: add --train-compile")
     return out
 
@@ -430,9 +449,9 @@ def main() -> None:
     ap.add_argument(
         "--train-precisions",
         default=",".join(TRAIN_PRECISIONS),
-        help="comma list of the recipes trained against bf16 (default: every fast one; under "
-        "--train-compile also fp8_tensorwise+inductor, fp8_rowwise+inductor, fp8_delayed+inductor: the "
-        "quantize in torch ops)",
+        help="comma list of the recipes trained against bf16 (default: every fast one; an fp8 one may "
+        "add :none, :fprop or :all, its fast accumulation, e.g. fp8_rowwise:all; under --train-compile "
+        "also +inductor, e.g. fp8_rowwise+inductor: the quantize in torch ops)",
     )
     ap.add_argument("--train-compile", action="store_true", help="train under torch.compile (default: eager)")
     ap.add_argument(

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -1455,6 +1456,23 @@ def test_fast_accumulation_reaches_the_gemm_and_a_wrong_mode_is_refused(monkeypa
     assert not any(isinstance(m, LowPrecisionLinear) for m in model.modules())  # nothing swapped
 
 
+def test_the_trainer_builds_its_fp8_layers_with_the_configured_fast_accumulation():
+    """``--fast-accum`` (``[model] fast_accum``) reaches every low-precision layer the trainer
+    builds; "fprop" by default; anything else is refused by name before a model exists."""
+    from lowcomm.runtime import TrainConfig
+    from lowcomm.runtime.trainer.build import build_model
+
+    shape = dict(model_dim=32, layers=1, heads=2, seq_len=16, precision="fp8_rowwise")
+    for kw, want in (({}, "fprop"), ({"fast_accum": "all"}, "all"), ({"fast_accum": "none"}, "none")):
+        model = build_model(TrainConfig.from_flat(**shape, **kw), vocab_size=256)
+        modes = [m.fast_accum for m in model.modules() if isinstance(m, LowPrecisionLinear)]
+        assert len(modes) == 4 and set(modes) == {want}, (kw, modes)
+    with pytest.raises(
+        ValueError, match=r"fast_accum='fast' is not allowed: one of \['none', 'fprop', 'all'\]"
+    ):
+        TrainConfig.from_flat(**shape, fast_accum="fast")
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed"])
 def test_an_fp8_layer_that_needs_one_copy_of_a_tensor_makes_it_right(recipe, monkeypatch):
@@ -2245,18 +2263,36 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         assert prof["top"][0].startswith("steps 2-2 on "), prof["top"][:2]
 
 
-def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled():
+def test_the_kernel_benchmark_takes_the_inductor_quantize_only_compiled(monkeypatch):
     """--train-precisions takes fp8_tensorwise+inductor, fp8_rowwise+inductor and
-    fp8_delayed+inductor (that run's quantize in torch ops) under --train-compile only, and refuses
-    an unknown recipe by name, naming the flag (--train-compiled-too, the compiled comparison run
+    fp8_delayed+inductor (that run's quantize in torch ops) under --train-compile only, an fp8
+    recipe with :MODE (its fast accumulation, which reaches the trainer's layers), and refuses an
+    unknown recipe by name, naming the flag (--train-compiled-too, the compiled comparison run
     after the eager one, takes the same names)."""
-    recipes = load_benchmark("kernels")._recipes
+    bench = load_benchmark("kernels")
+    recipes = bench._recipes
     both = "fp8_rowwise,fp8_rowwise+inductor,fp8_tensorwise+inductor,fp8_delayed+inductor"
     assert recipes(both, compile=True) == tuple(both.split(","))
     with pytest.raises(SystemExit, match=r"'fp8_rowwise\+inductor' is a compiled route: add --train-compile"):
         recipes(both)
     with pytest.raises(SystemExit, match=r"unknown recipe 'mxfp8\+inductor'; allowed: \["):
         recipes("mxfp8+inductor", compile=True)
+    modes = "fp8_rowwise:all,fp8_tensorwise:none,fp8_delayed:fprop"
+    assert recipes(modes) == tuple(modes.split(","))
+    assert recipes("fp8_rowwise:all+inductor", compile=True) == ("fp8_rowwise:all+inductor",)
+    assert bench._split_recipe("fp8_rowwise:all+inductor") == ("fp8_rowwise", "all", "inductor")
+    for bad in ("mxfp8:all", "fp8_rowwise:fast", "fp8_rowwise+triton"):
+        with pytest.raises(SystemExit, match=f"unknown recipe '{re.escape(bad)}'; allowed: "):
+            recipes(bad, compile=True)
+    from lowcomm.runtime.trainer import build
+
+    built, convert = [], build.convert_to_low_precision
+    monkeypatch.setattr(
+        build, "convert_to_low_precision", lambda m, p, **kw: built.append((p, kw)) or convert(m, p, **kw)
+    )
+    out = bench.training("cpu", steps=2, size="smoke", precisions=("fp8_rowwise:all",), profile_steps=0)
+    assert built == [("fp32", {"fast_accum": "fprop"}), ("fp8_rowwise", {"fast_accum": "all"})]
+    assert math.isfinite(out["fp8_rowwise:all"]["loss_ratio_vs_bf16"])
     with pytest.raises(
         SystemExit, match=r"--train-compiled-too: unknown recipe 'fp4'"
     ):  # the second comparison's

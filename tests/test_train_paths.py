@@ -481,8 +481,9 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
 
 def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     """benchmarks/gpu_check.sh is what a session lent a GPU runs, once, in a slot of minutes: it
-    must parse (bash -n), name at most 8 files under $OUT (the device tool's limit) and refuse a
-    section it does not have before it runs anything."""
+    must parse (bash -n), name at most 8 files under $OUT (the device tool's limit), hand the
+    kernel benchmark recipes it takes, and refuse a section it does not have before it runs
+    anything."""
     import os
     import re
     import subprocess
@@ -493,6 +494,9 @@ def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     assert r.returncode == 0, r.stderr
     named = set(re.findall(r"\$OUT/(\w[\w.]*)", script.read_text()))
     assert {"env.txt", "tests.txt", "throughput.json", "kernels.json"} <= named and len(named) <= 8, named
+    compiled_too = re.search(r"TRAIN_ARGS---train-compiled-too ([^}]+)\}", script.read_text()).group(1)
+    kernels = load_benchmark("kernels")  # its default comparison's recipes, as the script passes them
+    assert len(kernels._recipes(compiled_too, compile=True, flag="--train-compiled-too")) == 2, compiled_too
     # a section it does not have is refused by name before anything runs or is written
     out = tmp_path / "out"
     env = {**os.environ, "SECTIONS": "throughput kernel"}

@@ -22,7 +22,7 @@ from .._compat import MissingExtra
 from .._version import __version__
 from ..comm import CODECS, CollectiveError
 from ..comm.reduce import REDUCE_METHODS
-from ..kernels.linear import PRECISIONS
+from ..kernels.linear import FAST_ACCUM_MODES, PRECISIONS
 from ..optim.config import INITS
 from ..optim.schedule import PATTERNS
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
@@ -76,6 +76,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 _CHOICES = {
     "mode": MODES,
     "precision": PRECISIONS,
+    "fast_accum": FAST_ACCUM_MODES,
     "codec": tuple(CODECS),
     "pattern": PATTERNS,
     "reduce": REDUCE_METHODS,

@@ -41,7 +41,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         model = GPT(gcfg)
-    convert_to_low_precision(model, m.precision)  # no-op for fp32; the head stays full precision
+    # no-op for fp32; the head stays full precision
+    convert_to_low_precision(model, m.precision, fast_accum=m.fast_accum)
     return model
 
 

@@ -30,7 +30,7 @@ import torch
 from ..._checks import refuse
 from ..._compat import tomllib
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
-from ...kernels.linear import PRECISIONS
+from ...kernels.linear import FAST_ACCUM_MODES, PRECISIONS
 from ...optim.config import DiLoCoConfig
 
 __all__ = [
@@ -238,6 +238,10 @@ class ModelConfig:
             16 steps' maxima); emulated on CPU, on a GPU run on its fp8 or MX hardware or refused
             at start-up (fp8: sm_89+; mxfp8: sm_90 with Triton, or sm_100; mxfp8_fast: sm_90);
             the output head stays in full precision.
+        fast_accum: which GEMMs of the fp8 precisions sum in the fp8 MMA's own precision on a GPU
+            (torch._scaled_mm's fast accumulation) instead of promoting to fp32: "fprop" (the
+            forward's, as TransformerEngine and torchao do), "all" or "none"; no effect on the MX
+            precisions or on a CPU's emulated GEMMs.
     """
 
     dim: int = 128
@@ -245,12 +249,14 @@ class ModelConfig:
     heads: int = 4
     seq_len: int = 128
     precision: str = "fp32"
+    fast_accum: str = "fprop"
 
     def __post_init__(self) -> None:
         _int(self, "dim", 1, "model_dim")
         for name in ("layers", "heads", "seq_len"):
             _int(self, name, 1)
         _choice(self, "precision", PRECISIONS)
+        _choice(self, "fast_accum", FAST_ACCUM_MODES)
         if self.dim % self.heads:
             raise refuse("heads", self.heads, f"a divisor of model_dim={self.dim}")
 
