@@ -14,7 +14,8 @@ group of four. On CUDA (reported as not measured otherwise), medians of triton.t
   without fast accumulation), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
-  dual quantize (tensorwise, rowwise; against the same copies made by torch ops), one rowwise
+  dual quantize (tensorwise, rowwise; autotuned, the tiles its two kernels took, and the 64 x 64
+  tile on 8 warps it ran before, pinned; against the same copies made by torch ops), one rowwise
   copy in one pass and in two, delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
   128x128; against the per-GEMM torch ops) in bytes read + written
   per second, and a copy for the bandwidth; the MX, fp8 and mxfp8_fast dual quantize again with
@@ -109,7 +110,12 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     """GEMM TFLOP/s per path against cuBLAS bf16, and the dual quantize's bytes per second."""
     from lowcomm.kernels import quantize_mx
     from lowcomm.kernels.gemm import regroup_mx_1x128
-    from lowcomm.kernels.triton_fp8 import _fp8_quantize_dual, fp8_quantize_dual, fp8_quantize_scaled
+    from lowcomm.kernels.triton_fp8 import (
+        FP8_CUDA_CONFIG,
+        _fp8_quantize_dual,
+        fp8_quantize_dual,
+        fp8_quantize_scaled,
+    )
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_dequant_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import (
         QUANTIZE_CUDA_CONFIGS,
@@ -185,6 +191,12 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
                 bench,
                 unit="TBps",
             )
+            # what the autotuner took for the amax and the cast kernel (None: no tuning), and the
+            # tile measured before it tuned, pinned
+            tiles = {k: last_tuned_config(f"fp8_{k}") for k in ("amax", "cast")}
+            row[f"fp8_dual_quantize_{scaling}_tiles"] = tiles
+            pinned = partial(fp8_quantize_dual, a, scaling=scaling, config=FP8_CUDA_CONFIG)
+            _time_rate(row, f"fp8_dual_quantize_{scaling}_64x64w8", moved, pinned, bench, unit="TBps")
             torch_ops = partial(_fp8_both_copies_in_torch, a, scaling)
             _time_rate(row, f"fp8_dual_quantize_{scaling}_torch", moved, torch_ops, bench, unit="TBps")
         # one rowwise copy (evaluation; a backward wanting only dx or dW): one pass against two

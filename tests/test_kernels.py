@@ -395,6 +395,41 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     assert tq.autotuning(torch.device("cuda"))
 
 
+def test_the_fp8_quantize_autotuner_times_every_candidate_once_per_shape_and_keeps_the_bytes(monkeypatch):
+    """On CUDA the fp8 quantize's amax and cast kernels each pick their tiles by timing
+    FP8_CUDA_CONFIGS; here a stand-in timing makes the last candidate fastest: both take it, a
+    shape and scaling seen before is not timed again, another scaling is, and so is delayed
+    scaling's cast (its flags differ); the bytes and scales are quantize_fp8's, and delayed
+    scaling's maxima and copies are those of the pinned tiles."""
+    _needs_triton()
+    import lowcomm.kernels.triton_fp8 as tf
+    import lowcomm.kernels.triton_quantize as tq
+
+    n = len(tf.FP8_CUDA_CONFIGS)
+    timed = _stand_in_autotuning(monkeypatch, "fp8_cast", n)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(64, 96) * torch.logspace(-3, 3, 96)
+    for calls, (y, scaling) in enumerate(((x, "rowwise"), (x * 2, "rowwise"), (x, "tensorwise")), start=1):
+        q, s, qt, st = (t.cpu() for t in tf.fp8_quantize_dual(y.to(dev), "e4m3", scaling))
+        assert len(timed) == (1 if calls < 3 else 2) * 2 * n, (calls, len(timed))  # amax, then cast
+        assert tq.last_tuned_config("fp8_amax") == tq.last_tuned_config("fp8_cast") == tf.FP8_CUDA_CONFIGS[-1]
+        rq, rs = quantize_fp8(y, "e4m3", scaling, axis=-1)
+        cq, cs = quantize_fp8(y, "e4m3", scaling, axis=0)
+        assert _same_fp8(q, rq) and _same_fp8(qt, cq.t().contiguous()), scaling
+        assert torch.equal(s, rs) and torch.equal(st, cs), scaling
+    scale = torch.tensor(0.5)
+    got, amax = [], []
+    for tune in (True, False):  # delayed scaling: a scale given, this tensor's maximum recorded
+        monkeypatch.setattr(tq, "autotuning", lambda device, tune=tune: tune)
+        amax.append(torch.zeros(3, device=dev))
+        got.append(tf.fp8_quantize_scaled(x.to(dev), scale.to(dev), amax=amax[-1], index=1))
+    assert len(timed) == 5 * n  # the cast's new flags: timed once
+    assert torch.equal(amax[0], amax[1]) and float(amax[0][1]) == float(x.abs().max())
+    for a, b in zip(*got):  # q, its scale, qt, its scale
+        assert torch.equal(a.cpu().float().nan_to_num(), b.cpu().float().nan_to_num()), (a, b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+
+
 def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(monkeypatch):
     """On CUDA mxfp8_fast's quantize picks its warps by timing FAST_CUDA_WARPS_CANDIDATES (the
     static counts leave the choice open: fewer warps, fewer values crossing threads but more
@@ -772,7 +807,11 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     assert len(gemm) == 6 and len(quant) == 3 + len(QUANTIZE_CUDA_CONFIGS) and len(blackwell) == 1
     if found < BLACKWELL_TRITON:  # an old triton cannot target Blackwell: refused by name, not a crash
         assert "cannot compile for sm_100: it needs triton >= 3.3" in blackwell.pop()["error"]
-    assert len(fp8) == 7 and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
+    from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS
+
+    # the dual's amax and cast (tensorwise, rowwise), the rowwise pair at each other autotuner
+    # candidate, the one-copy kernel (rows, columns) and delayed scaling's cast
+    assert len(fp8) == 7 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
     assert len(fast) == 3 and len(adamw) == 2 and len(dequant) == 3
     for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
         assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
@@ -793,14 +832,17 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     for row in quant:  # the MX data leaves in whole 16-byte packets (scales: a byte each)
         widths = {int(w) for w in row["global_stores"]}  # JSON keys: bytes per store
         assert max(widths) == 16 and widths <= {1, 2, 16}, row
-    # fp8: every copy in 16-byte packets (the scales, where the kernel writes them: fp32). Triton
-    # 3.2 writes the transposed copies a byte at a time (the same bytes, slower); 3.6 (the GPU
-    # image's) and 3.9 do not
+    # fp8: every copy in 16-byte packets (the scales, where the kernel writes them: fp32, 8 bytes
+    # a thread where a 1-warp tile gives a thread two columns). Triton 3.2 writes the transposed
+    # copies a byte at a time (the same bytes, slower); 3.6 (the GPU image's) and 3.9 do not
     for row in [row for row in fp8 if " cast " in row["kernel"] or "one copy" in row["kernel"]]:
         widths = {int(w) for w in row["global_stores"]}
         want = {16} if "delayed" in row["kernel"] else {4, 16}
         old_ok = "columns" in row["kernel"] or 16 in widths  # only a transposed copy: byte stores
-        assert widths == want if found >= (3, 6) else old_ok, row
+        if "warps)" in row["kernel"]:  # an autotuner candidate
+            assert 16 in widths and widths <= {4, 8, 16} if found >= (3, 6) else old_ok, row
+        else:
+            assert widths == want if found >= (3, 6) else old_ok, row
     if found >= (3, 6):  # the default tile: each column's block in one warp (3.2 still syncs)
         assert quant[0]["barriers"] == 0, quant[0]
 
@@ -920,17 +962,19 @@ def _count_launches(monkeypatch, module, kernel: str) -> list:
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 @pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tiles", ["default", "cuda"])
+@pytest.mark.parametrize("tiles", ["default", *range(5)])
 def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype, tiles):
     """The Triton fp8 quantize (interpreted on CPU in CI) against the torch reference, byte for
-    byte, for the copy as it is and the transposed one: a (70, 100) input ends inside every tile;
-    a zero row, NaN, infinities, a subnormal input and values over 12 decades."""
+    byte, for the copy as it is and the transposed one, at the default tiles and at each CUDA
+    candidate the autotuner may take: a (70, 100) input ends inside every tile; a zero row, NaN,
+    infinities, a subnormal input and values over 12 decades."""
     _needs_triton()
-    from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIG, fp8_quantize_dual
+    from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS, fp8_quantize_dual
 
+    assert len(FP8_CUDA_CONFIGS) == 5  # (the parameters above name each)
     x = _hard_input(70, 100, dtype, seed=1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    config = FP8_CUDA_CONFIG if tiles == "cuda" else None
+    config = None if tiles == "default" else FP8_CUDA_CONFIGS[tiles]
     q, s, qt, st = (t.cpu() for t in fp8_quantize_dual(x.to(dev), elem, scaling, config=config))
     rq, rs = quantize_fp8(x, elem, scaling, axis=-1)
     cq, cs = quantize_fp8(x, elem, scaling, axis=0)
@@ -2229,7 +2273,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
         f"fp8_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("_fast_accum", "_gemm", "_gemm_fast_accum")
     ]
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
-    fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch")]
+    fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch", "_64x64w8")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
 
     tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
@@ -2240,6 +2284,11 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     assert all(rows[0][f"{k}_TBps"] > 0 for k in ["dual_quantize", "copy", "mx_dequantize", *fp8, *tiles])
     took = rows[0]["dual_quantize_tiles"]  # the autotuner's pick on CUDA; no tuning on CPU
     assert took is None if dev == "cpu" else took in QUANTIZE_CUDA_CONFIGS, took
+    from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS
+
+    for scaling in ("tensorwise", "rowwise"):  # the fp8 quantize's two kernels: the same
+        for took in rows[0][f"fp8_dual_quantize_{scaling}_tiles"].values():
+            assert took is None if dev == "cpu" else took in FP8_CUDA_CONFIGS, took
     from lowcomm.kernels.triton_quantize import FAST_CUDA_WARPS_CANDIDATES
 
     for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps

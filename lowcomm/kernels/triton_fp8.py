@@ -37,17 +37,21 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_quantize
 from .formats import ELEM_FORMATS, FP8_MIN_SCALE, TRITON_READS
 from .triton_quantize import (
     _EMAX,
     AS_OPS,
     HAVE_TRITON,
     TRITON_MISSING,
+    TUNABLE,
+    _tuned,
     as_op,
     copies_made,
     hw_cvt,
     mx_format,
     on_device,
+    tile_configs,
 )
 
 if HAVE_TRITON:
@@ -283,8 +287,20 @@ if HAVE_TRITON:
 # Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
 # sm_90a on CPU: the rowwise cast writing both copies takes 69 registers (122 with 4 warps, which
 # would leave 16 warps per SM for a bandwidth-bound kernel), no spills, 4 KiB of shared memory for
-# the transpose. Bandwidth not measured yet. The interpreter runs 32 x 32 tiles.
-FP8_CUDA_CONFIG = {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8}
+# the transpose. On the H200 it ran the dual quantize at 0.94 TB/s (rowwise) and 1.09
+# (tensorwise), a quarter of copy bandwidth, where the MX quantize's autotuner found small tiles on
+# one warp fastest (32 x 64, 1 warp: 1.73 TB/s, from 0.71 at 32 x 128 on 8 warps). So on CUDA
+# the amax and cast kernels are each autotuned over these candidates once per shape and flags
+# (LOWCOMM_AUTOTUNE=0 pins the first, the tile measured); every candidate writes the same bytes
+# (tested). The interpreter runs 32 x 32 tiles.
+FP8_CUDA_CONFIGS = (
+    {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
+    {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 4},
+    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4},
+)
+FP8_CUDA_CONFIG = FP8_CUDA_CONFIGS[0]
 FP8_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
 # One rowwise copy in one pass (a program per slice of whole rows or columns), keyed by ROWS: the
 # rows' slices 16 x 256 on 4 warps (loads of 512 contiguous bytes, 32 elements a thread), the
@@ -293,6 +309,26 @@ FP8_ONE_COPY_CUDA = {
     True: {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 4},
     False: {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
 }
+
+
+if HAVE_TRITON:
+    TUNABLE["fp8_amax"] = lambda: (
+        _fp8_amax_kernel,
+        ["R", "C", "TENSOR", "ROWS", "COLS"],
+        tile_configs(FP8_CUDA_CONFIGS),
+    )
+    TUNABLE["fp8_cast"] = lambda: (
+        _fp8_cast_kernel,
+        ["R", "C", "E5M2", "TENSOR", "ROWS", "COLS", "GIVEN", "RECORD"],
+        tile_configs(FP8_CUDA_CONFIGS),
+    )
+
+
+def _grid(R: int, C: int, cfg: dict | None):
+    """The (row, column) tiles' grid of a tile config, or of whichever the autotuner runs (None)."""
+    if cfg is None:
+        return lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))
+    return (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
 
 
 def fp8_quantize_dual(
@@ -402,6 +438,7 @@ def _fp8_quantize_dual(
     cfg.update(config or {})
     if any(cfg[k] < 16 or cfg[k] & (cfg[k] - 1) for k in ("BLOCK_R", "BLOCK_C")):
         raise ValueError(f"fp8_quantize_dual: tiles must be powers of two of at least 16, got {cfg}")
+    tune = config is None and triton_quantize.autotuning(x.device)
     x = x.contiguous()
     R, C = x.shape
     tensor = scaling == "tensorwise"
@@ -414,11 +451,12 @@ def _fp8_quantize_dual(
     qt = torch.empty(shapes[2], dtype=torch.uint8, device=dev)
     s_rows = torch.empty(shapes[1], dtype=torch.float32, device=dev)
     s_cols = torch.empty(shapes[3], dtype=torch.float32, device=dev)
-    grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
     if R and C:
+        cfg = None if tune else cfg  # None: the autotuned kernels pick their tiles
+        kernel = _tuned("fp8_amax") if tune else _fp8_amax_kernel
         with on_device(x):
-            _fp8_amax_kernel[grid](
-                x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **cfg
+            kernel[_grid(R, C, cfg)](
+                x, amax, amax[0 if tensor else R:], R, C, TENSOR=tensor, ROWS=rows, COLS=cols, **(cfg or {})
             )  # fmt: skip
         # the scales are taken from the maxima by the cast kernel, which writes them out
         _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, False, False, cfg)
@@ -437,11 +475,13 @@ def _format(elem: str, hw: bool) -> dict:
 
 def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given, record, cfg) -> None:
     """The cast kernel over (R, C) x: q and/or qt written; ``given``: by the scale in ``s_rows``
-    (tensorwise), maxima into ``amax`` if ``record``; else by the scales from the maxima in ``amax``."""
+    (tensorwise), maxima into ``amax`` if ``record``; else by the scales from the maxima in ``amax``.
+    ``cfg`` None: the autotuned kernel (its maxima's atomic max and its stores give the same
+    result however often the autotuner runs it)."""
     R, C = x.shape
-    grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+    kernel = _tuned("fp8_cast") if cfg is None else _fp8_cast_kernel
     with on_device(x):
-        _fp8_cast_kernel[grid](
+        kernel[_grid(R, C, cfg)](
             x,
             s_rows if rows else s_cols,  # stand in for the copy not written (never written)
             s_cols if cols else s_rows,
@@ -456,7 +496,7 @@ def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given
             COLS=cols,
             GIVEN=given,
             RECORD=record,
-            **cfg,
+            **(cfg or {}),
         )
 
 
@@ -565,7 +605,8 @@ def _fp8_quantize_scaled(
     """:func:`fp8_quantize_scaled` in Triton after its checks: four tensors, empty for a copy not
     made. ``own_scales``: each copy's scale is a tensor of its own, as an operator's outputs must
     be (they may not alias its inputs); else both are ``scale`` itself (a copy launch less each)."""
-    cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
+    tune = triton_quantize.autotuning(x.device)  # (looked up in its module: tests stand in for it)
+    cfg = None if tune else dict(FP8_CUDA_CONFIG if x.is_cuda else FP8_INTERPRET_CONFIG)
     x = x.contiguous()
     R, C = x.shape
     shapes = _shapes(x, "tensorwise", rows, cols)
@@ -717,6 +758,24 @@ def static_specs() -> list:
         name = f"fp8_quantize_dual cast ({scaling}, bf16 to e4m3)"
         specs.append(
             spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags, "GIVEN": False, "RECORD": False})
+        )
+    amax_ptrs = {"x_ptr": "*bf16", "row_ptr": "*i32", "col_ptr": "*i32"}
+    for cfg in FP8_CUDA_CONFIGS[1:]:  # the autotuner's other candidates, for the rowwise pair
+        at = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}, {cfg['num_warps']} warps"
+        flags = dict(TENSOR=False, ROWS=True, COLS=True, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+        w = cfg["num_warps"]
+        specs.append(
+            spec(f"fp8_quantize_dual amax (rowwise, bf16; {at})", _fp8_amax_kernel, amax_ptrs, flags, w)
+        )
+        consts = {**cast, **flags, "GIVEN": False, "RECORD": False}
+        specs.append(
+            spec(
+                f"fp8_quantize_dual cast (rowwise, bf16 to e4m3; {at})",
+                _fp8_cast_kernel,
+                cast_ptrs,
+                consts,
+                w,
+            )
         )
     for rows in (True, False):
         name = f"fp8_quantize_dual one copy ({'rows' if rows else 'columns'}, rowwise, bf16 to e4m3)"

@@ -826,28 +826,55 @@ def autotuning(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("LOWCOMM_AUTOTUNE", "1") != "0"
 
 
+def tile_configs(candidates) -> list:
+    """Triton configs of tile candidates (``BLOCK_R``, ``BLOCK_C``, ``num_warps`` each)."""
+    tiles = [{k: c[k] for k in ("BLOCK_R", "BLOCK_C")} for c in candidates]
+    return [triton.Config(t, num_warps=c["num_warps"], num_stages=1) for t, c in zip(tiles, candidates)]
+
+
 def _tuned(name: str):
     """A kernel autotuned over its candidates once per shape, copies and format (built on first
-    use): ``mx_quantize_dual`` (the MX quantize) over QUANTIZE_CUDA_CONFIGS' tiles and warps,
-    ``mx_fast_quantize_dual`` over FAST_CUDA_WARPS_CANDIDATES."""
+    use): :data:`TUNABLE` ``[name]()`` gives the kernel, the arguments its choice depends on (the
+    tensors' dtypes count too) and the candidates."""
     if name not in _TUNED:
-        if name == "mx_quantize_dual":
-            kernel, key = _mx_dual_kernel, ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"]
-            tiles = [{k: c[k] for k in ("BLOCK_R", "BLOCK_C")} for c in QUANTIZE_CUDA_CONFIGS]
-            warps = [c["num_warps"] for c in QUANTIZE_CUDA_CONFIGS]
-            configs = [triton.Config(t, num_warps=w, num_stages=1) for t, w in zip(tiles, warps)]
-        else:
-            kernel, key = _mx_fast_kernel, ["R", "C", "ROWS", "COLS", "E5M2", "TILED"]
-            configs = [triton.Config({}, num_warps=w, num_stages=1) for w in FAST_CUDA_WARPS_CANDIDATES]
+        kernel, key, configs = TUNABLE[name]()
         _TUNED[name] = triton.autotune(configs, key=key, do_bench=_AUTOTUNE_BENCH)(kernel)
     return _TUNED[name]
 
 
+#: the kernels autotuned on CUDA, by name: a function returning (kernel, key, configs).
+#: ``mx_quantize_dual`` (the MX quantize) over QUANTIZE_CUDA_CONFIGS' tiles and warps,
+#: ``mx_fast_quantize_dual`` over FAST_CUDA_WARPS_CANDIDATES; lowcomm.kernels.triton_fp8 adds
+#: the fp8 quantize's two kernels.
+TUNABLE: dict = {
+    "mx_quantize_dual": lambda: (
+        _mx_dual_kernel,
+        ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"],
+        tile_configs(QUANTIZE_CUDA_CONFIGS),
+    ),
+    "mx_fast_quantize_dual": lambda: (
+        _mx_fast_kernel,
+        ["R", "C", "ROWS", "COLS", "E5M2", "TILED"],
+        [triton.Config({}, num_warps=w, num_stages=1) for w in FAST_CUDA_WARPS_CANDIDATES],
+    ),
+}
 #: the autotuned kernels by name (:func:`_tuned`)
 _TUNED: dict = {}
-#: how the autotuner times a candidate: None is Triton's benchmarker on the GPU (tests on CPU set
-#: their own, with _TUNED emptied)
-_AUTOTUNE_BENCH = None
+
+
+def _quick_bench(kernel_call, quantiles=None):
+    """How the autotuner times a candidate on the GPU: Triton's benchmarker with 5 ms of warm-up
+    and 20 ms of runs instead of its 25 and 100. The tuned kernels take well under a millisecond
+    at a model's shapes (a 16384 x 4096 bf16 tensor at 1 TB/s: 0.2 ms), so 20 ms are still dozens
+    of runs, and a model with a dozen tensor shapes and two fp8 kernels each (five candidates)
+    tunes in a few seconds rather than half a minute."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+#: how the autotuner times a candidate (tests on CPU set their own, with _TUNED emptied)
+_AUTOTUNE_BENCH = _quick_bench
 
 
 def last_tuned_config(name: str = "mx_quantize_dual") -> dict | None:
