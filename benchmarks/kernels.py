@@ -237,15 +237,12 @@ def _fp8_gemms(a: torch.Tensor, b: torch.Tensor, recipe: str, scaled: bool) -> d
     as the layers run it: torch._scaled_mm where ``scaled``, else emulated), with the sums
     promoted to fp32 as they go (``{recipe}_gemm``) and in the fp8 MMA's own precision
     (``{recipe}_gemm_fast_accum``)."""
-    from lowcomm.kernels.gemm import _fp8_along_k
+    from lowcomm.kernels.gemm import fp8_scaled_mm_operands
     from lowcomm.kernels.linear import _fp8_mm
 
     scaling = recipe.removeprefix("fp8_")
-    da, sa = _fp8_along_k(a, "e4m3", scaling)
-    dbt, sb = _fp8_along_k(b.t(), "e4m3", scaling)
-    if scaling == "rowwise":  # cuBLASLt's (M, 1) and (1, N)
-        sa, sb = sa.reshape(-1, 1).contiguous(), sb.reshape(1, -1).contiguous()
-    gemm = partial(_fp8_mm, da, dbt.t(), sa, sb, torch.bfloat16, scaled, scaling)
+    operands = fp8_scaled_mm_operands(a, b, "e4m3", "e4m3", scaling)
+    gemm = partial(_fp8_mm, *operands, torch.bfloat16, scaled, scaling)
     return {f"{recipe}_gemm": partial(gemm, False), f"{recipe}_gemm_fast_accum": partial(gemm, True)}
 
 

@@ -593,18 +593,20 @@ def _scaled_mm(
         a = torch.nn.functional.pad(a, (0, pad_k))
         b = torch.nn.functional.pad(b, (0, (-n) % 16, 0, pad_k))
     scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
-    da, sa = _fp8_along_k(a, elem_a, scaling)
-    dbt, sb = _fp8_along_k(b.t(), elem_b, scaling)  # b's columns: the rows of bᵀ
     out_dtype = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise needs bf16 output
-    y = scaled_mm(
-        da,
-        dbt.t(),
-        sa.reshape(-1, 1).contiguous() if scaling == "rowwise" else sa,
-        sb.reshape(1, -1).contiguous() if scaling == "rowwise" else sb,
-        out_dtype=out_dtype,
-        fast_accum=fast_accum,
-    )
+    y = scaled_mm(*fp8_scaled_mm_operands(a, b, elem_a, elem_b, scaling), out_dtype, fast_accum)
     return y[:, :n].float()
+
+
+def fp8_scaled_mm_operands(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str, scaling: str):
+    """``(a, b, scale_a, scale_b)`` of an fp8 ``torch._scaled_mm`` for ``a @ b`` (K and N
+    multiples of 16): ``a`` quantized along K, row-major; ``b`` quantized along K (its columns:
+    the rows of bᵀ), column-major; the scales in cuBLASLt's shapes (rowwise (M, 1) and (1, N))."""
+    da, sa = _fp8_along_k(a, elem_a, scaling)
+    dbt, sb = _fp8_along_k(b.t(), elem_b, scaling)
+    if scaling == "rowwise":
+        sa, sb = sa.reshape(-1, 1).contiguous(), sb.reshape(1, -1).contiguous()
+    return da, dbt.t(), sa, sb
 
 
 def _triton_reads(t: torch.Tensor) -> bool:
