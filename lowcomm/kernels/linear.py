@@ -63,6 +63,8 @@ COMPILED_QUANTIZE_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed")
 #: default; dgrad and wgrad, summing over out-features and tokens, promote), "all" (torchao's
 #: rowwise recipe) or "none". docs/references.md, FP8 on Hopper.
 FAST_ACCUM_MODES = ("none", "fprop", "all")
+#: the layers' default (the trainer's too)
+FAST_ACCUM = "fprop"
 
 
 def _compiler_quantizes() -> bool:
@@ -424,7 +426,7 @@ class LowPrecisionLinear(nn.Linear):
         grad_elem: str = "e4m3",
         backend: str = "auto",
         amax_history_len: int = AMAX_HISTORY_LEN,
-        fast_accum: str = "fprop",
+        fast_accum: str = FAST_ACCUM,
         device=None,
         dtype=None,
     ):
@@ -520,7 +522,7 @@ class LowPrecisionLinear(nn.Linear):
         recipe = kw.pop("recipe", getattr(cls, "default_recipe", "mxfp8"))
         grad_elem, backend = kw.pop("grad_elem", "e4m3"), kw.pop("backend", "auto")
         history = kw.pop("amax_history_len", AMAX_HISTORY_LEN)
-        fast_accum = kw.pop("fast_accum", "fprop")
+        fast_accum = kw.pop("fast_accum", FAST_ACCUM)
         if kw:
             raise TypeError(f"unexpected arguments {sorted(kw)}")
         new._set_recipe(recipe, grad_elem, backend, history, fast_accum)
@@ -625,7 +627,7 @@ def convert_to_low_precision(
     grad_elem: str = "e4m3",
     backend: str = "auto",
     amax_history_len: int = AMAX_HISTORY_LEN,
-    fast_accum: str = "fprop",
+    fast_accum: str = FAST_ACCUM,
 ) -> list[str]:
     """Swap the model's ``nn.Linear`` layers for low-precision ones, in place.
 

@@ -30,7 +30,7 @@ import torch
 from ..._checks import refuse
 from ..._compat import tomllib
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
-from ...kernels.linear import FAST_ACCUM_MODES, PRECISIONS
+from ...kernels.linear import FAST_ACCUM, FAST_ACCUM_MODES, PRECISIONS
 from ...optim.config import DiLoCoConfig
 
 __all__ = [
@@ -249,7 +249,7 @@ class ModelConfig:
     heads: int = 4
     seq_len: int = 128
     precision: str = "fp32"
-    fast_accum: str = "fprop"
+    fast_accum: str = FAST_ACCUM
 
     def __post_init__(self) -> None:
         _int(self, "dim", 1, "model_dim")
