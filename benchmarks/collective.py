@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from common import stamp, write_result
 
 from lowcomm.comm import get_codec
 from lowcomm.runtime.trainer.topology import init_from_torchrun
@@ -73,9 +74,7 @@ def main() -> None:
         if topo.rank == 0:
             print(json.dumps(row), flush=True)
     if topo.rank == 0 and args.json:
-        out = {"benchmark": "collective", "date": time.strftime("%Y-%m-%d"), "replicas": M, "rows": rows}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_result({**stamp("collective"), "replicas": M, "rows": rows}, args.json, echo=False)
     group.close()
     dist.destroy_process_group()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["commit", "machine", "stamp", "steady_tokens_per_second", "window_ms_per_step"]
+__all__ = [
+    "commit",
+    "machine",
+    "stamp",
+    "steady_tokens_per_second",
+    "window_ms_per_step",
+    "write_result",
+]
 
 
 def commit() -> str:
@@ -37,6 +45,18 @@ def stamp(benchmark: str) -> dict:
         "commit": commit(),
         "torch": torch.__version__,
     }
+
+
+def write_result(result: dict, path: str | None, *, echo: bool = True) -> None:
+    """A benchmark's result as JSON: printed on stdout (``echo``) and, given ``path``, written there
+    (its folder made). A benchmark that saves after each part (so a time-out keeps what ran) calls
+    it with ``echo=False`` until its end."""
+    text = json.dumps(result, indent=2)
+    if echo:
+        print(text, flush=True)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
 
 
 def steady_tokens_per_second(run_dir: str, summary: dict, log_every: int) -> float:

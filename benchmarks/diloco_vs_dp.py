@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
-from pathlib import Path
 
 import torch
-from common import commit
+from common import stamp, write_result
 
 from lowcomm.runtime import TrainConfig, train
 
@@ -83,19 +80,12 @@ def main() -> None:
         for r in results.values():
             r["loss_vs_diloco"] = r["final_eval_loss"] / results["diloco"]["final_eval_loss"] - 1
     out = {
-        "benchmark": "diloco_vs_dp",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        **stamp("diloco_vs_dp"),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "commit": commit(),
         "args": vars(args),
         "results": results,
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(out, args.json)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import stamp, write_result
 
 TINY = ["--seq-len", "16", "--batch-size", "2", "--eval-batches", "2", "--threads", "1", "--eval-every", "0"]
 
@@ -237,20 +238,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {"recovery": recovery, "catchup": catchup, "capacity": capacity}[args.what](args)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    doc = {
-        "benchmark": f"elastic/{args.what}",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "commit": commit,
-        "result": result,
-    }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result({**stamp(f"elastic/{args.what}"), "result": result}, args.out)
 
 
 if __name__ == "__main__":

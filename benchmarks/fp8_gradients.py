@@ -24,14 +24,13 @@ is tensorwise with scales from earlier steps' maxima, which this does not replay
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp  # noqa: E402
+from common import stamp, write_result  # noqa: E402
 
 from lowcomm.kernels import qmatmul, quantize_fp8  # noqa: E402
 from lowcomm.lm import GPT, GPTConfig, load_corpus  # noqa: E402
@@ -157,10 +156,7 @@ def main() -> None:
         "loss_at_capture": loss,
         **errors(caught),
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    write_result(out, a.json)
 
 
 if __name__ == "__main__":

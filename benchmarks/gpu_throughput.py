@@ -58,7 +58,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import profile_top, profile_window, stamp, steady_tokens_per_second, window_ms_per_step
+from common import (
+    profile_top,
+    profile_window,
+    stamp,
+    steady_tokens_per_second,
+    window_ms_per_step,
+    write_result,
+)
 
 from lowcomm.lm import GPT, GPTConfig
 from lowcomm.runtime import TrainConfig, train
@@ -418,8 +425,7 @@ def main() -> None:
 
     def save(part: str, value) -> None:  # the JSON after every part, so a time-out keeps what ran
         print(json.dumps({part: value}), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(result, args.json, echo=False)
 
     with tempfile.TemporaryDirectory() as tmp:
         # the two checks without compilation first: each is a goal, and each costs less than one
@@ -457,7 +463,7 @@ def main() -> None:
                 r["x_plain"] = r["tokens_per_second"] / plain["tokens_per_second"]
                 row[name] = r
                 save(size, {name: r})
-    print(json.dumps(result, indent=2))
+    write_result(result, None)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp  # noqa: E402
+from common import stamp, write_result  # noqa: E402
 
 from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
@@ -300,10 +300,7 @@ def main(argv=None) -> dict:
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
     out["compiled"] = compiled
     out["layers"] = None if args.skip_layers else layers()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    write_result(out, args.json)
     return out
 
 

@@ -13,12 +13,11 @@ layer). The same for ``lowcomm.integrations`` and for what a ``lowcomm train`` p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 
-from common import stamp
+from common import stamp, write_result
 
 #: packages ``import lowcomm`` must not load (Triton comes with a CUDA build of torch, not as an extra)
 OPTIONAL = ("zmq", "msgpack", "scipy", "matplotlib", "lightning", "transformers", "accelerate", "triton")
@@ -62,9 +61,7 @@ def main() -> None:
         }
         print(f"import {module}: {rows[module]}")
     out = {**stamp("importtime"), "reps": args.reps, "goal_own_ms": 40, "results": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_result(out, args.json, echo=False)  # (each module's line was printed)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from common import commit
+from common import stamp, write_result
 
 from lowcomm.kernels import qmatmul
 from lowcomm.kernels.gemm import RECIPES
@@ -486,34 +486,21 @@ def main() -> None:
         from lowcomm.kernels.triton_static import report
 
         out = {
-            "benchmark": "kernels_static",
-            "date": time.strftime("%Y-%m-%d"),
+            **stamp("kernels_static"),
             "machine": f"{platform.machine()} CPU (compiled ahead of time; nothing run)",
             "triton": triton.__version__,
-            "commit": commit(),
             "kernels": report(),
         }
-        print(json.dumps(out, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+        write_result(out, args.json)
         return
-    out = {
-        "benchmark": "kernels",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU (no GPU)",
-        "torch": torch.__version__,
-        "commit": commit(),
-    }
+    out = stamp("kernels")
     none = "not measured: no GPU on this machine"
     not_run = "not run: no GPU on this machine (CI trains each recipe emulated on CPU: tests/test_kernels.py)"
 
     def save(part: str | None = None, value=None) -> None:  # a time-out keeps what was saved
         if part is not None:
             out[part] = value
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+        write_result(out, args.json, echo=False)
 
     def train_part(part: str, recipes: tuple[str, ...], compile: bool):  # a training comparison
         if not (cuda and args.train_steps):
@@ -540,7 +527,7 @@ def main() -> None:
         t0 = time.perf_counter()
         save(name, part())
         print(f"{name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(json.dumps(out, indent=2))
+    write_result(out, None)
 
 
 if __name__ == "__main__":

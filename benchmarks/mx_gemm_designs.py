@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
-import subprocess
-import time
 from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 import triton.testing
+from common import stamp, write_result
 
 from lowcomm.kernels import dequantize_mx, quantize_mx
 from lowcomm.kernels.triton_mx_gemm import (
@@ -183,24 +180,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = "unknown"
     out = {
-        "benchmark": "mx_gemm_designs",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU (no GPU)",
+        **stamp("mx_gemm_designs"),
         "triton": triton.__version__,
-        "commit": commit,
         "static_sm_90": static(90),
         "max_rel_err_vs_emulated": check("cuda") if cuda else "run under TRITON_INTERPRET=1 (tests)",
         "speed": speed() if cuda else "not measured: no GPU on this machine",
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_result(out, args.json)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import commit
+from common import stamp, write_result
 
 VARIANTS = {
     "no_comm": ["--sync-every", "1000000", "--no-final-sync"],
@@ -97,17 +96,8 @@ def main() -> None:
     if "no_comm" in results:
         for r in results.values():
             r["step_time_vs_no_comm"] = r["step_seconds"] / results["no_comm"]["step_seconds"]
-    out = {
-        "benchmark": "overlap",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "commit": commit(),
-        "args": vars(args),
-        "results": results,
-    }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    out = {**stamp("overlap"), "args": vars(args), "results": results}
+    write_result(out, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ table (report.md and loss.png next to the JSON's run folder).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -30,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import stamp
+from common import stamp, write_result
 
 from lowcomm.runtime.elastic import new_key
 from lowcomm.runtime.faults import FaultPlan
@@ -181,9 +180,7 @@ def main() -> None:
         "every_rogue_refused": result["rogues"] > 0 and result["rogues_refused"] == result["rogues"]
         and not result["rogues_seen_as_members"],
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":
