@@ -97,7 +97,7 @@ def _sass_instructions(cubin: bytes) -> int:
     bf16 at the 4.0 TB/s measured there moves 1e12 elements a second: 33 instructions an element
     keep pace with a copy."""
     sass = _cuobjdump(cubin, "-sass")
-    return len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", sass))
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", sass))
 
 
 def _mma_kind(ptx: str) -> str | None:
