@@ -123,6 +123,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         mx_dequantize,
         mx_fast_quantize_dual,
         mx_quantize_dual,
+        tile_name,
     )
 
     scaled = "scaled_mm" if device == "cuda" else "emulated"  # CPU: the smoke test of this script
@@ -174,9 +175,8 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "dual_quantize", *arith["dual_quantize"], bench, unit="TBps")
         row["dual_quantize_tiles"] = last_tuned_config()  # what the autotuner took (None: no tuning)
         for cfg in QUANTIZE_CUDA_CONFIGS:  # each candidate, pinned
-            tile = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}w{cfg['num_warps']}"
             pinned = partial(mx_quantize_dual, a, config=cfg)
-            _time_rate(row, f"dual_quantize_{tile}", moved, pinned, bench, unit="TBps")
+            _time_rate(row, f"dual_quantize_{tile_name(cfg)}", moved, pinned, bench, unit="TBps")
         _time_rate(row, "copy", 2 * a.numel() * a.element_size(), a.clone, bench, unit="TBps")
         # fp8: both copies a Linear's GEMMs read (as it is, and transposed), ideal traffic: one read
         # of a, two fp8 writes; the Triton kernels read a twice (amax, cast). Against the torch ops

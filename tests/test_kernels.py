@@ -2274,9 +2274,9 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     ]
     assert all(rows[0][f"{k}_tflops"] > 0 for k in gemms + ["mx_fast_triton"])
     fp8 = [f"fp8_dual_quantize_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("", "_torch", "_64x64w8")]
-    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
+    from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, tile_name
 
-    tiles = [f"dual_quantize_{c['BLOCK_R']}x{c['BLOCK_C']}w{c['num_warps']}" for c in QUANTIZE_CUDA_CONFIGS]
+    tiles = [f"dual_quantize_{tile_name(c)}" for c in QUANTIZE_CUDA_CONFIGS]
     fp8 += ["fp8_delayed_quantize", "fp8_one_copy_rowwise", "fp8_one_copy_rowwise_two_pass"]
     fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]
     fp8 += ["dual_quantize_arith", "mx_fast_dual_quantize_1x128_arith"]  # the arithmetic rounding

@@ -141,12 +141,18 @@ if HAVE_TRITON:
     @triton.jit
     def _load_block(x_ptr, R, C, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # the (BLOCK_R, BLOCK_C) block of x at (r0, c0), as _load_tile returns it
+        rows, cols, inside, offs, x = _load_block_raw(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+        return rows, cols, inside, offs, x.to(tl.float32)
+
+    @triton.jit
+    def _load_block_raw(x_ptr, R, C, r0, c0, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # _load_block with x in its own dtype: a load whose value is not used yet, so a thread
+        # goes on (to the previous block's arithmetic) while it is in flight
         rows = r0 + tl.arange(0, BLOCK_R)
         cols = c0 + tl.arange(0, BLOCK_C)
         inside = (rows < R)[:, None] & (cols < C)[None, :]
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-        return rows, cols, inside, offs, x.to(tl.float32)
+        return rows, cols, inside, offs, tl.load(x_ptr + offs, mask=inside, other=0.0)
 
     @triton.jit
     def _scale_exponent(amax, EMAX: tl.constexpr, MANT_LIMIT: tl.constexpr, RCEIL: tl.constexpr):
@@ -282,11 +288,40 @@ if HAVE_TRITON:
         ROWS: tl.constexpr = True,
         COLS: tl.constexpr = True,
         HW_CVT: tl.constexpr = False,
+        TILES: tl.constexpr = 1,
     ):
-        # one (BLOCK_R, BLOCK_C) tile, both multiples of 32: BLOCK_C/32 row scales per row and
-        # BLOCK_R/32 column scales per column. ROWS / COLS: which copies to write. Row blocks need
-        # C a multiple of 32, column blocks R; the other side may end inside a tile (masked).
-        rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, BLOCK_R, BLOCK_C)  # one read
+        # TILES (BLOCK_R, BLOCK_C) tiles side by side along C, both multiples of 32: BLOCK_C/32 row
+        # scales per row and BLOCK_R/32 column scales per column of each. ROWS / COLS: which
+        # copies to write. Row blocks need C a multiple of 32, column blocks R; the other side may
+        # end inside a tile (masked). The next tile's load is issued before this tile's arithmetic
+        # (the loop is unrolled), so each warp keeps a read in flight while it computes.
+        r0 = tl.program_id(0) * BLOCK_R
+        first = tl.program_id(1) * TILES
+        rows_n, cols_n, inside_n, offs_n, x_n = _load_block_raw(
+            x_ptr, R, C, r0, first * BLOCK_C, BLOCK_R, BLOCK_C
+        )
+        for t in tl.static_range(TILES):
+            rows, cols, inside, offs, x = rows_n, cols_n, inside_n, offs_n, x_n
+            if t + 1 < TILES:
+                c_next = (first + t + 1) * BLOCK_C
+                rows_n, cols_n, inside_n, offs_n, x_n = _load_block_raw(
+                    x_ptr, R, C, r0, c_next, BLOCK_R, BLOCK_C
+                )
+            _mx_dual_tile(
+                x.to(tl.float32), rows, cols, inside, offs, first + t, row_q_ptr, row_s_ptr, col_q_ptr,
+                col_s_ptr, R, C, MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C,
+                NAN_BYTE, BLOCK_R, BLOCK_C, ROWS, COLS, HW_CVT,
+            )  # fmt: skip
+
+    @triton.jit
+    def _mx_dual_tile(
+        x, rows, cols, inside, offs, tile_c, row_q_ptr, row_s_ptr, col_q_ptr, col_s_ptr, R, C,
+        MAXV: tl.constexpr, EMAX: tl.constexpr, MANT_LIMIT: tl.constexpr, RCEIL: tl.constexpr,
+        E5M2: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr,
+        NAN_BYTE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+        COLS: tl.constexpr, HW_CVT: tl.constexpr,
+    ):  # fmt: skip
+        # _mx_dual_kernel's work on one tile x (fp32), the tile_c-th along C of its row of tiles
         mag = _abs_bits(x)
         NB_C: tl.constexpr = BLOCK_C // 32
         NB_R: tl.constexpr = BLOCK_R // 32
@@ -297,7 +332,7 @@ if HAVE_TRITON:
                 MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
             )  # fmt: skip
             tl.store(row_q_ptr + offs, tl.reshape(q, (BLOCK_R, BLOCK_C)), mask=inside)
-            s_cols = tl.program_id(1) * NB_C + tl.arange(0, NB_C)
+            s_cols = tile_c * NB_C + tl.arange(0, NB_C)
             tl.store(
                 row_s_ptr + rows.to(tl.int64)[:, None] * (C // 32) + s_cols[None, :],
                 s,
@@ -478,15 +513,35 @@ if HAVE_TRITON:
 # barriers. Which is fastest is the GPU's to say: on CUDA the kernel is autotuned over them once
 # per shape (LOWCOMM_AUTOTUNE=0 pins the first); every candidate writes the same bytes (tested).
 # The interpreter runs 32 x 32 tiles (tests also run every CUDA candidate there).
+#
+# TILES > 1: a program quantizes that many tiles side by side, the next one's load issued before
+# this one's arithmetic. On the H200 the best one-tile candidate (32 x 64, one warp) reached 43%
+# of copy bandwidth: with one tile a warp, a warp's read and its arithmetic take turns, and at
+# 148-154 registers a thread an SM holds 13 such warps. In the SASS of the two-tile 32 x 32
+# kernel (sm_90a) the second tile's loads come 180 instructions after the first's, before any
+# of the first tile's stores; with four tiles each tile's loads come during the previous tile's
+# arithmetic (115-160 registers). What that is worth is the GPU's to say (the autotuner).
 QUANTIZE_CUDA_CONFIGS = (
-    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1},
-    {"BLOCK_R": 64, "BLOCK_C": 32, "num_warps": 1},
-    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1},
-    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4},
-    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 8},
+    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1, "TILES": 1},
+    {"BLOCK_R": 64, "BLOCK_C": 32, "num_warps": 1, "TILES": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1, "TILES": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4, "TILES": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 8, "TILES": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1, "TILES": 2},
+    {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1, "TILES": 4},
+    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1, "TILES": 2},
 )
 QUANTIZE_CUDA_CONFIG = QUANTIZE_CUDA_CONFIGS[0]
-QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
+QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4, "TILES": 1}
+
+
+def tile_name(cfg: dict) -> str:
+    """A tile candidate's short name: ``32x64w1`` (rows x columns, warps), ``t2`` added for two
+    tiles a program."""
+    tiles = cfg.get("TILES", 1)
+    return f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}w{cfg['num_warps']}" + (f"t{tiles}" if tiles > 1 else "")
+
+
 _STATIC_ELEMS = (("e4m3", "rceil"), ("e5m2", "floor"))
 
 
@@ -508,13 +563,17 @@ def static_specs() -> list:
             BLOCK_C=cfg["BLOCK_C"],
             ROWS=rows,
             COLS=cols,
+            TILES=cfg["TILES"],
         )
         sig = {"x_ptr": f"*{src}", "row_q_ptr": "*u8", "row_s_ptr": "*u8", "col_q_ptr": "*u8"}
         sig.update({"col_s_ptr": "*u8", "R": "i32", "C": "i32"})
         sig.update({k: "constexpr" for k in consts})
         name = "mx_quantize_dual" if rows and cols else f"mx_quantize axis={-1 if rows else 0}"
-        w = cfg["num_warps"]
-        tile = "" if cfg is first else f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {w} warp{'s' * (w > 1)}"
+        w, t = cfg["num_warps"], cfg["TILES"]
+        tile = f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {w} warp{'s' * (w > 1)}" + (
+            f", {t} tiles" if t > 1 else ""
+        )
+        tile = "" if cfg is first else tile
         specs.append(
             KernelSpec(
                 name=f"{name} ({src} -> {elem}, {rule}{tile})",
@@ -827,8 +886,9 @@ def autotuning(device: torch.device) -> bool:
 
 
 def tile_configs(candidates) -> list:
-    """Triton configs of tile candidates (``BLOCK_R``, ``BLOCK_C``, ``num_warps`` each)."""
-    tiles = [{k: c[k] for k in ("BLOCK_R", "BLOCK_C")} for c in candidates]
+    """Triton configs of tile candidates (``BLOCK_R``, ``BLOCK_C``, ``num_warps`` each; ``TILES``
+    where the kernel takes it)."""
+    tiles = [{k: c[k] for k in ("BLOCK_R", "BLOCK_C", "TILES") if k in c} for c in candidates]
     return [triton.Config(t, num_warps=c["num_warps"], num_stages=1) for t, c in zip(tiles, candidates)]
 
 
@@ -890,8 +950,8 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     if unknown:
         raise ValueError(f"{name}: unknown config keys {sorted(unknown)}; allowed: {sorted(cfg)}")
     cfg.update(config or {})
-    if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32:
-        raise ValueError(f"{name}: tiles must be multiples of 32, got {cfg}")
+    if cfg["BLOCK_R"] % 32 or cfg["BLOCK_C"] % 32 or cfg["TILES"] < 1:
+        raise ValueError(f"{name}: tiles must be multiples of 32 (TILES >= 1), got {cfg}")
     tune = config is None and autotuning(x.device)
     x = x.contiguous()
     R, C = x.shape
@@ -903,11 +963,11 @@ def _run(x, elem: str, scale_rule: str, rows: bool, cols: bool, config: dict | N
     if R and C:
         written = (row_q, row_s) if rows else (col_q, col_s)  # stands in for the copy not written
         if tune:
-            grid = lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))  # noqa: E731
+            grid = lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // (meta["BLOCK_C"] * meta["TILES"])))  # noqa: E731
             kernel = _tuned("mx_quantize_dual")[grid]
             cfg = {}
         else:
-            kernel = _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))]
+            kernel = _mx_dual_kernel[(-(-R // cfg["BLOCK_R"]), -(-C // (cfg["BLOCK_C"] * cfg["TILES"])))]
         with on_device(x):
             kernel(
                 x,
