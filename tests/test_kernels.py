@@ -751,6 +751,20 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
     assert float((y16.float().cpu() - y.cpu()).abs().max() / y.abs().max()) < 2**-8  # bf16 rounding
 
 
+def test_blocks_per_sm_counts_registers_as_allocated_threads_and_shared_memory():
+    """What an SM holds of a kernel (sm_90): its registers rounded up to 8 a thread, at most 2,048
+    threads and 32 blocks, shared memory with 1 KiB reserved a block; 0 where a block cannot
+    launch."""
+    from lowcomm.kernels.triton_static import blocks_per_sm
+
+    assert blocks_per_sm(154, 1, 0) == 12  # 160 registers x 32 threads: 12 of 65,536
+    assert blocks_per_sm(125, 16, 16384) == 1  # 128 x 512 threads: the whole register file
+    assert blocks_per_sm(64, 32, 0) == 1 and blocks_per_sm(65, 32, 0) == 0  # 72 x 1,024: too many
+    assert blocks_per_sm(16, 1, 0) == 32  # the block limit
+    assert blocks_per_sm(32, 8, 0) == 8  # 2,048 threads
+    assert blocks_per_sm(32, 1, 100 * 1024) == 2  # 228 KiB of shared memory, 101 KiB a block
+
+
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
     """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
     the training layers use, the dual quantize and the replicas' AdamW step, for sm_90a, the
@@ -819,6 +833,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
+        assert row["blocks_per_sm"] >= 1, row  # its registers and shared memory let a block launch
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:

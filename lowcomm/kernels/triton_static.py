@@ -24,10 +24,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["KernelSpec", "compile_report", "all_specs", "report", "SM_SHARED_BYTES"]
+__all__ = ["KernelSpec", "compile_report", "all_specs", "report", "blocks_per_sm", "SM_SHARED_BYTES"]
 
 # shared memory one block may use (opt-in maximum): H100/H200 227 KB, B200 227 KB
 SM_SHARED_BYTES = {90: 227 * 1024, 100: 227 * 1024}
+#: what one SM of sm_90 and sm_100 holds at once (docs/references.md, "FP8 on Hopper"): 32-bit
+#: registers, threads, blocks, shared memory (bytes; each block also takes 1 KiB of it)
+SM_REGISTERS, SM_THREADS, SM_BLOCKS, SM_SHARED_TOTAL, BLOCK_SHARED_RESERVED = (
+    65536,
+    2048,
+    32,
+    228 * 1024,
+    1024,
+)
 #: the oldest triton that compiles for Blackwell (sm_100)
 BLACKWELL_TRITON = (3, 3)
 
@@ -100,6 +109,18 @@ def _sass_instructions(cubin: bytes) -> int:
     return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", sass))
 
 
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many blocks of a kernel one SM holds at once (sm_90 / sm_100), by its registers (a
+    thread's count rounded up to a multiple of 8, as they are allocated), its threads and its shared
+    memory: 0 means a block cannot launch. A memory-bound kernel's reads in flight are what the
+    resident warps have issued, so few warps an SM, each waiting on its own load, leave the memory
+    system idle between them."""
+    threads = 32 * num_warps
+    by_registers = SM_REGISTERS // (-(-registers // 8) * 8 * threads)
+    by_shared = SM_SHARED_TOTAL // (shared_bytes + BLOCK_SHARED_RESERVED)
+    return min(by_registers, SM_THREADS // threads, SM_BLOCKS, by_shared)
+
+
 def _mma_kind(ptx: str) -> str | None:
     """The first tensor-core instruction with its shape and types, e.g.
     ``wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3``."""
@@ -111,15 +132,18 @@ _WIDTH = re.compile(r"\bst\.global(?:\.\w+)*?(?:\.v(\d))?\.[bsuf](\d+)\b")
 
 
 def _sync_and_stores(ptx: str) -> dict:
-    """What a memory-bound kernel's PTX costs beyond its loads: ``barriers`` (CTA-wide
-    ``bar.sync``), ``shuffles`` (``shfl.sync``: values moved between a warp's threads) and
-    ``global_stores`` ({bytes per thread per store instruction: how many}; 16 is a whole
-    16-byte packet). Static counts of the instructions, not of their executions."""
+    """What a memory-bound kernel's PTX costs beyond its loads: ``async_copies`` (``cp.async``
+    global-to-shared copies: a loop the compiler pipelined, its next reads issued before its
+    arithmetic), ``barriers`` (CTA-wide ``bar.sync``), ``shuffles`` (``shfl.sync``: values moved
+    between a warp's threads) and ``global_stores`` ({bytes per thread per store instruction: how
+    many}; 16 is a whole 16-byte packet). Static counts of the instructions, not of their
+    executions."""
     stores: dict[int, int] = {}
     for vec, bits in _WIDTH.findall(ptx):
         width = int(vec or 1) * int(bits) // 8
         stores[width] = stores.get(width, 0) + 1
     return {
+        "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", ptx)),
         "barriers": len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
         "shuffles": len(re.findall(r"\bshfl\.sync\b", ptx)),
         "global_stores": dict(sorted(stores.items())),
@@ -137,9 +161,10 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes"
         (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
         "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
-        of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "barriers",
+        of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "async_copies", "barriers",
         "shuffles", "global_stores" (see :func:`_sync_and_stores`), "sass_instructions" (see
         :func:`_sass_instructions`), "ftz" (an instruction flushes fp32 subnormals to zero),
+        "blocks_per_sm" and "warps_per_sm" (what an SM holds at once: :func:`blocks_per_sm`),
         "compile_s"}``, or
         the first five keys with ``"error"`` when it does not compile.
 
@@ -187,6 +212,8 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     row["ftz"] = ".ftz" in compiled.asm["ptx"]
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
+    row["blocks_per_sm"] = blocks_per_sm(row["registers"], spec.num_warps, row["shared_bytes"])
+    row["warps_per_sm"] = row["blocks_per_sm"] * spec.num_warps
     row["mma"] = _mma_kind(compiled.asm["ptx"])
     # how many wgmma groups may stay in flight where the kernel waits: all 0 means every MMA is
     # waited for before the next instruction that needs its result (nothing hides behind it)
