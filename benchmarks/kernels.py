@@ -118,6 +118,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     )
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_dequant_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import (
+        FAST_CUDA_CONFIGS,
         QUANTIZE_CUDA_CONFIGS,
         last_tuned_config,
         mx_dequantize,
@@ -214,7 +215,11 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
             _time_rate(row, f"mx_fast_dual_quantize_{tile}", moved_fast, fast, bench, unit="TBps")
             if tile == "1x128":
                 arith["mx_fast_dual_quantize_1x128"] = (moved_fast, fast)
-            row[f"mx_fast_dual_quantize_{tile}_warps"] = last_tuned_config("mx_fast_quantize_dual")
+            row[f"mx_fast_dual_quantize_{tile}_config"] = last_tuned_config("mx_fast_quantize_dual")
+        for cfg in FAST_CUDA_CONFIGS:  # each candidate pinned (1x128), the tuner's pick among them
+            pinned = partial(mx_fast_quantize_dual, a, config=cfg)
+            name = f"mx_fast_dual_quantize_1x128_w{cfg['num_warps']}t{cfg['TILES']}"
+            _time_rate(row, name, moved_fast, pinned, bench, unit="TBps")
         torch_ops = partial(_fast_both_copies_in_torch, a)
         _time_rate(row, "mx_fast_dual_quantize_1x128_torch", moved_fast, torch_ops, bench, unit="TBps")
         # delayed scaling (fp8_delayed): the scale known in advance, one read, the maximum recorded

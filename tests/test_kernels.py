@@ -431,24 +431,23 @@ def test_the_fp8_quantize_autotuner_times_every_candidate_once_per_shape_and_kee
 
 
 def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(monkeypatch):
-    """On CUDA mxfp8_fast's quantize picks its warps by timing FAST_CUDA_WARPS_CANDIDATES (the
-    static counts leave the choice open: fewer warps, fewer values crossing threads but more
-    registers); a stand-in timing makes the last fastest here: it is taken, once per shape and
-    block shape, and every candidate writes the torch regrouping's bytes."""
+    """On CUDA mxfp8_fast's quantize picks its warps and tiles a program by timing
+    FAST_CUDA_CONFIGS (the static counts leave the choice open: fewer warps, fewer values crossing
+    threads but more registers); a stand-in timing makes the last fastest here: it is taken, once
+    per shape and block shape, and writes the torch regrouping's bytes."""
     _needs_triton()
 
     import lowcomm.kernels.triton_quantize as tq
     from lowcomm.kernels.gemm import _regroup
 
-    n = len(tq.FAST_CUDA_WARPS_CANDIDATES)
+    n = len(tq.FAST_CUDA_CONFIGS)
     timed = _stand_in_autotuning(monkeypatch, "mx_fast_quantize_dual", n)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(128, 256)
+    x = torch.randn(128, 384)  # 3 tiles along C: the last candidate sweeps them in one program
     for runs, (y, tile) in enumerate(((x, "1x128"), (x * 2, "1x128"), (x, "128x128")), start=1):
         q, s, _, _ = tq.mx_fast_quantize_dual(y.to(dev), tile=tile, cols=False)
         assert len(timed) == (1 if runs < 3 else 2) * n, (runs, len(timed))
-        last = {"num_warps": tq.FAST_CUDA_WARPS_CANDIDATES[-1]}
-        assert tq.last_tuned_config("mx_fast_quantize_dual") == last
+        assert tq.last_tuned_config("mx_fast_quantize_dual") == tq.FAST_CUDA_CONFIGS[-1]
         rq, rs = _regroup(*quantize_mx(y, axis=-1), -1, 1 if tile == "1x128" else 128)
         assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
 
@@ -826,7 +825,11 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # the dual's amax and cast (tensorwise, rowwise), the rowwise pair at each other autotuner
     # candidate, the one-copy kernel (rows, columns) and delayed scaling's cast
     assert len(fp8) == 7 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
-    assert len(fast) == 3 and len(adamw) == 2 and len(dequant) == 3
+    from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS
+
+    assert len(fast) == 3 + len(FAST_CUDA_CONFIGS) - 1 and len(adamw) == 2 and len(dequant) == 3
+    for row in fast:  # a block sweeping several tiles has its loop pipelined: the next tile's copy
+        assert (row["async_copies"] > 0) == (row["constexprs"]["TILES"] > 1), row  # runs ahead
     for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
         assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
         assert {int(w) for w in row["global_stores"]} == ({8, 16} if "copy" in row["kernel"] else {16}), row
@@ -1005,12 +1008,13 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
 def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, rule, dtype):
     """mxfp8_fast's operands in one pass (interpreted on CPU in CI) against quantize_mx regrouped
     in torch ops, byte for byte and scale for scale, in 1x128 blocks and 128x128 tiles, both
-    copies and each alone, with the strides cuBLAS's blockwise GEMM reads: values over 12 decades,
-    a zero row, an all-zero tile (scale 2^-127), NaN and infinities (a group holding one: scale
-    inf, its finite blocks 0), a subnormal."""
+    copies and each alone, at every CUDA candidate (a program of 4 tiles sweeps the 3 along C),
+    with the strides cuBLAS's blockwise GEMM reads: values over 12 decades, a zero row, an
+    all-zero tile (scale 2^-127), NaN and infinities (a group holding one: scale inf, its finite
+    blocks 0), a subnormal."""
     _needs_triton()
     from lowcomm.kernels.gemm import _regroup
-    from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual
+    from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS, mx_fast_quantize_dual
 
     x = _hard_input(256, 384, dtype, seed=7)
     x[128:, 256:] = 0.0
@@ -1018,9 +1022,10 @@ def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, ru
     for tile, across in (("1x128", 1), ("128x128", 128)):
         rq, rs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=-1), -1, across)
         cq, cs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=0), 0, across)
-        q, s, qt, st = mx_fast_quantize_dual(x.to(dev), elem, tile, rule)
-        assert _same_fp8(q.cpu(), rq) and _same_fp8(qt.cpu(), cq.t().contiguous()), tile
-        assert torch.equal(s.cpu(), rs) and torch.equal(st.cpu(), cs), tile
+        for config in (None, *FAST_CUDA_CONFIGS):  # the default, and every candidate the tuner may pick
+            q, s, qt, st = mx_fast_quantize_dual(x.to(dev), elem, tile, rule, config=config)
+            assert _same_fp8(q.cpu(), rq) and _same_fp8(qt.cpu(), cq.t().contiguous()), (tile, config)
+            assert torch.equal(s.cpu(), rs) and torch.equal(st.cpu(), cs), (tile, config)
         assert torch.isinf(s).any() and (s == 2.0**-127).any(), tile  # the NaN group, the zero one
         want = ((1, 256), (384, 1)) if tile == "1x128" else ((3, 1), (1, 2))
         assert (s.stride(), st.stride()) == want, tile
@@ -2304,11 +2309,13 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for scaling in ("tensorwise", "rowwise"):  # the fp8 quantize's two kernels: the same
         for took in rows[0][f"fp8_dual_quantize_{scaling}_tiles"].values():
             assert took is None if dev == "cpu" else took in FP8_CUDA_CONFIGS, took
-    from lowcomm.kernels.triton_quantize import FAST_CUDA_WARPS_CANDIDATES
+    from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS
 
-    for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps
-        took = rows[0][f"mx_fast_dual_quantize_{tile}_warps"]
-        assert took is None if dev == "cpu" else took["num_warps"] in FAST_CUDA_WARPS_CANDIDATES, took
+    for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps and tiles a program
+        took = rows[0][f"mx_fast_dual_quantize_{tile}_config"]
+        assert took is None if dev == "cpu" else took in FAST_CUDA_CONFIGS, took
+    fast = [f"mx_fast_dual_quantize_1x128_w{c['num_warps']}t{c['TILES']}" for c in FAST_CUDA_CONFIGS]
+    assert all(rows[0][f"{k}_TBps"] > 0 for k in fast)  # each candidate pinned
     recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast", "mxfp8_triton")
     recipes += tuple(f"fp8_{s}_accum_{m}" for s in ("tensorwise", "rowwise") for m in ("none", "all"))
     assert all(linear[f"{k}_x_bf16"] > 0 for k in recipes)

@@ -426,16 +426,43 @@ if HAVE_TRITON:
         TILED: tl.constexpr,
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
+        TILES: tl.constexpr = 1,
     ):
-        # one 128 x 128 tile of x (R and C multiples of 128), read once. ROWS: q (R, C) blocked
-        # along rows, a scale per 128 of a row (TILED: per tile), stored for cuBLAS's A (a scale
-        # tensor (R, C/128) with strides (1, R)) or as B's tiles ((R/128, C/128) row-major).
-        # COLS: qt (C, R), x transposed, blocked along x's columns: a scale per 128 of a column,
-        # (R/128, C) row-major (TILED: per tile, (C/128, R/128) row-major)
-        rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, 128, 128)
+        # TILES 128 x 128 tiles of x side by side along C (R and C multiples of 128), each read
+        # once. ROWS: q (R, C) blocked along rows, a scale per 128 of a row (TILED: per tile),
+        # stored for cuBLAS's A (a scale tensor (R, C/128) with strides (1, R)) or as B's tiles
+        # ((R/128, C/128) row-major). COLS: qt (C, R), x transposed, blocked along x's columns: a
+        # scale per 128 of a column, (R/128, C) row-major (TILED: per tile, (C/128, R/128)
+        # row-major). TILES > 1: a loop the compiler pipelines in two stages (the next tile
+        # copied into shared memory, cp.async, while this one is computed): a block takes every
+        # register of its SM, so without it an SM's reads and arithmetic take turns
+        if TILES == 1:
+            rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, 128, 128)
+            _mx_fast_tile(
+                x, rows, cols, offs, tl.program_id(1), q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV, EMAX,
+                MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT, TILED, ROWS, COLS,
+            )  # fmt: skip
+        else:
+            r0 = tl.program_id(0) * 128
+            first = tl.program_id(1) * TILES
+            for t in tl.range(0, tl.minimum(TILES, C // 128 - first), num_stages=2):
+                rows, cols, inside, offs, x = _load_block(x_ptr, R, C, r0, (first + t) * 128, 128, 128)
+                _mx_fast_tile(
+                    x, rows, cols, offs, first + t, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV, EMAX,
+                    MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT, TILED, ROWS,
+                    COLS,
+                )  # fmt: skip
+
+    @triton.jit
+    def _mx_fast_tile(
+        x, rows, cols, offs, pc, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV: tl.constexpr,
+        EMAX: tl.constexpr, MANT_LIMIT: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr,
+        MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr, NAN_BYTE: tl.constexpr,
+        HW_CVT: tl.constexpr, TILED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    ):  # fmt: skip
+        # _mx_fast_kernel's work on one 128 x 128 tile x (fp32), the pc-th along C
         mag = _abs_bits(x)
         pr = tl.program_id(0)
-        pc = tl.program_id(1)
         if ROWS:  # 4 MX blocks of 32 along each row of the tile
             q, g = _fast_groups(
                 tl.reshape(x, (128, 4, 32)), tl.reshape(mag, (128, 4, 32)), 2, 1, TILED,
@@ -588,11 +615,27 @@ def static_specs() -> list:
     # mxfp8_fast's operands as the Linear layers make them: activations (e4m3) and gradients
     # (e5m2) in 1x128 blocks, weights in 128x128 tiles; both copies
     for elem, tile in (("e4m3", "1x128"), ("e5m2", "1x128"), ("e4m3", "128x128")):
-        consts = dict(mx_format(elem, "rceil", hw_cvt=True), TILED=tile != "1x128", ROWS=True, COLS=True)
+        consts = dict(
+            mx_format(elem, "rceil", hw_cvt=True), TILED=tile != "1x128", ROWS=True, COLS=True, TILES=1
+        )
         sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32"}
         sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
         name = f"mx_fast_quantize_dual ({tile}, both copies, bf16 to {elem})"
         specs.append(KernelSpec(name, _mx_fast_kernel, sig, consts, FAST_CUDA_WARPS, 1, aligned=("R", "C")))
+        if (elem, tile) == ("e4m3", "1x128"):  # the autotuner's other candidates
+            for c in FAST_CUDA_CONFIGS[1:]:
+                more = f"{name[:-1]}; {c['num_warps']} warps, {c['TILES']} tile{'s' * (c['TILES'] > 1)})"
+                specs.append(
+                    KernelSpec(
+                        more,
+                        _mx_fast_kernel,
+                        sig,
+                        {**consts, "TILES": c["TILES"]},
+                        c["num_warps"],
+                        1,
+                        ("R", "C"),
+                    )
+                )
     # the dequantize to bf16 of the dequant backend's GEMMs: both blocked axes, both formats
     for elem, axis in (("e4m3", 1), ("e4m3", 0), ("e5m2", 1)):
         cfg = DEQUANT_CUDA_CONFIG
@@ -734,10 +777,21 @@ FAST_TILES = ("1x128", "128x128")
 # (the transpose), the fp8 data leaving in 16-byte stores. With the conversion rounding (triton
 # 3.6, 1x128): 8 warps 59 instructions a value at 248 registers, 16 warps 70 at 123, 32 warps 76
 # at 64 (fewer threads to a tile: fewer values cross threads, more registers). Which is fastest is
-# the GPU's to say: on CUDA the kernel is autotuned over FAST_CUDA_WARPS_CANDIDATES once per shape
-# (LOWCOMM_AUTOTUNE=0 pins the first). Bandwidth not measured.
-FAST_CUDA_WARPS_CANDIDATES = (16, 8, 32)
-FAST_CUDA_WARPS = FAST_CUDA_WARPS_CANDIDATES[0]
+# the GPU's to say: on CUDA the kernel is autotuned over FAST_CUDA_CONFIGS once per shape
+# (LOWCOMM_AUTOTUNE=0 pins the first). On the H200 it ran at 0.59-0.64 TB/s (15% of copy): every
+# warp count fills the SM's 65,536 registers with one block (triton_static.blocks_per_sm), so an
+# SM's reads and arithmetic take turns. TILES = 4: a block sweeps up to four tiles along C in a
+# loop the compiler pipelines (the next tile copied into shared memory with cp.async while this
+# one is computed; 16 warps at 128 registers and 34 KiB of shared memory, 32 warps at 64 and 36
+# KiB, sm_90a, triton 3.9). What that is worth is the GPU's to say.
+FAST_CUDA_CONFIGS = (
+    {"num_warps": 16, "TILES": 1},
+    {"num_warps": 8, "TILES": 1},
+    {"num_warps": 32, "TILES": 1},
+    {"num_warps": 16, "TILES": 4},
+    {"num_warps": 32, "TILES": 4},
+)
+FAST_CUDA_WARPS = FAST_CUDA_CONFIGS[0]["num_warps"]
 FAST_INTERPRET_WARPS = 4
 
 
@@ -749,6 +803,7 @@ def mx_fast_quantize_dual(
     *,
     rows: bool = True,
     cols: bool = True,
+    config: dict | None = None,
 ):
     """``mxfp8_fast``'s operands from a 2-D tensor in one pass: as it is and transposed, each
     blocked along its own contraction axis, the scales laid out as cuBLAS's blockwise GEMM reads
@@ -766,6 +821,8 @@ def mx_fast_quantize_dual(
         elem: "e4m3" or "e5m2". tile: "1x128" (activations, gradients) or "128x128" (weights).
         scale_rule: the MX scale rule, "rceil" or "floor".
         rows, cols: which copies to make (at least one).
+        config: ``num_warps`` and ``TILES`` (128x128 tiles a program sweeps along C) to launch
+            with, instead of the autotuner's pick (CUDA) or the default.
 
     Returns:
         ``(q, q_scale, qt, qt_scale)``, ``None`` for a copy not made: ``q`` (R, C) blocked along
@@ -780,10 +837,10 @@ def mx_fast_quantize_dual(
     if tile not in FAST_TILES:
         raise ValueError(f"tile must be one of {list(FAST_TILES)}, got {tile!r}")
     tiled = tile == "128x128"
-    if as_op():  # the operator checks the rest (also when it is called directly), as _run_fast does
+    if config is None and as_op():  # the operator checks the rest (called directly too), as _run_fast
         out = torch.ops.lowcomm.mx_fast_quantize(x, elem, scale_rule, tiled, rows, cols)
     else:
-        out = _run_fast(x, elem, scale_rule, tiled, rows, cols)
+        out = _run_fast(x, elem, scale_rule, tiled, rows, cols, config)
     return copies_made(out, rows, cols)
 
 
@@ -806,9 +863,12 @@ def _fast_outputs(x: torch.Tensor, tiled: bool, rows: bool, cols: bool):
     )
 
 
-def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool):
+def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool, config=None):
     name = "mx_fast_quantize_dual"
     _check_format(x, elem, scale_rule, name)
+    cfg = {"num_warps": FAST_CUDA_WARPS if x.is_cuda else FAST_INTERPRET_WARPS, "TILES": 1, **(config or {})}
+    if set(cfg) != {"num_warps", "TILES"} or cfg["TILES"] < 1:
+        raise ValueError(f"{name}: config takes num_warps and TILES (>= 1), got {config}")
     if not (rows or cols):
         raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
     if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128:  # the kernel reads whole tiles
@@ -818,11 +878,12 @@ def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bo
     q, s, qt, st = _fast_outputs(x, tiled, rows, cols)
     if R and C:
         written = (q, s) if rows else (qt, st)  # stands in for the copy not written
-        if autotuning(x.device):
-            kernel, launch = _tuned("mx_fast_quantize_dual")[(R // 128, C // 128)], {}
+        if config is None and autotuning(x.device):
+            grid = lambda meta: (R // 128, -(-C // (128 * meta["TILES"])))  # noqa: E731
+            kernel, launch = _tuned("mx_fast_quantize_dual")[grid], {}
         else:
-            kernel = _mx_fast_kernel[(R // 128, C // 128)]
-            launch = dict(num_warps=FAST_CUDA_WARPS if x.is_cuda else FAST_INTERPRET_WARPS, num_stages=1)
+            kernel = _mx_fast_kernel[(R // 128, -(-C // (128 * cfg["TILES"])))]
+            launch = dict(cfg, num_stages=1)
         with on_device(x):
             kernel(
                 x,
@@ -904,7 +965,7 @@ def _tuned(name: str):
 
 #: the kernels autotuned on CUDA, by name: a function returning (kernel, key, configs).
 #: ``mx_quantize_dual`` (the MX quantize) over QUANTIZE_CUDA_CONFIGS' tiles and warps,
-#: ``mx_fast_quantize_dual`` over FAST_CUDA_WARPS_CANDIDATES; lowcomm.kernels.triton_fp8 adds
+#: ``mx_fast_quantize_dual`` over FAST_CUDA_CONFIGS; lowcomm.kernels.triton_fp8 adds
 #: the fp8 quantize's two kernels.
 TUNABLE: dict = {
     "mx_quantize_dual": lambda: (
@@ -915,7 +976,10 @@ TUNABLE: dict = {
     "mx_fast_quantize_dual": lambda: (
         _mx_fast_kernel,
         ["R", "C", "ROWS", "COLS", "E5M2", "TILED"],
-        [triton.Config({}, num_warps=w, num_stages=1) for w in FAST_CUDA_WARPS_CANDIDATES],
+        [
+            triton.Config({"TILES": c["TILES"]}, num_warps=c["num_warps"], num_stages=1)
+            for c in FAST_CUDA_CONFIGS
+        ],
     ),
 }
 #: the autotuned kernels by name (:func:`_tuned`)
