@@ -218,8 +218,9 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
             row[f"mx_fast_dual_quantize_{tile}_config"] = last_tuned_config("mx_fast_quantize_dual")
         for cfg in FAST_CUDA_CONFIGS:  # each candidate pinned (1x128), the tuner's pick among them
             pinned = partial(mx_fast_quantize_dual, a, config=cfg)
-            name = f"mx_fast_dual_quantize_1x128_w{cfg['num_warps']}t{cfg['TILES']}"
-            _time_rate(row, name, moved_fast, pinned, bench, unit="TBps")
+            _time_rate(
+                row, f"mx_fast_dual_quantize_1x128_{tile_name(cfg)}", moved_fast, pinned, bench, unit="TBps"
+            )
         torch_ops = partial(_fast_both_copies_in_torch, a)
         _time_rate(row, "mx_fast_dual_quantize_1x128_torch", moved_fast, torch_ops, bench, unit="TBps")
         # delayed scaling (fp8_delayed): the scale known in advance, one read, the maximum recorded

@@ -2316,7 +2316,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for tile in ("1x128", "128x128"):  # mxfp8_fast's: warps and tiles a program
         took = rows[0][f"mx_fast_dual_quantize_{tile}_config"]
         assert took is None if dev == "cpu" else took in FAST_CUDA_CONFIGS, took
-    fast = [f"mx_fast_dual_quantize_1x128_w{c['num_warps']}t{c['TILES']}" for c in FAST_CUDA_CONFIGS]
+    fast = [f"mx_fast_dual_quantize_1x128_{tile_name(c)}" for c in FAST_CUDA_CONFIGS]
+    assert len(set(fast)) == len(FAST_CUDA_CONFIGS)  # one row per candidate
     assert all(rows[0][f"{k}_TBps"] > 0 for k in fast)  # each candidate pinned
     recipes = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast", "mxfp8_triton")
     recipes += tuple(f"fp8_{s}_accum_{m}" for s in ("tensorwise", "rowwise") for m in ("none", "all"))

@@ -544,10 +544,10 @@ if HAVE_TRITON:
 # TILES > 1: a program quantizes that many tiles side by side, the next one's load issued before
 # this one's arithmetic. On the H200 the best one-tile candidate (32 x 64, one warp) reached 43%
 # of copy bandwidth: with one tile a warp, a warp's read and its arithmetic take turns, and at
-# 148-154 registers a thread an SM holds 13 such warps. In the SASS of the two-tile 32 x 32
-# kernel (sm_90a) the second tile's loads come 180 instructions after the first's, before any
-# of the first tile's stores; with four tiles each tile's loads come during the previous tile's
-# arithmetic (115-160 registers). What that is worth is the GPU's to say (the autotuner).
+# 148-154 registers a thread an SM holds 12 such warps (triton_static.blocks_per_sm). In the SASS
+# of the two-tile 32 x 32 kernel (sm_90a) the second tile's loads come 180 instructions after the
+# first's, before any of the first tile's stores; with four tiles each tile's loads come during
+# the previous tile's arithmetic (115-160 registers). What that is worth is the GPU's to say (the autotuner).
 QUANTIZE_CUDA_CONFIGS = (
     {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 1, "TILES": 1},
     {"BLOCK_R": 64, "BLOCK_C": 32, "num_warps": 1, "TILES": 1},
@@ -563,10 +563,11 @@ QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4, "TILE
 
 
 def tile_name(cfg: dict) -> str:
-    """A tile candidate's short name: ``32x64w1`` (rows x columns, warps), ``t2`` added for two
-    tiles a program."""
+    """A tile candidate's short name: ``32x64w1`` (rows x columns, warps; ``w16`` for mxfp8_fast's
+    fixed 128 x 128 tile), ``t2`` added for two tiles a program."""
     tiles = cfg.get("TILES", 1)
-    return f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}w{cfg['num_warps']}" + (f"t{tiles}" if tiles > 1 else "")
+    shape = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}" if "BLOCK_R" in cfg else ""
+    return f"{shape}w{cfg['num_warps']}" + (f"t{tiles}" if tiles > 1 else "")
 
 
 _STATIC_ELEMS = (("e4m3", "rceil"), ("e5m2", "floor"))
@@ -597,10 +598,11 @@ def static_specs() -> list:
         sig.update({k: "constexpr" for k in consts})
         name = "mx_quantize_dual" if rows and cols else f"mx_quantize axis={-1 if rows else 0}"
         w, t = cfg["num_warps"], cfg["TILES"]
-        tile = f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {w} warp{'s' * (w > 1)}" + (
-            f", {t} tiles" if t > 1 else ""
-        )
-        tile = "" if cfg is first else tile
+        tile = ""  # the default's name has no tile
+        if cfg is not first:
+            tile = f", {cfg['BLOCK_R']}x{cfg['BLOCK_C']} {w} warp{'s' * (w > 1)}" + (
+                f", {t} tiles" if t > 1 else ""
+            )
         specs.append(
             KernelSpec(
                 name=f"{name} ({src} -> {elem}, {rule}{tile})",
