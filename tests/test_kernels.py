@@ -1053,6 +1053,9 @@ def test_mx_fast_quantize_dual_refuses_bad_input():
         mx_fast_quantize_dual(x, "e2m1")
     with pytest.raises(ValueError, match="takes fp32, bf16 or fp16, got torch.float64"):
         mx_fast_quantize_dual(x.double())
+    for config in ({"TILES": 0}, {"num_warps": 4, "BLOCK_R": 32}):  # a launch config it cannot take
+        with pytest.raises(ValueError, match="config takes num_warps and TILES \\(>= 1\\), got"):
+            mx_fast_quantize_dual(x, config=config)
     if hasattr(torch.ops.lowcomm, "mx_fast_quantize"):  # the operator called directly checks too
         with pytest.raises(ValueError, match="multiples of 128, got \\(128, 96\\)"):
             torch.ops.lowcomm.mx_fast_quantize(x[:, :96], "e4m3", "rceil", False, True, True)

@@ -28,15 +28,12 @@ __all__ = ["KernelSpec", "compile_report", "all_specs", "report", "blocks_per_sm
 
 # shared memory one block may use (opt-in maximum): H100/H200 227 KB, B200 227 KB
 SM_SHARED_BYTES = {90: 227 * 1024, 100: 227 * 1024}
-#: what one SM of sm_90 and sm_100 holds at once (docs/references.md, "FP8 on Hopper"): 32-bit
-#: registers, threads, blocks, shared memory (bytes; each block also takes 1 KiB of it)
-SM_REGISTERS, SM_THREADS, SM_BLOCKS, SM_SHARED_TOTAL, BLOCK_SHARED_RESERVED = (
-    65536,
-    2048,
-    32,
-    228 * 1024,
-    1024,
-)
+# what one SM of sm_90 and sm_100 holds at once (docs/references.md, "FP8 on Hopper")
+SM_REGISTERS = 65536  # 32-bit registers
+SM_THREADS = 2048
+SM_BLOCKS = 32
+SM_SHARED_TOTAL = 228 * 1024  # bytes of shared memory, of which each block also takes:
+BLOCK_SHARED_RESERVED = 1024
 #: the oldest triton that compiles for Blackwell (sm_100)
 BLACKWELL_TRITON = (3, 3)
 
