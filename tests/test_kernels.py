@@ -1008,10 +1008,10 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
 def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, rule, dtype):
     """mxfp8_fast's operands in one pass (interpreted on CPU in CI) against quantize_mx regrouped
     in torch ops, byte for byte and scale for scale, in 1x128 blocks and 128x128 tiles, both
-    copies and each alone, from bf16 at every CUDA candidate (a program of 4 tiles sweeps 3),
-    with the strides cuBLAS's blockwise GEMM reads: values over 12 decades, a zero row, an
-    all-zero tile (scale 2^-127), NaN and infinities (a group holding one: scale inf, its finite
-    blocks 0), a subnormal."""
+    copies and each alone, from bf16 at every CUDA candidate (a program of 4 tiles sweeps 3; the
+    one-warp program reads its tiles in 32 x 64 parts), with the strides cuBLAS's blockwise GEMM
+    reads: values over 12 decades, a zero row, an all-zero tile (scale 2^-127), NaN and
+    infinities (a group holding one: scale inf, its finite blocks 0), a subnormal."""
     _needs_triton()
     from lowcomm.kernels.gemm import _regroup
     from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS, mx_fast_quantize_dual
@@ -1053,8 +1053,11 @@ def test_mx_fast_quantize_dual_refuses_bad_input():
         mx_fast_quantize_dual(x, "e2m1")
     with pytest.raises(ValueError, match="takes fp32, bf16 or fp16, got torch.float64"):
         mx_fast_quantize_dual(x.double())
-    for config in ({"TILES": 0}, {"num_warps": 4, "BLOCK_R": 32}):  # a launch config it cannot take
-        with pytest.raises(ValueError, match="config takes num_warps and TILES \\(>= 1\\), got"):
+    # a launch config it cannot take: no tiles, an MX tile key, a sweep of several tiles
+    for config in ({"TILES": 0}, {"num_warps": 4, "BLOCK_R": 32}, {"TILES": 2, "SWEEP": True}):
+        with pytest.raises(
+            ValueError, match="config takes num_warps, TILES \\(>= 1\\) and SWEEP \\(with TILES 1\\), got"
+        ):
             mx_fast_quantize_dual(x, config=config)
     if hasattr(torch.ops.lowcomm, "mx_fast_quantize"):  # the operator called directly checks too
         with pytest.raises(ValueError, match="multiples of 128, got \\(128, 96\\)"):

@@ -187,6 +187,14 @@ if HAVE_TRITON:
         return tl.where(tl.abs(y) < MIN_NORMAL, sub, normal)
 
     @triton.jit
+    def _block_exponent(amax_bits, EMAX: tl.constexpr, MANT_LIMIT: tl.constexpr, RCEIL: tl.constexpr):
+        # MX blocks' absolute maxima as bits (_abs_bits) -> their scale exponents k and whether a
+        # block holds a non-finite value (its k then that of a block of zeros)
+        bad = amax_bits >= 0x7F800000
+        amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
+        return _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL), bad
+
+    @triton.jit
     def _mx_grid(
         x3,
         mag3,
@@ -202,10 +210,7 @@ if HAVE_TRITON:
         # floats do and put inf and NaN (exponent all ones) above every finite value: one
         # reduction gives the block's absolute maximum and whether it holds a non-finite value (a
         # block of NaN)
-        amax_bits = tl.max(mag3, axis=AXIS)
-        bad = amax_bits >= 0x7F800000
-        amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
-        k = _scale_exponent(amax, EMAX, MANT_LIMIT, RCEIL)
+        k, bad = _block_exponent(tl.max(mag3, axis=AXIS), EMAX, MANT_LIMIT, RCEIL)
         y = x3 * tl.expand_dims(_pow2_neg(k), AXIS)
         if not RCEIL:  # OCP floor rule: saturate
             y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
@@ -427,6 +432,7 @@ if HAVE_TRITON:
         ROWS: tl.constexpr,
         COLS: tl.constexpr,
         TILES: tl.constexpr = 1,
+        SWEEP: tl.constexpr = False,
     ):
         # TILES 128 x 128 tiles of x side by side along C (R and C multiples of 128), each read
         # once. ROWS: q (R, C) blocked along rows, a scale per 128 of a row (TILED: per tile),
@@ -436,7 +442,12 @@ if HAVE_TRITON:
         # row-major). TILES > 1: a loop the compiler pipelines in two stages (the next tile
         # copied into shared memory, cp.async, while this one is computed): a block takes every
         # register of its SM, so without it an SM's reads and arithmetic take turns
-        if TILES == 1:
+        if SWEEP:
+            _mx_fast_sweep(
+                x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV, EMAX, MANT_LIMIT, RCEIL, E5M2, MBITS,
+                MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT, TILED, ROWS, COLS,
+            )  # fmt: skip
+        elif TILES == 1:
             rows, cols, inside, offs, x = _load_tile(x_ptr, R, C, 128, 128)
             _mx_fast_tile(
                 x, rows, cols, offs, tl.program_id(1), q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV, EMAX,
@@ -452,6 +463,97 @@ if HAVE_TRITON:
                     MANT_LIMIT, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT, TILED, ROWS,
                     COLS,
                 )  # fmt: skip
+
+    @triton.jit
+    def _mx_fast_sweep(
+        x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, MAXV: tl.constexpr, EMAX: tl.constexpr,
+        MANT_LIMIT: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr, MBITS: tl.constexpr,
+        MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr, NAN_BYTE: tl.constexpr, HW_CVT: tl.constexpr,
+        TILED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    ):  # fmt: skip
+        # _mx_fast_kernel's 128 x 128 tile as eight 32 x 64 parts (4 down, 2 across), read twice:
+        # the first sweep takes every MX block's maximum, the second (from L2) makes both copies.
+        # In a part a thread holds several rows of each column block it touches, so the blocks'
+        # exponent arithmetic runs once per block and thread, not once per element as in the
+        # whole tile's layout (a thread per row of a column block).
+        pr = tl.program_id(0)
+        pc = tl.program_id(1)
+        r0 = pr * 128
+        c0 = pc * 128
+        i4 = tl.arange(0, 4)
+        i2 = tl.arange(0, 2)
+        # column blocks' maxima by (part row rb, part column cb, column); row blocks' by (rb, row,
+        # cb, block of the part's row)
+        cmax = tl.zeros((4, 2, 64), dtype=tl.int32)
+        rmax = tl.zeros((4, 32, 2, 2), dtype=tl.int32)
+        for rb in tl.static_range(4):
+            for cb in tl.static_range(2):
+                rows, cols, inside, offs, x = _load_block_raw(x_ptr, R, C, r0 + rb * 32, c0 + cb * 64, 32, 64)
+                mag = _abs_bits(x.to(tl.float32))
+                if COLS:
+                    here = (i4[:, None, None] == rb) & (i2[None, :, None] == cb)
+                    cmax = tl.where(here, tl.max(mag, axis=0)[None, None, :], cmax)
+                if ROWS:
+                    here = (i4[:, None, None, None] == rb) & (i2[None, None, :, None] == cb)
+                    part = tl.max(tl.reshape(mag, (32, 2, 32)), axis=2)
+                    rmax = tl.where(here, part[None, :, None, :], rmax)
+        kc, bad = _block_exponent(cmax, EMAX, MANT_LIMIT, RCEIL)
+        ec = tl.where(bad, 255, kc + 127)
+        gc = tl.max(ec, axis=0)  # (2, 64): each column's group, by part column
+        kr, bad = _block_exponent(rmax, EMAX, MANT_LIMIT, RCEIL)
+        er = tl.where(bad, 255, kr + 127)
+        gr = tl.max(tl.max(er, axis=3), axis=2)  # (4, 32): each row's group, by part row
+        if TILED:  # one group a copy: the tile
+            gc_tile = tl.max(tl.max(gc, axis=1), axis=0)
+            gr_tile = tl.max(tl.max(gr, axis=1), axis=0)
+            gc = tl.zeros((2, 64), dtype=tl.int32) + gc_tile
+            gr = tl.zeros((4, 32), dtype=tl.int32) + gr_tile
+            if COLS:
+                tl.store(st_ptr + pc * (R // 128) + pr, _group_scale(gc_tile))
+            if ROWS:
+                tl.store(s_ptr + pr * (C // 128) + pc, _group_scale(gr_tile))
+        else:
+            if COLS:
+                st_offs = pr * C + c0 + i2[:, None] * 64 + tl.arange(0, 64)[None, :]
+                tl.store(st_ptr + st_offs, _group_scale(gc))
+            if ROWS:
+                tl.store(s_ptr + pc * R + r0 + i4[:, None] * 32 + tl.arange(0, 32)[None, :], _group_scale(gr))
+        for rb in tl.static_range(4):
+            for cb in tl.static_range(2):
+                rows, cols, inside, offs, x = _load_block(x_ptr, R, C, r0 + rb * 32, c0 + cb * 64, 32, 64)
+                if COLS:  # the part's column blocks: a k, e and g per column
+                    here = (i4[:, None, None] == rb) & (i2[None, :, None] == cb)
+                    k = tl.sum(tl.sum(tl.where(here, kc, 0), axis=0), axis=0)
+                    e = tl.sum(tl.sum(tl.where(here, ec, 0), axis=0), axis=0)
+                    g = tl.sum(tl.where(i2[:, None] == cb, gc, 0), axis=0)
+                    q = _fast_block_bytes(
+                        x, k[None, :], e[None, :], g[None, :], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL,
+                        SUB_C, NAN_BYTE, HW_CVT,
+                    )  # fmt: skip
+                    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q))
+                if ROWS:  # the part's row blocks: a k and e per row and block, a g per row
+                    here = (i4[:, None, None, None] == rb) & (i2[None, None, :, None] == cb)
+                    k = tl.sum(tl.sum(tl.where(here, kr, 0), axis=2), axis=0)
+                    e = tl.sum(tl.sum(tl.where(here, er, 0), axis=2), axis=0)
+                    g = tl.sum(tl.where(i4[:, None] == rb, gr, 0), axis=0)
+                    q = _fast_block_bytes(
+                        tl.reshape(x, (32, 2, 32)), k[:, :, None], e[:, :, None], g[:, None, None],
+                        MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
+                    )  # fmt: skip
+                    tl.store(q_ptr + offs, tl.reshape(q, (32, 64)))
+
+    @triton.jit
+    def _fast_block_bytes(x, k, e, g, MAXV: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr,
+                          MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr,
+                          NAN_BYTE: tl.constexpr, HW_CVT: tl.constexpr):  # fmt: skip
+        # mxfp8_fast's bytes of elements x from their MX block's k and E8M0 byte e (255: non-finite)
+        # and their group's largest g (each broadcast to x): _mx_grid's scaling and _fast_groups'
+        # two roundings
+        y = x * _pow2_neg(k)
+        if not RCEIL:  # OCP floor rule: saturate
+            y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
+        y = _on_grid(y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2)
+        return _second_rounding(y, e, g, e == 255, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
 
     @triton.jit
     def _mx_fast_tile(
@@ -564,10 +666,15 @@ QUANTIZE_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4, "TILE
 
 def tile_name(cfg: dict) -> str:
     """A tile candidate's short name: ``32x64w1`` (rows x columns, warps; ``w16`` for mxfp8_fast's
-    fixed 128 x 128 tile), ``t2`` added for two tiles a program."""
+    fixed 128 x 128 tile), ``t2`` added for two tiles a program, ``sweep`` for mxfp8_fast's tile
+    read twice in parts."""
     tiles = cfg.get("TILES", 1)
     shape = f"{cfg['BLOCK_R']}x{cfg['BLOCK_C']}" if "BLOCK_R" in cfg else ""
-    return f"{shape}w{cfg['num_warps']}" + (f"t{tiles}" if tiles > 1 else "")
+    return (
+        f"{shape}w{cfg['num_warps']}"
+        + (f"t{tiles}" if tiles > 1 else "")
+        + ("sweep" * cfg.get("SWEEP", False))
+    )
 
 
 _STATIC_ELEMS = (("e4m3", "rceil"), ("e5m2", "floor"))
@@ -618,7 +725,12 @@ def static_specs() -> list:
     # (e5m2) in 1x128 blocks, weights in 128x128 tiles; both copies
     for elem, tile in (("e4m3", "1x128"), ("e5m2", "1x128"), ("e4m3", "128x128")):
         consts = dict(
-            mx_format(elem, "rceil", hw_cvt=True), TILED=tile != "1x128", ROWS=True, COLS=True, TILES=1
+            mx_format(elem, "rceil", hw_cvt=True),
+            TILED=tile != "1x128",
+            ROWS=True,
+            COLS=True,
+            TILES=1,
+            SWEEP=False,
         )
         sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32"}
         sig.update({"R": "i32", "C": "i32", **{k: "constexpr" for k in consts}})
@@ -626,13 +738,15 @@ def static_specs() -> list:
         specs.append(KernelSpec(name, _mx_fast_kernel, sig, consts, FAST_CUDA_WARPS, 1, aligned=("R", "C")))
         if (elem, tile) == ("e4m3", "1x128"):  # the autotuner's other candidates
             for c in FAST_CUDA_CONFIGS[1:]:
-                more = f"{name[:-1]}; {c['num_warps']} warps, {c['TILES']} tile{'s' * (c['TILES'] > 1)})"
+                w, t = c["num_warps"], c["TILES"]
+                how = "two sweeps of 32x64 parts" if c["SWEEP"] else f"{t} tile{'s' * (t > 1)}"
+                more = f"{name[:-1]}; {w} warp{'s' * (w > 1)}, {how})"
                 specs.append(
                     KernelSpec(
                         more,
                         _mx_fast_kernel,
                         sig,
-                        {**consts, "TILES": c["TILES"]},
+                        {**consts, "TILES": t, "SWEEP": c["SWEEP"]},
                         c["num_warps"],
                         1,
                         ("R", "C"),
@@ -786,12 +900,21 @@ FAST_TILES = ("1x128", "128x128")
 # loop the compiler pipelines (the next tile copied into shared memory with cp.async while this
 # one is computed; 16 warps at 128 registers and 34 KiB of shared memory, 32 warps at 64 and 36
 # KiB, sm_90a, triton 3.9). What that is worth is the GPU's to say.
+#
+# SWEEP: a one-warp program reads its tile twice as eight 32 x 64 parts (_mx_fast_sweep). Of the
+# 65 instructions a value of the 16-warp tile, the transposed copy takes 54 (each thread holds one
+# row of a column block, so every block's exponent arithmetic runs once per element); in a part a
+# thread holds eight rows of its column blocks, as in the MX quantize's 32 x 64 tile. Compiled
+# (sm_90a, triton 3.9, bf16 -> e4m3): 33 instructions a value, 255 registers, no spills, 8 warps
+# an SM, no CTA-wide barrier between the parts' warps (one warp), the fp8 data in 16-byte stores;
+# the second read comes from L2. What that is worth is the GPU's to say.
 FAST_CUDA_CONFIGS = (
-    {"num_warps": 16, "TILES": 1},
-    {"num_warps": 8, "TILES": 1},
-    {"num_warps": 32, "TILES": 1},
-    {"num_warps": 16, "TILES": 4},
-    {"num_warps": 32, "TILES": 4},
+    {"num_warps": 16, "TILES": 1, "SWEEP": False},
+    {"num_warps": 8, "TILES": 1, "SWEEP": False},
+    {"num_warps": 32, "TILES": 1, "SWEEP": False},
+    {"num_warps": 1, "TILES": 1, "SWEEP": True},
+    {"num_warps": 16, "TILES": 4, "SWEEP": False},
+    {"num_warps": 32, "TILES": 4, "SWEEP": False},
 )
 FAST_CUDA_WARPS = FAST_CUDA_CONFIGS[0]["num_warps"]
 FAST_INTERPRET_WARPS = 4
@@ -868,9 +991,16 @@ def _fast_outputs(x: torch.Tensor, tiled: bool, rows: bool, cols: bool):
 def _run_fast(x: torch.Tensor, elem: str, scale_rule: str, tiled: bool, rows: bool, cols: bool, config=None):
     name = "mx_fast_quantize_dual"
     _check_format(x, elem, scale_rule, name)
-    cfg = {"num_warps": FAST_CUDA_WARPS if x.is_cuda else FAST_INTERPRET_WARPS, "TILES": 1, **(config or {})}
-    if set(cfg) != {"num_warps", "TILES"} or cfg["TILES"] < 1:
-        raise ValueError(f"{name}: config takes num_warps and TILES (>= 1), got {config}")
+    cfg = {
+        "num_warps": FAST_CUDA_WARPS if x.is_cuda else FAST_INTERPRET_WARPS,
+        "TILES": 1,
+        "SWEEP": False,
+        **(config or {}),
+    }
+    if set(cfg) != {"num_warps", "TILES", "SWEEP"} or cfg["TILES"] < 1 or (cfg["SWEEP"] and cfg["TILES"] > 1):
+        raise ValueError(
+            f"{name}: config takes num_warps, TILES (>= 1) and SWEEP (with TILES 1), got {config}"
+        )
     if not (rows or cols):
         raise ValueError(f"{name} makes at least one copy: rows=True or cols=True")
     if x.dim() != 2 or x.shape[0] % 128 or x.shape[1] % 128:  # the kernel reads whole tiles
@@ -979,7 +1109,7 @@ TUNABLE: dict = {
         _mx_fast_kernel,
         ["R", "C", "ROWS", "COLS", "E5M2", "TILED"],
         [
-            triton.Config({"TILES": c["TILES"]}, num_warps=c["num_warps"], num_stages=1)
+            triton.Config({"TILES": c["TILES"], "SWEEP": c["SWEEP"]}, num_warps=c["num_warps"], num_stages=1)
             for c in FAST_CUDA_CONFIGS
         ],
     ),
