@@ -495,8 +495,8 @@ if HAVE_TRITON:
                     cmax = tl.where(here, tl.max(mag, axis=0)[None, None, :], cmax)
                 if ROWS:
                     here = (i4[:, None, None, None] == rb) & (i2[None, None, :, None] == cb)
-                    part = tl.max(tl.reshape(mag, (32, 2, 32)), axis=2)
-                    rmax = tl.where(here, part[None, :, None, :], rmax)
+                    in_rows = tl.max(tl.reshape(mag, (32, 2, 32)), axis=2)
+                    rmax = tl.where(here, in_rows[None, :, None, :], rmax)
         kc, bad = _block_exponent(cmax, EMAX, MANT_LIMIT, RCEIL)
         ec = tl.where(bad, 255, kc + 127)
         gc = tl.max(ec, axis=0)  # (2, 64): each column's group, by part column
@@ -518,29 +518,37 @@ if HAVE_TRITON:
                 tl.store(st_ptr + st_offs, _group_scale(gc))
             if ROWS:
                 tl.store(s_ptr + pc * R + r0 + i4[:, None] * 32 + tl.arange(0, 32)[None, :], _group_scale(gr))
-        for rb in tl.static_range(4):
-            for cb in tl.static_range(2):
-                rows, cols, inside, offs, x = _load_block(x_ptr, R, C, r0 + rb * 32, c0 + cb * 64, 32, 64)
-                if COLS:  # the part's column blocks: a k, e and g per column
-                    here = (i4[:, None, None] == rb) & (i2[None, :, None] == cb)
-                    k = tl.sum(tl.sum(tl.where(here, kc, 0), axis=0), axis=0)
-                    e = tl.sum(tl.sum(tl.where(here, ec, 0), axis=0), axis=0)
-                    g = tl.sum(tl.where(i2[:, None] == cb, gc, 0), axis=0)
-                    q = _fast_block_bytes(
-                        x, k[None, :], e[None, :], g[None, :], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL,
-                        SUB_C, NAN_BYTE, HW_CVT,
-                    )  # fmt: skip
-                    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q))
-                if ROWS:  # the part's row blocks: a k and e per row and block, a g per row
-                    here = (i4[:, None, None, None] == rb) & (i2[None, None, :, None] == cb)
-                    k = tl.sum(tl.sum(tl.where(here, kr, 0), axis=2), axis=0)
-                    e = tl.sum(tl.sum(tl.where(here, er, 0), axis=2), axis=0)
-                    g = tl.sum(tl.where(i4[:, None] == rb, gr, 0), axis=0)
-                    q = _fast_block_bytes(
-                        tl.reshape(x, (32, 2, 32)), k[:, :, None], e[:, :, None], g[:, None, None],
-                        MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
-                    )  # fmt: skip
-                    tl.store(q_ptr + offs, tl.reshape(q, (32, 64)))
+        # the second sweep: a loop (unrolled, it took 15 s to compile), each part's read issued
+        # before the previous part's arithmetic (the last iteration reads its own part again)
+        prows, pcols, pinside, poffs, x_next = _load_block_raw(x_ptr, R, C, r0, c0, 32, 64)
+        for part in tl.range(0, 8, loop_unroll_factor=1):
+            prb = part // 2
+            pcb = part % 2
+            rows, cols, offs, xp = prows, pcols, poffs, x_next.to(tl.float32)
+            nxt = tl.minimum(part + 1, 7)
+            prows, pcols, pinside, poffs, x_next = _load_block_raw(
+                x_ptr, R, C, r0 + (nxt // 2) * 32, c0 + (nxt % 2) * 64, 32, 64
+            )
+            if COLS:  # the part's column blocks: a k, e and g per column
+                here = (i4[:, None, None] == prb) & (i2[None, :, None] == pcb)
+                k = tl.sum(tl.sum(tl.where(here, kc, 0), axis=0), axis=0)
+                e = tl.sum(tl.sum(tl.where(here, ec, 0), axis=0), axis=0)
+                g = tl.sum(tl.where(i2[:, None] == pcb, gc, 0), axis=0)
+                q = _fast_block_bytes(
+                    xp, k[None, :], e[None, :], g[None, :], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL,
+                    SUB_C, NAN_BYTE, HW_CVT,
+                )  # fmt: skip
+                tl.store(qt_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q))
+            if ROWS:  # the part's row blocks: a k and e per row and block, a g per row
+                here = (i4[:, None, None, None] == prb) & (i2[None, None, :, None] == pcb)
+                k = tl.sum(tl.sum(tl.where(here, kr, 0), axis=2), axis=0)
+                e = tl.sum(tl.sum(tl.where(here, er, 0), axis=2), axis=0)
+                g = tl.sum(tl.where(i4[:, None] == prb, gr, 0), axis=0)
+                q = _fast_block_bytes(
+                    tl.reshape(xp, (32, 2, 32)), k[:, :, None], e[:, :, None], g[:, None, None],
+                    MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
+                )  # fmt: skip
+                tl.store(q_ptr + offs, tl.reshape(q, (32, 64)))
 
     @triton.jit
     def _fast_block_bytes(x, k, e, g, MAXV: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr,
@@ -905,9 +913,10 @@ FAST_TILES = ("1x128", "128x128")
 # 65 instructions a value of the 16-warp tile, the transposed copy takes 54 (each thread holds one
 # row of a column block, so every block's exponent arithmetic runs once per element); in a part a
 # thread holds eight rows of its column blocks, as in the MX quantize's 32 x 64 tile. Compiled
-# (sm_90a, triton 3.9, bf16 -> e4m3): 33 instructions a value, 255 registers, no spills, 8 warps
-# an SM, no CTA-wide barrier between the parts' warps (one warp), the fp8 data in 16-byte stores;
-# the second read comes from L2. What that is worth is the GPU's to say.
+# (sm_90a, bf16 -> e4m3, triton 3.9 and 3.6): 39 instructions a value as executed (the first sweep
+# unrolled, the second a loop of eight: unrolled, 33, but 15 s to compile against 4), 255
+# registers, no spills, 8 warps an SM, the fp8 data in 16-byte stores; the second read comes from
+# L2. What that is worth is the GPU's to say.
 FAST_CUDA_CONFIGS = (
     {"num_warps": 16, "TILES": 1, "SWEEP": False},
     {"num_warps": 8, "TILES": 1, "SWEEP": False},
