@@ -4,9 +4,10 @@ Triton compiles ahead of time for any target: ``triton.compile`` lowers a kernel
 ``ptxas`` shipped in the triton wheel assembles it to a cubin, with no GPU and no driver. That
 answers, on a CPU machine, questions that otherwise wait for a GPU session: does the kernel
 compile for sm_90a / sm_100a at the configuration it launches with, how many registers does a
-thread take, does anything spill to local memory, how much shared memory does the pipeline need,
-and which MMA instructions were issued (``wgmma`` on Hopper; ``mma.sync`` would mean the tensor
-cores of the previous generation). It says nothing about speed.
+thread take, does anything spill (registers to the stack frame, in local memory), how much
+shared memory does the pipeline need, and which MMA instructions were issued (``wgmma`` on
+Hopper; ``mma.sync`` would mean the tensor cores of the previous generation). It says nothing
+about speed.
 
     python -m lowcomm.kernels.triton_static --arch 90 --arch 100      # JSON lines
     python benchmarks/kernels.py --static                              # the same into a JSON file
@@ -90,19 +91,30 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers and local (spill) bytes per thread from ``cuobjdump``."""
+    """Registers, local and stack bytes per thread from ``cuobjdump``. ptxas puts the registers it
+    spills in the thread's stack frame (``STACK``), not in ``LOCAL`` (a kernel's own local arrays):
+    :func:`_spill_instructions` counts the spills themselves."""
     got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
-    return {"registers": int(got.get("REG", -1)), "local_bytes": int(got.get("LOCAL", -1))}
+    return {
+        "registers": int(got.get("REG", -1)),
+        "local_bytes": int(got.get("LOCAL", -1)),
+        "stack_bytes": int(got.get("STACK", -1)),
+    }
 
 
-def _sass_instructions(cubin: bytes) -> int:
-    """Machine instructions in the kernel's code (``cuobjdump -sass``), a static count (a branch
-    not taken counts too): for a quantize kernel without loops, divided by the elements a thread
-    holds, about what each element costs the SMs' issue slots. An H200 (132 SMs, four warp
-    instructions a clock each at up to 1.98 GHz: 3.3e13 thread instructions a second) copying
-    bf16 at the 4.0 TB/s measured there moves 1e12 elements a second: 33 instructions an element
-    keep pace with a copy."""
-    sass = _cuobjdump(cubin, "-sass")
+def _spill_instructions(sass: str) -> int:
+    """Local-memory loads and stores (``LDL``, ``STL``) in the SASS: a Triton kernel has no local
+    arrays of its own, so these are registers spilled and read back (static count)."""
+    return len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass))
+
+
+def _sass_instructions(sass: str) -> int:
+    """Machine instructions in a kernel's code (``cuobjdump -sass``), a static count (a branch
+    not taken counts too, a loop's body once): for a quantize kernel without loops, divided by the
+    elements a thread holds, about what each element costs the SMs' issue slots. An H200 (132 SMs,
+    four warp instructions a clock each at up to 1.98 GHz: 3.3e13 thread instructions a second)
+    copying bf16 at the 4.0 TB/s measured there moves 1e12 elements a second: 33 instructions an
+    element keep pace with a copy."""
     return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*", sass))
 
 
@@ -155,8 +167,9 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
     """Compile ``spec`` for CUDA ``sm_<arch>`` (90: Hopper, 100: Blackwell) and describe the result.
 
     Returns:
-        ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes"
-        (spills: 0 is wanted), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
+        ``{"kernel", "arch", "num_warps", "num_stages", "constexprs", "registers", "local_bytes",
+        "stack_bytes" (where spilled registers live), "spill_instructions" (0 is wanted: see
+        :func:`_spill_instructions`), "shared_bytes", "shared_fits" (within the SM's opt-in maximum),
         "mma" (the tensor-core instruction issued, or None), "wgmma_waits" (the pending-group counts
         of its ``wgmma.wait_group``s: [0] means each MMA is waited for at once), "async_copies", "barriers",
         "shuffles", "global_stores" (see :func:`_sync_and_stores`), "sass_instructions" (see
@@ -205,7 +218,9 @@ def compile_report(spec: KernelSpec, arch: int = 90) -> dict:
         row["error"] = f"{type(e).__name__}: {lines[-1][:300]}"
         return row
     row.update(_resources(compiled.asm["cubin"]))
-    row["sass_instructions"] = _sass_instructions(compiled.asm["cubin"])
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    row["sass_instructions"] = _sass_instructions(sass)
+    row["spill_instructions"] = _spill_instructions(sass)
     row["ftz"] = ".ftz" in compiled.asm["ptx"]
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["shared_fits"] = row["shared_bytes"] <= SM_SHARED_BYTES.get(arch, 227 * 1024)
