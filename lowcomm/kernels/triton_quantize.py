@@ -919,9 +919,10 @@ FAST_TILES = ("1x128", "128x128")
 # row of a column block, so every block's exponent arithmetic runs once per element); in a part a
 # thread holds eight rows of its column blocks, as in the MX quantize's 32 x 64 tile. Compiled
 # (sm_90a, bf16 -> e4m3, triton 3.9 and 3.6): 37 instructions a value as executed (the first sweep
-# unrolled, the second a loop of eight: unrolled, 33, but 15 s to compile against 4), 255
-# registers, no spills, 8 warps an SM, the fp8 data in 16-byte stores; the second read comes from
-# L2. What that is worth is the GPU's to say.
+# unrolled, the second a loop of eight: unrolled, 33, but 15 s to compile against 4), 254-255
+# registers (12 spill instructions under 3.9, none under 3.6), 8 warps an SM, the fp8 data in
+# 16-byte stores; the second read comes from L2. What that is worth is the GPU's to say. (The
+# four-tile candidates spill 20-52 instructions' worth, triton_static.spill_instructions.)
 FAST_CUDA_CONFIGS = (
     {"num_warps": 16, "TILES": 1, "SWEEP": False},
     {"num_warps": 8, "TILES": 1, "SWEEP": False},
