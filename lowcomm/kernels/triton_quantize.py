@@ -961,8 +961,9 @@ def mx_fast_quantize_dual(
         elem: "e4m3" or "e5m2". tile: "1x128" (activations, gradients) or "128x128" (weights).
         scale_rule: the MX scale rule, "rceil" or "floor".
         rows, cols: which copies to make (at least one).
-        config: ``num_warps`` and ``TILES`` (128x128 tiles a program sweeps along C) to launch
-            with, instead of the autotuner's pick (CUDA) or the default.
+        config: ``num_warps``, ``TILES`` (128x128 tiles a program sweeps along C) and ``SWEEP``
+            (one tile read twice in 32 x 64 parts; with TILES 1) to launch with, instead of the
+            autotuner's pick (CUDA) or the default.
 
     Returns:
         ``(q, q_scale, qt, qt_scale)``, ``None`` for a copy not made: ``q`` (R, C) blocked along
