@@ -395,8 +395,7 @@ if HAVE_TRITON:
         # one copy of a 128 x 128 tile as 3-D views of MX blocks along AXIS (32 elements), four
         # blocks a group along GROUP_AXIS: the fp8 bytes regrouped, and each group's E8M0 byte
         # (one per row or column of the tile; TILED: one for the tile)
-        y, k, bad = _mx_grid(x3, mag3, AXIS, MAXV, EMAX, MANT_LIMIT, RCEIL)
-        y = _on_grid(y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2)  # the MX values: the first rounding
+        k, bad = _block_exponent(tl.max(mag3, axis=AXIS), EMAX, MANT_LIMIT, RCEIL)
         e = tl.where(bad, 255, k + 127)
         if TILED:
             g = tl.max(tl.max(e, axis=1), axis=0)
@@ -404,9 +403,10 @@ if HAVE_TRITON:
         else:
             g = tl.max(e, axis=GROUP_AXIS)
             g3 = tl.expand_dims(tl.expand_dims(g, GROUP_AXIS), AXIS)
-        e3 = tl.expand_dims(e, AXIS)
-        bad3 = tl.expand_dims(bad, AXIS)
-        q = _second_rounding(y, e3, g3, bad3, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+        q = _fast_block_bytes(
+            x3, tl.expand_dims(k, AXIS), tl.expand_dims(e, AXIS), g3, tl.expand_dims(bad, AXIS), MAXV,
+            RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
+        )  # fmt: skip
         return q, g
 
     @triton.jit
@@ -538,8 +538,8 @@ if HAVE_TRITON:
                 e = tl.where(nonfinite, 255, k + 127)
                 g = tl.sum(tl.where(i2[:, None] == pcb, gc, 0), axis=0)
                 q = _fast_block_bytes(
-                    xp, k[None, :], e[None, :], g[None, :], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL,
-                    SUB_C, NAN_BYTE, HW_CVT,
+                    xp, k[None, :], e[None, :], g[None, :], nonfinite[None, :], MAXV, RCEIL, E5M2,
+                    MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
                 )  # fmt: skip
                 tl.store(qt_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q))
             if ROWS:  # the part's row blocks: a k and e per row and block, a g per row
@@ -551,22 +551,22 @@ if HAVE_TRITON:
                 g = tl.sum(tl.where(i4[:, None] == prb, gr, 0), axis=0)
                 q = _fast_block_bytes(
                     tl.reshape(xp, (32, 2, 32)), k[:, :, None], e[:, :, None], g[:, None, None],
-                    MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
+                    nonfinite[:, :, None], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
                 )  # fmt: skip
                 tl.store(q_ptr + offs, tl.reshape(q, (32, 64)))
 
     @triton.jit
-    def _fast_block_bytes(x, k, e, g, MAXV: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr,
+    def _fast_block_bytes(x, k, e, g, bad, MAXV: tl.constexpr, RCEIL: tl.constexpr, E5M2: tl.constexpr,
                           MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_C: tl.constexpr,
                           NAN_BYTE: tl.constexpr, HW_CVT: tl.constexpr):  # fmt: skip
-        # mxfp8_fast's bytes of elements x from their MX block's k and E8M0 byte e (255: non-finite)
-        # and their group's largest g (each broadcast to x): _mx_grid's scaling and _fast_groups'
-        # two roundings
+        # mxfp8_fast's bytes of elements x from their MX block's scale exponent k, E8M0 byte e and
+        # non-finite flag, and their group's largest byte g (each broadcast to x): the MX scaling
+        # (as _mx_grid's), the MX values' rounding, then the regrouping's second rounding
         y = x * _pow2_neg(k)
         if not RCEIL:  # OCP floor rule: saturate
             y = tl.minimum(tl.maximum(y, -MAXV), MAXV)
-        y = _on_grid(y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2)
-        return _second_rounding(y, e, g, e == 255, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+        y = _on_grid(y, HW_CVT, MBITS, MIN_NORMAL, SUB_C, E5M2)  # the MX values: the first rounding
+        return _second_rounding(y, e, g, bad, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
 
     @triton.jit
     def _mx_fast_tile(
