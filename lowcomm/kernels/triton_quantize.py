@@ -922,7 +922,7 @@ FAST_TILES = ("1x128", "128x128")
 # unrolled, the second a loop of eight: unrolled, 33, but 15 s to compile against 4), 254-255
 # registers (12 spill instructions under 3.9, none under 3.6), 8 warps an SM, the fp8 data in
 # 16-byte stores; the second read comes from L2. What that is worth is the GPU's to say. (The
-# four-tile candidates spill 20-52 instructions' worth, triton_static.spill_instructions.)
+# four-tile candidates spill 4-52 instructions' worth, triton_static.spill_instructions.)
 FAST_CUDA_CONFIGS = (
     {"num_warps": 16, "TILES": 1, "SWEEP": False},
     {"num_warps": 8, "TILES": 1, "SWEEP": False},
