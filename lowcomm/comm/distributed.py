@@ -21,6 +21,7 @@ itself. A link emulator can stretch each collective to the time a slower network
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -165,6 +167,13 @@ class LinkEmulator:
 #: seconds between a waiting replica's looks at whether a peer closed its group
 FINISHED_POLL_S = 0.5
 
+#: how long a process's exit waits for its groups' queued collectives (a round a script left in
+#: flight, never calling ``DiLoCo.finish()``). The interpreter's teardown while a gloo collective
+#: runs on the communication thread aborts the process ("terminate called without an active
+#: exception", exit code -6, which a launcher reads as a failure and may restart). A peer that
+#: closed its group without entering the collective is not waited for.
+EXIT_DRAIN_S = 30.0
+
 
 class _CommThread:
     """The one thread that runs a group's collectives, in order. A daemon: a collective stuck on
@@ -195,6 +204,21 @@ class _CommThread:
         self._jobs.put(None)
         if wait:
             self._thread.join()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the thread to stop; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+#: the groups not yet closed, closed at the interpreter's exit (:data:`EXIT_DRAIN_S`)
+_OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_groups_at_exit() -> None:
+    for group in list(_OPEN_GROUPS):
+        group._close(EXIT_DRAIN_S)
 
 
 class _DistWork(Work):
@@ -301,6 +325,8 @@ class DistributedGroup(ReplicaGroup):
         self._lock = threading.Lock()
         self._pool_: _CommThread | None = None
         self._failed = False  # a collective failed: its thread may never come back
+        self._closed = False
+        _OPEN_GROUPS.add(self)
         self._stream = None  # the communication stream, for CUDA buffers
 
     @property
@@ -320,9 +346,32 @@ class DistributedGroup(ReplicaGroup):
     def close(self) -> None:
         """Finish queued collectives (unless one failed), stop the communication thread, and mark
         this replica finished in the store: a peer waiting for it is told, within about
-        :data:`FINISHED_POLL_S`, that it finished, not that it died."""
+        :data:`FINISHED_POLL_S`, that it finished, not that it died. A group still open when the
+        interpreter exits is closed then, its queued collectives given up to
+        :data:`EXIT_DRAIN_S`."""
+        self._close(None)
+
+    def _close(self, limit: float | None) -> None:
+        """:meth:`close`, waiting at most ``limit`` seconds for the queued collectives (None: no
+        limit), and not for one that a peer which closed its group will never enter."""
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_GROUPS.discard(self)
         if self._pool_ is not None:
-            self._pool_.shutdown(wait=not self._failed)
+            self._pool_.shutdown(wait=not self._failed and limit is None)
+            end = time.monotonic() + (limit or 0.0)
+            while limit is not None and not self._failed:
+                if self._pool_.join(min(FINISHED_POLL_S, max(end - time.monotonic(), 0.0))):
+                    break
+                if time.monotonic() >= end or self._closed_before(self._seq - 1):
+                    log.warning(
+                        "group %s: exiting with collectives %d.. not finished (call DiLoCo.finish() "
+                        "before the end)",
+                        self.name,
+                        self._seq - 1,
+                    )
+                    break
         if self.store is not None:
             try:
                 self.store.set(f"lowcomm/{self.name}/finished/{self._rank}", str(self._seq))
