@@ -18,6 +18,7 @@ __all__ = [
     "EXTRAS",
     "listen_fd_store_kwargs",
     "foreach_norm_fp32",
+    "dtensor_type",
 ]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
@@ -73,3 +74,17 @@ def foreach_norm_fp32(tensors: list) -> list:
         return torch._foreach_norm(tensors, 2, dtype=torch.float32)
     except TypeError:
         return torch._foreach_norm([t.float() for t in tensors])
+
+
+def dtensor_type() -> type | None:
+    """torch's ``DTensor`` class (FSDP2's and tensor parallelism's parameters), or None on a torch
+    built without distributed support. Public as ``torch.distributed.tensor`` since torch 2.5;
+    torch 2.4 has it in ``torch.distributed._tensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor

@@ -57,6 +57,73 @@ def _refused(out: str, sc: dict, rank: int, message: str, code: int) -> None:
     os._exit(code)
 
 
+def build(out: str, sc: dict, topo, name: str):
+    """The scenario's model (sharded by FSDP2 with ``fsdp``: over the replica's processes, or with
+    ``fsdp_world`` over the whole job, the mistake), the module that runs it, AdamW and DiLoCo."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
+    model = NormLM() if sc.get("model") == "norm" else GPT(TINY)
+    runner = model
+    if sc.get("fsdp") or sc.get("fsdp_world"):
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import fully_shard
+
+        if sc.get("fsdp_world"):
+            mesh = init_device_mesh("cpu", (topo.world_size,))
+        else:
+            mesh = DeviceMesh.from_group(topo.inner, "cpu")
+        fully_shard(model, mesh=mesh)
+    elif topo.inner is not None:
+        runner = DDP(model, process_group=topo.inner)
+    elif sc.get("ddp_world"):  # the mistake of a framework that saw the launcher's environment
+        runner = model = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    group = DistributedGroup(
+        topo.outer.pg,
+        store=topo.outer.store,
+        name=name,
+        timeout=float(os.environ.get("TEST_TIMEOUT", "60")),
+    )
+    if "bucket_elems" in sc:
+        group.bucket_elems = sc["bucket_elems"]
+    kw = dict(sc["diloco"])
+    if sc.get("mismatch_rank") == topo.rank:
+        kw.update(sc["mismatch"])
+    try:
+        dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
+    except ValueError as e:  # as the other refusals: no teardown of a group the peer is leaving too
+        _refused(out, sc, topo.rank, str(e), 3)
+    return model, runner, opt, group, dil
+
+
+def reload(out: str, sc: dict, topo, model, opt, dil):
+    """Save the model, AdamW and DiLoCo with torch.distributed.checkpoint over the replica's own
+    processes (as torchtitan does, each replica in a folder of its own), then build them anew
+    and load them: what a resumed job trains with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = f"{out}/{sc['name']}-ckpt/replica{topo.replica}"
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, process_group=topo.inner)
+    model, runner, opt, group, dil = build(out, sc, topo, sc["name"] + "-resumed")
+    # (the loader takes an optimizer step at lr 0 to make AdamW's state, after DiLoCo counts steps)
+    msd, osd = get_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, process_group=topo.inner)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    return model, runner, opt, group, dil
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value (a DTensor's gathered from its shards)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def main() -> None:
     out, scenarios = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
@@ -64,34 +131,10 @@ def main() -> None:
     logging.getLogger("lowcomm").addHandler(collected)
     topo = init_from_torchrun(timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
     for sc in scenarios:
-        torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
-        model = NormLM() if sc.get("model") == "norm" else GPT(TINY)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
-        runner = model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if topo.inner is not None:
-            runner = DDP(model, process_group=topo.inner)
-        elif sc.get("ddp_world"):  # the mistake of a framework that saw the launcher's environment
-            runner = model = DDP(model)
-        group = DistributedGroup(
-            topo.outer.pg,
-            store=topo.outer.store,
-            name=sc["name"],
-            timeout=float(os.environ.get("TEST_TIMEOUT", "60")),
-        )
-        if "bucket_elems" in sc:
-            group.bucket_elems = sc["bucket_elems"]
-        kw = dict(sc["diloco"])
-        if sc.get("mismatch_rank") == topo.rank:
-            kw.update(sc["mismatch"])
-        try:
-            collected.messages.clear()
-            dil = DiLoCo(model, opt, group, shard_group=topo.inner if sc.get("shard") else None, **kw)
-        except ValueError as e:  # as the other refusals: no teardown of a group the peer is leaving too
-            _refused(out, sc, topo.rank, str(e), 3)
+        collected.messages.clear()
+        model, runner, opt, group, dil = build(out, sc, topo, sc["name"])
         stream = topo.replica * topo.procs_per_replica + topo.local_rank
-        rounds = []
+        rounds, in_flight_at_reload = [], None
         steps = sc.get("short_steps", sc["steps"]) if sc.get("short_rank") == topo.rank else sc["steps"]
         for step in range(1, steps + 1):
             if sc.get("hang_rank") == topo.rank and step == sc["hang_step"]:
@@ -104,6 +147,9 @@ def main() -> None:
             except Exception as e:
                 _refused(out, sc, topo.rank, f"{type(e).__name__}: {e}", 4)
             rounds += [r.to_dict() for r in dil.drain_round_stats()]
+            if step == sc.get("reload_at"):
+                in_flight_at_reload = dil.in_flight
+                model, runner, opt, group, dil = reload(out, sc, topo, model, opt, dil)
         if sc.get("finish"):  # sync what is left, as a training script does at its end
             try:
                 dil.finish()
@@ -112,11 +158,13 @@ def main() -> None:
         torch.save(
             {
                 "global": dil.global_vector(),
-                "local": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                "local": torch.cat([full(p.detach()).reshape(-1) for p in model.parameters()]),
+                "state": dil.state_dict(),
                 "buffers": [model.get_buffer(n) for n in synced_buffers(model)],
                 "rounds": rounds,
                 "fragment_numels": dil.fragment_numels(),
                 "warnings": list(collected.messages),
+                "in_flight_at_reload": in_flight_at_reload,
             },
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )

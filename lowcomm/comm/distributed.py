@@ -403,13 +403,11 @@ class DistributedGroup(ReplicaGroup):
             }
             raise ValueError(f"replica(s) {differ} differ from replica 0 in the {what}: {diff}")
 
-    def shared_ranks(self, process_group) -> list[int]:
+    def global_ranks(self) -> list[int]:
         if self._raw:  # not registered with torch.distributed: no global ranks to compare
             return []
         try:
-            return sorted(
-                set(dist.get_process_group_ranks(process_group)) & set(dist.get_process_group_ranks(self.pg))
-            )
+            return list(dist.get_process_group_ranks(self.pg))
         except (RuntimeError, ValueError, KeyError):
             return []
 

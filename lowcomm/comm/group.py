@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .codecs import Codec
 from .reduce import bucket_bounds, check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
@@ -152,11 +153,22 @@ class ReplicaGroup(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot broadcast")
 
+    def global_ranks(self) -> list[int]:
+        """The torch.distributed global ranks of this group's processes, in its rank order; []
+        when the group is not made of torch.distributed ranks."""
+        return []
+
     def shared_ranks(self, process_group) -> list[int]:
         """The global ranks of this group's processes that are also in torch.distributed's
         ``process_group`` (DDP wrapping a model across replicas shares two or more); [] when the
         group is not made of torch.distributed ranks."""
-        return []
+        mine = self.global_ranks()
+        if not mine:
+            return []
+        try:
+            return sorted(set(dist.get_process_group_ranks(process_group)) & set(mine))
+        except (RuntimeError, ValueError, KeyError):
+            return []
 
     def all_reduce_mean(
         self, buffer: torch.Tensor, codec: Codec, method: str = "two_phase", tag: int | None = None

@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .._compat import dtensor_type
 from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, shard_position
 from ..comm.reduce import shard_bounds
@@ -96,6 +98,21 @@ class _Fragment:
     buffers: list[str] = field(default_factory=list)  # the model's buffers synced with this fragment
     global_buffers: torch.Tensor | None = None  # their mean (fp32; bitwise alike on every replica)
 
+    def locals(self) -> list[torch.Tensor]:
+        """What this process holds of the fragment's parameters: a DTensor's local shard (looked
+        up each time: FSDP2 may give a parameter a new local tensor at its first forward)."""
+        return [local_tensor(p) for p in self.params]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this process holds and its optimizer updates; writing to
+    it writes the parameter), any other tensor as it is."""
+    cls = dtensor_type()
+    if cls is not None and isinstance(t, cls):
+        with torch.no_grad():  # the local tensor itself, not an autograd view of it
+            return t.to_local()
+    return t
+
 
 @dataclass
 class _InFlight:
@@ -124,7 +141,14 @@ class DiLoCo:
         shard_group: the torch.distributed group of the processes that hold this same replica
             (inner DDP). Each of its ``k`` processes syncs only its 1/k shard of every fragment
             over ``group`` (its outer group) and keeps momentum for that shard; after a round the
-            shards of the global copy are all-gathered inside the replica.
+            shards of the global copy are all-gathered inside the replica. Not for parameters
+            that are sharded already: with FSDP2 (``fully_shard``: DTensor parameters over the
+            replica's own processes) each process syncs its local shards over ``group``, its
+            outer group (the same position in every replica), and nothing more is needed.
+
+    A replica spread over ``k`` processes (``shard_group``, or DTensor parameters) is ``k``
+    parts: :meth:`state_dict` keys each process's state by its part, so that
+    ``torch.distributed.checkpoint`` over the replica's processes keeps every part.
 
     Raises:
         ValueError: any setting out of range, naming it and what is allowed.
@@ -156,20 +180,21 @@ class DiLoCo:
         buffer_names = assign_buffers(model, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
         params = dict(model.named_parameters())
         buffers = [model.get_buffer(n) for names in buffer_names for n in names]
+        self.shard_group = shard_group
+        self.num_shards, self.shard = shard_position(shard_group)
+        self.part = _part_of(params, group, shard_group, self.shard, self.num_shards)
         self._start_from_the_same_weights(
-            group, [params[n] for names in frag_names for n in names] + buffers, cfg.init
+            group, [local_tensor(params[n]) for names in frag_names for n in names] + buffers, cfg.init
         )
         first = next(iter(params.values()))
         self.outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else first.device
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
 
         self.step_count = 0
-        self.shard_group = shard_group
-        self.num_shards, self.shard = shard_position(shard_group)
         self._frags: list[_Fragment] = []
         for names, bufs in zip(frag_names, buffer_names):
             ps = [params[n] for n in names]
-            g = self._flatten(ps)
+            g = self._flatten([local_tensor(p) for p in ps])
             if pin:
                 g = g.pin_memory()
             lo, hi = shard_bounds(g.numel(), self.num_shards, self.codec.block)[self.shard]
@@ -177,7 +202,7 @@ class DiLoCo:
                 _Fragment(
                     names=names,
                     params=ps,
-                    numels=[p.numel() for p in ps],
+                    numels=[local_tensor(p).numel() for p in ps],
                     global_=g,
                     momentum=nesterov_init(g[lo:hi]),
                     residual=torch.zeros_like(g[lo:hi]) if cfg.error_feedback else None,
@@ -352,7 +377,7 @@ class DiLoCo:
     def _global_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(local tensor, its global values) for every parameter and synchronized buffer."""
         for f in self._frags:
-            yield from zip(f.params, self._views(f))
+            yield from zip(f.locals(), self._views(f))
             yield from self._buffer_views(f, f.global_buffers)
 
     @property
@@ -367,9 +392,12 @@ class DiLoCo:
 
         The layout is fixed by the configuration and the model (each fragment has one in-flight
         slot, empty or not), so the state saves and loads with ``torch.distributed.checkpoint``
-        beside the model and optimizer (DiLoCo is ``Stateful``)."""
+        beside the model and optimizer (DiLoCo is ``Stateful``). A replica of ``k > 1`` processes
+        (:attr:`part`) nests each process's state under its part, ``{"version": 2, "part i of k":
+        {...}}``: its processes hold different shards, and a checkpoint over the replica's
+        processes keeps one entry per key. Save each replica's state apart (its own process group
+        and folder): the replicas' local parameters and in-flight rounds differ too."""
         out = {
-            "version": STATE_VERSION,
             "step": self.step_count,
             "config": self._config_key(),
             "fragments": [],
@@ -400,18 +428,31 @@ class DiLoCo:
                     },
                 }
             )
-        return out
+        if self.part[1] == 1:
+            return {"version": STATE_VERSION, **out}
+        return {"version": STATE_VERSION, self._part_key(): out}
+
+    def _part_key(self) -> str:
+        return f"part {self.part[0]} of {self.part[1]}"
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` output; in-flight rounds are started again in send order.
 
         Raises:
-            ValueError: a state from another version, configuration or model.
+            ValueError: a state from another version, configuration, model or part.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(
                 f"DiLoCo state version must be {STATE_VERSION}, got {got!r} (another lowcomm version's state)"
+            )
+        parts = sorted(k for k in state if k.startswith("part "))
+        if self.part[1] > 1 and self._part_key() in state:
+            state = state[self._part_key()]
+        elif parts or "fragments" not in state:  # (one process's own state, unnested, is taken as it is)
+            raise ValueError(
+                f"DiLoCo state holds {parts or 'no fragments'}; this process is "
+                f"{self._part_key()} of its replica (a state saved by another layout of processes)"
             )
         if state["config"] != self._config_key():
             diff = {
@@ -437,6 +478,10 @@ class DiLoCo:
             if isinstance(saved, torch.Tensor) and saved.numel() == f.global_buffers.numel():
                 f.global_buffers.copy_(saved)
         self.step_count = int(state["step"])
+        # a loaded state starts the ordering check afresh: a checkpoint loader may have stepped the
+        # optimizer to make its state (torch.distributed.checkpoint.state_dict's get_state_dict,
+        # at lr 0), which is no training step
+        self._inner_steps = 0
         self._inflight.clear()
         slots = [(p, fs["inflight"]) for p, fs in enumerate(state["fragments"]) if fs["inflight"]["active"]]
         for p, it in sorted(slots, key=lambda pit: int(pit[1]["send_step"])):  # started again in send order
@@ -463,6 +508,7 @@ class DiLoCo:
             "alpha": self.alpha,
             "outer_lr": self.outer_lr,
             "outer_momentum": self.outer_momentum,
+            "part": list(self.part),
             # the buffers each fragment syncs (every replica must send the same ones)
             **{
                 f"buffer {n}": [i, *self.model.get_buffer(n).shape]
@@ -473,7 +519,7 @@ class DiLoCo:
             **{
                 f"param {n}": [i, *p.shape]
                 for i, f in enumerate(self._frags)
-                for n, p in zip(f.names, f.params)
+                for n, p in zip(f.names, f.locals())
             },
         }
 
@@ -495,12 +541,12 @@ class DiLoCo:
         return torch.cat(flat) if flat else torch.zeros(0, device=self.outer_device)
 
     def _views(self, f: _Fragment) -> list[torch.Tensor]:
-        return [g.view(p.shape) for g, p in zip(torch.split(f.global_, f.numels), f.params)]
+        return [g.view(p.shape) for g, p in zip(torch.split(f.global_, f.numels), f.locals())]
 
     def _send(self, p: int, due: int, final: bool = False) -> None:
         t0 = time.perf_counter()
         f = self._frags[p]
-        delta = f.global_[f.lo : f.hi] - self._flatten(f.params)[f.lo : f.hi]  # Δ = θ_global − θ_local, fp32
+        delta = f.global_[f.lo : f.hi] - self._flatten(f.locals())[f.lo : f.hi]  # Δ = θ_global − θ_local
         if f.residual is not None:
             delta += f.residual
         norm = delta.norm()
@@ -577,7 +623,7 @@ class DiLoCo:
         if self.shard_group is not None:
             self._gather_shards(f)
         with torch.no_grad():
-            for param, g in zip(f.params, self._views(f)):
+            for param, g in zip(f.locals(), self._views(f)):
                 g = g.to(param.device, param.dtype, non_blocking=True)
                 if self.alpha == 0.0:
                     param.copy_(g)
@@ -620,6 +666,46 @@ class DiLoCo:
         gather_shards(
             f.global_, shard_bounds(f.global_.numel(), self.num_shards, self.codec.block), self.shard_group
         )
+
+
+def _part_of(
+    params: dict[str, torch.Tensor], group: ReplicaGroup, shard_group, shard: int, num_shards: int
+) -> tuple[int, int]:
+    """``(i, k)``: this process is part ``i`` of the ``k`` that hold one replica. With a
+    ``shard_group``, its position there; with DTensor parameters (FSDP2), its position among the
+    ranks of their device meshes; else ``(0, 1)``.
+
+    Raises:
+        ValueError: DTensor parameters beside a ``shard_group``, a parameter with a Partial
+            placement, or device meshes that hold processes of two replicas (DiLoCo would average
+            one replica's shard with another's shard of other values).
+    """
+    cls = dtensor_type()
+    sharded = {n: p for n, p in params.items() if cls is not None and isinstance(p, cls)}
+    if not sharded:
+        return shard, num_shards
+    first = next(iter(sharded))
+    if shard_group is not None:
+        raise ValueError(
+            "shard_group is for a replica whose processes each hold the whole model (inner DDP); "
+            f"parameter {first!r} is a DTensor (sharded, as by FSDP2's fully_shard): pass shard_group=None"
+        )
+    for n, p in sharded.items():
+        if any(pl.is_partial() for pl in p.placements):
+            raise ValueError(
+                f"parameter {n!r} has placements {tuple(p.placements)}: DiLoCo syncs parameters that are "
+                "sharded or replicated (Shard, Replicate), not Partial sums"
+            )
+    ranks = sorted({int(r) for p in sharded.values() for r in p.device_mesh.mesh.flatten().tolist()})
+    across = sorted(set(ranks) & set(group.global_ranks()))
+    if len(across) > 1:
+        raise ValueError(
+            f"parameter {first!r} is sharded across replicas: global ranks {across} are in both its device "
+            "mesh and DiLoCo's group, so one replica's shard would be averaged with another's of other "
+            "values; shard each replica over its own processes (Topology.inner) and give DiLoCo the group "
+            "of the same position in every replica (Topology.outer)"
+        )
+    return ranks.index(dist.get_rank()), len(ranks)
 
 
 def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
