@@ -205,6 +205,20 @@ def test_state_from_another_configuration_is_refused():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         d.load_state_dict({"version": 99})
+    # a part of a replica of several processes (torch.distributed.checkpoint layout), or not a state
+    with pytest.raises(ValueError, match=r"holds \['part 1 of 2'\].*this process is part 0 of 1"):
+        d.load_state_dict({"version": state["version"], "part 1 of 2": state})
+    with pytest.raises(ValueError, match=r"lacks \['config', 'fragments'\]"):
+        d.load_state_dict({"version": state["version"], "step": 3})
+    d.load_state_dict(state)  # (and its own loads)
+
+
+def test_a_model_without_values_yet_is_refused_by_name():
+    """torchtitan builds models on the meta device and materializes them after sharding: a
+    DiLoCo built before that is told so, naming the parameter."""
+    model = nn.Linear(4, 4, device="meta")
+    with pytest.raises(ValueError, match="parameter 'weight' is on the meta device"):
+        DiLoCo(model, None, LocalGroup.create(1)[0], sync_every=2)
 
 
 def test_global_parameters_context_swaps_and_restores():

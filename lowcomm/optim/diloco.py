@@ -180,6 +180,12 @@ class DiLoCo:
         buffer_names = assign_buffers(model, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
         params = dict(model.named_parameters())
         buffers = [model.get_buffer(n) for names in buffer_names for n in names]
+        meta = [n for names in frag_names for n in names if params[n].is_meta]
+        if meta:
+            raise ValueError(
+                f"parameter {meta[0]!r} is on the meta device (it has no values yet): build DiLoCo "
+                "once the model's weights exist (after model.to_empty(device=...) and their init)"
+            )
         self.shard_group = shard_group
         self.num_shards, self.shard = shard_position(shard_group)
         self.part = _part_of(params, group, shard_group, self.shard, self.num_shards)
@@ -446,14 +452,18 @@ class DiLoCo:
             raise ValueError(
                 f"DiLoCo state version must be {STATE_VERSION}, got {got!r} (another lowcomm version's state)"
             )
-        parts = sorted(k for k in state if k.startswith("part "))
+        parts = sorted(k for k in state if isinstance(k, str) and k.startswith("part "))
         if self.part[1] > 1 and self._part_key() in state:
             state = state[self._part_key()]
-        elif parts or "fragments" not in state:  # (one process's own state, unnested, is taken as it is)
+        elif parts:  # (one process's own state, unnested, is taken as it is)
             raise ValueError(
-                f"DiLoCo state holds {parts or 'no fragments'}; this process is "
-                f"{self._part_key()} of its replica (a state saved by another layout of processes)"
+                f"DiLoCo state holds {parts}, the parts of a replica of several processes; this "
+                f"process is {self._part_key()} (a state saved by another layout of processes)"
             )
+        missing = sorted({"step", "config", "fragments"} - set(state))
+        if missing:
+            keys = sorted(map(str, state))
+            raise ValueError(f"DiLoCo state lacks {missing} (its keys: {keys}): not a DiLoCo state")
         if state["config"] != self._config_key():
             diff = {
                 k: (v, self._config_key().get(k))
