@@ -218,7 +218,7 @@ _OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _close_groups_at_exit() -> None:
     for group in list(_OPEN_GROUPS):
-        group._close(EXIT_DRAIN_S)
+        group.close(EXIT_DRAIN_S)
 
 
 class _DistWork(Work):
@@ -343,17 +343,13 @@ class DistributedGroup(ReplicaGroup):
     def size(self) -> int:
         return self._size
 
-    def close(self) -> None:
+    def close(self, limit: float | None = None) -> None:
         """Finish queued collectives (unless one failed), stop the communication thread, and mark
         this replica finished in the store: a peer waiting for it is told, within about
-        :data:`FINISHED_POLL_S`, that it finished, not that it died. A group still open when the
-        interpreter exits is closed then, its queued collectives given up to
-        :data:`EXIT_DRAIN_S`."""
-        self._close(None)
-
-    def _close(self, limit: float | None) -> None:
-        """:meth:`close`, waiting at most ``limit`` seconds for the queued collectives (None: no
-        limit), and not for one that a peer which closed its group will never enter."""
+        :data:`FINISHED_POLL_S`, that it finished, not that it died. ``limit``: wait at most that
+        many seconds for the queued collectives, and not for one that a peer which closed its
+        group will never enter (None: until they are done). A group still open when the
+        interpreter exits is closed then, with a limit of :data:`EXIT_DRAIN_S`."""
         if self._closed:
             return
         self._closed = True

@@ -120,7 +120,9 @@ def _release(group) -> None:
     """At exit, while the interpreter is whole: close the group and drop its gloo process group
     (this module made it; nothing else holds it), whose threads, left to the interpreter's
     shutdown, can abort the process ("terminate called without an active exception")."""
-    group.close()
+    from ..comm.distributed import EXIT_DRAIN_S
+
+    group.close(EXIT_DRAIN_S)
     group.pg = None
 
 
