@@ -386,3 +386,34 @@ def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monke
     assert left.value.code == 1
     err = capsys.readouterr().err
     assert err == "lowcomm: rank 1: outer collective #2 failed: replica(s) [1] never entered it\n"
+
+
+def test_ctrl_c_in_training_ends_in_one_line_with_code_130_and_keeps_the_records(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C used to end `lowcomm train` in a traceback. Now: one line saying where the records
+    are (and, when the run has a checkpoint, that --resume auto continues it), exit code 130."""
+    import lowcomm.runtime.cli as cli
+    import lowcomm.runtime.trainer as trainer
+
+    def interrupted(cfg, progress):
+        raise KeyboardInterrupt
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.setattr(cli, "_leave_now", leave)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_text('{"kind": "step"}\n')
+    for checkpoint, says in ((False, ""), (True, "; the same command with --resume auto continues")):
+        if checkpoint:
+            (run / "checkpoint.lcs").write_bytes(b"x")
+        with pytest.raises(SystemExit) as left:
+            cli.main(["train", "--steps", "1", "--quiet", "--run-dir", str(run)])
+        assert left.value.code == 130
+        err = capsys.readouterr().err
+        assert err.startswith(f"\nlowcomm: interrupted; the records so far are in {run.resolve()}{says}"), err
+        assert "Traceback" not in err
+    assert (run / "events.jsonl").read_text() == '{"kind": "step"}\n'  # kept as it was

@@ -763,6 +763,9 @@ def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
     assert resumed["global_params_sha256"] == straight["global_params_sha256"]
     assert resumed["final_eval_loss"] == straight["final_eval_loss"]
     assert resumed["steps_run"] == 8 and resumed["tokens"] == straight["tokens"]  # the model's tokens
+    # and what it sent: the bytes and rounds before the checkpoint count too
+    assert resumed["bytes_sent_per_replica"] == straight["bytes_sent_per_replica"]
+    assert resumed["rounds"] == straight["rounds"]
     events = read_jsonl(tmp_path / "killed" / "events.jsonl")
     marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
     assert marks == [("written", 8), ("written", 16), ("resumed", 16), ("written", 24)]

@@ -538,6 +538,8 @@ def _train(args: argparse.Namespace) -> int:
     if not cfg.elastic.enabled:
         try:
             s = train(cfg, progress=not args.quiet)
+        except KeyboardInterrupt:
+            _interrupted(cfg)
         except (ValueError, FileNotFoundError) as e:
             if not _process_group_alive():
                 raise  # main() reports it
@@ -564,6 +566,8 @@ def _train(args: argparse.Namespace) -> int:
         return ExitCode.OK
     try:
         s = train(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        _interrupted(cfg)
     except JobFinished as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         _leave_now(ExitCode.JOB_FINISHED)
@@ -581,6 +585,20 @@ def _train(args: argparse.Namespace) -> int:
     # a collective given up on a dead peer leaves a gloo thread behind that would abort the
     # interpreter's shutdown; the records are closed, so leave at once
     _leave_now(ExitCode.OK)
+
+
+def _interrupted(cfg) -> None:
+    """Ctrl-C during training: one line, not a traceback, and the exit code 130. The records written
+    so far stay (they are appended as the run goes; an unfinished run has no summary.json)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(cfg.run.run_dir).resolve()
+        again = (
+            "; the same command with --resume auto continues from its last checkpoint"
+            if any(run_dir.glob("checkpoint*.lcs"))
+            else ""
+        )
+        print(f"\nlowcomm: interrupted; the records so far are in {run_dir}{again}", file=sys.stderr)
+    _leave_now(ExitCode.INTERRUPTED)  # (under launch/torchrun a gloo thread may still hold work)
 
 
 def _leave_now(code: int) -> None:

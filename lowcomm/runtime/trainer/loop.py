@@ -336,6 +336,7 @@ class Trainer:
                 if not cfg.elastic.enabled:  # (an elastic worker's sync writes its own and calls the hook)
                     every = cfg.elastic.checkpoint_every
                     if every and step % every == 0:
+                        self._flush(step)  # the steps and rounds so far recorded, and counted in it
                         self._write_run_checkpoint(step)
                     self.hooks.after_step(step)
             self._flush(step)
@@ -384,6 +385,9 @@ class Trainer:
             "replica_ids": list(self.replica_ids),
             "replicas": self.replicas.state_dict(),
             "sync": self.sync.state_dict(),
+            # what was sent so far: a resumed run's records count it (rounds in flight are
+            # counted when they complete, after the resume)
+            "sent": {"bytes": list(self.sync.bytes_sent), "rounds": self.sync.rounds},
         }
         try:
             if path.exists():  # the one before is kept until this one is whole (see common_checkpoint)
@@ -419,6 +423,10 @@ class Trainer:
         except (RuntimeError, KeyError, TypeError, ValueError) as e:  # another model's or configuration's
             why = " ".join(str(e).split())[:400]  # torch's load errors span lines: one line here
             raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
+        sent = state.get("sent")  # (a checkpoint of an older lowcomm has none: counted from here)
+        if sent is not None and len(sent["bytes"]) == len(self.sync.bytes_sent):
+            self.sync.bytes_sent = [int(b) for b in sent["bytes"]]
+            self.sync.rounds = int(sent["rounds"])
         self.replicas.seek(step)
         return step
 
@@ -457,6 +465,7 @@ class Trainer:
                 eval="-" if self.last_eval is None else f"{self.last_eval:.3f}",  # "-": none yet
                 tok_s=f"{rate:,.0f}",
                 sent=human_bytes(self.sync.bytes_sent[0]),
+                refresh=False,  # (one refresh below, not two)
             )
             self.bar.refresh()
 
