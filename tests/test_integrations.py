@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lowcomm import DiLoCo, DiLoCoConfig, LocalGroup
+from lowcomm._compat import tomllib
 from lowcomm.lm import GPT, GPTConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -206,10 +207,65 @@ def test_a_toml_diloco_table_builds_the_wrapper_with_fragments_by_module_name(tm
     assert diloco_config_from_toml(path) == expected
 
 
+TORCHFT = """
+[job]
+description = "a torchtitan job file written for torchft"
+
+[fault_tolerance]
+enable = true
+replica_id = 0
+group_size = 2
+semi_sync_method = "diloco"
+sync_steps = 6
+num_fragments = 3
+module_fqns_per_model_fragment = [["blocks.0", "blocks.1"], ["blocks.2", "wte", "wpe", "ln_f", "head"]]
+fragment_sync_delay = 1
+fragment_update_alpha = 0.5
+should_quantize = true
+"""
+
+
+def test_a_torchtitan_fault_tolerance_table_builds_the_wrapper_it_describes(tmp_path, caplog):
+    """torchft's semi-sync keys (in a job file without a [diloco] table) mean the same here: its
+    explicit fragments win over its count, should_quantize sends fp8, local_sgd averages the
+    parameters (outer lr 1, no momentum); torchft's runtime keys are left alone and logged."""
+    from lowcomm.integrations.titan import diloco_config_from_toml, diloco_from_toml
+
+    path = tmp_path / "job.toml"
+    path.write_text(TORCHFT)
+    model = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16))
+    with caplog.at_level("INFO", logger="lowcomm.integrations.titan"):
+        diloco = diloco_from_toml(model, None, LocalGroup.create(1)[0], path)
+    assert "['enable', 'group_size', 'replica_id'] are torchft's runtime settings" in caplog.text
+    fragments = [["blocks.0", "blocks.1"], ["blocks.2", "wte", "wpe", "ln_f", "head"]]
+    assert diloco.config == DiLoCoConfig(
+        sync_every=6, fragments=fragments, overlap=1, alpha=0.5, codec="fp8_e4m3"
+    )
+    assert diloco.num_fragments == 2 and diloco.outer_lr == 0.7 and diloco.outer_momentum == 0.9
+    local_sgd = TORCHFT.replace('"diloco"', '"local_sgd"').replace("module_fqns_per_model_fragment", "# x")
+    got = diloco_config_from_toml(tomllib.loads(local_sgd))
+    assert (got.outer_lr, got.outer_momentum, got.fragments, got.sync_every) == (1.0, 0.0, 3, 6)
+    both = TORCHFT + "\n[diloco]\nsync_every = 9\n"  # a [diloco] table is lowcomm's own: it wins
+    assert diloco_config_from_toml(tomllib.loads(both)) == DiLoCoConfig(sync_every=9)
+
+
 @pytest.mark.parametrize(
     "text,match",
     [
-        ("[job]\nx = 1\n", r"has no \[diloco\] table"),
+        ("[job]\nx = 1\n", r"has no \[diloco\] table \(nor a \[fault_tolerance\] table with a semi_sync"),
+        ("[fault_tolerance]\nenable = true\n", r"has no \[diloco\] table"),
+        (
+            "[fault_tolerance]\nsemi_sync_method = 'hsdp'\n",
+            r"semi_sync_method='hsdp' in \[fault_tolerance\] is not allowed: one of \['diloco', 'local_sgd",
+        ),
+        (
+            "[fault_tolerance]\nsemi_sync_method = 'diloco'\nsync_step = 5\n",
+            r"unknown key\(s\) \['sync_step'\] in \[fault_tolerance\]",
+        ),
+        (
+            "[fault_tolerance]\nsemi_sync_method = 'diloco'\nsync_steps = 0\n",
+            r"\[fault_tolerance\] \(sync_steps as sync_every\): sync_every=0",
+        ),
         ("[diloco]\nsync_evry = 6\n", r"unknown key\(s\) \['sync_evry'\] in \[diloco\]; allowed: \["),
         ("[diloco]\ncodec = 'int3'\n", "codec='int3'"),
         (
