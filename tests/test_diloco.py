@@ -213,6 +213,20 @@ def test_state_from_another_configuration_is_refused():
     d.load_state_dict(state)  # (and its own loads)
 
 
+def test_a_compiled_model_holds_its_parameters_under_their_own_names():
+    """torch.compile's wrapper adds ``_orig_mod.`` to every parameter name: a replica that compiles
+    and one that does not used to differ in the configuration check, and a state saved compiled
+    did not load into a run resumed without compiling. The wrapper is looked through."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16))
+    plain, compiled = copy.deepcopy(base), torch.compile(copy.deepcopy(base))  # (never run: no compile)
+    groups = LocalGroup.create(2)
+    dil = [DiLoCo(m, None, g, sync_every=2, fragments=2) for m, g in zip([plain, compiled], groups)]
+    assert dil[0].fragment_names == dil[1].fragment_names
+    assert dil[1].fragment_names[0][0] == "blocks.0.ln1.weight"
+    dil[0].load_state_dict(dil[1].state_dict())
+
+
 def test_a_model_without_values_yet_is_refused_by_name():
     """torchtitan builds models on the meta device and materializes them after sharding: a
     DiLoCo built before that is told so, naming the parameter."""

@@ -165,21 +165,24 @@ class DiLoCo:
         **settings: Any,
     ) -> None:
         cfg = (config or DiLoCoConfig()).replace(**settings) if settings else (config or DiLoCoConfig())
-        frag_names = build_fragments(model, cfg.fragments, cfg.pattern)
+        wrappers = _wrappers(model)
+        module = wrappers[-1]  # parameters and buffers by the model's own names
+        frag_names = build_fragments(module, cfg.fragments, cfg.pattern)
 
         self.config = cfg
         self.model, self.inner_optimizer, self.group = model, inner_optimizer, group
+        self._module = module
         self.sync_every, self.num_fragments, self.overlap = cfg.sync_every, len(frag_names), cfg.overlap
         self.pattern, self.alpha = cfg.pattern, float(cfg.alpha)
         self.outer_lr, self.outer_momentum = float(cfg.outer_lr), float(cfg.outer_momentum)
         self.codec = cfg.codec if isinstance(cfg.codec, Codec) else get_codec(cfg.codec, cfg.codec_block)
         self.error_feedback, self.reduce = cfg.error_feedback, cfg.reduce
-        _warn_if_wrapped_across_replicas(model, group)
+        _warn_if_wrapped_across_replicas(wrappers, group)
         if not cfg.sync_buffers:
-            _warn_of_buffers(model, group)
-        buffer_names = assign_buffers(model, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
-        params = dict(model.named_parameters())
-        buffers = [model.get_buffer(n) for names in buffer_names for n in names]
+            _warn_of_buffers(module, group)
+        buffer_names = assign_buffers(module, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
+        params = dict(module.named_parameters())
+        buffers = [module.get_buffer(n) for names in buffer_names for n in names]
         meta = [n for names in frag_names for n in names if params[n].is_meta]
         if meta:
             raise ValueError(
@@ -521,7 +524,7 @@ class DiLoCo:
             "part": list(self.part),
             # the buffers each fragment syncs (every replica must send the same ones)
             **{
-                f"buffer {n}": [i, *self.model.get_buffer(n).shape]
+                f"buffer {n}": [i, *self._module.get_buffer(n).shape]
                 for i, f in enumerate(self._frags)
                 for n in f.buffers
             },
@@ -571,7 +574,7 @@ class DiLoCo:
     def _buffers(self, f: _Fragment) -> list[torch.Tensor]:
         """The fragment's buffers as the model holds them now (looked up by name: ``model.to()``
         replaces buffer tensors, where it keeps parameter objects)."""
-        return [self.model.get_buffer(n) for n in f.buffers]
+        return [self._module.get_buffer(n) for n in f.buffers]
 
     def _buffer_views(self, f: _Fragment, flat: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, its values in ``flat``) for each of the fragment's buffers."""
@@ -736,15 +739,34 @@ def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
         )
 
 
-def _warn_if_wrapped_across_replicas(model: nn.Module, group: ReplicaGroup) -> None:
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and the modules it wraps, down to the one whose parameter names are the model's
+    own: torch.compile's wrapper adds ``_orig_mod.`` to every name and DDP ``module.``, so a
+    replica that compiles (or wraps) and one that does not, or a run resumed without compiling,
+    would otherwise hold the same parameters under other names."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    chain = [model]
+    while True:
+        m = chain[-1]
+        if isinstance(m, DistributedDataParallel):
+            chain.append(m.module)
+        elif type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            chain.append(m._orig_mod)
+        else:
+            return chain
+
+
+def _warn_if_wrapped_across_replicas(wrappers: list[nn.Module], group: ReplicaGroup) -> None:
     """DDP whose process group holds processes of two replicas all-reduces gradients every step
     across them: the communication DiLoCo exists to avoid (a framework that saw the launcher's
     RANK / WORLD_SIZE did it). Wrapping inside one replica (inner DDP) is fine."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if not isinstance(model, DistributedDataParallel):
+    ddp = next((m for m in wrappers if isinstance(m, DistributedDataParallel)), None)
+    if ddp is None:
         return
-    across = group.shared_ranks(model.process_group)
+    across = group.shared_ranks(ddp.process_group)
     if len(across) > 1:
         log.warning(
             "the model is wrapped in DistributedDataParallel across replicas (global ranks %s are in "
