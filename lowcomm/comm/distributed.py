@@ -98,6 +98,13 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _UNITS_S[m.group(2)]
 
 
+def mesh_position(meshes) -> tuple[int, int, list[int]]:
+    """``(i, k, ranks)``: this process is ``i`` of the ``k`` global ``ranks`` of the device meshes
+    ``meshes`` (those of a replica's DTensor parameters), in rank order."""
+    ranks = sorted({int(r) for m in meshes for r in m.mesh.flatten().tolist()})
+    return ranks.index(dist.get_rank()), len(ranks), ranks
+
+
 def shard_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """``(k, i)``: the processes of ``group`` (one replica's inner group) and this one's index;
     ``(1, 0)`` without a group."""

@@ -32,12 +32,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._compat import dtensor_type
 from ..comm import Codec, ReplicaGroup, Work, get_codec
-from ..comm.distributed import gather_shards, shard_position
+from ..comm.distributed import gather_shards, mesh_position, shard_position
 from ..comm.reduce import shard_bounds
 from .config import DiLoCoConfig
 from .fragments import assign_buffers, build_fragments, find_blocks, synced_buffers
@@ -709,7 +708,7 @@ def _part_of(
                 f"parameter {n!r} has placements {tuple(p.placements)}: DiLoCo syncs parameters that are "
                 "sharded or replicated (Shard, Replicate), not Partial sums"
             )
-    ranks = sorted({int(r) for p in sharded.values() for r in p.device_mesh.mesh.flatten().tolist()})
+    index, count, ranks = mesh_position({id(p.device_mesh): p.device_mesh for p in sharded.values()}.values())
     across = sorted(set(ranks) & set(group.global_ranks()))
     if len(across) > 1:
         raise ValueError(
@@ -718,7 +717,7 @@ def _part_of(
             "values; shard each replica over its own processes (Topology.inner) and give DiLoCo the group "
             "of the same position in every replica (Topology.outer)"
         )
-    return ranks.index(dist.get_rank()), len(ranks)
+    return index, count
 
 
 def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
