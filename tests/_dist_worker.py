@@ -150,6 +150,14 @@ def main() -> None:
             if step == sc.get("reload_at"):
                 in_flight_at_reload = dil.in_flight
                 model, runner, opt, group, dil = reload(out, sc, topo, model, opt, dil)
+        evaluated = None
+        if sc.get("eval"):  # a loss without backward, then of the global parameters, then again
+            with torch.no_grad():
+                x = batch(0, 0)
+                local = runner(*x)
+                with dil.global_parameters():
+                    evaluated = [local, runner(*x)]
+                evaluated.append(runner(*x))
         if sc.get("finish"):  # sync what is left, as a training script does at its end
             try:
                 dil.finish()
@@ -165,6 +173,7 @@ def main() -> None:
                 "fragment_numels": dil.fragment_numels(),
                 "warnings": list(collected.messages),
                 "in_flight_at_reload": in_flight_at_reload,
+                "evaluated": evaluated,  # losses: local, global, local again
             },
             f"{out}/{sc['name']}.rank{topo.rank}.pt",
         )

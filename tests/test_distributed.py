@@ -175,7 +175,9 @@ def test_fsdp2_replicas_match_ddp_replicas_and_resume_from_a_distributed_checkpo
       on the parameters and DiLoCo state of the run that never stopped, bit for bit (e3m0 rounds,
       error feedback), for FSDP2 and for DDP with DiLoCo's sharded outer state. Both keep each
       process's part: the checkpoint used to hold one process's momentum for the replica's two
-      (torch.distributed.checkpoint keeps one entry per key)."""
+      (torch.distributed.checkpoint keeps one entry per key).
+    - The global parameters evaluated (``global_parameters()``) after a forward without backward
+      give the DDP job's loss on every process, and the replica's own loss afterwards."""
     exact = {"sync_every": 4, "fragments": 2, "overlap": 1}
     e3m0 = {**exact, "codec": "e3m0", "codec_block": 32, "error_feedback": True}
     scenarios = [
@@ -185,6 +187,10 @@ def test_fsdp2_replicas_match_ddp_replicas_and_resume_from_a_distributed_checkpo
         {"name": "fsdp-resumed", "steps": 10, "fsdp": True, "reload_at": 6, "diloco": e3m0},
         {"name": "ddp", "steps": 10, "shard": True, "diloco": e3m0},
         {"name": "ddp-resumed", "steps": 10, "shard": True, "reload_at": 6, "diloco": e3m0},
+        # evaluation of the global parameters after a forward without backward (alpha 1: the
+        # replicas' own parameters stay apart from the global ones)
+        {"name": "fsdp-eval", "steps": 8, "fsdp": True, "eval": True, "diloco": {**exact, "alpha": 1.0}},
+        {"name": "ddp-eval", "steps": 8, "shard": True, "eval": True, "diloco": {**exact, "alpha": 1.0}},
     ]
     res = _launch(tmp_path, scenarios, replicas=2, procs_per_replica=2, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -205,6 +211,14 @@ def test_fsdp2_replicas_match_ddp_replicas_and_resume_from_a_distributed_checkpo
             assert torch.equal(resumed[r]["local"], whole[r]["local"]), (name, r)
             assert _equal(resumed[r]["state"], whole[r]["state"]), (name, r)
         assert not torch.equal(whole[0]["local"], whole[2]["local"])  # the replicas trained apart
+    # FSDP2 keeps its root's parameters gathered after a forward without backward: the global
+    # parameters written into the shards were not seen (the same loss as the local ones, another
+    # on every replica); now the loss of the global parameters is the DDP job's, on every process
+    fsdp, ddp = got("fsdp-eval"), got("ddp-eval")
+    for r in range(4):
+        local, glob, again = fsdp[r]["evaluated"]
+        assert torch.equal(glob, ddp[0]["evaluated"][1]) and not torch.equal(glob, local), r
+        assert torch.equal(local, ddp[r]["evaluated"][0]) and torch.equal(again, local), r
 
 
 @fsdp2_on_cpu

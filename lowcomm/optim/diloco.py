@@ -191,6 +191,8 @@ class DiLoCo:
         self.shard_group = shard_group
         self.num_shards, self.shard = shard_position(shard_group)
         self.part = _part_of(params, group, shard_group, self.shard, self.num_shards)
+        self._fsdp_modules = [m for m in module.modules() if _is_fsdp2(m)]
+        self._reshard()
         self._start_from_the_same_weights(
             group, [local_tensor(params[n]) for names in frag_names for n in names] + buffers, cfg.init
         )
@@ -371,6 +373,7 @@ class DiLoCo:
             self.sync_local_parameters()
             yield self.model
         finally:
+            self._reshard()  # (evaluation's forwards leave FSDP2's root gathered)
             with torch.no_grad():
                 for (t, _), s in zip(self._global_pairs(), saved):
                     t.copy_(s)
@@ -378,9 +381,18 @@ class DiLoCo:
     def sync_local_parameters(self) -> None:
         """Set the local parameters (and synchronized buffers) to the global ones (a joiner starts
         from the job's state, so its first pseudo-gradient holds only its own progress)."""
+        self._reshard()
         with torch.no_grad():
             for t, g in self._global_pairs():
                 t.copy_(g)
+
+    def _reshard(self) -> None:
+        """Before the parameters' shards are written: FSDP2 keeps a module's parameters gathered
+        after a forward that no backward followed (its root's after every forward; evaluation's),
+        and its next forward uses them as they are. Resharded, the next forward gathers the
+        shards as DiLoCo wrote them."""
+        for m in self._fsdp_modules:
+            m.reshard()
 
     def _global_pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(local tensor, its global values) for every parameter and synchronized buffer."""
@@ -634,6 +646,7 @@ class DiLoCo:
         apply_update(f.global_[f.lo : f.hi], direction, self.outer_lr)
         if self.shard_group is not None:
             self._gather_shards(f)
+        self._reshard()
         with torch.no_grad():
             for param, g in zip(f.locals(), self._views(f)):
                 g = g.to(param.device, param.dtype, non_blocking=True)
@@ -736,6 +749,13 @@ def _warn_of_buffers(model: nn.Module, group: ReplicaGroup) -> None:
             ", ".join(names[:3]),
             f" and {len(names) - 3} more" if len(names) > 3 else "",
         )
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded by FSDP2's ``fully_shard`` (it became an ``FSDPModule``)."""
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__) and callable(
+        getattr(module, "reshard", None)
+    )
 
 
 def _wrappers(model: nn.Module) -> list[nn.Module]:
