@@ -101,7 +101,7 @@ def build(out: str, sc: dict, topo, name: str):
     return model, runner, opt, group, dil
 
 
-def reload(out: str, sc: dict, topo, model, opt, dil):
+def reload(out: str, sc: dict, topo, model, opt, group, dil):
     """Save the model, AdamW and DiLoCo with torch.distributed.checkpoint over the replica's own
     processes (as torchtitan does, each replica in a folder of its own), then build them anew
     and load them: what a resumed job trains with."""
@@ -110,11 +110,12 @@ def reload(out: str, sc: dict, topo, model, opt, dil):
 
     folder = f"{out}/{sc['name']}-ckpt/replica{topo.replica}"
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, process_group=topo.inner)
+    dcp.save({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, **topo.checkpoint_scope())
+    group.close()  # the saved round's collective finishes first (a new process has no other)
     model, runner, opt, group, dil = build(out, sc, topo, sc["name"] + "-resumed")
     # (the loader takes an optimizer step at lr 0 to make AdamW's state, after DiLoCo counts steps)
     msd, osd = get_state_dict(model, opt)
-    dcp.load({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, process_group=topo.inner)
+    dcp.load({"model": msd, "optim": osd, "diloco": dil}, checkpoint_id=folder, **topo.checkpoint_scope())
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     return model, runner, opt, group, dil
 
@@ -149,7 +150,7 @@ def main() -> None:
             rounds += [r.to_dict() for r in dil.drain_round_stats()]
             if step == sc.get("reload_at"):
                 in_flight_at_reload = dil.in_flight
-                model, runner, opt, group, dil = reload(out, sc, topo, model, opt, dil)
+                model, runner, opt, group, dil = reload(out, sc, topo, model, opt, group, dil)
         evaluated = None
         if sc.get("eval"):  # a loss without backward, then of the global parameters, then again
             with torch.no_grad():

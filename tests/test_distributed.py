@@ -89,10 +89,15 @@ def _local_reference(sc, M):
     return dil, models
 
 
+#: STREAMING saved with torch.distributed.checkpoint at step 8 (a round in flight), loaded into a
+#: new model, AdamW and DiLoCo, and trained on: one process per replica (no collective)
+RESUMED = {**STREAMING, "name": "streaming-resumed", "reload_at": 8}
+
+
 @pytest.fixture(scope="module")
 def four_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist4")
-    res = _launch(out, [VANILLA, STREAMING, NORMED], replicas=4)
+    res = _launch(out, [VANILLA, STREAMING, NORMED, RESUMED], replicas=4)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -111,6 +116,16 @@ def test_four_processes_match_local_group_bit_for_bit(four_process_run, sc):
         buffers = [torch.load(four_process_run / f"normed.rank{r}.pt")["buffers"] for r in range(4)]
         assert all(torch.equal(a, b) for other in buffers[1:] for a, b in zip(other, buffers[0]))
         assert not torch.equal(buffers[0][1], torch.ones_like(buffers[0][1]))
+
+
+def test_replicas_of_one_process_resume_from_a_distributed_checkpoint_bit_for_bit(four_process_run):
+    """Each replica saves to its own folder with Topology.checkpoint_scope() (one process per
+    replica: no collective; over the whole job the replicas' states would be saved as one)."""
+    for r in range(4):
+        whole = torch.load(four_process_run / f"streaming.rank{r}.pt", weights_only=True)
+        resumed = torch.load(four_process_run / f"streaming-resumed.rank{r}.pt", weights_only=True)
+        assert resumed["in_flight_at_reload"] == 1
+        assert torch.equal(resumed["local"], whole["local"]) and _equal(resumed["state"], whole["state"])
 
 
 def test_bytes_handed_to_collectives_equal_the_formula(four_process_run):

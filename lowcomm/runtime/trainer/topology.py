@@ -52,6 +52,14 @@ class Topology:
         """Rank 0 of the job: the process that writes the run records."""
         return self.rank == 0
 
+    def checkpoint_scope(self) -> dict:
+        """Keyword arguments of ``torch.distributed.checkpoint``'s ``save`` and ``load`` that keep a
+        checkpoint to this replica's processes: its inner group, or with one process per replica
+        none at all (``no_dist``). Over the whole job the replicas' different local parameters,
+        optimizer states and rounds in flight would be saved as one (one entry per key), and each
+        replica's own folder would be written by the others' collective."""
+        return {"process_group": self.inner} if self.inner is not None else {"no_dist": True}
+
 
 def _env_int(name: str) -> int:
     try:
