@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -46,6 +46,7 @@ class Topology:
     procs_per_replica: int
     outer: DistributedGroup
     inner: dist.ProcessGroup | None
+    _alone: dist.ProcessGroup | None = field(default=None, repr=False)  # (checkpoint_scope)
 
     @property
     def is_leader(self) -> bool:
@@ -54,11 +55,15 @@ class Topology:
 
     def checkpoint_scope(self) -> dict:
         """Keyword arguments of ``torch.distributed.checkpoint``'s ``save`` and ``load`` that keep a
-        checkpoint to this replica's processes: its inner group, or with one process per replica
-        none at all (``no_dist``). Over the whole job the replicas' different local parameters,
-        optimizer states and rounds in flight would be saved as one (one entry per key), and each
-        replica's own folder would be written by the others' collective."""
-        return {"process_group": self.inner} if self.inner is not None else {"no_dist": True}
+        checkpoint to this replica's processes: its inner group, or with one process per replica a
+        group of this process alone (made by it alone, once). Over the whole job the replicas'
+        different local parameters, optimizer states and rounds in flight would be saved as one
+        (one entry per key), and each replica's own folder written by the others' collective."""
+        if self.inner is not None:
+            return {"process_group": self.inner}
+        if self._alone is None:
+            self._alone = dist.new_group([self.rank], use_local_synchronization=True)
+        return {"process_group": self._alone}
 
 
 def _env_int(name: str) -> int:
