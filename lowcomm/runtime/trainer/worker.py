@@ -132,6 +132,8 @@ class ElasticDiLoCo(DiLoCoSync):
             "model": dict(r.models[0].state_dict()),
             "inner": r.opts[0].state_dict(),
             "sampler": r.samplers[0].state_dict(),
+            # what it sent so far (taken with no round in flight): a resumed worker's records count it
+            "sent": {"bytes": self.bytes_sent[0], "rounds": self.rounds},
         }
 
     def _restore(self, state: dict, joiner: bool) -> None:
@@ -160,6 +162,9 @@ class ElasticDiLoCo(DiLoCoSync):
                 self._restore(state, joiner=False)
                 self.replicas.models[0].load_state_dict(state["model"])
                 self.replicas.samplers[0].load_state_dict(state["sampler"])
+                sent = state.get("sent")  # (a checkpoint of an older lowcomm has none: counted from here)
+                if sent is not None:
+                    self.bytes_sent[0], self.rounds = int(sent["bytes"]), int(sent["rounds"])
             except (RuntimeError, KeyError, TypeError) as e:  # another model's or a damaged state
                 raise ValueError(
                     f"resume={self.cfg.elastic.resume!r}: the checkpoint does not fit this run: {e}"
