@@ -174,11 +174,11 @@ class LinkEmulator:
 #: seconds between a waiting replica's looks at whether a peer closed its group
 FINISHED_POLL_S = 0.5
 
-#: how long a process's exit waits for its groups' queued collectives (a round a script left in
-#: flight, never calling ``DiLoCo.finish()``). The interpreter's teardown while a gloo collective
-#: runs on the communication thread aborts the process ("terminate called without an active
-#: exception", exit code -6, which a launcher reads as a failure and may restart). A peer that
-#: closed its group without entering the collective is not waited for.
+#: how long a process's exit waits for its groups' queued collectives, all groups together (a
+#: round a script left in flight, never calling ``DiLoCo.finish()``). The interpreter's teardown
+#: while a gloo collective runs on the communication thread aborts the process ("terminate called
+#: without an active exception", exit code -6, which a launcher reads as a failure and may
+#: restart). A peer that closed its group without entering the collective is not waited for.
 EXIT_DRAIN_S = 30.0
 
 
@@ -224,8 +224,9 @@ _OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _close_groups_at_exit() -> None:
+    end = time.monotonic() + EXIT_DRAIN_S  # one limit for all (an elastic worker has one a generation)
     for group in list(_OPEN_GROUPS):
-        group.close(EXIT_DRAIN_S)
+        group.close(max(end - time.monotonic(), 0.0))
 
 
 class _DistWork(Work):
