@@ -365,6 +365,40 @@ def test_launch_terminated_stops_its_processes(tmp_path):
             os.kill(int(p.read_text()), 0)
 
 
+def test_ctrl_c_on_launch_lets_the_ranks_end_themselves(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher and its ranks (one process group): the launcher
+    says so, gives the ranks a moment to end by themselves (lowcomm train then says where its
+    records are) and exits with 130. It used to stop them at once, before they could."""
+    import signal
+    import subprocess
+    import time
+
+    note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
+    body = (
+        f"import os, sys, time\n{note}\ntry:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n"
+        "    time.sleep(0.3)\n    print('rank', os.environ['RANK'], 'ended itself', flush=True)\n"
+        "    sys.exit(130)\n"
+    )
+    job = [sys.executable, "-c", body]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    pids = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    out, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 130
+    assert sorted(out.split("\n")[:2]) == ["rank 0 ended itself", "rank 1 ended itself"], (out, err)
+    assert "interrupted: stopping every rank" in err and "Traceback" not in err
+
+
 def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monkeypatch, capsys):
     """A peer that died or hung fails the round: the process says so in one line (no traceback)
     and leaves with code 1, which a launcher with --max-restarts restarts."""

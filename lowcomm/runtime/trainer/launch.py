@@ -114,7 +114,16 @@ def _run_once(
                     _stop(list(running.values()), grace_s)
             time.sleep(0.05)
     except KeyboardInterrupt:
-        _stop(list(running.values()), grace_s)
+        log.error("interrupted: stopping every rank")
+        try:
+            # a terminal's Ctrl-C reached the ranks too: they end themselves (and say where their
+            # records are); the ones that do not, are stopped
+            _settle(list(running.values()), min(grace_s, 2.0))
+            _stop(list(running.values()), grace_s)
+        except KeyboardInterrupt:  # a second Ctrl-C: at once
+            for p in running.values():
+                if p.poll() is None:
+                    p.kill()
         return ExitCode.INTERRUPTED
     except _Terminated:
         log.error("terminated (SIGTERM): stopping every rank")
@@ -140,6 +149,13 @@ def _start(
             **extra,
         }
         running[rank] = subprocess.Popen(command, env=env)
+
+
+def _settle(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``procs`` to exit by themselves."""
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
