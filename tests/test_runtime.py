@@ -451,3 +451,5 @@ def test_ctrl_c_in_training_ends_in_one_line_with_code_130_and_keeps_the_records
         assert err.startswith(f"\nlowcomm: interrupted; the records so far are in {run.resolve()}{says}"), err
         assert "Traceback" not in err
     assert (run / "events.jsonl").read_text() == '{"kind": "step"}\n'  # kept as it was
+    monkeypatch.setattr(cli, "_demo", lambda args: interrupted(None, None))  # any other command
+    assert cli.main(["demo"]) == 130 and capsys.readouterr().err == "\nlowcomm: interrupted\n"

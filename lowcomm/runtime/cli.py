@@ -732,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"lowcomm: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
+    except KeyboardInterrupt:  # Ctrl-C in any other command (demo, chaos, scaling): one line
+        print("\nlowcomm: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":
