@@ -224,9 +224,10 @@ _OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
 
 @atexit.register
 def _close_groups_at_exit() -> None:
-    end = time.monotonic() + EXIT_DRAIN_S  # one limit for all (an elastic worker has one a generation)
+    end = time.monotonic() + EXIT_DRAIN_S  # one limit for all of them
     for group in list(_OPEN_GROUPS):
-        group.close(max(end - time.monotonic(), 0.0))
+        if group._pool_ is not None:  # (only a communication thread can hold a collective at exit)
+            group.close(max(end - time.monotonic(), 0.0))
 
 
 class _DistWork(Work):
