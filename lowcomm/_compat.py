@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -76,6 +77,7 @@ def foreach_norm_fp32(tensors: list) -> list:
         return torch._foreach_norm([t.float() for t in tensors])
 
 
+@functools.cache
 def dtensor_type() -> type | None:
     """torch's ``DTensor`` class (FSDP2's and tensor parallelism's parameters), or None on a torch
     built without distributed support. Public as ``torch.distributed.tensor`` since torch 2.5;
