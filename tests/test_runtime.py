@@ -376,7 +376,9 @@ def test_ctrl_c_on_launch_lets_the_ranks_end_themselves(tmp_path):
     note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
     body = (
         f"import os, sys, time\n{note}\ntry:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n"
-        "    time.sleep(0.3)\n    print('rank', os.environ['RANK'], 'ended itself', flush=True)\n"
+        # one write of the whole line: print() writes its pieces apart, and the two ranks share
+        # the launcher's pipe (a write under PIPE_BUF bytes is never interleaved)
+        "    time.sleep(0.3)\n    os.write(1, ('rank ' + os.environ['RANK'] + ' ended itself\\n').encode())\n"
         "    sys.exit(130)\n"
     )
     job = [sys.executable, "-c", body]
