@@ -317,10 +317,11 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
             assert job.summary(w)["steps_run"] == 80 and job.summary(w)["transfers_in"] == []
         got = {job.summary(w)["global_params_sha256"] for w in names}
         assert got == {want["global_params_sha256"]}
-        for w in names:  # what each sent before its checkpoint counts too (rounds redone once)
+        for w in names:  # what each sent and trained before its checkpoint counts too
             s = job.summary(w)
             assert s["bytes_sent_per_replica"] == want["bytes_sent_per_replica"], w
             assert s["rounds"] == want["rounds"], w
+            assert (s["tokens"], s["flops"]) == (want["tokens"], want["flops"]), w
         if coordinator == "alive":
             log = "".join(p.read_text() for p in job.tmp.glob("coordinator-*.log"))
             assert "no member holds the job's state" in log and "rolled back from" in log

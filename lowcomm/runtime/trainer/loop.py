@@ -496,8 +496,10 @@ class Trainer:
         cfg, sync = self.cfg, self.sync
         timing = sync.timing
         tokens = self.steps_run * self.tokens_per_step  # this process's: its speed
-        # what the model was trained on: a static job resumed also counts the steps before it
-        trained = tokens + (self.start_step * self.tokens_per_step if self.resumed is not None else 0)
+        # what the model was trained on: a static job resumed also counts the steps before its
+        # checkpoint; an elastic worker resumed, the steps it trained before its own
+        before = self.start_step if self.resumed is not None else self.sync.steps_before
+        trained = tokens + before * self.tokens_per_step
         dp = cfg.run.mode == "dp"
         loop_s = timing["loop_s"]
         steps_s = loop_s - timing["finish_s"]

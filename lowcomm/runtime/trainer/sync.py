@@ -56,6 +56,9 @@ class Sync:
     Attributes:
         bytes_sent: bytes each local replica put on the wire so far.
         rounds: synchronizations completed (rounds of replica 0; DP: none).
+        steps_before: steps this process trained in earlier attempts that :meth:`restore` took
+            from a checkpoint of its own (an elastic worker's; a static job's checkpoint holds
+            its step, which the loop counts)
         timing: seconds by :data:`TIMING_KEYS` (the loop fills ``inner_s``, ``comm_wall_s``, ``loop_s``,
             ``finish_s``: the end's sync, after the last step, and ``steps_wait_s``: the part of
             ``wait_s`` spent before it, waiting between steps).
@@ -67,6 +70,7 @@ class Sync:
         self.replicas = replicas
         self.bytes_sent = [0] * len(replicas)
         self.rounds = 0
+        self.steps_before = 0
         self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
         self.record = _no_record
 

@@ -114,6 +114,7 @@ class ElasticDiLoCo(DiLoCoSync):
         self.resume_state = resume
         self.ckpt_path = Path(cfg.run.run_dir) / CHECKPOINT_NAME
         self.resyncs = 0
+        self.steps_trained = 0  # in this attempt
         self.transfers_in: list[dict] = []
 
     # ---- state ---------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ class ElasticDiLoCo(DiLoCoSync):
             "sampler": r.samplers[0].state_dict(),
             # what it sent so far (taken with no round in flight): a resumed worker's records count it
             "sent": {"bytes": self.bytes_sent[0], "rounds": self.rounds},
+            # the steps it trained (its tokens: a worker that joined late trained fewer than the
+            # job's step; redone steps after a resync are counted again, as they were trained)
+            "trained_steps": self.steps_before + self.steps_trained,
         }
 
     def _restore(self, state: dict, joiner: bool) -> None:
@@ -165,6 +169,7 @@ class ElasticDiLoCo(DiLoCoSync):
                 sent = state.get("sent")  # (a checkpoint of an older lowcomm has none: counted from here)
                 if sent is not None:
                     self.bytes_sent[0], self.rounds = int(sent["bytes"]), int(sent["rounds"])
+                self.steps_before = int(state.get("trained_steps", 0))
             except (RuntimeError, KeyError, TypeError) as e:  # another model's or a damaged state
                 raise ValueError(
                     f"resume={self.cfg.elastic.resume!r}: the checkpoint does not fit this run: {e}"
@@ -199,6 +204,7 @@ class ElasticDiLoCo(DiLoCoSync):
         return self.diloco.step_count
 
     def after_step(self, step: int) -> None:
+        self.steps_trained += 1
         self.drain_rounds(step, [0])  # at once: the survival report times faults by these events
         self.hooks.after_step(step)
         every = self.cfg.elastic.checkpoint_every
