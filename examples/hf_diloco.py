@@ -8,6 +8,12 @@ replicas average what they learned (DiLoCo's outer step). ``replica_group()`` jo
 group and hides the launcher's RANK / WORLD_SIZE, so the Trainer (and accelerate) see one process
 and do not wrap the model in DDP. The Trainer's checkpoints carry DiLoCo's state (``diloco.pt``):
 ``--resume`` continues from the last one. Run without ``lowcomm launch``, one replica trains.
+
+A replica may be several processes, with the Trainer's DDP inside it (DiLoCo between replicas):
+
+    lowcomm launch --replicas 2 --procs-per-replica 2 -- python examples/hf_diloco.py
+
+``replica_group()`` then shows the Trainer its replica's 2 processes as the whole job.
 """
 
 import argparse
@@ -76,7 +82,8 @@ def main() -> None:
         "world_size": trainer.args.world_size,
         "wrapped": type(trainer.model_wrapped).__name__,
     }
-    with open(os.path.join(out, "result.json"), "w") as f:
+    name = "result.json" if trainer.is_world_process_zero() else f"result.rank{training.process_index}.json"
+    with open(os.path.join(out, name), "w") as f:
         json.dump(result, f)
 
 

@@ -7,6 +7,12 @@ the replicas average what they learned (DiLoCo's outer step) instead of all-redu
 every step. ``replica_group()`` joins the replicas and hides the launcher's RANK / WORLD_SIZE, so
 Lightning sees one process. Lightning's checkpoints carry DiLoCo's state: ``--resume`` continues a
 run from its last one. Run without ``lowcomm launch``, one replica trains (a group of one).
+
+A replica may be several processes, with Lightning's DDP inside it (DiLoCo between replicas):
+
+    lowcomm launch --replicas 2 --procs-per-replica 2 -- python examples/lightning_diloco.py --devices 2
+
+``replica_group()`` then shows Lightning its replica's 2 processes as the whole job.
 """
 
 import argparse
@@ -55,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/lightning", help="where checkpoints and results go")
     ap.add_argument("--epochs", type=int, default=3, help="epochs to train (in all, when resuming)")
+    ap.add_argument("--devices", type=int, default=1, help="processes (GPUs) per replica: Lightning's DDP")
     ap.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = ap.parse_args()
@@ -65,6 +72,7 @@ def main() -> None:
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
+        devices=args.devices,
         accumulate_grad_batches=args.accumulate,
         default_root_dir=out,
         enable_progress_bar=False,
@@ -78,8 +86,10 @@ def main() -> None:
     trainer.fit(model, data(seed=group.rank), ckpt_path="last" if args.resume else None)  # DiLoCo: own data
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({"params": flat.tolist(), "global_step": trainer.global_step}, f)
+    result = {"params": flat.tolist(), "global_step": trainer.global_step, "world_size": trainer.world_size}
+    name = "result.json" if trainer.is_global_zero else f"result.rank{trainer.global_rank}.json"
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ from lowcomm.lm import GPT, GPTConfig
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _launch(script: str, out: Path, *flags: str, replicas: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", str(replicas), "--"]
+def _launch(
+    script: str, out: Path, *flags: str, replicas: int = 2, procs: int = 1
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", str(replicas)]
+    cmd += ["--procs-per-replica", str(procs), "--"]
     cmd += [sys.executable, str(EXAMPLES / script), "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -29,8 +32,15 @@ def _launch(script: str, out: Path, *flags: str, replicas: int = 2) -> subproces
     return res
 
 
-def _results(out: Path, replicas: int = 2) -> list[dict]:
-    return [json.loads((out / f"replica{r}" / "result.json").read_text()) for r in range(replicas)]
+def _results(out: Path, replicas: int = 2, procs: int = 1) -> list[dict]:
+    """Every process's result, replica by replica (the examples' first process of a replica writes
+    result.json, the others result.rankN.json)."""
+    names = ["result.json"] + [f"result.rank{i}.json" for i in range(1, procs)]
+    return [json.loads((out / f"replica{r}" / n).read_text()) for r in range(replicas) for n in names]
+
+
+def _parts(state: dict) -> list[str]:
+    return sorted(k for k in state if k.startswith("part "))
 
 
 @pytest.mark.parametrize("script", ["lightning_diloco.py", "hf_diloco.py"])
@@ -40,37 +50,54 @@ def test_an_example_changes_at_most_five_lines_of_the_plain_script(script):
     assert 1 <= len(code) <= 5, code
 
 
-def test_lightning_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("procs", [1, 2])
+def test_lightning_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs):
     """Three epochs; then from the checkpoint of epoch 2 (a round in flight: overlap=1), epoch 3
     again: the same bits as the uninterrupted run, so DiLoCo's state (restored by Lightning before
-    the optimizer exists) came back whole."""
-    out = tmp_path / "run"
-    _launch("lightning_diloco.py", out, "--epochs", "3")
-    first = _results(out)
-    assert first[0]["global_step"] == 48 and first[0]["params"] == first[1]["params"]  # final sync
+    the optimizer exists) came back whole.
+
+    With 2 processes a replica, replica_group() shows Lightning its replica's 2 processes as the
+    whole job (a rendezvous of its own), so Lightning's DDP runs inside the replica (the data
+    sharded in two: 8 optimizer steps an epoch, not 16) and DiLoCo between the replicas, each
+    process syncing its half of every fragment (shard_group) with its place in the other replica.
+    Lightning writes the replica's first process's checkpoint, which holds both halves of DiLoCo's
+    state; all four processes end with the same bits."""
+    out, epoch = tmp_path / "run", 16 // procs
+    _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), procs=procs)
+    first = _results(out, procs=procs)
+    assert [(f["world_size"], f["global_step"]) for f in first] == [(procs, 3 * epoch)] * 2 * procs
+    assert all(f["params"] == first[0]["params"] for f in first)  # final sync (and DDP)
     for r in range(2):  # resume from the end of epoch 2: "last" is made that checkpoint
         ckpts = out / f"replica{r}" / "checkpoints"
         (ckpts / "last.ckpt").unlink()
-        shutil.copyfile(ckpts / "epoch=1-step=32.ckpt", ckpts / "last.ckpt")
-    _launch("lightning_diloco.py", out, "--epochs", "3", "--resume")
-    again = _results(out)
+        shutil.copyfile(ckpts / f"epoch=1-step={2 * epoch}.ckpt", ckpts / "last.ckpt")
+        saved = torch.load(ckpts / "last.ckpt", weights_only=False)["callbacks"]["DiLoCoCallback"]
+        assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
+    _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), "--resume", procs=procs)
+    again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
 
 
-def test_hf_example_trains_two_replicas_unwrapped_and_resumes_bit_for_bit(tmp_path):
-    """48 steps with checkpoints at 24 and 48; then from checkpoint-24 again: the same bits. The
-    Trainer saw one process (no DDP) and every replica saved its checkpoints, model included."""
+@pytest.mark.parametrize("procs", [1, 2])
+def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs):
+    """48 steps with checkpoints at 24 and 48; then from checkpoint-24 again: the same bits. With
+    one process a replica the Trainer saw one process (no DDP) and every replica saved its
+    checkpoints, model included; with two, the Trainer's DDP ran inside the replica and its first
+    process wrote both halves of DiLoCo's state."""
     out = tmp_path / "run"
-    _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24")
-    first = _results(out)
-    assert all(f["world_size"] == 1 and f["wrapped"] == "GPT2LMHeadModel" for f in first)
-    assert first[0]["global_step"] == 48 and first[0]["params"] == first[1]["params"]
+    _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", procs=procs)
+    first = _results(out, procs=procs)
+    wrapped = "GPT2LMHeadModel" if procs == 1 else "DistributedDataParallel"
+    assert all(f["world_size"] == procs and f["wrapped"] == wrapped for f in first)
+    assert first[0]["global_step"] == 48 and all(f["params"] == first[0]["params"] for f in first)
     for r in range(2):
         folder = out / f"replica{r}" / "checkpoint-24"
         assert (folder / "diloco.pt").exists() and (folder / "model.safetensors").exists()
+        saved = torch.load(folder / "diloco.pt", weights_only=True)
+        assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
         shutil.rmtree(out / f"replica{r}" / "checkpoint-48")
-    _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", "--resume")
-    again = _results(out)
+    _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", "--resume", procs=procs)
+    again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
 
 
@@ -298,21 +325,21 @@ def test_a_replica_of_a_launcher_is_shown_its_own_gpu_only(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")  # a lone process: nothing to place
-    common._own_gpu_only()
+    common._own_gpus()
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_RANK", "11")
-    common._own_gpu_only()
+    common._own_gpus()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and not current  # 11 % 8
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a job given 4 GPUs by name
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a, GPU-b,GPU-c,GPU-d")
     monkeypatch.setenv("LOCAL_RANK", "6")
-    common._own_gpu_only()
+    common._own_gpus()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-c"
     runtime_sees[0] = 4  # the runtime started before the call: the GPUs it sees are fixed
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d")
     with caplog.at_level("WARNING", logger="lowcomm.integrations.common"):
-        common._own_gpu_only()
+        common._own_gpus()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b,GPU-c,GPU-d" and current == [2]
     assert "CUDA had started before replica_group()" in caplog.text
 
@@ -327,7 +354,67 @@ def test_replica_group_in_a_lone_process_is_a_group_of_one_and_hides_the_launche
     assert group.size == 1 and group.rank == 0
     assert "RANK" not in os.environ and common.HIDDEN["RANK"] == "0"
     monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "2")
-    with pytest.raises(
-        ValueError, match="LOWCOMM_PROCS_PER_REPLICA=2: the integrations take one process per replica"
-    ):
+    with pytest.raises(ValueError, match=r"LOWCOMM_PROCS_PER_REPLICA=2 must be >= 1 and divide WORLD_SIZE=1"):
         replica_group()
+    monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "two")
+    with pytest.raises(ValueError, match=r"LOWCOMM_PROCS_PER_REPLICA='two' is not an integer"):
+        replica_group()
+    # one replica of two processes: the launcher's job is the replica's, left as it is
+    monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    group = replica_group()
+    assert group.size == 1 and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
+
+
+def test_a_replica_of_several_processes_takes_the_frameworks_ddp_over_its_own_processes(monkeypatch):
+    """DiLoCo's shard_group inside a framework: None with one process a replica; with two, the
+    framework's DDP over the replica's 2 processes, else a one-line refusal naming what it got."""
+    from lowcomm.integrations.common import replica_shard_group
+
+    monkeypatch.delenv("LOWCOMM_PROCS_PER_REPLICA", raising=False)
+    assert replica_shard_group("FSDPStrategy", False) is None
+    monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "2")
+    with pytest.raises(
+        ValueError, match="inside it, where each process holds the whole model; FSDPStrategy is not"
+    ):
+        replica_shard_group("FSDPStrategy", False)
+    with pytest.raises(ValueError, match="the framework runs 1 processes where a replica is 2"):
+        replica_shard_group("DDPStrategy", True)  # (no process group: replica_group() not called)
+
+
+@pytest.mark.parametrize(
+    "rank, k, local_rank, local_world, seen",
+    [
+        # lowcomm launch: one machine, 2 replicas of 2; rank 3 is replica 1's second process
+        (3, 2, 3, 4, dict(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, GROUP_RANK=0)),
+        # torchrun, 8 processes a machine, replicas of 4: two replicas a machine (rank 13: machine 1)
+        (13, 4, 5, 8, dict(RANK=1, WORLD_SIZE=4, LOCAL_RANK=1, LOCAL_WORLD_SIZE=4, GROUP_RANK=0)),
+        # replicas of 16 over two machines of 8: rank 27 is on replica 1's second machine
+        (27, 16, 3, 8, dict(RANK=11, WORLD_SIZE=16, LOCAL_RANK=3, LOCAL_WORLD_SIZE=8, GROUP_RANK=1)),
+    ],
+)
+def test_a_process_of_a_replica_of_several_sees_the_replicas_job(rank, k, local_rank, local_world, seen):
+    from lowcomm.integrations.common import replica_env
+
+    env = replica_env(rank, k, local_rank, local_world)
+    assert {name: int(env[name]) for name in seen} == seen
+    assert env["NODE_RANK"] == env["GROUP_RANK"] and env["ROLE_RANK"] == env["RANK"]
+    assert int(env["GROUP_WORLD_SIZE"]) * int(env["LOCAL_WORLD_SIZE"]) == k
+
+
+def test_a_replica_of_several_processes_is_shown_its_gpus_on_the_machine(monkeypatch, caplog):
+    """The replica's processes here are shown the GPUs they hold (a framework then takes
+    cuda:LOCAL_RANK of them); where they would share GPUs, the GPUs are left as they are."""
+    from lowcomm.integrations import common
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", lambda: 4, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    common._own_gpus(4, 4)  # replica 1 of two a machine
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with caplog.at_level("WARNING", logger="lowcomm.integrations.common"):
+        common._own_gpus(0, 4)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and "share this machine's 2 GPUs" in caplog.text

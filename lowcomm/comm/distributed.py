@@ -48,6 +48,7 @@ __all__ = [
     "LinkEmulator",
     "ReduceTap",
     "gather_shards",
+    "gloo_group",
     "is_distributed_env",
     "local_gpu_index",
     "parse_bandwidth",
@@ -68,6 +69,23 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):
+    """A gloo process group of ``size`` processes over ``store`` (a PrefixStore of its own per
+    group), not registered with torch.distributed: any number can exist side by side, beside or
+    without a default group. ``host``: the address this process's gloo device binds to (default:
+    gloo's choice from the hostname)."""
+    from datetime import timedelta
+
+    Gloo = dist.ProcessGroupGloo
+    if hasattr(Gloo, "_Options"):
+        opts = Gloo._Options()
+        opts._timeout = timedelta(seconds=timeout_s)
+        device = Gloo.create_device(hostname=host) if host else Gloo.create_default_device()
+        opts._devices = [device]
+        return Gloo(store, rank, size, opts)
+    return Gloo(store, rank, size, timedelta(seconds=timeout_s))
 
 
 def local_gpu_index() -> int | None:

@@ -8,7 +8,9 @@
 Under ``lowcomm launch`` or torchrun, call :func:`replica_group` before building the framework's
 trainer: it joins the replicas' group from the launcher's environment, then hides that
 environment, so the framework sees one process and does not wrap the model in DDP (which would
-all-reduce gradients every step and make DiLoCo pointless).
+all-reduce gradients every step and make DiLoCo pointless). With several processes a replica
+(``--procs-per-replica k``) it rewrites that environment to the replica's own job instead: the
+framework's DDP runs inside the replica, DiLoCo between the replicas.
 """
 
 from .common import replica_group

@@ -1,5 +1,6 @@
 """What every integration needs: the replicas' group, and a launcher environment kept from the
-framework (which would otherwise start data parallelism across the replicas)."""
+framework (which would otherwise start data parallelism across the replicas), or with several
+processes a replica, rewritten to the replica's own job."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from datetime import timedelta
 from ..comm import LocalGroup, ReplicaGroup
 from ..optim import DiLoCoConfig
 
-__all__ = ["replica_group", "LAUNCHER_ENV", "unwrap_optimizer", "outer_device"]
+__all__ = [
+    "replica_group",
+    "replica_env",
+    "replica_shard_group",
+    "replica_state",
+    "procs_per_replica",
+    "LAUNCHER_ENV",
+    "unwrap_optimizer",
+    "outer_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,89 +40,253 @@ LAUNCHER_ENV = (
 
 
 def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGroup:
-    """The group of this process's replica: the replicas of a ``lowcomm launch`` or torchrun job
-    (one process each), or a group of one replica in a lone process.
+    """The group of this process's replica: the replicas of a ``lowcomm launch`` or torchrun job,
+    or a group of one replica in a lone process.
 
-    The group's gloo process group is built from the launcher's rendezvous without initializing
-    torch.distributed's default group, and with ``hide_env`` the launcher's variables are removed
-    from ``os.environ`` (their values are kept in ``lowcomm.integrations.common.HIDDEN``): Lightning,
-    the HF Trainer and accelerate see one process, so they neither wrap the model in DDP nor save
-    checkpoints from rank 0 only; on a machine with several GPUs the process is shown its own
-    (``CUDA_VISIBLE_DEVICES``: GPU ``LOCAL_RANK``), so the framework trains on it alone. Call it
-    before building the framework's trainer and before anything touches a GPU.
+    With one process per replica, the group's gloo process group is built from the launcher's
+    rendezvous without initializing torch.distributed's default group, and with ``hide_env`` the
+    launcher's variables are removed from ``os.environ`` (their values are kept in
+    ``lowcomm.integrations.common.HIDDEN``): Lightning, the HF Trainer and accelerate see one
+    process, so they neither wrap the model in DDP nor save checkpoints from rank 0 only; on a
+    machine with several GPUs the process is shown its own (``CUDA_VISIBLE_DEVICES``: GPU
+    ``LOCAL_RANK``), so the framework trains on it alone.
+
+    With ``k`` processes per replica (``lowcomm launch --procs-per-replica k``; the layout of
+    :mod:`lowcomm.runtime.trainer.topology`: replica ``r`` is ranks ``r·k .. r·k + k − 1``), the
+    group joins this process with the process of the same place in every other replica (its
+    ``rank`` is the replica's), and with ``hide_env`` the launcher's variables are rewritten to the
+    replica's own job: ``RANK`` and ``WORLD_SIZE`` its place in the replica and ``k``, ``LOCAL_*``
+    and ``GROUP_RANK`` / ``NODE_RANK`` the replica's processes on this machine, ``MASTER_ADDR`` /
+    ``MASTER_PORT`` a rendezvous of the replica's own (its first process's machine, a free port),
+    ``CUDA_VISIBLE_DEVICES`` the replica's GPUs on this machine. The framework then runs its DDP
+    inside the replica (it is given ``k`` devices, as for a job of ``k`` processes), and DiLoCo
+    synchronizes the replicas, each process its 1/k shard (:func:`replica_shard_group`). The
+    launcher's values are in ``HIDDEN``.
+
+    Call it before building the framework's trainer and before anything touches a GPU.
 
     Raises:
-        ValueError: the job runs several processes per replica (LOWCOMM_PROCS_PER_REPLICA > 1):
-            the integrations take one process per replica.
+        ValueError: LOWCOMM_PROCS_PER_REPLICA is not a whole number that divides WORLD_SIZE.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    k = int(os.environ.get("LOWCOMM_PROCS_PER_REPLICA", "1"))
-    if k != 1:
+    world = _env_int("WORLD_SIZE", 1)
+    k = procs_per_replica()
+    if k < 1 or world % k:
         raise ValueError(
-            f"LOWCOMM_PROCS_PER_REPLICA={k}: the integrations take one process per replica "
-            "(launch with --procs-per-replica 1)"
+            f"LOWCOMM_PROCS_PER_REPLICA={k} must be >= 1 and divide WORLD_SIZE={world} "
+            "(the processes of the job, k to a replica)"
         )
-    if world > 1:
-        import torch.distributed as dist
+    if world == k:  # one replica: its processes are the launcher's whole job
+        group: ReplicaGroup = LocalGroup.create(1)[0]
+        if hide_env and k == 1:
+            HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
+        return group
+    import torch.distributed as dist
 
-        from ..comm.distributed import DistributedGroup
+    from ..comm.distributed import DistributedGroup, gloo_group
 
-        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-        store = dist.PrefixStore("lowcomm/replicas/", store)
-        Gloo = dist.ProcessGroupGloo
-        if hasattr(Gloo, "_Options"):
-            opts = Gloo._Options()
-            opts._timeout = timedelta(seconds=timeout_s)
-            opts._devices = [Gloo.create_default_device()]
-            pg = Gloo(store, rank, size, opts)
-        else:
-            pg = Gloo(store, rank, size, timedelta(seconds=timeout_s))
-        group: ReplicaGroup = DistributedGroup(
-            pg, store=store, rank=rank, size=size, name="replicas", timeout=timeout_s
-        )
-        log.info("replica %d of %d (gloo, from the launcher's rendezvous)", rank, size)
-        atexit.register(_release, group)
-    else:
-        group = LocalGroup.create(1)[0]
+    store, rank, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    (replica, place), replicas = divmod(rank, k), world // k
+    prefix = "lowcomm/replicas/" if k == 1 else f"lowcomm/replicas{place}/"
+    outer = dist.PrefixStore(prefix, store)
+    group = DistributedGroup(
+        gloo_group(outer, replica, replicas, timeout_s),
+        store=outer,
+        rank=replica,
+        size=replicas,
+        name="replicas" if k == 1 else f"replicas{place}",
+        timeout=timeout_s,
+    )
+    log.info(
+        "replica %d of %d, process %d of %d (gloo, from the launcher's rendezvous)",
+        replica,
+        replicas,
+        place,
+        k,
+    )
+    atexit.register(_release, group)
     if hide_env:
-        _own_gpu_only()  # before the variables that place this process go
-        HIDDEN.update({k: os.environ.pop(k) for k in LAUNCHER_ENV if k in os.environ})
+        if k == 1:
+            _own_gpus()  # before the variables that place this process go
+            HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
+        else:
+            _enter_replica(store, rank, replica, k)
     return group
 
 
-def _own_gpu_only() -> None:
-    """Show this process of a launcher its own GPU only (``CUDA_VISIBLE_DEVICES``): a framework
-    that sees one process takes ``cuda:0``, and the HF Trainer wraps the model in DataParallel
-    over every GPU it sees, so on a machine with 8 GPUs every replica would train on the first or
-    on all of them. Its GPU is ``LOCAL_RANK`` modulo the GPUs it sees (more processes than GPUs
-    share them); nothing without a launcher or a GPU. The CUDA runtime reads the variable when it
-    starts (``torch.cuda.is_available()`` starts it): if it had started, the variable is put back,
-    the GPU is only made current, and a warning says what to move."""
+def replica_shard_group(strategy: str, whole_model: bool):
+    """DiLoCo's ``shard_group`` inside a framework's trainer: with a replica of ``k > 1``
+    processes, the framework's own process group (its default group, which :func:`replica_group`
+    made the replica's), so each process synchronizes its 1/k shard of every fragment with its
+    place in the other replicas: ``k`` times fewer bytes between replicas than each process
+    sending the whole. None with one process per replica.
+
+    Args:
+        strategy: the framework's name for how it spreads the replica (for the error).
+        whole_model: whether each process holds the whole model (the framework's DDP).
+
+    Raises:
+        ValueError: the replica's processes hold shards (FSDP, DeepSpeed): DiLoCo inside a
+            framework takes its DDP; or the framework runs another number of processes than the
+            replica's (replica_group() not called first, or not ``devices=k``).
+    """
+    k = procs_per_replica()
+    if k == 1:
+        return None
+    import torch.distributed as dist
+
+    if not whole_model:
+        raise ValueError(
+            f"a replica of {k} processes (LOWCOMM_PROCS_PER_REPLICA) runs the framework's DDP inside "
+            f"it, where each process holds the whole model; {strategy} is not supported"
+        )
+    seen = dist.get_world_size() if dist.is_initialized() else 1
+    if seen != k:
+        raise ValueError(
+            f"the framework runs {seen} processes where a replica is {k} (LOWCOMM_PROCS_PER_REPLICA): "
+            f"call lowcomm.integrations.replica_group() before building its trainer, and give it {k} "
+            "devices"
+        )
+    return dist.group.WORLD
+
+
+def replica_state(diloco) -> dict:
+    """DiLoCo's state with the part of every process of its replica (a replica of ``k > 1``
+    processes holds ``k`` parts; a framework writes its first process's checkpoint only, and each
+    process takes its own part back from it). A collective over the replica's processes: every
+    one of them calls it, as frameworks save checkpoints."""
+    state = diloco.state_dict()
+    if diloco.shard_group is None:
+        return state
+    import torch.distributed as dist
+
+    state = _on_cpu(state)
+    parts: list = [None] * dist.get_world_size(diloco.shard_group)
+    dist.all_gather_object(parts, state, group=diloco.shard_group)
+    return {key: value for part in parts for key, value in part.items()}
+
+
+def _on_cpu(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def procs_per_replica() -> int:
+    """The processes of each replica in this job (``LOWCOMM_PROCS_PER_REPLICA``; 1 without it)."""
+    return _env_int("LOWCOMM_PROCS_PER_REPLICA", 1)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[str, str]:
+    """The launcher variables a framework reads, as a job of replica ``rank // k``'s ``k``
+    processes would have them (all but its rendezvous address): its place in the replica, and the
+    replica's processes on this machine, whose ranks are ``rank − local_rank`` onwards
+    (``local_world`` of them; torchrun and ``lowcomm launch`` number a machine's processes in a
+    row). ``GROUP_RANK`` / ``NODE_RANK``: this machine among the replica's, where every machine
+    holds as many of them."""
+    replica, place = divmod(rank, k)
+    first = rank - local_rank
+    lo, hi = max(replica * k, first), min((replica + 1) * k, first + local_world)
+    here = hi - lo
+    return {
+        "RANK": str(place),
+        "WORLD_SIZE": str(k),
+        "LOCAL_RANK": str(rank - lo),
+        "LOCAL_WORLD_SIZE": str(here),
+        "GROUP_RANK": str((lo - replica * k) // here),
+        "NODE_RANK": str((lo - replica * k) // here),
+        "ROLE_RANK": str(place),
+        "GROUP_WORLD_SIZE": str(-(-k // here)),
+        "ROLE_WORLD_SIZE": str(k),
+    }
+
+
+def _enter_replica(store, rank: int, replica: int, k: int) -> None:
+    """Rewrite the launcher's variables to the replica's own job (:func:`replica_env`), with a
+    rendezvous of its own: its first process publishes an address of its machine and a free port
+    in the job's store, and the others read it there."""
+    from ..runtime.net import address_toward, free_port
+
+    key = f"lowcomm/replica{replica}/master"
+    if rank % k == 0:
+        host = address_toward(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        store.set(key, f"{host}:{free_port(host)}")
+    host, port = store.get(key).decode().rsplit(":", 1)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    local_world = _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
+    env = {**replica_env(rank, k, local_rank, local_world), "MASTER_ADDR": host, "MASTER_PORT": port}
+    _own_gpus(local_rank - int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    HIDDEN.update({name: os.environ[name] for name in {*LAUNCHER_ENV, *env} if name in os.environ})
+    os.environ.update(env)
+    log.info(
+        "the framework sees replica %d's job: process %s of %s, rendezvous %s:%s",
+        replica,
+        env["RANK"],
+        env["WORLD_SIZE"],
+        host,
+        port,
+    )
+
+
+def _own_gpus(first: int | None = None, count: int = 1) -> None:
+    """Show this process of a launcher its own GPUs only (``CUDA_VISIBLE_DEVICES``): the ``count``
+    from ``first`` on (default: its own one, :func:`~lowcomm.comm.distributed.local_gpu_index`),
+    modulo the GPUs it sees (more processes than GPUs share them). A framework that sees one
+    process takes ``cuda:0``, and the HF Trainer wraps the model in DataParallel over every GPU it
+    sees, so on a machine with 8 GPUs every replica would train on the first or on all of them;
+    one that runs a replica of several processes takes ``cuda:LOCAL_RANK`` of those it sees.
+    Nothing without a launcher or a GPU, or where the replica's processes here would share a GPU.
+    The CUDA runtime reads the variable when it starts (``torch.cuda.is_available()`` starts it):
+    if it had started, the variable is put back, the first GPU is only made current, and a warning
+    says what to move."""
     import torch
 
     from ..comm.distributed import local_gpu_index
 
-    gpu = local_gpu_index()
-    if gpu is None:
+    first = local_gpu_index() if first is None else first
+    gpus = torch.cuda.device_count() if first is not None else 0  # NVML: the runtime stays unstarted
+    if not gpus:
+        return
+    mine = [(first + i) % gpus for i in range(count)]
+    if len(set(mine)) < count:
+        log.warning(
+            "%d processes of this replica share this machine's %d GPUs: CUDA_VISIBLE_DEVICES is "
+            "left as it is",
+            count,
+            gpus,
+        )
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in visible.split(",")] if visible else []
-    os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu] if gpu < len(ids) else str(gpu)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] if g < len(ids) else str(g) for g in mine)
     # the runtime's own count (torch.cuda.is_available() reads the same): it starts the runtime
     # now, reading the variable, unless it had started before
-    if torch._C._cuda_getDeviceCount() == 1:
+    if torch._C._cuda_getDeviceCount() == count:
         log.info("replica on GPU %s (CUDA_VISIBLE_DEVICES)", os.environ["CUDA_VISIBLE_DEVICES"])
         return
     if visible is None:
         del os.environ["CUDA_VISIBLE_DEVICES"]
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    torch.cuda.set_device(gpu)
+    torch.cuda.set_device(mine[0])
     log.warning(
         "CUDA had started before replica_group() (torch.cuda.is_available() starts it), so this "
         "process sees every GPU and a framework may use the first or all of them; its own, cuda:%d, "
         "is made current: call replica_group() before anything asks about GPUs",
-        gpu,
+        mine[0],
     )
 
 

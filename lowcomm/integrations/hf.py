@@ -8,7 +8,10 @@
 Under ``lowcomm launch`` or torchrun the HF Trainer (through accelerate) reads RANK / WORLD_SIZE
 and wraps the model in DDP, all-reducing gradients every step; :func:`replica_group` joins the
 replicas' group and then hides those variables, so each process trains its own replica and DiLoCo
-synchronizes them. The callback warns if the Trainer sees more than one process anyway.
+synchronizes them. The callback warns if the Trainer sees more processes than a replica has. With
+``k`` processes a replica (``--procs-per-replica k``) the Trainer's DDP runs inside the replica:
+each process syncs its 1/k shard of every fragment, and the replica's first process writes
+``diloco.pt`` with every process's part.
 (The replicas' process group is built without initializing torch.distributed's default group, so
 the Trainer also saves every replica's checkpoints, not rank 0's only.)
 
@@ -28,7 +31,14 @@ from transformers import TrainerCallback
 
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
-from .common import outer_device, replica_group, unwrap_optimizer
+from .common import (
+    outer_device,
+    procs_per_replica,
+    replica_group,
+    replica_shard_group,
+    replica_state,
+    unwrap_optimizer,
+)
 
 __all__ = ["DiLoCoTrainerCallback", "replica_group", "STATE_FILE"]
 
@@ -60,11 +70,11 @@ class DiLoCoTrainerCallback(TrainerCallback):
         self.diloco: DiLoCo | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if args.world_size > 1:
+        if args.world_size > procs_per_replica():
             log.warning(
                 "the HF Trainer sees %d processes and wraps the model in DDP: gradients are all-reduced "
-                "every step, which DiLoCo is meant to avoid; call lowcomm.integrations.replica_group() "
-                "before building TrainingArguments",
+                "every step across replicas, which DiLoCo is meant to avoid; call "
+                "lowcomm.integrations.replica_group() before building TrainingArguments",
                 args.world_size,
             )
         saved = None
@@ -87,7 +97,11 @@ class DiLoCoTrainerCallback(TrainerCallback):
                 "optimizers=(optimizer, scheduler) to Trainer(...) or use another transformers release"
             )
         self.diloco = DiLoCo(
-            model, unwrap_optimizer(optimizer), self.group, outer_device(self.group, model, config)
+            model,
+            unwrap_optimizer(optimizer),
+            self.group,
+            outer_device(self.group, model, config),
+            shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,
         )
         if saved:
             self.diloco.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
@@ -95,13 +109,25 @@ class DiLoCoTrainerCallback(TrainerCallback):
         self.diloco.attach()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.diloco is not None:
+        if self.diloco is None:
+            return
+        saved = replica_state(self.diloco)  # (every process of the replica: a collective)
+        if state.is_world_process_zero:  # the replica's first process writes every part
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.diloco.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(saved, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.diloco is not None:
             self.diloco.detach()
             if self.final_sync:
                 self.diloco.finish()
+
+
+def _spread() -> tuple[str, bool]:
+    """How accelerate spreads the Trainer's replica over its processes, and whether each holds
+    the whole model (its DDP: ``MULTI_CPU``, ``MULTI_GPU``, ...; not FSDP or DeepSpeed)."""
+    from accelerate.state import AcceleratorState
+
+    kind = AcceleratorState().distributed_type
+    return f"accelerate's {kind.name}", kind.name.startswith("MULTI_")

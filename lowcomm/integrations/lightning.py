@@ -11,6 +11,10 @@ accumulation counts optimizer steps, not batches). Its state (global fragments, 
 rounds in flight) is saved in Lightning checkpoints and restored on ``fit(ckpt_path=...)``:
 Lightning restores callbacks before the optimizers exist, so the state waits until the wrapper is
 built. When fitting ends, what is left is synchronized (``final_sync``).
+
+A replica of ``k`` processes (``--procs-per-replica k``) runs Lightning's DDP strategy inside it
+(``Trainer(devices=k)``): each process syncs its 1/k shard of every fragment, and the checkpoint
+Lightning writes from the replica's first process holds every process's part of the state.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
-from .common import outer_device, replica_group, unwrap_optimizer
+from .common import outer_device, replica_group, replica_shard_group, replica_state, unwrap_optimizer
 
 __all__ = ["DiLoCoCallback", "replica_group"]
 
@@ -53,11 +58,13 @@ class DiLoCoCallback(pl.Callback):
             )
         # resuming, each replica's own weights came from its checkpoint: nothing to make alike
         config = self.config.replace(init="none") if self._restored is not None else self.config
+        whole = isinstance(trainer.strategy.model, DistributedDataParallel)  # (on_fit_start: wrapped)
         self.diloco = DiLoCo(
             pl_module,
             unwrap_optimizer(trainer.optimizers[0]),
             self.group,
             outer_device(self.group, pl_module, config),
+            shard_group=replica_shard_group(type(trainer.strategy).__name__, whole),
         )
         if self._restored is not None:
             self.diloco.load_state_dict(self._restored)
@@ -71,8 +78,8 @@ class DiLoCoCallback(pl.Callback):
                 self.diloco.finish()
 
     def state_dict(self) -> dict[str, Any]:
-        if self.diloco is not None:
-            return self.diloco.state_dict()
+        if self.diloco is not None:  # (called on every process: Lightning writes the first's)
+            return replica_state(self.diloco)
         return self._restored or {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

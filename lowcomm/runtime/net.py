@@ -6,7 +6,7 @@ import socket
 
 from .._checks import refuse
 
-__all__ = ["free_port", "check_endpoint"]
+__all__ = ["address_toward", "free_port", "check_endpoint"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -14,6 +14,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def address_toward(host: str) -> str:
+    """The address of this machine on its route to ``host`` (127.0.0.1 for a local one): the one
+    its peers there can reach it at."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(host), 9))  # no packet is sent
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
 
 
 def check_endpoint(value, name: str, example: str, *, bind: bool = False) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 from ...comm.group import CollectiveError
 from ..errors import CoordinatorError, CoordinatorRefused, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
+from ..net import address_toward
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
 from .transfer import ForgedStateError, pack, recv_state, send_state
@@ -82,15 +83,7 @@ class Quorum:
 
 def default_advertise_addr(coordinator: str) -> str:
     """The address of this host on the route to the coordinator (127.0.0.1 for a local one)."""
-    host = coordinator.split("//", 1)[-1].rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost", "::1"):
-        return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(host), 9))  # no packet is sent
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
+    return address_toward(coordinator.split("//", 1)[-1].rsplit(":", 1)[0])
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ...comm.distributed import gloo_group
+
 __all__ = ["Abandoned", "make_gloo_group", "run_guarded"]
 
 
@@ -31,13 +33,7 @@ def make_gloo_group(store_addr: str, prefix: str, rank: int, world: int, host: s
         h, int(port), is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
     )
     prefixed = dist.PrefixStore(prefix, store)
-    Gloo = dist.ProcessGroupGloo
-    if hasattr(Gloo, "_Options"):
-        opts = Gloo._Options()
-        opts._timeout = timedelta(seconds=timeout_s)
-        opts._devices = [Gloo.create_device(hostname=host)]
-        return Gloo(prefixed, rank, world, opts), prefixed
-    return Gloo(prefixed, rank, world, timedelta(seconds=timeout_s)), prefixed
+    return gloo_group(prefixed, rank, world, timeout_s, host=host), prefixed
 
 
 def run_guarded(fn: Callable[[], Any], abandon: Callable[[], str | None], timeout_s: float | None = None):
