@@ -401,6 +401,7 @@ def test_a_process_of_a_replica_of_several_sees_the_replicas_job(rank, k, local_
     assert {name: int(env[name]) for name in seen} == seen
     assert env["NODE_RANK"] == env["GROUP_RANK"] and env["ROLE_RANK"] == env["RANK"]
     assert int(env["GROUP_WORLD_SIZE"]) * int(env["LOCAL_WORLD_SIZE"]) == k
+    assert env["TORCHELASTIC_USE_AGENT_STORE"] == "False"  # (the replica's rendezvous is its own)
 
 
 def test_a_replica_of_several_processes_is_shown_its_gpus_on_the_machine(monkeypatch, caplog):

@@ -196,7 +196,8 @@ def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[st
     replica's processes on this machine, whose ranks are ``rank − local_rank`` onwards
     (``local_world`` of them; torchrun and ``lowcomm launch`` number a machine's processes in a
     row). ``GROUP_RANK`` / ``NODE_RANK``: this machine among the replica's, where every machine
-    holds as many of them."""
+    holds as many of them. ``TORCHELASTIC_USE_AGENT_STORE``: False, as the replica's rendezvous is
+    hosted by its first process, not by torchrun's agent."""
     replica, place = divmod(rank, k)
     first = rank - local_rank
     lo, hi = max(replica * k, first), min((replica + 1) * k, first + local_world)
@@ -211,6 +212,8 @@ def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[st
         "ROLE_RANK": str(place),
         "GROUP_WORLD_SIZE": str(-(-k // here)),
         "ROLE_WORLD_SIZE": str(k),
+        # torchrun's agent hosts the job's store; nothing hosts the replica's but its first process
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
     }
 
 
