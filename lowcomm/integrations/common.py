@@ -221,7 +221,7 @@ def _enter_replica(store, rank: int, replica: int, k: int) -> None:
     """Rewrite the launcher's variables to the replica's own job (:func:`replica_env`), with a
     rendezvous of its own: its first process publishes an address of its machine and a free port
     in the job's store, and the others read it there."""
-    from ..runtime.net import address_toward, free_port
+    from ..comm.net import address_toward, free_port
 
     key = f"lowcomm/replica{replica}/master"
     if rank % k == 0:

@@ -1,32 +1,10 @@
-"""Small network helpers shared by the launchers."""
+"""Endpoint settings of the control plane (the machine's addresses and ports: lowcomm.comm.net)."""
 
 from __future__ import annotations
 
-import socket
-
 from .._checks import refuse
 
-__all__ = ["address_toward", "free_port", "check_endpoint"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago (for a rendezvous or a coordinator)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def address_toward(host: str) -> str:
-    """The address of this machine on its route to ``host`` (127.0.0.1 for a local one): the one
-    its peers there can reach it at."""
-    if host in ("127.0.0.1", "localhost", "::1"):
-        return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((socket.gethostbyname(host), 9))  # no packet is sent
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
+__all__ = ["check_endpoint"]
 
 
 def check_endpoint(value, name: str, example: str, *, bind: bool = False) -> str:

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...comm.group import CollectiveError
+from ...comm.net import address_toward
 from ..errors import CoordinatorError, CoordinatorRefused, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
-from ..net import address_toward
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
 from .transfer import ForgedStateError, pack, recv_state, send_state

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ...comm.net import free_port
 from ..errors import CoordinatorError
-from ..net import free_port
 from .client import CoordinatorClient
 from .protocol import new_key
 

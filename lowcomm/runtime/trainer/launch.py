@@ -21,8 +21,8 @@ import threading
 import time
 
 from ..._checks import refuse
+from ...comm.net import free_port
 from ..errors import ExitCode
-from ..net import free_port
 
 __all__ = ["launch"]
 

@@ -1,0 +1,28 @@
+"""This machine's addresses and ports, for rendezvous (the launchers, the coordinator, the
+integrations' per-replica jobs)."""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["address_toward", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (for a rendezvous or a coordinator)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def address_toward(host: str) -> str:
+    """The address of this machine on its route to ``host`` (127.0.0.1 for a local one): the one
+    its peers there can reach it at."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(host), 9))  # no packet is sent
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
