@@ -133,10 +133,15 @@ def shard_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 def gather_shards(full: torch.Tensor, bounds: list[tuple[int, int]], group: dist.ProcessGroup) -> None:
     """Fill ``full`` (1-D) from the processes of ``group``: process ``i`` holds the right values of
-    ``full[bounds[i][0]:bounds[i][1]]`` and receives everyone else's."""
+    ``full[bounds[i][0]:bounds[i][1]]`` and receives everyone else's. A ``full`` in host memory
+    (``outer_device="cpu"``) beside an NCCL group, which moves GPU memory only, travels through
+    the current GPU."""
     lo, hi = bounds[dist.get_rank(group)]
     width = max(b - a for a, b in bounds)
-    mine = torch.zeros(width, dtype=full.dtype, device=full.device)
+    device = full.device
+    if device.type == "cpu" and dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    mine = torch.zeros(width, dtype=full.dtype, device=device)
     mine[: hi - lo] = full[lo:hi]
     parts = [torch.empty_like(mine) for _ in bounds]
     dist.all_gather(parts, mine, group=group)
