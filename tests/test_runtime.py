@@ -401,6 +401,41 @@ def test_ctrl_c_on_launch_lets_the_ranks_end_themselves(tmp_path):
     assert "interrupted: stopping every rank" in err and "Traceback" not in err
 
 
+def test_a_second_ctrl_c_on_launch_stops_ranks_that_do_not_end_at_once(tmp_path):
+    """Ranks that ignore Ctrl-C and SIGTERM: after the first Ctrl-C the launcher would wait 2 s
+    for them to end and 5 s more after its SIGTERM; a second Ctrl-C kills them at once, and the
+    launcher still exits with 130, every rank gone and reaped."""
+    import signal
+    import subprocess
+    import time
+
+    note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
+    deaf = "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    job = [sys.executable, "-c", f"import os, signal, time; {deaf}; {note}; time.sleep(120)"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    pids = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert launcher.poll() is None  # (waiting for the ranks to end themselves)
+    first = time.monotonic()
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 130 and time.monotonic() - first < 5, err
+    assert "interrupted: stopping every rank" in err and "Traceback" not in err
+    for p in pids:  # killed and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
+
+
 def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monkeypatch, capsys):
     """A peer that died or hung fails the round: the process says so in one line (no traceback)
     and leaves with code 1, which a launcher with --max-restarts restarts."""

@@ -53,35 +53,51 @@ def launch(
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
-    previous = None
+    signals = _Signals()
+    previous = {}
     if threading.current_thread() is threading.main_thread():  # (signal handlers live there only)
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {sig: signal.signal(sig, signals.note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _attempts(
-            command, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts
+            command, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts, signals
         )
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-class _Terminated(BaseException):
-    """SIGTERM reached the launcher (raised in its main thread by :func:`_terminate`)."""
+class _Signals:
+    """Ctrl-C and SIGTERM as counts that the launcher's loops read between their steps. A handler
+    that raised (KeyboardInterrupt) could land inside subprocess's own bookkeeping: in ``poll()``
+    between taking a process's waitpid lock and the ``try`` that gives it back, after which every
+    ``wait()`` on that process blocks for good (CPython's subprocess): the launcher hung after a
+    Ctrl-C instead of stopping its ranks (once in CI, under load)."""
 
+    def __init__(self) -> None:
+        self.interrupts = 0
+        self.terminated = False
 
-def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one must not cut the ranks' stop short)
-    raise _Terminated()
+    def note(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+        else:
+            self.terminated = True
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.interrupts) or self.terminated
 
 
 _FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
 
 
-def _attempts(command, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int) -> int:
+def _attempts(
+    command, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int, signals: _Signals
+) -> int:
     attempt = 0
     while True:
         env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
-        code = _run_once(command, world, procs_per_replica, port or free_port(), env, grace_s)
+        code = _run_once(command, world, procs_per_replica, port or free_port(), env, grace_s, signals)
         if code in _FINAL or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
@@ -95,48 +111,63 @@ def _attempts(command, world: int, procs_per_replica: int, port, grace_s: float,
 
 
 def _run_once(
-    command: list[str], world: int, procs_per_replica: int, port: int, extra: dict, grace_s: float
+    command: list[str],
+    world: int,
+    procs_per_replica: int,
+    port: int,
+    extra: dict,
+    grace_s: float,
+    signals: _Signals,
 ) -> int:
-    """One attempt: start every process, stop the others when one fails; returns the exit code."""
+    """One attempt: start every process, stop the others when one fails; returns the exit code
+    (on a signal: INTERRUPTED or TERMINATED, every process stopped)."""
     running: dict[int, subprocess.Popen] = {}
     code = 0
-    try:
-        _start(command, world, procs_per_replica, port, extra, running)
-        while running:
-            for rank, p in list(running.items()):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                del running[rank]
-                if rc != 0 and code == 0:
-                    code = rc
-                    log.error("rank %d exited with code %d; stopping the other ranks", rank, rc)
-                    _stop(list(running.values()), grace_s)
-            time.sleep(0.05)
-    except KeyboardInterrupt:
+    _start(command, world, procs_per_replica, port, extra, running, signals)
+    while running and not signals.stopping:
+        for rank, p in list(running.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del running[rank]
+            if rc != 0 and code == 0:
+                code = rc
+                log.error("rank %d exited with code %d; stopping the other ranks", rank, rc)
+                _stop(list(running.values()), grace_s, lambda: signals.stopping)
+        time.sleep(0.05)
+    procs = list(running.values())
+    if signals.interrupts:
         log.error("interrupted: stopping every rank")
-        try:
-            # a terminal's Ctrl-C reached the ranks too: they end themselves (and say where their
-            # records are); the ones that do not, are stopped
-            _settle(list(running.values()), min(grace_s, 2.0))
-            _stop(list(running.values()), grace_s)
-        except KeyboardInterrupt:  # a second Ctrl-C: at once
-            for p in running.values():
-                if p.poll() is None:
-                    p.kill()
+
+        # a terminal's Ctrl-C reached the ranks too: they end themselves (and say where their
+        # records are); the ones that do not, are stopped; a second Ctrl-C stops them at once
+        def hurry() -> bool:
+            return signals.interrupts > 1
+
+        _settle(procs, min(grace_s, 2.0), hurry)
+        _stop(procs, grace_s, hurry)
         return ExitCode.INTERRUPTED
-    except _Terminated:
+    if signals.terminated:
         log.error("terminated (SIGTERM): stopping every rank")
-        _stop(list(running.values()), grace_s)
+        _stop(procs, grace_s, lambda: signals.interrupts > 0)
         return ExitCode.TERMINATED
     return code
 
 
 def _start(
-    command: list[str], world: int, procs_per_replica: int, port: int, extra: dict, running: dict
+    command: list[str],
+    world: int,
+    procs_per_replica: int,
+    port: int,
+    extra: dict,
+    running: dict,
+    signals: _Signals,
 ) -> None:
-    """Start the job's processes into ``running`` (rank -> process), each as soon as it exists."""
+    """Start the job's processes into ``running`` (rank -> process), each as soon as it exists;
+    no more once a signal came."""
     for rank in range(world):
+        if signals.stopping:
+            return
         env = {
             **os.environ,
             "RANK": str(rank),
@@ -151,21 +182,21 @@ def _start(
         running[rank] = subprocess.Popen(command, env=env)
 
 
-def _settle(procs: list[subprocess.Popen], timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for ``procs`` to exit by themselves."""
+def _settle(procs: list[subprocess.Popen], timeout_s: float, hurry=lambda: False) -> None:
+    """Wait up to ``timeout_s`` for ``procs`` to exit by themselves (no longer once ``hurry()``)."""
     deadline = time.monotonic() + timeout_s
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline and not hurry():
         time.sleep(0.05)
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+def _stop(procs: list[subprocess.Popen], grace_s: float, hurry=lambda: False) -> None:
+    """SIGTERM to the processes still running; those still running ``grace_s`` later (or once
+    ``hurry()``) are killed. Every one is reaped."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace_s
+    _settle(procs, grace_s, hurry)
     for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.time(), 0.01))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
-            p.wait()
+        p.wait()
