@@ -83,7 +83,8 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
     """48 steps with checkpoints at 24 and 48; then from checkpoint-24 again: the same bits. With
     one process a replica the Trainer saw one process (no DDP) and every replica saved its
     checkpoints, model included; with two, the Trainer's DDP ran inside the replica and its first
-    process wrote both halves of DiLoCo's state."""
+    process wrote both halves of DiLoCo's state (not resumed here, to spare CI a launch of four
+    processes: the Lightning test resumes a replica of two from such a state)."""
     out = tmp_path / "run"
     _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", procs=procs)
     first = _results(out, procs=procs)
@@ -96,6 +97,8 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
         saved = torch.load(folder / "diloco.pt", weights_only=True)
         assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
         shutil.rmtree(out / f"replica{r}" / "checkpoint-48")
+    if procs > 1:
+        return
     _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", "--resume", procs=procs)
     again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
