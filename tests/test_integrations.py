@@ -378,12 +378,18 @@ def test_a_replica_of_several_processes_takes_the_frameworks_ddp_over_its_own_pr
     monkeypatch.delenv("LOWCOMM_PROCS_PER_REPLICA", raising=False)
     assert replica_shard_group("FSDPStrategy", False) is None
     monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "2")
+    # no process group (Trainer(devices=1), or replica_group() not called): named first
+    with pytest.raises(
+        ValueError, match="the framework's job is 1 process where a replica is 2 .*give it 2 devices"
+    ):
+        replica_shard_group("SingleDeviceStrategy", False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(
         ValueError, match="inside it, where each process holds the whole model; FSDPStrategy is not"
     ):
         replica_shard_group("FSDPStrategy", False)
-    with pytest.raises(ValueError, match="the framework runs 1 processes where a replica is 2"):
-        replica_shard_group("DDPStrategy", True)  # (no process group: replica_group() not called)
+    assert replica_shard_group("DDPStrategy", True) is torch.distributed.group.WORLD
 
 
 @pytest.mark.parametrize(

@@ -134,17 +134,17 @@ def replica_shard_group(strategy: str, whole_model: bool):
         return None
     import torch.distributed as dist
 
+    seen = dist.get_world_size() if dist.is_initialized() else 1
+    if seen != k:
+        raise ValueError(
+            f"the framework's job is {seen} process{'es' if seen > 1 else ''} where a replica is {k} "
+            f"(LOWCOMM_PROCS_PER_REPLICA): give it {k} devices, and call "
+            "lowcomm.integrations.replica_group() before building its trainer"
+        )
     if not whole_model:
         raise ValueError(
             f"a replica of {k} processes (LOWCOMM_PROCS_PER_REPLICA) runs the framework's DDP inside "
             f"it, where each process holds the whole model; {strategy} is not supported"
-        )
-    seen = dist.get_world_size() if dist.is_initialized() else 1
-    if seen != k:
-        raise ValueError(
-            f"the framework runs {seen} processes where a replica is {k} (LOWCOMM_PROCS_PER_REPLICA): "
-            f"call lowcomm.integrations.replica_group() before building its trainer, and give it {k} "
-            "devices"
         )
     return dist.group.WORLD
 
