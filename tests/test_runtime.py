@@ -343,26 +343,41 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     assert attempts() == ["0", "0"]
 
 
-def test_launch_terminated_stops_its_processes(tmp_path):
-    """SIGTERM to `lowcomm launch` (a scheduler stopping the job) stops its processes too: none
-    outlives it, and it exits with 143."""
-    import signal
+def _launched(tmp_path, body: str, **popen):
+    """``lowcomm launch --replicas 2`` of a Python ``body`` (after ``import os, signal, sys,
+    time``), once both ranks have noted their pids; returns the launcher and the pid files."""
     import subprocess
     import time
 
     note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
-    job = [sys.executable, "-c", f"import os, time; {note}; time.sleep(120)"]
-    launcher = subprocess.Popen([sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job])
+    job = [sys.executable, "-c", f"import os, signal, sys, time\n{note}\n{body}"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job], **popen
+    )
     pids = [tmp_path / "pid0", tmp_path / "pid1"]
     deadline = time.monotonic() + 60
     while not all(p.exists() and p.read_text() for p in pids):
         assert launcher.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    launcher.send_signal(signal.SIGTERM)
-    assert launcher.wait(30) == 143
-    for p in pids:  # gone (and reaped by the launcher)
+    return launcher, pids
+
+
+def _gone(pids) -> None:
+    """Every rank ended and was reaped by the launcher."""
+    for p in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(p.read_text()), 0)
+
+
+def test_launch_terminated_stops_its_processes(tmp_path):
+    """SIGTERM to `lowcomm launch` (a scheduler stopping the job) stops its processes too: none
+    outlives it, and it exits with 143."""
+    import signal
+
+    launcher, pids = _launched(tmp_path, "time.sleep(120)")
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(30) == 143
+    _gone(pids)
 
 
 def test_ctrl_c_on_launch_lets_the_ranks_end_themselves(tmp_path):
@@ -371,29 +386,17 @@ def test_ctrl_c_on_launch_lets_the_ranks_end_themselves(tmp_path):
     records are) and exits with 130. It used to stop them at once, before they could."""
     import signal
     import subprocess
-    import time
 
-    note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
     body = (
-        f"import os, sys, time\n{note}\ntry:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n"
+        "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n"
         # one write of the whole line: print() writes its pieces apart, and the two ranks share
         # the launcher's pipe (a write under PIPE_BUF bytes is never interleaved)
         "    time.sleep(0.3)\n    os.write(1, ('rank ' + os.environ['RANK'] + ' ended itself\\n').encode())\n"
         "    sys.exit(130)\n"
     )
-    job = [sys.executable, "-c", body]
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-    )
-    pids = [tmp_path / "pid0", tmp_path / "pid1"]
-    deadline = time.monotonic() + 60
-    while not all(p.exists() and p.read_text() for p in pids):
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group, as a terminal's foreground job
+    launcher, pids = _launched(tmp_path, body, start_new_session=True, **pipes)
     os.killpg(launcher.pid, signal.SIGINT)
     out, err = launcher.communicate(timeout=30)
     assert launcher.returncode == 130
@@ -409,20 +412,10 @@ def test_a_second_ctrl_c_on_launch_stops_ranks_that_do_not_end_at_once(tmp_path)
     import subprocess
     import time
 
-    note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
     deaf = "signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN)"
-    job = [sys.executable, "-c", f"import os, signal, time; {deaf}; {note}; time.sleep(120)"]
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job],
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    launcher, pids = _launched(
+        tmp_path, f"{deaf}\ntime.sleep(120)", stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    pids = [tmp_path / "pid0", tmp_path / "pid1"]
-    deadline = time.monotonic() + 60
-    while not all(p.exists() and p.read_text() for p in pids):
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGINT)
     time.sleep(0.5)
     assert launcher.poll() is None  # (waiting for the ranks to end themselves)
@@ -431,9 +424,7 @@ def test_a_second_ctrl_c_on_launch_stops_ranks_that_do_not_end_at_once(tmp_path)
     _, err = launcher.communicate(timeout=30)
     assert launcher.returncode == 130 and time.monotonic() - first < 5, err
     assert "interrupted: stopping every rank" in err and "Traceback" not in err
-    for p in pids:  # killed and reaped
-        with pytest.raises(ProcessLookupError):
-            os.kill(int(p.read_text()), 0)
+    _gone(pids)
 
 
 def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monkeypatch, capsys):
