@@ -413,6 +413,15 @@ def test_a_process_of_a_replica_of_several_sees_the_replicas_job(rank, k, local_
     assert env["TORCHELASTIC_USE_AGENT_STORE"] == "False"  # (the replica's rendezvous is its own)
 
 
+def test_replicas_that_would_share_machines_unevenly_are_refused():
+    """Replicas of 3 on machines of 4: replica 1 would be one process on the first machine and two
+    on the second, which no framework numbers right."""
+    from lowcomm.integrations.common import replica_env
+
+    with pytest.raises(ValueError, match="replicas of 3 processes .* on machines of 4 .*fill whole machines"):
+        replica_env(4, 3, 0, 4)
+
+
 def test_a_replica_of_several_processes_is_shown_its_gpus_on_the_machine(monkeypatch, caplog):
     """The replica's processes here are shown the GPUs they hold (a framework then takes
     cuda:LOCAL_RANK of them); where they would share GPUs, the GPUs are left as they are."""

@@ -197,7 +197,17 @@ def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[st
     (``local_world`` of them; torchrun and ``lowcomm launch`` number a machine's processes in a
     row). ``GROUP_RANK`` / ``NODE_RANK``: this machine among the replica's, where every machine
     holds as many of them. ``TORCHELASTIC_USE_AGENT_STORE``: False, as the replica's rendezvous is
-    hosted by its first process, not by torchrun's agent."""
+    hosted by its first process, not by torchrun's agent.
+
+    Raises:
+        ValueError: replicas that would share machines unevenly (``k`` neither divides
+            ``local_world`` nor is divided by it: a framework would number its machines wrong).
+    """
+    if local_world % k and k % local_world:
+        raise ValueError(
+            f"replicas of {k} processes (LOWCOMM_PROCS_PER_REPLICA) on machines of {local_world} "
+            "(LOCAL_WORLD_SIZE): a replica must fill whole machines, or a machine hold whole replicas"
+        )
     replica, place = divmod(rank, k)
     first = rank - local_rank
     lo, hi = max(replica * k, first), min((replica + 1) * k, first + local_world)
