@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 __all__ = [
     "commit",
+    "launch_command",
     "machine",
     "stamp",
     "steady_tokens_per_second",
@@ -27,6 +29,12 @@ def commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
         return "unknown"
+
+
+def launch_command(replicas: int, *command: str, procs_per_replica: int = 1) -> list[str]:
+    """``lowcomm launch`` of ``command`` (its words) on this machine, from this interpreter."""
+    head = [sys.executable, "-m", "lowcomm", "launch", "--replicas", str(replicas)]
+    return [*head, "--procs-per-replica", str(procs_per_replica), "--", *command]
 
 
 def machine() -> str:

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    launch_command,
     profile_top,
     profile_window,
     stamp,
@@ -241,18 +242,7 @@ def lowcomm_run(
 def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
     """Streaming DiLoCo (P=4, τ=1, e3m0) over two processes of ``lowcomm launch``: rank 0's summary."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**size, **RUNS["streaming"]}.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "lowcomm",
-        "launch",
-        "--replicas",
-        "2",
-        "--",
-        sys.executable,
-        "-m",
-        "lowcomm",
-    ]
+    cmd = launch_command(2, sys.executable, "-m", "lowcomm")
     cmd += [
         "train",
         *flags,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import stamp, write_result  # noqa: E402
+from common import launch_command, stamp, write_result  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -64,17 +64,7 @@ def worker(out: Path) -> None:
 
 def run(procs: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "lowcomm",
-            "launch",
-            "--replicas",
-            "2",
-            "--procs-per-replica",
-            str(procs),
-        ]
-        cmd += ["--", sys.executable, __file__, "--worker", tmp]
+        cmd = launch_command(2, sys.executable, __file__, "--worker", tmp, procs_per_replica=procs)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         wall = time.perf_counter() - start

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import stamp, write_result
+from common import launch_command, stamp, write_result
 
 VARIANTS = {
     "no_comm": ["--sync-every", "1000000", "--no-final-sync"],
@@ -49,17 +49,8 @@ def main() -> None:
         run_dir = f"{args.out}/{name}"
         extra = VARIANTS[name]
         sync = [] if name == "no_comm" else ["--sync-every", str(args.sync_every)]
-        cmd = [
-            sys.executable,
-            "-m",
-            "lowcomm",
-            "launch",
-            "--replicas",
-            str(args.replicas),
-            "--",
-            sys.executable,
-            "-m",
-            "lowcomm",
+        cmd = launch_command(args.replicas, sys.executable, "-m", "lowcomm")
+        cmd += [
             "train",
             "--quiet",
             "--threads",
