@@ -48,6 +48,7 @@ __all__ = [
     "LinkEmulator",
     "ReduceTap",
     "gather_shards",
+    "env_int",
     "gloo_group",
     "is_distributed_env",
     "local_gpu_index",
@@ -69,6 +70,23 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_int(name: str, default: int | None = None) -> int:
+    """An integer from the environment (a launcher's RANK, WORLD_SIZE, ...): ``default`` where it is
+    unset. Raises RuntimeError where it is unset without a default (a job not started by a
+    launcher), ValueError where it is not an integer, each naming the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise RuntimeError(
+                f"environment variable {name} is not set: start the job with torchrun or lowcomm launch"
+            )
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
 def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):

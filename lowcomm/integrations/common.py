@@ -10,6 +10,7 @@ import os
 from datetime import timedelta
 
 from ..comm import LocalGroup, ReplicaGroup
+from ..comm.distributed import env_int
 from ..optim import DiLoCoConfig
 
 __all__ = [
@@ -68,7 +69,7 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
     Raises:
         ValueError: LOWCOMM_PROCS_PER_REPLICA is not a whole number that divides WORLD_SIZE.
     """
-    world = _env_int("WORLD_SIZE", 1)
+    world = env_int("WORLD_SIZE", 1)
     k = procs_per_replica()
     if k < 1 or world % k:
         raise ValueError(
@@ -76,10 +77,9 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
             "(the processes of the job, k to a replica)"
         )
     if world == k:  # one replica: its processes are the launcher's whole job
-        group: ReplicaGroup = LocalGroup.create(1)[0]
         if hide_env and k == 1:
-            HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
-        return group
+            _hide_launcher()
+        return LocalGroup.create(1)[0]
     import torch.distributed as dist
 
     from ..comm.distributed import DistributedGroup, gloo_group
@@ -107,7 +107,7 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
     if hide_env:
         if k == 1:
             _own_gpus()  # before the variables that place this process go
-            HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
+            _hide_launcher()
         else:
             _enter_replica(store, rank, replica, k)
     return group
@@ -177,17 +177,14 @@ def _on_cpu(value):
     return value
 
 
+def _hide_launcher() -> None:
+    """Remove the launcher's variables from the environment, keeping them in ``HIDDEN``."""
+    HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
+
+
 def procs_per_replica() -> int:
     """The processes of each replica in this job (``LOWCOMM_PROCS_PER_REPLICA``; 1 without it)."""
-    return _env_int("LOWCOMM_PROCS_PER_REPLICA", 1)
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, str(default))
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+    return env_int("LOWCOMM_PROCS_PER_REPLICA", 1)
 
 
 def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[str, str]:
@@ -212,13 +209,14 @@ def replica_env(rank: int, k: int, local_rank: int, local_world: int) -> dict[st
     first = rank - local_rank
     lo, hi = max(replica * k, first), min((replica + 1) * k, first + local_world)
     here = hi - lo
+    machine = str((lo - replica * k) // here)
     return {
         "RANK": str(place),
         "WORLD_SIZE": str(k),
         "LOCAL_RANK": str(rank - lo),
         "LOCAL_WORLD_SIZE": str(here),
-        "GROUP_RANK": str((lo - replica * k) // here),
-        "NODE_RANK": str((lo - replica * k) // here),
+        "GROUP_RANK": machine,
+        "NODE_RANK": machine,
         "ROLE_RANK": str(place),
         "GROUP_WORLD_SIZE": str(-(-k // here)),
         "ROLE_WORLD_SIZE": str(k),
@@ -238,8 +236,8 @@ def _enter_replica(store, rank: int, replica: int, k: int) -> None:
         host = address_toward(os.environ.get("MASTER_ADDR", "127.0.0.1"))
         store.set(key, f"{host}:{free_port(host)}")
     host, port = store.get(key).decode().rsplit(":", 1)
-    local_rank = _env_int("LOCAL_RANK", rank)
-    local_world = _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
+    local_rank = env_int("LOCAL_RANK", rank)
+    local_world = env_int("LOCAL_WORLD_SIZE", env_int("WORLD_SIZE", 1))
     env = {**replica_env(rank, k, local_rank, local_world), "MASTER_ADDR": host, "MASTER_PORT": port}
     _own_gpus(local_rank - int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
     HIDDEN.update({name: os.environ[name] for name in {*LAUNCHER_ENV, *env} if name in os.environ})

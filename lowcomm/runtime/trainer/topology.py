@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ...comm.distributed import DistributedGroup, LinkEmulator, is_distributed_env, local_gpu_index
+from ...comm.distributed import DistributedGroup, LinkEmulator, env_int, is_distributed_env, local_gpu_index
 
 __all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
 
@@ -66,17 +66,6 @@ class Topology:
         return {"process_group": self._alone}
 
 
-def _env_int(name: str) -> int:
-    try:
-        return int(os.environ[name])
-    except KeyError:
-        raise RuntimeError(
-            f"environment variable {name} is not set: start the job with torchrun or lowcomm launch"
-        ) from None
-    except ValueError:
-        raise ValueError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
-
-
 def init_from_torchrun(
     procs_per_replica: int | None = None,
     *,
@@ -101,7 +90,7 @@ def init_from_torchrun(
     Raises:
         ValueError: k does not divide the world size.
     """
-    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    rank, world = env_int("RANK"), env_int("WORLD_SIZE")
     k = procs_per_replica or int(os.environ.get("LOWCOMM_PROCS_PER_REPLICA", "1"))
     if k < 1 or world % k:
         raise ValueError(f"procs_per_replica={k} must be >= 1 and divide WORLD_SIZE={world}")
