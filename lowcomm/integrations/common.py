@@ -150,18 +150,23 @@ def replica_shard_group(strategy: str, whole_model: bool):
 
 
 def replica_state(diloco) -> dict:
-    """DiLoCo's state with the part of every process of its replica (a replica of ``k > 1``
-    processes holds ``k`` parts; a framework writes its first process's checkpoint only, and each
-    process takes its own part back from it). A collective over the replica's processes: every
-    one of them calls it, as frameworks save checkpoints."""
+    """On the first process of its replica, DiLoCo's state with the part of every process of the
+    replica (a replica of ``k > 1`` processes holds ``k`` parts; a framework writes its first
+    process's checkpoint only, and each process takes its own part back from it); on the others,
+    their own state, which the framework does not write. A collective over the replica's
+    processes: every one of them calls it, as frameworks save checkpoints. The parts go to the
+    first process only: the others would hold ``k`` states each for nothing."""
     state = diloco.state_dict()
-    if diloco.shard_group is None:
+    group = diloco.shard_group
+    if group is None:
         return state
     import torch.distributed as dist
 
-    state = _on_cpu(state)
-    parts: list = [None] * dist.get_world_size(diloco.shard_group)
-    dist.all_gather_object(parts, state, group=diloco.shard_group)
+    first = dist.get_rank(group) == 0
+    parts: list | None = [None] * dist.get_world_size(group) if first else None
+    dist.gather_object(_on_cpu(state), parts, dst=dist.get_global_rank(group, 0), group=group)
+    if parts is None:
+        return state
     return {key: value for part in parts for key, value in part.items()}
 
 
