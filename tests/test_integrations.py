@@ -51,10 +51,12 @@ def test_an_example_changes_at_most_five_lines_of_the_plain_script(script):
 
 
 @pytest.mark.parametrize("procs", [1, 2])
-def test_lightning_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs):
-    """Three epochs; then from the checkpoint of epoch 2 (a round in flight: overlap=1), epoch 3
-    again: the same bits as the uninterrupted run, so DiLoCo's state (restored by Lightning before
-    the optimizer exists) came back whole.
+def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_bit(tmp_path, procs):
+    """Three epochs; then, with replicas of 2, from the checkpoint of epoch 2 (a round in flight:
+    overlap=1), epoch 3 again: the same bits as the uninterrupted run, so DiLoCo's state (restored
+    by Lightning before the optimizer exists) came back whole. (With one process a replica the
+    resume is the same path less the gathering of parts; it is left out to spare CI a launch. The
+    HF test resumes replicas of one process.)
 
     With 2 processes a replica, replica_group() shows Lightning its replica's 2 processes as the
     whole job (a rendezvous of its own), so Lightning's DDP runs inside the replica (the data
@@ -73,6 +75,8 @@ def test_lightning_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path,
         shutil.copyfile(ckpts / f"epoch=1-step={2 * epoch}.ckpt", ckpts / "last.ckpt")
         saved = torch.load(ckpts / "last.ckpt", weights_only=False)["callbacks"]["DiLoCoCallback"]
         assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
+    if procs == 1:
+        return
     _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), "--resume", procs=procs)
     again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
