@@ -20,6 +20,7 @@ __all__ = [
     "listen_fd_store_kwargs",
     "foreach_norm_fp32",
     "dtensor_type",
+    "dcp_group_coordinator",
 ]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
@@ -90,3 +91,43 @@ def dtensor_type() -> type | None:
         except ImportError:
             return None
     return DTensor
+
+
+@functools.cache
+def dcp_group_coordinator() -> None:
+    """Let ``torch.distributed.checkpoint`` save and load within a group whose first process is not
+    the job's rank 0, on a torch older than 2.8. Its wrapper of the group's collectives compares
+    the group's rank 0 with this process's rank in the group to pick the coordinator (right), then
+    hands that same number to ``gather_object``, ``scatter_object_list`` and
+    ``broadcast_object_list``, which read it as a rank in the job (wrong): every replica but the
+    one holding rank 0 failed ("gather_list must NOT be specified on non-destination ranks").
+    torch 2.7 mapped the gather's and the scatter's to the job's rank (pytorch#147675), 2.8 the
+    broadcast's (pytorch#155912). Here, once per process, the wrapper's constructor keeps its
+    choice of coordinator and then stores the job's rank of it, the only other use of the number.
+    torch 2.4's ``load`` also gathered the state's keys into a list as long as the whole job,
+    not the group, and failed on the places left empty (fixed in 2.5, pytorch#135045): its
+    gather of the keys is replaced by one sized by the group. torch 2.8 and newer are left as
+    they are."""
+    import torch
+
+    if torch.__version__ >= "2.8":
+        return
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import state_dict_loader, utils
+
+    made = utils._DistWrapper.__init__
+
+    def __init__(self, group, use_dist, coordinator_rank):
+        made(self, group, use_dist, coordinator_rank)
+        if use_dist and group is not None:
+            self.coordinator_rank = dist.get_global_rank(group, coordinator_rank)
+
+    utils._DistWrapper.__init__ = __init__
+    if torch.__version__ < "2.5":
+
+        def all_gather_keys(local_dict, group=None):
+            keys = [None] * dist.get_world_size(group)
+            dist.all_gather_object(keys, list(local_dict), group=group)
+            return sorted({k for part in keys for k in part})
+
+        state_dict_loader._all_gather_keys = all_gather_keys

@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..._compat import dcp_group_coordinator
 from ...comm.distributed import DistributedGroup, LinkEmulator, env_int, is_distributed_env, local_gpu_index
 
 __all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
@@ -58,7 +59,10 @@ class Topology:
         checkpoint to this replica's processes: its inner group, or with one process per replica a
         group of this process alone (made by it alone, once). Over the whole job the replicas'
         different local parameters, optimizer states and rounds in flight would be saved as one
-        (one entry per key), and each replica's own folder written by the others' collective."""
+        (one entry per key), and each replica's own folder written by the others' collective.
+        (On a torch older than 2.8 this also lets the checkpoint's collectives run in a group
+        without the job's rank 0: :func:`lowcomm._compat.dcp_group_coordinator`.)"""
+        dcp_group_coordinator()
         if self.inner is not None:
             return {"process_group": self.inner}
         if self._alone is None:
