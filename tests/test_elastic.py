@@ -146,8 +146,11 @@ def test_a_slow_link_costs_time_and_partitions_cost_a_resync_never_data(job):
     its state transfers fail until the partition ends, then it rejoins)."""
     # w2's partition ends about 6 s before the others finish: its backed-off retries (up to 2 s
     # apart) then reach a donor still running (at 360 steps and a 10 s partition from step 180
-    # the others sometimes finished first, and w2 was told the job had finished)
-    j = job(["--steps", "420", "--sync-every", "10", "--eval-every", "0"], ("--min-workers", "3"))
+    # the others sometimes finished first, and w2 was told the job had finished). It lasts 12 s,
+    # longer than the peers wait for a round's reduce (10 x its observed time, at least 5 s): with
+    # 8 s, on a loaded machine (1 s reduces), a round that began just after the partition did
+    # timed out only once the partition had ended and w2 had entered it, so nobody was missing
+    j = job(["--steps", "540", "--sync-every", "10", "--eval-every", "0"], ("--min-workers", "3"))
     j.start_coordinator()
     names = W4[:3]
     faults = [
@@ -159,7 +162,7 @@ def test_a_slow_link_costs_time_and_partitions_cost_a_resync_never_data(job):
             "duration": 4.0,
             "direction": "coordinator",
         },
-        {"kind": "partition", "target": "worker:w2", "at_step": 150, "duration": 8.0, "direction": "peers"},
+        {"kind": "partition", "target": "worker:w2", "at_step": 150, "duration": 12.0, "direction": "peers"},
     ]
     for w in names:
         j.start_worker(w, pace(names, delay=0.03, extra=faults))
