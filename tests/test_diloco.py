@@ -383,6 +383,49 @@ def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_fligh
     assert torch.equal(dil2[0].global_vector(), dil3[0].global_vector())  # bit for bit
 
 
+@pytest.mark.parametrize("version", ["2.4.1", "2.7.1", "2.8.0", "2.13.0"])
+def test_distributed_checkpoint_in_a_group_without_rank_0_gets_the_jobs_rank_before_torch_2_8(
+    monkeypatch, version
+):
+    """torch.distributed.checkpoint before 2.8 passed the group's coordinator (its rank in the
+    group) to collectives that read the job's rank; dcp_group_coordinator() makes the wrapper keep
+    its choice and store the job's rank of it there, and leaves torch 2.8 on alone. A stand-in
+    with torch 2.4's constructor, in the process of job rank 2 that is rank 0 of the group (2, 3);
+    the whole path ran under torch 2.4.1 (the four-process test's resumed replicas)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import state_dict_loader, utils
+    from torch.torch_version import TorchVersion
+
+    from lowcomm._compat import dcp_group_coordinator
+
+    class Wrapper:  # torch 2.4's constructor
+        def __init__(self, group, use_dist, coordinator_rank):
+            self.group, self.use_dist, self.coordinator_rank = group, use_dist, coordinator_rank
+            self.rank = dist.get_rank(group) if use_dist else 0
+            self.is_coordinator = not use_dist or self.rank == coordinator_rank
+
+    group = object()
+    monkeypatch.setattr(dist, "get_rank", lambda g=None: 0 if g is group else 2)
+    monkeypatch.setattr(dist, "get_global_rank", lambda g, r: {0: 2, 1: 3}[r])
+    monkeypatch.setattr(utils, "_DistWrapper", Wrapper)
+    monkeypatch.setattr(Wrapper, "__init__", Wrapper.__init__)  # (restored after the test)
+    keys = object()  # torch 2.4's gather of the keys (gone from torch 2.8's loader)
+    monkeypatch.setattr(state_dict_loader, "_all_gather_keys", keys, raising=False)
+    version = TorchVersion(version)  # (compares as a version: 2.13 is after 2.8)
+    monkeypatch.setattr(torch, "__version__", version)
+    made = Wrapper.__init__
+    dcp_group_coordinator.cache_clear()
+    try:
+        dcp_group_coordinator()
+    finally:
+        dcp_group_coordinator.cache_clear()
+    w = Wrapper(group, True, 0)
+    assert w.is_coordinator and w.coordinator_rank == (2 if version < "2.8" else 0)
+    assert Wrapper(None, True, 0).coordinator_rank == 0 and Wrapper(group, False, 0).coordinator_rank == 0
+    assert (state_dict_loader._all_gather_keys is keys) == (version >= "2.5")
+    assert (Wrapper.__init__ is made) == (version >= "2.8")
+
+
 def test_fragments_by_module_name_across_block_lists_with_tied_weights():
     from torch import nn
 
