@@ -312,15 +312,28 @@ def test_low_precision_training_of_the_reference_model_tracks_fp32(tmp_path):
         assert abs(low["final_eval_loss"] / fp32["final_eval_loss"] - 1) < 0.02, precision
 
 
+# On a CPU the kernels run interpreted, where a tile is a loop over numpy arrays and every
+# candidate costs seconds: there each candidate runs for two formats that between them take both
+# elements, both scale rules and both input dtypes (the kernel's tile code does not depend on
+# them); a GPU runs every candidate for every format.
+_SWEEP_ON_CPU = {(torch.bfloat16, "rceil", "e4m3"), (torch.float32, "floor", "e5m2")}
+
+
+def _dual_cases():
+    for tiles in ("default", "cuda", "64x128"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for rule in ("rceil", "floor"):
+                for elem in ("e4m3", "e5m2"):
+                    if tiles != "cuda" or torch.cuda.is_available() or (dtype, rule, elem) in _SWEEP_ON_CPU:
+                        yield pytest.param(elem, rule, dtype, tiles, id=f"{tiles}-{dtype}-{rule}-{elem}")
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
-@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("rule", ["rceil", "floor"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tiles", ["default", "cuda", "64x128"])
+@pytest.mark.parametrize(("elem", "rule", "dtype", "tiles"), list(_dual_cases()))
 def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem, rule, dtype, tiles):
     """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx,
-    also at every CUDA candidate tile (the autotuner may pick any) and at 64 x 128 (the (96, 96)
-    input ends inside a tile)."""
+    also at every CUDA candidate tile (the autotuner may pick any; on a CPU for two formats, see
+    _SWEEP_ON_CPU) and at 64 x 128 (the (96, 96) input ends inside a tile)."""
     _needs_triton()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, mx_quantize_dual
 
@@ -983,15 +996,24 @@ def _count_launches(monkeypatch, module, kernel: str) -> list:
     return launches
 
 
+def _fp8_dual_cases():  # (on a CPU each candidate for two formats, as _dual_cases)
+    on_cpu = {(torch.bfloat16, "e4m3", "rowwise"), (torch.float32, "e5m2", "tensorwise")}
+    for tiles in ("default", *range(5)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for elem in ("e4m3", "e5m2"):
+                for scaling in ("rowwise", "tensorwise"):
+                    if tiles == "default" or torch.cuda.is_available() or (dtype, elem, scaling) in on_cpu:
+                        case = f"{tiles}-{dtype}-{elem}-{scaling}"
+                        yield pytest.param(scaling, elem, dtype, tiles, id=case)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
-@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
-@pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tiles", ["default", *range(5)])
+@pytest.mark.parametrize(("scaling", "elem", "dtype", "tiles"), list(_fp8_dual_cases()))
 def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype, tiles):
     """The Triton fp8 quantize (interpreted on CPU in CI) against the torch reference, byte for
     byte, for the copy as it is and the transposed one, at the default tiles and at each CUDA
-    candidate the autotuner may take: a (70, 100) input ends inside every tile; a zero row, NaN,
+    candidate the autotuner may take (on a CPU for two formats that take both elements, both
+    scalings and both input dtypes): a (70, 100) input ends inside every tile; a zero row, NaN,
     infinities, a subnormal input and values over 12 decades."""
     _needs_triton()
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS, fp8_quantize_dual
@@ -1030,8 +1052,10 @@ def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, ru
         rq, rs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=-1), -1, across)
         cq, cs = _regroup(*quantize_mx(x.float(), elem=elem, scale_rule=rule, axis=0), 0, across)
         # the default, and for bf16 (what the layers hand it) every candidate the tuner may pick (on
-        # a GPU each compiles: the check's tests section has a slot of seconds)
-        for config in (None, *FAST_CUDA_CONFIGS) if dtype == torch.bfloat16 else (None,):
+        # a GPU each compiles: the check's tests section has a slot of seconds; interpreted on a
+        # CPU, for e4m3 only: the tiles' code does not depend on the element, see _SWEEP_ON_CPU)
+        sweep = dtype == torch.bfloat16 and (elem == "e4m3" or torch.cuda.is_available())
+        for config in (None, *FAST_CUDA_CONFIGS) if sweep else (None,):
             q, s, qt, st = mx_fast_quantize_dual(x.to(dev), elem, tile, rule, config=config)
             assert _same_fp8(q.cpu(), rq) and _same_fp8(qt.cpu(), cq.t().contiguous()), (tile, config)
             assert torch.equal(s.cpu(), rs) and torch.equal(st.cpu(), cs), (tile, config)
