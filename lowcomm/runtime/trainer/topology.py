@@ -12,7 +12,6 @@ The processes are started by torchrun, or on one machine by ``lowcomm launch``
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -95,10 +94,10 @@ def init_from_torchrun(
         ValueError: k does not divide the world size.
     """
     rank, world = env_int("RANK"), env_int("WORLD_SIZE")
-    k = procs_per_replica or int(os.environ.get("LOWCOMM_PROCS_PER_REPLICA", "1"))
+    k = procs_per_replica or env_int("LOWCOMM_PROCS_PER_REPLICA", 1)
     if k < 1 or world % k:
         raise ValueError(f"procs_per_replica={k} must be >= 1 and divide WORLD_SIZE={world}")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local_world = env_int("LOCAL_WORLD_SIZE", world)
     # NCCL needs a GPU per process; more processes than GPUs on a machine share them over gloo
     backend = backend or ("nccl" if torch.cuda.device_count() >= local_world else "gloo")
     outer_backend = outer_backend or backend
