@@ -536,7 +536,10 @@ if HAVE_TRITON:
                     tl.max(tl.max(tl.where(here, cmax, 0), axis=0), axis=0), EMAX, MANT_LIMIT, RCEIL
                 )
                 e = tl.where(nonfinite, 255, k + 127)
-                g = tl.sum(tl.where(i2[:, None] == pcb, gc, 0), axis=0)
+                # the part column's group bytes (>= 0, so the max of the rest made 0 picks it; a
+                # sum would too, but triton 3.2's interpreter sums int32 into int64, which the
+                # bitcast in _pow2_neg then reads as twice as many fp32 values)
+                g = tl.max(tl.where(i2[:, None] == pcb, gc, 0), axis=0)
                 q = _fast_block_bytes(
                     xp, k[None, :], e[None, :], g[None, :], nonfinite[None, :], MAXV, RCEIL, E5M2,
                     MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
@@ -548,7 +551,7 @@ if HAVE_TRITON:
                     tl.max(tl.max(tl.where(here, rmax, 0), axis=2), axis=0), EMAX, MANT_LIMIT, RCEIL
                 )
                 e = tl.where(nonfinite, 255, k + 127)
-                g = tl.sum(tl.where(i4[:, None] == prb, gr, 0), axis=0)
+                g = tl.max(tl.where(i4[:, None] == prb, gr, 0), axis=0)  # the part row's (as above)
                 q = _fast_block_bytes(
                     tl.reshape(xp, (32, 2, 32)), k[:, :, None], e[:, :, None], g[:, None, None],
                     nonfinite[:, :, None], MAXV, RCEIL, E5M2, MBITS, MIN_NORMAL, SUB_C, NAN_BYTE, HW_CVT,
