@@ -807,10 +807,18 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # core's work each): the exact-MX GEMMs and the MX quantize (dual, row, col, e5m2 at the default
     # tiles, then the dual at each other candidate); the blockwise GEMMs, mxfp8_fast's quantize
     # (activations, gradients, weights), fp8's (amax and cast, tensorwise and rowwise; delayed's
-    # one pass) and the MX dequantize to bf16; Blackwell's
+    # one pass and the step making its scales) and the MX dequantize to bf16; Blackwell's
     children = [
         start(90, "mx_matmul", "bf16 -> e4m3", "fp32 -> e5m2"),
-        start(90, "blockwise_matmul", "fp8_quantize", "mx_fast_quantize", "adamw_replicas", "mx_dequantize"),
+        start(
+            90,
+            "blockwise_matmul",
+            "fp8_quantize",
+            "fp8_delayed_step",
+            "mx_fast_quantize",
+            "adamw_replicas",
+            "mx_dequantize",
+        ),
         start(100, "mx_matmul (A k-major, B k-major)"),
     ]
     try:
@@ -824,6 +832,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     quant = [r for r in hopper if r["kernel"].startswith("mx_quantize")]
     fast = [r for r in hopper if r["kernel"].startswith("mx_fast_quantize")]
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
+    step = [r for r in hopper if r["kernel"].startswith("fp8_delayed_step")]  # delayed scaling's scales
     adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
     dequant = [r for r in hopper if r["kernel"].startswith("mx_dequantize")]
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
@@ -840,27 +849,35 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     assert len(fp8) == 7 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
     from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS
 
-    assert len(fast) == 3 + len(FAST_CUDA_CONFIGS) - 1 and len(adamw) == 2 and len(dequant) == 3
+    assert (
+        len(fast) == 3 + len(FAST_CUDA_CONFIGS) - 1
+        and len(adamw) == 2
+        and len(dequant) == 3
+        and len(step) == 1
+    )
     for row in fast:  # a block sweeping several tiles has its loop pipelined: the next tile's copy
         assert (row["async_copies"] > 0) == (row["constexprs"]["TILES"] > 1), row  # runs ahead
     for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
         assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
         assert {int(w) for w in row["global_stores"]} == ({8, 16} if "copy" in row["kernel"] else {16}), row
-    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant:
+    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant + step:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
         assert row["blocks_per_sm"] >= 1, row  # its registers and shared memory let a block launch
     # spilled registers (in the stack frame): none in what runs on Hopper without autotuning (the
     # first configuration of each kernel); an autotuner's other candidate may spill a few
-    # registers (the timing decides: BENCHMARKS.md says which), not a loop's worth
-    for row in gemm + quant + fp8 + fast + adamw + dequant:
+    # registers (the timing decides: BENCHMARKS.md says which), not a loop's worth: under triton
+    # 3.9, CI's. Older ones spill more (compiled here: mxfp8_fast's 4-tile candidates 168/130 under 3.2,
+    # 154/58 under 3.3, 52/34 under 3.6, its sweep 74 under 3.6; the MX dequantize 2 under 3.2)
+    default_spills, candidate_spills = (0, 64) if found >= (3, 9) else (8, 256)
+    for row in gemm + quant + fp8 + fast + adamw + dequant + step:
         candidate = "warp" in row["kernel"]  # the extra candidates' names give their warps
-        assert row["spill_instructions"] <= (64 if candidate else 0), row
+        assert row["spill_instructions"] <= (candidate_spills if candidate else default_spills), row
     for row in gemm:  # fp8 operands straight into the tensor cores, not an upcast
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:
         assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
-    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw + dequant)
+    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw + dequant + step)
     for row in dequant:  # the bf16 values leave in whole 16-byte packets; subnormals kept (exactness)
         assert {int(w) for w in row["global_stores"]} == {16} and not row["ftz"], row
     for row in fast:  # fp8 data in whole 16-byte packets (before triton 3.6: the rows copy), fp32 scales

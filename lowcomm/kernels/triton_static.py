@@ -43,7 +43,8 @@ BLACKWELL_TRITON = (3, 3)
 class KernelSpec:
     """One kernel at one launch configuration, as the library launches it on CUDA.
 
-    ``signature`` maps every non-constexpr argument to a Triton type ("*fp8e4nv", "i32", ...);
+    ``signature`` maps every non-constexpr argument to a Triton type ("*fp8e4nv", "i32", ...)
+    (a constexpr one may be left out or typed "constexpr");
     ``constexprs`` holds the constexpr arguments and any integer argument the launch specializes
     (Triton specializes an int equal to 1, e.g. a unit stride). Pointers and the ints named in
     ``aligned`` are taken as multiples of 16, as Triton's launcher marks them when they are.
@@ -64,14 +65,17 @@ def _ast_source(ASTSource, spec: KernelSpec, attrs: dict):
     AttrsDescriptor."""
     import inspect
 
+    # every argument in the kernel's order, a constexpr one typed so (triton 3.3 indexes the
+    # signature by argument position: one that leaves a constexpr out fails to compile there)
+    signature = {name: spec.signature.get(name, "constexpr") for name in spec.fn.arg_names}
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
-        return ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        return ASTSource(fn=spec.fn, signature=signature, constexprs=spec.constexprs, attrs=attrs)
     from triton.backends.compiler import AttrsDescriptor
 
     desc = AttrsDescriptor()
     desc.arg_properties["tt.divisibility"] = [index for (index,) in attrs]
     desc._init_slots()
-    return ASTSource(fn=spec.fn, signature=spec.signature, constants=spec.constexprs, attrs=desc)
+    return ASTSource(fn=spec.fn, signature=signature, constants=spec.constexprs, attrs=desc)
 
 
 def _bin(tool: str) -> str:
