@@ -21,6 +21,7 @@ __all__ = [
     "foreach_norm_fp32",
     "dtensor_type",
     "dcp_group_coordinator",
+    "compiles_layer_backward",
 ]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
@@ -131,3 +132,14 @@ def dcp_group_coordinator() -> None:
             return sorted({k for part in keys for k in part})
 
         state_dict_loader._all_gather_keys = all_gather_keys
+
+
+def compiles_layer_backward() -> bool:
+    """Whether torch.compile can trace the low-precision layers' backward, a custom
+    ``autograd.Function`` that reads ``Tensor.stride()``, ``is_cuda`` and ``is_contiguous()``
+    (layout and device checks before each GEMM): from torch 2.7. torch 2.6's compiler refuses
+    those in a backward it traces ahead ("Illegal getattr invocation stride in strict mode"): a
+    fullgraph compile fails, any other runs each layer outside the graph, as in eager mode."""
+    import torch
+
+    return torch.__version__ >= "2.7"

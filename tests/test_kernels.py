@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import fp8_gemm_tolerance, load_benchmark
 
+from lowcomm import _compat
 from lowcomm.kernels import (
     E8M0_NAN,
     Float8Linear,
@@ -1753,6 +1754,14 @@ def test_an_mxfp8_fast_layer_quantizes_once_for_the_triton_gemm_too(monkeypatch)
         assert float((t - r).abs().max() / r.abs().max()) < 1e-5, name
 
 
+#: torch.compile(fullgraph=True) of a layer, forward and backward: from torch 2.7 (before, the
+#: trainer's --compile runs the layers outside the graph and says so: test_train_paths.py)
+compiles_layer_backward = pytest.mark.skipif(
+    not _compat.compiles_layer_backward(),
+    reason="torch < 2.7 cannot compile the low-precision layers' backward (strict mode bans Tensor.stride)",
+)
+
+
 def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list:
     """y, dx and the layer's dW of ``model`` on ``x``, eager and under torch.compile(fullgraph)."""
     outs = []
@@ -1765,6 +1774,7 @@ def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list
     return outs
 
 
+@compiles_layer_backward
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(
     "recipe",
@@ -1819,6 +1829,7 @@ def _keeping_graphs(graphs: list):
     )
 
 
+@compiles_layer_backward
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise"])
 def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operator(recipe, monkeypatch):
@@ -1851,6 +1862,7 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
         assert float((t - r).abs().max() / r.abs().max()) < tol, name
 
 
+@compiles_layer_backward
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_a_delayed_scaling_layer_compiled_with_the_inductor_quantize_matches_eager(monkeypatch):
     """fp8_delayed with LOWCOMM_COMPILED_QUANTIZE=inductor: under torch.compile the one-pass cast by
@@ -1973,6 +1985,7 @@ def test_a_delayed_scaling_layer_on_a_pretend_hopper_reads_each_tensor_once(monk
     assert float(got[-1][4][0, 1]) > 0  # the later steps ran from a history
 
 
+@compiles_layer_backward
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_a_delayed_scaling_layer_compiles_whole_and_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) of an fp8_delayed layer on a pretend sm_90 GPU: the one-pass

@@ -409,6 +409,22 @@ def test_compile_is_refused_where_torch_compile_cannot_run(tmp_path, corpus_dir,
     assert not (tmp_path / "x").exists()
 
 
+def test_compile_says_when_torch_runs_the_low_precision_layers_outside_the_graph(monkeypatch):
+    """torch 2.6 cannot compile the fp8 and MX layers' backward: --compile then runs each of them
+    outside the graph, which the trainer's log says at start-up (the check, at pretend versions)."""
+    from lowcomm import _compat
+    from lowcomm.runtime.trainer.config import RunConfig
+
+    run = RunConfig(compile=True)
+    for older in (False, True):
+        monkeypatch.setattr(_compat, "compiles_layer_backward", lambda older=older: not older)
+        assert run.check_compile("fp32") is None
+        note = run.check_compile("fp8_rowwise")
+        assert (note is not None) == older, note
+    assert "fp8_rowwise layers' backward (from torch 2.7" in note and "outside the graph" in note, note
+    assert RunConfig(compile=False).check_compile("mxfp8") is None
+
+
 @pytest.mark.parametrize("wrap", ["autocast", "compile"])
 def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ... import _compat
 from ..._checks import refuse
 from ..._compat import tomllib
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
@@ -210,10 +211,12 @@ class RunConfig:
             )
         return torch.bfloat16
 
-    def check_compile(self) -> None:
-        """Raises ValueError when ``compile`` is asked for and torch.compile cannot run here."""
+    def check_compile(self, precision: str = "fp32") -> str | None:
+        """Raises ValueError when ``compile`` is asked for and torch.compile cannot run here;
+        returns what a log should say when it runs the model's ``precision`` layers (not fp32)
+        outside the graph (torch < 2.7), else None."""
         if not self.compile:
-            return
+            return None
         try:
             import torch._dynamo as dynamo
 
@@ -222,6 +225,12 @@ class RunConfig:
             supported = False
         if not supported:
             raise refuse("compile", True, "false on this Python/torch (torch.compile is not supported here)")
+        if precision != "fp32" and not _compat.compiles_layer_backward():
+            return (
+                f"torch {torch.__version__} cannot compile the {precision} layers' backward (from torch 2.7 "
+                "it can): --compile runs each of them outside the graph, as in eager mode"
+            )
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)

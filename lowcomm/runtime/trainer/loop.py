@@ -133,7 +133,9 @@ class Trainer:
             torch.cuda.set_device(self.device)  # on GPU 0 that is not its own (torchrun, 8 a node)
         self.dtype = cfg.run.compute_dtype(self.device)
         check_precision_on(cfg.model.precision, self.device)  # no GPU run falls back to emulation
-        cfg.run.check_compile()
+        note = cfg.run.check_compile(cfg.model.precision)
+        if note:
+            log.warning(note)
         self.corpus = load_corpus(cfg.data.corpus)
         elastic = cfg.elastic.enabled
         here = 1 if elastic or is_distributed_env() or self.topology is not None else cfg.run.replicas
