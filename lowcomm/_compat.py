@@ -137,9 +137,10 @@ def dcp_group_coordinator() -> None:
 def compiles_layer_backward() -> bool:
     """Whether torch.compile can trace the low-precision layers' backward, a custom
     ``autograd.Function`` that reads ``Tensor.stride()``, ``is_cuda`` and ``is_contiguous()``
-    (layout and device checks before each GEMM): from torch 2.7. torch 2.6's compiler refuses
-    those in a backward it traces ahead ("Illegal getattr invocation stride in strict mode"): a
-    fullgraph compile fails, any other runs each layer outside the graph, as in eager mode."""
+    (layout and device checks before each GEMM): from torch 2.7. Before, the compiler refuses
+    those in a backward it traces ahead (under 2.6: "Illegal getattr invocation stride in strict
+    mode"): a fullgraph compile fails, any other runs each layer outside the graph, as in eager
+    mode."""
     import torch
 
     return torch.__version__ >= "2.7"
