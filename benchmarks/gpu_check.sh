@@ -72,10 +72,11 @@ cat "$OUT/env.txt"
 # quantize kernels' fp8 conversion (they run no GPU); and tests/test_train_paths.py (CPU paths,
 # the tensorboard sink's test among them, a [dev] extra absent from GPU images: under torch 2.11
 # + triton 3.6 on CPU they pass, and nothing in them runs on CUDA). Each test left out here is
-# named in the -k below; a CI test checks that every name there still names a test. -v: each test's outcome is written as it ends, so a time-out
-# still shows which passed and failed; no -x: one slot shows every failure. The MX quantize's
-# tiles are pinned here (LOWCOMM_AUTOTUNE=0: the tests run every candidate tile by name); the
-# kernels section runs it autotuned and records the tiles taken.
+# named in the -k below; a CI test checks that every name there still names a test. -v: each
+# test's outcome is written as it ends, so a time-out still shows which passed and failed; no -x:
+# one slot shows every failure. The MX quantize's tiles are pinned here (LOWCOMM_AUTOTUNE=0: the
+# tests run every candidate tile by name); the kernels section runs it autotuned and records the
+# tiles taken.
 SHARD_DIR=$(mktemp -d)
 gpu_tests() {  # each file in processes of its own, all at once
   # -p no:xdist: these processes are the shards (the suite's two xdist workers are for CI's CPUs)

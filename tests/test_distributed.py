@@ -170,7 +170,6 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 #: FSDP2 on CPU over gloo: it trains there from torch 2.8 (these tests pass under 2.13; 2.8 to 2.12
 #: are not verified). 2.4's fully_shard moved a model to a GPU where one existed (pytorch#132471);
 #: 2.6's backward failed ("'Stream' object has no attribute 'record_event'"); 2.7.1's ran, but its
@@ -178,10 +177,10 @@ _TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 #: the sum (measured on 2 processes): N times the gradients DDP averages (docs/references.md).
 #: Sharding a model, without training it, works from 2.6 (the refusal test: 2.6.0 and 2.7.1)
 fsdp2_trains_on_cpu = pytest.mark.skipif(
-    _TORCH < (2, 8),
+    torch.__version__ < "2.8",
     reason="FSDP2 training on CPU over gloo: torch 2.6 fails, 2.7's gloo sums where FSDP2 averages",
 )
-fsdp2_on_cpu = pytest.mark.skipif(_TORCH < (2, 6), reason="FSDP2 on CPU: verified from torch 2.6")
+fsdp2_on_cpu = pytest.mark.skipif(torch.__version__ < "2.6", reason="FSDP2 on CPU: verified from torch 2.6")
 
 
 @fsdp2_trains_on_cpu

@@ -868,8 +868,9 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # spilled registers (in the stack frame): none in what runs on Hopper without autotuning (the
     # first configuration of each kernel); an autotuner's other candidate may spill a few
     # registers (the timing decides: BENCHMARKS.md says which), not a loop's worth: under triton
-    # 3.9, CI's. Older ones spill more (compiled here: mxfp8_fast's 4-tile candidates 168/130 under 3.2,
-    # 154/58 under 3.3, 52/34 under 3.6, its sweep 74 under 3.6; the MX dequantize 2 under 3.2)
+    # 3.9, CI's. Older ones spill more (compiled here: mxfp8_fast's 4-tile candidates 168/130
+    # under 3.2, 154/58 under 3.3, 52/34 under 3.6, its sweep 74 under 3.6; the MX dequantize 2
+    # under 3.2)
     default_spills, candidate_spills = (0, 64) if found >= (3, 9) else (8, 256)
     for row in gemm + quant + fp8 + fast + adamw + dequant + step:
         candidate = "warp" in row["kernel"]  # the extra candidates' names give their warps
