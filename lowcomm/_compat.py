@@ -22,6 +22,8 @@ __all__ = [
     "dtensor_type",
     "dcp_group_coordinator",
     "compiles_layer_backward",
+    "mend_triton_interpreter",
+    "major_minor",
 ]
 
 #: the extra that installs each optional module: ``pip install 'lowcomm[extra]'``
@@ -144,3 +146,41 @@ def compiles_layer_backward() -> bool:
     import torch
 
     return torch.__version__ >= "2.7"
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """A package's ``"3.6.0"`` or ``"3.6.0+git1a2b"`` as ``(3, 6)``."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+@functools.cache
+def mend_triton_interpreter() -> bool:
+    """Let Triton's interpreter (``TRITON_INTERPRET=1``: kernels run on CPU tensors, as the test
+    suite runs them) run a loop bounded by a kernel argument under numpy 2.4 or newer. Before
+    triton 3.7 the interpreter turns such a bound into a Python ``int`` with ``int()`` of a
+    one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars": triton-lang/triton#9171, fixed in 3.7 by taking the element first); the
+    kernels' loops over ``K`` and over a row's columns failed there, under torch 2.8 (triton 3.4)
+    and 2.11 (triton 3.6). Here, once per process and only then, the interpreter's patch of
+    ``tl.tensor`` is followed by a conversion that takes the element, as 3.7's does. Returns
+    whether it mended the interpreter (False: a triton or numpy that needs nothing, or no
+    interpreter)."""
+    import numpy as np
+
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    fixed = major_minor(triton.__version__) >= (3, 7)
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if fixed or np.lib.NumpyVersion(np.__version__) < "2.4.0" or patch is None:
+        return False
+
+    def _patch_lang_tensor(tensor, *args, **kwargs):  # (triton 3.6 passes a scope that undoes it)
+        patch(tensor, *args, **kwargs)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True

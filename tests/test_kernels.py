@@ -466,6 +466,45 @@ def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(
         assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
 
 
+def test_the_interpreter_is_mended_only_where_triton_calls_int_on_an_array_numpy_refuses(monkeypatch):
+    """Before triton 3.7 the interpreter turned a loop's bound into an int with ``int()`` of a
+    one-element array, which numpy 2.4 refuses: under torch 2.11 (triton 3.6) 28 kernel tests
+    failed so. The mend takes the element instead, and only for a triton before 3.7 under numpy
+    2.4 or newer; here a stand-in for 3.6's patch of ``tl.tensor`` and the version it reports."""
+    _needs_triton()
+    import operator
+    import types
+
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    refuses = np.lib.NumpyVersion(np.__version__) >= "2.4.0"
+    fixed = _compat.major_minor(triton.__version__) >= (3, 7)
+    assert _compat.mend_triton_interpreter() == (refuses and not fixed)  # this process's triton
+
+    class Tensor:  # what the interpreter hands a loop's bound: a tensor whose handle holds a (1,) array
+        def __init__(self, value):
+            self.handle = types.SimpleNamespace(data=np.array([value], dtype=np.int32))
+
+    def before_3_7(tensor, scope=None):
+        tensor.__index__ = lambda self: int(self.handle.data)
+
+    mend = _compat.mend_triton_interpreter.__wrapped__  # (the cached one ran once, above)
+    for version in ("3.7.0", "3.9.0"):
+        monkeypatch.setattr(triton, "__version__", version)
+        monkeypatch.setattr(interpreter, "_patch_lang_tensor", before_3_7)
+        assert not mend() and interpreter._patch_lang_tensor is before_3_7
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    before_3_7(Tensor)
+    if refuses:
+        with pytest.raises(TypeError, match="0-dimensional"):
+            operator.index(Tensor(5))
+    assert mend() == refuses
+    interpreter._patch_lang_tensor(Tensor, object())
+    assert operator.index(Tensor(5)) == 5 and list(range(0, Tensor(7), 3)) == [0, 3, 6]
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN block
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_side(axis):

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from .._compat import major_minor
 from .formats import ELEM_FORMATS, TRITON_READS
 
 #: the oldest Triton these kernels are known to run on: 3.2 interprets every kernel test and
@@ -36,8 +37,12 @@ try:
     import triton.language as tl
 
     #: the installed triton's (major, minor)
-    TRITON_VERSION = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    TRITON_VERSION = major_minor(triton.__version__)
     HAVE_TRITON = TRITON_VERSION >= TRITON_MIN
+    if HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        from .._compat import mend_triton_interpreter
+
+        mend_triton_interpreter()  # (triton < 3.7 under numpy >= 2.4)
     #: why the Triton kernels are off (None: they are on)
     TRITON_MISSING = (
         None
