@@ -170,15 +170,16 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-#: FSDP2 on CPU over gloo: it trains there from torch 2.8 (these tests pass under 2.13; 2.8 to 2.12
-#: are not verified). 2.4's fully_shard moved a model to a GPU where one existed (pytorch#132471);
-#: 2.6's backward failed ("'Stream' object has no attribute 'record_event'"); 2.7.1's ran, but its
-#: gloo reduce_scatter_tensor with ReduceOp.AVG, which FSDP2 reduces fp32 gradients with, returned
-#: the sum (measured on 2 processes): N times the gradients DDP averages (docs/references.md).
-#: Sharding a model, without training it, works from 2.6 (the refusal test: 2.6.0 and 2.7.1)
+#: FSDP2 on CPU over gloo: it trains there from torch 2.9 (these tests pass under 2.9.0 and 2.13;
+#: 2.10 to 2.12 are not verified). 2.4's fully_shard moved a model to a GPU where one existed
+#: (pytorch#132471); 2.6's backward failed ("'Stream' object has no attribute 'record_event'");
+#: 2.7.1's and 2.8.0's ran, but their gloo reduce_scatter_tensor with ReduceOp.AVG, which FSDP2
+#: reduces fp32 gradients with, returned the sum (measured on 2 processes): N times the gradients
+#: DDP averages (docs/references.md). Sharding a model, without training it, works from 2.6 (the
+#: refusal test: 2.6.0, 2.7.1 and 2.8.0)
 fsdp2_trains_on_cpu = pytest.mark.skipif(
-    torch.__version__ < "2.8",
-    reason="FSDP2 training on CPU over gloo: torch 2.6 fails, 2.7's gloo sums where FSDP2 averages",
+    torch.__version__ < "2.9",
+    reason="FSDP2 training on CPU over gloo: torch 2.6 fails, 2.7's and 2.8's gloo sum where FSDP2 averages",
 )
 fsdp2_on_cpu = pytest.mark.skipif(torch.__version__ < "2.6", reason="FSDP2 on CPU: verified from torch 2.6")
 

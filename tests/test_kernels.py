@@ -656,8 +656,10 @@ def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
             mp.setattr(gemm, "_capability", lambda device: (8, 0))
             with pytest.raises(ValueError, match=r"capability \(8, 0\).*sm_89 or newer"):
                 choose_backend("mxfp8", torch.device("cuda", 0), "dequant")
-    # what the CUDA path calls: torch.mm of bf16 operands writing fp32 (checked on meta tensors)
-    if triton_mx_gemm.MM_OUT_DTYPE:
+    # what the CUDA path calls: torch.mm of bf16 operands writing fp32, checked on meta tensors,
+    # whose kernel takes out_dtype from torch 2.10 (2.8's and 2.9's do not: CUDA's does, and a
+    # compiled layer reaches it through lowcomm's operator, whose shape function is its own)
+    if triton_mx_gemm.MM_OUT_DTYPE and torch.__version__ >= "2.10":
         meta = torch.zeros(4, 64, dtype=torch.bfloat16, device="meta")
         assert torch.mm(meta, meta.t(), out_dtype=torch.float32).dtype == torch.float32
 
@@ -1814,11 +1816,28 @@ def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list
     return outs
 
 
+#: torch 2.8's Inductor, compiling mxfp8_fast's layer on the Triton backend for a CPU, fuses the
+#: regrouping of its 1x32 scales into the cast to 128-blocks in C++ that crashed the process (a
+#: segmentation fault in that kernel's call; 2.9.0 and 2.11.0 ran it, and 2.8.0 the blockwise
+#: case). A GPU compiles Triton code there instead.
+cpu_inductor_compiles_mxfp8_fast = pytest.mark.skipif(
+    not torch.cuda.is_available() and torch.__version__ < "2.9",
+    reason="torch 2.8's Inductor crashes in the C++ it makes for mxfp8_fast's layer on a CPU",
+)
+
+
 @compiles_layer_backward
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(
     "recipe",
-    ["fp8_rowwise", "fp8_tensorwise", "mxfp8", "mxfp8 dequant", "mxfp8_fast", "mxfp8_fast blockwise"],
+    [
+        "fp8_rowwise",
+        "fp8_tensorwise",
+        "mxfp8",
+        "mxfp8 dequant",
+        pytest.param("mxfp8_fast", marks=cpu_inductor_compiles_mxfp8_fast),
+        "mxfp8_fast blockwise",
+    ],
 )
 def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypatch):
     """torch.compile(fullgraph=True) of each layer on its Hopper path: fp8 quantize-once through
