@@ -161,11 +161,11 @@ def mend_triton_interpreter() -> bool:
     triton 3.7 the interpreter turns such a bound into a Python ``int`` with ``int()`` of a
     one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to
     Python scalars": triton-lang/triton#9171, fixed in 3.7 by taking the element first); the
-    kernels' loops over ``K`` and over a row's columns failed there, under torch 2.8 (triton 3.4)
-    and 2.11 (triton 3.6). Here, once per process and only then, the interpreter's patch of
-    ``tl.tensor`` is followed by a conversion that takes the element, as 3.7's does. Returns
-    whether it mended the interpreter (False: a triton or numpy that needs nothing, or no
-    interpreter)."""
+    kernels' loops over ``K`` and over a row's columns failed so under torch 2.11 (triton 3.6);
+    torch 2.8's triton 3.4 and 2.10's 3.6 convert alike. Here, once per process and only then,
+    the interpreter's patch of ``tl.tensor`` is followed by a conversion that takes the element,
+    as 3.7's does. Returns whether it mended the interpreter (False: a triton or numpy that needs
+    nothing, or no interpreter)."""
     import numpy as np
 
     try:

@@ -1818,7 +1818,7 @@ def _eager_and_compiled(model, layer, x: torch.Tensor, **compile_kwargs) -> list
 
 #: torch 2.8's Inductor, compiling mxfp8_fast's layer on the Triton backend for a CPU, fuses the
 #: regrouping of its 1x32 scales into the cast to 128-blocks in C++ that crashed the process (a
-#: segmentation fault in that kernel's call; 2.9.0 and 2.11.0 ran it, and 2.8.0 the blockwise
+#: segmentation fault in that kernel's call; 2.9.0 to 2.13.0 ran it, and 2.8.0 the blockwise
 #: case). A GPU compiles Triton code there instead.
 cpu_inductor_compiles_mxfp8_fast = pytest.mark.skipif(
     not torch.cuda.is_available() and torch.__version__ < "2.9",
