@@ -26,7 +26,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 # tests fill it. Those tests stay one after the other, in one worker (one xdist group), and go
 # first, being the longest unit of work: two of them at once would put ten processes on two cores.
 # (The control plane's tests and the hardening ones start a coordinator and a worker or two each:
-# they share the other worker.)
+# they share the other worker.) A test that takes its worker down (a crash in compiled code, an
+# os._exit) ends the run, reported as failed, instead of a new worker taking over: pytest-xdist
+# 3.8's loadgroup hangs after it replaces a crashed worker (pytest-dev/pytest-xdist#1327, #1378;
+# measured here: 3 runs of 3 hung), and CI would wait for its time-out. `--max-worker-restart N`
+# on the command line chooses otherwise.
 WORKERS = 2
 PROCESS_HEAVY = {"test_elastic.py", "test_distributed.py", "test_faults.py"}
 
@@ -43,6 +47,8 @@ def pytest_cmdline_main(config):
     if config.getoption("numprocesses", None) is None and not config.getoption("collectonly"):
         config.option.numprocesses = WORKERS
         config.option.dist = "loadgroup"
+        if config.getoption("maxworkerrestart", None) is None:
+            config.option.maxworkerrestart = 0
 
 
 @pytest.hookimpl(optionalhook=True)
