@@ -170,13 +170,13 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-#: FSDP2 on CPU over gloo: it trains there from torch 2.9 (these tests pass under 2.9.0 and 2.13;
-#: 2.10 to 2.12 are not verified). 2.4's fully_shard moved a model to a GPU where one existed
-#: (pytorch#132471); 2.6's backward failed ("'Stream' object has no attribute 'record_event'");
-#: 2.7.1's and 2.8.0's ran, but their gloo reduce_scatter_tensor with ReduceOp.AVG, which FSDP2
-#: reduces fp32 gradients with, returned the sum (measured on 2 processes): N times the gradients
-#: DDP averages (docs/references.md). Sharding a model, without training it, works from 2.6 (the
-#: refusal test: 2.6.0, 2.7.1 and 2.8.0)
+#: FSDP2 on CPU over gloo: it trains there from torch 2.9 (these tests pass under 2.9.0, 2.10.0,
+#: 2.11.0, 2.12.0 and 2.13.0, each in a run of the whole suite). 2.4's fully_shard moved a model to
+#: a GPU where one existed (pytorch#132471); 2.6's backward failed ("'Stream' object has no
+#: attribute 'record_event'"); 2.7.1's and 2.8.0's ran, but their gloo reduce_scatter_tensor with
+#: ReduceOp.AVG, which FSDP2 reduces fp32 gradients with, returned the sum (measured on 2
+#: processes): N times the gradients DDP averages (docs/references.md). Sharding a model, without
+#: training it, works from 2.6 (the refusal test: 2.6.0, 2.7.1 and 2.8.0)
 fsdp2_trains_on_cpu = pytest.mark.skipif(
     torch.__version__ < "2.9",
     reason="FSDP2 training on CPU over gloo: torch 2.6 fails, 2.7's and 2.8's gloo sum where FSDP2 averages",
