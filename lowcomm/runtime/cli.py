@@ -20,23 +20,15 @@ from pathlib import Path
 
 from .._compat import MissingExtra
 from .._version import __version__
-from ..comm import CODECS, CollectiveError
-from ..comm.reduce import REDUCE_METHODS
-from ..kernels.linear import FAST_ACCUM_MODES, PRECISIONS
-from ..optim.config import INITS
-from ..optim.schedule import PATTERNS
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
-from .trainer.config import (
-    DTYPES,
-    FLAT,
-    MODES,
-    REPLICA_BATCHING,
-    SECTIONS,
-    TrainConfig,
-    load_config_file,
-)
-from .trainer.metrics import METRICS
 from .trainer.records import human_bytes
+
+if typing.TYPE_CHECKING:
+    from .trainer.config import TrainConfig
+
+# The configuration's flags are made from its classes, whose modules load torch (two seconds a
+# process): they are imported where a command needs them, so the commands that train nothing
+# (launch, which only starts the processes that do; status; keys) start without torch.
 
 __all__ = [
     "main",
@@ -73,24 +65,36 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-_CHOICES = {
-    "mode": MODES,
-    "precision": PRECISIONS,
-    "fast_accum": FAST_ACCUM_MODES,
-    "codec": tuple(CODECS),
-    "pattern": PATTERNS,
-    "reduce": REDUCE_METHODS,
-    "dtype": DTYPES,
-    "replica_batching": REPLICA_BATCHING,
-    "metrics": METRICS,
-    "init": INITS,
-}
+def _choices() -> dict[str, tuple]:
+    """The allowed values of the flags that have a fixed set."""
+    from ..comm import CODECS
+    from ..comm.reduce import REDUCE_METHODS
+    from ..kernels.linear import FAST_ACCUM_MODES, PRECISIONS
+    from ..optim.config import INITS
+    from ..optim.schedule import PATTERNS
+    from .trainer.config import DTYPES, MODES, REPLICA_BATCHING
+    from .trainer.metrics import METRICS
+
+    return {
+        "mode": MODES,
+        "precision": PRECISIONS,
+        "fast_accum": FAST_ACCUM_MODES,
+        "codec": tuple(CODECS),
+        "pattern": PATTERNS,
+        "reduce": REDUCE_METHODS,
+        "dtype": DTYPES,
+        "replica_batching": REPLICA_BATCHING,
+        "metrics": METRICS,
+        "init": INITS,
+    }
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per configuration field (``model_dim`` -> ``--model-dim``), with its documented
     meaning, choices and default."""
-    defaults = TrainConfig()
+    from .trainer.config import FLAT, SECTIONS, TrainConfig
+
+    choices, defaults = _choices(), TrainConfig()
     for sec, cls in SECTIONS.items():
         docs, hints = _field_docs(cls), typing.get_type_hints(cls)
         group = p.add_argument_group(f"[{sec}]", (cls.__doc__ or "").strip().splitlines()[0])
@@ -107,11 +111,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 continue
             kind = int if int in kinds else float if float in kinds else str
             group.add_argument(
-                flag, dest=name, type=kind, default=None, choices=_CHOICES.get(name), help=helptext
+                flag, dest=name, type=kind, default=None, choices=choices.get(name), help=helptext
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
+    """Every command's parser; ``train_flags=False`` leaves ``train``'s configuration flags out
+    (they load torch), for a command line that runs another command."""
     p = argparse.ArgumentParser(
         prog="lowcomm", description="Low-communication distributed training for PyTorch."
     )
@@ -128,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train replicas of the reference model (DiLoCo, Streaming DiLoCo or DP)")
     t.add_argument("--config", help="TOML or JSON file with the same keys as the flags")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(t)
+    if train_flags:
+        _add_config_flags(t)
 
     la = sub.add_parser(
         "launch",
@@ -290,12 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/demo",
         help="parent folder of the three run directories and loss.png (replaced on each run)",
     )
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads per run (default: 2, one per core of a small machine)",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The configuration file's values (if any), overridden by the flags given."""
+    from .trainer.config import FLAT, TrainConfig, load_config_file
+
     cfg = (
         TrainConfig.from_dict(load_config_file(args.config))
         if getattr(args, "config", None)
@@ -314,8 +329,12 @@ def worker_config_from_flags(flags: list[str]) -> TrainConfig:
     return config_from_args(args)
 
 
-def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") -> dict[str, TrainConfig]:
+def demo_configs(
+    steps: int = 400, replicas: int = 4, out: str = "runs/demo", threads: int = 2
+) -> dict[str, TrainConfig]:
     """The three runs of ``lowcomm demo``: equal tokens, a model small enough for 2 CPU cores."""
+    from .trainer.config import TrainConfig
+
     base = TrainConfig.from_flat(
         replicas=replicas,
         steps=steps,
@@ -329,7 +348,7 @@ def demo_configs(steps: int = 400, replicas: int = 4, out: str = "runs/demo") ->
         sync_every=50,
         eval_every=0,
         eval_batches=16,
-        threads=2,
+        threads=threads,
         overwrite=True,  # the demo's own folders, replaced on every run (documented in its --help)
     )
     return {
@@ -532,6 +551,7 @@ def _format_fits(analysis) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..comm import CollectiveError
     from .trainer import train
 
     cfg = config_from_args(args)
@@ -651,7 +671,7 @@ def _chaos(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .trainer import train
 
-    cfgs = demo_configs(args.steps, args.replicas, args.out)
+    cfgs = demo_configs(args.steps, args.replicas, args.out, args.threads)
     summaries = {}
     for name, cfg in cfgs.items():
         print(f"[{name}] {cfg.run.run_dir}", file=sys.stderr, flush=True)
@@ -706,8 +726,15 @@ def demo_plot(path: Path, run_dirs: dict[str, str], summaries: dict[str, dict]) 
     return path
 
 
+#: the commands: the first of these words on a command line is the one it runs, and only ``train``
+#: (or a line that names none, as ``lowcomm --help``) needs the configuration's flags
+COMMANDS = ("train", "launch", "scaling", "coordinator", "status", "keys", "chaos", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(train_flags=command in ("train", None)).parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
