@@ -1,37 +1,31 @@
 """lowcomm: distributed low-communication training (DiLoCo, Streaming DiLoCo) for PyTorch."""
 
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 from ._version import __version__
-from .comm import CODECS, DistributedGroup, LocalGroup, ReplicaGroup, get_codec
-from .optim import DiLoCo, DiLoCoConfig, finish_replicas, step_replicas
 
-#: names served on first use (PEP 562): the trainer package, which they live in, is not loaded by
-#: ``import lowcomm``
-_LAZY = {name: "lowcomm.runtime.trainer.topology" for name in ("Topology", "init_from_torchrun")}
+# each name is imported from its module when it is first read (lowcomm/_lazy.py): `import lowcomm`
+# loads no torch, and `lowcomm launch` starts its processes without it
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        ".comm": ("CODECS", "DistributedGroup", "LocalGroup", "ReplicaGroup", "get_codec"),
+        ".optim": ("DiLoCo", "DiLoCoConfig", "finish_replicas", "step_replicas"),
+        ".runtime.trainer.topology": ("Topology", "init_from_torchrun"),
+    },
+)
+__all__ += ["__version__"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lowcomm' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
-__all__ = [
-    "CODECS",
-    "DiLoCo",
-    "DiLoCoConfig",
-    "DistributedGroup",
-    "LocalGroup",
-    "ReplicaGroup",
-    "Topology",
-    "__version__",
-    "finish_replicas",
-    "get_codec",
-    "init_from_torchrun",
-    "step_replicas",
-]
+if TYPE_CHECKING:  # the same names, for type checkers and editors ("X as X": re-exported)
+    from .comm import CODECS as CODECS
+    from .comm import DistributedGroup as DistributedGroup
+    from .comm import LocalGroup as LocalGroup
+    from .comm import ReplicaGroup as ReplicaGroup
+    from .comm import get_codec as get_codec
+    from .optim import DiLoCo as DiLoCo
+    from .optim import DiLoCoConfig as DiLoCoConfig
+    from .optim import finish_replicas as finish_replicas
+    from .optim import step_replicas as step_replicas
+    from .runtime.trainer.topology import Topology as Topology
+    from .runtime.trainer.topology import init_from_torchrun as init_from_torchrun

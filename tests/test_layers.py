@@ -164,6 +164,29 @@ def test_import_lowcomm_loads_no_optional_dependency():
     assert after == str([f"lowcomm.kernels.triton_{m}" for m in ("fp8", "mx_gemm", "quantize")])
 
 
+def test_lowcomm_launch_starts_without_torch(capsys):
+    """The launcher only starts the processes that train: it loads no torch (two seconds a process
+    here), and a line that runs ``train`` still parses, and shows, every configuration flag."""
+    import argparse
+
+    from lowcomm.runtime.cli import COMMANDS, build_parser, main
+
+    code = (
+        "import sys; from lowcomm.runtime.cli import main;"
+        "rc = main(['launch', '--replicas', '2', '--', sys.executable, '-c', 'pass']);"
+        "print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["0", "False"], out.stderr
+    subcommands = next(
+        a for a in build_parser(train_flags=False)._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    assert tuple(subcommands.choices) == COMMANDS
+    with pytest.raises(SystemExit):
+        main(["--log-level", "INFO", "train", "--help"])
+    assert "--model-dim" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "missing,argv,extra",
     [

@@ -1,24 +1,15 @@
 """Moving bytes between replicas: codecs, the quantized mean all-reduce, replica groups."""
 
-from .codecs import CODECS, DEFAULT_BLOCK, Codec, NonFiniteError, get_codec
-from .distributed import DistributedGroup, LinkEmulator
-from .group import CollectiveError, LocalGroup, ReduceStats, ReplicaGroup, Work
-from .reduce import REDUCE_METHODS, shard_bounds, wire_bytes
+from .._lazy import lazy_names
 
-__all__ = [
-    "CODECS",
-    "DEFAULT_BLOCK",
-    "REDUCE_METHODS",
-    "Codec",
-    "CollectiveError",
-    "DistributedGroup",
-    "LinkEmulator",
-    "LocalGroup",
-    "NonFiniteError",
-    "ReduceStats",
-    "ReplicaGroup",
-    "Work",
-    "get_codec",
-    "shard_bounds",
-    "wire_bytes",
-]
+# imported on first use (lowcomm/_lazy.py): comm.net, which the launcher takes its port from, needs
+# no torch
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        ".codecs": ("CODECS", "DEFAULT_BLOCK", "Codec", "NonFiniteError", "get_codec"),
+        ".distributed": ("DistributedGroup", "LinkEmulator"),
+        ".group": ("CollectiveError", "LocalGroup", "ReduceStats", "ReplicaGroup", "Work"),
+        ".reduce": ("REDUCE_METHODS", "shard_bounds", "wire_bytes"),
+    },
+)

@@ -9,68 +9,41 @@
     runtime/errors.py  typed errors and exit codes
     runtime/cli.py     every command
 
-The elastic names below are imported on first use, so ``import lowcomm.runtime`` needs no pyzmq.
+Every name below is imported on first use: ``import lowcomm.runtime`` needs no pyzmq, nor torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_names
 
-from .errors import ExitCode
-from .hooks import NO_FAULTS, FaultHooks
-from .trainer import (
-    MODES,
-    SUMMARY_KEYS,
-    RunRecorder,
-    TrainConfig,
-    atomic_write_json,
-    build_inner_optimizer,
-    build_model,
-    evaluate,
-    load_config_file,
-    read_jsonl,
-    train,
+# imported on first use (lowcomm/_lazy.py): the elastic names need pyzmq, and the command line
+# (runtime/cli.py) loads torch only for the commands that train
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        ".errors": ("ExitCode",),
+        ".hooks": ("NO_FAULTS", "FaultHooks"),
+        ".trainer": (
+            "MODES",
+            "SUMMARY_KEYS",
+            "RunRecorder",
+            "TrainConfig",
+            "atomic_write_json",
+            "build_inner_optimizer",
+            "build_model",
+            "evaluate",
+            "load_config_file",
+            "read_jsonl",
+            "train",
+        ),
+        ".elastic": (
+            "ElasticGroup",
+            "ResyncRequired",
+            "WorkerAgent",
+            "Coordinator",
+            "job_state",
+            "load_job_state",
+        ),
+        ".faults": ("FaultInjector", "FaultPlan"),
+    },
 )
-
-_LAZY = {
-    "ElasticGroup": ".elastic",
-    "ResyncRequired": ".elastic",
-    "WorkerAgent": ".elastic",
-    "Coordinator": ".elastic",
-    "job_state": ".elastic",
-    "load_job_state": ".elastic",
-    "FaultInjector": ".faults",
-    "FaultPlan": ".faults",
-}
-
-__all__ = [
-    "MODES",
-    "NO_FAULTS",
-    "SUMMARY_KEYS",
-    "Coordinator",
-    "ElasticGroup",
-    "ExitCode",
-    "FaultHooks",
-    "FaultInjector",
-    "FaultPlan",
-    "ResyncRequired",
-    "RunRecorder",
-    "TrainConfig",
-    "WorkerAgent",
-    "atomic_write_json",
-    "build_inner_optimizer",
-    "build_model",
-    "evaluate",
-    "job_state",
-    "load_config_file",
-    "load_job_state",
-    "read_jsonl",
-    "train",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
