@@ -166,18 +166,20 @@ def test_import_lowcomm_loads_no_optional_dependency():
 
 def test_lowcomm_launch_starts_without_torch(capsys):
     """The launcher only starts the processes that train: it loads no torch (two seconds a process
-    here), and a line that runs ``train`` still parses, and shows, every configuration flag."""
+    here), nor does ``lowcomm keys``; a line that runs ``train`` still parses, and shows, every
+    configuration flag."""
     import argparse
 
     from lowcomm.runtime.cli import COMMANDS, build_parser, main
 
     code = (
         "import sys; from lowcomm.runtime.cli import main;"
-        "rc = main(['launch', '--replicas', '2', '--', sys.executable, '-c', 'pass']);"
+        "rc = main(['launch', '--replicas', '2', '--', sys.executable, '-c', 'pass']) + main(['keys']);"
         "print(rc, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["0", "False"], out.stderr
+    key, *rest = out.stdout.split()  # (`lowcomm keys` too)
+    assert len(key) == 64 and rest == ["0", "False"], out.stderr
     subcommands = next(
         a for a in build_parser(train_flags=False)._actions if isinstance(a, argparse._SubParsersAction)
     )

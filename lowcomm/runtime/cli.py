@@ -410,10 +410,13 @@ def _control_plane(args: argparse.Namespace) -> int:
             "--key puts the job key in the process list where other users can read it; "
             "prefer --key @FILE or LOWCOMM_KEY_FILE"
         )
-    key = load_key(args.key)
+    # the command's own modules first: a missing extra (pyzmq) is named before a missing key
     if args.command == "coordinator":
         from .elastic import Coordinator, Deadline, RoundDeadline
-
+    else:
+        from .elastic import CoordinatorClient
+    key = load_key(args.key)
+    if args.command == "coordinator":
         coord = Coordinator(
             args.bind,
             args.job,
@@ -431,8 +434,6 @@ def _control_plane(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         return 0
-    from .elastic import CoordinatorClient
-
     client = CoordinatorClient(args.endpoint, key, sender=f"status-{os.getpid()}", timeout_s=args.timeout)
     members: list[dict] = []
     try:  # the members come in pages that each fit a message

@@ -5,43 +5,22 @@ Needs pyzmq and msgpack (``pip install lowcomm[elastic]``); nothing else of lowc
 package until an elastic job starts.
 """
 
-from .agent import Quorum, ResyncRequired, WorkerAgent, default_advertise_addr
-from .checkpoint import job_state, load_job_state, read_checkpoint, write_checkpoint
-from .client import CoordinatorClient
-from .gloo import Abandoned
-from .group import ContributionDropped, ElasticGroup
-from .localjob import LocalJob, pace
-from .membership import Deadline, Membership
-from .protocol import ProtocolError, load_key, new_key
-from .server import Coordinator
-from .state import CoordinatorState, Outgoing, RoundDeadline
-from .transfer import CorruptStateError, load_state, save_state
+from ..._lazy import lazy_names
 
-__all__ = [
-    "Abandoned",
-    "ContributionDropped",
-    "Coordinator",
-    "CoordinatorClient",
-    "CoordinatorState",
-    "CorruptStateError",
-    "Deadline",
-    "ElasticGroup",
-    "LocalJob",
-    "Membership",
-    "Outgoing",
-    "ProtocolError",
-    "Quorum",
-    "ResyncRequired",
-    "RoundDeadline",
-    "WorkerAgent",
-    "default_advertise_addr",
-    "job_state",
-    "load_job_state",
-    "load_key",
-    "load_state",
-    "new_key",
-    "pace",
-    "read_checkpoint",
-    "save_state",
-    "write_checkpoint",
-]
+# imported on first use (lowcomm/_lazy.py): `lowcomm keys` and `lowcomm status` load no torch
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        ".agent": ("Quorum", "ResyncRequired", "WorkerAgent", "default_advertise_addr"),
+        ".checkpoint": ("job_state", "load_job_state", "read_checkpoint", "write_checkpoint"),
+        ".client": ("CoordinatorClient",),
+        ".gloo": ("Abandoned",),
+        ".group": ("ContributionDropped", "ElasticGroup"),
+        ".localjob": ("LocalJob", "pace"),
+        ".membership": ("Deadline", "Membership"),
+        ".protocol": ("ProtocolError", "load_key", "new_key"),
+        ".server": ("Coordinator",),
+        ".state": ("CoordinatorState", "Outgoing", "RoundDeadline"),
+        ".transfer": ("CorruptStateError", "load_state", "save_state"),
+    },
+)
