@@ -51,7 +51,7 @@ from common import stamp, write_result  # noqa: E402
 from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
 from lowcomm.optim.replica_adamw import ReplicaAdamW  # noqa: E402
-from lowcomm.runtime.cli import build_parser, config_from_args  # noqa: E402
+from lowcomm.runtime.cli import train_config_from_flags  # noqa: E402
 from lowcomm.runtime.trainer import build as build_module  # noqa: E402
 from lowcomm.runtime.trainer.loop import Trainer  # noqa: E402
 
@@ -151,11 +151,11 @@ def _total(phases: dict | None) -> dict | None:
 def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()] + (["--compile"] if compile else [])
     with tempfile.TemporaryDirectory() as d:
-        args = build_parser().parse_args(
-            ["train", *flags, *MODES[mode], "--replicas", str(REPLICAS), "--steps", str(steps + 3)]
-            + ["--eval-every", "0", "--replica-batching", "batched", "--run-dir", f"{d}/r", "--quiet"]
+        cfg = train_config_from_flags(
+            [*flags, *MODES[mode], "--replicas", str(REPLICAS), "--steps", str(steps + 3)]
+            + ["--eval-every", "0", "--replica-batching", "batched", "--run-dir", f"{d}/r"]
         )
-        trainer = Trainer(config_from_args(args), progress=False)
+        trainer = Trainer(cfg, progress=False)
         trainer._build()
         sync, reps = trainer.sync, trainer.replicas
         sync.start()

@@ -36,13 +36,11 @@ def _fault_free_loss(j: LocalJob) -> float:
     """The final eval loss of the job's training with 4 replicas and no fault, run in this process
     (LocalGroup): the same model, data and schedule as 4 elastic workers without sockets. (At these
     flags: 2.946, against 2.900 for a fault-free elastic job of 4; five processes fewer to start.)"""
-    from lowcomm.runtime.cli import build_parser, config_from_args
+    from lowcomm.runtime.cli import train_config_from_flags
     from lowcomm.runtime.trainer import train
 
-    flags = [*j.flags, "--replicas", "4", "--run-dir", str(j.tmp / "fault-free")]
-    return train(config_from_args(build_parser().parse_args(["train", *flags])), progress=False)[
-        "final_eval_loss"
-    ]
+    cfg = train_config_from_flags([*j.flags, "--replicas", "4", "--run-dir", str(j.tmp / "fault-free")])
+    return train(cfg, progress=False)["final_eval_loss"]
 
 
 def test_a_worker_killed_mid_round_is_survived_and_a_joiner_catches_up(job):

@@ -37,6 +37,7 @@ __all__ = [
     "demo_configs",
     "demo_plot",
     "format_comparison",
+    "train_config_from_flags",
     "worker_config_from_flags",
 ]
 
@@ -320,13 +321,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg.replace(**flags)
 
 
+def train_config_from_flags(flags: list[str]) -> TrainConfig:
+    """The configuration ``lowcomm train FLAGS`` would run: ValueError names a bad value, and
+    argparse ends the process with its usage line on an unknown flag or one of the wrong type, as
+    ``lowcomm train`` would."""
+    return config_from_args(build_parser().parse_args(["train", *flags]))
+
+
 def worker_config_from_flags(flags: list[str]) -> TrainConfig:
     """The configuration an elastic worker started as ``lowcomm train --coordinator ... FLAGS``
-    would run (a stand-in coordinator): ValueError names a bad value, and argparse ends the
-    process with its usage line on an unknown flag or one of the wrong type, as ``lowcomm train``
-    would."""
-    args = build_parser().parse_args(["train", *flags, "--coordinator", "tcp://127.0.0.1:1"])
-    return config_from_args(args)
+    would run (a stand-in coordinator), refused as :func:`train_config_from_flags` refuses."""
+    return train_config_from_flags([*flags, "--coordinator", "tcp://127.0.0.1:1"])
 
 
 def demo_configs(

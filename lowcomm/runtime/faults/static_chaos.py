@@ -60,7 +60,7 @@ def run_static_chaos(
         ValueError: a bad count or timeout, a flag the runner sets itself, a plan a static job
             cannot serve, an ``out`` holding an earlier run (one line each, before any process).
     """
-    from ..cli import build_parser, config_from_args
+    from ..cli import train_config_from_flags
 
     for name, v, lo in (("replicas", replicas, 1), ("procs_per_replica", procs_per_replica, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -74,7 +74,7 @@ def run_static_chaos(
         raise ValueError(
             f"lowcomm chaos --static sets {list(_OWN_FLAGS)} itself; remove {own} from the flags"
         )
-    cfg = config_from_args(build_parser().parse_args(["train", *flags]))  # a bad flag: argparse's usage line
+    cfg = train_config_from_flags(flags)  # a bad flag: argparse's usage line
     world = replicas * procs_per_replica
     plan = plan.check_static(world, procs_per_replica, cfg.run.steps)
     out = Path(out)
