@@ -30,6 +30,28 @@ def _run(tmp_path, corpus_dir, name, **kw):
     return train(cfg, progress=False)
 
 
+@pytest.mark.parametrize(
+    "kw,label",
+    [
+        (dict(mode="dp"), "dp M=2"),
+        (dict(fragments=1), "diloco M=2"),
+        (dict(fragments=2), "streaming P=2 M=2"),
+    ],
+)
+def test_the_progress_bar_names_the_run_as_users_know_it(tmp_path, corpus_dir, capsys, kw, label):
+    """Streaming DiLoCo (DiLoCo in fragments) is named so on the bar, with its fragment count, not
+    as plain DiLoCo; the bar shows tokens/s."""
+    cfg = TrainConfig.from_flat(
+        corpus=corpus_dir,
+        run_dir=str(tmp_path / "r"),
+        **{**TINY, "replicas": 2, "steps": 2, "eval_every": 0, **kw},
+    )
+    train(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert f"{label}:" in err and "tok_s=" in err, err[-500:]
+    assert "streaming" not in err or label.startswith("streaming")
+
+
 def test_batched_replicas_match_sequential_ones_to_rounding(tmp_path, corpus_dir):
     kw = dict(replicas=3, steps=12, sync_every=4, fragments=2, overlap=1, codec="int8", eval_every=6, lr=1e-2)
     seq = _run(tmp_path, corpus_dir, "seq", replica_batching="sequential", **kw)

@@ -437,9 +437,10 @@ class Trainer:
             from tqdm.auto import tqdm
 
             cfg = self.cfg
-            desc = (
-                f"worker {self.worker_id}" if cfg.elastic.enabled else f"{cfg.run.mode} M={self.num_replicas}"
-            )
+            mode = cfg.run.mode  # Streaming DiLoCo is DiLoCo in fragments: named as users know it
+            if mode == "diloco" and cfg.diloco.fragments > 1:
+                mode = f"streaming P={cfg.diloco.fragments}"
+            desc = f"worker {self.worker_id}" if cfg.elastic.enabled else f"{mode} M={self.num_replicas}"
             self.bar = tqdm(
                 total=cfg.run.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=False
             )
