@@ -439,6 +439,8 @@ def blockwise_scaled_mm_operands(qa, ga, qb, gb):
         ``(a, b, scale_a, scale_b)`` for ``torch._scaled_mm(a, b, scale_a, scale_b, ...)``.
     """
     tiled = gb.shape[1] != qb.shape[1]
+    if tiled and qb.shape[0] == 128 and gb.shape[1] > 1:  # one block along K: a scale per column
+        gb, tiled = gb.repeat_interleave(128, dim=1)[:, : qb.shape[1]], False
     scale_b = gb.t().contiguous().t() if tiled else gb.contiguous()
     return qa.contiguous(), qb.t().contiguous().t(), ga.t().contiguous().t(), scale_b
 
@@ -472,6 +474,10 @@ def scaled_mm_layout_error(
         return f"K and N must be multiples of 16, got K={K}, N={N}"
     if (M > 1 and a.stride(0) % 16) or (N > 1 and b.stride(1) % 16):
         return f"leading dimensions must be 16-byte aligned, got {a.stride(0)} and {b.stride(1)}"
+    if not torch.compiler.is_compiling():  # (a traced tensor has no address)
+        for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+            if s.data_ptr() % 16:
+                return f"{name} must start 16-byte aligned, got an address {s.data_ptr() % 16} bytes past"
     e8m0 = getattr(torch, "float8_e8m0fnu", None)
     if e8m0 is not None and scale_a.dtype == e8m0:  # MX: 1x32 blocks, swizzled
         want_a = -(-M // 128) * 128 * -(-(K // 32) // 4) * 4
@@ -496,6 +502,11 @@ def scaled_mm_layout_error(
             if N > 1 and K > 128 and scale_b.stride() != (N, 1):
                 return f"1x128 scale_b must be row-major, got strides {scale_b.stride()}"
         elif scale_b.shape == (K // 128, N // 128) and N % 128 == 0:
+            if K == 128 and N > 128:
+                return (
+                    "128x128 scale_b tiles need K > 128: with one block along K the H200's products "
+                    "were wrong; pass one scale per column instead (rowwise scaling's shapes)"
+                )
             if K > 128 and N > 128 and scale_b.stride() != (1, K // 128):
                 return f"128x128 scale_b must be column-major, got strides {scale_b.stride()}"
         else:

@@ -578,7 +578,10 @@ def fp8_quantize_scaled(
     if as_op():
         out = torch.ops.lowcomm.fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record)
     else:
-        out = _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record, own_scales=False)
+        # the copies' scale is ``scale`` itself where it starts 16-byte aligned, as cuBLASLt reads
+        # scales; a view into the delayed recipe's (3,) scales at 4 or 8 bytes gets its own
+        aligned = scale.data_ptr() % 16 == 0
+        out = _fp8_quantize_scaled(x, scale, amax, index, elem, rows, cols, record, own_scales=not aligned)
     return copies_made(out, rows, cols)
 
 
