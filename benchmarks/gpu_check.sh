@@ -31,7 +31,11 @@
 # $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
 # the others): a session with two calls' worth of device time can give one call to the throughput
 # alone (SECTIONS=throughput: its cold compilations took all of its 164-197 s before) and another
-# to "tests kernels".
+# to "tests kernels". Measured on the H200 on 2026-12-04: SECTIONS=throughput CHECK_SECONDS=300
+# ran the large size's plain loop, replicas, DP, DiLoCo and Streaming, the two-process check and
+# the update timing in its 293 s, not the small size (SIZES=small for that); "tests kernels" with
+# CHECK_SECONDS=480 took 98 s and 368 s; the machine's start and the two calls: 807 s of device
+# time.
 # Runs from a checkout (PYTHONPATH=.) with torch, triton, numpy and msgpack; pyzmq is not needed.
 set -u
 SECTIONS=" ${SECTIONS:-tests throughput kernels} "
