@@ -667,6 +667,81 @@ def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_mode
     assert counted.ops["aten._foreach_mul_.Tensor"] == 4, counted.ops
 
 
+def test_the_clip_norms_each_dtype_of_gradient_in_one_multi_tensor_operation(monkeypatch):
+    """torch's CUDA ``_foreach_norm`` runs one kernel over a list only where the list shares one
+    dtype, and falls back to a norm kernel per tensor where it mixes them. The trainer's bf16
+    runs mix them (the matrices' bf16 copies' gradients beside fp32 biases and layer norms):
+    the clip hands torch one list per dtype, each gradient's norm in its place."""
+    from lowcomm.runtime.trainer.build import _clip_coefficients
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 6, 5), torch.randn(4, 6), torch.randn(4, 7, 5), torch.randn(4, 3)]
+    grads[0], grads[2] = grads[0].bfloat16(), grads[2].bfloat16()  # as the copies' gradients
+    calls = []
+    real = torch._foreach_norm
+
+    def recorded(tensors, *args, **kwargs):
+        calls.append({t.dtype for t in tensors})
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", recorded)
+    coef = _clip_coefficients(grads, 1.0)
+    assert sorted(map(sorted, calls), key=str) == [[torch.bfloat16], [torch.float32]], calls
+    for m in range(4):  # replica m's clip_grad_norm_ coefficient over its own gradients in fp32
+        total = torch.linalg.vector_norm(torch.cat([g[m].float().flatten() for g in grads]))
+        torch.testing.assert_close(coef[m], (1.0 / (total + 1e-6)).clamp(max=1.0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_copy(compiled):
+    """Each stacked matrix's gradient is made as dyᵀ·x in the weight's own layout (nn.Linear's
+    way), not as the transposed (xᵀ·dy)ᵀ that autograd's bmm of ``w.transpose(1, 2)`` gives and
+    the gradient's accumulation then copies into the weight's layout (a strided copy of every
+    matrix's gradient each step on a GPU); the gradients are autograd's, eager and compiled,
+    in fp32 and under bf16 autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowcomm.lm.batched import _linear
+
+    class Writes(TorchDispatchMode):  # the tensors that copies and fresh allocations make
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func).split(".")[1] in ("copy_", "clone", "new_empty_strided", "empty_strided"):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 8, requires_grad=True)
+    w = torch.randn(3, 12, 8, requires_grad=True)  # (M, out, in)
+    b = torch.randn(3, 12, requires_grad=True)
+
+    def ours(x, w, b):
+        return _linear(x, w, b).square().sum()
+
+    def autograds(x, w, b):
+        y = torch.bmm(x, w.transpose(1, 2))
+        return (y + b.unsqueeze(1).to(y.dtype)).square().sum()
+
+    fn = torch.compile(ours, backend="aot_eager") if compiled else ours
+    for low in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            ref_loss, loss = autograds(x, w, b), fn(x, w, b)
+        want = torch.autograd.grad(ref_loss, (x, w, b))
+        with Writes() as writes:
+            loss.backward()
+        assert w.grad.dtype == torch.float32 and w.grad.is_contiguous()
+        if not low:  # under autocast the bf16 gradient's cast to fp32 is a copy of its own
+            assert w.shape not in writes.shapes, writes.shapes
+        tol = 2**-7 if low else 1e-5  # bf16 products' last bits; fp32 sums in another order
+        for got, ref in zip((x.grad, w.grad, b.grad), want):
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+        x.grad = w.grad = b.grad = None
+
+
 @pytest.mark.parametrize(
     "name,peak",
     [

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .._compat import autocast_dtype
 from .formats import TRITON_READS, get_elem_format
 from .gemm import RECIPES, _triton_runs_on, check_backend, choose_backend, fp8_scale, qmatmul
 
@@ -107,7 +108,7 @@ class _QLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        if _autocast_dtype(gy.device.type) is None:
+        if autocast_dtype(gy.device.type) is None:
             return _QLinear._backward(ctx, gy)
         with torch.autocast(gy.device.type, enabled=False):  # a backward called inside autocast
             return _QLinear._backward(ctx, gy)
@@ -133,15 +134,6 @@ class _QLinear(torch.autograd.Function):
         if has_bias and ctx.needs_input_grad[2]:
             db = gy2.sum(0, dtype=torch.float32)
         return dx, dw, db, None, None, None, None, None, None, None
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this CUDA or CPU device now (None: autocast is off, or
-    another device type, e.g. meta, which torch.autocast refuses). A fixed list, not
-    torch.amp.is_autocast_available: torch.compile cannot trace that before torch 2.13."""
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
 
 
 def _weight_tile(recipe: str) -> dict:
@@ -470,7 +462,7 @@ class LowPrecisionLinear(nn.Linear):
             delayed = (*self._delayed_scales(backward_follows, scaled), backward_follows, scaled)
         # under autocast the output has its dtype, as nn.Linear's would, and the recipe's own
         # arithmetic (fp32 emulation, the fp8 GEMMs' own sums) is left alone
-        out_dtype = _autocast_dtype(x.device.type)
+        out_dtype = autocast_dtype(x.device.type)
         args = (
             self.recipe,
             self.grad_elem,

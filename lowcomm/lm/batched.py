@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import autocast_dtype
 from .model import GPTConfig
 
 __all__ = ["batched_gpt_loss", "linear_weights", "stack_parameters"]
@@ -43,13 +44,39 @@ def linear_weights(cfg: GPTConfig) -> list[str]:
     return names + ["wte.weight" if cfg.tie_weights else "head.weight"]
 
 
+class _BatchedMatmul(torch.autograd.Function):
+    """x (M, N, in) · wᵀ for w (M, out, in), autograd's arithmetic with w's gradient made in w's
+    own layout: dw = dyᵀ·x (M, out, in), as ``nn.Linear``'s backward makes it. Autograd's ``bmm``
+    of ``w.transpose(1, 2)`` makes it as (x ᵀ·dy)ᵀ, a transposed view, which the gradient's
+    accumulation then copies into w's layout: a strided copy of every matrix's gradient each step
+    (49 a step for the reference GPT, 8% of a step's device time at d=1024 on an H200, measured).
+    Under autocast both operands are cast to its dtype first, as autocast's ``bmm`` casts them,
+    and kept so for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        dt = autocast_dtype(x.device.type)
+        if dt is not None:
+            x, w = x.to(dt), w.to(dt)
+        ctx.save_for_backward(x, w)
+        return torch.bmm(x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x (M, N, in) · wᵀ (M, out, in) + b (M, out) -> (M, N, out), in the product's dtype (bf16
     under autocast, as nn.Linear's). The bias is added after the product, not given to
     ``baddbmm``: baddbmm copies the bias, broadcast to the whole output, into the output before
     the GEMM adds to it (a write and a read of the output more per layer), where torch.compile
     fuses a separate add into the kernel that next reads the output (GELU, the residual)."""
-    y = torch.bmm(x, w.transpose(1, 2))
+    y = _BatchedMatmul.apply(x, w)
     return y if b is None else y + b.unsqueeze(1).to(y.dtype)
 
 
