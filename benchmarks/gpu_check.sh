@@ -17,7 +17,8 @@
 #                      processes on the GPU (at the first size), and each run's wall and kernel
 #                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
-#   4. kernels.json    benchmarks/kernels.py: GEMMs, quantize bandwidth, Linear fwd+bwd, training
+#   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer (seconds),
+#                      GEMMs, quantize bandwidth, Linear fwd+bwd, training
 #                      eager (each run's wall and kernel time over 2 profiled steps), then bf16,
 #                      fp8_rowwise+inductor and fp8_rowwise:all+inductor under torch.compile
 #                      (fp8_rowwise with its quantize in torch ops the compiler fuses into the

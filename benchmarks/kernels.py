@@ -3,6 +3,9 @@
     python benchmarks/kernels.py --json benchmarks/results/kernels.json
     python benchmarks/kernels.py --static --json benchmarks/results/kernels_static.json
 
+Host time (CUDA): what a launch and one small Linear forward + backward in each recipe cost the
+host, where the GPU's share is microseconds (``host``).
+
 Numerics (any device): relative error of each recipe's GEMM against fp64 and of the fast MX path
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
 group of four. On CUDA (reported as not measured otherwise), medians of triton.testing.do_bench:
@@ -317,6 +320,80 @@ def linear_speed(shape=LINEAR_SHAPE, device: str = "cuda", bench=cuda_bench) -> 
     return row
 
 
+#: the host-time part's Linear: tokens, in-features, out-features (microseconds of GPU work)
+HOST_SHAPE = (256, 512, 512)
+
+
+def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
+    """What each call costs the host where the GPU's share is microseconds: ``host_us``, the
+    time to issue ``calls`` calls back to back (no sync between them) over ``calls``, and
+    ``wall_us`` with the GPU finished too (the same: the host is the bottleneck). Rows: a launch
+    of an empty Triton kernel (Triton's own launch path), one torch operation, each quantize the
+    fp8 layers launch (autotuned as in training), and one Linear forward + backward under bf16
+    autocast as ``nn.Linear`` and in each recipe. The eager d=1024 training of 2026-12-04 kept
+    the GPU busy 41-57% of the wall in fp8 (bf16 76%), and the profile gave each fp8 layer's
+    autograd function ~0.6-0.7 ms of the host's own time a call: these rows say where it goes."""
+    import triton
+    import triton.language as tl
+    from torch import nn
+
+    from lowcomm.kernels import LowPrecisionLinear
+    from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
+    from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual, mx_quantize_dual
+
+    @triton.jit
+    def _empty(ptr):
+        tl.store(ptr, 1.0)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def per_call(fn) -> dict:
+        for _ in range(min(calls, 10)):  # compiled, autotuned
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter() - t0
+        sync()
+        return {"host_us": issued / calls * 1e6, "wall_us": (time.perf_counter() - t0) / calls * 1e6}
+
+    T, K, N = shape
+    one = torch.zeros(1, device=device)
+    x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+    rows = {
+        "triton_empty_kernel": lambda: _empty[(1,)](one),
+        "torch_add_": lambda: one.add_(1.0),
+        "fp8_quantize_dual_rowwise": lambda: fp8_quantize_dual(x, "e4m3", "rowwise"),
+        "fp8_quantize_dual_tensorwise": lambda: fp8_quantize_dual(x, "e4m3", "tensorwise"),
+        "mx_quantize_dual": lambda: mx_quantize_dual(x, "e4m3"),
+        "mx_fast_quantize_dual_1x128": lambda: mx_fast_quantize_dual(x, "e4m3", "1x128"),
+    }
+    out = {"shape": [T, K, N], "calls": calls}
+    for name, fn in rows.items():
+        try:
+            out[name] = per_call(fn)
+        except Exception as e:  # one failing spoils no other
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    base = nn.Linear(K, N, device=device)
+    xg = torch.randn(T, K, device=device, requires_grad=True)
+    layers = {"linear_bf16": base}
+    for recipe in ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8_fast"):
+        layers[f"linear_{recipe}"] = LowPrecisionLinear.from_linear(base, recipe=recipe)
+
+    def step(layer):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = layer(xg)
+        y.backward(torch.ones_like(y))
+
+    for name, layer in layers.items():
+        try:
+            out[name] = per_call(partial(step, layer))
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return out
+
+
 def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
     """Which path a layer in ``recipe`` takes here: what its figure measured."""
     from lowcomm.kernels.gemm import choose_backend
@@ -523,6 +600,7 @@ def main() -> None:
 
     parts = {
         "numerics": lambda: numerics("cuda" if cuda else "cpu"),
+        "host": host_time if cuda else lambda: none,
         "speed": speed if cuda else lambda: none,
         "linear": linear_speed if cuda else lambda: none,
         "training": train_part("training", precisions, args.train_compile),

@@ -2451,6 +2451,9 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows = bench.speed(shapes=[(128, 128, 32)], device=dev, bench=wall_ms)["rows"]
     linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
+    host = bench.host_time(shape=(128, 128, 128), device=dev, calls=2)  # each row's host time a call
+    timed = {k: v for k, v in host.items() if isinstance(v, dict)}
+    assert len(timed) == 12 and all(v.get("host_us", 0) > 0 for v in timed.values()), host
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
