@@ -330,9 +330,10 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
     ``wall_us`` with the GPU finished too (the same: the host is the bottleneck). Rows: a launch
     of an empty Triton kernel (Triton's own launch path), one torch operation, each quantize the
     fp8 layers launch (autotuned as in training), and one Linear forward + backward under bf16
-    autocast as ``nn.Linear`` and in each recipe. The eager d=1024 training of 2026-12-04 kept
-    the GPU busy 41-57% of the wall in fp8 (bf16 76%), and the profile gave each fp8 layer's
-    autograd function ~0.6-0.7 ms of the host's own time a call: these rows say where it goes."""
+    autocast as ``nn.Linear`` and in each recipe. In the eager d=1024 training of 2026-12-04 the
+    GPU was busy 41% of the wall in fp8_rowwise, 49-52% in fp8_tensorwise and mxfp8_fast, 72% in
+    mxfp8 (bf16: 76%), and the profile gave each low-precision layer's forward 0.67-1.12 ms of the
+    host's time a call (0.41-0.70 ms in its own Python and launches): these rows say where."""
     import triton
     import triton.language as tl
     from torch import nn
