@@ -17,8 +17,9 @@
 #                      processes on the GPU (at the first size), and each run's wall and kernel
 #                      time and top operators by GPU time over 3 profiled steps before its timed
 #                      part ($PROFILE_STEPS; 0: none)
-#   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer (seconds),
-#                      GEMMs, quantize bandwidth, Linear fwd+bwd, training
+#   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer, the e3m0
+#                      codec's kernels against its torch ops (seconds), GEMMs, quantize
+#                      bandwidth, Linear fwd+bwd, training
 #                      eager (each run's wall and kernel time over 2 profiled steps), then bf16,
 #                      fp8_rowwise+inductor and fp8_rowwise under torch.compile (+inductor: the
 #                      quantize in torch ops the compiler fuses into the kernels making x and dy,

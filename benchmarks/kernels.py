@@ -4,7 +4,8 @@
     python benchmarks/kernels.py --static --json benchmarks/results/kernels_static.json
 
 Host time (CUDA): what a launch and one small Linear forward + backward in each recipe cost the
-host, where the GPU's share is microseconds (``host``).
+host, where the GPU's share is microseconds (``host``). The e3m0 codec's encode and decode on
+one fragment-sized buffer, Triton kernels against the torch reference (``codec``).
 
 Numerics (any device): relative error of each recipe's GEMM against fp64 and of the fast MX path
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
@@ -395,6 +396,41 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
     return out
 
 
+#: values of the codec part's buffer: about one Streaming fragment of a replica at d=1024 (38M)
+CODEC_NUMEL = 1 << 25
+
+
+def codec_speed(numel: int = CODEC_NUMEL, device: str = "cuda", bench=cuda_bench) -> dict:
+    """The e3m0 codec (Streaming DiLoCo's 4-bit payload) on ``numel`` fp32 values: encode and
+    decode through the Triton kernels against the torch reference, ms and bytes read + written
+    per second (fp32 in or out, half a byte a value and a byte a block of 128 the other way)."""
+    from unittest import mock
+
+    from lowcomm.comm import codecs
+
+    codec = codecs.get_codec("e3m0")
+    x = torch.randn(numel, device=device) * 1e-3
+    payload = codec.encode(x)
+    moved = 4 * numel + payload.numel()
+    row = {"numel": numel, "payload_bytes": payload.numel()}
+    for path, devices in (("kernel", ("cuda", "cpu")), ("torch", ())):
+        with mock.patch.object(codecs, "KERNEL_DEVICES", devices):
+            for name, fn in (
+                ("encode", partial(codec.encode, x)),
+                ("decode", partial(codec.decode, payload, numel)),
+            ):
+                try:
+                    ms = bench(fn)
+                    row[f"{name}_{path}_ms"] = ms
+                    row[f"{name}_{path}_TBps"] = moved / ms / 1e9
+                except Exception as e:  # one path failing spoils no other
+                    row[f"{name}_{path}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    for name in ("encode", "decode"):
+        if f"{name}_kernel_ms" in row and f"{name}_torch_ms" in row:
+            row[f"{name}_speedup"] = row[f"{name}_torch_ms"] / row[f"{name}_kernel_ms"]
+    return row
+
+
 def _layer_path(recipe: str, x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> str:
     """Which path a layer in ``recipe`` takes here: what its figure measured."""
     from lowcomm.kernels.gemm import choose_backend
@@ -602,6 +638,7 @@ def main() -> None:
     parts = {
         "numerics": lambda: numerics("cuda" if cuda else "cpu"),
         "host": host_time if cuda else lambda: none,
+        "codec": codec_speed if cuda else lambda: none,
         "speed": speed if cuda else lambda: none,
         "linear": linear_speed if cuda else lambda: none,
         "training": train_part("training", precisions, args.train_compile),

@@ -167,3 +167,68 @@ def test_int4_uses_two_values_per_byte_and_the_full_range():
     codec = get_codec("int4", block=16)
     x = torch.arange(-7, 9, dtype=torch.float32).clamp(max=7)
     assert torch.equal(codec.roundtrip(x), x)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (-0.0 is not 0.0), NaN where the other is NaN."""
+    an, bn = a.isnan(), b.isnan()
+    return torch.equal(an, bn) and torch.equal(a[~an].view(torch.int32), b[~bn].view(torch.int32))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter, on inf and NaN
+@pytest.mark.parametrize("block", [2, 32, 128, 1024])
+def test_the_e3m0_kernels_write_the_references_bytes_and_read_any_payload_as_it_does(block):
+    """The one-pass Triton encode (interpreted here) writes the torch reference's payload bit for
+    bit: lengths that end mid-block and mid-byte, blocks whose maximum is zero, subnormal (either
+    side of 2**-127), a power of two, the largest float, and blocks holding -0.0, an infinity or
+    a NaN. The decode gives the reference's values bit for bit for those payloads and for random
+    bytes (a scale byte of 255 included)."""
+    from lowcomm.kernels.triton_codec import e3m0_decode, e3m0_encode
+
+    codec = get_codec("e3m0", block=block)  # a CPU buffer: the torch reference
+    torch.manual_seed(block)
+    for n in (1, 2, 3, block - 1, block, block + 1, 3 * block + 5, 4099):
+        x = torch.randn(n) * torch.exp2(torch.randint(-140, 120, (n,)).float())
+        # the first block: largest 1, the rest at the codes' rounding midpoints (1.5 · 2**e rounds up)
+        mid = torch.tensor([1.0, 0.75, 1.0, -0.375, 1.0, 1.5 * 2**-7, 1.0, 2.0**-7]).repeat(block)
+        x[: min(n, block)] = mid[: min(n, block)]
+        edge = [0.0, -0.0, 2.0**-127, 2.0**-127 * 1.5, 2.0**-126, 1e-45, 3.4e38, -(2.0**20)]
+        edge += [float("inf"), float("-inf"), float("nan")]
+        for i, v in enumerate(edge[: max(n - block, 0) // 2]):  # one unusual value a pair after it
+            x[block + 2 * i] = v
+        if n > 4 * block:  # a block of zeros, a block whose largest is subnormal
+            x[2 * block : 3 * block] = 0.0
+            x[3 * block : 4 * block] = torch.randn(block) * 2.0**-140
+        want = codec._encode(x)
+        assert torch.equal(e3m0_encode(x, block), want), n
+        for payload in (want, torch.randint(0, 256, want.shape, dtype=torch.uint8)):
+            assert _same_bits(e3m0_decode(payload, n, block), codec._decode(payload, n)), n
+    with pytest.raises(ValueError, match="power of two from 2 to 4096, got 96"):
+        e3m0_encode(torch.zeros(8), 96)
+
+
+def test_a_gpu_buffer_goes_through_the_e3m0_kernels_and_a_round_gives_the_same_bytes(monkeypatch):
+    """Where the e3m0 kernels run (GPU buffers; here CPU ones, the kernels interpreted), the codec
+    encodes and decodes through them, and an in-process group's round of three replicas (every
+    encode and decode of a two-phase mean) gives the reference's mean and sent values."""
+    from lowcomm.comm import LocalGroup, codecs
+    from lowcomm.kernels import triton_codec
+
+    calls = []
+    for name in ("e3m0_encode", "e3m0_decode"):
+        real = getattr(triton_codec, name)
+        monkeypatch.setattr(triton_codec, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    torch.manual_seed(0)
+    deltas = [torch.randn(1000) * 10.0**-m for m in range(3)]
+
+    def round_of(devices):
+        monkeypatch.setattr(codecs, "KERNEL_DEVICES", devices)
+        groups = LocalGroup.create(3)
+        works = [g.all_reduce_mean(d.clone(), get_codec("e3m0"), "two_phase") for g, d in zip(groups, deltas)]
+        return [w.wait() for w in works], [w.sent for w in works]
+
+    (mean_ref, sent_ref), (mean, sent) = round_of(("cuda",)), round_of(("cuda", "cpu"))
+    assert calls.count("e3m0_encode") >= 3 and calls.count("e3m0_decode") >= 3, calls
+    assert all(_same_bits(a, b) for a, b in zip(mean + sent, mean_ref + sent_ref))
+    codec = get_codec("e3m0", block=96)  # a block the kernels do not take: the reference
+    assert torch.equal(codec.decode(codec.encode(deltas[0]), 1000), codec.roundtrip(deltas[0]))

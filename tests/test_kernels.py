@@ -821,7 +821,8 @@ def test_blocks_per_sm_counts_registers_as_allocated_threads_and_shared_memory()
 
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
     """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
-    the training layers use, the dual quantize and the replicas' AdamW step, for sm_90a, the
+    the training layers use, the dual quantize, the replicas' AdamW step and the e3m0 codec's
+    encode and decode, for sm_90a, the
     exact-MX GEMM also for sm_100a.
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
@@ -860,6 +861,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
             "mx_fast_quantize",
             "adamw_replicas",
             "mx_dequantize",
+            "e3m0_",
         ),
         start(100, "mx_matmul (A k-major, B k-major)"),
     ]
@@ -877,6 +879,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     step = [r for r in hopper if r["kernel"].startswith("fp8_delayed_step")]  # delayed scaling's scales
     adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
     dequant = [r for r in hopper if r["kernel"].startswith("mx_dequantize")]
+    codec = [r for r in hopper if r["kernel"].startswith("e3m0_")]  # Streaming's 4-bit codec
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
     from lowcomm.kernels.triton_quantize import TRITON_VERSION as found
     from lowcomm.kernels.triton_static import BLACKWELL_TRITON
@@ -896,13 +899,17 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         and len(adamw) == 2
         and len(dequant) == 3
         and len(step) == 1
+        and len(codec) == 2
     )
     for row in fast:  # a block sweeping several tiles has its loop pipelined: the next tile's copy
         assert (row["async_copies"] > 0) == (row["constexprs"]["TILES"] > 1), row  # runs ahead
     for row in adamw:  # the replicas' AdamW: whole-vector accesses, no trip through shared memory
         assert row["shared_bytes"] == 0 and row["barriers"] == 0, row
         assert {int(w) for w in row["global_stores"]} == ({8, 16} if "copy" in row["kernel"] else {16}), row
-    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant + step:
+    for row in codec:  # the codec's payload and values leave in whole 16-byte packets
+        widths = {int(w) for w in row["global_stores"]}  # (the encode's scales: a byte each)
+        assert 16 in widths and widths <= {1, 16} and row["spill_instructions"] == 0, row
+    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant + step + codec:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
         assert row["blocks_per_sm"] >= 1, row  # its registers and shared memory let a block launch
@@ -920,7 +927,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         assert row["mma"].startswith("wgmma.mma_async") and row["mma"].endswith("e4m3.e4m3"), row
     for row in blackwell:
         assert row["mma"].startswith("tcgen05.mma") and "f8f6f4" in row["mma"], row
-    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw + dequant + step)
+    assert all(row["mma"] is None for row in quant + fp8 + fast + adamw + dequant + step + codec)
     for row in dequant:  # the bf16 values leave in whole 16-byte packets; subnormals kept (exactness)
         assert {int(w) for w in row["global_stores"]} == {16} and not row["ftz"], row
     for row in fast:  # fp8 data in whole 16-byte packets (before triton 3.6: the rows copy), fp32 scales
@@ -2454,6 +2461,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     host = bench.host_time(shape=(128, 128, 128), device=dev, calls=2)  # each row's host time a call
     timed = {k: v for k, v in host.items() if isinstance(v, dict)}
     assert len(timed) == 12 and all(v.get("host_us", 0) > 0 for v in timed.values()), host
+    codec = bench.codec_speed(numel=1000, device=dev, bench=wall_ms)  # the e3m0 kernels, interpreted
+    assert all(codec[f"{n}_{p}_TBps"] > 0 for n in ("encode", "decode") for p in ("kernel", "torch")), codec
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]

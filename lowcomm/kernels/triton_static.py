@@ -248,13 +248,14 @@ def all_specs() -> list[KernelSpec]:
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compiling kernels needs TRITON_INTERPRET unset (it is 1 in this process)")
-    from . import triton_adamw, triton_fp8, triton_mx_gemm, triton_quantize
+    from . import triton_adamw, triton_codec, triton_fp8, triton_mx_gemm, triton_quantize
 
     return [
         *triton_mx_gemm.static_specs(),
         *triton_quantize.static_specs(),
         *triton_fp8.static_specs(),
         *triton_adamw.static_specs(),
+        *triton_codec.static_specs(),
     ]
 
 
