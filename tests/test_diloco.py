@@ -95,6 +95,38 @@ def test_alpha_one_leaves_local_parameters_untouched():
     assert not torch.equal(dil[0].global_vector(), before_global)  # the global copy did move
 
 
+def test_a_round_merges_its_fragment_in_a_few_operations_whatever_the_parameter_count():
+    """Applying a round merges each parameter as alpha·local + (1−alpha)·global, in multi-tensor
+    operations: as many for a 12-layer model as for a 2-layer one (on a GPU a launch or a few
+    each), where a loop over the parameters made two launches a tensor."""
+    from helpers import load_benchmark
+
+    counts = []
+    for layers in (2, 12):
+        torch.manual_seed(0)
+        base = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=layers, n_head=2, n_embd=16))
+        models = [copy.deepcopy(base) for _ in range(2)]
+        opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False) for m in models]
+        dil = _wrap(models, opts, sync_every=2, overlap=1, alpha=0.5)
+        for step in (1, 2):  # the round sent at step 2, applied at step 3
+            _inner_step(models, opts, step)
+            step_replicas(dil)
+        _inner_step(models, opts, 3)
+        for d in dil:
+            d.send_due()
+        local = [[p.detach().clone() for p in m.parameters()] for m in models]
+        with load_benchmark("host_overhead")._Count() as counted:
+            dil[0].apply_due()
+        dil[1].apply_due()
+        counts.append(sum(counted.ops.values()))
+        with dil[0].global_parameters() as g:
+            glob = [p.detach().clone() for p in g.parameters()]
+        for m, loc in zip(models, local):
+            for p, lp, gp in zip(m.parameters(), loc, glob):
+                assert torch.equal(p, lp.mul(0.5).add_(gp, alpha=0.5))
+    assert counts[0] == counts[1] and counts[0] < 40, counts
+
+
 @pytest.mark.parametrize("codec", ["fp32", "e3m0", "int4", "fp8_e4m3"])
 @pytest.mark.parametrize("fragments,overlap,alpha", [(1, 0, 0.0), (4, 1, 0.5), (2, 1, 0.0)])
 def test_replicas_hold_bitwise_identical_globals_after_every_round(codec, fragments, overlap, alpha):

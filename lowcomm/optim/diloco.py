@@ -647,13 +647,15 @@ class DiLoCo:
         if self.shard_group is not None:
             self._gather_shards(f)
         self._reshard()
-        with torch.no_grad():
-            for param, g in zip(f.locals(), self._views(f)):
-                g = g.to(param.device, param.dtype, non_blocking=True)
-                if self.alpha == 0.0:
+        with torch.no_grad():  # a few multi-tensor operations, not two launches a tensor
+            params = f.locals()
+            views = [g.to(p.device, p.dtype, non_blocking=True) for p, g in zip(params, self._views(f))]
+            if self.alpha == 0.0:
+                for param, g in zip(params, views):
                     param.copy_(g)
-                elif self.alpha < 1.0:
-                    param.mul_(self.alpha).add_(g, alpha=1.0 - self.alpha)
+            elif self.alpha < 1.0 and params:
+                torch._foreach_mul_(params, self.alpha)
+                torch._foreach_add_(params, views, alpha=1.0 - self.alpha)
         outer_s = time.perf_counter() - t0
         s = inf.work.stats
         sent = s.bytes_sent + (self._apply_buffers(f, inf) if inf.buffers is not None else 0)
