@@ -1405,7 +1405,8 @@ def test_delayed_scaling_scales_each_step_from_the_maxima_of_the_steps_before():
 def test_the_delayed_step_kernel_moves_the_history_and_scales_as_the_torch_ops_do(length):
     """fp8_delayed_step (one launch a layer and step) against the torch operations it replaces: the
     history moved and the maxima restarted on training steps only, and the scales bit for bit,
-    with zero, infinite, NaN, subnormal and tiny maxima (a scale at FP8_MIN_SCALE) among them."""
+    with zero, infinite, NaN, subnormal and tiny maxima (a scale at FP8_MIN_SCALE) among them;
+    each scale starts 16-byte aligned, as cuBLASLt reads a scale."""
     _needs_triton()
     from lowcomm.kernels.formats import FP8_MIN_SCALE
     from lowcomm.kernels.gemm import fp8_scale
@@ -1430,6 +1431,7 @@ def test_the_delayed_step_kernel_moves_the_history_and_scales_as_the_torch_ops_d
         want = fp8_scale(torch.nan_to_num(hist, nan=0.0, posinf=0.0, neginf=0.0).amax(dim=1), fmax=fmax)
         got = fp8_delayed_step(k_amax, k_hist, fmax, shift=shift)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (step, got, want)
+        assert all(got[i].data_ptr() % 16 == 0 for i in range(3))  # each to a GEMM without a copy
         torch.testing.assert_close(k_hist, hist, rtol=0, atol=0, equal_nan=True, msg=f"step {step}")
         torch.testing.assert_close(k_amax, amax, rtol=0, atol=0, equal_nan=True, msg=f"step {step}")
     # no finite maximum but zeros: scale 1; only tiny ones: the smallest scale; and an ordinary row

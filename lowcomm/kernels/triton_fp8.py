@@ -281,7 +281,7 @@ if HAVE_TRITON:
         top = tl.max(tl.where(finite, hist, 0.0), axis=1)
         fmax = tl.load(fmax_ptr + rows, mask=rows < 3, other=1.0)
         scale = tl.where(top > 0, tl.maximum(tl.math.div_rn(top, fmax), _MIN_SCALE), 1.0)
-        tl.store(scale_ptr + rows, scale, mask=rows < 3)
+        tl.store(scale_ptr + rows * 4, scale, mask=rows < 3)  # 16 bytes apart: see _fp8_delayed_step
 
 
 # Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
@@ -642,9 +642,12 @@ def fp8_delayed_step(
 
     Returns:
         (3,) fp32 scales: :func:`~lowcomm.kernels.gemm.fp8_scale` of each row's largest finite
-        maximum over ``fmax``, bit for bit what the layer's torch ops compute (tested). On CUDA
-        (or under ``TRITON_INTERPRET=1``); under torch.compile the operator
-        ``torch.ops.lowcomm.fp8_delayed_step``.
+        maximum over ``fmax``, bit for bit what the layer's torch ops compute (tested), each 16
+        bytes from the next (stride 4): cuBLASLt reads a scale only where it starts 16-byte
+        aligned, so each can go to a GEMM as it is, without a copy of its own. On CUDA (or under
+        ``TRITON_INTERPRET=1``); under torch.compile the operator
+        ``torch.ops.lowcomm.fp8_delayed_step`` (contiguous scales: the quantize operators there
+        give each copy a scale of its own anyway).
     """
     if as_op():
         return torch.ops.lowcomm.fp8_delayed_step(amax, history, fmax, shift)
@@ -659,13 +662,13 @@ def _fp8_delayed_step(amax, history, fmax, shift: bool) -> torch.Tensor:
             f"fp8_delayed_step takes amax (3,) and a contiguous history (3, L), got "
             f"{tuple(amax.shape)} and {tuple(history.shape)}"
         )
-    scales = torch.empty(3, dtype=torch.float32, device=amax.device)
+    scales = torch.empty(3, 4, dtype=torch.float32, device=amax.device)  # the first column's used
     L = history.shape[1]
     with on_device(amax):
         _fp8_delayed_step_kernel[(1,)](
             amax, history, fmax, scales, L, SHIFT=shift, BLOCK_L=triton.next_power_of_2(L), num_warps=1
         )
-    return scales
+    return scales[:, 0]
 
 
 if AS_OPS:
@@ -734,7 +737,7 @@ if AS_OPS:
     def _fp8_delayed_step_op(
         amax: torch.Tensor, history: torch.Tensor, fmax: torch.Tensor, shift: bool
     ) -> torch.Tensor:
-        return _fp8_delayed_step(amax, history, fmax, shift)
+        return _fp8_delayed_step(amax, history, fmax, shift).contiguous()
 
     @_fp8_delayed_step_op.register_fake
     def _(amax, history, fmax, shift):
