@@ -117,8 +117,10 @@ fi
 rm -rf "$SHARD_DIR"
 
 # The throughput's defaults follow what the H200 left open (2026-11-30): the large size first (the
-# MFU goal's; its Streaming run was cut off), 80 steps (three runs and the plain loop took 164 s
-# there), the two-process check (7.1% waiting, a figure that counted the end's sync: its row now
+# MFU goal's; its Streaming run was cut off), 120 steps (80 on 2026-12-04, where the large size's
+# steps ran 39-63 ms: the compilations, not the steps, take a run's time; at 80, Streaming's H=50,
+# P=4 rounds at steps 50, 62 and 75 were each its fragment's first, at 120 fragments 0 and 1 sync
+# twice, so its window also holds rounds after the first), the two-process check (7.1% waiting, a figure that counted the end's sync: its row now
 # gives the steps' own share apart), the replicas' update before and with ReplicaAdamW (no
 # compilation: seconds); the bf16-vs-fp32 loss check, met, is
 # THROUGHPUT_ARGS="--two-process --update --loss-check".
@@ -126,7 +128,7 @@ if wanted throughput; then
   reserve=0
   if wanted kernels; then reserve=${KERNELS_SECONDS:-120}; fi
   section throughput "${THROUGHPUT_TIMEOUT:-$(left "$reserve")}" python benchmarks/gpu_throughput.py ${THROUGHPUT_ARGS---two-process --update} \
-    --sizes "${SIZES:-large,small}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-80}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
+    --sizes "${SIZES:-large,small}" --profile "${PROFILE_STEPS:-3}" --steps "${THROUGHPUT_STEPS:-120}" --json "$OUT/throughput.json" > "$OUT/throughput.log" 2>&1
   cat "$OUT/throughput.json" 2>/dev/null || tail -20 "$OUT/throughput.log"
 fi
 

@@ -232,6 +232,9 @@ def lowcomm_run(
         "mfu": _mfu(s["params"], tps, device),
         **_waits(s),
         "comm_free_fraction": s["comm_free_fraction"],
+        # the rounds and the loop's host seconds by phase (send, encode, decode, outer step, wait)
+        "rounds": s["rounds"],
+        "timing": s["timing"],
         "replica_batching": s["replica_batching"],
         "dtype": s["dtype"],
         "peak_memory_bytes": s["peak_memory_bytes"],
@@ -263,6 +266,8 @@ def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
         **_waits(s),
         "comm_free_fraction": s["comm_free_fraction"],
         "bytes_sent_per_replica": s["bytes_sent_per_replica"],
+        "rounds": s["rounds"],
+        "timing": s["timing"],
     }
 
 

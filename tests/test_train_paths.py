@@ -511,9 +511,12 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
         windows = row[name]["window_ms_per_step"]  # 16 steps, a loss read every 2: 7 windows after the first
         assert [w[0] for w in windows] == [4, 6, 8, 10, 12, 14, 16] and all(w[1] > 0 for w in windows)
     assert row["streaming"]["final_loss"] < 5.545
+    # the rounds and where the loop's host time went in them (Streaming's rounds: encode, decode)
+    assert row["streaming"]["rounds"] > 0 and row["streaming"]["timing"]["encode_s"] > 0
     two = r["two_process"]
     assert "error" not in two, two.get("error")
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
+    assert two["rounds"] > 0 and two["timing"]["send_s"] > 0
     assert 0 <= two["wait_fraction"] <= two["wait_fraction_with_end"] < 1 and two["finish_s"] > 0
 
 
