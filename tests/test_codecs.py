@@ -203,6 +203,10 @@ def test_the_e3m0_kernels_write_the_references_bytes_and_read_any_payload_as_it_
         assert torch.equal(e3m0_encode(x, block), want), n
         for payload in (want, torch.randint(0, 256, want.shape, dtype=torch.uint8)):
             assert _same_bits(e3m0_decode(payload, n, block), codec._decode(payload, n)), n
+    strided = torch.randn(2 * block + 6)[::2]  # a view of every other value
+    assert torch.equal(e3m0_encode(strided, block), codec._encode(strided))
+    payload = codec._encode(strided).repeat_interleave(2)[::2]  # the same bytes, strided
+    assert _same_bits(e3m0_decode(payload, strided.numel(), block), codec._decode(payload, strided.numel()))
     with pytest.raises(ValueError, match="power of two from 2 to 4096, got 96"):
         e3m0_encode(torch.zeros(8), 96)
 

@@ -126,6 +126,7 @@ def e3m0_encode(x: torch.Tensor, block: int) -> torch.Tensor:
     2i in the low nibble), then one E8M0 scale byte per block of ``block`` values (the last block
     may be short); what ``E3M0Codec(block).encode`` writes."""
     _check(block)
+    x = x.contiguous()  # (a strided view of a buffer: the kernel reads consecutive values)
     n = x.numel()
     nd, nblocks = (n + 1) // 2, -(-n // block)
     out = torch.empty(nd + nblocks, dtype=torch.uint8, device=x.device)
@@ -141,6 +142,7 @@ def e3m0_encode(x: torch.Tensor, block: int) -> torch.Tensor:
 def e3m0_decode(payload: torch.Tensor, numel: int, block: int) -> torch.Tensor:
     """The fp32 values of an :func:`e3m0_encode` payload of ``numel`` values."""
     _check(block)
+    payload = payload.contiguous()
     out = torch.empty(numel, dtype=torch.float32, device=payload.device)
     nd = (numel + 1) // 2
     if numel:
