@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,12 @@ class NormLM(nn.Module):
         for b in self.blocks:
             h = h + torch.relu(b(h))
         return nn.functional.cross_entropy(self.head(h), y.reshape(-1))
+
+
+def needs_triton() -> None:
+    """Skip where lowcomm's Triton kernels are off (triton missing or older than they run on);
+    CI installs a Triton they run on, so there these tests run."""
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
+
+    if not HAVE_TRITON:
+        pytest.skip(TRITON_MISSING)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import needs_triton
 
 from lowcomm.comm import CODECS, NonFiniteError, get_codec
 
@@ -183,6 +184,7 @@ def test_the_e3m0_kernels_write_the_references_bytes_and_read_any_payload_as_it_
     side of 2**-127), a power of two, the largest float, and blocks holding -0.0, an infinity or
     a NaN. The decode gives the reference's values bit for bit for those payloads and for random
     bytes (a scale byte of 255 included)."""
+    needs_triton()
     from lowcomm.kernels.triton_codec import e3m0_decode, e3m0_encode
 
     codec = get_codec("e3m0", block=block)  # a CPU buffer: the torch reference
@@ -215,6 +217,7 @@ def test_a_gpu_buffer_goes_through_the_e3m0_kernels_and_a_round_gives_the_same_b
     """Where the e3m0 kernels run (GPU buffers; here CPU ones, the kernels interpreted), the codec
     encodes and decodes through them, and an in-process group's round of three replicas (every
     encode and decode of a two-phase mean) gives the reference's mean and sent values."""
+    needs_triton()
     from lowcomm.comm import LocalGroup, codecs
     from lowcomm.kernels import triton_codec
 

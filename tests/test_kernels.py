@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import fp8_gemm_tolerance, load_benchmark
+from helpers import fp8_gemm_tolerance, load_benchmark, needs_triton
 
 from lowcomm import _compat
 from lowcomm.kernels import (
@@ -25,15 +25,6 @@ from lowcomm.kernels import (
     quantize_mx,
     to_cublas_blocked,
 )
-
-
-def _needs_triton():
-    """Skip where lowcomm's Triton kernels are off (triton missing or older than they run on);
-    CI installs a Triton they run on, so there these tests run."""
-    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
-
-    if not HAVE_TRITON:
-        pytest.skip(TRITON_MISSING)
 
 
 def test_rceil_scale_never_saturates_and_floor_follows_ocp():
@@ -335,7 +326,7 @@ def test_fused_dual_axis_triton_quantize_is_bit_identical_to_the_reference(elem,
     """Runs the Triton kernel (interpreted on CPU in CI) and compares every byte with quantize_mx,
     also at every CUDA candidate tile (the autotuner may pick any; on a CPU for two formats, see
     _SWEEP_ON_CPU) and at 64 x 128 (the (96, 96) input ends inside a tile)."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, mx_quantize_dual
 
     configs = {"cuda": QUANTIZE_CUDA_CONFIGS, "64x128": [{"BLOCK_R": 64, "BLOCK_C": 128}]}.get(tiles, [None])
@@ -387,7 +378,7 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
     a stand-in (the interpreter has no GPU timer) that makes the last candidate fastest: it is the
     one taken, the bytes are quantize_mx's, a shape seen before is not timed again, a new one is;
     LOWCOMM_AUTOTUNE=0 pins the first candidate."""
-    _needs_triton()
+    needs_triton()
 
     import lowcomm.kernels.triton_quantize as tq
 
@@ -415,7 +406,7 @@ def test_the_fp8_quantize_autotuner_times_every_candidate_once_per_shape_and_kee
     shape and scaling seen before is not timed again, another scaling is, and so is delayed
     scaling's cast (its flags differ); the bytes and scales are quantize_fp8's, and delayed
     scaling's maxima and copies are those of the pinned tiles."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.triton_fp8 as tf
     import lowcomm.kernels.triton_quantize as tq
 
@@ -449,7 +440,7 @@ def test_the_mxfp8_fast_quantize_autotuner_times_each_warp_count_once_per_shape(
     FAST_CUDA_CONFIGS (the static counts leave the choice open: fewer warps, fewer values crossing
     threads but more registers); a stand-in timing makes the last fastest here: it is taken, once
     per shape and block shape, and writes the torch regrouping's bytes."""
-    _needs_triton()
+    needs_triton()
 
     import lowcomm.kernels.triton_quantize as tq
     from lowcomm.kernels.gemm import _regroup
@@ -471,7 +462,7 @@ def test_the_interpreter_is_mended_only_where_triton_calls_int_on_an_array_numpy
     one-element array, which numpy 2.4 refuses: under torch 2.11 (triton 3.6) 28 kernel tests
     failed so. The mend takes the element instead, and only for a triton before 3.7 under numpy
     2.4 or newer; here a stand-in for 3.6's patch of ``tl.tensor`` and the version it reports."""
-    _needs_triton()
+    needs_triton()
     import operator
     import types
 
@@ -510,7 +501,7 @@ def test_the_interpreter_is_mended_only_where_triton_calls_int_on_an_array_numpy
 def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_side(axis):
     """mx_quantize (the dual kernel writing one copy) equals quantize_mx bit for bit; the side that
     is not blocked may end anywhere (40 here), at the default and the CUDA tiles."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIG, mx_quantize
 
     torch.manual_seed(1)
@@ -527,7 +518,7 @@ def test_single_axis_triton_quantize_is_bit_identical_and_takes_a_ragged_other_s
 
 
 def test_fused_quantize_refuses_shapes_it_cannot_take():
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_quantize import mx_quantize_dual
 
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -538,7 +529,7 @@ def test_fused_quantize_refuses_shapes_it_cannot_take():
 
 def test_exact_mx_triton_gemm_matches_the_emulated_path():
     """The Hopper kernel (interpreted on CPU in CI) equals dequantize-then-matmul up to fp32 order."""
-    _needs_triton()
+    needs_triton()
     torch.manual_seed(2)
     a = torch.randn(48, 96) * torch.logspace(-3, 3, 96)  # scales differ block to block
     b = torch.randn(96, 40)
@@ -552,7 +543,7 @@ def test_the_triton_gemms_write_bf16_as_their_fp32_sums_rounded_once():
     """out_dtype=bfloat16 (what the MX layer writes under the trainer's autocast): each element is
     the fp32 result rounded to bf16, bit for bit, with no fp32 copy made; an integer output is
     refused by name."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_matmul
 
     torch.manual_seed(6)
@@ -585,7 +576,7 @@ def test_mx_dequantize_writes_the_references_bf16_bit_for_bit(elem):
     into bf16's subnormals and are rounded half to even), along rows and columns, and on data the
     quantize wrote (zeros, -0, NaN and inf blocks, blocks scaled near 2^-127). Above 2^-126 every
     value is exact: bf16 holds an MX value's 4 significant bits at fp32's range."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_quantize import mx_dequantize
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -618,7 +609,7 @@ def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
     place as transposed views too, with a bf16 result the fp32 one rounded; it serves mxfp8 only,
     and ``auto`` takes it for mxfp8 on sm_90 where torch.mm writes fp32 from bf16 (torch >= 2.8;
     before, the exact Triton GEMM), not for mxfp8_fast."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     from lowcomm.kernels import triton_mx_gemm
     from lowcomm.kernels.triton_mx_gemm import mx_dequant_matmul
@@ -665,7 +656,7 @@ def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
 
 
 def test_exact_mx_triton_gemm_refuses_what_it_cannot_serve():
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_mx_gemm import mx_matmul
 
     d = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
@@ -683,7 +674,7 @@ def test_fast_mx_triton_gemm_matches_the_emulated_fast_path(b_tile):
     """The block-scaled kernel (interpreted on CPU in CI) equals the emulated mxfp8_fast recipe up
     to fp32 order, K padded to whole groups of 128 (200 -> 256), B in 1x128 blocks or 128x128
     tiles (N padded 24 -> 128 for those)."""
-    _needs_triton()
+    needs_triton()
     torch.manual_seed(3)
     a = torch.randn(40, 200) * torch.logspace(-4, 4, 200)  # block scales differ inside a group
     b = torch.randn(200, 24) * torch.logspace(-2, 2, 24)  # and across columns
@@ -718,7 +709,7 @@ def test_128x128_regrouping_takes_the_tile_max_and_refuses_what_it_cannot_tile()
 
 
 def test_blockwise_triton_gemm_refuses_what_it_cannot_serve():
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul
 
     d = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
@@ -758,7 +749,7 @@ def test_fused_mx_linear_on_the_triton_backend_equals_the_emulated_layer(grad_el
     output and gradients up to fp32 summation order; so does the dequant backend, whose GEMMs
     dequantize those copies to bf16 for the bf16 GEMM (on a GPU its bf16 tensor cores sum at
     least as precisely as the fp8 ones the tolerance is set for)."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels import LowPrecisionLinear, triton_quantize
     from lowcomm.kernels.triton_mx_gemm import MM_OUT_DTYPE
 
@@ -827,7 +818,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
     without TRITON_INTERPRET (this process interprets kernels)."""
-    _needs_triton()
+    needs_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; this is its default
 
@@ -961,7 +952,7 @@ def test_on_a_gpu_the_quantize_kernels_leave_the_fp8_rounding_to_the_conversion(
     a third for the MX kernels, 18% for fp8's, whose IEEE division stays). The interpreter keeps
     the arithmetic rounding (its conversion mis-rounds), which the byte-for-byte tests check; on a
     GPU the same tests check the conversion's bytes."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels import triton_fp8, triton_quantize
     from lowcomm.kernels.triton_quantize import hw_cvt
 
@@ -1082,7 +1073,7 @@ def test_fp8_quantize_dual_is_bit_identical_to_quantize_fp8(scaling, elem, dtype
     candidate the autotuner may take (on a CPU for two formats that take both elements, both
     scalings and both input dtypes): a (70, 100) input ends inside every tile; a zero row, NaN,
     infinities, a subnormal input and values over 12 decades."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS, fp8_quantize_dual
 
     assert len(FP8_CUDA_CONFIGS) == 5  # (the parameters above name each)
@@ -1108,7 +1099,7 @@ def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, ru
     one-warp program reads its tiles in 32 x 64 parts), with the strides cuBLAS's blockwise GEMM
     reads: values over 12 decades, a zero row, an all-zero tile (scale 2^-127), NaN and
     infinities (a group holding one: scale inf, its finite blocks 0), a subnormal."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.gemm import _regroup
     from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS, mx_fast_quantize_dual
 
@@ -1137,7 +1128,7 @@ def test_mx_fast_quantize_dual_is_bit_identical_to_the_torch_regrouping(elem, ru
 
 
 def test_mx_fast_quantize_dual_refuses_bad_input():
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual
 
     x = torch.zeros(128, 256)
@@ -1167,7 +1158,7 @@ def test_fp8_quantize_dual_is_two_launches_and_one_fill(scaling, monkeypatch):
     """Both copies, dynamic scaling: the amax kernel, then the cast kernel, which takes the scales
     from the maxima itself; the only other work on the device is one fill of the maxima's buffer
     (no torch arithmetic for the scales between the kernels: on a GPU each op is a launch)."""
-    _needs_triton()
+    needs_triton()
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import lowcomm.kernels.triton_fp8 as triton_fp8
@@ -1209,7 +1200,7 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
     takes each slice's maxima and casts it, no amax pass, byte for byte quantize_fp8 along either
     axis; (70, 300) spans several column blocks of either tile size, with a zero row, NaN,
     infinities and a subnormal."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
     launches = _count_launches(monkeypatch, triton_fp8, "_fp8_one_copy_kernel")
@@ -1234,7 +1225,7 @@ def test_fp8_quantize_dual_makes_only_the_copies_asked_for_and_refuses_bad_input
     """One copy (evaluation; a backward wanting only dx or only dW) in either scaling: the bytes
     and scale of that copy, nothing written for the other (tensorwise once wrote its scale into
     the empty buffer of the copy not made: a segfault here, an illegal address on a GPU)."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
@@ -1265,7 +1256,7 @@ def test_fp8_quantize_scaled_casts_in_one_pass_and_records_the_maximum(elem, dty
     byte for byte as fp8_cast with the given scale (values past it saturate), and keeps a running
     maximum of |x| in amax[index] (NaN propagates, as torch's amax does); torch ops where Triton
     does not run write the same bytes and record the same maxima."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_fp8 as triton_fp8
     from lowcomm.kernels.gemm import fp8_cast
@@ -1407,7 +1398,7 @@ def test_the_delayed_step_kernel_moves_the_history_and_scales_as_the_torch_ops_d
     history moved and the maxima restarted on training steps only, and the scales bit for bit,
     with zero, infinite, NaN, subnormal and tiny maxima (a scale at FP8_MIN_SCALE) among them;
     each scale starts 16-byte aligned, as cuBLASLt reads a scale."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.formats import FP8_MIN_SCALE
     from lowcomm.kernels.gemm import fp8_scale
     from lowcomm.kernels.triton_fp8 import fp8_delayed_step
@@ -1542,7 +1533,7 @@ def test_an_fp8_layer_quantizes_each_tensor_once_and_saves_only_fp8_copies(recip
     _scaled_mm each for fprop, dgrad and wgrad, fp8 copies (and fp32 scales) saved for backward
     instead of x and W, and the layer equals the emulated recipe up to the output's rounding.
     2 x 20 tokens are padded to 48 for wgrad's contraction."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
     calls, quantized = [], []
@@ -1580,7 +1571,7 @@ def test_an_fp8_layer_asks_for_fast_accumulation_in_the_gemms_its_mode_names(
     (40: not a multiple of 16; fp8_delayed emulates its GEMMs there: no call). The blockwise
     GEMMs of mxfp8_fast (quantize-once at 128 in-features) never get it: cuBLAS's blockwise GEMM
     promotes its sums whatever the mode."""
-    _needs_triton()
+    needs_triton()
     calls = []
 
     def stand_in(*a, **k):
@@ -1655,7 +1646,7 @@ def test_an_fp8_layer_that_needs_one_copy_of_a_tensor_makes_it_right(recipe, mon
     tensorwise quantize once wrote its scale into the empty buffer of the copy not made: an
     illegal address on the H200 that ended every fp8 training run at its first evaluation (a
     segfault here)."""
-    _needs_triton()
+    needs_triton()
     dev = _pretend_hopper(monkeypatch)
     torch.manual_seed(8)
     ref = LowPrecisionLinear(64, 96, recipe=recipe, backend="emulated", device=dev)
@@ -1688,7 +1679,7 @@ def test_an_mxfp8_fast_layer_quantizes_each_tensor_once_for_the_blockwise_gemm(m
     regrouping in torch ops), one _scaled_mm each for fprop, dgrad and wgrad, only fp8 copies and
     fp32 scales saved; it equals the emulated recipe up to the bf16 the blockwise GEMM writes.
     2 x 20 tokens are padded to 128, whole blocks."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_quantize as triton_quantize
 
@@ -1747,7 +1738,7 @@ def test_an_mxfp8_fast_layer_quantizes_once_for_the_triton_gemm_too(monkeypatch)
     computes; and with e5m2 gradients on a pretend sm_90 with the blockwise _scaled_mm, fprop runs
     in cuBLAS and the two gradient GEMMs (e5m2, which cuBLAS's blockwise GEMM does not take) in
     Triton, from the same single quantize per tensor."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.linear as linear
     import lowcomm.kernels.triton_quantize as triton_quantize
@@ -1861,7 +1852,7 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     mx_fast_quantize, block_scaled_matmul, mx_dequant_matmul), so nothing breaks the graph, and output
     and gradients equal eager mode up to the output's rounding (rowwise and blockwise write bf16,
     which the compiled CPU stand-in for _scaled_mm may skip)."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
 
     backend = "triton" if recipe in ("mxfp8", "mxfp8_fast") else "scaled_mm"
@@ -1911,7 +1902,7 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
     in any graph, forward or backward: the compiler generates them and may fuse them with the
     layer norm), and gives eager mode's outputs and gradients (the Triton quantize: the same bytes;
     the GEMMs in the _scaled_mm stand-in) up to the output's rounding."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.linear as linear
 
     dev = _pretend_hopper(monkeypatch)
@@ -1943,7 +1934,7 @@ def test_a_delayed_scaling_layer_compiled_with_the_inductor_quantize_matches_eag
     in backward) are torch ops, not the Triton operator; over three steps (the first scaled
     dynamically, two compilations) outputs, gradients, maxima and history equal eager mode's,
     which ran the Triton kernels."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.linear as linear
 
     dev = _pretend_hopper(monkeypatch)
@@ -1981,7 +1972,7 @@ def test_the_torch_dual_fp8_quantize_writes_the_triton_kernels_bytes():
     """fp8_quantize_dual_torch (the inductor route's quantize) against fp8_quantize_dual: the same
     bytes and scales for each scaling, format and choice of copies, on a ragged bf16 tensor with
     outliers and zeros; a bad scaling is refused by name."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual, fp8_quantize_dual_torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
@@ -2030,7 +2021,7 @@ def test_a_delayed_scaling_layer_on_a_pretend_hopper_reads_each_tensor_once(monk
     only fp8 copies and fp32 scales saved; over three steps (the first dynamic, then from the
     history) it equals the emulated delayed layer (which quantizes in torch ops) and keeps the
     same maxima."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
     calls, quantized, steps = [], [], []
@@ -2067,7 +2058,7 @@ def test_a_delayed_scaling_layer_compiles_whole_and_matches_eager(monkeypatch):
     in forward and in backward), the history moves in the module's forward; over three steps the
     compiled layer's outputs, gradients and maxima equal eager mode's (the first step compiles the
     dynamic graph, the second the delayed one)."""
-    _needs_triton()
+    needs_triton()
     dev = _pretend_hopper(monkeypatch)
     torch._dynamo.reset()
     torch.manual_seed(3)
@@ -2091,7 +2082,7 @@ def test_an_fp8_qmatmul_quantizes_each_operand_in_triton_reading_transposed_view
     view (a weight's ``W.t()``, wgrad's ``dyᵀ``) read in place as its transpose's other copy; the
     product equals the torch-quantized one exactly (the same bytes and scales), and K = 40 is
     padded as before."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
@@ -2125,7 +2116,7 @@ def test_an_mxfp8_fast_qmatmul_makes_one_blockwise_copy_per_operand(b_tile, monk
     mx_fast_quantize_dual copy per operand, nothing MX-quantized or regrouped in torch ops (the H200
     measured that path at 0.16-0.50x bf16), M and N padded to whole blocks, a transposed view of
     ``a`` read in place; the product equals the per-GEMM regrouping's exactly."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.triton_quantize as tq
 
@@ -2389,7 +2380,7 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
     """An older torch/cuBLAS on sm_90 (the one-time probe fails) or an e5m2 gradient: auto takes the
     Triton 1x128 kernel (interpreted here), with a warning for the probe; the result is the fast
     recipe either way."""
-    _needs_triton()
+    needs_triton()
     import lowcomm.kernels.gemm as gemm
 
     def old_torch(*a, **k):
@@ -2447,7 +2438,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
     GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
     shapes on CPU (Triton interpreted, fp8 paths emulated) with a wall-clock timer."""
-    _needs_triton()
+    needs_triton()
     import time as _time
 
     bench = load_benchmark("kernels")
@@ -2562,7 +2553,7 @@ def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():
     small sizes is the host's): at most 10 more than nn.Linear's under the same autocast.
     mxfp8_fast took 139 (MX quantize and regrouping in torch ops per GEMM), fp8_delayed 33 (its
     scales). The host's time for it is measured (with the kernels not run)."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_mx_gemm import MM_OUT_DTYPE
 
     out = load_benchmark("host_overhead").layers(repeat=3)
@@ -2593,7 +2584,7 @@ def test_the_quantize_is_an_operator_under_compile_and_a_direct_launch_eager():
     """torch.compile sees each Triton quantize as one lowcomm operator (kept whole in the graph);
     eager, the wrapper launches the kernel without the operator's dispatch, and both give the same
     bytes."""
-    _needs_triton()
+    needs_triton()
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
@@ -2629,7 +2620,7 @@ def test_every_exact_mx_gemm_design_tried_is_exact():
     """The designs benchmarks/mx_gemm_designs.py compares (the library kernel, the MMA issued ahead
     of the previous block's promotion, the warp-specialized loop) compute the same exact-MX product
     on a ragged shape (200 x 256 @ 256 x 136; interpreted on CPU in CI)."""
-    _needs_triton()
+    needs_triton()
     designs = load_benchmark("mx_gemm_designs")
     errs = designs.check("cuda" if torch.cuda.is_available() else "cpu")
     assert set(errs) == {"plain", "promote_behind", "warp_specialized"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_benchmark, write_corpus
+from helpers import load_benchmark, needs_triton, write_corpus
 
 import lowcomm
 from lowcomm.lm import GPT, GPTConfig
@@ -1011,13 +1011,11 @@ def test_the_replica_adamw_kernel_steps_as_torch_and_writes_the_bf16_copy(monkey
     correctly rounded, the kernel's is), the bf16 copy the parameter rounded to nearest even
     (autocast's cast) after every step, a bf16 gradient read as its fp32 value, and a parameter
     without a gradient left alone."""
+    needs_triton()
     from lowcomm.kernels.triton_adamw import adamw_replicas_
-    from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
     from lowcomm.optim import replica_adamw
     from lowcomm.optim.replica_adamw import ReplicaAdamW
 
-    if not HAVE_TRITON:  # CI installs a Triton the kernels run on: there this runs
-        pytest.skip(TRITON_MISSING)
     monkeypatch.setattr(replica_adamw, "KERNEL_MIN", 0)
     launches = []
     real = replica_adamw.ReplicaAdamW._kernel_step
