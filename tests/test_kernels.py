@@ -2196,7 +2196,11 @@ def test_the_layout_checker_names_each_broken_rule():
     assert "scale_b must start 16-byte aligned" in scaled_mm_layout_error(
         a, b, scales[0], scales[1], torch.float32
     )
-    k128, b256 = torch.zeros(32, 128, dtype=f8), torch.zeros(256, 128, dtype=f8).t()
+    # (zero bytes viewed as fp8: torch 2.4 cannot fill an fp8 tensor on a CPU)
+    k128, b256 = (
+        torch.zeros(32, 128, dtype=torch.uint8).view(f8),
+        torch.zeros(256, 128, dtype=torch.uint8).view(f8).t(),
+    )
     one_block, tiles = torch.ones(32, 1).t().contiguous().t(), torch.ones(1, 2)
     assert "need K > 128" in scaled_mm_layout_error(k128, b256, one_block, tiles, torch.bfloat16)
 
