@@ -404,8 +404,6 @@ def codec_speed(numel: int = CODEC_NUMEL, device: str = "cuda", bench=cuda_bench
     """The e3m0 codec (Streaming DiLoCo's 4-bit payload) on ``numel`` fp32 values: encode and
     decode through the Triton kernels against the torch reference, ms and bytes read + written
     per second (fp32 in or out, half a byte a value and a byte a block of 128 the other way)."""
-    from unittest import mock
-
     from lowcomm.comm import codecs
 
     codec = codecs.get_codec("e3m0")

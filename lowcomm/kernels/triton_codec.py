@@ -43,7 +43,11 @@ _ENCODE_VALUES, _DECODE_BYTES, _WARPS = 4096, 2048, 4
 
 def serves(block: int) -> bool:
     """Whether the kernels run here (Triton is installed) and take this codec block size."""
-    return HAVE_TRITON and 2 <= block <= MAX_BLOCK and block & (block - 1) == 0
+    return HAVE_TRITON and _takes(block)
+
+
+def _takes(block: int) -> bool:
+    return 2 <= block <= MAX_BLOCK and block & (block - 1) == 0
 
 
 if HAVE_TRITON:
@@ -115,7 +119,7 @@ if HAVE_TRITON:
 def _check(block: int) -> None:
     if not HAVE_TRITON:
         raise RuntimeError(f"the e3m0 kernels need Triton ({TRITON_MISSING})")
-    if not (2 <= block <= MAX_BLOCK and block & (block - 1) == 0):
+    if not _takes(block):
         raise ValueError(
             f"the e3m0 kernels take a block of a power of two from 2 to {MAX_BLOCK}, got {block}"
         )

@@ -623,13 +623,20 @@ class DiLoCo:
         """Move the fragment's global buffers by the mean delta (its buffers' mean) and merge them
         into the model (as the parameters: ``alpha``); returns the bytes the buffers' reduce sent."""
         f.global_buffers = f.global_buffers + inf.buffers.wait()
-        with torch.no_grad():
-            for buf, m in self._buffer_views(f, f.global_buffers):
-                if self.alpha == 0.0:
-                    buf.copy_(m)
-                elif self.alpha < 1.0:
-                    buf.mul_(self.alpha).add_(m, alpha=1.0 - self.alpha)
+        self._merge(*zip(*self._buffer_views(f, f.global_buffers)))
         return inf.buffers.stats.bytes_sent
+
+    @torch.no_grad()
+    def _merge(self, targets=(), values=()) -> None:
+        """``target = alpha·target + (1 − alpha)·value`` for each pair (the model's local tensors
+        and their global values, already on their device and dtype), in a few multi-tensor
+        operations, not two launches a tensor."""
+        if self.alpha == 0.0:
+            for t, v in zip(targets, values):
+                t.copy_(v)
+        elif self.alpha < 1.0 and targets:
+            torch._foreach_mul_(list(targets), self.alpha)
+            torch._foreach_add_(list(targets), list(values), alpha=1.0 - self.alpha)
 
     def _apply(self, p: int) -> None:
         f, inf = self._frags[p], self._inflight.pop(p)
@@ -647,15 +654,10 @@ class DiLoCo:
         if self.shard_group is not None:
             self._gather_shards(f)
         self._reshard()
-        with torch.no_grad():  # a few multi-tensor operations, not two launches a tensor
-            params = f.locals()
-            views = [g.to(p.device, p.dtype, non_blocking=True) for p, g in zip(params, self._views(f))]
-            if self.alpha == 0.0:
-                for param, g in zip(params, views):
-                    param.copy_(g)
-            elif self.alpha < 1.0 and params:
-                torch._foreach_mul_(params, self.alpha)
-                torch._foreach_add_(params, views, alpha=1.0 - self.alpha)
+        params = f.locals()
+        self._merge(
+            params, [g.to(p.device, p.dtype, non_blocking=True) for p, g in zip(params, self._views(f))]
+        )
         outer_s = time.perf_counter() - t0
         s = inf.work.stats
         sent = s.bytes_sent + (self._apply_buffers(f, inf) if inf.buffers is not None else 0)
