@@ -1504,12 +1504,13 @@ def _pretend_hopper(monkeypatch, scaled_mm=None) -> str:
     return "cpu"
 
 
-def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
+def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, bias=None, **kw):
     """torch._scaled_mm on CPU, for every scaling mode: ATen's layout rules (the library checks them
-    too; this stand-in asserts them again), then the product the scales define."""
+    too; this stand-in asserts them again), then the product the scales define (and a bias added
+    to its fp32 sums before the output's one rounding, as cuBLASLt's epilogue adds it)."""
     from lowcomm.kernels.gemm import scaled_mm_layout_error
 
-    why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype)
+    why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype, bias)
     assert not why, why
     M, K = a.shape
     N = b.shape[1]
@@ -1521,7 +1522,8 @@ def _fake_scaled_mm(a, b, scale_a=None, scale_b=None, out_dtype=None, **kw):
         return _fake_blockwise_scaled_mm(a, b, scale_a, scale_b, out_dtype)
     else:
         sa, sb = scale_a, scale_b
-    return ((a.float() * sa) @ (b.float() * sb)).to(out_dtype)
+    product = (a.float() * sa) @ (b.float() * sb)
+    return (product if bias is None else product + bias.float()).to(out_dtype)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -1592,6 +1594,107 @@ def test_an_fp8_layer_asks_for_fast_accumulation_in_the_gemms_its_mode_names(
             assert calls == ([] if emulated else want), (mode, calls)
         assert x.grad is not None and layer.weight.grad is not None
     assert "fast_accum=none" in repr(layer) or recipe == "mxfp8_fast"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8_fast"])
+def test_under_autocast_the_forward_gemm_adds_the_bias_in_its_epilogue(recipe, monkeypatch):
+    """On a pretend sm_90 under bf16 autocast (the trainer's GPU dtype), an fp8 layer hands its
+    bias to the forward torch._scaled_mm (bf16, N values: cuBLASLt adds it to the fp32 sums before
+    the one rounding) instead of adding it in a pass of its own over y; dgrad and wgrad get none.
+    y is the emulated layer's within one bf16 rounding (which the fused epilogue saves), the
+    bias's gradient dy summed over tokens. mxfp8_fast's blockwise GEMM is not given one (cuBLAS's
+    blockwise epilogue is not used here): its forward adds it after. Without autocast (fp32
+    output) no bias goes to the GEMM, which ATen would refuse."""
+    needs_triton()
+    from lowcomm.kernels.gemm import _blockwise_scaled_mm_works
+
+    calls = []
+
+    def stand_in(*a, **k):
+        calls.append(k.get("bias"))
+        return _fake_scaled_mm(*a, **k)
+
+    dev = _pretend_hopper(monkeypatch, stand_in)
+    _blockwise_scaled_mm_works.cache_clear()
+    try:
+        torch.manual_seed(3)
+        k, n = 128, 256
+        fast = LowPrecisionLinear(k, n, recipe=recipe, backend="auto", device=dev)
+        ref = LowPrecisionLinear(k, n, recipe=recipe, backend="emulated", device=dev)
+        ref.load_state_dict(fast.state_dict())
+        with torch.no_grad():
+            fast.bias.normal_()
+            ref.bias.copy_(fast.bias)
+        x, gy = torch.randn(40, k, device=dev), torch.randn(40, n, device=dev).to(torch.bfloat16)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        adds = []
+
+        class Adds(TorchDispatchMode):  # additions that write a bf16 tensor of y's shape
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if "add" in str(func) and isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16:
+                    adds.append(tuple(out.shape))
+                return out
+
+        outs = []
+        for layer in (ref, fast):
+            for _ in range(2 if recipe == "fp8_delayed" else 1):  # delayed: a step with a history
+                calls.clear()
+                xi = x.clone().requires_grad_()
+                layer.zero_grad()
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    if layer is fast:
+                        adds.clear()
+                        with Adds():
+                            y = layer(xi)
+                    else:
+                        y = layer(xi)
+                y.backward(gy)
+            outs.append((y.detach().float(), xi.grad, layer.bias.grad))
+        if recipe == "mxfp8_fast":
+            assert calls and not any(b is not None for b in calls) and adds == [(40, n)], (calls, adds)
+        else:
+            assert len(calls) == 3 and all(b is None for b in calls[1:]), calls
+            bias = calls[0]
+            assert bias is not None and bias.dtype == torch.bfloat16 and bias.shape == (n,)
+            assert torch.equal(bias, fast.bias.detach().to(torch.bfloat16))
+            assert adds == [], adds  # y made by the GEMM alone
+        (y_ref, dx_ref, db_ref), (y, dx, db) = outs
+        assert float((y - y_ref).abs().max() / y_ref.abs().max()) < 2**-7
+        assert float((dx - dx_ref).abs().max() / dx_ref.abs().max()) < 2**-7
+        assert torch.allclose(db, gy.float().sum(0), rtol=1e-5, atol=1e-4)
+        if recipe != "mxfp8_fast":  # fp32, no autocast: the bias added after the GEMM
+            calls.clear()
+            fast(x)
+            assert calls and all(b is None for b in calls)
+    finally:
+        _blockwise_scaled_mm_works.cache_clear()
+
+
+def test_a_bias_for_scaled_mm_is_checked_against_the_rules():
+    """The layout check names what a fused bias breaks: an fp32 output (ATen refuses it), a dtype
+    other than the output's, a length other than N, and scaling other than tensorwise or rowwise."""
+    from lowcomm.kernels.gemm import scaled_mm_layout_error
+
+    a = torch.zeros(32, 64, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    b = torch.zeros(48, 64, dtype=torch.uint8).view(torch.float8_e4m3fn).t()
+    one = torch.ones(())
+    rows, cols = torch.ones(32, 1), torch.ones(1, 48)
+    bias = torch.zeros(48, dtype=torch.bfloat16)
+    assert scaled_mm_layout_error(a, b, one, one, torch.bfloat16, bias) == ""
+    assert scaled_mm_layout_error(a, b, rows, cols, torch.bfloat16, bias) == ""
+    assert "bf16 or fp16 output" in scaled_mm_layout_error(a, b, one, one, torch.float32, bias)
+    assert "48 contiguous" in scaled_mm_layout_error(a, b, one, one, torch.bfloat16, bias.float())
+    assert "48 contiguous" in scaled_mm_layout_error(a, b, one, one, torch.bfloat16, bias[:32])
+    assert "48 contiguous" in scaled_mm_layout_error(a, b, one, one, torch.float16, bias)
+    a128 = torch.zeros(32, 256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    b128 = torch.zeros(48, 256, dtype=torch.uint8).view(torch.float8_e4m3fn).t()
+    blocks_a, blocks_b = torch.ones(2, 32).t(), torch.ones(2, 48)
+    assert scaled_mm_layout_error(a128, b128, blocks_a, blocks_b, torch.bfloat16) == ""
+    why = scaled_mm_layout_error(a128, b128, blocks_a, blocks_b, torch.bfloat16, bias)
+    assert "tensorwise and rowwise" in why
 
 
 def test_fast_accumulation_reaches_the_gemm_and_a_wrong_mode_is_refused(monkeypatch):

@@ -446,7 +446,12 @@ def blockwise_scaled_mm_operands(qa, ga, qb, gb):
 
 
 def scaled_mm_layout_error(
-    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
 ) -> str:
     """What in these ``torch._scaled_mm`` operands breaks ATen's and cuBLASLt's rules ("" if nothing).
 
@@ -456,9 +461,27 @@ def scaled_mm_layout_error(
     (M, 1) and ``scale_b`` (1, N), contiguous, with a bf16 output; blockwise 1x128, fp32
     ``scale_a`` (M, K/128) with strides (1, M), and ``scale_b`` (K/128, N) row-major or (K/128,
     N/128) column-major for 128x128 tiles; MX, E8M0 scales swizzled to whole 128x4 tiles
-    (:func:`to_cublas_blocked`). Checked on every call, on every device, so that CI (CPU) catches
-    what would fail on a GPU.
+    (:func:`to_cublas_blocked`). A ``bias`` (added in the GEMM's epilogue) is N contiguous values
+    in the output's dtype, bf16 or fp16 (ATen refuses it with an fp32 output); this library fuses
+    it only into tensorwise and rowwise GEMMs, the epilogue torchao's float8 layers use too.
+    Checked on every call, on every device, so that CI (CPU) catches what would fail on a GPU.
     """
+    why = _operand_layout_error(a, b, scale_a, scale_b, out_dtype)
+    if why or bias is None:
+        return why
+    N = b.shape[1]
+    if scale_a.numel() > 1 and scale_a.shape != (a.shape[0], 1):
+        return "a bias is fused only into tensorwise and rowwise GEMMs"
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        return f"a bias needs a bf16 or fp16 output, not {out_dtype}"
+    if bias.shape != (N,) or bias.dtype != out_dtype or not bias.is_contiguous():
+        got = f"{bias.dtype} of shape {tuple(bias.shape)}"
+        return f"bias must be {N} contiguous {out_dtype} values, got {got}"
+    return ""
+
+
+def _operand_layout_error(a, b, scale_a, scale_b, out_dtype) -> str:
+    """:func:`scaled_mm_layout_error` of the operands and scales."""
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         return f"shapes {tuple(a.shape)} @ {tuple(b.shape)} are not (M, K) @ (K, N)"
@@ -517,21 +540,26 @@ def scaled_mm_layout_error(
     return f"no scaling mode takes scales of shapes {tuple(scale_a.shape)} and {tuple(scale_b.shape)}"
 
 
-def scaled_mm(a, b, scale_a, scale_b, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+def scaled_mm(
+    a, b, scale_a, scale_b, out_dtype: torch.dtype, fast_accum: bool = False, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """``torch._scaled_mm`` after :func:`scaled_mm_layout_error` found nothing wrong.
 
     ``fast_accum`` (fp8 tensorwise and rowwise scaling only): the fp8 MMA's own running sum over
     the whole of K (about 14 bits on Hopper), where by default the sums are promoted to fp32 as
-    they go (docs/references.md, FP8 on Hopper: what each costs).
+    they go (docs/references.md, FP8 on Hopper: what each costs). ``bias`` (tensorwise and
+    rowwise, a bf16 or fp16 output): added to the fp32 sums in the GEMM's epilogue, before the
+    output's one rounding, instead of a pass of its own over the output.
 
     Raises:
         ValueError: naming the rule the operands break (instead of cuBLASLt's error on a GPU).
     """
-    why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype)
+    why = scaled_mm_layout_error(a, b, scale_a, scale_b, out_dtype, bias)
     if why:
         raise ValueError(f"torch._scaled_mm operands break cuBLASLt's rules: {why}")
+    kw = {} if bias is None else {"bias": bias}  # (a stand-in of the tests may not take one)
     return torch._scaled_mm(
-        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum
+        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum, **kw
     )
 
 

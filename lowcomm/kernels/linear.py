@@ -85,17 +85,18 @@ class _QLinear(torch.autograd.Function):
         # FAST_ACCUM_MODES
         x2 = x.reshape(-1, x.shape[-1])
         out_dtype = out_dtype or x.dtype
+        added = False  # the bias added by the forward GEMM (its epilogue)
         if recipe == "fp8_delayed":
             scaled = delayed[3]
-            y = _FusedFloat8.forward(
-                ctx, x2, weight, recipe, backward_follows, scaled, delayed, out_dtype, fast_accum
+            y, added = _FusedFloat8.forward(
+                ctx, x2, weight, bias, recipe, backward_follows, scaled, delayed, out_dtype, fast_accum
             )
         elif mx := _fused_mx(recipe, backend, x2, weight):
             y = _FusedMX.forward(ctx, x2, weight, backward_follows, out_dtype, mx)
         elif which := _fused_backend(recipe, backend, x2, weight):
             scaled = which == "scaled_mm"
-            y = _FusedFloat8.forward(
-                ctx, x2, weight, recipe, backward_follows, scaled, None, out_dtype, fast_accum
+            y, added = _FusedFloat8.forward(
+                ctx, x2, weight, bias, recipe, backward_follows, scaled, None, out_dtype, fast_accum
             )
         else:
             fast = fast_accum != "none"
@@ -104,7 +105,7 @@ class _QLinear(torch.autograd.Function):
             ctx.fused = False
         ctx.cfg = (recipe, grad_elem, backend, x.shape, bias is not None, fast_accum)
         y = y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
-        return y + bias.to(out_dtype) if bias is not None else y
+        return y + bias.to(out_dtype) if bias is not None and not added else y
 
     @staticmethod
     def backward(ctx, gy):
@@ -290,13 +291,19 @@ def _fp8_copies(t: torch.Tensor, elem: str, scaling: str, cols: bool, delayed, i
     return quantize(t, scale, elem, rows=rows, cols=cols, amax=amax if record else None, index=index)
 
 
+def _fp8_gemm_out(scaling: str, want: torch.dtype) -> torch.dtype:
+    """What :func:`_fp8_mm`'s torch._scaled_mm writes for an output wanted in ``want``: rowwise
+    scaling bf16, all it can; tensorwise as the Triton GEMMs do (a bf16 output under autocast
+    saves a cast of an fp32 one)."""
+    return torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
+
+
 def _fp8_mm(
-    a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: str, fast: bool = False
+    a, b, scale_a, scale_b, want: torch.dtype, scaled: bool, scaling: str, fast: bool = False, bias=None
 ) -> torch.Tensor:
     """``(a * scale_a) @ (b * scale_b)`` of fp8 operands, an output wanted in ``want``:
-    torch._scaled_mm (rowwise writes bf16, all it can; tensorwise as the Triton GEMMs do: a bf16
-    output under autocast saves a cast of an fp32 one; ``fast``: its fast accumulation), or
-    emulated in fp32. Blockwise
+    torch._scaled_mm (writing :func:`_fp8_gemm_out`; ``fast``: its fast accumulation; ``bias``,
+    tensorwise and rowwise only: added in its epilogue), or emulated in fp32. Blockwise
     (mxfp8_fast), scales per 128 of K (``scale_b`` per 128x128 tile of the weight): cuBLAS's GEMM
     where ``scaled`` and both operands are e4m3 (it writes bf16), else the Triton blockwise GEMM,
     each reading the copies in place."""
@@ -312,8 +319,8 @@ def _fp8_mm(
             scale_b = scale_b.repeat_interleave(128, dim=1)
         return blockwise_matmul(a, scale_a, b, scale_b, out_dtype=_gemm_out(want))
     if scaled:
-        out_dtype = torch.bfloat16 if scaling == "rowwise" else _gemm_out(want)
-        return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, fast_accum=fast)
+        out_dtype = _fp8_gemm_out(scaling, want)
+        return scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype, fast_accum=fast, bias=bias)
     return (a.float() * scale_a) @ (b.float() * scale_b)
 
 
@@ -349,19 +356,30 @@ class _FusedFloat8:
 
     @staticmethod
     def forward(
-        ctx, x2, weight, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype, fast_accum
+        ctx, x2, weight, bias, recipe: str, backward_follows: bool, scaled: bool, delayed, out_dtype, fast
     ):
+        """y (T, N) and whether the GEMM added ``bias`` (its epilogue: torch._scaled_mm with
+        tensorwise or rowwise scaling, writing ``out_dtype`` bf16 or fp16 itself; else the caller
+        adds it, a pass over y of its own)."""
         scaling = {"fp8_rowwise": "rowwise", "mxfp8_fast": "blockwise"}.get(recipe, "tensorwise")
         T = x2.shape[0]
         x2 = _quantize_input(x2, scaling)
         xq, sx, xqt, sxt = _fp8_copies(x2, "e4m3", scaling, backward_follows, delayed, 0)
         wq, sw, wqt, swt = _fp8_copies(weight.detach(), "e4m3", scaling, backward_follows, delayed, 1)
-        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling, fast_accum != "none")[:T]
+        fuse = (
+            bias is not None
+            and scaled
+            and scaling != "blockwise"
+            and out_dtype in (torch.bfloat16, torch.float16)
+            and _fp8_gemm_out(scaling, out_dtype) == out_dtype
+        )
+        b = bias.detach().to(out_dtype) if fuse else None
+        y = _fp8_mm(xq, wq.t(), sx, _flipped(sw), out_dtype, scaled, scaling, fast != "none", bias=b)[:T]
         if backward_follows:
             ctx.save_for_backward(xqt, sxt, wqt, swt)
         ctx.fused, ctx.tokens, ctx.weight_dtype, ctx.scaling = True, T, weight.dtype, scaling
-        ctx.scaled, ctx.delayed, ctx.fast_backward = scaled, delayed, fast_accum == "all"
-        return y
+        ctx.scaled, ctx.delayed, ctx.fast_backward = scaled, delayed, fast == "all"
+        return y, fuse
 
     @staticmethod
     def backward(ctx, gy2: torch.Tensor, grad_elem: str):
