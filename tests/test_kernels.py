@@ -1605,15 +1605,21 @@ def test_under_autocast_the_forward_gemm_adds_the_bias_in_its_epilogue(recipe, m
     y is the emulated layer's within one bf16 rounding (which the fused epilogue saves), the
     bias's gradient dy summed over tokens. mxfp8_fast's blockwise GEMM is not given one (cuBLAS's
     blockwise epilogue is not used here): its forward adds it after. Without autocast (fp32
-    output) no bias goes to the GEMM, which ATen would refuse."""
+    output) no bias goes to the GEMM, which ATen would refuse. On a GPU with fp8 GEMMs the calls
+    reach the real torch._scaled_mm: cuBLASLt's epilogue itself is checked."""
     needs_triton()
     from lowcomm.kernels.gemm import _blockwise_scaled_mm_works
 
     calls = []
+    real = (
+        torch._scaled_mm
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+        else None
+    )
 
     def stand_in(*a, **k):
         calls.append(k.get("bias"))
-        return _fake_scaled_mm(*a, **k)
+        return (real or _fake_scaled_mm)(*a, **k)
 
     dev = _pretend_hopper(monkeypatch, stand_in)
     _blockwise_scaled_mm_works.cache_clear()
