@@ -2085,13 +2085,8 @@ def test_the_torch_dual_fp8_quantize_writes_the_triton_kernels_bytes():
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual, fp8_quantize_dual_torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs on CUDA tensors there
-    # 40 rows: each column's maximum in one step; 48 and 272: in groups of 16 rows first
-    shapes = [((40, 72), s) for s in ("tensorwise", "rowwise")] + [
-        ((48, 72), "rowwise"),
-        ((272, 40), "rowwise"),
-    ]
-    for (R, C), scaling in shapes:
-        x = _hard_input(R, C, torch.bfloat16, seed=5).to(dev)
+    x = _hard_input(40, 72, torch.bfloat16, seed=5).to(dev)
+    for scaling in ("tensorwise", "rowwise"):
         for elem in ("e4m3", "e5m2"):
             for rows, cols in ((True, True), (True, False), (False, True)):
                 want = fp8_quantize_dual(x, elem, scaling, rows=rows, cols=cols)
@@ -2105,31 +2100,6 @@ def test_the_torch_dual_fp8_quantize_writes_the_triton_kernels_bytes():
                         assert w.shape == g.shape and torch.equal(w, g), (scaling, elem, w, g)
     with pytest.raises(ValueError, match="scaling must be one of"):
         fp8_quantize_dual_torch(x, "e4m3", "blockwise")
-
-
-def test_column_maxima_taken_in_groups_of_rows_equal_the_one_step_maxima():
-    """column_amax (the rowwise fp8 quantize's maxima of x's columns, for its transposed copy) takes
-    them over groups of rows first where the rows are a multiple of 16 above a group: the same
-    values as one amax over the rows, NaN and infinities included (a NaN in the last group too),
-    eager and compiled; one step where the rows do not divide so."""
-    from lowcomm.kernels.gemm import column_amax
-
-    counted = load_benchmark("host_overhead")._Count
-    for rows, steps in ((256, 2), (272, 2), (48, 2), (40, 1), (16, 1)):
-        a = _hard_input(rows, 24, torch.float32, seed=rows).abs()
-        a[-1, 7] = float("nan")
-        want = a.amax(dim=0, keepdim=True)
-        c = counted()
-        with c:
-            got = column_amax(a)
-        assert c.ops["aten.amax.default"] == steps, (rows, c.ops)
-        for g in (got, torch.compile(column_amax, fullgraph=True)(a)):
-            assert g.shape == (1, 24) and torch.equal(g.isnan(), want.isnan())
-            assert torch.equal(g.nan_to_num(), want.nan_to_num())
-    bf16 = _hard_input(256, 24, torch.bfloat16, seed=1).abs()
-    got, want = column_amax(bf16), bf16.amax(dim=0, keepdim=True)
-    assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def _delayed_steps(layers, fns=None, steps: int = 3, device: str = "cpu") -> list:

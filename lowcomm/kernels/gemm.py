@@ -95,35 +95,12 @@ def quantize_fp8(x: torch.Tensor, elem: str = "e4m3", scaling: str = "tensorwise
     xf = x.float()
     if scaling == "tensorwise":
         amax = xf.abs().amax()
-    elif scaling == "rowwise" and x.dim() == 2 and axis in (0, -2):
-        amax = column_amax(xf.abs())
     elif scaling == "rowwise":
         amax = xf.abs().amax(dim=axis, keepdim=True)
     else:
         raise ValueError(f"scaling must be 'tensorwise' or 'rowwise', got {scaling!r}")
     scale = fp8_scale(amax, elem)
     return fp8_cast(xf, scale, elem), scale
-
-
-#: rows a column's maximum is first taken over (:func:`column_amax`; a power of two)
-COLUMN_AMAX_GROUP = 128
-
-
-def column_amax(a: torch.Tensor) -> torch.Tensor:
-    """The maximum of each column of a 2-D (R, C) tensor, (1, C): ``a.amax(dim=0, keepdim=True)``,
-    taken in two steps where R is a multiple of 16 above a group: the maxima of groups of up to
-    :data:`COLUMN_AMAX_GROUP` rows, (R/g, C), then theirs. The same values (a maximum does not
-    depend on its order; NaN stays NaN). The form is for torch.compile: in the H200's profile of
-    the fp8 rowwise layers compiled with ``LOWCOMM_COMPILED_QUANTIZE=inductor`` (d=1024, 16,384
-    tokens), an Inductor reduction fused with the kernel making the tensor took 548 µs a call
-    (0.18 TB/s, 15% of the step), read as this one-step reduction: 1,024 outputs, each over
-    16,384 rows, are few programs for a GPU. The first step has R/g times the outputs."""
-    R = a.shape[0]
-    # the largest power of two dividing R, at most a group (a symbolic size: one step)
-    g = min(R & -R, COLUMN_AMAX_GROUP) if isinstance(R, int) else 1
-    if g < 16 or R <= g:
-        return a.amax(dim=0, keepdim=True)
-    return a.view(R // g, g, a.shape[1]).amax(dim=1).amax(dim=0, keepdim=True)
 
 
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor, elem: str = "e4m3") -> torch.Tensor:
