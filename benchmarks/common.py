@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import getpass
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 
 __all__ = [
     "commit",
+    "inductor_kernels",
     "launch_command",
     "machine",
     "stamp",
@@ -116,3 +120,56 @@ def profile_top(stem: Path, rows: int = 25) -> list[str]:
     """The first rows of a profile's table (its two header lines: the steps, their wall and busy
     time; the column names; the slowest operators)."""
     return stem.with_suffix(".txt").read_text().splitlines()[: rows + 5]
+
+
+def inductor_kernels(trace: Path, top: int = 3, chars: int = 8000, cache: Path | None = None) -> list[dict]:
+    """The slowest kernels torch.compile generated in a profile's Chrome trace (Inductor's Triton
+    kernels, named ``triton_*``): each one's name, calls, device µs in all and ``source``, the
+    block Inductor's output code holds for it (the graph's nodes it fused, the ATen operators
+    they came from, its Triton code; at most ``chars`` characters), read from Inductor's cache
+    directory (``cache``, default torch's), "" where not found. What a kernel's truncated name in
+    the profile's table cannot say: which tensors it reads and writes, and how it is tiled."""
+    events = json.loads(Path(trace).read_text()).get("traceEvents", [])
+    total: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        name = str(e.get("name", ""))
+        if e.get("cat") == "kernel" and name.startswith("triton_"):
+            total[name] += float(e.get("dur", 0.0))
+            calls[name] += 1
+    files = _inductor_files(cache)
+    return [
+        {"name": n, "calls": calls[n], "device_us": us, "source": _inductor_source(n, files, chars)}
+        for n, us in total.most_common(top)
+    ]
+
+
+def _inductor_files(cache: Path | None) -> list[Path]:
+    """Inductor's generated Python files, newest first."""
+    if cache is None:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            cache = Path(cache_dir())
+        except ImportError:  # (older torch) its default place
+            default = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+            cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default))
+    found = [p for p in Path(cache).rglob("*.py") if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _inductor_source(name: str, files: list[Path], chars: int) -> str:
+    """``name``'s block in the newest output code that defines it (from the comment naming its
+    source nodes to the end of its Triton code), else the newest kernel file defining it."""
+    marker, kernel_file = f"{name} = async_compile.triton(", None
+    for path in files:
+        text = path.read_text(errors="replace")
+        at = text.find(marker)
+        if at >= 0:
+            start = max(text.rfind("# kernel path:", 0, at), text.rfind("\n\n\n", 0, at), 0)
+            end = text.find("'''", text.find("'''", at) + 3)  # its code's closing quotes
+            line_end = text.find("\n", end) if end >= 0 else at + chars
+            return text[start : line_end if line_end >= 0 else len(text)][:chars].strip()
+        if kernel_file is None and f"def {name}(" in text:
+            kernel_file = text
+    return kernel_file[:chars].strip() if kernel_file else ""

@@ -26,7 +26,8 @@
 #                      LOWCOMM_COMPILED_QUANTIZE; without: the Triton quantize, an operator the
 #                      compiler keeps whole, never measured compiled; 2026-12-04 measured
 #                      +inductor at 0.88x and :all+inductor, fast accumulation in all three
-#                      GEMMs, at 0.90x, with one fused Inductor reduction 15% of the time),
+#                      GEMMs, at 0.90x, with one fused Inductor reduction 15% of the time;
+#                      each compiled run now keeps its 3 slowest generated kernels' sources),
 #                      last, so a time-out there keeps the rest. $TRAIN_ARGS replaces that last
 #                      part's flags ("" leaves it out; "--train-compile --train-precisions
 #                      fp8_tensorwise" trains bf16 and that recipe compiled instead of eager)
@@ -135,6 +136,12 @@ fi
 if wanted kernels; then
   section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise+inductor,fp8_rowwise} \
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-  cat "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
+  # printed without the generated kernels' sources (kept in the file: they would fill the tail)
+  python -c 'import json, sys
+def strip(o):
+    if isinstance(o, dict):
+        return {k: ("(in the file)" if k == "source" else strip(v)) for k, v in o.items()}
+    return [strip(v) for v in o] if isinstance(o, list) else o
+print(json.dumps(strip(json.load(open(sys.argv[1])))))' "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 fi
 cat "$OUT/env.txt"

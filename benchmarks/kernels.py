@@ -478,10 +478,12 @@ def training(
     ``profile_steps`` steps of each run, before its timed part, run under the trainer's profiler:
     a step's wall time against its kernels' (a step much longer than its kernels is a GPU waiting
     for the host, which eager fp8 layers, a few Python calls and Triton launches each, can cause)
-    and the top of the table of operators. ``on_row(out)`` gets the results so far after each run."""
+    and the top of the table of operators; compiled, also the slowest kernels Inductor generated
+    with their sources (:func:`common.inductor_kernels`). ``on_row(out)`` gets the results so far
+    after each run."""
     import tempfile
 
-    from common import profile_top, profile_window, steady_tokens_per_second
+    from common import inductor_kernels, profile_top, profile_window, steady_tokens_per_second
 
     import lowcomm.kernels.linear as linear
     from lowcomm.runtime import TrainConfig, read_jsonl, train
@@ -525,6 +527,10 @@ def training(
                     "top": profile_top(Path(event["table"]).with_suffix(""), rows=12),
                 }
             print(f"training {name}: {out[name]}", flush=True)
+            for event in events[:1] if compile else []:  # the slowest generated kernels, whole
+                found = inductor_kernels(Path(event["trace"]))  # (the table cuts their names)
+                out[name]["profile"]["inductor_kernels"] = found
+                print(f"training {name}: slowest generated kernels {[k['name'] for k in found]}", flush=True)
             on_row(out)
     base = out["bf16"]
     for name in precisions:
