@@ -1,0 +1,299 @@
+"""What torch.compile generates for a block of the reference model on a GPU, without a GPU. Prints JSON.
+
+    python benchmarks/inductor_codegen.py --recipe fp8_rowwise --quantize inductor --json out.json
+
+One transformer block of the reference GPT (d=1024, 16 heads, 16 sequences of 1024 tokens: the FP8
+issue's training size; ``--size small`` for d=512, T=256) with its Linear layers in ``--recipe``
+(a low-precision layer recipe; ``--quantize``: the fp8 layers' compiled quantize), traced by AOT
+autograd into a forward and a backward graph on meta tensors as the trainer's step traces it under
+bf16 autocast (the layers' outputs bf16, the layer norms fp32), then each graph lowered by
+Inductor for a pretend sm_90 GPU with 132 SMs (an H100/H200): the Triton kernels it writes, each
+with the ATen operators it fused, its iteration sizes, its reduction kind (``per``: a row held
+whole; ``red``: a loop) and the tensors it reads and writes. Nothing is compiled to machine code,
+run or timed: this tells where Inductor puts each pass over memory (which of the quantize's maxima
+and casts it fused into the kernel making the tensor, and how), the question a profile's kernel
+names, cut short, cannot answer. A kernel's speed needs the GPU (``benchmarks/kernels.py``'s
+compiled training rows keep their slowest kernels' code).
+
+The pretend GPU replaces, for the run and restored after, what torch asks the CUDA driver (the
+device count, capability and properties, the RNG state, the current device), Inductor's passes that
+run small CUDA computations while compiling (its pattern matchers and constant folding are off:
+on a GPU they may first rewrite a few patterns, such as attention's), and its Triton compilation
+(each kernel's source is recorded instead); a torch whose Inductor asks more than that fails with
+its own error. Made on torch 2.11 (a CUDA build, without a GPU) and 2.13 (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import stamp, write_result  # noqa: E402
+
+SIZES = {
+    "issue": dict(n_embd=1024, n_head=16, seq_len=1024, batch=16),
+    "small": dict(n_embd=512, n_head=8, seq_len=256, batch=16),
+    "smoke": dict(n_embd=128, n_head=2, seq_len=128, batch=2),  # (the tests')
+}
+#: the GPU pretended: an H100/H200's (sm_90, 132 SMs)
+GPU = dict(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, warp_size=32)
+
+
+@contextlib.contextmanager
+def pretend_gpu():
+    """A pretend sm_90 GPU for Inductor's code generation; everything replaced is put back."""
+    import torch._inductor.config as config
+    import torch._subclasses.fake_tensor as fake_tensor
+    import torch.utils._triton as utils_triton
+    from torch._inductor import async_compile
+    from torch._inductor.fx_passes import joint_graph, post_grad
+    from torch._inductor.runtime.hints import DeviceProperties
+
+    props = types.SimpleNamespace(
+        **GPU,
+        total_memory=141 << 30,
+        max_threads_per_multi_processor=2048,
+        regs_per_multiprocessor=65536,
+        max_threads_per_block=1024,
+        shared_memory_per_block_optin=232448,
+        shared_memory_per_multiprocessor=233472,
+        shared_memory_per_block=49152,
+        L2_cache_size=60 << 20,
+        gcnArchName="",
+    )
+    sources: dict[str, str] = {}
+
+    def device_properties(device=None):
+        return DeviceProperties(
+            type="cuda",
+            index=0,
+            multi_processor_count=GPU["multi_processor_count"],
+            cc=GPU["major"] * 10 + GPU["minor"],
+            major=GPU["major"],
+            regs_per_multiprocessor=65536,
+            max_threads_per_multi_processor=2048,
+            warp_size=GPU["warp_size"],
+        )
+
+    def record(self, kernel_name, source_code, *args, **kwargs):  # Triton compilation, not done
+        sources[kernel_name] = source_code
+        return types.SimpleNamespace(run=lambda *a, **k: None)
+
+    replaced = [
+        (torch.cuda, "is_available", lambda: True),
+        (torch.cuda, "device_count", lambda: 1),
+        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "set_device", lambda device: None),
+        (torch.cuda, "get_device_capability", lambda device=None: (GPU["major"], GPU["minor"])),
+        (torch.cuda, "get_device_properties", lambda device=None: props),
+        (torch.cuda, "get_device_name", lambda device=None: GPU["name"]),
+        (torch.cuda, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8)),
+        (torch.cuda, "set_rng_state", lambda state, device="cuda": None),
+        (torch.cuda, "_lazy_init", lambda: None),
+        (torch.cuda, "_exchange_device", lambda index: 0),
+        (torch.cuda, "_maybe_exchange_device", lambda index: 0),
+        (fake_tensor, "init_gpu_context", lambda *a, **k: None),
+        (DeviceProperties, "create", staticmethod(device_properties)),
+        (joint_graph, "lazy_init", lambda *a, **k: None),  # pattern matchers traced on the device
+        (post_grad, "lazy_init", lambda *a, **k: None),
+        (utils_triton, "triton_hash_with_backend", lambda: "pretend-gpu"),
+        (utils_triton, "triton_backend", lambda: None),
+        (async_compile.AsyncCompile, "triton", record),
+        (config, "compile_threads", 1),
+        (config, "pattern_matcher", False),
+        (config, "joint_graph_constant_folding", False),  # (it runs the folded operations)
+        (config, "fx_graph_cache", False),
+    ]
+    kept = [
+        (owner, name, owner.__dict__.get(name, getattr(owner, name, None))) for owner, name, _ in replaced
+    ]
+    try:
+        for owner, name, value in replaced:
+            setattr(owner, name, value)
+        _forget_devices()  # what torch found out about the GPUs before (none), asked again
+        yield sources
+    finally:
+        for owner, name, value in reversed(kept):
+            setattr(owner, name, value)
+        _forget_devices()  # and what it found out about the pretend one
+
+
+def _forget_devices() -> None:
+    """Clears what torch caches about the machine's GPUs: whether Triton has one, and each
+    device's properties and current index."""
+    import torch._dynamo.device_interface as device_interface
+    import torch.utils._triton as utils_triton
+
+    utils_triton.has_triton.cache_clear()
+    for cache in ("caching_worker_device_properties", "caching_worker_current_devices"):
+        getattr(device_interface, cache, {}).pop("cuda", None)
+
+
+def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphModule]:
+    """The forward and backward graphs AOT autograd makes of one block's step (meta tensors), with
+    Inductor's decompositions, as the trainer's compiled step under bf16 autocast would trace it:
+    the low-precision layers see an sm_90 GPU and write bf16 (autocast's dtype); the layer norms,
+    the residual stream and the parameters stay fp32."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._inductor.decomposition import select_decomp_table
+
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.linear as linear
+    from lowcomm.kernels import convert_to_low_precision
+    from lowcomm.lm.model import Block, GPTConfig
+
+    cfg = GPTConfig(
+        vocab_size=256, seq_len=size["seq_len"], n_layer=1, n_head=size["n_head"], n_embd=size["n_embd"]
+    )
+    with torch.device("meta"):
+        block = Block(cfg)
+    convert_to_low_precision(block, recipe)
+    names = [n for n, _ in block.named_parameters()]
+    graphs: list = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    def step(x, *params):
+        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
+
+    from lowcomm.kernels.triton_quantize import HAVE_TRITON
+
+    stand_ins = [
+        (gemm, "_capability", lambda device: (GPU["major"], GPU["minor"])),
+        # the layers' GPU route (quantize each tensor once, in Triton or in torch ops), on meta
+        (gemm, "_triton_runs_on", lambda device: HAVE_TRITON),
+        (linear, "_triton_runs_on", lambda device: HAVE_TRITON),
+        (linear, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's output dtype
+        (linear, "COMPILED_QUANTIZE", quantize),
+        (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
+        (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
+    ]
+    kept = [(owner, name, getattr(owner, name)) for owner, name, _ in stand_ins]
+    try:
+        for owner, name, value in stand_ins:
+            setattr(owner, name, value)
+        params = [p.detach().requires_grad_() for p in block.parameters()]
+        x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
+        run = aot_function(
+            step, fw_compiler=capture, bw_compiler=capture, decompositions=select_decomp_table()
+        )
+        y = run(x, *params)
+        y.backward(torch.empty_like(y))
+    finally:
+        for owner, name, value in reversed(kept):
+            setattr(owner, name, value)
+    return graphs
+
+
+def lower(gm: torch.fx.GraphModule) -> dict:
+    """One graph through Inductor for the pretend GPU: its kernels in launch order (as
+    :func:`kernels` reads them) and where the output code was written."""
+    from torch._inductor import codecache
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for node in gm.graph.nodes:  # constants made on the traced device go to the GPU's
+        if node.kwargs.get("device") == torch.device("meta"):
+            node.kwargs = {**node.kwargs, "device": torch.device("cuda", 0)}
+    gm.recompile()
+    written: list[str] = []
+    load = codecache.PyCodeCache.load_by_key_path
+
+    def keep_path(key, path, *args, **kwargs):
+        written.append(path)
+        return load(key, path, *args, **kwargs)
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inputs = [
+            torch.empty_strided(
+                n.meta["val"].shape, n.meta["val"].stride(), dtype=n.meta["val"].dtype, device="cuda"
+            )
+            for n in gm.graph.nodes
+            if n.op == "placeholder"
+        ]
+    codecache.PyCodeCache.load_by_key_path = keep_path
+    try:
+        with mode:
+            compile_fx_inner(gm, inputs)
+    except Exception as e:  # (loading it asks the CUDA runtime for a stream: the code is written by then)
+        if not written:
+            raise RuntimeError(f"Inductor wrote no code for the pretend GPU: {type(e).__name__}: {e}") from e
+    finally:
+        codecache.PyCodeCache.load_by_key_path = load
+    output = next(
+        (p for p in reversed(written) if "async_compile.triton(" in Path(p).read_text()), written[-1]
+    )
+    return {"output_code": output, "kernels": kernels(Path(output).read_text())}
+
+
+def kernels(code: str) -> list[dict]:
+    """The Triton kernels of an Inductor output code, in launch order: name, kind (pointwise,
+    ``per``sistent or looped ``red``uction), iteration sizes, reduction hint, the ATen operators
+    fused, and the (pointer, index) of each load and store."""
+    found = {}
+    block = (
+        r"# Topologically Sorted Source Nodes: \[.*?\], Original ATen: \[(.*?)\]\n.*?"
+        r"(triton_\w+) = async_compile\.triton\('\w+', '''(.*?)'''"
+    )
+    for m in re.finditer(block, code, re.S):
+        aten, name, body = m.groups()
+        hint = re.search(r"reduction_hint=ReductionHint\.(\w+)", body)
+        found[name] = {
+            "name": name,
+            "kind": name.split("_")[1],
+            "sizes": ast.literal_eval(re.search(r"size_hints=(\{.*?\})", body).group(1)),
+            "reduction_hint": hint.group(1) if hint else None,
+            "aten": [a.removeprefix("aten.") for a in aten.split(", ")],
+            "loads": re.findall(r"tl\.load\((\w+) \+ \((.*?)\)", body),
+            "stores": re.findall(r"tl\.store\((\w+) \+ \((.*?)\)", body),
+        }
+    order = re.findall(r"(triton_\w+)\.run\(", code.split("def call(")[-1])
+    return [found[n] for n in dict.fromkeys(order) if n in found] + [
+        k for n, k in found.items() if n not in order
+    ]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="fp8_rowwise", help="a low-precision layer recipe")
+    p.add_argument(
+        "--quantize", default="inductor", choices=["inductor", "triton"], help="LOWCOMM_COMPILED_QUANTIZE"
+    )
+    p.add_argument("--size", default="issue", choices=sorted(SIZES))
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    from lowcomm.kernels.linear import LAYER_RECIPES
+
+    if args.recipe not in LAYER_RECIPES:
+        p.error(f"--recipe: unknown recipe {args.recipe!r}; allowed: {list(LAYER_RECIPES)}")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    size = SIZES[args.size]
+    with pretend_gpu():
+        graphs = block_graphs(args.recipe, args.quantize, size)
+        lowered = {which: lower(gm) for which, gm in zip(("forward", "backward"), graphs)}
+    out = {
+        **stamp("inductor_codegen"),
+        "gpu": GPU,
+        "recipe": args.recipe,
+        "quantize": args.quantize,
+        "size": size,
+        **lowered,
+    }
+    write_result(out, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()
