@@ -113,18 +113,28 @@ def pretend_gpu():
         (config, "joint_graph_constant_folding", False),  # (it runs the folded operations)
         (config, "fx_graph_cache", False),
     ]
-    kept = [
-        (owner, name, owner.__dict__.get(name, getattr(owner, name, None))) for owner, name, _ in replaced
-    ]
-    try:
-        for owner, name, value in replaced:
-            setattr(owner, name, value)
+    with _replacing(replaced):
         _forget_devices()  # what torch found out about the GPUs before (none), asked again
-        yield sources
+        try:
+            yield sources
+        finally:
+            _forget_devices()  # and what it found out about the pretend one
+
+
+@contextlib.contextmanager
+def _replacing(stand_ins: list[tuple]):
+    """Each ``(owner, name, value)``: ``owner.name`` is ``value`` inside, its own again after (a
+    class's attribute as it was defined: a staticmethod or classmethod stays one)."""
+    kept = [
+        (owner, name, owner.__dict__.get(name, getattr(owner, name, None))) for owner, name, _ in stand_ins
+    ]  # noqa: E501
+    try:
+        for owner, name, value in stand_ins:
+            setattr(owner, name, value)
+        yield
     finally:
         for owner, name, value in reversed(kept):
             setattr(owner, name, value)
-        _forget_devices()  # and what it found out about the pretend one
 
 
 def _forget_devices() -> None:
@@ -179,10 +189,7 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
         (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
     ]
-    kept = [(owner, name, getattr(owner, name)) for owner, name, _ in stand_ins]
-    try:
-        for owner, name, value in stand_ins:
-            setattr(owner, name, value)
+    with _replacing(stand_ins):
         params = [p.detach().requires_grad_() for p in block.parameters()]
         x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
         run = aot_function(
@@ -190,9 +197,6 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         )
         y = run(x, *params)
         y.backward(torch.empty_like(y))
-    finally:
-        for owner, name, value in reversed(kept):
-            setattr(owner, name, value)
     return graphs
 
 
@@ -223,19 +227,15 @@ def lower(gm: torch.fx.GraphModule) -> dict:
             for n in gm.graph.nodes
             if n.op == "placeholder"
         ]
-    codecache.PyCodeCache.load_by_key_path = keep_path
     try:
-        with mode:
+        with _replacing([(codecache.PyCodeCache, "load_by_key_path", keep_path)]), mode:
             compile_fx_inner(gm, inputs)
     except Exception as e:  # (loading it asks the CUDA runtime for a stream: the code is written by then)
         if not written:
             raise RuntimeError(f"Inductor wrote no code for the pretend GPU: {type(e).__name__}: {e}") from e
-    finally:
-        codecache.PyCodeCache.load_by_key_path = load
-    output = next(
-        (p for p in reversed(written) if "async_compile.triton(" in Path(p).read_text()), written[-1]
-    )
-    return {"output_code": output, "kernels": kernels(Path(output).read_text())}
+    codes = [(path, Path(path).read_text()) for path in reversed(written)]
+    output, code = next(((p, c) for p, c in codes if "async_compile.triton(" in c), codes[0])
+    return {"output_code": output, "kernels": kernels(code)}
 
 
 def kernels(code: str) -> list[dict]:
