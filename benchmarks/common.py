@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import getpass
 import json
 import os
@@ -138,8 +139,9 @@ def inductor_kernels(trace: Path, top: int = 3, chars: int = 8000, cache: Path |
             total[name] += float(e.get("dur", 0.0))
             calls[name] += 1
     files = _inductor_files(cache)
+    read = functools.cache(lambda path: path.read_text(errors="replace"))  # once for all kernels
     return [
-        {"name": n, "calls": calls[n], "device_us": us, "source": _inductor_source(n, files, chars)}
+        {"name": n, "calls": calls[n], "device_us": us, "source": _inductor_source(n, files, read, chars)}
         for n, us in total.most_common(top)
     ]
 
@@ -158,12 +160,12 @@ def _inductor_files(cache: Path | None) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _inductor_source(name: str, files: list[Path], chars: int) -> str:
+def _inductor_source(name: str, files: list[Path], read, chars: int) -> str:
     """``name``'s block in the newest output code that defines it (from the comment naming its
     source nodes to the end of its Triton code), else the newest kernel file defining it."""
     marker, kernel_file = f"{name} = async_compile.triton(", None
     for path in files:
-        text = path.read_text(errors="replace")
+        text = read(path)
         at = text.find(marker)
         if at >= 0:
             start = max(text.rfind("# kernel path:", 0, at), text.rfind("\n\n\n", 0, at), 0)
