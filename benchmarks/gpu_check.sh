@@ -21,13 +21,16 @@
 #                      codec's kernels against its torch ops (seconds), GEMMs, quantize
 #                      bandwidth, Linear fwd+bwd, training
 #                      eager (each run's wall and kernel time over 2 profiled steps), then bf16,
-#                      fp8_rowwise+inductor and fp8_rowwise under torch.compile (+inductor: the
-#                      quantize in torch ops the compiler fuses into the kernels making x and dy,
-#                      LOWCOMM_COMPILED_QUANTIZE; without: the Triton quantize, an operator the
-#                      compiler keeps whole, never measured compiled; 2026-12-04 measured
-#                      +inductor at 0.88x and :all+inductor, fast accumulation in all three
-#                      GEMMs, at 0.90x, with one fused Inductor reduction 15% of the time;
-#                      each compiled run now keeps its 3 slowest generated kernels' sources),
+#                      fp8_rowwise and fp8_tensorwise+inductor under torch.compile (+inductor:
+#                      the quantize in torch ops the compiler fuses into the kernels making x
+#                      and dy, LOWCOMM_COMPILED_QUANTIZE; without: the Triton quantize, an
+#                      operator the compiler keeps whole, never measured compiled). 2026-12-04
+#                      measured fp8_rowwise+inductor at 0.88x (:all+inductor, fast accumulation
+#                      in all three GEMMs, 0.90x), its row reductions writing the transposed
+#                      copy across their rows 15% of the time; fp8_tensorwise+inductor, never
+#                      measured, writes both copies from pointwise kernels tiled for the transpose
+#                      instead (benchmarks/inductor_codegen.py, no GPU needed). Each compiled run
+#                      keeps its 3 slowest generated kernels' sources),
 #                      last, so a time-out there keeps the rest. $TRAIN_ARGS replaces that last
 #                      part's flags ("" leaves it out; "--train-compile --train-precisions
 #                      fp8_tensorwise" trains bf16 and that recipe compiled instead of eager)
@@ -134,7 +137,7 @@ if wanted throughput; then
 fi
 
 if wanted kernels; then
-  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise+inductor,fp8_rowwise} \
+  section kernels "${KERNELS_TIMEOUT:-$(left 0)}" python benchmarks/kernels.py --train-steps "${TRAIN_STEPS:-100}" ${TRAIN_ARGS---train-compiled-too fp8_rowwise,fp8_tensorwise+inductor} \
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   # printed without the generated kernels' sources (kept in the file: they would fill the tail)
   python -c 'import json, sys

@@ -9,11 +9,12 @@ autograd into a forward and a backward graph on meta tensors as the trainer's st
 bf16 autocast (the layers' outputs bf16, the layer norms fp32), then each graph lowered by
 Inductor for a pretend sm_90 GPU with 132 SMs (an H100/H200): the Triton kernels it writes, each
 with the ATen operators it fused, its iteration sizes, its reduction kind (``per``: a row held
-whole; ``red``: a loop) and the tensors it reads and writes. Nothing is compiled to machine code,
-run or timed: this tells where Inductor puts each pass over memory (which of the quantize's maxima
-and casts it fused into the kernel making the tensor, and how), the question a profile's kernel
-names, cut short, cannot answer. A kernel's speed needs the GPU (``benchmarks/kernels.py``'s
-compiled training rows keep their slowest kernels' code).
+whole; ``red``: a loop), the tensors it reads and writes and whether it writes one across the way
+it reads (``transposed_store``; each graph's ``transposed_stores`` counts them by kind). Nothing
+is compiled to machine code, run or timed: this tells where Inductor puts each pass over memory
+(which of the quantize's maxima and casts it fused into the kernel making the tensor, and how),
+the question a profile's kernel names, cut short, cannot answer. A kernel's speed needs the GPU
+(``benchmarks/kernels.py``'s compiled training rows keep their slowest kernels' code).
 
 The pretend GPU replaces, for the run and restored after, what torch asks the CUDA driver (the
 device count, capability and properties, the RNG state, the current device), Inductor's passes that
@@ -235,7 +236,8 @@ def lower(gm: torch.fx.GraphModule) -> dict:
             raise RuntimeError(f"Inductor wrote no code for the pretend GPU: {type(e).__name__}: {e}") from e
     codes = [(path, Path(path).read_text()) for path in reversed(written)]
     output, code = next(((p, c) for p, c in codes if "async_compile.triton(" in c), codes[0])
-    return {"output_code": output, "kernels": kernels(code)}
+    found = {"output_code": output, "kernels": kernels(code)}
+    return {**found, "transposed_stores": transposed_stores(found)}
 
 
 def kernels(code: str) -> list[dict]:
@@ -259,10 +261,46 @@ def kernels(code: str) -> list[dict]:
             "loads": re.findall(r"tl\.load\((\w+) \+ \((.*?)\)", body),
             "stores": re.findall(r"tl\.store\((\w+) \+ \((.*?)\)", body),
         }
+    for k in found.values():
+        k["transposed_store"] = _transposed_store(k)
     order = re.findall(r"(triton_\w+)\.run\(", code.split("def call(")[-1])
     return [found[n] for n in dict.fromkeys(order) if n in found] + [
         k for n, k in found.items() if n not in order
     ]
+
+
+def _transposed_store(kernel: dict) -> str | None:
+    """Where a kernel writes a tensor across the way it reads it. A reduction over rows (hint
+    other than OUTER) reads along its loop; "reduction": one storing along that loop's index at
+    a stride (loads ``r0_1 + 1024*x0``, a store ``x0 + 16384*r0_1``: a byte a row, the next one a
+    row away, as the H200's slow compiled fp8 kernels did). A pointwise kernel reads along the
+    unit-stride variable of its loads; "tiled": one over (y, x) tiles storing that variable at a
+    stride (Inductor's tiling for a transpose), "pointwise": one over a flat range doing so. None
+    where every store follows the reads (a column reduction reads and writes along columns)."""
+
+    def linear(index: str) -> bool:  # a sum of variables times strides (not a modulo's, a view's)
+        return "*" in index and "(" not in index
+
+    def unit(index: str) -> set:
+        return set(re.findall(r"(?:^|\+ )((?:x|y|r0_)\d+)(?= \+|$)", index))
+
+    stores = [index for _, index in kernel["stores"] if linear(index)]
+    if kernel["kind"] in ("red", "per"):
+        if kernel["reduction_hint"] != "OUTER" and any(re.search(r"\d+\*r0_\d", i) for i in stores):
+            return "reduction"
+        return None
+    walked = set().union(*(unit(index) for _, index in kernel["loads"] if linear(index))) or {"x0", "x1"}
+    for index in stores:
+        if any(re.search(rf"\d+\*{v}\b", index) and v not in unit(index) for v in walked):
+            return "tiled" if "y" in kernel["sizes"] else "pointwise"
+    return None
+
+
+def transposed_stores(lowered: dict) -> dict:
+    """How many of a graph's kernels write across the way they read, by :func:`_transposed_store`'s
+    kind."""
+    kinds = [k["transposed_store"] for k in lowered["kernels"]]
+    return {kind: kinds.count(kind) for kind in ("reduction", "tiled", "pointwise")}
 
 
 def main(argv=None) -> dict:

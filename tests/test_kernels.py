@@ -2707,12 +2707,15 @@ def test_the_slowest_generated_kernels_are_found_with_their_source(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
-    """benchmarks/inductor_codegen.py on a machine without a GPU: one fp8_rowwise block's forward
-    and backward lowered by Inductor for a pretend sm_90. With the quantize in torch ops
-    (``inductor``) the row maxima are fused into the layer norm's kernel, and a row reduction
-    writes the transposed copy across its rows (a store indexed by the reduction's loop: what made
-    the H200's compiled fp8 steps slow); with the Triton operator (``triton``) no generated kernel
-    takes a maximum in the forward. Everything the pretend GPU replaced is put back."""
+    """benchmarks/inductor_codegen.py on a machine without a GPU: one fp8 block's forward and
+    backward lowered by Inductor for a pretend sm_90. fp8_rowwise with the quantize in torch ops
+    (``inductor``): the row maxima are fused into the layer norm's kernel, and row reductions
+    write the transposed copy across their rows (a store indexed by the reduction's loop: what
+    made the H200's compiled fp8 steps slow), in the forward and in the backward; with the
+    Triton operator (``triton``) no generated kernel takes a maximum in the forward or writes
+    across its threads. fp8_tensorwise (one scale: the casts wait for a whole tensor's maximum,
+    so none joins a reduction) writes both copies from pointwise kernels tiled for the
+    transpose. Everything the pretend GPU replaced is put back."""
     needs_triton()
     codegen = load_benchmark("inductor_codegen")
     real = torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling
@@ -2725,9 +2728,16 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
         if k["kind"] == "red" and any(re.fullmatch(r"x0 \+ \d+\*r0_1", i) for _, i in k["stores"])
     ]
     assert across, [k["stores"] for k in fused["forward"]["kernels"]]
+    assert all(fused[g]["transposed_stores"]["reduction"] for g in ("forward", "backward"))
     opaque = codegen.main(["--size", "smoke", "--quantize", "triton"])
     assert opaque["forward"]["kernels"]
     assert not any("amax" in k["aten"] for k in opaque["forward"]["kernels"])
+    assert not any(opaque[g]["transposed_stores"]["reduction"] for g in ("forward", "backward"))
+    tensorwise = codegen.main(["--size", "smoke", "--quantize", "inductor", "--recipe", "fp8_tensorwise"])
+    for g in ("forward", "backward"):
+        tiled = [k for k in tensorwise[g]["kernels"] if k["transposed_store"] == "tiled"]
+        assert tiled and all("_to_copy" in k["aten"] for k in tiled), tiled  # the casts to fp8
+        assert tensorwise[g]["transposed_stores"]["reduction"] == 0, tensorwise[g]["transposed_stores"]
     assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
     with pytest.raises(SystemExit):
         codegen.main(["--recipe", "fp4"])
