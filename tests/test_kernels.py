@@ -2547,6 +2547,73 @@ def test_the_gradient_numerics_benchmark_measures_every_recipe_on_a_models_own_t
         assert under[f"{scaling}/e5m2"] <= under[f"{scaling}/e4m3"], under
 
 
+class _PretendGPU:
+    """A stream on a virtual clock for ``benchmarks/kernels.py``'s device_ms: work queued by the host
+    runs after what was queued before it, no earlier than the host queued it; an event's time is
+    when the stream reaches it. ``host`` is the host's clock (seconds), moved by the calls."""
+
+    def __init__(self, sleep_hz: float):
+        self.host = self.free = 0.0  # the host's time; when the stream has run all it was given
+        self.sleep_hz = sleep_hz
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = max(gpu.host, gpu.free)
+
+            def query(self):
+                return gpu.host >= self.t
+
+            def elapsed_time(self, end):
+                return (end.t - self.t) * 1e3
+
+        self.Event = Event
+
+    def run(self, host_s: float, device_s: float) -> None:  # a call: its launches, then its kernels
+        self.host += host_s
+        self.free = max(self.host, self.free) + device_s
+
+    def _sleep(self, cycles: int) -> None:
+        self.run(0.0, cycles / self.sleep_hz)
+
+    def synchronize(self) -> None:
+        self.host = max(self.host, self.free)
+
+    def perf_counter(self) -> float:
+        return self.host
+
+
+def test_device_time_is_the_gpus_alone_where_the_host_is_slower(monkeypatch):
+    """benchmarks/kernels.py's device_ms, on a pretend stream: a call that takes the host 300 us
+    and the GPU 50 us measures 50 us (do_bench's events would hold 300: the GPU waiting for the
+    host), the spin kernel holding the GPU while the host queues every call. A first call that
+    misjudged the host's time makes the hold 4x longer until the host keeps ahead; a host that
+    never does is an error, not a figure."""
+    kernels = load_benchmark("kernels")
+    gpu = _PretendGPU(kernels.SLEEP_HZ)
+    monkeypatch.setattr(kernels, "time", gpu)
+    costs = {"host": 300e-6, "device": 50e-6}
+    ms = kernels.device_ms(
+        lambda: gpu.run(costs["host"], costs["device"]), cuda=gpu, flush_bytes=16, device="cpu"
+    )
+    assert ms == pytest.approx(0.05)
+    calls = []
+
+    def slower_after_the_first():  # the host's time of one call misjudged from the first calls
+        calls.append(1)
+        gpu.run(10e-6 if len(calls) <= 2 else costs["host"], costs["device"])
+
+    ms = kernels.device_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
+    assert ms == pytest.approx(0.05) and len(calls) == 2 + 3 * 20  # held 1 ms, 4 ms, then 16 ms
+    calls.clear()
+    costs["host"] = 5e-3  # 20 calls: 100 ms of the host's against a hold of 16 ms at most
+    with pytest.raises(RuntimeError, match="could not queue 20 calls"):
+        kernels.device_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
+
+
 def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     """benchmarks/kernels.py measures on a GPU only, so a mistake in it would surface in the one
     GPU session that has to run it: here every GEMM, quantize and Linear path of it runs at small
