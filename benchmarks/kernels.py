@@ -97,10 +97,11 @@ def numerics(device: str) -> dict:
 
 
 def cuda_bench(fn) -> float:
-    """Median milliseconds of ``fn`` by triton.testing.do_bench (warm-up, L2 flushed between runs)."""
+    """Median milliseconds of ``fn`` by triton.testing.do_bench (warm-up, L2 flushed between runs;
+    asked for the median: its default is the mean, which the figures up to 2026-12-04 were)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn)
+    return triton.testing.do_bench(fn, return_mode="median")
 
 
 #: the GPU clock taken to turn seconds into torch.cuda._sleep's cycles (H100/H200 boost at most
