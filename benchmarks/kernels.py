@@ -11,7 +11,7 @@ Numerics (any device): relative error of each recipe's GEMM against fp64 and of 
 against the exact MX path, on random data and on data whose 32-blocks differ in scale within a
 group of four. On CUDA (reported as not measured otherwise), medians of triton.testing.do_bench
 (each call as called: where it costs the host more than the GPU, the host's time), and beside
-each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (:func:`device_ms`):
+each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (lowcomm.kernels.timing):
 
 - GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
   rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
@@ -58,6 +58,7 @@ from common import stamp, write_result
 
 from lowcomm.kernels import qmatmul
 from lowcomm.kernels.gemm import RECIPES
+from lowcomm.kernels.timing import gpu_ms
 
 SHAPES = [(8192, 8192, 8192), (16384, 4096, 14336), (16384, 14336, 4096), (4096, 4096, 4096)]
 
@@ -104,61 +105,16 @@ def cuda_bench(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median")
 
 
-#: the GPU clock taken to turn seconds into torch.cuda._sleep's cycles (H100/H200 boost at most
-#: 1.98 GHz: a slower clock only holds the GPU longer)
-SLEEP_HZ = 2e9
-
-
-def device_ms(
-    fn, calls: int = 20, cuda=torch.cuda, flush_bytes: int = 256 << 20, device: str = "cuda"
-) -> float:
-    """Median milliseconds of ``fn`` on the GPU alone. triton.testing.do_bench (``cuda_bench``)
-    times each call between events on the stream: where a call costs the host more than the GPU
-    (small shapes; several launches and allocations), the GPU waits for the host between the
-    events and the time is the host's. Here the GPU is first held by a spin kernel
-    (``torch.cuda._sleep``) long enough for the host to queue every call, each behind a write of
-    ``flush_bytes`` (L2 emptied, as do_bench does); the GPU still held once they are all queued
-    (its event not reached) means it never waited. If it was not, the hold is made 4x longer
-    and the calls timed again (RuntimeError after 3 tries). ``cuda``, ``device``: torch.cuda and
-    its device (a test's stand-ins)."""
-    flush = torch.empty(flush_bytes, dtype=torch.int8, device=device)
-    fn()  # compiled, autotuned, its memory in the allocator's cache
-    cuda.synchronize()
-    t0 = time.perf_counter()
-    flush.zero_()
-    fn()
-    host_s = time.perf_counter() - t0  # the host's share of one call (the GPU runs meanwhile)
-    cuda.synchronize()
-    hold_s = max(2 * calls * host_s, 1e-3)
-    for _ in range(3):
-        starts = [cuda.Event(enable_timing=True) for _ in range(calls)]
-        ends = [cuda.Event(enable_timing=True) for _ in range(calls)]
-        held = cuda.Event()
-        cuda._sleep(int(hold_s * SLEEP_HZ))
-        held.record()
-        for start, end in zip(starts, ends):
-            flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        ahead = not held.query()  # every call queued while the GPU was still held
-        cuda.synchronize()
-        if ahead:
-            times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-            return times[len(times) // 2]
-        hold_s *= 4
-    raise RuntimeError(f"device_ms: the host could not queue {calls} calls within a {hold_s / 4:.3f} s hold")
-
-
 def _time_rate(row: dict, name: str, amount: float, fn, bench=cuda_bench, unit: str = "tflops") -> None:
     """``row[f"{name}_{unit}"]`` = ``amount`` (flops, or bytes for TB/s) per second / 1e12, from the
     median time of ``fn`` as called (``bench``; on the GPU do_bench, which counts the host's time
     where it exceeds the GPU's), and with ``cuda_bench`` also ``row[f"{name}_device_{unit}"]``
-    from the GPU's time alone (:func:`device_ms`); ``row[f"{name}_error"]`` instead if it fails."""
+    from the GPU's time alone (:func:`~lowcomm.kernels.timing.gpu_ms`); ``row[f"{name}_error"]``
+    instead if it fails."""
     try:
         row[f"{name}_{unit}"] = amount / bench(fn) / 1e9  # per ms -> per s, / 1e12
         if bench is cuda_bench:
-            row[f"{name}_device_{unit}"] = amount / device_ms(fn) / 1e9
+            row[f"{name}_device_{unit}"] = amount / gpu_ms(fn) / 1e9
     except Exception as e:  # one path failing (an old torch, a missing backend) spoils no other
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 

@@ -2548,7 +2548,7 @@ def test_the_gradient_numerics_benchmark_measures_every_recipe_on_a_models_own_t
 
 
 class _PretendGPU:
-    """A stream on a virtual clock for ``benchmarks/kernels.py``'s device_ms: work queued by the host
+    """A stream on a virtual clock for lowcomm.kernels.timing.gpu_ms: work queued by the host
     runs after what was queued before it, no earlier than the host queued it; an event's time is
     when the stream reaches it. ``host`` is the host's clock (seconds), moved by the calls."""
 
@@ -2587,31 +2587,47 @@ class _PretendGPU:
 
 
 def test_device_time_is_the_gpus_alone_where_the_host_is_slower(monkeypatch):
-    """benchmarks/kernels.py's device_ms, on a pretend stream: a call that takes the host 300 us
-    and the GPU 50 us measures 50 us (do_bench's events would hold 300: the GPU waiting for the
-    host), the spin kernel holding the GPU while the host queues every call. A first call that
-    misjudged the host's time makes the hold 4x longer until the host keeps ahead; a host that
-    never does is an error, not a figure."""
-    kernels = load_benchmark("kernels")
-    gpu = _PretendGPU(kernels.SLEEP_HZ)
-    monkeypatch.setattr(kernels, "time", gpu)
+    """gpu_ms (the autotuner's and benchmarks/kernels.py's timer), on a pretend stream: a call
+    that takes the host 300 us and the GPU 50 us measures 50 us (do_bench's events would hold
+    300: the GPU waiting for the host), the spin kernel holding the GPU while the host queues
+    every call; with quantiles, do_bench's answer for the autotuner. A first call that misjudged
+    the host's time makes the hold 4x longer until the host keeps ahead; a host that never does
+    is an error, not a figure."""
+    from lowcomm.kernels import timing, triton_quantize
+
+    gpu = _PretendGPU(timing.SLEEP_HZ)
+    monkeypatch.setattr(timing, "time", gpu)
     costs = {"host": 300e-6, "device": 50e-6}
-    ms = kernels.device_ms(
+    ms = timing.gpu_ms(
         lambda: gpu.run(costs["host"], costs["device"]), cuda=gpu, flush_bytes=16, device="cpu"
     )
     assert ms == pytest.approx(0.05)
+    quantiles = timing.gpu_ms(
+        lambda: gpu.run(costs["host"], costs["device"]),
+        quantiles=(0.5, 0.2, 0.8),
+        cuda=gpu,
+        flush_bytes=16,
+        device="cpu",
+    )
+    assert quantiles == pytest.approx([0.05] * 3)
     calls = []
 
     def slower_after_the_first():  # the host's time of one call misjudged from the first calls
         calls.append(1)
         gpu.run(10e-6 if len(calls) <= 2 else costs["host"], costs["device"])
 
-    ms = kernels.device_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
+    ms = timing.gpu_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
     assert ms == pytest.approx(0.05) and len(calls) == 2 + 3 * 20  # held 1 ms, 4 ms, then 16 ms
     calls.clear()
     costs["host"] = 5e-3  # 20 calls: 100 ms of the host's against a hold of 16 ms at most
     with pytest.raises(RuntimeError, match="could not queue 20 calls"):
-        kernels.device_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
+        timing.gpu_ms(slower_after_the_first, cuda=gpu, flush_bytes=16, device="cpu")
+    seen = []  # the autotuner's timer is this one
+    monkeypatch.setattr(
+        timing, "gpu_ms", lambda fn, calls, quantiles: seen.append((calls, quantiles)) or [1.0]
+    )
+    assert triton_quantize._AUTOTUNE_BENCH(print, quantiles=(0.5, 0.2, 0.8)) == [1.0]
+    assert seen == [(20, (0.5, 0.2, 0.8))]
 
 
 def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():

@@ -1143,14 +1143,15 @@ _TUNED: dict = {}
 
 
 def _quick_bench(kernel_call, quantiles=None):
-    """How the autotuner times a candidate on the GPU: Triton's benchmarker with 5 ms of warm-up
-    and 20 ms of runs instead of its 25 and 100. The tuned kernels take well under a millisecond
-    at a model's shapes (a 16384 x 4096 bf16 tensor at 1 TB/s: 0.2 ms), so 20 ms are still dozens
-    of runs, and a model with a dozen tensor shapes and two fp8 kernels each (five candidates)
-    tunes in a few seconds rather than half a minute."""
-    import triton.testing
+    """How the autotuner times a candidate on the GPU: the GPU's time alone, 20 calls back to back
+    (:func:`~lowcomm.kernels.timing.gpu_ms`), not Triton's benchmarker, whose time is the host's
+    where a launch costs the host more than the kernel takes the GPU: at a model's activations
+    (16384 x 1024 bf16 at 2 TB/s: 25 us) the candidates would be told apart by noise. A model
+    with a dozen tensor shapes and two fp8 kernels each (five candidates) tunes in about a
+    second."""
+    from .timing import gpu_ms
 
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    return gpu_ms(kernel_call, calls=20, quantiles=quantiles)
 
 
 #: how the autotuner times a candidate (tests on CPU set their own, with _TUNED emptied)
