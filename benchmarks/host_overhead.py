@@ -22,17 +22,20 @@ counts: a dispatch mode sees a compiled graph's bookkeeping, not its launches).
 ``layers`` counts the same way what one Linear's forward and backward dispatches under bf16
 autocast, as ``nn.Linear`` and in each low-precision recipe on its sm_90 path: the device is
 reported as sm_90 and ``torch._scaled_mm`` replaced by a stand-in that makes its output (one
-operation, as the real GEMM is one launch); each Triton launch (interpreted, in a child process
-with ``TRITON_INTERPRET=1`` unless this one has it) is counted by its kernel's name and not run,
-allocations are left out, so ``ops`` counts launches. ``host_us`` times the same forward and
-backward with the kernels so left out: the host's Python path alone (not Triton's launcher, not
-the GPU).
+operation, as the real GEMM is one launch); each Triton launch goes through Triton's own launch
+path (binding, specialization, the compiled kernel's cache; in a child process whose Triton
+compiles each kernel for sm_90 and launches nothing: :func:`triton_without_a_gpu`), counted by
+its kernel's name; allocations are left out, so ``ops`` counts launches. ``host_us`` times the
+same forward and backward: the host's Python path and Triton's, not the driver's launch call,
+not the GPU; on CPU tensors, so without the autotuner (``launch_us`` gives its share of a launch)
+and without each launch's switch of the current GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import os
@@ -190,24 +193,88 @@ LAYER_RECIPES = ("fp8_tensorwise", "fp8_rowwise", "fp8_delayed", "mxfp8", "mxfp8
 ALLOCATIONS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_strided.default"}
 
 
+@contextlib.contextmanager
+def triton_without_a_gpu(launched: collections.Counter):
+    """Triton's own launch path on a machine without a GPU: its argument binding, specialization
+    and cache of compiled kernels, each kernel compiled for sm_90 on its first launch as on an
+    H100/H200, each launch counted in ``launched`` (``triton.<kernel>``) and not run: the driver
+    Triton asks for the device, stream and target answers for a pretend GPU, and loads each
+    kernel as a launcher that only counts (so no CUDA call). Triton is put back after."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return None, None, 0, 0, 1024  # module, function, registers, spills, threads a block
+
+        def get_device_properties(self, device):
+            return {
+                "max_shared_mem": 232448,
+                "multiprocessor_count": 132,
+                "max_num_regs": 65536,
+                "warpSize": 32,
+            }
+
+    class Driver:
+        utils = Utils()
+
+        def is_active(self):
+            return True
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def launcher_cls(self, src, metadata):
+            name = f"triton.{getattr(getattr(src, 'fn', None), '__name__', 'kernel')}"
+
+            def launch(*args, **kwargs):
+                launched[name] += 1
+
+            return launch
+
+    kept = dict(vars(driver))  # (the active driver is an attribute or a property's field by version)
+    driver.set_active(Driver())
+    try:
+        yield
+    finally:
+        vars(driver).clear()
+        vars(driver).update(kept)
+
+
 def layers(repeat: int = 300) -> dict:
     """Operations of one Linear forward + backward under bf16 autocast, per recipe on sm_90, and
-    the host's time for them (``host_us``, one thread, the kernels not run)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":  # the Triton kernels run on CPU only interpreted
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        child = subprocess.run(
-            [sys.executable, __file__, "--layers-only"], env=env, capture_output=True, text=True, timeout=600
-        )
+    the host's time for them (``host_us``, one thread, the kernels not run); and what a Triton
+    launch costs the host (``launch_us``: an empty kernel's, directly and through
+    ``triton.autotune``). In a child process: its Triton launches nothing (:func:`triton_without_a_gpu`)."""
+    if not os.environ.get("LOWCOMM_LAYERS_CHILD"):
+        env = {**os.environ, "LOWCOMM_LAYERS_CHILD": "1"}
+        env.pop("TRITON_INTERPRET", None)  # Triton's own launch path, compiled for sm_90
+        argv = [sys.executable, __file__, "--layers-only", f"--layers-repeat={repeat}"]
+        child = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         if child.returncode:
             return {"error": child.stderr.strip().splitlines()[-1]}
         return json.loads(child.stdout)
     import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.linear as linear
     from lowcomm.kernels import LowPrecisionLinear
     from lowcomm.kernels.triton_quantize import HAVE_TRITON, TRITON_MISSING
 
     if not HAVE_TRITON:
         return {"error": TRITON_MISSING}
-    from triton.runtime.interpreter import GridExecutor
+    import triton
+    import triton.language as tl
 
     from lowcomm.kernels import triton_mx_gemm
 
@@ -221,45 +288,65 @@ def layers(repeat: int = 300) -> dict:
     def bf16_gemm_stand_in(a, b, out_dtype):  # the dequant backend's cuBLAS bf16 GEMM
         return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
 
-    def launch_stand_in(self, *args, **kwargs):  # a launch on its grid: counted, not run
-        launched[f"triton.{self.fn.__name__}"] += 1
+    @triton.jit
+    def _empty(ptr, BLOCK: tl.constexpr):
+        tl.store(ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))
 
-    real = gemm._capability, torch._scaled_mm, GridExecutor.__call__, triton_mx_gemm._bf16_mm
+    configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)]
+    tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
+    one = torch.zeros(32)
+
+    def per_call_us(fn) -> float:
+        for _ in range(3):  # compiled, tuned
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - t0) / repeat * 1e6
+
+    real = gemm._capability, gemm._triton_runs_on, linear._triton_runs_on, torch._scaled_mm
+    real_bf16 = triton_mx_gemm._bf16_mm
     gemm._capability, torch._scaled_mm = (lambda device: (9, 0)), gemm_stand_in
+    gemm._triton_runs_on = linear._triton_runs_on = lambda device: True  # the sm_90 path, on CPU tensors
     triton_mx_gemm._bf16_mm = bf16_gemm_stand_in
-    # every interpreted launch goes through a GridExecutor (up to triton 3.3 each kernel's run() is
-    # a closure of its own, not a method of InterpretedFunction to replace)
-    GridExecutor.__call__ = launch_stand_in
     gemm._blockwise_scaled_mm_works.cache_clear()
     rows = {}
     try:
-        for recipe in ("bf16", *LAYER_RECIPES):
-            torch.manual_seed(0)
-            layer = torch.nn.Linear(k, n) if recipe == "bf16" else LowPrecisionLinear(k, n, recipe=recipe)
-            x = torch.randn(tokens, k, requires_grad=True)
+        with triton_without_a_gpu(launched):
+            launch_us = {
+                "direct": per_call_us(lambda: _empty[(1,)](one, BLOCK=32)),
+                "autotuned": per_call_us(lambda: tuned[(1,)](one)),
+            }
+            for recipe in ("bf16", *LAYER_RECIPES):
+                torch.manual_seed(0)
+                layer = torch.nn.Linear(k, n) if recipe == "bf16" else LowPrecisionLinear(k, n, recipe=recipe)
+                x = torch.randn(tokens, k, requires_grad=True)
 
-            def step(layer=layer, x=x):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = layer(x)
-                y.backward(torch.ones_like(y))
+                def step(layer=layer, x=x):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        y = layer(x)
+                    y.backward(torch.ones_like(y))
 
-            for _ in range(3):  # fp8_delayed: the first step is dynamic, the counted ones use the history
-                step()
-            c = _Count()
-            launched.clear()
-            with c:
-                step()
-            work = {op: v for op, v in c.ops.items() if op not in ALLOCATIONS}
-            ops = dict(sorted({**work, **launched}.items()))
-            t0 = time.perf_counter()
-            for _ in range(repeat):
-                step()
-            host_us = (time.perf_counter() - t0) / repeat * 1e6
-            rows[recipe] = {"ops": sum(ops.values()), "host_us": host_us, "by_op": ops}
+                for _ in range(3):  # compiled; fp8_delayed: the first step is dynamic, later ones not
+                    step()
+                c = _Count()
+                launched.clear()
+                with c:
+                    step()
+                work = {op: v for op, v in c.ops.items() if op not in ALLOCATIONS}
+                ops = dict(sorted({**work, **launched}.items()))
+                rows[recipe] = {"ops": sum(ops.values()), "host_us": per_call_us(step), "by_op": ops}
     finally:
-        gemm._capability, torch._scaled_mm, GridExecutor.__call__, triton_mx_gemm._bf16_mm = real
+        gemm._capability, gemm._triton_runs_on, linear._triton_runs_on, torch._scaled_mm = real
+        triton_mx_gemm._bf16_mm = real_bf16
         gemm._blockwise_scaled_mm_works.cache_clear()
-    return {"shape": {"tokens": tokens, "in_features": k, "out_features": n}, "repeat": repeat, "rows": rows}
+    return {
+        "shape": {"tokens": tokens, "in_features": k, "out_features": n},
+        "repeat": repeat,
+        "triton": triton.__version__,
+        "launch_us": launch_us,
+        "rows": rows,
+    }
 
 
 def main(argv=None) -> dict:
@@ -275,9 +362,10 @@ def main(argv=None) -> dict:
         help="the torch.compile part's depth (default: the small size's 8; fewer compile sooner)",
     )
     p.add_argument("--layers-only", action="store_true", help=argparse.SUPPRESS)  # the child of layers()
+    p.add_argument("--layers-repeat", type=int, default=300, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.layers_only:
-        print(json.dumps(layers()))
+        print(json.dumps(layers(args.layers_repeat)))
         return {}
     torch.set_num_threads(1)
     original = build_module.torch.optim.AdamW, build_module.ReplicaAdamW, triton_adamw.adamw_replicas_
