@@ -338,7 +338,8 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
     """What each call costs the host where the GPU's share is microseconds: ``host_us``, the
     time to issue ``calls`` calls back to back (no sync between them) over ``calls``, and
     ``wall_us`` with the GPU finished too (the same: the host is the bottleneck). Rows: a launch
-    of an empty Triton kernel (Triton's own launch path), one torch operation, each quantize the
+    of an empty Triton kernel (Triton's own launch path; and through ``triton.autotune``, its
+    choice made: the autotuner's share), one torch operation, each quantize the
     fp8 layers launch (autotuned as in training), and one Linear forward + backward under bf16
     autocast as ``nn.Linear`` and in each recipe. In the eager d=1024 training of 2026-12-04 the
     GPU was busy 41% of the wall in fp8_rowwise, 49-52% in fp8_tensorwise and mxfp8_fast, 72% in
@@ -372,8 +373,12 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
     T, K, N = shape
     one = torch.zeros(1, device=device)
     x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
+    # the autotuner's own share of a launch: two candidates, its choice made at once (no timing)
+    configs = [triton.Config({}, num_warps=w) for w in (1, 2)]
+    tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
     rows = {
         "triton_empty_kernel": lambda: _empty[(1,)](one),
+        "triton_empty_kernel_autotuned": lambda: tuned[(1,)](one),
         "torch_add_": lambda: one.add_(1.0),
         "fp8_quantize_dual_rowwise": lambda: fp8_quantize_dual(x, "e4m3", "rowwise"),
         "fp8_quantize_dual_tensorwise": lambda: fp8_quantize_dual(x, "e4m3", "tensorwise"),

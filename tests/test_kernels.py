@@ -2649,7 +2649,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
     host = bench.host_time(shape=(128, 128, 128), device=dev, calls=2)  # each row's host time a call
     timed = {k: v for k, v in host.items() if isinstance(v, dict)}
-    assert len(timed) == 12 and all(v.get("host_us", 0) > 0 for v in timed.values()), host
+    assert len(timed) == 13 and all(v.get("host_us", 0) > 0 for v in timed.values()), host
     codec = bench.codec_speed(numel=1000, device=dev, bench=wall_ms)  # the e3m0 kernels, interpreted
     assert all(codec[f"{n}_{p}_TBps"] > 0 for n in ("encode", "decode") for p in ("kernel", "torch")), codec
     for row in rows + [linear]:
