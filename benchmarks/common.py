@@ -175,3 +175,20 @@ def _inductor_source(name: str, files: list[Path], read, chars: int) -> str:
         if kernel_file is None and f"def {name}(" in text:
             kernel_file = text
     return kernel_file[:chars].strip() if kernel_file else ""
+
+
+def empty_launches(out: torch.Tensor) -> dict:
+    """``{"direct": call, "autotuned": call}``: one launch of an empty Triton kernel (a store of 32
+    values into ``out``) through Triton's own launch path, and the same through ``triton.autotune``
+    with two candidates and its choice made at the first call (no timing): what a launch, and the
+    autotuner's share of one, cost the host."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(ptr, BLOCK: tl.constexpr):
+        tl.store(ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)]
+    tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
+    return {"direct": lambda: _empty[(1,)](out, BLOCK=32), "autotuned": lambda: tuned[(1,)](out)}

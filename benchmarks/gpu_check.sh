@@ -81,9 +81,10 @@ cat "$OUT/env.txt"
 # each compiles Inductor kernels for tens of seconds); the count of the layers' host operations
 # (a CPU count on a pretend sm_90); the ahead-of-time compiles for sm_90a/sm_100a and of the
 # quantize kernels' fp8 conversion (they run no GPU); Inductor's code for a pretend sm_90 (it
-# stands in for the CUDA driver: 35 s of a shard for nothing the GPU does); and tests/test_train_paths.py (CPU paths,
-# the tensorboard sink's test among them, a [dev] extra absent from GPU images: under torch 2.11
-# + triton 3.6 on CPU they pass, and nothing in them runs on CUDA). Each test left out here is
+# stands in for the CUDA driver: 35 s of a shard for nothing the GPU does); and
+# tests/test_train_paths.py (CPU paths, the tensorboard sink's test among them, a [dev] extra
+# absent from GPU images: under torch 2.11 + triton 3.6 on CPU they pass, and nothing in them
+# runs on CUDA). Each test left out here is
 # named in the -k below; a CI test checks that every name there still names a test. -v: each
 # test's outcome is written as it ends, so a time-out still shows which passed and failed; no -x:
 # one slot shows every failure. The MX quantize's tiles are pinned here (LOWCOMM_AUTOTUNE=0: the

@@ -49,7 +49,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp, write_result  # noqa: E402
+from common import empty_launches, stamp, write_result  # noqa: E402
 
 from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
@@ -274,7 +274,6 @@ def layers(repeat: int = 300) -> dict:
     if not HAVE_TRITON:
         return {"error": TRITON_MISSING}
     import triton
-    import triton.language as tl
 
     from lowcomm.kernels import triton_mx_gemm
 
@@ -287,14 +286,6 @@ def layers(repeat: int = 300) -> dict:
 
     def bf16_gemm_stand_in(a, b, out_dtype):  # the dequant backend's cuBLAS bf16 GEMM
         return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
-
-    @triton.jit
-    def _empty(ptr, BLOCK: tl.constexpr):
-        tl.store(ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))
-
-    configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)]
-    tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
-    one = torch.zeros(32)
 
     def per_call_us(fn) -> float:
         for _ in range(3):  # compiled, tuned
@@ -313,10 +304,7 @@ def layers(repeat: int = 300) -> dict:
     rows = {}
     try:
         with triton_without_a_gpu(launched):
-            launch_us = {
-                "direct": per_call_us(lambda: _empty[(1,)](one, BLOCK=32)),
-                "autotuned": per_call_us(lambda: tuned[(1,)](one)),
-            }
+            launch_us = {k: per_call_us(call) for k, call in empty_launches(torch.zeros(32)).items()}
             for recipe in ("bf16", *LAYER_RECIPES):
                 torch.manual_seed(0)
                 layer = torch.nn.Linear(k, n) if recipe == "bf16" else LowPrecisionLinear(k, n, recipe=recipe)

@@ -54,7 +54,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from common import stamp, write_result
+from common import empty_launches, stamp, write_result
 
 from lowcomm.kernels import qmatmul
 from lowcomm.kernels.gemm import RECIPES
@@ -345,17 +345,11 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
     GPU was busy 41% of the wall in fp8_rowwise, 49-52% in fp8_tensorwise and mxfp8_fast, 72% in
     mxfp8 (bf16: 76%), and the profile gave each low-precision layer's forward 0.67-1.12 ms of the
     host's time a call (0.41-0.70 ms in its own Python and launches): these rows say where."""
-    import triton
-    import triton.language as tl
     from torch import nn
 
     from lowcomm.kernels import LowPrecisionLinear
     from lowcomm.kernels.triton_fp8 import fp8_quantize_dual
     from lowcomm.kernels.triton_quantize import mx_fast_quantize_dual, mx_quantize_dual
-
-    @triton.jit
-    def _empty(ptr):
-        tl.store(ptr, 1.0)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -371,14 +365,12 @@ def host_time(shape=HOST_SHAPE, device: str = "cuda", calls: int = 300) -> dict:
         return {"host_us": issued / calls * 1e6, "wall_us": (time.perf_counter() - t0) / calls * 1e6}
 
     T, K, N = shape
-    one = torch.zeros(1, device=device)
+    one = torch.zeros(32, device=device)
     x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
-    # the autotuner's own share of a launch: two candidates, its choice made at once (no timing)
-    configs = [triton.Config({}, num_warps=w) for w in (1, 2)]
-    tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
+    empty = empty_launches(one)  # a launch, and the autotuner's share of one
     rows = {
-        "triton_empty_kernel": lambda: _empty[(1,)](one),
-        "triton_empty_kernel_autotuned": lambda: tuned[(1,)](one),
+        "triton_empty_kernel": empty["direct"],
+        "triton_empty_kernel_autotuned": empty["autotuned"],
         "torch_add_": lambda: one.add_(1.0),
         "fp8_quantize_dual_rowwise": lambda: fp8_quantize_dual(x, "e4m3", "rowwise"),
         "fp8_quantize_dual_tensorwise": lambda: fp8_quantize_dual(x, "e4m3", "tensorwise"),
