@@ -22,7 +22,8 @@ each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (lowc
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
   dual quantize (tensorwise, rowwise; autotuned, the tiles its two kernels took, and the 64 x 64
   tile on 8 warps it ran before, pinned; against the same copies made by torch ops), one rowwise
-  copy in one pass and in two, delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
+  copy of A's rows and of B's columns (the copies a rowwise GEMM quantizes: as chosen, and in one
+  pass and in two), delayed scaling's one-pass quantize and mxfp8_fast's (1x128,
   128x128; against the per-GEMM torch ops) in bytes read + written
   per second, and a copy for the bandwidth; the MX, fp8 and mxfp8_fast dual quantize again with
   ``_arith``: rounding to fp8 in fp32 arithmetic first (``LOWCOMM_FP8_HW_CVT=0``), as the
@@ -125,7 +126,9 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_fp8 import (
         FP8_CUDA_CONFIG,
+        _fp8_one_copy,
         _fp8_quantize_dual,
+        _one_pass_fills,
         fp8_quantize_dual,
         fp8_quantize_scaled,
     )
@@ -213,12 +216,19 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
             _time_rate(row, f"fp8_dual_quantize_{scaling}_64x64w8", moved, pinned, bench, unit="TBps")
             torch_ops = partial(_fp8_both_copies_in_torch, a, scaling)
             _time_rate(row, f"fp8_dual_quantize_{scaling}_torch", moved, torch_ops, bench, unit="TBps")
-        # one rowwise copy (evaluation; a backward wanting only dx or dW): one pass against two
-        one_copy = a.numel() * a.element_size() + a.numel()
-        one = partial(fp8_quantize_dual, a, scaling="rowwise", cols=False)
-        _time_rate(row, "fp8_one_copy_rowwise", one_copy, one, bench, unit="TBps")
-        two = partial(_fp8_quantize_dual, a, "e4m3", "rowwise", True, False, one_pass=False)
-        _time_rate(row, "fp8_one_copy_rowwise_two_pass", one_copy, two, bench, unit="TBps")
+        # one rowwise copy (evaluation; a backward wanting only dx or dW; each operand of a
+        # rowwise GEMM): a's rows and b's columns (what qmatmul quantizes), as fp8_quantize_dual
+        # chooses (one pass where its slices fill the GPU), and in one and in two passes
+        for side, t, rows_ in (("", a, True), ("_cols", b, False)):
+            one_copy = t.numel() * t.element_size() + t.numel()
+            name = f"fp8_one_copy_rowwise{side}"
+            chosen = partial(fp8_quantize_dual, t, scaling="rowwise", rows=rows_, cols=not rows_)
+            _time_rate(row, name, one_copy, chosen, bench, unit="TBps")
+            row[f"{name}_passes"] = 1 if _one_pass_fills(t, rows_) else 2
+            one = partial(_fp8_one_copy, t, "e4m3", rows_)
+            _time_rate(row, f"{name}_one_pass", one_copy, one, bench, unit="TBps")
+            two = partial(_fp8_quantize_dual, t, "e4m3", "rowwise", rows_, not rows_, one_pass=False)
+            _time_rate(row, f"{name}_two_pass", one_copy, two, bench, unit="TBps")
         # mxfp8_fast: both copies of an activation (1x128) and of a weight (128x128 tiles), MX
         # regrouped in one pass, against the per-GEMM path's torch ops (MX along each axis, then
         # the regrouping)

@@ -1208,16 +1208,42 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
     x = _hard_input(70, 300, dtype, seed=5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for rows in (True, False):
-        if tiles == "cuda":
-            config = triton_fp8.FP8_ONE_COPY_CUDA[rows]
-            q, s, qt, st = triton_fp8._fp8_one_copy(x.to(dev), elem, rows, config)
-        else:
-            q, s, qt, st = triton_fp8.fp8_quantize_dual(x.to(dev), elem, "rowwise", rows=rows, cols=not rows)
+        config = triton_fp8.FP8_ONE_COPY_CUDA[rows] if tiles == "cuda" else None
+        q, s, qt, st = triton_fp8._fp8_one_copy(x.to(dev), elem, rows, config)
         want, want_s = quantize_fp8(x, elem, "rowwise", axis=-1 if rows else 0)
         got, got_s = (q, s) if rows else (qt, st)
         assert _same_fp8(got.cpu(), want if rows else want.t().contiguous()), rows
         assert torch.equal(got_s.cpu(), want_s), rows
     assert len(launches) == 2
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_one_rowwise_fp8_copy_takes_one_pass_only_where_its_slices_fill_the_gpu(rows, monkeypatch):
+    """On a GPU one pass (a program per slice of whole rows, or of whole columns) is taken where its
+    grid gives every SM two programs, two passes over (row, column) tiles elsewhere: a weight's
+    columns in 64-column slices left an H200 nearly idle. On a pretend GPU of 3 SMs: 5 slices of
+    16 rows (or 64 columns) are too few, 6 are enough; the bytes are the same either way."""
+    needs_triton()
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+
+    assert triton_fp8._one_pass_fills(torch.zeros(1, 1), rows)  # the interpreter: always one pass
+    one = _count_launches(monkeypatch, triton_fp8, "_fp8_one_copy_kernel")
+    two = _count_launches(monkeypatch, triton_fp8, "_fp8_amax_kernel")
+    monkeypatch.setattr(triton_fp8, "_sm_count", lambda device: 3)
+    cfg = triton_fp8.FP8_ONE_COPY_CUDA[rows]
+    slice_ = cfg["BLOCK_R"] if rows else cfg["BLOCK_C"]
+    made = []
+    for slices in (5, 6):
+        n = slices * slice_ - 1  # the last slice part-filled
+        x = _hard_input(*((n, 40) if rows else (40, n)), torch.float32, seed=slices)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        q, s, qt, st = triton_fp8.fp8_quantize_dual(x.to(dev), "e4m3", "rowwise", rows=rows, cols=not rows)
+        made.append((len(one), len(two)))
+        want, want_s = quantize_fp8(x, "e4m3", "rowwise", axis=-1 if rows else 0)
+        got, got_s = (q, s) if rows else (qt, st)
+        assert _same_fp8(got.cpu(), want if rows else want.t().contiguous())
+        assert torch.equal(got_s.cpu(), want_s)
+    assert made == [(0, 1), (1, 1)], made  # 5 slices: two passes; 6: one
 
 
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
@@ -2664,7 +2690,10 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, tile_name
 
     tiles = [f"dual_quantize_{tile_name(c)}" for c in QUANTIZE_CUDA_CONFIGS]
-    fp8 += ["fp8_delayed_quantize", "fp8_one_copy_rowwise", "fp8_one_copy_rowwise_two_pass"]
+    fp8 += ["fp8_delayed_quantize"]
+    fp8 += [f"fp8_one_copy_rowwise{s}{p}" for s in ("", "_cols") for p in ("", "_one_pass", "_two_pass")]
+    passes = 2 if dev == "cuda" else 1  # a GPU: 128 x 128 has too few slices for one pass; CPU: one
+    assert rows[0]["fp8_one_copy_rowwise_passes"] == rows[0]["fp8_one_copy_rowwise_cols_passes"] == passes
     fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]
     fp8 += ["dual_quantize_arith", "mx_fast_dual_quantize_1x128_arith"]  # the arithmetic rounding
     fp8 += [f"fp8_dual_quantize_{s}_arith" for s in ("tensorwise", "rowwise")]

@@ -35,6 +35,8 @@ Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import triton_quantize
@@ -309,6 +311,13 @@ FP8_ONE_COPY_CUDA = {
     True: {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 4},
     False: {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
 }
+# The one pass has a program per slice, so a tensor with few slices gives the GPU few programs:
+# a weight's columns (4096 or 8192 rows, 64 columns a slice: 64-224 programs on 132 SMs) were
+# copied at 0.3-0.6 TB/s on the H200 (2026-12-04, read off the rowwise GEMM rows with and without
+# their quantize), where 512-1024 slices of rows ran 1.9-2.4 TB/s and tensorwise's two passes over
+# (row, column) tiles 1.7-2.5 TB/s (BENCHMARKS.md). So on CUDA one pass is taken only where its
+# grid gives every SM at least this many programs, two passes over tiles elsewhere (the same bytes).
+ONE_PASS_PROGRAMS_PER_SM = 2
 
 
 if HAVE_TRITON:
@@ -428,8 +437,9 @@ def _fp8_quantize_dual(
     x: torch.Tensor, elem: str, scaling: str, rows: bool, cols: bool, config=None, one_pass: bool = True
 ):
     """:func:`fp8_quantize_dual` after its checks: four tensors, empty for a copy not made. One
-    rowwise copy (without ``config``) is made in one pass over x unless ``one_pass=False``."""
-    if one_pass and scaling == "rowwise" and rows != cols and config is None:
+    rowwise copy (without ``config``) is made in one pass over x where that fills the GPU
+    (:func:`_one_pass_fills`) unless ``one_pass=False``."""
+    if one_pass and scaling == "rowwise" and rows != cols and config is None and _one_pass_fills(x, rows):
         return _fp8_one_copy(x, elem, rows)
     cfg = dict(FP8_CUDA_CONFIG if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
     unknown = set(config or {}) - set(cfg)
@@ -498,6 +508,30 @@ def _launch_cast(x, s_rows, s_cols, q, qt, amax, elem, tensor, rows, cols, given
             RECORD=record,
             **(cfg or {}),
         )
+
+
+def _one_pass_fills(x: torch.Tensor, rows: bool) -> bool:
+    """Whether one rowwise copy of ``x`` is made in one pass (:func:`_fp8_one_copy`): always in the
+    interpreter; on CUDA where its grid gives each SM :data:`ONE_PASS_PROGRAMS_PER_SM` programs."""
+    sms = _sm_count(x.device)
+    if sms is None:
+        return True
+    R, C = x.shape
+    cfg = FP8_ONE_COPY_CUDA[rows]
+    programs = -(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"])
+    return programs >= ONE_PASS_PROGRAMS_PER_SM * sms
+
+
+def _sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors of a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = None):
