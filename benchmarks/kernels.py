@@ -18,7 +18,9 @@ each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (lowc
   (quantize included), fp8 tensorwise / rowwise with fast accumulation (``_fast_accum``: the fp8
   MMA's own sums), and their GEMM alone on operands quantized beforehand (``_gemm``, with and
   without fast accumulation), the exact-MX Triton GEMM
-  (B row-major, and B = Wᵀ as fprop reads it), the 1x128 block-scaled Triton GEMM, the fused
+  (B row-major, and B = Wᵀ as fprop reads it), exact MX through cuBLAS bf16 with the MX
+  dequantize (autotuned, the tile it took, and each candidate pinned), the 1x128 block-scaled
+  Triton GEMM, the fused
   dual-axis MX quantize (autotuned, the tiles it took, and each candidate tile pinned), the fp8
   dual quantize (tensorwise, rowwise; autotuned, the tiles its two kernels took, and the 64 x 64
   tile on 8 warps it ran before, pinned; against the same copies made by torch ops), one rowwise
@@ -134,8 +136,10 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     )
     from lowcomm.kernels.triton_mx_gemm import blockwise_matmul, mx_dequant_matmul, mx_matmul
     from lowcomm.kernels.triton_quantize import (
+        DEQUANT_CUDA_CONFIGS,
         FAST_CUDA_CONFIGS,
         QUANTIZE_CUDA_CONFIGS,
+        _run_dequant,
         last_tuned_config,
         mx_dequantize,
         mx_fast_quantize_dual,
@@ -174,14 +178,12 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         )
         dq_bT = partial(mx_dequant_matmul, da, sa, wt.t(), wts.t(), **bf16_out)
         _time_rate(row, "mx_exact_dequant_bT", flops, dq_bT, bench)
-        _time_rate(
-            row,
-            "mx_dequantize",
-            3 * a.numel() + a.numel() // 32,
-            partial(mx_dequantize, da, sa),
-            bench,
-            unit="TBps",
-        )
+        dequant_moved = 3 * a.numel() + a.numel() // 32
+        _time_rate(row, "mx_dequantize", dequant_moved, partial(mx_dequantize, da, sa), bench, unit="TBps")
+        row["mx_dequantize_tiles"] = last_tuned_config("mx_dequantize")  # None: no tuning
+        for cfg in DEQUANT_CUDA_CONFIGS:  # each candidate, pinned
+            pinned = partial(_run_dequant, da, sa, True, False, config=cfg)
+            _time_rate(row, f"mx_dequantize_{tile_name(cfg)}", dequant_moved, pinned, bench, unit="TBps")
         qa, ga = regroup_mx_1x128(da, sa, axis=1)
         qb, gb = regroup_mx_1x128(db, sb, axis=0)
         _time_rate(row, "mx_fast_triton", flops, partial(blockwise_matmul, qa, ga, qb, gb), bench)

@@ -602,6 +602,38 @@ def test_mx_dequantize_writes_the_references_bf16_bit_for_bit(elem):
         mx_dequantize(x, s, 0)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's 0 x inf for NaN blocks
+def test_the_mx_dequantize_autotuner_times_each_tile_once_per_shape_and_every_tile_writes_the_same_bits(
+    monkeypatch,
+):
+    """On CUDA the dequantize picks its tile by timing DEQUANT_CUDA_CONFIGS; each candidate, pinned,
+    writes dequantize_mx's bf16 bit for bit along either axis (a tile wider or taller than the
+    tensor, a tensor of several tiles, NaN, inf, zeros, blocks near 2^-127); with a stand-in
+    timing that makes the last candidate fastest it is taken, and a shape seen before is not
+    timed again."""
+    needs_triton()
+    import lowcomm.kernels.triton_quantize as tq
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(6)
+    x = torch.randn(160, 96) * torch.logspace(-38, 38, 96)
+    x[3, :40], x[5, 7], x[9, 1], x[100, 70] = 0.0, -0.0, float("nan"), float("inf")
+    x[11] *= 2.0**-100
+    for axis in (-1, 0):
+        d, s = quantize_mx(x, elem="e4m3", axis=axis)
+        want = dequantize_mx(d, s, axis=axis, dtype=torch.bfloat16)
+        for cfg in tq.DEQUANT_CUDA_CONFIGS:
+            got = tq._run_dequant(d.to(dev), s.to(dev), axis != 0, False, config=cfg).cpu()
+            assert _same_bits(got, want), (axis, cfg)
+    timed = _stand_in_autotuning(monkeypatch, "mx_dequantize", len(tq.DEQUANT_CUDA_CONFIGS))
+    for runs, axis in ((1, -1), (1, -1), (2, 0)):  # a shape and axis seen before are not timed again
+        d, s = quantize_mx(x, elem="e4m3", axis=axis)
+        got = tq.mx_dequantize(d.to(dev), s.to(dev), axis).cpu()
+        assert len(timed) == runs * len(tq.DEQUANT_CUDA_CONFIGS), (axis, len(timed))
+        assert tq.last_tuned_config("mx_dequantize") == tq.DEQUANT_CUDA_CONFIGS[-1]
+        assert _same_bits(got, dequantize_mx(d, s, axis=axis, dtype=torch.bfloat16)), axis
+
+
 def test_the_dequant_backend_is_exact_mx_through_a_bf16_gemm():
     """``backend="dequant"``: the operands quantized by the fused kernel, dequantized exactly to
     bf16 and multiplied by the bf16 GEMM give the emulated exact-MX product up to fp32 summation
@@ -883,12 +915,12 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     # the dual's amax and cast (tensorwise, rowwise), the rowwise pair at each other autotuner
     # candidate, the one-copy kernel (rows, columns) and delayed scaling's cast
     assert len(fp8) == 7 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
-    from lowcomm.kernels.triton_quantize import FAST_CUDA_CONFIGS
+    from lowcomm.kernels.triton_quantize import DEQUANT_CUDA_CONFIGS, FAST_CUDA_CONFIGS
 
     assert (
         len(fast) == 3 + len(FAST_CUDA_CONFIGS) - 1
         and len(adamw) == 2
-        and len(dequant) == 3
+        and len(dequant) == 3 + len(DEQUANT_CUDA_CONFIGS) - 1
         and len(step) == 1
         and len(codec) == 2
     )
@@ -2690,6 +2722,9 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS, tile_name
 
     tiles = [f"dual_quantize_{tile_name(c)}" for c in QUANTIZE_CUDA_CONFIGS]
+    from lowcomm.kernels.triton_quantize import DEQUANT_CUDA_CONFIGS
+
+    tiles += [f"mx_dequantize_{tile_name(c)}" for c in DEQUANT_CUDA_CONFIGS]
     fp8 += ["fp8_delayed_quantize"]
     fp8 += [f"fp8_one_copy_rowwise{s}{p}" for s in ("", "_cols") for p in ("", "_one_pass", "_two_pass")]
     passes = 2 if dev == "cuda" else 1  # a GPU: 128 x 128 has too few slices for one pass; CPU: one
@@ -2704,6 +2739,8 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     tuned = autotuning(torch.device(dev))
     took = rows[0]["dual_quantize_tiles"]
     assert took in QUANTIZE_CUDA_CONFIGS if tuned else took is None, took
+    took = rows[0]["mx_dequantize_tiles"]
+    assert took in DEQUANT_CUDA_CONFIGS if tuned else took is None, took
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS
 
     for scaling in ("tensorwise", "rowwise"):  # the fp8 quantize's two kernels: the same

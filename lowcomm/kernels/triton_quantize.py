@@ -620,15 +620,29 @@ if HAVE_TRITON:
         # the value is rounded to them half to even in fp32 arithmetic. Every value is then a bf16
         # one, whose bits are the fp32's upper half: stored as such, with no conversion (the
         # interpreter's flushes subnormals). A NaN scale (255) or byte gives NaN.
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        inside = (rows < R)[:, None] & (cols < C)[None, :]
-        b = tl.load(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=inside, other=0)
+        # The tile is read as blocks along a third axis, (BLOCK_R, BLOCK_C/32, 32) or (BLOCK_R/32,
+        # 32, BLOCK_C), so each scale is loaded once for its block and broadcast in registers (as
+        # a (R, C) tile, each thread loaded a scale byte for each of its values: 32 one-byte loads
+        # a thread beside its two 16-byte ones, compiled for sm_90a).
         if AXIS == 1:
-            s_offs = rows.to(tl.int64)[:, None] * (C // 32) + (cols // 32)[None, :]
+            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            blocks = tl.program_id(1) * (BLOCK_C // 32) + tl.arange(0, BLOCK_C // 32)
+            live = (rows < R)[:, None] & (blocks < C // 32)[None, :]
+            row_at = rows.to(tl.int64)[:, None]
+            s = tl.load(s_ptr + row_at * (C // 32) + blocks[None, :], mask=live, other=127)
+            s = s.to(tl.int32)[:, :, None]
+            offs = (row_at * C + blocks[None, :] * 32)[:, :, None] + tl.arange(0, 32)[None, None, :]
+            inside = live[:, :, None] & (tl.arange(0, 32) < 32)[None, None, :]
         else:
-            s_offs = (rows // 32).to(tl.int64)[:, None] * C + cols[None, :]
-        s = tl.load(s_ptr + s_offs, mask=inside, other=127).to(tl.int32)
+            blocks = tl.program_id(0) * (BLOCK_R // 32) + tl.arange(0, BLOCK_R // 32)
+            cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+            live = (blocks < R // 32)[:, None] & (cols < C)[None, :]
+            s = tl.load(s_ptr + blocks.to(tl.int64)[:, None] * C + cols[None, :], mask=live, other=127)
+            s = s.to(tl.int32)[:, None, :]
+            rows = blocks.to(tl.int64)[:, None] * 32 + tl.arange(0, 32)[None, :]
+            offs = (rows * C)[:, :, None] + cols[None, None, :]
+            inside = live[:, None, :] & (tl.arange(0, 32) < 32)[None, :, None]
+        b = tl.load(q_ptr + offs, mask=inside, other=0)
         mag = b & 0x7F
         if E5M2:  # 0x7C is inf, above it NaN
             v = b.to(tl.float8e5, bitcast=True).to(tl.float32)
@@ -645,7 +659,7 @@ if HAVE_TRITON:
         y_bits = y.to(tl.int32, bitcast=True)
         bits = (a.to(tl.int32, bitcast=True) >> 16) | ((y_bits >> 16) & 0x8000)
         bits = tl.where(nan, 0x7FC0, bits).to(tl.int16)  # out_ptr: the bf16 output as int16
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], bits, mask=inside)
+        tl.store(out_ptr + offs, bits, mask=inside)
 
 
 # Tiles per program on CUDA. The candidates were chosen by compiling each tile shape and warp
@@ -773,13 +787,18 @@ def static_specs() -> list:
                         ("R", "C"),
                     )
                 )
-    # the dequantize to bf16 of the dequant backend's GEMMs: both blocked axes, both formats
-    for elem, axis in (("e4m3", 1), ("e4m3", 0), ("e5m2", 1)):
-        cfg = DEQUANT_CUDA_CONFIG
+    # the dequantize to bf16 of the dequant backend's GEMMs: both blocked axes, both formats, at
+    # the first tile; e4m3 along rows at each other autotuner candidate
+    first = DEQUANT_CUDA_CONFIG
+    cases = [("e4m3", 1, first), ("e4m3", 0, first), ("e5m2", 1, first)]
+    cases += [("e4m3", 1, cfg) for cfg in DEQUANT_CUDA_CONFIGS[1:]]
+    for elem, axis, cfg in cases:
         consts = dict(AXIS=axis, E5M2=elem == "e5m2", BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
         sig = {"q_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*i16", "R": "i32", "C": "i32"}
         sig.update({k: "constexpr" for k in consts})
         name = f"mx_dequantize ({elem} to bf16, axis={axis})"
+        if cfg is not DEQUANT_CUDA_CONFIG:
+            name += f" {tile_name(cfg)}"
         specs.append(
             KernelSpec(name, _mx_dequant_kernel, sig, consts, cfg["num_warps"], 1, aligned=("R", "C"))
         )
@@ -836,9 +855,22 @@ def mx_quantize(
     return out[:2] if rows else out[2:]
 
 
-#: the MX dequantize's tile: on CUDA 32 x 128 in 4 warps (compiled for sm_90a: 16-byte stores, no
-#: spills; its speed not measured); the interpreter's 32 x 32
-DEQUANT_CUDA_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4}
+# The MX dequantize's tiles on CUDA. The first, 32 x 128 on 4 warps, ran 0.63-1.13 TB/s on the
+# H200 (15-27% of copy; 2026-12-04), when each thread also loaded a scale byte per value. Compiled
+# for sm_90a (triton 3.9) with a scale load per block, every candidate has no spills and stores
+# whole 16-byte packets; with more than one warp the tile crosses warps between the load's layout
+# and the store's (2-8 KiB of shared memory, 7-11 barriers), with one warp it does not (0, 0,
+# 78-86 registers). Which is fastest is the GPU's to say: on CUDA the kernel is autotuned over
+# them once per shape (LOWCOMM_AUTOTUNE=0 pins the first); every candidate writes the same bytes
+# (tested). The interpreter runs 32 x 32.
+DEQUANT_CUDA_CONFIGS = (
+    {"BLOCK_R": 32, "BLOCK_C": 128, "num_warps": 4},
+    {"BLOCK_R": 32, "BLOCK_C": 64, "num_warps": 1},
+    {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 2},
+    {"BLOCK_R": 32, "BLOCK_C": 256, "num_warps": 4},
+    {"BLOCK_R": 128, "BLOCK_C": 128, "num_warps": 8},
+)
+DEQUANT_CUDA_CONFIG = DEQUANT_CUDA_CONFIGS[0]
 DEQUANT_INTERPRET_CONFIG = {"BLOCK_R": 32, "BLOCK_C": 32, "num_warps": 4}
 
 
@@ -891,18 +923,28 @@ def mx_dequantize(data: torch.Tensor, scales: torch.Tensor, axis: int = -1) -> t
     return _run_dequant(data, scales, rows, e5m2)
 
 
-def _run_dequant(data: torch.Tensor, scales: torch.Tensor, rows: bool, e5m2: bool) -> torch.Tensor:
-    cfg = DEQUANT_CUDA_CONFIG if data.is_cuda else DEQUANT_INTERPRET_CONFIG
+def _run_dequant(
+    data: torch.Tensor, scales: torch.Tensor, rows: bool, e5m2: bool, config: dict | None = None
+) -> torch.Tensor:
+    """:func:`mx_dequantize` after its checks; ``config``: a tile (one of DEQUANT_CUDA_CONFIGS'
+    keys) instead of the autotuner's (CUDA) or the interpreter's."""
+    tune = config is None and autotuning(data.device)
+    cfg = config or (DEQUANT_CUDA_CONFIG if data.is_cuda else DEQUANT_INTERPRET_CONFIG)
     q, s = data.contiguous().view(torch.uint8), scales.contiguous()
     out = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
     R, C = data.shape
     if R and C:
-        grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+        args = (q, s, out.view(torch.int16), R, C)
         with on_device(data):
-            _mx_dequant_kernel[grid](
-                q, s, out.view(torch.int16), R, C, AXIS=1 if rows else 0, E5M2=e5m2,
-                BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-            )  # fmt: skip
+            if tune:  # the candidates write the same bytes: the tuner's runs change nothing
+                grid = lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))  # noqa: E731
+                _tuned("mx_dequantize")[grid](*args, AXIS=1 if rows else 0, E5M2=e5m2)
+            else:
+                grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
+                _mx_dequant_kernel[grid](
+                    *args, AXIS=1 if rows else 0, E5M2=e5m2,
+                    BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+                )  # fmt: skip
     return out
 
 
@@ -1121,13 +1163,19 @@ def _tuned(name: str):
 
 #: the kernels autotuned on CUDA, by name: a function returning (kernel, key, configs).
 #: ``mx_quantize_dual`` (the MX quantize) over QUANTIZE_CUDA_CONFIGS' tiles and warps,
-#: ``mx_fast_quantize_dual`` over FAST_CUDA_CONFIGS; lowcomm.kernels.triton_fp8 adds
+#: ``mx_fast_quantize_dual`` over FAST_CUDA_CONFIGS, ``mx_dequantize`` over
+#: DEQUANT_CUDA_CONFIGS; lowcomm.kernels.triton_fp8 adds
 #: the fp8 quantize's two kernels.
 TUNABLE: dict = {
     "mx_quantize_dual": lambda: (
         _mx_dual_kernel,
         ["R", "C", "ROWS", "COLS", "E5M2", "RCEIL"],
         tile_configs(QUANTIZE_CUDA_CONFIGS),
+    ),
+    "mx_dequantize": lambda: (
+        _mx_dequant_kernel,
+        ["R", "C", "AXIS", "E5M2"],
+        tile_configs(DEQUANT_CUDA_CONFIGS),
     ),
     "mx_fast_quantize_dual": lambda: (
         _mx_fast_kernel,
