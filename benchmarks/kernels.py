@@ -15,7 +15,8 @@ each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (lowc
 
 - GEMMs at 8192^3, 16384x4096x14336, 16384x14336x4096 and 4096^3: cuBLAS bf16, fp8 tensorwise /
   rowwise and mxfp8_fast (B in 1x128 blocks, and in 128x128 tiles) through torch._scaled_mm
-  (quantize included), fp8 tensorwise / rowwise with fast accumulation (``_fast_accum``: the fp8
+  (quantize included; a bf16 result as the bf16 GEMM writes, and fp8 rowwise's converted to fp32
+  too, ``_fp32_out``), fp8 tensorwise / rowwise with fast accumulation (``_fast_accum``: the fp8
   MMA's own sums), and their GEMM alone on operands quantized beforehand (``_gemm``, with and
   without fast accumulation), the exact-MX Triton GEMM
   (B row-major, and B = Wᵀ as fprop reads it), exact MX through cuBLAS bf16 with the MX
@@ -155,14 +156,21 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         flops = 2 * M * N * K
         row = {"shape": [M, K, N]}
         _time_rate(row, "bf16", flops, lambda a=a, b=b: a @ b, bench)
-        for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):  # quantize included
-            _time_rate(row, r, flops, lambda a=a, b=b, r=r: qmatmul(a, b, r, backend=scaled), bench)
+        # quantize included; a bf16 result, as the bf16 row's and a layer's (until 2026-12-05 an
+        # fp32 one: the rowwise and blockwise GEMMs' bf16 output then converted, as in the row
+        # fp8_rowwise_fp32_out)
+        bf16_out = {"out_dtype": torch.bfloat16}
+        for r in ("fp8_tensorwise", "fp8_rowwise", "mxfp8_fast"):
+            _time_rate(row, r, flops, partial(qmatmul, a, b, r, backend=scaled, **bf16_out), bench)
+        _time_rate(
+            row, "fp8_rowwise_fp32_out", flops, partial(qmatmul, a, b, "fp8_rowwise", backend=scaled), bench
+        )
         for r in ("fp8_tensorwise", "fp8_rowwise"):  # the fp8 GEMMs: quantize included, and alone
-            fast = partial(qmatmul, a, b, r, backend=scaled, fast_accum=True)
+            fast = partial(qmatmul, a, b, r, backend=scaled, fast_accum=True, **bf16_out)
             _time_rate(row, f"{r}_fast_accum", flops, fast, bench)
             for name, gemm in _fp8_gemms(a, b, r, scaled == "scaled_mm").items():
                 _time_rate(row, name, flops, gemm, bench)
-        fast_w128 = partial(qmatmul, a, b, "mxfp8_fast", backend=scaled, b_tile="128x128")
+        fast_w128 = partial(qmatmul, a, b, "mxfp8_fast", backend=scaled, b_tile="128x128", **bf16_out)
         _time_rate(row, "mxfp8_fast_w128x128", flops, fast_w128, bench)
         da, sa = quantize_mx(a, axis=1)
         db, sb = quantize_mx(b, axis=0)
@@ -172,7 +180,6 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
         # exact MX through bf16: both operands dequantized (one pass each), cuBLAS's bf16 GEMM
         # writing bf16 as the bf16 row does; and the dequantize alone (1 byte read, 2 written)
-        bf16_out = {"out_dtype": torch.bfloat16}
         _time_rate(
             row, "mx_exact_dequant", flops, partial(mx_dequant_matmul, da, sa, db, sb, **bf16_out), bench
         )

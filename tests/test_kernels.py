@@ -2307,6 +2307,41 @@ def test_an_mxfp8_fast_qmatmul_makes_one_blockwise_copy_per_operand(b_tile, monk
         assert torch.equal(got, want)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_qmatmul_writes_a_bf16_result_on_every_backend_and_refuses_other_dtypes(monkeypatch):
+    """``out_dtype=torch.bfloat16`` (what a bf16 GEMM writes, and kernels.py's rows compare against
+    it): a bf16 result on every backend, equal to the fp32 one rounded once (cuBLAS's rowwise and
+    blockwise fp8 GEMMs write bf16 either way: the fp32 result is that bf16 converted; the dequant
+    backend's bf16 GEMM rounds its own fp32 sums, within a bf16 step); K = 40 padded, N = 208 cut
+    back from whole blocks; float16 is refused by name."""
+    needs_triton()
+    import lowcomm.kernels.gemm as gemm
+
+    dev = _pretend_hopper(monkeypatch)
+    monkeypatch.setattr(gemm, "_blockwise_scaled_mm_works", lambda device: True)
+    torch.manual_seed(7)
+    a = (torch.randn(128, 256) * torch.logspace(-2, 2, 256)).to(dev)
+    b = torch.randn(256, 208).to(dev)
+    cases = [("fp8_rowwise", "scaled_mm"), ("fp8_tensorwise", "scaled_mm"), ("mxfp8_fast", "scaled_mm")]
+    cases += [("mxfp8", "triton"), ("mxfp8_fast", "triton"), ("mxfp8", "dequant")]
+    cases += [("fp8_rowwise", "emulated")]
+    for recipe, backend in cases:
+        if backend == "dequant" and dev == "cuda" and not gemm.MM_OUT_DTYPE:
+            continue  # its fp32 result needs torch >= 2.8 on CUDA (the bf16 one is this test's)
+        x, y = (a[:, :40], b[:40]) if recipe.startswith("fp8") else (a, b)
+        want = qmatmul(x, y, recipe, backend=backend)
+        got = qmatmul(x, y, recipe, backend=backend, out_dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and want.dtype == torch.float32, (recipe, backend)
+        assert got.shape == want.shape == (128, 208), (recipe, backend)
+        rounded = want.to(torch.bfloat16)
+        if backend == "dequant":
+            assert float((got.float() - want).abs().max()) <= 2**-7 * float(want.abs().max()), recipe
+        else:
+            assert torch.equal(got, rounded), (recipe, backend)
+    with pytest.raises(ValueError, match="must be torch.float32 or torch.bfloat16, got torch.float16"):
+        qmatmul(a, b, "fp8_rowwise", out_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("tokens", [24, 20])
 @pytest.mark.parametrize("recipe", ["fp8_rowwise", "fp8_tensorwise", "mxfp8"])
 def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, tokens, monkeypatch):
@@ -2713,7 +2748,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
-    gemms += ["mx_exact_triton_bT", "mx_exact_dequant", "mx_exact_dequant_bT"]
+    gemms += ["mx_exact_triton_bT", "mx_exact_dequant", "mx_exact_dequant_bT", "fp8_rowwise_fp32_out"]
     gemms += [
         f"fp8_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("_fast_accum", "_gemm", "_gemm_fast_accum")
     ]

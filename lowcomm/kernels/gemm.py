@@ -329,8 +329,9 @@ def qmatmul(
     scale_rule: str = "rceil",
     b_tile: str = "1x128",
     fast_accum: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``a @ b`` with both operands quantized along K; fp32 result.
+    """``a @ b`` with both operands quantized along K; an fp32 result (or ``out_dtype``).
 
     Args:
         a: (M, K). b: (K, N). For ``mxfp8`` K is zero-padded to a multiple of 32.
@@ -344,13 +345,19 @@ def qmatmul(
         fast_accum: fp8 tensorwise and rowwise in ``torch._scaled_mm``: the fp8 MMA sums over
             the whole of K in its own precision (:func:`scaled_mm`); no effect on the other
             recipes and backends, whose sums are fp32.
+        out_dtype: torch.float32 or torch.bfloat16: the result's dtype, written by the GEMM where
+            it can (cuBLAS's fp8 rowwise and blockwise GEMMs write bf16 only: an fp32 result is
+            their output converted, one more pass over it; the dequant backend's fp32 result on
+            CUDA needs torch >= 2.8, its bf16 one does not).
 
     Raises:
-        ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe or
-            backend, or a backend the device cannot serve.
+        ValueError: shapes that do not match or that the recipe cannot take, an unknown recipe,
+            backend or ``out_dtype``, or a backend the device cannot serve.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"qmatmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"qmatmul: out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     if _check_tile(b_tile) != "1x128" and recipe != "mxfp8_fast":
         raise ValueError(f"b_tile={b_tile!r} is a block shape of recipe 'mxfp8_fast', not {recipe!r}")
     block = {"mxfp8": MX_BLOCK, "mxfp8_fast": 128}.get(recipe)
@@ -363,6 +370,7 @@ def qmatmul(
         return qmatmul(
             a, torch.nn.functional.pad(b, (0, n_pad)), recipe, elem_a=elem_a, elem_b=elem_b,
             backend=backend, scale_rule=scale_rule, b_tile=b_tile, fast_accum=fast_accum,
+            out_dtype=out_dtype,
         )[:, : b.shape[1]]  # fmt: skip
     which = choose_backend(recipe, a.device, backend)
     if which == "scaled_mm" and recipe == "mxfp8_fast":
@@ -374,11 +382,13 @@ def qmatmul(
         elif why:
             raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
-        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile, fast_accum)
+        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile, fast_accum, out_dtype).to(
+            out_dtype
+        )
     if which == "dequant":
         from .triton_mx_gemm import mx_dequant_matmul
 
-        return mx_dequant_matmul(*_mx_operands(a, b, elem_a, elem_b, scale_rule))
+        return mx_dequant_matmul(*_mx_operands(a, b, elem_a, elem_b, scale_rule), out_dtype=out_dtype)
     if which == "triton":
         from .triton_mx_gemm import blockwise_matmul, mx_matmul
 
@@ -386,11 +396,11 @@ def qmatmul(
         if recipe == "mxfp8_fast":
             qa, ga, qb, gb = _fast_operands(*operands, b_tile)
             gb = expand_block_scales(gb, (gb.shape[0], qb.shape[1]))  # per column: what the kernel reads
-            return blockwise_matmul(qa, ga, qb, gb.contiguous())
-        return mx_matmul(*operands)
+            return blockwise_matmul(qa, ga, qb, gb.contiguous(), out_dtype=out_dtype)
+        return mx_matmul(*operands, out_dtype=out_dtype)
     qa = fake_quantize(a, recipe, axis=1, elem=elem_a, scale_rule=scale_rule)
     qb = fake_quantize(b, recipe, axis=0, elem=elem_b, scale_rule=scale_rule, tile=b_tile)
-    return qa @ qb
+    return (qa @ qb).to(out_dtype)
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -599,9 +609,11 @@ def _scaled_mm(
     scale_rule: str = "rceil",
     b_tile: str = "1x128",
     fast_accum: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """torch._scaled_mm: a row-major, b column-major; scales are dequantization multipliers
-    (``fast_accum``: fp8 tensorwise and rowwise only, see :func:`scaled_mm`)."""
+    (``fast_accum``: fp8 tensorwise and rowwise only, see :func:`scaled_mm`). The result in
+    ``out_dtype`` where cuBLAS writes it (tensorwise; MX), else in bf16 (rowwise, blockwise)."""
     if recipe == "mxfp8_fast":  # 1x128 x (1x128 | 128x128) fp32 block scales; writes bf16
         # M and N zero-padded to whole 128-blocks (cut off the output below): the layers' fused
         # path, which trained right on an H200, hands cuBLAS nothing else, while a model whose
@@ -612,7 +624,7 @@ def _scaled_mm(
             operands = _mx_operands(_whole_blocks(a), _whole_blocks(b), elem_a, elem_b, scale_rule)
             fast = _fast_operands(*operands, b_tile)
         y = scaled_mm(*blockwise_scaled_mm_operands(*fast), out_dtype=torch.bfloat16)
-        return y[: a.shape[0], : b.shape[1]].float()
+        return y[: a.shape[0], : b.shape[1]]
     if recipe == "mxfp8":
         da, sa, db, sb = _mx_operands(a, b, elem_a, elem_b, scale_rule)
         e8m0 = getattr(torch, "float8_e8m0fnu", None)
@@ -624,7 +636,7 @@ def _scaled_mm(
             db.t().contiguous().t(),
             to_cublas_blocked(sa).view(e8m0),
             to_cublas_blocked(sb.t()).view(e8m0),
-            out_dtype=torch.float32,
+            out_dtype=out_dtype,
         )
     pad_k, n = (-a.shape[1]) % 16, b.shape[1]
     if pad_k or n % 16:  # cuBLASLt wants K and N multiples of 16 (wgrad's K is the token count):
@@ -632,9 +644,9 @@ def _scaled_mm(
         a = torch.nn.functional.pad(a, (0, pad_k))
         b = torch.nn.functional.pad(b, (0, (-n) % 16, 0, pad_k))
     scaling = "tensorwise" if recipe == "fp8_tensorwise" else "rowwise"
-    out_dtype = torch.bfloat16 if scaling == "rowwise" else torch.float32  # rowwise needs bf16 output
+    out_dtype = torch.bfloat16 if scaling == "rowwise" else out_dtype  # rowwise needs bf16 output
     y = scaled_mm(*fp8_scaled_mm_operands(a, b, elem_a, elem_b, scaling), out_dtype, fast_accum)
-    return y[:, :n].float()
+    return y[:, :n]
 
 
 def fp8_scaled_mm_operands(a: torch.Tensor, b: torch.Tensor, elem_a: str, elem_b: str, scaling: str):
