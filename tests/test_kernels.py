@@ -1253,7 +1253,7 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
 def test_one_rowwise_fp8_copy_takes_one_pass_only_where_its_slices_fill_the_gpu(rows, monkeypatch):
     """On a GPU one pass (a program per slice of whole rows, or of whole columns) is taken where its
     grid gives every SM two programs, two passes over (row, column) tiles elsewhere: a weight's
-    columns in 64-column slices left an H200 nearly idle. On a pretend GPU of 3 SMs: 5 slices of
+    columns in 64-column slices ran at half the rows' speed on an H200. On a pretend GPU of 3 SMs: 5 slices of
     16 rows (or 64 columns) are too few, 6 are enough; the bytes are the same either way."""
     needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8

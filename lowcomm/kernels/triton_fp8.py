@@ -312,10 +312,11 @@ FP8_ONE_COPY_CUDA = {
     False: {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
 }
 # The one pass has a program per slice, so a tensor with few slices gives the GPU few programs:
-# a weight's columns (4096 or 8192 rows, 64 columns a slice: 64-224 programs on 132 SMs) were
-# copied at 0.3-0.6 TB/s on the H200 (2026-12-04, read off the rowwise GEMM rows with and without
-# their quantize), where 512-1024 slices of rows ran 1.9-2.4 TB/s and tensorwise's two passes over
-# (row, column) tiles 1.7-2.5 TB/s (BENCHMARKS.md). So on CUDA one pass is taken only where its
+# a weight's columns (4096 to 14336 rows, 64 columns a slice: 64-224 programs on 132 SMs) were
+# copied at about 0.8-1.0 TB/s on the H200 (2026-12-04, read off the rowwise GEMM rows with and
+# without their quantize, less the rows' copy and the output's conversion), where 512-1024 slices
+# of rows ran 1.9-2.4 TB/s and tensorwise's two passes over (row, column) tiles 1.7-2.5 TB/s
+# (BENCHMARKS.md). So on CUDA one pass is taken only where its
 # grid gives every SM at least this many programs, two passes over tiles elsewhere (the same bytes).
 ONE_PASS_PROGRAMS_PER_SM = 2
 
