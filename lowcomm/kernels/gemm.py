@@ -382,9 +382,8 @@ def qmatmul(
         elif why:
             raise ValueError(f"the blockwise _scaled_mm cannot serve this mxfp8_fast GEMM: {why}")
     if which == "scaled_mm":
-        return _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile, fast_accum, out_dtype).to(
-            out_dtype
-        )
+        y = _scaled_mm(a, b, recipe, elem_a, elem_b, scale_rule, b_tile, fast_accum, out_dtype)
+        return y.to(out_dtype)
     if which == "dequant":
         from .triton_mx_gemm import mx_dequant_matmul
 

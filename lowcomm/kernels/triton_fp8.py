@@ -47,6 +47,7 @@ from .triton_quantize import (
     HAVE_TRITON,
     TRITON_MISSING,
     TUNABLE,
+    _grid,
     _tuned,
     as_op,
     copies_made,
@@ -316,8 +317,8 @@ FP8_ONE_COPY_CUDA = {
 # copied at about 0.8-1.0 TB/s on the H200 (2026-12-04, read off the rowwise GEMM rows with and
 # without their quantize, less the rows' copy and the output's conversion), where 512-1024 slices
 # of rows ran 1.9-2.4 TB/s and tensorwise's two passes over (row, column) tiles 1.7-2.5 TB/s
-# (BENCHMARKS.md). So on CUDA one pass is taken only where its
-# grid gives every SM at least this many programs, two passes over tiles elsewhere (the same bytes).
+# (BENCHMARKS.md). So on CUDA one pass is taken only where its grid gives every SM at least this
+# many programs, two passes over tiles elsewhere (the same bytes).
 ONE_PASS_PROGRAMS_PER_SM = 2
 
 
@@ -332,13 +333,6 @@ if HAVE_TRITON:
         ["R", "C", "E5M2", "TENSOR", "ROWS", "COLS", "GIVEN", "RECORD"],
         tile_configs(FP8_CUDA_CONFIGS),
     )
-
-
-def _grid(R: int, C: int, cfg: dict | None):
-    """The (row, column) tiles' grid of a tile config, or of whichever the autotuner runs (None)."""
-    if cfg is None:
-        return lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))
-    return (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
 
 
 def fp8_quantize_dual(
@@ -517,10 +511,13 @@ def _one_pass_fills(x: torch.Tensor, rows: bool) -> bool:
     sms = _sm_count(x.device)
     if sms is None:
         return True
-    R, C = x.shape
-    cfg = FP8_ONE_COPY_CUDA[rows]
-    programs = -(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"])
-    return programs >= ONE_PASS_PROGRAMS_PER_SM * sms
+    return _slices(*x.shape, rows, FP8_ONE_COPY_CUDA[rows]) >= ONE_PASS_PROGRAMS_PER_SM * sms
+
+
+def _slices(R: int, C: int, rows: bool, cfg: dict) -> int:
+    """The one-pass copy's programs: one per slice of ``BLOCK_R`` whole rows, or of ``BLOCK_C``
+    whole columns."""
+    return -(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"])
 
 
 def _sm_count(device: torch.device) -> int | None:
@@ -546,8 +543,8 @@ def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = 
     q = torch.empty(shapes[0] if rows else shapes[2], dtype=torch.uint8, device=x.device)
     scale = torch.empty(R if rows else C, dtype=torch.float32, device=x.device)
     if R and C:
-        grid = (-(-R // cfg["BLOCK_R"]) if rows else -(-C // cfg["BLOCK_C"]),)
         with on_device(x):
+            grid = (_slices(R, C, rows, cfg),)
             _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem, hw_cvt(x)), ROWS=rows, **cfg)
     q = q.view(ELEM_FORMATS[elem].dtype)
     none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)

@@ -929,22 +929,17 @@ def _run_dequant(
     """:func:`mx_dequantize` after its checks; ``config``: a tile (one of DEQUANT_CUDA_CONFIGS'
     keys) instead of the autotuner's (CUDA) or the interpreter's."""
     tune = config is None and autotuning(data.device)
-    cfg = config or (DEQUANT_CUDA_CONFIG if data.is_cuda else DEQUANT_INTERPRET_CONFIG)
+    # None: the autotuner's tile (the candidates write the same bytes: its runs change nothing)
+    cfg = None if tune else config or (DEQUANT_CUDA_CONFIG if data.is_cuda else DEQUANT_INTERPRET_CONFIG)
     q, s = data.contiguous().view(torch.uint8), scales.contiguous()
     out = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
     R, C = data.shape
     if R and C:
-        args = (q, s, out.view(torch.int16), R, C)
+        kernel = _tuned("mx_dequantize") if tune else _mx_dequant_kernel
         with on_device(data):
-            if tune:  # the candidates write the same bytes: the tuner's runs change nothing
-                grid = lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))  # noqa: E731
-                _tuned("mx_dequantize")[grid](*args, AXIS=1 if rows else 0, E5M2=e5m2)
-            else:
-                grid = (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
-                _mx_dequant_kernel[grid](
-                    *args, AXIS=1 if rows else 0, E5M2=e5m2,
-                    BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-                )  # fmt: skip
+            kernel[_grid(R, C, cfg)](
+                q, s, out.view(torch.int16), R, C, AXIS=1 if rows else 0, E5M2=e5m2, **(cfg or {})
+            )
     return out
 
 
@@ -1142,6 +1137,13 @@ def autotuning(device: torch.device) -> bool:
     """Whether a kernel launched on ``device`` without a config picks its tiles by timing the
     candidates (CUDA, unless LOWCOMM_AUTOTUNE=0)."""
     return device.type == "cuda" and os.environ.get("LOWCOMM_AUTOTUNE", "1") != "0"
+
+
+def _grid(R: int, C: int, cfg: dict | None):
+    """The (row, column) tiles' grid of a tile config, or of whichever the autotuner runs (None)."""
+    if cfg is None:
+        return lambda meta: (-(-R // meta["BLOCK_R"]), -(-C // meta["BLOCK_C"]))
+    return (-(-R // cfg["BLOCK_R"]), -(-C // cfg["BLOCK_C"]))
 
 
 def tile_configs(candidates) -> list:
