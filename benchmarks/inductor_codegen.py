@@ -4,9 +4,11 @@
 
 One transformer block of the reference GPT (d=1024, 16 heads, 16 sequences of 1024 tokens: the FP8
 issue's training size; ``--size small`` for d=512, T=256) with its Linear layers in ``--recipe``
-(a low-precision layer recipe; ``--quantize``: the fp8 layers' compiled quantize), traced by AOT
-autograd into a forward and a backward graph on meta tensors as the trainer's step traces it under
-bf16 autocast (the layers' outputs bf16, the layer norms fp32), then each graph lowered by
+(a low-precision layer recipe; ``--quantize``: the fp8 layers' compiled quantize), compiled as the
+trainer compiles its step (Dynamo, then AOT autograd's forward and backward graphs, split as
+Inductor splits them) on meta tensors under bf16 autocast (the layers' outputs bf16, the layer
+norms fp32; fp8_delayed at a step after its first, scaled from its history, its buffers inputs
+of the graphs as a compiled module's are), then each graph lowered by
 Inductor for a pretend sm_90 GPU with 132 SMs (an H100/H200): the Triton kernels it writes, each
 with the ATen operators it fused, its iteration sizes, its reduction kind (``per``: a row held
 whole; ``red``: a loop), the tensors it reads and writes and whether it writes one across the way
@@ -17,9 +19,11 @@ the question a profile's kernel names, cut short, cannot answer. A kernel's spee
 (``benchmarks/kernels.py``'s compiled training rows keep their slowest kernels' code).
 
 The pretend GPU replaces, for the run and restored after, what torch asks the CUDA driver (the
-device count, capability and properties, the RNG state, the current device), Inductor's passes that
-run small CUDA computations while compiling (its pattern matchers and constant folding are off:
-on a GPU they may first rewrite a few patterns, such as attention's), and its Triton compilation
+device count, capability and properties, the RNG state, the current device; Dynamo is told there
+is no accelerator, so it asks for no current stream), Inductor's passes that run small CUDA
+computations while compiling (its pattern matchers and constant folding are off: on a GPU they may
+first rewrite a few patterns, such as attention's; the rewrite of view scatters is left out, so
+fp8_delayed's 3-element maxima updates stay scatters), and its Triton compilation
 (each kernel's source is recorded instead); a torch whose Inductor asks more than that fails with
 its own error. Made on torch 2.11 (a CUDA build, without a GPU) and 2.13 (CPU).
 """
@@ -56,7 +60,7 @@ def pretend_gpu():
     import torch._subclasses.fake_tensor as fake_tensor
     import torch.utils._triton as utils_triton
     from torch._inductor import async_compile
-    from torch._inductor.fx_passes import joint_graph, post_grad
+    from torch._inductor.fx_passes import joint_graph, post_grad, reinplace
     from torch._inductor.runtime.hints import DeviceProperties
 
     props = types.SimpleNamespace(
@@ -106,6 +110,9 @@ def pretend_gpu():
         (DeviceProperties, "create", staticmethod(device_properties)),
         (joint_graph, "lazy_init", lambda *a, **k: None),  # pattern matchers traced on the device
         (post_grad, "lazy_init", lambda *a, **k: None),
+        # its rewrite of view scatters (the fp8_delayed maxima's 3-element updates) copies on the
+        # fake GPU, which a torch without a GPU cannot: they stay scatters
+        (reinplace, "canonicalize_view_scatter_ops", lambda graph: None),
         (utils_triton, "triton_hash_with_backend", lambda: "pretend-gpu"),
         (utils_triton, "triton_backend", lambda: None),
         (async_compile.AsyncCompile, "triton", record),
@@ -114,6 +121,8 @@ def pretend_gpu():
         (config, "joint_graph_constant_folding", False),  # (it runs the folded operations)
         (config, "fx_graph_cache", False),
     ]
+    if hasattr(torch, "accelerator"):  # Dynamo asks it for the current stream (the CUDA runtime's)
+        replaced.append((torch.accelerator, "is_available", lambda: False))
     with _replacing(replaced):
         _forget_devices()  # what torch found out about the GPUs before (none), asked again
         try:
@@ -150,11 +159,13 @@ def _forget_devices() -> None:
 
 
 def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphModule]:
-    """The forward and backward graphs AOT autograd makes of one block's step (meta tensors), with
-    Inductor's decompositions, as the trainer's compiled step under bf16 autocast would trace it:
+    """The forward and backward graphs torch.compile (Dynamo, AOT autograd) makes of one block's
+    step (meta tensors), with Inductor's decompositions and partitioner, as the trainer's compiled
+    step under bf16 autocast would trace it:
     the low-precision layers see an sm_90 GPU and write bf16 (autocast's dtype); the layer norms,
     the residual stream and the parameters stay fp32."""
-    from torch._functorch.aot_autograd import aot_function
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
     import lowcomm.kernels.gemm as gemm
@@ -168,15 +179,21 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     with torch.device("meta"):
         block = Block(cfg)
     convert_to_low_precision(block, recipe)
+    for layer in block.modules():  # fp8_delayed: a step after the first (scales from the history)
+        if getattr(layer, "recipe", None) == "fp8_delayed":
+            layer._fp8_started = True
     names = [n for n, _ in block.named_parameters()]
+    # buffers (fp8_delayed's maxima and history) are inputs of the graphs too, as a compiled
+    # module's are: not constants captured from the meta module
+    buffer_names = [n for n, _ in block.named_buffers()]
     graphs: list = []
 
     def capture(gm, inputs):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm.forward)
 
-    def step(x, *params):
-        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
+    def step(x, *tensors):
+        return torch.func.functional_call(block, dict(zip(names + buffer_names, tensors)), (x,))
 
     from lowcomm.kernels.triton_quantize import HAVE_TRITON
 
@@ -192,11 +209,17 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     ]
     with _replacing(stand_ins):
         params = [p.detach().requires_grad_() for p in block.parameters()]
+        buffers = list(block.buffers())
         x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
-        run = aot_function(
-            step, fw_compiler=capture, bw_compiler=capture, decompositions=select_decomp_table()
+        backend = aot_autograd(  # split into forward and backward as Inductor splits them
+            fw_compiler=capture,
+            bw_compiler=capture,
+            partition_fn=min_cut_rematerialization_partition,
+            decompositions=select_decomp_table(),
+            keep_inference_input_mutations=True,
         )
-        y = run(x, *params)
+        run = torch.compile(step, backend=backend, fullgraph=True)
+        y = run(x, *params, *buffers)
         y.backward(torch.empty_like(y))
     return graphs
 
@@ -258,8 +281,8 @@ def kernels(code: str) -> list[dict]:
             "sizes": ast.literal_eval(re.search(r"size_hints=(\{.*?\})", body).group(1)),
             "reduction_hint": hint.group(1) if hint else None,
             "aten": [a.removeprefix("aten.") for a in aten.split(", ")],
-            "loads": re.findall(r"tl\.load\((\w+) \+ \((.*?)\)", body),
-            "stores": re.findall(r"tl\.store\((\w+) \+ \((.*?)\)", body),
+            "loads": _accesses("load", body),
+            "stores": _accesses("store", body),
         }
     for k in found.values():
         k["transposed_store"] = _transposed_store(k)
@@ -269,14 +292,29 @@ def kernels(code: str) -> list[dict]:
     ]
 
 
+def _accesses(op: str, body: str) -> list[tuple[str, str]]:
+    """Each ``tl.<op>(pointer + (index), ...)`` of a kernel's source: (pointer, index), the index
+    whole (to its closing parenthesis: a modulo's or a division's parentheses inside it)."""
+    found = []
+    for m in re.finditer(rf"tl\.{op}\((\w+) \+ \(", body):
+        depth, end = 1, m.end()
+        while depth and end < len(body):
+            depth += {"(": 1, ")": -1}.get(body[end], 0)
+            end += 1
+        found.append((m.group(1), body[m.end() : end - 1]))
+    return found
+
+
 def _transposed_store(kernel: dict) -> str | None:
     """Where a kernel writes a tensor across the way it reads it. A reduction over rows (hint
     other than OUTER) reads along its loop; "reduction": one storing along that loop's index at
     a stride (loads ``r0_1 + 1024*x0``, a store ``x0 + 16384*r0_1``: a byte a row, the next one a
-    row away, as the H200's slow compiled fp8 kernels did). A pointwise kernel reads along the
-    unit-stride variable of its loads; "tiled": one over (y, x) tiles storing that variable at a
-    stride (Inductor's tiling for a transpose), "pointwise": one over a flat range doing so. None
-    where every store follows the reads (a column reduction reads and writes along columns)."""
+    row away, as the H200's slow compiled fp8 kernels did; or a split reduction's
+    ``32*x0 + 16384*((r0_1 % 1024)) + (r0_1 // 1024)``, the same across a slice of 32 rows). A
+    pointwise kernel reads along the unit-stride variable of its loads; "tiled": one over (y, x)
+    tiles storing that variable at a stride (Inductor's tiling for a transpose), "pointwise": one
+    over a flat range doing so. None where every store follows the reads (a column reduction reads
+    and writes along columns)."""
 
     def linear(index: str) -> bool:  # a sum of variables times strides (not a modulo's, a view's)
         return "*" in index and "(" not in index
@@ -284,11 +322,12 @@ def _transposed_store(kernel: dict) -> str | None:
     def unit(index: str) -> set:
         return set(re.findall(r"(?:^|\+ )((?:x|y|r0_)\d+)(?= \+|$)", index))
 
-    stores = [index for _, index in kernel["stores"] if linear(index)]
-    if kernel["kind"] in ("red", "per"):
-        if kernel["reduction_hint"] != "OUTER" and any(re.search(r"\d+\*r0_\d", i) for i in stores):
+    if kernel["kind"] in ("red", "per"):  # the loop's index times a stride, or its modulo's
+        across = r"\d+\*\(*r0_\d+\b(?!\s*//)"
+        if kernel["reduction_hint"] != "OUTER" and any(re.search(across, i) for _, i in kernel["stores"]):
             return "reduction"
         return None
+    stores = [index for _, index in kernel["stores"] if linear(index)]
     walked = set().union(*(unit(index) for _, index in kernel["loads"] if linear(index))) or {"x0", "x1"}
     for index in stores:
         if any(re.search(rf"\d+\*{v}\b", index) and v not in unit(index) for v in walked):

@@ -2892,14 +2892,17 @@ def test_the_slowest_generated_kernels_are_found_with_their_source(tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     """benchmarks/inductor_codegen.py on a machine without a GPU: one fp8 block's forward and
-    backward lowered by Inductor for a pretend sm_90. fp8_rowwise with the quantize in torch ops
-    (``inductor``): the row maxima are fused into the layer norm's kernel, and row reductions
-    write the transposed copy across their rows (a store indexed by the reduction's loop: what
-    made the H200's compiled fp8 steps slow), in the forward and in the backward; with the
-    Triton operator (``triton``) no generated kernel takes a maximum in the forward or writes
-    across its threads. fp8_tensorwise (one scale: the casts wait for a whole tensor's maximum,
-    so none joins a reduction) writes both copies from pointwise kernels tiled for the
-    transpose. Everything the pretend GPU replaced is put back."""
+    backward compiled as the trainer compiles it (Dynamo, AOT autograd) and lowered by Inductor
+    for a pretend sm_90. fp8_rowwise with the quantize in torch ops (``inductor``): the row maxima
+    are fused into the layer norm's kernel, and row reductions write the transposed copy across
+    their rows (a store indexed by the reduction's loop: what made the H200's compiled fp8 steps
+    slow), in the forward and in the backward; with the Triton operator (``triton``) no generated
+    kernel takes a maximum in the forward or writes across its threads. fp8_tensorwise (one
+    scale: the forward's casts wait for a whole tensor's maximum, so none joins a reduction)
+    writes both copies from pointwise kernels tiled for the transpose. fp8_delayed, traced at a
+    step after the first (its buffers inputs of the graphs): the layer norm's kernel casts by the
+    history's scale and records the maximum in the same read, and a kernel updates the maxima
+    buffer. Everything the pretend GPU replaced is put back."""
     needs_triton()
     codegen = load_benchmark("inductor_codegen")
     real = torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling
@@ -2921,7 +2924,11 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     for g in ("forward", "backward"):
         tiled = [k for k in tensorwise[g]["kernels"] if k["transposed_store"] == "tiled"]
         assert tiled and all("_to_copy" in k["aten"] for k in tiled), tiled  # the casts to fp8
-        assert tensorwise[g]["transposed_stores"]["reduction"] == 0, tensorwise[g]["transposed_stores"]
+    assert tensorwise["forward"]["transposed_stores"]["reduction"] == 0, tensorwise["forward"]
+    delayed = codegen.main(["--size", "smoke", "--quantize", "inductor", "--recipe", "fp8_delayed"])
+    forward = [set(k["aten"]) for k in delayed["forward"]["kernels"]]
+    assert any({"native_layer_norm", "_to_copy", "amax"} <= aten for aten in forward), forward
+    assert any({"maximum", "select_scatter"} <= aten for aten in forward), forward
     assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
     with pytest.raises(SystemExit):
         codegen.main(["--recipe", "fp4"])
