@@ -142,7 +142,7 @@ def replicas_loop(
         with _autocast(device):
             losses = run(params, idx=x, targets=y, weights=opt.fresh_copies())
         losses.sum().backward()
-        coef = clip_fn([g for _, g in opt.gradients()], 1.0) if clip else None
+        coef = clip_fn([g for _, g in opt.gradients()], 1.0, kernel=opt.kernel) if clip else None
         opt.step(grad_coef=coef)
         opt.zero_grad(set_to_none=True)
 
@@ -345,7 +345,7 @@ def _update_now(params: dict, low: dict, rest: dict, device: torch.device):
             c.grad = low[n]
         for n, g in rest.items():
             params[n].grad = g.clone()
-        opt.step(grad_coef=clip([g for _, g in opt.gradients()], 1.0))
+        opt.step(grad_coef=clip([g for _, g in opt.gradients()], 1.0, kernel=opt.kernel))
         opt.zero_grad(set_to_none=True)
 
     return step

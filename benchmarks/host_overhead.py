@@ -9,8 +9,10 @@ operations of one step of each phase, for a tiny reference GPT (nothing here dep
 model's width): the plain loop (one model, the replicas' batches concatenated, a foreach gradient
 clip and a fused AdamW) against ``lowcomm train`` with M = 4 batched replicas as DP, DiLoCo and
 Streaming DiLoCo (between rounds). The optimizers are built as on CUDA: the plain loop's AdamW
-fused, the trainer's ReplicaAdamW on its Triton step, one launch a parameter tensor, counted as
-one operation and not run (the kernel needs a GPU or the interpreter). It also times the steps on
+fused, the trainer's ReplicaAdamW on its Triton steps (a launch for each matrix and embedding,
+one for all the biases and layer norms, as at the small size on a GPU) and the per-replica clip's
+sums of squares on theirs (a launch per gradient dtype), each launch counted as one operation and
+not run (the kernels need a GPU or the interpreter). It also times the steps on
 the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is small, so the time
 is mostly the host's (without Triton's launcher); it is not a GPU figure.
 
@@ -53,6 +55,7 @@ from common import empty_launches, stamp, write_result  # noqa: E402
 
 from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
+from lowcomm.optim import replica_adamw  # noqa: E402
 from lowcomm.optim.replica_adamw import ReplicaAdamW  # noqa: E402
 from lowcomm.runtime.cli import train_config_from_flags  # noqa: E402
 from lowcomm.runtime.trainer import build as build_module  # noqa: E402
@@ -90,6 +93,13 @@ _LAUNCHES = [0]
 def _adamw_launch(*args, **kwargs) -> None:
     """Stands in for ``lowcomm.kernels.triton_adamw.adamw_replicas_``: one launch, counted."""
     _LAUNCHES[0] += 1
+
+
+def _sumsq_launch(tensors: list) -> torch.Tensor:
+    """Stands in for ``lowcomm.kernels.triton_adamw.sumsq_replicas``: a launch per gradient dtype,
+    counted, and the (M,) sum its partial sums make (one operation, as on the GPU)."""
+    _LAUNCHES[0] += len({t.dtype for t in tensors})
+    return torch.ones(tensors[0].shape[0])
 
 
 def _ops(fn) -> int:
@@ -356,11 +366,24 @@ def main(argv=None) -> dict:
         print(json.dumps(layers(args.layers_repeat)))
         return {}
     torch.set_num_threads(1)
-    original = build_module.torch.optim.AdamW, build_module.ReplicaAdamW, triton_adamw.adamw_replicas_
+    original = (
+        build_module.torch.optim.AdamW,
+        build_module.ReplicaAdamW,
+        triton_adamw.adamw_replicas_,
+        triton_adamw.adamw_replicas_multi_,
+        triton_adamw.sumsq_replicas,
+        replica_adamw.KERNEL_MIN,
+    )
     build_module.torch.optim.AdamW = _FusedAdamW  # the sequential path's AdamW, fused as on CUDA
-    # the batched replicas' optimizer on its kernel, as on CUDA: launches counted, not run
+    # the batched replicas' optimizer and clip on their kernels, as on CUDA: launches counted,
+    # not run; the tiny model's matrices and embeddings (256 elements a replica or more) each on
+    # the per-tensor kernel, its biases and layer norms on the one multi-tensor launch, as the
+    # small size's on a GPU (KERNEL_MIN elements or more, or a bf16 copy)
     build_module.ReplicaAdamW = functools.partial(ReplicaAdamW, kernel=True)
     triton_adamw.adamw_replicas_ = _adamw_launch
+    triton_adamw.adamw_replicas_multi_ = _adamw_launch
+    triton_adamw.sumsq_replicas = _sumsq_launch
+    replica_adamw.KERNEL_MIN = 256
     try:
         rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
         compiled = None
@@ -374,7 +397,9 @@ def main(argv=None) -> dict:
                 },
             }
     finally:
-        build_module.torch.optim.AdamW, build_module.ReplicaAdamW, triton_adamw.adamw_replicas_ = original
+        build_module.torch.optim.AdamW, build_module.ReplicaAdamW = original[:2]
+        triton_adamw.adamw_replicas_, triton_adamw.adamw_replicas_multi_ = original[2:4]
+        triton_adamw.sumsq_replicas, replica_adamw.KERNEL_MIN = original[4:]
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
     out["compiled"] = compiled
     out["layers"] = None if args.skip_layers else layers()

@@ -844,8 +844,8 @@ def test_blocks_per_sm_counts_registers_as_allocated_threads_and_shared_memory()
 
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
     """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
-    the training layers use, the dual quantize, the replicas' AdamW step and the e3m0 codec's
-    encode and decode, for sm_90a, the
+    the training layers use, the dual quantize, the replicas' AdamW step (per tensor and
+    multi-tensor), the clip's sums of squares and the e3m0 codec's encode and decode, for sm_90a, the
     exact-MX GEMM also for sm_100a.
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
@@ -883,6 +883,8 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
             "fp8_delayed_step",
             "mx_fast_quantize",
             "adamw_replicas",
+            "adamw_multi",
+            "sumsq_replicas",
             "mx_dequantize",
             "e3m0_",
         ),
@@ -901,6 +903,8 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
     step = [r for r in hopper if r["kernel"].startswith("fp8_delayed_step")]  # delayed scaling's scales
     adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
+    # the small parameters' one launch and the clip's sums of squares: tensors from a table
+    tables = [r for r in hopper if r["kernel"].startswith(("adamw_multi", "sumsq_replicas"))]
     dequant = [r for r in hopper if r["kernel"].startswith("mx_dequantize")]
     codec = [r for r in hopper if r["kernel"].startswith("e3m0_")]  # Streaming's 4-bit codec
     from lowcomm.kernels.triton_quantize import QUANTIZE_CUDA_CONFIGS
@@ -920,6 +924,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     assert (
         len(fast) == 3 + len(FAST_CUDA_CONFIGS) - 1
         and len(adamw) == 2
+        and len(tables) == 3
         and len(dequant) == 3 + len(DEQUANT_CUDA_CONFIGS) - 1
         and len(step) == 1
         and len(codec) == 2
@@ -932,7 +937,11 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     for row in codec:  # the codec's payload and values leave in whole 16-byte packets
         widths = {int(w) for w in row["global_stores"]}  # (the encode's scales: a byte each)
         assert 16 in widths and widths <= {1, 16} and row["spill_instructions"] == 0, row
-    for row in gemm + quant + blackwell + fp8 + fast + adamw + dequant + step + codec:
+    for row in tables:  # offsets from an aligned argument: whole-vector stores all the same
+        assert row["shared_bytes"] <= 64 and set(row["global_stores"]) == {
+            "16" if "adamw" in row["kernel"] else "4"
+        }, row
+    for row in gemm + quant + blackwell + fp8 + fast + adamw + tables + dequant + step + codec:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
         assert row["blocks_per_sm"] >= 1, row  # its registers and shared memory let a block launch
@@ -2465,8 +2474,9 @@ def test_every_triton_launch_runs_on_its_tensors_gpu():
                 if not guarded:
                     unguarded.append(where)
     # the fp8 maxima, cast, one-copy and delayed-step kernels, the MX dual and fast quantizes, the
-    # MX dequantize, the block GEMM, the replicas' AdamW step, the e3m0 codec's encode and decode
-    assert len(launches) == 11, launches
+    # MX dequantize, the block GEMM, the replicas' AdamW step (per tensor and multi-tensor) and
+    # the clip's sums of squares, the e3m0 codec's encode and decode
+    assert len(launches) == 13, launches
     assert not unguarded, unguarded
 
 

@@ -1069,6 +1069,115 @@ def test_the_replica_adamw_kernel_steps_as_torch_and_writes_the_bf16_copy(monkey
         )
 
 
+def test_the_small_parameters_take_one_launch_that_steps_each_as_its_own_launch_would(monkeypatch):
+    """adamw_replicas_multi_ (interpreted): several stacked fp32 parameters in one launch, with
+    their own step counts and weight decays, with and without the clip's coefficients, a
+    parameter of no elements among them: bit for bit what adamw_replicas_ makes of each alone (the
+    same arithmetic on the same fp32 scalars). ReplicaAdamW on its kernels hands every small fp32
+    parameter to that one launch a step, and steps as torch's AdamW to float rounding, a
+    parameter without a gradient left alone; a misshapen tensor is refused by name."""
+    needs_triton()
+    from lowcomm.kernels import triton_adamw
+    from lowcomm.kernels.triton_adamw import adamw_replicas_, adamw_replicas_multi_
+    from lowcomm.optim.replica_adamw import ReplicaAdamW
+
+    torch.manual_seed(1)
+    shapes = [(3, 5), (3, 1500), (3, 2, 7), (3, 0)]
+    tensors = [[torch.randn(s), torch.randn(s), torch.randn(s) * 0.1, torch.rand(s) * 0.01] for s in shapes]
+    hypers = [
+        dict(step=float(i + 1), lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1 * (i % 2))
+        for i in range(len(shapes))
+    ]
+    for coef in (torch.tensor([0.5, 1.0, 0.25]), None):
+        alone = [[t.clone() for t in quad] for quad in tensors]
+        for quad, h in zip(alone, hypers):
+            adamw_replicas_(*quad, coef=coef, **h)
+        together = [[t.clone() for t in quad] for quad in tensors]
+        adamw_replicas_multi_(*map(list, zip(*together)), hypers, coef=coef)
+        for a, b in zip(alone, together):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    odd = [t.clone() for t in tensors[0]]
+    odd[1] = torch.zeros(3, 6)
+    with pytest.raises(ValueError, match=r"parameter 0's tensors differ in shape"):
+        adamw_replicas_multi_(*([t] for t in odd), hypers[:1])
+    with pytest.raises(ValueError, match=r"exp_avg_sq\[0\] is torch.bfloat16; it must be one of"):
+        adamw_replicas_multi_(*([t] for t in tensors[0][:3]), [tensors[0][3].bfloat16()], hypers[:1])
+
+    launches = []
+    real = triton_adamw.adamw_replicas_multi_
+    monkeypatch.setattr(
+        triton_adamw,
+        "adamw_replicas_multi_",
+        lambda params, *a, **k: launches.append(len(params)) or real(params, *a, **k),
+    )
+    init, grads, coefs = _stacked_problem()  # every parameter under KERNEL_MIN: all small
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    ref = [p.clone().requires_grad_() for p in init]
+    ref_opt = ReplicaAdamW(_groups(ref), **kw, kernel=False)
+    ours = [p.clone().requires_grad_() for p in init]
+    opt = ReplicaAdamW(_groups(ours), **kw, kernel=True)
+    for i, (gs, c) in enumerate(zip(grads, coefs)):
+        for p, q, g in zip(ref, ours, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        if i == 2:
+            ref[1].grad = ours[1].grad = None  # no gradient this step: no step for it
+        ref_opt.step(grad_coef=c)
+        opt.step(grad_coef=c)
+    assert launches == [3, 3, 2, 3]
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(q, p, rtol=2e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=2e-7)
+    assert opt.state[ours[1]]["step"] == 3
+
+
+def test_the_clip_sums_each_replicas_squares_in_one_launch_per_gradient_dtype(monkeypatch):
+    """sumsq_replicas (interpreted): each replica's sum of squares over bf16, fp16 and fp32
+    stacked gradients, one launch per dtype, the same bits every call (partial sums, no atomics),
+    equal to the float64 sum to fp32 rounding; the trainer's clip on it gives the multi-tensor
+    norm's coefficients, and takes that norm where a gradient is not contiguous."""
+    needs_triton()
+    from lowcomm.kernels import triton_adamw
+    from lowcomm.kernels.triton_adamw import sumsq_replicas
+    from lowcomm.runtime.trainer.build import _clip_coefficients
+
+    torch.manual_seed(2)
+    grads = [
+        torch.randn(4, 40, 33).bfloat16(),
+        torch.randn(4, 8),
+        torch.randn(4, 3000),
+        torch.randn(4, 9).half(),
+        torch.randn(4, 0),
+    ]
+    launched = []
+    real = triton_adamw._deltas
+    monkeypatch.setattr(
+        triton_adamw,
+        "_deltas",
+        lambda ts, base: launched.append((base.dtype, real(ts, base)[1])) or real(ts, base),
+    )
+    got = sumsq_replicas(grads)
+    # a launch a dtype, each reading 16-byte packets where every tensor allows (fp16's 9 a
+    # replica do not: its elements one at a time)
+    assert launched == [(torch.bfloat16, 8), (torch.float32, 4), (torch.float16, 1)], launched
+    want = torch.stack([sum((g[m].double() ** 2).sum() for g in grads) for m in range(4)])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    assert got.dtype == torch.float32 and torch.equal(sumsq_replicas(grads), got)
+    for scale in (1.0, 1e-3):  # replicas over and under the limit
+        gs = [g * scale for g in grads]
+        torch.testing.assert_close(
+            _clip_coefficients(gs, 30.0, kernel=True), _clip_coefficients(gs, 30.0), rtol=1e-6, atol=0
+        )
+    across = [torch.randn(4, 6, 5).transpose(1, 2), torch.randn(4, 3)]  # not contiguous: the norm
+    torch.testing.assert_close(
+        _clip_coefficients(across, 1.0, kernel=True), _clip_coefficients(across, 1.0), rtol=0, atol=0
+    )
+    with pytest.raises(
+        ValueError, match=r"sumsq_replicas: tensors\[0\] is \(4, 5, 6\) on cpu \(contiguous: False\)"
+    ):
+        sumsq_replicas(across)
+
+
 def test_batched_bf16_replicas_multiply_by_copies_that_follow_every_write_of_the_weights(
     tmp_path, corpus_dir, monkeypatch
 ):

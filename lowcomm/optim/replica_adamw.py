@@ -7,7 +7,8 @@ gradient cast back to fp32 in the backward, the per-replica clip's pass that sca
 and the optimizer's own. :class:`ReplicaAdamW` keeps a bf16 copy of each matrix for the forward
 (:meth:`fresh_copies`), so autograd hands it the bf16 gradient itself, and on CUDA steps each
 tensor in one Triton launch (:func:`lowcomm.kernels.triton_adamw.adamw_replicas_`) that reads that
-gradient, applies its replica's clip coefficient, and writes the new bf16 copy with the parameter.
+gradient, applies its replica's clip coefficient, and writes the new bf16 copy with the parameter;
+the small fp32 parameters (biases, layer norms) all in one launch.
 The numbers are autocast's and AdamW's: the copy is the parameter rounded to nearest even, the
 cast autocast makes, and the bf16 gradient is the one autocast's cast turned into fp32.
 
@@ -27,6 +28,12 @@ __all__ = ["ReplicaAdamW", "KERNEL_MIN"]
 #: elements a replica from which a parameter without a copy takes the kernel (one launch) rather
 #: than the multi-tensor step shared with the other small ones
 KERNEL_MIN = 1 << 15
+
+
+def _multi_steps(p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a small parameter takes the multi-tensor kernel: an fp32 parameter and gradient
+    (its own, not a copy's), both contiguous (else torch's multi-tensor step)."""
+    return p.dtype == g.dtype == torch.float32 and g is p.grad and p.is_contiguous() and g.is_contiguous()
 
 
 def _have_triton() -> bool:
@@ -123,9 +130,11 @@ class ReplicaAdamW(torch.optim.Optimizer):
         """One AdamW step of every replica; ``grad_coef`` (M,) scales replica m's gradients first.
 
         With the kernel, each parameter that has a copy or :data:`KERNEL_MIN` elements a replica
-        goes through it, one launch each; the small rest (layer norms, biases) through the
-        multi-tensor step, a few launches for all of them, where one launch each would cost a
-        GPU more in launches than their bytes."""
+        goes through it, one launch each; the small fp32 rest (layer norms, biases) through one
+        launch for all of them (:func:`~lowcomm.kernels.triton_adamw.adamw_replicas_multi_`),
+        where one launch each, or torch's multi-tensor step (a dozen launches and M views of
+        each gradient for the coefficients), would cost the host more than their bytes cost the
+        GPU; anything else through torch's multi-tensor step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -135,6 +144,9 @@ class ReplicaAdamW(torch.optim.Optimizer):
             big = [(p, g) for p, g in grads if self._copy(p) is not None or p[0].numel() >= KERNEL_MIN]
             self._kernel_step(big, grad_coef)
             done = {id(p) for p, _ in big}
+            small = [(p, g) for p, g in grads if id(p) not in done and _multi_steps(p, g)]
+            self._multi_step(small, grad_coef)
+            done.update(id(p) for p, _ in small)
             grads = [(p, g) for p, g in grads if id(p) not in done]
         self._torch_step(grads, grad_coef)
         return loss
@@ -203,6 +215,39 @@ class ReplicaAdamW(torch.optim.Optimizer):
             if (k := self._key_of.get(id(p))) is not None:
                 self.copies[k].copy_(p)
                 self._synced[k] = p._version
+
+    def _multi_step(self, grads: list[tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor | None) -> None:
+        """The parameters of ``grads`` (fp32, no copy) in one launch of the multi-tensor kernel."""
+        if not grads:
+            return
+        from ..kernels.triton_adamw import adamw_replicas_multi_
+
+        hyper = {id(p): group for group in self.param_groups for p in group["params"]}
+        states = [self._state(p) for p, _ in grads]
+        hypers = []
+        for (p, _), st in zip(grads, states):
+            group = hyper[id(p)]
+            beta1, beta2 = group["betas"]
+            hypers.append(
+                dict(
+                    step=st["step"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
+            )
+        adamw_replicas_multi_(
+            [p for p, _ in grads],
+            [g for _, g in grads],
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            hypers,
+            coef=coef.float().contiguous() if coef is not None else None,
+        )
+        for p, _ in grads:
+            torch.autograd.graph.increment_version(p)  # the kernel wrote it, no torch operation
 
     def _kernel_step(self, grads: list[tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor | None) -> None:
         """Each parameter of ``grads`` in one launch: gradient, coefficient, AdamW, copy."""

@@ -374,7 +374,8 @@ class BatchedReplicas(Replicas):
 
     def update(self) -> None:
         clip = self.cfg.optim.grad_clip
-        coef = _clip_coefficients([g for _, g in self.opts[0].gradients()], clip) if clip else None
+        grads = [g for _, g in self.opts[0].gradients()]
+        coef = _clip_coefficients(grads, clip, kernel=self.opts[0].kernel) if clip else None
         self.opts[0].step(grad_coef=coef)
         self.scheds[0].step()
         self.opts[0].zero_grad(set_to_none=True)
@@ -397,21 +398,32 @@ def _one_slice(opt_state: dict, M: int) -> dict:
 
 
 @torch.no_grad()
-def _clip_coefficients(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+def _clip_coefficients(
+    grads: list[torch.Tensor], max_norm: float, kernel: bool = False
+) -> torch.Tensor | None:
     """``clip_grad_norm_``'s coefficient for each replica of stacked gradients (M, ...): its total
     2-norm over all its gradients (in fp32 whatever their dtype), ``max_norm`` over it where it
     exceeds it, else 1; (M,) fp32, or None where no parameter got a gradient (all frozen). The
     optimizer scales the gradients by it (:class:`~lowcomm.optim.ReplicaAdamW`).
 
-    A few multi-tensor operations whatever the model (every replica's slice of every gradient in
-    one norm, as torch's foreach clip does). Eager on purpose, also under ``--compile``: Inductor
-    compiles a reduction kernel per slice, 427 kernels for the reference GPT's 100 gradients and 4
-    replicas (counted on CPU), each a launch."""
+    A few operations whatever the model. With ``kernel`` (the optimizer's Triton step: CUDA) and
+    contiguous gradients, each replica's sum of squares in one Triton launch per gradient dtype
+    (:func:`~lowcomm.kernels.triton_adamw.sumsq_replicas`); else every replica's slice of every
+    gradient in one multi-tensor norm, as torch's foreach clip does (400 views for the reference
+    GPT's 100 gradients and 4 replicas, made on the host each step). Eager on purpose, also under
+    ``--compile``: Inductor compiles a reduction kernel per slice, 427 kernels for those 400
+    slices (counted on CPU), each a launch."""
     if not grads:
         return None
-    M = grads[0].shape[0]
-    norms = torch.stack(foreach_norm_fp32([g[m] for g in grads for m in range(M)])).view(len(grads), M)
-    return (max_norm / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+    if kernel and all(g.is_contiguous() for g in grads):
+        from ...kernels.triton_adamw import sumsq_replicas
+
+        total = sumsq_replicas(grads).sqrt()
+    else:
+        M = grads[0].shape[0]
+        norms = torch.stack(foreach_norm_fp32([g[m] for g in grads for m in range(M)])).view(len(grads), M)
+        total = norms.norm(dim=0)
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
 
 def _view_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
