@@ -109,6 +109,18 @@ if HAVE_TRITON:
             tl.store(copy_ptr + at, p.to(copy_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _chunk(chunk_tensor_ptr, chunk_start_ptr, n_ptr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+        # a multi-tensor program's work: chunk program_id(0) of tensor t (chunk_tensor_ptr), its
+        # offsets within a replica (from chunk_start_ptr, a multiple of BLOCK), which of them are
+        # inside (n_ptr[t] elements a replica, a multiple of VEC), and replica program_id(1)'s
+        # offsets within the tensor
+        c = tl.program_id(0)
+        t = tl.load(chunk_tensor_ptr + c)
+        n = tl.multiple_of(tl.load(n_ptr + t), VEC)
+        offs = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK) + tl.arange(0, BLOCK)
+        return t, offs, offs < n, tl.program_id(1).to(tl.int64) * n + offs
+
+    @triton.jit
     def _adamw_multi_kernel(
         base_ptr,
         delta_ptr,
@@ -126,13 +138,8 @@ if HAVE_TRITON:
         # from the first tensor of the launch: an argument, so its alignment is known), its
         # scalars at hyper_ptr[8t:] (_adamw_replicas_kernel's order), its elements a replica at
         # n_ptr[t]; VEC: every offset and length a multiple of it (16-byte accesses where 4)
-        c = tl.program_id(0)
         r = tl.program_id(1)
-        t = tl.load(chunk_tensor_ptr + c)
-        n = tl.multiple_of(tl.load(n_ptr + t), VEC)
-        offs = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK) + tl.arange(0, BLOCK)
-        mask = offs < n
-        at = r.to(tl.int64) * n + offs
+        t, offs, mask, at = _chunk(chunk_tensor_ptr, chunk_start_ptr, n_ptr, VEC, BLOCK)
         d = delta_ptr + 4 * t
         p_at = base_ptr + tl.multiple_of(tl.load(d), VEC) + at
         g_at = base_ptr + tl.multiple_of(tl.load(d + 1), VEC) + at
@@ -178,14 +185,10 @@ if HAVE_TRITON:
         # program (c, r): the sum of squares (fp32) of chunk c of one tensor's replica r, into
         # out_ptr[c, r]; the tensor at base_ptr + delta_ptr[t] elements (base_ptr's type), as in
         # _adamw_multi_kernel
-        c = tl.program_id(0)
-        r = tl.program_id(1)
-        t = tl.load(chunk_tensor_ptr + c)
-        n = tl.multiple_of(tl.load(n_ptr + t), VEC)
-        offs = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK) + tl.arange(0, BLOCK)
-        at = tl.multiple_of(tl.load(delta_ptr + t), VEC) + r.to(tl.int64) * n + offs
-        x = tl.load(base_ptr + at, mask=offs < n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + c * M + r, tl.sum(x * x, axis=0))
+        t, offs, mask, at = _chunk(chunk_tensor_ptr, chunk_start_ptr, n_ptr, VEC, BLOCK)
+        at += tl.multiple_of(tl.load(delta_ptr + t), VEC)
+        x = tl.load(base_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0) * M + tl.program_id(1), tl.sum(x * x, axis=0))
 
 
 def adamw_replicas_(

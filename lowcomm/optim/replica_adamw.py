@@ -30,6 +30,20 @@ __all__ = ["ReplicaAdamW", "KERNEL_MIN"]
 KERNEL_MIN = 1 << 15
 
 
+def _hyper(group: dict, state: dict) -> dict:
+    """A parameter's step arguments for the Triton kernels: its step count (after this step) and
+    its group's hyper-parameters."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        step=state["step"],
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+    )
+
+
 def _multi_steps(p: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether a small parameter takes the multi-tensor kernel: an fp32 parameter and gradient
     (its own, not a copy's), both contiguous (else torch's multi-tensor step)."""
@@ -222,22 +236,9 @@ class ReplicaAdamW(torch.optim.Optimizer):
             return
         from ..kernels.triton_adamw import adamw_replicas_multi_
 
-        hyper = {id(p): group for group in self.param_groups for p in group["params"]}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         states = [self._state(p) for p, _ in grads]
-        hypers = []
-        for (p, _), st in zip(grads, states):
-            group = hyper[id(p)]
-            beta1, beta2 = group["betas"]
-            hypers.append(
-                dict(
-                    step=st["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                )
-            )
+        hypers = [_hyper(group_of[id(p)], st) for (p, _), st in zip(grads, states)]
         adamw_replicas_multi_(
             [p for p, _ in grads],
             [g for _, g in grads],
@@ -254,24 +255,11 @@ class ReplicaAdamW(torch.optim.Optimizer):
         from ..kernels.triton_adamw import adamw_replicas_
 
         coef = coef.float().contiguous() if coef is not None else None
-        hyper = {id(p): group for group in self.param_groups for p in group["params"]}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for p, g in grads:
-            group, st, copy = hyper[id(p)], self._state(p), self._copy(p)
-            beta1, beta2 = group["betas"]
-            adamw_replicas_(
-                p,
-                g,
-                st["exp_avg"],
-                st["exp_avg_sq"],
-                step=st["step"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                coef=coef,
-                copy=copy,
-            )
+            st, copy = self._state(p), self._copy(p)
+            hyper = _hyper(group_of[id(p)], st)
+            adamw_replicas_(p, g, st["exp_avg"], st["exp_avg_sq"], **hyper, coef=coef, copy=copy)
             torch.autograd.graph.increment_version(p)  # the kernel wrote it, no torch operation
             if copy is not None:
                 self._synced[self._key_of[id(p)]] = p._version
