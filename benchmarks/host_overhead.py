@@ -14,7 +14,9 @@ one for all the biases and layer norms, as at the small size on a GPU) and the p
 sums of squares on theirs (a launch per gradient dtype), each launch counted as one operation and
 not run (the kernels need a GPU or the interpreter). It also times the steps on
 the CPU with one thread (``ms_per_step``): there the tiny model's arithmetic is small, so the time
-is mostly the host's (without Triton's launcher); it is not a GPU figure.
+is mostly the host's (without Triton's launcher); it is not a GPU figure. ``update_ms_per_step``
+is the update's part of it (the clip and the optimizer's step; the plain loop's foreach clip and
+fused AdamW).
 
 ``compiled`` times the same with ``torch.compile`` (the plain model; the trainer's ``--compile``)
 at the small size's depth, 8 layers, and a tiny width (COMPILED_SHAPE): the host's time a step
@@ -148,11 +150,14 @@ def plain(steps: int, shape: dict = SHAPE, compile: bool = False) -> dict:
         forward_backward()
         update()
     phases = None if compile else {"forward_backward": _ops(forward_backward), "update": _ops(update)}
-    t0 = time.perf_counter()
+    t0, in_update = time.perf_counter(), 0.0
     for _ in range(steps):
         forward_backward()
+        t1 = time.perf_counter()
         update()
-    return {"ops": _total(phases), "ms_per_step": (time.perf_counter() - t0) / steps * 1e3}
+        in_update += time.perf_counter() - t1
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    return {"ops": _total(phases), "ms_per_step": ms, "update_ms_per_step": in_update / steps * 1e3}
 
 
 def _total(phases: dict | None) -> dict | None:
@@ -186,15 +191,17 @@ def lowcomm(mode: str, steps: int, shape: dict = SHAPE, compile: bool = False) -
                 "update": _ops(reps.update),
                 "after_update": _ops(lambda s=step: sync.after_update(s + 1)),
             }
-        t0 = time.perf_counter()
+        t0, in_update = time.perf_counter(), 0.0
         for step in range(3, 3 + steps):
             reps.forward_backward()
             sync.before_update()
+            t1 = time.perf_counter()
             reps.update()
+            in_update += time.perf_counter() - t1
             sync.after_update(step + 1)
         ms = (time.perf_counter() - t0) / steps * 1e3
         sync.close(True)
-    return {"ops": _total(phases), "ms_per_step": ms}
+    return {"ops": _total(phases), "ms_per_step": ms, "update_ms_per_step": in_update / steps * 1e3}
 
 
 LAYER_SHAPE = (32, 128, 128)  # tokens, in-features, out-features: whole 128-blocks of W for mxfp8_fast
