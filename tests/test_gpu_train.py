@@ -55,10 +55,10 @@ def test_a_gpu_run_defaults_to_bf16_and_batched_replicas_and_reports_its_speed(t
 
 @cuda
 def test_the_replicas_adamw_step_on_the_gpu_is_the_multi_tensor_steps_to_rounding():
-    """ReplicaAdamW on CUDA (its Triton step, one launch per large parameter) against its
-    multi-tensor step in torch operations, four steps with clip coefficients, a bf16 gradient
-    and a bf16 copy: the same parameters and moments to fp32 rounding (the GPU may contract
-    what torch rounds twice), the copy the parameter rounded to nearest even."""
+    """ReplicaAdamW on CUDA (its Triton steps: one launch per large parameter, one for the small
+    ones) against its multi-tensor step in torch operations, four steps with clip coefficients,
+    a bf16 gradient and a bf16 copy: the same parameters and moments to fp32 rounding (the GPU
+    may contract what torch rounds twice), the copy the parameter rounded to nearest even."""
     from lowcomm.optim import replica_adamw
     from lowcomm.optim.replica_adamw import ReplicaAdamW
 
@@ -91,6 +91,31 @@ def test_the_replicas_adamw_step_on_the_gpu_is_the_multi_tensor_steps_to_roundin
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[q][key], ref_opt.state[p][key], rtol=1e-6, atol=2e-7)
+
+
+@cuda
+def test_the_clips_sums_of_squares_on_the_gpu_are_the_multi_tensor_norms_to_rounding():
+    """The per-replica clip on CUDA through its Triton sums of squares (one launch per gradient
+    dtype, 16-byte reads where every tensor is aligned, narrower where one starts mid-packet)
+    against torch's multi-tensor norms: the same coefficients to fp32 rounding (1e-5: sums of
+    a million squares, in two orders)."""
+    from lowcomm.runtime.trainer.build import _clip_coefficients
+
+    torch.manual_seed(0)
+    big = torch.randn(5, 4, 3000, device="cuda")
+    grads = [
+        torch.randn(4, 256, 192, device="cuda").bfloat16(),
+        torch.randn(4, 1024, device="cuda"),
+        torch.randn(4, 7, device="cuda"),  # 7 a replica: its elements one at a time
+        big[1:],  # starts 48,000 bytes in: contiguous, not at its allocation's start
+    ]
+    for scale in (1.0, 1e-4):  # every replica over the limit, then under it
+        gs = [g * scale for g in grads]
+        gs[3] = (big * scale)[1:]
+        # (fp32 sums of some 10^6 squares in two orders: a few ulps of the norm apart)
+        torch.testing.assert_close(
+            _clip_coefficients(gs, 1.0, kernel=True), _clip_coefficients(gs, 1.0), rtol=1e-5, atol=0
+        )
 
 
 def _train_in(precision: str, device: str, corpus: str, run_dir: str) -> dict:

@@ -1170,8 +1170,8 @@ def test_the_clip_sums_each_replicas_squares_in_one_launch_per_gradient_dtype(mo
     assert got.dtype == torch.float32 and torch.equal(sumsq_replicas(grads), got)
     for scale in (1.0, 1e-3):  # replicas over and under the limit
         gs = [g * scale for g in grads]
-        torch.testing.assert_close(
-            _clip_coefficients(gs, 30.0, kernel=True), _clip_coefficients(gs, 30.0), rtol=1e-6, atol=0
+        torch.testing.assert_close(  # (fp32 sums in two orders)
+            _clip_coefficients(gs, 30.0, kernel=True), _clip_coefficients(gs, 30.0), rtol=1e-5, atol=0
         )
     across = [torch.randn(4, 6, 5).transpose(1, 2), torch.randn(4, 3)]  # not contiguous: the norm
     torch.testing.assert_close(
