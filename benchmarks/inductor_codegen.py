@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ import types
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import stamp, write_result  # noqa: E402
@@ -120,6 +122,7 @@ def pretend_gpu():
         (config, "pattern_matcher", False),
         (config, "joint_graph_constant_folding", False),  # (it runs the folded operations)
         (config, "fx_graph_cache", False),
+        (config, "benchmark_kernel", True),  # (each kernel's source then states the bytes it moves)
     ]
     if hasattr(torch, "accelerator"):  # Dynamo asks it for the current stream (the CUDA runtime's)
         replaced.append((torch.accelerator, "is_available", lambda: False))
@@ -178,7 +181,11 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     )
     with torch.device("meta"):
         block = Block(cfg)
-    convert_to_low_precision(block, recipe)
+    if recipe != "bf16":
+        convert_to_low_precision(block, recipe)
+    for layer in block.modules():  # the rest (bf16: every Linear) multiplies as autocast makes it
+        if type(layer) is nn.Linear:
+            layer.forward = functools.partial(_autocast_linear, layer)
     for layer in block.modules():  # fp8_delayed: a step after the first (scales from the history)
         if getattr(layer, "recipe", None) == "fp8_delayed":
             layer._fp8_started = True
@@ -224,6 +231,13 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     return graphs
 
 
+def _autocast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with bf16 autocast's casts (the tool's stand-in autocast does none): x, the
+    weight and the bias in bf16, a bf16 output."""
+    bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
+    return nn.functional.linear(x.to(torch.bfloat16), layer.weight.to(torch.bfloat16), bias)
+
+
 def lower(gm: torch.fx.GraphModule) -> dict:
     """One graph through Inductor for the pretend GPU: its kernels in launch order (as
     :func:`kernels` reads them) and where the output code was written."""
@@ -260,13 +274,15 @@ def lower(gm: torch.fx.GraphModule) -> dict:
     codes = [(path, Path(path).read_text()) for path in reversed(written)]
     output, code = next(((p, c) for p, c in codes if "async_compile.triton(" in c), codes[0])
     found = {"output_code": output, "kernels": kernels(code)}
-    return {**found, "transposed_stores": transposed_stores(found)}
+    gb = sum(k["gb"] or 0.0 for k in found["kernels"])
+    return {**found, "transposed_stores": transposed_stores(found), "gb": gb}
 
 
 def kernels(code: str) -> list[dict]:
     """The Triton kernels of an Inductor output code, in launch order: name, kind (pointwise,
     ``per``sistent or looped ``red``uction), iteration sizes, reduction hint, the ATen operators
-    fused, and the (pointer, index) of each load and store."""
+    fused, the (pointer, index) of each load and store, and ``gb``: Inductor's own count of the
+    bytes it reads and writes (``kernel_num_gb``, each tensor it touches once, in 10^9 bytes)."""
     found = {}
     block = (
         r"# Topologically Sorted Source Nodes: \[.*?\], Original ATen: \[(.*?)\]\n.*?"
@@ -283,6 +299,7 @@ def kernels(code: str) -> list[dict]:
             "aten": [a.removeprefix("aten.") for a in aten.split(", ")],
             "loads": _accesses("load", body),
             "stores": _accesses("store", body),
+            "gb": float(gb.group(1)) if (gb := re.search(r"'kernel_num_gb': ([0-9.e+-]+)", body)) else None,
         }
     for k in found.values():
         k["transposed_store"] = _transposed_store(k)
@@ -344,7 +361,9 @@ def transposed_stores(lowered: dict) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="fp8_rowwise", help="a low-precision layer recipe")
+    p.add_argument(
+        "--recipe", default="fp8_rowwise", help="a low-precision layer recipe, or bf16 (autocast's Linear)"
+    )
     p.add_argument(
         "--quantize", default="inductor", choices=["inductor", "triton"], help="LOWCOMM_COMPILED_QUANTIZE"
     )
@@ -353,8 +372,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     from lowcomm.kernels.linear import LAYER_RECIPES
 
-    if args.recipe not in LAYER_RECIPES:
-        p.error(f"--recipe: unknown recipe {args.recipe!r}; allowed: {list(LAYER_RECIPES)}")
+    if args.recipe not in ("bf16", *LAYER_RECIPES):
+        p.error(f"--recipe: unknown recipe {args.recipe!r}; allowed: {['bf16', *LAYER_RECIPES]}")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     size = SIZES[args.size]
     with pretend_gpu():

@@ -2912,7 +2912,8 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     writes both copies from pointwise kernels tiled for the transpose. fp8_delayed, traced at a
     step after the first (its buffers inputs of the graphs): the layer norm's kernel casts by the
     history's scale and records the maximum in the same read, and a kernel updates the maxima
-    buffer. Everything the pretend GPU replaced is put back."""
+    buffer; its backward's kernels move more bytes than bf16's (by Inductor's own count). Everything
+    the pretend GPU replaced is put back."""
     needs_triton()
     codegen = load_benchmark("inductor_codegen")
     real = torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling
@@ -2939,6 +2940,15 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     forward = [set(k["aten"]) for k in delayed["forward"]["kernels"]]
     assert any({"native_layer_norm", "_to_copy", "amax"} <= aten for aten in forward), forward
     assert any({"maximum", "select_scatter"} <= aten for aten in forward), forward
+    # the bytes Inductor counts its kernels moving (the GEMMs apart): the casts and the maxima
+    # add to bf16's (autocast's Linear: the baseline), in the backward most
+    bf16 = codegen.main(["--size", "smoke", "--recipe", "bf16"])
+    assert all(k["gb"] is not None for g in ("forward", "backward") for k in bf16[g]["kernels"])
+    assert not any("_scaled_mm" in k["aten"] for k in bf16["forward"]["kernels"])
+    assert 0 < bf16["backward"]["gb"] < delayed["backward"]["gb"], (
+        bf16["backward"]["gb"],
+        delayed["backward"]["gb"],
+    )
     assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
     with pytest.raises(SystemExit):
         codegen.main(["--recipe", "fp4"])
