@@ -56,7 +56,7 @@ GPU = dict(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, warp
 
 
 @contextlib.contextmanager
-def pretend_gpu():
+def pretend_gpu(count_bytes: bool = False):
     """A pretend sm_90 GPU for Inductor's code generation; everything replaced is put back."""
     import torch._inductor.config as config
     import torch._subclasses.fake_tensor as fake_tensor
@@ -122,8 +122,9 @@ def pretend_gpu():
         (config, "pattern_matcher", False),
         (config, "joint_graph_constant_folding", False),  # (it runs the folded operations)
         (config, "fx_graph_cache", False),
-        (config, "benchmark_kernel", True),  # (each kernel's source then states the bytes it moves)
     ]
+    if count_bytes:  # each kernel's source then states the bytes it moves
+        replaced.append((config, "benchmark_kernel", True))
     if hasattr(torch, "accelerator"):  # Dynamo asks it for the current stream (the CUDA runtime's)
         replaced.append((torch.accelerator, "is_available", lambda: False))
     with _replacing(replaced):
@@ -274,15 +275,17 @@ def lower(gm: torch.fx.GraphModule) -> dict:
     codes = [(path, Path(path).read_text()) for path in reversed(written)]
     output, code = next(((p, c) for p, c in codes if "async_compile.triton(" in c), codes[0])
     found = {"output_code": output, "kernels": kernels(code)}
-    gb = sum(k["gb"] or 0.0 for k in found["kernels"])
-    return {**found, "transposed_stores": transposed_stores(found), "gb": gb}
+    gb = [k["gb"] for k in found["kernels"]]
+    total = sum(gb) if None not in gb else None  # (counted with --bytes only)
+    return {**found, "transposed_stores": transposed_stores(found), "gb": total}
 
 
 def kernels(code: str) -> list[dict]:
     """The Triton kernels of an Inductor output code, in launch order: name, kind (pointwise,
     ``per``sistent or looped ``red``uction), iteration sizes, reduction hint, the ATen operators
     fused, the (pointer, index) of each load and store, and ``gb``: Inductor's own count of the
-    bytes it reads and writes (``kernel_num_gb``, each tensor it touches once, in 10^9 bytes)."""
+    bytes it reads and writes (``kernel_num_gb``, each tensor it touches once, in 10^9 bytes;
+    with ``--bytes``, else None)."""
     found = {}
     block = (
         r"# Topologically Sorted Source Nodes: \[.*?\], Original ATen: \[(.*?)\]\n.*?"
@@ -368,6 +371,12 @@ def main(argv=None) -> dict:
         "--quantize", default="inductor", choices=["inductor", "triton"], help="LOWCOMM_COMPILED_QUANTIZE"
     )
     p.add_argument("--size", default="issue", choices=sorted(SIZES))
+    p.add_argument(
+        "--bytes",
+        action="store_true",
+        help="count the bytes each kernel moves (Inductor's benchmark_kernel, which may fuse a few "
+        "kernels otherwise: the counts of kernels are those of a run without it)",
+    )
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     from lowcomm.kernels.linear import LAYER_RECIPES
@@ -376,7 +385,7 @@ def main(argv=None) -> dict:
         p.error(f"--recipe: unknown recipe {args.recipe!r}; allowed: {['bf16', *LAYER_RECIPES]}")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     size = SIZES[args.size]
-    with pretend_gpu():
+    with pretend_gpu(count_bytes=args.bytes):
         graphs = block_graphs(args.recipe, args.quantize, size)
         lowered = {which: lower(gm) for which, gm in zip(("forward", "backward"), graphs)}
     out = {
@@ -385,6 +394,7 @@ def main(argv=None) -> dict:
         "recipe": args.recipe,
         "quantize": args.quantize,
         "size": size,
+        "bytes_counted": args.bytes,
         **lowered,
     }
     write_result(out, args.json)

@@ -2936,13 +2936,13 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
         tiled = [k for k in tensorwise[g]["kernels"] if k["transposed_store"] == "tiled"]
         assert tiled and all("_to_copy" in k["aten"] for k in tiled), tiled  # the casts to fp8
     assert tensorwise["forward"]["transposed_stores"]["reduction"] == 0, tensorwise["forward"]
-    delayed = codegen.main(["--size", "smoke", "--quantize", "inductor", "--recipe", "fp8_delayed"])
+    delayed = codegen.main(["--size", "smoke", "--recipe", "fp8_delayed", "--bytes"])
     forward = [set(k["aten"]) for k in delayed["forward"]["kernels"]]
     assert any({"native_layer_norm", "_to_copy", "amax"} <= aten for aten in forward), forward
     assert any({"maximum", "select_scatter"} <= aten for aten in forward), forward
     # the bytes Inductor counts its kernels moving (the GEMMs apart): the casts and the maxima
     # add to bf16's (autocast's Linear: the baseline), in the backward most
-    bf16 = codegen.main(["--size", "smoke", "--recipe", "bf16"])
+    bf16 = codegen.main(["--size", "smoke", "--recipe", "bf16", "--bytes"])
     assert all(k["gb"] is not None for g in ("forward", "backward") for k in bf16[g]["kernels"])
     assert not any("_scaled_mm" in k["aten"] for k in bf16["forward"]["kernels"])
     assert 0 < bf16["backward"]["gb"] < delayed["backward"]["gb"], (
