@@ -217,20 +217,11 @@ def adamw_replicas_(
     """
     if not HAVE_TRITON:
         raise RuntimeError(f"adamw_replicas_ needs Triton ({TRITON_MISSING})")
-    tensors = {"p": p, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "copy": copy}
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.shape != p.shape or not t.is_contiguous() or t.device != p.device:
-            raise ValueError(
-                f"adamw_replicas_: {name} is {tuple(t.shape)} on {t.device} "
-                f"(contiguous: {t.is_contiguous()}); every tensor must be contiguous, "
-                f"{tuple(p.shape)}, on {p.device}"
-            )
-    for name in ("p", "exp_avg", "exp_avg_sq"):
-        if tensors[name].dtype != torch.float32:
-            raise ValueError(f"adamw_replicas_: {name} is {tensors[name].dtype}; it must be float32")
-    M = p.shape[0]
+    M = p.shape[0] if p.dim() else 0
+    fp32 = {"p": p, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    _check_stacked("adamw_replicas_", fp32, M, p.device, (torch.float32,), shape=p.shape)
+    others = {k: t for k, t in (("grad", grad), ("copy", copy)) if t is not None}
+    _check_stacked("adamw_replicas_", others, M, p.device, shape=p.shape)
     n = p.numel() // M if M else 0
     if n == 0:
         return
@@ -288,14 +279,16 @@ def _deltas(tensors: list, base: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.tensor(deltas, dtype=torch.int64).to(base.device, non_blocking=True), vec
 
 
-def _check_stacked(fn: str, named: dict, M: int, device: torch.device, dtypes=None) -> None:
-    """Each of ``named`` contiguous (M, ...) on ``device`` (of ``dtypes`` where given), else a
-    ValueError naming the tensor."""
+def _check_stacked(fn: str, named: dict, M: int, device: torch.device, dtypes=None, shape=None) -> None:
+    """Each of ``named`` contiguous (M, ...) on ``device`` (of ``shape`` and ``dtypes`` where
+    given), else a ValueError naming the tensor."""
     for name, t in named.items():
-        if t.dim() == 0 or t.shape[0] != M or not t.is_contiguous() or t.device != device:
+        fits = t.shape == shape if shape is not None else t.dim() > 0 and t.shape[0] == M
+        if not fits or not t.is_contiguous() or t.device != device:
+            want = tuple(shape) if shape is not None else f"({M}, ...)"
             raise ValueError(
                 f"{fn}: {name} is {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()}); "
-                f"every tensor must be contiguous, ({M}, ...), on {device}"
+                f"every tensor must be contiguous, {want}, on {device}"
             )
         if dtypes is not None and t.dtype not in dtypes:
             raise ValueError(f"{fn}: {name} is {t.dtype}; it must be one of {[str(d) for d in dtypes]}")
@@ -372,9 +365,11 @@ def sumsq_replicas(tensors: list) -> torch.Tensor:
     floats = (torch.float32, torch.bfloat16, torch.float16)
     _check_stacked("sumsq_replicas", {f"tensors[{i}]": t for i, t in enumerate(tensors)}, M, dev, floats)
     total = torch.zeros(M, dtype=torch.float32, device=dev)
+    if M == 0:
+        return total
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         group = [t for t in tensors if t.dtype == dtype]
-        tensor, start, ns = _chunks(tuple(t.numel() // M for t in group), dev) if M else ((),) * 3
+        tensor, start, ns = _chunks(tuple(t.numel() // M for t in group), dev)
         if len(tensor) == 0:
             continue
         partial = torch.empty(len(tensor), M, dtype=torch.float32, device=dev)

@@ -155,11 +155,13 @@ class ReplicaAdamW(torch.optim.Optimizer):
                 loss = closure()
         grads = self.gradients()
         if self.kernel:
+            coef = grad_coef.float().contiguous() if grad_coef is not None else None
+            group_of = {id(p): group for group in self.param_groups for p in group["params"]}
             big = [(p, g) for p, g in grads if self._copy(p) is not None or p[0].numel() >= KERNEL_MIN]
-            self._kernel_step(big, grad_coef)
+            self._kernel_step(big, coef, group_of)
             done = {id(p) for p, _ in big}
             small = [(p, g) for p, g in grads if id(p) not in done and _multi_steps(p, g)]
-            self._multi_step(small, grad_coef)
+            self._multi_step(small, coef, group_of)
             done.update(id(p) for p, _ in small)
             grads = [(p, g) for p, g in grads if id(p) not in done]
         self._torch_step(grads, grad_coef)
@@ -230,13 +232,13 @@ class ReplicaAdamW(torch.optim.Optimizer):
                 self.copies[k].copy_(p)
                 self._synced[k] = p._version
 
-    def _multi_step(self, grads: list[tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor | None) -> None:
-        """The parameters of ``grads`` (fp32, no copy) in one launch of the multi-tensor kernel."""
+    def _multi_step(self, grads: list, coef: torch.Tensor | None, group_of: dict) -> None:
+        """The parameters of ``grads`` (fp32, no copy) in one launch of the multi-tensor kernel;
+        ``coef`` fp32 and contiguous, ``group_of`` each parameter's group by its id."""
         if not grads:
             return
         from ..kernels.triton_adamw import adamw_replicas_multi_
 
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         states = [self._state(p) for p, _ in grads]
         hypers = [_hyper(group_of[id(p)], st) for (p, _), st in zip(grads, states)]
         adamw_replicas_multi_(
@@ -245,17 +247,16 @@ class ReplicaAdamW(torch.optim.Optimizer):
             [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states],
             hypers,
-            coef=coef.float().contiguous() if coef is not None else None,
+            coef=coef,
         )
         for p, _ in grads:
             torch.autograd.graph.increment_version(p)  # the kernel wrote it, no torch operation
 
-    def _kernel_step(self, grads: list[tuple[torch.Tensor, torch.Tensor]], coef: torch.Tensor | None) -> None:
-        """Each parameter of ``grads`` in one launch: gradient, coefficient, AdamW, copy."""
+    def _kernel_step(self, grads: list, coef: torch.Tensor | None, group_of: dict) -> None:
+        """Each parameter of ``grads`` in one launch: gradient, coefficient, AdamW, copy (``coef``
+        and ``group_of`` as for :meth:`_multi_step`)."""
         from ..kernels.triton_adamw import adamw_replicas_
 
-        coef = coef.float().contiguous() if coef is not None else None
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for p, g in grads:
             st, copy = self._state(p), self._copy(p)
             hyper = _hyper(group_of[id(p)], st)

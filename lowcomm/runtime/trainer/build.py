@@ -374,11 +374,11 @@ class BatchedReplicas(Replicas):
 
     def update(self) -> None:
         clip = self.cfg.optim.grad_clip
-        grads = [g for _, g in self.opts[0].gradients()]
-        coef = _clip_coefficients(grads, clip, kernel=self.opts[0].kernel) if clip else None
-        self.opts[0].step(grad_coef=coef)
+        opt = self.opts[0]
+        coef = _clip_coefficients([g for _, g in opt.gradients()], clip, kernel=opt.kernel) if clip else None
+        opt.step(grad_coef=coef)
         self.scheds[0].step()
-        self.opts[0].zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
 
 
 def _one_slice(opt_state: dict, M: int) -> dict:
