@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import getpass
 import json
@@ -21,6 +22,7 @@ __all__ = [
     "inductor_kernels",
     "launch_command",
     "machine",
+    "replacing",
     "stamp",
     "steady_tokens_per_second",
     "window_ms_per_step",
@@ -192,3 +194,19 @@ def empty_launches(out: torch.Tensor) -> dict:
     configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)]
     tuned = triton.autotune(configs, key=[], do_bench=lambda fn, quantiles=None: [1.0, 1.0, 1.0])(_empty)
     return {"direct": lambda: _empty[(1,)](out, BLOCK=32), "autotuned": lambda: tuned[(1,)](out)}
+
+
+@contextlib.contextmanager
+def replacing(stand_ins: list[tuple]):
+    """Each ``(owner, name, value)``: ``owner.name`` is ``value`` inside, its own again after (a
+    class's attribute as it was defined: a staticmethod or classmethod stays one)."""
+    kept = [
+        (owner, name, owner.__dict__.get(name, getattr(owner, name, None))) for owner, name, _ in stand_ins
+    ]  # noqa: E501
+    try:
+        for owner, name, value in stand_ins:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(kept):
+            setattr(owner, name, value)

@@ -53,7 +53,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import empty_launches, stamp, write_result  # noqa: E402
+from common import empty_launches, replacing, stamp, write_result  # noqa: E402
 
 from lowcomm.kernels import triton_adamw  # noqa: E402
 from lowcomm.lm.model import GPT, GPTConfig  # noqa: E402
@@ -375,25 +375,19 @@ def main(argv=None) -> dict:
         print(json.dumps(layers(args.layers_repeat)))
         return {}
     torch.set_num_threads(1)
-    original = (
-        build_module.torch.optim.AdamW,
-        build_module.ReplicaAdamW,
-        triton_adamw.adamw_replicas_,
-        triton_adamw.adamw_replicas_multi_,
-        triton_adamw.sumsq_replicas,
-        replica_adamw.KERNEL_MIN,
-    )
-    build_module.torch.optim.AdamW = _FusedAdamW  # the sequential path's AdamW, fused as on CUDA
-    # the batched replicas' optimizer and clip on their kernels, as on CUDA: launches counted,
-    # not run; the tiny model's matrices and embeddings (256 elements a replica or more) each on
-    # the per-tensor kernel, its biases and layer norms on the one multi-tensor launch, as the
-    # small size's on a GPU (KERNEL_MIN elements or more, or a bf16 copy)
-    build_module.ReplicaAdamW = functools.partial(ReplicaAdamW, kernel=True)
-    triton_adamw.adamw_replicas_ = _adamw_launch
-    triton_adamw.adamw_replicas_multi_ = _adamw_launch
-    triton_adamw.sumsq_replicas = _sumsq_launch
-    replica_adamw.KERNEL_MIN = 256
-    try:
+    stand_ins = [
+        (build_module.torch.optim, "AdamW", _FusedAdamW),  # the sequential path's AdamW, fused as on CUDA
+        # the batched replicas' optimizer and clip on their kernels, as on CUDA: launches counted,
+        # not run; the tiny model's matrices and embeddings (256 elements a replica or more) each
+        # on the per-tensor kernel, its biases and layer norms on the one multi-tensor launch, as
+        # the small size's on a GPU (KERNEL_MIN elements or more, or a bf16 copy)
+        (build_module, "ReplicaAdamW", functools.partial(ReplicaAdamW, kernel=True)),
+        (triton_adamw, "adamw_replicas_", _adamw_launch),
+        (triton_adamw, "adamw_replicas_multi_", _adamw_launch),
+        (triton_adamw, "sumsq_replicas", _sumsq_launch),
+        (replica_adamw, "KERNEL_MIN", 256),
+    ]
+    with replacing(stand_ins):
         rows = {"plain": plain(args.steps), **{m: lowcomm(m, args.steps) for m in MODES}}
         compiled = None
         if not args.skip_compiled:  # the trainer's --compile against a compiled plain loop
@@ -405,10 +399,6 @@ def main(argv=None) -> dict:
                     **{m: lowcomm(m, args.steps, c, compile=True) for m in MODES},
                 },
             }
-    finally:
-        build_module.torch.optim.AdamW, build_module.ReplicaAdamW = original[:2]
-        triton_adamw.adamw_replicas_, triton_adamw.adamw_replicas_multi_ = original[2:4]
-        triton_adamw.sumsq_replicas, replica_adamw.KERNEL_MIN = original[4:]
     out = {**stamp("host_overhead"), "shape": SHAPE, "replicas": REPLICAS, "steps": args.steps, "rows": rows}
     out["compiled"] = compiled
     out["layers"] = None if args.skip_layers else layers()

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import stamp, write_result  # noqa: E402
+from common import replacing, stamp, write_result  # noqa: E402
 
 SIZES = {
     "issue": dict(n_embd=1024, n_head=16, seq_len=1024, batch=16),
@@ -127,28 +127,12 @@ def pretend_gpu(count_bytes: bool = False):
         replaced.append((config, "benchmark_kernel", True))
     if hasattr(torch, "accelerator"):  # Dynamo asks it for the current stream (the CUDA runtime's)
         replaced.append((torch.accelerator, "is_available", lambda: False))
-    with _replacing(replaced):
+    with replacing(replaced):
         _forget_devices()  # what torch found out about the GPUs before (none), asked again
         try:
             yield sources
         finally:
             _forget_devices()  # and what it found out about the pretend one
-
-
-@contextlib.contextmanager
-def _replacing(stand_ins: list[tuple]):
-    """Each ``(owner, name, value)``: ``owner.name`` is ``value`` inside, its own again after (a
-    class's attribute as it was defined: a staticmethod or classmethod stays one)."""
-    kept = [
-        (owner, name, owner.__dict__.get(name, getattr(owner, name, None))) for owner, name, _ in stand_ins
-    ]  # noqa: E501
-    try:
-        for owner, name, value in stand_ins:
-            setattr(owner, name, value)
-        yield
-    finally:
-        for owner, name, value in reversed(kept):
-            setattr(owner, name, value)
 
 
 def _forget_devices() -> None:
@@ -215,7 +199,7 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
         (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
     ]
-    with _replacing(stand_ins):
+    with replacing(stand_ins):
         params = [p.detach().requires_grad_() for p in block.parameters()]
         buffers = list(block.buffers())
         x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
@@ -267,7 +251,7 @@ def lower(gm: torch.fx.GraphModule) -> dict:
             if n.op == "placeholder"
         ]
     try:
-        with _replacing([(codecache.PyCodeCache, "load_by_key_path", keep_path)]), mode:
+        with replacing([(codecache.PyCodeCache, "load_by_key_path", keep_path)]), mode:
             compile_fx_inner(gm, inputs)
     except Exception as e:  # (loading it asks the CUDA runtime for a stream: the code is written by then)
         if not written:
