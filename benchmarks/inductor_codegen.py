@@ -168,12 +168,11 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         block = Block(cfg)
     if recipe != "bf16":
         convert_to_low_precision(block, recipe)
-    for layer in block.modules():  # the rest (bf16: every Linear) multiplies as autocast makes it
-        if type(layer) is nn.Linear:
+    for layer in block.modules():
+        if type(layer) is nn.Linear:  # the rest (bf16: every Linear) multiplies as autocast would
             layer.forward = functools.partial(_autocast_linear, layer)
-    for layer in block.modules():  # fp8_delayed: a step after the first (scales from the history)
-        if getattr(layer, "recipe", None) == "fp8_delayed":
-            layer._fp8_started = True
+        elif getattr(layer, "recipe", None) == "fp8_delayed":  # a step after the first: scaled
+            layer._fp8_started = True  # from the history
     names = [n for n, _ in block.named_parameters()]
     # buffers (fp8_delayed's maxima and history) are inputs of the graphs too, as a compiled
     # module's are: not constants captured from the meta module
