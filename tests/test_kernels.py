@@ -1556,6 +1556,17 @@ def _unswizzle(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tiles.reshape(R, C, 128, 4).permute(0, 2, 1, 3).reshape(R * 128, C * 4)[:rows, :cols]
 
 
+def _replace_scaled_mm(monkeypatch, stand_in) -> None:
+    """torch._scaled_mm replaced by ``stand_in`` for a test. Dynamo's table of torch's functions is
+    made first: made while the stand-in is in place (the process's first compile), it would hold
+    the stand-in, not the operator, and every later compile of torch._scaled_mm in the process
+    (benchmarks/inductor_codegen.py's) would refuse it as a builtin it must skip."""
+    from torch._dynamo import trace_rules
+
+    trace_rules.get_torch_obj_rule_map()
+    monkeypatch.setattr(torch, "_scaled_mm", stand_in)
+
+
 def _pretend_hopper(monkeypatch, scaled_mm=None) -> str:
     """An sm_90 GPU for the layers: torch._scaled_mm replaced by ``scaled_mm`` (default the CPU
     stand-in below, which checks cuBLASLt's layout rules). Returns the device the Triton kernels
@@ -1564,7 +1575,7 @@ def _pretend_hopper(monkeypatch, scaled_mm=None) -> str:
     import lowcomm.kernels.gemm as gemm
 
     monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm or _fake_scaled_mm)
+    _replace_scaled_mm(monkeypatch, scaled_mm or _fake_scaled_mm)
     if torch.cuda.is_available():
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
         return "cuda"
@@ -2037,7 +2048,7 @@ def test_a_low_precision_layer_compiles_whole_and_matches_eager(recipe, monkeypa
     recipe = recipe.split()[0]
     if backend == "scaled_mm":
         monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-        monkeypatch.setattr(torch, "_scaled_mm", _fake_scaled_mm)
+        _replace_scaled_mm(monkeypatch, _fake_scaled_mm)
         gemm._blockwise_scaled_mm_works.cache_clear()
     torch._dynamo.reset()
     torch.manual_seed(3)
@@ -2370,7 +2381,7 @@ def test_every_scaled_mm_of_a_training_step_passes_cublas_layout_rules(recipe, t
         raise AssertionError("the per-GEMM torch path was asked for, not the Triton quantize")
 
     monkeypatch.setattr(triton_fp8, "fp8_quantize_dual", no_triton)
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
+    _replace_scaled_mm(monkeypatch, lambda *a, **k: calls.append(1) or _fake_scaled_mm(*a, **k))
     if recipe == "mxfp8" and not hasattr(torch, "float8_e8m0fnu"):  # MX _scaled_mm: torch >= 2.7
         with pytest.raises(ValueError, match=r"torch >= 2\.7 \(float8_e8m0fnu scales\)"):
             _emulated_and_scaled_mm_layers(recipe, tokens)
@@ -2532,7 +2543,7 @@ def test_mxfp8_fast_through_the_blockwise_scaled_mm_feeds_cublas_the_right_layou
     a = (torch.randn(48, 200) * torch.logspace(-3, 3, 200)).to(dev)  # K padded 200 -> 256
     b = torch.randn(200, 32).to(dev)
     monkeypatch.setattr(gemm, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
+    _replace_scaled_mm(monkeypatch, _fake_blockwise_scaled_mm)
     gemm._blockwise_scaled_mm_works.cache_clear()
     try:
         assert choose_backend("mxfp8_fast", dev, "auto") == "scaled_mm"  # the probe ran
@@ -2607,7 +2618,7 @@ def test_mxfp8_fast_auto_uses_triton_where_the_blockwise_scaled_mm_is_missing(mo
         with caplog.at_level("WARNING", logger="lowcomm.kernels.gemm"):
             assert _fast_choice_on_a_pretend_hopper(monkeypatch, old_torch) == "triton"
         assert "blockwise torch._scaled_mm unavailable" in caplog.text
-        monkeypatch.setattr(torch, "_scaled_mm", _fake_blockwise_scaled_mm)
+        _replace_scaled_mm(monkeypatch, _fake_blockwise_scaled_mm)
         gemm._blockwise_scaled_mm_works.cache_clear()
         torch.manual_seed(6)
         a, b = torch.randn(32, 128), torch.randn(128, 32)
