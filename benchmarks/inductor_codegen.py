@@ -12,7 +12,9 @@ of the graphs as a compiled module's are), then each graph lowered by
 Inductor for a pretend sm_90 GPU with 132 SMs (an H100/H200): the Triton kernels it writes, each
 with the ATen operators it fused, its iteration sizes, its reduction kind (``per``: a row held
 whole; ``red``: a loop), the tensors it reads and writes and whether it writes one across the way
-it reads (``transposed_store``; each graph's ``transposed_stores`` counts them by kind). Nothing
+it reads (``transposed_store``; each graph's ``transposed_stores`` counts them by kind), then
+each launch of a kernel of lowcomm's that Inductor calls as it is (kind ``user``: fp8_transpose,
+the compiled fp8 recipes' transposed copies on a GPU), its bytes from its arguments. Nothing
 is compiled to machine code, run or timed: this tells where Inductor puts each pass over memory
 (which of the quantize's maxima and casts it fused into the kernel making the tensor, and how),
 the question a profile's kernel names, cut short, cannot answer. A kernel's speed needs the GPU
@@ -24,7 +26,9 @@ is no accelerator, so it asks for no current stream), Inductor's passes that run
 computations while compiling (its pattern matchers and constant folding are off: on a GPU they may
 first rewrite a few patterns, such as attention's; the rewrite of view scatters is left out, so
 fp8_delayed's 3-element maxima updates stay scatters), and its Triton compilation
-(each kernel's source is recorded instead); a torch whose Inductor asks more than that fails with
+(each kernel's source is recorded instead; Triton's driver names the target, for the IR of a
+kernel of lowcomm's, whose writes Inductor reads there); a torch whose Inductor asks more than
+that fails with
 its own error. Made on torch 2.11 (a CUDA build, without a GPU) and 2.13 (CPU).
 """
 
@@ -127,6 +131,16 @@ def pretend_gpu(count_bytes: bool = False):
         replaced.append((config, "benchmark_kernel", True))
     if hasattr(torch, "accelerator"):  # Dynamo asks it for the current stream (the CUDA runtime's)
         replaced.append((torch.accelerator, "is_available", lambda: False))
+    try:  # a user-defined Triton kernel (lowcomm's fp8_transpose) is compiled to its IR for the
+        # GPU to find which arguments it writes: Triton's driver names the target
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        target = GPUTarget("cuda", GPU["major"] * 10 + GPU["minor"], GPU["warp_size"])
+        driver = types.SimpleNamespace(get_current_target=lambda: target)
+        replaced.append((triton.runtime.driver, "_active", driver))
+    except ImportError:
+        pass
     with replacing(replaced):
         _forget_devices()  # what torch found out about the GPUs before (none), asked again
         try:
@@ -289,10 +303,50 @@ def kernels(code: str) -> list[dict]:
         }
     for k in found.values():
         k["transposed_store"] = _transposed_store(k)
-    order = re.findall(r"(triton_\w+)\.run\(", code.split("def call(")[-1])
-    return [found[n] for n in dict.fromkeys(order) if n in found] + [
-        k for n, k in found.items() if n not in order
-    ]
+    main = code.split("def call(")[-1]  # (with --bytes each kernel's source has a call() of its own)
+    order = re.findall(r"(triton_\w+)\.run\(", main)
+    return (
+        [found[n] for n in dict.fromkeys(order) if n in found]
+        + [k for n, k in found.items() if n not in order]
+        + _user_launches(code, main)
+    )
+
+
+#: lowcomm's Triton kernels that Inductor launches as they are (``torch.library.triton_op``,
+#: fused with nothing): the bytes a launch reads and writes, from its arguments
+USER_KERNEL_BYTES = {
+    # fp8_transpose: (R, C) one-byte elements read, (C, R) written
+    "_transpose_bytes_kernel": lambda args: 2 * int(args[2]) * int(args[3]),
+}
+
+
+def _user_launches(code: str, main: str) -> list[dict]:
+    """Each launch of a user-defined Triton kernel (kind ``user``), in launch order: its kernel,
+    its arguments, and ``gb`` from :data:`USER_KERNEL_BYTES` (None for a kernel not there)."""
+    kernel_of = dict(re.findall(r"^(\w+) = async_compile\.triton\('(\w+)', '''", code, re.M))
+    launches = []
+    for name, args in re.findall(r"(\w+)\.run\(([^)]*)\)", main):
+        kernel = kernel_of.get(name)
+        if kernel is None or name.startswith("triton_"):
+            continue
+        args = [a.strip() for a in args.split(",") if "=" not in a]
+        count = USER_KERNEL_BYTES.get(kernel)
+        launches.append(
+            {
+                "name": name,
+                "kind": "user",
+                "kernel": kernel,
+                "args": args,
+                "sizes": None,
+                "reduction_hint": None,
+                "aten": [],  # (none fused into it)
+                "loads": [],
+                "stores": [],
+                "gb": count(args) / 1e9 if count else None,
+                "transposed_store": None,  # (of Inductor's own kernels only)
+            }
+        )
+    return launches
 
 
 def _accesses(op: str, body: str) -> list[tuple[str, str]]:
