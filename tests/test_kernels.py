@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -845,8 +846,8 @@ def test_blocks_per_sm_counts_registers_as_allocated_threads_and_shared_memory()
 def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs():
     """Ahead-of-time compile on CPU (triton's own ptxas, no GPU): the GEMM at every operand layout
     the training layers use, the dual quantize, the replicas' AdamW step (per tensor and
-    multi-tensor), the clip's sums of squares and the e3m0 codec's encode and decode, for sm_90a, the
-    exact-MX GEMM also for sm_100a.
+    multi-tensor), the clip's sums of squares, the e3m0 codec's encode and decode and the fp8
+    transpose, for sm_90a, the exact-MX GEMM also for sm_100a.
     Each must compile with nothing spilled to local memory, fit an SM's shared memory, and the
     GEMMs must issue fp8 tensor-core MMAs (wgmma on Hopper, tcgen05 on Blackwell). Run in a child
     without TRITON_INTERPRET (this process interprets kernels)."""
@@ -881,6 +882,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
             "blockwise_matmul",
             "fp8_quantize",
             "fp8_delayed_step",
+            "fp8_transpose",
             "mx_fast_quantize",
             "adamw_replicas",
             "adamw_multi",
@@ -902,6 +904,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     fast = [r for r in hopper if r["kernel"].startswith("mx_fast_quantize")]
     fp8 = [r for r in hopper if r["kernel"].startswith("fp8_quantize")]
     step = [r for r in hopper if r["kernel"].startswith("fp8_delayed_step")]  # delayed scaling's scales
+    transpose = [r for r in hopper if r["kernel"].startswith("fp8_transpose")]  # eager's, compiled's
     adamw = [r for r in hopper if r["kernel"].startswith("adamw_replicas")]
     # the small parameters' one launch and the clip's sums of squares: tensors from a table
     tables = [r for r in hopper if r["kernel"].startswith(("adamw_multi", "sumsq_replicas"))]
@@ -928,6 +931,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         and len(dequant) == 3 + len(DEQUANT_CUDA_CONFIGS) - 1
         and len(step) == 1
         and len(codec) == 2
+        and len(transpose) == 2
     )
     for row in fast:  # a block sweeping several tiles has its loop pipelined: the next tile's copy
         assert (row["async_copies"] > 0) == (row["constexprs"]["TILES"] > 1), row  # runs ahead
@@ -941,7 +945,9 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         assert row["shared_bytes"] <= 64 and set(row["global_stores"]) == {
             "16" if "adamw" in row["kernel"] else "4"
         }, row
-    for row in gemm + quant + blackwell + fp8 + fast + adamw + tables + dequant + step + codec:
+    for row in transpose:  # the compiled fp8_delayed's transposed copies: 16-byte packets both ways
+        assert set(row["global_stores"]) == {"16"} and row["spill_instructions"] == 0, row
+    for row in gemm + quant + blackwell + fp8 + fast + adamw + tables + dequant + step + codec + transpose:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
         assert row["blocks_per_sm"] >= 1, row  # its registers and shared memory let a block launch
@@ -1381,6 +1387,36 @@ def test_fp8_quantize_scaled_refuses_bad_input():
         fp8_quantize_scaled(x, one, rows=False, cols=False)
     with pytest.raises(ValueError, match="scale must be on x's device cpu, got meta"):
         fp8_quantize_scaled(x, one.to("meta"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 70), (64, 96), (0, 5)])
+def test_fp8_transpose_writes_the_transposed_copy_byte_for_byte(shape, monkeypatch):
+    """fp8_transpose (the transposed copy compiled fp8_delayed makes from the fp8 copy): one launch
+    of the tiled kernel per tensor (none for an empty one) writes ``q.t().contiguous()``'s bytes,
+    whatever the one-byte dtype and the tile edges; where Triton does not run, torch's copy. A
+    tensor that is not 2-D of one-byte elements is refused by name."""
+    needs_triton()
+    import lowcomm.kernels.gemm as gemm
+    import lowcomm.kernels.triton_fp8 as triton_fp8
+    from lowcomm.kernels.triton_fp8 import fp8_transpose
+
+    launches = _count_launches(monkeypatch, triton_fp8, "_transpose_bytes_kernel")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8):
+        q = raw.view(dtype)
+        out = fp8_transpose(q.to(dev)).cpu()
+        assert out.dtype == dtype and out.shape == shape[::-1] and out.is_contiguous()
+        assert torch.equal(out.view(torch.uint8), raw.t().contiguous())  # NaN bytes compare too
+    assert len(launches) == (3 if raw.numel() else 0)
+    monkeypatch.setattr(gemm, "_triton_runs_on", lambda device: False)
+    assert torch.equal(fp8_transpose(raw).view(torch.uint8), raw.t().contiguous())
+    assert len(launches) == (3 if raw.numel() else 0)
+    with pytest.raises(ValueError, match="2-D tensor of one-byte elements, got torch.bfloat16"):
+        fp8_transpose(torch.zeros(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"one-byte elements, got torch.uint8 \(2, 2, 2\)"):
+        fp8_transpose(torch.zeros(2, 2, 2, dtype=torch.uint8))
 
 
 def _delayed_reference(x, w, b, gy, sx, sw, sg):
@@ -2087,7 +2123,8 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
     """LOWCOMM_COMPILED_QUANTIZE=inductor: torch.compile(fullgraph=True) of a layer norm and an fp8
     layer on a pretend sm_90 traces the quantize of x, W and dy as torch ops (no lowcomm operator
     in any graph, forward or backward: the compiler generates them and may fuse them with the
-    layer norm), and gives eager mode's outputs and gradients (the Triton quantize: the same bytes;
+    layer norm; on a GPU rowwise's transposed copy is lowcomm's fp8_transpose, a copy of the
+    bytes), and gives eager mode's outputs and gradients (the Triton quantize: the same bytes;
     the GEMMs in the _scaled_mm stand-in) up to the output's rounding."""
     needs_triton()
     import lowcomm.kernels.linear as linear
@@ -2106,7 +2143,8 @@ def test_an_fp8_layer_compiled_with_the_inductor_quantize_holds_no_triton_operat
     assert len(graphs) == 2  # forward, backward
     for g in graphs:  # the maxima in torch ops (forward: x's and W's; backward: dy's), no operator
         targets = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
-        assert not [t for t in targets if "lowcomm" in t], targets
+        # (but the transposed copy's on a GPU, rowwise: fp8_transpose, which moves bytes only)
+        assert not [t for t in targets if "lowcomm" in t and "fp8_transpose" not in t], targets
         assert "aten.amax.default" in targets, targets
     tol = 2**-7 if recipe == "fp8_rowwise" else 1e-6  # rowwise: _scaled_mm writes bf16
     for name, r, t in zip(("y", "dx", "dW"), *outs):
@@ -2781,7 +2819,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     from lowcomm.kernels.triton_quantize import DEQUANT_CUDA_CONFIGS
 
     tiles += [f"mx_dequantize_{tile_name(c)}" for c in DEQUANT_CUDA_CONFIGS]
-    fp8 += ["fp8_delayed_quantize"]
+    fp8 += ["fp8_delayed_quantize", "fp8_transpose", "fp8_copy"]
     fp8 += [f"fp8_one_copy_rowwise{s}{p}" for s in ("", "_cols") for p in ("", "_one_pass", "_two_pass")]
     passes = 2 if dev == "cuda" else 1  # a GPU: 128 x 128 has too few slices for one pass; CPU: one
     assert rows[0]["fp8_one_copy_rowwise_passes"] == rows[0]["fp8_one_copy_rowwise_cols_passes"] == passes
@@ -2963,6 +3001,63 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
     with pytest.raises(SystemExit):
         codegen.main(["--recipe", "fp4"])
+
+
+def test_compiled_fp8_on_a_gpu_writes_no_transposed_copy_in_inductors_kernels(tmp_path):
+    """fp8_delayed and fp8_rowwise with the Inductor quantize, compiled for a GPU
+    (benchmarks/inductor_codegen.py's pretend sm_90, in children without TRITON_INTERPRET: the
+    interpreter's kernels are not ones a compiled graph can launch): no kernel Inductor generates
+    writes a transposed copy (neither across a row reduction's loop, the pattern of the H200's slow
+    compiled fp8_rowwise kernels, nor tiled); each of the four Linear layers' x, W and dy gets its
+    transposed copy from lowcomm's fp8_transpose, twelve launches in the forward and backward,
+    their bytes counted with Inductor's. fp8_delayed casts each tensor and records its maximum in
+    the kernel that reads it (no kernel takes |x| without casting it), the first layer norm's
+    kernel among them."""
+    needs_triton()
+    from lowcomm.kernels.triton_fp8 import AS_OPS
+
+    if not hasattr(torch.library, "triton_op") or not AS_OPS:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6: compiled fp8 transposes in Inductor there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).parent.parent / "benchmarks" / "inductor_codegen.py"
+    children = {}
+    for recipe in ("fp8_delayed", "fp8_rowwise"):  # one core's work each: at once
+        argv = ["--size", "smoke", "--recipe", recipe, "--bytes", "--json", str(tmp_path / f"{recipe}.json")]
+        children[recipe] = subprocess.Popen(
+            [sys.executable, str(script), *argv],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        for child in children.values():
+            _, err = child.communicate(timeout=240)
+            assert child.returncode == 0, err[-2000:]
+    finally:
+        for child in children.values():
+            child.kill()
+            child.communicate()
+    for recipe in children:
+        found = json.loads((tmp_path / f"{recipe}.json").read_text())
+        launches = 0
+        for graph in ("forward", "backward"):
+            kernels = found[graph]["kernels"]
+            user = [k for k in kernels if k["kind"] == "user"]
+            assert {k["kernel"] for k in user} == {"_transpose_bytes_kernel"}, (recipe, user)
+            assert all(k["gb"] > 0 for k in user) and found[graph]["gb"] >= sum(k["gb"] for k in user)
+            assert found[graph]["transposed_stores"] == {"reduction": 0, "tiled": 0, "pointwise": 0}, recipe
+            launches += len(user)
+            if recipe == "fp8_delayed":
+                generated = [k for k in kernels if k["kind"] != "user"]
+                assert not [
+                    k["name"] for k in generated if "abs" in k["aten"] and "_to_copy" not in k["aten"]
+                ]
+        assert launches == 12, (recipe, launches)
+        if recipe == "fp8_delayed":
+            forward = [set(k["aten"]) for k in found["forward"]["kernels"]]
+            assert any({"native_layer_norm", "_to_copy", "amax"} <= aten for aten in forward), forward
 
 
 def test_each_fast_layer_quantizes_each_tensor_once_in_few_operations():

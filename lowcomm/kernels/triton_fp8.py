@@ -36,6 +36,7 @@ Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -61,7 +62,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_quantize import _abs_bits, _fp8_bytes, _load_block, _load_tile
+    from .triton_quantize import _abs_bits, _fp8_bytes, _load_block, _load_block_raw, _load_tile
 
     _MIN_SCALE: tl.constexpr = tl.constexpr(FP8_MIN_SCALE)  # what a kernel reads of a global
 
@@ -69,6 +70,7 @@ __all__ = [
     "fp8_quantize_dual",
     "fp8_quantize_dual_torch",
     "fp8_quantize_scaled",
+    "fp8_transpose",
     "fp8_delayed_step",
     "SCALINGS",
 ]
@@ -286,6 +288,15 @@ if HAVE_TRITON:
         scale = tl.where(top > 0, tl.maximum(tl.math.div_rn(top, fmax), _MIN_SCALE), 1.0)
         tl.store(scale_ptr + rows * 4, scale, mask=rows < 3)  # 16 bytes apart: see _fp8_delayed_step
 
+    @triton.jit
+    def _transpose_bytes_kernel(x_ptr, y_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y (C, R) = x (R, C) transposed, both of one-byte elements: a tile read along x's rows,
+        # written along y's (the transpose through shared memory), no arithmetic
+        r0 = tl.program_id(0) * BLOCK_R
+        c0 = tl.program_id(1) * BLOCK_C
+        rows, cols, inside, _, x = _load_block_raw(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+        tl.store(y_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(x), mask=tl.trans(inside))
+
 
 # Tiles per program. CUDA: 64 x 64 with 8 warps, 16 elements a thread, chosen by compiling for
 # sm_90a on CPU: the rowwise cast writing both copies takes 69 registers (122 with 4 warps, which
@@ -380,7 +391,10 @@ def fp8_quantize_dual_torch(
     copy not made. What the fp8 layers quantize with under torch.compile when
     ``LOWCOMM_COMPILED_QUANTIZE=inductor``: the compiler then generates the maxima and the casts
     itself and can fuse them into the kernel that produced ``x`` (a layer norm, a GELU), where the
-    Triton operator is a pass of its own over ``x`` that it keeps whole."""
+    Triton operator is a pass of its own over ``x`` that it keeps whole. Rowwise, compiled on a
+    GPU, the copy scaled per column is cast in ``x``'s layout and transposed by
+    :func:`fp8_transpose`, as :func:`fp8_quantize_scaled_torch` does; tensorwise, Inductor writes
+    both copies from one kernel tiled for the transpose, reading ``x`` again after its maximum."""
     from .gemm import quantize_fp8
 
     _check_copies("fp8_quantize_dual_torch", x, elem, rows, cols)
@@ -390,7 +404,9 @@ def fp8_quantize_dual_torch(
     elif scaling == "rowwise":
         q, s = quantize_fp8(x, elem, "rowwise", axis=-1) if rows else (None, None)
         d, st = quantize_fp8(x, elem, "rowwise", axis=0) if cols else (None, None)
-        out = (q, s, None if d is None else d.t().contiguous(), st)
+        if d is not None:  # the copy scaled per column, then transposed (see fp8_quantize_scaled_torch)
+            d = fp8_transpose(d) if _transposes_as_op(d) else d.t().contiguous()
+        out = (q, s, d, st)
     else:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
     return copies_made(out, rows, cols)
@@ -619,19 +635,87 @@ def fp8_quantize_scaled(
 
 def fp8_quantize_scaled_torch(x, scale, elem="e4m3", *, rows=True, cols=True, amax=None, index=0):
     """:func:`fp8_quantize_scaled` in torch ops (the same bytes and maxima), where Triton does not
-    run or the GEMMs are emulated; arguments as checked there."""
+    run or the GEMMs are emulated, and under torch.compile (``LOWCOMM_COMPILED_QUANTIZE=inductor``);
+    arguments as checked there.
+
+    Under torch.compile on CUDA (where torch has ``torch.library.triton_op``) the transposed copy
+    is made from the fp8 copy by :func:`fp8_transpose`, a kernel the compiler calls as it is, and
+    the maximum is taken along rows first. Inductor then casts ``x`` and records its maximum in
+    the kernel that makes ``x`` (a layer norm, a GELU, a gradient's sum), one read, and no kernel
+    of its own writes a transposed copy: given the cast and the transpose together, it either
+    wrote the transposed copy across a row reduction's loop (the pattern of the looped reductions
+    that took about 13 ms of a 47 ms compiled fp8_rowwise step on an H200: docs/references.md,
+    "Inductor's transposed stores") or read ``x`` a second time for the maximum
+    (benchmarks/inductor_codegen.py counts both)."""
     from .gemm import fp8_cast
 
     data = fp8_cast(x, scale, elem)
+    opaque = cols and _transposes_as_op(data)
     if amax is not None:
-        amax[index] = torch.maximum(amax[index], x.abs().amax().float())
+        top = x.abs().amax(dim=-1).amax() if opaque else x.abs().amax()  # the same value
+        amax[index] = torch.maximum(amax[index], top.float())
     scale = scale.reshape(())
     return (
         data if rows else None,
         scale.clone() if rows else None,
-        data.t().contiguous() if cols else None,
+        (fp8_transpose(data) if opaque else data.t().contiguous()) if cols else None,
         scale.clone() if cols else None,
     )
+
+
+#: :func:`fp8_transpose`'s tiles on CUDA: 128 x 128 bytes on 8 warps (the interpreter: 32 x 32)
+TRANSPOSE_CUDA_CONFIG = {"BLOCK_R": 128, "BLOCK_C": 128, "num_warps": 8}
+#: whether torch.compile can launch :func:`fp8_transpose`'s kernel from its graph as it is
+#: (``torch.library.triton_op``: torch 2.6; not the interpreter's kernels, which it cannot launch)
+TRITON_OP = AS_OPS and hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _transposes_as_op(q: torch.Tensor) -> bool:
+    """Whether :func:`fp8_quantize_scaled_torch` makes its transposed copy by the
+    ``lowcomm::fp8_transpose`` operator: while torch.compile traces the cast of a tensor that
+    Triton runs on, not on the CPU (a GPU's, or a meta tensor standing for one)."""
+    from .gemm import _triton_runs_on
+
+    return (
+        TRITON_OP and q.device.type != "cpu" and _triton_runs_on(q.device) and torch.compiler.is_compiling()
+    )
+
+
+def fp8_transpose(q: torch.Tensor) -> torch.Tensor:
+    """The (C, R) contiguous copy of a 2-D tensor ``q`` (R, C) of one-byte elements (an fp8 copy):
+    one tiled Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), the operator
+    ``torch.ops.lowcomm.fp8_transpose`` under torch.compile, ``q.t().contiguous()`` elsewhere.
+    The same bytes whichever runs (tested)."""
+    from .gemm import _triton_runs_on
+
+    if q.dim() != 2 or q.element_size() != 1:
+        raise ValueError(
+            f"fp8_transpose takes a 2-D tensor of one-byte elements, got {q.dtype} {tuple(q.shape)}"
+        )
+    if not _triton_runs_on(q.device):
+        return q.t().contiguous()
+    if _transposes_as_op(q):
+        return torch.ops.lowcomm.fp8_transpose(q)
+    return _fp8_transpose(q)
+
+
+def _fp8_transpose(q: torch.Tensor, wrap=None) -> torch.Tensor:
+    """:func:`fp8_transpose`'s launch. ``wrap``: torch.library.wrap_triton, in the operator's body,
+    which torch.compile traces: no device switch (the compiled graph has its own), and the fp8
+    tensors handed over as they are (Inductor cannot pass a dtype view to a kernel; the kernel
+    only moves bytes, as fp8 on sm_89 and later). Else their bytes, as the interpreter reads them."""
+    q = q.contiguous()
+    R, C = q.shape
+    out = torch.empty((C, R), dtype=q.dtype, device=q.device)
+    if R and C:
+        cfg = FP8_INTERPRET_CONFIG if q.device.type == "cpu" else TRANSPOSE_CUDA_CONFIG
+        grid = (triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
+        if wrap is not None:
+            wrap(_transpose_bytes_kernel)[grid](q, out, R, C, **cfg)
+        else:
+            with on_device(q):
+                _transpose_bytes_kernel[grid](q.view(torch.uint8), out.view(torch.uint8), R, C, **cfg)
+    return out
 
 
 def _fp8_quantize_scaled(
@@ -759,6 +843,13 @@ if AS_OPS:
         )
 
 
+if TRITON_OP:
+
+    @torch.library.triton_op("lowcomm::fp8_transpose", mutates_args=(), schema="(Tensor q) -> Tensor")
+    def _fp8_transpose_op(q: torch.Tensor) -> torch.Tensor:
+        return _fp8_transpose(q, wrap=torch.library.wrap_triton)
+
+
 if AS_OPS:
 
     @torch.library.custom_op(
@@ -824,6 +915,11 @@ def static_specs() -> list:
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
     flags = dict(TENSOR=True, ROWS=True, COLS=True, GIVEN=True, RECORD=True, **tiles)
     specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
+    tiles = {k: TRANSPOSE_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
+    for elem in ("u8", "fp8e4nv"):  # eager launches hand over the bytes, compiled graphs the fp8
+        ptrs = {"x_ptr": f"*{elem}", "y_ptr": f"*{elem}"}
+        name = f"fp8_transpose ({elem})"
+        specs.append(spec(name, _transpose_bytes_kernel, ptrs, tiles, TRANSPOSE_CUDA_CONFIG["num_warps"]))
     step = {"amax_ptr": "*fp32", "hist_ptr": "*fp32", "fmax_ptr": "*fp32", "scale_ptr": "*fp32", "L": "i32"}
     name = "fp8_delayed_step (history of 16, a training step)"
     specs.append(KernelSpec(name, _fp8_delayed_step_kernel, step, {"SHIFT": True, "BLOCK_L": 16}, 1, 1))
