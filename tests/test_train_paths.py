@@ -537,7 +537,7 @@ def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     assert {"env.txt", "tests.txt", "throughput.json", "kernels.json"} <= named and len(named) <= 8, named
     compiled_too = re.search(r"TRAIN_ARGS---train-compiled-too ([^}]+)\}", script.read_text()).group(1)
     kernels = load_benchmark("kernels")  # its default comparison's recipes, as the script passes them
-    assert len(kernels._recipes(compiled_too, compile=True, flag="--train-compiled-too")) == 2, compiled_too
+    assert len(kernels._recipes(compiled_too, compile=True, flag="--train-compiled-too")) == 3, compiled_too
     # each test the tests section leaves out of the kernel tests' shards still exists under that
     # name (a renamed one would silently run on the GPU image, whose extras it may lack)
     left_out = re.search(r'tests/test_kernels.py \\\n\s+-k "([^"]+)"', script.read_text()).group(1)
