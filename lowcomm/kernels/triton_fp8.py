@@ -701,20 +701,19 @@ def fp8_transpose(q: torch.Tensor) -> torch.Tensor:
 
 def _fp8_transpose(q: torch.Tensor, wrap=None) -> torch.Tensor:
     """:func:`fp8_transpose`'s launch. ``wrap``: torch.library.wrap_triton, in the operator's body,
-    which torch.compile traces: no device switch (the compiled graph has its own), and the fp8
-    tensors handed over as they are (Inductor cannot pass a dtype view to a kernel; the kernel
-    only moves bytes, as fp8 on sm_89 and later). Else their bytes, as the interpreter reads them."""
+    which torch.compile traces: the fp8 tensors handed over as they are (Inductor cannot pass a
+    dtype view to a kernel; the kernel only moves bytes, as fp8 on sm_89 and later). Else their
+    bytes, as the interpreter reads them."""
     q = q.contiguous()
     R, C = q.shape
     out = torch.empty((C, R), dtype=q.dtype, device=q.device)
     if R and C:
         cfg = FP8_INTERPRET_CONFIG if q.device.type == "cpu" else TRANSPOSE_CUDA_CONFIG
         grid = (triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(C, cfg["BLOCK_C"]))
-        if wrap is not None:
-            wrap(_transpose_bytes_kernel)[grid](q, out, R, C, **cfg)
-        else:
-            with on_device(q):
-                _transpose_bytes_kernel[grid](q.view(torch.uint8), out.view(torch.uint8), R, C, **cfg)
+        kernel = _transpose_bytes_kernel if wrap is None else wrap(_transpose_bytes_kernel)
+        pair = (q, out) if wrap is not None else (q.view(torch.uint8), out.view(torch.uint8))
+        with on_device(q):
+            kernel[grid](*pair, R, C, **cfg)
     return out
 
 
