@@ -28,8 +28,7 @@ first rewrite a few patterns, such as attention's; the rewrite of view scatters 
 fp8_delayed's 3-element maxima updates stay scatters), and its Triton compilation
 (each kernel's source is recorded instead; Triton's driver names the target, for the IR of a
 kernel of lowcomm's, whose writes Inductor reads there); a torch whose Inductor asks more than
-that fails with
-its own error. Made on torch 2.11 (a CUDA build, without a GPU) and 2.13 (CPU).
+that fails with its own error. Made on torch 2.11 (a CUDA build, without a GPU) and 2.13 (CPU).
 """
 
 from __future__ import annotations

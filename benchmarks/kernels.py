@@ -27,7 +27,7 @@ each, ``..._device_tflops`` / ``..._device_TBps``, of the GPU's time alone (lowc
   tile on 8 warps it ran before, pinned; against the same copies made by torch ops), one rowwise
   copy of A's rows and of B's columns (the copies a rowwise GEMM quantizes: as chosen, and in one
   pass and in two), delayed scaling's one-pass quantize, the transposed copy of an fp8 copy
-  (``fp8_transpose``, what compiled fp8_delayed makes that copy with, against a copy of the same
+  (``fp8_transpose``, what compiled fp8_delayed and rowwise make it with, against a copy of the same
   bytes: ``fp8_copy``) and mxfp8_fast's (1x128,
   128x128; against the per-GEMM torch ops) in bytes read + written
   per second, and a copy for the bandwidth; the MX, fp8 and mxfp8_fast dual quantize again with
@@ -262,7 +262,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         scale, amax = torch.tensor(0.01, device=device), torch.zeros(3, device=device)
         delayed = partial(fp8_quantize_scaled, a, scale, amax=amax, index=0)
         _time_rate(row, "fp8_delayed_quantize", moved, delayed, bench, unit="TBps")
-        # compiled fp8_delayed's transposed copy, made from the fp8 copy (fp8_transpose: one byte
+        # compiled fp8_delayed's and rowwise's transposed copy, made from an fp8 copy (one byte
         # read and one written an element), against a copy of the same fp8 bytes
         q8 = torch.empty(a.shape, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn)
         _time_rate(row, "fp8_transpose", 2 * a.numel(), partial(fp8_transpose, q8), bench, unit="TBps")

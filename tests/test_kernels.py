@@ -945,7 +945,7 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
         assert row["shared_bytes"] <= 64 and set(row["global_stores"]) == {
             "16" if "adamw" in row["kernel"] else "4"
         }, row
-    for row in transpose:  # the compiled fp8_delayed's transposed copies: 16-byte packets both ways
+    for row in transpose:  # compiled fp8_delayed's and rowwise's transposed copies: 16-byte packets
         assert set(row["global_stores"]) == {"16"} and row["spill_instructions"] == 0, row
     for row in gemm + quant + blackwell + fp8 + fast + adamw + tables + dequant + step + codec + transpose:
         assert "error" not in row, row
@@ -1391,7 +1391,7 @@ def test_fp8_quantize_scaled_refuses_bad_input():
 
 @pytest.mark.parametrize("shape", [(1, 1), (37, 70), (64, 96), (0, 5)])
 def test_fp8_transpose_writes_the_transposed_copy_byte_for_byte(shape, monkeypatch):
-    """fp8_transpose (the transposed copy compiled fp8_delayed makes from the fp8 copy): one launch
+    """fp8_transpose (the transposed copy compiled fp8_delayed and fp8_rowwise make on a GPU): one launch
     of the tiled kernel per tensor (none for an empty one) writes ``q.t().contiguous()``'s bytes,
     whatever the one-byte dtype and the tile edges; where Triton does not run, torch's copy. A
     tensor that is not 2-D of one-byte elements is refused by name."""

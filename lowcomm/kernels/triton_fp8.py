@@ -404,9 +404,8 @@ def fp8_quantize_dual_torch(
     elif scaling == "rowwise":
         q, s = quantize_fp8(x, elem, "rowwise", axis=-1) if rows else (None, None)
         d, st = quantize_fp8(x, elem, "rowwise", axis=0) if cols else (None, None)
-        if d is not None:  # the copy scaled per column, then transposed (see fp8_quantize_scaled_torch)
-            d = fp8_transpose(d) if _transposes_as_op(d) else d.t().contiguous()
-        out = (q, s, d, st)
+        # the copy scaled per column, cast in x's layout, then transposed
+        out = (q, s, None if d is None else _transposed_copy(d), st)
     else:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
     return copies_made(out, rows, cols)
@@ -658,7 +657,7 @@ def fp8_quantize_scaled_torch(x, scale, elem="e4m3", *, rows=True, cols=True, am
     return (
         data if rows else None,
         scale.clone() if rows else None,
-        (fp8_transpose(data) if opaque else data.t().contiguous()) if cols else None,
+        _transposed_copy(data) if cols else None,
         scale.clone() if cols else None,
     )
 
@@ -671,14 +670,21 @@ TRITON_OP = AS_OPS and hasattr(torch.library, "triton_op") and os.environ.get("T
 
 
 def _transposes_as_op(q: torch.Tensor) -> bool:
-    """Whether :func:`fp8_quantize_scaled_torch` makes its transposed copy by the
-    ``lowcomm::fp8_transpose`` operator: while torch.compile traces the cast of a tensor that
-    Triton runs on, not on the CPU (a GPU's, or a meta tensor standing for one)."""
+    """Whether the torch-ops quantize (:func:`fp8_quantize_scaled_torch`, rowwise
+    :func:`fp8_quantize_dual_torch`) makes its transposed copy by the ``lowcomm::fp8_transpose``
+    operator: while torch.compile traces the cast of a tensor that Triton runs on, not on the CPU
+    (a GPU's, or a meta tensor standing for one)."""
     from .gemm import _triton_runs_on
 
     return (
         TRITON_OP and q.device.type != "cpu" and _triton_runs_on(q.device) and torch.compiler.is_compiling()
     )
+
+
+def _transposed_copy(q: torch.Tensor) -> torch.Tensor:
+    """The torch-ops routes' transposed copy of an fp8 copy: ``q.t().contiguous()``, which the
+    compiler may fuse anywhere, or, where :func:`_transposes_as_op`, fp8_transpose's operator."""
+    return torch.ops.lowcomm.fp8_transpose(q) if _transposes_as_op(q) else q.t().contiguous()
 
 
 def fp8_transpose(q: torch.Tensor) -> torch.Tensor:
@@ -914,11 +920,11 @@ def static_specs() -> list:
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
     flags = dict(TENSOR=True, ROWS=True, COLS=True, GIVEN=True, RECORD=True, **tiles)
     specs.append(spec(name, _fp8_cast_kernel, cast_ptrs, {**cast, **flags}))
-    tiles = {k: TRANSPOSE_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
+    blocks = {k: TRANSPOSE_CUDA_CONFIG[k] for k in ("BLOCK_R", "BLOCK_C")}
     for elem in ("u8", "fp8e4nv"):  # eager launches hand over the bytes, compiled graphs the fp8
         ptrs = {"x_ptr": f"*{elem}", "y_ptr": f"*{elem}"}
         name = f"fp8_transpose ({elem})"
-        specs.append(spec(name, _transpose_bytes_kernel, ptrs, tiles, TRANSPOSE_CUDA_CONFIG["num_warps"]))
+        specs.append(spec(name, _transpose_bytes_kernel, ptrs, blocks, TRANSPOSE_CUDA_CONFIG["num_warps"]))
     step = {"amax_ptr": "*fp32", "hist_ptr": "*fp32", "fmax_ptr": "*fp32", "scale_ptr": "*fp32", "L": "i32"}
     name = "fp8_delayed_step (history of 16, a training step)"
     specs.append(KernelSpec(name, _fp8_delayed_step_kernel, step, {"SHIFT": True, "BLOCK_L": 16}, 1, 1))
