@@ -118,14 +118,13 @@ def replicas_loop(
     (:func:`~lowcomm.lm.batched.batched_gpt_loss` over parameters stacked along a replica axis),
     the trainer's optimizer over the stack (:class:`~lowcomm.optim.ReplicaAdamW`, with bf16
     copies of the matrices on a GPU) and, with ``clip``, each replica's gradient norm clipped to 1
-    as the trainer does (its ``_clip_coefficients``, applied in the optimizer's pass), on the same
+    as the trainer does (``step(max_norm=1.0)``, applied in the optimizer's pass), on the same
     fixed batch as the plain loop.
     Between the plain loop and this, what simulating M replicas costs (M times the parameters and
     optimizer state, batched matrix multiplies); between this and ``lowcomm train``, the trainer's
     own work (data, records, the sync)."""
     from lowcomm.lm.batched import batched_gpt_loss, linear_weights, stack_parameters
     from lowcomm.optim.replica_adamw import ReplicaAdamW
-    from lowcomm.runtime.trainer.build import _clip_coefficients
 
     cfg = _gpt_config(size)
     torch.manual_seed(0)
@@ -135,15 +134,13 @@ def replicas_loop(
     opt = ReplicaAdamW(params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies=copies)
     loss_fn = functools.partial(batched_gpt_loss, cfg=cfg)
     run = torch.compile(loss_fn) if compile else loss_fn
-    clip_fn = _clip_coefficients  # as the trainer runs it
     x, y = _fixed_batch(size, (REPLICAS, size["batch_size"]), device)
 
     def step():
         with _autocast(device):
             losses = run(params, idx=x, targets=y, weights=opt.fresh_copies())
         losses.sum().backward()
-        coef = clip_fn([g for _, g in opt.gradients()], 1.0, kernel=opt.kernel) if clip else None
-        opt.step(grad_coef=coef)
+        opt.step(max_norm=1.0 if clip else None)  # as the trainer runs it
         opt.zero_grad(set_to_none=True)
 
     stem = Path(out) / f"replicas{'-clip' if clip else ''}-profile"
@@ -308,9 +305,9 @@ def _update_before(params: dict, low: dict, rest: dict, device: torch.device):
     """The update as the trainer ran it before ReplicaAdamW: autocast's cast of each weight (the
     forward's), its bf16 gradient cast to fp32 (the backward's), the per-replica clip scaling the
     gradients, fused AdamW."""
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import clip_coefficients
 
-    clip, opt = _clip_coefficients, _adamw(params.values(), device)
+    clip, opt = clip_coefficients, _adamw(params.values(), device)
 
     def step():
         with torch.no_grad():
@@ -333,9 +330,7 @@ def _update_before(params: dict, low: dict, rest: dict, device: torch.device):
 def _update_now(params: dict, low: dict, rest: dict, device: torch.device):
     """The trainer's update: the copies' bf16 gradients, the clip's coefficients, ReplicaAdamW."""
     from lowcomm.optim.replica_adamw import ReplicaAdamW
-    from lowcomm.runtime.trainer.build import _clip_coefficients
 
-    clip = _clip_coefficients
     opt = ReplicaAdamW(
         params.values(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, copies={n: params[n] for n in low}
     )
@@ -345,7 +340,7 @@ def _update_now(params: dict, low: dict, rest: dict, device: torch.device):
             c.grad = low[n]
         for n, g in rest.items():
             params[n].grad = g.clone()
-        opt.step(grad_coef=clip([g for _, g in opt.gradients()], 1.0, kernel=opt.kernel))
+        opt.step(max_norm=1.0)
         opt.zero_grad(set_to_none=True)
 
     return step

@@ -99,7 +99,7 @@ def test_the_clips_sums_of_squares_on_the_gpu_are_the_multi_tensor_norms_to_roun
     dtype, 16-byte reads where every tensor is aligned, narrower where one starts mid-packet)
     against torch's multi-tensor norms: the same coefficients to fp32 rounding (1e-5: sums of
     a million squares, in two orders)."""
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import clip_coefficients
 
     torch.manual_seed(0)
     big = torch.randn(5, 4, 3000, device="cuda")
@@ -114,7 +114,7 @@ def test_the_clips_sums_of_squares_on_the_gpu_are_the_multi_tensor_norms_to_roun
         gs[3] = (big * scale)[1:]
         # (fp32 sums of some 10^6 squares in two orders: a few ulps of the norm apart)
         torch.testing.assert_close(
-            _clip_coefficients(gs, 1.0, kernel=True), _clip_coefficients(gs, 1.0), rtol=1e-5, atol=0
+            clip_coefficients(gs, 1.0, kernel=True), clip_coefficients(gs, 1.0), rtol=1e-5, atol=0
         )
 
 

@@ -619,7 +619,7 @@ def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_com
     equals torch's clip_grad_norm_ on each replica's own gradients (a replica under the limit is
     left alone); compiled it gives the same; bf16 gradients get their norm in fp32; no gradients
     at all is no coefficient."""
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import clip_coefficients
 
     torch.manual_seed(0)
     stacked = [torch.randn(3, 4, 5), torch.randn(3, 7), torch.randn(3, 2, 2, 2)]
@@ -632,17 +632,17 @@ def test_batched_replicas_clip_each_replica_as_clip_grad_norm_does_eager_and_com
             p.grad = g[m].clone()
         torch.nn.utils.clip_grad_norm_(own, 1.0)
         want.append([p.grad for p in own])
-    compiled = torch.compile(_clip_coefficients, backend="aot_eager")
-    for clip in (_clip_coefficients, compiled):
+    compiled = torch.compile(clip_coefficients, backend="aot_eager")
+    for clip in (clip_coefficients, compiled):
         coef = clip([g.clone() for g in stacked], 1.0)
         assert coef.dtype == torch.float32 and coef[1] == 1.0  # under the limit: untouched
         for m in range(3):
             for g, ref in zip(stacked, want[m]):
                 torch.testing.assert_close(g[m] * coef[m], ref, rtol=1e-6, atol=0)
     low = [g.bfloat16() for g in stacked]
-    exact = _clip_coefficients([g.float() for g in low], 1.0)
-    torch.testing.assert_close(_clip_coefficients(low, 1.0), exact, rtol=1e-6, atol=0)
-    assert _clip_coefficients([], 1.0) is None
+    exact = clip_coefficients([g.float() for g in low], 1.0)
+    torch.testing.assert_close(clip_coefficients(low, 1.0), exact, rtol=1e-6, atol=0)
+    assert clip_coefficients([], 1.0) is None
 
 
 def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_model():
@@ -651,8 +651,7 @@ def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_mode
     Inductor write a reduction kernel per replica's slice of every gradient (427 kernels,
     counted on CPU). Applying them is the optimizer's: 4 multi-tensor products off the kernel."""
     from lowcomm.lm.batched import stack_parameters
-    from lowcomm.optim.replica_adamw import ReplicaAdamW
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import ReplicaAdamW, clip_coefficients
 
     cfg = GPTConfig(seq_len=16, n_layer=8, n_head=2, n_embd=16)
     params = list(stack_parameters([GPT(cfg) for _ in range(4)]).values())
@@ -661,7 +660,7 @@ def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_mode
         p.grad = torch.randn_like(p)
     counted = load_benchmark("host_overhead")._Count()  # operations other than views
     with counted, torch.no_grad():
-        coef = _clip_coefficients([p.grad for p in params], 1e-3)  # every replica over the limit
+        coef = clip_coefficients([p.grad for p in params], 1e-3)  # every replica over the limit
     assert sum(counted.ops.values()) <= 8, counted.ops
     assert "aten._foreach_norm.Scalar" in counted.ops and (coef < 1).all()
     opt = ReplicaAdamW(params, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, kernel=False)
@@ -670,12 +669,44 @@ def test_the_per_replica_clip_is_a_few_multi_tensor_operations_whatever_the_mode
     assert counted.ops["aten._foreach_mul_.Tensor"] == 4, counted.ops
 
 
+def test_replica_adamw_clips_with_max_norm_from_the_gradients_it_reads_once(monkeypatch):
+    """``step(max_norm=x)`` steps exactly as ``step(grad_coef=clip_coefficients(...))`` of the
+    same gradients (a bf16 copy's among them, and a tied parameter's two summed), collecting the
+    gradients once; both at once is refused by name."""
+    from lowcomm.optim.replica_adamw import ReplicaAdamW, clip_coefficients
+
+    torch.manual_seed(0)
+
+    def setup():
+        torch.manual_seed(1)
+        w, b = torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+        opt = ReplicaAdamW([w, b], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, copies={"w": w}, kernel=False)
+        opt.fresh_copies()["w"].grad = torch.randn(3, 5, 4).bfloat16()
+        w.grad = torch.randn(3, 5, 4)  # tied: both get a gradient
+        b.grad = torch.randn(3, 4) * 10
+        return w, b, opt
+
+    w1, b1, opt1 = setup()
+    coef = clip_coefficients([g for _, g in opt1.gradients()], 0.5)
+    assert (coef < 1).all()
+    opt1.step(grad_coef=coef)
+    w2, b2, opt2 = setup()
+    calls = []
+    real = ReplicaAdamW.gradients
+    monkeypatch.setattr(ReplicaAdamW, "gradients", lambda self: calls.append(1) or real(self))
+    opt2.step(max_norm=0.5)
+    assert calls == [1]
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    with pytest.raises(ValueError, match="grad_coef or max_norm"):
+        opt2.step(grad_coef=coef, max_norm=0.5)
+
+
 def test_the_clip_norms_each_dtype_of_gradient_in_one_multi_tensor_operation(monkeypatch):
     """torch's CUDA ``_foreach_norm`` runs one kernel over a list only where the list shares one
     dtype, and falls back to a norm kernel per tensor where it mixes them. The trainer's bf16
     runs mix them (the matrices' bf16 copies' gradients beside fp32 biases and layer norms):
     the clip hands torch one list per dtype, each gradient's norm in its place."""
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import clip_coefficients
 
     torch.manual_seed(0)
     grads = [torch.randn(4, 6, 5), torch.randn(4, 6), torch.randn(4, 7, 5), torch.randn(4, 3)]
@@ -688,7 +719,7 @@ def test_the_clip_norms_each_dtype_of_gradient_in_one_multi_tensor_operation(mon
         return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", recorded)
-    coef = _clip_coefficients(grads, 1.0)
+    coef = clip_coefficients(grads, 1.0)
     assert sorted(map(sorted, calls), key=str) == [[torch.bfloat16], [torch.float32]], calls
     for m in range(4):  # replica m's clip_grad_norm_ coefficient over its own gradients in fp32
         total = torch.linalg.vector_norm(torch.cat([g[m].float().flatten() for g in grads]))
@@ -1144,7 +1175,7 @@ def test_the_clip_sums_each_replicas_squares_in_one_launch_per_gradient_dtype(mo
     needs_triton()
     from lowcomm.kernels import triton_adamw
     from lowcomm.kernels.triton_adamw import sumsq_replicas
-    from lowcomm.runtime.trainer.build import _clip_coefficients
+    from lowcomm.optim.replica_adamw import clip_coefficients
 
     torch.manual_seed(2)
     grads = [
@@ -1171,11 +1202,11 @@ def test_the_clip_sums_each_replicas_squares_in_one_launch_per_gradient_dtype(mo
     for scale in (1.0, 1e-3):  # replicas over and under the limit
         gs = [g * scale for g in grads]
         torch.testing.assert_close(  # (fp32 sums in two orders)
-            _clip_coefficients(gs, 30.0, kernel=True), _clip_coefficients(gs, 30.0), rtol=1e-5, atol=0
+            clip_coefficients(gs, 30.0, kernel=True), clip_coefficients(gs, 30.0), rtol=1e-5, atol=0
         )
     across = [torch.randn(4, 6, 5).transpose(1, 2), torch.randn(4, 3)]  # not contiguous: the norm
     torch.testing.assert_close(
-        _clip_coefficients(across, 1.0, kernel=True), _clip_coefficients(across, 1.0), rtol=0, atol=0
+        clip_coefficients(across, 1.0, kernel=True), clip_coefficients(across, 1.0), rtol=0, atol=0
     )
     with pytest.raises(
         ValueError, match=r"sumsq_replicas: tensors\[0\] is \(4, 5, 6\) on cpu \(contiguous: False\)"

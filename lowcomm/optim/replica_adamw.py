@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ReplicaAdamW", "KERNEL_MIN"]
+from .._compat import foreach_norm_fp32
+
+__all__ = ["ReplicaAdamW", "KERNEL_MIN", "clip_coefficients"]
 
 #: elements a replica from which a parameter without a copy takes the kernel (one launch) rather
 #: than the multi-tensor step shared with the other small ones
@@ -59,7 +61,8 @@ def _have_triton() -> bool:
 class ReplicaAdamW(torch.optim.Optimizer):
     """AdamW (:class:`torch.optim.AdamW`'s arithmetic and state dict) for stacked replicas'
     parameters, each ``(M, *shape)``: ``step(grad_coef=c)`` scales replica m's gradients by
-    ``c[m]`` (its clip coefficient) in the same pass.
+    ``c[m]`` (its clip coefficient) in the same pass; ``step(max_norm=x)`` computes those
+    coefficients as ``clip_grad_norm_`` would, per replica.
 
     Args:
         params: parameter groups, as for :class:`torch.optim.AdamW` (``weight_decay`` per group).
@@ -140,8 +143,11 @@ class ReplicaAdamW(torch.optim.Optimizer):
                 self._copy(p).grad = None
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_coef: torch.Tensor | None = None):
-        """One AdamW step of every replica; ``grad_coef`` (M,) scales replica m's gradients first.
+    def step(self, closure=None, *, grad_coef: torch.Tensor | None = None, max_norm: float | None = None):
+        """One AdamW step of every replica; ``grad_coef`` (M,) scales replica m's gradients first,
+        or ``max_norm`` clips each replica's gradients to that total 2-norm
+        (:func:`clip_coefficients` of the same gradients the step reads: one pass over the
+        parameters to collect them, not two).
 
         With the kernel, each parameter that has a copy or :data:`KERNEL_MIN` elements a replica
         goes through it, one launch each; the small fp32 rest (layer norms, biases) through one
@@ -154,6 +160,10 @@ class ReplicaAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self.gradients()
+        if max_norm is not None:
+            if grad_coef is not None:
+                raise ValueError("ReplicaAdamW.step: pass grad_coef or max_norm, not both")
+            grad_coef = clip_coefficients([g for _, g in grads], max_norm, kernel=self.kernel)
         if self.kernel:
             coef = grad_coef.float().contiguous() if grad_coef is not None else None
             group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -264,3 +274,32 @@ class ReplicaAdamW(torch.optim.Optimizer):
             torch.autograd.graph.increment_version(p)  # the kernel wrote it, no torch operation
             if copy is not None:
                 self._synced[self._key_of[id(p)]] = p._version
+
+
+@torch.no_grad()
+def clip_coefficients(
+    grads: list[torch.Tensor], max_norm: float, kernel: bool = False
+) -> torch.Tensor | None:
+    """``clip_grad_norm_``'s coefficient for each replica of stacked gradients (M, ...): its total
+    2-norm over all its gradients (in fp32 whatever their dtype), ``max_norm`` over it where it
+    exceeds it, else 1; (M,) fp32, or None where no parameter got a gradient (all frozen). The
+    optimizer scales the gradients by it (:meth:`ReplicaAdamW.step`'s ``max_norm``).
+
+    A few operations whatever the model. With ``kernel`` (the optimizer's Triton step: CUDA) and
+    contiguous gradients, each replica's sum of squares in one Triton launch per gradient dtype
+    (:func:`~lowcomm.kernels.triton_adamw.sumsq_replicas`); else every replica's slice of every
+    gradient in one multi-tensor norm, as torch's foreach clip does (400 views for the reference
+    GPT's 100 gradients and 4 replicas, made on the host each step). Eager on purpose, also under
+    ``--compile``: Inductor compiles a reduction kernel per slice, 427 kernels for those 400
+    slices (counted on CPU), each a launch."""
+    if not grads:
+        return None
+    if kernel and all(g.is_contiguous() for g in grads):
+        from ..kernels.triton_adamw import sumsq_replicas
+
+        total = sumsq_replicas(grads).sqrt()
+    else:
+        M = grads[0].shape[0]
+        norms = torch.stack(foreach_norm_fp32([g[m] for g in grads for m in range(M)])).view(len(grads), M)
+        total = norms.norm(dim=0)
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..._compat import foreach_norm_fp32
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
 from ...lm.batched import batched_gpt_loss, linear_weights, stack_parameters
@@ -373,10 +372,8 @@ class BatchedReplicas(Replicas):
         super().load_state_dict(state)
 
     def update(self) -> None:
-        clip = self.cfg.optim.grad_clip
         opt = self.opts[0]
-        coef = _clip_coefficients([g for _, g in opt.gradients()], clip, kernel=opt.kernel) if clip else None
-        opt.step(grad_coef=coef)
+        opt.step(max_norm=self.cfg.optim.grad_clip or None)
         self.scheds[0].step()
         opt.zero_grad(set_to_none=True)
 
@@ -395,35 +392,6 @@ def _one_slice(opt_state: dict, M: int) -> dict:
                     )
                 state[key][name] = t[:1].clone()
     return {**opt_state, "state": state}
-
-
-@torch.no_grad()
-def _clip_coefficients(
-    grads: list[torch.Tensor], max_norm: float, kernel: bool = False
-) -> torch.Tensor | None:
-    """``clip_grad_norm_``'s coefficient for each replica of stacked gradients (M, ...): its total
-    2-norm over all its gradients (in fp32 whatever their dtype), ``max_norm`` over it where it
-    exceeds it, else 1; (M,) fp32, or None where no parameter got a gradient (all frozen). The
-    optimizer scales the gradients by it (:class:`~lowcomm.optim.ReplicaAdamW`).
-
-    A few operations whatever the model. With ``kernel`` (the optimizer's Triton step: CUDA) and
-    contiguous gradients, each replica's sum of squares in one Triton launch per gradient dtype
-    (:func:`~lowcomm.kernels.triton_adamw.sumsq_replicas`); else every replica's slice of every
-    gradient in one multi-tensor norm, as torch's foreach clip does (400 views for the reference
-    GPT's 100 gradients and 4 replicas, made on the host each step). Eager on purpose, also under
-    ``--compile``: Inductor compiles a reduction kernel per slice, 427 kernels for those 400
-    slices (counted on CPU), each a launch."""
-    if not grads:
-        return None
-    if kernel and all(g.is_contiguous() for g in grads):
-        from ...kernels.triton_adamw import sumsq_replicas
-
-        total = sumsq_replicas(grads).sqrt()
-    else:
-        M = grads[0].shape[0]
-        norms = torch.stack(foreach_norm_fp32([g[m] for g in grads for m in range(M)])).view(len(grads), M)
-        total = norms.norm(dim=0)
-    return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
 
 def _view_parameters(model: nn.Module, views: dict[str, torch.Tensor]) -> None:
