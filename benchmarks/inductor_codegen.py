@@ -165,10 +165,6 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     step under bf16 autocast would trace it:
     the low-precision layers see an sm_90 GPU and write bf16 (autocast's dtype); the layer norms,
     the residual stream and the parameters stay fp32."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._inductor.decomposition import select_decomp_table
-
     import lowcomm.kernels.gemm as gemm
     import lowcomm.kernels.linear as linear
     from lowcomm.kernels import convert_to_low_precision
@@ -192,10 +188,6 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     buffer_names = [n for n, _ in block.named_buffers()]
     graphs: list = []
 
-    def capture(gm, inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
     def step(x, *tensors):
         return torch.func.functional_call(block, dict(zip(names + buffer_names, tensors)), (x,))
 
@@ -215,17 +207,70 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         params = [p.detach().requires_grad_() for p in block.parameters()]
         buffers = list(block.buffers())
         x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
-        backend = aot_autograd(  # split into forward and backward as Inductor splits them
-            fw_compiler=capture,
-            bw_compiler=capture,
-            partition_fn=min_cut_rematerialization_partition,
-            decompositions=select_decomp_table(),
-            keep_inference_input_mutations=True,
-        )
-        run = torch.compile(step, backend=backend, fullgraph=True)
+        run = torch.compile(step, backend=_capturing_backend(graphs), fullgraph=True)
         y = run(x, *params, *buffers)
         y.backward(torch.empty_like(y))
     return graphs
+
+
+def batched_block_graphs(size: dict, replicas: int) -> list[torch.fx.GraphModule]:
+    """:func:`block_graphs` for the trainer's batched replicas (:mod:`lowcomm.lm.batched`): one
+    block of ``replicas`` stacked replicas (the size's sequences shared among them; 1: DP's one
+    set of weights reading every replica's batch), its matrices multiplied through their bf16
+    copies (ReplicaAdamW's, leaves of the graph as the trainer's are), biases and layer norms
+    fp32, as the trainer's compiled ``batched_gpt_loss`` traces it under bf16 autocast."""
+    import lowcomm.lm.batched as batched
+    from lowcomm.lm.model import Block, GPTConfig
+
+    B, T, C = size["batch"], size["seq_len"], size["n_embd"]
+    cfg = GPTConfig(vocab_size=256, seq_len=T, n_layer=1, n_head=size["n_head"], n_embd=C)
+    with torch.device("meta"):
+        block = Block(cfg)
+        params = {
+            f"blocks.0.{n}": torch.empty(replicas, *q.shape, requires_grad=True)
+            for n, q in block.named_parameters()
+        }
+    copies = {
+        n: params[n].detach().bfloat16().requires_grad_() for n in batched.linear_weights(cfg) if n in params
+    }
+    names, copy_names = list(params), list(copies)
+    graphs: list = []
+
+    def step(x, *tensors):
+        ps = dict(zip(names, tensors[: len(names)]))
+        ws = {**ps, **dict(zip(copy_names, tensors[len(names) :]))}
+        return batched.batched_block(x, ps, ws, "blocks.0.", n_head=cfg.n_head, seq_len=T)
+
+    stand_ins = [
+        (batched, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's casts
+        (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
+    ]
+    with replacing(stand_ins):
+        x = torch.empty(replicas, B // replicas * T, C, device="meta", requires_grad=True)
+        run = torch.compile(step, backend=_capturing_backend(graphs), fullgraph=True)
+        y = run(x, *params.values(), *copies.values())
+        y.backward(torch.empty_like(y))
+    return graphs
+
+
+def _capturing_backend(graphs: list):
+    """AOT autograd with Inductor's decompositions and partitioner, appending the forward and
+    backward graphs it makes to ``graphs`` (split as Inductor splits them)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(
+        fw_compiler=capture,
+        bw_compiler=capture,
+        partition_fn=min_cut_rematerialization_partition,
+        decompositions=select_decomp_table(),
+        keep_inference_input_mutations=True,
+    )
 
 
 def _autocast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -378,9 +423,17 @@ def _transposed_store(kernel: dict) -> str | None:
     def unit(index: str) -> set:
         return set(re.findall(r"(?:^|\+ )((?:x|y|r0_)\d+)(?= \+|$)", index))
 
-    if kernel["kind"] in ("red", "per"):  # the loop's index times a stride, or its modulo's
+    if kernel["kind"] in ("red", "per"):  # the loop's index times a stride, or its modulo's,
+        # where the kernel also walks along that index, reading or writing at unit stride (a
+        # reduction down columns reads and writes alike, the same index, in place: no transpose)
         across = r"\d+\*\(*r0_\d+\b(?!\s*//)"
-        if kernel["reduction_hint"] != "OUTER" and any(re.search(across, i) for _, i in kernel["stores"]):
+        accesses = kernel["loads"] + kernel["stores"]
+        along = any(v.startswith("r0_") for _, index in accesses for v in unit(index))
+        if (
+            along
+            and kernel["reduction_hint"] != "OUTER"
+            and any(re.search(across, i) for _, i in kernel["stores"])
+        ):
             return "reduction"
         return None
     stores = [index for _, index in kernel["stores"] if linear(index)]
@@ -408,6 +461,13 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--size", default="issue", choices=sorted(SIZES))
     p.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="the trainer's batched model instead of the plain block: this many stacked replicas "
+        "sharing the size's sequences (1: DP's one set of weights; bf16 only)",
+    )
+    p.add_argument(
         "--bytes",
         action="store_true",
         help="count the bytes each kernel moves (Inductor's benchmark_kernel, which may fuse a few "
@@ -421,8 +481,16 @@ def main(argv=None) -> dict:
         p.error(f"--recipe: unknown recipe {args.recipe!r}; allowed: {['bf16', *LAYER_RECIPES]}")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     size = SIZES[args.size]
+    if args.replicas < 0 or (args.replicas and (args.recipe != "bf16" or size["batch"] % args.replicas)):
+        p.error(
+            f"--replicas {args.replicas}: allowed 0 (the plain block) or, with --recipe bf16, a "
+            f"divisor of the size's {size['batch']} sequences"
+        )
     with pretend_gpu(count_bytes=args.bytes):
-        graphs = block_graphs(args.recipe, args.quantize, size)
+        if args.replicas:
+            graphs = batched_block_graphs(size, args.replicas)
+        else:
+            graphs = block_graphs(args.recipe, args.quantize, size)
         lowered = {which: lower(gm) for which, gm in zip(("forward", "backward"), graphs)}
     out = {
         **stamp("inductor_codegen"),
@@ -430,6 +498,7 @@ def main(argv=None) -> dict:
         "recipe": args.recipe,
         "quantize": args.quantize,
         "size": size,
+        "model": f"batched, {args.replicas} replicas" if args.replicas else "plain",
         "bytes_counted": args.bytes,
         **lowered,
     }

@@ -3003,6 +3003,41 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
         codegen.main(["--recipe", "fp4"])
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_inductor_code_for_the_trainers_batched_replicas_on_a_pretend_gpu():
+    """benchmarks/inductor_codegen.py --replicas M: one block of the trainer's batched model (M
+    stacked replicas, their matrices through bf16 copies) lowered for the pretend sm_90, bytes
+    counted. Each bias's gradient is a sum down its replica's tokens: a column reduction, read
+    and written (where it also makes the gradient) along the same index, which the
+    transposed-store check does not take for a transpose (a row reduction writing across its
+    loop still is one). A recipe other than bf16, or a count that does not split the sequences,
+    is refused."""
+    needs_triton()
+    codegen = load_benchmark("inductor_codegen")
+    found = codegen.main(["--size", "smoke", "--recipe", "bf16", "--bytes", "--replicas", "2"])
+    assert found["model"] == "batched, 2 replicas"
+    for g in ("forward", "backward"):
+        assert found[g]["kernels"] and found[g]["gb"] > 0
+        assert found[g]["transposed_stores"] == {"reduction": 0, "tiled": 0, "pointwise": 0}, g
+    assert any("sum" in k["aten"] for k in found["backward"]["kernels"])
+    in_place = {"kind": "red", "reduction_hint": "DEFAULT", "sizes": {"x": 8192, "r0_": 1024}}
+    in_place["loads"] = in_place["stores"] = [("in_out_ptr0", "x0 + 4096*r0_2 + 4194304*x1")]
+    assert codegen._transposed_store(in_place) is None
+    across = {
+        **in_place,
+        "loads": [("in_ptr0", "r0_1 + 1024*x0")],
+        "stores": [("out_ptr0", "x0 + 16384*r0_1")],
+    }
+    assert codegen._transposed_store(across) == "reduction"
+    refused = (
+        ["--recipe", "fp8_rowwise", "--replicas", "2"],
+        ["--size", "smoke", "--replicas", "3", "--recipe", "bf16"],
+    )
+    for argv in refused:
+        with pytest.raises(SystemExit):
+            codegen.main(argv)
+
+
 def test_compiled_fp8_on_a_gpu_writes_no_transposed_copy_in_inductors_kernels(tmp_path):
     """fp8_delayed and fp8_rowwise with the Inductor quantize, compiled for a GPU
     (benchmarks/inductor_codegen.py's pretend sm_90, in children without TRITON_INTERPRET: the

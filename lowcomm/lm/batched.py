@@ -85,6 +85,32 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.addcmul(b.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), w.unsqueeze(1))
 
 
+def batched_block(
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    w: dict[str, torch.Tensor],
+    p: str,
+    n_head: int,
+    seq_len: int,
+) -> torch.Tensor:
+    """One transformer block (:class:`~lowcomm.lm.model.Block`) of M replicas: x (M, B·T, C) ->
+    the same; ``params`` the stacked parameters, ``w`` what its linear layers multiply by (a
+    parameter or its low-precision copy), both under the block's prefix ``p`` ("blocks.3.")."""
+    M, N, C = x.shape
+    T, nh = seq_len, n_head
+    B = N // T
+    h = _layer_norm(x, params[p + "ln1.weight"], params[p + "ln1.bias"])
+    qkv = _linear(h, w[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
+    # (M, B·T, 3C) -> 3 x (M·B, nh, T, hs): replicas and batch folded, as one batch
+    q, k, v = (t.reshape(M * B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M·B, nh, T, hs)
+    y = y.transpose(1, 2).reshape(M, B * T, C)
+    x = x + _linear(y, w[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
+    h = _layer_norm(x, params[p + "ln2.weight"], params[p + "ln2.bias"])
+    h = F.gelu(_linear(h, w[p + "mlp.fc.weight"], params[p + "mlp.fc.bias"]))
+    return x + _linear(h, w[p + "mlp.proj.weight"], params[p + "mlp.proj.bias"])
+
+
 def batched_gpt_loss(
     params: dict[str, torch.Tensor],
     cfg: GPTConfig,
@@ -111,24 +137,14 @@ def batched_gpt_loss(
         ``GPT(params[...][m])(idx[m], targets[m])``.
     """
     M, B, T = idx.shape
-    C, nh = cfg.n_embd, cfg.n_head
+    C = cfg.n_embd
     w = {**params, **(weights or {})}  # what the linear layers multiply by
     wte = params["wte.weight"]  # (M, V, C)
     rows = torch.arange(M, device=idx.device).view(M, 1, 1)
     x = wte[rows, idx] + params["wpe.weight"][:, :T].unsqueeze(1)  # (M, B, T, C)
     x = x.reshape(M, B * T, C)
     for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        h = _layer_norm(x, params[p + "ln1.weight"], params[p + "ln1.bias"])
-        qkv = _linear(h, w[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
-        # (M, B·T, 3C) -> 3 x (M·B, nh, T, hs): replicas and batch folded, as one batch
-        q, k, v = (t.reshape(M * B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M·B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(M, B * T, C)
-        x = x + _linear(y, w[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
-        h = _layer_norm(x, params[p + "ln2.weight"], params[p + "ln2.bias"])
-        h = F.gelu(_linear(h, w[p + "mlp.fc.weight"], params[p + "mlp.fc.bias"]))
-        x = x + _linear(h, w[p + "mlp.proj.weight"], params[p + "mlp.proj.bias"])
+        x = batched_block(x, params, w, f"blocks.{i}.", n_head=cfg.n_head, seq_len=T)
     x = _layer_norm(x, params["ln_f.weight"], params["ln_f.bias"])
     head = w["wte.weight"] if cfg.tie_weights else w["head.weight"]
     logits = _linear(x, head, None)  # (M, B·T, V)
