@@ -96,6 +96,31 @@ def window_ms_per_step(run_dir: str, summary: dict, log_every: int) -> list[list
     return [[b[0], 1e3 * (b[1] - a[1]) / (b[0] - a[0])] for a, b in zip(points, points[1:]) if b[0] > a[0]]
 
 
+#: what :func:`round_times` keeps of each round record, in this order
+ROUND_FIELDS = (
+    "fragment",
+    "send_step",
+    "apply_step",
+    "send_s",
+    "encode_s",
+    "comm_s",
+    "decode_s",
+    "wait_s",
+    "outer_s",
+)
+
+
+def round_times(run_dir: str) -> list[list]:
+    """Each round of replica 0 of a ``lowcomm train`` run, from its records: the values of
+    :data:`ROUND_FIELDS` (seconds rounded to 0.1 ms), in the order the rounds were applied. Where
+    a run's waits come from: one slow round (the first of a fragment, the end's) or every one."""
+    from lowcomm.runtime import read_jsonl
+
+    events = read_jsonl(Path(run_dir) / "events.jsonl")
+    rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0]
+    return [[round(r[f], 4) if f.endswith("_s") else r[f] for f in ROUND_FIELDS] for r in rounds]
+
+
 def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, float]]:
     """(step, wall) of the step records written when the losses were read (every ``log_every``
     steps, and the last)."""

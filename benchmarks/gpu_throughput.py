@@ -59,9 +59,11 @@ from pathlib import Path
 
 import torch
 from common import (
+    ROUND_FIELDS,
     launch_command,
     profile_top,
     profile_window,
+    round_times,
     stamp,
     steady_tokens_per_second,
     window_ms_per_step,
@@ -232,6 +234,8 @@ def lowcomm_run(
         # the rounds and the loop's host seconds by phase (send, encode, decode, outer step, wait)
         "rounds": s["rounds"],
         "timing": s["timing"],
+        "round_fields": list(ROUND_FIELDS),
+        "round_times": round_times(out),
         "replica_batching": s["replica_batching"],
         "dtype": s["dtype"],
         "peak_memory_bytes": s["peak_memory_bytes"],
@@ -265,6 +269,8 @@ def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
         "bytes_sent_per_replica": s["bytes_sent_per_replica"],
         "rounds": s["rounds"],
         "timing": s["timing"],
+        "round_fields": list(ROUND_FIELDS),
+        "round_times": round_times(out),  # rank 0's records
     }
 
 

@@ -513,6 +513,13 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     assert row["streaming"]["final_loss"] < 5.545
     # the rounds and where the loop's host time went in them (Streaming's rounds: encode, decode)
     assert row["streaming"]["rounds"] > 0 and row["streaming"]["timing"]["encode_s"] > 0
+    # each round of replica 0 apart: its fragment, steps and seconds by phase, as recorded
+    for run in (row["streaming"], r["two_process"]):
+        fields, times = run["round_fields"], run["round_times"]
+        assert times and all(len(t) == len(fields) for t in times)
+        rounds = [dict(zip(fields, t)) for t in times]
+        assert all(x["apply_step"] >= x["send_step"] and x["wait_s"] >= 0 for x in rounds)
+    assert row["dp"]["round_times"] == []
     two = r["two_process"]
     assert "error" not in two, two.get("error")
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
