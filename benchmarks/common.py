@@ -107,18 +107,23 @@ ROUND_FIELDS = (
     "decode_s",
     "wait_s",
     "outer_s",
+    "device_wait_s",
 )
 
 
 def round_times(run_dir: str) -> list[list]:
     """Each round of replica 0 of a ``lowcomm train`` run, from its records: the values of
-    :data:`ROUND_FIELDS` (seconds rounded to 0.1 ms), in the order the rounds were applied. Where
+    :data:`ROUND_FIELDS` (seconds rounded to 0.1 ms; ``device_wait_s``, the GPU's, null where not
+    timed), in the order the rounds were applied. Where
     a run's waits come from: one slow round (the first of a fragment, the end's) or every one."""
     from lowcomm.runtime import read_jsonl
 
     events = read_jsonl(Path(run_dir) / "events.jsonl")
     rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0]
-    return [[round(r[f], 4) if f.endswith("_s") else r[f] for f in ROUND_FIELDS] for r in rounds]
+    return [
+        [round(r[f], 4) if f.endswith("_s") and r[f] is not None else r[f] for f in ROUND_FIELDS]
+        for r in rounds
+    ]
 
 
 def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, float]]:

@@ -360,6 +360,8 @@ def _waits(s: dict) -> dict:
     t = s["timing"]
     return {
         "wait_fraction": s["wait_fraction"],
+        # the GPU's own: how long its training stream stood still for rounds (two processes)
+        "device_wait_fraction": s["device_wait_fraction"],
         "finish_s": t["finish_s"],
         "wait_fraction_with_end": t["wait_s"] / t["loop_s"] if t["loop_s"] else None,
     }

@@ -198,3 +198,7 @@ def test_two_processes_sharing_a_gpu_run_streaming_diloco_over_gloo_with_cuda_te
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert s["rounds"] >= 3 and s["bytes_sent_per_replica"] > 0  # the trainer checked both ranks' digests
+    # the GPU's own wait for rounds, timed by CUDA events on the training stream
+    assert s["device_wait_fraction"] is not None and 0 <= s["device_wait_fraction"] < 1
+    rounds = [e for e in read_jsonl(tmp_path / "d" / "events.jsonl") if e["kind"] == "round"]
+    assert rounds and all(e["device_wait_s"] is not None and e["device_wait_s"] >= 0 for e in rounds)

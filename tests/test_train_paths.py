@@ -356,8 +356,49 @@ def test_the_wait_fraction_leaves_the_ends_sync_apart(tmp_path, corpus_dir, monk
     assert t["steps_wait_s"] == pytest.approx(1.0, abs=0.05) and t["wait_s"] == pytest.approx(2.0, abs=0.05)
     assert 0 < t["finish_s"] < t["loop_s"]
     assert s["wait_fraction"] == pytest.approx(t["steps_wait_s"] / (t["loop_s"] - t["finish_s"]))
+    assert s["device_wait_fraction"] is None and t["device_wait_s"] == 0  # no GPU wait timed here
     dp = _run(tmp_path, corpus_dir, "dp", mode="dp", replicas=2, steps=2)
     assert dp["wait_fraction"] is None and dp["timing"]["finish_s"] >= 0
+
+
+def test_the_gpus_wait_for_rounds_is_summed_like_the_hosts(tmp_path, corpus_dir, monkeypatch):
+    """Where a round's GPU wait is timed (CUDA events; stood in for here: each round's reads 0.25
+    s), the summary adds it up as the host's: the steps' part apart from the end's sync, and
+    ``device_wait_fraction`` over the steps' time; every round's record carries its own."""
+    import lowcomm.optim.diloco as diloco
+
+    monkeypatch.setattr(diloco, "device_wait_s", lambda stats: 0.25)
+    s = _run(tmp_path, corpus_dir, "w", replicas=2, steps=8, sync_every=4, overlap=1)
+    t = s["timing"]
+    assert t["steps_device_wait_s"] == pytest.approx(0.25) and t["device_wait_s"] == pytest.approx(0.5)
+    assert s["device_wait_fraction"] == pytest.approx(0.25 / (t["loop_s"] - t["finish_s"]))
+    rounds = [e for e in read_jsonl(tmp_path / "w" / "events.jsonl") if e["kind"] == "round"]
+    assert rounds and all(e["device_wait_s"] == 0.25 for e in rounds)
+
+
+def test_the_gpus_wait_is_the_time_between_its_two_events():
+    """``device_wait_s``: the GPU's time between the events recorded as the wait began and after
+    the stream was made to wait (milliseconds, as CUDA reports them, in seconds); None without
+    them. A buffer reduced in buckets waits from its first bucket's start to its last's end."""
+    from lowcomm.comm.group import ReduceStats, Work, _BucketedWork, device_wait_s
+
+    class Event:  # a CUDA timing event's stand-in: its time on the GPU's clock, in ms
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    assert device_wait_s(ReduceStats()) is None
+    assert device_wait_s(ReduceStats(device_events=(Event(10.0), Event(12.5)))) == pytest.approx(0.0025)
+    works = []
+    for start, end in ((1.0, 2.0), (3.0, 7.0)):
+        w = Work(ReduceStats(device_events=(Event(start), Event(end))))
+        w._complete(torch.ones(2), torch.ones(2))
+        works.append(w)
+    bucketed = _BucketedWork(works)
+    bucketed.wait()
+    assert device_wait_s(bucketed.stats) == pytest.approx(0.006)
 
 
 def test_profile_writes_a_trace_and_a_table_of_the_steps_asked_for(tmp_path, corpus_dir):

@@ -272,9 +272,12 @@ def _close_groups_at_exit() -> None:
 
 
 class _DistWork(Work):
-    def __init__(self, future: Future, group: DistributedGroup, seq: int, stats: ReduceStats):
+    def __init__(
+        self, future: Future, group: DistributedGroup, seq: int, stats: ReduceStats, device=None
+    ) -> None:
         super().__init__(stats)
         self._future, self._group, self._seq = future, group, seq
+        self._device = device  # a CUDA buffer's device (None: a CPU buffer)
 
     def wait(self) -> torch.Tensor:
         """The mean; on CUDA the caller's stream is made to wait for the communication stream (no
@@ -288,6 +291,10 @@ class _DistWork(Work):
         """
         if self._result is None:
             t0 = time.perf_counter()
+            began = None
+            if self._device is not None:  # the GPU's time at this point, to tell how long it waits
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(torch.cuda.current_stream(self._device))
             try:
                 result, sent, done = self._outcome()
             except CollectiveError:
@@ -297,6 +304,10 @@ class _DistWork(Work):
                 stream = torch.cuda.current_stream(result.device)
                 stream.wait_event(done)
                 result.record_stream(stream)  # the allocator must not reuse it while this stream reads
+                if began is not None:
+                    resumed = torch.cuda.Event(enable_timing=True)
+                    resumed.record(stream)
+                    self.stats.device_events = (began, resumed)
             self._complete(result, sent)
             self.stats.wait_s += time.perf_counter() - t0
         return self._result
@@ -504,7 +515,7 @@ class DistributedGroup(ReplicaGroup):
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(buffer.device))
         future = self._pool.submit(self._run, buffer, codec, method, seq, stats, ready, tag)
-        return _DistWork(future, self, seq, stats)
+        return _DistWork(future, self, seq, stats, buffer.device if buffer.is_cuda else None)
 
     def _a2a(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         out = torch.empty(sum(out_splits), dtype=torch.uint8, device=inp.device)

@@ -57,6 +57,22 @@ class ReduceStats:
     wait_s: float = 0.0
     #: contributions left out of the mean by the guards: rank -> reason (guarded reduce only)
     excluded: dict = field(default_factory=dict)
+    #: CUDA buffers: two timing events on the caller's stream, recorded as ``wait()`` began and
+    #: after the stream was made to wait for the result; the time the GPU spent between them is
+    #: how long the stream stood still for the round (:func:`device_wait_s`); None elsewhere
+    device_events: tuple | None = None
+
+
+def device_wait_s(stats: ReduceStats) -> float | None:
+    """Seconds the caller's CUDA stream stood still waiting for a mean (the GPU's time between
+    :attr:`ReduceStats.device_events`), or None for a reduce without them (CPU buffers). The
+    host's ``wait_s`` counts its own wait, which costs nothing while the GPU still has queued
+    work; this is what the GPU lost. Both events must have run: call it after a host sync (the
+    trainer reads it where it reads the losses)."""
+    if stats.device_events is None:
+        return None
+    start, end = stats.device_events
+    return start.elapsed_time(end) / 1e3
 
 
 class Work:
@@ -114,6 +130,9 @@ class _BucketedWork(Work):
             self._complete(torch.cat(parts), lambda: torch.cat([w.sent for w in self._works]))
             for field in ("bytes_sent", "encode_s", "comm_s", "decode_s", "wait_s"):
                 setattr(self.stats, field, sum(getattr(w.stats, field) for w in self._works))
+            events = [w.stats.device_events for w in self._works]
+            if None not in events:  # waited one after the other: from the first's start to the last's end
+                self.stats.device_events = (events[0][0], events[-1][1])
         return self._result
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from .._compat import dtensor_type
 from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, mesh_position, shard_position
+from ..comm.group import device_wait_s
 from ..comm.reduce import shard_bounds
 from .config import DiLoCoConfig
 from .fragments import assign_buffers, build_fragments, find_blocks, synced_buffers
@@ -78,6 +79,10 @@ class RoundStats:
     send_s: float
     outer_s: float
     final: bool = False
+    #: seconds the training stream stood still for this round on a GPU (CUDA buffers of a
+    #: process group: :func:`~lowcomm.comm.group.device_wait_s`; None elsewhere), read by
+    #: :meth:`DiLoCo.drain_round_stats`
+    device_wait_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -356,7 +361,9 @@ class DiLoCo:
             for f, vals in zip(_DEVICE_STATS, values):
                 for r, v in zip(out, vals):
                     setattr(r, f, v)
-            for r in out:
+            for r in out:  # (the read above waited for the device: both events have run)
+                stats = r.__dict__.pop("_reduce_stats", None)
+                r.device_wait_s = device_wait_s(stats) if stats is not None else None
                 log.debug("round of fragment %d at step %d: %s", r.fragment, r.apply_step, r.to_dict())
         return out
 
@@ -669,26 +676,26 @@ class DiLoCo:
             sent,
             s.wait_s,
         )
-        self._rounds.append(
-            RoundStats(
-                fragment=p,
-                send_step=inf.send_step,
-                apply_step=self.step_count,
-                numel=f.global_.numel(),
-                bytes_sent=sent,
-                pseudo_grad_norm=inf.norm,
-                mean_pseudo_grad_norm=mean_norm,
-                cosine_to_mean=cosine,
-                momentum_norm=f.momentum.momentum.norm(),
-                encode_s=s.encode_s,
-                comm_s=s.comm_s,
-                decode_s=s.decode_s,
-                wait_s=s.wait_s,
-                send_s=inf.send_s,
-                outer_s=outer_s,
-                final=inf.final,
-            )
+        rs = RoundStats(
+            fragment=p,
+            send_step=inf.send_step,
+            apply_step=self.step_count,
+            numel=f.global_.numel(),
+            bytes_sent=sent,
+            pseudo_grad_norm=inf.norm,
+            mean_pseudo_grad_norm=mean_norm,
+            cosine_to_mean=cosine,
+            momentum_norm=f.momentum.momentum.norm(),
+            encode_s=s.encode_s,
+            comm_s=s.comm_s,
+            decode_s=s.decode_s,
+            wait_s=s.wait_s,
+            send_s=inf.send_s,
+            outer_s=outer_s,
+            final=inf.final,
         )
+        rs._reduce_stats = s  # its device events, timed when the round is drained
+        self._rounds.append(rs)
 
     def _gather_shards(self, f: _Fragment) -> None:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""

@@ -301,6 +301,7 @@ class Trainer:
                     if t_end is None:  # the rounds the steps waited for, apart from the end's own
                         self._drain_rounds(step)
                         sync.timing["steps_wait_s"] = sync.timing["wait_s"]
+                        sync.timing["steps_device_wait_s"] = sync.timing["device_wait_s"]
                         t_end = time.perf_counter()
                     if sync.finish():
                         break
@@ -556,6 +557,12 @@ class Trainer:
             # round's result; the end's rounds have no step left to hide behind (timing's
             # finish_s). DP: null (its gradients' mean is part of every step)
             "wait_fraction": None if dp or not steps_s else timing["steps_wait_s"] / steps_s,
+            # the same for the GPU: the share of the steps' time its training stream stood still
+            # for a round (timed by CUDA events; the host's wait costs nothing while the GPU
+            # still has queued work). Null where not timed: CPU, one process's replicas
+            "device_wait_fraction": (
+                timing["steps_device_wait_s"] / steps_s if sync.device_waits and steps_s and not dp else None
+            ),
             "timing": timing,
             "seed": cfg.run.seed,
             "corpus": self.corpus.name,

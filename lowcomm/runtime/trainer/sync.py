@@ -41,6 +41,8 @@ TIMING_KEYS = (
     "loop_s",
     "steps_wait_s",
     "finish_s",
+    "device_wait_s",
+    "steps_device_wait_s",
 )
 _ROUND_TIMINGS = ("send_s", "encode_s", "decode_s", "outer_s", "comm_s", "wait_s")
 
@@ -61,7 +63,9 @@ class Sync:
             its step, which the loop counts)
         timing: seconds by :data:`TIMING_KEYS` (the loop fills ``inner_s``, ``comm_wall_s``, ``loop_s``,
             ``finish_s``: the end's sync, after the last step, and ``steps_wait_s``: the part of
-            ``wait_s`` spent before it, waiting between steps).
+            ``wait_s`` spent before it, waiting between steps; ``device_wait_s`` and
+            ``steps_device_wait_s`` the same for the GPU's training stream, rounds of CUDA
+            buffers over a process group only).
     """
 
     mode = "none"
@@ -72,6 +76,7 @@ class Sync:
         self.rounds = 0
         self.steps_before = 0
         self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
+        self.device_waits = False  # whether a round's GPU wait was timed (CUDA over a process group)
         self.record = _no_record
 
     def restore(self) -> None:
@@ -316,6 +321,9 @@ class DiLoCoSync(Sync):
                     self.rounds += 1
                     for key in _ROUND_TIMINGS:
                         self.timing[key] += getattr(rs, key)
+                    if rs.device_wait_s is not None:
+                        self.timing["device_wait_s"] += rs.device_wait_s
+                        self.device_waits = True
                 self.record("round", **self._round_fields(replica_ids[i], step), **rs.to_dict())
 
     def _round_fields(self, replica: int, step: int) -> dict[str, Any]:
