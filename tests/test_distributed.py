@@ -463,3 +463,58 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     with pytest.raises(ValueError, match=r"holds an earlier run \(reference/\)"):
         run_static_chaos(plan, 2, out, args, max_restarts=2)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_cuda_rounds_wait_is_timed_on_the_training_stream(monkeypatch):
+    """A CUDA buffer's wait: an event on the caller's stream as the wait begins, the stream made
+    to wait for the communication stream's ``done`` event, then a second event after that on the
+    same stream; the GPU's time between the two is the round's device wait. Checked on CPU with
+    stand-ins for the stream and the events, in the order the calls reach them."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from lowcomm.comm.distributed import _DistWork
+    from lowcomm.comm.group import ReduceStats, device_wait_s
+
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.ms = None
+
+        def record(self, stream):
+            calls.append(("record", stream))
+            self.ms = 5.0 * len(calls)
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    class Stream:
+        def wait_event(self, event):
+            calls.append(("wait_event", event))
+
+    stream = Stream()
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+
+    class Result:  # a CUDA result's stand-in
+        device = "cuda:0"
+
+        def record_stream(self, s):
+            calls.append(("record_stream", s))
+
+    done, result = object(), Result()
+    future = Future()
+    future.set_result((result, torch.zeros(1), done))
+    group = SimpleNamespace(timeout=None, store=None)
+    work = _DistWork(future, group, 0, ReduceStats(), device="cuda:0")
+    assert work.wait() is result
+    assert [c[0] for c in calls] == ["record", "wait_event", "record_stream", "record"]
+    assert calls[1][1] is done and all(c[1] is stream for c in calls if c[0] != "wait_event")
+    assert device_wait_s(work.stats) == pytest.approx((20.0 - 5.0) / 1e3)
+    cpu = Future()
+    cpu.set_result((torch.zeros(1), torch.zeros(1), None))
+    plain = _DistWork(cpu, group, 1, ReduceStats())
+    plain.wait()
+    assert plain.stats.device_events is None and device_wait_s(plain.stats) is None
