@@ -14,9 +14,10 @@
 #   3. throughput.json benchmarks/gpu_throughput.py: the replicas' update alone before and with
 #                      ReplicaAdamW (seconds), plain loop vs the M replicas without the
 #                      trainer vs lowcomm train (DP, DiLoCo, Streaming) at both sizes, two
-#                      processes on the GPU (at the first size), and each run's wall and kernel
-#                      time and top operators by GPU time over 3 profiled steps before its timed
-#                      part ($PROFILE_STEPS; 0: none)
+#                      processes on the GPU (at the first size; the host's wait for rounds and
+#                      the GPU's own, device_wait_fraction, each round apart), and each run's
+#                      wall and kernel time and top operators by GPU time over 3 profiled steps
+#                      before its timed part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer, the e3m0
 #                      codec's kernels against its torch ops (seconds), GEMMs, quantize
 #                      bandwidth, Linear fwd+bwd, training
