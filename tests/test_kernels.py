@@ -2949,7 +2949,8 @@ def test_the_slowest_generated_kernels_are_found_with_their_source(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
+@pytest.mark.parametrize("case", ["rowwise", "tensorwise", "delayed"])  # (apart: about 20 s each)
+def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went(case):
     """benchmarks/inductor_codegen.py on a machine without a GPU: one fp8 block's forward and
     backward compiled as the trainer compiles it (Dynamo, AOT autograd) and lowered by Inductor
     for a pretend sm_90. fp8_rowwise with the quantize in torch ops (``inductor``): the row maxima
@@ -2966,6 +2967,18 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     needs_triton()
     codegen = load_benchmark("inductor_codegen")
     real = torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling
+    if case == "rowwise":
+        _rowwise_inductor_code(codegen)
+    elif case == "tensorwise":
+        _tensorwise_inductor_code(codegen)
+    else:
+        _delayed_inductor_code(codegen)
+    assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
+    with pytest.raises(SystemExit):
+        codegen.main(["--recipe", "fp4"])
+
+
+def _rowwise_inductor_code(codegen) -> None:
     fused = codegen.main(["--size", "smoke", "--quantize", "inductor"])
     assert fused["forward"]["kernels"] and fused["backward"]["kernels"]
     assert any({"native_layer_norm", "amax"} <= set(k["aten"]) for k in fused["forward"]["kernels"])
@@ -2980,11 +2993,17 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
     assert opaque["forward"]["kernels"]
     assert not any("amax" in k["aten"] for k in opaque["forward"]["kernels"])
     assert not any(opaque[g]["transposed_stores"]["reduction"] for g in ("forward", "backward"))
+
+
+def _tensorwise_inductor_code(codegen) -> None:
     tensorwise = codegen.main(["--size", "smoke", "--quantize", "inductor", "--recipe", "fp8_tensorwise"])
     for g in ("forward", "backward"):
         tiled = [k for k in tensorwise[g]["kernels"] if k["transposed_store"] == "tiled"]
         assert tiled and all("_to_copy" in k["aten"] for k in tiled), tiled  # the casts to fp8
     assert tensorwise["forward"]["transposed_stores"]["reduction"] == 0, tensorwise["forward"]
+
+
+def _delayed_inductor_code(codegen) -> None:
     delayed = codegen.main(["--size", "smoke", "--recipe", "fp8_delayed", "--bytes"])
     forward = [set(k["aten"]) for k in delayed["forward"]["kernels"]]
     assert any({"native_layer_norm", "_to_copy", "amax"} <= aten for aten in forward), forward
@@ -2998,9 +3017,6 @@ def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went():
         bf16["backward"]["gb"],
         delayed["backward"]["gb"],
     )
-    assert (torch.cuda.is_available(), torch.autocast, torch.compiler.is_compiling) == real
-    with pytest.raises(SystemExit):
-        codegen.main(["--recipe", "fp4"])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
