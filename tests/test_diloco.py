@@ -167,13 +167,28 @@ def test_rounds_apply_overlap_steps_after_sending():
     assert seen == [(0, 6, 7), (1, 8, 9), (2, 10, 11), (0, 12, 13), (1, 14, 15), (2, 16, 17)]
 
 
-def test_strided_fragments_split_blocks_and_keep_the_rest_apart():
+def test_strided_fragments_split_blocks_and_put_the_rest_where_the_largest_fragment_is_smallest():
+    """With a count, the parameters outside the blocks form a fragment of their own, unless
+    splitting the blocks over all P and adding them to the smallest fragment makes the largest
+    fragment smaller (a byte-level vocabulary's small embeddings): then that."""
+    from lowcomm.optim import build_fragments
+
+    rest = {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
     models, opts = _replicas(1)
     d = _wrap(models, opts, sync_every=8, fragments=3)[0]
-    names = d.fragment_names
+    names = d.fragment_names  # TINY: 3 blocks, each larger than the rest
+    for i in range(3):
+        assert all(n.startswith(f"blocks.{i}.") or n in rest for n in names[i]), names[i]
+    assert rest <= set(names[2])  # with the last of the equal fragments
+    sizes = d.fragment_numels()
+    block = sum(p.numel() for n, p in models[0].named_parameters() if n.startswith("blocks.0."))
+    assert sizes[:2] == [block, block] and block < sizes[2] < 2 * block  # apart: 2 blocks in one
+    # embeddings larger than a block (a big vocabulary): apart, and the blocks over the other P − 1
+    big = GPT(GPTConfig(**{**TINY.__dict__, "vocab_size": 4096}))
+    names = build_fragments(big, 3)
     assert all(n.startswith(("blocks.0.", "blocks.2.")) for n in names[0])
     assert all(n.startswith("blocks.1.") for n in names[1])
-    assert set(names[2]) == {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+    assert set(names[2]) == rest
 
 
 def test_custom_fragments_from_names_and_modules():
@@ -495,7 +510,8 @@ def test_uneven_fragments_are_named_in_a_warning_and_rounds_are_logged(caplog, m
     monkeypatch.setattr(fragments_module, "_WARNED", set())  # earlier tests may have built this layout
     models, opts = _replicas(2)
     with caplog.at_level("INFO", logger="lowcomm"):
-        dil = _wrap(models, opts, sync_every=2, fragments=2)
+        # every block in one fragment, the embeddings and final norm in the other
+        dil = _wrap(models, opts, sync_every=2, fragments=[["blocks"], ["wte", "wpe", "ln_f"]])
         _run(dil, models, opts, range(1, 3))
     text = caplog.text
     warning = (

@@ -46,7 +46,9 @@ class DiLoCoConfig:
         sync_every: H, inner steps between two syncs of a fragment (>= 1).
         fragments: P (an int), or explicit fragments: lists of parameter names and/or modules.
             With a count P > 1 the parameters outside the repeated blocks (embeddings, head,
-            final norm) form the last fragment and the blocks are split over the other P − 1.
+            final norm) form the last fragment and the blocks are split over the other P − 1,
+            or, where that makes the largest fragment smaller, the blocks are split over all P
+            and those parameters join the smallest fragment.
         pattern: how blocks are split into fragments: "strided" (block ℓ to fragment ℓ mod P)
             or "sequential".
         overlap: τ, inner steps a fragment's all-reduce overlaps with (0 = blocking); τ·P < H.

@@ -2,7 +2,9 @@
 
 With a count ``P``, the model's repeated blocks are split over the fragments: every list of
 repeated blocks counts (GPT-2's ``transformer.h``, T5's ``encoder.block`` and ``decoder.block``),
-in model order; the parameters outside them (embeddings, head, final norms) form the last fragment.
+in model order; the parameters outside them (embeddings, head, final norms) form the last fragment,
+or, where that makes the largest fragment smaller (a small vocabulary's embeddings), join the
+smallest fragment while the blocks are split over all ``P``.
 Explicit fragments name parameters, modules, or modules by name (``"transformer.h.0"``). A weight
 tied between modules (an embedding shared with the head, say) belongs to the first fragment that
 names a module holding it. A model's floating-point buffers saved with it (BatchNorm's running
@@ -59,7 +61,9 @@ def build_fragments(
             and/or modules. With a count, ``P = 1`` is the whole model; for ``P > 1`` the
             parameters outside the blocks form the last fragment of their own and the blocks (of
             every block list, in model order) are split over the other ``P − 1`` by ``pattern`` (a
-            model with no parameters outside its blocks splits them over all ``P``).
+            model with no parameters outside its blocks splits them over all ``P``), unless
+            splitting the blocks over all ``P`` and adding those parameters to the smallest
+            fragment (the last of equals) makes the largest fragment smaller: then that.
         pattern: "strided" (block ℓ to fragment ℓ mod P) or "sequential".
 
     Raises:
@@ -104,11 +108,29 @@ def _by_count(model: nn.Module, named, fragments: int, pattern: str) -> list[lis
             + (" plus one fragment for the parameters outside them" if rest else "")
             + f", so fragments must be in [1, {allowed}]"
         )
-    out = [
-        [n for b in grp for n in block_names[b]]
-        for grp in partition_blocks(len(block_names), groups, pattern)
-    ]
-    return out + ([rest] if rest else [])
+
+    def split(count: int) -> list[list[str]]:
+        return [
+            [n for b in grp for n in block_names[b]]
+            for grp in partition_blocks(len(block_names), count, pattern)
+        ]
+
+    apart = split(groups) + ([rest] if rest else [])
+    if not rest or len(block_names) < fragments:
+        return apart
+    # the rest may be small (a byte-level vocabulary's embeddings): then the blocks go over all P
+    # and the rest joins the smallest fragment (the last of equals), where that makes the largest
+    # fragment smaller: its round is the one that must hide behind the steps
+    size = {n: p.numel() for n, p in named}
+    joined = split(fragments)
+    sizes = [sum(size[n] for n in names) for names in joined]
+    smallest = max(i for i, v in enumerate(sizes) if v == min(sizes))
+    joined[smallest] = joined[smallest] + rest
+
+    def largest(frags: list[list[str]]) -> int:
+        return max(sum(size[n] for n in names) for names in frags)
+
+    return joined if largest(joined) < largest(apart) else apart
 
 
 def _explicit(model: nn.Module, named, fragments) -> list[list[str]]:
