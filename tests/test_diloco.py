@@ -191,6 +191,23 @@ def test_strided_fragments_split_blocks_and_put_the_rest_where_the_largest_fragm
     assert set(names[2]) == rest
 
 
+def test_a_state_of_another_fragment_layout_is_refused_naming_what_differs():
+    """A DiLoCo state saved with the same number of fragments laid out otherwise (here explicit
+    fragments against the split by count) is refused by name, the model left as it was."""
+    models, opts = _replicas(1)
+    apart = _wrap(models, opts, sync_every=4, fragments=[["blocks"], ["wte", "wpe", "ln_f"]])[0]
+    state = apart.state_dict()
+    apart.detach()
+    models, opts = _replicas(1)
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    by_count = _wrap(models, opts, sync_every=4, fragments=2)[0]
+    with pytest.raises(
+        ValueError, match=r"fragment 0 of the state holds other parameters.*another fragment layout"
+    ):
+        by_count.load_state_dict(state)
+    assert all(torch.equal(p, before[n]) for n, p in models[0].named_parameters())
+
+
 def test_custom_fragments_from_names_and_modules():
     models, opts = _replicas(2)
     m = models[0]

@@ -498,7 +498,14 @@ class DiLoCo:
             )
         for i, (fs, f) in enumerate(zip(state["fragments"], self._frags)):
             if fs["names"] != f.names or fs["global"].numel() != f.global_.numel():
-                raise ValueError(f"fragment {i} of the state holds other parameters than this model's")
+                saved, here = set(fs["names"]), set(f.names)
+                diff = sorted(saved ^ here)[:4]
+                raise ValueError(
+                    f"fragment {i} of the state holds other parameters than this model's ({diff} "
+                    f"in one and not the other; saved {len(saved)}, here {len(here)}): a state of "
+                    "another model, or of another fragment layout (explicit fragments, pattern, or "
+                    "a lowcomm whose split by count placed the parameters outside the blocks elsewhere)"
+                )
         for fs, f in zip(state["fragments"], self._frags):
             f.global_.copy_(fs["global"])
             f.momentum.momentum.copy_(fs["momentum"])
