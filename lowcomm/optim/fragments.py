@@ -121,16 +121,12 @@ def _by_count(model: nn.Module, named, fragments: int, pattern: str) -> list[lis
     # the rest may be small (a byte-level vocabulary's embeddings): then the blocks go over all P
     # and the rest joins the smallest fragment (the last of equals), where that makes the largest
     # fragment smaller: its round is the one that must hide behind the steps
-    size = {n: p.numel() for n, p in named}
+    params = dict(named)
     joined = split(fragments)
-    sizes = [sum(size[n] for n in names) for names in joined]
+    sizes = _sizes(joined, params)
     smallest = max(i for i, v in enumerate(sizes) if v == min(sizes))
     joined[smallest] = joined[smallest] + rest
-
-    def largest(frags: list[list[str]]) -> int:
-        return max(sum(size[n] for n in names) for names in frags)
-
-    return joined if largest(joined) < largest(apart) else apart
+    return joined if max(_sizes(joined, params)) < max(_sizes(apart, params)) else apart
 
 
 def _explicit(model: nn.Module, named, fragments) -> list[list[str]]:
@@ -214,8 +210,13 @@ def assign_buffers(model: nn.Module, fragments: list[list[str]]) -> list[list[st
 _WARNED: set[tuple[int, ...]] = set()
 
 
+def _sizes(fragments: list[list[str]], params: dict) -> list[int]:
+    """Each fragment's parameter count (``params``: name -> parameter)."""
+    return [sum(params[n].numel() for n in names) for names in fragments]
+
+
 def _warn_if_uneven(fragments: list[list[str]], params: dict) -> None:
-    sizes = [sum(params[n].numel() for n in names) for names in fragments]
+    sizes = _sizes(fragments, params)
     if len(sizes) > 1 and max(sizes) > 2 * min(sizes) and tuple(sizes) not in _WARNED:
         _WARNED.add(tuple(sizes))
         big, small = sizes.index(max(sizes)), sizes.index(min(sizes))
