@@ -537,6 +537,11 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
         assert row[name]["profile"][0] == "steps 3-3 on cpu, operators by their own cpu time", name
     for name in runs:
         assert row[name]["tokens_per_second"] > 0 and row[name]["x_plain"] > 0, name
+    # each part's wall seconds, warm-up included: what the next bounded slot has to fit
+    parts = [row[n] for n in ("plain", *runs)] + [r["two_process"], update]
+    assert all(p["wall_s"] > 0 for p in parts)
+    timed_s = 8 * (4 * 2 * 32) / row["plain"]["tokens_per_second"]  # its last 8 steps' tokens
+    assert row["plain"]["wall_s"] > timed_s
 
     # the loops without the trainer: the clip's norms (a multi-tensor norm, per tensor on a CPU)
     # are in the profile of the one that clips only
