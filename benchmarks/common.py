@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "ROUND_FIELDS",
     "commit",
     "inductor_kernels",
     "launch_command",
     "machine",
     "replacing",
+    "round_times",
     "stamp",
     "steady_tokens_per_second",
+    "steady_wait_fractions",
     "window_ms_per_step",
     "write_result",
 ]
@@ -86,6 +89,44 @@ def steady_tokens_per_second(run_dir: str, summary: dict, log_every: int) -> flo
     first = next(p for p in points if p[0] >= steps // 4)
     last = points[-1]
     return (last[0] - first[0]) * summary["tokens"] / steps / (last[1] - first[1])
+
+
+def steady_wait_fractions(run_dir: str, summary: dict, log_every: int) -> dict:
+    """The waits for rounds of a ``lowcomm train`` run in its steady part: from the first loss
+    read after both the run's first quarter (as :func:`steady_tokens_per_second`) and every
+    fragment's first round, to its end. ``wait_fraction_steady`` (the host's, as the summary's
+    ``wait_fraction``) and ``device_wait_fraction_steady`` (the GPU's; null where not timed):
+    replica 0's rounds applied in that window over its wall time, the end's sync's (``final``)
+    left out; ``steady_from`` its first step, ``steady_rounds`` its rounds (both null or 0 where
+    the run has no such window). A fragment's first round pays for first use (buffers,
+    connections, kernels): a run of 80 steps with H = 50 and P = 4 holds nothing else."""
+    from lowcomm.runtime import read_jsonl
+
+    none = {"wait_fraction_steady": None, "device_wait_fraction_steady": None, "steady_from": None}
+    if summary["wait_fraction"] is None:  # DP: its mean is part of every step, no rounds
+        return {**none, "steady_rounds": 0}
+    steps = summary["steps_run"]
+    events = read_jsonl(Path(run_dir) / "events.jsonl")
+    rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0 and not e["final"]]
+    firsts: dict = {}
+    for r in rounds:
+        firsts.setdefault(r["fragment"], r["apply_step"])
+    start = max([steps // 4, *firsts.values()])
+    points = _read_points(run_dir, steps, log_every)
+    first = next((p for p in points if p[0] >= start), None)
+    last = points[-1]
+    if first is None or last[1] <= first[1]:
+        return {**none, "steady_rounds": 0}
+    wall = last[1] - first[1]
+    rounds = [r for r in rounds if first[0] < r["apply_step"] <= last[0]]
+    device = [r["device_wait_s"] for r in rounds]
+    timed = bool(device) and all(d is not None for d in device)
+    return {
+        "wait_fraction_steady": sum(r["wait_s"] for r in rounds) / wall,
+        "device_wait_fraction_steady": sum(device) / wall if timed else None,
+        "steady_from": first[0],
+        "steady_rounds": len(rounds),
+    }
 
 
 def window_ms_per_step(run_dir: str, summary: dict, log_every: int) -> list[list[float]]:

@@ -15,7 +15,9 @@
 #                      ReplicaAdamW (seconds), plain loop vs the M replicas without the
 #                      trainer vs lowcomm train (DP, DiLoCo, Streaming) at both sizes, two
 #                      processes on the GPU (at the first size; the host's wait for rounds and
-#                      the GPU's own, device_wait_fraction, each round apart), and each run's
+#                      the GPU's own, device_wait_fraction, over the whole run and after each
+#                      fragment's first round (_steady; it runs twice the steps for that), each
+#                      round apart), each part's wall_s, and each run's
 #                      wall and kernel time and top operators by GPU time over 3 profiled steps
 #                      before its timed part ($PROFILE_STEPS; 0: none)
 #   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer, the e3m0

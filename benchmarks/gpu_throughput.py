@@ -26,6 +26,10 @@ quarter of the run and at its end (the records are written every ``log_every`` s
 losses are read). MFU = 6·N·tokens/s over the device's dense bf16 peak. ``wait_fraction`` is the
 share of the steps' time spent waiting for a round's result (the goal for Streaming τ = 1: under 1%);
 the end's sync, whose rounds have no step left to hide behind, is reported apart (``finish_s``).
+``wait_fraction_steady`` (and the GPU's ``device_wait_fraction_steady``) counts the same waits
+after every fragment's first round only (``common.steady_wait_fractions``): the first pays for
+first use (buffers, connections, kernels), and a run of 80 steps with H = 50 and P = 4 holds no
+other. The two-process run takes twice the steps for that (``--two-process-steps``).
 
 Sizes: ``small`` d=512, 8 layers, T=256, B=16 (16,384 tokens per step over 4 replicas) and
 ``large`` d=1024, 12 layers, T=1024, B=4 (16,384 tokens per step).
@@ -69,6 +73,7 @@ from common import (
     round_times,
     stamp,
     steady_tokens_per_second,
+    steady_wait_fractions,
     window_ms_per_step,
     write_result,
 )
@@ -233,6 +238,7 @@ def lowcomm_run(
         "window_ms_per_step": window_ms_per_step(out, s, cfg.run.log_every),
         "mfu": _mfu(s["params"], tps, device),
         **_waits(s),
+        **steady_wait_fractions(out, s, cfg.run.log_every),
         "comm_free_fraction": s["comm_free_fraction"],
         # the rounds and the loop's host seconds by phase (send, encode, decode, outer step, wait)
         "rounds": s["rounds"],
@@ -258,7 +264,8 @@ def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
         "--eval-every=0",
         "--eval-batches=1",
     ]
-    cmd += [f"--run-dir={out}", "--quiet", f"--log-every={max(steps // 8, 1)}"]
+    log_every = max(steps // 8, 1)
+    cmd += [f"--run-dir={out}", "--quiet", f"--log-every={log_every}"]
     r = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -268,6 +275,7 @@ def two_process(size: dict, steps: int, device: torch.device, out: str) -> dict:
     return {
         "tokens_per_second": s["tokens_per_second"],
         **_waits(s),
+        **steady_wait_fractions(out, s, log_every),  # rank 0's records
         "comm_free_fraction": s["comm_free_fraction"],
         "bytes_sent_per_replica": s["bytes_sent_per_replica"],
         "rounds": s["rounds"],
@@ -403,6 +411,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120, help="steps per run (a quarter is warm-up)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--two-process", action="store_true", help="also Streaming DiLoCo over two processes")
+    ap.add_argument(
+        "--two-process-steps",
+        type=int,
+        default=None,
+        help="its steps (default: twice --steps, so that each fragment syncs after its first round)",
+    )
     ap.add_argument("--loss-check", action="store_true", help="also fp32 against bf16 on the reference model")
     ap.add_argument("--update", action="store_true", help="also the replicas' update alone, before and now")
     ap.add_argument("--loss-steps", type=int, default=600)
@@ -420,6 +434,7 @@ def main() -> None:
     sizes = ["smoke"] if args.smoke else args.sizes.split(",")
     steps = 16 if args.smoke else args.steps
     compile = not args.no_compile and not args.smoke
+    two_steps = args.two_process_steps or (steps if args.smoke else 2 * steps)
     result = {**stamp("gpu_throughput"), "steps": steps, "rows": []}
     if device.type != "cuda":
         result["note"] = "no GPU: a smoke run of the code paths on CPU, not a measurement"
@@ -441,7 +456,8 @@ def main() -> None:
         if args.two_process:
             result["two_process"] = {
                 "size": sizes[0],
-                **walled(two_process, SIZES[sizes[0]], steps, device, f"{tmp}/two"),
+                "steps": two_steps,
+                **walled(two_process, SIZES[sizes[0]], two_steps, device, f"{tmp}/two"),
             }
             save("two_process", result["two_process"])
         if args.loss_check:

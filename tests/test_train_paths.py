@@ -566,11 +566,73 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
         rounds = [dict(zip(fields, t)) for t in times]
         assert all(x["apply_step"] >= x["send_step"] and x["wait_s"] >= 0 for x in rounds)
     assert row["dp"]["round_times"] == []
+    # the waits over the tokens/s window alone: a share of it, none for DP
+    for run in (row["diloco"], row["streaming"], r["two_process"]):
+        assert 0 <= run["wait_fraction_steady"] < 1
+        assert run["device_wait_fraction_steady"] is None  # no GPU timing on a CPU
+    # 16 steps, H = 50: every round is the end's sync (the window's rounds: the test above)
+    assert all(x[1] == x[2] == 16 for x in row["streaming"]["round_times"])
+    assert row["diloco"]["steady_rounds"] == row["streaming"]["steady_rounds"] == 0
+    assert row["dp"]["wait_fraction_steady"] is None and row["dp"]["steady_rounds"] == 0
     two = r["two_process"]
     assert "error" not in two, two.get("error")
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
     assert two["rounds"] > 0 and two["timing"]["send_s"] > 0
     assert 0 <= two["wait_fraction"] <= two["wait_fraction_with_end"] < 1 and two["finish_s"] > 0
+
+
+def test_the_steady_wait_fraction_counts_the_rounds_after_warm_up(tmp_path):
+    """Replica 0's rounds applied after the first loss read past both the first quarter and every
+    fragment's first round, up to the last read, the end's sync's left out, over the wall time
+    between those reads; the GPU's wait only where every such round timed it; no window, no
+    figure."""
+    from helpers import load_benchmark
+
+    common = load_benchmark("common")
+    steps = [{"kind": "step", "step": s, "wall": 100.0 + s / 10} for s in range(1, 41)]  # 0.1 s a step
+
+    def round_(fragment, apply_step, wait_s, replica=0, final=False, device=None):
+        return {
+            "kind": "round",
+            "replica": replica,
+            "fragment": fragment,
+            "apply_step": apply_step,
+            "send_step": apply_step - 1,
+            "wait_s": wait_s,
+            "final": final,
+            "device_wait_s": device,
+        }
+
+    rounds = [
+        round_(0, 6, 5.0),  # fragment 0's first
+        round_(1, 12, 5.0),  # fragment 1's first: the window starts at the next read, step 15
+        round_(0, 14, 5.0),  # before the window
+        round_(0, 16, 0.02, device=0.01),
+        round_(1, 25, 0.04, device=0.03),
+        round_(1, 25, 9.0, replica=1),  # another replica's
+        round_(0, 40, 0.1, final=True),  # the end's sync
+    ]
+    events = tmp_path / "events.jsonl"
+
+    def steady(records, steps_run=40):
+        events.write_text("".join(json.dumps(e) + "\n" for e in records))
+        return common.steady_wait_fractions(str(tmp_path), {"steps_run": steps_run, "wait_fraction": 0.5}, 5)
+
+    got = steady(steps + rounds)
+    assert got["steady_from"] == 15 and got["steady_rounds"] == 2
+    assert got["wait_fraction_steady"] == pytest.approx(0.06 / 2.5)  # steps 15 to 40: 2.5 s
+    assert got["device_wait_fraction_steady"] == pytest.approx(0.04 / 2.5)
+    rounds[4]["device_wait_s"] = None  # one round untimed: no GPU figure
+    got = steady(steps + rounds)
+    assert got["device_wait_fraction_steady"] is None and got["wait_fraction_steady"] == pytest.approx(0.024)
+    # a fragment's first round at the last read: no steady window at all
+    got = steady(steps + rounds + [round_(2, 40, 0.5)])
+    assert got == {
+        "wait_fraction_steady": None,
+        "device_wait_fraction_steady": None,
+        "steady_from": None,
+        "steady_rounds": 0,
+    }
 
 
 def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
