@@ -14,6 +14,7 @@ collective some replica has not joined raises instead of deadlocking.
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -372,4 +373,5 @@ class LocalGroup(ReplicaGroup):
                 sum(p.numel() for j, p in enumerate(own) if j != r) + (size - 1) * mean_payloads[r].numel()
             )
             w.stats.decode_s = reduce_s[r] + gather_s
-            w._complete(result, torch.cat(sent_parts[r]))
+            # joined only if asked (error feedback): M full-length copies a round otherwise
+            w._complete(result, functools.partial(torch.cat, sent_parts[r]))
