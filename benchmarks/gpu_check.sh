@@ -23,7 +23,8 @@
 #   4. kernels.json    benchmarks/kernels.py: the host's time per launch and per layer, the e3m0
 #                      codec's kernels against its torch ops (seconds), GEMMs, quantize
 #                      bandwidth, Linear fwd+bwd, training
-#                      eager (each run's wall and kernel time over 2 profiled steps), then bf16,
+#                      eager (each run's wall and kernel time over 2 profiled steps, and the
+#                      tiles the quantize autotuners took at the model's shapes), then bf16,
 #                      fp8_delayed+inductor, fp8_rowwise+inductor and fp8_tensorwise+inductor
 #                      under torch.compile (+inductor: the quantize in torch ops the compiler
 #                      fuses into the kernels making x and dy, LOWCOMM_COMPILED_QUANTIZE).

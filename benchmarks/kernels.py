@@ -519,6 +519,7 @@ def training(
     from common import inductor_kernels, profile_top, profile_window, steady_tokens_per_second
 
     import lowcomm.kernels.linear as linear
+    from lowcomm.kernels.triton_quantize import tuned_configs
     from lowcomm.runtime import TrainConfig, read_jsonl, train
 
     out = {"steps": steps, **TRAIN_SIZES[size], "dtype": "bf16", "replicas": 1, "compile": compile}
@@ -538,6 +539,7 @@ def training(
             if compile:  # each run compiles afresh: the runs before it count toward no recompile limit
                 torch._dynamo.reset()
             t0 = time.perf_counter()
+            tuned_before = tuned_configs()
             kept, linear.COMPILED_QUANTIZE = linear.COMPILED_QUANTIZE, quantize or linear.COMPILED_QUANTIZE
             try:
                 res = train(cfg, progress=False)
@@ -551,6 +553,8 @@ def training(
                 "tokens_per_second": steady_tokens_per_second(cfg.run.run_dir, res, log_every),
                 "final_eval_loss": res["final_eval_loss"],
                 "wall_s": time.perf_counter() - t0,
+                # the tiles the quantize autotuners took at this model's shapes (new in this run)
+                "autotuned": _new_choices(tuned_before, tuned_configs()),
             }
             events = [e for e in read_jsonl(f"{tmp}/{name}/events.jsonl") if e["kind"] == "profile"]
             for event in events[:1]:  # none when the run ended before the window
@@ -572,6 +576,13 @@ def training(
             row["tokens_per_second_x_bf16"] = row["tokens_per_second"] / base["tokens_per_second"]
             row["loss_ratio_vs_bf16"] = row["final_eval_loss"] / base["final_eval_loss"]
     return out
+
+
+def _new_choices(before: dict, after: dict) -> dict:
+    """The autotuners' choices in ``after`` (:func:`~lowcomm.kernels.triton_quantize.tuned_configs`)
+    that ``before`` lacks, by kernel; kernels with none left out."""
+    new = {k: [c for c in v if c not in before.get(k, [])] for k, v in after.items()}
+    return {k: v for k, v in new.items() if v}
 
 
 def _split_recipe(name: str) -> tuple[str, str | None, str]:

@@ -390,6 +390,11 @@ def test_the_mx_quantize_autotuner_times_every_candidate_once_per_shape_and_keep
         rq, rs, cq, cs = (t.cpu() for t in tq.mx_quantize_dual(y.to(dev)))
         assert len(timed) == shape_runs * len(tq.QUANTIZE_CUDA_CONFIGS)
         assert tq.last_tuned_config() == tq.QUANTIZE_CUDA_CONFIGS[-1]
+        # every choice so far, by its shape (the key's leading sizes) and dtype (the key's end)
+        choices = tq.tuned_configs()["mx_quantize_dual"]
+        assert len(choices) == shape_runs
+        assert all(c == tq.QUANTIZE_CUDA_CONFIGS[-1] and "torch.float32" in key for key, c in choices)
+        assert [64, 96] == choices[0][0][:2] and (shape_runs == 1 or choices[1][0][:2] == [32, 64])
         d_r, s_r = quantize_mx(y, axis=-1)
         d_c, s_c = quantize_mx(y, axis=0)
         assert torch.equal(rq.view(torch.uint8), d_r.view(torch.uint8)) and torch.equal(rs, s_r)
@@ -2860,6 +2865,15 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     for name in bench.TRAIN_PRECISIONS:
         row = train[name]
         assert row["tokens_per_second_x_bf16"] > 0 and math.isfinite(row["loss_ratio_vs_bf16"]), row
+    if dev == "cpu":  # no autotuner runs off CUDA: no choice recorded
+        assert all(train[n]["autotuned"] == {} for n in ("bf16", *bench.TRAIN_PRECISIONS))
+    # a run records the choices it added, by kernel, and no kernel without one
+    before = {"fp8_cast": [[[64, 96, "torch.bfloat16"], {"BLOCK_R": 64}]]}
+    after = {**before, "fp8_amax": [[[64, 96, "torch.bfloat16"], {"BLOCK_R": 32}]]}
+    after["fp8_cast"] = before["fp8_cast"] + [[[128, 96, "torch.bfloat16"], {"BLOCK_R": 32}]]
+    want = {"fp8_amax": after["fp8_amax"], "fp8_cast": after["fp8_cast"][1:]}
+    assert bench._new_choices(before, after) == want
+    assert bench._new_choices(after, after) == {}
     for name in ("bf16", *bench.TRAIN_PRECISIONS):  # step 2 of 4 profiled: wall against busy time
         prof = train[name]["profile"]
         assert prof["wall_ms_per_step"] > 0 and prof["busy_ms_per_step"] > 0, name

@@ -1208,6 +1208,18 @@ def _quick_bench(kernel_call, quantiles=None):
 _AUTOTUNE_BENCH = _quick_bench
 
 
+def tuned_configs() -> dict[str, list]:
+    """Every choice the autotuners have made in this process, for benchmarks: by kernel name, one
+    ``[key, config]`` a tuned shape (the key: the arguments the choice depends on, then the
+    tensors' dtypes; the config: tiles and warps), in the order they were tuned. What a training
+    run's layers took at the model's shapes."""
+    out = {}
+    for name, tuner in sorted(_TUNED.items()):
+        cache = getattr(tuner, "cache", None) or {}
+        out[name] = [[list(key), {**c.kwargs, "num_warps": c.num_warps}] for key, c in cache.items()]
+    return out
+
+
 def last_tuned_config(name: str = "mx_quantize_dual") -> dict | None:
     """What the autotuner picked for ``name``'s last launch (tiles and warps; None before any), for
     benchmarks."""
