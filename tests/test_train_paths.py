@@ -841,13 +841,15 @@ def test_the_clip_norms_each_dtype_of_gradient_in_one_multi_tensor_operation(mon
         torch.testing.assert_close(coef[m], (1.0 / (total + 1e-6)).clamp(max=1.0), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("replicas", [1, 3])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_copy(compiled):
+def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_copy(compiled, replicas):
     """Each stacked matrix's gradient is made as dyᵀ·x in the weight's own layout (nn.Linear's
     way), not as the transposed (xᵀ·dy)ᵀ that autograd's bmm of ``w.transpose(1, 2)`` gives and
     the gradient's accumulation then copies into the weight's layout (a strided copy of every
     matrix's gradient each step on a GPU); the gradients are autograd's, eager and compiled,
-    in fp32 and under bf16 autocast."""
+    in fp32 and under bf16 autocast. One set of weights (DP) runs nn.Linear's GEMM with the bias
+    in it (``addmm``), and no separate addition over the output."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lowcomm.lm.batched import _linear
@@ -864,21 +866,38 @@ def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_co
             return out
 
     torch.manual_seed(0)
-    x = torch.randn(3, 10, 8, requires_grad=True)
-    w = torch.randn(3, 12, 8, requires_grad=True)  # (M, out, in)
-    b = torch.randn(3, 12, requires_grad=True)
+    x = torch.randn(replicas, 10, 8, requires_grad=True)
+    w = torch.randn(replicas, 12, 8, requires_grad=True)  # (M, out, in)
+    b = torch.randn(replicas, 12, requires_grad=True)
 
     def ours(x, w, b):
         return _linear(x, w, b).square().sum()
 
     def autograds(x, w, b):
+        if replicas == 1:  # nn.Linear's own arithmetic: under autocast the bias joins the GEMM's sums
+            return torch.nn.functional.linear(x[0], w[0], b[0]).square().sum()
         y = torch.bmm(x, w.transpose(1, 2))
         return (y + b.unsqueeze(1).to(y.dtype)).square().sum()
 
     fn = torch.compile(ours, backend="aot_eager") if compiled else ours
+
+    class Ops(TorchDispatchMode):  # the forward's operators
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func).split(".")[1])
+            return func(*args, **(kwargs or {}))
+
     for low in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
-            ref_loss, loss = autograds(x, w, b), fn(x, w, b)
+            ref_loss = autograds(x, w, b)
+            with Ops() as ops:
+                loss = fn(x, w, b)
+        if not compiled:  # one set of weights: one addmm, no addition over the output
+            want_ops = {"addmm": 1, "add": 0} if replicas == 1 else {"addmm": 0, "add": 1}
+            assert {k: ops.names.count(k) for k in want_ops} == want_ops, ops.names
         want = torch.autograd.grad(ref_loss, (x, w, b))
         with Writes() as writes:
             loss.backward()

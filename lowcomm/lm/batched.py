@@ -75,7 +75,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     under autocast, as nn.Linear's). The bias is added after the product, not given to
     ``baddbmm``: baddbmm copies the bias, broadcast to the whole output, into the output before
     the GEMM adds to it (a write and a read of the output more per layer), where torch.compile
-    fuses a separate add into the kernel that next reads the output (GELU, the residual)."""
+    fuses a separate add into the kernel that next reads the output (GELU, the residual). Where
+    no kernel reads the output first (the qkv projection's, which attention reads) that add is a
+    pass of its own. One set of weights (M = 1: DP) therefore runs nn.Linear's own GEMM on 2-D
+    views, its bias added in cuBLAS's epilogue and its weight's gradient made in the weight's
+    layout, as the plain loop's layers do."""
+    if x.shape[0] == 1:
+        N, out = x.shape[1], w.shape[1]
+        x2, w2, b2 = x.reshape(N, -1), w.view(w.shape[1:]), None if b is None else b.view(out)
+        dt = autocast_dtype(x.device.type)
+        if dt is not None:  # autocast's casts, made here as the batched product makes its own
+            x2, w2, b2 = x2.to(dt), w2.to(dt), None if b2 is None else b2.to(dt)
+        return F.linear(x2, w2, b2).view(1, N, out)
     y = _BatchedMatmul.apply(x, w)
     return y if b is None else y + b.unsqueeze(1).to(y.dtype)
 
