@@ -20,6 +20,11 @@ is compiled to machine code, run or timed: this tells where Inductor puts each p
 the question a profile's kernel names, cut short, cannot answer. A kernel's speed needs the GPU
 (``benchmarks/kernels.py``'s compiled training rows keep their slowest kernels' code).
 
+Attention is traced as the H200 ran it (``--attention cudnn``, the default): cuDNN's fused
+kernel, an extern call to Inductor like a GEMM, its output laid out as its query. ``--attention
+math`` traces SDPA's decomposition instead (its softmax, and copies of q, k and v, in generated
+kernels), as the pretend GPU made the tool do before 2026-12-05.
+
 The pretend GPU replaces, for the run and restored after, what torch asks the CUDA driver (the
 device count, capability and properties, the RNG state, the current device; Dynamo is told there
 is no accelerator, so it asks for no current stream), Inductor's passes that run small CUDA
@@ -159,7 +164,9 @@ def _forget_devices() -> None:
         getattr(device_interface, cache, {}).pop("cuda", None)
 
 
-def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphModule]:
+def block_graphs(
+    recipe: str, quantize: str, size: dict, attention: str = "cudnn"
+) -> list[torch.fx.GraphModule]:
     """The forward and backward graphs torch.compile (Dynamo, AOT autograd) makes of one block's
     step (meta tensors), with Inductor's decompositions and partitioner, as the trainer's compiled
     step under bf16 autocast would trace it:
@@ -202,6 +209,7 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
         (linear, "COMPILED_QUANTIZE", quantize),
         (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
         (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
+        *_attention(attention),
     ]
     with replacing(stand_ins):
         params = [p.detach().requires_grad_() for p in block.parameters()]
@@ -213,7 +221,7 @@ def block_graphs(recipe: str, quantize: str, size: dict) -> list[torch.fx.GraphM
     return graphs
 
 
-def batched_block_graphs(size: dict, replicas: int) -> list[torch.fx.GraphModule]:
+def batched_block_graphs(size: dict, replicas: int, attention: str = "cudnn") -> list[torch.fx.GraphModule]:
     """:func:`block_graphs` for the trainer's batched replicas (:mod:`lowcomm.lm.batched`): one
     block of ``replicas`` stacked replicas (the size's sequences shared among them; 1: DP's one
     set of weights reading every replica's batch), its matrices multiplied through their bf16
@@ -244,6 +252,7 @@ def batched_block_graphs(size: dict, replicas: int) -> list[torch.fx.GraphModule
     stand_ins = [
         (batched, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's casts
         (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
+        *_attention(attention),
     ]
     with replacing(stand_ins):
         x = torch.empty(replicas, B // replicas * T, C, device="meta", requires_grad=True)
@@ -278,6 +287,31 @@ def _autocast_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight and the bias in bf16, a bf16 output."""
     bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
     return nn.functional.linear(x.to(torch.bfloat16), layer.weight.to(torch.bfloat16), bias)
+
+
+#: how the blocks' attention is traced (``--attention``): "cudnn", the fused kernel SDPA ran on
+#: the H200 (cuDNN's, an extern kernel to Inductor like a GEMM, its output laid out as its query,
+#: as torch's own kernel lays it out); "math", SDPA's decomposition on the pretend GPU (its
+#: softmax, and copies of q, k and v, in generated kernels)
+ATTENTIONS = ("cudnn", "math")
+
+
+def _cudnn_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """``F.scaled_dot_product_attention`` as an H100/H200 runs the reference model's (causal, no
+    mask, no dropout): cuDNN's fused attention, the operator itself."""
+    if attn_mask is not None or dropout_p or kw:
+        raise ValueError("the cudnn stand-in takes causal attention without a mask or dropout")
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, is_causal, False, scale=scale
+    )
+    return out[0]
+
+
+def _attention(attention: str) -> list:
+    """The stand-ins that make the blocks' attention ``attention``'s (:data:`ATTENTIONS`)."""
+    if attention == "math":
+        return []
+    return [(nn.functional, "scaled_dot_product_attention", _cudnn_attention)]
 
 
 def lower(gm: torch.fx.GraphModule) -> dict:
@@ -473,6 +507,13 @@ def main(argv=None) -> dict:
         help="count the bytes each kernel moves (Inductor's benchmark_kernel, which may fuse a few "
         "kernels otherwise: the counts of kernels are those of a run without it)",
     )
+    p.add_argument(
+        "--attention",
+        default="cudnn",
+        choices=ATTENTIONS,
+        help="cudnn: the fused kernel SDPA ran on the H200 (extern, not counted); math: SDPA's "
+        "decomposition (its softmax and copies in generated kernels; the tool's figures before 2026-12-05)",
+    )
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     from lowcomm.kernels.linear import LAYER_RECIPES
@@ -488,9 +529,9 @@ def main(argv=None) -> dict:
         )
     with pretend_gpu(count_bytes=args.bytes):
         if args.replicas:
-            graphs = batched_block_graphs(size, args.replicas)
+            graphs = batched_block_graphs(size, args.replicas, args.attention)
         else:
-            graphs = block_graphs(args.recipe, args.quantize, size)
+            graphs = block_graphs(args.recipe, args.quantize, size, args.attention)
         lowered = {which: lower(gm) for which, gm in zip(("forward", "backward"), graphs)}
     out = {
         **stamp("inductor_codegen"),
@@ -499,6 +540,7 @@ def main(argv=None) -> dict:
         "quantize": args.quantize,
         "size": size,
         "model": f"batched, {args.replicas} replicas" if args.replicas else "plain",
+        "attention": args.attention,
         "bytes_counted": args.bytes,
         **lowered,
     }

@@ -3037,15 +3037,15 @@ def _delayed_inductor_code(codegen) -> None:
 def test_inductor_code_for_the_trainers_batched_replicas_on_a_pretend_gpu():
     """benchmarks/inductor_codegen.py --replicas M: one block of the trainer's batched model (M
     stacked replicas, their matrices through bf16 copies) lowered for the pretend sm_90, bytes
-    counted. Each bias's gradient is a sum down its replica's tokens: a column reduction, read
-    and written (where it also makes the gradient) along the same index, which the
-    transposed-store check does not take for a transpose (a row reduction writing across its
-    loop still is one). A recipe other than bf16, or a count that does not split the sequences,
-    is refused."""
+    counted, its attention cuDNN's fused kernel. Each bias's gradient is a sum down its
+    replica's tokens: a column reduction, read and written (where it also makes the gradient)
+    along the same index, which the transposed-store check does not take for a transpose (a row
+    reduction writing across its loop still is one). A recipe other than bf16, or a count that
+    does not split the sequences, is refused."""
     needs_triton()
     codegen = load_benchmark("inductor_codegen")
     found = codegen.main(["--size", "smoke", "--recipe", "bf16", "--bytes", "--replicas", "2"])
-    assert found["model"] == "batched, 2 replicas"
+    assert found["model"] == "batched, 2 replicas" and found["attention"] == "cudnn"
     for g in ("forward", "backward"):
         assert found[g]["kernels"] and found[g]["gb"] > 0
         assert found[g]["transposed_stores"] == {"reduction": 0, "tiled": 0, "pointwise": 0}, g
