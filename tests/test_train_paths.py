@@ -841,15 +841,18 @@ def test_the_clip_norms_each_dtype_of_gradient_in_one_multi_tensor_operation(mon
         torch.testing.assert_close(coef[m], (1.0 / (total + 1e-6)).clamp(max=1.0), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("replicas", [1, 3])
+@pytest.mark.parametrize("replicas,extern", [(1, False), (3, False), (3, True)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_copy(compiled, replicas):
+def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_copy(
+    compiled, replicas, extern
+):
     """Each stacked matrix's gradient is made as dyᵀ·x in the weight's own layout (nn.Linear's
     way), not as the transposed (xᵀ·dy)ᵀ that autograd's bmm of ``w.transpose(1, 2)`` gives and
     the gradient's accumulation then copies into the weight's layout (a strided copy of every
     matrix's gradient each step on a GPU); the gradients are autograd's, eager and compiled,
     in fp32 and under bf16 autocast. One set of weights (DP) runs nn.Linear's GEMM with the bias
-    in it (``addmm``), and no separate addition over the output."""
+    in it (``addmm``), and no separate addition over the output; so do stacked ones whose output
+    an extern kernel reads (``baddbmm``: the qkv projection's, read by attention)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from lowcomm.lm.batched import _linear
@@ -871,11 +874,13 @@ def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_co
     b = torch.randn(replicas, 12, requires_grad=True)
 
     def ours(x, w, b):
-        return _linear(x, w, b).square().sum()
+        return _linear(x, w, b, read_by_extern=extern).square().sum()
 
-    def autograds(x, w, b):
-        if replicas == 1:  # nn.Linear's own arithmetic: under autocast the bias joins the GEMM's sums
+    def autograds(x, w, b):  # under autocast a bias in the GEMM joins its sums before the rounding
+        if replicas == 1:  # nn.Linear's own arithmetic
             return torch.nn.functional.linear(x[0], w[0], b[0]).square().sum()
+        if extern:
+            return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)).square().sum()
         y = torch.bmm(x, w.transpose(1, 2))
         return (y + b.unsqueeze(1).to(y.dtype)).square().sum()
 
@@ -895,8 +900,9 @@ def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_co
             ref_loss = autograds(x, w, b)
             with Ops() as ops:
                 loss = fn(x, w, b)
-        if not compiled:  # one set of weights: one addmm, no addition over the output
-            want_ops = {"addmm": 1, "add": 0} if replicas == 1 else {"addmm": 0, "add": 1}
+        if not compiled:  # the bias in the GEMM (addmm, baddbmm) or added after it
+            gemm = "addmm" if replicas == 1 else "baddbmm" if extern else "bmm"
+            want_ops = {"addmm": 0, "baddbmm": 0, "bmm": 0, gemm: 1, "add": int(gemm == "bmm")}
             assert {k: ops.names.count(k) for k in want_ops} == want_ops, ops.names
         want = torch.autograd.grad(ref_loss, (x, w, b))
         with Writes() as writes:

@@ -45,21 +45,26 @@ def linear_weights(cfg: GPTConfig) -> list[str]:
 
 
 class _BatchedMatmul(torch.autograd.Function):
-    """x (M, N, in) · wᵀ for w (M, out, in), autograd's arithmetic with w's gradient made in w's
-    own layout: dw = dyᵀ·x (M, out, in), as ``nn.Linear``'s backward makes it. Autograd's ``bmm``
-    of ``w.transpose(1, 2)`` makes it as (x ᵀ·dy)ᵀ, a transposed view, which the gradient's
-    accumulation then copies into w's layout: a strided copy of every matrix's gradient each step
-    (49 a step for the reference GPT, 8% of a step's device time at d=1024 on an H200, measured).
-    Under autocast both operands are cast to its dtype first, as autocast's ``bmm`` casts them,
-    and kept so for the backward."""
+    """x (M, N, in) · wᵀ for w (M, out, in), plus b (M, out) if given, autograd's arithmetic with
+    w's gradient made in w's own layout: dw = dyᵀ·x (M, out, in), as ``nn.Linear``'s backward
+    makes it. Autograd's ``bmm`` of ``w.transpose(1, 2)`` makes it as (x ᵀ·dy)ᵀ, a transposed
+    view, which the gradient's accumulation then copies into w's layout: a strided copy of every
+    matrix's gradient each step (49 a step for the reference GPT, 8% of a step's device time at
+    d=1024 on an H200, measured). Under autocast both operands are cast to its dtype first, as
+    autocast's ``bmm`` casts them, and kept so for the backward. A bias goes into the GEMM
+    (``baddbmm``: the output starts as the bias, in the product's dtype, and the GEMM adds the
+    product to it before its one rounding); its gradient is dy summed over tokens in fp32."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         dt = autocast_dtype(x.device.type)
         if dt is not None:
             x, w = x.to(dt), w.to(dt)
         ctx.save_for_backward(x, w)
-        return torch.bmm(x, w.transpose(1, 2))
+        ctx.bias_dtype = None if b is None else b.dtype
+        if b is None:
+            return torch.bmm(x, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1).to(x.dtype), x, w.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -67,17 +72,26 @@ class _BatchedMatmul(torch.autograd.Function):
         dy = dy.to(x.dtype)
         dx = torch.bmm(dy, w) if ctx.needs_input_grad[0] else None
         dw = torch.bmm(dy.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        db = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy.sum(1, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, dw, db
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, read_by_extern: bool = False
+) -> torch.Tensor:
     """x (M, N, in) · wᵀ (M, out, in) + b (M, out) -> (M, N, out), in the product's dtype (bf16
-    under autocast, as nn.Linear's). The bias is added after the product, not given to
-    ``baddbmm``: baddbmm copies the bias, broadcast to the whole output, into the output before
-    the GEMM adds to it (a write and a read of the output more per layer), where torch.compile
-    fuses a separate add into the kernel that next reads the output (GELU, the residual). Where
-    no kernel reads the output first (the qkv projection's, which attention reads) that add is a
-    pass of its own. One set of weights (M = 1: DP) therefore runs nn.Linear's own GEMM on 2-D
+    under autocast, as nn.Linear's).
+
+    Where a kernel torch.compile generates reads the output next (GELU, the residual), the bias
+    is added after the product: the compiler fuses that add into the kernel, free. ``baddbmm``
+    would cost more there: it first copies the bias, broadcast to the whole output, into the
+    output, and the GEMM then reads it back. ``read_by_extern`` says no generated kernel reads
+    the output first: the qkv projection's, which the fused attention (cuDNN's, an extern kernel)
+    reads. There the add would be a pass of its own, and Inductor would copy q, k and v out of
+    its result into the layout attention takes. So the bias goes into the GEMM, whose output the
+    attention reads as views. One set of weights (M = 1: DP) runs nn.Linear's own GEMM on 2-D
     views, its bias added in cuBLAS's epilogue and its weight's gradient made in the weight's
     layout, as the plain loop's layers do."""
     if x.shape[0] == 1:
@@ -87,7 +101,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
         if dt is not None:  # autocast's casts, made here as the batched product makes its own
             x2, w2, b2 = x2.to(dt), w2.to(dt), None if b2 is None else b2.to(dt)
         return F.linear(x2, w2, b2).view(1, N, out)
-    y = _BatchedMatmul.apply(x, w)
+    if read_by_extern:
+        return _BatchedMatmul.apply(x, w, b)
+    y = _BatchedMatmul.apply(x, w, None)
     return y if b is None else y + b.unsqueeze(1).to(y.dtype)
 
 
@@ -111,7 +127,9 @@ def batched_block(
     T, nh = seq_len, n_head
     B = N // T
     h = _layer_norm(x, params[p + "ln1.weight"], params[p + "ln1.bias"])
-    qkv = _linear(h, w[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])  # (M, B·T, 3C)
+    qkv = _linear(
+        h, w[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"], read_by_extern=True
+    )  # (M, B·T, 3C)
     # (M, B·T, 3C) -> 3 x (M·B, nh, T, hs): replicas and batch folded, as one batch
     q, k, v = (t.reshape(M * B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (M·B, nh, T, hs)
