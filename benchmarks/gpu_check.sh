@@ -34,8 +34,9 @@
 #                      2026-12-05 delayed's and rowwise's transposed copies come from
 #                      fp8_transpose (a Triton kernel Inductor launches as it is) and no
 #                      generated kernel writes one; delayed's casts and maxima sit in the kernels
-#                      making each tensor (benchmarks/inductor_codegen.py, no GPU needed: 3.43 GB
-#                      a block where it was 4.09, bf16 3.04); neither has run compiled on a GPU.
+#                      making each tensor (benchmarks/inductor_codegen.py, no GPU needed, with
+#                      cuDNN's attention: 2.79 GB a block, bf16 2.44); neither has run compiled
+#                      on a GPU.
 #                      fp8_tensorwise+inductor (never measured) writes both copies from pointwise
 #                      kernels tiled for the transpose. The Triton quantize compiled is left
 #                      out: eager, its kernels took 13-17 ms of a step's device time on the
