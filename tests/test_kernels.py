@@ -3049,6 +3049,12 @@ def test_inductor_code_for_the_trainers_batched_replicas_on_a_pretend_gpu():
     # the fused attention (extern, as on an H200) reads q, k and v as views of the qkv GEMM's
     # output, its bias in it: no generated kernel adds that bias or copies them out
     assert not any("split" in k["aten"] for k in found["forward"]["kernels"]), found["forward"]["kernels"]
+    # SDPA's decomposition instead (--attention math): its softmax and its copies of q, k and v
+    # in generated kernels
+    math = codegen.main(["--size", "smoke", "--recipe", "bf16", "--replicas", "2", "--attention", "math"])
+    names = [k["name"] for k in math["forward"]["kernels"]]
+    assert math["attention"] == "math" and any("softmax" in n for n in names), names
+    assert sum("split" in k["aten"] for k in math["forward"]["kernels"]) == 3, names
     for g in ("forward", "backward"):
         assert found[g]["kernels"] and found[g]["gb"] > 0
         assert found[g]["transposed_stores"] == {"reduction": 0, "tiled": 0, "pointwise": 0}, g
