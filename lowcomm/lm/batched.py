@@ -44,6 +44,14 @@ def linear_weights(cfg: GPTConfig) -> list[str]:
     return names + ["wte.weight" if cfg.tie_weights else "head.weight"]
 
 
+def _autocast_operands(*tensors: torch.Tensor | None) -> tuple:
+    """A product's operands (None passed through) as autocast's matrix multiplies take them:
+    cast to its dtype where it is on. Made here, so a trace of this model with autocast stood in
+    for (benchmarks/inductor_codegen.py) sees the same casts."""
+    dt = autocast_dtype(tensors[0].device.type)
+    return tensors if dt is None else tuple(None if t is None else t.to(dt) for t in tensors)
+
+
 class _BatchedMatmul(torch.autograd.Function):
     """x (M, N, in) · wᵀ for w (M, out, in), plus b (M, out) if given, autograd's arithmetic with
     w's gradient made in w's own layout: dw = dyᵀ·x (M, out, in), as ``nn.Linear``'s backward
@@ -57,9 +65,7 @@ class _BatchedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        dt = autocast_dtype(x.device.type)
-        if dt is not None:
-            x, w = x.to(dt), w.to(dt)
+        x, w = _autocast_operands(x, w)
         ctx.save_for_backward(x, w)
         ctx.bias_dtype = None if b is None else b.dtype
         if b is None:
@@ -96,11 +102,8 @@ def _linear(
     layout, as the plain loop's layers do."""
     if x.shape[0] == 1:
         N, out = x.shape[1], w.shape[1]
-        x2, w2, b2 = x.reshape(N, -1), w.view(w.shape[1:]), None if b is None else b.view(out)
-        dt = autocast_dtype(x.device.type)
-        if dt is not None:  # autocast's casts, made here as the batched product makes its own
-            x2, w2, b2 = x2.to(dt), w2.to(dt), None if b2 is None else b2.to(dt)
-        return F.linear(x2, w2, b2).view(1, N, out)
+        b2 = None if b is None else b.view(out)
+        return F.linear(*_autocast_operands(x.reshape(N, -1), w.view(w.shape[1:]), b2)).view(1, N, out)
     if read_by_extern:
         return _BatchedMatmul.apply(x, w, b)
     y = _BatchedMatmul.apply(x, w, None)
