@@ -100,14 +100,11 @@ def steady_wait_fractions(run_dir: str, summary: dict, log_every: int) -> dict:
     left out; ``steady_from`` its first step, ``steady_rounds`` its rounds (both null or 0 where
     the run has no such window). A fragment's first round pays for first use (buffers,
     connections, kernels): a run of 80 steps with H = 50 and P = 4 holds nothing else."""
-    from lowcomm.runtime import read_jsonl
-
     none = {"wait_fraction_steady": None, "device_wait_fraction_steady": None, "steady_from": None}
     if summary["wait_fraction"] is None:  # DP: its mean is part of every step, no rounds
         return {**none, "steady_rounds": 0}
     steps = summary["steps_run"]
-    events = read_jsonl(Path(run_dir) / "events.jsonl")
-    rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0 and not e["final"]]
+    rounds = [r for r in _rounds_of_replica_0(run_dir) if not r["final"]]
     firsts: dict = {}
     for r in rounds:
         firsts.setdefault(r["fragment"], r["apply_step"])
@@ -157,14 +154,18 @@ def round_times(run_dir: str) -> list[list]:
     :data:`ROUND_FIELDS` (seconds rounded to 0.1 ms; ``device_wait_s``, the GPU's, null where not
     timed), in the order the rounds were applied. Where
     a run's waits come from: one slow round (the first of a fragment, the end's) or every one."""
+    return [
+        [round(r[f], 4) if f.endswith("_s") and r[f] is not None else r[f] for f in ROUND_FIELDS]
+        for r in _rounds_of_replica_0(run_dir)
+    ]
+
+
+def _rounds_of_replica_0(run_dir: str) -> list[dict]:
+    """The round records of replica 0 of a ``lowcomm train`` run, in the order they were applied."""
     from lowcomm.runtime import read_jsonl
 
     events = read_jsonl(Path(run_dir) / "events.jsonl")
-    rounds = [e for e in events if e["kind"] == "round" and e["replica"] == 0]
-    return [
-        [round(r[f], 4) if f.endswith("_s") and r[f] is not None else r[f] for f in ROUND_FIELDS]
-        for r in rounds
-    ]
+    return [e for e in events if e["kind"] == "round" and e["replica"] == 0]
 
 
 def _read_points(run_dir: str, steps: int, log_every: int) -> list[tuple[int, float]]:
