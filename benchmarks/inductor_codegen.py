@@ -193,7 +193,6 @@ def block_graphs(
     # buffers (fp8_delayed's maxima and history) are inputs of the graphs too, as a compiled
     # module's are: not constants captured from the meta module
     buffer_names = [n for n, _ in block.named_buffers()]
-    graphs: list = []
 
     def step(x, *tensors):
         return torch.func.functional_call(block, dict(zip(names + buffer_names, tensors)), (x,))
@@ -208,17 +207,10 @@ def block_graphs(
         (linear, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's output dtype
         (linear, "COMPILED_QUANTIZE", quantize),
         (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
-        (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
-        *_attention(attention),
     ]
-    with replacing(stand_ins):
-        params = [p.detach().requires_grad_() for p in block.parameters()]
-        buffers = list(block.buffers())
-        x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
-        run = torch.compile(step, backend=_capturing_backend(graphs), fullgraph=True)
-        y = run(x, *params, *buffers)
-        y.backward(torch.empty_like(y))
-    return graphs
+    params = [p.detach().requires_grad_() for p in block.parameters()]
+    x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
+    return _traced(step, [x, *params, *block.buffers()], stand_ins, attention)
 
 
 def batched_block_graphs(size: dict, replicas: int, attention: str = "cudnn") -> list[torch.fx.GraphModule]:
@@ -242,22 +234,27 @@ def batched_block_graphs(size: dict, replicas: int, attention: str = "cudnn") ->
         n: params[n].detach().bfloat16().requires_grad_() for n in batched.linear_weights(cfg) if n in params
     }
     names, copy_names = list(params), list(copies)
-    graphs: list = []
 
     def step(x, *tensors):
         ps = dict(zip(names, tensors[: len(names)]))
         ws = {**ps, **dict(zip(copy_names, tensors[len(names) :]))}
         return batched.batched_block(x, ps, ws, "blocks.0.", n_head=cfg.n_head, seq_len=T)
 
-    stand_ins = [
-        (batched, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's casts
-        (torch, "autocast", lambda *a, **k: contextlib.nullcontext()),  # (no autocast on meta)
-        *_attention(attention),
-    ]
-    with replacing(stand_ins):
-        x = torch.empty(replicas, B // replicas * T, C, device="meta", requires_grad=True)
+    stand_ins = [(batched, "autocast_dtype", lambda device_type: torch.bfloat16)]  # autocast's casts
+    x = torch.empty(replicas, B // replicas * T, C, device="meta", requires_grad=True)
+    return _traced(step, [x, *params.values(), *copies.values()], stand_ins, attention)
+
+
+def _traced(step, inputs: list, stand_ins: list, attention: str) -> list[torch.fx.GraphModule]:
+    """The forward and backward graphs of ``step(*inputs)`` and its backward, compiled whole
+    (:func:`_capturing_backend`) with ``stand_ins`` in place, autocast stood in for (the casts are
+    the stand-ins' to make: torch.autocast refuses meta tensors) and the attention
+    ``attention``'s (:func:`_attention`)."""
+    graphs: list = []
+    no_autocast = (torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    with replacing([*stand_ins, no_autocast, *_attention(attention)]):
         run = torch.compile(step, backend=_capturing_backend(graphs), fullgraph=True)
-        y = run(x, *params.values(), *copies.values())
+        y = run(*inputs)
         y.backward(torch.empty_like(y))
     return graphs
 
