@@ -7,9 +7,31 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+class Dispatched(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ATen operators dispatched while it is active, in order: ``calls`` holds (name, the
+    output's shape; None for an output not a tensor), the name without namespace or overload
+    (``cat`` for ``aten.cat.default``). It keeps no output: a reference held here would change
+    what autograd does (a gradient it could take as it is, it would copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        self.calls.append((str(func).split(".")[1], shape))
+        return out
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
 
 # the reference GPT at its smallest, one torch thread: for CLI runs in tests
 TINY_FLAGS = [

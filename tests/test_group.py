@@ -76,22 +76,14 @@ def test_single_replica_sends_nothing_and_returns_its_buffer():
 def test_sent_is_the_decoded_own_contribution():
     """Each replica's decoded contribution, joined only where asked for (error feedback): a round
     of M replicas in one process joins one full-length tensor, the mean, not M more."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Cats(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            Cats.n += func is torch.ops.aten.cat.default and out.numel() == 300  # a whole buffer's
-            return out
+    from helpers import Dispatched
 
     torch.manual_seed(3)
     codec = get_codec("int4", block=32)
     bufs = [torch.randn(300) for _ in range(3)]
-    with Cats():
+    with Dispatched() as ops:
         _, works = _reduce(bufs, codec)
-    assert Cats.n == 1  # the mean's shards
+    assert ops.calls.count(("cat", (300,))) == 1  # a whole buffer's length: the mean's shards
     for b, w in zip(bufs, works):
         assert torch.equal(w.sent, torch.cat([codec.roundtrip(b[a:c]) for a, c in shard_bounds(300, 3, 32)]))
 

@@ -853,20 +853,9 @@ def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_co
     in fp32 and under bf16 autocast. One set of weights (DP) runs nn.Linear's GEMM with the bias
     in it (``addmm``), and no separate addition over the output; so do stacked ones whose output
     an extern kernel reads (``baddbmm``: the qkv projection's, read by attention)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from helpers import Dispatched
 
     from lowcomm.lm.batched import _linear
-
-    class Writes(TorchDispatchMode):  # the tensors that copies and fresh allocations make
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if str(func).split(".")[1] in ("copy_", "clone", "new_empty_strided", "empty_strided"):
-                self.shapes.append(tuple(out.shape))
-            return out
 
     torch.manual_seed(0)
     x = torch.randn(replicas, 10, 8, requires_grad=True)
@@ -885,31 +874,25 @@ def test_the_batched_weights_get_their_gradient_in_their_own_layout_without_a_co
         return (y + b.unsqueeze(1).to(y.dtype)).square().sum()
 
     fn = torch.compile(ours, backend="aot_eager") if compiled else ours
-
-    class Ops(TorchDispatchMode):  # the forward's operators
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func).split(".")[1])
-            return func(*args, **(kwargs or {}))
-
     for low in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
             ref_loss = autograds(x, w, b)
-            with Ops() as ops:
+            with Dispatched() as forward:  # the forward's operators
                 loss = fn(x, w, b)
+        names = forward.names()
         if not compiled:  # the bias in the GEMM (addmm, baddbmm) or added after it
             gemm = "addmm" if replicas == 1 else "baddbmm" if extern else "bmm"
             want_ops = {"addmm": 0, "baddbmm": 0, "bmm": 0, gemm: 1, "add": int(gemm == "bmm")}
-            assert {k: ops.names.count(k) for k in want_ops} == want_ops, ops.names
+            assert {k: names.count(k) for k in want_ops} == want_ops, names
         want = torch.autograd.grad(ref_loss, (x, w, b))
-        with Writes() as writes:
+        with Dispatched() as backward:
             loss.backward()
+        # the tensors that copies and fresh allocations make
+        made = ("copy_", "clone", "new_empty_strided", "empty_strided")
+        writes = [shape for name, shape in backward.calls if name in made]
         assert w.grad.dtype == torch.float32 and w.grad.is_contiguous()
         if not low:  # under autocast the bf16 gradient's cast to fp32 is a copy of its own
-            assert w.shape not in writes.shapes, writes.shapes
+            assert w.shape not in writes, writes
         tol = 2**-7 if low else 1e-5  # bf16 products' last bits; fp32 sums in another order
         for got, ref in zip((x.grad, w.grad, b.grad), want):
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
