@@ -37,7 +37,7 @@ from torch import nn
 from .._compat import dtensor_type
 from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, mesh_position, shard_position
-from ..comm.group import device_wait_s
+from ..comm.group import ReduceStats, device_wait_s
 from ..comm.reduce import shard_bounds
 from .config import DiLoCoConfig
 from .fragments import assign_buffers, build_fragments, find_blocks, synced_buffers
@@ -228,7 +228,7 @@ class DiLoCo:
             )
             self._frags[-1].global_buffers = self._flatten(self._buffers(self._frags[-1]))
         self._inflight: dict[int, _InFlight] = {}
-        self._rounds: list[RoundStats] = []
+        self._rounds: list[tuple[RoundStats, ReduceStats]] = []  # each with its reduce's device events
         # inner steps taken since the last step(): the ordering check (see step())
         self._inner_steps = 0
         self._attached = None  # the optimizer hook of attach()
@@ -355,15 +355,15 @@ class DiLoCo:
 
     def drain_round_stats(self) -> list[RoundStats]:
         """Round statistics completed since the last call (their norms read back in one go)."""
-        out, self._rounds = self._rounds, []
+        drained, self._rounds = self._rounds, []
+        out = [r for r, _ in drained]
         if out:
             values = torch.stack([torch.stack([getattr(r, f) for r in out]) for f in _DEVICE_STATS]).tolist()
             for f, vals in zip(_DEVICE_STATS, values):
                 for r, v in zip(out, vals):
                     setattr(r, f, v)
-            for r in out:  # (the read above waited for the device: both events have run)
-                stats = r.__dict__.pop("_reduce_stats", None)
-                r.device_wait_s = device_wait_s(stats) if stats is not None else None
+            for r, stats in drained:  # (the read above waited for the device: both events have run)
+                r.device_wait_s = device_wait_s(stats)
                 log.debug("round of fragment %d at step %d: %s", r.fragment, r.apply_step, r.to_dict())
         return out
 
@@ -701,8 +701,7 @@ class DiLoCo:
             outer_s=outer_s,
             final=inf.final,
         )
-        rs._reduce_stats = s  # its device events, timed when the round is drained
-        self._rounds.append(rs)
+        self._rounds.append((rs, s))  # s: its device events, timed when the round is drained
 
     def _gather_shards(self, f: _Fragment) -> None:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""
