@@ -45,7 +45,8 @@
 #                      last, so a time-out there keeps the rest. $TRAIN_ARGS replaces that last
 #                      part's flags ("" leaves it out; "--train-compile --train-precisions
 #                      fp8_tensorwise" trains bf16 and that recipe compiled instead of eager)
-#   (+ throughput.log, kernels.log: their progress lines)
+#   (+ throughput.log, kernels.log: their progress lines; at the end, benchmarks/goals.py prints
+#   each goal of the two issues from the JSON, with its verdict)
 # $SECTIONS picks the sections (default "tests throughput kernels"; each left out gives its time to
 # the others): a session with two calls' worth of device time can give one call to the throughput
 # alone (SECTIONS=throughput: its cold compilations took all of its 164-197 s before) and another
@@ -161,3 +162,6 @@ def strip(o):
 print(json.dumps(strip(json.load(open(sys.argv[1])))))' "$OUT/kernels.json" 2>/dev/null || tail -20 "$OUT/kernels.log"
 fi
 cat "$OUT/env.txt"
+# each goal of the two issues as measured here, with its verdict (reads the JSON above: no GPU work,
+# no file written)
+python benchmarks/goals.py "$OUT" || true

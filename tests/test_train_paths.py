@@ -579,6 +579,93 @@ def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monke
     assert two["tokens_per_second"] > 0 and two["bytes_sent_per_replica"] > 0
     assert two["rounds"] > 0 and two["timing"]["send_s"] > 0
     assert 0 <= two["wait_fraction"] <= two["wait_fraction_with_end"] < 1 and two["finish_s"] > 0
+    # the goals read off it: a CPU smoke run's size is no goal's, so none is measured
+    goals = load_benchmark("goals").main(["--throughput", str(out)])["goals"]
+    assert goals and all(g["verdict"] == "not measured" for g in goals), goals
+
+
+H200 = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200-2026-12-04"
+
+
+def test_the_goals_are_read_off_a_gpu_checks_json_as_measured(tmp_path, capsys):
+    """The third H200 session's JSON: each figure the raw files' own ratio, each verdict the goal's
+    rule (every place the goal names measured and at its target), a run that failed named."""
+    goals = load_benchmark("goals")
+    out = goals.main([str(H200), "--json", str(tmp_path / "g.json")])
+    by = {g["goal"].split(" ")[0] + " " + g["target"]: g for g in out["goals"]}
+    t = json.loads((H200 / "throughput.json").read_text())
+    k = json.loads((H200 / "kernels.json").read_text())
+    large = next(r for r in t["rows"] if r["size"] == "large")
+    diloco = by["DiLoCo ≥ 0.9x"]
+    assert diloco["values"] == {"small": None, "large": large["diloco"]["x_plain"]}
+    assert diloco["verdict"] == "short"  # 0.76x
+    dp = by["DP ≥ 0.85x"]  # met at the large size, the small one's trainer runs never ran
+    assert dp["values"]["large"] >= 0.85 and dp["verdict"] == "not measured"
+    rows = {tuple(r["shape"]): r for r in k["speed"]["rows"]}
+    r = rows[(16384, 4096, 14336)]
+    rowwise = by["fp8 ≥ 1.3x bf16"]
+    best = max(r["fp8_rowwise_tflops"], r["fp8_rowwise_fast_accum_tflops"]) / r["bf16_tflops"]
+    assert rowwise["values"]["16384x4096x14336"] == best and rowwise["verdict"] == "short"
+    linear = [g for g in out["goals"] if g["goal"].startswith("one Linear")]
+    assert [g["verdict"] for g in linear] == ["met", "met"]  # 1.50x and 1.29x
+    assert linear[0]["values"] == {"16384x4096x14336": k["linear"]["fp8_rowwise_x_bf16"]}
+    training = out["goals"][-1]
+    assert training["verdict"] == "short" and "fp8_delayed (eager): RuntimeError" in training["note"]
+    assert (
+        max(training["values"].values())
+        == k["training_compiled"]["fp8_rowwise:all+inductor"]["tokens_per_second_x_bf16"]
+    )
+    # the two-process run predates the figure after first rounds: not measured, its whole run named
+    (steady,) = [g for g in out["goals"] if "two processes" in g["goal"]]
+    assert steady["verdict"] == "not measured" and "whole run 2.60%" in steady["note"]
+    table = capsys.readouterr().out
+    assert (
+        "| DiLoCo tokens/s vs the plain compiled bf16 loop | ≥ 0.9x | small: not measured, large: 0.757x |"
+        in table
+    )
+    assert json.loads((tmp_path / "g.json").read_text())["sources"]["kernels"]["machine"] == "NVIDIA H200"
+
+
+def test_the_goals_meet_where_every_place_is_at_its_target_and_refuse_what_is_not_a_checks_output(tmp_path):
+    goals = load_benchmark("goals")
+    run = lambda x, **kw: {"x_plain": x, "mfu": 0.36, "wait_fraction": 0.001, **kw}  # noqa: E731
+    rows = [
+        {"size": s, "diloco": run(0.93), "streaming": run(0.91), "dp": run(0.9)} for s in ("small", "large")
+    ]
+    two = {"size": "large", "wait_fraction": 0.02, "wait_fraction_steady": 0.004, "steady_rounds": 30}
+    gpu = {"machine": "NVIDIA H100 80GB HBM3", "date": "2026-12-06", "commit": "abc1234", "torch": "2.11"}
+    t = {"benchmark": "gpu_throughput", **gpu, "rows": rows, "two_process": two}
+    t["loss_check"] = {"bf16_over_fp32": 1.004}
+    (tmp_path / "throughput.json").write_text(json.dumps(t))
+    out = goals.main([str(tmp_path)])
+    assert [g["verdict"] for g in out["goals"][:7]] == ["met"] * 7
+    assert all(g["verdict"] == "not measured" for g in out["goals"][7:])  # no kernels.json
+    rows[0]["diloco"]["x_plain"] = 0.89  # one size short: short
+    (tmp_path / "throughput.json").write_text(json.dumps(t))
+    assert goals.main([str(tmp_path)])["goals"][0]["verdict"] == "short"
+    # the training goal: fast enough counts only with the loss within 1%
+    k = {"benchmark": "kernels", **gpu, "training_compiled": {"bf16": {}}}
+    k["training_compiled"]["fp8_delayed"] = {"tokens_per_second_x_bf16": 1.2, "loss_ratio_vs_bf16": 1.02}
+    (tmp_path / "kernels.json").write_text(json.dumps(k))
+    assert goals.main([str(tmp_path)])["goals"][-1]["verdict"] == "short"
+    k["training_compiled"]["fp8_rowwise"] = {"tokens_per_second_x_bf16": 1.16, "loss_ratio_vs_bf16": 0.995}
+    (tmp_path / "kernels.json").write_text(json.dumps(k))
+    training = goals.main([str(tmp_path)])["goals"][-1]
+    assert training["verdict"] == "met" and set(training["values"]) == {
+        "fp8_delayed (compiled)",
+        "fp8_rowwise (compiled)",
+    }
+    # the same figures from a machine without a GPU (a smoke run): none is a GPU's
+    (tmp_path / "kernels.json").write_text(json.dumps({**k, "machine": "x86_64 CPU, 2 cores (no GPU)"}))
+    assert goals.main([str(tmp_path)])["goals"][-1]["verdict"] == "not measured"
+    (tmp_path / "kernels.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="kernels.json is not JSON"):
+        goals.main([str(tmp_path)])
+    (tmp_path / "kernels.json").write_text(json.dumps({"benchmark": "soak"}))
+    with pytest.raises(SystemExit, match="not kernels.py's output"):
+        goals.main([str(tmp_path)])
+    with pytest.raises(SystemExit):
+        goals.main([str(tmp_path / "nowhere")])
 
 
 def test_the_steady_wait_fraction_counts_the_rounds_after_warm_up(tmp_path):
