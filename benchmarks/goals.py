@@ -225,20 +225,21 @@ def _training_row(k: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """The goals as a markdown table."""
+    """The goals as a markdown table (a note's line breaks and bars made cell text)."""
     lines = ["| goal | target | measured | verdict |", "|---|---|---|---|"]
     for r in rows:
         shown = ", ".join(f"{w}: {_fmt(r['target'], v)}" for w, v in r["values"].items()) or "-"
         if r["note"]:
-            shown += f" ({r['note']})"
+            shown += f" ({' '.join(r['note'].split()).replace('|', '/')})"
         lines.append(f"| {r['goal']} | {r['target']} | {shown} | {r['verdict']} |")
     return "\n".join(lines)
 
 
 def _fmt(target: str, v) -> str:
+    """A figure as its goal states it: a share (the target a percentage bound) or a ratio."""
     if v is None:
         return "not measured"
-    return f"{100 * v:.2f}%" if "%" in target else f"{v:.3f}x"
+    return f"{100 * v:.2f}%" if target[0] in "≥<" and target.endswith("%") else f"{v:.4g}x"
 
 
 def _load(path: Path | None, name: str) -> dict:
