@@ -14,7 +14,9 @@ goals as they were measured, with no arithmetic done by hand.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -239,7 +241,36 @@ def _fmt(target: str, v) -> str:
     """A figure as its goal states it: a share (the target a percentage bound) or a ratio."""
     if v is None:
         return "not measured"
+    if target.endswith("failed"):
+        return f"{v} failed"
     return f"{100 * v:.2f}%" if target[0] in "≥<" and target.endswith("%") else f"{v:.4g}x"
+
+
+def test_goals(base: Path | None) -> list[dict]:
+    """The FP8 issue's "every kernel test passes on an H100/H200", and the GPU trainer's tests,
+    from the pytest output the check keeps (``tests.txt``: one session per shard; ``train_tests.txt``):
+    met where every session ended with nothing failed, not measured where one has no summary (a
+    time-out) or the file is missing."""
+    out = []
+    for name, goal in (("tests.txt", "kernel test on the GPU"), ("train_tests.txt", "GPU trainer test")):
+        path = base / name if base else None
+        text = path.read_text(errors="replace") if path and path.exists() else ""
+        sessions = text.count("test session starts")
+        summaries = re.findall(r"^=+ (.*?) in [0-9.]+s.* =+$", text, re.M)
+        counts = collections.Counter()
+        for line in summaries:
+            for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped)", line):
+                counts[what.rstrip("s") if what.startswith("error") else what] += int(n)
+        bad = counts["failed"] + counts["error"]
+        value = None if not sessions or len(summaries) < sessions else bad
+        row = _row(f"every {goal} passes", "0 failed", {name: value}, lambda v: v == 0, "tests")
+        row["note"] = ", ".join(f"{n} {w}" for w, n in sorted(counts.items()))
+        if sessions > len(summaries):
+            row["note"] += (
+                f"{'; ' if row['note'] else ''}{sessions - len(summaries)} of {sessions} sessions unfinished"
+            )
+        out.append(row)
+    return out
 
 
 def _load(path: Path | None, name: str) -> dict:
@@ -284,7 +315,7 @@ def main(argv=None) -> dict:
     if not (t_path and t_path.exists()) and not (k_path and k_path.exists()):
         p.error(f"found neither {t_path} nor {k_path}: nothing to read")
     t, k = _load(t_path, "gpu_throughput"), _load(k_path, "kernels")
-    rows = training_goals(t) + kernel_goals(k)
+    rows = training_goals(t) + kernel_goals(k) + test_goals(base)
     sources = {
         name: {f: d.get(f) for f in ("machine", "date", "commit", "torch")}
         for name, d in (("throughput", t), ("kernels", k))

@@ -609,12 +609,16 @@ def test_the_goals_are_read_off_a_gpu_checks_json_as_measured(tmp_path, capsys):
     linear = [g for g in out["goals"] if g["goal"].startswith("one Linear")]
     assert [g["verdict"] for g in linear] == ["met", "met"]  # 1.50x and 1.29x
     assert linear[0]["values"] == {"16384x4096x14336": k["linear"]["fp8_rowwise_x_bf16"]}
-    training = out["goals"][-1]
+    (training,) = [g for g in out["goals"] if g["goal"].startswith("training")]
     assert training["verdict"] == "short" and "fp8_delayed (eager): RuntimeError" in training["note"]
     assert (
         max(training["values"].values())
         == k["training_compiled"]["fp8_rowwise:all+inductor"]["tokens_per_second_x_bf16"]
     )
+    # the tests' outcomes, summed over the shards' sessions
+    kernel_tests, trainer_tests = out["goals"][-2:]
+    assert kernel_tests["values"] == {"tests.txt": 8} and "190 passed" in kernel_tests["note"]
+    assert trainer_tests["values"] == {"train_tests.txt": 3} and trainer_tests["verdict"] == "short"
     # the two-process run predates the figure after first rounds: not measured, its whole run named
     (steady,) = [g for g in out["goals"] if "two processes" in g["goal"]]
     assert steady["verdict"] == "not measured" and "whole run 2.60%" in steady["note"]
@@ -626,7 +630,9 @@ def test_the_goals_are_read_off_a_gpu_checks_json_as_measured(tmp_path, capsys):
     assert json.loads((tmp_path / "g.json").read_text())["sources"]["kernels"]["machine"] == "NVIDIA H200"
 
 
-def test_the_goals_meet_where_every_place_is_at_its_target_and_refuse_what_is_not_a_checks_output(tmp_path):
+def test_the_goals_meet_where_every_place_is_at_its_target_and_refuse_what_is_not_a_checks_output(
+    tmp_path, capsys
+):
     goals = load_benchmark("goals")
     run = lambda x, **kw: {"x_plain": x, "mfu": 0.36, "wait_fraction": 0.001, **kw}  # noqa: E731
     rows = [
@@ -643,21 +649,32 @@ def test_the_goals_meet_where_every_place_is_at_its_target_and_refuse_what_is_no
     rows[0]["diloco"]["x_plain"] = 0.89  # one size short: short
     (tmp_path / "throughput.json").write_text(json.dumps(t))
     assert goals.main([str(tmp_path)])["goals"][0]["verdict"] == "short"
+
+    def training_goal() -> dict:
+        return next(g for g in goals.main([str(tmp_path)])["goals"] if g["goal"].startswith("training"))
+
     # the training goal: fast enough counts only with the loss within 1%
     k = {"benchmark": "kernels", **gpu, "training_compiled": {"bf16": {}}}
     k["training_compiled"]["fp8_delayed"] = {"tokens_per_second_x_bf16": 1.2, "loss_ratio_vs_bf16": 1.02}
     (tmp_path / "kernels.json").write_text(json.dumps(k))
-    assert goals.main([str(tmp_path)])["goals"][-1]["verdict"] == "short"
+    assert training_goal()["verdict"] == "short"
     k["training_compiled"]["fp8_rowwise"] = {"tokens_per_second_x_bf16": 1.16, "loss_ratio_vs_bf16": 0.995}
     (tmp_path / "kernels.json").write_text(json.dumps(k))
-    training = goals.main([str(tmp_path)])["goals"][-1]
+    training = training_goal()
     assert training["verdict"] == "met" and set(training["values"]) == {
         "fp8_delayed (compiled)",
         "fp8_rowwise (compiled)",
     }
+    # a shard that timed out (a session without its summary) leaves the tests not measured
+    session = "===== test session starts =====\n"
+    (tmp_path / "tests.txt").write_text(f"{session}===== 66 passed in 60.1s =====\n{session}..F")
+    (tmp_path / "train_tests.txt").write_text(f"{session}===== 9 passed, 1 skipped in 30.0s =====\n")
+    kernel_tests, trainer_tests = goals.main([str(tmp_path)])["goals"][-2:]
+    assert kernel_tests["verdict"] == "not measured" and "1 of 2 sessions unfinished" in kernel_tests["note"]
+    assert trainer_tests["verdict"] == "met" and trainer_tests["note"] == "9 passed, 1 skipped"
     # the same figures from a machine without a GPU (a smoke run): none is a GPU's
     (tmp_path / "kernels.json").write_text(json.dumps({**k, "machine": "x86_64 CPU, 2 cores (no GPU)"}))
-    assert goals.main([str(tmp_path)])["goals"][-1]["verdict"] == "not measured"
+    assert training_goal()["verdict"] == "not measured"
     (tmp_path / "kernels.json").write_text("{not json")
     with pytest.raises(SystemExit, match="kernels.json is not JSON"):
         goals.main([str(tmp_path)])
@@ -666,6 +683,7 @@ def test_the_goals_meet_where_every_place_is_at_its_target_and_refuse_what_is_no
         goals.main([str(tmp_path)])
     with pytest.raises(SystemExit):
         goals.main([str(tmp_path / "nowhere")])
+    assert "nowhere' is not a folder" in capsys.readouterr().err
 
 
 def test_the_steady_wait_fraction_counts_the_rounds_after_warm_up(tmp_path):
