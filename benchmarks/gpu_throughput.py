@@ -430,6 +430,9 @@ def main() -> None:
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    unknown = [r for r in args.runs.split(",") if r not in LOOPS + tuple(RUNS)]
+    if unknown:
+        ap.error(f"--runs: unknown run(s) {unknown}; allowed: {list(LOOPS + tuple(RUNS))}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = ["smoke"] if args.smoke else args.sizes.split(",")
     steps = 16 if args.smoke else args.steps

@@ -748,6 +748,7 @@ def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     import os
     import re
     import subprocess
+    import sys
     from pathlib import Path
 
     script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh"
@@ -758,6 +759,17 @@ def test_the_gpu_check_script_parses_and_writes_at_most_eight_files(tmp_path):
     compiled_too = re.search(r"TRAIN_ARGS---train-compiled-too ([^}]+)\}", script.read_text()).group(1)
     kernels = load_benchmark("kernels")  # its default comparison's recipes, as the script passes them
     assert len(kernels._recipes(compiled_too, compile=True, flag="--train-compiled-too")) == 3, compiled_too
+    # the throughput's runs, as the script names them, are the benchmark's; another is refused
+    throughput = load_benchmark("gpu_throughput")
+    runs = re.search(r"THROUGHPUT_RUNS:-([\w,]+)\}", script.read_text()).group(1).split(",")
+    assert set(runs) == set(throughput.RUNS), runs  # the goals' runs
+    r = subprocess.run(
+        [sys.executable, str(script.parent / "gpu_throughput.py"), "--smoke", "--runs", "dp,dlioco"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "unknown run(s) ['dlioco']" in r.stderr, r.stderr
     # each test the tests section leaves out of the kernel tests' shards still exists under that
     # name (a renamed one would silently run on the GPU image, whose extras it may lack)
     left_out = re.search(r'tests/test_kernels.py \\\n\s+-k "([^"]+)"', script.read_text()).group(1)
