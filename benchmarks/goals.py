@@ -120,9 +120,8 @@ def training_goals(t: dict) -> list[dict]:
 
 def _two_process_note(two: dict) -> str:
     if "error" in two:
-        return (
-            f"the run failed: {two['error'].strip().splitlines()[-1][:200] if two['error'].strip() else '?'}"
-        )
+        lines = two["error"].strip().splitlines()
+        return f"the run failed: {lines[-1][:200] if lines else '?'}"
     if two.get("wait_fraction") is None:
         return ""
     note = f"whole run {100 * two['wait_fraction']:.2f}%"
