@@ -22,6 +22,7 @@ itself. A link emulator can stretch each collective to the time a slower network
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import logging
 import os
@@ -261,6 +262,27 @@ class _CommThread:
 
 #: the groups not yet closed, closed at the interpreter's exit (:data:`EXIT_DRAIN_S`)
 _OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
+#: every group, whose process group is let go at exit where lowcomm owns them (:func:`destroy_at_exit`)
+_ALL_GROUPS: weakref.WeakSet = weakref.WeakSet()
+#: whether lowcomm initialized torch.distributed (:func:`destroy_at_exit`)
+_DESTROY_AT_EXIT = [False]
+
+
+def destroy_at_exit() -> None:
+    """Destroy torch.distributed's process groups at the interpreter's exit, after this module's
+    groups have finished their queued collectives, where the script has not destroyed them: for
+    the default group lowcomm itself initialized (``init_from_torchrun``).
+
+    A gloo thread drops its last reference to a finished collective's work a moment after the
+    work completes, and that frees the work's tensors, which needs the GIL. A moment too late,
+    during the interpreter's teardown, the thread cannot take it and the process aborts (exit code
+    -6, "terminate called without an active exception"; under gdb: ``~AsyncAlltoallWork`` in
+    ``ProcessGroupGloo::runLoop``, then ``take_gil`` during finalization), in about 1 of 10 runs of
+    a script that ends with a round in flight and no ``destroy_process_group()``. So at exit the
+    groups are destroyed and every reference lowcomm holds to them let go while the interpreter
+    still runs: a process group's destructor releases the GIL and joins its threads, so every
+    work is gone before the teardown."""
+    _DESTROY_AT_EXIT[0] = True
 
 
 @atexit.register
@@ -269,6 +291,14 @@ def _close_groups_at_exit() -> None:
     for group in list(_OPEN_GROUPS):
         if group._pool_ is not None:  # (only a communication thread can hold a collective at exit)
             group.close(max(end - time.monotonic(), 0.0))
+    if _DESTROY_AT_EXIT[0] and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # (a group a failed job left behind: the exit goes on)
+            log.info("could not destroy the process groups at exit: %s", e)
+        for group in list(_ALL_GROUPS):
+            group.pg = None
+        gc.collect()  # (a cycle holding a process group: destroyed now, not in the teardown)
 
 
 class _DistWork(Work):
@@ -388,6 +418,7 @@ class DistributedGroup(ReplicaGroup):
         self._failed = False  # a collective failed: its thread may never come back
         self._closed = False
         _OPEN_GROUPS.add(self)
+        _ALL_GROUPS.add(self)
         self._stream = None  # the communication stream, for CUDA buffers
 
     @property

@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 
 from ..._compat import dcp_group_coordinator
-from ...comm.distributed import DistributedGroup, LinkEmulator, env_int, is_distributed_env, local_gpu_index
+from ...comm.distributed import (
+    DistributedGroup,
+    LinkEmulator,
+    destroy_at_exit,
+    env_int,
+    is_distributed_env,
+    local_gpu_index,
+)
 
 __all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
 
@@ -107,6 +114,7 @@ def init_from_torchrun(
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        destroy_at_exit()  # ours: destroyed at exit if the script does not (it may end with no cleanup)
     M = world // k
     replica, local = divmod(rank, k)
     inner = None
