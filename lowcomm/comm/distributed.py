@@ -291,12 +291,17 @@ def _close_groups_at_exit() -> None:
     for group in list(_OPEN_GROUPS):
         if group._pool_ is not None:  # (only a communication thread can hold a collective at exit)
             group.close(max(end - time.monotonic(), 0.0))
-    if _DESTROY_AT_EXIT[0] and dist.is_available() and dist.is_initialized():
+    groups = list(_ALL_GROUPS)
+    # (not where a collective failed or outlasted the drain: its thread may wait on a dead peer,
+    # and a process group's destructor joins its threads, a hang where the teardown's risk is
+    # an abort)
+    settled = all(not g._failed and (g._pool_ is None or g._pool_.join(0)) for g in groups)
+    if _DESTROY_AT_EXIT[0] and settled and dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception as e:  # (a group a failed job left behind: the exit goes on)
             log.info("could not destroy the process groups at exit: %s", e)
-        for group in list(_ALL_GROUPS):
+        for group in groups:
             group.pg = None
         gc.collect()  # (a cycle holding a process group: destroyed now, not in the teardown)
 
