@@ -51,6 +51,11 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def _shape(shape) -> str:
+    """A GEMM's or a layer's shape as the table names it: ``16384x4096x14336``."""
+    return "x".join(map(str, shape))
+
+
 def training_goals(t: dict) -> list[dict]:
     """The GPU-training issue's goals from gpu_throughput.py's JSON."""
     rows = {r["size"]: r for r in t.get("rows", [])}
@@ -139,7 +144,7 @@ def kernel_goals(k: dict) -> list[dict]:
         for shape in shapes:
             r = speed.get(tuple(shape), {})
             ratios = [_ratio(r.get(key), r.get("bf16_tflops")) for key in keys]
-            out["x".join(map(str, shape))] = max((v for v in ratios if v is not None), default=None)
+            out[_shape(shape)] = max((v for v in ratios if v is not None), default=None)
         return out
 
     every = tuple(speed) or ISSUE_GEMMS
@@ -168,16 +173,13 @@ def kernel_goals(k: dict) -> list[dict]:
         _row(
             "MX dual quantize, share of a copy's bandwidth",
             "≥ 80%",
-            {
-                "x".join(map(str, s)): _ratio(speed[s].get("dual_quantize_TBps"), speed[s].get("copy_TBps"))
-                for s in speed
-            },
+            {_shape(s): _ratio(speed[s].get("dual_quantize_TBps"), speed[s].get("copy_TBps")) for s in speed},
             lambda v: v >= 0.8,
             "kernels",
         ),
     ]
     lin = _part(k, "linear")
-    shape = "x".join(map(str, lin.get("shape", ()))) or "linear"
+    shape = _shape(lin.get("shape", ())) or "linear"
     for recipe, target in (("fp8_rowwise", 1.3), ("mxfp8_fast", 1.15)):
         out.append(
             _row(
@@ -245,7 +247,7 @@ def _fmt(target: str, v) -> str:
     return f"{100 * v:.2f}%" if target[0] in "≥<" and target.endswith("%") else f"{v:.4g}x"
 
 
-def test_goals(base: Path | None) -> list[dict]:
+def tests_goals(base: Path | None) -> list[dict]:
     """The FP8 issue's "every kernel test passes on an H100/H200", and the GPU trainer's tests,
     from the pytest output the check keeps (``tests.txt``: one session per shard; ``train_tests.txt``):
     met where every session ended with nothing failed, not measured where one has no summary (a
@@ -314,7 +316,7 @@ def main(argv=None) -> dict:
     if not (t_path and t_path.exists()) and not (k_path and k_path.exists()):
         p.error(f"found neither {t_path} nor {k_path}: nothing to read")
     t, k = _load(t_path, "gpu_throughput"), _load(k_path, "kernels")
-    rows = training_goals(t) + kernel_goals(k) + test_goals(base)
+    rows = training_goals(t) + kernel_goals(k) + tests_goals(base)
     sources = {
         name: {f: d.get(f) for f in ("machine", "date", "commit", "torch")}
         for name, d in (("throughput", t), ("kernels", k))

@@ -260,10 +260,9 @@ class _CommThread:
         return not self._thread.is_alive()
 
 
-#: the groups not yet closed, closed at the interpreter's exit (:data:`EXIT_DRAIN_S`)
-_OPEN_GROUPS: weakref.WeakSet = weakref.WeakSet()
-#: every group, whose process group is let go at exit where lowcomm owns them (:func:`destroy_at_exit`)
-_ALL_GROUPS: weakref.WeakSet = weakref.WeakSet()
+#: every group: those not yet closed are closed at the interpreter's exit (:data:`EXIT_DRAIN_S`),
+#: and all let go of their process groups where lowcomm owns them (:func:`destroy_at_exit`)
+_GROUPS: weakref.WeakSet = weakref.WeakSet()
 #: whether lowcomm initialized torch.distributed (:func:`destroy_at_exit`)
 _DESTROY_AT_EXIT = [False]
 
@@ -288,10 +287,10 @@ def destroy_at_exit() -> None:
 @atexit.register
 def _close_groups_at_exit() -> None:
     end = time.monotonic() + EXIT_DRAIN_S  # one limit for all of them
-    for group in list(_OPEN_GROUPS):
-        if group._pool_ is not None:  # (only a communication thread can hold a collective at exit)
+    groups = list(_GROUPS)
+    for group in groups:
+        if not group._closed and group._pool_ is not None:  # (only its thread can hold a collective)
             group.close(max(end - time.monotonic(), 0.0))
-    groups = list(_ALL_GROUPS)
     # (not where a collective failed or outlasted the drain: its thread may wait on a dead peer,
     # and a process group's destructor joins its threads, a hang where the teardown's risk is
     # an abort)
@@ -422,8 +421,7 @@ class DistributedGroup(ReplicaGroup):
         self._pool_: _CommThread | None = None
         self._failed = False  # a collective failed: its thread may never come back
         self._closed = False
-        _OPEN_GROUPS.add(self)
-        _ALL_GROUPS.add(self)
+        _GROUPS.add(self)
         self._stream = None  # the communication stream, for CUDA buffers
 
     @property
@@ -450,7 +448,6 @@ class DistributedGroup(ReplicaGroup):
         if self._closed:
             return
         self._closed = True
-        _OPEN_GROUPS.discard(self)
         if self._pool_ is not None:
             self._pool_.shutdown(wait=not self._failed and limit is None)
             end = time.monotonic() + (limit or 0.0)
