@@ -131,6 +131,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
     from lowcomm.kernels.gemm import regroup_mx_1x128
     from lowcomm.kernels.triton_fp8 import (
         FP8_CUDA_CONFIG,
+        FP8_ONE_COPY_CUDA,
         _fp8_one_copy,
         _fp8_quantize_dual,
         _one_pass_fills,
@@ -168,6 +169,13 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         _time_rate(
             row, "fp8_rowwise_fp32_out", flops, partial(qmatmul, a, b, "fp8_rowwise", backend=scaled), bench
         )
+        # b as a Linear's weight hands it over: Wᵀ, the view of a contiguous (N, K) tensor, whose
+        # rowwise copy is W's rows, summed in the fp8 MMA's precision: what a layer's fprop runs
+        # (against the bf16 GEMM in the same layout)
+        w = b.t().contiguous()
+        _time_rate(row, "bf16_bT", flops, lambda a=a, w=w: a @ w.t(), bench)
+        fprop = partial(qmatmul, a, w.t(), "fp8_rowwise", backend=scaled, fast_accum=True, **bf16_out)
+        _time_rate(row, "fp8_rowwise_bT_fast_accum", flops, fprop, bench)
         for r in ("fp8_tensorwise", "fp8_rowwise"):  # the fp8 GEMMs: quantize included, and alone
             fast = partial(qmatmul, a, b, r, backend=scaled, fast_accum=True, **bf16_out)
             _time_rate(row, f"{r}_fast_accum", flops, fast, bench)
@@ -179,7 +187,7 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
         db, sb = quantize_mx(b, axis=0)
         _time_rate(row, "mx_exact_triton", flops, partial(mx_matmul, da, sa, db, sb), bench)
         # the layout fprop uses: B = Wᵀ, K-contiguous (a transposed view of a row-blocked W)
-        wt, wts = quantize_mx(b.t().contiguous(), axis=1)
+        wt, wts = quantize_mx(w, axis=1)
         _time_rate(row, "mx_exact_triton_bT", flops, partial(mx_matmul, da, sa, wt.t(), wts.t()), bench)
         # exact MX through bf16: both operands dequantized (one pass each), cuBLAS's bf16 GEMM
         # writing bf16 as the bf16 row does; and the dequantize alone (1 byte read, 2 written)
@@ -239,6 +247,9 @@ def speed(shapes=SHAPES, device: str = "cuda", bench=cuda_bench) -> dict:
             row[f"{name}_passes"] = 1 if _one_pass_fills(t, rows_) else 2
             one = partial(_fp8_one_copy, t, "e4m3", rows_)
             _time_rate(row, f"{name}_one_pass", one_copy, one, bench, unit="TBps")
+            if rows_:  # the rows' slices read twice (from L2 the second time), as before whole rows
+                slices = partial(_fp8_one_copy, t, "e4m3", True, FP8_ONE_COPY_CUDA[True])
+                _time_rate(row, f"{name}_slices", one_copy, slices, bench, unit="TBps")
             two = partial(_fp8_quantize_dual, t, "e4m3", "rowwise", rows_, not rows_, one_pass=False)
             _time_rate(row, f"{name}_two_pass", one_copy, two, bench, unit="TBps")
         # mxfp8_fast: both copies of an activation (1x128) and of a weight (128x128 tiles), MX

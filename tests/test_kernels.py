@@ -925,8 +925,12 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
     from lowcomm.kernels.triton_fp8 import FP8_CUDA_CONFIGS
 
     # the dual's amax and cast (tensorwise, rowwise), the rowwise pair at each other autotuner
-    # candidate, the one-copy kernel (rows, columns) and delayed scaling's cast
-    assert len(fp8) == 7 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
+    # candidate, the one-copy kernel (rows' and columns' slices, whole rows of 4096, 8192 and
+    # 16384) and delayed scaling's cast
+    assert len(fp8) == 10 + 2 * (len(FP8_CUDA_CONFIGS) - 1) and fp8[-1]["constexprs"]["RECORD"], fp8[-1]
+    for row in (r for r in fp8 if "whole rows" in r["kernel"]):  # 64 values a thread in registers,
+        assert row["spill_instructions"] == 0, row  # none spilled; fp8 out in 16 bytes, scales in 4
+        assert set(row["global_stores"]) == {"4", "16"}, row
     from lowcomm.kernels.triton_quantize import DEQUANT_CUDA_CONFIGS, FAST_CUDA_CONFIGS
 
     assert (
@@ -1246,12 +1250,13 @@ def test_fp8_quantize_dual_is_two_launches_and_one_fill(scaling, monkeypatch):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees inf/inf
 @pytest.mark.parametrize("elem", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tiles", ["default", "cuda"])
+@pytest.mark.parametrize("tiles", ["default", "cuda", "slices", "one_row"])
 def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, tiles, monkeypatch):
     """One rowwise copy (evaluation, or a backward that needs only dx or only dW): one launch that
     takes each slice's maxima and casts it, no amax pass, byte for byte quantize_fp8 along either
-    axis; (70, 300) spans several column blocks of either tile size, with a zero row, NaN,
-    infinities and a subnormal."""
+    axis; (70, 300) spans several column blocks of the interpreter's tiles and of the slices, with
+    a zero row, NaN, infinities and a subnormal. CUDA's tiles for rows of 300 are whole rows, 16
+    to a block (read once); one_row: one row a block."""
     needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
@@ -1259,8 +1264,15 @@ def test_one_rowwise_fp8_copy_is_made_in_one_pass_bit_identical(elem, dtype, til
     monkeypatch.setattr(triton_fp8, "_fp8_amax_kernel", None)  # the two-pass path must not run
     x = _hard_input(70, 300, dtype, seed=5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    configs = {
+        "default": lambda rows: None,
+        "cuda": lambda rows: triton_fp8.one_copy_config(x.shape, rows),
+        "slices": lambda rows: triton_fp8.FP8_ONE_COPY_CUDA[rows],
+        "one_row": lambda rows: {"BLOCK_R": 1, "BLOCK_C": 512, "num_warps": 4} if rows else None,
+    }
+    assert triton_fp8.one_copy_config(x.shape, True) == {"BLOCK_R": 16, "BLOCK_C": 512, "num_warps": 4}
     for rows in (True, False):
-        config = triton_fp8.FP8_ONE_COPY_CUDA[rows] if tiles == "cuda" else None
+        config = configs[tiles](rows)
         q, s, qt, st = triton_fp8._fp8_one_copy(x.to(dev), elem, rows, config)
         want, want_s = quantize_fp8(x, elem, "rowwise", axis=-1 if rows else 0)
         got, got_s = (q, s) if rows else (qt, st)
@@ -1274,7 +1286,8 @@ def test_one_rowwise_fp8_copy_takes_one_pass_only_where_its_slices_fill_the_gpu(
     """On a GPU one pass (a program per slice of whole rows, or of whole columns) is taken where its
     grid gives every SM two programs, two passes over (row, column) tiles elsewhere: a weight's
     columns in 64-column slices ran at half the rows' speed on an H200. On a pretend GPU of 3 SMs: 5 slices of
-    16 rows (or 64 columns) are too few, 6 are enough; the bytes are the same either way."""
+    128 rows of 40 (one block each) or of 64 columns are too few, 6 are enough; the bytes are the
+    same either way."""
     needs_triton()
     import lowcomm.kernels.triton_fp8 as triton_fp8
 
@@ -1282,7 +1295,7 @@ def test_one_rowwise_fp8_copy_takes_one_pass_only_where_its_slices_fill_the_gpu(
     one = _count_launches(monkeypatch, triton_fp8, "_fp8_one_copy_kernel")
     two = _count_launches(monkeypatch, triton_fp8, "_fp8_amax_kernel")
     monkeypatch.setattr(triton_fp8, "_sm_count", lambda device: 3)
-    cfg = triton_fp8.FP8_ONE_COPY_CUDA[rows]
+    cfg = triton_fp8.one_copy_config((1, 40) if rows else (40, 1), rows)  # rows: 128 whole rows
     slice_ = cfg["BLOCK_R"] if rows else cfg["BLOCK_C"]
     made = []
     for slices in (5, 6):
@@ -2826,6 +2839,7 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     tiles += [f"mx_dequantize_{tile_name(c)}" for c in DEQUANT_CUDA_CONFIGS]
     fp8 += ["fp8_delayed_quantize", "fp8_transpose", "fp8_copy"]
     fp8 += [f"fp8_one_copy_rowwise{s}{p}" for s in ("", "_cols") for p in ("", "_one_pass", "_two_pass")]
+    fp8 += ["fp8_one_copy_rowwise_slices"]  # the rows' slices, where one_pass is whole rows
     passes = 2 if dev == "cuda" else 1  # a GPU: 128 x 128 has too few slices for one pass; CPU: one
     assert rows[0]["fp8_one_copy_rowwise_passes"] == rows[0]["fp8_one_copy_rowwise_cols_passes"] == passes
     fp8 += [f"mx_fast_dual_quantize_{t}" for t in ("1x128", "128x128", "1x128_torch")]

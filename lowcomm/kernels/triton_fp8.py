@@ -223,43 +223,59 @@ if HAVE_TRITON:
         ROWS: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        WHOLE: tl.constexpr,
     ):
         # rowwise scaling, one copy, one program per slice of whole rows (ROWS: q (R, C), a scale
         # per row) or of whole columns (qt (C, R), a scale per column): the slice's maxima, then
         # its cast. The second loop reads the slice again, from L2 (a few hundred KB per program),
         # so x leaves memory once.
-        # the maxima as bits of |x| (ordered like the floats, NaN above inf), kept per element
-        # across the loop and reduced once after it (one cross-thread reduction, not one a block)
-        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
-        if ROWS:
+        # WHOLE (rows, BLOCK_C >= C): a slice is one block, read once into registers, its maxima
+        # and its cast taken from them (a softmax's pattern: no re-read, from L2 or memory).
+        if WHOLE:
             r0 = tl.program_id(0) * BLOCK_R
-            for c0 in range(0, C, BLOCK_C):
-                _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                acc = tl.maximum(acc, _abs_bits(x))
-            top = tl.max(acc, axis=1)
-        else:
-            c0 = tl.program_id(0) * BLOCK_C
-            for r0 in range(0, R, BLOCK_R):
-                _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                acc = tl.maximum(acc, _abs_bits(x))
-            top = tl.max(acc, axis=0)
-        scale = _fp8_scale_of(top, MAXV)
-        inverse = _fp8_inverse(scale)
-        if ROWS:
-            rows = r0 + tl.arange(0, BLOCK_R)
+            rows, _, inside, offs, x = _load_block(x_ptr, R, C, r0, 0, BLOCK_R, BLOCK_C)
+            scale = _fp8_scale_of(tl.max(_abs_bits(x), axis=1), MAXV)
             tl.store(scale_ptr + rows, scale, mask=rows < R)
-            for c0 in range(0, C, BLOCK_C):
-                _, _, inside, offs, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, inverse[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
-                tl.store(q_ptr + offs, q, mask=inside)
+            inverse = _fp8_inverse(scale)
+            q = _to_fp8_bytes(x, inverse[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
+            tl.store(q_ptr + offs, q, mask=inside)
         else:
-            cols = c0 + tl.arange(0, BLOCK_C)
-            tl.store(scale_ptr + cols, scale, mask=cols < C)
-            for r0 in range(0, R, BLOCK_R):
-                rows, cols, inside, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
-                q = _to_fp8_bytes(x, inverse[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT)
-                offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
-                tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
+            # the maxima as bits of |x| (ordered like the floats, NaN above inf), kept per element
+            # across the loop and reduced once after it (one cross-thread reduction, not one a block)
+            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32)
+            if ROWS:
+                r0 = tl.program_id(0) * BLOCK_R
+                for c0 in range(0, C, BLOCK_C):
+                    _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                    acc = tl.maximum(acc, _abs_bits(x))
+                top = tl.max(acc, axis=1)
+            else:
+                c0 = tl.program_id(0) * BLOCK_C
+                for r0 in range(0, R, BLOCK_R):
+                    _, _, _, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                    acc = tl.maximum(acc, _abs_bits(x))
+                top = tl.max(acc, axis=0)
+            scale = _fp8_scale_of(top, MAXV)
+            inverse = _fp8_inverse(scale)
+            if ROWS:
+                rows = r0 + tl.arange(0, BLOCK_R)
+                tl.store(scale_ptr + rows, scale, mask=rows < R)
+                for c0 in range(0, C, BLOCK_C):
+                    _, _, inside, offs, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                    q = _to_fp8_bytes(
+                        x, inverse[:, None], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT
+                    )
+                    tl.store(q_ptr + offs, q, mask=inside)
+            else:
+                cols = c0 + tl.arange(0, BLOCK_C)
+                tl.store(scale_ptr + cols, scale, mask=cols < C)
+                for r0 in range(0, R, BLOCK_R):
+                    rows, cols, inside, _, x = _load_block(x_ptr, R, C, r0, c0, BLOCK_R, BLOCK_C)
+                    q = _to_fp8_bytes(
+                        x, inverse[None, :], MAXV, MBITS, MIN_NORMAL, SUB_C, E5M2, NAN_BYTE, HW_CVT
+                    )
+                    offs_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+                    tl.store(q_ptr + offs_t, tl.trans(q), mask=tl.trans(inside))
 
     @triton.jit
     def _fp8_delayed_step_kernel(
@@ -323,6 +339,14 @@ FP8_ONE_COPY_CUDA = {
     True: {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 4},
     False: {"BLOCK_R": 64, "BLOCK_C": 64, "num_warps": 8},
 }
+# Rows up to WHOLE_ROW_MAX long instead go a block per slice of whole rows (the kernel's WHOLE):
+# read once into registers, no re-read. The slices' loop read each slice twice, the second time
+# from L2, which on the H200 (2026-12-04) made 1.9-2.4 TB/s of a's rows with 512-1024 programs of
+# 256 KB each in flight, more than its L2 holds. A block holds at least WHOLE_ROW_ELEMS elements,
+# 64 a thread (4 warps for rows up to 8192 long, 8 at 16384; compiled for sm_90a: 80-126
+# registers, no spills, the fp8 copy in 16-byte stores). Not measured on a GPU yet.
+WHOLE_ROW_MAX = 16384
+WHOLE_ROW_ELEMS = 8192
 # The one pass has a program per slice, so a tensor with few slices gives the GPU few programs:
 # a weight's columns (4096 to 14336 rows, 64 columns a slice: 64-224 programs on 132 SMs) were
 # copied at about 0.8-1.0 TB/s on the H200 (2026-12-04, read off the rowwise GEMM rows with and
@@ -526,7 +550,19 @@ def _one_pass_fills(x: torch.Tensor, rows: bool) -> bool:
     sms = _sm_count(x.device)
     if sms is None:
         return True
-    return _slices(*x.shape, rows, FP8_ONE_COPY_CUDA[rows]) >= ONE_PASS_PROGRAMS_PER_SM * sms
+    return _slices(*x.shape, rows, one_copy_config(x.shape, rows)) >= ONE_PASS_PROGRAMS_PER_SM * sms
+
+
+def one_copy_config(shape, rows: bool) -> dict:
+    """The one pass's tiles on CUDA for an (R, C) tensor: whole rows in one block where C is at
+    most :data:`WHOLE_ROW_MAX` (``BLOCK_C`` C to the next power of two, ``BLOCK_R`` rows enough for
+    :data:`WHOLE_ROW_ELEMS` elements, 64 a thread); else :data:`FP8_ONE_COPY_CUDA`'s slices."""
+    C = shape[1]
+    if not rows or C > WHOLE_ROW_MAX:
+        return FP8_ONE_COPY_CUDA[rows]
+    block_c = max(16, 1 << (C - 1).bit_length())
+    block_r = max(1, WHOLE_ROW_ELEMS // block_c)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": block_r * block_c // (64 * 32)}
 
 
 def _slices(R: int, C: int, rows: bool, cfg: dict) -> int:
@@ -550,8 +586,9 @@ def _cuda_sm_count(index: int) -> int:
 def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = None):
     """One rowwise copy in one pass: q (R, C) with a scale per row (``rows``), or qt (C, R) with a
     scale per column of x; the four tensors of :func:`_fp8_quantize_dual`. ``config``: the tiles
-    (default: FP8_ONE_COPY_CUDA on CUDA, 32 x 32 in the interpreter)."""
-    cfg = config or (FP8_ONE_COPY_CUDA[rows] if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
+    (default: :func:`one_copy_config` on CUDA, 32 x 32 in the interpreter); rows that fit one
+    block (``BLOCK_C`` >= C) are read once into it."""
+    cfg = config or (one_copy_config(x.shape, rows) if x.device.type == "cuda" else FP8_INTERPRET_CONFIG)
     x = x.contiguous()
     R, C = x.shape
     shapes = _shapes(x, "rowwise", rows, not rows)
@@ -560,7 +597,10 @@ def _fp8_one_copy(x: torch.Tensor, elem: str, rows: bool, config: dict | None = 
     if R and C:
         with on_device(x):
             grid = (_slices(R, C, rows, cfg),)
-            _fp8_one_copy_kernel[grid](x, scale, q, R, C, **_format(elem, hw_cvt(x)), ROWS=rows, **cfg)
+            whole = rows and cfg["BLOCK_C"] >= C
+            _fp8_one_copy_kernel[grid](
+                x, scale, q, R, C, **_format(elem, hw_cvt(x)), ROWS=rows, WHOLE=whole, **cfg
+            )
     q = q.view(ELEM_FORMATS[elem].dtype)
     none_q, none_s = torch.empty((0, 0), dtype=q.dtype, device=x.device), scale.new_empty(0)
     if rows:
@@ -911,11 +951,16 @@ def static_specs() -> list:
                 w,
             )
         )
+    ptrs = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "q_ptr": "*u8"}
     for rows in (True, False):
         name = f"fp8_quantize_dual one copy ({'rows' if rows else 'columns'}, rowwise, bf16 to e4m3)"
         cfg = FP8_ONE_COPY_CUDA[rows]
-        consts = dict(**cast, ROWS=rows, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
-        ptrs = {"x_ptr": "*bf16", "scale_ptr": "*fp32", "q_ptr": "*u8"}
+        consts = dict(**cast, ROWS=rows, WHOLE=False, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
+        specs.append(spec(name, _fp8_one_copy_kernel, ptrs, consts, cfg["num_warps"]))
+    for C in (4096, 8192, WHOLE_ROW_MAX):  # whole rows: blocks of 2 rows and of 1 (4, 4 and 8 warps)
+        cfg = one_copy_config((1, C), True)
+        name = f"fp8_quantize_dual one copy (whole rows of {C}, rowwise, bf16 to e4m3)"
+        consts = dict(**cast, ROWS=True, WHOLE=True, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
         specs.append(spec(name, _fp8_one_copy_kernel, ptrs, consts, cfg["num_warps"]))
     name = "fp8_quantize_scaled (delayed tensorwise: cast + amax, bf16 to e4m3)"
     flags = dict(TENSOR=True, ROWS=True, COLS=True, GIVEN=True, RECORD=True, **tiles)
