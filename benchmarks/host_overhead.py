@@ -41,6 +41,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -218,13 +219,19 @@ def triton_without_a_gpu(launched: collections.Counter):
     Triton asks for the device, stream and target answers for a pretend GPU, and loads each
     kernel as a launcher that only counts (so no CUDA call). Triton is put back after."""
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
     from triton.runtime import driver
+
+    # the loader's answer: (module, function, registers, spills) and, from triton 3.3 or so, the
+    # threads a block; a module that is not None, or Triton loads the kernel again at every launch
+    # (as it does only at the first on a GPU)
+    loaded = (object(), None, 0, 0)
+    if "n_max_threads" in inspect.getsource(CompiledKernel._init_handles):
+        loaded += (1024,)
 
     class Utils:
         def load_binary(self, name, kernel, shared, device):
-            # module, function, registers, spills, threads a block: a module that is not None, or
-            # Triton loads the kernel again at every launch (as it does only at the first on a GPU)
-            return object(), None, 0, 0, 1024
+            return loaded
 
         def get_device_properties(self, device):
             return {

@@ -366,11 +366,10 @@ def _stand_in_autotuning(monkeypatch, name: str, candidates: int) -> list:
     monkeypatch.setattr(tq, "_AUTOTUNE_BENCH", bench)
     monkeypatch.setattr(tq, "_TUNED", {})
     monkeypatch.setattr(tq, "autotuning", lambda device: True)
-    if not torch.cuda.is_available():
-        try:
-            tq._tuned(name)
-        except RuntimeError as e:  # triton 3.2's autotuner asks for a GPU driver when it is built
-            pytest.skip(f"triton {triton.__version__} cannot build an autotuner without a GPU: {e}")
+    if not torch.cuda.is_available() and _compat.major_minor(triton.__version__) < (3, 3):
+        pytest.skip(  # it hands each candidate options (num_buffers_warp_spec) the interpreter refuses
+            f"triton {triton.__version__}'s autotuner cannot run a kernel under the interpreter"
+        )
     return timed
 
 
@@ -955,7 +954,8 @@ def test_triton_kernels_compile_for_hopper_and_blackwell_at_their_cuda_configs()
             "16" if "adamw" in row["kernel"] else "4"
         }, row
     for row in transpose:  # compiled fp8_delayed's and rowwise's transposed copies: 16-byte packets
-        assert set(row["global_stores"]) == {"16"} and row["spill_instructions"] == 0, row
+        assert row["spill_instructions"] == 0, row  # (from triton 3.6; 3.2 writes a byte at a time)
+        assert set(row["global_stores"]) == {"16"} if found >= (3, 6) else "1" in row["global_stores"], row
     for row in gemm + quant + blackwell + fp8 + fast + adamw + tables + dequant + step + codec + transpose:
         assert "error" not in row, row
         assert row["local_bytes"] == 0 and row["shared_fits"] and 0 < row["registers"] <= 255, row
@@ -2392,6 +2392,7 @@ def test_qmatmul_writes_a_bf16_result_on_every_backend_and_refuses_other_dtypes(
     back from whole blocks; float16 is refused by name."""
     needs_triton()
     import lowcomm.kernels.gemm as gemm
+    from lowcomm.kernels.triton_mx_gemm import MM_OUT_DTYPE
 
     dev = _pretend_hopper(monkeypatch)
     monkeypatch.setattr(gemm, "_blockwise_scaled_mm_works", lambda device: True)
@@ -2402,8 +2403,8 @@ def test_qmatmul_writes_a_bf16_result_on_every_backend_and_refuses_other_dtypes(
     cases += [("mxfp8", "triton"), ("mxfp8_fast", "triton"), ("mxfp8", "dequant")]
     cases += [("fp8_rowwise", "emulated")]
     for recipe, backend in cases:
-        if backend == "dequant" and dev == "cuda" and not gemm.MM_OUT_DTYPE:
-            continue  # its fp32 result needs torch >= 2.8 on CUDA (the bf16 one is this test's)
+        if backend == "dequant" and not MM_OUT_DTYPE:
+            continue  # a GPU's dequant backend needs torch >= 2.8 (refused by name before)
         x, y = (a[:, :40], b[:40]) if recipe.startswith("fp8") else (a, b)
         want = qmatmul(x, y, recipe, backend=backend)
         got = qmatmul(x, y, recipe, backend=backend, out_dtype=torch.bfloat16)
@@ -2819,13 +2820,20 @@ def test_kernel_benchmark_runs_every_path_at_small_shapes_on_cpu():
     linear = bench.linear_speed(shape=(64, 128, 96), device=dev, bench=wall_ms)
     host = bench.host_time(shape=(128, 128, 128), device=dev, calls=2)  # each row's host time a call
     timed = {k: v for k, v in host.items() if isinstance(v, dict)}
-    assert len(timed) == 13 and all(v.get("host_us", 0) > 0 for v in timed.values()), host
+    import triton
+
+    rows_timed = 13
+    if dev == "cpu" and _compat.major_minor(triton.__version__) < (3, 3):  # see _stand_in_autotuning
+        assert "num_buffers_warp_spec" in timed.pop("triton_empty_kernel_autotuned")["error"]
+        rows_timed -= 1
+    assert len(timed) == rows_timed and all(v.get("host_us", 0) > 0 for v in timed.values()), host
     codec = bench.codec_speed(numel=1000, device=dev, bench=wall_ms)  # the e3m0 kernels, interpreted
     assert all(codec[f"{n}_{p}_TBps"] > 0 for n in ("encode", "decode") for p in ("kernel", "torch")), codec
     for row in rows + [linear]:
         assert not [k for k in row if k.endswith("_error")], row
     gemms = ["bf16", "fp8_tensorwise", "fp8_rowwise", "mxfp8_fast", "mxfp8_fast_w128x128", "mx_exact_triton"]
     gemms += ["mx_exact_triton_bT", "mx_exact_dequant", "mx_exact_dequant_bT", "fp8_rowwise_fp32_out"]
+    gemms += ["bf16_bT", "fp8_rowwise_bT_fast_accum"]  # b as a Linear's weight (Wᵀ)
     gemms += [
         f"fp8_{s}{t}" for s in ("tensorwise", "rowwise") for t in ("_fast_accum", "_gemm", "_gemm_fast_accum")
     ]
@@ -2976,6 +2984,16 @@ def test_the_slowest_generated_kernels_are_found_with_their_source(tmp_path):
     assert common.inductor_kernels(trace, top=1, chars=40, cache=cache)[0]["source"] == block[:40]
 
 
+#: benchmarks/inductor_codegen.py stands in for the CUDA driver where torch 2.11 (the GPU image's)
+#: and newer ask it; older torch asks more (torch 2.6: Dynamo's strict mode refuses the layers'
+#: strides, its cuDNN attention and fp8_transpose's operator look for libcuda)
+inductor_codegen_torch = pytest.mark.skipif(
+    _compat.major_minor(torch.__version__) < (2, 11),
+    reason="benchmarks/inductor_codegen.py is made for torch >= 2.11 (the GPU image's)",
+)
+
+
+@inductor_codegen_torch
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("case", ["rowwise", "tensorwise", "delayed"])  # (apart: about 20 s each)
 def test_inductor_code_for_a_pretend_gpu_shows_where_the_quantize_went(case):
@@ -3048,6 +3066,7 @@ def _delayed_inductor_code(codegen) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@inductor_codegen_torch
 def test_inductor_code_for_the_trainers_batched_replicas_on_a_pretend_gpu():
     """benchmarks/inductor_codegen.py --replicas M: one block of the trainer's batched model (M
     stacked replicas, their matrices through bf16 copies) lowered for the pretend sm_90, bytes
@@ -3091,6 +3110,7 @@ def test_inductor_code_for_the_trainers_batched_replicas_on_a_pretend_gpu():
             codegen.main(argv)
 
 
+@inductor_codegen_torch
 def test_compiled_fp8_on_a_gpu_writes_no_transposed_copy_in_inductors_kernels(tmp_path):
     """fp8_delayed and fp8_rowwise with the Inductor quantize, compiled for a GPU
     (benchmarks/inductor_codegen.py's pretend sm_90, in children without TRITON_INTERPRET: the

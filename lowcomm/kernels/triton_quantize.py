@@ -1159,8 +1159,18 @@ def _tuned(name: str):
     tensors' dtypes count too) and the candidates."""
     if name not in _TUNED:
         kernel, key, configs = TUNABLE[name]()
-        _TUNED[name] = triton.autotune(configs, key=key, do_bench=_AUTOTUNE_BENCH)(kernel)
+        _TUNED[name] = autotuned(kernel, configs, key, _AUTOTUNE_BENCH)
     return _TUNED[name]
+
+
+def autotuned(kernel, configs: list, key: list, do_bench):
+    """``triton.autotune(configs, key=key, do_bench=do_bench)(kernel)``, built through Triton's
+    ``Autotuner`` itself: triton 3.2's decorator takes ``do_bench`` but does not hand it on, so
+    its autotuner timed with the driver's own benchmarker (and, without a GPU's driver, could
+    not be made at all)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return Autotuner(kernel, kernel.arg_names, configs, key, None, None, do_bench=do_bench)
 
 
 #: the kernels autotuned on CUDA, by name: a function returning (kernel, key, configs).
