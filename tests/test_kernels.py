@@ -3119,8 +3119,9 @@ def test_compiled_fp8_on_a_gpu_writes_no_transposed_copy_in_inductors_kernels(tm
     compiled fp8_rowwise kernels, nor tiled); each of the four Linear layers' x, W and dy gets its
     transposed copy from lowcomm's fp8_transpose, twelve launches in the forward and backward,
     their bytes counted with Inductor's. fp8_delayed casts each tensor and records its maximum in
-    the kernel that reads it (no kernel takes |x| without casting it), the first layer norm's
-    kernel among them."""
+    the kernel that reads it (under torch 2.13 no kernel takes |x| without casting it; torch 2.11,
+    the GPU image's, takes the maximum of the attention's joined q, k and v gradients in kernels
+    of their own, and casts them in another), the first layer norm's kernel among them."""
     needs_triton()
     from lowcomm.kernels.triton_fp8 import AS_OPS
 
@@ -3159,9 +3160,11 @@ def test_compiled_fp8_on_a_gpu_writes_no_transposed_copy_in_inductors_kernels(tm
             launches += len(user)
             if recipe == "fp8_delayed":
                 generated = [k for k in kernels if k["kind"] != "user"]
-                assert not [
-                    k["name"] for k in generated if "abs" in k["aten"] and "_to_copy" not in k["aten"]
-                ]
+                apart = [k for k in generated if "abs" in k["aten"] and "_to_copy" not in k["aten"]]
+                if _compat.major_minor(torch.__version__) >= (2, 13):
+                    assert not apart, [k["name"] for k in apart]
+                else:  # (the qkv layer's dy: the joined gradients, in the backward)
+                    assert all("cat" in k["aten"] and graph == "backward" for k in apart), apart
         assert launches == 12, (recipe, launches)
         if recipe == "fp8_delayed":
             forward = [set(k["aten"]) for k in found["forward"]["kernels"]]
