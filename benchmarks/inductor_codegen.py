@@ -145,12 +145,27 @@ def pretend_gpu(count_bytes: bool = False):
         replaced.append((triton.runtime.driver, "_active", driver))
     except ImportError:
         pass
+    _build_dynamo_tables()
     with replacing(replaced):
         _forget_devices()  # what torch found out about the GPUs before (none), asked again
         try:
             yield sources
         finally:
             _forget_devices()  # and what it found out about the pretend one
+
+
+def _build_dynamo_tables() -> None:
+    """Builds Dynamo's tables of torch functions (those it folds to constants, those it handles
+    itself, those it puts in the graph), which it builds once a process from the objects it finds
+    then: built before the pretend GPU's stand-ins are in place, they hold torch's own functions,
+    not stand-ins that would stay in them for the process's later compiles."""
+    import torch._dynamo.trace_rules as trace_rules
+    from torch._dynamo.variables import torch as torch_variables  # (some are built on import)
+
+    trace_rules.get_torch_obj_rule_map()
+    for name in ("tracing_state_functions", "get_overridable_functions"):
+        getattr(torch_variables, name)()
+    torch_variables.TorchInGraphFunctionVariable._get_handlers()
 
 
 def _forget_devices() -> None:
@@ -206,7 +221,6 @@ def block_graphs(
         (linear, "_triton_runs_on", lambda device: HAVE_TRITON),
         (linear, "autocast_dtype", lambda device_type: torch.bfloat16),  # autocast's output dtype
         (linear, "COMPILED_QUANTIZE", quantize),
-        (torch.compiler, "is_compiling", lambda: True),  # the layers' compiled route
     ]
     params = [p.detach().requires_grad_() for p in block.parameters()]
     x = torch.empty(size["batch"], size["seq_len"], size["n_embd"], device="meta", requires_grad=True)
