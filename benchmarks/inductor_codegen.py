@@ -163,8 +163,8 @@ def _build_dynamo_tables() -> None:
     from torch._dynamo.variables import torch as torch_variables  # (some are built on import)
 
     trace_rules.get_torch_obj_rule_map()
-    for name in ("tracing_state_functions", "get_overridable_functions"):
-        getattr(torch_variables, name)()
+    torch_variables.tracing_state_functions()
+    torch_variables.get_overridable_functions()
     torch_variables.TorchInGraphFunctionVariable._get_handlers()
 
 
