@@ -60,14 +60,14 @@ def main() -> None:
         cfg = base.replace(run_dir=f"{args.out}/{name}", **variants[name])
         s = train(cfg, progress=False)
         t = s["timing"]
-        inner_per_replica = t["inner_s"] / cfg.replicas
+        inner_per_replica = t["inner_s"] / cfg.run.replicas
         overhead = t["send_s"] + t["decode_s"] + t["outer_s"]
         results[name] = {
             "final_eval_loss": s["final_eval_loss"],
             "bytes_sent_per_replica": s["bytes_sent_per_replica"],
             "wall_seconds": s["wall_seconds"],
             "rounds": s["rounds"],
-            "overhead_fraction": overhead / inner_per_replica if cfg.mode == "diloco" else None,
+            "overhead_fraction": overhead / inner_per_replica if cfg.run.mode == "diloco" else None,
             "config": {k: v for k, v in variants[name].items()},
         }
         print(json.dumps({name: results[name]}), flush=True)
