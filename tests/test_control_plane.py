@@ -385,6 +385,27 @@ def test_a_worker_forgotten_until_the_job_finished_stops_with_job_finished(coord
     b.close(leave=False)
 
 
+def test_a_worker_whose_coordinator_never_answers_gives_up_after_its_timeout():
+    """No coordinator at the endpoint (a typo, or it is gone for good): registering is retried for
+    coordinator_timeout_s, then CoordinatorLost names the endpoint, instead of waiting for ever."""
+    from lowcomm.comm.net import free_port
+    from lowcomm.runtime.elastic import WorkerAgent
+    from lowcomm.runtime.errors import CoordinatorLost
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    agent = WorkerAgent(endpoint, KEY, "w", coordinator_timeout_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(
+        CoordinatorLost,
+        match=rf"no reply from the coordinator at {endpoint} for \d+ s \(coordinator_timeout 1 s\)",
+    ):
+        agent.start()
+    assert 1.0 <= time.monotonic() - t0 < 20  # a request's own 5 s timeout at most past the bound
+    agent.close(leave=False)
+    with pytest.raises(ValueError, match="coordinator_timeout_s must be > 0"):
+        WorkerAgent(endpoint, KEY, "w", coordinator_timeout_s=0)
+
+
 def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
     """The ninth soak run's case: this worker's contribution was dropped, but the round was
     committed (a restarted coordinator decided a generation it never saw from the round the job

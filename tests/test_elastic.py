@@ -87,6 +87,34 @@ def test_the_job_survives_a_coordinator_restart(job):
     assert any(e["what"] == "re-registered" for e in j.events("w0", "membership"))
 
 
+def test_workers_give_up_on_a_coordinator_that_never_comes_back(job):
+    """A coordinator killed for good: each worker waits --coordinator-timeout for it, then exits
+    with code 1 and one line naming the endpoint, its checkpoint left in place (no hang forever)."""
+    import time
+
+    j = job(
+        flags=[*FLAGS, "--coordinator-timeout", "4", "--checkpoint-every", "10"],
+        coord_flags=("--min-workers", "2"),
+    )
+    j.start_coordinator()
+    names = W4[:2]
+    for w in names:
+        j.start_worker(w, pace(names, delay=0.02))
+    j.wait_until(lambda s: s["round"] >= 3, 90, "a few rounds")
+    j.coord.kill()
+    j.coord.wait(10)
+    t0 = time.monotonic()
+    assert j.wait_workers(names, 60) == dict.fromkeys(names, 1), j.logs()
+    assert time.monotonic() - t0 >= 4  # it waited its timeout for the coordinator first
+    for w in names:
+        log = next(j.tmp.glob(f"{w}-*.log")).read_text()
+        assert f"no reply from the coordinator at {j.endpoint}" in log and "coordinator_timeout 4 s" in log, (
+            log
+        )
+        assert (j.run_dir(w) / "checkpoint.lcs").stat().st_size > 0
+        assert not (j.run_dir(w) / "summary.json").exists()  # the run did not finish
+
+
 def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):
     j = job(coord_flags=("--min-workers", "3"))
     j.start_coordinator()

@@ -14,6 +14,7 @@ __all__ = [
     "ExitCode",
     "CoordinatorError",
     "CoordinatorTimeout",
+    "CoordinatorLost",
     "CoordinatorRefused",
     "NotRegistered",
     "JobFinished",
@@ -46,6 +47,11 @@ class CoordinatorError(RuntimeError):
 
 class CoordinatorTimeout(CoordinatorError):
     """No reply from the coordinator in time (it is down, restarting, or cut off from us)."""
+
+
+class CoordinatorLost(CoordinatorTimeout):
+    """Nothing heard from the coordinator for the worker's whole ``coordinator_timeout``: the
+    worker gives up on the job (a restart of the coordinator takes far less; see docs/elastic.md)."""
 
 
 class CoordinatorRefused(CoordinatorError):

@@ -19,6 +19,9 @@ Settings, all in one place (none needs tuning for a loopback or LAN job):
     pg_timeout_s: gloo's own timeout (300 s): only a backstop, the coordinator's aborts come first.
     transfer_timeout_s: a state transfer that makes no progress for this long is retried from
         another donor (120 s); a donor's death is noticed within a heartbeat instead.
+    coordinator_timeout_s: a worker that hears nothing from its coordinator for this long (600 s,
+        torchelastic's rendezvous join timeout) while it registers, waits for a round or joins
+        gives up with CoordinatorLost; a coordinator's restart takes seconds.
     The coordinator's round deadline for stragglers: ``clamp(5 x observed arrival spread, 10 s, 120 s)``.
 """
 
@@ -37,7 +40,7 @@ from typing import Any
 
 from ...comm.group import CollectiveError
 from ...comm.net import address_toward
-from ..errors import CoordinatorError, CoordinatorRefused, CoordinatorTimeout, NotRegistered
+from ..errors import CoordinatorError, CoordinatorLost, CoordinatorRefused, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
@@ -108,7 +111,8 @@ class WorkerAgent:
         worker_id: this worker's name in the job (default: hostname-pid).
         advertise_addr: the address peers use to reach this worker (gloo and state transfers);
             default: this host's address on the route to the coordinator.
-        heartbeat_s, pg_timeout_s, transfer_timeout_s: see the module's settings.
+        heartbeat_s, pg_timeout_s, transfer_timeout_s, coordinator_timeout_s: see the module's
+            settings.
         record: ``record(kind, **fields)`` receives membership events (rounds redone, transfers).
         hooks: fault hooks (partitions from the coordinator, deaths during a state transfer).
     """
@@ -123,11 +127,17 @@ class WorkerAgent:
         heartbeat_s: float = 0.5,
         pg_timeout_s: float = 300.0,
         transfer_timeout_s: float = 120.0,
+        coordinator_timeout_s: float = 600.0,
         record: Callable[..., None] | None = None,
         hooks: FaultHooks = NO_FAULTS,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
+        if not coordinator_timeout_s > 0:
+            raise ValueError(f"coordinator_timeout_s must be > 0 (seconds), got {coordinator_timeout_s!r}")
+        self.coordinator_timeout_s = coordinator_timeout_s
+        self._clients: list[CoordinatorClient] = []  # every client's last reply counts as heard
+        self._waiting_since = time.monotonic()  # until the first reply
         self.endpoint, self.key, self.hooks = endpoint, key, hooks
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.advertise_addr = advertise_addr or default_advertise_addr(endpoint)
@@ -155,12 +165,30 @@ class WorkerAgent:
         self._done_transfers: set[int] = set()
 
     def _client(self, role: str) -> CoordinatorClient:
-        return CoordinatorClient(
+        client = CoordinatorClient(
             self.endpoint,
             self.key,
             f"{self.worker_id}/{role}",
             timeout_s=5.0,
             blocked=functools.partial(self.hooks.partitioned_from, "coordinator"),
+        )
+        self._clients.append(client)
+        return client
+
+    def silent_for(self) -> float:
+        """Seconds since any of this worker's clients last heard the coordinator (a refusal counts:
+        it answered), or since :meth:`start` began waiting for it."""
+        heard = [c.last_reply_at for c in self._clients if c.last_reply_at is not None]
+        return time.monotonic() - max(heard, default=self._waiting_since)
+
+    def _coordinator_gone(self) -> bool:
+        return self.silent_for() > self.coordinator_timeout_s
+
+    def _lost_coordinator(self) -> CoordinatorLost:
+        return CoordinatorLost(
+            f"no reply from the coordinator at {self.endpoint} for {self.silent_for():.0f} s "
+            f"(coordinator_timeout {self.coordinator_timeout_s:g} s): it is down or cut off from "
+            "this worker; this worker gives up (its checkpoint, if any, resumes with --resume auto)"
         )
 
     def set_fingerprint(self, fingerprint: str) -> None:
@@ -207,14 +235,22 @@ class WorkerAgent:
 
         Raises:
             CoordinatorRefused: the coordinator refused this worker (another configuration, ...).
+            CoordinatorLost: no reply for ``coordinator_timeout_s``.
         """
         self.synced = fresh
+        self._waiting_since = time.monotonic()
         while True:
             try:
                 synced = self._register(self._main)
                 break
             except CoordinatorTimeout:
-                log.warning("coordinator at %s does not answer yet; retrying", self.endpoint)
+                if self._coordinator_gone():
+                    raise self._lost_coordinator() from None
+                log.warning(
+                    "coordinator at %s does not answer yet; retrying (for up to %g s in all)",
+                    self.endpoint,
+                    self.coordinator_timeout_s,
+                )
         self.record("membership", what="registered", synced=synced, worker=self.worker_id)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="lowcomm-heartbeat")
         self._hb_thread.start()
@@ -308,14 +344,23 @@ class WorkerAgent:
         Raises:
             CoordinatorRefused: the heartbeat thread's re-registration was refused for good
                 (JobFinished when the job finished meanwhile).
+            CoordinatorLost: nothing heard from the coordinator for ``coordinator_timeout_s``.
         """
+
+        def stop() -> bool:
+            return (cancel is not None and cancel()) or self._coordinator_gone()
+
         while True:
             try:
-                return self._rpc.call(kind, body, match=match, cancel=cancel)
+                reply = self._rpc.call(kind, body, match=match, cancel=stop)
             except NotRegistered:
                 if self._refused is not None:
                     raise self._refused from None
                 time.sleep(self.heartbeat_s)
+                continue
+            if reply is None and not (cancel is not None and cancel()):
+                raise self._lost_coordinator()
+            return reply
 
     def quorum(self, rnd: int, cancel: Callable[[], bool] | None = None) -> Quorum | None:
         """Wait for the quorum of round ``rnd`` (None once ``cancel()`` is true).
@@ -361,6 +406,7 @@ class WorkerAgent:
 
         Raises:
             JobFinished: the job's workers finished and left: there is nothing to join.
+            CoordinatorLost: nothing heard from the coordinator for ``coordinator_timeout_s``.
         """
         failed: list[str] = []
         attempts = 0
@@ -370,7 +416,10 @@ class WorkerAgent:
                 "join",
                 {"worker_id": self.worker_id, "failed": failed[-64:]},
                 match=lambda r: r.type == "join_reply",
+                cancel=self._coordinator_gone,
             )
+            if reply is None:
+                raise self._lost_coordinator()
             b = reply.body
             donor, tid = b["donor"], b["transfer_id"]
             t0 = time.perf_counter()

@@ -59,6 +59,7 @@ class CoordinatorClient:
         self._sock.connect(endpoint)
         self._sent_ids: collections.deque[str] = collections.deque(maxlen=64)
         self.inst: str | None = None  # the coordinator process last heard from
+        self.last_reply_at: float | None = None  # time.monotonic() of the last verified reply
         self._key_rejected = False
 
     @property
@@ -88,6 +89,7 @@ class CoordinatorClient:
             log.warning("dropped a reply from %s: %s", self.endpoint, e)
             return None
         self.inst = reply.inst or self.inst
+        self.last_reply_at = time.monotonic()  # a refusal too: the coordinator is alive
         return reply
 
     def request(self, kind: str, body: dict, epoch: int = -1, timeout_s: float | None = None, match=None):

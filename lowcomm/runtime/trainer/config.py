@@ -352,6 +352,9 @@ class ElasticConfig:
             transfers); default: this host's address on the route to the coordinator.
         transfer_inner_state: joiners also receive the donor's inner optimizer state.
         heartbeat: seconds between the worker's heartbeats.
+        coordinator_timeout: seconds the worker waits for a coordinator that does not answer
+            (registering, in a round, joining) before it gives up with an error; a restarted
+            coordinator answers within seconds.
         checkpoint_every: write this process's whole state (every replica it trains; an elastic
             worker's own) to run_dir/checkpoint.lcs every this many steps (0 = never), atomically,
             with a checksum; each process of a static job of several writes
@@ -365,6 +368,7 @@ class ElasticConfig:
     advertise_addr: str | None = None
     transfer_inner_state: bool = False
     heartbeat: float = 0.5
+    coordinator_timeout: float = 600.0
     checkpoint_every: int = 0
     resume: str | None = None
 
@@ -376,6 +380,7 @@ class ElasticConfig:
         _text(self, "resume", optional=True)
         _bool(self, "transfer_inner_state")
         _num(self, "heartbeat", lambda v: 0 < v <= 10, "a number of seconds in (0, 10]")
+        _num(self, "coordinator_timeout", lambda v: v > 0, "a number of seconds > 0")
         _int(self, "checkpoint_every", 0)
 
     @property

@@ -104,6 +104,7 @@ class ElasticDiLoCo(DiLoCoSync):
             worker_id,
             el.advertise_addr,
             heartbeat_s=el.heartbeat,
+            coordinator_timeout_s=el.coordinator_timeout,
             record=record,
             hooks=hooks,
         )
