@@ -110,13 +110,26 @@ class Rogues:
         if kind == "other_model":
             flags[flags.index("--model-dim") + 1] = "32"
         cmd = [sys.executable, "-m", "lowcomm", "train", "--coordinator", job.endpoint, "--worker-id", name]
-        cmd += ["--run-dir", str(self.folder / name), "--quiet", *flags]
+        # one sent as the job ends finds no coordinator: it gives up after 30 s, not the default 600
+        cmd += ["--run-dir", str(self.folder / name), "--quiet", *flags, "--coordinator-timeout", "30"]
         t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+            code, said = r.returncode, (r.stderr.strip().splitlines() or [""])[-1][:200]
+        except subprocess.TimeoutExpired:  # counted against the goal, not lost with its thread
+            code, said = None, "still running after 300 s (killed)"
         self.results.append(
-            {"kind": kind, "worker": name, "returncode": r.returncode, "seconds": time.time() - t0,
-             "said": (r.stderr.strip().splitlines() or [""])[-1][:200]}
-        )  # fmt: skip
+            {"kind": kind, "worker": name, "returncode": code, "seconds": time.time() - t0, "said": said}
+        )
+
+    def outcome(self, r: dict) -> str:
+        """refused (exit code 2: the key or the configuration), unanswered (it came after the job
+        ended: no coordinator answered it), or what else happened (a failure of the goal)."""
+        if r["returncode"] == 2:
+            return "refused"
+        if r["returncode"] == 1 and "no reply from the coordinator" in r["said"]:
+            return "unanswered"
+        return f"exit code {r['returncode']}"
 
     def join(self) -> None:
         for t in self._threads:
@@ -149,7 +162,7 @@ def main() -> None:
     t0 = time.time()
     report = run_chaos(plan, len(WORKERS), out, flags, timeout=3600.0, observer=rogues)
     rogues.join()
-    refused = [r for r in rogues.results if r["returncode"] != 0]
+    outcomes = [rogues.outcome(r) for r in rogues.results]
     kinds = {f["kind"] for f in report["faults"]}
     result = {
         **stamp("soak"),
@@ -164,9 +177,10 @@ def main() -> None:
         "reference_final_loss": report["reference_final_loss"],
         "chaos_final_loss": report["chaos_final_loss"],
         "rogues": len(rogues.results),
-        "rogues_refused": len(refused),
+        "rogues_refused": outcomes.count("refused"),
+        "rogues_unanswered": outcomes.count("unanswered"),  # sent as the job ended
         "rogues_seen_as_members": sorted(w for w in rogues.members_seen if w.startswith("rogue")),
-        "rogue_exit_codes": sorted({r["returncode"] for r in rogues.results}),
+        "rogue_exit_codes": sorted({r["returncode"] for r in rogues.results}, key=str),
         "rogue_messages": sorted({r["said"] for r in rogues.results})[:4],
         "chaos_wall_s": report["chaos_wall_s"],
         "reference_wall_s": report["reference_wall_s"],
@@ -177,7 +191,9 @@ def main() -> None:
         "data_lost_0": result["data_lost"] == 0,
         "final_loss_within_0.05": result["final_loss_delta"] is not None
         and abs(result["final_loss_delta"]) <= 0.05,
-        "every_rogue_refused": result["rogues"] > 0 and result["rogues_refused"] == result["rogues"]
+        # every rogue that reached the job refused (none unanswered but those sent as it ended)
+        "every_rogue_refused": result["rogues_refused"] > 0
+        and result["rogues_refused"] + result["rogues_unanswered"] == result["rogues"]
         and not result["rogues_seen_as_members"],
     }  # fmt: skip
     write_result(result, args.json)
