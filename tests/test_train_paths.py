@@ -4,6 +4,7 @@ loss reads without host syncs, and the records that report speed."""
 import copy
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -517,6 +518,47 @@ def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
         assert torch.equal(
             torch.cat([p.detach().reshape(-1) for p in m.parameters()]), dilocos[0].global_vector()
         )
+
+
+def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
+    """diloco_vs_dp.py, overlap.py and collective.py, which BENCHMARKS.md's CPU tables come from,
+    at tiny sizes in processes of their own, as their docstrings run them: a change to the
+    trainer's configuration or records that breaks one fails here (diloco_vs_dp.py once read a
+    field the configuration had moved, and failed after its first run)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    tiny = ["--model-dim", "32", "--layers", "3", "--seq-len", "32", "--batch-size", "2"]
+
+    def run(*cmd) -> None:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    out = tmp_path / "dvd.json"
+    run(sys.executable, bench / "diloco_vs_dp.py", "--steps", "16", "--sync-every", "8", *tiny, "--threads",
+        "1", "--runs", "dp,diloco,streaming", "--out", tmp_path / "dvd", "--json", out)  # fmt: skip
+    r = json.loads(out.read_text())["results"]
+    assert r["dp"]["overhead_fraction"] is None and r["diloco"]["rounds"] == 2
+    assert r["diloco"]["bytes_reduction_vs_dp"] == pytest.approx(8.0, rel=0.01)  # a round every 8 steps
+    assert r["streaming"]["bytes_reduction_vs_dp"] > r["diloco"]["bytes_reduction_vs_dp"]  # e3m0 fragments
+    assert all(math.isfinite(v["final_eval_loss"]) and v["overhead_fraction"] != 0 for v in r.values())
+
+    out = tmp_path / "overlap.json"
+    run(sys.executable, bench / "overlap.py", "--replicas", "2", "--steps", "16", "--sync-every", "8",
+        "--model-args", " ".join([*tiny, "--heads", "2"]), "--variants", "no_comm,streaming",
+        "--out", tmp_path / "ov", "--json", out)  # fmt: skip
+    r = json.loads(out.read_text())["results"]
+    assert r["no_comm"]["bytes_sent_per_replica"] == 0 and r["no_comm"]["step_time_vs_no_comm"] == 1.0
+    assert r["streaming"]["bytes_sent_per_replica"] > 0 and 0 < r["streaming"]["comm_free_fraction"] <= 1
+
+    out = tmp_path / "collective.json"
+    run(sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", sys.executable,
+        bench / "collective.py", "--sizes", "4096", "--reps", "1", "--json", out)  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    sent = {k: row[f"lowcomm_{k}"]["bytes_sent"] for k in ("fp32", "int8", "e3m0")}
+    assert sent["fp32"] == 4 * 4096 and sent["fp32"] > sent["int8"] > sent["e3m0"], sent
+    assert all(v["seconds"] > 0 for k, v in row.items() if isinstance(v, dict))
 
 
 def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monkeypatch):
