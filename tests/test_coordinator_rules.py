@@ -371,6 +371,29 @@ def test_a_restarted_worker_replaces_its_old_process_and_aborts_its_rounds():
     assert sim.last("a", "decision")["commit"] is False
 
 
+def test_a_transfer_whose_donor_restarted_is_cancelled_for_the_joiner_at_once():
+    """The soak run's case: a donor killed and restarted before it served its joiner came back
+    (a new incarnation, so never reported lost); its transfer was dropped without a word, and the
+    joiner waited its whole transfer timeout (120 s) before asking again. Now the joiner's next
+    heartbeat reply cancels it, and the restarted process owes nothing."""
+    sim = Sim()
+    for w in "ab":
+        sim.register(w, incarnation="one")
+    gen = _quorum(sim, "ab", 0)["a"]["generation"]
+    sim.commit("a", 0, gen, members="ab")
+    sim.commit("b", 0, gen, members="ab")
+    sim.register("j", incarnation="one")
+    sim.send("j", "join", worker_id="j", failed=[])
+    reply = sim.last("j", "join_reply")
+    tid = reply["transfer_id"]
+    assert reply["donor"] == "a" and tid not in sim.beat("j")["j"]["cancelled"]
+    sim.register("a", incarnation="two", synced=True, round=1)  # a restarted before it served j
+    assert tid in sim.beat("j")["j"]["cancelled"]
+    assert sim.beat("a")["a"]["serve"] == []
+    sim.send("j", "join", worker_id="j", failed=["a"])
+    assert sim.last("j", "join_reply")["donor"] == "b"
+
+
 def test_before_the_first_quorum_the_newest_state_wins():
     sim = Sim(min_workers=2)
     assert sim.register("old", synced=True, round=4, holds_state=True)["synced"]

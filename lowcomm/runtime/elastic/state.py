@@ -489,7 +489,11 @@ class CoordinatorState:
         self.fingerprints.pop(wid, None)
         self.asks.pop(wid, None)
         self.joins.pop(wid, None)
-        self.owed.pop(wid, None)
+        # what it owed as a donor and was owed as a joiner: cancelled, so the other side stops
+        # waiting at its next heartbeat reply (a donor back at once under a new incarnation is never
+        # reported lost: its joiners would wait their whole transfer timeout)
+        for t in self.owed.pop(wid, []):
+            self.cancelled.append(t.transfer_id)
         self._cancel_transfers(wid)
         self.lost.append((now, wid))
         for g, gen in list(self.generations.items()):
