@@ -442,6 +442,37 @@ def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
         work.wait()
 
 
+def test_a_joiner_or_restarted_worker_starts_from_the_jobs_reduce_time_not_the_ceiling():
+    """The soak run's case: a worker back from its checkpoint had no reduce time of its own, so its
+    first round waited the 120 s ceiling (130 s with the rendezvous' margin) for a peer whose
+    contribution never came. The job state (a donor's transfer, a checkpoint) carries the sender's
+    smoothed reduce time, and a process without one of its own starts from it."""
+    from lowcomm.comm import LocalGroup
+    from lowcomm.lm import GPT, GPTConfig
+    from lowcomm.optim import DiLoCo
+    from lowcomm.runtime.elastic import ElasticGroup, job_state, load_job_state
+
+    class Agent:
+        worker_id, next_round, step = "w1", 0, 0
+
+    model = GPT(GPTConfig(n_embd=16, n_layer=1, n_head=2, seq_len=8))
+    (local,) = LocalGroup.create(1)
+    diloco = DiLoCo(model, torch.optim.AdamW(model.parameters()), local, sync_every=4)
+    donor, fresh = ElasticGroup(Agent()), ElasticGroup(Agent())
+    assert fresh.collective_deadline() == fresh.collective_ceiling_s == 120.0  # nothing observed
+    donor.adopt_collective_s(0.3)  # as if its rounds had taken 0.3 s
+    state = job_state(diloco, donor)
+    assert state["collective_s"] == 0.3
+    load_job_state(diloco, fresh, state)
+    assert fresh.collective_s == 0.3 and fresh.collective_deadline() == 5.0  # 10 x 0.3 s, floor 5 s
+    fresh.adopt_collective_s(2.0)  # its own figure, once it has one, is kept
+    assert fresh.collective_deadline() == 5.0
+    for bad in (None, float("nan"), float("inf"), -1.0, 0.0, "2"):  # an older lowcomm's state has none
+        g = ElasticGroup(Agent())
+        load_job_state(diloco, g, {**state, "collective_s": bad})
+        assert g.collective_s is None and g.collective_deadline() == 120.0, bad
+
+
 @pytest.mark.parametrize(("version", "legacy"), [("2.4.1", True), ("2.7.1+cu126", True), ("2.8.0", False)])
 def test_the_store_serving_a_handed_socket_takes_the_backend_its_torch_allows(monkeypatch, version, legacy):
     """TCPStore's libuv backend serves a socket it is handed only from torch 2.8 on: before, the

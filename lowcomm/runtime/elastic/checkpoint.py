@@ -1,11 +1,12 @@
 """What a joiner receives and what a worker checkpoints: the job's state around a DiLoCo wrapper.
 
 A *job state* (:func:`job_state`) is what every synced member holds alike: the DiLoCo state
-(global fragments, outer momentum, step, error-feedback buffers; nothing in flight) and the next
-round. A joiner continues from a donor's with :func:`load_job_state`. A *worker checkpoint* adds
-what is the worker's own (its model, inner optimizer, data position) so that a job that lost every
-worker resumes bit for bit; :func:`write_checkpoint` and :func:`read_checkpoint` keep it on disk in
-the format of :mod:`~lowcomm.runtime.elastic.transfer` (atomic, checksummed, never pickled).
+(global fragments, outer momentum, step, error-feedback buffers; nothing in flight), the next
+round and the reduce time its sender observed. A joiner continues from a donor's with
+:func:`load_job_state`. A *worker checkpoint* adds what is the worker's own (its model, inner
+optimizer, data position) so that a job that lost every worker resumes bit for bit;
+:func:`write_checkpoint` and :func:`read_checkpoint` keep it on disk in the format of
+:mod:`~lowcomm.runtime.elastic.transfer` (atomic, checksummed, never pickled).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def job_state(diloco, group: ElasticGroup) -> dict:
     """What a joiner receives from its donor: the DiLoCo state (global fragments, outer momentum,
     step, error-feedback buffers, nothing in flight) and the next round. Take it at a step with no
     round in flight (``diloco.in_flight == 0``); add what else the joiner should get."""
-    return {"diloco": diloco.state_dict(), "round": group.next_round}
+    # (with the reduce time the donor observed, so the receiver's first round has a deadline)
+    return {"diloco": diloco.state_dict(), "round": group.next_round, "collective_s": group.collective_s}
 
 
 def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = True) -> None:
@@ -52,6 +54,7 @@ def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = T
             if fs.get("residual") is not None:
                 fs["residual"].zero_()
     group.reset(int(state["round"]))
+    group.adopt_collective_s(state.get("collective_s"))  # (a state of an older lowcomm has none)
     diloco.load_state_dict(state["diloco"])
     group.agent.step = diloco.step_count
     if joiner:

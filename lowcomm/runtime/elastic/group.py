@@ -19,10 +19,12 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -144,6 +146,20 @@ class ElasticGroup(ReplicaGroup):
         self._verified[what] = info
         fingerprint = hashlib.sha256(json.dumps(self._verified, sort_keys=True).encode()).hexdigest()
         self.agent.set_fingerprint(fingerprint)
+
+    @property
+    def collective_s(self) -> float | None:
+        """This worker's smoothed time of a round's reduce (None before its first round)."""
+        return self._coll_s
+
+    def adopt_collective_s(self, seconds: Any) -> None:
+        """Start from the job's observed reduce time (a donor's, or this worker's own from its
+        checkpoint) where this process has none yet: the first round of a restarted or joining
+        worker is then given up after 10x the job's usual time, not after the 120 s ceiling (the
+        soak run's case: a peer whose contribution never came held a restarted worker 130 s).
+        A value that is not a finite number of seconds > 0 is ignored."""
+        if self._coll_s is None and isinstance(seconds, float) and math.isfinite(seconds) and seconds > 0:
+            self._coll_s = seconds
 
     def reset(self, next_round: int) -> None:
         """Drop every queued round (after a resync) and continue at ``next_round``."""
