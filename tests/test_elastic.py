@@ -70,15 +70,21 @@ def test_a_worker_killed_mid_round_is_survived_and_a_joiner_catches_up(job):
     assert math.isfinite(loss) and abs(loss - ref_loss) < 0.15 * ref_loss, (loss, ref_loss)
 
 
-def test_the_job_survives_a_coordinator_restart(job):
-    j = job(coord_flags=("--min-workers", "3"))
+def _kill_the_coordinator_after(j: LocalJob, names: list[str], rounds: int) -> None:
+    """Start the coordinator and the workers ``names`` (paced), then kill the coordinator once the
+    job reached round ``rounds``."""
     j.start_coordinator()
-    names = W4[:3]
     for w in names:
         j.start_worker(w, pace(names, delay=0.02))
-    j.wait_until(lambda s: s["round"] >= 4, 90, "a few rounds")
+    j.wait_until(lambda s: s["round"] >= rounds, 90, "a few rounds")
     j.coord.kill()
     j.coord.wait(10)
+
+
+def test_the_job_survives_a_coordinator_restart(job):
+    j = job(coord_flags=("--min-workers", "3"))
+    names = W4[:3]
+    _kill_the_coordinator_after(j, names, rounds=4)
     j.start_coordinator(["--grace", "3"])  # same address; the workers re-register with their state
     j.wait_until(lambda s: len(s["members"]) == 3, 30, "the workers to re-register")
     assert j.wait_workers(names, 150) == dict.fromkeys(names, 0), j.logs()
@@ -96,13 +102,8 @@ def test_workers_give_up_on_a_coordinator_that_never_comes_back(job):
         flags=[*FLAGS, "--coordinator-timeout", "4", "--checkpoint-every", "10"],
         coord_flags=("--min-workers", "2"),
     )
-    j.start_coordinator()
     names = W4[:2]
-    for w in names:
-        j.start_worker(w, pace(names, delay=0.02))
-    j.wait_until(lambda s: s["round"] >= 3, 90, "a few rounds")
-    j.coord.kill()
-    j.coord.wait(10)
+    _kill_the_coordinator_after(j, names, rounds=3)
     t0 = time.monotonic()
     assert j.wait_workers(names, 60) == dict.fromkeys(names, 1), j.logs()
     assert time.monotonic() - t0 >= 4  # it waited its timeout for the coordinator first
