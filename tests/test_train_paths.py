@@ -542,7 +542,8 @@ def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
     assert r["dp"]["overhead_fraction"] is None and r["diloco"]["rounds"] == 2
     assert r["diloco"]["bytes_reduction_vs_dp"] == pytest.approx(8.0, rel=0.01)  # a round every 8 steps
     assert r["streaming"]["bytes_reduction_vs_dp"] > r["diloco"]["bytes_reduction_vs_dp"]  # e3m0 fragments
-    assert all(math.isfinite(v["final_eval_loss"]) and v["overhead_fraction"] != 0 for v in r.values())
+    assert all(math.isfinite(v["final_eval_loss"]) for v in r.values())
+    assert r["diloco"]["overhead_fraction"] > 0 and r["streaming"]["overhead_fraction"] > 0
 
     out = tmp_path / "overlap.json"
     run(sys.executable, bench / "overlap.py", "--replicas", "2", "--steps", "16", "--sync-every", "8",

@@ -99,7 +99,6 @@ class _View:
     serve: list[dict] = field(default_factory=list)
     synced: bool = True
     reachable: bool = True
-    last_reply: float = 0.0
 
 
 class WorkerAgent:
@@ -296,7 +295,6 @@ class WorkerAgent:
             self.record("membership", what="lost", worker=w)
         with self._lock:
             self.view.reachable = True
-            self.view.last_reply = time.monotonic()
             self.view.aborted.update(int(g) for g in reply["aborted"])
             self.view.cancelled.update(int(t) for t in reply["cancelled"])
             self.view.lost = lost
