@@ -347,6 +347,8 @@ def test_round_stats_count_bytes_and_norms():
         (dict(outer_momentum=1.0), "outer_momentum"),
         (dict(reduce="ring"), "reduce method"),
         (dict(pattern="zigzag"), "pattern"),
+        (dict(outer_device="cuda:99"), r"outer_device='cuda:99' is not allowed: 'cpu' or the parameters'"),
+        (dict(outer_device="meta"), "outer_device='meta' is not allowed: a device that holds values"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_value_named(kw, match):

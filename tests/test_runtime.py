@@ -232,6 +232,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         ],
         "need at least": [*base, "--seq-len", "100000000", "--run-dir", str(tmp_path / "n2")],
         "batch_size=1000000000": [*base, "--batch-size", "1000000000", "--run-dir", str(tmp_path / "n3")],
+        "outer_device='cuda:99'": [*base, "--outer-device", "cuda:99", "--run-dir", str(tmp_path / "n4")],
     }  # fmt: skip
     for toml, match in (
         ("corpus = 5\n", "corpus=5 is not allowed"),
@@ -252,7 +253,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         assert code == 2, (match, err)
         assert len(err) == 1 and match in err[0] and err[0].startswith("lowcomm: error:"), (match, err)
         assert _snapshot(run) == before, match  # nothing of the earlier run changed
-    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3"))
+    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3", "n4"))
     with pytest.raises(SystemExit):
         main(["--log-level", "BOGUS", "keys"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err

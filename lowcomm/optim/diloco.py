@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import refuse
 from .._compat import dtensor_type
 from ..comm import Codec, ReplicaGroup, Work, get_codec
 from ..comm.distributed import gather_shards, mesh_position, shard_position
@@ -193,6 +194,8 @@ class DiLoCo:
                 f"parameter {meta[0]!r} is on the meta device (it has no values yet): build DiLoCo "
                 "once the model's weights exist (after model.to_empty(device=...) and their init)"
             )
+        first = next(iter(params.values()))
+        self.outer_device = _usable_outer_device(cfg.outer_device, first.device)
         self.shard_group = shard_group
         self.num_shards, self.shard = shard_position(shard_group)
         self.part = _part_of(params, group, shard_group, self.shard, self.num_shards)
@@ -201,8 +204,6 @@ class DiLoCo:
         self._start_from_the_same_weights(
             group, [local_tensor(params[n]) for names in frag_names for n in names] + buffers, cfg.init
         )
-        first = next(iter(params.values()))
-        self.outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else first.device
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
 
         self.step_count = 0
@@ -708,6 +709,25 @@ class DiLoCo:
         gather_shards(
             f.global_, shard_bounds(f.global_.numel(), self.num_shards, self.codec.block), self.shard_group
         )
+
+
+def _usable_outer_device(outer_device: str | torch.device | None, params_device: torch.device):
+    """``outer_device`` (unset: the parameters' device), refused by name where this process
+    cannot allocate on it (``cuda`` without a GPU, a GPU index past the last, ``meta``)."""
+    if outer_device is None:
+        return params_device
+    device = torch.device(outer_device)
+    allowed = f"'cpu' or the parameters' device ({params_device}), or unset"
+    if device.type == "meta":
+        raise refuse("outer_device", str(outer_device), f"a device that holds values: {allowed}")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch without CUDA raises AssertionError
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise refuse(
+            "outer_device", str(outer_device), f"{allowed}; this process cannot use it ({why})"
+        ) from None
+    return device
 
 
 def _part_of(
