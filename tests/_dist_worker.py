@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,8 @@ def build(out: str, sc: dict, topo, name: str):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(1 if sc.get("seed_rank") == topo.rank else 0)  # a different init there
-    model = NormLM() if sc.get("model") == "norm" else GPT(TINY)
+    cfg = replace(TINY, n_embd=32) if sc.get("wide_rank") == topo.rank else TINY  # another model there
+    model = NormLM() if sc.get("model") == "norm" else GPT(cfg)
     runner = model
     if sc.get("fsdp") or sc.get("fsdp_world"):
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh

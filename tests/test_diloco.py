@@ -402,6 +402,46 @@ def test_replicas_built_from_different_weights_start_alike_or_are_refused():
         DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], sync_every=2, init="copy")
 
 
+def test_start_up_copies_every_parameter_bit_for_bit_and_refuses_other_models_by_name():
+    """Broadcast carries each parameter's own bits (an fp64 one is not rounded through fp32) and
+    the frozen ones too (as DDP does: nothing would ever pull them together); replicas of another
+    shape are refused naming the parameter; a complex parameter is refused by name."""
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1).double(), nn.Linear(4, 4))
+        m[2].requires_grad_(False)  # frozen: trained by no one, copied at start-up
+        return m
+
+    models = [model(s) for s in range(2)]
+    with torch.no_grad():
+        models[0][1].weight[0, 0] = 1 + 2**-40  # no fp32 holds it
+    groups = LocalGroup.create(2)
+    for m, g in zip(models, groups):
+        DiLoCo(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]), g, sync_every=2)
+    assert models[1][1].weight[0, 0].item() == 1 + 2**-40
+    for (n, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), n
+    models = [model(0), model(0)]
+    with torch.no_grad():
+        models[1][2].weight[0, 0] += 1  # only a frozen parameter differs
+    groups = LocalGroup.create(2)
+    DiLoCo(models[0], None, groups[0], sync_every=2, init="check")
+    with pytest.raises(ValueError, match=r"\[1\] differ from replica 0 in the initial parameters"):
+        DiLoCo(models[1], None, groups[1], sync_every=2, init="check")
+    wide = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2).double(), nn.Linear(4, 4).requires_grad_(False))
+    groups = LocalGroup.create(2)
+    DiLoCo(model(0), None, groups[0], sync_every=2)
+    with pytest.raises(
+        ValueError, match=r"parameters: \{'param 1.bias': \{'replica 0': \['torch.float64', 1\]"
+    ):
+        DiLoCo(wide, None, groups[1], sync_every=2)
+    odd = nn.Linear(4, 1)
+    odd.phase = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="parameter 'phase' is torch.complex64: DiLoCo syncs floating-point"):
+        DiLoCo(odd, None, LocalGroup.create(1)[0], sync_every=2)
+
+
 def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_steps():
     kw = dict(sync_every=3, fragments=2, overlap=1, codec="int8")
     models, opts = _replicas(1)

@@ -293,6 +293,16 @@ def test_replicas_started_apart_are_made_alike_or_refused_by_name(tmp_path):
     assert res.returncode == 3
     err = (tmp_path / "apart.rank0.err").read_text()
     assert "replica(s) [1] differ from replica 0 in the initial parameters" in err
+    # another model on rank 1: refused naming a parameter before the broadcast (unequal sizes)
+    other = {"name": "other", "steps": 2, "diloco": {"sync_every": 2}, "wide_rank": 1}
+    res = _launch(tmp_path, [other], replicas=2, timeout=120)
+    assert res.returncode == 3
+    for r in range(2):
+        err = (tmp_path / f"other.rank{r}.err").read_text()
+        assert "replica(s) [1] differ from replica 0 in the model's parameters" in err, err
+        want = "'param wte.weight': {'replica 0': ['torch.float32', 32, 16], 'replica 1': "
+        want += "['torch.float32', 32, 32]}"
+        assert want in err, err
 
 
 def test_replicas_out_of_step_are_refused_naming_the_steps_and_a_finished_peer_is_named(tmp_path):

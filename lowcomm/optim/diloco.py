@@ -188,21 +188,45 @@ class DiLoCo:
         buffer_names = assign_buffers(module, frag_names) if cfg.sync_buffers else [[] for _ in frag_names]
         params = dict(module.named_parameters())
         buffers = [module.get_buffer(n) for names in buffer_names for n in names]
-        meta = [n for names in frag_names for n in names if params[n].is_meta]
+        synced = [n for names in frag_names for n in names]
+        frozen = [n for n in params if n not in set(synced)]  # copied at start-up, never synced
+        meta = [n for n in synced + frozen if params[n].is_meta]
         if meta:
             raise ValueError(
                 f"parameter {meta[0]!r} is on the meta device (it has no values yet): build DiLoCo "
                 "once the model's weights exist (after model.to_empty(device=...) and their init)"
             )
-        first = next(iter(params.values()))
+        for n in synced:
+            if not params[n].is_floating_point():
+                raise ValueError(
+                    f"parameter {n!r} is {params[n].dtype}: DiLoCo syncs floating-point parameters "
+                    "(its global copy and pseudo-gradients are fp32); hold it as a buffer or as real "
+                    "and imaginary parts (torch.view_as_real)"
+                )
+        # before any traffic: replicas built from different models are refused naming the parameter
+        # that differs (a broadcast of unequal sizes fails in the backend, or hangs)
+        group.verify_same(
+            "model's parameters",
+            {
+                f"{'frozen param' if n in frozen else 'param'} {n}": [
+                    str(params[n].dtype),
+                    *local_tensor(params[n]).shape,
+                ]
+                for n in synced + frozen
+            },
+        )
+        first = params[synced[0]]
         self.outer_device = _usable_outer_device(cfg.outer_device, first.device)
         self.shard_group = shard_group
         self.num_shards, self.shard = shard_position(shard_group)
         self.part = _part_of(params, group, shard_group, self.shard, self.num_shards)
         self._fsdp_modules = [m for m in module.modules() if _is_fsdp2(m)]
         self._reshard()
+        # frozen parameters too (as DDP does): replicas that differ in them would never agree
         self._start_from_the_same_weights(
-            group, [local_tensor(params[n]) for names in frag_names for n in names] + buffers, cfg.init
+            group,
+            [local_tensor(params[n]) for n in synced] + buffers + [local_tensor(params[n]) for n in frozen],
+            cfg.init,
         )
         pin = self.outer_device.type == "cpu" and first.device.type == "cuda"
 
@@ -246,12 +270,15 @@ class DiLoCo:
     @staticmethod
     def _start_from_the_same_weights(group: ReplicaGroup, params: list[nn.Parameter], init: str) -> None:
         """Every replica must start from the same weights (replicas that do not train apart for
-        ever: nothing in DiLoCo pulls them together). ``broadcast``: replica 0's parameters are
-        copied to every replica, as DDP does; ``check``: a digest of each replica's is compared and
-        replicas that differ are refused by name. Groups that cannot broadcast (an elastic job,
-        whose joiners get the job's state from a member) check."""
+        ever: nothing in DiLoCo pulls them together). ``params``: the synced parameters, buffers
+        and frozen parameters. ``broadcast``: replica 0's bytes are copied to every replica, as
+        DDP does; ``check``: a digest of each replica's is compared and replicas that differ are
+        refused by name. Groups that cannot broadcast (an elastic job, whose joiners get the job's
+        state from a member) check."""
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+            # their bytes, whatever their dtypes: every replica gets replica 0's bits exactly (an
+            # fp64 or fp16 parameter too) in one collective
+            flat = torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in params])
             if init == "broadcast":
                 try:
                     group.broadcast_(flat)
@@ -260,8 +287,9 @@ class DiLoCo:
                 else:
                     offset = 0
                     for p in params:
-                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                        offset += p.numel()
+                        n = p.numel() * p.element_size()
+                        p.copy_(flat[offset : offset + n].clone().view(p.dtype).view_as(p))
+                        offset += n
         if init != "none":
             digest = hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
             group.verify_same("initial parameters", {"sha256": digest})
