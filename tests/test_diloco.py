@@ -461,6 +461,16 @@ def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_step
     assert hooked[0].step_count == 9
     with pytest.raises(ValueError, match="pass it to DiLoCo"):
         DiLoCo(models2[0], None, LocalGroup.create(1)[0], sync_every=3).attach()
+    # a second DiLoCo on the same optimizer (a notebook cell run twice) is refused while the first
+    # is attached: both would sync every round
+    hooked[0].attach()
+    again = DiLoCo(models2[0], opts2[0], LocalGroup.create(1)[0], **kw)
+    with pytest.raises(ValueError, match="another DiLoCo is attached to this inner optimizer"):
+        again.attach()
+    hooked[0].detach()
+    again.attach()
+    _inner_step(models2, opts2, 11)
+    assert (again.step_count, hooked[0].step_count) == (1, 9)
 
 
 def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path):

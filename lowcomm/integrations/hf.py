@@ -96,6 +96,8 @@ class DiLoCoTrainerCallback(TrainerCallback):
                 "the HF Trainer handed its callbacks no optimizer, which DiLoCo steps from: pass "
                 "optimizers=(optimizer, scheduler) to Trainer(...) or use another transformers release"
             )
+        if self.diloco is not None:  # a train() that ended in an exception left it attached
+            self.diloco.detach()
         self.diloco = DiLoCo(
             model,
             unwrap_optimizer(optimizer),

@@ -58,6 +58,8 @@ class DiLoCoCallback(pl.Callback):
             )
         # resuming, each replica's own weights came from its checkpoint: nothing to make alike
         config = self.config.replace(init="none") if self._restored is not None else self.config
+        if self.diloco is not None:  # a fit that ended in an exception left it attached
+            self.diloco.detach()
         whole = isinstance(trainer.strategy.model, DistributedDataParallel)  # (on_fit_start: wrapped)
         self.diloco = DiLoCo(
             pl_module,

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -107,6 +108,10 @@ class _Fragment:
         """What this process holds of the fragment's parameters: a DTensor's local shard (looked
         up each time: FSDP2 may give a parameter a new local tensor at its first forward)."""
         return [local_tensor(p) for p in self.params]
+
+
+# the DiLoCo each inner optimizer steps through attach() (one at most)
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, DiLoCo] = weakref.WeakKeyDictionary()
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -303,12 +308,20 @@ class DiLoCo:
         the replicas with :func:`step_replicas`). Returns ``self``.
 
         Raises:
-            ValueError: no inner optimizer was given.
+            ValueError: no inner optimizer was given, or another DiLoCo is attached to it (a cell
+                run twice in a notebook: both would sync every round and step it twice).
         """
         if self.inner_optimizer is None:
             raise ValueError("attach() steps DiLoCo from the inner optimizer: pass it to DiLoCo(...)")
+        other = _ATTACHED.get(self.inner_optimizer)
+        if other is not None and other is not self:
+            raise ValueError(
+                "another DiLoCo is attached to this inner optimizer (both would sync every round): "
+                "call detach() on the first one, or keep using it"
+            )
         if self._attached is None:
             self._attached = self.inner_optimizer.register_step_post_hook(lambda *_: self.step())
+            _ATTACHED[self.inner_optimizer] = self
         return self
 
     def detach(self) -> None:
@@ -316,6 +329,7 @@ class DiLoCo:
         if self._attached is not None:
             self._attached.remove()
             self._attached = None
+            _ATTACHED.pop(self.inner_optimizer, None)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[DiLoCo]:
