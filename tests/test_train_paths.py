@@ -1236,10 +1236,13 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
             r"replicas \[0, 1, 2\]",
         ),
         (dict(mode="dp"), "this is a 'dp' run"),
+        # a finished run resumed: it would rewrite the summary of 8 steps with one of none
+        (dict(steps=8), r"the checkpoint is at step 8 and steps=8: nothing is left to train"),
+        (dict(steps=6), r"at step 8 and steps=6: nothing is left to train; give steps above 8"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
-            _run(tmp_path, corpus_dir, "r", **{**run, **change, "resume": "auto"})
+            _run(tmp_path, corpus_dir, "r", **{**run, "steps": 12, **change, "resume": "auto"})
     (tmp_path / "bad.lcs").write_bytes(records["checkpoint.lcs"][:200])
     with pytest.raises(CorruptStateError, match="bad.lcs: header length"):
         _run(tmp_path, corpus_dir, "r", **run, resume=str(tmp_path / "bad.lcs"))

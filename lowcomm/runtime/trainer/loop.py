@@ -419,7 +419,12 @@ class Trainer:
                 f"{where}: the checkpoint is of {saved}, "
                 f"this is a {self.cfg.run.mode!r} run of replicas {list(self.replica_ids)}"
             )
-        step = int(state["step"])
+        step, steps = int(state["step"]), self.cfg.run.steps
+        if step >= steps:  # it would only rewrite the run's records (a summary of no steps)
+            raise ValueError(
+                f"{where}: the checkpoint is at step {step} and steps={steps}: nothing is left to "
+                f"train; give steps above {step} to train on"
+            )
         try:
             self.replicas.load_state_dict(state["replicas"])
             self.sync.load_state_dict(state["sync"])
