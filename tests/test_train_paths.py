@@ -1251,7 +1251,14 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
         ValueError, match="resume='x.lcs' is not allowed: 'auto' in a job of several processes"
     ):
         _run(tmp_path, corpus_dir, "r", **run, resume="x.lcs")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="outer_device='cuda:99' is not allowed"):  # refused late
+        _run(tmp_path, corpus_dir, "r", **run, overwrite=True, outer_device="cuda:99")
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == records  # nothing touched
+    # a run that replaces it takes the old run's checkpoints away with its records: a later
+    # resume='auto' must not continue the old run under the new one's records
+    _run(tmp_path, corpus_dir, "r", **{**run, "steps": 2, "checkpoint_every": 0}, overwrite=True)
+    assert not list((tmp_path / "r").glob("checkpoint*"))
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corpus_dir, caplog, monkeypatch):

@@ -274,6 +274,8 @@ class Trainer:
         t_start = time.time()
         cfg = self.cfg
         self._build()
+        if cfg.run.overwrite and not self.continuing:
+            self._drop_replaced_checkpoints()
         if self.leader:
             config = self._config_record()
             sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
@@ -401,6 +403,21 @@ class Trainer:
         except OSError as e:  # the previous checkpoint is intact: training goes on
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
             self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
+
+    def _drop_replaced_checkpoints(self) -> None:
+        """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints of the run it
+        replaces go with its records (after every refusal: a refused run changes nothing), so that
+        a later ``--resume auto`` cannot continue the old run under the new one's records."""
+        if self.cfg.elastic.enabled:
+            from ..elastic.checkpoint import CHECKPOINT_NAME
+
+            newest = Path(self.cfg.run.run_dir) / CHECKPOINT_NAME
+        else:
+            newest = run_checkpoint_path(self.cfg)
+        for path in (newest, previous_checkpoint(newest)):
+            if path.is_file():
+                path.unlink()
+                log.info("%s removed: a checkpoint of the run --overwrite replaces", path)
 
     def _profiler(self) -> StepProfiler | None:
         """The run's ``profile`` steps' profiler (None: not asked for)."""

@@ -79,7 +79,7 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool = False, continuing: b
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
         raise ValueError(
             f"run_dir={str(run_dir)!r} already holds files ({shown}); nothing was changed: give a new "
-            "--run-dir, --overwrite to replace its records, or --resume to continue its run"
+            "--run-dir, --overwrite to replace its run (records and checkpoints), or --resume to continue it"
         )
 
 
