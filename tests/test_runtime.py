@@ -296,6 +296,33 @@ def test_every_flag_of_every_subcommand_has_a_help_line_and_shows_its_choices():
     assert seen > 80  # every subcommand was walked (train alone has ~50 flags)
 
 
+def test_an_output_folder_under_a_file_is_refused_in_one_line_by_every_command(tmp_path, capsys):
+    """scaling fit/report/sweep and chaos write into --out: a file in its way is named in one line
+    (exit code 2) before any work, as train does for --run-dir (they raised a traceback)."""
+    from lowcomm.runtime.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"seed": 0, "faults": []}')
+    cases = [
+        ["scaling", "fit", str(tmp_path / "run"), "--out", str(afile)],
+        ["scaling", "report", str(tmp_path / "run"), "--out", str(afile / "report")],
+        ["scaling", "sweep", "--out", str(afile), "--sizes", "d16l2", "--replicas", "1"],
+        ["chaos", "--out", str(afile / "c"), "--plan", str(plan)],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"out='{afile}" in err[0], (argv, err)
+        assert f"'{afile}' is a file, not a folder" in err[0], err
+    assert afile.read_text() == "keep me"
+    assert main(["scaling", "fit", str(tmp_path / "run"), "--bootstrap", "-5"]) == 2
+    assert "bootstrap=-5 is not allowed: an int >= 0" in capsys.readouterr().err
+
+
 def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(capsys):
     from lowcomm.runtime.cli import main
     from lowcomm.runtime.trainer.launch import launch

@@ -479,8 +479,10 @@ def _csv(text: str, kind=float) -> tuple:
 
 def _scaling(args: argparse.Namespace) -> int:
     from ..scaling import SweepSpec, fit_records, load_records, run_sweep, write_report
+    from .files import check_folder
 
     if args.scaling_command == "sweep":
+        check_folder("out", args.out)
         spec = SweepSpec(
             sizes=_csv(args.sizes, str),
             replicas=_csv(args.replicas, int),
@@ -505,12 +507,15 @@ def _scaling(args: argparse.Namespace) -> int:
         for name, err in res["failed"]:
             print(f"  failed: {name}: {err}")
         return 1 if res["failed"] else 0
+    if args.bootstrap < 0:
+        raise ValueError(f"bootstrap={args.bootstrap} is not allowed: an int >= 0 (0: no intervals)")
+    out = Path(args.out or (args.runs[0] if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent))
+    check_folder("out", out)
     records, rejected = load_records(args.runs)
     for path, why in rejected:
         print(f"left out {path}: {why}", file=sys.stderr)
     if not records:
         raise ValueError(f"no usable summary.json records under {args.runs}")
-    out = Path(args.out or (args.runs[0] if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent))
     if args.scaling_command == "fit":
         analysis = fit_records(records, n_boot=args.bootstrap)
         out.mkdir(parents=True, exist_ok=True)
@@ -643,7 +648,9 @@ def _process_group_alive() -> bool:
 
 def _chaos(args: argparse.Namespace) -> int:
     from .faults import FaultPlan
+    from .files import check_folder
 
+    check_folder("out", args.out)
     plan = FaultPlan.load(args.plan) if args.plan else FaultPlan(args.seed, [])
     if args.fault:  # flags add to the plan's faults (ids are renumbered)
         faults = [*plan.faults, *FaultPlan.from_flags(args.fault, args.seed).faults]

@@ -8,7 +8,24 @@ import os
 from pathlib import Path
 from typing import IO
 
-__all__ = ["private_open", "read_jsonl"]
+__all__ = ["check_folder", "private_open", "read_jsonl"]
+
+
+def check_folder(name: str, folder: str | os.PathLike | Path) -> None:
+    """Refuse, before any work, a folder a command would write in but cannot: a file where it (or
+    a folder above it) should be, or the nearest existing folder not writable.
+
+    Raises:
+        ValueError: ``name=folder is not allowed: ...``, naming the file or folder in the way.
+    """
+    p = Path(folder)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            raise ValueError(f"{name}={str(folder)!r} is not allowed: {str(q)!r} is a file, not a folder")
+        if q.exists():
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ValueError(f"{name}={str(folder)!r} is not allowed: {str(q)!r} is not writable")
+            return
 
 
 def private_open(path: str | os.PathLike | Path, mode: str) -> IO:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import private_open, read_jsonl
+from ..files import check_folder, private_open, read_jsonl
 from .metrics import scalars_of
 
 __all__ = [
@@ -66,14 +66,8 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool = False, continuing: b
     Raises:
         ValueError: naming the directory and what to do.
     """
+    check_folder("run_dir", run_dir)
     p = Path(run_dir)
-    for q in (p, *p.parents):
-        if q.exists() and not q.is_dir():
-            raise ValueError(f"run_dir={str(run_dir)!r} is not allowed: {str(q)!r} is a file, not a folder")
-        if q.exists():
-            if not os.access(q, os.W_OK | os.X_OK):
-                raise ValueError(f"run_dir={str(run_dir)!r} is not allowed: {str(q)!r} is not writable")
-            break
     held = sorted(x.name for x in p.iterdir()) if p.is_dir() else []
     if held and not (overwrite or continuing):
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
