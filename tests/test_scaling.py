@@ -201,6 +201,17 @@ def test_grid_follows_the_protocol():
             SweepSpec(sizes=("d32l2",), replicas=(1,), **kw)
 
 
+def test_a_sweep_on_a_corpus_that_is_not_there_is_refused_before_any_folder(tmp_path):
+    """Every run would fail on it: refused once, naming the path, with nothing written."""
+    from lowcomm.scaling import run_sweep
+
+    out = tmp_path / "sweep"
+    spec = SweepSpec(sizes=("d16l2",), replicas=(1,), corpus=str(tmp_path / "nope"), out=str(out))
+    with pytest.raises(FileNotFoundError, match=r"corpus path '.*nope' does not exist"):
+        run_sweep(spec, progress=False)
+    assert not out.exists()
+
+
 def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     spec = SweepSpec(

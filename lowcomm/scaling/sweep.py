@@ -201,9 +201,11 @@ def grid(spec: SweepSpec) -> list[tuple[str, TrainConfig]]:
 
 def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     """Run every unfinished run of the grid; returns counts and the failures (name, error)."""
+    from ..lm.data import load_corpus
     from ..runtime.trainer import loop
 
     runs = grid(spec)
+    load_corpus(spec.corpus)  # a corpus every run would fail on is refused before any folder is made
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     (Path(spec.out) / "sweep.json").write_text(
         json.dumps({"spec": spec.__dict__, "runs": [n for n, _ in runs]}, indent=2, default=list)
