@@ -184,6 +184,8 @@ def test_config_sections_and_flat_keys_load_alike(tmp_path):
     assert (flat.run.replicas, flat.diloco.codec, flat.model.dim) == (3, "int8", 32)
     with pytest.raises(ValueError, match=r"unknown key 'colour' in section \[model\]"):
         TrainConfig.from_dict({"model": {"colour": "red"}})
+    with pytest.raises(ValueError, match=r"unknown config section \[runn\]; allowed: \['\[run\]', "):
+        TrainConfig.from_dict({"runn": {"steps": 10}})
 
 
 @pytest.mark.parametrize(

@@ -496,6 +496,8 @@ class TrainConfig:
                     if fkey not in names:
                         raise ValueError(f"unknown key {fk!r} in section [{key}]; allowed: {sorted(names)}")
                     flat[_RENAMED.get((key, fkey), fkey)] = fv
+            elif isinstance(v, dict) and key not in FLAT:  # a table: a misspelt section
+                raise ValueError(f"unknown config section [{k}]; allowed: {[f'[{n}]' for n in SECTIONS]}")
             else:
                 flat[key] = v
         return cls.from_flat(**flat)
