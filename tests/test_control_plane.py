@@ -486,3 +486,13 @@ def test_the_store_serving_a_handed_socket_takes_the_backend_its_torch_allows(mo
     assert listen_fd_store_kwargs() == ({"use_libuv": False} if legacy else {})
     monkeypatch.setattr(torch, "__version__", TorchVersion("2.10.0"))
     assert listen_fd_store_kwargs() == {}
+
+
+def test_hosts_and_names_are_checked_as_the_network_takes_them():
+    from lowcomm.runtime.net import valid_host, valid_name
+
+    for ok in ("localhost", "10.0.0.5", "::1", "[::1]", "node-1.cluster.local", "node_1", "a.b."):
+        assert valid_host(ok), ok
+    for bad in ("", "not an ip!", "-node", "node-", "a..b", "a" * 64, "x/y", "[10.0.0.5", "tcp://h"):
+        assert not valid_host(bad), bad
+    assert valid_name("w0") and valid_name("h-1234") and not valid_name("a b") and not valid_name("x" * 129)

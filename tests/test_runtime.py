@@ -199,6 +199,10 @@ def test_config_sections_and_flat_keys_load_alike(tmp_path):
         ({"model_dim": 0}, "model_dim=0 is not allowed"),
         ({"coordinator": "tcp://h:1", "mode": "dp"}, "mode='dp' is not allowed: 'diloco' in an elastic job"),
         ({"coordinator": "tcp://h:1", "reduce": "all_gather"}, "reduce='all_gather' is not allowed"),
+        # checked at start-up, not when the coordinator first refuses a message naming its field
+        ({"worker_id": "a b"}, "worker_id='a b' is not allowed: printable ASCII without spaces"),
+        ({"advertise_addr": "not an ip!"}, "advertise_addr='not an ip!' is not allowed: an IP address"),
+        ({"coordinator": "tcp://a host:1"}, "coordinator='tcp://a host:1' is not allowed"),
     ],
 )
 def test_config_values_of_the_wrong_type_are_refused_by_name(kw, match):

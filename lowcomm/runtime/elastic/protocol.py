@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..._compat import require
+from ..net import valid_name
 
 msgpack = require("msgpack", "the elastic runtime")
 
@@ -76,11 +77,6 @@ class ProtocolError(ValueError):
     def __init__(self, reason: str, authenticated: bool = False, request_id: str | None = None):
         super().__init__(reason)
         self.authenticated, self.request_id = authenticated, request_id
-
-
-def valid_name(v: str, limit: int = 128) -> bool:
-    """Printable ASCII without spaces, 1..limit characters."""
-    return 0 < len(v) <= limit and all("!" <= c <= "~" for c in v)
 
 
 # field -> (python types, required, bound); bound: max length for str/list, (lo, hi) for numbers

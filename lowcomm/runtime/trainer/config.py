@@ -50,7 +50,7 @@ __all__ = [
     "FLAT",
 ]
 
-from ..net import check_endpoint
+from ..net import check_endpoint, valid_host, valid_name
 from .metrics import METRICS
 from .profiling import parse_profile_steps
 
@@ -377,7 +377,11 @@ class ElasticConfig:
         if self.coordinator is not None:
             check_endpoint(self.coordinator, "coordinator", "tcp://host:29400")
         _text(self, "worker_id", optional=True)
+        if self.worker_id is not None and not valid_name(self.worker_id):
+            raise refuse("worker_id", self.worker_id, "printable ASCII without spaces, 1..128 characters")
         _text(self, "advertise_addr", optional=True)
+        if self.advertise_addr is not None and not valid_host(self.advertise_addr):
+            raise refuse("advertise_addr", self.advertise_addr, "an IP address or a host name")
         _text(self, "resume", optional=True)
         _bool(self, "transfer_inner_state")
         _num(self, "heartbeat", lambda v: 0 < v <= 10, "a number of seconds in (0, 10]")
