@@ -16,6 +16,7 @@ import torch
 from lowcomm import DiLoCo, DiLoCoConfig, LocalGroup
 from lowcomm._compat import tomllib
 from lowcomm.lm import GPT, GPTConfig
+from lowcomm.runtime.statefile import CorruptStateError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -135,6 +136,24 @@ def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(t
     assert len(callback.diloco.drain_round_stats()) == 2  # rounds at steps 3 and the final sync
 
 
+def test_lightning_callback_replaces_the_diloco_a_failed_fit_left_attached():
+    """A fit that raised never reached on_fit_end: the next fit's DiLoCo replaces it, and one
+    DiLoCo (not two) steps with the optimizer."""
+    from lowcomm.integrations.lightning import DiLoCoCallback
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = types.SimpleNamespace(optimizers=[opt], strategy=types.SimpleNamespace(model=model))
+    callback = DiLoCoCallback(LocalGroup.create(1)[0], sync_every=2)
+    callback.on_fit_start(trainer, model)
+    first = callback.diloco
+    callback.on_fit_start(trainer, model)  # (the fit before it raised)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert callback.diloco is not first and (callback.diloco.step_count, first.step_count) == (1, 0)
+    callback.on_fit_end(trainer, model)
+
+
 def test_lightning_callback_refuses_two_optimizers(tmp_path):
     import lightning.pytorch as pl
 
@@ -180,9 +199,19 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_under_ddp(t
         FileNotFoundError, match=r"resuming at step 7 but .*checkpoint-7/diloco.pt does not exist"
     ):
         callback.on_train_begin(_hf_args(tmp_path), types.SimpleNamespace(global_step=7), None, model, opt)
+    (tmp_path / "checkpoint-7" / "diloco.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(CorruptStateError, match=r"checkpoint-7/diloco.pt: not a readable DiLoCo state"):
+        callback.on_train_begin(_hf_args(tmp_path), types.SimpleNamespace(global_step=7), None, model, opt)
     with caplog.at_level(logging.WARNING, logger="lowcomm"):
         callback.on_train_begin(_hf_args(tmp_path, 2), types.SimpleNamespace(global_step=0), None, model, opt)
     assert "the HF Trainer sees 2 processes and wraps the model in DDP" in caplog.text
+    # a train() that raised never reached on_train_end: the next one replaces its DiLoCo
+    first = callback.diloco
+    callback.on_train_begin(_hf_args(tmp_path), types.SimpleNamespace(global_step=0), None, model, opt)
+    assert callback.diloco is not first
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # one DiLoCo steps with the optimizer, not two
+    assert (callback.diloco.step_count, first.step_count) == (1, 0)
     callback.on_train_end(_hf_args(tmp_path), None, None)
 
 

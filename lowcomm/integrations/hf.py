@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
+from ..runtime.statefile import CorruptStateError
 from .common import (
     outer_device,
     procs_per_replica,
@@ -106,7 +107,14 @@ class DiLoCoTrainerCallback(TrainerCallback):
             shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,
         )
         if saved:
-            self.diloco.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
+            try:
+                restored = torch.load(saved, weights_only=True, map_location="cpu")
+            except Exception as e:  # torn, truncated or not torch's format: name the file
+                why = " ".join(str(e).split())[:200]
+                raise CorruptStateError(
+                    f"{saved}: not a readable DiLoCo state ({type(e).__name__}: {why})"
+                ) from None
+            self.diloco.load_state_dict(restored)
             log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
         self.diloco.attach()
 
