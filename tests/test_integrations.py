@@ -331,6 +331,7 @@ def test_a_torchtitan_fault_tolerance_table_builds_the_wrapper_it_describes(tmp_
         ),
         ("[diloco]\nsync_evry = 6\n", r"unknown key\(s\) \['sync_evry'\] in \[diloco\]; allowed: \["),
         ("[diloco]\ncodec = 'int3'\n", "codec='int3'"),
+        ("[diloco\nsync_every = 6\n", r"config file '.*job.toml' is not valid TOML: Expected '\]'"),
         (
             "[diloco]\nfragments = [['blocks.9']]\n",
             "'blocks.9' is neither a trainable parameter nor a module",

@@ -36,9 +36,9 @@ from typing import Any
 
 from torch import nn
 
-from .._compat import tomllib
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
+from ..runtime.files import read_config_file
 
 __all__ = ["diloco_config_from_toml", "diloco_from_toml"]
 
@@ -72,7 +72,7 @@ def diloco_config_from_toml(source: str | Path | dict[str, Any]) -> DiLoCoConfig
         ValueError: no ``[diloco]`` table, an unknown key (named, with the allowed ones), or a
             value out of range.
     """
-    data = source if isinstance(source, dict) else tomllib.loads(Path(source).read_text())
+    data = source if isinstance(source, dict) else read_config_file(source)
     table = data.get("diloco")
     if not isinstance(table, dict):
         ft = data.get("fault_tolerance")

@@ -19,7 +19,6 @@ names. ``config.json`` in a run directory records the flat form.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch
 
 from ... import _compat
 from ..._checks import refuse
-from ..._compat import tomllib
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
 from ...kernels.linear import FAST_ACCUM, FAST_ACCUM_MODES, PRECISIONS
 from ...optim.config import DiLoCoConfig
@@ -50,6 +48,7 @@ __all__ = [
     "FLAT",
 ]
 
+from ..files import read_config_file
 from ..net import check_endpoint, valid_host, valid_name
 from .metrics import METRICS
 from .profiling import parse_profile_steps
@@ -509,21 +508,5 @@ class TrainConfig:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``) or JSON config file into a dict (a ``[train]`` table is unwrapped)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"config file {str(p)!r} is a directory; give a .toml or .json file")
-    text = p.read_text()
-    try:
-        if p.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"config file {str(p)!r} must end in .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"config file {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a table of keys")
+    data = read_config_file(path)
     return data.get("train", data)
