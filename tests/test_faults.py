@@ -27,6 +27,15 @@ def test_the_example_plan_loads_and_random_targets_are_drawn_from_the_seed(tmp_p
     assert a.faults[0].target == "worker:w1" and a.faults[0].hook == "before_step"
     assert a.faults[1].target == b.faults[1].target and a.faults[1].target.startswith("worker:w")
     assert a.faults[1].hook == "during_collective"
+    # a plan that does not parse is named, with where it stops (was json's bare message)
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match=r"fault plan '.*bad.json' is not valid JSON: Expecting value"):
+        FaultPlan.load(bad)
+    with pytest.raises(ValueError, match=r"fault plan \(inline JSON\) is not valid JSON"):
+        FaultPlan.load('{"seed": 0, "faults": [')
+    with pytest.raises(FileNotFoundError, match=r"fault plan '.*nope.toml' does not exist"):
+        FaultPlan.load(tmp_path / "nope.toml")
 
 
 @pytest.mark.parametrize(

@@ -47,8 +47,9 @@ def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
     return out
 
 
-def read_config_file(path: str | os.PathLike | Path) -> dict[str, Any]:
-    """A TOML (``.toml``) or JSON (``.json``) file's table of keys.
+def read_config_file(path: str | os.PathLike | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML (``.toml``) or JSON (``.json``) file's table of keys; ``what`` names the file in
+    the errors.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -57,16 +58,16 @@ def read_config_file(path: str | os.PathLike | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
     if p.is_dir():
-        raise ValueError(f"config file {str(p)!r} is a directory; give a .toml or .json file")
+        raise ValueError(f"{what} {str(p)!r} is a directory; give a .toml or .json file")
     if p.suffix not in (".toml", ".json"):
-        raise ValueError(f"config file {str(p)!r} must end in .toml or .json")
+        raise ValueError(f"{what} {str(p)!r} must end in .toml or .json")
     text = p.read_text()
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"config file {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
+        raise ValueError(f"{what} {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a table of keys")
+        raise ValueError(f"{what} {str(p)!r} must hold a table of keys")
     return data

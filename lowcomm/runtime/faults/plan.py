@@ -42,11 +42,10 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..._compat import tomllib
 from ...comm.distributed import parse_bandwidth, parse_duration
+from ..files import read_config_file
 
 __all__ = [
     "KINDS",
@@ -231,15 +230,11 @@ class FaultPlan:
         """From a .toml or .json file, or inline JSON text."""
         text = str(spec)
         if text.lstrip().startswith("{"):
-            return cls.from_dict(json.loads(text))
-        p = Path(spec)
-        if not p.exists():
-            raise FileNotFoundError(f"fault plan {text!r} does not exist")
-        if p.suffix == ".toml":
-            return cls.from_dict(tomllib.loads(p.read_text()))
-        if p.suffix == ".json":
-            return cls.from_dict(json.loads(p.read_text()))
-        raise ValueError(f"fault plan {text!r} must end in .toml or .json")
+            try:
+                return cls.from_dict(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"fault plan (inline JSON) is not valid JSON: {e}") from None
+        return cls.from_dict(read_config_file(spec, "fault plan"))
 
     @classmethod
     def from_flags(cls, flags: list[str], seed: int = 0) -> FaultPlan:
