@@ -116,6 +116,22 @@ def test_workers_give_up_on_a_coordinator_that_never_comes_back(job):
         assert not (j.run_dir(w) / "summary.json").exists()  # the run did not finish
 
 
+def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_summary(job):
+    """One worker trains its job to the end; started again with --resume auto it is refused (the
+    job has finished), and the summary of its run is left as it was (it was deleted before the
+    coordinator answered)."""
+    j = job(flags=["--steps", "20", "--sync-every", "10", "--eval-every", "0", "--checkpoint-every", "10"],
+            coord_flags=("--min-workers", "1"))  # fmt: skip
+    j.start_coordinator()
+    j.start_worker("w0")
+    assert j.wait_workers(["w0"], 90) == {"w0": 0}, j.logs()
+    summary = (j.run_dir("w0") / "summary.json").read_bytes()
+    j.start_worker("w0", extra=["--resume", "auto", "--coordinator-timeout", "20"])
+    code = j.wait_workers(["w0"], 60)["w0"]
+    assert code != 0 and "the job has finished" in j.logs(), j.logs()
+    assert (j.run_dir("w0") / "summary.json").read_bytes() == summary
+
+
 def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):
     j = job(coord_flags=("--min-workers", "3"))
     j.start_coordinator()

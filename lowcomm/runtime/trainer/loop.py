@@ -288,6 +288,7 @@ class Trainer:
         sync, finished = self.sync, False
         try:
             step = start = max(sync.start(), self.start_step)
+            self.rec.drop_summary()  # (continuing: kept until here, where the run is under way)
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)

@@ -126,6 +126,9 @@ class NullRecorder:
     def close(self) -> None:
         pass
 
+    def drop_summary(self) -> None:
+        pass
+
 
 class RunRecorder:
     """Writes one run's records. Use as a context manager or call :meth:`close`."""
@@ -145,7 +148,9 @@ class RunRecorder:
         self._lock = threading.Lock()
         if not append or not (self.dir / "config.json").exists():
             atomic_write_json(self.dir / "config.json", config)
-        for name in ("events.jsonl", "eval.jsonl", "summary.json") if not append else ("summary.json",):
+        # continuing, the summary of the run so far stays until the run is under way (a worker the
+        # job refuses, a finished job, leaves it as it was): see drop_summary
+        for name in ("events.jsonl", "eval.jsonl", "summary.json") if not append else ():
             (self.dir / name).unlink(missing_ok=True)
         self._events = private_open(self.dir / "events.jsonl", "a")
         self._evals = private_open(self.dir / "eval.jsonl", "a")
@@ -171,6 +176,10 @@ class RunRecorder:
         with self._lock:
             self._line(self._evals, fields)
         self.event("eval", **fields)
+
+    def drop_summary(self) -> None:
+        """A continued run is under way: the summary of the run it continues no longer holds."""
+        (self.dir / "summary.json").unlink(missing_ok=True)
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_summary(self.dir, summary)
