@@ -40,7 +40,7 @@ def main() -> dict:
     opts = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in models]
     groups = lowcomm.LocalGroup.create(M)
     dilocos = [
-        lowcomm.DiLoCo(m, o, g, sync_every=30, fragments=3, overlap=1, alpha=0.5, codec="e3m0")
+        lowcomm.DiLoCo(m, o, g, sync_every=30, fragments=4, overlap=1, alpha=0.5, codec="e3m0")
         for m, o, g in zip(models, opts, groups)
     ]
     gens = [torch.Generator().manual_seed(r) for r in range(M)]
