@@ -31,7 +31,6 @@ from transformers import TrainerCallback
 
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
-from ..runtime.statefile import CorruptStateError
 from .common import (
     outer_device,
     procs_per_replica,
@@ -111,7 +110,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
                 restored = torch.load(saved, weights_only=True, map_location="cpu")
             except Exception as e:  # torn, truncated or not torch's format: name the file
                 why = " ".join(str(e).split())[:200]
-                raise CorruptStateError(
+                raise ValueError(
                     f"{saved}: not a readable DiLoCo state ({type(e).__name__}: {why})"
                 ) from None
             self.diloco.load_state_dict(restored)

@@ -36,9 +36,9 @@ from typing import Any
 
 from torch import nn
 
+from .._configfile import read_config_file
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
-from ..runtime.files import read_config_file
 
 __all__ = ["diloco_config_from_toml", "diloco_from_toml"]
 

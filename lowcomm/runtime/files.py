@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from .._compat import tomllib
-
-__all__ = ["check_folder", "private_open", "read_config_file", "read_jsonl"]
+__all__ = ["check_folder", "private_open", "read_jsonl"]
 
 
 def check_folder(name: str, folder: str | os.PathLike | Path) -> None:
@@ -45,29 +43,3 @@ def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
             if line.endswith("\n"):
                 out.append(json.loads(line))
     return out
-
-
-def read_config_file(path: str | os.PathLike | Path, what: str = "config file") -> dict[str, Any]:
-    """A TOML (``.toml``) or JSON (``.json``) file's table of keys; ``what`` names the file in
-    the errors.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: a folder, another suffix, text that does not parse (naming the file and
-            where), or a document that is not a table.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ValueError(f"{what} {str(p)!r} is a directory; give a .toml or .json file")
-    if p.suffix not in (".toml", ".json"):
-        raise ValueError(f"{what} {str(p)!r} must end in .toml or .json")
-    text = p.read_text()
-    try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {str(p)!r} must hold a table of keys")
-    return data

@@ -44,8 +44,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..._configfile import read_config_file
 from ...comm.distributed import parse_bandwidth, parse_duration
-from ..files import read_config_file
 
 __all__ = [
     "KINDS",

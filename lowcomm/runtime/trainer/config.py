@@ -28,6 +28,7 @@ import torch
 
 from ... import _compat
 from ..._checks import refuse
+from ..._configfile import read_config_file
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
 from ...kernels.linear import FAST_ACCUM, FAST_ACCUM_MODES, PRECISIONS
 from ...optim.config import DiLoCoConfig
@@ -48,7 +49,6 @@ __all__ = [
     "FLAT",
 ]
 
-from ..files import read_config_file
 from ..net import check_endpoint, valid_host, valid_name
 from .metrics import METRICS
 from .profiling import parse_profile_steps
