@@ -194,7 +194,8 @@ class DiLoCo:
         params = dict(module.named_parameters())
         buffers = [module.get_buffer(n) for names in buffer_names for n in names]
         synced = [n for names in frag_names for n in names]
-        frozen = [n for n in params if n not in set(synced)]  # copied at start-up, never synced
+        is_synced = set(synced)
+        frozen = [n for n in params if n not in is_synced]  # copied at start-up, never synced
         meta = [n for n in synced + frozen if params[n].is_meta]
         if meta:
             raise ValueError(
@@ -213,7 +214,7 @@ class DiLoCo:
         group.verify_same(
             "model's parameters",
             {
-                f"{'frozen param' if n in frozen else 'param'} {n}": [
+                f"{'param' if n in is_synced else 'frozen param'} {n}": [
                     str(params[n].dtype),
                     *local_tensor(params[n]).shape,
                 ]
