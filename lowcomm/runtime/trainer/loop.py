@@ -274,8 +274,6 @@ class Trainer:
         t_start = time.time()
         cfg = self.cfg
         self._build()
-        if cfg.run.overwrite and not self.continuing:
-            self._drop_replaced_checkpoints()
         if self.leader:
             config = self._config_record()
             sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
@@ -288,7 +286,11 @@ class Trainer:
         sync, finished = self.sync, False
         try:
             step = start = max(sync.start(), self.start_step)
-            self.rec.drop_summary()  # (continuing: kept until here, where the run is under way)
+            # the run is under way (an elastic worker's coordinator has taken it): what it replaces
+            # or continues no longer holds
+            self.rec.drop_summary()
+            if cfg.run.overwrite and not self.continuing:
+                self._drop_replaced_checkpoints()
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
@@ -407,15 +409,12 @@ class Trainer:
 
     def _drop_replaced_checkpoints(self) -> None:
         """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints of the run it
-        replaces go with its records (after every refusal: a refused run changes nothing), so that
-        a later ``--resume auto`` cannot continue the old run under the new one's records."""
-        if self.cfg.elastic.enabled:
-            from ..elastic.checkpoint import CHECKPOINT_NAME
-
-            newest = Path(self.cfg.run.run_dir) / CHECKPOINT_NAME
-        else:
-            newest = run_checkpoint_path(self.cfg)
-        for path in (newest, previous_checkpoint(newest)):
+        replaces go with its records, once the new run is under way (a run refused before, by a
+        check or by the coordinator, leaves them), so that a later ``--resume auto`` cannot
+        continue the old run under the new one's records."""
+        elastic = self.cfg.elastic.enabled
+        newest = self.sync.ckpt_path if elastic else run_checkpoint_path(self.cfg)
+        for path in (newest,) if elastic else (newest, previous_checkpoint(newest)):
             if path.is_file():
                 path.unlink()
                 log.info("%s removed: a checkpoint of the run --overwrite replaces", path)
