@@ -116,10 +116,11 @@ def test_workers_give_up_on_a_coordinator_that_never_comes_back(job):
         assert not (j.run_dir(w) / "summary.json").exists()  # the run did not finish
 
 
-def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_summary(job):
+def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_run(job):
     """One worker trains its job to the end; started again with --resume auto it is refused (the
     job has finished), and the summary of its run is left as it was (it was deleted before the
-    coordinator answered); started again with --overwrite, its checkpoint is."""
+    coordinator answered); started again with --overwrite, its checkpoint and records are (they
+    were replaced before the coordinator answered)."""
     j = job(flags=["--steps", "20", "--sync-every", "10", "--eval-every", "0", "--checkpoint-every", "10"],
             coord_flags=("--min-workers", "1"))  # fmt: skip
     j.start_coordinator()
@@ -130,11 +131,13 @@ def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_summary(j
     code = j.wait_workers(["w0"], 60)["w0"]
     assert code != 0 and "the job has finished" in j.logs(), j.logs()
     assert (j.run_dir("w0") / "summary.json").read_bytes() == summary
-    # with --overwrite instead, the refusal leaves the checkpoint of the run it would replace
-    checkpoint = (j.run_dir("w0") / "checkpoint.lcs").read_bytes()
+    # with --overwrite instead, the refusal leaves the run it would replace as it was: its
+    # checkpoint and its records (config, events, evaluations, summary)
+    before = {p.name: p.read_bytes() for p in j.run_dir("w0").iterdir()}
+    assert {"checkpoint.lcs", "config.json", "events.jsonl", "eval.jsonl", "summary.json"} <= set(before)
     j.start_worker("w0", extra=["--overwrite", "--coordinator-timeout", "20"])
     assert j.wait_workers(["w0"], 60)["w0"] != 0, j.logs()
-    assert (j.run_dir("w0") / "checkpoint.lcs").read_bytes() == checkpoint
+    assert {p.name: p.read_bytes() for p in j.run_dir("w0").iterdir()} == before
 
 
 def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):

@@ -128,6 +128,43 @@ def test_recorder_writes_atomically_and_requires_summary_keys(tmp_path):
     assert read_jsonl(tmp_path / "r" / "events.jsonl")[0]["v"] == 1
 
 
+def test_a_recorder_replaces_old_records_only_once_its_run_begins(tmp_path):
+    """Replacing a run (--overwrite), the old records stay until begin(): a run refused before (an
+    elastic worker the coordinator turned away) leaves them byte for byte; one that begins
+    replaces them and writes the lines it held."""
+    folder = tmp_path / "r"
+    with RunRecorder(folder, {"run": 1}) as rec:
+        rec.begin()
+        rec.event("x", v=1)
+        rec.eval(step=1, loss=2.0)
+    (folder / "summary.json").write_text('{"old": true}\n')
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with RunRecorder(folder, {"run": 2}) as rec:  # refused before it began
+        rec.event("registering", v=2)
+        rec.eval(step=0, loss=9.0)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
+    rec = RunRecorder(folder, {"run": 3})
+    rec.event("registering", v=3)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old  # not yet
+    rec.begin()
+    rec.eval(step=5, loss=1.5)
+    rec.close()
+    rec.event("after close", v=4)  # dropped, as before
+    assert json.loads((folder / "config.json").read_text()) == {"run": 3}
+    assert not (folder / "summary.json").exists()
+    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == ["registering", "eval"]
+    assert read_jsonl(folder / "eval.jsonl") == [{"step": 5, "loss": 1.5}]
+    # continuing (append), the records stay and only the summary goes once the run begins
+    (folder / "summary.json").write_text('{"so far": true}\n')
+    with RunRecorder(folder, {"run": 4}, append=True) as rec:
+        rec.event("resumed")
+        assert (folder / "summary.json").exists()
+        rec.begin()
+    assert not (folder / "summary.json").exists()
+    assert json.loads((folder / "config.json").read_text()) == {"run": 3}
+    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == ["registering", "eval", "resumed"]
+
+
 def test_demo_runs_three_runs_on_equal_tokens_and_prints_their_table(tmp_path, capsys):
     from lowcomm.runtime.cli import main
 

@@ -1223,6 +1223,8 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
 
     run = dict(replicas=2, steps=8, eval_every=0, sync_every=4, checkpoint_every=4)
     _run(tmp_path, corpus_dir, "r", **run)
+    # the faults a run under $LOWCOMM_FAULTS injected (read back by a resume, so that none fires twice)
+    (tmp_path / "r" / "faults.jsonl").write_text('{"kind": "fault", "id": 0}\n')
     records = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
     cases = [
         (
@@ -1255,10 +1257,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
     with pytest.raises(ValueError, match="outer_device='cuda:99' is not allowed"):  # refused late
         _run(tmp_path, corpus_dir, "r", **run, overwrite=True, outer_device="cuda:99")
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == records  # nothing touched
-    # a run that replaces it takes the old run's checkpoints away with its records: a later
-    # resume='auto' must not continue the old run under the new one's records
+    # a run that replaces it takes the old run's checkpoints and faults away with its records: a
+    # later resume='auto' must not continue the old run under the new one's records
     _run(tmp_path, corpus_dir, "r", **{**run, "steps": 2, "checkpoint_every": 0}, overwrite=True)
     assert not list((tmp_path / "r").glob("checkpoint*"))
+    assert not (tmp_path / "r" / "faults.jsonl").exists()
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corpus_dir, caplog, monkeypatch):

@@ -124,8 +124,9 @@ class RunConfig:
             this many steps, at evaluations and at the end; no host sync in between.
         metrics: where metrics go besides the JSONL records: "jsonl" (the records alone),
             "tensorboard" (<run_dir>/tensorboard) or "wandb" (offline unless WANDB_MODE says otherwise).
-        overwrite: replace the run in a run directory that already holds files: its records
-            and checkpoints, once every check has passed (without it, such a directory is refused
+        overwrite: replace the run in a run directory that already holds files: its records,
+            checkpoints and injected faults, once the new run is under way (a run refused before,
+            by a check or by the coordinator, leaves them; without it, such a directory is refused
             and left as it is).
         procs_per_replica: processes per replica in a multi-process job (inner DDP group); the
             launcher's LOWCOMM_PROCS_PER_REPLICA wins when set.

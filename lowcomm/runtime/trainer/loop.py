@@ -221,12 +221,9 @@ class Trainer:
         world, rank = (topo.world_size, topo.rank) if topo else (1, 0)
         plan = FaultPlan.load(spec).check_static(world, self.procs_per_replica, cfg.run.steps)
         path = faults_path(cfg)
-        restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
         done: set[int] = set()
-        if self.continuing or restarted:
+        if self.continuing or restart_attempt():
             done = injected_faults(path)
-        elif cfg.run.overwrite and path.exists():  # a new run replacing the records
-            path.unlink()
 
         def record(kind: str, **fields: Any) -> None:
             if kind == "fault":  # on disk before it acts (a kill is next)
@@ -288,12 +285,12 @@ class Trainer:
             step = start = max(sync.start(), self.start_step)
             # the run is under way (an elastic worker's coordinator has taken it): what it replaces
             # or continues no longer holds
-            self.rec.drop_summary()
+            self.rec.begin()
             if cfg.run.overwrite and not self.continuing:
-                self._drop_replaced_checkpoints()
+                self._drop_replaced_files()
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
-            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+            attempt = restart_attempt()
             if attempt and not cfg.elastic.enabled:  # a launcher's restart of a static job
                 self.rec.event("restart", attempt=attempt, step=start)
             self._progress(start)
@@ -407,17 +404,20 @@ class Trainer:
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
             self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
 
-    def _drop_replaced_checkpoints(self) -> None:
-        """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints of the run it
-        replaces go with its records, once the new run is under way (a run refused before, by a
-        check or by the coordinator, leaves them), so that a later ``--resume auto`` cannot
-        continue the old run under the new one's records."""
+    def _drop_replaced_files(self) -> None:
+        """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints and injected
+        faults of the run it replaces go with its records, once the new run is under way (a run
+        refused before, by a check or by the coordinator, leaves them), so that a later
+        ``--resume auto`` cannot continue the old run under the new one's records, nor skip the
+        faults the old run injected."""
         elastic = self.cfg.elastic.enabled
         newest = self.sync.ckpt_path if elastic else run_checkpoint_path(self.cfg)
         for path in (newest,) if elastic else (newest, previous_checkpoint(newest)):
             if path.is_file():
                 path.unlink()
                 log.info("%s removed: a checkpoint of the run --overwrite replaces", path)
+        if not elastic and not restart_attempt():  # a restart's kill must not fire again
+            faults_path(self.cfg).unlink(missing_ok=True)
 
     def _profiler(self) -> StepProfiler | None:
         """The run's ``profile`` steps' profiler (None: not asked for)."""
@@ -615,6 +615,12 @@ def _process_file(cfg: TrainConfig, stem: str, suffix: str) -> Path:
 def run_checkpoint_path(cfg: TrainConfig) -> Path:
     """This process's checkpoint file in a static job (checkpoint[-rank<RANK>].lcs)."""
     return _process_file(cfg, "checkpoint", ".lcs")
+
+
+def restart_attempt() -> int:
+    """Which restart of a static job this process is (0: the first start), as torchrun and
+    ``lowcomm launch --max-restarts`` count them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
 def faults_path(cfg: TrainConfig) -> Path:

@@ -126,7 +126,7 @@ class NullRecorder:
     def close(self) -> None:
         pass
 
-    def drop_summary(self) -> None:
+    def begin(self) -> None:
         pass
 
 
@@ -139,33 +139,64 @@ class RunRecorder:
         """``append`` continues the records of an earlier process of the same run (a resumed or
         restarted worker: its events and evaluations are kept, and so is its config.json);
         otherwise earlier records in the folder are replaced (the trainer only lets that happen
-        with ``overwrite``). ``sink`` (:mod:`.metrics`) also receives the numbers as scalars;
+        with ``overwrite``), once :meth:`begin` says the new run is under way: until then its
+        lines wait in memory, and a run refused before (by the coordinator, say) leaves the old
+        records as they were. ``sink`` (:mod:`.metrics`) also receives the numbers as scalars;
         rounds of ``first_replica`` only."""
         self.dir = Path(run_dir)
         if not self.dir.exists():
             self.dir.mkdir(parents=True, mode=0o700)
         self.t0 = time.time()
         self._lock = threading.Lock()
-        if not append or not (self.dir / "config.json").exists():
-            atomic_write_json(self.dir / "config.json", config)
-        # continuing, the summary of the run so far stays until the run is under way (a worker the
-        # job refuses, a finished job, leaves it as it was): see drop_summary
-        for name in ("events.jsonl", "eval.jsonl", "summary.json") if not append else ():
-            (self.dir / name).unlink(missing_ok=True)
-        self._events = private_open(self.dir / "events.jsonl", "a")
-        self._evals = private_open(self.dir / "eval.jsonl", "a")
+        self._append, self._config = append, config
+        self._files: dict[str, Any] = {}  # "events.jsonl", "eval.jsonl": open while recording
+        self._held: list[tuple[str, str]] | None = None  # replacing: (file, line) until begin()
+        self._closed = False
+        if not append and any((self.dir / name).exists() for name in RECORD_FILES):
+            self._held = []
+        else:
+            self._open()
         self.sink, self.first_replica = sink, first_replica
 
-    def _line(self, f, obj: dict) -> None:
-        f.write(json.dumps(obj, default=_default) + "\n")
+    def _open(self) -> None:
+        """Write config.json (unless continuing a run that has one) and open the JSONL files;
+        replacing, the old run's records go first."""
+        if not self._append or not (self.dir / "config.json").exists():
+            atomic_write_json(self.dir / "config.json", self._config)
+        for name in ("events.jsonl", "eval.jsonl", "summary.json") if not self._append else ():
+            (self.dir / name).unlink(missing_ok=True)
+        self._files = {name: private_open(self.dir / name, "a") for name in ("events.jsonl", "eval.jsonl")}
+
+    def begin(self) -> None:
+        """The run is under way (an elastic worker's coordinator has taken it): what it replaces
+        or continues no longer holds. Continuing, the summary of the run so far goes; replacing,
+        the old run's records are replaced and the lines held since the start are written."""
+        with self._lock:
+            if self._held is None:
+                if self._append:
+                    (self.dir / "summary.json").unlink(missing_ok=True)
+                return
+            held, self._held = self._held, None
+            self._open()
+            for name, line in held:
+                self._files[name].write(line)
+
+    def _write(self, name: str, obj: dict) -> None:
+        """One line of ``name`` (held until :meth:`begin` when replacing); under the lock."""
+        line = json.dumps(obj, default=_default) + "\n"
+        if self._held is not None:
+            self._held.append((name, line))
+        else:
+            self._files[name].write(line)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event with its kind, seconds since this recorder started and wall-clock time
         (safe from any thread)."""
         now = time.time()
+        line = {"kind": kind, "t": round(now - self.t0, 6), "wall": now, **fields}
         with self._lock:
-            if not self._events.closed:
-                self._line(self._events, {"kind": kind, "t": round(now - self.t0, 6), "wall": now, **fields})
+            if not self._closed:
+                self._write("events.jsonl", line)
                 if self.sink is not None:
                     sent = scalars_of(kind, fields, self.first_replica)
                     if sent is not None:
@@ -174,21 +205,21 @@ class RunRecorder:
     def eval(self, **fields: Any) -> None:
         """Append one evaluation (also recorded as an event)."""
         with self._lock:
-            self._line(self._evals, fields)
+            if not self._closed:
+                self._write("eval.jsonl", fields)
         self.event("eval", **fields)
-
-    def drop_summary(self) -> None:
-        """A continued run is under way: the summary of the run it continues no longer holds."""
-        (self.dir / "summary.json").unlink(missing_ok=True)
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_summary(self.dir, summary)
 
     def close(self) -> None:
+        """Close the files; a run that never began (refused) writes nothing, and the records it
+        would have replaced stay as they were."""
         with self._lock:
-            for f in (self._events, self._evals):
-                if not f.closed:
-                    f.close()
+            self._closed, self._held = True, None
+            for f in self._files.values():
+                f.close()
+            self._files = {}
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
