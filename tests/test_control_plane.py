@@ -496,3 +496,49 @@ def test_hosts_and_names_are_checked_as_the_network_takes_them():
     for bad in ("", "not an ip!", "-node", "node-", "a..b", "a" * 64, "x/y", "[10.0.0.5", "tcp://h"):
         assert not valid_host(bad), bad
     assert valid_name("w0") and valid_name("h-1234") and not valid_name("a b") and not valid_name("x" * 129)
+
+
+def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(monkeypatch, capsys):
+    """A quorum setting is refused before the coordinator binds (the port here is taken: a bind
+    first would be refused for that instead), in the flags' words; so are a status --timeout that
+    is not a number of seconds > 0 (it was accepted: 'no reply ... within -1.0s') and a deadline
+    given as inf."""
+    import socket
+
+    from lowcomm.runtime.cli import main
+    from lowcomm.runtime.elastic import Coordinator
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    bind = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+    try:
+        for kw, match in [
+            (dict(min_workers=0), r"^min_workers=0 is not allowed: an int >= 1$"),
+            (dict(grace=float("inf")), r"^grace=inf is not allowed: a finite number of seconds >= 0$"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                Coordinator(bind, "t", KEY, **kw)
+        with pytest.raises(ValueError, match=f"bind='{bind}' is not allowed"):  # the port is taken
+            Coordinator(bind, "t", KEY)
+    finally:
+        taken.close()
+    monkeypatch.setenv("LOWCOMM_KEY", KEY.hex())
+    cases = {
+        (
+            "status",
+            "tcp://127.0.0.1:9",
+            "--timeout",
+            "-1",
+        ): "timeout=-1.0 is not allowed: a finite number of seconds > 0",
+        ("status", "tcp://127.0.0.1:9", "--timeout", "nan"): "timeout=nan is not allowed",
+        ("coordinator", "--bind", bind, "--min-workers", "0"): "min_workers=0 is not allowed: an int >= 1",
+        ("coordinator", "--bind", bind, "--deadline-ceiling", "inf"): (
+            "deadline_floor=2.0 and deadline_ceiling=inf are not allowed: 0 < floor <= ceiling"
+        ),
+        ("coordinator", "--bind", bind, "--round-deadline-floor", "0"): "round_deadline_floor=0.0 and",
+    }
+    for argv, match in cases.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lowcomm: error: ") and match in err[0], (argv, err)

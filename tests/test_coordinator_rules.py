@@ -443,12 +443,13 @@ def test_deadlines_and_grace_are_finite():
     """An infinite deadline never declares a silent member dead, an infinite grace never forms a
     round: both were accepted (--deadline-floor inf --deadline-ceiling inf, --grace inf)."""
     for bad in [(1.0, float("inf")), (float("inf"), float("inf")), (float("nan"), 2.0), (0.0, 1.0)]:
-        with pytest.raises(ValueError, match="need 0 < floor <= ceiling, finite"):
+        allowed = r"are not allowed: 0 < floor <= ceiling, both finite seconds"
+        with pytest.raises(ValueError, match=rf"^deadline_floor={bad[0]!r} and deadline_ceiling=.*{allowed}"):
             Deadline(*bad)
-        with pytest.raises(ValueError, match="need 0 < floor <= ceiling, finite"):
+        with pytest.raises(ValueError, match=rf"^round_deadline_floor={bad[0]!r} and .* {allowed}"):
             RoundDeadline(*bad)
     for bad in [float("inf"), float("nan"), -1.0]:
-        with pytest.raises(ValueError, match="grace must be a finite number of seconds >= 0"):
+        with pytest.raises(ValueError, match="is not allowed: a finite number of seconds >= 0"):
             CoordinatorState("job", STORE, now=0.0, grace=bad)
 
 

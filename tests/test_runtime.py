@@ -375,6 +375,12 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
         (dict(command=[], replicas=2), "launch needs a command after '--'"),
         (dict(command=["true"], replicas=2, port=99999), r"port=99999 is not allowed: a TCP port, 1-65535"),
         (dict(command=["true"], replicas=2, port=-5), "port=-5 is not allowed"),
+        # torchrun's habit (a subcommand, not a program): the error was "[Errno 2] ... 'train'"
+        (
+            dict(command=["train", "--steps", "2"], replicas=2),
+            "command 'train' was not found: give a program",
+        ),
+        (dict(command=["./no/such/script"], replicas=1), "command './no/such/script' was not found"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -13,11 +13,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import typing
 from pathlib import Path
 
+from .._checks import refuse
 from .._compat import MissingExtra
 from .._version import __version__
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
@@ -420,6 +422,8 @@ def _control_plane(args: argparse.Namespace) -> int:
         from .elastic import Coordinator, Deadline, RoundDeadline
     else:
         from .elastic import CoordinatorClient
+    if args.command == "status" and not 0 < args.timeout < math.inf:
+        raise refuse("timeout", args.timeout, "a finite number of seconds > 0")
     key = load_key(args.key)
     if args.command == "coordinator":
         coord = Coordinator(

@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from ..._checks import refuse
+
 __all__ = [
+    "check_deadline",
     "Deadline",
     "Member",
     "Membership",
@@ -28,6 +31,19 @@ __all__ = [
 ]
 
 
+def check_deadline(name: str, floor: float, ceiling: float, factor: float) -> None:
+    """Refuse (ValueError naming ``name``'s floor and ceiling, as the coordinator's flags do) a
+    deadline that is not 0 < floor <= ceiling, both finite (an infinite one never declares a
+    death), or a factor below 1."""
+    if not 0 < floor <= ceiling < math.inf:
+        raise ValueError(
+            f"{name}_floor={floor!r} and {name}_ceiling={ceiling!r} are not allowed: "
+            "0 < floor <= ceiling, both finite seconds"
+        )
+    if not 1 <= factor < math.inf:
+        raise refuse(f"{name}_factor", factor, "a finite number >= 1")
+
+
 @dataclass(frozen=True)
 class Deadline:
     """How long a member may stay silent: clamp(factor x interval, floor, ceiling) seconds."""
@@ -37,12 +53,7 @@ class Deadline:
     factor: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.floor <= self.ceiling < math.inf:  # an infinite one never declares a death
-            raise ValueError(
-                f"deadline floor={self.floor} and ceiling={self.ceiling} need 0 < floor <= ceiling, finite"
-            )
-        if self.factor < 1:
-            raise ValueError(f"deadline factor={self.factor} must be >= 1")
+        check_deadline("deadline", self.floor, self.ceiling, self.factor)
 
     def seconds(self, interval: float | None) -> float:
         if interval is None:

@@ -36,7 +36,7 @@ from .protocol import (
     serialize,
     valid_name,
 )
-from .state import MAX_MEMBERS, CoordinatorState, Outgoing, RoundDeadline
+from .state import MAX_MEMBERS, CoordinatorState, Outgoing, RoundDeadline, check_quorum
 
 __all__ = ["Coordinator"]
 
@@ -95,7 +95,8 @@ class Coordinator:
         self.guard = ReplayGuard(max_senders=max_senders)
         self.dropped = 0
         self._seq = time.time_ns()
-        check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)  # before a socket exists
+        check_quorum(min_workers, grace)  # before a socket or the store exists
+        check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)

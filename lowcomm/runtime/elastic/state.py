@@ -62,9 +62,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .membership import Deadline, Membership, expire, heartbeat, leave, ranks, register, set_synced
+from ..._checks import refuse
+from .membership import (
+    Deadline,
+    Membership,
+    check_deadline,
+    expire,
+    heartbeat,
+    leave,
+    ranks,
+    register,
+    set_synced,
+)
 
 __all__ = [
+    "check_quorum",
     "CoordinatorState",
     "Outgoing",
     "Refusal",
@@ -103,7 +115,7 @@ class RoundDeadline:
     spread: float | None = None
 
     def __post_init__(self) -> None:
-        Deadline(self.floor, self.ceiling, self.factor)  # the same checks, the same messages
+        check_deadline("round_deadline", self.floor, self.ceiling, self.factor)
 
     def seconds(self) -> float:
         return Deadline(self.floor, self.ceiling, self.factor).seconds(self.spread)
@@ -175,6 +187,15 @@ class Transfer:
         }
 
 
+def check_quorum(min_workers: int, grace: float) -> None:
+    """Refuse (ValueError, naming the value) a ``min_workers`` that is not an int >= 1 or a
+    ``grace`` that is not a finite number of seconds >= 0."""
+    if not isinstance(min_workers, int) or isinstance(min_workers, bool) or min_workers < 1:
+        raise refuse("min_workers", min_workers, "an int >= 1")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+        raise refuse("grace", grace, "a finite number of seconds >= 0")
+
+
 class CoordinatorState:
     """The membership and round rules of one job.
 
@@ -209,10 +230,7 @@ class CoordinatorState:
         round_deadline: RoundDeadline | None = None,
         nonce: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
-        if not isinstance(min_workers, int) or isinstance(min_workers, bool) or min_workers < 1:
-            raise ValueError(f"min_workers must be an int >= 1, got {min_workers!r}")
-        if not 0 <= grace < math.inf:
-            raise ValueError(f"grace must be a finite number of seconds >= 0, got {grace!r}")
+        check_quorum(min_workers, grace)
         self.job, self.store = job, store
         self.deadline = deadline or Deadline()
         self.min_workers, self.grace = min_workers, float(grace)

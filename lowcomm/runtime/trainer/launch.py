@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -42,11 +43,16 @@ def launch(
     failure up to ``max_restarts`` times; returns an exit code (the last attempt's).
 
     Raises:
-        ValueError: counts below 1, a port outside 0-65535, a negative ``max_restarts`` or an
-            empty command.
+        ValueError: counts below 1, a port outside 0-65535, a negative ``max_restarts``, an
+            empty command or one that is not found.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
+    if shutil.which(command[0]) is None:  # before any process starts (each would fail alike)
+        raise ValueError(
+            f"command {command[0]!r} was not found: give a program on PATH or its path after '--', "
+            "e.g. lowcomm launch --replicas 2 -- lowcomm train ..."
+        )
     if replicas < 1 or procs_per_replica < 1:
         raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
     if port is not None and not 0 <= port <= 65535:
