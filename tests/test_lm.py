@@ -58,6 +58,42 @@ def test_directory_corpus_and_token_file(tmp_path):
     assert t.vocab_size == 320 and t.train.size == 950 and t.val.size == 50
 
 
+def test_one_text_file_is_a_byte_corpus_not_uint16_tokens(tmp_path):
+    """A nanoGPT-style input.txt: its bytes, the last 5% validation. It used to be read as uint16
+    tokens (two characters a token, a vocabulary of ~26000) or refused for an odd size."""
+    text = "To be, or not to be, that is the question:\n" * 50  # 2150 bytes, an even size
+    (tmp_path / "input.txt").write_text(text)
+    c = load_corpus(tmp_path / "input.txt")
+    assert c.vocab_size == 256 and c.train.dtype == np.uint8
+    assert bytes(c.train) + bytes(c.val) == text.encode() and c.val.size == 2150 - 2042
+    (tmp_path / "odd.txt").write_text(text + "!")
+    assert load_corpus(tmp_path / "odd.txt").train.size == 2043  # 95% of 2151
+    assert load_corpus(tmp_path / "input.txt", max_bytes=1000).train.size == 950  # the cap holds
+    (tmp_path / "tokens.u16").write_bytes(b"ab\0c")
+    with pytest.raises(
+        ValueError, match=r"tokens.u16' holds NUL bytes, so it is not text; .* must be named \*.bin"
+    ):
+        load_corpus(tmp_path / "tokens.u16")
+    (tmp_path / "none.txt").write_text("")
+    with pytest.raises(ValueError, match="none.txt' is empty"):
+        load_corpus(tmp_path / "none.txt")
+
+
+def test_a_corpus_too_small_for_the_context_is_refused_naming_both_splits(tmp_path, capsys):
+    from lowcomm.runtime.cli import main
+
+    (tmp_path / "short.txt").write_text("hello world\n" * 10)  # 120 bytes: 114 + 6
+    c = load_corpus(tmp_path / "short.txt")
+    c.check_fits(4)
+    with pytest.raises(ValueError, match=r"its training split holds 114 tokens and its validation split 6"):
+        c.check_fits(64)
+    argv = ["train", "--corpus", str(tmp_path / "short.txt"), "--run-dir", str(tmp_path / "r"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is too small for seq_len=128" in err[0] and "smaller seq_len" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
 def test_corpus_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no/such/dir"):
         load_corpus("no/such/dir")

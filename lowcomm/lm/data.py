@@ -6,7 +6,8 @@ in size, and cached as bytes. It is deterministic for a given Python version. Th
 split is fixed per file (a file goes to validation when the CRC32 of its relative path is 0 mod 20).
 
 Other corpora: any directory of text files (same split rule; files holding NUL bytes are skipped),
-or a pre-tokenized ``.bin`` file of little-endian uint16 tokens (the last 5% is validation).
+one text file (bytes; the last 5% is validation), or a pre-tokenized ``.bin`` file of
+little-endian uint16 tokens (the last 5% is validation).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ class Corpus:
     val: np.ndarray
     vocab_size: int
     sha256: str
+
+    def check_fits(self, seq_len: int) -> None:
+        """Refuse (ValueError naming the corpus and both splits' sizes) a corpus whose training or
+        validation split is too short for one window of ``seq_len`` tokens and its target."""
+        need = seq_len + 2
+        if self.train.size < need or self.val.size < need:
+            raise ValueError(
+                f"corpus {self.name!r} is too small for seq_len={seq_len}: its training split holds "
+                f"{self.train.size} tokens and its validation split {self.val.size}, and each needs at "
+                f"least seq_len + 2 = {need}: give a larger corpus or a smaller seq_len"
+            )
 
 
 def _is_val(rel: str) -> bool:
@@ -115,7 +127,8 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
     """Load a corpus.
 
     Args:
-        spec: None or "stdlib" for the default; a directory of text files; or a ``.bin`` uint16 file.
+        spec: None or "stdlib" for the default; a directory of text files; one text file; or a
+            ``.bin`` file of uint16 tokens.
         max_bytes: cap on bytes read from a text corpus.
 
     Raises:
@@ -128,8 +141,8 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
         path = Path(spec)
         if not path.exists():
             raise FileNotFoundError(
-                f"corpus path {str(spec)!r} does not exist; pass 'stdlib', a directory of text files or a "
-                ".bin file of uint16 tokens"
+                f"corpus path {str(spec)!r} does not exist; pass 'stdlib', a directory of text files, a "
+                "text file or a .bin file of uint16 tokens"
             )
         if path.is_dir():
             files = _read_text_tree(path, "*", {"__pycache__", ".git"}, max_bytes)
@@ -140,6 +153,19 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
                 cut = int(train.size * 0.95)
                 train, val = train[:cut], train[cut:]
             corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
+        elif path.suffix != ".bin":  # one text file, as bytes (a nanoGPT-style input.txt)
+            with open(path, "rb") as f:
+                text = f.read(max_bytes)
+            if not text:
+                raise ValueError(f"corpus file {str(path)!r} is empty")
+            if b"\0" in text:
+                raise ValueError(
+                    f"corpus file {str(path)!r} holds NUL bytes, so it is not text; a file of uint16 tokens "
+                    "must be named *.bin"
+                )
+            toks = np.frombuffer(text, dtype=np.uint8)
+            cut = int(toks.size * 0.95)
+            corpus = Corpus(f"file:{path}", toks[:cut], toks[cut:], 256, _digest(toks[:cut], toks[cut:]))
         else:
             if path.stat().st_size % 2:
                 raise ValueError(

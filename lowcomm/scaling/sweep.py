@@ -205,7 +205,8 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     from ..runtime.trainer import loop
 
     runs = grid(spec)
-    load_corpus(spec.corpus)  # a corpus every run would fail on is refused before any folder is made
+    # a corpus every run would fail on is refused before any folder is made
+    load_corpus(spec.corpus).check_fits(spec.seq_len)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     (Path(spec.out) / "sweep.json").write_text(
         json.dumps({"spec": spec.__dict__, "runs": [n for n, _ in runs]}, indent=2, default=list)

@@ -302,8 +302,8 @@ class DataConfig:
     """What the replicas read.
 
     Attributes:
-        corpus: "stdlib" (the Python standard library's sources), a directory of text files, or
-            a .bin file of uint16 tokens.
+        corpus: "stdlib" (the Python standard library's sources), a directory of text files, a
+            text file (bytes), or a .bin file of uint16 tokens.
         batch_size: sequences per replica (per process of a replica) per inner step.
     """
 

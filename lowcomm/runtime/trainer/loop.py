@@ -140,6 +140,7 @@ class Trainer:
         elastic = cfg.elastic.enabled
         here = 1 if elastic or is_distributed_env() or self.topology is not None else cfg.run.replicas
         check_memory(cfg, self.corpus.vocab_size, here, self.device)  # before anything is allocated
+        self.corpus.check_fits(cfg.model.seq_len)
         topo = None if elastic else self._static_topology()
         self.topo = topo
         base = build_model(cfg, self.corpus.vocab_size)
