@@ -442,6 +442,30 @@ def test_start_up_copies_every_parameter_bit_for_bit_and_refuses_other_models_by
         DiLoCo(odd, None, LocalGroup.create(1)[0], sync_every=2)
 
 
+def test_arguments_of_the_wrong_kind_and_an_optimizer_of_another_model_are_refused_by_name():
+    """A string, None or another model's optimizer: a TypeError naming the argument (these were
+    AttributeErrors from inside), and an optimizer that updates none of the model's trained
+    parameters is refused (it was taken: DiLoCo synced weights the inner steps never changed).
+    One over part of them, or over views of them (the trainer's batched replicas), is taken."""
+    model, other = nn.Linear(4, 2), nn.Linear(4, 2)
+    group = LocalGroup.create(1)[0]
+    opt = torch.optim.AdamW(model.parameters())
+    for args, match in [
+        (("model", opt, group), "model must be a torch.nn.Module, got str"),
+        ((model, "adamw", group), "inner_optimizer must be a torch.optim.Optimizer or None, got str"),
+        ((model, opt, None), "group must be a lowcomm ReplicaGroup .*, got NoneType"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            DiLoCo(*args, sync_every=2)
+    with pytest.raises(ValueError, match="inner_optimizer updates none of the model's 2 trained parameters"):
+        DiLoCo(model, torch.optim.AdamW(other.parameters()), LocalGroup.create(1)[0], sync_every=2)
+    DiLoCo(model, torch.optim.AdamW([model.bias]), LocalGroup.create(1)[0], sync_every=2)
+    stacked = torch.zeros(2, 2, 4)  # two replicas' weights; each model's weight is a view of one
+    viewed = nn.Linear(4, 2)
+    viewed.weight = nn.Parameter(stacked[0])
+    DiLoCo(viewed, torch.optim.AdamW([stacked]), LocalGroup.create(1)[0], sync_every=2)
+
+
 def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_steps():
     kw = dict(sync_every=3, fragments=2, overlap=1, codec="int8")
     models, opts = _replicas(1)

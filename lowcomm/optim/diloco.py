@@ -174,6 +174,7 @@ class DiLoCo:
         shard_group=None,
         **settings: Any,
     ) -> None:
+        _check_types(model, inner_optimizer, group)
         cfg = (config or DiLoCoConfig()).replace(**settings) if settings else (config or DiLoCoConfig())
         wrappers = _wrappers(model)
         module = wrappers[-1]  # parameters and buffers by the model's own names
@@ -209,6 +210,7 @@ class DiLoCo:
                     "(its global copy and pseudo-gradients are fp32); hold it as a buffer or as real "
                     "and imaginary parts (torch.view_as_real)"
                 )
+        _check_optimizer_updates(inner_optimizer, [params[n] for n in synced])
         # before any traffic: replicas built from different models are refused naming the parameter
         # that differs (a broadcast of unequal sizes fails in the backend, or hangs)
         group.verify_same(
@@ -836,6 +838,44 @@ def _is_fsdp2(module: nn.Module) -> bool:
     return any(c.__name__ == "FSDPModule" for c in type(module).__mro__) and callable(
         getattr(module, "reshard", None)
     )
+
+
+def _check_types(model: Any, inner_optimizer: Any, group: Any) -> None:
+    """TypeError naming the argument that is not what DiLoCo takes (it was an AttributeError from
+    deep inside: "'str' object has no attribute 'named_parameters'")."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if inner_optimizer is not None and not (
+        hasattr(inner_optimizer, "param_groups") and hasattr(inner_optimizer, "register_step_post_hook")
+    ):
+        raise TypeError(
+            f"inner_optimizer must be a torch.optim.Optimizer or None, got {type(inner_optimizer).__name__}"
+        )
+    if not isinstance(group, ReplicaGroup):
+        raise TypeError(
+            f"group must be a lowcomm ReplicaGroup (LocalGroup.create(M)[i], DistributedGroup, ...), "
+            f"got {type(group).__name__}"
+        )
+
+
+def _check_optimizer_updates(inner_optimizer: Any, synced: list[torch.Tensor]) -> None:
+    """Refuse an inner optimizer that updates none of the synced parameters (built over another
+    model's, a copy's): DiLoCo would sync weights the inner steps never change, and train nothing.
+    A parameter counts as updated when the optimizer holds a tensor on its storage (the trainer's
+    batched replicas are views of one stacked tensor per parameter)."""
+    if inner_optimizer is None:
+        return
+    held = {
+        local_tensor(q).untyped_storage().data_ptr()
+        for g in inner_optimizer.param_groups
+        for q in g["params"]
+        if isinstance(q, torch.Tensor)
+    }
+    if not any(local_tensor(p).untyped_storage().data_ptr() in held for p in synced):
+        raise ValueError(
+            f"inner_optimizer updates none of the model's {len(synced)} trained parameters (was it built "
+            "over another model, or a copy of this one?): build it over this model's parameters"
+        )
 
 
 def _wrappers(model: nn.Module) -> list[nn.Module]:
