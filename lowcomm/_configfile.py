@@ -29,11 +29,29 @@ def read_config_file(path: str | os.PathLike | Path, what: str = "config file") 
         raise ValueError(f"{what} {str(p)!r} is a directory; give a .toml or .json file")
     if p.suffix not in (".toml", ".json"):
         raise ValueError(f"{what} {str(p)!r} must end in .toml or .json")
-    text = p.read_text()
+    kind = p.suffix[1:].upper()
     try:
-        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from None
+        text = p.read_bytes().decode("utf-8")
+        data = tomllib.loads(text) if kind == "TOML" else json.loads(text, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(p)!r} is not valid {kind}: not UTF-8 text (byte {e.start})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, _Duplicate) as e:
+        raise ValueError(f"{what} {str(p)!r} is not valid {kind}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {str(p)!r} must hold a table of keys")
     return data
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it names a key twice (json keeps the last silently; TOML
+    refuses)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(f"key {k!r} is given twice")
+        out[k] = v
+    return out

@@ -223,6 +223,38 @@ def test_config_sections_and_flat_keys_load_alike(tmp_path):
         TrainConfig.from_dict({"model": {"colour": "red"}})
     with pytest.raises(ValueError, match=r"unknown config section \[runn\]; allowed: \['\[run\]', "):
         TrainConfig.from_dict({"runn": {"steps": 10}})
+    # a [train] table (a job file's) is unwrapped, its sections inside it
+    f.write_text(
+        '[train]\nreplicas = 3\nsync_every = 20\n[train.diloco]\ncodec = "int8"\n[train.model]\ndim = 32\n'
+    )
+    assert TrainConfig.from_dict(load_config_file(f)) == flat
+
+
+def test_config_files_that_would_lose_or_garble_a_key_are_refused_naming_it(tmp_path):
+    """Each of these was read, losing a value without a word: a section beside [train] (its
+    sync_every=0 never checked), a JSON key given twice (the last kept); bytes that are not UTF-8
+    raised a UnicodeDecodeError that named no file."""
+    from lowcomm.runtime import load_config_file
+
+    cases = {
+        "beside.toml": (
+            b"[train]\nsteps = 2\n[diloco]\nsync_every = 0\n",
+            r"beside.toml' holds \['\[diloco\]'\] beside its \[train\] table, which would be ignored",
+        ),
+        "extra.json": (b'{"train": {"steps": 2}, "seed": 3}', r"holds \['seed'\] beside its \[train\] table"),
+        "twice.json": (
+            b'{"steps": 2, "steps": 3}',
+            r"twice.json' is not valid JSON: key 'steps' is given twice",
+        ),
+        "latin1.toml": (
+            b'corpus = "caf\xe9"\n',
+            r"latin1.toml' is not valid TOML: not UTF-8 text \(byte 13\)",
+        ),
+    }
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            load_config_file(tmp_path / name)
 
 
 @pytest.mark.parametrize(

@@ -508,6 +508,17 @@ class TrainConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or JSON config file into a dict (a ``[train]`` table is unwrapped)."""
+    """Read a TOML (``.toml``) or JSON config file into a dict (a ``[train]`` table is unwrapped;
+    keys beside it, which it would hide, are refused naming them)."""
     data = read_config_file(path)
-    return data.get("train", data)
+    if not isinstance(data.get("train"), dict):
+        return data
+    beside = sorted(k for k in data if k != "train")
+    if beside:
+        shown = [f"[{k}]" if isinstance(data[k], dict) else k for k in beside]
+        raise ValueError(
+            f"config file {str(path)!r} holds {shown} "
+            "beside its [train] table, which would be ignored: put them inside [train] "
+            "([train.diloco] for a section), or drop the [train] table"
+        )
+    return data["train"]
