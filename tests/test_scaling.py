@@ -175,6 +175,25 @@ def test_sizes_resolve_to_presets_and_parameter_counts():
     assert resolve_size("100k")[0] == "d64l2" and non_embedding_params(64, 2) == 100096
     with pytest.raises(ValueError, match="neither a preset"):
         resolve_size("huge")
+    for count in ("0", "-5k", "inf", "nan"):  # "0" was a ZeroDivisionError
+        with pytest.raises(ValueError, match=f"model size '{count}' is neither a preset .* nor a count > 0"):
+            resolve_size(count)
+
+
+def test_a_sweep_that_names_a_value_twice_is_refused_by_name():
+    """Each value is one run: a value given twice ran once and was counted as 'already done' (or,
+    for a count and the preset it stands for, the same folder twice)."""
+    for kw, match in [
+        (
+            dict(sizes=("d32l2",), replicas=(1, 1)),
+            r"replicas=\[1, 1\] is not allowed: each value once \(1 given twice\)",
+        ),
+        (dict(sizes=("20k", "d32l2")), r"sizes=\['20k', 'd32l2'\] .*\(d32l2 given twice; a count stands for"),
+        (dict(sizes=("d32l2",), lrs=(1e-3, 0.001)), r"lrs=\[0.001, 0.001\] is not allowed"),
+        (dict(sizes=("d32l2",), replicas=(0,)), r"replicas=0 is not allowed: an int >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SweepSpec(**kw)
 
 
 def test_grid_follows_the_protocol():

@@ -69,9 +69,11 @@ def resolve_size(size: str) -> tuple[str, int, int, int]:
     try:
         target = float(text[:-1] if mult != 1.0 else text) * mult
     except ValueError:
+        target = math.nan
+    if not 0 < target < math.inf:  # (a count of 0 or less matched nothing: a ZeroDivisionError)
         raise ValueError(
-            f"model size {size!r} is neither a preset {sorted(SIZE_PRESETS)} nor a count like '100k'"
-        ) from None
+            f"model size {size!r} is neither a preset {sorted(SIZE_PRESETS)} nor a count > 0 like '100k'"
+        )
     best = min(SIZE_PRESETS, key=lambda k: abs(math.log(non_embedding_params(*SIZE_PRESETS[k][:2]) / target)))
     return (best, *SIZE_PRESETS[best])
 
@@ -116,11 +118,17 @@ class SweepSpec:
     def __post_init__(self) -> None:
         if not self.sizes:
             raise ValueError("sizes must name at least one model size")
-        for size in self.sizes:
-            resolve_size(size)
+        presets = [resolve_size(size)[0] for size in self.sizes]
+        for name in ("sizes", "replicas", "sync_every", "outer_lrs", "lrs"):  # each value one run
+            values = presets if name == "sizes" else list(getattr(self, name))
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                why = "; a count stands for its nearest preset" if name == "sizes" else ""
+                allowed = f"each value once ({', '.join(twice)} given twice{why})"
+                raise refuse(name, list(getattr(self, name)), allowed)
         for m in self.replicas:
             if not isinstance(m, int) or m < 1:
-                raise ValueError(f"replicas must be ints >= 1, got {m!r}")
+                raise refuse("replicas", m, "an int >= 1")
             if not self.keep_per_replica_batch and self.global_batch % m:
                 raise ValueError(f"global_batch={self.global_batch} is not divisible by replicas={m}")
         if self.baseline not in (None, "dp"):
