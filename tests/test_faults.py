@@ -36,6 +36,13 @@ def test_the_example_plan_loads_and_random_targets_are_drawn_from_the_seed(tmp_p
         FaultPlan.load('{"seed": 0, "faults": [')
     with pytest.raises(FileNotFoundError, match=r"fault plan '.*nope.toml' does not exist"):
         FaultPlan.load(tmp_path / "nope.toml")
+    # a plan that parses but is wrong names its file too (a $LOWCOMM_FAULTS of several jobs')
+    (tmp_path / "wrong.json").write_text('{"faults": [{"kind": "kill"}], "train": {}}')
+    with pytest.raises(ValueError, match=r"^fault plan '.*wrong.json': unknown key\(s\) \['train'\]"):
+        FaultPlan.load(tmp_path / "wrong.json")
+    (tmp_path / "wrong.json").write_text('{"faults": [{"kind": "kill"}]}')
+    with pytest.raises(ValueError, match=r"^fault plan '.*wrong.json': fault 0: target must be a string"):
+        FaultPlan.load(tmp_path / "wrong.json")
 
 
 @pytest.mark.parametrize(
