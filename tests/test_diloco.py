@@ -267,8 +267,14 @@ def test_state_from_another_configuration_is_refused():
     other = _wrap(models, opts, sync_every=4, codec="e3m0")[0]
     with pytest.raises(ValueError, match="codec"):
         other.load_state_dict(state)
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="DiLoCo state version must be 2, got 99"):
         d.load_state_dict({"version": 99})
+    # not a state at all: it read "version must be 2, got None (another lowcomm version's state)"
+    for junk, got in [({}, r"a dict of keys \[\]"), (None, "NoneType"), ({"model": 1}, r"\['model'\]")]:
+        with pytest.raises(
+            ValueError, match=rf"^not a DiLoCo state \(what DiLoCo.state_dict\(\) returns.*{got}"
+        ):
+            d.load_state_dict(junk)
     # a part of a replica of several processes (torch.distributed.checkpoint layout), or not a state
     with pytest.raises(ValueError, match=r"holds \['part 1 of 2'\].*this process is part 0 of 1"):
         d.load_state_dict({"version": state["version"], "part 1 of 2": state})

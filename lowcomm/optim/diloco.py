@@ -514,10 +514,19 @@ class DiLoCo:
         Raises:
             ValueError: a state from another version, configuration, model or part.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        if not isinstance(state, dict) or "version" not in state:
+            got = (
+                f"a dict of keys {sorted(map(str, state))[:5]}"
+                if isinstance(state, dict)
+                else type(state).__name__
+            )
             raise ValueError(
-                f"DiLoCo state version must be {STATE_VERSION}, got {got!r} (another lowcomm version's state)"
+                f"not a DiLoCo state (what DiLoCo.state_dict() returns, with its 'version'): {got}"
+            )
+        if state["version"] != STATE_VERSION:
+            raise ValueError(
+                f"DiLoCo state version must be {STATE_VERSION}, got {state['version']!r} (another lowcomm "
+                "version's state)"
             )
         parts = sorted(k for k in state if isinstance(k, str) and k.startswith("part "))
         if self.part[1] > 1 and self._part_key() in state:
