@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,30 @@ def test_bad_records_are_named_and_left_out(fixture_runs):
         "not a finite positive number" in why for p, why in reasons.items() if p.endswith("nan/summary.json")
     )
     assert any("missing fields" in why for p, why in reasons.items() if p.endswith("missing/summary.json"))
+
+
+def test_records_with_counts_the_fits_cannot_use_are_left_out_by_name(tmp_path):
+    """replicas=0 made a curve 'diloco M=0', params of -5 a point the log-log fits took, a string
+    count or a summary that is a bare number a traceback."""
+    cases = {
+        "m0": (dict(replicas=0), "replicas is 0, not an int >= 1"),
+        "neg": (dict(params_non_embedding=-5), "params_non_embedding is -5, not an int >= 1"),
+        "text": (dict(tokens="many"), "tokens is 'many', not an int >= 1"),
+        "bool": (dict(replicas=True), "replicas is True, not an int >= 1"),
+        "mode": (dict(mode="sgd"), "mode is 'sgd', not 'dp' or 'diloco'"),
+    }
+    for name, (kw, _) in cases.items():
+        _write_summary(tmp_path / name, **kw)
+    _write_summary(tmp_path / "good")
+    (tmp_path / "number").mkdir()
+    (tmp_path / "number" / "summary.json").write_text("5")
+    records, rejected = load_records([tmp_path])
+    assert [r.path for r in records] == [str(tmp_path / "good")]
+    reasons = {Path(p).parent.name: why for p, why in rejected}
+    assert reasons == {
+        **{n: why for n, (_, why) in cases.items()},
+        "number": "a JSON int, not an object of fields",
+    }
 
 
 def test_report_renders_tables_fits_plots_and_findings(fixture_runs, tmp_path):
