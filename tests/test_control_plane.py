@@ -523,6 +523,16 @@ def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(m
             Coordinator(bind, "t", KEY)
     finally:
         taken.close()
+    # a store host that is not this machine's (TEST-NET-1) or not a host: refused by name (they were
+    # a socket.gaierror / OSError traceback), and the coordinator's port is free again after it
+    from lowcomm.comm.net import free_port
+
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    for host, match in [("192.0.2.1", "an address of this host"), ("bad host", "an IP address or host name")]:
+        with pytest.raises(ValueError, match=rf"^store_host='{host}' is not allowed: {match}"):
+            Coordinator(bind, "t", KEY, store_host=host)
+    coord = Coordinator(bind, "t", KEY)
+    coord._sock.close(0)
     monkeypatch.setenv("LOWCOMM_KEY", KEY.hex())
     cases = {
         (
@@ -537,6 +547,10 @@ def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(m
             "deadline_floor=2.0 and deadline_ceiling=inf are not allowed: 0 < floor <= ceiling"
         ),
         ("coordinator", "--bind", bind, "--round-deadline-floor", "0"): "round_deadline_floor=0.0 and",
+        # (a missing key file was "[Errno 2] No such file or directory: '/no/such/key'")
+        ("status", "tcp://127.0.0.1:9", "--key", "@/no/such/key"): (
+            "key file '/no/such/key' cannot be read: No such file or directory"
+        ),
     }
     for argv, match in cases.items():
         assert main(list(argv)) == 2, argv

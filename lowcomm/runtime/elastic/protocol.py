@@ -404,10 +404,16 @@ def load_key(spec: str | None = None) -> bytes:
         raise ValueError(
             "no job key: pass --key, or set LOWCOMM_KEY or LOWCOMM_KEY_FILE (make one with `lowcomm keys`)"
         )
+    where = ""
     if spec.startswith("@"):
-        with open(spec[1:]) as f:
-            spec = f.read().strip()
+        where = f" in key file {spec[1:]!r}"
+        try:
+            with open(spec[1:]) as f:
+                spec = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise ValueError(f"key file {spec[1:]!r} cannot be read: {why}") from None
     try:
         return bytes.fromhex(spec)
     except ValueError:
-        raise ValueError("the job key must be hex (as `lowcomm keys` prints it)") from None
+        raise ValueError(f"the job key{where} must be hex (as `lowcomm keys` prints it)") from None

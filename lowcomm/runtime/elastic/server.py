@@ -22,8 +22,9 @@ import secrets
 import threading
 import time
 
+from ..._checks import refuse
 from ..._compat import listen_fd_store_kwargs, require
-from ..net import check_endpoint
+from ..net import check_endpoint, valid_host
 from .membership import Deadline
 from .protocol import (
     FIRST_CONTACT_WINDOW_S,
@@ -97,6 +98,8 @@ class Coordinator:
         self._seq = time.time_ns()
         check_quorum(min_workers, grace)  # before a socket or the store exists
         check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)
+        if store_host is not None and not (isinstance(store_host, str) and valid_host(store_host)):
+            raise refuse("store_host", store_host, "an IP address or host name of this machine")
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -111,7 +114,12 @@ class Coordinator:
         except zmq.ZMQError as e:  # a port in use, an address not on this host, a bad port
             self._sock.close(0)
             raise ValueError(f"bind={bind!r} is not allowed: {e}") from None
-        self._store, store_addr = self._start_store(store_host)
+        try:
+            self._store, store_addr = self._start_store(store_host)
+        except OSError as e:  # an address of another host, a name that does not resolve
+            self._sock.close(0)
+            name, value = ("store_host", store_host) if store_host else ("bind", bind)
+            raise refuse(name, value, f"an address of this host ({e.strerror or e})") from None
         # generations are unique across restarts of the coordinator (microseconds since the epoch)
         self.state = CoordinatorState(
             job,
