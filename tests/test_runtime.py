@@ -336,6 +336,34 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+def test_a_run_directory_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_path, corpus_dir, capsys):
+    """The same command started twice (--overwrite or --resume, or both into an empty folder): the
+    second run wrote its records and checkpoints between the first's. A run holds its directory
+    (flock) from its records' start to its summary; another is refused in one line, exit code 2,
+    the folder untouched. (The lock here is taken through another open file, as another process's
+    would be: flock locks conflict between open files, in one process too.)"""
+    from lowcomm.runtime.cli import main
+    from lowcomm.runtime.files import hold_folder
+
+    run = tmp_path / "run"
+    argv = ["train", "--corpus", corpus_dir, "--quiet", "--steps", "2", *TINY_FLAGS, "--run-dir", str(run)]
+    assert main(argv) == 0
+    before = _snapshot(run)
+    held = hold_folder("run_dir", run)  # a run under way there
+    try:
+        for extra in (["--overwrite"], ["--resume", "auto", "--steps", "4"]):
+            assert main([*argv, *extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"run_dir='{run}' is in use: another process is running there" in err[0]
+            assert _snapshot(run) == before
+        with pytest.raises(ValueError, match="is in use"):
+            hold_folder("run_dir", run)
+    finally:
+        os.close(held)
+    assert main([*argv, "--overwrite"]) == 0  # once it has ended
+    os.close(hold_folder("run_dir", run))  # and the run let go of it
+
+
 def test_run_directories_and_records_are_owner_only(tmp_path, corpus_dir):
     cfg = TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / "priv"), steps=2, **TINY)
     train(cfg, progress=False)

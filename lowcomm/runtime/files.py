@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-__all__ = ["check_folder", "private_open", "read_jsonl"]
+__all__ = ["check_folder", "hold_folder", "private_open", "read_jsonl"]
 
 
 def check_folder(name: str, folder: str | os.PathLike | Path) -> None:
@@ -43,3 +43,31 @@ def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
             if line.endswith("\n"):
                 out.append(json.loads(line))
     return out
+
+
+def hold_folder(name: str, folder: str | os.PathLike | Path) -> int | None:
+    """Make ``folder`` (owner-only) if it does not exist and hold it for this process: an
+    exclusive ``flock`` on the folder itself, which the kernel drops when the returned descriptor
+    is closed or the process ends (a killed run leaves no stale lock). None where the system has
+    no ``flock`` (the folder is then not held).
+
+    Raises:
+        ValueError: another process holds it (the same command started twice: their records and
+            checkpoints would be interleaved and overwritten).
+    """
+    try:
+        import fcntl
+    except ImportError:  # (not a POSIX system)
+        return None
+    p = Path(folder)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(
+            f"{name}={str(folder)!r} is in use: another process is running there (the same command "
+            "started twice?); nothing was changed: wait for it to end, or give another folder"
+        ) from None
+    return fd

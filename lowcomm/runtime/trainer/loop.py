@@ -33,7 +33,7 @@ from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...kernels import check_precision_on, layer_backend
 from ...lm import eval_batches, load_corpus
-from ..files import private_open
+from ..files import hold_folder, private_open
 from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
 from .build import build_model, check_memory, evaluate, make_replicas
@@ -89,6 +89,7 @@ class Trainer:
         self.rec: RunRecorder | NullRecorder = NullRecorder()
         self.bar = None  # the progress bar, once the run starts
         self.profiler: StepProfiler | None = None  # --profile's, once the run starts
+        self._held: int | None = None  # the run directory's lock (files.hold_folder)
 
     def leader_by_env(self) -> bool:
         """Whether this process writes the records, known before any process group exists (rank 0
@@ -267,12 +268,16 @@ class Trainer:
             return self._run()
         finally:
             torch.set_num_threads(threads)
+            if self._held is not None:  # the run directory, held from its records' start to the summary
+                os.close(self._held)
+                self._held = None
 
     def _run(self) -> dict[str, Any]:
         t_start = time.time()
         cfg = self.cfg
         self._build()
         if self.leader:
+            self._held = hold_folder("run_dir", cfg.run.run_dir)  # before anything is written there
             config = self._config_record()
             sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
             first = self.replica_ids[0] if self.replica_ids else 0
