@@ -104,10 +104,18 @@ def test_authenticated_but_invalid_bodies_name_the_field():
         deserialize(signed({**header, "type": "shutdown"}, {}), SIGNER)
 
 
-def test_keys_load_from_env_and_files(tmp_path, monkeypatch):
+def test_keys_load_from_env_and_files(tmp_path, monkeypatch, caplog):
     k = new_key()
     (tmp_path / "k").write_text(k + "\n")
-    assert load_key("@" + str(tmp_path / "k")) == bytes.fromhex(k)
+    os.chmod(tmp_path / "k", 0o600)
+    with caplog.at_level("WARNING"):
+        assert load_key("@" + str(tmp_path / "k")) == bytes.fromhex(k)
+        assert not caplog.records
+        os.chmod(tmp_path / "k", 0o644)  # a key file others can read is named, as ssh does
+        assert load_key("@" + str(tmp_path / "k")) == bytes.fromhex(k)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"key file '{tmp_path / 'k'}' can be read by other users (mode 644): chmod 600 it"
+    ]
     monkeypatch.setenv("LOWCOMM_KEY", k)
     assert load_key() == bytes.fromhex(k)
     monkeypatch.delenv("LOWCOMM_KEY")

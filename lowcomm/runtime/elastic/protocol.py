@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -409,6 +410,13 @@ def load_key(spec: str | None = None) -> bytes:
         where = f" in key file {spec[1:]!r}"
         try:
             with open(spec[1:]) as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:  # as ssh says of a private key others can read
+                    logging.getLogger(__name__).warning(
+                        "key file %r can be read by other users (mode %o): chmod 600 it",
+                        spec[1:],
+                        mode & 0o777,
+                    )
                 spec = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
