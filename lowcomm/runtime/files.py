@@ -48,8 +48,8 @@ def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
 def hold_folder(name: str, folder: str | os.PathLike | Path) -> int | None:
     """Make ``folder`` (owner-only) if it does not exist and hold it for this process: an
     exclusive ``flock`` on the folder itself, which the kernel drops when the returned descriptor
-    is closed or the process ends (a killed run leaves no stale lock). None where the system has
-    no ``flock`` (the folder is then not held).
+    is closed or the process ends (a killed run leaves no stale lock). None where the system or
+    the folder's file system has no ``flock`` (the folder is then not held).
 
     Raises:
         ValueError: another process holds it (the same command started twice: their records and
@@ -64,10 +64,13 @@ def hold_folder(name: str, folder: str | os.PathLike | Path) -> int | None:
     fd = os.open(p, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise ValueError(
             f"{name}={str(folder)!r} is in use: another process is running there (the same command "
             "started twice?); nothing was changed: wait for it to end, or give another folder"
         ) from None
+    except OSError:  # a file system without locks (ENOLCK, EINVAL): the folder is not held
+        os.close(fd)
+        return None
     return fd
