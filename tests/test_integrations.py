@@ -403,6 +403,28 @@ def test_replica_group_in_a_lone_process_is_a_group_of_one_and_hides_the_launche
     assert group.size == 1 and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
 
 
+def test_replica_group_called_again_returns_the_group_it_joined(tmp_path):
+    """Two replicas under lowcomm launch, each calling replica_group() twice (a notebook cell run
+    again, a second fit): the second call read the launcher's variables the first had hidden and
+    made a group of one replica that never synced, without a word. Now it returns the same group,
+    whose collectives still reach the other replica."""
+    script = tmp_path / "twice.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from lowcomm.integrations import replica_group\n"
+        "first, again = replica_group(), replica_group()\n"
+        "t = torch.tensor([float(first.rank + 1)])\n"
+        "again.broadcast_(t)  # replica 0's value, on both\n"
+        "print(json.dumps({'same': first is again, 'size': again.size, 'value': t.item()}))\n"
+    )
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", sys.executable, str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert lines == [{"same": True, "size": 2, "value": 1.0}] * 2, res.stdout
+
+
 def test_a_replica_of_several_processes_takes_the_frameworks_ddp_over_its_own_processes(monkeypatch):
     """DiLoCo's shard_group inside a framework: None with one process a replica; with two, the
     framework's DDP over the replica's 2 processes, else a one-line refusal naming what it got."""

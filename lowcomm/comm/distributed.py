@@ -438,6 +438,11 @@ class DistributedGroup(ReplicaGroup):
     def size(self) -> int:
         return self._size
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def close(self, limit: float | None = None) -> None:
         """Finish queued collectives (unless one failed), stop the communication thread, and mark
         this replica finished in the store: a peer waiting for it is told, within about

@@ -64,11 +64,17 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
     synchronizes the replicas, each process its 1/k shard (:func:`replica_shard_group`). The
     launcher's values are in ``HIDDEN``.
 
-    Call it before building the framework's trainer and before anything touches a GPU.
+    Call it before building the framework's trainer and before anything touches a GPU. Called
+    again in the same process, it returns the group it joined (until that group is closed).
 
     Raises:
         ValueError: LOWCOMM_PROCS_PER_REPLICA is not a whole number that divides WORLD_SIZE.
     """
+    global _REPLICAS
+    if _REPLICAS is not None and not _REPLICAS.closed:
+        # called again (a notebook cell, a second fit): the launcher's variables are hidden or the
+        # replica's by now, and read again they would make a group of one replica that never syncs
+        return _REPLICAS
     world = env_int("WORLD_SIZE", 1)
     k = procs_per_replica()
     if k < 1 or world % k:
@@ -104,6 +110,7 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
         k,
     )
     atexit.register(_release, group)
+    _REPLICAS = group
     if hide_env:
         if k == 1:
             _own_gpus()  # before the variables that place this process go
@@ -326,6 +333,7 @@ def outer_device(group: ReplicaGroup, model, config: DiLoCoConfig) -> DiLoCoConf
 
 
 HIDDEN: dict[str, str] = {}
+_REPLICAS = None  # the replicas' group replica_group() joined (a job of several replicas)
 
 
 def unwrap_optimizer(optimizer):
