@@ -410,19 +410,21 @@ def test_replica_group_called_again_returns_the_group_it_joined(tmp_path):
     whose collectives still reach the other replica."""
     script = tmp_path / "twice.py"
     script.write_text(
-        "import json, sys, torch\n"
+        "import json, pathlib, sys, torch\n"
         "from lowcomm.integrations import replica_group\n"
         "first, again = replica_group(), replica_group()\n"
         "t = torch.tensor([float(first.rank + 1)])\n"
         "again.broadcast_(t)  # replica 0's value, on both\n"
-        "print(json.dumps({'same': first is again, 'size': again.size, 'value': t.item()}))\n"
+        "result = {'same': first is again, 'size': again.size, 'value': t.item()}\n"
+        "pathlib.Path(sys.argv[1], f'r{first.rank}.json').write_text(json.dumps(result))\n"
     )
-    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", sys.executable, str(script)]
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--"]
+    cmd += [sys.executable, str(script), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-    assert lines == [{"same": True, "size": 2, "value": 1.0}] * 2, res.stdout
+    results = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    assert results == [{"same": True, "size": 2, "value": 1.0}] * 2, results
 
 
 def test_a_replica_of_several_processes_takes_the_frameworks_ddp_over_its_own_processes(monkeypatch):
