@@ -150,9 +150,9 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
                 raise ValueError(f"corpus directory {str(path)!r} holds no readable text files")
             train, val = _split_files(files)
             if val.size == 0:  # too few files for the per-file rule: hold out the tail instead
-                cut = int(train.size * 0.95)
-                train, val = train[:cut], train[cut:]
-            corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
+                corpus = _tail_held_out(f"dir:{path}", train, 256)
+            else:
+                corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
         elif path.suffix != ".bin":  # one text file, as bytes (a nanoGPT-style input.txt)
             with open(path, "rb") as f:
                 text = f.read(max_bytes)
@@ -163,9 +163,7 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
                     f"corpus file {str(path)!r} holds NUL bytes, so it is not text; a file of uint16 tokens "
                     "must be named *.bin"
                 )
-            toks = np.frombuffer(text, dtype=np.uint8)
-            cut = int(toks.size * 0.95)
-            corpus = Corpus(f"file:{path}", toks[:cut], toks[cut:], 256, _digest(toks[:cut], toks[cut:]))
+            corpus = _tail_held_out(f"file:{path}", np.frombuffer(text, dtype=np.uint8), 256)
         else:
             if path.stat().st_size % 2:
                 raise ValueError(
@@ -174,11 +172,15 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
             toks = np.fromfile(path, dtype="<u2")
             if toks.size == 0:
                 raise ValueError(f"token file {str(path)!r} is empty")
-            cut = int(toks.size * 0.95)
             vocab = int(toks.max()) + 1
-            vocab = max(256, -(-vocab // 64) * 64)
-            corpus = Corpus(f"bin:{path}", toks[:cut], toks[cut:], vocab, _digest(toks[:cut], toks[cut:]))
+            corpus = _tail_held_out(f"bin:{path}", toks, max(256, -(-vocab // 64) * 64))
     return corpus
+
+
+def _tail_held_out(name: str, toks: np.ndarray, vocab_size: int) -> Corpus:
+    """One token stream as a corpus whose last 5% is the validation split."""
+    cut = int(toks.size * 0.95)
+    return Corpus(name, toks[:cut], toks[cut:], vocab_size, _digest(toks[:cut], toks[cut:]))
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

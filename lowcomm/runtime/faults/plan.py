@@ -234,11 +234,10 @@ class FaultPlan:
                 return cls.from_dict(json.loads(text))
             except json.JSONDecodeError as e:
                 raise ValueError(f"fault plan (inline JSON) is not valid JSON: {e}") from None
+        data = read_config_file(spec, "fault plan")  # (its errors name the file)
         try:
-            return cls.from_dict(read_config_file(spec, "fault plan"))
+            return cls.from_dict(data)
         except ValueError as e:  # the plan's own errors ("fault 2: ...") name the file too
-            if str(e).startswith("fault plan "):
-                raise
             raise ValueError(f"fault plan {text!r}: {str(e).removeprefix('fault plan: ')}") from None
 
     @classmethod

@@ -89,7 +89,7 @@ class Trainer:
         self.rec: RunRecorder | NullRecorder = NullRecorder()
         self.bar = None  # the progress bar, once the run starts
         self.profiler: StepProfiler | None = None  # --profile's, once the run starts
-        self._held: int | None = None  # the run directory's lock (files.hold_folder)
+        self._dir_lock: int | None = None  # the run directory's lock (files.hold_folder)
 
     def leader_by_env(self) -> bool:
         """Whether this process writes the records, known before any process group exists (rank 0
@@ -268,16 +268,16 @@ class Trainer:
             return self._run()
         finally:
             torch.set_num_threads(threads)
-            if self._held is not None:  # the run directory, held from its records' start to the summary
-                os.close(self._held)
-                self._held = None
+            if self._dir_lock is not None:  # the run directory, held from its records' start to the summary
+                os.close(self._dir_lock)
+                self._dir_lock = None
 
     def _run(self) -> dict[str, Any]:
         t_start = time.time()
         cfg = self.cfg
         self._build()
         if self.leader:
-            self._held = hold_folder("run_dir", cfg.run.run_dir)  # before anything is written there
+            self._dir_lock = hold_folder("run_dir", cfg.run.run_dir)  # before anything is written there
             config = self._config_record()
             sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
             first = self.replica_ids[0] if self.replica_ids else 0
