@@ -143,16 +143,28 @@ def test_a_recorder_replaces_old_records_only_once_its_run_begins(tmp_path):
         rec.event("registering", v=2)
         rec.eval(step=0, loss=9.0)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
-    rec = RunRecorder(folder, {"run": 3})
+    sent = []  # a metrics sink's scalars are held with the lines
+
+    class Sink:
+        def scalars(self, step, values):
+            sent.append((step, values))
+
+        def close(self):
+            sent.append("closed")
+
+    rec = RunRecorder(folder, {"run": 3}, sink=Sink())
     rec.event("registering", v=3)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old  # not yet
+    rec.event("step", step=1, loss=4.0)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old and sent == []  # not yet
     rec.begin()
+    assert sent == [(1, {"train/loss": 4.0})]
     rec.eval(step=5, loss=1.5)
     rec.close()
     rec.event("after close", v=4)  # dropped, as before
+    assert sent == [(1, {"train/loss": 4.0}), (5, {"eval/loss": 1.5}), "closed"]
     assert json.loads((folder / "config.json").read_text()) == {"run": 3}
     assert not (folder / "summary.json").exists()
-    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == ["registering", "eval"]
+    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == ["registering", "step", "eval"]
     assert read_jsonl(folder / "eval.jsonl") == [{"step": 5, "loss": 1.5}]
     # continuing (append), the records stay and only the summary goes once the run begins
     (folder / "summary.json").write_text('{"so far": true}\n')
@@ -162,7 +174,12 @@ def test_a_recorder_replaces_old_records_only_once_its_run_begins(tmp_path):
         rec.begin()
     assert not (folder / "summary.json").exists()
     assert json.loads((folder / "config.json").read_text()) == {"run": 3}
-    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == ["registering", "eval", "resumed"]
+    assert [e["kind"] for e in read_jsonl(folder / "events.jsonl")] == [
+        "registering",
+        "step",
+        "eval",
+        "resumed",
+    ]
 
 
 def test_demo_runs_three_runs_on_equal_tokens_and_prints_their_table(tmp_path, capsys):

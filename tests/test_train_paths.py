@@ -853,6 +853,34 @@ def test_metrics_go_to_tensorboard_as_in_the_records(tmp_path, corpus_dir):
     assert len(acc.Scalars("round/pseudo_grad_norm")) == len(rounds) == 4
 
 
+def test_an_overwritten_run_leaves_tensorboard_the_new_runs_curves_alone(tmp_path, corpus_dir):
+    """--overwrite replaces the TensorBoard event files with the records (TensorBoard draws every
+    file of its folder as one run: the old run's 8 steps under the new run's 4). A sink opens its
+    file at its first scalars: a run refused after it was made (an elastic worker the coordinator
+    turns away) adds none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lowcomm.runtime.trainer.metrics import open_sink
+
+    open_sink("tensorboard", tmp_path / "refused", {}).close()
+    assert not (tmp_path / "refused").exists()
+
+    run = dict(replicas=2, sync_every=2, eval_every=0, metrics="tensorboard")
+    _run(tmp_path, corpus_dir, "tb", steps=8, **run)
+    folder = tmp_path / "tb" / "tensorboard"
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert len(old) == 1
+    with pytest.raises(ValueError, match="already holds files"):
+        _run(tmp_path, corpus_dir, "tb", steps=4, **run)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
+    _run(tmp_path, corpus_dir, "tb", steps=4, overwrite=True, **run)
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].name not in old, files
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
 def test_metrics_go_to_wandb_offline_and_a_missing_package_is_named(tmp_path, corpus_dir, monkeypatch):
     import sys
     import types

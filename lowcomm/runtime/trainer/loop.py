@@ -38,7 +38,7 @@ from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
 from .build import build_model, check_memory, evaluate, make_replicas
 from .config import TrainConfig
-from .metrics import check_sink, open_sink
+from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
@@ -291,9 +291,9 @@ class Trainer:
             step = start = max(sync.start(), self.start_step)
             # the run is under way (an elastic worker's coordinator has taken it): what it replaces
             # or continues no longer holds
-            self.rec.begin()
             if cfg.run.overwrite and not self.continuing:
                 self._drop_replaced_files()
+            self.rec.begin()
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             attempt = restart_attempt()
@@ -411,11 +411,12 @@ class Trainer:
             self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
 
     def _drop_replaced_files(self) -> None:
-        """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints and injected
-        faults of the run it replaces go with its records, once the new run is under way (a run
-        refused before, by a check or by the coordinator, leaves them), so that a later
-        ``--resume auto`` cannot continue the old run under the new one's records, nor skip the
-        faults the old run injected."""
+        """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints, injected
+        faults and TensorBoard event files of the run it replaces go with its records, once the
+        new run is under way (a run refused before, by a check or by the coordinator, leaves
+        them), so that a later ``--resume auto`` cannot continue the old run under the new one's
+        records, nor skip the faults the old run injected, and TensorBoard does not draw the two
+        runs as one."""
         elastic = self.cfg.elastic.enabled
         newest = self.sync.ckpt_path if elastic else run_checkpoint_path(self.cfg)
         for path in (newest,) if elastic else (newest, previous_checkpoint(newest)):
@@ -424,6 +425,9 @@ class Trainer:
                 log.info("%s removed: a checkpoint of the run --overwrite replaces", path)
         if not elastic and not restart_attempt():  # a restart's kill must not fire again
             faults_path(self.cfg).unlink(missing_ok=True)
+        if self.leader:  # TensorBoard draws every event file of its folder as one run
+            for path in (Path(self.cfg.run.run_dir) / TENSORBOARD_DIR).glob(TENSORBOARD_FILES):
+                path.unlink()
 
     def _profiler(self) -> StepProfiler | None:
         """The run's ``profile`` steps' profiler (None: not asked for)."""

@@ -9,8 +9,11 @@ receives the same numbers as scalars, per step:
                                                     (RoundStats.to_dict(): norms, cosine, timings)
 
 TensorBoard writes to ``<run_dir>/tensorboard`` (through ``torch.utils.tensorboard``; needs the
-``tensorboard`` package). W&B is used only if installed, and offline unless ``WANDB_MODE`` says
-otherwise, so a machine without network access never blocks on it (``wandb sync`` uploads later).
+``tensorboard`` package); ``--overwrite`` removes the event files of the run it replaces there
+(TensorBoard would draw both runs' curves as one). W&B is used only if installed, and offline
+unless ``WANDB_MODE`` says otherwise, so a machine without network access never blocks on it
+(``wandb sync`` uploads later). Each sink starts writing at its first scalars, which the records
+hold back with their lines until the run is under way: a run refused before adds nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from typing import Any, Protocol
 
 from ..._compat import require
 
-__all__ = ["METRICS", "MetricsSink", "check_sink", "open_sink", "scalars_of"]
+__all__ = [
+    "METRICS",
+    "TENSORBOARD_DIR",
+    "TENSORBOARD_FILES",
+    "MetricsSink",
+    "check_sink",
+    "open_sink",
+    "scalars_of",
+]
 
 #: the choices of ``--metrics``: "jsonl" is the records alone
 METRICS = ("jsonl", "tensorboard", "wandb")
@@ -62,40 +73,55 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+#: the folder of a run directory TensorBoard's sink writes to, and its event files' names
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_FILES = "events.out.tfevents.*"
+
+
 class TensorBoardSink:
+    """Its event file is made at the first scalars (a run refused before it sent any adds none)."""
+
     def __init__(self, run_dir: Path) -> None:
         check_sink("tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.folder, self.writer = run_dir / TENSORBOARD_DIR, None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.folder))
         for name, v in values.items():
             self.writer.add_scalar(name, v, global_step=step)
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
 
 
 class WandbSink:
+    """Its W&B run starts at the first scalars (a run refused before it sent any starts none)."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         check_sink("wandb")
-        import wandb
-
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "lowcomm"),
-            name=run_dir.name,
-            dir=str(run_dir),
-            config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),
-        )
+        self.dir, self.config, self.run = run_dir, config, None
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.run is None:
+            import wandb
+
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "lowcomm"),
+                name=self.dir.name,
+                dir=str(self.dir),
+                config=self.config,
+                mode=os.environ.get("WANDB_MODE", "offline"),
+            )
         self.run.log(values, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
 #: the package each sink needs

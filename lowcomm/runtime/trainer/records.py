@@ -141,8 +141,8 @@ class RunRecorder:
         otherwise earlier records in the folder are replaced (the trainer only lets that happen
         with ``overwrite``), once :meth:`begin` says the new run is under way: until then its
         lines wait in memory, and a run refused before (by the coordinator, say) leaves the old
-        records as they were. ``sink`` (:mod:`.metrics`) also receives the numbers as scalars;
-        rounds of ``first_replica`` only."""
+        records as they were. ``sink`` (:mod:`.metrics`) also receives the numbers as scalars
+        (held with the lines); rounds of ``first_replica`` only."""
         self.dir = Path(run_dir)
         if not self.dir.exists():
             self.dir.mkdir(parents=True, mode=0o700)
@@ -151,6 +151,7 @@ class RunRecorder:
         self._append, self._config = append, config
         self._files: dict[str, Any] = {}  # "events.jsonl", "eval.jsonl": open while recording
         self._held: list[tuple[str, str]] | None = None  # replacing: (file, line) until begin()
+        self._held_scalars: list[tuple[int, dict[str, float]]] = []  # the sink's, likewise
         self._closed = False
         if not append and any((self.dir / name).exists() for name in RECORD_FILES):
             self._held = []
@@ -180,6 +181,9 @@ class RunRecorder:
             self._open()
             for name, line in held:
                 self._files[name].write(line)
+            scalars, self._held_scalars = self._held_scalars, []
+            for sent in scalars:
+                self.sink.scalars(*sent)
 
     def _write(self, name: str, obj: dict) -> None:
         """One line of ``name`` (held until :meth:`begin` when replacing); under the lock."""
@@ -199,7 +203,9 @@ class RunRecorder:
                 self._write("events.jsonl", line)
                 if self.sink is not None:
                     sent = scalars_of(kind, fields, self.first_replica)
-                    if sent is not None:
+                    if sent is not None and self._held is not None:
+                        self._held_scalars.append(sent)
+                    elif sent is not None:
                         self.sink.scalars(*sent)
 
     def eval(self, **fields: Any) -> None:
@@ -216,7 +222,7 @@ class RunRecorder:
         """Close the files; a run that never began (refused) writes nothing, and the records it
         would have replaced stay as they were."""
         with self._lock:
-            self._closed, self._held = True, None
+            self._closed, self._held, self._held_scalars = True, None, []
             for f in self._files.values():
                 f.close()
             self._files = {}
