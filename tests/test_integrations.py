@@ -308,7 +308,9 @@ def test_a_torchtitan_fault_tolerance_table_builds_the_wrapper_it_describes(tmp_
     got = diloco_config_from_toml(tomllib.loads(local_sgd))
     assert (got.outer_lr, got.outer_momentum, got.fragments, got.sync_every) == (1.0, 0.0, 3, 6)
     both = TORCHFT + "\n[diloco]\nsync_every = 9\n"  # a [diloco] table is lowcomm's own: it wins
+    caplog.clear()
     assert diloco_config_from_toml(tomllib.loads(both)) == DiLoCoConfig(sync_every=9)
+    assert "semi_sync_method='diloco' and its semi-sync keys are not used" in caplog.text  # and says so
 
 
 @pytest.mark.parametrize(
@@ -328,7 +330,15 @@ def test_a_torchtitan_fault_tolerance_table_builds_the_wrapper_it_describes(tmp_
             "[fault_tolerance]\nsemi_sync_method = 'diloco'\nsync_steps = 0\n",
             r"\[fault_tolerance\] \(sync_steps as sync_every\): sync_every=0",
         ),
+        (  # a string: "false" would have been true
+            "[fault_tolerance]\nsemi_sync_method = 'diloco'\nshould_quantize = 'false'\n",
+            r"should_quantize='false' in \[fault_tolerance\] is not allowed: true or false",
+        ),
         ("[diloco]\nsync_evry = 6\n", r"unknown key\(s\) \['sync_evry'\] in \[diloco\]; allowed: \["),
+        (  # a name alone, not in a list, was taken letter by letter
+            "[diloco]\nfragments = [['blocks.0'], 'blocks.1']\n",
+            r"fragments\[1\]='blocks.1' is not allowed: a list of parameter names or modules, such as \['blo",
+        ),
         ("[diloco]\ncodec = 'int3'\n", "codec='int3'"),
         ("[diloco\nsync_every = 6\n", r"config file '.*job.toml' is not valid TOML: Expected '\]'"),
         (

@@ -73,14 +73,20 @@ def diloco_config_from_toml(source: str | Path | dict[str, Any]) -> DiLoCoConfig
             value out of range.
     """
     data = source if isinstance(source, dict) else read_config_file(source)
-    table = data.get("diloco")
+    table, ft = data.get("diloco"), data.get("fault_tolerance")
+    semi_sync = isinstance(ft, dict) and ft.get("semi_sync_method") is not None
     if not isinstance(table, dict):
-        ft = data.get("fault_tolerance")
-        if isinstance(ft, dict) and ft.get("semi_sync_method") is not None:
+        if semi_sync:
             return _from_fault_tolerance(ft)
         raise ValueError(
             f"{source if not isinstance(source, dict) else 'the config'} has no [diloco] table "
             "(nor a [fault_tolerance] table with a semi_sync_method)"
+        )
+    if semi_sync:  # (a job file kept for torchft's runs as well: its settings may differ)
+        log.warning(
+            "[diloco] configures DiLoCo; [fault_tolerance]'s semi_sync_method=%r and its semi-sync keys "
+            "are not used",
+            ft["semi_sync_method"],
         )
     allowed = {f.name for f in dataclasses.fields(DiLoCoConfig)}
     unknown = sorted(set(table) - allowed)
@@ -104,7 +110,10 @@ def _from_fault_tolerance(ft: dict[str, Any]) -> DiLoCoConfig:
     for key, field in _FT_KEYS.items():
         if key in ft and not (key == "module_fqns_per_model_fragment" and not ft[key]):  # ([] : unset)
             fields[field] = ft[key]
-    if ft.get("should_quantize"):
+    quantize = ft.get("should_quantize", False)
+    if not isinstance(quantize, bool):  # ("false", a string, would be true)
+        raise ValueError(f"should_quantize={quantize!r} in [fault_tolerance] is not allowed: true or false")
+    if quantize:
         fields["codec"] = "fp8_e4m3"
     ignored = sorted(k for k in _FT_RUNTIME if k in ft)
     if ignored:

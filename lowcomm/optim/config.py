@@ -120,6 +120,11 @@ class DiLoCoConfig:
             raise refuse("fragments", self.fragments, "a count, or lists of parameter names or modules")
         if isinstance(self.fragments, int) and self.fragments < 1:
             raise refuse("fragments", self.fragments, "an int >= 1")
+        for i, frag in enumerate(() if isinstance(self.fragments, int) else self.fragments):
+            if not isinstance(frag, (list, tuple)):  # (a name alone would be taken letter by letter)
+                raise refuse(
+                    f"fragments[{i}]", frag, f"a list of parameter names or modules, such as [{frag!r}]"
+                )
         validate_schedule(self.sync_every, self.num_fragments, self.overlap)
 
     @property
