@@ -469,6 +469,36 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
         launch(["true"], 2, max_restarts=-1)
 
 
+def test_launch_that_cannot_start_a_rank_stops_the_ones_it_started(monkeypatch, caplog):
+    """A process the system will not start (its process or memory limit: --replicas 100000 met
+    it after a few thousand) fails the attempt in one line, and the ranks started before it, which
+    would wait for it, are stopped (they were left running, and a traceback ended the launcher)."""
+    import importlib
+    import subprocess
+
+    launcher = importlib.import_module(
+        "lowcomm.runtime.trainer.launch"
+    )  # (the package's launch is the function)
+    started, real = [], subprocess.Popen
+
+    def popen(command, env):
+        if len(started) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real([sys.executable, "-c", "import time; time.sleep(60)"], env=env))
+        return started[-1]
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+    try:
+        with caplog.at_level("ERROR", logger=launcher.__name__):
+            assert launcher.launch(["true"], 4, grace_s=10) == 1
+        assert "could not start rank 2 of 4 ([Errno 11] Resource temporarily unavailable)" in caplog.text
+        assert [p.returncode for p in started] == [-15, -15]  # stopped (SIGTERM), not left waiting
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
+
+
 def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     """--max-restarts N starts the whole job again after a failure (TORCHELASTIC_RESTART_COUNT
     counts, as under torchrun), until it succeeds or the restarts are spent; exit code 2 (a

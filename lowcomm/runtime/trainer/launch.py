@@ -129,7 +129,18 @@ def _run_once(
     (on a signal: INTERRUPTED or TERMINATED, every process stopped)."""
     running: dict[int, subprocess.Popen] = {}
     code = 0
-    _start(command, world, procs_per_replica, port, extra, running, signals)
+    try:
+        _start(command, world, procs_per_replica, port, extra, running, signals)
+    except OSError as e:  # (the system's process or memory limits): the others would wait for it
+        log.error(
+            "could not start rank %d of %d (%s): stopping the %d started",
+            len(running),
+            world,
+            e,
+            len(running),
+        )
+        _stop(list(running.values()), grace_s, lambda: signals.stopping)
+        return ExitCode.FAILED
     while running and not signals.stopping:
         for rank, p in list(running.items()):
             rc = p.poll()
