@@ -227,6 +227,22 @@ def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
     assert bad.returncode == 2 and "alpha=1.5 is not allowed" in bad.stderr
 
 
+def test_dp_given_diloco_flags_says_it_does_not_use_them(tmp_path, corpus_dir, caplog, capsys):
+    """--mode dp --codec int4 ran a fp32 DP run without a word (its config.json showing int4);
+    a config file's [diloco] values, which a DP baseline shares with its DiLoCo runs, pass quietly."""
+    from lowcomm.runtime.cli import main
+
+    base = ["train", "--corpus", corpus_dir, "--quiet", *TINY_FLAGS, "--steps", "2", "--mode", "dp"]
+    with caplog.at_level("WARNING", logger="lowcomm"):
+        assert main([*base, "--codec", "int4", "--fragments", "2", "--run-dir", str(tmp_path / "a")]) == 0
+    assert "--fragments, --codec: DiLoCo's settings, not used by --mode dp" in caplog.text
+    caplog.clear()
+    (tmp_path / "c.toml").write_text('[diloco]\ncodec = "int4"\n')
+    with caplog.at_level("WARNING", logger="lowcomm"):
+        assert main([*base, "--config", str(tmp_path / "c.toml"), "--run-dir", str(tmp_path / "b")]) == 0
+    assert "not used by --mode dp" not in caplog.text
+
+
 def test_config_sections_and_flat_keys_load_alike(tmp_path):
     from lowcomm.runtime import load_config_file
 

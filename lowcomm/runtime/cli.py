@@ -565,11 +565,25 @@ def _format_fits(analysis) -> str:
     return "\n".join(lines)
 
 
+def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """--mode dp with DiLoCo's flags (--codec int4, say): the run would not use them, and its
+    config.json would still show them (the first rank says so)."""
+    from .trainer.config import FLAT
+
+    given = [n for n, (sec, _) in FLAT.items() if sec == "diloco" and getattr(args, n, None) is not None]
+    if cfg.run.mode == "dp" and given and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("lowcomm").warning(
+            "%s: DiLoCo's settings, not used by --mode dp (a fp32 gradient mean every step)",
+            ", ".join("--" + n.replace("_", "-") for n in given),
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from ..comm import CollectiveError
     from .trainer import train
 
     cfg = config_from_args(args)
+    _warn_unused_flags(args, cfg)
     if not cfg.elastic.enabled:
         try:
             s = train(cfg, progress=not args.quiet)
