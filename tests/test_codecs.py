@@ -149,8 +149,9 @@ def test_e3m0_keeps_its_largest_blocks_where_denormals_are_flushed():
 def test_unknown_codec_names_the_allowed_ones():
     with pytest.raises(ValueError, match="allowed.*e3m0"):
         get_codec("fp4")
-    with pytest.raises(ValueError, match="block"):
-        get_codec("int8", block=0)
+    for block in (0, True, 32.0):  # (True was taken for a block of 1)
+        with pytest.raises(ValueError, match=f"block size must be an int >= 1, got {block!r}"):
+            get_codec("int8", block=block)
 
 
 def test_e3m0_hits_powers_of_two_exactly():

@@ -259,7 +259,7 @@ def get_codec(name: str, block: int | None = None) -> Codec:
     Raises:
         ValueError: unknown name, or a block size below 1.
     """
-    if block is not None and (not isinstance(block, int) or block < 1):
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"codec block size must be an int >= 1, got {block!r}")
     b = block or DEFAULT_BLOCK
     if name == "fp32":
