@@ -154,6 +154,20 @@ def test_unknown_codec_names_the_allowed_ones():
             get_codec("int8", block=block)
 
 
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "int8", "int4", "e3m0"])
+def test_a_block_longer_than_the_buffer_is_the_buffer(name):
+    """One scale per buffer by a huge block (2**40): the bytes of a block of the buffer's length,
+    and of a block padded with zeros (they change no maximum); the buffer was padded to the block,
+    allocating 4 TiB."""
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    huge = get_codec(name, block=2**40).encode(x)
+    assert torch.equal(huge, get_codec(name, block=1000).encode(x))
+    assert torch.equal(huge, get_codec(name, block=1024).encode(x))
+    assert torch.equal(
+        get_codec(name, block=2**40).decode(huge, 1000), get_codec(name, block=1024).roundtrip(x)
+    )
+
+
 def test_e3m0_hits_powers_of_two_exactly():
     codec = get_codec("e3m0", block=8)
     x = torch.tensor([1.0, 0.5, 0.25, -0.125, 2.0**-6, 0.0, -1.0, 0.75])

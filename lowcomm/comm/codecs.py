@@ -123,8 +123,14 @@ class Codec(ABC):
         """``decode(encode(x))``: what a receiver sees of ``x``."""
         return self.decode(self.encode(x), x.numel())
 
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        pad = (-x.numel()) % self.block
+    def _block(self, numel: int) -> int:
+        """The block a buffer of ``numel`` elements is cut in: a block longer than the buffer is
+        the buffer (the same scale, as zeros change no maximum; the same bytes), so a huge block
+        (one scale per buffer) pads nothing instead of allocating the block."""
+        return min(self.block, max(numel, 1))
+
+    def _padded(self, x: torch.Tensor, numel: int) -> torch.Tensor:
+        pad = (-x.numel()) % self._block(numel)
         return torch.cat([x, x.new_zeros(pad)]) if pad else x
 
     def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +180,15 @@ class Fp8Codec(Codec):
         self.block = block
 
     def _encode(self, x):
-        data, scales = quantize_mx(self._padded(x), elem=self.elem, block=self.block, scale_rule="rceil")
+        b = self._block(x.numel())
+        data, scales = quantize_mx(self._padded(x, x.numel()), elem=self.elem, block=b, scale_rule="rceil")
         return torch.cat([_as_u8(data)[: x.numel()], scales.reshape(-1)])
 
     def _decode(self, payload, numel):
         data, scales = self._split(payload, numel)
         dtype = torch.float8_e4m3fn if self.elem == "e4m3" else torch.float8_e5m2
-        data = self._padded(data)
-        return dequantize_mx(data.view(dtype), scales, block=self.block)[:numel]
+        data = self._padded(data, numel)
+        return dequantize_mx(data.view(dtype), scales, block=self._block(numel))[:numel]
 
 
 class IntCodec(Codec):
@@ -195,7 +202,7 @@ class IntCodec(Codec):
         self.block = block
 
     def _encode(self, x):
-        q, s = quantize_int_absmax(self._padded(x), self.elem_bits, self.block)
+        q, s = quantize_int_absmax(self._padded(x, x.numel()), self.elem_bits, self._block(x.numel()))
         q = q[: x.numel()]
         data = _as_u8(q) if self.elem_bits == 8 else pack_nibbles((q + 8).to(torch.uint8))
         return torch.cat([data, _as_u8(s)])
@@ -206,8 +213,8 @@ class IntCodec(Codec):
             q = data.view(torch.int8)
         else:
             q = unpack_nibbles(data, numel).to(torch.int8) - 8
-        q = self._padded(q)
-        return dequantize_int_absmax(q, _bytes_as(s, torch.float32), self.block)[:numel]
+        q = self._padded(q, numel)
+        return dequantize_int_absmax(q, _bytes_as(s, torch.float32), self._block(numel))[:numel]
 
 
 class E3M0Codec(Codec):
@@ -234,7 +241,7 @@ class E3M0Codec(Codec):
     def _encode(self, x):
         if (kernels := self._kernels(x)) is not None:
             return kernels.e3m0_encode(x, self.block)
-        codes, k = quantize_e3m0(self._padded(x), self.block)
+        codes, k = quantize_e3m0(self._padded(x, x.numel()), self._block(x.numel()))
         return torch.cat([pack_nibbles(codes[: x.numel()]), (k + E8M0_BIAS).to(torch.uint8)])
 
     def _decode(self, payload, numel):
@@ -242,8 +249,8 @@ class E3M0Codec(Codec):
             return kernels.e3m0_decode(payload, numel, self.block)
         data, scales = self._split(payload, numel)
         codes = unpack_nibbles(data, numel)
-        codes = self._padded(codes)
-        return dequantize_e3m0(codes, scales.to(torch.int32) - E8M0_BIAS, self.block)[:numel]
+        codes = self._padded(codes, numel)
+        return dequantize_e3m0(codes, scales.to(torch.int32) - E8M0_BIAS, self._block(numel))[:numel]
 
 
 CODECS = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4", "e3m0")
