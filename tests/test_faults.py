@@ -59,6 +59,13 @@ def test_the_example_plan_loads_and_random_targets_are_drawn_from_the_seed(tmp_p
         ({"kind": "kill", "target": "coordinator", "at_step": 4}, "coordinator-kill"),
         ({"kind": "slow-link", "target": "worker:1", "at_step": 4}, "needs bandwidth"),
         ({"kind": "kill", "target": "worker:1", "at_step": 4, "colour": "red"}, "unknown key"),
+        # a fault that would never fire, a string taken for true, a bool taken for a second
+        ({"kind": "kill", "target": "worker:1", "at_time": float("inf")}, "at_time=inf must be seconds >= 0"),
+        (
+            {"kind": "kill", "target": "worker:1", "at_step": 4, "restart": "no"},
+            "restart='no' must be true or",
+        ),
+        ({"kind": "hang", "target": "worker:1", "at_step": 4, "duration": True}, "duration=True must be sec"),
     ],
 )
 def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
