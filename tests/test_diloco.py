@@ -355,6 +355,8 @@ def test_round_stats_count_bytes_and_norms():
         (dict(pattern="zigzag"), "pattern"),
         (dict(outer_device="cuda:99"), r"outer_device='cuda:99' is not allowed: 'cpu' or the parameters'"),
         (dict(outer_device="meta"), "outer_device='meta' is not allowed: a device that holds values"),
+        # a misspelt keyword (of DiLoCo, or a Lightning or HF callback) names the settings
+        (dict(sync_evry=4), r"unknown DiLoCo setting\(s\) \['sync_evry'\]; allowed: \['alpha', 'codec'"),
     ],
 )
 def test_bad_configuration_is_refused_with_the_value_named(kw, match):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -132,4 +132,10 @@ class DiLoCoConfig:
         return self.fragments if isinstance(self.fragments, int) else len(self.fragments)
 
     def replace(self, **changes: Any) -> DiLoCoConfig:
+        """A copy with ``changes``; ValueError names a key that is not a field, with the fields
+        (DiLoCo's, the callbacks' and the trainer's keywords come here)."""
+        allowed = [f.name for f in fields(self)]
+        unknown = sorted(set(changes) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown DiLoCo setting(s) {unknown}; allowed: {sorted(allowed)}")
         return replace(self, **changes)
