@@ -16,8 +16,11 @@ def job(tmp_path):
     jobs = []
 
     def make(flags=FLAGS, coord_flags=("--min-workers", "4")):
-        j = LocalJob(
-            tmp_path / f"job{len(jobs)}", [*TINY_FLAGS, "--corpus", corpus, *flags], list(coord_flags)
+        j = LocalJob(  # (forked from a server that imported torch once: see LocalJob's start)
+            tmp_path / f"job{len(jobs)}",
+            [*TINY_FLAGS, "--corpus", corpus, *flags],
+            list(coord_flags),
+            start="forkserver",
         )
         jobs.append(j)
         return j

@@ -256,7 +256,9 @@ def _flags(corpus, *extra):
 
 
 def test_corrupt_and_nan_contributions_are_excluded_and_named_on_every_worker(tmp_path, corpus):
-    job = LocalJob(tmp_path / "job", _flags(corpus, "--steps", "100"), ["--min-workers", "4"])
+    job = LocalJob(
+        tmp_path / "job", _flags(corpus, "--steps", "100"), ["--min-workers", "4"], start="forkserver"
+    )
     try:
         job.start_coordinator()
         faults = [
@@ -287,7 +289,12 @@ def lose_all_reference(tmp_path_factory):
     corpus, written again; the same flags)."""
     tmp = tmp_path_factory.mktemp("lose_all_ref")
     names = WORKERS[:3]
-    ref = LocalJob(tmp / "ref", _flags(write_corpus(tmp / "corpus"), *_LOSE_ALL), ["--min-workers", "3"])
+    ref = LocalJob(
+        tmp / "ref",
+        _flags(write_corpus(tmp / "corpus"), *_LOSE_ALL),
+        ["--min-workers", "3"],
+        start="forkserver",
+    )
     try:
         ref.start_coordinator()
         for w in names:
@@ -310,7 +317,7 @@ def test_a_job_that_loses_every_worker_resumes_exactly_from_its_last_good_checkp
     flags = _flags(corpus, *_LOSE_ALL)
     want = lose_all_reference
 
-    job = LocalJob(tmp_path / "job", flags, ["--min-workers", "3"])
+    job = LocalJob(tmp_path / "job", flags, ["--min-workers", "3"], start="forkserver")
     try:
         job.start_coordinator()
         # every worker's write at step 80 fails part way, then every worker is killed at step 100

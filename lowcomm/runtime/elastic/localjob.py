@@ -3,17 +3,27 @@
 Used by the chaos runner, the elastic benchmarks, the examples and the tests. Each worker is
 ``python -m lowcomm train --coordinator ... --worker-id ID --run-dir DIR/runs/ID``; its output goes
 to ``DIR/ID-*.log``.
+
+``start="forkserver"`` forks each process (the same command line, run by the same ``main``) from
+a server that imported torch and lowcomm once, as ``multiprocessing``'s forkserver does: a worker
+is training in a fraction of a second instead of after the four a new interpreter takes to import
+torch and Dynamo (which an optimizer's first use imports). A test that starts dozens of workers
+spends most of its CPU there. Each is still a process of its own, with its own sockets, killed by
+a signal and ended with an exit code as the started interpreter is; what it does not share is
+the interpreter's start and exit (its ``atexit`` handlers do not run: it leaves by ``os._exit``).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ...comm.net import free_port
 from ..errors import CoordinatorError
@@ -41,41 +51,120 @@ def pace(workers, delay=0.04, extra=()):
     return {"seed": 0, "faults": faults + list(extra)}
 
 
+#: what the fork server imports once, for its processes to share (module names)
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "lowcomm.runtime.cli",
+    "lowcomm.runtime.trainer.loop",
+    "lowcomm.runtime.elastic.server",
+]
+START_METHODS = ("exec", "forkserver")
+
+
+def _main_of_a_fork(argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
+    """A forked process's body: the job's environment and folder, its log as stdout and stderr
+    (written through, as ``PYTHONUNBUFFERED`` makes them), then ``python -m lowcomm ARGV``."""
+    _die_with_parent()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=True)
+    from ..cli import main
+
+    sys.exit(main(argv))
+
+
+class _Forked:
+    """A process of the fork server, with the ``subprocess.Popen`` calls LocalJob's users make
+    (``poll``, ``wait``, ``kill``, ``send_signal``, ``pid``, ``returncode``: ``-N`` for signal N)."""
+
+    def __init__(self, process: Any, args: list[str]) -> None:
+        self._p, self.args, self.pid = process, args, process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._p.exitcode
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._p.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._p.exitcode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # (ended since)
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _fork_server() -> Any:
+    """This process's fork server (``multiprocessing``'s, started at its first process)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 class LocalJob:
     """Args: tmp: the job's folder; flags: ``lowcomm train`` flags of every worker (model, data,
-    schedule); coord_flags: flags of ``lowcomm coordinator``."""
+    schedule); coord_flags: flags of ``lowcomm coordinator``; start: "exec" (each process a new
+    ``python -m lowcomm``) or "forkserver" (forked from a server that imported torch once: see
+    the module's docstring)."""
 
-    def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = ()):
+    def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = (), start: str = "exec"):
+        if start not in START_METHODS:
+            raise ValueError(f"start={start!r} is not allowed: one of {list(START_METHODS)}")
+        self.start = start
         self.tmp, self.flags = Path(tmp), list(flags)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.key = new_key()
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.coord_flags = list(coord_flags)
-        self.coord: subprocess.Popen | None = None
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.coord: subprocess.Popen | _Forked | None = None
+        self.workers: dict[str, subprocess.Popen | _Forked] = {}
         self.env = {**os.environ, "LOWCOMM_KEY": self.key, "PYTHONUNBUFFERED": "1"}
 
+    def _start(self, name: str, argv: list[str], env: dict[str, str]):
+        """``python -m lowcomm ARGV`` as this job starts its processes, its output to
+        ``tmp/NAME-<ns>.log``."""
+        log = self.tmp / f"{name}-{time.time_ns()}.log"
+        if self.start == "forkserver":
+            process = _fork_server().Process(
+                target=_main_of_a_fork, args=(argv, env, os.getcwd(), str(log)), daemon=True
+            )
+            process.start()
+            return _Forked(process, argv)
+        with open(log, "w") as out:  # (the child holds its own descriptor)
+            return subprocess.Popen(
+                [sys.executable, "-m", "lowcomm", *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+
     def start_coordinator(self, extra: list[str] = ()) -> None:
-        log = open(self.tmp / f"coordinator-{time.time_ns()}.log", "w")
-        self.coord = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lowcomm",
-                "--log-level",
-                "INFO",
-                "coordinator",
-                "--bind",
-                self.endpoint,
-                *self.coord_flags,
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            preexec_fn=_die_with_parent,
-        )
+        argv = ["--log-level", "INFO", "coordinator", "--bind", self.endpoint, *self.coord_flags, *extra]
+        self.coord = self._start("coordinator", argv, self.env)
 
     def start_worker(
         self, wid: str, plan: dict | None = None, extra: list[str] = (), env: dict | None = None
@@ -83,30 +172,9 @@ class LocalJob:
         e = dict(self.env, **(env or {}))
         if plan is not None:
             e["LOWCOMM_FAULTS"] = json.dumps(plan)
-        log = open(self.tmp / f"{wid}-{time.time_ns()}.log", "w")
-        self.workers[wid] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lowcomm",
-                "--log-level",
-                "WARNING",
-                "train",
-                "--coordinator",
-                self.endpoint,
-                "--worker-id",
-                wid,
-                "--run-dir",
-                str(self.run_dir(wid)),
-                "--quiet",
-                *self.flags,
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=e,
-            preexec_fn=_die_with_parent,
-        )
+        argv = ["--log-level", "WARNING", "train", "--coordinator", self.endpoint, "--worker-id", wid]
+        argv += ["--run-dir", str(self.run_dir(wid)), "--quiet", *self.flags, *extra]
+        self.workers[wid] = self._start(wid, argv, e)
         return self.workers[wid]
 
     def status(self) -> dict | None:
