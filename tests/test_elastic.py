@@ -267,3 +267,8 @@ def test_a_slow_link_costs_time_and_partitions_cost_a_resync_never_data(job):
     assert received and received[0]["wall"] >= cut["ends_at"] - 0.5
     assert received[0]["attempts"] == len(failed) + 1
     assert j.summary("w2")["resyncs"] >= 1 and j.summary("w0")["resyncs"] == 0
+
+
+def test_a_local_job_names_its_start_methods(tmp_path):
+    with pytest.raises(ValueError, match=r"^start='spawn' is not allowed: one of \['exec', 'forkserver'\]$"):
+        LocalJob(tmp_path, [], start="spawn")

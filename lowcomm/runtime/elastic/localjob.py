@@ -11,6 +11,8 @@ torch and Dynamo (which an optimizer's first use imports). A test that starts do
 spends most of its CPU there. Each is still a process of its own, with its own sockets, killed by
 a signal and ended with an exit code as the started interpreter is; what it does not share is
 the interpreter's start and exit (its ``atexit`` handlers do not run: it leaves by ``os._exit``).
+A script that starts such a job guards its main (``if __name__ == "__main__":``), as
+``multiprocessing`` asks of any script whose processes it starts this way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -51,7 +54,8 @@ def pace(workers, delay=0.04, extra=()):
     return {"seed": 0, "faults": faults + list(extra)}
 
 
-#: what the fork server imports once, for its processes to share (module names)
+#: what the fork server imports once, for its processes to share: the modules a ``lowcomm``
+#: process imports first (names for the server; this module imports none of them)
 _PRELOAD = [
     "torch",
     "torch._dynamo",
@@ -77,9 +81,8 @@ def _main_of_a_fork(argv: list[str], env: dict[str, str], cwd: str, log_path: st
     os.close(fd)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True, write_through=True)
-    from ..cli import main
-
-    sys.exit(main(argv))
+    sys.argv = ["lowcomm", *argv]
+    runpy.run_module("lowcomm", run_name="__main__", alter_sys=True)  # its sys.exit ends the process
 
 
 class _Forked:

@@ -100,6 +100,13 @@ class Coordinator:
         check_endpoint(bind, "bind", "tcp://0.0.0.0:29400", bind=True)
         if store_host is not None and not (isinstance(store_host, str) and valid_host(store_host)):
             raise refuse("store_host", store_host, "an IP address or host name of this machine")
+        # the store first: a refused address then leaves no socket of libzmq's, which closes them
+        # in its own thread (the port was still taken when a corrected coordinator bound it)
+        try:
+            self._store, store_addr = self._start_store(store_host, bind.split("//", 1)[-1].rsplit(":", 1)[0])
+        except OSError as e:  # an address of another host, a name that does not resolve
+            name, value = ("store_host", store_host) if store_host else ("bind", bind)
+            raise refuse(name, value, f"an address of this host ({e.strerror or e})") from None
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -113,13 +120,8 @@ class Coordinator:
                 self.endpoint = bind
         except zmq.ZMQError as e:  # a port in use, an address not on this host, a bad port
             self._sock.close(0)
+            self._store = None  # (its listening socket goes with it)
             raise ValueError(f"bind={bind!r} is not allowed: {e}") from None
-        try:
-            self._store, store_addr = self._start_store(store_host)
-        except OSError as e:  # an address of another host, a name that does not resolve
-            self._sock.close(0)
-            name, value = ("store_host", store_host) if store_host else ("bind", bind)
-            raise refuse(name, value, f"an address of this host ({e.strerror or e})") from None
         # generations are unique across restarts of the coordinator (microseconds since the epoch)
         self.state = CoordinatorState(
             job,
@@ -133,15 +135,15 @@ class Coordinator:
         )
         self._stop = threading.Event()
 
-    def _start_store(self, store_host: str | None):
-        """The job's TCPStore, listening where the coordinator binds (or on ``store_host``): a
-        socket bound to that address is handed to the store, which otherwise listens on every
-        interface. Returns ``(store, "host:port")`` (the address workers are given)."""
+    def _start_store(self, store_host: str | None, bind_host: str):
+        """The job's TCPStore, listening where the coordinator binds (``bind_host``, or on
+        ``store_host``): a socket bound to that address is handed to the store, which otherwise
+        listens on every interface. Returns ``(store, "host:port")`` (the address workers are
+        given)."""
         import socket
 
         import torch.distributed as dist
 
-        bind_host = self.endpoint.split("//", 1)[-1].rsplit(":", 1)[0]
         host = store_host or bind_host
         wildcard = host in ("0.0.0.0", "*", "")
         listen = "0.0.0.0" if wildcard else host
