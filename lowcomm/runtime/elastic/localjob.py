@@ -4,15 +4,15 @@ Used by the chaos runner, the elastic benchmarks, the examples and the tests. Ea
 ``python -m lowcomm train --coordinator ... --worker-id ID --run-dir DIR/runs/ID``; its output goes
 to ``DIR/ID-*.log``.
 
-``start="forkserver"`` forks each process (the same command line, run by the same ``main``) from
-a server that imported torch and lowcomm once, as ``multiprocessing``'s forkserver does: a worker
-is training in a fraction of a second instead of after the four a new interpreter takes to import
-torch and Dynamo (which an optimizer's first use imports). A test that starts dozens of workers
-spends most of its CPU there. Each is still a process of its own, with its own sockets, killed by
-a signal and ended with an exit code as the started interpreter is; what it does not share is
-the interpreter's start and exit (its ``atexit`` handlers do not run: it leaves by ``os._exit``).
-A script that starts such a job guards its main (``if __name__ == "__main__":``), as
-``multiprocessing`` asks of any script whose processes it starts this way.
+``start="forkserver"`` forks each process (the same command line, run as ``python -m lowcomm``
+runs it) from a server that imported torch and lowcomm once, as ``multiprocessing``'s forkserver
+does: a worker is training in a fraction of a second instead of after the ~4 s of CPU a new
+interpreter spends importing torch and Dynamo (which an optimizer's first use imports). A test
+that starts dozens of workers spends most of its CPU there. Each is still a process of its own,
+with its own sockets, killed by a signal and ended with an exit code as the started interpreter
+is; what it does not share is the interpreter's start and exit (its ``atexit`` handlers do not
+run: it leaves by ``os._exit``). A script that starts such a job guards its main (``if __name__
+== "__main__":``), as ``multiprocessing`` asks of any script whose processes it starts this way.
 """
 
 from __future__ import annotations
