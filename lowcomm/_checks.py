@@ -1,10 +1,22 @@
-"""The one error a setting out of range raises, everywhere in lowcomm."""
+"""The one error a setting out of range raises, everywhere in lowcomm, and the checks of a value's kind
+it is refused by."""
 
+import math
 from typing import Any
 
-__all__ = ["refuse"]
+__all__ = ["is_int", "is_number", "refuse"]
 
 
 def refuse(name: str, value: Any, allowed: str) -> ValueError:
     """``name=value is not allowed: allowed`` — the setting, the value and what is allowed."""
     return ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def is_int(v: Any, lo: int | None = None) -> bool:
+    """``v`` is an int (a bool is not one), at least ``lo`` when given."""
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+
+
+def is_number(v: Any) -> bool:
+    """``v`` is a finite int or float (a bool is not one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

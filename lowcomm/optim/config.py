@@ -13,14 +13,13 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from .._checks import refuse
+from .._checks import is_int, is_number, refuse
 from ..comm import CODECS, Codec
 from ..comm.reduce import REDUCE_METHODS
 from .schedule import PATTERNS, validate_schedule
@@ -28,14 +27,6 @@ from .schedule import PATTERNS, validate_schedule
 __all__ = ["DiLoCoConfig", "INITS"]
 
 INITS = ("broadcast", "check", "none")
-
-
-def _is_int(v: Any, lo: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,17 +83,17 @@ class DiLoCoConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.codec, Codec) and self.codec not in CODECS:
             raise refuse("codec", self.codec, f"unknown codec; one of {list(CODECS)}")
-        if self.codec_block is not None and not _is_int(self.codec_block, 1):
+        if self.codec_block is not None and not is_int(self.codec_block, 1):
             raise refuse("codec_block", self.codec_block, "an int >= 1 (elements per scale)")
         if self.pattern not in PATTERNS:
             raise refuse("pattern", self.pattern, f"a fragment pattern, one of {list(PATTERNS)}")
         if self.reduce not in REDUCE_METHODS:
             raise refuse("reduce", self.reduce, f"a reduce method, one of {list(REDUCE_METHODS)}")
-        if not (_is_num(self.alpha) and 0.0 <= self.alpha <= 1.0):
+        if not (is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
             raise refuse("alpha", self.alpha, "a number in [0, 1]")
-        if not (_is_num(self.outer_lr) and self.outer_lr > 0):
+        if not (is_number(self.outer_lr) and self.outer_lr > 0):
             raise refuse("outer_lr", self.outer_lr, "a finite number > 0")
-        if not (_is_num(self.outer_momentum) and 0.0 <= self.outer_momentum < 1.0):
+        if not (is_number(self.outer_momentum) and 0.0 <= self.outer_momentum < 1.0):
             raise refuse("outer_momentum", self.outer_momentum, "a number in [0, 1)")
         if self.init not in INITS:
             raise refuse("init", self.init, f"one of {list(INITS)}")

@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from .._checks import refuse
+from .._checks import is_int, refuse
 
 __all__ = [
     "PATTERNS",
@@ -27,21 +27,17 @@ PATTERNS = ("strided", "sequential")
 
 def validate_schedule(sync_every: int, num_fragments: int, overlap: int) -> None:
     """Raise ValueError naming the bad value unless ``H >= 1``, ``1 <= P <= H``, ``0 <= τ``, ``τ·P < H``."""
-    if not _is_int(sync_every) or sync_every < 1:
+    if not is_int(sync_every) or sync_every < 1:
         raise refuse("sync_every", sync_every, "an int >= 1")
-    if not _is_int(num_fragments) or not 1 <= num_fragments <= sync_every:
+    if not is_int(num_fragments) or not 1 <= num_fragments <= sync_every:
         raise refuse("fragments", num_fragments, f"an int in [1, sync_every={sync_every}]")
-    if not _is_int(overlap) or overlap < 0 or overlap * num_fragments >= sync_every:
+    if not is_int(overlap) or overlap < 0 or overlap * num_fragments >= sync_every:
         raise refuse(
             "overlap",
             overlap,
             f"an int >= 0 and below sync_every/fragments = {sync_every}/{num_fragments} "
             f"= {sync_every / num_fragments:g}",
         )
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def fragment_offsets(sync_every: int, num_fragments: int) -> list[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._checks import refuse
+from .._checks import is_int, refuse
 
 if TYPE_CHECKING:  # the sweep runs the trainer; the fits and reports never import it
     from ..runtime.trainer import TrainConfig
@@ -137,7 +137,7 @@ class SweepSpec:
             raise refuse("tokens_per_param", self.tokens_per_param, "a finite number > 0")
         for name in ("global_batch", "seq_len"):  # a step's tokens: the divisor of every run's steps
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if not is_int(v, 1):
                 raise refuse(name, v, "an int >= 1")
 
 

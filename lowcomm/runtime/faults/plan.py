@@ -39,12 +39,12 @@ Hooks: :class:`~lowcomm.runtime.faults.FaultInjector` fires a plan's faults at t
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..._checks import is_int, is_number
 from ..._configfile import read_config_file
 from ...comm.distributed import parse_bandwidth, parse_duration
 
@@ -156,11 +156,6 @@ class Fault:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _seconds(v: Any) -> bool:
-    """A finite number (not a bool)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _fault(i: int, raw: Any) -> Fault:
     where = f"fault {i}"
     if not isinstance(raw, dict):
@@ -179,25 +174,25 @@ def _fault(i: int, raw: Any) -> Fault:
     f = Fault(**{**raw, "id": i})
     t = f.trigger
     v = getattr(f, t)
-    if t == "at_step" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+    if t == "at_step" and not is_int(v, 1):
         raise ValueError(f"{where}: at_step={v!r} must be an int >= 1")
-    if t == "at_round" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+    if t == "at_round" and not is_int(v, 0):
         raise ValueError(f"{where}: at_round={v!r} must be an int >= 0")
-    if t == "at_time" and not (_seconds(v) and v >= 0):  # (inf: a fault that never fires)
+    if t == "at_time" and not (is_number(v) and v >= 0):  # (inf: a fault that never fires)
         raise ValueError(f"{where}: at_time={v!r} must be seconds >= 0")
-    if t == "probability" and not (_seconds(v) and 0 < v <= 1):
+    if t == "probability" and not (is_number(v) and 0 < v <= 1):
         raise ValueError(f"{where}: probability={v!r} must be in (0, 1]")
     if kind in ROUND_KINDS and t != "at_round":
         raise ValueError(f"{where}: a {kind} fault acts on a round: use at_round")
     if f.where is not None and f.where not in HOOKS:
         raise ValueError(f"{where}: where={f.where!r} is not a hook point; allowed: {list(HOOKS)}")
-    if not (_seconds(f.duration) and 0 < f.duration <= 3600):
+    if not (is_number(f.duration) and 0 < f.duration <= 3600):
         raise ValueError(f"{where}: duration={f.duration!r} must be seconds in (0, 3600]")
-    if not (_seconds(f.delay) and 0 <= f.delay <= 60):
+    if not (is_number(f.delay) and 0 <= f.delay <= 60):
         raise ValueError(f"{where}: delay={f.delay!r} must be seconds in [0, 60]")
     if f.direction not in ("peers", "coordinator"):
         raise ValueError(f"{where}: direction={f.direction!r}; allowed: 'peers', 'coordinator'")
-    if not (isinstance(f.nbytes, int) and not isinstance(f.nbytes, bool) and f.nbytes >= 1):
+    if not is_int(f.nbytes, 1):
         raise ValueError(f"{where}: nbytes={f.nbytes!r} must be an int >= 1")
     if not isinstance(f.restart, bool):  # ("no", a string, would restart it)
         raise ValueError(f"{where}: restart={f.restart!r} must be true or false")

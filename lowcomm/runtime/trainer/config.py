@@ -19,7 +19,6 @@ names. ``config.json`` in a run directory records the flat form.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from ... import _compat
-from ..._checks import refuse
+from ..._checks import is_int, is_number, refuse
 from ..._configfile import read_config_file
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
 from ...kernels.linear import FAST_ACCUM, FAST_ACCUM_MODES, PRECISIONS
@@ -66,13 +65,13 @@ def _is_gpu_index(v: Any) -> bool:
 
 def _int(obj: Any, name: str, lo: int, flag: str | None = None) -> None:
     v = getattr(obj, name)
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+    if not is_int(v, lo):
         raise refuse(flag or name, v, f"an int >= {lo}")
 
 
 def _num(obj: Any, name: str, ok, allowed: str, flag: str | None = None) -> None:
     v = getattr(obj, name)
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)):
+    if not (is_number(v) and ok(v)):
         raise refuse(flag or name, v, allowed)
 
 

@@ -18,11 +18,11 @@ hold back with their lines until the run is under way: a run refused before adds
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..._checks import is_number
 from ..._compat import require
 
 __all__ = [
@@ -59,18 +59,14 @@ def scalars_of(
         prefix, keys = "eval", ("loss",)
     elif kind == "round" and fields.get("replica") in (first_replica, None):
         prefix = "round"
-        keys = tuple(k for k, v in fields.items() if k not in _NOT_ROUND_SCALARS and _number(v))
+        keys = tuple(k for k, v in fields.items() if k not in _NOT_ROUND_SCALARS and is_number(v))
     else:
         return None
     step = fields.get("step")
     if not isinstance(step, int):
         return None
-    values = {f"{prefix}/{k}": float(fields[k]) for k in keys if _number(fields.get(k))}
+    values = {f"{prefix}/{k}": float(fields[k]) for k in keys if is_number(fields.get(k))}
     return (step, values) if values else None
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 #: the folder of a run directory TensorBoard's sink writes to, and its event files' names
