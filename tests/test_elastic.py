@@ -69,8 +69,12 @@ def test_a_worker_killed_mid_round_is_survived_and_a_joiner_catches_up(job):
     assert len(joined["transfers_in"]) == 1 and joined["steps_run"] < 320  # it started from a donor's step
     received = [e for e in j.events("w4", "transfer") if e["what"] == "received"]
     assert received and received[0]["donor"] in ("w0", "w1", "w2")
+    # The faults cost no loss: at most 15% over the fault-free run's. Not a band around it: at these
+    # flags training sits on a plateau near 2.9 that it leaves at a step set by the membership's
+    # timeline (how long three replicas ran, when w4 joined), so a job can end far below the
+    # fault-free run (2.48 and 2.75 against 2.946 seen; seed 1 of the same run ends at 1.51).
     loss = j.summary("w0")["final_eval_loss"]
-    assert math.isfinite(loss) and abs(loss - ref_loss) < 0.15 * ref_loss, (loss, ref_loss)
+    assert math.isfinite(loss) and loss < 1.15 * ref_loss, (loss, ref_loss)
 
 
 def _kill_the_coordinator_after(j: LocalJob, names: list[str], rounds: int) -> None:
