@@ -116,7 +116,10 @@ RULES = [
     ),
     (
         "the runtime's top level needs no pyzmq",
-        [ROOT / "runtime" / f for f in ("__init__.py", "hooks.py", "errors.py", "net.py", "cli.py")],
+        [
+            ROOT / "runtime" / f
+            for f in ("__init__.py", "hooks.py", "errors.py", "net.py", "forkserver.py", "cli.py")
+        ],
         ["lowcomm.runtime.elastic", "lowcomm.runtime.faults", "zmq"],
         True,
     ),

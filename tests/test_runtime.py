@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import TINY_FLAGS, write_corpus
@@ -548,6 +549,112 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     assert sorted(attempts()) == ["0", "0", "1", "1"]
     assert launch(job("sys.exit(2)"), 2, max_restarts=3) == 2
     assert attempts() == ["0", "0"]
+
+
+def test_launch_forkserver_takes_this_interpreters_python_and_refuses_the_rest_by_name(tmp_path):
+    """--start forkserver runs `python [-u] SCRIPT`, `python [-u] -m MODULE` and a console script
+    whose #! line names this interpreter; another program, another interpreter (a link to this
+    one in another folder: a virtual environment's python is one), a Python option it cannot
+    honour, a missing script, an unknown start method and a preload module that is not installed
+    or not a name are refused by name before anything starts."""
+    from pathlib import Path
+
+    from lowcomm.runtime.forkserver import PythonCommand, python_command
+    from lowcomm.runtime.trainer.launch import launch
+
+    script = tmp_path / "s.py"
+    script.write_text("pass\n")
+    assert python_command([sys.executable, str(script), "a"]) == PythonCommand("path", str(script), ("a",))
+    assert python_command([sys.executable, "-u", "-m", "lowcomm", "train"]) == PythonCommand(
+        "module", "lowcomm", ("train",), True
+    )
+    console = Path(sys.executable).parent / "lowcomm"  # (pip's script for the `lowcomm` command)
+    assert python_command([str(console), "keys"]) == PythonCommand("path", str(console), ("keys",))
+    shell = tmp_path / "sh-script"
+    shell.write_text("#!/bin/sh\necho hi\n")
+    shell.chmod(0o755)
+    other = tmp_path / "python"
+    other.symlink_to(sys.executable)
+    cases = [
+        (["sh", "-c", "true"], "command 'sh' is not this interpreter's Python"),
+        ([str(shell)], f"command '{shell}' is not this interpreter's Python"),
+        ([str(other), str(script)], f"command '{other}' is not this interpreter's Python"),
+        ([sys.executable, "-c", "pass"], "python option '-c' is not supported by --start forkserver"),
+        ([sys.executable], "python needs a script or '-m MODULE'"),
+        ([sys.executable, "-m"], "'-m' needs a module name"),
+        ([sys.executable, str(tmp_path / "no.py")], "script '.*no.py' was not found"),
+    ]
+    for command, match in cases:
+        with pytest.raises(ValueError, match=match):
+            launch(command, 1, start="forkserver")
+    with pytest.raises(ValueError, match=r"start='spawn' is not allowed: one of \['exec', 'forkserver'\]"):
+        launch(["true"], 1, start="spawn")
+    py = [sys.executable, str(script)]
+    with pytest.raises(ValueError, match=r"preload module 'lightnin.pytorch' is not installed"):
+        launch(py, 1, start="forkserver", preload=["lightnin.pytorch"])
+    with pytest.raises(ValueError, match=r"preload module 'a b' is not a module name"):
+        launch(py, 1, start="forkserver", preload=["a b"])
+    with pytest.raises(ValueError, match=r"needs start forkserver \(--start forkserver\)"):
+        launch(py, 1, preload=["torch"])
+
+
+def test_a_forked_rank_runs_its_command_as_the_interpreter_would(tmp_path, monkeypatch):
+    """Each rank of `launch(..., start="forkserver")` is forked from a server that imported torch:
+    a script runs as __main__ with its arguments, its environment (the rank's variables), the
+    launcher's working folder, its own folder first on sys.path and torch already imported; it
+    may start processes of its own (a multiprocessing pool); its atexit handlers run; its exit
+    code is the job's. `-m MODULE` runs with the working folder first on sys.path. A rank killed
+    by a signal fails the job with -9 and the other is stopped."""
+    from lowcomm.runtime.trainer.launch import launch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "code").mkdir()
+    script = tmp_path / "code" / "rank.py"
+    script.write_text(
+        "import atexit, json, multiprocessing, os, sys\n"
+        "torch_before = 'torch' in sys.modules\n"
+        "out = sys.argv[1]\n"
+        "rank = os.environ['RANK']\n"
+        "atexit.register(lambda: open(f'{out}/atexit{rank}', 'w').write('ran'))\n"
+        "if __name__ == '__main__':\n"
+        "    with multiprocessing.get_context('fork').Pool(1) as pool:\n"
+        "        squares = pool.map(abs, [-2])\n"
+        "    found = dict(name=__name__, argv=sys.argv, path0=sys.path[0], cwd=os.getcwd(),\n"
+        "                 world=os.environ['WORLD_SIZE'], torch=torch_before, pool=squares)\n"
+        "    open(f'{out}/rank{rank}.json', 'w').write(json.dumps(found))\n"
+        "    sys.exit(int(os.environ.get('EXIT_CODE', '0')))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert launch([sys.executable, str(script), str(out), "x"], 2, start="forkserver") == 0
+    for rank in (0, 1):
+        found = json.loads((out / f"rank{rank}.json").read_text())
+        assert found == {
+            "name": "__main__",
+            "argv": [str(script), str(out), "x"],
+            "path0": str(script.parent),
+            "cwd": str(tmp_path),
+            "world": "2",
+            "torch": True,
+            "pool": [2],
+        }
+        assert (out / f"atexit{rank}").read_text() == "ran"
+    monkeypatch.setenv("EXIT_CODE", "3")
+    assert launch([sys.executable, str(script), str(out)], 1, start="forkserver") == 3
+    monkeypatch.delenv("EXIT_CODE")
+    (tmp_path / "mod.py").write_text(
+        "import os, sys\nopen(sys.argv[1], 'w').write(__name__ + ' ' + sys.path[0] + ' ' + sys.argv[0])\n"
+    )
+    assert launch([sys.executable, "-m", "mod", str(out / "m")], 1, start="forkserver") == 0
+    assert (out / "m").read_text() == f"__main__ {tmp_path} {tmp_path / 'mod.py'}"
+    killer = tmp_path / "killer.py"
+    killer.write_text(
+        "import os, signal, time\n"
+        "if os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    assert launch([sys.executable, str(killer)], 2, start="forkserver", grace_s=1.0) == -9
+    assert time.monotonic() - t0 < 30  # (rank 0 stopped, not waited for)
 
 
 def _launched(tmp_path, body: str, **popen):

@@ -5,44 +5,31 @@ Used by the chaos runner, the elastic benchmarks, the examples and the tests. Ea
 to ``DIR/ID-*.log``.
 
 ``start="forkserver"`` forks each process (the same command line, run as ``python -m lowcomm``
-runs it) from a server that imported torch and lowcomm once, as ``multiprocessing``'s forkserver
-does: a worker is training in a fraction of a second instead of after the ~4 s of CPU a new
-interpreter spends importing torch and Dynamo (which an optimizer's first use imports). A test
-that starts dozens of workers spends most of its CPU there. Each is still a process of its own,
-with its own sockets, killed by a signal and ended with an exit code as the started interpreter
-is; what it does not share is the interpreter's start and exit (its ``atexit`` handlers do not
-run: it leaves by ``os._exit``). A script that starts such a job guards its main (``if __name__
-== "__main__":``), as ``multiprocessing`` asks of any script whose processes it starts this way.
+runs it) from a server that imported torch and lowcomm once (``lowcomm.runtime.forkserver``, which
+says what such a process shares and what it does not): a worker is training in a fraction of a
+second instead of after the ~4 s of CPU a new interpreter spends importing torch and Dynamo. A
+test that starts dozens of workers spends most of its CPU there. A script that starts such a job
+guards its main (``if __name__ == "__main__":``), as ``multiprocessing`` asks of any script whose
+processes it starts this way.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import runpy
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ...comm.net import free_port
+from .. import forkserver
 from ..errors import CoordinatorError
 from .client import CoordinatorClient
 from .protocol import new_key
 
 __all__ = ["LocalJob", "pace"]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGKILL it when the process that started it dies, so a
-    runner or test that is itself killed leaves no coordinator or worker behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 def pace(workers, delay=0.04, extra=()):
@@ -56,74 +43,7 @@ def pace(workers, delay=0.04, extra=()):
 
 #: what the fork server imports once, for its processes to share: the modules a ``lowcomm``
 #: process imports first (names for the server; this module imports none of them)
-_PRELOAD = [
-    "torch",
-    "torch._dynamo",
-    "lowcomm.runtime.cli",
-    "lowcomm.runtime.trainer.loop",
-    "lowcomm.runtime.elastic.server",
-]
-START_METHODS = ("exec", "forkserver")
-
-
-def _main_of_a_fork(argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
-    """A forked process's body: the job's environment and folder, its log as stdout and stderr
-    (written through, as ``PYTHONUNBUFFERED`` makes them), then ``python -m lowcomm ARGV``."""
-    _die_with_parent()
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True, write_through=True)
-    sys.argv = ["lowcomm", *argv]
-    runpy.run_module("lowcomm", run_name="__main__", alter_sys=True)  # its sys.exit ends the process
-
-
-class _Forked:
-    """A process of the fork server, with the ``subprocess.Popen`` calls LocalJob's users make
-    (``poll``, ``wait``, ``kill``, ``send_signal``, ``pid``, ``returncode``: ``-N`` for signal N)."""
-
-    def __init__(self, process: Any, args: list[str]) -> None:
-        self._p, self.args, self.pid = process, args, process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._p.exitcode
-
-    def poll(self) -> int | None:
-        return self._p.exitcode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self._p.join(timeout)
-        if self._p.exitcode is None:
-            raise subprocess.TimeoutExpired(self.args, timeout)
-        return self._p.exitcode
-
-    def send_signal(self, sig: int) -> None:
-        if self._p.exitcode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:  # (ended since)
-                pass
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-
-def _fork_server() -> Any:
-    """This process's fork server (``multiprocessing``'s, started at its first process)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
+_PRELOAD = [*forkserver.DEFAULT_PRELOAD, "lowcomm.runtime.elastic.server"]
 
 
 class LocalJob:
@@ -133,8 +53,8 @@ class LocalJob:
     the module's docstring)."""
 
     def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = (), start: str = "exec"):
-        if start not in START_METHODS:
-            raise ValueError(f"start={start!r} is not allowed: one of {list(START_METHODS)}")
+        if start not in forkserver.START_METHODS:
+            raise ValueError(f"start={start!r} is not allowed: one of {list(forkserver.START_METHODS)}")
         self.start = start
         self.tmp, self.flags = Path(tmp), list(flags)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -142,8 +62,8 @@ class LocalJob:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.coord_flags = list(coord_flags)
-        self.coord: subprocess.Popen | _Forked | None = None
-        self.workers: dict[str, subprocess.Popen | _Forked] = {}
+        self.coord: subprocess.Popen | forkserver.Forked | None = None
+        self.workers: dict[str, subprocess.Popen | forkserver.Forked] = {}
         self.env = {**os.environ, "LOWCOMM_KEY": self.key, "PYTHONUNBUFFERED": "1"}
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]):
@@ -151,18 +71,15 @@ class LocalJob:
         ``tmp/NAME-<ns>.log``."""
         log = self.tmp / f"{name}-{time.time_ns()}.log"
         if self.start == "forkserver":
-            process = _fork_server().Process(
-                target=_main_of_a_fork, args=(argv, env, os.getcwd(), str(log)), daemon=True
-            )
-            process.start()
-            return _Forked(process, argv)
+            cmd = forkserver.PythonCommand("module", "lowcomm", tuple(argv))
+            return forkserver.start(cmd, env, log_path=str(log), preload=_PRELOAD)
         with open(log, "w") as out:  # (the child holds its own descriptor)
             return subprocess.Popen(
                 [sys.executable, "-m", "lowcomm", *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=forkserver.die_with_parent,
             )
 
     def start_coordinator(self, extra: list[str] = ()) -> None:

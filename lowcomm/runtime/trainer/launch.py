@@ -9,6 +9,12 @@ restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues f
 checkpoints. A refusal of the input (exit code 2) and an interrupt are not restarted: a restart
 would meet them again. SIGTERM to the launcher (a scheduler stopping the job) stops its processes
 as Ctrl-C does, so none outlives it (exit code 143).
+
+``--start forkserver`` forks each process of a Python command (``python SCRIPT``, ``python -m
+MODULE``, ``lowcomm train``) from a server that imported torch once, and the modules of
+``--preload``: a process (and a restarted job) is training in a fraction of a second instead of
+after seconds of imports (``lowcomm.runtime.forkserver`` says what such a process does not share
+with a started one). The launcher itself imports no torch either way.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 
 from ..._checks import refuse
 from ...comm.net import free_port
+from .. import forkserver
 from ..errors import ExitCode
 
 __all__ = ["launch"]
@@ -38,17 +45,32 @@ def launch(
     port: int | None = None,
     grace_s: float = 5.0,
     max_restarts: int = 0,
+    start: str = "exec",
+    preload=(),
 ) -> int:
     """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine, again after a
-    failure up to ``max_restarts`` times; returns an exit code (the last attempt's).
+    failure up to ``max_restarts`` times; returns an exit code (the last attempt's). ``start``:
+    "exec" (each process a new one) or "forkserver" (forked from a server that imported torch and
+    the modules ``preload``: see the module's docstring).
 
     Raises:
         ValueError: counts below 1, a port outside 0-65535, a negative ``max_restarts``, an
-            empty command or one that is not found.
+            empty command or one that is not found; with forkserver a command that is not this
+            interpreter's Python, a ``preload`` module that is not installed.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
-    if shutil.which(command[0]) is None:  # before any process starts (each would fail alike)
+    if start not in forkserver.START_METHODS:
+        raise refuse("start", start, f"one of {list(forkserver.START_METHODS)}")
+    if preload and start != "forkserver":
+        raise ValueError(
+            f"preload {list(preload)} needs start forkserver (--start forkserver): exec starts every "
+            "process anew"
+        )
+    if start == "forkserver":
+        forkserver.check_preload(preload)
+        command = forkserver.python_command(command)
+    elif shutil.which(command[0]) is None:  # before any process starts (each would fail alike)
         raise ValueError(
             f"command {command[0]!r} was not found: give a program on PATH or its path after '--', "
             "e.g. lowcomm launch --replicas 2 -- lowcomm train ..."
@@ -64,8 +86,9 @@ def launch(
     if threading.current_thread() is threading.main_thread():  # (signal handlers live there only)
         previous = {sig: signal.signal(sig, signals.note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        starter = _starter(command, [*forkserver.DEFAULT_PRELOAD, *preload])
         return _attempts(
-            command, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts, signals
+            starter, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts, signals
         )
     finally:
         for sig, handler in previous.items():
@@ -94,16 +117,24 @@ class _Signals:
         return bool(self.interrupts) or self.terminated
 
 
+def _starter(command, preload):
+    """How a process of the job starts, given its environment: a new process of the command, or
+    a fork of the server (``command`` a ``forkserver.PythonCommand``)."""
+    if isinstance(command, forkserver.PythonCommand):
+        return lambda env: forkserver.start(command, env, preload=preload)
+    return lambda env: subprocess.Popen(command, env=env)
+
+
 _FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
 
 
 def _attempts(
-    command, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int, signals: _Signals
+    starter, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int, signals: _Signals
 ) -> int:
     attempt = 0
     while True:
         env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
-        code = _run_once(command, world, procs_per_replica, port or free_port(), env, grace_s, signals)
+        code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals)
         if code in _FINAL or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
@@ -117,7 +148,7 @@ def _attempts(
 
 
 def _run_once(
-    command: list[str],
+    starter,
     world: int,
     procs_per_replica: int,
     port: int,
@@ -130,7 +161,7 @@ def _run_once(
     running: dict[int, subprocess.Popen] = {}
     code = 0
     try:
-        _start(command, world, procs_per_replica, port, extra, running, signals)
+        _start(starter, world, procs_per_replica, port, extra, running, signals)
     except OSError as e:  # (the system's process or memory limits): the others would wait for it
         log.error(
             "could not start rank %d of %d (%s): stopping the %d started",
@@ -172,7 +203,7 @@ def _run_once(
 
 
 def _start(
-    command: list[str],
+    starter,
     world: int,
     procs_per_replica: int,
     port: int,
@@ -196,7 +227,7 @@ def _start(
             "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
             **extra,
         }
-        running[rank] = subprocess.Popen(command, env=env)
+        running[rank] = starter(env)
 
 
 def _settle(procs: list[subprocess.Popen], timeout_s: float, hurry=lambda: False) -> None:

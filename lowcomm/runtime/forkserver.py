@@ -1,0 +1,237 @@
+"""Python processes forked from a server that imported torch once (``multiprocessing``'s
+forkserver): ``LocalJob(..., start="forkserver")`` and ``lowcomm launch --start forkserver``.
+
+A new interpreter that trains spends about 4 s of CPU before its first step importing torch and
+Dynamo (an optimizer's first use imports it); Lightning's import is 8 s more. A job restarted after
+a fault, or a test that starts dozens of processes, spends most of its CPU there. Forked from a
+server that made those imports once, a process is training in a fraction of a second.
+
+Each is still a process of its own: its own sockets and descriptors, killed by a signal and ended
+with an exit code (``-N`` for signal N) as a started interpreter is, its ``atexit`` handlers run.
+It runs the command as the interpreter would: ``python SCRIPT ARGS`` as ``__main__`` with the
+script's folder first on ``sys.path``, ``python -m MODULE ARGS`` with the working folder first,
+a console script (``lowcomm``, whose ``#!`` line names this interpreter) as its script. What it
+does not get from a start of its own: whatever the interpreter and the server's imports read from
+the environment when they started (``PYTHON*`` variables, ``OMP_NUM_THREADS`` for torch's thread
+pool) is the starting process's, and an uncaught exception's traceback is headed by the process's
+name. The server imports with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that nothing it imports
+initializes CUDA (a forked process could not use it then); this path has run on CPU only.
+
+A script that starts such processes guards its main (``if __name__ == "__main__":``), as
+``multiprocessing`` asks of any script whose processes it starts this way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["START_METHODS", "DEFAULT_PRELOAD", "PythonCommand", "Forked", "python_command", "start"]
+
+START_METHODS = ("exec", "forkserver")
+
+#: what the server imports first for the processes it forks (``lowcomm train``'s heavy imports)
+DEFAULT_PRELOAD = ("torch", "torch._dynamo", "lowcomm.runtime.cli", "lowcomm.runtime.trainer.loop")
+
+_HOW = (
+    "--start forkserver runs this interpreter's Python: PYTHON [-u] SCRIPT ARGS, PYTHON [-u] -m MODULE "
+    f"ARGS (PYTHON being {sys.executable}) or a console script whose #! line names it; "
+    "--start exec runs any command"
+)
+
+
+def die_with_parent() -> None:
+    """In a child (Linux): SIGKILL it when the process that started it dies, so a runner or test
+    that is itself killed leaves no process of its behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class PythonCommand:
+    """A command this interpreter runs: ``kind`` "path" (a script) or "module" (``-m``)."""
+
+    kind: str
+    target: str
+    args: tuple[str, ...]
+    unbuffered: bool = False
+
+    @property
+    def argv(self) -> list[str]:
+        return [self.target, *self.args]
+
+
+def _this_interpreter(program: str) -> bool:
+    """Whether ``program`` (a path or a name on PATH) is this interpreter: the same file, in the
+    same folder (a virtual environment's python links to its base's, but is not it)."""
+    found = shutil.which(program)
+    if found is None:
+        return False
+    here, there = os.path.abspath(sys.executable), os.path.abspath(found)
+    same_folder = os.path.dirname(here) == os.path.dirname(there)
+    return same_folder and os.path.realpath(here) == os.path.realpath(there)
+
+
+def _shebang(path: str) -> list[str] | None:
+    """The ``#!`` line of a text file, split (None for anything else)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].decode("utf-8", "replace").split()
+    if line[:1] == ["/usr/bin/env"]:
+        line = line[1:]
+    return line or None
+
+
+def python_command(command: list[str]) -> PythonCommand:
+    """``command`` as a command of this interpreter (see the module's docstring).
+
+    Raises:
+        ValueError: an empty command, another program or interpreter, or a Python option other
+            than ``-u`` and ``-m``, named, with the forms allowed.
+    """
+    if not command:
+        raise ValueError("launch needs a command after '--'")
+    head, rest = command[0], list(command[1:])
+    if not _this_interpreter(head):
+        path = shutil.which(head)
+        line = _shebang(path) if path else None
+        if line is None or len(line) != 1 or not _this_interpreter(line[0]):
+            raise ValueError(f"command {head!r} is not this interpreter's Python: {_HOW}")
+        return PythonCommand("path", path, tuple(rest))
+    unbuffered = False
+    while rest[:1] == ["-u"]:
+        unbuffered, rest = True, rest[1:]
+    if rest[:1] == ["-m"]:
+        if len(rest) < 2:
+            raise ValueError(f"'-m' needs a module name: {_HOW}")
+        return PythonCommand("module", rest[1], tuple(rest[2:]), unbuffered)
+    if not rest:
+        raise ValueError(f"python needs a script or '-m MODULE': {_HOW}")
+    if rest[0].startswith("-"):
+        raise ValueError(f"python option {rest[0]!r} is not supported by --start forkserver: {_HOW}")
+    if not os.path.isfile(rest[0]):
+        raise ValueError(f"script {rest[0]!r} was not found (from {os.getcwd()})")
+    return PythonCommand("path", rest[0], tuple(rest[1:]), unbuffered)
+
+
+def check_preload(modules) -> None:
+    """Each name a module that can be imported (its top-level package found, nothing imported).
+
+    Raises:
+        ValueError: a name that is not a module name, or whose package is not installed.
+    """
+    for name in modules:
+        if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+            raise ValueError(f"preload module {name!r} is not a module name (such as lightning.pytorch)")
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            raise ValueError(f"preload module {name!r} is not installed in {sys.executable}")
+
+
+def _body(cmd: PythonCommand, env: dict[str, str], cwd: str, log_path: str | None) -> None:
+    """A forked process: its environment, folder and output, then the command as the interpreter
+    runs it; its atexit handlers run at its end (an exit or an exception)."""
+    die_with_parent()
+    multiprocessing.current_process().daemon = False  # (its own children are allowed: a DataLoader's)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if log_path is not None:  # its output to a log of its own, written through
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    if log_path is not None or cmd.unbuffered or env.get("PYTHONUNBUFFERED"):
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=True, write_through=True)
+    try:
+        if cmd.kind == "module":
+            sys.path[0] = cwd  # as python -m puts it
+            sys.argv = [cmd.target, *cmd.args]
+            runpy.run_module(cmd.target, run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.abspath(cmd.target))  # as python SCRIPT puts it
+            sys.argv = [cmd.target, *cmd.args]
+            runpy.run_path(cmd.target, run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # (multiprocessing ends its processes by os._exit)
+
+
+class Forked:
+    """A forked process, with the ``subprocess.Popen`` calls that its users make (``poll``,
+    ``wait``, ``kill``, ``terminate``, ``send_signal``, ``pid``, ``returncode``: ``-N`` for signal N)."""
+
+    def __init__(self, process: Any, args: list[str]) -> None:
+        self._p, self.args, self.pid = process, args, process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._p.exitcode
+
+    def poll(self) -> int | None:
+        return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._p.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._p.exitcode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # (ended since)
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _server(preload) -> Any:
+    """This process's fork server, started at its first process with ``preload`` imported (a
+    process has one server: the first start's modules are the ones it keeps)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    before = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # (the server inherits it: see the docstring)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = before
+    return ctx
+
+
+def start(
+    cmd: PythonCommand, env: dict[str, str], *, log_path: str | None = None, preload=DEFAULT_PRELOAD
+) -> Forked:
+    """Fork ``cmd`` from this process's server, with ``env`` as its whole environment, in this
+    process's working folder; its output to ``log_path`` (else this process's stdout and stderr,
+    those it had when the server started)."""
+    process = _server(preload).Process(target=_body, args=(cmd, env, os.getcwd(), log_path), daemon=True)
+    process.start()
+    return Forked(process, cmd.argv)
