@@ -84,10 +84,12 @@ def fp8_gemm_tolerance(device) -> float:
     return 2**-11 if str(device).startswith("cuda") else 1e-6
 
 
-def launch_train(replicas: int, *train_args: str) -> list[str]:
-    """``lowcomm launch --replicas N -- python -m lowcomm train ARGS`` as an argument list."""
+def launch_train(replicas: int, *train_args: str, start: str = "exec") -> list[str]:
+    """``lowcomm launch --replicas N --start START -- python -m lowcomm train ARGS`` as an argument
+    list."""
     lowcomm = [sys.executable, "-m", "lowcomm"]
-    return [*lowcomm, "launch", "--replicas", str(replicas), "--", *lowcomm, "train", *train_args]
+    head = [*lowcomm, "launch", "--replicas", str(replicas), "--start", start]
+    return [*head, "--", *lowcomm, "train", *train_args]
 
 
 class NormLM(nn.Module):

@@ -55,6 +55,8 @@ def _launch(tmp_path, scenarios, replicas, procs_per_replica=1, timeout=180, env
         str(replicas),
         "--procs-per-replica",
         str(procs_per_replica),
+        "--start",  # (each rank forked from a server that imported torch once: see the README)
+        "forkserver",
         "--",
         sys.executable,
         WORKER,
@@ -383,7 +385,7 @@ def test_trainer_under_launch_matches_the_local_trainer(tmp_path, mode):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist_run = subprocess.run(
-        launch_train(2, *args, "--run-dir", str(tmp_path / "d")),
+        launch_train(2, *args, "--run-dir", str(tmp_path / "d"), start="forkserver"),
         capture_output=True,
         text=True,
         timeout=180,
