@@ -456,7 +456,7 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     ]
     plan = FaultPlan.from_dict({"faults": faults})
     out = tmp_path / "chaos"
-    r = run_static_chaos(plan, 2, out, args, max_restarts=2, timeout=240)
+    r = run_static_chaos(plan, 2, out, args, max_restarts=2, timeout=240, start="forkserver")
     log = (out / "chaos" / "launcher.log").read_text()
     assert r["chaos_exit_code"] == 0 and r["reference_exit_code"] == 0, log[-3000:]
     assert log.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in log

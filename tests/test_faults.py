@@ -386,6 +386,8 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
         "3",
         "--out",
         str(out),
+        "--start",  # (forked from a server that imported torch once; exec: the hardening tests)
+        "forkserver",
         "--",
         *_flags(corpus, "--steps", "200", "--eval-every", "50"),
     ]
@@ -592,3 +594,9 @@ def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_p
     )
     with pytest.raises(ValueError, match="at_step"):
         chaos.run_chaos(plan, 2, tmp_path / "out", ["--steps=30"])
+    from lowcomm.runtime.faults.static_chaos import run_static_chaos
+
+    for run in (chaos.run_chaos, run_static_chaos):  # how the processes start
+        with pytest.raises(ValueError, match=r"start='spawn' is not allowed: one of \['exec', 'forkse"):
+            run(FaultPlan(0, []), 2, tmp_path / "out", ["--steps", "30"], start="spawn")
+    assert not (tmp_path / "out").exists()

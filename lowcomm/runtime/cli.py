@@ -305,6 +305,13 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     ch.add_argument(
         "--procs-per-replica", type=int, default=1, help="--static: processes per replica (default 1)"
     )
+    ch.add_argument(
+        "--start",
+        choices=["exec", "forkserver"],
+        default="exec",
+        help="how the processes start, restarts included: exec, each a new one (default); forkserver, "
+        "each forked from a server that imported torch once (as lowcomm launch --start forkserver)",
+    )
     ch.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- lowcomm train flags of every worker")
 
     d = sub.add_parser("demo", help="DP vs DiLoCo vs Streaming DiLoCo on the reference model, side by side")
@@ -694,7 +701,14 @@ def _chaos(args: argparse.Namespace) -> int:
         from .faults.static_chaos import run_static_chaos
 
         r = run_static_chaos(
-            plan, args.replicas, args.out, flags, args.max_restarts, args.procs_per_replica, args.timeout
+            plan,
+            args.replicas,
+            args.out,
+            flags,
+            args.max_restarts,
+            args.procs_per_replica,
+            args.timeout,
+            start=args.start,
         )
         print(
             f"{r['faults_injected']} faults injected, {len(r['restarts'])} restart(s), "
@@ -706,7 +720,9 @@ def _chaos(args: argparse.Namespace) -> int:
     from .faults.chaos import run_chaos
 
     os.environ.setdefault("LOWCOMM_KEY", new_key())
-    r = run_chaos(plan, args.replicas, args.out, flags, args.timeout, progress=not args.quiet)
+    r = run_chaos(
+        plan, args.replicas, args.out, flags, args.timeout, progress=not args.quiet, start=args.start
+    )
     print(
         f"{r['faults_injected']} faults injected, data lost {r['data_lost']}, final loss delta "
         f"{r['final_loss_delta']}; report in {Path(args.out).resolve()}/report.md"

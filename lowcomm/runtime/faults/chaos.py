@@ -30,6 +30,7 @@ from pathlib import Path
 from ..._checks import refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
+from ..forkserver import START_METHODS
 from .plan import FaultPlan
 from .report import eval_curve, fault_entries, markdown, plot, why_no_plot
 
@@ -82,9 +83,10 @@ def _run(
     timeout: float,
     observer=None,
     bar=None,
+    start: str = "exec",
 ) -> JobRun:
     """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
-    job = LocalJob(folder, flags, ["--min-workers", str(len(names))])
+    job = LocalJob(folder, flags, ["--min-workers", str(len(names))], start=start)
     run = JobRun(job, names)
     t0 = time.time()
     try:
@@ -200,17 +202,22 @@ def run_chaos(
     timeout: float = 1800.0,
     observer=None,
     progress: bool = True,
+    start: str = "exec",
 ) -> dict:
     """Run the reference and the chaos job; write and return the report. ``observer(run)`` is
     called about every 0.2 s while the chaos job runs (a probe of your own: benchmarks/soak.py
     sends rogue workers at the job from it). ``progress``: a bar per run (rounds committed,
-    members, faults injected)."""
+    members, faults injected). ``start``: how the coordinator and the workers start, "exec" (each
+    a new ``python -m lowcomm``) or "forkserver" (forked from a server that imported torch once,
+    restarts included: ``lowcomm.runtime.forkserver``)."""
     from ..cli import worker_config_from_flags
 
     if not (isinstance(replicas, int) and replicas >= 1):
         raise refuse("replicas", replicas, "an int >= 1")
     if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
+    if start not in START_METHODS:
+        raise refuse("start", start, f"one of {list(START_METHODS)}")
     out = Path(out)
     names = [f"w{i}" for i in range(replicas)]
     # the workers' flags and the plan are refused before anything starts (a bad flag made every
@@ -224,8 +231,10 @@ def run_chaos(
     no_plot = why_no_plot()  # said now, not after both runs: the report is written without loss.png
     if no_plot:
         log.warning("%s; the report will be written without loss.png", no_plot)
-    ref = _run(out / "reference", names, flags, None, timeout, bar=_bar("fault-free", rounds))
-    chaos = _run(out / "chaos", names, flags, plan, timeout, observer, bar=_bar("under faults", rounds))
+    ref = _run(out / "reference", names, flags, None, timeout, bar=_bar("fault-free", rounds), start=start)
+    chaos = _run(
+        out / "chaos", names, flags, plan, timeout, observer, bar=_bar("under faults", rounds), start=start
+    )
     events = chaos.events()
     injected = [e for evs in events.values() for e in evs if e["kind"] == "fault"]
     injected += [e for e in chaos.runner_events if e["kind"] == "fault"]

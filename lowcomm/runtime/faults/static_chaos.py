@@ -34,6 +34,7 @@ from pathlib import Path
 from ..._checks import refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
+from ..forkserver import START_METHODS
 from .plan import FaultPlan
 from .report import eval_curve, plot, why_no_plot
 
@@ -53,8 +54,11 @@ def run_static_chaos(
     max_restarts: int = 3,
     procs_per_replica: int = 1,
     timeout: float = 1800.0,
+    start: str = "exec",
 ) -> dict:
     """Run the fault-free and the faulted job one after the other; write and return the report.
+    ``start``: how the launcher starts the processes, restarts included (``lowcomm launch
+    --start``: "exec" or "forkserver").
 
     Raises:
         ValueError: a bad count or timeout, a flag the runner sets itself, a plan a static job
@@ -69,6 +73,8 @@ def run_static_chaos(
         raise refuse("max_restarts", max_restarts, "an int >= 0")
     if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
+    if start not in START_METHODS:
+        raise refuse("start", start, f"one of {list(START_METHODS)}")
     own = [f for f in flags if f.split("=")[0] in _OWN_FLAGS]
     if own:
         raise ValueError(
@@ -90,7 +96,7 @@ def run_static_chaos(
     if no_plot:
         log.warning("%s; the report will be written without loss.png", no_plot)
     base = [sys.executable, "-m", "lowcomm", "launch", "--replicas", str(replicas)]
-    base += ["--procs-per-replica", str(procs_per_replica)]
+    base += ["--procs-per-replica", str(procs_per_replica), "--start", start]
     train = ["--", sys.executable, "-m", "lowcomm", "train", *flags, "--resume", "auto", "--quiet"]
     t0 = time.time()
     ref_code = _launch([*base, *train, "--run-dir", str(out / "reference")], out / "reference", {}, timeout)
