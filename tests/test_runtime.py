@@ -657,6 +657,28 @@ def test_a_forked_rank_runs_its_command_as_the_interpreter_would(tmp_path, monke
     assert time.monotonic() - t0 < 30  # (rank 0 stopped, not waited for)
 
 
+def test_a_preload_module_that_fails_to_import_fails_each_rank_by_name_not_the_server(tmp_path):
+    """`lowcomm launch --start forkserver --preload M` where M raises at its import: the server
+    imported it among the others and lives; each rank says in one line which module failed and
+    why, runs nothing and exits 2 (a refusal: not restarted), instead of the launcher's EOFError
+    traceback from a server that died at its start."""
+    (tmp_path / "badmod.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "job.py").write_text("open('ran', 'w').write('yes')\n")
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--start", "forkserver"]
+    cmd += ["--max-restarts", "2", "--preload", "badmod", "--", sys.executable, "job.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    said = [line for line in res.stderr.splitlines() if line.startswith("lowcomm: error:")]
+    assert said and all(
+        line == "lowcomm: error: preload module 'badmod' failed to import in the fork server "
+        "(RuntimeError: boom at import); job.py was not run"
+        for line in said
+    ), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "restarting" not in res.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 def _launched(tmp_path, body: str, **popen):
     """``lowcomm launch --replicas 2`` of a Python ``body`` (after ``import os, signal, sys,
     time``), once both ranks have noted their pids; returns the launcher and the pid files."""

@@ -15,7 +15,9 @@ does not get from a start of its own: whatever the interpreter and the server's 
 the environment when they started (``PYTHON*`` variables, ``OMP_NUM_THREADS`` for torch's thread
 pool) is the starting process's, and an uncaught exception's traceback is headed by the process's
 name. The server imports with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that nothing it imports
-initializes CUDA (a forked process could not use it then); this path has run on CPU only.
+initializes CUDA (a forked process could not use it then); this path has run on CPU only. A
+module the server could not import is named by each process it forks, which runs nothing and
+exits with code 2.
 
 A script that starts such processes guards its main (``if __name__ == "__main__":``), as
 ``multiprocessing`` asks of any script whose processes it starts this way.
@@ -24,7 +26,9 @@ A script that starts such processes guards its main (``if __name__ == "__main__"
 from __future__ import annotations
 
 import atexit
+import importlib
 import importlib.util
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -38,6 +42,8 @@ from typing import Any
 
 __all__ = ["START_METHODS", "DEFAULT_PRELOAD", "PythonCommand", "Forked", "python_command", "start"]
 
+log = logging.getLogger(__name__)
+
 START_METHODS = ("exec", "forkserver")
 
 #: what the server imports first for the processes it forks (``lowcomm train``'s heavy imports)
@@ -48,6 +54,26 @@ _HOW = (
     f"ARGS (PYTHON being {sys.executable}) or a console script whose #! line names it; "
     "--start exec runs any command"
 )
+
+
+#: the modules the server imports, named to it through its environment (it imports this module:
+#: a failed import is told by the processes it forks, not by a server that dies at its start)
+_PRELOAD_ENV = "LOWCOMM_FORKSERVER_PRELOAD"
+
+
+def _import_preload(names: str | None) -> dict[str, str]:
+    """Import each of the comma-separated ``names``; returns the failures (name -> error)."""
+    failed = {}
+    for name in (names or "").split(","):
+        if name:
+            try:
+                importlib.import_module(name)
+            except BaseException as e:  # (a module may raise anything at its import, SystemExit too)
+                failed[name] = f"{type(e).__name__}: {e}"
+    return failed
+
+
+_PRELOAD_FAILED = _import_preload(os.environ.pop(_PRELOAD_ENV, None))
 
 
 def die_with_parent() -> None:
@@ -148,6 +174,13 @@ def _body(cmd: PythonCommand, env: dict[str, str], cwd: str, log_path: str | Non
     """A forked process: its environment, folder and output, then the command as the interpreter
     runs it; its atexit handlers run at its end (an exit or an exception)."""
     die_with_parent()
+    if _PRELOAD_FAILED:  # the command would meet the same error, or run without what it asked for
+        name, error = next(iter(_PRELOAD_FAILED.items()))
+        sys.stderr.write(
+            f"lowcomm: error: preload module {name!r} failed to import in the fork server ({error}); "
+            f"{cmd.target} was not run\n"
+        )
+        sys.exit(2)
     multiprocessing.current_process().daemon = False  # (its own children are allowed: a DataLoader's)
     os.environ.clear()
     os.environ.update(env)
@@ -209,20 +242,39 @@ class Forked:
         self.send_signal(signal.SIGTERM)
 
 
+_server_preload: list[str] | None = None  # what this process's server imported
+
+
 def _server(preload) -> Any:
     """This process's fork server, started at its first process with ``preload`` imported (a
     process has one server: the first start's modules are the ones it keeps)."""
+    global _server_preload
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))
-    before = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # (the server inherits it: see the docstring)
+    if _server_preload is not None:
+        missing = [m for m in preload if m not in _server_preload]
+        if missing:
+            log.warning(
+                "this process's fork server was started with %s: %s not imported there (each forked "
+                "process imports what it needs itself)",
+                _server_preload,
+                missing,
+            )
+        return ctx
+    _server_preload = list(preload)
+    ctx.set_forkserver_preload([__name__])  # (which imports ``preload``: see _PRELOAD_ENV)
+    # the server inherits these: the modules to import, and no CUDA initialized by them (see the
+    # module's docstring)
+    server_env = {_PRELOAD_ENV: ",".join(preload), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    before = {k: os.environ.get(k) for k in server_env}
+    os.environ.update(server_env)
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
-        if before is None:
-            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
-        else:
-            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = before
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     return ctx
 
 
