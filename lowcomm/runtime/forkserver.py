@@ -13,11 +13,11 @@ script's folder first on ``sys.path``, ``python -m MODULE ARGS`` with the workin
 a console script (``lowcomm``, whose ``#!`` line names this interpreter) as its script. What it
 does not get from a start of its own: whatever the interpreter and the server's imports read from
 the environment when they started (``PYTHON*`` variables, ``OMP_NUM_THREADS`` for torch's thread
-pool) is the starting process's, and an uncaught exception's traceback is headed by the process's
-name. The server imports with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that nothing it imports
-initializes CUDA (a forked process could not use it then); this path has run on CPU only. A
-module the server could not import is named by each process it forks, which runs nothing and
-exits with code 2.
+pool) is the starting process's, its standard input is empty (``/dev/null``), and an uncaught
+exception's traceback is headed by the process's name. The server imports with
+``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that nothing it imports initializes CUDA (a forked process
+could not use it then); this path has run on CPU only. A module the server could not import is
+named by each process it forks, which runs nothing and exits with code 2.
 
 A script that starts such processes guards its main (``if __name__ == "__main__":``), as
 ``multiprocessing`` asks of any script whose processes it starts this way.
