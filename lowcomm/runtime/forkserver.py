@@ -73,7 +73,19 @@ def _import_preload(names: str | None) -> dict[str, str]:
     return failed
 
 
-_PRELOAD_FAILED = _import_preload(os.environ.pop(_PRELOAD_ENV, None))
+_SERVER_PRELOAD = os.environ.pop(_PRELOAD_ENV, None)  # (set in the server alone)
+_PRELOAD_FAILED = _import_preload(_SERVER_PRELOAD)
+
+
+def _leave_now() -> None:
+    """The server's end, once its starter has gone: it has nothing to finish, and an interpreter's
+    teardown with torch loaded takes a second, which a caller reading the starter's output (the
+    server holds its stdout and stderr) would wait too."""
+    os._exit(0)
+
+
+if _SERVER_PRELOAD is not None:
+    atexit.register(_leave_now)
 
 
 def die_with_parent() -> None:
@@ -173,6 +185,7 @@ def check_preload(modules) -> None:
 def _body(cmd: PythonCommand, env: dict[str, str], cwd: str, log_path: str | None) -> None:
     """A forked process: its environment, folder and output, then the command as the interpreter
     runs it; its atexit handlers run at its end (an exit or an exception)."""
+    atexit.unregister(_leave_now)  # (the server's, inherited: this process ends as a command does)
     die_with_parent()
     if _PRELOAD_FAILED:  # the command would meet the same error, or run without what it asked for
         name, error = next(iter(_PRELOAD_FAILED.items()))
