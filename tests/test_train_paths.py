@@ -521,10 +521,10 @@ def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
 
 
 def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
-    """diloco_vs_dp.py, overlap.py and collective.py, which BENCHMARKS.md's CPU tables come from,
-    at tiny sizes in processes of their own, as their docstrings run them: a change to the
-    trainer's configuration or records that breaks one fails here (diloco_vs_dp.py once read a
-    field the configuration had moved, and failed after its first run)."""
+    """diloco_vs_dp.py, overlap.py, collective.py and launch_start.py, which BENCHMARKS.md's CPU
+    tables come from, at tiny sizes in processes of their own, as their docstrings run them: a
+    change to the trainer's configuration or records that breaks one fails here (diloco_vs_dp.py
+    once read a field the configuration had moved, and failed after its first run)."""
     import subprocess
     import sys
 
@@ -560,6 +560,16 @@ def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
     sent = {k: row[f"lowcomm_{k}"]["bytes_sent"] for k in ("fp32", "int8", "e3m0")}
     assert sent["fp32"] == 4 * 4096 and sent["fp32"] > sent["int8"] > sent["e3m0"], sent
     assert all(v["seconds"] > 0 for k, v in row.items() if isinstance(v, dict))
+
+    out = tmp_path / "launch_start.json"  # (the restarted jobs need two ranks: left out here)
+    run(sys.executable, bench / "launch_start.py", "--replicas", "1", "--reps", "1", "--no-restart",
+        "--json", out)  # fmt: skip
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["start"], r["replicas"], r["restarted_once"]) for r in rows] == [
+        ("exec", 1, False),
+        ("forkserver", 1, False),
+    ]
+    assert all(0 < r["first_step_s"] < r["wall_s"] for r in rows), rows
 
 
 def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monkeypatch):
