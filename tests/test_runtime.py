@@ -647,6 +647,10 @@ def test_a_forked_rank_runs_its_command_as_the_interpreter_would(tmp_path, monke
     )
     assert launch([sys.executable, "-m", "mod", str(out / "m")], 1, start="forkserver") == 0
     assert (out / "m").read_text() == f"__main__ {tmp_path} {tmp_path / 'mod.py'}"
+    (tmp_path / "app").mkdir()  # a folder with a __main__.py, as python runs one: itself first on the path
+    (tmp_path / "app" / "__main__.py").write_text((tmp_path / "mod.py").read_text())
+    assert launch([sys.executable, "app", str(out / "a")], 1, start="forkserver") == 0
+    assert (out / "a").read_text() == "__main__ app app"  # (python app: the same)
     killer = tmp_path / "killer.py"
     killer.write_text(
         "import os, signal, time\n"

@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +165,7 @@ def python_command(command: list[str]) -> PythonCommand:
         raise ValueError(f"python needs a script or '-m MODULE': {_HOW}")
     if rest[0].startswith("-"):
         raise ValueError(f"python option {rest[0]!r} is not supported by --start forkserver: {_HOW}")
-    if not os.path.isfile(rest[0]):
+    if not os.path.exists(rest[0]):  # (a file, or as python runs them, a folder or zip with __main__.py)
         raise ValueError(f"script {rest[0]!r} was not found (from {os.getcwd()})")
     return PythonCommand("path", rest[0], tuple(rest[1:]), unbuffered)
 
@@ -214,7 +215,10 @@ def _body(cmd: PythonCommand, env: dict[str, str], cwd: str, log_path: str | Non
             sys.argv = [cmd.target, *cmd.args]
             runpy.run_module(cmd.target, run_name="__main__", alter_sys=True)
         else:
-            sys.path[0] = os.path.dirname(os.path.abspath(cmd.target))  # as python SCRIPT puts it
+            if os.path.isfile(cmd.target) and not zipfile.is_zipfile(cmd.target):
+                sys.path[0] = os.path.dirname(os.path.abspath(cmd.target))  # as python SCRIPT puts it
+            else:  # a folder or zip: run_path puts it first, as python does
+                del sys.path[0]
             sys.argv = [cmd.target, *cmd.args]
             runpy.run_path(cmd.target, run_name="__main__")
     finally:
