@@ -681,6 +681,14 @@ def test_a_preload_module_that_fails_to_import_fails_each_rank_by_name_not_the_s
     ), res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "restarting" not in res.stderr
     assert not (tmp_path / "ran").exists()
+    # the variable that names a server's modules (its starter's pid, its parent, and `python -c`),
+    # stray in a process that is no server: ignored (it imports nothing, and the process ends with
+    # its own exit code)
+    code = "import sys, lowcomm.runtime.forkserver as f; sys.exit(3 + ('torch' in sys.modules))"
+    (tmp_path / "code.py").write_text(code)
+    for pid, argv in ((1, ["-c", code]), (os.getpid(), [str(tmp_path / "code.py")])):
+        env = {**os.environ, "LOWCOMM_FORKSERVER_PRELOAD": f"{pid}:torch"}
+        assert subprocess.run([sys.executable, *argv], env=env, timeout=60).returncode == 3, pid
 
 
 def _launched(tmp_path, body: str, **popen):

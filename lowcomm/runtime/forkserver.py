@@ -74,7 +74,18 @@ def _import_preload(names: str | None) -> dict[str, str]:
     return failed
 
 
-_SERVER_PRELOAD = os.environ.pop(_PRELOAD_ENV, None)  # (set in the server alone)
+def _server_preload_from_env() -> str | None:
+    """The modules to import when this process is a fork server started by ``_server`` (its
+    environment names its starter's pid, its parent, and it runs ``python -c``): None in any other
+    process, a stray value in a user's environment included."""
+    value = os.environ.pop(_PRELOAD_ENV, None)
+    starter, _, names = (value or "").partition(":")
+    if value is None or sys.argv != ["-c"] or starter != str(os.getppid()):
+        return None
+    return names
+
+
+_SERVER_PRELOAD = _server_preload_from_env()
 _PRELOAD_FAILED = _import_preload(_SERVER_PRELOAD)
 
 
@@ -281,7 +292,7 @@ def _server(preload) -> Any:
     ctx.set_forkserver_preload([__name__])  # (which imports ``preload``: see _PRELOAD_ENV)
     # the server inherits these: the modules to import, and no CUDA initialized by them (see the
     # module's docstring)
-    server_env = {_PRELOAD_ENV: ",".join(preload), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    server_env = {_PRELOAD_ENV: f"{os.getpid()}:{','.join(preload)}", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
     before = {k: os.environ.get(k) for k in server_env}
     os.environ.update(server_env)
     try:
