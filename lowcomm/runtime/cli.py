@@ -23,6 +23,7 @@ from .._checks import refuse
 from .._compat import MissingExtra
 from .._version import __version__
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
+from .forkserver import START_METHODS
 from .trainer.records import human_bytes
 
 if typing.TYPE_CHECKING:
@@ -161,7 +162,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     )
     la.add_argument(
         "--start",
-        choices=["exec", "forkserver"],
+        choices=START_METHODS,
         default="exec",
         help="exec: each process a new one of COMMAND (default); forkserver: each a fork of a server "
         "that imported torch once (COMMAND this interpreter's Python: python SCRIPT, python -m MODULE, "
@@ -307,7 +308,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     )
     ch.add_argument(
         "--start",
-        choices=["exec", "forkserver"],
+        choices=START_METHODS,
         default="exec",
         help="how the processes start, restarts included: exec, each a new one (default); forkserver, "
         "each forked from a server that imported torch once (as lowcomm launch --start forkserver)",

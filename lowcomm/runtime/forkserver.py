@@ -41,11 +41,28 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["START_METHODS", "DEFAULT_PRELOAD", "PythonCommand", "Forked", "python_command", "start"]
+from .._checks import refuse
+
+__all__ = [
+    "START_METHODS",
+    "DEFAULT_PRELOAD",
+    "PythonCommand",
+    "Forked",
+    "check_start",
+    "python_command",
+    "start",
+]
 
 log = logging.getLogger(__name__)
 
 START_METHODS = ("exec", "forkserver")
+
+
+def check_start(start: Any) -> None:
+    """ValueError naming ``start`` unless it is one of :data:`START_METHODS`."""
+    if start not in START_METHODS:
+        raise refuse("start", start, f"one of {list(START_METHODS)}")
+
 
 #: what the server imports first for the processes it forks (``lowcomm train``'s heavy imports)
 DEFAULT_PRELOAD = ("torch", "torch._dynamo", "lowcomm.runtime.cli", "lowcomm.runtime.trainer.loop")
@@ -85,19 +102,11 @@ def _server_preload_from_env() -> str | None:
     return names
 
 
-_SERVER_PRELOAD = _server_preload_from_env()
-_PRELOAD_FAILED = _import_preload(_SERVER_PRELOAD)
-
-
 def _leave_now() -> None:
     """The server's end, once its starter has gone: it has nothing to finish, and an interpreter's
     teardown with torch loaded takes a second, which a caller reading the starter's output (the
     server holds its stdout and stderr) would wait too."""
     os._exit(0)
-
-
-if _SERVER_PRELOAD is not None:
-    atexit.register(_leave_now)
 
 
 def die_with_parent() -> None:
@@ -315,3 +324,10 @@ def start(
     process = _server(preload).Process(target=_body, args=(cmd, env, os.getcwd(), log_path), daemon=True)
     process.start()
     return Forked(process, cmd.argv)
+
+
+# last, this module whole: in a server, the modules imported here may import it in turn
+_SERVER_PRELOAD = _server_preload_from_env()
+_PRELOAD_FAILED = _import_preload(_SERVER_PRELOAD)
+if _SERVER_PRELOAD is not None:
+    atexit.register(_leave_now)

@@ -53,8 +53,7 @@ class LocalJob:
     the module's docstring)."""
 
     def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = (), start: str = "exec"):
-        if start not in forkserver.START_METHODS:
-            raise ValueError(f"start={start!r} is not allowed: one of {list(forkserver.START_METHODS)}")
+        forkserver.check_start(start)
         self.start = start
         self.tmp, self.flags = Path(tmp), list(flags)
         self.tmp.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..._checks import refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
-from ..forkserver import START_METHODS
+from ..forkserver import check_start
 from .plan import FaultPlan
 from .report import eval_curve, fault_entries, markdown, plot, why_no_plot
 
@@ -216,8 +216,7 @@ def run_chaos(
         raise refuse("replicas", replicas, "an int >= 1")
     if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
-    if start not in START_METHODS:
-        raise refuse("start", start, f"one of {list(START_METHODS)}")
+    check_start(start)
     out = Path(out)
     names = [f"w{i}" for i in range(replicas)]
     # the workers' flags and the plan are refused before anything starts (a bad flag made every

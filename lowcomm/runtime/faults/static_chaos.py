@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..._checks import refuse
+from ..._checks import is_int, refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
-from ..forkserver import START_METHODS
+from ..forkserver import check_start
 from .plan import FaultPlan
 from .report import eval_curve, plot, why_no_plot
 
@@ -67,14 +67,13 @@ def run_static_chaos(
     from ..cli import train_config_from_flags
 
     for name, v, lo in (("replicas", replicas, 1), ("procs_per_replica", procs_per_replica, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        if not is_int(v, lo):
             raise refuse(name, v, f"an int >= {lo}")
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+    if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0")
     if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
-    if start not in START_METHODS:
-        raise refuse("start", start, f"one of {list(START_METHODS)}")
+    check_start(start)
     own = [f for f in flags if f.split("=")[0] in _OWN_FLAGS]
     if own:
         raise ValueError(

@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 
-from ..._checks import refuse
+from ..._checks import is_int, refuse
 from ...comm.net import free_port
 from .. import forkserver
 from ..errors import ExitCode
@@ -60,8 +60,7 @@ def launch(
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
-    if start not in forkserver.START_METHODS:
-        raise refuse("start", start, f"one of {list(forkserver.START_METHODS)}")
+    forkserver.check_start(start)
     if preload and start != "forkserver":
         raise ValueError(
             f"preload {list(preload)} needs start forkserver (--start forkserver): exec starts every "
@@ -79,7 +78,7 @@ def launch(
         raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
     if port is not None and not 0 <= port <= 65535:
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+    if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
     signals = _Signals()
     previous = {}
