@@ -121,6 +121,7 @@ def test_a_static_job_s_targets_are_its_ranks():
         ({"max_restarts": -1}, [], r"max_restarts=-1 is not allowed: an int >= 0"),
         ({"replicas": 0}, [], r"replicas=0 is not allowed: an int >= 1"),
         ({"timeout": float("inf")}, [], r"timeout=inf is not allowed"),
+        ({"timeout": True}, [], r"timeout=True is not allowed"),
         (
             {"plan": {"kind": "corrupt", "target": "rank:1", "at_round": 2}},
             [],
@@ -570,6 +571,8 @@ def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_p
     monkeypatch.setattr(chaos, "_run", never)
     cases = [
         (dict(replicas=0), "replicas=0 is not allowed: an int >= 1"),
+        (dict(replicas=True), "replicas=True is not allowed: an int >= 1"),  # was one replica, 'w0'
+        (dict(timeout=True), "timeout=True is not allowed: a finite number of seconds > 0"),
         (dict(timeout=float("nan")), "timeout=nan is not allowed: a finite number of seconds > 0"),
         (dict(flags=["--alpha", "3"]), r"alpha=3.0 is not allowed: a number in \[0, 1\]"),
         (dict(flags=["--steps=30", "--fault", "x"]), None),  # argparse: its usage line and exit 2

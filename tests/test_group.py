@@ -111,8 +111,9 @@ def test_bad_arguments_are_rejected():
         g.all_reduce_mean(torch.zeros(3), get_codec("fp32"), "ring")
     with pytest.raises(ValueError, match="1-D float32"):
         g.all_reduce_mean(torch.zeros(3, dtype=torch.float64), get_codec("fp32"))
-    with pytest.raises(ValueError, match="num_replicas"):
-        LocalGroup.create(0)
+    for n in (0, True, 2.0):  # a bool is not a count (True made one replica)
+        with pytest.raises(ValueError, match=f"num_replicas must be an int >= 1, got {n!r}"):
+            LocalGroup.create(n)
 
 
 @pytest.mark.parametrize("name", CODECS)

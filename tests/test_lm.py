@@ -35,6 +35,8 @@ def test_bad_model_config_names_the_field():
         GPTConfig(n_head=3, n_embd=32)
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="GPTConfig.n_layer must be an int >= 1, got True"):
+        GPTConfig(n_layer=True)  # a bool is not a count (it made a model of one layer)
 
 
 def test_stdlib_corpus_is_deterministic_and_split():

@@ -153,6 +153,7 @@ def test_records_with_counts_the_fits_cannot_use_are_left_out_by_name(tmp_path):
         "neg": (dict(params_non_embedding=-5), "params_non_embedding is -5, not an int >= 1"),
         "text": (dict(tokens="many"), "tokens is 'many', not an int >= 1"),
         "bool": (dict(replicas=True), "replicas is True, not an int >= 1"),
+        "lossbool": (dict(final_eval_loss=True), "final_eval_loss is True, not a finite positive number"),
         "mode": (dict(mode="sgd"), "mode is 'sgd', not 'dp' or 'diloco'"),
     }
     for name, (kw, _) in cases.items():
@@ -216,6 +217,8 @@ def test_a_sweep_that_names_a_value_twice_is_refused_by_name():
         (dict(sizes=("20k", "d32l2")), r"sizes=\['20k', 'd32l2'\] .*\(d32l2 given twice; a count stands for"),
         (dict(sizes=("d32l2",), lrs=(1e-3, 0.001)), r"lrs=\[0.001, 0.001\] is not allowed"),
         (dict(sizes=("d32l2",), replicas=(0,)), r"replicas=0 is not allowed: an int >= 1"),
+        (dict(sizes=("d32l2",), replicas=(True,)), r"replicas=True is not allowed: an int >= 1"),
+        (dict(sizes=("d32l2",), tokens_per_param=True), r"tokens_per_param=True is not allowed"),
     ]:
         with pytest.raises(ValueError, match=match):
             SweepSpec(**kw)

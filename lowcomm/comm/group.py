@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .._checks import is_int
 from .codecs import Codec
 from .reduce import bucket_bounds, check_args, decode_mean, encode_shards, reduce_shard, shard_bounds
 
@@ -255,7 +256,7 @@ class LocalGroup(ReplicaGroup):
     @classmethod
     def create(cls, num_replicas: int) -> list[LocalGroup]:
         """Return ``num_replicas`` handles, one per replica, on a fresh shared world."""
-        if not isinstance(num_replicas, int) or num_replicas < 1:
+        if not is_int(num_replicas, 1):
             raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
         world = _LocalWorld(num_replicas)
         return [cls(world, r) for r in range(num_replicas)]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_int
+
 __all__ = ["GPTConfig", "GPT"]
 
 
@@ -41,7 +43,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v, 1):
                 raise ValueError(f"GPTConfig.{name} must be an int >= 1, got {v!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from .._checks import is_number
 
 __all__ = ["Record", "load_records", "REQUIRED"]
 
@@ -91,7 +92,7 @@ def load_records(paths: list[str | Path]) -> tuple[list[Record], list[tuple[str,
             rejected.append((str(f), f"missing fields {missing}"))
             continue
         loss = s["final_eval_loss"]
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss <= 0:
+        if not is_number(loss) or loss <= 0:
             rejected.append((str(f), f"final_eval_loss is {loss!r}, not a finite positive number"))
             continue
         bad = [  # a count the fits divide by or take the log of (params=-5 made a curve of its own)

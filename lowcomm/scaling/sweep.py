@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._checks import is_int, refuse
+from .._checks import is_int, is_number, refuse
 
 if TYPE_CHECKING:  # the sweep runs the trainer; the fits and reports never import it
     from ..runtime.trainer import TrainConfig
@@ -127,13 +127,13 @@ class SweepSpec:
                 allowed = f"each value once ({', '.join(twice)} given twice{why})"
                 raise refuse(name, list(getattr(self, name)), allowed)
         for m in self.replicas:
-            if not isinstance(m, int) or m < 1:
+            if not is_int(m, 1):
                 raise refuse("replicas", m, "an int >= 1")
             if not self.keep_per_replica_batch and self.global_batch % m:
                 raise ValueError(f"global_batch={self.global_batch} is not divisible by replicas={m}")
         if self.baseline not in (None, "dp"):
             raise ValueError(f"baseline must be 'dp' or None, got {self.baseline!r}")
-        if not (isinstance(self.tokens_per_param, (int, float)) and 0 < self.tokens_per_param < math.inf):
+        if not (is_number(self.tokens_per_param) and self.tokens_per_param > 0):
             raise refuse("tokens_per_param", self.tokens_per_param, "a finite number > 0")
         for name in ("global_batch", "seq_len"):  # a step's tokens: the divisor of every run's steps
             v = getattr(self, name)

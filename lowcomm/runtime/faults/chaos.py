@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..._checks import refuse
+from ..._checks import is_int, is_number, refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
 from ..forkserver import check_start
@@ -212,9 +211,9 @@ def run_chaos(
     restarts included: ``lowcomm.runtime.forkserver``)."""
     from ..cli import worker_config_from_flags
 
-    if not (isinstance(replicas, int) and replicas >= 1):
+    if not is_int(replicas, 1):
         raise refuse("replicas", replicas, "an int >= 1")
-    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+    if not (is_number(timeout) and timeout > 0):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
     check_start(start)
     out = Path(out)

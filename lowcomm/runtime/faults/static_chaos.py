@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -31,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..._checks import is_int, refuse
+from ..._checks import is_int, is_number, refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
 from ..forkserver import check_start
@@ -71,7 +70,7 @@ def run_static_chaos(
             raise refuse(name, v, f"an int >= {lo}")
     if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0")
-    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+    if not (is_number(timeout) and timeout > 0):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
     check_start(start)
     own = [f for f in flags if f.split("=")[0] in _OWN_FLAGS]
