@@ -342,6 +342,15 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         "need at least": [*base, "--seq-len", "100000000", "--run-dir", str(tmp_path / "n2")],
         "batch_size=1000000000": [*base, "--batch-size", "1000000000", "--run-dir", str(tmp_path / "n3")],
         "outer_device='cuda:99'": [*base, "--outer-device", "cuda:99", "--run-dir", str(tmp_path / "n4")],
+        # numpy's MemoryError traceback; 1e20 its 'Maximum allowed size exceeded'
+        "eval_batches=1000000000 of": [*base, "--eval-batches", "1000000000", "--run-dir", str(tmp_path / "n5")],
+        # torch made 5,000 threads; 2**63 ended in 'Overflow when unpacking long long'
+        "threads=5000 is not allowed: 0 (torch's default) to": [
+            *base, "--threads", "5000", "--run-dir", str(tmp_path / "n6"),
+        ],
+        "seed=4294967296 is not allowed: an int in [0, 4294967295]": [  # the samplers' int64 overflowed
+            *base, "--seed", str(2**32), "--run-dir", str(tmp_path / "n7"),
+        ],
     }  # fmt: skip
     for toml, match in (
         ("corpus = 5\n", "corpus=5 is not allowed"),
@@ -362,7 +371,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         assert code == 2, (match, err)
         assert len(err) == 1 and match in err[0] and err[0].startswith("lowcomm: error:"), (match, err)
         assert _snapshot(run) == before, match  # nothing of the earlier run changed
-    assert not any((tmp_path / n).exists() for n in ("n1", "n2", "n3", "n4"))
+    assert not any((tmp_path / f"n{i}").exists() for i in range(1, 8))
     with pytest.raises(SystemExit):
         main(["--log-level", "BOGUS", "keys"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err

@@ -51,6 +51,8 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     moments (16 bytes a parameter), and DiLoCo's global copy and outer momentum besides (24), but
     DP replicas that run batched share one set (:class:`BatchedReplicas`); and each replica holds
     its logits and their gradient and one fp32 activation per layer and token, forward and backward.
+    The validation windows (``eval_batches`` x ``batch_size``, int64 inputs and targets and the
+    index they are gathered by) are held in host memory.
 
     Raises:
         ValueError: naming the sizes and both amounts.
@@ -61,7 +63,17 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     dp = cfg.run.mode == "dp"
     sets = 1 if dp and use_batched(cfg, device, replicas_here) else replicas_here
     need = sets * (16 if dp else 24) * params + replicas_here * (8 * B * T * V + 8 * B * T * d * L)
-    free = _free_memory(device)
+    windows = cfg.run.eval_batches * B * (T + 1) * 16
+    host = _free_memory(torch.device("cpu"))
+    if host is not None and windows > host:  # numpy's MemoryError in eval_batches, or its size limit
+        raise ValueError(
+            f"eval_batches={cfg.run.eval_batches} of batch_size={B} validation windows of seq_len={T} "
+            f"need at least {windows / 2**30:.1f} GiB, more than the {host / 2**30:.1f} GiB free on the "
+            "host: use a smaller eval_batches"
+        )
+    free = host if device.type == "cpu" else _free_memory(device)
+    if device.type == "cpu":
+        need += windows
     if free is not None and need > free:
         raise ValueError(
             f"batch_size={B}, seq_len={T}, model_dim={d}, layers={L} with {replicas_here} replica(s) here "

@@ -56,6 +56,8 @@ MODES = ("diloco", "dp")
 DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", GPU N
 DTYPES = ("auto", "fp32", "bf16")
 REPLICA_BATCHING = ("auto", "batched", "sequential")
+#: the largest --seed (numpy's range)
+SEED_MAX = 2**32 - 1
 
 
 def _is_gpu_index(v: Any) -> bool:
@@ -63,10 +65,10 @@ def _is_gpu_index(v: Any) -> bool:
     return isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit() and v[5:].isascii()
 
 
-def _int(obj: Any, name: str, lo: int, flag: str | None = None) -> None:
+def _int(obj: Any, name: str, lo: int, flag: str | None = None, hi: int | None = None) -> None:
     v = getattr(obj, name)
-    if not is_int(v, lo):
-        raise refuse(flag or name, v, f"an int >= {lo}")
+    if not (is_int(v, lo) and (hi is None or v <= hi)):
+        raise refuse(flag or name, v, f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]")
 
 
 def _num(obj: Any, name: str, ok, allowed: str, flag: str | None = None) -> None:
@@ -164,8 +166,10 @@ class RunConfig:
         _choice(self, "metrics", METRICS)
         for name in ("replicas", "steps", "eval_batches", "procs_per_replica", "log_every"):
             _int(self, name, 1)
-        for name in ("eval_every", "seed", "threads"):
+        for name in ("eval_every", "threads"):
             _int(self, name, 0)
+        # numpy's range; the samplers' seeds (seed * 1_000_003 + stream) stay within int64
+        _int(self, "seed", 0, hi=SEED_MAX)
         _bool(self, "final_sync")
         _bool(self, "compile")
         _bool(self, "overwrite")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..._checks import refuse
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
@@ -261,6 +262,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train; returns the summary. ``threads`` applies for the run only (a caller's setting is
         restored after it)."""
+        cpus = os.cpu_count() or 1
+        if self.cfg.run.threads > cpus:  # torch made 5,000 threads, and 2**63 an OverflowError
+            allowed = f"0 (torch's default) to {cpus}, the CPUs of this machine"
+            raise refuse("threads", self.cfg.run.threads, allowed)
         threads = torch.get_num_threads()
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
