@@ -277,7 +277,8 @@ def test_status_command_prints_members(coordinator):
     t = threading.Thread(target=beat, daemon=True)
     t.start()
     out = subprocess.run(
-        [sys.executable, "-m", "lowcomm", "status", coordinator],
+        # a 35-day wait for each reply: ZeroMQ's poll took it in ms as a C int (an OverflowError)
+        [sys.executable, "-m", "lowcomm", "status", coordinator, "--timeout", "3000000"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -287,6 +288,21 @@ def test_status_command_prints_members(coordinator):
     t.join(timeout=5)
     assert out.returncode == 0, out.stderr
     assert "job t: epoch 1" in out.stdout and "w9" in out.stdout and "127.0.0.9" in out.stdout
+
+
+def test_a_wait_longer_than_one_zeromq_poll_is_taken_in_slices_to_its_end(monkeypatch):
+    """ZeroMQ's poll takes at most 2**31 - 1 ms; a longer wait polls again until its deadline."""
+    from lowcomm.comm.net import free_port
+    from lowcomm.runtime.elastic import client
+
+    monkeypatch.setattr(client, "_POLL_MAX_MS", 40)
+    c = CoordinatorClient(f"tcp://127.0.0.1:{free_port()}", KEY, "w1")  # nobody answers there
+    try:
+        t0 = time.monotonic()
+        assert c._recv(0.5) is None
+        assert 0.45 <= time.monotonic() - t0 < 5  # not one 40 ms slice
+    finally:
+        c.close()
 
 
 def test_quorum_forms_without_a_dead_member_and_hands_out_a_fresh_store_prefix(coordinator):
@@ -522,7 +538,9 @@ def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(m
     bind = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
     try:
         for kw, match in [
-            (dict(min_workers=0), r"^min_workers=0 is not allowed: an int >= 1$"),
+            (dict(min_workers=0), r"^min_workers=0 is not allowed: an int in \[1, 4096\]"),
+            # a quorum no job can reach (a job takes 4096 members): the job waited for ever
+            (dict(min_workers=4097), r"^min_workers=4097 is not allowed: an int in \[1, 4096\]"),
             (dict(grace=float("inf")), r"^grace=inf is not allowed: a finite number of seconds >= 0$"),
         ]:
             with pytest.raises(ValueError, match=match):
@@ -550,7 +568,9 @@ def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(m
             "-1",
         ): "timeout=-1.0 is not allowed: a finite number of seconds > 0",
         ("status", "tcp://127.0.0.1:9", "--timeout", "nan"): "timeout=nan is not allowed",
-        ("coordinator", "--bind", bind, "--min-workers", "0"): "min_workers=0 is not allowed: an int >= 1",
+        ("coordinator", "--bind", bind, "--min-workers", "0"): (
+            "min_workers=0 is not allowed: an int in [1, 4096]"
+        ),
         ("coordinator", "--bind", bind, "--deadline-ceiling", "inf"): (
             "deadline_floor=2.0 and deadline_ceiling=inf are not allowed: 0 < floor <= ceiling"
         ),

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 #: seconds a request waits for a signed reply once the coordinator said it cannot verify this
 #: client's key (an unsigned notice: the job's key would be needed to sign it)
 KEY_REJECTED_WAIT_S = 1.0
+#: the longest wait one ZeroMQ poll takes (its timeout is a C int of milliseconds)
+_POLL_MAX_MS = 2**31 - 1
 
 
 class CoordinatorClient:
@@ -77,8 +79,13 @@ class CoordinatorClient:
         return self._sent_ids[-1]
 
     def _recv(self, timeout_s: float):
-        if not self._sock.poll(max(int(timeout_s * 1000), 0)):
-            return None
+        deadline = time.monotonic() + timeout_s
+        while True:  # ZeroMQ's poll takes a C int of ms: a wait of 25 days or more, in slices
+            ms = min(max(int((deadline - time.monotonic()) * 1000), 0), _POLL_MAX_MS)
+            if self._sock.poll(ms):
+                break
+            if ms < _POLL_MAX_MS:
+                return None
         frames = self._sock.recv_multipart()
         if frames == [MAGIC, KEY_REJECTED]:  # unsigned: a reason to report if no reply comes soon
             self._key_rejected = True

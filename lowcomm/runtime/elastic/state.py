@@ -62,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..._checks import refuse
+from ..._checks import is_int, is_number, refuse
 from .membership import (
     Deadline,
     Membership,
@@ -188,11 +188,12 @@ class Transfer:
 
 
 def check_quorum(min_workers: int, grace: float) -> None:
-    """Refuse (ValueError, naming the value) a ``min_workers`` that is not an int >= 1 or a
-    ``grace`` that is not a finite number of seconds >= 0."""
-    if not isinstance(min_workers, int) or isinstance(min_workers, bool) or min_workers < 1:
-        raise refuse("min_workers", min_workers, "an int >= 1")
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+    """Refuse (ValueError, naming the value) a ``min_workers`` that is not an int in [1,
+    MAX_MEMBERS] (more is a quorum no job can reach) or a ``grace`` that is not a finite number of
+    seconds >= 0."""
+    if not (is_int(min_workers, 1) and min_workers <= MAX_MEMBERS):
+        raise refuse("min_workers", min_workers, f"an int in [1, {MAX_MEMBERS}], the members a job takes")
+    if not (is_number(grace) and grace >= 0):
         raise refuse("grace", grace, "a finite number of seconds >= 0")
 
 
