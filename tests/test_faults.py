@@ -120,6 +120,7 @@ def test_a_static_job_s_targets_are_its_ranks():
         ({}, ["--resume=auto"], r"remove \['--resume=auto'\]"),
         ({"max_restarts": -1}, [], r"max_restarts=-1 is not allowed: an int >= 0"),
         ({"replicas": 0}, [], r"replicas=0 is not allowed: an int >= 1"),
+        ({"replicas": 600, "procs_per_replica": 2}, [], r"replicas=600 is not allowed: at most 512 with"),
         ({"timeout": float("inf")}, [], r"timeout=inf is not allowed"),
         ({"timeout": True}, [], r"timeout=True is not allowed"),
         (
@@ -572,6 +573,7 @@ def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_p
     cases = [
         (dict(replicas=0), "replicas=0 is not allowed: an int >= 1"),
         (dict(replicas=True), "replicas=True is not allowed: an int >= 1"),  # was one replica, 'w0'
+        (dict(replicas=10**20), "replicas=10+ is not allowed: at most 1024 processes"),  # it hung
         (dict(timeout=True), "timeout=True is not allowed: a finite number of seconds > 0"),
         (dict(timeout=float("nan")), "timeout=nan is not allowed: a finite number of seconds > 0"),
         (dict(flags=["--alpha", "3"]), r"alpha=3.0 is not allowed: a number in \[0, 1\]"),

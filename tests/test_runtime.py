@@ -476,7 +476,18 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
     from lowcomm.runtime.trainer.launch import launch
 
     cases = [
-        (dict(command=["true"], replicas=0), "replicas=0 and procs_per_replica=1 must be >= 1"),
+        (dict(command=["true"], replicas=0), "replicas=0 is not allowed: an int >= 1"),
+        (dict(command=["true"], replicas=True), "replicas=True is not allowed: an int >= 1"),
+        (dict(command=["true"], replicas=2, procs_per_replica=0), "procs_per_replica=0 is not allowed"),
+        # started processes until it was killed
+        (
+            dict(command=["true"], replicas=10**20),
+            r"replicas=10+ is not allowed: at most 1024 processes on one machine;",
+        ),
+        (
+            dict(command=["true"], replicas=512, procs_per_replica=3),
+            r"replicas=512 is not allowed: at most 341 with procs_per_replica=3 \(1024 processes on one",
+        ),
         (dict(command=[], replicas=2), "launch needs a command after '--'"),
         (dict(command=["true"], replicas=2, port=99999), r"port=99999 is not allowed: a TCP port, 1-65535"),
         (dict(command=["true"], replicas=2, port=-5), "port=-5 is not allowed"),

@@ -41,13 +41,15 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import refuse
+from .._checks import is_int, refuse
 
 __all__ = [
     "START_METHODS",
     "DEFAULT_PRELOAD",
     "PythonCommand",
     "Forked",
+    "MAX_PROCS",
+    "check_procs",
     "check_start",
     "python_command",
     "start",
@@ -62,6 +64,28 @@ def check_start(start: Any) -> None:
     """ValueError naming ``start`` unless it is one of :data:`START_METHODS`."""
     if start not in START_METHODS:
         raise refuse("start", start, f"one of {list(START_METHODS)}")
+
+
+#: the most processes one job starts on one machine (``lowcomm launch``, ``lowcomm chaos``): eight
+#: GPUs a node, or CPU ranks; a job on more machines starts one launch a node
+MAX_PROCS = 1024
+
+
+def check_procs(replicas: Any, procs_per_replica: Any = 1) -> None:
+    """ValueError naming the count unless each is an int >= 1 and together they make at most
+    :data:`MAX_PROCS` processes (``--replicas 1e20`` started processes, or built a list of names,
+    until it was killed)."""
+    for name, v in (("replicas", replicas), ("procs_per_replica", procs_per_replica)):
+        if not is_int(v, 1):
+            raise refuse(name, v, "an int >= 1")
+    if replicas * procs_per_replica > MAX_PROCS:
+        k = procs_per_replica
+        at_most = f"at most {MAX_PROCS // k}" + (
+            f" with procs_per_replica={k} ({MAX_PROCS} processes on one machine)"
+            if k > 1
+            else " processes on one machine"
+        )
+        raise refuse("replicas", replicas, f"{at_most}; a job on several machines starts one launch a node")
 
 
 #: what the server imports first for the processes it forks (``lowcomm train``'s heavy imports)

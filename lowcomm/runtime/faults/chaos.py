@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..._checks import is_int, is_number, refuse
+from ..._checks import is_number, refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
-from ..forkserver import check_start
+from ..forkserver import check_procs, check_start
 from .plan import FaultPlan
 from .report import eval_curve, fault_entries, markdown, plot, why_no_plot
 
@@ -211,8 +211,7 @@ def run_chaos(
     restarts included: ``lowcomm.runtime.forkserver``)."""
     from ..cli import worker_config_from_flags
 
-    if not is_int(replicas, 1):
-        raise refuse("replicas", replicas, "an int >= 1")
+    check_procs(replicas)
     if not (is_number(timeout) and timeout > 0):
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
     check_start(start)

@@ -33,7 +33,7 @@ from pathlib import Path
 from ..._checks import is_int, is_number, refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
-from ..forkserver import check_start
+from ..forkserver import check_procs, check_start
 from .plan import FaultPlan
 from .report import eval_curve, plot, why_no_plot
 
@@ -65,9 +65,7 @@ def run_static_chaos(
     """
     from ..cli import train_config_from_flags
 
-    for name, v, lo in (("replicas", replicas, 1), ("procs_per_replica", procs_per_replica, 1)):
-        if not is_int(v, lo):
-            raise refuse(name, v, f"an int >= {lo}")
+    check_procs(replicas, procs_per_replica)
     if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0")
     if not (is_number(timeout) and timeout > 0):

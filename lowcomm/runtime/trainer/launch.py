@@ -54,9 +54,10 @@ def launch(
     the modules ``preload``: see the module's docstring).
 
     Raises:
-        ValueError: counts below 1, a port outside 0-65535, a negative ``max_restarts``, an
-            empty command or one that is not found; with forkserver a command that is not this
-            interpreter's Python, a ``preload`` module that is not installed.
+        ValueError: counts below 1 or more than ``forkserver.MAX_PROCS`` processes, a port outside
+            0-65535, a negative ``max_restarts``, an empty command or one that is not found; with
+            forkserver a command that is not this interpreter's Python, a ``preload`` module that
+            is not installed.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
@@ -74,8 +75,7 @@ def launch(
             f"command {command[0]!r} was not found: give a program on PATH or its path after '--', "
             "e.g. lowcomm launch --replicas 2 -- lowcomm train ..."
         )
-    if replicas < 1 or procs_per_replica < 1:
-        raise ValueError(f"replicas={replicas} and procs_per_replica={procs_per_replica} must be >= 1")
+    forkserver.check_procs(replicas, procs_per_replica)  # --replicas 1e20 started processes until killed
     if port is not None and not 0 <= port <= 65535:
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
     if not is_int(max_restarts, 0):
