@@ -343,7 +343,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         "batch_size=1000000000": [*base, "--batch-size", "1000000000", "--run-dir", str(tmp_path / "n3")],
         "outer_device='cuda:99'": [*base, "--outer-device", "cuda:99", "--run-dir", str(tmp_path / "n4")],
         # numpy's MemoryError traceback; 1e20 its 'Maximum allowed size exceeded'
-        "eval_batches=1000000000 of": [
+        "eval_batches=1000000000 validation batches": [
             *base, "--eval-batches", "1000000000", "--run-dir", str(tmp_path / "n5"),
         ],
         # torch made 5,000 threads; 2**63 ended in 'Overflow when unpacking long long'

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,11 @@ def test_sizes_resolve_to_presets_and_parameter_counts():
     for count in ("0", "-5k", "inf", "nan"):  # "0" was a ZeroDivisionError
         with pytest.raises(ValueError, match=f"model size '{count}' is neither a preset .* nor a count > 0"):
             resolve_size(count)
+    # far outside the presets: '1e20' trained the largest, d256l8 (6.3M), as if it were 1e20
+    for count, shown in (("1e20", "1e+20"), ("3k", "3e+03"), ("13M", "1.3e+07")):
+        with pytest.raises(ValueError, match=re.escape(f"model size '{count}' ({shown} parameters) is more")):
+            resolve_size(count)
+    assert resolve_size("3.4k")[0] == "d16l2" and resolve_size("12M")[0] == "d256l8"  # within 2x
 
 
 def test_a_sweep_that_names_a_value_twice_is_refused_by_name():
@@ -257,6 +263,17 @@ def test_a_sweep_on_a_corpus_that_is_not_there_is_refused_before_any_folder(tmp_
     with pytest.raises(FileNotFoundError, match=r"corpus path '.*nope' does not exist"):
         run_sweep(spec, progress=False)
     assert not out.exists()
+    # more threads than CPUs, or a run too large for the memory here: each run failed in turn,
+    # after sweep.json and a folder per run were written
+    corpus = write_corpus(tmp_path / "corpus")
+    for kw, match in [
+        (dict(threads=100_000), r"^threads=100000 is not allowed: 0 \(torch's default\) to \d+, the CPUs"),
+        (dict(global_batch=10**15), r"^batch_size=1000000000000000, seq_len=64, .* need at least"),
+    ]:
+        spec = SweepSpec(sizes=("d16l2",), replicas=(1,), corpus=corpus, out=str(out), **kw)
+        with pytest.raises(ValueError, match=match):
+            run_sweep(spec, progress=False)
+        assert not out.exists()
 
 
 def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):

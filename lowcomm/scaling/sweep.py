@@ -57,7 +57,8 @@ def non_embedding_params(dim: int, layers: int) -> int:
 
 
 def resolve_size(size: str) -> tuple[str, int, int, int]:
-    """A preset name, or a parameter count ("100k", "2.5M", "30000") mapped to the nearest preset.
+    """A preset name, or a parameter count ("100k", "2.5M", "30000") mapped to the nearest preset
+    (within 2x of it: the presets are at most 3.9x apart).
 
     Returns:
         ``(preset, dim, layers, heads)``.
@@ -75,6 +76,14 @@ def resolve_size(size: str) -> tuple[str, int, int, int]:
             f"model size {size!r} is neither a preset {sorted(SIZE_PRESETS)} nor a count > 0 like '100k'"
         )
     best = min(SIZE_PRESETS, key=lambda k: abs(math.log(non_embedding_params(*SIZE_PRESETS[k][:2]) / target)))
+    n = non_embedding_params(*SIZE_PRESETS[best][:2])
+    if not n / 2 <= target <= 2 * n:  # '1e20' trained d256l8 and recorded it as the size asked for
+        counts = sorted(non_embedding_params(*v[:2]) for v in SIZE_PRESETS.values())
+        raise ValueError(
+            f"model size {size!r} ({target:.3g} parameters) is more than 2x from every preset: a count "
+            f"stands for its nearest preset, and the presets hold {counts[0]:,} to {counts[-1]:,} "
+            "non-embedding parameters"
+        )
     return (best, *SIZE_PRESETS[best])
 
 
@@ -211,10 +220,16 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     """Run every unfinished run of the grid; returns counts and the failures (name, error)."""
     from ..lm.data import load_corpus
     from ..runtime.trainer import loop
+    from ..runtime.trainer.build import check_memory, check_threads
 
     runs = grid(spec)
-    # a corpus every run would fail on is refused before any folder is made
-    load_corpus(spec.corpus).check_fits(spec.seq_len)
+    # a corpus, a thread count or a run too large for this machine, which every run (or the
+    # largest) would fail on, is refused before any folder is made
+    corpus = load_corpus(spec.corpus)
+    corpus.check_fits(spec.seq_len)
+    check_threads(spec.threads)
+    for _, cfg in runs:
+        check_memory(cfg, corpus.vocab_size, cfg.run.replicas, cfg.run.torch_device())
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     (Path(spec.out) / "sweep.json").write_text(
         json.dumps({"spec": spec.__dict__, "runs": [n for n, _ in runs]}, indent=2, default=list)

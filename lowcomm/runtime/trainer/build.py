@@ -7,11 +7,13 @@ import copy
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..._checks import refuse
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
 from ...lm.batched import batched_gpt_loss, linear_weights, stack_parameters
@@ -22,6 +24,7 @@ __all__ = [
     "build_model",
     "build_inner_optimizer",
     "check_memory",
+    "check_threads",
     "lr_lambda",
     "evaluate",
     "Replicas",
@@ -64,22 +67,39 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     sets = 1 if dp and use_batched(cfg, device, replicas_here) else replicas_here
     need = sets * (16 if dp else 24) * params + replicas_here * (8 * B * T * V + 8 * B * T * d * L)
     windows = cfg.run.eval_batches * B * (T + 1) * 16
-    host = _free_memory(torch.device("cpu"))
-    if host is not None and windows > host:  # numpy's MemoryError in eval_batches, or its size limit
-        raise ValueError(
-            f"eval_batches={cfg.run.eval_batches} of batch_size={B} validation windows of seq_len={T} "
-            f"need at least {windows / 2**30:.1f} GiB, more than the {host / 2**30:.1f} GiB free on the "
-            "host: use a smaller eval_batches"
+    on_device = _free_memory(device)
+    cpu = device.type == "cpu"
+    host = on_device if cpu else _free_memory(torch.device("cpu"))
+    sizes = f"batch_size={B}, seq_len={T}, model_dim={d}, layers={L} with {replicas_here} replica(s) here"
+    evals = f"eval_batches={cfg.run.eval_batches}"
+    fewer = "use smaller values or fewer replicas per process"
+    checks = [(sizes, need, on_device, device, fewer)]
+    # the validation windows: numpy's MemoryError in eval_batches, or its 'Maximum allowed size exceeded'
+    checks.append(
+        (
+            f"{evals} validation batches of batch_size={B}",
+            windows,
+            host,
+            "the host",
+            "use a smaller eval_batches",
         )
-    free = host if device.type == "cpu" else _free_memory(device)
-    if device.type == "cpu":
-        need += windows
-    if free is not None and need > free:
-        raise ValueError(
-            f"batch_size={B}, seq_len={T}, model_dim={d}, layers={L} with {replicas_here} replica(s) here "
-            f"need at least {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}: "
-            "use smaller values or fewer replicas per process"
-        )
+    )
+    if cpu:
+        checks.append((f"{sizes} and {evals}", need + windows, on_device, device, fewer))
+    for what, bytes_, free, where, advice in checks:
+        if free is not None and bytes_ > free:
+            raise ValueError(
+                f"{what} need at least {bytes_ / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free "
+                f"on {where}: {advice}"
+            )
+
+
+def check_threads(threads: int) -> None:
+    """Refuse (ValueError naming it) more torch threads than this machine has CPUs: torch made
+    5,000 threads, and 2**63 ended in 'Overflow when unpacking long long'."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise refuse("threads", threads, f"0 (torch's default) to {cpus}, the CPUs of this machine")
 
 
 def _free_memory(device: torch.device) -> int | None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from ..._checks import refuse
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
@@ -37,7 +36,7 @@ from ...lm import eval_batches, load_corpus
 from ..files import hold_folder, private_open
 from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
-from .build import build_model, check_memory, evaluate, make_replicas
+from .build import build_model, check_memory, check_threads, evaluate, make_replicas
 from .config import TrainConfig
 from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
@@ -262,10 +261,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train; returns the summary. ``threads`` applies for the run only (a caller's setting is
         restored after it)."""
-        cpus = os.cpu_count() or 1
-        if self.cfg.run.threads > cpus:  # torch made 5,000 threads, and 2**63 an OverflowError
-            allowed = f"0 (torch's default) to {cpus}, the CPUs of this machine"
-            raise refuse("threads", self.cfg.run.threads, allowed)
+        check_threads(self.cfg.run.threads)
         threads = torch.get_num_threads()
         if self.cfg.run.threads:
             torch.set_num_threads(self.cfg.run.threads)
