@@ -139,6 +139,11 @@ def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_run(job):
     j.start_worker("w0")
     assert j.wait_workers(["w0"], 90) == {"w0": 0}, j.logs()
     summary = (j.run_dir("w0") / "summary.json").read_bytes()
+    # its checkpoint resumed by a worker of another model: refused in one line naming the setting
+    # (torch's error listed every tensor, over lines)
+    j.start_worker("w0", extra=["--resume", "auto", "--model-dim", "32"])
+    assert j.wait_workers(["w0"], 60)["w0"] == 2, j.logs()
+    assert "the checkpoint is of another model: model_dim=16 (this run: 32)\n" in j.logs(), j.logs()
     j.start_worker("w0", extra=["--resume", "auto", "--coordinator-timeout", "20"])
     code = j.wait_workers(["w0"], 60)["w0"]
     assert code != 0 and "the job has finished" in j.logs(), j.logs()

@@ -1265,10 +1265,13 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
     (tmp_path / "r" / "faults.jsonl").write_text('{"kind": "fault", "id": 0}\n')
     records = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
     cases = [
+        # torch's error named every tensor, over lines
         (
             dict(model_dim=32),
-            r"resume='auto' \(.*checkpoint.lcs\): the checkpoint does not fit this run: .*size mismatch",
+            r"^resume='auto' \(.*checkpoint.lcs\): the checkpoint is of another model: model_dim=16 "
+            r"\(this run: 32\)$",
         ),
+        (dict(layers=3, heads=1), r"another model: layers=2 \(this run: 3\), heads=2 \(this run: 1\)$"),
         (dict(sync_every=2), "does not fit this run: DiLoCo state was saved with another configuration"),
         (
             dict(replicas=3),
@@ -1283,6 +1286,22 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             _run(tmp_path, corpus_dir, "r", **{**run, "steps": 12, **change, "resume": "auto"})
+    # a checkpoint of an older lowcomm records no shape: torch's error, in one line
+    from lowcomm.runtime.statefile import load_state, save_state
+
+    old = load_state(tmp_path / "r" / "checkpoint.lcs")
+    del old["architecture"]
+    save_state(tmp_path / "old.lcs", old)
+    with pytest.raises(
+        ValueError, match=r"^resume='.*old.lcs' .*: the checkpoint does not fit this run: .*size mis"
+    ):
+        _run(
+            tmp_path,
+            corpus_dir,
+            "r",
+            **{**run, "steps": 12, "model_dim": 32},
+            resume=str(tmp_path / "old.lcs"),
+        )
     (tmp_path / "bad.lcs").write_bytes(records["checkpoint.lcs"][:200])
     with pytest.raises(CorruptStateError, match="bad.lcs: header length"):
         _run(tmp_path, corpus_dir, "r", **run, resume=str(tmp_path / "bad.lcs"))

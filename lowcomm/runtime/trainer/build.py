@@ -23,6 +23,8 @@ from .config import TrainConfig
 __all__ = [
     "build_model",
     "build_inner_optimizer",
+    "architecture",
+    "check_architecture",
     "check_memory",
     "check_threads",
     "lr_lambda",
@@ -46,6 +48,32 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     # no-op for fp32; the head stays full precision
     convert_to_low_precision(model, m.precision, fast_accum=m.fast_accum)
     return model
+
+
+def architecture(model: GPT) -> dict[str, int]:
+    """The reference GPT's shape, under the names of the settings that give it: what a checkpoint
+    records of its model."""
+    c = model.cfg
+    return {
+        "model_dim": c.n_embd,
+        "layers": c.n_layer,
+        "heads": c.n_head,
+        "seq_len": c.seq_len,
+        "vocab_size": c.vocab_size,
+    }
+
+
+def check_architecture(saved: dict | None, model: GPT, where: str) -> None:
+    """Refuse (one line naming each setting that differs) a checkpoint of another model than
+    ``model``: torch's load error listed every tensor, over several lines. ``saved`` None: a
+    checkpoint of an older lowcomm, which recorded no shape (its load is left to say)."""
+    if saved is None:
+        return
+    now = architecture(model)
+    diff = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        corpus = "; vocab_size is the corpus's" if saved.get("vocab_size") != now["vocab_size"] else ""
+        raise ValueError(f"{where}: the checkpoint is of another model: {', '.join(diff)}{corpus}")
 
 
 def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: torch.device) -> None:

@@ -36,7 +36,15 @@ from ...lm import eval_batches, load_corpus
 from ..files import hold_folder, private_open
 from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
-from .build import build_model, check_memory, check_threads, evaluate, make_replicas
+from .build import (
+    architecture,
+    build_model,
+    check_architecture,
+    check_memory,
+    check_threads,
+    evaluate,
+    make_replicas,
+)
 from .config import TrainConfig
 from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
@@ -395,6 +403,7 @@ class Trainer:
             "step": step,
             "mode": self.cfg.run.mode,
             "replica_ids": list(self.replica_ids),
+            "architecture": architecture(self.replicas.models[0]),
             "replicas": self.replicas.state_dict(),
             "sync": self.sync.state_dict(),
             # what was sent so far: a resumed run's records count it (rounds in flight are
@@ -453,6 +462,7 @@ class Trainer:
                 f"{where}: the checkpoint is at step {step} and steps={steps}: nothing is left to "
                 f"train; give steps above {step} to train on"
             )
+        check_architecture(state.get("architecture"), self.replicas.models[0], where)
         try:
             self.replicas.load_state_dict(state["replicas"])
             self.sync.load_state_dict(state["sync"])

@@ -36,7 +36,7 @@ from ..elastic import (
 )
 from ..elastic.checkpoint import CHECKPOINT_NAME
 from ..hooks import FaultHooks
-from .build import Replicas
+from .build import Replicas, architecture, check_architecture
 from .config import TrainConfig
 from .sync import DiLoCoSync
 
@@ -131,6 +131,7 @@ class ElasticDiLoCo(DiLoCoSync):
         return {
             **self.snapshot(),
             "worker_id": self.worker_id,
+            "architecture": architecture(r.models[0]),
             "model": dict(r.models[0].state_dict()),
             "inner": r.opts[0].state_dict(),
             "sampler": r.samplers[0].state_dict(),
@@ -163,6 +164,8 @@ class ElasticDiLoCo(DiLoCoSync):
         ValueError here, before any record is written)."""
         if self.resume_state is not None:
             state = self.resume_state
+            where = f"resume={self.cfg.elastic.resume!r}"
+            check_architecture(state.get("architecture"), self.replicas.models[0], where)
             try:
                 self._restore(state, joiner=False)
                 self.replicas.models[0].load_state_dict(state["model"])
@@ -172,9 +175,8 @@ class ElasticDiLoCo(DiLoCoSync):
                     self.bytes_sent[0], self.rounds = int(sent["bytes"]), int(sent["rounds"])
                 self.steps_before = int(state.get("trained_steps", 0))
             except (RuntimeError, KeyError, TypeError) as e:  # another model's or a damaged state
-                raise ValueError(
-                    f"resume={self.cfg.elastic.resume!r}: the checkpoint does not fit this run: {e}"
-                ) from None
+                why = " ".join(str(e).split())[:400]  # torch's load errors span lines: one line here
+                raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
 
     def start(self) -> int:
         if self.resume_state is not None:
