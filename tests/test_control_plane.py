@@ -522,6 +522,25 @@ def test_hosts_and_names_are_checked_as_the_network_takes_them():
     assert valid_name("w0") and valid_name("h-1234") and not valid_name("a b") and not valid_name("x" * 129)
 
 
+def test_an_ipv6_endpoint_is_refused_by_name():
+    """The control plane's sockets are IPv4: a worker given tcp://[::1]:PORT connected and never
+    reached the coordinator (600 s, then 'no reply'); a coordinator's bind failed in its store
+    ('Name or service not known')."""
+    from lowcomm.runtime.net import check_endpoint
+    from lowcomm.runtime.trainer import TrainConfig
+
+    for endpoint in ("tcp://[::1]:29400", "tcp://::1:29400", "tcp://[fe80::1]:0"):
+        for bind in (False, True):
+            with pytest.raises(
+                ValueError, match=r"is not allowed: an IPv4 address or a host name: the control"
+            ):
+                check_endpoint(endpoint, "coordinator", "tcp://host:29400", bind=bind)
+    assert check_endpoint("tcp://127.0.0.1:29400", "coordinator", "") == "tcp://127.0.0.1:29400"
+    assert check_endpoint("tcp://node-1:29400", "coordinator", "") == "tcp://node-1:29400"
+    with pytest.raises(ValueError, match=r"coordinator='tcp://\[::1\]:29400' is not allowed: an IPv4"):
+        TrainConfig.from_flat(coordinator="tcp://[::1]:29400")
+
+
 def test_coordinator_and_status_settings_are_refused_by_name_before_any_socket(monkeypatch, capsys):
     """A quorum setting is refused before the coordinator binds (the port here is taken: a bind
     first would be refused for that instead), in the flags' words; so are a status --timeout that

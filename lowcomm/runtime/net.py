@@ -30,11 +30,23 @@ def valid_host(v: str) -> bool:
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        return (
+            ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host).version
+            == 6
+        )
+    except ValueError:
+        return False
+
+
 def check_endpoint(value, name: str, example: str, *, bind: bool = False) -> str:
     """``value`` if it is a ZeroMQ TCP endpoint ``tcp://HOST:PORT`` (PORT 1-65535; binding, also 0:
     a free port), else ValueError naming the setting, the value and what is allowed."""
     text = value[6:] if isinstance(value, str) and value.startswith("tcp://") else ""
     host, sep, port = text.rpartition(":")
+    if _is_ipv6(host):  # a worker's socket connected and never reached it; a coordinator's failed
+        raise refuse(name, value, "an IPv4 address or a host name: the control plane is IPv4 only")
     ok_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
     # binding, ZeroMQ also takes '*' and an interface's name; connecting, a host
     ok_host = valid_name(host, 255) if bind else valid_host(host)

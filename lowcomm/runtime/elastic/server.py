@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 
-from ..._checks import refuse
+from ..._checks import is_int, refuse
 from ..._compat import listen_fd_store_kwargs, require
 from ..net import check_endpoint, valid_host
 from .membership import Deadline
@@ -84,7 +84,7 @@ class Coordinator:
     ):
         if not isinstance(job, str) or not valid_name(job, 64):
             raise ValueError(f"job={job!r} is not allowed: printable ASCII without spaces, 1..64 characters")
-        if isinstance(max_senders, bool) or not isinstance(max_senders, int) or max_senders < MIN_SENDERS:
+        if not is_int(max_senders, MIN_SENDERS):
             raise ValueError(
                 f"max_senders={max_senders!r} is not allowed: an integer >= {MIN_SENDERS} (two senders "
                 f"for each of the {MAX_MEMBERS} members a job takes, and room for status clients)"
