@@ -221,6 +221,8 @@ def test_custom_fragments_from_names_and_modules():
         DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[[m], [m.ln_f]])
     with pytest.raises(ValueError, match="neither a trainable parameter nor a module"):
         DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[["nope.weight"]])
+    with pytest.raises(ValueError, match=r"^fragments=\[\] is not allowed: a count >= 1, or one list"):
+        DiLoCo(m, opts[0], groups[0], sync_every=4, fragments=[])  # it was named 'fragments=0'
 
 
 def _run(dil, models, opts, steps):

@@ -111,6 +111,8 @@ class DiLoCoConfig:
             raise refuse("fragments", self.fragments, "a count, or lists of parameter names or modules")
         if isinstance(self.fragments, int) and self.fragments < 1:
             raise refuse("fragments", self.fragments, "an int >= 1")
+        if not isinstance(self.fragments, int) and not self.fragments:  # (it was named 'fragments=0')
+            raise refuse("fragments", self.fragments, "a count >= 1, or one list of names or modules or more")
         for i, frag in enumerate(() if isinstance(self.fragments, int) else self.fragments):
             if not isinstance(frag, (list, tuple)):  # (a name alone would be taken letter by letter)
                 raise refuse(
