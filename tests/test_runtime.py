@@ -209,6 +209,39 @@ def test_demo_runs_three_runs_on_equal_tokens_and_prints_their_table(tmp_path, c
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot in {plot.resolve()}" in table
 
 
+def test_demo_replaces_only_its_own_runs(tmp_path, capsys, monkeypatch):
+    """`lowcomm demo --out runs` replaced a run of the user's at runs/dp; a folder the demo did
+    not write (no demo.json) is refused, nothing replaced; its own folder it takes again."""
+    from lowcomm.runtime import cli
+
+    ran = []
+    monkeypatch.setattr("lowcomm.runtime.trainer.train", lambda cfg, progress: ran.append(cfg) or 1 / 0)
+    mine = tmp_path / "runs" / "dp"
+    mine.mkdir(parents=True)
+    (mine / "summary.json").write_text("{}")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "loss.png").write_bytes(b"mine")
+    for out, held in ((tmp_path / "runs", "dp"), (tmp_path / "plots", "loss.png")):
+        assert cli.main(["demo", "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"lowcomm: error: out='{out}' is not allowed: a folder of lowcomm demo's or a new one: it "
+            f"holds {held}, which no demo wrote (no demo.json); nothing was replaced"
+        ]
+        assert not (out / "demo.json").exists()
+    assert (mine / "summary.json").read_text() == "{}" and not ran
+    # an empty run folder is no record; a folder with demo.json is the demo's, and it starts there
+    (tmp_path / "empty" / "dp").mkdir(parents=True)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "demo.json").write_text("{}")
+    (tmp_path / "own" / "loss.png").write_bytes(b"an earlier demo's")
+    for out in ("empty", "own"):
+        with pytest.raises(ZeroDivisionError):  # the stand-in for its first run
+            cli.main(["demo", "--out", str(tmp_path / out), "--quiet"])
+        assert json.loads((tmp_path / out / "demo.json").read_text())["runs"] == ["dp", "diloco", "streaming"]
+    assert len(ran) == 2
+
+
 def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "lowcomm", "train", "--corpus", corpus_dir, "--quiet"]

@@ -23,6 +23,7 @@ from .._checks import refuse
 from .._compat import MissingExtra
 from .._version import __version__
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
+from .files import check_folder
 from .forkserver import START_METHODS
 from .trainer.records import human_bytes
 
@@ -321,7 +322,8 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     d.add_argument(
         "--out",
         default="runs/demo",
-        help="parent folder of the three run directories and loss.png (replaced on each run)",
+        help="parent folder of the three run directories and loss.png (a demo's are replaced on each run; "
+        "a folder holding other runs is refused)",
     )
     d.add_argument(
         "--threads",
@@ -381,13 +383,18 @@ def demo_configs(
         threads=threads,
         overwrite=True,  # the demo's own folders, replaced on every run (documented in its --help)
     )
-    return {
+    runs = {
         "dp": base.replace(mode="dp", run_dir=f"{out}/dp"),
         "diloco": base.replace(mode="diloco", fragments=1, overlap=0, codec="fp32", run_dir=f"{out}/diloco"),
         "streaming": base.replace(
             mode="diloco", fragments=4, overlap=1, codec="e3m0", alpha=0.5, run_dir=f"{out}/streaming"
         ),
     }
+    return runs
+
+
+#: the demo's runs, each in the folder of its name
+DEMO_RUNS = ("dp", "diloco", "streaming")
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool = False) -> list[str]:
@@ -731,10 +738,42 @@ def _chaos(args: argparse.Namespace) -> int:
     return ExitCode.OK if r["data_lost"] == 0 else ExitCode.FAILED
 
 
+#: the file that marks a folder as ``lowcomm demo``'s, whose runs a later demo replaces
+DEMO_MARK = "demo.json"
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse an ``out`` that holds runs or a plot lowcomm demo did not write: ``--out runs``
+    replaced a run of the user's at runs/dp. Its own (``DEMO_MARK`` beside them) it replaces.
+
+    Raises:
+        ValueError: naming the folder and what it holds; nothing is replaced.
+    """
+    check_folder("out", out)
+    if (out / DEMO_MARK).is_file():
+        return
+    held = [
+        n
+        for n in (*DEMO_RUNS, "loss.png")
+        if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))
+    ]
+    if held:
+        raise refuse(
+            "out",
+            str(out),
+            f"a folder of lowcomm demo's or a new one: it holds {', '.join(held)}, which no demo wrote "
+            f"(no {DEMO_MARK}); nothing was replaced",
+        )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .trainer import train
 
     cfgs = demo_configs(args.steps, args.replicas, args.out, args.threads)
+    out = Path(args.out)
+    check_demo_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text(json.dumps({"written_by": "lowcomm demo", "runs": list(cfgs)}) + "\n")
     summaries = {}
     for name, cfg in cfgs.items():
         print(f"[{name}] {cfg.run.run_dir}", file=sys.stderr, flush=True)
