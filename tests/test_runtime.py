@@ -230,16 +230,30 @@ def test_demo_replaces_only_its_own_runs(tmp_path, capsys, monkeypatch):
         ]
         assert not (out / "demo.json").exists()
     assert (mine / "summary.json").read_text() == "{}" and not ran
-    # an empty run folder is no record; a folder with demo.json is the demo's, and it starts there
+    # a run of other settings in the demo's place is not the demo's either
+    other = tmp_path / "other"
+    for name, cfg in cli.demo_configs(out=str(other)).items():
+        (other / name).mkdir(parents=True)
+        flat = cfg.flat() if name != "streaming" else cfg.replace(codec="int8").flat()
+        (other / name / "config.json").write_text(json.dumps(flat))
+    assert cli.main(["demo", "--out", str(other), "--quiet"]) == 2
+    assert "it holds dp, diloco, streaming, which no demo wrote" in capsys.readouterr().err
+    # an empty run folder is no record; a folder with demo.json is the demo's, and so is one whose
+    # runs have the demo's settings (an earlier lowcomm's demo wrote no demo.json): it starts there
     (tmp_path / "empty" / "dp").mkdir(parents=True)
     (tmp_path / "own").mkdir()
     (tmp_path / "own" / "demo.json").write_text("{}")
     (tmp_path / "own" / "loss.png").write_bytes(b"an earlier demo's")
-    for out in ("empty", "own"):
+    older = tmp_path / "older"
+    for name, cfg in cli.demo_configs(steps=100, replicas=2, out=str(older)).items():
+        (older / name).mkdir(parents=True)
+        (older / name / "config.json").write_text(json.dumps(cfg.flat()))
+    (older / "loss.png").write_bytes(b"an earlier demo's")
+    for out in ("empty", "own", "older"):
         with pytest.raises(ZeroDivisionError):  # the stand-in for its first run
             cli.main(["demo", "--out", str(tmp_path / out), "--quiet"])
         assert json.loads((tmp_path / out / "demo.json").read_text())["runs"] == ["dp", "diloco", "streaming"]
-    assert len(ran) == 2
+    assert len(ran) == 3
 
 
 def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):

@@ -383,18 +383,13 @@ def demo_configs(
         threads=threads,
         overwrite=True,  # the demo's own folders, replaced on every run (documented in its --help)
     )
-    runs = {
+    return {
         "dp": base.replace(mode="dp", run_dir=f"{out}/dp"),
         "diloco": base.replace(mode="diloco", fragments=1, overlap=0, codec="fp32", run_dir=f"{out}/diloco"),
         "streaming": base.replace(
             mode="diloco", fragments=4, overlap=1, codec="e3m0", alpha=0.5, run_dir=f"{out}/streaming"
         ),
     }
-    return runs
-
-
-#: the demo's runs, each in the folder of its name
-DEMO_RUNS = ("dp", "diloco", "streaming")
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool = False) -> list[str]:
@@ -742,9 +737,10 @@ def _chaos(args: argparse.Namespace) -> int:
 DEMO_MARK = "demo.json"
 
 
-def check_demo_out(out: Path) -> None:
+def check_demo_out(out: Path, cfgs: dict[str, TrainConfig]) -> None:
     """Refuse an ``out`` that holds runs or a plot lowcomm demo did not write: ``--out runs``
-    replaced a run of the user's at runs/dp. Its own (``DEMO_MARK`` beside them) it replaces.
+    replaced a run of the user's at runs/dp. Its own it replaces: a folder with ``DEMO_MARK``, or
+    (an earlier lowcomm wrote no mark) whose runs are the demo's settings in their folders.
 
     Raises:
         ValueError: naming the folder and what it holds; nothing is replaced.
@@ -752,12 +748,9 @@ def check_demo_out(out: Path) -> None:
     check_folder("out", out)
     if (out / DEMO_MARK).is_file():
         return
-    held = [
-        n
-        for n in (*DEMO_RUNS, "loss.png")
-        if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))
-    ]
-    if held:
+    held = [n for n in (*cfgs, "loss.png") if (out / n).exists() and not _empty_folder(out / n)]
+    runs = [n for n in held if n in cfgs]
+    if held and not (runs and all(_a_demo_run(out / n, cfgs[n]) for n in runs)):
         raise refuse(
             "out",
             str(out),
@@ -766,12 +759,31 @@ def check_demo_out(out: Path) -> None:
         )
 
 
+def _empty_folder(p: Path) -> bool:
+    return p.is_dir() and not any(p.iterdir())
+
+
+#: what tells a demo's run from another: the settings the demo sets, as its config.json has them
+_DEMO_KEYS = ("mode", "model_dim", "layers", "heads", "seq_len", "batch_size", "eval_every", "eval_batches")
+
+
+def _a_demo_run(folder: Path, cfg: TrainConfig) -> bool:
+    """Whether ``folder`` holds a run of the demo's settings for it (an earlier lowcomm's demo)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    want = cfg.flat()
+    keys = (*_DEMO_KEYS, "fragments", "overlap", "codec") if cfg.run.mode == "diloco" else _DEMO_KEYS
+    return isinstance(saved, dict) and all(saved.get(k) == want[k] for k in keys)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .trainer import train
 
     cfgs = demo_configs(args.steps, args.replicas, args.out, args.threads)
     out = Path(args.out)
-    check_demo_out(out)
+    check_demo_out(out, cfgs)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text(json.dumps({"written_by": "lowcomm demo", "runs": list(cfgs)}) + "\n")
     summaries = {}
