@@ -593,6 +593,14 @@ def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_p
                 FaultPlan(0, []), args["replicas"], tmp_path / "out", args["flags"], args["timeout"]
             )
     assert not (tmp_path / "out").exists()
+    # an earlier run's folder: its workers were refused their run directories, and the report
+    # written over the earlier one said every worker's data was lost
+    (tmp_path / "earlier" / "chaos").mkdir(parents=True)
+    (tmp_path / "earlier" / "chaos" / "w0").mkdir()
+    (tmp_path / "earlier" / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds an earlier run \(chaos/\): choose another --out"):
+        chaos.run_chaos(FaultPlan(0, []), 2, tmp_path / "earlier", ["--steps", "30"], 60.0)
+    assert (tmp_path / "earlier" / "report.json").read_text() == "{}"
     # a plan is checked against the steps the flags give, in either spelling
     plan = FaultPlan.from_dict(
         {"seed": 0, "faults": [{"kind": "kill", "target": "worker:w1", "at_step": 40}]}

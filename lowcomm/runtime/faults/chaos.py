@@ -16,6 +16,9 @@ lasting fault such as a partition or a slow link, the faulted worker's first rou
 ended), rounds redone and contributions excluded (:mod:`lowcomm.runtime.faults.report`).
 ``data_lost`` counts finished workers whose global parameters differ from the others' plus
 workers that never finished: it must be 0.
+
+Nothing of an earlier run is replaced: an ``--out`` whose ``reference/`` or ``chaos/`` holds files
+is refused in one line, as ``--static`` does.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
 from ..forkserver import check_procs, check_start
 from .plan import FaultPlan
-from .report import eval_curve, fault_entries, markdown, plot, why_no_plot
+from .report import check_out, eval_curve, fault_entries, markdown, plot, why_no_plot
 
 __all__ = ["run_chaos", "JobRun"]
 
@@ -216,6 +219,7 @@ def run_chaos(
         raise refuse("timeout", timeout, "a finite number of seconds > 0")
     check_start(start)
     out = Path(out)
+    check_out(out)
     names = [f"w{i}" for i in range(replicas)]
     # the workers' flags and the plan are refused before anything starts (a bad flag made every
     # worker exit 2 in both runs, reported as four workers' data lost)

@@ -13,6 +13,19 @@ from pathlib import Path
 from ..._compat import MissingExtra, pyplot
 from ..files import read_jsonl
 
+
+def check_out(out: Path) -> None:
+    """Refuse (ValueError, one line) an ``out`` whose ``reference/`` or ``chaos/`` holds files: an
+    earlier chaos run's, which a new one would not replace (its workers would be refused their
+    run directories, and its report written over the earlier one, every worker's data 'lost')."""
+    for run in ("reference", "chaos"):
+        if (out / run).is_dir() and any((out / run).iterdir()):
+            raise ValueError(
+                f"--out {out} holds an earlier run ({run}/): choose another --out or remove it (nothing was "
+                "replaced)"
+            )
+
+
 __all__ = ["evidence", "fault_entry", "fault_entries", "eval_curve", "plot", "markdown"]
 
 

@@ -35,7 +35,7 @@ from ..errors import ExitCode
 from ..files import read_jsonl
 from ..forkserver import check_procs, check_start
 from .plan import FaultPlan
-from .report import eval_curve, plot, why_no_plot
+from .report import check_out, eval_curve, plot, why_no_plot
 
 __all__ = ["run_static_chaos"]
 
@@ -80,12 +80,7 @@ def run_static_chaos(
     world = replicas * procs_per_replica
     plan = plan.check_static(world, procs_per_replica, cfg.run.steps)
     out = Path(out)
-    for run in ("reference", "chaos"):
-        if (out / run).is_dir() and any((out / run).iterdir()):
-            raise ValueError(
-                f"--out {out} holds an earlier run ({run}/): choose another --out or remove it (nothing was "
-                "replaced)"
-            )
+    check_out(out)
     if not cfg.elastic.checkpoint_every and any(f.kind == "kill" for f in plan.faults):
         log.warning("no --checkpoint-every: a job restarted after a kill starts again from step 0")
     no_plot = why_no_plot()
