@@ -53,7 +53,9 @@ def main() -> None:
     group = replica_group()  # DiLoCo: this process's replica; the Trainer then sees one process
     out = os.path.join(args.out, f"replica{group.rank}")  # DiLoCo: a folder per replica
     set_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    config = GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     model = GPT2LMHeadModel(config)
     training = TrainingArguments(
         output_dir=out,
