@@ -114,6 +114,20 @@ def test_bad_arguments_are_rejected():
     for n in (0, True, 2.0):  # a bool is not a count (True made one replica)
         with pytest.raises(ValueError, match=f"num_replicas must be an int >= 1, got {n!r}"):
             LocalGroup.create(n)
+    from lowcomm.comm import DistributedGroup
+
+    pg = object()  # (refused before it is used)
+    for kw, match in [
+        (dict(timeout=float("nan")), r"^timeout=nan is not allowed: a finite number of seconds > 0, or None"),
+        (dict(timeout=-1), r"^timeout=-1 is not allowed"),
+        # the key is not shown
+        (dict(guard="0123456789abcdef0123"), r"^guard must be the job key as bytes, at least 16; got a str$"),
+        (dict(guard=b"short"), r"^guard must be the job key as bytes, at least 16; got 5 bytes$"),
+        (dict(rank=2, size=2), r"^rank=2 and size=2 are not allowed: ints, 0 <= rank < size$"),
+        (dict(rank=-1, size=2), r"^rank=-1 and size=2 are not allowed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DistributedGroup(pg, **kw)
 
 
 @pytest.mark.parametrize("name", CODECS)

@@ -39,6 +39,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from .._checks import is_int, is_number, refuse
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work, out_of_step
 from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
@@ -399,10 +400,17 @@ class DistributedGroup(ReplicaGroup):
         # a process group built directly (ProcessGroupGloo(store, rank, size, ...), as the elastic
         # runtime does for every generation) is not registered with torch.distributed: it is used
         # through its own methods and needs ``rank`` and ``size``
+        if timeout is not None and not (is_number(timeout) and timeout > 0):  # nan: a wait's arithmetic
+            raise refuse("timeout", timeout, "a finite number of seconds > 0, or None (no limit)")
+        if guard is not None and not (isinstance(guard, bytes) and len(guard) >= 16):  # (not shown: a key)
+            what = f"{len(guard)} bytes" if isinstance(guard, bytes) else f"a {type(guard).__name__}"
+            raise ValueError(f"guard must be the job key as bytes, at least 16; got {what}")
         self._raw = rank is not None
         if self._raw:
             if process_group is None or size is None:
                 raise ValueError("a directly built process group needs process_group, rank and size")
+            if not (is_int(size, 1) and is_int(rank, 0) and rank < size):
+                raise ValueError(f"rank={rank!r} and size={size!r} are not allowed: ints, 0 <= rank < size")
             self.pg, self._rank, self._size = process_group, rank, size
             self.backend = "nccl" if "nccl" in type(process_group).__name__.lower() else "gloo"
         else:
