@@ -2,9 +2,10 @@
 it is refused by."""
 
 import math
+import os
 from typing import Any
 
-__all__ = ["is_int", "is_number", "refuse"]
+__all__ = ["env_int", "is_int", "is_number", "refuse"]
 
 
 def refuse(name: str, value: Any, allowed: str) -> ValueError:
@@ -20,3 +21,20 @@ def is_int(v: Any, lo: int | None = None) -> bool:
 def is_number(v: Any) -> bool:
     """``v`` is a finite int or float (a bool is not one)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def env_int(name: str, default: int | None = None) -> int:
+    """An integer from the environment (a launcher's RANK, WORLD_SIZE, ...): ``default`` where it is
+    unset. Raises RuntimeError where it is unset without a default (a job not started by a
+    launcher), ValueError where it is not an integer, each naming the variable."""
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise RuntimeError(
+                f"environment variable {name} is not set: start the job with torchrun or lowcomm launch"
+            )
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None

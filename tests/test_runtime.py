@@ -428,6 +428,30 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+def test_a_launchers_variables_that_make_no_job_are_refused_by_name(
+    tmp_path, corpus_dir, capsys, monkeypatch
+):
+    """WORLD_SIZE=abc ended in "invalid literal for int()" naming no variable; RANK=5 of 2 waited
+    for a rendezvous it has no place in, until killed."""
+    from lowcomm.runtime.cli import main
+
+    base = ["train", "--corpus", corpus_dir, "--quiet", "--steps", "2", *TINY_FLAGS]
+    cases = [
+        (dict(WORLD_SIZE="abc", RANK="0"), "environment variable WORLD_SIZE='abc' is not an integer"),
+        (dict(WORLD_SIZE="2", RANK="x"), "environment variable RANK='x' is not an integer"),
+        (
+            dict(WORLD_SIZE="2", RANK="5", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+            "environment variables RANK=5 and WORLD_SIZE=2 are not allowed: 0 <= RANK < WORLD_SIZE",
+        ),
+    ]
+    for i, (env, match) in enumerate(cases):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main([*base, "--run-dir", str(tmp_path / f"r{i}")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"lowcomm: error: {match}"]
+        assert not (tmp_path / f"r{i}").exists()
+
+
 def test_a_run_directory_in_use_by_another_run_is_refused_and_left_as_it_was(tmp_path, corpus_dir, capsys):
     """The same command started twice (--overwrite or --resume, or both into an empty folder): the
     second run wrote its records and checkpoints between the first's. A run holds its directory

@@ -25,7 +25,6 @@ import atexit
 import gc
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -39,7 +38,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .._checks import is_int, is_number, refuse
+from .._checks import env_int, is_int, is_number, refuse
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work, out_of_step
 from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
@@ -71,24 +70,7 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def env_int(name: str, default: int | None = None) -> int:
-    """An integer from the environment (a launcher's RANK, WORLD_SIZE, ...): ``default`` where it is
-    unset. Raises RuntimeError where it is unset without a default (a job not started by a
-    launcher), ValueError where it is not an integer, each naming the variable."""
-    text = os.environ.get(name)
-    if text is None:
-        if default is None:
-            raise RuntimeError(
-                f"environment variable {name} is not set: start the job with torchrun or lowcomm launch"
-            )
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+    return env_int("WORLD_SIZE", 1) > 1
 
 
 def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):
@@ -117,7 +99,7 @@ def local_gpu_index() -> int | None:
     count = torch.cuda.device_count() if is_distributed_env() else 0
     if not count:
         return None
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) % count
+    return env_int("LOCAL_RANK", env_int("RANK", 0)) % count
 
 
 def parse_bandwidth(text: str) -> float:

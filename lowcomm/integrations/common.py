@@ -9,8 +9,8 @@ import logging
 import os
 from datetime import timedelta
 
+from .._checks import env_int
 from ..comm import LocalGroup, ReplicaGroup
-from ..comm.distributed import env_int
 from ..optim import DiLoCoConfig
 
 __all__ = [

@@ -19,7 +19,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .._checks import refuse
+from .._checks import env_int, refuse
 from .._compat import MissingExtra
 from .._version import __version__
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
@@ -626,7 +626,7 @@ def _train(args: argparse.Namespace) -> int:
             # (the records are closed; a gloo thread may still wait on the peer: leave at once)
             print(f"lowcomm: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
             _leave_now(ExitCode.FAILED)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_int("RANK", 0) == 0:
             print(format_comparison({cfg.run.mode: s}))
             print(f"records in {Path(cfg.run.run_dir).resolve()}")
         if _process_group_alive():  # a finished job: every peer is past its last collective
@@ -664,7 +664,7 @@ def _train(args: argparse.Namespace) -> int:
 def _interrupted(cfg) -> None:
     """Ctrl-C during training: one line, not a traceback, and the exit code 130. The records written
     so far stay (they are appended as the run goes; an unfinished run has no summary.json)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         run_dir = Path(cfg.run.run_dir).resolve()
         again = (
             "; the same command with --resume auto continues from its last checkpoint"

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..._checks import env_int
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
@@ -102,7 +103,7 @@ class Trainer:
     def leader_by_env(self) -> bool:
         """Whether this process writes the records, known before any process group exists (rank 0
         of a torchrun job, or any other process)."""
-        return self.topology.is_leader if self.topology is not None else int(os.environ.get("RANK", "0")) == 0
+        return self.topology.is_leader if self.topology is not None else env_int("RANK", 0) == 0
 
     def _record(self, kind: str, **fields: Any) -> None:
         """The run's event log (handed to parts built before the recorder opens)."""

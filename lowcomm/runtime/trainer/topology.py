@@ -101,6 +101,11 @@ def init_from_torchrun(
         ValueError: k does not divide the world size.
     """
     rank, world = env_int("RANK"), env_int("WORLD_SIZE")
+    if not 0 <= rank < world:  # a rank past the world waited for a rendezvous it has no place in
+        raise ValueError(
+            f"environment variables RANK={rank} and WORLD_SIZE={world} are not allowed: "
+            "0 <= RANK < WORLD_SIZE"
+        )
     k = procs_per_replica or env_int("LOWCOMM_PROCS_PER_REPLICA", 1)
     if k < 1 or world % k:
         raise ValueError(f"procs_per_replica={k} must be >= 1 and divide WORLD_SIZE={world}")
