@@ -428,6 +428,13 @@ def test_a_worker_whose_coordinator_never_answers_gives_up_after_its_timeout():
     agent.close(leave=False)
     with pytest.raises(ValueError, match="coordinator_timeout_s must be > 0"):
         WorkerAgent(endpoint, KEY, "w", coordinator_timeout_s=0)
+    # an address of another machine (TEST-NET-1): each round of the job failed in gloo ("Cannot
+    # resolve 192.0.2.1 to a (local) address") and was retried twice a second, every worker's, for ever
+    with pytest.raises(
+        ValueError, match=r"^advertise_addr='192.0.2.1' is not allowed: an address of this host"
+    ):
+        WorkerAgent(endpoint, KEY, "w", "192.0.2.1")
+    WorkerAgent(endpoint, KEY, "w", "127.0.0.1").close(leave=False)
 
 
 def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["address_toward", "free_port"]
+from .._checks import refuse
+
+__all__ = ["address_toward", "check_local_address", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,3 +28,13 @@ def address_toward(host: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return socket.gethostbyname(socket.gethostname())
+
+
+def check_local_address(name: str, host: str) -> None:
+    """Refuse (ValueError naming the setting ``name``) a ``host`` this machine cannot listen on:
+    an address of another machine, or a name that does not resolve."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((socket.gethostbyname(host), 0))
+    except OSError as e:
+        raise refuse(name, host, f"an address of this host ({e.strerror or e})") from None

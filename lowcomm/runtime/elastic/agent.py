@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...comm.group import CollectiveError
-from ...comm.net import address_toward
+from ...comm.net import address_toward, check_local_address
 from ..errors import CoordinatorError, CoordinatorLost, CoordinatorRefused, CoordinatorTimeout, NotRegistered
 from ..hooks import NO_FAULTS, FaultHooks
 from .client import CoordinatorClient
@@ -139,6 +139,8 @@ class WorkerAgent:
         self._waiting_since = time.monotonic()  # until the first reply
         self.endpoint, self.key, self.hooks = endpoint, key, hooks
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        if advertise_addr:  # another machine's: every round of the job failed, twice a second, for ever
+            check_local_address("advertise_addr", advertise_addr)
         self.advertise_addr = advertise_addr or default_advertise_addr(endpoint)
         self.heartbeat_s, self.pg_timeout_s, self.transfer_timeout_s = (
             heartbeat_s,
