@@ -542,7 +542,7 @@ def test_an_output_folder_under_a_file_is_refused_in_one_line_by_every_command(t
     assert "bootstrap=-5 is not allowed: an int >= 0" in capsys.readouterr().err
 
 
-def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(capsys):
+def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(capsys, monkeypatch):
     from lowcomm.runtime.cli import main
     from lowcomm.runtime.trainer.launch import launch
 
@@ -574,6 +574,27 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
             launch(**kw)
     assert main(["launch", "--port", "70000", "--replicas", "2", "--", "true"]) == 2
     assert "lowcomm: error: port=70000 is not allowed" in capsys.readouterr().err
+    # a port another socket listens on: rank 0's store failed in an EADDRINUSE traceback
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^port={port} is not allowed: a free TCP port, or 0 for one"):
+            launch(["true"], 2, port=port)
+        # torchrun's job (no launch to check it first): one line naming the rendezvous
+        from lowcomm.comm import CollectiveError
+        from lowcomm.runtime.trainer.topology import init_from_torchrun
+
+        env = dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with pytest.raises(
+                CollectiveError, match=rf"^the job's rendezvous at 127.0.0.1:{port} failed: .*in use"
+            ):
+                init_from_torchrun(timeout_s=10)
     assert launch(["true"], 2, port=0) == 0  # 0: a free port, as when none is given
     with pytest.raises(ValueError, match=r"max_restarts=-1 is not allowed: an int >= 0"):
         launch(["true"], 2, max_restarts=-1)

@@ -7,7 +7,7 @@ import socket
 
 from .._checks import refuse
 
-__all__ = ["address_toward", "check_local_address", "free_port"]
+__all__ = ["address_toward", "check_free_port", "check_local_address", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,3 +38,15 @@ def check_local_address(name: str, host: str) -> None:
             s.bind((socket.gethostbyname(host), 0))
     except OSError as e:
         raise refuse(name, host, f"an address of this host ({e.strerror or e})") from None
+
+
+def check_free_port(name: str, port: int, host: str = "127.0.0.1") -> None:
+    """Refuse (ValueError naming the setting ``name``) a ``port`` on ``host`` that another socket
+    holds: the rendezvous store listening there would fail."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store binds (TIME_WAIT is free)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            allowed = f"a free TCP port, or 0 for one (on {host}: {e.strerror or e})"
+            raise refuse(name, port, allowed) from None

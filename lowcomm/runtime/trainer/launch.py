@@ -28,7 +28,7 @@ import threading
 import time
 
 from ..._checks import is_int, refuse
-from ...comm.net import free_port
+from ...comm.net import check_free_port, free_port
 from .. import forkserver
 from ..errors import ExitCode
 
@@ -76,8 +76,10 @@ def launch(
             "e.g. lowcomm launch --replicas 2 -- lowcomm train ..."
         )
     forkserver.check_procs(replicas, procs_per_replica)  # --replicas 1e20 started processes until killed
-    if port is not None and not 0 <= port <= 65535:
+    if port is not None and not (is_int(port, 0) and port <= 65535):
         raise refuse("port", port, "a TCP port, 1-65535, or 0 for a free one (the default)")
+    if port:  # taken: rank 0's store failed in a traceback (EADDRINUSE) and the job with it
+        check_free_port("port", port)
     if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
     signals = _Signals()

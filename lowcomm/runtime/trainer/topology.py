@@ -12,6 +12,7 @@ The processes are started by torchrun, or on one machine by ``lowcomm launch``
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..._compat import dcp_group_coordinator
+from ...comm import CollectiveError
 from ...comm.distributed import (
     DistributedGroup,
     LinkEmulator,
@@ -118,7 +120,14 @@ def init_from_torchrun(
         torch.cuda.set_device(gpu)
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        try:
+            dist.init_process_group(
+                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+            )
+        except getattr(dist, "DistError", RuntimeError) as e:  # the rendezvous: one line, not a traceback
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            why = " ".join(str(e).split())[:300]
+            raise CollectiveError(f"the job's rendezvous at {where} failed: {why}") from None
         destroy_at_exit()  # ours: destroyed at exit if the script does not (it may end with no cleanup)
     M = world // k
     replica, local = divmod(rank, k)
