@@ -539,7 +539,9 @@ def test_an_output_folder_under_a_file_is_refused_in_one_line_by_every_command(t
         assert f"'{afile}' is a file, not a folder" in err[0], err
     assert afile.read_text() == "keep me"
     assert main(["scaling", "fit", str(tmp_path / "run"), "--bootstrap", "-5"]) == 2
-    assert "bootstrap=-5 is not allowed: an int >= 0" in capsys.readouterr().err
+    assert "bootstrap=-5 is not allowed: an int in [0, 10000]" in capsys.readouterr().err
+    assert main(["scaling", "fit", str(tmp_path / "run"), "--bootstrap", str(10**20)]) == 2  # ran for ever
+    assert f"bootstrap={10**20} is not allowed: an int in [0, 10000] (0: no" in capsys.readouterr().err
 
 
 def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(capsys, monkeypatch):

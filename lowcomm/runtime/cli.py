@@ -222,7 +222,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         f = ssub.add_parser(name, help=helptext)
         f.add_argument("runs", nargs="+", help="run directories, sweep folders or summary.json files")
         f.add_argument("--out", default=None, help="output folder (default: the first RUNS folder)")
-        f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200)")
+        f.add_argument("--bootstrap", type=int, default=200, help="resamples, 0-10000 (default 200)")
         f.add_argument("--title", default="Scaling report", help="title of the report and plots")
 
     co = sub.add_parser("coordinator", help="serve a job's membership (ZeroMQ, HMAC-signed msgpack)")
@@ -536,8 +536,10 @@ def _scaling(args: argparse.Namespace) -> int:
         for name, err in res["failed"]:
             print(f"  failed: {name}: {err}")
         return 1 if res["failed"] else 0
-    if args.bootstrap < 0:
-        raise ValueError(f"bootstrap={args.bootstrap} is not allowed: an int >= 0 (0: no intervals)")
+    if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:  # 1e20 ran for ever, with no sign of progress
+        raise ValueError(
+            f"bootstrap={args.bootstrap} is not allowed: an int in [0, {MAX_BOOTSTRAP}] (0: no intervals)"
+        )
     out = Path(args.out or (args.runs[0] if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent))
     check_folder("out", out)
     records, rejected = load_records(args.runs)
@@ -732,6 +734,9 @@ def _chaos(args: argparse.Namespace) -> int:
     )
     return ExitCode.OK if r["data_lost"] == 0 else ExitCode.FAILED
 
+
+#: the most bootstrap resamples ``lowcomm scaling fit/report`` take (about 15 ms each, every fit)
+MAX_BOOTSTRAP = 10_000
 
 #: the file that marks a folder as ``lowcomm demo``'s, whose runs a later demo replaces
 DEMO_MARK = "demo.json"
