@@ -421,6 +421,20 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         assert len(err) == 1 and match in err[0] and err[0].startswith("lowcomm: error:"), (match, err)
         assert _snapshot(run) == before, match  # nothing of the earlier run changed
     assert not any((tmp_path / f"n{i}").exists() for i in range(1, 8))
+    # --overwrite in a folder whose record-named files are no run's (a project's config.json,
+    # --run-dir .): they were written over
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name, text in (("config.json", '{"my": "settings"}'), ("events.jsonl", "not json\n")):
+        (proj / name).write_text(text)
+        assert main([*base, "--run-dir", str(proj), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"lowcomm: error: run_dir='{proj}' holds {name}, which no lowcomm run wrote; nothing was "
+            "changed: give the run a folder of its own"
+        ]
+        assert (proj / name).read_text() == text
+        (proj / name).unlink()
     with pytest.raises(SystemExit):
         main(["--log-level", "BOGUS", "keys"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err

@@ -75,6 +75,30 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool = False, continuing: b
             f"run_dir={str(run_dir)!r} already holds files ({shown}); nothing was changed: give a new "
             "--run-dir, --overwrite to replace its run (records and checkpoints), or --resume to continue it"
         )
+    # --overwrite replaces a run's records: a file of the same name that is no run's (a project's
+    # config.json, with --run-dir .) was written over
+    foreign = [n for n in RECORD_FILES if n in held and not _a_record(p / n)]
+    if foreign:
+        raise ValueError(
+            f"run_dir={str(run_dir)!r} holds {', '.join(foreign)}, which no lowcomm run wrote; nothing was "
+            "changed: give the run a folder of its own"
+        )
+
+
+def _a_record(path: Path) -> bool:
+    """Whether ``path`` (one of RECORD_FILES) reads as a run's: its JSON (or its first line's) has
+    the keys a run writes; an empty file has nothing to lose."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read() if path.suffix == ".json" else f.readline()
+        if not first.strip():
+            return True
+        obj = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    keys = {"config.json": ("lowcomm_version",), "summary.json": ("lowcomm_version",)}
+    keys |= {"events.jsonl": ("kind",), "eval.jsonl": ("step", "loss")}
+    return isinstance(obj, dict) and all(k in obj for k in keys[path.name])
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
