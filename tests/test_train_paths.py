@@ -1286,6 +1286,20 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_a
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             _run(tmp_path, corpus_dir, "r", **{**run, "steps": 12, **change, "resume": "auto"})
+    # another corpus's vocabulary, and a crafted checkpoint whose shape is no table
+    from lowcomm.lm import GPT, GPTConfig
+    from lowcomm.runtime.trainer.build import architecture, check_architecture
+
+    model = GPT(GPTConfig(vocab_size=32, seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(
+        ValueError, match=r"^x: .*another model: vocab_size=64 \(this run: 32\); vocab_size is the"
+    ):
+        check_architecture({**architecture(model), "vocab_size": 64}, model, "x")
+    with pytest.raises(
+        ValueError, match=r"^x: the checkpoint is of another model: model_dim=None \(this run: 16\)"
+    ):
+        check_architecture([1], model, "x")
+    check_architecture(architecture(model), model, "x")  # its own: no refusal
     # a checkpoint of an older lowcomm records no shape: torch's error, in one line
     from lowcomm.runtime.statefile import load_state, save_state
 

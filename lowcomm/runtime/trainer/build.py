@@ -69,6 +69,7 @@ def check_architecture(saved: dict | None, model: GPT, where: str) -> None:
     checkpoint of an older lowcomm, which recorded no shape (its load is left to say)."""
     if saved is None:
         return
+    saved = saved if isinstance(saved, dict) else {}  # (a crafted checkpoint's: nothing matches)
     now = architecture(model)
     diff = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in now.items() if saved.get(k) != v]
     if diff:
