@@ -384,9 +384,7 @@ class DistributedGroup(ReplicaGroup):
         # through its own methods and needs ``rank`` and ``size``
         if timeout is not None and not (is_number(timeout) and timeout > 0):  # nan: a wait's arithmetic
             raise refuse("timeout", timeout, "a finite number of seconds > 0, or None (no limit)")
-        if guard is not None and not (isinstance(guard, bytes) and len(guard) >= 16):  # (not shown: a key)
-            what = f"{len(guard)} bytes" if isinstance(guard, bytes) else f"a {type(guard).__name__}"
-            raise ValueError(f"guard must be the job key as bytes, at least 16; got {what}")
+        sealer = Sealer(guard, "guard") if guard is not None else None  # (a bad key refused first)
         self._raw = rank is not None
         if self._raw:
             if process_group is None or size is None:
@@ -405,7 +403,7 @@ class DistributedGroup(ReplicaGroup):
             self._size = dist.get_world_size(self.pg)
             self.backend = dist.get_backend(self.pg)
         self.store, self.link, self.timeout, self.name = store, link, timeout, name
-        self.guard = Sealer(guard) if guard is not None else None
+        self.guard = sealer
         self._seq = 0
         self._lock = threading.Lock()
         self._pool_: _CommThread | None = None

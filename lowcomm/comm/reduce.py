@@ -167,13 +167,15 @@ class Sealer:
 
     Args:
         key: the job's shared secret (at least 16 bytes).
+        name: what the key is called where it is refused (the caller's argument).
     """
 
     TAG = 16  # bytes of the truncated HMAC: 2^-128 for a forgery
 
-    def __init__(self, key: bytes) -> None:
-        if not isinstance(key, bytes) or len(key) < 16:
-            raise ValueError("a Sealer needs the job key (bytes, at least 16)")
+    def __init__(self, key: bytes, name: str = "key") -> None:
+        if not isinstance(key, bytes) or len(key) < 16:  # (the key is not shown)
+            what = f"{len(key)} bytes" if isinstance(key, bytes) else f"a {type(key).__name__}"
+            raise ValueError(f"{name} must be the job key as bytes, at least 16; got {what}")
         self._key = key
 
     def _tag(self, payload: torch.Tensor) -> bytes:

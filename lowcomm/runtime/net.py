@@ -17,27 +17,22 @@ def valid_name(v: str, limit: int = 128) -> bool:
     return 0 < len(v) <= limit and all("!" <= c <= "~" for c in v)
 
 
+def _ip_address(v: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``v`` as an IP address (IPv6 with or without brackets), or None if it is none."""
+    try:
+        return ipaddress.ip_address(v[1:-1] if v.startswith("[") and v.endswith("]") else v)
+    except ValueError:
+        return None
+
+
 def valid_host(v: str) -> bool:
     """An IP address (IPv6 with or without brackets) or a host name: dot-separated labels of
     letters, digits, '-' (not first or last) and '_' (outside RFC 1123, but /etc/hosts and
     container runtimes have them)."""
-    try:
-        ipaddress.ip_address(v[1:-1] if v.startswith("[") and v.endswith("]") else v)
+    if _ip_address(v) is not None:
         return True
-    except ValueError:
-        pass
     name = v[:-1] if v.endswith(".") else v
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return (
-            ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host).version
-            == 6
-        )
-    except ValueError:
-        return False
 
 
 def check_endpoint(value, name: str, example: str, *, bind: bool = False) -> str:
@@ -45,7 +40,8 @@ def check_endpoint(value, name: str, example: str, *, bind: bool = False) -> str
     a free port), else ValueError naming the setting, the value and what is allowed."""
     text = value[6:] if isinstance(value, str) and value.startswith("tcp://") else ""
     host, sep, port = text.rpartition(":")
-    if _is_ipv6(host):  # a worker's socket connected and never reached it; a coordinator's failed
+    ip = _ip_address(host)
+    if ip is not None and ip.version == 6:  # a worker's socket connected and never reached it
         raise refuse(name, value, "an IPv4 address or a host name: the control plane is IPv4 only")
     ok_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
     # binding, ZeroMQ also takes '*' and an interface's name; connecting, a host

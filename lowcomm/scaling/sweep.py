@@ -75,14 +75,13 @@ def resolve_size(size: str) -> tuple[str, int, int, int]:
         raise ValueError(
             f"model size {size!r} is neither a preset {sorted(SIZE_PRESETS)} nor a count > 0 like '100k'"
         )
-    best = min(SIZE_PRESETS, key=lambda k: abs(math.log(non_embedding_params(*SIZE_PRESETS[k][:2]) / target)))
-    n = non_embedding_params(*SIZE_PRESETS[best][:2])
-    if not n / 2 <= target <= 2 * n:  # '1e20' trained d256l8 and recorded it as the size asked for
-        counts = sorted(non_embedding_params(*v[:2]) for v in SIZE_PRESETS.values())
+    counts = {k: non_embedding_params(*v[:2]) for k, v in SIZE_PRESETS.items()}
+    best = min(counts, key=lambda k: abs(math.log(counts[k] / target)))
+    if not counts[best] / 2 <= target <= 2 * counts[best]:  # '1e20' trained d256l8, recorded as 1e20
         raise ValueError(
             f"model size {size!r} ({target:.3g} parameters) is more than 2x from every preset: a count "
-            f"stands for its nearest preset, and the presets hold {counts[0]:,} to {counts[-1]:,} "
-            "non-embedding parameters"
+            f"stands for its nearest preset, and the presets hold {min(counts.values()):,} to "
+            f"{max(counts.values()):,} non-embedding parameters"
         )
     return (best, *SIZE_PRESETS[best])
 

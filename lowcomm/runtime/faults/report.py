@@ -13,6 +13,8 @@ from pathlib import Path
 from ..._compat import MissingExtra, pyplot
 from ..files import read_jsonl
 
+__all__ = ["check_out", "evidence", "fault_entry", "fault_entries", "eval_curve", "plot", "markdown"]
+
 
 def check_out(out: Path) -> None:
     """Refuse (ValueError, one line) an ``out`` whose ``reference/`` or ``chaos/`` holds files: an
@@ -24,9 +26,6 @@ def check_out(out: Path) -> None:
                 f"--out {out} holds an earlier run ({run}/): choose another --out or remove it (nothing was "
                 "replaced)"
             )
-
-
-__all__ = ["evidence", "fault_entry", "fault_entries", "eval_curve", "plot", "markdown"]
 
 
 # which events show that a fault of each kind was noticed (see _evidence)

@@ -101,18 +101,12 @@ def check_memory(cfg: TrainConfig, vocab_size: int, replicas_here: int, device: 
     host = on_device if cpu else _free_memory(torch.device("cpu"))
     sizes = f"batch_size={B}, seq_len={T}, model_dim={d}, layers={L} with {replicas_here} replica(s) here"
     evals = f"eval_batches={cfg.run.eval_batches}"
-    fewer = "use smaller values or fewer replicas per process"
-    checks = [(sizes, need, on_device, device, fewer)]
-    # the validation windows: numpy's MemoryError in eval_batches, or its 'Maximum allowed size exceeded'
-    checks.append(
-        (
-            f"{evals} validation batches of batch_size={B}",
-            windows,
-            host,
-            "the host",
-            "use a smaller eval_batches",
-        )
-    )
+    fewer, fewer_evals = "use smaller values or fewer replicas per process", "use a smaller eval_batches"
+    checks = [
+        (sizes, need, on_device, device, fewer),
+        # the validation windows: numpy's MemoryError in eval_batches, or its 'Maximum allowed size exceeded'
+        (f"{evals} validation batches of batch_size={B}", windows, host, "the host", fewer_evals),
+    ]
     if cpu:
         checks.append((f"{sizes} and {evals}", need + windows, on_device, device, fewer))
     for what, bytes_, free, where, advice in checks:

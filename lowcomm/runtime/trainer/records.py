@@ -96,9 +96,16 @@ def _a_record(path: Path) -> bool:
         obj = json.loads(first)
     except (OSError, ValueError):
         return False
-    keys = {"config.json": ("lowcomm_version",), "summary.json": ("lowcomm_version",)}
-    keys |= {"events.jsonl": ("kind",), "eval.jsonl": ("step", "loss")}
-    return isinstance(obj, dict) and all(k in obj for k in keys[path.name])
+    return isinstance(obj, dict) and all(k in obj for k in _RECORD_KEYS[path.name])
+
+
+#: what each of RECORD_FILES holds, in its JSON or its first line, when a run wrote it
+_RECORD_KEYS = {
+    "config.json": ("lowcomm_version",),
+    "summary.json": ("lowcomm_version",),
+    "events.jsonl": ("kind",),
+    "eval.jsonl": ("step", "loss"),
+}
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
