@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -471,6 +472,85 @@ def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
     work = group.all_reduce_mean(torch.ones(8), get_codec("fp32"), "two_phase")
     with pytest.raises(ResyncRequired, match="committed without this worker's result"):
         work.wait()
+
+
+def test_only_failures_in_this_worker_itself_count_toward_giving_a_round_up():
+    """A round given up because its generation was aborted (a peer's failure) or because a peer
+    never entered it is the others' doing and is redone however often; an error raised in this
+    worker itself counts, a committed round resets the count, and after max_retries such
+    attempts in a row the round is given up with one line naming the last error."""
+    from lowcomm.comm.codecs import get_codec
+    from lowcomm.comm.group import CollectiveError
+    from lowcomm.runtime.elastic import ElasticGroup
+    from lowcomm.runtime.elastic.agent import Quorum
+    from lowcomm.runtime.elastic.gloo import Abandoned
+
+    class Agent:
+        worker_id, next_round = "w1", 0
+
+        def __init__(self, outcomes):
+            self.outcomes, self.records = list(outcomes), []
+
+        def quorum(self, rnd, cancel=None):
+            return Quorum(rnd, 1, 2, ("w0", "w1"), "127.0.0.1:1", 7, 1, "secret")
+
+        def is_aborted(self, gen):
+            return False
+
+        def commit(self, rnd, gen, ok, members, suspects):
+            return ok
+
+        def record(self, kind, **info):
+            self.records.append((kind, info))
+
+    class Group:  # one attempt's group: its reduce does what the agent's next outcome says
+        def __init__(self, agent):
+            self.agent = agent
+
+        def missing(self, seq):
+            return [0] if self.agent.last == "peer" else []
+
+    def make(outcomes, **kw):
+        agent = Agent(outcomes)
+        group = ElasticGroup(agent, **kw)
+        group._group_for = lambda q: Group(agent)
+
+        def reduce(g, job, q, stats, corrupt):
+            agent.last = agent.outcomes.pop(0)
+            if agent.last == "ok":
+                return job.buffer.clone(), job.buffer  # (mean, own contribution as sent)
+            if agent.last == "abort":
+                raise Abandoned("generation 7 was aborted")
+            raise RuntimeError("Cannot resolve 192.0.2.1 to a (local) address")  # "own" or "peer"
+
+        group._reduce = reduce
+        return agent, group
+
+    def mean(group):
+        return group.all_reduce_mean(torch.ones(8), get_codec("fp32"), "two_phase").wait()
+
+    # others' failures, however many, never give up the round; own ones in a row below the limit
+    agent, group = make(["abort"] * 5 + ["peer"] * 5 + ["own", "own", "abort", "ok"], max_retries=3)
+    assert torch.equal(mean(group), torch.ones(8)) and group.rounds_redone == 13
+    agent.outcomes += ["own", "own", "ok"]  # the count started again after the committed round
+    assert torch.equal(mean(group), torch.ones(8))
+    agent.outcomes += ["own", "abort", "own", "own", "ok"]
+    with pytest.raises(CollectiveError) as e:
+        mean(group)
+    assert str(e.value) == (
+        "round 2 failed in this worker 3 times in a row (max_retries=3), last: RuntimeError: Cannot "
+        "resolve 192.0.2.1 to a (local) address; leaving the job so the others go on without it"
+    )
+    assert agent.records[-1] == (
+        "gave_up",
+        {"round": 2, "attempts": 3, "reason": "Cannot resolve 192.0.2.1 to a (local) address"},
+    )
+    agent, group = make(["own"] * 12 + ["ok"], max_retries=0)  # 0: retried for ever
+    assert torch.equal(mean(group), torch.ones(8)) and group.rounds_redone == 12
+    never = r"max_retries must be an integer >= 0 \(0 = never give up\); got "
+    for bad in (-1, 2.5, True, "3", None):
+        with pytest.raises(ValueError, match=never + re.escape(repr(bad))):
+            ElasticGroup(Agent([]), max_retries=bad)
 
 
 def test_a_joiner_or_restarted_worker_starts_from_the_jobs_reduce_time_not_the_ceiling():

@@ -81,6 +81,8 @@ def test_dp_and_diloco_compare_on_equal_tokens(tmp_path, corpus_dir):
         (dict(mode="ddp"), "mode"),
         (dict(heads=3), "heads"),
         (dict(checkpoint_every=-1), "checkpoint_every=-1 is not allowed: an int >= 0"),
+        (dict(max_retries=-1), "max_retries=-1 is not allowed: an int >= 0"),
+        (dict(max_retries=2.5), "max_retries=2.5 is not allowed: an int >= 0"),
         (dict(coordinator_timeout=0), "coordinator_timeout=0 is not allowed: a number of seconds > 0"),
         (dict(coordinator="tcp://h:99999"), r"coordinator='tcp://h:99999' .* PORT 1-65535\)"),
         (dict(coordinator="tcp://h"), "coordinator='tcp://h' is not allowed: an endpoint like"),

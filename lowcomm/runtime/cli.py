@@ -650,7 +650,7 @@ def _train(args: argparse.Namespace) -> int:
     except (KeyRejected, ConfigurationRejected, ValueError, FileNotFoundError) as e:  # its own input
         print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE
-    except CoordinatorError as e:
+    except (CoordinatorError, CollectiveError) as e:  # (a round it failed --max-retries times)
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         _leave_now(ExitCode.FAILED)
     print(

@@ -11,6 +11,12 @@ survivor applies the same bits.
 
 Deadline of a round's reduce: ``clamp(10 x smoothed duration of the last successful ones,
 5 s, 120 s)``; gloo's own timeout (the agent's ``pg_timeout_s``) is only a backstop.
+
+A worker whose attempts fail in its own process (an error raised here that names no missing
+peer: it cannot build its gloo group, its codec fails) would have the whole job redo the round
+for ever, since the others find nothing missing to leave out. After ``max_retries`` such
+failures in a row (torchft's Manager has the same knob) it gives the round up with a
+CollectiveError and leaves the job, so the others go on without it.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from typing import Any
 
 import torch
 
+from ..._checks import is_int
 from ...comm.codecs import Codec
 from ...comm.distributed import DistributedGroup, LinkEmulator, alone
 from ...comm.group import CollectiveError, ReduceStats, ReplicaGroup, Work
 from ..hooks import NO_FAULTS, FaultHooks
 from .agent import Quorum, ResyncRequired, WorkerAgent
-from .gloo import make_gloo_group, run_guarded
+from .gloo import Abandoned, make_gloo_group, run_guarded
 
 __all__ = ["ElasticGroup", "ContributionDropped", "make_gloo_group"]
 
@@ -98,6 +105,9 @@ class ElasticGroup(ReplicaGroup):
         agent: this worker's membership in the job.
         link: emulate a slower network on the rounds.
         hooks: fault hooks (a round's nan, drop, corrupt, mid-round kill; the slow link).
+        max_retries: attempts of a round that fail in this worker itself, in a row, after which
+            it gives the round up (CollectiveError) rather than have the job redo it again;
+            0 = never give up.
 
     ``rank`` and ``size`` are those of the last round formed. The guarded reduce is two-phase:
     a ``method="all_gather"`` request is refused.
@@ -108,9 +118,16 @@ class ElasticGroup(ReplicaGroup):
     collective_ceiling_s = 120.0
 
     def __init__(
-        self, agent: WorkerAgent, link: LinkEmulator | None = None, hooks: FaultHooks = NO_FAULTS
+        self,
+        agent: WorkerAgent,
+        link: LinkEmulator | None = None,
+        hooks: FaultHooks = NO_FAULTS,
+        max_retries: int = 10,
     ) -> None:
-        self.agent, self.link, self.hooks = agent, link, hooks
+        if not is_int(max_retries, 0):
+            raise ValueError(f"max_retries must be an integer >= 0 (0 = never give up); got {max_retries!r}")
+        self.agent, self.link, self.hooks, self.max_retries = agent, link, hooks, max_retries
+        self._own_failures = 0  # attempts in a row that failed in this worker itself
         self._coll_s: float | None = None
         self._seq = 0
         self._session = 0
@@ -203,7 +220,7 @@ class ElasticGroup(ReplicaGroup):
             if q is None:
                 raise ResyncRequired("round dropped: this worker resynchronized")
             job.work.attempts += 1
-            result, suspects, group, stats = None, [], None, ReduceStats()
+            result, suspects, group, stats, own = None, [], None, ReduceStats(), None
             try:
                 action = hooks.collective_action(job.seq)
                 if action == "drop":
@@ -228,6 +245,8 @@ class ElasticGroup(ReplicaGroup):
                 )
                 if group is not None:
                     suspects = [q.members[r] for r in group.missing(job.seq)]
+                if not suspects and not isinstance(e, Abandoned):  # not given up on an abort or a peer
+                    own = e
             if result is None:
                 self._group = None
             if agent.commit(job.seq, q.generation, result is not None, q.members, suspects):
@@ -236,6 +255,7 @@ class ElasticGroup(ReplicaGroup):
                     # this worker lacks the round's mean (the ninth soak run: a TypeError)
                     raise ResyncRequired(f"round {job.seq} was committed without this worker's result")
                 self._rank, self._size = q.rank, q.world
+                self._own_failures = 0
                 job.work.members = list(q.members)
                 if stats.excluded:
                     agent.record(
@@ -250,6 +270,16 @@ class ElasticGroup(ReplicaGroup):
             agent.record(
                 "round_redone", round=job.seq, generation=q.generation, members=q.members, suspects=suspects
             )
+            if own is not None:
+                self._own_failures += 1
+                if self.max_retries and self._own_failures >= self.max_retries:
+                    why = " ".join(str(own).split())[:300]
+                    agent.record("gave_up", round=job.seq, attempts=self._own_failures, reason=why)
+                    raise CollectiveError(
+                        f"round {job.seq} failed in this worker {self._own_failures} times in a row "
+                        f"(max_retries={self.max_retries}), last: {type(own).__name__}: {why}; "
+                        "leaving the job so the others go on without it"
+                    )
 
     def _reduce(self, group: DistributedGroup, job: _Job, q: Quorum, stats: ReduceStats, corrupt: bool):
         """The guarded reduce of one attempt, given up as soon as its generation is aborted."""

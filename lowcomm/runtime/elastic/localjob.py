@@ -65,16 +65,18 @@ class LocalJob:
         self.workers: dict[str, subprocess.Popen | forkserver.Forked] = {}
         self.env = {**os.environ, "LOWCOMM_KEY": self.key, "PYTHONUNBUFFERED": "1"}
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str]):
-        """``python -m lowcomm ARGV`` as this job starts its processes, its output to
-        ``tmp/NAME-<ns>.log``."""
+    def _start(self, name: str, argv: list[str], env: dict[str, str], program: str | None = None):
+        """``python -m lowcomm ARGV`` (or ``python PROGRAM ARGV``) as this job starts its
+        processes, its output to ``tmp/NAME-<ns>.log``."""
         log = self.tmp / f"{name}-{time.time_ns()}.log"
         if self.start == "forkserver":
-            cmd = forkserver.PythonCommand("module", "lowcomm", tuple(argv))
+            cmd = forkserver.PythonCommand(
+                "module" if program is None else "path", program or "lowcomm", tuple(argv)
+            )
             return forkserver.start(cmd, env, log_path=str(log), preload=_PRELOAD)
         with open(log, "w") as out:  # (the child holds its own descriptor)
             return subprocess.Popen(
-                [sys.executable, "-m", "lowcomm", *argv],
+                [sys.executable, *(["-m", "lowcomm"] if program is None else [program]), *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -86,14 +88,21 @@ class LocalJob:
         self.coord = self._start("coordinator", argv, self.env)
 
     def start_worker(
-        self, wid: str, plan: dict | None = None, extra: list[str] = (), env: dict | None = None
+        self,
+        wid: str,
+        plan: dict | None = None,
+        extra: list[str] = (),
+        env: dict | None = None,
+        program: str | None = None,
     ):
+        """Start worker ``wid`` (``plan``: its fault plan; ``extra``: more train flags; ``program``:
+        a Python script run in place of ``python -m lowcomm``, taking the same arguments)."""
         e = dict(self.env, **(env or {}))
         if plan is not None:
             e["LOWCOMM_FAULTS"] = json.dumps(plan)
         argv = ["--log-level", "WARNING", "train", "--coordinator", self.endpoint, "--worker-id", wid]
         argv += ["--run-dir", str(self.run_dir(wid)), "--quiet", *self.flags, *extra]
-        self.workers[wid] = self._start(wid, argv, e)
+        self.workers[wid] = self._start(wid, argv, e, program)
         return self.workers[wid]
 
     def status(self) -> dict | None:

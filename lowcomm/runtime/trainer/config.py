@@ -365,6 +365,9 @@ class ElasticConfig:
             run_dir/checkpoint-rank<RANK>.lcs. Also without ``coordinator``.
         resume: a checkpoint to continue from, bit for bit ("auto" = this process's file in
             run_dir if it exists, else a fresh start; a job of several processes takes "auto").
+        max_retries: attempts of a round that fail in this worker itself (an error raised here
+            naming no missing peer), in a row, after which it leaves the job with an error so
+            the others go on without it (0 = retry for ever).
     """
 
     coordinator: str | None = None
@@ -375,6 +378,7 @@ class ElasticConfig:
     coordinator_timeout: float = 600.0
     checkpoint_every: int = 0
     resume: str | None = None
+    max_retries: int = 10
 
     def __post_init__(self) -> None:
         if self.coordinator is not None:
@@ -390,6 +394,7 @@ class ElasticConfig:
         _num(self, "heartbeat", lambda v: 0 < v <= 10, "a number of seconds in (0, 10]")
         _num(self, "coordinator_timeout", lambda v: v > 0, "a number of seconds > 0")
         _int(self, "checkpoint_every", 0)
+        _int(self, "max_retries", 0)
 
     @property
     def enabled(self) -> bool:

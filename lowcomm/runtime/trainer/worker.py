@@ -108,7 +108,8 @@ class ElasticDiLoCo(DiLoCoSync):
             record=record,
             hooks=hooks,
         )
-        self.group = ElasticGroup(self.agent, LinkEmulator.parse(cfg.link.bandwidth, cfg.link.latency), hooks)
+        link = LinkEmulator.parse(cfg.link.bandwidth, cfg.link.latency)
+        self.group = ElasticGroup(self.agent, link, hooks, max_retries=el.max_retries)
         super().__init__(replicas, [self.group], cfg)  # hands the fingerprint to the agent
         self.record, self.hooks, self.worker_id = record, hooks, worker_id
         self.diloco = self.dilocos[0]
