@@ -1,5 +1,6 @@
 """Scaling-law fits recover synthetic laws; reports render; a tiny sweep runs end to end."""
 
+import dataclasses
 import json
 import math
 import re
@@ -305,10 +306,37 @@ def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "train", real)
     again = run_sweep(spec, progress=False)
     assert again["skipped"] == 5 and again["done"] == 1 and not again["failed"]
+    # the same folder with another run setting: its finished runs are not this sweep's, so they are
+    # refused by name rather than skipped as if they were (sweep.json took the new spec before)
+    record = tmp_path / "sweep" / "sweep.json"
+    before = record.read_text()
+    with pytest.raises(
+        ValueError,
+        match=r"run d16l2/dp_lr0.002 was finished with steps=52, seq_len=16, warmup=5, "
+        r"this sweep gives it steps=103, seq_len=8, warmup=10; .*give another out$",
+    ):
+        run_sweep(dataclasses.replace(spec, seq_len=8), progress=False)
+    assert record.read_text() == before
+    # more H (or sizes, M, learning rates) extend it: only the new runs train, and sweep.json
+    # lists every run asked for, with the earlier spec kept
+    wider = dataclasses.replace(spec, sizes=("d16l2",), replicas=(2,), sync_every=(10,))
+    more = run_sweep(wider, progress=False)
+    assert more["runs"] == 2 and more["skipped"] == 1 and more["done"] == 1
+    kept = json.loads(record.read_text())
+    assert len(kept["runs"]) == 7 and kept["runs"][-1] == "d16l2/diloco_M2_H10_olr0.7_lr0.002"
+    assert kept["spec"]["sync_every"] == [10] and kept["earlier_specs"] == [json.loads(before)["spec"]]
     records, rejected = load_records([tmp_path / "sweep"])
-    assert len(records) == 6 and not rejected
+    assert len(records) == 7 and not rejected
     assert all(math.isfinite(r.loss) for r in records)
     assert write_report(records, tmp_path / "sweep", n_boot=10).exists()
+    # what cannot be checked, or a sweep.json lowcomm did not write, is refused and left as it is
+    (tmp_path / "sweep" / "d16l2" / "dp_lr0.002" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"run d16l2/dp_lr0.002 has a summary.json but no readable config"):
+        run_sweep(wider, progress=False)
+    record.write_text("my notes on the sweep")
+    with pytest.raises(ValueError, match=r"sweep.json' is not a sweep record lowcomm wrote .* left as it is"):
+        run_sweep(wider, progress=False)
+    assert record.read_text() == "my notes on the sweep"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,10 @@ split B/M across replicas).
 
 A sweep only produces configurations and runs them; the fits read the records afterwards. It is
 resumable (a run with a ``summary.json`` is skipped) and a failed run is recorded in
-``failed.json`` in its folder and does not stop the others.
+``failed.json`` in its folder and does not stop the others. Rerun with more sizes, M, H or
+learning rates it extends the grid; a finished run trained with other settings than the sweep
+now gives it (another seq_len, corpus, token budget) is refused by name, never skipped as if it
+were this sweep's. ``sweep.json`` lists every run the folder's sweeps asked for and each spec.
 
 References:
     Charles et al., "Scaling Laws for DiLoCo" (2025), section 3 (protocol).
@@ -229,10 +232,10 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     check_threads(spec.threads)
     for _, cfg in runs:
         check_memory(cfg, corpus.vocab_size, cfg.run.replicas, cfg.run.torch_device())
+    record = _sweep_record(spec, runs)  # both refuse before anything is written
+    _check_finished(spec, runs)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
-    (Path(spec.out) / "sweep.json").write_text(
-        json.dumps({"spec": spec.__dict__, "runs": [n for n, _ in runs]}, indent=2, default=list)
-    )
+    (Path(spec.out) / "sweep.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     done = skipped = 0
     failed: list[tuple[str, str]] = []
     t0 = time.time()
@@ -270,3 +273,65 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
         "failed": failed,
         "wall_seconds": time.time() - t0,
     }
+
+
+#: a finished run's settings that may differ from the sweep's without changing what it trained
+_NOT_COMPARED = ("threads", "overwrite", "run_dir")
+
+
+def _check_finished(spec: SweepSpec, runs: list[tuple[str, TrainConfig]]) -> None:
+    """Refuse (ValueError naming the run and its settings) a finished run of the folder that was
+    trained with other settings than this sweep gives it: skipped, it would stand in the records
+    for a run it is not. A setting its config.json lacks (an older lowcomm's) is not compared."""
+    for name, cfg in runs:
+        run_dir = Path(cfg.run.run_dir)
+        if not (run_dir / "summary.json").exists():
+            continue
+        try:
+            done = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            done = None
+        if not isinstance(done, dict):
+            raise ValueError(
+                f"out={spec.out!r}: run {name} has a summary.json but no readable config.json, so what "
+                "it trained cannot be checked against this sweep; move it aside, or give another out"
+            )
+        want = json.loads(json.dumps(cfg.flat(), default=list))
+        diff = [k for k in want if k not in _NOT_COMPARED and k in done and done[k] != want[k]]
+        if diff:
+            was = ", ".join(f"{k}={done[k]!r}" for k in diff[:4])
+            now = ", ".join(f"{k}={want[k]!r}" for k in diff[:4])
+            raise ValueError(
+                f"out={spec.out!r}: run {name} was finished with {was}, this sweep gives it {now}; "
+                "a sweep folder holds one set of run settings: rerun with the earlier ones to resume "
+                "or extend it, or give another out"
+            )
+
+
+def _sweep_record(spec: SweepSpec, runs: list[tuple[str, TrainConfig]]) -> dict:
+    """sweep.json's new content: every run the folder's sweeps asked for (earlier ones first) and
+    this spec, the earlier ones kept in ``earlier_specs``. A sweep.json lowcomm did not write is
+    refused (ValueError), not replaced."""
+    path = Path(spec.out) / "sweep.json"
+    spec_now = json.loads(json.dumps(spec.__dict__, default=list))
+    names = [n for n, _ in runs]
+    if not path.exists():
+        return {"spec": spec_now, "runs": names}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not (
+        isinstance(old, dict)
+        and isinstance(old.get("spec"), dict)
+        and isinstance(old.get("runs"), list)
+        and all(isinstance(n, str) for n in old["runs"])
+        and isinstance(old.get("earlier_specs", []), list)
+    ):
+        raise ValueError(
+            f"out={spec.out!r}: {str(path)!r} is not a sweep record lowcomm wrote (a JSON object "
+            "with 'spec' and 'runs'); it is left as it is: give another out"
+        )
+    earlier = [s for s in [*old.get("earlier_specs", []), old["spec"]] if s != spec_now]
+    record = {"spec": spec_now, "runs": old["runs"] + [n for n in names if n not in old["runs"]]}
+    return {**record, "earlier_specs": earlier} if earlier else record
