@@ -22,6 +22,7 @@ from lowcomm.scaling import (
     run_sweep,
     write_report,
 )
+from lowcomm.scaling.report import check_outputs
 
 N_GRID = np.repeat([1e4, 3e4, 1e5, 3e5, 1e6], 4)
 M_GRID = np.tile([1, 2, 4, 8], 5)
@@ -188,6 +189,37 @@ def test_report_renders_tables_fits_plots_and_findings(fixture_runs, tmp_path):
     assert findings["DiLoCo M=1 at or below DP at every N"] is True
     assert findings["loss rises with M at fixed N"] is True
     assert findings["the gap to DP shrinks as N grows (M > 1)"] is True
+    check_outputs(tmp_path / "report")  # a report's own files: written again by the next one
+
+
+def test_a_report_or_fit_never_replaces_a_file_it_did_not_write(fixture_runs, capsys):
+    """The report's folder defaults to the runs folder, where a user may keep a report.md of their
+    own: it was replaced. Files a report wrote are written again; others are refused by name,
+    before any fit, and left as they were."""
+    from lowcomm.runtime.cli import main
+
+    mine = fixture_runs / "report.md"
+    mine.write_text("# my notes on these runs\n")
+    assert main(["scaling", "report", str(fixture_runs), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"lowcomm: error: out={str(fixture_runs)!r} holds report.md not written by a lowcomm report, "
+        "which this one would replace: give another --out"
+    )
+    assert mine.read_text() == "# my notes on these runs\n" and not (fixture_runs / "fits.json").exists()
+    records, _ = load_records([fixture_runs])
+    with pytest.raises(ValueError, match="holds report.md not written by a lowcomm report"):
+        write_report(records, fixture_runs, n_boot=0)
+    (fixture_runs / "fits.json").write_text('{"mine": 1}')
+    (fixture_runs / "residuals.png").write_bytes(b"\x89PNG\r\n\x1a\n a plot of my own")
+    with pytest.raises(ValueError, match=r"holds report.md, fits.json, residuals.png not written"):
+        check_outputs(fixture_runs)
+    assert main(["scaling", "fit", str(fixture_runs), "--bootstrap", "0"]) == 2  # fit writes fits.json alone
+    assert "holds fits.json not written by a lowcomm report" in capsys.readouterr().err
+    (fixture_runs / "fits.json").unlink()
+    assert main(["scaling", "fit", str(fixture_runs), "--bootstrap", "0"]) == 0  # (report.md is not its)
+    check_outputs(fixture_runs, ("fits.json",))  # and what it wrote is a fit's
+    assert mine.read_text() == "# my notes on these runs\n"
 
 
 def test_a_single_model_size_is_reported_not_fitted(tmp_path):

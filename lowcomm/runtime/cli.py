@@ -508,6 +508,7 @@ def _csv(text: str, kind=float) -> tuple:
 
 def _scaling(args: argparse.Namespace) -> int:
     from ..scaling import SweepSpec, fit_records, load_records, run_sweep, write_report
+    from ..scaling.report import REPORT_FILES, check_outputs
     from .files import check_folder
 
     if args.scaling_command == "sweep":
@@ -542,6 +543,7 @@ def _scaling(args: argparse.Namespace) -> int:
         )
     out = Path(args.out or (args.runs[0] if Path(args.runs[0]).is_dir() else Path(args.runs[0]).parent))
     check_folder("out", out)
+    check_outputs(out, ("fits.json",) if args.scaling_command == "fit" else REPORT_FILES)
     records, rejected = load_records(args.runs)
     for path, why in rejected:
         print(f"left out {path}: {why}", file=sys.stderr)

@@ -2,6 +2,10 @@
 
 Plots only read results: loss vs N per curve with the fitted power laws (log-log), loss vs M per N
 (the loss-vs-replicas curves, DP as a dashed line), and the joint fit's log residuals.
+
+A report is written again over the files an earlier report wrote; a file of those names that a
+report did not write (a user's own report.md in the runs folder) is refused and left as it is
+(:func:`check_outputs`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,51 @@ from .._compat import pyplot
 from .analyze import Analysis, fit_records, gap_trend, loss_table, percent_vs_dp
 from .records import Record
 
-__all__ = ["write_report", "plot_loss_vs_n", "plot_loss_vs_m", "plot_residuals", "qualitative_findings"]
+__all__ = [
+    "write_report",
+    "check_outputs",
+    "REPORT_FILES",
+    "plot_loss_vs_n",
+    "plot_loss_vs_m",
+    "plot_residuals",
+    "qualitative_findings",
+]
+
+#: what a report writes into its folder (``lowcomm scaling fit`` writes fits.json alone)
+REPORT_FILES = ("report.md", "fits.json", "loss_vs_N.png", "loss_vs_M.png", "residuals.png")
+_FITS_KEYS = ("per_curve", "joint", "hparams", "skipped")
+_REPORT_LINE = "## Final eval loss (best run per cell"
+
+
+def _written_by_a_report(path: Path) -> bool:
+    """Whether ``path`` (one of REPORT_FILES) holds what a report writes there: its table's heading,
+    the fits' keys, or a PNG that matplotlib made."""
+    try:
+        if path.suffix == ".png":
+            with open(path, "rb") as f:
+                head = f.read(4096)
+            return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.name == "report.md":
+        return _REPORT_LINE in text
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in _FITS_KEYS)
+
+
+def check_outputs(out: str | Path, names: tuple[str, ...] = REPORT_FILES) -> None:
+    """Refuse (ValueError naming the files) an ``out`` holding any of ``names`` that a report or a
+    fit did not write: writing there would replace a user's file. Nothing is written."""
+    foreign = [n for n in names if (Path(out) / n).exists() and not _written_by_a_report(Path(out) / n)]
+    if foreign:
+        raise ValueError(
+            f"out={str(out)!r} holds {', '.join(foreign)} not written by a lowcomm report, which this one "
+            "would replace: give another --out"
+        )
 
 
 def _plt():
@@ -196,6 +244,7 @@ def write_report(
         raise ValueError("no usable records to report on")
     _plt()  # a missing matplotlib is named now, not after the fits' bootstrap, and nothing is written
     out = Path(out_dir)
+    check_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     analysis = analysis or fit_records(records, n_boot=n_boot)
     (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
