@@ -1360,6 +1360,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
     )
     assert resumed["steps_run"] == 8 and resumed["global_params_sha256"] == straight["global_params_sha256"]
     assert not stale.exists()  # removed by the next write of that checkpoint
+    assert not [e for e in read_jsonl(folder / "events.jsonl") if e["kind"] == "config_changed"]
+
+
+def test_a_run_resumed_with_other_settings_records_what_changed(tmp_path, corpus_dir, caplog):
+    """More steps and another learning rate for a finished run's continuation: allowed (as in
+    torchtitan), but config.json, which is kept, no longer speaks for every step, so the change
+    is recorded where it happened and said once."""
+    run = dict(replicas=2, steps=8, eval_every=0, sync_every=4, checkpoint_every=4)
+    _run(tmp_path, corpus_dir, "r", **run)
+    config = (tmp_path / "r" / "config.json").read_text()
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
+        out = _run(tmp_path, corpus_dir, "r", **{**run, "steps": 12, "lr": 5e-3}, resume="auto")
+    assert out["steps_run"] == 4 and out["lr"] == 5e-3
+    assert (tmp_path / "r" / "config.json").read_text() == config
+    (changed,) = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl") if e["kind"] == "config_changed"]
+    assert changed["step"] == 8 and changed["changed"] == {
+        "steps": [8, 12],
+        "lr": [TrainConfig().flat()["lr"], 5e-3],
+    }
+    assert "at step 8 with settings its config.json does not hold: steps 8 -> 12, lr " in caplog.text
 
 
 def _stacked_problem(M=3):

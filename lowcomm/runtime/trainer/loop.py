@@ -306,6 +306,16 @@ class Trainer:
             self.rec.begin()
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
+            if self.rec.changed:  # (a resumed run given more steps, another learning rate, ...)
+                self.rec.event("config_changed", step=start, changed=self.rec.changed)
+                if self.leader:
+                    log.warning(
+                        "continuing %s at step %d with settings its config.json does not hold: %s "
+                        "(recorded as a config_changed event)",
+                        cfg.run.run_dir,
+                        start,
+                        ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.rec.changed.items()),
+                    )
             attempt = restart_attempt()
             if attempt and not cfg.elastic.enabled:  # a launcher's restart of a static job
                 self.rec.event("restart", attempt=attempt, step=start)

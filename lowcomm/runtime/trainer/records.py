@@ -38,6 +38,8 @@ __all__ = [
 
 #: the files a run directory holds (a folder with any of them holds a run)
 RECORD_FILES = ("config.json", "events.jsonl", "eval.jsonl", "summary.json")
+#: settings of a continued run's process, not of what it trains (--resume itself, --overwrite)
+_NOT_A_CHANGE = ("resume", "overwrite")
 
 SUMMARY_KEYS = (
     "mode",
@@ -184,11 +186,27 @@ class RunRecorder:
         self._held: list[tuple[str, str]] | None = None  # replacing: (file, line) until begin()
         self._held_scalars: list[tuple[int, dict[str, float]]] = []  # the sink's, likewise
         self._closed = False
+        self.changed = self._changed_since_record() if append else {}
         if not append and any((self.dir / name).exists() for name in RECORD_FILES):
             self._held = []
         else:
             self._open()
         self.sink, self.first_replica = sink, first_replica
+
+    def _changed_since_record(self) -> dict[str, list]:
+        """Continuing a run, the settings that differ from its config.json (which is kept): key ->
+        [recorded, now]. A resumed run may change them (more steps, another learning rate); the
+        records then say so rather than have config.json speak for steps it did not govern."""
+        try:
+            was = json.loads((self.dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(was, dict):
+            return {}
+        now = json.loads(json.dumps(self._config, default=str))
+        return {
+            k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in _NOT_A_CHANGE
+        }
 
     def _open(self) -> None:
         """Write config.json (unless continuing a run that has one) and open the JSONL files;
