@@ -150,6 +150,10 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
 class NullRecorder:
     """The recorder of processes that do not write records (every rank but 0 of a job)."""
 
+    @property
+    def changed(self) -> dict[str, list]:
+        return {}  # (rank 0's recorder says what a continued run changed)
+
     def event(self, kind: str, **fields: Any) -> None:
         pass
 
@@ -204,9 +208,7 @@ class RunRecorder:
         if not isinstance(was, dict):
             return {}
         now = json.loads(json.dumps(self._config, default=str))
-        return {
-            k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in _NOT_A_CHANGE
-        }
+        return {k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in _NOT_A_CHANGE}
 
     def _open(self) -> None:
         """Write config.json (unless continuing a run that has one) and open the JSONL files;
