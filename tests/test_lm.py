@@ -60,6 +60,36 @@ def test_directory_corpus_and_token_file(tmp_path):
     assert t.vocab_size == 320 and t.train.size == 950 and t.val.size == 50
 
 
+def test_a_token_file_is_mapped_not_read_and_passed_over_in_chunks(tmp_path, monkeypatch):
+    """A .bin of billions of tokens (nanoGPT's train.bin) was read whole, then copied whole again
+    for its digest: twice its size in host memory. It is mapped now, and its digest (the same
+    as before: SHA-256 of the file's bytes) and largest token are taken a chunk at a time."""
+    import hashlib
+    import mmap
+
+    import lowcomm.lm.data as data
+
+    toks = (np.arange(10_001, dtype=np.int64) * 7919 % 5000).astype("<u2")
+    toks[1234] = 7777  # the largest, inside a chunk neither first nor last
+    toks.tofile(tmp_path / "t.bin")
+    monkeypatch.setattr(data, "_CHUNK", 1000)
+    t = load_corpus(tmp_path / "t.bin")
+    base = t.train  # a view of the map: array -> array -> memoryview -> mmap
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    assert base is not None and t.train.dtype == np.dtype("<u2") and not t.train.flags.writeable
+    assert t.sha256 == hashlib.sha256((tmp_path / "t.bin").read_bytes()).hexdigest()
+    assert t.vocab_size == 7808  # 7778 rounded up to a multiple of 64
+    x, y = BatchSampler(t.train, 4, 16, seed=0).next()  # the same windows as from the tokens in memory
+    x0, y0 = BatchSampler(toks[:9500].copy(), 4, 16, seed=0).next()
+    assert x.dtype == torch.int64 and torch.equal(x, x0) and torch.equal(y, y0)
+    mapped, held = eval_batches(t.val, 2, 4, 16), eval_batches(toks[9500:].copy(), 2, 4, 16)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mapped, held))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.bin' is empty"):
+        load_corpus(tmp_path / "empty.bin")
+
+
 def test_one_text_file_is_a_byte_corpus_not_uint16_tokens(tmp_path):
     """A nanoGPT-style input.txt: its bytes, the last 5% validation. It used to be read as uint16
     tokens (two characters a token, a vocabulary of ~26000) or refused for an odd size."""

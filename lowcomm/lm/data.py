@@ -7,12 +7,14 @@ split is fixed per file (a file goes to validation when the CRC32 of its relativ
 
 Other corpora: any directory of text files (same split rule; files holding NUL bytes are skipped),
 one text file (bytes; the last 5% is validation), or a pre-tokenized ``.bin`` file of
-little-endian uint16 tokens (the last 5% is validation).
+little-endian uint16 tokens (the last 5% is validation), mapped into memory rather than read, so
+it may be larger than the host's memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import sysconfig
 import zlib
@@ -116,6 +118,10 @@ def _stdlib_corpus(max_bytes: int) -> Corpus:
     return Corpus(f"stdlib:{tag}", train, val, 256, _digest(train, val))
 
 
+#: tokens a pass over a token file reads at a time (32 MiB)
+_CHUNK = 1 << 24
+
+
 def _digest(train: np.ndarray, val: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(train.tobytes())
@@ -165,22 +171,51 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
                 )
             corpus = _tail_held_out(f"file:{path}", np.frombuffer(text, dtype=np.uint8), 256)
         else:
-            if path.stat().st_size % 2:
+            size = path.stat().st_size
+            if size % 2:
                 raise ValueError(
                     f"token file {str(path)!r} has an odd size; expected little-endian uint16 tokens"
                 )
-            toks = np.fromfile(path, dtype="<u2")
-            if toks.size == 0:
+            if size == 0:
                 raise ValueError(f"token file {str(path)!r} is empty")
-            vocab = int(toks.max()) + 1
-            corpus = _tail_held_out(f"bin:{path}", toks, max(256, -(-vocab // 64) * 64))
+            digest, top = _scan_token_file(path)
+            toks = _map_tokens(path)
+            vocab = max(256, -(-(top + 1) // 64) * 64)
+            corpus = _tail_held_out(f"bin:{path}", toks, vocab, digest)
     return corpus
 
 
-def _tail_held_out(name: str, toks: np.ndarray, vocab_size: int) -> Corpus:
-    """One token stream as a corpus whose last 5% is the validation split."""
+def _tail_held_out(name: str, toks: np.ndarray, vocab_size: int, digest: str | None = None) -> Corpus:
+    """One token stream as a corpus whose last 5% is the validation split (``digest``: its
+    :func:`_digest`, when already known)."""
     cut = int(toks.size * 0.95)
-    return Corpus(name, toks[:cut], toks[cut:], vocab_size, _digest(toks[:cut], toks[cut:]))
+    return Corpus(name, toks[:cut], toks[cut:], vocab_size, digest or _digest(toks[:cut], toks[cut:]))
+
+
+def _map_tokens(path: Path) -> np.ndarray:
+    """A token file's tokens, mapped, not read: the file may be larger than the host's memory
+    (billions of tokens), and only the pages of the windows drawn are read. The windows are drawn
+    at random, so the kernel is told not to read ahead of each (64 KiB and more read for a window
+    of 2 KiB, and as many pages held)."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # (Linux and macOS)
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype="<u2")  # (read-only; the array keeps the map open)
+
+
+def _scan_token_file(path: Path) -> tuple[str, int]:
+    """A token file's digest (SHA-256 of its bytes: :func:`_digest` of its two splits) and its
+    largest token, in one pass that reads a chunk at a time (read, not mapped: the pages passed
+    over are the page cache's, not the process's)."""
+    h, top = hashlib.sha256(), 0
+    buf = bytearray(2 * _CHUNK)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            chunk = memoryview(buf)[:n]
+            h.update(chunk)
+            top = max(top, int(np.frombuffer(chunk, dtype="<u2").max()))
+    return h.hexdigest(), top
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
