@@ -5,7 +5,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["env_int", "is_int", "is_number", "refuse"]
+__all__ = ["env_int", "host_available_bytes", "human_bytes", "is_int", "is_number", "refuse"]
 
 
 def refuse(name: str, value: Any, allowed: str) -> ValueError:
@@ -38,3 +38,23 @@ def env_int(name: str, default: int | None = None) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def host_available_bytes() -> int | None:
+    """The host memory available to a new allocation (Linux's MemAvailable), or None where the
+    platform does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"

@@ -90,6 +90,37 @@ def test_a_token_file_is_mapped_not_read_and_passed_over_in_chunks(tmp_path, mon
         load_corpus(tmp_path / "empty.bin")
 
 
+def test_a_users_text_corpus_is_taken_whole_not_its_first_8_mib(tmp_path, monkeypatch):
+    """A text file or a directory of them was cut at 8 MiB without a word (the standard library's
+    cap), so a 100 MB corpus trained on its first 8. A file is mapped and taken whole; a
+    directory is read whole, or refused by name when it would not fit the host's memory."""
+    import hashlib
+
+    import lowcomm.lm.data as data
+
+    line = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+    big = line * ((9 << 20) // len(line) + 1)  # past 8 MiB
+    (tmp_path / "big.txt").write_bytes(big)
+    c = load_corpus(tmp_path / "big.txt")
+    assert c.train.size + c.val.size == len(big) and c.train.dtype == np.uint8
+    assert c.sha256 == hashlib.sha256(big).hexdigest() and bytes(c.val[-len(line) :]) == line
+    (tmp_path / "texts").mkdir()
+    for i in range(3):
+        (tmp_path / "texts" / f"part{i}.txt").write_bytes(big[: 4 << 20])
+    d = load_corpus(tmp_path / "texts")
+    assert d.train.size + d.val.size == 3 * (4 << 20)
+    capped = load_corpus(tmp_path / "texts", max_bytes=1 << 20)  # a cap, given: the first file
+    assert capped.train.size + capped.val.size == 4 << 20
+    monkeypatch.setattr(data, "host_available_bytes", lambda: 16 << 20)
+    with pytest.raises(
+        ValueError,
+        match=r"texts' holds 12.0 MB of files, and reading them takes twice that, more than the 16.0 MB "
+        r"of host memory available: concatenate them into one text file or tokenize them into a .bin",
+    ):
+        load_corpus(tmp_path / "texts")
+    assert load_corpus(tmp_path / "big.txt").sha256 == c.sha256  # a file is mapped: any size
+
+
 def test_one_text_file_is_a_byte_corpus_not_uint16_tokens(tmp_path):
     """A nanoGPT-style input.txt: its bytes, the last 5% validation. It used to be read as uint16
     tokens (two characters a token, a vocabulary of ~26000) or refused for an odd size."""

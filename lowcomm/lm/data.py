@@ -5,10 +5,11 @@ which every machine that runs lowcomm already has: read at first use in sorted p
 in size, and cached as bytes. It is deterministic for a given Python version. The train/validation
 split is fixed per file (a file goes to validation when the CRC32 of its relative path is 0 mod 20).
 
-Other corpora: any directory of text files (same split rule; files holding NUL bytes are skipped),
-one text file (bytes; the last 5% is validation), or a pre-tokenized ``.bin`` file of
-little-endian uint16 tokens (the last 5% is validation), mapped into memory rather than read, so
-it may be larger than the host's memory.
+Other corpora: any directory of text files (same split rule; files holding NUL bytes are skipped;
+all of them read, and refused by name when they would not fit the host's memory), one text file
+(bytes; the last 5% is validation), or a pre-tokenized ``.bin`` file of little-endian uint16
+tokens (the last 5% is validation). A file is mapped into memory rather than read, so it may be
+larger than the host's memory; it is passed over once, a chunk at a time, for its digest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .._checks import host_available_bytes, human_bytes
 
 __all__ = ["Corpus", "BatchSampler", "load_corpus", "eval_batches", "cache_dir"]
 
@@ -81,6 +84,15 @@ def _read_text_tree(
     paths = sorted(
         p for p in root.rglob(pattern) if p.is_file() and not (skip & set(p.relative_to(root).parts))
     )
+    if max_bytes is None:  # all of it: its files and their two splits joined are held at once
+        size, free = sum(p.stat().st_size for p in paths), host_available_bytes()
+        if free is not None and 2 * size > free:
+            raise ValueError(
+                f"corpus directory {str(root)!r} holds {human_bytes(size)} of files, and reading them "
+                f"takes twice that, more than the {human_bytes(free)} of host memory available: "
+                "concatenate them into one text file or tokenize them into a .bin file (either is "
+                "mapped, not read, and may be of any size)"
+            )
     for p in paths:
         try:
             b = p.read_bytes()
@@ -123,26 +135,28 @@ _CHUNK = 1 << 24
 
 
 def _digest(train: np.ndarray, val: np.ndarray) -> str:
+    """SHA-256 of the training then the validation tokens' bytes (of the arrays' memory: no copy)."""
     h = hashlib.sha256()
-    h.update(train.tobytes())
-    h.update(val.tobytes())
+    h.update(np.ascontiguousarray(train).data)
+    h.update(np.ascontiguousarray(val).data)
     return h.hexdigest()
 
 
-def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:
+def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int | None = None) -> Corpus:
     """Load a corpus.
 
     Args:
         spec: None or "stdlib" for the default; a directory of text files; one text file; or a
             ``.bin`` file of uint16 tokens.
-        max_bytes: cap on bytes read from a text corpus.
+        max_bytes: cap on bytes taken from a text corpus (None: all of it; the standard
+            library's is capped at ``DEFAULT_MAX_BYTES`` unless given).
 
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: the corpus is too small, empty or malformed.
     """
     if spec is None or str(spec) == "stdlib":
-        corpus = _stdlib_corpus(max_bytes)
+        corpus = _stdlib_corpus(max_bytes or DEFAULT_MAX_BYTES)
     else:
         path = Path(spec)
         if not path.exists():
@@ -160,16 +174,16 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
             else:
                 corpus = Corpus(f"dir:{path}", train, val, 256, _digest(train, val))
         elif path.suffix != ".bin":  # one text file, as bytes (a nanoGPT-style input.txt)
-            with open(path, "rb") as f:
-                text = f.read(max_bytes)
-            if not text:
+            size = path.stat().st_size if max_bytes is None else min(path.stat().st_size, max_bytes)
+            if size == 0:
                 raise ValueError(f"corpus file {str(path)!r} is empty")
-            if b"\0" in text:
+            digest, lowest, _ = _scan_file(path, "u1", size)
+            if lowest == 0:
                 raise ValueError(
                     f"corpus file {str(path)!r} holds NUL bytes, so it is not text; a file of uint16 tokens "
                     "must be named *.bin"
                 )
-            corpus = _tail_held_out(f"file:{path}", np.frombuffer(text, dtype=np.uint8), 256)
+            corpus = _tail_held_out(f"file:{path}", _map_file(path, "u1", size), 256, digest)
         else:
             size = path.stat().st_size
             if size % 2:
@@ -178,10 +192,9 @@ def load_corpus(spec: str | os.PathLike | None = None, max_bytes: int = DEFAULT_
                 )
             if size == 0:
                 raise ValueError(f"token file {str(path)!r} is empty")
-            digest, top = _scan_token_file(path)
-            toks = _map_tokens(path)
+            digest, _, top = _scan_file(path, "<u2", size)
             vocab = max(256, -(-(top + 1) // 64) * 64)
-            corpus = _tail_held_out(f"bin:{path}", toks, vocab, digest)
+            corpus = _tail_held_out(f"bin:{path}", _map_file(path, "<u2", size), vocab, digest)
     return corpus
 
 
@@ -192,30 +205,34 @@ def _tail_held_out(name: str, toks: np.ndarray, vocab_size: int, digest: str | N
     return Corpus(name, toks[:cut], toks[cut:], vocab_size, digest or _digest(toks[:cut], toks[cut:]))
 
 
-def _map_tokens(path: Path) -> np.ndarray:
-    """A token file's tokens, mapped, not read: the file may be larger than the host's memory
-    (billions of tokens), and only the pages of the windows drawn are read. The windows are drawn
-    at random, so the kernel is told not to read ahead of each (64 KiB and more read for a window
-    of 2 KiB, and as many pages held)."""
+def _map_file(path: Path, dtype: str, size: int) -> np.ndarray:
+    """The first ``size`` bytes of a corpus file as tokens, mapped, not read: the file may be
+    larger than the host's memory, and only the pages of the windows drawn are read. The windows
+    are drawn at random, so the kernel is told not to read ahead of each (read-ahead read ~8x
+    the pages a window needs, and held them)."""
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # (Linux and macOS)
         mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype="<u2")  # (read-only; the array keeps the map open)
+    # (read-only; the array keeps the map open)
+    return np.frombuffer(mapped, dtype=dtype, count=size // np.dtype(dtype).itemsize)
 
 
-def _scan_token_file(path: Path) -> tuple[str, int]:
-    """A token file's digest (SHA-256 of its bytes: :func:`_digest` of its two splits) and its
-    largest token, in one pass that reads a chunk at a time (read, not mapped: the pages passed
-    over are the page cache's, not the process's)."""
-    h, top = hashlib.sha256(), 0
+def _scan_file(path: Path, dtype: str, size: int) -> tuple[str, int, int]:
+    """One pass over the first ``size`` bytes of a corpus file, a chunk at a time: their digest
+    (SHA-256: :func:`_digest` of the two splits) and the smallest and largest token (read, not
+    mapped: the pages passed over are the page cache's, not the process's)."""
+    h, lo, hi = hashlib.sha256(), None, None
     buf = bytearray(2 * _CHUNK)
     with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            chunk = memoryview(buf)[:n]
+        while size > 0 and (n := f.readinto(buf)):
+            chunk = memoryview(buf)[: min(n, size)]
+            size -= len(chunk)
             h.update(chunk)
-            top = max(top, int(np.frombuffer(chunk, dtype="<u2").max()))
-    return h.hexdigest(), top
+            toks = np.frombuffer(chunk, dtype=dtype)
+            lo = int(toks.min()) if lo is None else min(lo, int(toks.min()))
+            hi = int(toks.max()) if hi is None else max(hi, int(toks.max()))
+    return h.hexdigest(), lo, hi
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..._checks import refuse
+from ..._checks import host_available_bytes, refuse
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
 from ...lm.batched import batched_gpt_loss, linear_weights, stack_parameters
@@ -130,12 +130,7 @@ def _free_memory(device: torch.device) -> int | None:
     this platform does not say)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
+    return host_available_bytes()
 
 
 def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

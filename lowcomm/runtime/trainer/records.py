@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..._checks import human_bytes
 from ..files import check_folder, private_open, read_jsonl
 from .metrics import scalars_of
 
@@ -128,15 +129,6 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KB' (powers of 1024)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
