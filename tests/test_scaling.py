@@ -222,6 +222,34 @@ def test_a_report_or_fit_never_replaces_a_file_it_did_not_write(fixture_runs, ca
     assert mine.read_text() == "# my notes on these runs\n"
 
 
+def test_streaming_and_quantized_runs_are_curves_of_their_own_not_diloco_cells(fixture_runs):
+    """The demo's folder held DiLoCo and Streaming DiLoCo (P=4, e3m0) at M=4: the report's
+    'diloco M=4' was the streaming run (the lower loss of the cell), and the joint laws took it.
+    Each variant is a curve of its own, after DiLoCo's; the joint laws and the study's findings
+    are DiLoCo's alone."""
+    from lowcomm.scaling.analyze import loss_table
+
+    before, _ = load_records([fixture_runs])
+    _, keys_before, best_before = loss_table(before)
+    for n in (2e4, 6e4, 2e5, 6e5):
+        for name, kw in (("stream", dict(fragments=4, codec="e3m0")), ("e3m0", dict(codec="e3m0"))):
+            _write_summary(
+                fixture_runs / f"n{int(n)}" / f"{name}_m4",
+                replicas=4,
+                params_non_embedding=int(n),
+                final_eval_loss=0.5 * best_before[("dp", int(n))].loss,  # the best of every cell
+                **kw,
+            )
+    records, _ = load_records([fixture_runs])
+    _, keys, best = loss_table(records)
+    assert keys == [*keys_before, "diloco e3m0 M=4", "streaming P=4 e3m0 M=4"]
+    assert all(best[k] == r for k, r in best_before.items())  # no cell of DiLoCo's taken over
+    a = fit_records(records, n_boot=0)
+    assert a.joint["joint"].n_points == 16  # DiLoCo's 4 sizes x 4 M, no variant's
+    assert set(a.per_curve) == {*keys_before, "diloco e3m0 M=4", "streaming P=4 e3m0 M=4"}
+    assert qualitative_findings(records) == qualitative_findings(before)
+
+
 def test_a_single_model_size_is_reported_not_fitted(tmp_path):
     for m in (1, 2, 4):
         _write_summary(tmp_path / f"m{m}", replicas=m, final_eval_loss=3.0 + 0.01 * m)

@@ -1,7 +1,9 @@
-"""From records to tables and fits: best run per (algorithm, N, M), every law the data allows.
+"""From records to tables and fits: best run per (method, N, M), every law the data allows.
 
 ``fit_records`` never raises for a law the data cannot support; it lists it under ``skipped`` with
-the reason, so one report can say what was fitted and what was not.
+the reason, so one report can say what was fitted and what was not. Each method (DP, DiLoCo, and
+each variant: Streaming DiLoCo, a quantizing codec) has curves of its own; the joint laws in N
+and M are fitted to the study's DiLoCo runs (one fragment, fp32 rounds) alone.
 """
 
 from __future__ import annotations
@@ -22,18 +24,17 @@ log = logging.getLogger(__name__)
 
 
 def best_records(records: list[Record]) -> list[Record]:
-    """The lowest-loss record per (algorithm, N, M): the study fits tuned runs only."""
+    """The lowest-loss record per (method, N, M): the study fits tuned runs only."""
     return best_per_point(records, key=lambda r: (r.key, r.N), value=lambda r: r.loss)
 
 
 def loss_table(records: list[Record]) -> tuple[list[int], list[str], dict[tuple[str, int], Record]]:
-    """Sizes (ascending), curve keys ("dp" first, then DiLoCo by M) and the best record per cell."""
+    """Sizes (ascending), curve keys ("dp" first, then DiLoCo by M, then each variant by M) and the
+    best record per cell."""
     best = {(r.key, r.N): r for r in best_records(records)}
     sizes = sorted({r.N for r in records})
-    keys = sorted(
-        {r.key for r in records}, key=lambda k: (k != "dp", int(k.split("=")[1]) if "=" in k else 0)
-    )
-    return sizes, keys, best
+    order = {r.key: (r.method != "dp", r.method != "diloco", r.method, r.M) for r in records}
+    return sizes, sorted(order, key=order.__getitem__), best
 
 
 def best_hparam_points(records: list[Record], name: str) -> dict[str, list[tuple[int, float]]]:
@@ -81,7 +82,7 @@ def fit_records(records: list[Record], *, n_boot: int = 200, seed: int = 0, star
             )
         except ValueError as e:
             a.skipped.append((f"power_law {key}", str(e)))
-    dil = [r for r in best if r.algorithm == "diloco"]
+    dil = [r for r in best if r.method == "diloco"]
     for form in ("joint", "joint_irreducible", "exp_irreducible"):
         try:
             a.joint[form] = fit(
@@ -125,7 +126,7 @@ def percent_vs_dp(records: list[Record]) -> dict[tuple[str, int], float]:
 
 
 def gap_trend(records: list[Record]) -> dict[str, float]:
-    """Per DiLoCo curve, the slope of (% gap to DP) against log N (negative: the gap shrinks with N)."""
+    """Per curve but DP's, the slope of (% gap to DP) against log N (negative: the gap shrinks with N)."""
     pct = percent_vs_dp(records)
     out = {}
     for key in {k for k, _ in pct if k != "dp"}:

@@ -54,9 +54,19 @@ class Record:
     flops: float | None = None
 
     @property
+    def method(self) -> str:
+        """ "dp"; "diloco", the scaling-law study's DiLoCo (one fragment, fp32 rounds); or a variant
+        named by what differs: "streaming P=4", "diloco e3m0", "streaming P=4 e3m0". A variant is
+        a method of its own, never the best run of another's cell."""
+        if self.algorithm == "dp":
+            return "dp"
+        name = "diloco" if self.fragments <= 1 else f"streaming P={self.fragments}"
+        return name if self.codec == "fp32" else f"{name} {self.codec}"
+
+    @property
     def key(self) -> str:
-        """The curve this record belongs to: "dp" or "diloco M=4"."""
-        return "dp" if self.algorithm == "dp" else f"diloco M={self.M}"
+        """The curve this record belongs to: "dp", "diloco M=4", "streaming P=4 e3m0 M=4"."""
+        return "dp" if self.algorithm == "dp" else f"{self.method} M={self.M}"
 
 
 def _find_summaries(paths: list[str | Path]) -> list[Path]:

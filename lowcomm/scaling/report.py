@@ -130,7 +130,7 @@ def plot_loss_vs_m(records: list[Record], analysis: Analysis, path: Path) -> Non
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, n in enumerate(sizes):
         c = plt.cm.plasma(i / max(len(sizes) - 1, 1))
-        pts = sorted((best[(k, n)].M, best[(k, n)].loss) for k in keys if k != "dp" and (k, n) in best)
+        pts = _diloco_by_m(keys, best, n)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, label=f"N={n:,}")
         if ("dp", n) in best:
@@ -145,7 +145,7 @@ def plot_loss_vs_m(records: list[Record], analysis: Analysis, path: Path) -> Non
         ax,
         path,
         "replicas M",
-        "Loss vs replicas (dashed: DP at the same N; dotted: joint fit)",
+        "DiLoCo's loss vs replicas (dashed: DP at the same N; dotted: joint fit)",
         {"fontsize": 7},
     )
 
@@ -158,7 +158,7 @@ def plot_residuals(records: list[Record], analysis: Analysis, path: Path) -> Non
         f = analysis.joint.get(form)
         if f is None:
             continue
-        rs = [r for r in best.values() if r.algorithm == "diloco"]
+        rs = [r for r in best.values() if r.method == "diloco"]
         res = [np.log(r.loss) - np.log(float(f.predict([r.N], [r.M])[0])) for r in rs]
         ax.plot([r.N for r in rs], res, marker, ls="none", alpha=0.7, label=form)
     ax.axhline(0, color="black", lw=0.8)
@@ -174,8 +174,15 @@ def plot_residuals(records: list[Record], analysis: Analysis, path: Path) -> Non
     )
 
 
+def _diloco_by_m(keys: list[str], best: dict, n: int) -> list[tuple[int, float]]:
+    """(M, loss) of the study's DiLoCo (not a variant's) at size ``n``, by M."""
+    cells = [best[(k, n)] for k in keys if (k, n) in best]
+    return sorted((r.M, r.loss) for r in cells if r.method == "diloco")
+
+
 def qualitative_findings(records: list[Record]) -> list[tuple[str, bool | None, str]]:
-    """The scaling-law study's qualitative findings, checked on these records: (claim, holds?, evidence)."""
+    """The scaling-law study's qualitative findings, checked on these records' DiLoCo (one fragment,
+    fp32 rounds; a variant's runs are not the study's): (claim, holds?, evidence)."""
     sizes, keys, best = loss_table(records)
     out = []
     pairs = [
@@ -196,7 +203,7 @@ def qualitative_findings(records: list[Record]) -> list[tuple[str, bool | None, 
         out.append(("DiLoCo M=1 at or below DP at every N", None, "needs M=1 and DP runs at the same N"))
     rising = []
     for n in sizes:
-        pts = sorted((best[(k, n)].M, best[(k, n)].loss) for k in keys if k != "dp" and (k, n) in best)
+        pts = _diloco_by_m(keys, best, n)
         if len(pts) >= 2:
             rising.append((n, all(b[1] >= a[1] for a, b in zip(pts, pts[1:])), pts))
     if rising:
@@ -208,7 +215,7 @@ def qualitative_findings(records: list[Record]) -> list[tuple[str, bool | None, 
             )
         )
     trend = gap_trend(records)
-    gt = {k: v for k, v in trend.items() if k != "diloco M=1"}
+    gt = {k: v for k, v in trend.items() if k.startswith("diloco M=") and k != "diloco M=1"}
     if gt:
         out.append(
             (
@@ -284,7 +291,8 @@ def write_report(
         "## Fitted laws",
         "",
         "95% bootstrap intervals in brackets; held-out = mean |log y − log ŷ| at the largest N when fitted "
-        "without it.",
+        "without it. The joint laws are fitted to DiLoCo's runs (one fragment, fp32 rounds), not to a "
+        "variant's (Streaming DiLoCo, a quantizing codec), which has curves of its own.",
         "",
         "| law | curve | parameters | points | RMSE(log) | held-out |",
         "|---|---|---|---|---|---|",
