@@ -158,10 +158,18 @@ def test_records_with_counts_the_fits_cannot_use_are_left_out_by_name(tmp_path):
         "bool": (dict(replicas=True), "replicas is True, not an int >= 1"),
         "lossbool": (dict(final_eval_loss=True), "final_eval_loss is True, not a finite positive number"),
         "mode": (dict(mode="sgd"), "mode is 'sgd', not 'dp' or 'diloco'"),
+        # the settings a curve is named by, and the fitted hyperparameters: a traceback before
+        "frags": (dict(fragments="four"), "fragments is 'four', not an int >= 1"),
+        "tau": (dict(overlap=-1), "overlap is -1, not an int >= 0"),
+        "codec": (dict(codec=7), "codec is 7, not a codec's name"),
+        "lr": (
+            dict(lr="fast", batch_size=0),
+            "lr is 'fast', not a finite number > 0; batch_size is 0, not an int >= 1",
+        ),
     }
     for name, (kw, _) in cases.items():
         _write_summary(tmp_path / name, **kw)
-    _write_summary(tmp_path / "good")
+    _write_summary(tmp_path / "good", sync_every=None, overlap=None, lr=None)  # null: not given
     (tmp_path / "number").mkdir()
     (tmp_path / "number" / "summary.json").write_text("5")
     records, rejected = load_records([tmp_path])
@@ -232,7 +240,10 @@ def test_streaming_and_quantized_runs_are_curves_of_their_own_not_diloco_cells(f
     before, _ = load_records([fixture_runs])
     _, keys_before, best_before = loss_table(before)
     for n in (2e4, 6e4, 2e5, 6e5):
-        for name, kw in (("stream", dict(fragments=4, codec="e3m0")), ("e3m0", dict(codec="e3m0"))):
+        for name, kw in (
+            ("stream", dict(fragments=4, overlap=1, codec="e3m0")),
+            ("e3m0", dict(codec="e3m0")),
+        ):
             _write_summary(
                 fixture_runs / f"n{int(n)}" / f"{name}_m4",
                 replicas=4,
@@ -242,11 +253,11 @@ def test_streaming_and_quantized_runs_are_curves_of_their_own_not_diloco_cells(f
             )
     records, _ = load_records([fixture_runs])
     _, keys, best = loss_table(records)
-    assert keys == [*keys_before, "diloco e3m0 M=4", "streaming P=4 e3m0 M=4"]
+    assert keys == [*keys_before, "diloco e3m0 M=4", "streaming P=4 tau=1 e3m0 M=4"]
     assert all(best[k] == r for k, r in best_before.items())  # no cell of DiLoCo's taken over
     a = fit_records(records, n_boot=0)
     assert a.joint["joint"].n_points == 16  # DiLoCo's 4 sizes x 4 M, no variant's
-    assert set(a.per_curve) == {*keys_before, "diloco e3m0 M=4", "streaming P=4 e3m0 M=4"}
+    assert set(a.per_curve) == {*keys_before, "diloco e3m0 M=4", "streaming P=4 tau=1 e3m0 M=4"}
     assert qualitative_findings(records) == qualitative_findings(before)
 
 

@@ -12,13 +12,23 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._checks import is_number
+from .._checks import is_int, is_number
 
 __all__ = ["Record", "load_records", "REQUIRED"]
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("mode", "replicas", "params_non_embedding", "final_eval_loss", "tokens")
+#: fields a record may lack (null or absent: the default), each with its rule
+_OPTIONAL = (
+    ("sync_every", lambda v: is_int(v, 1), "an int >= 1"),
+    ("fragments", lambda v: is_int(v, 1), "an int >= 1"),
+    ("overlap", lambda v: is_int(v, 0), "an int >= 0"),
+    ("codec", lambda v: isinstance(v, str) and v.strip() == v != "", "a codec's name"),
+    ("lr", lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    ("outer_lr", lambda v: is_number(v) and v > 0, "a finite number > 0"),
+    ("batch_size", lambda v: is_int(v, 1), "an int >= 1"),
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class Record:
         M: replicas (1 for a DP baseline of one replica).
         loss: final evaluation loss of the global parameters.
         tokens: training tokens over all replicas.
-        sync_every, fragments, codec: DiLoCo settings (1, 1, "fp32" for DP).
+        sync_every, fragments, overlap, codec: DiLoCo settings (1, 1, 0, "fp32" for DP).
         lr, outer_lr, batch_size: hyperparameters (batch per replica).
         bytes_per_replica: wire bytes per replica.
         flops: 6·N·D.
@@ -46,6 +56,7 @@ class Record:
     tokens: int
     sync_every: int = 1
     fragments: int = 1
+    overlap: int = 0
     codec: str = "fp32"
     lr: float | None = None
     outer_lr: float | None = None
@@ -55,18 +66,26 @@ class Record:
 
     @property
     def method(self) -> str:
-        """ "dp"; "diloco", the scaling-law study's DiLoCo (one fragment, fp32 rounds); or a variant
-        named by what differs: "streaming P=4", "diloco e3m0", "streaming P=4 e3m0". A variant is
-        a method of its own, never the best run of another's cell."""
+        """The method of the run: dp; diloco, the scaling-law study's DiLoCo (one fragment, no
+        overlap, fp32 rounds); or a variant named by what differs, as the trainer names its
+        settings: "streaming P=4 tau=1 e3m0", "diloco tau=1", "diloco e3m0". A variant is a
+        method of its own, never the best run of another's cell."""
         if self.algorithm == "dp":
             return "dp"
         name = "diloco" if self.fragments <= 1 else f"streaming P={self.fragments}"
+        name += f" tau={self.overlap}" if self.overlap else ""
         return name if self.codec == "fp32" else f"{name} {self.codec}"
 
     @property
     def key(self) -> str:
-        """The curve this record belongs to: "dp", "diloco M=4", "streaming P=4 e3m0 M=4"."""
+        """The curve this record belongs to: "dp", "diloco M=4", "streaming P=4 tau=1 e3m0 M=4"."""
         return "dp" if self.algorithm == "dp" else f"{self.method} M={self.M}"
+
+
+def _given(summary: dict, key: str, default):
+    """``summary[key]``, or ``default`` where it is absent or null."""
+    value = summary.get(key)
+    return default if value is None else value
 
 
 def _find_summaries(paths: list[str | Path]) -> list[Path]:
@@ -110,6 +129,11 @@ def load_records(paths: list[str | Path]) -> tuple[list[Record], list[tuple[str,
             for k in ("params_non_embedding", "replicas", "tokens")
             if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < 1
         ]
+        bad += [  # the settings a curve is named by and the hyperparameters fitted (when given)
+            f"{k} is {s[k]!r}, not {what}"
+            for k, ok, what in _OPTIONAL
+            if s.get(k) is not None and not ok(s[k])
+        ]
         if s["mode"] not in ("dp", "diloco"):
             bad.append(f"mode is {s['mode']!r}, not 'dp' or 'diloco'")
         if bad:
@@ -123,9 +147,10 @@ def load_records(paths: list[str | Path]) -> tuple[list[Record], list[tuple[str,
                 M=int(s["replicas"]),
                 loss=float(loss),
                 tokens=int(s["tokens"]),
-                sync_every=int(s.get("sync_every", 1)),
-                fragments=int(s.get("fragments", 1)),
-                codec=str(s.get("codec", "fp32")),
+                sync_every=_given(s, "sync_every", 1),
+                fragments=_given(s, "fragments", 1),
+                overlap=_given(s, "overlap", 0),
+                codec=_given(s, "codec", "fp32"),
                 lr=s.get("lr"),
                 outer_lr=s.get("outer_lr"),
                 batch_size=s.get("batch_size"),
