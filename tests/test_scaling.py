@@ -396,6 +396,13 @@ def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch
     kept = json.loads(record.read_text())
     assert len(kept["runs"]) == 7 and kept["runs"][-1] == "d16l2/diloco_M2_H10_olr0.7_lr0.002"
     assert kept["spec"]["sync_every"] == [10] and kept["earlier_specs"] == [json.loads(before)["spec"]]
+    # the corpus is compared by its data: the same folder by another path resumes, an edited one
+    # is refused
+    same = run_sweep(dataclasses.replace(wider, corpus=str(corpus) + "/."), progress=False)
+    assert same["skipped"] == 2 and same["done"] == 0
+    (Path(corpus) / "part0.py").write_text("def edited(): pass\n")
+    with pytest.raises(ValueError, match=r"run d16l2/dp_lr0.002 was finished with corpus_sha256='"):
+        run_sweep(wider, progress=False)
     records, rejected = load_records([tmp_path / "sweep"])
     assert len(records) == 7 and not rejected
     assert all(math.isfinite(r.loss) for r in records)

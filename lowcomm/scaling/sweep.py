@@ -233,7 +233,7 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
     for _, cfg in runs:
         check_memory(cfg, corpus.vocab_size, cfg.run.replicas, cfg.run.torch_device())
     record = _sweep_record(spec, runs)  # both refuse before anything is written
-    _check_finished(spec, runs)
+    _check_finished(spec, runs, corpus.sha256)
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     (Path(spec.out) / "sweep.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     done = skipped = 0
@@ -276,13 +276,15 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
 
 
 #: a finished run's settings that may differ from the sweep's without changing what it trained
-_NOT_COMPARED = ("threads", "overwrite", "run_dir")
+#: (the corpus is compared by its digest: the same data by another path is the same corpus)
+_NOT_COMPARED = ("threads", "overwrite", "run_dir", "corpus")
 
 
-def _check_finished(spec: SweepSpec, runs: list[tuple[str, TrainConfig]]) -> None:
+def _check_finished(spec: SweepSpec, runs: list[tuple[str, TrainConfig]], corpus_sha256: str) -> None:
     """Refuse (ValueError naming the run and its settings) a finished run of the folder that was
-    trained with other settings than this sweep gives it: skipped, it would stand in the records
-    for a run it is not. A setting its config.json lacks (an older lowcomm's) is not compared."""
+    trained with other settings, or on other data, than this sweep gives it: skipped, it would
+    stand in the records for a run it is not. A setting its config.json lacks (an older
+    lowcomm's) is not compared."""
     for name, cfg in runs:
         run_dir = Path(cfg.run.run_dir)
         if not (run_dir / "summary.json").exists():
@@ -296,7 +298,7 @@ def _check_finished(spec: SweepSpec, runs: list[tuple[str, TrainConfig]]) -> Non
                 f"out={spec.out!r}: run {name} has a summary.json but no readable config.json, so what "
                 "it trained cannot be checked against this sweep; move it aside, or give another out"
             )
-        want = json.loads(json.dumps(cfg.flat(), default=list))
+        want = {**json.loads(json.dumps(cfg.flat(), default=list)), "corpus_sha256": corpus_sha256}
         diff = [k for k in want if k not in _NOT_COMPARED and k in done and done[k] != want[k]]
         if diff:
             was = ", ".join(f"{k}={done[k]!r}" for k in diff[:4])
