@@ -227,6 +227,10 @@ def test_a_report_or_fit_never_replaces_a_file_it_did_not_write(fixture_runs, ca
     (fixture_runs / "fits.json").unlink()
     assert main(["scaling", "fit", str(fixture_runs), "--bootstrap", "0"]) == 0  # (report.md is not its)
     check_outputs(fixture_runs, ("fits.json",))  # and what it wrote is a fit's
+    err = capsys.readouterr().err  # a bar of the fits (10,000 resamples take minutes)
+    assert re.search(r"fits: +\d+%\|.*\| \d+/12 ", err), err
+    assert main(["scaling", "fit", str(fixture_runs), "--bootstrap", "0", "--quiet"]) == 0
+    assert "fits:" not in capsys.readouterr().err
     assert mine.read_text() == "# my notes on these runs\n"
 
 

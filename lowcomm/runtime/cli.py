@@ -224,6 +224,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         f.add_argument("--out", default=None, help="output folder (default: the first RUNS folder)")
         f.add_argument("--bootstrap", type=int, default=200, help="resamples, 0-10000 (default 200)")
         f.add_argument("--title", default="Scaling report", help="title of the report and plots")
+        f.add_argument("--quiet", action="store_true", help="no progress bar of the fits")
 
     co = sub.add_parser("coordinator", help="serve a job's membership (ZeroMQ, HMAC-signed msgpack)")
     co.add_argument(
@@ -550,13 +551,15 @@ def _scaling(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"no usable summary.json records under {args.runs}")
     if args.scaling_command == "fit":
-        analysis = fit_records(records, n_boot=args.bootstrap)
+        analysis = fit_records(records, n_boot=args.bootstrap, progress=not args.quiet)
         out.mkdir(parents=True, exist_ok=True)
         (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
         print(_format_fits(analysis))
         print(f"fits in {(out / 'fits.json').resolve()}")
     else:
-        path = write_report(records, out, rejected=rejected, title=args.title, n_boot=args.bootstrap)
+        path = write_report(
+            records, out, rejected=rejected, title=args.title, n_boot=args.bootstrap, progress=not args.quiet
+        )
         print(f"report in {path.resolve()}")
     return 0
 

@@ -68,45 +68,62 @@ class Analysis:
         }
 
 
-def fit_records(records: list[Record], *, n_boot: int = 200, seed: int = 0, starts: int = 32) -> Analysis:
-    """Fit the per-curve power laws, the joint laws over DiLoCo runs, and the hyperparameter laws."""
+def fit_records(
+    records: list[Record], *, n_boot: int = 200, seed: int = 0, starts: int = 32, progress: bool = False
+) -> Analysis:
+    """Fit the per-curve power laws, the joint laws over DiLoCo runs, and the hyperparameter laws
+    (``progress``: a bar of the fits, each with its bootstrap: 10,000 resamples take minutes)."""
+    from tqdm.auto import tqdm
+
     a = Analysis()
     best = best_records(records)
     by_key: dict[str, list[Record]] = defaultdict(list)
     for r in best:
         by_key[r.key].append(r)
-    for key, rs in sorted(by_key.items()):
-        try:
-            a.per_curve[key] = fit(
-                "power_law", [r.N for r in rs], [r.loss for r in rs], label=key, n_boot=n_boot, seed=seed
-            )
-        except ValueError as e:
-            a.skipped.append((f"power_law {key}", str(e)))
-    dil = [r for r in best if r.method == "diloco"]
-    for form in ("joint", "joint_irreducible", "exp_irreducible"):
-        try:
-            a.joint[form] = fit(
-                form,
-                [r.N for r in dil],
-                [r.loss for r in dil],
-                [r.M for r in dil],
-                label="all DiLoCo",
-                n_boot=n_boot if form == "joint" else max(n_boot // 4, 10),
-                seed=seed,
-                starts=starts,
-            )
-        except ValueError as e:
-            a.skipped.append((f"{form}", str(e)))
-    for h in ("lr", "batch_size", "outer_lr"):
-        pts = best_hparam_points(records, h)
-        for key, nv in pts.items():
+    hparams = {h: best_hparam_points(records, h) for h in ("lr", "batch_size", "outer_lr")}
+    total = len(by_key) + 3 + sum(len(pts) for pts in hparams.values())
+    with tqdm(
+        total=total, desc="fits", unit="fit", dynamic_ncols=True, leave=False, disable=not progress
+    ) as bar:
+        for key, rs in sorted(by_key.items()):
             try:
-                res = fit(
-                    "power_law", [n for n, _ in nv], [v for _, v in nv], label=key, n_boot=n_boot, seed=seed
+                a.per_curve[key] = fit(
+                    "power_law", [r.N for r in rs], [r.loss for r in rs], label=key, n_boot=n_boot, seed=seed
                 )
-                a.hparams.setdefault(h, {})[key] = res
             except ValueError as e:
-                a.skipped.append((f"best {h} {key}", str(e)))
+                a.skipped.append((f"power_law {key}", str(e)))
+            bar.update(1)
+        dil = [r for r in best if r.method == "diloco"]
+        for form in ("joint", "joint_irreducible", "exp_irreducible"):
+            try:
+                a.joint[form] = fit(
+                    form,
+                    [r.N for r in dil],
+                    [r.loss for r in dil],
+                    [r.M for r in dil],
+                    label="all DiLoCo",
+                    n_boot=n_boot if form == "joint" else max(n_boot // 4, 10),
+                    seed=seed,
+                    starts=starts,
+                )
+            except ValueError as e:
+                a.skipped.append((f"{form}", str(e)))
+            bar.update(1)
+        for h, pts in hparams.items():
+            for key, nv in pts.items():
+                try:
+                    res = fit(
+                        "power_law",
+                        [n for n, _ in nv],
+                        [v for _, v in nv],
+                        label=key,
+                        n_boot=n_boot,
+                        seed=seed,
+                    )
+                    a.hparams.setdefault(h, {})[key] = res
+                except ValueError as e:
+                    a.skipped.append((f"best {h} {key}", str(e)))
+                bar.update(1)
     for what, why in a.skipped:  # (returned in a.skipped: the CLI and the report show them)
         log.info("not fitted: %s (%s)", what, why)
     return a

@@ -245,15 +245,17 @@ def write_report(
     title: str = "Scaling report",
     notes: str = "",
     n_boot: int = 200,
+    progress: bool = False,
 ) -> Path:
-    """Write report.md, fits.json and the plots into ``out_dir``; returns the report's path."""
+    """Write report.md, fits.json and the plots into ``out_dir``; returns the report's path
+    (``progress``: a bar of the fits, when ``analysis`` is not given)."""
     if not records:
         raise ValueError("no usable records to report on")
     _plt()  # a missing matplotlib is named now, not after the fits' bootstrap, and nothing is written
     out = Path(out_dir)
     check_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
-    analysis = analysis or fit_records(records, n_boot=n_boot)
+    analysis = analysis or fit_records(records, n_boot=n_boot, progress=progress)
     (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
     plot_loss_vs_n(records, analysis, out / "loss_vs_N.png")
     plot_loss_vs_m(records, analysis, out / "loss_vs_M.png")
