@@ -277,9 +277,10 @@ def test_cli_train_runs_and_rejects_bad_values(tmp_path, corpus_dir):
     assert bad.returncode == 2 and "alpha=1.5 is not allowed" in bad.stderr
 
 
-def test_dp_given_diloco_flags_says_it_does_not_use_them(tmp_path, corpus_dir, caplog, capsys):
+def test_flags_the_run_does_not_use_are_named(tmp_path, corpus_dir, caplog, capsys):
     """--mode dp --codec int4 ran a fp32 DP run without a word (its config.json showing int4);
-    a config file's [diloco] values, which a DP baseline shares with its DiLoCo runs, pass quietly."""
+    a config file's [diloco] values, which a DP baseline shares with its DiLoCo runs, pass quietly.
+    An elastic worker's flags without --coordinator are named too (--checkpoint-every serves any run)."""
     from lowcomm.runtime.cli import main
 
     base = ["train", "--corpus", corpus_dir, "--quiet", *TINY_FLAGS, "--steps", "2", "--mode", "dp"]
@@ -291,6 +292,14 @@ def test_dp_given_diloco_flags_says_it_does_not_use_them(tmp_path, corpus_dir, c
     with caplog.at_level("WARNING", logger="lowcomm"):
         assert main([*base, "--config", str(tmp_path / "c.toml"), "--run-dir", str(tmp_path / "b")]) == 0
     assert "not used by --mode dp" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowcomm"):  # an elastic worker's flags, no coordinator
+        argv = [*base, "--max-retries", "3", "--heartbeat", "1", "--checkpoint-every", "1"]
+        assert main([*argv, "--run-dir", str(tmp_path / "d")]) == 0
+    assert (
+        "--heartbeat, --max-retries: an elastic worker's settings, not used without --coordinator"
+        in caplog.text
+    )
 
 
 def test_config_sections_and_flat_keys_load_alike(tmp_path):

@@ -597,16 +597,38 @@ def _format_fits(analysis) -> str:
     return "\n".join(lines)
 
 
+#: the [elastic] settings of an elastic worker alone (checkpoint_every and resume serve any run)
+_WORKER_ONLY = (
+    "worker_id",
+    "advertise_addr",
+    "transfer_inner_state",
+    "heartbeat",
+    "coordinator_timeout",
+    "max_retries",
+)
+
+
 def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    """--mode dp with DiLoCo's flags (--codec int4, say): the run would not use them, and its
-    config.json would still show them (the first rank says so)."""
+    """--mode dp with DiLoCo's flags (--codec int4, say), or an elastic worker's flags without
+    --coordinator (--max-retries 3): the run would not use them, and its config.json would still
+    show them (the first rank says so)."""
     from .trainer.config import FLAT
 
-    given = [n for n, (sec, _) in FLAT.items() if sec == "diloco" and getattr(args, n, None) is not None]
-    if cfg.run.mode == "dp" and given and os.environ.get("RANK", "0") == "0":
+    def given(wanted) -> str:
+        names = [n for n, (sec, f) in FLAT.items() if wanted(sec, f) and getattr(args, n, None) is not None]
+        return ", ".join("--" + n.replace("_", "-") for n in names)
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    diloco = given(lambda sec, f: sec == "diloco")
+    if cfg.run.mode == "dp" and diloco:
         logging.getLogger("lowcomm").warning(
-            "%s: DiLoCo's settings, not used by --mode dp (a fp32 gradient mean every step)",
-            ", ".join("--" + n.replace("_", "-") for n in given),
+            "%s: DiLoCo's settings, not used by --mode dp (a fp32 gradient mean every step)", diloco
+        )
+    worker = given(lambda sec, f: sec == "elastic" and f in _WORKER_ONLY)
+    if not cfg.elastic.enabled and worker:
+        logging.getLogger("lowcomm").warning(
+            "%s: an elastic worker's settings, not used without --coordinator", worker
         )
 
 
