@@ -475,10 +475,11 @@ def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
 
 
 def test_only_failures_in_this_worker_itself_count_toward_giving_a_round_up():
-    """A round given up because its generation was aborted (a peer's failure) or because a peer
-    never entered it is the others' doing and is redone however often; an error raised in this
-    worker itself counts, a committed round resets the count, and after max_retries such
-    attempts in a row the round is given up with one line naming the last error."""
+    """A round given up because its generation was aborted (a peer's failure), because a peer never
+    entered it or because a peer's connection went away is the others' doing and is redone however
+    often; an error raised in this worker itself counts, a committed round resets the count, and
+    after max_retries such attempts in a row the round is given up with one line naming the last
+    error."""
     from lowcomm.comm.codecs import get_codec
     from lowcomm.comm.group import CollectiveError
     from lowcomm.runtime.elastic import ElasticGroup
@@ -521,6 +522,11 @@ def test_only_failures_in_this_worker_itself_count_toward_giving_a_round_up():
                 return job.buffer.clone(), job.buffer  # (mean, own contribution as sent)
             if agent.last == "abort":
                 raise Abandoned("generation 7 was aborted")
+            if agent.last == "gone":  # what the others see when a worker that failed exits
+                raise RuntimeError(
+                    "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                    "[127.0.0.1]:40868. This is typically caused by a remote worker crashing."
+                )
             raise RuntimeError("Cannot resolve 192.0.2.1 to a (local) address")  # "own" or "peer"
 
         group._reduce = reduce
@@ -530,8 +536,9 @@ def test_only_failures_in_this_worker_itself_count_toward_giving_a_round_up():
         return group.all_reduce_mean(torch.ones(8), get_codec("fp32"), "two_phase").wait()
 
     # others' failures, however many, never give up the round; own ones in a row below the limit
-    agent, group = make(["abort"] * 5 + ["peer"] * 5 + ["own", "own", "abort", "ok"], max_retries=3)
-    assert torch.equal(mean(group), torch.ones(8)) and group.rounds_redone == 13
+    outcomes = ["abort"] * 5 + ["peer"] * 5 + ["gone"] * 5 + ["own", "own", "abort", "ok"]
+    agent, group = make(outcomes, max_retries=3)
+    assert torch.equal(mean(group), torch.ones(8)) and group.rounds_redone == 18
     agent.outcomes += ["own", "own", "ok"]  # the count started again after the committed round
     assert torch.equal(mean(group), torch.ones(8))
     agent.outcomes += ["own", "abort", "own", "own", "ok"]

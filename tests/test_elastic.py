@@ -213,40 +213,56 @@ def test_a_dropped_contribution_and_a_hung_worker_cost_a_redo_and_a_resync_not_d
     assert j.summary("w0")["resyncs"] == 0
 
 
+#: a worker whose every attempt of a round fails in its own process: it cannot make its gloo
+#: device (what gloo said of another machine's --advertise-addr), or it fails between the
+#: round's two exchanges, its peers connected to it (a codec's error, say)
 _BROKEN_WORKER = """
+import os
 import sys
 
 import lowcomm.runtime.elastic.gloo as gloo
+import lowcomm.runtime.elastic.group as group
 
 
-def no_device(*args, **kwargs):  # what gloo said of another machine's --advertise-addr
+def no_device(*args, **kwargs):
     raise RuntimeError("Cannot resolve 192.0.2.1 to a (local) address")
 
 
-gloo.gloo_group = no_device
+def mid_round(self):
+    raise RuntimeError("the codec failed (an error of this worker's own)")
+
+
+if os.environ["BROKEN"] == "no_device":
+    gloo.gloo_group = no_device
+else:
+    group._RoundTap.between_phases = mid_round
 from lowcomm.runtime.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_worker_whose_rounds_fail_in_its_own_process_leaves_and_the_others_go_on(job):
-    """Every attempt of w2 fails in its own process (it cannot make its gloo device), so no one
-    names it missing and the job would redo round 0 for ever, twice a second. After
-    --max-retries such attempts it gives the round up, says so in one line, exits 1 and leaves;
-    the others finish without it, in step."""
+@pytest.mark.parametrize(
+    "broken,reason", [("no_device", "Cannot resolve"), ("mid_round", "the codec failed")]
+)
+def test_a_worker_whose_rounds_fail_in_its_own_process_leaves_and_the_others_go_on(job, broken, reason):
+    """Every attempt of w2 fails in its own process, so no one names it missing and the job would
+    redo round 0 for ever, twice a second. After --max-retries such attempts it gives the round
+    up, says so in one line, exits 1 and leaves; the others, whose attempts failed on its account
+    (aborted, or its connection gone: not their own failures, which they would also give up
+    on), finish without it, in step."""
     j = job(coord_flags=("--min-workers", "3"))
     j.start_coordinator()
     names = W4[:3]
     script = j.tmp / "broken_worker.py"
     script.write_text(_BROKEN_WORKER)
     for w in names[:2]:
-        j.start_worker(w, pace(names, delay=0.01))
-    j.start_worker("w2", extra=["--max-retries", "3"], program=str(script))
+        j.start_worker(w, pace(names, delay=0.01), extra=["--max-retries", "1"])  # the least
+    j.start_worker("w2", extra=["--max-retries", "3"], env={"BROKEN": broken}, program=str(script))
     assert j.wait_workers(names, 150) == {"w0": 0, "w1": 0, "w2": 1}, j.logs()
     assert len(set(_digests(j, names[:2]).values())) == 1
     (gave_up,) = j.events("w2", "gave_up")
-    assert gave_up["round"] == 0 and gave_up["attempts"] == 3 and "Cannot resolve" in gave_up["reason"]
+    assert gave_up["round"] == 0 and gave_up["attempts"] == 3 and reason in gave_up["reason"]
     assert len(j.events("w2", "round_redone")) == 3
     log = next(j.tmp.glob("w2-*.log")).read_text()
     assert "round 0 failed in this worker 3 times in a row (max_retries=3)" in log

@@ -51,6 +51,14 @@ class ContributionDropped(CollectiveError):
     """A fault hook made this replica's contribution to a round never arrive."""
 
 
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is gloo's word that a peer's connection went away ("Connection closed by
+    peer", "Connection reset by peer", raised from its pair.cc): the peer's failure, not this
+    worker's own (a worker whose rounds fail in its own process exits, and its peers see this)."""
+    text = str(e)
+    return "by peer" in text or "pair.cc" in text
+
+
 class _ElasticWork(Work):
     def __init__(self, stats: ReduceStats):
         super().__init__(stats)
@@ -245,8 +253,8 @@ class ElasticGroup(ReplicaGroup):
                 )
                 if group is not None:
                     suspects = [q.members[r] for r in group.missing(job.seq)]
-                if not suspects and not isinstance(e, Abandoned):  # not given up on an abort or a peer
-                    own = e
+                if not suspects and not isinstance(e, Abandoned) and not _lost_peer(e):
+                    own = e  # (not given up on an abort, nor on a peer missing or gone)
             if result is None:
                 self._group = None
             if agent.commit(job.seq, q.generation, result is not None, q.members, suspects):
