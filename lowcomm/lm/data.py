@@ -209,9 +209,11 @@ def _map_file(path: Path, dtype: str, size: int) -> np.ndarray:
     """The first ``size`` bytes of a corpus file as tokens, mapped, not read: the file may be
     larger than the host's memory, and only the pages of the windows drawn are read. The windows
     are drawn at random, so the kernel is told not to read ahead of each (read-ahead read ~8x
-    the pages a window needs, and held them). A file written over or cut short while a run maps
-    it ends the process (SIGBUS) at the next window drawn from the part that went: a corpus is
-    replaced by writing a new file and renaming it over the old, as lowcomm's own files are."""
+    the pages a window needs, and held them). A file cut short while a run maps it (writing it
+    anew with ``open(path, "wb")`` does so first) ends the process with SIGBUS at the next window
+    drawn from the part that went, and one written over in place changes the data under the run:
+    a corpus is replaced by writing a new file and renaming it over the old, as lowcomm's own
+    files are."""
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # (Linux and macOS)
