@@ -161,6 +161,25 @@ def test_lightning_callback_replaces_the_diloco_a_failed_fit_left_attached():
     callback.on_fit_end(trainer, model)
 
 
+def test_lightning_callback_warns_when_the_trainer_spans_replicas(caplog):
+    """Under a launcher without replica_group() first, Lightning saw WORLD_SIZE and ran DDP across
+    the replicas, all-reducing gradients every step; the HF callback said so, this one did not."""
+    from lowcomm.integrations.lightning import DiLoCoCallback
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = DiLoCoCallback(LocalGroup.create(1)[0], sync_every=2)
+    for world_size in (1, 2):
+        trainer = types.SimpleNamespace(
+            optimizers=[opt], strategy=types.SimpleNamespace(model=model), world_size=world_size
+        )
+        with caplog.at_level(logging.WARNING, logger="lowcomm"):
+            callback.on_fit_start(trainer, model)
+        warned = "the Lightning Trainer sees 2 processes and wraps the model in DDP" in caplog.text
+        assert warned == (world_size == 2) and ("before building the Trainer" in caplog.text) == warned
+        callback.on_fit_end(trainer, model)
+
+
 def test_lightning_callback_refuses_two_optimizers(tmp_path):
     import lightning.pytorch as pl
 

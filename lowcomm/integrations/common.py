@@ -22,6 +22,7 @@ __all__ = [
     "LAUNCHER_ENV",
     "unwrap_optimizer",
     "outer_device",
+    "warn_if_spanning_replicas",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,3 +345,18 @@ def unwrap_optimizer(optimizer):
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def warn_if_spanning_replicas(framework: str, world_size: int, build: str) -> None:
+    """Warn when a framework's trainer sees more processes than a replica has: it wrapped the model
+    in DDP across the replicas (it read the launcher's RANK / WORLD_SIZE: ``replica_group()`` was
+    not called before ``build``), and gradients are all-reduced every step."""
+    if world_size > procs_per_replica():
+        log.warning(
+            "the %s sees %d processes and wraps the model in DDP: gradients are all-reduced every step "
+            "across replicas, which DiLoCo is meant to avoid; call lowcomm.integrations.replica_group() "
+            "before building %s",
+            framework,
+            world_size,
+            build,
+        )

@@ -38,6 +38,7 @@ from .common import (
     replica_shard_group,
     replica_state,
     unwrap_optimizer,
+    warn_if_spanning_replicas,
 )
 
 __all__ = ["DiLoCoTrainerCallback", "replica_group", "STATE_FILE"]
@@ -70,13 +71,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
         self.diloco: DiLoCo | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if args.world_size > procs_per_replica():
-            log.warning(
-                "the HF Trainer sees %d processes and wraps the model in DDP: gradients are all-reduced "
-                "every step across replicas, which DiLoCo is meant to avoid; call "
-                "lowcomm.integrations.replica_group() before building TrainingArguments",
-                args.world_size,
-            )
+        warn_if_spanning_replicas("HF Trainer", args.world_size, "TrainingArguments")
         saved = None
         if state.global_step > 0:  # resuming: the Trainer loaded checkpoint-<step> of output_dir
             folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

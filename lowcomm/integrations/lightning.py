@@ -26,7 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
-from .common import outer_device, replica_group, replica_shard_group, replica_state, unwrap_optimizer
+from .common import (
+    outer_device,
+    replica_group,
+    replica_shard_group,
+    replica_state,
+    unwrap_optimizer,
+    warn_if_spanning_replicas,
+)
 
 __all__ = ["DiLoCoCallback", "replica_group"]
 
@@ -56,6 +63,7 @@ class DiLoCoCallback(pl.Callback):
             raise ValueError(
                 f"DiLoCoCallback takes one optimizer, the module configured {len(trainer.optimizers)}"
             )
+        warn_if_spanning_replicas("Lightning Trainer", getattr(trainer, "world_size", 1), "the Trainer")
         # resuming, each replica's own weights came from its checkpoint: nothing to make alike
         config = self.config.replace(init="none") if self._restored is not None else self.config
         if self.diloco is not None:  # a fit that ended in an exception left it attached
