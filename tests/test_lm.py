@@ -47,6 +47,18 @@ def test_stdlib_corpus_is_deterministic_and_split():
     assert a.train.dtype == np.uint8
 
 
+def test_a_cache_folder_that_cannot_be_written_costs_a_rebuild_not_the_run(tmp_path, monkeypatch, caplog):
+    """A read-only home (a container's) or a LOWCOMM_CACHE in the way stopped every run at its
+    corpus with '[Errno 2] No such file or directory'; the cache is only a cache."""
+    cached = load_corpus("stdlib", max_bytes=1 << 20)
+    (tmp_path / "a_file").write_text("in the way")
+    monkeypatch.setenv("LOWCOMM_CACHE", str(tmp_path / "a_file"))
+    with caplog.at_level("WARNING", logger="lowcomm.lm.data"):
+        rebuilt = load_corpus("stdlib", max_bytes=1 << 20)
+    assert rebuilt.sha256 == cached.sha256 and (tmp_path / "a_file").read_text() == "in the way"
+    assert "the corpus cache" in caplog.text and "set LOWCOMM_CACHE to a writable folder" in caplog.text
+
+
 def test_directory_corpus_and_token_file(tmp_path):
     for i in range(3):
         (tmp_path / "texts" / f"d{i}").mkdir(parents=True)

@@ -15,6 +15,7 @@ larger than the host's memory; it is passed over once, a chunk at a time, for it
 from __future__ import annotations
 
 import hashlib
+import logging
 import mmap
 import os
 import sysconfig
@@ -28,6 +29,8 @@ import torch
 from .._checks import host_available_bytes, human_bytes
 
 __all__ = ["Corpus", "BatchSampler", "load_corpus", "eval_batches", "cache_dir"]
+
+log = logging.getLogger(__name__)
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 DEFAULT_MAX_BYTES = 8 << 20
@@ -122,11 +125,19 @@ def _stdlib_corpus(max_bytes: int) -> Corpus:
         if not files:
             raise FileNotFoundError(f"no Python sources found under the standard library at {root}")
         train, val = _split_files(files)
-        cdir.mkdir(parents=True, exist_ok=True)
-        for path, arr in ((train_p, train), (val_p, val)):
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            arr.tofile(tmp)
-            os.replace(tmp, path)
+        try:  # a cache only: a home or $LOWCOMM_CACHE that cannot be written costs a rebuild per run
+            cdir.mkdir(parents=True, exist_ok=True)
+            for path, arr in ((train_p, train), (val_p, val)):
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                arr.tofile(tmp)
+                os.replace(tmp, path)
+        except OSError as e:
+            log.warning(
+                "the corpus cache %s cannot be written (%s): the standard library corpus is built again "
+                "by every run; set LOWCOMM_CACHE to a writable folder to keep it",
+                cdir,
+                e,
+            )
     return Corpus(f"stdlib:{tag}", train, val, 256, _digest(train, val))
 
 
