@@ -265,6 +265,36 @@ def test_streaming_and_quantized_runs_are_curves_of_their_own_not_diloco_cells(f
     assert qualitative_findings(records) == qualitative_findings(before)
 
 
+def test_a_cell_of_runs_at_two_token_budgets_is_refused_by_name(fixture_runs, capsys):
+    """Two sweeps' folders reported together, one at 20 tokens a parameter and one at 40: each
+    cell's lowest loss was the longer-trained run's, taken as the best-tuned one and fitted. Budgets
+    that differ between cells (a sweep with --keep-per-replica-batch: tokens grow with M; here, the
+    fixture's, with N) are a sweep's design and pass."""
+    from lowcomm.runtime.cli import main
+
+    fit_records(load_records([fixture_runs])[0], n_boot=0)  # one budget a cell: fitted
+    _write_summary(
+        fixture_runs / "longer" / "m4",
+        replicas=4,
+        params_non_embedding=200_000,
+        tokens=2000,  # twice the fixture's budget at this N
+        final_eval_loss=1.0,
+    )
+    records, _ = load_records([fixture_runs])
+    match = (
+        r"the cell diloco M=4 at N=200,000 holds runs of different token budgets \(D/N 0.005 in "
+        r".*m4_lr0.00\d, 0.01 in .*longer/m4\): its lowest loss would be the longer-trained run's; fit or "
+        r"report each budget's runs apart"
+    )
+    with pytest.raises(ValueError, match=match):
+        fit_records(records, n_boot=0)
+    assert (
+        main(["scaling", "report", str(fixture_runs), "--bootstrap", "0", "--out", str(fixture_runs / "r")])
+        == 2
+    )
+    assert re.search(match, capsys.readouterr().err) and not (fixture_runs / "r").exists()
+
+
 def test_a_single_model_size_is_reported_not_fitted(tmp_path):
     for m in (1, 2, 4):
         _write_summary(tmp_path / f"m{m}", replicas=m, final_eval_loss=3.0 + 0.01 * m)

@@ -23,9 +23,35 @@ __all__ = ["Analysis", "best_records", "loss_table", "fit_records", "best_hparam
 log = logging.getLogger(__name__)
 
 
+#: runs of one cell whose tokens per parameter differ by more than this factor are of two budgets
+#: (a sweep rounds each run's steps, so one budget's runs differ by a few percent at most)
+BUDGET_SPREAD = 1.25
+
+
 def best_records(records: list[Record]) -> list[Record]:
-    """The lowest-loss record per (method, N, M): the study fits tuned runs only."""
+    """The lowest-loss record per (method, N, M): the study fits tuned runs only.
+
+    Raises:
+        ValueError: a cell holds runs of different token budgets (D/N): its lowest loss would be
+            the longer-trained run's, not the best-tuned one's.
+    """
+    cells: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    for r in records:
+        cells[(r.key, r.N)].append(r)
+    for (key, n), rs in sorted(cells.items()):
+        lo, hi = min(rs, key=_budget), max(rs, key=_budget)
+        if _budget(hi) > BUDGET_SPREAD * _budget(lo):
+            raise ValueError(
+                f"the cell {key} at N={n:,} holds runs of different token budgets (D/N {_budget(lo):.3g} in "
+                f"{lo.path}, {_budget(hi):.3g} in {hi.path}): its lowest loss would be the longer-trained "
+                "run's; fit or report each budget's runs apart"
+            )
     return best_per_point(records, key=lambda r: (r.key, r.N), value=lambda r: r.loss)
+
+
+def _budget(r: Record) -> float:
+    """Tokens per non-embedding parameter."""
+    return r.tokens / r.N
 
 
 def loss_table(records: list[Record]) -> tuple[list[int], list[str], dict[tuple[str, int], Record]]:

@@ -254,8 +254,8 @@ def write_report(
     _plt()  # a missing matplotlib is named now, not after the fits' bootstrap, and nothing is written
     out = Path(out_dir)
     check_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
     analysis = analysis or fit_records(records, n_boot=n_boot, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
     plot_loss_vs_n(records, analysis, out / "loss_vs_N.png")
     plot_loss_vs_m(records, analysis, out / "loss_vs_M.png")
