@@ -295,6 +295,26 @@ def test_a_cell_of_runs_at_two_token_budgets_is_refused_by_name(fixture_runs, ca
     assert re.search(match, capsys.readouterr().err) and not (fixture_runs / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "field,values,what",
+    [("corpus", ("stdlib", "dir:web"), "corpora"), ("seq_len", (64, 128), "context lengths")],
+)
+def test_runs_of_two_corpora_or_context_lengths_are_not_fitted_together(tmp_path, field, values, what):
+    """Their losses measure different things; any cell or curve mixing them would be wrong."""
+    for i, n in enumerate((20_000, 60_000, 200_000)):
+        _write_summary(tmp_path / f"n{n}", params_non_embedding=n, **{field: values[i == 2]})
+    _write_summary(tmp_path / "unsaid", params_non_embedding=600_000)  # a record that does not say
+    records, rejected = load_records([tmp_path])
+    assert not rejected
+    with pytest.raises(
+        ValueError,
+        match=rf"the records are of 2 {what}: {values[0]!r} \(.*n20000\), {values[1]!r} \(.*n200000\); "
+        rf"their losses measure different things: fit or report each {field}'s runs apart",
+    ):
+        fit_records(records, n_boot=0)
+    fit_records([r for r in records if getattr(r, field) != values[1]], n_boot=0)  # one: fitted
+
+
 def test_a_single_model_size_is_reported_not_fitted(tmp_path):
     for m in (1, 2, 4):
         _write_summary(tmp_path / f"m{m}", replicas=m, final_eval_loss=3.0 + 0.01 * m)

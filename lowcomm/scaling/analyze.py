@@ -32,9 +32,21 @@ def best_records(records: list[Record]) -> list[Record]:
     """The lowest-loss record per (method, N, M): the study fits tuned runs only.
 
     Raises:
-        ValueError: a cell holds runs of different token budgets (D/N): its lowest loss would be
-            the longer-trained run's, not the best-tuned one's.
+        ValueError: the records are of two corpora or context lengths (their losses measure
+            different things), or a cell holds runs of different token budgets (D/N): its lowest
+            loss would be the longer-trained run's, not the best-tuned one's.
     """
+    for name, what in (("corpus", "corpora"), ("seq_len", "context lengths")):
+        first: dict = {}  # value -> a record of it
+        for r in records:
+            if getattr(r, name) is not None:
+                first.setdefault(getattr(r, name), r)
+        if len(first) > 1:
+            shown = ", ".join(f"{v!r} ({r.path})" for v, r in list(first.items())[:3])
+            raise ValueError(
+                f"the records are of {len(first)} {what}: {shown}; their losses measure different "
+                f"things: fit or report each {name}'s runs apart"
+            )
     cells: dict[tuple[str, int], list[Record]] = defaultdict(list)
     for r in records:
         cells[(r.key, r.N)].append(r)

@@ -28,6 +28,8 @@ _OPTIONAL = (
     ("lr", lambda v: is_number(v) and v > 0, "a finite number > 0"),
     ("outer_lr", lambda v: is_number(v) and v > 0, "a finite number > 0"),
     ("batch_size", lambda v: is_int(v, 1), "an int >= 1"),
+    ("corpus", lambda v: isinstance(v, str) and v != "", "a corpus's name"),
+    ("seq_len", lambda v: is_int(v, 1), "an int >= 1"),
 )
 
 
@@ -44,6 +46,7 @@ class Record:
         tokens: training tokens over all replicas.
         sync_every, fragments, overlap, codec: DiLoCo settings (1, 1, 0, "fp32" for DP).
         lr, outer_lr, batch_size: hyperparameters (batch per replica).
+        corpus, seq_len: what the loss is measured on (None where a record does not say).
         bytes_per_replica: wire bytes per replica.
         flops: 6·N·D.
     """
@@ -61,6 +64,8 @@ class Record:
     lr: float | None = None
     outer_lr: float | None = None
     batch_size: int | None = None
+    corpus: str | None = None
+    seq_len: int | None = None
     bytes_per_replica: float | None = None
     flops: float | None = None
 
@@ -154,6 +159,8 @@ def load_records(paths: list[str | Path]) -> tuple[list[Record], list[tuple[str,
                 lr=s.get("lr"),
                 outer_lr=s.get("outer_lr"),
                 batch_size=s.get("batch_size"),
+                corpus=s.get("corpus"),
+                seq_len=s.get("seq_len"),
                 bytes_per_replica=s.get("bytes_sent_per_replica"),
                 flops=s.get("flops"),
             )
