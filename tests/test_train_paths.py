@@ -1363,6 +1363,22 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
     assert not [e for e in read_jsonl(folder / "events.jsonl") if e["kind"] == "config_changed"]
 
 
+def test_a_diloco_run_shorter_than_one_round_says_so(tmp_path, corpus_dir, caplog):
+    """--steps 10 --sync-every 50 --no-final-sync sent 0 bytes and recorded the untrained model's
+    loss as the run's (its global parameters never moved) without a word."""
+    run = dict(replicas=2, steps=4, eval_every=0, sync_every=8)
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
+        never = _run(tmp_path, corpus_dir, "never", **run, final_sync=False)
+    assert never["bytes_sent_per_replica"] == 0
+    assert (
+        "sync_every=8 is more than steps=4: with final_sync off the replicas never synchronize" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
+        once = _run(tmp_path, corpus_dir, "once", **run)
+    assert once["bytes_sent_per_replica"] > 0 and "synchronize once, at the end (final_sync)" in caplog.text
+
+
 def test_a_run_resumed_with_other_settings_records_what_changed(tmp_path, corpus_dir, caplog):
     """More steps and another learning rate for a finished run's continuation: allowed (as in
     torchtitan), but config.json, which is kept, no longer speaks for every step, so the change

@@ -146,6 +146,17 @@ class Trainer:
         note = cfg.run.check_compile(cfg.model.precision)
         if note:
             log.warning(note)
+        h, steps = cfg.diloco.sync_every, cfg.run.steps
+        if cfg.run.mode == "diloco" and cfg.diloco.fragments == 1 and h > steps and self.leader_by_env():
+            log.warning(
+                "sync_every=%d is more than steps=%d: %s",
+                h,
+                steps,
+                "the replicas synchronize once, at the end (final_sync)"
+                if cfg.run.final_sync
+                else "with final_sync off the replicas never synchronize, and the global parameters "
+                "evaluated and recorded are the initial ones",
+            )
         self.corpus = load_corpus(cfg.data.corpus)
         elastic = cfg.elastic.enabled
         here = 1 if elastic or is_distributed_env() or self.topology is not None else cfg.run.replicas
