@@ -84,7 +84,7 @@ def test_a_token_file_is_mapped_not_read_and_passed_over_in_chunks(tmp_path, mon
     toks = (np.arange(10_001, dtype=np.int64) * 7919 % 5000).astype("<u2")
     toks[1234] = 7777  # the largest, inside a chunk neither first nor last
     toks.tofile(tmp_path / "t.bin")
-    monkeypatch.setattr(data, "_CHUNK", 1000)
+    monkeypatch.setattr(data, "_CHUNK_BYTES", 2000)
     t = load_corpus(tmp_path / "t.bin")
     base = t.train  # a view of the map: array -> array -> memoryview -> mmap
     while base is not None and not isinstance(base, mmap.mmap):

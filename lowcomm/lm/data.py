@@ -141,8 +141,8 @@ def _stdlib_corpus(max_bytes: int) -> Corpus:
     return Corpus(f"stdlib:{tag}", train, val, 256, _digest(train, val))
 
 
-#: tokens a pass over a token file reads at a time (32 MiB)
-_CHUNK = 1 << 24
+#: bytes a pass over a corpus file reads at a time
+_CHUNK_BYTES = 32 << 20
 
 
 def _digest(train: np.ndarray, val: np.ndarray) -> str:
@@ -238,7 +238,7 @@ def _scan_file(path: Path, dtype: str, size: int) -> tuple[str, int, int]:
     (SHA-256: :func:`_digest` of the two splits) and the smallest and largest token (read, not
     mapped: the pages passed over are the page cache's, not the process's)."""
     h, lo, hi = hashlib.sha256(), None, None
-    buf = bytearray(2 * _CHUNK)
+    buf = bytearray(_CHUNK_BYTES)  # (even: a uint16 token is never split between two reads)
     with open(path, "rb") as f:
         while size > 0 and (n := f.readinto(buf)):
             chunk = memoryview(buf)[: min(n, size)]
