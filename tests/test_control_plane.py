@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 
 import msgpack
 import pytest
@@ -436,6 +437,40 @@ def test_a_worker_whose_coordinator_never_answers_gives_up_after_its_timeout():
     ):
         WorkerAgent(endpoint, KEY, "w", "192.0.2.1")
     WorkerAgent(endpoint, KEY, "w", "127.0.0.1").close(leave=False)
+
+
+def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypatch):
+    """A chaos run under CI's load: w1, restarted after its kill, was joining when the coordinator
+    was killed and restarted; its transfer failed, and the restarted coordinator, which did not
+    know it yet, refused its next join ('not registered'): w1 exited and the report said 'data lost
+    1'. The join now waits for the heartbeat thread's registration and asks again, as the rounds'
+    calls do; a re-registration refused for good is raised."""
+    from lowcomm.comm.net import free_port
+    from lowcomm.runtime.elastic import WorkerAgent
+    from lowcomm.runtime.errors import JobFinished, NotRegistered
+
+    agent = WorkerAgent(f"tcp://127.0.0.1:{free_port()}", KEY, "w1", heartbeat_s=0.01)
+    replies = [NotRegistered("worker 'w1' is not registered (register again)"), None]
+
+    def call(kind, body, match=None, cancel=None):
+        answer = replies.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return types.SimpleNamespace(
+            type="join_reply",
+            body={"donor": "w0", "transfer_id": 7, "store": "127.0.0.1:1", "rendezvous": 3},
+        )
+
+    monkeypatch.setattr(agent._main, "call", call)
+    monkeypatch.setattr(agent, "_over_transfer_group", lambda *a: {"step": 40})
+    loaded = []
+    info = agent.join(loaded.append)
+    assert loaded == [{"step": 40}] and info["donor"] == "w0" and info["attempts"] == 1 and not replies
+    replies[:] = [NotRegistered("worker 'w1' is not registered (register again)")]
+    agent._refused = JobFinished("the job finished")  # what the heartbeat thread was told
+    with pytest.raises(JobFinished, match="the job finished"):
+        agent.join(loaded.append)
+    agent.close(leave=False)
 
 
 def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():

@@ -404,20 +404,30 @@ class WorkerAgent:
 
         Returns facts about the transfer (donor, seconds, attempts, transfer id).
 
+        A coordinator that does not know this worker (it restarted meanwhile) is asked again once
+        the heartbeat thread has registered the worker again, as the rounds' calls are.
+
         Raises:
             JobFinished: the job's workers finished and left: there is nothing to join.
+            CoordinatorRefused: the re-registration was refused for good.
             CoordinatorLost: nothing heard from the coordinator for ``coordinator_timeout_s``.
         """
         failed: list[str] = []
         attempts = 0
         while True:
+            try:
+                reply = self._main.call(
+                    "join",
+                    {"worker_id": self.worker_id, "failed": failed[-64:]},
+                    match=lambda r: r.type == "join_reply",
+                    cancel=self._coordinator_gone,
+                )
+            except NotRegistered:  # a restarted coordinator (a chaos run's joiner met one and exited)
+                if self._refused is not None:
+                    raise self._refused from None
+                time.sleep(self.heartbeat_s)  # the heartbeat thread registers this worker again
+                continue
             attempts += 1
-            reply = self._main.call(
-                "join",
-                {"worker_id": self.worker_id, "failed": failed[-64:]},
-                match=lambda r: r.type == "join_reply",
-                cancel=self._coordinator_gone,
-            )
             if reply is None:
                 raise self._lost_coordinator()
             b = reply.body
