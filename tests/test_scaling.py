@@ -402,6 +402,19 @@ def test_a_sweep_on_a_corpus_that_is_not_there_is_refused_before_any_folder(tmp_
         assert not out.exists()
 
 
+def test_a_sweeps_bar_shows_each_runs_steps_beneath_it(tmp_path, capsys):
+    """The sweep's bar moved once a run: a large size's run showed nothing for many minutes."""
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = SweepSpec(
+        sizes=("d16l2",), replicas=(1,), baseline=None, tokens_per_param=0.5, global_batch=4, seq_len=16,
+        corpus=str(corpus), out=str(tmp_path / "sweep"), threads=1,
+    )  # fmt: skip
+    assert run_sweep(spec, progress=True)["done"] == 1
+    err = capsys.readouterr().err
+    assert re.search(r"sweep: +\d+%", err), err[-2000:]
+    assert re.search(r"diloco M=1: +\d+%\|.*\| \d+/\d+ ", err), err[-2000:]  # the run's own steps
+
+
 def test_tiny_sweep_runs_resumes_and_survives_a_failed_run(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     spec = SweepSpec(

@@ -252,7 +252,7 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True) -> dict:
             if bar is not None:
                 bar.set_postfix_str(name)
             try:
-                loop.train(cfg, progress=False)
+                loop.train(cfg, progress=progress)  # (its bar of steps below the sweep's)
                 (run_dir / "failed.json").unlink(missing_ok=True)
                 done += 1
             except Exception as e:  # one bad run must not stop the sweep
