@@ -285,24 +285,22 @@ def _check_finished(spec: SweepSpec, runs: list[tuple[str, TrainConfig]], corpus
     trained with other settings, or on other data, than this sweep gives it: skipped, it would
     stand in the records for a run it is not. A setting its config.json lacks (an older
     lowcomm's) is not compared."""
+    from ..runtime.trainer.records import config_changes
+
     for name, cfg in runs:
         run_dir = Path(cfg.run.run_dir)
         if not (run_dir / "summary.json").exists():
             continue
-        try:
-            done = json.loads((run_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            done = None
-        if not isinstance(done, dict):
+        diff = config_changes(run_dir, {**cfg.flat(), "corpus_sha256": corpus_sha256}, _NOT_COMPARED)
+        if diff is None:
             raise ValueError(
                 f"out={spec.out!r}: run {name} has a summary.json but no readable config.json, so what "
                 "it trained cannot be checked against this sweep; move it aside, or give another out"
             )
-        want = {**json.loads(json.dumps(cfg.flat(), default=list)), "corpus_sha256": corpus_sha256}
-        diff = [k for k in want if k not in _NOT_COMPARED and k in done and done[k] != want[k]]
         if diff:
-            was = ", ".join(f"{k}={done[k]!r}" for k in diff[:4])
-            now = ", ".join(f"{k}={want[k]!r}" for k in diff[:4])
+            shown = list(diff.items())[:4]
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in shown)
+            now = ", ".join(f"{k}={b!r}" for k, (_, b) in shown)
             raise ValueError(
                 f"out={spec.out!r}: run {name} was finished with {was}, this sweep gives it {now}; "
                 "a sweep folder holds one set of run settings: rerun with the earlier ones to resume "

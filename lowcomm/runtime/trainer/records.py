@@ -31,6 +31,7 @@ __all__ = [
     "RunRecorder",
     "SUMMARY_KEYS",
     "atomic_write_json",
+    "config_changes",
     "human_bytes",
     "read_jsonl",
     "write_summary",
@@ -123,6 +124,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def config_changes(run_dir: str | Path, config: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict | None:
+    """The settings of ``config`` that differ from those ``run_dir/config.json`` recorded: key ->
+    [recorded, now], as JSON (``config`` written as config.json is), keys the file lacks (an older
+    lowcomm's) and ``ignore`` aside. None when the file cannot be read as a configuration."""
+    try:
+        was = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(was, dict):
+        return None
+    now = json.loads(json.dumps(config, default=_default))
+    return {k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in ignore}
+
+
 def _default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
@@ -182,25 +197,14 @@ class RunRecorder:
         self._held: list[tuple[str, str]] | None = None  # replacing: (file, line) until begin()
         self._held_scalars: list[tuple[int, dict[str, float]]] = []  # the sink's, likewise
         self._closed = False
-        self.changed = self._changed_since_record() if append else {}
+        # continuing, the settings that differ from the kept config.json (more steps, another lr):
+        # the records say so rather than have config.json speak for steps it did not govern
+        self.changed = (config_changes(self.dir, config, _NOT_A_CHANGE) or {}) if append else {}
         if not append and any((self.dir / name).exists() for name in RECORD_FILES):
             self._held = []
         else:
             self._open()
         self.sink, self.first_replica = sink, first_replica
-
-    def _changed_since_record(self) -> dict[str, list]:
-        """Continuing a run, the settings that differ from its config.json (which is kept): key ->
-        [recorded, now]. A resumed run may change them (more steps, another learning rate); the
-        records then say so rather than have config.json speak for steps it did not govern."""
-        try:
-            was = json.loads((self.dir / "config.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(was, dict):
-            return {}
-        now = json.loads(json.dumps(self._config, default=str))
-        return {k: [was[k], v] for k, v in now.items() if k in was and was[k] != v and k not in _NOT_A_CHANGE}
 
     def _open(self) -> None:
         """Write config.json (unless continuing a run that has one) and open the JSONL files;
