@@ -337,6 +337,14 @@ class WorkerAgent:
 
     # ---- rounds (driver thread) --------------------------------------------------------------------
 
+    def _await_registration(self) -> None:
+        """After a NotRegistered reply (a restarted coordinator, or this worker expired): raise the
+        re-registration's refusal if it was refused for good, else wait a heartbeat, in which the
+        heartbeat thread registers this worker again, for the caller to ask again."""
+        if self._refused is not None:
+            raise self._refused from None
+        time.sleep(self.heartbeat_s)
+
     def _rpc_call(self, kind: str, body: dict, match, cancel=None):
         """A long-poll on the rounds' client; while the coordinator does not know this worker (it
         restarted), wait for the heartbeat thread to register again and ask again.
@@ -354,9 +362,7 @@ class WorkerAgent:
             try:
                 reply = self._rpc.call(kind, body, match=match, cancel=stop)
             except NotRegistered:
-                if self._refused is not None:
-                    raise self._refused from None
-                time.sleep(self.heartbeat_s)
+                self._await_registration()
                 continue
             if reply is None and not (cancel is not None and cancel()):
                 raise self._lost_coordinator()
@@ -423,9 +429,7 @@ class WorkerAgent:
                     cancel=self._coordinator_gone,
                 )
             except NotRegistered:  # a restarted coordinator (a chaos run's joiner met one and exited)
-                if self._refused is not None:
-                    raise self._refused from None
-                time.sleep(self.heartbeat_s)  # the heartbeat thread registers this worker again
+                self._await_registration()
                 continue
             attempts += 1
             if reply is None:
