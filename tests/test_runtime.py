@@ -923,7 +923,7 @@ def test_a_failed_collective_ends_a_static_process_in_one_line_with_code_1(monke
     import lowcomm.runtime.trainer as trainer
     from lowcomm.comm import CollectiveError
 
-    def fail(cfg, progress):
+    def fail(cfg, progress, stop):
         raise CollectiveError("outer collective #2 failed: replica(s) [1] never entered it")
 
     def leave(code):
@@ -947,7 +947,7 @@ def test_ctrl_c_in_training_ends_in_one_line_with_code_130_and_keeps_the_records
     import lowcomm.runtime.cli as cli
     import lowcomm.runtime.trainer as trainer
 
-    def interrupted(cfg, progress):
+    def interrupted(cfg, progress, stop):
         raise KeyboardInterrupt
 
     def leave(code):
@@ -968,5 +968,121 @@ def test_ctrl_c_in_training_ends_in_one_line_with_code_130_and_keeps_the_records
         assert err.startswith(f"\nlowcomm: interrupted; the records so far are in {run.resolve()}{says}"), err
         assert "Traceback" not in err
     assert (run / "events.jsonl").read_text() == '{"kind": "step"}\n'  # kept as it was
-    monkeypatch.setattr(cli, "_demo", lambda args: interrupted(None, None))  # any other command
+    monkeypatch.setattr(cli, "_demo", lambda args: interrupted(None, None, None))  # any other command
     assert cli.main(["demo"]) == 130 and capsys.readouterr().err == "\nlowcomm: interrupted\n"
+
+
+def test_the_sigterm_watch_sets_the_stop_leaves_after_its_wait_and_is_undone(monkeypatch):
+    """`lowcomm train` takes SIGTERM through a thread woken by the signal's wakeup fd, so a main
+    thread blocked in a collective does not delay it: the thread sets the run's stop event and,
+    if the run has not ended `wait_s` later, leaves with 143. A run that ends within the wait is
+    not left; afterwards SIGTERM's handler and the wakeup fd are what they were."""
+    import signal
+    import threading
+
+    import lowcomm.runtime.cli as cli
+
+    left = []
+    monkeypatch.setattr(cli, "_leave_now", left.append)
+    assert threading.current_thread() is threading.main_thread()  # (where signal handlers live)
+    handler, fd = signal.getsignal(signal.SIGTERM), signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    with cli._stop_on_sigterm(wait_s=0.3) as stop:
+        assert signal.getsignal(signal.SIGTERM) is not handler and not stop.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # (a scheduler's, then a launcher's: the same stop)
+        assert stop.wait(10)
+        deadline = time.monotonic() + 10
+        while not left and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert left == [143]
+    with cli._stop_on_sigterm(wait_s=1.0) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(10)
+    time.sleep(1.5)
+    assert left == [143]  # (the second run ended within its wait)
+    assert signal.getsignal(signal.SIGTERM) is handler and signal.set_wakeup_fd(fd) == fd
+
+
+def test_sigterm_ends_lowcomm_train_at_a_step_with_its_checkpoint_in_one_line(tmp_path, corpus_dir):
+    """SIGTERM (a scheduler stopping or preempting the job) used to kill `lowcomm train` where it
+    stood. Now the run ends its step, writes its checkpoint there, records a `stopped` event and
+    says in one line where to resume from; exit code 143."""
+    import re
+    import signal
+
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "lowcomm", "train", "--corpus", corpus_dir, "--quiet", *TINY_FLAGS]
+    cmd += ["--steps", "1000000", "--log-every", "1", "--checkpoint-every", "100000", "--run-dir", str(run)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "events.jsonl").exists() or '"step"' not in (run / "events.jsonl").read_text():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    line = err.strip().splitlines()[-1]
+    said = re.fullmatch(
+        r"lowcomm: terminated \(SIGTERM\): stopped at the end of step (\d+); its checkpoint is (.+); "
+        r"the same command with --resume auto continues from it",
+        line,
+    )
+    assert said and said[2] == str(run.resolve() / "checkpoint.lcs") and "Traceback" not in err, err
+    step = int(said[1])
+    events = read_jsonl(run / "events.jsonl")
+    assert [e["step"] for e in events if e["kind"] == "step"][-1] == step
+    assert [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"] == [("written", step)]
+    assert [e["step"] for e in events if e["kind"] == "stopped"] == [step]
+    assert not (run / "summary.json").exists()
+
+
+def test_sigterm_to_one_process_of_a_launched_job_stops_all_of_them_at_one_step(tmp_path, corpus_dir):
+    """SIGTERM to rank 1 alone of a two-process DiLoCo job (their steps drift apart between
+    rounds): rank 1 tells rank 0 through the job's store, both stop at one step agreed there and
+    write their checkpoints of that step (a resume continues from it on both), and the job ends
+    with 143, rank 0 saying where it stopped."""
+    import signal
+    from pathlib import Path
+
+    from helpers import launch_train
+
+    from lowcomm.runtime.statefile import load_state
+
+    run = tmp_path / "r"
+    train_args = ["--corpus", corpus_dir, "--quiet", *TINY_FLAGS, "--steps", "1000000", "--log-every", "1"]
+    train_args += ["--sync-every", "20", "--checkpoint-every", "100000", "--run-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_TEST_JOB": str(tmp_path)}
+    p = subprocess.Popen(
+        launch_train(2, *train_args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+    def rank1() -> int:
+        for proc in Path("/proc").iterdir():
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"LOWCOMM_TEST_JOB={tmp_path}".encode() in environ and b"RANK=1" in environ:
+                return int(proc.name)
+        raise AssertionError("rank 1 of the job was not found")
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "events.jsonl").exists() or '"step"' not in (run / "events.jsonl").read_text():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.kill(rank1(), signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    stopped = [e["step"] for e in read_jsonl(run / "events.jsonl") if e["kind"] == "stopped"]
+    assert len(stopped) == 1, err
+    steps = [load_state(run / f"checkpoint-rank{r}.lcs")["step"] for r in (0, 1)]
+    assert steps == [stopped[0]] * 2, err
+    assert f"lowcomm: terminated (SIGTERM): stopped at the end of step {stopped[0]}; its checkpoint" in err
+    assert "Traceback" not in err, err

@@ -1254,6 +1254,68 @@ def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
     assert marks == [("written", 8), ("written", 16), ("resumed", 16), ("written", 24)]
 
 
+@pytest.mark.parametrize("at", [11, 16], ids=["between-checkpoints", "at-a-checkpoint"])
+def test_a_stopped_run_checkpoints_the_step_it_stopped_at_and_resumes_bit_for_bit(tmp_path, corpus_dir, at):
+    """``train(stop=...)`` (what SIGTERM sets in ``lowcomm train``): the run ends at the end of the
+    step under way, writes its checkpoint there unless it just did (step 16 is a periodic one),
+    records a ``stopped`` event, closes its records without a summary and raises Stopped. Resumed,
+    it ends in the bits of a run never stopped, losing no step (Streaming DiLoCo, a round in
+    flight at the stop)."""
+    import threading
+
+    from lowcomm.runtime.errors import Stopped
+    from lowcomm.runtime.hooks import NoFaults
+
+    run = dict(
+        replicas=3, steps=24, eval_every=0, sync_every=6, fragments=2, overlap=1, codec="int8",
+        replica_batching="sequential", checkpoint_every=8,
+    )  # fmt: skip
+    straight = _run(tmp_path, corpus_dir, "straight", **run)
+    stop = threading.Event()
+
+    class StopAt(NoFaults):
+        def after_step(self, step):
+            if step == at:
+                stop.set()
+
+    cfg = TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / "stopped"), **{**TINY, **run})
+    with pytest.raises(Stopped, match=f"^stopped at the end of step {at}; its checkpoint is ") as e:
+        train(cfg, progress=False, hooks=StopAt(), stop=stop)
+    assert (e.value.step, e.value.checkpoint) == (at, str(tmp_path / "stopped" / "checkpoint.lcs"))
+    assert not (tmp_path / "stopped" / "summary.json").exists()
+    resumed = _run(tmp_path, corpus_dir, "stopped", resume="auto", **run)
+    assert resumed["global_params_sha256"] == straight["global_params_sha256"]
+    assert resumed["final_eval_loss"] == straight["final_eval_loss"]
+    assert resumed["steps_run"] == 24 - at
+    assert resumed["bytes_sent_per_replica"] == straight["bytes_sent_per_replica"]
+    assert resumed["rounds"] == straight["rounds"]
+    events = read_jsonl(tmp_path / "stopped" / "events.jsonl")
+    marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
+    written = [8, 16] if at == 16 else [8, 11]
+    later = [16, 24] if at == 11 else [24]
+    assert marks == [*(("written", s) for s in written), ("resumed", at), *(("written", s) for s in later)]
+    assert [(e["step"], e["checkpoint"]) for e in events if e["kind"] == "stopped"] == [
+        (at, e.value.checkpoint)
+    ]
+
+
+def test_a_run_stopped_without_checkpoints_says_so_and_writes_none(tmp_path, corpus_dir):
+    """Without ``checkpoint_every`` a stop writes no checkpoint (the run did not ask for them):
+    Stopped names none, and so does the ``stopped`` event."""
+    import threading
+
+    from lowcomm.runtime.errors import Stopped
+
+    stop = threading.Event()
+    stop.set()  # (before the first step: a signal during the start-up)
+    cfg = TrainConfig.from_flat(corpus=corpus_dir, run_dir=str(tmp_path / "r"), **{**TINY, "steps": 4})
+    with pytest.raises(Stopped, match="^stopped at the end of step 0$") as e:
+        train(cfg, progress=False, stop=stop)
+    assert e.value.checkpoint is None and not list((tmp_path / "r").glob("*.lcs"))
+    events = read_jsonl(tmp_path / "r" / "events.jsonl")
+    assert [(e["step"], e["checkpoint"]) for e in events if e["kind"] == "stopped"] == [(0, None)]
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_and_the_records_are_kept(
     tmp_path, corpus_dir, monkeypatch
 ):

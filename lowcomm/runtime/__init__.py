@@ -21,7 +21,7 @@ from .._lazy import lazy_names
 __getattr__, __dir__, __all__ = lazy_names(
     __name__,
     {
-        ".errors": ("ExitCode",),
+        ".errors": ("ExitCode", "Stopped"),
         ".hooks": ("NO_FAULTS", "FaultHooks"),
         ".trainer": (
             "MODES",

@@ -10,19 +10,23 @@ file, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import typing
 from pathlib import Path
 
 from .._checks import env_int, refuse
 from .._compat import MissingExtra
 from .._version import __version__
-from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected
+from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected, Stopped
 from .files import check_folder
 from .forkserver import START_METHODS
 from .trainer.records import human_bytes
@@ -633,16 +637,23 @@ def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _warn_unused_flags(args, cfg)
+    with _stop_on_sigterm() as stop:
+        return _run_train(cfg, not args.quiet, stop)
+
+
+def _run_train(cfg: TrainConfig, progress: bool, stop: threading.Event) -> int:
     from ..comm import CollectiveError
     from .trainer import train
 
-    cfg = config_from_args(args)
-    _warn_unused_flags(args, cfg)
     if not cfg.elastic.enabled:
         try:
-            s = train(cfg, progress=not args.quiet)
+            s = train(cfg, progress=progress, stop=stop)
         except KeyboardInterrupt:
             _interrupted(cfg)
+        except Stopped as e:
+            _terminated(cfg, e)
         except (ValueError, FileNotFoundError) as e:
             if not _process_group_alive():
                 raise  # main() reports it
@@ -653,6 +664,8 @@ def _train(args: argparse.Namespace) -> int:
             _leave_now(ExitCode.USAGE)
         except CollectiveError as e:  # a peer died, hung or was cut off: one line, not a traceback
             # (the records are closed; a gloo thread may still wait on the peer: leave at once)
+            if stop.is_set():  # a peer stopped at an earlier step than this process
+                _terminated(cfg, e)
             print(f"lowcomm: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
             _leave_now(ExitCode.FAILED)
         if env_int("RANK", 0) == 0:
@@ -668,9 +681,11 @@ def _train(args: argparse.Namespace) -> int:
             _leave_now(ExitCode.OK)
         return ExitCode.OK
     try:
-        s = train(cfg, progress=not args.quiet)
+        s = train(cfg, progress=progress, stop=stop)
     except KeyboardInterrupt:
         _interrupted(cfg)
+    except Stopped as e:
+        _terminated(cfg, e)
     except JobFinished as e:
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         _leave_now(ExitCode.JOB_FINISHED)
@@ -678,6 +693,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE
     except (CoordinatorError, CollectiveError) as e:  # (a round it failed --max-retries times)
+        if stop.is_set():
+            _terminated(cfg, e)
         print(f"lowcomm: {e}", file=sys.stderr, flush=True)
         _leave_now(ExitCode.FAILED)
     print(
@@ -702,6 +719,82 @@ def _interrupted(cfg) -> None:
         )
         print(f"\nlowcomm: interrupted; the records so far are in {run_dir}{again}", file=sys.stderr)
     _leave_now(ExitCode.INTERRUPTED)  # (under launch/torchrun a gloo thread may still hold work)
+
+
+#: how long a SIGTERM'd ``lowcomm train`` waits for the step under way to end (and its checkpoint
+#: to be written) before it leaves without them: a collective can wait on a peer that is gone
+#: (``lowcomm launch`` gives its processes 30 s after a SIGTERM before it kills them)
+STOP_WAIT_S = 20.0
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(wait_s: float = STOP_WAIT_S):
+    """Within it, SIGTERM (a scheduler stopping or preempting the job) sets the event it yields:
+    the run stops at the end of its step (:class:`Stopped`). A Python signal handler runs only
+    when the main thread is between bytecodes, not while it waits in a collective, so the signal
+    is taken by a thread woken through ``signal.set_wakeup_fd``: it sets the event and, if the
+    run has not ended ``wait_s`` later, leaves with exit code 143. More SIGTERMs (a scheduler's
+    and then a launcher's) change nothing. Outside the main thread (an embedding caller's
+    thread) SIGTERM keeps its handling and the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    woken, wakeup = socket.socketpair()
+    wakeup.setblocking(False)
+    ended = threading.Event()
+
+    def watch() -> None:
+        while True:
+            signals = woken.recv(64)  # (every signal with a Python handler writes its number)
+            if not signals:  # the run ended
+                return
+            if signal.SIGTERM in signals:
+                break
+        stop.set()
+        logging.getLogger("lowcomm").warning("SIGTERM: stopping at the end of the step under way")
+        if ended.wait(wait_s):
+            return
+        print(
+            f"lowcomm: terminated (SIGTERM): the step under way did not end within {wait_s:.0f} s; "
+            "leaving without a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        _leave_now(ExitCode.TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # (the thread acts on it)
+    previous_fd = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="lowcomm-sigterm", daemon=True)
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        ended.set()
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous)
+        wakeup.close()
+        watcher.join()
+        woken.close()
+
+
+def _terminated(cfg, e: Exception) -> None:
+    """A run stopped by SIGTERM (``e`` a :class:`Stopped`, or the error of a collective that a
+    peer which stopped first left): one line, and the exit code 143."""
+    rank = env_int("RANK", 0)
+    if not isinstance(e, Stopped):
+        what = f"a peer stopped first ({' '.join(str(e).split())[:200]})"
+    elif cfg.elastic.enabled:
+        what = f"left the job at the end of step {e.step}; the others go on without this worker"
+    elif e.checkpoint:
+        what = f"{e}; the same command with --resume auto continues from it"
+    else:
+        run_dir = Path(cfg.run.run_dir).resolve()
+        what = f"{e}; the records so far are in {run_dir} (no checkpoint: --checkpoint-every K writes one)"
+    if rank == 0 or not isinstance(e, Stopped):  # (rank 0 speaks for the job)
+        who = f" rank {rank}:" if rank else ""
+        print(f"lowcomm:{who} terminated (SIGTERM): {what}", file=sys.stderr, flush=True)
+    _leave_now(ExitCode.TERMINATED)
 
 
 def _leave_now(code: int) -> None:

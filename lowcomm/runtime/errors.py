@@ -20,6 +20,7 @@ __all__ = [
     "JobFinished",
     "KeyRejected",
     "ConfigurationRejected",
+    "Stopped",
     "refusal",
     "REFUSAL_CODES",
 ]
@@ -82,6 +83,18 @@ class ConfigurationRejected(CoordinatorRefused):
     """This worker's model, schedule, codec or fragments differ from the job's (bad input)."""
 
     code = "configuration"
+
+
+class Stopped(Exception):
+    """A run asked to stop (``train(stop=...)``; SIGTERM to ``lowcomm train``) ended at the end of
+    step ``step``, before its last: its records are closed (no summary), its checkpoint at
+    ``step`` is at ``checkpoint`` when it writes checkpoints (None otherwise), and an elastic
+    worker has left its job."""
+
+    def __init__(self, step: int, checkpoint: str | None = None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        where = f"; its checkpoint is {checkpoint}" if checkpoint else ""
+        super().__init__(f"stopped at the end of step {step}{where}")
 
 
 REFUSAL_CODES: dict[str, type[CoordinatorRefused]] = {

@@ -7,8 +7,9 @@ are stopped and its exit code is returned. With ``--max-restarts N`` a failed jo
 again, all of it, up to N times, as torchrun does (TORCHELASTIC_RESTART_COUNT counts the
 restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues from its
 checkpoints. A refusal of the input (exit code 2) and an interrupt are not restarted: a restart
-would meet them again. SIGTERM to the launcher (a scheduler stopping the job) stops its processes
-as Ctrl-C does, so none outlives it (exit code 143).
+would meet them again. SIGTERM to the launcher (a scheduler stopping the job) goes on to its
+processes, which end their step and write their checkpoint (``lowcomm train``); those still
+running ``TERM_GRACE_S`` later are killed, so none outlives it (exit code 143).
 
 ``--start forkserver`` forks each process of a Python command (``python SCRIPT``, ``python -m
 MODULE``, ``lowcomm train``) from a server that imported torch once, and the modules of
@@ -35,6 +36,11 @@ from ..errors import ExitCode
 __all__ = ["launch"]
 
 log = logging.getLogger(__name__)
+
+#: how long the job's processes have after a SIGTERM to the launcher before they are killed (a
+#: ``lowcomm train`` process ends its step and writes its checkpoint; schedulers commonly give
+#: 30 s between their SIGTERM and SIGKILL)
+TERM_GRACE_S = 30.0
 
 
 def launch(
@@ -198,7 +204,7 @@ def _run_once(
         return ExitCode.INTERRUPTED
     if signals.terminated:
         log.error("terminated (SIGTERM): stopping every rank")
-        _stop(procs, grace_s, lambda: signals.interrupts > 0)
+        _stop(procs, max(grace_s, TERM_GRACE_S), lambda: signals.interrupts > 0)
         return ExitCode.TERMINATED
     return code
 

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...kernels import check_precision_on, layer_backend
 from ...lm import eval_batches, load_corpus
+from ..errors import Stopped
 from ..files import hold_folder, private_open
 from ..hooks import NO_FAULTS, FaultHooks
 from ..statefile import CorruptStateError, load_state, save_state
@@ -51,7 +53,7 @@ from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
-from .topology import Topology, init_from_torchrun, is_distributed_env
+from .topology import StopAgreement, Topology, init_from_torchrun, is_distributed_env
 
 __all__ = ["train", "Trainer"]
 
@@ -65,6 +67,7 @@ def train(
     topology: Topology | None = None,
     key: bytes | None = None,
     hooks: FaultHooks | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run one training job and write its run directory; returns the summary.
 
@@ -74,12 +77,20 @@ def train(
         topology: a static job's topology (default: from torchrun's environment, if any).
         key: an elastic job's key (default: $LOWCOMM_KEY / $LOWCOMM_KEY_FILE).
         hooks: an elastic worker's fault hooks (default: from $LOWCOMM_FAULTS, if set).
+        stop: once set (from any thread: ``lowcomm train`` sets it on SIGTERM), the run stops at
+            the end of the step under way: with ``checkpoint_every`` it writes its checkpoint
+            there (``resume`` continues from it, losing no step), records a ``stopped`` event,
+            closes its records without a summary (an elastic worker leaves its job) and raises
+            :class:`~lowcomm.runtime.errors.Stopped`. Under launch/torchrun the processes stop at
+            one step, agreed in the job's store (:class:`~.topology.StopAgreement`), those that
+            no signal reached too.
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, corpus or checkpoint, before any
             training step and before any record is written.
+        Stopped: ``stop`` was set before the last step.
     """
-    return Trainer(cfg, progress=progress, topology=topology, key=key, hooks=hooks).run()
+    return Trainer(cfg, progress=progress, topology=topology, key=key, hooks=hooks, stop=stop).run()
 
 
 class Trainer:
@@ -93,8 +104,12 @@ class Trainer:
         topology: Topology | None = None,
         key: bytes | None = None,
         hooks: FaultHooks | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.cfg, self.progress, self.topology, self.key, self.hooks = cfg, progress, topology, key, hooks
+        self.stop = stop
+        self.agreement: StopAgreement | None = None  # where the processes of a static job agree on a stop
+        self._stop_at: int | None = None  # the step the run stops at, once a stop is asked
         self.rec: RunRecorder | NullRecorder = NullRecorder()
         self.bar = None  # the progress bar, once the run starts
         self.profiler: StepProfiler | None = None  # --profile's, once the run starts
@@ -309,12 +324,25 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         sync, finished = self.sync, False
         try:
+            topo = self.topo
+            if (
+                topo is not None
+                and topo.world_size > 1
+                and self.stop is not None
+                and topo.outer.store is not None
+            ):
+                prefix = f"lowcomm/stop/{restart_attempt()}"
+                self.agreement = StopAgreement(
+                    topo.outer.store, topo.rank, topo.world_size, self.stop, prefix
+                )
             step = start = max(sync.start(), self.start_step)
             # the run is under way (an elastic worker's coordinator has taken it): what it replaces
             # or continues no longer holds
             if cfg.run.overwrite and not self.continuing:
                 self._drop_replaced_files()
             self.rec.begin()
+            # this process's last checkpoint written or resumed from: (step, path)
+            self.checkpointed = None if self.resumed is None else (start, self.resumed["path"])
             if self.resumed is not None:
                 self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
             if self.rec.changed:  # (a resumed run given more steps, another learning rate, ...)
@@ -342,10 +370,20 @@ class Trainer:
                         sync.timing["steps_wait_s"] = sync.timing["wait_s"]
                         sync.timing["steps_device_wait_s"] = sync.timing["device_wait_s"]
                         t_end = time.perf_counter()
+                        if self.agreement is not None:  # (a stop asked from now on is this step)
+                            self.agreement.finishing(step)
                     if sync.finish():
                         break
                     step, t_end = sync.position, None  # (an elastic worker took the job's state)
                     continue
+                if self.stop is not None:
+                    if self._stop_at is None:  # the step every process of the job stops at, once asked
+                        if self.agreement is not None:
+                            self._stop_at = self.agreement.step_ended(step)
+                        elif self.stop.is_set():
+                            self._stop_at = step
+                    if self._stop_at is not None and step >= self._stop_at:
+                        self._stop(step)
                 self.hooks.before_step(step + 1)
                 if self.profiler is not None:
                     self.profiler.before(step + 1)
@@ -395,6 +433,8 @@ class Trainer:
                 self.bar.close()
             sync.close(finished)
             self.rec.close()
+            if self.agreement is not None:
+                self.agreement.close()
             if self.topo is not None:
                 self.topo.outer.close()
         if not cfg.elastic.enabled and len(set(digests)) > 1:
@@ -413,6 +453,19 @@ class Trainer:
                 summary["wall_seconds"],
             )
         return summary
+
+    def _stop(self, step: int) -> None:
+        """``stop`` was set: the checkpoint at ``step`` (a static job's, when it writes them), the
+        ``stopped`` event, then :class:`Stopped` (the run's ``finally`` closes its records and an
+        elastic worker's agent leaves the job)."""
+        self._flush(step)
+        if self.cfg.elastic.checkpoint_every and not self.cfg.elastic.enabled and self.steps_run:
+            if self.checkpointed is None or self.checkpointed[0] != step:  # (not the step's own)
+                self._write_run_checkpoint(step)
+        written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
+        self.rec.event("stopped", step=step, checkpoint=written)
+        log.info("stopped at the end of step %d", step)
+        raise Stopped(step, written)
 
     # ---- a static job's checkpoints ------------------------------------------------------------
 
@@ -437,6 +490,7 @@ class Trainer:
                 os.replace(path, previous_checkpoint(path))
             opener = self.hooks.checkpoint_opener(step)  # one that fails under a checkpoint-fail fault
             nbytes = save_state(path, state, **({"opener": opener} if opener is not None else {}))
+            self.checkpointed = (step, str(path))
             self.rec.event("checkpoint", what="written", step=step, bytes=nbytes, path=str(path))
         except OSError as e:  # the previous checkpoint is intact: training goes on
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)

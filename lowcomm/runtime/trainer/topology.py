@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -30,7 +31,7 @@ from ...comm.distributed import (
     local_gpu_index,
 )
 
-__all__ = ["Topology", "init_from_torchrun", "is_distributed_env"]
+__all__ = ["Topology", "StopAgreement", "init_from_torchrun", "is_distributed_env"]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,88 @@ def init_from_torchrun(
         outer_pg, store=store, link=link, name=f"outer{local}", timeout=collective_timeout_s or timeout_s
     )
     return Topology(rank, world, replica, M, local, k, outer, inner)
+
+
+class StopAgreement:
+    """The step at which every process of a static job stops once one of them is asked to
+    (``train(stop=...)``; SIGTERM to ``lowcomm train``), agreed in the job's store, so that their
+    checkpoints are of one step and a resume continues from it.
+
+    Each process gives the earliest step it can still stop at, and all stop at the latest one
+    given. A thread tells the others when this process is asked, and sets ``stop`` when another
+    one was (a process no signal reached stops too, within ``POLL_S``); it also gives this
+    process's step when the main thread cannot: while a collective holds it, the step under way
+    is the earliest. A process that was asked gives its step at the end of a step
+    (:meth:`step_ended`) and waits there for the others' steps; none of them waits on it in a
+    collective by then, since each gave a step no earlier than the one it is in. At its last
+    step a process gives that (:meth:`finishing`): the job then ends as it would have. A process
+    that gives no step within ``timeout_s`` (it died) is not waited for longer: this one stops
+    where it is.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(
+        self, store, rank: int, world_size: int, stop: threading.Event, prefix: str, timeout_s: float = 15.0
+    ):
+        self.store, self.rank, self.world_size, self.stop = store, rank, world_size, stop
+        self.prefix, self.timeout_s = prefix, timeout_s
+        self._earliest = 0  # the earliest step this process can still stop at
+        self._given = False
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lowcomm-stop-agreement", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        asked = f"{self.prefix}/asked"
+        try:
+            while not self._ended.wait(self.POLL_S):
+                if self.stop.is_set():
+                    self.store.set(asked, str(self.rank))
+                    break
+                if self.store.check([asked]):
+                    self.stop.set()
+                    break
+            else:
+                return
+            with self._lock:
+                self._give(self._earliest)
+        except Exception as e:  # the store went with its job (rank 0 left): nothing left to agree on
+            log.debug("stop agreement: %s", e)
+
+    def _give(self, step: int) -> None:
+        if not self._given:
+            self.store.set(f"{self.prefix}/step/{self.rank}", str(step))
+            # (also here: the thread's own word can wait behind this process's wait in the store,
+            # which holds the store's client)
+            self.store.set(f"{self.prefix}/asked", str(self.rank))
+            self._given = True
+
+    def step_ended(self, step: int) -> int | None:
+        """This process ended ``step``: None while no stop is asked (it goes on to the next step),
+        else the step every process stops at (waiting here for the others to give theirs)."""
+        with self._lock:
+            if not self.stop.is_set():
+                self._earliest = step + 1
+                return None
+            self._give(step)
+        keys = [f"{self.prefix}/step/{r}" for r in range(self.world_size)]
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+            return max(int(self.store.get(k)) for k in keys)
+        except Exception as e:  # (a process died, or the store with rank 0)
+            why = " ".join(str(e).split())[:200]
+            log.warning("stopping at step %d without the job's other processes: %s", step, why)
+            return step
+
+    def finishing(self, steps: int) -> None:
+        """This process ended its last step (its final sync waits for the others): a stop asked
+        from now on is this step."""
+        with self._lock:
+            self._earliest = steps
+            if self.stop.is_set():
+                self._give(steps)
+
+    def close(self) -> None:
+        self._ended.set()
