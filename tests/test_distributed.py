@@ -440,9 +440,11 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     steps, fault-free and under a plan with `--max-restarts 2`: rank 1's write at step 30 fails (it
     keeps step 20's), then rank 1 is killed at step 37. The launcher stops rank 0 and starts the
     job again; both resume from the newest step both hold (20: rank 0 passes over its own 30),
-    neither fault fires again, and the run ends on the fault-free run's bits. The report names
-    both faults (rank, step), the restart (resumed at 20 after reaching 37: 17 steps redone) and
-    data lost 0; an --out holding that run is refused, nothing in it replaced."""
+    neither fault fires again. Then rank 0 is preempted (SIGTERM) at step 50: both processes stop
+    at one step S, each writing its checkpoint there, and the job is started again from S, no step
+    redone. The run ends on the fault-free run's bits. The report names the faults (rank, step),
+    the restarts (resumed at 20 after reaching 37: 17 steps redone; resumed at S after reaching S)
+    and data lost 0; an --out holding that run is refused, nothing in it replaced."""
     from lowcomm.runtime import read_jsonl
     from lowcomm.runtime.faults import FaultPlan
     from lowcomm.runtime.faults.static_chaos import run_static_chaos
@@ -453,27 +455,33 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     faults = [
         {"kind": "checkpoint-fail", "target": "rank:1", "at_step": 30},
         {"kind": "kill", "target": "rank:1", "at_step": 37},
+        {"kind": "preempt", "target": "rank:0", "at_step": 50},
     ]
     plan = FaultPlan.from_dict({"faults": faults})
     out = tmp_path / "chaos"
     r = run_static_chaos(plan, 2, out, args, max_restarts=2, timeout=240, start="forkserver")
     log = (out / "chaos" / "launcher.log").read_text()
     assert r["chaos_exit_code"] == 0 and r["reference_exit_code"] == 0, log[-3000:]
-    assert log.count("restarting it (restart 1 of 2)") == 1 and "restart 2 of 2" not in log
-    assert "the job ended with exit code 0 after 1 restart(s)" in log
+    assert log.count("restarting it (restart 1 of 2)") == 1 and log.count("(restart 2 of 2)") == 1
+    assert "the job ended with exit code 0 after 2 restart(s)" in log
     assert "checkpoint at step 30 failed (the previous one is intact)" in log
     fired = [(f["id"], f["kind"], f["rank"], f["step"]) for f in r["faults"]]
-    assert fired == [(0, "checkpoint-fail", 1, 30), (1, "kill", 1, 37)]
-    assert not (out / "chaos" / "faults-rank0.jsonl").exists()
-    assert r["restarts"] == [{"attempt": 1, "resumed_at": 20, "reached": 37, "steps_redone": 17}]
-    resumed = [e for e in read_jsonl(out / "chaos" / "events.jsonl") if e.get("what") == "resumed"]
-    assert [e["step"] for e in resumed] == [20]
+    assert fired == [(0, "checkpoint-fail", 1, 30), (1, "kill", 1, 37), (2, "preempt", 0, 50)]
+    events = read_jsonl(out / "chaos" / "events.jsonl")
+    (stopped,) = [e["step"] for e in events if e["kind"] == "stopped"]  # (the end of step 50 or soon after)
+    assert 50 <= stopped < 80
+    assert r["restarts"] == [
+        {"attempt": 1, "resumed_at": 20, "reached": 37, "steps_redone": 17},
+        {"attempt": 2, "resumed_at": stopped, "reached": stopped, "steps_redone": 0},
+    ]
+    assert [e["step"] for e in events if e.get("what") == "resumed"] == [20, stopped]
     chaos, ref = (json.loads((out / d / "summary.json").read_text()) for d in ("chaos", "reference"))
-    assert chaos["steps_run"] == 60 and ref["steps_run"] == 80
+    assert chaos["steps_run"] == 80 - stopped and ref["steps_run"] == 80
     assert chaos["global_params_sha256"] == ref["global_params_sha256"] and r["bit_identical"]
     assert r["data_lost"] == 0 and r["final_loss_delta"] == 0.0
     md = (out / "report.md").read_text()
     assert "bit for bit: **data lost: 0**" in md and "| 1 | 20 | 37 | 17 |" in md
+    assert f"| 2 | {stopped} | {stopped} | 0 |" in md
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(ValueError, match=r"holds an earlier run \(reference/\)"):
         run_static_chaos(plan, 2, out, args, max_restarts=2)

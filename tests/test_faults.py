@@ -66,6 +66,12 @@ def test_the_example_plan_loads_and_random_targets_are_drawn_from_the_seed(tmp_p
             "restart='no' must be true or",
         ),
         ({"kind": "hang", "target": "worker:1", "at_step": 4, "duration": True}, "duration=True must be sec"),
+        # SIGTERM ends a step: a preempt at a round (or inside one) would never fire
+        ({"kind": "preempt", "target": "worker:1", "at_round": 2}, "comes at a step: use at_step"),
+        (
+            {"kind": "preempt", "target": "worker:1", "at_step": 2, "where": "during_collective"},
+            r"where='during_collective'; allowed: \['before_step', 'after_step'\]",
+        ),
     ],
 )
 def test_a_bad_plan_is_refused_before_the_job_starts(fault, message):
@@ -147,6 +153,7 @@ def test_static_chaos_refuses_bad_input_before_starting_anything(tmp_path, kw, f
 FLAG_CASES = [
     ("kind=kill,target=worker:0,at_step=2", "kill", "before_step"),
     ("kind=kill,target=worker:0,at_round=3", "kill", "during_collective"),
+    ("kind=preempt,target=worker:2,at_step=3", "preempt", "before_step"),
     ("kind=hang,target=worker:1,at_step=2,duration=1.5", "hang", "before_step"),
     ("kind=delay,target=worker:0,at_step=2,delay=0.1,duration=1", "delay", "before_step"),
     ("kind=slow-link,target=worker:2,at_time=1,latency=50ms,bandwidth=10Mbit", "slow-link", "before_step"),
@@ -371,6 +378,7 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
         'seed = 7\n[[faults]]\nkind = "kill"\ntarget = "worker:1"\nat_step = 60\n'
         '[[faults]]\nkind = "corrupt"\ntarget = "worker:2"\nat_round = 3\n'
         '[[faults]]\nkind = "coordinator-kill"\ntarget = "coordinator"\nat_time = 3\n'
+        '[[faults]]\nkind = "preempt"\ntarget = "worker:0"\nat_step = 100\n'
         + "".join(  # pace the job so that the restarted w1 rejoins before the end
             f'[[faults]]\nkind = "delay"\ntarget = "worker:{w}"\nat_step = 1\ndelay = 0.04\nduration = 3600\n'
             for w in range(3)
@@ -398,11 +406,17 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     # a bar per run while it runs: rounds, members, faults injected
     assert "fault-free: 100%" in r.stderr and "/20 [" in r.stderr and "faults=" in r.stderr, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["data_lost"] == 0 and report["faults_injected"] == 6 and report["loss_plot"] == "loss.png"
+    assert report["data_lost"] == 0 and report["faults_injected"] == 7 and report["loss_plot"] == "loss.png"
     assert math.isfinite(report["final_loss_delta"])
     by_kind = {f["kind"]: f for f in report["faults"]}
     assert by_kind["corrupt"]["contributions_excluded"][0]["round"] == 3
     assert by_kind["kill"]["recovered_after_s"] is not None  # w1 restarted and the job went on
+    # w0 ended its step and left when SIGTERM came, was restarted and rejoined (back at once under a
+    # new incarnation, it may never be reported lost: no detection is asserted, as for the kill)
+    assert by_kind["preempt"]["recovered_after_s"] is not None
+    w0 = [json.loads(line) for line in (out / "chaos" / "runs" / "w0" / "events.jsonl").open()]
+    (stopped,) = [e["step"] for e in w0 if e["kind"] == "stopped"]  # (the end of step 100, or soon after)
+    assert 100 <= stopped < 200
     coord = by_kind["coordinator-kill"]  # killed and restarted by the runner; the workers re-registered
     assert coord["worker"] == "coordinator" and coord["detected_after_s"] is not None
     assert coord["recovered_after_s"] is not None

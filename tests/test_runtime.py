@@ -832,8 +832,8 @@ def test_a_preload_module_that_fails_to_import_fails_each_rank_by_name_not_the_s
         assert subprocess.run([sys.executable, *argv], env=env, timeout=60).returncode == 3, pid
 
 
-def _launched(tmp_path, body: str, **popen):
-    """``lowcomm launch --replicas 2`` of a Python ``body`` (after ``import os, signal, sys,
+def _launched(tmp_path, body: str, flags=(), **popen):
+    """``lowcomm launch --replicas 2 FLAGS`` of a Python ``body`` (after ``import os, signal, sys,
     time``), once both ranks have noted their pids; returns the launcher and the pid files."""
     import subprocess
     import time
@@ -841,7 +841,7 @@ def _launched(tmp_path, body: str, **popen):
     note = f"open({str(tmp_path)!r} + '/pid' + os.environ['RANK'], 'w').write(str(os.getpid()))"
     job = [sys.executable, "-c", f"import os, signal, sys, time\n{note}\n{body}"]
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--", *job], **popen
+        [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", *flags, "--", *job], **popen
     )
     pids = [tmp_path / "pid0", tmp_path / "pid1"]
     deadline = time.monotonic() + 60
@@ -866,6 +866,30 @@ def test_launch_terminated_stops_its_processes(tmp_path):
     launcher, pids = _launched(tmp_path, "time.sleep(120)")
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(30) == 143
+    _gone(pids)
+
+
+def test_a_rank_terminated_alone_restarts_the_job_a_terminated_launcher_does_not(tmp_path):
+    """Under --max-restarts, a process that exits with 143 by itself (SIGTERM to it alone: its node
+    preempted, and lowcomm train has checkpointed the step the job stopped at) fails the attempt
+    and the job is started again; SIGTERM to the launcher ends the job, which is not restarted."""
+    import signal
+    import subprocess
+
+    mark = f"open({str(tmp_path)!r} + '/attempt' + os.environ['TORCHELASTIC_RESTART_COUNT'], 'w').close()"
+    first = "os.environ['TORCHELASTIC_RESTART_COUNT'] == '0' and os.environ['RANK'] == '1'"
+    body = f"{mark}\nif {first}:\n    sys.exit(143)\ntime.sleep(120)"
+    launcher, pids = _launched(tmp_path, body, ["--max-restarts", "3"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "attempt1").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # (the restarted ranks past their start)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 143, err
+    assert "rank 1 exited with code 143" in err and err.count("restarting it (restart") == 1, err
+    assert sorted(p.name for p in tmp_path.glob("attempt*")) == ["attempt0", "attempt1"]
     _gone(pids)
 
 

@@ -4,8 +4,8 @@
 
 Both runs use the same workers (w0..w{M-1}), configuration and seeds. The runner injects the
 coordinator's faults itself (kill, then restart with a grace period) and restarts every worker
-killed by a ``kill`` fault with ``restart`` true (it rejoins as a joiner). It writes, in ``--out``:
-``report.json`` (a ``faults`` list, top-level ``data_lost`` and ``final_loss_delta``),
+ended by a ``kill`` or ``preempt`` fault with ``restart`` true (it rejoins as a joiner). It writes,
+in ``--out``: ``report.json`` (a ``faults`` list, top-level ``data_lost`` and ``final_loss_delta``),
 ``report.md`` and ``loss.png`` (both loss curves, faults marked; without matplotlib, the
 ``[scaling]`` extra, the report says so and is written without it, a warning before the runs);
 the runs are under ``reference/`` and ``chaos/``.
@@ -152,7 +152,7 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None, b
     faults = plan.faults if plan else []
     t0 = None  # a coordinator fault's at_time counts from when every worker registered, like a worker's
     coord_faults = sorted((f for f in faults if f.kind == "coordinator-kill"), key=lambda f: f.at_time or 0)
-    restartable = {f.id: f for f in faults if f.kind == "kill" and f.restart}
+    restartable = {f.id: f for f in faults if f.kind in ("kill", "preempt") and f.restart}
     end = time.time() + timeout
     shown = 0.0  # when the bar was last brought up to date (once a second: a status request)
     while len(run.codes) < len(names) and time.time() < end:
@@ -180,8 +180,10 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None, b
             if w in run.codes or p.poll() is None:
                 continue
             fired = {e["id"] for e in job.events(w, "fault")}
-            if p.returncode == -9 and fired & set(restartable):
-                log.warning("chaos: restarting %s after its kill fault", w)
+            if p.returncode in (-9, ExitCode.TERMINATED) and fired & set(restartable):
+                log.warning(
+                    "chaos: restarting %s after its %s fault", w, "kill" if p.returncode == -9 else "preempt"
+                )
                 env = {"LOWCOMM_RESTARTED": "1", "LOWCOMM_FAULTS_DONE": ",".join(map(str, sorted(fired)))}
                 job.start_worker(w, spec, env=env)
                 for i in fired & set(restartable):
@@ -246,7 +248,7 @@ def run_chaos(
     majority = max(set(digests), key=digests.count) if digests else None
     # restarted after the job's last step: there was nothing left to join
     late = [w for w, c in chaos.codes.items() if c == ExitCode.JOB_FINISHED]
-    never_back = {f.target for f in plan.faults if f.kind == "kill" and not f.restart}
+    never_back = {f.target for f in plan.faults if f.kind in ("kill", "preempt") and not f.restart}
     unfinished = [w for w in names if w not in finished and w not in late and f"worker:{w}" not in never_back]
     data_lost = sum(d != majority for d in digests) + len(unfinished)
     ref_loss, chaos_loss = ref.final_loss(names), chaos.final_loss(list(finished) or names)

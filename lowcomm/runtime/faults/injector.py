@@ -9,7 +9,7 @@ group for a round, a partition is what it answers when asked whether a peer can 
     agent = WorkerAgent(endpoint, key, worker_id, hooks=hooks)   # partitions, transfers
     group = ElasticGroup(agent, hooks=hooks)                      # rounds: nan, drop, corrupt, kill
     ...
-        hooks.before_step(step)          # kill, hang, delay, partition, slow-link start here
+        hooks.before_step(step)          # kill, preempt, hang, delay, partition, slow-link start here
         ...train one step...
         hooks.after_step(step)
 
@@ -151,6 +151,8 @@ class FaultInjector:
             self._fire(f, hook, step=step, round=rnd)
             if f.kind == "kill":
                 _kill_self()
+            elif f.kind == "preempt":  # (lowcomm train ends the step and leaves: ``train(stop=)``)
+                os.kill(os.getpid(), signal.SIGTERM)
             elif f.kind == "hang":
                 _hang_self(f.duration)
             elif f.kind == "delay":

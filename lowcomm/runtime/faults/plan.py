@@ -8,6 +8,10 @@ A plan is a TOML or JSON file (or repeated ``--fault`` flags)::
     target = "worker:1"
     at_step = 60
     [[faults]]
+    kind = "preempt"       # SIGTERM: it ends its step (and checkpoints it) and leaves; restarted too
+    target = "worker:2"
+    at_time = 30
+    [[faults]]
     kind = "corrupt"
     target = "random"
     at_round = 3
@@ -20,7 +24,7 @@ Keys of a fault:
         at_time (seconds since the worker started), probability (per inner step, in (0, 1]).
     duration: seconds the fault lasts (hang, delay, slow-link, partition; default 3).
     where: the hook point (default per kind, see :data:`DEFAULT_HOOK`); one of :data:`HOOKS`.
-    restart: kill only: restart the worker afterwards (chaos runner; default true).
+    restart: kill and preempt only: restart the worker afterwards (chaos runner; default true).
     delay: delay only: seconds added to every inner step while it lasts (default 0.5).
     bandwidth / latency: slow-link only, e.g. "10Mbit" and "50ms".
     direction: partition only: "peers" (cannot reach the other workers; the default) or
@@ -62,6 +66,7 @@ __all__ = [
 
 KINDS = (
     "kill",
+    "preempt",
     "hang",
     "delay",
     "slow-link",
@@ -85,6 +90,7 @@ HOOKS = (
 TRIGGERS = ("at_step", "at_round", "at_time", "probability")
 DEFAULT_HOOK = {
     "kill": None,  # by trigger: at_round -> during_collective, else before_step
+    "preempt": "before_step",  # SIGTERM to itself: the step under way ends the run
     "hang": "before_step",
     "delay": "before_step",
     "slow-link": "before_step",
@@ -96,10 +102,11 @@ DEFAULT_HOOK = {
     "checkpoint-fail": "checkpoint_write",
 }
 ROUND_KINDS = ("drop-round", "corrupt", "nan")  # need a round to act on
+_STEP_HOOKS = ("before_step", "after_step")
 #: what a static job (``lowcomm launch`` / torchrun) can inject: its rounds are unguarded, it has
 #: no coordinator and no transfers, and a killed process fails the whole job (its launcher's
 #: ``--max-restarts`` restarts it, and ``--resume auto`` continues from the checkpoints)
-STATIC_KINDS = ("kill", "hang", "delay", "checkpoint-fail")
+STATIC_KINDS = ("kill", "preempt", "hang", "delay", "checkpoint-fail")
 STATIC_HOOKS = ("before_step", "after_step", "checkpoint_write")
 LASTING_KINDS = ("hang", "delay", "slow-link", "partition")  # last ``duration`` seconds
 _KEYS = {
@@ -186,6 +193,12 @@ def _fault(i: int, raw: Any) -> Fault:
         raise ValueError(f"{where}: a {kind} fault acts on a round: use at_round")
     if f.where is not None and f.where not in HOOKS:
         raise ValueError(f"{where}: where={f.where!r} is not a hook point; allowed: {list(HOOKS)}")
+    if kind == "preempt" and t == "at_round":
+        raise ValueError(f"{where}: a preempt fault comes at a step: use at_step, at_time or probability")
+    if kind == "preempt" and f.hook not in _STEP_HOOKS:
+        raise ValueError(
+            f"{where}: a preempt fault comes at a step: where={f.where!r}; allowed: {list(_STEP_HOOKS)}"
+        )
     if not (is_number(f.duration) and 0 < f.duration <= 3600):
         raise ValueError(f"{where}: duration={f.duration!r} must be seconds in (0, 3600]")
     if not (is_number(f.delay) and 0 <= f.delay <= 60):

@@ -29,7 +29,8 @@ def check_out(out: Path) -> None:
 
 
 # which events show that a fault of each kind was noticed (see _evidence)
-_LOST_KINDS = ("kill", "hang", "partition")  # the coordinator declares the worker lost, a round is redone
+# the coordinator declares the worker lost (or gone: a preempted worker leaves), a round is redone
+_LOST_KINDS = ("kill", "preempt", "hang", "partition")
 _RESYNC_KINDS = ("hang", "delay", "partition", "drop-round")  # the worker is left out and resyncs
 
 

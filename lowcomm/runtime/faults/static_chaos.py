@@ -5,7 +5,7 @@
 
 Both runs are ``lowcomm launch --replicas M -- lowcomm train FLAGS --resume auto`` with the same
 flags and seeds, in ``--out``'s ``reference/`` and ``chaos/``; the chaos run gets the plan
-($LOWCOMM_FAULTS: kill, hang, delay, checkpoint-fail, aimed at ranks) and ``--max-restarts``, and
+($LOWCOMM_FAULTS: kill, preempt, hang, delay, checkpoint-fail, aimed at ranks) and ``--max-restarts``, and
 its launcher's log goes to ``chaos/launcher.log``. A static job survives a fault by starting again,
 whole, from the newest checkpoint every process holds, and resumes bit for bit, so the report holds
 it to the strictest test there is: the job under faults must end on the fault-free run's global
@@ -81,8 +81,8 @@ def run_static_chaos(
     plan = plan.check_static(world, procs_per_replica, cfg.run.steps)
     out = Path(out)
     check_out(out)
-    if not cfg.elastic.checkpoint_every and any(f.kind == "kill" for f in plan.faults):
-        log.warning("no --checkpoint-every: a job restarted after a kill starts again from step 0")
+    if not cfg.elastic.checkpoint_every and any(f.kind in ("kill", "preempt") for f in plan.faults):
+        log.warning("no --checkpoint-every: a job restarted after a kill or preempt starts again from step 0")
     no_plot = why_no_plot()
     if no_plot:
         log.warning("%s; the report will be written without loss.png", no_plot)

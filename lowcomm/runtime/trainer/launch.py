@@ -7,9 +7,10 @@ are stopped and its exit code is returned. With ``--max-restarts N`` a failed jo
 again, all of it, up to N times, as torchrun does (TORCHELASTIC_RESTART_COUNT counts the
 restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues from its
 checkpoints. A refusal of the input (exit code 2) and an interrupt are not restarted: a restart
-would meet them again. SIGTERM to the launcher (a scheduler stopping the job) goes on to its
-processes, which end their step and write their checkpoint (``lowcomm train``); those still
-running ``TERM_GRACE_S`` later are killed, so none outlives it (exit code 143).
+would meet them again; a process terminated alone (exit code 143: its node preempted) is. SIGTERM
+to the launcher (a scheduler stopping the job) goes on to its processes, which end their step and
+write their checkpoint (``lowcomm train``); those still running ``TERM_GRACE_S`` later are killed,
+so none outlives it, and the job is not restarted (exit code 143).
 
 ``--start forkserver`` forks each process of a Python command (``python SCRIPT``, ``python -m
 MODULE``, ``lowcomm train``) from a server that imported torch once, and the modules of
@@ -132,7 +133,10 @@ def _starter(command, preload):
     return lambda env: subprocess.Popen(command, env=env)
 
 
-_FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+#: exit codes after which a job is not started again (as are those of a launcher signalled itself);
+#: a process terminated alone (SIGTERM to it: its node preempted) is restarted, and has written its
+#: checkpoint at the step it stopped at, as have the others (``lowcomm train``)
+_FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED)
 
 
 def _attempts(
@@ -142,7 +146,7 @@ def _attempts(
     while True:
         env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
         code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals)
-        if code in _FINAL or attempt == max_restarts:
+        if code in _FINAL or signals.stopping or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
             elif attempt:
