@@ -486,7 +486,9 @@ def _control_plane(args: argparse.Namespace) -> int:
         return ExitCode.USAGE if isinstance(e, KeyRejected) else ExitCode.FAILED
     finally:
         client.close()
-    print(f"job {r['job']}: epoch {r['epoch']}, round {r['round']}, {len(members)} member(s)")
+    # (round -1: none completed yet)
+    rnd = f"round {r['round']}" if r["round"] >= 0 else "no round yet"
+    print(f"job {r['job']}: epoch {r['epoch']}, {rnd}, {len(members)} member(s)")
     rows = [("rank", "worker", "address", "step", "round", "synced", "last heartbeat")]
     rows += [
         (
@@ -494,7 +496,7 @@ def _control_plane(args: argparse.Namespace) -> int:
             m["worker_id"],
             m["addr"],
             str(m["step"]),
-            str(m["round"]),
+            str(m["round"]) if m["round"] >= 0 else "-",
             "yes" if m.get("synced", True) else "no",
             f"{m['last_seen_s']:.1f}s ago",
         )
