@@ -445,7 +445,7 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     redone. The run ends on the fault-free run's bits. The report names the faults (rank, step),
     the restarts (resumed at 20 after reaching 37: 17 steps redone; resumed at S after reaching S)
     and data lost 0; an --out holding that run is refused, nothing in it replaced."""
-    from lowcomm.runtime import read_jsonl
+    from lowcomm.runtime import read_jsonl, timeline
     from lowcomm.runtime.faults import FaultPlan
     from lowcomm.runtime.faults.static_chaos import run_static_chaos
 
@@ -475,6 +475,11 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
         {"attempt": 2, "resumed_at": stopped, "reached": stopped, "steps_redone": 0},
     ]
     assert [e["step"] for e in events if e.get("what") == "resumed"] == [20, stopped]
+    # the records keep the killed attempt's steps after 20, redone after the resume; the run's
+    # history (timeline) has each step once
+    raw = [e["step"] for e in events if e["kind"] == "step"]
+    history = [e["step"] for e in timeline(out / "chaos") if e["kind"] == "step"]
+    assert len(raw) > len(history) and history == sorted(set(history)) and history[-1] == 80
     chaos, ref = (json.loads((out / d / "summary.json").read_text()) for d in ("chaos", "reference"))
     assert chaos["steps_run"] == 80 - stopped and ref["steps_run"] == 80
     assert chaos["global_params_sha256"] == ref["global_params_sha256"] and r["bit_identical"]

@@ -14,7 +14,7 @@ from helpers import load_benchmark, needs_triton, write_corpus
 
 import lowcomm
 from lowcomm.lm import GPT, GPTConfig
-from lowcomm.runtime import TrainConfig, read_jsonl, train
+from lowcomm.runtime import TrainConfig, read_jsonl, timeline, train
 from lowcomm.runtime.trainer import build
 from lowcomm.runtime.trainer import sync as sync_module
 
@@ -891,6 +891,27 @@ def test_an_overwritten_run_leaves_tensorboard_the_new_runs_curves_alone(tmp_pat
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_s_tensorboard_curve_has_each_step_once(tmp_path, corpus_dir, monkeypatch):
+    """A run killed at step 18 after its checkpoint of step 16, then resumed: TensorBoard drew
+    steps 17 and 18 twice (the killed attempt's file and the resumed one's). The resumed run's
+    file hides the steps after its checkpoint from the earlier one, as the records' timeline does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = dict(replicas=2, steps=24, sync_every=4, eval_every=0, log_every=1, checkpoint_every=8)
+    run["metrics"] = "tensorboard"
+    with monkeypatch.context() as m:
+        _crash_at(m, build.Replicas, 19)
+        with pytest.raises(RuntimeError, match="power cut"):
+            _run(tmp_path, corpus_dir, "r", **run)
+    _run(tmp_path, corpus_dir, "r", resume="auto", **run)
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    drawn = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    history = [(e["step"], e["loss"]) for e in timeline(tmp_path / "r") if e["kind"] == "step"]
+    assert [s for s, _ in drawn] == [s for s, _ in history] == list(range(1, 25))
+    assert [v for _, v in drawn] == pytest.approx([v for _, v in history], rel=1e-6)
+
+
 def test_metrics_go_to_wandb_offline_and_a_missing_package_is_named(tmp_path, corpus_dir, monkeypatch):
     import sys
     import types
@@ -1235,7 +1256,7 @@ def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
 ):
     from lowcomm.runtime.trainer import build
 
-    run = dict(replicas=3, steps=24, eval_every=0, **kw)
+    run = dict(replicas=3, steps=24, eval_every=0, log_every=1, **kw)  # (every step's loss recorded)
     straight = _run(tmp_path, corpus_dir, "straight", **run)
     cls = build.BatchedReplicas if kw["replica_batching"] == "batched" else build.Replicas
     with monkeypatch.context() as m:
@@ -1252,6 +1273,12 @@ def test_a_static_run_killed_mid_way_resumes_from_its_checkpoint_bit_for_bit(
     events = read_jsonl(tmp_path / "killed" / "events.jsonl")
     marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
     assert marks == [("written", 8), ("written", 16), ("resumed", 16), ("written", 24)]
+    # the file keeps steps 17 and 18 of the killed attempt; the history as it stands has each
+    # step once, the redone ones (the straight run's losses, bit for bit)
+    assert [e["step"] for e in events if e["kind"] == "step"] == [*range(1, 19), *range(17, 25)]
+    history = [(e["step"], e["loss"]) for e in timeline(tmp_path / "killed") if e["kind"] == "step"]
+    straight_steps = read_jsonl(tmp_path / "straight" / "events.jsonl")
+    assert history == [(e["step"], e["loss"]) for e in straight_steps if e["kind"] == "step"]
 
 
 @pytest.mark.parametrize("at", [11, 16], ids=["between-checkpoints", "at-a-checkpoint"])

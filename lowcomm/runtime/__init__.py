@@ -34,6 +34,7 @@ __getattr__, __dir__, __all__ = lazy_names(
             "evaluate",
             "load_config_file",
             "read_jsonl",
+            "timeline",
             "train",
         ),
         ".elastic": (

@@ -935,12 +935,12 @@ def demo_plot(path: Path, run_dirs: dict[str, str], summaries: dict[str, dict]) 
     """The demo's runs side by side: training loss (mean of the replicas, over 20 steps) and the
     bytes each replica has sent, by inner step. Raises MissingExtra without matplotlib."""
     from .._compat import pyplot
-    from .trainer.records import read_jsonl
+    from .trainer.records import timeline
 
     plt = pyplot("the demo's plot")
     fig, (loss_ax, sent_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run_dir in run_dirs.items():
-        steps = [e for e in read_jsonl(Path(run_dir) / "events.jsonl") if e["kind"] == "step"]
+        steps = [e for e in timeline(run_dir) if e["kind"] == "step"]
         x, loss = [e["step"] for e in steps], [e["loss"] for e in steps]
         window = [
             sum(loss[max(0, i - 19) : i + 1]) / len(loss[max(0, i - 19) : i + 1]) for i in range(len(loss))

@@ -27,6 +27,7 @@ __getattr__, __dir__, __all__ = lazy_names(
             "RunRecorder",
             "atomic_write_json",
             "read_jsonl",
+            "timeline",
             "write_summary",
         ),
         ".sync": ("DataParallel", "DiLoCoSync", "Sync"),

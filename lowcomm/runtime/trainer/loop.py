@@ -315,7 +315,8 @@ class Trainer:
         if self.leader:
             self._dir_lock = hold_folder("run_dir", cfg.run.run_dir)  # before anything is written there
             config = self._config_record()
-            sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config)
+            resumed = self.start_step if self.resumed is not None else None
+            sink = open_sink(cfg.run.metrics, cfg.run.run_dir, config, resumed=resumed)
             first = self.replica_ids[0] if self.replica_ids else 0
             self.rec = RunRecorder(
                 cfg.run.run_dir, config, append=self.continuing, sink=sink, first_replica=first

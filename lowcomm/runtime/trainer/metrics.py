@@ -75,17 +75,20 @@ TENSORBOARD_FILES = "events.out.tfevents.*"
 
 
 class TensorBoardSink:
-    """Its event file is made at the first scalars (a run refused before it sent any adds none)."""
+    """Its event file is made at the first scalars (a run refused before it sent any adds none).
+    A run resumed at step ``resumed`` hides from TensorBoard what the earlier files hold of the
+    steps after it, which the run redoes (TensorBoard would draw both)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resumed: int | None = None) -> None:
         check_sink("tensorboard")
-        self.folder, self.writer = run_dir / TENSORBOARD_DIR, None
+        self.folder, self.writer, self.resumed = run_dir / TENSORBOARD_DIR, None, resumed
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.folder))
+            purge = None if self.resumed is None else self.resumed + 1
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge)
         for name, v in values.items():
             self.writer.add_scalar(name, v, global_step=step)
 
@@ -130,14 +133,17 @@ def check_sink(kind: str) -> None:
         require(_PACKAGES[kind], f"--metrics {kind}")
 
 
-def open_sink(kind: str, run_dir: str | Path, config: dict[str, Any]) -> MetricsSink | None:
-    """The sink ``--metrics`` names (None for "jsonl").
+def open_sink(
+    kind: str, run_dir: str | Path, config: dict[str, Any], resumed: int | None = None
+) -> MetricsSink | None:
+    """The sink ``--metrics`` names (None for "jsonl"); ``resumed``: the step a resumed run
+    continues from.
 
     Raises:
         MissingExtra: its package is not installed (the message says what to install).
     """
     if kind == "tensorboard":
-        return TensorBoardSink(Path(run_dir))
+        return TensorBoardSink(Path(run_dir), resumed)
     if kind == "wandb":
         return WandbSink(Path(run_dir), config)
     return None
