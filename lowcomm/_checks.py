@@ -5,12 +5,18 @@ import math
 import os
 from typing import Any
 
-__all__ = ["env_int", "host_available_bytes", "human_bytes", "is_int", "is_number", "refuse"]
+__all__ = ["env_int", "host_available_bytes", "human_bytes", "is_int", "is_number", "one_line", "refuse"]
 
 
 def refuse(name: str, value: Any, allowed: str) -> ValueError:
     """``name=value is not allowed: allowed`` — the setting, the value and what is allowed."""
     return ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def one_line(e: BaseException | str, limit: int = 300) -> str:
+    """An error's text on one line, at most ``limit`` characters (torch's and gloo's errors span
+    lines and pages), for a message that quotes it."""
+    return " ".join(str(e).split())[:limit]
 
 
 def is_int(v: Any, lo: int | None = None) -> bool:

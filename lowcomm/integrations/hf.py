@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .._checks import one_line
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
@@ -104,7 +105,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
             try:
                 restored = torch.load(saved, weights_only=True, map_location="cpu")
             except Exception as e:  # torn, truncated or not torch's format: name the file
-                why = " ".join(str(e).split())[:200]
+                why = one_line(e, 200)
                 raise ValueError(
                     f"{saved}: not a readable DiLoCo state ({type(e).__name__}: {why})"
                 ) from None

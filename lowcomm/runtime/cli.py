@@ -23,7 +23,7 @@ import threading
 import typing
 from pathlib import Path
 
-from .._checks import env_int, refuse
+from .._checks import env_int, one_line, refuse
 from .._compat import MissingExtra
 from .._version import __version__
 from .errors import ConfigurationRejected, CoordinatorError, ExitCode, JobFinished, KeyRejected, Stopped
@@ -785,7 +785,7 @@ def _terminated(cfg, e: Exception) -> None:
     peer which stopped first left): one line, and the exit code 143."""
     rank = env_int("RANK", 0)
     if not isinstance(e, Stopped):
-        what = f"a peer stopped first ({' '.join(str(e).split())[:200]})"
+        what = f"a peer stopped first ({one_line(e, 200)})"
     elif cfg.elastic.enabled:
         what = f"left the job at the end of step {e.step}; the others go on without this worker"
     elif e.checkpoint:

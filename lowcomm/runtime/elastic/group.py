@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..._checks import is_int
+from ..._checks import is_int, one_line
 from ...comm.codecs import Codec
 from ...comm.distributed import DistributedGroup, LinkEmulator, alone
 from ...comm.group import CollectiveError, ReduceStats, ReplicaGroup, Work
@@ -281,7 +281,7 @@ class ElasticGroup(ReplicaGroup):
             if own is not None:
                 self._own_failures += 1
                 if self.max_retries and self._own_failures >= self.max_retries:
-                    why = " ".join(str(own).split())[:300]
+                    why = one_line(own)
                     agent.record("gave_up", round=job.seq, attempts=self._own_failures, reason=why)
                     raise CollectiveError(
                         f"round {job.seq} failed in this worker {self._own_failures} times in a row "

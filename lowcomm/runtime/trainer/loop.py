@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..._checks import env_int
+from ..._checks import env_int, one_line
 from ..._version import __version__
 from ...comm import LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
@@ -544,7 +544,7 @@ class Trainer:
             self.replicas.load_state_dict(state["replicas"])
             self.sync.load_state_dict(state["sync"])
         except (RuntimeError, KeyError, TypeError, ValueError) as e:  # another model's or configuration's
-            why = " ".join(str(e).split())[:400]  # torch's load errors span lines: one line here
+            why = one_line(e, 400)  # torch's load errors span lines: one line here
             raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
         sent = state.get("sent")  # (a checkpoint of an older lowcomm has none: counted from here)
         if sent is not None and len(sent["bytes"]) == len(self.sync.bytes_sent):

@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..._checks import one_line
 from ..._compat import dcp_group_coordinator
 from ...comm import CollectiveError
 from ...comm.distributed import (
@@ -127,7 +128,7 @@ def init_from_torchrun(
             )
         except getattr(dist, "DistError", RuntimeError) as e:  # the rendezvous: one line, not a traceback
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            why = " ".join(str(e).split())[:300]
+            why = one_line(e)
             raise CollectiveError(f"the job's rendezvous at {where} failed: {why}") from None
         destroy_at_exit()  # ours: destroyed at exit if the script does not (it may end with no cleanup)
     M = world // k
@@ -221,7 +222,7 @@ class StopAgreement:
             self.store.wait(keys, timedelta(seconds=self.timeout_s))
             return max(int(self.store.get(k)) for k in keys)
         except Exception as e:  # (a process died, or the store with rank 0)
-            why = " ".join(str(e).split())[:200]
+            why = one_line(e, 200)
             log.warning("stopping at step %d without the job's other processes: %s", step, why)
             return step
 

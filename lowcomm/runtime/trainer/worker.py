@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..._checks import one_line
 from ...comm.distributed import LinkEmulator
 from ..elastic import (
     ElasticGroup,
@@ -176,7 +177,7 @@ class ElasticDiLoCo(DiLoCoSync):
                     self.bytes_sent[0], self.rounds = int(sent["bytes"]), int(sent["rounds"])
                 self.steps_before = int(state.get("trained_steps", 0))
             except (RuntimeError, KeyError, TypeError) as e:  # another model's or a damaged state
-                why = " ".join(str(e).split())[:400]  # torch's load errors span lines: one line here
+                why = one_line(e, 400)  # torch's load errors span lines: one line here
                 raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
 
     def start(self) -> int:
