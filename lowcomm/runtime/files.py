@@ -4,11 +4,12 @@ lines (JSONL records)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import IO
 
-__all__ = ["check_folder", "hold_folder", "private_open", "read_jsonl"]
+__all__ = ["check_folder", "hold_folder", "private_open", "read_jsonl", "timeline"]
 
 
 def check_folder(name: str, folder: str | os.PathLike | Path) -> None:
@@ -43,6 +44,23 @@ def read_jsonl(path: str | os.PathLike | Path) -> list[dict]:
             if line.endswith("\n"):
                 out.append(json.loads(line))
     return out
+
+
+def timeline(run_dir: str | Path) -> list[dict]:
+    """``run_dir/events.jsonl`` as the run's history stands: the events of steps that a resume
+    redid are left out. A run killed at step 37 and resumed from its checkpoint of step 20
+    recorded steps 21-37 twice (and their rounds and evaluations); the first ones belong to no
+    model the run went on from. The file keeps them (a ``checkpoint`` event, ``what`` "resumed",
+    marks each resume); plot and fit from this."""
+    events = read_jsonl(Path(run_dir) / "events.jsonl")
+    kept, redone_after = [], math.inf  # (read from the end: the earliest resume after an event rules)
+    for e in reversed(events):
+        if e["kind"] == "checkpoint" and e.get("what") == "resumed":
+            redone_after = min(redone_after, e["step"])
+        elif isinstance(e.get("step"), int) and e["step"] > redone_after:
+            continue
+        kept.append(e)
+    return kept[::-1]
 
 
 def hold_folder(name: str, folder: str | os.PathLike | Path) -> int | None:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..._compat import MissingExtra, pyplot
-from ..trainer.records import timeline
+from ..files import timeline
 
 __all__ = ["check_out", "evidence", "fault_entry", "fault_entries", "eval_curve", "plot", "markdown"]
 
@@ -117,7 +117,7 @@ PLOT_FEATURE = "plotting a fault report"
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     """A run's (step, eval loss) points as its history stands (none if it has no records): the
-    evaluations of steps a resume redid are left out (:func:`~lowcomm.runtime.trainer.records.timeline`)."""
+    evaluations of steps a resume redid are left out (:func:`~lowcomm.runtime.files.timeline`)."""
     rows = timeline(run_dir) if (run_dir / "events.jsonl").exists() else []
     return [(e["step"], e["loss"]) for e in rows if e["kind"] == "eval" and e.get("loss") is not None]
 

@@ -15,7 +15,6 @@ members, addresses and transfers.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._checks import human_bytes
-from ..files import check_folder, private_open, read_jsonl
+from ..files import check_folder, private_open, read_jsonl, timeline
 from .metrics import scalars_of
 
 __all__ = [
@@ -112,23 +111,6 @@ _RECORD_KEYS = {
     "events.jsonl": ("kind",),
     "eval.jsonl": ("step", "loss"),
 }
-
-
-def timeline(run_dir: str | Path) -> list[dict]:
-    """``run_dir/events.jsonl`` as the run's history stands: the events of steps that a resume
-    redid are left out. A run killed at step 37 and resumed from its checkpoint of step 20
-    recorded steps 21-37 twice (and their rounds and evaluations); the first ones belong to no
-    model the run went on from. The file keeps them (a ``checkpoint`` event, ``what`` "resumed",
-    marks each resume); plot and fit from this."""
-    events = read_jsonl(Path(run_dir) / "events.jsonl")
-    kept, redone_after = [], math.inf  # (read from the end: the earliest resume after an event rules)
-    for e in reversed(events):
-        if e["kind"] == "checkpoint" and e.get("what") == "resumed":
-            redone_after = min(redone_after, e["step"])
-        elif isinstance(e.get("step"), int) and e["step"] > redone_after:
-            continue
-        kept.append(e)
-    return kept[::-1]
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
