@@ -627,3 +627,28 @@ def test_chaos_refuses_bad_counts_timeouts_and_worker_flags_before_any_run(tmp_p
         with pytest.raises(ValueError, match=r"start='spawn' is not allowed: one of \['exec', 'forkse"):
             run(FaultPlan(0, []), 2, tmp_path / "out", ["--steps", "30"], start="spawn")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_chaos_bar_counts_no_rounds_before_the_first(tmp_path):
+    """Before the job's first round the coordinator's status says round -1: the bar drew
+    "-1/2000" and tqdm warned that it clamped its fraction. It shows 0 until a round is done."""
+    import io
+    import warnings
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from lowcomm.runtime.faults.chaos import JobRun, _show
+
+    statuses = iter([{"round": -1, "members": []}, {"round": 3, "members": [{}, {}]}])
+    job = SimpleNamespace(status=lambda: next(statuses), run_dir=lambda w: tmp_path / w)
+    run = JobRun(job, ["w0"])
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (tqdm's TqdmWarning on a negative count)
+        bar = tqdm(total=2000, file=out)
+        _show(bar, run)
+        assert bar.n == 0 and "-1/2000" not in out.getvalue()
+        _show(bar, run)
+        assert bar.n == 3 and "members=2" in out.getvalue()
+        bar.close()

@@ -122,7 +122,7 @@ def _show(bar, run: JobRun) -> None:
         return
     faults = sum(_count_faults(run, run.job.run_dir(w) / "events.jsonl") for w in run.names)
     faults += sum(e["kind"] == "fault" for e in run.runner_events)
-    bar.n = min(int(st["round"]), bar.total)
+    bar.n = min(max(int(st["round"]), 0), bar.total)  # (round -1: none yet; tqdm drew "-1/2000")
     bar.set_postfix(members=len(st["members"]), faults=faults, finished=len(run.codes), refresh=False)
     bar.refresh()
 
