@@ -5,7 +5,16 @@ import math
 import os
 from typing import Any
 
-__all__ = ["env_int", "host_available_bytes", "human_bytes", "is_int", "is_number", "one_line", "refuse"]
+__all__ = [
+    "env_int",
+    "host_available_bytes",
+    "human_bytes",
+    "is_int",
+    "is_number",
+    "one_line",
+    "refuse",
+    "threads_env",
+]
 
 
 def refuse(name: str, value: Any, allowed: str) -> ValueError:
@@ -55,6 +64,21 @@ def host_available_bytes() -> int | None:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+def threads_env(procs: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for each of ``procs`` processes that share this machine's cores (those
+    this process may run on): its cores divided among them, at least one, where the user has not
+    set the variable. Each process's torch would otherwise start a thread per core: two elastic
+    workers of a tiny model on 2 cores ran 300 steps in 9.9 s instead of 0.8 s, their thread pools
+    spinning against each other. (torchrun sets 1 for more than one process a node.)"""
+    if procs <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (no sched_getaffinity: not Linux)
+        cores = os.cpu_count() or 1
+    return {"OMP_NUM_THREADS": str(max(1, cores // procs))}
 
 
 def human_bytes(n: float) -> str:

@@ -1110,3 +1110,51 @@ def test_sigterm_to_one_process_of_a_launched_job_stops_all_of_them_at_one_step(
     assert steps == [stopped[0]] * 2, err
     assert f"lowcomm: terminated (SIGTERM): stopped at the end of step {stopped[0]}; its checkpoint" in err
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("start", ["exec", "forkserver"])
+def test_launched_processes_share_the_machine_s_cores(tmp_path, start):
+    """Each of a launched job's processes used to start a torch thread per core: two processes
+    on 2 cores (elastic workers of a tiny model) ran 12x slower, their thread pools spinning
+    against each other. `lowcomm launch` now gives each its share as OMP_NUM_THREADS (as torchrun
+    gives 1) unless the user set it, and a forked process's torch takes it too (it had the fork
+    server's count)."""
+    import subprocess
+
+    cores = len(os.sched_getaffinity(0))
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import os, torch\n"
+        "print(os.environ['RANK'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--start", start]
+    out = subprocess.run(
+        [*cmd, "--", sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    share = str(max(1, cores // 2))
+    assert sorted(out.stdout.split("\n")[:2]) == [f"0 {share} {share}", f"1 {share} {share}"], out.stdout
+    # the user's own setting stands
+    own = "2" if share != "2" else "1"
+    out = subprocess.run(
+        [*cmd, "--", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": own},
+        timeout=120,
+    )
+    assert sorted(out.stdout.split("\n")[:2]) == [f"0 {own} {own}", f"1 {own} {own}"], out.stdout + out.stderr
+
+
+def test_a_local_elastic_job_s_workers_share_the_machine_s_cores(tmp_path, monkeypatch):
+    from lowcomm._checks import threads_env
+    from lowcomm.runtime.elastic import LocalJob
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert threads_env(1) == {} and threads_env(4) == {"OMP_NUM_THREADS": str(max(1, cores // 4))}
+    assert LocalJob(tmp_path, [], workers=2).worker_env == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
+    assert LocalJob(tmp_path, []).worker_env == {}  # (workers not given: the user's environment)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads_env(4) == {} and LocalJob(tmp_path, [], workers=2).worker_env == {}

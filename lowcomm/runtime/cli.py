@@ -150,7 +150,8 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         "launch",
         help="start a multi-process job on this machine (loopback), like torchrun --standalone",
         description="Runs REPLICAS x PROCS_PER_REPLICA copies of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, "
-        "MASTER_ADDR=127.0.0.1, MASTER_PORT and LOWCOMM_PROCS_PER_REPLICA set. Example: "
+        "MASTER_ADDR=127.0.0.1, MASTER_PORT and LOWCOMM_PROCS_PER_REPLICA set, and OMP_NUM_THREADS (the "
+        "machine's cores divided among the processes) unless it is set. Example: "
         "lowcomm launch --replicas 4 -- lowcomm train --steps 200",
     )
     la.add_argument("--replicas", type=int, required=True, help="replicas M (processes: M x k)")

@@ -12,8 +12,8 @@ It runs the command as the interpreter would: ``python SCRIPT ARGS`` as ``__main
 script's folder first on ``sys.path``, ``python -m MODULE ARGS`` with the working folder first,
 a console script (``lowcomm``, whose ``#!`` line names this interpreter) as its script. What it
 does not get from a start of its own: whatever the interpreter and the server's imports read from
-the environment when they started (``PYTHON*`` variables, ``OMP_NUM_THREADS`` for torch's thread
-pool) is the starting process's, its standard input is empty (``/dev/null``), and an uncaught
+the environment when they started (``PYTHON*`` variables) is the starting process's (torch's thread
+count is set from its own ``OMP_NUM_THREADS``), its standard input is empty (``/dev/null``), and an uncaught
 exception's traceback is headed by the process's name. The server imports with
 ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that nothing it imports initializes CUDA (a forked process
 could not use it then); this path has run on CPU only. A module the server could not import is
@@ -242,6 +242,10 @@ def _body(cmd: PythonCommand, env: dict[str, str], cwd: str, log_path: str | Non
     multiprocessing.current_process().daemon = False  # (its own children are allowed: a DataLoader's)
     os.environ.clear()
     os.environ.update(env)
+    threads = env.get("OMP_NUM_THREADS", "")
+    torch = sys.modules.get("torch")
+    if torch is not None and threads.isdigit() and int(threads) > 0:  # (it read the server's)
+        torch.set_num_threads(int(threads))
     os.chdir(cwd)
     if log_path is not None:  # its output to a log of its own, written through
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

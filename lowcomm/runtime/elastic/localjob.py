@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..._checks import threads_env
 from ...comm.net import free_port
 from .. import forkserver
 from ..errors import CoordinatorError
@@ -50,9 +51,17 @@ class LocalJob:
     """Args: tmp: the job's folder; flags: ``lowcomm train`` flags of every worker (model, data,
     schedule); coord_flags: flags of ``lowcomm coordinator``; start: "exec" (each process a new
     ``python -m lowcomm``) or "forkserver" (forked from a server that imported torch once: see
-    the module's docstring)."""
+    the module's docstring); workers: how many workers will share this machine's cores at once
+    (each gets its share as OMP_NUM_THREADS, unless that is set: ``_checks.threads_env``)."""
 
-    def __init__(self, tmp: Path, flags: list[str], coord_flags: list[str] = (), start: str = "exec"):
+    def __init__(
+        self,
+        tmp: Path,
+        flags: list[str],
+        coord_flags: list[str] = (),
+        start: str = "exec",
+        workers: int | None = None,
+    ):
         forkserver.check_start(start)
         self.start = start
         self.tmp, self.flags = Path(tmp), list(flags)
@@ -64,6 +73,7 @@ class LocalJob:
         self.coord: subprocess.Popen | forkserver.Forked | None = None
         self.workers: dict[str, subprocess.Popen | forkserver.Forked] = {}
         self.env = {**os.environ, "LOWCOMM_KEY": self.key, "PYTHONUNBUFFERED": "1"}
+        self.worker_env = threads_env(workers or 1)
 
     def _start(self, name: str, argv: list[str], env: dict[str, str], program: str | None = None):
         """``python -m lowcomm ARGV`` (or ``python PROGRAM ARGV``) as this job starts its
@@ -97,7 +107,7 @@ class LocalJob:
     ):
         """Start worker ``wid`` (``plan``: its fault plan; ``extra``: more train flags; ``program``:
         a Python script run in place of ``python -m lowcomm``, taking the same arguments)."""
-        e = dict(self.env, **(env or {}))
+        e = dict(self.env, **self.worker_env, **(env or {}))
         if plan is not None:
             e["LOWCOMM_FAULTS"] = json.dumps(plan)
         argv = ["--log-level", "WARNING", "train", "--coordinator", self.endpoint, "--worker-id", wid]

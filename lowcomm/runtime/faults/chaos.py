@@ -88,7 +88,7 @@ def _run(
     start: str = "exec",
 ) -> JobRun:
     """Start the job, inject the coordinator's faults, restart killed workers, wait for the end."""
-    job = LocalJob(folder, flags, ["--min-workers", str(len(names))], start=start)
+    job = LocalJob(folder, flags, ["--min-workers", str(len(names))], start=start, workers=len(names))
     run = JobRun(job, names)
     t0 = time.time()
     try:

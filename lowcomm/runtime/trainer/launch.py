@@ -2,7 +2,8 @@
 
 ``lowcomm launch --replicas M --procs-per-replica k -- CMD ...`` starts ``M·k`` processes of
 ``CMD`` with torchrun's variables set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR=127.0.0.1, MASTER_PORT) plus LOWCOMM_PROCS_PER_REPLICA; when one fails the others
+MASTER_ADDR=127.0.0.1, MASTER_PORT) plus LOWCOMM_PROCS_PER_REPLICA, and OMP_NUM_THREADS (the
+machine's cores divided among the processes) unless it is set; when one fails the others
 are stopped and its exit code is returned. With ``--max-restarts N`` a failed job is started
 again, all of it, up to N times, as torchrun does (TORCHELASTIC_RESTART_COUNT counts the
 restarts): ``lowcomm train --checkpoint-every K --resume auto`` then continues from its
@@ -29,7 +30,7 @@ import subprocess
 import threading
 import time
 
-from ..._checks import is_int, refuse
+from ..._checks import is_int, refuse, threads_env
 from ...comm.net import check_free_port, free_port
 from .. import forkserver
 from ..errors import ExitCode
@@ -143,8 +144,15 @@ def _attempts(
     starter, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int, signals: _Signals
 ) -> int:
     attempt = 0
+    threads = threads_env(world)  # (the processes share this machine's cores)
+    if threads:
+        log.info("OMP_NUM_THREADS=%s for each of the %d processes", threads["OMP_NUM_THREADS"], world)
     while True:
-        env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
+        env = {
+            "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+            **threads,
+        }
         code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals)
         if code in _FINAL or signals.stopping or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
