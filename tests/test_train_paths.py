@@ -521,10 +521,11 @@ def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
 
 
 def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
-    """diloco_vs_dp.py, overlap.py, collective.py and launch_start.py, which BENCHMARKS.md's CPU
-    tables come from, at tiny sizes in processes of their own, as their docstrings run them: a
-    change to the trainer's configuration or records that breaks one fails here (diloco_vs_dp.py
-    once read a field the configuration had moved, and failed after its first run)."""
+    """diloco_vs_dp.py, overlap.py, collective.py, launch_start.py and threads_share.py, which
+    BENCHMARKS.md's CPU tables come from, at tiny sizes in processes of their own, as their
+    docstrings run them: a change to the trainer's configuration or records that breaks one fails
+    here (diloco_vs_dp.py once read a field the configuration had moved, and failed after its
+    first run)."""
     import subprocess
     import sys
 
@@ -570,6 +571,16 @@ def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
         ("forkserver", 1, False),
     ]
     assert all(0 < r["first_step_s"] < r["wall_s"] for r in rows), rows
+
+    out = tmp_path / "threads_share.json"
+    run(sys.executable, bench / "threads_share.py", "--steps", "10", "--reps", "1", "--json", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["job"], r["threads"]) for r in rows] == [
+        (job, threads)
+        for job in ("launch 2 ranks", "elastic 2 workers")
+        for threads in ("own share", "a thread per core")
+    ]
+    assert all(r["wall_s"] > 0 for r in rows) and rows[0]["tokens_per_second"] > 0
 
 
 def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monkeypatch):
