@@ -343,29 +343,3 @@ def test_a_slow_link_costs_time_and_partitions_cost_a_resync_never_data(job):
 def test_a_local_job_names_its_start_methods(tmp_path):
     with pytest.raises(ValueError, match=r"^start='spawn' is not allowed: one of \['exec', 'forkserver'\]$"):
         LocalJob(tmp_path, [], start="spawn")
-
-
-def test_a_worker_sent_sigterm_leaves_at_a_step_and_the_others_go_on(job):
-    """SIGTERM to an elastic worker (its node preempted) used to kill it where it stood: the
-    others found out when its heartbeats stopped. Now it ends its step, tells the coordinator it
-    is leaving, says so in one line and exits with 143; the others finish without it, alike."""
-    import signal
-
-    j = job(coord_flags=("--min-workers", "2"))
-    names = W4[:3]
-    j.start_coordinator()
-    for w in names:
-        j.start_worker(w, pace(names))
-    j.wait_until(lambda s: s["round"] >= 3, 90, "a few rounds")
-    j.workers["w2"].send_signal(signal.SIGTERM)
-    assert j.workers["w2"].wait(30) == 143, j.logs()
-    log = next(j.tmp.glob("w2-*.log")).read_text()
-    stopped = j.events("w2", "stopped")
-    assert len(stopped) == 1 and stopped[0]["checkpoint"] is None, log
-    said = f"lowcomm: terminated (SIGTERM): left the job at the end of step {stopped[0]['step']}; the others"
-    assert said in log and "Traceback" not in log, log
-    survivors = names[:2]
-    assert j.wait_workers(survivors, 150) == dict.fromkeys(survivors, 0), j.logs()
-    assert len(set(_digests(j, survivors).values())) == 1
-    coordinator = "".join(p.read_text() for p in j.tmp.glob("coordinator-*.log"))
-    assert "missed their heartbeat deadline" not in coordinator, coordinator  # it said it left

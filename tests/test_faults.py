@@ -417,6 +417,11 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     w0 = [json.loads(line) for line in (out / "chaos" / "runs" / "w0" / "events.jsonl").open()]
     (stopped,) = [e["step"] for e in w0 if e["kind"] == "stopped"]  # (the end of step 100, or soon after)
     assert 100 <= stopped < 200
+    said = f"lowcomm: terminated (SIGTERM): left the job at the end of step {stopped}; the others go on"
+    assert said in "".join(p.read_text() for p in (out / "chaos").glob("w0-*.log"))
+    # it told the coordinator it left (the coordinator did not wait out its heartbeat deadline)
+    coordinator = "".join(p.read_text() for p in (out / "chaos").glob("coordinator-*.log")).splitlines()
+    assert not [line for line in coordinator if "missed their heartbeat deadline" in line and "w0" in line]
     coord = by_kind["coordinator-kill"]  # killed and restarted by the runner; the workers re-registered
     assert coord["worker"] == "coordinator" and coord["detected_after_s"] is not None
     assert coord["recovered_after_s"] is not None

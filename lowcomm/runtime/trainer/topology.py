@@ -170,7 +170,9 @@ class StopAgreement:
     where it is.
     """
 
-    POLL_S = 0.2
+    #: how often the thread looks in the store: each process asks rank 0's store once a second
+    #: (schedulers signal every process; the relay is for one that no signal reached)
+    POLL_S = 1.0
 
     def __init__(
         self, store, rank: int, world_size: int, stop: threading.Event, prefix: str, timeout_s: float = 15.0
