@@ -302,6 +302,33 @@ def test_flags_the_run_does_not_use_are_named(tmp_path, corpus_dir, caplog, caps
     )
 
 
+def test_replicas_that_a_launched_job_or_a_worker_does_not_use_are_named(monkeypatch, caplog):
+    """`lowcomm launch --replicas 2 -- lowcomm train --replicas 4` trained 2 replicas without a
+    word (the count is the launcher's); an elastic worker is one replica whatever --replicas says."""
+    from lowcomm.runtime.cli import _warn_unused_flags
+
+    def warned(argv, env) -> str:
+        for k in ("WORLD_SIZE", "RANK", "LOWCOMM_PROCS_PER_REPLICA"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        args = build_parser().parse_args(["train", *argv])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lowcomm"):
+            _warn_unused_flags(args, config_from_args(args))
+        return caplog.text
+
+    said = warned(["--replicas", "4"], {"WORLD_SIZE": "2"})
+    assert "--replicas 4 not used: the job has 2 (2 processes, 1 a replica)" in said
+    said = warned(["--replicas", "4"], {"WORLD_SIZE": "4", "LOWCOMM_PROCS_PER_REPLICA": "2"})
+    assert "--replicas 4 not used: the job has 2 (4 processes, 2 a replica)" in said
+    assert "not used" not in warned(["--replicas", "2"], {"WORLD_SIZE": "2"})
+    assert "not used" not in warned([], {"WORLD_SIZE": "2"})  # (the default, not given)
+    assert "not used" not in warned(["--replicas", "4"], {})  # (one process simulates them)
+    said = warned(["--replicas", "4", "--coordinator", "tcp://127.0.0.1:9"], {})
+    assert "--replicas 4 not used: an elastic worker is one replica of its job" in said
+
+
 def test_config_sections_and_flat_keys_load_alike(tmp_path):
     from lowcomm.runtime import load_config_file
 

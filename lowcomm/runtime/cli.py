@@ -637,6 +637,22 @@ def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
         logging.getLogger("lowcomm").warning(
             "%s: an elastic worker's settings, not used without --coordinator", worker
         )
+    # --replicas counts the replicas one process simulates: a launched job has one a process (or
+    # a procs_per_replica group), an elastic worker is one; a given count that differs is not used
+    if getattr(args, "replicas", None) is not None:
+        if cfg.elastic.enabled:
+            where = "an elastic worker is one replica of its job"
+        elif os.environ.get("WORLD_SIZE"):
+            k = env_int("LOWCOMM_PROCS_PER_REPLICA", cfg.run.procs_per_replica) or 1
+            world = env_int("WORLD_SIZE")
+            job = world // k
+            where = None
+            if job != cfg.run.replicas:
+                where = f"the job has {job} ({world} processes, {k} a replica)"
+        else:
+            where = None
+        if where:
+            logging.getLogger("lowcomm").warning("--replicas %d not used: %s", cfg.run.replicas, where)
 
 
 def _train(args: argparse.Namespace) -> int:
