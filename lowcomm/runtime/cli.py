@@ -798,11 +798,12 @@ def _stop_on_sigterm(wait_s: float = STOP_WAIT_S):
 
 
 def _terminated(cfg, e: Exception) -> None:
-    """A run stopped by SIGTERM (``e`` a :class:`Stopped`, or the error of a collective that a
-    peer which stopped first left): one line, and the exit code 143."""
+    """A run stopped by SIGTERM (``e`` a :class:`Stopped`, or the error of a collective whose peer
+    had gone: a launcher stops the others of a job one of whose processes failed): one line, and
+    the exit code 143."""
     rank = env_int("RANK", 0)
     if not isinstance(e, Stopped):
-        what = f"a peer stopped first ({one_line(e, 200)})"
+        what = f"a collective failed on the way ({one_line(e, 200)})"
     elif cfg.elastic.enabled:
         what = f"left the job at the end of step {e.step}; the others go on without this worker"
     elif e.checkpoint:
