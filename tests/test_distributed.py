@@ -435,6 +435,51 @@ def test_trainer_replicas_configured_apart_exit_with_the_refusal_code(tmp_path):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
 
 
+def test_a_store_barrier_waits_for_every_process_and_names_those_that_came_on_a_time_out():
+    import threading
+
+    from lowcomm.runtime.trainer.topology import store_barrier
+
+    store = torch.distributed.HashStore()
+    done = []
+    threads = [
+        threading.Thread(target=lambda: (store_barrier(store, 3, "k", 30), done.append(1))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert done == [1, 1, 1]
+    with pytest.raises(TimeoutError, match=r"^1 of 2 processes reached alone in 0.2 s$"):
+        store_barrier(store, 2, "alone", 0.2)
+
+
+def test_a_launched_diloco_job_killed_between_rounds_restarts_from_a_step_all_hold(tmp_path):
+    """Two processes of DiLoCo (a round every 50 steps) checkpoint every 10 steps; rank 1 is killed
+    at step 75. Rank 0 ran on toward the round at 100, writing its checkpoints of 80 and 90 over
+    those of 60 and 70, so the restarted job found no step both held ("no step has a checkpoint on
+    every process (rank 0 [90, 80], rank 1 [70, 60])") and failed. The processes now write a step's
+    checkpoints once all of them reached it: rank 0 waits at 80, and the job resumes at 70."""
+    from helpers import launch_train
+
+    from lowcomm.runtime import read_jsonl
+
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "50", "--eval-every", "0"]
+    args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
+    cmd = launch_train(2, *args, start="forkserver")
+    cmd[cmd.index("--start") : cmd.index("--start")] = ["--max-restarts", "1"]
+    faults = {"faults": [{"kind": "kill", "target": "rank:1", "at_step": 75}]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(faults)}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the job ended with exit code 0 after 1 restart(s)" in res.stderr
+    events = read_jsonl(tmp_path / "r" / "events.jsonl")
+    marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
+    assert marks[: marks.index(("resumed", 70))] == [("written", s) for s in range(10, 80, 10)], marks
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps_run"] == 50
+
+
 def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_reported(tmp_path):
     """`lowcomm chaos --static`: two processes of `lowcomm launch` write their checkpoints every 10
     steps, fault-free and under a plan with `--max-restarts 2`: rank 1's write at step 30 fails (it

@@ -53,7 +53,7 @@ from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
-from .topology import StopAgreement, Topology, init_from_torchrun, is_distributed_env
+from .topology import StopAgreement, Topology, init_from_torchrun, is_distributed_env, store_barrier
 
 __all__ = ["train", "Trainer"]
 
@@ -472,7 +472,25 @@ class Trainer:
 
     def _write_run_checkpoint(self, step: int) -> None:
         """Every replica of this process at ``step``: models, inner optimizers, data positions and
-        the sync's state (rounds in flight included), atomically into this process's file."""
+        the sync's state (rounds in flight included), atomically into this process's file.
+
+        The processes of a static job write a step's checkpoints once all of them reached it (a
+        barrier in the job's store). Between DiLoCo's rounds they drift apart: a process killed at
+        step 75 held its checkpoints of 60 and 70 while the others ran on to the round at 100,
+        writing 80 and 90 over theirs of 60 and 70, and the restarted job had no step to resume
+        from. Held at 80, the others keep 70."""
+        topo = self.topo
+        if topo is not None and topo.world_size > 1 and topo.outer.store is not None:
+            key = f"lowcomm/checkpoint/{restart_attempt()}/{step}"
+            try:
+                store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout)
+            except Exception as e:  # (a process died: the job is being stopped)
+                why = one_line(e, 200)
+                log.warning(
+                    "checkpoint at step %d not written: a process of the job never reached it (%s)", step, why
+                )
+                self.rec.event("checkpoint", what="skipped", step=step, reason=why)
+                return
         path = run_checkpoint_path(self.cfg)
         state = {
             "format": RUN_FORMAT,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -32,7 +33,7 @@ from ...comm.distributed import (
     local_gpu_index,
 )
 
-__all__ = ["Topology", "StopAgreement", "init_from_torchrun", "is_distributed_env"]
+__all__ = ["Topology", "StopAgreement", "init_from_torchrun", "is_distributed_env", "store_barrier"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,22 @@ def init_from_torchrun(
         outer_pg, store=store, link=link, name=f"outer{local}", timeout=collective_timeout_s or timeout_s
     )
     return Topology(rank, world, replica, M, local, k, outer, inner)
+
+
+def store_barrier(store, world_size: int, key: str, timeout_s: float, poll_s: float = 0.005) -> None:
+    """Return once ``world_size`` processes called this with ``key`` (each adds one to its count
+    in the job's store; the last one marks it whole). Raises TimeoutError after ``timeout_s`` (a
+    process died). It looks every ``poll_s`` rather than wait in the store, whose client a wait
+    holds: this process's stop agreement must still get its word through meanwhile."""
+    if store.add(key, 1) == world_size:
+        store.set(f"{key}/all", "1")
+    deadline = time.monotonic() + timeout_s
+    while not store.check([f"{key}/all"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{store.add(key, 0)} of {world_size} processes reached {key} in {timeout_s:g} s"
+            )
+        time.sleep(poll_s)
 
 
 class StopAgreement:
