@@ -1136,7 +1136,8 @@ def test_sigterm_to_one_process_of_a_launched_job_stops_all_of_them_at_one_step(
     steps = [load_state(run / f"checkpoint-rank{r}.lcs")["step"] for r in (0, 1)]
     assert steps == [stopped[0]] * 2, err
     assert f"lowcomm: terminated (SIGTERM): stopped at the end of step {stopped[0]}; its checkpoint" in err
-    assert "Traceback" not in err, err
+    # (rank 1 closing through the job's store after rank 0, its host, had left: a C++ stack trace)
+    assert "Traceback" not in err and "recvValue failed" not in err and "frame #" not in err, err
 
 
 @pytest.mark.parametrize("start", ["exec", "forkserver"])

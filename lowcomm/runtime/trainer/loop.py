@@ -434,10 +434,10 @@ class Trainer:
                 self.bar.close()
             sync.close(finished)
             self.rec.close()
-            if self.agreement is not None:
-                self.agreement.close()
             if self.topo is not None:
                 self.topo.outer.close()
+            if self.agreement is not None:  # (after the groups: it may wait for the others' close)
+                self.agreement.close()
         if not cfg.elastic.enabled and len(set(digests)) > 1:
             raise RuntimeError(
                 f"replicas ended with different global parameters ({digests}); this is a bug in lowcomm"

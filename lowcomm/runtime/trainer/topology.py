@@ -190,6 +190,8 @@ class StopAgreement:
     #: how often the thread looks in the store: each process asks rank 0's store once a second
     #: (schedulers signal every process; the relay is for one that no signal reached)
     POLL_S = 1.0
+    #: how long a process that stopped waits for the others to close theirs (:meth:`close`)
+    CLOSE_S = 10.0
 
     def __init__(
         self, store, rank: int, world_size: int, stop: threading.Event, prefix: str, timeout_s: float = 15.0
@@ -197,6 +199,7 @@ class StopAgreement:
         self.store, self.rank, self.world_size, self.stop = store, rank, world_size, stop
         self.prefix, self.timeout_s = prefix, timeout_s
         self._earliest = 0  # the earliest step this process can still stop at
+        self.agreed = False  # every process gave its step: they stop together
         self._given = False
         self._lock = threading.Lock()
         self._ended = threading.Event()
@@ -239,6 +242,7 @@ class StopAgreement:
         keys = [f"{self.prefix}/step/{r}" for r in range(self.world_size)]
         try:
             self.store.wait(keys, timedelta(seconds=self.timeout_s))
+            self.agreed = True
             return max(int(self.store.get(k)) for k in keys)
         except Exception as e:  # (a process died, or the store with rank 0)
             why = one_line(e, 200)
@@ -254,4 +258,18 @@ class StopAgreement:
                 self._give(steps)
 
     def close(self) -> None:
+        """The run ended. After an agreed stop, wait (a few seconds at most) for every process to
+        get here: the job's store lives in rank 0 (launch), and a process still closing its
+        groups through it logged a C++ stack trace when rank 0 left first."""
         self._ended.set()
+        if self.agreed:
+            try:
+                store_barrier(self.store, self.world_size, f"{self.prefix}/closed", self.CLOSE_S)
+                # each one's last word to the store; rank 0, which may host it, leaves after all
+                seen = self.store.add(f"{self.prefix}/left", 1)
+                deadline = time.monotonic() + self.CLOSE_S
+                while self.rank == 0 and seen < self.world_size and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    seen = self.store.add(f"{self.prefix}/left", 0)
+            except Exception as e:
+                log.debug("stop agreement: %s", e)
