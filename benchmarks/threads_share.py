@@ -98,6 +98,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--ways", default="share,per-core", help="which ways to run, of share and per-core (default: both)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -112,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowcomm-threads-") as d:
         tmp = Path(d)
         for job, fn in (("launch 2 ranks", launched), ("elastic 2 workers", elastic)):
-            for share in (True, False):
+            for share in [w == "share" for w in args.ways.split(",")]:
                 runs = [fn(share, args.steps, tmp) for _ in range(args.reps)]
                 row = {
                     "job": job,
