@@ -399,7 +399,7 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
         "--start",  # (forked from a server that imported torch once; exec: the hardening tests)
         "forkserver",
         "--",
-        *_flags(corpus, "--steps", "200", "--eval-every", "50"),
+        *_flags(corpus, "--steps", "200", "--eval-every", "50", "--checkpoint-every", "50"),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -415,9 +415,15 @@ def test_lowcomm_chaos_writes_a_survival_report_with_no_data_lost(tmp_path, corp
     # new incarnation, it may never be reported lost: no detection is asserted, as for the kill)
     assert by_kind["preempt"]["recovered_after_s"] is not None
     w0 = [json.loads(line) for line in (out / "chaos" / "runs" / "w0" / "events.jsonl").open()]
-    (stopped,) = [e["step"] for e in w0 if e["kind"] == "stopped"]  # (the end of step 100, or soon after)
-    assert 100 <= stopped < 200
-    said = f"lowcomm: terminated (SIGTERM): left the job at the end of step {stopped}; the others go on"
+    (stopped,) = [e for e in w0 if e["kind"] == "stopped"]  # (the end of step 100, or soon after)
+    assert 100 <= stopped["step"] < 200
+    # it wrote its checkpoint of that step (no round is in flight at a step's end without overlap)
+    ckpt = str((out / "chaos" / "runs" / "w0" / "checkpoint.lcs").resolve())
+    assert stopped["checkpoint"] is not None and Path(stopped["checkpoint"]).resolve() == Path(ckpt)
+    assert ("written", stopped["step"]) in [(e["what"], e["step"]) for e in w0 if e["kind"] == "checkpoint"]
+    said = (
+        f"lowcomm: terminated (SIGTERM): left the job at the end of step {stopped['step']}; the others go on"
+    )
     assert said in "".join(p.read_text() for p in (out / "chaos").glob("w0-*.log"))
     # it told the coordinator it left (the coordinator did not wait out its heartbeat deadline)
     coordinator = "".join(p.read_text() for p in (out / "chaos").glob("coordinator-*.log")).splitlines()

@@ -806,6 +806,7 @@ def _terminated(cfg, e: Exception) -> None:
         what = f"a collective failed on the way ({one_line(e, 200)})"
     elif cfg.elastic.enabled:
         what = f"left the job at the end of step {e.step}; the others go on without this worker"
+        what += f" (its checkpoint is {e.checkpoint})" if e.checkpoint else ""
     elif e.checkpoint:
         what = f"{e}; the same command with --resume auto continues from it"
     else:

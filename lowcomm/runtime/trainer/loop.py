@@ -456,14 +456,17 @@ class Trainer:
         return summary
 
     def _stop(self, step: int) -> None:
-        """``stop`` was set: the checkpoint at ``step`` (a static job's, when it writes them), the
-        ``stopped`` event, then :class:`Stopped` (the run's ``finally`` closes its records and an
-        elastic worker's agent leaves the job)."""
+        """``stop`` was set: the checkpoint at ``step`` (when the run writes them; an elastic
+        worker's when no round is in flight), the ``stopped`` event, then :class:`Stopped` (the
+        run's ``finally`` closes its records and an elastic worker's agent leaves the job)."""
         self._flush(step)
-        if self.cfg.elastic.checkpoint_every and not self.cfg.elastic.enabled and self.steps_run:
-            if self.checkpointed is None or self.checkpointed[0] != step:  # (not the step's own)
-                self._write_run_checkpoint(step)
-        written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
+        if self.cfg.elastic.enabled:  # (its sync writes its checkpoints)
+            written = self.sync.stop_checkpoint(step) if self.steps_run else None
+        else:
+            if self.cfg.elastic.checkpoint_every and self.steps_run:
+                if self.checkpointed is None or self.checkpointed[0] != step:  # (not the step's own)
+                    self._write_run_checkpoint(step)
+            written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
         self.rec.event("stopped", step=step, checkpoint=written)
         log.info("stopped at the end of step %d", step)
         raise Stopped(step, written)

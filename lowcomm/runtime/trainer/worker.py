@@ -116,6 +116,7 @@ class ElasticDiLoCo(DiLoCoSync):
         self.diloco = self.dilocos[0]
         self.resume_state = resume
         self.ckpt_path = Path(cfg.run.run_dir) / CHECKPOINT_NAME
+        self.checkpointed: int | None = None  # the step of the last checkpoint this attempt wrote
         self.resyncs = 0
         self.steps_trained = 0  # in this attempt
         self.transfers_in: list[dict] = []
@@ -218,14 +219,27 @@ class ElasticDiLoCo(DiLoCoSync):
         if self.diloco.in_flight == 0:
             self.agent.serve_pending(self.snapshot)
 
-    def _write_checkpoint(self, step: int) -> None:
+    def _write_checkpoint(self, step: int) -> bool:
         opener = self.hooks.checkpoint_opener(step)  # a failing one under a checkpoint-fail fault
         try:
             nbytes = write_checkpoint(self.ckpt_path, self.checkpoint(), opener=opener)
             self.record("checkpoint", what="written", step=step, bytes=nbytes, path=str(self.ckpt_path))
+            self.checkpointed = step
+            return True
         except OSError as e:
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
             self.record("checkpoint", what="failed", step=step, reason=str(e)[:300])
+            return False
+
+    def stop_checkpoint(self, step: int) -> str | None:
+        """A stop at the end of ``step`` (SIGTERM): this worker's checkpoint of it, when it writes
+        checkpoints and no round is in flight (a state in the middle of one is not whole); its
+        path, or None. A job whose every worker was stopped resumes from them."""
+        if not self.cfg.elastic.checkpoint_every or self.diloco.in_flight:
+            return None
+        if self.checkpointed != step and not self._write_checkpoint(step):
+            return None
+        return str(self.ckpt_path)
 
     def _round_fields(self, replica: int, step: int) -> dict[str, Any]:
         return {"step": step, "size": self.group.size}
