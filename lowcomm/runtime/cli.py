@@ -683,7 +683,7 @@ def _run_train(cfg: TrainConfig, progress: bool, stop: threading.Event) -> int:
             _leave_now(ExitCode.USAGE)
         except CollectiveError as e:  # a peer died, hung or was cut off: one line, not a traceback
             # (the records are closed; a gloo thread may still wait on the peer: leave at once)
-            if stop.is_set():  # a peer stopped at an earlier step than this process
+            if stop.is_set():  # (after a SIGTERM: its peer had gone, the launcher stopping a failed job)
                 _terminated(cfg, e)
             print(f"lowcomm: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
             _leave_now(ExitCode.FAILED)
