@@ -663,3 +663,37 @@ def test_the_chaos_bar_counts_no_rounds_before_the_first(tmp_path):
         _show(bar, run)
         assert bar.n == 3 and "members=2" in out.getvalue()
         bar.close()
+
+
+def test_a_job_whose_every_worker_is_preempted_resumes_from_the_steps_they_stopped_at(
+    tmp_path, corpus, lose_all_reference
+):
+    """Every worker is sent SIGTERM at step 100 (a preempt fault): each ends its step, writes its
+    checkpoint of it (its periodic ones are at 40 and 80) and leaves with 143. They come back with
+    --resume auto, each from the step it stopped at, and the job ends bit for bit where the
+    fault-free one ends."""
+    names = WORKERS[:3]
+    job = LocalJob(tmp_path / "job", _flags(corpus, *_LOSE_ALL), ["--min-workers", "3"], start="forkserver")
+    try:
+        job.start_coordinator()
+        faults = [
+            {"kind": "preempt", "target": f"worker:{w}", "at_step": 100, "restart": False} for w in names
+        ]
+        for w in names:
+            job.start_worker(w, {"seed": 0, "faults": faults})
+        assert job.wait_workers(names, 120) == dict.fromkeys(names, 143), job.logs()
+        stopped = {w: job.events(w, "stopped")[0] for w in names}
+        for w, e in stopped.items():  # (the end of step 100, or soon after; no round in flight)
+            assert e["checkpoint"] == str(job.run_dir(w) / "checkpoint.lcs") and 100 <= e["step"] < 120, e
+        for w in names:
+            job.start_worker(w, extra=["--resume", "auto"])
+        assert job.wait_workers(names, 120) == dict.fromkeys(names, 0), job.logs()
+        resumed = {
+            w: [e["step"] for e in job.events(w, "checkpoint") if e["what"] == "resumed"] for w in names
+        }
+        assert resumed == {w: [e["step"]] for w, e in stopped.items()}, (stopped, resumed)
+        assert all(job.summary(w)["steps_run"] == 120 - stopped[w]["step"] for w in names)
+        got = {job.summary(w)["global_params_sha256"] for w in names}
+        assert got == {lose_all_reference["global_params_sha256"]}
+    finally:
+        job.close()
