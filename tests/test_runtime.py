@@ -329,6 +329,28 @@ def test_replicas_that_a_launched_job_or_a_worker_does_not_use_are_named(monkeyp
     assert "--replicas 4 not used: an elastic worker is one replica of its job" in said
 
 
+def test_the_launchers_procs_per_replica_is_the_jobs(monkeypatch):
+    """`lowcomm launch --replicas 2 --procs-per-replica 2 -- lowcomm train` ran 4 replicas of one
+    process each: the trainer passed its own procs_per_replica (1, the default) over the
+    launcher's LOWCOMM_PROCS_PER_REPLICA, which RunConfig says wins."""
+    import lowcomm.runtime.trainer.loop as loop
+
+    seen = []
+
+    def topology(k, **kw):
+        seen.append(k)
+        raise RuntimeError("no job here")
+
+    monkeypatch.setattr(loop, "init_from_torchrun", topology)
+    monkeypatch.setattr(loop, "is_distributed_env", lambda: True)
+    monkeypatch.setenv("LOWCOMM_PROCS_PER_REPLICA", "2")
+    with pytest.raises(RuntimeError, match="no job here"):
+        loop.Trainer(TrainConfig.from_flat(), progress=False)._static_topology()
+    assert seen == [2]
+    monkeypatch.delenv("LOWCOMM_PROCS_PER_REPLICA")  # (torchrun sets none: the flag's)
+    assert TrainConfig.from_flat(procs_per_replica=4).run.job_procs_per_replica() == 4
+
+
 def test_config_sections_and_flat_keys_load_alike(tmp_path):
     from lowcomm.runtime import load_config_file
 

@@ -643,7 +643,7 @@ def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
         if cfg.elastic.enabled:
             where = "an elastic worker is one replica of its job"
         elif os.environ.get("WORLD_SIZE"):
-            k = env_int("LOWCOMM_PROCS_PER_REPLICA", cfg.run.procs_per_replica) or 1
+            k = cfg.run.job_procs_per_replica()
             world = env_int("WORLD_SIZE")
             job = world // k
             where = None

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ... import _compat
-from ..._checks import is_int, is_number, refuse
+from ..._checks import env_int, is_int, is_number, refuse
 from ..._configfile import read_config_file
 from ...comm.distributed import local_gpu_index, parse_bandwidth, parse_duration
 from ...kernels.linear import FAST_ACCUM, FAST_ACCUM_MODES, PRECISIONS
@@ -156,6 +156,11 @@ class RunConfig:
     procs_per_replica: int = 1
     timeout: float = 300.0
     profile: str = ""
+
+    def job_procs_per_replica(self) -> int:
+        """k of a multi-process job: the launcher's LOWCOMM_PROCS_PER_REPLICA when it set one (it
+        placed the processes), else ``procs_per_replica``."""
+        return env_int("LOWCOMM_PROCS_PER_REPLICA", 0) or self.procs_per_replica
 
     def __post_init__(self) -> None:
         _choice(self, "mode", MODES)

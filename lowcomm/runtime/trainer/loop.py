@@ -131,7 +131,8 @@ class Trainer:
         link = LinkEmulator.parse(cfg.link.bandwidth, cfg.link.latency)
         topo = self.topology
         if topo is None and is_distributed_env():
-            topo = init_from_torchrun(cfg.run.procs_per_replica, link=link, timeout_s=cfg.run.timeout)
+            k = cfg.run.job_procs_per_replica()
+            topo = init_from_torchrun(k, link=link, timeout_s=cfg.run.timeout)
         if topo is None and link is not None and not cfg.elastic.enabled:
             raise ValueError(
                 f"link_bandwidth={cfg.link.bandwidth!r} / link_latency={cfg.link.latency!r} emulate a "
