@@ -154,13 +154,18 @@ def init_from_torchrun(
     return Topology(rank, world, replica, M, local, k, outer, inner)
 
 
-def store_barrier(store, world_size: int, key: str, timeout_s: float, poll_s: float = 0.005) -> None:
+def store_barrier(
+    store, world_size: int, key: str, timeout_s: float, poll_s: float = 0.005, wait: bool = True
+) -> None:
     """Return once ``world_size`` processes called this with ``key`` (each adds one to its count
-    in the job's store; the last one marks it whole). Raises TimeoutError after ``timeout_s`` (a
-    process died). It looks every ``poll_s`` rather than wait in the store, whose client a wait
-    holds: this process's stop agreement must still get its word through meanwhile."""
+    in the job's store; the last one marks it whole); with ``wait`` False, at once, counted.
+    Raises TimeoutError after ``timeout_s`` (a process died). It looks every ``poll_s`` rather
+    than wait in the store, whose client a wait holds: this process's stop agreement must still
+    get its word through meanwhile."""
     if store.add(key, 1) == world_size:
         store.set(f"{key}/all", "1")
+    if not wait:
+        return
     deadline = time.monotonic() + timeout_s
     while not store.check([f"{key}/all"]):
         if time.monotonic() > deadline:
@@ -266,10 +271,7 @@ class StopAgreement:
             try:
                 store_barrier(self.store, self.world_size, f"{self.prefix}/closed", self.CLOSE_S)
                 # each one's last word to the store; rank 0, which may host it, leaves after all
-                seen = self.store.add(f"{self.prefix}/left", 1)
-                deadline = time.monotonic() + self.CLOSE_S
-                while self.rank == 0 and seen < self.world_size and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                    seen = self.store.add(f"{self.prefix}/left", 0)
+                left = f"{self.prefix}/left"
+                store_barrier(self.store, self.world_size, left, self.CLOSE_S, wait=self.rank == 0)
             except Exception as e:
                 log.debug("stop agreement: %s", e)
