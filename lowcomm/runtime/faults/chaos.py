@@ -33,7 +33,7 @@ from ..._checks import is_number, refuse
 from ..elastic.localjob import LocalJob
 from ..errors import ExitCode
 from ..forkserver import check_procs, check_start
-from .plan import FaultPlan
+from .plan import ENDING_KINDS, FaultPlan
 from .report import check_out, eval_curve, fault_entries, markdown, plot, why_no_plot
 
 __all__ = ["run_chaos", "JobRun"]
@@ -152,7 +152,7 @@ def _drive(run: JobRun, plan: FaultPlan | None, timeout: float, observer=None, b
     faults = plan.faults if plan else []
     t0 = None  # a coordinator fault's at_time counts from when every worker registered, like a worker's
     coord_faults = sorted((f for f in faults if f.kind == "coordinator-kill"), key=lambda f: f.at_time or 0)
-    restartable = {f.id: f for f in faults if f.kind in ("kill", "preempt") and f.restart}
+    restartable = {f.id: f for f in faults if f.kind in ENDING_KINDS and f.restart}
     end = time.time() + timeout
     shown = 0.0  # when the bar was last brought up to date (once a second: a status request)
     while len(run.codes) < len(names) and time.time() < end:
@@ -248,7 +248,7 @@ def run_chaos(
     majority = max(set(digests), key=digests.count) if digests else None
     # restarted after the job's last step: there was nothing left to join
     late = [w for w, c in chaos.codes.items() if c == ExitCode.JOB_FINISHED]
-    never_back = {f.target for f in plan.faults if f.kind in ("kill", "preempt") and not f.restart}
+    never_back = {f.target for f in plan.faults if f.kind in ENDING_KINDS and not f.restart}
     unfinished = [w for w in names if w not in finished and w not in late and f"worker:{w}" not in never_back]
     data_lost = sum(d != majority for d in digests) + len(unfinished)
     ref_loss, chaos_loss = ref.final_loss(names), chaos.final_loss(list(finished) or names)

@@ -58,6 +58,7 @@ __all__ = [
     "ROUND_KINDS",
     "LASTING_KINDS",
     "STATIC_KINDS",
+    "ENDING_KINDS",
     "STATIC_HOOKS",
     "Fault",
     "FaultPlan",
@@ -102,6 +103,9 @@ DEFAULT_HOOK = {
     "checkpoint-fail": "checkpoint_write",
 }
 ROUND_KINDS = ("drop-round", "corrupt", "nan")  # need a round to act on
+#: end the worker's process (``restart``: the chaos runner starts it again; a static job's
+#: launcher restarts the job)
+ENDING_KINDS = ("kill", "preempt")
 _STEP_HOOKS = ("before_step", "after_step")
 #: what a static job (``lowcomm launch`` / torchrun) can inject: its rounds are unguarded, it has
 #: no coordinator and no transfers, and a killed process fails the whole job (its launcher's

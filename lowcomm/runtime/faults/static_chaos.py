@@ -34,7 +34,7 @@ from ..._checks import is_int, is_number, refuse
 from ..errors import ExitCode
 from ..files import read_jsonl
 from ..forkserver import check_procs, check_start
-from .plan import FaultPlan
+from .plan import ENDING_KINDS, FaultPlan
 from .report import check_out, eval_curve, plot, why_no_plot
 
 __all__ = ["run_static_chaos"]
@@ -81,7 +81,7 @@ def run_static_chaos(
     plan = plan.check_static(world, procs_per_replica, cfg.run.steps)
     out = Path(out)
     check_out(out)
-    if not cfg.elastic.checkpoint_every and any(f.kind in ("kill", "preempt") for f in plan.faults):
+    if not cfg.elastic.checkpoint_every and any(f.kind in ENDING_KINDS for f in plan.faults):
         log.warning("no --checkpoint-every: a job restarted after a kill or preempt starts again from step 0")
     no_plot = why_no_plot()
     if no_plot:
