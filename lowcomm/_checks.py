@@ -11,6 +11,7 @@ __all__ = [
     "human_bytes",
     "is_int",
     "is_number",
+    "named_ranks",
     "one_line",
     "refuse",
     "threads_env",
@@ -26,6 +27,12 @@ def one_line(e: BaseException | str, limit: int = 300) -> str:
     """An error's text on one line, at most ``limit`` characters (torch's and gloo's errors span
     lines and pages), for a message that quotes it."""
     return " ".join(str(e).split())[:limit]
+
+
+def named_ranks(ranks) -> str:
+    """``[1]`` -> "rank 1", ``[1, 3]`` -> "ranks 1, 3" (processes named in a message)."""
+    ranks = list(ranks)
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 def is_int(v: Any, lo: int | None = None) -> bool:

@@ -809,6 +809,9 @@ def _terminated(cfg, e: Exception) -> None:
         what += f" (its checkpoint is {e.checkpoint})" if e.checkpoint else ""
     elif e.checkpoint:
         what = f"{e}; the same command with --resume auto continues from it"
+    elif cfg.elastic.checkpoint_every:  # (the job's processes did not stop together: one is gone)
+        what = f"{e}; no checkpoint of this step: the same command with --resume auto continues from "
+        what += "the last step every process of the job checkpointed"
     else:
         run_dir = Path(cfg.run.run_dir).resolve()
         what = f"{e}; the records so far are in {run_dir} (no checkpoint: --checkpoint-every K writes one)"

@@ -53,7 +53,14 @@ from .metrics import TENSORBOARD_DIR, TENSORBOARD_FILES, check_sink, open_sink
 from .profiling import StepProfiler, parse_profile_steps
 from .records import NullRecorder, RunRecorder, check_run_dir, human_bytes, write_summary
 from .sync import DataParallel, DiLoCoSync, Sync
-from .topology import StopAgreement, Topology, init_from_torchrun, is_distributed_env, store_barrier
+from .topology import (
+    StopAgreement,
+    Topology,
+    init_from_torchrun,
+    is_distributed_env,
+    restart_attempt,
+    store_barrier,
+)
 
 __all__ = ["train", "Trainer"]
 
@@ -110,6 +117,7 @@ class Trainer:
         self.stop = stop
         self.agreement: StopAgreement | None = None  # where the processes of a static job agree on a stop
         self._stop_at: int | None = None  # the step the run stops at, once a stop is asked
+        self._barrier_step: int | None = None  # the last step whose checkpoint waited for the job's processes
         self.rec: RunRecorder | NullRecorder = NullRecorder()
         self.bar = None  # the progress bar, once the run starts
         self.profiler: StepProfiler | None = None  # --profile's, once the run starts
@@ -464,13 +472,17 @@ class Trainer:
         if self.cfg.elastic.enabled:  # (its sync writes its checkpoints)
             written = self.sync.stop_checkpoint(step) if self.steps_run else None
         else:
-            if self.cfg.elastic.checkpoint_every and self.steps_run:
-                if self.checkpointed is None or self.checkpointed[0] != step:  # (not the step's own)
+            # the processes of a job that stopped together (or one alone) write the step's
+            # checkpoints; one that stopped without the others (gone, or hung) holds no common step
+            together = self.agreement is None or self.agreement.agreed
+            if self.cfg.elastic.checkpoint_every and self.steps_run and together:
+                if self._barrier_step != step:  # (not the step's own, written or skipped)
                     self._write_run_checkpoint(step)
             written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
-        self.rec.event("stopped", step=step, checkpoint=written)
+        lost = list(self.agreement.lost) if self.agreement is not None else []
+        self.rec.event("stopped", step=step, checkpoint=written, **({"lost": lost} if lost else {}))
         log.info("stopped at the end of step %d", step)
-        raise Stopped(step, written)
+        raise Stopped(step, written, lost)
 
     # ---- a static job's checkpoints ------------------------------------------------------------
 
@@ -486,8 +498,10 @@ class Trainer:
         topo = self.topo
         if topo is not None and topo.world_size > 1 and topo.outer.store is not None:
             key = f"lowcomm/checkpoint/{restart_attempt()}/{step}"
+            gone = self.agreement.gone if self.agreement is not None else None
+            self._barrier_step = step  # (entered once: a second count of this process would fill it)
             try:
-                store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout)
+                store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone)
             except Exception as e:  # (a process died: the job is being stopped)
                 why = one_line(e, 200)
                 log.warning(
@@ -735,12 +749,6 @@ def _process_file(cfg: TrainConfig, stem: str, suffix: str) -> Path:
 def run_checkpoint_path(cfg: TrainConfig) -> Path:
     """This process's checkpoint file in a static job (checkpoint[-rank<RANK>].lcs)."""
     return _process_file(cfg, "checkpoint", ".lcs")
-
-
-def restart_attempt() -> int:
-    """Which restart of a static job this process is (0: the first start), as torchrun and
-    ``lowcomm launch --max-restarts`` count them."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
 
 def faults_path(cfg: TrainConfig) -> Path:

@@ -15,13 +15,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..._checks import one_line
+from ..._checks import named_ranks, one_line
 from ..._compat import dcp_group_coordinator
 from ...comm import CollectiveError
 from ...comm.distributed import (
@@ -33,7 +34,14 @@ from ...comm.distributed import (
     local_gpu_index,
 )
 
-__all__ = ["Topology", "StopAgreement", "init_from_torchrun", "is_distributed_env", "store_barrier"]
+__all__ = [
+    "Topology",
+    "StopAgreement",
+    "init_from_torchrun",
+    "is_distributed_env",
+    "restart_attempt",
+    "store_barrier",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +132,8 @@ def init_from_torchrun(
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         try:
-            dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
-            )
+            meet = _rendezvous(timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **meet)
         except getattr(dist, "DistError", RuntimeError) as e:  # the rendezvous: one line, not a traceback
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             why = one_line(e)
@@ -154,24 +161,57 @@ def init_from_torchrun(
     return Topology(rank, world, replica, M, local, k, outer, inner)
 
 
+def restart_attempt() -> int:
+    """Which restart of a static job this process is (0: the first start), as torchrun and
+    ``lowcomm launch --max-restarts`` count them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def _rendezvous(timeout: timedelta) -> dict:
+    """How the job's processes meet: ``init_process_group``'s keywords. Under torchrun, whose
+    agents host the job's store (TORCHELASTIC_USE_AGENT_STORE), the store outlives a restart and
+    keeps the keys of the attempt before: gloo's rendezvous then read a dead process's address
+    now and then, and the restarted job failed ("Gloo connectFullMesh failed ... Connection
+    refused") or hung (4 restarts in 6 on torch 2.13, a two-process job whose rank 1 was
+    killed). Each attempt gets keys of its own there. Otherwise (``lowcomm launch``, a plain
+    ``env://``) rank 0 hosts a store that is new with every attempt."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {"init_method": "env://"}
+    host, port = os.environ["MASTER_ADDR"], env_int("MASTER_PORT")
+    store = dist.TCPStore(host, port, env_int("WORLD_SIZE"), is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"/lowcomm/attempt_{restart_attempt()}", store)}
+
+
 def store_barrier(
-    store, world_size: int, key: str, timeout_s: float, poll_s: float = 0.005, wait: bool = True
+    store,
+    world_size: int,
+    key: str,
+    timeout_s: float,
+    poll_s: float = 0.005,
+    wait: bool = True,
+    gone: Callable[[], list[int]] | None = None,
 ) -> None:
     """Return once ``world_size`` processes called this with ``key`` (each adds one to its count
     in the job's store; the last one marks it whole); with ``wait`` False, at once, counted.
-    Raises TimeoutError after ``timeout_s`` (a process died). It looks every ``poll_s`` rather
-    than wait in the store, whose client a wait holds: this process's stop agreement must still
-    get its word through meanwhile."""
+    Raises TimeoutError after ``timeout_s``, or as soon as ``gone()`` names processes (looked at
+    every ``StopAgreement.LOOK_S``: :meth:`StopAgreement.gone`), which will never come. It looks
+    every ``poll_s`` rather than wait in the store, whose client a wait holds: this process's
+    stop agreement must still get its word through meanwhile."""
     if store.add(key, 1) == world_size:
         store.set(f"{key}/all", "1")
     if not wait:
         return
-    deadline = time.monotonic() + timeout_s
+    start = looked = time.monotonic()
     while not store.check([f"{key}/all"]):
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - start > timeout_s:
             raise TimeoutError(
                 f"{store.add(key, 0)} of {world_size} processes reached {key} in {timeout_s:g} s"
             )
+        if gone is not None and now - looked >= StopAgreement.LOOK_S:
+            looked = now
+            if lost := gone():
+                raise TimeoutError(f"{named_ranks(lost)} gone before {key}: {StopAgreement.GONE_WHY}")
         time.sleep(poll_s)
 
 
@@ -187,14 +227,26 @@ class StopAgreement:
     is the earliest. A process that was asked gives its step at the end of a step
     (:meth:`step_ended`) and waits there for the others' steps; none of them waits on it in a
     collective by then, since each gave a step no earlier than the one it is in. At its last
-    step a process gives that (:meth:`finishing`): the job then ends as it would have. A process
-    that gives no step within ``timeout_s`` (it died) is not waited for longer: this one stops
-    where it is.
+    step a process gives that (:meth:`finishing`): the job then ends as it would have.
+
+    A process that died (killed: the launcher, or torchrun, then stops the others with a SIGTERM)
+    gives no step. The same thread beats: it counts in the store every ``POLL_S``, whatever the
+    main thread is doing, so a process whose count stands still for ``GONE_S`` is gone
+    (:meth:`gone`), and the others stop where they are without it (:attr:`lost`) instead of
+    waiting ``timeout_s`` for it; one that gives no step within ``timeout_s`` (hung) is not
+    waited for longer either.
     """
 
-    #: how often the thread looks in the store: each process asks rank 0's store once a second
-    #: (schedulers signal every process; the relay is for one that no signal reached)
+    #: how often the thread looks in the store and beats: each process asks rank 0's store twice
+    #: a second (schedulers signal every process; the relay is for one that no signal reached)
     POLL_S = 1.0
+    #: how long a process's beat must stand still for it to be gone (its thread beats every
+    #: POLL_S; one held up that long by a main thread that keeps the interpreter's lock is rare)
+    GONE_S = 3.0
+    #: how often a process waiting for the others looks at the beats of those it waits for
+    LOOK_S = 0.25
+    #: why a process whose beat stood still is gone, for messages
+    GONE_WHY = f"its count in the job's store stood still for {GONE_S:g} s (killed?)"
     #: how long a process that stopped waits for the others to close theirs (:meth:`close`)
     CLOSE_S = 10.0
 
@@ -205,51 +257,87 @@ class StopAgreement:
         self.prefix, self.timeout_s = prefix, timeout_s
         self._earliest = 0  # the earliest step this process can still stop at
         self.agreed = False  # every process gave its step: they stop together
+        self.lost: list[int] = []  # the processes found gone: this one stopped without them
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (its beat, when it was first seen)
         self._given = False
         self._lock = threading.Lock()
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lowcomm-stop-agreement", daemon=True)
         self._thread.start()
 
+    def _beat(self, rank: int) -> str:
+        return f"{self.prefix}/alive/{rank}"
+
     def _watch(self) -> None:
-        asked = f"{self.prefix}/asked"
         try:
-            while not self._ended.wait(self.POLL_S):
-                if self.stop.is_set():
-                    self.store.set(asked, str(self.rank))
-                    break
-                if self.store.check([asked]):
+            while True:
+                self.store.add(self._beat(self.rank), 1)
+                if self._ended.wait(self.POLL_S):
+                    return
+                if not self._given and (self.stop.is_set() or self.store.check([f"{self.prefix}/asked"])):
                     self.stop.set()
-                    break
-            else:
-                return
-            with self._lock:
-                self._give(self._earliest)
+                    with self._lock:
+                        self._give(self._earliest)
         except Exception as e:  # the store went with its job (rank 0 left): nothing left to agree on
             log.debug("stop agreement: %s", e)
 
     def _give(self, step: int) -> None:
         if not self._given:
             self.store.set(f"{self.prefix}/step/{self.rank}", str(step))
-            # (also here: the thread's own word can wait behind this process's wait in the store,
-            # which holds the store's client)
+            # (also here: the thread's own word can wait behind this process's own use of the
+            # store, which holds the store's client)
             self.store.set(f"{self.prefix}/asked", str(self.rank))
             self._given = True
 
+    def gone(self, ranks: list[int] | None = None) -> list[int]:
+        """The processes among ``ranks`` (default: every other one) that are gone: their beat has
+        not moved for ``GONE_S`` since this process saw it move (one that has not beaten yet is
+        not judged: it may still be starting; one whose beat moves again is not gone)."""
+        now = time.monotonic()
+        lost = []
+        for r in range(self.world_size) if ranks is None else ranks:
+            if r == self.rank:
+                continue
+            beat = self.store.add(self._beat(r), 0)
+            seen = self._seen.get(r)
+            if seen is None or seen[0] != beat:
+                self._seen[r] = (beat, now)
+            elif beat and now - seen[1] >= self.GONE_S:
+                lost.append(r)
+        return lost
+
     def step_ended(self, step: int) -> int | None:
         """This process ended ``step``: None while no stop is asked (it goes on to the next step),
-        else the step every process stops at (waiting here for the others to give theirs)."""
+        else the step every process stops at (waiting here for the others to give theirs), or
+        this step when one of them is gone (:attr:`lost`) or gives none within ``timeout_s``."""
         with self._lock:
             if not self.stop.is_set():
                 self._earliest = step + 1
                 return None
             self._give(step)
-        keys = [f"{self.prefix}/step/{r}" for r in range(self.world_size)]
+        keys = {r: f"{self.prefix}/step/{r}" for r in range(self.world_size)}
+        start = looked = time.monotonic()
         try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+            while not self.store.check(list(keys.values())):
+                now = time.monotonic()
+                if now - looked >= self.LOOK_S:
+                    looked = now
+                    missing = [r for r, k in keys.items() if not self.store.check([k])]
+                    if lost := self.gone(missing):
+                        self.lost = lost
+                        log.warning(
+                            "stopping at step %d without the job's other processes: %s gone (%s)",
+                            step,
+                            named_ranks(lost),
+                            self.GONE_WHY,
+                        )
+                        return step
+                    if now - start > self.timeout_s:
+                        raise TimeoutError(f"{named_ranks(missing)} gave no step in {self.timeout_s:g} s")
+                time.sleep(0.02)
             self.agreed = True
-            return max(int(self.store.get(k)) for k in keys)
-        except Exception as e:  # (a process died, or the store with rank 0)
+            return max(int(self.store.get(k)) for k in keys.values())
+        except Exception as e:  # (a process hung, or the store went with rank 0)
             why = one_line(e, 200)
             log.warning("stopping at step %d without the job's other processes: %s", step, why)
             return step
