@@ -476,7 +476,8 @@ class Trainer:
             # checkpoints; one that stopped without the others (gone, or hung) holds no common step
             together = self.agreement is None or self.agreement.agreed
             if self.cfg.elastic.checkpoint_every and self.steps_run and together:
-                if self._barrier_step != step:  # (not the step's own, written or skipped)
+                mine = self.checkpointed is not None and self.checkpointed[0] == step
+                if not mine and self._barrier_step != step:  # (not the step's own, written or skipped)
                     self._write_run_checkpoint(step)
             written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
         lost = list(self.agreement.lost) if self.agreement is not None else []
