@@ -2,6 +2,9 @@
 BatchNorm."""
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +85,22 @@ def fp8_gemm_tolerance(device) -> float:
     shapes, and is still 50x below what a wrong scale or a dropped block costs (> 1e-2).
     """
     return 2**-11 if str(device).startswith("cuda") else 1e-6
+
+
+def torchrun(procs: int, *args: str, timeout: float, env: dict) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node PROCS ARGS`` (ARGS: torchrun's options, then the
+    script or ``-m`` module and its arguments), its output captured. On ``timeout`` every process
+    of its session is killed (torchrun's workers would outlive it) and the test fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    p = subprocess.Popen([*cmd, *args], env=env, start_new_session=True, **pipes)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"torchrun did not end within {timeout:g} s: {err[-3000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def launch_train(replicas: int, *train_args: str, start: str = "exec") -> list[str]:

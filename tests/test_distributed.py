@@ -18,7 +18,7 @@ from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_durati
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
-from helpers import TINY_FLAGS, NormLM, launch_train, write_corpus  # noqa: E402
+from helpers import TINY_FLAGS, NormLM, launch_train, torchrun, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -520,11 +520,9 @@ def test_a_torchrun_diloco_job_killed_between_rounds_restarts_from_a_step_all_ho
     corpus = write_corpus(tmp_path / "corpus")
     args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "120", "--sync-every", "50", "--eval-every", "0"]
     args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "--max-restarts", "1", "-m", "lowcomm", "train", *args]
     faults = {"faults": [{"kind": "kill", "target": "rank:1", "at_step": 75}]}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(faults)}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    res = torchrun(2, "--max-restarts", "1", "-m", "lowcomm", "train", *args, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     events = read_jsonl(tmp_path / "r" / "events.jsonl")
     (stopped,) = [e for e in events if e["kind"] == "stopped"]

@@ -440,28 +440,38 @@ def test_replica_group_in_a_lone_process_is_a_group_of_one_and_hides_the_launche
     assert group.size == 1 and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
 
 
-def test_replica_group_called_again_returns_the_group_it_joined(tmp_path):
-    """Two replicas under lowcomm launch, each calling replica_group() twice (a notebook cell run
-    again, a second fit): the second call read the launcher's variables the first had hidden and
-    made a group of one replica that never synced, without a word. Now it returns the same group,
-    whose collectives still reach the other replica."""
+def test_replica_group_called_again_returns_the_group_it_joined_and_meets_again_after_a_restart(tmp_path):
+    """Two replicas under torchrun --max-restarts 1, each calling replica_group() twice (a
+    notebook cell run again, a second fit): the second call read the launcher's variables the
+    first had hidden and made a group of one replica that never synced, without a word. Now it
+    returns the same group, whose collectives still reach the other replica. Rank 1 is then
+    killed and torchrun starts the job again: the groups met in torchrun's store under the keys
+    of the attempt before, a dead process's address, and the restart failed or hung now and then
+    (4 in 6 of a plain torch script); each attempt now has keys of its own."""
     script = tmp_path / "twice.py"
     script.write_text(
-        "import json, pathlib, sys, torch\n"
+        "import json, os, pathlib, signal, sys, torch\n"
         "from lowcomm.integrations import replica_group\n"
         "first, again = replica_group(), replica_group()\n"
         "t = torch.tensor([float(first.rank + 1)])\n"
         "again.broadcast_(t)  # replica 0's value, on both\n"
         "result = {'same': first is again, 'size': again.size, 'value': t.item()}\n"
-        "pathlib.Path(sys.argv[1], f'r{first.rank}.json').write_text(json.dumps(result))\n"
+        "attempt = os.environ['TORCHELASTIC_RESTART_COUNT']\n"
+        "pathlib.Path(sys.argv[1], f'r{first.rank}-{attempt}.json').write_text(json.dumps(result))\n"
+        "if attempt == '0' and first.rank == 1:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "if attempt == '0':\n"
+        "    again.broadcast_(t)  # (waits for rank 1, which is gone: torchrun stops this one)\n"
     )
-    cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--"]
-    cmd += [sys.executable, str(script), str(tmp_path)]
+    from helpers import torchrun
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    res = torchrun(2, "--max-restarts", "1", str(script), str(tmp_path), timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    results = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
-    assert results == [{"same": True, "size": 2, "value": 1.0}] * 2, results
+    for attempt in (0, 1):
+        results = [json.loads((tmp_path / f"r{r}-{attempt}.json").read_text()) for r in range(2)]
+        assert results == [{"same": True, "size": 2, "value": 1.0}] * 2, (attempt, results)
+    assert "connectFullMesh" not in res.stderr
 
 
 def test_a_replica_of_several_processes_takes_the_frameworks_ddp_over_its_own_processes(monkeypatch):

@@ -25,6 +25,7 @@ import atexit
 import gc
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -52,9 +53,11 @@ __all__ = [
     "env_int",
     "gloo_group",
     "is_distributed_env",
+    "job_store",
     "local_gpu_index",
     "parse_bandwidth",
     "parse_duration",
+    "restart_attempt",
     "shard_position",
 ]
 
@@ -71,6 +74,26 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 def is_distributed_env() -> bool:
     """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
     return env_int("WORLD_SIZE", 1) > 1
+
+
+def restart_attempt() -> int:
+    """Which restart of a static job this process is (0: the first start), as torchrun and
+    ``lowcomm launch --max-restarts`` count them."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def job_store(timeout_s: float):
+    """The launcher's rendezvous (``env://``: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE):
+    ``(store, rank, world_size)``, the store under keys of this restart attempt alone. torchrun's
+    agents host a store that outlives a restart and keeps the keys of the attempt before (torch
+    makes no prefix of the attempt there): a restarted job's gloo rendezvous read the address of
+    a process that was gone and failed ("Gloo connectFullMesh failed ... Connection refused") or
+    hung, 4 restarts in 6 on torch 2.13 (two processes, rank 1 killed). ``lowcomm launch`` starts
+    a store with every attempt (rank 0 hosts it): the prefix costs nothing there."""
+    from datetime import timedelta
+
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    return dist.PrefixStore(f"lowcomm/attempt_{restart_attempt()}/", store), rank, world
 
 
 def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from datetime import timedelta
 
 from .._checks import env_int
 from ..comm import LocalGroup, ReplicaGroup
@@ -89,9 +88,9 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
         return LocalGroup.create(1)[0]
     import torch.distributed as dist
 
-    from ..comm.distributed import DistributedGroup, gloo_group
+    from ..comm.distributed import DistributedGroup, gloo_group, job_store
 
-    store, rank, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+    store, rank, _ = job_store(timeout_s)  # (under keys of this attempt: torchrun's restarts)
     (replica, place), replicas = divmod(rank, k), world // k
     prefix = "lowcomm/replicas/" if k == 1 else f"lowcomm/replicas{place}/"
     outer = dist.PrefixStore(prefix, store)

@@ -31,7 +31,9 @@ from ...comm.distributed import (
     destroy_at_exit,
     env_int,
     is_distributed_env,
+    job_store,
     local_gpu_index,
+    restart_attempt,
 )
 
 __all__ = [
@@ -132,8 +134,8 @@ def init_from_torchrun(
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         try:
-            meet = _rendezvous(timeout)
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **meet)
+            store, _, _ = job_store(timeout_s)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         except getattr(dist, "DistError", RuntimeError) as e:  # the rendezvous: one line, not a traceback
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             why = one_line(e)
@@ -159,27 +161,6 @@ def init_from_torchrun(
         outer_pg, store=store, link=link, name=f"outer{local}", timeout=collective_timeout_s or timeout_s
     )
     return Topology(rank, world, replica, M, local, k, outer, inner)
-
-
-def restart_attempt() -> int:
-    """Which restart of a static job this process is (0: the first start), as torchrun and
-    ``lowcomm launch --max-restarts`` count them."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
-
-
-def _rendezvous(timeout: timedelta) -> dict:
-    """How the job's processes meet: ``init_process_group``'s keywords. Under torchrun, whose
-    agents host the job's store (TORCHELASTIC_USE_AGENT_STORE), the store outlives a restart and
-    keeps the keys of the attempt before: gloo's rendezvous then read a dead process's address
-    now and then, and the restarted job failed ("Gloo connectFullMesh failed ... Connection
-    refused") or hung (4 restarts in 6 on torch 2.13, a two-process job whose rank 1 was
-    killed). Each attempt gets keys of its own there. Otherwise (``lowcomm launch``, a plain
-    ``env://``) rank 0 hosts a store that is new with every attempt."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return {"init_method": "env://"}
-    host, port = os.environ["MASTER_ADDR"], env_int("MASTER_PORT")
-    store = dist.TCPStore(host, port, env_int("WORLD_SIZE"), is_master=False, timeout=timeout)
-    return {"store": dist.PrefixStore(f"/lowcomm/attempt_{restart_attempt()}", store)}
 
 
 def store_barrier(
