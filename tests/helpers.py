@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,20 +88,35 @@ def fp8_gemm_tolerance(device) -> float:
     return 2**-11 if str(device).startswith("cuda") else 1e-6
 
 
-def torchrun(procs: int, *args: str, timeout: float, env: dict) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node PROCS ARGS`` (ARGS: torchrun's options, then the
-    script or ``-m`` module and its arguments), its output captured. On ``timeout`` every process
-    of its session is killed (torchrun's workers would outlive it) and the test fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1) -> list:
+    """``torchrun --nproc-per-node PROCS ARGS`` (ARGS: torchrun's options, then the script or
+    ``-m`` module and its arguments), ``--standalone``, or with ``nodes`` > 1 as that many nodes
+    on this machine (an agent each, c10d rendezvous on loopback): the CompletedProcess of each
+    node, its output captured. On ``timeout`` every process of theirs is killed (torchrun's workers
+    would outlive it) and the test fails."""
+    from lowcomm.comm.net import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)]
+    if nodes == 1:
+        agents = [[*cmd, "--standalone"]]
+    else:
+        meet = ["--nnodes", str(nodes), "--rdzv-backend", "c10d"]
+        meet += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        agents = [[*cmd, *meet, "--node-rank", str(n)] for n in range(nodes)]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    p = subprocess.Popen([*cmd, *args], env=env, start_new_session=True, **pipes)
+    started = [subprocess.Popen([*a, *args], env=env, start_new_session=True, **pipes) for a in agents]
+    deadline = time.monotonic() + timeout
+    done = []
     try:
-        out, err = p.communicate(timeout=timeout)
+        for p in started:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-        pytest.fail(f"torchrun did not end within {timeout:g} s: {err[-3000:]}")
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        for p in started:
+            os.killpg(p.pid, signal.SIGKILL)
+        errs = [p.communicate()[1][-2000:] for p in started]
+        pytest.fail(f"torchrun did not end within {timeout:g} s: {errs}")
+    return done
 
 
 def launch_train(replicas: int, *train_args: str, start: str = "exec") -> list[str]:

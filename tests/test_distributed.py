@@ -18,7 +18,7 @@ from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_durati
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
-from helpers import TINY_FLAGS, NormLM, launch_train, torchrun, write_corpus  # noqa: E402
+from helpers import TINY_FLAGS, NormLM, launch_train, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -454,6 +454,44 @@ def test_a_store_barrier_waits_for_every_process_and_names_those_that_came_on_a_
         store_barrier(store, 2, "alone", 0.2)
 
 
+def test_every_process_of_a_start_of_the_job_gets_one_new_round_from_a_store_of_earlier_starts():
+    """torchrun's store outlives a restart with the keys of the starts before, and its restart
+    counts differ between nodes; job_round numbers each start the same on every process, whatever
+    the order they come in and whatever an earlier start left (a start cut short by a process
+    that never came included)."""
+    import random
+    import threading
+
+    from lowcomm.comm.distributed import job_round
+
+    store = torch.distributed.HashStore()  # (one store for every start, as torchrun's agents keep)
+
+    def start(ranks, timeout_s=30.0):
+        got, errors = {}, {}
+
+        def run(r):
+            time.sleep(random.random() * 0.05)  # (any order: a rank may say hello before rank 0 counts)
+            try:
+                got[r] = job_round(store, r, 3, timeout_s)
+            except TimeoutError as e:
+                errors[r] = str(e)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return got, errors
+
+    assert start(range(3)) == ({0: 1, 1: 1, 2: 1}, {})
+    assert start(range(3)) == ({0: 2, 1: 2, 2: 2}, {})
+    got, errors = start([0, 1], timeout_s=0.5)  # rank 2 never came (killed as it started)
+    assert errors == {0: "rank 2 of the job did not come within 0.5 s"} and got == {1: 3}
+    assert start(range(3)) == ({0: 4, 1: 4, 2: 4}, {})
+    got, errors = start([1, 2], timeout_s=0.3)  # rank 0 never came: no stale answer is taken
+    assert got == {} and set(errors.values()) == {"rank 0 of the job did not answer within 0.3 s"}
+
+
 def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_live_one(monkeypatch):
     """A process killed (the launcher, or torchrun, then stops the others with a SIGTERM) gives
     no step: the others waited the agreement's timeout (15 s), and under torchrun, whose SIGTERM
@@ -502,19 +540,24 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
             t.join(30)
 
 
-def test_a_torchrun_diloco_job_killed_between_rounds_restarts_from_a_step_all_hold(tmp_path):
-    """torchrun --max-restarts 1, two processes of DiLoCo (a round every 50 steps), a checkpoint
-    every 10 steps; rank 1 is killed at step 75.
+def test_a_two_node_torchrun_diloco_job_killed_between_rounds_restarts_from_a_step_all_hold(tmp_path):
+    """Two torchrun nodes on this machine (an agent each, one process each), --max-restarts 1,
+    DiLoCo with a round every 50 steps, a checkpoint every 10 steps; rank 1 is killed at step 75.
 
     - Rank 0 ran on toward the round at 100, writing its checkpoints of 80 and 90 over those of 60
       and 70, so the restarted job found no step both held ("rank 0 [90, 80], rank 1 [70, 60]").
       The processes now write a step's checkpoints once all of them reached it: the job resumes
       at 70.
-    - torchrun's SIGTERM to rank 0 is answered at once: rank 0 finds rank 1 gone and stops
+    - The agent's SIGTERM to rank 0 is answered at once: rank 0 finds rank 1 gone and stops
       without it (it waited 20 s, then left saying its step "did not end").
-    - The restarted job met in torchrun's store, which keeps the attempt before's keys: gloo read
-      a dead process's address and the restart failed or hung, 4 times in 6 (torch 2.13).
+    - The restarted job met in the agents' store, which keeps the start before's keys: gloo read a
+      dead process's address and the restart failed or hung, 4 times in 6 (torch 2.13). Keyed by
+      the restart count instead, the two nodes never met: torchrun counts the restart on the node
+      whose process died, not on the other (a membership change). Each start is now numbered in
+      the store (comm.distributed.job_round), and the records count the restart.
     """
+    from helpers import torchrun
+
     from lowcomm.runtime import read_jsonl
 
     corpus = write_corpus(tmp_path / "corpus")
@@ -522,19 +565,21 @@ def test_a_torchrun_diloco_job_killed_between_rounds_restarts_from_a_step_all_ho
     args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
     faults = {"faults": [{"kind": "kill", "target": "rank:1", "at_step": 75}]}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(faults)}
-    res = torchrun(2, "--max-restarts", "1", "-m", "lowcomm", "train", *args, timeout=240, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    nodes = torchrun(1, "--max-restarts", "1", "-m", "lowcomm", "train", *args, nodes=2, timeout=240, env=env)
+    err = "".join(n.stderr for n in nodes)
+    assert [n.returncode for n in nodes] == [0, 0], err[-3000:]
     events = read_jsonl(tmp_path / "r" / "events.jsonl")
     (stopped,) = [e for e in events if e["kind"] == "stopped"]
     assert stopped["lost"] == [1] and stopped["checkpoint"] is None, stopped
     line = f"lowcomm: terminated (SIGTERM): stopped at the end of step {stopped['step']} "
     line += "without rank 1 of the job (gone); no checkpoint of this step"
-    assert line in res.stderr and "did not end within" not in res.stderr, res.stderr[-3000:]
+    assert line in err and "did not end within" not in err, err[-3000:]
     marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
     written = [("written", s) for s in range(10, 80, 10)]
     assert marks[: marks.index(("resumed", 70))] in (written, [*written, ("skipped", 80)]), str(marks)
+    assert [(e["attempt"], e["step"]) for e in events if e["kind"] == "restart"] == [(1, 70)]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps_run"] == 50
-    assert "connectFullMesh" not in res.stderr
+    assert "connectFullMesh" not in err
 
 
 def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_reported(tmp_path):

@@ -466,7 +466,7 @@ def test_replica_group_called_again_returns_the_group_it_joined_and_meets_again_
     from helpers import torchrun
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = torchrun(2, "--max-restarts", "1", str(script), str(tmp_path), timeout=120, env=env)
+    (res,) = torchrun(2, "--max-restarts", "1", str(script), str(tmp_path), timeout=120, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     for attempt in (0, 1):
         results = [json.loads((tmp_path / f"r{r}-{attempt}.json").read_text()) for r in range(2)]

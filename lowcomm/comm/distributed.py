@@ -39,7 +39,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .._checks import env_int, is_int, is_number, refuse
+from .._checks import env_int, is_int, is_number, named_ranks, refuse
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work, out_of_step
 from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
@@ -53,6 +53,7 @@ __all__ = [
     "env_int",
     "gloo_group",
     "is_distributed_env",
+    "job_round",
     "job_store",
     "local_gpu_index",
     "parse_bandwidth",
@@ -76,24 +77,84 @@ def is_distributed_env() -> bool:
     return env_int("WORLD_SIZE", 1) > 1
 
 
+#: this process's :func:`job_round`, once :func:`job_store` met its job
+_JOB_ROUND: int | None = None
+
+
 def restart_attempt() -> int:
-    """Which restart of a static job this process is (0: the first start), as torchrun and
-    ``lowcomm launch --max-restarts`` count them."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    """Which restart of a static job this process is in (0: the first start): the launcher's
+    count (TORCHELASTIC_RESTART_COUNT: torchrun, ``lowcomm launch --max-restarts``), or, once
+    the process met its job, the starts before this one that the job's store counted where
+    that is more (torchrun's nodes count apart: :func:`job_store`)."""
+    counted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    return max(counted, (_JOB_ROUND or 1) - 1)
 
 
 def job_store(timeout_s: float):
     """The launcher's rendezvous (``env://``: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE):
-    ``(store, rank, world_size)``, the store under keys of this restart attempt alone. torchrun's
-    agents host a store that outlives a restart and keeps the keys of the attempt before (torch
-    makes no prefix of the attempt there): a restarted job's gloo rendezvous read the address of
-    a process that was gone and failed ("Gloo connectFullMesh failed ... Connection refused") or
-    hung, 4 restarts in 6 on torch 2.13 (two processes, rank 1 killed). ``lowcomm launch`` starts
-    a store with every attempt (rank 0 hosts it): the prefix costs nothing there."""
+    ``(store, rank, world_size)``, the store under keys of this start of the job alone
+    (:func:`job_round`).
+
+    torchrun's agents host a store that outlives a restart and keeps the keys of the start before
+    (torch makes no prefix of it there): a restarted job's gloo rendezvous read the address of a
+    process that was gone and failed ("Gloo connectFullMesh failed ... Connection refused") or
+    hung, 4 restarts in 6 on torch 2.13 (two processes, rank 1 killed). Nor can the restart count
+    tell the starts apart: torchrun counts a restart on the node whose process failed, while a
+    node whose processes were healthy restarts them uncounted (a membership change), so the
+    nodes' counts differ. ``lowcomm launch`` starts a store with every start (rank 0 hosts it):
+    the round is 1 there."""
     from datetime import timedelta
 
     store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-    return dist.PrefixStore(f"lowcomm/attempt_{restart_attempt()}/", store), rank, world
+    global _JOB_ROUND
+    _JOB_ROUND = n = job_round(store, rank, world, timeout_s)
+    return dist.PrefixStore(f"lowcomm/round_{n}/", store), rank, world
+
+
+#: the keys of :func:`job_round` in the job's store
+_ROUNDS = "lowcomm/rounds"
+
+
+def job_round(store, rank: int, world_size: int, timeout_s: float, poll_s: float = 0.01) -> int:
+    """The number of this start of the job, the same on every one of its processes and new with
+    each start, from a store that may hold the keys of earlier starts: rank 0 takes the next
+    number; each other process says hello with a nonce of its own, and rank 0 answers under that
+    nonce (a key no earlier start can have written), then it confirms under the new number. Rank 0
+    returns once every process confirmed (it answers a hello left by an earlier start too,
+    harmlessly). Raises TimeoutError after ``timeout_s`` naming the processes that never came."""
+    import uuid
+
+    deadline = time.monotonic() + timeout_s
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"{_ROUNDS}/hello/{rank}", nonce)
+        answer = f"{_ROUNDS}/answer/{nonce}"
+        while not store.check([answer]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 of the job did not answer within {timeout_s:g} s")
+            time.sleep(poll_s)
+        n = int(store.get(answer))
+        store.set(f"{_ROUNDS}/{n}/{rank}", "1")
+        return n
+    n = int(store.add(_ROUNDS, 1))
+    answered: dict[int, bytes] = {}
+    waiting = set(range(1, world_size))
+    while waiting:
+        for r in sorted(waiting):
+            if store.check([f"{_ROUNDS}/{n}/{r}"]):
+                waiting.discard(r)
+            elif store.check([f"{_ROUNDS}/hello/{r}"]):
+                nonce = store.get(f"{_ROUNDS}/hello/{r}")
+                if answered.get(r) != nonce:
+                    store.set(f"{_ROUNDS}/answer/{nonce.decode()}", str(n))
+                    answered[r] = nonce
+        if not waiting:
+            return n
+        if time.monotonic() > deadline:
+            missing = named_ranks(sorted(waiting))
+            raise TimeoutError(f"{missing} of the job did not come within {timeout_s:g} s")
+        time.sleep(poll_s)
+    return n
 
 
 def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):

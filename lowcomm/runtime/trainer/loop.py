@@ -341,7 +341,7 @@ class Trainer:
                 and self.stop is not None
                 and topo.outer.store is not None
             ):
-                prefix = f"lowcomm/stop/{restart_attempt()}"
+                prefix = "lowcomm/stop"  # (the job's store: this start's keys, comm.distributed.job_store)
                 self.agreement = StopAgreement(
                     topo.outer.store, topo.rank, topo.world_size, self.stop, prefix
                 )
@@ -498,7 +498,7 @@ class Trainer:
         from. Held at 80, the others keep 70."""
         topo = self.topo
         if topo is not None and topo.world_size > 1 and topo.outer.store is not None:
-            key = f"lowcomm/checkpoint/{restart_attempt()}/{step}"
+            key = f"lowcomm/checkpoint/{step}"  # (this start's keys: comm.distributed.job_store)
             gone = self.agreement.gone if self.agreement is not None else None
             self._barrier_step = step  # (entered once: a second count of this process would fill it)
             try:
