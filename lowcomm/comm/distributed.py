@@ -46,6 +46,7 @@ from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_nor
 
 __all__ = [
     "alone",
+    "communication_failed",
     "DistributedGroup",
     "LinkEmulator",
     "ReduceTap",
@@ -155,6 +156,15 @@ def job_round(store, rank: int, world_size: int, timeout_s: float, poll_s: float
             raise TimeoutError(f"{missing} of the job did not come within {timeout_s:g} s")
         time.sleep(poll_s)
     return n
+
+
+def communication_failed(e: BaseException) -> bool:
+    """Whether ``e``, raised through torch.distributed (a module's collective: DDP's gradient
+    all-reduce in backward, its buffers' broadcast in forward), is the communication's failure: a
+    torch.distributed error (NCCL's), or gloo's, which raises a RuntimeError naming its source
+    ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer"), rather than the model's
+    own (a shape, out of memory)."""
+    return isinstance(e, getattr(dist, "DistError", ())) or "gloo/" in str(e)
 
 
 def gloo_group(store, rank: int, size: int, timeout_s: float, host: str | None = None):
@@ -515,13 +525,15 @@ class DistributedGroup(ReplicaGroup):
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def close(self, limit: float | None = None) -> None:
+    def close(self, limit: float | None = None, finished: bool = True) -> None:
         """Finish queued collectives (unless one failed), stop the communication thread, and mark
         this replica finished in the store: a peer waiting for it is told, within about
         :data:`FINISHED_POLL_S`, that it finished, not that it died. ``limit``: wait at most that
         many seconds for the queued collectives, and not for one that a peer which closed its
-        group will never enter (None: until they are done). A group still open when the
-        interpreter exits is closed then, with a limit of :data:`EXIT_DRAIN_S`."""
+        group will never enter (None: until they are done). ``finished`` False (the run failed or
+        was stopped before its end): not marked, so a peer is told that it never came, not that
+        the replicas ran different numbers of steps. A group still open when the interpreter
+        exits is closed then, with a limit of :data:`EXIT_DRAIN_S`."""
         if self._closed:
             return
         self._closed = True
@@ -539,7 +551,7 @@ class DistributedGroup(ReplicaGroup):
                         self._seq - 1,
                     )
                     break
-        if self.store is not None:
+        if self.store is not None and finished:
             try:
                 self.store.set(f"lowcomm/{self.name}/finished/{self._rank}", str(self._seq))
                 self.store.add(f"lowcomm/{self.name}/finished", 1)  # one key for the waiters to watch

@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..._checks import host_available_bytes, refuse
+from ..._checks import host_available_bytes, one_line, refuse
+from ...comm import CollectiveError
+from ...comm.distributed import communication_failed
 from ...kernels import convert_to_low_precision
 from ...lm import GPT, BatchSampler, Corpus, GPTConfig
 from ...lm.batched import batched_gpt_loss, linear_weights, stack_parameters
@@ -263,6 +265,7 @@ class Replicas:
         d, seq = cfg.data, cfg.model.seq_len
         self.samplers = [BatchSampler(corpus.train, d.batch_size, seq, cfg.run.seed, s) for s in streams]
         self.runners: list[nn.Module] = self.models
+        self.inner_group = inner_group
         if inner_group is not None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -284,9 +287,15 @@ class Replicas:
         losses = []
         for runner, sampler in zip(self.runners, self.samplers):
             x, y = (self._to_device(t) for t in sampler.next())
-            with _autocast(self.device, self.dtype):
-                loss = runner(x, y)
-            loss.backward()
+            try:
+                with _autocast(self.device, self.dtype):
+                    loss = runner(x, y)
+                loss.backward()
+            except RuntimeError as e:  # a process of the replica gone: one line, not a traceback
+                if self.inner_group is None or not communication_failed(e):
+                    raise
+                why = f"the all-reduce of the replica's gradients (DDP) failed: {one_line(e, 200)}"
+                raise CollectiveError(why) from None
             losses.append(loss.detach().float())
         return torch.stack(losses)
 

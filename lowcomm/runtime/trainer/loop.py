@@ -444,7 +444,7 @@ class Trainer:
             sync.close(finished)
             self.rec.close()
             if self.topo is not None:
-                self.topo.outer.close()
+                self.topo.outer.close(finished=finished)
             if self.agreement is not None:  # (after the groups: it may wait for the others' close)
                 self.agreement.close()
         if not cfg.elastic.enabled and len(set(digests)) > 1:
