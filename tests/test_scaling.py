@@ -493,3 +493,43 @@ def test_fit_and_report_without_the_scaling_extra_name_it(fixture_runs, missing,
 
     assert_names_the_extra(missing, ["scaling", command, str(fixture_runs)], "scaling", feature)
     assert not (fixture_runs / "fits.json").exists()  # refused before any fitting or writing
+
+
+def test_sigterm_ends_a_sweep_in_one_line_with_code_143_and_a_rerun_continues_it(tmp_path, capsys):
+    """SIGTERM (a scheduler's) ended `lowcomm scaling sweep` where it stood, without a word; it is
+    now taken as Ctrl-C is: the run under way closes its records, one line says that the same
+    command continues the sweep, exit code 143, and SIGTERM's handler is given back. The rerun
+    keeps the runs that finished."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from lowcomm.runtime.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "sweep"
+    argv = ["scaling", "sweep", "--sizes", "d16l2", "--replicas", "1,2", "--tokens-per-param", "2"]
+    argv += ["--global-batch", "4", "--seq-len", "16", "--sync-every", "5", "--corpus", str(corpus)]
+    argv += ["--threads", "1", "--out", str(out), "--quiet"]
+
+    def terminate_after_a_run() -> None:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/*/summary.json")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=terminate_after_a_run)
+    sender.start()
+    code = main(argv)
+    sender.join()
+    assert code == 143
+    err = capsys.readouterr().err
+    said = "lowcomm: terminated (SIGTERM); the same command continues the sweep (its finished runs are kept)"
+    assert err.endswith(said + "\n"), err[-2000:]
+    assert signal.getsignal(signal.SIGTERM) is handler
+    done = len(list(out.glob("*/*/summary.json")))
+    assert 1 <= done < 3
+    assert main(argv) == 0
+    assert f"3 runs, {3 - done} run now, {done} already done" in capsys.readouterr().out

@@ -994,6 +994,20 @@ def demo_plot(path: Path, run_dirs: dict[str, str], summaries: dict[str, dict]) 
 COMMANDS = ("train", "launch", "scaling", "coordinator", "status", "keys", "chaos", "demo")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to a command with no stop of its own (demo, chaos, scaling, coordinator), raised as
+    Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs (a chaos run's coordinator and
+    workers stopped, a run's records closed) instead of the process ending where it stood."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+#: the commands whose SIGTERM is taken as an interrupt (train and launch stop in their own way)
+TERM_AS_INTERRUPT = ("scaling", "coordinator", "chaos", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
@@ -1001,6 +1015,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    previous = None
+    if args.command in TERM_AS_INTERRUPT and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             return _train(args)
@@ -1028,8 +1053,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"lowcomm: error: {e}", file=sys.stderr)
         return ExitCode.USAGE
-    except KeyboardInterrupt:  # Ctrl-C in any other command (demo, chaos, scaling): one line
-        print("\nlowcomm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) in any other command (demo, chaos, scaling)
+        again = ""
+        if args.command == "scaling" and args.scaling_command == "sweep":
+            again = "; the same command continues the sweep (its finished runs are kept)"
+        if isinstance(e, _Terminated):
+            print(f"\nlowcomm: terminated (SIGTERM){again}", file=sys.stderr)
+            return ExitCode.TERMINATED
+        print(f"\nlowcomm: interrupted{again}", file=sys.stderr)
         return ExitCode.INTERRUPTED
 
 
