@@ -517,6 +517,7 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
         stops[0].set()  # (SIGTERM)
         t0 = time.monotonic()
         assert a[0].step_ended(5) == 5 and a[0].lost == [2] and not a[0].agreed
+        assert a[0].apart == "rank 2 gone"
         assert time.monotonic() - t0 < 30
         assert stops[1].is_set() and a[1].step_ended(7) == 7 and a[1].lost == [2]
         with pytest.raises(TimeoutError, match=r"^rank 2 gone before ckpt/7: its count in the job's store"):
@@ -531,13 +532,29 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
         assert a[1].step_ended(8) is None
         stops[0].set()
         assert a[0].step_ended(5) == 9 and a[0].agreed and a[0].lost == []  # (rank 1 gives 9 from its thread)
-        assert a[1].step_ended(9) == 9 and a[1].agreed
+        assert a[1].step_ended(9) == 9 and a[1].agreed and a[1].apart is None
     finally:
         closing = [threading.Thread(target=x.close) for x in a]  # (each waits for the other's)
         for t in closing:
             t.start()
         for t in closing:
             t.join(30)
+
+    class Gone:  # the job's store, hosted by rank 0 (lowcomm launch), after rank 0 was killed
+        def __getattr__(self, name):
+            def fail(*args):
+                raise RuntimeError("Broken pipe")
+
+            return fail
+
+    stop = threading.Event()
+    alone = StopAgreement(Gone(), 1, 2, stop, "job", timeout_s=60)
+    stop.set()
+    # (it raised out of step_ended, a traceback on the survivor, the launcher's SIGTERM unheard)
+    assert alone.step_ended(4) == 4 and not alone.agreed and alone.lost == []
+    assert alone.apart == "the job's store did not answer: Broken pipe"
+    alone.finishing(4)  # (nor from here)
+    alone.close()
 
 
 def test_a_two_node_torchrun_diloco_job_killed_between_rounds_restarts_from_a_step_all_hold(tmp_path):
@@ -572,7 +589,7 @@ def test_a_two_node_torchrun_diloco_job_killed_between_rounds_restarts_from_a_st
     (stopped,) = [e for e in events if e["kind"] == "stopped"]
     assert stopped["lost"] == [1] and stopped["checkpoint"] is None, stopped
     line = f"lowcomm: terminated (SIGTERM): stopped at the end of step {stopped['step']} "
-    line += "without rank 1 of the job (gone); no checkpoint of this step"
+    line += "without the job's other processes (rank 1 gone); no checkpoint of this step"
     assert line in err and "did not end within" not in err, err[-3000:]
     marks = [(e["what"], e["step"]) for e in events if e["kind"] == "checkpoint"]
     written = [("written", s) for s in range(10, 80, 10)]

@@ -809,13 +809,13 @@ def _terminated(cfg, e: Exception) -> None:
         what += f" (its checkpoint is {e.checkpoint})" if e.checkpoint else ""
     elif e.checkpoint:
         what = f"{e}; the same command with --resume auto continues from it"
-    elif cfg.elastic.checkpoint_every:  # (the job's processes did not stop together: one is gone)
+    elif cfg.elastic.checkpoint_every:  # (the job's processes did not stop together: e.apart)
         what = f"{e}; no checkpoint of this step: the same command with --resume auto continues from "
         what += "the last step every process of the job checkpointed"
     else:
         run_dir = Path(cfg.run.run_dir).resolve()
         what = f"{e}; the records so far are in {run_dir} (no checkpoint: --checkpoint-every K writes one)"
-    if rank == 0 or not isinstance(e, Stopped):  # (rank 0 speaks for the job)
+    if rank == 0 or not isinstance(e, Stopped) or e.apart:  # (rank 0 speaks for a job stopped together)
         who = f" rank {rank}:" if rank else ""
         print(f"lowcomm:{who} terminated (SIGTERM): {what}", file=sys.stderr, flush=True)
     _leave_now(ExitCode.TERMINATED)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import enum
 
-from .._checks import named_ranks
-
 __all__ = [
     "ExitCode",
     "CoordinatorError",
@@ -91,14 +89,15 @@ class Stopped(Exception):
     """A run asked to stop (``train(stop=...)``; SIGTERM to ``lowcomm train``) ended at the end of
     step ``step``, before its last: its records are closed (no summary), its checkpoint at
     ``step`` is at ``checkpoint`` when it writes checkpoints (None otherwise), and an elastic
-    worker has left its job. ``lost``: the processes of a static job that were gone (killed), so
-    that this one stopped without them, and without a checkpoint of the step."""
+    worker has left its job. ``apart``: why a process of a static job stopped without the job's
+    other processes, and so without a checkpoint of the step (some are gone, ``lost``; the job's
+    store did not answer); None when they stopped together."""
 
-    def __init__(self, step: int, checkpoint: str | None = None, lost=()) -> None:
-        self.step, self.checkpoint, self.lost = step, checkpoint, list(lost)
+    def __init__(self, step: int, checkpoint: str | None = None, lost=(), apart: str | None = None) -> None:
+        self.step, self.checkpoint, self.lost, self.apart = step, checkpoint, list(lost), apart
         where = f"; its checkpoint is {checkpoint}" if checkpoint else ""
-        if self.lost:
-            where += f" without {named_ranks(self.lost)} of the job (gone)"
+        if apart:
+            where += f" without the job's other processes ({apart})"
         super().__init__(f"stopped at the end of step {step}{where}")
 
 

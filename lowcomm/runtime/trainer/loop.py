@@ -481,9 +481,11 @@ class Trainer:
                     self._write_run_checkpoint(step)
             written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
         lost = list(self.agreement.lost) if self.agreement is not None else []
-        self.rec.event("stopped", step=step, checkpoint=written, **({"lost": lost} if lost else {}))
+        apart = self.agreement.apart if self.agreement is not None else None
+        why = {"lost": lost, "apart": apart} if apart else {}
+        self.rec.event("stopped", step=step, checkpoint=written, **why)
         log.info("stopped at the end of step %d", step)
-        raise Stopped(step, written, lost)
+        raise Stopped(step, written, lost, apart)
 
     # ---- a static job's checkpoints ------------------------------------------------------------
 

@@ -239,6 +239,7 @@ class StopAgreement:
         self._earliest = 0  # the earliest step this process can still stop at
         self.agreed = False  # every process gave its step: they stop together
         self.lost: list[int] = []  # the processes found gone: this one stopped without them
+        self.apart: str | None = None  # why this one stopped without the others (None: together)
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (its beat, when it was first seen)
         self._given = False
         self._lock = threading.Lock()
@@ -295,21 +296,22 @@ class StopAgreement:
             if not self.stop.is_set():
                 self._earliest = step + 1
                 return None
-            self._give(step)
         keys = {r: f"{self.prefix}/step/{r}" for r in range(self.world_size)}
         start = looked = time.monotonic()
         try:
+            with self._lock:
+                self._give(step)
             while not self.store.check(list(keys.values())):
                 now = time.monotonic()
                 if now - looked >= self.LOOK_S:
                     looked = now
                     missing = [r for r, k in keys.items() if not self.store.check([k])]
                     if lost := self.gone(missing):
-                        self.lost = lost
+                        self.lost, self.apart = lost, f"{named_ranks(lost)} gone"
                         log.warning(
-                            "stopping at step %d without the job's other processes: %s gone (%s)",
+                            "stopping at step %d without the job's other processes: %s (%s)",
                             step,
-                            named_ranks(lost),
+                            self.apart,
                             self.GONE_WHY,
                         )
                         return step
@@ -318,10 +320,12 @@ class StopAgreement:
                 time.sleep(0.02)
             self.agreed = True
             return max(int(self.store.get(k)) for k in keys.values())
-        except Exception as e:  # (a process hung, or the store went with rank 0)
-            why = one_line(e, 200)
-            log.warning("stopping at step %d without the job's other processes: %s", step, why)
-            return step
+        except TimeoutError as e:  # (a process hung)
+            self.apart = str(e)
+        except Exception as e:  # (the store went with its host: rank 0 under lowcomm launch)
+            self.apart = f"the job's store did not answer: {one_line(e, 200)}"
+        log.warning("stopping at step %d without the job's other processes: %s", step, self.apart)
+        return step
 
     def finishing(self, steps: int) -> None:
         """This process ended its last step (its final sync waits for the others): a stop asked
@@ -329,7 +333,10 @@ class StopAgreement:
         with self._lock:
             self._earliest = steps
             if self.stop.is_set():
-                self._give(steps)
+                try:
+                    self._give(steps)
+                except Exception as e:  # (the store went with its host: the job is ending anyway)
+                    log.debug("stop agreement: %s", e)
 
     def close(self) -> None:
         """The run ended. After an agreed stop, wait (a few seconds at most) for every process to
