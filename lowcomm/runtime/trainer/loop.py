@@ -476,8 +476,7 @@ class Trainer:
             # checkpoints; one that stopped without the others (gone, or hung) holds no common step
             together = self.agreement is None or self.agreement.agreed
             if self.cfg.elastic.checkpoint_every and self.steps_run and together:
-                mine = self.checkpointed is not None and self.checkpointed[0] == step
-                if not mine and self._barrier_step != step:  # (not the step's own, written or skipped)
+                if self.checkpointed is None or self.checkpointed[0] != step:  # (not the step's own)
                     self._write_run_checkpoint(step)
             written = self.checkpointed[1] if self.checkpointed and self.checkpointed[0] == step else None
         lost = list(self.agreement.lost) if self.agreement is not None else []
@@ -500,9 +499,11 @@ class Trainer:
         from. Held at 80, the others keep 70."""
         topo = self.topo
         if topo is not None and topo.world_size > 1 and topo.outer.store is not None:
+            if self._barrier_step == step:  # (written or skipped: a second count would fill the barrier)
+                return
             key = f"lowcomm/checkpoint/{step}"  # (this start's keys: comm.distributed.job_store)
             gone = self.agreement.gone if self.agreement is not None else None
-            self._barrier_step = step  # (entered once: a second count of this process would fill it)
+            self._barrier_step = step
             try:
                 store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone)
             except Exception as e:  # (a process died: the job is being stopped)
