@@ -39,7 +39,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .._checks import env_int, is_int, is_number, named_ranks, refuse
+from .._checks import env_int, is_int, is_number, named_ranks, one_line, refuse
 from .codecs import Codec
 from .group import CollectiveError, ReduceStats, ReplicaGroup, Work, out_of_step
 from .reduce import Sealer, decode_mean, encode_shards, reduce_shard, screen_norms, shard_bounds
@@ -675,21 +675,29 @@ class DistributedGroup(ReplicaGroup):
             raise CollectiveError(self._describe_failure(seq, e)) from e
 
     def missing(self, seq: int) -> list[int]:
-        """Ranks that never entered collective ``seq`` (needs a store; [] without one)."""
+        """Ranks that never entered collective ``seq`` (needs a store; [] without one); every
+        rank not yet looked at when the store stops answering."""
+        return self._look_missing(seq)[0]
+
+    def _look_missing(self, seq: int) -> tuple[list[int], str | None]:
+        """:meth:`missing`, and why the store did not answer (None: it did). It is asked no more
+        once it failed: each call to a store that is gone logs torch's C++ stack trace."""
         if self.store is None:
-            return []
+            return [], None
         out = []
         for r in range(self._size):
             try:  # (check, not a wait with a timeout: c10d logs every such timeout as a warning)
                 if not self.store.check([f"lowcomm/{self.name}/{seq}/{r}"]):
                     out.append(r)
-            except Exception:
-                out.append(r)
-        return out
+            except Exception as e:
+                return out + list(range(r, self._size)), one_line(e, 120)
+        return out, None
 
     def _describe_failure(self, seq: int, e: BaseException | str) -> str:
         msg = f"outer collective #{seq} of group {self.name!r} failed on replica {self._rank}: {e}"
-        missing = self.missing(seq)
+        missing, store_failed = self._look_missing(seq)
+        if store_failed:  # (no word of who entered it: the store went with its host)
+            return f"{msg}; the job's store did not answer either ({store_failed}): its host is gone"
         finished = {r: self._finished_after(r) for r in missing}
         done = {r: n for r, n in finished.items() if n is not None}
         gone = [r for r in missing if r not in done]
