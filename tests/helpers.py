@@ -88,12 +88,16 @@ def fp8_gemm_tolerance(device) -> float:
     return 2**-11 if str(device).startswith("cuda") else 1e-6
 
 
-def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1) -> list:
+def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1, during=None) -> list:
     """``torchrun --nproc-per-node PROCS ARGS`` (ARGS: torchrun's options, then the script or
     ``-m`` module and its arguments), ``--standalone``, or with ``nodes`` > 1 as that many nodes
-    on this machine (an agent each, c10d rendezvous on loopback): the CompletedProcess of each
-    node, its output captured. On ``timeout`` every process of theirs is killed (torchrun's workers
-    would outlive it) and the test fails."""
+    on this machine (an agent each, c10d rendezvous on loopback, hosted by node 0's agent): the
+    CompletedProcess of each node, its output captured (written to files: a node killed by
+    ``during`` leaves no pipe to read). ``during(agents)``, if given, is called once they started
+    (their Popen objects, say to kill a node with :func:`kill_tree`). On ``timeout`` every process
+    of theirs is killed and the test fails."""
+    import tempfile
+
     from lowcomm.comm.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs)]
@@ -102,21 +106,48 @@ def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1) 
     else:
         meet = ["--nnodes", str(nodes), "--rdzv-backend", "c10d"]
         meet += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-        agents = [[*cmd, *meet, "--node-rank", str(n)] for n in range(nodes)]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    started = [subprocess.Popen([*a, *args], env=env, start_new_session=True, **pipes) for a in agents]
-    deadline = time.monotonic() + timeout
-    done = []
-    try:
-        for p in started:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        for p in started:
-            os.killpg(p.pid, signal.SIGKILL)
-        errs = [p.communicate()[1][-2000:] for p in started]
-        pytest.fail(f"torchrun did not end within {timeout:g} s: {errs}")
-    return done
+        agents = [[*cmd, *meet, "--rdzv-conf", f"is_host={int(n == 0)}"] for n in range(nodes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(Path(tmp) / f"out{n}", Path(tmp) / f"err{n}") for n in range(len(agents))]
+        started = []
+        for a, (out, err) in zip(agents, logs):
+            with open(out, "w") as o, open(err, "w") as e:  # (the child holds its own copies)
+                started.append(subprocess.Popen([*a, *args], env=env, stdout=o, stderr=e, text=True))
+        deadline = time.monotonic() + timeout
+        try:
+            if during is not None:
+                during(started)
+            for p in started:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in started:
+                kill_tree(p.pid)
+            errs = [err.read_text()[-2000:] for _, err in logs]
+            pytest.fail(f"torchrun did not end within {timeout:g} s: {errs}")
+        return [
+            subprocess.CompletedProcess(p.args, p.returncode, out.read_text(), err.read_text())
+            for p, (out, err) in zip(started, logs)
+        ]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process under it (torchrun's workers are not in its process
+    group: killing a node takes its agent and them), children first looked up, then killed."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == tree[i]:  # (the parent's pid: the second field after the name)
+                tree.append(int(stat.parent.name))
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def launch_train(replicas: int, *train_args: str, start: str = "exec") -> list[str]:

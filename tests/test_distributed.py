@@ -553,6 +553,8 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
     # (it raised out of step_ended, a traceback on the survivor, the launcher's SIGTERM unheard)
     assert alone.step_ended(4) == 4 and not alone.agreed and alone.lost == []
     assert alone.apart == "the job's store did not answer: Broken pipe"
+    alone._thread.join(5)  # its thread asks no more of a store that is gone, and says why
+    assert not alone._thread.is_alive() and alone.store_lost == "Broken pipe"
     alone.finishing(4)  # (nor from here)
     alone.close()
 
@@ -597,6 +599,74 @@ def test_a_two_node_torchrun_diloco_job_killed_between_rounds_restarts_from_a_st
     assert [(e["attempt"], e["step"]) for e in events if e["kind"] == "restart"] == [(1, 70)]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps_run"] == 50
     assert "connectFullMesh" not in err
+
+
+@pytest.mark.parametrize("lost", ["a process", "the store's node"])
+def test_a_two_node_torchrun_job_that_loses_a_process_or_its_store_fails_at_once_in_one_line(tmp_path, lost):
+    """Two torchrun nodes, no restarts left, DiLoCo with its one round at step 200.
+
+    - A process killed at step 75: the other one found it gone at the checkpoint of 80, skipped
+      it with a warning, and trained on without checkpoints, a warning at each, until the round
+      at 200 failed. On a real job (a round every few hundred steps) that was minutes of work no
+      checkpoint kept. It now fails at 80, in one line that says why.
+    - Node 0 killed whole (its agent hosts the job's store, and its process): the process of node
+      1 trained on too, a C++ stack trace from torch's store client for every call, and named
+      every replica, itself among them, as never having entered the collective that failed.
+      Its stop agreement's thread finds the store gone within a second; the process fails at
+      the end of that step (or at its checkpoint), saying so."""
+    from helpers import kill_tree, torchrun
+
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "4000", "--sync-every", "200", "--eval-every", "0"]
+    args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    during = None
+    if lost == "a process":
+        env["LOWCOMM_FAULTS"] = json.dumps({"faults": [{"kind": "kill", "target": "rank:1", "at_step": 75}]})
+    else:
+
+        def during(agents):  # node 0 goes once node 1's process has written its checkpoint of 30
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "r" / "checkpoint-rank1.prev.lcs").exists():
+                assert time.monotonic() < deadline and agents[1].poll() is None, "node 1 never got to step 20"
+                time.sleep(0.05)
+            kill_tree(agents[0].pid)
+
+    nodes = torchrun(
+        1,
+        "--max-restarts",
+        "0",
+        "-m",
+        "lowcomm",
+        "train",
+        *args,
+        nodes=2,
+        timeout=120,
+        env=env,
+        during=during,
+    )
+    err = nodes[0].stderr if lost == "a process" else nodes[1].stderr
+    lines = [line for line in err.splitlines() if line.startswith("lowcomm: rank")]
+    assert nodes[1].returncode != 0 and len(lines) == 1, (nodes[1].returncode, lines, err[-3000:])
+    if lost == "a process":
+        assert nodes[0].returncode != 0
+        want = "lowcomm: rank 0: step 80: its checkpoint's barrier failed: "
+        want += "a process of the job never reached it "
+        want += "(rank 1 gone before lowcomm/checkpoint/80: its count in the job's store stood still for 3 s"
+        assert lines[0].startswith(want), lines[0]
+        assert "not written" not in err, err[-3000:]
+    else:
+        assert lines[0].startswith("lowcomm: rank 1: step "), lines[0]
+        assert "the job's store stopped answering (" in lines[0], lines[0]
+        assert "its host is gone (torchrun's agent on the job's first node" in lines[0], lines[0]
+        # torch's store client logs a C++ stack trace at each call to a store that is gone: the
+        # thread's, and one from the step at most (the agent's own are torch's, not counted)
+        traces = [line for line in err.splitlines() if line.startswith("[rank1]:") and "TCPStore.cpp" in line]
+        assert len(traces) <= 2, err[-3000:]
+    assert lines[0].endswith(
+        "the job cannot go on without it: a restart (--max-restarts) resumes from the last step every "
+        "process checkpointed"
+    ), lines[0]
 
 
 def test_a_collective_s_failure_is_told_from_the_model_s_own_error():

@@ -31,7 +31,7 @@ import torch
 
 from ..._checks import env_int, one_line
 from ..._version import __version__
-from ...comm import LocalGroup, ReplicaGroup
+from ...comm import CollectiveError, LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
 from ...kernels import check_precision_on, layer_backend
 from ...lm import eval_batches, load_corpus
@@ -387,6 +387,9 @@ class Trainer:
                     step, t_end = sync.position, None  # (an elastic worker took the job's state)
                     continue
                 if self.stop is not None:
+                    lost = self.agreement.store_lost if self.agreement is not None else None
+                    if lost and not self.stop.is_set():  # (stopping: the stop agreement says why)
+                        raise CollectiveError(self._cannot_go_on(step, self._store_lost(lost)))
                     if self._stop_at is None:  # the step every process of the job stops at, once asked
                         if self.agreement is not None:
                             self._stop_at = self.agreement.step_ended(step)
@@ -506,12 +509,16 @@ class Trainer:
             self._barrier_step = step
             try:
                 store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone)
-            except Exception as e:  # (a process died: the job is being stopped)
+            except Exception as e:  # a process died or hung, or the store went with its host
                 why = one_line(e, 200)
-                log.warning(
-                    "checkpoint at step %d not written: a process of the job never reached it (%s)", step, why
-                )
+                why = f"a process of the job never reached it ({why})" if isinstance(e, TimeoutError) else why
                 self.rec.event("checkpoint", what="skipped", step=step, reason=why)
+                if self.stop is None or not self.stop.is_set():  # (stopping: the stop says why)
+                    if not isinstance(e, TimeoutError):
+                        why = self._store_lost(why)
+                    why = f"its checkpoint's barrier failed: {why}"
+                    raise CollectiveError(self._cannot_go_on(step, why)) from None
+                log.warning("checkpoint at step %d not written: %s", step, why)
                 return
         path = run_checkpoint_path(self.cfg)
         state = {
@@ -536,6 +543,22 @@ class Trainer:
         except OSError as e:  # the previous checkpoint is intact: training goes on
             log.warning("checkpoint at step %d failed (the previous one is intact): %s", step, e)
             self.rec.event("checkpoint", what="failed", step=step, reason=str(e)[:300])
+
+    def _cannot_go_on(self, step: int, why: str) -> str:
+        """The error of a static job that lost a process or its store at ``step``: training on
+        would only reach a collective that fails, later, and write no checkpoint on the way."""
+        if self.cfg.elastic.checkpoint_every:
+            after = "a restart (--max-restarts) resumes from the last step every process checkpointed"
+        else:
+            after = "it writes no checkpoints (--checkpoint-every K): a restart begins at step 0"
+        return f"step {step}: {why}; the job cannot go on without it: {after}"
+
+    @staticmethod
+    def _store_lost(why: str) -> str:
+        return (
+            f"the job's store stopped answering ({why}): its host is gone (torchrun's agent on the job's "
+            "first node, rank 0 under lowcomm launch)"
+        )
 
     def _drop_replaced_files(self) -> None:
         """``overwrite`` replaces the run in ``run_dir``: this process's checkpoints, injected

@@ -240,6 +240,8 @@ class StopAgreement:
         self.agreed = False  # every process gave its step: they stop together
         self.lost: list[int] = []  # the processes found gone: this one stopped without them
         self.apart: str | None = None  # why this one stopped without the others (None: together)
+        #: why the job's store stopped answering the thread (its host is gone), once it did
+        self.store_lost: str | None = None
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (its beat, when it was first seen)
         self._given = False
         self._lock = threading.Lock()
@@ -260,7 +262,10 @@ class StopAgreement:
                     self.stop.set()
                     with self._lock:
                         self._give(self._earliest)
-        except Exception as e:  # the store went with its job (rank 0 left): nothing left to agree on
+        except Exception as e:  # the store went with its host: nothing left to agree on, and each
+            # call to a store that is gone logs torch's C++ stack trace, so the thread asks no more
+            if not self._ended.is_set():
+                self.store_lost = one_line(e, 200)
             log.debug("stop agreement: %s", e)
 
     def _give(self, step: int) -> None:
