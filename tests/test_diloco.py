@@ -262,6 +262,32 @@ def test_resume_from_state_dict_continues_bit_for_bit():
         assert da.step_count == db.step_count == 13
 
 
+def test_another_replica_s_state_gives_only_the_job_s_part():
+    """``own=False`` (a static job resumed with another number of replicas: each takes replica 0's
+    checkpoint): the global parameters, outer momentum and step are taken; the local parameters
+    are the global ones, and that replica's round in flight and error-feedback residual are not
+    (sent by every replica, its pseudo-gradient would have been counted once per replica)."""
+    kw = dict(sync_every=4, fragments=2, overlap=1, codec="e3m0", codec_block=32, error_feedback=True)
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, **kw)
+    _run(dil, models, opts, range(1, 7))  # at step 6 fragment 1 is in flight, fragment 0 has a residual
+    state = dil[0].state_dict()
+    assert any(f["inflight"]["active"] for f in state["fragments"])
+    assert any(f["residual"].abs().sum() > 0 for f in state["fragments"])
+    (model,), (opt,) = _replicas(1, seed=123)
+    joined = _wrap([model], [opt], **kw)[0]
+    joined.load_state_dict(state, own=False)
+    assert joined.in_flight == 0 and joined.step_count == 6
+    assert torch.equal(joined.global_vector(), dil[0].global_vector())
+    with dil[0].global_parameters() as g:
+        assert torch.equal(_flat(model), _flat(g))
+    assert not torch.equal(_flat(model), _flat(models[0]))  # (replica 0's own parameters are not taken)
+    assert all(f.momentum.momentum.equal(g.momentum.momentum) for f, g in zip(joined._frags, dil[0]._frags))
+    assert all(not f.residual.any() for f in joined._frags)
+    _run([joined], [model], [opt], range(7, 13))  # (and it trains on, alone, through its rounds)
+    assert joined.step_count == 12
+
+
 def test_state_from_another_configuration_is_refused():
     models, opts = _replicas(1)
     d = _wrap(models, opts, sync_every=4, codec="int8")[0]

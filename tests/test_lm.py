@@ -194,6 +194,12 @@ def test_sampler_is_deterministic_per_rank_and_resumable():
     nxt = s0.next()[0]
     s0b.load_state_dict(state)
     assert torch.equal(s0b.next()[0], nxt)
+    # skip: where a sampler that drew the batches stands (a replica resumed into a job of another size)
+    drawn, skipped = BatchSampler(toks, 4, 16, 7, 1), BatchSampler(toks, 4, 16, 7, 1)
+    for _ in range(5):
+        drawn.next()
+    skipped.skip(5)
+    assert torch.equal(skipped.next()[0], drawn.next()[0])
 
 
 def test_eval_batches_are_fixed():

@@ -276,6 +276,12 @@ class BatchSampler:
         starts = torch.randint(0, hi, (self.batch_size,), generator=self.gen).numpy()
         return _windows(self.tokens, starts, self.seq_len)
 
+    def skip(self, batches: int) -> None:
+        """Pass over the next ``batches`` batches (their positions drawn, no tokens read)."""
+        hi = self.tokens.size - self.seq_len - 1
+        for _ in range(batches):  # (as :meth:`next` draws them: the same generator states)
+            torch.randint(0, hi, (self.batch_size,), generator=self.gen)
+
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}
 

@@ -508,8 +508,13 @@ class DiLoCo:
     def _part_key(self) -> str:
         return f"part {self.part[0]} of {self.part[1]}"
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, own: bool = True) -> None:
         """Restore :meth:`state_dict` output; in-flight rounds are started again in send order.
+        ``own`` False: the state is another replica's (a static job that resumes with another
+        number of replicas starts each from one replica's checkpoint): only the job's part is
+        taken (the global parameters, the outer momentum, the schedule's position); the local
+        parameters are set to the global ones, that replica's rounds in flight are not sent and
+        its error-feedback residual is not kept.
 
         Raises:
             ValueError: a state from another version, configuration, model or part.
@@ -564,8 +569,10 @@ class DiLoCo:
         for fs, f in zip(state["fragments"], self._frags):
             f.global_.copy_(fs["global"])
             f.momentum.momentum.copy_(fs["momentum"])
-            if f.residual is not None:
+            if f.residual is not None and own:
                 f.residual.copy_(fs["residual"])
+            elif f.residual is not None:
+                f.residual.zero_()
             f.last_send = int(fs["last_send"])
             saved = fs.get("global_buffers")  # (a state of an older lowcomm has none: keep the current)
             if isinstance(saved, torch.Tensor) and saved.numel() == f.global_buffers.numel():
@@ -576,6 +583,9 @@ class DiLoCo:
         # at lr 0), which is no training step
         self._inner_steps = 0
         self._inflight.clear()
+        if not own:
+            self.sync_local_parameters()
+            return
         slots = [(p, fs["inflight"]) for p, fs in enumerate(state["fragments"]) if fs["inflight"]["active"]]
         for p, it in sorted(slots, key=lambda pit: int(pit[1]["send_step"])):  # started again in send order
             delta = it["delta"].to(self.outer_device, torch.float32).clone()

@@ -336,8 +336,9 @@ class Replicas:
             "samplers": [s.state_dict() for s in self.samplers],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict` of the same replicas (ValueError: other replicas)."""
+    def load_state_dict(self, state: dict, data: bool = True) -> None:
+        """Continue from :meth:`state_dict` of the same replicas (ValueError: other replicas).
+        ``data`` False: the data positions are not taken (another replica's: :meth:`skip`)."""
         opts = self._optimizers()
         counts = (len(state["models"]), len(state["inner"]), len(state["samplers"]))
         if counts != (len(self.models), len(opts), len(self.samplers)):
@@ -349,8 +350,14 @@ class Replicas:
             m.load_state_dict(ms)  # batched: into each replica's slice of the stack
         for o, os_ in zip(opts, state["inner"]):
             o.load_state_dict(os_)
-        for sampler, ss in zip(self.samplers, state["samplers"]):
+        for sampler, ss in zip(self.samplers, state["samplers"] if data else []):
             sampler.load_state_dict(ss)
+
+    def skip(self, steps: int) -> None:
+        """Put every replica's data at step ``steps`` of its stream, from its start (a replica
+        that did not train those steps here, in a job resumed with other replicas)."""
+        for sampler in self.samplers:
+            sampler.skip(steps)
 
     def seek(self, step: int) -> None:
         """Put every replica's learning-rate schedule at ``step`` (after a resume or a join)."""
@@ -419,7 +426,7 @@ class BatchedReplicas(Replicas):
         hands such a parameter: it still takes AdamW's step)."""
         self.opts[0].fill_missing_gradients()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, data: bool = True) -> None:
         """:meth:`Replicas.load_state_dict`; shared (DP), also a checkpoint written when every
         replica had a slice of its own, whose slices are then equal (ValueError where not)."""
         if self.shared:
@@ -428,7 +435,7 @@ class BatchedReplicas(Replicas):
             for i, ms in enumerate(state["models"][1:], 1):
                 if ms.keys() != first.keys() or not all(torch.equal(ms[k], first[k]) for k in first):
                     raise ValueError(f"its DP replicas differ: replica {i}'s parameters are not replica 0's")
-        super().load_state_dict(state)
+        super().load_state_dict(state, data)
 
     def update(self) -> None:
         opt = self.opts[0]

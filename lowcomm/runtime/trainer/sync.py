@@ -88,8 +88,9 @@ class Sync:
         steps)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`."""
+    def load_state_dict(self, state: dict, own: bool = True) -> None:
+        """Continue from :meth:`state_dict` (``own`` False: another replica's, as
+        :meth:`lowcomm.DiLoCo.load_state_dict` takes it)."""
 
     def start(self) -> int:
         """Join the job; returns the step to start from (0 for a fresh run)."""
@@ -296,13 +297,13 @@ class DiLoCoSync(Sync):
         """Every local replica's DiLoCo state (rounds in flight included: restarted on load)."""
         return {"dilocos": [d.state_dict() for d in self.dilocos]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, own: bool = True) -> None:
         if len(state["dilocos"]) != len(self.dilocos):
             raise ValueError(
                 f"it holds {len(state['dilocos'])} DiLoCo state(s), this process has {len(self.dilocos)}"
             )
         for d, ds in zip(self.dilocos, state["dilocos"]):
-            d.load_state_dict(ds)
+            d.load_state_dict(ds, own)
 
     def finish(self) -> bool:
         if self.cfg.run.final_sync:
