@@ -88,14 +88,18 @@ def fp8_gemm_tolerance(device) -> float:
     return 2**-11 if str(device).startswith("cuda") else 1e-6
 
 
-def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1, during=None) -> list:
+def torchrun(
+    procs: int, *args: str, timeout: float, env: dict, nodes: int = 1, min_nodes=None, during=None
+) -> list:
     """``torchrun --nproc-per-node PROCS ARGS`` (ARGS: torchrun's options, then the script or
     ``-m`` module and its arguments), ``--standalone``, or with ``nodes`` > 1 as that many nodes
-    on this machine (an agent each, c10d rendezvous on loopback, hosted by node 0's agent): the
-    CompletedProcess of each node, its output captured (written to files: a node killed by
-    ``during`` leaves no pipe to read). ``during(agents)``, if given, is called once they started
-    (their Popen objects, say to kill a node with :func:`kill_tree`). On ``timeout`` every process
-    of theirs is killed and the test fails."""
+    on this machine (an agent each, c10d rendezvous on loopback, hosted by node 0's agent;
+    ``min_nodes``: ``--nnodes MIN_NODES:NODES``, the agents told a lost node within about 2 s and
+    waiting 1 s for more nodes once they have enough): the CompletedProcess of each node, its
+    output captured (written to files: a node killed by ``during`` leaves no pipe to read).
+    ``during(agents)``, if given, is called once they started (their Popen objects, say to kill a
+    node with :func:`kill_tree`). On ``timeout`` every process of theirs is killed and the test
+    fails."""
     import tempfile
 
     from lowcomm.comm.net import free_port
@@ -104,9 +108,10 @@ def torchrun(procs: int, *args: str, timeout: float, env: dict, nodes: int = 1, 
     if nodes == 1:
         agents = [[*cmd, "--standalone"]]
     else:
-        meet = ["--nnodes", str(nodes), "--rdzv-backend", "c10d"]
+        meet = ["--nnodes", f"{min_nodes}:{nodes}" if min_nodes else str(nodes), "--rdzv-backend", "c10d"]
         meet += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-        agents = [[*cmd, *meet, "--rdzv-conf", f"is_host={int(n == 0)}"] for n in range(nodes)]
+        conf = ",last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=2" if min_nodes else ""
+        agents = [[*cmd, *meet, "--rdzv-conf", f"is_host={int(n == 0)}{conf}"] for n in range(nodes)]
     with tempfile.TemporaryDirectory() as tmp:
         logs = [(Path(tmp) / f"out{n}", Path(tmp) / f"err{n}") for n in range(len(agents))]
         started = []

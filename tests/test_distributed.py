@@ -669,6 +669,82 @@ def test_a_two_node_torchrun_job_that_loses_a_process_or_its_store_fails_at_once
     ), lines[0]
 
 
+def test_a_static_job_resumes_with_fewer_then_more_replicas_from_replica_0_s_checkpoint(tmp_path):
+    """A job of 2 processes (DiLoCo, a round every 25 steps, a checkpoint every 10) stops at 60;
+    it continues as a job of 1, then of 3 (``torchrun --nnodes 1:3`` that lost a node, and got
+    two back). With one process, under a launcher, the job had simulated ``--replicas`` (4 by
+    default) from step 0, its checkpoint-rank0.lcs unread; with other sizes the checkpoints
+    were of other replicas: refused. Each process now resumes from replica 0's checkpoint at
+    its step, every replica at the global parameters, each reading its own data stream from that
+    step; the replicas end on the same global parameters."""
+    from lowcomm.runtime import read_jsonl
+
+    corpus = write_corpus(tmp_path / "corpus")
+    run = ["--run-dir", str(tmp_path / "r"), "--resume", "auto", "--checkpoint-every", "10"]
+    args = [*TINY_FLAGS, "--corpus", corpus, "--sync-every", "25", "--eval-every", "0", "--quiet", *run]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = []
+    for replicas, steps in ((2, 60), (1, 80), (3, 100)):
+        cmd = launch_train(replicas, *args, "--steps", str(steps), start="forkserver")
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append(res.stderr)
+    events = read_jsonl(tmp_path / "r" / "events.jsonl")
+    resumed = [(e["step"], e.get("from_world_size")) for e in events if e.get("what") == "resumed"]
+    assert resumed == [(60, 2), (80, 1)], resumed
+    warned = "resuming at step 60 from replica 0's checkpoint(s), written by a job of 2 process(es); "
+    warned += "this one has 1: every replica starts from the global parameters of that step"
+    assert warned in outs[1] and "written by a job of 1 process(es); this one has 3" in outs[2], outs[1:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["replicas"] == 3 and summary["steps_run"] == 20, summary
+    # (rank 0's rounds, the records' replica: the schedule goes on, 75 with one replica, 100 with
+    # three; each part of the run ended with a final round, which its checkpoint was written before)
+    rounds = [(e["send_step"], e["final"]) for e in events if e["kind"] == "round"]
+    assert rounds == [(25, False), (50, False), (60, True), (75, False), (80, True), (100, False)], rounds
+    changed = [e["changed"] for e in events if e["kind"] == "config_changed"]
+    assert [c["world_size"] for c in changed] == [[2, 1], [2, 3]], changed  # (against config.json's)
+
+
+def test_a_torchrun_job_that_loses_a_node_whole_goes_on_with_the_node_it_has(tmp_path):
+    """``torchrun --nnodes 1:2``, one process a node, --max-restarts 1; node 1 (its agent and its
+    process) is killed once it checkpointed step 30. Node 0's process trained on without
+    checkpoints until the next round's collective failed; torchrun then restarted it as a job of
+    one process, which simulated ``--replicas`` (4) from step 0. It now fails at its next
+    checkpoint, in one line, and the job of one process resumes from its checkpoint (replica 0's)
+    and ends."""
+    from helpers import kill_tree, torchrun
+
+    from lowcomm.runtime import read_jsonl
+
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "1500", "--sync-every", "50", "--eval-every", "0"]
+    args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
+
+    def during(agents):
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "r" / "checkpoint-rank1.prev.lcs").exists():
+            assert time.monotonic() < deadline and agents[1].poll() is None, "node 1 never got to step 20"
+            time.sleep(0.05)
+        kill_tree(agents[1].pid)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = torchrun(
+        1, "--max-restarts", "1", "-m", "lowcomm", "train", *args,
+        nodes=2, min_nodes=1, timeout=180, env=env, during=during,
+    )  # fmt: skip
+    err = nodes[0].stderr
+    assert nodes[0].returncode == 0, err[-3000:]
+    (failed,) = [line for line in err.splitlines() if line.startswith("lowcomm: rank")]
+    barrier = "its checkpoint's barrier failed: a process of the job never reached it (rank 1 gone"
+    collective = "failed on replica 0: "  # (the round at 50 came first: a collective fails at once)
+    assert barrier in failed or (collective in failed and "replica(s) [1] never entered it" in failed), failed
+    events = read_jsonl(tmp_path / "r" / "events.jsonl")
+    (resumed,) = [e for e in events if e.get("what") == "resumed"]
+    assert resumed["from_world_size"] == 2 and resumed["path"].endswith("checkpoint-rank0.lcs"), resumed
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["replicas"] == 1 and summary["steps_run"] == 1500 - resumed["step"], summary
+
+
 def test_a_collective_s_failure_is_told_from_the_model_s_own_error():
     """DDP's collectives fail with gloo's RuntimeError (or a torch.distributed error); the
     trainer names those as the replica's DDP failing, and lets the model's own errors through."""

@@ -74,8 +74,12 @@ _UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def is_distributed_env() -> bool:
-    """Whether this process was started by torchrun or ``lowcomm launch`` with more than one rank."""
-    return env_int("WORLD_SIZE", 1) > 1
+    """Whether this process was started by torchrun or ``lowcomm launch``: a WORLD_SIZE above one,
+    or a launcher's job of one process (RANK, WORLD_SIZE and MASTER_ADDR set), which is a job
+    too: ``torchrun --nnodes 1:2`` left with one node of one process goes on as the job it was
+    (one replica, rank 0's checkpoint), not as one process simulating ``--replicas``."""
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+    return env_int("WORLD_SIZE", 1) > 1 or launched
 
 
 #: this process's :func:`job_round`, once :func:`job_store` met its job

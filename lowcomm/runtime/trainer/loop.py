@@ -225,7 +225,7 @@ class Trainer:
         self.sync.restore()
         # the processes of a static job agree on one step (an elastic job has no topo)
         several = topo is not None and bool(cfg.elastic.resume)
-        self.resumed = common_checkpoint(cfg, self.checkpoint) if several else self.checkpoint
+        self.resumed = common_checkpoint(cfg, self.checkpoint, topo) if several else self.checkpoint
         self.start_step = 0 if self.resumed is None else self._restore_run(self.resumed)
 
     def _make_sync(self, resume: dict | None) -> Sync:
@@ -354,7 +354,12 @@ class Trainer:
             # this process's last checkpoint written or resumed from: (step, path)
             self.checkpointed = None if self.resumed is None else (start, self.resumed["path"])
             if self.resumed is not None:
-                self.rec.event("checkpoint", what="resumed", step=start, path=self.resumed["path"])
+                regrouped = self.resumed.get("regroup")  # (the world size the checkpoints were written by)
+                where = {
+                    "path": self.resumed["path"],
+                    **({"from_world_size": regrouped} if regrouped else {}),
+                }
+                self.rec.event("checkpoint", what="resumed", step=start, **where)
             if self.rec.changed:  # (a resumed run given more steps, another learning rate, ...)
                 self.rec.event("config_changed", step=start, changed=self.rec.changed)
                 if self.leader:
@@ -526,6 +531,8 @@ class Trainer:
             "step": step,
             "mode": self.cfg.run.mode,
             "replica_ids": list(self.replica_ids),
+            "world_size": self.world_size,  # (a job resumed at another size takes replica 0's: regroup)
+            "procs_per_replica": self.procs_per_replica,
             "architecture": architecture(self.replicas.models[0]),
             "replicas": self.replicas.state_dict(),
             "sync": self.sync.state_dict(),
@@ -590,7 +597,9 @@ class Trainer:
         """Continue from a static job's checkpoint; returns its step. ValueError (one line, before
         any record) when it does not fit this run."""
         where = f"resume={self.cfg.elastic.resume!r} ({state['path']})"
-        if state.get("mode") != self.cfg.run.mode or state.get("replica_ids") != list(self.replica_ids):
+        regroup = state.get("regroup")  # another replica's checkpoint: common_checkpoint
+        ids = None if regroup else list(self.replica_ids)
+        if state.get("mode") != self.cfg.run.mode or (ids is not None and state.get("replica_ids") != ids):
             saved = f"a {state.get('mode')!r} run of replicas {state.get('replica_ids')}"
             raise ValueError(
                 f"{where}: the checkpoint is of {saved}, "
@@ -604,11 +613,28 @@ class Trainer:
             )
         check_architecture(state.get("architecture"), self.replicas.models[0], where)
         try:
-            self.replicas.load_state_dict(state["replicas"])
-            self.sync.load_state_dict(state["sync"])
+            self.replicas.load_state_dict(state["replicas"], data=not regroup)
+            self.sync.load_state_dict(state["sync"], own=not regroup)
         except (RuntimeError, KeyError, TypeError, ValueError) as e:  # another model's or configuration's
             why = one_line(e, 400)  # torch's load errors span lines: one line here
             raise ValueError(f"{where}: the checkpoint does not fit this run: {why}") from None
+        if regroup:
+            self.replicas.skip(step)  # (its own data stream, at the job's step)
+            if self.leader:
+                lost = (
+                    "every replica starts from the global parameters of that step (what the replicas "
+                    "trained since their last round is not kept)"
+                    if self.cfg.run.mode == "diloco"
+                    else "every replica starts from replica 0's parameters and optimizer (nothing is lost)"
+                )
+                log.warning(
+                    "resuming at step %d from replica 0's checkpoint(s), written by a job of %d process(es); "
+                    "this one has %d: %s",
+                    step,
+                    regroup,
+                    self.world_size,
+                    lost,
+                )
         sent = state.get("sent")  # (a checkpoint of an older lowcomm has none: counted from here)
         if sent is not None and len(sent["bytes"]) == len(self.sync.bytes_sent):
             self.sync.bytes_sent = [int(b) for b in sent["bytes"]]
@@ -766,16 +792,20 @@ def profile_stem(cfg: TrainConfig, first: int, last: int) -> Path:
     return _process_file(cfg, f"profile-steps{first}-{last}", "")
 
 
-def _process_file(cfg: TrainConfig, stem: str, suffix: str) -> Path:
-    """This process's own file in the run directory: run_dir/{stem}{suffix} for one process,
-    run_dir/{stem}-rank{RANK}{suffix} for each process of a job of several."""
-    rank = f"-rank{os.environ.get('RANK', '0')}" if is_distributed_env() else ""
-    return Path(cfg.run.run_dir) / f"{stem}{rank}{suffix}"
+def _process_file(cfg: TrainConfig, stem: str, suffix: str, rank: int | None = None) -> Path:
+    """This process's own file in the run directory (or, with ``rank``, that process's of the
+    job): run_dir/{stem}{suffix} for one process, run_dir/{stem}-rank{RANK}{suffix} for each
+    process of a launched job."""
+    if rank is None and not is_distributed_env():
+        return Path(cfg.run.run_dir) / f"{stem}{suffix}"
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    return Path(cfg.run.run_dir) / f"{stem}-rank{rank}{suffix}"
 
 
-def run_checkpoint_path(cfg: TrainConfig) -> Path:
-    """This process's checkpoint file in a static job (checkpoint[-rank<RANK>].lcs)."""
-    return _process_file(cfg, "checkpoint", ".lcs")
+def run_checkpoint_path(cfg: TrainConfig, rank: int | None = None) -> Path:
+    """This process's checkpoint file in a static job (checkpoint[-rank<RANK>].lcs), or with
+    ``rank`` that process's."""
+    return _process_file(cfg, "checkpoint", ".lcs", rank)
 
 
 def faults_path(cfg: TrainConfig) -> Path:
@@ -854,18 +884,27 @@ def _read_run_checkpoint(path: Path) -> dict:
     return {**state, "path": str(path)}
 
 
-def common_checkpoint(cfg: TrainConfig, newest: dict | None) -> dict | None:
+def common_checkpoint(cfg: TrainConfig, newest: dict | None, topo: Topology) -> dict | None:
     """The checkpoint every process of a static job resumes from: the newest step all of them
     hold, agreed over the world (a process killed while the others wrote theirs holds the step
-    before, which is then read too); ValueError naming each rank's steps when there is none."""
+    before, which is then read too); ValueError naming each rank's steps when there is none.
+
+    A job that comes back with another number of processes (``torchrun --nnodes MIN:MAX`` after
+    a node was lost, or with a node back) finds rank 0's newest checkpoint written by a job of
+    another size: each process then resumes from replica 0's (:func:`_regroup_checkpoint`)."""
     import torch.distributed as dist
 
-    def gather(mine: list[int]) -> list[list[int]]:
+    def gather(mine: list) -> list[list]:
         out: list = [None] * dist.get_world_size()
         dist.all_gather_object(out, mine)
         return out
 
+    world = topo.world_size
     held = [newest] if newest is not None else []
+    # (a checkpoint of an older lowcomm names no world size: this job's)
+    first = gather([[int(c["step"]), int(c.get("world_size", world))] for c in held])[0]
+    if first and first[0][1] != world:
+        return _regroup_checkpoint(cfg, topo, *first[0])
     steps = gather([int(c["step"]) for c in held])
     if all(s == steps[0] for s in steps):  # the usual case: one checkpoint read per process
         return newest
@@ -878,6 +917,33 @@ def common_checkpoint(cfg: TrainConfig, newest: dict | None) -> dict | None:
         detail = ", ".join(f"rank {r} {s or 'none'}" for r, s in enumerate(steps))
         raise ValueError(f"resume='auto': no step has a checkpoint on every process ({detail})")
     return next(c for c in held if int(c["step"]) == max(common))
+
+
+def _regroup_checkpoint(cfg: TrainConfig, topo: Topology, step: int, saved_world: int) -> dict:
+    """The checkpoint a process resumes from in a job whose size changed: that of replica 0's
+    process at its place in the replica (rank ``local_rank``) at ``step``, rank 0's newest, with
+    ``regroup`` (the size of the job that wrote it) added. Every replica then takes the job's
+    part of it (:meth:`lowcomm.DiLoCo.load_state_dict`, ``own`` False). ValueError when it is
+    not there (a run_dir the nodes do not share) or its replicas had another number of
+    processes."""
+    source = run_checkpoint_path(cfg, rank=topo.local_rank)
+    what = f"resume='auto': the checkpoints were written by a job of {saved_world} process(es), this one has "
+    what += f"{topo.world_size}; each process resumes from replica 0's checkpoint at step {step}"
+    for path in (source, previous_checkpoint(source)):
+        try:
+            state = _read_run_checkpoint(path) if path.is_file() else None
+        except CorruptStateError:
+            continue
+        if state is None or int(state["step"]) != step:
+            continue
+        k = int(state.get("procs_per_replica", 1))
+        if k != topo.procs_per_replica:
+            raise ValueError(
+                f"{what}, and its replicas had {k} process(es) each, this job's have "
+                f"{topo.procs_per_replica}: resume with procs_per_replica the same"
+            )
+        return {**state, "regroup": saved_world}
+    raise ValueError(f"{what}, which {source} does not hold here (the job's nodes must share run_dir)")
 
 
 #: dense bf16 tensor-core peaks, FLOP/s, by a substring of the device name, the first that matches
