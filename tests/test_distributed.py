@@ -758,6 +758,38 @@ def test_a_collective_s_failure_is_told_from_the_model_s_own_error():
     assert not communication_failed(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
 
+def test_a_failed_collective_whose_store_is_gone_names_no_replica():
+    """A collective that failed with the job's store gone (the node that hosted it lost) named
+    every replica, itself among them, as never having entered it, and asked the dead store once
+    per replica (each call logs torch's C++ stack trace). It now says the store did not answer,
+    after one call; with the store up, it names those that never entered the collective."""
+    from lowcomm.comm.distributed import DistributedGroup
+
+    class Store:
+        def __init__(self, entered=(), gone=False):
+            self.entered, self.gone, self.calls = set(entered), gone, 0
+
+        def check(self, keys):
+            self.calls += 1
+            if self.gone:
+                raise RuntimeError("Connection reset by peer")
+            return all(k in self.entered for k in keys)
+
+    group = object.__new__(DistributedGroup)  # (the parts _describe_failure reads: no process group)
+    group.name, group._rank, group._size = "outer0", 1, 3
+    group.store = Store(gone=True)
+    msg = group._describe_failure(4, "Connection closed by peer")
+    assert msg == (
+        "outer collective #4 of group 'outer0' failed on replica 1: Connection closed by peer; the job's "
+        "store did not answer either (Connection reset by peer): its host is gone"
+    )
+    assert group.store.calls == 1
+    assert group.missing(4) == [0, 1, 2]  # (the elastic group's suspects, as before)
+    group.store = Store(entered={"lowcomm/outer0/4/1", "lowcomm/outer0/4/2"})
+    never = "; replica(s) [0] never entered it (dead, hung or partitioned)"
+    assert group._describe_failure(4, "timeout").endswith(never)
+
+
 def test_a_job_of_two_process_replicas_that_loses_a_process_restarts_without_a_traceback(tmp_path):
     """Two replicas of two processes each (DDP inside a replica), rank 3 killed at step 35 under
     --max-restarts 1. Its replica partner, rank 2, failed in DDP's all-reduce with gloo's
