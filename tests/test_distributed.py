@@ -745,6 +745,28 @@ def test_a_torchrun_job_that_loses_a_node_whole_goes_on_with_the_node_it_has(tmp
     assert summary["replicas"] == 1 and summary["steps_run"] == 1500 - resumed["step"], summary
 
 
+def test_a_hung_process_fails_its_job_at_the_next_checkpoint_and_its_output_ends_with_the_job(tmp_path):
+    """`hang` stops rank 1 whole (SIGSTOP) for 120 s at step 75, no restarts. Rank 0 finds its beat
+    still at the checkpoint of 80 and fails there in one line; the launcher kills rank 1. The
+    helper process that was to continue rank 1 held the job's output open (who read it to its
+    end waited the 120 s) and, rank 1 gone, printed a traceback (ProcessLookupError)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [*TINY_FLAGS, "--corpus", corpus, "--steps", "400", "--sync-every", "200", "--eval-every", "0"]
+    args += ["--checkpoint-every", "10", "--resume", "auto", "--quiet", "--run-dir", str(tmp_path / "r")]
+    faults = {"faults": [{"kind": "hang", "target": "rank:1", "at_step": 75, "duration": 120}]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOWCOMM_FAULTS": json.dumps(faults)}
+    t0 = time.monotonic()
+    res = subprocess.run(
+        launch_train(2, *args, start="forkserver"), capture_output=True, text=True, timeout=240, env=env
+    )
+    took = time.monotonic() - t0
+    assert res.returncode == 1, res.stderr[-3000:]
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("lowcomm: rank")]
+    assert line.startswith("lowcomm: rank 0: step 80: its checkpoint's barrier failed: "), line
+    assert "rank 1 gone before lowcomm/checkpoint/80" in line, line
+    assert "Traceback" not in res.stderr and took < 90, (took, res.stderr[-3000:])
+
+
 def test_a_collective_s_failure_is_told_from_the_model_s_own_error():
     """DDP's collectives fail with gloo's RuntimeError (or a torch.distributed error); the
     trainer names those as the replica's DDP failing, and lets the model's own errors through."""

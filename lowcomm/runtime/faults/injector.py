@@ -258,13 +258,14 @@ def _kill_self() -> None:
 
 
 def _hang_self(seconds: float) -> None:
-    """Stop this whole process (every thread, heartbeats included) for ``seconds``."""
-    subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import os,time,signal; time.sleep({float(seconds)}); os.kill({os.getpid()}, signal.SIGCONT)",
-        ],
-        start_new_session=True,
+    """Stop this whole process (every thread, heartbeats included) for ``seconds``. The process
+    that continues it holds none of its output: killed while stopped (its launcher stopping the
+    job), it left a traceback (ProcessLookupError) on the job's output, and whoever read that
+    output to its end waited for it."""
+    wake = (
+        f"import os, signal, time\ntime.sleep({float(seconds)})\n"
+        f"try:\n    os.kill({os.getpid()}, signal.SIGCONT)\nexcept ProcessLookupError:\n    pass\n"
     )
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.Popen([sys.executable, "-c", wake], start_new_session=True, **quiet)
     os.kill(os.getpid(), signal.SIGSTOP)
