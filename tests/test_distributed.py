@@ -505,6 +505,7 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
 
     monkeypatch.setattr(StopAgreement, "POLL_S", 0.05)
     monkeypatch.setattr(StopAgreement, "GONE_S", 0.5)
+    monkeypatch.setattr(StopAgreement, "DEAD_S", 1.5)
     monkeypatch.setattr(StopAgreement, "LOOK_S", 0.02)
     store = torch.distributed.HashStore()
     stops = [threading.Event() for _ in range(3)]
@@ -513,13 +514,18 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
     try:
         assert a[1].step_ended(6) is None  # rank 1 ran ahead: it can stop at 7 at the earliest
         a[2]._ended.set()  # rank 2 is killed: its beat stands still
-        time.sleep(0.2)
+        # while no stop is asked, a still beat is a process stopped a while (DEAD_S before it is gone)
+        t0 = time.monotonic()
+        assert a[0].gone() == []
+        with pytest.raises(TimeoutError, match=r"^rank 2 gone before ckpt/6: .* stood still for 1.5 s"):
+            store_barrier(store, 3, "ckpt/6", 60, gone=a[0].gone, why_gone=a[0].why_gone)
+        assert 1.4 < time.monotonic() - t0 < 30
         stops[0].set()  # (SIGTERM)
         t0 = time.monotonic()
         assert a[0].step_ended(5) == 5 and a[0].lost == [2] and not a[0].agreed
         assert a[0].apart == "rank 2 gone"
         assert time.monotonic() - t0 < 30
-        assert stops[1].is_set() and a[1].step_ended(7) == 7 and a[1].lost == [2]
+        assert stops[1].wait(5) and a[1].step_ended(7) == 7 and a[1].lost == [2]  # (told by rank 0's word)
         with pytest.raises(TimeoutError, match=r"^rank 2 gone before ckpt/7: its count in the job's store"):
             store_barrier(store, 3, "ckpt/7", 60, gone=a[1].gone)
     finally:
@@ -652,7 +658,7 @@ def test_a_two_node_torchrun_job_that_loses_a_process_or_its_store_fails_at_once
         assert nodes[0].returncode != 0
         want = "lowcomm: rank 0: step 80: its checkpoint's barrier failed: "
         want += "a process of the job never reached it "
-        want += "(rank 1 gone before lowcomm/checkpoint/80: its count in the job's store stood still for 3 s"
+        want += "(rank 1 gone before lowcomm/checkpoint/80: its count in the job's store stood still for 10 s"
         assert lines[0].startswith(want), lines[0]
         assert "not written" not in err, err[-3000:]
     else:
@@ -747,7 +753,7 @@ def test_a_torchrun_job_that_loses_a_node_whole_goes_on_with_the_node_it_has(tmp
 
 def test_a_hung_process_fails_its_job_at_the_next_checkpoint_and_its_output_ends_with_the_job(tmp_path):
     """`hang` stops rank 1 whole (SIGSTOP) for 120 s at step 75, no restarts. Rank 0 finds its beat
-    still at the checkpoint of 80 and fails there in one line; the launcher kills rank 1. The
+    still (10 s) at the checkpoint of 80 and fails there in one line; the launcher kills rank 1. The
     helper process that was to continue rank 1 held the job's output open (who read it to its
     end waited the 120 s) and, rank 1 gone, printed a traceback (ProcessLookupError)."""
     corpus = write_corpus(tmp_path / "corpus")

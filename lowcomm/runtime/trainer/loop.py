@@ -510,10 +510,13 @@ class Trainer:
             if self._barrier_step == step:  # (written or skipped: a second count would fill the barrier)
                 return
             key = f"lowcomm/checkpoint/{step}"  # (this start's keys: comm.distributed.job_store)
-            gone = self.agreement.gone if self.agreement is not None else None
+            ag = self.agreement
+            gone, why_gone = (ag.gone, ag.why_gone) if ag is not None else (None, None)
             self._barrier_step = step
             try:
-                store_barrier(topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone)
+                store_barrier(
+                    topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone, why_gone=why_gone
+                )
             except Exception as e:  # a process died or hung, or the store went with its host
                 why = one_line(e, 200)
                 why = f"a process of the job never reached it ({why})" if isinstance(e, TimeoutError) else why

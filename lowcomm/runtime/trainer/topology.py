@@ -171,11 +171,13 @@ def store_barrier(
     poll_s: float = 0.005,
     wait: bool = True,
     gone: Callable[[], list[int]] | None = None,
+    why_gone: Callable[[], str] | None = None,
 ) -> None:
     """Return once ``world_size`` processes called this with ``key`` (each adds one to its count
     in the job's store; the last one marks it whole); with ``wait`` False, at once, counted.
     Raises TimeoutError after ``timeout_s``, or as soon as ``gone()`` names processes (looked at
-    every ``StopAgreement.LOOK_S``: :meth:`StopAgreement.gone`), which will never come. It looks
+    every ``StopAgreement.LOOK_S``: :meth:`StopAgreement.gone`, ``why_gone()`` saying why), which
+    will never come. It looks
     every ``poll_s`` rather than wait in the store, whose client a wait holds: this process's
     stop agreement must still get its word through meanwhile."""
     if store.add(key, 1) == world_size:
@@ -192,7 +194,8 @@ def store_barrier(
         if gone is not None and now - looked >= StopAgreement.LOOK_S:
             looked = now
             if lost := gone():
-                raise TimeoutError(f"{named_ranks(lost)} gone before {key}: {StopAgreement.GONE_WHY}")
+                why = why_gone() if why_gone is not None else "its count in the job's store stood still"
+                raise TimeoutError(f"{named_ranks(lost)} gone before {key}: {why}")
         time.sleep(poll_s)
 
 
@@ -221,13 +224,16 @@ class StopAgreement:
     #: how often the thread looks in the store and beats: each process asks rank 0's store twice
     #: a second (schedulers signal every process; the relay is for one that no signal reached)
     POLL_S = 1.0
-    #: how long a process's beat must stand still for it to be gone (its thread beats every
-    #: POLL_S; one held up that long by a main thread that keeps the interpreter's lock is rare)
+    #: how long a process's beat must stand still for it to be gone once a stop is asked (its
+    #: thread beats every POLL_S; one held up that long by a main thread that keeps the
+    #: interpreter's lock is rare)
     GONE_S = 3.0
+    #: the same while no stop is asked, when a process gone fails the job (at a checkpoint's
+    #: barrier): a process stopped for a few seconds and then continued (the ``hang`` fault's
+    #: default 3 s, a machine that stalled) is waited for, not taken for dead
+    DEAD_S = 10.0
     #: how often a process waiting for the others looks at the beats of those it waits for
     LOOK_S = 0.25
-    #: why a process whose beat stood still is gone, for messages
-    GONE_WHY = f"its count in the job's store stood still for {GONE_S:g} s (killed?)"
     #: how long a process that stopped waits for the others to close theirs (:meth:`close`)
     CLOSE_S = 10.0
 
@@ -276,11 +282,21 @@ class StopAgreement:
             self.store.set(f"{self.prefix}/asked", str(self.rank))
             self._given = True
 
+    def still_s(self) -> float:
+        """How long a beat must stand still for its process to be gone: ``GONE_S`` once a stop
+        is asked, ``DEAD_S`` before."""
+        return self.GONE_S if self.stop.is_set() else self.DEAD_S
+
+    def why_gone(self) -> str:
+        """Why a process whose beat stood still is gone, for messages."""
+        return f"its count in the job's store stood still for {self.still_s():g} s (killed?)"
+
     def gone(self, ranks: list[int] | None = None) -> list[int]:
         """The processes among ``ranks`` (default: every other one) that are gone: their beat has
-        not moved for ``GONE_S`` since this process saw it move (one that has not beaten yet is
-        not judged: it may still be starting; one whose beat moves again is not gone)."""
+        not moved for :meth:`still_s` since this process saw it move (one that has not beaten yet
+        is not judged: it may still be starting; one whose beat moves again is not gone)."""
         now = time.monotonic()
+        still = self.still_s()
         lost = []
         for r in range(self.world_size) if ranks is None else ranks:
             if r == self.rank:
@@ -289,7 +305,7 @@ class StopAgreement:
             seen = self._seen.get(r)
             if seen is None or seen[0] != beat:
                 self._seen[r] = (beat, now)
-            elif beat and now - seen[1] >= self.GONE_S:
+            elif beat and now - seen[1] >= still:
                 lost.append(r)
         return lost
 
@@ -317,7 +333,7 @@ class StopAgreement:
                             "stopping at step %d without the job's other processes: %s (%s)",
                             step,
                             self.apart,
-                            self.GONE_WHY,
+                            self.why_gone(),
                         )
                         return step
                     if now - start > self.timeout_s:
