@@ -518,7 +518,7 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
         t0 = time.monotonic()
         assert a[0].gone() == []
         with pytest.raises(TimeoutError, match=r"^rank 2 gone before ckpt/6: .* stood still for 1.5 s"):
-            store_barrier(store, 3, "ckpt/6", 60, gone=a[0].gone, why_gone=a[0].why_gone)
+            store_barrier(store, 3, "ckpt/6", 60, agreement=a[0])
         assert 1.4 < time.monotonic() - t0 < 30
         stops[0].set()  # (SIGTERM)
         t0 = time.monotonic()
@@ -527,7 +527,7 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
         assert time.monotonic() - t0 < 30
         assert stops[1].wait(5) and a[1].step_ended(7) == 7 and a[1].lost == [2]  # (told by rank 0's word)
         with pytest.raises(TimeoutError, match=r"^rank 2 gone before ckpt/7: its count in the job's store"):
-            store_barrier(store, 3, "ckpt/7", 60, gone=a[1].gone)
+            store_barrier(store, 3, "ckpt/7", 60, agreement=a[1])
     finally:
         for x in a:
             x._ended.set()

@@ -510,12 +510,10 @@ class Trainer:
             if self._barrier_step == step:  # (written or skipped: a second count would fill the barrier)
                 return
             key = f"lowcomm/checkpoint/{step}"  # (this start's keys: comm.distributed.job_store)
-            ag = self.agreement
-            gone, why_gone = (ag.gone, ag.why_gone) if ag is not None else (None, None)
             self._barrier_step = step
             try:
                 store_barrier(
-                    topo.outer.store, topo.world_size, key, self.cfg.run.timeout, gone=gone, why_gone=why_gone
+                    topo.outer.store, topo.world_size, key, self.cfg.run.timeout, agreement=self.agreement
                 )
             except Exception as e:  # a process died or hung, or the store went with its host
                 why = one_line(e, 200)

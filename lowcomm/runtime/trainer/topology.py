@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -170,16 +169,14 @@ def store_barrier(
     timeout_s: float,
     poll_s: float = 0.005,
     wait: bool = True,
-    gone: Callable[[], list[int]] | None = None,
-    why_gone: Callable[[], str] | None = None,
+    agreement: StopAgreement | None = None,
 ) -> None:
     """Return once ``world_size`` processes called this with ``key`` (each adds one to its count
     in the job's store; the last one marks it whole); with ``wait`` False, at once, counted.
-    Raises TimeoutError after ``timeout_s``, or as soon as ``gone()`` names processes (looked at
-    every ``StopAgreement.LOOK_S``: :meth:`StopAgreement.gone`, ``why_gone()`` saying why), which
-    will never come. It looks
-    every ``poll_s`` rather than wait in the store, whose client a wait holds: this process's
-    stop agreement must still get its word through meanwhile."""
+    Raises TimeoutError after ``timeout_s``, or as soon as ``agreement`` finds processes gone
+    (looked at every ``StopAgreement.LOOK_S``: :meth:`StopAgreement.gone`), which will never
+    come. It looks every ``poll_s`` rather than wait in the store, whose client a wait holds:
+    this process's stop agreement must still get its word through meanwhile."""
     if store.add(key, 1) == world_size:
         store.set(f"{key}/all", "1")
     if not wait:
@@ -191,11 +188,10 @@ def store_barrier(
             raise TimeoutError(
                 f"{store.add(key, 0)} of {world_size} processes reached {key} in {timeout_s:g} s"
             )
-        if gone is not None and now - looked >= StopAgreement.LOOK_S:
+        if agreement is not None and now - looked >= StopAgreement.LOOK_S:
             looked = now
-            if lost := gone():
-                why = why_gone() if why_gone is not None else "its count in the job's store stood still"
-                raise TimeoutError(f"{named_ranks(lost)} gone before {key}: {why}")
+            if lost := agreement.gone():
+                raise TimeoutError(f"{named_ranks(lost)} gone before {key}: {agreement.why_gone()}")
         time.sleep(poll_s)
 
 
