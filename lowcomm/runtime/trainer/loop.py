@@ -902,11 +902,12 @@ def common_checkpoint(cfg: TrainConfig, newest: dict | None, topo: Topology) -> 
 
     world = topo.world_size
     held = [newest] if newest is not None else []
-    # (a checkpoint of an older lowcomm names no world size: this job's)
-    first = gather([[int(c["step"]), int(c.get("world_size", world))] for c in held])[0]
-    if first and first[0][1] != world:
-        return _regroup_checkpoint(cfg, topo, *first[0])
-    steps = gather([int(c["step"]) for c in held])
+    # each process's (step, world size) held (a checkpoint of an older lowcomm names no world
+    # size: this job's)
+    facts = gather([[int(c["step"]), int(c.get("world_size", world))] for c in held])
+    if facts[0] and facts[0][0][1] != world:
+        return _regroup_checkpoint(cfg, topo, *facts[0][0], newest)
+    steps = [[s for s, _ in f] for f in facts]
     if all(s == steps[0] for s in steps):  # the usual case: one checkpoint read per process
         return newest
     if newest is not None and newest["path"] == str(run_checkpoint_path(cfg)):
@@ -920,19 +921,24 @@ def common_checkpoint(cfg: TrainConfig, newest: dict | None, topo: Topology) -> 
     return next(c for c in held if int(c["step"]) == max(common))
 
 
-def _regroup_checkpoint(cfg: TrainConfig, topo: Topology, step: int, saved_world: int) -> dict:
+def _regroup_checkpoint(
+    cfg: TrainConfig, topo: Topology, step: int, saved_world: int, newest: dict | None
+) -> dict:
     """The checkpoint a process resumes from in a job whose size changed: that of replica 0's
     process at its place in the replica (rank ``local_rank``) at ``step``, rank 0's newest, with
-    ``regroup`` (the size of the job that wrote it) added. Every replica then takes the job's
-    part of it (:meth:`lowcomm.DiLoCo.load_state_dict`, ``own`` False). ValueError when it is
-    not there (a run_dir the nodes do not share) or its replicas had another number of
-    processes."""
+    ``regroup`` (the size of the job that wrote it) added (``newest``, this process's own, read
+    already, where it is that one). Every replica then takes the job's part of it
+    (:meth:`lowcomm.DiLoCo.load_state_dict`, ``own`` False). ValueError when it is not there (a
+    run_dir the nodes do not share) or its replicas had another number of processes."""
     source = run_checkpoint_path(cfg, rank=topo.local_rank)
     what = f"resume='auto': the checkpoints were written by a job of {saved_world} process(es), this one has "
     what += f"{topo.world_size}; each process resumes from replica 0's checkpoint at step {step}"
     for path in (source, previous_checkpoint(source)):
         try:
-            state = _read_run_checkpoint(path) if path.is_file() else None
+            if newest is not None and newest["path"] == str(path):
+                state = newest
+            else:
+                state = _read_run_checkpoint(path) if path.is_file() else None
         except CorruptStateError:
             continue
         if state is None or int(state["step"]) != step:
