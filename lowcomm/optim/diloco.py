@@ -571,7 +571,7 @@ class DiLoCo:
             f.momentum.momentum.copy_(fs["momentum"])
             if f.residual is not None and own:
                 f.residual.copy_(fs["residual"])
-            elif f.residual is not None:
+            elif f.residual is not None:  # (another replica's quantization error is not this one's)
                 f.residual.zero_()
             f.last_send = int(fs["last_send"])
             saved = fs.get("global_buffers")  # (a state of an older lowcomm has none: keep the current)
