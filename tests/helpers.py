@@ -129,6 +129,10 @@ def torchrun(
                 kill_tree(p.pid)
             errs = [err.read_text()[-2000:] for _, err in logs]
             pytest.fail(f"torchrun did not end within {timeout:g} s: {errs}")
+        except BaseException:  # (``during`` failed: its nodes would outlive the test)
+            for p in started:
+                kill_tree(p.pid)
+            raise
         return [
             subprocess.CompletedProcess(p.args, p.returncode, out.read_text(), err.read_text())
             for p, (out, err) in zip(started, logs)
