@@ -469,7 +469,7 @@ def test_start_up_copies_every_parameter_bit_for_bit_and_refuses_other_models_by
     groups = LocalGroup.create(2)
     DiLoCo(model(0), None, groups[0], sync_every=2)
     with pytest.raises(
-        ValueError, match=r"parameters: \{'param 1.bias': \{'replica 0': \['torch.float64', 1\]"
+        ValueError, match=r"parameters and init: \{'param 1.bias': \{'replica 0': \['torch.float64', 1\]"
     ):
         DiLoCo(wide, None, groups[1], sync_every=2)
     odd = nn.Linear(4, 1)

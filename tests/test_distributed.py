@@ -267,6 +267,14 @@ def test_mismatched_configuration_is_refused_naming_the_difference(tmp_path):
     assert res.returncode == 3
     err = (tmp_path / "mis.rank0.err").read_text()
     assert "codec" in err and "int8" in err and "e3m0" in err and "replica 1" in err
+    # one replica resuming (init "none") where the other starts anew (broadcast): refused before
+    # the broadcast, which the resuming replica would never enter (the job hung until its timeout)
+    sc = {**sc, "name": "start", "mismatch": {"init": "none"}}
+    res = _launch(tmp_path, [sc], replicas=2, timeout=60)
+    assert res.returncode == 3
+    err = (tmp_path / "start.rank0.err").read_text()
+    want = "in the model's parameters and init: {'init': {'replica 0': 'broadcast', 'replica 1': 'none'}}"
+    assert want in err, err
 
 
 def test_a_silent_peer_fails_the_round_naming_it(tmp_path):

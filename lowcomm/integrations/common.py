@@ -14,6 +14,7 @@ from ..optim import DiLoCoConfig
 
 __all__ = [
     "replica_group",
+    "check_same_start",
     "replica_env",
     "replica_shard_group",
     "replica_state",
@@ -175,6 +176,35 @@ def replica_state(diloco) -> dict:
     if parts is None:
         return state
     return {key: value for part in parts for key, value in part.items()}
+
+
+def check_same_start(group: ReplicaGroup, state: dict | None) -> None:
+    """Refuse, before DiLoCo is built (its first collective), replicas that start from different
+    points: every replica resumes from its own checkpoint of the same DiLoCo step, or none does.
+    A framework resumes each replica from its own folder; a job resumed with more replicas than it
+    saved has no checkpoint for the new ones, and one whose replica lost its last checkpoint
+    resumes that one from an older step. Built anyway, the new replica would broadcast its weights
+    to replicas that never enter the broadcast, and the job would hang until the group's timeout.
+
+    Args:
+        state: the DiLoCo state this replica resumes from (its own part, or the parts of a replica
+            of several processes); None for a fresh start.
+
+    Raises:
+        ValueError: the replicas' steps differ, naming them.
+    """
+    step = None
+    if isinstance(state, dict):
+        parts = [v for k, v in state.items() if isinstance(k, str) and k.startswith("part ")]
+        step = (parts[0] if parts and isinstance(parts[0], dict) else state).get("step")
+    try:
+        group.verify_same("DiLoCo step each resumes from", {"step": step})
+    except ValueError as e:
+        raise ValueError(
+            f"{e} (None: no checkpoint, a fresh start): resume every replica from its own "
+            "checkpoint of the same step, or start them all anew (a job resumed with more replicas "
+            "than it saved has no checkpoint for the new ones)"
+        ) from None
 
 
 def _on_cpu(value):

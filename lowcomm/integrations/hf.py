@@ -33,6 +33,7 @@ from .._checks import one_line
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
+    check_same_start,
     outer_device,
     procs_per_replica,
     replica_group,
@@ -83,6 +84,16 @@ class DiLoCoTrainerCallback(TrainerCallback):
                     "is saved in the Trainer's checkpoint folders; pass "
                     "DiLoCoTrainerCallback(..., resume_from=FOLDER) for a checkpoint elsewhere"
                 )
+        restored = None
+        if saved:
+            try:
+                restored = torch.load(saved, weights_only=True, map_location="cpu")
+            except Exception as e:  # torn, truncated or not torch's format: name the file
+                why = one_line(e, 200)
+                raise ValueError(
+                    f"{saved}: not a readable DiLoCo state ({type(e).__name__}: {why})"
+                ) from None
+        check_same_start(self.group, restored)
         # resuming, each replica's own weights came from its checkpoint: nothing to make alike
         config = self.config.replace(init="none") if saved else self.config
         if optimizer is None:  # transformers 4.47-4.49 hand the Trainer's optimizer to the state only
@@ -101,14 +112,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
             outer_device(self.group, model, config),
             shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,
         )
-        if saved:
-            try:
-                restored = torch.load(saved, weights_only=True, map_location="cpu")
-            except Exception as e:  # torn, truncated or not torch's format: name the file
-                why = one_line(e, 200)
-                raise ValueError(
-                    f"{saved}: not a readable DiLoCo state ({type(e).__name__}: {why})"
-                ) from None
+        if restored is not None:
             self.diloco.load_state_dict(restored)
             log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
         self.diloco.attach()

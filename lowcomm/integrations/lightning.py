@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
+    check_same_start,
     outer_device,
     replica_group,
     replica_shard_group,
@@ -68,6 +69,7 @@ class DiLoCoCallback(pl.Callback):
         config = self.config.replace(init="none") if self._restored is not None else self.config
         if self.diloco is not None:  # a fit that ended in an exception left it attached
             self.diloco.detach()
+        check_same_start(self.group, self._restored)
         whole = isinstance(trainer.strategy.model, DistributedDataParallel)  # (on_fit_start: wrapped)
         self.diloco = DiLoCo(
             pl_module,

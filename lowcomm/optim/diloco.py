@@ -212,15 +212,20 @@ class DiLoCo:
                 )
         _check_optimizer_updates(inner_optimizer, [params[n] for n in synced])
         # before any traffic: replicas built from different models are refused naming the parameter
-        # that differs (a broadcast of unequal sizes fails in the backend, or hangs)
+        # that differs (a broadcast of unequal sizes fails in the backend, or hangs), and so are
+        # replicas told to start alike in different ways (one broadcasting while the others resume
+        # with init "none" would wait in a collective no other replica enters)
         group.verify_same(
-            "model's parameters",
+            "model's parameters and init",
             {
-                f"{'param' if n in is_synced else 'frozen param'} {n}": [
-                    str(params[n].dtype),
-                    *local_tensor(params[n]).shape,
-                ]
-                for n in synced + frozen
+                "init": cfg.init,
+                **{
+                    f"{'param' if n in is_synced else 'frozen param'} {n}": [
+                        str(params[n].dtype),
+                        *local_tensor(params[n]).shape,
+                    ]
+                    for n in synced + frozen
+                },
             },
         )
         first = params[synced[0]]
