@@ -1,5 +1,5 @@
-"""A plain Hugging Face Trainer script with DiLoCo added: the 5 lines marked ``# DiLoCo`` are all
-that changed.
+"""A plain Hugging Face Trainer script with DiLoCo added: the lines marked ``# DiLoCo`` are all that
+changed (5, and a sixth that picks the checkpoint to resume from).
 
     lowcomm launch --replicas 2 -- python examples/hf_diloco.py --out runs/hf
 
@@ -7,7 +7,9 @@ Each process trains its own replica of a small GPT-2 on its own data; every 8 op
 replicas average what they learned (DiLoCo's outer step). ``replica_group()`` joins the replicas'
 group and hides the launcher's RANK / WORLD_SIZE, so the Trainer (and accelerate) see one process
 and do not wrap the model in DDP. The Trainer's checkpoints carry DiLoCo's state (``diloco.pt``):
-``--resume`` continues from the last one. Run without ``lowcomm launch``, one replica trains.
+``--resume`` continues from the newest one every replica holds (and starts anew where none does,
+so a job under ``torchrun --max-restarts`` can always pass it). Run without ``lowcomm launch``, one
+replica trains.
 
 A replica may be several processes, with the Trainer's DDP inside it (DiLoCo between replicas):
 
@@ -24,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
 
-from lowcomm.integrations.hf import DiLoCoTrainerCallback, replica_group  # DiLoCo
+from lowcomm.integrations.hf import DiLoCoTrainerCallback, replica_group, resume_checkpoint  # DiLoCo
 
 
 class Counting(Dataset):
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="optimizer steps in all")
     ap.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
     ap.add_argument("--save-every", type=int, default=16, help="optimizer steps between checkpoints")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from a checkpoint in --out")
     args = ap.parse_args()
 
     group = replica_group()  # DiLoCo: this process's replica; the Trainer then sees one process
@@ -75,7 +77,7 @@ def main() -> None:
         train_dataset=Counting(seed=group.rank),  # DiLoCo: each replica its own data
         callbacks=[DiLoCoTrainerCallback(group, sync_every=8, fragments=2, overlap=1)],  # DiLoCo
     )
-    trainer.train(resume_from_checkpoint=args.resume or None)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(group, out) if args.resume else None)  # DiLoCo
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     result = {

@@ -1,4 +1,5 @@
-"""A plain Lightning script with DiLoCo added: the 5 lines marked ``# DiLoCo`` are all that changed.
+"""A plain Lightning script with DiLoCo added: the lines marked ``# DiLoCo`` are all that changed (5,
+and a sixth that picks the checkpoint to resume from).
 
     lowcomm launch --replicas 2 -- python examples/lightning_diloco.py --out runs/lightning
 
@@ -6,7 +7,9 @@ Each process trains its own replica on its own data with its own AdamW; every 8 
 the replicas average what they learned (DiLoCo's outer step) instead of all-reducing gradients
 every step. ``replica_group()`` joins the replicas and hides the launcher's RANK / WORLD_SIZE, so
 Lightning sees one process. Lightning's checkpoints carry DiLoCo's state: ``--resume`` continues a
-run from its last one. Run without ``lowcomm launch``, one replica trains (a group of one).
+run from the newest checkpoint every replica holds (and starts anew where none does, so a job
+under ``torchrun --max-restarts`` can always pass it). Run without ``lowcomm launch``, one replica
+trains (a group of one).
 
 A replica may be several processes, with Lightning's DDP inside it (DiLoCo between replicas):
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowcomm.integrations.lightning import DiLoCoCallback, replica_group  # DiLoCo
+from lowcomm.integrations.lightning import DiLoCoCallback, replica_group, resume_checkpoint  # DiLoCo
 
 
 class Regressor(pl.LightningModule):
@@ -63,7 +66,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs to train (in all, when resuming)")
     ap.add_argument("--devices", type=int, default=1, help="processes (GPUs) per replica: Lightning's DDP")
     ap.add_argument("--accumulate", type=int, default=1, help="batches per optimizer step")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ap.add_argument("--resume", action="store_true", help="continue from a checkpoint")
     args = ap.parse_args()
 
     group = replica_group()  # DiLoCo: this process's replica; Lightning then sees one process
@@ -83,7 +86,8 @@ def main() -> None:
         ],
     )
     model = Regressor()
-    trainer.fit(model, data(seed=group.rank), ckpt_path="last" if args.resume else None)  # DiLoCo: own data
+    ckpt = resume_checkpoint(group, out) if args.resume else None  # DiLoCo: the newest all replicas hold
+    trainer.fit(model, data(seed=group.rank), ckpt_path=ckpt)  # DiLoCo: own data
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     result = {"params": flat.tolist(), "global_step": trainer.global_step, "world_size": trainer.world_size}

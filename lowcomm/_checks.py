@@ -12,6 +12,7 @@ __all__ = [
     "is_int",
     "is_number",
     "named_ranks",
+    "newest_common_step",
     "one_line",
     "refuse",
     "threads_env",
@@ -33,6 +34,20 @@ def named_ranks(ranks) -> str:
     """``[1]`` -> "rank 1", ``[1, 3]`` -> "ranks 1, 3" (processes named in a message)."""
     ranks = list(ranks)
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def newest_common_step(steps: list[list[int]], who: str) -> int:
+    """The newest step that every one of ``steps`` holds (one list of checkpoint steps for each
+    process or replica, ``who``, in rank order).
+
+    Raises:
+        ValueError: no step is in all of them, naming each one's steps.
+    """
+    common = set(steps[0]).intersection(*steps[1:])
+    if not common:
+        detail = ", ".join(f"{who} {r} {sorted(s) or 'none'}" for r, s in enumerate(steps))
+        raise ValueError(f"no step has a checkpoint on every {who} ({detail})")
+    return max(common)
 
 
 def is_int(v: Any, lo: int | None = None) -> bool:

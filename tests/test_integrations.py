@@ -53,19 +53,23 @@ def _parts(state: dict) -> list[str]:
 
 @pytest.mark.parametrize("script", ["lightning_diloco.py", "hf_diloco.py"])
 def test_an_example_changes_at_most_five_lines_of_the_plain_script(script):
+    """Five to add DiLoCo, and a sixth, the call that picks the checkpoint to resume from."""
     marked = [line for line in (EXAMPLES / script).read_text().splitlines() if "# DiLoCo" in line]
     code = [line for line in marked if not line.lstrip().startswith(("#", '"', "`")) and "``" not in line]
-    assert 1 <= len(code) <= 5, code
+    resume = [line for line in code if "resume_checkpoint(group" in line]
+    assert len(resume) == 1 and 1 <= len(code) - 1 <= 5, code
 
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_bit(tmp_path, procs):
-    """Three epochs; then, with replicas of 2, from the checkpoint of epoch 2 (a round in flight:
-    overlap=1), epoch 3 again: the same bits as the uninterrupted run, so DiLoCo's state (restored
-    by Lightning before the optimizer exists) came back whole. (With one process a replica the
-    resume is the same path less the gathering of parts, and the HF test resumes replicas of one
-    process; here that job is resumed with a third replica instead, which has no checkpoint: it is
-    refused at once naming the steps, where it hung until the group's timeout.)
+    """Three epochs; then, with replicas of 2, replica 1's checkpoint of epoch 3 lost (killed while
+    replica 0 wrote it): both replicas resume from epoch 2's (the newest both hold, a round in
+    flight: overlap=1) and train epoch 3 again: the same bits as the uninterrupted run, so DiLoCo's
+    state (restored by Lightning before the optimizer exists) came back whole. (With one process a
+    replica the resume is the same path less the gathering of parts, and the HF test resumes
+    replicas of one process; here that job is resumed with a third replica instead, which has no
+    checkpoint: it is refused at once naming each replica's steps, where it hung until the
+    group's timeout.)
 
     With 2 processes a replica, replica_group() shows Lightning its replica's 2 processes as the
     whole job (a rendezvous of its own), so Lightning's DDP runs inside the replica (the data
@@ -78,16 +82,17 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
     first = _results(out, procs=procs)
     assert [(f["world_size"], f["global_step"]) for f in first] == [(procs, 3 * epoch)] * 2 * procs
     assert all(f["params"] == first[0]["params"] for f in first)  # final sync (and DDP)
-    for r in range(2):  # resume from the end of epoch 2: "last" is made that checkpoint
-        ckpts = out / f"replica{r}" / "checkpoints"
-        (ckpts / "last.ckpt").unlink()
-        shutil.copyfile(ckpts / f"epoch=1-step={2 * epoch}.ckpt", ckpts / "last.ckpt")
-        saved = torch.load(ckpts / "last.ckpt", weights_only=False)["callbacks"]["DiLoCoCallback"]
-        assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
+    ckpts = [out / f"replica{r}" / "checkpoints" for r in range(2)]
+    for name in (f"epoch=2-step={3 * epoch}.ckpt", "last.ckpt"):  # replica 1 killed before epoch 3's
+        (ckpts[1] / name).unlink()
+    saved = torch.load(ckpts[0] / f"epoch=1-step={2 * epoch}.ckpt", weights_only=False)
+    assert _parts(saved["callbacks"]["DiLoCoCallback"]) == [
+        f"part {i} of {procs}" for i in range(procs) if procs > 1
+    ]
     if procs == 1:  # resumed with a third replica, which has no checkpoint: refused at once
         res = _launch("lightning_diloco.py", out, "--epochs", "3", "--resume", replicas=3, check=False)
-        want = "differ from replica 0 in the DiLoCo step each resumes from: {'step': {'replica 0': 32, "
-        assert res.returncode == 1 and want + "'replica 2': None}}" in res.stderr, res.stderr[-4000:]
+        want = "no step has a checkpoint on every replica (replica 0 [16, 32, 48], replica 1 [16, 32], "
+        assert res.returncode == 1 and want + "replica 2 none)" in res.stderr, res.stderr[-4000:]
         return
     _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), "--resume", procs=procs)
     again = _results(out, procs=procs)
@@ -96,9 +101,10 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs):
-    """48 steps with checkpoints at 24 and 48; then from checkpoint-24 again: the same bits. With
-    one process a replica the Trainer saw one process (no DDP) and every replica saved its
-    checkpoints, model included; with two, the Trainer's DDP ran inside the replica and its first
+    """48 steps with checkpoints at 24 and 48; then, replica 1's checkpoint-48 lost, both from
+    checkpoint-24 (the newest both hold) again: the same bits. With one process a replica the
+    Trainer saw one process (no DDP) and every replica saved its checkpoints, model included; with
+    two, the Trainer's DDP ran inside the replica and its first
     process wrote both halves of DiLoCo's state (not resumed here, to spare CI a launch of four
     processes: the Lightning test resumes a replica of two from such a state)."""
     out = tmp_path / "run"
@@ -112,7 +118,7 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
         assert (folder / "diloco.pt").exists() and (folder / "model.safetensors").exists()
         saved = torch.load(folder / "diloco.pt", weights_only=True)
         assert _parts(saved) == [f"part {i} of {procs}" for i in range(procs) if procs > 1]
-        shutil.rmtree(out / f"replica{r}" / "checkpoint-48")
+    shutil.rmtree(out / "replica1" / "checkpoint-48")
     if procs > 1:
         return
     _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", "--resume", procs=procs)
@@ -442,6 +448,60 @@ def test_replica_group_in_a_lone_process_is_a_group_of_one_and_hides_the_launche
     monkeypatch.setenv("RANK", "1")
     group = replica_group()
     assert group.size == 1 and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
+
+
+def test_replicas_resuming_from_different_steps_are_refused_before_diloco_is_built():
+    """A replica with no checkpoint among replicas that resume (a job resumed with more replicas
+    than it saved) is refused naming the steps; a Lightning job so resumed hung until its group's
+    timeout (the new replica broadcast its weights to replicas that never entered the broadcast)."""
+    from lowcomm.integrations.common import check_same_start
+
+    groups = LocalGroup.create(3)
+    check_same_start(groups[0], {"version": 2, "step": 32, "config": {}})
+    check_same_start(groups[1], {"version": 2, "part 0 of 2": {"step": 32}, "part 1 of 2": {"step": 32}})
+    with pytest.raises(ValueError) as e:
+        check_same_start(groups[2], None)
+    assert str(e.value).startswith(
+        "replica(s) [2] differ from replica 0 in the DiLoCo step each resumes from: "
+        "{'step': {'replica 0': 32, 'replica 2': None}} (None: no checkpoint, a fresh start): resume every"
+    )
+
+
+def test_resume_checkpoint_finds_the_newest_step_a_replica_holds_and_passes_over_a_torn_one(tmp_path, caplog):
+    """The layouts of both frameworks, read by the DiLoCo state inside: Lightning's ``*.ckpt``
+    files at any depth (a step's own file before last.ckpt) and the HF Trainer's ``checkpoint-N``
+    folders (the folder is returned). A torn file is passed over with a warning; a folder with no
+    checkpoint is a fresh start. (Across replicas, under a launcher: the examples' tests.)"""
+    from lowcomm.integrations import resume_checkpoint
+
+    group = LocalGroup.create(1)[0]
+    assert resume_checkpoint(group, tmp_path / "nothing") is None
+    pl_dir = tmp_path / "pl" / "version_0" / "checkpoints"
+    pl_dir.mkdir(parents=True)
+    for step in (8, 16):
+        ckpt = {"global_step": step, "callbacks": {"DiLoCoCallback": {"version": 2, "step": step}}}
+        torch.save(ckpt, pl_dir / f"epoch={step // 8 - 1}-step={step}.ckpt")
+    shutil.copyfile(pl_dir / "epoch=1-step=16.ckpt", pl_dir / "last.ckpt")
+    (pl_dir / "epoch=2-step=24.ckpt").write_bytes(b"PK\x03\x04 torn")  # killed while writing
+    with caplog.at_level(logging.WARNING, logger="lowcomm.integrations.common"):
+        assert resume_checkpoint(group, tmp_path / "pl") == str(pl_dir / "epoch=1-step=16.ckpt")
+    assert "epoch=2-step=24.ckpt: not read" in caplog.text and "passed over" in caplog.text
+    for step in (24, 48):  # the HF Trainer's, the later one of two processes' parts
+        (tmp_path / "hf" / f"checkpoint-{step}").mkdir(parents=True)
+        state = {"version": 2, "part 0 of 2": {"step": step}, "part 1 of 2": {"step": step}}
+        torch.save(state, tmp_path / "hf" / f"checkpoint-{step}" / "diloco.pt")
+    assert resume_checkpoint(group, tmp_path / "hf") == str(tmp_path / "hf" / "checkpoint-48")
+
+
+def test_the_newest_common_step_is_the_newest_all_hold_or_names_each_ones_steps():
+    """The one rule of both resumes (the trainer's processes, the integrations' replicas)."""
+    from lowcomm._checks import newest_common_step
+
+    assert newest_common_step([[90, 80, 70], [70, 60], [80, 70]], "rank") == 70
+    with pytest.raises(ValueError) as e:
+        newest_common_step([[90, 80], [70, 60], []], "replica")
+    want = "on every replica (replica 0 [80, 90], replica 1 [60, 70], replica 2 none)"
+    assert str(e.value) == "no step has a checkpoint " + want
 
 
 def test_replica_group_called_again_returns_the_group_it_joined_and_meets_again_after_a_restart(tmp_path):

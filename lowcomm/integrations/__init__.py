@@ -10,9 +10,10 @@ trainer: it joins the replicas' group from the launcher's environment, then hide
 environment, so the framework sees one process and does not wrap the model in DDP (which would
 all-reduce gradients every step and make DiLoCo pointless). With several processes a replica
 (``--procs-per-replica k``) it rewrites that environment to the replica's own job instead: the
-framework's DDP runs inside the replica, DiLoCo between the replicas.
+framework's DDP runs inside the replica, DiLoCo between the replicas. :func:`resume_checkpoint`
+picks the checkpoint each replica resumes from: the newest step every replica holds.
 """
 
-from .common import replica_group
+from .common import replica_group, resume_checkpoint
 
-__all__ = ["replica_group"]
+__all__ = ["replica_group", "resume_checkpoint"]

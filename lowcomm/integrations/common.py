@@ -7,14 +7,16 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from pathlib import Path
 
-from .._checks import env_int
+from .._checks import env_int, newest_common_step, one_line
 from ..comm import LocalGroup, ReplicaGroup
 from ..optim import DiLoCoConfig
 
 __all__ = [
     "replica_group",
     "check_same_start",
+    "resume_checkpoint",
     "replica_env",
     "replica_shard_group",
     "replica_state",
@@ -178,6 +180,72 @@ def replica_state(diloco) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
+def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | None:
+    """The checkpoint this replica resumes from: its own, in ``folder``, at the newest DiLoCo step
+    every replica holds a checkpoint of; None where no replica holds any (a fresh start). Pass it
+    to the framework (Lightning's ``fit(ckpt_path=...)``, the HF Trainer's
+    ``train(resume_from_checkpoint=...)``), so a job that always asks to resume (under
+    ``torchrun --max-restarts``) starts anew the first time and, after a replica was killed while
+    the others wrote a checkpoint it never wrote, resumes every replica from the one before.
+
+    ``folder`` is this replica's own: Lightning's ``default_root_dir`` or checkpoint directory
+    (the ``*.ckpt`` files under it, at any depth, with the DiLoCo callback's state inside), or the
+    HF Trainer's ``output_dir`` (its ``checkpoint-N`` folders, each with the callback's
+    ``diloco.pt``; the folder is returned). A checkpoint that cannot be read (a torn write) is
+    passed over with a warning. A collective over the replicas: every replica calls it.
+
+    Raises:
+        ValueError: some replicas hold checkpoints, but no step is held by all (a job resumed
+            with more replicas than it saved), naming each replica's steps.
+    """
+    found = _checkpoints_by_step(folder)
+    mine = sorted(found)
+    steps = [mine] if group.size == 1 else group.all_gather_json(mine)
+    if not any(steps):
+        return None
+    try:
+        step = newest_common_step(steps, "replica")
+    except ValueError as e:
+        raise ValueError(
+            f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
+        ) from None
+    return found[step]
+
+
+def _checkpoints_by_step(folder: str | os.PathLike) -> dict[int, str]:
+    """This replica's checkpoints in ``folder`` by DiLoCo step (see :func:`resume_checkpoint`)."""
+    import torch
+
+    root = Path(folder)
+    # Lightning's (a step's own file before last.ckpt, its copy), then the HF Trainer's
+    files = sorted(root.rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", str(p)))
+    files += sorted(root.rglob(STATE_FILE))
+    found: dict[int, str] = {}
+    for path in files:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torn, truncated, not torch's: not a checkpoint to resume from
+            log.warning("%s: not read (%s: %s), passed over", path, type(e).__name__, one_line(e, 200))
+            continue
+        if path.suffix == ".ckpt":
+            state = next(
+                (v for k, v in (state.get("callbacks") or {}).items() if str(k).startswith("DiLoCoCallback")),
+                None,
+            )
+        step = _state_step(state)
+        if isinstance(step, int):
+            found.setdefault(step, str(path if path.suffix == ".ckpt" else path.parent))
+    return found
+
+
+def _state_step(state) -> int | None:
+    """The DiLoCo step of a state (its own, or the first part's of a replica of several processes)."""
+    if not isinstance(state, dict):
+        return None
+    parts = [v for k, v in state.items() if isinstance(k, str) and k.startswith("part ")]
+    return (parts[0] if parts and isinstance(parts[0], dict) else state).get("step")
+
+
 def check_same_start(group: ReplicaGroup, state: dict | None) -> None:
     """Refuse, before DiLoCo is built (its first collective), replicas that start from different
     points: every replica resumes from its own checkpoint of the same DiLoCo step, or none does.
@@ -193,17 +261,13 @@ def check_same_start(group: ReplicaGroup, state: dict | None) -> None:
     Raises:
         ValueError: the replicas' steps differ, naming them.
     """
-    step = None
-    if isinstance(state, dict):
-        parts = [v for k, v in state.items() if isinstance(k, str) and k.startswith("part ")]
-        step = (parts[0] if parts and isinstance(parts[0], dict) else state).get("step")
     try:
-        group.verify_same("DiLoCo step each resumes from", {"step": step})
+        group.verify_same("DiLoCo step each resumes from", {"step": _state_step(state)})
     except ValueError as e:
         raise ValueError(
             f"{e} (None: no checkpoint, a fresh start): resume every replica from its own "
-            "checkpoint of the same step, or start them all anew (a job resumed with more replicas "
-            "than it saved has no checkpoint for the new ones)"
+            "checkpoint of the same step (lowcomm.integrations.resume_checkpoint finds it), or start "
+            "them all anew (a job resumed with more replicas than it saved has none for the new ones)"
         ) from None
 
 
@@ -361,6 +425,9 @@ def outer_device(group: ReplicaGroup, model, config: DiLoCoConfig) -> DiLoCoConf
         return config.replace(outer_device="cpu")
     return config
 
+
+#: the HF callback's file of DiLoCo's state in each of the Trainer's checkpoint folders
+STATE_FILE = "diloco.pt"
 
 HIDDEN: dict[str, str] = {}
 _REPLICAS = None  # the replicas' group replica_group() joined (a job of several replicas)

@@ -33,21 +33,21 @@ from .._checks import one_line
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
+    STATE_FILE,
     check_same_start,
     outer_device,
     procs_per_replica,
     replica_group,
     replica_shard_group,
     replica_state,
+    resume_checkpoint,
     unwrap_optimizer,
     warn_if_spanning_replicas,
 )
 
-__all__ = ["DiLoCoTrainerCallback", "replica_group", "STATE_FILE"]
+__all__ = ["DiLoCoTrainerCallback", "replica_group", "resume_checkpoint", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "diloco.pt"
 
 
 class DiLoCoTrainerCallback(TrainerCallback):

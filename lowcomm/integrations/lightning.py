@@ -32,11 +32,12 @@ from .common import (
     replica_group,
     replica_shard_group,
     replica_state,
+    resume_checkpoint,
     unwrap_optimizer,
     warn_if_spanning_replicas,
 )
 
-__all__ = ["DiLoCoCallback", "replica_group"]
+__all__ = ["DiLoCoCallback", "replica_group", "resume_checkpoint"]
 
 
 class DiLoCoCallback(pl.Callback):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..._checks import env_int, one_line
+from ..._checks import env_int, newest_common_step, one_line
 from ..._version import __version__
 from ...comm import CollectiveError, LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
@@ -913,12 +913,11 @@ def common_checkpoint(cfg: TrainConfig, newest: dict | None, topo: Topology) -> 
     if newest is not None and newest["path"] == str(run_checkpoint_path(cfg)):
         before = read_run_checkpoint(cfg, before=True)
         held += [before] if before is not None else []
-    steps = gather([int(c["step"]) for c in held])
-    common = set(steps[0]).intersection(*steps[1:])
-    if not common:
-        detail = ", ".join(f"rank {r} {s or 'none'}" for r, s in enumerate(steps))
-        raise ValueError(f"resume='auto': no step has a checkpoint on every process ({detail})")
-    return next(c for c in held if int(c["step"]) == max(common))
+    try:
+        step = newest_common_step(gather([int(c["step"]) for c in held]), "rank")
+    except ValueError as e:
+        raise ValueError(f"resume='auto': {e}") from None
+    return next(c for c in held if int(c["step"]) == step)
 
 
 def _regroup_checkpoint(
