@@ -28,12 +28,20 @@ PRELOAD = {
 
 
 def _launch(
-    script: str, out: Path, *flags: str, replicas: int = 2, procs: int = 1, check: bool = True
+    script: str,
+    out: Path,
+    *flags: str,
+    replicas: int = 2,
+    procs: int = 1,
+    check: bool = True,
+    restarts: int = 0,
+    path: Path | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run an example (or ``path``, a script that runs it) under ``lowcomm launch``."""
     cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", str(replicas)]
-    cmd += ["--procs-per-replica", str(procs), "--start", "forkserver"]
+    cmd += ["--procs-per-replica", str(procs), "--start", "forkserver", "--max-restarts", str(restarts)]
     cmd += [a for m in PRELOAD[script] for a in ("--preload", m)] + ["--"]
-    cmd += [sys.executable, str(EXAMPLES / script), "--out", str(out), *flags]
+    cmd += [sys.executable, str(path or EXAMPLES / script), "--out", str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0 or not check, res.stderr[-4000:]
@@ -97,6 +105,42 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
     _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), "--resume", procs=procs)
     again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
+
+
+def test_a_lightning_job_whose_replica_died_before_its_checkpoint_restarts_from_one_both_hold(tmp_path):
+    """The Lightning example under ``lowcomm launch --max-restarts 1``, always passed --resume (a
+    fresh start the first time: no replica holds a checkpoint). Replica 1 is killed at the end of
+    epoch 3, before it writes that epoch's checkpoint, which replica 0 writes; the job is started
+    again and resume_checkpoint() takes both replicas back to epoch 2's, the newest both hold
+    (Lightning's "last" would have taken replica 0 to epoch 3's and replica 1 to epoch 2's: refused
+    by the callback as replicas that resume from different steps, at every restart)."""
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import os, runpy, signal, sys\n"
+        "import lightning.pytorch as pl\n"
+        "from lowcomm.integrations.common import HIDDEN\n"
+        "class Dies(pl.Callback):  # (runs before ModelCheckpoint's hook of the same epoch end)\n"
+        "    def on_train_epoch_end(self, trainer, module):\n"
+        "        first = os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'\n"
+        "        if first and HIDDEN['RANK'] == '1' and trainer.current_epoch == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "build = pl.Trainer.__init__\n"
+        "def with_dies(self, *args, callbacks=(), **kw):\n"
+        "    build(self, *args, callbacks=[Dies(), *callbacks], **kw)\n"
+        "pl.Trainer.__init__ = with_dies\n"
+        f"sys.argv = [{str(EXAMPLES / 'lightning_diloco.py')!r}, *sys.argv[1:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    out = tmp_path / "run"
+    res = _launch("lightning_diloco.py", out, "--epochs", "4", "--resume", restarts=1, path=script)
+    held = [sorted(p.name for p in (out / f"replica{r}" / "checkpoints").glob("epoch=*")) for r in range(2)]
+    every = [f"epoch={e}-step={16 * (e + 1)}.ckpt" for e in range(4)]
+    # replica 0 wrote epoch 3's again after the restart, beside its first (Lightning's "-v1")
+    assert held == [sorted([*every, "epoch=2-step=48-v1.ckpt"]), every], held
+    for r in range(2):  # each from its own folder, at the step both held
+        assert f"checkpoint path at {out}/replica{r}/checkpoints/epoch=1-step=32.ckpt" in res.stderr, r
+    done = _results(out)
+    assert [d["global_step"] for d in done] == [64, 64] and done[0]["params"] == done[1]["params"]
 
 
 @pytest.mark.parametrize("procs", [1, 2])
