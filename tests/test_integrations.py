@@ -295,6 +295,28 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_under_ddp(t
     callback.on_train_end(_hf_args(tmp_path), None, None)
 
 
+def test_diloco_steps_from_the_optimizer_inside_an_accelerate_loop():
+    """A plain loop with accelerate (``Accelerator.prepare``) hands out an ``AcceleratedOptimizer``,
+    which holds no step hooks of its own: DiLoCo over it failed with an AttributeError from inside
+    torch. It now steps from the optimizer inside, so accelerate's gradient accumulation (no inner
+    step until the last batch) counts optimizer steps: 8 batches, 2 to a step, 4 DiLoCo steps."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    diloco = DiLoCo(model, opt, LocalGroup.create(1)[0], sync_every=2).attach()
+    for _ in range(8):
+        with acc.accumulate(model):
+            acc.backward(model(torch.randn(8, 4)).pow(2).mean())
+            opt.step()
+            opt.zero_grad()
+    assert diloco.step_count == 4 and diloco.inner_optimizer is opt.optimizer
+    diloco.detach()
+
+
 def test_hf_callback_finds_the_optimizer_where_transformers_4_47_to_4_49_put_it(tmp_path):
     """Those releases hand callbacks optimizer=None and keep the Trainer's optimizer on the state:
     DiLoCo is built on it and steps after its step(); with no optimizer anywhere the callback says

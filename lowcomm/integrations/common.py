@@ -22,7 +22,6 @@ __all__ = [
     "replica_state",
     "procs_per_replica",
     "LAUNCHER_ENV",
-    "unwrap_optimizer",
     "outer_device",
     "warn_if_spanning_replicas",
 ]
@@ -431,16 +430,6 @@ STATE_FILE = "diloco.pt"
 
 HIDDEN: dict[str, str] = {}
 _REPLICAS = None  # the replicas' group replica_group() joined (a job of several replicas)
-
-
-def unwrap_optimizer(optimizer):
-    """The torch optimizer inside a framework's wrapper (accelerate's, Lightning's): the one whose
-    step hooks fire."""
-    import torch
-
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def warn_if_spanning_replicas(framework: str, world_size: int, build: str) -> None:

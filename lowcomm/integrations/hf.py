@@ -41,7 +41,6 @@ from .common import (
     replica_shard_group,
     replica_state,
     resume_checkpoint,
-    unwrap_optimizer,
     warn_if_spanning_replicas,
 )
 
@@ -107,7 +106,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
             self.diloco.detach()
         self.diloco = DiLoCo(
             model,
-            unwrap_optimizer(optimizer),
+            optimizer,
             self.group,
             outer_device(self.group, model, config),
             shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,

@@ -33,7 +33,6 @@ from .common import (
     replica_shard_group,
     replica_state,
     resume_checkpoint,
-    unwrap_optimizer,
     warn_if_spanning_replicas,
 )
 
@@ -74,7 +73,7 @@ class DiLoCoCallback(pl.Callback):
         whole = isinstance(trainer.strategy.model, DistributedDataParallel)  # (on_fit_start: wrapped)
         self.diloco = DiLoCo(
             pl_module,
-            unwrap_optimizer(trainer.optimizers[0]),
+            trainer.optimizers[0],
             self.group,
             outer_device(self.group, pl_module, config),
             shard_group=replica_shard_group(type(trainer.strategy).__name__, whole),

@@ -142,7 +142,8 @@ class DiLoCo:
 
     Args:
         model: this replica's model; its parameters are the local parameters θ.
-        inner_optimizer: the replica's inner optimizer (its state is never averaged). When given,
+        inner_optimizer: the replica's inner optimizer (its state is never averaged), or a
+            framework's wrapper of one (accelerate's: its inner optimizer is taken). When given,
             :meth:`step` checks that it stepped exactly once since the previous call. None skips
             the check.
         group: the replicas this one synchronizes with.
@@ -174,6 +175,7 @@ class DiLoCo:
         shard_group=None,
         **settings: Any,
     ) -> None:
+        inner_optimizer = unwrap_optimizer(inner_optimizer)
         _check_types(model, inner_optimizer, group)
         cfg = (config or DiLoCoConfig()).replace(**settings) if settings else (config or DiLoCoConfig())
         wrappers = _wrappers(model)
@@ -862,6 +864,17 @@ def _is_fsdp2(module: nn.Module) -> bool:
     return any(c.__name__ == "FSDPModule" for c in type(module).__mro__) and callable(
         getattr(module, "reshard", None)
     )
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (accelerate's ``AcceleratedOptimizer``,
+    which the HF Trainer and ``Accelerator.prepare`` hand out): the one whose step hooks fire. The
+    wrapper is an Optimizer without an Optimizer's own state, so a hook cannot be registered on
+    it; its ``step()`` steps the inner one (or skips it, when gradients are still accumulating or
+    a scaled step overflowed: no inner step, and DiLoCo counts none)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _check_types(model: Any, inner_optimizer: Any, group: Any) -> None:
