@@ -191,3 +191,41 @@ def needs_triton() -> None:
 
     if not HAVE_TRITON:
         pytest.skip(TRITON_MISSING)
+
+
+def srun_tasks(cmd: list[str], tmp_path: Path, tasks: int = 2, timeout: float = 180) -> list:
+    """``cmd`` as the tasks of one ``srun -n TASKS`` step on this machine would run it: each with
+    the variables srun sets (none of torchrun's), a job id whose rendezvous port (derived from it,
+    as in :mod:`lowcomm.comm.slurm`) is free here; their CompletedProcess."""
+    import random
+    import socket
+
+    while True:  # a port lowcomm will derive from the job id, free on this machine
+        job = random.randrange(20000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 10000 + job))
+                break
+            except OSError:
+                continue
+    launcher = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if k not in launcher}
+    base.update(OMP_NUM_THREADS="1", SLURM_JOB_ID=str(job), SLURM_STEP_ID="0", SLURM_JOB_NAME="train")
+    base.update(SLURM_NTASKS=str(tasks), SLURM_NTASKS_PER_NODE=str(tasks), SLURM_STEP_NUM_TASKS=str(tasks))
+    base.update(SLURM_STEP_TASKS_PER_NODE=str(tasks), SLURM_STEP_NODELIST="localhost", SLURM_NODEID="0")
+    procs = []
+    for r in range(tasks):
+        env = {**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}
+        out, err = (open(tmp_path / f"task{r}.{x}", "w+") for x in ("out", "err"))
+        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True), out, err))
+    done = []
+    try:
+        for p, out, err in procs:
+            p.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
+    finally:
+        for p, out, err in procs:
+            p.kill() if p.poll() is None else None
+            out.close(), err.close()
+    return done

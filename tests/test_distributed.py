@@ -18,7 +18,7 @@ from lowcomm.comm.distributed import LinkEmulator, parse_bandwidth, parse_durati
 WORKER = str(Path(__file__).with_name("_dist_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
 from _dist_worker import TINY, batch  # noqa: E402
-from helpers import TINY_FLAGS, NormLM, launch_train, write_corpus  # noqa: E402
+from helpers import TINY_FLAGS, NormLM, launch_train, srun_tasks, write_corpus  # noqa: E402
 
 VANILLA = {"name": "vanilla", "steps": 8, "diloco": {"sync_every": 4}}
 STREAMING = {
@@ -974,3 +974,77 @@ def test_a_cuda_rounds_wait_is_timed_on_the_training_stream(monkeypatch):
     plain = _DistWork(cpu, group, 1, ReduceStats())
     plain.wait()
     assert plain.stats.device_events is None and device_wait_s(plain.stats) is None
+
+
+@pytest.mark.parametrize(
+    "nodes, first",
+    [
+        ("gnode[10,20,25,37]", "gnode10"),
+        ("node[001-004,007],gpu5", "node001"),
+        ("rack1-n[5-8],x9", "rack1-n5"),
+        ("r[1-2]n[03-04]", "r1n03"),
+        ("login1,login2", "login1"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_the_first_host_of_a_slurm_hostlist(nodes, first):
+    from lowcomm.comm.slurm import first_host
+
+    assert first_host(nodes) == first
+
+
+def test_a_task_of_an_srun_step_gets_a_launchers_variables_and_nothing_else_does():
+    """What torchrun would have set, from SLURM's variables of the step (not of the allocation);
+    a batch script's own process (no step), a step of one task, torchrun under srun (RANK set)
+    and a user's MASTER_ADDR / MASTER_PORT are left as they are; SLURM's values that are not
+    SLURM's form are refused by name."""
+    from lowcomm.comm.slurm import srun_env, tasks_per_node
+
+    task = {
+        "SLURM_JOB_ID": "31337",
+        "SLURM_STEP_ID": "2",
+        "SLURM_NTASKS": "16",  # the allocation's; the step is 11 tasks
+        "SLURM_STEP_NUM_TASKS": "11",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),3",
+        "SLURM_STEP_NODELIST": "gpu[003-004,9]",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+    }
+    assert tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert srun_env(task) == {
+        "RANK": "9",
+        "WORLD_SIZE": "11",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "3",
+        "GROUP_RANK": "2",
+        "NODE_RANK": "2",
+        "MASTER_ADDR": "gpu003",
+        "MASTER_PORT": str(10000 + (31337 + 2) % 20000),
+    }
+    mine = srun_env({**task, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29400"})
+    assert (mine["MASTER_ADDR"], mine["MASTER_PORT"]) == ("10.0.0.7", "29400")
+    batch = {k: v for k, v in task.items() if not k.startswith("SLURM_STEP")}
+    assert srun_env(batch) is None  # sbatch's own process: SLURM_PROCID 0 of SLURM_NTASKS, no step
+    assert srun_env({**task, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert srun_env({**task, "RANK": "0", "WORLD_SIZE": "2"}) is None  # srun torchrun
+    with pytest.raises(ValueError, match=r"^SLURM_PROCID='': srun sets it to a whole number in each task$"):
+        srun_env({**task, "SLURM_PROCID": ""})
+    with pytest.raises(ValueError, match=r"SLURM_STEP_TASKS_PER_NODE='4x2' is not SLURM's form"):
+        srun_env({**task, "SLURM_STEP_TASKS_PER_NODE": "4x2"})
+    with pytest.raises(ValueError, match=r"SLURM_STEP_NODELIST='gpu\[003' is not a SLURM hostlist"):
+        srun_env({**task, "SLURM_STEP_NODELIST": "gpu[003"})
+
+
+def test_srun_tasks_without_torchrun_train_as_the_replicas_of_one_job(tmp_path):
+    """``srun -n 2 lowcomm train`` (no torchrun): each task took itself for a lone process and
+    trained 4 simulated replicas, the second refused by the run directory's lock. The tasks are
+    now the job's two replicas (their variables as srun sets them, on this machine)."""
+    corpus = write_corpus(tmp_path / "corpus", lines=400)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lowcomm", "train", "--steps", "8", "--sync-every", "4", "--corpus", corpus]
+    done = srun_tasks([*cmd, *TINY_FLAGS, "--run-dir", str(run)], tmp_path)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-2000:] for d in done]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["replicas"] == 2 and summary["rounds"] == 2 and summary["bytes_sent_per_replica"] > 0
+    assert "records in" in done[0].stdout and done[1].stdout == ""  # one job: rank 0 writes the records

@@ -18,6 +18,8 @@ from lowcomm._compat import tomllib
 from lowcomm.lm import GPT, GPTConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import srun_tasks  # noqa: E402
 
 #: what each example's processes import first, imported once by the launcher's fork server
 #: (Lightning's import is ~8 s of CPU a process, transformers' ~6 s)
@@ -141,6 +143,21 @@ def test_a_lightning_job_whose_replica_died_before_its_checkpoint_restarts_from_
         assert f"checkpoint path at {out}/replica{r}/checkpoints/epoch=1-step=32.ckpt" in res.stderr, r
     done = _results(out)
     assert [d["global_step"] for d in done] == [64, 64] and done[0]["params"] == done[1]["params"]
+
+
+def test_the_lightning_example_runs_as_the_tasks_of_an_srun_step(tmp_path):
+    """``srun -n 2 python examples/lightning_diloco.py``, no torchrun (the tasks' variables as srun
+    sets them, on this machine): replica_group() found no launcher and made each task a replica
+    of its own, both writing into replica0/, and Lightning took the step for its SLURM job (DDP
+    across the tasks: gradients all-reduced every step). The tasks are now the job's two replicas,
+    and Lightning, SLURM_NTASKS hidden from it, sees one process in each."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(EXAMPLES / "lightning_diloco.py"), "--out", str(out), "--epochs", "1"]
+    done = srun_tasks(cmd, tmp_path)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-3000:] for d in done]
+    results = _results(out)
+    assert [(r["world_size"], r["global_step"]) for r in results] == [(1, 16), (1, 16)]
+    assert results[0]["params"] == results[1]["params"]  # the final sync: DiLoCo between the tasks
 
 
 @pytest.mark.parametrize("procs", [1, 2])

@@ -41,10 +41,16 @@ LAUNCHER_ENV = (
     "TORCHELASTIC_RUN_ID",
 )
 
+#: what makes a framework take the job for SLURM's (Lightning's SLURMEnvironment: the srun step's
+#: tasks, the replicas, as one DDP job), hidden with the launcher's variables
+SCHEDULER_ENV = ("SLURM_NTASKS",)
+
 
 def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGroup:
     """The group of this process's replica: the replicas of a ``lowcomm launch`` or torchrun job,
-    or a group of one replica in a lone process.
+    or of the tasks of an ``srun`` step (:mod:`lowcomm.comm.slurm`: the launcher's variables made
+    from SLURM's; ``SLURM_NTASKS`` is hidden too, so that Lightning does not take the step for its
+    own job), or a group of one replica in a lone process.
 
     With one process per replica, the group's gloo process group is built from the launcher's
     rendezvous without initializing torch.distributed's default group, and with ``hide_env`` the
@@ -77,6 +83,9 @@ def replica_group(hide_env: bool = True, timeout_s: float = 300.0) -> ReplicaGro
         # called again (a notebook cell, a second fit): the launcher's variables are hidden or the
         # replica's by now, and read again they would make a group of one replica that never syncs
         return _REPLICAS
+    from ..comm.slurm import adopt_srun_env
+
+    adopt_srun_env()  # a task of `srun python train.py`: a process of the job, as under torchrun
     world = env_int("WORLD_SIZE", 1)
     k = procs_per_replica()
     if k < 1 or world % k:
@@ -285,6 +294,11 @@ def _on_cpu(value):
 def _hide_launcher() -> None:
     """Remove the launcher's variables from the environment, keeping them in ``HIDDEN``."""
     HIDDEN.update({name: os.environ.pop(name) for name in LAUNCHER_ENV if name in os.environ})
+    _hide_scheduler()
+
+
+def _hide_scheduler() -> None:
+    HIDDEN.update({name: os.environ.pop(name) for name in SCHEDULER_ENV if name in os.environ})
 
 
 def procs_per_replica() -> int:
@@ -347,6 +361,7 @@ def _enter_replica(store, rank: int, replica: int, k: int) -> None:
     _own_gpus(local_rank - int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
     HIDDEN.update({name: os.environ[name] for name in {*LAUNCHER_ENV, *env} if name in os.environ})
     os.environ.update(env)
+    _hide_scheduler()
     log.info(
         "the framework sees replica %d's job: process %s of %s, rendezvous %s:%s",
         replica,

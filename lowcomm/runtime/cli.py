@@ -657,6 +657,10 @@ def _warn_unused_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if not cfg.elastic.enabled:  # a task of `srun lowcomm train`: a process of the job, as under torchrun
+        from ..comm.slurm import adopt_srun_env
+
+        adopt_srun_env()
     _warn_unused_flags(args, cfg)
     with _stop_on_sigterm() as stop:
         return _run_train(cfg, not args.quiet, stop)

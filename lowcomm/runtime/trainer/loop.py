@@ -33,6 +33,7 @@ from ..._checks import env_int, newest_common_step, one_line
 from ..._version import __version__
 from ...comm import CollectiveError, LocalGroup, ReplicaGroup
 from ...comm.distributed import LinkEmulator
+from ...comm.slurm import adopt_srun_env
 from ...kernels import check_precision_on, layer_backend
 from ...lm import eval_batches, load_corpus
 from ..errors import Stopped
@@ -81,7 +82,8 @@ def train(
     Args:
         cfg: the configuration.
         progress: show a progress bar (on the process that writes the records).
-        topology: a static job's topology (default: from torchrun's environment, if any).
+        topology: a static job's topology (default: from torchrun's environment, if any, or from
+            SLURM's in a task of an ``srun`` step: :mod:`lowcomm.comm.slurm`).
         key: an elastic job's key (default: $LOWCOMM_KEY / $LOWCOMM_KEY_FILE).
         hooks: an elastic worker's fault hooks (default: from $LOWCOMM_FAULTS, if set).
         stop: once set (from any thread: ``lowcomm train`` sets it on SIGTERM), the run stops at
@@ -97,6 +99,8 @@ def train(
             training step and before any record is written.
         Stopped: ``stop`` was set before the last step.
     """
+    if topology is None and not cfg.elastic.enabled:  # a task of srun's step: a process of the job
+        adopt_srun_env()
     return Trainer(cfg, progress=progress, topology=topology, key=key, hooks=hooks, stop=stop).run()
 
 
