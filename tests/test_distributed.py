@@ -1039,7 +1039,8 @@ def test_a_task_of_an_srun_step_gets_a_launchers_variables_and_nothing_else_does
 def test_srun_tasks_without_torchrun_train_as_the_replicas_of_one_job(tmp_path):
     """``srun -n 2 lowcomm train`` (no torchrun): each task took itself for a lone process and
     trained 4 simulated replicas, the second refused by the run directory's lock. The tasks are
-    now the job's two replicas (their variables as srun sets them, on this machine)."""
+    now the job's two replicas (their variables as srun sets them, on this machine); so are they
+    for the plain API's ``init_from_torchrun()``."""
     corpus = write_corpus(tmp_path / "corpus", lines=400)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "lowcomm", "train", "--steps", "8", "--sync-every", "4", "--corpus", corpus]
@@ -1048,3 +1049,7 @@ def test_srun_tasks_without_torchrun_train_as_the_replicas_of_one_job(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["replicas"] == 2 and summary["rounds"] == 2 and summary["bytes_sent_per_replica"] > 0
     assert "records in" in done[0].stdout and done[1].stdout == ""  # one job: rank 0 writes the records
+    # the plain API's entry: lowcomm.init_from_torchrun() in a task of the step
+    body = "import lowcomm; t = lowcomm.init_from_torchrun(); print(t.replica, t.num_replicas, t.outer.size)"
+    done = srun_tasks([sys.executable, "-c", body], tmp_path)
+    assert [d.stdout.split() for d in done] == [["0", "2", "2"], ["1", "2", "2"]], [d.stderr for d in done]

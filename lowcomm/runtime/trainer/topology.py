@@ -34,6 +34,7 @@ from ...comm.distributed import (
     local_gpu_index,
     restart_attempt,
 )
+from ...comm.slurm import adopt_srun_env
 
 __all__ = [
     "Topology",
@@ -100,6 +101,8 @@ def init_from_torchrun(
     collective_timeout_s: float | None = None,
 ) -> Topology:
     """Initialize torch.distributed from the environment and build the inner and outer groups.
+    The environment is torchrun's or ``lowcomm launch``'s, or in a task of an ``srun`` step made
+    from SLURM's (:mod:`lowcomm.comm.slurm`).
 
     Args:
         procs_per_replica: k; default LOWCOMM_PROCS_PER_REPLICA or 1. Must divide WORLD_SIZE.
@@ -114,6 +117,7 @@ def init_from_torchrun(
     Raises:
         ValueError: k does not divide the world size.
     """
+    adopt_srun_env()
     rank, world = env_int("RANK"), env_int("WORLD_SIZE")
     if not 0 <= rank < world:  # a rank past the world waited for a rendezvous it has no place in
         raise ValueError(
