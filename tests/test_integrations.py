@@ -285,7 +285,7 @@ def _hf_args(tmp_path, world_size=1):
     return types.SimpleNamespace(output_dir=str(tmp_path), world_size=world_size)
 
 
-def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_under_ddp(tmp_path, caplog):
+def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_of_ddp_and_best_models(tmp_path, caplog):
     from lowcomm.integrations.hf import DiLoCoTrainerCallback
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -302,6 +302,11 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_under_ddp(t
     with caplog.at_level(logging.WARNING, logger="lowcomm"):
         callback.on_train_begin(_hf_args(tmp_path, 2), types.SimpleNamespace(global_step=0), None, model, opt)
     assert "the HF Trainer sees 2 processes and wraps the model in DDP" in caplog.text
+    assert "load_best_model_at_end" not in caplog.text
+    best = types.SimpleNamespace(**vars(_hf_args(tmp_path)), load_best_model_at_end=True)
+    with caplog.at_level(logging.WARNING, logger="lowcomm"):
+        callback.on_train_begin(best, types.SimpleNamespace(global_step=0), None, model, opt)
+    assert "load_best_model_at_end: when training ends the Trainer loads this replica's own" in caplog.text
     # a train() that raised never reached on_train_end: the next one replaces its DiLoCo
     first = callback.diloco
     callback.on_train_begin(_hf_args(tmp_path), types.SimpleNamespace(global_step=0), None, model, opt)

@@ -73,6 +73,13 @@ class DiLoCoTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         warn_if_spanning_replicas("HF Trainer", args.world_size, "TrainingArguments")
+        if getattr(args, "load_best_model_at_end", False) and self.final_sync:
+            log.warning(
+                "load_best_model_at_end: when training ends the Trainer loads this replica's own "
+                "weights from its best checkpoint (a replica's local weights, judged on its own "
+                "evaluation), and DiLoCo's final sync then averages from them, not from where "
+                "training ended; set load_best_model_at_end=False to keep the synced model"
+            )
         saved = None
         if state.global_step > 0:  # resuming: the Trainer loaded checkpoint-<step> of output_dir
             folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
