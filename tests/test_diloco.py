@@ -357,6 +357,18 @@ def test_finish_syncs_all_unsynced_progress_once():
     torch.testing.assert_close(_flat(models[0]), avg, rtol=0, atol=1e-5)
 
 
+def test_round_stats_nobody_drains_are_kept_to_the_newest(monkeypatch):
+    """A loop that never drains the round statistics (a framework's callback, a plain loop) held
+    every round of its run; the newest MAX_UNDRAINED_ROUNDS are kept."""
+    from lowcomm.optim import diloco as module
+
+    monkeypatch.setattr(module, "MAX_UNDRAINED_ROUNDS", 3)
+    models, opts = _replicas(1)
+    dil = _wrap(models, opts, sync_every=1)
+    _run(dil, models, opts, range(1, 9))
+    assert [s.send_step for s in dil[0].drain_round_stats()] == [6, 7, 8]
+
+
 def test_round_stats_count_bytes_and_norms():
     models, opts = _replicas(4)
     dil = _wrap(models, opts, sync_every=2, codec="e3m0")

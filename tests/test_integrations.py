@@ -206,12 +206,21 @@ def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(t
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        logger=False,
+        logger=pl.loggers.CSVLogger(tmp_path, name="log", version=0),
         callbacks=[callback],
     )
     trainer.fit(Regressor(), data(seed=0))  # 16 batches: 4 optimizer steps
     assert trainer.global_step == 4 and callback.diloco.step_count == 4
-    assert len(callback.diloco.drain_round_stats()) == 2  # rounds at steps 3 and the final sync
+    # the round at step 3 went to the logger at that step (not a multiple of log_every_n_steps);
+    # the final sync's is left to drain
+    (final,) = callback.diloco.drain_round_stats()
+    assert final.final and final.send_step == 4
+    rows = (tmp_path / "log" / "version_0" / "metrics.csv").read_text().splitlines()
+    head, logged = rows[0].split(","), [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
+    assert {"diloco/rounds", "diloco/bytes_sent", "diloco/pseudo_grad_norm", "diloco/wait_s"} <= set(head)
+    (row,) = [r for r in logged if r["diloco/rounds"]]
+    assert row["step"] == "3" and row["diloco/rounds"] == "1.0"  # the Trainer's global step
+    assert float(row["diloco/pseudo_grad_norm"]) > 0 and float(row["diloco/bytes_sent"]) == 0.0  # alone
 
 
 def test_lightning_callback_replaces_the_diloco_a_failed_fit_left_attached():

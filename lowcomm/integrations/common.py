@@ -17,6 +17,7 @@ __all__ = [
     "replica_group",
     "check_same_start",
     "resume_checkpoint",
+    "round_metrics",
     "replica_env",
     "replica_shard_group",
     "replica_state",
@@ -252,6 +253,23 @@ def _state_step(state) -> int | None:
         return None
     parts = [v for k, v in state.items() if isinstance(k, str) and k.startswith("part ")]
     return (parts[0] if parts and isinstance(parts[0], dict) else state).get("step")
+
+
+def round_metrics(rounds: list) -> dict[str, float]:
+    """The metrics a framework's logger gets for the rounds that completed at one step
+    (:meth:`lowcomm.DiLoCo.drain_round_stats`): the bytes this replica sent, the mean norm of its
+    pseudo-gradients and their cosine to the replicas' mean, and the seconds its loop waited for
+    the rounds; {} for none."""
+    if not rounds:
+        return {}
+    n = len(rounds)
+    return {
+        "diloco/rounds": float(n),
+        "diloco/bytes_sent": float(sum(r.bytes_sent for r in rounds)),
+        "diloco/pseudo_grad_norm": sum(r.pseudo_grad_norm for r in rounds) / n,
+        "diloco/cosine_to_mean": sum(r.cosine_to_mean for r in rounds) / n,
+        "diloco/wait_s": float(sum(r.wait_s for r in rounds)),
+    }
 
 
 def check_same_start(group: ReplicaGroup, state: dict | None) -> None:

@@ -12,6 +12,9 @@ rounds in flight) is saved in Lightning checkpoints and restored on ``fit(ckpt_p
 Lightning restores callbacks before the optimizers exist, so the state waits until the wrapper is
 built. When fitting ends, what is left is synchronized (``final_sync``).
 
+Each round that completes goes to the Trainer's loggers at the step it completed
+(``diloco/bytes_sent``, ``diloco/pseudo_grad_norm``, ``diloco/cosine_to_mean``, ``diloco/wait_s``).
+
 A replica of ``k`` processes (``--procs-per-replica k``) runs Lightning's DDP strategy inside it
 (``Trainer(devices=k)``): each process syncs its 1/k shard of every fragment, and the checkpoint
 Lightning writes from the replica's first process holds every process's part of the state.
@@ -33,6 +36,7 @@ from .common import (
     replica_shard_group,
     replica_state,
     resume_checkpoint,
+    round_metrics,
     warn_if_spanning_replicas,
 )
 
@@ -82,6 +86,17 @@ class DiLoCoCallback(pl.Callback):
             self.diloco.load_state_dict(self._restored)
             self._restored = None
         self.diloco.attach()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        """Log the rounds that completed in this batch's optimizer step (:func:`round_metrics`),
+        every one of them: to the loggers directly, as rounds need not fall on the Trainer's
+        ``log_every_n_steps``."""
+        if self.diloco is None:
+            return
+        metrics = round_metrics(self.diloco.drain_round_stats())
+        if metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.diloco is not None:

@@ -50,6 +50,9 @@ __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_repli
 
 log = logging.getLogger(__name__)
 
+#: the round statistics kept until :meth:`DiLoCo.drain_round_stats` (the oldest go first)
+MAX_UNDRAINED_ROUNDS = 4096
+
 #: buffers (running statistics) are averaged exactly, whatever the pseudo-gradients' codec
 _BUFFER_CODEC = get_codec("fp32")
 STATE_VERSION = 2  # 2: one in-flight slot per fragment (a fixed layout, for torch.distributed.checkpoint)
@@ -407,7 +410,9 @@ class DiLoCo:
         self.apply_due(final=True)
 
     def drain_round_stats(self) -> list[RoundStats]:
-        """Round statistics completed since the last call (their norms read back in one go)."""
+        """Round statistics completed since the last call (their norms read back in one go); the
+        last :data:`MAX_UNDRAINED_ROUNDS` of them, so that a loop that never calls it does not
+        hold every round of a long run."""
         drained, self._rounds = self._rounds, []
         out = [r for r, _ in drained]
         if out:
@@ -774,6 +779,8 @@ class DiLoCo:
             final=inf.final,
         )
         self._rounds.append((rs, s))  # s: its device events, timed when the round is drained
+        if len(self._rounds) > MAX_UNDRAINED_ROUNDS:  # a loop that never drains them holds no more
+            del self._rounds[: len(self._rounds) - MAX_UNDRAINED_ROUNDS]
 
     def _gather_shards(self, f: _Fragment) -> None:
         """Rebuild the whole global fragment from the shards of the processes of this replica."""
