@@ -1035,6 +1035,13 @@ def test_a_task_of_an_srun_step_gets_a_launchers_variables_and_nothing_else_does
         srun_env({**task, "SLURM_STEP_TASKS_PER_NODE": "4x2"})
     with pytest.raises(ValueError, match=r"SLURM_STEP_NODELIST='gpu\[003' is not a SLURM hostlist"):
         srun_env({**task, "SLURM_STEP_NODELIST": "gpu[003"})
+    # task 0 hosts the rendezvous: on another node than the first (not a block distribution), it
+    # says so, where the others would wait on the first node until their timeout
+    first = {**task, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    assert srun_env({**first, "SLURMD_NODENAME": "gpu003"})["MASTER_ADDR"] == "gpu003"
+    with pytest.raises(ValueError, match=r"^task 0 runs on gpu009, not on the step's first node gpu003 "):
+        srun_env({**first, "SLURMD_NODENAME": "gpu009"})
+    assert srun_env({**first, "SLURMD_NODENAME": "gpu009", "MASTER_ADDR": "gpu009"})["RANK"] == "0"
 
 
 def test_srun_tasks_without_torchrun_train_as_the_replicas_of_one_job(tmp_path):

@@ -13,7 +13,8 @@ allocation of 8 tasks is a job of 4):
   third), ``GROUP_RANK`` / ``NODE_RANK`` ← ``SLURM_NODEID``;
 - ``MASTER_ADDR`` ← the step's first node (``SLURM_STEP_NODELIST``, a hostlist:
   ``gpu[003-006,9],login1`` → ``gpu003``), where task 0 runs under SLURM's default block
-  distribution;
+  distribution (task 0 on another node, by ``SLURMD_NODENAME``, is refused naming it: it hosts
+  the rendezvous);
 - ``MASTER_PORT`` ← ``10000 + (SLURM_JOB_ID + SLURM_STEP_ID) mod 20000``, the same in every task
   and below Linux's ephemeral ports; set ``MASTER_PORT`` to choose one.
 
@@ -96,6 +97,14 @@ def srun_env(environ: Mapping[str, str]) -> dict[str, str] | None:
             f"names {len(per_node)} node(s)"
         )
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+    addr = environ.get("MASTER_ADDR") or first_host(nodes)
+    here = environ.get("SLURMD_NODENAME")
+    if rank == 0 and here and not environ.get("MASTER_ADDR") and here != addr:
+        # task 0 hosts the rendezvous: the others would wait on the first node for nothing
+        raise ValueError(
+            f"task 0 runs on {here}, not on the step's first node {addr} (SLURM_STEP_NODELIST="
+            f"{nodes!r}; a distribution other than block): set MASTER_ADDR={here} for every task"
+        )
     port = environ.get("MASTER_PORT") or str(
         10000 + (number("SLURM_JOB_ID") + int(environ.get("SLURM_STEP_ID", "0") or 0)) % 20000
     )
@@ -106,7 +115,7 @@ def srun_env(environ: Mapping[str, str]) -> dict[str, str] | None:
         "LOCAL_WORLD_SIZE": str(per_node[node]),
         "GROUP_RANK": str(node),
         "NODE_RANK": str(node),
-        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodes),
+        "MASTER_ADDR": addr,
         "MASTER_PORT": port,
     }
 
