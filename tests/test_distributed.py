@@ -554,6 +554,19 @@ def test_a_stop_agreement_stops_without_a_process_that_is_gone_but_waits_for_a_l
         for t in closing:
             t.join(30)
 
+    # a run that finished: rank 0, which hosts the job's store under lowcomm launch and srun,
+    # leaves only after every other process's last word to it (one run in three of 4 loaded
+    # processes logged torch's C++ stack trace from a process whose store had gone, exit 0)
+    store = torch.distributed.HashStore()
+    a = [StopAgreement(store, r, 2, threading.Event(), "end", timeout_s=60) for r in range(2)]
+    first = threading.Thread(target=a[0].close, args=(True,))
+    first.start()
+    time.sleep(0.3)
+    assert first.is_alive()  # rank 0 waits for rank 1's close
+    a[1].close(True)
+    first.join(5)
+    assert not first.is_alive() and store.add("end/left", 0) == 2
+
     class Gone:  # the job's store, hosted by rank 0 (lowcomm launch), after rank 0 was killed
         def __getattr__(self, name):
             def fail(*args):

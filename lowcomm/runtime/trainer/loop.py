@@ -458,7 +458,7 @@ class Trainer:
             if self.topo is not None:
                 self.topo.outer.close(finished=finished)
             if self.agreement is not None:  # (after the groups: it may wait for the others' close)
-                self.agreement.close()
+                self.agreement.close(finished)
         if not cfg.elastic.enabled and len(set(digests)) > 1:
             raise RuntimeError(
                 f"replicas ended with different global parameters ({digests}); this is a bug in lowcomm"

@@ -359,14 +359,16 @@ class StopAgreement:
                 except Exception as e:  # (the store went with its host: the job is ending anyway)
                     log.debug("stop agreement: %s", e)
 
-    def close(self) -> None:
-        """The run ended. After an agreed stop, wait (a few seconds at most) for every process to
-        get here: the job's store lives in rank 0 (launch), and a process still closing its
-        groups through it logged a C++ stack trace when rank 0 left first."""
+    def close(self, finished: bool = False) -> None:
+        """The run ended (``finished``: at its last step). After an agreed stop or at the end, wait
+        (a few seconds at most) for every process to get here: the job's store lives in rank 0
+        (launch, srun), and a process still closing its groups through it logged a C++ stack
+        trace when rank 0 left first (one run in three of a finished job of four processes)."""
         self._ended.set()
-        if self.agreed:
+        if self.agreed or finished:
             try:
-                store_barrier(self.store, self.world_size, f"{self.prefix}/closed", self.CLOSE_S)
+                if self.agreed:
+                    store_barrier(self.store, self.world_size, f"{self.prefix}/closed", self.CLOSE_S)
                 # each one's last word to the store; rank 0, which may host it, leaves after all
                 left = f"{self.prefix}/left"
                 store_barrier(self.store, self.world_size, left, self.CLOSE_S, wait=self.rank == 0)
