@@ -580,6 +580,7 @@ def test_resume_checkpoint_finds_the_newest_step_a_replica_holds_and_passes_over
         torch.save(ckpt, pl_dir / f"epoch={step // 8 - 1}-step={step}.ckpt")
     shutil.copyfile(pl_dir / "epoch=1-step=16.ckpt", pl_dir / "last.ckpt")
     (pl_dir / "epoch=2-step=24.ckpt").write_bytes(b"PK\x03\x04 torn")  # killed while writing
+    torch.save(torch.zeros(2), pl_dir / "weights.ckpt")  # a file of another kind: not one of ours
     with caplog.at_level(logging.WARNING, logger="lowcomm.integrations.common"):
         assert resume_checkpoint(group, tmp_path / "pl") == str(pl_dir / "epoch=1-step=16.ckpt")
     assert "epoch=2-step=24.ckpt: not read" in caplog.text and "passed over" in caplog.text

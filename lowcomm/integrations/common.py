@@ -236,9 +236,10 @@ def _checkpoints_by_step(folder: str | os.PathLike) -> dict[int, str]:
         except Exception as e:  # torn, truncated, not torch's: not a checkpoint to resume from
             log.warning("%s: not read (%s: %s), passed over", path, type(e).__name__, one_line(e, 200))
             continue
-        if path.suffix == ".ckpt":
+        if path.suffix == ".ckpt":  # (Lightning's: the callbacks' states, ours among them)
+            callbacks = state.get("callbacks") if isinstance(state, dict) else None
             state = next(
-                (v for k, v in (state.get("callbacks") or {}).items() if str(k).startswith("DiLoCoCallback")),
+                (v for k, v in (callbacks or {}).items() if str(k).startswith("DiLoCoCallback")),
                 None,
             )
         step = _state_step(state)
