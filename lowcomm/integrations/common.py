@@ -211,6 +211,7 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
     mine = sorted(found)
     steps = [mine] if group.size == 1 else group.all_gather_json(mine)
     if not any(steps):
+        log.info("no DiLoCo checkpoint under %s or any replica's folder: a fresh start", folder)
         return None
     try:
         step = newest_common_step(steps, "replica")
