@@ -450,10 +450,16 @@ def test_replicas_built_from_different_weights_start_alike_or_are_refused():
         DiLoCo(models[0], opts[0], LocalGroup.create(1)[0], sync_every=2, init="copy")
 
 
-def test_start_up_copies_every_parameter_bit_for_bit_and_refuses_other_models_by_name():
+@pytest.mark.parametrize("bucket", [64 << 20, 40])
+def test_start_up_copies_every_parameter_bit_for_bit_and_refuses_other_models_by_name(monkeypatch, bucket):
     """Broadcast carries each parameter's own bits (an fp64 one is not rounded through fp32) and
     the frozen ones too (as DDP does: nothing would ever pull them together); replicas of another
-    shape are refused naming the parameter; a complex parameter is refused by name."""
+    shape are refused naming the parameter; a complex parameter is refused by name. With buckets
+    of 40 bytes (a few small tensors to a bucket, a larger one alone, broadcast in place), the
+    same: start-up holds no copy of the whole model."""
+    from lowcomm.optim import diloco as module
+
+    monkeypatch.setattr(module, "START_BUCKET_BYTES", bucket)
 
     def model(seed):
         torch.manual_seed(seed)

@@ -50,6 +50,9 @@ __all__ = ["DiLoCo", "RoundStats", "build_fragments", "find_blocks", "step_repli
 
 log = logging.getLogger(__name__)
 
+#: the most bytes of parameters one start-up broadcast carries (:meth:`DiLoCo.__init__`)
+START_BUCKET_BYTES = 64 << 20
+
 #: the round statistics kept until :meth:`DiLoCo.drain_round_stats` (the oldest go first)
 MAX_UNDRAINED_ROUNDS = 4096
 
@@ -292,25 +295,38 @@ class DiLoCo:
         and frozen parameters. ``broadcast``: replica 0's bytes are copied to every replica, as
         DDP does; ``check``: a digest of each replica's is compared and replicas that differ are
         refused by name. Groups that cannot broadcast (an elastic job, whose joiners get the job's
-        state from a member) check."""
+        state from a member) check.
+
+        Their bytes go in buckets of at most :data:`START_BUCKET_BYTES` (a tensor larger than
+        that alone, in place), so start-up holds no copy of the whole model (one of a 7B model in
+        bf16 is 14 GB, on the GPU beside its weights); the digest is of all of them in order, the
+        same as of one concatenation."""
+        digest = hashlib.sha256()
         with torch.no_grad():
-            # their bytes, whatever their dtypes: every replica gets replica 0's bits exactly (an
-            # fp64 or fp16 parameter too) in one collective
-            flat = torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in params])
-            if init == "broadcast":
-                try:
-                    group.broadcast_(flat)
-                except NotImplementedError:
-                    init = "check"
-                else:
-                    offset = 0
-                    for p in params:
-                        n = p.numel() * p.element_size()
-                        p.copy_(flat[offset : offset + n].clone().view(p.dtype).view_as(p))
-                        offset += n
+            for bucket in _byte_buckets(params, START_BUCKET_BYTES):
+                # their bytes, whatever their dtypes: every replica gets replica 0's bits exactly
+                # (an fp64 or fp16 parameter too)
+                alone = len(bucket) == 1 and bucket[0].is_contiguous()
+                flat = (
+                    bucket[0].detach().view(-1).view(torch.uint8)  # (a view: broadcast in place)
+                    if alone
+                    else torch.cat([p.detach().reshape(-1).view(torch.uint8) for p in bucket])
+                )
+                if init == "broadcast":
+                    try:
+                        group.broadcast_(flat)
+                    except NotImplementedError:  # (at the first bucket, before any traffic)
+                        init = "check"
+                    else:
+                        offset = 0
+                        for p in bucket if not alone else ():
+                            n = p.numel() * p.element_size()
+                            p.copy_(flat[offset : offset + n].clone().view(p.dtype).view_as(p))
+                            offset += n
+                if init != "none":
+                    digest.update(flat.cpu().numpy())
         if init != "none":
-            digest = hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
-            group.verify_same("initial parameters", {"sha256": digest})
+            group.verify_same("initial parameters", {"sha256": digest.hexdigest()})
 
     # ---- hook mode ----------------------------------------------------------------------------
 
@@ -871,6 +887,21 @@ def _is_fsdp2(module: nn.Module) -> bool:
     return any(c.__name__ == "FSDPModule" for c in type(module).__mro__) and callable(
         getattr(module, "reshard", None)
     )
+
+
+def _byte_buckets(tensors: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """``tensors`` in order, in runs of at most ``limit`` bytes (a larger one alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += n
+    if bucket:
+        yield bucket
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -1,0 +1,75 @@
+"""What making the replicas start alike costs in memory: the peak resident memory DiLoCo's start-up
+(``init="broadcast"`` / ``"check"``) adds over the model's own.
+
+    python benchmarks/startup_memory.py --json benchmarks/results/startup_memory.json
+
+In a fresh process each (the peak is the process's own high-water mark, ``VmHWM``): a model of
+``--layers`` Linear layers of ``--width`` squared (fp32, on the CPU), then the start-up's copy and
+digest of every parameter alone (``DiLoCo._start_from_the_same_weights``, a group of one:
+``check``, the digest every replica compares). It copied the whole model into one buffer and
+that buffer into bytes for the digest (twice the model); it now goes in buckets of
+``START_BUCKET_BYTES``. On a GPU the buffer is on the GPU, beside the weights (not measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from common import stamp, write_result
+
+PROBE = """
+import json, re, sys, time
+import torch
+import lowcomm
+from lowcomm.optim.diloco import DiLoCo
+
+def hwm_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+width, layers = int(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+params = list(model.parameters())
+before = hwm_mb()
+t = time.perf_counter()
+DiLoCo._start_from_the_same_weights(lowcomm.LocalGroup.create(1)[0], params, "check")
+print(json.dumps({
+    "params": sum(p.numel() for p in params),
+    "model_mb": sum(p.numel() * p.element_size() for p in params) / 2**20,
+    "peak_added_mb": hwm_mb() - before,
+    "seconds": time.perf_counter() - t,
+}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=2048, help="each layer's width (default 2048)")
+    ap.add_argument("--layers", type=int, default=24, help="layers (default 24: 100.7M parameters)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    if not sys.platform.startswith("linux"):
+        raise SystemExit("startup_memory.py reads /proc/self/status: Linux only")
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(args.width), str(args.layers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+    row["peak_added_over_model"] = round(row["peak_added_mb"] / row["model_mb"], 3)
+    print(
+        f"start-up of {row['params'] / 1e6:.1f}M fp32 parameters ({row['model_mb']:.0f} MB): peak "
+        f"+{row['peak_added_mb']:.0f} MB ({row['peak_added_over_model']:.2f}x the model), "
+        f"{row['seconds']:.2f} s"
+    )
+    out = {**stamp("startup_memory"), "width": args.width, "layers": args.layers, **row}
+    write_result(out, args.json, echo=False)
+
+
+if __name__ == "__main__":
+    main()
