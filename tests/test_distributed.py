@@ -1042,6 +1042,7 @@ def test_a_task_of_an_srun_step_gets_a_launchers_variables_and_nothing_else_does
     assert srun_env({**task, "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert srun_env({**task, "RANK": "0", "WORLD_SIZE": "2"}) is None  # srun torchrun
     assert srun_env({**task, "WORLD_SIZE": "1"}) is None  # tasks that each run a job of their own
+    assert srun_env({**task, "SLURM_PTY_PORT": "40123"}) is None  # the shell of srun --pty -n 4 bash
     with pytest.raises(ValueError, match=r"^SLURM_PROCID='': srun sets it to a whole number in each task$"):
         srun_env({**task, "SLURM_PROCID": ""})
     with pytest.raises(ValueError, match=r"SLURM_STEP_TASKS_PER_NODE='4x2' is not SLURM's form"):

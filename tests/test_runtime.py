@@ -674,6 +674,18 @@ def test_launch_refuses_bad_counts_ports_and_commands_before_starting_anything(c
     assert launch(["true"], 2, port=0) == 0  # 0: a free port, as when none is given
     with pytest.raises(ValueError, match=r"max_restarts=-1 is not allowed: an int >= 0"):
         launch(["true"], 2, max_restarts=-1)
+    # one of the tasks of an srun step (srun -n 2 lowcomm launch): each would start a job alone
+    task = dict(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_NODEID="0", SLURM_LOCALID="1")
+    task.update(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="localhost")
+    with monkeypatch.context() as m:
+        for k in ("RANK", "WORLD_SIZE"):
+            m.delenv(k, raising=False)
+        for k, v in task.items():
+            m.setenv(k, v)
+        with pytest.raises(ValueError, match=r"^lowcomm launch runs a job on one machine, and this is one"):
+            launch(["true"], 2)
+        m.setenv("SLURM_PTY_PORT", "40123")  # the shell of srun --pty: one process, launching
+        assert launch(["true"], 2) == 0
 
 
 def test_launch_that_cannot_start_a_rank_stops_the_ones_it_started(monkeypatch, caplog):

@@ -18,8 +18,8 @@ allocation of 8 tasks is a job of 4):
 - ``MASTER_PORT`` ← ``10000 + (SLURM_JOB_ID + SLURM_STEP_ID) mod 20000``, the same in every task
   and below Linux's ephemeral ports; set ``MASTER_PORT`` to choose one.
 
-A batch script's own process (no ``srun``: no ``SLURM_STEP_NUM_TASKS``) and a step of one task are
-left alone: they run as one process.
+A batch script's own process (no ``srun``: no ``SLURM_STEP_NUM_TASKS``), a step of one task and
+an interactive shell of ``srun --pty`` (``SLURM_PTY_PORT``) are left alone: they run as one process.
 """
 
 from __future__ import annotations
@@ -71,13 +71,16 @@ def tasks_per_node(spec: str) -> list[int]:
 
 def srun_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The launcher's variables for a task of an ``srun`` step of several tasks (see the module),
-    from ``environ``; None where there is nothing to make: not in such a step, or a launcher's
-    RANK / WORLD_SIZE are set already (``srun torchrun``, ``srun lowcomm launch``).
+    from ``environ``; None where there is nothing to make: not in such a step (or in its
+    interactive shell), or a launcher's RANK / WORLD_SIZE are set already (``srun torchrun``,
+    ``srun lowcomm launch`` of one task).
 
     Raises:
         ValueError: a SLURM variable that is not what SLURM writes, naming it.
     """
     if "RANK" in environ or "WORLD_SIZE" in environ:
+        return None
+    if environ.get("SLURM_PTY_PORT"):  # a shell of `srun --pty`: one process, typed into
         return None
     tasks = environ.get("SLURM_STEP_NUM_TASKS")
     if tasks is None or not tasks.strip().isdigit() or int(tasks) < 2:

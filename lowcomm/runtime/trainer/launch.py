@@ -32,6 +32,7 @@ import time
 
 from ..._checks import is_int, refuse, threads_env
 from ...comm.net import check_free_port, free_port
+from ...comm.slurm import srun_env
 from .. import forkserver
 from ..errors import ExitCode
 
@@ -65,10 +66,17 @@ def launch(
         ValueError: counts below 1 or more than ``forkserver.MAX_PROCS`` processes, a port outside
             0-65535, a negative ``max_restarts``, an empty command or one that is not found; with
             forkserver a command that is not this interpreter's Python, a ``preload`` module that
-            is not installed.
+            is not installed; one task of an ``srun`` step of several (each would start a job).
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS")
+    if srun_env(os.environ) is not None:  # each task would start a job of its own, alone
+        raise ValueError(
+            f"lowcomm launch runs a job on one machine, and this is one of {tasks} tasks of an srun "
+            "step: each would start a job of its own; run the command itself under srun (srun "
+            "lowcomm train ..., one task a process), or launch from a step of one task (srun -n 1)"
+        )
     forkserver.check_start(start)
     if preload and start != "forkserver":
         raise ValueError(
