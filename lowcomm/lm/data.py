@@ -272,15 +272,17 @@ class BatchSampler:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One (inputs, targets) pair, int64 of shape (batch_size, seq_len)."""
-        hi = self.tokens.size - self.seq_len - 1
-        starts = torch.randint(0, hi, (self.batch_size,), generator=self.gen).numpy()
-        return _windows(self.tokens, starts, self.seq_len)
+        return _windows(self.tokens, self._starts().numpy(), self.seq_len)
 
     def skip(self, batches: int) -> None:
         """Pass over the next ``batches`` batches (their positions drawn, no tokens read)."""
-        hi = self.tokens.size - self.seq_len - 1
-        for _ in range(batches):  # (as :meth:`next` draws them: the same generator states)
-            torch.randint(0, hi, (self.batch_size,), generator=self.gen)
+        for _ in range(batches):
+            self._starts()
+
+    def _starts(self) -> torch.Tensor:
+        """The next batch's window starts: the one draw from the generator that :meth:`next` and
+        :meth:`skip` share, so that a skipped batch leaves the generator where a read one does."""
+        return torch.randint(0, self.tokens.size - self.seq_len - 1, (self.batch_size,), generator=self.gen)
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}
