@@ -569,7 +569,7 @@ class Trainer:
     def _store_lost(why: str) -> str:
         return (
             f"the job's store stopped answering ({why}): its host is gone (torchrun's agent on the job's "
-            "first node, rank 0 under lowcomm launch)"
+            "first node, rank 0 under lowcomm launch or srun)"
         )
 
     def _drop_replaced_files(self) -> None:

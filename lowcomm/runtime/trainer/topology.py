@@ -343,7 +343,7 @@ class StopAgreement:
             return max(int(self.store.get(k)) for k in keys.values())
         except TimeoutError as e:  # (a process hung)
             self.apart = str(e)
-        except Exception as e:  # (the store went with its host: rank 0 under lowcomm launch)
+        except Exception as e:  # (the store went with its host: rank 0 under lowcomm launch or srun)
             self.apart = f"the job's store did not answer: {one_line(e, 200)}"
         log.warning("stopping at step %d without the job's other processes: %s", step, self.apart)
         return step
@@ -363,7 +363,7 @@ class StopAgreement:
         """The run ended (``finished``: at its last step). After an agreed stop or at the end, wait
         (a few seconds at most) for every process to get here: the job's store lives in rank 0
         (launch, srun), and a process still closing its groups through it logged a C++ stack
-        trace when rank 0 left first (one run in three of a finished job of four processes)."""
+        trace when rank 0 left first (3 runs in 10 of a finished job of four processes under load)."""
         self._ended.set()
         if self.agreed or finished:
             try:
