@@ -222,10 +222,13 @@ def srun_tasks(cmd: list[str], tmp_path: Path, tasks: int = 2, timeout: float = 
     try:
         for p, out, err in procs:
             p.wait(timeout=timeout)
-            out.seek(0), err.seek(0)
+            out.seek(0)
+            err.seek(0)
             done.append(subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read()))
     finally:
         for p, out, err in procs:
-            p.kill() if p.poll() is None else None
-            out.close(), err.close()
+            if p.poll() is None:
+                p.kill()
+            out.close()
+            err.close()
     return done
