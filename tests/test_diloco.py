@@ -231,7 +231,8 @@ def _run(dil, models, opts, steps):
         step_replicas(dil)
 
 
-def test_resume_from_state_dict_continues_bit_for_bit():
+@pytest.mark.parametrize("compact", [False, True])
+def test_resume_from_state_dict_continues_bit_for_bit(compact):
     kw = dict(
         sync_every=4, fragments=2, overlap=1, alpha=0.5, codec="e3m0", codec_block=32, error_feedback=True
     )
@@ -244,7 +245,8 @@ def test_resume_from_state_dict_continues_bit_for_bit():
     saved = []
     for m, o, d in zip(models, opts, dil):
         buf = io.BytesIO()
-        torch.save({"model": m.state_dict(), "opt": o.state_dict(), "diloco": d.state_dict()}, buf)
+        state = {"model": m.state_dict(), "opt": o.state_dict(), "diloco": d.state_dict(compact=compact)}
+        torch.save(state, buf)
         saved.append(buf.getvalue())
     _run(dil, models, opts, range(5, 14))
 
@@ -260,6 +262,34 @@ def test_resume_from_state_dict_continues_bit_for_bit():
         assert torch.equal(_flat(a), _flat(b))
         assert torch.equal(da.global_vector(), db.global_vector())
         assert da.step_count == db.step_count == 13
+
+
+def test_state_dict_is_the_live_state_and_an_empty_slot_takes_no_outer_memory():
+    """As a module's, the state's tensors are the live ones: a checkpoint copied the global
+    parameters, the momentum and a zero round per fragment on the outer device (three times the
+    model on a GPU at every save). An empty slot is zeros in host memory in the fixed layout
+    (torch.distributed.checkpoint loads into it) and empty with ``compact``."""
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, sync_every=4, fragments=2, overlap=1, error_feedback=True, codec="int8")
+    _run(dil, models, opts, range(1, 5))  # fragment 0 in flight, fragment 1's slot empty
+    d = dil[0]
+    fixed, compact = d.state_dict(), d.state_dict(compact=True)
+    for state in (fixed, compact):
+        for fs, f in zip(state["fragments"], d._frags):
+            assert fs["global"] is f.global_ and fs["momentum"] is f.momentum.momentum
+            assert fs["residual"] is f.residual and fs["global_buffers"] is f.global_buffers
+        assert state["fragments"][0]["inflight"]["delta"] is d._inflight[0].delta
+    slot, little = fixed["fragments"][1]["inflight"], compact["fragments"][1]["inflight"]
+    assert not slot["active"] and slot["delta"].device.type == "cpu"
+    assert slot["delta"].shape == d._frags[1].momentum.momentum.shape and not slot["delta"].any()
+    assert little["delta"].numel() == 0 and little["delta"].dtype == torch.float32
+
+    def nbytes(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.tell()
+
+    assert nbytes(fixed) - nbytes(compact) >= 4 * d._frags[1].momentum.momentum.numel()
 
 
 def test_another_replica_s_state_gives_only_the_job_s_part():
@@ -771,7 +801,7 @@ def test_running_statistics_in_flight_resume_bit_for_bit_and_can_be_left_apart(c
         {
             "model": copy.deepcopy(m.state_dict()),
             "opt": copy.deepcopy(o.state_dict()),
-            "diloco": d.state_dict(),
+            "diloco": copy.deepcopy(d.state_dict()),  # (the live state, as a module's)
         }
         for m, o, d in zip(models, opts, dil)
     ]

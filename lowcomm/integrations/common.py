@@ -175,7 +175,7 @@ def replica_state(diloco) -> dict:
     their own state, which the framework does not write. A collective over the replica's
     processes: every one of them calls it, as frameworks save checkpoints. The parts go to the
     first process only: the others would hold ``k`` states each for nothing."""
-    state = diloco.state_dict()
+    state = diloco.state_dict(compact=True)  # (the frameworks torch.save it: no fixed layout needed)
     group = diloco.shard_group
     if group is None:
         return state

@@ -38,7 +38,11 @@ def job_state(diloco, group: ElasticGroup) -> dict:
     step, error-feedback buffers, nothing in flight) and the next round. Take it at a step with no
     round in flight (``diloco.in_flight == 0``); add what else the joiner should get."""
     # (with the reduce time the donor observed, so the receiver's first round has a deadline)
-    return {"diloco": diloco.state_dict(), "round": group.next_round, "collective_s": group.collective_s}
+    return {
+        "diloco": diloco.state_dict(compact=True),
+        "round": group.next_round,
+        "collective_s": group.collective_s,
+    }
 
 
 def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = True) -> None:
@@ -49,16 +53,10 @@ def load_job_state(diloco, group: ElasticGroup, state: dict, *, joiner: bool = T
     ones, so the first pseudo-gradient holds only this worker's own progress. Queued rounds are
     dropped and the agent's step set to the state's.
     """
-    if joiner:
-        for fs in state["diloco"]["fragments"]:
-            if fs.get("residual") is not None:
-                fs["residual"].zero_()
     group.reset(int(state["round"]))
     group.adopt_collective_s(state.get("collective_s"))  # (a state of an older lowcomm has none)
-    diloco.load_state_dict(state["diloco"])
+    diloco.load_state_dict(state["diloco"], own=not joiner)  # (the donor's: residuals zeroed, local = global)
     group.agent.step = diloco.step_count
-    if joiner:
-        diloco.sync_local_parameters()
 
 
 def write_checkpoint(path: str | Path, state: dict[str, Any], *, opener=None) -> int:

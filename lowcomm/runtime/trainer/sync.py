@@ -295,7 +295,7 @@ class DiLoCoSync(Sync):
 
     def state_dict(self) -> dict:
         """Every local replica's DiLoCo state (rounds in flight included: restarted on load)."""
-        return {"dilocos": [d.state_dict() for d in self.dilocos]}
+        return {"dilocos": [d.state_dict(compact=True) for d in self.dilocos]}
 
     def load_state_dict(self, state: dict, own: bool = True) -> None:
         if len(state["dilocos"]) != len(self.dilocos):
