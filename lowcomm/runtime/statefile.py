@@ -54,26 +54,30 @@ class CorruptStateError(ValueError):
     """A state (transfer or checkpoint) that fails its checks: size, format, dtype or checksum."""
 
 
+def _buffer(flat: torch.Tensor) -> memoryview:
+    """The bytes of a CPU ``uint8`` tensor, without a copy (hashlib, files and HMAC take it)."""
+    return memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
+
+
 def _digest(flat: torch.Tensor) -> str:
-    return hashlib.sha256(flat.numpy().tobytes() if flat.numel() else b"").hexdigest()
+    return hashlib.sha256(_buffer(flat)).hexdigest()
 
 
-def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
-    """(header, flat bytes) of a state tree; tensors are copied to CPU."""
-    parts: list[torch.Tensor] = []
+def _encode(tree: Any) -> tuple[bytes, list[torch.Tensor], list[int]]:
+    """The header of a state tree (its SHA-256 left as zeros, of the same length), its tensors
+    (where they are: nothing copied yet) and their offsets in the flat bytes."""
+    tensors: list[torch.Tensor] = []
     meta: list[dict] = []
     offset = 0
 
     def enc(o):
         nonlocal offset
         if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            if str(t.dtype) not in _DTYPES:
-                raise TypeError(f"cannot pack a tensor of dtype {t.dtype}; allowed: {sorted(_DTYPES)}")
-            raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-            meta.append({"dtype": str(t.dtype), "shape": list(t.shape), "offset": offset})
-            parts.append(raw)
-            offset += raw.numel()
+            if str(o.dtype) not in _DTYPES:
+                raise TypeError(f"cannot pack a tensor of dtype {o.dtype}; allowed: {sorted(_DTYPES)}")
+            meta.append({"dtype": str(o.dtype), "shape": list(o.shape), "offset": offset})
+            tensors.append(o.detach())
+            offset += o.numel() * o.element_size()
             return {"__t__": len(meta) - 1}
         if isinstance(o, dict):
             return {"__d__": [[enc(k), enc(v)] for k, v in o.items()]}
@@ -83,31 +87,44 @@ def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
             return o
         raise TypeError(f"cannot pack a {type(o).__name__} into a state")
 
-    tree_json = enc(tree)
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    header = {
-        "format": FORMAT,
-        "tree": tree_json,
-        "tensors": meta,
-        "nbytes": flat.numel(),
-        "sha256": _digest(flat),
-    }
-    return json.dumps(header, separators=(",", ":")).encode(), flat
+    header = {"format": FORMAT, "tree": enc(tree), "tensors": meta, "nbytes": offset, "sha256": "0" * 64}
+    return json.dumps(header, separators=(",", ":")).encode(), tensors, [m["offset"] for m in meta]
 
 
-def unpack(header: bytes, flat: torch.Tensor) -> Any:
-    """The tree :func:`pack` made; raises CorruptStateError on any mismatch."""
+def _signed(header: bytes, digest: str) -> bytes:
+    """``header`` (from :func:`_encode`, whose last key is the digest) holding ``digest``: the
+    same length."""
+    zeros = b'"sha256":"' + b"0" * 64 + b'"}'
+    assert header.endswith(zeros) and len(digest) == 64
+    return header[: -len(zeros)] + f'"sha256":"{digest}"}}'.encode()
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes on the CPU (a view where it is a contiguous CPU tensor)."""
+    t = t.cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
+    """(header, flat bytes) of a state tree; tensors are copied to CPU, into the flat bytes."""
+    header, tensors, offsets = _encode(tree)
+    flat = torch.zeros(json.loads(header)["nbytes"], dtype=torch.uint8)
+    for t, lo in zip(tensors, offsets):
+        raw = _raw(t)
+        flat[lo : lo + raw.numel()] = raw
+    return _signed(header, _digest(flat)), flat
+
+
+def _parse(header: bytes, nbytes: int) -> tuple[dict, list[tuple[torch.dtype, list[int], int, int]]]:
+    """The header of a state of ``nbytes`` bytes, and each tensor's (dtype, shape, offset, bytes),
+    checked against an allow-list of dtypes and the bytes there are (nothing allocated yet)."""
     try:
         h = json.loads(header.decode())
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             raise CorruptStateError(f"not a {FORMAT} header")
-        if int(h["nbytes"]) != flat.numel():
-            raise CorruptStateError(f"state holds {flat.numel()} bytes, its header says {h['nbytes']}")
-        if _digest(flat) != h["sha256"]:
-            raise CorruptStateError(
-                "state bytes do not match their SHA-256 (corrupted in transit or on disk)"
-            )
-        tensors = []
+        if int(h["nbytes"]) != nbytes:
+            raise CorruptStateError(f"state holds {nbytes} bytes, its header says {h['nbytes']}")
+        specs = []
         for i, m in enumerate(h["tensors"]):
             dtype = _DTYPES.get(m["dtype"])
             if dtype is None:
@@ -115,14 +132,18 @@ def unpack(header: bytes, flat: torch.Tensor) -> Any:
             shape = [int(s) for s in m["shape"]]
             n = (torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
             lo = int(m["offset"])
-            if lo < 0 or lo + n > flat.numel():
+            if lo < 0 or lo + n > nbytes:
                 raise CorruptStateError(f"tensor {i} lies outside the state's bytes")
-            raw = flat[lo : lo + n].clone()
-            tensors.append(raw.view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype))
+            specs.append((dtype, shape, lo, n))
+        return h, specs
     except CorruptStateError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RuntimeError) as e:
         raise CorruptStateError(f"malformed state header: {type(e).__name__}: {e}") from None
+
+
+def _tree(h: dict, tensors: list[torch.Tensor]) -> Any:
+    """The state tree of a checked header, its tensors built."""
 
     def dec(o):
         if isinstance(o, dict):
@@ -141,6 +162,23 @@ def unpack(header: bytes, flat: torch.Tensor) -> Any:
         raise CorruptStateError(f"malformed state tree: {e}") from None
 
 
+def _mismatch() -> CorruptStateError:
+    return CorruptStateError("state bytes do not match their SHA-256 (corrupted in transit or on disk)")
+
+
+def unpack(header: bytes, flat: torch.Tensor) -> Any:
+    """The tree :func:`pack` made; raises CorruptStateError on any mismatch, before it builds
+    anything."""
+    h, specs = _parse(header, flat.numel())
+    if _digest(flat) != h["sha256"]:
+        raise _mismatch()
+    tensors = [
+        flat[lo : lo + n].clone().view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+        for dtype, shape, lo, n in specs
+    ]
+    return _tree(h, tensors)
+
+
 def save_state(
     path: str | os.PathLike, tree: Any, *, opener: Callable[[str, str], Any] = private_open
 ) -> int:
@@ -151,8 +189,7 @@ def save_state(
     previous file at ``path`` is untouched. The temporary files of earlier writers of ``path``
     (processes killed mid-write: a whole state each) are removed first.
     """
-    header, flat = pack(tree)
-    data = [MAGIC, struct.pack("<Q", len(header)), header, flat.numpy().tobytes()]
+    header, tensors, offsets = _encode(tree)  # (a tree that cannot be written fails here, before any file)
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
     target = Path(path)
     for stale in target.parent.glob(glob.escape(target.name) + ".tmp.*"):
@@ -160,8 +197,18 @@ def save_state(
             stale.unlink(missing_ok=True)
     try:
         with opener(tmp, "wb") as f:
-            for chunk in data:
-                f.write(chunk)
+            # each tensor's bytes straight from it (one at a time on the CPU), hashed on the way;
+            # then the header again with their SHA-256 (the same length)
+            f.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            digest, at = hashlib.sha256(), 0
+            for t, lo in zip(tensors, offsets):
+                raw = _buffer(_raw(t))
+                for chunk in (bytes(lo - at), raw):
+                    digest.update(chunk)
+                    f.write(chunk)
+                at = lo + len(raw)
+            f.seek(len(MAGIC) + 8)
+            f.write(_signed(header, digest.hexdigest()))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -169,26 +216,45 @@ def save_state(
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return sum(len(c) for c in data)
+    return len(MAGIC) + 8 + len(header) + at
 
 
 def load_state(path: str | os.PathLike) -> Any:
     """Read a state :func:`save_state` wrote; raises CorruptStateError naming what is wrong."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < len(MAGIC) + 8 or data[: len(MAGIC)] != MAGIC:
-        raise CorruptStateError(f"{path} is not a lowcomm state file (bad magic or truncated)")
-    (hlen,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
-    start = len(MAGIC) + 8
-    if hlen > MAX_HEADER_BYTES or start + hlen > len(data):
-        raise CorruptStateError(f"{path}: header length {hlen} runs past the end of the file")
-    header = data[start : start + hlen]
-    flat = (
-        torch.frombuffer(bytearray(data[start + hlen :]), dtype=torch.uint8)
-        if len(data) > start + hlen
-        else (torch.empty(0, dtype=torch.uint8))
-    )
     try:
-        return unpack(header, flat)
+        with open(path, "rb") as f:
+            return _read(f, os.fstat(f.fileno()).st_size)
     except CorruptStateError as e:
         raise CorruptStateError(f"{path}: {e}") from None
+
+
+def _read(f, size: int) -> Any:
+    """A state file's tree, each tensor read from the file into its own memory (no copy of the
+    whole file), the bytes hashed on the way and checked before the tree is returned."""
+    head = f.read(len(MAGIC) + 8)
+    if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+        raise CorruptStateError("not a lowcomm state file (bad magic or truncated)")
+    (hlen,) = struct.unpack("<Q", head[len(MAGIC) :])
+    start = len(MAGIC) + 8
+    if hlen > MAX_HEADER_BYTES or start + hlen > size:
+        raise CorruptStateError(f"header length {hlen} runs past the end of the file")
+    h, specs = _parse(f.read(hlen), size - start - hlen)
+    digest, at, tensors = hashlib.sha256(), 0, []
+
+    def read_into(buf: memoryview) -> None:
+        if f.readinto(buf) != len(buf):
+            raise CorruptStateError("the file is shorter than it was a moment ago (written to while read)")
+        digest.update(buf)
+
+    for i, (dtype, shape, lo, n) in enumerate(specs):
+        if lo < at:  # (pack lays the tensors out one after the other)
+            raise CorruptStateError(f"tensor {i} overlaps the one before it")
+        read_into(memoryview(bytearray(lo - at)))
+        t = torch.empty(shape, dtype=dtype)
+        read_into(_buffer(t.reshape(-1).view(torch.uint8)) if n else memoryview(bytearray(0)))
+        tensors.append(t)
+        at = lo + n
+    read_into(memoryview(bytearray(size - start - hlen - at)))
+    if digest.hexdigest() != h["sha256"]:
+        raise _mismatch()
+    return _tree(h, tensors)

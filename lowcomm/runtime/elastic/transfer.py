@@ -20,6 +20,7 @@ import torch
 from ..statefile import (
     MAX_HEADER_BYTES,
     CorruptStateError,
+    _buffer,
     load_state,
     pack,
     save_state,
@@ -44,8 +45,9 @@ class ForgedStateError(CorruptStateError):
 
 
 def _mac(key: bytes, header: bytes, flat: torch.Tensor) -> bytes:
-    data = flat.numpy().tobytes() if flat.numel() else b""
-    return hmac.new(key, struct.pack("<Q", len(header)) + header + data, hashlib.sha256).digest()
+    mac = hmac.new(key, struct.pack("<Q", len(header)) + header, hashlib.sha256)
+    mac.update(_buffer(flat))  # (the bytes where they are: no copy of the state)
+    return mac.digest()
 
 
 _TAG = 7141
