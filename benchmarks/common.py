@@ -23,6 +23,7 @@ __all__ = [
     "inductor_kernels",
     "launch_command",
     "machine",
+    "peak_memory_probe",
     "replacing",
     "round_times",
     "stamp",
@@ -52,6 +53,37 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (no GPU)"
+
+
+#: what a probe of :func:`peak_memory_probe` starts with: ``hwm_mb()``, the process's resident
+#: high-water mark (``VmHWM``), ``rss_mb()``, and ``reset_peak()``, which sets the mark to now
+PEAK_PRELUDE = """
+import re
+def _status(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+def hwm_mb():
+    return _status("VmHWM")
+def rss_mb():
+    return _status("VmRSS")
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+"""
+
+
+def peak_memory_probe(probe: str, *args: object) -> dict:
+    """Run ``probe`` (Python source, after :data:`PEAK_PRELUDE`) in a fresh process with ``args``
+    in ``sys.argv[1:]``; returns the JSON object it prints last. Linux only (``/proc``)."""
+    if not sys.platform.startswith("linux"):
+        raise SystemExit("the memory probes read /proc/self/status: Linux only")
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PRELUDE + probe, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def stamp(benchmark: str) -> dict:

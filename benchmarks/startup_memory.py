@@ -14,20 +14,14 @@ that buffer into bytes for the digest (twice the model); it now goes in buckets 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from common import stamp, write_result
+from common import peak_memory_probe, stamp, write_result
 
 PROBE = """
-import json, re, sys, time
+import json, sys, time
 import torch
 import lowcomm
 from lowcomm.optim.diloco import DiLoCo
-
-def hwm_mb():
-    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 
 width, layers = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
@@ -51,16 +45,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="layers (default 24: 100.7M parameters)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
-    if not sys.platform.startswith("linux"):
-        raise SystemExit("startup_memory.py reads /proc/self/status: Linux only")
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(args.width), str(args.layers)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    row = json.loads(out.strip().splitlines()[-1])
-    row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+    row = peak_memory_probe(PROBE, args.width, args.layers)
     row["peak_added_over_model"] = round(row["peak_added_mb"] / row["model_mb"], 3)
     print(
         f"start-up of {row['params'] / 1e6:.1f}M fp32 parameters ({row['model_mb']:.0f} MB): peak "
