@@ -581,7 +581,10 @@ def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_step
     assert (again.step_count, hooked[0].step_count) == (1, 9)
 
 
-def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path):
+@pytest.mark.parametrize("save", ["save", "async_save"])
+def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path, save):
+    """The state is the live one (no copy): ``async_save`` copies it before it returns, so the
+    steps trained while it writes do not reach the checkpoint."""
     import torch.distributed.checkpoint as dcp
 
     kw = dict(sync_every=4, fragments=2, overlap=1, codec="e3m0", codec_block=32, error_feedback=True)
@@ -590,8 +593,11 @@ def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_fligh
     _run(dil, models, opts, range(1, 5))  # fragment 0 in flight at step 4
     layout = dil[0].state_dict()
     assert [f["inflight"]["active"] for f in layout["fragments"]] == [True, False]
-    dcp.save({"diloco": dil[0], "model": models[0]}, checkpoint_id=str(tmp_path / "ckpt"))
     inner = copy.deepcopy(opts[0].state_dict())  # (the optimizer's state is not the point here)
+    saving = getattr(dcp, save)({"diloco": dil[0], "model": models[0]}, checkpoint_id=str(tmp_path / "ckpt"))
+    if save == "async_save":
+        _run(dil, models, opts, range(5, 10))  # (a round applied, another sent, while it writes)
+        saving.result()
 
     models2, opts2 = _replicas(1, seed=7)
     dil2 = _wrap(models2, opts2, **kw)
