@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lowcomm import DiLoCo, LocalGroup, finish_replicas, step_replicas
+from lowcomm.comm.group import CollectiveError
 from lowcomm.lm import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=32, seq_len=8, n_layer=3, n_head=2, n_embd=16)
@@ -316,6 +317,42 @@ def test_another_replica_s_state_gives_only_the_job_s_part():
     assert all(not f.residual.any() for f in joined._frags)
     _run([joined], [model], [opt], range(7, 13))  # (and it trains on, alone, through its rounds)
     assert joined.step_count == 12
+
+
+def test_a_replica_resumed_from_another_s_state_among_resumed_ones_sends_its_rounds_again():
+    """A job of two replicas resumed with three (the integrations' resume_checkpoint: the new one
+    from replica 0's checkpoint) with a round in flight: replicas 0 and 1 send theirs again, so
+    the new one must too (``rounds=True``), as a copy of replica 0, or its first collective is
+    the next round's while theirs is the saved one's."""
+    kw = dict(sync_every=4, fragments=2, overlap=1, codec="e3m0", codec_block=32, error_feedback=True)
+    models, opts = _replicas(2)
+    dil = _wrap(models, opts, **kw)
+    _run(dil, models, opts, range(1, 5))  # fragment 0 in flight
+    saved = [
+        copy.deepcopy({"model": m.state_dict(), "opt": o.state_dict(), "diloco": d.state_dict(compact=True)})
+        for m, o, d in zip(models, opts, dil)
+    ]
+
+    def resumed(rounds):
+        models3, opts3 = _replicas(3, seed=9)
+        dil3 = _wrap(models3, opts3, **kw)
+        for r, (m, o, d) in enumerate(zip(models3, opts3, dil3)):
+            s = saved[r if r < 2 else 0]
+            m.load_state_dict(s["model"])
+            o.load_state_dict(s["opt"])
+            d.load_state_dict(s["diloco"], own=r < 2, **({"rounds": rounds} if r == 2 else {}))
+        return models3, opts3, dil3
+
+    models3, opts3, dil3 = resumed(True)
+    assert [d.in_flight for d in dil3] == [1, 1, 1]
+    assert not dil3[2]._frags[0].residual.any()  # (replica 0's quantization error is not its own)
+    _run(dil3, models3, opts3, range(5, 13))
+    assert torch.equal(dil3[2].global_vector(), dil3[0].global_vector())
+    assert torch.equal(dil3[1].global_vector(), dil3[0].global_vector())
+    models3, opts3, dil3 = resumed(None)  # (own=False alone: no round in flight)
+    assert [d.in_flight for d in dil3] == [1, 1, 0]
+    with pytest.raises(CollectiveError, match=r"collective #0 still waits for replica\(s\) \[2\]"):
+        _run(dil3, models3, opts3, range(5, 13))
 
 
 def test_state_from_another_configuration_is_refused():

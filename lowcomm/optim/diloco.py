@@ -548,13 +548,18 @@ class DiLoCo:
     def _part_key(self) -> str:
         return f"part {self.part[0]} of {self.part[1]}"
 
-    def load_state_dict(self, state: dict, own: bool = True) -> None:
+    def load_state_dict(self, state: dict, own: bool = True, *, rounds: bool | None = None) -> None:
         """Restore :meth:`state_dict` output; in-flight rounds are started again in send order.
         ``own`` False: the state is another replica's (a static job that resumes with another
         number of replicas starts each from one replica's checkpoint): only the job's part is
         taken (the global parameters, the outer momentum, the schedule's position); the local
         parameters are set to the global ones, that replica's rounds in flight are not sent and
         its error-feedback residual is not kept.
+
+        ``rounds`` (default: ``own``) starts the state's rounds in flight again. A replica that
+        takes another's state among replicas that resume their own (which start theirs again)
+        passes True, or the replicas' collectives would not line up; it then sends that
+        replica's contributions to them (the one it resumes as a copy of).
 
         Raises:
             ValueError: a state from another version, configuration, model or part.
@@ -625,6 +630,7 @@ class DiLoCo:
         self._inflight.clear()
         if not own:
             self.sync_local_parameters()
+        if not (own if rounds is None else rounds):
             return
         slots = [(p, fs["inflight"]) for p, fs in enumerate(state["fragments"]) if fs["inflight"]["active"]]
         for p, it in sorted(slots, key=lambda pit: int(pit[1]["send_step"])):  # started again in send order
