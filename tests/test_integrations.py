@@ -78,8 +78,9 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
     state (restored by Lightning before the optimizer exists) came back whole. (With one process a
     replica the resume is the same path less the gathering of parts, and the HF test resumes
     replicas of one process; here that job is resumed with a third replica instead, which has no
-    checkpoint: it is refused at once naming each replica's steps, where it hung until the
-    group's timeout.)
+    checkpoint: it hung until the group's timeout, then was refused naming each replica's steps;
+    it now resumes from replica 0's checkpoint of the step the others resume from, taking the
+    job's part of DiLoCo's state, and the three end alike.)
 
     With 2 processes a replica, replica_group() shows Lightning its replica's 2 processes as the
     whole job (a rendezvous of its own), so Lightning's DDP runs inside the replica (the data
@@ -99,10 +100,15 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
     assert _parts(saved["callbacks"]["DiLoCoCallback"]) == [
         f"part {i} of {procs}" for i in range(procs) if procs > 1
     ]
-    if procs == 1:  # resumed with a third replica, which has no checkpoint: refused at once
-        res = _launch("lightning_diloco.py", out, "--epochs", "3", "--resume", replicas=3, check=False)
-        want = "no step has a checkpoint on every replica (replica 0 [16, 32, 48], replica 1 [16, 32], "
-        assert res.returncode == 1 and want + "replica 2 none)" in res.stderr, res.stderr[-4000:]
+    if procs == 1:  # resumed with a third replica, which has no checkpoint: from replica 0's
+        res = _launch("lightning_diloco.py", out, "--epochs", "3", "--resume", replicas=3)
+        took = f"replica 2 holds no checkpoint in {out}/replica2: it resumes from replica 0's of step 32"
+        assert took in res.stderr and f"{ckpts[0]}/epoch=1-step=32.ckpt" in res.stderr, res.stderr[-4000:]
+        assert "replica 2 resumes from replica 0's checkpoint of step 32" in res.stderr
+        done = _results(out, replicas=3)
+        assert [d["global_step"] for d in done] == [48] * 3
+        assert done[0]["params"] == done[1]["params"] == done[2]["params"]  # (the final sync)
+        assert done[0]["params"] != first[0]["params"]  # (three replicas' average, not two's)
         return
     _launch("lightning_diloco.py", out, "--epochs", "3", "--devices", str(procs), "--resume", procs=procs)
     again = _results(out, procs=procs)
@@ -163,7 +169,8 @@ def test_the_lightning_example_runs_as_the_tasks_of_an_srun_step(tmp_path):
 @pytest.mark.parametrize("procs", [1, 2])
 def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs):
     """48 steps with checkpoints at 24 and 48; then, replica 1's checkpoint-48 lost, both from
-    checkpoint-24 (the newest both hold) again: the same bits. With one process a replica the
+    checkpoint-24 (the newest both hold) again: the same bits; then on with a third replica, which
+    starts from replica 0's checkpoint. With one process a replica the
     Trainer saw one process (no DDP) and every replica saved its checkpoints, model included; with
     two, the Trainer's DDP ran inside the replica and its first
     process wrote both halves of DiLoCo's state (not resumed here, to spare CI a launch of four
@@ -185,6 +192,15 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
     _launch("hf_diloco.py", out, "--steps", "48", "--save-every", "24", "--resume", procs=procs)
     again = _results(out, procs=procs)
     assert [a["params"] for a in again] == [f["params"] for f in first]
+    # on to 72 with a third replica, which has no checkpoint: the Trainer and DiLoCo's state from
+    # replica 0's checkpoint-48 (the callback is told the step, not the folder: resume_checkpoint's)
+    res = _launch("hf_diloco.py", out, "--steps", "72", "--save-every", "24", "--resume", replicas=3)
+    took = f"replica 2 holds no checkpoint in {out}/replica2: it resumes from replica 0's of step 48"
+    assert took in res.stderr and "replica 2 resumes from replica 0's checkpoint of step 48" in res.stderr
+    done = _results(out, replicas=3)
+    assert [d["global_step"] for d in done] == [72] * 3
+    assert done[0]["params"] == done[1]["params"] == done[2]["params"]
+    assert (out / "replica2" / "checkpoint-72" / "diloco.pt").exists()
 
 
 def test_lightning_callback_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
@@ -589,6 +605,50 @@ def test_resume_checkpoint_finds_the_newest_step_a_replica_holds_and_passes_over
         state = {"version": 2, "part 0 of 2": {"step": step}, "part 1 of 2": {"step": step}}
         torch.save(state, tmp_path / "hf" / f"checkpoint-{step}" / "diloco.pt")
     assert resume_checkpoint(group, tmp_path / "hf") == str(tmp_path / "hf" / "checkpoint-48")
+
+
+class _Gathered:
+    """A replica's view of resume_checkpoint's one collective: the others' answers, given."""
+
+    def __init__(self, rank: int, answers: list):
+        self.rank, self.size, self.answers = rank, len(answers), answers
+
+    def all_gather_json(self, mine):
+        return [mine if r == self.rank else a for r, a in enumerate(self.answers)]
+
+
+def test_a_replica_without_checkpoints_resumes_from_the_first_holder_s_or_names_what_it_cannot_read(
+    tmp_path, caplog
+):
+    """A replica added to a resumed job (or killed before its first checkpoint) takes the
+    checkpoint of the step the others resume from of the first replica holding it, which it must
+    be able to read; replicas holding checkpoints with no step in common are still refused."""
+    from lowcomm.integrations import common, resume_checkpoint
+
+    held = tmp_path / "replica1" / "epoch=0-step=16.ckpt"
+    held.parent.mkdir()
+    held.write_bytes(b"(replica 1's)")
+    answers = [
+        {"16": "/elsewhere/replica0/epoch=0-step=16.ckpt", "32": "/elsewhere/x.ckpt"},
+        {"16": str(held)},
+        {},
+    ]
+    with caplog.at_level(logging.WARNING, logger="lowcomm.integrations.common"):
+        assert resume_checkpoint(_Gathered(2, [{}, answers[1], {}]), tmp_path / "replica2") == str(held)
+    assert common.CHOSEN["path"] == str(held)
+    assert (
+        f"replica 2 holds no checkpoint in {tmp_path / 'replica2'}: it resumes from replica 1's"
+        in caplog.text
+    )
+    with pytest.raises(ValueError) as e:  # (replica 0's folder is on another node's disk)
+        resume_checkpoint(_Gathered(2, answers), tmp_path / "replica2")
+    assert str(e.value) == (
+        f"replica 2 holds no checkpoint in {tmp_path / 'replica2'} and would resume from replica 0's of "
+        "step 16, /elsewhere/replica0/epoch=0-step=16.ckpt, which this process cannot read: put the "
+        "replicas' folders where every node reads them, or copy that checkpoint into this replica's folder"
+    )
+    with pytest.raises(ValueError, match=r"replica 0 \[32\], replica 1 \[16\], replica 2 none\)"):
+        resume_checkpoint(_Gathered(2, [{"32": "/x"}, {"16": "/y"}, {}]), tmp_path / "replica2")
 
 
 def test_the_newest_common_step_is_the_newest_all_hold_or_names_each_ones_steps():

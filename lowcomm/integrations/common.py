@@ -16,6 +16,7 @@ from ..optim import DiLoCoConfig
 __all__ = [
     "replica_group",
     "check_same_start",
+    "load_replica_state",
     "resume_checkpoint",
     "round_metrics",
     "replica_env",
@@ -175,7 +176,9 @@ def replica_state(diloco) -> dict:
     their own state, which the framework does not write. A collective over the replica's
     processes: every one of them calls it, as frameworks save checkpoints. The parts go to the
     first process only: the others would hold ``k`` states each for nothing."""
-    state = diloco.state_dict(compact=True)  # (the frameworks torch.save it: no fixed layout needed)
+    # (the frameworks torch.save it: no fixed layout needed; whose it is, for a replica that
+    # resumes from another's: see load_replica_state)
+    state = {**diloco.state_dict(compact=True), "replica": diloco.group.rank}
     group = diloco.shard_group
     if group is None:
         return state
@@ -189,13 +192,46 @@ def replica_state(diloco) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
+def load_replica_state(diloco, state: dict) -> None:
+    """Load a state :func:`replica_state` saved into ``diloco``: this replica's own, or another
+    replica's (a replica added to a resumed job starts from replica 0's checkpoint, found by
+    :func:`resume_checkpoint`), of which the job's part is taken: the global parameters, the
+    outer momentum and the step; the local parameters are set to the global ones (the framework
+    loaded the other replica's) and its error-feedback residual is not kept
+    (``DiLoCo.load_state_dict(own=False)``). Its rounds in flight are sent again, as the replicas
+    that resume their own send theirs: the new replica contributes the other's pseudo-gradient to
+    them (it resumes as its copy)."""
+    saved_by = state.get("replica", diloco.group.rank)  # (a state of an older lowcomm: its own)
+    own = saved_by == diloco.group.rank
+    if not own:
+        log.warning(
+            "replica %d resumes from replica %s's checkpoint of step %s (it holds none of its own): "
+            "the job's global parameters, outer momentum and step; its local parameters are the "
+            "global ones",
+            diloco.group.rank,
+            saved_by,
+            _state_step(state),
+        )
+    diloco.load_state_dict(state, own=own, rounds=True)
+
+
+#: the checkpoint :func:`resume_checkpoint` chose last in this process (the HF callback reads
+#: DiLoCo's state from it: the Trainer tells its callbacks the step it resumes at, not the folder)
+CHOSEN: dict[str, str] = {}
+
+
 def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | None:
     """The checkpoint this replica resumes from: its own, in ``folder``, at the newest DiLoCo step
-    every replica holds a checkpoint of; None where no replica holds any (a fresh start). Pass it
-    to the framework (Lightning's ``fit(ckpt_path=...)``, the HF Trainer's
+    every replica that holds checkpoints holds one of; None where no replica holds any (a fresh
+    start). Pass it to the framework (Lightning's ``fit(ckpt_path=...)``, the HF Trainer's
     ``train(resume_from_checkpoint=...)``), so a job that always asks to resume (under
     ``torchrun --max-restarts``) starts anew the first time and, after a replica was killed while
     the others wrote a checkpoint it never wrote, resumes every replica from the one before.
+
+    A replica that holds none (a job resumed with more replicas than it saved, or a replica
+    killed before its first checkpoint) resumes from the checkpoint of that step of the first
+    replica that holds one, which it must be able to read (a filesystem every node sees); the
+    callbacks then take that state as another replica's (:func:`load_replica_state`).
 
     ``folder`` is this replica's own: Lightning's ``default_root_dir`` or checkpoint directory
     (the ``*.ckpt`` files under it, at any depth, with the DiLoCo callback's state inside), or the
@@ -204,22 +240,49 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
     passed over with a warning. A collective over the replicas: every replica calls it.
 
     Raises:
-        ValueError: some replicas hold checkpoints, but no step is held by all (a job resumed
-            with more replicas than it saved), naming each replica's steps.
+        ValueError: no step is held by every replica that holds checkpoints, naming each
+            replica's steps; or this replica holds none and cannot read the checkpoint it would
+            resume from, naming it.
     """
     found = _checkpoints_by_step(folder)
-    mine = sorted(found)
-    steps = [mine] if group.size == 1 else group.all_gather_json(mine)
+    mine = {str(step): os.path.abspath(path) for step, path in found.items()}
+    held = [mine] if group.size == 1 else group.all_gather_json(mine)
+    steps = [sorted(int(s) for s in h) for h in held]
     if not any(steps):
         log.info("no DiLoCo checkpoint under %s or any replica's folder: a fresh start", folder)
         return None
+    holders = [r for r, s in enumerate(steps) if s]
     try:
-        step = newest_common_step(steps, "replica")
-    except ValueError as e:
+        step = newest_common_step([steps[r] for r in holders], "replica")
+    except ValueError:
+        try:  # (named by every replica's rank)
+            newest_common_step(steps, "replica")
+        except ValueError as e:
+            raise ValueError(
+                f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
+            ) from None
+    CHOSEN.clear()
+    if step in found:
+        CHOSEN["path"] = found[step]
+        return found[step]
+    donor = holders[0]
+    path = held[donor][str(step)]
+    if not os.path.exists(path):
         raise ValueError(
-            f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
-        ) from None
-    return found[step]
+            f"replica {group.rank} holds no checkpoint in {folder} and would resume from replica "
+            f"{donor}'s of step {step}, {path}, which this process cannot read: put the replicas' "
+            "folders where every node reads them, or copy that checkpoint into this replica's folder"
+        )
+    log.warning(
+        "replica %d holds no checkpoint in %s: it resumes from replica %d's of step %d, %s",
+        group.rank,
+        folder,
+        donor,
+        step,
+        path,
+    )
+    CHOSEN["path"] = path
+    return path
 
 
 def _checkpoints_by_step(folder: str | os.PathLike) -> dict[int, str]:

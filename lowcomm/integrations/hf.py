@@ -33,8 +33,10 @@ from .._checks import one_line
 from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
+    CHOSEN,
     STATE_FILE,
     check_same_start,
+    load_replica_state,
     outer_device,
     procs_per_replica,
     replica_group,
@@ -82,7 +84,11 @@ class DiLoCoTrainerCallback(TrainerCallback):
             )
         saved = None
         if state.global_step > 0:  # resuming: the Trainer loaded checkpoint-<step> of output_dir
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            name = f"checkpoint-{state.global_step}"
+            folder = self.resume_from or os.path.join(args.output_dir, name)
+            chosen = CHOSEN.get("path")  # (another replica's, where resume_checkpoint chose one)
+            if not self.resume_from and chosen and os.path.basename(chosen) == name:
+                folder = chosen
             saved = os.path.join(folder, STATE_FILE)
             if not os.path.exists(saved):
                 raise FileNotFoundError(
@@ -119,7 +125,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
             shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,
         )
         if restored is not None:
-            self.diloco.load_state_dict(restored)
+            load_replica_state(self.diloco, restored)
             log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
         self.diloco.attach()
 

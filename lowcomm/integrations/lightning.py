@@ -31,6 +31,7 @@ from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
     check_same_start,
+    load_replica_state,
     outer_device,
     replica_group,
     replica_shard_group,
@@ -83,7 +84,7 @@ class DiLoCoCallback(pl.Callback):
             shard_group=replica_shard_group(type(trainer.strategy).__name__, whole),
         )
         if self._restored is not None:
-            self.diloco.load_state_dict(self._restored)
+            load_replica_state(self.diloco, self._restored)
             self._restored = None
         self.diloco.attach()
 
@@ -113,6 +114,6 @@ class DiLoCoCallback(pl.Callback):
         if not state_dict:
             return
         if self.diloco is not None:
-            self.diloco.load_state_dict(state_dict)
+            load_replica_state(self.diloco, state_dict)
         else:  # Lightning restores callbacks before fitting starts: applied in on_fit_start
             self._restored = state_dict
