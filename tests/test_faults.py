@@ -272,6 +272,11 @@ def test_a_state_file_is_written_and_read_a_tensor_at_a_time_in_pack_s_format(tm
     path.write_bytes(MAGIC + struct.pack("<Q", len(forged)) + forged + flat.numpy().tobytes())
     with pytest.raises(CorruptStateError, match=r"s\.lcs: tensor 1 overlaps the one before it"):
         load_state(path)
+    del h["sha256"]  # (it raised a KeyError)
+    forged = json.dumps(h, separators=(",", ":")).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(forged)) + forged + flat.numpy().tobytes())
+    with pytest.raises(CorruptStateError, match=r"s\.lcs: the header has no SHA-256 of the bytes or no tree"):
+        load_state(path)
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):

@@ -8,7 +8,11 @@ builds anything. Nothing is pickled, so a corrupt or hostile payload is an error
 
 On disk (:func:`save_state` / :func:`load_state`) the file is ``MAGIC``, the header length, the
 header and the bytes, written to a temporary file, fsynced and renamed over the old one, so a
-failed write leaves the previous checkpoint intact. Over the network an elastic job sends the same
+failed write leaves the previous checkpoint intact. Neither holds a copy of the whole state:
+:func:`save_state` writes each tensor from where it is (one at a time on the CPU) and then the
+header again with the SHA-256 it hashed on the way; :func:`load_state` checks the header's sizes
+and dtypes against the file, reads each tensor into its own memory, hashing, and checks the
+SHA-256 before it returns anything. Over the network an elastic job sends the same
 header and bytes, signed (:mod:`lowcomm.runtime.elastic.transfer`). Needs nothing beyond torch:
 static jobs checkpoint with it too.
 """
@@ -124,6 +128,8 @@ def _parse(header: bytes, nbytes: int) -> tuple[dict, list[tuple[torch.dtype, li
             raise CorruptStateError(f"not a {FORMAT} header")
         if int(h["nbytes"]) != nbytes:
             raise CorruptStateError(f"state holds {nbytes} bytes, its header says {h['nbytes']}")
+        if not isinstance(h.get("sha256"), str) or "tree" not in h:
+            raise CorruptStateError("the header has no SHA-256 of the bytes or no tree")
         specs = []
         for i, m in enumerate(h["tensors"]):
             dtype = _DTYPES.get(m["dtype"])
@@ -158,7 +164,7 @@ def _tree(h: dict, tensors: list[torch.Tensor]) -> Any:
 
     try:
         return dec(h["tree"])
-    except (IndexError, TypeError, ValueError) as e:
+    except (IndexError, KeyError, TypeError, ValueError) as e:
         raise CorruptStateError(f"malformed state tree: {e}") from None
 
 
