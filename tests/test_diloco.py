@@ -2,6 +2,7 @@
 
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -321,9 +322,11 @@ def test_another_replica_s_state_gives_only_the_job_s_part():
 
 def test_a_replica_resumed_from_another_s_state_among_resumed_ones_sends_its_rounds_again():
     """A job of two replicas resumed with three (the integrations' resume_checkpoint: the new one
-    from replica 0's checkpoint) with a round in flight: replicas 0 and 1 send theirs again, so
-    the new one must too (``rounds=True``), as a copy of replica 0, or its first collective is
-    the next round's while theirs is the saved one's."""
+    from replica 0's checkpoint; torch.distributed.checkpoint from replica 0's folder) with a
+    round in flight: replicas 0 and 1 send theirs again, so the new one must too
+    (``rounds=True``), as a copy of replica 0, or its first collective is the next round's while
+    theirs is the saved one's. The state records whose it is: by default the new replica takes it
+    as another's."""
     kw = dict(sync_every=4, fragments=2, overlap=1, codec="e3m0", codec_block=32, error_feedback=True)
     models, opts = _replicas(2)
     dil = _wrap(models, opts, **kw)
@@ -333,23 +336,29 @@ def test_a_replica_resumed_from_another_s_state_among_resumed_ones_sends_its_rou
         for m, o, d in zip(models, opts, dil)
     ]
 
-    def resumed(rounds):
+    def resumed(**how):
         models3, opts3 = _replicas(3, seed=9)
         dil3 = _wrap(models3, opts3, **kw)
         for r, (m, o, d) in enumerate(zip(models3, opts3, dil3)):
-            s = saved[r if r < 2 else 0]
+            s = copy.deepcopy(saved[r if r < 2 else 0])  # (AdamW's state would alias replica 0's)
             m.load_state_dict(s["model"])
             o.load_state_dict(s["opt"])
-            d.load_state_dict(s["diloco"], own=r < 2, **({"rounds": rounds} if r == 2 else {}))
+            d.load_state_dict(s["diloco"], **(how if r == 2 else {}))
         return models3, opts3, dil3
 
-    models3, opts3, dil3 = resumed(True)
-    assert [d.in_flight for d in dil3] == [1, 1, 1]
-    assert not dil3[2]._frags[0].residual.any()  # (replica 0's quantization error is not its own)
-    _run(dil3, models3, opts3, range(5, 13))
-    assert torch.equal(dil3[2].global_vector(), dil3[0].global_vector())
-    assert torch.equal(dil3[1].global_vector(), dil3[0].global_vector())
-    models3, opts3, dil3 = resumed(None)  # (own=False alone: no round in flight)
+    ends = []
+    for how in ({"own": False, "rounds": True}, {}):  # {}: the state says it is replica 0's
+        models3, opts3, dil3 = resumed(**how)
+        assert [d.in_flight for d in dil3] == [1, 1, 1]
+        assert not dil3[2]._frags[0].residual.any()  # (replica 0's quantization error is not its own)
+        with dil3[0].global_parameters():
+            assert torch.equal(_flat(models3[2]), _flat(models3[0]))  # (its local = the global)
+        _run(dil3, models3, opts3, range(5, 13))
+        assert torch.equal(dil3[2].global_vector(), dil3[0].global_vector())
+        assert torch.equal(dil3[1].global_vector(), dil3[0].global_vector())
+        ends.append(dil3[0].global_vector())
+    assert torch.equal(ends[0], ends[1])
+    models3, opts3, dil3 = resumed(own=False)  # (own=False alone: no round in flight)
     assert [d.in_flight for d in dil3] == [1, 1, 0]
     with pytest.raises(CollectiveError, match=r"collective #0 still waits for replica\(s\) \[2\]"):
         _run(dil3, models3, opts3, range(5, 13))
@@ -619,7 +628,7 @@ def test_attached_to_the_optimizer_diloco_steps_itself_and_matches_explicit_step
 
 
 @pytest.mark.parametrize("save", ["save", "async_save"])
-def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path, save):
+def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_flight(tmp_path, save, caplog):
     """The state is the live one (no copy): ``async_save`` copies it before it returns, so the
     steps trained while it writes do not reach the checkpoint."""
     import torch.distributed.checkpoint as dcp
@@ -648,6 +657,13 @@ def test_state_saves_and_loads_with_distributed_checkpoint_with_a_round_in_fligh
     _run(dil3, models3, opts3, range(5, 12))
     _run(dil2, models2, opts2, range(5, 12))
     assert torch.equal(dil2[0].global_vector(), dil3[0].global_vector())  # bit for bit
+    if save == "save":  # a replica added to the job loads replica 0's folder: another's state
+        models4, opts4 = _replicas(2, seed=7)
+        dil4 = _wrap(models4, opts4, **kw)
+        with caplog.at_level(logging.WARNING, logger="lowcomm.optim.diloco"):
+            dcp.load({"diloco": dil4[1]}, checkpoint_id=str(tmp_path / "ckpt"))
+        assert "replica 1 takes replica 0's DiLoCo state (step 4)" in caplog.text
+        assert dil4[1].in_flight == 1 and dil4[1].step_count == 4
 
 
 @pytest.mark.parametrize("version", ["2.4.1", "2.7.1", "2.8.0", "2.13.0"])

@@ -104,7 +104,7 @@ def test_lightning_example_trains_two_replicas_and_resumes_those_of_two_bit_for_
         res = _launch("lightning_diloco.py", out, "--epochs", "3", "--resume", replicas=3)
         took = f"replica 2 holds no checkpoint in {out}/replica2: it resumes from replica 0's of step 32"
         assert took in res.stderr and f"{ckpts[0]}/epoch=1-step=32.ckpt" in res.stderr, res.stderr[-4000:]
-        assert "replica 2 resumes from replica 0's checkpoint of step 32" in res.stderr
+        assert "replica 2 takes replica 0's DiLoCo state (step 32): the job's part of it" in res.stderr
         done = _results(out, replicas=3)
         assert [d["global_step"] for d in done] == [48] * 3
         assert done[0]["params"] == done[1]["params"] == done[2]["params"]  # (the final sync)
@@ -196,7 +196,7 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
     # replica 0's checkpoint-48 (the callback is told the step, not the folder: resume_checkpoint's)
     res = _launch("hf_diloco.py", out, "--steps", "72", "--save-every", "24", "--resume", replicas=3)
     took = f"replica 2 holds no checkpoint in {out}/replica2: it resumes from replica 0's of step 48"
-    assert took in res.stderr and "replica 2 resumes from replica 0's checkpoint of step 48" in res.stderr
+    assert took in res.stderr and "replica 2 takes replica 0's DiLoCo state (step 48)" in res.stderr
     done = _results(out, replicas=3)
     assert [d["global_step"] for d in done] == [72] * 3
     assert done[0]["params"] == done[1]["params"] == done[2]["params"]

@@ -16,7 +16,6 @@ from ..optim import DiLoCoConfig
 __all__ = [
     "replica_group",
     "check_same_start",
-    "load_replica_state",
     "resume_checkpoint",
     "round_metrics",
     "replica_env",
@@ -176,9 +175,7 @@ def replica_state(diloco) -> dict:
     their own state, which the framework does not write. A collective over the replica's
     processes: every one of them calls it, as frameworks save checkpoints. The parts go to the
     first process only: the others would hold ``k`` states each for nothing."""
-    # (the frameworks torch.save it: no fixed layout needed; whose it is, for a replica that
-    # resumes from another's: see load_replica_state)
-    state = {**diloco.state_dict(compact=True), "replica": diloco.group.rank}
+    state = diloco.state_dict(compact=True)  # (the frameworks torch.save it: no fixed layout needed)
     group = diloco.shard_group
     if group is None:
         return state
@@ -190,29 +187,6 @@ def replica_state(diloco) -> dict:
     if parts is None:
         return state
     return {key: value for part in parts for key, value in part.items()}
-
-
-def load_replica_state(diloco, state: dict) -> None:
-    """Load a state :func:`replica_state` saved into ``diloco``: this replica's own, or another
-    replica's (a replica added to a resumed job starts from replica 0's checkpoint, found by
-    :func:`resume_checkpoint`), of which the job's part is taken: the global parameters, the
-    outer momentum and the step; the local parameters are set to the global ones (the framework
-    loaded the other replica's) and its error-feedback residual is not kept
-    (``DiLoCo.load_state_dict(own=False)``). Its rounds in flight are sent again, as the replicas
-    that resume their own send theirs: the new replica contributes the other's pseudo-gradient to
-    them (it resumes as its copy)."""
-    saved_by = state.get("replica", diloco.group.rank)  # (a state of an older lowcomm: its own)
-    own = saved_by == diloco.group.rank
-    if not own:
-        log.warning(
-            "replica %d resumes from replica %s's checkpoint of step %s (it holds none of its own): "
-            "the job's global parameters, outer momentum and step; its local parameters are the "
-            "global ones",
-            diloco.group.rank,
-            saved_by,
-            _state_step(state),
-        )
-    diloco.load_state_dict(state, own=own, rounds=True)
 
 
 #: the checkpoint :func:`resume_checkpoint` chose last in this process (the HF callback reads
@@ -231,7 +205,8 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
     A replica that holds none (a job resumed with more replicas than it saved, or a replica
     killed before its first checkpoint) resumes from the checkpoint of that step of the first
     replica that holds one, which it must be able to read (a filesystem every node sees); the
-    callbacks then take that state as another replica's (:func:`load_replica_state`).
+    callbacks then load that state as another replica's (``DiLoCo.load_state_dict`` reads whose
+    it is).
 
     ``folder`` is this replica's own: Lightning's ``default_root_dir`` or checkpoint directory
     (the ``*.ckpt`` files under it, at any depth, with the DiLoCo callback's state inside), or the

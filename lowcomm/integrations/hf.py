@@ -36,7 +36,6 @@ from .common import (
     CHOSEN,
     STATE_FILE,
     check_same_start,
-    load_replica_state,
     outer_device,
     procs_per_replica,
     replica_group,
@@ -125,7 +124,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
             shard_group=replica_shard_group(*_spread()) if procs_per_replica() > 1 else None,
         )
         if restored is not None:
-            load_replica_state(self.diloco, restored)
+            self.diloco.load_state_dict(restored)
             log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
         self.diloco.attach()
 

@@ -31,7 +31,6 @@ from ..comm import ReplicaGroup
 from ..optim import DiLoCo, DiLoCoConfig
 from .common import (
     check_same_start,
-    load_replica_state,
     outer_device,
     replica_group,
     replica_shard_group,
@@ -84,7 +83,7 @@ class DiLoCoCallback(pl.Callback):
             shard_group=replica_shard_group(type(trainer.strategy).__name__, whole),
         )
         if self._restored is not None:
-            load_replica_state(self.diloco, self._restored)
+            self.diloco.load_state_dict(self._restored)
             self._restored = None
         self.diloco.attach()
 
@@ -114,6 +113,6 @@ class DiLoCoCallback(pl.Callback):
         if not state_dict:
             return
         if self.diloco is not None:
-            load_replica_state(self.diloco, state_dict)
+            self.diloco.load_state_dict(state_dict)
         else:  # Lightning restores callbacks before fitting starts: applied in on_fit_start
             self._restored = state_dict

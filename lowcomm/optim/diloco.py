@@ -508,6 +508,7 @@ class DiLoCo:
         and folder): the replicas' local parameters and in-flight rounds differ too."""
         out = {
             "step": self.step_count,
+            "replica": self.group.rank,  # (whose it is: see load_state_dict's own)
             "config": self._config_key(),
             "fragments": [],
         }
@@ -548,7 +549,7 @@ class DiLoCo:
     def _part_key(self) -> str:
         return f"part {self.part[0]} of {self.part[1]}"
 
-    def load_state_dict(self, state: dict, own: bool = True, *, rounds: bool | None = None) -> None:
+    def load_state_dict(self, state: dict, own: bool | None = None, *, rounds: bool | None = None) -> None:
         """Restore :meth:`state_dict` output; in-flight rounds are started again in send order.
         ``own`` False: the state is another replica's (a static job that resumes with another
         number of replicas starts each from one replica's checkpoint): only the job's part is
@@ -560,6 +561,11 @@ class DiLoCo:
         takes another's state among replicas that resume their own (which start theirs again)
         passes True, or the replicas' collectives would not line up; it then sends that
         replica's contributions to them (the one it resumes as a copy of).
+
+        ``own`` None (the default, and what ``torch.distributed.checkpoint`` calls): the state
+        is this replica's own unless it records another replica's (a replica added to a resumed
+        job, loading replica 0's checkpoint), which is then taken as above, its rounds in flight
+        sent again (``rounds`` True) as the replicas that resume their own send theirs.
 
         Raises:
             ValueError: a state from another version, configuration, model or part.
@@ -610,6 +616,20 @@ class DiLoCo:
                     f"in one and not the other; saved {len(saved)}, here {len(here)}): a state of "
                     "another model, or of another fragment layout (explicit fragments, pattern, or "
                     "a lowcomm whose split by count placed the parameters outside the blocks elsewhere)"
+                )
+        if own is None:
+            saved_by = state.get("replica", self.group.rank)  # (an older lowcomm's: this replica's)
+            own = saved_by == self.group.rank
+            rounds = True if rounds is None else rounds
+            if not own:
+                log.warning(
+                    "replica %d takes replica %s's DiLoCo state (step %s): the job's part of it (global "
+                    "parameters, outer momentum, step); its local parameters are the global ones, and it "
+                    "sends replica %s's rounds in flight again",
+                    self.group.rank,
+                    saved_by,
+                    state["step"],
+                    saved_by,
                 )
         for fs, f in zip(state["fragments"], self._frags):
             f.global_.copy_(fs["global"])
