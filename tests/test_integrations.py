@@ -625,6 +625,9 @@ def test_a_replica_without_checkpoints_resumes_from_the_first_holder_s_or_names_
     be able to read; replicas holding checkpoints with no step in common are still refused."""
     from lowcomm.integrations import common, resume_checkpoint
 
+    common.CHOSEN["path"] = "/a/path/a/call/before/chose"
+    assert resume_checkpoint(_Gathered(0, [{}, {}]), tmp_path / "replica0") is None  # (a fresh start)
+    assert common.CHOSEN == {}
     held = tmp_path / "replica1" / "epoch=0-step=16.ckpt"
     held.parent.mkdir()
     held.write_bytes(b"(replica 1's)")

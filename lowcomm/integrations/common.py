@@ -219,6 +219,7 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
             replica's steps; or this replica holds none and cannot read the checkpoint it would
             resume from, naming it.
     """
+    CHOSEN.clear()
     found = _checkpoints_by_step(folder)
     mine = {str(step): os.path.abspath(path) for step, path in found.items()}
     held = [mine] if group.size == 1 else group.all_gather_json(mine)
@@ -236,7 +237,6 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
             raise ValueError(
                 f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
             ) from None
-    CHOSEN.clear()
     if step in found:
         CHOSEN["path"] = found[step]
         return found[step]
