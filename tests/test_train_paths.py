@@ -521,11 +521,11 @@ def test_the_embedding_api_works_with_an_autocast_or_compiled_model(wrap):
 
 
 def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
-    """diloco_vs_dp.py, overlap.py, collective.py, launch_start.py and threads_share.py, which
-    BENCHMARKS.md's CPU tables come from, at tiny sizes in processes of their own, as their
-    docstrings run them: a change to the trainer's configuration or records that breaks one fails
-    here (diloco_vs_dp.py once read a field the configuration had moved, and failed after its
-    first run)."""
+    """diloco_vs_dp.py, overlap.py, collective.py, launch_start.py, threads_share.py and the
+    memory probes, which BENCHMARKS.md's CPU tables come from, at tiny sizes in processes of their
+    own, as their docstrings run them: a change to the trainer's configuration or records that
+    breaks one fails here (diloco_vs_dp.py once read a field the configuration had moved, and
+    failed after its first run)."""
     import subprocess
     import sys
 
@@ -581,6 +581,16 @@ def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
         ("elastic 2 workers", "own share"),
     ]
     assert all(r["wall_s"] > 0 for r in rows) and rows[0]["tokens_per_second"] > 0
+
+    out = tmp_path / "state_memory.json"  # (and startup_memory.py: the same probe; sizes, not peaks)
+    run(sys.executable, bench / "state_memory.py", "--width", "256", "--layers", "2", "--json", out)
+    r = json.loads(out.read_text())
+    assert r["model_mb"] == pytest.approx(2 * (256 * 256 + 256) * 4 / 2**20, abs=0.005)  # (to 2 places)
+    assert r["saved_compact_mb"] < r["saved_mb"] and r["file_mb"] >= r["model_mb"]
+    assert {"state_dict_peak_added_mb", "save_peak_added_mb", "load_peak_added_mb", "load_seconds"} <= set(r)
+    out = tmp_path / "startup_memory.json"
+    run(sys.executable, bench / "startup_memory.py", "--width", "256", "--layers", "2", "--json", out)
+    assert json.loads(out.read_text())["params"] == 2 * (256 * 256 + 256)
 
 
 def test_the_throughput_benchmark_runs_every_path_at_tiny_shapes(tmp_path, monkeypatch):
