@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import functools
@@ -24,12 +25,14 @@ __all__ = [
     "launch_command",
     "machine",
     "peak_memory_probe",
+    "probe_args",
     "replacing",
     "round_times",
     "stamp",
     "steady_tokens_per_second",
     "steady_wait_fractions",
     "window_ms_per_step",
+    "write_probe",
     "write_result",
 ]
 
@@ -69,6 +72,23 @@ def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 """
+
+
+def probe_args(doc: str) -> argparse.Namespace:
+    """The memory probes' command line: the model (``--layers`` Linear layers of ``--width``
+    squared, fp32) and ``--json``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--width", type=int, default=2048, help="each layer's width (default 2048)")
+    ap.add_argument("--layers", type=int, default=24, help="layers (default 24: 100.7M parameters)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    return ap.parse_args()
+
+
+def write_probe(benchmark: str, args: argparse.Namespace, row: dict) -> None:
+    """A memory probe's result, stamped, with its model's size, to ``--json``."""
+    write_result(
+        {**stamp(benchmark), "width": args.width, "layers": args.layers, **row}, args.json, echo=False
+    )
 
 
 def peak_memory_probe(probe: str, *args: object) -> dict:

@@ -13,9 +13,7 @@ that buffer into bytes for the digest (twice the model); it now goes in buckets 
 
 from __future__ import annotations
 
-import argparse
-
-from common import peak_memory_probe, stamp, write_result
+from common import peak_memory_probe, probe_args, write_probe
 
 PROBE = """
 import json, sys, time
@@ -40,11 +38,7 @@ print(json.dumps({
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=2048, help="each layer's width (default 2048)")
-    ap.add_argument("--layers", type=int, default=24, help="layers (default 24: 100.7M parameters)")
-    ap.add_argument("--json", default=None, help="write the results here")
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     row = peak_memory_probe(PROBE, args.width, args.layers)
     row["peak_added_over_model"] = round(row["peak_added_mb"] / row["model_mb"], 3)
     print(
@@ -52,8 +46,7 @@ def main() -> None:
         f"+{row['peak_added_mb']:.0f} MB ({row['peak_added_over_model']:.2f}x the model), "
         f"{row['seconds']:.2f} s"
     )
-    out = {**stamp("startup_memory"), "width": args.width, "layers": args.layers, **row}
-    write_result(out, args.json, echo=False)
+    write_probe("startup_memory", args, row)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Run it with ``PYTHONPATH`` set to another checkout to measure that one's code.
 
 from __future__ import annotations
 
-import argparse
-
-from common import peak_memory_probe, stamp, write_result
+from common import peak_memory_probe, probe_args, write_probe
 
 SETUP = """
 import gc, inspect, json, os, sys, tempfile, time
@@ -85,11 +83,7 @@ print(json.dumps(row))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=2048, help="each layer's width (default 2048)")
-    ap.add_argument("--layers", type=int, default=24, help="layers (default 24: 100.7M parameters)")
-    ap.add_argument("--json", default=None, help="write the results here")
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     row = {
         **peak_memory_probe(SETUP + STATE_DICT, args.width, args.layers),
         **peak_memory_probe(SETUP + FILES, args.width, args.layers),
@@ -105,8 +99,7 @@ def main() -> None:
         f"+{row['load_peak_added_mb']:.0f} MB (the state itself: {model:.0f} MB) in "
         f"{row['load_seconds']:.2f} s"
     )
-    out = {**stamp("state_memory"), "width": args.width, "layers": args.layers, **row}
-    write_result(out, args.json, echo=False)
+    write_probe("state_memory", args, row)
 
 
 if __name__ == "__main__":
