@@ -565,8 +565,9 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
     assert entry[3]["detected_after_s"] is None and entry[3]["recovered_after_s"] == 3.0
 
 
-def _transfer(sender_key: bytes, receiver_key: bytes, state: dict):
-    """A state transfer between two gloo ranks (threads of this process, on 127.0.0.1)."""
+def _transfer(sender_key: bytes, receiver_key: bytes, state: dict | None, packed=None):
+    """A state transfer between two gloo ranks (threads of this process, on 127.0.0.1) of
+    ``state``, or of the header and bytes ``packed``."""
     import datetime
     import threading
 
@@ -582,7 +583,7 @@ def _transfer(sender_key: bytes, receiver_key: bytes, state: dict):
         pg = dist.ProcessGroupGloo(store, r, 2, datetime.timedelta(seconds=30))
         try:
             if r == 0:
-                out["ack"] = send_state(pg, *pack(state), dst=1, key=sender_key)
+                out["ack"] = send_state(pg, *(packed or pack(state)), dst=1, key=sender_key)
             else:
                 out["state"] = recv_state(pg, 0, receiver_key)
         except Exception as e:
@@ -606,6 +607,35 @@ def test_a_state_transfer_from_a_stranger_is_refused_before_it_is_used():
     forged = _transfer(bytes(32), key, state)  # a process without the job key sends it
     assert isinstance(forged["error1"], ForgedStateError) and "state" not in forged
     assert forged["ack"] is False  # the sender learns it was refused
+
+
+def test_a_state_transfer_goes_in_messages_read_into_the_tensors_and_any_damage_is_named(monkeypatch):
+    """The bytes go in messages of at most CHUNK_BYTES (here 100: tensors cross messages), each
+    read into the tensors the joiner builds: it held the whole state twice (the bytes, then a
+    copy of each tensor). A key holder's damaged state is a CorruptStateError, a stranger's a
+    ForgedStateError even where its header is not one: the joiner reads the rest and the
+    signature first, and the sender hears of the refusal either way."""
+    from lowcomm.runtime.elastic import transfer
+
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 100)
+    key = bytes(range(32))
+    state = {
+        "w": torch.arange(70, dtype=torch.float32),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "n": [1, "x"],
+    }
+    ok = _transfer(key, key, state)
+    assert ok["ack"] is True and ok["state"]["n"] == [1, "x"]
+    assert torch.equal(ok["state"]["w"], state["w"]) and torch.equal(ok["state"]["b"], state["b"])
+    assert ok["state"]["w"].untyped_storage().nbytes() == 280  # (its own memory)
+    header, flat = pack(state)
+    damaged = flat.clone()
+    damaged[150] ^= 1  # (in the second message)
+    bad = _transfer(key, key, None, packed=(header, damaged))
+    assert isinstance(bad["error1"], CorruptStateError) and "SHA-256" in str(bad["error1"])
+    assert bad["ack"] is False and "state" not in bad
+    forged = _transfer(bytes(32), key, None, packed=(b"{not json", flat))
+    assert isinstance(forged["error1"], transfer.ForgedStateError) and forged["ack"] is False
 
 
 def test_a_lone_non_finite_contribution_is_excluded_not_made_the_job_s_state():

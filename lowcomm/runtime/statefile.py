@@ -235,8 +235,7 @@ def load_state(path: str | os.PathLike) -> Any:
 
 
 def _read(f, size: int) -> Any:
-    """A state file's tree, each tensor read from the file into its own memory (no copy of the
-    whole file), the bytes hashed on the way and checked before the tree is returned."""
+    """A state file's tree (see :func:`read_tensors`)."""
     head = f.read(len(MAGIC) + 8)
     if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
         raise CorruptStateError("not a lowcomm state file (bad magic or truncated)")
@@ -245,11 +244,19 @@ def _read(f, size: int) -> Any:
     if hlen > MAX_HEADER_BYTES or start + hlen > size:
         raise CorruptStateError(f"header length {hlen} runs past the end of the file")
     h, specs = _parse(f.read(hlen), size - start - hlen)
+    return _tree(h, read_tensors(f.readinto, h, specs, size - start - hlen))
+
+
+def read_tensors(readinto: Callable[[memoryview], int], h: dict, specs: list, nbytes: int) -> list:
+    """The tensors of a state whose header :func:`_parse` checked, each read into its own memory
+    from a stream of its ``nbytes`` bytes (``readinto`` fills a buffer, as a file's does): no
+    copy of the whole state. The bytes are hashed on the way and checked against the header's
+    SHA-256 before anything is returned; the stream is read to the end unless that raises."""
     digest, at, tensors = hashlib.sha256(), 0, []
 
     def read_into(buf: memoryview) -> None:
-        if f.readinto(buf) != len(buf):
-            raise CorruptStateError("the file is shorter than it was a moment ago (written to while read)")
+        if readinto(buf) != len(buf):
+            raise CorruptStateError("the state ended early (a file written to while it was read)")
         digest.update(buf)
 
     for i, (dtype, shape, lo, n) in enumerate(specs):
@@ -260,7 +267,7 @@ def _read(f, size: int) -> Any:
         read_into(_buffer(t.reshape(-1).view(torch.uint8)) if n else memoryview(bytearray(0)))
         tensors.append(t)
         at = lo + n
-    read_into(memoryview(bytearray(size - start - hlen - at)))
+    read_into(memoryview(bytearray(nbytes - at)))
     if digest.hexdigest() != h["sha256"]:
         raise _mismatch()
-    return _tree(h, tensors)
+    return tensors

@@ -1,9 +1,11 @@
 """State transfers to joiners: the state format of :mod:`lowcomm.runtime.statefile`, signed.
 
 Over the network (:func:`send_state` / :func:`recv_state`) the header and the bytes travel on a
-two-process torch.distributed group (donor rank 0, joiner rank 1), followed by an HMAC-SHA256 of
-both under the job key: the joiner verifies it before anything is unpacked, so a state that did
-not come from a key holder is refused (:class:`ForgedStateError`) rather than trained on. The
+two-process torch.distributed group (donor rank 0, joiner rank 1), the bytes in messages of at
+most ``CHUNK_BYTES``, followed by an HMAC-SHA256 of both under the job key: the joiner reads each
+tensor into its own memory as the bytes arrive and verifies the HMAC before it returns or uses
+any, so a state that did not come from a key holder is refused (:class:`ForgedStateError`)
+rather than trained on. The
 joiner answers with an acknowledgement, so the donor knows the joiner holds the state. The format
 and the files on disk (``pack``, ``unpack``, ``save_state``, ``load_state``) are re-exported here.
 """
@@ -21,8 +23,11 @@ from ..statefile import (
     MAX_HEADER_BYTES,
     CorruptStateError,
     _buffer,
+    _parse,
+    _tree,
     load_state,
     pack,
+    read_tensors,
     save_state,
     unpack,
 )
@@ -44,13 +49,16 @@ class ForgedStateError(CorruptStateError):
     member of this job (an attack) or was changed on the way."""
 
 
-def _mac(key: bytes, header: bytes, flat: torch.Tensor) -> bytes:
-    mac = hmac.new(key, struct.pack("<Q", len(header)) + header, hashlib.sha256)
-    mac.update(_buffer(flat))  # (the bytes where they are: no copy of the state)
-    return mac.digest()
+def _mac(key: bytes, header: bytes) -> hmac.HMAC:
+    """The transfer's HMAC, the header taken; the bytes are added as they go."""
+    return hmac.new(key, struct.pack("<Q", len(header)) + header, hashlib.sha256)
 
 
 _TAG = 7141
+
+#: the bytes go in messages of at most this many: the joiner reads each into the tensors it
+#: builds, holding one message more than the state, not the state twice
+CHUNK_BYTES = 64 << 20
 
 
 def send_state(pg, header: bytes, flat: torch.Tensor, dst: int = 1, *, key: bytes) -> bool:
@@ -59,17 +67,51 @@ def send_state(pg, header: bytes, flat: torch.Tensor, dst: int = 1, *, key: byte
     sizes = torch.tensor([len(header), flat.numel()], dtype=torch.int64)
     pg.send([sizes], dst, _TAG).wait()
     pg.send([torch.frombuffer(bytearray(header), dtype=torch.uint8)], dst, _TAG + 1).wait()
-    if flat.numel():
-        pg.send([flat], dst, _TAG + 2).wait()
-    pg.send([torch.frombuffer(bytearray(_mac(key, header, flat)), dtype=torch.uint8)], dst, _TAG + 4).wait()
+    for lo in range(0, flat.numel(), CHUNK_BYTES):
+        pg.send([flat[lo : lo + CHUNK_BYTES]], dst, _TAG + 2).wait()
+    mac = _mac(key, header)
+    mac.update(_buffer(flat))  # (the bytes where they are: no copy of the state)
+    pg.send([torch.frombuffer(bytearray(mac.digest()), dtype=torch.uint8)], dst, _TAG + 4).wait()
     ack = torch.zeros(1, dtype=torch.int64)
     pg.recv([ack], dst, _TAG + 3).wait()
     return bool(ack.item() == 1)
 
 
+class _Received:
+    """The state's bytes as a stream (``readinto``), received in the sender's messages and added
+    to the transfer's HMAC as they come."""
+
+    def __init__(self, pg, src: int, nbytes: int, mac: hmac.HMAC) -> None:
+        self.pg, self.src, self.left, self.mac = pg, src, nbytes, mac
+        self.chunk, self.at = torch.empty(0, dtype=torch.uint8), 0
+
+    def readinto(self, buf: memoryview) -> int:
+        done = 0
+        while done < len(buf):
+            if self.at == self.chunk.numel():
+                if not self.left:
+                    break
+                self.chunk, self.at = torch.empty(min(CHUNK_BYTES, self.left), dtype=torch.uint8), 0
+                self.pg.recv([self.chunk], self.src, _TAG + 2).wait()
+                self.left -= self.chunk.numel()
+                self.mac.update(_buffer(self.chunk))
+            k = min(len(buf) - done, self.chunk.numel() - self.at)
+            buf[done : done + k] = _buffer(self.chunk)[self.at : self.at + k]
+            done, self.at = done + k, self.at + k
+        return done
+
+    def drain(self) -> None:
+        """Receive the rest (a state refused part way: the sender still sends it, and its HMAC
+        tells a stranger's state from a damaged one)."""
+        self.at = self.chunk.numel()
+        while self.left:
+            self.readinto(memoryview(bytearray(min(CHUNK_BYTES, self.left))))
+
+
 def recv_state(pg, src: int = 0, key: bytes | None = None, max_bytes: int = 1 << 40) -> Any:
     """Receive a state from ``src``, verify its signature under the job ``key``, check and unpack
-    it; acknowledges success or failure to the sender.
+    it; acknowledges success or failure to the sender. Each tensor is read into its own memory as
+    the bytes arrive; nothing is returned, nor acknowledged, before the signature verifies.
 
     Raises:
         ForgedStateError: the signature does not verify (not from a key holder).
@@ -89,19 +131,23 @@ def recv_state(pg, src: int = 0, key: bytes | None = None, max_bytes: int = 1 <<
         refuse(CorruptStateError(f"state transfer announced {hlen} header bytes and {n} data bytes"))
     header = torch.empty(hlen, dtype=torch.uint8)
     pg.recv([header], src, _TAG + 1).wait()
-    flat = torch.empty(n, dtype=torch.uint8)
-    if n:
-        pg.recv([flat], src, _TAG + 2).wait()
-    mac = torch.empty(32, dtype=torch.uint8)
-    pg.recv([mac], src, _TAG + 4).wait()
     head = header.numpy().tobytes()
-    if not hmac.compare_digest(mac.numpy().tobytes(), _mac(key, head, flat)):
+    mac = _mac(key, head)
+    received = _Received(pg, src, n, mac)
+    error, tree = None, None
+    try:
+        h, specs = _parse(head, n)
+        tree = _tree(h, read_tensors(received.readinto, h, specs, n))
+    except CorruptStateError as e:
+        error = e
+    received.drain()
+    sent = torch.empty(32, dtype=torch.uint8)
+    pg.recv([sent], src, _TAG + 4).wait()
+    if not hmac.compare_digest(sent.numpy().tobytes(), mac.digest()):
         refuse(
             ForgedStateError("the state's signature does not verify under the job key: not sent by a member")
         )
-    try:
-        tree = unpack(head, flat)
-    except CorruptStateError as e:
-        refuse(e)
+    if error is not None:
+        refuse(error)
     pg.send([torch.ones(1, dtype=torch.int64)], src, _TAG + 3).wait()
     return tree
