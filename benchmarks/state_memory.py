@@ -12,7 +12,10 @@ Each part runs in a fresh process (the peak is the process's resident high-water
   global parameters and the outer momentum and gave each empty in-flight slot zeros of its
   fragment's size, all on the outer device (on a GPU, the GPU's memory: not measured here);
 - ``save`` / ``load``: the model's ``state_dict()`` written with ``save_state`` and read back with
-  ``load_state`` (a ``--checkpoint-every`` checkpoint, a worker's checkpoint).
+  ``load_state`` (a ``--checkpoint-every`` checkpoint, a worker's checkpoint);
+- ``transfer``: the model's ``state_dict()`` sent to a joiner (``send_state`` / ``recv_state``
+  between two threads of the process, on loopback): the donor's packed bytes and the joiner's
+  memory together.
 
 Run it with ``PYTHONPATH`` set to another checkout to measure that one's code.
 """
@@ -81,12 +84,40 @@ os.remove(path)
 print(json.dumps(row))
 """
 
+TRANSFER = """
+import datetime, threading
+import torch.distributed as dist
+from lowcomm.runtime.elastic.transfer import pack, recv_state, send_state
+
+state, key = model.state_dict(), bytes(32)
+master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+groups = [None, None]
+
+def join(r):
+    store = dist.PrefixStore("t/", dist.TCPStore("127.0.0.1", master.port, is_master=False))
+    groups[r] = dist.ProcessGroupGloo(store, r, 2, datetime.timedelta(seconds=120))
+
+threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+got = {}
+reset_peak()
+rss = rss_mb()
+t = time.perf_counter()
+sender = threading.Thread(target=lambda: send_state(groups[0], *pack(state), dst=1, key=key))
+sender.start()
+got["state"] = recv_state(groups[1], 0, key)
+sender.join()
+print(json.dumps({"transfer_peak_added_mb": hwm_mb() - rss, "transfer_seconds": time.perf_counter() - t}))
+"""
+
 
 def main() -> None:
     args = probe_args(__doc__)
     row = {
         **peak_memory_probe(SETUP + STATE_DICT, args.width, args.layers),
         **peak_memory_probe(SETUP + FILES, args.width, args.layers),
+        **peak_memory_probe(SETUP + TRANSFER, args.width, args.layers),
     }
     model = row["model_mb"]
     print(
@@ -98,6 +129,10 @@ def main() -> None:
         f"save_state +{row['save_peak_added_mb']:.0f} MB in {row['save_seconds']:.2f} s, load_state "
         f"+{row['load_peak_added_mb']:.0f} MB (the state itself: {model:.0f} MB) in "
         f"{row['load_seconds']:.2f} s"
+    )
+    print(
+        f"a transfer of the model's state to a joiner (both in this process, on loopback): "
+        f"+{row['transfer_peak_added_mb']:.0f} MB in {row['transfer_seconds']:.2f} s"
     )
     write_probe("state_memory", args, row)
 
