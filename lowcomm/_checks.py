@@ -36,14 +36,16 @@ def named_ranks(ranks) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
-def newest_common_step(steps: list[list[int]], who: str) -> int:
+def newest_common_step(steps: list[list[int]], who: str, *, skip_empty: bool = False) -> int:
     """The newest step that every one of ``steps`` holds (one list of checkpoint steps for each
-    process or replica, ``who``, in rank order).
+    process or replica, ``who``, in rank order); with ``skip_empty``, every one that holds any
+    (the others take another's checkpoint of it).
 
     Raises:
         ValueError: no step is in all of them, naming each one's steps.
     """
-    common = set(steps[0]).intersection(*steps[1:])
+    held = [s for s in steps if s] if skip_empty else steps
+    common = set(held[0]).intersection(*held[1:]) if held else set()
     if not common:
         detail = ", ".join(f"{who} {r} {sorted(s) or 'none'}" for r, s in enumerate(steps))
         raise ValueError(f"no step has a checkpoint on every {who} ({detail})")

@@ -663,6 +663,11 @@ def test_the_newest_common_step_is_the_newest_all_hold_or_names_each_ones_steps(
         newest_common_step([[90, 80], [70, 60], []], "replica")
     want = "on every replica (replica 0 [80, 90], replica 1 [60, 70], replica 2 none)"
     assert str(e.value) == "no step has a checkpoint " + want
+    # (skip_empty: those that hold none take another's checkpoint; the message names them still)
+    assert newest_common_step([[90, 80], [], [80, 70]], "replica", skip_empty=True) == 80
+    with pytest.raises(ValueError) as e:
+        newest_common_step([[90, 80], [70, 60], []], "replica", skip_empty=True)
+    assert str(e.value) == "no step has a checkpoint " + want
 
 
 def test_replica_group_called_again_returns_the_group_it_joined_and_meets_again_after_a_restart(tmp_path):

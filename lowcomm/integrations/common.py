@@ -227,20 +227,16 @@ def resume_checkpoint(group: ReplicaGroup, folder: str | os.PathLike) -> str | N
     if not any(steps):
         log.info("no DiLoCo checkpoint under %s or any replica's folder: a fresh start", folder)
         return None
-    holders = [r for r, s in enumerate(steps) if s]
     try:
-        step = newest_common_step([steps[r] for r in holders], "replica")
-    except ValueError:
-        try:  # (named by every replica's rank)
-            newest_common_step(steps, "replica")
-        except ValueError as e:
-            raise ValueError(
-                f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
-            ) from None
+        step = newest_common_step(steps, "replica", skip_empty=True)
+    except ValueError as e:
+        raise ValueError(
+            f"{folder}: {e}: resume from checkpoints every replica holds, or start anew in another folder"
+        ) from None
     if step in found:
         CHOSEN["path"] = found[step]
         return found[step]
-    donor = holders[0]
+    donor = next(r for r, s in enumerate(steps) if s)
     path = held[donor][str(step)]
     if not os.path.exists(path):
         raise ValueError(

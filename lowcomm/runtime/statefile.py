@@ -67,9 +67,9 @@ def _digest(flat: torch.Tensor) -> str:
     return hashlib.sha256(_buffer(flat)).hexdigest()
 
 
-def _encode(tree: Any) -> tuple[bytes, list[torch.Tensor], list[int]]:
+def _encode(tree: Any) -> tuple[bytes, list[torch.Tensor], int]:
     """The header of a state tree (its SHA-256 left as zeros, of the same length), its tensors
-    (where they are: nothing copied yet) and their offsets in the flat bytes."""
+    (where they are: nothing copied yet; their bytes one after the other) and their bytes' count."""
     tensors: list[torch.Tensor] = []
     meta: list[dict] = []
     offset = 0
@@ -92,7 +92,7 @@ def _encode(tree: Any) -> tuple[bytes, list[torch.Tensor], list[int]]:
         raise TypeError(f"cannot pack a {type(o).__name__} into a state")
 
     header = {"format": FORMAT, "tree": enc(tree), "tensors": meta, "nbytes": offset, "sha256": "0" * 64}
-    return json.dumps(header, separators=(",", ":")).encode(), tensors, [m["offset"] for m in meta]
+    return json.dumps(header, separators=(",", ":")).encode(), tensors, offset
 
 
 def _signed(header: bytes, digest: str) -> bytes:
@@ -111,11 +111,12 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
     """(header, flat bytes) of a state tree; tensors are copied to CPU, into the flat bytes."""
-    header, tensors, offsets = _encode(tree)
-    flat = torch.zeros(json.loads(header)["nbytes"], dtype=torch.uint8)
-    for t, lo in zip(tensors, offsets):
+    header, tensors, nbytes = _encode(tree)
+    flat, at = torch.empty(nbytes, dtype=torch.uint8), 0
+    for t in tensors:
         raw = _raw(t)
-        flat[lo : lo + raw.numel()] = raw
+        flat[at : at + raw.numel()] = raw
+        at += raw.numel()
     return _signed(header, _digest(flat)), flat
 
 
@@ -195,7 +196,7 @@ def save_state(
     previous file at ``path`` is untouched. The temporary files of earlier writers of ``path``
     (processes killed mid-write: a whole state each) are removed first.
     """
-    header, tensors, offsets = _encode(tree)  # (a tree that cannot be written fails here, before any file)
+    header, tensors, nbytes = _encode(tree)  # (a tree that cannot be written fails here, before any file)
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
     target = Path(path)
     for stale in target.parent.glob(glob.escape(target.name) + ".tmp.*"):
@@ -206,13 +207,11 @@ def save_state(
             # each tensor's bytes straight from it (one at a time on the CPU), hashed on the way;
             # then the header again with their SHA-256 (the same length)
             f.write(MAGIC + struct.pack("<Q", len(header)) + header)
-            digest, at = hashlib.sha256(), 0
-            for t, lo in zip(tensors, offsets):
+            digest = hashlib.sha256()
+            for t in tensors:
                 raw = _buffer(_raw(t))
-                for chunk in (bytes(lo - at), raw):
-                    digest.update(chunk)
-                    f.write(chunk)
-                at = lo + len(raw)
+                digest.update(raw)
+                f.write(raw)
             f.seek(len(MAGIC) + 8)
             f.write(_signed(header, digest.hexdigest()))
             f.flush()
@@ -222,7 +221,7 @@ def save_state(
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return len(MAGIC) + 8 + len(header) + at
+    return len(MAGIC) + 8 + len(header) + nbytes
 
 
 def load_state(path: str | os.PathLike) -> Any:

@@ -5,9 +5,9 @@ two-process torch.distributed group (donor rank 0, joiner rank 1), the bytes in 
 most ``CHUNK_BYTES``, followed by an HMAC-SHA256 of both under the job key: the joiner reads each
 tensor into its own memory as the bytes arrive and verifies the HMAC before it returns or uses
 any, so a state that did not come from a key holder is refused (:class:`ForgedStateError`)
-rather than trained on. The
-joiner answers with an acknowledgement, so the donor knows the joiner holds the state. The format
-and the files on disk (``pack``, ``unpack``, ``save_state``, ``load_state``) are re-exported here.
+rather than trained on. The joiner answers with an acknowledgement, so the donor knows the
+joiner holds the state. The format and the files on disk (``pack``, ``unpack``, ``save_state``,
+``load_state``) are re-exported here.
 """
 
 from __future__ import annotations
@@ -85,16 +85,19 @@ class _Received:
         self.pg, self.src, self.left, self.mac = pg, src, nbytes, mac
         self.chunk, self.at = torch.empty(0, dtype=torch.uint8), 0
 
+    def _next(self) -> None:
+        self.chunk, self.at = torch.empty(min(CHUNK_BYTES, self.left), dtype=torch.uint8), 0
+        self.pg.recv([self.chunk], self.src, _TAG + 2).wait()
+        self.left -= self.chunk.numel()
+        self.mac.update(_buffer(self.chunk))
+
     def readinto(self, buf: memoryview) -> int:
         done = 0
         while done < len(buf):
             if self.at == self.chunk.numel():
                 if not self.left:
                     break
-                self.chunk, self.at = torch.empty(min(CHUNK_BYTES, self.left), dtype=torch.uint8), 0
-                self.pg.recv([self.chunk], self.src, _TAG + 2).wait()
-                self.left -= self.chunk.numel()
-                self.mac.update(_buffer(self.chunk))
+                self._next()
             k = min(len(buf) - done, self.chunk.numel() - self.at)
             buf[done : done + k] = _buffer(self.chunk)[self.at : self.at + k]
             done, self.at = done + k, self.at + k
@@ -103,9 +106,8 @@ class _Received:
     def drain(self) -> None:
         """Receive the rest (a state refused part way: the sender still sends it, and its HMAC
         tells a stranger's state from a damaged one)."""
-        self.at = self.chunk.numel()
         while self.left:
-            self.readinto(memoryview(bytearray(min(CHUNK_BYTES, self.left))))
+            self._next()
 
 
 def recv_state(pg, src: int = 0, key: bytes | None = None, max_bytes: int = 1 << 40) -> Any:
