@@ -1187,7 +1187,8 @@ def test_launched_processes_share_the_machine_s_cores(tmp_path, start):
     script = tmp_path / "threads.py"
     script.write_text(
         "import os, torch\n"
-        "print(os.environ['RANK'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), flush=True)\n"
+        "line = f\"{os.environ['RANK']} {os.environ['OMP_NUM_THREADS']} {torch.get_num_threads()}\\n\"\n"
+        "os.write(1, line.encode())\n"  # (one write: the two processes share the pipe)
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     cmd = [sys.executable, "-m", "lowcomm", "launch", "--replicas", "2", "--start", start]
