@@ -85,7 +85,7 @@ print(json.dumps(row))
 """
 
 TRANSFER = """
-import datetime, threading
+import datetime, inspect, threading
 import torch.distributed as dist
 from lowcomm.runtime.elastic.transfer import pack, recv_state, send_state
 
@@ -104,7 +104,11 @@ got = {}
 reset_peak()
 rss = rss_mb()
 t = time.perf_counter()
-sender = threading.Thread(target=lambda: send_state(groups[0], *pack(state), dst=1, key=key))
+# (an older lowcomm's send_state took pack's header and bytes)
+old = "flat" in inspect.signature(send_state).parameters
+sender = threading.Thread(
+    target=lambda: send_state(groups[0], *(pack(state) if old else (state,)), dst=1, key=key)
+)
 sender.start()
 got["state"] = recv_state(groups[1], 0, key)
 sender.join()

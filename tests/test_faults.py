@@ -567,13 +567,13 @@ def test_the_survival_report_attributes_each_detection_to_the_fault_that_caused_
 
 def _transfer(sender_key: bytes, receiver_key: bytes, state: dict | None, packed=None):
     """A state transfer between two gloo ranks (threads of this process, on 127.0.0.1) of
-    ``state``, or of the header and bytes ``packed``."""
+    ``state``, or of ``packed``: a header, the tensors and their bytes' count."""
     import datetime
     import threading
 
     import torch.distributed as dist
 
-    from lowcomm.runtime.elastic.transfer import recv_state, send_state
+    from lowcomm.runtime.elastic.transfer import recv_state, send_signed, send_state
 
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = {}
@@ -583,7 +583,10 @@ def _transfer(sender_key: bytes, receiver_key: bytes, state: dict | None, packed
         pg = dist.ProcessGroupGloo(store, r, 2, datetime.timedelta(seconds=30))
         try:
             if r == 0:
-                out["ack"] = send_state(pg, *(packed or pack(state)), dst=1, key=sender_key)
+                if packed is None:
+                    out["ack"] = send_state(pg, state, dst=1, key=sender_key)
+                else:
+                    out["ack"] = send_signed(pg, *packed, dst=1, key=sender_key)
             else:
                 out["state"] = recv_state(pg, 0, receiver_key)
         except Exception as e:
@@ -609,6 +612,33 @@ def test_a_state_transfer_from_a_stranger_is_refused_before_it_is_used():
     assert forged["ack"] is False  # the sender learns it was refused
 
 
+def test_a_donor_sends_the_tensors_where_they_are_in_messages_of_one_staging_buffer():
+    """The donor packed the whole state into one buffer before it sent it (a copy of the state,
+    in host memory even for a GPU's). Now the header is pack's, its SHA-256 hashed a piece at a
+    time, and the bytes are pack's, in messages of exactly the size asked (the last shorter),
+    each copied into one staging buffer as it goes."""
+    from lowcomm.runtime.statefile import messages, signed
+
+    state = {
+        "w": torch.arange(70, dtype=torch.float32),
+        "t": torch.arange(12, dtype=torch.float64).reshape(3, 4).t(),  # (not contiguous)
+        "flag": torch.tensor(True),
+        "none": torch.empty(0, 2),
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "n": [1, "x"],
+    }
+    header, flat = pack(state)
+    head, tensors, nbytes = signed(state)
+    assert head == header and nbytes == flat.numel() == 280 + 96 + 1 + 6
+    sent, at = [], set()
+    for m in messages(tensors, nbytes, 100):
+        sent.append(m.clone())
+        at.add(m.data_ptr())
+    assert [m.numel() for m in sent] == [100, 100, 100, 83] and len(at) == 1  # (one buffer)
+    assert torch.equal(torch.cat(sent), flat)
+    assert [m.numel() for m in messages(tensors, nbytes, 1000)] == [383]
+
+
 def test_a_state_transfer_goes_in_messages_read_into_the_tensors_and_any_damage_is_named(monkeypatch):
     """The bytes go in messages of at most CHUNK_BYTES (here 100: tensors cross messages), each
     read into the tensors the joiner builds: it held the whole state twice (the bytes, then a
@@ -631,10 +661,10 @@ def test_a_state_transfer_goes_in_messages_read_into_the_tensors_and_any_damage_
     header, flat = pack(state)
     damaged = flat.clone()
     damaged[150] ^= 1  # (in the second message)
-    bad = _transfer(key, key, None, packed=(header, damaged))
+    bad = _transfer(key, key, None, packed=(header, [damaged], damaged.numel()))
     assert isinstance(bad["error1"], CorruptStateError) and "SHA-256" in str(bad["error1"])
     assert bad["ack"] is False and "state" not in bad
-    forged = _transfer(bytes(32), key, None, packed=(b"{not json", flat))
+    forged = _transfer(bytes(32), key, None, packed=(b"{not json", [flat], flat.numel()))
     assert isinstance(forged["error1"], transfer.ForgedStateError) and forged["ack"] is False
 
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +103,60 @@ def _signed(header: bytes, digest: str) -> bytes:
     return header[: -len(zeros)] + f'"sha256":"{digest}"}}'.encode()
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes on the CPU (a view where it is a contiguous CPU tensor)."""
-    t = t.cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+#: a tensor on another device reaches the host in pieces of at most this many bytes
+PIECE_BYTES = 64 << 20
+
+
+def _pieces(tensors: list[torch.Tensor], size: int = PIECE_BYTES) -> Iterator[torch.Tensor]:
+    """The tensors' bytes one after the other, as CPU ``uint8`` tensors of at most ``size`` bytes:
+    views of a contiguous CPU tensor, copies of a piece at a time of one elsewhere (a GPU's)."""
+    for t in tensors:
+        flat = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else None
+        for lo in range(0, 0 if flat is None else flat.numel(), size):
+            yield flat[lo : lo + size].cpu()
+
+
+def _sha256(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for piece in _pieces(tensors):
+        digest.update(_buffer(piece))
+    return digest.hexdigest()
 
 
 def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
     """(header, flat bytes) of a state tree; tensors are copied to CPU, into the flat bytes."""
     header, tensors, nbytes = _encode(tree)
     flat, at = torch.empty(nbytes, dtype=torch.uint8), 0
-    for t in tensors:
-        raw = _raw(t)
-        flat[at : at + raw.numel()] = raw
-        at += raw.numel()
+    for piece in _pieces(tensors):
+        flat[at : at + piece.numel()] = piece
+        at += piece.numel()
     return _signed(header, _digest(flat)), flat
+
+
+def signed(tree: Any) -> tuple[bytes, list[torch.Tensor], int]:
+    """(header, tensors, bytes' count) of a state tree: :func:`pack`'s header, the tensors left
+    where they are (their bytes are hashed a piece at a time, not copied). Send the bytes with
+    :func:`messages` before the tensors change."""
+    header, tensors, nbytes = _encode(tree)
+    return _signed(header, _sha256(tensors)), tensors, nbytes
+
+
+def messages(tensors: list[torch.Tensor], nbytes: int, size: int) -> Iterator[torch.Tensor]:
+    """The tensors' ``nbytes`` bytes (:func:`signed`'s) in CPU ``uint8`` messages of exactly
+    ``size`` bytes, the last shorter: views of one staging buffer, each valid until the next is
+    asked for (a state is sent holding one message, not a copy of the state)."""
+    staging, fill = torch.empty(min(size, nbytes), dtype=torch.uint8), 0
+    for piece in _pieces(tensors, size):
+        at = 0
+        while at < piece.numel():
+            k = min(piece.numel() - at, size - fill)
+            staging[fill : fill + k] = piece[at : at + k]
+            fill, at = fill + k, at + k
+            if fill == size:
+                yield staging
+                fill = 0
+    if fill:
+        yield staging[:fill]
 
 
 def _parse(header: bytes, nbytes: int) -> tuple[dict, list[tuple[torch.dtype, list[int], int, int]]]:
@@ -208,8 +247,8 @@ def save_state(
             # then the header again with their SHA-256 (the same length)
             f.write(MAGIC + struct.pack("<Q", len(header)) + header)
             digest = hashlib.sha256()
-            for t in tensors:
-                raw = _buffer(_raw(t))
+            for piece in _pieces(tensors):
+                raw = _buffer(piece)
                 digest.update(raw)
                 f.write(raw)
             f.seek(len(MAGIC) + 8)

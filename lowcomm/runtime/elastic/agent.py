@@ -44,7 +44,7 @@ from ..errors import CoordinatorError, CoordinatorLost, CoordinatorRefused, Coor
 from ..hooks import NO_FAULTS, FaultHooks
 from .client import CoordinatorClient
 from .gloo import make_gloo_group, run_guarded
-from .transfer import ForgedStateError, pack, recv_state, send_state
+from .transfer import ForgedStateError, recv_state, send_signed, signed
 
 __all__ = ["WorkerAgent", "Quorum", "ResyncRequired", "default_advertise_addr"]
 
@@ -511,7 +511,7 @@ class WorkerAgent:
             if tid in self._done_transfers or self.is_cancelled(tid):  # the joiner gave up on it
                 continue
             self._done_transfers.add(tid)
-            header, flat = pack(snapshot())
+            header, tensors, nbytes = signed(snapshot())  # (the live tensors: sent before the next step)
             t0 = time.perf_counter()
             try:
                 ok = self._over_transfer_group(
@@ -520,7 +520,9 @@ class WorkerAgent:
                     tid,
                     0,
                     joiner,
-                    functools.partial(send_state, header=header, flat=flat, dst=1, key=self.key),
+                    functools.partial(
+                        send_signed, header=header, tensors=tensors, nbytes=nbytes, key=self.key
+                    ),
                 )
             except Exception as e:
                 log.warning("%s: transfer %d to %s failed: %s", self.worker_id, tid, joiner, e)
@@ -531,7 +533,7 @@ class WorkerAgent:
                 joiner=joiner,
                 transfer_id=tid,
                 ok=ok,
-                bytes=len(header) + flat.numel(),
+                bytes=len(header) + nbytes,
                 seconds=time.perf_counter() - t0,
             )
             self._report_transfer(tid, joiner, bool(ok))

@@ -2,12 +2,12 @@
 
 Over the network (:func:`send_state` / :func:`recv_state`) the header and the bytes travel on a
 two-process torch.distributed group (donor rank 0, joiner rank 1), the bytes in messages of at
-most ``CHUNK_BYTES``, followed by an HMAC-SHA256 of both under the job key: the joiner reads each
-tensor into its own memory as the bytes arrive and verifies the HMAC before it returns or uses
-any, so a state that did not come from a key holder is refused (:class:`ForgedStateError`)
-rather than trained on. The joiner answers with an acknowledgement, so the donor knows the
-joiner holds the state. The format and the files on disk (``pack``, ``unpack``, ``save_state``,
-``load_state``) are re-exported here.
+most ``CHUNK_BYTES`` copied from the donor's tensors one at a time, followed by an HMAC-SHA256 of
+both under the job key: the joiner reads each tensor into its own memory as the bytes arrive and
+verifies the HMAC before it returns or uses any, so a state that did not come from a key holder
+is refused (:class:`ForgedStateError`) rather than trained on. The joiner answers with an
+acknowledgement, so the donor knows the joiner holds the state. The format and the files on disk
+(``pack``, ``unpack``, ``save_state``, ``load_state``) are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from ..statefile import (
     _parse,
     _tree,
     load_state,
+    messages,
     pack,
     read_tensors,
     save_state,
+    signed,
     unpack,
 )
 
@@ -38,6 +40,8 @@ __all__ = [
     "pack",
     "unpack",
     "send_state",
+    "send_signed",
+    "signed",
     "recv_state",
     "save_state",
     "load_state",
@@ -56,21 +60,30 @@ def _mac(key: bytes, header: bytes) -> hmac.HMAC:
 
 _TAG = 7141
 
-#: the bytes go in messages of at most this many: the joiner reads each into the tensors it
-#: builds, holding one message more than the state, not the state twice
+#: the bytes go in messages of at most this many: the donor holds one (not a copy of the state),
+#: the joiner reads each into the tensors it builds (holding one message more than the state)
 CHUNK_BYTES = 64 << 20
 
 
-def send_state(pg, header: bytes, flat: torch.Tensor, dst: int = 1, *, key: bytes) -> bool:
-    """Send a packed state, signed with the job ``key``, to ``dst`` on ``pg``; returns the
-    receiver's acknowledgement."""
-    sizes = torch.tensor([len(header), flat.numel()], dtype=torch.int64)
+def send_state(pg, tree: Any, dst: int = 1, *, key: bytes) -> bool:
+    """Send a state tree, signed with the job ``key``, to ``dst`` on ``pg``; returns the
+    receiver's acknowledgement. The tensors are read where they are, a message at a time (a
+    piece at a time from a GPU): the sender holds one message, not a copy of the state. They
+    must not change until this returns."""
+    return send_signed(pg, *signed(tree), dst, key=key)
+
+
+def send_signed(
+    pg, header: bytes, tensors: list[torch.Tensor], nbytes: int, dst: int = 1, *, key: bytes
+) -> bool:
+    """:func:`send_state` of a state :func:`signed` gave (header, tensors, bytes' count)."""
+    sizes = torch.tensor([len(header), nbytes], dtype=torch.int64)
     pg.send([sizes], dst, _TAG).wait()
     pg.send([torch.frombuffer(bytearray(header), dtype=torch.uint8)], dst, _TAG + 1).wait()
-    for lo in range(0, flat.numel(), CHUNK_BYTES):
-        pg.send([flat[lo : lo + CHUNK_BYTES]], dst, _TAG + 2).wait()
     mac = _mac(key, header)
-    mac.update(_buffer(flat))  # (the bytes where they are: no copy of the state)
+    for message in messages(tensors, nbytes, CHUNK_BYTES):
+        mac.update(_buffer(message))
+        pg.send([message], dst, _TAG + 2).wait()
     pg.send([torch.frombuffer(bytearray(mac.digest()), dtype=torch.uint8)], dst, _TAG + 4).wait()
     ack = torch.zeros(1, dtype=torch.int64)
     pg.recv([ack], dst, _TAG + 3).wait()
