@@ -96,13 +96,12 @@ def peak_memory_probe(probe: str, *args: object) -> dict:
     in ``sys.argv[1:]``; returns the JSON object it prints last. Linux only (``/proc``)."""
     if not sys.platform.startswith("linux"):
         raise SystemExit("the memory probes read /proc/self/status: Linux only")
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_PRELUDE + probe, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_PRELUDE + probe, *map(str, args)], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(f"a memory probe failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    row = json.loads(done.stdout.strip().splitlines()[-1])
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
 
 
