@@ -71,12 +71,8 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=Counting(seed=group.rank),  # DiLoCo: each replica its own data
-        callbacks=[DiLoCoTrainerCallback(group, sync_every=8, fragments=2, overlap=1)],  # DiLoCo
-    )
+    trainer = Trainer(model=model, args=training, train_dataset=Counting(seed=group.rank))  # DiLoCo: own data
+    DiLoCoTrainerCallback(group, sync_every=8, fragments=2, overlap=1).add_to(trainer)  # DiLoCo
     trainer.train(resume_from_checkpoint=resume_checkpoint(group, out) if args.resume else None)  # DiLoCo
 
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -85,6 +81,7 @@ def main() -> None:
         "global_step": trainer.state.global_step,
         "world_size": trainer.args.world_size,
         "wrapped": type(trainer.model_wrapped).__name__,
+        "rounds_logged": sum(e.get("diloco/rounds", 0) for e in trainer.state.log_history),
     }
     name = "result.json" if trainer.is_world_process_zero() else f"result.rank{training.process_index}.json"
     with open(os.path.join(out, name), "w") as f:

@@ -181,6 +181,7 @@ def test_hf_example_trains_two_replicas_and_resumes_bit_for_bit(tmp_path, procs)
     wrapped = "GPT2LMHeadModel" if procs == 1 else "DistributedDataParallel"
     assert all(f["world_size"] == procs and f["wrapped"] == wrapped for f in first)
     assert first[0]["global_step"] == 48 and all(f["params"] == first[0]["params"] for f in first)
+    assert all(f["rounds_logged"] > 0 for f in first)  # (in each replica's trainer_state history)
     for r in range(2):
         folder = out / f"replica{r}" / "checkpoint-24"
         assert (folder / "diloco.pt").exists() and (folder / "model.safetensors").exists()
@@ -340,6 +341,57 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_of_ddp_and_
     opt.step()  # one DiLoCo steps with the optimizer, not two
     assert (callback.diloco.step_count, first.step_count) == (1, 0)
     callback.on_train_end(_hf_args(tmp_path), None, None)
+
+
+def test_hf_callback_adds_each_log_s_rounds_for_the_reporters_and_the_history(tmp_path):
+    """The HF callback gave the Trainer's reporters nothing (Lightning's gets every round): each
+    log now carries the rounds since the one before, in trainer_state.json's history, and for the
+    reporters where ``add_to`` put the callback before them (a recorder stands in for them)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from lowcomm.integrations.hf import DiLoCoTrainerCallback
+
+    class Recorder(TrainerCallback):  # where the Trainer puts its reporters: before a user's callbacks
+        seen: list = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.mse_loss(self.lin(x).squeeze(-1), labels)}
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "labels": torch.randn(())} for _ in range(64)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=16,
+        per_device_train_batch_size=4,
+        logging_steps=4,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    recorder = Recorder()
+    callback = DiLoCoTrainerCallback(LocalGroup.create(1)[0], sync_every=4)
+    trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[recorder, callback])
+    assert callback.add_to(trainer) is trainer
+    handler = trainer.callback_handler.callbacks
+    assert handler[0] is callback and handler.count(callback) == 1 and recorder in handler
+    trainer.train()
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in steps] == [4, 8, 12, 16]
+    assert [e["diloco/rounds"] for e in steps] == [1.0] * 4  # a round at each 4th step, logged there
+    # (one replica: it sends nothing, and its pseudo-gradient is the mean)
+    assert all(e["diloco/pseudo_grad_norm"] > 0 and abs(e["diloco/cosine_to_mean"] - 1) < 1e-5 for e in steps)
+    assert all(e["diloco/bytes_sent"] == 0 for e in steps)
+    seen = [e for e in recorder.seen if "loss" in e]
+    assert [e["diloco/rounds"] for e in seen] == [1.0] * 4
 
 
 def test_diloco_steps_from_the_optimizer_inside_an_accelerate_loop():

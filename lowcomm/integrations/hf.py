@@ -18,6 +18,12 @@ the Trainer also saves every replica's checkpoints, not rank 0's only.)
 The wrapper is built when training begins (around the Trainer's model and its optimizer, stepped
 from the optimizer so gradient accumulation counts optimizer steps); its state is saved as
 ``diloco.pt`` in every checkpoint folder and restored when training resumes from one.
+
+Each log the Trainer writes gains the rounds that completed since the one before
+(``diloco/rounds``, ``diloco/bytes_sent``, ``diloco/pseudo_grad_norm``, ``diloco/cosine_to_mean``,
+``diloco/wait_s``): in ``trainer_state.json``'s history, and for the reporters of ``report_to``
+(TensorBoard, W&B, ...) where the callback comes before them: ``callback.add_to(trainer)`` puts it
+first (the Trainer places the callbacks it is given after its reporters).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .common import (
     replica_shard_group,
     replica_state,
     resume_checkpoint,
+    round_metrics,
     warn_if_spanning_replicas,
 )
 
@@ -127,6 +134,27 @@ class DiLoCoTrainerCallback(TrainerCallback):
             self.diloco.load_state_dict(restored)
             log.info("DiLoCo state restored from %s (step %d)", saved, self.diloco.step_count)
         self.diloco.attach()
+
+    def add_to(self, trainer) -> Any:
+        """Put this callback first in ``trainer``'s callbacks (adding it if it is not there), so
+        the reporters of ``report_to`` log the round metrics it adds to each log; returns the
+        trainer."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the rounds that completed since the last log (:func:`round_metrics`) to this log:
+        to the Trainer's history and for the callbacks after this one."""
+        if self.diloco is None or logs is None:
+            return
+        metrics = round_metrics(self.diloco.drain_round_stats())
+        logs.update(metrics)
+        history = state.log_history
+        if metrics and history and history[-1].get("step") == state.global_step:
+            history[-1].update(metrics)
 
     def on_save(self, args, state, control, **kwargs):
         if self.diloco is None:
