@@ -474,6 +474,36 @@ def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypa
     agent.close(leave=False)
 
 
+def test_a_state_the_donor_cannot_send_fails_that_transfer_not_the_donor(monkeypatch):
+    """A snapshot (the embedding API's is the user's) holding what the state format cannot write
+    raised out of serve_pending: the donor's loop died, the joiner waited for the transfer until
+    its timeout and asked the next donor, whose loop died the same way. Now the transfer is
+    reported failed at once, the reason named and recorded, and the donor trains on."""
+    from lowcomm.comm.net import free_port
+    from lowcomm.runtime.elastic import WorkerAgent
+
+    events = []
+    agent = WorkerAgent(
+        f"tcp://127.0.0.1:{free_port()}", KEY, "w0", heartbeat_s=0.01, record=lambda k, **f: events.append(f)
+    )
+    reported = []
+    monkeypatch.setattr(agent, "_report_transfer", lambda *a: reported.append(a))
+    monkeypatch.setattr(agent, "_over_transfer_group", lambda *a: pytest.fail("a transfer started"))
+    agent.view.serve = [{"transfer_id": 5, "joiner": "w2", "store": "127.0.0.1:1", "rendezvous": 3}]
+    assert agent.serve_pending(lambda: {"w": torch.ones(2), "seen": {1, 2}}) == 0
+    assert reported == [(5, "w2", False)]
+    assert events == [
+        {
+            "what": "served",
+            "joiner": "w2",
+            "transfer_id": 5,
+            "ok": False,
+            "error": "cannot pack a set into a state",
+        }
+    ]
+    agent.close(leave=False)
+
+
 def test_a_round_committed_without_this_workers_result_makes_it_resynchronize():
     """The ninth soak run's case: this worker's contribution was dropped, but the round was
     committed (a restarted coordinator decided a generation it never saw from the round the job

@@ -511,7 +511,13 @@ class WorkerAgent:
             if tid in self._done_transfers or self.is_cancelled(tid):  # the joiner gave up on it
                 continue
             self._done_transfers.add(tid)
-            header, tensors, nbytes = signed(snapshot())  # (the live tensors: sent before the next step)
+            try:
+                header, tensors, nbytes = signed(snapshot())  # (the live tensors: sent before the next step)
+            except (TypeError, ValueError) as e:  # every donor's would fail alike: not a reason to stop
+                log.error("%s: cannot send its state to %s: %s", self.worker_id, joiner, e)
+                self.record("transfer", what="served", joiner=joiner, transfer_id=tid, ok=False, error=str(e))
+                self._report_transfer(tid, joiner, False)
+                continue
             t0 = time.perf_counter()
             try:
                 ok = self._over_transfer_group(
