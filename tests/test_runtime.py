@@ -753,6 +753,48 @@ def test_launch_restarts_a_failed_job_but_not_a_refusal(tmp_path):
     assert attempts() == ["0", "0"]
 
 
+@pytest.mark.parametrize("start", ["exec", "forkserver"])
+def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_last_lines(
+    tmp_path, caplog, capsys, start
+):
+    """The processes of a launched job all wrote to the launcher's terminal, interleaved (with 8
+    processes, unreadable). --log-dir DIR gives each its file, DIR/attempt<N>/rank<R>.log, its
+    stdout and stderr in the order written; the launcher shows where, and a failed rank's last
+    lines. A folder holding an earlier job's logs is refused, and left as it was."""
+    from lowcomm.runtime.trainer.launch import launch
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys\n"
+        "rank, attempt = os.environ['RANK'], os.environ['TORCHELASTIC_RESTART_COUNT']\n"
+        "print(f'out {rank} {attempt}')\n"
+        "print(f'err {rank} {attempt}', file=sys.stderr)\n"
+        "sys.exit(3 if rank == '1' and attempt == '0' else 0)\n"
+    )
+    logs = tmp_path / "logs"
+    with caplog.at_level("ERROR", logger="lowcomm.runtime.trainer.launch"):
+        code = launch([sys.executable, str(script)], 2, max_restarts=1, start=start, log_dir=logs)
+    assert code == 0
+    for attempt in (0, 1):
+        for rank in (0, 1):
+            text = (logs / f"attempt{attempt}" / f"rank{rank}.log").read_text()
+            assert text == f"out {rank} {attempt}\nerr {rank} {attempt}\n", (attempt, rank, text)
+    assert oct((logs / "attempt0" / "rank1.log").stat().st_mode & 0o777) == "0o600"
+    shown = f"the last lines of {logs}/attempt0/rank1.log:\nout 1 0\nerr 1 0"
+    assert "rank 1 exited with code 3" in caplog.text and shown in caplog.text
+    err = capsys.readouterr().err
+    assert f"lowcomm launch: the processes' output in {logs}/attempt1/rank<R>.log" in err
+    assert "out 0" not in err  # (nothing of theirs on the terminal)
+    with pytest.raises(
+        ValueError, match=r"log_dir=.* is not allowed: it holds an earlier job's logs \(attempt0/\)"
+    ):
+        launch([sys.executable, str(script)], 2, start=start, log_dir=logs)
+    assert (logs / "attempt0" / "rank0.log").read_text() == "out 0 0\nerr 0 0\n"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"log_dir=.* is not allowed: .* is a file, not a folder"):
+        launch([sys.executable, str(script)], 2, start=start, log_dir=tmp_path / "file" / "logs")
+
+
 def test_launch_forkserver_takes_this_interpreters_python_and_refuses_the_rest_by_name(tmp_path):
     """--start forkserver runs `python [-u] SCRIPT`, `python [-u] -m MODULE` and a console script
     whose #! line names this interpreter; another program, another interpreter (a link to this

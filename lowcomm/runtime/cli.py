@@ -181,6 +181,13 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         metavar="MODULE",
         help="--start forkserver: a module the server imports too (e.g. lightning.pytorch); repeatable",
     )
+    la.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="each process's output (stdout and stderr) to DIR/attempt<N>/rank<R>.log instead of this "
+        "terminal; a failed rank's last lines are shown (default: the terminal, as torchrun)",
+    )
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     sc = sub.add_parser("scaling", help="scaling-law sweeps, fits and reports")
@@ -1045,6 +1052,7 @@ def _main(args: argparse.Namespace) -> int:
                 max_restarts=args.max_restarts,
                 start=args.start,
                 preload=args.preload,
+                log_dir=args.log_dir,
             )
         if args.command in ("coordinator", "status", "keys"):
             return _control_plane(args)

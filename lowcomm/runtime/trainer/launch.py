@@ -18,6 +18,10 @@ MODULE``, ``lowcomm train``) from a server that imported torch once, and the mod
 ``--preload``: a process (and a restarted job) is training in a fraction of a second instead of
 after seconds of imports (``lowcomm.runtime.forkserver`` says what such a process does not share
 with a started one). The launcher itself imports no torch either way.
+
+Each process writes to the launcher's terminal, as under torchrun, or with ``--log-dir DIR`` to
+``DIR/attempt<N>/rank<R>.log`` (its stdout and stderr, written through): a failed rank's last
+lines are then shown by the launcher. A folder that holds an earlier job's logs is refused.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from ..._checks import is_int, refuse, threads_env
 from ...comm.net import check_free_port, free_port
 from ...comm.slurm import srun_env
 from .. import forkserver
 from ..errors import ExitCode
+from ..files import check_folder, private_open
 
 __all__ = ["launch"]
 
@@ -56,17 +63,20 @@ def launch(
     max_restarts: int = 0,
     start: str = "exec",
     preload=(),
+    log_dir: str | os.PathLike | None = None,
 ) -> int:
     """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine, again after a
     failure up to ``max_restarts`` times; returns an exit code (the last attempt's). ``start``:
     "exec" (each process a new one) or "forkserver" (forked from a server that imported torch and
-    the modules ``preload``: see the module's docstring).
+    the modules ``preload``: see the module's docstring). ``log_dir``: each process's output goes
+    to ``log_dir/attempt<N>/rank<R>.log`` instead of this process's terminal.
 
     Raises:
         ValueError: counts below 1 or more than ``forkserver.MAX_PROCS`` processes, a port outside
             0-65535, a negative ``max_restarts``, an empty command or one that is not found; with
             forkserver a command that is not this interpreter's Python, a ``preload`` module that
-            is not installed; one task of an ``srun`` step of several (each would start a job).
+            is not installed; one task of an ``srun`` step of several (each would start a job); a
+            ``log_dir`` that cannot be written or holds an earlier job's logs.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
@@ -98,15 +108,16 @@ def launch(
         check_free_port("port", port)
     if not is_int(max_restarts, 0):
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
+    if log_dir is not None:
+        _check_log_dir(log_dir)
     signals = _Signals()
     previous = {}
     if threading.current_thread() is threading.main_thread():  # (signal handlers live there only)
         previous = {sig: signal.signal(sig, signals.note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         starter = _starter(command, [*forkserver.DEFAULT_PRELOAD, *preload])
-        return _attempts(
-            starter, replicas * procs_per_replica, procs_per_replica, port, grace_s, max_restarts, signals
-        )
+        world = replicas * procs_per_replica
+        return _attempts(starter, world, procs_per_replica, port, grace_s, max_restarts, signals, log_dir)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -134,12 +145,43 @@ class _Signals:
         return bool(self.interrupts) or self.terminated
 
 
+def _check_log_dir(log_dir) -> None:
+    """Refuse a log folder that cannot be written, or that holds an earlier job's logs (a new
+    job's would be appended to them)."""
+    check_folder("log_dir", log_dir)
+    earlier = sorted(p.name for p in Path(log_dir).glob("attempt*")) if Path(log_dir).is_dir() else []
+    if earlier:
+        raise refuse(
+            "log_dir", str(log_dir), f"it holds an earlier job's logs ({earlier[0]}/): choose another"
+        )
+
+
 def _starter(command, preload):
-    """How a process of the job starts, given its environment: a new process of the command, or
-    a fork of the server (``command`` a ``forkserver.PythonCommand``)."""
+    """How a process of the job starts, given its environment and the file its output goes to
+    (None: this process's terminal): a new process of the command, or a fork of the server
+    (``command`` a ``forkserver.PythonCommand``)."""
     if isinstance(command, forkserver.PythonCommand):
-        return lambda env: forkserver.start(command, env, preload=preload)
-    return lambda env: subprocess.Popen(command, env=env)
+        return lambda env, log: forkserver.start(command, env, log_path=log, preload=preload)
+
+    def start(env, log):
+        if log is None:
+            return subprocess.Popen(command, env=env)
+        with private_open(log, "ab") as f:  # (written through by a Python process, as a fork's)
+            env = {**env, "PYTHONUNBUFFERED": env.get("PYTHONUNBUFFERED") or "1"}
+            return subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    return start
+
+
+def _tail(path: str, lines: int = 20, limit: int = 1 << 16) -> str:
+    """The last ``lines`` lines of a process's log (of its last ``limit`` bytes)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            text = f.read().decode(errors="replace")
+    except OSError as e:
+        return f"(its log could not be read: {e})"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 #: exit codes after which a job is not started again (as are those of a launcher signalled itself);
@@ -149,7 +191,14 @@ _FINAL = (ExitCode.OK, ExitCode.USAGE, ExitCode.INTERRUPTED)
 
 
 def _attempts(
-    starter, world: int, procs_per_replica: int, port, grace_s: float, max_restarts: int, signals: _Signals
+    starter,
+    world: int,
+    procs_per_replica: int,
+    port,
+    grace_s: float,
+    max_restarts: int,
+    signals: _Signals,
+    log_dir=None,
 ) -> int:
     attempt = 0
     threads = threads_env(world)  # (the processes share this machine's cores)
@@ -161,7 +210,12 @@ def _attempts(
             "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
             **threads,
         }
-        code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals)
+        logs = None
+        if log_dir is not None:
+            logs = Path(log_dir) / f"attempt{attempt}"
+            logs.mkdir(parents=True, mode=0o700)
+            print(f"lowcomm launch: the processes' output in {logs}/rank<R>.log", file=sys.stderr, flush=True)
+        code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals, logs)
         if code in _FINAL or signals.stopping or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
@@ -182,13 +236,15 @@ def _run_once(
     extra: dict,
     grace_s: float,
     signals: _Signals,
+    logs: Path | None = None,
 ) -> int:
     """One attempt: start every process, stop the others when one fails; returns the exit code
-    (on a signal: INTERRUPTED or TERMINATED, every process stopped)."""
+    (on a signal: INTERRUPTED or TERMINATED, every process stopped). ``logs``: the folder of the
+    processes' output (None: this process's terminal)."""
     running: dict[int, subprocess.Popen] = {}
     code = 0
     try:
-        _start(starter, world, procs_per_replica, port, extra, running, signals)
+        _start(starter, world, procs_per_replica, port, extra, running, signals, logs)
     except OSError as e:  # (the system's process or memory limits): the others would wait for it
         log.error(
             "could not start rank %d of %d (%s): stopping the %d started",
@@ -208,6 +264,9 @@ def _run_once(
             if rc != 0 and code == 0:
                 code = rc
                 log.error("rank %d exited with code %d; stopping the other ranks", rank, rc)
+                if logs is not None:
+                    path = str(logs / f"rank{rank}.log")
+                    log.error("the last lines of %s:\n%s", path, _tail(path))
                 _stop(list(running.values()), grace_s, lambda: signals.stopping)
         time.sleep(0.05)
     procs = list(running.values())
@@ -237,9 +296,10 @@ def _start(
     extra: dict,
     running: dict,
     signals: _Signals,
+    logs: Path | None = None,
 ) -> None:
     """Start the job's processes into ``running`` (rank -> process), each as soon as it exists;
-    no more once a signal came."""
+    no more once a signal came; each one's output to ``logs/rank<R>.log`` (None: the terminal)."""
     for rank in range(world):
         if signals.stopping:
             return
@@ -254,7 +314,7 @@ def _start(
             "LOWCOMM_PROCS_PER_REPLICA": str(procs_per_replica),
             **extra,
         }
-        running[rank] = starter(env)
+        running[rank] = starter(env, None if logs is None else str(logs / f"rank{rank}.log"))
 
 
 def _settle(procs: list[subprocess.Popen], timeout_s: float, hurry=lambda: False) -> None:
