@@ -23,7 +23,8 @@ Each log the Trainer writes gains the rounds that completed since the one before
 (``diloco/rounds``, ``diloco/bytes_sent``, ``diloco/pseudo_grad_norm``, ``diloco/cosine_to_mean``,
 ``diloco/wait_s``): in ``trainer_state.json``'s history, and for the reporters of ``report_to``
 (TensorBoard, W&B, ...) where the callback comes before them: ``callback.add_to(trainer)`` puts it
-first (the Trainer places the callbacks it is given after its reporters).
+first (the Trainer places the callbacks it is given after its reporters). The final sync's rounds
+come after the Trainer's last log: they go to the history alone.
 """
 
 from __future__ import annotations
@@ -170,6 +171,10 @@ class DiLoCoTrainerCallback(TrainerCallback):
             self.diloco.detach()
             if self.final_sync:
                 self.diloco.finish()
+                # (the final sync's rounds: after the Trainer's last log, so in its history only)
+                metrics = round_metrics(self.diloco.drain_round_stats())
+                if metrics:
+                    state.log_history.append({**metrics, "step": state.global_step})
 
 
 def _spread() -> tuple[str, bool]:

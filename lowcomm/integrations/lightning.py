@@ -12,8 +12,9 @@ rounds in flight) is saved in Lightning checkpoints and restored on ``fit(ckpt_p
 Lightning restores callbacks before the optimizers exist, so the state waits until the wrapper is
 built. When fitting ends, what is left is synchronized (``final_sync``).
 
-Each round that completes goes to the Trainer's loggers at the step it completed
-(``diloco/bytes_sent``, ``diloco/pseudo_grad_norm``, ``diloco/cosine_to_mean``, ``diloco/wait_s``).
+Each round that completes goes to the Trainer's loggers at the step it completed, the final
+sync's at the last step (``diloco/bytes_sent``, ``diloco/pseudo_grad_norm``,
+``diloco/cosine_to_mean``, ``diloco/wait_s``).
 
 A replica of ``k`` processes (``--procs-per-replica k``) runs Lightning's DDP strategy inside it
 (``Trainer(devices=k)``): each process syncs its 1/k shard of every fragment, and the checkpoint
@@ -91,8 +92,10 @@ class DiLoCoCallback(pl.Callback):
         """Log the rounds that completed in this batch's optimizer step (:func:`round_metrics`),
         every one of them: to the loggers directly, as rounds need not fall on the Trainer's
         ``log_every_n_steps``."""
-        if self.diloco is None:
-            return
+        if self.diloco is not None:
+            self._log_rounds(trainer)
+
+    def _log_rounds(self, trainer: pl.Trainer) -> None:
         metrics = round_metrics(self.diloco.drain_round_stats())
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -103,6 +106,7 @@ class DiLoCoCallback(pl.Callback):
             self.diloco.detach()
             if self.final_sync:
                 self.diloco.finish()
+                self._log_rounds(trainer)  # (the final sync's rounds: the loggers are not finalized yet)
 
     def state_dict(self) -> dict[str, Any]:
         if self.diloco is not None:  # (called on every process: Lightning writes the first's)
