@@ -246,7 +246,9 @@ def test_lightning_callback_replaces_the_diloco_a_failed_fit_left_attached():
 
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = types.SimpleNamespace(optimizers=[opt], strategy=types.SimpleNamespace(model=model))
+    trainer = types.SimpleNamespace(
+        optimizers=[opt], strategy=types.SimpleNamespace(model=model), is_global_zero=True, loggers=[]
+    )
     callback = DiLoCoCallback(LocalGroup.create(1)[0], sync_every=2)
     callback.on_fit_start(trainer, model)
     first = callback.diloco
