@@ -341,7 +341,10 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_of_ddp_and_
     model(torch.ones(1, 2)).sum().backward()
     opt.step()  # one DiLoCo steps with the optimizer, not two
     assert (callback.diloco.step_count, first.step_count) == (1, 0)
-    callback.on_train_end(_hf_args(tmp_path), None, None)
+    end = types.SimpleNamespace(global_step=1, log_history=[])
+    callback.on_train_end(_hf_args(tmp_path), end, None)
+    (final,) = end.log_history  # the final sync's round (the one step's progress), after the last log
+    assert final["step"] == 1 and final["diloco/rounds"] == 1.0
 
 
 def test_hf_callback_adds_each_log_s_rounds_for_the_reporters_and_the_history(tmp_path):
@@ -436,7 +439,7 @@ def test_hf_callback_finds_the_optimizer_where_transformers_4_47_to_4_49_put_it(
         model(torch.ones(1, 2)).sum().backward()
         opt.step()
     assert callback.diloco.inner_optimizer is opt and callback.diloco.step_count == 2
-    callback.on_train_end(_hf_args(tmp_path), None, None)
+    callback.on_train_end(_hf_args(tmp_path), types.SimpleNamespace(global_step=2, log_history=[]), None)
     with pytest.raises(RuntimeError, match=r"handed its callbacks no optimizer.*optimizers=\(optimizer"):
         DiLoCoTrainerCallback(LocalGroup.create(1)[0]).on_train_begin(
             _hf_args(tmp_path), types.SimpleNamespace(global_step=0), None, model, None
