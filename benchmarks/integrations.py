@@ -6,8 +6,9 @@ processes (``lowcomm launch --procs-per-replica k``; the framework's DDP inside 
 Two replicas of examples/lightning_diloco.py's model train 2 epochs (32 optimizer steps a
 replica whatever its processes: a replica of k takes k times the data, sharded by Lightning),
 ``sync_every=8, fragments=2, overlap=1``, fp32 rounds, no final sync. Each process reports the
-bytes its rounds sent (``DiLoCo.drain_round_stats()``): with k processes each sends its 1/k shard
-of every fragment, so a replica sends what a one-process replica sends.
+bytes its rounds sent (``DiLoCo.drain_round_stats()``, kept as the callback drains them at each
+step): with k processes each sends its 1/k shard of every fragment, so a replica sends what a
+one-process replica sends.
 """
 
 from __future__ import annotations
@@ -35,10 +36,27 @@ def worker(out: Path) -> None:
 
     from lowcomm.integrations.lightning import DiLoCoCallback, replica_group
 
+    class Kept(DiLoCoCallback):
+        """The callback, keeping the rounds it drains at each step (to log them on the replica's
+        first process): drained after the fit, they were gone."""
+
+        rounds: list = []
+
+        def on_fit_start(self, trainer, pl_module):
+            super().on_fit_start(trainer, pl_module)
+            drain = self.diloco.drain_round_stats
+
+            def kept():
+                out = drain()
+                self.rounds.extend(out)
+                return out
+
+            self.diloco.drain_round_stats = kept
+
     group = replica_group()
     k = int(os.environ.get("WORLD_SIZE", "1"))  # (the replica's processes, after replica_group())
     pl.seed_everything(0)
-    callback = DiLoCoCallback(group, sync_every=8, fragments=2, overlap=1, final_sync=False)
+    callback = Kept(group, sync_every=8, fragments=2, overlap=1, final_sync=False)
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -50,7 +68,8 @@ def worker(out: Path) -> None:
         callbacks=[callback],
     )
     trainer.fit(Regressor(), data(seed=group.rank, n=512 * k))
-    rounds = callback.diloco.drain_round_stats()
+    callback.diloco.drain_round_stats()  # (any left: kept too)
+    rounds = callback.rounds
     report = {
         "replica": group.rank,
         "process": trainer.global_rank,
