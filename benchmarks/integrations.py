@@ -91,6 +91,8 @@ def run(procs: int) -> dict:
             (json.loads(p.read_text()) for p in Path(tmp).glob("*.json")),
             key=lambda r: (r["replica"], r["process"]),
         )
+    if len(reports) != 2 * procs or not all(r["rounds"] for r in reports):  # (it once reported 0 bytes)
+        raise SystemExit(f"each of the {2 * procs} processes should report its rounds: {reports}")
     per_replica = [sum(r["bytes_sent"] for r in reports if r["replica"] == i) for i in range(2)]
     return {
         "procs_per_replica": procs,
