@@ -793,6 +793,8 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"log_dir=.* is not allowed: .* is a file, not a folder"):
         launch([sys.executable, str(script)], 2, start=start, log_dir=tmp_path / "file" / "logs")
+    with pytest.raises(ValueError, match=r"log_dir='' is not allowed: a folder's path"):
+        launch([sys.executable, str(script)], 2, start=start, log_dir="")
 
 
 def test_launch_forkserver_takes_this_interpreters_python_and_refuses_the_rest_by_name(tmp_path):

@@ -148,8 +148,13 @@ class _Signals:
 def _check_log_dir(log_dir) -> None:
     """Refuse a log folder that cannot be written, or that holds an earlier job's logs (a new
     job's would be appended to them)."""
+    if not str(log_dir).strip():  # ("" is the working folder)
+        raise refuse("log_dir", str(log_dir), "a folder's path")
     check_folder("log_dir", log_dir)
-    earlier = sorted(p.name for p in Path(log_dir).glob("attempt*")) if Path(log_dir).is_dir() else []
+    folder = Path(log_dir)
+    earlier = (
+        sorted(p.name for p in folder.glob("attempt*") if p.name[7:].isdigit()) if folder.is_dir() else []
+    )
     if earlier:
         raise refuse(
             "log_dir", str(log_dir), f"it holds an earlier job's logs ({earlier[0]}/): choose another"
