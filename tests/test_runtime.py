@@ -760,7 +760,8 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     """The processes of a launched job all wrote to the launcher's terminal, interleaved (with 8
     processes, unreadable). --log-dir DIR gives each its file, DIR/attempt<N>/rank<R>.log, its
     stdout and stderr in the order written; the launcher shows where, and a failed rank's last
-    lines. A folder holding an earlier job's logs is refused, and left as it was."""
+    lines; --tee copies each line to its stdout too, behind the rank. A folder holding an earlier
+    job's logs is refused, and left as it was."""
     from lowcomm.runtime.trainer.launch import launch
 
     script = tmp_path / "job.py"
@@ -773,7 +774,7 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     )
     logs = tmp_path / "logs"
     with caplog.at_level("ERROR", logger="lowcomm.runtime.trainer.launch"):
-        code = launch([sys.executable, str(script)], 2, max_restarts=1, start=start, log_dir=logs)
+        code = launch([sys.executable, str(script)], 2, max_restarts=1, start=start, log_dir=logs, tee=True)
     assert code == 0
     for attempt in (0, 1):
         for rank in (0, 1):
@@ -782,9 +783,16 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     assert oct((logs / "attempt0" / "rank1.log").stat().st_mode & 0o777) == "0o600"
     shown = f"the last lines of {logs}/attempt0/rank1.log:\nout 1 0\nerr 1 0"
     assert "rank 1 exited with code 3" in caplog.text and shown in caplog.text
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"lowcomm launch: the processes' output in {logs}/attempt1/rank<R>.log" in err
-    assert "out 0" not in err  # (nothing of theirs on the terminal)
+    assert "out 0" not in err  # (nothing of theirs on stderr: --tee copies to stdout)
+    for attempt in (0, 1):
+        for rank in (0, 1):
+            lines = out.splitlines()  # (one rank's lines in order; the ranks' may interleave)
+            first, second = f"[rank {rank}]: out {rank} {attempt}", f"[rank {rank}]: err {rank} {attempt}"
+            assert first in lines and second in lines and lines.index(first) < lines.index(second), out
+    with pytest.raises(ValueError, match=r"tee=True is not allowed: it copies the logs of a log_dir"):
+        launch([sys.executable, str(script)], 2, start=start, tee=True)
     with pytest.raises(
         ValueError, match=r"log_dir=.* is not allowed: it holds an earlier job's logs \(attempt0/\)"
     ):

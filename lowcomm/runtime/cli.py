@@ -188,6 +188,11 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         help="each process's output (stdout and stderr) to DIR/attempt<N>/rank<R>.log instead of this "
         "terminal; a failed rank's last lines are shown (default: the terminal, as torchrun)",
     )
+    la.add_argument(
+        "--tee",
+        action="store_true",
+        help="with --log-dir: each line of the logs to this terminal too, behind its rank ([rank 1]: ...)",
+    )
     la.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     sc = sub.add_parser("scaling", help="scaling-law sweeps, fits and reports")
@@ -1053,6 +1058,7 @@ def _main(args: argparse.Namespace) -> int:
                 start=args.start,
                 preload=args.preload,
                 log_dir=args.log_dir,
+                tee=args.tee,
             )
         if args.command in ("coordinator", "status", "keys"):
             return _control_plane(args)

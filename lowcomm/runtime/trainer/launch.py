@@ -21,7 +21,8 @@ with a started one). The launcher itself imports no torch either way.
 
 Each process writes to the launcher's terminal, as under torchrun, or with ``--log-dir DIR`` to
 ``DIR/attempt<N>/rank<R>.log`` (its stdout and stderr, written through): a failed rank's last
-lines are then shown by the launcher. A folder that holds an earlier job's logs is refused.
+lines are then shown by the launcher, and ``--tee`` copies every line to the launcher's stdout
+too, behind its rank (``[rank 1]: ...``). A folder that holds an earlier job's logs is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..._checks import is_int, refuse, threads_env
 from ...comm.net import check_free_port, free_port
@@ -64,19 +66,21 @@ def launch(
     start: str = "exec",
     preload=(),
     log_dir: str | os.PathLike | None = None,
+    tee: bool = False,
 ) -> int:
     """Run ``replicas · procs_per_replica`` copies of ``command`` on this machine, again after a
     failure up to ``max_restarts`` times; returns an exit code (the last attempt's). ``start``:
     "exec" (each process a new one) or "forkserver" (forked from a server that imported torch and
     the modules ``preload``: see the module's docstring). ``log_dir``: each process's output goes
-    to ``log_dir/attempt<N>/rank<R>.log`` instead of this process's terminal.
+    to ``log_dir/attempt<N>/rank<R>.log`` instead of this process's terminal; ``tee``: each line
+    of them to this process's stdout too, behind its rank.
 
     Raises:
         ValueError: counts below 1 or more than ``forkserver.MAX_PROCS`` processes, a port outside
             0-65535, a negative ``max_restarts``, an empty command or one that is not found; with
             forkserver a command that is not this interpreter's Python, a ``preload`` module that
             is not installed; one task of an ``srun`` step of several (each would start a job); a
-            ``log_dir`` that cannot be written or holds an earlier job's logs.
+            ``log_dir`` that cannot be written or holds an earlier job's logs; ``tee`` without one.
     """
     if not command:
         raise ValueError("launch needs a command after '--'")
@@ -110,6 +114,8 @@ def launch(
         raise refuse("max_restarts", max_restarts, "an int >= 0 (times a failed job is started again)")
     if log_dir is not None:
         _check_log_dir(log_dir)
+    elif tee:
+        raise refuse("tee", tee, "it copies the logs of a log_dir (--log-dir DIR), and none was given")
     signals = _Signals()
     previous = {}
     if threading.current_thread() is threading.main_thread():  # (signal handlers live there only)
@@ -117,7 +123,9 @@ def launch(
     try:
         starter = _starter(command, [*forkserver.DEFAULT_PRELOAD, *preload])
         world = replicas * procs_per_replica
-        return _attempts(starter, world, procs_per_replica, port, grace_s, max_restarts, signals, log_dir)
+        return _attempts(
+            starter, world, procs_per_replica, port, grace_s, max_restarts, signals, log_dir, tee
+        )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -178,6 +186,47 @@ def _starter(command, preload):
     return start
 
 
+class _Tee(threading.Thread):
+    """Copies the lines the processes write to their logs (``folder/rank<R>.log``) to this
+    process's stdout as they come, each behind its rank; whole lines only, until :meth:`close`
+    (which copies what is left, a last line without its newline too)."""
+
+    def __init__(self, folder: Path, world: int, every_s: float = 0.1) -> None:
+        super().__init__(daemon=True, name="lowcomm-launch-tee")
+        self.folder, self.world, self.every_s = folder, world, every_s
+        self.files: dict[int, Any] = {}
+        self.partial = [b""] * world
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            self._copy(last=False)
+
+    def close(self) -> None:
+        self.done.set()
+        self.join()
+        self._copy(last=True)
+        for f in self.files.values():
+            f.close()
+
+    def _copy(self, last: bool) -> None:
+        out = []
+        for rank in range(self.world):
+            f = self.files.get(rank)
+            if f is None:
+                try:
+                    f = self.files[rank] = open(self.folder / f"rank{rank}.log", "rb")
+                except FileNotFoundError:  # (not started yet)
+                    continue
+            *lines, self.partial[rank] = (self.partial[rank] + f.read()).split(b"\n")
+            if last and self.partial[rank]:
+                lines, self.partial[rank] = [*lines, self.partial[rank]], b""
+            out += [f"[rank {rank}]: {line.decode(errors='replace')}\n" for line in lines]
+        if out:
+            sys.stdout.write("".join(out))
+            sys.stdout.flush()
+
+
 def _tail(path: str, lines: int = 20, limit: int = 1 << 16) -> str:
     """The last ``lines`` lines of a process's log (of its last ``limit`` bytes)."""
     try:
@@ -204,6 +253,7 @@ def _attempts(
     max_restarts: int,
     signals: _Signals,
     log_dir=None,
+    tee: bool = False,
 ) -> int:
     attempt = 0
     threads = threads_env(world)  # (the processes share this machine's cores)
@@ -220,7 +270,16 @@ def _attempts(
             logs = Path(log_dir) / f"attempt{attempt}"
             logs.mkdir(parents=True, mode=0o700)
             print(f"lowcomm launch: the processes' output in {logs}/rank<R>.log", file=sys.stderr, flush=True)
-        code = _run_once(starter, world, procs_per_replica, port or free_port(), env, grace_s, signals, logs)
+        copy = _Tee(logs, world) if tee and logs is not None else None
+        if copy is not None:
+            copy.start()
+        try:
+            code = _run_once(
+                starter, world, procs_per_replica, port or free_port(), env, grace_s, signals, logs
+            )
+        finally:
+            if copy is not None:
+                copy.close()
         if code in _FINAL or signals.stopping or attempt == max_restarts:
             if code == ExitCode.USAGE and attempt < max_restarts:
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
