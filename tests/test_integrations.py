@@ -329,7 +329,12 @@ def test_hf_callback_refuses_a_resume_without_diloco_state_and_warns_of_ddp_and_
     with caplog.at_level(logging.WARNING, logger="lowcomm"):
         callback.on_train_begin(_hf_args(tmp_path, 2), types.SimpleNamespace(global_step=0), None, model, opt)
     assert "the HF Trainer sees 2 processes and wraps the model in DDP" in caplog.text
-    assert "load_best_model_at_end" not in caplog.text
+    assert "load_best_model_at_end" not in caplog.text and "report_to" not in caplog.text
+    # reporters that log before the callback (it was not put first by add_to) are warned of
+    reporting = types.SimpleNamespace(**vars(_hf_args(tmp_path)), report_to=["tensorboard", "wandb"])
+    with caplog.at_level(logging.WARNING, logger="lowcomm"):
+        callback.on_train_begin(reporting, types.SimpleNamespace(global_step=0), None, model, opt)
+    assert "the reporters of report_to (tensorboard, wandb) log before DiLoCoTrainerCallback" in caplog.text
     best = types.SimpleNamespace(**vars(_hf_args(tmp_path)), load_best_model_at_end=True)
     with caplog.at_level(logging.WARNING, logger="lowcomm"):
         callback.on_train_begin(best, types.SimpleNamespace(global_step=0), None, model, opt)

@@ -79,9 +79,18 @@ class DiLoCoTrainerCallback(TrainerCallback):
         self.group, self.final_sync, self.resume_from = group, final_sync, resume_from
         self.config = (config or DiLoCoConfig()).replace(**settings)
         self.diloco: DiLoCo | None = None
+        self.first = False  # put first by add_to: before the reporters
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         warn_if_spanning_replicas("HF Trainer", args.world_size, "TrainingArguments")
+        reporters = [r for r in _as_list(getattr(args, "report_to", None)) if r != "none"]
+        if reporters and not self.first:
+            log.warning(
+                "the reporters of report_to (%s) log before DiLoCoTrainerCallback and miss its "
+                "diloco/* metrics (they stay in the Trainer's history): add it with "
+                "DiLoCoTrainerCallback(...).add_to(trainer) to put it first",
+                ", ".join(reporters),
+            )
         if getattr(args, "load_best_model_at_end", False) and self.final_sync:
             log.warning(
                 "load_best_model_at_end: when training ends the Trainer loads this replica's own "
@@ -144,6 +153,7 @@ class DiLoCoTrainerCallback(TrainerCallback):
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
+        self.first = True
         return trainer
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -175,6 +185,13 @@ class DiLoCoTrainerCallback(TrainerCallback):
                 metrics = round_metrics(self.diloco.drain_round_stats())
                 if metrics:
                     state.log_history.append({**metrics, "step": state.global_step})
+
+
+def _as_list(report_to) -> list[str]:
+    """``TrainingArguments.report_to`` as a list (a name, a list of names, or None)."""
+    if report_to is None:
+        return []
+    return [report_to] if isinstance(report_to, str) else [str(r) for r in report_to]
 
 
 def _spread() -> tuple[str, bool]:
