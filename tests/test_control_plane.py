@@ -440,7 +440,7 @@ def test_a_worker_whose_coordinator_never_answers_gives_up_after_its_timeout():
     WorkerAgent(endpoint, KEY, "w", "127.0.0.1").close(leave=False)
 
 
-def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypatch):
+def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypatch, caplog):
     """A chaos run under CI's load: w1, restarted after its kill, was joining when the coordinator
     was killed and restarted; its transfer failed, and the restarted coordinator, which did not
     know it yet, refused its next join ('not registered'): w1 exited and the report said 'data lost
@@ -465,8 +465,10 @@ def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypa
     monkeypatch.setattr(agent._main, "call", call)
     monkeypatch.setattr(agent, "_over_transfer_group", lambda *a: {"step": 40})
     loaded = []
-    info = agent.join(loaded.append)
+    with caplog.at_level("INFO", logger="lowcomm.runtime.elastic.agent"):
+        info = agent.join(loaded.append)
     assert loaded == [{"step": 40}] and info["donor"] == "w0" and info["attempts"] == 1 and not replies
+    assert "w1: in sync with the job: its state from w0 in " in caplog.text  # (at --log-level INFO)
     replies[:] = [NotRegistered("worker 'w1' is not registered (register again)")]
     agent._refused = JobFinished("the job finished")  # what the heartbeat thread was told
     with pytest.raises(JobFinished, match="the job finished"):
@@ -474,7 +476,7 @@ def test_a_joiner_whose_coordinator_restarted_registers_again_and_joins(monkeypa
     agent.close(leave=False)
 
 
-def test_a_state_the_donor_cannot_send_fails_that_transfer_not_the_donor(monkeypatch):
+def test_a_state_the_donor_cannot_send_fails_that_transfer_not_the_donor(monkeypatch, caplog):
     """A snapshot (the embedding API's is the user's) holding what the state format cannot write
     raised out of serve_pending: the donor's loop died, the joiner waited for the transfer until
     its timeout and asked the next donor, whose loop died the same way. Now the transfer is
@@ -501,6 +503,12 @@ def test_a_state_the_donor_cannot_send_fails_that_transfer_not_the_donor(monkeyp
             "error": "cannot pack a set into a state",
         }
     ]
+    # and a state it can write is sent (the transfer stands in here), said at --log-level INFO
+    monkeypatch.setattr(agent, "_over_transfer_group", lambda *a: True)
+    agent.view.serve = [{"transfer_id": 6, "joiner": "w2", "store": "127.0.0.1:1", "rendezvous": 4}]
+    with caplog.at_level("INFO", logger="lowcomm.runtime.elastic.agent"):
+        assert agent.serve_pending(lambda: {"w": torch.ones(2)}) == 1
+    assert reported[-1] == (6, "w2", True) and "w0: sent the job's state to w2 (" in caplog.text
     agent.close(leave=False)
 
 

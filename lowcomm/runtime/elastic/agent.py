@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..._checks import human_bytes
 from ...comm.group import CollectiveError
 from ...comm.net import address_toward, check_local_address
 from ..errors import CoordinatorError, CoordinatorLost, CoordinatorRefused, CoordinatorTimeout, NotRegistered
@@ -469,6 +470,13 @@ class WorkerAgent:
                 self.synced = True
             info = {"donor": donor, "seconds": seconds, "attempts": attempts, "transfer_id": tid}
             self.record("transfer", what="received", **info)
+            log.info(
+                "%s: in sync with the job: its state from %s in %.2f s (attempt %d)",
+                self.worker_id,
+                donor,
+                seconds,
+                attempts,
+            )
             return info
 
     def _over_transfer_group(
@@ -533,6 +541,15 @@ class WorkerAgent:
             except Exception as e:
                 log.warning("%s: transfer %d to %s failed: %s", self.worker_id, tid, joiner, e)
                 ok = False
+            seconds = time.perf_counter() - t0
+            if ok:
+                log.info(
+                    "%s: sent the job's state to %s (%s, %.2f s)",
+                    self.worker_id,
+                    joiner,
+                    human_bytes(len(header) + nbytes),
+                    seconds,
+                )
             self.record(
                 "transfer",
                 what="served",
@@ -540,7 +557,7 @@ class WorkerAgent:
                 transfer_id=tid,
                 ok=ok,
                 bytes=len(header) + nbytes,
-                seconds=time.perf_counter() - t0,
+                seconds=seconds,
             )
             self._report_transfer(tid, joiner, bool(ok))
             served += int(bool(ok))
