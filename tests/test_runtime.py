@@ -770,6 +770,7 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
         "rank, attempt = os.environ['RANK'], os.environ['TORCHELASTIC_RESTART_COUNT']\n"
         "print(f'out {rank} {attempt}')\n"
         "print(f'err {rank} {attempt}', file=sys.stderr)\n"
+        "sys.stderr.write('\\rbar 1/2\\rbar 2/2\\r      \\r')\n"  # (a progress bar's redraws)
         "sys.exit(3 if rank == '1' and attempt == '0' else 0)\n"
     )
     logs = tmp_path / "logs"
@@ -778,10 +779,11 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     assert code == 0
     for attempt in (0, 1):
         for rank in (0, 1):
-            text = (logs / f"attempt{attempt}" / f"rank{rank}.log").read_text()
-            assert text == f"out {rank} {attempt}\nerr {rank} {attempt}\n", (attempt, rank, text)
+            text = (logs / f"attempt{attempt}" / f"rank{rank}.log").read_bytes().decode()
+            expected = f"out {rank} {attempt}\nerr {rank} {attempt}\n\rbar 1/2\rbar 2/2\r      \r"
+            assert text == expected, (attempt, rank, text)
     assert oct((logs / "attempt0" / "rank1.log").stat().st_mode & 0o777) == "0o600"
-    shown = f"the last lines of {logs}/attempt0/rank1.log:\nout 1 0\nerr 1 0"
+    shown = f"the last lines of {logs}/attempt0/rank1.log:\nout 1 0\nerr 1 0\n"
     assert "rank 1 exited with code 3" in caplog.text and shown in caplog.text
     out, err = capsys.readouterr()
     assert f"lowcomm launch: the processes' output in {logs}/attempt1/rank<R>.log" in err
@@ -789,15 +791,21 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     for attempt in (0, 1):
         for rank in (0, 1):
             lines = out.splitlines()  # (one rank's lines in order; the ranks' may interleave)
-            first, second = f"[rank {rank}]: out {rank} {attempt}", f"[rank {rank}]: err {rank} {attempt}"
-            assert first in lines and second in lines and lines.index(first) < lines.index(second), out
+            mine = [x for x in lines if x.startswith(f"[rank {rank}]: ") and x.endswith(f" {rank} {attempt}")]
+            assert mine == [f"[rank {rank}]: out {rank} {attempt}", f"[rank {rank}]: err {rank} {attempt}"], (
+                out
+            )
+    # each redraw of a bar a line of its own, the blank one left out
+    assert out.count("[rank 0]: bar 1/2\n[rank 0]: bar 2/2\n") == 2 and "[rank 0]:       \n" not in out
     with pytest.raises(ValueError, match=r"tee=True is not allowed: it copies the logs of a log_dir"):
         launch([sys.executable, str(script)], 2, start=start, tee=True)
     with pytest.raises(
         ValueError, match=r"log_dir=.* is not allowed: it holds an earlier job's logs \(attempt0/\)"
     ):
         launch([sys.executable, str(script)], 2, start=start, log_dir=logs)
-    assert (logs / "attempt0" / "rank0.log").read_text() == "out 0 0\nerr 0 0\n"
+    assert (
+        logs / "attempt0" / "rank0.log"
+    ).read_bytes().decode() == "out 0 0\nerr 0 0\n\rbar 1/2\rbar 2/2\r      \r"
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"log_dir=.* is not allowed: .* is a file, not a folder"):
         launch([sys.executable, str(script)], 2, start=start, log_dir=tmp_path / "file" / "logs")

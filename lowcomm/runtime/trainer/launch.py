@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,7 +190,9 @@ def _starter(command, preload):
 class _Tee(threading.Thread):
     """Copies the lines the processes write to their logs (``folder/rank<R>.log``) to this
     process's stdout as they come, each behind its rank; whole lines only, until :meth:`close`
-    (which copies what is left, a last line without its newline too)."""
+    (which copies what is left, a last line without its newline too). A carriage return ends a
+    line too (a progress bar's redraw: each shows as a line of its own); blank lines are left
+    out."""
 
     def __init__(self, folder: Path, world: int, every_s: float = 0.1) -> None:
         super().__init__(daemon=True, name="lowcomm-launch-tee")
@@ -218,10 +221,10 @@ class _Tee(threading.Thread):
                     f = self.files[rank] = open(self.folder / f"rank{rank}.log", "rb")
                 except FileNotFoundError:  # (not started yet)
                     continue
-            *lines, self.partial[rank] = (self.partial[rank] + f.read()).split(b"\n")
-            if last and self.partial[rank]:
+            *lines, self.partial[rank] = re.split(rb"[\r\n]", self.partial[rank] + f.read())
+            if last:
                 lines, self.partial[rank] = [*lines, self.partial[rank]], b""
-            out += [f"[rank {rank}]: {line.decode(errors='replace')}\n" for line in lines]
+            out += [f"[rank {rank}]: {line.decode(errors='replace')}\n" for line in lines if line.strip()]
         if out:
             sys.stdout.write("".join(out))
             sys.stdout.flush()
