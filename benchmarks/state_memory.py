@@ -14,15 +14,15 @@ Each part runs in a fresh process (the peak is the process's resident high-water
 - ``save`` / ``load``: the model's ``state_dict()`` written with ``save_state`` and read back with
   ``load_state`` (a ``--checkpoint-every`` checkpoint, a worker's checkpoint);
 - ``transfer``: the model's ``state_dict()`` sent to a joiner (``send_state`` / ``recv_state``
-  between two threads of the process, on loopback): the donor's packed bytes and the joiner's
-  memory together.
+  on loopback), the joiner a process of its own: the memory each side adds (the donor packed the
+  whole state into one buffer before it sent it; the joiner builds the state it receives).
 
 Run it with ``PYTHONPATH`` set to another checkout to measure that one's code.
 """
 
 from __future__ import annotations
 
-from common import peak_memory_probe, probe_args, write_probe
+from common import PEAK_PRELUDE, peak_memory_probe, probe_args, write_probe
 
 SETUP = """
 import gc, inspect, json, os, sys, tempfile, time
@@ -84,35 +84,39 @@ os.remove(path)
 print(json.dumps(row))
 """
 
-TRANSFER = """
-import datetime, inspect, threading
+JOINER = """
+import datetime, json, sys
 import torch.distributed as dist
-from lowcomm.runtime.elastic.transfer import pack, recv_state, send_state
+from lowcomm.runtime.elastic.transfer import recv_state
+
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False)
+group = dist.ProcessGroupGloo(dist.PrefixStore("t/", store), 1, 2, datetime.timedelta(seconds=300))
+reset_peak()
+rss = rss_mb()
+store.set("ready", "1")
+state = recv_state(group, 0, bytes(32))
+print(json.dumps({"transfer_joiner_peak_added_mb": hwm_mb() - rss}))
+"""
+
+TRANSFER = """
+import datetime, inspect, subprocess
+import torch.distributed as dist
+from lowcomm.runtime.elastic.transfer import pack, send_state
 
 state, key = model.state_dict(), bytes(32)
 master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-groups = [None, None]
-
-def join(r):
-    store = dist.PrefixStore("t/", dist.TCPStore("127.0.0.1", master.port, is_master=False))
-    groups[r] = dist.ProcessGroupGloo(store, r, 2, datetime.timedelta(seconds=120))
-
-threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-got = {}
+joiner = subprocess.Popen([sys.executable, "-c", JOINER, str(master.port)], stdout=subprocess.PIPE, text=True)
+group = dist.ProcessGroupGloo(dist.PrefixStore("t/", master), 0, 2, datetime.timedelta(seconds=300))
+master.wait(["ready"])
 reset_peak()
 rss = rss_mb()
 t = time.perf_counter()
-# (an older lowcomm's send_state took pack's header and bytes)
-old = "flat" in inspect.signature(send_state).parameters
-sender = threading.Thread(
-    target=lambda: send_state(groups[0], *(pack(state) if old else (state,)), dst=1, key=key)
-)
-sender.start()
-got["state"] = recv_state(groups[1], 0, key)
-sender.join()
-print(json.dumps({"transfer_peak_added_mb": hwm_mb() - rss, "transfer_seconds": time.perf_counter() - t}))
+old = "flat" in inspect.signature(send_state).parameters  # (an older lowcomm's took pack's bytes)
+send_state(group, *(pack(state) if old else (state,)), dst=1, key=key)
+row = {"transfer_donor_peak_added_mb": hwm_mb() - rss, "transfer_seconds": time.perf_counter() - t}
+out, _ = joiner.communicate(timeout=300)
+row.update(json.loads(out.strip().splitlines()[-1]))
+print(json.dumps(row))
 """
 
 
@@ -121,7 +125,10 @@ def main() -> None:
     row = {
         **peak_memory_probe(SETUP + STATE_DICT, args.width, args.layers),
         **peak_memory_probe(SETUP + FILES, args.width, args.layers),
-        **peak_memory_probe(SETUP + TRANSFER, args.width, args.layers),
+        # (the joiner, a process of the probe's, measures itself the same way)
+        **peak_memory_probe(
+            SETUP + f"JOINER = {PEAK_PRELUDE + JOINER!r}\n" + TRANSFER, args.width, args.layers
+        ),
     }
     model = row["model_mb"]
     print(
@@ -135,8 +142,9 @@ def main() -> None:
         f"{row['load_seconds']:.2f} s"
     )
     print(
-        f"a transfer of the model's state to a joiner (both in this process, on loopback): "
-        f"+{row['transfer_peak_added_mb']:.0f} MB in {row['transfer_seconds']:.2f} s"
+        f"a transfer of the model's state to a joiner (another process, on loopback) in "
+        f"{row['transfer_seconds']:.2f} s: the donor +{row['transfer_donor_peak_added_mb']:.0f} MB, "
+        f"the joiner +{row['transfer_joiner_peak_added_mb']:.0f} MB"
     )
     write_probe("state_memory", args, row)
 

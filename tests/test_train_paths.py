@@ -588,6 +588,7 @@ def test_the_cpu_benchmarks_run_at_tiny_sizes(tmp_path):
     assert r["model_mb"] == pytest.approx(2 * (256 * 256 + 256) * 4 / 2**20, abs=0.005)  # (to 2 places)
     assert r["saved_compact_mb"] < r["saved_mb"] and r["file_mb"] >= r["model_mb"]
     assert {"state_dict_peak_added_mb", "save_peak_added_mb", "load_peak_added_mb", "load_seconds"} <= set(r)
+    assert {"transfer_donor_peak_added_mb", "transfer_joiner_peak_added_mb", "transfer_seconds"} <= set(r)
     out = tmp_path / "startup_memory.json"
     run(sys.executable, bench / "startup_memory.py", "--width", "256", "--layers", "2", "--json", out)
     assert json.loads(out.read_text())["params"] == 2 * (256 * 256 + 256)
