@@ -389,6 +389,8 @@ def test_hf_callback_adds_each_log_s_rounds_for_the_reporters_and_the_history(tm
     recorder = Recorder()
     callback = DiLoCoTrainerCallback(LocalGroup.create(1)[0], sync_every=4)
     trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[recorder, callback])
+    with pytest.raises(TypeError, match="add_to takes a transformers Trainer, not a TrainingArguments"):
+        callback.add_to(args)
     assert callback.add_to(trainer) is trainer
     handler = trainer.callback_handler.callbacks
     assert handler[0] is callback and handler.count(callback) == 1 and recorder in handler

@@ -149,7 +149,9 @@ class DiLoCoTrainerCallback(TrainerCallback):
         """Put this callback first in ``trainer``'s callbacks (adding it if it is not there), so
         the reporters of ``report_to`` log the round metrics it adds to each log; returns the
         trainer."""
-        callbacks = trainer.callback_handler.callbacks
+        callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
+        if not isinstance(callbacks, list):
+            raise TypeError(f"add_to takes a transformers Trainer, not a {type(trainer).__name__}")
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
