@@ -906,6 +906,14 @@ def test_a_launched_job_under_a_fault_plan_restarts_resumes_bit_for_bit_and_is_r
     assert log.count("restarting it (restart 1 of 2)") == 1 and log.count("(restart 2 of 2)") == 1
     assert "the job ended with exit code 0 after 2 restart(s)" in log
     assert "checkpoint at step 30 failed (the previous one is intact)" in log
+    # each process's lines in its own log of each attempt, and in the launcher's behind its rank
+    logs = out / "chaos" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["attempt0", "attempt1", "attempt2"]
+    assert "checkpoint at step 30 failed" in (logs / "attempt0" / "rank1.log").read_text()
+    assert (
+        "[rank 1]: " in log
+        and "the previous one is intact" not in (logs / "attempt0" / "rank0.log").read_text()
+    )
     fired = [(f["id"], f["kind"], f["rank"], f["step"]) for f in r["faults"]]
     assert fired == [(0, "checkpoint-fail", 1, 30), (1, "kill", 1, 37), (2, "preempt", 0, 50)]
     events = read_jsonl(out / "chaos" / "events.jsonl")

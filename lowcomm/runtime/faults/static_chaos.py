@@ -5,9 +5,11 @@
 
 Both runs are ``lowcomm launch --replicas M -- lowcomm train FLAGS --resume auto`` with the same
 flags and seeds, in ``--out``'s ``reference/`` and ``chaos/``; the chaos run gets the plan
-($LOWCOMM_FAULTS: kill, preempt, hang, delay, checkpoint-fail, aimed at ranks) and ``--max-restarts``, and
-its launcher's log goes to ``chaos/launcher.log``. A static job survives a fault by starting again,
-whole, from the newest checkpoint every process holds, and resumes bit for bit, so the report holds
+($LOWCOMM_FAULTS: kill, preempt, hang, delay, checkpoint-fail, aimed at ranks) and
+``--max-restarts``. Each process writes to ``logs/attempt<N>/rank<R>.log`` of its run, and its
+launcher to ``launcher.log``, with every process's lines copied in behind its rank. A static job
+survives a fault by starting again, whole, from the newest checkpoint every process holds, and
+resumes bit for bit, so the report holds
 it to the strictest test there is: the job under faults must end on the fault-free run's global
 parameters (their sha256) and loss. ``report.json`` has the faults injected (each: id, kind, rank,
 step), the restarts (each: the attempt, the step it resumed from, the step the job had reached, the
@@ -116,9 +118,12 @@ def run_static_chaos(
 
 
 def _launch(cmd: list[str], run_dir: Path, env: dict, timeout: float) -> int:
-    """One launched job to its end (its launcher's output in run_dir/launcher.log); past
-    ``timeout`` it is terminated (the launcher stops its processes) and its code is returned."""
+    """One launched job to its end (its launcher's output in run_dir/launcher.log, its processes'
+    in run_dir/logs/attempt<N>/rank<R>.log, copied into launcher.log too); past ``timeout`` it is
+    terminated (the launcher stops its processes) and its code is returned."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    at = cmd.index("--")
+    cmd = [*cmd[:at], "--log-dir", str(run_dir / "logs"), "--tee", *cmd[at:]]
     with open(run_dir / "launcher.log", "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **env})
         try:
