@@ -787,6 +787,7 @@ def test_launch_log_dir_gives_each_process_its_log_and_shows_a_failed_rank_s_las
     assert "rank 1 exited with code 3" in caplog.text and shown in caplog.text
     out, err = capsys.readouterr()
     assert f"lowcomm launch: the processes' output in {logs}/attempt1/rank<R>.log" in err
+    assert err.endswith(f"lowcomm launch: exit code 0; the processes' output in {logs}/attempt1\n")
     assert "out 0" not in err  # (nothing of theirs on stderr: --tee copies to stdout)
     for attempt in (0, 1):
         for rank in (0, 1):

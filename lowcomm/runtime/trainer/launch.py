@@ -288,6 +288,8 @@ def _attempts(
                 log.error("exit code 2 is a refusal of the input: the job is not restarted")
             elif attempt:
                 log.warning("the job ended with exit code %d after %d restart(s)", code, attempt)
+            if logs is not None:  # (the processes' last words are in their logs, not on this terminal)
+                print(f"lowcomm launch: exit code {code}; the processes' output in {logs}", file=sys.stderr)
             return code
         attempt += 1
         log.error(
