@@ -124,12 +124,10 @@ def _sha256(tensors: list[torch.Tensor]) -> str:
 
 
 def pack(tree: Any) -> tuple[bytes, torch.Tensor]:
-    """(header, flat bytes) of a state tree; tensors are copied to CPU, into the flat bytes."""
+    """(header, flat bytes) of a state tree; tensors are copied to CPU, into the flat bytes (one
+    :func:`messages` message of them all)."""
     header, tensors, nbytes = _encode(tree)
-    flat, at = torch.empty(nbytes, dtype=torch.uint8), 0
-    for piece in _pieces(tensors):
-        flat[at : at + piece.numel()] = piece
-        at += piece.numel()
+    flat = next(messages(tensors, nbytes, nbytes), torch.empty(0, dtype=torch.uint8))
     return _signed(header, _digest(flat)), flat
 
 
