@@ -321,6 +321,16 @@ def test_a_single_model_size_is_reported_not_fitted(tmp_path):
     records, _ = load_records([tmp_path])
     a = fit_records(records, n_boot=10)
     assert not a.per_curve and any("at least 2" in why for _, why in a.skipped)
+    # its report says so, with no empty table of laws and no empty plot of residuals (an earlier
+    # report's, fitted from more runs, would now mislead: it goes)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "residuals.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"Matplotlib")
+    text = write_report(records, out, analysis=a).read_text()
+    laws = text.split("## Fitted laws")[1].split("##")[0]
+    assert laws.strip().startswith("No law was fitted.\n\nNot fitted:") and "| law |" not in laws
+    assert "residuals" not in text and not (out / "residuals.png").exists()
+    assert (out / "loss_vs_M.png").exists()
 
 
 def test_sizes_resolve_to_presets_and_parameter_counts():

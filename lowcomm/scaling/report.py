@@ -259,7 +259,10 @@ def write_report(
     (out / "fits.json").write_text(json.dumps(analysis.to_dict(), indent=2) + "\n")
     plot_loss_vs_n(records, analysis, out / "loss_vs_N.png")
     plot_loss_vs_m(records, analysis, out / "loss_vs_M.png")
-    plot_residuals(records, analysis, out / "residuals.png")
+    if analysis.joint:
+        plot_residuals(records, analysis, out / "residuals.png")
+    else:  # no joint fit, no residuals: an earlier report's plot (check_outputs vouched) would mislead
+        (out / "residuals.png").unlink(missing_ok=True)
     sizes, keys, best = loss_table(records)
     pct = percent_vs_dp(records)
     lines = [f"# {title}", ""]
@@ -292,15 +295,10 @@ def write_report(
         "",
         "## Fitted laws",
         "",
-        "95% bootstrap intervals in brackets; held-out = mean |log y − log ŷ| at the largest N when fitted "
-        "without it. The joint laws are fitted to DiLoCo's runs (one fragment, fp32 rounds), not to a "
-        "variant's (Streaming DiLoCo, a quantizing codec), which has curves of its own.",
-        "",
-        "| law | curve | parameters | points | RMSE(log) | held-out |",
-        "|---|---|---|---|---|---|",
     ]
+    rows = []
     for k, f in analysis.per_curve.items():
-        lines.append(
+        rows.append(
             f"| L = A·N^α | {k} | A={_fmt_interval(f, 'A')}, α={_fmt_interval(f, 'alpha')} | {f.n_points} | "
             f"{f.rmse_log:.4f} | {'' if f.heldout_residual is None else f'{f.heldout_residual:.4f}'} |"
         )
@@ -311,21 +309,32 @@ def write_report(
     }
     for form, f in analysis.joint.items():
         params = ", ".join(f"{p}={_fmt_interval(f, p)}" for p in f.params)
-        lines.append(
+        rows.append(
             f"| {names[form]} | {f.label} | {params} | {f.n_points} | {f.rmse_log:.4f} | "
             f"{'' if f.heldout_residual is None else f'{f.heldout_residual:.4f}'} |"
         )
     for h, d in analysis.hparams.items():
         for k, f in d.items():
-            lines.append(
+            rows.append(
                 f"| best {h} = A·N^α | {k} | A={_fmt_interval(f, 'A')}, α={_fmt_interval(f, 'alpha')} | "
                 f"{f.n_points} | {f.rmse_log:.4f} | |"
             )
+    if rows:
+        lines += [
+            "95% bootstrap intervals in brackets; held-out = mean |log y − log ŷ| at the largest N when "
+            "fitted without it. The joint laws are fitted to DiLoCo's runs (one fragment, fp32 rounds), not "
+            "to a variant's (Streaming DiLoCo, a quantizing codec), which has curves of its own.",
+            "",
+            "| law | curve | parameters | points | RMSE(log) | held-out |",
+            "|---|---|---|---|---|---|",
+        ] + rows
+    else:
+        lines.append("No law was fitted.")
     if analysis.skipped:
         lines += ["", "Not fitted:", ""] + [f"- {w}: {why}" for w, why in analysis.skipped]
+    if analysis.joint:
+        lines += ["", "![residuals](residuals.png)"]
     lines += [
-        "",
-        "![residuals](residuals.png)",
         "",
         "## The scaling-law study's qualitative findings at this scale",
         "",
