@@ -140,8 +140,8 @@ def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_run(job):
     assert j.wait_workers(["w0"], 90) == {"w0": 0}, j.logs()
     summary = (j.run_dir("w0") / "summary.json").read_bytes()
     # its checkpoint resumed by a worker of another model: refused in one line naming the setting
-    # (torch's error listed every tensor, over lines)
-    j.start_worker("w0", extra=["--resume", "auto", "--model-dim", "32"])
+    # (torch's error listed every tensor, over lines); --resume names the run's folder this time
+    j.start_worker("w0", extra=["--resume", str(j.run_dir("w0")), "--model-dim", "32"])
     assert j.wait_workers(["w0"], 60)["w0"] == 2, j.logs()
     assert "the checkpoint is of another model: model_dim=16 (this run: 32)\n" in j.logs(), j.logs()
     j.start_worker("w0", extra=["--resume", "auto", "--coordinator-timeout", "20"])
@@ -155,6 +155,14 @@ def test_a_worker_resumed_into_a_finished_job_is_refused_and_keeps_its_run(job):
     j.start_worker("w0", extra=["--overwrite", "--coordinator-timeout", "20"])
     assert j.wait_workers(["w0"], 60)["w0"] != 0, j.logs()
     assert {p.name: p.read_bytes() for p in j.run_dir("w0").iterdir()} == before
+    # a folder that holds no worker's checkpoint is named
+    from lowcomm.runtime.trainer.config import TrainConfig
+    from lowcomm.runtime.trainer.worker import resume_checkpoint
+
+    empty = j.run_dir("w0").parent / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^resume='.*empty': the folder holds no checkpoint.lcs \("):
+        resume_checkpoint(TrainConfig.from_flat(resume=str(empty)))
 
 
 def test_a_joiner_recovers_from_another_donor_when_its_donor_dies(job):

@@ -1463,6 +1463,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, corp
     newest.write_bytes(newest.read_bytes()[:-10])  # a torn write
     stale = folder / "checkpoint.lcs.tmp.999999"  # what a process killed mid-write leaves
     stale.write_bytes(b"\0" * 100)
+    # the run's folder named as resume= (another run continues from it) takes the same path
+    with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
+        other = _run(tmp_path, corpus_dir, "other", **run, resume=str(folder))
+    assert "resuming from the checkpoint before it" in caplog.text
+    assert other["steps_run"] == 8 and other["global_params_sha256"] == straight["global_params_sha256"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^resume='.*empty': the folder holds no checkpoint.lcs nor checkpoint.prev.lcs \(a run's",
+    ):
+        _run(tmp_path, corpus_dir, "none", **run, resume=str(tmp_path / "empty"))
+    assert not (tmp_path / "none").exists()
+    caplog.clear()
     with caplog.at_level("WARNING", logger="lowcomm.runtime.trainer.loop"):
         resumed = _run(tmp_path, corpus_dir, "r", **run, resume="auto")
     assert (

@@ -368,8 +368,9 @@ class ElasticConfig:
             worker's own) to run_dir/checkpoint.lcs every this many steps (0 = never), atomically,
             with a checksum; each process of a static job of several writes
             run_dir/checkpoint-rank<RANK>.lcs. Also without ``coordinator``.
-        resume: a checkpoint to continue from, bit for bit ("auto" = this process's file in
-            run_dir if it exists, else a fresh start; a job of several processes takes "auto").
+        resume: a checkpoint to continue from, bit for bit: a file, a run directory (its newest
+            checkpoint), or "auto" (this process's file in run_dir if it exists, else a fresh
+            start; a job of several processes takes "auto").
         max_retries: attempts of a round that fail in this worker itself (an error raised here
             naming no missing peer), in a row, after which it leaves the job with an error so
             the others go on without it (0 = retry for ever).

@@ -839,9 +839,9 @@ def previous_checkpoint(path: Path) -> Path:
 
 def read_run_checkpoint(cfg: TrainConfig, *, before: bool = False) -> dict | None:
     """The checkpoint a static job's ``resume`` names, read and checked, with its ``path`` added:
-    an explicit file, or with ``auto`` this process's newest (None: a fresh start); a damaged
-    newest one is passed over, with a warning, for the one before. ``before``: the one before
-    the newest (None if there is none or it is damaged).
+    an explicit file, a run directory's newest, or with ``auto`` this process's newest (None: a fresh
+    start); a damaged newest one is passed over, with a warning, for the one before. ``before``: the
+    one before the newest (None if there is none or it is damaged).
 
     Raises:
         ValueError: an explicit file in a job of several processes (each has its own: ``auto``).
@@ -857,12 +857,19 @@ def read_run_checkpoint(cfg: TrainConfig, *, before: bool = False) -> dict | Non
             f"resume={resume!r} is not allowed: 'auto' in a job of several processes (each resumes from "
             "its own run_dir/checkpoint-rank<RANK>.lcs)"
         )
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"resume={resume!r}: {str(path)!r} is not a checkpoint file")
-        return _read_run_checkpoint(path)
-    newest = run_checkpoint_path(cfg)
+    if resume == "auto":
+        newest = run_checkpoint_path(cfg)
+    elif Path(resume).is_dir():  # a run directory: its newest checkpoint, or the one before as with auto
+        newest = Path(resume) / run_checkpoint_path(cfg).name
+        if not (newest.is_file() or previous_checkpoint(newest).is_file()):
+            raise FileNotFoundError(
+                f"resume={resume!r}: the folder holds no {newest.name} nor "
+                f"{previous_checkpoint(newest).name} (a run's checkpoints)"
+            )
+    elif Path(resume).is_file():
+        return _read_run_checkpoint(Path(resume))
+    else:
+        raise FileNotFoundError(f"resume={resume!r}: {str(Path(resume))!r} is not a checkpoint file")
     paths = [previous_checkpoint(newest)] if before else [newest, previous_checkpoint(newest)]
     damaged = None
     for path in paths:

@@ -60,7 +60,7 @@ def resume_checkpoint(cfg: TrainConfig) -> dict | None:
     """The checkpoint ``--resume`` names, read and checked (None for a fresh start).
 
     Raises:
-        FileNotFoundError: an explicit checkpoint that does not exist.
+        FileNotFoundError: an explicit checkpoint (a file, or a run directory's) that does not exist.
         CorruptStateError: a damaged, truncated or foreign file (nothing has been written yet).
     """
     if not cfg.elastic.resume:
@@ -69,6 +69,13 @@ def resume_checkpoint(cfg: TrainConfig) -> dict | None:
     path = Path(cfg.run.run_dir) / CHECKPOINT_NAME if auto else Path(cfg.elastic.resume)
     if auto and not path.exists():
         return None  # nothing written yet: a fresh start
+    if path.is_dir():  # a worker's run directory: the checkpoint it writes there
+        path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"resume={cfg.elastic.resume!r}: the folder holds no {CHECKPOINT_NAME} "
+                "(a worker's checkpoint)"
+            )
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.elastic.resume!r}: {str(path)!r} is not a checkpoint file")
     return read_checkpoint(path)
