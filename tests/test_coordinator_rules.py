@@ -331,7 +331,9 @@ def test_a_late_joiner_of_a_finished_job_is_told_so():
     sim = Sim()
     sim.register("a")
     sim.register("j", synced=False)
+    assert sim.state.status(0.0)["finished"] is False
     sim.send("a", "leave", worker_id="a", finished=True)
+    assert sim.state.status(0.0)["finished"] is True  # what `lowcomm status` says of it
     sim.send("j", "join", worker_id="j", failed=[])
     err = sim.last("j", "error")
     assert err["code"] == "job_finished" and "finished" in err["reason"]

@@ -442,7 +442,7 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         "already holds files": [*base, "--run-dir", str(run)],
         "is a file, not a folder": [*base, "--run-dir", str(tmp_path / "afile" / "run")],
         "is a directory": [*base, "--config", str(tmp_path / "cfgdir"), "--run-dir", str(tmp_path / "n1")],
-        "not a checkpoint file": [
+        "the folder holds no checkpoint.lcs": [
             *base, "--coordinator", "tcp://127.0.0.1:1", "--resume", str(tmp_path / "cfgdir"),
             "--run-dir", str(run),
         ],
@@ -497,6 +497,19 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         (proj / name).unlink()
     with pytest.raises(SystemExit):
         main(["--log-level", "BOGUS", "keys"])
+    assert "invalid choice: 'BOGUS'" in capsys.readouterr().err
+    # the level also after the command, where users put it (`lowcomm train ... --log-level INFO`
+    # was refused as an unrecognized argument); there it wins
+    from lowcomm.runtime.cli import build_parser
+
+    parse = build_parser(train_flags=False).parse_args
+    assert parse(["keys"]).log_level == "WARNING"
+    assert parse(["--log-level", "error", "keys"]).log_level == "ERROR"
+    assert parse(["keys", "--log-level", "info"]).log_level == "INFO"
+    assert parse(["--log-level", "error", "status", "tcp://h:1", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parse(["scaling", "fit", "runs", "--log-level", "info"]).log_level == "INFO"
+    with pytest.raises(SystemExit):
+        main(["keys", "--log-level", "BOGUS"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err
     assert main([*base, "--run-dir", str(run), "--overwrite"]) == 0  # asked for: replaced
     assert json.loads((run / "summary.json").read_text())["steps"] == 2

@@ -131,11 +131,12 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         prog="lowcomm", description="Low-communication distributed training for PyTorch."
     )
     p.add_argument("--version", action="version", version=f"lowcomm {__version__}")
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     p.add_argument(
         "--log-level",
         default="WARNING",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        choices=levels,
         help="logging level (default: WARNING)",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -350,6 +351,12 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         help="torch threads per run (default: 2, one per core of a small machine)",
     )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    # after the command too (`lowcomm train ... --log-level INFO`, as users write it): set there, it
+    # wins; not set, the one before the command stands
+    for command in (*sub.choices.values(), *ssub.choices.values()):
+        command.add_argument(
+            "--log-level", default=argparse.SUPPRESS, type=str.upper, choices=levels, help="logging level"
+        )
     return p
 
 
@@ -501,7 +508,8 @@ def _control_plane(args: argparse.Namespace) -> int:
         client.close()
     # (round -1: none completed yet)
     rnd = f"round {r['round']}" if r["round"] >= 0 else "no round yet"
-    print(f"job {r['job']}: epoch {r['epoch']}, {rnd}, {len(members)} member(s)")
+    done = ", finished (its workers reached the last step and left)" if r.get("finished") else ""
+    print(f"job {r['job']}: epoch {r['epoch']}, {rnd}, {len(members)} member(s){done}")
     rows = [("rank", "worker", "address", "step", "round", "synced", "last heartbeat")]
     rows += [
         (

@@ -177,6 +177,7 @@ SCHEMAS: dict[str, dict[str, _Field]] = {
         "total": ((int,), True, (0, 1 << 20)),
         "offset": ((int,), True, (0, 1 << 20)),
         "members": ((list,), True, 500),
+        "finished": ((bool,), False, None),  # (a coordinator of before 2026-12-08 sends none)
     },
     # a refusal: ``code`` names its kind for the client (lowcomm.runtime.errors.REFUSAL_CODES)
     "error": {"reason": ((str,), True, 1024), "code": ((str,), True, 32)},

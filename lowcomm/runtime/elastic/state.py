@@ -292,6 +292,8 @@ class CoordinatorState:
             "round": max(self.round, self.committed),
             "total": len(members),
             "offset": offset,
+            # its workers reached the last step and left: a worker that comes now is refused
+            "finished": self.finished and not any(m.synced for m in members),
             "members": [
                 {
                     "worker_id": m.worker_id,
