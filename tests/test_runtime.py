@@ -371,6 +371,25 @@ def test_config_sections_and_flat_keys_load_alike(tmp_path):
     assert TrainConfig.from_dict(load_config_file(f)) == flat
 
 
+def test_a_config_file_is_checked_with_the_flags_that_override_it(tmp_path):
+    """A file with heads = 3 under the flags --model-dim 24 --heads 2 was refused, naming
+    model_dim=128 (the default): the file was checked alone before the flags were applied."""
+    from lowcomm.runtime.cli import train_config_from_flags
+
+    f = tmp_path / "c.toml"
+    f.write_text("[model]\nheads = 3\nlayers = 3\n[diloco]\nfragments = 4\n")
+    cfg = train_config_from_flags(["--config", str(f), "--model-dim", "24", "--heads", "2"])
+    assert (cfg.model.dim, cfg.model.heads, cfg.model.layers, cfg.diloco.fragments) == (24, 2, 3, 4)
+    # and a file that is valid alone, made invalid by a flag (fragments = 4 needs layers >= 3)
+    with pytest.raises(ValueError, match=r"^fragments=4 is not allowed: at most layers \+ 1 = 3"):
+        train_config_from_flags(["--config", str(f), "--heads", "2", "--layers", "2"])
+    with pytest.raises(ValueError, match=r"^heads=3 is not allowed: a divisor of model_dim=32"):
+        train_config_from_flags(["--config", str(f), "--model-dim", "32"])
+    f.write_text("heads_count = 2\n")  # an unknown key of the file is named, with flags or without
+    with pytest.raises(ValueError, match=r"^unknown config key 'heads_count'"):
+        train_config_from_flags(["--config", str(f), "--heads", "2"])
+
+
 def test_config_files_that_would_lose_or_garble_a_key_are_refused_naming_it(tmp_path):
     """Each of these was read, losing a value without a word: a section beside [train] (its
     sync_every=0 never checked), a JSON key given twice (the last kept); bytes that are not UTF-8

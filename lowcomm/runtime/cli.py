@@ -364,13 +364,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The configuration file's values (if any), overridden by the flags given."""
     from .trainer.config import FLAT, TrainConfig, load_config_file
 
-    cfg = (
-        TrainConfig.from_dict(load_config_file(args.config))
-        if getattr(args, "config", None)
-        else TrainConfig()
-    )
+    given = TrainConfig.flat_from_dict(load_config_file(args.config)) if getattr(args, "config", None) else {}
     flags = {name: getattr(args, name) for name in FLAT if getattr(args, name, None) is not None}
-    return cfg.replace(**flags)
+    return TrainConfig.from_flat(**{**given, **flags})  # checked as a whole: the flags may make it valid
 
 
 def train_config_from_flags(flags: list[str]) -> TrainConfig:

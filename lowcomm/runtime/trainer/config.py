@@ -502,6 +502,13 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a mapping of flat keys and/or section tables (``[model]``, ``[diloco]``, ...);
         keys may use '-' or '_'. An unknown key raises ValueError naming it and the allowed ones."""
+        return cls.from_flat(**cls.flat_from_dict(data))
+
+    @staticmethod
+    def flat_from_dict(data: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`from_dict`'s mapping by flat names, not yet checked as a configuration: a config
+        file's keys, to which a command line's flags are added before the whole is checked (a file
+        with ``heads = 3`` and the flags ``--model-dim 24 --heads 2`` is a valid run)."""
         flat: dict[str, Any] = {}
         for k, v in data.items():
             key = str(k).replace("-", "_")
@@ -517,8 +524,8 @@ class TrainConfig:
             elif isinstance(v, dict) and key not in FLAT:  # a table: a misspelt section
                 raise ValueError(f"unknown config section [{k}]; allowed: {[f'[{n}]' for n in SECTIONS]}")
             else:
-                flat[key] = v
-        return cls.from_flat(**flat)
+                flat[key] = v  # (an unknown one is named when the configuration is built)
+        return flat
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
