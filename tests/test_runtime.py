@@ -432,6 +432,11 @@ def test_config_files_that_would_lose_or_garble_a_key_are_refused_naming_it(tmp_
         ({"worker_id": "a b"}, "worker_id='a b' is not allowed: printable ASCII without spaces"),
         ({"advertise_addr": "not an ip!"}, "advertise_addr='not an ip!' is not allowed: an IP address"),
         ({"coordinator": "tcp://a host:1"}, "coordinator='tcp://a host:1' is not allowed"),
+        # a TOML number for a rate or a duration: the unit is what is missing (it read "a non-empty
+        # string")
+        ({"link_bandwidth": 100}, r"link_bandwidth=100 is not allowed: a rate with its unit, e.g. '100Mbit'"),
+        ({"link_latency": 0.02}, r"link_latency=0.02 is not allowed: a duration with its unit, e.g. '20ms'"),
+        ({"link_bandwidth": "-5Mbit"}, r"link bandwidth '-5Mbit' is not understood; write e.g. '100Mbit'"),
     ],
 )
 def test_config_values_of_the_wrong_type_are_refused_by_name(kw, match):

@@ -89,10 +89,10 @@ def _bool(obj: Any, name: str, flag: str | None = None) -> None:
         raise refuse(flag or name, v, "true or false")
 
 
-def _text(obj: Any, name: str, optional: bool = False, flag: str | None = None) -> None:
+def _text(obj: Any, name: str, optional: bool = False) -> None:
     v = getattr(obj, name)
     if not (isinstance(v, str) and v) and not (optional and v is None):
-        raise refuse(flag or name, v, "a non-empty string" + (" or unset" if optional else ""))
+        raise refuse(name, v, "a non-empty string" + (" or unset" if optional else ""))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -337,10 +337,14 @@ class LinkConfig:
 
     def __post_init__(self) -> None:
         if self.bandwidth is not None:
-            _text(self, "bandwidth", flag="link_bandwidth")
+            if not isinstance(self.bandwidth, str):  # (a TOML number: the unit is missing)
+                raise refuse(
+                    "link_bandwidth", self.bandwidth, "a rate with its unit, e.g. '100Mbit' or '50MB'"
+                )
             parse_bandwidth(self.bandwidth)  # raises, naming the value and the accepted forms
         if self.latency is not None:
-            _text(self, "latency", flag="link_latency")
+            if not isinstance(self.latency, str):
+                raise refuse("link_latency", self.latency, "a duration with its unit, e.g. '20ms' or '1.5s'")
             parse_duration(self.latency)
 
     @property
