@@ -514,6 +514,36 @@ def test_chaos_without_matplotlib_says_so_before_the_runs_and_reports_without_th
     assert "No loss plot: plotting a fault report needs matplotlib" in text and "loss.png" not in text
 
 
+def test_the_loss_plot_marks_each_fault_in_its_kind_s_colour_with_the_kinds_counted(tmp_path, monkeypatch):
+    """A soak's 200 faults were written as text along the top of loss.png, one red smear: each is
+    now a line in its kind's colour, the kinds (with their counts) in the legend beside the
+    curves, which are black (no fault kind's colour)."""
+    import matplotlib.colors
+    import matplotlib.figure
+
+    from lowcomm.runtime.faults.report import plot
+
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real(fig, *a, **k))
+    )
+    curves = {"fault-free": [(0, 3.0), (100, 2.0)], "under faults": [(0, 3.0), (100, 2.1)]}
+    faults = [(10, "kill"), (20, "nan"), (30, "kill"), (40, "partition"), (50, "kill")]
+    plot(tmp_path / "loss.png", curves, faults, "chaos run")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "fault-free", "under faults", "kill (3)", "nan (1)", "partition (1)",
+    ]  # fmt: skip
+    assert not ax.texts  # no label along the top
+    marks = {}
+    for line in ax.get_lines()[2:]:  # the faults' vertical lines, after the two curves
+        marks.setdefault(matplotlib.colors.to_hex(line.get_color()), []).append(line.get_xdata()[0])
+    assert sorted(marks.values()) == [[10, 30, 50], [20], [40]]  # one colour a kind
+    assert {matplotlib.colors.to_hex(ln.get_color()) for ln in ax.get_lines()[:2]} == {"#000000"}
+
+
 def _processes_mentioning(*needles: str) -> list[str]:
     found = []
     for d in Path("/proc").iterdir():

@@ -137,20 +137,34 @@ def plot(
     fault_steps: list[tuple[int, str]],
     title: str,
 ) -> None:
-    """Loss curves (label -> (step, eval loss) points) with each fault marked at its step."""
+    """Loss curves (label -> (step, eval loss) points) with each fault marked at its step by a
+    line in its kind's colour, the kinds in the legend with their counts (a soak's 200 faults
+    written as text at the top of the plot were one red smear)."""
     plt = pyplot(PLOT_FEATURE)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (label, pts), style in zip(curves.items(), ("-", "--", ":")):
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    for (label, pts), style in zip(curves.items(), ("-", "--", ":")):  # black: no fault's colour
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    for step, kind in fault_steps:
-        ax.axvline(step, color="red", alpha=0.3)
-        ax.text(step, ax.get_ylim()[1], kind, rotation=90, va="top", fontsize=7, color="red")
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, color="black", lw=1.6, label=label, zorder=3
+            )
+    kinds = sorted({kind for _, kind in fault_steps})
+    colors = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
+    for i, kind in enumerate(kinds):
+        steps = [step for step, k in fault_steps if k == kind]
+        for j, step in enumerate(steps):
+            ax.axvline(
+                step,
+                color=colors(i),
+                alpha=0.45,
+                lw=0.9,
+                zorder=1,
+                label=f"{kind} ({len(steps)})" if j == 0 else None,
+            )
     ax.set_xlabel("inner step")
     ax.set_ylabel("eval loss (global parameters)")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="curves, faults (count)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
