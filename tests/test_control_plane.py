@@ -1,5 +1,6 @@
 """The coordinator's protocol, membership rules and server (a real process on 127.0.0.1)."""
 
+import json
 import os
 import random
 import re
@@ -286,11 +287,25 @@ def test_status_command_prints_members(coordinator):
         timeout=60,
         env={**os.environ, "LOWCOMM_KEY": KEY.hex()},
     )
+    as_json = subprocess.run(  # for scripts: one JSON object
+        [sys.executable, "-m", "lowcomm", "status", coordinator, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LOWCOMM_KEY": KEY.hex()},
+    )
     done.set()
     t.join(timeout=5)
     assert out.returncode == 0, out.stderr
     assert "w9" in out.stdout and "127.0.0.9" in out.stdout
     assert "job t: epoch 1, no round yet, 1 member(s)" in out.stdout, out.stdout  # (it read "round -1")
+    assert as_json.returncode == 0, as_json.stderr
+    got = json.loads(as_json.stdout)
+    assert set(got) == {"job", "epoch", "round", "finished", "members"}
+    assert {k: got[k] for k in ("job", "epoch", "finished")} == {"job": "t", "epoch": 1, "finished": False}
+    assert got["round"] in (-1, 0)  # (the member's heartbeats report round 0: the job's by now, or not yet)
+    [m] = got["members"]
+    assert (m["worker_id"], m["addr"], m["step"], m["rank"], m["synced"]) == ("w9", "127.0.0.9", 42, 0, True)
 
 
 def test_a_wait_longer_than_one_zeromq_poll_is_taken_in_slices_to_its_end(monkeypatch):

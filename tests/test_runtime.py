@@ -385,6 +385,10 @@ def test_a_config_file_is_checked_with_the_flags_that_override_it(tmp_path):
         train_config_from_flags(["--config", str(f), "--heads", "2", "--layers", "2"])
     with pytest.raises(ValueError, match=r"^heads=3 is not allowed: a divisor of model_dim=32"):
         train_config_from_flags(["--config", str(f), "--model-dim", "32"])
+    f.write_text("corpus = 5\n")  # a value a flag replaces is not the run's: the flag's is checked
+    assert train_config_from_flags(["--config", str(f), "--corpus", "stdlib"]).data.corpus == "stdlib"
+    with pytest.raises(ValueError, match=r"^corpus=5 is not allowed"):
+        train_config_from_flags(["--config", str(f)])
     f.write_text("heads_count = 2\n")  # an unknown key of the file is named, with flags or without
     with pytest.raises(ValueError, match=r"^unknown config key 'heads_count'"):
         train_config_from_flags(["--config", str(f), "--heads", "2"])
@@ -486,8 +490,9 @@ def test_bad_input_ends_in_one_line_and_exit_code_2_and_leaves_records_untouched
         ],
     }  # fmt: skip
     for toml, match in (
-        ("corpus = 5\n", "corpus=5 is not allowed"),
-        ("run_dir = 5\n", "run_dir=5 is not allowed"),
+        # (not a file's corpus or run_dir: the flags' win)
+        ("warmup = -1\n", "warmup=-1 is not allowed"),
+        ("log_every = 0\n", "log_every=0 is not allowed"),
         ('outer_device = "tpu"\n', "outer_device='tpu' is not allowed"),
         ('error_feedback = "yes"\n', "error_feedback='yes' is not allowed: true or false"),
         ('[diloco]\ncodec = "fp7"\n', "codec='fp7' is not allowed"),

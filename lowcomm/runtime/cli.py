@@ -293,6 +293,11 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
         "or $LOWCOMM_KEY",
     )
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)")
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object instead of the table (job, epoch, round, finished, members), for scripts",
+    )
     sub.add_parser("keys", help="print a new job key (hex): export LOWCOMM_KEY=...")
 
     ch = sub.add_parser(
@@ -502,6 +507,10 @@ def _control_plane(args: argparse.Namespace) -> int:
         return ExitCode.USAGE if isinstance(e, KeyRejected) else ExitCode.FAILED
     finally:
         client.close()
+    if args.json:  # (round -1: none completed yet; finished null: a coordinator that does not say)
+        fields = ("job", "epoch", "round")
+        print(json.dumps({**{k: r[k] for k in fields}, "finished": r.get("finished"), "members": members}))
+        return 0
     # (round -1: none completed yet)
     rnd = f"round {r['round']}" if r["round"] >= 0 else "no round yet"
     done = ", finished (its workers reached the last step and left)" if r.get("finished") else ""
